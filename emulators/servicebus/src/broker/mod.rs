@@ -1,0 +1,455 @@
+//! The in-memory namespace: entities, message stores, locks and sequence numbers.
+
+pub mod address;
+pub mod codec;
+mod store;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+pub use address::EntityPath;
+pub use codec::{CodecError, ParsedMessage};
+pub use store::{Acquired, Counts, Outcome, ReceiveMode, StoreSettings};
+
+use crate::topology::{EntitySettings, Topology};
+use store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the messaging entity '{0}' could not be found")]
+    NotFound(String),
+    #[error("the lock supplied is invalid: it has expired or the message was already settled")]
+    LockLost,
+    #[error("no deferred message with sequence number {0}")]
+    MessageNotFound(i64),
+    #[error("{0}")]
+    NotAllowed(String),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// What the ATOM endpoint reports about one entity.
+#[derive(Debug, Clone)]
+pub enum Description {
+    Queue {
+        name: String,
+        settings: StoreSettings,
+        counts: Counts,
+        created_at_ms: i64,
+    },
+    Topic {
+        name: String,
+        subscription_count: usize,
+        created_at_ms: i64,
+    },
+    Subscription {
+        topic: String,
+        name: String,
+        settings: StoreSettings,
+        counts: Counts,
+        created_at_ms: i64,
+    },
+}
+
+#[derive(Debug)]
+enum Entity {
+    Queue(Store),
+    Topic(Topic),
+}
+
+#[derive(Debug)]
+struct Topic {
+    default_message_ttl: Option<Duration>,
+    created_at_ms: i64,
+    subscriptions: BTreeMap<String, Store>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    pub auto_create: bool,
+    /// Leaves out `x-opt-lock-token`, so that clients must read the delivery tag.
+    pub strict: bool,
+    /// CLI defaults, below the topology file's own `defaults`.
+    pub defaults: StoreSettings,
+}
+
+pub struct Broker {
+    entities: Mutex<BTreeMap<String, Entity>>,
+    topology: Topology,
+    options: BrokerOptions,
+    /// Bumped whenever a message may have become available to a receiver.
+    changed: watch::Sender<u64>,
+}
+
+impl Broker {
+    pub fn new(topology: Topology, options: BrokerOptions) -> Self {
+        let broker = Broker {
+            entities: Mutex::new(BTreeMap::new()),
+            topology,
+            options,
+            changed: watch::Sender::new(0),
+        };
+        broker.reset();
+        broker
+    }
+
+    pub fn options(&self) -> &BrokerOptions {
+        &self.options
+    }
+
+    /// Drops every message and auto-created entity, back to the topology file.
+    pub fn reset(&self) {
+        let now = now_ms();
+        let mut entities = BTreeMap::new();
+        for queue in &self.topology.queues {
+            let settings = self.resolve(&queue.settings(), None);
+            entities.insert(
+                queue.name.to_lowercase(),
+                Entity::Queue(Store::new(settings, now)),
+            );
+        }
+        for topic in &self.topology.topics {
+            let subscriptions = topic
+                .subscriptions
+                .iter()
+                .map(|sub| {
+                    let settings = self.resolve(&sub.settings(), topic.default_message_ttl);
+                    (sub.name.to_lowercase(), Store::new(settings, now))
+                })
+                .collect();
+            entities.insert(
+                topic.name.to_lowercase(),
+                Entity::Topic(Topic {
+                    default_message_ttl: topic.default_message_ttl,
+                    created_at_ms: now,
+                    subscriptions,
+                }),
+            );
+        }
+        *self.lock() = entities;
+        self.wake();
+    }
+
+    fn resolve(&self, settings: &EntitySettings, topic_ttl: Option<Duration>) -> StoreSettings {
+        let merged = settings.or(&self.topology.defaults);
+        let defaults = self.options.defaults;
+        StoreSettings {
+            max_delivery_count: merged
+                .max_delivery_count
+                .unwrap_or(defaults.max_delivery_count),
+            lock_duration: merged.lock_duration.unwrap_or(defaults.lock_duration),
+            default_message_ttl: merged
+                .default_message_ttl
+                .or(topic_ttl)
+                .or(defaults.default_message_ttl),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entity>> {
+        // A panic while holding the lock leaves plain data behind, still usable.
+        self.entities
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn wake(&self) {
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// Checks that a link may attach to `path`, creating it if allowed.
+    pub fn attach(&self, path: &EntityPath, sending: bool) -> Result<(), BrokerError> {
+        if sending && (path.dead_letter || path.subscription.is_some()) {
+            return Err(BrokerError::NotAllowed(format!(
+                "cannot send to '{path}': send to the queue or topic instead"
+            )));
+        }
+        let mut entities = self.lock();
+        let exists = match (entities.get(&path.entity), &path.subscription) {
+            (Some(Entity::Queue(_)), None) | (Some(Entity::Topic(_)), None) => {
+                if !sending && matches!(entities.get(&path.entity), Some(Entity::Topic(_))) {
+                    return Err(BrokerError::NotAllowed(format!(
+                        "'{path}' is a topic: receive from one of its subscriptions"
+                    )));
+                }
+                true
+            }
+            (Some(Entity::Topic(topic)), Some(sub)) => topic.subscriptions.contains_key(sub),
+            (Some(Entity::Queue(_)), Some(_)) => {
+                return Err(BrokerError::NotFound(path.to_string()));
+            }
+            (None, _) => false,
+        };
+        if exists {
+            return Ok(());
+        }
+        if !self.options.auto_create {
+            return Err(BrokerError::NotFound(path.parent().to_string()));
+        }
+        let now = now_ms();
+        match &path.subscription {
+            None => {
+                tracing::info!(entity = %path.entity, "auto-creating queue");
+                let settings = self.resolve(&EntitySettings::default(), None);
+                entities.insert(path.entity.clone(), Entity::Queue(Store::new(settings, now)));
+            }
+            Some(sub) => {
+                tracing::info!(topic = %path.entity, subscription = %sub, "auto-creating subscription");
+                let topic = entities.entry(path.entity.clone()).or_insert_with(|| {
+                    Entity::Topic(Topic {
+                        default_message_ttl: None,
+                        created_at_ms: now,
+                        subscriptions: BTreeMap::new(),
+                    })
+                });
+                if let Entity::Topic(topic) = topic {
+                    let settings = self.resolve(&EntitySettings::default(), topic.default_message_ttl);
+                    topic
+                        .subscriptions
+                        .insert(sub.clone(), Store::new(settings, now));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Enqueues to a queue, or copies to every subscription of a topic.
+    pub fn send(&self, entity: &str, messages: Vec<ParsedMessage>) -> Result<(), BrokerError> {
+        let now = now_ms();
+        {
+            let mut entities = self.lock();
+            match entities.get_mut(entity) {
+                Some(Entity::Queue(store)) => {
+                    for message in messages {
+                        store.enqueue(message, now);
+                    }
+                }
+                Some(Entity::Topic(topic)) => {
+                    for message in messages {
+                        for store in topic.subscriptions.values_mut() {
+                            store.enqueue(message.clone(), now);
+                        }
+                    }
+                }
+                None => return Err(BrokerError::NotFound(entity.to_owned())),
+            }
+        }
+        self.wake();
+        Ok(())
+    }
+
+    fn with_store<T>(
+        &self,
+        path: &EntityPath,
+        f: impl FnOnce(&mut Store) -> Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        let mut entities = self.lock();
+        let store = match (entities.get_mut(&path.entity), &path.subscription) {
+            (Some(Entity::Queue(store)), None) => Some(store),
+            (Some(Entity::Topic(topic)), Some(sub)) => topic.subscriptions.get_mut(sub),
+            _ => None,
+        };
+        match store {
+            Some(store) => f(store),
+            None => Err(BrokerError::NotFound(path.parent().to_string())),
+        }
+    }
+
+    pub fn acquire(
+        &self,
+        path: &EntityPath,
+        mode: ReceiveMode,
+    ) -> Result<Option<Acquired>, BrokerError> {
+        let strict = self.options.strict;
+        self.with_store(path, |store| {
+            store.acquire(path.dead_letter, mode, now_ms(), strict)
+        })
+    }
+
+    pub fn settle(
+        &self,
+        path: &EntityPath,
+        token: &Uuid,
+        outcome: Outcome,
+    ) -> Result<(), BrokerError> {
+        let woke = self.with_store(path, |store| store.settle(path.dead_letter, token, outcome))?;
+        if woke {
+            self.wake();
+        }
+        Ok(())
+    }
+
+    pub fn renew(&self, path: &EntityPath, tokens: &[Uuid]) -> Result<Vec<i64>, BrokerError> {
+        let now = now_ms();
+        self.with_store(path, |store| {
+            tokens
+                .iter()
+                .map(|token| store.renew(path.dead_letter, token, now))
+                .collect()
+        })
+    }
+
+    pub fn peek(
+        &self,
+        path: &EntityPath,
+        from_sequence_number: i64,
+        count: usize,
+    ) -> Result<Vec<Bytes>, BrokerError> {
+        let strict = self.options.strict;
+        self.with_store(path, |store| {
+            store.peek(path.dead_letter, from_sequence_number, count, now_ms(), strict)
+        })
+    }
+
+    pub fn receive_deferred(
+        &self,
+        path: &EntityPath,
+        sequence_numbers: &[i64],
+        mode: ReceiveMode,
+    ) -> Result<Vec<Acquired>, BrokerError> {
+        let strict = self.options.strict;
+        self.with_store(path, |store| {
+            store.receive_deferred(path.dead_letter, sequence_numbers, mode, now_ms(), strict)
+        })
+    }
+
+    /// Returns expired locks to their queues; run periodically.
+    pub fn expire_locks(&self) {
+        let now = now_ms();
+        let mut woke = false;
+        {
+            let mut entities = self.lock();
+            for entity in entities.values_mut() {
+                let stores: Vec<&mut Store> = match entity {
+                    Entity::Queue(store) => vec![store],
+                    Entity::Topic(topic) => topic.subscriptions.values_mut().collect(),
+                };
+                for store in stores {
+                    match store.expire_locks(now) {
+                        Ok(returned) => woke |= returned,
+                        Err(error) => tracing::warn!(%error, "lock expiry failed"),
+                    }
+                }
+            }
+        }
+        if woke {
+            self.wake();
+        }
+    }
+
+    /// `path` is the ATOM path: `queue`, `topic` or `topic/Subscriptions/sub`.
+    pub fn describe(&self, path: &EntityPath) -> Option<Description> {
+        let now = now_ms();
+        let mut entities = self.lock();
+        match (entities.get_mut(&path.entity)?, &path.subscription) {
+            (Entity::Queue(store), None) => Some(Description::Queue {
+                name: path.entity.clone(),
+                settings: store.settings,
+                counts: store.counts(now),
+                created_at_ms: store.created_at_ms,
+            }),
+            (Entity::Topic(topic), None) => Some(Description::Topic {
+                name: path.entity.clone(),
+                subscription_count: topic.subscriptions.len(),
+                created_at_ms: topic.created_at_ms,
+            }),
+            (Entity::Topic(topic), Some(sub)) => {
+                let store = topic.subscriptions.get_mut(sub)?;
+                Some(Description::Subscription {
+                    topic: path.entity.clone(),
+                    name: sub.clone(),
+                    settings: store.settings,
+                    counts: store.counts(now),
+                    created_at_ms: store.created_at_ms,
+                })
+            }
+            (Entity::Queue(_), Some(_)) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn broker(max_delivery_count: u32) -> Broker {
+        Broker::new(
+            Topology::default(),
+            BrokerOptions {
+                auto_create: true,
+                strict: false,
+                defaults: StoreSettings {
+                    max_delivery_count,
+                    lock_duration: Duration::from_secs(60),
+                    default_message_ttl: None,
+                },
+            },
+        )
+    }
+
+    fn message() -> ParsedMessage {
+        let body = serde_amqp::to_vec(&serde_amqp::described::Described {
+            descriptor: serde_amqp::descriptor::Descriptor::Code(codec::DATA),
+            value: serde_amqp::value::Value::Binary(b"x".to_vec().into()),
+        })
+        .unwrap();
+        codec::parse_message(&Bytes::from(body)).unwrap()
+    }
+
+    fn path(dead_letter: bool) -> EntityPath {
+        EntityPath {
+            entity: "q".into(),
+            subscription: None,
+            dead_letter,
+        }
+    }
+
+    #[test]
+    fn abandon_past_max_delivery_count_dead_letters() {
+        let broker = broker(2);
+        broker.attach(&path(false), true).unwrap();
+        broker.send("q", vec![message()]).unwrap();
+        for _ in 0..2 {
+            let got = broker.acquire(&path(false), ReceiveMode::PeekLock).unwrap().unwrap();
+            let abandon = Outcome::Abandon {
+                annotations: Vec::new(),
+            };
+            broker
+                .settle(&path(false), &got.lock_token.unwrap(), abandon)
+                .unwrap();
+        }
+        assert!(broker.acquire(&path(false), ReceiveMode::PeekLock).unwrap().is_none());
+        let dead = broker.acquire(&path(true), ReceiveMode::PeekLock).unwrap().unwrap();
+        let text = String::from_utf8_lossy(&dead.payload);
+        assert!(text.contains("MaxDeliveryCountExceeded"));
+    }
+
+    #[test]
+    fn settling_twice_loses_the_lock() {
+        let broker = broker(10);
+        broker.attach(&path(false), true).unwrap();
+        broker.send("q", vec![message()]).unwrap();
+        let got = broker.acquire(&path(false), ReceiveMode::PeekLock).unwrap().unwrap();
+        let token = got.lock_token.unwrap();
+        broker.settle(&path(false), &token, Outcome::Complete).unwrap();
+        assert!(matches!(
+            broker.settle(&path(false), &token, Outcome::Complete),
+            Err(BrokerError::LockLost)
+        ));
+    }
+}

@@ -1,0 +1,479 @@
+//! One message store: a queue or subscription with its dead-letter sub-queue.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use fe2o3_amqp_types::messaging::Header;
+use serde_amqp::{
+    primitives::{OrderedMap, Timestamp},
+    value::Value,
+};
+use uuid::Uuid;
+
+use super::{
+    BrokerError,
+    codec::{self, ParsedMessage, Section, symbol},
+};
+
+/// Settings of one store, resolved from the topology and the CLI defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreSettings {
+    pub max_delivery_count: u32,
+    pub lock_duration: Duration,
+    pub default_message_ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiveMode {
+    PeekLock,
+    ReceiveAndDelete,
+}
+
+/// How a receiver settles a locked message.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Complete,
+    Abandon { annotations: Vec<(Value, Value)> },
+    Defer,
+    DeadLetter {
+        reason: Option<String>,
+        description: Option<String>,
+    },
+}
+
+/// A message handed to a receiver.
+#[derive(Debug)]
+pub struct Acquired {
+    pub payload: Bytes,
+    /// `None` in receive-and-delete mode: nothing is left to settle.
+    pub lock_token: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    pub active: usize,
+    pub dead_letter: usize,
+    pub size_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+struct StoredMessage {
+    header: Header,
+    annotations: OrderedMap<Value, Value>,
+    bare: Vec<Section>,
+    enqueued_at_ms: i64,
+    expires_at_ms: Option<i64>,
+    /// Times the message was handed out under a lock or deleted by a receive.
+    deliveries: u32,
+}
+
+impl StoredMessage {
+    fn size(&self) -> usize {
+        self.bare.iter().map(|s| s.raw.len()).sum()
+    }
+
+    fn encode(
+        &self,
+        sequence_number: i64,
+        lock: Option<(Uuid, i64)>,
+        strict: bool,
+    ) -> Result<Bytes, BrokerError> {
+        let mut header = self.header.clone();
+        // AMQP counts prior attempts; the SDKs present it as-is (Python) or +1 (.NET).
+        header.delivery_count = self.deliveries.saturating_sub(u32::from(lock.is_some()));
+        let mut annotations = self.annotations.clone();
+        annotations.insert(symbol("x-opt-sequence-number"), Value::Long(sequence_number));
+        annotations.insert(
+            symbol("x-opt-enqueued-time"),
+            Value::Timestamp(Timestamp::from_milliseconds(self.enqueued_at_ms)),
+        );
+        if let Some((token, until_ms)) = lock {
+            annotations.insert(
+                symbol("x-opt-locked-until"),
+                Value::Timestamp(Timestamp::from_milliseconds(until_ms)),
+            );
+            if !strict {
+                annotations.insert(
+                    symbol("x-opt-lock-token"),
+                    Value::Uuid(serde_amqp::primitives::Uuid::from(*token.as_bytes())),
+                );
+            }
+        }
+        Ok(codec::encode_message(&header, annotations, &self.bare)?)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Available,
+    Locked { token: Uuid, until_ms: i64 },
+    Deferred,
+}
+
+#[derive(Debug)]
+struct Entry {
+    message: StoredMessage,
+    state: State,
+}
+
+/// Messages of one queue (main or dead-letter), ordered by sequence number.
+#[derive(Debug, Default)]
+struct MessageList {
+    messages: BTreeMap<i64, Entry>,
+    available: BTreeSet<i64>,
+    locks: HashMap<Uuid, i64>,
+}
+
+impl MessageList {
+    fn insert(&mut self, sequence_number: i64, message: StoredMessage) {
+        self.available.insert(sequence_number);
+        self.messages.insert(
+            sequence_number,
+            Entry {
+                message,
+                state: State::Available,
+            },
+        );
+    }
+
+    fn remove(&mut self, sequence_number: i64) -> Option<StoredMessage> {
+        let entry = self.messages.remove(&sequence_number)?;
+        match entry.state {
+            State::Available => {
+                self.available.remove(&sequence_number);
+            }
+            State::Locked { token, .. } => {
+                self.locks.remove(&token);
+            }
+            State::Deferred => {}
+        }
+        Some(entry.message)
+    }
+
+    fn drop_expired(&mut self, now_ms: i64) {
+        let expired: Vec<i64> = self
+            .available
+            .iter()
+            .copied()
+            .filter(|seq| {
+                self.messages[seq]
+                    .message
+                    .expires_at_ms
+                    .is_some_and(|at| at <= now_ms)
+            })
+            .collect();
+        for seq in expired {
+            self.remove(seq);
+        }
+    }
+
+    fn lock(&mut self, sequence_number: i64, token: Uuid, until_ms: i64) {
+        let entry = self
+            .messages
+            .get_mut(&sequence_number)
+            .expect("locked message exists");
+        self.available.remove(&sequence_number);
+        entry.state = State::Locked { token, until_ms };
+        entry.message.deliveries += 1;
+        self.locks.insert(token, sequence_number);
+    }
+
+    fn locked(&self, token: &Uuid) -> Result<i64, BrokerError> {
+        self.locks.get(token).copied().ok_or(BrokerError::LockLost)
+    }
+
+    fn unlock(&mut self, sequence_number: i64, state: State) {
+        let entry = self
+            .messages
+            .get_mut(&sequence_number)
+            .expect("unlocked message exists");
+        if let State::Locked { token, .. } = entry.state {
+            self.locks.remove(&token);
+        }
+        entry.state = state;
+        if state == State::Available {
+            self.available.insert(sequence_number);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Store {
+    pub settings: StoreSettings,
+    pub created_at_ms: i64,
+    next_sequence_number: i64,
+    main: MessageList,
+    dead_letter: MessageList,
+}
+
+impl Store {
+    pub fn new(settings: StoreSettings, now_ms: i64) -> Self {
+        Store {
+            settings,
+            created_at_ms: now_ms,
+            next_sequence_number: 1,
+            main: MessageList::default(),
+            dead_letter: MessageList::default(),
+        }
+    }
+
+    fn list(&mut self, dead_letter: bool) -> &mut MessageList {
+        if dead_letter {
+            &mut self.dead_letter
+        } else {
+            &mut self.main
+        }
+    }
+
+    pub fn enqueue(&mut self, message: ParsedMessage, now_ms: i64) {
+        let ttl = message
+            .header
+            .ttl
+            .map(|ms| Duration::from_millis(u64::from(ms)))
+            .or(self.settings.default_message_ttl);
+        let stored = StoredMessage {
+            header: message.header,
+            annotations: message.annotations,
+            bare: message.bare,
+            enqueued_at_ms: now_ms,
+            expires_at_ms: ttl.map(|ttl| now_ms.saturating_add(ttl.as_millis() as i64)),
+            deliveries: 0,
+        };
+        let seq = self.next_sequence_number;
+        self.next_sequence_number += 1;
+        self.main.insert(seq, stored);
+    }
+
+    pub fn acquire(
+        &mut self,
+        dead_letter: bool,
+        mode: ReceiveMode,
+        now_ms: i64,
+        strict: bool,
+    ) -> Result<Option<Acquired>, BrokerError> {
+        let lock_ms = self.settings.lock_duration.as_millis() as i64;
+        let list = self.list(dead_letter);
+        list.drop_expired(now_ms);
+        let Some(&seq) = list.available.first() else {
+            return Ok(None);
+        };
+        match mode {
+            ReceiveMode::ReceiveAndDelete => {
+                let mut message = list.remove(seq).expect("available message exists");
+                let payload = message.encode(seq, None, strict)?;
+                message.deliveries += 1;
+                Ok(Some(Acquired {
+                    payload,
+                    lock_token: None,
+                }))
+            }
+            ReceiveMode::PeekLock => {
+                let token = Uuid::new_v4();
+                let until_ms = now_ms + lock_ms;
+                list.lock(seq, token, until_ms);
+                let payload = list.messages[&seq]
+                    .message
+                    .encode(seq, Some((token, until_ms)), strict)?;
+                Ok(Some(Acquired {
+                    payload,
+                    lock_token: Some(token),
+                }))
+            }
+        }
+    }
+
+    /// Returns whether a message became available again (receivers should be woken).
+    pub fn settle(
+        &mut self,
+        dead_letter: bool,
+        token: &Uuid,
+        outcome: Outcome,
+    ) -> Result<bool, BrokerError> {
+        let max_delivery_count = self.settings.max_delivery_count;
+        let list = self.list(dead_letter);
+        let seq = list.locked(token)?;
+        match outcome {
+            Outcome::Complete => {
+                list.remove(seq);
+                Ok(false)
+            }
+            Outcome::Defer => {
+                list.unlock(seq, State::Deferred);
+                Ok(false)
+            }
+            Outcome::Abandon { annotations } => {
+                let entry = list.messages.get_mut(&seq).expect("locked message exists");
+                for (key, value) in annotations {
+                    entry.message.annotations.insert(key, value);
+                }
+                Ok(self.release(dead_letter, seq, max_delivery_count)?)
+            }
+            Outcome::DeadLetter {
+                reason,
+                description,
+            } => {
+                if dead_letter {
+                    return Err(BrokerError::NotAllowed(
+                        "a message in a dead-letter queue cannot be dead-lettered again".into(),
+                    ));
+                }
+                self.move_to_dead_letter(seq, reason, description)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Unlocks after an abandon or a lock expiry; past MaxDeliveryCount the
+    /// message is dead-lettered, as Service Bus does.
+    fn release(
+        &mut self,
+        dead_letter: bool,
+        seq: i64,
+        max_delivery_count: u32,
+    ) -> Result<bool, BrokerError> {
+        let list = self.list(dead_letter);
+        let deliveries = list.messages[&seq].message.deliveries;
+        if !dead_letter && deliveries >= max_delivery_count {
+            self.move_to_dead_letter(
+                seq,
+                Some("MaxDeliveryCountExceeded".into()),
+                Some(format!(
+                    "Message could not be consumed after {max_delivery_count} delivery attempts."
+                )),
+            )?;
+            return Ok(false);
+        }
+        list.unlock(seq, State::Available);
+        Ok(true)
+    }
+
+    fn move_to_dead_letter(
+        &mut self,
+        seq: i64,
+        reason: Option<String>,
+        description: Option<String>,
+    ) -> Result<(), BrokerError> {
+        let mut message = self.main.remove(seq).expect("message to dead-letter exists");
+        let properties: Vec<(&str, String)> = [
+            ("DeadLetterReason", reason),
+            ("DeadLetterErrorDescription", description),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|value| (key, value)))
+        .collect();
+        if !properties.is_empty() {
+            codec::set_application_properties(&mut message.bare, &properties)?;
+        }
+        // The dead-letter queue keeps the original sequence number, as Service Bus does.
+        self.dead_letter.insert(seq, message);
+        Ok(())
+    }
+
+    pub fn renew(&mut self, dead_letter: bool, token: &Uuid, now_ms: i64) -> Result<i64, BrokerError> {
+        let until = now_ms + self.settings.lock_duration.as_millis() as i64;
+        let list = self.list(dead_letter);
+        let seq = list.locked(token)?;
+        let entry = list.messages.get_mut(&seq).expect("locked message exists");
+        entry.state = State::Locked {
+            token: *token,
+            until_ms: until,
+        };
+        Ok(until)
+    }
+
+    /// Browses without locking or counting a delivery.
+    pub fn peek(
+        &mut self,
+        dead_letter: bool,
+        from_sequence_number: i64,
+        count: usize,
+        now_ms: i64,
+        strict: bool,
+    ) -> Result<Vec<Bytes>, BrokerError> {
+        let list = self.list(dead_letter);
+        list.drop_expired(now_ms);
+        list.messages
+            .range(from_sequence_number..)
+            .take(count)
+            .map(|(seq, entry)| entry.message.encode(*seq, None, strict))
+            .collect()
+    }
+
+    /// Locks deferred messages by sequence number (`receive-by-sequence-number`).
+    pub fn receive_deferred(
+        &mut self,
+        dead_letter: bool,
+        sequence_numbers: &[i64],
+        mode: ReceiveMode,
+        now_ms: i64,
+        strict: bool,
+    ) -> Result<Vec<Acquired>, BrokerError> {
+        let lock_ms = self.settings.lock_duration.as_millis() as i64;
+        let list = self.list(dead_letter);
+        let mut out = Vec::new();
+        for &seq in sequence_numbers {
+            if list.messages.get(&seq).map(|e| e.state) != Some(State::Deferred) {
+                return Err(BrokerError::MessageNotFound(seq));
+            }
+            if mode == ReceiveMode::ReceiveAndDelete {
+                let message = list.remove(seq).expect("deferred message exists");
+                out.push(Acquired {
+                    payload: message.encode(seq, None, strict)?,
+                    lock_token: None,
+                });
+                continue;
+            }
+            let token = Uuid::new_v4();
+            let until_ms = now_ms + lock_ms;
+            list.lock(seq, token, until_ms);
+            out.push(Acquired {
+                payload: list.messages[&seq]
+                    .message
+                    .encode(seq, Some((token, until_ms)), strict)?,
+                lock_token: Some(token),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Returns expired locks to the queue; true if any message became available.
+    pub fn expire_locks(&mut self, now_ms: i64) -> Result<bool, BrokerError> {
+        let mut woke = false;
+        for dead_letter in [false, true] {
+            let expired: Vec<i64> = self
+                .list(dead_letter)
+                .locks
+                .values()
+                .copied()
+                .filter(|seq| {
+                    matches!(
+                        self.list(dead_letter).messages[seq].state,
+                        State::Locked { until_ms, .. } if until_ms <= now_ms
+                    )
+                })
+                .collect();
+            for seq in expired {
+                woke |= self.release(dead_letter, seq, self.settings.max_delivery_count)?;
+            }
+        }
+        Ok(woke)
+    }
+
+    pub fn counts(&mut self, now_ms: i64) -> Counts {
+        self.main.drop_expired(now_ms);
+        Counts {
+            active: self.main.messages.len(),
+            dead_letter: self.dead_letter.messages.len(),
+            size_bytes: self
+                .main
+                .messages
+                .values()
+                .chain(self.dead_letter.messages.values())
+                .map(|e| e.message.size())
+                .sum(),
+        }
+    }
+}

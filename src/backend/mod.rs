@@ -1,0 +1,116 @@
+//! The `QueueBackend` trait and the adapters behind it (DESIGN §2).
+//!
+//! Adapters contain no policy: they translate six verbs and the message model.
+//! Filtering, batching across calls, rate limits, dry runs, journaling and
+//! retries of whole messages live once, in [`crate::redrive`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::config::{QueueConfig, QueueKind};
+use crate::model::{Destination, DlqMessage, DlqStats, LeaseId, Leased, Outgoing, SendResult, SettleResult};
+
+#[cfg(feature = "sqs")]
+pub mod sqs;
+
+/// What went wrong talking to a provider, classified so the CLI can tell the
+/// user what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("queue {queue}: not found ({detail})")]
+    NotFound { queue: String, detail: String },
+    #[error("cannot reach {endpoint}: {detail} (is the service or emulator running?)")]
+    Unreachable { endpoint: String, detail: String },
+    #[error("{provider} rejected the credentials: {detail}")]
+    Auth { provider: &'static str, detail: String },
+    #[error("{provider}: {detail}")]
+    Provider { provider: &'static str, detail: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("queue {queue} uses the {backend} backend, which this build leaves out (cargo feature `{backend}`)")]
+    NotCompiled { queue: String, backend: &'static str },
+}
+
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// What a provider can carry, so that callers (and the conformance tests) know
+/// which parts of the message model apply.
+#[derive(Debug, Clone, Copy)]
+pub struct Capabilities {
+    /// `peek` browses without leasing (Service Bus). Otherwise it leases and
+    /// releases, which raises delivery counts (DESIGN §3, guarantee 8).
+    pub true_peek: bool,
+    /// Bodies may hold arbitrary bytes (SQS bodies are XML-safe text only).
+    pub binary_body: bool,
+    /// Bodies may be empty (SQS requires at least one character).
+    pub empty_body: bool,
+    /// The largest body the provider accepts.
+    pub max_body_bytes: usize,
+    /// The most attributes one message may carry, when the provider caps it.
+    pub max_attributes: Option<usize>,
+    /// How many messages one lease/send/settle call handles.
+    pub batch_size: usize,
+}
+
+#[async_trait]
+pub trait QueueBackend: Send + Sync {
+    /// `sqs`, `pubsub` or `servicebus`.
+    fn kind(&self) -> &'static str;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// Whether an attribute was added by the provider when it dead-lettered the
+    /// message (and so is stripped from a redriven copy by default).
+    fn is_dead_letter_attribute(&self, name: &str) -> bool;
+
+    /// Depth, age of the oldest message when knowable, and how exact they are.
+    async fn stats(&self) -> Result<DlqStats>;
+
+    /// Browse up to `max` messages, disturbing them as little as the provider
+    /// allows. Adapters without a true peek lease and release at once.
+    async fn peek(&self, max: usize) -> Result<Vec<DlqMessage>>;
+
+    /// Lease up to `max` messages (at most one provider call's worth), hiding
+    /// them from other consumers for `hold`. An empty result means the queue
+    /// had nothing visible.
+    async fn lease(&self, max: usize, hold: Duration) -> Result<Vec<Leased>>;
+
+    /// Send copies to `to` and wait for the destination to confirm each.
+    async fn send(&self, to: &Destination, msgs: &[Outgoing]) -> Result<Vec<SendResult>>;
+
+    /// Remove leased messages from the DLQ for good (delete, ack, complete).
+    async fn settle(&self, leases: &[LeaseId]) -> Result<Vec<SettleResult>>;
+
+    /// Make leased messages visible again at once (visibility 0, modack 0, abandon).
+    async fn release(&self, leases: &[LeaseId]) -> Result<()>;
+
+    /// The destination used when a message does not name its own source and the
+    /// config gives none: discovered from the provider where it can tell.
+    async fn default_source(&self) -> Result<Option<Destination>>;
+
+    /// Turn a user-given destination (`--to`) into the provider's address.
+    async fn resolve_destination(&self, name: &str) -> Result<Destination>;
+}
+
+/// Build the adapter a queue's config asks for.
+pub async fn connect(queue: &QueueConfig) -> Result<Arc<dyn QueueBackend>> {
+    match &queue.kind {
+        #[cfg(feature = "sqs")]
+        QueueKind::Sqs(cfg) => Ok(Arc::new(sqs::SqsBackend::connect(&queue.name, cfg, queue).await?)),
+        #[cfg(not(feature = "sqs"))]
+        QueueKind::Sqs(_) => Err(BackendError::NotCompiled {
+            queue: queue.name.clone(),
+            backend: "sqs",
+        }),
+        QueueKind::PubSub(_) => Err(BackendError::NotCompiled {
+            queue: queue.name.clone(),
+            backend: "pubsub",
+        }),
+        QueueKind::ServiceBus(_) => Err(BackendError::NotCompiled {
+            queue: queue.name.clone(),
+            backend: "servicebus",
+        }),
+    }
+}

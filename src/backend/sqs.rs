@@ -1,0 +1,612 @@
+//! AWS SQS adapter.
+//!
+//! SQS has no true peek: `peek` receives and releases at once, which raises
+//! `ApproximateReceiveCount` (DESIGN §3, guarantee 8). Every call handles at
+//! most 10 messages, SQS's batch limit. The age of the oldest message is not
+//! knowable from SQS itself (it needs CloudWatch), so `stats` reports it as
+//! unknown rather than guessing.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::primitives::Blob;
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, Message, MessageAttributeValue,
+    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
+};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use tokio::sync::{Mutex, OnceCell};
+
+use super::{BackendError, Capabilities, QueueBackend, Result};
+use crate::config::{QueueConfig, SqsQueueConfig};
+use crate::model::{
+    AttrValue, Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing,
+    SendResult, SettleResult,
+};
+
+const PROVIDER: &str = "SQS";
+const BATCH: usize = 10;
+/// SQS's limit on a message, and on a whole batch request.
+const MAX_PAYLOAD: usize = 1024 * 1024;
+const MAX_ATTRIBUTES: usize = 10;
+/// The longest visibility timeout SQS accepts (12 hours).
+const MAX_VISIBILITY_SECS: u64 = 43_200;
+
+pub struct SqsBackend {
+    client: Client,
+    queue_name: String,
+    queue_url: String,
+    endpoint: String,
+    reason_attribute: String,
+    description_attribute: String,
+    /// `DeadLetterQueueSourceArn` → queue URL, so each source is looked up once.
+    arn_urls: Mutex<HashMap<String, String>>,
+    /// The single queue whose RedrivePolicy points here, if there is exactly one.
+    listed_source: OnceCell<Option<String>>,
+}
+
+/// Build an SQS client for `cfg`, with timeouts always set (the SDK has no
+/// default read timeout, so a stalled endpoint would hang a run forever).
+pub async fn client(cfg: &SqsQueueConfig) -> (Client, String) {
+    let region = RegionProviderChain::first_try(cfg.region.clone().map(aws_config::Region::new))
+        .or_default_provider()
+        .or_else("us-east-1");
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(region)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .read_timeout(Duration::from_secs(30))
+                .operation_attempt_timeout(Duration::from_secs(35))
+                .operation_timeout(Duration::from_secs(90))
+                .build(),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(3));
+    let env_endpoint = non_empty_env("AWS_ENDPOINT_URL_SQS").or_else(|| non_empty_env("AWS_ENDPOINT_URL"));
+    let endpoint_set_empty = std::env::var("AWS_ENDPOINT_URL_SQS").is_ok_and(|v| v.trim().is_empty())
+        || std::env::var("AWS_ENDPOINT_URL").is_ok_and(|v| v.trim().is_empty());
+    let explicit = cfg.endpoint_url.clone().filter(|u| !u.trim().is_empty());
+    if let Some(url) = &explicit {
+        loader = loader.endpoint_url(url);
+    }
+    let sdk = loader.load().await;
+    let region = sdk
+        .region()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| "us-east-1".into());
+    let default_endpoint = format!("https://sqs.{region}.amazonaws.com");
+    let mut builder = aws_sdk_sqs::config::Builder::from(&sdk);
+    // An empty AWS_ENDPOINT_URL_SQS makes the SDK panic; treat it as unset by
+    // pinning the regional endpoint.
+    if explicit.is_none() && env_endpoint.is_none() && endpoint_set_empty {
+        builder = builder.endpoint_url(&default_endpoint);
+    }
+    let endpoint = explicit.or(env_endpoint).unwrap_or(default_endpoint);
+    (Client::from_conf(builder.build()), endpoint)
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+impl SqsBackend {
+    pub async fn connect(name: &str, cfg: &SqsQueueConfig, queue: &QueueConfig) -> Result<Self> {
+        let (client, endpoint) = client(cfg).await;
+        let queue_url = resolve_queue_url(&client, &endpoint, &cfg.queue, cfg.account_id.as_deref()).await?;
+        Ok(Self {
+            client,
+            queue_name: name.to_string(),
+            queue_url,
+            endpoint,
+            reason_attribute: queue.reason_attribute.clone(),
+            description_attribute: queue.description_attribute.clone(),
+            arn_urls: Mutex::new(HashMap::new()),
+            listed_source: OnceCell::new(),
+        })
+    }
+
+    pub fn queue_url(&self) -> &str {
+        &self.queue_url
+    }
+
+    fn error<E, R>(&self, err: SdkError<E, R>) -> BackendError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+    {
+        classify(err, &self.endpoint, &self.queue_name)
+    }
+
+    async fn source_from_arn(&self, arn: &str) -> Option<String> {
+        if let Some(url) = self.arn_urls.lock().await.get(arn) {
+            return Some(url.clone());
+        }
+        // arn:aws:sqs:<region>:<account>:<name>
+        let mut parts = arn.splitn(6, ':');
+        let (_, _, _, _, account, name) = (
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+        );
+        let url = resolve_queue_url(&self.client, &self.endpoint, name, Some(account))
+            .await
+            .map_err(|e| tracing::warn!(%arn, error = %e, "cannot resolve the dead-letter source queue"))
+            .ok()?;
+        self.arn_urls.lock().await.insert(arn.to_string(), url.clone());
+        Some(url)
+    }
+
+    async fn listed_source(&self) -> Result<Option<String>> {
+        self.listed_source
+            .get_or_try_init(|| async {
+                let out = self
+                    .client
+                    .list_dead_letter_source_queues()
+                    .queue_url(&self.queue_url)
+                    .send()
+                    .await
+                    .map_err(|e| self.error(e))?;
+                let urls = out.queue_urls();
+                if urls.len() > 1 {
+                    tracing::info!(
+                        queue = %self.queue_name,
+                        sources = urls.len(),
+                        "several queues dead-letter here; messages without DeadLetterQueueSourceArn need `source` in the config or --to"
+                    );
+                }
+                Ok(if urls.len() == 1 { Some(urls[0].clone()) } else { None })
+            })
+            .await
+            .cloned()
+    }
+
+    async fn to_model(&self, m: &Message) -> DlqMessage {
+        let sys = m.attributes();
+        let sys_get = |k: MessageSystemAttributeName| sys.and_then(|s| s.get(&k)).map(String::as_str);
+        let mut attributes = Attributes::new();
+        for (name, v) in m.message_attributes().into_iter().flatten() {
+            attributes.insert(name.clone(), attribute_from_sqs(v));
+        }
+        let text_attr = |name: &str| attributes.get(name).map(Attribute::as_text);
+        let source = match sys_get(MessageSystemAttributeName::DeadLetterQueueSourceArn) {
+            Some(arn) => self.source_from_arn(arn).await,
+            None => None,
+        };
+        let source = match source {
+            Some(s) => Some(s),
+            None => self.listed_source().await.ok().flatten(),
+        };
+        DlqMessage {
+            id: m.message_id().unwrap_or_default().to_string(),
+            body: Bytes::from(m.body().unwrap_or_default().to_string()),
+            reason: text_attr(&self.reason_attribute),
+            description: text_attr(&self.description_attribute),
+            delivery_count: sys_get(MessageSystemAttributeName::ApproximateReceiveCount).and_then(|c| c.parse().ok()),
+            enqueued_at: sys_get(MessageSystemAttributeName::SentTimestamp)
+                .and_then(|ms| ms.parse::<i64>().ok())
+                .and_then(DateTime::<Utc>::from_timestamp_millis),
+            source,
+            ordering_key: sys_get(MessageSystemAttributeName::MessageGroupId).map(str::to_string),
+            properties: Default::default(),
+            attributes,
+        }
+    }
+
+    async fn receive(&self, max: usize, hold: Duration) -> Result<Vec<Message>> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.queue_url)
+            .max_number_of_messages(max.clamp(1, BATCH) as i32)
+            .visibility_timeout(hold.as_secs().clamp(1, MAX_VISIBILITY_SECS) as i32)
+            // A short long-poll: unlike a zero wait, it asks every SQS server,
+            // so an empty answer really means nothing is visible.
+            .wait_time_seconds(1)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(out.messages.unwrap_or_default())
+    }
+}
+
+async fn resolve_queue_url(client: &Client, endpoint: &str, queue: &str, account: Option<&str>) -> Result<String> {
+    if queue.starts_with("https://") || queue.starts_with("http://") {
+        return Ok(queue.to_string());
+    }
+    let mut req = client.get_queue_url().queue_name(queue);
+    if let Some(a) = account {
+        req = req.queue_owner_aws_account_id(a);
+    }
+    let out = req.send().await.map_err(|e| classify(e, endpoint, queue))?;
+    out.queue_url()
+        .map(str::to_string)
+        .ok_or_else(|| BackendError::NotFound {
+            queue: queue.into(),
+            detail: "GetQueueUrl returned no URL".into(),
+        })
+}
+
+fn classify<E, R>(err: SdkError<E, R>, endpoint: &str, queue: &str) -> BackendError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    match &err {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => BackendError::Unreachable {
+            endpoint: endpoint.to_string(),
+            detail: DisplayErrorContext(&err).to_string(),
+        },
+        _ => {
+            let code = err.code().unwrap_or_default().to_string();
+            let detail = match err.message() {
+                Some(m) => format!("{code}: {m}"),
+                None => DisplayErrorContext(&err).to_string(),
+            };
+            match code.as_str() {
+                "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist" => BackendError::NotFound {
+                    queue: queue.to_string(),
+                    detail,
+                },
+                "InvalidClientTokenId"
+                | "UnrecognizedClientException"
+                | "SignatureDoesNotMatch"
+                | "AccessDenied"
+                | "AccessDeniedException"
+                | "ExpiredToken"
+                | "InvalidSecurity" => BackendError::Auth {
+                    provider: PROVIDER,
+                    detail,
+                },
+                _ => BackendError::Provider {
+                    provider: PROVIDER,
+                    detail,
+                },
+            }
+        }
+    }
+}
+
+fn attribute_from_sqs(v: &MessageAttributeValue) -> Attribute {
+    let data_type = v.data_type().to_string();
+    let value = if data_type.starts_with("Binary") {
+        AttrValue::Binary(
+            v.binary_value()
+                .map(|b| Bytes::copy_from_slice(b.as_ref()))
+                .unwrap_or_default(),
+        )
+    } else if data_type.starts_with("Number") {
+        AttrValue::Number(v.string_value().unwrap_or_default().to_string())
+    } else {
+        AttrValue::String(v.string_value().unwrap_or_default().to_string())
+    };
+    Attribute {
+        value,
+        data_type: Some(data_type),
+    }
+}
+
+/// SQS's own DataType for an attribute. A type label from SQS is kept as is;
+/// values from other providers get a custom-typed label that says what they were.
+fn attribute_to_sqs(a: &Attribute) -> MessageAttributeValue {
+    let sqs_label = a
+        .data_type
+        .as_deref()
+        .filter(|t| t.starts_with("String") || t.starts_with("Number") || t.starts_with("Binary"));
+    let (label, text, binary): (&str, Option<String>, Option<Blob>) = match &a.value {
+        AttrValue::String(s) => ("String", Some(s.clone()), None),
+        AttrValue::Number(n) => ("Number", Some(n.clone()), None),
+        AttrValue::Binary(b) => ("Binary", None, Some(Blob::new(b.to_vec()))),
+        AttrValue::Bool(b) => ("String.bool", Some(b.to_string()), None),
+        AttrValue::Int(i) => ("Number.int", Some(i.to_string()), None),
+        AttrValue::Float(f) => ("Number.float", Some(f.to_string()), None),
+        AttrValue::Timestamp(t) => ("String.timestamp", Some(t.to_rfc3339()), None),
+        AttrValue::Uuid(u) => ("String.uuid", Some(u.to_string()), None),
+    };
+    MessageAttributeValue::builder()
+        .data_type(sqs_label.unwrap_or(label))
+        .set_string_value(text)
+        .set_binary_value(binary)
+        .build()
+        .expect("data_type is always set")
+}
+
+/// What SQS counts against its payload limit for one message.
+fn payload_size(o: &Outgoing) -> usize {
+    o.body.len()
+        + o.attributes
+            .iter()
+            .map(|(k, a)| k.len() + a.data_type.as_deref().map_or(8, str::len) + a.as_text().len())
+            .sum::<usize>()
+}
+
+/// SQS FIFO deduplication IDs: at most 128 characters of alphanumerics and
+/// punctuation.
+fn fifo_dedup_id(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || c.is_ascii_punctuation())
+        .take(128)
+        .collect()
+}
+
+#[async_trait]
+impl QueueBackend for SqsBackend {
+    fn kind(&self) -> &'static str {
+        "sqs"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            true_peek: false,
+            binary_body: false,
+            empty_body: false,
+            max_body_bytes: MAX_PAYLOAD,
+            max_attributes: Some(MAX_ATTRIBUTES),
+            batch_size: BATCH,
+        }
+    }
+
+    fn is_dead_letter_attribute(&self, _name: &str) -> bool {
+        // SQS records dead-lettering in system attributes, which a send cannot
+        // set anyway; it adds no message attributes.
+        false
+    }
+
+    async fn stats(&self) -> Result<DlqStats> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|e| self.error(e))?;
+        let get = |k: QueueAttributeName| -> u64 {
+            out.attributes()
+                .and_then(|a| a.get(&k))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let visible = get(QueueAttributeName::ApproximateNumberOfMessages);
+        let in_flight = get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+        Ok(DlqStats {
+            depth: visible + in_flight,
+            in_flight: Some(in_flight),
+            oldest_age: None,
+            exactness: Exactness::Approximate,
+        })
+    }
+
+    async fn peek(&self, max: usize) -> Result<Vec<DlqMessage>> {
+        let mut out = Vec::new();
+        let mut handles = Vec::new();
+        let hold = Duration::from_secs(30);
+        while out.len() < max {
+            let batch = self.receive(max - out.len(), hold).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for m in &batch {
+                out.push(self.to_model(m).await);
+                handles.extend(m.receipt_handle().map(|h| LeaseId(h.to_string())));
+            }
+        }
+        self.release(&handles).await?;
+        Ok(out)
+    }
+
+    async fn lease(&self, max: usize, hold: Duration) -> Result<Vec<Leased>> {
+        let batch = self.receive(max, hold).await?;
+        let mut out = Vec::with_capacity(batch.len());
+        for m in &batch {
+            let Some(handle) = m.receipt_handle() else { continue };
+            out.push(Leased {
+                message: self.to_model(m).await,
+                lease: LeaseId(handle.to_string()),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn send(&self, to: &Destination, msgs: &[Outgoing]) -> Result<Vec<SendResult>> {
+        let fifo = to.0.ends_with(".fifo");
+        let mut results: Vec<Option<SendResult>> = vec![None; msgs.len()];
+        // Split into requests of at most 10 entries and 1 MiB.
+        let mut chunks: Vec<Vec<usize>> = Vec::new();
+        let mut size = 0;
+        for (i, m) in msgs.iter().enumerate() {
+            let s = payload_size(m);
+            match chunks.last_mut() {
+                Some(c) if c.len() < BATCH && size + s <= MAX_PAYLOAD => {
+                    c.push(i);
+                    size += s;
+                }
+                _ => {
+                    chunks.push(vec![i]);
+                    size = s;
+                }
+            }
+        }
+        for chunk in chunks {
+            let mut req = self.client.send_message_batch().queue_url(&to.0);
+            for &i in &chunk {
+                let m = &msgs[i];
+                let mut entry = SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(String::from_utf8_lossy(&m.body));
+                for (k, a) in &m.attributes {
+                    entry = entry.message_attributes(k, attribute_to_sqs(a));
+                }
+                if fifo {
+                    entry = entry
+                        .message_group_id(m.ordering_key.clone().unwrap_or_else(|| "dlq-bridge".into()))
+                        .message_deduplication_id(fifo_dedup_id(&m.dedup_id));
+                }
+                req = req.entries(entry.build().expect("id and body are set"));
+            }
+            match req.send().await {
+                Ok(out) => {
+                    for ok in out.successful() {
+                        if let Ok(i) = ok.id().parse::<usize>() {
+                            results[i] = Some(SendResult::Sent {
+                                dest_id: ok.message_id().to_string(),
+                            });
+                        }
+                    }
+                    for bad in out.failed() {
+                        if let Ok(i) = bad.id().parse::<usize>() {
+                            results[i] = Some(SendResult::Failed {
+                                error: format!("{}: {}", bad.code(), bad.message().unwrap_or_default()),
+                            });
+                        }
+                    }
+                }
+                Err(e) => {
+                    let err = self.error(e);
+                    // Nothing about this request can be confirmed. A wrong
+                    // destination fails every message the same way, so say so.
+                    if matches!(
+                        err,
+                        BackendError::NotFound { .. } | BackendError::Unreachable { .. } | BackendError::Auth { .. }
+                    ) {
+                        return Err(err);
+                    }
+                    for &i in &chunk {
+                        results[i] = Some(SendResult::Failed { error: err.to_string() });
+                    }
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or(SendResult::Failed {
+                    error: "SQS did not report on this entry".into(),
+                })
+            })
+            .collect())
+    }
+
+    async fn settle(&self, leases: &[LeaseId]) -> Result<Vec<SettleResult>> {
+        let mut results = vec![SettleResult::Settled; leases.len()];
+        for (c, chunk) in leases.chunks(BATCH).enumerate() {
+            let mut req = self.client.delete_message_batch().queue_url(&self.queue_url);
+            for (j, lease) in chunk.iter().enumerate() {
+                req = req.entries(
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id((c * BATCH + j).to_string())
+                        .receipt_handle(&lease.0)
+                        .build()
+                        .expect("id and handle are set"),
+                );
+            }
+            match req.send().await {
+                Ok(out) => {
+                    for bad in out.failed() {
+                        if let Ok(i) = bad.id().parse::<usize>() {
+                            results[i] = SettleResult::Failed {
+                                error: format!("{}: {}", bad.code(), bad.message().unwrap_or_default()),
+                            };
+                        }
+                    }
+                }
+                Err(e) => {
+                    let error = self.error(e).to_string();
+                    for j in 0..chunk.len() {
+                        results[c * BATCH + j] = SettleResult::Failed { error: error.clone() };
+                    }
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    async fn release(&self, leases: &[LeaseId]) -> Result<()> {
+        for chunk in leases.chunks(BATCH) {
+            let mut req = self.client.change_message_visibility_batch().queue_url(&self.queue_url);
+            for (j, lease) in chunk.iter().enumerate() {
+                req = req.entries(
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(j.to_string())
+                        .receipt_handle(&lease.0)
+                        .visibility_timeout(0)
+                        .build()
+                        .expect("id and handle are set"),
+                );
+            }
+            let out = req.send().await.map_err(|e| self.error(e))?;
+            // A lease that already expired is visible again anyway.
+            for bad in out.failed() {
+                tracing::debug!(code = bad.code(), "release of an expired lease ignored");
+            }
+        }
+        Ok(())
+    }
+
+    async fn default_source(&self) -> Result<Option<Destination>> {
+        Ok(self.listed_source().await?.map(Destination))
+    }
+
+    async fn resolve_destination(&self, name: &str) -> Result<Destination> {
+        resolve_queue_url(&self.client, &self.endpoint, name, None)
+            .await
+            .map(Destination)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_round_trip_through_sqs_types() {
+        for (dt, value) in [
+            ("String", AttrValue::String("acme".into())),
+            ("String.custom", AttrValue::String("x".into())),
+            ("Number", AttrValue::Number("12345678901234567890.5".into())),
+            ("Number.float", AttrValue::Number("1.5".into())),
+            ("Binary", AttrValue::Binary(Bytes::from_static(&[0, 255, 1]))),
+            ("Binary.gif", AttrValue::Binary(Bytes::from_static(b"GIF89a"))),
+        ] {
+            let a = Attribute {
+                value,
+                data_type: Some(dt.into()),
+            };
+            assert_eq!(attribute_from_sqs(&attribute_to_sqs(&a)), a, "{dt}");
+        }
+    }
+
+    #[test]
+    fn foreign_types_get_descriptive_sqs_labels() {
+        let a = Attribute {
+            value: AttrValue::Int(7),
+            data_type: None,
+        };
+        let v = attribute_to_sqs(&a);
+        assert_eq!(v.data_type(), "Number.int");
+        assert_eq!(v.string_value(), Some("7"));
+    }
+
+    #[test]
+    fn dedup_ids_are_valid_for_fifo() {
+        let id = fifo_dedup_id(&format!("{} é {}", "a".repeat(100), "b".repeat(100)));
+        assert_eq!(id.len(), 128);
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c.is_ascii_punctuation())
+        );
+    }
+}

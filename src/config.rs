@@ -1,0 +1,531 @@
+//! Typed configuration (DESIGN §2: "The config is the single source of truth").
+//!
+//! The YAML file is parsed strictly (`deny_unknown_fields` everywhere) so that a
+//! typo is an error naming the file, line, field and what was expected, never a
+//! silently ignored setting. Environment variables `DLQ_BRIDGE_<PATH>` (with
+//! `__` between path segments, e.g. `DLQ_BRIDGE_REDRIVE__CONCURRENCY=8`)
+//! override single values, read through the `config` crate's environment source.
+//! Secrets are never inline: fields ending in `_env` name the environment
+//! variable that holds them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Environment variables with the override prefix that are CLI options, not
+/// config paths.
+const RESERVED_ENV: &[&str] = &["config", "log"];
+const ENV_PREFIX: &str = "DLQ_BRIDGE";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config file: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{location}: {field}: {message}")]
+    Invalid {
+        /// `file:line:column` when known, else the file.
+        location: String,
+        /// The dotted path of the offending field, e.g. `queues[1].sqs.region`.
+        field: String,
+        message: String,
+    },
+    #[error("environment override {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Settings every queue inherits unless it sets its own.
+    #[serde(default)]
+    pub defaults: QueueDefaults,
+    /// How redrives behave, for every trigger (CLI, API, schedule).
+    #[serde(default)]
+    pub redrive: RedriveConfig,
+    /// The dead-letter queues dlq-bridge manages. Names must be unique.
+    #[serde(default)]
+    pub queues: Vec<QueueConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueDefaults {
+    /// Message attribute that carries the failure reason, for providers that
+    /// have no native one (SQS, Pub/Sub). Default `error`.
+    #[serde(default = "default_reason_attribute")]
+    pub reason_attribute: String,
+    /// Message attribute that carries a longer failure description. Default
+    /// `error_description`.
+    #[serde(default = "default_description_attribute")]
+    pub description_attribute: String,
+}
+
+impl Default for QueueDefaults {
+    fn default() -> Self {
+        Self {
+            reason_attribute: default_reason_attribute(),
+            description_attribute: default_description_attribute(),
+        }
+    }
+}
+
+fn default_reason_attribute() -> String {
+    "error".into()
+}
+fn default_description_attribute() -> String {
+    "error_description".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveConfig {
+    /// Batches sent and settled at the same time. Default 4.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// How long messages stay leased during a pass. Messages a pass holds
+    /// (non-matching ones) are released together when it ends, so this must
+    /// outlast the pass. Default `5m`.
+    #[serde(default = "default_hold", with = "duration_text")]
+    pub hold: Duration,
+    /// A run stops after this long, releasing what it holds. Default `1h`.
+    #[serde(default = "default_deadline", with = "duration_text")]
+    pub deadline: Duration,
+    /// Messages already redriven this many times are left in the DLQ, so a
+    /// poison message cannot loop forever. Default 5.
+    #[serde(default = "default_max_redrives")]
+    pub max_redrives: u32,
+    /// Remove the attributes the provider adds when it dead-letters a message
+    /// (CloudPubSubDeadLetter*, DeadLetterReason...). Default true.
+    #[serde(default = "default_true")]
+    pub strip_dead_letter_attributes: bool,
+    /// Default messages per second for a redrive, when `--rate` is not given.
+    /// Unset means unlimited.
+    #[serde(default)]
+    pub rate: Option<u32>,
+}
+
+impl Default for RedriveConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: default_concurrency(),
+            hold: default_hold(),
+            deadline: default_deadline(),
+            max_redrives: default_max_redrives(),
+            strip_dead_letter_attributes: true,
+            rate: None,
+        }
+    }
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+fn default_hold() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_deadline() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_redrives() -> u32 {
+    5
+}
+fn default_true() -> bool {
+    true
+}
+
+/// One dead-letter queue. Exactly one of `sqs`, `pubsub` or `servicebus` is set.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueConfig {
+    /// The name used on the command line and in metrics.
+    pub name: String,
+    pub kind: QueueKind,
+    /// Where redriven messages go when the message itself does not say (SQS:
+    /// queue name or URL; Pub/Sub: topic; Service Bus: entity path).
+    pub source: Option<String>,
+    pub reason_attribute: String,
+    pub description_attribute: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    Sqs(SqsQueueConfig),
+    PubSub(PubSubQueueConfig),
+    ServiceBus(ServiceBusQueueConfig),
+}
+
+impl QueueKind {
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Self::Sqs(_) => "sqs",
+            Self::PubSub(_) => "pubsub",
+            Self::ServiceBus(_) => "servicebus",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsQueueConfig {
+    /// The DLQ: a queue name or a full queue URL.
+    pub queue: String,
+    /// AWS region. Default: the SDK's chain (AWS_REGION, profile), else us-east-1.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint override, e.g. a local emulator. Default: the SDK's chain,
+    /// which reads AWS_ENDPOINT_URL_SQS.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Owner account of the queue, when it is not the caller's.
+    #[serde(default)]
+    pub account_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PubSubQueueConfig {
+    /// GCP project of the DLQ subscription.
+    pub project: String,
+    /// The subscription attached to the dead-letter topic.
+    pub subscription: String,
+    /// Emulator `host:port`. Default: PUBSUB_EMULATOR_HOST.
+    #[serde(default)]
+    pub emulator_host: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceBusQueueConfig {
+    /// Environment variable holding the SAS connection string.
+    pub connection_string_env: String,
+    /// The queue whose `$DeadLetterQueue` is managed. Set this, or `topic` and
+    /// `subscription`.
+    #[serde(default)]
+    pub queue: Option<String>,
+    #[serde(default)]
+    pub topic: Option<String>,
+    #[serde(default)]
+    pub subscription: Option<String>,
+}
+
+/// What the YAML holds for a queue, before the backend sections are checked.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    name: String,
+    #[serde(default)]
+    sqs: Option<SqsQueueConfig>,
+    #[serde(default)]
+    pubsub: Option<PubSubQueueConfig>,
+    #[serde(default)]
+    servicebus: Option<ServiceBusQueueConfig>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    reason_attribute: Option<String>,
+    #[serde(default)]
+    description_attribute: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for QueueConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawQueue::deserialize(d)?;
+        let mut kinds: Vec<QueueKind> = Vec::new();
+        kinds.extend(raw.sqs.map(QueueKind::Sqs));
+        kinds.extend(raw.pubsub.map(QueueKind::PubSub));
+        kinds.extend(raw.servicebus.map(QueueKind::ServiceBus));
+        if kinds.len() != 1 {
+            return Err(serde::de::Error::custom(format!(
+                "queue `{}` must set exactly one of `sqs`, `pubsub` or `servicebus` (found {})",
+                raw.name,
+                kinds.len()
+            )));
+        }
+        let kind = kinds.remove(0);
+        if let QueueKind::ServiceBus(sb) = &kind {
+            let by_queue = sb.queue.is_some() && sb.topic.is_none() && sb.subscription.is_none();
+            let by_sub = sb.queue.is_none() && sb.topic.is_some() && sb.subscription.is_some();
+            if !(by_queue || by_sub) {
+                return Err(serde::de::Error::custom(format!(
+                    "queue `{}`: servicebus needs either `queue`, or both `topic` and `subscription`",
+                    raw.name
+                )));
+            }
+        }
+        Ok(QueueConfig {
+            name: raw.name,
+            kind,
+            source: raw.source,
+            // Filled from `defaults` once the whole file is read.
+            reason_attribute: raw.reason_attribute.unwrap_or_default(),
+            description_attribute: raw.description_attribute.unwrap_or_default(),
+        })
+    }
+}
+
+impl Config {
+    /// Read, parse, apply environment overrides and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text, &path.display().to_string(), &env_overrides_from_process())
+    }
+
+    /// Parse `text` (named `origin` in errors) with the given overrides
+    /// (`dotted.path` → raw value).
+    pub fn from_yaml(text: &str, origin: &str, overrides: &[(String, String)]) -> Result<Self, ConfigError> {
+        // The strict parse of the file alone gives errors their line numbers.
+        let mut config: Config = parse_located(text, origin)?;
+        if !overrides.is_empty() {
+            let mut tree: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| invalid(origin, "", &e))?;
+            if tree.is_null() {
+                tree = serde_yaml::Value::Mapping(Default::default());
+            }
+            for (key, raw) in overrides {
+                apply_override(&mut tree, key, raw)?;
+            }
+            config = serde_path_to_error::deserialize(tree).map_err(|e| {
+                let field = e.path().to_string();
+                ConfigError::Env {
+                    var: env_var_for(&field),
+                    message: format!("{field}: {}", e.into_inner()),
+                }
+            })?;
+        }
+        config.resolve_defaults();
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn resolve_defaults(&mut self) {
+        for q in &mut self.queues {
+            if q.reason_attribute.is_empty() {
+                q.reason_attribute = self.defaults.reason_attribute.clone();
+            }
+            if q.description_attribute.is_empty() {
+                q.description_attribute = self.defaults.description_attribute.clone();
+            }
+        }
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.name.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    location: origin.into(),
+                    field: format!("queues[{i}].name"),
+                    message: "must not be empty".into(),
+                });
+            }
+            if !seen.insert(q.name.as_str()) {
+                return Err(ConfigError::Invalid {
+                    location: origin.into(),
+                    field: format!("queues[{i}].name"),
+                    message: format!("duplicate queue name `{}`", q.name),
+                });
+            }
+        }
+        if self.redrive.concurrency == 0 {
+            return Err(ConfigError::Invalid {
+                location: origin.into(),
+                field: "redrive.concurrency".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+}
+
+fn parse_located<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        invalid(origin, &field, e.inner())
+    })
+}
+
+fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> ConfigError {
+    let location = match e.location() {
+        Some(loc) => format!("{origin}:{}:{}", loc.line(), loc.column()),
+        None => origin.to_string(),
+    };
+    // serde_yaml appends its own " at line N column M"; the location is
+    // already in front, so keep the message short.
+    let mut message = e.to_string();
+    if let Some(cut) = message.find(" at line ") {
+        message.truncate(cut);
+    }
+    if let Some(rest) = message.strip_prefix(&format!("{field}: ")) {
+        message = rest.to_string();
+    }
+    ConfigError::Invalid {
+        location,
+        field: if field.is_empty() || field == "." {
+            "(top level)".into()
+        } else {
+            field.into()
+        },
+        message,
+    }
+}
+
+/// Collect `DLQ_BRIDGE_*` overrides from the process environment through the
+/// `config` crate's environment source.
+pub fn env_overrides_from_process() -> Vec<(String, String)> {
+    use config::Source as _;
+    let env = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("_")
+        .separator("__");
+    let Ok(map) = env.collect() else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = map
+        .into_iter()
+        .filter(|(k, _)| !RESERVED_ENV.contains(&k.as_str()))
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn env_var_for(dotted: &str) -> String {
+    format!("{ENV_PREFIX}_{}", dotted.replace('.', "__").to_uppercase())
+}
+
+fn apply_override(tree: &mut serde_yaml::Value, key: &str, raw: &str) -> Result<(), ConfigError> {
+    let var = env_var_for(key);
+    if key.split('.').any(|seg| seg.is_empty()) {
+        return Err(ConfigError::Env {
+            var,
+            message: "empty path segment".into(),
+        });
+    }
+    let value: serde_yaml::Value = serde_yaml::from_str(raw).unwrap_or_else(|_| serde_yaml::Value::String(raw.into()));
+    let mut node = tree;
+    for seg in key.split('.') {
+        let map = match node {
+            serde_yaml::Value::Mapping(m) => m,
+            serde_yaml::Value::Null => {
+                *node = serde_yaml::Value::Mapping(Default::default());
+                node.as_mapping_mut().expect("just set")
+            }
+            _ => {
+                return Err(ConfigError::Env {
+                    var,
+                    message: format!("`{seg}` is inside a value that is not a map (lists cannot be overridden)"),
+                });
+            }
+        };
+        node = map
+            .entry(serde_yaml::Value::String(seg.into()))
+            .or_insert(serde_yaml::Value::Null);
+    }
+    *node = value;
+    Ok(())
+}
+
+/// Serde for durations written as text: `30s`, `5m`, `1h30m`, `250ms`.
+pub mod duration_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text.trim())
+            .map_err(|e| format!("invalid duration `{text}` ({e}); expected e.g. `30s`, `5m`, `1h30m`"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, "test.yaml", &[])
+    }
+
+    #[test]
+    fn minimal_sqs_queue_takes_defaults() {
+        let c = parse("queues:\n  - name: orders\n    sqs:\n      queue: orders-dlq\n").unwrap();
+        let q = c.queue("orders").unwrap();
+        assert_eq!(q.reason_attribute, "error");
+        assert!(matches!(&q.kind, QueueKind::Sqs(s) if s.queue == "orders-dlq"));
+        assert_eq!(c.redrive.hold, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_field_and_expected() {
+        let err = parse("queues:\n  - name: orders\n    sqs:\n      queue: q\n      regoin: eu-west-1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.yaml:5:"), "{err}");
+        assert!(err.contains("queues[0].sqs"), "{err}");
+        assert!(err.contains("unknown field `regoin`"), "{err}");
+        assert!(err.contains("`region`"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_explained() {
+        let err = parse("redrive:\n  hold: 5 parsecs\n").unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:2:"), "{err}");
+        assert!(err.contains("redrive.hold"), "{err}");
+        assert!(err.contains("invalid duration `5 parsecs`"), "{err}");
+    }
+
+    #[test]
+    fn malformed_yaml_gives_position() {
+        let err = parse("queues:\n  - name: [unclosed\n").unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:"), "{err}");
+    }
+
+    #[test]
+    fn queue_needs_exactly_one_backend() {
+        let err = parse("queues:\n  - name: a\n").unwrap_err().to_string();
+        assert!(err.contains("exactly one of `sqs`, `pubsub` or `servicebus`"), "{err}");
+        assert!(err.contains("queues[0]"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_names_rejected() {
+        let y = "queues:\n  - name: a\n    sqs: {queue: x}\n  - name: a\n    sqs: {queue: y}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.contains("queues[1].name: duplicate queue name `a`"), "{err}");
+    }
+
+    #[test]
+    fn env_override_sets_nested_value_and_reports_bad_ones() {
+        let y = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let c = Config::from_yaml(y, "t", &[("redrive.concurrency".into(), "9".into())]).unwrap();
+        assert_eq!(c.redrive.concurrency, 9);
+        let err = Config::from_yaml(y, "t", &[("redrive.concurency".into(), "9".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DLQ_BRIDGE_REDRIVE__CONCURENCY"), "{err}");
+        assert!(err.contains("unknown field `concurency`"), "{err}");
+    }
+
+    #[test]
+    fn per_queue_reason_attribute_overrides_default() {
+        let y = "defaults: {reason_attribute: why}\nqueues:\n  - name: a\n    sqs: {queue: x}\n  - name: b\n    reason_attribute: cause\n    sqs: {queue: y}\n";
+        let c = parse(y).unwrap();
+        assert_eq!(c.queue("a").unwrap().reason_attribute, "why");
+        assert_eq!(c.queue("b").unwrap().reason_attribute, "cause");
+    }
+}

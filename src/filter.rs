@@ -1,0 +1,278 @@
+//! Message filters in CEL (DESIGN §4).
+//!
+//! A filter is compiled once, before any message is touched, so a typo is
+//! reported with its position and no queue is disturbed. Evaluation errors on
+//! one message (a missing attribute, a type mismatch) count as "no match" and
+//! are reported to the caller; they never abort a run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cel::{Context, Env, Program, Value};
+use chrono::{DateTime, Utc};
+
+use crate::model::{AttrValue, DlqMessage};
+
+/// The variables a filter may use, in the order the docs list them.
+pub const VARIABLES: &[&str] = &[
+    "id",
+    "body",
+    "json",
+    "attributes",
+    "reason",
+    "description",
+    "delivery_count",
+    "enqueued_at",
+    "age",
+    "source",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    /// The expression does not parse. `line` and `column` are 1-based.
+    #[error("invalid filter at {line}:{column}: {message}\n  {source_line}\n  {caret:>width$}", caret = "^", width = *column)]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+        source_line: String,
+    },
+    #[error("invalid filter: unknown variable `{name}` (the variables are: {known})", known = VARIABLES.join(", "))]
+    UnknownVariable { name: String },
+}
+
+/// A compiled filter, shareable across tasks.
+#[derive(Clone)]
+pub struct Filter {
+    source: Arc<str>,
+    program: Arc<Program>,
+    env: Arc<Env>,
+}
+
+impl std::fmt::Debug for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Filter").field(&self.source).finish()
+    }
+}
+
+impl Filter {
+    pub fn compile(source: &str) -> Result<Self, FilterError> {
+        let mut env = Env::stdlib();
+        // String helpers (lowerAscii, replace, split...) are what DLQ triage
+        // filters reach for first.
+        env.add_extension(cel::extensions::strings)
+            .expect("the strings extension registers once");
+        let env = Arc::new(env);
+        let program = env.compile(source).map_err(|errs| {
+            let first = errs.errors.into_iter().next();
+            let (line, column, message) = match first {
+                Some(e) => (e.pos.0.max(1) as usize, e.pos.1.max(0) as usize + 1, e.msg),
+                None => (1, 1, "cannot parse".into()),
+            };
+            let source_line = source.lines().nth(line - 1).unwrap_or("").to_string();
+            FilterError::Syntax {
+                line,
+                column: column.min(source_line.chars().count() + 1),
+                message,
+                source_line,
+            }
+        })?;
+        let refs = program.references();
+        let mut vars = refs.variables();
+        vars.sort_unstable();
+        if let Some(unknown) = vars.into_iter().find(|v| !VARIABLES.contains(v)) {
+            return Err(FilterError::UnknownVariable {
+                name: unknown.to_string(),
+            });
+        }
+        Ok(Self {
+            source: source.into(),
+            program: Arc::new(program),
+            env,
+        })
+    }
+
+    /// A filter that matches every message, used when none is given.
+    pub fn match_all() -> Self {
+        Self::compile("true").expect("`true` compiles")
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Evaluate against one message. `Err` carries a message for the report.
+    pub fn matches(&self, msg: &DlqMessage, now: DateTime<Utc>) -> Result<bool, String> {
+        let mut ctx = Context::with_env(self.env.clone());
+        bind_message(&mut ctx, msg, now, self.program.references().has_variable("json"));
+        match self.program.execute(&ctx) {
+            Ok(Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!("filter must yield a bool, got {:?}", other.type_of())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+fn bind_message(ctx: &mut Context<'_, '_>, msg: &DlqMessage, now: DateTime<Utc>, want_json: bool) {
+    ctx.add_variable_from_value("id", msg.id.clone());
+    ctx.add_variable_from_value("body", msg.body_text());
+    // Parsing the body costs more than everything else here, so only do it for
+    // filters that use it.
+    let json = if want_json {
+        serde_json::from_slice::<serde_json::Value>(&msg.body)
+            .map(|v| json_to_cel(&v))
+            .unwrap_or(Value::Null)
+    } else {
+        Value::Null
+    };
+    ctx.add_variable_from_value("json", json);
+    let attrs: HashMap<String, Value> = msg
+        .attributes
+        .iter()
+        .map(|(k, a)| (k.clone(), attr_to_cel(&a.value)))
+        .collect();
+    ctx.add_variable_from_value("attributes", attrs);
+    ctx.add_variable_from_value("reason", msg.reason.clone());
+    ctx.add_variable_from_value("description", msg.description.clone());
+    ctx.add_variable_from_value("delivery_count", msg.delivery_count.map(i64::from));
+    ctx.add_variable_from_value(
+        "enqueued_at",
+        msg.enqueued_at
+            .map(|t| Value::Timestamp(t.fixed_offset()))
+            .unwrap_or(Value::Null),
+    );
+    ctx.add_variable_from_value(
+        "age",
+        msg.enqueued_at.map(|t| Value::Duration(now - t)).unwrap_or(Value::Null),
+    );
+    ctx.add_variable_from_value("source", msg.source.clone());
+}
+
+/// SQS numbers arrive as text; expose them as numbers so `attributes.n > 3`
+/// works, and keep the text when it is not a plain number.
+fn attr_to_cel(v: &AttrValue) -> Value {
+    match v {
+        AttrValue::String(s) => Value::from(s.as_str()),
+        AttrValue::Number(s) => s
+            .parse::<i64>()
+            .map(Value::Int)
+            .or_else(|_| s.parse::<f64>().map(Value::Float))
+            .unwrap_or_else(|_| Value::from(s.as_str())),
+        AttrValue::Binary(b) => Value::Bytes(Arc::new(b.to_vec())),
+        AttrValue::Bool(b) => Value::Bool(*b),
+        AttrValue::Int(i) => Value::Int(*i),
+        AttrValue::Float(f) => Value::Float(*f),
+        AttrValue::Timestamp(t) => Value::Timestamp(t.fixed_offset()),
+        AttrValue::Uuid(u) => Value::from(u.to_string()),
+    }
+}
+
+fn json_to_cel(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .map(Value::Int)
+            .or_else(|| n.as_u64().map(Value::UInt))
+            .unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN))),
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(items) => Value::List(Arc::new(items.iter().map(json_to_cel).collect())),
+        serde_json::Value::Object(map) => {
+            let m: HashMap<String, Value> = map.iter().map(|(k, v)| (k.clone(), json_to_cel(v))).collect();
+            Value::from(m)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Attribute;
+    use bytes::Bytes;
+
+    fn msg() -> DlqMessage {
+        let now = Utc::now();
+        let mut attributes = crate::model::Attributes::new();
+        attributes.insert("tenant".into(), Attribute::string("acme"));
+        attributes.insert(
+            "retries".into(),
+            Attribute {
+                value: AttrValue::Number("3".into()),
+                data_type: Some("Number".into()),
+            },
+        );
+        DlqMessage {
+            id: "m-1".into(),
+            body: Bytes::from_static(br#"{"order": {"id": 42, "total": 9.5}}"#),
+            attributes,
+            properties: Default::default(),
+            reason: Some("Timeout".into()),
+            description: None,
+            delivery_count: Some(5),
+            enqueued_at: Some(now - chrono::Duration::hours(2)),
+            source: Some("orders".into()),
+            ordering_key: None,
+        }
+    }
+
+    fn eval(src: &str) -> Result<bool, String> {
+        Filter::compile(src).unwrap().matches(&msg(), Utc::now())
+    }
+
+    #[test]
+    fn variables_are_bound() {
+        assert_eq!(eval(r#"attributes.tenant == "acme""#), Ok(true));
+        assert_eq!(eval(r#"reason == "Timeout" && age > duration("1h")"#), Ok(true));
+        assert_eq!(eval(r#"age > duration("3h")"#), Ok(false));
+        assert_eq!(eval("json.order.id == 42 && json.order.total > 9.0"), Ok(true));
+        assert_eq!(eval("delivery_count >= 5 && attributes.retries == 3"), Ok(true));
+        assert_eq!(
+            eval(r#"body.contains("order") && id == "m-1" && source == "orders""#),
+            Ok(true)
+        );
+        assert_eq!(eval("description == null"), Ok(true));
+        assert_eq!(eval(r#"enqueued_at < timestamp("2999-01-01T00:00:00Z")"#), Ok(true));
+        assert_eq!(eval(r#"reason.lowerAscii() == "timeout""#), Ok(true));
+        assert_eq!(eval(r#"reason.matches("^Time")"#), Ok(true));
+    }
+
+    #[test]
+    fn evaluation_error_is_reported_not_raised() {
+        let err = eval(r#"attributes.missing == "x""#).unwrap_err();
+        assert!(err.contains("missing"), "{err}");
+        let err = eval("1 + 1").unwrap_err();
+        assert!(err.contains("bool"), "{err}");
+        assert_eq!(
+            eval(r#"has(attributes.missing) && attributes.missing == "x""#),
+            Ok(false)
+        );
+    }
+
+    #[test]
+    fn syntax_error_reports_position() {
+        let err = Filter::compile(r#"reason == "Timeout" &&"#).unwrap_err();
+        match &err {
+            FilterError::Syntax { line, column, .. } => {
+                assert_eq!(*line, 1);
+                assert!(*column >= 20, "{err}");
+            }
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.starts_with("invalid filter at 1:"), "{text}");
+        assert!(text.contains('^'), "{text}");
+    }
+
+    #[test]
+    fn unknown_variable_is_a_compile_error() {
+        let err = Filter::compile(r#"atributes.tenant == "acme""#).unwrap_err();
+        assert_eq!(
+            err,
+            FilterError::UnknownVariable {
+                name: "atributes".into()
+            }
+        );
+        assert!(err.to_string().contains("attributes"));
+    }
+}

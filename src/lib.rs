@@ -1,0 +1,7 @@
+//! dlq-bridge: one interface over the dead-letter queues of AWS SQS, Google
+//! Cloud Pub/Sub and Azure Service Bus. See DESIGN.md for the architecture.
+
+pub mod backend;
+pub mod config;
+pub mod filter;
+pub mod model;

@@ -1,0 +1,251 @@
+//! The provider-neutral message model (DESIGN §2, "The message model").
+//!
+//! Every adapter translates its provider's message into [`DlqMessage`] and back
+//! from [`Outgoing`], so that the filter, the redrive engine and the output code
+//! never see a provider type.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A typed attribute value.
+///
+/// The variants are the union of what the three providers can carry, so that a
+/// message can be redriven without any attribute being coerced: SQS String /
+/// Number / Binary (with custom type suffixes), Pub/Sub strings, and Service
+/// Bus's typed AMQP application properties.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum AttrValue {
+    String(String),
+    /// Kept as text: SQS numbers are decimal strings of up to 38 digits, which
+    /// no Rust numeric type round-trips exactly.
+    Number(String),
+    #[serde(with = "base64_bytes")]
+    Binary(Bytes),
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Timestamp(DateTime<Utc>),
+    Uuid(uuid::Uuid),
+}
+
+/// An attribute plus the provider's own type label when it carries more than the
+/// variant says (for SQS, the full `DataType`, e.g. `Number.float` or
+/// `Binary.gif`), so that the exact type survives a round trip.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attribute {
+    #[serde(flatten)]
+    pub value: AttrValue,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_type: Option<String>,
+}
+
+impl Attribute {
+    pub fn string(value: impl Into<String>) -> Self {
+        Self {
+            value: AttrValue::String(value.into()),
+            data_type: None,
+        }
+    }
+
+    /// The value as text, for filters, tables and providers whose attributes are
+    /// strings only. Binary values are base64.
+    pub fn as_text(&self) -> String {
+        match &self.value {
+            AttrValue::String(s) | AttrValue::Number(s) => s.clone(),
+            AttrValue::Binary(b) => base64::engine::general_purpose::STANDARD.encode(b),
+            AttrValue::Bool(b) => b.to_string(),
+            AttrValue::Int(i) => i.to_string(),
+            AttrValue::Float(f) => f.to_string(),
+            AttrValue::Timestamp(t) => t.to_rfc3339(),
+            AttrValue::Uuid(u) => u.to_string(),
+        }
+    }
+}
+
+pub type Attributes = BTreeMap<String, Attribute>;
+
+/// Provider message properties that are not application attributes but must
+/// survive a redrive (Service Bus's correlation id, subject, content type...).
+pub type Properties = BTreeMap<String, String>;
+
+/// One message in a dead-letter queue, as every part of dlq-bridge sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DlqMessage {
+    /// The provider's message ID (for Service Bus, MessageId; the sequence
+    /// number is in `properties`).
+    pub id: String,
+    #[serde(with = "base64_bytes")]
+    pub body: Bytes,
+    pub attributes: Attributes,
+    #[serde(default, skip_serializing_if = "Properties::is_empty")]
+    pub properties: Properties,
+    pub reason: Option<String>,
+    pub description: Option<String>,
+    pub delivery_count: Option<u32>,
+    pub enqueued_at: Option<DateTime<Utc>>,
+    /// The provider-native address of the entity the message failed on, when
+    /// the provider or the config tells us.
+    pub source: Option<String>,
+    /// FIFO group, ordering key or session: the unit whose order is kept.
+    pub ordering_key: Option<String>,
+}
+
+impl DlqMessage {
+    pub fn age(&self, now: DateTime<Utc>) -> Option<Duration> {
+        self.enqueued_at.map(|t| (now - t).to_std().unwrap_or(Duration::ZERO))
+    }
+
+    /// The body as text, lossily: what the `body` filter variable and previews see.
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// An opaque handle on a leased message: an SQS receipt handle, a Pub/Sub ack ID
+/// or a Service Bus lock token. Only the backend that issued it understands it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseId(pub String);
+
+/// A message hidden from other consumers until it is settled or released.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub message: DlqMessage,
+    pub lease: LeaseId,
+}
+
+/// Where a redriven copy goes, as the provider names it: an SQS queue URL, a
+/// Pub/Sub topic, a Service Bus entity path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Destination(pub String);
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A copy to be sent. Built by the redrive engine from a [`DlqMessage`]: the
+/// engine decides which attributes are stripped and which marks are added; the
+/// adapter only translates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub body: Bytes,
+    pub attributes: Attributes,
+    pub properties: Properties,
+    pub ordering_key: Option<String>,
+    /// Stable across retries and crashes, so a provider with deduplication
+    /// (SQS FIFO, Service Bus duplicate detection) absorbs a resend.
+    pub dedup_id: String,
+    /// The original message ID, for adapters that keep it on the copy.
+    pub original_id: String,
+}
+
+/// The outcome of sending one [`Outgoing`], in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendResult {
+    /// Confirmed by the destination, with the ID it gave the copy.
+    Sent {
+        dest_id: String,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// The outcome of settling one lease, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleResult {
+    Settled,
+    Failed { error: String },
+}
+
+/// How a depth or age figure was obtained (DESIGN §2, "Depth and age").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Exactness {
+    /// Counted by the tool itself.
+    Exact,
+    /// The provider's approximate counter.
+    Approximate,
+    /// A metric that lags the truth by minutes.
+    Lagged,
+}
+
+impl std::fmt::Display for Exactness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Exact => "exact",
+            Self::Approximate => "approximate",
+            Self::Lagged => "lagged",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DlqStats {
+    pub depth: u64,
+    /// Messages currently leased by some consumer, included in `depth`.
+    pub in_flight: Option<u64>,
+    #[serde(with = "opt_secs")]
+    pub oldest_age: Option<Duration>,
+    pub exactness: Exactness,
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(Bytes::from)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.map(Duration::from_secs_f64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_json_keeps_type_and_custom_label() {
+        let attr = Attribute {
+            value: AttrValue::Binary(Bytes::from_static(&[0, 159, 146, 150])),
+            data_type: Some("Binary.gif".into()),
+        };
+        let json = serde_json::to_string(&attr).unwrap();
+        assert_eq!(json, r#"{"type":"binary","value":"AJ+Slg==","data_type":"Binary.gif"}"#);
+        let back: Attribute = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, attr);
+    }
+}
