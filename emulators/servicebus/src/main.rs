@@ -1,1 +1,163 @@
-fn main() {}
+//! servicebus-emulator: an in-memory Azure Service Bus for tests.
+
+mod amqp;
+mod atom;
+mod broker;
+mod tls;
+mod topology;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use clap::{ArgAction, Parser};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use broker::{Broker, BrokerOptions, StoreSettings};
+use topology::Topology;
+
+/// An in-memory Azure Service Bus emulator (AMQP 1.0 and the ATOM count
+/// endpoint). Binds 127.0.0.1 only. Port 0 picks a free port; the ready line
+/// on stdout reports the ports actually bound.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// AMQP port. azservicebus always dials 5672, whatever the connection string says.
+    #[arg(long, env = "SERVICEBUS_EMULATOR_AMQP_PORT", default_value_t = 5672)]
+    amqp_port: u16,
+
+    /// Plain-HTTP port of the ATOM management endpoint.
+    #[arg(long, env = "SERVICEBUS_EMULATOR_HTTP_PORT", default_value_t = 5300)]
+    http_port: u16,
+
+    /// HTTPS port of the ATOM endpoint (self-signed certificate).
+    #[arg(long, env = "SERVICEBUS_EMULATOR_HTTPS_PORT", default_value_t = 5443)]
+    https_port: u16,
+
+    /// Topology YAML: queues, topics, subscriptions and their settings.
+    #[arg(long, env = "SERVICEBUS_EMULATOR_TOPOLOGY")]
+    topology: Option<PathBuf>,
+
+    /// Create a queue (or topic subscription) on first use of its name.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    auto_create: bool,
+
+    /// Leave out the x-opt-lock-token annotation, as real Azure does, so that
+    /// a client must read the lock token from the delivery tag.
+    #[arg(long)]
+    strict: bool,
+
+    /// Milliseconds to hold back the accept of a client's send. fe2o3-amqp
+    /// <= 0.16 (azservicebus) can lose a settlement that arrives too fast.
+    #[arg(long, default_value_t = 3)]
+    accept_delay_ms: u64,
+
+    /// MaxDeliveryCount of entities the topology does not configure.
+    #[arg(long, default_value_t = 10)]
+    max_delivery_count: u32,
+
+    /// LockDuration of entities the topology does not configure (e.g. 30s, 1m).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    lock_duration: Duration,
+
+    /// Write the HTTPS certificate (PEM) here, for clients that verify it.
+    #[arg(long)]
+    cert_out: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot write the certificate: {0}")]
+    CertOut(std::io::Error),
+}
+
+async fn bind(what: &'static str, port: u16) -> Result<TcpListener, StartError> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|_| "?".into(), |addr| addr.to_string())
+}
+
+async fn run(cli: Cli) -> Result<(), StartError> {
+    let topology = match &cli.topology {
+        Some(path) => Topology::load(path)?,
+        None => Topology::default(),
+    };
+    let broker = Arc::new(Broker::new(
+        topology,
+        BrokerOptions {
+            auto_create: cli.auto_create,
+            strict: cli.strict,
+            defaults: StoreSettings {
+                max_delivery_count: cli.max_delivery_count,
+                lock_duration: cli.lock_duration,
+                default_message_ttl: None,
+            },
+        },
+    ));
+    let amqp = bind("AMQP", cli.amqp_port).await?;
+    let http = bind("HTTP", cli.http_port).await?;
+    let https = bind("HTTPS", cli.https_port).await?;
+    let (acceptor, pem) = tls::self_signed()?;
+    if let Some(path) = &cli.cert_out {
+        std::fs::write(path, pem).map_err(StartError::CertOut)?;
+    }
+    println!(
+        "servicebus-emulator ready amqp={} http={} https={}",
+        local(&amqp),
+        local(&http),
+        local(&https)
+    );
+
+    let settings = amqp::AmqpSettings {
+        accept_delay: Duration::from_millis(cli.accept_delay_ms),
+    };
+    let router = atom::router(broker.clone());
+    tokio::spawn(amqp::serve(amqp, broker.clone(), settings));
+    tokio::spawn(tls::serve(https, acceptor, router.clone()));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(http, router).await {
+            tracing::error!(%error, "HTTP server stopped");
+        }
+    });
+    let sweeper = broker.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            sweeper.expire_locks();
+        }
+    });
+    let _ = tokio::signal::ctrl_c().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("servicebus-emulator: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -7,15 +7,9 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
     #[error("cannot read topology file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("invalid topology file {path}: {source}")]
-    Parse {
-        path: String,
-        source: serde_yaml::Error,
-    },
+    Parse { path: String, source: serde_yaml::Error },
     #[error("entity {0:?} is declared twice")]
     Duplicate(String),
 }
@@ -113,10 +107,7 @@ impl Topology {
             source,
         })?;
         let topology: Topology =
-            serde_yaml::from_str(&text).map_err(|source| TopologyError::Parse {
-                path: display,
-                source,
-            })?;
+            serde_yaml::from_str(&text).map_err(|source| TopologyError::Parse { path: display, source })?;
         topology.check_unique()?;
         Ok(topology)
     }

@@ -78,13 +78,11 @@ pub fn parse(address: &str) -> Result<Node, AddressError> {
             subscription: None,
             dead_letter,
         },
-        [topic, "subscriptions", sub] if !topic.starts_with('$') && !sub.starts_with('$') => {
-            EntityPath {
-                entity: (*topic).to_owned(),
-                subscription: Some((*sub).to_owned()),
-                dead_letter,
-            }
-        }
+        [topic, "subscriptions", sub] if !topic.starts_with('$') && !sub.starts_with('$') => EntityPath {
+            entity: (*topic).to_owned(),
+            subscription: Some((*sub).to_owned()),
+            dead_letter,
+        },
         _ => return Err(invalid()),
     };
     Ok(if management {

@@ -8,8 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use fe2o3_amqp_types::messaging::Header;
 use serde_amqp::{
-    described::Described, descriptor::Descriptor, primitives::OrderedMap, primitives::Symbol,
-    value::Value,
+    described::Described, descriptor::Descriptor, primitives::OrderedMap, primitives::Symbol, value::Value,
 };
 
 pub const HEADER: u64 = 0x70;
@@ -116,18 +115,14 @@ pub fn split_sections(payload: &Bytes) -> Result<Vec<Section>, CodecError> {
     while offset < payload.len() {
         let rest = &payload[offset..];
         if rest[0] != 0x00 {
-            return Err(CodecError::NotASection(format!(
-                "format code 0x{:02x}",
-                rest[0]
-            )));
+            return Err(CodecError::NotASection(format!("format code 0x{:02x}", rest[0])));
         }
         let descriptor_len = value_len(&rest[1..])?;
-        let descriptor: Value = serde_amqp::from_slice(&rest[1..1 + descriptor_len]).map_err(
-            |source| CodecError::Decode {
+        let descriptor: Value =
+            serde_amqp::from_slice(&rest[1..1 + descriptor_len]).map_err(|source| CodecError::Decode {
                 section: "descriptor",
                 source,
-            },
-        )?;
+            })?;
         let len = value_len(rest)?;
         sections.push(Section {
             code: section_code(&descriptor)?,
@@ -140,10 +135,8 @@ pub fn split_sections(payload: &Bytes) -> Result<Vec<Section>, CodecError> {
 
 /// The value inside a described section, as a map (annotations, properties maps).
 fn section_map(section: &Section, name: &'static str) -> Result<OrderedMap<Value, Value>, CodecError> {
-    let value: Value = serde_amqp::from_slice(&section.raw).map_err(|source| CodecError::Decode {
-        section: name,
-        source,
-    })?;
+    let value: Value =
+        serde_amqp::from_slice(&section.raw).map_err(|source| CodecError::Decode { section: name, source })?;
     match value {
         Value::Described(described) => match described.value {
             Value::Map(map) => Ok(map),
@@ -159,11 +152,10 @@ pub fn parse_message(payload: &Bytes) -> Result<ParsedMessage, CodecError> {
     for section in split_sections(payload)? {
         match section.code {
             HEADER => {
-                message.header =
-                    serde_amqp::from_slice(&section.raw).map_err(|source| CodecError::Decode {
-                        section: "header",
-                        source,
-                    })?
+                message.header = serde_amqp::from_slice(&section.raw).map_err(|source| CodecError::Decode {
+                    section: "header",
+                    source,
+                })?
             }
             // Delivery annotations are hop-by-hop: they never reach a receiver.
             DELIVERY_ANNOTATIONS => {}
@@ -191,7 +183,10 @@ fn data_section_bytes(section: &Section) -> Result<Bytes, CodecError> {
     let descriptor_len = value_len(&section.raw[1..])?;
     let start = 1 + descriptor_len;
     let (header_len, len) = match section.raw.get(start) {
-        Some(0xa0) => (2, usize::from(*section.raw.get(start + 1).ok_or(CodecError::Truncated)?)),
+        Some(0xa0) => (
+            2,
+            usize::from(*section.raw.get(start + 1).ok_or(CodecError::Truncated)?),
+        ),
         Some(0xb0) => {
             let size = section.raw.get(start + 1..start + 5).ok_or(CodecError::Truncated)?;
             (5, u32::from_be_bytes([size[0], size[1], size[2], size[3]]) as usize)
@@ -207,10 +202,7 @@ fn data_section_bytes(section: &Section) -> Result<Bytes, CodecError> {
 }
 
 /// Adds string application properties, keeping every other entry and its type.
-pub fn set_application_properties(
-    bare: &mut Vec<Section>,
-    entries: &[(&str, String)],
-) -> Result<(), CodecError> {
+pub fn set_application_properties(bare: &mut Vec<Section>, entries: &[(&str, String)]) -> Result<(), CodecError> {
     let existing = bare.iter().position(|s| s.code == APPLICATION_PROPERTIES);
     let mut map = match existing {
         Some(index) => section_map(&bare[index], "application-properties")?,
@@ -227,7 +219,10 @@ pub fn set_application_properties(
         Some(index) => bare[index] = section,
         None => {
             // Sections have a fixed order: application properties follow properties.
-            let at = bare.iter().position(|s| s.code > APPLICATION_PROPERTIES).unwrap_or(bare.len());
+            let at = bare
+                .iter()
+                .position(|s| s.code > APPLICATION_PROPERTIES)
+                .unwrap_or(bare.len());
             bare.insert(at, section);
         }
     }
@@ -256,7 +251,18 @@ pub fn encode_message(
     annotations: OrderedMap<Value, Value>,
     bare: &[Section],
 ) -> Result<Bytes, CodecError> {
-    let header = serde_amqp::to_vec(header)?;
+    // Every header field is written, delivery-count included: a composite
+    // encoder drops trailing defaults, and clients then report no count at all.
+    let header = serde_amqp::to_vec(&Described {
+        descriptor: Descriptor::Code(HEADER),
+        value: Value::List(vec![
+            Value::Bool(header.durable),
+            Value::Ubyte(header.priority.0),
+            header.ttl.map_or(Value::Null, Value::Uint),
+            Value::Bool(header.first_acquirer),
+            Value::Uint(header.delivery_count),
+        ]),
+    })?;
     let annotations = encode_map_section(MESSAGE_ANNOTATIONS, annotations)?;
     let bare_len: usize = bare.iter().map(|s| s.raw.len()).sum();
     let mut out = BytesMut::with_capacity(header.len() + annotations.len() + bare_len);
@@ -286,22 +292,18 @@ impl Request {
         for section in split_sections(payload)? {
             match section.code {
                 PROPERTIES => {
-                    request.properties = serde_amqp::from_slice(&section.raw).map_err(|source| {
-                        CodecError::Decode {
-                            section: "properties",
-                            source,
-                        }
+                    request.properties = serde_amqp::from_slice(&section.raw).map_err(|source| CodecError::Decode {
+                        section: "properties",
+                        source,
                     })?
                 }
                 APPLICATION_PROPERTIES => {
                     request.application_properties = section_map(&section, "application-properties")?
                 }
                 AMQP_VALUE => {
-                    let value: Value = serde_amqp::from_slice(&section.raw).map_err(|source| {
-                        CodecError::Decode {
-                            section: "amqp-value",
-                            source,
-                        }
+                    let value: Value = serde_amqp::from_slice(&section.raw).map_err(|source| CodecError::Decode {
+                        section: "amqp-value",
+                        source,
                     })?;
                     if let Value::Described(described) = value {
                         request.body = described.value;
@@ -333,11 +335,13 @@ mod tests {
         out.extend(serde_amqp::to_vec(&Header::default()).unwrap());
         out.extend(serde_amqp::to_vec(&props).unwrap());
         out.extend(encode_map_section(APPLICATION_PROPERTIES, app).unwrap());
-        out.extend(serde_amqp::to_vec(&Described {
-            descriptor: Descriptor::Code(DATA),
-            value: Value::Binary(serde_bytes_buf(b"hello")),
-        })
-        .unwrap());
+        out.extend(
+            serde_amqp::to_vec(&Described {
+                descriptor: Descriptor::Code(DATA),
+                value: Value::Binary(serde_bytes_buf(b"hello")),
+            })
+            .unwrap(),
+        );
         Bytes::from(out)
     }
 

@@ -54,7 +54,6 @@ pub enum Description {
         created_at_ms: i64,
     },
     Subscription {
-        topic: String,
         name: String,
         settings: StoreSettings,
         counts: Counts,
@@ -104,20 +103,13 @@ impl Broker {
         broker
     }
 
-    pub fn options(&self) -> &BrokerOptions {
-        &self.options
-    }
-
     /// Drops every message and auto-created entity, back to the topology file.
     pub fn reset(&self) {
         let now = now_ms();
         let mut entities = BTreeMap::new();
         for queue in &self.topology.queues {
             let settings = self.resolve(&queue.settings(), None);
-            entities.insert(
-                queue.name.to_lowercase(),
-                Entity::Queue(Store::new(settings, now)),
-            );
+            entities.insert(queue.name.to_lowercase(), Entity::Queue(Store::new(settings, now)));
         }
         for topic in &self.topology.topics {
             let subscriptions = topic
@@ -145,9 +137,7 @@ impl Broker {
         let merged = settings.or(&self.topology.defaults);
         let defaults = self.options.defaults;
         StoreSettings {
-            max_delivery_count: merged
-                .max_delivery_count
-                .unwrap_or(defaults.max_delivery_count),
+            max_delivery_count: merged.max_delivery_count.unwrap_or(defaults.max_delivery_count),
             lock_duration: merged.lock_duration.unwrap_or(defaults.lock_duration),
             default_message_ttl: merged
                 .default_message_ttl
@@ -158,9 +148,7 @@ impl Broker {
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entity>> {
         // A panic while holding the lock leaves plain data behind, still usable.
-        self.entities
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entities.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -218,9 +206,7 @@ impl Broker {
                 });
                 if let Entity::Topic(topic) = topic {
                     let settings = self.resolve(&EntitySettings::default(), topic.default_message_ttl);
-                    topic
-                        .subscriptions
-                        .insert(sub.clone(), Store::new(settings, now));
+                    topic.subscriptions.insert(sub.clone(), Store::new(settings, now));
                 }
             }
         }
@@ -269,23 +255,12 @@ impl Broker {
         }
     }
 
-    pub fn acquire(
-        &self,
-        path: &EntityPath,
-        mode: ReceiveMode,
-    ) -> Result<Option<Acquired>, BrokerError> {
+    pub fn acquire(&self, path: &EntityPath, mode: ReceiveMode) -> Result<Option<Acquired>, BrokerError> {
         let strict = self.options.strict;
-        self.with_store(path, |store| {
-            store.acquire(path.dead_letter, mode, now_ms(), strict)
-        })
+        self.with_store(path, |store| store.acquire(path.dead_letter, mode, now_ms(), strict))
     }
 
-    pub fn settle(
-        &self,
-        path: &EntityPath,
-        token: &Uuid,
-        outcome: Outcome,
-    ) -> Result<(), BrokerError> {
+    pub fn settle(&self, path: &EntityPath, token: &Uuid, outcome: Outcome) -> Result<(), BrokerError> {
         let woke = self.with_store(path, |store| store.settle(path.dead_letter, token, outcome))?;
         if woke {
             self.wake();
@@ -303,12 +278,7 @@ impl Broker {
         })
     }
 
-    pub fn peek(
-        &self,
-        path: &EntityPath,
-        from_sequence_number: i64,
-        count: usize,
-    ) -> Result<Vec<Bytes>, BrokerError> {
+    pub fn peek(&self, path: &EntityPath, from_sequence_number: i64, count: usize) -> Result<Vec<Bytes>, BrokerError> {
         let strict = self.options.strict;
         self.with_store(path, |store| {
             store.peek(path.dead_letter, from_sequence_number, count, now_ms(), strict)
@@ -370,7 +340,6 @@ impl Broker {
             (Entity::Topic(topic), Some(sub)) => {
                 let store = topic.subscriptions.get_mut(sub)?;
                 Some(Description::Subscription {
-                    topic: path.entity.clone(),
                     name: sub.clone(),
                     settings: store.settings,
                     counts: store.counts(now),
@@ -429,9 +398,7 @@ mod tests {
             let abandon = Outcome::Abandon {
                 annotations: Vec::new(),
             };
-            broker
-                .settle(&path(false), &got.lock_token.unwrap(), abandon)
-                .unwrap();
+            broker.settle(&path(false), &got.lock_token.unwrap(), abandon).unwrap();
         }
         assert!(broker.acquire(&path(false), ReceiveMode::PeekLock).unwrap().is_none());
         let dead = broker.acquire(&path(true), ReceiveMode::PeekLock).unwrap().unwrap();

@@ -36,7 +36,9 @@ pub enum ReceiveMode {
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Complete,
-    Abandon { annotations: Vec<(Value, Value)> },
+    Abandon {
+        annotations: Vec<(Value, Value)>,
+    },
     Defer,
     DeadLetter {
         reason: Option<String>,
@@ -75,12 +77,7 @@ impl StoredMessage {
         self.bare.iter().map(|s| s.raw.len()).sum()
     }
 
-    fn encode(
-        &self,
-        sequence_number: i64,
-        lock: Option<(Uuid, i64)>,
-        strict: bool,
-    ) -> Result<Bytes, BrokerError> {
+    fn encode(&self, sequence_number: i64, lock: Option<(Uuid, i64)>, strict: bool) -> Result<Bytes, BrokerError> {
         let mut header = self.header.clone();
         // AMQP counts prior attempts; the SDKs present it as-is (Python) or +1 (.NET).
         header.delivery_count = self.deliveries.saturating_sub(u32::from(lock.is_some()));
@@ -158,12 +155,7 @@ impl MessageList {
             .available
             .iter()
             .copied()
-            .filter(|seq| {
-                self.messages[seq]
-                    .message
-                    .expires_at_ms
-                    .is_some_and(|at| at <= now_ms)
-            })
+            .filter(|seq| self.messages[seq].message.expires_at_ms.is_some_and(|at| at <= now_ms))
             .collect();
         for seq in expired {
             self.remove(seq);
@@ -171,10 +163,7 @@ impl MessageList {
     }
 
     fn lock(&mut self, sequence_number: i64, token: Uuid, until_ms: i64) {
-        let entry = self
-            .messages
-            .get_mut(&sequence_number)
-            .expect("locked message exists");
+        let entry = self.messages.get_mut(&sequence_number).expect("locked message exists");
         self.available.remove(&sequence_number);
         entry.state = State::Locked { token, until_ms };
         entry.message.deliveries += 1;
@@ -286,12 +275,7 @@ impl Store {
     }
 
     /// Returns whether a message became available again (receivers should be woken).
-    pub fn settle(
-        &mut self,
-        dead_letter: bool,
-        token: &Uuid,
-        outcome: Outcome,
-    ) -> Result<bool, BrokerError> {
+    pub fn settle(&mut self, dead_letter: bool, token: &Uuid, outcome: Outcome) -> Result<bool, BrokerError> {
         let max_delivery_count = self.settings.max_delivery_count;
         let list = self.list(dead_letter);
         let seq = list.locked(token)?;
@@ -311,10 +295,7 @@ impl Store {
                 }
                 Ok(self.release(dead_letter, seq, max_delivery_count)?)
             }
-            Outcome::DeadLetter {
-                reason,
-                description,
-            } => {
+            Outcome::DeadLetter { reason, description } => {
                 if dead_letter {
                     return Err(BrokerError::NotAllowed(
                         "a message in a dead-letter queue cannot be dead-lettered again".into(),
@@ -328,12 +309,7 @@ impl Store {
 
     /// Unlocks after an abandon or a lock expiry; past MaxDeliveryCount the
     /// message is dead-lettered, as Service Bus does.
-    fn release(
-        &mut self,
-        dead_letter: bool,
-        seq: i64,
-        max_delivery_count: u32,
-    ) -> Result<bool, BrokerError> {
+    fn release(&mut self, dead_letter: bool, seq: i64, max_delivery_count: u32) -> Result<bool, BrokerError> {
         let list = self.list(dead_letter);
         let deliveries = list.messages[&seq].message.deliveries;
         if !dead_letter && deliveries >= max_delivery_count {
@@ -443,14 +419,14 @@ impl Store {
     pub fn expire_locks(&mut self, now_ms: i64) -> Result<bool, BrokerError> {
         let mut woke = false;
         for dead_letter in [false, true] {
-            let expired: Vec<i64> = self
-                .list(dead_letter)
+            let list = if dead_letter { &self.dead_letter } else { &self.main };
+            let expired: Vec<i64> = list
                 .locks
                 .values()
                 .copied()
                 .filter(|seq| {
                     matches!(
-                        self.list(dead_letter).messages[seq].state,
+                        list.messages[seq].state,
                         State::Locked { until_ms, .. } if until_ms <= now_ms
                     )
                 })

@@ -1,0 +1,932 @@
+//! One client connection: SASL, then sessions and links, driven by a single task.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use fe2o3_amqp_types::{
+    definitions::{self, AmqpError, ErrorCondition, Handle, ReceiverSettleMode, Role, SenderSettleMode},
+    messaging::{Accepted, DeliveryState, Modified, Rejected, Source, TargetArchetype},
+    performatives::{Attach, Begin, Close, Detach, Disposition, End, Flow, Open, Performative, Transfer},
+    primitives::{Array, Symbol},
+    sasl::{SaslCode, SaslInit, SaslMechanisms, SaslOutcome},
+};
+use serde_amqp::value::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    sync::{mpsc, watch},
+    time::{Instant, sleep_until},
+};
+use uuid::Uuid;
+
+use super::{
+    AmqpSettings,
+    frame::{self, AMQP_HEADER, Frame, FrameError, SASL_HEADER},
+    management,
+};
+use crate::broker::{
+    Broker, BrokerError, Outcome, ReceiveMode,
+    address::{self, Node},
+    codec::{self, Request},
+};
+
+/// Our receive limits: generous, so that clients never stall on flow control.
+const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+const SESSION_WINDOW: u32 = 50_000;
+const LINK_CREDIT: u32 = 5_000;
+const MAX_MESSAGE_SIZE: u64 = 256 * 1024 * 1024;
+
+const DEAD_LETTER_CONDITION: &str = "com.microsoft:dead-letter";
+const LOCK_LOST_CONDITION: &str = "com.microsoft:message-lock-lost";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("protocol header {0:?} is not AMQP 1.0")]
+    BadProtocolHeader([u8; 8]),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl From<std::io::Error> for ConnectionError {
+    fn from(error: std::io::Error) -> Self {
+        ConnectionError::Frame(FrameError::Io(error))
+    }
+}
+
+fn amqp_error(condition: ErrorCondition, description: impl Into<String>) -> definitions::Error {
+    definitions::Error {
+        condition,
+        description: Some(description.into()),
+        info: None,
+    }
+}
+
+fn custom_condition(name: &str) -> ErrorCondition {
+    ErrorCondition::Custom(Symbol::from(name))
+}
+
+impl From<&BrokerError> for definitions::Error {
+    fn from(error: &BrokerError) -> Self {
+        let condition = match error {
+            BrokerError::NotFound(_) => ErrorCondition::AmqpError(AmqpError::NotFound),
+            BrokerError::LockLost => custom_condition(LOCK_LOST_CONDITION),
+            BrokerError::MessageNotFound(_) => custom_condition("com.microsoft:message-not-found"),
+            BrokerError::NotAllowed(_) => ErrorCondition::AmqpError(AmqpError::NotAllowed),
+            BrokerError::Codec(_) => ErrorCondition::AmqpError(AmqpError::DecodeError),
+        };
+        amqp_error(condition, error.to_string())
+    }
+}
+
+/// A transfer split over several frames, being reassembled.
+#[derive(Debug)]
+struct Partial {
+    delivery_id: u32,
+    settled: bool,
+    message_format: u32,
+    payload: BytesMut,
+}
+
+#[derive(Debug)]
+enum Direction {
+    /// The client sends, the emulator receives.
+    Inbound {
+        credit: u32,
+        delivery_count: u32,
+        partial: Option<Partial>,
+    },
+    /// The emulator sends, the client receives.
+    Outbound {
+        credit: u32,
+        delivery_count: u32,
+        drain: bool,
+        mode: ReceiveMode,
+        /// Replies of `$cbs` and `$management`, waiting for credit.
+        replies: VecDeque<Bytes>,
+        /// The client's target address, which request messages name in reply-to.
+        reply_address: Option<String>,
+    },
+}
+
+#[derive(Debug)]
+struct Link {
+    node: Node,
+    direction: Direction,
+}
+
+#[derive(Debug)]
+struct Sent {
+    handle: u32,
+    lock_token: Uuid,
+}
+
+#[derive(Debug)]
+struct Session {
+    next_outgoing_id: u32,
+    next_incoming_id: u32,
+    incoming_since_flow: u32,
+    links: HashMap<u32, Link>,
+    unsettled: HashMap<u32, Sent>,
+}
+
+impl Session {
+    fn flow(&self, handle: Option<u32>) -> Flow {
+        session_flow(self.next_incoming_id, self.next_outgoing_id, handle)
+    }
+}
+
+/// A flow frame carrying the session's state, for `handle` if given.
+fn session_flow(next_incoming_id: u32, next_outgoing_id: u32, handle: Option<u32>) -> Flow {
+    Flow {
+        next_incoming_id: Some(next_incoming_id),
+        incoming_window: SESSION_WINDOW,
+        next_outgoing_id,
+        outgoing_window: SESSION_WINDOW,
+        handle: handle.map(Handle),
+        delivery_count: None,
+        link_credit: None,
+        available: None,
+        drain: false,
+        echo: false,
+        properties: None,
+    }
+}
+
+struct Connection {
+    broker: Arc<Broker>,
+    settings: AmqpSettings,
+    out: BytesMut,
+    peer_max_frame_size: usize,
+    sessions: HashMap<u16, Session>,
+    /// Accepts for inbound deliveries, held back by `accept_delay`.
+    pending_accepts: Vec<(u16, u32)>,
+    accept_deadline: Option<Instant>,
+    closed: bool,
+}
+
+pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSettings) -> Result<(), ConnectionError> {
+    stream.set_nodelay(true)?;
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader);
+    handshake(&mut reader, &mut writer).await?;
+
+    // Reading runs in its own task so that a half-read frame is never lost
+    // when the main loop wakes up for something else.
+    let (frames_tx, mut frames) = mpsc::channel::<Result<Frame, FrameError>>(256);
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let frame = frame::read_frame(&mut reader, MAX_FRAME_SIZE as usize).await;
+            let failed = frame.is_err();
+            if frames_tx.send(frame).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+
+    let mut changed: watch::Receiver<u64> = broker.subscribe();
+    let mut connection = Connection {
+        broker,
+        settings,
+        out: BytesMut::new(),
+        peer_max_frame_size: 512,
+        sessions: HashMap::new(),
+        pending_accepts: Vec::new(),
+        accept_deadline: None,
+        closed: false,
+    };
+    let mut heartbeat: Option<tokio::time::Interval> = None;
+    let result = loop {
+        let deadline = connection.accept_deadline;
+        let step = tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(Ok(frame)) => connection.handle(frame, &mut heartbeat),
+                Some(Err(FrameError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Some(Err(error)) => Err(error.into()),
+                None => break Ok(()),
+            },
+            Ok(()) = changed.changed() => connection.pump(),
+            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                connection.flush_accepts()
+            }
+            _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => {
+                frame::put_empty(&mut connection.out);
+                Ok(())
+            }
+        };
+        if let Err(error) = step {
+            break Err(error);
+        }
+        if !connection.out.is_empty() {
+            if let Err(error) = writer.write_all(&connection.out).await {
+                break Err(error.into());
+            }
+            connection.out.clear();
+        }
+        if connection.closed {
+            break Ok(());
+        }
+    };
+    reader_task.abort();
+    result
+}
+
+/// Protocol headers and SASL. Any mechanism is accepted: the emulator has no
+/// identities, and clients send ANONYMOUS, PLAIN or MSSBCBS.
+async fn handshake(
+    reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+) -> Result<(), ConnectionError> {
+    let mut header = [0u8; 8];
+    reader.read_exact(&mut header).await?;
+    if header == SASL_HEADER {
+        writer.write_all(&SASL_HEADER).await?;
+        let mut out = BytesMut::new();
+        let mechanisms = ["ANONYMOUS", "PLAIN", "MSSBCBS", "EXTERNAL"]
+            .into_iter()
+            .map(Symbol::from)
+            .collect();
+        frame::put_sasl(
+            &mut out,
+            &SaslMechanisms {
+                sasl_server_mechanisms: Array(mechanisms),
+            },
+        )?;
+        writer.write_all(&out).await?;
+        let init: SaslInit = frame::read_sasl(reader).await?;
+        tracing::debug!(mechanism = init.mechanism.as_str(), "SASL init");
+        out.clear();
+        frame::put_sasl(
+            &mut out,
+            &SaslOutcome {
+                code: SaslCode::Ok,
+                additional_data: None,
+            },
+        )?;
+        writer.write_all(&out).await?;
+        reader.read_exact(&mut header).await?;
+    }
+    if header != AMQP_HEADER {
+        writer.write_all(&AMQP_HEADER).await?;
+        return Err(ConnectionError::BadProtocolHeader(header));
+    }
+    writer.write_all(&AMQP_HEADER).await?;
+    Ok(())
+}
+
+impl Connection {
+    fn send(&mut self, channel: u16, performative: Performative) -> Result<(), ConnectionError> {
+        frame::put_performative(&mut self.out, channel, &performative)?;
+        Ok(())
+    }
+
+    fn session(&mut self, channel: u16) -> Result<&mut Session, ConnectionError> {
+        self.sessions
+            .get_mut(&channel)
+            .ok_or_else(|| ConnectionError::Protocol(format!("no session on channel {channel}")))
+    }
+
+    fn handle(&mut self, frame: Frame, heartbeat: &mut Option<tokio::time::Interval>) -> Result<(), ConnectionError> {
+        let Some(performative) = frame.performative else {
+            return Ok(()); // heartbeat
+        };
+        let channel = frame.channel;
+        match performative {
+            Performative::Open(open) => {
+                self.peer_max_frame_size = open.max_frame_size.0 as usize;
+                if let Some(idle) = open.idle_time_out.filter(|ms| *ms > 0) {
+                    // Half the peer's idle timeout, as the spec recommends.
+                    let period = Duration::from_millis(u64::from(idle) / 2);
+                    *heartbeat = Some(tokio::time::interval_at(Instant::now() + period, period));
+                }
+                self.send(
+                    0,
+                    Performative::Open(Open {
+                        container_id: "servicebus-emulator".into(),
+                        hostname: None,
+                        max_frame_size: MAX_FRAME_SIZE.into(),
+                        channel_max: open.channel_max.0.into(),
+                        idle_time_out: None,
+                        outgoing_locales: None,
+                        incoming_locales: None,
+                        offered_capabilities: None,
+                        desired_capabilities: None,
+                        properties: None,
+                    }),
+                )
+            }
+            Performative::Begin(begin) => self.on_begin(channel, begin),
+            Performative::Attach(attach) => self.on_attach(channel, attach),
+            Performative::Flow(flow) => self.on_flow(channel, flow),
+            Performative::Transfer(transfer) => self.on_transfer(channel, transfer, frame.payload),
+            Performative::Disposition(disposition) => self.on_disposition(channel, disposition),
+            Performative::Detach(detach) => {
+                self.session(channel)?.links.remove(&detach.handle.0);
+                self.send(
+                    channel,
+                    Performative::Detach(Detach {
+                        handle: detach.handle,
+                        closed: detach.closed,
+                        error: None,
+                    }),
+                )
+            }
+            Performative::End(_) => {
+                self.sessions.remove(&channel);
+                self.pending_accepts.retain(|(c, _)| *c != channel);
+                self.send(channel, Performative::End(End { error: None }))
+            }
+            Performative::Close(_) => {
+                self.closed = true;
+                self.send(0, Performative::Close(Close { error: None }))
+            }
+        }
+    }
+
+    fn on_begin(&mut self, channel: u16, begin: Begin) -> Result<(), ConnectionError> {
+        // Answer on the same channel number: ours are allocated one-to-one.
+        let session = Session {
+            next_outgoing_id: 1,
+            next_incoming_id: begin.next_outgoing_id,
+            incoming_since_flow: 0,
+            links: HashMap::new(),
+            unsettled: HashMap::new(),
+        };
+        self.sessions.insert(channel, session);
+        self.send(
+            channel,
+            Performative::Begin(Begin {
+                remote_channel: Some(channel),
+                next_outgoing_id: 1,
+                incoming_window: SESSION_WINDOW,
+                outgoing_window: SESSION_WINDOW,
+                handle_max: begin.handle_max,
+                offered_capabilities: None,
+                desired_capabilities: None,
+                properties: None,
+            }),
+        )
+    }
+
+    fn on_attach(&mut self, channel: u16, attach: Attach) -> Result<(), ConnectionError> {
+        let client_sends = attach.role == Role::Sender;
+        let target_address = match attach.target.as_deref() {
+            Some(TargetArchetype::Target(target)) => target.address.clone(),
+            _ => None,
+        };
+        let address = if client_sends {
+            target_address.clone()
+        } else {
+            attach.source.as_ref().and_then(|s| s.address.clone())
+        };
+        let node = self.check_attach(&attach, address.as_deref(), client_sends);
+        let handle = attach.handle.0;
+        let mut reply = Attach {
+            name: attach.name.clone(),
+            handle: attach.handle.clone(),
+            role: if client_sends { Role::Receiver } else { Role::Sender },
+            snd_settle_mode: attach.snd_settle_mode.clone(),
+            rcv_settle_mode: ReceiverSettleMode::First,
+            source: attach.source.clone(),
+            target: attach.target.clone(),
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: (!client_sends).then_some(0),
+            max_message_size: Some(MAX_MESSAGE_SIZE),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        let node = match node {
+            Ok(node) => node,
+            Err(error) => {
+                tracing::info!(link = %attach.name, ?address, reason = ?error.description, "refusing link");
+                // A refused link answers with a null terminus, then detaches (2.6.3).
+                if client_sends {
+                    reply.target = None;
+                } else {
+                    reply.source = None;
+                }
+                self.send(channel, Performative::Attach(reply))?;
+                return self.send(
+                    channel,
+                    Performative::Detach(Detach {
+                        handle: attach.handle,
+                        closed: true,
+                        error: Some(error),
+                    }),
+                );
+            }
+        };
+        tracing::debug!(link = %attach.name, ?node, client_sends, "attached");
+        self.send(channel, Performative::Attach(reply))?;
+        let direction = if client_sends {
+            Direction::Inbound {
+                credit: LINK_CREDIT,
+                delivery_count: attach.initial_delivery_count.unwrap_or(0),
+                partial: None,
+            }
+        } else {
+            Direction::Outbound {
+                credit: 0,
+                delivery_count: 0,
+                drain: false,
+                mode: if attach.snd_settle_mode == SenderSettleMode::Settled {
+                    ReceiveMode::ReceiveAndDelete
+                } else {
+                    ReceiveMode::PeekLock
+                },
+                replies: VecDeque::new(),
+                reply_address: target_address,
+            }
+        };
+        let session = self.session(channel)?;
+        session.links.insert(handle, Link { node, direction });
+        if client_sends {
+            let mut flow = session.flow(Some(handle));
+            flow.delivery_count = Some(attach.initial_delivery_count.unwrap_or(0));
+            flow.link_credit = Some(LINK_CREDIT);
+            self.send(channel, Performative::Flow(flow))?;
+        }
+        Ok(())
+    }
+
+    /// Decides whether a link may attach, and to which node.
+    fn check_attach(
+        &self,
+        attach: &Attach,
+        address: Option<&str>,
+        client_sends: bool,
+    ) -> Result<Node, definitions::Error> {
+        if matches!(attach.target.as_deref(), Some(TargetArchetype::Coordinator(_))) {
+            return Err(amqp_error(
+                ErrorCondition::AmqpError(AmqpError::NotImplemented),
+                "servicebus-emulator does not implement transactions",
+            ));
+        }
+        if !client_sends && has_session_filter(attach.source.as_deref()) {
+            return Err(amqp_error(
+                ErrorCondition::AmqpError(AmqpError::NotImplemented),
+                "servicebus-emulator does not implement sessions",
+            ));
+        }
+        let address = address.ok_or_else(|| {
+            amqp_error(
+                ErrorCondition::AmqpError(AmqpError::InvalidField),
+                "the link has no address",
+            )
+        })?;
+        let node = address::parse(address)
+            .map_err(|error| amqp_error(ErrorCondition::AmqpError(AmqpError::NotFound), error.to_string()))?;
+        match &node {
+            Node::Cbs => {}
+            Node::Entity(path) | Node::Management(path) => {
+                let sending = client_sends && matches!(node, Node::Entity(_));
+                self.broker
+                    .attach(path, sending)
+                    .map_err(|error| definitions::Error::from(&error))?;
+            }
+        }
+        Ok(node)
+    }
+
+    fn on_flow(&mut self, channel: u16, flow: Flow) -> Result<(), ConnectionError> {
+        let session = self.session(channel)?;
+        let Some(handle) = flow.handle.as_ref().map(|h| h.0) else {
+            if flow.echo {
+                let reply = session.flow(None);
+                self.send(channel, Performative::Flow(reply))?;
+            }
+            return Ok(());
+        };
+        let Some(link) = session.links.get_mut(&handle) else {
+            return Ok(());
+        };
+        let echo = match &mut link.direction {
+            Direction::Outbound {
+                credit,
+                delivery_count,
+                drain,
+                ..
+            } => {
+                // link-credit(snd) = delivery-count(rcv) + link-credit(rcv) - delivery-count(snd)
+                let theirs = flow.delivery_count.unwrap_or(0);
+                *credit = theirs
+                    .wrapping_add(flow.link_credit.unwrap_or(0))
+                    .wrapping_sub(*delivery_count);
+                *drain = flow.drain;
+                flow.echo.then_some((*delivery_count, *credit))
+            }
+            Direction::Inbound {
+                credit, delivery_count, ..
+            } => flow.echo.then_some((*delivery_count, *credit)),
+        };
+        if let Some((delivery_count, credit)) = echo {
+            let mut reply = session.flow(Some(handle));
+            reply.delivery_count = Some(delivery_count);
+            reply.link_credit = Some(credit);
+            self.send(channel, Performative::Flow(reply))?;
+        }
+        self.pump()
+    }
+
+    fn on_transfer(&mut self, channel: u16, transfer: Transfer, payload: Bytes) -> Result<(), ConnectionError> {
+        let session = self.session(channel)?;
+        session.next_incoming_id = session.next_incoming_id.wrapping_add(1);
+        session.incoming_since_flow += 1;
+        let handle = transfer.handle.0;
+        let link = session
+            .links
+            .get_mut(&handle)
+            .ok_or_else(|| ConnectionError::Protocol(format!("transfer on unknown handle {handle}")))?;
+        let Direction::Inbound {
+            credit,
+            delivery_count,
+            partial,
+        } = &mut link.direction
+        else {
+            return Err(ConnectionError::Protocol(
+                "transfer on a link the emulator sends on".into(),
+            ));
+        };
+        let current = match partial.take() {
+            Some(p) => p,
+            None => Partial {
+                delivery_id: transfer
+                    .delivery_id
+                    .ok_or_else(|| ConnectionError::Protocol("first transfer frame has no delivery-id".into()))?,
+                settled: false,
+                message_format: transfer.message_format.unwrap_or(0),
+                payload: BytesMut::new(),
+            },
+        };
+        let mut current = current;
+        current.settled |= transfer.settled.unwrap_or(false);
+        current.payload.extend_from_slice(&payload);
+        if transfer.aborted {
+            return Ok(());
+        }
+        if transfer.more {
+            *partial = Some(current);
+            return Ok(());
+        }
+        *delivery_count = delivery_count.wrapping_add(1);
+        *credit = credit.saturating_sub(1);
+        let refill = *credit < LINK_CREDIT / 2;
+        if refill {
+            *credit = LINK_CREDIT;
+        }
+        let (link_delivery_count, link_credit) = (*delivery_count, *credit);
+        let node = link.node.clone();
+        let refill_session = session.incoming_since_flow >= SESSION_WINDOW / 2;
+        if refill || refill_session {
+            session.incoming_since_flow = 0;
+            let mut flow = session.flow(Some(handle));
+            flow.delivery_count = Some(link_delivery_count);
+            flow.link_credit = Some(link_credit);
+            self.send(channel, Performative::Flow(flow))?;
+        }
+
+        let payload = current.payload.freeze();
+        let result = match &node {
+            Node::Entity(path) => codec::parse_transfer(current.message_format, &payload)
+                .map_err(BrokerError::from)
+                .and_then(|messages| self.broker.send(&path.entity, messages)),
+            Node::Cbs | Node::Management(_) => {
+                self.answer_request(channel, &node, &payload)?;
+                Ok(())
+            }
+        };
+        if current.settled {
+            if let Err(error) = result {
+                tracing::warn!(%error, "pre-settled transfer failed");
+            }
+            return Ok(());
+        }
+        match result {
+            Ok(()) if self.settings.accept_delay.is_zero() => {
+                self.dispose_inbound(channel, current.delivery_id, DeliveryState::Accepted(Accepted {}))
+            }
+            Ok(()) => {
+                // Held back a little: fe2o3-amqp <= 0.16 (azservicebus) loses
+                // a settlement that arrives before it starts waiting for one.
+                self.pending_accepts.push((channel, current.delivery_id));
+                if self.accept_deadline.is_none() {
+                    self.accept_deadline = Some(Instant::now() + self.settings.accept_delay);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                tracing::info!(%error, "rejecting transfer");
+                let state = DeliveryState::Rejected(Rejected {
+                    error: Some((&error).into()),
+                });
+                self.dispose_inbound(channel, current.delivery_id, state)
+            }
+        }
+    }
+
+    fn dispose_inbound(&mut self, channel: u16, delivery_id: u32, state: DeliveryState) -> Result<(), ConnectionError> {
+        self.send(
+            channel,
+            Performative::Disposition(Disposition {
+                role: Role::Receiver,
+                first: delivery_id,
+                last: None,
+                settled: true,
+                state: Some(state),
+                batchable: false,
+            }),
+        )
+    }
+
+    fn flush_accepts(&mut self) -> Result<(), ConnectionError> {
+        self.accept_deadline = None;
+        let mut pending = std::mem::take(&mut self.pending_accepts);
+        pending.sort_unstable();
+        // Consecutive delivery ids on one channel collapse into one range.
+        let mut index = 0;
+        while index < pending.len() {
+            let (channel, first) = pending[index];
+            let mut last = first;
+            while index + 1 < pending.len() && pending[index + 1] == (channel, last.wrapping_add(1)) {
+                index += 1;
+                last = pending[index].1;
+            }
+            index += 1;
+            self.send(
+                channel,
+                Performative::Disposition(Disposition {
+                    role: Role::Receiver,
+                    first,
+                    last: (last != first).then_some(last),
+                    settled: true,
+                    state: Some(DeliveryState::Accepted(Accepted {})),
+                    batchable: false,
+                }),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs a `$cbs` or `$management` request and queues its reply on the
+    /// link paired with it by address (the Python SDK leaves reply-to unset).
+    fn answer_request(&mut self, channel: u16, node: &Node, payload: &Bytes) -> Result<(), ConnectionError> {
+        let request = match Request::parse(payload) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::warn!(%error, "undecodable request");
+                return Ok(());
+            }
+        };
+        let encoded = match node {
+            Node::Cbs => {
+                let (status, description) = management::handle_cbs(&request);
+                management::encode_cbs_reply(&request, status, description)
+            }
+            Node::Management(path) => {
+                let reply = management::handle(&self.broker, path, &request);
+                management::encode_reply(&request, reply)
+            }
+            Node::Entity(_) => return Ok(()),
+        };
+        let reply = match encoded {
+            Ok(reply) => reply,
+            Err(error) => {
+                tracing::warn!(%error, "cannot encode reply");
+                return Ok(());
+            }
+        };
+        let reply_to = request.properties.reply_to.as_deref();
+        if let Some(replies) = self.reply_link(channel, node, reply_to) {
+            replies.push_back(reply);
+        } else {
+            tracing::warn!(?node, ?reply_to, "no receiver link to reply on");
+        }
+        self.pump()
+    }
+
+    fn reply_link(&mut self, channel: u16, node: &Node, reply_to: Option<&str>) -> Option<&mut VecDeque<Bytes>> {
+        // Prefer the request's own session, then any link naming reply-to.
+        let mut channels: Vec<u16> = self.sessions.keys().copied().collect();
+        channels.sort_by_key(|c| *c != channel);
+        let mut best: Option<(u16, u32, bool)> = None;
+        for c in channels {
+            for (handle, link) in &self.sessions[&c].links {
+                if let Direction::Outbound { reply_address, .. } = &link.direction {
+                    if &link.node != node {
+                        continue;
+                    }
+                    let exact = reply_to.is_some() && reply_address.as_deref() == reply_to;
+                    if best.is_none_or(|(_, _, was_exact)| exact && !was_exact) {
+                        best = Some((c, *handle, exact));
+                    }
+                }
+            }
+        }
+        let (c, handle, _) = best?;
+        match &mut self.sessions.get_mut(&c)?.links.get_mut(&handle)?.direction {
+            Direction::Outbound { replies, .. } => Some(replies),
+            Direction::Inbound { .. } => None,
+        }
+    }
+
+    /// Hands messages to every receiving link that has credit.
+    fn pump(&mut self) -> Result<(), ConnectionError> {
+        let max_frame = self.peer_max_frame_size;
+        for (&channel, session) in &mut self.sessions {
+            for (&handle, link) in &mut session.links {
+                let Direction::Outbound {
+                    credit,
+                    delivery_count,
+                    drain,
+                    mode,
+                    replies,
+                    ..
+                } = &mut link.direction
+                else {
+                    continue;
+                };
+                while *credit > 0 {
+                    let (payload, tag, lock_token) = if let Some(reply) = replies.pop_front() {
+                        (reply, session.next_outgoing_id.to_be_bytes().to_vec(), None)
+                    } else if let Node::Entity(path) = &link.node {
+                        match self.broker.acquire(path, *mode) {
+                            Ok(Some(acquired)) => {
+                                // Service Bus tags a delivery with its lock token in .NET (mixed-endian) order.
+                                let tag = acquired.lock_token.unwrap_or_else(Uuid::new_v4).to_bytes_le().to_vec();
+                                (acquired.payload, tag, acquired.lock_token)
+                            }
+                            Ok(None) => break,
+                            Err(error) => {
+                                tracing::warn!(%error, %path, "receive failed");
+                                break;
+                            }
+                        }
+                    } else {
+                        break;
+                    };
+                    let delivery_id = session.next_outgoing_id;
+                    session.next_outgoing_id = delivery_id.wrapping_add(1);
+                    *delivery_count = delivery_count.wrapping_add(1);
+                    *credit -= 1;
+                    if let Some(lock_token) = lock_token {
+                        session.unsettled.insert(delivery_id, Sent { handle, lock_token });
+                    }
+                    let transfer = Transfer {
+                        handle: Handle(handle),
+                        delivery_id: Some(delivery_id),
+                        delivery_tag: Some(tag.into()),
+                        message_format: Some(0),
+                        settled: Some(lock_token.is_none()),
+                        more: false,
+                        rcv_settle_mode: None,
+                        state: None,
+                        resume: false,
+                        aborted: false,
+                        batchable: false,
+                    };
+                    frame::put_transfer(&mut self.out, channel, transfer, &payload, max_frame)?;
+                }
+                if *drain && *credit > 0 {
+                    // Drain: use up the credit so the client's receive returns promptly.
+                    *delivery_count = delivery_count.wrapping_add(*credit);
+                    *credit = 0;
+                    *drain = false;
+                    let mut flow = session_flow(session.next_incoming_id, session.next_outgoing_id, Some(handle));
+                    flow.delivery_count = Some(*delivery_count);
+                    flow.link_credit = Some(0);
+                    flow.drain = true;
+                    frame::put_performative(&mut self.out, channel, &Performative::Flow(flow))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The client settles (or asks us to settle) messages we delivered.
+    fn on_disposition(&mut self, channel: u16, disposition: Disposition) -> Result<(), ConnectionError> {
+        if disposition.role == Role::Sender {
+            return Ok(()); // the client settling its own sends after our accept
+        }
+        let last = disposition.last.unwrap_or(disposition.first);
+        let mut echoes = Vec::new();
+        let session = self.session(channel)?;
+        let mut settled = Vec::new();
+        let mut id = disposition.first;
+        loop {
+            settled.push((id, session.unsettled.remove(&id)));
+            if id == last {
+                break;
+            }
+            id = id.wrapping_add(1);
+        }
+        for (id, sent) in settled {
+            let outcome = disposition.state.as_ref().and_then(outcome_of);
+            let result = match (&sent, outcome) {
+                (Some(sent), Some(outcome)) => {
+                    let path = self
+                        .sessions
+                        .get(&channel)
+                        .and_then(|s| s.links.get(&sent.handle))
+                        .and_then(|link| match &link.node {
+                            Node::Entity(path) => Some(path.clone()),
+                            _ => None,
+                        });
+                    match path {
+                        Some(path) => self.broker.settle(&path, &sent.lock_token, outcome),
+                        // The link is gone; so is the client's right to settle on it.
+                        None => Err(BrokerError::LockLost),
+                    }
+                }
+                (Some(_), None) => Ok(()),
+                (None, _) => Err(BrokerError::LockLost),
+            };
+            if let Err(error) = &result {
+                tracing::debug!(%error, delivery_id = id, "settlement failed");
+            }
+            if !disposition.settled {
+                let state = match result {
+                    // The echo names the outcome applied; a rejected echo that
+                    // carries an error means the settlement failed.
+                    Ok(()) => disposition.state.clone().map(|state| match state {
+                        DeliveryState::Rejected(_) => {
+                            DeliveryState::Rejected(Rejected { error: None })
+                        }
+                        other => other,
+                    }),
+                    Err(error) => Some(DeliveryState::Rejected(Rejected {
+                        error: Some((&error).into()),
+                    })),
+                };
+                echoes.push(Disposition {
+                    role: Role::Sender,
+                    first: id,
+                    last: None,
+                    settled: true,
+                    state,
+                    batchable: false,
+                });
+            }
+        }
+        for echo in echoes {
+            self.send(channel, Performative::Disposition(echo))?;
+        }
+        Ok(())
+    }
+}
+
+/// Maps an AMQP outcome to what Service Bus does with the locked message.
+fn outcome_of(state: &DeliveryState) -> Option<Outcome> {
+    match state {
+        DeliveryState::Accepted(_) => Some(Outcome::Complete),
+        DeliveryState::Released(_) => Some(Outcome::Abandon {
+            annotations: Vec::new(),
+        }),
+        DeliveryState::Modified(Modified {
+            undeliverable_here: Some(true),
+            ..
+        }) => Some(Outcome::Defer),
+        DeliveryState::Modified(modified) => Some(Outcome::Abandon {
+            annotations: modified
+                .message_annotations
+                .iter()
+                .flat_map(|fields| fields.iter())
+                .map(|(k, v)| (Value::Symbol(k.clone()), v.clone()))
+                .collect(),
+        }),
+        DeliveryState::Rejected(rejected) => {
+            let error = rejected.error.as_ref();
+            let info = |key: &str| {
+                error
+                    .and_then(|e| e.info.as_ref())
+                    .and_then(|info| info.get(&Symbol::from(key)))
+                    .and_then(|v| match v {
+                        Value::String(s) => Some(s.clone()),
+                        _ => None,
+                    })
+            };
+            if let Some(e) = error {
+                if e.condition != custom_condition(DEAD_LETTER_CONDITION) {
+                    tracing::debug!(condition = ?e.condition, "rejected without the dead-letter condition; dead-lettering anyway");
+                }
+            }
+            Some(Outcome::DeadLetter {
+                reason: info("DeadLetterReason"),
+                description: info("DeadLetterErrorDescription").or_else(|| error.and_then(|e| e.description.clone())),
+            })
+        }
+        _ => None,
+    }
+}
+
+fn has_session_filter(source: Option<&Source>) -> bool {
+    source
+        .and_then(|s| s.filter.as_ref())
+        .is_some_and(|filters| filters.keys().any(|key| key.as_str() == "com.microsoft:session-filter"))
+}

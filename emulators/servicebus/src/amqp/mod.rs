@@ -1,0 +1,39 @@
+//! The AMQP 1.0 listener, written on fe2o3-amqp-types rather than the
+//! fe2o3-amqp acceptor: Service Bus clients need delivery tags that are lock
+//! tokens, echoed dispositions and raw message bytes, which the acceptor hides.
+
+mod connection;
+mod frame;
+mod management;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+
+use crate::broker::Broker;
+
+#[derive(Debug, Clone, Copy)]
+pub struct AmqpSettings {
+    /// Delay before accepting a client's send.
+    pub accept_delay: Duration,
+}
+
+pub async fn serve(listener: TcpListener, broker: Arc<Broker>, settings: AmqpSettings) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "AMQP accept failed");
+                continue;
+            }
+        };
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            tracing::debug!(%peer, "AMQP connection opened");
+            match connection::serve(stream, broker, settings).await {
+                Ok(()) => tracing::debug!(%peer, "AMQP connection closed"),
+                Err(error) => tracing::info!(%peer, %error, "AMQP connection ended"),
+            }
+        });
+    }
+}
