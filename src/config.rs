@@ -2,8 +2,8 @@
 //!
 //! The YAML file is parsed strictly (`deny_unknown_fields` everywhere) so that a
 //! typo is an error naming the file, line, field and what was expected, never a
-//! silently ignored setting. Environment variables `DLQ_BRIDGE_<PATH>` (with
-//! `__` between path segments, e.g. `DLQ_BRIDGE_REDRIVE__CONCURRENCY=8`)
+//! silently ignored setting. Environment variables `DLQ_BRIDGE__<PATH>` (with
+//! `__` between path segments, e.g. `DLQ_BRIDGE__REDRIVE__CONCURRENCY=8`)
 //! override single values, read through the `config` crate's environment source.
 //! Secrets are never inline: fields ending in `_env` name the environment
 //! variable that holds them.
@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// Environment variables with the override prefix that are CLI options, not
-/// config paths.
-const RESERVED_ENV: &[&str] = &["config", "log"];
+/// Overrides are `DLQ_BRIDGE__` + path; the double underscore keeps them apart
+/// from the CLI's own variables (`DLQ_BRIDGE_CONFIG`, `DLQ_BRIDGE_LOG`).
 const ENV_PREFIX: &str = "DLQ_BRIDGE";
+const ENV_SEPARATOR: &str = "__";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -104,6 +104,10 @@ pub struct RedriveConfig {
     /// Unset means unlimited.
     #[serde(default)]
     pub rate: Option<u32>,
+    /// The journal file: audit trail and crash record. Default:
+    /// `$XDG_STATE_HOME/dlq-bridge/journal.jsonl`.
+    #[serde(default)]
+    pub journal: Option<PathBuf>,
 }
 
 impl Default for RedriveConfig {
@@ -115,6 +119,7 @@ impl Default for RedriveConfig {
             max_redrives: default_max_redrives(),
             strip_dead_letter_attributes: true,
             rate: None,
+            journal: None,
         }
     }
 }
@@ -378,27 +383,26 @@ fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> ConfigError {
     }
 }
 
-/// Collect `DLQ_BRIDGE_*` overrides from the process environment through the
+/// Collect `DLQ_BRIDGE__*` overrides from the process environment through the
 /// `config` crate's environment source.
 pub fn env_overrides_from_process() -> Vec<(String, String)> {
     use config::Source as _;
     let env = config::Environment::with_prefix(ENV_PREFIX)
-        .prefix_separator("_")
-        .separator("__");
+        .prefix_separator(ENV_SEPARATOR)
+        .separator(ENV_SEPARATOR);
     let Ok(map) = env.collect() else {
         return Vec::new();
     };
-    let mut out: Vec<(String, String)> = map
-        .into_iter()
-        .filter(|(k, _)| !RESERVED_ENV.contains(&k.as_str()))
-        .map(|(k, v)| (k, v.to_string()))
-        .collect();
+    let mut out: Vec<(String, String)> = map.into_iter().map(|(k, v)| (k, v.to_string())).collect();
     out.sort();
     out
 }
 
 fn env_var_for(dotted: &str) -> String {
-    format!("{ENV_PREFIX}_{}", dotted.replace('.', "__").to_uppercase())
+    format!(
+        "{ENV_PREFIX}{ENV_SEPARATOR}{}",
+        dotted.replace('.', ENV_SEPARATOR).to_uppercase()
+    )
 }
 
 fn apply_override(tree: &mut serde_yaml::Value, key: &str, raw: &str) -> Result<(), ConfigError> {
@@ -517,7 +521,7 @@ mod tests {
         let err = Config::from_yaml(y, "t", &[("redrive.concurency".into(), "9".into())])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("DLQ_BRIDGE_REDRIVE__CONCURENCY"), "{err}");
+        assert!(err.contains("DLQ_BRIDGE__REDRIVE__CONCURENCY"), "{err}");
         assert!(err.contains("unknown field `concurency`"), "{err}");
     }
 

@@ -2,6 +2,11 @@
 //! Cloud Pub/Sub and Azure Service Bus. See DESIGN.md for the architecture.
 
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod filter;
+pub mod journal;
 pub mod model;
+pub mod output;
+pub mod redrive;
+pub mod registry;

@@ -1,0 +1,267 @@
+//! The redrive journal: an append-only JSONL file that is both the audit trail
+//! (DESIGN §3, guarantee 9) and the record that makes a restarted run
+//! effectively-once (guarantee 2).
+//!
+//! A message's `sent` record is made durable (fsync) before the message is
+//! settled. A run that finds `sent` without `settled` for a message it leases
+//! settles it instead of sending a second copy.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("journal {path}:{line}: not a journal record: {message}")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Record {
+    RunStarted {
+        run: String,
+        at: DateTime<Utc>,
+        queue: String,
+        trigger: String,
+        filter: String,
+        dry_run: bool,
+        destination: Option<String>,
+    },
+    Leased {
+        run: String,
+        id: String,
+    },
+    Sent {
+        run: String,
+        id: String,
+        destination: String,
+        dest_id: String,
+    },
+    SendFailed {
+        run: String,
+        id: String,
+        error: String,
+    },
+    Settled {
+        run: String,
+        id: String,
+    },
+    SettleFailed {
+        run: String,
+        id: String,
+        error: String,
+    },
+    RunFinished {
+        run: String,
+        at: DateTime<Utc>,
+        summary: serde_json::Value,
+    },
+}
+
+/// What earlier runs left unfinished: copies sent whose DLQ original was
+/// never settled.
+#[derive(Debug, Default)]
+struct Replay {
+    sent: HashMap<String, (String, String)>,
+    settled: HashSet<String>,
+}
+
+pub struct Journal {
+    path: PathBuf,
+    writer: Mutex<BufWriter<File>>,
+    replay: Mutex<Replay>,
+}
+
+impl Journal {
+    /// Open (or create) a journal, reading what earlier runs recorded.
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        let io = |source| JournalError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut replay = Replay::default();
+        for record in read_records(path)? {
+            match record {
+                Record::Sent {
+                    id,
+                    destination,
+                    dest_id,
+                    ..
+                } => {
+                    replay.sent.insert(id, (destination, dest_id));
+                }
+                Record::Settled { id, .. } => {
+                    replay.settled.insert(id);
+                }
+                _ => {}
+            }
+        }
+        replay.sent.retain(|id, _| !replay.settled.contains(id));
+        replay.settled.clear();
+        let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+        // Start on a fresh line after a torn write, so the next record is whole.
+        let len = file.metadata().map_err(io)?.len();
+        if len > 0 && !ends_with_newline(path).map_err(io)? {
+            file.write_all(b"\n").map_err(io)?;
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            writer: Mutex::new(BufWriter::new(file)),
+            replay: Mutex::new(replay),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A message an earlier run sent (to `destination`, as `dest_id`) but did
+    /// not settle.
+    pub fn unsettled(&self, id: &str) -> Option<(String, String)> {
+        self.replay.lock().expect("journal lock").sent.get(id).cloned()
+    }
+
+    pub fn append(&self, record: &Record) -> Result<(), JournalError> {
+        if let Record::Settled { id, .. } = record {
+            self.replay.lock().expect("journal lock").sent.remove(id);
+        }
+        let mut line = serde_json::to_vec(record).expect("records serialize");
+        line.push(b'\n');
+        self.writer
+            .lock()
+            .expect("journal lock")
+            .write_all(&line)
+            .map_err(|source| JournalError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Flush and fsync: called once per batch, before its messages are settled.
+    pub fn sync(&self) -> Result<(), JournalError> {
+        let mut w = self.writer.lock().expect("journal lock");
+        w.flush()
+            .and_then(|_| w.get_ref().sync_data())
+            .map_err(|source| JournalError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// Every record in a journal file, oldest first. A torn line (a crash
+/// mid-write leaves a truncated record) is skipped; any other damage is an
+/// error.
+pub fn read_records(path: &Path) -> Result<Vec<Record>, JournalError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(JournalError::Io {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let lines: Vec<String> = BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(|source| JournalError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(r) => out.push(r),
+            Err(e) if e.is_eof() => {
+                tracing::warn!(path = %path.display(), line = i + 1, "skipping a torn journal line")
+            }
+            Err(e) => {
+                return Err(JournalError::Corrupt {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_finds_sent_but_unsettled() {
+        let dir = std::env::temp_dir().join(format!("dlqb-journal-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("j.jsonl");
+        {
+            let j = Journal::open(&path).unwrap();
+            for (id, settle) in [("a", true), ("b", false)] {
+                j.append(&Record::Sent {
+                    run: "r1".into(),
+                    id: id.into(),
+                    destination: "q".into(),
+                    dest_id: format!("d-{id}"),
+                })
+                .unwrap();
+                if settle {
+                    j.append(&Record::Settled {
+                        run: "r1".into(),
+                        id: id.into(),
+                    })
+                    .unwrap();
+                }
+            }
+            j.sync().unwrap();
+        }
+        // A crash mid-write leaves a torn line.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"event\":\"sett").unwrap();
+        drop(f);
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.unsettled("a"), None);
+        assert_eq!(j.unsettled("b"), Some(("q".into(), "d-b".into())));
+        j.append(&Record::Settled {
+            run: "r2".into(),
+            id: "b".into(),
+        })
+        .unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.unsettled("b"), None);
+        assert_eq!(read_records(&path).unwrap().len(), 4);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,252 @@
+//! What the CLI prints: aligned tables for people, JSON for machines.
+//!
+//! Tables are hand-aligned rather than drawn with a table crate: the output is
+//! a few fixed columns, and plain space-aligned text pipes well into grep,
+//! awk and column.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::model::{Attributes, DlqMessage, DlqStats};
+use crate::redrive::RunSummary;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+}
+
+/// A table with a header row; columns are padded to their widest cell.
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for r in &self.rows {
+            for (i, c) in r.iter().enumerate() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            let last = r.len() - 1;
+            for (i, c) in r.iter().enumerate() {
+                out.push_str(c);
+                if i < last {
+                    out.extend(std::iter::repeat_n(' ', widths[i] - c.chars().count() + 2));
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+pub fn human_age(d: Option<std::time::Duration>) -> String {
+    let Some(d) = d else { return "-".into() };
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// One line of text, at most `max` characters, control characters shown as
+/// spaces: safe to put in a table cell.
+pub fn preview(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    if text.chars().count() > max {
+        out.pop();
+        out.push('…');
+    }
+    out
+}
+
+/// A queue as `list` shows it.
+#[derive(Debug, Serialize)]
+pub struct QueueRow {
+    pub queue: String,
+    pub backend: String,
+    #[serde(flatten)]
+    pub stats: Option<DlqStats>,
+    /// Most frequent reasons in the sample, with counts.
+    pub top_reasons: Vec<(String, u64)>,
+    pub sampled: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub fn queues_table(rows: &[QueueRow]) -> String {
+    let mut t = Table::new(&["QUEUE", "BACKEND", "DEPTH", "OLDEST", "HOW", "TOP REASONS"]);
+    for r in rows {
+        let (depth, age, how) = match &r.stats {
+            Some(s) => (s.depth.to_string(), human_age(s.oldest_age), s.exactness.to_string()),
+            None => ("?".into(), "-".into(), "-".into()),
+        };
+        let reasons = match &r.error {
+            Some(e) => format!("error: {}", preview(e, 100)),
+            None => r
+                .top_reasons
+                .iter()
+                .map(|(reason, n)| format!("{} ({n})", preview(reason, 40)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        t.row(vec![r.queue.clone(), r.backend.clone(), depth, age, how, reasons]);
+    }
+    t.render()
+}
+
+/// A message as `inspect -o json` shows it: the body both exact (base64) and
+/// readable (lossy UTF-8).
+#[derive(Debug, Serialize)]
+pub struct MessageView<'a> {
+    pub id: &'a str,
+    pub body_base64: String,
+    pub body_text: String,
+    pub body_bytes: usize,
+    pub attributes: &'a Attributes,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: &'a BTreeMap<String, String>,
+    pub reason: Option<&'a str>,
+    pub description: Option<&'a str>,
+    pub delivery_count: Option<u32>,
+    pub enqueued_at: Option<DateTime<Utc>>,
+    pub age_seconds: Option<u64>,
+    pub source: Option<&'a str>,
+    pub ordering_key: Option<&'a str>,
+}
+
+impl<'a> MessageView<'a> {
+    pub fn new(m: &'a DlqMessage, now: DateTime<Utc>) -> Self {
+        Self {
+            id: &m.id,
+            body_base64: base64::engine::general_purpose::STANDARD.encode(&m.body),
+            body_text: m.body_text(),
+            body_bytes: m.body.len(),
+            attributes: &m.attributes,
+            properties: &m.properties,
+            reason: m.reason.as_deref(),
+            description: m.description.as_deref(),
+            delivery_count: m.delivery_count,
+            enqueued_at: m.enqueued_at,
+            age_seconds: m.age(now).map(|d| d.as_secs()),
+            source: m.source.as_deref(),
+            ordering_key: m.ordering_key.as_deref(),
+        }
+    }
+}
+
+pub fn messages_table(msgs: &[&DlqMessage], now: DateTime<Utc>) -> String {
+    let mut t = Table::new(&["ID", "AGE", "DELIVERIES", "REASON", "ATTRIBUTES", "BODY"]);
+    for m in msgs {
+        let attrs = m
+            .attributes
+            .iter()
+            .map(|(k, v)| format!("{k}={}", preview(&v.as_text(), 24)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        t.row(vec![
+            m.id.clone(),
+            human_age(m.age(now)),
+            m.delivery_count.map_or("-".into(), |c| c.to_string()),
+            preview(m.reason.as_deref().unwrap_or("-"), 32),
+            preview(&attrs, 60),
+            preview(&m.body_text(), 60),
+        ]);
+    }
+    t.render()
+}
+
+pub fn summary_text(s: &RunSummary) -> String {
+    let mut out = String::new();
+    let verb = if s.dry_run { "dry run" } else { "redrive" };
+    out.push_str(&format!(
+        "{verb} {} of queue {} ({:?}, {:.1}s)\n",
+        s.run_id,
+        s.queue,
+        s.stopped,
+        (s.finished_at - s.started_at).num_milliseconds() as f64 / 1000.0
+    ));
+    out.push_str(&format!("  filter:    {}\n", s.filter));
+    out.push_str(&format!("  examined:  {}\n", s.examined));
+    out.push_str(&format!("  matched:   {}\n", s.matched));
+    if !s.dry_run {
+        out.push_str(&format!("  sent:      {}\n", s.sent));
+        out.push_str(&format!("  settled:   {}\n", s.settled));
+    }
+    let extras = [
+        ("settled from journal", s.settled_from_journal),
+        ("send failed", s.send_failed),
+        ("settle failed", s.settle_failed),
+        ("filter errors", s.filter_errors),
+        ("skipped (max_redrives)", s.skipped_max_redrives),
+        ("sent without marks", s.marks_omitted),
+    ];
+    for (label, n) in extras {
+        if n > 0 {
+            out.push_str(&format!("  {label}: {n}\n"));
+        }
+    }
+    out.push_str(&format!("  left in DLQ (released): {}\n", s.released));
+    for (dest, n) in &s.destinations {
+        let verb = if s.dry_run { "would go to" } else { "to" };
+        out.push_str(&format!("  {n} {verb} {dest}\n"));
+    }
+    if s.dry_run && !s.samples.is_empty() {
+        out.push_str("  sample of matches:\n");
+        for m in &s.samples {
+            out.push_str(&format!(
+                "    {}  reason={}\n",
+                m.id,
+                m.reason.as_deref().unwrap_or("-")
+            ));
+        }
+    }
+    for e in &s.errors {
+        out.push_str(&format!("  error: {e}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let mut t = Table::new(&["A", "BB"]);
+        t.row(vec!["long".into(), "x".into()]);
+        assert_eq!(t.render(), "A     BB\nlong  x\n");
+    }
+
+    #[test]
+    fn preview_is_one_line_and_bounded() {
+        assert_eq!(preview("a\nb", 10), "a b");
+        assert_eq!(preview("abcdef", 4), "abc…");
+    }
+}

@@ -1,0 +1,670 @@
+//! The redrive engine: all redrive policy, generic over [`QueueBackend`]
+//! (DESIGN §3).
+//!
+//! One pass leases batch after batch. Each fresh message is filtered; matches
+//! are sent to their destination, and only messages whose copy was confirmed
+//! are settled (guarantee 1). Everything else stays leased until the pass ends
+//! and is then released together, and a seen-set stops the pass from examining
+//! a message twice, so a pass always terminates (guarantee 4).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{BackendError, QueueBackend};
+use crate::filter::Filter;
+use crate::journal::{Journal, Record};
+use crate::model::{
+    AttrValue, Attribute, Destination, DlqMessage, LeaseId, Leased, Outgoing, SendResult, SettleResult,
+};
+
+/// Marks every redriven copy carries (guarantee 3).
+pub const MARK_ID: &str = "dlq-bridge-redrive-id";
+pub const MARK_COUNT: &str = "dlq-bridge-redrive-count";
+
+/// Consecutive leases that return only already-examined messages before a
+/// pass concludes that everything left has been seen.
+const ALL_SEEN_LIMIT: u32 = 3;
+const LEASE_RETRIES: u32 = 3;
+const MAX_REPORTED_ERRORS: usize = 20;
+const SAMPLE_SIZE: usize = 10;
+
+/// Who started a run, for the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Cli,
+    Api,
+    Schedule,
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cli => "cli",
+            Self::Api => "api",
+            Self::Schedule => "schedule",
+        })
+    }
+}
+
+/// Everything a run needs to know, decided before it starts.
+#[derive(Debug, Clone)]
+pub struct RedrivePlan {
+    pub run_id: String,
+    pub queue: String,
+    pub trigger: Trigger,
+    pub filter: Filter,
+    /// `--to`: every copy goes here.
+    pub to: Option<Destination>,
+    /// Used for messages that name no source of their own (the config's
+    /// `source`, else what the provider reports).
+    pub fallback_source: Option<Destination>,
+    pub dry_run: bool,
+    pub rate: Option<NonZeroU32>,
+    pub max: Option<u64>,
+    pub concurrency: usize,
+    pub hold: Duration,
+    pub deadline: Duration,
+    pub max_redrives: u32,
+    pub strip_dead_letter_attributes: bool,
+}
+
+/// Live counters, readable while the run goes (progress bar, HTTP API).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub examined: AtomicU64,
+    pub matched: AtomicU64,
+    pub sent: AtomicU64,
+    pub settled: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl Progress {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The DLQ had nothing more to lease.
+    Drained,
+    /// Only messages this run had already examined came back.
+    AllSeen,
+    /// `--max` messages were redriven (or planned, in a dry run).
+    MaxReached,
+    Deadline,
+    Cancelled,
+    /// The provider kept failing; see `error`.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub id: String,
+    pub reason: Option<String>,
+    pub destination: Option<String>,
+}
+
+/// The outcome of a run: printed at the end and written to the journal.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub queue: String,
+    pub trigger: Trigger,
+    pub filter: String,
+    pub dry_run: bool,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub examined: u64,
+    pub matched: u64,
+    pub sent: u64,
+    pub settled: u64,
+    /// Copies an earlier, interrupted run had sent; settled now, not resent.
+    pub settled_from_journal: u64,
+    pub send_failed: u64,
+    pub settle_failed: u64,
+    pub filter_errors: u64,
+    /// Matches left in the DLQ because they were redriven `max_redrives` times.
+    pub skipped_max_redrives: u64,
+    /// Copies sent without the redrive marks, because the provider's attribute
+    /// cap left no room for them.
+    pub marks_omitted: u64,
+    pub released: u64,
+    /// Destination → messages sent there (planned, in a dry run).
+    pub destinations: BTreeMap<String, u64>,
+    pub samples: Vec<Sample>,
+    pub errors: Vec<String>,
+    pub stopped: StopReason,
+}
+
+impl RunSummary {
+    pub fn ok(&self) -> bool {
+        self.stopped != StopReason::Failed && self.send_failed == 0 && self.settle_failed == 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedriveError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+}
+
+/// A batch's worth of results, handed back from a send task.
+#[derive(Default)]
+struct BatchOutcome {
+    keys: Vec<String>,
+    sent: u64,
+    settled: u64,
+    send_failed: u64,
+    settle_failed: u64,
+    /// Leases to release at the end: messages whose send failed stay in the DLQ.
+    unsent: Vec<LeaseId>,
+    errors: Vec<String>,
+}
+
+pub struct Engine {
+    backend: Arc<dyn QueueBackend>,
+    journal: Option<Arc<Journal>>,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+}
+
+impl Engine {
+    pub fn new(backend: Arc<dyn QueueBackend>) -> Self {
+        Self {
+            backend,
+            journal: None,
+            progress: Arc::default(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    pub fn with_journal(mut self, journal: Arc<Journal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    pub fn with_cancel(mut self, cancel: CancellationToken) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    fn journal(&self, record: Record) -> Result<(), RedriveError> {
+        if let Some(j) = &self.journal {
+            j.append(&record)?;
+        }
+        Ok(())
+    }
+
+    fn sync_journal(&self) -> Result<(), RedriveError> {
+        if let Some(j) = &self.journal {
+            j.sync()?;
+        }
+        Ok(())
+    }
+
+    pub async fn run(&self, plan: &RedrivePlan) -> Result<RunSummary, RedriveError> {
+        let started = Instant::now();
+        let mut s = RunSummary {
+            run_id: plan.run_id.clone(),
+            queue: plan.queue.clone(),
+            trigger: plan.trigger,
+            filter: plan.filter.source().to_string(),
+            dry_run: plan.dry_run,
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+            examined: 0,
+            matched: 0,
+            sent: 0,
+            settled: 0,
+            settled_from_journal: 0,
+            send_failed: 0,
+            settle_failed: 0,
+            filter_errors: 0,
+            skipped_max_redrives: 0,
+            marks_omitted: 0,
+            released: 0,
+            destinations: BTreeMap::new(),
+            samples: Vec::new(),
+            errors: Vec::new(),
+            stopped: StopReason::Drained,
+        };
+        self.journal(Record::RunStarted {
+            run: plan.run_id.clone(),
+            at: s.started_at,
+            queue: plan.queue.clone(),
+            trigger: plan.trigger.to_string(),
+            filter: plan.filter.source().to_string(),
+            dry_run: plan.dry_run,
+            destination: plan.to.as_ref().map(|d| d.0.clone()),
+        })?;
+        self.sync_journal()?;
+
+        let caps = self.backend.capabilities();
+        let limiter: Option<Arc<DefaultDirectRateLimiter>> =
+            plan.rate.map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut held: Vec<LeaseId> = Vec::new();
+        let mut tasks: JoinSet<BatchOutcome> = JoinSet::new();
+        let mut keys_in_flight: HashMap<String, usize> = HashMap::new();
+        let mut planned: u64 = 0;
+        let mut all_seen_streak = 0;
+        let mut lease_failures = 0;
+
+        let result: Result<(), RedriveError> = async {
+            loop {
+                if self.cancel.is_cancelled() {
+                    s.stopped = StopReason::Cancelled;
+                    break;
+                }
+                if started.elapsed() >= plan.deadline {
+                    s.stopped = StopReason::Deadline;
+                    break;
+                }
+                if plan.max.is_some_and(|m| planned >= m) {
+                    s.stopped = StopReason::MaxReached;
+                    break;
+                }
+                let leased = tokio::select! {
+                    r = self.backend.lease(caps.batch_size, plan.hold) => r,
+                    _ = self.cancel.cancelled() => { s.stopped = StopReason::Cancelled; break; }
+                };
+                let leased = match leased {
+                    Ok(l) => {
+                        lease_failures = 0;
+                        l
+                    }
+                    Err(e) => {
+                        lease_failures += 1;
+                        if lease_failures > LEASE_RETRIES {
+                            s.stopped = StopReason::Failed;
+                            s.errors.push(format!("lease failed {lease_failures} times in a row: {e}"));
+                            break;
+                        }
+                        tracing::warn!(error = %e, attempt = lease_failures, "lease failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(250 << lease_failures)).await;
+                        continue;
+                    }
+                };
+                if leased.is_empty() {
+                    s.stopped = StopReason::Drained;
+                    break;
+                }
+                let mut fresh = 0;
+                let mut to_send: Vec<(Leased, Destination)> = Vec::new();
+                let mut journal_settle: Vec<Leased> = Vec::new();
+                for l in leased {
+                    if !seen.insert(l.message.id.clone()) {
+                        held.push(l.lease);
+                        continue;
+                    }
+                    fresh += 1;
+                    s.examined += 1;
+                    Progress::add(&self.progress.examined, 1);
+                    if self.journal.as_ref().is_some_and(|j| j.unsettled(&l.message.id).is_some()) {
+                        journal_settle.push(l);
+                        continue;
+                    }
+                    match plan.filter.matches(&l.message, Utc::now()) {
+                        Err(e) => {
+                            s.filter_errors += 1;
+                            push_error(&mut s.errors, format!("filter on message {}: {e}", l.message.id));
+                            held.push(l.lease);
+                        }
+                        Ok(false) => held.push(l.lease),
+                        Ok(true) if plan.max.is_some_and(|m| planned >= m) => held.push(l.lease),
+                        Ok(true) if redrive_count(&l.message) >= plan.max_redrives => {
+                            s.skipped_max_redrives += 1;
+                            held.push(l.lease);
+                        }
+                        Ok(true) => {
+                            let dest = plan
+                                .to
+                                .clone()
+                                .or_else(|| l.message.source.clone().map(Destination))
+                                .or_else(|| plan.fallback_source.clone());
+                            s.matched += 1;
+                            Progress::add(&self.progress.matched, 1);
+                            if s.samples.len() < SAMPLE_SIZE {
+                                s.samples.push(Sample {
+                                    id: l.message.id.clone(),
+                                    reason: l.message.reason.clone(),
+                                    destination: dest.as_ref().map(|d| d.0.clone()),
+                                });
+                            }
+                            let Some(dest) = dest else {
+                                s.send_failed += 1;
+                                Progress::add(&self.progress.failed, 1);
+                                push_error(
+                                    &mut s.errors,
+                                    format!(
+                                        "message {}: no destination (the provider names no source; set `source` in the config or pass --to)",
+                                        l.message.id
+                                    ),
+                                );
+                                held.push(l.lease);
+                                continue;
+                            };
+                            planned += 1;
+                            *s.destinations.entry(dest.0.clone()).or_default() += 1;
+                            if plan.dry_run {
+                                held.push(l.lease);
+                            } else {
+                                to_send.push((l, dest));
+                            }
+                        }
+                    }
+                }
+                if !journal_settle.is_empty() {
+                    let n = journal_settle.len() as u64;
+                    let out = self.settle_batch(&plan.run_id, journal_settle).await;
+                    s.settled_from_journal += n - out.settle_failed;
+                    merge(&mut s, out, &mut held);
+                }
+                if fresh == 0 {
+                    all_seen_streak += 1;
+                    if all_seen_streak >= ALL_SEEN_LIMIT {
+                        s.stopped = StopReason::AllSeen;
+                        break;
+                    }
+                } else {
+                    all_seen_streak = 0;
+                }
+                // One task per destination keeps every send a single-destination batch.
+                let mut by_dest: BTreeMap<Destination, Vec<Leased>> = BTreeMap::new();
+                for (l, d) in to_send {
+                    by_dest.entry(d).or_default().push(l);
+                }
+                for (dest, batch) in by_dest {
+                    let keys: Vec<String> = batch
+                        .iter()
+                        .filter_map(|l| l.message.ordering_key.clone())
+                        .collect::<HashSet<_>>()
+                        .into_iter()
+                        .collect();
+                    // Guarantee 7: a batch waits for earlier batches of the same
+                    // ordering keys, and for a free concurrency slot.
+                    while tasks.len() >= plan.concurrency || keys.iter().any(|k| keys_in_flight.contains_key(k)) {
+                        let Some(done) = tasks.join_next().await else { break };
+                        let out = done.expect("send tasks do not panic");
+                        release_keys(&mut keys_in_flight, &out.keys);
+                        merge(&mut s, out, &mut held);
+                    }
+                    for k in &keys {
+                        *keys_in_flight.entry(k.clone()).or_default() += 1;
+                    }
+                    let outgoing: Vec<Outgoing> = batch
+                        .iter()
+                        .map(|l| {
+                            let (o, marked) = outgoing_copy(&l.message, plan, &*self.backend);
+                            if !marked {
+                                s.marks_omitted += 1;
+                            }
+                            o
+                        })
+                        .collect();
+                    if let Some(lim) = &limiter {
+                        for _ in 0..outgoing.len() {
+                            lim.until_ready().await;
+                        }
+                    }
+                    let engine = self.clone_for_task();
+                    let run_id = plan.run_id.clone();
+                    tasks.spawn(async move {
+                        let mut out = engine.send_batch(&run_id, &dest, batch, outgoing).await;
+                        out.keys = keys;
+                        out
+                    });
+                }
+            }
+            Ok(())
+        }
+        .await;
+
+        while let Some(done) = tasks.join_next().await {
+            let out = done.expect("send tasks do not panic");
+            merge(&mut s, out, &mut held);
+        }
+        // Release what this pass held, together (guarantee 4).
+        s.released = held.len() as u64;
+        if let Err(e) = self.backend.release(&held).await {
+            push_error(
+                &mut s.errors,
+                format!(
+                    "releasing {} held messages failed ({e}); they become visible again when their lease expires",
+                    held.len()
+                ),
+            );
+        }
+        s.finished_at = Utc::now();
+        self.journal(Record::RunFinished {
+            run: plan.run_id.clone(),
+            at: s.finished_at,
+            summary: serde_json::to_value(&s).expect("summary serializes"),
+        })?;
+        self.sync_journal()?;
+        result?;
+        Ok(s)
+    }
+
+    fn clone_for_task(&self) -> Self {
+        Self {
+            backend: self.backend.clone(),
+            journal: self.journal.clone(),
+            progress: self.progress.clone(),
+            cancel: self.cancel.clone(),
+        }
+    }
+
+    /// Send, record, then settle only what the destination confirmed.
+    async fn send_batch(
+        &self,
+        run: &str,
+        dest: &Destination,
+        batch: Vec<Leased>,
+        outgoing: Vec<Outgoing>,
+    ) -> BatchOutcome {
+        let mut out = BatchOutcome::default();
+        for l in &batch {
+            let _ = self.journal(Record::Leased {
+                run: run.into(),
+                id: l.message.id.clone(),
+            });
+        }
+        let results = match self.backend.send(dest, &outgoing).await {
+            Ok(r) => r,
+            Err(e) => {
+                let error = format!("send to {dest} failed: {e}");
+                push_error(&mut out.errors, error.clone());
+                vec![SendResult::Failed { error }; batch.len()]
+            }
+        };
+        let mut confirmed = Vec::new();
+        for (l, r) in batch.into_iter().zip(results) {
+            match r {
+                SendResult::Sent { dest_id } => {
+                    out.sent += 1;
+                    let _ = self.journal(Record::Sent {
+                        run: run.into(),
+                        id: l.message.id.clone(),
+                        destination: dest.0.clone(),
+                        dest_id,
+                    });
+                    confirmed.push(l);
+                }
+                SendResult::Failed { error } => {
+                    out.send_failed += 1;
+                    let _ = self.journal(Record::SendFailed {
+                        run: run.into(),
+                        id: l.message.id.clone(),
+                        error: error.clone(),
+                    });
+                    push_error(&mut out.errors, format!("message {}: {error}", l.message.id));
+                    out.unsent.push(l.lease);
+                }
+            }
+        }
+        Progress::add(&self.progress.sent, out.sent);
+        Progress::add(&self.progress.failed, out.send_failed);
+        // The `sent` records must be durable before the originals go: after a
+        // crash here, a rerun settles instead of resending.
+        if let Err(e) = self.sync_journal() {
+            push_error(&mut out.errors, format!("journal: {e}; not settling this batch"));
+            out.unsent.extend(confirmed.into_iter().map(|l| l.lease));
+            return out;
+        }
+        let settled = self.settle_batch(run, confirmed).await;
+        out.settled = settled.settled;
+        out.settle_failed = settled.settle_failed;
+        out.unsent.extend(settled.unsent);
+        out.errors.extend(settled.errors);
+        out
+    }
+
+    async fn settle_batch(&self, run: &str, batch: Vec<Leased>) -> BatchOutcome {
+        let mut out = BatchOutcome::default();
+        if batch.is_empty() {
+            return out;
+        }
+        let leases: Vec<LeaseId> = batch.iter().map(|l| l.lease.clone()).collect();
+        let results = match self.backend.settle(&leases).await {
+            Ok(r) => r,
+            Err(e) => vec![SettleResult::Failed { error: e.to_string() }; leases.len()],
+        };
+        for (l, r) in batch.into_iter().zip(results) {
+            match r {
+                SettleResult::Settled => {
+                    out.settled += 1;
+                    let _ = self.journal(Record::Settled {
+                        run: run.into(),
+                        id: l.message.id,
+                    });
+                }
+                SettleResult::Failed { error } => {
+                    out.settle_failed += 1;
+                    let _ = self.journal(Record::SettleFailed {
+                        run: run.into(),
+                        id: l.message.id.clone(),
+                        error: error.clone(),
+                    });
+                    push_error(
+                        &mut out.errors,
+                        format!(
+                            "message {} was sent but could not be removed from the DLQ ({error}); a rerun with the same journal settles it without resending",
+                            l.message.id
+                        ),
+                    );
+                    out.unsent.push(l.lease);
+                }
+            }
+        }
+        Progress::add(&self.progress.settled, out.settled);
+        Progress::add(&self.progress.failed, out.settle_failed);
+        out
+    }
+}
+
+fn merge(s: &mut RunSummary, out: BatchOutcome, held: &mut Vec<LeaseId>) {
+    s.sent += out.sent;
+    s.settled += out.settled;
+    s.send_failed += out.send_failed;
+    s.settle_failed += out.settle_failed;
+    held.extend(out.unsent);
+    for e in out.errors {
+        push_error(&mut s.errors, e);
+    }
+}
+
+fn release_keys(in_flight: &mut HashMap<String, usize>, keys: &[String]) {
+    for k in keys {
+        if let Some(n) = in_flight.get_mut(k) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(k);
+            }
+        }
+    }
+}
+
+fn push_error(errors: &mut Vec<String>, e: String) {
+    if errors.len() < MAX_REPORTED_ERRORS {
+        errors.push(e);
+    } else if errors.len() == MAX_REPORTED_ERRORS {
+        errors.push("(further errors omitted)".into());
+    }
+}
+
+/// How many times this message has already been redriven, from its marks.
+pub fn redrive_count(m: &DlqMessage) -> u32 {
+    m.attributes
+        .get(MARK_COUNT)
+        .and_then(|a| a.as_text().trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The copy of `m` to send: provider dead-letter attributes stripped (when
+/// configured), redrive marks added. Returns whether the marks fit.
+pub fn outgoing_copy(m: &DlqMessage, plan: &RedrivePlan, backend: &dyn QueueBackend) -> (Outgoing, bool) {
+    let mut attributes = m.attributes.clone();
+    if plan.strip_dead_letter_attributes {
+        attributes.retain(|k, _| !backend.is_dead_letter_attribute(k));
+    }
+    let count = redrive_count(m) + 1;
+    attributes.remove(MARK_ID);
+    attributes.remove(MARK_COUNT);
+    let room = backend
+        .capabilities()
+        .max_attributes
+        .is_none_or(|cap| attributes.len() + 2 <= cap);
+    if room {
+        attributes.insert(MARK_ID.into(), Attribute::string(format!("{}:{}", plan.run_id, m.id)));
+        attributes.insert(
+            MARK_COUNT.into(),
+            Attribute {
+                value: AttrValue::Number(count.to_string()),
+                data_type: None,
+            },
+        );
+    }
+    (
+        Outgoing {
+            body: m.body.clone(),
+            attributes,
+            properties: m.properties.clone(),
+            ordering_key: m.ordering_key.clone(),
+            dedup_id: format!("{}-{count}", m.id),
+            original_id: m.id.clone(),
+        },
+        room,
+    )
+}
+
+/// A run ID: sortable by start time, unique across replicas.
+pub fn new_run_id() -> String {
+    format!(
+        "{}-{}",
+        Utc::now().format("%Y%m%dT%H%M%SZ"),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}

@@ -1,0 +1,169 @@
+//! The queues registry: the app core that the CLI, the HTTP API and the
+//! scheduler share (DESIGN §2). It owns the config, connects backends lazily
+//! (once each), and turns redrive requests into validated plans, so every
+//! trigger gets the same checks and defaults.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+
+use crate::backend::{self, BackendError, QueueBackend};
+use crate::config::{Config, QueueConfig};
+use crate::filter::{Filter, FilterError};
+use crate::redrive::{RedrivePlan, Trigger, new_run_id};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("unknown queue `{name}` (configured: {known})")]
+    UnknownQueue { name: String, known: String },
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error("queue {queue}: {source}")]
+    Backend { queue: String, source: BackendError },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RegistryError {
+    /// Errors the user can fix in their input (exit code 2), as opposed to
+    /// failures at run time (exit code 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::UnknownQueue { .. } | Self::Filter(_) | Self::Invalid(_))
+    }
+}
+
+/// What a caller asks of a redrive; unset fields take the config's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct RedriveRequest {
+    pub filter: Option<String>,
+    pub to: Option<String>,
+    pub dry_run: bool,
+    pub rate: Option<u32>,
+    pub max: Option<u64>,
+    pub concurrency: Option<usize>,
+}
+
+pub struct Registry {
+    config: Arc<Config>,
+    backends: Mutex<HashMap<String, Arc<dyn QueueBackend>>>,
+}
+
+impl Registry {
+    pub fn new(config: Config) -> Self {
+        Self {
+            config: Arc::new(config),
+            backends: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn queue(&self, name: &str) -> Result<&QueueConfig, RegistryError> {
+        self.config.queue(name).ok_or_else(|| RegistryError::UnknownQueue {
+            name: name.to_string(),
+            known: if self.config.queues.is_empty() {
+                "none".into()
+            } else {
+                self.config
+                    .queues
+                    .iter()
+                    .map(|q| q.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })
+    }
+
+    pub async fn backend(&self, name: &str) -> Result<Arc<dyn QueueBackend>, RegistryError> {
+        let queue = self.queue(name)?;
+        if let Some(b) = self.backends.lock().await.get(name) {
+            return Ok(b.clone());
+        }
+        let b = backend::connect(queue).await.map_err(|source| RegistryError::Backend {
+            queue: name.to_string(),
+            source,
+        })?;
+        self.backends.lock().await.insert(name.to_string(), b.clone());
+        Ok(b)
+    }
+
+    /// Validate a request and resolve everything a run needs, before any
+    /// message is touched: a bad filter or destination fails here.
+    pub async fn plan(
+        &self,
+        queue: &str,
+        req: &RedriveRequest,
+        trigger: Trigger,
+    ) -> Result<RedrivePlan, RegistryError> {
+        let qcfg = self.queue(queue)?;
+        let filter = match &req.filter {
+            Some(f) if !f.trim().is_empty() => Filter::compile(f)?,
+            _ => Filter::match_all(),
+        };
+        let rate = match req.rate.or(self.config.redrive.rate) {
+            None | Some(0) => None,
+            Some(r) => NonZeroU32::new(r),
+        };
+        let concurrency = req.concurrency.unwrap_or(self.config.redrive.concurrency);
+        if concurrency == 0 {
+            return Err(RegistryError::Invalid("concurrency must be at least 1".into()));
+        }
+        let backend = self.backend(queue).await?;
+        let resolve = |name: String| {
+            let backend = backend.clone();
+            async move {
+                backend
+                    .resolve_destination(&name)
+                    .await
+                    .map_err(|source| RegistryError::Backend {
+                        queue: queue.to_string(),
+                        source,
+                    })
+            }
+        };
+        let to = match &req.to {
+            Some(t) => Some(resolve(self.destination_address(t)).await?),
+            None => None,
+        };
+        let fallback_source = match &qcfg.source {
+            Some(s) => Some(resolve(s.clone()).await?),
+            None => backend
+                .default_source()
+                .await
+                .map_err(|source| RegistryError::Backend {
+                    queue: queue.to_string(),
+                    source,
+                })?,
+        };
+        Ok(RedrivePlan {
+            run_id: new_run_id(),
+            queue: queue.to_string(),
+            trigger,
+            filter,
+            to,
+            fallback_source,
+            dry_run: req.dry_run,
+            rate,
+            max: req.max,
+            concurrency,
+            hold: self.config.redrive.hold,
+            deadline: self.config.redrive.deadline,
+            max_redrives: self.config.redrive.max_redrives,
+            strip_dead_letter_attributes: self.config.redrive.strip_dead_letter_attributes,
+        })
+    }
+
+    /// `--to` may name another configured queue (meaning that queue's DLQ
+    /// address) or be a provider-native address.
+    fn destination_address(&self, to: &str) -> String {
+        use crate::config::QueueKind;
+        match self.config.queue(to).map(|q| &q.kind) {
+            Some(QueueKind::Sqs(s)) => s.queue.clone(),
+            _ => to.to_string(),
+        }
+    }
+}
