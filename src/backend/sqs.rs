@@ -150,13 +150,23 @@ impl SqsBackend {
     async fn listed_source(&self) -> Result<Option<String>> {
         self.listed_source
             .get_or_try_init(|| async {
-                let out = self
+                let out = match self
                     .client
                     .list_dead_letter_source_queues()
                     .queue_url(&self.queue_url)
                     .send()
                     .await
-                    .map_err(|e| self.error(e))?;
+                    .map_err(|e| self.error(e))
+                {
+                    Ok(out) => out,
+                    // Some SQS-compatible services lack this call; the
+                    // config's `source` is the remaining fallback.
+                    Err(BackendError::Provider { detail, .. }) => {
+                        tracing::debug!(%detail, "ListDeadLetterSourceQueues unavailable");
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                };
                 let urls = out.queue_urls();
                 if urls.len() > 1 {
                     tracing::info!(

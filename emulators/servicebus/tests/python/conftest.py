@@ -82,7 +82,7 @@ def target():
             "--amqp-port", ports[0],
             "--http-port", ports[1],
             "--https-port", ports[2],
-            "--topology", str(HERE / "topology.yaml"),
+            "--topology", str(HERE.parent / "topology.yaml"),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -1,0 +1,304 @@
+//! SQS fixtures: moto (primary) and ministack (FIFO, DeadLetterQueueSourceArn),
+//! per TESTING.md.
+
+use std::collections::BTreeMap;
+use std::sync::{Once, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_sqs::primitives::Blob;
+use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
+use bytes::Bytes;
+use dlq_bridge::config::Config;
+use dlq_bridge::model::{AttrValue, Attribute, Attributes};
+
+use super::emulator::{Emulator, spawn};
+use super::{Fixture, Received, TestMessage, unique};
+
+static MOTO: OnceLock<Emulator> = OnceLock::new();
+static MINISTACK: OnceLock<Emulator> = OnceLock::new();
+static ENV: Once = Once::new();
+
+/// The SDK's default credential chain (what dlq-bridge uses in production)
+/// must find credentials; emulators accept any.
+pub fn init_env() {
+    ENV.call_once(|| {
+        for (k, v) in [
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ] {
+            if std::env::var_os(k).is_none() {
+                // SAFETY: every test calls this first, and `Once` blocks the
+                // others until it returns, so no thread reads the environment
+                // while it is written.
+                unsafe { std::env::set_var(k, v) };
+            }
+        }
+    });
+}
+
+/// moto's endpoint: `DLQ_BRIDGE_TEST_SQS_ENDPOINT` when a script started one,
+/// else one started for this test binary.
+pub fn moto_endpoint() -> String {
+    init_env();
+    if let Ok(url) = std::env::var("DLQ_BRIDGE_TEST_SQS_ENDPOINT") {
+        if !url.is_empty() {
+            return url;
+        }
+    }
+    MOTO.get_or_init(|| {
+        spawn(
+            "moto",
+            &["python3", "-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"],
+            &[],
+            "/moto-api/",
+        )
+    })
+    .url()
+}
+
+pub fn ministack_endpoint() -> String {
+    init_env();
+    MINISTACK
+        .get_or_init(|| {
+            spawn(
+                "ministack",
+                &["python3", "-m", "ministack"],
+                &[("BIND_HOST", "127.0.0.1"), ("GATEWAY_PORT", "{port}")],
+                "/",
+            )
+        })
+        .url()
+}
+
+pub fn client(endpoint: &str) -> Client {
+    let conf = aws_sdk_sqs::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::for_tests())
+        .endpoint_url(endpoint)
+        .build();
+    Client::from_conf(conf)
+}
+
+pub struct SqsFixture {
+    pub client: Client,
+    pub endpoint: String,
+    pub source_url: String,
+    pub dlq_url: String,
+    pub fifo: bool,
+}
+
+impl SqsFixture {
+    async fn create_queue(&self, name: &str, attrs: &[(QueueAttributeName, String)]) -> String {
+        let mut req = self.client.create_queue().queue_name(name);
+        for (k, v) in attrs {
+            req = req.attributes(k.clone(), v);
+        }
+        req.send().await.expect("create queue").queue_url().unwrap().to_string()
+    }
+
+    async fn send(&self, url: &str, msgs: &[TestMessage]) {
+        for (i, m) in msgs.iter().enumerate() {
+            let mut req = self
+                .client
+                .send_message()
+                .queue_url(url)
+                .message_body(String::from_utf8(m.body.clone()).expect("SQS bodies are text"));
+            for (k, a) in &m.attributes {
+                req = req.message_attributes(k, to_sqs(a));
+            }
+            if self.fifo {
+                req = req
+                    .message_group_id(m.ordering_key.clone().unwrap_or_else(|| "g".into()))
+                    .message_deduplication_id(format!("{}-{i}", uuid::Uuid::new_v4().simple()));
+            }
+            req.send().await.expect("send");
+        }
+    }
+
+    async fn count(&self, url: &str) -> usize {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .expect("queue attributes");
+        let attrs = out.attributes().unwrap();
+        [
+            QueueAttributeName::ApproximateNumberOfMessages,
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        ]
+        .iter()
+        .map(|k| attrs.get(k).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0))
+        .sum()
+    }
+}
+
+fn to_sqs(a: &Attribute) -> MessageAttributeValue {
+    let b = MessageAttributeValue::builder();
+    let b = match &a.value {
+        AttrValue::String(s) => b
+            .data_type(a.data_type.clone().unwrap_or("String".into()))
+            .string_value(s),
+        AttrValue::Number(n) => b
+            .data_type(a.data_type.clone().unwrap_or("Number".into()))
+            .string_value(n),
+        AttrValue::Binary(v) => b
+            .data_type(a.data_type.clone().unwrap_or("Binary".into()))
+            .binary_value(Blob::new(v.to_vec())),
+        other => panic!("SQS fixtures send String, Number and Binary attributes, not {other:?}"),
+    };
+    b.build().unwrap()
+}
+
+fn from_sqs(v: &MessageAttributeValue) -> Attribute {
+    let dt = v.data_type().to_string();
+    let value = if dt.starts_with("Binary") {
+        AttrValue::Binary(Bytes::copy_from_slice(v.binary_value().unwrap().as_ref()))
+    } else if dt.starts_with("Number") {
+        AttrValue::Number(v.string_value().unwrap().to_string())
+    } else {
+        AttrValue::String(v.string_value().unwrap().to_string())
+    };
+    Attribute {
+        value,
+        data_type: Some(dt),
+    }
+}
+
+#[async_trait]
+impl Fixture for SqsFixture {
+    async fn create(ordered: bool) -> Self {
+        let endpoint = if ordered { ministack_endpoint() } else { moto_endpoint() };
+        let mut f = SqsFixture {
+            client: client(&endpoint),
+            endpoint,
+            source_url: String::new(),
+            dlq_url: String::new(),
+            fifo: ordered,
+        };
+        let base = unique("t");
+        let suffix = if ordered { ".fifo" } else { "" };
+        let fifo_attrs: Vec<(QueueAttributeName, String)> = if ordered {
+            vec![(QueueAttributeName::FifoQueue, "true".into())]
+        } else {
+            vec![]
+        };
+        f.dlq_url = f.create_queue(&format!("{base}-dlq{suffix}"), &fifo_attrs).await;
+        let arn = f
+            .client
+            .get_queue_attributes()
+            .queue_url(&f.dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap()
+            .attributes()
+            .unwrap()[&QueueAttributeName::QueueArn]
+            .clone();
+        let mut src_attrs = fifo_attrs.clone();
+        src_attrs.push((
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"1"}}"#),
+        ));
+        f.source_url = f.create_queue(&format!("{base}{suffix}"), &src_attrs).await;
+        f
+    }
+
+    fn config(&self) -> Config {
+        let yaml = format!(
+            "queues:\n  - name: dlq\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\nredrive:\n  hold: 2m\n",
+            self.dlq_url, self.endpoint
+        );
+        Config::from_yaml(&yaml, "test", &[]).expect("fixture config")
+    }
+
+    async fn dead_letter(&self, msgs: &[TestMessage]) {
+        self.send(&self.source_url, msgs).await;
+        // A consumer that never deletes: with maxReceiveCount 1, the receive
+        // after the first moves each message to the DLQ.
+        for _ in 0..300 {
+            if self.count(&self.dlq_url).await >= msgs.len() && self.count(&self.source_url).await == 0 {
+                return;
+            }
+            self.client
+                .receive_message()
+                .queue_url(&self.source_url)
+                .max_number_of_messages(10)
+                .visibility_timeout(0)
+                .send()
+                .await
+                .expect("receive from source");
+        }
+        panic!("messages did not reach the DLQ through the RedrivePolicy");
+    }
+
+    async fn put_in_dlq(&self, msgs: &[TestMessage]) {
+        self.send(&self.dlq_url, msgs).await;
+    }
+
+    async fn drain_source(&self) -> Vec<Received> {
+        let mut out = Vec::new();
+        let mut empty = 0;
+        while empty < 2 {
+            let got = self
+                .client
+                .receive_message()
+                .queue_url(&self.source_url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .visibility_timeout(60)
+                .message_attribute_names("All")
+                .message_system_attribute_names(MessageSystemAttributeName::All)
+                .send()
+                .await
+                .expect("receive");
+            let msgs = got.messages.unwrap_or_default();
+            if msgs.is_empty() {
+                empty += 1;
+                continue;
+            }
+            empty = 0;
+            for m in msgs {
+                let attributes: Attributes = m
+                    .message_attributes()
+                    .map(|a| {
+                        a.iter()
+                            .map(|(k, v)| (k.clone(), from_sqs(v)))
+                            .collect::<BTreeMap<_, _>>()
+                    })
+                    .unwrap_or_default();
+                out.push(Received {
+                    body: m.body().unwrap_or_default().as_bytes().to_vec(),
+                    attributes,
+                    ordering_key: m
+                        .attributes()
+                        .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
+                        .cloned(),
+                });
+                self.client
+                    .delete_message()
+                    .queue_url(&self.source_url)
+                    .receipt_handle(m.receipt_handle().unwrap())
+                    .send()
+                    .await
+                    .expect("delete");
+            }
+        }
+        out
+    }
+
+    async fn dlq_count(&self) -> usize {
+        // Released messages become visible at once; give the emulator a beat.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.count(&self.dlq_url).await
+    }
+}

@@ -1,0 +1,311 @@
+//! The conformance suite: every redrive guarantee, written once, run against
+//! every backend's emulator (DESIGN §2: "tested once against all three
+//! emulators with the same test body").
+//!
+//! A backend joins by implementing `common::Fixture` and adding a line to the
+//! `conformance!` invocations at the bottom.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Fixture, Received, TestMessage, attrs, redrive};
+use dlq_bridge::model::{AttrValue, Attribute};
+use dlq_bridge::redrive::{MARK_COUNT, MARK_ID, StopReason};
+use dlq_bridge::registry::{RedriveRequest, Registry};
+
+fn order(i: usize, tenant: &str, error: &str) -> TestMessage {
+    TestMessage {
+        body: format!(r#"{{"order":{i},"tenant":"{tenant}"}}"#).into_bytes(),
+        attributes: attrs(&[("tenant", tenant), ("error", error)]),
+        ordering_key: None,
+    }
+}
+
+fn orders(n: usize) -> Vec<TestMessage> {
+    (0..n)
+        .map(|i| {
+            let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+            let error = if i % 3 == 0 { "Timeout" } else { "ValidationError" };
+            order(i, tenant, error)
+        })
+        .collect()
+}
+
+fn bodies(msgs: &[Received]) -> BTreeSet<String> {
+    msgs.iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect()
+}
+
+fn expected_bodies<'a>(msgs: impl IntoIterator<Item = &'a TestMessage>) -> BTreeSet<String> {
+    msgs.into_iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect()
+}
+
+fn req(filter: &str) -> RedriveRequest {
+    RedriveRequest {
+        filter: Some(filter.into()),
+        ..Default::default()
+    }
+}
+
+pub async fn dead_lettered_messages_show_in_stats_and_peek<F: Fixture>() {
+    let f = F::create(false).await;
+    let msgs = orders(6);
+    f.dead_letter(&msgs).await;
+    let reg = Registry::new(f.config());
+    let b = reg.backend("dlq").await.unwrap();
+    let stats = b.stats().await.unwrap();
+    assert_eq!(stats.depth, 6, "{stats:?}");
+    let peeked = b.peek(20).await.unwrap();
+    assert_eq!(peeked.len(), 6);
+    let seen: BTreeSet<String> = peeked.iter().map(|m| m.body_text()).collect();
+    assert_eq!(seen, expected_bodies(&msgs));
+    for m in &peeked {
+        assert!(!m.id.is_empty());
+        assert!(m.reason.as_deref() == Some("Timeout") || m.reason.as_deref() == Some("ValidationError"));
+        assert!(m.delivery_count.is_some_and(|c| c >= 1), "{m:?}");
+        assert!(m.enqueued_at.is_some(), "{m:?}");
+        assert!(m.source.is_some(), "the source is discovered: {m:?}");
+    }
+    // Peeking leaves every message in the DLQ.
+    assert_eq!(f.dlq_count().await, 6);
+}
+
+pub async fn filtered_redrive_moves_exactly_the_matches<F: Fixture>() {
+    let f = F::create(false).await;
+    let msgs = orders(8);
+    f.dead_letter(&msgs).await;
+    let s = redrive(f.config(), req(r#"attributes.tenant == "acme""#)).await;
+    assert_eq!((s.examined, s.matched, s.sent, s.settled), (8, 4, 4, 4), "{s:?}");
+    assert!(s.ok(), "{s:?}");
+    let arrived = f.drain_source().await;
+    let acme: Vec<&TestMessage> = msgs
+        .iter()
+        .filter(|m| m.attributes["tenant"].as_text() == "acme")
+        .collect();
+    assert_eq!(bodies(&arrived), expected_bodies(acme.iter().copied()));
+    for m in &arrived {
+        assert_eq!(m.attributes["tenant"].as_text(), "acme");
+        assert!(m.attributes.contains_key("error"), "attributes are kept: {m:?}");
+        assert_eq!(m.attributes[MARK_COUNT].as_text(), "1", "{m:?}");
+        assert!(m.attributes[MARK_ID].as_text().starts_with(&s.run_id), "{m:?}");
+    }
+    assert_eq!(f.dlq_count().await, 4, "the non-matching messages stay in the DLQ");
+}
+
+pub async fn dry_run_changes_nothing<F: Fixture>() {
+    let f = F::create(false).await;
+    let msgs = orders(6);
+    f.dead_letter(&msgs).await;
+    let s = redrive(
+        f.config(),
+        RedriveRequest {
+            dry_run: true,
+            ..req(r#"reason == "Timeout""#)
+        },
+    )
+    .await;
+    assert_eq!((s.examined, s.matched, s.sent, s.settled), (6, 2, 0, 0), "{s:?}");
+    assert_eq!(
+        s.destinations.values().sum::<u64>(),
+        2,
+        "the plan names the destination"
+    );
+    assert!(f.drain_source().await.is_empty(), "a dry run sends nothing");
+    assert_eq!(f.dlq_count().await, 6, "a dry run deletes nothing");
+}
+
+pub async fn max_caps_the_run<F: Fixture>() {
+    let f = F::create(false).await;
+    f.dead_letter(&orders(7)).await;
+    let s = redrive(
+        f.config(),
+        RedriveRequest {
+            max: Some(3),
+            ..req("true")
+        },
+    )
+    .await;
+    assert_eq!(s.settled, 3, "{s:?}");
+    assert_eq!(s.stopped, StopReason::MaxReached);
+    assert_eq!(f.drain_source().await.len(), 3);
+    assert_eq!(f.dlq_count().await, 4);
+}
+
+pub async fn run_ends_when_nothing_matches<F: Fixture>() {
+    let f = F::create(false).await;
+    f.dead_letter(&orders(5)).await;
+    let run = redrive(f.config(), req(r#"attributes.tenant == "nobody""#));
+    let s = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("a pass over a DLQ with no matches terminates");
+    assert_eq!((s.examined, s.matched, s.sent), (5, 0, 0), "{s:?}");
+    assert!(matches!(s.stopped, StopReason::Drained | StopReason::AllSeen), "{s:?}");
+    assert_eq!(f.dlq_count().await, 5);
+}
+
+pub async fn evaluation_errors_are_no_match_and_reported<F: Fixture>() {
+    let f = F::create(false).await;
+    f.dead_letter(&orders(3)).await;
+    let s = redrive(f.config(), req(r#"attributes.missing == "x""#)).await;
+    assert_eq!((s.matched, s.filter_errors), (0, 3), "{s:?}");
+    assert!(s.errors.iter().any(|e| e.contains("missing")), "{s:?}");
+    assert_eq!(f.dlq_count().await, 3);
+}
+
+/// Attribute types and bodies survive a redrive byte for byte.
+pub async fn payloads_survive_byte_for_byte<F: Fixture>() {
+    let f = F::create(false).await;
+    let reg = Registry::new(f.config());
+    let caps = reg.backend("dlq").await.unwrap().capabilities();
+    let mut typed = attrs(&[("error", "Payload"), ("kind", "typed")]);
+    typed.insert(
+        "n".into(),
+        Attribute {
+            value: AttrValue::Number("12345678901234567890.125".into()),
+            data_type: Some("Number".into()),
+        },
+    );
+    typed.insert(
+        "blob".into(),
+        Attribute {
+            value: AttrValue::Binary(Bytes::from_static(&[0, 1, 2, 254, 255])),
+            data_type: Some("Binary".into()),
+        },
+    );
+    typed.insert(
+        "custom".into(),
+        Attribute {
+            value: AttrValue::String("v1".into()),
+            data_type: Some("String.schema".into()),
+        },
+    );
+    let mut cases = vec![
+        TestMessage {
+            body: "unicode ✓ — \t tabs\nand newlines \u{10348}".as_bytes().to_vec(),
+            attributes: typed,
+            ordering_key: None,
+        },
+        TestMessage {
+            body: "x".repeat(256 * 1024).into_bytes(),
+            attributes: attrs(&[("error", "Payload"), ("kind", "large")]),
+            ordering_key: None,
+        },
+    ];
+    if caps.binary_body {
+        cases.push(TestMessage {
+            body: (0..=255u8).cycle().take(4096).collect(),
+            attributes: attrs(&[("error", "Payload"), ("kind", "binary")]),
+            ordering_key: None,
+        });
+    }
+    if caps.empty_body {
+        cases.push(TestMessage {
+            body: Vec::new(),
+            attributes: attrs(&[("error", "Payload"), ("kind", "empty")]),
+            ordering_key: None,
+        });
+    }
+    f.put_in_dlq(&cases).await;
+    let s = redrive(f.config(), req("true")).await;
+    assert_eq!(s.settled as usize, cases.len(), "{s:?}");
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), cases.len());
+    for want in &cases {
+        let kind = want.attributes["kind"].as_text();
+        let got = arrived
+            .iter()
+            .find(|r| r.attributes.get("kind").map(|a| a.as_text()) == Some(kind.clone()))
+            .unwrap_or_else(|| panic!("{kind} message arrived"));
+        assert_eq!(got.body, want.body, "{kind} body");
+        for (k, a) in &want.attributes {
+            let have = got
+                .attributes
+                .get(k)
+                .unwrap_or_else(|| panic!("{kind}: attribute {k} missing"));
+            assert_eq!(have.value, a.value, "{kind} attribute {k}");
+            if a.data_type.is_some() {
+                assert_eq!(have.data_type, a.data_type, "{kind} attribute {k} type");
+            }
+        }
+    }
+    assert_eq!(f.dlq_count().await, 0);
+}
+
+/// Messages of one ordering group arrive in their original order.
+pub async fn ordering_group_is_kept<F: Fixture>() {
+    let f = F::create(true).await;
+    let msgs: Vec<TestMessage> = (0..6)
+        .map(|i| TestMessage {
+            ordering_key: Some(if i < 3 { "g-a".into() } else { "g-b".into() }),
+            ..order(i, "acme", "Timeout")
+        })
+        .collect();
+    f.dead_letter(&msgs).await;
+    let s = redrive(f.config(), req("true")).await;
+    assert_eq!(s.settled, 6, "{s:?}");
+    let arrived = f.drain_source().await;
+    for group in ["g-a", "g-b"] {
+        let got: Vec<String> = arrived
+            .iter()
+            .filter(|r| r.ordering_key.as_deref() == Some(group))
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .collect();
+        let want: Vec<String> = msgs
+            .iter()
+            .filter(|m| m.ordering_key.as_deref() == Some(group))
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect();
+        assert_eq!(got, want, "group {group} keeps its order");
+    }
+}
+
+/// Instantiate the suite for one backend.
+macro_rules! conformance {
+    ($module:ident, $fixture:ty) => {
+        mod $module {
+            use super::*;
+
+            #[tokio::test]
+            async fn dead_lettered_messages_show_in_stats_and_peek() {
+                super::dead_lettered_messages_show_in_stats_and_peek::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn filtered_redrive_moves_exactly_the_matches() {
+                super::filtered_redrive_moves_exactly_the_matches::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn dry_run_changes_nothing() {
+                super::dry_run_changes_nothing::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn max_caps_the_run() {
+                super::max_caps_the_run::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn run_ends_when_nothing_matches() {
+                super::run_ends_when_nothing_matches::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn evaluation_errors_are_no_match_and_reported() {
+                super::evaluation_errors_are_no_match_and_reported::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn payloads_survive_byte_for_byte() {
+                super::payloads_survive_byte_for_byte::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn ordering_group_is_kept() {
+                super::ordering_group_is_kept::<$fixture>().await;
+            }
+        }
+    };
+}
+
+#[cfg(feature = "sqs")]
+conformance!(sqs, common::sqs::SqsFixture);
