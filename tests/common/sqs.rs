@@ -45,10 +45,8 @@ pub fn init_env() {
 /// else one started for this test binary.
 pub fn moto_endpoint() -> String {
     init_env();
-    if let Ok(url) = std::env::var("DLQ_BRIDGE_TEST_SQS_ENDPOINT") {
-        if !url.is_empty() {
-            return url;
-        }
+    if let Some(url) = std::env::var("DLQ_BRIDGE_TEST_SQS_ENDPOINT").ok().filter(|u| !u.is_empty()) {
+        return url;
     }
     MOTO.get_or_init(|| {
         spawn(
