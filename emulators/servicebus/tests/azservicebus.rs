@@ -360,7 +360,9 @@ fn strict_mode_omits_the_lock_token_annotation() {
         send(&mut client, QUEUE, vec![ServiceBusMessage::new("strict")]).await;
         let mut receiver = receiver(&mut client, QUEUE, SubQueue::None).await;
         let message = receive(&mut receiver, 1).await.pop().expect("a message");
-        let annotations = message.raw_amqp_message().message_annotations.as_ref().expect("annotations");
+        let raw = message.raw_amqp_message();
+        assert!(raw.delivery_annotations.is_none(), "{:?}", raw.delivery_annotations);
+        let annotations = raw.message_annotations.as_ref().expect("annotations");
         let keys: Vec<String> = annotations.0.keys().map(|k| format!("{k:?}")).collect();
         assert!(!keys.iter().any(|k| k.contains("x-opt-lock-token")), "{keys:?}");
         assert!(keys.iter().any(|k| k.contains("x-opt-sequence-number")), "{keys:?}");

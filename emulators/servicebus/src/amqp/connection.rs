@@ -391,7 +391,8 @@ impl Connection {
             handle: attach.handle.clone(),
             role: if client_sends { Role::Receiver } else { Role::Sender },
             snd_settle_mode: attach.snd_settle_mode.clone(),
-            rcv_settle_mode: ReceiverSettleMode::First,
+            // Echoed: fe2o3-amqp (azservicebus) refuses a link whose mode differs.
+            rcv_settle_mode: attach.rcv_settle_mode.clone(),
             source: attach.source.clone(),
             target: attach.target.clone(),
             unsettled: None,

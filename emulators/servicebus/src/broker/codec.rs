@@ -245,9 +245,10 @@ pub fn encode_value_section(value: Value) -> Result<Bytes, CodecError> {
     Ok(Bytes::from(serde_amqp::to_vec(&described)?))
 }
 
-/// Header + message annotations + verbatim bare message.
+/// Header + delivery annotations + message annotations + verbatim bare message.
 pub fn encode_message(
     header: &Header,
+    delivery_annotations: Option<OrderedMap<Value, Value>>,
     annotations: OrderedMap<Value, Value>,
     bare: &[Section],
 ) -> Result<Bytes, CodecError> {
@@ -263,10 +264,17 @@ pub fn encode_message(
             Value::Uint(header.delivery_count),
         ]),
     })?;
+    let delivery_annotations = delivery_annotations
+        .map(|map| encode_map_section(DELIVERY_ANNOTATIONS, map))
+        .transpose()?
+        .unwrap_or_default();
     let annotations = encode_map_section(MESSAGE_ANNOTATIONS, annotations)?;
     let bare_len: usize = bare.iter().map(|s| s.raw.len()).sum();
-    let mut out = BytesMut::with_capacity(header.len() + annotations.len() + bare_len);
+    let mut out = BytesMut::with_capacity(
+        header.len() + delivery_annotations.len() + annotations.len() + bare_len,
+    );
     out.put_slice(&header);
+    out.put_slice(&delivery_annotations);
     out.put_slice(&annotations);
     for section in bare {
         out.put_slice(&section.raw);
@@ -354,7 +362,7 @@ mod tests {
         let payload = sample();
         let parsed = parse_message(&payload).unwrap();
         assert_eq!(parsed.bare.len(), 3);
-        let encoded = encode_message(&parsed.header, OrderedMap::new(), &parsed.bare).unwrap();
+        let encoded = encode_message(&parsed.header, None, OrderedMap::new(), &parsed.bare).unwrap();
         assert!(encoded.ends_with(&payload[payload.len() - 20..]));
     }
 

@@ -92,14 +92,23 @@ impl StoredMessage {
                 symbol("x-opt-locked-until"),
                 Value::Timestamp(Timestamp::from_milliseconds(until_ms)),
             );
-            if !strict {
-                annotations.insert(
-                    symbol("x-opt-lock-token"),
-                    Value::Uuid(serde_amqp::primitives::Uuid::from(*token.as_bytes())),
-                );
-            }
         }
-        Ok(codec::encode_message(&header, annotations, &self.bare)?)
+        // Both azservicebus and the Python SDK look for the lock token in the
+        // delivery annotations before falling back to the delivery tag.
+        let delivery_annotations = lock.filter(|_| !strict).map(|(token, _)| {
+            let mut map = OrderedMap::new();
+            map.insert(
+                symbol("x-opt-lock-token"),
+                Value::Uuid(serde_amqp::primitives::Uuid::from(*token.as_bytes())),
+            );
+            map
+        });
+        Ok(codec::encode_message(
+            &header,
+            delivery_annotations,
+            annotations,
+            &self.bare,
+        )?)
     }
 }
 
