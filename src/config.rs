@@ -188,16 +188,40 @@ pub struct SqsQueueConfig {
     pub account_id: Option<String>,
 }
 
+/// A Pub/Sub dead-letter subscription. On GCP, credentials come from
+/// Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's
+/// user credentials, or the metadata server, which is how GKE Workload
+/// Identity works); nothing secret goes in this file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PubSubQueueConfig {
     /// GCP project of the DLQ subscription.
     pub project: String,
-    /// The subscription attached to the dead-letter topic.
+    /// The subscription attached to the dead-letter topic: its short name (in
+    /// `project`) or `projects/P/subscriptions/S`. It is the subscription
+    /// dlq-bridge pulls, acks and counts; it must not be the subscription that
+    /// has the dead-letter policy.
     pub subscription: String,
-    /// Emulator `host:port`. Default: PUBSUB_EMULATOR_HOST.
+    /// Emulator `host:port`. Default: PUBSUB_EMULATOR_HOST; when neither is
+    /// set, dlq-bridge talks to GCP. With an emulator, `stats` counts exactly
+    /// (the emulator has no metrics); on GCP it reads Cloud Monitoring, which
+    /// lags by 1-3 minutes.
     #[serde(default)]
     pub emulator_host: Option<String>,
+    /// Opt-in targeted redrive. When set, every redriven copy carries this
+    /// attribute, valued with the short name of the subscription the message
+    /// failed on (from `CloudPubSubDeadLetterSourceSubscription`). Copies go
+    /// back to the source topic, so every subscription of that topic receives
+    /// them unless its filter says otherwise: give each subscription of the
+    /// topic the filter
+    /// `attributes.ATTR = "SUB" OR NOT attributes:ATTR`
+    /// (ATTR this attribute, SUB that subscription's short name) and only the
+    /// subscription that failed gets the copy, while ordinary messages (without
+    /// the attribute) still reach everyone. Pub/Sub filters are set when a
+    /// subscription is created. Unset (the default): no attribute is added.
+    /// Example value: `dlq-bridge-target`.
+    #[serde(default)]
+    pub target_subscription_attribute: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

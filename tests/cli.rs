@@ -1,0 +1,294 @@
+//! The `dlq-bridge` binary end to end against moto: the issue's acceptance
+//! points, exit codes, and errors for bad input that must touch no queue.
+#![cfg(feature = "sqs")]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use common::sqs::SqsFixture;
+use common::{Fixture, TestMessage, attrs};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"));
+    c.env_remove("DLQ_BRIDGE_CONFIG")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("XDG_STATE_HOME", std::env::temp_dir().join("dlq-bridge-cli-tests"));
+    c
+}
+
+fn write_config(text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("dlqb-{}.yaml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn fixture_config(f: &SqsFixture) -> PathBuf {
+    write_config(&format!(
+        "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\n",
+        f.dlq_url, f.endpoint
+    ))
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = cmd.output().expect("run dlq-bridge");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+fn tenants(n: usize) -> Vec<TestMessage> {
+    (0..n)
+        .map(|i| {
+            let tenant = ["acme", "globex", "initech"][i % 3];
+            TestMessage {
+                body: format!(r#"{{"order":{i},"tenant":"{tenant}"}}"#).into_bytes(),
+                attributes: attrs(&[("tenant", tenant), ("error", "Timeout")]),
+                ordering_key: None,
+            }
+        })
+        .collect()
+}
+
+/// (message id, receive count) of every message in the DLQ, read in one pass
+/// and released. Reading raises each count by one, which the caller accounts for.
+async fn dlq_snapshot(f: &SqsFixture) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let mut handles = Vec::new();
+    loop {
+        let got = f
+            .client
+            .receive_message()
+            .queue_url(&f.dlq_url)
+            .max_number_of_messages(10)
+            .visibility_timeout(30)
+            .wait_time_seconds(1)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .unwrap();
+        let msgs = got.messages.unwrap_or_default();
+        if msgs.is_empty() {
+            break;
+        }
+        for m in msgs {
+            let count = m.attributes().unwrap()[&MessageSystemAttributeName::ApproximateReceiveCount]
+                .parse()
+                .unwrap();
+            out.push((m.message_id().unwrap().to_string(), count));
+            handles.push(m.receipt_handle().unwrap().to_string());
+        }
+    }
+    for h in handles {
+        f.client
+            .change_message_visibility()
+            .queue_url(&f.dlq_url)
+            .receipt_handle(h)
+            .visibility_timeout(0)
+            .send()
+            .await
+            .unwrap();
+    }
+    out.sort();
+    out
+}
+
+/// Asserts nothing received a DLQ message since `before` (one snapshot read
+/// in between adds exactly one receive to each).
+async fn assert_untouched(f: &SqsFixture, before: &[(String, u32)]) {
+    let after = dlq_snapshot(f).await;
+    let expected: Vec<(String, u32)> = before.iter().map(|(id, c)| (id.clone(), c + 1)).collect();
+    assert_eq!(after, expected, "the DLQ was touched");
+    assert!(f.drain_source().await.is_empty(), "the source was touched");
+}
+
+#[tokio::test]
+async fn redrive_by_tenant_moves_only_acme_and_dry_run_changes_nothing() {
+    let f = SqsFixture::create(false).await;
+    let msgs = tenants(9);
+    f.dead_letter(&msgs).await;
+    let cfg = fixture_config(&f);
+    let filter = r#"attributes.tenant == "acme""#;
+
+    let before = dlq_snapshot(&f).await;
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args(["redrive", "orders", "--filter", filter, "--dry-run"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("matched:   3"), "{out}");
+    // The dry run leased and released: each message was received once more,
+    // and nothing else changed in either queue.
+    let after = dlq_snapshot(&f).await;
+    assert_eq!(after.len(), 9);
+    assert_eq!(
+        after.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+        before.iter().map(|(id, _)| id).collect::<Vec<_>>()
+    );
+    assert!(f.drain_source().await.is_empty(), "a dry run sends nothing");
+
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args(["redrive", "orders", "--filter", filter, "--yes"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), 3, "{out}");
+    for m in &arrived {
+        assert_eq!(m.attributes["tenant"].as_text(), "acme");
+        assert_eq!(m.attributes["error"].as_text(), "Timeout");
+        let want = msgs.iter().find(|t| t.body == m.body).expect("body intact");
+        assert_eq!(want.attributes["tenant"].as_text(), "acme");
+    }
+    let left = dlq_snapshot(&f).await;
+    assert_eq!(left.len(), 6, "every other message stays in the DLQ");
+}
+
+#[tokio::test]
+async fn flag_form_behaves_like_the_subcommand() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&tenants(6)).await;
+    let cfg = fixture_config(&f);
+    let (code, out, err) = run(bin().arg("--config").arg(&cfg).args([
+        "--redrive",
+        "orders",
+        "--filter",
+        r#"attributes.tenant == "globex""#,
+        "--yes",
+        "-o",
+        "json",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON summary");
+    assert_eq!(summary["settled"], 2);
+    assert_eq!(summary["trigger"], "cli");
+    assert_eq!(f.drain_source().await.len(), 2);
+}
+
+#[tokio::test]
+async fn malformed_config_and_invalid_filter_exit_2_and_touch_nothing() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&tenants(3)).await;
+    let before = dlq_snapshot(&f).await;
+
+    let bad = write_config(&format!(
+        "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      regoin: us-east-1\n",
+        f.dlq_url, f.endpoint
+    ));
+    let (code, _, err) = run(bin().arg("-c").arg(&bad).args(["redrive", "orders", "--yes"]));
+    assert_eq!(code, 2, "{err}");
+    let file = bad.display().to_string();
+    assert!(err.contains(&format!("{file}:6:")), "names file and line: {err}");
+    assert!(err.contains("queues[0].sqs"), "names the field: {err}");
+    assert!(err.contains("unknown field `regoin`"), "{err}");
+    assert!(err.lines().count() <= 2, "short: {err}");
+
+    let cfg = fixture_config(&f);
+    let (code, _, err) = run(bin().arg("-c").arg(&cfg).args([
+        "redrive",
+        "orders",
+        "--filter",
+        r#"attributes.tenant == "acme" &&"#,
+        "--yes",
+    ]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invalid filter at 1:"), "names the position: {err}");
+
+    let (code, _, err) = run(bin().arg("-c").arg(&cfg).args(["inspect", "orders", "--filter", "tenant == 1"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown variable `tenant`"), "{err}");
+
+    let (code, _, err) = run(bin().arg("-c").arg(&cfg).args(["redrive", "nosuch", "--yes"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown queue `nosuch` (configured: orders)"), "{err}");
+
+    // Non-interactive real redrives need --yes.
+    let (code, _, err) = run(bin().arg("-c").arg(&cfg).args(["redrive", "orders"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--yes"), "{err}");
+
+    assert_untouched(&f, &before).await;
+}
+
+#[tokio::test]
+async fn list_inspect_and_check() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&tenants(4)).await;
+    let cfg = fixture_config(&f);
+
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args(["list", "-o", "json"]));
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows[0]["queue"], "orders");
+    assert_eq!(rows[0]["depth"], 4);
+    assert_eq!(rows[0]["exactness"], "approximate");
+    assert_eq!(rows[0]["top_reasons"][0][0], "Timeout");
+
+    let (code, out, _) = run(bin().arg("-c").arg(&cfg).args(["list", "--fail-if-nonempty"]));
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("orders") && out.contains("Timeout (4)"), "{out}");
+
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args([
+        "inspect",
+        "orders",
+        "--filter",
+        r#"json.tenant == "acme""#,
+        "-o",
+        "json",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let msgs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(msgs.as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(msgs[0]["reason"], "Timeout");
+    assert!(msgs[0]["source"].as_str().unwrap().ends_with(f.source_url.rsplit('/').next().unwrap()));
+    assert!(err.contains("no true peek"), "the side effect is stated: {err}");
+
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).arg("check"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("queue orders (sqs): ok, depth 4"), "{out}");
+}
+
+#[tokio::test]
+async fn missing_queue_and_unreachable_endpoint_are_clear_runtime_errors() {
+    let f = SqsFixture::create(false).await;
+    let missing = write_config(&format!(
+        "queues:\n  - name: gone\n    sqs:\n      queue: no-such-queue-{}\n      endpoint_url: {}\n",
+        uuid::Uuid::new_v4().simple(),
+        f.endpoint
+    ));
+    let (code, out, _) = run(bin().arg("-c").arg(&missing).arg("check"));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAILED") && out.contains("not found"), "{out}");
+
+    let port = common::emulator::free_port();
+    let down = write_config(&format!(
+        "queues:\n  - name: down\n    sqs:\n      queue: q\n      endpoint_url: http://127.0.0.1:{port}\n"
+    ));
+    let started = Instant::now();
+    let (code, _, err) = run(bin().arg("-c").arg(&down).args(["redrive", "down", "--yes"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("cannot reach http://127.0.0.1:{port}")), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "fails fast, does not hang");
+
+    // The queue exists but the filter is fine and matches nothing: exit 0.
+    f.put_in_dlq(&tenants(1)).await;
+    let cfg = fixture_config(&f);
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args([
+        "redrive",
+        "orders",
+        "--filter",
+        "false",
+        "--yes",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    let depth = f
+        .client
+        .get_queue_attributes()
+        .queue_url(&f.dlq_url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(depth.attributes().unwrap()[&QueueAttributeName::ApproximateNumberOfMessages], "1");
+}
