@@ -12,6 +12,8 @@ use async_trait::async_trait;
 use crate::config::{QueueConfig, QueueKind};
 use crate::model::{Destination, DlqMessage, DlqStats, LeaseId, Leased, Outgoing, SendResult, SettleResult};
 
+#[cfg(feature = "pubsub")]
+pub mod pubsub;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
@@ -104,6 +106,9 @@ pub async fn connect(queue: &QueueConfig) -> Result<Arc<dyn QueueBackend>> {
             queue: queue.name.clone(),
             backend: "sqs",
         }),
+        #[cfg(feature = "pubsub")]
+        QueueKind::PubSub(cfg) => Ok(Arc::new(pubsub::PubSubBackend::connect(&queue.name, cfg, queue).await?)),
+        #[cfg(not(feature = "pubsub"))]
         QueueKind::PubSub(_) => Err(BackendError::NotCompiled {
             queue: queue.name.clone(),
             backend: "pubsub",
