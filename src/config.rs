@@ -490,6 +490,16 @@ mod tests {
     }
 
     #[test]
+    fn shipped_configs_parse() {
+        for (name, text) in [
+            ("config/example.yaml", include_str!("../config/example.yaml")),
+            ("config/demo.yaml", include_str!("../config/demo.yaml")),
+        ] {
+            Config::from_yaml(text, name, &[]).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
     fn minimal_sqs_queue_takes_defaults() {
         let c = parse("queues:\n  - name: orders\n    sqs:\n      queue: orders-dlq\n").unwrap();
         let q = c.queue("orders").unwrap();

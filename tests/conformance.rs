@@ -309,3 +309,6 @@ macro_rules! conformance {
 
 #[cfg(feature = "sqs")]
 conformance!(sqs, common::sqs::SqsFixture);
+
+#[cfg(feature = "pubsub")]
+conformance!(pubsub, common::pubsub::PubSubFixture);

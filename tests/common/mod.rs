@@ -5,6 +5,8 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod emulator;
+#[cfg(feature = "pubsub")]
+pub mod pubsub;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 

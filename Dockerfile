@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+#
+# dlq-bridge container image: a static binary in an empty (scratch) image.
+#
+#   docker build -t dlq-bridge .                       # full build (needs a registry for rust:1-bookworm)
+#   docker build --target runtime-prebuilt -t dlq-bridge CONTEXT
+#       # final stage only, from a prebuilt static binary: CONTEXT holds
+#       # `dlq-bridge` and `ca-certificates.crt` (scripts/image.sh prepares it).
+#
+# The binary is static (gnu target with +crt-static, OpenSSL linked statically),
+# runs as 65532:65532, needs no shell and no writable root filesystem: state goes
+# to /var/lib/dlq-bridge (mount a volume there) and temporary files to /tmp.
+
+ARG RUST_VERSION=1
+
+FROM rust:${RUST_VERSION}-bookworm AS builder
+# libssl-dev provides libssl.a/libcrypto.a for openssl-sys (OPENSSL_STATIC=1).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libssl-dev pkg-config ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+ENV OPENSSL_STATIC=1 \
+    RUSTFLAGS="-C target-feature=+crt-static" \
+    CARGO_TARGET_DIR=/src/target
+RUN cargo build --release --locked --target x86_64-unknown-linux-gnu --bin dlq-bridge \
+    && install -D -m 0755 target/x86_64-unknown-linux-gnu/release/dlq-bridge /out/dlq-bridge \
+    && install -D -m 0644 /etc/ssl/certs/ca-certificates.crt /out/ca-certificates.crt \
+    && /out/dlq-bridge --version
+
+# Final stage from a binary built outside (CI, scripts/image.sh): no registry needed.
+FROM scratch AS runtime-prebuilt
+COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+COPY dlq-bridge /dlq-bridge
+ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+    XDG_STATE_HOME=/var/lib/dlq-bridge \
+    HOME=/tmp
+USER 65532:65532
+EXPOSE 9090
+ENTRYPOINT ["/dlq-bridge"]
+CMD ["serve", "--config", "/etc/dlq-bridge/config.yaml"]
+
+# Default target: the same final stage, from the builder above.
+FROM scratch AS runtime
+COPY --from=builder /out/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+COPY --from=builder /out/dlq-bridge /dlq-bridge
+ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+    XDG_STATE_HOME=/var/lib/dlq-bridge \
+    HOME=/tmp
+USER 65532:65532
+EXPOSE 9090
+ENTRYPOINT ["/dlq-bridge"]
+CMD ["serve", "--config", "/etc/dlq-bridge/config.yaml"]

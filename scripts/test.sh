@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs and starts what the tests
+# need (emulators, Python packages, Rust components), then runs cargo fmt,
+# clippy and every test. CI runs exactly this (.ci/run).
+#
+#   scripts/test.sh            everything
+#   SKIP_LINT=1 scripts/test.sh   tests only (local iteration)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+# Build outputs live outside the clone so CI reuses them across fresh clones.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/dlq-bridge/target}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "toolchain"
+for component in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+done
+python3 -c 'import boto3' 2>/dev/null || python3 -m pip install --quiet boto3
+python3 -c 'import ministack' 2>/dev/null || python3 -m pip install --quiet "ministack==1.5.33"
+
+step "emulators"
+scripts/emulators.sh start
+trap 'scripts/emulators.sh stop' EXIT
+eval "$(scripts/emulators.sh env)"
+
+if [[ -z ${SKIP_LINT:-} ]]; then
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "cargo clippy"
+  cargo clippy --workspace --all-targets -- -D warnings
+  step "each backend builds alone"
+  for feature in sqs pubsub servicebus k8s; do
+    cargo check --quiet --no-default-features --features "$feature"
+  done
+fi
+
+step "cargo test"
+cargo test --workspace --no-fail-fast
+
+for extra in emulators/servicebus/tests/run.sh scripts/test-chart.sh; do
+  if [[ -x $extra ]]; then
+    step "$extra"
+    "$ROOT/$extra"
+  fi
+done
+
+step "all tests passed"

