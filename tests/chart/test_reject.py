@@ -1,0 +1,46 @@
+"""Bad values are rejected, by values.schema.json or by the chart's own checks,
+with a message that names the problem."""
+
+import pytest
+
+CASES = [
+    ("unknown mode", {"mode": "daemonset"}, "/mode"),
+    ("unknown top-level key", {"replicas": 2}, "replicas"),
+    ("zero replicas", {"replicaCount": 0}, "/replicaCount"),
+    ("port out of range", {"service": {"port": 70000}}, "/service/port"),
+    ("bad pull policy", {"image": {"repository": "x", "pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ("empty repository", {"image": {"repository": ""}}, "/image/repository"),
+    ("not an IAM role ARN", {"workloadIdentity": {"aws": {"roleArn": "my-role"}}}, "/workloadIdentity/aws/roleArn"),
+    ("not a GCP service account", {"workloadIdentity": {"gcp": {"serviceAccount": "me@gmail.com"}}},
+     "/workloadIdentity/gcp/serviceAccount"),
+    ("not a client id", {"workloadIdentity": {"azure": {"clientId": "abc"}}}, "/workloadIdentity/azure/clientId"),
+    ("bad lease duration", {"leaderElection": {"enabled": True, "leaseDuration": "15 seconds"}},
+     "/leaderElection/leaseDuration"),
+    ("typo in config", {"config": {"queus": []}}, "queus"),
+    ("queue without name", {"config": {"queues": [{"sqs": {"queue": "q"}}]}}, "/config/queues/0"),
+    ("queue with two backends", {"config": {"queues": [{"name": "q", "sqs": {"queue": "q"},
+                                                         "pubsub": {"project": "p", "subscription": "s"}}]}},
+     "/config/queues/0"),
+    ("unknown sqs field", {"config": {"queues": [{"name": "q", "sqs": {"queue": "q", "regoin": "x"}}]}}, "regoin"),
+    ("connection string inline", {"config": {"queues": [{"name": "q", "servicebus": {
+        "connection_string_env": "Endpoint=sb://x/;SharedAccessKey=y", "queue": "q"}}]}},
+     "/config/queues/0/servicebus/connection_string_env"),
+    ("writable root filesystem", {"securityContext": {"readOnlyRootFilesystem": False}},
+     "/securityContext/readOnlyRootFilesystem"),
+    ("short token", {"auth": {"token": "abc"}}, "/auth/token"),
+    ("hostPath data dir", {"persistence": {"type": "hostPath", "mountPath": "/data"}}, "/persistence/type"),
+    ("bad env var name", {"secretEnv": [{"name": "my-var", "secretName": "s", "key": "k"}]}, "/secretEnv/0/name"),
+    ("bad alert window", {"prometheusRule": {"growth": {"window": "15 minutes"}}}, "/prometheusRule/growth/window"),
+    # Checks in the templates (no schema can express them):
+    ("replicas without leader election", {"replicaCount": 2}, "needs leaderElection.enabled"),
+    ("sidecar Service without selector", {"mode": "sidecar"}, "needs sidecar.podSelector"),
+    ("duplicate queue names", {"config": {"queues": [{"name": "q", "sqs": {"queue": "a"}},
+                                                      {"name": "q", "sqs": {"queue": "b"}}]}},
+     'duplicate queue name "q"'),
+]
+
+
+@pytest.mark.parametrize("values,expected", [(v, e) for _, v, e in CASES], ids=[c[0] for c in CASES])
+def test_bad_values_are_rejected(render_error, values, expected):
+    err = render_error(values)
+    assert expected in err, err
