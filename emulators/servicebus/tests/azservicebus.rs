@@ -22,8 +22,7 @@ type Client = ServiceBusClient<BasicRetryPolicy>;
 
 static PORT_5672: Mutex<()> = Mutex::new(());
 
-const CONNECTION_STRING: &str =
-    "Endpoint=sb://127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y";
+const CONNECTION_STRING: &str = "Endpoint=sb://127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y";
 const QUEUE: &str = "conformance";
 const QUEUE_MDC: &str = "conformance-mdc";
 const WAIT: Duration = Duration::from_secs(3);
@@ -87,7 +86,9 @@ impl Emulator {
         let response = self.http("GET", &format!("/{entity}?api-version=2021-05")).await;
         let element = |name: &str| -> u64 {
             let open = format!("<d2p1:{name}>");
-            let start = response.find(&open).unwrap_or_else(|| panic!("no {name} in {response}"))
+            let start = response
+                .find(&open)
+                .unwrap_or_else(|| panic!("no {name} in {response}"))
                 + open.len();
             let end = start + response[start..].find('<').unwrap();
             response[start..end].parse().unwrap()
@@ -108,7 +109,10 @@ async fn receiver(client: &mut Client, queue: &str, sub_queue: SubQueue) -> Serv
         sub_queue,
         ..Default::default()
     };
-    client.create_receiver_for_queue(queue, options).await.expect("receiver attaches")
+    client
+        .create_receiver_for_queue(queue, options)
+        .await
+        .expect("receiver attaches")
 }
 
 /// Sends with a timeout and retries: fe2o3-amqp <= 0.16 can lose a fast settlement.
@@ -159,7 +163,10 @@ fn typed_message(body: &[u8], id: &str) -> ServiceBusMessage {
         .insert("string", SimpleValue::String("acme".into()))
         .insert("binary", SimpleValue::Binary(vec![0u8, 255].into()))
         .insert("uuid", SimpleValue::Uuid(Uuid::from([7u8; 16])))
-        .insert("timestamp", SimpleValue::Timestamp(Timestamp::from_milliseconds(1_704_164_645_000)))
+        .insert(
+            "timestamp",
+            SimpleValue::Timestamp(Timestamp::from_milliseconds(1_704_164_645_000)),
+        )
         .build();
     *message.application_properties_mut() = Some(properties);
     message
@@ -172,7 +179,15 @@ fn property<'a>(properties: Option<&'a ApplicationProperties>, key: &str) -> &'a
 }
 
 async fn send_receive_complete(emulator: &Emulator, client: &mut Client) {
-    send(client, QUEUE, vec![typed_message(b"\x00\x01\xfe payload", "id-1"), ServiceBusMessage::new(Vec::new())]).await;
+    send(
+        client,
+        QUEUE,
+        vec![
+            typed_message(b"\x00\x01\xfe payload", "id-1"),
+            ServiceBusMessage::new(Vec::new()),
+        ],
+    )
+    .await;
     let mut receiver = receiver(client, QUEUE, SubQueue::None).await;
     let messages = receive(&mut receiver, 2).await;
     assert_eq!(messages.len(), 2);
@@ -192,7 +207,10 @@ async fn send_receive_complete(emulator: &Emulator, client: &mut Client) {
     assert_eq!(property(properties, "double"), &SimpleValue::Double(1.5.into()));
     assert_eq!(property(properties, "bool"), &SimpleValue::Bool(true));
     assert_eq!(property(properties, "string"), &SimpleValue::String("acme".into()));
-    assert_eq!(property(properties, "binary"), &SimpleValue::Binary(vec![0u8, 255].into()));
+    assert_eq!(
+        property(properties, "binary"),
+        &SimpleValue::Binary(vec![0u8, 255].into())
+    );
     assert_eq!(property(properties, "uuid"), &SimpleValue::Uuid(Uuid::from([7u8; 16])));
     assert_eq!(
         property(properties, "timestamp"),
@@ -216,10 +234,15 @@ async fn receive_none(receiver: &mut ServiceBusReceiver) -> bool {
 }
 
 async fn batch_send(client: &mut Client) {
-    let mut sender = client.create_sender(QUEUE, ServiceBusSenderOptions::default()).await.unwrap();
+    let mut sender = client
+        .create_sender(QUEUE, ServiceBusSenderOptions::default())
+        .await
+        .unwrap();
     let mut batch = sender.create_message_batch(Default::default()).unwrap();
     for index in 0..3 {
-        batch.try_add_message(ServiceBusMessage::new(format!("batch-{index}"))).unwrap();
+        batch
+            .try_add_message(ServiceBusMessage::new(format!("batch-{index}")))
+            .unwrap();
     }
     timeout(Duration::from_secs(10), sender.send_message_batch(batch))
         .await
@@ -241,7 +264,10 @@ async fn abandon_then_dead_letter(emulator: &Emulator, client: &mut Client) {
     let mut receiver = receiver(client, QUEUE, SubQueue::None).await;
     let first = receive(&mut receiver, 1).await.pop().expect("a message");
     receiver.abandon_message(&first, None).await.expect("abandon");
-    let second = receive(&mut receiver, 1).await.pop().expect("the abandoned message again");
+    let second = receive(&mut receiver, 1)
+        .await
+        .pop()
+        .expect("the abandoned message again");
     assert_eq!(second.delivery_count(), Some(2));
     assert_eq!(second.sequence_number(), first.sequence_number());
     let options = DeadLetterOptions {
@@ -249,7 +275,10 @@ async fn abandon_then_dead_letter(emulator: &Emulator, client: &mut Client) {
         dead_letter_error_description: Some("total is negative".into()),
         properties_to_modify: None,
     };
-    receiver.dead_letter_message(&second, options).await.expect("dead-letter");
+    receiver
+        .dead_letter_message(&second, options)
+        .await
+        .expect("dead-letter");
     receiver.dispose().await.unwrap();
     assert_eq!(emulator.counts(QUEUE).await, (0, 1));
 
@@ -259,7 +288,10 @@ async fn abandon_then_dead_letter(emulator: &Emulator, client: &mut Client) {
     assert_eq!(peeked[0].body().unwrap(), b"bad order");
     assert_eq!(peeked[0].dead_letter_reason(), Some("ValidationFailed"));
     assert_eq!(peeked[0].dead_letter_error_description(), Some("total is negative"));
-    assert_eq!(property(peeked[0].application_properties(), "long"), &SimpleValue::Long(1 << 40));
+    assert_eq!(
+        property(peeked[0].application_properties(), "long"),
+        &SimpleValue::Long(1 << 40)
+    );
     let dead = receive(&mut dlq, 1).await.pop().expect("the dead-lettered message");
     assert_eq!(dead.message_id().as_deref(), Some("order-9"));
     assert_eq!(dead.dead_letter_reason(), Some("ValidationFailed"));
@@ -284,7 +316,10 @@ async fn max_delivery_count(emulator: &Emulator, client: &mut Client) {
     receiver.dispose().await.unwrap();
     assert_eq!(emulator.counts(QUEUE_MDC).await, (0, 1));
     let mut dlq = receiver_dlq(client, QUEUE_MDC).await;
-    let dead = receive(&mut dlq, 1).await.pop().expect("dead-lettered by MaxDeliveryCount");
+    let dead = receive(&mut dlq, 1)
+        .await
+        .pop()
+        .expect("dead-lettered by MaxDeliveryCount");
     assert_eq!(dead.body().unwrap(), b"poison");
     assert_eq!(dead.dead_letter_reason(), Some("MaxDeliveryCountExceeded"));
     dlq.complete_message(&dead).await.unwrap();
@@ -344,7 +379,9 @@ fn azservicebus_flows() {
         emulator.reset().await;
         peek_leaves_messages_alone(&mut client).await;
         emulator.reset().await;
-        renew_lock(&mut client).await.expect("renew works with x-opt-lock-token");
+        renew_lock(&mut client)
+            .await
+            .expect("renew works with x-opt-lock-token");
         client.dispose().await.unwrap();
     });
 }
@@ -366,10 +403,15 @@ fn strict_mode_omits_the_lock_token_annotation() {
         let keys: Vec<String> = annotations.0.keys().map(|k| format!("{k:?}")).collect();
         assert!(!keys.iter().any(|k| k.contains("x-opt-lock-token")), "{keys:?}");
         assert!(keys.iter().any(|k| k.contains("x-opt-sequence-number")), "{keys:?}");
-        receiver.abandon_message(&message, None).await.expect("link-level abandon works");
+        receiver
+            .abandon_message(&message, None)
+            .await
+            .expect("link-level abandon works");
         receiver.dispose().await.unwrap();
         emulator.reset().await;
-        let error = renew_lock(&mut client).await.expect_err("renew must fail in strict mode");
+        let error = renew_lock(&mut client)
+            .await
+            .expect_err("renew must fail in strict mode");
         assert!(error.to_lowercase().contains("lock"), "{error}");
         assert_eq!(emulator.counts(QUEUE).await, (0, 0));
         client.dispose().await.unwrap();

@@ -8,7 +8,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use fe2o3_amqp_types::{
-    definitions::{self, AmqpError, ErrorCondition, Handle, ReceiverSettleMode, Role, SenderSettleMode},
+    definitions::{self, AmqpError, ErrorCondition, Handle, Role, SenderSettleMode},
     messaging::{Accepted, DeliveryState, Modified, Rejected, Source, TargetArchetype},
     performatives::{Attach, Begin, Close, Detach, Disposition, End, Flow, Open, Performative, Transfer},
     primitives::{Array, Symbol},
@@ -856,9 +856,7 @@ impl Connection {
                     // The echo names the outcome applied; a rejected echo that
                     // carries an error means the settlement failed.
                     Ok(()) => disposition.state.clone().map(|state| match state {
-                        DeliveryState::Rejected(_) => {
-                            DeliveryState::Rejected(Rejected { error: None })
-                        }
+                        DeliveryState::Rejected(_) => DeliveryState::Rejected(Rejected { error: None }),
                         other => other,
                     }),
                     Err(error) => Some(DeliveryState::Rejected(Rejected {
@@ -912,10 +910,9 @@ fn outcome_of(state: &DeliveryState) -> Option<Outcome> {
                         _ => None,
                     })
             };
-            if let Some(e) = error {
-                if e.condition != custom_condition(DEAD_LETTER_CONDITION) {
-                    tracing::debug!(condition = ?e.condition, "rejected without the dead-letter condition; dead-lettering anyway");
-                }
+            if let Some(e) = error.filter(|e| e.condition != custom_condition(DEAD_LETTER_CONDITION)) {
+                // Service Bus dead-letters on any rejection.
+                tracing::debug!(condition = ?e.condition, "rejected without the dead-letter condition");
             }
             Some(Outcome::DeadLetter {
                 reason: info("DeadLetterReason"),

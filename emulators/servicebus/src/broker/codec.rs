@@ -270,9 +270,7 @@ pub fn encode_message(
         .unwrap_or_default();
     let annotations = encode_map_section(MESSAGE_ANNOTATIONS, annotations)?;
     let bare_len: usize = bare.iter().map(|s| s.raw.len()).sum();
-    let mut out = BytesMut::with_capacity(
-        header.len() + delivery_annotations.len() + annotations.len() + bare_len,
-    );
+    let mut out = BytesMut::with_capacity(header.len() + delivery_annotations.len() + annotations.len() + bare_len);
     out.put_slice(&header);
     out.put_slice(&delivery_annotations);
     out.put_slice(&annotations);

@@ -87,7 +87,7 @@ impl StoredMessage {
             symbol("x-opt-enqueued-time"),
             Value::Timestamp(Timestamp::from_milliseconds(self.enqueued_at_ms)),
         );
-        if let Some((token, until_ms)) = lock {
+        if let Some((_, until_ms)) = lock {
             annotations.insert(
                 symbol("x-opt-locked-until"),
                 Value::Timestamp(Timestamp::from_milliseconds(until_ms)),
