@@ -79,7 +79,7 @@ start() {
   while [ "$api_port" = "$etcd_port" ] || [ "$api_port" = "$peer_port" ]; do api_port=$(free_port); done
   echo "$api_port" >"$STATE/apiserver.port"
 
-  ETCD_UNSUPPORTED_ARCH="" setsid etcd --name dlq-bridge-test --data-dir "$STATE/etcd-data" \
+  setsid etcd --name dlq-bridge-test --data-dir "$STATE/etcd-data" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-cluster "dlq-bridge-test=http://127.0.0.1:$peer_port" --log-level warn \

