@@ -50,6 +50,10 @@ pub struct Capabilities {
     pub empty_body: bool,
     /// The largest body the provider accepts.
     pub max_body_bytes: usize,
+    /// Attribute values keep their type through the provider (SQS String /
+    /// Number / Binary, Service Bus's AMQP types). Pub/Sub attributes are
+    /// strings: a typed value arrives as its text ([`crate::model::Attribute::as_text`]).
+    pub typed_attributes: bool,
     /// The most attributes one message may carry, when the provider caps it.
     pub max_attributes: Option<usize>,
     /// How many messages one lease/send/settle call handles.

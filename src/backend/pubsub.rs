@@ -818,6 +818,7 @@ impl QueueBackend for PubSubBackend {
             // and every copy carries the redrive marks.
             empty_body: true,
             max_body_bytes: MAX_MESSAGE_BYTES,
+            typed_attributes: false,
             // One slot is kept for the targeted-redrive attribute.
             max_attributes: Some(MAX_ATTRIBUTES - usize::from(self.target_attribute.is_some())),
             batch_size: BATCH,

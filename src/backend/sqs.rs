@@ -363,6 +363,7 @@ impl QueueBackend for SqsBackend {
             binary_body: false,
             empty_body: false,
             max_body_bytes: MAX_PAYLOAD,
+            typed_attributes: true,
             max_attributes: Some(MAX_ATTRIBUTES),
             batch_size: BATCH,
         }
