@@ -1,0 +1,277 @@
+//! Pub/Sub-specific behaviour, against Google's emulator (the shared
+//! guarantees are in `conformance.rs`).
+
+#![cfg(feature = "pubsub")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::Utc;
+use common::pubsub::{DLQ_SUB, PubSubFixture, SOURCE_SUB, SOURCE_TOPIC, attributes_of, emulator_host};
+use common::{Fixture, TestMessage, attrs, redrive};
+use dlq_bridge::backend::{self, BackendError, QueueBackend};
+use dlq_bridge::config::Config;
+use dlq_bridge::model::{AttrValue, Attribute, Destination, Exactness, Outgoing, SendResult};
+use dlq_bridge::redrive::{MARK_COUNT, MARK_ID};
+use dlq_bridge::registry::{RedriveRequest, Registry};
+
+fn failing(i: usize) -> TestMessage {
+    TestMessage {
+        body: format!(r#"{{"order":{i}}}"#).into_bytes(),
+        attributes: attrs(&[("error", "Timeout"), ("tenant", "acme")]),
+        ordering_key: None,
+    }
+}
+
+fn all() -> RedriveRequest {
+    RedriveRequest {
+        filter: Some("true".into()),
+        ..Default::default()
+    }
+}
+
+async fn backend_for(config: &Config) -> Result<std::sync::Arc<dyn QueueBackend>, BackendError> {
+    backend::connect(config.queue("dlq").expect("queue dlq")).await
+}
+
+#[tokio::test]
+async fn source_is_the_topic_of_the_failing_subscription() {
+    let f = PubSubFixture::create(false).await;
+    let before = Utc::now();
+    f.dead_letter(&[failing(1), failing(2)]).await;
+    let b = backend_for(&f.config()).await.unwrap();
+    let peeked = b.peek(10).await.unwrap();
+    assert_eq!(peeked.len(), 2);
+    for m in &peeked {
+        assert_eq!(m.source.as_deref(), Some(f.source_topic().as_str()), "{m:?}");
+        assert_eq!(
+            m.properties.get("source_subscription").map(String::as_str),
+            Some(SOURCE_SUB)
+        );
+        assert_eq!(m.reason.as_deref(), Some("Timeout"));
+        assert!(m.delivery_count.is_some_and(|c| c >= 5), "{m:?}");
+        // The original publish time, not the dead-lettering time.
+        let at = m.enqueued_at.expect("enqueued_at");
+        assert!(at >= before - chrono::Duration::seconds(5) && at <= Utc::now(), "{at}");
+        let original = m.attributes["CloudPubSubDeadLetterSourceTopicPublishTime"].as_text();
+        assert_eq!(at, chrono::DateTime::parse_from_rfc3339(&original).unwrap(), "{m:?}");
+        assert!(m.attributes.contains_key("CloudPubSubDeadLetterSourceSubscription"));
+        assert!(b.is_dead_letter_attribute("CloudPubSubDeadLetterSourceDeliveryCount"));
+    }
+    // The one subscription whose dead-letter policy points here names the
+    // default source, too.
+    assert_eq!(b.default_source().await.unwrap(), Some(Destination(f.source_topic())));
+}
+
+#[tokio::test]
+async fn messages_without_dead_letter_attributes_fall_back_to_the_configured_source() {
+    let f = PubSubFixture::create(false).await;
+    f.put_in_dlq(&[failing(1)]).await;
+    let yaml = format!(
+        "queues:\n  - name: dlq\n    source: {SOURCE_TOPIC}\n    pubsub:\n      project: {}\n      subscription: {DLQ_SUB}\n      emulator_host: {}\n",
+        f.project, f.host
+    );
+    let config = Config::from_yaml(&yaml, "test", &[]).unwrap();
+    let b = backend_for(&config).await.unwrap();
+    let m = b.peek(1).await.unwrap().remove(0);
+    assert_eq!(m.source.as_deref(), Some(f.source_topic().as_str()));
+    assert!(m.properties.is_empty(), "{m:?}");
+    assert!(m.enqueued_at.is_some(), "publish_time is the fallback: {m:?}");
+    assert_eq!(m.delivery_count, None);
+}
+
+#[tokio::test]
+async fn copies_lose_the_dead_letter_attributes_and_carry_the_redrive_marks() {
+    let f = PubSubFixture::create(false).await;
+    f.dead_letter(&[failing(1), failing(2), failing(3)]).await;
+    let s = redrive(f.config(), all()).await;
+    assert_eq!(s.settled, 3, "{s:?}");
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), 3);
+    for m in &arrived {
+        let dead: Vec<&String> = m
+            .attributes
+            .keys()
+            .filter(|k| k.starts_with("CloudPubSubDeadLetter"))
+            .collect();
+        assert!(dead.is_empty(), "dead-letter attributes stripped: {dead:?}");
+        assert!(m.attributes[MARK_ID].as_text().starts_with(&s.run_id), "{m:?}");
+        assert_eq!(m.attributes[MARK_COUNT].as_text(), "1");
+        assert_eq!(m.attributes["tenant"].as_text(), "acme");
+        assert_eq!(m.attributes["error"].as_text(), "Timeout");
+        assert!(
+            !m.attributes.contains_key("dlq_bridge_target"),
+            "targeted redrive is opt-in"
+        );
+    }
+    assert_eq!(f.dlq_count().await, 0);
+}
+
+#[tokio::test]
+async fn targeted_redrive_names_the_failing_subscription() {
+    let f = PubSubFixture::create(false).await;
+    f.dead_letter(&[failing(1), failing(2)]).await;
+    let config = f.config_with("      target_subscription_attribute: dlq_bridge_target\n");
+    let s = redrive(config, all()).await;
+    assert_eq!(s.settled, 2, "{s:?}");
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), 2);
+    for m in &arrived {
+        // The emulator ignores subscription filters, so only the attribute
+        // itself can be checked here.
+        assert_eq!(m.attributes["dlq_bridge_target"].as_text(), SOURCE_SUB, "{m:?}");
+    }
+}
+
+#[tokio::test]
+async fn stats_count_exactly_on_the_emulator_and_leave_everything_in_place() {
+    let f = PubSubFixture::create(false).await;
+    f.dead_letter(&[failing(1), failing(2), failing(3), failing(4)]).await;
+    f.put_in_dlq(&[failing(5), failing(6), failing(7)]).await;
+    let b = backend_for(&f.config()).await.unwrap();
+    let stats = b.stats().await.unwrap();
+    assert_eq!(stats.depth, 7, "{stats:?}");
+    assert_eq!(stats.exactness, Exactness::Exact);
+    assert!(stats.oldest_age.is_some(), "{stats:?}");
+    // Counting released everything at once: it is all deliverable again.
+    assert_eq!(b.stats().await.unwrap().depth, 7);
+    let leased = b.lease(100, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(leased.len(), 7);
+    b.release(&leased.into_iter().map(|l| l.lease).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(f.dlq_count().await, 7);
+}
+
+#[tokio::test]
+async fn send_writes_typed_attributes_as_text_and_refuses_what_pubsub_cannot_carry() {
+    let f = PubSubFixture::create(false).await;
+    let b = backend_for(&f.config()).await.unwrap();
+    let to = b.resolve_destination(SOURCE_TOPIC).await.unwrap();
+    assert_eq!(to, Destination(f.source_topic()));
+    let mut typed = attrs(&[("s", "text")]);
+    for (k, v) in [
+        ("int", AttrValue::Int(-7)),
+        ("bool", AttrValue::Bool(true)),
+        ("bin", AttrValue::Binary(Bytes::from_static(&[0, 255]))),
+        ("num", AttrValue::Number("1.50".into())),
+    ] {
+        typed.insert(
+            k.into(),
+            Attribute {
+                value: v,
+                data_type: None,
+            },
+        );
+    }
+    let ok = Outgoing {
+        body: Bytes::from_static(&[0, 1, 2]),
+        attributes: typed,
+        properties: Default::default(),
+        ordering_key: None,
+        dedup_id: "a-1".into(),
+        original_id: "a".into(),
+    };
+    // Pub/Sub needs data or at least one attribute.
+    let empty = Outgoing {
+        body: Bytes::new(),
+        attributes: Default::default(),
+        dedup_id: "b-1".into(),
+        original_id: "b".into(),
+        ..ok.clone()
+    };
+    let results = b.send(&to, &[ok, empty]).await.unwrap();
+    assert!(
+        matches!(&results[0], SendResult::Sent { dest_id } if !dest_id.is_empty()),
+        "{results:?}"
+    );
+    assert!(matches!(&results[1], SendResult::Failed { .. }), "{results:?}");
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), 1);
+    let got = &arrived[0];
+    assert_eq!(got.body, vec![0, 1, 2]);
+    let text = |k: &str| got.attributes[k].as_text();
+    assert_eq!(
+        (text("s"), text("int"), text("bool"), text("bin"), text("num")),
+        ("text".into(), "-7".into(), "true".into(), "AP8=".into(), "1.50".into())
+    );
+}
+
+#[tokio::test]
+async fn missing_subscription_and_topic_are_not_found() {
+    let f = PubSubFixture::create(false).await;
+    let yaml = format!(
+        "queues:\n  - name: dlq\n    pubsub:\n      project: {}\n      subscription: no-such-sub\n      emulator_host: {}\n",
+        f.project, f.host
+    );
+    let config = Config::from_yaml(&yaml, "test", &[]).unwrap();
+    match backend_for(&config).await {
+        Err(BackendError::NotFound { queue, .. }) => assert!(queue.ends_with("/subscriptions/no-such-sub"), "{queue}"),
+        Err(other) => panic!("expected NotFound, got {other}"),
+        Ok(_) => panic!("expected NotFound, got a backend"),
+    }
+    let b = backend_for(&f.config()).await.unwrap();
+    match b.resolve_destination("no-such-topic").await {
+        Err(BackendError::NotFound { queue, .. }) => assert!(queue.ends_with("/topics/no-such-topic"), "{queue}"),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert!(matches!(
+        b.resolve_destination("projects/x/subscriptions/y").await,
+        Err(BackendError::Invalid(_))
+    ));
+    // The registry reports the same error, naming the queue.
+    let err = Registry::new(config).backend("dlq").await.err().expect("an error");
+    assert!(err.to_string().contains("not found"), "{err}");
+}
+
+#[tokio::test]
+async fn a_stopped_emulator_is_unreachable_at_once() {
+    // Make sure the real emulator is up, so that only the address differs.
+    let _ = emulator_host();
+    let port = common::emulator::free_port();
+    let yaml = format!(
+        "queues:\n  - name: dlq\n    pubsub:\n      project: p\n      subscription: s\n      emulator_host: 127.0.0.1:{port}\n"
+    );
+    let config = Config::from_yaml(&yaml, "test", &[]).unwrap();
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(30), backend_for(&config))
+        .await
+        .expect("connecting to a stopped emulator does not hang");
+    match result {
+        Err(e @ BackendError::Unreachable { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+            assert!(text.contains("emulator"), "{text}");
+        }
+        Err(other) => panic!("expected Unreachable, got {other}"),
+        Ok(_) => panic!("expected Unreachable, got a backend"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn dead_lettered_copies_keep_their_attributes_on_the_dlq() {
+    // The fixture's own view, as a check on the emulator's dead-letter
+    // attributes that the adapter relies on.
+    let f = PubSubFixture::create(false).await;
+    f.dead_letter(&[failing(1)]).await;
+    let dlq = f.browse_dlq().await;
+    assert_eq!(dlq.len(), 1);
+    let a = attributes_of(&dlq[0]);
+    for k in [
+        "CloudPubSubDeadLetterSourceDeliveryCount",
+        "CloudPubSubDeadLetterSourceSubscription",
+        "CloudPubSubDeadLetterSourceSubscriptionProject",
+        "CloudPubSubDeadLetterSourceTopicPublishTime",
+    ] {
+        assert!(a.contains_key(k), "{k} missing: {a:?}");
+    }
+    assert_eq!(a["CloudPubSubDeadLetterSourceSubscription"].as_text(), SOURCE_SUB);
+    assert_eq!(a["CloudPubSubDeadLetterSourceSubscriptionProject"].as_text(), f.project);
+}
