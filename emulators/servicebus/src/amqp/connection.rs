@@ -53,6 +53,18 @@ pub enum ConnectionError {
     Protocol(String),
 }
 
+impl ConnectionError {
+    /// The client went away without closing: routine for SDKs that drop sockets.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, ConnectionError::Frame(FrameError::Io(e)) if matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::UnexpectedEof
+        ))
+    }
+}
+
 impl From<std::io::Error> for ConnectionError {
     fn from(error: std::io::Error) -> Self {
         ConnectionError::Frame(FrameError::Io(error))

@@ -32,7 +32,10 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, settings: AmqpSet
             tracing::debug!(%peer, "AMQP connection opened");
             match connection::serve(stream, broker, settings).await {
                 Ok(()) => tracing::debug!(%peer, "AMQP connection closed"),
-                Err(error) => tracing::info!(%peer, %error, "AMQP connection ended"),
+                Err(error) if error.is_disconnect() => {
+                    tracing::debug!(%peer, %error, "AMQP client disconnected")
+                }
+                Err(error) => tracing::warn!(%peer, %error, "AMQP connection failed"),
             }
         });
     }

@@ -159,12 +159,31 @@ impl MessageList {
         Some(entry.message)
     }
 
+    fn is_expired(&self, sequence_number: i64, now_ms: i64) -> bool {
+        self.messages[&sequence_number]
+            .message
+            .expires_at_ms
+            .is_some_and(|at| at <= now_ms)
+    }
+
+    /// The oldest available message, dropping expired ones on the way: only
+    /// the head is examined, so a receive costs the same for any queue depth.
+    fn first_available(&mut self, now_ms: i64) -> Option<i64> {
+        while let Some(&seq) = self.available.first() {
+            if !self.is_expired(seq, now_ms) {
+                return Some(seq);
+            }
+            self.remove(seq);
+        }
+        None
+    }
+
     fn drop_expired(&mut self, now_ms: i64) {
         let expired: Vec<i64> = self
             .available
             .iter()
             .copied()
-            .filter(|seq| self.messages[seq].message.expires_at_ms.is_some_and(|at| at <= now_ms))
+            .filter(|&seq| self.is_expired(seq, now_ms))
             .collect();
         for seq in expired {
             self.remove(seq);
@@ -254,8 +273,7 @@ impl Store {
     ) -> Result<Option<Acquired>, BrokerError> {
         let lock_ms = self.settings.lock_duration.as_millis() as i64;
         let list = self.list(dead_letter);
-        list.drop_expired(now_ms);
-        let Some(&seq) = list.available.first() else {
+        let Some(seq) = list.first_available(now_ms) else {
             return Ok(None);
         };
         match mode {
@@ -379,9 +397,11 @@ impl Store {
         strict: bool,
     ) -> Result<Vec<Bytes>, BrokerError> {
         let list = self.list(dead_letter);
-        list.drop_expired(now_ms);
         list.messages
             .range(from_sequence_number..)
+            .filter(|(_, entry)| {
+                entry.state != State::Available || entry.message.expires_at_ms.is_none_or(|at| at > now_ms)
+            })
             .take(count)
             .map(|(seq, entry)| entry.message.encode(*seq, None, strict))
             .collect()
