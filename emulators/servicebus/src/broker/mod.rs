@@ -357,10 +357,14 @@ mod tests {
     use bytes::Bytes;
 
     fn broker(max_delivery_count: u32) -> Broker {
+        broker_with(max_delivery_count, true)
+    }
+
+    fn broker_with(max_delivery_count: u32, auto_create: bool) -> Broker {
         Broker::new(
             Topology::default(),
             BrokerOptions {
-                auto_create: true,
+                auto_create,
                 strict: false,
                 defaults: StoreSettings {
                     max_delivery_count,
@@ -418,5 +422,41 @@ mod tests {
             broker.settle(&path(false), &token, Outcome::Complete),
             Err(BrokerError::LockLost)
         ));
+    }
+
+    #[test]
+    fn unknown_entities_are_refused_without_auto_create() {
+        let broker = broker_with(10, false);
+        assert!(matches!(
+            broker.attach(&path(false), true),
+            Err(BrokerError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn subscriptions_and_dead_letter_queues_refuse_senders() {
+        let broker = broker(10);
+        let subscription = EntityPath {
+            entity: "t".into(),
+            subscription: Some("s".into()),
+            dead_letter: false,
+        };
+        broker.attach(&subscription, false).unwrap();
+        assert!(matches!(
+            broker.attach(&subscription, true),
+            Err(BrokerError::NotAllowed(_))
+        ));
+        assert!(matches!(
+            broker.attach(&path(true), true),
+            Err(BrokerError::NotAllowed(_))
+        ));
+        // The topic was created with the subscription; a send fans out to it.
+        broker.send("t", vec![message()]).unwrap();
+        assert!(
+            broker
+                .acquire(&subscription, ReceiveMode::ReceiveAndDelete)
+                .unwrap()
+                .is_some()
+        );
     }
 }

@@ -9,11 +9,12 @@ import uuid
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.servicebus import (
+    ServiceBusClient,
     ServiceBusMessage,
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
 )
-from azure.servicebus.exceptions import MessageLockLostError
+from azure.servicebus.exceptions import MessageLockLostError, ServiceBusError
 
 # The SDK's public API sends every int as AMQP int and every bytes value as a
 # string; its encoder's typed values are the only way to send long and binary.
@@ -326,3 +327,22 @@ def test_admin_runtime_properties_count_messages(client, admin):
 def test_missing_entity_raises_not_found(admin):
     with pytest.raises(ResourceNotFoundError):
         admin.get_queue_runtime_properties("no-such-queue")
+
+
+def test_large_message_spans_frames(client):
+    payload = bytes(range(256)) * 800  # 200 KiB: several AMQP frames each way
+    send(client, QUEUE, ServiceBusMessage(payload))
+    _, [message] = receive(client, QUEUE, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE)
+    assert body(message) == payload
+
+
+def test_unimplemented_feature_fails_fast_with_a_clear_error(target):
+    # Sessions are not emulated: the link is refused, never left hanging.
+    with ServiceBusClient.from_connection_string(target.conn_str, retry_total=0) as client:
+        started = time.monotonic()
+        with pytest.raises(ServiceBusError) as refused:
+            with client.get_queue_receiver(QUEUE, session_id="s1") as receiver:
+                receiver.receive_messages(max_wait_time=WAIT)
+        assert time.monotonic() - started < 10
+    if target.is_emulator:
+        assert "amqp:not-implemented" in str(refused.value)
