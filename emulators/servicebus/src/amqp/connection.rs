@@ -337,17 +337,8 @@ impl Connection {
             Performative::Flow(flow) => self.on_flow(channel, flow),
             Performative::Transfer(transfer) => self.on_transfer(channel, transfer, frame.payload),
             Performative::Disposition(disposition) => self.on_disposition(channel, disposition),
-            Performative::Detach(detach) => {
-                self.session(channel)?.links.remove(&detach.handle.0);
-                self.send(
-                    channel,
-                    Performative::Detach(Detach {
-                        handle: detach.handle,
-                        closed: detach.closed,
-                        error: None,
-                    }),
-                )
-            }
+            // Locks of unsettled deliveries stay until they expire, as on Azure.
+            Performative::Detach(detach) => self.detach(channel, detach.handle.0, None),
             Performative::End(_) => {
                 self.sessions.remove(&channel);
                 self.pending_accepts.retain(|(c, _)| *c != channel);
@@ -567,7 +558,7 @@ impl Connection {
                 "transfer on a link the emulator sends on".into(),
             ));
         };
-        let current = match partial.take() {
+        let mut current = match partial.take() {
             Some(p) => p,
             None => Partial {
                 delivery_id: transfer
@@ -578,7 +569,6 @@ impl Connection {
                 payload: BytesMut::new(),
             },
         };
-        let mut current = current;
         current.settled |= transfer.settled.unwrap_or(false);
         current.payload.extend_from_slice(&payload);
         if transfer.aborted {
@@ -752,6 +742,7 @@ impl Connection {
     /// Hands messages to every receiving link that has credit.
     fn pump(&mut self) -> Result<(), ConnectionError> {
         let max_frame = self.peer_max_frame_size;
+        let mut failed = Vec::new();
         for (&channel, session) in &mut self.sessions {
             for (&handle, link) in &mut session.links {
                 let Direction::Outbound {
@@ -777,7 +768,10 @@ impl Connection {
                             }
                             Ok(None) => break,
                             Err(error) => {
-                                tracing::warn!(%error, %path, "receive failed");
+                                // E.g. the entity went away in a reset: end the link
+                                // rather than fail on every wake-up.
+                                tracing::info!(%error, %path, "detaching receiver");
+                                failed.push((channel, handle, definitions::Error::from(&error)));
                                 break;
                             }
                         }
@@ -819,7 +813,25 @@ impl Connection {
                 }
             }
         }
+        for (channel, handle, error) in failed {
+            self.detach(channel, handle, Some(error))?;
+        }
         Ok(())
+    }
+
+    /// Ends a link from our side, forgetting its unsettled deliveries.
+    fn detach(&mut self, channel: u16, handle: u32, error: Option<definitions::Error>) -> Result<(), ConnectionError> {
+        let session = self.session(channel)?;
+        session.links.remove(&handle);
+        session.unsettled.retain(|_, sent| sent.handle != handle);
+        self.send(
+            channel,
+            Performative::Detach(Detach {
+                handle: Handle(handle),
+                closed: true,
+                error,
+            }),
+        )
     }
 
     /// The client settles (or asks us to settle) messages we delivered.
