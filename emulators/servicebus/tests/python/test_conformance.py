@@ -346,3 +346,16 @@ def test_unimplemented_feature_fails_fast_with_a_clear_error(target):
         assert time.monotonic() - started < 10
     if target.is_emulator:
         assert "amqp:not-implemented" in str(refused.value)
+
+
+def test_expired_messages_are_not_delivered(client, admin):
+    send(
+        client,
+        QUEUE,
+        ServiceBusMessage("short-lived", time_to_live=datetime.timedelta(seconds=1)),
+        ServiceBusMessage("long-lived"),
+    )
+    time.sleep(1.5)
+    _, messages = receive(client, QUEUE, count=2, wait=EMPTY_WAIT, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE)
+    assert [str(m) for m in messages] == ["long-lived"]
+    assert admin.get_queue_runtime_properties(QUEUE).active_message_count == 0
