@@ -94,6 +94,9 @@ pub enum Command {
     },
     /// Validate the config and reach every backend.
     Check,
+    /// The sidecar: poll every queue, export /metrics, evaluate alert rules,
+    /// run scheduled redrives and serve the local HTTP API, until SIGTERM.
+    Serve,
     /// Past redrive runs from the journal: the audit trail.
     Runs {
         /// Journal file. Default: as for `redrive`.
@@ -229,6 +232,10 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
         } => inspect(&registry, &queue, filter.as_deref(), limit, scan, output).await,
         Command::Redrive { queue, opts } => redrive(&registry, &queue, opts).await,
         Command::Check => check(&registry, &config_path).await,
+        Command::Serve => {
+            crate::serve::run(registry.config().clone()).await?;
+            Ok(exit::OK)
+        }
         Command::Runs { journal, output } => runs(&registry, journal, output),
     }
 }

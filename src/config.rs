@@ -47,6 +47,257 @@ pub struct Config {
     /// The dead-letter queues dlq-bridge manages. Names must be unique.
     #[serde(default)]
     pub queues: Vec<QueueConfig>,
+    /// Sidecar mode (`dlq-bridge serve`): HTTP API, metrics, polling.
+    #[serde(default)]
+    pub serve: ServeConfig,
+    /// Alert rules and where notifications go (evaluated by `serve`).
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    /// Redrives `serve` runs on a schedule (on the leader only).
+    #[serde(default)]
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address of the HTTP API and /metrics. Loopback by default; any other
+    /// address is refused unless a token is configured.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Environment variable holding the bearer token that mutating API calls
+    /// (redrives) must present. Unset: no token is required (loopback only).
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Where the journal and state live. Default: `$XDG_STATE_HOME/dlq-bridge`.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// How often each queue is polled, unless the queue sets `poll_interval`.
+    #[serde(default = "default_poll_interval", with = "duration_text")]
+    pub poll_interval: Duration,
+    /// Messages read per poll to find reasons (top-N metric, `new_reason`).
+    /// On SQS and Pub/Sub reading leases and releases (delivery counts rise);
+    /// 0 turns sampling off unless a `new_reason` rule needs it.
+    #[serde(default = "default_reason_sample")]
+    pub reason_sample: usize,
+    /// At most this many admin calls per second to each backend kind: Service
+    /// Bus throttles management calls hard.
+    #[serde(default)]
+    pub admin_calls_per_second: AdminCallLimits,
+    /// How long SIGTERM waits for in-flight redrives to finish their batches.
+    #[serde(default = "default_shutdown_grace", with = "duration_text")]
+    pub shutdown_grace: Duration,
+    #[serde(default)]
+    pub leader_election: LeaderElectionConfig,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            token_env: None,
+            data_dir: None,
+            poll_interval: default_poll_interval(),
+            reason_sample: default_reason_sample(),
+            admin_calls_per_second: AdminCallLimits::default(),
+            shutdown_grace: default_shutdown_grace(),
+            leader_election: LeaderElectionConfig::default(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_reason_sample() -> usize {
+    50
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(25)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminCallLimits {
+    #[serde(default = "default_sqs_calls")]
+    pub sqs: u32,
+    #[serde(default = "default_pubsub_calls")]
+    pub pubsub: u32,
+    #[serde(default = "default_servicebus_calls")]
+    pub servicebus: u32,
+}
+
+impl Default for AdminCallLimits {
+    fn default() -> Self {
+        Self {
+            sqs: default_sqs_calls(),
+            pubsub: default_pubsub_calls(),
+            servicebus: default_servicebus_calls(),
+        }
+    }
+}
+
+fn default_sqs_calls() -> u32 {
+    20
+}
+fn default_pubsub_calls() -> u32 {
+    10
+}
+fn default_servicebus_calls() -> u32 {
+    2
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderElectionConfig {
+    /// Elect one replica (through a coordination.k8s.io/v1 Lease) to evaluate
+    /// alerts and run schedules. Off: this process does both.
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_lease_name")]
+    pub lease_name: String,
+    /// Default: the POD_NAMESPACE environment variable, else `default`.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// This replica's name in the Lease. Default: POD_NAME, else the hostname.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// A leader that has not renewed for this long is replaced.
+    #[serde(default = "default_lease_duration", with = "duration_text")]
+    pub lease_duration: Duration,
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            lease_name: default_lease_name(),
+            namespace: None,
+            identity: None,
+            lease_duration: default_lease_duration(),
+        }
+    }
+}
+
+fn default_lease_name() -> String {
+    "dlq-bridge".into()
+}
+fn default_lease_duration() -> Duration {
+    Duration::from_secs(15)
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    #[serde(default)]
+    pub rules: Vec<AlertRule>,
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+    /// Put message bodies in notifications. Off by default: bodies often hold
+    /// personal data, and alerts travel to chat rooms.
+    #[serde(default)]
+    pub include_bodies: bool,
+}
+
+/// One alert rule. Exactly one condition (`depth_above`, `oldest_age_above`,
+/// `growth`, `new_reason`) is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    /// Name in notifications and the `rule` label. Default: the condition's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Queue names or globs (`orders-*`) the rule applies to. Default: all.
+    #[serde(default = "default_all_queues")]
+    pub queues: Vec<String>,
+    /// Fires when the DLQ holds more than this many messages.
+    #[serde(default)]
+    pub depth_above: Option<u64>,
+    /// Fires when the oldest message is older than this (where knowable).
+    #[serde(default, with = "opt_duration_text")]
+    pub oldest_age_above: Option<Duration>,
+    /// Fires when at least `messages` arrived within `window`.
+    #[serde(default)]
+    pub growth: Option<GrowthRule>,
+    /// Fires once for each failure reason never seen before on the queue.
+    #[serde(default)]
+    pub new_reason: bool,
+    /// The condition must hold this long before the alert fires.
+    #[serde(default, rename = "for", with = "duration_text")]
+    pub for_: Duration,
+    /// A firing alert is sent again after this long.
+    #[serde(default = "default_repeat", with = "duration_text")]
+    pub repeat: Duration,
+    /// Send a notice when the condition clears.
+    #[serde(default = "default_true")]
+    pub send_resolved: bool,
+}
+
+fn default_all_queues() -> Vec<String> {
+    vec!["*".into()]
+}
+fn default_repeat() -> Duration {
+    Duration::from_secs(4 * 3600)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrowthRule {
+    pub messages: u64,
+    #[serde(with = "duration_text")]
+    pub window: Duration,
+}
+
+/// Where notifications go. Webhook URLs often embed secrets (Slack's do), so
+/// each can be given by environment variable instead (`url_env`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// POST of dlq-bridge's JSON notification (see the README for its shape).
+    Webhook(SinkTarget),
+    /// A Slack incoming webhook.
+    Slack(SinkTarget),
+    /// Alertmanager's `/api/v2/alerts`; `url` is Alertmanager's base URL.
+    Alertmanager(SinkTarget),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkTarget {
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Environment variable holding the URL (for URLs that carry a secret).
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// Extra labels (Alertmanager) or fields (webhook) added to every notification.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// A redrive `serve` runs by itself.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub queue: String,
+    /// Run every so often (`15m`). Set this or `cron`.
+    #[serde(default, with = "opt_duration_text")]
+    pub every: Option<Duration>,
+    /// A cron expression (`0 */2 * * *`, UTC). Set this or `every`.
+    #[serde(default)]
+    pub cron: Option<String>,
+    #[serde(default)]
+    pub filter: Option<String>,
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
+    pub max: Option<u64>,
+    #[serde(default)]
+    pub rate: Option<u32>,
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -151,6 +402,9 @@ pub struct QueueConfig {
     pub source: Option<String>,
     pub reason_attribute: String,
     pub description_attribute: String,
+    /// How often `serve` polls this queue. Default: `serve.poll_interval`.
+    #[serde(with = "opt_duration_text")]
+    pub poll_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -256,6 +510,8 @@ struct RawQueue {
     reason_attribute: Option<String>,
     #[serde(default)]
     description_attribute: Option<String>,
+    #[serde(default, with = "opt_duration_text")]
+    poll_interval: Option<Duration>,
 }
 
 impl<'de> Deserialize<'de> for QueueConfig {
@@ -290,6 +546,7 @@ impl<'de> Deserialize<'de> for QueueConfig {
             // Filled from `defaults` once the whole file is read.
             reason_attribute: raw.reason_attribute.unwrap_or_default(),
             description_attribute: raw.description_attribute.unwrap_or_default(),
+            poll_interval: raw.poll_interval,
         })
     }
 }
@@ -356,6 +613,76 @@ impl Config {
                     location: origin.into(),
                     field: format!("queues[{i}].name"),
                     message: format!("duplicate queue name `{}`", q.name),
+                });
+            }
+        }
+        for (i, r) in self.alerts.rules.iter().enumerate() {
+            let conditions = [
+                r.depth_above.is_some(),
+                r.oldest_age_above.is_some(),
+                r.growth.is_some(),
+                r.new_reason,
+            ];
+            if conditions.iter().filter(|c| **c).count() != 1 {
+                return Err(ConfigError::Invalid {
+                    location: origin.into(),
+                    field: format!("alerts.rules[{i}]"),
+                    message: "set exactly one of `depth_above`, `oldest_age_above`, `growth`, `new_reason`".into(),
+                });
+            }
+            for (j, g) in r.queues.iter().enumerate() {
+                if let Err(e) = glob::Pattern::new(g) {
+                    return Err(ConfigError::Invalid {
+                        location: origin.into(),
+                        field: format!("alerts.rules[{i}].queues[{j}]"),
+                        message: format!("invalid glob `{g}`: {e}"),
+                    });
+                }
+            }
+        }
+        for (i, sink) in self.alerts.sinks.iter().enumerate() {
+            let (SinkConfig::Webhook(t) | SinkConfig::Slack(t) | SinkConfig::Alertmanager(t)) = sink;
+            if t.url.is_some() == t.url_env.is_some() {
+                return Err(ConfigError::Invalid {
+                    location: origin.into(),
+                    field: format!("alerts.sinks[{i}]"),
+                    message: "set exactly one of `url` and `url_env`".into(),
+                });
+            }
+        }
+        for (i, sch) in self.schedules.iter().enumerate() {
+            let field = format!("schedules[{i}]");
+            if self.queue(&sch.queue).is_none() {
+                return Err(ConfigError::Invalid {
+                    location: origin.into(),
+                    field: format!("{field}.queue"),
+                    message: format!("no queue named `{}` is configured", sch.queue),
+                });
+            }
+            match (&sch.every, &sch.cron) {
+                (Some(_), None) => {}
+                (None, Some(expr)) => {
+                    if let Err(e) = expr.parse::<croner::Cron>() {
+                        return Err(ConfigError::Invalid {
+                            location: origin.into(),
+                            field: format!("{field}.cron"),
+                            message: format!("invalid cron expression `{expr}`: {e}"),
+                        });
+                    }
+                }
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        location: origin.into(),
+                        field,
+                        message: "set exactly one of `every` and `cron`".into(),
+                    });
+                }
+            }
+            if let Some(Err(e)) = sch.filter.as_deref().map(crate::filter::Filter::compile) {
+                return Err(ConfigError::Invalid {
+                    location: origin.into(),
+                    field: format!("{field}.filter"),
+                    message: e.to_string(),
                 });
             }
         }
@@ -478,6 +805,28 @@ pub mod duration_text {
     pub fn parse(text: &str) -> Result<Duration, String> {
         humantime::parse_duration(text.trim())
             .map_err(|e| format!("invalid duration `{text}` ({e}); expected e.g. `30s`, `5m`, `1h30m`"))
+    }
+}
+
+/// Like [`duration_text`], for optional fields.
+pub mod opt_duration_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_text::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(text) => super::duration_text::parse(&text)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
     }
 }
 

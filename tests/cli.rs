@@ -118,7 +118,10 @@ async fn redrive_by_tenant_moves_only_acme_and_dry_run_changes_nothing() {
     let filter = r#"attributes.tenant == "acme""#;
 
     let before = dlq_snapshot(&f).await;
-    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args(["redrive", "orders", "--filter", filter, "--dry-run"]));
+    let (code, out, err) = run(bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["redrive", "orders", "--filter", filter, "--dry-run"]));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("matched:   3"), "{out}");
     // The dry run leased and released: each message was received once more,
@@ -131,7 +134,10 @@ async fn redrive_by_tenant_moves_only_acme_and_dry_run_changes_nothing() {
     );
     assert!(f.drain_source().await.is_empty(), "a dry run sends nothing");
 
-    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args(["redrive", "orders", "--filter", filter, "--yes"]));
+    let (code, out, err) = run(bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["redrive", "orders", "--filter", filter, "--yes"]));
     assert_eq!(code, 0, "{out}{err}");
     let arrived = f.drain_source().await;
     assert_eq!(arrived.len(), 3, "{out}");
@@ -195,7 +201,10 @@ async fn malformed_config_and_invalid_filter_exit_2_and_touch_nothing() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("invalid filter at 1:"), "names the position: {err}");
 
-    let (code, _, err) = run(bin().arg("-c").arg(&cfg).args(["inspect", "orders", "--filter", "tenant == 1"]));
+    let (code, _, err) = run(bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["inspect", "orders", "--filter", "tenant == 1"]));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("unknown variable `tenant`"), "{err}");
 
@@ -241,7 +250,12 @@ async fn list_inspect_and_check() {
     let msgs: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(msgs.as_array().unwrap().len(), 2, "{out}");
     assert_eq!(msgs[0]["reason"], "Timeout");
-    assert!(msgs[0]["source"].as_str().unwrap().ends_with(f.source_url.rsplit('/').next().unwrap()));
+    assert!(
+        msgs[0]["source"]
+            .as_str()
+            .unwrap()
+            .ends_with(f.source_url.rsplit('/').next().unwrap())
+    );
     assert!(err.contains("no true peek"), "the side effect is stated: {err}");
 
     let (code, out, err) = run(bin().arg("-c").arg(&cfg).arg("check"));
@@ -274,13 +288,10 @@ async fn missing_queue_and_unreachable_endpoint_are_clear_runtime_errors() {
     // The queue exists but the filter is fine and matches nothing: exit 0.
     f.put_in_dlq(&tenants(1)).await;
     let cfg = fixture_config(&f);
-    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args([
-        "redrive",
-        "orders",
-        "--filter",
-        "false",
-        "--yes",
-    ]));
+    let (code, out, err) = run(bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["redrive", "orders", "--filter", "false", "--yes"]));
     assert_eq!(code, 0, "{out}{err}");
     let depth = f
         .client
@@ -290,5 +301,8 @@ async fn missing_queue_and_unreachable_endpoint_are_clear_runtime_errors() {
         .send()
         .await
         .unwrap();
-    assert_eq!(depth.attributes().unwrap()[&QueueAttributeName::ApproximateNumberOfMessages], "1");
+    assert_eq!(
+        depth.attributes().unwrap()[&QueueAttributeName::ApproximateNumberOfMessages],
+        "1"
+    );
 }

@@ -45,7 +45,10 @@ pub fn init_env() {
 /// else one started for this test binary.
 pub fn moto_endpoint() -> String {
     init_env();
-    if let Some(url) = std::env::var("DLQ_BRIDGE_TEST_SQS_ENDPOINT").ok().filter(|u| !u.is_empty()) {
+    if let Some(url) = std::env::var("DLQ_BRIDGE_TEST_SQS_ENDPOINT")
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
         return url;
     }
     MOTO.get_or_init(|| {

@@ -1,0 +1,444 @@
+//! Alert rules (DESIGN §5): evaluated on every poll, deduplicated across
+//! polls, with `for`, repeat and resolve semantics, and sent to the sinks.
+//!
+//! State is kept on every replica so that a replica that becomes leader knows
+//! which reasons are old news and how many messages arrived lately; only the
+//! leader sends. A firing alert counts as sent only once a leader sent it, so
+//! the next leader sends it on its first evaluation.
+
+pub mod sinks;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::{AlertRule, AlertsConfig};
+use crate::metrics::Metrics;
+use crate::poller::PollResult;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Firing,
+    Resolved,
+}
+
+/// One notification: the generic webhook's JSON body, and what the Slack and
+/// Alertmanager sinks format.
+#[derive(Debug, Clone, Serialize)]
+pub struct Notification {
+    /// Version of this JSON shape.
+    pub version: u32,
+    pub status: Status,
+    pub rule: String,
+    /// `depth_above`, `oldest_age_above`, `growth` or `new_reason`.
+    pub kind: &'static str,
+    pub queue: String,
+    pub backend: String,
+    /// The measured value (messages, seconds, arrivals in the window, or 1).
+    pub value: f64,
+    /// The configured threshold.
+    pub threshold: f64,
+    /// For `new_reason`: the reason never seen before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub summary: String,
+    pub started_at: DateTime<Utc>,
+    pub sent_at: DateTime<Utc>,
+    /// How long until this alert is sent again if it keeps firing.
+    pub repeat_seconds: u64,
+    /// A few messages behind the alert. Bodies only when `include_bodies`.
+    pub samples: Vec<SampleMessage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleMessage {
+    pub id: String,
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    pub body_redacted: bool,
+}
+
+const SAMPLES_PER_ALERT: usize = 3;
+
+#[derive(Debug, Default)]
+struct RuleState {
+    pending_since: Option<DateTime<Utc>>,
+    firing_since: Option<DateTime<Utc>>,
+    last_sent: Option<DateTime<Utc>>,
+}
+
+struct Rule {
+    name: String,
+    kind: &'static str,
+    globs: Vec<glob::Pattern>,
+    cfg: AlertRule,
+}
+
+impl Rule {
+    fn applies_to(&self, queue: &str) -> bool {
+        self.globs.iter().any(|g| g.matches(queue))
+    }
+}
+
+pub struct Evaluator {
+    rules: Vec<Rule>,
+    include_bodies: bool,
+    state: HashMap<(usize, String), RuleState>,
+    known_reasons: HashMap<String, HashSet<String>>,
+    arrivals: HashMap<String, VecDeque<(DateTime<Utc>, u64)>>,
+    longest_window: Duration,
+}
+
+fn kind_of(r: &AlertRule) -> &'static str {
+    if r.depth_above.is_some() {
+        "depth_above"
+    } else if r.oldest_age_above.is_some() {
+        "oldest_age_above"
+    } else if r.growth.is_some() {
+        "growth"
+    } else {
+        "new_reason"
+    }
+}
+
+impl Evaluator {
+    pub fn new(cfg: &AlertsConfig) -> Self {
+        let rules: Vec<Rule> = cfg
+            .rules
+            .iter()
+            .map(|r| {
+                let kind = kind_of(r);
+                Rule {
+                    name: r.name.clone().unwrap_or_else(|| kind.to_string()),
+                    kind,
+                    // Validated when the config was loaded.
+                    globs: r.queues.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect(),
+                    cfg: r.clone(),
+                }
+            })
+            .collect();
+        let longest_window = rules
+            .iter()
+            .filter_map(|r| r.cfg.growth.as_ref().map(|g| g.window))
+            .max()
+            .unwrap_or_default();
+        Self {
+            rules,
+            include_bodies: cfg.include_bodies,
+            state: HashMap::new(),
+            known_reasons: HashMap::new(),
+            arrivals: HashMap::new(),
+            longest_window,
+        }
+    }
+
+    /// Whether any rule needs a sample of messages from `queue`.
+    pub fn needs_reasons(&self) -> bool {
+        self.rules.iter().any(|r| r.cfg.new_reason)
+    }
+
+    /// Evaluate every rule that applies to the polled queue. Returns what to
+    /// send; when `leader` is false nothing is returned and nothing counts as sent.
+    pub fn evaluate(&mut self, poll: &PollResult, leader: bool, metrics: &Metrics) -> Vec<Notification> {
+        let now = poll.at;
+        let window = self.arrivals.entry(poll.queue.clone()).or_default();
+        window.push_back((now, poll.arrivals));
+        while window
+            .front()
+            .is_some_and(|(t, _)| (now - *t).to_std().unwrap_or_default() > self.longest_window)
+        {
+            window.pop_front();
+        }
+        let reasons: HashSet<String> = poll.sample.iter().filter_map(|m| m.reason.clone()).collect();
+        let first_sample = !self.known_reasons.contains_key(&poll.queue);
+        let known = self.known_reasons.entry(poll.queue.clone()).or_default();
+        let mut new_reasons: Vec<String> = if first_sample {
+            // The first sample is the baseline: everything in it was there
+            // before dlq-bridge looked, so it is not news.
+            Vec::new()
+        } else {
+            reasons.difference(known).cloned().collect()
+        };
+        new_reasons.sort();
+        known.extend(reasons);
+
+        let mut out = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            if !rule.applies_to(&poll.queue) {
+                continue;
+            }
+            if rule.cfg.new_reason {
+                metrics.set_firing(&poll.queue, &rule.name, !new_reasons.is_empty());
+                if leader {
+                    for reason in &new_reasons {
+                        out.push(notification(
+                            self.include_bodies,
+                            rule,
+                            poll,
+                            Status::Firing,
+                            1.0,
+                            0.0,
+                            now,
+                            Some(reason),
+                        ));
+                    }
+                }
+                continue;
+            }
+            let (value, threshold) = match rule.kind {
+                "depth_above" => (poll.stats.depth as f64, rule.cfg.depth_above.unwrap_or(0) as f64),
+                "oldest_age_above" => match poll.stats.oldest_age {
+                    Some(age) => (
+                        age.as_secs_f64(),
+                        rule.cfg.oldest_age_above.unwrap_or_default().as_secs_f64(),
+                    ),
+                    // Unknown age: no evidence either way; keep the state.
+                    None => continue,
+                },
+                _ => {
+                    let g = rule.cfg.growth.as_ref().expect("growth rule");
+                    let sum: u64 = self.arrivals[&poll.queue]
+                        .iter()
+                        .filter(|(t, _)| (now - *t).to_std().unwrap_or_default() <= g.window)
+                        .map(|(_, n)| n)
+                        .sum();
+                    // `value >= messages` fires; express it as `value > messages - 1`.
+                    (sum as f64, g.messages as f64 - 0.5)
+                }
+            };
+            let holds = value > threshold;
+            let st = self.state.entry((i, poll.queue.clone())).or_default();
+            if holds {
+                let since = *st.pending_since.get_or_insert(now);
+                if (now - since).to_std().unwrap_or_default() >= rule.cfg.for_ {
+                    let started = *st.firing_since.get_or_insert(now);
+                    let due = st
+                        .last_sent
+                        .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= rule.cfg.repeat);
+                    if leader && due {
+                        st.last_sent = Some(now);
+                        let mut n = notification(
+                            self.include_bodies,
+                            rule,
+                            poll,
+                            Status::Firing,
+                            value,
+                            threshold,
+                            started,
+                            None,
+                        );
+                        if rule.kind == "growth" {
+                            n.threshold = threshold + 0.5;
+                        }
+                        out.push(n);
+                    }
+                }
+            } else {
+                st.pending_since = None;
+                if let Some(started) = st.firing_since.take() {
+                    let was_sent = st.last_sent.take().is_some();
+                    if leader && was_sent && rule.cfg.send_resolved {
+                        let mut n = notification(
+                            self.include_bodies,
+                            rule,
+                            poll,
+                            Status::Resolved,
+                            value,
+                            threshold,
+                            started,
+                            None,
+                        );
+                        if rule.kind == "growth" {
+                            n.threshold = threshold + 0.5;
+                        }
+                        out.push(n);
+                    }
+                }
+            }
+            metrics.set_firing(&poll.queue, &rule.name, st.firing_since.is_some());
+        }
+        out
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn notification(
+    include_bodies: bool,
+    rule: &Rule,
+    poll: &PollResult,
+    status: Status,
+    value: f64,
+    threshold: f64,
+    started_at: DateTime<Utc>,
+    reason: Option<&String>,
+) -> Notification {
+    let summary = match (status, rule.kind) {
+        (Status::Resolved, _) => format!("{}: {} resolved on {}", poll.queue, rule.name, poll.backend),
+        (_, "depth_above") => format!("{}: {} messages in the DLQ (above {})", poll.queue, value, threshold),
+        (_, "oldest_age_above") => format!(
+            "{}: oldest message is {} old (above {})",
+            poll.queue,
+            humantime::format_duration(Duration::from_secs(value as u64)),
+            humantime::format_duration(Duration::from_secs(threshold as u64))
+        ),
+        (_, "growth") => format!(
+            "{}: {} messages arrived within {}",
+            poll.queue,
+            value,
+            humantime::format_duration(rule.cfg.growth.as_ref().map(|g| g.window).unwrap_or_default())
+        ),
+        _ => format!(
+            "{}: new failure reason `{}`",
+            poll.queue,
+            reason.map(String::as_str).unwrap_or("")
+        ),
+    };
+    let samples = poll
+        .sample
+        .iter()
+        .filter(|m| reason.is_none() || m.reason.as_ref() == reason)
+        .take(SAMPLES_PER_ALERT)
+        .map(|m| SampleMessage {
+            id: m.id.clone(),
+            reason: m.reason.clone(),
+            body: include_bodies.then(|| m.body_text()),
+            body_redacted: !include_bodies,
+        })
+        .collect();
+    Notification {
+        version: 1,
+        status,
+        rule: rule.name.clone(),
+        kind: rule.kind,
+        queue: poll.queue.clone(),
+        backend: poll.backend.clone(),
+        value,
+        threshold,
+        reason: reason.cloned(),
+        summary,
+        started_at,
+        sent_at: Utc::now(),
+        repeat_seconds: rule.cfg.repeat.as_secs(),
+        samples,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::model::{DlqMessage, DlqStats, Exactness};
+
+    fn evaluator(rules_yaml: &str) -> Evaluator {
+        let cfg = Config::from_yaml(&format!("alerts:\n  rules:\n{rules_yaml}"), "t", &[]).unwrap();
+        Evaluator::new(&cfg.alerts)
+    }
+
+    fn poll(at_secs: i64, depth: u64, arrivals: u64, reasons: &[&str]) -> PollResult {
+        PollResult {
+            queue: "orders".into(),
+            backend: "sqs".into(),
+            at: DateTime::from_timestamp(1_700_000_000 + at_secs, 0).unwrap(),
+            stats: DlqStats {
+                depth,
+                in_flight: None,
+                oldest_age: None,
+                exactness: Exactness::Exact,
+            },
+            arrivals,
+            sample: reasons
+                .iter()
+                .enumerate()
+                .map(|(i, r)| DlqMessage {
+                    id: format!("m{i}"),
+                    body: bytes::Bytes::from_static(b"secret body"),
+                    attributes: Default::default(),
+                    properties: Default::default(),
+                    reason: Some(r.to_string()),
+                    description: None,
+                    delivery_count: None,
+                    enqueued_at: None,
+                    source: None,
+                    ordering_key: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn depth_fires_once_repeats_after_interval_and_resolves() {
+        let mut e = evaluator("    - depth_above: 3\n      repeat: 60s\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 2, 0, &[]), true, &m).is_empty());
+        let fired = e.evaluate(&poll(10, 5, 3, &[]), true, &m);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].status, Status::Firing);
+        assert!(e.evaluate(&poll(20, 6, 1, &[]), true, &m).is_empty(), "deduplicated");
+        assert_eq!(
+            e.evaluate(&poll(75, 6, 0, &[]), true, &m).len(),
+            1,
+            "repeated after 60s"
+        );
+        let resolved = e.evaluate(&poll(80, 0, 0, &[]), true, &m);
+        assert_eq!(resolved.len(), 1);
+        assert_eq!(resolved[0].status, Status::Resolved);
+        assert!(e.evaluate(&poll(90, 0, 0, &[]), true, &m).is_empty());
+    }
+
+    #[test]
+    fn for_delays_firing() {
+        let mut e = evaluator("    - depth_above: 0\n      for: 30s\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 1, 1, &[]), true, &m).is_empty());
+        assert!(e.evaluate(&poll(20, 1, 0, &[]), true, &m).is_empty());
+        assert_eq!(e.evaluate(&poll(31, 1, 0, &[]), true, &m).len(), 1);
+    }
+
+    #[test]
+    fn follower_sends_nothing_and_new_leader_sends_next() {
+        let mut e = evaluator("    - depth_above: 0\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 1, 1, &[]), false, &m).is_empty());
+        assert_eq!(e.evaluate(&poll(10, 1, 0, &[]), true, &m).len(), 1);
+    }
+
+    #[test]
+    fn new_reason_baseline_then_only_new_ones_and_bodies_redacted() {
+        let mut e = evaluator("    - new_reason: true\n");
+        let m = Metrics::new();
+        assert!(
+            e.evaluate(&poll(0, 1, 0, &["Timeout"]), true, &m).is_empty(),
+            "baseline"
+        );
+        assert!(e.evaluate(&poll(10, 1, 0, &["Timeout"]), true, &m).is_empty());
+        let n = e.evaluate(&poll(20, 2, 1, &["Timeout", "Boom"]), true, &m);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].reason.as_deref(), Some("Boom"));
+        assert!(n[0].samples.iter().all(|s| s.body.is_none() && s.body_redacted));
+        let json = serde_json::to_string(&n[0]).unwrap();
+        assert!(!json.contains("secret body"), "{json}");
+        assert!(e.evaluate(&poll(30, 2, 0, &["Boom"]), true, &m).is_empty());
+    }
+
+    #[test]
+    fn growth_counts_a_burst_drained_between_polls() {
+        let mut e = evaluator("    - growth: {messages: 5, window: 5m}\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 0, 0, &[]), true, &m).is_empty());
+        assert!(e.evaluate(&poll(30, 0, 3, &[]), true, &m).is_empty());
+        let n = e.evaluate(&poll(60, 0, 3, &[]), true, &m);
+        assert_eq!(n.len(), 1, "6 arrivals within 5m though the depth stayed 0");
+        assert_eq!(n[0].value, 6.0);
+        assert_eq!(n[0].threshold, 5.0);
+    }
+
+    #[test]
+    fn globs_select_queues() {
+        let mut e = evaluator("    - depth_above: 0\n      queues: [\"pay*\"]\n");
+        assert!(e.evaluate(&poll(0, 9, 0, &[]), true, &Metrics::new()).is_empty());
+    }
+}

@@ -1,0 +1,230 @@
+//! Notification sinks: a generic JSON webhook, Slack incoming webhooks and
+//! Alertmanager's v2 API.
+//!
+//! Each sink has its own task and bounded queue: a slow or failing sink is
+//! retried with backoff without ever blocking polling, and when its queue is
+//! full the newest notification is dropped with a warning.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::{Notification, Status};
+use crate::config::SinkConfig;
+
+const QUEUE_DEPTH: usize = 256;
+const ATTEMPTS: u32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("alerts.sinks[{index}]: environment variable {var} is not set")]
+    MissingEnv { index: usize, var: String },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Webhook,
+    Slack,
+    Alertmanager,
+}
+
+struct Sink {
+    kind: Kind,
+    url: String,
+    labels: BTreeMap<String, String>,
+}
+
+/// Hands notifications to every sink's task.
+#[derive(Clone, Default)]
+pub struct Sinks {
+    queues: Vec<(String, mpsc::Sender<Arc<Notification>>)>,
+}
+
+impl Sinks {
+    /// Resolve the sinks' URLs and start one delivery task per sink.
+    pub fn start(configs: &[SinkConfig]) -> Result<Self, SinkError> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client with default TLS settings");
+        let mut queues = Vec::new();
+        for (index, cfg) in configs.iter().enumerate() {
+            let (kind, target) = match cfg {
+                SinkConfig::Webhook(t) => (Kind::Webhook, t),
+                SinkConfig::Slack(t) => (Kind::Slack, t),
+                SinkConfig::Alertmanager(t) => (Kind::Alertmanager, t),
+            };
+            let url = match (&target.url, &target.url_env) {
+                (Some(u), _) => u.clone(),
+                (None, Some(var)) => std::env::var(var).map_err(|_| SinkError::MissingEnv {
+                    index,
+                    var: var.clone(),
+                })?,
+                (None, None) => unreachable!("validated when the config was loaded"),
+            };
+            let sink = Sink {
+                kind,
+                url: match kind {
+                    Kind::Alertmanager => format!("{}/api/v2/alerts", url.trim_end_matches('/')),
+                    _ => url,
+                },
+                labels: target.labels.clone(),
+            };
+            // Named without the URL: webhook URLs can carry secrets.
+            let name = format!("{kind:?} sink #{index}").to_lowercase();
+            let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+            tokio::spawn(deliver(name.clone(), sink, client.clone(), rx));
+            queues.push((name, tx));
+        }
+        Ok(Self { queues })
+    }
+
+    pub fn send(&self, n: Notification) {
+        let n = Arc::new(n);
+        for (name, q) in &self.queues {
+            if q.try_send(n.clone()).is_err() {
+                tracing::warn!(sink = %name, rule = %n.rule, queue = %n.queue, "sink queue full; notification dropped");
+            }
+        }
+    }
+}
+
+async fn deliver(name: String, sink: Sink, client: reqwest::Client, mut rx: mpsc::Receiver<Arc<Notification>>) {
+    while let Some(n) = rx.recv().await {
+        let body = payload(&sink, &n);
+        for attempt in 1..=ATTEMPTS {
+            let result = client.post(&sink.url).json(&body).send().await;
+            match result {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => tracing::warn!(sink = %name, status = %r.status(), attempt, "sink refused a notification"),
+                Err(e) => tracing::warn!(sink = %name, error = %without_url(&e), attempt, "sink unreachable"),
+            }
+            if attempt == ATTEMPTS {
+                tracing::error!(sink = %name, rule = %n.rule, queue = %n.queue, "notification dropped after {ATTEMPTS} attempts");
+            } else {
+                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            }
+        }
+    }
+}
+
+/// reqwest errors include the URL, which for Slack is a secret.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut e = e.to_string();
+    if let Some(i) = e.find(" for url (") {
+        e.truncate(i);
+    }
+    e
+}
+
+fn payload(sink: &Sink, n: &Notification) -> serde_json::Value {
+    match sink.kind {
+        Kind::Webhook => {
+            let mut v = serde_json::to_value(n).expect("notifications serialize");
+            if !sink.labels.is_empty() {
+                v["labels"] = json!(sink.labels);
+            }
+            v
+        }
+        Kind::Slack => {
+            let icon = match n.status {
+                Status::Firing => ":rotating_light:",
+                Status::Resolved => ":white_check_mark:",
+            };
+            let state = match n.status {
+                Status::Firing => "FIRING",
+                Status::Resolved => "RESOLVED",
+            };
+            json!({ "text": format!("{icon} [{state}] {} (rule `{}`, {})", n.summary, n.rule, n.backend) })
+        }
+        Kind::Alertmanager => {
+            let mut labels = sink.labels.clone();
+            labels.insert("alertname".into(), n.rule.clone());
+            labels.insert("queue".into(), n.queue.clone());
+            labels.insert("backend".into(), n.backend.clone());
+            labels.insert("kind".into(), n.kind.into());
+            labels.entry("severity".into()).or_insert_with(|| "warning".into());
+            if let Some(r) = &n.reason {
+                labels.insert("reason".into(), r.clone());
+            }
+            // A firing alert stays active until it is re-sent (every repeat
+            // interval) or resolved; Alertmanager would otherwise expire it
+            // after its own resolve_timeout.
+            let ends_at = match n.status {
+                Status::Resolved => n.sent_at,
+                Status::Firing => n.sent_at + chrono::Duration::seconds(n.repeat_seconds as i64 + 300),
+            };
+            json!([{
+                "labels": labels,
+                "annotations": {
+                    "summary": n.summary,
+                    "description": format!("{} = {} (threshold {})", n.kind, n.value, n.threshold),
+                },
+                "startsAt": n.started_at,
+                "endsAt": ends_at,
+            }])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn note(status: Status) -> Notification {
+        Notification {
+            version: 1,
+            status,
+            rule: "dlq-depth".into(),
+            kind: "depth_above",
+            queue: "orders".into(),
+            backend: "sqs".into(),
+            value: 12.0,
+            threshold: 10.0,
+            reason: None,
+            summary: "orders: 12 messages".into(),
+            started_at: Utc::now(),
+            sent_at: Utc::now(),
+            repeat_seconds: 3600,
+            samples: vec![],
+        }
+    }
+
+    #[test]
+    fn alertmanager_shape() {
+        let sink = Sink {
+            kind: Kind::Alertmanager,
+            url: String::new(),
+            labels: BTreeMap::from([("team".into(), "payments".into())]),
+        };
+        let v = payload(&sink, &note(Status::Resolved));
+        let a = &v[0];
+        assert_eq!(a["labels"]["alertname"], "dlq-depth");
+        assert_eq!(a["labels"]["queue"], "orders");
+        assert_eq!(a["labels"]["team"], "payments");
+        assert_eq!(a["labels"]["severity"], "warning");
+        assert_eq!(a["endsAt"], a["endsAt"]);
+        assert!(a["annotations"]["summary"].as_str().unwrap().contains("12 messages"));
+    }
+
+    #[test]
+    fn slack_shape() {
+        let sink = Sink {
+            kind: Kind::Slack,
+            url: String::new(),
+            labels: BTreeMap::new(),
+        };
+        let v = payload(&sink, &note(Status::Firing));
+        assert!(
+            v["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(":rotating_light: [FIRING] orders")
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! Prometheus metrics (DESIGN §5), exported by `serve` at `/metrics`.
+//!
+//! Label sets stay bounded: queues come from the config, outcomes and rules
+//! are fixed sets, and reasons are limited to the top N per queue with the
+//! rest folded into `other`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// Reasons per queue exported as their own label value; the rest are `other`.
+pub const TOP_REASONS: usize = 10;
+
+pub struct Metrics {
+    registry: Registry,
+    messages: Family<Labels, Gauge>,
+    oldest_age: Family<Labels, Gauge<f64, AtomicU64>>,
+    arrivals: Family<Labels, Counter>,
+    redrive_messages: Family<Labels, Counter>,
+    poll_errors: Family<Labels, Counter>,
+    alerts_firing: Family<Labels, Gauge>,
+    reason_messages: Family<Labels, Gauge>,
+    /// The reason labels currently exported per queue, to remove stale ones.
+    reasons_exported: Mutex<HashMap<String, Vec<String>>>,
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            messages: Family::default(),
+            oldest_age: Family::default(),
+            arrivals: Family::default(),
+            redrive_messages: Family::default(),
+            poll_errors: Family::default(),
+            alerts_firing: Family::default(),
+            reason_messages: Family::default(),
+            reasons_exported: Mutex::new(HashMap::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "dlq_bridge_messages",
+            "Messages in the dead-letter queue",
+            m.messages.clone(),
+        );
+        registry.register(
+            "dlq_bridge_oldest_message_age_seconds",
+            "Age of the oldest message in the dead-letter queue, where the provider makes it knowable",
+            m.oldest_age.clone(),
+        );
+        registry.register(
+            "dlq_bridge_arrivals",
+            "Messages that arrived in the dead-letter queue, from depth deltas plus known redrives",
+            m.arrivals.clone(),
+        );
+        registry.register(
+            "dlq_bridge_redrive_messages",
+            "Messages handled by redrives, by outcome",
+            m.redrive_messages.clone(),
+        );
+        registry.register(
+            "dlq_bridge_poll_errors",
+            "Failed polls of a dead-letter queue",
+            m.poll_errors.clone(),
+        );
+        registry.register(
+            "dlq_bridge_alerts_firing",
+            "Alert rules currently firing, per queue",
+            m.alerts_firing.clone(),
+        );
+        registry.register(
+            "dlq_bridge_reason_messages",
+            "Messages per failure reason in the latest sample (top reasons, the rest as `other`)",
+            m.reason_messages.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn set_depth(&self, queue: &str, backend: &str, depth: u64, oldest_age_secs: Option<f64>) {
+        let l = labels(&[("queue", queue), ("backend", backend)]);
+        self.messages.get_or_create(&l).set(depth as i64);
+        match oldest_age_secs {
+            Some(a) => {
+                self.oldest_age.get_or_create(&l).set(a);
+            }
+            None => {
+                self.oldest_age.remove(&l);
+            }
+        }
+    }
+
+    pub fn add_arrivals(&self, queue: &str, backend: &str, n: u64) {
+        self.arrivals
+            .get_or_create(&labels(&[("queue", queue), ("backend", backend)]))
+            .inc_by(n);
+    }
+
+    pub fn add_redriven(&self, queue: &str, outcome: &str, n: u64) {
+        if n > 0 {
+            self.redrive_messages
+                .get_or_create(&labels(&[("queue", queue), ("outcome", outcome)]))
+                .inc_by(n);
+        }
+    }
+
+    pub fn poll_error(&self, queue: &str, backend: &str) {
+        self.poll_errors
+            .get_or_create(&labels(&[("queue", queue), ("backend", backend)]))
+            .inc();
+    }
+
+    pub fn set_firing(&self, queue: &str, rule: &str, firing: bool) {
+        self.alerts_firing
+            .get_or_create(&labels(&[("queue", queue), ("rule", rule)]))
+            .set(i64::from(firing));
+    }
+
+    /// Export the top reasons of a sample; `counts` is sorted, most frequent first.
+    pub fn set_reasons(&self, queue: &str, counts: &[(String, u64)]) {
+        let mut exported = self.reasons_exported.lock().expect("metrics lock");
+        for old in exported.remove(queue).unwrap_or_default() {
+            self.reason_messages
+                .remove(&labels(&[("queue", queue), ("reason", &old)]));
+        }
+        let mut names = Vec::new();
+        let other: u64 = counts.iter().skip(TOP_REASONS).map(|(_, n)| n).sum();
+        let top = counts.iter().take(TOP_REASONS).cloned();
+        let rest = (other > 0).then(|| ("other".to_string(), other));
+        for (reason, n) in top.chain(rest) {
+            self.reason_messages
+                .get_or_create(&labels(&[("queue", queue), ("reason", &reason)]))
+                .set(n as i64);
+            names.push(reason);
+        }
+        exported.insert(queue.to_string(), names);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_design_names() {
+        let m = Metrics::new();
+        m.set_depth("orders", "sqs", 7, Some(12.5));
+        m.add_arrivals("orders", "sqs", 3);
+        m.add_redriven("orders", "sent", 2);
+        m.poll_error("orders", "sqs");
+        m.set_firing("orders", "depth", true);
+        let text = m.render();
+        for needle in [
+            r#"dlq_bridge_messages{queue="orders",backend="sqs"} 7"#,
+            r#"dlq_bridge_oldest_message_age_seconds{queue="orders",backend="sqs"} 12.5"#,
+            r#"dlq_bridge_arrivals_total{queue="orders",backend="sqs"} 3"#,
+            r#"dlq_bridge_redrive_messages_total{queue="orders",outcome="sent"} 2"#,
+            r#"dlq_bridge_poll_errors_total{queue="orders",backend="sqs"} 1"#,
+            r#"dlq_bridge_alerts_firing{queue="orders",rule="depth"} 1"#,
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn reasons_are_bounded_and_stale_ones_removed() {
+        let m = Metrics::new();
+        let many: Vec<(String, u64)> = (0..15).map(|i| (format!("r{i}"), 20 - i as u64)).collect();
+        m.set_reasons("q", &many);
+        let text = m.render();
+        assert_eq!(text.matches("dlq_bridge_reason_messages{").count(), TOP_REASONS + 1);
+        assert!(text.contains(r#"reason="other"} "#));
+        m.set_reasons("q", &[("only".into(), 1)]);
+        let text = m.render();
+        assert_eq!(text.matches("dlq_bridge_reason_messages{").count(), 1, "{text}");
+    }
+}

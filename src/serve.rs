@@ -1,0 +1,375 @@
+//! `dlq-bridge serve`: the sidecar (DESIGN §5). Wires the poller, the alert
+//! evaluator and its sinks, scheduled redrives, leader election and the HTTP
+//! API around the shared queues registry, and shuts down gracefully.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::alert::Evaluator;
+use crate::alert::sinks::Sinks;
+use crate::config::{Config, ScheduleConfig};
+use crate::journal::Journal;
+use crate::leader::{self, Leadership};
+use crate::metrics::Metrics;
+use crate::poller::{AdminLimits, PollResult, Poller, StatusCache};
+use crate::redrive::{Engine, Progress, RunSummary, Trigger};
+use crate::registry::{RedriveRequest, Registry, RegistryError};
+
+/// Finished runs kept for `GET /v1/runs/{id}`.
+const RUNS_KEPT: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Finished,
+    Failed,
+}
+
+/// A redrive started by the API or a schedule, as `/v1/runs/{id}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunView {
+    pub run_id: String,
+    pub queue: String,
+    pub trigger: Trigger,
+    pub status: RunStatus,
+    pub started_at: DateTime<Utc>,
+    pub progress: ProgressView,
+    pub summary: Option<RunSummary>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ProgressView {
+    pub examined: u64,
+    pub matched: u64,
+    pub sent: u64,
+    pub settled: u64,
+    pub failed: u64,
+}
+
+impl From<&Progress> for ProgressView {
+    fn from(p: &Progress) -> Self {
+        Self {
+            examined: Progress::get(&p.examined),
+            matched: Progress::get(&p.matched),
+            sent: Progress::get(&p.sent),
+            settled: Progress::get(&p.settled),
+            failed: Progress::get(&p.failed),
+        }
+    }
+}
+
+struct RunEntry {
+    view: RunView,
+    progress: Arc<Progress>,
+}
+
+/// Everything the HTTP handlers, the scheduler and the alert loop share.
+pub struct App {
+    pub registry: Arc<Registry>,
+    pub cache: Arc<StatusCache>,
+    pub metrics: Arc<Metrics>,
+    pub token: Option<String>,
+    journal: Option<Arc<Journal>>,
+    runs: Mutex<HashMap<String, RunEntry>>,
+    finished_order: Mutex<VecDeque<String>>,
+    /// Cancelled on shutdown: runs stop leasing and release what they hold.
+    shutdown: CancellationToken,
+    tasks: Mutex<JoinSet<()>>,
+    queue_names: Vec<String>,
+}
+
+impl App {
+    pub async fn ready(&self) -> bool {
+        self.cache.all_polled(&self.queue_names).await
+    }
+
+    /// Validate a redrive request and start it in the background. Returns the
+    /// run ID, or the reason it cannot start (nothing was touched).
+    pub async fn start_run(
+        self: &Arc<Self>,
+        queue: &str,
+        req: RedriveRequest,
+        trigger: Trigger,
+    ) -> Result<String, RegistryError> {
+        let plan = self.registry.plan(queue, &req, trigger).await?;
+        let backend = self.registry.backend(queue).await?;
+        let mut engine = Engine::new(backend).with_cancel(self.shutdown.child_token());
+        if let Some(j) = &self.journal {
+            engine = engine.with_journal(j.clone());
+        }
+        let progress = engine.progress();
+        let run_id = plan.run_id.clone();
+        self.runs.lock().await.insert(
+            run_id.clone(),
+            RunEntry {
+                view: RunView {
+                    run_id: run_id.clone(),
+                    queue: queue.to_string(),
+                    trigger,
+                    status: RunStatus::Running,
+                    started_at: Utc::now(),
+                    progress: ProgressView::from(&*progress),
+                    summary: None,
+                    error: None,
+                },
+                progress,
+            },
+        );
+        let app = self.clone();
+        let queue = queue.to_string();
+        self.tasks.lock().await.spawn(async move {
+            let result = engine.run(&plan).await;
+            app.finish_run(&plan.run_id, &queue, result).await;
+        });
+        Ok(run_id)
+    }
+
+    async fn finish_run(&self, run_id: &str, queue: &str, result: Result<RunSummary, crate::redrive::RedriveError>) {
+        if let Ok(s) = &result {
+            self.metrics
+                .add_redriven(queue, "settled", s.settled + s.settled_from_journal);
+            self.metrics.add_redriven(queue, "send_failed", s.send_failed);
+            self.metrics.add_redriven(queue, "settle_failed", s.settle_failed);
+            self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
+            self.cache.note_removed(queue, s.settled + s.settled_from_journal);
+            tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
+        }
+        let mut runs = self.runs.lock().await;
+        if let Some(e) = runs.get_mut(run_id) {
+            e.view.progress = ProgressView::from(&*e.progress);
+            match result {
+                Ok(s) => {
+                    e.view.status = if s.ok() { RunStatus::Finished } else { RunStatus::Failed };
+                    e.view.summary = Some(s);
+                }
+                Err(err) => {
+                    e.view.status = RunStatus::Failed;
+                    e.view.error = Some(format!("{err:#}"));
+                }
+            }
+        }
+        let mut order = self.finished_order.lock().await;
+        order.push_back(run_id.to_string());
+        while order.len() > RUNS_KEPT {
+            if let Some(old) = order.pop_front() {
+                runs.remove(&old);
+            }
+        }
+    }
+
+    pub async fn run_view(&self, run_id: &str) -> Option<RunView> {
+        let runs = self.runs.lock().await;
+        runs.get(run_id).map(|e| {
+            let mut v = e.view.clone();
+            if v.status == RunStatus::Running {
+                v.progress = ProgressView::from(&*e.progress);
+            }
+            v
+        })
+    }
+
+    /// Wait for runs to finish after shutdown was signalled.
+    async fn drain_runs(&self, grace: Duration) {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().await);
+        let wait = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, wait).await.is_err() {
+            tracing::warn!("redrives still running after the shutdown grace period; their leases expire by themselves");
+        }
+    }
+}
+
+/// Run the sidecar until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let listen: SocketAddr = config
+        .serve
+        .listen
+        .parse()
+        .with_context(|| format!("serve.listen: `{}` is not an address:port", config.serve.listen))?;
+    let token = match &config.serve.token_env {
+        Some(var) => Some(
+            std::env::var(var)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .with_context(|| format!("serve.token_env: environment variable {var} is not set"))?,
+        ),
+        None => None,
+    };
+    if !listen.ip().is_loopback() && token.is_none() {
+        anyhow::bail!(
+            "serve.listen is {listen}, which is not loopback: refusing to serve the API without a token (set serve.token_env)"
+        );
+    }
+    let data_dir = config.serve.data_dir.clone().or_else(default_data_dir);
+    let journal = match &data_dir {
+        Some(dir) => Some(Arc::new(Journal::open(&dir.join("journal.jsonl"))?)),
+        None => None,
+    };
+    let shutdown = CancellationToken::new();
+    let leadership: Leadership = if config.serve.leader_election.enabled {
+        leader::start(&config.serve.leader_election, shutdown.clone()).await?
+    } else {
+        leader::always()
+    };
+    let sinks = Sinks::start(&config.alerts.sinks)?;
+    let evaluator = Evaluator::new(&config.alerts);
+    let sample = if evaluator.needs_reasons() {
+        config.serve.reason_sample.max(1)
+    } else {
+        config.serve.reason_sample
+    };
+    let registry = Arc::new(Registry::new(config.clone()));
+    let metrics = Arc::new(Metrics::new());
+    let cache = Arc::new(StatusCache::default());
+    let app = Arc::new(App {
+        registry: registry.clone(),
+        cache: cache.clone(),
+        metrics: metrics.clone(),
+        token,
+        journal,
+        runs: Mutex::new(HashMap::new()),
+        finished_order: Mutex::new(VecDeque::new()),
+        shutdown: shutdown.clone(),
+        tasks: Mutex::new(JoinSet::new()),
+        queue_names: config.queues.iter().map(|q| q.name.clone()).collect(),
+    });
+
+    let (results_tx, results_rx) = mpsc::channel::<PollResult>(1024);
+    let poller = Arc::new(Poller {
+        registry: registry.clone(),
+        cache,
+        metrics: metrics.clone(),
+        limits: Arc::new(AdminLimits::new(&config.serve.admin_calls_per_second)),
+        results: results_tx,
+    });
+    poller.spawn_all(&config, sample, shutdown.clone());
+    tokio::spawn(alert_loop(results_rx, evaluator, sinks, metrics, leadership.clone()));
+    for s in &config.schedules {
+        tokio::spawn(schedule_loop(
+            app.clone(),
+            s.clone(),
+            leadership.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(%listen, queues = config.queues.len(), "serving");
+    eprintln!("dlq-bridge serve: listening on http://{}", listener.local_addr()?);
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new leases, finishing in-flight batches");
+        signal.cancel();
+    });
+    let router = crate::server::router(app.clone());
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await?;
+    app.drain_runs(config.serve.shutdown_grace).await;
+    if let Some(j) = &app.journal {
+        j.sync()?;
+    }
+    // Give the elector a moment to hand the lease over.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+fn default_data_dir() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(state.join("dlq-bridge"))
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn alert_loop(
+    mut results: mpsc::Receiver<PollResult>,
+    mut evaluator: Evaluator,
+    sinks: Sinks,
+    metrics: Arc<Metrics>,
+    leadership: Leadership,
+) {
+    while let Some(poll) = results.recv().await {
+        let leader = *leadership.borrow();
+        for n in evaluator.evaluate(&poll, leader, &metrics) {
+            tracing::info!(rule = %n.rule, queue = %n.queue, status = ?n.status, "alert");
+            sinks.send(n);
+        }
+    }
+}
+
+async fn schedule_loop(app: Arc<App>, s: ScheduleConfig, leadership: Leadership, shutdown: CancellationToken) {
+    let cron = s.cron.as_deref().and_then(|c| c.parse::<croner::Cron>().ok());
+    loop {
+        let wait = match (&cron, s.every) {
+            (Some(c), _) => match c.find_next_occurrence(&Utc::now(), false) {
+                Ok(next) => (next - Utc::now()).to_std().unwrap_or_default(),
+                Err(e) => {
+                    tracing::error!(queue = %s.queue, error = %e, "cron schedule has no next run; stopping it");
+                    return;
+                }
+            },
+            (None, Some(every)) => every,
+            (None, None) => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if !*leadership.borrow() {
+            continue;
+        }
+        let req = RedriveRequest {
+            filter: s.filter.clone(),
+            to: s.to.clone(),
+            dry_run: s.dry_run,
+            rate: s.rate,
+            max: s.max,
+            concurrency: None,
+        };
+        match app.start_run(&s.queue, req, Trigger::Schedule).await {
+            Ok(id) => {
+                // One run at a time per schedule: wait for it before the next.
+                while app.run_view(&id).await.is_some_and(|v| v.status == RunStatus::Running) {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            Err(e) => tracing::error!(queue = %s.queue, error = %e, "scheduled redrive could not start"),
+        }
+    }
+}
