@@ -38,10 +38,11 @@ pub const MAX_DELIVERY_ATTEMPTS: i32 = 5;
 /// started one, else one started for this test binary. Fails, never skips,
 /// when it cannot start.
 pub fn emulator_host() -> String {
-    if let Ok(h) = std::env::var("DLQ_BRIDGE_TEST_PUBSUB_HOST") {
-        if !h.trim().is_empty() {
-            return h.trim().to_string();
-        }
+    if let Some(h) = std::env::var("DLQ_BRIDGE_TEST_PUBSUB_HOST")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+    {
+        return h.trim().to_string();
     }
     let emu = EMULATOR.get_or_init(|| {
         let bin = format!("{}/platform/pubsub-emulator/bin/cloud-pubsub-emulator", sdk_root());
