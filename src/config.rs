@@ -472,8 +472,9 @@ pub struct PubSubQueueConfig {
     /// (ATTR this attribute, SUB that subscription's short name) and only the
     /// subscription that failed gets the copy, while ordinary messages (without
     /// the attribute) still reach everyone. Pub/Sub filters are set when a
-    /// subscription is created. Unset (the default): no attribute is added.
-    /// Example value: `dlq-bridge-target`.
+    /// subscription is created. Use letters, digits and underscores (e.g.
+    /// `dlq_bridge_target`) so the name needs no quoting in the filter. Unset
+    /// (the default): no attribute is added.
     #[serde(default)]
     pub target_subscription_attribute: Option<String>,
 }
