@@ -34,6 +34,8 @@ apiserver_ready() {
     "https://127.0.0.1:$(cat "$STATE/apiserver.port")/readyz" >/dev/null 2>&1
 }
 
+etcd_ready() { curl -fsS --max-time 2 -o /dev/null "http://127.0.0.1:$1/health" 2>/dev/null; }
+
 print_env() { echo "export KUBECONFIG=$KUBECONFIG_FILE"; }
 
 wait_for() { # wait_for NAME SECONDS CHECK...
@@ -85,7 +87,7 @@ start() {
     --initial-cluster "dlq-bridge-test=http://127.0.0.1:$peer_port" --log-level warn \
     </dev/null >"$STATE/etcd.log" 2>&1 &
   echo $! >"$STATE/etcd.pid"
-  wait_for etcd 30 curl -fsS --max-time 2 -o /dev/null "http://127.0.0.1:$etcd_port/health"
+  wait_for etcd 30 etcd_ready "$etcd_port"
 
   setsid kube-apiserver \
     --etcd-servers "http://127.0.0.1:$etcd_port" \

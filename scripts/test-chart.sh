@@ -100,7 +100,7 @@ kubectl create namespace "$NS" >/dev/null
 # Stand-ins for the Prometheus Operator CRDs, so ServiceMonitor and PrometheusRule install.
 kubectl apply -f "$ROOT/tests/chart/fixtures/monitoring-crds.yaml" >/dev/null
 kubectl wait --for condition=established --timeout 60s crd/servicemonitors.monitoring.coreos.com crd/prometheusrules.monitoring.coreos.com >/dev/null
-helm install "$REL" "$CHART" -n "$NS" -f "$ROOT/tests/chart/values/full.yaml" --wait=false >/dev/null
+helm install "$REL" "$CHART" -n "$NS" -f "$ROOT/tests/chart/values/full.yaml" >/dev/null
 FULL=$(helm get manifest "$REL" -n "$NS" | python -c 'import sys,yaml; print(next(d for d in yaml.safe_load_all(sys.stdin) if d and d["kind"]=="Deployment")["metadata"]["name"])')
 for obj in "deployment/$FULL" "configmap/$FULL" "service/$FULL" "serviceaccount/$FULL" \
   "secret/$FULL-auth" "role/$FULL-leader-election" "rolebinding/$FULL-leader-election" \
@@ -115,7 +115,7 @@ TOKEN2=$(kubectl get secret -n "$NS" "$FULL-auth" -o jsonpath='{.data.api-token}
 echo "  helm upgrade kept the generated API token"
 # The sidecar-mode objects install too (into their own namespace).
 kubectl create namespace "$NS-sidecar" >/dev/null
-helm install orders "$PARENT" -n "$NS-sidecar" --wait=false >/dev/null
+helm install orders "$PARENT" -n "$NS-sidecar" >/dev/null
 kubectl get -n "$NS-sidecar" deployment/orders-orders -o jsonpath='{.spec.template.spec.initContainers[0].restartPolicy}' |
   grep -qx Always || die "native sidecar lost its restartPolicy on the API server"
 echo "  app chart with the native sidecar installed in $NS-sidecar"

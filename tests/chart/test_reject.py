@@ -30,6 +30,8 @@ CASES = [
     ("short token", {"auth": {"token": "abc"}}, "/auth/token"),
     ("hostPath data dir", {"persistence": {"type": "hostPath", "mountPath": "/data"}}, "/persistence/type"),
     ("bad env var name", {"secretEnv": [{"name": "my-var", "secretName": "s", "key": "k"}]}, "/secretEnv/0/name"),
+    ("unknown serve key", {"config": {"serve": {"poll_intervall": "10s"}}}, "poll_intervall"),
+    ("bad poll interval", {"config": {"serve": {"poll_interval": "often"}}}, "/config/serve/poll_interval"),
     ("bad alert window", {"prometheusRule": {"growth": {"window": "15 minutes"}}}, "/prometheusRule/growth/window"),
     # Checks in the templates (no schema can express them):
     ("replicas without leader election", {"replicaCount": 2}, "needs leaderElection.enabled"),

@@ -70,7 +70,7 @@ def test_config_map_holds_the_config_with_the_serve_settings_the_chart_owns(rend
             "queues": queues,
             "alerts": {"rules": rules, "sinks": []},
             # listen/token_env are the chart's: probes reach the pod IP, so a token is required.
-            "serve": {"listen": "127.0.0.1:1234", "token_env": "X"},
+            "serve": {"listen": "127.0.0.1:1234", "token_env": "X", "poll_interval": "10s"},
         },
         "service": {"port": 8088},
         "persistence": {"type": "emptyDir", "mountPath": "/data"},
@@ -84,6 +84,7 @@ def test_config_map_holds_the_config_with_the_serve_settings_the_chart_owns(rend
         "token_env": "DLQ_BRIDGE_API_TOKEN",
         "data_dir": "/data",
         "leader_election": {"enabled": False},
+        "poll_interval": "10s",
     }
     c = container_of(r.one("Deployment")["spec"]["template"]["spec"])
     assert c["ports"][0]["containerPort"] == 8088
