@@ -14,16 +14,16 @@
 #      token and the chart's rendered config, elects itself leader (Lease holder)
 #
 # Step 7 needs `dlq-bridge serve` (issue 6). DLQ_BRIDGE_LEADER_ELECTION_CHECK:
-#   required  the step must run and pass (fails when `serve` is missing)
-#   auto      (default) runs when the binary has `serve`; otherwise prints a
-#             loud NOT RUN notice
+#   required  (default) the step must run and pass (fails when `serve` is missing)
+#   auto      runs when the binary has `serve`; otherwise prints a loud NOT RUN
+#             notice (for bisecting old commits)
 # Any failure exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CHART=$ROOT/charts/dlq-bridge
 K8S_SCHEMA_VERSION=1.30.0
-LEADER_ELECTION_CHECK=${DLQ_BRIDGE_LEADER_ELECTION_CHECK:-auto}
+LEADER_ELECTION_CHECK=${DLQ_BRIDGE_LEADER_ELECTION_CHECK:-required}
 
 step() { printf '\n=== chart: %s\n' "$*"; }
 die() { echo "test-chart.sh: FAILED: $*" >&2; exit 1; }
@@ -37,6 +37,14 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+dlq_bridge_bin() {
+  if [ -n "${DLQ_BRIDGE_BIN:-}" ]; then echo "$DLQ_BRIDGE_BIN"; return; fi
+  cargo build --quiet --bin dlq-bridge >&2
+  local dir
+  dir=$(cargo metadata --format-version 1 --no-deps | python -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+  echo "$dir/debug/dlq-bridge"
+}
 
 step "tools"
 t0=$SECONDS
@@ -86,6 +94,11 @@ step "value variations and README examples (pytest tests/chart/test_render.py te
 (cd "$ROOT/tests/chart" && python -m pytest -q -p no:cacheprovider test_render.py test_readme.py)
 step "bad values rejected (pytest tests/chart/test_reject.py)"
 (cd "$ROOT/tests/chart" && python -m pytest -q -p no:cacheprovider test_reject.py)
+
+step "the rendered configs are accepted by dlq-bridge (pytest tests/chart/test_binary.py)"
+DLQ_BRIDGE_BIN=$(dlq_bridge_bin)
+export DLQ_BRIDGE_BIN
+(cd "$ROOT/tests/chart" && python -m pytest -q -p no:cacheprovider test_binary.py)
 
 # ---------------------------------------------------------------- 5. install
 step "helm install into kube-apiserver (scripts/kube.sh)"
@@ -174,13 +187,6 @@ fi
 echo "  lease create+patch with the token: ok; secret read with the token: forbidden"
 
 # ---------------------------------------------------------------- 7. leader election
-dlq_bridge_bin() {
-  if [ -n "${DLQ_BRIDGE_BIN:-}" ]; then echo "$DLQ_BRIDGE_BIN"; return; fi
-  cargo build --quiet --bin dlq-bridge >&2
-  local dir
-  dir=$(cargo metadata --format-version 1 --no-deps | python -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-  echo "$dir/debug/dlq-bridge"
-}
 
 # `dlq-bridge serve`, with the ConfigMap the chart installed, the ServiceAccount's
 # token (KUBECONFIG) and the downward-API variables a pod would have, must take the
@@ -209,20 +215,24 @@ check_leader_election() {
   echo "  lease $NS/$lease held by $identity (dlq-bridge serve with the ServiceAccount token)"
   curl -fsS --max-time 5 "http://127.0.0.1:$port/healthz" >/dev/null || die "/healthz did not answer"
   echo "  /healthz answered on 127.0.0.1:$port"
+  # Graceful shutdown hands the lease back (DESIGN §5): the holder is cleared.
   kill -TERM "$SERVE_PID"
   wait "$SERVE_PID" 2>/dev/null || true
   SERVE_PID=""
+  holder=$(kubectl get lease "$lease" -n "$NS" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+  [ "$holder" != "$identity" ] || die "lease $NS/$lease still held by $identity after SIGTERM"
+  echo "  after SIGTERM the lease holder is '${holder}' (released)"
 }
 
 step "leader election with the ServiceAccount token (check_leader_election)"
-BIN=$(dlq_bridge_bin)
+BIN=$DLQ_BRIDGE_BIN
 if "$BIN" serve --help >/dev/null 2>&1; then
   check_leader_election "$BIN"
 elif [ "$LEADER_ELECTION_CHECK" = required ]; then
   die "step 7: '$BIN serve' does not exist (DLQ_BRIDGE_LEADER_ELECTION_CHECK=required)"
 else
   echo "  NOT RUN: '$BIN' has no 'serve' command yet (issue 6)."
-  echo "  NOT RUN: set DLQ_BRIDGE_LEADER_ELECTION_CHECK=required once it lands."
+  echo "  NOT RUN: DLQ_BRIDGE_LEADER_ELECTION_CHECK=auto lets this pass; the default (required) fails."
 fi
 
 step "chart checks passed"
