@@ -7,9 +7,10 @@
 //!   cancelled: the emulator keeps a cancelled pull as a live "zombie" consumer
 //!   that swallows messages for minutes. On the emulator the pull asks for
 //!   `return_immediately`; on GCP, where that flag is deprecated and may answer
-//!   empty while messages wait, the pull blocks with a server-side gRPC
-//!   deadline (`grpc-timeout`) of 5 s, which the server ends cleanly; a
-//!   `DEADLINE_EXCEEDED` there means "nothing to pull".
+//!   empty while messages wait, the pull blocks. Either way it carries a
+//!   server-side gRPC deadline (`grpc-timeout`) of 5 s, which the server ends
+//!   cleanly; `DEADLINE_EXCEEDED` means "nothing to pull". A `hold` over 600 s
+//!   is cut to 600 s (with one warning).
 //! - **settle**: `Acknowledge`. **release**: `ModifyAckDeadline` to 0.
 //! - **peek**: Pub/Sub has no browse, so it leases and releases at once. Each
 //!   peek therefore counts as a delivery attempt on the DLQ subscription and
@@ -96,6 +97,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -124,9 +126,10 @@ use crate::model::{
 };
 
 const PROVIDER: &str = "Pub/Sub";
-/// Messages per lease (one Pull). 100 keeps a pull response bounded (100 ×
-/// 10 MB at worst) while amortising the per-call cost; see the module tests
-/// and the report for the measurement.
+/// Messages per lease (one Pull). Measured on the emulator (debug build, 3,000
+/// messages, half matching): 10 → 3.5 s, 100 → 1.1 s, 500 → 0.9 s, 1000 →
+/// 0.8 s. 100 takes most of the gain while keeping what one lease can hold in
+/// memory at 100 × 10 MB at worst (times the engine's concurrency).
 const BATCH: usize = 100;
 /// Pub/Sub's limits on one Publish request.
 const MAX_PUBLISH_MESSAGES: usize = 1000;
@@ -192,6 +195,7 @@ pub struct PubSubBackend {
     listed_source: OnceCell<Option<String>>,
     http: reqwest::Client,
     monitoring_token: OnceCell<Arc<dyn TokenSource>>,
+    warned_hold: AtomicBool,
 }
 
 fn non_empty_env(name: &str) -> Option<String> {
@@ -307,6 +311,7 @@ impl PubSubBackend {
                     detail: format!("cannot build the HTTP client: {e}"),
                 })?,
             monitoring_token: OnceCell::new(),
+            warned_hold: AtomicBool::new(false),
         };
         // Fail now, with a clear error, if the DLQ subscription does not exist.
         backend
@@ -866,6 +871,13 @@ impl QueueBackend for PubSubBackend {
     }
 
     async fn lease(&self, max: usize, hold: Duration) -> Result<Vec<Leased>> {
+        if hold.as_secs() > MAX_ACK_DEADLINE_SECS && !self.warned_hold.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                queue = %self.queue_name,
+                hold = ?hold,
+                "Pub/Sub ack deadlines end at 600 s: leases are held for 600 s, and a pass that runs longer sees its held messages again (the run skips them as already seen)"
+            );
+        }
         let secs = hold.as_secs().clamp(1, MAX_ACK_DEADLINE_SECS) as i32;
         let got = self.pull_and_hold(max.min(BATCH), secs).await?;
         let mut out = Vec::with_capacity(got.len());
@@ -969,15 +981,26 @@ impl QueueBackend for PubSubBackend {
 
     async fn release(&self, leases: &[LeaseId]) -> Result<()> {
         let ids: Vec<String> = leases.iter().map(|l| l.0.clone()).collect();
-        match self.modify_deadline(&ids, 0).await {
-            Ok(()) => Ok(()),
-            // An expired or unknown ack ID: the message is deliverable again anyway.
-            Err(s) if s.code() == Code::InvalidArgument => {
-                tracing::debug!(error = %s.message(), "release of an expired lease ignored");
-                Ok(())
+        for chunk in ids.chunks(ACK_CHUNK) {
+            match self.modify_deadline(chunk, 0).await {
+                Ok(()) => {}
+                // An expired or unknown ack ID (the message is deliverable
+                // again anyway) can fail the whole call: release the others
+                // one by one, so that they do not wait out their deadline.
+                Err(s) if s.code() == Code::InvalidArgument => {
+                    tracing::debug!(error = %s.message(), "a release included an expired lease; releasing one by one");
+                    for id in chunk {
+                        if let Err(s) = self.modify_deadline(std::slice::from_ref(id), 0).await
+                            && s.code() != Code::InvalidArgument
+                        {
+                            return Err(self.error(s, &self.subscription));
+                        }
+                    }
+                }
+                Err(s) => return Err(self.error(s, &self.subscription)),
             }
-            Err(s) => Err(self.error(s, &self.subscription)),
         }
+        Ok(())
     }
 
     async fn default_source(&self) -> Result<Option<Destination>> {
