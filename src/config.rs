@@ -251,17 +251,44 @@ pub struct GrowthRule {
     pub window: Duration,
 }
 
-/// Where notifications go. Webhook URLs often embed secrets (Slack's do), so
-/// each can be given by environment variable instead (`url_env`).
+/// Where notifications go: exactly one of `webhook`, `slack` or
+/// `alertmanager`. Webhook URLs often embed secrets (Slack's do), so each can
+/// be given by environment variable instead (`url_env`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum SinkConfig {
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
     /// POST of dlq-bridge's JSON notification (see the README for its shape).
-    Webhook(SinkTarget),
+    #[serde(default)]
+    pub webhook: Option<SinkTarget>,
     /// A Slack incoming webhook.
-    Slack(SinkTarget),
+    #[serde(default)]
+    pub slack: Option<SinkTarget>,
     /// Alertmanager's `/api/v2/alerts`; `url` is Alertmanager's base URL.
-    Alertmanager(SinkTarget),
+    #[serde(default)]
+    pub alertmanager: Option<SinkTarget>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    Webhook,
+    Slack,
+    Alertmanager,
+}
+
+impl SinkConfig {
+    /// The one sink this entry configures (validated when the file is loaded).
+    pub fn target(&self) -> Option<(SinkKind, &SinkTarget)> {
+        let all = [
+            (SinkKind::Webhook, &self.webhook),
+            (SinkKind::Slack, &self.slack),
+            (SinkKind::Alertmanager, &self.alertmanager),
+        ];
+        let mut set = all.into_iter().filter_map(|(k, t)| t.as_ref().map(|t| (k, t)));
+        match (set.next(), set.next()) {
+            (Some(one), None) => Some(one),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -479,19 +506,57 @@ pub struct PubSubQueueConfig {
     pub target_subscription_attribute: Option<String>,
 }
 
+/// A Service Bus dead-letter queue: the `$DeadLetterQueue` of a queue, or of a
+/// topic subscription. Secrets never go in this file: the SAS connection
+/// string is read from the environment variable named by
+/// `connection_string_env`; without one, Entra ID is used through Azure
+/// Workload Identity (the `AZURE_FEDERATED_TOKEN_FILE`, `AZURE_CLIENT_ID`,
+/// `AZURE_TENANT_ID` variables the AKS webhook injects), which needs
+/// `namespace`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceBusQueueConfig {
-    /// Environment variable holding the SAS connection string.
-    pub connection_string_env: String,
+    /// Environment variable holding the SAS connection string
+    /// (`Endpoint=sb://NS.servicebus.windows.net/;SharedAccessKeyName=...;SharedAccessKey=...`).
+    /// `UseDevelopmentEmulator=true` in the string selects plain AMQP, for an
+    /// emulator. Reading counts (`list`, metrics) needs a policy with the
+    /// Manage right; browsing and redriving need Listen and Send. Unset: Entra
+    /// ID through workload identity, with `namespace`.
+    #[serde(default)]
+    pub connection_string_env: Option<String>,
+    /// The namespace, `NS` or `NS.servicebus.windows.net`. Default: the
+    /// connection string's endpoint. Required for Entra ID.
+    #[serde(default)]
+    pub namespace: Option<String>,
     /// The queue whose `$DeadLetterQueue` is managed. Set this, or `topic` and
     /// `subscription`.
     #[serde(default)]
     pub queue: Option<String>,
+    /// The topic of the subscription whose `$DeadLetterQueue` is managed.
+    /// Redriven copies go back to this topic, so by default every
+    /// subscription of it receives them (see `target_subscription_property`).
     #[serde(default)]
     pub topic: Option<String>,
+    /// The subscription (of `topic`) whose `$DeadLetterQueue` is managed.
     #[serde(default)]
     pub subscription: Option<String>,
+    /// Base URL of the ATOM management endpoint that reports message counts.
+    /// Default: `https://NS.servicebus.windows.net`, or
+    /// `http://HOST:5300` when the connection string says
+    /// `UseDevelopmentEmulator=true` (the port both Microsoft's emulator and
+    /// the project's serve it on).
+    #[serde(default)]
+    pub management_endpoint: Option<String>,
+    /// Opt-in targeted redrive for subscription DLQs. When set, every copy sent
+    /// back to the topic carries this application property, valued with the
+    /// name of the subscription the message failed on. Give each subscription
+    /// SUB of the topic the SQL filter rule `[P] IS NULL OR [P] = 'SUB'` (P
+    /// this property) in place of its default rule, and only the failing
+    /// subscription receives the copy, while ordinary messages still reach
+    /// every subscription. Unset (the default): no property is added and the
+    /// copy fans out to every subscription. Example: `dlq_bridge_target`.
+    #[serde(default)]
+    pub target_subscription_property: Option<String>,
 }
 
 /// What the YAML holds for a queue, before the backend sections are checked.
@@ -536,6 +601,14 @@ impl<'de> Deserialize<'de> for QueueConfig {
             if !(by_queue || by_sub) {
                 return Err(serde::de::Error::custom(format!(
                     "queue `{}`: servicebus needs either `queue`, or both `topic` and `subscription`",
+                    raw.name
+                )));
+            }
+            if sb.connection_string_env.as_deref().is_none_or(|v| v.trim().is_empty())
+                && sb.namespace.as_deref().is_none_or(|v| v.trim().is_empty())
+            {
+                return Err(serde::de::Error::custom(format!(
+                    "queue `{}`: servicebus needs `connection_string_env` (SAS), or `namespace` for Entra ID",
                     raw.name
                 )));
             }
@@ -642,7 +715,13 @@ impl Config {
             }
         }
         for (i, sink) in self.alerts.sinks.iter().enumerate() {
-            let (SinkConfig::Webhook(t) | SinkConfig::Slack(t) | SinkConfig::Alertmanager(t)) = sink;
+            let Some((_, t)) = sink.target() else {
+                return Err(ConfigError::Invalid {
+                    location: origin.into(),
+                    field: format!("alerts.sinks[{i}]"),
+                    message: "set exactly one of `webhook`, `slack` or `alertmanager`".into(),
+                });
+            };
             if t.url.is_some() == t.url_env.is_some() {
                 return Err(ConfigError::Invalid {
                     location: origin.into(),

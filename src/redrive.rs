@@ -273,7 +273,7 @@ impl Engine {
         let mut lease_failures = 0;
 
         let result: Result<(), RedriveError> = async {
-            loop {
+            'pass: loop {
                 if self.cancel.is_cancelled() {
                     s.stopped = StopReason::Cancelled;
                     break;
@@ -396,7 +396,32 @@ impl Engine {
                 for (l, d) in to_send {
                     by_dest.entry(d).or_default().push(l);
                 }
-                for (dest, batch) in by_dest {
+                let mut groups = by_dest.into_iter();
+                while let Some((dest, batch)) = groups.next() {
+                    // Shutdown while waiting for rate tokens: these messages
+                    // are not sent; they go back with the rest.
+                    if let Some(lim) = &limiter {
+                        let tokens = async {
+                            for _ in 0..batch.len() {
+                                lim.until_ready().await;
+                            }
+                        };
+                        let cancelled = tokio::select! {
+                            _ = tokens => false,
+                            _ = self.cancel.cancelled() => true,
+                        };
+                        if cancelled {
+                            for (d, b) in std::iter::once((dest, batch)).chain(groups.by_ref()) {
+                                if let Some(n) = s.destinations.get_mut(&d.0) {
+                                    *n -= b.len() as u64;
+                                }
+                                held.extend(b.into_iter().map(|l| l.lease));
+                            }
+                            s.destinations.retain(|_, n| *n > 0);
+                            s.stopped = StopReason::Cancelled;
+                            break 'pass;
+                        }
+                    }
                     let keys: Vec<String> = batch
                         .iter()
                         .filter_map(|l| l.message.ordering_key.clone())
@@ -424,11 +449,6 @@ impl Engine {
                             o
                         })
                         .collect();
-                    if let Some(lim) = &limiter {
-                        for _ in 0..outgoing.len() {
-                            lim.until_ready().await;
-                        }
-                    }
                     let engine = self.clone_for_task();
                     let run_id = plan.run_id.clone();
                     tasks.spawn(async move {

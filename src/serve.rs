@@ -207,9 +207,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     if !listen.ip().is_loopback() && token.is_none() {
-        anyhow::bail!(
-            "serve.listen is {listen}, which is not loopback: refusing to serve the API without a token (set serve.token_env)"
-        );
+        return Err(crate::config::ConfigError::Invalid {
+            location: "config".into(),
+            field: "serve.listen".into(),
+            message: format!(
+                "{listen} is not a loopback address: refusing to serve the API without a token (set serve.token_env)"
+            ),
+        }
+        .into());
     }
     let data_dir = config.serve.data_dir.clone().or_else(default_data_dir);
     let journal = match &data_dir {

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::{Notification, Status};
-use crate::config::SinkConfig;
+use crate::config::{SinkConfig, SinkKind as Kind};
 
 const QUEUE_DEPTH: usize = 256;
 const ATTEMPTS: u32 = 5;
@@ -22,13 +22,6 @@ const ATTEMPTS: u32 = 5;
 pub enum SinkError {
     #[error("alerts.sinks[{index}]: environment variable {var} is not set")]
     MissingEnv { index: usize, var: String },
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Webhook,
-    Slack,
-    Alertmanager,
 }
 
 struct Sink {
@@ -53,11 +46,7 @@ impl Sinks {
             .expect("an HTTP client with default TLS settings");
         let mut queues = Vec::new();
         for (index, cfg) in configs.iter().enumerate() {
-            let (kind, target) = match cfg {
-                SinkConfig::Webhook(t) => (Kind::Webhook, t),
-                SinkConfig::Slack(t) => (Kind::Slack, t),
-                SinkConfig::Alertmanager(t) => (Kind::Alertmanager, t),
-            };
+            let (kind, target) = cfg.target().expect("validated when the config was loaded");
             let url = match (&target.url, &target.url_env) {
                 (Some(u), _) => u.clone(),
                 (None, Some(var)) => std::env::var(var).map_err(|_| SinkError::MissingEnv {

@@ -1,0 +1,435 @@
+//! `dlq-bridge serve` end to end against moto: alerts delivered to a local
+//! HTTP receiver, /metrics parsed as Prometheus text, the redrive API with its
+//! token, and a graceful SIGTERM that loses nothing.
+#![cfg(feature = "sqs")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::routing::post;
+use common::emulator::free_port;
+use common::sqs::SqsFixture;
+use common::{Fixture, TestMessage, attrs};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "s3cret-token";
+
+/// Captures every POST it receives, by path.
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl Receiver {
+    async fn start() -> (Self, String) {
+        let r = Receiver::default();
+        let app = axum::Router::new()
+            .route(
+                "/{*path}",
+                post(
+                    |State(r): State<Receiver>, Path(path): Path<String>, Json(v): Json<Value>| async move {
+                        r.got.lock().unwrap().push((path, v));
+                        "ok"
+                    },
+                ),
+            )
+            .with_state(r.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (r, format!("http://{addr}"))
+    }
+
+    fn webhook(&self) -> Vec<Value> {
+        self.on("webhook")
+    }
+
+    fn on(&self, path: &str) -> Vec<Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p.starts_with(path))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+struct Serve {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Serve {
+    async fn start(config: &str) -> Self {
+        let port = free_port();
+        let path = std::env::temp_dir().join(format!("dlqb-serve-{}.yaml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, config.replace("{listen}", &format!("127.0.0.1:{port}"))).unwrap();
+        let data = std::env::temp_dir().join(format!("dlqb-serve-data-{}", uuid::Uuid::new_v4().simple()));
+        let child = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("DLQ_BRIDGE_TEST_TOKEN", TOKEN)
+            .env("XDG_STATE_HOME", data)
+            .env("DLQ_BRIDGE_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start dlq-bridge serve");
+        let s = Serve {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        };
+        s.wait_for(Duration::from_secs(30), || async { s.get("/readyz").await.0 == 200 })
+            .await;
+        s
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        match self.http.get(format!("{}{path}", self.url)).send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.url)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn wait_for<F, Fut>(&self, limit: Duration, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while !f().await {
+            assert!(start.elapsed() < limit, "condition not met within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Start an API redrive and wait until it finished.
+    async fn redrive(&self, queue: &str, body: Value) -> Value {
+        let (code, started) = self
+            .post(&format!("/v1/queues/{queue}/redrive"), body, Some(TOKEN))
+            .await;
+        assert_eq!(code, 202, "{started}");
+        let id = started["run_id"].as_str().unwrap().to_string();
+        let start = Instant::now();
+        loop {
+            let (_, text) = self.get(&format!("/v1/runs/{id}")).await;
+            let view: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if view["status"] != "running" {
+                return view;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "run {id} did not finish: {view}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn queue_yaml(name: &str, f: &SqsFixture) -> String {
+    format!(
+        "  - name: {name}\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\n",
+        f.dlq_url, f.endpoint
+    )
+}
+
+fn msgs(n: usize, reason: &str) -> Vec<TestMessage> {
+    (0..n)
+        .map(|i| TestMessage {
+            body: format!(r#"{{"n":{i},"card":"4111-1111"}}"#).into_bytes(),
+            attributes: attrs(&[("error", reason), ("tenant", "acme")]),
+            ordering_key: None,
+        })
+        .collect()
+}
+
+fn firing<'a>(notes: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    notes
+        .iter()
+        .filter(|n| n["kind"] == kind && n["status"] == "firing")
+        .collect()
+}
+
+#[tokio::test]
+async fn depth_alert_fires_once_repeats_after_interval_and_resolves_on_drain() {
+    let f = SqsFixture::create(false).await;
+    let (rx, base) = Receiver::start().await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\nalerts:\n  rules:\n    - name: orders-depth\n      depth_above: 3\n      repeat: 6s\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n    - slack: {{url: \"{base}/slack\"}}\n    - alertmanager: {{url: \"{base}/am\", labels: {{team: payments}}}}\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    f.put_in_dlq(&msgs(5, "Timeout")).await;
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            !firing(&rx.webhook(), "depth_above").is_empty()
+        })
+        .await;
+    let first = Instant::now();
+    let note = firing(&rx.webhook(), "depth_above")[0].clone();
+    assert_eq!(note["queue"], "orders");
+    assert_eq!(note["rule"], "orders-depth");
+    assert_eq!(note["value"], 5.0);
+    assert_eq!(note["threshold"], 3.0);
+    assert_eq!(note["version"], 1);
+
+    // Several polls later, still one notification: deduplicated.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if first.elapsed() < Duration::from_secs(5) {
+        assert_eq!(
+            firing(&rx.webhook(), "depth_above").len(),
+            1,
+            "deduplicated across polls"
+        );
+    }
+    // After the repeat interval, it is sent again.
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            firing(&rx.webhook(), "depth_above").len() >= 2
+        })
+        .await;
+    assert!(
+        first.elapsed() >= Duration::from_secs(5),
+        "repeated only after the interval"
+    );
+
+    // Draining the DLQ resolves it, once.
+    let run = serve.redrive("orders", json!({ "filter": "true" })).await;
+    assert_eq!(run["status"], "finished", "{run}");
+    assert_eq!(run["summary"]["settled"], 5, "{run}");
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            rx.webhook().iter().any(|n| n["status"] == "resolved")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rx.webhook().iter().filter(|n| n["status"] == "resolved").count(), 1);
+
+    let slack = rx.on("slack");
+    assert!(
+        slack
+            .iter()
+            .any(|s| s["text"].as_str().unwrap().contains("[FIRING] orders")),
+        "{slack:?}"
+    );
+    assert!(
+        slack.iter().any(|s| s["text"].as_str().unwrap().contains("[RESOLVED]")),
+        "{slack:?}"
+    );
+    let am = rx.on("am/api/v2/alerts");
+    assert!(!am.is_empty());
+    assert_eq!(am[0][0]["labels"]["alertname"], "orders-depth");
+    assert_eq!(am[0][0]["labels"]["team"], "payments");
+    assert!(am[0][0]["startsAt"].is_string() && am[0][0]["endsAt"].is_string());
+    for (_, v) in rx.got.lock().unwrap().iter() {
+        assert!(!v.to_string().contains("4111"), "bodies are redacted by default: {v}");
+    }
+}
+
+#[tokio::test]
+async fn growth_fires_for_a_burst_drained_before_the_next_poll_and_new_reason_only_for_new_ones() {
+    let f = SqsFixture::create(false).await;
+    let (rx, base) = Receiver::start().await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 4s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\nalerts:\n  rules:\n    - growth: {{messages: 4, window: 1m}}\n    - new_reason: true\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n",
+        queue_yaml("orders", &f)
+    );
+    f.put_in_dlq(&msgs(1, "Timeout")).await;
+    let serve = Serve::start(&config).await;
+    // Readiness means the first poll happened: `Timeout` is now known.
+    f.put_in_dlq(&msgs(5, "Timeout")).await;
+    let run = serve.redrive("orders", json!({ "filter": "true" })).await;
+    assert_eq!(run["summary"]["settled"], 6, "{run}");
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            !firing(&rx.webhook(), "growth").is_empty()
+        })
+        .await;
+    let growth = firing(&rx.webhook(), "growth")[0].clone();
+    assert!(growth["value"].as_f64().unwrap() >= 5.0, "{growth}");
+
+    f.put_in_dlq(&msgs(1, "Timeout")).await;
+    f.put_in_dlq(&msgs(1, "SchemaMismatch")).await;
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            !firing(&rx.webhook(), "new_reason").is_empty()
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let notes = rx.webhook();
+    let news = firing(&notes, "new_reason");
+    assert_eq!(news.len(), 1, "{news:?}");
+    assert_eq!(news[0]["reason"], "SchemaMismatch");
+}
+
+#[tokio::test]
+async fn metrics_match_depths_and_api_enforces_the_token() {
+    let a = SqsFixture::create(false).await;
+    let b = SqsFixture::create(false).await;
+    a.put_in_dlq(&msgs(3, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n",
+        queue_yaml("alpha", &a),
+        queue_yaml("beta", &b)
+    );
+    let serve = Serve::start(&config).await;
+
+    let (code, text) = serve.get("/metrics").await;
+    assert_eq!(code, 200);
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    let depth = |queue: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "dlq_bridge_messages" && s.labels.get("queue") == Some(queue))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("unexpected {other:?}"),
+            })
+    };
+    assert_eq!(depth("alpha"), Some(3.0), "{text}");
+    assert_eq!(depth("beta"), Some(0.0), "{text}");
+    assert!(text.contains("dlq_bridge_poll_errors") && text.contains("dlq_bridge_arrivals"));
+
+    let (code, text) = serve.get("/v1/queues").await;
+    assert_eq!(code, 200);
+    let queues: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(queues[0]["queue"], "alpha");
+    assert_eq!(queues[0]["depth"], 3);
+
+    // Reading bodies and redriving need the token.
+    let (code, _) = serve.get("/v1/queues/alpha/messages").await;
+    assert_eq!(code, 401);
+    let (code, body) = serve.post("/v1/queues/alpha/redrive", json!({}), None).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("token"));
+    let (code, _) = serve.post("/v1/queues/alpha/redrive", json!({}), Some("wrong")).await;
+    assert_eq!(code, 401);
+    let (code, body) = serve
+        .post(
+            "/v1/queues/alpha/redrive",
+            json!({ "filter": "reason ==" }),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("invalid filter at 1:"),
+        "{body}"
+    );
+    let (code, _) = serve.post("/v1/queues/nosuch/redrive", json!({}), Some(TOKEN)).await;
+    assert_eq!(code, 404);
+
+    let messages: Value = serve
+        .http
+        .get(format!("{}/v1/queues/alpha/messages?limit=2", serve.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(messages["messages"].as_array().unwrap().len(), 2, "{messages}");
+    assert_eq!(messages["true_peek"], false);
+
+    let run = serve.redrive("alpha", json!({ "dry_run": true })).await;
+    assert_eq!(run["summary"]["matched"], 3, "{run}");
+    assert_eq!(run["summary"]["trigger"], "api");
+    let run = serve
+        .redrive("alpha", json!({ "filter": "attributes.tenant == \"acme\"", "max": 2 }))
+        .await;
+    assert_eq!(run["summary"]["settled"], 2, "{run}");
+    assert_eq!(a.drain_source().await.len(), 2);
+}
+
+#[tokio::test]
+async fn non_loopback_listen_without_token_is_refused() {
+    let f = SqsFixture::create(false).await;
+    let path = std::env::temp_dir().join(format!("dlqb-{}.yaml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(
+        &path,
+        format!("queues:\n{}serve:\n  listen: 0.0.0.0:0\n", queue_yaml("q", &f)),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("serve.listen") && err.contains("token"), "{err}");
+}
+
+#[tokio::test]
+async fn sigterm_mid_redrive_loses_nothing() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(30, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\n",
+        queue_yaml("orders", &f)
+    );
+    let mut serve = Serve::start(&config).await;
+    let (code, _) = serve
+        .post("/v1/queues/orders/redrive", json!({ "rate": 10 }), Some(TOKEN))
+        .await;
+    assert_eq!(code, 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = serve.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = serve.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "exits after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let moved = f.drain_source().await.len();
+    let left = f.dlq_count().await;
+    assert!(moved > 0 && moved < 30, "interrupted mid-run: {moved} moved");
+    assert_eq!(moved + left, 30, "every message is in exactly one place");
+    // Released, not left leased: all of the rest are visible at once.
+    let visible = f
+        .client
+        .get_queue_attributes()
+        .queue_url(&f.dlq_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        visible.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages],
+        left.to_string()
+    );
+}
