@@ -5,6 +5,8 @@ use dlq_bridge::cli::{self, Cli};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // With more than one crypto provider linked, rustls refuses to guess.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let default_level = match cli.verbose {
         0 => "warn",

@@ -1,0 +1,157 @@
+//! A `dlq-bridge serve` process under test, and an HTTP receiver that
+//! captures what its alert sinks send.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::routing::post;
+use serde_json::Value;
+
+use super::emulator::free_port;
+
+pub const TOKEN: &str = "s3cret-token";
+
+/// Captures every POST it receives, by path.
+#[derive(Clone, Default)]
+pub struct Receiver {
+    pub got: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl Receiver {
+    pub async fn start() -> (Self, String) {
+        let r = Receiver::default();
+        let app = axum::Router::new()
+            .route(
+                "/{*path}",
+                post(
+                    |State(r): State<Receiver>, Path(path): Path<String>, Json(v): Json<Value>| async move {
+                        r.got.lock().unwrap().push((path, v));
+                        "ok"
+                    },
+                ),
+            )
+            .with_state(r.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (r, format!("http://{addr}"))
+    }
+
+    pub fn webhook(&self) -> Vec<Value> {
+        self.on("webhook")
+    }
+
+    pub fn on(&self, path: &str) -> Vec<Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p.starts_with(path))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+pub struct Serve {
+    pub child: Child,
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Serve {
+    pub async fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[]).await
+    }
+
+    /// Start `dlq-bridge serve` with `config` (`{listen}` is replaced by a free
+    /// loopback address) and wait until it is ready.
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let path = std::env::temp_dir().join(format!("dlqb-serve-{}.yaml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, config.replace("{listen}", &format!("127.0.0.1:{port}"))).unwrap();
+        let data = std::env::temp_dir().join(format!("dlqb-serve-data-{}", uuid::Uuid::new_v4().simple()));
+        let child = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("DLQ_BRIDGE_TEST_TOKEN", TOKEN)
+            .env("XDG_STATE_HOME", data)
+            .env("DLQ_BRIDGE_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start dlq-bridge serve");
+        let s = Serve {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        };
+        s.wait_for(Duration::from_secs(30), || async { s.get("/readyz").await.0 == 200 })
+            .await;
+        s
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        match self.http.get(format!("{}{path}", self.url)).send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.url)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn wait_for<F, Fut>(&self, limit: Duration, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while !f().await {
+            assert!(start.elapsed() < limit, "condition not met within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Start an API redrive and wait until it finished.
+    pub async fn redrive(&self, queue: &str, body: Value) -> Value {
+        let (code, started) = self
+            .post(&format!("/v1/queues/{queue}/redrive"), body, Some(TOKEN))
+            .await;
+        assert_eq!(code, 202, "{started}");
+        let id = started["run_id"].as_str().unwrap().to_string();
+        let start = Instant::now();
+        loop {
+            let (_, text) = self.get(&format!("/v1/runs/{id}")).await;
+            let view: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if view["status"] != "running" {
+                return view;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "run {id} did not finish: {view}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
