@@ -23,9 +23,19 @@ python3 -c 'import boto3' 2>/dev/null || python3 -m pip install --quiet boto3
 python3 -c 'import ministack' 2>/dev/null || python3 -m pip install --quiet "ministack==1.5.33"
 
 step "emulators"
+cleanup() {
+  scripts/emulators.sh stop || true
+  scripts/kube.sh stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
 scripts/emulators.sh start
-trap 'scripts/emulators.sh stop' EXIT
 eval "$(scripts/emulators.sh env)"
+
+step "Kubernetes API server (leader election and chart tests)"
+scripts/tools.sh
+eval "$(scripts/kube.sh start)"
+export DLQ_BRIDGE_TEST_KUBECONFIG=$KUBECONFIG
+unset KUBECONFIG
 
 if [[ -z ${SKIP_LINT:-} ]]; then
   step "cargo fmt --check"
