@@ -432,6 +432,53 @@ pub struct QueueConfig {
     /// How often `serve` polls this queue. Default: `serve.poll_interval`.
     #[serde(with = "opt_duration_text")]
     pub poll_interval: Option<Duration>,
+    /// How long messages may stay in this DLQ, and what happens to older
+    /// ones. Unset (the default): no retention policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionConfig>,
+}
+
+/// A queue's retention policy, applied by `serve` on the leader only (and by
+/// `dlq-bridge retention` on demand). Age is measured from the message's
+/// enqueue time; a message whose provider gives none is never expired.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Messages older than this are expired (`7d`, `36h`).
+    #[serde(with = "duration_text")]
+    pub max_age: Duration,
+    /// What happens to expired messages. Default `alert`.
+    #[serde(default)]
+    pub action: RetentionAction,
+    /// Directory for the backups `export-then-purge` writes (one JSONL file
+    /// per run, the `export` format, named `QUEUE-RUN.jsonl`). Default:
+    /// `retention/` under `serve.data_dir` (or `$XDG_STATE_HOME/dlq-bridge`).
+    #[serde(default)]
+    pub export_dir: Option<PathBuf>,
+    /// Only list what would be purged (in the log and the `retention`
+    /// command's output); purge nothing. Default false.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// How often `serve` applies the policy. Default `1h`.
+    #[serde(default = "default_retention_check", with = "duration_text")]
+    pub check_every: Duration,
+}
+
+/// What a retention policy does with expired messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetentionAction {
+    /// Count them, export the `dlq_bridge_retention_expired_messages` metric
+    /// and notify the alert sinks (kind `retention`); touch nothing.
+    #[default]
+    Alert,
+    /// Write them to a backup file in `export_dir`, then delete them; each
+    /// deletion goes to the journal.
+    ExportThenPurge,
+}
+
+fn default_retention_check() -> Duration {
+    Duration::from_secs(3600)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -578,6 +625,8 @@ struct RawQueue {
     description_attribute: Option<String>,
     #[serde(default, with = "opt_duration_text")]
     poll_interval: Option<Duration>,
+    #[serde(default)]
+    retention: Option<RetentionConfig>,
 }
 
 impl<'de> Deserialize<'de> for QueueConfig {
@@ -621,6 +670,7 @@ impl<'de> Deserialize<'de> for QueueConfig {
             reason_attribute: raw.reason_attribute.unwrap_or_default(),
             description_attribute: raw.description_attribute.unwrap_or_default(),
             poll_interval: raw.poll_interval,
+            retention: raw.retention,
         })
     }
 }
@@ -764,6 +814,17 @@ impl Config {
                     field: format!("{field}.filter"),
                     message: e.to_string(),
                 });
+            }
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            if let Some(r) = &q.retention {
+                if r.max_age.is_zero() || r.check_every.is_zero() {
+                    return Err(ConfigError::Invalid {
+                        location: origin.into(),
+                        field: format!("queues[{i}].retention"),
+                        message: "`max_age` and `check_every` must be longer than 0s".into(),
+                    });
+                }
             }
         }
         if self.redrive.concurrency == 0 {
@@ -986,6 +1047,22 @@ mod tests {
             .to_string();
         assert!(err.contains("DLQ_BRIDGE__REDRIVE__CONCURENCY"), "{err}");
         assert!(err.contains("unknown field `concurency`"), "{err}");
+    }
+
+    #[test]
+    fn retention_parses_with_defaults_and_rejects_unknown_actions() {
+        let y = "queues:\n  - name: a\n    sqs: {queue: x}\n    retention: {max_age: 7d, action: export-then-purge, export_dir: /b}\n  - name: b\n    sqs: {queue: y}\n    retention: {max_age: 36h}\n";
+        let c = parse(y).unwrap();
+        let a = c.queue("a").unwrap().retention.as_ref().unwrap();
+        assert_eq!(a.max_age, Duration::from_secs(7 * 86400));
+        assert_eq!(a.action, RetentionAction::ExportThenPurge);
+        assert_eq!(a.check_every, Duration::from_secs(3600));
+        let b = c.queue("b").unwrap().retention.as_ref().unwrap();
+        assert_eq!((b.action, b.dry_run), (RetentionAction::Alert, false));
+        let err = parse("queues:\n  - name: a\n    sqs: {queue: x}\n    retention: {max_age: 1d, action: delete}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `delete`"), "{err}");
     }
 
     #[test]

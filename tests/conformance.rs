@@ -10,9 +10,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::{Fixture, Received, TestMessage, attrs, redrive};
-use dlq_bridge::model::{AttrValue, Attribute};
 use dlq_bridge::redrive::{MARK_COUNT, MARK_ID, StopReason};
 use dlq_bridge::registry::{RedriveRequest, Registry};
 
@@ -164,27 +162,7 @@ pub async fn payloads_survive_byte_for_byte<F: Fixture>() {
     let reg = Registry::new(f.config());
     let caps = reg.backend("dlq").await.unwrap().capabilities();
     let mut typed = attrs(&[("error", "Payload"), ("kind", "typed")]);
-    typed.insert(
-        "n".into(),
-        Attribute {
-            value: AttrValue::Number("12345678901234567890.125".into()),
-            data_type: Some("Number".into()),
-        },
-    );
-    typed.insert(
-        "blob".into(),
-        Attribute {
-            value: AttrValue::Binary(Bytes::from_static(&[0, 1, 2, 254, 255])),
-            data_type: Some("Binary".into()),
-        },
-    );
-    typed.insert(
-        "custom".into(),
-        Attribute {
-            value: AttrValue::String("v1".into()),
-            data_type: Some("String.schema".into()),
-        },
-    );
+    typed.extend(F::typed_attributes());
     let mut cases = vec![
         TestMessage {
             body: "unicode ✓ — \t tabs\nand newlines \u{10348}".as_bytes().to_vec(),
@@ -317,3 +295,9 @@ conformance!(sqs, common::sqs::SqsFixture);
 
 #[cfg(feature = "pubsub")]
 conformance!(pubsub, common::pubsub::PubSubFixture);
+
+#[cfg(feature = "servicebus")]
+conformance!(servicebus, common::servicebus::ServiceBusFixture);
+
+#[cfg(feature = "servicebus")]
+conformance!(servicebus_subscription, common::servicebus::ServiceBusTopicFixture);

@@ -14,6 +14,8 @@ use crate::model::{Destination, DlqMessage, DlqStats, LeaseId, Leased, Outgoing,
 
 #[cfg(feature = "pubsub")]
 pub mod pubsub;
+#[cfg(feature = "servicebus")]
+pub mod servicebus;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
@@ -117,6 +119,11 @@ pub async fn connect(queue: &QueueConfig) -> Result<Arc<dyn QueueBackend>> {
             queue: queue.name.clone(),
             backend: "pubsub",
         }),
+        #[cfg(feature = "servicebus")]
+        QueueKind::ServiceBus(cfg) => Ok(Arc::new(
+            servicebus::ServiceBusBackend::connect(&queue.name, cfg, queue).await?,
+        )),
+        #[cfg(not(feature = "servicebus"))]
         QueueKind::ServiceBus(_) => Err(BackendError::NotCompiled {
             queue: queue.name.clone(),
             backend: "servicebus",

@@ -5,9 +5,11 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod emulator;
-pub mod serve;
 #[cfg(feature = "pubsub")]
 pub mod pubsub;
+pub mod serve;
+#[cfg(feature = "servicebus")]
+pub mod servicebus;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
@@ -61,6 +63,37 @@ pub trait Fixture: Send + Sync + Sized {
 
     /// How many messages the DLQ holds (exact: read with the SDK).
     async fn dlq_count(&self) -> usize;
+
+    /// Attributes in the provider's own types, for the byte-for-byte test:
+    /// each must come back with the same value and, where set, `data_type`.
+    /// The default is SQS-flavoured (a 38-digit number, binary, a custom type label).
+    fn typed_attributes() -> Attributes {
+        use bytes::Bytes;
+        use dlq_bridge::model::{AttrValue, Attribute};
+        let mut typed = Attributes::new();
+        typed.insert(
+            "n".into(),
+            Attribute {
+                value: AttrValue::Number("12345678901234567890.125".into()),
+                data_type: Some("Number".into()),
+            },
+        );
+        typed.insert(
+            "blob".into(),
+            Attribute {
+                value: AttrValue::Binary(Bytes::from_static(&[0, 1, 2, 254, 255])),
+                data_type: Some("Binary".into()),
+            },
+        );
+        typed.insert(
+            "custom".into(),
+            Attribute {
+                value: AttrValue::String("v1".into()),
+                data_type: Some("String.schema".into()),
+            },
+        );
+        typed
+    }
 }
 
 pub fn registry(config: Config) -> Arc<Registry> {

@@ -344,6 +344,16 @@ async fn peek_leaves_messages_alone(client: &mut Client) {
     receiver.dispose().await.unwrap();
 }
 
+/// A sender to a topic (azservicebus also opens the topic's `$management`
+/// node) fans out to every subscription.
+async fn topic_send_fans_out(emulator: &Emulator, client: &mut Client) {
+    send(client, "conformance-topic", vec![ServiceBusMessage::new("to all")]).await;
+    for sub in ["sub-a", "sub-b"] {
+        let path = format!("conformance-topic/Subscriptions/{sub}");
+        assert_eq!(emulator.counts(&path).await, (1, 0), "{sub}");
+    }
+}
+
 async fn renew_lock(client: &mut Client) -> Result<(), String> {
     send(client, QUEUE, vec![ServiceBusMessage::new("renew me")]).await;
     let mut receiver = receiver(client, QUEUE, SubQueue::None).await;
@@ -378,6 +388,8 @@ fn azservicebus_flows() {
         max_delivery_count(&emulator, &mut client).await;
         emulator.reset().await;
         peek_leaves_messages_alone(&mut client).await;
+        emulator.reset().await;
+        topic_send_fans_out(&emulator, &mut client).await;
         emulator.reset().await;
         renew_lock(&mut client)
             .await

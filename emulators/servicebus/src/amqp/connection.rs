@@ -490,7 +490,14 @@ impl Connection {
         match &node {
             Node::Cbs => {}
             Node::Entity(path) | Node::Management(path) => {
-                let sending = client_sends && matches!(node, Node::Entity(_));
+                // A queue's or topic's `$management` node is attached like a
+                // sender (azservicebus opens one next to every sender, also on
+                // a topic, which refuses receivers); those of subscriptions and
+                // dead-letter queues like a receiver.
+                let sending = match &node {
+                    Node::Entity(_) => client_sends,
+                    _ => path.subscription.is_none() && !path.dead_letter,
+                };
                 self.broker
                     .attach(path, sending)
                     .map_err(|error| definitions::Error::from(&error))?;

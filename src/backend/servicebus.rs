@@ -1,0 +1,1543 @@
+//! Azure Service Bus adapter, on the `azservicebus` crate (AMQP 1.0).
+//!
+//! The DLQ is the `$DeadLetterQueue` sub-queue of a queue, or of a topic
+//! subscription. The six verbs map as:
+//!
+//! - **peek**: a true browse, `com.microsoft:peek-message` on the DLQ's
+//!   `$management` node, from sequence number 1 onwards. Nothing is locked and
+//!   no delivery count changes (`Capabilities::true_peek`).
+//! - **lease**: a peek-lock receive from `<entity>/$DeadLetterQueue`, with a
+//!   bounded wait (2 s for the first message, then a short top-up). The
+//!   received message objects are kept, keyed by lock token ([`LeaseId`]),
+//!   because complete and abandon are settled on the link that received them.
+//!   The hold is the entity's LockDuration: Service Bus has no per-receive
+//!   lock time, and locks are not renewed (azservicebus 0.25 sends the lock
+//!   token in the wrong byte order when it renews, TESTING.md); keep passes
+//!   shorter than the LockDuration, or a lock lapses and the message is
+//!   simply delivered again.
+//! - **settle**: complete. **release**: abandon (the engine releases what it
+//!   held at the end of a pass). The DLQ has no MaxDeliveryCount, so an
+//!   abandon there only unlocks.
+//! - **send**: batched sends (message-format `0x80013700`) to the destination
+//!   queue or topic, split by the link's maximum message size. Every send has
+//!   a timeout and is retried on a fresh link: fe2o3-amqp 0.14 can lose a fast
+//!   settlement and then waits forever (TESTING.md). A retry after a lost
+//!   confirmation can duplicate a copy, never lose one; the copy's MessageId
+//!   (below) lets duplicate detection absorb it.
+//! - **stats**: the ATOM management GET `/<entity>?api-version=2021-05`,
+//!   reading `CountDetails/DeadLetterMessageCount` (namespace
+//!   `http://schemas.microsoft.com/netservices/2011/06/servicebus`), signed
+//!   with a SAS token (or an Entra ID bearer token). Azure answers a missing
+//!   entity with 200 and an empty feed: that is reported as not found. The age
+//!   of the oldest message is the EnqueuedTimeUtc of the first message peeked
+//!   from the DLQ. Results are cached for [`STATS_TTL`], and calls are at least
+//!   [`STATS_MIN_INTERVAL`] apart: Service Bus throttles management calls.
+//!   Counts are `approximate` on Azure (they are eventually consistent) and
+//!   `exact` on an emulator.
+//!
+//! Every AMQP call runs under a timeout, and a failed or timed-out call drops
+//! the connection so that the next call reconnects: nothing waits forever,
+//! and a stopped emulator is reported as unreachable within seconds.
+//!
+//! ## The message model
+//! - `id` is the MessageId (falling back to the sequence number when a
+//!   message has none).
+//! - `body`: the concatenated data sections, exact. Messages whose body is an
+//!   AMQP value (sent by some non-.NET clients) show the value's bytes (binary
+//!   or string) and set `properties["body_type"] = "amqp-value"`; a copy of
+//!   such a message is sent as a data section.
+//! - `attributes`: the application properties, with their AMQP types:
+//!   long → `Int`, double → `Float`, boolean → `Bool`, string → `String`,
+//!   binary → `Binary`, uuid → `Uuid`, timestamp → `Timestamp`. Other AMQP
+//!   types keep their type name in `data_type` so a copy carries the same type:
+//!   byte, short, int, ubyte, ushort, uint → `Int` (`data_type` "byte", "short",
+//!   "int", ...); ulong → `Int`, or `Number` above i64; float → `Float`
+//!   ("float"); char and symbol → `String` ("char", "symbol"); decimal32/64/128
+//!   → `Binary` of the raw IEEE 754 bytes ("decimal32"...); null → an empty
+//!   `String` ("null"); the .NET SDK's described types
+//!   (`com.microsoft:datetime-offset`, `timespan`, `uri`) → their inner value,
+//!   `data_type` "described:<descriptor>". Values from elsewhere go out as
+//!   the canonical type of their variant; `Number` goes out as a string.
+//! - `reason` / `description`: DeadLetterReason / DeadLetterErrorDescription.
+//!   Both are application properties on the wire, so they also appear in
+//!   `attributes`; they are the provider's dead-letter attributes, stripped
+//!   from copies by default.
+//! - `delivery_count`: DeliveryCount (the header's count + 1).
+//! - `enqueued_at`: EnqueuedTimeUtc, which dead-lettering keeps.
+//! - `source`: the parent entity: the queue, or the topic of a subscription
+//!   DLQ (the config's `source` wins when set).
+//! - `ordering_key`: SessionId.
+//! - `properties` (kept on the copy unless marked informational):
+//!   `correlation_id`, `subject`, `content_type`, `reply_to`,
+//!   `reply_to_session_id`, `to`, `partition_key`, `time_to_live` (ms);
+//!   informational: `message_id`, `sequence_number`, `dead_letter_source`,
+//!   `source_subscription` (the subscription of a subscription DLQ),
+//!   `body_type`.
+//!
+//! ## The copy's MessageId
+//! A copy does **not** keep the original MessageId. With duplicate detection
+//! on the source entity, a copy sent within the detection window (10 minutes
+//! by default, up to 7 days) of the original would be silently dropped as a
+//! duplicate of the message that failed, and the DLQ copy would then be
+//! settled: a loss. A copy's MessageId is instead `<original id>-<redrive
+//! count>` (the engine's `dedup_id`; hashed when longer than Service Bus's 128
+//! characters): stable across retries and crashes of the same redrive, so
+//! duplicate detection absorbs a crash-resend, and new for every redrive. The
+//! original ID stays readable in the `dlq-bridge-redrive-id` mark.
+//!
+//! ## Subscription DLQs
+//! A copy goes back to the topic, so **every** subscription of the topic gets
+//! it again (those that had processed the original too). Opt-in targeting:
+//! with `target_subscription_property: P`, each copy carries the application
+//! property `P = <the failing subscription>`, and each subscription `S` of the
+//! topic replaces its default rule with the SQL filter
+//! `[P] IS NULL OR [P] = 'S'`. Copies then reach only the subscription that
+//! failed, while ordinary messages (without `P`) still reach every
+//! subscription.
+//!
+//! ## Credentials and endpoints
+//! A SAS connection string from the environment variable named by
+//! `connection_string_env`. `UseDevelopmentEmulator=true` in it selects plain
+//! `amqp://` (Microsoft's emulator convention); azservicebus always dials port
+//! 5672 (5671 for TLS) whatever the string says. Without a connection string,
+//! Entra ID through Azure Workload Identity ([`WorkloadIdentityCredential`]):
+//! the federated token file and client/tenant IDs the AKS webhook injects.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use azservicebus::core::BasicRetryPolicy;
+use azservicebus::prelude::*;
+use azservicebus::primitives::service_bus_received_message::ServiceBusReceivedMessage as Received;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message};
+use fe2o3_amqp_types::primitives::{Dec32, Dec64, Dec128, SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid, Value};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use super::{BackendError, Capabilities, QueueBackend, Result};
+use crate::config::{QueueConfig, ServiceBusQueueConfig};
+use crate::model::{
+    AttrValue, Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing,
+    Properties, SendResult, SettleResult,
+};
+
+type Client = ServiceBusClient<BasicRetryPolicy>;
+
+const PROVIDER: &str = "Service Bus";
+/// Messages per lease, send batch and settle call.
+const BATCH: usize = 100;
+/// The standard tier's limit on a message (premium allows up to 100 MB;
+/// the link's advertised maximum decides how sends are split).
+const MAX_BODY: usize = 256 * 1024;
+/// The longest a single AMQP call (attach, receive, settle, peek) may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Opening the connection (TCP, TLS, SASL, CBS).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// One send attempt; then it is retried on a fresh link.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+const SEND_ATTEMPTS: usize = 3;
+/// How long a lease waits for the first message before reporting the DLQ empty.
+const LEASE_WAIT: Duration = Duration::from_secs(2);
+/// How long it then waits for more, up to the batch size.
+const LEASE_TOP_UP: Duration = Duration::from_millis(250);
+/// Messages per peek request.
+const PEEK_PAGE: usize = 100;
+/// How long a stats result is reused.
+pub const STATS_TTL: Duration = Duration::from_secs(2);
+/// The least time between two ATOM calls of one backend.
+pub const STATS_MIN_INTERVAL: Duration = Duration::from_millis(500);
+const API_VERSION: &str = "2021-05";
+const SB_XML_NS: &[u8] = b"http://schemas.microsoft.com/netservices/2011/06/servicebus";
+/// Service Bus's limit on a MessageId.
+const MAX_MESSAGE_ID: usize = 128;
+/// Lifetime of the SAS tokens signed for the ATOM call.
+const SAS_TTL_SECS: u64 = 3600;
+
+/// The application properties Service Bus adds when it dead-letters a message.
+pub const DEAD_LETTER_REASON: &str = "DeadLetterReason";
+pub const DEAD_LETTER_DESCRIPTION: &str = "DeadLetterErrorDescription";
+
+/// [`DlqMessage::properties`] keys (see the module docs).
+pub const PROP_MESSAGE_ID: &str = "message_id";
+pub const PROP_SEQUENCE_NUMBER: &str = "sequence_number";
+pub const PROP_CORRELATION_ID: &str = "correlation_id";
+pub const PROP_SUBJECT: &str = "subject";
+pub const PROP_CONTENT_TYPE: &str = "content_type";
+pub const PROP_REPLY_TO: &str = "reply_to";
+pub const PROP_REPLY_TO_SESSION_ID: &str = "reply_to_session_id";
+pub const PROP_TO: &str = "to";
+pub const PROP_PARTITION_KEY: &str = "partition_key";
+pub const PROP_TIME_TO_LIVE: &str = "time_to_live";
+pub const PROP_DEAD_LETTER_SOURCE: &str = "dead_letter_source";
+pub const PROP_SOURCE_SUBSCRIPTION: &str = "source_subscription";
+pub const PROP_BODY_TYPE: &str = "body_type";
+
+/// The entity whose dead-letter sub-queue is managed.
+#[derive(Debug, Clone)]
+enum Entity {
+    Queue(String),
+    Subscription { topic: String, subscription: String },
+}
+
+impl Entity {
+    /// The entity path: `queue` or `topic/Subscriptions/sub`.
+    fn path(&self) -> String {
+        match self {
+            Self::Queue(q) => q.clone(),
+            Self::Subscription { topic, subscription } => format!("{topic}/Subscriptions/{subscription}"),
+        }
+    }
+
+    /// Where messages were sent: the queue, or the subscription's topic.
+    fn parent(&self) -> &str {
+        match self {
+            Self::Queue(q) => q,
+            Self::Subscription { topic, .. } => topic,
+        }
+    }
+}
+
+/// What a connection string holds that dlq-bridge uses.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConnectionString {
+    /// The namespace host, e.g. `myns.servicebus.windows.net` (no scheme, no port).
+    pub host: String,
+    pub key_name: Option<String>,
+    pub key: Option<String>,
+    /// A pre-signed token (`SharedAccessSignature=...`).
+    pub signature: Option<String>,
+    /// `UseDevelopmentEmulator=true`: plain AMQP and the emulator's HTTP port.
+    pub emulator: bool,
+}
+
+impl ConnectionString {
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut out = Self::default();
+        for part in text.split(';') {
+            let Some((k, v)) = part.split_once('=') else { continue };
+            let (k, v) = (k.trim(), v.trim());
+            match k.to_ascii_lowercase().as_str() {
+                "endpoint" => {
+                    let rest = v.split_once("://").map_or(v, |(_, r)| r);
+                    let host = rest.split(['/', '?']).next().unwrap_or_default();
+                    // azservicebus dials the standard port whatever is given.
+                    out.host = host.split(':').next().unwrap_or_default().to_ascii_lowercase();
+                }
+                "sharedaccesskeyname" => out.key_name = Some(v.to_string()),
+                "sharedaccesskey" => out.key = Some(v.to_string()),
+                "sharedaccesssignature" => out.signature = Some(v.to_string()),
+                "usedevelopmentemulator" => out.emulator = v.eq_ignore_ascii_case("true"),
+                _ => {}
+            }
+        }
+        if out.host.is_empty() {
+            return Err(BackendError::Invalid(
+                "the Service Bus connection string has no `Endpoint=sb://<namespace>`".into(),
+            ));
+        }
+        if out.signature.is_none() && (out.key_name.is_none() || out.key.is_none()) {
+            return Err(BackendError::Invalid(
+                "the Service Bus connection string needs `SharedAccessKeyName` and `SharedAccessKey`, or `SharedAccessSignature`".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The string azservicebus is given: the emulator flag removed, since
+    /// plain AMQP is chosen by the client constructor.
+    fn for_client(&self) -> String {
+        let mut s = format!("Endpoint=sb://{}/", self.host);
+        if let Some(sig) = &self.signature {
+            s.push_str(&format!(";SharedAccessSignature={sig}"));
+        }
+        if let (Some(n), Some(k)) = (&self.key_name, &self.key) {
+            s.push_str(&format!(";SharedAccessKeyName={n};SharedAccessKey={k}"));
+        }
+        s
+    }
+}
+
+/// How the backend authenticates.
+#[derive(Clone)]
+enum Auth {
+    Sas(ConnectionString),
+    Entra(Arc<WorkloadIdentityCredential>),
+}
+
+pub struct ServiceBusBackend {
+    queue_name: String,
+    entity: Entity,
+    /// The namespace host: named in errors.
+    host: String,
+    auth: Auth,
+    emulator: bool,
+    config_source: Option<String>,
+    target_property: Option<String>,
+    client: Mutex<Option<Client>>,
+    receiver: Mutex<Option<ServiceBusReceiver>>,
+    senders: Mutex<HashMap<String, ServiceBusSender>>,
+    /// Received messages by lock token, until settled or released.
+    leases: std::sync::Mutex<HashMap<String, Received>>,
+    http: reqwest::Client,
+    management: String,
+    stats_cache: Mutex<Option<(Instant, DlqStats)>>,
+}
+
+fn non_empty(s: &Option<String>) -> Option<String> {
+    s.as_ref().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+}
+
+impl ServiceBusBackend {
+    pub async fn connect(name: &str, cfg: &ServiceBusQueueConfig, queue: &QueueConfig) -> Result<Self> {
+        let entity = match (&cfg.queue, &cfg.topic, &cfg.subscription) {
+            (Some(q), None, None) => Entity::Queue(q.clone()),
+            (None, Some(t), Some(s)) => Entity::Subscription {
+                topic: t.clone(),
+                subscription: s.clone(),
+            },
+            _ => {
+                return Err(BackendError::Invalid(format!(
+                    "queue {name}: servicebus needs either `queue`, or both `topic` and `subscription`"
+                )));
+            }
+        };
+        let (auth, host, emulator) = match non_empty(&cfg.connection_string_env) {
+            Some(var) => {
+                let text = std::env::var(&var)
+                    .ok()
+                    .filter(|v| !v.trim().is_empty())
+                    .ok_or_else(|| {
+                        BackendError::Invalid(format!(
+                            "queue {name}: the environment variable {var} (servicebus.connection_string_env) is not set"
+                        ))
+                    })?;
+                let cs = ConnectionString::parse(&text)
+                    .map_err(|e| BackendError::Invalid(format!("queue {name}: {var}: {e}")))?;
+                let host = non_empty(&cfg.namespace)
+                    .map(|n| namespace_host(&n))
+                    .unwrap_or(cs.host.clone());
+                let emulator = cs.emulator;
+                (
+                    Auth::Sas(ConnectionString {
+                        host: host.clone(),
+                        ..cs
+                    }),
+                    host,
+                    emulator,
+                )
+            }
+            None => {
+                let ns = non_empty(&cfg.namespace).ok_or_else(|| {
+                    BackendError::Invalid(format!(
+                        "queue {name}: servicebus needs `connection_string_env`, or `namespace` for Entra ID (workload identity)"
+                    ))
+                })?;
+                let cred = WorkloadIdentityCredential::from_env().map_err(|e| BackendError::Auth {
+                    provider: PROVIDER,
+                    detail: format!("queue {name}: no connection string and no workload identity: {e}"),
+                })?;
+                (Auth::Entra(Arc::new(cred)), namespace_host(&ns), false)
+            }
+        };
+        let management = match non_empty(&cfg.management_endpoint) {
+            Some(m) => m.trim_end_matches('/').to_string(),
+            None if emulator => format!("http://{host}:5300"),
+            None => format!("https://{host}"),
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(20))
+            .build()
+            .map_err(|e| BackendError::Provider {
+                provider: PROVIDER,
+                detail: format!("cannot build the HTTP client: {e}"),
+            })?;
+        let backend = Self {
+            queue_name: name.to_string(),
+            entity,
+            host,
+            auth,
+            emulator,
+            config_source: queue.source.clone().filter(|s| !s.trim().is_empty()),
+            target_property: non_empty(&cfg.target_subscription_property),
+            client: Mutex::new(None),
+            receiver: Mutex::new(None),
+            senders: Mutex::new(HashMap::new()),
+            leases: std::sync::Mutex::new(HashMap::new()),
+            http,
+            management,
+            stats_cache: Mutex::new(None),
+        };
+        // Fail now, with a clear error, when the namespace cannot be reached.
+        // No link is attached yet: an emulator would auto-create the entity,
+        // and `list` needs only the management call. A missing entity shows
+        // as NotFound from the first call (ATOM's empty feed, or the
+        // attach's `amqp:not-found`).
+        let mut slot = backend.client.lock().await;
+        backend.client(&mut slot).await?;
+        drop(slot);
+        Ok(backend)
+    }
+
+    /// The DLQ's entity path (`queue` or `topic/Subscriptions/sub`).
+    pub fn entity_path(&self) -> String {
+        self.entity.path()
+    }
+
+    fn unreachable(&self, detail: impl std::fmt::Display) -> BackendError {
+        BackendError::Unreachable {
+            endpoint: format!("{}://{}", if self.emulator { "amqp" } else { "amqps" }, self.host),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn classify(&self, what: &str, e: &azure_core::Error) -> BackendError {
+        classify(
+            e,
+            &self.unreachable(""),
+            &format!("{} ({})", self.queue_name, self.entity.path()),
+            what,
+        )
+    }
+
+    /// The client, opened on first use.
+    async fn client<'a>(&self, slot: &'a mut Option<Client>) -> Result<&'a mut Client> {
+        if slot.is_none() {
+            let options = ServiceBusClientOptions {
+                retry_options: ServiceBusRetryOptions {
+                    max_retries: 1,
+                    delay: Duration::from_millis(200),
+                    max_delay: Duration::from_secs(2),
+                    try_timeout: CALL_TIMEOUT,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let fut = async {
+                match &self.auth {
+                    Auth::Sas(cs) if cs.emulator => {
+                        ServiceBusClient::unsecured()
+                            .new_from_connection_string(cs.for_client(), options)
+                            .await
+                    }
+                    Auth::Sas(cs) => ServiceBusClient::new_from_connection_string(cs.for_client(), options).await,
+                    Auth::Entra(cred) => {
+                        let cred: Arc<dyn azure_core::credentials::TokenCredential> = cred.clone();
+                        ServiceBusClient::new_from_token_credential(self.host.clone(), cred, options).await
+                    }
+                }
+            };
+            let client = tokio::time::timeout(CONNECT_TIMEOUT, fut)
+                .await
+                .map_err(|_| self.unreachable(format!("no AMQP connection within {CONNECT_TIMEOUT:?}")))?
+                .map_err(|e| self.classify("connect", &e))?;
+            *slot = Some(client);
+        }
+        Ok(slot.as_mut().expect("just set"))
+    }
+
+    /// Forget the connection after a failure, so the next call reconnects.
+    /// Leases taken on the old link can no longer be settled; their locks
+    /// lapse and the messages return to the DLQ.
+    async fn reset(&self) {
+        *self.client.lock().await = None;
+        self.senders.lock().await.clear();
+    }
+
+    async fn ensure_receiver<'a>(
+        &self,
+        slot: &'a mut Option<ServiceBusReceiver>,
+    ) -> Result<&'a mut ServiceBusReceiver> {
+        if slot.is_none() {
+            let mut client_slot = self.client.lock().await;
+            let client = self.client(&mut client_slot).await?;
+            let options = ServiceBusReceiverOptions {
+                sub_queue: SubQueue::DeadLetter,
+                receive_mode: ServiceBusReceiveMode::PeekLock,
+                prefetch_count: 0,
+                ..Default::default()
+            };
+            let fut = async {
+                match &self.entity {
+                    Entity::Queue(q) => client.create_receiver_for_queue(q.clone(), options).await,
+                    Entity::Subscription { topic, subscription } => {
+                        client
+                            .create_receiver_for_subscription(topic.clone(), subscription.clone(), options)
+                            .await
+                    }
+                }
+            };
+            let result = tokio::time::timeout(CALL_TIMEOUT, fut).await;
+            let receiver = match result {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    let err = self.classify("attach to the dead-letter queue", &e);
+                    drop(client_slot);
+                    if matches!(err, BackendError::Unreachable { .. }) {
+                        self.reset().await;
+                    }
+                    return Err(err);
+                }
+                Err(_) => {
+                    drop(client_slot);
+                    self.reset().await;
+                    return Err(self.unreachable("attaching to the dead-letter queue timed out"));
+                }
+            };
+            *slot = Some(receiver);
+        }
+        Ok(slot.as_mut().expect("just set"))
+    }
+
+    /// Drop the DLQ receiver (and the connection) after a failed call.
+    async fn drop_receiver(&self, slot: &mut Option<ServiceBusReceiver>) {
+        *slot = None;
+        self.leases.lock().expect("leases lock").clear();
+        self.reset().await;
+    }
+
+    fn to_model(&self, raw: &Message<Body<Value>>, fields: Fields) -> DlqMessage {
+        let mut attributes = Attributes::new();
+        if let Some(props) = &raw.application_properties {
+            for (k, v) in props.0.iter() {
+                attributes.insert(k.clone(), attribute_from_amqp(v));
+            }
+        }
+        let mut properties = Properties::new();
+        let (body, body_type) = body_bytes(&raw.body);
+        if let Some(t) = body_type {
+            properties.insert(PROP_BODY_TYPE.into(), t.into());
+        }
+        let mut put = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                properties.insert(k.into(), v);
+            }
+        };
+        put(PROP_MESSAGE_ID, fields.message_id.clone());
+        put(PROP_SEQUENCE_NUMBER, Some(fields.sequence_number.to_string()));
+        put(PROP_CORRELATION_ID, fields.correlation_id);
+        put(PROP_SUBJECT, fields.subject);
+        put(PROP_CONTENT_TYPE, fields.content_type);
+        put(PROP_REPLY_TO, fields.reply_to);
+        put(PROP_REPLY_TO_SESSION_ID, fields.reply_to_session_id);
+        put(PROP_TO, fields.to);
+        put(PROP_PARTITION_KEY, fields.partition_key);
+        put(
+            PROP_TIME_TO_LIVE,
+            fields.time_to_live.map(|d| d.as_millis().to_string()),
+        );
+        put(PROP_DEAD_LETTER_SOURCE, fields.dead_letter_source);
+        if let Entity::Subscription { subscription, .. } = &self.entity {
+            put(PROP_SOURCE_SUBSCRIPTION, Some(subscription.clone()));
+        }
+        DlqMessage {
+            id: fields
+                .message_id
+                .unwrap_or_else(|| format!("seq-{}", fields.sequence_number)),
+            body,
+            reason: fields.reason,
+            description: fields.description,
+            delivery_count: fields.delivery_count,
+            enqueued_at: Some(fields.enqueued_at),
+            source: Some(
+                self.config_source
+                    .clone()
+                    .unwrap_or_else(|| self.entity.parent().to_string()),
+            ),
+            ordering_key: fields.session_id,
+            properties,
+            attributes,
+        }
+    }
+
+    /// Up to `max` messages from the DLQ's browse, from sequence number 1.
+    async fn browse(&self, max: usize) -> Result<Vec<DlqMessage>> {
+        let mut out = Vec::new();
+        let mut from: i64 = 1;
+        let mut slot = self.receiver.lock().await;
+        while out.len() < max {
+            let rx = self.ensure_receiver(&mut slot).await?;
+            let n = (max - out.len()).min(PEEK_PAGE) as u32;
+            let page = match tokio::time::timeout(CALL_TIMEOUT, rx.peek_messages(n, Some(from))).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    let err = self.classify("peek", &e);
+                    self.drop_receiver(&mut slot).await;
+                    return Err(err);
+                }
+                Err(_) => {
+                    self.drop_receiver(&mut slot).await;
+                    return Err(self.unreachable("peek timed out"));
+                }
+            };
+            if page.is_empty() {
+                break;
+            }
+            for m in &page {
+                from = from.max(m.sequence_number() + 1);
+                out.push(self.to_model(m.raw_amqp_message(), fields!(m)));
+            }
+        }
+        out.truncate(max);
+        Ok(out)
+    }
+
+    async fn receive(&self, rx: &mut ServiceBusReceiver, max: u32, wait: Duration) -> Result<Vec<Received>, String> {
+        match tokio::time::timeout(
+            wait + CALL_TIMEOUT,
+            rx.receive_messages_with_max_wait_time(max, Some(wait)),
+        )
+        .await
+        {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("receive timed out".into()),
+        }
+    }
+
+    /// A sender to `dest`, opened on first use.
+    async fn sender<'a>(
+        &self,
+        senders: &'a mut HashMap<String, ServiceBusSender>,
+        dest: &str,
+    ) -> Result<&'a mut ServiceBusSender> {
+        if !senders.contains_key(dest) {
+            let mut client_slot = self.client.lock().await;
+            let client = self.client(&mut client_slot).await?;
+            let fut = client.create_sender(dest.to_string(), ServiceBusSenderOptions::default());
+            let sender = match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(classify(&e, &self.unreachable(""), dest, "attach a sender")),
+                Err(_) => {
+                    drop(client_slot);
+                    self.reset_client_only().await;
+                    return Err(self.unreachable(format!("attaching a sender to {dest} timed out")));
+                }
+            };
+            senders.insert(dest.to_string(), sender);
+        }
+        Ok(senders.get_mut(dest).expect("just inserted"))
+    }
+
+    async fn reset_client_only(&self) {
+        *self.client.lock().await = None;
+    }
+
+    fn outgoing_message(&self, o: &Outgoing, dest: &str) -> Result<ServiceBusMessage, String> {
+        let mut m = ServiceBusMessage::new(o.body.to_vec());
+        m.set_message_id(copy_message_id(&o.dedup_id))
+            .map_err(|e| e.to_string())?;
+        let p = |k: &str| o.properties.get(k).cloned();
+        if let Some(s) = &o.ordering_key {
+            m.set_session_id(s.clone()).map_err(|e| e.to_string())?;
+        }
+        if let Some(pk) = p(PROP_PARTITION_KEY) {
+            // Service Bus requires PartitionKey == SessionId when both are set.
+            if o.ordering_key.as_ref().is_none_or(|s| *s == pk) {
+                m.set_partition_key(pk).map_err(|e| e.to_string())?;
+            }
+        }
+        m.set_correlation_id(p(PROP_CORRELATION_ID));
+        m.set_subject(p(PROP_SUBJECT));
+        m.set_content_type(p(PROP_CONTENT_TYPE));
+        m.set_reply_to(p(PROP_REPLY_TO));
+        m.set_to(p(PROP_TO));
+        if let Some(r) = p(PROP_REPLY_TO_SESSION_ID) {
+            m.set_reply_to_session_id(Some(r)).map_err(|e| e.to_string())?;
+        }
+        if let Some(ttl) = p(PROP_TIME_TO_LIVE).and_then(|t| t.parse::<u64>().ok()) {
+            m.set_time_to_live(Some(Duration::from_millis(ttl)))
+                .map_err(|e| e.to_string())?;
+        }
+        let mut props = ApplicationProperties::default();
+        for (k, a) in &o.attributes {
+            props.0.insert(k.clone(), attribute_to_amqp(a)?);
+        }
+        if let (Some(prop), Some(sub)) = (&self.target_property, o.properties.get(PROP_SOURCE_SUBSCRIPTION)) {
+            // Only copies that go back to the topic of the failing subscription
+            // are targeted; a `--to` elsewhere is left alone.
+            if let Entity::Subscription { topic, .. } = &self.entity
+                && topic.eq_ignore_ascii_case(dest)
+            {
+                props.0.insert(prop.clone(), SimpleValue::String(sub.clone()));
+            }
+        }
+        if !props.0.is_empty() {
+            *m.application_properties_mut() = Some(props);
+        }
+        Ok(m)
+    }
+
+    /// Send one batch, with a timeout and retries on a fresh link.
+    async fn send_batch(&self, dest: &str, msgs: &[ServiceBusMessage]) -> Result<(), BackendError> {
+        let mut senders = self.senders.lock().await;
+        let mut last = String::new();
+        for attempt in 1..=SEND_ATTEMPTS {
+            let sender = self.sender(&mut senders, dest).await?;
+            let fut = sender.send_messages(msgs.to_vec());
+            match tokio::time::timeout(SEND_TIMEOUT, fut).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    let err = classify(&e, &self.unreachable(""), dest, "send");
+                    senders.remove(dest);
+                    match err {
+                        BackendError::NotFound { .. } | BackendError::Auth { .. } => return Err(err),
+                        _ => last = err.to_string(),
+                    }
+                }
+                Err(_) => {
+                    // A lost settlement (fe2o3-amqp race): retry on a new link.
+                    tracing::warn!(%dest, attempt, "send not confirmed within {SEND_TIMEOUT:?}; retrying");
+                    senders.remove(dest);
+                    last = format!("send not confirmed within {SEND_TIMEOUT:?}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+        }
+        Err(BackendError::Provider {
+            provider: PROVIDER,
+            detail: format!("send to {dest} failed {SEND_ATTEMPTS} times: {last}"),
+        })
+    }
+
+    /// How many messages of `msgs` fit in one batch on `dest`'s link.
+    async fn split(&self, dest: &str, msgs: &[ServiceBusMessage]) -> Result<Vec<std::ops::Range<usize>>> {
+        let mut senders = self.senders.lock().await;
+        let sender = self.sender(&mut senders, dest).await?;
+        let mut ranges = Vec::new();
+        let mut start = 0;
+        while start < msgs.len() {
+            let mut batch = sender
+                .create_message_batch(CreateMessageBatchOptions::default())
+                .map_err(|e| BackendError::Provider {
+                    provider: PROVIDER,
+                    detail: format!("cannot create a message batch: {e:?}"),
+                })?;
+            let mut end = start;
+            while end < msgs.len() && end - start < BATCH && batch.try_add_message(msgs[end].clone()).is_ok() {
+                end += 1;
+            }
+            // A message too large even alone goes in a batch of its own, and
+            // the service's refusal is reported for it.
+            ranges.push(start..end.max(start + 1));
+            start = end.max(start + 1);
+        }
+        Ok(ranges)
+    }
+
+    /// The ATOM management call: (active, dead-lettered), or NotFound.
+    async fn counts(&self) -> Result<(u64, u64)> {
+        let path = self.entity.path();
+        let url = format!("{}/{}?api-version={API_VERSION}", self.management, path);
+        let auth = match &self.auth {
+            Auth::Sas(cs) => match &cs.signature {
+                Some(sig) => sig.clone(),
+                None => sas_token(
+                    &format!("https://{}/{}", self.host, path.to_ascii_lowercase()),
+                    cs.key_name.as_deref().unwrap_or_default(),
+                    cs.key.as_deref().unwrap_or_default(),
+                    unix_now() + SAS_TTL_SECS,
+                ),
+            },
+            Auth::Entra(cred) => {
+                let token = cred
+                    .token(&["https://servicebus.azure.net/.default"])
+                    .await
+                    .map_err(|e| BackendError::Auth {
+                        provider: PROVIDER,
+                        detail: e.to_string(),
+                    })?;
+                format!("Bearer {token}")
+            }
+        };
+        let resp = self
+            .http
+            .get(&url)
+            .header("Authorization", auth)
+            .send()
+            .await
+            .map_err(|e| BackendError::Unreachable {
+                endpoint: self.management.clone(),
+                detail: format!("management GET {url}: {e}"),
+            })?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| BackendError::Unreachable {
+            endpoint: self.management.clone(),
+            detail: e.to_string(),
+        })?;
+        match status.as_u16() {
+            200 => {}
+            401 | 403 => {
+                return Err(BackendError::Auth {
+                    provider: PROVIDER,
+                    detail: format!(
+                        "management GET {url} answered {status} (reading counts needs the Manage right): {}",
+                        snippet(&text)
+                    ),
+                });
+            }
+            404 => {
+                return Err(BackendError::NotFound {
+                    queue: path,
+                    detail: format!("management GET answered {status}"),
+                });
+            }
+            _ => {
+                return Err(BackendError::Provider {
+                    provider: PROVIDER,
+                    detail: format!("management GET {url} answered {status}: {}", snippet(&text)),
+                });
+            }
+        }
+        parse_counts(&text).ok_or_else(|| BackendError::NotFound {
+            queue: path,
+            detail: format!("no such entity at {}", self.management),
+        })
+    }
+}
+
+/// The fields the peeked and received message types both have.
+struct Fields {
+    message_id: Option<String>,
+    sequence_number: i64,
+    correlation_id: Option<String>,
+    subject: Option<String>,
+    content_type: Option<String>,
+    reply_to: Option<String>,
+    reply_to_session_id: Option<String>,
+    to: Option<String>,
+    partition_key: Option<String>,
+    session_id: Option<String>,
+    time_to_live: Option<Duration>,
+    dead_letter_source: Option<String>,
+    reason: Option<String>,
+    description: Option<String>,
+    delivery_count: Option<u32>,
+    enqueued_at: DateTime<Utc>,
+}
+
+macro_rules! fields {
+    ($m:expr) => {{
+        let m = $m;
+        Fields {
+            message_id: m.message_id().map(|s| s.into_owned()),
+            sequence_number: m.sequence_number(),
+            correlation_id: m.correlation_id().map(|s| s.into_owned()),
+            subject: m.subject().map(str::to_string),
+            content_type: m.content_type().map(str::to_string),
+            reply_to: m.reply_to().map(str::to_string),
+            reply_to_session_id: m.reply_to_session_id().map(str::to_string),
+            to: m.to().map(str::to_string),
+            partition_key: m.partition_key().map(str::to_string),
+            session_id: m.session_id().map(str::to_string),
+            time_to_live: m.time_to_live(),
+            dead_letter_source: m.dead_letter_source().map(str::to_string),
+            reason: m.dead_letter_reason().map(str::to_string),
+            description: m.dead_letter_error_description().map(str::to_string),
+            delivery_count: m.delivery_count(),
+            enqueued_at: DateTime::<Utc>::from_timestamp_nanos(m.enqueued_time().unix_timestamp_nanos() as i64),
+        }
+    }};
+}
+use fields;
+
+fn namespace_host(ns: &str) -> String {
+    let ns = ns.trim();
+    let rest = ns.split_once("://").map_or(ns, |(_, r)| r);
+    let host = rest.split(['/', ':']).next().unwrap_or_default().to_ascii_lowercase();
+    if host.contains('.') {
+        host
+    } else {
+        format!("{host}.servicebus.windows.net")
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn snippet(text: &str) -> String {
+    text.chars().take(300).collect()
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A Service Bus SAS token: HMAC-SHA256 over `<url-encoded resource>\n<expiry>`.
+pub fn sas_token(resource: &str, key_name: &str, key: &str, expiry: u64) -> String {
+    use base64::Engine as _;
+    let sr = urlencode(resource);
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key length");
+    mac.update(format!("{sr}\n{expiry}").as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    format!(
+        "SharedAccessSignature sr={sr}&sig={}&se={expiry}&skn={}",
+        urlencode(&sig),
+        urlencode(key_name)
+    )
+}
+
+/// `(ActiveMessageCount, DeadLetterMessageCount)` from an ATOM entry; None
+/// for an empty feed (Azure's answer for a missing entity).
+pub fn parse_counts(xml: &str) -> Option<(u64, u64)> {
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+    let mut reader = quick_xml::NsReader::from_str(xml);
+    let mut current: Option<&'static str> = None;
+    let (mut active, mut dead) = (None, None);
+    loop {
+        match reader.read_resolved_event() {
+            Ok((ResolveResult::Bound(ns), Event::Start(e))) if ns.as_ref() == SB_XML_NS => {
+                current = match e.local_name().as_ref() {
+                    b"ActiveMessageCount" => Some("active"),
+                    b"DeadLetterMessageCount" => Some("dead"),
+                    _ => None,
+                };
+            }
+            Ok((_, Event::Text(t))) => {
+                if let Some(which) = current {
+                    let n = t.decode().ok().and_then(|s| s.trim().parse::<u64>().ok());
+                    match which {
+                        "active" => active = n,
+                        _ => dead = n,
+                    }
+                }
+            }
+            Ok((_, Event::End(_))) => current = None,
+            Ok((_, Event::Eof)) | Err(_) => break,
+            _ => {}
+        }
+    }
+    Some((active.unwrap_or(0), dead?))
+}
+
+/// The body bytes, and a note when the body was not data sections.
+fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
+    match body {
+        Body::Data(sections) => {
+            if sections.len() == 1 {
+                (Bytes::copy_from_slice(sections[0].0.as_ref()), None)
+            } else {
+                let mut all = Vec::new();
+                for s in sections.iter() {
+                    all.extend_from_slice(s.0.as_ref());
+                }
+                (Bytes::from(all), None)
+            }
+        }
+        Body::Value(v) => match &v.0 {
+            Value::Binary(b) => (Bytes::copy_from_slice(b.as_ref()), Some("amqp-value")),
+            Value::String(s) => (Bytes::from(s.clone()), Some("amqp-value")),
+            other => (Bytes::from(format!("{other:?}")), Some("amqp-value")),
+        },
+        Body::Sequence(_) => (Bytes::new(), Some("amqp-sequence")),
+        Body::Empty => (Bytes::new(), None),
+    }
+}
+
+/// The copy's MessageId: the engine's dedup ID (`<original>-<count>`), hashed
+/// when longer than Service Bus allows.
+fn copy_message_id(dedup_id: &str) -> String {
+    if dedup_id.len() <= MAX_MESSAGE_ID {
+        return dedup_id.to_string();
+    }
+    let digest = Sha256::digest(dedup_id.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("dlq-bridge-{hex}")
+}
+
+fn typed(value: AttrValue, t: &str) -> Attribute {
+    Attribute {
+        value,
+        data_type: Some(t.to_string()),
+    }
+}
+
+fn plain(value: AttrValue) -> Attribute {
+    Attribute { value, data_type: None }
+}
+
+pub fn attribute_from_amqp(v: &SimpleValue) -> Attribute {
+    match v {
+        SimpleValue::Null => typed(AttrValue::String(String::new()), "null"),
+        SimpleValue::Bool(b) => plain(AttrValue::Bool(*b)),
+        SimpleValue::Ubyte(n) => typed(AttrValue::Int(*n as i64), "ubyte"),
+        SimpleValue::Ushort(n) => typed(AttrValue::Int(*n as i64), "ushort"),
+        SimpleValue::Uint(n) => typed(AttrValue::Int(*n as i64), "uint"),
+        SimpleValue::Ulong(n) => match i64::try_from(*n) {
+            Ok(i) => typed(AttrValue::Int(i), "ulong"),
+            Err(_) => typed(AttrValue::Number(n.to_string()), "ulong"),
+        },
+        SimpleValue::Byte(n) => typed(AttrValue::Int(*n as i64), "byte"),
+        SimpleValue::Short(n) => typed(AttrValue::Int(*n as i64), "short"),
+        SimpleValue::Int(n) => typed(AttrValue::Int(*n as i64), "int"),
+        SimpleValue::Long(n) => plain(AttrValue::Int(*n)),
+        SimpleValue::Float(f) => typed(AttrValue::Float(f.into_inner() as f64), "float"),
+        SimpleValue::Double(f) => plain(AttrValue::Float(f.into_inner())),
+        SimpleValue::Decimal32(d) => typed(
+            AttrValue::Binary(Bytes::copy_from_slice(&d.clone().into_inner())),
+            "decimal32",
+        ),
+        SimpleValue::Decimal64(d) => typed(
+            AttrValue::Binary(Bytes::copy_from_slice(&d.clone().into_inner())),
+            "decimal64",
+        ),
+        SimpleValue::Decimal128(d) => typed(
+            AttrValue::Binary(Bytes::copy_from_slice(&d.clone().into_inner())),
+            "decimal128",
+        ),
+        SimpleValue::Char(c) => typed(AttrValue::String(c.to_string()), "char"),
+        SimpleValue::Timestamp(t) => plain(
+            DateTime::<Utc>::from_timestamp_millis(t.milliseconds())
+                .map(AttrValue::Timestamp)
+                .unwrap_or(AttrValue::Int(t.milliseconds())),
+        ),
+        SimpleValue::Uuid(u) => plain(AttrValue::Uuid(uuid::Uuid::from_bytes(u.clone().into_inner()))),
+        SimpleValue::Binary(b) => plain(AttrValue::Binary(Bytes::copy_from_slice(b.as_ref()))),
+        SimpleValue::String(s) => plain(AttrValue::String(s.clone())),
+        SimpleValue::Symbol(s) => typed(AttrValue::String(s.0.clone()), "symbol"),
+        SimpleValue::Described(d) => {
+            let descriptor = match &d.descriptor {
+                serde_amqp::descriptor::Descriptor::Name(s) => s.0.clone(),
+                serde_amqp::descriptor::Descriptor::Code(c) => format!("0x{c:016x}"),
+            };
+            let inner = match &d.value {
+                Value::Long(n) => AttrValue::Int(*n),
+                Value::String(s) => AttrValue::String(s.clone()),
+                Value::Binary(b) => AttrValue::Binary(Bytes::copy_from_slice(b.as_ref())),
+                other => AttrValue::String(format!("{other:?}")),
+            };
+            typed(inner, &format!("described:{descriptor}"))
+        }
+    }
+}
+
+pub fn attribute_to_amqp(a: &Attribute) -> Result<SimpleValue, String> {
+    let t = a.data_type.as_deref().unwrap_or("");
+    let int = |i: i64| -> Result<SimpleValue, String> {
+        let range = |_| format!("{i} does not fit AMQP type {t}");
+        Ok(match t {
+            "ubyte" => SimpleValue::Ubyte(u8::try_from(i).map_err(range)?),
+            "ushort" => SimpleValue::Ushort(u16::try_from(i).map_err(range)?),
+            "uint" => SimpleValue::Uint(u32::try_from(i).map_err(range)?),
+            "ulong" => SimpleValue::Ulong(u64::try_from(i).map_err(range)?),
+            "byte" => SimpleValue::Byte(i8::try_from(i).map_err(range)?),
+            "short" => SimpleValue::Short(i16::try_from(i).map_err(range)?),
+            "int" => SimpleValue::Int(i32::try_from(i).map_err(range)?),
+            _ => SimpleValue::Long(i),
+        })
+    };
+    if let Some(descriptor) = t.strip_prefix("described:") {
+        let value = match &a.value {
+            AttrValue::Int(n) => Value::Long(*n),
+            AttrValue::Binary(b) => Value::Binary(b.to_vec().into()),
+            _ => Value::String(a.as_text()),
+        };
+        let descriptor = match descriptor.strip_prefix("0x").map(|h| u64::from_str_radix(h, 16)) {
+            Some(Ok(code)) => serde_amqp::descriptor::Descriptor::Code(code),
+            _ => serde_amqp::descriptor::Descriptor::Name(Symbol::from(descriptor)),
+        };
+        return Ok(SimpleValue::Described(Box::new(serde_amqp::described::Described {
+            descriptor,
+            value,
+        })));
+    }
+    Ok(match &a.value {
+        AttrValue::String(s) => match t {
+            "null" if s.is_empty() => SimpleValue::Null,
+            "symbol" => SimpleValue::Symbol(Symbol::from(s.as_str())),
+            "char" if s.chars().count() == 1 => SimpleValue::Char(s.chars().next().expect("one char")),
+            _ => SimpleValue::String(s.clone()),
+        },
+        AttrValue::Number(n) => match (t, n.parse::<u64>()) {
+            ("ulong", Ok(u)) => SimpleValue::Ulong(u),
+            _ => SimpleValue::String(n.clone()),
+        },
+        AttrValue::Binary(b) => match t {
+            "decimal32" => SimpleValue::Decimal32(Dec32::try_from(b.as_ref()).map_err(|e| format!("{e:?}"))?),
+            "decimal64" => SimpleValue::Decimal64(Dec64::try_from(b.as_ref()).map_err(|e| format!("{e:?}"))?),
+            "decimal128" => SimpleValue::Decimal128(Dec128::try_from(b.as_ref()).map_err(|e| format!("{e:?}"))?),
+            _ => SimpleValue::Binary(b.to_vec().into()),
+        },
+        AttrValue::Bool(b) => SimpleValue::Bool(*b),
+        AttrValue::Int(i) => int(*i)?,
+        AttrValue::Float(f) => match t {
+            "float" => SimpleValue::Float((*f as f32).into()),
+            _ => SimpleValue::Double((*f).into()),
+        },
+        AttrValue::Timestamp(ts) => SimpleValue::Timestamp(Timestamp::from_milliseconds(ts.timestamp_millis())),
+        AttrValue::Uuid(u) => SimpleValue::Uuid(AmqpUuid::from(*u.as_bytes())),
+    })
+}
+
+/// Sort an azservicebus error into the backend's classes, by its kind and
+/// the AMQP condition it names.
+fn classify(e: &azure_core::Error, unreachable: &BackendError, entity: &str, what: &str) -> BackendError {
+    let text = format!("{e} ({e:?})");
+    let lower = text.to_ascii_lowercase();
+    let detail = format!("{what}: {e}");
+    if lower.contains("not-found") || lower.contains("notfound") || lower.contains("messagingentitynotfound") {
+        BackendError::NotFound {
+            queue: entity.to_string(),
+            detail,
+        }
+    } else if lower.contains("unauthorized")
+        || lower.contains("unauthorized-access")
+        || lower.contains("sasl")
+        || lower.contains("status code: 401")
+        || lower.contains("credential")
+    {
+        BackendError::Auth {
+            provider: PROVIDER,
+            detail,
+        }
+    } else if lower.contains("connection refused")
+        || lower.contains("connect")
+        || lower.contains("dns")
+        || lower.contains("timed out")
+        || lower.contains("broken pipe")
+        || lower.contains("reset by peer")
+        || lower.contains("io error")
+        || matches!(e.kind(), azure_core::error::ErrorKind::Io)
+    {
+        match unreachable {
+            BackendError::Unreachable { endpoint, .. } => BackendError::Unreachable {
+                endpoint: endpoint.clone(),
+                detail,
+            },
+            _ => BackendError::Provider {
+                provider: PROVIDER,
+                detail,
+            },
+        }
+    } else {
+        BackendError::Provider {
+            provider: PROVIDER,
+            detail,
+        }
+    }
+}
+
+#[async_trait]
+impl QueueBackend for ServiceBusBackend {
+    fn kind(&self) -> &'static str {
+        "servicebus"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            true_peek: true,
+            binary_body: true,
+            empty_body: true,
+            max_body_bytes: MAX_BODY,
+            typed_attributes: true,
+            max_attributes: None,
+            batch_size: BATCH,
+        }
+    }
+
+    fn is_dead_letter_attribute(&self, name: &str) -> bool {
+        name == DEAD_LETTER_REASON || name == DEAD_LETTER_DESCRIPTION
+    }
+
+    async fn stats(&self) -> Result<DlqStats> {
+        let mut cache = self.stats_cache.lock().await;
+        if let Some((at, s)) = cache.as_ref() {
+            if at.elapsed() < STATS_TTL {
+                return Ok(s.clone());
+            }
+            let since = at.elapsed();
+            if since < STATS_MIN_INTERVAL {
+                tokio::time::sleep(STATS_MIN_INTERVAL - since).await;
+            }
+        }
+        let (_, dead) = self.counts().await?;
+        let oldest_age = if dead == 0 {
+            None
+        } else {
+            self.browse(1).await?.first().and_then(|m| m.age(Utc::now()))
+        };
+        let stats = DlqStats {
+            depth: dead,
+            in_flight: None,
+            oldest_age,
+            exactness: if self.emulator {
+                Exactness::Exact
+            } else {
+                Exactness::Approximate
+            },
+        };
+        *cache = Some((Instant::now(), stats.clone()));
+        Ok(stats)
+    }
+
+    async fn peek(&self, max: usize) -> Result<Vec<DlqMessage>> {
+        self.browse(max).await
+    }
+
+    async fn lease(&self, max: usize, _hold: Duration) -> Result<Vec<Leased>> {
+        let max = max.clamp(1, BATCH) as u32;
+        let mut slot = self.receiver.lock().await;
+        let rx = self.ensure_receiver(&mut slot).await?;
+        let mut got = match self.receive(rx, 1, LEASE_WAIT).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.drop_receiver(&mut slot).await;
+                return Err(self.unreachable(format!("receive from the dead-letter queue: {e}")));
+            }
+        };
+        if !got.is_empty() && max > 1 {
+            let rx = self.ensure_receiver(&mut slot).await?;
+            match self.receive(rx, max - 1, LEASE_TOP_UP).await {
+                Ok(more) => got.extend(more),
+                Err(e) => tracing::warn!(error = %e, "topping up a lease failed; continuing with what arrived"),
+            }
+        }
+        drop(slot);
+        let mut out = Vec::with_capacity(got.len());
+        let mut leases = self.leases.lock().expect("leases lock");
+        for m in got {
+            let token = uuid::Uuid::from_bytes(m.lock_token().clone().into_inner()).to_string();
+            let message = self.to_model(m.raw_amqp_message(), fields!(&m));
+            leases.insert(token.clone(), m);
+            out.push(Leased {
+                message,
+                lease: LeaseId(token),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn send(&self, to: &Destination, msgs: &[Outgoing]) -> Result<Vec<SendResult>> {
+        let dest = to.0.as_str();
+        let mut results: Vec<Option<SendResult>> = vec![None; msgs.len()];
+        let mut built = Vec::new();
+        let mut index = Vec::new();
+        for (i, o) in msgs.iter().enumerate() {
+            match self.outgoing_message(o, dest) {
+                Ok(m) => {
+                    built.push(m);
+                    index.push(i);
+                }
+                Err(e) => results[i] = Some(SendResult::Failed { error: e }),
+            }
+        }
+        if !built.is_empty() {
+            let ranges = self.split(dest, &built).await?;
+            for r in ranges {
+                match self.send_batch(dest, &built[r.clone()]).await {
+                    Ok(()) => {
+                        for j in r {
+                            results[index[j]] = Some(SendResult::Sent {
+                                dest_id: built[j].message_id().map(|s| s.into_owned()).unwrap_or_default(),
+                            });
+                        }
+                    }
+                    Err(
+                        e @ (BackendError::NotFound { .. }
+                        | BackendError::Auth { .. }
+                        | BackendError::Unreachable { .. }),
+                    ) => {
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        for j in r {
+                            results[index[j]] = Some(SendResult::Failed { error: e.to_string() });
+                        }
+                    }
+                }
+            }
+        }
+        *self.stats_cache.lock().await = None;
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or(SendResult::Failed {
+                    error: "not sent".into(),
+                })
+            })
+            .collect())
+    }
+
+    async fn settle(&self, leases: &[LeaseId]) -> Result<Vec<SettleResult>> {
+        let mut slot = self.receiver.lock().await;
+        let mut out = Vec::with_capacity(leases.len());
+        for lease in leases {
+            let msg = self.leases.lock().expect("leases lock").remove(&lease.0);
+            let (Some(msg), Some(rx)) = (msg, slot.as_mut()) else {
+                out.push(SettleResult::Failed {
+                    error: "the lock is no longer held (the link was reset or the lease already settled)".into(),
+                });
+                continue;
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, rx.complete_message(&msg)).await {
+                Ok(Ok(())) => out.push(SettleResult::Settled),
+                Ok(Err(e)) => out.push(SettleResult::Failed {
+                    error: self.classify("complete", &e).to_string(),
+                }),
+                Err(_) => {
+                    out.push(SettleResult::Failed {
+                        error: "complete timed out".into(),
+                    });
+                }
+            }
+        }
+        drop(slot);
+        *self.stats_cache.lock().await = None;
+        Ok(out)
+    }
+
+    async fn release(&self, leases: &[LeaseId]) -> Result<()> {
+        let mut slot = self.receiver.lock().await;
+        let mut failed = 0;
+        for lease in leases {
+            let msg = self.leases.lock().expect("leases lock").remove(&lease.0);
+            let (Some(msg), Some(rx)) = (msg, slot.as_mut()) else {
+                continue;
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, rx.abandon_message(&msg, None)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    // An expired lock is released anyway.
+                    tracing::debug!(error = %e, "abandon failed");
+                    failed += 1;
+                }
+                Err(_) => {
+                    self.drop_receiver(&mut slot).await;
+                    return Err(self.unreachable("abandon timed out"));
+                }
+            }
+        }
+        if failed > 0 {
+            tracing::debug!(failed, "some releases failed; their locks lapse on their own");
+        }
+        Ok(())
+    }
+
+    async fn default_source(&self) -> Result<Option<Destination>> {
+        Ok(Some(Destination(
+            self.config_source
+                .clone()
+                .unwrap_or_else(|| self.entity.parent().to_string()),
+        )))
+    }
+
+    async fn resolve_destination(&self, name: &str) -> Result<Destination> {
+        let name = name.trim().trim_matches('/');
+        if name.is_empty() || name.contains("$DeadLetterQueue") || name.to_ascii_lowercase().contains("/subscriptions/")
+        {
+            return Err(BackendError::Invalid(format!(
+                "`{name}` is not a Service Bus queue or topic: copies can only be sent to a queue or a topic"
+            )));
+        }
+        Ok(Destination(name.to_string()))
+    }
+}
+
+/// Entra ID through Azure Workload Identity: the AKS webhook mounts a
+/// federated service-account token (`AZURE_FEDERATED_TOKEN_FILE`) and sets
+/// `AZURE_CLIENT_ID`, `AZURE_TENANT_ID` and `AZURE_AUTHORITY_HOST`; the token
+/// is exchanged for an access token with the client-credentials grant and a
+/// JWT client assertion. Implemented here against azure_core 0.25's
+/// `TokenCredential` (the version azservicebus uses) with the crate-wide
+/// reqwest, rather than pulling azure_identity and its HTTP stack in.
+#[derive(Debug)]
+pub struct WorkloadIdentityCredential {
+    token_file: String,
+    client_id: String,
+    tenant_id: String,
+    authority: String,
+    http: reqwest::Client,
+    cache: Mutex<HashMap<String, (String, u64)>>,
+}
+
+impl WorkloadIdentityCredential {
+    pub fn from_env() -> Result<Self, String> {
+        let var = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| format!("{k} is not set"))
+        };
+        Ok(Self {
+            token_file: var("AZURE_FEDERATED_TOKEN_FILE")?,
+            client_id: var("AZURE_CLIENT_ID")?,
+            tenant_id: var("AZURE_TENANT_ID")?,
+            authority: var("AZURE_AUTHORITY_HOST").unwrap_or_else(|_| "https://login.microsoftonline.com/".into()),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(20))
+                .build()
+                .map_err(|e| e.to_string())?,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// An access token for `scopes`, with its expiry (unix seconds).
+    async fn fetch(&self, scopes: &[&str]) -> Result<(String, u64), String> {
+        let key = scopes.join(" ");
+        if let Some((tok, exp)) = self.cache.lock().await.get(&key)
+            && *exp > unix_now() + 300
+        {
+            return Ok((tok.clone(), *exp));
+        }
+        let assertion =
+            std::fs::read_to_string(&self.token_file).map_err(|e| format!("cannot read {}: {e}", self.token_file))?;
+        let url = format!(
+            "{}/{}/oauth2/v2.0/token",
+            self.authority.trim_end_matches('/'),
+            self.tenant_id
+        );
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", self.client_id.as_str()),
+            ("scope", key.as_str()),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion.trim()),
+        ];
+        let body: String = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", urlencode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let resp = self
+            .http
+            .post(&url)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("token request to {url}: {e}"))?;
+        let status = resp.status();
+        let json: serde_json::Value = resp.json().await.map_err(|e| format!("token response: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("token request answered {status}: {json}"));
+        }
+        let token = json["access_token"]
+            .as_str()
+            .ok_or("no access_token in the token response")?
+            .to_string();
+        let expires_in = json["expires_in"].as_u64().unwrap_or(3600);
+        let exp = unix_now() + expires_in;
+        self.cache.lock().await.insert(key, (token.clone(), exp));
+        Ok((token, exp))
+    }
+
+    async fn token(&self, scopes: &[&str]) -> Result<String, String> {
+        self.fetch(scopes).await.map(|(t, _)| t)
+    }
+}
+
+#[async_trait]
+impl azure_core::credentials::TokenCredential for WorkloadIdentityCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _options: Option<azure_core::credentials::TokenRequestOptions>,
+    ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+        let (token, exp) = self
+            .fetch(scopes)
+            .await
+            .map_err(|e| azure_core::Error::message(azure_core::error::ErrorKind::Credential, e))?;
+        let expires_on = azure_core::date::OffsetDateTime::from_unix_timestamp(exp as i64)
+            .map_err(|e| azure_core::Error::new(azure_core::error::ErrorKind::DataConversion, e))?;
+        Ok(azure_core::credentials::AccessToken::new(token, expires_on))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_string_parses_and_drops_the_port() {
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://127.0.0.1:5672/;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true",
+        )
+        .unwrap();
+        assert_eq!(cs.host, "127.0.0.1");
+        assert!(cs.emulator);
+        assert_eq!(
+            cs.for_client(),
+            "Endpoint=sb://127.0.0.1/;SharedAccessKeyName=x;SharedAccessKey=y"
+        );
+        assert!(ConnectionString::parse("Endpoint=sb://ns.servicebus.windows.net/").is_err());
+    }
+
+    #[test]
+    fn sas_token_matches_the_documented_algorithm() {
+        // HMAC-SHA256("key", "https%3A%2F%2Fns%2Fq\n1000"), base64, url-encoded.
+        let t = sas_token("https://ns/q", "RootManageSharedAccessKey", "key", 1000);
+        assert!(
+            t.starts_with("SharedAccessSignature sr=https%3A%2F%2Fns%2Fq&sig="),
+            "{t}"
+        );
+        assert!(t.ends_with("&se=1000&skn=RootManageSharedAccessKey"), "{t}");
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"key").unwrap();
+        mac.update(b"https%3A%2F%2Fns%2Fq\n1000");
+        use base64::Engine as _;
+        let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        assert!(t.contains(&format!("sig={}", urlencode(&sig))), "{t}");
+    }
+
+    #[test]
+    fn counts_come_from_the_servicebus_namespace_and_empty_feeds_are_none() {
+        let xml = r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml">
+            <QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">
+            <CountDetails xmlns:d2p1="http://schemas.microsoft.com/netservices/2011/06/servicebus">
+            <d2p1:ActiveMessageCount>3</d2p1:ActiveMessageCount>
+            <d2p1:DeadLetterMessageCount>7</d2p1:DeadLetterMessageCount>
+            </CountDetails></QueueDescription></content></entry>"#;
+        assert_eq!(parse_counts(xml), Some((3, 7)));
+        let empty =
+            r#"<feed xmlns="http://www.w3.org/2005/Atom"><title type="text">Publicly Listed Services</title></feed>"#;
+        assert_eq!(parse_counts(empty), None);
+    }
+
+    #[test]
+    fn amqp_types_round_trip() {
+        for v in [
+            SimpleValue::Int(-7),
+            SimpleValue::Long(1 << 40),
+            SimpleValue::Double(1.5.into()),
+            SimpleValue::Float(0.25f32.into()),
+            SimpleValue::Bool(true),
+            SimpleValue::String("acme".into()),
+            SimpleValue::Symbol(Symbol::from("sym")),
+            SimpleValue::Binary(vec![0u8, 255].into()),
+            SimpleValue::Uuid(AmqpUuid::from([7u8; 16])),
+            SimpleValue::Timestamp(Timestamp::from_milliseconds(1_704_164_645_123)),
+            SimpleValue::Ubyte(200),
+            SimpleValue::Ushort(60000),
+            SimpleValue::Uint(4_000_000_000),
+            SimpleValue::Ulong(u64::MAX),
+            SimpleValue::Byte(-5),
+            SimpleValue::Short(-300),
+            SimpleValue::Char('é'),
+            SimpleValue::Null,
+            SimpleValue::Decimal128(Dec128::from([3u8; 16])),
+        ] {
+            let a = attribute_from_amqp(&v);
+            assert_eq!(attribute_to_amqp(&a).unwrap(), v, "{a:?}");
+        }
+    }
+
+    #[test]
+    fn long_message_ids_are_hashed_to_fit() {
+        assert_eq!(copy_message_id("abc-1"), "abc-1");
+        let long = copy_message_id(&"x".repeat(200));
+        assert!(long.len() <= MAX_MESSAGE_ID && long.starts_with("dlq-bridge-"));
+    }
+}

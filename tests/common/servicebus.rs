@@ -1,0 +1,484 @@
+//! Service Bus fixtures on the project's emulator (`servicebus-emulator`,
+//! emulators/servicebus), filled and read with azservicebus directly, not
+//! through dlq-bridge.
+//!
+//! azservicebus always dials port 5672, so the emulator must own 5672. One
+//! emulator serves a whole test binary (started here on first use, unless
+//! `DLQ_BRIDGE_TEST_SERVICEBUS_HTTP` says a script started one), and every
+//! fixture uses its own uniquely named entities, so the tests of one binary
+//! may run in parallel against it. Test binaries run one after another
+//! (`cargo test` never runs two binaries at once), and the emulator started
+//! here dies with its binary; [`emulator`] waits for the previous binary's
+//! emulator to release 5672 before starting its own.
+//!
+//! The emulator runs with `--strict`, as Azure behaves: no `x-opt-lock-token`,
+//! so every operation the backend uses is exercised the way Azure answers it.
+
+use std::sync::{Once, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use azservicebus::core::BasicRetryPolicy;
+use azservicebus::prelude::*;
+use azservicebus::receiver::DeadLetterOptions;
+use bytes::Bytes;
+use dlq_bridge::config::Config;
+use dlq_bridge::model::{AttrValue, Attribute, Attributes};
+use fe2o3_amqp_types::messaging::ApplicationProperties;
+use fe2o3_amqp_types::primitives::{SimpleValue, Timestamp, Uuid as AmqpUuid};
+use tokio::sync::Mutex;
+
+use super::emulator::{Emulator, repo_root, spawn};
+use super::{Fixture, Received, TestMessage, unique};
+
+pub type Client = ServiceBusClient<BasicRetryPolicy>;
+
+static EMULATOR: OnceLock<Emulator> = OnceLock::new();
+static ENV: Once = Once::new();
+
+/// The environment variable the fixtures' configs name in `connection_string_env`.
+pub const CONNECTION_STRING_ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_CONNECTION_STRING";
+/// A connection string to a namespace nobody listens on: 127.0.0.2 is
+/// loopback too, but the emulator binds 127.0.0.1 only.
+pub const UNREACHABLE_CONNECTION_STRING_ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_UNREACHABLE";
+pub const EMULATOR_CONNECTION_STRING: &str =
+    "Endpoint=sb://127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true";
+const WAIT: Duration = Duration::from_secs(2);
+const CALL: Duration = Duration::from_secs(20);
+
+/// The emulator's HTTP (ATOM) base URL: `DLQ_BRIDGE_TEST_SERVICEBUS_HTTP`
+/// when a script started one, else an emulator started for this test binary
+/// on 5672. Fails, never skips, when it cannot start.
+pub fn emulator() -> String {
+    ENV.call_once(|| {
+        if std::env::var_os(CONNECTION_STRING_ENV).is_none() {
+            // SAFETY: `Once` blocks every other caller until this returns, and
+            // every fixture calls this before reading the environment.
+            unsafe { std::env::set_var(CONNECTION_STRING_ENV, EMULATOR_CONNECTION_STRING) };
+        }
+        // SAFETY: as above.
+        unsafe {
+            std::env::set_var(
+                UNREACHABLE_CONNECTION_STRING_ENV,
+                "Endpoint=sb://127.0.0.2;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true",
+            )
+        };
+    });
+    if let Some(url) = std::env::var("DLQ_BRIDGE_TEST_SERVICEBUS_HTTP")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    {
+        return url.trim().trim_end_matches('/').to_string();
+    }
+    EMULATOR
+        .get_or_init(|| {
+            let bin = emulator_binary();
+            wait_for_port_5672();
+            spawn(
+                "servicebus",
+                &[
+                    &bin,
+                    "--amqp-port",
+                    "5672",
+                    "--http-port",
+                    "{port}",
+                    "--https-port",
+                    "0",
+                    "--strict",
+                ],
+                &[("RUST_LOG", "warn")],
+                "/dlq-bridge-probe?api-version=2021-05",
+            )
+        })
+        .url()
+}
+
+/// `SERVICEBUS_EMULATOR_BIN`, else the binary next to this test's target
+/// directory, built with `cargo build -p servicebus-emulator` if missing.
+fn emulator_binary() -> String {
+    if let Some(b) = std::env::var("SERVICEBUS_EMULATOR_BIN").ok().filter(|b| !b.is_empty()) {
+        return b;
+    }
+    // <target>/debug/deps/<test> → <target>/debug/servicebus-emulator
+    let exe = std::env::current_exe().expect("test executable path");
+    let candidate = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("servicebus-emulator"))
+        .expect("target directory");
+    if !candidate.exists() {
+        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--quiet", "-p", "servicebus-emulator"])
+            .current_dir(repo_root())
+            .status()
+            .expect("run cargo build -p servicebus-emulator");
+        assert!(status.success(), "cargo build -p servicebus-emulator failed");
+    }
+    assert!(
+        candidate.exists(),
+        "the Service Bus emulator binary is missing at {}: run `cargo build -p servicebus-emulator` or set SERVICEBUS_EMULATOR_BIN",
+        candidate.display()
+    );
+    candidate.display().to_string()
+}
+
+/// The previous test binary's emulator gets a moment to release 5672.
+fn wait_for_port_5672() {
+    for _ in 0..100 {
+        if std::net::TcpListener::bind("127.0.0.1:5672").is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "port 5672 stays taken: azservicebus always dials 5672, so stop whatever holds it (another emulator?) \
+         or start one with scripts/emulators.sh and export DLQ_BRIDGE_TEST_SERVICEBUS_HTTP"
+    );
+}
+
+pub async fn client() -> Client {
+    let cs = std::env::var(CONNECTION_STRING_ENV).unwrap_or_else(|_| EMULATOR_CONNECTION_STRING.into());
+    tokio::time::timeout(
+        CALL,
+        ServiceBusClient::unsecured().new_from_connection_string(
+            cs.replace(";UseDevelopmentEmulator=true", ""),
+            ServiceBusClientOptions::default(),
+        ),
+    )
+    .await
+    .expect("connect within 20 s")
+    .expect("azservicebus connects to the emulator on 5672")
+}
+
+/// The fixture's own encoding of test attributes as AMQP application
+/// properties (independent of dlq-bridge's): `data_type` "int" → int, other
+/// integers → long, floats → double, and the remaining variants as their
+/// natural AMQP type.
+pub fn to_amqp(a: &Attribute) -> SimpleValue {
+    match (&a.value, a.data_type.as_deref()) {
+        (AttrValue::String(s), _) => SimpleValue::String(s.clone()),
+        (AttrValue::Int(i), Some("int")) => SimpleValue::Int(*i as i32),
+        (AttrValue::Int(i), _) => SimpleValue::Long(*i),
+        (AttrValue::Float(f), _) => SimpleValue::Double((*f).into()),
+        (AttrValue::Bool(b), _) => SimpleValue::Bool(*b),
+        (AttrValue::Binary(b), _) => SimpleValue::Binary(b.to_vec().into()),
+        (AttrValue::Uuid(u), _) => SimpleValue::Uuid(AmqpUuid::from(*u.as_bytes())),
+        (AttrValue::Timestamp(t), _) => SimpleValue::Timestamp(Timestamp::from_milliseconds(t.timestamp_millis())),
+        (AttrValue::Number(n), _) => panic!("the Service Bus fixture has no AMQP type for Number {n}"),
+    }
+}
+
+pub fn from_amqp(v: &SimpleValue) -> Attribute {
+    let (value, data_type) = match v {
+        SimpleValue::String(s) => (AttrValue::String(s.clone()), None),
+        SimpleValue::Int(i) => (AttrValue::Int(*i as i64), Some("int")),
+        SimpleValue::Long(i) => (AttrValue::Int(*i), None),
+        SimpleValue::Double(f) => (AttrValue::Float(f.into_inner()), None),
+        SimpleValue::Bool(b) => (AttrValue::Bool(*b), None),
+        SimpleValue::Binary(b) => (AttrValue::Binary(Bytes::copy_from_slice(b.as_ref())), None),
+        SimpleValue::Uuid(u) => (AttrValue::Uuid(uuid::Uuid::from_bytes(u.clone().into_inner())), None),
+        SimpleValue::Timestamp(t) => (
+            AttrValue::Timestamp(chrono::DateTime::from_timestamp_millis(t.milliseconds()).unwrap()),
+            None,
+        ),
+        other => (AttrValue::String(format!("{other:?}")), Some("unexpected")),
+    };
+    Attribute {
+        value,
+        data_type: data_type.map(str::to_string),
+    }
+}
+
+pub fn to_message(m: &TestMessage) -> ServiceBusMessage {
+    let mut msg = ServiceBusMessage::new(m.body.clone());
+    if let Some(k) = &m.ordering_key {
+        msg.set_session_id(k.clone()).unwrap();
+    }
+    if !m.attributes.is_empty() {
+        let mut props = ApplicationProperties::default();
+        for (k, a) in &m.attributes {
+            props.0.insert(k.clone(), to_amqp(a));
+        }
+        *msg.application_properties_mut() = Some(props);
+    }
+    msg
+}
+
+pub fn attributes_of(props: Option<&ApplicationProperties>) -> Attributes {
+    props
+        .map(|p| p.0.iter().map(|(k, v)| (k.clone(), from_amqp(v))).collect())
+        .unwrap_or_default()
+}
+
+/// A queue DLQ (`TOPIC = false`) or a topic-subscription DLQ (`TOPIC = true`).
+pub struct ServiceBusFixtureOf<const TOPIC: bool> {
+    pub http: String,
+    /// The queue, or the topic.
+    pub entity: String,
+    /// The subscription, for a topic fixture.
+    pub subscription: Option<String>,
+    pub client: Mutex<Client>,
+}
+
+pub type ServiceBusFixture = ServiceBusFixtureOf<false>;
+pub type ServiceBusTopicFixture = ServiceBusFixtureOf<true>;
+
+impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
+    /// A fixture with a queue, or a topic and these subscriptions (the first
+    /// is the one whose DLQ is managed).
+    pub async fn with_subscriptions(subs: &[&str]) -> Self {
+        let http = emulator();
+        let client = client().await;
+        let f = Self {
+            http,
+            entity: unique(if TOPIC { "t" } else { "q" }),
+            subscription: TOPIC.then(|| subs.first().copied().unwrap_or("s").to_string()),
+            client: Mutex::new(client),
+        };
+        // The emulator auto-creates entities when a link names them: attach a
+        // receiver to each so the topic and its subscriptions exist before
+        // anything is sent (a first send would create a queue).
+        if TOPIC {
+            for s in subs {
+                let r = f.receiver_on(Some(s), SubQueue::None).await;
+                r.dispose().await.ok();
+            }
+        } else {
+            let r = f.receiver_on(None, SubQueue::None).await;
+            r.dispose().await.ok();
+        }
+        f
+    }
+
+    pub async fn receiver_on(&self, subscription: Option<&str>, sub_queue: SubQueue) -> ServiceBusReceiver {
+        let options = ServiceBusReceiverOptions {
+            sub_queue,
+            ..Default::default()
+        };
+        let mut client = self.client.lock().await;
+        let fut = async {
+            match subscription {
+                Some(s) => {
+                    client
+                        .create_receiver_for_subscription(self.entity.clone(), s.to_string(), options)
+                        .await
+                }
+                None => client.create_receiver_for_queue(self.entity.clone(), options).await,
+            }
+        };
+        tokio::time::timeout(CALL, fut)
+            .await
+            .expect("attach within 20 s")
+            .expect("receiver attaches")
+    }
+
+    /// The receiver of the source: the queue, or the managed subscription.
+    pub async fn source_receiver(&self) -> ServiceBusReceiver {
+        self.receiver_on(self.subscription.as_deref(), SubQueue::None).await
+    }
+
+    pub async fn dlq_receiver(&self) -> ServiceBusReceiver {
+        self.receiver_on(self.subscription.as_deref(), SubQueue::DeadLetter)
+            .await
+    }
+
+    /// The fixture's config with extra lines under the queue's `servicebus:` section.
+    pub fn config_with(&self, extra_servicebus: &str) -> Config {
+        let entity = match &self.subscription {
+            Some(s) => format!("      topic: {}\n      subscription: {s}\n", self.entity),
+            None => format!("      queue: {}\n", self.entity),
+        };
+        let yaml = format!(
+            "queues:\n  - name: dlq\n    servicebus:\n      connection_string_env: {CONNECTION_STRING_ENV}\n{entity}      management_endpoint: {}\n{extra_servicebus}redrive:\n  hold: 2m\n",
+            self.http
+        );
+        Config::from_yaml(&yaml, "test", &[]).expect("fixture config")
+    }
+
+    /// Send to the source queue or topic, with a timeout and retries (the
+    /// fe2o3-amqp settlement race, TESTING.md).
+    pub async fn send(&self, msgs: Vec<ServiceBusMessage>) {
+        for chunk in msgs.chunks(50) {
+            let mut done = false;
+            for _ in 0..3 {
+                let mut sender = {
+                    let mut client = self.client.lock().await;
+                    client
+                        .create_sender(self.entity.clone(), ServiceBusSenderOptions::default())
+                        .await
+                        .expect("sender attaches")
+                };
+                match tokio::time::timeout(Duration::from_secs(10), sender.send_messages(chunk.to_vec())).await {
+                    Ok(Ok(())) => {
+                        sender.dispose().await.ok();
+                        done = true;
+                        break;
+                    }
+                    Ok(Err(e)) => panic!("send failed: {e}"),
+                    Err(_) => continue,
+                }
+            }
+            assert!(done, "send timed out three times");
+        }
+    }
+
+    /// Receive up to `n` messages (fewer when the entity runs dry).
+    pub async fn receive(rx: &mut ServiceBusReceiver, n: usize) -> Vec<ServiceBusReceivedMessage> {
+        let mut out = Vec::new();
+        let mut empty = 0;
+        while out.len() < n && empty < 2 {
+            let want = (n - out.len()).min(100) as u32;
+            let got = tokio::time::timeout(CALL, rx.receive_messages_with_max_wait_time(want, Some(WAIT)))
+                .await
+                .expect("receive returns")
+                .expect("receive succeeds");
+            if got.is_empty() {
+                empty += 1;
+            }
+            out.extend(got);
+        }
+        out
+    }
+
+    /// Every message in the DLQ, browsed (locked ones included).
+    pub async fn browse_dlq(&self) -> Vec<ServiceBusPeekedMessage> {
+        let mut rx = self.dlq_receiver().await;
+        let mut out: Vec<ServiceBusPeekedMessage> = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = tokio::time::timeout(CALL, rx.peek_messages(100, Some(from)))
+                .await
+                .expect("peek returns")
+                .expect("peek succeeds");
+            let Some(last) = page.last() else { break };
+            from = last.sequence_number() + 1;
+            out.extend(page);
+        }
+        rx.dispose().await.ok();
+        out
+    }
+
+    /// Dead-letter raw messages through the source: receive each and
+    /// dead-letter it with its `error` attribute as the reason.
+    pub async fn dead_letter_raw(&self, msgs: Vec<ServiceBusMessage>) {
+        let n = msgs.len();
+        let before = self.browse_dlq().await.len();
+        self.send(msgs).await;
+        let mut rx = self.source_receiver().await;
+        let mut moved = 0;
+        for _ in 0..10 {
+            if moved >= n {
+                break;
+            }
+            for m in Self::receive(&mut rx, n - moved).await {
+                let props = m.application_properties();
+                let text = |k: &str| {
+                    props.and_then(|p| p.0.get(k)).map(|v| match v {
+                        SimpleValue::String(s) => s.clone(),
+                        other => format!("{other:?}"),
+                    })
+                };
+                let options = DeadLetterOptions {
+                    dead_letter_reason: Some(text("error").unwrap_or_else(|| "TestFailure".into())),
+                    dead_letter_error_description: Some(
+                        text("error_description").unwrap_or_else(|| "made to fail by the test".into()),
+                    ),
+                    properties_to_modify: None,
+                };
+                tokio::time::timeout(CALL, rx.dead_letter_message(&m, options))
+                    .await
+                    .expect("dead-letter returns")
+                    .expect("dead-letter succeeds");
+                moved += 1;
+            }
+        }
+        rx.dispose().await.ok();
+        assert_eq!(moved, n, "every message was received and dead-lettered");
+        assert_eq!(self.browse_dlq().await.len(), before + n, "the DLQ holds them");
+    }
+}
+
+#[async_trait]
+impl<const TOPIC: bool> Fixture for ServiceBusFixtureOf<TOPIC> {
+    async fn create(_ordered: bool) -> Self {
+        // Ordering is by SessionId, carried on every message; the emulator
+        // keeps a queue's order, and its entities need no session flag.
+        Self::with_subscriptions(&["s"]).await
+    }
+
+    fn config(&self) -> Config {
+        self.config_with("")
+    }
+
+    async fn dead_letter(&self, msgs: &[TestMessage]) {
+        self.dead_letter_raw(msgs.iter().map(to_message).collect()).await;
+    }
+
+    async fn put_in_dlq(&self, msgs: &[TestMessage]) {
+        // Nothing can be sent to a `$DeadLetterQueue`: dead-letter them.
+        self.dead_letter(msgs).await;
+    }
+
+    async fn drain_source(&self) -> Vec<Received> {
+        let mut rx = self.source_receiver().await;
+        let mut out = Vec::new();
+        loop {
+            let got = Self::receive(&mut rx, 100).await;
+            if got.is_empty() {
+                break;
+            }
+            for m in got {
+                out.push(Received {
+                    body: m.body().expect("a data body").to_vec(),
+                    attributes: attributes_of(m.application_properties()),
+                    ordering_key: m.session_id().map(str::to_string),
+                });
+                tokio::time::timeout(CALL, rx.complete_message(&m))
+                    .await
+                    .expect("complete returns")
+                    .expect("complete succeeds");
+            }
+        }
+        rx.dispose().await.ok();
+        out
+    }
+
+    async fn dlq_count(&self) -> usize {
+        self.browse_dlq().await.len()
+    }
+
+    fn typed_attributes() -> Attributes {
+        let typed = |value, t: Option<&str>| Attribute {
+            value,
+            data_type: t.map(str::to_string),
+        };
+        [
+            ("int", typed(AttrValue::Int(-7), Some("int"))),
+            ("long", typed(AttrValue::Int(1 << 40), None)),
+            ("double", typed(AttrValue::Float(1.5), None)),
+            ("bool", typed(AttrValue::Bool(true), None)),
+            ("string", typed(AttrValue::String("acme ✓".into()), None)),
+            (
+                "timestamp",
+                typed(
+                    AttrValue::Timestamp(chrono::DateTime::from_timestamp_millis(1_704_164_645_123).unwrap()),
+                    None,
+                ),
+            ),
+            (
+                "uuid",
+                typed(
+                    AttrValue::Uuid(uuid::Uuid::parse_str("6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b").unwrap()),
+                    None,
+                ),
+            ),
+            (
+                "blob",
+                typed(AttrValue::Binary(Bytes::from_static(&[0, 1, 2, 254, 255])), None),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}

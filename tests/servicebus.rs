@@ -1,0 +1,350 @@
+//! Service Bus specifics, against the project's emulator (strict mode, as
+//! Azure): true peek, typed and system properties, dead-letter attributes,
+//! subscription DLQs, ATOM counts, and errors. The shared guarantees are in
+//! tests/conformance.rs.
+//!
+//! Every test here and in the conformance instance talks to one emulator per
+//! test binary on port 5672 (see tests/common/servicebus.rs), with its own
+//! uniquely named entities.
+#![cfg(feature = "servicebus")]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use azservicebus::prelude::*;
+use common::servicebus::{
+    CONNECTION_STRING_ENV, ServiceBusFixture, ServiceBusTopicFixture, UNREACHABLE_CONNECTION_STRING_ENV, attributes_of,
+    emulator,
+};
+use common::{Fixture, TestMessage, attrs, redrive};
+use dlq_bridge::backend::BackendError;
+use dlq_bridge::config::Config;
+use dlq_bridge::model::{AttrValue, Exactness};
+use dlq_bridge::redrive::{MARK_COUNT, MARK_ID};
+use dlq_bridge::registry::{RedriveRequest, Registry, RegistryError};
+use fe2o3_amqp_types::messaging::ApplicationProperties;
+use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid};
+
+fn all() -> RedriveRequest {
+    RedriveRequest {
+        filter: Some("true".into()),
+        ..Default::default()
+    }
+}
+
+fn failing(i: usize, error: &str) -> TestMessage {
+    TestMessage {
+        body: format!("m{i}").into_bytes(),
+        attributes: attrs(&[("error", error)]),
+        ordering_key: None,
+    }
+}
+
+/// Every application property type azservicebus can send, and the system
+/// properties a copy keeps.
+fn rich_message() -> (ServiceBusMessage, ApplicationProperties) {
+    let mut m = ServiceBusMessage::new(b"\x00\x01\xfe\xff binary \xc3\x28".to_vec());
+    m.set_message_id("orig-1").unwrap();
+    m.set_correlation_id(Some("corr-1".to_owned()));
+    m.set_subject(Some("subject-1".to_owned()));
+    m.set_content_type(Some("application/octet-stream".to_owned()));
+    m.set_reply_to(Some("reply-queue".to_owned()));
+    m.set_to(Some("destination".to_owned()));
+    m.set_session_id("session-1".to_owned()).unwrap();
+    m.set_reply_to_session_id(Some("reply-session".to_owned())).unwrap();
+    m.set_time_to_live(Some(Duration::from_secs(3600))).unwrap();
+    let props = ApplicationProperties::builder()
+        .insert("int", SimpleValue::Int(-7))
+        .insert("long", SimpleValue::Long(1 << 40))
+        .insert("double", SimpleValue::Double(1.5.into()))
+        .insert("float", SimpleValue::Float(0.25f32.into()))
+        .insert("bool", SimpleValue::Bool(true))
+        .insert("string", SimpleValue::String("acme ✓".into()))
+        .insert("binary", SimpleValue::Binary(vec![0u8, 255].into()))
+        .insert("uuid", SimpleValue::Uuid(AmqpUuid::from([7u8; 16])))
+        .insert(
+            "timestamp",
+            SimpleValue::Timestamp(Timestamp::from_milliseconds(1_704_164_645_123)),
+        )
+        .insert("ubyte", SimpleValue::Ubyte(200))
+        .insert("short", SimpleValue::Short(-300))
+        .insert("ulong", SimpleValue::Ulong(u64::MAX))
+        .insert("symbol", SimpleValue::Symbol(Symbol::from("sym")))
+        .insert("error", SimpleValue::String("Boom".into()))
+        .insert("error_description", SimpleValue::String("it went boom".into()))
+        .build();
+    *m.application_properties_mut() = Some(props.clone());
+    (m, props)
+}
+
+/// `inspect` (the CLI, a true peek) leaves every delivery count unchanged.
+#[tokio::test]
+async fn inspect_leaves_delivery_counts_unchanged() {
+    let f = ServiceBusFixture::create(false).await;
+    f.dead_letter(&(0..4).map(|i| failing(i, "Timeout")).collect::<Vec<_>>())
+        .await;
+    let counts = |msgs: Vec<ServiceBusPeekedMessage>| -> Vec<(i64, Option<u32>)> {
+        msgs.iter().map(|m| (m.sequence_number(), m.delivery_count())).collect()
+    };
+    let before = counts(f.browse_dlq().await);
+    assert_eq!(before.len(), 4);
+
+    let path = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
+    let yaml = format!(
+        "queues:\n  - name: orders\n    servicebus:\n      connection_string_env: {CONNECTION_STRING_ENV}\n      queue: {}\n      management_endpoint: {}\n",
+        f.entity, f.http
+    );
+    std::fs::write(&path, yaml).unwrap();
+    for _ in 0..2 {
+        let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+            .env_remove("DLQ_BRIDGE_CONFIG")
+            .env(
+                CONNECTION_STRING_ENV,
+                std::env::var(CONNECTION_STRING_ENV).expect("set by the fixture"),
+            )
+            .args(["--config", path.to_str().unwrap(), "inspect", "orders", "-o", "json"])
+            .output()
+            .expect("run dlq-bridge inspect");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "inspect failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for i in 0..4 {
+            // Bodies are base64 in JSON: "m0" → "bTA=" ...
+            let b64 = ["bTA=", "bTE=", "bTI=", "bTM="][i];
+            assert!(stdout.contains(b64), "message m{i} is shown: {stdout}");
+        }
+    }
+    // The backend's own peek, too.
+    let reg = Registry::new(f.config());
+    let b = reg.backend("dlq").await.unwrap();
+    assert!(b.capabilities().true_peek);
+    assert_eq!(b.peek(10).await.unwrap().len(), 4);
+    assert_eq!(counts(f.browse_dlq().await), before, "delivery counts are unchanged");
+}
+
+/// System properties and typed application properties survive a redrive
+/// byte for byte; DeadLetterReason/ErrorDescription are stripped and the
+/// marks added; the copy gets `<original id>-<redrive count>` as MessageId.
+#[tokio::test]
+async fn properties_survive_and_dead_letter_attributes_are_replaced_by_marks() {
+    let f = ServiceBusFixture::create(false).await;
+    let (msg, props) = rich_message();
+    f.dead_letter_raw(vec![msg]).await;
+
+    let reg = Registry::new(f.config());
+    let b = reg.backend("dlq").await.unwrap();
+    let peeked = b.peek(10).await.unwrap();
+    assert_eq!(peeked.len(), 1);
+    let m = &peeked[0];
+    assert_eq!(m.id, "orig-1");
+    assert_eq!(m.reason.as_deref(), Some("Boom"));
+    assert_eq!(m.description.as_deref(), Some("it went boom"));
+    assert_eq!(m.source.as_deref(), Some(f.entity.as_str()), "the source is the queue");
+    assert_eq!(m.ordering_key.as_deref(), Some("session-1"));
+    assert!(m.delivery_count.is_some_and(|c| c >= 1), "{m:?}");
+    assert!(m.enqueued_at.is_some());
+    for (k, v) in [
+        ("correlation_id", "corr-1"),
+        ("subject", "subject-1"),
+        ("content_type", "application/octet-stream"),
+        ("reply_to", "reply-queue"),
+        ("to", "destination"),
+        ("reply_to_session_id", "reply-session"),
+        ("time_to_live", "3600000"),
+        ("message_id", "orig-1"),
+    ] {
+        assert_eq!(m.properties.get(k).map(String::as_str), Some(v), "property {k}: {m:?}");
+    }
+    assert!(m.properties.contains_key("sequence_number"));
+    assert!(b.is_dead_letter_attribute("DeadLetterReason"));
+    assert!(m.attributes.contains_key("DeadLetterReason"));
+    assert_eq!(m.attributes["int"].value, AttrValue::Int(-7));
+    assert_eq!(m.attributes["int"].data_type.as_deref(), Some("int"));
+    assert_eq!(m.attributes["long"].value, AttrValue::Int(1 << 40));
+    drop(b);
+    drop(reg);
+
+    let s = redrive(f.config(), all()).await;
+    assert_eq!(s.settled, 1, "{s:?}");
+    assert!(s.ok(), "{s:?}");
+
+    let mut rx = f.source_receiver().await;
+    let got = ServiceBusFixture::receive(&mut rx, 10).await;
+    assert_eq!(got.len(), 1);
+    let c = &got[0];
+    assert_eq!(c.body().unwrap(), b"\x00\x01\xfe\xff binary \xc3\x28");
+    assert_eq!(c.message_id().as_deref(), Some("orig-1-1"), "the copy's MessageId");
+    assert_eq!(c.correlation_id().as_deref(), Some("corr-1"));
+    assert_eq!(c.subject(), Some("subject-1"));
+    assert_eq!(c.content_type(), Some("application/octet-stream"));
+    assert_eq!(c.reply_to(), Some("reply-queue"));
+    assert_eq!(c.to(), Some("destination"));
+    assert_eq!(c.session_id(), Some("session-1"));
+    assert_eq!(c.reply_to_session_id(), Some("reply-session"));
+    assert_eq!(c.time_to_live(), Some(Duration::from_secs(3600)));
+    let have = c.application_properties().expect("application properties");
+    for (k, v) in props.0.iter() {
+        assert_eq!(
+            have.0.get(k),
+            Some(v),
+            "application property {k} keeps value and AMQP type"
+        );
+    }
+    assert!(!have.0.contains_key("DeadLetterReason"), "{have:?}");
+    assert!(!have.0.contains_key("DeadLetterErrorDescription"), "{have:?}");
+    let marks = attributes_of(Some(have));
+    assert_eq!(marks[MARK_COUNT].as_text(), "1");
+    assert_eq!(marks[MARK_ID].as_text(), format!("{}:orig-1", s.run_id));
+    rx.complete_message(&got[0]).await.unwrap();
+    rx.dispose().await.ok();
+    assert_eq!(f.dlq_count().await, 0);
+}
+
+/// A subscription DLQ redrives to the topic, which fans out to every
+/// subscription; with `target_subscription_property` each copy names the
+/// failing subscription, for the documented SQL filter rule.
+#[tokio::test]
+async fn subscription_dlq_redrives_to_the_topic_and_can_name_the_subscription() {
+    let f = ServiceBusTopicFixture::with_subscriptions(&["billing", "audit"]).await;
+    let msgs: Vec<TestMessage> = (0..3).map(|i| failing(i, "Timeout")).collect();
+    f.dead_letter(&msgs).await;
+    // Dead-lettering on `billing` consumed the originals there; `audit` still
+    // holds its own copies of the originals: drain them.
+    let mut audit = f.receiver_on(Some("audit"), SubQueue::None).await;
+    for m in ServiceBusTopicFixture::receive(&mut audit, 10).await {
+        audit.complete_message(&m).await.unwrap();
+    }
+
+    let reg = Registry::new(f.config());
+    let b = reg.backend("dlq").await.unwrap();
+    let peeked = b.peek(10).await.unwrap();
+    assert_eq!(peeked.len(), 3);
+    for m in &peeked {
+        assert_eq!(m.source.as_deref(), Some(f.entity.as_str()), "the source is the topic");
+        assert_eq!(m.properties["source_subscription"], "billing");
+    }
+    drop(b);
+    drop(reg);
+
+    // Default: back to the topic, so both subscriptions get the copies.
+    let s = redrive(f.config(), RedriveRequest { max: Some(2), ..all() }).await;
+    assert_eq!(s.settled, 2, "{s:?}");
+    let billing_got = f.drain_source().await;
+    assert_eq!(billing_got.len(), 2);
+    let audit_got = ServiceBusTopicFixture::receive(&mut audit, 10).await;
+    assert_eq!(audit_got.len(), 2, "the topic fans out to every subscription");
+    for m in &audit_got {
+        assert!(!attributes_of(m.application_properties()).contains_key("dlq_bridge_target"));
+        audit.complete_message(m).await.unwrap();
+    }
+
+    // Opt-in: the copy names the failing subscription.
+    let s = redrive(
+        f.config_with("      target_subscription_property: dlq_bridge_target\n"),
+        all(),
+    )
+    .await;
+    assert_eq!(s.settled, 1, "{s:?}");
+    let billing_got = f.drain_source().await;
+    assert_eq!(billing_got.len(), 1);
+    assert_eq!(
+        billing_got[0].attributes["dlq_bridge_target"].value,
+        AttrValue::String("billing".into())
+    );
+    // The emulator applies no rules; on Azure, `[dlq_bridge_target] IS NULL OR
+    // [dlq_bridge_target] = 'audit'` on `audit` would keep this copy out.
+    let audit_got = ServiceBusTopicFixture::receive(&mut audit, 10).await;
+    assert_eq!(audit_got.len(), 1);
+    for m in &audit_got {
+        audit.complete_message(m).await.unwrap();
+    }
+    audit.dispose().await.ok();
+    assert_eq!(f.dlq_count().await, 0);
+}
+
+/// The ATOM counts are exact on the emulator, for queues and subscriptions,
+/// and the oldest age comes from the first peeked message.
+#[tokio::test]
+async fn atom_counts_are_exact() {
+    let q = ServiceBusFixture::create(false).await;
+    let t = ServiceBusTopicFixture::create(false).await;
+    let reg = Registry::new(q.config());
+    let b = reg.backend("dlq").await.unwrap();
+    let empty = b.stats().await.unwrap();
+    assert_eq!((empty.depth, empty.oldest_age), (0, None), "{empty:?}");
+
+    q.dead_letter(&(0..5).map(|i| failing(i, "Timeout")).collect::<Vec<_>>())
+        .await;
+    t.dead_letter(&(0..3).map(|i| failing(i, "Timeout")).collect::<Vec<_>>())
+        .await;
+    for (config, want) in [(q.config(), 5), (t.config(), 3)] {
+        let reg = Registry::new(config);
+        let b = reg.backend("dlq").await.unwrap();
+        let s = b.stats().await.unwrap();
+        assert_eq!(s.depth, want, "{s:?}");
+        assert_eq!(s.exactness, Exactness::Exact);
+        assert!(s.oldest_age.is_some(), "{s:?}");
+    }
+    let s = redrive(q.config(), RedriveRequest { max: Some(2), ..all() }).await;
+    assert_eq!(s.settled, 2);
+    let reg = Registry::new(q.config());
+    assert_eq!(reg.backend("dlq").await.unwrap().stats().await.unwrap().depth, 3);
+}
+
+fn config_for(entity_yaml: &str, cs_env: &str, http: &str) -> Config {
+    let yaml = format!(
+        "queues:\n  - name: dlq\n    servicebus:\n      connection_string_env: {cs_env}\n{entity_yaml}      management_endpoint: {http}\n"
+    );
+    Config::from_yaml(&yaml, "test", &[]).unwrap()
+}
+
+/// A missing entity is NotFound: from the ATOM call (Azure's 200 with an
+/// empty feed) and from an AMQP attach the emulator refuses.
+#[tokio::test]
+async fn missing_entity_is_not_found() {
+    let http = emulator();
+    let reg = Registry::new(config_for(
+        &format!("      queue: {}\n", common::unique("never-created")),
+        CONNECTION_STRING_ENV,
+        &http,
+    ));
+    let err = reg.backend("dlq").await.unwrap().stats().await.unwrap_err();
+    assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
+
+    // A "subscription" of a queue does not exist.
+    let q = ServiceBusFixture::create(false).await;
+    let reg = Registry::new(config_for(
+        &format!("      topic: {}\n      subscription: nope\n", q.entity),
+        CONNECTION_STRING_ENV,
+        &http,
+    ));
+    let err = reg.backend("dlq").await.unwrap().peek(5).await.unwrap_err();
+    assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
+}
+
+/// A namespace nobody listens on fails fast as Unreachable, never hangs.
+#[tokio::test]
+async fn unreachable_namespace_fails_fast() {
+    emulator();
+    let reg = Registry::new(config_for(
+        "      queue: q\n",
+        UNREACHABLE_CONNECTION_STRING_ENV,
+        "http://127.0.0.2:9",
+    ));
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(30), reg.backend("dlq"))
+        .await
+        .expect("connecting to a dead namespace must not hang");
+    let err = match result {
+        Err(RegistryError::Backend { source, .. }) => source,
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("connected to nothing"),
+    };
+    assert!(matches!(err, BackendError::Unreachable { .. }), "{err}");
+    eprintln!("unreachable reported after {:?}", started.elapsed());
+}
