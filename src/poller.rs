@@ -204,8 +204,10 @@ impl Poller {
     async fn record_ok(&self, queue: &str, backend: &str, stats: &DlqStats, msgs: &[DlqMessage], arrivals: u64) {
         let mut stats = stats.clone();
         let now = Utc::now();
-        if stats.oldest_age.is_none() && !msgs.is_empty() && msgs.len() as u64 >= stats.depth {
-            stats.oldest_age = msgs.iter().filter_map(|m| m.age(now)).max();
+        // When the sample is the whole queue, its oldest message is the
+        // queue's oldest (and an empty queue's oldest age is zero).
+        if stats.oldest_age.is_none() && msgs.len() as u64 >= stats.depth {
+            stats.oldest_age = Some(msgs.iter().filter_map(|m| m.age(now)).max().unwrap_or_default());
         }
         let top = reason_counts(msgs);
         self.metrics

@@ -177,6 +177,15 @@ async fn metrics_match_depths_and_api_enforces_the_token() {
     };
     assert_eq!(depth("alpha"), Some(3.0), "{text}");
     assert_eq!(depth("beta"), Some(0.0), "{text}");
+    for queue in ["alpha", "beta"] {
+        assert!(
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == "dlq_bridge_oldest_message_age_seconds" && s.labels.get("queue") == Some(queue)),
+            "age of {queue} exported: {text}"
+        );
+    }
     assert!(text.contains("dlq_bridge_poll_errors") && text.contains("dlq_bridge_arrivals"));
 
     let (code, text) = serve.get("/v1/queues").await;
@@ -292,4 +301,30 @@ async fn sigterm_mid_redrive_loses_nothing() {
         visible.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages],
         left.to_string()
     );
+}
+
+#[tokio::test]
+async fn a_schedule_redrives_by_itself() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(2, "Timeout")).await;
+    f.put_in_dlq(&msgs(2, "Fatal")).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\nschedules:\n  - queue: orders\n    every: 1s\n    filter: 'reason == \"Timeout\"'\n",
+        queue_yaml("orders", &f)
+    );
+    // Kept alive for the whole test; the schedule is what moves messages.
+    let _serve = Serve::start(&config).await;
+    let mut moved = 0;
+    let start = Instant::now();
+    while moved < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the schedule moved {moved} of 2"
+        );
+        moved += f.drain_source().await.len();
+    }
+    assert_eq!(moved, 2);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(f.drain_source().await.len(), 0, "only the filtered messages move");
+    assert_eq!(f.dlq_count().await, 2);
 }
