@@ -126,12 +126,16 @@ helm upgrade "$REL" "$CHART" -n "$NS" --reuse-values --set logLevel=debug >/dev/
 TOKEN2=$(kubectl get secret -n "$NS" "$FULL-auth" -o jsonpath='{.data.api-token}')
 [ "$TOKEN1" = "$TOKEN2" ] || die "the generated API token changed on helm upgrade"
 echo "  helm upgrade kept the generated API token"
-# The sidecar-mode objects install too (into their own namespace).
+# The sidecar-mode objects install too (into their own namespace). This API server
+# is 1.20: it predates native sidecars (initContainers[].restartPolicy, 1.28+), so
+# the app chart goes in with the classic sidecar; the native form was checked
+# against the 1.30 schemas in step 2.
 kubectl create namespace "$NS-sidecar" >/dev/null
-helm install orders "$PARENT" -n "$NS-sidecar" >/dev/null
-kubectl get -n "$NS-sidecar" deployment/orders-orders -o jsonpath='{.spec.template.spec.initContainers[0].restartPolicy}' |
-  grep -qx Always || die "native sidecar lost its restartPolicy on the API server"
-echo "  app chart with the native sidecar installed in $NS-sidecar"
+helm install orders "$PARENT" -n "$NS-sidecar" --set dlq-bridge.sidecar.native=false >/dev/null
+kubectl get -n "$NS-sidecar" deployment/orders-orders -o jsonpath='{.spec.template.spec.containers[*].name}' |
+  grep -qx "orders dlq-bridge" || die "the classic sidecar is not in the app's pod on the API server"
+kubectl get -n "$NS-sidecar" configmap/orders-dlq-bridge role/orders-dlq-bridge-leader-election -o name >/dev/null
+echo "  app chart with the dlq-bridge sidecar installed in $NS-sidecar"
 
 # ---------------------------------------------------------------- 6. RBAC
 step "RBAC as the chart's ServiceAccount (its own token)"
