@@ -419,7 +419,8 @@ fn default_true() -> bool {
 }
 
 /// One dead-letter queue. Exactly one of `sqs`, `pubsub` or `servicebus` is set.
-#[derive(Debug, Clone, Serialize)]
+/// It serializes in the shape it is written in, so a config round-trips.
+#[derive(Debug, Clone)]
 pub struct QueueConfig {
     /// The name used on the command line and in metrics.
     pub name: String,
@@ -430,11 +431,9 @@ pub struct QueueConfig {
     pub reason_attribute: String,
     pub description_attribute: String,
     /// How often `serve` polls this queue. Default: `serve.poll_interval`.
-    #[serde(with = "opt_duration_text")]
     pub poll_interval: Option<Duration>,
     /// How long messages may stay in this DLQ, and what happens to older
     /// ones. Unset (the default): no retention policy.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionConfig>,
 }
 
@@ -607,26 +606,49 @@ pub struct ServiceBusQueueConfig {
 }
 
 /// What the YAML holds for a queue, before the backend sections are checked.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawQueue {
     name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     sqs: Option<SqsQueueConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pubsub: Option<PubSubQueueConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     servicebus: Option<ServiceBusQueueConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     source: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     reason_attribute: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     description_attribute: Option<String>,
-    #[serde(default, with = "opt_duration_text")]
+    #[serde(default, with = "opt_duration_text", skip_serializing_if = "Option::is_none")]
     poll_interval: Option<Duration>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     retention: Option<RetentionConfig>,
+}
+
+impl Serialize for QueueConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (mut sqs, mut pubsub, mut servicebus) = (None, None, None);
+        match &self.kind {
+            QueueKind::Sqs(c) => sqs = Some(c.clone()),
+            QueueKind::PubSub(c) => pubsub = Some(c.clone()),
+            QueueKind::ServiceBus(c) => servicebus = Some(c.clone()),
+        }
+        RawQueue {
+            name: self.name.clone(),
+            sqs,
+            pubsub,
+            servicebus,
+            source: self.source.clone(),
+            reason_attribute: Some(self.reason_attribute.clone()),
+            description_attribute: Some(self.description_attribute.clone()),
+            poll_interval: self.poll_interval,
+            retention: self.retention.clone(),
+        }
+        .serialize(s)
+    }
 }
 
 impl<'de> Deserialize<'de> for QueueConfig {
@@ -987,6 +1009,17 @@ mod tests {
         ] {
             Config::from_yaml(text, name, &[]).unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+
+    #[test]
+    fn a_loaded_config_serializes_back_to_an_equivalent_file() {
+        let text = include_str!("../config/example.yaml");
+        let c = Config::from_yaml(text, "example", &[]).unwrap();
+        let again = Config::from_yaml(&serde_yaml::to_string(&c).unwrap(), "again", &[]).unwrap();
+        assert_eq!(
+            serde_yaml::to_string(&again).unwrap(),
+            serde_yaml::to_string(&c).unwrap()
+        );
     }
 
     #[test]
