@@ -19,7 +19,10 @@ const LEASE_SECONDS: u64 = 4;
 /// scripts/test.sh started one, else `scripts/kube.sh start` (which installs
 /// what it needs). Never skipped: no API server fails the test.
 fn kubeconfig() -> String {
-    if let Some(k) = std::env::var("DLQ_BRIDGE_TEST_KUBECONFIG").ok().filter(|k| !k.is_empty()) {
+    if let Some(k) = std::env::var("DLQ_BRIDGE_TEST_KUBECONFIG")
+        .ok()
+        .filter(|k| !k.is_empty())
+    {
         return k;
     }
     let out = Command::new("bash")
@@ -65,7 +68,8 @@ async fn one_leader_alerts_and_the_standby_takes_over_when_it_dies() {
     let mut b = Serve::start_with_env(&config("b"), &env).await;
 
     // Both poll every second; over several repeat intervals only one sends.
-    a.wait_for(Duration::from_secs(30), || async { rx.webhook().len() >= 3 }).await;
+    a.wait_for(Duration::from_secs(30), || async { rx.webhook().len() >= 3 })
+        .await;
     let senders: std::collections::BTreeSet<String> = rx.webhook().iter().map(replica_of).collect();
     assert_eq!(senders.len(), 1, "exactly one replica sends alerts: {senders:?}");
     let leader = senders.into_iter().next().unwrap();
@@ -94,5 +98,8 @@ async fn one_leader_alerts_and_the_standby_takes_over_when_it_dies() {
     let bound = Duration::from_secs(LEASE_SECONDS) + Duration::from_secs(LEASE_SECONDS) / 3 + Duration::from_secs(2);
     assert!(took <= bound, "takeover took {took:?}, more than {bound:?}");
     let after: Vec<String> = rx.webhook()[before..].iter().map(replica_of).collect();
-    assert!(after.iter().all(|r| r == standby), "only the new leader sends: {after:?}");
+    assert!(
+        after.iter().all(|r| r == standby),
+        "only the new leader sends: {after:?}"
+    );
 }
