@@ -839,14 +839,15 @@ impl Config {
             }
         }
         for (i, q) in self.queues.iter().enumerate() {
-            if let Some(r) = &q.retention {
-                if r.max_age.is_zero() || r.check_every.is_zero() {
-                    return Err(ConfigError::Invalid {
-                        location: origin.into(),
-                        field: format!("queues[{i}].retention"),
-                        message: "`max_age` and `check_every` must be longer than 0s".into(),
-                    });
-                }
+            if q.retention
+                .as_ref()
+                .is_some_and(|r| r.max_age.is_zero() || r.check_every.is_zero())
+            {
+                return Err(ConfigError::Invalid {
+                    location: origin.into(),
+                    field: format!("queues[{i}].retention"),
+                    message: "`max_age` and `check_every` must be longer than 0s".into(),
+                });
             }
         }
         if self.redrive.concurrency == 0 {
