@@ -97,6 +97,119 @@ pub enum Command {
     /// The sidecar: poll every queue, export /metrics, evaluate alert rules,
     /// run scheduled redrives and serve the local HTTP API, until SIGTERM.
     Serve,
+    /// Group a DLQ's messages (by failure pattern, reason, source or an
+    /// attribute): count, share, first/last enqueue, delivery counts, a sample
+    /// ID. Reading is as for `inspect` (a true peek on Service Bus only).
+    Report {
+        queue: String,
+        /// CEL filter; only matching messages are grouped.
+        #[arg(long, short = 'f')]
+        filter: Option<String>,
+        /// reason, source, pattern (the reason and description with numbers,
+        /// UUIDs, hex and quoted values as placeholders) or attribute:NAME.
+        #[arg(long, default_value = "pattern", value_name = "BY")]
+        by: String,
+        /// Groups shown; the rest are folded into `other`.
+        #[arg(long, default_value_t = crate::triage::DEFAULT_TOP, value_name = "N")]
+        top: usize,
+        /// Messages read at most (large DLQs: raise it; only what is read is grouped).
+        #[arg(long, default_value_t = crate::triage::DEFAULT_SCAN, value_name = "N")]
+        scan: usize,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Write a DLQ's messages to a JSONL file, one line each (base64 body and
+    /// preview, typed attributes, reason, times, source), streamed as read.
+    /// Nothing is removed; reading is as for `inspect`.
+    Export {
+        queue: String,
+        #[arg(long, value_name = "FILE.jsonl")]
+        to: PathBuf,
+        #[arg(long, short = 'f')]
+        filter: Option<String>,
+        /// Write at most N messages (Service Bus: browse at most N; default 10000).
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Send the messages of an export file to the configured queue DEST's source
+    /// entity (the queue's `source`, else what its provider reports), or to
+    /// --address on DEST's backend: any provider, converting attributes as the
+    /// README's mapping says and naming what could not be carried.
+    Import {
+        file: PathBuf,
+        /// A configured queue name.
+        #[arg(long, value_name = "DEST")]
+        to: String,
+        /// A provider-native address on DEST's backend, instead of its source.
+        #[arg(long, value_name = "ADDRESS")]
+        address: Option<String>,
+        #[arg(long, short = 'f')]
+        filter: Option<String>,
+        /// Messages per second at most.
+        #[arg(long, value_name = "N")]
+        rate: Option<u32>,
+        /// Import at most N messages.
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        /// Read, filter and report what would be sent (and what could not be carried); send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, short = 'y')]
+        yes: bool,
+        #[command(flatten)]
+        journal: JournalOpts,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Delete the messages a filter selects, each only after it was written to a
+    /// backup file (on by default), each deletion journaled. Messages that do
+    /// not match are released at the end of the pass.
+    Purge {
+        queue: String,
+        /// CEL filter selecting what to delete (required; `true` for everything).
+        #[arg(long, short = 'f')]
+        filter: String,
+        /// Only messages older than this (`7d`, `36h`), by enqueue time.
+        #[arg(long, value_name = "DURATION", value_parser = crate::config::duration_text::parse)]
+        older_than: Option<std::time::Duration>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Backup file (JSONL, the `export` format; appended to). Default:
+        /// $XDG_STATE_HOME/dlq-bridge/backups/QUEUE-TIME.jsonl.
+        #[arg(long, value_name = "FILE")]
+        backup: Option<PathBuf>,
+        /// Delete without writing a backup.
+        #[arg(long, conflicts_with = "backup")]
+        no_backup: bool,
+        /// Delete at most N messages.
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        #[arg(long, value_name = "N")]
+        rate: Option<u32>,
+        #[command(flatten)]
+        journal: JournalOpts,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Apply the queues' `retention` policies once, as `serve` does on its
+    /// leader: list expired messages (alert, --dry-run) or export-then-purge them.
+    Retention {
+        /// One queue; default: every queue with a policy.
+        queue: Option<String>,
+        /// List what would be purged; purge nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, short = 'y')]
+        yes: bool,
+        #[command(flatten)]
+        journal: JournalOpts,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
     /// Past redrive runs from the journal: the audit trail.
     Runs {
         /// Journal file. Default: as for `redrive`.
@@ -105,6 +218,17 @@ pub enum Command {
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
     },
+}
+
+#[derive(Debug, Args, Default)]
+pub struct JournalOpts {
+    /// Journal (audit trail). Default: the config's `redrive.journal`, else
+    /// $XDG_STATE_HOME/dlq-bridge/journal.jsonl.
+    #[arg(long, value_name = "PATH")]
+    pub journal: Option<PathBuf>,
+    /// Keep no journal for this run.
+    #[arg(long, conflicts_with = "journal")]
+    pub no_journal: bool,
 }
 
 #[derive(Debug, Args, Default)]
@@ -172,6 +296,9 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
             || error
                 .downcast_ref::<RegistryError>()
                 .is_some_and(RegistryError::is_usage)
+            || error
+                .downcast_ref::<crate::triage::TriageError>()
+                .is_some_and(crate::triage::TriageError::is_usage)
         {
             exit::USAGE
         } else {
@@ -237,6 +364,117 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::OK)
         }
         Command::Runs { journal, output } => runs(&registry, journal, output),
+        Command::Report {
+            queue,
+            filter,
+            by,
+            top,
+            scan,
+            output,
+        } => crate::triage::cli_report(&registry, &queue, filter.as_deref(), &by, top, scan, output).await,
+        Command::Export {
+            queue,
+            to,
+            filter,
+            max,
+            output,
+        } => crate::triage::cli_export(&registry, &queue, &to, filter.as_deref(), max, output).await,
+        Command::Import {
+            file,
+            to,
+            address,
+            filter,
+            rate,
+            max,
+            dry_run,
+            yes,
+            journal,
+            output,
+        } => {
+            let req = crate::triage::ImportRequest {
+                file: &file,
+                to: &to,
+                address: address.as_deref(),
+                filter: filter.as_deref(),
+                rate,
+                max,
+                dry_run,
+            };
+            if !dry_run && !confirm(yes, &format!("Import {} into queue {to}?", file.display()))? {
+                return Ok(exit::FAILURE);
+            }
+            let journal = open_journal(registry.config(), &journal)?;
+            crate::triage::cli_import(&registry, &req, journal, output).await
+        }
+        Command::Purge {
+            queue,
+            filter,
+            older_than,
+            dry_run,
+            yes,
+            backup,
+            no_backup,
+            max,
+            rate,
+            journal,
+            output,
+        } => {
+            crate::filter::Filter::compile(&filter)?;
+            registry.queue(&queue)?;
+            let backup = match (no_backup, backup) {
+                (true, _) => None,
+                (false, Some(p)) => Some(p),
+                (false, None) => Some(
+                    default_backup(&queue)
+                        .ok_or_else(|| usage("no backup directory: pass --backup FILE or --no-backup"))?,
+                ),
+            };
+            if !dry_run
+                && !confirm(
+                    yes,
+                    &format!(
+                        "Delete messages of {queue} matching `{}`{}?",
+                        crate::triage::purge_filter(&filter, older_than),
+                        match &backup {
+                            Some(p) => format!(" (backup: {})", p.display()),
+                            None => " WITHOUT a backup".into(),
+                        }
+                    ),
+                )?
+            {
+                return Ok(exit::FAILURE);
+            }
+            let req = crate::triage::PurgeRequest {
+                filter: &filter,
+                older_than,
+                dry_run,
+                backup: backup.as_deref(),
+                max,
+                rate,
+                trigger: Trigger::Cli,
+            };
+            let journal = open_journal(registry.config(), &journal)?;
+            crate::triage::cli_purge(&registry, &queue, &req, journal, output).await
+        }
+        Command::Retention {
+            queue,
+            dry_run,
+            yes,
+            journal,
+            output,
+        } => {
+            let purges = registry.config().queues.iter().any(|q| {
+                queue.as_ref().is_none_or(|n| *n == q.name)
+                    && q.retention
+                        .as_ref()
+                        .is_some_and(|r| r.action == crate::config::RetentionAction::ExportThenPurge && !r.dry_run)
+            });
+            if purges && !dry_run && !confirm(yes, "Apply retention, deleting expired messages (after a backup)?")? {
+                return Ok(exit::FAILURE);
+            }
+            let journal = open_journal(registry.config(), &journal)?;
+            crate::triage::cli_retention(&registry, queue.as_deref(), dry_run, journal, output).await
+        }
     }
 }
 
@@ -444,6 +682,58 @@ async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts) -> Result<
         eprintln!("journal: {}", p.display());
     }
     Ok(if summary.ok() { exit::OK } else { exit::FAILURE })
+}
+
+/// Ask before a destructive command, or require --yes off a terminal.
+fn confirm(yes: bool, question: &str) -> Result<bool, Failure> {
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(usage(
+            "this command changes queues: pass --yes when not run from a terminal (or use --dry-run)",
+        ));
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush().ok();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    let ok = matches!(answer.trim(), "y" | "Y" | "yes");
+    if !ok {
+        eprintln!("aborted; nothing was touched");
+    }
+    Ok(ok)
+}
+
+fn open_journal(config: &Config, opts: &JournalOpts) -> Result<Option<Arc<Journal>>, Failure> {
+    if opts.no_journal {
+        return Ok(None);
+    }
+    match opts.journal.clone().or_else(|| default_journal(config)) {
+        Some(path) => {
+            let j = Journal::open(&path).with_context(|| "opening the journal (or pass --no-journal)")?;
+            eprintln!("journal: {}", path.display());
+            Ok(Some(Arc::new(j)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Where a purge's backup goes when --backup is not given.
+fn default_backup(queue: &str) -> Option<PathBuf> {
+    Some(
+        state_dir()?
+            .join("backups")
+            .join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))),
+    )
+}
+
+/// `$XDG_STATE_HOME/dlq-bridge`, else `~/.local/state/dlq-bridge`.
+pub(crate) fn state_dir() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(state.join("dlq-bridge"))
 }
 
 fn default_journal(config: &Config) -> Option<PathBuf> {

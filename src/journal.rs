@@ -64,6 +64,22 @@ pub enum Record {
         id: String,
         error: String,
     },
+    /// A purge removed this message (after writing it to the backup, when
+    /// the purge had one).
+    Purged {
+        run: String,
+        id: String,
+        /// The message's failure reason, for the audit trail.
+        reason: Option<String>,
+    },
+    /// `import` sent this copy of an exported message to `destination`. Not a
+    /// `sent` record: the original is not in any DLQ this run could settle.
+    Imported {
+        run: String,
+        id: String,
+        destination: String,
+        dest_id: String,
+    },
     RunFinished {
         run: String,
         at: DateTime<Utc>,

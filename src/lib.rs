@@ -16,3 +16,4 @@ pub mod redrive;
 pub mod registry;
 pub mod serve;
 pub mod server;
+pub mod triage;

@@ -44,6 +44,8 @@ pub enum Trigger {
     Cli,
     Api,
     Schedule,
+    /// A queue's `retention` policy, applied by `serve`.
+    Retention,
 }
 
 impl std::fmt::Display for Trigger {
@@ -52,7 +54,50 @@ impl std::fmt::Display for Trigger {
             Self::Cli => "cli",
             Self::Api => "api",
             Self::Schedule => "schedule",
+            Self::Retention => "retention",
         })
+    }
+}
+
+/// Where a purge writes what it removes, before it removes it.
+pub trait Backup: Send + Sync {
+    /// Write the messages durably (flushed and fsynced) before returning.
+    fn write(&self, msgs: &[&DlqMessage]) -> Result<(), String>;
+    /// The backup's name in summaries and errors (e.g. its file path).
+    fn describe(&self) -> String;
+}
+
+/// What a run does with each matching message it leased. Both actions share
+/// the pass: leases, the seen-set, filters, limits, and releasing everything
+/// not removed at the end.
+#[derive(Clone, Default)]
+pub enum Action {
+    /// Send a copy to its destination, then settle the original (guarantee 1).
+    #[default]
+    Redrive,
+    /// Write the message to the backup (when there is one), then settle it:
+    /// a purge. Each removal is journaled as `purged`.
+    Discard { backup: Option<Arc<dyn Backup>> },
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Redrive => "redrive",
+            Self::Discard { .. } => "purge",
+        }
+    }
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Redrive => f.write_str("Redrive"),
+            Self::Discard { backup } => f
+                .debug_struct("Discard")
+                .field("backup", &backup.as_ref().map(|b| b.describe()))
+                .finish(),
+        }
     }
 }
 
@@ -76,6 +121,8 @@ pub struct RedrivePlan {
     pub deadline: Duration,
     pub max_redrives: u32,
     pub strip_dead_letter_attributes: bool,
+    /// Redrive (the default) or purge.
+    pub action: Action,
 }
 
 /// Live counters, readable while the run goes (progress bar, HTTP API).
@@ -126,6 +173,9 @@ pub struct RunSummary {
     pub run_id: String,
     pub queue: String,
     pub trigger: Trigger,
+    /// `redrive` or `purge`. For a purge, `sent` counts messages written to
+    /// the backup (or discarded, without one) and `destinations` names it.
+    pub action: &'static str,
     pub filter: String,
     pub dry_run: bool,
     pub started_at: DateTime<Utc>,
@@ -230,6 +280,7 @@ impl Engine {
             run_id: plan.run_id.clone(),
             queue: plan.queue.clone(),
             trigger: plan.trigger,
+            action: plan.action.name(),
             filter: plan.filter.source().to_string(),
             dry_run: plan.dry_run,
             started_at: Utc::now(),
@@ -271,6 +322,13 @@ impl Engine {
         let mut planned: u64 = 0;
         let mut all_seen_streak = 0;
         let mut lease_failures = 0;
+        let discard_to = match &plan.action {
+            Action::Redrive => None,
+            Action::Discard { backup } => Some(Destination(match backup {
+                Some(b) => format!("backup {}", b.describe()),
+                None => "(discarded, no backup)".into(),
+            })),
+        };
 
         let result: Result<(), RedriveError> = async {
             'pass: loop {
@@ -334,14 +392,16 @@ impl Engine {
                         }
                         Ok(false) => held.push(l.lease),
                         Ok(true) if plan.max.is_some_and(|m| planned >= m) => held.push(l.lease),
-                        Ok(true) if redrive_count(&l.message) >= plan.max_redrives => {
+                        Ok(true)
+                            if discard_to.is_none() && redrive_count(&l.message) >= plan.max_redrives =>
+                        {
                             s.skipped_max_redrives += 1;
                             held.push(l.lease);
                         }
                         Ok(true) => {
-                            let dest = plan
-                                .to
+                            let dest = discard_to
                                 .clone()
+                                .or_else(|| plan.to.clone())
                                 .or_else(|| l.message.source.clone().map(Destination))
                                 .or_else(|| plan.fallback_source.clone());
                             s.matched += 1;
@@ -378,7 +438,7 @@ impl Engine {
                 }
                 if !journal_settle.is_empty() {
                     let n = journal_settle.len() as u64;
-                    let out = self.settle_batch(&plan.run_id, journal_settle).await;
+                    let out = self.settle_batch(&plan.run_id, journal_settle, false).await;
                     s.settled_from_journal += n - out.settle_failed;
                     merge(&mut s, out, &mut held);
                 }
@@ -441,6 +501,7 @@ impl Engine {
                     }
                     let outgoing: Vec<Outgoing> = batch
                         .iter()
+                        .filter(|_| discard_to.is_none())
                         .map(|l| {
                             let (o, marked) = outgoing_copy(&l.message, plan, &*self.backend);
                             if !marked {
@@ -451,8 +512,12 @@ impl Engine {
                         .collect();
                     let engine = self.clone_for_task();
                     let run_id = plan.run_id.clone();
+                    let action = plan.action.clone();
                     tasks.spawn(async move {
-                        let mut out = engine.send_batch(&run_id, &dest, batch, outgoing).await;
+                        let mut out = match action {
+                            Action::Redrive => engine.send_batch(&run_id, &dest, batch, outgoing).await,
+                            Action::Discard { backup } => engine.discard_batch(&run_id, batch, backup).await,
+                        };
                         out.keys = keys;
                         out
                     });
@@ -554,7 +619,7 @@ impl Engine {
             out.unsent.extend(confirmed.into_iter().map(|l| l.lease));
             return out;
         }
-        let settled = self.settle_batch(run, confirmed).await;
+        let settled = self.settle_batch(run, confirmed, false).await;
         out.settled = settled.settled;
         out.settle_failed = settled.settle_failed;
         out.unsent.extend(settled.unsent);
@@ -562,7 +627,45 @@ impl Engine {
         out
     }
 
-    async fn settle_batch(&self, run: &str, batch: Vec<Leased>) -> BatchOutcome {
+    /// Back up (when there is a backup), then settle: the purge's half of a batch.
+    async fn discard_batch(&self, run: &str, batch: Vec<Leased>, backup: Option<Arc<dyn Backup>>) -> BatchOutcome {
+        let mut out = BatchOutcome::default();
+        for l in &batch {
+            let _ = self.journal(Record::Leased {
+                run: run.into(),
+                id: l.message.id.clone(),
+            });
+        }
+        if let Some(b) = &backup {
+            let msgs: Vec<&DlqMessage> = batch.iter().map(|l| &l.message).collect();
+            if let Err(e) = b.write(&msgs) {
+                push_error(
+                    &mut out.errors,
+                    format!(
+                        "backup to {} failed ({e}); {} messages stay in the DLQ",
+                        b.describe(),
+                        batch.len()
+                    ),
+                );
+                out.send_failed = batch.len() as u64;
+                Progress::add(&self.progress.failed, out.send_failed);
+                out.unsent.extend(batch.into_iter().map(|l| l.lease));
+                return out;
+            }
+        }
+        out.sent = batch.len() as u64;
+        Progress::add(&self.progress.sent, out.sent);
+        let settled = self.settle_batch(run, batch, true).await;
+        out.settled = settled.settled;
+        out.settle_failed = settled.settle_failed;
+        out.unsent.extend(settled.unsent);
+        out.errors.extend(settled.errors);
+        let _ = self.sync_journal();
+        out
+    }
+
+    /// Settle leased messages; `purged` journals each removal as a purge.
+    async fn settle_batch(&self, run: &str, batch: Vec<Leased>, purged: bool) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         if batch.is_empty() {
             return out;
@@ -576,9 +679,17 @@ impl Engine {
             match r {
                 SettleResult::Settled => {
                     out.settled += 1;
-                    let _ = self.journal(Record::Settled {
-                        run: run.into(),
-                        id: l.message.id,
+                    let _ = self.journal(if purged {
+                        Record::Purged {
+                            run: run.into(),
+                            id: l.message.id,
+                            reason: l.message.reason,
+                        }
+                    } else {
+                        Record::Settled {
+                            run: run.into(),
+                            id: l.message.id,
+                        }
                     });
                 }
                 SettleResult::Failed { error } => {
@@ -588,12 +699,20 @@ impl Engine {
                         id: l.message.id.clone(),
                         error: error.clone(),
                     });
+                    let (what, next) = if purged {
+                        (
+                            "was backed up but could not be removed from the DLQ",
+                            "it stays in the DLQ",
+                        )
+                    } else {
+                        (
+                            "was sent but could not be removed from the DLQ",
+                            "a rerun with the same journal settles it without resending",
+                        )
+                    };
                     push_error(
                         &mut out.errors,
-                        format!(
-                            "message {} was sent but could not be removed from the DLQ ({error}); a rerun with the same journal settles it without resending",
-                            l.message.id
-                        ),
+                        format!("message {} {what} ({error}); {next}", l.message.id),
                     );
                     out.unsent.push(l.lease);
                 }

@@ -20,8 +20,10 @@ pub enum RegistryError {
     UnknownQueue { name: String, known: String },
     #[error(transparent)]
     Filter(#[from] FilterError),
-    #[error("queue {queue}: {source}")]
-    Backend { queue: String, source: BackendError },
+    // Not a `#[source]`: the message already includes it, and anyhow's
+    // chain would print it twice.
+    #[error("queue {queue}: {error}")]
+    Backend { queue: String, error: BackendError },
     #[error("{0}")]
     Invalid(String),
 }
@@ -83,9 +85,9 @@ impl Registry {
         if let Some(b) = self.backends.lock().await.get(name) {
             return Ok(b.clone());
         }
-        let b = backend::connect(queue).await.map_err(|source| RegistryError::Backend {
+        let b = backend::connect(queue).await.map_err(|error| RegistryError::Backend {
             queue: name.to_string(),
-            source,
+            error,
         })?;
         self.backends.lock().await.insert(name.to_string(), b.clone());
         Ok(b)
@@ -154,6 +156,7 @@ impl Registry {
             deadline: self.config.redrive.deadline,
             max_redrives: self.config.redrive.max_redrives,
             strip_dead_letter_attributes: self.config.redrive.strip_dead_letter_attributes,
+            action: crate::redrive::Action::Redrive,
         })
     }
 
