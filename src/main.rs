@@ -4,6 +4,32 @@ use clap::Parser;
 use dlq_bridge::cli::{self, Cli};
 use tracing_subscriber::EnvFilter;
 
+const SECRET_BEARING_TARGETS: &[&str] = &[
+    "aws_config",
+    "aws_credential_types",
+    "aws_runtime",
+    "aws_sigv4",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_http_client",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+    "rustls",
+    "tonic",
+    "tower",
+    "google_cloud_auth",
+    "gcloud_auth",
+    "gcloud_gax",
+    "gcloud_pubsub",
+    "azservicebus",
+    "azure_core",
+    "fe2o3_amqp",
+    "kube",
+    "kube_client",
+];
+
 fn main() -> ExitCode {
     // With more than one crypto provider linked, rustls refuses to guess.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -13,8 +39,14 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let filter = EnvFilter::try_from_env("DLQ_BRIDGE_LOG")
+    let mut filter = EnvFilter::try_from_env("DLQ_BRIDGE_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},aws_config=error,aws_smithy_runtime=error")));
+    // Below `info`, these crates log credentials, signed requests, auth
+    // headers or webhook URLs. Secrets never reach logs, whatever the level
+    // asked for, so they are capped here.
+    for noisy in SECRET_BEARING_TARGETS {
+        filter = filter.add_directive(format!("{noisy}=info").parse().expect("valid directive"));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -121,9 +121,9 @@ impl Registry {
                 backend
                     .resolve_destination(&name)
                     .await
-                    .map_err(|source| RegistryError::Backend {
+                    .map_err(|error| RegistryError::Backend {
                         queue: queue.to_string(),
-                        source,
+                        error,
                     })
             }
         };
@@ -133,13 +133,10 @@ impl Registry {
         };
         let fallback_source = match &qcfg.source {
             Some(s) => Some(resolve(s.clone()).await?),
-            None => backend
-                .default_source()
-                .await
-                .map_err(|source| RegistryError::Backend {
-                    queue: queue.to_string(),
-                    source,
-                })?,
+            None => backend.default_source().await.map_err(|error| RegistryError::Backend {
+                queue: queue.to_string(),
+                error,
+            })?,
         };
         Ok(RedrivePlan {
             run_id: new_run_id(),
