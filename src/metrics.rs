@@ -30,6 +30,9 @@ pub struct Metrics {
     reason_messages: Family<Labels, Gauge>,
     /// The reason labels currently exported per queue, to remove stale ones.
     reasons_exported: Mutex<HashMap<String, Vec<String>>>,
+    pattern_messages: Family<Labels, Gauge>,
+    patterns_exported: Mutex<HashMap<String, Vec<String>>>,
+    retention_expired: Family<Labels, Gauge>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -54,6 +57,9 @@ impl Metrics {
             alerts_firing: Family::default(),
             reason_messages: Family::default(),
             reasons_exported: Mutex::new(HashMap::new()),
+            pattern_messages: Family::default(),
+            patterns_exported: Mutex::new(HashMap::new()),
+            retention_expired: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -90,6 +96,16 @@ impl Metrics {
             "dlq_bridge_reason_messages",
             "Messages per failure reason in the latest sample (top reasons, the rest as `other`)",
             m.reason_messages.clone(),
+        );
+        registry.register(
+            "dlq_bridge_pattern_messages",
+            "Messages per failure pattern (normalised reason and description) in the latest sample (top patterns, the rest as `other`)",
+            m.pattern_messages.clone(),
+        );
+        registry.register(
+            "dlq_bridge_retention_expired_messages",
+            "Messages older than the queue's retention max_age at the latest retention check",
+            m.retention_expired.clone(),
         );
         Self { registry, ..m }
     }
@@ -135,22 +151,25 @@ impl Metrics {
 
     /// Export the top reasons of a sample; `counts` is sorted, most frequent first.
     pub fn set_reasons(&self, queue: &str, counts: &[(String, u64)]) {
-        let mut exported = self.reasons_exported.lock().expect("metrics lock");
-        for old in exported.remove(queue).unwrap_or_default() {
-            self.reason_messages
-                .remove(&labels(&[("queue", queue), ("reason", &old)]));
-        }
-        let mut names = Vec::new();
-        let other: u64 = counts.iter().skip(TOP_REASONS).map(|(_, n)| n).sum();
-        let top = counts.iter().take(TOP_REASONS).cloned();
-        let rest = (other > 0).then(|| ("other".to_string(), other));
-        for (reason, n) in top.chain(rest) {
-            self.reason_messages
-                .get_or_create(&labels(&[("queue", queue), ("reason", &reason)]))
-                .set(n as i64);
-            names.push(reason);
-        }
-        exported.insert(queue.to_string(), names);
+        set_top(&self.reason_messages, &self.reasons_exported, "reason", queue, counts);
+    }
+
+    /// Export the top failure patterns of a sample (see `triage::pattern_of`);
+    /// `counts` is sorted, most frequent first (an `other` entry is summed in).
+    pub fn set_patterns(&self, queue: &str, counts: &[(String, u64)]) {
+        set_top(
+            &self.pattern_messages,
+            &self.patterns_exported,
+            "pattern",
+            queue,
+            counts,
+        );
+    }
+
+    pub fn set_retention_expired(&self, queue: &str, n: u64) {
+        self.retention_expired
+            .get_or_create(&labels(&[("queue", queue)]))
+            .set(n as i64);
     }
 
     pub fn render(&self) -> String {
@@ -158,6 +177,34 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// Export the top N `counts` of a queue under `label`, the rest (and any
+/// `other` entry) summed as `other`, removing the labels of the previous call.
+fn set_top(
+    family: &Family<Labels, Gauge>,
+    exported: &Mutex<HashMap<String, Vec<String>>>,
+    label: &str,
+    queue: &str,
+    counts: &[(String, u64)],
+) {
+    let mut exported = exported.lock().expect("metrics lock");
+    for old in exported.remove(queue).unwrap_or_default() {
+        family.remove(&labels(&[("queue", queue), (label, &old)]));
+    }
+    let mut names = Vec::new();
+    let named = counts.iter().filter(|(k, _)| k != "other");
+    let given_other: u64 = counts.iter().filter(|(k, _)| k == "other").map(|(_, n)| n).sum();
+    let other: u64 = given_other + named.clone().skip(TOP_REASONS).map(|(_, n)| n).sum::<u64>();
+    let top = named.take(TOP_REASONS).cloned();
+    let rest = (other > 0).then(|| ("other".to_string(), other));
+    for (key, n) in top.chain(rest) {
+        family
+            .get_or_create(&labels(&[("queue", queue), (label, &key)]))
+            .set(n as i64);
+        names.push(key);
+    }
+    exported.insert(queue.to_string(), names);
 }
 
 #[cfg(test)]
@@ -196,5 +243,25 @@ mod tests {
         m.set_reasons("q", &[("only".into(), 1)]);
         let text = m.render();
         assert_eq!(text.matches("dlq_bridge_reason_messages{").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn patterns_are_bounded_and_fold_other() {
+        let m = Metrics::new();
+        let mut many: Vec<(String, u64)> = (0..12).map(|i| (format!("p{i} <n>"), 30 - i as u64)).collect();
+        many.push(("other".into(), 5));
+        m.set_patterns("q", &many);
+        m.set_retention_expired("q", 4);
+        let text = m.render();
+        assert_eq!(text.matches("dlq_bridge_pattern_messages{").count(), TOP_REASONS + 1);
+        // p10 (20) + p11 (19) + the given other (5)
+        assert!(
+            text.contains(r#"dlq_bridge_pattern_messages{queue="q",pattern="other"} 44"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"dlq_bridge_retention_expired_messages{queue="q"} 4"#),
+            "{text}"
+        );
     }
 }

@@ -259,6 +259,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         results: results_tx,
     });
     poller.spawn_all(&config, sample, shutdown.clone());
+    for q in config.queues.iter().filter(|q| q.retention.is_some()) {
+        tokio::spawn(retention_loop(
+            app.clone(),
+            q.name.clone(),
+            data_dir.clone(),
+            sinks.clone(),
+            leadership.clone(),
+            shutdown.clone(),
+        ));
+    }
     tokio::spawn(alert_loop(results_rx, evaluator, sinks, metrics, leadership.clone()));
     for s in &config.schedules {
         tokio::spawn(schedule_loop(
@@ -330,6 +340,14 @@ async fn alert_loop(
     leadership: Leadership,
 ) {
     while let Some(poll) = results.recv().await {
+        if !poll.sample.is_empty() || poll.stats.depth == 0 {
+            let patterns = crate::triage::top_counts(
+                &poll.sample,
+                &crate::triage::GroupBy::Pattern,
+                crate::metrics::TOP_REASONS,
+            );
+            metrics.set_patterns(&poll.queue, &patterns);
+        }
         let leader = *leadership.borrow();
         for n in evaluator.evaluate(&poll, leader, &metrics) {
             tracing::info!(rule = %n.rule, queue = %n.queue, status = ?n.status, "alert");
@@ -375,6 +393,108 @@ async fn schedule_loop(app: Arc<App>, s: ScheduleConfig, leadership: Leadership,
                 }
             }
             Err(e) => tracing::error!(queue = %s.queue, error = %e, "scheduled redrive could not start"),
+        }
+    }
+}
+
+/// Apply one queue's retention policy every `check_every`, on the leader only
+/// (and at once when this replica becomes leader). `alert` policies notify the
+/// sinks while expired messages remain, and once more when they are gone.
+async fn retention_loop(
+    app: Arc<App>,
+    queue: String,
+    data_dir: Option<PathBuf>,
+    sinks: Sinks,
+    mut leadership: Leadership,
+    shutdown: CancellationToken,
+) {
+    use crate::alert::{Notification, SampleMessage, Status};
+    use crate::config::RetentionAction;
+    let Some(policy) = app.registry.queue(&queue).ok().and_then(|q| q.retention.clone()) else {
+        return;
+    };
+    let backend = app
+        .registry
+        .queue(&queue)
+        .map(|q| q.kind.backend_name().to_string())
+        .unwrap_or_default();
+    let mut firing_since: Option<DateTime<Utc>> = None;
+    loop {
+        if *leadership.borrow_and_update() {
+            let outcome = crate::triage::apply_retention(
+                &app.registry,
+                &queue,
+                false,
+                data_dir.as_deref(),
+                app.journal.clone(),
+                Trigger::Retention,
+                shutdown.child_token(),
+            )
+            .await;
+            match outcome {
+                Ok(o) => {
+                    app.metrics
+                        .set_retention_expired(&queue, if o.purge.is_some() { 0 } else { o.expired });
+                    if let Some(s) = &o.purge {
+                        app.cache.note_removed(&queue, s.settled);
+                        tracing::info!(%queue, purged = s.settled, backup = ?o.backup, "retention: expired messages exported and purged");
+                    } else if o.dry_run && policy.action == RetentionAction::ExportThenPurge {
+                        let ids: Vec<&str> = o.listed.iter().map(|m| m.id.as_str()).collect();
+                        tracing::info!(%queue, would_purge = o.expired, ?ids, "retention dry run: would export and purge");
+                    }
+                    if policy.action == RetentionAction::Alert {
+                        let now = Utc::now();
+                        let status = if o.expired > 0 {
+                            firing_since.get_or_insert(now);
+                            Some(Status::Firing)
+                        } else {
+                            firing_since.take().map(|_| Status::Resolved)
+                        };
+                        if let Some(status) = status {
+                            sinks.send(Notification {
+                                version: 1,
+                                status,
+                                rule: "retention".into(),
+                                kind: "retention",
+                                queue: queue.clone(),
+                                backend: backend.clone(),
+                                value: o.expired as f64,
+                                threshold: policy.max_age.as_secs_f64(),
+                                reason: None,
+                                summary: format!(
+                                    "{} messages in {queue} are older than the retention max_age ({})",
+                                    o.expired,
+                                    humantime::format_duration(policy.max_age)
+                                ),
+                                started_at: firing_since.unwrap_or(now),
+                                sent_at: now,
+                                repeat_seconds: policy.check_every.as_secs(),
+                                samples: o
+                                    .listed
+                                    .iter()
+                                    .take(3)
+                                    .map(|m| SampleMessage {
+                                        id: m.id.clone(),
+                                        reason: m.reason.clone(),
+                                        body: None,
+                                        body_redacted: true,
+                                    })
+                                    .collect(),
+                            });
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(%queue, error = %e, "retention check failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(policy.check_every) => {}
+            changed = leadership.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -33,6 +33,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/queues", get(queues))
         .route("/v1/queues/{queue}/messages", get(messages))
+        .route("/v1/queues/{queue}/report", get(report))
         .route("/v1/queues/{queue}/redrive", post(redrive))
         .route("/v1/runs/{id}", get(run))
         .with_state(app)
@@ -145,6 +146,45 @@ async fn messages(
         "messages": views,
     }))
     .into_response())
+}
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    by: Option<String>,
+    filter: Option<String>,
+    top: Option<usize>,
+    scan: Option<usize>,
+}
+
+/// `report` over HTTP (see `dlq-bridge report`): groups with counts, shares,
+/// enqueue times, delivery-count ranges and sample IDs. Reads like
+/// `/messages` (and needs the token, when one is set, for the same reason:
+/// reasons and descriptions are message content).
+async fn report(
+    State(app): State<Arc<App>>,
+    Path(queue): Path<String>,
+    Query(q): Query<ReportQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    use crate::triage::{self, GroupBy, ReportRequest, TriageError};
+    authorize(&app, &headers)?;
+    let by: GroupBy =
+        q.by.as_deref()
+            .unwrap_or("pattern")
+            .parse()
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let req = ReportRequest {
+        by,
+        filter: q.filter.as_deref(),
+        top: q.top.unwrap_or(triage::DEFAULT_TOP).clamp(1, 100),
+        scan: q.scan.unwrap_or(MAX_LIMIT).clamp(1, 10 * MAX_LIMIT),
+    };
+    match triage::report(&app.registry, &queue, &req).await {
+        Ok(r) => Ok(Json(r).into_response()),
+        Err(TriageError::Registry(e)) => Err(e.into()),
+        Err(e) if e.is_usage() => Err(ApiError(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(e) => Err(ApiError(StatusCode::BAD_GATEWAY, e.to_string())),
+    }
 }
 
 #[derive(Deserialize, Default)]
