@@ -48,15 +48,22 @@ podman_run() {
     --read-only --user 65532:65532 --network host "$@"
 }
 
+CTX=""
+STARTED_SQS=0
+cleanup() {
+  [ -n "$CTX" ] && rm -rf "$CTX"
+  if [ "$STARTED_SQS" = 1 ]; then "$ROOT/scripts/emulators.sh" stop sqs >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+
 main() {
   local bin
   bin=$(build_binary)
   [ "${1:-}" = binary ] && { echo "$bin"; return 0; }
   command -v podman >/dev/null || "$ROOT/scripts/tools.sh"
 
-  local ctx
-  ctx=$(mktemp -d)
-  trap 'rm -rf "$ctx"' EXIT
+  CTX=$(mktemp -d)
+  local ctx=$CTX
   cp "$bin" "$ctx/dlq-bridge"
   cp /etc/ssl/certs/ca-certificates.crt "$ctx/ca-certificates.crt"
   log "building $IMAGE (target runtime-prebuilt) with podman"
@@ -66,6 +73,7 @@ main() {
   podman_run "$IMAGE" --version
 
   # A config with one SQS queue against moto on the host network.
+  "$ROOT/scripts/emulators.sh" status 2>/dev/null | grep -q '^sqs: running' || STARTED_SQS=1
   "$ROOT/scripts/emulators.sh" start sqs >&2
   eval "$("$ROOT/scripts/emulators.sh" env sqs)"
   local queue="dlq-bridge-image-smoke-dlq"

@@ -61,3 +61,11 @@ def test_binary_rejects_what_the_schema_would(binary, tmp_path):
     # Sanity: exit code 2 really is what a config error gives.
     proc = run_check(binary, {"queus": []}, tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
+
+
+def test_example_config_through_the_chart_parses(binary, render, tmp_path):
+    from conftest import ROOT
+    example = yaml.safe_load((ROOT / "config" / "example.yaml").read_text())
+    proc = run_check(binary, render({"config": example}).config(), tmp_path)
+    assert proc.returncode in (0, 1), f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert f": ok ({len(example['queues'])} queue" in proc.stdout, proc.stdout

@@ -302,3 +302,16 @@ def test_values_file_is_valid_yaml_with_documented_defaults():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["mode"] == "deployment"
     assert values["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_projects_example_config_fits_the_chart(render):
+    """config/example.yaml documents every config key: the schema must accept it
+    (so values.schema.json keeps up with src/config.rs) and the ConfigMap must
+    carry it unchanged, apart from the serve settings the chart owns."""
+    from conftest import ROOT
+    example = yaml.safe_load((ROOT / "config" / "example.yaml").read_text())
+    cfg = render({"config": example, "leaderElection": {"enabled": True}}).config()
+    owned = {"listen", "token_env", "data_dir", "leader_election"}
+    assert {k: v for k, v in cfg.items() if k != "serve"} == {k: v for k, v in example.items() if k != "serve"}
+    assert {k: v for k, v in cfg["serve"].items() if k not in owned} == \
+        {k: v for k, v in example.get("serve", {}).items() if k not in owned}
