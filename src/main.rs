@@ -4,30 +4,34 @@ use clap::Parser;
 use dlq_bridge::cli::{self, Cli};
 use tracing_subscriber::EnvFilter;
 
-const SECRET_BEARING_TARGETS: &[&str] = &[
-    "aws_config",
-    "aws_credential_types",
-    "aws_runtime",
-    "aws_sigv4",
-    "aws_smithy_runtime",
-    "aws_smithy_runtime_api",
-    "aws_smithy_http_client",
-    "hyper",
-    "hyper_util",
-    "h2",
-    "reqwest",
-    "rustls",
-    "tonic",
-    "tower",
-    "google_cloud_auth",
-    "gcloud_auth",
-    "gcloud_gax",
-    "gcloud_pubsub",
-    "azservicebus",
-    "azure_core",
-    "fe2o3_amqp",
-    "kube",
-    "kube_client",
+/// Crates that, below the level given here, log credentials, signed
+/// requests, auth headers or webhook URLs (or, for the AWS config chain,
+/// warn about every missing source). Secrets never reach logs, whatever level
+/// is asked for, so these caps always apply.
+const CAPPED_TARGETS: &[(&str, &str)] = &[
+    ("aws_config", "error"),
+    ("aws_smithy_runtime", "error"),
+    ("aws_credential_types", "info"),
+    ("aws_runtime", "info"),
+    ("aws_sigv4", "info"),
+    ("aws_smithy_runtime_api", "info"),
+    ("aws_smithy_http_client", "info"),
+    ("hyper", "info"),
+    ("hyper_util", "info"),
+    ("h2", "info"),
+    ("reqwest", "info"),
+    ("rustls", "info"),
+    ("tonic", "info"),
+    ("tower", "info"),
+    ("google_cloud_auth", "info"),
+    ("gcloud_auth", "info"),
+    ("gcloud_gax", "info"),
+    ("gcloud_pubsub", "info"),
+    ("azservicebus", "info"),
+    ("azure_core", "info"),
+    ("fe2o3_amqp", "info"),
+    ("kube", "info"),
+    ("kube_client", "info"),
 ];
 
 fn main() -> ExitCode {
@@ -39,13 +43,9 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let mut filter = EnvFilter::try_from_env("DLQ_BRIDGE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},aws_config=error,aws_smithy_runtime=error")));
-    // Below `info`, these crates log credentials, signed requests, auth
-    // headers or webhook URLs. Secrets never reach logs, whatever the level
-    // asked for, so they are capped here.
-    for noisy in SECRET_BEARING_TARGETS {
-        filter = filter.add_directive(format!("{noisy}=info").parse().expect("valid directive"));
+    let mut filter = EnvFilter::try_from_env("DLQ_BRIDGE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    for (target, level) in CAPPED_TARGETS {
+        filter = filter.add_directive(format!("{target}={level}").parse().expect("valid directive"));
     }
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -39,6 +39,16 @@ pub enum BackendError {
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// The innermost cause of an error, e.g. "Connection refused (os error 111)"
+/// under layers of "dispatch failure: io error: client error (Connect)".
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 /// What a provider can carry, so that callers (and the conformance tests) know
 /// which parts of the message model apply.
 #[derive(Debug, Clone, Copy)]

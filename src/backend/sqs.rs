@@ -120,7 +120,7 @@ impl SqsBackend {
     fn error<E, R>(&self, err: SdkError<E, R>) -> BackendError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug,
+        R: std::fmt::Debug + 'static,
     {
         classify(err, &self.endpoint, &self.queue_name)
     }
@@ -252,12 +252,16 @@ async fn resolve_queue_url(client: &Client, endpoint: &str, queue: &str, account
 fn classify<E, R>(err: SdkError<E, R>, endpoint: &str, queue: &str) -> BackendError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
 {
     match &err {
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => BackendError::Unreachable {
+        SdkError::TimeoutError(_) => BackendError::Unreachable {
             endpoint: endpoint.to_string(),
-            detail: DisplayErrorContext(&err).to_string(),
+            detail: "timed out".into(),
+        },
+        SdkError::DispatchFailure(_) => BackendError::Unreachable {
+            endpoint: endpoint.to_string(),
+            detail: super::root_cause(&err),
         },
         _ => {
             let code = err.code().unwrap_or_default().to_string();
