@@ -856,7 +856,8 @@ pub struct ImportSummary {
     pub file: PathBuf,
     pub queue: String,
     pub backend: String,
-    pub destination: String,
+    /// Destination address → messages sent there (planned, in a dry run).
+    pub destinations: BTreeMap<String, u64>,
     pub dry_run: bool,
     pub read: u64,
     pub matched: u64,
@@ -956,12 +957,7 @@ pub async fn import(
             Trigger::Cli,
         )
         .await?;
-    let Some(dest) = plan.to.clone().or_else(|| plan.fallback_source.clone()) else {
-        return Err(TriageError::Usage(format!(
-            "queue {} names no source to import into: set its `source` in the config, or pass --address",
-            req.to
-        )));
-    };
+    let configured = plan.to.clone().or_else(|| plan.fallback_source.clone());
     let backend = registry.backend(req.to).await?;
     let caps = backend.capabilities();
     let limiter = req
@@ -973,7 +969,7 @@ pub async fn import(
         file: req.file.to_owned(),
         queue: req.to.to_string(),
         backend: backend.kind().to_string(),
-        destination: dest.0.clone(),
+        destinations: BTreeMap::new(),
         dry_run: req.dry_run,
         read: 0,
         matched: 0,
@@ -995,11 +991,12 @@ pub async fn import(
             trigger: format!("import {}", req.file.display()),
             filter: filter.source().to_string(),
             dry_run: false,
-            destination: Some(dest.0.clone()),
+            destination: configured.as_ref().map(|d| d.0.clone()),
         })?;
     }
     let now = Utc::now();
     let mut batch: Vec<(String, Outgoing)> = Vec::new();
+    let mut batch_dest: Option<Destination> = None;
     for line in lines {
         if cancel.is_cancelled() || req.max.is_some_and(|m| s.matched >= m) {
             break;
@@ -1020,6 +1017,24 @@ pub async fn import(
             }
         }
         s.matched += 1;
+        // A line exported from this same queue goes back to its own source
+        // when the config and the provider name none for the queue.
+        let same_queue = line.queue == req.to && line.backend == backend.kind();
+        let Some(dest) = configured
+            .clone()
+            .or_else(|| line.source.clone().filter(|_| same_queue).map(Destination))
+        else {
+            s.failed += 1;
+            push_import_error(
+                &mut s,
+                format!(
+                    "message {}: no destination (queue {} names no source: set its `source` in the config, or pass --address)",
+                    m.id, req.to
+                ),
+            );
+            continue;
+        };
+        *s.destinations.entry(dest.0.clone()).or_default() += 1;
         if plan.strip_dead_letter_attributes {
             for name in &line.provider_attributes {
                 if m.attributes.remove(name).is_some() {
@@ -1039,22 +1054,16 @@ pub async fn import(
         if req.dry_run {
             continue;
         }
-        batch.push((m.id, o));
-        if batch.len() >= caps.batch_size {
-            send_import_batch(
-                &*backend,
-                &dest,
-                std::mem::take(&mut batch),
-                limiter.as_ref(),
-                &record,
-                &mut s,
-                &plan.run_id,
-            )
-            .await;
+        if batch_dest.as_ref().is_some_and(|d| *d != dest) || batch.len() >= caps.batch_size {
+            let to = batch_dest.clone().expect("a batch has a destination");
+            let full = std::mem::take(&mut batch);
+            send_import_batch(&*backend, &to, full, limiter.as_ref(), &record, &mut s, &plan.run_id).await;
         }
+        batch_dest = Some(dest);
+        batch.push((m.id, o));
     }
-    if !batch.is_empty() {
-        send_import_batch(&*backend, &dest, batch, limiter.as_ref(), &record, &mut s, &plan.run_id).await;
+    if let Some(to) = batch_dest.filter(|_| !batch.is_empty()) {
+        send_import_batch(&*backend, &to, batch, limiter.as_ref(), &record, &mut s, &plan.run_id).await;
     }
     if !req.dry_run {
         record(Record::RunFinished {
@@ -1101,24 +1110,33 @@ async fn send_import_batch(
             }
             SendResult::Failed { error } => {
                 s.failed += 1;
-                if s.errors.len() < 20 {
-                    s.errors.push(format!("message {id}: {error}"));
-                }
+                push_import_error(s, format!("message {id}: {error}"));
             }
         }
     }
 }
 
+fn push_import_error(s: &mut ImportSummary, e: String) {
+    if s.errors.len() < 20 {
+        s.errors.push(e);
+    }
+}
+
 pub fn import_text(s: &ImportSummary) -> String {
     let mut out = format!(
-        "{} {} from {} into queue {} ({}): {}\n",
+        "{} {} from {} into queue {} ({})\n",
         if s.dry_run { "import dry run" } else { "import" },
         s.run_id,
         s.file.display(),
         s.queue,
         s.backend,
-        s.destination
     );
+    for (to, n) in &s.destinations {
+        out.push_str(&format!(
+            "  {n} {} {to}\n",
+            if s.dry_run { "would go to" } else { "to" }
+        ));
+    }
     out.push_str(&format!("  read:      {}\n  matched:   {}\n", s.read, s.matched));
     if !s.dry_run {
         out.push_str(&format!("  sent:      {}\n  failed:    {}\n", s.sent, s.failed));

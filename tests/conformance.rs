@@ -11,8 +11,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{Fixture, Received, TestMessage, attrs, redrive};
+use dlq_bridge::config::{RetentionAction, RetentionConfig};
+use dlq_bridge::journal::{Journal, Record, read_records};
+use dlq_bridge::redrive::Trigger;
 use dlq_bridge::redrive::{MARK_COUNT, MARK_ID, StopReason};
 use dlq_bridge::registry::{RedriveRequest, Registry};
+use dlq_bridge::triage::{self, ExportedMessage, ImportRequest, PurgeRequest, ReportRequest};
 
 fn order(i: usize, tenant: &str, error: &str) -> TestMessage {
     TestMessage {
@@ -248,6 +252,347 @@ pub async fn ordering_group_is_kept<F: Fixture>() {
     }
 }
 
+// --- Triage (issue 10): report, export/import, purge, retention -----------
+
+fn failing(i: usize, error: &str, description: String) -> TestMessage {
+    TestMessage {
+        body: format!(r#"{{"order":{i}}}"#).into_bytes(),
+        attributes: attrs(&[
+            ("tenant", if i.is_multiple_of(2) { "acme" } else { "globex" }),
+            ("error", error),
+            ("error_description", &description),
+        ]),
+        ordering_key: None,
+    }
+}
+
+/// Nine failures in five patterns: numbers, quoted values and UUIDs vary
+/// inside each pattern.
+fn patterned() -> (Vec<TestMessage>, Vec<(&'static str, u64)>) {
+    let msgs = vec![
+        failing(0, "Timeout", "payment gateway timed out after 3012 ms".into()),
+        failing(1, "Timeout", "payment gateway timed out after 15 ms".into()),
+        failing(2, "Timeout", "payment gateway timed out after 7 ms".into()),
+        failing(3, "Timeout", "inventory service timed out after 1500 ms".into()),
+        failing(4, "Timeout", "inventory service timed out after 99 ms".into()),
+        failing(5, "ValidationError", "field `sku` missing".into()),
+        failing(6, "ValidationError", "field `qty` missing".into()),
+        failing(7, "DownstreamUnavailable", "HTTP 503 from shipping".into()),
+        failing(8, "Conflict", format!("order {} already exists", uuid::Uuid::new_v4())),
+    ];
+    let want = vec![
+        ("Timeout: payment gateway timed out after <n> ms", 3),
+        ("Timeout: inventory service timed out after <n> ms", 2),
+        ("ValidationError: field <str> missing", 2),
+        ("Conflict: order <uuid> already exists", 1),
+        ("DownstreamUnavailable: HTTP <n> from shipping", 1),
+    ];
+    (msgs, want)
+}
+
+fn scratch_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(common::unique("dlqb-triage"));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub async fn report_groups_patterns_exactly<F: Fixture>() {
+    let f = F::create(false).await;
+    let (msgs, want) = patterned();
+    f.dead_letter(&msgs).await;
+    let reg = Registry::new(f.config());
+    let req = |by: &str, top: usize| ReportRequest {
+        by: by.parse().unwrap(),
+        filter: None,
+        top,
+        scan: 1000,
+    };
+    let r = triage::report(&reg, "dlq", &req("pattern", 10)).await.unwrap();
+    assert_eq!((r.read, r.matched), (9, 9), "{r:?}");
+    let got: Vec<(&str, u64)> = r.groups.iter().map(|g| (g.key.as_str(), g.count)).collect();
+    assert_eq!(got, want, "{r:?}");
+    assert!(r.other.is_none());
+    let peeked: BTreeSet<String> = reg
+        .backend("dlq")
+        .await
+        .unwrap()
+        .peek(20)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    for g in &r.groups {
+        assert!(peeked.contains(&g.sample_id), "{g:?}");
+        assert!(
+            g.first_enqueued_at.is_some() && g.first_enqueued_at <= g.last_enqueued_at,
+            "{g:?}"
+        );
+        assert!(
+            g.min_delivery_count.is_some_and(|c| c >= 1) && g.min_delivery_count <= g.max_delivery_count,
+            "{g:?}"
+        );
+    }
+    assert!((r.groups[0].share - 3.0 / 9.0).abs() < 1e-9);
+
+    // Top 2 folds the other three patterns into `other`.
+    let r = triage::report(&reg, "dlq", &req("pattern", 2)).await.unwrap();
+    assert_eq!(r.groups.len(), 2);
+    let other = r.other.expect("other");
+    assert_eq!((other.count, other.groups_folded), (4, 3), "{other:?}");
+
+    let r = triage::report(&reg, "dlq", &req("reason", 10)).await.unwrap();
+    let got: Vec<(&str, u64)> = r.groups.iter().map(|g| (g.key.as_str(), g.count)).collect();
+    assert_eq!(
+        got,
+        [
+            ("Timeout", 5),
+            ("ValidationError", 2),
+            ("Conflict", 1),
+            ("DownstreamUnavailable", 1)
+        ]
+    );
+    let r = triage::report(
+        &reg,
+        "dlq",
+        &ReportRequest {
+            filter: Some(r#"reason == "Timeout""#),
+            ..req("attribute:tenant", 10)
+        },
+    )
+    .await
+    .unwrap();
+    let got: Vec<(&str, u64)> = r.groups.iter().map(|g| (g.key.as_str(), g.count)).collect();
+    assert_eq!(got, [("acme", 3), ("globex", 2)]);
+    assert_eq!(f.dlq_count().await, 9, "reports remove nothing");
+}
+
+/// Export then import brings bodies and attributes back byte for byte.
+pub async fn export_then_import_round_trips<F: Fixture>() {
+    let f = F::create(false).await;
+    let reg = Registry::new(f.config());
+    let caps = reg.backend("dlq").await.unwrap().capabilities();
+    let mut typed = attrs(&[("error", "Payload"), ("kind", "typed")]);
+    typed.extend(F::typed_attributes());
+    let mut cases = vec![
+        TestMessage {
+            body: "unicode ✓ — \t tabs\nand newlines \u{10348}".as_bytes().to_vec(),
+            attributes: typed,
+            ordering_key: None,
+        },
+        TestMessage {
+            body: br#"{"order":1}"#.to_vec(),
+            attributes: attrs(&[("error", "Payload"), ("kind", "json")]),
+            ordering_key: None,
+        },
+    ];
+    if caps.binary_body {
+        cases.push(TestMessage {
+            body: (0..=255u8).cycle().take(4096).collect(),
+            attributes: attrs(&[("error", "Payload"), ("kind", "binary")]),
+            ordering_key: None,
+        });
+    }
+    f.put_in_dlq(&cases).await;
+    let dir = scratch_dir();
+    let file = dir.join("export.jsonl");
+    let s = triage::export(&reg, "dlq", &file, None, None).await.unwrap();
+    assert_eq!(s.written as usize, cases.len(), "{s:?}");
+    assert_eq!(f.dlq_count().await, cases.len(), "export removes nothing");
+    let lines: Vec<ExportedMessage> = triage::read_export(&file).unwrap().map(Result::unwrap).collect();
+    assert_eq!(lines.len(), cases.len());
+    for l in &lines {
+        assert_eq!(l.body_bytes, l.to_message().unwrap().body.len());
+        assert!(l.reason.as_deref() == Some("Payload"), "{l:?}");
+    }
+
+    let journal = std::sync::Arc::new(Journal::open(&dir.join("journal.jsonl")).unwrap());
+    let req = ImportRequest {
+        file: &file,
+        to: "dlq",
+        address: None,
+        filter: None,
+        rate: Some(100),
+        max: None,
+        dry_run: false,
+    };
+    let s = triage::import(&reg, &req, Some(journal), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.matched, s.sent, s.failed),
+        (cases.len() as u64, cases.len() as u64, 0),
+        "{s:?}"
+    );
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), cases.len());
+    for want in &cases {
+        let kind = want.attributes["kind"].as_text();
+        let got = arrived
+            .iter()
+            .find(|r| r.attributes.get("kind").map(|a| a.as_text()) == Some(kind.clone()))
+            .unwrap_or_else(|| panic!("{kind} message arrived"));
+        assert_eq!(got.body, want.body, "{kind} body");
+        for (k, a) in &want.attributes {
+            let have = got
+                .attributes
+                .get(k)
+                .unwrap_or_else(|| panic!("{kind}: attribute {k} missing"));
+            if !caps.typed_attributes {
+                assert_eq!(have.as_text(), a.as_text(), "{kind} attribute {k}");
+                continue;
+            }
+            assert_eq!(have.value, a.value, "{kind} attribute {k}");
+            if a.data_type.is_some() {
+                assert_eq!(have.data_type, a.data_type, "{kind} attribute {k} type");
+            }
+        }
+    }
+    if !caps.typed_attributes {
+        assert!(
+            s.not_carried.keys().any(|k| k.contains("attribute `blob`")),
+            "the lost attribute types are named: {s:?}"
+        );
+    }
+    let imported = read_records(&dir.join("journal.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| matches!(r, Record::Imported { .. }))
+        .count();
+    assert_eq!(imported, cases.len());
+}
+
+/// Purge removes exactly the matches, after backing each up, and journals each.
+pub async fn purge_removes_exactly_the_matches_with_backup<F: Fixture>() {
+    let f = F::create(false).await;
+    let msgs = orders(8);
+    f.dead_letter(&msgs).await;
+    let reg = Registry::new(f.config());
+    let dir = scratch_dir();
+    let backup = dir.join("backup.jsonl");
+    let journal = std::sync::Arc::new(Journal::open(&dir.join("journal.jsonl")).unwrap());
+    let filter = r#"attributes.tenant == "acme""#;
+
+    let dry = triage::purge(
+        &reg,
+        "dlq",
+        &PurgeRequest {
+            filter,
+            older_than: None,
+            dry_run: true,
+            backup: Some(&backup),
+            max: None,
+            rate: None,
+            trigger: Trigger::Cli,
+        },
+        None,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((dry.matched, dry.settled), (4, 0), "{dry:?}");
+    assert_eq!(f.dlq_count().await, 8, "a dry run deletes nothing");
+    assert!(!backup.exists(), "a dry run writes no backup");
+
+    let s = triage::purge(
+        &reg,
+        "dlq",
+        &PurgeRequest {
+            filter,
+            older_than: None,
+            dry_run: false,
+            backup: Some(&backup),
+            max: None,
+            rate: None,
+            trigger: Trigger::Cli,
+        },
+        Some(journal),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert!(s.ok(), "{s:?}");
+    assert_eq!((s.examined, s.matched, s.sent, s.settled), (8, 4, 4, 4), "{s:?}");
+    assert_eq!(f.dlq_count().await, 4);
+    assert!(f.drain_source().await.is_empty(), "a purge sends nothing");
+
+    let acme: Vec<&TestMessage> = msgs
+        .iter()
+        .filter(|m| m.attributes["tenant"].as_text() == "acme")
+        .collect();
+    let lines: Vec<ExportedMessage> = triage::read_export(&backup).unwrap().map(Result::unwrap).collect();
+    let backed_up: BTreeSet<String> = lines
+        .iter()
+        .map(|l| String::from_utf8(l.to_message().unwrap().body.to_vec()).unwrap())
+        .collect();
+    assert_eq!(backed_up, expected_bodies(acme.iter().copied()));
+    for l in &lines {
+        assert_eq!(l.attributes["tenant"].as_text(), "acme");
+    }
+    let purged: BTreeSet<String> = read_records(&dir.join("journal.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Purged { id, reason, .. } => {
+                assert!(reason.is_some(), "the reason is journaled");
+                Some(id)
+            }
+            _ => None,
+        })
+        .collect();
+    let backed_up_ids: BTreeSet<String> = lines.iter().map(|l| l.id.clone()).collect();
+    assert_eq!(purged, backed_up_ids, "every deletion is journaled, and only those");
+    let left = reg.backend("dlq").await.unwrap().peek(20).await.unwrap();
+    assert!(
+        left.iter().all(|m| m.attributes["tenant"].as_text() == "globex"),
+        "{left:?}"
+    );
+}
+
+/// A retention dry run lists exactly the expired messages and touches nothing.
+pub async fn retention_dry_run_lists_what_it_would_purge<F: Fixture>() {
+    let f = F::create(false).await;
+    f.dead_letter(&orders(5)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dir = scratch_dir();
+    let with_policy = |max_age: Duration| {
+        let mut c = f.config();
+        c.queues[0].retention = Some(RetentionConfig {
+            max_age,
+            action: RetentionAction::ExportThenPurge,
+            export_dir: Some(dir.clone()),
+            dry_run: true,
+            check_every: Duration::from_secs(3600),
+        });
+        Registry::new(c)
+    };
+    let reg = with_policy(Duration::from_secs(1));
+    let o = triage::apply_retention(&reg, "dlq", false, None, None, Trigger::Cli, Default::default())
+        .await
+        .unwrap();
+    assert!(o.dry_run && o.purge.is_none(), "{o:?}");
+    assert_eq!((o.read, o.expired, o.listed.len()), (5, 5, 5), "{o:?}");
+    let ids: BTreeSet<String> = reg
+        .backend("dlq")
+        .await
+        .unwrap()
+        .peek(20)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(o.listed.iter().map(|m| m.id.clone()).collect::<BTreeSet<_>>(), ids);
+    assert_eq!(f.dlq_count().await, 5, "a dry run purges nothing");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "and writes no backup");
+
+    let reg = with_policy(Duration::from_secs(3600));
+    let o = triage::apply_retention(&reg, "dlq", false, None, None, Trigger::Cli, Default::default())
+        .await
+        .unwrap();
+    assert_eq!((o.read, o.expired), (5, 0), "{o:?}");
+}
+
 /// Instantiate the suite for one backend.
 macro_rules! conformance {
     ($module:ident, $fixture:ty) => {
@@ -285,6 +630,22 @@ macro_rules! conformance {
             #[tokio::test]
             async fn ordering_group_is_kept() {
                 super::ordering_group_is_kept::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn report_groups_patterns_exactly() {
+                super::report_groups_patterns_exactly::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn export_then_import_round_trips() {
+                super::export_then_import_round_trips::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn purge_removes_exactly_the_matches_with_backup() {
+                super::purge_removes_exactly_the_matches_with_backup::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn retention_dry_run_lists_what_it_would_purge() {
+                super::retention_dry_run_lists_what_it_would_purge::<$fixture>().await;
             }
         }
     };
