@@ -40,9 +40,14 @@ pub enum Record {
         dry_run: bool,
         destination: Option<String>,
     },
+    /// Written (and fsynced) before a copy is sent. `redrive_id` is the mark
+    /// the copy carries; a resend after a crash reuses it, so consumers that
+    /// dedupe on `dlq-bridge-redrive-id` see one message.
     Leased {
         run: String,
         id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        redrive_id: Option<String>,
     },
     Sent {
         run: String,
@@ -93,6 +98,8 @@ pub enum Record {
 struct Replay {
     sent: HashMap<String, (String, String)>,
     settled: HashSet<String>,
+    /// The redrive ID of each copy an earlier run set out to send.
+    intents: HashMap<String, String>,
 }
 
 pub struct Journal {
@@ -125,10 +132,18 @@ impl Journal {
                 Record::Settled { id, .. } => {
                     replay.settled.insert(id);
                 }
+                Record::Leased {
+                    id,
+                    redrive_id: Some(rid),
+                    ..
+                } => {
+                    replay.intents.entry(id).or_insert(rid);
+                }
                 _ => {}
             }
         }
         replay.sent.retain(|id, _| !replay.settled.contains(id));
+        replay.intents.retain(|id, _| !replay.settled.contains(id));
         replay.settled.clear();
         let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
         // Start on a fresh line after a torn write, so the next record is whole.
@@ -153,9 +168,33 @@ impl Journal {
         self.replay.lock().expect("journal lock").sent.get(id).cloned()
     }
 
+    /// The redrive ID an earlier run gave its copy of message `id`, when that
+    /// run may have sent it without recording the outcome (it crashed inside
+    /// the send).
+    pub fn prior_redrive_id(&self, id: &str) -> Option<String> {
+        self.replay.lock().expect("journal lock").intents.get(id).cloned()
+    }
+
     pub fn append(&self, record: &Record) -> Result<(), JournalError> {
-        if let Record::Settled { id, .. } = record {
-            self.replay.lock().expect("journal lock").sent.remove(id);
+        match record {
+            Record::Settled { id, .. } => {
+                let mut r = self.replay.lock().expect("journal lock");
+                r.sent.remove(id);
+                r.intents.remove(id);
+            }
+            Record::Leased {
+                id,
+                redrive_id: Some(rid),
+                ..
+            } => {
+                self.replay
+                    .lock()
+                    .expect("journal lock")
+                    .intents
+                    .entry(id.clone())
+                    .or_insert_with(|| rid.clone());
+            }
+            _ => {}
         }
         let mut line = serde_json::to_vec(record).expect("records serialize");
         line.push(b'\n');

@@ -201,6 +201,7 @@ pub fn summary_text(s: &RunSummary) -> String {
     }
     let extras = [
         ("settled from journal", s.settled_from_journal),
+        ("resent after a crash (same redrive id)", s.resent_after_crash),
         ("send failed", s.send_failed),
         ("settle failed", s.settle_failed),
         ("filter errors", s.filter_errors),

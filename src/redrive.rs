@@ -186,6 +186,9 @@ pub struct RunSummary {
     pub settled: u64,
     /// Copies an earlier, interrupted run had sent; settled now, not resent.
     pub settled_from_journal: u64,
+    /// Copies an interrupted run may have sent (it died inside the send), sent
+    /// again under the same `dlq-bridge-redrive-id` so consumers can dedupe.
+    pub resent_after_crash: u64,
     pub send_failed: u64,
     pub settle_failed: u64,
     pub filter_errors: u64,
@@ -290,6 +293,7 @@ impl Engine {
             sent: 0,
             settled: 0,
             settled_from_journal: 0,
+            resent_after_crash: 0,
             send_failed: 0,
             settle_failed: 0,
             filter_errors: 0,
@@ -503,9 +507,17 @@ impl Engine {
                         .iter()
                         .filter(|_| discard_to.is_none())
                         .map(|l| {
-                            let (o, marked) = outgoing_copy(&l.message, plan, &*self.backend);
+                            let (mut o, marked) = outgoing_copy(&l.message, plan, &*self.backend);
                             if !marked {
                                 s.marks_omitted += 1;
+                            }
+                            // A copy an interrupted run may already have sent
+                            // keeps that run's mark, so consumers can dedupe.
+                            if let Some(prior) = self.journal.as_ref().and_then(|j| j.prior_redrive_id(&l.message.id)) {
+                                if marked {
+                                    o.attributes.insert(MARK_ID.into(), Attribute::string(prior));
+                                }
+                                s.resent_after_crash += 1;
                             }
                             o
                         })
@@ -571,11 +583,19 @@ impl Engine {
         outgoing: Vec<Outgoing>,
     ) -> BatchOutcome {
         let mut out = BatchOutcome::default();
-        for l in &batch {
+        for (l, o) in batch.iter().zip(&outgoing) {
             let _ = self.journal(Record::Leased {
                 run: run.into(),
                 id: l.message.id.clone(),
+                redrive_id: o.attributes.get(MARK_ID).map(Attribute::as_text),
             });
+        }
+        // The intent is durable before the send: a crash inside the send is
+        // then known to the next run, which resends under the same mark.
+        if let Err(e) = self.sync_journal() {
+            push_error(&mut out.errors, format!("journal: {e}; not sending this batch"));
+            out.unsent.extend(batch.into_iter().map(|l| l.lease));
+            return out;
         }
         let results = match self.backend.send(dest, &outgoing).await {
             Ok(r) => r,
@@ -634,6 +654,7 @@ impl Engine {
             let _ = self.journal(Record::Leased {
                 run: run.into(),
                 id: l.message.id.clone(),
+                redrive_id: None,
             });
         }
         if let Some(b) = &backup {
