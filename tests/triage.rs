@@ -1,0 +1,273 @@
+//! The triage commands of the `dlq-bridge` binary end to end against moto:
+//! report, export, import, purge and retention, with their exit codes.
+#![cfg(feature = "sqs")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::sqs::SqsFixture;
+use common::{Fixture, TestMessage, attrs, unique};
+use dlq_bridge::journal::{Record, read_records};
+use dlq_bridge::triage::{ExportedMessage, read_export};
+
+fn bin(state: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"));
+    c.env_remove("DLQ_BRIDGE_CONFIG")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("XDG_STATE_HOME", state);
+    c
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = cmd.output().expect("run dlq-bridge");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+fn scratch() -> PathBuf {
+    let d = std::env::temp_dir().join(unique("dlqb-triage-cli"));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn config(dir: &Path, f: &SqsFixture, extra: &str) -> PathBuf {
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\n{extra}redrive:\n  hold: 2m\n",
+            f.dlq_url, f.endpoint
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn failures() -> Vec<TestMessage> {
+    let cases = [
+        ("Timeout", "payment gateway timed out after 3012 ms"),
+        ("Timeout", "payment gateway timed out after 15 ms"),
+        ("Timeout", "inventory service timed out after 1500 ms"),
+        ("ValidationError", "field `sku` missing"),
+        ("ValidationError", "field `qty` missing"),
+        ("DownstreamUnavailable", "HTTP 503 from shipping"),
+    ];
+    cases
+        .iter()
+        .enumerate()
+        .map(|(i, (error, description))| TestMessage {
+            body: format!(r#"{{"order":{i}}}"#).into_bytes(),
+            attributes: attrs(&[
+                ("tenant", ["acme", "globex"][i % 2]),
+                ("error", error),
+                ("error_description", description),
+            ]),
+            ordering_key: None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn report_groups_by_pattern_and_rejects_bad_input() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&failures()).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["report", "orders", "--by", "pattern"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("no true peek"), "the side effect is stated: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("COUNT") && lines[0].ends_with("PATTERN"), "{out}");
+    assert!(
+        lines[1].starts_with("2 ") && lines[1].contains("Timeout: payment gateway timed out after <n> ms"),
+        "{out}"
+    );
+    assert!(out.contains("ValidationError: field <str> missing"), "{out}");
+    assert!(out.contains("6 messages grouped by pattern (6 read)"), "{out}");
+
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["report", "orders", "--by", "reason", "--top", "1", "-o", "json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["groups"][0]["key"], "Timeout");
+    assert_eq!(r["groups"][0]["count"], 3);
+    assert_eq!(r["other"]["count"], 3);
+    assert_eq!(r["other"]["groups_folded"], 2);
+
+    for bad in [
+        vec!["report", "orders", "--by", "colour"],
+        vec!["report", "orders", "--filter", "reason =="],
+        vec!["report", "nosuch"],
+    ] {
+        let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).args(&bad));
+        assert_eq!(code, 2, "{bad:?}: {out}{err}");
+    }
+    assert_eq!(f.dlq_count().await, 6);
+}
+
+#[tokio::test]
+async fn export_import_and_purge_from_the_command_line() {
+    let f = SqsFixture::create(false).await;
+    let msgs = failures();
+    f.dead_letter(&msgs).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+    let file = dir.join("out.jsonl");
+    let journal = dir.join("journal.jsonl");
+
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--filter", r#"reason == "Timeout""#, "--to"])
+        .arg(&file));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("exported 3 of 6 messages"), "{out}");
+    let lines: Vec<ExportedMessage> = read_export(&file).unwrap().map(Result::unwrap).collect();
+    assert_eq!(lines.len(), 3);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.reason.as_deref() == Some("Timeout") && l.body_preview.starts_with("{\"order\""))
+    );
+    assert_eq!(f.dlq_count().await, 6, "export removes nothing");
+
+    let (code, out, err) =
+        run(bin(&dir)
+            .arg("-c")
+            .arg(&cfg)
+            .arg("import")
+            .arg(&file)
+            .args(["--to", "orders", "--dry-run"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("matched:   3") && out.contains("would go to"), "{out}");
+    assert!(f.drain_source().await.is_empty(), "a dry run sends nothing");
+
+    // Off a terminal, changing commands need --yes.
+    let (code, _, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .arg("import")
+        .arg(&file)
+        .args(["--to", "orders"]));
+    assert_eq!(code, 2, "{err}");
+
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .arg("import")
+        .arg(&file)
+        .args(["--to", "orders", "--yes", "--rate", "50", "--journal"])
+        .arg(&journal));
+    assert_eq!(code, 0, "{out}{err}");
+    let arrived = f.drain_source().await;
+    let mut got: Vec<Vec<u8>> = arrived.iter().map(|m| m.body.clone()).collect();
+    got.sort();
+    let mut want: Vec<Vec<u8>> = lines.iter().map(|l| l.to_message().unwrap().body.to_vec()).collect();
+    want.sort();
+    assert_eq!(got, want);
+    for m in &arrived {
+        assert_eq!(m.attributes["error"].as_text(), "Timeout");
+        assert!(m.attributes["error_description"].as_text().contains("timed out"));
+    }
+
+    // Purge the ValidationErrors, with a backup.
+    let backup = dir.join("backup.jsonl");
+    let (code, _, err) = run(bin(&dir).arg("-c").arg(&cfg).args(["purge", "orders"]));
+    assert_eq!(code, 2, "--filter is required: {err}");
+    let filter = r#"reason == "ValidationError""#;
+    let (code, out, err) =
+        run(bin(&dir)
+            .arg("-c")
+            .arg(&cfg)
+            .args(["purge", "orders", "--filter", filter, "--dry-run"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("matched:   2"), "{out}");
+    assert_eq!(f.dlq_count().await, 6);
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["purge", "orders", "--filter", filter, "--yes", "--backup"])
+        .arg(&backup)
+        .arg("--journal")
+        .arg(&journal));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("deleted:   2"), "{out}");
+    assert_eq!(f.dlq_count().await, 4);
+    let saved: Vec<ExportedMessage> = read_export(&backup).unwrap().map(Result::unwrap).collect();
+    assert_eq!(saved.len(), 2);
+    assert!(saved.iter().all(|l| l.reason.as_deref() == Some("ValidationError")));
+    let records = read_records(&journal).unwrap();
+    let purged: Vec<&Record> = records.iter().filter(|r| matches!(r, Record::Purged { .. })).collect();
+    assert_eq!(purged.len(), 2, "{records:?}");
+    assert_eq!(
+        records.iter().filter(|r| matches!(r, Record::Imported { .. })).count(),
+        3
+    );
+
+    // Without --backup, the default backup lands in the state directory.
+    let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).args([
+        "purge",
+        "orders",
+        "--filter",
+        r#"reason == "DownstreamUnavailable""#,
+        "--yes",
+        "--no-journal",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    let backups: Vec<_> = std::fs::read_dir(dir.join("dlq-bridge/backups")).unwrap().collect();
+    assert_eq!(backups.len(), 1);
+    assert_eq!(f.dlq_count().await, 3);
+}
+
+#[tokio::test]
+async fn retention_dry_run_lists_then_export_then_purge_empties() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&failures()).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let dir = scratch();
+    let export_dir = dir.join("retention");
+    let cfg = config(
+        &dir,
+        &f,
+        &format!(
+            "    retention:\n      max_age: 1s\n      action: export-then-purge\n      export_dir: {}\n",
+            export_dir.display()
+        ),
+    );
+    let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).args(["retention", "--dry-run"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("(dry run)") && out.contains("would purge 6 of 6 messages read"),
+        "{out}"
+    );
+    assert_eq!(out.lines().filter(|l| l.contains("reason=")).count(), 6, "{out}");
+    assert_eq!(f.dlq_count().await, 6);
+    assert!(!export_dir.exists());
+
+    let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).args(["retention", "orders", "--yes"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("purged 6 expired messages"), "{out}");
+    assert_eq!(f.dlq_count().await, 0);
+    let files: Vec<PathBuf> = std::fs::read_dir(&export_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    assert_eq!(read_export(&files[0]).unwrap().count(), 6);
+
+    let (code, _, err) = run(bin(&dir).arg("-c").arg(&config(&dir, &f, "")).arg("retention"));
+    assert_eq!(code, 2, "no policy is a usage error: {err}");
+}
