@@ -268,6 +268,6 @@ async fn retention_dry_run_lists_then_export_then_purge_empties() {
     assert_eq!(files.len(), 1);
     assert_eq!(read_export(&files[0]).unwrap().count(), 6);
 
-    let (code, _, err) = run(bin(&dir).arg("-c").arg(&config(&dir, &f, "")).arg("retention"));
+    let (code, _, err) = run(bin(&dir).arg("-c").arg(config(&dir, &f, "")).arg("retention"));
     assert_eq!(code, 2, "no policy is a usage error: {err}");
 }
