@@ -884,6 +884,10 @@ pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend, dest: &Destination)
     let kind = backend.kind();
     let mut out = Vec::new();
     for (name, a) in &o.attributes {
+        if name == crate::redrive::MARK_ID || name == crate::redrive::MARK_COUNT {
+            // dlq-bridge's own marks: text wherever they go, by design.
+            continue;
+        }
         let typed = !matches!(a.value, AttrValue::String(_)) || a.data_type.is_some();
         if !caps.typed_attributes && typed {
             let ty = match &a.value {

@@ -271,3 +271,56 @@ async fn retention_dry_run_lists_then_export_then_purge_empties() {
     let (code, _, err) = run(bin(&dir).arg("-c").arg(config(&dir, &f, "")).arg("retention"));
     assert_eq!(code, 2, "no policy is a usage error: {err}");
 }
+
+/// SQS to Pub/Sub: the export of an SQS DLQ replays into a Pub/Sub queue's
+/// source topic; bodies arrive exact, typed attributes as their text, and the
+/// summary names every attribute whose type Pub/Sub cannot carry.
+#[cfg(feature = "pubsub")]
+#[tokio::test]
+async fn import_crosses_providers_and_names_what_is_not_carried() {
+    use common::pubsub::PubSubFixture;
+    use dlq_bridge::registry::Registry;
+    use dlq_bridge::triage::{self, ImportRequest};
+
+    let sqs = SqsFixture::create(false).await;
+    let ps = PubSubFixture::create(false).await;
+    let mut typed = attrs(&[("error", "Payload"), ("kind", "typed")]);
+    typed.extend(SqsFixture::typed_attributes());
+    let msgs = vec![TestMessage {
+        body: "unicode ✓ — \t tabs\nand newlines".as_bytes().to_vec(),
+        attributes: typed.clone(),
+        ordering_key: None,
+    }];
+    sqs.put_in_dlq(&msgs).await;
+    let mut config = sqs.config();
+    config.queues[0].name = "from-sqs".into();
+    let mut pubsub_queue = ps.config().queues.remove(0);
+    pubsub_queue.name = "to-pubsub".into();
+    config.queues.push(pubsub_queue);
+    let reg = Registry::new(config);
+    let dir = scratch();
+    let file = dir.join("sqs.jsonl");
+    let s = triage::export(&reg, "from-sqs", &file, None, None).await.unwrap();
+    assert_eq!(s.written, 1);
+    let req = ImportRequest {
+        file: &file,
+        to: "to-pubsub",
+        address: None,
+        filter: None,
+        rate: None,
+        max: None,
+        dry_run: false,
+    };
+    let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
+    assert_eq!((s.sent, s.failed), (1, 0), "{s:?}");
+    for name in ["n", "blob", "custom"] {
+        let named = format!("attribute `{name}`");
+        assert!(s.not_carried.keys().any(|k| k.contains(&named)), "{name}: {s:?}");
+    }
+    let arrived = ps.drain_source().await;
+    assert_eq!(arrived.len(), 1);
+    assert_eq!(arrived[0].body, msgs[0].body);
+    for (k, a) in &typed {
+        assert_eq!(arrived[0].attributes[k].as_text(), a.as_text(), "attribute {k}");
+    }
+}
