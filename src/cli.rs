@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::filter::Filter;
-use crate::journal::{Journal, Record, read_records};
+use crate::journal::{Journal, Record, read_all_records};
 use crate::output::{self, Format, MessageView, QueueRow};
 use crate::redrive::{Engine, Progress, RunSummary, Trigger};
 use crate::registry::{RedriveRequest, Registry, RegistryError};
@@ -651,7 +651,8 @@ async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts) -> Result<
         opts.journal.clone().or_else(|| default_journal(registry.config()))
     };
     if let Some(path) = &journal_path {
-        let journal = Journal::open(path).with_context(|| "opening the redrive journal (or pass --no-journal)")?;
+        let journal = Journal::open_with(path, registry.config().redrive.journal_rotation())
+            .with_context(|| "opening the redrive journal (or pass --no-journal)")?;
         engine = engine.with_journal(Arc::new(journal));
     }
     let cancel = CancellationToken::new();
@@ -711,7 +712,8 @@ fn open_journal(config: &Config, opts: &JournalOpts) -> Result<Option<Arc<Journa
     }
     match opts.journal.clone().or_else(|| default_journal(config)) {
         Some(path) => {
-            let j = Journal::open(&path).with_context(|| "opening the journal (or pass --no-journal)")?;
+            let j = Journal::open_with(&path, config.redrive.journal_rotation())
+                .with_context(|| "opening the journal (or pass --no-journal)")?;
             eprintln!("journal: {}", path.display());
             Ok(Some(Arc::new(j)))
         }
@@ -815,7 +817,7 @@ fn runs(registry: &Registry, journal: Option<PathBuf>, output: Format) -> Result
     let Some(path) = journal.or_else(|| default_journal(registry.config())) else {
         return Err(usage("no journal path: pass --journal PATH"));
     };
-    let records = read_records(&path)?;
+    let records = read_all_records(&path, registry.config().redrive.journal_keep)?;
     let finished: Vec<serde_json::Value> = records
         .into_iter()
         .filter_map(|r| match r {

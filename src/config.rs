@@ -386,6 +386,28 @@ pub struct RedriveConfig {
     /// `$XDG_STATE_HOME/dlq-bridge/journal.jsonl`.
     #[serde(default)]
     pub journal: Option<PathBuf>,
+    /// The journal is rotated past this size (bytes). Default 64 MiB.
+    #[serde(default = "default_journal_max_bytes")]
+    pub journal_max_bytes: u64,
+    /// Rotated journal files kept (`journal.jsonl.1` ... `.N`). Default 5.
+    #[serde(default = "default_journal_keep")]
+    pub journal_keep: usize,
+}
+
+impl RedriveConfig {
+    pub fn journal_rotation(&self) -> crate::journal::Rotation {
+        crate::journal::Rotation {
+            max_bytes: self.journal_max_bytes,
+            keep: self.journal_keep,
+        }
+    }
+}
+
+fn default_journal_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_journal_keep() -> usize {
+    5
 }
 
 impl Default for RedriveConfig {
@@ -398,6 +420,8 @@ impl Default for RedriveConfig {
             strip_dead_letter_attributes: true,
             rate: None,
             journal: None,
+            journal_max_bytes: default_journal_max_bytes(),
+            journal_keep: default_journal_keep(),
         }
     }
 }

@@ -102,15 +102,45 @@ struct Replay {
     intents: HashMap<String, String>,
 }
 
+/// When the journal is rotated and how many rotated files are kept
+/// (`journal.jsonl.1` is the newest). A sidecar appends for months, so the
+/// file must not grow without bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation {
+    pub max_bytes: u64,
+    pub keep: usize,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 * 1024 * 1024,
+            keep: 5,
+        }
+    }
+}
+
+struct Writer {
+    file: BufWriter<File>,
+    /// Bytes in the active file, including what is still buffered.
+    bytes: u64,
+}
+
 pub struct Journal {
     path: PathBuf,
-    writer: Mutex<BufWriter<File>>,
+    rotation: Rotation,
+    writer: Mutex<Writer>,
     replay: Mutex<Replay>,
 }
 
 impl Journal {
-    /// Open (or create) a journal, reading what earlier runs recorded.
+    /// Open (or create) a journal with the default rotation, reading what
+    /// earlier runs recorded.
     pub fn open(path: &Path) -> Result<Self, JournalError> {
+        Self::open_with(path, Rotation::default())
+    }
+
+    pub fn open_with(path: &Path, rotation: Rotation) -> Result<Self, JournalError> {
         let io = |source| JournalError::Io {
             path: path.to_owned(),
             source,
@@ -119,7 +149,7 @@ impl Journal {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let mut replay = Replay::default();
-        for record in read_records(path)? {
+        for record in read_all_records(path, rotation.keep)? {
             match record {
                 Record::Sent {
                     id,
@@ -147,13 +177,18 @@ impl Journal {
         replay.settled.clear();
         let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
         // Start on a fresh line after a torn write, so the next record is whole.
-        let len = file.metadata().map_err(io)?.len();
-        if len > 0 && !ends_with_newline(path).map_err(io)? {
+        let mut bytes = file.metadata().map_err(io)?.len();
+        if bytes > 0 && !ends_with_newline(path).map_err(io)? {
             file.write_all(b"\n").map_err(io)?;
+            bytes += 1;
         }
         Ok(Self {
             path: path.to_owned(),
-            writer: Mutex::new(BufWriter::new(file)),
+            rotation,
+            writer: Mutex::new(Writer {
+                file: BufWriter::new(file),
+                bytes,
+            }),
             replay: Mutex::new(replay),
         })
     }
@@ -194,30 +229,114 @@ impl Journal {
                     .entry(id.clone())
                     .or_insert_with(|| rid.clone());
             }
+            // Tracked so that a rotation carries it forward until settled.
+            Record::Sent {
+                id,
+                destination,
+                dest_id,
+                ..
+            } => {
+                self.replay
+                    .lock()
+                    .expect("journal lock")
+                    .sent
+                    .insert(id.clone(), (destination.clone(), dest_id.clone()));
+            }
             _ => {}
         }
         let mut line = serde_json::to_vec(record).expect("records serialize");
         line.push(b'\n');
-        self.writer
-            .lock()
-            .expect("journal lock")
-            .write_all(&line)
-            .map_err(|source| JournalError::Io {
-                path: self.path.clone(),
-                source,
-            })
+        let mut w = self.writer.lock().expect("journal lock");
+        w.bytes += line.len() as u64;
+        w.file.write_all(&line).map_err(|source| self.io(source))
     }
 
-    /// Flush and fsync: called once per batch, before its messages are settled.
+    fn io(&self, source: std::io::Error) -> JournalError {
+        JournalError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Flush and fsync: called once per batch, before its messages are sent
+    /// and before they are settled. Rotates the file once it is too large.
     pub fn sync(&self) -> Result<(), JournalError> {
         let mut w = self.writer.lock().expect("journal lock");
-        w.flush()
-            .and_then(|_| w.get_ref().sync_data())
-            .map_err(|source| JournalError::Io {
-                path: self.path.clone(),
-                source,
-            })
+        w.file
+            .flush()
+            .and_then(|_| w.file.get_ref().sync_data())
+            .map_err(|source| self.io(source))?;
+        if w.bytes > self.rotation.max_bytes {
+            self.rotate(&mut w)?;
+        }
+        Ok(())
     }
+
+    /// Shift `journal.jsonl.N` up by one (dropping the oldest beyond `keep`),
+    /// move the active file to `.1` and start a new one. What is still
+    /// unfinished (sent but not settled, about to be sent) is carried into
+    /// the new file, so deleting old files never loses crash records.
+    fn rotate(&self, w: &mut Writer) -> Result<(), JournalError> {
+        let keep = self.rotation.keep.max(1);
+        let _ = std::fs::remove_file(rotated(&self.path, keep));
+        for k in (1..keep).rev() {
+            let from = rotated(&self.path, k);
+            if from.exists() {
+                std::fs::rename(&from, rotated(&self.path, k + 1)).map_err(|e| self.io(e))?;
+            }
+        }
+        std::fs::rename(&self.path, rotated(&self.path, 1)).map_err(|e| self.io(e))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| self.io(e))?;
+        *w = Writer {
+            file: BufWriter::new(file),
+            bytes: 0,
+        };
+        let carried: Vec<Record> = {
+            let r = self.replay.lock().expect("journal lock");
+            let sent = r.sent.iter().map(|(id, (destination, dest_id))| Record::Sent {
+                run: "carried".into(),
+                id: id.clone(),
+                destination: destination.clone(),
+                dest_id: dest_id.clone(),
+            });
+            let intents = r.intents.iter().map(|(id, rid)| Record::Leased {
+                run: "carried".into(),
+                id: id.clone(),
+                redrive_id: Some(rid.clone()),
+            });
+            sent.chain(intents).collect()
+        };
+        for record in &carried {
+            let mut line = serde_json::to_vec(record).expect("records serialize");
+            line.push(b'\n');
+            w.bytes += line.len() as u64;
+            w.file.write_all(&line).map_err(|e| self.io(e))?;
+        }
+        w.file
+            .flush()
+            .and_then(|_| w.file.get_ref().sync_data())
+            .map_err(|e| self.io(e))
+    }
+}
+
+fn rotated(path: &Path, n: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+/// Every record of a journal and its rotated files, oldest first.
+pub fn read_all_records(path: &Path, keep: usize) -> Result<Vec<Record>, JournalError> {
+    let mut out = Vec::new();
+    for k in (1..=keep.max(1)).rev() {
+        out.extend(read_records(&rotated(path, k))?);
+    }
+    out.extend(read_records(path)?);
+    Ok(out)
 }
 
 /// Every record in a journal file, oldest first. A torn line (a crash
@@ -275,6 +394,46 @@ fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotation_keeps_n_files_and_carries_unfinished_work() {
+        let dir = std::env::temp_dir().join(format!("dlqb-rot-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("j.jsonl");
+        let rotation = Rotation {
+            max_bytes: 2_000,
+            keep: 2,
+        };
+        {
+            let j = Journal::open_with(&path, rotation).unwrap();
+            j.append(&Record::Sent {
+                run: "r0".into(),
+                id: "unsettled".into(),
+                destination: "q".into(),
+                dest_id: "d".into(),
+            })
+            .unwrap();
+            for i in 0..200 {
+                j.append(&Record::Settled {
+                    run: "r1".into(),
+                    id: format!("m{i}"),
+                })
+                .unwrap();
+                j.sync().unwrap();
+            }
+        }
+        assert!(rotated(&path, 1).exists() && rotated(&path, 2).exists());
+        assert!(!rotated(&path, 3).exists(), "only `keep` rotated files stay");
+        for f in [path.clone(), rotated(&path, 1), rotated(&path, 2)] {
+            assert!(std::fs::metadata(&f).unwrap().len() < 4_000, "{f:?} is bounded");
+        }
+        let j = Journal::open_with(&path, rotation).unwrap();
+        assert_eq!(
+            j.unsettled("unsettled"),
+            Some(("q".into(), "d".into())),
+            "survives its original file being deleted"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn replay_finds_sent_but_unsettled() {

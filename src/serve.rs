@@ -218,7 +218,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let data_dir = config.serve.data_dir.clone().or_else(default_data_dir);
     let journal = match &data_dir {
-        Some(dir) => Some(Arc::new(Journal::open(&dir.join("journal.jsonl"))?)),
+        Some(dir) => Some(Arc::new(Journal::open_with(
+            &dir.join("journal.jsonl"),
+            config.redrive.journal_rotation(),
+        )?)),
         None => None,
     };
     let shutdown = CancellationToken::new();
