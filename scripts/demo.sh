@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The demo: starts the SQS emulator, makes realistic orders fail into a
-# dead-letter queue, then shows list, inspect, a dry run and a filtered redrive
-# that moves only one tenant's messages back to the source queue.
+# dead-letter queue, then shows list, inspect, `report` grouping the failures
+# by reason and by pattern, a dry run, a filtered redrive that moves only one
+# tenant's messages back to the source queue, and an export plus a purge
+# (with a backup) of the validation failures.
 #
 #   scripts/demo.sh          run the demo, then stop the emulator it started
 #   scripts/demo.sh --keep   leave the emulator running to explore (see the last lines)
@@ -44,11 +46,16 @@ python3 scripts/seed_sqs.py --count 12
 dlq check
 dlq list
 dlq inspect orders --limit 5
+dlq report orders --by reason
+dlq report orders --by pattern
 dlq inspect orders --filter 'attributes.tenant == "acme" && reason == "Timeout"' -o json
 dlq redrive orders --filter 'attributes.tenant == "acme"' --dry-run
 dlq redrive orders --filter 'attributes.tenant == "acme"' --rate 50 --yes
 dlq list --sample 0
 dlq runs
+dlq export orders --filter 'reason == "ValidationError"' --to /tmp/dlq-bridge-demo/validation.jsonl
+dlq purge orders --filter 'reason == "ValidationError"' --backup /tmp/dlq-bridge-demo/purged.jsonl --yes
+dlq report orders --by pattern
 
 say "what arrived back on the source queue"
 python3 - <<'PY'

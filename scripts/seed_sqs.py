@@ -13,12 +13,16 @@ import uuid
 import boto3
 
 TENANTS = ["acme", "globex", "initech"]
+# (reason, description template): the numbers and quoted values vary from one
+# failure to the next, as they do in production, so that `report --by pattern`
+# has something to group.
 ERRORS = [
-    ("Timeout", "payment gateway timed out after 3000 ms"),
-    ("ValidationError", "field `sku` missing"),
-    ("Timeout", "inventory service timed out after 1500 ms"),
-    ("DownstreamUnavailable", "HTTP 503 from shipping"),
+    ("Timeout", "payment gateway timed out after {ms} ms"),
+    ("ValidationError", "field `{field}` missing"),
+    ("Timeout", "inventory service timed out after {ms} ms"),
+    ("DownstreamUnavailable", "HTTP {status} from shipping"),
 ]
+FIELDS = ["sku", "qty", "price"]
 
 
 def main() -> None:
@@ -43,7 +47,12 @@ def main() -> None:
     rnd = random.Random(7)
     for i in range(args.count):
         tenant = TENANTS[i % len(TENANTS)]
-        error, description = ERRORS[i % len(ERRORS)]
+        error, template = ERRORS[i % len(ERRORS)]
+        description = template.format(
+            ms=rnd.choice([250, 1500, 3000, 3012, 15000]),
+            field=rnd.choice(FIELDS),
+            status=rnd.choice([502, 503, 504]),
+        )
         order = {"order_id": f"ord-{1000 + i}", "tenant": tenant, "total": round(rnd.uniform(5, 500), 2)}
         sqs.send_message(
             QueueUrl=src_url,
