@@ -108,13 +108,15 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> 
         let _ = child.wait();
     }
     // Resume until the DLQ is empty. Leases of killed runs expire after
-    // `hold` (2 s); some providers count leased messages as absent, so the DLQ
-    // is only empty once it stays empty past a lease's lifetime.
+    // `hold` (2 s), or after the provider's own lease when a run died between
+    // receiving and extending it (Pub/Sub fixtures: a 10 s ack deadline). Some
+    // providers count leased messages as absent, so the DLQ is only empty once
+    // it stays empty past the longest lease.
     let start = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(2100)).await;
         if f.dlq_count().await == 0 {
-            tokio::time::sleep(Duration::from_millis(2100)).await;
+            tokio::time::sleep(Duration::from_secs(11)).await;
             if f.dlq_count().await == 0 {
                 break;
             }
