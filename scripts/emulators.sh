@@ -6,23 +6,41 @@
 #   scripts/emulators.sh env   [NAME...]   print `export` lines pointing clients at them
 #   scripts/emulators.sh status
 #
-# NAME is sqs (moto) or pubsub (Google's emulator); default: all of them.
-# Everything binds 127.0.0.1. Ports: DLQ_BRIDGE_SQS_PORT (4566), DLQ_BRIDGE_PUBSUB_PORT (8085).
+# NAME is sqs (moto), pubsub (Google's emulator) or servicebus (the project's
+# emulator, emulators/servicebus); default: all of them.
+# Everything binds 127.0.0.1. Ports: DLQ_BRIDGE_SQS_PORT (4566), DLQ_BRIDGE_PUBSUB_PORT (8085),
+# DLQ_BRIDGE_SERVICEBUS_HTTP_PORT (5300, the ATOM counts). Service Bus's AMQP port is
+# always 5672: azservicebus dials 5672 whatever the connection string says, so
+# nothing else (e.g. emulators/servicebus/tests/run.sh) may use 5672 meanwhile.
 # State (pids, logs) lives in DLQ_BRIDGE_EMULATOR_STATE (default /tmp/dlq-bridge-emulators).
 set -euo pipefail
 
-ALL=(sqs pubsub)
+ALL=(sqs pubsub servicebus)
 STATE=${DLQ_BRIDGE_EMULATOR_STATE:-${TMPDIR:-/tmp}/dlq-bridge-emulators}
 SQS_PORT=${DLQ_BRIDGE_SQS_PORT:-4566}
 PUBSUB_PORT=${DLQ_BRIDGE_PUBSUB_PORT:-8085}
+SERVICEBUS_HTTP_PORT=${DLQ_BRIDGE_SERVICEBUS_HTTP_PORT:-5300}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MOTO_VERSION=5.2.1
 mkdir -p "$STATE"
 
 log() { echo "emulators: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-port_of() { case "$1" in sqs) echo "$SQS_PORT" ;; pubsub) echo "$PUBSUB_PORT" ;; *) die "unknown emulator '$1' (known: ${ALL[*]})" ;; esac; }
-ready_url() { case "$1" in sqs) echo "http://127.0.0.1:$SQS_PORT/moto-api/" ;; pubsub) echo "http://127.0.0.1:$PUBSUB_PORT/" ;; esac; }
+port_of() { case "$1" in sqs) echo "$SQS_PORT" ;; pubsub) echo "$PUBSUB_PORT" ;; servicebus) servicebus_http_port ;; *) die "unknown emulator '$1' (known: ${ALL[*]})" ;; esac; }
+# The HTTP port the running Service Bus emulator reported (0 picks a free one).
+servicebus_http_port() {
+  if [[ -f $STATE/servicebus.port ]]; then cat "$STATE/servicebus.port"; else echo "$SERVICEBUS_HTTP_PORT"; fi
+}
+
+ready_url() {
+  case "$1" in
+    sqs) echo "http://127.0.0.1:$SQS_PORT/moto-api/" ;;
+    pubsub) echo "http://127.0.0.1:$PUBSUB_PORT/" ;;
+    # Any entity path answers 200 (an empty feed when it does not exist).
+    servicebus) echo "http://127.0.0.1:$(servicebus_http_port)/ready-probe?api-version=2021-05" ;;
+  esac
+}
 
 is_running() {
   local pidfile="$STATE/$1.pid"
@@ -65,6 +83,17 @@ ensure_pubsub() {
   pubsub_emulator_bin >/dev/null || die "the Pub/Sub emulator is installed but its binary was not found"
 }
 
+# Build the project's Service Bus emulator (a workspace member) and print its path.
+servicebus_emulator_bin() {
+  local target
+  target=${CARGO_TARGET_DIR:-$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}
+  (cd "$ROOT" && cargo build --quiet -p servicebus-emulator >&2) || die "cannot build servicebus-emulator"
+  echo "$target/debug/servicebus-emulator"
+}
+
+port_5672_free() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 5672))' 2>/dev/null; }
+
 start_one() {
   local name=$1 port pid
   port=$(port_of "$name")
@@ -84,10 +113,28 @@ start_one() {
         >"$STATE/pubsub.log" 2>&1 &
       pid=$!
       ;;
+    servicebus)
+      local bin
+      bin=$(servicebus_emulator_bin)
+      port_5672_free || die "port 5672 is taken (azservicebus only dials 5672): stop whatever holds it"
+      # --strict: no x-opt-lock-token, as Azure behaves.
+      rm -f "$STATE/servicebus.port"
+      RUST_LOG=${RUST_LOG:-warn} nohup "$bin" --amqp-port 5672 --http-port "$SERVICEBUS_HTTP_PORT" --https-port 0 \
+        --strict >"$STATE/servicebus.log" 2>&1 &
+      pid=$!
+      # The ready line names the ports actually bound.
+      local deadline=$((SECONDS + 30)) ready=""
+      until ready=$(grep -o 'http=127.0.0.1:[0-9]*' "$STATE/servicebus.log" 2>/dev/null); do
+        kill -0 "$pid" 2>/dev/null || die "servicebus exited during start-up; log: $STATE/servicebus.log ($(tail -n 5 "$STATE/servicebus.log" | tr '\n' ' '))"
+        ((SECONDS < deadline)) || die "servicebus printed no ready line within 30s; log: $STATE/servicebus.log"
+        sleep 0.1
+      done
+      echo "${ready##*:}" >"$STATE/servicebus.port"
+      ;;
   esac
   echo "$pid" >"$STATE/$name.pid"
   wait_ready "$name" "$pid" 90
-  log "$name ready on 127.0.0.1:$port (pid $pid)"
+  log "$name ready on 127.0.0.1:$(port_of "$name") (pid $pid)"
 }
 
 stop_one() {
@@ -102,6 +149,7 @@ stop_one() {
     log "$1 stopped"
   fi
   rm -f "$pidfile"
+  [[ $1 != servicebus ]] || rm -f "$STATE/servicebus.port"
 }
 
 env_one() {
@@ -122,6 +170,14 @@ export PUBSUB_EMULATOR_HOST=127.0.0.1:$PUBSUB_PORT
 export DLQ_BRIDGE_TEST_PUBSUB_HOST=127.0.0.1:$PUBSUB_PORT
 ENV
       ;;
+    servicebus)
+      # Not SERVICEBUS_CONNECTION_STRING: emulators/servicebus/tests/run.sh
+      # reads that as "a real namespace" and skips its Rust flows.
+      cat <<ENV
+export DLQ_BRIDGE_TEST_SERVICEBUS_HTTP=http://127.0.0.1:$(servicebus_http_port)
+export DLQ_BRIDGE_TEST_SERVICEBUS_CONNECTION_STRING='Endpoint=sb://127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true'
+ENV
+      ;;
   esac
 }
 
@@ -138,5 +194,5 @@ case "$cmd" in
       if is_running "$n" && is_ready "$n"; then echo "$n: running on $(port_of "$n")"; else echo "$n: stopped"; fi
     done
     ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -341,7 +341,7 @@ async fn unreachable_namespace_fails_fast() {
         .await
         .expect("connecting to a dead namespace must not hang");
     let err = match result {
-        Err(RegistryError::Backend { source, .. }) => source,
+        Err(RegistryError::Backend { error, .. }) => error,
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("connected to nothing"),
     };

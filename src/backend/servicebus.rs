@@ -6,8 +6,9 @@
 //! - **peek**: a true browse, `com.microsoft:peek-message` on the DLQ's
 //!   `$management` node, from sequence number 1 onwards. Nothing is locked and
 //!   no delivery count changes (`Capabilities::true_peek`).
-//! - **lease**: a peek-lock receive from `<entity>/$DeadLetterQueue`, with a
-//!   bounded wait (2 s for the first message, then a short top-up). The
+//! - **lease**: a peek-lock receive from `<entity>/$DeadLetterQueue`, sized
+//!   by a browse of the messages past the last one leased, with a bounded
+//!   wait (2 s); see `lease` for why the receive is sized. The
 //!   received message objects are kept, keyed by lock token ([`LeaseId`]),
 //!   because complete and abandon are settled on the link that received them.
 //!   The hold is the entity's LockDuration: Service Bus has no per-receive
@@ -143,8 +144,6 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_ATTEMPTS: usize = 3;
 /// How long a lease waits for the first message before reporting the DLQ empty.
 const LEASE_WAIT: Duration = Duration::from_secs(2);
-/// How long it then waits for more, up to the batch size.
-const LEASE_TOP_UP: Duration = Duration::from_millis(250);
 /// Messages per peek request.
 const PEEK_PAGE: usize = 100;
 /// How long a stats result is reused.
@@ -286,6 +285,8 @@ pub struct ServiceBusBackend {
     http: reqwest::Client,
     management: String,
     stats_cache: Mutex<Option<(Instant, DlqStats)>>,
+    /// The sequence number after the last message leased (see `lease`).
+    next_sequence: std::sync::atomic::AtomicI64,
 }
 
 fn non_empty(s: &Option<String>) -> Option<String> {
@@ -372,6 +373,7 @@ impl ServiceBusBackend {
             http,
             management,
             stats_cache: Mutex::new(None),
+            next_sequence: std::sync::atomic::AtomicI64::new(1),
         };
         // Fail now, with a clear error, when the namespace cannot be reached.
         // No link is attached yet: an emulator would auto-create the entity,
@@ -1187,20 +1189,54 @@ impl QueueBackend for ServiceBusBackend {
     async fn lease(&self, max: usize, _hold: Duration) -> Result<Vec<Leased>> {
         let max = max.clamp(1, BATCH) as u32;
         let mut slot = self.receiver.lock().await;
+        // Size the receive by a browse of what lies past the last message
+        // this backend leased, so that the receive completes without waiting
+        // out its timeout. A receive that times out drains the link, and after
+        // a drain fe2o3-amqp 0.14 can leave the link with credit again: a
+        // message released later would then be delivered straight back to it
+        // and stay locked until its lock expires. Nothing past the last leased
+        // message means the pass has seen everything: no receive at all.
+        // (With several consumers, a browsed message another one has locked
+        // can still make the receive wait out its timeout.)
+        // A new pass (nothing held) starts from the beginning again.
+        if self.leases.lock().expect("leases lock").is_empty() {
+            self.next_sequence.store(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let from = self.next_sequence.load(std::sync::atomic::Ordering::Relaxed);
         let rx = self.ensure_receiver(&mut slot).await?;
-        let mut got = match self.receive(rx, 1, LEASE_WAIT).await {
+        let available = match tokio::time::timeout(CALL_TIMEOUT, rx.peek_messages(max, Some(from))).await {
+            Ok(Ok(p)) => p.len() as u32,
+            Ok(Err(e)) => {
+                let err = self.classify("peek before receive", &e);
+                self.drop_receiver(&mut slot).await;
+                return Err(err);
+            }
+            Err(_) => {
+                self.drop_receiver(&mut slot).await;
+                return Err(self.unreachable("peek timed out"));
+            }
+        };
+        if available == 0 {
+            return Ok(Vec::new());
+        }
+        let rx = self.ensure_receiver(&mut slot).await?;
+        let got = match self.receive(rx, available, LEASE_WAIT).await {
             Ok(m) => m,
             Err(e) => {
                 self.drop_receiver(&mut slot).await;
                 return Err(self.unreachable(format!("receive from the dead-letter queue: {e}")));
             }
         };
-        if !got.is_empty() && max > 1 {
-            let rx = self.ensure_receiver(&mut slot).await?;
-            match self.receive(rx, max - 1, LEASE_TOP_UP).await {
-                Ok(more) => got.extend(more),
-                Err(e) => tracing::warn!(error = %e, "topping up a lease failed; continuing with what arrived"),
-            }
+        if (got.len() as u32) < available {
+            tracing::debug!(
+                available,
+                received = got.len(),
+                "fewer messages than browsed could be locked (another consumer holds some)"
+            );
+        }
+        if let Some(last) = got.iter().map(|m| m.sequence_number()).max() {
+            self.next_sequence
+                .fetch_max(last + 1, std::sync::atomic::Ordering::Relaxed);
         }
         drop(slot);
         let mut out = Vec::with_capacity(got.len());

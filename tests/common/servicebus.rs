@@ -43,7 +43,7 @@ pub const CONNECTION_STRING_ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_CONNECTION_S
 pub const UNREACHABLE_CONNECTION_STRING_ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_UNREACHABLE";
 pub const EMULATOR_CONNECTION_STRING: &str =
     "Endpoint=sb://127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true";
-const WAIT: Duration = Duration::from_secs(2);
+const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 
 /// The emulator's HTTP (ATOM) base URL: `DLQ_BRIDGE_TEST_SERVICEBUS_HTTP`
@@ -326,7 +326,7 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
     pub async fn receive(rx: &mut ServiceBusReceiver, n: usize) -> Vec<ServiceBusReceivedMessage> {
         let mut out = Vec::new();
         let mut empty = 0;
-        while out.len() < n && empty < 2 {
+        while out.len() < n && empty < 1 {
             let want = (n - out.len()).min(100) as u32;
             let got = tokio::time::timeout(CALL, rx.receive_messages_with_max_wait_time(want, Some(WAIT)))
                 .await
