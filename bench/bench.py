@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -185,13 +186,14 @@ def sb_reset():
 def measure(cmd, env=None):
     """Run cmd to completion: wall seconds, CPU seconds (user+sys), peak RSS KiB, stdout.
 
-    CPU and ru_maxrss come from GNU time (wait4 rusage of the child). It runs
+    ru_maxrss comes from GNU time (wait4 rusage of the child). The command runs
     under `time`, a small C process, because the rusage of a child forked by
     Python carries Python's own RSS from before the exec. VmHWM is also
     sampled from /proc/PID/status while it runs; the peak is the larger."""
     out = os.path.join(WORK, "stdout")
     tfile = os.path.join(WORK, "time")
     errf = os.path.join(WORK, "measured.err")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(out, "w") as f, open(errf, "w") as err:
         t0 = time.monotonic()
         p = subprocess.Popen(["/usr/bin/time", "-f", "%U %S %M", "-o", tfile, *cmd], stdout=f, stderr=err,
@@ -214,8 +216,12 @@ def measure(cmd, env=None):
     text = open(out).read()
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {text[-500:]} {open(errf).read()[-1500:]}")
-    user, sys_, maxrss = open(tfile).read().split()[-3:]
-    return wall, float(user) + float(sys_), max(hwm, int(maxrss)), text
+    # CPU: the children's rusage delta (microseconds; GNU time prints 10 ms steps).
+    # It covers `time` and the command; `time` itself uses about a millisecond.
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    maxrss = open(tfile).read().split()[-1]
+    return wall, cpu, max(hwm, int(maxrss)), text
 
 
 def dlq_bridge_config(queues, extra=""):
