@@ -218,6 +218,13 @@ pub fn summary_text(s: &RunSummary) -> String {
         let verb = if s.dry_run { "would go to" } else { "to" };
         out.push_str(&format!("  {n} {verb} {dest}\n"));
     }
+    push_samples_and_errors(&mut out, s);
+    out
+}
+
+/// The closing lines every run summary shares: a dry run's sample of
+/// matches, then the errors.
+pub fn push_samples_and_errors(out: &mut String, s: &RunSummary) {
     if s.dry_run && !s.samples.is_empty() {
         out.push_str("  sample of matches:\n");
         for m in &s.samples {
@@ -231,7 +238,6 @@ pub fn summary_text(s: &RunSummary) -> String {
     for e in &s.errors {
         out.push_str(&format!("  error: {e}\n"));
     }
-    out
 }
 
 #[cfg(test)]

@@ -1276,19 +1276,7 @@ pub fn purge_text(s: &RunSummary) -> String {
         out.push_str(&format!("  {n} {verb}, {to}\n"));
     }
     out.push_str(&format!("  left in DLQ (released): {}\n", s.released));
-    if s.dry_run && !s.samples.is_empty() {
-        out.push_str("  sample of matches:\n");
-        for m in &s.samples {
-            out.push_str(&format!(
-                "    {}  reason={}\n",
-                m.id,
-                m.reason.as_deref().unwrap_or("-")
-            ));
-        }
-    }
-    for e in &s.errors {
-        out.push_str(&format!("  error: {e}\n"));
-    }
+    crate::output::push_samples_and_errors(&mut out, s);
     out
 }
 
