@@ -206,11 +206,15 @@ impl Evaluator {
                         .filter(|(t, _)| (now - *t).to_std().unwrap_or_default() <= g.window)
                         .map(|(_, n)| n)
                         .sum();
-                    // `value >= messages` fires; express it as `value > messages - 1`.
-                    (sum as f64, g.messages as f64 - 0.5)
+                    (sum as f64, g.messages as f64)
                 }
             };
-            let holds = value > threshold;
+            // Thresholds are "above" limits, except growth: N arrivals fire.
+            let holds = if rule.kind == "growth" {
+                value >= threshold
+            } else {
+                value > threshold
+            };
             let st = self.state.entry((i, poll.queue.clone())).or_default();
             if holds {
                 let since = *st.pending_since.get_or_insert(now);
@@ -221,7 +225,7 @@ impl Evaluator {
                         .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= rule.cfg.repeat);
                     if leader && due {
                         st.last_sent = Some(now);
-                        let mut n = notification(
+                        out.push(notification(
                             self.include_bodies,
                             rule,
                             poll,
@@ -230,11 +234,7 @@ impl Evaluator {
                             threshold,
                             started,
                             None,
-                        );
-                        if rule.kind == "growth" {
-                            n.threshold = threshold + 0.5;
-                        }
-                        out.push(n);
+                        ));
                     }
                 }
             } else {
@@ -242,7 +242,7 @@ impl Evaluator {
                 if let Some(started) = st.firing_since.take() {
                     let was_sent = st.last_sent.take().is_some();
                     if leader && was_sent && rule.cfg.send_resolved {
-                        let mut n = notification(
+                        out.push(notification(
                             self.include_bodies,
                             rule,
                             poll,
@@ -251,11 +251,7 @@ impl Evaluator {
                             threshold,
                             started,
                             None,
-                        );
-                        if rule.kind == "growth" {
-                            n.threshold = threshold + 0.5;
-                        }
-                        out.push(n);
+                        ));
                     }
                 }
             }
