@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{Fixture, Received, TestMessage, attrs, redrive};
+use dlq_bridge::backend::Capabilities;
 use dlq_bridge::config::{RetentionAction, RetentionConfig};
 use dlq_bridge::journal::{Journal, Record, read_records};
 use dlq_bridge::model::AttrValue;
@@ -47,6 +48,63 @@ fn expected_bodies<'a>(msgs: impl IntoIterator<Item = &'a TestMessage>) -> BTree
     msgs.into_iter()
         .map(|m| String::from_utf8_lossy(&m.body).into_owned())
         .collect()
+}
+
+/// Messages that test byte-for-byte fidelity: typed attributes on a unicode
+/// body, `extra` (tagged `kind=extra_kind`), and a binary body where the
+/// backend carries one.
+fn payload_cases<F: Fixture>(caps: &Capabilities, extra: Vec<u8>, extra_kind: &str) -> Vec<TestMessage> {
+    let mut typed = attrs(&[("error", "Payload"), ("kind", "typed")]);
+    typed.extend(F::typed_attributes());
+    let mut cases = vec![
+        TestMessage {
+            body: "unicode ✓ — \t tabs\nand newlines \u{10348}".as_bytes().to_vec(),
+            attributes: typed,
+            ordering_key: None,
+        },
+        TestMessage {
+            body: extra,
+            attributes: attrs(&[("error", "Payload"), ("kind", extra_kind)]),
+            ordering_key: None,
+        },
+    ];
+    if caps.binary_body {
+        cases.push(TestMessage {
+            body: (0..=255u8).cycle().take(4096).collect(),
+            attributes: attrs(&[("error", "Payload"), ("kind", "binary")]),
+            ordering_key: None,
+        });
+    }
+    cases
+}
+
+/// Every case arrived once, matched by its `kind`, with body and attributes
+/// intact (as text only, where the backend's attributes are untyped).
+fn assert_arrived_intact(cases: &[TestMessage], arrived: &[Received], typed_attributes: bool) {
+    assert_eq!(arrived.len(), cases.len());
+    for want in cases {
+        let kind = want.attributes["kind"].as_text();
+        let got = arrived
+            .iter()
+            .find(|r| r.attributes.get("kind").map(|a| a.as_text()) == Some(kind.clone()))
+            .unwrap_or_else(|| panic!("{kind} message arrived"));
+        assert_eq!(got.body, want.body, "{kind} body");
+        for (k, a) in &want.attributes {
+            let have = got
+                .attributes
+                .get(k)
+                .unwrap_or_else(|| panic!("{kind}: attribute {k} missing"));
+            if !typed_attributes {
+                // String-only attributes (Pub/Sub): the text survives.
+                assert_eq!(have.as_text(), a.as_text(), "{kind} attribute {k}");
+                continue;
+            }
+            assert_eq!(have.value, a.value, "{kind} attribute {k}");
+            if a.data_type.is_some() {
+                assert_eq!(have.data_type, a.data_type, "{kind} attribute {k} type");
+            }
+        }
+    }
 }
 
 fn req(filter: &str) -> RedriveRequest {
@@ -166,27 +224,7 @@ pub async fn payloads_survive_byte_for_byte<F: Fixture>() {
     let f = F::create(false).await;
     let reg = Registry::new(f.config());
     let caps = reg.backend("dlq").await.unwrap().capabilities();
-    let mut typed = attrs(&[("error", "Payload"), ("kind", "typed")]);
-    typed.extend(F::typed_attributes());
-    let mut cases = vec![
-        TestMessage {
-            body: "unicode ✓ — \t tabs\nand newlines \u{10348}".as_bytes().to_vec(),
-            attributes: typed,
-            ordering_key: None,
-        },
-        TestMessage {
-            body: "x".repeat(256 * 1024).into_bytes(),
-            attributes: attrs(&[("error", "Payload"), ("kind", "large")]),
-            ordering_key: None,
-        },
-    ];
-    if caps.binary_body {
-        cases.push(TestMessage {
-            body: (0..=255u8).cycle().take(4096).collect(),
-            attributes: attrs(&[("error", "Payload"), ("kind", "binary")]),
-            ordering_key: None,
-        });
-    }
+    let mut cases = payload_cases::<F>(&caps, "x".repeat(256 * 1024).into_bytes(), "large");
     if caps.empty_body {
         cases.push(TestMessage {
             body: Vec::new(),
@@ -197,31 +235,7 @@ pub async fn payloads_survive_byte_for_byte<F: Fixture>() {
     f.put_in_dlq(&cases).await;
     let s = redrive(f.config(), req("true")).await;
     assert_eq!(s.settled as usize, cases.len(), "{s:?}");
-    let arrived = f.drain_source().await;
-    assert_eq!(arrived.len(), cases.len());
-    for want in &cases {
-        let kind = want.attributes["kind"].as_text();
-        let got = arrived
-            .iter()
-            .find(|r| r.attributes.get("kind").map(|a| a.as_text()) == Some(kind.clone()))
-            .unwrap_or_else(|| panic!("{kind} message arrived"));
-        assert_eq!(got.body, want.body, "{kind} body");
-        for (k, a) in &want.attributes {
-            let have = got
-                .attributes
-                .get(k)
-                .unwrap_or_else(|| panic!("{kind}: attribute {k} missing"));
-            if !caps.typed_attributes {
-                // String-only attributes (Pub/Sub): the text survives.
-                assert_eq!(have.as_text(), a.as_text(), "{kind} attribute {k}");
-                continue;
-            }
-            assert_eq!(have.value, a.value, "{kind} attribute {k}");
-            if a.data_type.is_some() {
-                assert_eq!(have.data_type, a.data_type, "{kind} attribute {k} type");
-            }
-        }
-    }
+    assert_arrived_intact(&cases, &f.drain_source().await, caps.typed_attributes);
     assert_eq!(f.dlq_count().await, 0);
 }
 
@@ -373,27 +387,7 @@ pub async fn export_then_import_round_trips<F: Fixture>() {
     let f = F::create(false).await;
     let reg = Registry::new(f.config());
     let caps = reg.backend("dlq").await.unwrap().capabilities();
-    let mut typed = attrs(&[("error", "Payload"), ("kind", "typed")]);
-    typed.extend(F::typed_attributes());
-    let mut cases = vec![
-        TestMessage {
-            body: "unicode ✓ — \t tabs\nand newlines \u{10348}".as_bytes().to_vec(),
-            attributes: typed,
-            ordering_key: None,
-        },
-        TestMessage {
-            body: br#"{"order":1}"#.to_vec(),
-            attributes: attrs(&[("error", "Payload"), ("kind", "json")]),
-            ordering_key: None,
-        },
-    ];
-    if caps.binary_body {
-        cases.push(TestMessage {
-            body: (0..=255u8).cycle().take(4096).collect(),
-            attributes: attrs(&[("error", "Payload"), ("kind", "binary")]),
-            ordering_key: None,
-        });
-    }
+    let cases = payload_cases::<F>(&caps, br#"{"order":1}"#.to_vec(), "json");
     f.put_in_dlq(&cases).await;
     let dir = scratch_dir();
     let file = dir.join("export.jsonl");
@@ -425,30 +419,7 @@ pub async fn export_then_import_round_trips<F: Fixture>() {
         (cases.len() as u64, cases.len() as u64, 0),
         "{s:?}"
     );
-    let arrived = f.drain_source().await;
-    assert_eq!(arrived.len(), cases.len());
-    for want in &cases {
-        let kind = want.attributes["kind"].as_text();
-        let got = arrived
-            .iter()
-            .find(|r| r.attributes.get("kind").map(|a| a.as_text()) == Some(kind.clone()))
-            .unwrap_or_else(|| panic!("{kind} message arrived"));
-        assert_eq!(got.body, want.body, "{kind} body");
-        for (k, a) in &want.attributes {
-            let have = got
-                .attributes
-                .get(k)
-                .unwrap_or_else(|| panic!("{kind}: attribute {k} missing"));
-            if !caps.typed_attributes {
-                assert_eq!(have.as_text(), a.as_text(), "{kind} attribute {k}");
-                continue;
-            }
-            assert_eq!(have.value, a.value, "{kind} attribute {k}");
-            if a.data_type.is_some() {
-                assert_eq!(have.data_type, a.data_type, "{kind} attribute {k} type");
-            }
-        }
-    }
+    assert_arrived_intact(&cases, &f.drain_source().await, caps.typed_attributes);
     // What the destination cannot carry as it is gets named: here, only
     // typed values on a provider whose attributes are strings.
     let typed_names: BTreeSet<String> = lines
