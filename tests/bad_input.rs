@@ -745,10 +745,16 @@ const COMMANDS: &[&[&str]] = &[
 /// Each command against `config`: exit 1, saying every one of `says`, within
 /// a bound that only catches hangs.
 fn runtime_error_everywhere(what: &str, config: &str, says: &[&str]) {
+    runtime_error_everywhere_with(what, config, &|_| {}, says)
+}
+
+fn runtime_error_everywhere_with(what: &str, config: &str, env: &dyn Fn(&mut Command), says: &[&str]) {
     let path = write_file(config, "yaml");
     let mut failures = Vec::new();
     for args in COMMANDS {
-        let (code, out, err, took) = run_bounded(bin().arg("-c").arg(&path).args(*args), Duration::from_secs(180));
+        let mut cmd = bin();
+        env(&mut cmd);
+        let (code, out, err, took) = run_bounded(cmd.arg("-c").arg(&path).args(*args), Duration::from_secs(180));
         let text = format!("{out}{err}");
         let missing: Vec<_> = says.iter().filter(|s| !text.contains(**s)).collect();
         if code != 1 || !missing.is_empty() {
@@ -863,4 +869,167 @@ async fn an_emulator_that_is_down_fails_fast_with_its_address() {
         ],
     );
     assert_sqs_untouched(&s, &before).await;
+}
+
+// ------------------------------------------------------ wrong credentials
+
+/// moto's `/moto-api/reset-auth`: from now on, the first `free` requests go
+/// unchecked and every later one must carry valid credentials.
+async fn moto_auth_after(http: &reqwest::Client, endpoint: &str, free: &str) {
+    let r = http
+        .post(format!("{endpoint}/moto-api/reset-auth"))
+        .header("content-type", "text/plain")
+        .body(free.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "reset-auth: {}", r.status());
+}
+
+/// One IAM Query API call on moto while it checks nothing (only the service
+/// named in the Authorization header matters then). Returns the XML answer.
+async fn moto_iam(http: &reqwest::Client, endpoint: &str, params: &[(&str, &str)]) -> String {
+    let r = http
+        .post(format!("{endpoint}/"))
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .form(&[params, &[("Version", "2010-05-08")]].concat())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert!(status.is_success(), "IAM {params:?}: {status} {text}");
+    text
+}
+
+fn xml_tag(xml: &str, tag: &str) -> String {
+    let (_, rest) = xml
+        .split_once(&format!("<{tag}>"))
+        .unwrap_or_else(|| panic!("no <{tag}> in {xml}"));
+    rest.split_once(&format!("</{tag}>")).unwrap().0.to_string()
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_refused_by_moto_with_auth_on_and_touch_nothing() {
+    // A private moto that checks every request (destructive settings: never the shared one).
+    let emu = common::emulator::spawn(
+        "moto-auth",
+        &["python3", "-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"],
+        &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")],
+        "/moto-api/",
+    );
+    let endpoint = emu.url();
+    let http = reqwest::Client::new();
+    // It really refuses: the test's own client, with the usual test keys.
+    let refused = common::sqs::client(&endpoint).list_queues().send().await.unwrap_err();
+    assert_eq!(
+        refused.raw_response().map(|r| r.status().as_u16()),
+        Some(403),
+        "{refused:?}"
+    );
+
+    // Set up unchecked: a user with an SQS policy and a key, two queues, messages.
+    moto_auth_after(&http, &endpoint, "inf").await;
+    moto_iam(&http, &endpoint, &[("Action", "CreateUser"), ("UserName", "dlqb")]).await;
+    let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"sqs:*","Resource":"*"}]}"#;
+    moto_iam(
+        &http,
+        &endpoint,
+        &[
+            ("Action", "PutUserPolicy"),
+            ("UserName", "dlqb"),
+            ("PolicyName", "sqs"),
+            ("PolicyDocument", policy),
+        ],
+    )
+    .await;
+    let key_xml = moto_iam(&http, &endpoint, &[("Action", "CreateAccessKey"), ("UserName", "dlqb")]).await;
+    let (key, secret) = (xml_tag(&key_xml, "AccessKeyId"), xml_tag(&key_xml, "SecretAccessKey"));
+    let conf = aws_sdk_sqs::Config::builder()
+        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(&key, &secret, None, None, "test"))
+        .endpoint_url(&endpoint)
+        .build();
+    let client = aws_sdk_sqs::Client::from_conf(conf);
+    let dlq_url = client
+        .create_queue()
+        .queue_name("auth-dlq")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let source_url = client
+        .create_queue()
+        .queue_name("auth")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let f = SqsFixture {
+        client,
+        endpoint: endpoint.clone(),
+        source_url,
+        dlq_url,
+        fifo: false,
+    };
+    f.put_in_dlq(&orders(3)).await;
+    moto_auth_after(&http, &endpoint, "0").await;
+    // From here every request is checked; the fixture's own reads use the user's key.
+    let before = sqs_snapshot(&f).await;
+    assert_eq!(before.len(), 3);
+
+    let config = format!(
+        "queues:\n  - name: q\n    sqs: {{queue: {}, endpoint_url: '{endpoint}', region: us-east-1}}\n    source: {}\n",
+        f.dlq_url, f.source_url
+    );
+    runtime_error_everywhere(
+        "unknown access key",
+        &config,
+        &[
+            "SQS authentication failed: InvalidClientTokenId: The security token included in the request is invalid",
+            "(queue ",
+        ],
+    );
+    let (k, bad) = (key.clone(), format!("{secret}x"));
+    runtime_error_everywhere_with(
+        "wrong secret",
+        &config,
+        &move |c| {
+            c.env("AWS_ACCESS_KEY_ID", &k).env("AWS_SECRET_ACCESS_KEY", &bad);
+        },
+        &["SQS authentication failed: SignatureDoesNotMatch"],
+    );
+    let home = scratch().join("empty-home");
+    std::fs::create_dir_all(&home).unwrap();
+    runtime_error_everywhere_with(
+        "no credentials at all",
+        &config,
+        &move |c| {
+            c.env_remove("AWS_ACCESS_KEY_ID")
+                .env_remove("AWS_SECRET_ACCESS_KEY")
+                .env_remove("AWS_PROFILE")
+                .env("HOME", &home);
+        },
+        &[
+            "SQS authentication failed: no AWS credentials found for queue ",
+            "AWS_ACCESS_KEY_ID",
+        ],
+    );
+    // The control: the same config with the user's key works.
+    let cfg = write_file(&config, "yaml");
+    let (code, out, err) = run(bin()
+        .env("AWS_ACCESS_KEY_ID", &key)
+        .env("AWS_SECRET_ACCESS_KEY", &secret)
+        .arg("-c")
+        .arg(&cfg)
+        .arg("check"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("queue q (sqs): ok, depth 3"), "{out}");
+    assert_sqs_untouched(&f, &before).await;
 }
