@@ -1033,3 +1033,174 @@ async fn wrong_credentials_are_refused_by_moto_with_auth_on_and_touch_nothing() 
     assert!(out.contains("queue q (sqs): ok, depth 3"), "{out}");
     assert_sqs_untouched(&f, &before).await;
 }
+
+// ---------------------------------------------- valid but odd: nothing lost
+
+fn typed(value: dlq_bridge::model::AttrValue, data_type: Option<&str>) -> dlq_bridge::model::Attribute {
+    dlq_bridge::model::Attribute {
+        value,
+        data_type: data_type.map(str::to_string),
+    }
+}
+
+/// Redrive everything in `config`'s queue `orders` with the binary; every
+/// message must be settled.
+fn redrive_all(config: &str, n: usize) {
+    let cfg = write_file(config, "yaml");
+    let (code, out, err) =
+        run(bin()
+            .arg("-c")
+            .arg(&cfg)
+            .args(["redrive", "orders", "--yes", "--no-journal", "-o", "json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(s["settled"].as_u64(), Some(n as u64), "{s}");
+}
+
+/// Each sent message arrived once, body byte for byte and every attribute
+/// with its value (and type, where the provider keeps types).
+fn assert_arrived_exactly(sent: &[TestMessage], arrived: &[common::Received], typed_attributes: bool) {
+    assert_eq!(arrived.len(), sent.len(), "one copy each");
+    for want in sent {
+        let kind = want.attributes["kind"].as_text();
+        let got = arrived
+            .iter()
+            .find(|r| r.attributes.get("kind").map(|a| a.as_text()) == Some(kind.clone()))
+            .unwrap_or_else(|| panic!("the {kind} message arrived"));
+        assert!(
+            got.body == want.body,
+            "{kind}: body differs ({} bytes sent, {} arrived)",
+            want.body.len(),
+            got.body.len()
+        );
+        for (k, a) in &want.attributes {
+            let have = got
+                .attributes
+                .get(k)
+                .unwrap_or_else(|| panic!("{kind}: attribute {k:?} lost"));
+            if typed_attributes {
+                assert_eq!(have.value, a.value, "{kind}: attribute {k:?}");
+                if a.data_type.is_some() {
+                    assert_eq!(have.data_type, a.data_type, "{kind}: type of {k:?}");
+                }
+            } else {
+                assert_eq!(have.as_text(), a.as_text(), "{kind}: attribute {k:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn sqs_odd_bodies_and_attributes_round_trip_byte_exact() {
+    use dlq_bridge::model::AttrValue;
+    let f = SqsFixture::create(false).await;
+    let long_name = format!("n{}", "a".repeat(255));
+    let mut odd = attrs(&[
+        ("kind", "odd-attributes"),
+        ("dotted.name.v2", "x"),
+        ("under_score-dash", "ü ✓ 𐍈"),
+    ]);
+    odd.insert(long_name, dlq_bridge::model::Attribute::string("a 256-character name"));
+    odd.insert(
+        "tiny".into(),
+        typed(
+            AttrValue::Number("-0.00000000000000000000000000000000000001".into()),
+            Some("Number"),
+        ),
+    );
+    odd.insert(
+        "huge".into(),
+        typed(
+            AttrValue::Number("99999999999999999999999999999999999999".into()),
+            Some("Number.int"),
+        ),
+    );
+    odd.insert(
+        "blob".into(),
+        typed(
+            AttrValue::Binary((0..=255u8).collect::<Vec<_>>().into()),
+            Some("Binary.gzip"),
+        ),
+    );
+    odd.insert(
+        "json".into(),
+        typed(AttrValue::String(r#"{"a":[1,"b"]}"#.into()), Some("String.json")),
+    );
+    let cases = vec![
+        // SQS bodies are text: every range SQS allows, and control characters it allows.
+        TestMessage {
+            body: "tab\tnl\ncr\r \u{20}\u{D7FF}\u{E000}\u{FFFD}\u{10000}\u{10FFFF} ✓"
+                .as_bytes()
+                .to_vec(),
+            attributes: odd,
+            ordering_key: None,
+        },
+        // The largest message moto takes: 1 MiB.
+        TestMessage {
+            body: "y".repeat(1024 * 1024).into_bytes(),
+            attributes: attrs(&[("kind", "max-size")]),
+            ordering_key: None,
+        },
+    ];
+    f.put_in_dlq(&cases).await;
+    redrive_all(
+        &join(&sqs_lines(&f)).replace(
+            "region: us-east-1",
+            &format!("region: us-east-1\n    source: {}", f.source_url),
+        ),
+        cases.len(),
+    );
+    assert_arrived_exactly(&cases, &f.drain_source().await, true);
+    assert_eq!(f.dlq_count().await, 0);
+}
+
+#[tokio::test]
+async fn pubsub_odd_bodies_and_attributes_round_trip_byte_exact() {
+    let f = PubSubFixture::create(false).await;
+    let mut odd = attrs(&[
+        ("kind", "odd-attributes"),
+        ("ünïcödé ключ", "значение ✓"),
+        ("dotted.name.v2", "x"),
+        ("with space", "y"),
+        ("empty-value", ""),
+    ]);
+    odd.insert("k".repeat(256), dlq_bridge::model::Attribute::string("a 256-byte key"));
+    odd.insert(
+        "long-value".into(),
+        dlq_bridge::model::Attribute::string("v".repeat(1024)),
+    );
+    let cases = vec![
+        TestMessage {
+            body: Vec::new(),
+            attributes: attrs(&[("kind", "empty")]),
+            ordering_key: None,
+        },
+        TestMessage {
+            body: (0..=255u8).rev().cycle().take(70_000).collect(),
+            attributes: attrs(&[("kind", "binary")]),
+            ordering_key: None,
+        },
+        TestMessage {
+            body: b"\xff\xfe not UTF-8 \xc3\x28".to_vec(),
+            attributes: odd,
+            ordering_key: None,
+        },
+        // Pub/Sub takes 10 MB per message; the redrive marks need some room.
+        TestMessage {
+            body: (0..9_990_000u32).map(|i| (i % 251) as u8).collect(),
+            attributes: attrs(&[("kind", "max-size")]),
+            ordering_key: None,
+        },
+    ];
+    f.put_in_dlq(&cases).await;
+    let config = format!(
+        "queues:\n  - name: orders\n    pubsub: {{project: {}, subscription: {}, emulator_host: '{}'}}\n    source: {}\n",
+        f.project,
+        common::pubsub::DLQ_SUB,
+        f.host,
+        common::pubsub::SOURCE_TOPIC
+    );
+    redrive_all(&config, cases.len());
+    assert_arrived_exactly(&cases, &f.drain_source().await, false);
+    assert_eq!(f.dlq_count().await, 0);
+}

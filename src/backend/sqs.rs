@@ -256,9 +256,7 @@ where
     match &err {
         // No credentials anywhere in the chain fails before any request is
         // sent; it is not a connection problem.
-        SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_)
-            if super::root_cause(&err).contains("credentials") =>
-        {
+        SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) if is_credentials_error(&err) => {
             BackendError::Auth {
                 provider: PROVIDER,
                 detail: format!(
@@ -327,6 +325,20 @@ where
             }
         }
     }
+}
+
+/// Whether the SDK failed to load credentials (its chain ends with IMDS when
+/// nothing else provides any), as opposed to failing to connect.
+fn is_credentials_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if text.contains("credentials") || text.contains("IMDS") {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 fn attribute_from_sqs(v: &MessageAttributeValue) -> Attribute {
