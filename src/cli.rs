@@ -295,7 +295,8 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
             || error.downcast_ref::<crate::filter::FilterError>().is_some()
             || error
                 .downcast_ref::<RegistryError>()
-                .is_some_and(RegistryError::is_usage)
+                .is_some_and(|e| e.is_usage() || is_config_backend_error(e))
+            || error.downcast_ref::<crate::alert::sinks::SinkError>().is_some()
             || error
                 .downcast_ref::<crate::triage::TriageError>()
                 .is_some_and(crate::triage::TriageError::is_usage)
@@ -306,6 +307,20 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         };
         Self { code, error }
     }
+}
+
+/// A backend that could not be built from its config (a secret's environment
+/// variable unset, a malformed connection string or resource name): the
+/// user's input is wrong and no connection was made, so exit 2 like any
+/// config error.
+fn is_config_backend_error(e: &RegistryError) -> bool {
+    matches!(
+        e,
+        RegistryError::Backend {
+            error: crate::backend::BackendError::Invalid(_) | crate::backend::BackendError::NotCompiled { .. },
+            ..
+        }
+    )
 }
 
 fn usage(msg: impl Into<String>) -> Failure {
@@ -502,6 +517,10 @@ async fn list(registry: &Registry, output: Format, fail_if_nonempty: bool, sampl
         Format::Table => print!("{}", output::queues_table(&rows)),
     }
     if rows.iter().any(|r| r.error.is_some()) {
+        // The table cuts long cells; the whole error goes to stderr.
+        for r in rows.iter().filter(|r| r.error.is_some()) {
+            eprintln!("error: {}", r.error.as_deref().unwrap_or_default());
+        }
         return Ok(exit::FAILURE);
     }
     if fail_if_nonempty && rows.iter().any(|r| r.stats.as_ref().is_some_and(|s| s.depth > 0)) {

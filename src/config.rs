@@ -746,9 +746,13 @@ impl Config {
             }
             config = serde_path_to_error::deserialize(tree).map_err(|e| {
                 let field = e.path().to_string();
+                let mut message = e.into_inner().to_string();
+                if let Some(hint) = did_you_mean(&message) {
+                    message.push_str(&format!("; did you mean `{hint}`?"));
+                }
                 ConfigError::Env {
                     var: env_var_for(&field),
-                    message: format!("{field}: {}", e.into_inner()),
+                    message: format!("{field}: {message}"),
                 }
             })?;
         }
@@ -893,8 +897,57 @@ fn parse_located<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Re
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
-        invalid(origin, &field, e.inner())
+        let mut err = invalid(origin, &field, e.inner());
+        if let (ConfigError::Invalid { location, .. }, Some(loc)) = (&mut err, e.inner().location())
+            && let Some((line, column)) = refine_location(text, loc.line(), loc.column(), &field)
+        {
+            *location = format!("{origin}:{line}:{column}");
+        }
+        err
     })
+}
+
+/// serde_yaml places errors raised by a value's own checks (a bad duration, a
+/// queue with two backends) at the start of the enclosing mapping or list, not
+/// at the offending entry. Move such a location to the entry the field path
+/// names: the line of the path's last key at or after `line`, or the item of
+/// a list for a path ending in `[i]`. None when the location already fits or
+/// the entry cannot be found.
+fn refine_location(text: &str, line: usize, column: usize, field: &str) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let last = field.rsplit('.').next()?;
+    if let Some(index) = last
+        .rsplit_once('[')
+        .and_then(|(_, i)| i.strip_suffix(']'))
+        .and_then(|i| i.parse::<usize>().ok())
+    {
+        // The list's items start with `-` in the column the error points at.
+        let col = column.checked_sub(1)?;
+        let is_item = |l: &&str| l.get(..col).is_some_and(|p| p.trim().is_empty()) && l[col..].starts_with('-');
+        if !lines.get(line.checked_sub(1)?).is_some_and(is_item) {
+            return None;
+        }
+        let (n, _) = lines
+            .iter()
+            .enumerate()
+            .skip(line - 1)
+            .filter(|(_, l)| is_item(l))
+            .nth(index)?;
+        return (n + 1 != line).then_some((n + 1, column));
+    }
+    if last.is_empty() || last.contains(['[', '?']) {
+        return None;
+    }
+    let key = format!("{last}:");
+    let (n, l) = lines.iter().enumerate().skip(line.checked_sub(1)?).find(|(_, l)| {
+        let t = l.trim_start().trim_start_matches("- ").trim_start();
+        t.starts_with(&key)
+            || l.contains(&format!("{{{key}"))
+            || l.contains(&format!("{{ {key}"))
+            || l.contains(&format!(", {key}"))
+    })?;
+    let column = l.find(&key).map_or(1, |c| c + 1);
+    (n + 1 != line).then_some((n + 1, column))
 }
 
 fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> ConfigError {
@@ -908,8 +961,23 @@ fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> ConfigError {
     if let Some(cut) = message.find(" at line ") {
         message.truncate(cut);
     }
-    if let Some(rest) = message.strip_prefix(&format!("{field}: ")) {
+    // serde_yaml also puts its own idea of the path in front (`queues[0]: `,
+    // sometimes shorter than ours); ours is already in the error.
+    if let Some((prefix, rest)) = message.split_once(": ")
+        && !prefix.contains(' ')
+        && field.starts_with(prefix)
+    {
         message = rest.to_string();
+    }
+    // A syntax error deep in a document ends its path with `?` (the key that
+    // could not be read): name the part that was read, and say it is syntax.
+    let syntax = field == "?" || field.ends_with(".?");
+    let field = field.trim_end_matches('?').trim_end_matches('.');
+    if syntax {
+        message = format!("YAML syntax: {message} (check the indentation and brackets)");
+    }
+    if let Some(hint) = did_you_mean(&message) {
+        message.push_str(&format!("; did you mean `{hint}`?"));
     }
     ConfigError::Invalid {
         location,
@@ -920,6 +988,41 @@ fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> ConfigError {
         },
         message,
     }
+}
+
+/// For serde's "unknown field `X`, expected one of `A`, `B`..." (or unknown
+/// variant), the expected name closest to X when it is a plausible typo.
+fn did_you_mean(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (typo, expected) = rest.split_once('`')?;
+    let (_, expected) = expected.split_once("expected")?;
+    let typo = typo.to_ascii_lowercase();
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|name| (edit_distance(&typo, &name.to_ascii_lowercase()), name))
+        .filter(|(d, name)| *d <= 2.max(name.chars().count() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, name)| name.to_string())
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Collect `DLQ_BRIDGE__*` overrides from the process environment through the
@@ -1065,6 +1168,40 @@ mod tests {
         assert!(err.contains("queues[0].sqs"), "{err}");
         assert!(err.contains("unknown field `regoin`"), "{err}");
         assert!(err.contains("`region`"), "{err}");
+        assert!(err.ends_with("did you mean `region`?"), "{err}");
+    }
+
+    #[test]
+    fn suggestions_only_for_plausible_typos() {
+        assert_eq!(
+            did_you_mean("unknown field `concurency`, expected one of `concurrency`, `hold`"),
+            Some("concurrency".into())
+        );
+        assert_eq!(
+            did_you_mean("unknown variant `delet`, expected `alert` or `delete`"),
+            Some("delete".into())
+        );
+        assert_eq!(
+            did_you_mean("unknown field `kafka`, expected one of `sqs`, `pubsub`"),
+            None
+        );
+        assert_eq!(did_you_mean("invalid type: string, expected u32"), None);
+    }
+
+    #[test]
+    fn errors_from_value_checks_point_at_the_entry() {
+        let err = parse("redrive:\n  hold: 5m\n  deadline: 30\n").unwrap_err().to_string();
+        assert!(
+            err.starts_with("test.yaml:3:3: redrive.deadline: invalid duration"),
+            "{err}"
+        );
+        let y = "queues:\n  - name: a\n    sqs: {queue: x}\n  - name: b\n    servicebus: {queue: y}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:4:3: queues[1]: queue `b`"), "{err}");
+        let y = "queues:\n  - name: a\n    sqs: {queue: x, region: r}\n    retention: {check_every: 1h, max_age: 1 fortnight}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:4:"), "{err}");
+        assert!(err.contains("queues[0].retention.max_age"), "{err}");
     }
 
     #[test]

@@ -198,12 +198,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("serve.listen: `{}` is not an address:port", config.serve.listen))?;
     let token = match &config.serve.token_env {
-        Some(var) => Some(
-            std::env::var(var)
-                .ok()
-                .filter(|t| !t.is_empty())
-                .with_context(|| format!("serve.token_env: environment variable {var} is not set"))?,
-        ),
+        Some(var) => Some(std::env::var(var).ok().filter(|t| !t.is_empty()).ok_or_else(|| {
+            crate::config::ConfigError::Invalid {
+                location: "config".into(),
+                field: "serve.token_env".into(),
+                message: format!("environment variable {var} is not set"),
+            }
+        })?),
         None => None,
     };
     if !listen.ip().is_loopback() && token.is_none() {

@@ -27,7 +27,8 @@ pub enum BackendError {
     NotFound { queue: String, detail: String },
     #[error("cannot reach {endpoint}: {detail} (is the service or emulator running?)")]
     Unreachable { endpoint: String, detail: String },
-    #[error("{provider} rejected the credentials: {detail}")]
+    /// Credentials refused by the provider, or none found.
+    #[error("{provider} authentication failed: {detail}")]
     Auth { provider: &'static str, detail: String },
     #[error("{provider}: {detail}")]
     Provider { provider: &'static str, detail: String },

@@ -226,10 +226,13 @@ fn short_name(name: &str) -> &str {
     name.rsplit('/').next().unwrap_or(name)
 }
 
-fn connect_error(endpoint: &str, e: impl std::fmt::Display) -> BackendError {
+fn connect_error(endpoint: &str, e: impl std::error::Error + 'static) -> BackendError {
+    // "tonic error : transport error" says little; the innermost cause says
+    // what happened (connection refused, DNS, TLS).
+    let (top, root) = (e.to_string(), super::root_cause(&e));
     BackendError::Unreachable {
         endpoint: endpoint.to_string(),
-        detail: e.to_string(),
+        detail: if root == top { top } else { format!("{top}: {root}") },
     }
 }
 

@@ -15,6 +15,7 @@ use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::{
@@ -117,10 +118,9 @@ impl SqsBackend {
         &self.queue_url
     }
 
-    fn error<E, R>(&self, err: SdkError<E, R>) -> BackendError
+    fn error<E>(&self, err: SdkError<E, HttpResponse>) -> BackendError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug + 'static,
     {
         classify(err, &self.endpoint, &self.queue_name)
     }
@@ -249,12 +249,22 @@ async fn resolve_queue_url(client: &Client, endpoint: &str, queue: &str, account
         })
 }
 
-fn classify<E, R>(err: SdkError<E, R>, endpoint: &str, queue: &str) -> BackendError
+fn classify<E>(err: SdkError<E, HttpResponse>, endpoint: &str, queue: &str) -> BackendError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + 'static,
 {
     match &err {
+        // No credentials anywhere in the chain fails before any request is
+        // sent; it is not a connection problem.
+        SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) if is_credentials_error(&err) => {
+            BackendError::Auth {
+                provider: PROVIDER,
+                detail: format!(
+                    "no AWS credentials found for queue {queue} ({}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with a workload identity (IRSA, Pod Identity)",
+                    super::root_cause(&err)
+                ),
+            }
+        }
         SdkError::TimeoutError(_) => BackendError::Unreachable {
             endpoint: endpoint.to_string(),
             detail: "timed out".into(),
@@ -264,11 +274,35 @@ where
             detail: super::root_cause(&err),
         },
         _ => {
-            let code = err.code().unwrap_or_default().to_string();
-            let detail = match err.message() {
+            let mut code = err.code().unwrap_or_default().to_string();
+            let mut detail = match err.message() {
                 Some(m) => format!("{code}: {m}"),
                 None => DisplayErrorContext(&err).to_string(),
             };
+            // An error body the SDK could not parse (an XML or HTML answer to
+            // a JSON request: moto's auth errors, a proxy) would otherwise be
+            // shown as a dump of the raw response: take its code and message.
+            let raw = err.raw_response();
+            if code.is_empty()
+                && let Some(raw) = raw
+            {
+                let status = raw.status().as_u16();
+                let body = raw.body().bytes().map(String::from_utf8_lossy).unwrap_or_default();
+                let tag = |t: &str| {
+                    let (_, rest) = body.split_once(&format!("<{t}>"))?;
+                    Some(rest.split_once(&format!("</{t}>"))?.0.trim().to_string())
+                };
+                detail = match (tag("Code"), tag("Message")) {
+                    (Some(c), m) => {
+                        code = c;
+                        format!("{code}: {} (HTTP {status})", m.unwrap_or_default())
+                    }
+                    (None, _) => format!("HTTP {status}: {}", body.chars().take(300).collect::<String>().trim()),
+                };
+                if code.is_empty() && matches!(status, 401 | 403) {
+                    code = "AccessDenied".into();
+                }
+            }
             match code.as_str() {
                 "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist" => BackendError::NotFound {
                     queue: queue.to_string(),
@@ -282,7 +316,7 @@ where
                 | "ExpiredToken"
                 | "InvalidSecurity" => BackendError::Auth {
                     provider: PROVIDER,
-                    detail,
+                    detail: format!("{detail} (queue {queue} at {endpoint})"),
                 },
                 _ => BackendError::Provider {
                     provider: PROVIDER,
@@ -291,6 +325,20 @@ where
             }
         }
     }
+}
+
+/// Whether the SDK failed to load credentials (its chain ends with IMDS when
+/// nothing else provides any), as opposed to failing to connect.
+fn is_credentials_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if text.contains("credentials") || text.contains("IMDS") {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 fn attribute_from_sqs(v: &MessageAttributeValue) -> Attribute {

@@ -1,0 +1,1206 @@
+//! The bad-input corpus (issue 9), driving the real `dlq-bridge` binary.
+//!
+//! Every case asserts the exit code, that the error names what is wrong (the
+//! file, line and field of a config; the position in a filter; the queue,
+//! backend or endpoint at run time), and that no queue was touched: each
+//! table runs against a seeded DLQ whose message IDs, bodies (and on SQS,
+//! receive counts) are compared before and after. Valid-but-odd inputs
+//! (empty, binary and maximum-size bodies, odd attribute names and types)
+//! must instead round-trip byte for byte through a real redrive.
+//!
+//! The README's exit codes: 0 ok, 1 runtime failure, 2 usage or config error
+//! (nothing was touched), 3 `list --fail-if-nonempty` found messages.
+#![cfg(all(feature = "sqs", feature = "pubsub"))]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::MessageSystemAttributeName;
+use common::pubsub::PubSubFixture;
+use common::sqs::SqsFixture;
+use common::{Fixture, TestMessage, attrs};
+
+// ---------------------------------------------------------------- harness
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join("dlq-bridge-bad-input");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"));
+    c.env_remove("DLQ_BRIDGE_CONFIG")
+        .env_remove("DLQ_BRIDGE_LOG")
+        .env_remove("PUBSUB_EMULATOR_HOST")
+        .env_remove("AWS_ENDPOINT_URL_SQS")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("XDG_STATE_HOME", scratch())
+        .stdin(Stdio::null());
+    c
+}
+
+fn write_file(text: impl AsRef<[u8]>, ext: &str) -> PathBuf {
+    let path = scratch().join(format!("{}.{ext}", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// (exit code, stdout, stderr).
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = cmd.output().expect("run dlq-bridge");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// One row of a table: a config (or none), the arguments after `-c FILE`,
+/// extra environment, the exit code and what the output must say. `{file}`
+/// in `says` stands for the config file's path.
+struct Case {
+    name: &'static str,
+    config: Option<Vec<u8>>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    code: i32,
+    says: Vec<String>,
+}
+
+fn case(name: &'static str, config: impl Into<Option<String>>, args: &[&str], code: i32, says: &[&str]) -> Case {
+    Case {
+        name,
+        config: config.into().map(String::into_bytes),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: Vec::new(),
+        code,
+        says: says.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+impl Case {
+    fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// Run every case; report all mismatches at once, with the output.
+fn run_table(cases: &[Case]) {
+    let mut failures = Vec::new();
+    for c in cases {
+        let mut cmd = bin();
+        let file = match &c.config {
+            Some(text) => {
+                let p = write_file(text, "yaml");
+                cmd.arg("-c").arg(&p);
+                p.display().to_string()
+            }
+            None => String::new(),
+        };
+        cmd.args(&c.args);
+        for (k, v) in &c.env {
+            cmd.env(k, v);
+        }
+        let (code, out, err) = run(&mut cmd);
+        let text = format!("{out}{err}");
+        let mut wrong = Vec::new();
+        if code != c.code {
+            wrong.push(format!("exit {code}, expected {}", c.code));
+        }
+        for s in &c.says {
+            let s = s.replace("{file}", &file);
+            if !text.contains(&s) {
+                wrong.push(format!("does not say {s:?}"));
+            }
+        }
+        if !wrong.is_empty() {
+            failures.push(format!("[{}] {}\n--- output:\n{text}---", c.name, wrong.join("; ")));
+        } else {
+            eprintln!("[{}] exit {code}: {}", c.name, err.lines().next().unwrap_or(out.trim()));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+// ------------------------------------------------------ "nothing touched"
+
+/// (message ID, body, receive count) of everything in an SQS DLQ, read in one
+/// pass and released. The read raises each count by one.
+async fn sqs_snapshot(f: &SqsFixture) -> Vec<(String, String, u32)> {
+    let mut out = Vec::new();
+    let mut handles = Vec::new();
+    loop {
+        let got = f
+            .client
+            .receive_message()
+            .queue_url(&f.dlq_url)
+            .max_number_of_messages(10)
+            .visibility_timeout(30)
+            .wait_time_seconds(1)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .unwrap();
+        let msgs = got.messages.unwrap_or_default();
+        if msgs.is_empty() {
+            break;
+        }
+        for m in msgs {
+            let count = m.attributes().unwrap()[&MessageSystemAttributeName::ApproximateReceiveCount]
+                .parse()
+                .unwrap();
+            out.push((
+                m.message_id().unwrap().to_string(),
+                m.body().unwrap_or_default().to_string(),
+                count,
+            ));
+            handles.push(m.receipt_handle().unwrap().to_string());
+        }
+    }
+    for h in handles {
+        f.client
+            .change_message_visibility()
+            .queue_url(&f.dlq_url)
+            .receipt_handle(h)
+            .visibility_timeout(0)
+            .send()
+            .await
+            .unwrap();
+    }
+    out.sort();
+    out
+}
+
+/// Nothing received, sent or deleted a DLQ message since `before` (the one
+/// snapshot read in between adds exactly one receive to each).
+async fn assert_sqs_untouched(f: &SqsFixture, before: &[(String, String, u32)]) {
+    let after = sqs_snapshot(f).await;
+    let expected: Vec<_> = before.iter().map(|(id, b, c)| (id.clone(), b.clone(), c + 1)).collect();
+    assert_eq!(after, expected, "the DLQ was touched");
+    assert!(f.drain_source().await.is_empty(), "something was sent to the source");
+}
+
+/// (message ID, body) of everything on the Pub/Sub DLQ subscription.
+async fn pubsub_snapshot(f: &PubSubFixture) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = f
+        .browse_dlq()
+        .await
+        .into_iter()
+        .map(|m| (m.message_id, m.data.to_vec()))
+        .collect();
+    out.sort();
+    out
+}
+
+async fn assert_pubsub_untouched(f: &PubSubFixture, before: &[(String, Vec<u8>)]) {
+    assert_eq!(pubsub_snapshot(f).await, before, "the DLQ was touched");
+    assert!(f.drain_source().await.is_empty(), "something was sent to the source");
+}
+
+fn orders(n: usize) -> Vec<TestMessage> {
+    (0..n)
+        .map(|i| TestMessage {
+            body: format!(r#"{{"order":{i}}}"#).into_bytes(),
+            attributes: attrs(&[("tenant", ["acme", "globex"][i % 2]), ("error", "Timeout")]),
+            ordering_key: None,
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------ the configs
+
+/// The fixture's valid config, line by line, so a case can break one line.
+/// Line 6 is `region`.
+fn sqs_lines(f: &SqsFixture) -> Vec<String> {
+    vec![
+        "queues:".into(),
+        "  - name: orders".into(),
+        "    sqs:".into(),
+        format!("      queue: {}", f.dlq_url),
+        format!("      endpoint_url: {}", f.endpoint),
+        "      region: us-east-1".into(),
+    ]
+}
+
+fn join(lines: &[String]) -> String {
+    let mut s = lines.join("\n");
+    s.push('\n');
+    s
+}
+
+/// The valid config with line `n` (1-based) replaced.
+fn with_line(f: &SqsFixture, n: usize, line: &str) -> String {
+    let mut lines = sqs_lines(f);
+    lines[n - 1] = line.to_string();
+    join(&lines)
+}
+
+/// The valid config with `extra` appended.
+fn with_tail(f: &SqsFixture, extra: &str) -> String {
+    format!("{}{extra}", join(&sqs_lines(f)))
+}
+
+const REDRIVE: &[&str] = &["redrive", "orders", "--yes"];
+
+#[tokio::test]
+async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&orders(3)).await;
+    let before = sqs_snapshot(&f).await;
+    let ok = join(&sqs_lines(&f));
+
+    let cases = vec![
+        // Malformed YAML.
+        case(
+            "bad indent",
+            with_line(&f, 6, "     region: us-east-1"),
+            REDRIVE,
+            2,
+            &["{file}:6:"],
+        ),
+        case(
+            "unclosed flow mapping",
+            with_line(&f, 3, &format!("    sqs: {{queue: {}, region: us-east-1", f.dlq_url)),
+            REDRIVE,
+            2,
+            &["{file}:"],
+        ),
+        case(
+            "tab indent",
+            with_line(&f, 6, "\tregion: us-east-1"),
+            REDRIVE,
+            2,
+            &["{file}:6:", "tab"],
+        ),
+        case(
+            "not a map",
+            "- just\n- a list\n".to_string(),
+            REDRIVE,
+            2,
+            &["{file}:1:", "(top level)"],
+        ),
+        case(
+            "empty file",
+            String::new(),
+            REDRIVE,
+            2,
+            &["unknown queue `orders` (configured: none)"],
+        ),
+        // Unknown fields: the typo is named, and the right field suggested.
+        case(
+            "typo in a queue",
+            with_line(&f, 6, "      regoin: us-east-1"),
+            REDRIVE,
+            2,
+            &[
+                "{file}:6:",
+                "queues[0].sqs",
+                "unknown field `regoin`",
+                "did you mean `region`?",
+            ],
+        ),
+        case(
+            "typo at the top",
+            ok.replacen("queues:", "queus:", 1),
+            REDRIVE,
+            2,
+            &["{file}:1:", "unknown field `queus`", "did you mean `queues`?"],
+        ),
+        case(
+            "typo in redrive",
+            with_tail(&f, "redrive:\n  concurency: 4\n"),
+            REDRIVE,
+            2,
+            &[
+                "{file}:8:",
+                "redrive",
+                "unknown field `concurency`",
+                "did you mean `concurrency`?",
+            ],
+        ),
+        case(
+            "unknown backend",
+            with_line(&f, 3, "    kafka:"),
+            REDRIVE,
+            2,
+            &["{file}:3:", "queues[0]", "unknown field `kafka`"],
+        ),
+        // Durations, rates, sizes.
+        case(
+            "bad duration",
+            with_tail(&f, "redrive:\n  hold: 5 parsecs\n"),
+            REDRIVE,
+            2,
+            &[
+                "{file}:8:",
+                "redrive.hold",
+                "invalid duration `5 parsecs`",
+                "expected e.g. `30s`",
+            ],
+        ),
+        case(
+            "negative duration",
+            with_tail(&f, "redrive:\n  deadline: -1h\n"),
+            REDRIVE,
+            2,
+            &["{file}:8:", "redrive.deadline", "invalid duration `-1h`"],
+        ),
+        case(
+            "number as duration",
+            with_tail(&f, "    poll_interval: 30\n"),
+            REDRIVE,
+            2,
+            &["{file}:7:", "queues[0].poll_interval", "invalid duration `30`"],
+        ),
+        case(
+            "zero retention",
+            with_tail(&f, "    retention: {max_age: 0s}\n"),
+            REDRIVE,
+            2,
+            &["{file}", "queues[0].retention", "longer than 0s"],
+        ),
+        case(
+            "negative rate",
+            with_tail(&f, "redrive:\n  rate: -5\n"),
+            REDRIVE,
+            2,
+            &["{file}:8:", "redrive.rate", "-5"],
+        ),
+        case(
+            "rate as text",
+            with_tail(&f, "redrive:\n  rate: fast\n"),
+            REDRIVE,
+            2,
+            &["{file}:8:", "redrive.rate", "\"fast\""],
+        ),
+        case(
+            "size with a unit",
+            with_tail(&f, "redrive:\n  journal_max_bytes: 64MiB\n"),
+            REDRIVE,
+            2,
+            &["{file}:8:", "redrive.journal_max_bytes", "\"64MiB\""],
+        ),
+        case(
+            "zero concurrency",
+            with_tail(&f, "redrive:\n  concurrency: 0\n"),
+            REDRIVE,
+            2,
+            &["{file}", "redrive.concurrency", "at least 1"],
+        ),
+        // Structure.
+        case(
+            "two backends",
+            with_tail(&f, "    pubsub: {project: p, subscription: s}\n"),
+            REDRIVE,
+            2,
+            &[
+                "{file}:2:",
+                "queues[0]",
+                "exactly one of `sqs`, `pubsub` or `servicebus` (found 2)",
+            ],
+        ),
+        case(
+            "duplicate names",
+            with_tail(&f, "  - name: orders\n    sqs: {queue: other}\n"),
+            REDRIVE,
+            2,
+            &["{file}", "queues[1].name", "duplicate queue name `orders`"],
+        ),
+        case(
+            "servicebus without credentials",
+            with_tail(&f, "  - name: sb\n    servicebus: {queue: q}\n"),
+            REDRIVE,
+            2,
+            &["{file}:7:", "queues[1]", "queue `sb`", "`connection_string_env`"],
+        ),
+        case(
+            "invalid schedule filter",
+            with_tail(&f, "schedules:\n  - {queue: orders, every: 1h, filter: 'reason =='}\n"),
+            REDRIVE,
+            2,
+            &["{file}", "schedules[0].filter", "invalid filter at 1:"],
+        ),
+        case(
+            "schedule on an unknown queue",
+            with_tail(&f, "schedules:\n  - {queue: ordrs, every: 1h}\n"),
+            REDRIVE,
+            2,
+            &["{file}", "schedules[0].queue", "no queue named `ordrs`"],
+        ),
+        // Environment overrides.
+        case(
+            "override typo",
+            ok.clone(),
+            REDRIVE,
+            2,
+            &["DLQ_BRIDGE__REDRIVE__CONCURENCY", "unknown field `concurency`"],
+        )
+        .env("DLQ_BRIDGE__REDRIVE__CONCURENCY", "8"),
+        case(
+            "override bad duration",
+            ok.clone(),
+            REDRIVE,
+            2,
+            &["DLQ_BRIDGE__REDRIVE__HOLD", "invalid duration `forever`"],
+        )
+        .env("DLQ_BRIDGE__REDRIVE__HOLD", "forever"),
+    ];
+    run_table(&cases);
+
+    // The file itself: missing, a directory, not text.
+    let missing = scratch().join("no-such-config.yaml");
+    let binary = write_file([0xff, 0xfe, 0x00, 0x9f, b'\n'], "yaml");
+    let cases = vec![
+        case(
+            "no such file",
+            None,
+            &["-c", &missing.display().to_string(), "redrive", "orders", "--yes"],
+            2,
+            &[&missing.display().to_string(), "cannot read the config file"],
+        ),
+        case(
+            "binary file",
+            None,
+            &["-c", &binary.display().to_string(), "redrive", "orders", "--yes"],
+            2,
+            &[&binary.display().to_string(), "UTF-8"],
+        ),
+    ];
+    run_table(&cases);
+    assert_sqs_untouched(&f, &before).await;
+}
+
+#[tokio::test]
+async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&orders(3)).await;
+    let before = sqs_snapshot(&f).await;
+    let cfg = join(&sqs_lines(&f));
+    let export_to = scratch().join("never-written.jsonl").display().to_string();
+    let c = |name, args: &[&str], says: &[&str]| case(name, cfg.clone(), args, 2, says);
+
+    let cases = vec![
+        // Filters are compiled before anything connects; errors give the position.
+        c(
+            "filter syntax",
+            &[
+                "redrive",
+                "orders",
+                "--filter",
+                r#"attributes.tenant == "acme" &&"#,
+                "--yes",
+            ],
+            &["invalid filter at 1:", r#"attributes.tenant == "acme" &&"#, "^"],
+        ),
+        c(
+            "filter syntax, second line",
+            &[
+                "redrive",
+                "orders",
+                "--filter",
+                "reason == \"Timeout\" &&\n  age > duration(\"1h\"",
+                "--yes",
+            ],
+            &["invalid filter at 2:", "age > duration(\"1h\""],
+        ),
+        c(
+            "unbalanced quote",
+            &["inspect", "orders", "--filter", r#"reason == "Timeout"#],
+            &["invalid filter at 1:"],
+        ),
+        c(
+            "unknown variable",
+            &["inspect", "orders", "--filter", r#"tenant == "acme""#],
+            &[
+                "unknown variable `tenant`",
+                "the variables are: id, body, json, attributes",
+            ],
+        ),
+        c(
+            "unknown variable, flag form",
+            &["--redrive", "orders", "--filter", "reasn == \"x\"", "--yes"],
+            &["unknown variable `reasn`"],
+        ),
+        c(
+            "empty filter",
+            &["redrive", "orders", "--filter", "", "--yes"],
+            &["invalid filter"],
+        ),
+        c(
+            "purge filter",
+            &["purge", "orders", "--filter", "reason ==", "--yes"],
+            &["invalid filter at 1:"],
+        ),
+        c(
+            "report filter",
+            &["report", "orders", "--filter", "(reason"],
+            &["invalid filter at 1:"],
+        ),
+        c(
+            "export filter",
+            &["export", "orders", "--to", &export_to, "--filter", "nope"],
+            &["unknown variable `nope`"],
+        ),
+        // Arguments.
+        c(
+            "rate not a number",
+            &["redrive", "orders", "--rate", "fast", "--yes"],
+            &["--rate", "fast"],
+        ),
+        c(
+            "negative rate",
+            &["redrive", "orders", "--rate=-3", "--yes"],
+            &["--rate", "-3"],
+        ),
+        c(
+            "max not a number",
+            &["redrive", "orders", "--max", "many", "--yes"],
+            &["--max", "many"],
+        ),
+        c(
+            "zero concurrency",
+            &["redrive", "orders", "--concurrency", "0", "--yes"],
+            &["concurrency must be at least 1"],
+        ),
+        c(
+            "bad --older-than",
+            &[
+                "purge",
+                "orders",
+                "--filter",
+                "true",
+                "--older-than",
+                "5 parsecs",
+                "--yes",
+            ],
+            &["--older-than", "invalid duration `5 parsecs`"],
+        ),
+        c(
+            "unknown output format",
+            &["list", "-o", "yaml"],
+            &["'yaml'", "table", "json"],
+        ),
+        c(
+            "unknown queue",
+            &["redrive", "ordrs", "--yes"],
+            &["unknown queue `ordrs` (configured: orders)"],
+        ),
+        c("no --yes off a terminal", &["redrive", "orders"], &["--yes"]),
+        c("purge needs a filter", &["purge", "orders", "--yes"], &["--filter"]),
+        c(
+            "both forms",
+            &["redrive", "orders", "--redrive", "orders", "--yes"],
+            &["--redrive"],
+        ),
+        c("no command", &[], &["no command given"]),
+    ];
+    run_table(&cases);
+    assert!(!Path::new(&export_to).exists(), "no export file was written");
+    assert_sqs_untouched(&f, &before).await;
+}
+
+/// A filter that compiles but fails on some messages: each such message is
+/// "no match" and stays, the run goes on, and the summary counts and shows why.
+#[tokio::test]
+async fn evaluation_errors_are_per_message_and_reported() {
+    let f = SqsFixture::create(false).await;
+    let mut msgs = orders(3);
+    msgs[0]
+        .attributes
+        .insert("retry".into(), dlq_bridge::model::Attribute::string("yes"));
+    f.dead_letter(&msgs).await;
+    let cfg = write_file(join(&sqs_lines(&f)), "yaml");
+
+    // Two messages lack the attribute: errors there, a match on the third.
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args([
+        "redrive",
+        "orders",
+        "--filter",
+        r#"attributes.retry == "yes""#,
+        "--yes",
+        "--no-journal",
+        "-o",
+        "json",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s["examined"].as_u64(), s["matched"].as_u64(), s["settled"].as_u64()),
+        (Some(3), Some(1), Some(1)),
+        "{s}"
+    );
+    assert_eq!(s["filter_errors"], 2, "{s}");
+    let errors = s["errors"].to_string();
+    assert!(
+        errors.contains("filter on message") && errors.contains("retry"),
+        "{errors}"
+    );
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), 1);
+    assert_eq!(arrived[0].body, msgs[0].body);
+
+    // A type error on every message, and a filter that is not a bool: nothing
+    // moves, the table says how many failed and why.
+    for (filter, why) in [
+        (r#"delivery_count + "x" > 0"#, "Unsupported binary operator 'add'"),
+        ("body", "filter must yield a bool"),
+    ] {
+        let before = sqs_snapshot(&f).await;
+        let (code, out, err) =
+            run(bin()
+                .arg("-c")
+                .arg(&cfg)
+                .args(["redrive", "orders", "--filter", filter, "--yes", "--no-journal"]));
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("matched:   0") && out.contains("filter errors: 2"),
+            "{out}"
+        );
+        assert!(out.contains(why), "{filter}: {out}");
+        // The run leased and released each message once; nothing moved.
+        let after = sqs_snapshot(&f).await;
+        let expected: Vec<_> = before.iter().map(|(id, b, c)| (id.clone(), b.clone(), c + 2)).collect();
+        assert_eq!(after, expected);
+        assert!(f.drain_source().await.is_empty());
+    }
+    // A valid filter that matches nothing is no error at all.
+    let (code, out, err) =
+        run(bin()
+            .arg("-c")
+            .arg(&cfg)
+            .args(["redrive", "orders", "--filter", "false", "--yes", "--no-journal"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("matched:   0") && !out.contains("filter errors"), "{out}");
+    assert_eq!(f.dlq_count().await, 2);
+    let (code, out, err) =
+        run(bin()
+            .arg("-c")
+            .arg(&cfg)
+            .args(["inspect", "orders", "--filter", r#"delivery_count + "x" > 0"#]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("the filter failed on 2 messages (counted as no match)"),
+        "{err}"
+    );
+}
+
+/// Run `cmd`, killing it if it has not ended after `limit`: a hang is a bug,
+/// reported as such instead of stalling the suite. Returns the output and
+/// how long it took (printed, never asserted).
+fn run_bounded(cmd: &mut Command, limit: Duration) -> (i32, String, String, Duration) {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dlq-bridge");
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if started.elapsed() > limit {
+            child.kill().ok();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "dlq-bridge hung (killed after {limit:?}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// The commands a runtime error must stop the same way.
+const COMMANDS: &[&[&str]] = &[
+    &["redrive", "q", "--yes", "--no-journal"],
+    &["redrive", "q", "--dry-run", "--no-journal"],
+    &["inspect", "q"],
+    &["list"],
+    &["check"],
+];
+
+/// Each command against `config`: exit 1, saying every one of `says`, within
+/// a bound that only catches hangs.
+fn runtime_error_everywhere(what: &str, config: &str, says: &[&str]) {
+    runtime_error_everywhere_with(what, config, &|_| {}, says)
+}
+
+fn runtime_error_everywhere_with(what: &str, config: &str, env: &dyn Fn(&mut Command), says: &[&str]) {
+    let path = write_file(config, "yaml");
+    let mut failures = Vec::new();
+    for args in COMMANDS {
+        let mut cmd = bin();
+        env(&mut cmd);
+        let (code, out, err, took) = run_bounded(cmd.arg("-c").arg(&path).args(*args), Duration::from_secs(180));
+        let text = format!("{out}{err}");
+        let missing: Vec<_> = says.iter().filter(|s| !text.contains(**s)).collect();
+        if code != 1 || !missing.is_empty() {
+            failures.push(format!(
+                "[{what}: {}] exit {code}, missing {missing:?}\n{text}",
+                args.join(" ")
+            ));
+        } else {
+            eprintln!(
+                "[{what}: {}] exit 1 after {took:.1?}: {}",
+                args.join(" "),
+                text.lines().find(|l| l.contains(says[0])).unwrap_or("")
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn missing_queues_are_runtime_errors_that_name_them() {
+    let s = SqsFixture::create(false).await;
+    s.dead_letter(&orders(2)).await;
+    let p = PubSubFixture::create(false).await;
+    p.put_in_dlq(&orders(2)).await;
+    let sqs_before = sqs_snapshot(&s).await;
+    let pubsub_before = pubsub_snapshot(&p).await;
+
+    let gone = common::unique("no-such-queue");
+    runtime_error_everywhere(
+        "sqs queue missing",
+        &format!(
+            "queues:\n  - name: q\n    sqs: {{queue: {gone}, endpoint_url: {}}}\n",
+            s.endpoint
+        ),
+        &[&format!("queue q: queue {gone}: not found"), "NonExistentQueue"],
+    );
+    runtime_error_everywhere(
+        "pubsub subscription missing",
+        &format!(
+            "queues:\n  - name: q\n    pubsub: {{project: {}, subscription: {gone}, emulator_host: '{}'}}\n",
+            p.project, p.host
+        ),
+        &[&format!("projects/{}/subscriptions/{gone}: not found", p.project)],
+    );
+
+    // A destination that does not exist fails before anything is leased.
+    let sqs_cfg = write_file(join(&sqs_lines(&s)), "yaml");
+    let pubsub_cfg = write_file(
+        format!(
+            "queues:\n  - name: orders\n    pubsub: {{project: {}, subscription: {}, emulator_host: '{}'}}\n",
+            p.project,
+            common::pubsub::DLQ_SUB,
+            p.host
+        ),
+        "yaml",
+    );
+    let cases = [
+        (&sqs_cfg, format!("queue orders: queue {gone}: not found")),
+        (&pubsub_cfg, format!("projects/{}/topics/{gone}: not found", p.project)),
+    ];
+    for (cfg, says) in cases {
+        let (code, out, err) =
+            run(bin()
+                .arg("-c")
+                .arg(cfg)
+                .args(["redrive", "orders", "--to", &gone, "--yes", "--no-journal"]));
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(err.contains(&says), "{says}: {err}");
+    }
+    // The source is not configured and not knowable: a configured `source`
+    // that does not exist is a clear error too.
+    let (code, out, err) = run(bin()
+        .arg("-c")
+        .arg(write_file(
+            format!("{}    source: {gone}\n", join(&sqs_lines(&s))),
+            "yaml",
+        ))
+        .args(["redrive", "orders", "--yes", "--no-journal"]));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains(&format!("queue {gone}: not found")), "{err}");
+
+    assert_sqs_untouched(&s, &sqs_before).await;
+    assert_pubsub_untouched(&p, &pubsub_before).await;
+}
+
+#[tokio::test]
+async fn an_emulator_that_is_down_fails_fast_with_its_address() {
+    // Real emulators up, so only the address differs.
+    let s = SqsFixture::create(false).await;
+    s.dead_letter(&orders(2)).await;
+    let before = sqs_snapshot(&s).await;
+    let _ = common::pubsub::emulator_host();
+
+    let port = common::emulator::free_port();
+    runtime_error_everywhere(
+        "sqs down",
+        &format!("queues:\n  - name: q\n    sqs: {{queue: q, endpoint_url: 'http://127.0.0.1:{port}'}}\n"),
+        &[
+            &format!("cannot reach http://127.0.0.1:{port}"),
+            "Connection refused",
+            "is the service or emulator running?",
+        ],
+    );
+    runtime_error_everywhere(
+        "pubsub down",
+        &format!(
+            "queues:\n  - name: q\n    pubsub: {{project: p, subscription: s, emulator_host: '127.0.0.1:{port}'}}\n"
+        ),
+        &[
+            &format!("cannot reach 127.0.0.1:{port}"),
+            "is the service or emulator running?",
+        ],
+    );
+    assert_sqs_untouched(&s, &before).await;
+}
+
+// ------------------------------------------------------ wrong credentials
+
+/// moto's `/moto-api/reset-auth`: from now on, the first `free` requests go
+/// unchecked and every later one must carry valid credentials.
+async fn moto_auth_after(http: &reqwest::Client, endpoint: &str, free: &str) {
+    let r = http
+        .post(format!("{endpoint}/moto-api/reset-auth"))
+        .header("content-type", "text/plain")
+        .body(free.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "reset-auth: {}", r.status());
+}
+
+/// One IAM Query API call on moto while it checks nothing (only the service
+/// named in the Authorization header matters then). Returns the XML answer.
+async fn moto_iam(http: &reqwest::Client, endpoint: &str, params: &[(&str, &str)]) -> String {
+    let r = http
+        .post(format!("{endpoint}/"))
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .form(&[params, &[("Version", "2010-05-08")]].concat())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert!(status.is_success(), "IAM {params:?}: {status} {text}");
+    text
+}
+
+fn xml_tag(xml: &str, tag: &str) -> String {
+    let (_, rest) = xml
+        .split_once(&format!("<{tag}>"))
+        .unwrap_or_else(|| panic!("no <{tag}> in {xml}"));
+    rest.split_once(&format!("</{tag}>")).unwrap().0.to_string()
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_refused_by_moto_with_auth_on_and_touch_nothing() {
+    // A private moto that checks every request (destructive settings: never the shared one).
+    let emu = common::emulator::spawn(
+        "moto-auth",
+        &["python3", "-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"],
+        &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")],
+        "/moto-api/",
+    );
+    let endpoint = emu.url();
+    let http = reqwest::Client::new();
+    // It really refuses: the test's own client, with the usual test keys.
+    let refused = common::sqs::client(&endpoint).list_queues().send().await.unwrap_err();
+    assert_eq!(
+        refused.raw_response().map(|r| r.status().as_u16()),
+        Some(403),
+        "{refused:?}"
+    );
+
+    // Set up unchecked: a user with an SQS policy and a key, two queues, messages.
+    moto_auth_after(&http, &endpoint, "inf").await;
+    moto_iam(&http, &endpoint, &[("Action", "CreateUser"), ("UserName", "dlqb")]).await;
+    let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"sqs:*","Resource":"*"}]}"#;
+    moto_iam(
+        &http,
+        &endpoint,
+        &[
+            ("Action", "PutUserPolicy"),
+            ("UserName", "dlqb"),
+            ("PolicyName", "sqs"),
+            ("PolicyDocument", policy),
+        ],
+    )
+    .await;
+    let key_xml = moto_iam(&http, &endpoint, &[("Action", "CreateAccessKey"), ("UserName", "dlqb")]).await;
+    let (key, secret) = (xml_tag(&key_xml, "AccessKeyId"), xml_tag(&key_xml, "SecretAccessKey"));
+    let conf = aws_sdk_sqs::Config::builder()
+        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(&key, &secret, None, None, "test"))
+        .endpoint_url(&endpoint)
+        .build();
+    let client = aws_sdk_sqs::Client::from_conf(conf);
+    let dlq_url = client
+        .create_queue()
+        .queue_name("auth-dlq")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let source_url = client
+        .create_queue()
+        .queue_name("auth")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let f = SqsFixture {
+        client,
+        endpoint: endpoint.clone(),
+        source_url,
+        dlq_url,
+        fifo: false,
+    };
+    f.put_in_dlq(&orders(3)).await;
+    moto_auth_after(&http, &endpoint, "0").await;
+    // From here every request is checked; the fixture's own reads use the user's key.
+    let before = sqs_snapshot(&f).await;
+    assert_eq!(before.len(), 3);
+
+    let config = format!(
+        "queues:\n  - name: q\n    sqs: {{queue: {}, endpoint_url: '{endpoint}', region: us-east-1}}\n    source: {}\n",
+        f.dlq_url, f.source_url
+    );
+    runtime_error_everywhere(
+        "unknown access key",
+        &config,
+        &[
+            "SQS authentication failed: InvalidClientTokenId: The security token included in the request is invalid",
+            "(queue ",
+        ],
+    );
+    let (k, bad) = (key.clone(), format!("{secret}x"));
+    runtime_error_everywhere_with(
+        "wrong secret",
+        &config,
+        &move |c| {
+            c.env("AWS_ACCESS_KEY_ID", &k).env("AWS_SECRET_ACCESS_KEY", &bad);
+        },
+        &["SQS authentication failed: SignatureDoesNotMatch"],
+    );
+    let home = scratch().join("empty-home");
+    std::fs::create_dir_all(&home).unwrap();
+    runtime_error_everywhere_with(
+        "no credentials at all",
+        &config,
+        &move |c| {
+            c.env_remove("AWS_ACCESS_KEY_ID")
+                .env_remove("AWS_SECRET_ACCESS_KEY")
+                .env_remove("AWS_PROFILE")
+                .env("HOME", &home);
+        },
+        &[
+            "SQS authentication failed: no AWS credentials found for queue ",
+            "AWS_ACCESS_KEY_ID",
+        ],
+    );
+    // The control: the same config with the user's key works.
+    let cfg = write_file(&config, "yaml");
+    let (code, out, err) = run(bin()
+        .env("AWS_ACCESS_KEY_ID", &key)
+        .env("AWS_SECRET_ACCESS_KEY", &secret)
+        .arg("-c")
+        .arg(&cfg)
+        .arg("check"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("queue q (sqs): ok, depth 3"), "{out}");
+    assert_sqs_untouched(&f, &before).await;
+}
+
+// ---------------------------------------------- valid but odd: nothing lost
+
+fn typed(value: dlq_bridge::model::AttrValue, data_type: Option<&str>) -> dlq_bridge::model::Attribute {
+    dlq_bridge::model::Attribute {
+        value,
+        data_type: data_type.map(str::to_string),
+    }
+}
+
+/// Redrive everything in `config`'s queue `orders` with the binary; every
+/// message must be settled.
+fn redrive_all(config: &str, n: usize) {
+    let cfg = write_file(config, "yaml");
+    let (code, out, err) =
+        run(bin()
+            .arg("-c")
+            .arg(&cfg)
+            .args(["redrive", "orders", "--yes", "--no-journal", "-o", "json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(s["settled"].as_u64(), Some(n as u64), "{s}");
+}
+
+/// Each sent message arrived once, body byte for byte and every attribute
+/// with its value (and type, where the provider keeps types).
+fn assert_arrived_exactly(sent: &[TestMessage], arrived: &[common::Received], typed_attributes: bool) {
+    assert_eq!(arrived.len(), sent.len(), "one copy each");
+    for want in sent {
+        let kind = want.attributes["kind"].as_text();
+        let got = arrived
+            .iter()
+            .find(|r| r.attributes.get("kind").map(|a| a.as_text()) == Some(kind.clone()))
+            .unwrap_or_else(|| panic!("the {kind} message arrived"));
+        assert!(
+            got.body == want.body,
+            "{kind}: body differs ({} bytes sent, {} arrived)",
+            want.body.len(),
+            got.body.len()
+        );
+        for (k, a) in &want.attributes {
+            let have = got
+                .attributes
+                .get(k)
+                .unwrap_or_else(|| panic!("{kind}: attribute {k:?} lost"));
+            if typed_attributes {
+                assert_eq!(have.value, a.value, "{kind}: attribute {k:?}");
+                if a.data_type.is_some() {
+                    assert_eq!(have.data_type, a.data_type, "{kind}: type of {k:?}");
+                }
+            } else {
+                assert_eq!(have.as_text(), a.as_text(), "{kind}: attribute {k:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn sqs_odd_bodies_and_attributes_round_trip_byte_exact() {
+    use dlq_bridge::model::AttrValue;
+    let f = SqsFixture::create(false).await;
+    let long_name = format!("n{}", "a".repeat(255));
+    let mut odd = attrs(&[
+        ("kind", "odd-attributes"),
+        ("dotted.name.v2", "x"),
+        ("under_score-dash", "ü ✓ 𐍈"),
+    ]);
+    odd.insert(long_name, dlq_bridge::model::Attribute::string("a 256-character name"));
+    odd.insert(
+        "tiny".into(),
+        typed(
+            AttrValue::Number("-0.00000000000000000000000000000000000001".into()),
+            Some("Number"),
+        ),
+    );
+    odd.insert(
+        "huge".into(),
+        typed(
+            AttrValue::Number("99999999999999999999999999999999999999".into()),
+            Some("Number.int"),
+        ),
+    );
+    odd.insert(
+        "blob".into(),
+        typed(
+            AttrValue::Binary((0..=255u8).collect::<Vec<_>>().into()),
+            Some("Binary.gzip"),
+        ),
+    );
+    odd.insert(
+        "json".into(),
+        typed(AttrValue::String(r#"{"a":[1,"b"]}"#.into()), Some("String.json")),
+    );
+    let cases = vec![
+        // SQS bodies are text: every range SQS allows, and control characters it allows.
+        TestMessage {
+            body: "tab\tnl\ncr\r \u{20}\u{D7FF}\u{E000}\u{FFFD}\u{10000}\u{10FFFF} ✓"
+                .as_bytes()
+                .to_vec(),
+            attributes: odd,
+            ordering_key: None,
+        },
+        // The largest message moto takes: 1 MiB.
+        TestMessage {
+            body: "y".repeat(1024 * 1024).into_bytes(),
+            attributes: attrs(&[("kind", "max-size")]),
+            ordering_key: None,
+        },
+    ];
+    f.put_in_dlq(&cases).await;
+    redrive_all(
+        &join(&sqs_lines(&f)).replace(
+            "region: us-east-1",
+            &format!("region: us-east-1\n    source: {}", f.source_url),
+        ),
+        cases.len(),
+    );
+    assert_arrived_exactly(&cases, &f.drain_source().await, true);
+    assert_eq!(f.dlq_count().await, 0);
+}
+
+#[tokio::test]
+async fn pubsub_odd_bodies_and_attributes_round_trip_byte_exact() {
+    let f = PubSubFixture::create(false).await;
+    let mut odd = attrs(&[
+        ("kind", "odd-attributes"),
+        ("ünïcödé ключ", "значение ✓"),
+        ("dotted.name.v2", "x"),
+        ("with space", "y"),
+        ("empty-value", ""),
+    ]);
+    odd.insert("k".repeat(256), dlq_bridge::model::Attribute::string("a 256-byte key"));
+    odd.insert(
+        "long-value".into(),
+        dlq_bridge::model::Attribute::string("v".repeat(1024)),
+    );
+    let cases = vec![
+        TestMessage {
+            body: Vec::new(),
+            attributes: attrs(&[("kind", "empty")]),
+            ordering_key: None,
+        },
+        TestMessage {
+            body: (0..=255u8).rev().cycle().take(70_000).collect(),
+            attributes: attrs(&[("kind", "binary")]),
+            ordering_key: None,
+        },
+        TestMessage {
+            body: b"\xff\xfe not UTF-8 \xc3\x28".to_vec(),
+            attributes: odd,
+            ordering_key: None,
+        },
+        // Pub/Sub takes 10 MB per message; the redrive marks need some room.
+        TestMessage {
+            body: (0..9_990_000u32).map(|i| (i % 251) as u8).collect(),
+            attributes: attrs(&[("kind", "max-size")]),
+            ordering_key: None,
+        },
+    ];
+    f.put_in_dlq(&cases).await;
+    let config = format!(
+        "queues:\n  - name: orders\n    pubsub: {{project: {}, subscription: {}, emulator_host: '{}'}}\n    source: {}\n",
+        f.project,
+        common::pubsub::DLQ_SUB,
+        f.host,
+        common::pubsub::SOURCE_TOPIC
+    );
+    redrive_all(&config, cases.len());
+    assert_arrived_exactly(&cases, &f.drain_source().await, false);
+    assert_eq!(f.dlq_count().await, 0);
+}
