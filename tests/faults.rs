@@ -68,7 +68,10 @@ fn redrive_cmd(config: &PathBuf, journal: Option<&PathBuf>) -> Command {
 #[derive(Debug)]
 #[allow(dead_code)] // printed with Debug
 struct Outcome {
+    /// Kill points: SIGKILLs that landed on a live run with work.
     kills: usize,
+    /// Runs started (kill points plus runs that found nothing to lease).
+    runs: usize,
     lost: usize,
     /// Extra copies at the destination, whatever their marks.
     extra_copies: usize,
@@ -77,8 +80,24 @@ struct Outcome {
     duplicated: usize,
 }
 
-/// Kill the redrive `kills` times, then let it finish; count what is where.
-async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> Outcome {
+/// How many `leased` records the journal holds: a run that added some had
+/// leased messages (and was about to send them) when it was killed.
+fn leased_records(journal: Option<&PathBuf>) -> usize {
+    journal
+        .and_then(|j| std::fs::read_to_string(j).ok())
+        .map(|t| t.matches(r#""event":"leased""#).count())
+        .unwrap_or(0)
+}
+
+/// Kill the redrive until `kills` kill points have landed, then let it
+/// finish; count what is where.
+///
+/// A kill point is a SIGKILL that lands on a live run which (with the journal)
+/// had leased messages: a run that finished on its own before the kill, or that
+/// found nothing it could lease (everything still locked by killed runs, as on
+/// Service Bus, whose locks last the entity's LockDuration), does not count,
+/// and the DLQ is refilled before the next run.
+async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64, window_ms: u64) -> Outcome {
     let f = F::create(false).await;
     let batch_of = |from: usize| -> Vec<TestMessage> {
         (from..from + MESSAGES)
@@ -95,24 +114,49 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> 
     let journal_path = journal
         .then(|| std::env::temp_dir().join(format!("dlqb-faults-{seed}-{}.jsonl", uuid::Uuid::new_v4().simple())));
     let mut rng = Lcg(seed);
-    for _ in 0..kills {
-        // Every kill lands on a run with work to do: refill a drained DLQ.
-        if f.dlq_count().await == 0 {
+    // Copies drained from the destination before a refill: on Service Bus the
+    // refill goes through the source queue, which also receives the copies.
+    let mut arrived = Vec::new();
+    let (mut landed, mut runs, mut idle) = (0, 0, false);
+    while landed < kills {
+        runs += 1;
+        assert!(
+            runs <= kills * 4 + 20,
+            "only {landed} of {kills} kills landed on a run with work in {runs} runs"
+        );
+        // Every kill should land on a run with work to do: refill a DLQ that is
+        // empty, or whose messages the last run could not lease.
+        if idle || f.dlq_count().await == 0 {
+            arrived.extend(f.drain_source().await);
             let more = batch_of(msgs.len());
             f.put_in_dlq(&more).await;
             msgs.extend(more);
         }
+        let before = leased_records(journal_path.as_ref());
         let mut child = redrive_cmd(&config, journal_path.as_ref()).spawn().unwrap();
-        tokio::time::sleep(Duration::from_millis(100 + rng.next(900))).await;
+        tokio::time::sleep(Duration::from_millis(100 + rng.next(window_ms))).await;
+        let finished_first = child.try_wait().unwrap().is_some();
         let _ = child.kill();
         let _ = child.wait();
+        let worked = if journal {
+            leased_records(journal_path.as_ref()) > before
+        } else {
+            !finished_first
+        };
+        idle = !worked;
+        if worked && !finished_first {
+            landed += 1;
+        }
     }
     // Resume until the DLQ is empty. Leases of killed runs expire after
     // `hold` (2 s), or after the provider's own lease when a run died between
-    // receiving and extending it (Pub/Sub fixtures: a 10 s ack deadline). Some
-    // providers count leased messages as absent, so the DLQ is only empty once
-    // it stays empty past the longest lease.
+    // receiving and extending it (Pub/Sub fixtures: a 10 s ack deadline), or
+    // after the entity's LockDuration (Service Bus: 60 s, whose browse counts
+    // locked messages, so they are never taken for lost). Some providers count
+    // leased messages as absent, so the DLQ is only empty once it stays empty
+    // past the longest lease.
     let start = Instant::now();
+    let bound = Duration::from_secs(300 + msgs.len() as u64 / 20);
     loop {
         tokio::time::sleep(Duration::from_millis(2100)).await;
         if f.dlq_count().await == 0 {
@@ -121,11 +165,25 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> 
                 break;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(300), "the DLQ never drained");
-        let status = redrive_cmd(&config, journal_path.as_ref()).status().unwrap();
-        assert!(status.code().is_some(), "a clean run exits normally");
+        let out = redrive_cmd(&config, journal_path.as_ref())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.code().is_some(), "a clean run exits normally");
+        assert!(
+            start.elapsed() < bound,
+            "the DLQ never drained within {bound:?}: {} left; the last run said {}{}",
+            f.dlq_count().await,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let arrived = f.drain_source().await;
+    eprintln!(
+        "fault run: {runs} runs for {landed} kill points, {} messages",
+        msgs.len()
+    );
+    arrived.extend(f.drain_source().await);
     let mut copies: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
     for r in &arrived {
         let mark = r.attributes.get(MARK_ID).map(|a| a.as_text()).unwrap_or_default();
@@ -138,7 +196,8 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> 
         .map(|v| v.iter().collect::<std::collections::HashSet<_>>().len() - 1)
         .sum();
     let outcome = Outcome {
-        kills,
+        kills: landed,
+        runs,
         lost,
         extra_copies,
         duplicated,
@@ -150,9 +209,9 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> 
     outcome
 }
 
-pub async fn kill9_with_journal_loses_and_duplicates_nothing<F: Fixture>(batch: usize) {
+pub async fn kill9_with_journal_loses_and_duplicates_nothing<F: Fixture>(batch: usize, window_ms: u64) {
     let kills = kills();
-    let o = kill_and_resume::<F>(kills, true, 0x5eed).await;
+    let o = kill_and_resume::<F>(kills, true, 0x5eed, window_ms).await;
     assert_eq!(o.lost, 0, "{o:?}");
     // A kill inside a send can leave a copy the run never heard confirmed;
     // the resumed run sends it again under the same mark.
@@ -160,31 +219,64 @@ pub async fn kill9_with_journal_loses_and_duplicates_nothing<F: Fixture>(batch: 
     assert!(o.extra_copies <= kills * batch, "{o:?}");
 }
 
-pub async fn kill9_without_journal_loses_nothing_and_bounds_duplicates<F: Fixture>(batch: usize) {
+pub async fn kill9_without_journal_loses_nothing_and_bounds_duplicates<F: Fixture>(batch: usize, window_ms: u64) {
     let kills = (kills() / 5).max(5);
-    let o = kill_and_resume::<F>(kills, false, 0xfa11).await;
+    let o = kill_and_resume::<F>(kills, false, 0xfa11, window_ms).await;
     assert_eq!(o.lost, 0, "{o:?}");
     // A kill between a confirmed send and its delete can repeat at most the
     // batches in flight at that moment (concurrency 4).
     assert!(o.duplicated <= kills * batch * 4, "{o:?}");
 }
 
+/// The baseline under every fault: one CLI run that is not disturbed leaves
+/// the DLQ empty the moment it exits, with one copy of each message at the
+/// destination. (On Service Bus a complete used to return before it was on
+/// the wire, so a process that exited right after its last complete left most
+/// messages in the DLQ, to be redriven again: the adapter now confirms its
+/// dispositions with a round trip.)
+pub async fn clean_run_settles_everything_before_it_exits<F: Fixture>() {
+    let f = F::create(false).await;
+    let msgs: Vec<TestMessage> = (0..MESSAGES)
+        .map(|i| TestMessage {
+            body: format!(r#"{{"clean":{i}}}"#).into_bytes(),
+            attributes: attrs(&[("error", "Timeout")]),
+            ordering_key: None,
+        })
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let config = write_config(&f);
+    let out = redrive_cmd(&config, None).stdout(Stdio::piped()).output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+    assert_eq!(out.status.code(), Some(0), "{summary}");
+    assert_eq!(summary["settled"], MESSAGES, "{summary}");
+    // No waiting: a message still in the DLQ now was not really settled.
+    assert_eq!(f.dlq_count().await, 0, "the DLQ right after the run ({summary})");
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), MESSAGES, "one copy each at the destination");
+}
+
 macro_rules! faults {
-    ($module:ident, $fixture:ty, $batch:expr) => {
+    ($module:ident, $fixture:ty, $batch:expr, $window_ms:expr) => {
         mod $module {
             #[tokio::test]
+            async fn clean_run_settles_everything_before_it_exits() {
+                super::clean_run_settles_everything_before_it_exits::<$fixture>().await;
+            }
+            #[tokio::test]
             async fn kill9_with_journal_loses_and_duplicates_nothing() {
-                super::kill9_with_journal_loses_and_duplicates_nothing::<$fixture>($batch).await;
+                super::kill9_with_journal_loses_and_duplicates_nothing::<$fixture>($batch, $window_ms).await;
             }
             #[tokio::test]
             async fn kill9_without_journal_loses_nothing_and_bounds_duplicates() {
-                super::kill9_without_journal_loses_nothing_and_bounds_duplicates::<$fixture>($batch).await;
+                super::kill9_without_journal_loses_nothing_and_bounds_duplicates::<$fixture>($batch, $window_ms).await;
             }
         }
     };
 }
 
 #[cfg(feature = "sqs")]
-faults!(sqs, crate::common::sqs::SqsFixture, 10);
+faults!(sqs, crate::common::sqs::SqsFixture, 10, 900);
 #[cfg(feature = "pubsub")]
-faults!(pubsub, crate::common::pubsub::PubSubFixture, 100);
+faults!(pubsub, crate::common::pubsub::PubSubFixture, 100, 900);
+#[cfg(feature = "servicebus")]
+faults!(servicebus, crate::common::servicebus::ServiceBusFixture, 100, 2900);
