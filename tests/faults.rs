@@ -9,11 +9,14 @@
 mod common;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::faultproxy::{Fault, FaultProxy};
 use common::{Fixture, TestMessage, attrs};
+use dlq_bridge::config::{Config, QueueKind};
 use dlq_bridge::redrive::MARK_ID;
 
 const MESSAGES: usize = 40;
@@ -255,9 +258,290 @@ pub async fn clean_run_settles_everything_before_it_exits<F: Fixture>() {
     assert_eq!(arrived.len(), MESSAGES, "one copy each at the destination");
 }
 
+/// A backend whose fixture can be reached through fault proxies.
+#[async_trait::async_trait]
+pub trait ViaProxy: Fixture {
+    /// Start proxies in front of the fixture's endpoints; the config (and the
+    /// environment the CLI needs) that goes through them.
+    async fn via_proxy(&self) -> Proxied;
+}
+
+pub struct Proxied {
+    /// The proxies, main endpoint first. Faults play on all of them.
+    pub proxies: Vec<FaultProxy>,
+    pub config: Config,
+    pub env: Vec<(String, String)>,
+}
+
+fn socket_of(url: &str) -> SocketAddr {
+    let host = url.trim_start_matches("http://").trim_end_matches('/');
+    host.parse().unwrap_or_else(|e| panic!("{host}: {e}"))
+}
+
+#[cfg(feature = "sqs")]
+#[async_trait::async_trait]
+impl ViaProxy for common::sqs::SqsFixture {
+    async fn via_proxy(&self) -> Proxied {
+        let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), socket_of(&self.endpoint)).await;
+        let mut config = self.config();
+        if let QueueKind::Sqs(c) = &mut config.queues[0].kind {
+            c.endpoint_url = Some(format!("http://{}", proxy.addr));
+        }
+        Proxied {
+            proxies: vec![proxy],
+            config,
+            env: vec![],
+        }
+    }
+}
+
+#[cfg(feature = "pubsub")]
+#[async_trait::async_trait]
+impl ViaProxy for common::pubsub::PubSubFixture {
+    async fn via_proxy(&self) -> Proxied {
+        let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), self.host.parse().unwrap()).await;
+        let mut config = self.config();
+        if let QueueKind::PubSub(c) = &mut config.queues[0].kind {
+            c.emulator_host = Some(proxy.addr.to_string());
+        }
+        Proxied {
+            proxies: vec![proxy],
+            config,
+            env: vec![],
+        }
+    }
+}
+
+/// azservicebus always dials port 5672, so the AMQP proxy listens on another
+/// loopback address (Linux routes all of 127/8 to lo).
+#[cfg(feature = "servicebus")]
+pub const SERVICEBUS_PROXY_HOST: &str = "127.0.0.3";
+
+#[cfg(feature = "servicebus")]
+#[async_trait::async_trait]
+impl ViaProxy for common::servicebus::ServiceBusFixture {
+    async fn via_proxy(&self) -> Proxied {
+        let amqp = FaultProxy::start(
+            format!("{SERVICEBUS_PROXY_HOST}:5672").parse().unwrap(),
+            "127.0.0.1:5672".parse().unwrap(),
+        )
+        .await;
+        let http = FaultProxy::start(
+            format!("{SERVICEBUS_PROXY_HOST}:0").parse().unwrap(),
+            socket_of(&self.http),
+        )
+        .await;
+        let mut config = self.config();
+        let env_name = "DLQ_BRIDGE_FAULTS_SERVICEBUS_PROXY";
+        if let QueueKind::ServiceBus(c) = &mut config.queues[0].kind {
+            c.connection_string_env = Some(env_name.into());
+            c.management_endpoint = Some(format!("http://{}", http.addr));
+        }
+        Proxied {
+            proxies: vec![amqp, http],
+            config,
+            env: vec![(
+                env_name.into(),
+                format!(
+                    "Endpoint=sb://{SERVICEBUS_PROXY_HOST};SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true"
+                ),
+            )],
+        }
+    }
+}
+
+fn save_config(mut config: Config) -> PathBuf {
+    config.redrive.hold = Duration::from_secs(2);
+    let path = std::env::temp_dir().join(format!("dlqb-faults-{}.yaml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+/// How long a faulted run may take once the faults stop before it counts as
+/// hung: every call has a timeout (SQS 35 s per attempt, Pub/Sub 30 s,
+/// Service Bus 20 s), and a pass retries a failed lease three times.
+const HANG_BOUND: Duration = Duration::from_secs(240);
+
+/// What one faulted run did.
+#[derive(Debug)]
+pub struct FaultedRun {
+    pub faults: Vec<String>,
+    pub code: Option<i32>,
+    pub output: String,
+}
+
+/// Run the CLI redrive while `play` switches faults on `proxies`, stop the
+/// faults after `faulty_for`, and wait for the run to end within [`HANG_BOUND`].
+async fn faulted_run(
+    config: &PathBuf,
+    journal: &PathBuf,
+    env: &[(String, String)],
+    proxies: &[FaultProxy],
+    rng: &mut Lcg,
+    faulty_for: Duration,
+) -> FaultedRun {
+    let mut cmd = redrive_cmd(config, Some(journal));
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let mut faults = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < faulty_for && !waiter.is_finished() {
+        let fault = match rng.next(6) {
+            0 => Fault::Pass,
+            1 => Fault::Delay(Duration::from_millis(20 + rng.next(400))),
+            2 => Fault::Drop,
+            3 => Fault::Refuse,
+            4 => Fault::CutAfter(rng.next(20_000)),
+            _ => {
+                faults.push("cut".to_string());
+                for p in proxies {
+                    p.cut();
+                }
+                tokio::time::sleep(Duration::from_millis(100 + rng.next(700))).await;
+                continue;
+            }
+        };
+        faults.push(format!("{fault:?}"));
+        for p in proxies {
+            p.set(fault);
+        }
+        tokio::time::sleep(Duration::from_millis(100 + rng.next(900))).await;
+    }
+    for p in proxies {
+        p.set(Fault::Pass);
+    }
+    let out = match tokio::time::timeout(HANG_BOUND, waiter).await {
+        Ok(r) => r.unwrap().unwrap(),
+        Err(_) => {
+            // SAFETY-free: kill by the child's own pid, then fail.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("the run hung: still running {HANG_BOUND:?} after the faults {faults:?} stopped");
+        }
+    };
+    FaultedRun {
+        faults,
+        code: out.status.code(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Resume (no faults) until the DLQ stays empty past the longest lease, then
+/// count what arrived: (lost, extra copies, duplicated).
+async fn resume_and_count<F: Fixture>(
+    f: &F,
+    msgs: &[TestMessage],
+    config: &PathBuf,
+    journal: Option<&PathBuf>,
+    env: &[(String, String)],
+) -> (usize, usize, usize) {
+    let start = Instant::now();
+    let bound = Duration::from_secs(300 + msgs.len() as u64 / 20);
+    loop {
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        if f.dlq_count().await == 0 {
+            tokio::time::sleep(Duration::from_secs(11)).await;
+            if f.dlq_count().await == 0 {
+                break;
+            }
+        }
+        let out = redrive_cmd(config, journal)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.code().is_some(), "a clean run exits normally");
+        assert!(
+            start.elapsed() < bound,
+            "the DLQ never drained within {bound:?}: {} left; the last run said {}{}",
+            f.dlq_count().await,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    count(msgs, &f.drain_source().await)
+}
+
+fn count(msgs: &[TestMessage], arrived: &[common::Received]) -> (usize, usize, usize) {
+    let mut copies: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
+    for r in arrived {
+        let mark = r.attributes.get(MARK_ID).map(|a| a.as_text()).unwrap_or_default();
+        copies.entry(r.body.clone()).or_default().push(mark);
+    }
+    let lost = msgs.iter().filter(|m| !copies.contains_key(&m.body)).count();
+    let extra_copies = copies.values().map(|v| v.len() - 1).sum();
+    let duplicated = copies
+        .values()
+        .map(|v| v.iter().collect::<std::collections::HashSet<_>>().len() - 1)
+        .sum();
+    (lost, extra_copies, duplicated)
+}
+
+/// Connection faults between dlq-bridge and the emulator (a seeded schedule
+/// of delays, black holes, refused and reset connections, cuts after N
+/// bytes), then a clean resume: nothing lost, nothing duplicated, and every
+/// run that failed said so clearly (exit code 1, the endpoint or queue named)
+/// instead of hanging.
+pub async fn connection_faults_lose_and_duplicate_nothing<F: ViaProxy>(backend: &str) {
+    let runs = (kills() / 10).max(5);
+    let f = F::create(false).await;
+    let msgs: Vec<TestMessage> = (0..MESSAGES * 3)
+        .map(|i| TestMessage {
+            body: format!(r#"{{"proxied":{i}}}"#).into_bytes(),
+            attributes: attrs(&[("error", "Timeout")]),
+            ordering_key: None,
+        })
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let proxied = f.via_proxy().await;
+    let config = save_config(proxied.config.clone());
+    let journal = std::env::temp_dir().join(format!("dlqb-proxy-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let mut rng = Lcg(0xc0ffee);
+    let mut failed = 0;
+    for run in 0..runs {
+        let faulty_for = Duration::from_millis(500 + rng.next(3000));
+        let r = faulted_run(&config, &journal, &proxied.env, &proxied.proxies, &mut rng, faulty_for).await;
+        eprintln!("{backend} faulted run {run}: exit {:?} after {:?}", r.code, r.faults);
+        match r.code {
+            Some(0) => {}
+            Some(1) => {
+                failed += 1;
+                let endpoint = proxied.proxies[0].addr.to_string();
+                let named = r.output.contains(&endpoint) || r.output.contains("dlq") || r.output.contains(backend);
+                assert!(
+                    named && (r.output.contains("error") || r.output.contains("failed")),
+                    "run {run} failed without naming the queue or endpoint {endpoint}: {}",
+                    r.output
+                );
+                assert!(!r.output.contains("panicked"), "run {run} panicked: {}", r.output);
+            }
+            other => panic!("run {run} exited with {other:?} (0 or 1 documented): {}", r.output),
+        }
+    }
+    let (lost, extra, duplicated) = resume_and_count(&f, &msgs, &config, Some(&journal), &proxied.env).await;
+    eprintln!(
+        "{backend} connection faults: {runs} faulted runs ({failed} failed cleanly), {} messages: lost {lost}, duplicated {duplicated}, extra copies {extra}",
+        msgs.len()
+    );
+    assert_eq!(lost, 0, "lost");
+    assert_eq!(duplicated, 0, "duplicated (extra copies {extra})");
+}
+
 macro_rules! faults {
     ($module:ident, $fixture:ty, $batch:expr, $window_ms:expr) => {
         mod $module {
+            #[tokio::test]
+            async fn connection_faults_lose_and_duplicate_nothing() {
+                super::connection_faults_lose_and_duplicate_nothing::<$fixture>(stringify!($module)).await;
+            }
             #[tokio::test]
             async fn clean_run_settles_everything_before_it_exits() {
                 super::clean_run_settles_everything_before_it_exits::<$fixture>().await;
