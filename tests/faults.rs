@@ -9,11 +9,14 @@
 mod common;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::faultproxy::{Fault, FaultProxy};
 use common::{Fixture, TestMessage, attrs};
+use dlq_bridge::config::{Config, QueueKind};
 use dlq_bridge::redrive::MARK_ID;
 
 const MESSAGES: usize = 40;
@@ -68,7 +71,10 @@ fn redrive_cmd(config: &PathBuf, journal: Option<&PathBuf>) -> Command {
 #[derive(Debug)]
 #[allow(dead_code)] // printed with Debug
 struct Outcome {
+    /// Kill points: SIGKILLs that landed on a live run with work.
     kills: usize,
+    /// Runs started (kill points plus runs that found nothing to lease).
+    runs: usize,
     lost: usize,
     /// Extra copies at the destination, whatever their marks.
     extra_copies: usize,
@@ -77,8 +83,24 @@ struct Outcome {
     duplicated: usize,
 }
 
-/// Kill the redrive `kills` times, then let it finish; count what is where.
-async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> Outcome {
+/// How many `leased` records the journal holds: a run that added some had
+/// leased messages (and was about to send them) when it was killed.
+fn leased_records(journal: Option<&PathBuf>) -> usize {
+    journal
+        .and_then(|j| std::fs::read_to_string(j).ok())
+        .map(|t| t.matches(r#""event":"leased""#).count())
+        .unwrap_or(0)
+}
+
+/// Kill the redrive until `kills` kill points have landed, then let it
+/// finish; count what is where.
+///
+/// A kill point is a SIGKILL that lands on a live run which (with the journal)
+/// had leased messages: a run that finished on its own before the kill, or that
+/// found nothing it could lease (everything still locked by killed runs, as on
+/// Service Bus, whose locks last the entity's LockDuration), does not count,
+/// and the DLQ is refilled before the next run.
+async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64, window_ms: u64) -> Outcome {
     let f = F::create(false).await;
     let batch_of = |from: usize| -> Vec<TestMessage> {
         (from..from + MESSAGES)
@@ -95,24 +117,49 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> 
     let journal_path = journal
         .then(|| std::env::temp_dir().join(format!("dlqb-faults-{seed}-{}.jsonl", uuid::Uuid::new_v4().simple())));
     let mut rng = Lcg(seed);
-    for _ in 0..kills {
-        // Every kill lands on a run with work to do: refill a drained DLQ.
-        if f.dlq_count().await == 0 {
+    // Copies drained from the destination before a refill: on Service Bus the
+    // refill goes through the source queue, which also receives the copies.
+    let mut arrived = Vec::new();
+    let (mut landed, mut runs, mut idle) = (0, 0, false);
+    while landed < kills {
+        runs += 1;
+        assert!(
+            runs <= kills * 4 + 20,
+            "only {landed} of {kills} kills landed on a run with work in {runs} runs"
+        );
+        // Every kill should land on a run with work to do: refill a DLQ that is
+        // empty, or whose messages the last run could not lease.
+        if idle || f.dlq_count().await == 0 {
+            arrived.extend(f.drain_source().await);
             let more = batch_of(msgs.len());
             f.put_in_dlq(&more).await;
             msgs.extend(more);
         }
+        let before = leased_records(journal_path.as_ref());
         let mut child = redrive_cmd(&config, journal_path.as_ref()).spawn().unwrap();
-        tokio::time::sleep(Duration::from_millis(100 + rng.next(900))).await;
+        tokio::time::sleep(Duration::from_millis(100 + rng.next(window_ms))).await;
+        let finished_first = child.try_wait().unwrap().is_some();
         let _ = child.kill();
         let _ = child.wait();
+        let worked = if journal {
+            leased_records(journal_path.as_ref()) > before
+        } else {
+            !finished_first
+        };
+        idle = !worked;
+        if worked && !finished_first {
+            landed += 1;
+        }
     }
     // Resume until the DLQ is empty. Leases of killed runs expire after
     // `hold` (2 s), or after the provider's own lease when a run died between
-    // receiving and extending it (Pub/Sub fixtures: a 10 s ack deadline). Some
-    // providers count leased messages as absent, so the DLQ is only empty once
-    // it stays empty past the longest lease.
+    // receiving and extending it (Pub/Sub fixtures: a 10 s ack deadline), or
+    // after the entity's LockDuration (Service Bus: 60 s, whose browse counts
+    // locked messages, so they are never taken for lost). Some providers count
+    // leased messages as absent, so the DLQ is only empty once it stays empty
+    // past the longest lease.
     let start = Instant::now();
+    let bound = Duration::from_secs(300 + msgs.len() as u64 / 20);
     loop {
         tokio::time::sleep(Duration::from_millis(2100)).await;
         if f.dlq_count().await == 0 {
@@ -121,11 +168,25 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> 
                 break;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(300), "the DLQ never drained");
-        let status = redrive_cmd(&config, journal_path.as_ref()).status().unwrap();
-        assert!(status.code().is_some(), "a clean run exits normally");
+        let out = redrive_cmd(&config, journal_path.as_ref())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.code().is_some(), "a clean run exits normally");
+        assert!(
+            start.elapsed() < bound,
+            "the DLQ never drained within {bound:?}: {} left; the last run said {}{}",
+            f.dlq_count().await,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let arrived = f.drain_source().await;
+    eprintln!(
+        "fault run: {runs} runs for {landed} kill points, {} messages",
+        msgs.len()
+    );
+    arrived.extend(f.drain_source().await);
     let mut copies: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
     for r in &arrived {
         let mark = r.attributes.get(MARK_ID).map(|a| a.as_text()).unwrap_or_default();
@@ -138,7 +199,8 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> 
         .map(|v| v.iter().collect::<std::collections::HashSet<_>>().len() - 1)
         .sum();
     let outcome = Outcome {
-        kills,
+        kills: landed,
+        runs,
         lost,
         extra_copies,
         duplicated,
@@ -150,9 +212,9 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64) -> 
     outcome
 }
 
-pub async fn kill9_with_journal_loses_and_duplicates_nothing<F: Fixture>(batch: usize) {
+pub async fn kill9_with_journal_loses_and_duplicates_nothing<F: Fixture>(batch: usize, window_ms: u64) {
     let kills = kills();
-    let o = kill_and_resume::<F>(kills, true, 0x5eed).await;
+    let o = kill_and_resume::<F>(kills, true, 0x5eed, window_ms).await;
     assert_eq!(o.lost, 0, "{o:?}");
     // A kill inside a send can leave a copy the run never heard confirmed;
     // the resumed run sends it again under the same mark.
@@ -160,31 +222,345 @@ pub async fn kill9_with_journal_loses_and_duplicates_nothing<F: Fixture>(batch: 
     assert!(o.extra_copies <= kills * batch, "{o:?}");
 }
 
-pub async fn kill9_without_journal_loses_nothing_and_bounds_duplicates<F: Fixture>(batch: usize) {
+pub async fn kill9_without_journal_loses_nothing_and_bounds_duplicates<F: Fixture>(batch: usize, window_ms: u64) {
     let kills = (kills() / 5).max(5);
-    let o = kill_and_resume::<F>(kills, false, 0xfa11).await;
+    let o = kill_and_resume::<F>(kills, false, 0xfa11, window_ms).await;
     assert_eq!(o.lost, 0, "{o:?}");
     // A kill between a confirmed send and its delete can repeat at most the
     // batches in flight at that moment (concurrency 4).
     assert!(o.duplicated <= kills * batch * 4, "{o:?}");
 }
 
+/// The baseline under every fault: one CLI run that is not disturbed leaves
+/// the DLQ empty the moment it exits, with one copy of each message at the
+/// destination. (On Service Bus a complete used to return before it was on
+/// the wire, so a process that exited right after its last complete left most
+/// messages in the DLQ, to be redriven again: the adapter now confirms its
+/// dispositions with a round trip.)
+pub async fn clean_run_settles_everything_before_it_exits<F: Fixture>() {
+    let f = F::create(false).await;
+    let msgs: Vec<TestMessage> = (0..MESSAGES)
+        .map(|i| TestMessage {
+            body: format!(r#"{{"clean":{i}}}"#).into_bytes(),
+            attributes: attrs(&[("error", "Timeout")]),
+            ordering_key: None,
+        })
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let config = write_config(&f);
+    let out = redrive_cmd(&config, None).stdout(Stdio::piped()).output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+    assert_eq!(out.status.code(), Some(0), "{summary}");
+    assert_eq!(summary["settled"], MESSAGES, "{summary}");
+    // No waiting: a message still in the DLQ now was not really settled.
+    assert_eq!(f.dlq_count().await, 0, "the DLQ right after the run ({summary})");
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), MESSAGES, "one copy each at the destination");
+}
+
+/// A backend whose fixture can be reached through fault proxies.
+#[async_trait::async_trait]
+pub trait ViaProxy: Fixture {
+    /// Start proxies in front of the fixture's endpoints; the config (and the
+    /// environment the CLI needs) that goes through them.
+    async fn via_proxy(&self) -> Proxied;
+}
+
+pub struct Proxied {
+    /// The proxies, main endpoint first. Faults play on all of them.
+    pub proxies: Vec<FaultProxy>,
+    pub config: Config,
+    pub env: Vec<(String, String)>,
+}
+
+fn socket_of(url: &str) -> SocketAddr {
+    let host = url.trim_start_matches("http://").trim_end_matches('/');
+    host.parse().unwrap_or_else(|e| panic!("{host}: {e}"))
+}
+
+#[cfg(feature = "sqs")]
+#[async_trait::async_trait]
+impl ViaProxy for common::sqs::SqsFixture {
+    async fn via_proxy(&self) -> Proxied {
+        let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), socket_of(&self.endpoint)).await;
+        let mut config = self.config();
+        if let QueueKind::Sqs(c) = &mut config.queues[0].kind {
+            c.endpoint_url = Some(format!("http://{}", proxy.addr));
+        }
+        Proxied {
+            proxies: vec![proxy],
+            config,
+            env: vec![],
+        }
+    }
+}
+
+#[cfg(feature = "pubsub")]
+#[async_trait::async_trait]
+impl ViaProxy for common::pubsub::PubSubFixture {
+    async fn via_proxy(&self) -> Proxied {
+        let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), self.host.parse().unwrap()).await;
+        let mut config = self.config();
+        if let QueueKind::PubSub(c) = &mut config.queues[0].kind {
+            c.emulator_host = Some(proxy.addr.to_string());
+        }
+        Proxied {
+            proxies: vec![proxy],
+            config,
+            env: vec![],
+        }
+    }
+}
+
+/// azservicebus always dials port 5672, so the AMQP proxy listens on another
+/// loopback address (Linux routes all of 127/8 to lo).
+#[cfg(feature = "servicebus")]
+pub const SERVICEBUS_PROXY_HOST: &str = "127.0.0.3";
+
+#[cfg(feature = "servicebus")]
+#[async_trait::async_trait]
+impl ViaProxy for common::servicebus::ServiceBusFixture {
+    async fn via_proxy(&self) -> Proxied {
+        let amqp = FaultProxy::start(
+            format!("{SERVICEBUS_PROXY_HOST}:5672").parse().unwrap(),
+            "127.0.0.1:5672".parse().unwrap(),
+        )
+        .await;
+        let http = FaultProxy::start(
+            format!("{SERVICEBUS_PROXY_HOST}:0").parse().unwrap(),
+            socket_of(&self.http),
+        )
+        .await;
+        let mut config = self.config();
+        let env_name = "DLQ_BRIDGE_FAULTS_SERVICEBUS_PROXY";
+        if let QueueKind::ServiceBus(c) = &mut config.queues[0].kind {
+            c.connection_string_env = Some(env_name.into());
+            c.management_endpoint = Some(format!("http://{}", http.addr));
+        }
+        Proxied {
+            proxies: vec![amqp, http],
+            config,
+            env: vec![(
+                env_name.into(),
+                format!(
+                    "Endpoint=sb://{SERVICEBUS_PROXY_HOST};SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true"
+                ),
+            )],
+        }
+    }
+}
+
+fn save_config(mut config: Config) -> PathBuf {
+    config.redrive.hold = Duration::from_secs(2);
+    let path = std::env::temp_dir().join(format!("dlqb-faults-{}.yaml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+/// How long a faulted run may take once the faults stop before it counts as
+/// hung: every call has a timeout (SQS 35 s per attempt, Pub/Sub 30 s,
+/// Service Bus 20 s), and a pass retries a failed lease three times.
+const HANG_BOUND: Duration = Duration::from_secs(240);
+
+/// What one faulted run did.
+#[derive(Debug)]
+pub struct FaultedRun {
+    pub faults: Vec<String>,
+    pub code: Option<i32>,
+    pub output: String,
+}
+
+/// Run the CLI redrive while `play` switches faults on `proxies`, stop the
+/// faults after `faulty_for`, and wait for the run to end within [`HANG_BOUND`].
+async fn faulted_run(
+    config: &PathBuf,
+    journal: &PathBuf,
+    env: &[(String, String)],
+    proxies: &[FaultProxy],
+    rng: &mut Lcg,
+    faulty_for: Duration,
+) -> FaultedRun {
+    let mut cmd = redrive_cmd(config, Some(journal));
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let mut faults = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < faulty_for && !waiter.is_finished() {
+        let fault = match rng.next(6) {
+            0 => Fault::Pass,
+            1 => Fault::Delay(Duration::from_millis(20 + rng.next(400))),
+            2 => Fault::Drop,
+            3 => Fault::Refuse,
+            4 => Fault::CutAfter(rng.next(20_000)),
+            _ => {
+                faults.push("cut".to_string());
+                for p in proxies {
+                    p.cut();
+                }
+                tokio::time::sleep(Duration::from_millis(100 + rng.next(700))).await;
+                continue;
+            }
+        };
+        faults.push(format!("{fault:?}"));
+        for p in proxies {
+            p.set(fault);
+        }
+        tokio::time::sleep(Duration::from_millis(100 + rng.next(900))).await;
+    }
+    for p in proxies {
+        p.set(Fault::Pass);
+    }
+    let out = match tokio::time::timeout(HANG_BOUND, waiter).await {
+        Ok(r) => r.unwrap().unwrap(),
+        Err(_) => {
+            // SAFETY-free: kill by the child's own pid, then fail.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("the run hung: still running {HANG_BOUND:?} after the faults {faults:?} stopped");
+        }
+    };
+    FaultedRun {
+        faults,
+        code: out.status.code(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Resume (no faults) until the DLQ stays empty past the longest lease, then
+/// count what arrived: (lost, extra copies, duplicated).
+async fn resume_and_count<F: Fixture>(
+    f: &F,
+    msgs: &[TestMessage],
+    config: &PathBuf,
+    journal: Option<&PathBuf>,
+    env: &[(String, String)],
+) -> (usize, usize, usize) {
+    let start = Instant::now();
+    let bound = Duration::from_secs(300 + msgs.len() as u64 / 20);
+    loop {
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        if f.dlq_count().await == 0 {
+            tokio::time::sleep(Duration::from_secs(11)).await;
+            if f.dlq_count().await == 0 {
+                break;
+            }
+        }
+        let out = redrive_cmd(config, journal)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.code().is_some(), "a clean run exits normally");
+        assert!(
+            start.elapsed() < bound,
+            "the DLQ never drained within {bound:?}: {} left; the last run said {}{}",
+            f.dlq_count().await,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    count(msgs, &f.drain_source().await)
+}
+
+fn count(msgs: &[TestMessage], arrived: &[common::Received]) -> (usize, usize, usize) {
+    let mut copies: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
+    for r in arrived {
+        let mark = r.attributes.get(MARK_ID).map(|a| a.as_text()).unwrap_or_default();
+        copies.entry(r.body.clone()).or_default().push(mark);
+    }
+    let lost = msgs.iter().filter(|m| !copies.contains_key(&m.body)).count();
+    let extra_copies = copies.values().map(|v| v.len() - 1).sum();
+    let duplicated = copies
+        .values()
+        .map(|v| v.iter().collect::<std::collections::HashSet<_>>().len() - 1)
+        .sum();
+    (lost, extra_copies, duplicated)
+}
+
+/// Connection faults between dlq-bridge and the emulator (a seeded schedule
+/// of delays, black holes, refused and reset connections, cuts after N
+/// bytes), then a clean resume: nothing lost, nothing duplicated, and every
+/// run that failed said so clearly (exit code 1, the endpoint or queue named)
+/// instead of hanging.
+pub async fn connection_faults_lose_and_duplicate_nothing<F: ViaProxy>(backend: &str) {
+    let runs = (kills() / 10).max(5);
+    let f = F::create(false).await;
+    let msgs: Vec<TestMessage> = (0..MESSAGES * 3)
+        .map(|i| TestMessage {
+            body: format!(r#"{{"proxied":{i}}}"#).into_bytes(),
+            attributes: attrs(&[("error", "Timeout")]),
+            ordering_key: None,
+        })
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let proxied = f.via_proxy().await;
+    let config = save_config(proxied.config.clone());
+    let journal = std::env::temp_dir().join(format!("dlqb-proxy-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let mut rng = Lcg(0xc0ffee);
+    let mut failed = 0;
+    for run in 0..runs {
+        let faulty_for = Duration::from_millis(500 + rng.next(3000));
+        let r = faulted_run(&config, &journal, &proxied.env, &proxied.proxies, &mut rng, faulty_for).await;
+        eprintln!("{backend} faulted run {run}: exit {:?} after {:?}", r.code, r.faults);
+        match r.code {
+            Some(0) => {}
+            Some(1) => {
+                failed += 1;
+                let endpoint = proxied.proxies[0].addr.to_string();
+                let named = r.output.contains(&endpoint) || r.output.contains("dlq") || r.output.contains(backend);
+                assert!(
+                    named && (r.output.contains("error") || r.output.contains("failed")),
+                    "run {run} failed without naming the queue or endpoint {endpoint}: {}",
+                    r.output
+                );
+                assert!(!r.output.contains("panicked"), "run {run} panicked: {}", r.output);
+            }
+            other => panic!("run {run} exited with {other:?} (0 or 1 documented): {}", r.output),
+        }
+    }
+    let (lost, extra, duplicated) = resume_and_count(&f, &msgs, &config, Some(&journal), &proxied.env).await;
+    eprintln!(
+        "{backend} connection faults: {runs} faulted runs ({failed} failed cleanly), {} messages: lost {lost}, duplicated {duplicated}, extra copies {extra}",
+        msgs.len()
+    );
+    assert_eq!(lost, 0, "lost");
+    assert_eq!(duplicated, 0, "duplicated (extra copies {extra})");
+}
+
 macro_rules! faults {
-    ($module:ident, $fixture:ty, $batch:expr) => {
+    ($module:ident, $fixture:ty, $batch:expr, $window_ms:expr) => {
         mod $module {
             #[tokio::test]
+            async fn connection_faults_lose_and_duplicate_nothing() {
+                super::connection_faults_lose_and_duplicate_nothing::<$fixture>(stringify!($module)).await;
+            }
+            #[tokio::test]
+            async fn clean_run_settles_everything_before_it_exits() {
+                super::clean_run_settles_everything_before_it_exits::<$fixture>().await;
+            }
+            #[tokio::test]
             async fn kill9_with_journal_loses_and_duplicates_nothing() {
-                super::kill9_with_journal_loses_and_duplicates_nothing::<$fixture>($batch).await;
+                super::kill9_with_journal_loses_and_duplicates_nothing::<$fixture>($batch, $window_ms).await;
             }
             #[tokio::test]
             async fn kill9_without_journal_loses_nothing_and_bounds_duplicates() {
-                super::kill9_without_journal_loses_nothing_and_bounds_duplicates::<$fixture>($batch).await;
+                super::kill9_without_journal_loses_nothing_and_bounds_duplicates::<$fixture>($batch, $window_ms).await;
             }
         }
     };
 }
 
 #[cfg(feature = "sqs")]
-faults!(sqs, crate::common::sqs::SqsFixture, 10);
+faults!(sqs, crate::common::sqs::SqsFixture, 10, 900);
 #[cfg(feature = "pubsub")]
-faults!(pubsub, crate::common::pubsub::PubSubFixture, 100);
+faults!(pubsub, crate::common::pubsub::PubSubFixture, 100, 900);
+#[cfg(feature = "servicebus")]
+faults!(servicebus, crate::common::servicebus::ServiceBusFixture, 100, 2900);

@@ -589,6 +589,34 @@ impl ServiceBusBackend {
         Ok(out)
     }
 
+    /// Wait until the dispositions (complete, abandon) sent on the DLQ
+    /// receiver have left for the broker. azservicebus (fe2o3-amqp 0.14)
+    /// returns from `complete_message` and `abandon_message` as soon as the
+    /// disposition is queued for the session, so a process that exits (or is
+    /// killed) right after loses them: the broker never completes the message,
+    /// which comes back after its lock and is redriven again. Every link of a
+    /// client shares one session and its frames leave in order, so the answer
+    /// to a management request (a one-message peek) sent after them proves
+    /// they were written, and the broker, which handles a connection's frames
+    /// in order, has applied them.
+    async fn flush_dispositions(&self, slot: &mut Option<ServiceBusReceiver>) -> Result<()> {
+        let Some(rx) = slot.as_mut() else {
+            return Err(self.unreachable("the dead-letter receiver was reset before its dispositions were confirmed"));
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, rx.peek_messages(1, Some(i64::MAX))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                let err = self.classify("confirm dispositions", &e);
+                self.drop_receiver(slot).await;
+                Err(err)
+            }
+            Err(_) => {
+                self.drop_receiver(slot).await;
+                Err(self.unreachable("confirming dispositions timed out"))
+            }
+        }
+    }
+
     async fn receive(&self, rx: &mut ServiceBusReceiver, max: u32, wait: Duration) -> Result<Vec<Received>, String> {
         match tokio::time::timeout(
             wait + CALL_TIMEOUT,
@@ -1327,6 +1355,19 @@ impl QueueBackend for ServiceBusBackend {
                 }
             }
         }
+        // A complete returns once its disposition is queued, not once it is
+        // on the wire: confirm with a round trip before calling it settled.
+        if out.iter().any(|r| matches!(r, SettleResult::Settled))
+            && let Err(e) = self.flush_dispositions(&mut slot).await
+        {
+            for r in &mut out {
+                if matches!(r, SettleResult::Settled) {
+                    *r = SettleResult::Failed {
+                        error: format!("complete not confirmed: {e}"),
+                    };
+                }
+            }
+        }
         drop(slot);
         *self.stats_cache.lock().await = None;
         Ok(out)
@@ -1355,6 +1396,12 @@ impl QueueBackend for ServiceBusBackend {
         }
         if failed > 0 {
             tracing::debug!(failed, "some releases failed; their locks lapse on their own");
+        }
+        // As for completes: an abandon still queued when the process exits
+        // never reaches the broker, and the message stays locked for the
+        // whole LockDuration (the "released but not offered again" race).
+        if failed < leases.len() && !leases.is_empty() {
+            self.flush_dispositions(&mut slot).await?;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod emulator;
+pub mod faultproxy;
 #[cfg(feature = "pubsub")]
 pub mod pubsub;
 pub mod serve;

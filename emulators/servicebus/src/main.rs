@@ -16,11 +16,18 @@ use broker::{Broker, BrokerOptions, StoreSettings};
 use topology::Topology;
 
 /// An in-memory Azure Service Bus emulator (AMQP 1.0 and the ATOM count
-/// endpoint). Binds 127.0.0.1 only. Port 0 picks a free port; the ready line
-/// on stdout reports the ports actually bound.
+/// endpoint). Binds 127.0.0.1 by default (`--host` picks another loopback
+/// address). Port 0 picks a free port; the ready line on stdout reports the
+/// ports actually bound.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
+    /// Address every listener binds. azservicebus always dials port 5672, so
+    /// a second emulator (e.g. a private one for fault tests) needs its own
+    /// address: any of 127.0.0.0/8 is loopback on Linux.
+    #[arg(long, env = "SERVICEBUS_EMULATOR_HOST", default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+
     /// AMQP port. azservicebus always dials 5672, whatever the connection string says.
     #[arg(long, env = "SERVICEBUS_EMULATOR_AMQP_PORT", default_value_t = 5672)]
     amqp_port: u16,
@@ -80,8 +87,8 @@ enum StartError {
     CertOut(std::io::Error),
 }
 
-async fn bind(what: &'static str, port: u16) -> Result<TcpListener, StartError> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+async fn bind(what: &'static str, host: std::net::IpAddr, port: u16) -> Result<TcpListener, StartError> {
+    let addr = SocketAddr::new(host, port);
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { what, addr, source })
@@ -110,9 +117,9 @@ async fn run(cli: Cli) -> Result<(), StartError> {
             },
         },
     ));
-    let amqp = bind("AMQP", cli.amqp_port).await?;
-    let http = bind("HTTP", cli.http_port).await?;
-    let https = bind("HTTPS", cli.https_port).await?;
+    let amqp = bind("AMQP", cli.host, cli.amqp_port).await?;
+    let http = bind("HTTP", cli.host, cli.http_port).await?;
+    let https = bind("HTTPS", cli.host, cli.https_port).await?;
     let (acceptor, pem) = tls::self_signed()?;
     if let Some(path) = &cli.cert_out {
         std::fs::write(path, pem).map_err(StartError::CertOut)?;
