@@ -109,9 +109,21 @@ impl Filter {
 
     /// Evaluate against one message. `Err` carries a message for the report.
     pub fn matches(&self, msg: &DlqMessage, now: DateTime<Utc>) -> Result<bool, String> {
+        self.evaluate(msg, now, false)
+    }
+
+    /// [`Filter::matches`] with every variable bound, whether the expression
+    /// references it or not: what `matches` must agree with (the fuzz target
+    /// `filter` checks that skipping unreferenced variables changes nothing).
+    #[doc(hidden)]
+    pub fn matches_binding_all(&self, msg: &DlqMessage, now: DateTime<Utc>) -> Result<bool, String> {
+        self.evaluate(msg, now, true)
+    }
+
+    fn evaluate(&self, msg: &DlqMessage, now: DateTime<Utc>, bind_all: bool) -> Result<bool, String> {
         let mut ctx = Context::with_env(self.env.clone());
         bind_message(&mut ctx, msg, now, |name| {
-            VARIABLES.iter().position(|v| *v == name).is_some_and(|i| self.uses[i])
+            bind_all || VARIABLES.iter().position(|v| *v == name).is_some_and(|i| self.uses[i])
         });
         match self.program.execute(&ctx) {
             Ok(Value::Bool(b)) => Ok(b),

@@ -6,6 +6,8 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod filter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod journal;
 pub mod leader;
 pub mod metrics;

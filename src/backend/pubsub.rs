@@ -450,47 +450,14 @@ impl PubSubBackend {
 
     async fn to_model(&self, r: &ReceivedMessage) -> DlqMessage {
         let m = r.message.clone().unwrap_or_default();
-        let attr = |k: &str| m.attributes.get(k).filter(|v| !v.is_empty());
-        let source_sub = attr(ATTR_SOURCE_SUBSCRIPTION).map(|sub| {
-            let project = attr(ATTR_SOURCE_PROJECT).map(String::as_str).unwrap_or(&self.project);
-            if sub.starts_with("projects/") {
-                sub.clone()
-            } else {
-                format!("projects/{project}/subscriptions/{sub}")
-            }
-        });
-        let source = match &source_sub {
+        let (mut model, source_sub) =
+            message_to_model(&m, &self.project, &self.reason_attribute, &self.description_attribute);
+        model.source = match &source_sub {
             Some(s) => self.topic_of(s).await,
             None => None,
         }
         .or_else(|| self.config_source.clone());
-        let mut properties = Properties::new();
-        if let Some(s) = &source_sub {
-            properties.insert(PROP_SOURCE_SUBSCRIPTION.into(), short_name(s).to_string());
-        }
-        let publish_time = m
-            .publish_time
-            .as_ref()
-            .and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32));
-        let attributes: Attributes = m
-            .attributes
-            .iter()
-            .map(|(k, v)| (k.clone(), Attribute::string(v.clone())))
-            .collect();
-        DlqMessage {
-            id: m.message_id.clone(),
-            reason: attr(&self.reason_attribute).cloned(),
-            description: attr(&self.description_attribute).cloned(),
-            delivery_count: attr(ATTR_DELIVERY_COUNT).and_then(|c| c.trim().parse().ok()),
-            enqueued_at: attr(ATTR_SOURCE_PUBLISH_TIME)
-                .and_then(|t| parse_time(t))
-                .or(publish_time),
-            source,
-            ordering_key: Some(m.ordering_key.clone()).filter(|k| !k.is_empty()),
-            properties,
-            attributes,
-            body: m.data,
-        }
+        model
     }
 
     /// Exact count on the emulator: pull everything, count distinct IDs,
@@ -678,49 +645,106 @@ impl PubSubBackend {
 
     /// The message to publish for `o`, or why it cannot be published.
     fn to_pubsub(&self, o: &Outgoing) -> Result<PubsubMessage, String> {
-        let mut attributes: HashMap<String, String> =
-            o.attributes.iter().map(|(k, a)| (k.clone(), a.as_text())).collect();
-        if let (Some(name), Some(sub)) = (&self.target_attribute, o.properties.get(PROP_SOURCE_SUBSCRIPTION)) {
-            attributes.insert(name.clone(), sub.clone());
+        pubsub_message(o, self.target_attribute.as_deref())
+    }
+}
+
+/// A pulled message in the model, and the full name of the subscription it
+/// failed on (from the dead-letter attributes). `source` is left for the
+/// caller, which looks the subscription's topic up. Pure: the fuzz targets
+/// call it directly.
+#[doc(hidden)]
+pub fn message_to_model(
+    m: &PubsubMessage,
+    project: &str,
+    reason_attribute: &str,
+    description_attribute: &str,
+) -> (DlqMessage, Option<String>) {
+    let attr = |k: &str| m.attributes.get(k).filter(|v| !v.is_empty());
+    let source_sub = attr(ATTR_SOURCE_SUBSCRIPTION).map(|sub| {
+        let project = attr(ATTR_SOURCE_PROJECT).map(String::as_str).unwrap_or(project);
+        if sub.starts_with("projects/") {
+            sub.clone()
+        } else {
+            format!("projects/{project}/subscriptions/{sub}")
         }
-        if o.body.is_empty() && attributes.is_empty() {
-            return Err("Pub/Sub needs data or at least one attribute; this copy has neither".into());
+    });
+    let mut properties = Properties::new();
+    if let Some(s) = &source_sub {
+        properties.insert(PROP_SOURCE_SUBSCRIPTION.into(), short_name(s).to_string());
+    }
+    let publish_time = m
+        .publish_time
+        .as_ref()
+        .and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32));
+    let attributes: Attributes = m
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.clone(), Attribute::string(v.clone())))
+        .collect();
+    let model = DlqMessage {
+        id: m.message_id.clone(),
+        reason: attr(reason_attribute).cloned(),
+        description: attr(description_attribute).cloned(),
+        delivery_count: attr(ATTR_DELIVERY_COUNT).and_then(|c| c.trim().parse().ok()),
+        enqueued_at: attr(ATTR_SOURCE_PUBLISH_TIME)
+            .and_then(|t| parse_time(t))
+            .or(publish_time),
+        source: None,
+        ordering_key: Some(m.ordering_key.clone()).filter(|k| !k.is_empty()),
+        properties,
+        attributes,
+        body: m.data.clone(),
+    };
+    (model, source_sub)
+}
+
+/// The message to publish for `o` (with the targeting attribute `target`
+/// when configured), or why it cannot be published. Pure: the fuzz targets
+/// call it directly.
+#[doc(hidden)]
+pub fn pubsub_message(o: &Outgoing, target: Option<&str>) -> Result<PubsubMessage, String> {
+    let mut attributes: HashMap<String, String> = o.attributes.iter().map(|(k, a)| (k.clone(), a.as_text())).collect();
+    if let (Some(name), Some(sub)) = (target, o.properties.get(PROP_SOURCE_SUBSCRIPTION)) {
+        attributes.insert(name.to_string(), sub.clone());
+    }
+    if o.body.is_empty() && attributes.is_empty() {
+        return Err("Pub/Sub needs data or at least one attribute; this copy has neither".into());
+    }
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(format!(
+            "{} attributes; Pub/Sub allows {MAX_ATTRIBUTES}",
+            attributes.len()
+        ));
+    }
+    for (k, v) in &attributes {
+        if k.len() > MAX_ATTRIBUTE_KEY_BYTES {
+            return Err(format!("attribute name `{k}` is over {MAX_ATTRIBUTE_KEY_BYTES} bytes"));
         }
-        if attributes.len() > MAX_ATTRIBUTES {
+        if k.starts_with("goog") {
             return Err(format!(
-                "{} attributes; Pub/Sub allows {MAX_ATTRIBUTES}",
-                attributes.len()
+                "attribute name `{k}` starts with `goog`, which Pub/Sub reserves"
             ));
         }
-        for (k, v) in &attributes {
-            if k.len() > MAX_ATTRIBUTE_KEY_BYTES {
-                return Err(format!("attribute name `{k}` is over {MAX_ATTRIBUTE_KEY_BYTES} bytes"));
-            }
-            if k.starts_with("goog") {
-                return Err(format!(
-                    "attribute name `{k}` starts with `goog`, which Pub/Sub reserves"
-                ));
-            }
-            if v.len() > MAX_ATTRIBUTE_VALUE_BYTES {
-                return Err(format!(
-                    "attribute `{k}` is {} bytes; Pub/Sub allows {MAX_ATTRIBUTE_VALUE_BYTES}",
-                    v.len()
-                ));
-            }
+        if v.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+            return Err(format!(
+                "attribute `{k}` is {} bytes; Pub/Sub allows {MAX_ATTRIBUTE_VALUE_BYTES}",
+                v.len()
+            ));
         }
-        let message = PubsubMessage {
-            data: o.body.clone(),
-            attributes,
-            message_id: String::new(),
-            publish_time: None,
-            ordering_key: o.ordering_key.clone().unwrap_or_default(),
-        };
-        let size = message_size(&message);
-        if size > MAX_MESSAGE_BYTES {
-            return Err(format!("{size} bytes; Pub/Sub allows {MAX_MESSAGE_BYTES}"));
-        }
-        Ok(message)
     }
+    let message = PubsubMessage {
+        data: o.body.clone(),
+        attributes,
+        message_id: String::new(),
+        publish_time: None,
+        ordering_key: o.ordering_key.clone().unwrap_or_default(),
+    };
+    let size = message_size(&message);
+    if size > MAX_MESSAGE_BYTES {
+        return Err(format!("{size} bytes; Pub/Sub allows {MAX_MESSAGE_BYTES}"));
+    }
+    Ok(message)
 }
 
 /// A request for the generated clients: the routing header Pub/Sub expects,

@@ -57,7 +57,8 @@
 //!   → `Binary` of the raw IEEE 754 bytes ("decimal32"...); null → an empty
 //!   `String` ("null"); the .NET SDK's described types
 //!   (`com.microsoft:datetime-offset`, `timespan`, `uri`) → their inner value,
-//!   `data_type` "described:<descriptor>". Values from elsewhere go out as
+//!   `data_type` "described:<descriptor>"; a timestamp outside chrono's
+//!   range → `Int` of its milliseconds ("timestamp"). Values from elsewhere go out as
 //!   the canonical type of their variant; `Number` goes out as a string.
 //! - `reason` / `description`: DeadLetterReason / DeadLetterErrorDescription.
 //!   Both are application properties on the wire, so they also appear in
@@ -951,7 +952,8 @@ pub fn parse_counts(xml: &str) -> Option<(u64, u64)> {
 }
 
 /// The body bytes, and a note when the body was not data sections.
-fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
+#[doc(hidden)]
+pub fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
     match body {
         Body::Data(sections) => {
             if sections.len() == 1 {
@@ -1026,11 +1028,13 @@ pub fn attribute_from_amqp(v: &SimpleValue) -> Attribute {
             "decimal128",
         ),
         SimpleValue::Char(c) => typed(AttrValue::String(c.to_string()), "char"),
-        SimpleValue::Timestamp(t) => plain(
-            DateTime::<Utc>::from_timestamp_millis(t.milliseconds())
-                .map(AttrValue::Timestamp)
-                .unwrap_or(AttrValue::Int(t.milliseconds())),
-        ),
+        // AMQP timestamps span ±292 million years, chrono's ±262,000: one
+        // outside that is kept as its milliseconds, labelled, so the copy
+        // still carries a timestamp (found by the `attributes` fuzz target).
+        SimpleValue::Timestamp(t) => match DateTime::<Utc>::from_timestamp_millis(t.milliseconds()) {
+            Some(ts) => plain(AttrValue::Timestamp(ts)),
+            None => typed(AttrValue::Int(t.milliseconds()), "timestamp"),
+        },
         SimpleValue::Uuid(u) => plain(AttrValue::Uuid(uuid::Uuid::from_bytes(u.clone().into_inner()))),
         SimpleValue::Binary(b) => plain(AttrValue::Binary(Bytes::copy_from_slice(b.as_ref()))),
         SimpleValue::String(s) => plain(AttrValue::String(s.clone())),
@@ -1063,6 +1067,7 @@ pub fn attribute_to_amqp(a: &Attribute) -> Result<SimpleValue, String> {
             "byte" => SimpleValue::Byte(i8::try_from(i).map_err(range)?),
             "short" => SimpleValue::Short(i16::try_from(i).map_err(range)?),
             "int" => SimpleValue::Int(i32::try_from(i).map_err(range)?),
+            "timestamp" => SimpleValue::Timestamp(Timestamp::from_milliseconds(i)),
             _ => SimpleValue::Long(i),
         })
     };
@@ -1611,6 +1616,9 @@ mod tests {
             SimpleValue::Char('é'),
             SimpleValue::Null,
             SimpleValue::Decimal128(Dec128::from([3u8; 16])),
+            // Outside chrono's range (the `attributes` fuzz target's first find).
+            SimpleValue::Timestamp(Timestamp::from_milliseconds(i64::MAX)),
+            SimpleValue::Timestamp(Timestamp::from_milliseconds(i64::MIN)),
         ] {
             let a = attribute_from_amqp(&v);
             assert_eq!(attribute_to_amqp(&a).unwrap(), v, "{a:?}");

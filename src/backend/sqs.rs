@@ -341,7 +341,8 @@ fn is_credentials_error(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn attribute_from_sqs(v: &MessageAttributeValue) -> Attribute {
+#[doc(hidden)]
+pub fn attribute_from_sqs(v: &MessageAttributeValue) -> Attribute {
     let data_type = v.data_type().to_string();
     let value = if data_type.starts_with("Binary") {
         AttrValue::Binary(
@@ -362,7 +363,8 @@ fn attribute_from_sqs(v: &MessageAttributeValue) -> Attribute {
 
 /// SQS's own DataType for an attribute. A type label from SQS is kept as is;
 /// values from other providers get a custom-typed label that says what they were.
-fn attribute_to_sqs(a: &Attribute) -> MessageAttributeValue {
+#[doc(hidden)]
+pub fn attribute_to_sqs(a: &Attribute) -> MessageAttributeValue {
     let sqs_label = a
         .data_type
         .as_deref()

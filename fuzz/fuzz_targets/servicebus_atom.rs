@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| dlq_bridge::fuzzing::servicebus_atom(data));

@@ -1,0 +1,91 @@
+//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) through the
+//! same entry functions the libFuzzer targets call (`dlq_bridge::fuzzing`),
+//! on the stable toolchain, so CI checks every input the fuzzers kept
+//! (including the crashes fixed since) without nightly or cargo-fuzz.
+//! An entry that panics on a file fails its test, naming the file.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use dlq_bridge::fuzzing::TARGETS;
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(non-text panic)".into())
+}
+
+fn replay(target: &str) {
+    let (_, entry) = TARGETS
+        .iter()
+        .find(|(name, _)| *name == target)
+        .unwrap_or_else(|| panic!("no fuzz entry `{target}` in dlq_bridge::fuzzing::TARGETS"));
+    let dir = fuzz_dir().join("corpus").join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("corpus entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{}: empty corpus", dir.display());
+    let mut failures = Vec::new();
+    for file in &files {
+        let data = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| entry(&data))) {
+            failures.push(format!("{}: {}", file.display(), panic_text(&*p)));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} `{target}` corpus files panicked:\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n")
+    );
+    eprintln!("{target}: {} corpus files replayed", files.len());
+}
+
+#[test]
+fn config_corpus() {
+    replay("config");
+}
+
+#[test]
+fn filter_corpus() {
+    replay("filter");
+}
+
+#[test]
+fn servicebus_atom_corpus() {
+    replay("servicebus_atom");
+}
+
+#[test]
+fn attributes_corpus() {
+    replay("attributes");
+}
+
+/// Every libFuzzer target has an entry, a corpus and a replay above, and
+/// every entry has a target.
+#[test]
+fn every_target_is_replayed() {
+    let mut on_disk: Vec<String> = std::fs::read_dir(fuzz_dir().join("fuzz_targets"))
+        .expect("fuzz/fuzz_targets")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .map(|p| p.file_stem().expect("stem").to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let mut entries: Vec<String> = TARGETS.iter().map(|(n, _)| n.to_string()).collect();
+    entries.sort();
+    assert_eq!(on_disk, entries, "fuzz/fuzz_targets/*.rs and fuzzing::TARGETS differ");
+    let replayed = ["config", "filter", "servicebus_atom", "attributes"];
+    for name in &entries {
+        assert!(replayed.contains(&name.as_str()), "`{name}` has no replay test here");
+    }
+}
