@@ -110,7 +110,7 @@ fn run_table(cases: &[Case]) {
         for (k, v) in &c.env {
             cmd.env(k, v);
         }
-        let (code, out, err) = run(&mut cmd);
+        let (code, out, err, _) = run_bounded(&mut cmd, Duration::from_secs(180));
         let text = format!("{out}{err}");
         let mut wrong = Vec::new();
         if code != c.code {
@@ -1203,4 +1203,286 @@ async fn pubsub_odd_bodies_and_attributes_round_trip_byte_exact() {
     redrive_all(&config, cases.len());
     assert_arrived_exactly(&cases, &f.drain_source().await, false);
     assert_eq!(f.dlq_count().await, 0);
+}
+
+// ------------------------------------------------- secrets from the environment
+
+#[tokio::test]
+async fn unset_secret_variables_are_config_errors_naming_field_and_variable() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&orders(2)).await;
+    let before = sqs_snapshot(&f).await;
+    let unset = format!("DLQB_UNSET_{}", uuid::Uuid::new_v4().simple()).to_uppercase();
+    let data_dir = scratch().join("serve-data").display().to_string();
+    let sb = with_tail(
+        &f,
+        &format!("  - name: sb\n    servicebus: {{connection_string_env: {unset}, queue: q}}\n"),
+    );
+    let serve = |extra: &str| {
+        with_tail(
+            &f,
+            &format!("serve: {{listen: '127.0.0.1:0', data_dir: '{data_dir}'{extra}}}\n"),
+        )
+    };
+    let sb_says: &[&str] = &["queue sb", &unset, "(servicebus.connection_string_env) is not set"];
+    let cases = vec![
+        case(
+            "connection string unset",
+            sb.clone(),
+            &["redrive", "sb", "--yes"],
+            2,
+            sb_says,
+        ),
+        case(
+            "connection string unset, inspect",
+            sb.clone(),
+            &["inspect", "sb"],
+            2,
+            sb_says,
+        ),
+        case(
+            "connection string empty",
+            sb.clone(),
+            &["redrive", "sb", "--dry-run"],
+            2,
+            sb_says,
+        )
+        .env(&unset, " "),
+        case(
+            "connection string malformed",
+            sb.clone(),
+            &["redrive", "sb", "--yes"],
+            2,
+            &["queue sb", &unset, "no `Endpoint=sb://<namespace>`"],
+        )
+        .env(&unset, "not a connection string"),
+        case(
+            "connection string without a key",
+            sb.clone(),
+            &["inspect", "sb"],
+            2,
+            &["queue sb", "`SharedAccessKeyName` and `SharedAccessKey`"],
+        )
+        .env(&unset, "Endpoint=sb://ns.servicebus.windows.net/"),
+        // Per-queue commands report each queue and exit 1; the SQS queue still answers.
+        case(
+            "connection string unset, list",
+            sb.clone(),
+            &["list", "--sample", "0"],
+            1,
+            sb_says,
+        ),
+        case(
+            "connection string unset, check",
+            sb.clone(),
+            &["check"],
+            1,
+            &[
+                "queue orders (sqs): ok, depth 2",
+                "queue sb (servicebus): FAILED",
+                &unset,
+            ],
+        ),
+        // serve refuses to start (before it polls anything).
+        case(
+            "serve token unset",
+            serve(&format!(", token_env: {unset}")),
+            &["serve"],
+            2,
+            &["serve.token_env", &format!("environment variable {unset} is not set")],
+        ),
+        case(
+            "alert sink URL unset",
+            format!("{}alerts: {{sinks: [{{slack: {{url_env: {unset}}}}}]}}\n", serve("")),
+            &["serve"],
+            2,
+            &["alerts.sinks[0]", &format!("environment variable {unset} is not set")],
+        ),
+    ];
+    run_table(&cases);
+    assert_sqs_untouched(&f, &before).await;
+}
+
+// ------------------------------------------------------------- Service Bus
+
+/// On the shared emulator (127.0.0.1:5672, `scripts/emulators.sh start
+/// servicebus`), with uniquely named entities.
+#[cfg(feature = "servicebus")]
+mod servicebus {
+    use super::*;
+    use common::servicebus::{CONNECTION_STRING_ENV, ServiceBusFixture, UNREACHABLE_CONNECTION_STRING_ENV, emulator};
+
+    fn config(f: &ServiceBusFixture) -> String {
+        format!(
+            "queues:\n  - name: orders\n    servicebus: {{connection_string_env: {CONNECTION_STRING_ENV}, queue: {}, management_endpoint: '{}'}}\n",
+            f.entity, f.http
+        )
+    }
+
+    fn cs_env(c: &mut Command) {
+        for k in [CONNECTION_STRING_ENV, UNREACHABLE_CONNECTION_STRING_ENV] {
+            c.env(k, std::env::var(k).unwrap());
+        }
+    }
+
+    /// (message ID, body) of the DLQ, browsed (a true peek: nothing changes).
+    async fn snapshot(f: &ServiceBusFixture) -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<_> = f
+            .browse_dlq()
+            .await
+            .iter()
+            .map(|m| {
+                (
+                    m.message_id().unwrap_or_default().to_string(),
+                    m.body().unwrap().to_vec(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn missing_entities_and_a_dead_namespace_are_clear_runtime_errors() {
+        let http = emulator();
+        let f = ServiceBusFixture::create(false).await;
+        f.dead_letter(&orders(2)).await;
+        let before = snapshot(&f).await;
+
+        let gone = common::unique("no-such-queue");
+        runtime_error_everywhere_with(
+            "servicebus queue missing",
+            &format!(
+                "queues:\n  - name: q\n    servicebus: {{connection_string_env: {CONNECTION_STRING_ENV}, queue: {gone}, management_endpoint: '{http}'}}\n"
+            ),
+            &cs_env,
+            &[&format!("queue q: queue {gone}: not found")],
+        );
+        runtime_error_everywhere_with(
+            "servicebus subscription missing",
+            &format!(
+                "queues:\n  - name: q\n    servicebus: {{connection_string_env: {CONNECTION_STRING_ENV}, topic: {}, subscription: nope, management_endpoint: '{http}'}}\n",
+                f.entity
+            ),
+            &cs_env,
+            &["not found"],
+        );
+        // Nothing was created by asking.
+        let atom = reqwest::get(format!("{http}/{gone}?api-version=2021-05"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!atom.contains("<entry"), "the missing queue was created: {atom}");
+
+        runtime_error_everywhere_with(
+            "servicebus namespace down",
+            &format!(
+                "queues:\n  - name: q\n    servicebus: {{connection_string_env: {UNREACHABLE_CONNECTION_STRING_ENV}, queue: q, management_endpoint: 'http://127.0.0.2:9'}}\n"
+            ),
+            &cs_env,
+            &["cannot reach amqp://127.0.0.2", "is the service or emulator running?"],
+        );
+        // A destination that cannot be one: a DLQ or a subscription.
+        let cfg = write_file(config(&f), "yaml");
+        let mut cmd = bin();
+        cs_env(&mut cmd);
+        let (code, out, err) = run(cmd.arg("-c").arg(&cfg).args([
+            "redrive",
+            "orders",
+            "--to",
+            &format!("{}/$DeadLetterQueue", f.entity),
+            "--yes",
+            "--no-journal",
+        ]));
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(err.contains("is not a Service Bus queue or topic"), "{err}");
+        assert_eq!(snapshot(&f).await, before, "the DLQ was touched");
+        assert!(f.drain_source().await.is_empty(), "something was sent to the source");
+    }
+
+    #[tokio::test]
+    async fn odd_bodies_and_typed_properties_round_trip_byte_exact() {
+        use dlq_bridge::model::AttrValue;
+        emulator();
+        let f = ServiceBusFixture::create(false).await;
+        let mut odd = attrs(&[
+            ("kind", "odd-properties"),
+            ("ünïcödé ключ", "✓"),
+            ("dotted.name", "x"),
+            ("with space", ""),
+        ]);
+        odd.insert(
+            "p".repeat(256),
+            dlq_bridge::model::Attribute::string("a 256-character name"),
+        );
+        odd.insert("int".into(), typed(AttrValue::Int(i32::MIN as i64), Some("int")));
+        odd.insert("long".into(), typed(AttrValue::Int(i64::MAX), None));
+        odd.insert("double".into(), typed(AttrValue::Float(-1.0e-300), None));
+        odd.insert("bool".into(), typed(AttrValue::Bool(false), None));
+        odd.insert("uuid".into(), typed(AttrValue::Uuid(uuid::Uuid::nil()), None));
+        odd.insert(
+            "timestamp".into(),
+            typed(
+                AttrValue::Timestamp(chrono::DateTime::from_timestamp_millis(0).unwrap()),
+                None,
+            ),
+        );
+        odd.insert(
+            "binary".into(),
+            typed(AttrValue::Binary(vec![0u8, 255, 0].into()), None),
+        );
+        let cases = vec![
+            TestMessage {
+                body: Vec::new(),
+                attributes: attrs(&[("kind", "empty")]),
+                ordering_key: None,
+            },
+            TestMessage {
+                body: b"\xff\xfe\x00 not UTF-8".to_vec(),
+                attributes: odd,
+                ordering_key: None,
+            },
+            // Premium namespaces take up to 100 MB; the emulator takes this.
+            TestMessage {
+                body: (0..1024 * 1024u32).map(|i| (i % 253) as u8).collect(),
+                attributes: attrs(&[("kind", "1 MiB")]),
+                ordering_key: None,
+            },
+        ];
+        f.dead_letter(&cases).await;
+        let cfg = write_file(config(&f), "yaml");
+        let mut cmd = bin();
+        cs_env(&mut cmd);
+        let (code, out, err) = run(cmd
+            .arg("-c")
+            .arg(&cfg)
+            .args(["redrive", "orders", "--yes", "--no-journal"]));
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains(&format!("settled:   {}", cases.len())), "{out}");
+        assert_arrived_exactly(&cases, &f.drain_source().await, true);
+        // Known issue (docs/reliability.md, "Bad-input corpus"): about one run
+        // in three on the project's emulator, the originals of this mixed
+        // batch (empty + typed + 1 MiB) stay in the DLQ although the run
+        // reported them settled; each pair alone never does. That risks a
+        // duplicate on the next run, never a loss: whatever is left must be
+        // one of the originals, unchanged, whose copy arrived above.
+        let left = f.browse_dlq().await;
+        for m in &left {
+            let body = m.body().unwrap();
+            assert!(
+                cases.iter().any(|c| c.body == body),
+                "an unknown message in the DLQ ({} bytes)",
+                body.len()
+            );
+        }
+        if !left.is_empty() {
+            eprintln!(
+                "KNOWN ISSUE: {} of {} settled originals are still in the Service Bus DLQ",
+                left.len(),
+                cases.len()
+            );
+        }
+    }
 }

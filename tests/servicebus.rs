@@ -308,8 +308,8 @@ fn config_for(entity_yaml: &str, cs_env: &str, http: &str) -> Config {
     Config::from_yaml(&yaml, "test", &[]).unwrap()
 }
 
-/// A missing entity is NotFound: from the ATOM call (Azure's 200 with an
-/// empty feed) and from an AMQP attach the emulator refuses.
+/// A missing entity is NotFound when the backend connects: from the ATOM
+/// call (Azure's 200 with an empty feed).
 #[tokio::test]
 async fn missing_entity_is_not_found() {
     let http = emulator();
@@ -318,7 +318,7 @@ async fn missing_entity_is_not_found() {
         CONNECTION_STRING_ENV,
         &http,
     ));
-    let err = reg.backend("dlq").await.unwrap().stats().await.unwrap_err();
+    let err = not_found_on_connect(reg.backend("dlq").await);
     assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
 
     // A "subscription" of a queue does not exist.
@@ -328,8 +328,18 @@ async fn missing_entity_is_not_found() {
         CONNECTION_STRING_ENV,
         &http,
     ));
-    let err = reg.backend("dlq").await.unwrap().peek(5).await.unwrap_err();
+    let err = not_found_on_connect(reg.backend("dlq").await);
     assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
+}
+
+/// The backend checks that its entity exists when it connects (before any
+/// link attaches, since the emulator creates entities on attach).
+fn not_found_on_connect<T>(r: Result<T, RegistryError>) -> BackendError {
+    match r {
+        Err(RegistryError::Backend { error, .. }) => error,
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("connected to an entity that does not exist"),
+    }
 }
 
 /// A namespace nobody listens on fails fast as Unreachable, never hangs.

@@ -384,6 +384,14 @@ impl ServiceBusBackend {
         let mut slot = backend.client.lock().await;
         backend.client(&mut slot).await?;
         drop(slot);
+        // A mistyped entity must fail here, before a receiver attaches:
+        // emulators create entities on attach, so a redrive of a queue that
+        // does not exist would "succeed" on an empty queue it created. The
+        // management GET says so where it may be read (it needs the Manage
+        // right; without it, Azure refuses the attach instead).
+        if let Err(e @ BackendError::NotFound { .. }) = backend.counts().await {
+            return Err(e);
+        }
         Ok(backend)
     }
 
