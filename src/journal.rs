@@ -97,7 +97,14 @@ pub enum Record {
 #[derive(Debug, Default)]
 struct Replay {
     sent: HashMap<String, (String, String)>,
-    settled: HashSet<String>,
+    /// Messages sent and settled by an earlier run. One that is leased again
+    /// was not really settled: its lease (visibility timeout, ack deadline,
+    /// lock) ran out before the delete, ack or complete reached the provider,
+    /// which then drops it without telling the client (a Pub/Sub ack, a
+    /// link-level Service Bus complete). Its copy is at the destination, so it
+    /// is settled again, never resent. (A redriven copy that fails again
+    /// comes back under a new ID on every provider.)
+    settled: HashMap<String, (String, String)>,
     /// The redrive ID of each copy an earlier run set out to send.
     intents: HashMap<String, String>,
 }
@@ -160,7 +167,10 @@ impl Journal {
                     replay.sent.insert(id, (destination, dest_id));
                 }
                 Record::Settled { id, .. } => {
-                    replay.settled.insert(id);
+                    if let Some(sent) = replay.sent.remove(&id) {
+                        replay.settled.insert(id.clone(), sent);
+                    }
+                    replay.intents.remove(&id);
                 }
                 Record::Leased {
                     id,
@@ -172,9 +182,6 @@ impl Journal {
                 _ => {}
             }
         }
-        replay.sent.retain(|id, _| !replay.settled.contains(id));
-        replay.intents.retain(|id, _| !replay.settled.contains(id));
-        replay.settled.clear();
         let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
         // Start on a fresh line after a torn write, so the next record is whole.
         let mut bytes = file.metadata().map_err(io)?.len();
@@ -203,6 +210,15 @@ impl Journal {
         self.replay.lock().expect("journal lock").sent.get(id).cloned()
     }
 
+    /// Where an earlier run sent its copy of message `id`, settled or not: a
+    /// leased message with a copy already out is settled, never resent. That
+    /// covers one recorded as settled, too: if it is leased again, the settle
+    /// did not take effect (see `Replay::settled`).
+    pub fn already_sent(&self, id: &str) -> Option<(String, String)> {
+        let r = self.replay.lock().expect("journal lock");
+        r.sent.get(id).or_else(|| r.settled.get(id)).cloned()
+    }
+
     /// The redrive ID an earlier run gave its copy of message `id`, when that
     /// run may have sent it without recording the outcome (it crashed inside
     /// the send).
@@ -214,7 +230,9 @@ impl Journal {
         match record {
             Record::Settled { id, .. } => {
                 let mut r = self.replay.lock().expect("journal lock");
-                r.sent.remove(id);
+                if let Some(sent) = r.sent.remove(id) {
+                    r.settled.insert(id.clone(), sent);
+                }
                 r.intents.remove(id);
             }
             Record::Leased {
@@ -475,6 +493,9 @@ mod tests {
         drop(j);
         let j = Journal::open(&path).unwrap();
         assert_eq!(j.unsettled("b"), None);
+        // Settled, but should it be leased again, its copy is already out.
+        assert_eq!(j.already_sent("b"), Some(("q".into(), "d-b".into())));
+        assert_eq!(j.already_sent("a"), Some(("q".into(), "d-a".into())));
         assert_eq!(read_records(&path).unwrap().len(), 4);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -384,7 +384,7 @@ impl Engine {
                     fresh += 1;
                     s.examined += 1;
                     Progress::add(&self.progress.examined, 1);
-                    if self.journal.as_ref().is_some_and(|j| j.unsettled(&l.message.id).is_some()) {
+                    if !plan.dry_run && self.journal.as_ref().is_some_and(|j| j.already_sent(&l.message.id).is_some()) {
                         journal_settle.push(l);
                         continue;
                     }

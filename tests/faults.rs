@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::emulator::{Emulator, spawn};
 use common::faultproxy::{Fault, FaultProxy};
 use common::{Fixture, TestMessage, attrs};
 use dlq_bridge::config::{Config, QueueKind};
@@ -452,11 +453,14 @@ async fn resume_and_count<F: Fixture>(
                 break;
             }
         }
-        let out = redrive_cmd(config, journal)
-            .envs(env.iter().map(|(k, v)| (k, v)))
+        let mut cmd = redrive_cmd(config, journal);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
+            .stderr(Stdio::piped());
+        // Off the test's (single-threaded) runtime: the fault proxies run on it.
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
             .unwrap();
         assert!(out.status.code().is_some(), "a clean run exits normally");
         assert!(
@@ -535,12 +539,328 @@ pub async fn connection_faults_lose_and_duplicate_nothing<F: ViaProxy>(backend: 
     assert_eq!(duplicated, 0, "duplicated (extra copies {extra})");
 }
 
+/// Process-wide environment for the CLI children (connection strings of the
+/// private Service Bus emulators), set once per name.
+fn set_env_once(name: &str, value: &str) {
+    static SET: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut set = SET.lock().unwrap();
+    if !set.iter().any(|n| n == name) {
+        // SAFETY: set before the fixture that needs it exists, under a lock;
+        // the same pattern as the shared fixtures' connection strings.
+        unsafe { std::env::set_var(name, value) };
+        set.push(name.to_string());
+    }
+}
+
+/// A backend that can run on an emulator private to one test, which the test
+/// may freeze or kill.
+#[async_trait::async_trait]
+pub trait Private: Fixture {
+    /// Start a private emulator (Service Bus: its AMQP listener on `host`,
+    /// since azservicebus always dials 5672) and a fixture on it.
+    async fn private(host: &str) -> (Self, Emulator);
+}
+
+#[cfg(feature = "sqs")]
+#[async_trait::async_trait]
+impl Private for common::sqs::SqsFixture {
+    async fn private(_host: &str) -> (Self, Emulator) {
+        common::sqs::init_env();
+        let emu = spawn(
+            "moto-private",
+            &["python3", "-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"],
+            &[],
+            "/moto-api/",
+        );
+        (Self::create_on(emu.url(), false).await, emu)
+    }
+}
+
+#[cfg(feature = "pubsub")]
+#[async_trait::async_trait]
+impl Private for common::pubsub::PubSubFixture {
+    async fn private(_host: &str) -> (Self, Emulator) {
+        let bin = format!(
+            "{}/platform/pubsub-emulator/bin/cloud-pubsub-emulator",
+            common::pubsub::sdk_root()
+        );
+        let emu = spawn(
+            "pubsub-private",
+            &[&bin, "--host=127.0.0.1", "--port={port}"],
+            &[("JAVA_OPTS", "-Xmx256m")],
+            "/",
+        );
+        (Self::create_on(format!("127.0.0.1:{}", emu.port), false).await, emu)
+    }
+}
+
+/// A Service Bus emulator on `host`:5672 with a short LockDuration, like the
+/// 2 s hold the other backends' fault runs use.
+#[cfg(feature = "servicebus")]
+fn private_servicebus(host: &str) -> (Emulator, String) {
+    let bin = common::servicebus::emulator_binary();
+    let emu = spawn(
+        "servicebus-private",
+        &[
+            &bin,
+            "--amqp-host",
+            host,
+            "--amqp-port",
+            "5672",
+            "--http-port",
+            "{port}",
+            "--https-port",
+            "0",
+            "--strict",
+            "--lock-duration",
+            "3s",
+        ],
+        &[("RUST_LOG", "warn")],
+        "/dlq-bridge-probe?api-version=2021-05",
+    );
+    let env = format!("DLQ_BRIDGE_FAULTS_SERVICEBUS_{}", host.replace('.', "_"));
+    set_env_once(
+        &env,
+        &format!("Endpoint=sb://{host};SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true"),
+    );
+    (emu, env)
+}
+
+#[cfg(feature = "servicebus")]
+#[async_trait::async_trait]
+impl Private for common::servicebus::ServiceBusFixture {
+    async fn private(host: &str) -> (Self, Emulator) {
+        let (emu, env) = private_servicebus(host);
+        (Self::on(emu.url(), &env, &["s"]).await, emu)
+    }
+}
+
+/// The Service Bus fixture of the kill tests: on a private emulator (AMQP on
+/// 127.0.0.4) whose LockDuration is 3 s. On the shared emulator (60 s), a
+/// killed run's locks hide its messages for a minute, and three runs in four
+/// found nothing to lease (measured: 42 runs for 10 kill points, 1,240
+/// messages).
+#[cfg(feature = "servicebus")]
+pub struct KillServiceBus(common::servicebus::ServiceBusFixture);
+
+#[cfg(feature = "servicebus")]
+#[async_trait::async_trait]
+impl Fixture for KillServiceBus {
+    async fn create(_ordered: bool) -> Self {
+        static EMU: std::sync::OnceLock<(Emulator, String)> = std::sync::OnceLock::new();
+        let (emu, env) = EMU.get_or_init(|| private_servicebus("127.0.0.4"));
+        Self(common::servicebus::ServiceBusFixture::on(emu.url(), env, &["s"]).await)
+    }
+    fn config(&self) -> Config {
+        self.0.config()
+    }
+    async fn dead_letter(&self, msgs: &[TestMessage]) {
+        self.0.dead_letter(msgs).await
+    }
+    async fn put_in_dlq(&self, msgs: &[TestMessage]) {
+        self.0.put_in_dlq(msgs).await
+    }
+    async fn drain_source(&self) -> Vec<common::Received> {
+        self.0.drain_source().await
+    }
+    async fn dlq_count(&self) -> usize {
+        self.0.dlq_count().await
+    }
+}
+
+/// Signal the private emulator's whole process group (its wrapper started it
+/// in a session of its own; for Pub/Sub that takes the JVM with the script).
+fn signal(emu: &Emulator, sig: &str) {
+    let group = format!("-{}", emu.server_pid());
+    let ok = Command::new("kill")
+        .args([sig, "--", &group])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} -- {group}");
+}
+
+fn seeded(prefix: &str, n: usize) -> Vec<TestMessage> {
+    (0..n)
+        .map(|i| TestMessage {
+            body: format!(r#"{{"{prefix}":{i}}}"#).into_bytes(),
+            attributes: attrs(&[("error", "Timeout")]),
+            ordering_key: None,
+        })
+        .collect()
+}
+
+/// Check a finished run: 0, or 1 with an error that says what failed.
+fn assert_clear(what: &str, code: Option<i32>, output: &str) {
+    assert!(!output.contains("panicked"), "{what} panicked: {output}");
+    match code {
+        Some(0) => {}
+        Some(1) => assert!(
+            output.contains("error") || output.contains("failed"),
+            "{what} failed without an error message: {output}"
+        ),
+        other => panic!("{what} exited with {other:?} (0 or 1 are documented): {output}"),
+    }
+}
+
+/// (a) The endpoint dies as a client sees a killed emulator: every connection
+/// is reset and new ones are refused for 6 s, then it comes back. The run
+/// fails with a clear error or rides it out; a resume loses nothing.
+pub async fn endpoint_down_mid_run_loses_nothing<F: ViaProxy>(backend: &str) {
+    let f = F::create(false).await;
+    let msgs = seeded("down", MESSAGES * 3);
+    f.put_in_dlq(&msgs).await;
+    let proxied = f.via_proxy().await;
+    let config = save_config(proxied.config.clone());
+    let journal = std::env::temp_dir().join(format!("dlqb-down-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let child = redrive_cmd(&config, Some(&journal))
+        .envs(proxied.env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for p in &proxied.proxies {
+        p.set(Fault::Refuse);
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for p in &proxied.proxies {
+        p.set(Fault::Pass);
+    }
+    let out = tokio::time::timeout(HANG_BOUND, waiter)
+        .await
+        .expect("the run ends once the endpoint is back")
+        .unwrap()
+        .unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_clear("the run whose endpoint died", out.status.code(), &output);
+    let (lost, extra, duplicated) = resume_and_count(&f, &msgs, &config, Some(&journal), &proxied.env).await;
+    eprintln!(
+        "{backend} endpoint down 6 s: run exit {:?}; lost {lost}, duplicated {duplicated}, extra copies {extra}",
+        out.status.code()
+    );
+    assert_eq!((lost, duplicated), (0, 0), "lost, duplicated");
+}
+
+/// (b) The emulator process is frozen (SIGSTOP) for 8 s mid-run, then resumed:
+/// a hung server. The run fails with a clear error or rides it out, within a
+/// bound; a resume loses nothing.
+pub async fn emulator_frozen_mid_run_loses_nothing<F: Private>(backend: &str, host: &str) {
+    let (f, emu) = F::private(host).await;
+    let msgs = seeded("frozen", MESSAGES * 3);
+    f.put_in_dlq(&msgs).await;
+    let config = save_config(f.config());
+    let journal = std::env::temp_dir().join(format!("dlqb-frozen-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let child = redrive_cmd(&config, Some(&journal))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    signal(&emu, "-STOP");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    signal(&emu, "-CONT");
+    let out = tokio::time::timeout(HANG_BOUND, waiter)
+        .await
+        .expect("the run ends once the emulator runs again")
+        .unwrap()
+        .unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_clear("the run whose emulator froze", out.status.code(), &output);
+    let (lost, extra, duplicated) = resume_and_count(&f, &msgs, &config, Some(&journal), &[]).await;
+    eprintln!(
+        "{backend} emulator frozen 8 s: run exit {:?}; lost {lost}, duplicated {duplicated}, extra copies {extra}",
+        out.status.code()
+    );
+    assert_eq!((lost, duplicated), (0, 0), "lost, duplicated");
+}
+
+/// (c) The emulator is killed (SIGKILL) mid-run. Its state was in memory, so
+/// nothing can be resumed; what is checked is the run: it fails within a
+/// bound with exit code 1 and an error naming what it could not reach, never
+/// hangs or panics, and its journal holds what was in flight.
+pub async fn emulator_killed_mid_run_fails_clearly<F: Private>(backend: &str, host: &str) {
+    let (f, emu) = F::private(host).await;
+    let msgs = seeded("killed", MESSAGES * 3);
+    f.put_in_dlq(&msgs).await;
+    let config = save_config(f.config());
+    let journal = std::env::temp_dir().join(format!("dlqb-killed-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let child = redrive_cmd(&config, Some(&journal))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    signal(&emu, "-KILL");
+    let killed_at = Instant::now();
+    let out = tokio::time::timeout(HANG_BOUND, waiter)
+        .await
+        .expect("the run fails instead of hanging")
+        .unwrap()
+        .unwrap();
+    let took = killed_at.elapsed();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "a run whose emulator died fails: {output}");
+    assert_clear("the run whose emulator died", out.status.code(), &output);
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let ids = |event: &str| -> std::collections::HashSet<String> {
+        records
+            .iter()
+            .filter(|r| r["event"] == event)
+            .filter_map(|r| r["id"].as_str().map(str::to_string))
+            .collect()
+    };
+    let (leased, sent, settled) = (ids("leased"), ids("sent"), ids("settled"));
+    let in_flight = leased.difference(&settled).count();
+    let sent_unsettled = sent.difference(&settled).count();
+    eprintln!(
+        "{backend} emulator killed: run exit {:?} {took:?} after the kill; journal: {} leased, {} sent, {} settled, {in_flight} in flight ({sent_unsettled} sent but not settled)\n{output}",
+        out.status.code(),
+        leased.len(),
+        sent.len(),
+        settled.len()
+    );
+    assert!(!leased.is_empty(), "the run had work in flight when the emulator died");
+    assert!(
+        records.iter().any(|r| r["event"] == "run_finished"),
+        "the failed run closed its journal"
+    );
+}
+
 macro_rules! faults {
-    ($module:ident, $fixture:ty, $batch:expr, $window_ms:expr) => {
+    ($module:ident, $fixture:ty, $killed:ty, $batch:expr, $window_ms:expr) => {
         mod $module {
             #[tokio::test]
             async fn connection_faults_lose_and_duplicate_nothing() {
                 super::connection_faults_lose_and_duplicate_nothing::<$fixture>(stringify!($module)).await;
+            }
+            #[tokio::test]
+            async fn endpoint_down_mid_run_loses_nothing() {
+                super::endpoint_down_mid_run_loses_nothing::<$fixture>(stringify!($module)).await;
+            }
+            #[tokio::test]
+            async fn emulator_frozen_mid_run_loses_nothing() {
+                super::emulator_frozen_mid_run_loses_nothing::<$fixture>(stringify!($module), "127.0.0.5").await;
+            }
+            #[tokio::test]
+            async fn emulator_killed_mid_run_fails_clearly() {
+                super::emulator_killed_mid_run_fails_clearly::<$fixture>(stringify!($module), "127.0.0.6").await;
             }
             #[tokio::test]
             async fn clean_run_settles_everything_before_it_exits() {
@@ -548,19 +868,111 @@ macro_rules! faults {
             }
             #[tokio::test]
             async fn kill9_with_journal_loses_and_duplicates_nothing() {
-                super::kill9_with_journal_loses_and_duplicates_nothing::<$fixture>($batch, $window_ms).await;
+                super::kill9_with_journal_loses_and_duplicates_nothing::<$killed>($batch, $window_ms).await;
             }
             #[tokio::test]
             async fn kill9_without_journal_loses_nothing_and_bounds_duplicates() {
-                super::kill9_without_journal_loses_nothing_and_bounds_duplicates::<$fixture>($batch, $window_ms).await;
+                super::kill9_without_journal_loses_nothing_and_bounds_duplicates::<$killed>($batch, $window_ms).await;
             }
         }
     };
 }
 
 #[cfg(feature = "sqs")]
-faults!(sqs, crate::common::sqs::SqsFixture, 10, 900);
+faults!(
+    sqs,
+    crate::common::sqs::SqsFixture,
+    crate::common::sqs::SqsFixture,
+    10,
+    900
+);
 #[cfg(feature = "pubsub")]
-faults!(pubsub, crate::common::pubsub::PubSubFixture, 100, 900);
+faults!(
+    pubsub,
+    crate::common::pubsub::PubSubFixture,
+    crate::common::pubsub::PubSubFixture,
+    100,
+    900
+);
 #[cfg(feature = "servicebus")]
-faults!(servicebus, crate::common::servicebus::ServiceBusFixture, 100, 2900);
+faults!(
+    servicebus,
+    crate::common::servicebus::ServiceBusFixture,
+    crate::KillServiceBus,
+    100,
+    900
+);
+
+/// The proxy itself: each fault does what the suite relies on, against a
+/// local echo server.
+#[tokio::test]
+async fn fault_proxy_refuses_then_serves_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = echo.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), upstream).await;
+    let roundtrip = |addr: SocketAddr| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    assert_eq!(&roundtrip(proxy.addr).await.unwrap(), b"ping");
+    let mut live = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    live.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    live.read_exact(&mut one).await.unwrap();
+    proxy.set(Fault::Refuse);
+    // The live connection is reset, and new ones are refused.
+    let mut rest = [0u8; 1];
+    let r = live.read(&mut rest).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let refused = tokio::net::TcpStream::connect(proxy.addr).await;
+    assert!(refused.is_err(), "connections are refused");
+    proxy.set(Fault::Pass);
+    let mut ok = None;
+    for _ in 0..50 {
+        if let Ok(b) = roundtrip(proxy.addr).await {
+            ok = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        ok.as_ref().map(|b| &b[..]),
+        Some(&b"ping"[..]),
+        "served again after Pass"
+    );
+    // Drop holds data until the fault changes.
+    let mut held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    proxy.set(Fault::Drop);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    held.write_all(b"hold").await.unwrap();
+    let mut buf = [0u8; 4];
+    let early = tokio::time::timeout(Duration::from_millis(300), held.read_exact(&mut buf)).await;
+    assert!(early.is_err(), "nothing comes back while dropping");
+    proxy.set(Fault::Pass);
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hold");
+    // CutAfter resets a connection once its budget is spent.
+    let mut cut = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    proxy.set(Fault::CutAfter(3));
+    cut.write_all(b"pingpong").await.unwrap();
+    let r = cut.read(&mut buf).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+}

@@ -20,6 +20,18 @@ impl Emulator {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// The emulator's own process ID (the child of the `run-tied.py` wrapper),
+    /// for tests that freeze or kill it.
+    pub fn server_pid(&self) -> u32 {
+        let wrapper = self._child.lock().unwrap().id();
+        let children = std::fs::read_to_string(format!("/proc/{wrapper}/task/{wrapper}/children")).unwrap_or_default();
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the {} emulator's wrapper {wrapper} has no child", self.name))
+    }
 }
 
 pub fn repo_root() -> PathBuf {

@@ -60,7 +60,7 @@ pub fn emulator_host() -> String {
     format!("127.0.0.1:{}", emu.port)
 }
 
-fn sdk_root() -> String {
+pub fn sdk_root() -> String {
     Command::new("gcloud")
         .args(["info", "--format=value(installation.sdk_root)"])
         .output()
@@ -212,10 +212,9 @@ pub fn attributes_of(m: &PubsubMessage) -> Attributes {
         .collect()
 }
 
-#[async_trait]
-impl Fixture for PubSubFixture {
-    async fn create(ordered: bool) -> Self {
-        let host = emulator_host();
+impl PubSubFixture {
+    /// A fixture on the emulator at `host` (e.g. a private one).
+    pub async fn create_on(host: String, ordered: bool) -> Self {
         let project = unique("dlqb");
         let client = client(&host, &project).await;
         let f = PubSubFixture {
@@ -280,7 +279,13 @@ impl Fixture for PubSubFixture {
             .expect("create the DLQ subscription");
         f
     }
+}
 
+#[async_trait]
+impl Fixture for PubSubFixture {
+    async fn create(ordered: bool) -> Self {
+        Self::create_on(emulator_host(), ordered).await
+    }
     fn config(&self) -> Config {
         self.config_with("")
     }

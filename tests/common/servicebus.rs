@@ -95,7 +95,7 @@ pub fn emulator() -> String {
 
 /// `SERVICEBUS_EMULATOR_BIN`, else the binary next to this test's target
 /// directory, built with `cargo build -p servicebus-emulator` if missing.
-fn emulator_binary() -> String {
+pub fn emulator_binary() -> String {
     if let Some(b) = std::env::var("SERVICEBUS_EMULATOR_BIN").ok().filter(|b| !b.is_empty()) {
         return b;
     }
@@ -137,7 +137,12 @@ fn wait_for_port_5672() {
 }
 
 pub async fn client() -> Client {
-    let cs = std::env::var(CONNECTION_STRING_ENV).unwrap_or_else(|_| EMULATOR_CONNECTION_STRING.into());
+    client_from(CONNECTION_STRING_ENV).await
+}
+
+/// A client on the connection string in the environment variable `env`.
+pub async fn client_from(env: &str) -> Client {
+    let cs = std::env::var(env).unwrap_or_else(|_| EMULATOR_CONNECTION_STRING.into());
     tokio::time::timeout(
         CALL,
         ServiceBusClient::unsecured().new_from_connection_string(
@@ -218,6 +223,8 @@ pub struct ServiceBusFixtureOf<const TOPIC: bool> {
     /// The subscription, for a topic fixture.
     pub subscription: Option<String>,
     pub client: Mutex<Client>,
+    /// The environment variable holding the connection string (configs name it).
+    pub connection_env: String,
 }
 
 pub type ServiceBusFixture = ServiceBusFixtureOf<false>;
@@ -228,8 +235,15 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
     /// is the one whose DLQ is managed).
     pub async fn with_subscriptions(subs: &[&str]) -> Self {
         let http = emulator();
-        let client = client().await;
+        Self::on(http, CONNECTION_STRING_ENV, subs).await
+    }
+
+    /// A fixture on another emulator: its ATOM base URL, and the environment
+    /// variable holding its connection string.
+    pub async fn on(http: String, connection_env: &str, subs: &[&str]) -> Self {
+        let client = client_from(connection_env).await;
         let f = Self {
+            connection_env: connection_env.to_string(),
             http,
             entity: unique(if TOPIC { "t" } else { "q" }),
             subscription: TOPIC.then(|| subs.first().copied().unwrap_or("s").to_string()),
@@ -289,8 +303,8 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
             None => format!("      queue: {}\n", self.entity),
         };
         let yaml = format!(
-            "queues:\n  - name: dlq\n    servicebus:\n      connection_string_env: {CONNECTION_STRING_ENV}\n{entity}      management_endpoint: {}\n{extra_servicebus}redrive:\n  hold: 2m\n",
-            self.http
+            "queues:\n  - name: dlq\n    servicebus:\n      connection_string_env: {}\n{entity}      management_endpoint: {}\n{extra_servicebus}redrive:\n  hold: 2m\n",
+            self.connection_env, self.http
         );
         Config::from_yaml(&yaml, "test", &[]).expect("fixture config")
     }

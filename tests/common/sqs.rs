@@ -175,10 +175,9 @@ fn from_sqs(v: &MessageAttributeValue) -> Attribute {
     }
 }
 
-#[async_trait]
-impl Fixture for SqsFixture {
-    async fn create(ordered: bool) -> Self {
-        let endpoint = if ordered { ministack_endpoint() } else { moto_endpoint() };
+impl SqsFixture {
+    /// A fixture on the SQS endpoint given (e.g. a private emulator).
+    pub async fn create_on(endpoint: String, ordered: bool) -> Self {
         let mut f = SqsFixture {
             client: client(&endpoint),
             endpoint,
@@ -213,7 +212,14 @@ impl Fixture for SqsFixture {
         f.source_url = f.create_queue(&format!("{base}{suffix}"), &src_attrs).await;
         f
     }
+}
 
+#[async_trait]
+impl Fixture for SqsFixture {
+    async fn create(ordered: bool) -> Self {
+        let endpoint = if ordered { ministack_endpoint() } else { moto_endpoint() };
+        Self::create_on(endpoint, ordered).await
+    }
     fn config(&self) -> Config {
         let yaml = format!(
             "queues:\n  - name: dlq\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\nredrive:\n  hold: 2m\n",

@@ -16,17 +16,18 @@ use broker::{Broker, BrokerOptions, StoreSettings};
 use topology::Topology;
 
 /// An in-memory Azure Service Bus emulator (AMQP 1.0 and the ATOM count
-/// endpoint). Binds 127.0.0.1 by default (`--host` picks another loopback
-/// address). Port 0 picks a free port; the ready line on stdout reports the
-/// ports actually bound.
+/// endpoint). Binds 127.0.0.1 (`--amqp-host` moves the AMQP listener to
+/// another loopback address). Port 0 picks a free port; the ready line on
+/// stdout reports the ports actually bound.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// Address every listener binds. azservicebus always dials port 5672, so
-    /// a second emulator (e.g. a private one for fault tests) needs its own
-    /// address: any of 127.0.0.0/8 is loopback on Linux.
-    #[arg(long, env = "SERVICEBUS_EMULATOR_HOST", default_value = "127.0.0.1")]
-    host: std::net::IpAddr,
+    /// Address the AMQP listener binds. azservicebus always dials port 5672,
+    /// so a second emulator (e.g. a private one for fault tests) needs its own
+    /// address: all of 127.0.0.0/8 is loopback on Linux. The HTTP(S)
+    /// listeners stay on 127.0.0.1.
+    #[arg(long, env = "SERVICEBUS_EMULATOR_AMQP_HOST", default_value = "127.0.0.1")]
+    amqp_host: std::net::IpAddr,
 
     /// AMQP port. azservicebus always dials 5672, whatever the connection string says.
     #[arg(long, env = "SERVICEBUS_EMULATOR_AMQP_PORT", default_value_t = 5672)]
@@ -87,6 +88,8 @@ enum StartError {
     CertOut(std::io::Error),
 }
 
+const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 async fn bind(what: &'static str, host: std::net::IpAddr, port: u16) -> Result<TcpListener, StartError> {
     let addr = SocketAddr::new(host, port);
     TcpListener::bind(addr)
@@ -117,9 +120,9 @@ async fn run(cli: Cli) -> Result<(), StartError> {
             },
         },
     ));
-    let amqp = bind("AMQP", cli.host, cli.amqp_port).await?;
-    let http = bind("HTTP", cli.host, cli.http_port).await?;
-    let https = bind("HTTPS", cli.host, cli.https_port).await?;
+    let amqp = bind("AMQP", cli.amqp_host, cli.amqp_port).await?;
+    let http = bind("HTTP", LOOPBACK, cli.http_port).await?;
+    let https = bind("HTTPS", LOOPBACK, cli.https_port).await?;
     let (acceptor, pem) = tls::self_signed()?;
     if let Some(path) = &cli.cert_out {
         std::fs::write(path, pem).map_err(StartError::CertOut)?;
