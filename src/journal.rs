@@ -6,7 +6,7 @@
 //! settled. A run that finds `sent` without `settled` for a message it leases
 //! settles it instead of sending a second copy.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
