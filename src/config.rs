@@ -20,8 +20,10 @@ const ENV_SEPARATOR: &str = "__";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read the config file: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    // `error`, not `source`: the message already includes it, and a source
+    // would be printed a second time by `{:#}`.
+    #[error("{path}: cannot read the config file: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{location}: {field}: {message}")]
     Invalid {
         /// `file:line:column` when known, else the file.
@@ -724,9 +726,9 @@ impl<'de> Deserialize<'de> for QueueConfig {
 impl Config {
     /// Read, parse, apply environment overrides and validate a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::from_yaml(&text, &path.display().to_string(), &env_overrides_from_process())
     }

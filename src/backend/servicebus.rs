@@ -315,11 +315,10 @@ impl ServiceBusBackend {
                     .filter(|v| !v.trim().is_empty())
                     .ok_or_else(|| {
                         BackendError::Invalid(format!(
-                            "queue {name}: the environment variable {var} (servicebus.connection_string_env) is not set"
+                            "the environment variable {var} (servicebus.connection_string_env) is not set"
                         ))
                     })?;
-                let cs = ConnectionString::parse(&text)
-                    .map_err(|e| BackendError::Invalid(format!("queue {name}: {var}: {e}")))?;
+                let cs = ConnectionString::parse(&text).map_err(|e| BackendError::Invalid(format!("{var}: {e}")))?;
                 let host = non_empty(&cfg.namespace)
                     .map(|n| namespace_host(&n))
                     .unwrap_or(cs.host.clone());
