@@ -359,6 +359,17 @@ impl Engine {
                     }
                     Err(e) => {
                         lease_failures += 1;
+                        // Refused credentials, a missing queue or a request the
+                        // provider calls invalid do not heal by waiting.
+                        let permanent = matches!(
+                            e,
+                            BackendError::Auth { .. } | BackendError::NotFound { .. } | BackendError::Invalid(_)
+                        );
+                        if permanent {
+                            s.stopped = StopReason::Failed;
+                            s.errors.push(format!("lease failed: {e}"));
+                            break;
+                        }
                         if lease_failures > LEASE_RETRIES {
                             s.stopped = StopReason::Failed;
                             s.errors.push(format!("lease failed {lease_failures} times in a row: {e}"));
