@@ -63,6 +63,12 @@ pub enum Record {
     Settled {
         run: String,
         id: String,
+        /// The settled message's enqueue time, when the provider gives one:
+        /// it tells the same message leased again (a settle that did not take
+        /// effect) from a new one that reuses the ID (Service Bus MessageIds
+        /// are the sender's to choose).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        enqueued_at: Option<DateTime<Utc>>,
     },
     SettleFailed {
         run: String,
@@ -102,9 +108,10 @@ struct Replay {
     /// lock) ran out before the delete, ack or complete reached the provider,
     /// which then drops it without telling the client (a Pub/Sub ack, a
     /// link-level Service Bus complete). Its copy is at the destination, so it
-    /// is settled again, never resent. (A redriven copy that fails again
-    /// comes back under a new ID on every provider.)
-    settled: HashMap<String, (String, String)>,
+    /// is settled again, never resent. It is the same message only when its
+    /// enqueue time matches too (a redriven copy that fails again comes back
+    /// under a new ID, but a sender may reuse a Service Bus MessageId).
+    settled: HashMap<String, (String, String, DateTime<Utc>)>,
     /// The redrive ID of each copy an earlier run set out to send.
     intents: HashMap<String, String>,
 }
@@ -166,9 +173,9 @@ impl Journal {
                 } => {
                     replay.sent.insert(id, (destination, dest_id));
                 }
-                Record::Settled { id, .. } => {
-                    if let Some(sent) = replay.sent.remove(&id) {
-                        replay.settled.insert(id.clone(), sent);
+                Record::Settled { id, enqueued_at, .. } => {
+                    if let (Some((dest, dest_id)), Some(at)) = (replay.sent.remove(&id), enqueued_at) {
+                        replay.settled.insert(id.clone(), (dest, dest_id, at));
                     }
                     replay.intents.remove(&id);
                 }
@@ -214,9 +221,14 @@ impl Journal {
     /// leased message with a copy already out is settled, never resent. That
     /// covers one recorded as settled, too: if it is leased again, the settle
     /// did not take effect (see `Replay::settled`).
-    pub fn already_sent(&self, id: &str) -> Option<(String, String)> {
+    pub fn already_sent(&self, id: &str, enqueued_at: Option<DateTime<Utc>>) -> Option<(String, String)> {
         let r = self.replay.lock().expect("journal lock");
-        r.sent.get(id).or_else(|| r.settled.get(id)).cloned()
+        r.sent.get(id).cloned().or_else(|| {
+            r.settled
+                .get(id)
+                .filter(|(_, _, at)| Some(*at) == enqueued_at)
+                .map(|(dest, dest_id, _)| (dest.clone(), dest_id.clone()))
+        })
     }
 
     /// The redrive ID an earlier run gave its copy of message `id`, when that
@@ -228,10 +240,10 @@ impl Journal {
 
     pub fn append(&self, record: &Record) -> Result<(), JournalError> {
         match record {
-            Record::Settled { id, .. } => {
+            Record::Settled { id, enqueued_at, .. } => {
                 let mut r = self.replay.lock().expect("journal lock");
-                if let Some(sent) = r.sent.remove(id) {
-                    r.settled.insert(id.clone(), sent);
+                if let (Some((dest, dest_id)), Some(at)) = (r.sent.remove(id), enqueued_at) {
+                    r.settled.insert(id.clone(), (dest, dest_id, *at));
                 }
                 r.intents.remove(id);
             }
@@ -434,6 +446,7 @@ mod tests {
                 j.append(&Record::Settled {
                     run: "r1".into(),
                     id: format!("m{i}"),
+                    enqueued_at: None,
                 })
                 .unwrap();
                 j.sync().unwrap();
@@ -455,6 +468,7 @@ mod tests {
 
     #[test]
     fn replay_finds_sent_but_unsettled() {
+        let enqueued = Utc::now();
         let dir = std::env::temp_dir().join(format!("dlqb-journal-{}", uuid::Uuid::new_v4()));
         let path = dir.join("j.jsonl");
         {
@@ -471,6 +485,7 @@ mod tests {
                     j.append(&Record::Settled {
                         run: "r1".into(),
                         id: id.into(),
+                        enqueued_at: Some(enqueued),
                     })
                     .unwrap();
                 }
@@ -487,15 +502,20 @@ mod tests {
         j.append(&Record::Settled {
             run: "r2".into(),
             id: "b".into(),
+            enqueued_at: None,
         })
         .unwrap();
         j.sync().unwrap();
         drop(j);
         let j = Journal::open(&path).unwrap();
         assert_eq!(j.unsettled("b"), None);
-        // Settled, but should it be leased again, its copy is already out.
-        assert_eq!(j.already_sent("b"), Some(("q".into(), "d-b".into())));
-        assert_eq!(j.already_sent("a"), Some(("q".into(), "d-a".into())));
+        // Settled, but should the same message be leased again, its copy is
+        // already out; a new message reusing the ID is not that message.
+        assert_eq!(j.already_sent("a", Some(enqueued)), Some(("q".into(), "d-a".into())));
+        assert_eq!(j.already_sent("a", Some(enqueued + chrono::Duration::seconds(1))), None);
+        assert_eq!(j.already_sent("a", None), None);
+        // Settled without an enqueue time: not recognisable, so sent again.
+        assert_eq!(j.already_sent("b", None), None);
         assert_eq!(read_records(&path).unwrap().len(), 4);
         std::fs::remove_dir_all(dir).unwrap();
     }

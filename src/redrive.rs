@@ -395,7 +395,7 @@ impl Engine {
                     fresh += 1;
                     s.examined += 1;
                     Progress::add(&self.progress.examined, 1);
-                    if !plan.dry_run && self.journal.as_ref().is_some_and(|j| j.already_sent(&l.message.id).is_some()) {
+                    if !plan.dry_run && self.journal.as_ref().is_some_and(|j| j.already_sent(&l.message.id, l.message.enqueued_at).is_some()) {
                         journal_settle.push(l);
                         continue;
                     }
@@ -721,6 +721,7 @@ impl Engine {
                         Record::Settled {
                             run: run.into(),
                             id: l.message.id,
+                            enqueued_at: l.message.enqueued_at,
                         }
                     });
                 }
