@@ -50,6 +50,8 @@ pub struct RedriveRequest {
 pub struct Registry {
     config: Arc<Config>,
     backends: Mutex<HashMap<String, Arc<dyn QueueBackend>>>,
+    /// Provider clients, shared by the queues that can use the same one.
+    clients: backend::SharedClients,
 }
 
 impl Registry {
@@ -57,6 +59,7 @@ impl Registry {
         Self {
             config: Arc::new(config),
             backends: Mutex::new(HashMap::new()),
+            clients: backend::SharedClients::default(),
         }
     }
 
@@ -85,10 +88,12 @@ impl Registry {
         if let Some(b) = self.backends.lock().await.get(name) {
             return Ok(b.clone());
         }
-        let b = backend::connect(queue).await.map_err(|error| RegistryError::Backend {
-            queue: name.to_string(),
-            error,
-        })?;
+        let b = backend::connect_shared(queue, &self.clients)
+            .await
+            .map_err(|error| RegistryError::Backend {
+                queue: name.to_string(),
+                error,
+            })?;
         self.backends.lock().await.insert(name.to_string(), b.clone());
         Ok(b)
     }

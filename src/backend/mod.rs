@@ -113,18 +113,63 @@ pub trait QueueBackend: Send + Sync {
     async fn resolve_destination(&self, name: &str) -> Result<Destination>;
 }
 
-/// Build the adapter a queue's config asks for.
+/// Provider clients shared by every queue that can use the same one: one AWS
+/// SDK client per (region, endpoint), one set of Pub/Sub gRPC channels per
+/// endpoint (emulator host or Google), one Service Bus connection per
+/// (namespace, credentials). Each is created on first use and handed to each
+/// queue's adapter, so a sidecar with many queues holds a handful of
+/// connections, HTTP clients and TLS configurations instead of one set per
+/// queue. The [`crate::registry::Registry`] owns one.
+#[derive(Default)]
+pub struct SharedClients {
+    #[cfg(feature = "sqs")]
+    pub(crate) sqs: sqs::Clients,
+    #[cfg(feature = "pubsub")]
+    pub(crate) pubsub: pubsub::Clients,
+    #[cfg(feature = "servicebus")]
+    pub(crate) servicebus: servicebus::Clients,
+}
+
+/// The HTTP client of the REST side calls (Service Bus ATOM counts, Entra ID
+/// tokens, Cloud Monitoring), built once per process: each build loads a TLS
+/// configuration and its root certificates.
+pub(crate) fn http_client() -> Result<reqwest::Client> {
+    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    if let Some(c) = HTTP.get() {
+        return Ok(c.clone());
+    }
+    let c = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(20))
+        .build()
+        .map_err(|e| BackendError::Invalid(format!("cannot build the HTTP client: {e}")))?;
+    Ok(HTTP.get_or_init(|| c).clone())
+}
+
+/// Build the adapter a queue's config asks for, with clients of its own.
 pub async fn connect(queue: &QueueConfig) -> Result<Arc<dyn QueueBackend>> {
+    connect_shared(queue, &SharedClients::default()).await
+}
+
+/// Build the adapter a queue's config asks for, reusing (or creating) the
+/// provider client in `shared` that fits it.
+pub async fn connect_shared(queue: &QueueConfig, shared: &SharedClients) -> Result<Arc<dyn QueueBackend>> {
+    #[cfg(not(all(feature = "sqs", feature = "pubsub", feature = "servicebus")))]
+    let _ = shared;
     match &queue.kind {
         #[cfg(feature = "sqs")]
-        QueueKind::Sqs(cfg) => Ok(Arc::new(sqs::SqsBackend::connect(&queue.name, cfg, queue).await?)),
+        QueueKind::Sqs(cfg) => Ok(Arc::new(
+            sqs::SqsBackend::connect(&queue.name, cfg, queue, &shared.sqs).await?,
+        )),
         #[cfg(not(feature = "sqs"))]
         QueueKind::Sqs(_) => Err(BackendError::NotCompiled {
             queue: queue.name.clone(),
             backend: "sqs",
         }),
         #[cfg(feature = "pubsub")]
-        QueueKind::PubSub(cfg) => Ok(Arc::new(pubsub::PubSubBackend::connect(&queue.name, cfg, queue).await?)),
+        QueueKind::PubSub(cfg) => Ok(Arc::new(
+            pubsub::PubSubBackend::connect(&queue.name, cfg, queue, &shared.pubsub).await?,
+        )),
         #[cfg(not(feature = "pubsub"))]
         QueueKind::PubSub(_) => Err(BackendError::NotCompiled {
             queue: queue.name.clone(),
@@ -132,7 +177,7 @@ pub async fn connect(queue: &QueueConfig) -> Result<Arc<dyn QueueBackend>> {
         }),
         #[cfg(feature = "servicebus")]
         QueueKind::ServiceBus(cfg) => Ok(Arc::new(
-            servicebus::ServiceBusBackend::connect(&queue.name, cfg, queue).await?,
+            servicebus::ServiceBusBackend::connect(&queue.name, cfg, queue, &shared.servicebus).await?,
         )),
         #[cfg(not(feature = "servicebus"))]
         QueueKind::ServiceBus(_) => Err(BackendError::NotCompiled {

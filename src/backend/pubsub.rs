@@ -92,8 +92,11 @@
 //! ## Credentials and endpoints
 //! On GCP, Application Default Credentials: GOOGLE_APPLICATION_CREDENTIALS,
 //! gcloud's user credentials, or the metadata server (GKE Workload Identity).
-//! A connection is opened while connecting, with a 3 s connect timeout, so a
-//! stopped emulator is reported at once as unreachable.
+//! The gRPC channels (three pools: publish and pull, subscriber admin, and the
+//! never-used streaming pull that gcloud-pubsub's client insists on) are
+//! opened by the first queue on an endpoint, with a 3 s connect timeout, so a
+//! stopped emulator is reported at once as unreachable; every other queue on
+//! the same endpoint (emulator host, or Google's) shares them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -178,12 +181,8 @@ pub struct PubSubBackend {
     /// The emulator's `host:port`, or Pub/Sub's domain: named in errors.
     endpoint: String,
     emulator: bool,
-    subc: SubscriberClient,
-    /// Publishes go through the generated client (gcloud-pubsub keeps its own
-    /// publisher client private to its background publisher).
-    pub_cm: ConnectionManager,
-    /// Pulls are made on the generated client too, to set a server-side deadline.
-    pull_cm: ConnectionManager,
+    /// The endpoint's channels, shared with every queue on the same endpoint.
+    conns: Arc<Conns>,
     reason_attribute: String,
     description_attribute: String,
     /// The config's `source`, as a topic name.
@@ -193,9 +192,84 @@ pub struct PubSubBackend {
     source_topics: Mutex<HashMap<String, Option<String>>>,
     /// The single subscription whose dead-letter policy points at this DLQ's topic.
     listed_source: OnceCell<Option<String>>,
-    http: reqwest::Client,
-    monitoring_token: OnceCell<Arc<dyn TokenSource>>,
     warned_hold: AtomicBool,
+}
+
+/// The gRPC channels (and the Cloud Monitoring token) of one endpoint: the
+/// emulator's `host:port`, or Google's with Application Default Credentials.
+/// Nothing in them depends on the project or the subscription, so every queue
+/// on the endpoint shares them.
+struct Conns {
+    subc: SubscriberClient,
+    /// Publishes and pulls go through the generated clients on this pool:
+    /// gcloud-pubsub keeps its own publisher client private to its background
+    /// publisher, and a pull needs a server-side deadline.
+    rpc_cm: ConnectionManager,
+    monitoring_token: OnceCell<Arc<dyn TokenSource>>,
+}
+
+/// Pub/Sub channels shared between queues, one set per endpoint (`None`: GCP).
+#[derive(Default)]
+pub struct Clients {
+    by_endpoint: Mutex<HashMap<Option<String>, Arc<OnceCell<Arc<Conns>>>>>,
+}
+
+impl Clients {
+    async fn get(&self, emulator_host: Option<&str>) -> Result<Arc<Conns>> {
+        let cell = self
+            .by_endpoint
+            .lock()
+            .await
+            .entry(emulator_host.map(str::to_string))
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| Conns::open(emulator_host)).await.cloned()
+    }
+}
+
+impl Conns {
+    /// Open the channels; a stopped emulator is reported here, within the
+    /// 3 s connect timeout.
+    async fn open(emulator_host: Option<&str>) -> Result<Arc<Self>> {
+        let options = ConnectionOptions {
+            timeout: Some(Duration::from_secs(60)),
+            connect_timeout: Some(Duration::from_secs(3)),
+            ..Default::default()
+        };
+        let (endpoint, pool) = match emulator_host {
+            Some(h) => (h.to_string(), 1),
+            None => (PUBSUB.to_string(), 2),
+        };
+        let env = match emulator_host {
+            Some(h) => Environment::Emulator(h.to_string()),
+            None => Environment::GoogleCloud(Box::new(
+                DefaultTokenSourceProvider::new(AuthConfig::default().with_audience(AUDIENCE).with_scopes(&SCOPES))
+                    .await
+                    .map_err(|e| BackendError::Auth {
+                        provider: PROVIDER,
+                        detail: format!("no Application Default Credentials: {e}"),
+                    })?,
+            )),
+        };
+        let cm = |pool: usize| {
+            let env = &env;
+            let options = &options;
+            let endpoint = &endpoint;
+            async move {
+                ConnectionManager::new(pool, PUBSUB, env, options)
+                    .await
+                    .map_err(|e| connect_error(endpoint, e))
+            }
+        };
+        let rpc_cm = cm(pool).await?;
+        // The streaming-pull pool is never used (no StreamingPull, ever).
+        let subc = SubscriberClient::new(cm(pool).await?, cm(1).await?);
+        Ok(Arc::new(Self {
+            subc,
+            rpc_cm,
+            monitoring_token: OnceCell::new(),
+        }))
+    }
 }
 
 fn non_empty_env(name: &str) -> Option<String> {
@@ -237,7 +311,7 @@ fn connect_error(endpoint: &str, e: impl std::error::Error + 'static) -> Backend
 }
 
 impl PubSubBackend {
-    pub async fn connect(name: &str, cfg: &PubSubQueueConfig, queue: &QueueConfig) -> Result<Self> {
+    pub async fn connect(name: &str, cfg: &PubSubQueueConfig, queue: &QueueConfig, clients: &Clients) -> Result<Self> {
         if cfg.project.trim().is_empty() {
             return Err(BackendError::Invalid(format!(
                 "queue {name}: pubsub.project must not be empty"
@@ -248,44 +322,13 @@ impl PubSubBackend {
             .emulator_host
             .clone()
             .filter(|h| !h.trim().is_empty())
-            .or_else(|| non_empty_env("PUBSUB_EMULATOR_HOST"));
-        let options = ConnectionOptions {
-            timeout: Some(Duration::from_secs(60)),
-            connect_timeout: Some(Duration::from_secs(3)),
-            ..Default::default()
+            .or_else(|| non_empty_env("PUBSUB_EMULATOR_HOST"))
+            .map(|h| h.trim().to_string());
+        let (endpoint, emulator) = match &emulator_host {
+            Some(h) => (h.clone(), true),
+            None => (PUBSUB.to_string(), false),
         };
-        let (endpoint, emulator, pool) = match &emulator_host {
-            Some(h) => (h.trim().to_string(), true, 1),
-            None => (PUBSUB.to_string(), false, 2),
-        };
-        let environment = || async {
-            Ok::<_, BackendError>(match &emulator_host {
-                Some(h) => Environment::Emulator(h.trim().to_string()),
-                None => Environment::GoogleCloud(Box::new(
-                    DefaultTokenSourceProvider::new(AuthConfig::default().with_audience(AUDIENCE).with_scopes(&SCOPES))
-                        .await
-                        .map_err(|e| BackendError::Auth {
-                            provider: PROVIDER,
-                            detail: format!("no Application Default Credentials: {e}"),
-                        })?,
-                )),
-            })
-        };
-        let env = environment().await?;
-        let cm = |pool: usize| {
-            let env = &env;
-            let options = &options;
-            let endpoint = &endpoint;
-            async move {
-                ConnectionManager::new(pool, PUBSUB, env, options)
-                    .await
-                    .map_err(|e| connect_error(endpoint, e))
-            }
-        };
-        let pub_cm = cm(pool).await?;
-        // The streaming-pull pool is never used (no StreamingPull, ever).
-        let subc = SubscriberClient::new(cm(pool).await?, cm(1).await?);
-        let pull_cm = cm(pool).await?;
+        let conns = clients.get(emulator_host.as_deref()).await?;
         let config_source = match &queue.source {
             Some(s) => Some(full_name(&cfg.project, "topics", s)?),
             None => None,
@@ -296,28 +339,18 @@ impl PubSubBackend {
             subscription,
             endpoint,
             emulator,
-            subc,
-            pub_cm,
-            pull_cm,
+            conns,
             reason_attribute: queue.reason_attribute.clone(),
             description_attribute: queue.description_attribute.clone(),
             config_source,
             target_attribute: cfg.target_subscription_attribute.clone().filter(|a| !a.is_empty()),
             source_topics: Mutex::new(HashMap::new()),
             listed_source: OnceCell::new(),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(20))
-                .build()
-                .map_err(|e| BackendError::Provider {
-                    provider: PROVIDER,
-                    detail: format!("cannot build the HTTP client: {e}"),
-                })?,
-            monitoring_token: OnceCell::new(),
             warned_hold: AtomicBool::new(false),
         };
         // Fail now, with a clear error, if the DLQ subscription does not exist.
         backend
+            .conns
             .subc
             .get_subscription(
                 GetSubscriptionRequest {
@@ -354,7 +387,8 @@ impl PubSubBackend {
             max_messages: max.clamp(1, COUNT_PULL) as i32,
         };
         let request = routed(req, "subscription", &self.subscription, PULL_DEADLINE);
-        let mut client = RawSubscriberClient::new(self.pull_cm.conn()).max_decoding_message_size(PULL_DECODE_LIMIT);
+        let mut client =
+            RawSubscriberClient::new(self.conns.rpc_cm.conn()).max_decoding_message_size(PULL_DECODE_LIMIT);
         match client.pull(request).await {
             Ok(r) => Ok(r.into_inner().received_messages),
             // The deadline passed with nothing to deliver.
@@ -364,7 +398,7 @@ impl PubSubBackend {
     }
 
     fn publisher(&self) -> RawPublisherClient<gcloud_gax::conn::Channel> {
-        RawPublisherClient::new(self.pub_cm.conn())
+        RawPublisherClient::new(self.conns.rpc_cm.conn())
             .max_encoding_message_size(2 * MAX_PUBLISH_BYTES)
             .max_decoding_message_size(2 * MAX_PUBLISH_BYTES)
     }
@@ -389,7 +423,8 @@ impl PubSubBackend {
 
     async fn modify_deadline(&self, ack_ids: &[String], seconds: i32) -> Result<(), Status> {
         for chunk in ack_ids.chunks(ACK_CHUNK) {
-            self.subc
+            self.conns
+                .subc
                 .modify_ack_deadline(
                     ModifyAckDeadlineRequest {
                         subscription: self.subscription.clone(),
@@ -423,6 +458,7 @@ impl PubSubBackend {
             return t.clone();
         }
         let found = self
+            .conns
             .subc
             .get_subscription(
                 GetSubscriptionRequest {
@@ -499,6 +535,7 @@ impl PubSubBackend {
 
     async fn monitoring_token(&self) -> Result<String> {
         let ts = self
+            .conns
             .monitoring_token
             .get_or_try_init(|| async {
                 let provider = DefaultTokenSourceProvider::new(AuthConfig::default().with_scopes(&MONITORING_SCOPES))
@@ -536,8 +573,7 @@ impl PubSubBackend {
             ],
         )
         .map_err(|e| BackendError::Invalid(format!("Cloud Monitoring URL: {e}")))?;
-        let resp = self
-            .http
+        let resp = super::http_client()?
             .get(url)
             .header("Authorization", token)
             .send()
@@ -591,6 +627,7 @@ impl PubSubBackend {
         self.listed_source
             .get_or_try_init(|| async {
                 let dlq_topic = self
+                    .conns
                     .subc
                     .get_subscription(
                         GetSubscriptionRequest {
@@ -603,6 +640,7 @@ impl PubSubBackend {
                     .into_inner()
                     .topic;
                 let subs = match self
+                    .conns
                     .subc
                     .list_subscriptions(
                         ListSubscriptionsRequest {
@@ -995,7 +1033,7 @@ impl QueueBackend for PubSubBackend {
                 subscription: self.subscription.clone(),
                 ack_ids: chunk.iter().map(|l| l.0.clone()).collect(),
             };
-            match self.subc.acknowledge(req, None).await {
+            match self.conns.subc.acknowledge(req, None).await {
                 Ok(_) => results.extend(std::iter::repeat_n(SettleResult::Settled, chunk.len())),
                 Err(s) => {
                     let error = self.error(s, &self.subscription).to_string();

@@ -36,9 +36,14 @@
 //!   Counts are `approximate` on Azure (they are eventually consistent) and
 //!   `exact` on an emulator.
 //!
-//! Every AMQP call runs under a timeout, and a failed or timed-out call drops
-//! the connection so that the next call reconnects: nothing waits forever,
-//! and a stopped emulator is reported as unreachable within seconds.
+//! One AMQP connection per namespace and credentials is shared by all the
+//! queues on it ([`Clients`]); each queue attaches its own links. Every AMQP
+//! call runs under a timeout, and a call that fails for the connection's sake
+//! (unreachable, timed out) drops the connection so that the next call
+//! reconnects: nothing waits forever, and a stopped emulator is reported as
+//! unreachable within seconds. A queue drops the connection only if it is still
+//! the one its link was attached on, so queues never close each other's fresh
+//! connection; links of a closed connection are re-attached on the next call.
 //!
 //! ## The message model
 //! - `id` is the MessageId (falling back to the sequence number when a
@@ -107,6 +112,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -278,16 +284,61 @@ pub struct ServiceBusBackend {
     emulator: bool,
     config_source: Option<String>,
     target_property: Option<String>,
-    client: Mutex<Option<Client>>,
+    /// The namespace's connection, shared with every queue on it.
+    conn: Arc<SharedClient>,
     receiver: Mutex<Option<ServiceBusReceiver>>,
+    /// The connection generation the receiver was attached on.
+    receiver_generation: AtomicU64,
     senders: Mutex<HashMap<String, ServiceBusSender>>,
+    /// The connection generation the senders were attached on.
+    senders_generation: AtomicU64,
     /// Received messages by lock token, until settled or released.
     leases: std::sync::Mutex<HashMap<String, Received>>,
-    http: reqwest::Client,
     management: String,
     stats_cache: Mutex<Option<(Instant, DlqStats)>>,
     /// The sequence number after the last message leased (see `lease`).
     next_sequence: std::sync::atomic::AtomicI64,
+}
+
+/// Service Bus connections shared between queues: one per namespace and
+/// credentials. A connection carries its own tasks, CBS link and TLS session;
+/// the queues on it differ only by their links.
+#[derive(Default)]
+pub struct Clients {
+    /// Keyed by a digest of the namespace and credentials (no secret kept twice).
+    by_key: std::sync::Mutex<HashMap<[u8; 32], Arc<SharedClient>>>,
+}
+
+impl Clients {
+    fn get(&self, auth: &Auth, host: &str) -> Arc<SharedClient> {
+        let identity = match auth {
+            Auth::Sas(cs) => format!("sas|{}|{}", cs.emulator, cs.for_client()),
+            Auth::Entra(_) => format!("entra|{host}"),
+        };
+        let key: [u8; 32] = Sha256::digest(identity.as_bytes()).into();
+        self.by_key
+            .lock()
+            .expect("clients lock")
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+}
+
+/// One namespace's connection, opened on first use. Each opening gets a new
+/// generation number, so that a queue whose link failed drops the connection
+/// only if it is still the one that link was on: a queue never closes a
+/// connection another queue has just reopened.
+#[derive(Default)]
+struct SharedClient {
+    slot: Mutex<Option<(u64, Client)>>,
+    generations: AtomicU64,
+}
+
+impl SharedClient {
+    async fn generation(&self) -> Option<u64> {
+        self.slot.lock().await.as_ref().map(|(g, _)| *g)
+    }
 }
 
 fn non_empty(s: &Option<String>) -> Option<String> {
@@ -295,7 +346,12 @@ fn non_empty(s: &Option<String>) -> Option<String> {
 }
 
 impl ServiceBusBackend {
-    pub async fn connect(name: &str, cfg: &ServiceBusQueueConfig, queue: &QueueConfig) -> Result<Self> {
+    pub async fn connect(
+        name: &str,
+        cfg: &ServiceBusQueueConfig,
+        queue: &QueueConfig,
+        clients: &Clients,
+    ) -> Result<Self> {
         let entity = match (&cfg.queue, &cfg.topic, &cfg.subscription) {
             (Some(q), None, None) => Entity::Queue(q.clone()),
             (None, Some(t), Some(s)) => Entity::Subscription {
@@ -350,14 +406,7 @@ impl ServiceBusBackend {
             None if emulator => format!("http://{host}:5300"),
             None => format!("https://{host}"),
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(20))
-            .build()
-            .map_err(|e| BackendError::Provider {
-                provider: PROVIDER,
-                detail: format!("cannot build the HTTP client: {e}"),
-            })?;
+        let conn = clients.get(&auth, &host);
         let backend = Self {
             queue_name: name.to_string(),
             entity,
@@ -366,11 +415,12 @@ impl ServiceBusBackend {
             emulator,
             config_source: queue.source.clone().filter(|s| !s.trim().is_empty()),
             target_property: non_empty(&cfg.target_subscription_property),
-            client: Mutex::new(None),
+            conn,
             receiver: Mutex::new(None),
+            receiver_generation: AtomicU64::new(0),
             senders: Mutex::new(HashMap::new()),
+            senders_generation: AtomicU64::new(0),
             leases: std::sync::Mutex::new(HashMap::new()),
-            http,
             management,
             stats_cache: Mutex::new(None),
             next_sequence: std::sync::atomic::AtomicI64::new(1),
@@ -380,7 +430,7 @@ impl ServiceBusBackend {
         // and `list` needs only the management call. A missing entity shows
         // as NotFound from the first call (ATOM's empty feed, or the
         // attach's `amqp:not-found`).
-        let mut slot = backend.client.lock().await;
+        let mut slot = backend.conn.slot.lock().await;
         backend.client(&mut slot).await?;
         drop(slot);
         // A mistyped entity must fail here, before a receiver attaches:
@@ -415,8 +465,8 @@ impl ServiceBusBackend {
         )
     }
 
-    /// The client, opened on first use.
-    async fn client<'a>(&self, slot: &'a mut Option<Client>) -> Result<&'a mut Client> {
+    /// The namespace's client and its generation, opened on first use.
+    async fn client<'a>(&self, slot: &'a mut Option<(u64, Client)>) -> Result<(u64, &'a mut Client)> {
         if slot.is_none() {
             let options = ServiceBusClientOptions {
                 retry_options: ServiceBusRetryOptions {
@@ -446,16 +496,19 @@ impl ServiceBusBackend {
                 .await
                 .map_err(|_| self.unreachable(format!("no AMQP connection within {CONNECT_TIMEOUT:?}")))?
                 .map_err(|e| self.classify("connect", &e))?;
-            *slot = Some(client);
+            let generation = self.conn.generations.fetch_add(1, Ordering::Relaxed) + 1;
+            *slot = Some((generation, client));
         }
-        Ok(slot.as_mut().expect("just set"))
+        let (generation, client) = slot.as_mut().expect("just set");
+        Ok((*generation, client))
     }
 
-    /// Forget the connection after a failure, so the next call reconnects.
-    /// Leases taken on the old link can no longer be settled; their locks
-    /// lapse and the messages return to the DLQ.
-    async fn reset(&self) {
-        *self.client.lock().await = None;
+    /// Forget the connection of `generation` after a failure, so the next
+    /// call reconnects (unless another queue already did). Leases taken on
+    /// the old link can no longer be settled; their locks lapse and the
+    /// messages return to the DLQ.
+    async fn reset(&self, generation: u64) {
+        self.reset_client_only(generation).await;
         self.senders.lock().await.clear();
     }
 
@@ -463,9 +516,15 @@ impl ServiceBusBackend {
         &self,
         slot: &'a mut Option<ServiceBusReceiver>,
     ) -> Result<&'a mut ServiceBusReceiver> {
+        // A receiver on a connection that was closed since (after another
+        // queue's failure) is dead: attach a new one.
+        if slot.is_some() && self.conn.generation().await != Some(self.receiver_generation.load(Ordering::Relaxed)) {
+            *slot = None;
+            self.leases.lock().expect("leases lock").clear();
+        }
         if slot.is_none() {
-            let mut client_slot = self.client.lock().await;
-            let client = self.client(&mut client_slot).await?;
+            let mut client_slot = self.conn.slot.lock().await;
+            let (generation, client) = self.client(&mut client_slot).await?;
             let options = ServiceBusReceiverOptions {
                 sub_queue: SubQueue::DeadLetter,
                 receive_mode: ServiceBusReceiveMode::PeekLock,
@@ -489,26 +548,31 @@ impl ServiceBusBackend {
                     let err = self.classify("attach to the dead-letter queue", &e);
                     drop(client_slot);
                     if matches!(err, BackendError::Unreachable { .. }) {
-                        self.reset().await;
+                        self.reset(generation).await;
                     }
                     return Err(err);
                 }
                 Err(_) => {
                     drop(client_slot);
-                    self.reset().await;
+                    self.reset(generation).await;
                     return Err(self.unreachable("attaching to the dead-letter queue timed out"));
                 }
             };
             *slot = Some(receiver);
+            self.receiver_generation.store(generation, Ordering::Relaxed);
         }
         Ok(slot.as_mut().expect("just set"))
     }
 
-    /// Drop the DLQ receiver (and the connection) after a failed call.
-    async fn drop_receiver(&self, slot: &mut Option<ServiceBusReceiver>) {
+    /// Drop the DLQ receiver after a failed call, and the connection too when
+    /// the failure was the connection's (unreachable, timed out): other
+    /// queues share it, so an error of this entity alone leaves it open.
+    async fn drop_receiver(&self, slot: &mut Option<ServiceBusReceiver>, connection: bool) {
         *slot = None;
         self.leases.lock().expect("leases lock").clear();
-        self.reset().await;
+        if connection {
+            self.reset(self.receiver_generation.load(Ordering::Relaxed)).await;
+        }
     }
 
     fn to_model(&self, raw: &Message<Body<Value>>, fields: Fields) -> DlqMessage {
@@ -577,11 +641,12 @@ impl ServiceBusBackend {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
                     let err = self.classify("peek", &e);
-                    self.drop_receiver(&mut slot).await;
+                    self.drop_receiver(&mut slot, matches!(err, BackendError::Unreachable { .. }))
+                        .await;
                     return Err(err);
                 }
                 Err(_) => {
-                    self.drop_receiver(&mut slot).await;
+                    self.drop_receiver(&mut slot, true).await;
                     return Err(self.unreachable("peek timed out"));
                 }
             };
@@ -644,16 +709,24 @@ impl ServiceBusBackend {
         senders: &'a mut HashMap<String, ServiceBusSender>,
         dest: &str,
     ) -> Result<&'a mut ServiceBusSender> {
+        let current = self.conn.generation().await;
+        if current != Some(self.senders_generation.load(Ordering::Relaxed)) {
+            // Attached on a connection that was closed since.
+            senders.clear();
+        }
         if !senders.contains_key(dest) {
-            let mut client_slot = self.client.lock().await;
-            let client = self.client(&mut client_slot).await?;
+            let mut client_slot = self.conn.slot.lock().await;
+            let (generation, client) = self.client(&mut client_slot).await?;
+            if self.senders_generation.swap(generation, Ordering::Relaxed) != generation {
+                senders.clear();
+            }
             let fut = client.create_sender(dest.to_string(), ServiceBusSenderOptions::default());
             let sender = match tokio::time::timeout(CALL_TIMEOUT, fut).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return Err(classify(&e, &self.unreachable(""), dest, "attach a sender")),
                 Err(_) => {
                     drop(client_slot);
-                    self.reset_client_only().await;
+                    self.reset_client_only(generation).await;
                     return Err(self.unreachable(format!("attaching a sender to {dest} timed out")));
                 }
             };
@@ -662,8 +735,12 @@ impl ServiceBusBackend {
         Ok(senders.get_mut(dest).expect("just inserted"))
     }
 
-    async fn reset_client_only(&self) {
-        *self.client.lock().await = None;
+    /// Close the namespace's connection if it is still that of `generation`.
+    async fn reset_client_only(&self, generation: u64) {
+        let mut slot = self.conn.slot.lock().await;
+        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *slot = None;
+        }
     }
 
     fn outgoing_message(&self, o: &Outgoing, dest: &str) -> Result<ServiceBusMessage, String> {
@@ -744,9 +821,23 @@ impl ServiceBusBackend {
     }
 
     /// How many messages of `msgs` fit in one batch on `dest`'s link.
-    async fn split(&self, dest: &str, msgs: &[ServiceBusMessage]) -> Result<Vec<std::ops::Range<usize>>> {
+    /// `estimate` is an upper bound of the encoded size of all of them: when
+    /// they fit by it, they are not encoded once more just to be measured.
+    async fn split(
+        &self,
+        dest: &str,
+        msgs: &[ServiceBusMessage],
+        estimate: usize,
+    ) -> Result<Vec<std::ops::Range<usize>>> {
         let mut senders = self.senders.lock().await;
         let sender = self.sender(&mut senders, dest).await?;
+        let max = match sender.create_message_batch(CreateMessageBatchOptions::default()) {
+            Ok(b) => b.max_size_in_bytes() as usize,
+            Err(_) => 0,
+        };
+        if msgs.len() <= BATCH && estimate <= max {
+            return Ok(vec![0..msgs.len()]);
+        }
         let mut ranges = Vec::new();
         let mut start = 0;
         while start < msgs.len() {
@@ -793,8 +884,7 @@ impl ServiceBusBackend {
                 format!("Bearer {token}")
             }
         };
-        let resp = self
-            .http
+        let resp = super::http_client()?
             .get(&url)
             .header("Authorization", auth)
             .send()
@@ -981,6 +1071,40 @@ pub fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
         Body::Sequence(_) => (Bytes::new(), Some("amqp-sequence")),
         Body::Empty => (Bytes::new(), None),
     }
+}
+
+/// An upper bound of the AMQP encoding of the copy of `o`, inside a batch:
+/// the body, every string of the properties and application properties (the
+/// target property included) with the largest per-value overhead AMQP has
+/// (a constructor and a 4-byte length each), and the fixed sections.
+fn encoded_size_bound(o: &Outgoing, target_property: Option<&str>) -> usize {
+    const PER_VALUE: usize = 16;
+    const FIXED: usize = 512;
+    let attributes: usize = o
+        .attributes
+        .iter()
+        .map(|(k, a)| {
+            let value = match &a.value {
+                AttrValue::String(s) | AttrValue::Number(s) => s.len(),
+                AttrValue::Binary(b) => b.len(),
+                _ => 64,
+            };
+            k.len() + value + a.data_type.as_deref().map_or(0, str::len) + 2 * PER_VALUE
+        })
+        .sum();
+    let properties: usize = o
+        .properties
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 2 * PER_VALUE)
+        .sum();
+    let target = target_property.map_or(0, |p| p.len() + 2 * PER_VALUE) * 2;
+    FIXED
+        + o.body.len()
+        + o.dedup_id.len().max(64)
+        + o.ordering_key.as_ref().map_or(0, |k| 2 * k.len())
+        + attributes
+        + properties
+        + target
 }
 
 /// The copy's MessageId: the engine's dedup ID (`<original>-<count>`), hashed
@@ -1248,11 +1372,12 @@ impl QueueBackend for ServiceBusBackend {
             Ok(Ok(p)) => p.len() as u32,
             Ok(Err(e)) => {
                 let err = self.classify("peek before receive", &e);
-                self.drop_receiver(&mut slot).await;
+                self.drop_receiver(&mut slot, matches!(err, BackendError::Unreachable { .. }))
+                    .await;
                 return Err(err);
             }
             Err(_) => {
-                self.drop_receiver(&mut slot).await;
+                self.drop_receiver(&mut slot, true).await;
                 return Err(self.unreachable("peek timed out"));
             }
         };
@@ -1263,7 +1388,7 @@ impl QueueBackend for ServiceBusBackend {
         let got = match self.receive(rx, available, LEASE_WAIT).await {
             Ok(m) => m,
             Err(e) => {
-                self.drop_receiver(&mut slot).await;
+                self.drop_receiver(&mut slot, true).await;
                 return Err(self.unreachable(format!("receive from the dead-letter queue: {e}")));
             }
         };
@@ -1298,17 +1423,19 @@ impl QueueBackend for ServiceBusBackend {
         let mut results: Vec<Option<SendResult>> = vec![None; msgs.len()];
         let mut built = Vec::new();
         let mut index = Vec::new();
+        let mut estimate = 0;
         for (i, o) in msgs.iter().enumerate() {
             match self.outgoing_message(o, dest) {
                 Ok(m) => {
                     built.push(m);
                     index.push(i);
+                    estimate += encoded_size_bound(o, self.target_property.as_deref());
                 }
                 Err(e) => results[i] = Some(SendResult::Failed { error: e }),
             }
         }
         if !built.is_empty() {
-            let ranges = self.split(dest, &built).await?;
+            let ranges = self.split(dest, &built, estimate).await?;
             for r in ranges {
                 match self.send_batch(dest, &built[r.clone()]).await {
                     Ok(()) => {
@@ -1401,7 +1528,7 @@ impl QueueBackend for ServiceBusBackend {
                     failed += 1;
                 }
                 Err(_) => {
-                    self.drop_receiver(&mut slot).await;
+                    self.drop_receiver(&mut slot, true).await;
                     return Err(self.unreachable("abandon timed out"));
                 }
             }
@@ -1468,11 +1595,7 @@ impl WorkloadIdentityCredential {
             client_id: var("AZURE_CLIENT_ID")?,
             tenant_id: var("AZURE_TENANT_ID")?,
             authority: var("AZURE_AUTHORITY_HOST").unwrap_or_else(|_| "https://login.microsoftonline.com/".into()),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(20))
-                .build()
-                .map_err(|e| e.to_string())?,
+            http: super::http_client().map_err(|e| e.to_string())?,
             cache: Mutex::new(HashMap::new()),
         })
     }

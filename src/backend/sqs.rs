@@ -4,9 +4,11 @@
 //! `ApproximateReceiveCount` (DESIGN §3, guarantee 8). Every call handles at
 //! most 10 messages, SQS's batch limit. The age of the oldest message is not
 //! knowable from SQS itself (it needs CloudWatch), so `stats` reports it as
-//! unknown rather than guessing.
+//! unknown rather than guessing. Queues with the same region and endpoint
+//! share one SDK client ([`Clients`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -54,6 +56,26 @@ pub struct SqsBackend {
     listed_source: OnceCell<Option<String>>,
 }
 
+/// SQS clients shared between queues, one per (region, endpoint) as the
+/// config gives them (the rest of the SDK's chain, environment and profile, is
+/// the same for the whole process). An SDK client is a whole `aws_config` load:
+/// its own HTTPS client, TLS configuration and credentials cache.
+#[derive(Default)]
+pub struct Clients {
+    by_key: Mutex<HashMap<ClientKey, Arc<OnceCell<(Client, String)>>>>,
+}
+
+type ClientKey = (Option<String>, Option<String>);
+
+impl Clients {
+    /// The client for `cfg`, built on first use.
+    pub async fn get(&self, cfg: &SqsQueueConfig) -> (Client, String) {
+        let key = (cfg.region.clone(), cfg.endpoint_url.clone());
+        let cell = self.by_key.lock().await.entry(key).or_default().clone();
+        cell.get_or_init(|| client(cfg)).await.clone()
+    }
+}
+
 /// Build an SQS client for `cfg`, with timeouts always set (the SDK has no
 /// default read timeout, so a stalled endpoint would hang a run forever).
 pub async fn client(cfg: &SqsQueueConfig) -> (Client, String) {
@@ -99,8 +121,8 @@ fn non_empty_env(name: &str) -> Option<String> {
 }
 
 impl SqsBackend {
-    pub async fn connect(name: &str, cfg: &SqsQueueConfig, queue: &QueueConfig) -> Result<Self> {
-        let (client, endpoint) = client(cfg).await;
+    pub async fn connect(name: &str, cfg: &SqsQueueConfig, queue: &QueueConfig, clients: &Clients) -> Result<Self> {
+        let (client, endpoint) = clients.get(cfg).await;
         let queue_url = resolve_queue_url(&client, &endpoint, &cfg.queue, cfg.account_id.as_deref()).await?;
         Ok(Self {
             client,
