@@ -385,12 +385,14 @@ pub fn attribute_from_sqs(v: &MessageAttributeValue) -> Attribute {
 
 /// SQS's own DataType for an attribute. A type label from SQS is kept as is;
 /// values from other providers get a custom-typed label that says what they were.
+///
+/// The kept label must be of the value's own family (String, Number or
+/// Binary): an attribute whose label and value disagree (an export edited by
+/// hand, then imported) would otherwise go out as, say, `Binary` with a
+/// string value, which SQS refuses or reads back empty (found by the
+/// `attributes` fuzz target).
 #[doc(hidden)]
 pub fn attribute_to_sqs(a: &Attribute) -> MessageAttributeValue {
-    let sqs_label = a
-        .data_type
-        .as_deref()
-        .filter(|t| t.starts_with("String") || t.starts_with("Number") || t.starts_with("Binary"));
     let (label, text, binary): (&str, Option<String>, Option<Blob>) = match &a.value {
         AttrValue::String(s) => ("String", Some(s.clone()), None),
         AttrValue::Number(n) => ("Number", Some(n.clone()), None),
@@ -401,6 +403,11 @@ pub fn attribute_to_sqs(a: &Attribute) -> MessageAttributeValue {
         AttrValue::Timestamp(t) => ("String.timestamp", Some(t.to_rfc3339()), None),
         AttrValue::Uuid(u) => ("String.uuid", Some(u.to_string()), None),
     };
+    let family = |t: &str| ["String", "Number", "Binary"].into_iter().find(|f| t.starts_with(f));
+    let sqs_label = a
+        .data_type
+        .as_deref()
+        .filter(|t| family(t).is_some() && family(t) == family(label));
     MessageAttributeValue::builder()
         .data_type(sqs_label.unwrap_or(label))
         .set_string_value(text)
@@ -685,6 +692,25 @@ mod tests {
         let v = attribute_to_sqs(&a);
         assert_eq!(v.data_type(), "Number.int");
         assert_eq!(v.string_value(), Some("7"));
+    }
+
+    #[test]
+    fn a_label_of_another_family_is_not_kept() {
+        // Each once crashed the `attributes` fuzz target (fuzz/corpus/attributes/regression-sqs-*).
+        for (value, dt, expected) in [
+            (AttrValue::Binary(Bytes::from_static(b"\x04\xf6")), "String", "Binary"),
+            (AttrValue::Uuid(uuid::Uuid::nil()), "Binary.gif", "String.uuid"),
+            (AttrValue::Float(2.5), "Binary", "Number.float"),
+            (AttrValue::Int(3), "Number.custom", "Number.custom"),
+        ] {
+            let a = Attribute {
+                value,
+                data_type: Some(dt.into()),
+            };
+            let v = attribute_to_sqs(&a);
+            assert_eq!(v.data_type(), expected, "{a:?}");
+            assert_eq!(v.binary_value().is_some(), expected.starts_with("Binary"), "{a:?}");
+        }
     }
 
     #[test]
