@@ -95,7 +95,8 @@ fn leased_records(journal: Option<&PathBuf>) -> usize {
 }
 
 /// Kill the redrive until `kills` kill points have landed, then let it
-/// finish; count what is where.
+/// finish; count what is where. With the journal, three kills in four wait
+/// for the run's first `leased` record, then a random 0–`window_ms` ms.
 ///
 /// A kill point is a SIGKILL that lands on a live run which (with the journal)
 /// had leased messages: a run that finished on its own before the kill, or that
@@ -139,7 +140,23 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64, win
         }
         let before = leased_records(journal_path.as_ref());
         let mut child = redrive_cmd(&config, journal_path.as_ref()).spawn().unwrap();
-        tokio::time::sleep(Duration::from_millis(100 + rng.next(window_ms))).await;
+        let delay = Duration::from_millis(100 + rng.next(window_ms));
+        if journal && rng.next(4) != 0 {
+            // Three kills in four land at a random point after the run's first
+            // batch was journaled (leased, about to be sent), whatever its
+            // start-up took on a loaded machine; the rest at a random time
+            // from the start, which also hits start-up and the lease itself.
+            let waited = Instant::now();
+            while leased_records(journal_path.as_ref()) == before
+                && waited.elapsed() < Duration::from_secs(5)
+                && child.try_wait().unwrap().is_none()
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(delay - Duration::from_millis(100)).await;
+        } else {
+            tokio::time::sleep(delay).await;
+        }
         let finished_first = child.try_wait().unwrap().is_some();
         let _ = child.kill();
         let _ = child.wait();
