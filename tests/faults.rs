@@ -59,6 +59,7 @@ fn redrive_cmd(config: &PathBuf, journal: Option<&PathBuf>) -> Command {
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(CHILD_ENV.lock().unwrap().clone())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -94,7 +95,8 @@ fn leased_records(journal: Option<&PathBuf>) -> usize {
 }
 
 /// Kill the redrive until `kills` kill points have landed, then let it
-/// finish; count what is where.
+/// finish; count what is where. With the journal, three kills in four wait
+/// for the run's first `leased` record, then a random 0–`window_ms` ms.
 ///
 /// A kill point is a SIGKILL that lands on a live run which (with the journal)
 /// had leased messages: a run that finished on its own before the kill, or that
@@ -138,7 +140,23 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64, win
         }
         let before = leased_records(journal_path.as_ref());
         let mut child = redrive_cmd(&config, journal_path.as_ref()).spawn().unwrap();
-        tokio::time::sleep(Duration::from_millis(100 + rng.next(window_ms))).await;
+        let delay = Duration::from_millis(100 + rng.next(window_ms));
+        if journal && rng.next(4) != 0 {
+            // Three kills in four land at a random point after the run's first
+            // batch was journaled (leased, about to be sent), whatever its
+            // start-up took on a loaded machine; the rest at a random time
+            // from the start, which also hits start-up and the lease itself.
+            let waited = Instant::now();
+            while leased_records(journal_path.as_ref()) == before
+                && waited.elapsed() < Duration::from_secs(5)
+                && child.try_wait().unwrap().is_none()
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(delay - Duration::from_millis(100)).await;
+        } else {
+            tokio::time::sleep(delay).await;
+        }
         let finished_first = child.try_wait().unwrap().is_some();
         let _ = child.kill();
         let _ = child.wait();
@@ -539,16 +557,15 @@ pub async fn connection_faults_lose_and_duplicate_nothing<F: ViaProxy>(backend: 
     assert_eq!(duplicated, 0, "duplicated (extra copies {extra})");
 }
 
-/// Process-wide environment for the CLI children (connection strings of the
-/// private Service Bus emulators), set once per name.
-fn set_env_once(name: &str, value: &str) {
-    static SET: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut set = SET.lock().unwrap();
-    if !set.iter().any(|n| n == name) {
-        // SAFETY: set before the fixture that needs it exists, under a lock;
-        // the same pattern as the shared fixtures' connection strings.
-        unsafe { std::env::set_var(name, value) };
-        set.push(name.to_string());
+/// Extra environment for every CLI process the tests start: the connection
+/// strings of the private Service Bus emulators (set here rather than in the
+/// test process's own environment, which other threads read concurrently).
+static CHILD_ENV: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn add_child_env(name: &str, value: &str) {
+    let mut env = CHILD_ENV.lock().unwrap();
+    if !env.iter().any(|(n, _)| n == name) {
+        env.push((name.to_string(), value.to_string()));
     }
 }
 
@@ -619,11 +636,13 @@ fn private_servicebus(host: &str) -> (Emulator, String) {
         "/dlq-bridge-probe?api-version=2021-05",
     );
     let env = format!("DLQ_BRIDGE_FAULTS_SERVICEBUS_{}", host.replace('.', "_"));
-    set_env_once(
-        &env,
-        &format!("Endpoint=sb://{host};SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true"),
-    );
+    add_child_env(&env, &private_connection_string(host));
     (emu, env)
+}
+
+#[cfg(feature = "servicebus")]
+fn private_connection_string(host: &str) -> String {
+    format!("Endpoint=sb://{host};SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true")
 }
 
 #[cfg(feature = "servicebus")]
@@ -631,7 +650,8 @@ fn private_servicebus(host: &str) -> (Emulator, String) {
 impl Private for common::servicebus::ServiceBusFixture {
     async fn private(host: &str) -> (Self, Emulator) {
         let (emu, env) = private_servicebus(host);
-        (Self::on(emu.url(), &env, &["s"]).await, emu)
+        let client = common::servicebus::client_with(&private_connection_string(host)).await;
+        (Self::on(emu.url(), client, &env, &["s"]).await, emu)
     }
 }
 
@@ -649,7 +669,8 @@ impl Fixture for KillServiceBus {
     async fn create(_ordered: bool) -> Self {
         static EMU: std::sync::OnceLock<(Emulator, String)> = std::sync::OnceLock::new();
         let (emu, env) = EMU.get_or_init(|| private_servicebus("127.0.0.4"));
-        Self(common::servicebus::ServiceBusFixture::on(emu.url(), env, &["s"]).await)
+        let client = common::servicebus::client_with(&private_connection_string("127.0.0.4")).await;
+        Self(common::servicebus::ServiceBusFixture::on(emu.url(), client, env, &["s"]).await)
     }
     fn config(&self) -> Config {
         self.0.config()

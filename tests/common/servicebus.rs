@@ -137,12 +137,12 @@ fn wait_for_port_5672() {
 }
 
 pub async fn client() -> Client {
-    client_from(CONNECTION_STRING_ENV).await
+    let cs = std::env::var(CONNECTION_STRING_ENV).unwrap_or_else(|_| EMULATOR_CONNECTION_STRING.into());
+    client_with(&cs).await
 }
 
-/// A client on the connection string in the environment variable `env`.
-pub async fn client_from(env: &str) -> Client {
-    let cs = std::env::var(env).unwrap_or_else(|_| EMULATOR_CONNECTION_STRING.into());
+/// A client on the connection string given.
+pub async fn client_with(cs: &str) -> Client {
     tokio::time::timeout(
         CALL,
         ServiceBusClient::unsecured().new_from_connection_string(
@@ -235,13 +235,14 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
     /// is the one whose DLQ is managed).
     pub async fn with_subscriptions(subs: &[&str]) -> Self {
         let http = emulator();
-        Self::on(http, CONNECTION_STRING_ENV, subs).await
+        let client = client().await;
+        Self::on(http, client, CONNECTION_STRING_ENV, subs).await
     }
 
-    /// A fixture on another emulator: its ATOM base URL, and the environment
-    /// variable holding its connection string.
-    pub async fn on(http: String, connection_env: &str, subs: &[&str]) -> Self {
-        let client = client_from(connection_env).await;
+    /// A fixture on another emulator: its ATOM base URL, a client on it, and
+    /// the environment variable the configs name for its connection string
+    /// (the test sets it on the CLI processes it starts).
+    pub async fn on(http: String, client: Client, connection_env: &str, subs: &[&str]) -> Self {
         let f = Self {
             connection_env: connection_env.to_string(),
             http,
