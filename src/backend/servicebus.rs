@@ -680,11 +680,12 @@ impl ServiceBusBackend {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {
                 let err = self.classify("confirm dispositions", &e);
-                self.drop_receiver(slot).await;
+                self.drop_receiver(slot, matches!(err, BackendError::Unreachable { .. }))
+                    .await;
                 Err(err)
             }
             Err(_) => {
-                self.drop_receiver(slot).await;
+                self.drop_receiver(slot, true).await;
                 Err(self.unreachable("confirming dispositions timed out"))
             }
         }
@@ -836,7 +837,7 @@ impl ServiceBusBackend {
             Err(_) => 0,
         };
         if msgs.len() <= BATCH && estimate <= max {
-            return Ok(vec![0..msgs.len()]);
+            return Ok(std::iter::once(0..msgs.len()).collect());
         }
         let mut ranges = Vec::new();
         let mut start = 0;

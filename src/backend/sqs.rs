@@ -62,10 +62,12 @@ pub struct SqsBackend {
 /// its own HTTPS client, TLS configuration and credentials cache.
 #[derive(Default)]
 pub struct Clients {
-    by_key: Mutex<HashMap<ClientKey, Arc<OnceCell<(Client, String)>>>>,
+    by_key: Mutex<HashMap<ClientKey, SharedClient>>,
 }
 
 type ClientKey = (Option<String>, Option<String>);
+/// The client and its region, filled once by the first queue that needs it.
+type SharedClient = Arc<OnceCell<(Client, String)>>;
 
 impl Clients {
     /// The client for `cfg`, built on first use.
