@@ -211,8 +211,10 @@ struct Conns {
 /// Pub/Sub channels shared between queues, one set per endpoint (`None`: GCP).
 #[derive(Default)]
 pub struct Clients {
-    by_endpoint: Mutex<HashMap<Option<String>, Arc<OnceCell<Arc<Conns>>>>>,
+    by_endpoint: Mutex<HashMap<Option<String>, ConnsCell>>,
 }
+
+type ConnsCell = Arc<OnceCell<Arc<Conns>>>;
 
 impl Clients {
     async fn get(&self, emulator_host: Option<&str>) -> Result<Arc<Conns>> {

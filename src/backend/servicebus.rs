@@ -800,7 +800,7 @@ impl ServiceBusBackend {
             Err(_) => 0,
         };
         if msgs.len() <= BATCH && estimate <= max {
-            return Ok(vec![0..msgs.len()]);
+            return Ok(std::iter::once(0..msgs.len()).collect());
         }
         let mut ranges = Vec::new();
         let mut start = 0;

@@ -61,8 +61,11 @@ pub struct SqsBackend {
 /// its own HTTPS client, TLS configuration and credentials cache.
 #[derive(Default)]
 pub struct Clients {
-    by_key: Mutex<HashMap<ClientKey, Arc<OnceCell<(Client, String)>>>>,
+    by_key: Mutex<HashMap<ClientKey, ClientCell>>,
 }
+
+/// A client and the endpoint it talks to, once built.
+type ClientCell = Arc<OnceCell<(Client, String)>>;
 
 type ClientKey = (Option<String>, Option<String>);
 
