@@ -96,7 +96,7 @@ fn leased_records(journal: Option<&PathBuf>) -> usize {
 
 /// Kill the redrive until `kills` kill points have landed, then let it
 /// finish; count what is where. With the journal, three kills in four wait
-/// for the run's first `leased` record, then a random 0–`window_ms` ms.
+/// for the run's first `leased` record, then a random 0–250 ms.
 ///
 /// A kill point is a SIGKILL that lands on a live run which (with the journal)
 /// had leased messages: a run that finished on its own before the kill, or that
@@ -153,7 +153,9 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64, win
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(delay - Duration::from_millis(100)).await;
+            // A batch is sent and settled within a few hundred ms of being
+            // journaled, so the kill lands within that.
+            tokio::time::sleep(Duration::from_millis(rng.next(250))).await;
         } else {
             tokio::time::sleep(delay).await;
         }
