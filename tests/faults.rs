@@ -21,6 +21,12 @@ use dlq_bridge::config::{Config, QueueKind};
 use dlq_bridge::redrive::MARK_ID;
 
 const MESSAGES: usize = 40;
+/// Messages per second for the killed runs. The token bucket's burst equals
+/// the rate, so at 20/s a 40-message run spends about a second waiting for
+/// tokens, sending and settling: a kill spread over 1.5 s after the first
+/// `leased` record lands before, during and after the sends on every backend,
+/// including those (Pub/Sub, Service Bus) that lease all 40 in one batch.
+const KILL_RATE: &str = "20";
 
 fn kills() -> usize {
     std::env::var("DLQ_BRIDGE_FAULT_KILLS")
@@ -55,7 +61,7 @@ fn redrive_cmd(config: &PathBuf, journal: Option<&PathBuf>) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"));
     c.arg("--config")
         .arg(config)
-        .args(["redrive", "dlq", "--yes", "--rate", "60", "-o", "json"])
+        .args(["redrive", "dlq", "--yes", "--rate", KILL_RATE, "-o", "json"])
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -96,7 +102,7 @@ fn leased_records(journal: Option<&PathBuf>) -> usize {
 
 /// Kill the redrive until `kills` kill points have landed, then let it
 /// finish; count what is where. With the journal, three kills in four wait
-/// for the run's first `leased` record, then a random 0–250 ms.
+/// for the run's first `leased` record, then a random 0–1500 ms.
 ///
 /// A kill point is a SIGKILL that lands on a live run which (with the journal)
 /// had leased messages: a run that finished on its own before the kill, or that
@@ -153,9 +159,9 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64, win
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            // A batch is sent and settled within a few hundred ms of being
-            // journaled, so the kill lands within that.
-            tokio::time::sleep(Duration::from_millis(rng.next(250))).await;
+            // The whole run (tokens, sends, settles) takes about a second
+            // after the first record: spread the kill over it.
+            tokio::time::sleep(Duration::from_millis(rng.next(1500))).await;
         } else {
             tokio::time::sleep(delay).await;
         }
