@@ -775,6 +775,20 @@ impl Config {
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        // An empty default would leave every queue without one (found by the
+        // `config` fuzz target: `reason_attribute: &anchor` is an empty string).
+        for (field, value) in [
+            ("defaults.reason_attribute", &self.defaults.reason_attribute),
+            ("defaults.description_attribute", &self.defaults.description_attribute),
+        ] {
+            if value.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    location: origin.into(),
+                    field: field.into(),
+                    message: "must not be empty".into(),
+                });
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, q) in self.queues.iter().enumerate() {
             if q.name.trim().is_empty() {
@@ -1260,6 +1274,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown variant `delete`"), "{err}");
+    }
+
+    #[test]
+    fn empty_default_attributes_are_rejected() {
+        // fuzz/corpus/config/regression-empty-default-reason.yaml
+        let err = parse("defaults: {reason_attribute: &why}\nqueues:\n  - name: a\n    sqs: {queue: x}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("defaults.reason_attribute: must not be empty"), "{err}");
+        let err = parse("defaults: {description_attribute: ''}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("defaults.description_attribute"), "{err}");
     }
 
     #[test]

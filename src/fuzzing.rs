@@ -725,7 +725,14 @@ mod servicebus {
         let dead = inp.u64();
         // A namespace prefix (any XML name), padding and an escaped title.
         let prefix: String = inp.blob().iter().map(|b| (b'a' + b % 26) as char).take(12).collect();
-        let prefix = if prefix.is_empty() { "d2p1".to_string() } else { prefix };
+        // `xml...` prefixes are reserved by the XML namespaces spec.
+        let prefix = if prefix.is_empty() {
+            "d2p1".to_string()
+        } else if prefix.starts_with("xml") {
+            format!("p{prefix}")
+        } else {
+            prefix
+        };
         let pad = " \n\t\r"
             .chars()
             .cycle()
