@@ -39,6 +39,79 @@ pub enum FilterError {
     },
     #[error("invalid filter: unknown variable `{name}` (the variables are: {known})", known = VARIABLES.join(", "))]
     UnknownVariable { name: String },
+    /// Too long or too deeply nested to parse and evaluate safely.
+    #[error("invalid filter: {0}")]
+    TooComplex(String),
+}
+
+/// Limits that keep the CEL parser and evaluator, which recurse once per
+/// nesting level, inside a 2 MiB tokio worker stack (the API compiles filters
+/// there). A fuzzer found expressions ~380 levels deep that overflow even a
+/// 16 MiB stack; real DLQ filters are a few lines.
+const MAX_FILTER_BYTES: usize = 16 * 1024;
+const MAX_FILTER_OPERATORS: usize = 200;
+const MAX_FILTER_NESTING: usize = 32;
+
+/// Nesting depth outside string literals: open brackets plus runs of unary
+/// operators (`!!!x`, `- - x`), which nest in the parse tree the same way.
+/// Returns the depth and the 1-based line and column where it is deepest.
+#[cfg(test)]
+fn nesting(source: &str) -> (usize, usize, usize) {
+    complexity(source).0
+}
+
+/// [`nesting`], and the number of binary operators: a chain `a + b + c …`
+/// is as deep in the tree as it is long.
+fn complexity(source: &str) -> ((usize, usize, usize), usize) {
+    let (mut depth, mut unary, mut deepest) = (0usize, 0usize, (0, 1, 1));
+    let mut operators = 0usize;
+    let (mut line, mut column) = (1, 0);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let mut prev_operand = false;
+    for c in source.chars() {
+        column += 1;
+        if c == '\n' {
+            line += 1;
+            column = 0;
+        }
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+                prev_operand = true;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' => quote = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                unary = 0;
+                prev_operand = false;
+            }
+            ')' | ']' | '}' => {
+                depth = depth.saturating_sub(1);
+                prev_operand = true;
+            }
+            '!' | '-' if !prev_operand => unary += 1,
+            c if c.is_whitespace() => {}
+            c => {
+                if prev_operand && "+-*/%<>=!&|?:".contains(c) {
+                    operators += 1;
+                }
+                prev_operand = c.is_alphanumeric() || c == '_' || c == '.';
+                unary = 0;
+            }
+        }
+        if depth + unary > deepest.0 {
+            deepest = (depth + unary, line, column);
+        }
+    }
+    (deepest, operators)
 }
 
 /// A compiled filter, shareable across tasks.
@@ -61,6 +134,23 @@ impl std::fmt::Debug for Filter {
 
 impl Filter {
     pub fn compile(source: &str) -> Result<Self, FilterError> {
+        if source.len() > MAX_FILTER_BYTES {
+            return Err(FilterError::TooComplex(format!(
+                "{} bytes long; the limit is {MAX_FILTER_BYTES}",
+                source.len()
+            )));
+        }
+        let ((depth, line, column), operators) = complexity(source);
+        if operators > MAX_FILTER_OPERATORS {
+            return Err(FilterError::TooComplex(format!(
+                "{operators} operators; the limit is {MAX_FILTER_OPERATORS}"
+            )));
+        }
+        if depth > MAX_FILTER_NESTING {
+            return Err(FilterError::TooComplex(format!(
+                "nested {depth} levels deep at {line}:{column}; the limit is {MAX_FILTER_NESTING}"
+            )));
+        }
         let mut env = Env::stdlib();
         // String helpers (lowerAscii, replace, split...) are what DLQ triage
         // filters reach for first.
@@ -312,5 +402,58 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("attributes"));
+    }
+    #[test]
+    fn deep_nesting_and_huge_filters_are_refused_before_parsing() {
+        let deep = format!("{}true{}", "(".repeat(400), ")".repeat(400));
+        let e = Filter::compile(&deep).unwrap_err().to_string();
+        assert!(e.contains("nested 400 levels deep at 1:400"), "{e}");
+        let negations = format!("{}true", "!".repeat(100));
+        assert!(
+            Filter::compile(&negations)
+                .unwrap_err()
+                .to_string()
+                .contains("nested 100")
+        );
+        let long = vec!["true"; 400].join(" || ");
+        assert!(
+            Filter::compile(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("399 operators")
+        );
+        let huge = format!("body.contains(\"{}\")", "x".repeat(MAX_FILTER_BYTES));
+        assert!(Filter::compile(&huge).unwrap_err().to_string().contains("bytes long"));
+        // A list of IDs to redrive is long but flat.
+        let ids: Vec<String> = (0..300).map(|i| format!("\"{}\"", uuid::Uuid::from_u128(i))).collect();
+        assert!(Filter::compile(&format!("id in [{}]", ids.join(", "))).is_ok());
+        // Brackets inside strings, binary minus and `!=` are not nesting.
+        assert_eq!(nesting(r#"body.contains("((((((((((((((((((((((((((((((((((")"#).0, 1);
+        assert_eq!(nesting("!a && !b && !c && !d && a - -1 != 0").0, 1);
+    }
+
+    #[test]
+    fn filters_at_the_limits_compile_and_run() {
+        // A debug build's parser frames are ~8× a release build's: 16 MiB here
+        // stands for the 2 MiB tokio worker that compiles API filters in release
+        // (the fuzzer's 380-deep input compiled within 8 MiB in release).
+        std::thread::Builder::new()
+            .stack_size(16 << 20)
+            .spawn(|| {
+                let n = MAX_FILTER_NESTING;
+                let deep = format!("{}delivery_count >= 0{}", "(".repeat(n), ")".repeat(n));
+                let f = Filter::compile(&deep).unwrap();
+                assert_eq!(f.matches(&msg(), Utc::now()), Ok(true));
+                let mut chain = String::from("delivery_count");
+                for _ in 1..MAX_FILTER_OPERATORS {
+                    chain.push_str(" + 1");
+                }
+                chain.push_str(" > 0");
+                let f = Filter::compile(&chain).unwrap();
+                assert_eq!(f.matches(&msg(), Utc::now()), Ok(true));
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

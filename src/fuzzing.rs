@@ -268,6 +268,9 @@ fn check_filter_error(expr: &str, e: &FilterError) {
         FilterError::UnknownVariable { name } => {
             assert!(!crate::filter::VARIABLES.contains(&name.as_str()));
         }
+        FilterError::TooComplex(why) => {
+            assert!(why.contains("the limit is"), "{why}");
+        }
     }
 }
 

@@ -22,10 +22,8 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 
 fn replay(target: &str) {
     // Debug frames are several times larger than the release ones libFuzzer
-    // runs (8 MiB main thread): deeply nested corpus inputs overflow a test
-    // thread's 2 MiB stack, and a CEL filter nested ~380 deep overflows even
-    // 16 MiB in debug. Open issue (docs/reliability.md, Fuzzing): Filter::compile
-    // has no nesting limit. Until it does, replay on a large stack.
+    // runs (8 MiB main thread): deeply nested corpus inputs (config YAML, and
+    // filters at the nesting limit) need more than a test thread's 2 MiB.
     let target = target.to_string();
     std::thread::Builder::new()
         .name(format!("replay-{target}"))
