@@ -8,7 +8,8 @@
 #                          window; report to $BENCH_OUT (default
 #                          ${TMPDIR:-/tmp}/dlq-bridge-bench/benchmarks-quick.md)
 #   bench/run.sh           full: 1k, 10k and 100k messages, 3 runs each (100k: 1),
-#                          60 s idle window, image size; writes docs/benchmarks.md
+#                          60 s idle window, image size (BENCH_IMAGE=0 skips the
+#                          image's static build); writes docs/benchmarks.md
 #
 # Options after the mode are passed to bench/bench.py, e.g. --backends sqs,pubsub.
 # The machine is shared: run the full mode when `uptime` shows a load under 2.5.
@@ -54,7 +55,9 @@ if [[ $MODE == full ]] && python3 -c "import sys; sys.exit(0 if $load >= 2.5 els
 fi
 
 IMAGE_SIZE="n/a (measured in full mode only: scripts/image.sh builds a static binary and an image)"
-if [[ $MODE == full ]]; then
+if [[ $MODE == full && ${BENCH_IMAGE:-1} == 0 ]]; then
+  IMAGE_SIZE="n/a: not built in this run (BENCH_IMAGE=0); scripts/image.sh prints it"
+elif [[ $MODE == full ]]; then
   if [[ -x scripts/image.sh ]]; then
     log "building the image with scripts/image.sh"
     if out=$(scripts/image.sh 2>"$TARGET/bench-image.log"); then
