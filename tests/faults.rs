@@ -58,10 +58,14 @@ fn write_config<F: Fixture>(f: &F) -> PathBuf {
 }
 
 fn redrive_cmd(config: &PathBuf, journal: Option<&PathBuf>) -> Command {
+    // Without a journal the DLQ accumulates refills (260 messages), and a
+    // 100-message Pub/Sub lease waiting 5 s for tokens at 20/s outlives its 2 s
+    // hold: those runs keep the faster rate (see docs/reliability.md).
+    let rate = if journal.is_some() { KILL_RATE } else { "60" };
     let mut c = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"));
     c.arg("--config")
         .arg(config)
-        .args(["redrive", "dlq", "--yes", "--rate", KILL_RATE, "-o", "json"])
+        .args(["redrive", "dlq", "--yes", "--rate", rate, "-o", "json"])
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -132,8 +136,12 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64, win
     let (mut landed, mut runs, mut idle) = (0, 0, false);
     while landed < kills {
         runs += 1;
+        // A liveness bound, not a verdict: on Service Bus a killed run's
+        // locks (3 s) make the next run or two find nothing, and runs that
+        // only settle from the journal finish before the kill, so about one
+        // run in seven lands a kill point there (measured: 37 in 264 runs).
         assert!(
-            runs <= kills * 4 + 20,
+            runs <= kills * 10 + 50,
             "only {landed} of {kills} kills landed on a run with work in {runs} runs"
         );
         // Every kill should land on a run with work to do: refill a DLQ that is
