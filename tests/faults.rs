@@ -21,11 +21,10 @@ use dlq_bridge::config::{Config, QueueKind};
 use dlq_bridge::redrive::MARK_ID;
 
 const MESSAGES: usize = 40;
-/// Messages per second for the killed runs. The token bucket's burst equals
-/// the rate, so at 20/s a 40-message run spends about a second waiting for
-/// tokens, sending and settling: a kill spread over 1.5 s after the first
-/// `leased` record lands before, during and after the sends on every backend,
-/// including those (Pub/Sub, Service Bus) that lease all 40 in one batch.
+/// Messages per second for the journalled killed runs. The token bucket's
+/// burst equals the rate, so at 20/s a run that leases all 40 at once (Pub/Sub,
+/// Service Bus) waits about a second for tokens: the kills placed from the
+/// start land in that wait, the rest just after the `leased` records.
 const KILL_RATE: &str = "20";
 
 fn kills() -> usize {
@@ -95,18 +94,34 @@ struct Outcome {
     duplicated: usize,
 }
 
-/// How many `leased` records the journal holds: a run that added some had
-/// leased messages (and was about to send them) when it was killed.
-fn leased_records(journal: Option<&PathBuf>) -> usize {
+/// The journal's size before a run: a run that appended a `leased` record
+/// after it had leased messages (and was about to send them) when killed.
+fn journal_len(journal: Option<&PathBuf>) -> u64 {
     journal
-        .and_then(|j| std::fs::read_to_string(j).ok())
-        .map(|t| t.matches(r#""event":"leased""#).count())
+        .and_then(|j| std::fs::metadata(j).ok())
+        .map(|m| m.len())
         .unwrap_or(0)
+}
+
+/// Whether a `leased` record was appended after byte `from`. Only the new
+/// bytes are read: the journal grows to megabytes over a long run, and
+/// rescanning it every 10 ms made the kill land late (most Service Bus runs
+/// had finished by then).
+fn leased_since(journal: Option<&PathBuf>, from: u64) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Some(mut file) = journal.and_then(|j| std::fs::File::open(j).ok()) else {
+        return false;
+    };
+    let mut tail = Vec::new();
+    if file.seek(SeekFrom::Start(from)).is_err() || file.read_to_end(&mut tail).is_err() {
+        return false;
+    }
+    tail.windows(16).any(|w| w == br#""event":"leased""#)
 }
 
 /// Kill the redrive until `kills` kill points have landed, then let it
 /// finish; count what is where. With the journal, three kills in four wait
-/// for the run's first `leased` record, then a random 0–1500 ms.
+/// for the run's first `leased` record, then a random 0–250 ms.
 ///
 /// A kill point is a SIGKILL that lands on a live run which (with the journal)
 /// had leased messages: a run that finished on its own before the kill, or that
@@ -152,7 +167,7 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64, win
             f.put_in_dlq(&more).await;
             msgs.extend(more);
         }
-        let before = leased_records(journal_path.as_ref());
+        let before = journal_len(journal_path.as_ref());
         let mut child = redrive_cmd(&config, journal_path.as_ref()).spawn().unwrap();
         let delay = Duration::from_millis(100 + rng.next(window_ms));
         if journal && rng.next(4) != 0 {
@@ -161,15 +176,16 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64, win
             // start-up took on a loaded machine; the rest at a random time
             // from the start, which also hits start-up and the lease itself.
             let waited = Instant::now();
-            while leased_records(journal_path.as_ref()) == before
+            while !leased_since(journal_path.as_ref(), before)
                 && waited.elapsed() < Duration::from_secs(5)
                 && child.try_wait().unwrap().is_none()
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            // The whole run (tokens, sends, settles) takes about a second
-            // after the first record: spread the kill over it.
-            tokio::time::sleep(Duration::from_millis(rng.next(1500))).await;
+            // A batch's `leased` records are written after its rate tokens,
+            // just before the send: the send and settle follow within a few
+            // hundred ms, so the kill lands within that.
+            tokio::time::sleep(Duration::from_millis(rng.next(250))).await;
         } else {
             tokio::time::sleep(delay).await;
         }
@@ -177,7 +193,7 @@ async fn kill_and_resume<F: Fixture>(kills: usize, journal: bool, seed: u64, win
         let _ = child.kill();
         let _ = child.wait();
         let worked = if journal {
-            leased_records(journal_path.as_ref()) > before
+            leased_since(journal_path.as_ref(), before)
         } else {
             !finished_first
         };
