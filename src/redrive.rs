@@ -317,6 +317,7 @@ impl Engine {
         self.sync_journal()?;
 
         let caps = self.backend.capabilities();
+        let lease_max = lease_size(caps.batch_size, plan.rate, plan.hold);
         let limiter: Option<Arc<DefaultDirectRateLimiter>> =
             plan.rate.map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
         let mut seen: HashSet<String> = HashSet::new();
@@ -349,7 +350,7 @@ impl Engine {
                     break;
                 }
                 let leased = tokio::select! {
-                    r = self.backend.lease(caps.batch_size, plan.hold) => r,
+                    r = self.backend.lease(lease_max, plan.hold) => r,
                     _ = self.cancel.cancelled() => { s.stopped = StopReason::Cancelled; break; }
                 };
                 let leased = match leased {
@@ -768,6 +769,18 @@ fn merge(s: &mut RunSummary, out: BatchOutcome, held: &mut Vec<LeaseId>) {
     }
 }
 
+/// How many messages to lease at once. A leased batch waits for its rate
+/// tokens before it is sent, so a batch larger than the rate allows within
+/// the hold would outlive its lease while it waits: the provider hands it to
+/// the next consumer, and every pass of a slow-rate run released what it
+/// leased without ever draining the DLQ. Half the hold is for the wait, the
+/// other half for the send and the settle.
+fn lease_size(batch_size: usize, rate: Option<NonZeroU32>, hold: Duration) -> usize {
+    let Some(rate) = rate else { return batch_size };
+    let within_hold = (f64::from(rate.get()) * hold.as_secs_f64() / 2.0).floor() as usize;
+    batch_size.min(within_hold).max(1)
+}
+
 fn release_keys(in_flight: &mut HashMap<String, usize>, keys: &[String]) {
     for k in keys {
         if let Some(n) = in_flight.get_mut(k) {
@@ -839,4 +852,20 @@ pub fn new_run_id() -> String {
         Utc::now().format("%Y%m%dT%H%M%SZ"),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_size_keeps_a_batch_within_what_the_rate_allows_in_half_the_hold() {
+        let rate = |r| NonZeroU32::new(r);
+        assert_eq!(lease_size(100, None, Duration::from_secs(2)), 100);
+        assert_eq!(lease_size(100, rate(20), Duration::from_secs(2)), 20);
+        assert_eq!(lease_size(10, rate(20), Duration::from_secs(2)), 10);
+        assert_eq!(lease_size(100, rate(1000), Duration::from_secs(30)), 100);
+        // A rate too slow for even one message per half hold still leases one.
+        assert_eq!(lease_size(100, rate(1), Duration::from_secs(1)), 1);
+    }
 }

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::types::MessageSystemAttributeName;
 use common::pubsub::PubSubFixture;
 use common::sqs::SqsFixture;
 use common::{Fixture, TestMessage, attrs};
@@ -86,6 +85,11 @@ fn case(name: &'static str, config: impl Into<Option<String>>, args: &[&str], co
     }
 }
 
+/// A redrive refused before it starts because of its config: exit code 2.
+fn config_error(name: &'static str, config: String, says: &[&str]) -> Case {
+    case(name, config, REDRIVE, 2, says)
+}
+
 impl Case {
     fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
@@ -147,57 +151,10 @@ fn run_table(cases: &[Case]) {
 
 // ------------------------------------------------------ "nothing touched"
 
-/// (message ID, body, receive count) of everything in an SQS DLQ, read in one
-/// pass and released. The read raises each count by one.
-async fn sqs_snapshot(f: &SqsFixture) -> Vec<(String, String, u32)> {
-    let mut out = Vec::new();
-    let mut handles = Vec::new();
-    loop {
-        let got = f
-            .client
-            .receive_message()
-            .queue_url(&f.dlq_url)
-            .max_number_of_messages(10)
-            .visibility_timeout(30)
-            .wait_time_seconds(1)
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .send()
-            .await
-            .unwrap();
-        let msgs = got.messages.unwrap_or_default();
-        if msgs.is_empty() {
-            break;
-        }
-        for m in msgs {
-            let count = m.attributes().unwrap()[&MessageSystemAttributeName::ApproximateReceiveCount]
-                .parse()
-                .unwrap();
-            out.push((
-                m.message_id().unwrap().to_string(),
-                m.body().unwrap_or_default().to_string(),
-                count,
-            ));
-            handles.push(m.receipt_handle().unwrap().to_string());
-        }
-    }
-    for h in handles {
-        f.client
-            .change_message_visibility()
-            .queue_url(&f.dlq_url)
-            .receipt_handle(h)
-            .visibility_timeout(0)
-            .send()
-            .await
-            .unwrap();
-    }
-    out.sort();
-    out
-}
-
 /// Nothing received, sent or deleted a DLQ message since `before` (the one
 /// snapshot read in between adds exactly one receive to each).
 async fn assert_sqs_untouched(f: &SqsFixture, before: &[(String, String, u32)]) {
-    let after = sqs_snapshot(f).await;
+    let after = f.dlq_snapshot().await;
     let expected: Vec<_> = before.iter().map(|(id, b, c)| (id.clone(), b.clone(), c + 1)).collect();
     assert_eq!(after, expected, "the DLQ was touched");
     assert!(f.drain_source().await.is_empty(), "something was sent to the source");
@@ -269,52 +226,36 @@ const REDRIVE: &[&str] = &["redrive", "orders", "--yes"];
 async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
     let f = SqsFixture::create(false).await;
     f.dead_letter(&orders(3)).await;
-    let before = sqs_snapshot(&f).await;
+    let before = f.dlq_snapshot().await;
     let ok = join(&sqs_lines(&f));
 
     let cases = vec![
         // Malformed YAML.
-        case(
-            "bad indent",
-            with_line(&f, 6, "     region: us-east-1"),
-            REDRIVE,
-            2,
-            &["{file}:6:"],
-        ),
-        case(
+        config_error("bad indent", with_line(&f, 6, "     region: us-east-1"), &["{file}:6:"]),
+        config_error(
             "unclosed flow mapping",
             with_line(&f, 3, &format!("    sqs: {{queue: {}, region: us-east-1", f.dlq_url)),
-            REDRIVE,
-            2,
             &["{file}:"],
         ),
-        case(
+        config_error(
             "tab indent",
             with_line(&f, 6, "\tregion: us-east-1"),
-            REDRIVE,
-            2,
             &["{file}:6:", "tab"],
         ),
-        case(
+        config_error(
             "not a map",
             "- just\n- a list\n".to_string(),
-            REDRIVE,
-            2,
             &["{file}:1:", "(top level)"],
         ),
-        case(
+        config_error(
             "empty file",
             String::new(),
-            REDRIVE,
-            2,
             &["unknown queue `orders` (configured: none)"],
         ),
         // Unknown fields: the typo is named, and the right field suggested.
-        case(
+        config_error(
             "typo in a queue",
             with_line(&f, 6, "      regoin: us-east-1"),
-            REDRIVE,
-            2,
             &[
                 "{file}:6:",
                 "queues[0].sqs",
@@ -322,18 +263,14 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
                 "did you mean `region`?",
             ],
         ),
-        case(
+        config_error(
             "typo at the top",
             ok.replacen("queues:", "queus:", 1),
-            REDRIVE,
-            2,
             &["{file}:1:", "unknown field `queus`", "did you mean `queues`?"],
         ),
-        case(
+        config_error(
             "typo in redrive",
             with_tail(&f, "redrive:\n  concurency: 4\n"),
-            REDRIVE,
-            2,
             &[
                 "{file}:8:",
                 "redrive",
@@ -341,19 +278,15 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
                 "did you mean `concurrency`?",
             ],
         ),
-        case(
+        config_error(
             "unknown backend",
             with_line(&f, 3, "    kafka:"),
-            REDRIVE,
-            2,
             &["{file}:3:", "queues[0]", "unknown field `kafka`"],
         ),
         // Durations, rates, sizes.
-        case(
+        config_error(
             "bad duration",
             with_tail(&f, "redrive:\n  hold: 5 parsecs\n"),
-            REDRIVE,
-            2,
             &[
                 "{file}:8:",
                 "redrive.hold",
@@ -361,109 +294,81 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
                 "expected e.g. `30s`",
             ],
         ),
-        case(
+        config_error(
             "negative duration",
             with_tail(&f, "redrive:\n  deadline: -1h\n"),
-            REDRIVE,
-            2,
             &["{file}:8:", "redrive.deadline", "invalid duration `-1h`"],
         ),
-        case(
+        config_error(
             "number as duration",
             with_tail(&f, "    poll_interval: 30\n"),
-            REDRIVE,
-            2,
             &["{file}:7:", "queues[0].poll_interval", "invalid duration `30`"],
         ),
-        case(
+        config_error(
             "zero retention",
             with_tail(&f, "    retention: {max_age: 0s}\n"),
-            REDRIVE,
-            2,
             &["{file}", "queues[0].retention", "longer than 0s"],
         ),
-        case(
+        config_error(
             "negative rate",
             with_tail(&f, "redrive:\n  rate: -5\n"),
-            REDRIVE,
-            2,
             &["{file}:8:", "redrive.rate", "-5"],
         ),
-        case(
+        config_error(
             "rate as text",
             with_tail(&f, "redrive:\n  rate: fast\n"),
-            REDRIVE,
-            2,
             &["{file}:8:", "redrive.rate", "\"fast\""],
         ),
-        case(
+        config_error(
             "size with a unit",
             with_tail(&f, "redrive:\n  journal_max_bytes: 64MiB\n"),
-            REDRIVE,
-            2,
             &["{file}:8:", "redrive.journal_max_bytes", "\"64MiB\""],
         ),
-        case(
+        config_error(
             "zero concurrency",
             with_tail(&f, "redrive:\n  concurrency: 0\n"),
-            REDRIVE,
-            2,
             &["{file}", "redrive.concurrency", "at least 1"],
         ),
         // Structure.
-        case(
+        config_error(
             "two backends",
             with_tail(&f, "    pubsub: {project: p, subscription: s}\n"),
-            REDRIVE,
-            2,
             &[
                 "{file}:2:",
                 "queues[0]",
                 "exactly one of `sqs`, `pubsub` or `servicebus` (found 2)",
             ],
         ),
-        case(
+        config_error(
             "duplicate names",
             with_tail(&f, "  - name: orders\n    sqs: {queue: other}\n"),
-            REDRIVE,
-            2,
             &["{file}", "queues[1].name", "duplicate queue name `orders`"],
         ),
-        case(
+        config_error(
             "servicebus without credentials",
             with_tail(&f, "  - name: sb\n    servicebus: {queue: q}\n"),
-            REDRIVE,
-            2,
             &["{file}:7:", "queues[1]", "queue `sb`", "`connection_string_env`"],
         ),
-        case(
+        config_error(
             "invalid schedule filter",
             with_tail(&f, "schedules:\n  - {queue: orders, every: 1h, filter: 'reason =='}\n"),
-            REDRIVE,
-            2,
             &["{file}", "schedules[0].filter", "invalid filter at 1:"],
         ),
-        case(
+        config_error(
             "schedule on an unknown queue",
             with_tail(&f, "schedules:\n  - {queue: ordrs, every: 1h}\n"),
-            REDRIVE,
-            2,
             &["{file}", "schedules[0].queue", "no queue named `ordrs`"],
         ),
         // Environment overrides.
-        case(
+        config_error(
             "override typo",
             ok.clone(),
-            REDRIVE,
-            2,
             &["DLQ_BRIDGE__REDRIVE__CONCURENCY", "unknown field `concurency`"],
         )
         .env("DLQ_BRIDGE__REDRIVE__CONCURENCY", "8"),
-        case(
+        config_error(
             "override bad duration",
             ok.clone(),
-            REDRIVE,
-            2,
             &["DLQ_BRIDGE__REDRIVE__HOLD", "invalid duration `forever`"],
         )
         .env("DLQ_BRIDGE__REDRIVE__HOLD", "forever"),
@@ -497,7 +402,7 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
 async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
     let f = SqsFixture::create(false).await;
     f.dead_letter(&orders(3)).await;
-    let before = sqs_snapshot(&f).await;
+    let before = f.dlq_snapshot().await;
     let cfg = join(&sqs_lines(&f));
     let export_to = scratch().join("never-written.jsonl").display().to_string();
     let c = |name, args: &[&str], says: &[&str]| case(name, cfg.clone(), args, 2, says);
@@ -668,7 +573,7 @@ async fn evaluation_errors_are_per_message_and_reported() {
         (r#"delivery_count + "x" > 0"#, "Unsupported binary operator 'add'"),
         ("body", "filter must yield a bool"),
     ] {
-        let before = sqs_snapshot(&f).await;
+        let before = f.dlq_snapshot().await;
         let (code, out, err) =
             run(bin()
                 .arg("-c")
@@ -681,7 +586,7 @@ async fn evaluation_errors_are_per_message_and_reported() {
         );
         assert!(out.contains(why), "{filter}: {out}");
         // The run leased and released each message once; nothing moved.
-        let after = sqs_snapshot(&f).await;
+        let after = f.dlq_snapshot().await;
         let expected: Vec<_> = before.iter().map(|(id, b, c)| (id.clone(), b.clone(), c + 2)).collect();
         assert_eq!(after, expected);
         assert!(f.drain_source().await.is_empty());
@@ -787,7 +692,7 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
     s.dead_letter(&orders(2)).await;
     let p = PubSubFixture::create(false).await;
     p.put_in_dlq(&orders(2)).await;
-    let sqs_before = sqs_snapshot(&s).await;
+    let sqs_before = s.dlq_snapshot().await;
     let pubsub_before = pubsub_snapshot(&p).await;
 
     let gone = common::unique("no-such-queue");
@@ -853,7 +758,7 @@ async fn an_emulator_that_is_down_fails_fast_with_its_address() {
     // Real emulators up, so only the address differs.
     let s = SqsFixture::create(false).await;
     s.dead_letter(&orders(2)).await;
-    let before = sqs_snapshot(&s).await;
+    let before = s.dlq_snapshot().await;
     let _ = common::pubsub::emulator_host();
 
     let port = common::emulator::free_port();
@@ -989,7 +894,7 @@ async fn wrong_credentials_are_refused_by_moto_with_auth_on_and_touch_nothing() 
     f.put_in_dlq(&orders(3)).await;
     moto_auth_after(&http, &endpoint, "0").await;
     // From here every request is checked; the fixture's own reads use the user's key.
-    let before = sqs_snapshot(&f).await;
+    let before = f.dlq_snapshot().await;
     assert_eq!(before.len(), 3);
 
     let config = format!(
@@ -1219,7 +1124,7 @@ async fn pubsub_odd_bodies_and_attributes_round_trip_byte_exact() {
 async fn unset_secret_variables_are_config_errors_naming_field_and_variable() {
     let f = SqsFixture::create(false).await;
     f.dead_letter(&orders(2)).await;
-    let before = sqs_snapshot(&f).await;
+    let before = f.dlq_snapshot().await;
     let unset = format!("DLQB_UNSET_{}", uuid::Uuid::new_v4().simple()).to_uppercase();
     let data_dir = scratch().join("serve-data").display().to_string();
     let sb = with_tail(

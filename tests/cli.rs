@@ -8,7 +8,6 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use aws_sdk_sqs::types::MessageSystemAttributeName;
 use common::sqs::SqsFixture;
 use common::{Fixture, TestMessage, attrs};
 
@@ -57,49 +56,6 @@ fn tenants(n: usize) -> Vec<TestMessage> {
         .collect()
 }
 
-/// (message id, receive count) of every message in the DLQ, read in one pass
-/// and released. Reading raises each count by one, which the caller accounts for.
-async fn dlq_snapshot(f: &SqsFixture) -> Vec<(String, u32)> {
-    let mut out = Vec::new();
-    let mut handles = Vec::new();
-    loop {
-        let got = f
-            .client
-            .receive_message()
-            .queue_url(&f.dlq_url)
-            .max_number_of_messages(10)
-            .visibility_timeout(30)
-            .wait_time_seconds(1)
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .send()
-            .await
-            .unwrap();
-        let msgs = got.messages.unwrap_or_default();
-        if msgs.is_empty() {
-            break;
-        }
-        for m in msgs {
-            let count = m.attributes().unwrap()[&MessageSystemAttributeName::ApproximateReceiveCount]
-                .parse()
-                .unwrap();
-            out.push((m.message_id().unwrap().to_string(), count));
-            handles.push(m.receipt_handle().unwrap().to_string());
-        }
-    }
-    for h in handles {
-        f.client
-            .change_message_visibility()
-            .queue_url(&f.dlq_url)
-            .receipt_handle(h)
-            .visibility_timeout(0)
-            .send()
-            .await
-            .unwrap();
-    }
-    out.sort();
-    out
-}
-
 #[tokio::test]
 async fn redrive_by_tenant_moves_only_acme_and_dry_run_changes_nothing() {
     let f = SqsFixture::create(false).await;
@@ -108,7 +64,7 @@ async fn redrive_by_tenant_moves_only_acme_and_dry_run_changes_nothing() {
     let cfg = fixture_config(&f);
     let filter = r#"attributes.tenant == "acme""#;
 
-    let before = dlq_snapshot(&f).await;
+    let before = f.dlq_snapshot().await;
     let (code, out, err) = run(bin()
         .arg("-c")
         .arg(&cfg)
@@ -117,11 +73,11 @@ async fn redrive_by_tenant_moves_only_acme_and_dry_run_changes_nothing() {
     assert!(out.contains("matched:   3"), "{out}");
     // The dry run leased and released: each message was received once more,
     // and nothing else changed in either queue.
-    let after = dlq_snapshot(&f).await;
+    let after = f.dlq_snapshot().await;
     assert_eq!(after.len(), 9);
     assert_eq!(
-        after.iter().map(|(id, _)| id).collect::<Vec<_>>(),
-        before.iter().map(|(id, _)| id).collect::<Vec<_>>()
+        after.iter().map(|(id, ..)| id).collect::<Vec<_>>(),
+        before.iter().map(|(id, ..)| id).collect::<Vec<_>>()
     );
     assert!(f.drain_source().await.is_empty(), "a dry run sends nothing");
 
@@ -138,7 +94,7 @@ async fn redrive_by_tenant_moves_only_acme_and_dry_run_changes_nothing() {
         let want = msgs.iter().find(|t| t.body == m.body).expect("body intact");
         assert_eq!(want.attributes["tenant"].as_text(), "acme");
     }
-    let left = dlq_snapshot(&f).await;
+    let left = f.dlq_snapshot().await;
     assert_eq!(left.len(), 6, "every other message stays in the DLQ");
 }
 

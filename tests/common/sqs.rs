@@ -95,6 +95,54 @@ pub struct SqsFixture {
 }
 
 impl SqsFixture {
+    /// (message ID, body, receive count) of everything in an SQS DLQ, read in one
+    /// pass and released. The read raises each count by one, which callers
+    /// account for.
+    pub async fn dlq_snapshot(&self) -> Vec<(String, String, u32)> {
+        let mut out = Vec::new();
+        let mut handles = Vec::new();
+        loop {
+            let got = self
+                .client
+                .receive_message()
+                .queue_url(&self.dlq_url)
+                .max_number_of_messages(10)
+                .visibility_timeout(30)
+                .wait_time_seconds(1)
+                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+                .send()
+                .await
+                .unwrap();
+            let msgs = got.messages.unwrap_or_default();
+            if msgs.is_empty() {
+                break;
+            }
+            for m in msgs {
+                let count = m.attributes().unwrap()[&MessageSystemAttributeName::ApproximateReceiveCount]
+                    .parse()
+                    .unwrap();
+                out.push((
+                    m.message_id().unwrap().to_string(),
+                    m.body().unwrap_or_default().to_string(),
+                    count,
+                ));
+                handles.push(m.receipt_handle().unwrap().to_string());
+            }
+        }
+        for h in handles {
+            self.client
+                .change_message_visibility()
+                .queue_url(&self.dlq_url)
+                .receipt_handle(h)
+                .visibility_timeout(0)
+                .send()
+                .await
+                .unwrap();
+        }
+        out.sort();
+        out
+    }
+
     async fn create_queue(&self, name: &str, attrs: &[(QueueAttributeName, String)]) -> String {
         let mut req = self.client.create_queue().queue_name(name);
         for (k, v) in attrs {
