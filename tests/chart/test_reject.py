@@ -25,6 +25,8 @@ CASES = [
     ("connection string inline", {"config": {"queues": [{"name": "q", "servicebus": {
         "connection_string_env": "Endpoint=sb://x/;SharedAccessKey=y", "queue": "q"}}]}},
      "/config/queues/0/servicebus/connection_string_env"),
+    ("service bus without credentials or namespace", {"config": {"queues": [{"name": "q", "servicebus": {
+        "queue": "q"}}]}}, "/config/queues/0/servicebus"),
     ("writable root filesystem", {"securityContext": {"readOnlyRootFilesystem": False}},
      "/securityContext/readOnlyRootFilesystem"),
     ("short token", {"auth": {"token": "abc"}}, "/auth/token"),
