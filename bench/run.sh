@@ -7,7 +7,7 @@
 #   bench/run.sh --quick   a few minutes (CI): 1k messages, 2 runs each, 30 s idle
 #                          window; report to $BENCH_OUT (default
 #                          ${TMPDIR:-/tmp}/dlq-bridge-bench/benchmarks-quick.md)
-#   bench/run.sh           full: 1k, 10k and 100k messages, 3 runs each (100k: 1),
+#   bench/run.sh           full: 1k, 10k and 100k messages (100k: not SQS, see the notes), 3 runs each (100k: 1),
 #                          60 s idle window, image size (BENCH_IMAGE=0 skips the
 #                          image's static build); writes docs/benchmarks.md
 #
