@@ -345,6 +345,56 @@ fn non_empty(s: &Option<String>) -> Option<String> {
     s.as_ref().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
 }
 
+/// azservicebus opens its TCP connection through fe2o3-amqp 0.14 without
+/// TCP_NODELAY, and gives no access to the stream. With Nagle's algorithm on,
+/// a small frame written while earlier ones await their ACK (the peek that
+/// confirms a batch of completes, whose dispositions get no reply) waits for
+/// the broker's delayed ACK, about 40 ms on Linux, once per batch: Service Bus
+/// redrives ran at a flat ~1,700 messages/s (10k messages: 5.9 s; with
+/// TCP_NODELAY 1.3 s). So after each connect, set it on this process's TCP
+/// sockets whose peer is an AMQP port (5671 TLS, 5672 plain). Best effort: a
+/// socket that is not one, or that closed meanwhile, is skipped.
+fn set_nodelay_on_amqp_sockets() {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+            return;
+        };
+        for fd in fds
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<libc::c_int>().ok())
+        {
+            let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            // SAFETY: `peer` and `len` are valid for writes of `len` bytes; a
+            // descriptor that is not a socket (or no longer open) fails with
+            // ENOTSOCK or EBADF and is skipped.
+            if unsafe { libc::getpeername(fd, (&raw mut peer).cast(), &mut len) } != 0 {
+                continue;
+            }
+            let port = match i32::from(peer.ss_family) {
+                // SAFETY: the family says which sockaddr type the kernel wrote.
+                libc::AF_INET => unsafe { (*(&raw const peer).cast::<libc::sockaddr_in>()).sin_port },
+                libc::AF_INET6 => unsafe { (*(&raw const peer).cast::<libc::sockaddr_in6>()).sin6_port },
+                _ => continue,
+            };
+            if matches!(u16::from_be(port), 5671 | 5672) {
+                let one: libc::c_int = 1;
+                // SAFETY: `one` outlives the call and its size is passed.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::IPPROTO_TCP,
+                        libc::TCP_NODELAY,
+                        (&raw const one).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                }
+            }
+        }
+    }
+}
+
 impl ServiceBusBackend {
     pub async fn connect(
         name: &str,
@@ -496,6 +546,7 @@ impl ServiceBusBackend {
                 .await
                 .map_err(|_| self.unreachable(format!("no AMQP connection within {CONNECT_TIMEOUT:?}")))?
                 .map_err(|e| self.classify("connect", &e))?;
+            set_nodelay_on_amqp_sockets();
             let generation = self.conn.generations.fetch_add(1, Ordering::Relaxed) + 1;
             *slot = Some((generation, client));
         }
