@@ -651,26 +651,7 @@ impl Private for common::pubsub::PubSubFixture {
 /// 2 s hold the other backends' fault runs use.
 #[cfg(feature = "servicebus")]
 fn private_servicebus(host: &str) -> (Emulator, String) {
-    let bin = common::servicebus::emulator_binary();
-    let emu = spawn(
-        "servicebus-private",
-        &[
-            &bin,
-            "--amqp-host",
-            host,
-            "--amqp-port",
-            "5672",
-            "--http-port",
-            "{port}",
-            "--https-port",
-            "0",
-            "--strict",
-            "--lock-duration",
-            "3s",
-        ],
-        &[("RUST_LOG", "warn")],
-        "/dlq-bridge-probe?api-version=2021-05",
-    );
+    let emu = common::servicebus::spawn_emulator("servicebus-private", &["--amqp-host", host, "--lock-duration", "3s"]);
     let env = format!("DLQ_BRIDGE_FAULTS_SERVICEBUS_{}", host.replace('.', "_"));
     add_child_env(&env, &private_connection_string(host));
     (emu, env)

@@ -72,29 +72,37 @@ pub fn emulator() -> String {
     }
     EMULATOR
         .get_or_init(|| {
-            let bin = emulator_binary();
             wait_for_port_5672();
-            spawn(
-                "servicebus",
-                &[
-                    &bin,
-                    "--amqp-port",
-                    "5672",
-                    "--http-port",
-                    "{port}",
-                    "--https-port",
-                    "0",
-                    "--strict",
-                ],
-                &[("RUST_LOG", "warn")],
-                "/dlq-bridge-probe?api-version=2021-05",
-            )
+            spawn_emulator("servicebus", &[])
         })
         .url()
 }
 
 /// `SERVICEBUS_EMULATOR_BIN`, else the binary next to this test's target
 /// directory, built with `cargo build -p servicebus-emulator` if missing.
+/// Start the project's emulator (strict, AMQP on 5672, ATOM on a free port)
+/// with `extra` arguments, e.g. another `--amqp-host` or `--lock-duration`.
+pub fn spawn_emulator(name: &'static str, extra: &[&str]) -> Emulator {
+    let bin = emulator_binary();
+    let mut args = vec![
+        bin.as_str(),
+        "--amqp-port",
+        "5672",
+        "--http-port",
+        "{port}",
+        "--https-port",
+        "0",
+        "--strict",
+    ];
+    args.extend_from_slice(extra);
+    spawn(
+        name,
+        &args,
+        &[("RUST_LOG", "warn")],
+        "/dlq-bridge-probe?api-version=2021-05",
+    )
+}
+
 pub fn emulator_binary() -> String {
     if let Some(b) = std::env::var("SERVICEBUS_EMULATOR_BIN").ok().filter(|b| !b.is_empty()) {
         return b;
