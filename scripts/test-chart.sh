@@ -197,14 +197,13 @@ echo "  lease create+patch with the token: ok; secret read with the token: forbi
 # chart's Lease.
 check_leader_election() {
   local bin=$1 identity="host-process-$$" port
-  port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   kubectl get configmap "$FULL" -n "$NS" -o jsonpath='{.data.config\.yaml}' >"$WORK/config.yaml"
   local lease
   lease=$(python -c 'import sys,yaml; print(yaml.safe_load(open(sys.argv[1]))["serve"]["leader_election"]["lease_name"])' "$WORK/config.yaml")
   mkdir -p "$WORK/data"
   KUBECONFIG=$SA_KUBECONFIG POD_NAME=$identity POD_NAMESPACE=$NS \
     DLQ_BRIDGE_API_TOKEN=$(echo "$TOKEN1" | base64 -d) \
-    DLQ_BRIDGE__SERVE__LISTEN=127.0.0.1:$port DLQ_BRIDGE__SERVE__DATA_DIR=$WORK/data \
+    DLQ_BRIDGE__SERVE__LISTEN=127.0.0.1:0 DLQ_BRIDGE__SERVE__DATA_DIR=$WORK/data \
     XDG_STATE_HOME=$WORK/data DLQ_BRIDGE_LOG=info \
     "$bin" serve --config "$WORK/config.yaml" >"$WORK/serve.log" 2>&1 &
   SERVE_PID=$!
@@ -217,7 +216,13 @@ check_leader_election() {
   done
   [ "$holder" = "$identity" ] || { tail -30 "$WORK/serve.log" >&2; die "lease $NS/$lease held by '${holder}', expected '$identity'"; }
   echo "  lease $NS/$lease held by $identity (dlq-bridge serve with the ServiceAccount token)"
-  curl -fsS --max-time 5 "http://127.0.0.1:$port/healthz" >/dev/null || die "/healthz did not answer"
+  # Port 0: the kernel picks a free port at bind time, so no other socket can take
+  # it between choosing and binding (a probe-then-bind port raced the kube client's
+  # own ephemeral ports once). serve prints the address it bound.
+  port=$(sed -n 's|.*listening on http://127\.0\.0\.1:\([0-9]*\).*|\1|p' "$WORK/serve.log" | head -1)
+  [ -n "$port" ] || { tail -30 "$WORK/serve.log" >&2; die "dlq-bridge serve did not say where it listens"; }
+  curl -fsS --max-time 5 --retry 10 --retry-connrefused --retry-delay 1 "http://127.0.0.1:$port/healthz" >/dev/null ||
+    { tail -30 "$WORK/serve.log" >&2; die "/healthz did not answer"; }
   echo "  /healthz answered on 127.0.0.1:$port"
   # Graceful shutdown hands the lease back (DESIGN §5): the holder is cleared.
   kill -TERM "$SERVE_PID"

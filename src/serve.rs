@@ -225,6 +225,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )?)),
         None => None,
     };
+    // Bind before taking the Lease: a port already in use fails before this
+    // replica leads, and /healthz answers as soon as leadership is visible.
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(listen = %bound, queues = config.queues.len(), "serving");
+    eprintln!("dlq-bridge serve: listening on http://{bound}");
     let shutdown = CancellationToken::new();
     let leadership: Leadership = if config.serve.leader_election.enabled {
         leader::start(&config.serve.leader_election, shutdown.clone()).await?
@@ -283,11 +291,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
 
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(%listen, queues = config.queues.len(), "serving");
-    eprintln!("dlq-bridge serve: listening on http://{}", listener.local_addr()?);
     let signal = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

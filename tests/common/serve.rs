@@ -1,8 +1,10 @@
 //! A `dlq-bridge serve` process under test, and an HTTP receiver that
 //! captures what its alert sinks send.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,8 +12,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::routing::post;
 use serde_json::Value;
-
-use super::emulator::free_port;
 
 pub const TOKEN: &str = "s3cret-token";
 
@@ -74,14 +74,15 @@ impl Serve {
         Self::start_with_env(config, &[]).await
     }
 
-    /// Start `dlq-bridge serve` with `config` (`{listen}` is replaced by a free
-    /// loopback address) and wait until it is ready.
+    /// Start `dlq-bridge serve` with `config` (`{listen}` becomes `127.0.0.1:0`)
+    /// and wait until it is ready. The kernel picks the port at bind time and
+    /// serve prints it: a probed-then-released port can be taken in between by
+    /// any outgoing connection's ephemeral port.
     pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
-        let port = free_port();
         let path = std::env::temp_dir().join(format!("dlqb-serve-{}.yaml", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&path, config.replace("{listen}", &format!("127.0.0.1:{port}"))).unwrap();
+        std::fs::write(&path, config.replace("{listen}", "127.0.0.1:0")).unwrap();
         let data = std::env::temp_dir().join(format!("dlqb-serve-data-{}", uuid::Uuid::new_v4().simple()));
-        let child = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
             .args(["serve", "--config"])
             .arg(&path)
             .env("AWS_ACCESS_KEY_ID", "testing")
@@ -92,11 +93,13 @@ impl Serve {
             .env("DLQ_BRIDGE_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start dlq-bridge serve");
+        let addr = bound_address(child.stderr.take().expect("piped stderr"));
         let s = Serve {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{addr}"),
             http: reqwest::Client::new(),
         };
         s.wait_for(Duration::from_secs(30), || async { s.get("/readyz").await.0 == 200 })
@@ -153,4 +156,24 @@ impl Serve {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Forward serve's stderr to the test's (so failures show its log) and return
+/// the address from its "listening on http://ADDR" line.
+fn bound_address(stderr: ChildStderr) -> String {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            if let Some(addr) = line.split("listening on http://").nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("dlq-bridge serve exited or did not say where it listens within 30 s")
 }
