@@ -36,6 +36,8 @@ ap.add_argument("--sb-emulator", default="", help="servicebus-emulator binary ('
 ap.add_argument("--out", required=True)
 ap.add_argument("--image-size", default="", help="image size line from scripts/image.sh, or n/a reason")
 ap.add_argument("--backends", default="sqs,pubsub,servicebus")
+ap.add_argument("--only", choices=["redrive", "footprint"], default="",
+                help="run one part (for checking a change; the report then lacks the other part)")
 args = ap.parse_args()
 QUICK = args.quick
 BACKENDS = [b for b in args.backends.split(",") if b]
@@ -408,17 +410,26 @@ def footprint(total):
                            check=True, env={**os.environ, **ENV})
         queues += [{"name": f"sb-{i}", "kind": "servicebus", "queue": f"{prefix}-{i}"}
                    for i in range(share["servicebus"])]
-    port = free_port()
     data = os.path.join(WORK, f"serve-{prefix}")
-    cfg = dlq_bridge_config(queues, f"serve:\n  listen: 127.0.0.1:{port}\n  data_dir: {data}\n")
+    # Port 0: serve binds first and prints the port; a probed port could be taken
+    # by an outgoing connection before serve binds it.
+    cfg = dlq_bridge_config(queues, f"serve:\n  listen: 127.0.0.1:0\n  data_dir: {data}\n")
     window = 30 if QUICK else 60
     ready_cap = 120
     t0 = time.monotonic()
     p = spawn(f"serve-{total}", [args.bin, "-c", cfg, "serve"], env=ENV)
     ready_ms = None
+    port = None
     while time.monotonic() - t0 < ready_cap:
         if p.poll() is not None:
             raise RuntimeError(f"serve exited: see {WORK}/serve-{total}.log")
+        if port is None:
+            with open(os.path.join(WORK, f"serve-{total}.log")) as f:
+                m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", f.read())
+            if m is None:
+                time.sleep(0.002)
+                continue
+            port = int(m.group(1))
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
                 if r.status == 200:
@@ -655,9 +666,11 @@ def main():
         NOTES.append("100k messages are measured with 1 KiB bodies only: 100k × 64 KiB is 6.4 GB per DLQ, "
                      "more than the emulators hold in memory on this machine. Baseline (b) runs at 1k "
                      "(both sizes) and 10k × 1 KiB, once per size above 1k: it takes minutes per run.")
-    redrive_matrix()
-    for total in (10, 1000):
-        footprint(total)
+    if args.only != "footprint":
+        redrive_matrix()
+    if args.only != "redrive":
+        for total in (10, 1000):
+            footprint(total)
     report()
 
 
