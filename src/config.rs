@@ -396,13 +396,14 @@ pub struct RedriveConfig {
     pub journal_keep: usize,
 }
 
-impl RedriveConfig {
-    pub fn journal_rotation(&self) -> crate::journal::Rotation {
-        crate::journal::Rotation {
-            max_bytes: self.journal_max_bytes,
-            keep: self.journal_keep,
-        }
-    }
+/// Where dlq-bridge keeps its state (journal, backups, exports) when the
+/// config names no place: `$XDG_STATE_HOME/dlq-bridge`, else
+/// `~/.local/state/dlq-bridge`.
+pub fn state_dir() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(state.join("dlq-bridge"))
 }
 
 fn default_journal_max_bytes() -> u64 {

@@ -10,8 +10,8 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::engine::redrive::RunSummary;
 use crate::model::{Attributes, DlqMessage, DlqStats};
-use crate::redrive::RunSummary;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

@@ -13,12 +13,12 @@ use std::time::Duration;
 use common::{Fixture, Received, TestMessage, attrs, redrive};
 use dlq_bridge::backend::Capabilities;
 use dlq_bridge::config::{RetentionAction, RetentionConfig};
-use dlq_bridge::journal::{Journal, Record, read_records};
+use dlq_bridge::engine::journal::{Journal, Record, read_records};
+use dlq_bridge::engine::redrive::Trigger;
+use dlq_bridge::engine::redrive::{MARK_COUNT, MARK_ID, StopReason};
+use dlq_bridge::engine::registry::{RedriveRequest, Registry};
+use dlq_bridge::engine::triage::{self, ExportedMessage, ImportRequest, PurgeRequest, ReportRequest};
 use dlq_bridge::model::AttrValue;
-use dlq_bridge::redrive::Trigger;
-use dlq_bridge::redrive::{MARK_COUNT, MARK_ID, StopReason};
-use dlq_bridge::registry::{RedriveRequest, Registry};
-use dlq_bridge::triage::{self, ExportedMessage, ImportRequest, PurgeRequest, ReportRequest};
 
 fn order(i: usize, tenant: &str, error: &str) -> TestMessage {
     TestMessage {

@@ -18,7 +18,7 @@ use common::emulator::{Emulator, spawn};
 use common::faultproxy::{Fault, FaultProxy};
 use common::{Fixture, TestMessage, attrs};
 use dlq_bridge::config::{Config, QueueKind};
-use dlq_bridge::redrive::MARK_ID;
+use dlq_bridge::engine::redrive::MARK_ID;
 
 const MESSAGES: usize = 40;
 /// Messages per second for the killed runs. The token bucket's burst equals

@@ -13,9 +13,9 @@ use common::pubsub::{DLQ_SUB, PubSubFixture, SOURCE_SUB, SOURCE_TOPIC, attribute
 use common::{Fixture, TestMessage, attrs, redrive};
 use dlq_bridge::backend::{self, BackendError, QueueBackend};
 use dlq_bridge::config::Config;
+use dlq_bridge::engine::redrive::{MARK_COUNT, MARK_ID};
+use dlq_bridge::engine::registry::{RedriveRequest, Registry};
 use dlq_bridge::model::{AttrValue, Attribute, Destination, Exactness, Outgoing, SendResult};
-use dlq_bridge::redrive::{MARK_COUNT, MARK_ID};
-use dlq_bridge::registry::{RedriveRequest, Registry};
 
 fn failing(i: usize) -> TestMessage {
     TestMessage {

@@ -240,6 +240,73 @@ async fn metrics_match_depths_and_api_enforces_the_token() {
     assert_eq!(a.drain_source().await.len(), 2);
 }
 
+/// promtool from scripts/tools.sh (`$DLQ_BRIDGE_TOOLS/bin`), else from PATH.
+fn promtool() -> std::path::PathBuf {
+    let tools = std::env::var_os("DLQ_BRIDGE_TOOLS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/dlq-bridge/tools")));
+    let cached = tools.map(|t| t.join("bin/promtool"));
+    match cached.filter(|p| p.exists()) {
+        Some(p) => p,
+        None => {
+            let found = std::process::Command::new("promtool").arg("--version").output();
+            assert!(
+                found.is_ok_and(|o| o.status.success()),
+                "promtool not found: run scripts/tools.sh (it extracts it from Debian's prometheus package)"
+            );
+            "promtool".into()
+        }
+    }
+}
+
+#[tokio::test]
+async fn metrics_negotiate_openmetrics_or_the_classic_text_format_promtool_accepts() {
+    let a = SqsFixture::create(false).await;
+    a.put_in_dlq(&msgs(2, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n",
+        queue_yaml("alpha", &a)
+    );
+    let serve = Serve::start(&config).await;
+
+    // What Prometheus 2.x asks for.
+    let (code, content_type, text) = serve
+        .get_accepting(
+            "/metrics",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        )
+        .await;
+    assert_eq!(code, 200);
+    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert!(text.contains("# TYPE dlq_bridge_arrivals counter"), "{text}");
+
+    // A classic scraper, and promtool's linter on what it gets.
+    for accept in ["text/plain;version=0.0.4", "*/*"] {
+        let (code, content_type, text) = serve.get_accepting("/metrics", accept).await;
+        assert_eq!(code, 200);
+        assert!(content_type.starts_with("text/plain; version=0.0.4"), "{accept}: {content_type}");
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(text.contains("# HELP dlq_bridge_arrivals_total "), "{text}");
+        let mut check = std::process::Command::new(promtool())
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run promtool");
+        use std::io::Write as _;
+        check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = check.wait_with_output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}\n{text}");
+    }
+}
+
 #[tokio::test]
 async fn non_loopback_listen_without_token_is_refused() {
     let f = SqsFixture::create(false).await;

@@ -21,9 +21,9 @@ use common::servicebus::{
 use common::{Fixture, TestMessage, attrs, redrive};
 use dlq_bridge::backend::BackendError;
 use dlq_bridge::config::Config;
+use dlq_bridge::engine::redrive::{MARK_COUNT, MARK_ID};
+use dlq_bridge::engine::registry::{RedriveRequest, Registry, RegistryError};
 use dlq_bridge::model::{AttrValue, Exactness};
-use dlq_bridge::redrive::{MARK_COUNT, MARK_ID};
-use dlq_bridge::registry::{RedriveRequest, Registry, RegistryError};
 use fe2o3_amqp_types::messaging::ApplicationProperties;
 use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid};
 

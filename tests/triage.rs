@@ -9,8 +9,8 @@ use std::process::{Command, Output};
 
 use common::sqs::SqsFixture;
 use common::{Fixture, TestMessage, attrs, unique};
-use dlq_bridge::journal::{Record, read_records};
-use dlq_bridge::triage::{ExportedMessage, read_export};
+use dlq_bridge::engine::journal::{Record, read_records};
+use dlq_bridge::engine::triage::{ExportedMessage, read_export};
 
 fn bin(state: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"));
@@ -279,8 +279,8 @@ async fn retention_dry_run_lists_then_export_then_purge_empties() {
 #[tokio::test]
 async fn import_crosses_providers_and_names_what_is_not_carried() {
     use common::pubsub::PubSubFixture;
-    use dlq_bridge::registry::Registry;
-    use dlq_bridge::triage::{self, ImportRequest};
+    use dlq_bridge::engine::registry::Registry;
+    use dlq_bridge::engine::triage::{self, ImportRequest};
 
     let sqs = SqsFixture::create(false).await;
     let ps = PubSubFixture::create(false).await;

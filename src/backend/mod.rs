@@ -2,7 +2,7 @@
 //!
 //! Adapters contain no policy: they translate six verbs and the message model.
 //! Filtering, batching across calls, rate limits, dry runs, journaling and
-//! retries of whole messages live once, in [`crate::redrive`].
+//! retries of whole messages live once, in [`crate::engine::redrive`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,7 +119,7 @@ pub trait QueueBackend: Send + Sync {
 /// (namespace, credentials). Each is created on first use and handed to each
 /// queue's adapter, so a sidecar with many queues holds a handful of
 /// connections, HTTP clients and TLS configurations instead of one set per
-/// queue. The [`crate::registry::Registry`] owns one.
+/// queue. The [`crate::engine::registry::Registry`] owns one.
 #[derive(Default)]
 pub struct SharedClients {
     #[cfg(feature = "sqs")]

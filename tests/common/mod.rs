@@ -18,9 +18,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use dlq_bridge::config::Config;
+use dlq_bridge::engine::redrive::{Engine, RunSummary, Trigger};
+use dlq_bridge::engine::registry::{RedriveRequest, Registry};
 use dlq_bridge::model::Attributes;
-use dlq_bridge::redrive::{Engine, RunSummary, Trigger};
-use dlq_bridge::registry::{RedriveRequest, Registry};
 
 /// A message a test makes fail into a DLQ.
 #[derive(Debug, Clone, Default)]

@@ -114,6 +114,24 @@ impl Serve {
         }
     }
 
+    /// A GET with an `Accept` header: status, content type and body.
+    pub async fn get_accepting(&self, path: &str, accept: &str) -> (u16, String, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        let content_type = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (r.status().as_u16(), content_type, r.text().await.unwrap_or_default())
+    }
+
     pub async fn post(&self, path: &str, body: Value, token: Option<&str>) -> (u16, Value) {
         let mut req = self.http.post(format!("{}{path}", self.url)).json(&body);
         if let Some(t) = token {

@@ -125,6 +125,15 @@ pub struct Rotation {
     pub keep: usize,
 }
 
+impl From<&crate::config::RedriveConfig> for Rotation {
+    fn from(c: &crate::config::RedriveConfig) -> Self {
+        Self {
+            max_bytes: c.journal_max_bytes,
+            keep: c.journal_keep,
+        }
+    }
+}
+
 impl Default for Rotation {
     fn default() -> Self {
         Self {

@@ -20,8 +20,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendError, QueueBackend};
+use crate::engine::journal::{Journal, Record};
 use crate::filter::Filter;
-use crate::journal::{Journal, Record};
 use crate::model::{
     AttrValue, Attribute, Destination, DlqMessage, LeaseId, Leased, Outgoing, SendResult, SettleResult,
 };
@@ -216,7 +216,7 @@ pub enum RedriveError {
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error(transparent)]
-    Journal(#[from] crate::journal::JournalError),
+    Journal(#[from] crate::engine::journal::JournalError),
 }
 
 /// A batch's worth of results, handed back from a send task.

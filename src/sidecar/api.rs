@@ -18,11 +18,11 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::engine::redrive::Trigger;
+use crate::engine::registry::{RedriveRequest, RegistryError};
 use crate::filter::Filter;
 use crate::output::MessageView;
-use crate::redrive::Trigger;
-use crate::registry::{RedriveRequest, RegistryError};
-use crate::serve::App;
+use crate::sidecar::app::App;
 
 const MAX_LIMIT: usize = 1000;
 
@@ -87,15 +87,12 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        app.metrics.render(),
-    )
-        .into_response()
+/// OpenMetrics for Prometheus, which asks for it; the classic text format for
+/// every other scraper (DESIGN §5).
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = app.metrics.render_for(accept);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 async fn queues(State(app): State<Arc<App>>) -> Response {
@@ -166,7 +163,7 @@ async fn report(
     Query(q): Query<ReportQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    use crate::triage::{self, GroupBy, ReportRequest, TriageError};
+    use crate::engine::triage::{self, GroupBy, ReportRequest, TriageError};
     authorize(&app, &headers)?;
     let by: GroupBy =
         q.by.as_deref()

@@ -15,8 +15,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::{AlertRule, AlertsConfig};
-use crate::metrics::Metrics;
-use crate::poller::PollResult;
+use crate::sidecar::metrics::Metrics;
+use crate::sidecar::poller::PollResult;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -172,11 +172,131 @@ impl Metrics {
             .set(n as i64);
     }
 
+    /// The OpenMetrics text exposition, as prometheus-client encodes it.
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+
+    /// The metrics in the format `accept` asks for, with its content type.
+    pub fn render_for(&self, accept: Option<&str>) -> (&'static str, String) {
+        match Exposition::negotiate(accept) {
+            Exposition::OpenMetrics => (Exposition::OPENMETRICS_CONTENT_TYPE, self.render()),
+            Exposition::Classic => (Exposition::CLASSIC_CONTENT_TYPE, to_classic_text(&self.render())),
+        }
+    }
+}
+
+/// The two text formats Prometheus scrapers understand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    /// OpenMetrics 1.0: what Prometheus itself asks for first.
+    OpenMetrics,
+    /// The classic Prometheus text format 0.0.4: what every other scraper,
+    /// promtool, and a bare `curl` expect.
+    Classic,
+}
+
+impl Exposition {
+    pub const OPENMETRICS_CONTENT_TYPE: &'static str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    pub const CLASSIC_CONTENT_TYPE: &'static str = "text/plain; version=0.0.4; charset=utf-8";
+
+    /// Picks the format by the `Accept` header's quality values. OpenMetrics
+    /// only when the client names it and prefers it at least as much as the
+    /// classic format; without an `Accept`, or with `*/*`, the classic format,
+    /// which is what a scraper that predates OpenMetrics can parse.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let Some(accept) = accept else {
+            return Self::Classic;
+        };
+        let mut openmetrics: Option<f32> = None;
+        let mut classic: Option<f32> = None;
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            let slot = match media.as_str() {
+                "application/openmetrics-text" => &mut openmetrics,
+                "text/plain" | "text/*" | "*/*" => &mut classic,
+                _ => continue,
+            };
+            *slot = Some(slot.map_or(q, |old| old.max(q)));
+        }
+        match (openmetrics, classic) {
+            (Some(om), Some(c)) if om >= c && om > 0.0 => Self::OpenMetrics,
+            (Some(om), None) if om > 0.0 => Self::OpenMetrics,
+            _ => Self::Classic,
+        }
+    }
+}
+
+/// Rewrites OpenMetrics text (as prometheus-client writes it) into the
+/// classic text format: prometheus-client 0.23 has no encoder for it. The two
+/// differ in what matters to a classic parser: a counter's `HELP` and `TYPE`
+/// name the `_total` sample, not the family; `# UNIT` and `# EOF` do not
+/// exist; `info` and `stateset` are gauges and `unknown` is `untyped`;
+/// exemplars and `_created` samples are not part of it.
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // Family name -> the name its samples carry in the classic format.
+    let mut counters: HashMap<&str, String> = HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = rest.split_once(' ')
+            && kind == "counter"
+        {
+            let sample = if name.ends_with("_total") {
+                name.to_string()
+            } else {
+                format!("{name}_total")
+            };
+            counters.insert(name, sample);
+        }
+    }
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let name = counters.get(name).map_or(name, String::as_str);
+            out.push_str(&format!("# HELP {name} {help}\n"));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let name = counters.get(name).map_or(name, String::as_str);
+            let kind = match kind {
+                "counter" | "gauge" | "histogram" | "summary" => kind,
+                "info" | "stateset" | "gaugehistogram" => "gauge",
+                _ => "untyped",
+            };
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let sample_name = line.split(['{', ' ']).next().unwrap_or_default();
+        if sample_name.ends_with("_created") {
+            continue;
+        }
+        // An exemplar follows the value after ` # `; the first one after the
+        // label set starts it (label values may hold ` # ` and `}` themselves).
+        let after_labels = end_of_labels(line);
+        let sample = match line[after_labels..].find(" # ") {
+            Some(i) => &line[..after_labels + i],
+            None => line,
+        };
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
 }
 
 /// Export the top N `counts` of a queue under `label`, the rest (and any
@@ -207,9 +327,95 @@ fn set_top(
     exported.insert(queue.to_string(), names);
 }
 
+/// The byte offset just past a sample line's label set (`{...}`), or 0 when
+/// it has none; quotes and escapes inside label values are honoured.
+fn end_of_labels(line: &str) -> usize {
+    let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+    if !line[name_end..].starts_with('{') {
+        return 0;
+    }
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in line[name_end..].char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return name_end + i + 1,
+            _ => {}
+        }
+    }
+    line.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn negotiation_follows_the_accept_header() {
+        use Exposition::*;
+        assert_eq!(Exposition::negotiate(None), Classic);
+        assert_eq!(Exposition::negotiate(Some("*/*")), Classic);
+        assert_eq!(Exposition::negotiate(Some("text/plain;version=0.0.4")), Classic);
+        assert_eq!(
+            Exposition::negotiate(Some("application/openmetrics-text; version=1.0.0")),
+            OpenMetrics
+        );
+        // What Prometheus 2.x sends.
+        assert_eq!(
+            Exposition::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+                 text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+            )),
+            OpenMetrics
+        );
+        assert_eq!(
+            Exposition::negotiate(Some("application/openmetrics-text;q=0.3, text/plain;q=0.9")),
+            Classic
+        );
+        assert_eq!(Exposition::negotiate(Some("application/openmetrics-text;q=0")), Classic);
+    }
+
+    #[test]
+    fn classic_text_names_counters_by_their_samples_and_drops_openmetrics_lines() {
+        let m = Metrics::new();
+        m.set_depth("orders", "sqs", 7, Some(12.5));
+        m.add_arrivals("orders", "sqs", 3);
+        let om = m.render();
+        assert!(om.contains("# TYPE dlq_bridge_arrivals counter"), "{om}");
+        let text = to_classic_text(&om);
+        assert!(text.contains("# TYPE dlq_bridge_arrivals_total counter\n"), "{text}");
+        assert!(text.contains("# HELP dlq_bridge_arrivals_total "), "{text}");
+        assert!(
+            text.contains(r#"dlq_bridge_arrivals_total{queue="orders",backend="sqs"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE dlq_bridge_messages gauge\n"), "{text}");
+        assert!(text.contains(r#"dlq_bridge_oldest_message_age_seconds{queue="orders",backend="sqs"} 12.5"#));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        // Every sample's family has HELP and TYPE lines under the sample's name.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {name} ")) || text.contains(&format!("# TYPE {family} ")),
+                "no TYPE for {name} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn exemplars_and_created_samples_are_dropped() {
+        let om = "# HELP x_seconds A thing.\n# TYPE x_seconds counter\n# UNIT x_seconds seconds\n\
+                  x_seconds_total{a=\"b # c\"} 2 # {trace_id=\"1\"} 1.0\nx_seconds_created 1.7e9\n# EOF\n";
+        assert_eq!(
+            to_classic_text(om),
+            "# HELP x_seconds_total A thing.\n# TYPE x_seconds_total counter\nx_seconds_total{a=\"b # c\"} 2\n"
+        );
+    }
 
     #[test]
     fn renders_the_design_names() {

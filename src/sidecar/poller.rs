@@ -18,9 +18,9 @@ use tokio::sync::{RwLock, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AdminCallLimits, Config};
-use crate::metrics::Metrics;
+use crate::engine::registry::Registry;
 use crate::model::{DlqMessage, DlqStats};
-use crate::registry::Registry;
+use crate::sidecar::metrics::Metrics;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 

@@ -10,185 +10,20 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::alert::Evaluator;
-use crate::alert::sinks::Sinks;
 use crate::config::{Config, ScheduleConfig};
-use crate::journal::Journal;
-use crate::leader::{self, Leadership};
-use crate::metrics::Metrics;
-use crate::poller::{AdminLimits, PollResult, Poller, StatusCache};
-use crate::redrive::{Engine, Progress, RunSummary, Trigger};
-use crate::registry::{RedriveRequest, Registry, RegistryError};
-
-/// Finished runs kept for `GET /v1/runs/{id}`.
-const RUNS_KEPT: usize = 200;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunStatus {
-    Running,
-    Finished,
-    Failed,
-}
-
-/// A redrive started by the API or a schedule, as `/v1/runs/{id}` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunView {
-    pub run_id: String,
-    pub queue: String,
-    pub trigger: Trigger,
-    pub status: RunStatus,
-    pub started_at: DateTime<Utc>,
-    pub progress: ProgressView,
-    pub summary: Option<RunSummary>,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct ProgressView {
-    pub examined: u64,
-    pub matched: u64,
-    pub sent: u64,
-    pub settled: u64,
-    pub failed: u64,
-}
-
-impl From<&Progress> for ProgressView {
-    fn from(p: &Progress) -> Self {
-        Self {
-            examined: Progress::get(&p.examined),
-            matched: Progress::get(&p.matched),
-            sent: Progress::get(&p.sent),
-            settled: Progress::get(&p.settled),
-            failed: Progress::get(&p.failed),
-        }
-    }
-}
-
-struct RunEntry {
-    view: RunView,
-    progress: Arc<Progress>,
-}
-
-/// Everything the HTTP handlers, the scheduler and the alert loop share.
-pub struct App {
-    pub registry: Arc<Registry>,
-    pub cache: Arc<StatusCache>,
-    pub metrics: Arc<Metrics>,
-    pub token: Option<String>,
-    journal: Option<Arc<Journal>>,
-    runs: Mutex<HashMap<String, RunEntry>>,
-    finished_order: Mutex<VecDeque<String>>,
-    /// Cancelled on shutdown: runs stop leasing and release what they hold.
-    shutdown: CancellationToken,
-    tasks: Mutex<JoinSet<()>>,
-    queue_names: Vec<String>,
-}
-
-impl App {
-    pub async fn ready(&self) -> bool {
-        self.cache.all_polled(&self.queue_names).await
-    }
-
-    /// Validate a redrive request and start it in the background. Returns the
-    /// run ID, or the reason it cannot start (nothing was touched).
-    pub async fn start_run(
-        self: &Arc<Self>,
-        queue: &str,
-        req: RedriveRequest,
-        trigger: Trigger,
-    ) -> Result<String, RegistryError> {
-        let plan = self.registry.plan(queue, &req, trigger).await?;
-        let backend = self.registry.backend(queue).await?;
-        let mut engine = Engine::new(backend).with_cancel(self.shutdown.child_token());
-        if let Some(j) = &self.journal {
-            engine = engine.with_journal(j.clone());
-        }
-        let progress = engine.progress();
-        let run_id = plan.run_id.clone();
-        self.runs.lock().await.insert(
-            run_id.clone(),
-            RunEntry {
-                view: RunView {
-                    run_id: run_id.clone(),
-                    queue: queue.to_string(),
-                    trigger,
-                    status: RunStatus::Running,
-                    started_at: Utc::now(),
-                    progress: ProgressView::from(&*progress),
-                    summary: None,
-                    error: None,
-                },
-                progress,
-            },
-        );
-        let app = self.clone();
-        let queue = queue.to_string();
-        self.tasks.lock().await.spawn(async move {
-            let result = engine.run(&plan).await;
-            app.finish_run(&plan.run_id, &queue, result).await;
-        });
-        Ok(run_id)
-    }
-
-    async fn finish_run(&self, run_id: &str, queue: &str, result: Result<RunSummary, crate::redrive::RedriveError>) {
-        if let Ok(s) = &result {
-            self.metrics
-                .add_redriven(queue, "settled", s.settled + s.settled_from_journal);
-            self.metrics.add_redriven(queue, "send_failed", s.send_failed);
-            self.metrics.add_redriven(queue, "settle_failed", s.settle_failed);
-            self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
-            self.cache.note_removed(queue, s.settled + s.settled_from_journal);
-            tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
-        }
-        let mut runs = self.runs.lock().await;
-        if let Some(e) = runs.get_mut(run_id) {
-            e.view.progress = ProgressView::from(&*e.progress);
-            match result {
-                Ok(s) => {
-                    e.view.status = if s.ok() { RunStatus::Finished } else { RunStatus::Failed };
-                    e.view.summary = Some(s);
-                }
-                Err(err) => {
-                    e.view.status = RunStatus::Failed;
-                    e.view.error = Some(format!("{err:#}"));
-                }
-            }
-        }
-        let mut order = self.finished_order.lock().await;
-        order.push_back(run_id.to_string());
-        while order.len() > RUNS_KEPT {
-            if let Some(old) = order.pop_front() {
-                runs.remove(&old);
-            }
-        }
-    }
-
-    pub async fn run_view(&self, run_id: &str) -> Option<RunView> {
-        let runs = self.runs.lock().await;
-        runs.get(run_id).map(|e| {
-            let mut v = e.view.clone();
-            if v.status == RunStatus::Running {
-                v.progress = ProgressView::from(&*e.progress);
-            }
-            v
-        })
-    }
-
-    /// Wait for runs to finish after shutdown was signalled.
-    async fn drain_runs(&self, grace: Duration) {
-        let mut tasks = std::mem::take(&mut *self.tasks.lock().await);
-        let wait = async { while tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(grace, wait).await.is_err() {
-            tracing::warn!("redrives still running after the shutdown grace period; their leases expire by themselves");
-        }
-    }
-}
+use crate::engine::journal::{Journal, Rotation};
+use crate::engine::redrive::Trigger;
+use crate::engine::registry::{RedriveRequest, Registry};
+use crate::sidecar::alert::Evaluator;
+use crate::sidecar::alert::sinks::Sinks;
+use crate::sidecar::app::{App, RunStatus};
+use crate::sidecar::leader::{self, Leadership};
+use crate::sidecar::metrics::Metrics;
+use crate::sidecar::poller::{AdminLimits, PollResult, Poller, StatusCache};
 
 /// Run the sidecar until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -217,11 +52,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         .into());
     }
-    let data_dir = config.serve.data_dir.clone().or_else(default_data_dir);
+    let data_dir = config.serve.data_dir.clone().or_else(crate::config::state_dir);
     let journal = match &data_dir {
         Some(dir) => Some(Arc::new(Journal::open_with(
             &dir.join("journal.jsonl"),
-            config.redrive.journal_rotation(),
+            Rotation::from(&config.redrive),
         )?)),
         None => None,
     };
@@ -297,7 +132,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down: no new leases, finishing in-flight batches");
         signal.cancel();
     });
-    let router = crate::server::router(app.clone());
+    let router = crate::sidecar::api::router(app.clone());
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;
@@ -308,13 +143,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Give the elector a moment to hand the lease over.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
-}
-
-fn default_data_dir() -> Option<PathBuf> {
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
-    Some(state.join("dlq-bridge"))
 }
 
 async fn wait_for_signal() {
@@ -348,10 +176,10 @@ async fn alert_loop(
 ) {
     while let Some(poll) = results.recv().await {
         if !poll.sample.is_empty() || poll.stats.depth == 0 {
-            let patterns = crate::triage::top_counts(
+            let patterns = crate::engine::triage::top_counts(
                 &poll.sample,
-                &crate::triage::GroupBy::Pattern,
-                crate::metrics::TOP_REASONS,
+                &crate::engine::triage::GroupBy::Pattern,
+                crate::sidecar::metrics::TOP_REASONS,
             );
             metrics.set_patterns(&poll.queue, &patterns);
         }
@@ -415,8 +243,8 @@ async fn retention_loop(
     mut leadership: Leadership,
     shutdown: CancellationToken,
 ) {
-    use crate::alert::{Notification, SampleMessage, Status};
     use crate::config::RetentionAction;
+    use crate::sidecar::alert::{Notification, SampleMessage, Status};
     let Some(policy) = app.registry.queue(&queue).ok().and_then(|q| q.retention.clone()) else {
         return;
     };
@@ -428,7 +256,7 @@ async fn retention_loop(
     let mut firing_since: Option<DateTime<Utc>> = None;
     loop {
         if *leadership.borrow_and_update() {
-            let outcome = crate::triage::apply_retention(
+            let outcome = crate::engine::triage::apply_retention(
                 &app.registry,
                 &queue,
                 false,

@@ -11,8 +11,8 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::backend::{self, BackendError, QueueBackend};
 use crate::config::{Config, QueueConfig};
+use crate::engine::redrive::{RedrivePlan, Trigger, new_run_id};
 use crate::filter::{Filter, FilterError};
-use crate::redrive::{RedrivePlan, Trigger, new_run_id};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -176,7 +176,7 @@ impl Registry {
             deadline: self.config.redrive.deadline,
             max_redrives: self.config.redrive.max_redrives,
             strip_dead_letter_attributes: self.config.redrive.strip_dead_letter_attributes,
-            action: crate::redrive::Action::Redrive,
+            action: crate::engine::redrive::Action::Redrive,
         })
     }
 

@@ -1,0 +1,263 @@
+//! The command line's arguments (clap derive): the commands, their options
+//! and `--help`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::output::Format;
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error, 3 `list --fail-if-nonempty` found messages.
+
+Filters are CEL expressions over: id, body, json, attributes, reason, description,
+delivery_count, enqueued_at (timestamp), age (duration), source. For example:
+  dlq-bridge redrive orders --filter 'reason == \"Timeout\" && age > duration(\"1h\")' --dry-run
+  dlq-bridge --config /etc/dlq-bridge/config.yaml --redrive orders --filter 'attributes.tenant == \"acme\"' --yes";
+
+#[derive(Debug, Parser)]
+#[command(name = "dlq-bridge", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Config file. Default: ./dlq-bridge.yaml, else /etc/dlq-bridge/config.yaml.
+    #[arg(long, short = 'c', global = true, env = "DLQ_BRIDGE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// More logging (-v info, -vv debug). DLQ_BRIDGE_LOG takes a full tracing filter.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Redrive QUEUE: the flag form of `redrive`, for container args and Jobs.
+    #[arg(long, value_name = "QUEUE")]
+    pub redrive: Option<String>,
+
+    #[command(flatten, next_help_heading = "Redrive options (flag form: with --redrive QUEUE)")]
+    pub redrive_opts: RedriveOpts,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Every configured DLQ: depth, age of the oldest message, top failure reasons.
+    List {
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+        /// Exit 3 when any DLQ holds messages (for cron jobs and CI gates).
+        #[arg(long)]
+        fail_if_nonempty: bool,
+        /// Messages read per queue to find the top reasons (0: none). On SQS and
+        /// Pub/Sub reading leases and releases, which raises delivery counts.
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        sample: usize,
+    },
+    /// Browse a DLQ's messages. On SQS and Pub/Sub this leases and releases
+    /// (delivery counts rise); Service Bus uses a true peek.
+    Inspect {
+        queue: String,
+        /// CEL filter; only matching messages are shown.
+        #[arg(long, short = 'f')]
+        filter: Option<String>,
+        /// Messages shown at most.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        limit: usize,
+        /// Messages read at most while looking for matches.
+        #[arg(long, default_value_t = 1000, value_name = "N")]
+        scan: usize,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Move the messages a filter selects back to their source (or --to).
+    Redrive {
+        queue: String,
+        #[command(flatten)]
+        opts: RedriveOpts,
+    },
+    /// Validate the config and reach every backend.
+    Check,
+    /// The sidecar: poll every queue, export /metrics, evaluate alert rules,
+    /// run scheduled redrives and serve the local HTTP API, until SIGTERM.
+    Serve,
+    /// Group a DLQ's messages (by failure pattern, reason, source or an
+    /// attribute): count, share, first/last enqueue, delivery counts, a sample
+    /// ID. Reading is as for `inspect` (a true peek on Service Bus only).
+    Report {
+        queue: String,
+        /// CEL filter; only matching messages are grouped.
+        #[arg(long, short = 'f')]
+        filter: Option<String>,
+        /// reason, source, pattern (the reason and description with numbers,
+        /// UUIDs, hex and quoted values as placeholders) or attribute:NAME.
+        #[arg(long, default_value = "pattern", value_name = "BY")]
+        by: String,
+        /// Groups shown; the rest are folded into `other`.
+        #[arg(long, default_value_t = crate::engine::triage::DEFAULT_TOP, value_name = "N")]
+        top: usize,
+        /// Messages read at most (large DLQs: raise it; only what is read is grouped).
+        #[arg(long, default_value_t = crate::engine::triage::DEFAULT_SCAN, value_name = "N")]
+        scan: usize,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Write a DLQ's messages to a JSONL file, one line each (base64 body and
+    /// preview, typed attributes, reason, times, source), streamed as read.
+    /// Nothing is removed; reading is as for `inspect`.
+    Export {
+        queue: String,
+        #[arg(long, value_name = "FILE.jsonl")]
+        to: PathBuf,
+        #[arg(long, short = 'f')]
+        filter: Option<String>,
+        /// Write at most N messages (Service Bus: browse at most N; default 10000).
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Send the messages of an export file to the configured queue DEST's source
+    /// entity (the queue's `source`, else what its provider reports), or to
+    /// --address on DEST's backend: any provider, converting attributes as the
+    /// README's mapping says and naming what could not be carried.
+    Import {
+        file: PathBuf,
+        /// A configured queue name.
+        #[arg(long, value_name = "DEST")]
+        to: String,
+        /// A provider-native address on DEST's backend, instead of its source.
+        #[arg(long, value_name = "ADDRESS")]
+        address: Option<String>,
+        #[arg(long, short = 'f')]
+        filter: Option<String>,
+        /// Messages per second at most.
+        #[arg(long, value_name = "N")]
+        rate: Option<u32>,
+        /// Import at most N messages.
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        /// Read, filter and report what would be sent (and what could not be carried); send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, short = 'y')]
+        yes: bool,
+        #[command(flatten)]
+        journal: JournalOpts,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Delete the messages a filter selects, each only after it was written to a
+    /// backup file (on by default), each deletion journaled. Messages that do
+    /// not match are released at the end of the pass.
+    Purge {
+        queue: String,
+        /// CEL filter selecting what to delete (required; `true` for everything).
+        #[arg(long, short = 'f')]
+        filter: String,
+        /// Only messages older than this (`7d`, `36h`), by enqueue time.
+        #[arg(long, value_name = "DURATION", value_parser = crate::config::duration_text::parse)]
+        older_than: Option<std::time::Duration>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Backup file (JSONL, the `export` format; appended to). Default:
+        /// $XDG_STATE_HOME/dlq-bridge/backups/QUEUE-TIME.jsonl.
+        #[arg(long, value_name = "FILE")]
+        backup: Option<PathBuf>,
+        /// Delete without writing a backup.
+        #[arg(long, conflicts_with = "backup")]
+        no_backup: bool,
+        /// Delete at most N messages.
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        #[arg(long, value_name = "N")]
+        rate: Option<u32>,
+        #[command(flatten)]
+        journal: JournalOpts,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Apply the queues' `retention` policies once, as `serve` does on its
+    /// leader: list expired messages (alert, --dry-run) or export-then-purge them.
+    Retention {
+        /// One queue; default: every queue with a policy.
+        queue: Option<String>,
+        /// List what would be purged; purge nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, short = 'y')]
+        yes: bool,
+        #[command(flatten)]
+        journal: JournalOpts,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Past redrive runs from the journal: the audit trail.
+    Runs {
+        /// Journal file. Default: as for `redrive`.
+        #[arg(long, value_name = "PATH")]
+        journal: Option<PathBuf>,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Args, Default)]
+pub struct JournalOpts {
+    /// Journal (audit trail). Default: the config's `redrive.journal`, else
+    /// $XDG_STATE_HOME/dlq-bridge/journal.jsonl.
+    #[arg(long, value_name = "PATH")]
+    pub journal: Option<PathBuf>,
+    /// Keep no journal for this run.
+    #[arg(long, conflicts_with = "journal")]
+    pub no_journal: bool,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct RedriveOpts {
+    /// CEL filter selecting the messages to move. Default: all.
+    #[arg(long, short = 'f')]
+    pub filter: Option<String>,
+    /// Destination instead of each message's source: a configured queue name or
+    /// a provider address (SQS queue name/URL, Pub/Sub topic, Service Bus entity).
+    #[arg(long, value_name = "DEST")]
+    pub to: Option<String>,
+    /// Lease, filter and report what would move; send and delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Messages per second at most.
+    #[arg(long, value_name = "N")]
+    pub rate: Option<u32>,
+    /// Move at most N messages.
+    #[arg(long, value_name = "N")]
+    pub max: Option<u64>,
+    /// Batches in flight at once. Default: the config's `redrive.concurrency`.
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Do not ask for confirmation (required when not on a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Journal (audit trail and crash record). Default: the config's
+    /// `redrive.journal`, else $XDG_STATE_HOME/dlq-bridge/journal.jsonl.
+    #[arg(long, value_name = "PATH")]
+    pub journal: Option<PathBuf>,
+    /// Keep no journal for this run.
+    #[arg(long, conflicts_with = "journal")]
+    pub no_journal: bool,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    pub output: Format,
+}
+
+impl RedriveOpts {
+    pub(super) fn any_set(&self) -> bool {
+        self.filter.is_some()
+            || self.to.is_some()
+            || self.dry_run
+            || self.rate.is_some()
+            || self.max.is_some()
+            || self.concurrency.is_some()
+            || self.yes
+            || self.journal.is_some()
+            || self.no_journal
+            || self.output != Format::Table
+    }
+}

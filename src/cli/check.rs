@@ -1,0 +1,30 @@
+//! `check`: the config parses, every filter compiles and every queue answers.
+
+use std::path::Path;
+
+use super::exit::{self, Failure};
+use crate::engine::registry::Registry;
+
+pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failure> {
+    println!(
+        "config {}: ok ({} queues)",
+        path.display(),
+        registry.config().queues.len()
+    );
+    let mut failed = 0;
+    for q in &registry.config().queues {
+        let result = async {
+            let b = registry.backend(&q.name).await?;
+            anyhow::Ok(b.stats().await?)
+        }
+        .await;
+        match result {
+            Ok(s) => println!("queue {} ({}): ok, depth {}", q.name, q.kind.backend_name(), s.depth),
+            Err(e) => {
+                failed += 1;
+                println!("queue {} ({}): FAILED: {e:#}", q.name, q.kind.backend_name());
+            }
+        }
+    }
+    Ok(if failed == 0 { exit::OK } else { exit::FAILURE })
+}

@@ -1,0 +1,137 @@
+//! `list` and `inspect`: what the DLQs hold.
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+
+use super::exit::{self, Failure};
+use crate::engine::registry::Registry;
+use crate::filter::Filter;
+use crate::output::{self, Format, MessageView, QueueRow};
+
+pub(crate) async fn list(
+    registry: &Registry,
+    output: Format,
+    fail_if_nonempty: bool,
+    sample: usize,
+) -> Result<u8, Failure> {
+    let names: Vec<String> = registry.config().queues.iter().map(|q| q.name.clone()).collect();
+    // Queues are independent; poll them at once so one slow provider does not
+    // serialise the rest.
+    let rows = futures::future::join_all(names.iter().map(|name| queue_row(registry, name, sample))).await;
+    match output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Format::Table => print!("{}", output::queues_table(&rows)),
+    }
+    if rows.iter().any(|r| r.error.is_some()) {
+        // The table cuts long cells; the whole error goes to stderr.
+        for r in rows.iter().filter(|r| r.error.is_some()) {
+            eprintln!("error: {}", r.error.as_deref().unwrap_or_default());
+        }
+        return Ok(exit::FAILURE);
+    }
+    if fail_if_nonempty && rows.iter().any(|r| r.stats.as_ref().is_some_and(|s| s.depth > 0)) {
+        return Ok(exit::NONEMPTY);
+    }
+    Ok(exit::OK)
+}
+
+pub(crate) async fn queue_row(registry: &Registry, name: &str, sample: usize) -> QueueRow {
+    let backend_name = registry
+        .queue(name)
+        .map(|q| q.kind.backend_name())
+        .unwrap_or("?")
+        .to_string();
+    let mut row = QueueRow {
+        queue: name.to_string(),
+        backend: backend_name,
+        stats: None,
+        top_reasons: Vec::new(),
+        sampled: 0,
+        error: None,
+    };
+    let result: anyhow::Result<()> = async {
+        let backend = registry.backend(name).await?;
+        let mut stats = backend.stats().await?;
+        if sample > 0 && stats.depth > 0 {
+            let msgs = backend.peek(sample).await?;
+            row.sampled = msgs.len();
+            let mut counts: HashMap<String, u64> = HashMap::new();
+            for m in &msgs {
+                *counts
+                    .entry(m.reason.clone().unwrap_or_else(|| "(none)".into()))
+                    .or_default() += 1;
+            }
+            let mut top: Vec<(String, u64)> = counts.into_iter().collect();
+            top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            top.truncate(3);
+            row.top_reasons = top;
+            // Only when the sample is the whole queue is its oldest message
+            // the queue's oldest; otherwise the age stays unknown.
+            if stats.oldest_age.is_none() && msgs.len() as u64 >= stats.depth {
+                let now = Utc::now();
+                stats.oldest_age = msgs.iter().filter_map(|m| m.age(now)).max();
+            }
+        }
+        row.stats = Some(stats);
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        row.error = Some(format!("{e:#}"));
+    }
+    row
+}
+
+pub(crate) async fn inspect(
+    registry: &Registry,
+    queue: &str,
+    filter: Option<&str>,
+    limit: usize,
+    scan: usize,
+    output: Format,
+) -> Result<u8, Failure> {
+    let filter = match filter {
+        Some(f) => Filter::compile(f)?,
+        None => Filter::match_all(),
+    };
+    registry.queue(queue)?;
+    let backend = registry.backend(queue).await?;
+    if !backend.capabilities().true_peek {
+        eprintln!(
+            "note: {} has no true peek; inspecting leases and releases messages, which raises their delivery count",
+            backend.kind()
+        );
+    }
+    let msgs = backend.peek(scan.max(limit)).await?;
+    let now = Utc::now();
+    let mut shown = Vec::new();
+    let mut errors = 0;
+    for m in &msgs {
+        match filter.matches(m, now) {
+            Ok(true) => shown.push(m),
+            Ok(false) => {}
+            Err(e) => {
+                errors += 1;
+                tracing::debug!(id = %m.id, error = %e, "filter error");
+            }
+        }
+        if shown.len() >= limit {
+            break;
+        }
+    }
+    match output {
+        Format::Json => {
+            let views: Vec<MessageView> = shown.iter().map(|m| MessageView::new(m, now)).collect();
+            println!("{}", serde_json::to_string_pretty(&views)?);
+        }
+        Format::Table => {
+            print!("{}", output::messages_table(&shown, now));
+            eprintln!("{} shown, {} read", shown.len(), msgs.len());
+        }
+    }
+    if errors > 0 {
+        eprintln!("warning: the filter failed on {errors} messages (counted as no match); -vv shows why");
+    }
+    Ok(exit::OK)
+}

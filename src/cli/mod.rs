@@ -1,0 +1,201 @@
+//! The command line (clap derive) and what each command does.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::engine::redrive::Trigger;
+use crate::engine::registry::Registry;
+
+mod args;
+mod check;
+mod confirm;
+pub mod exit;
+mod inspect;
+mod redrive;
+mod triage;
+
+pub use args::{Cli, Command, JournalOpts, RedriveOpts};
+use check::check;
+use confirm::confirm;
+use exit::{Failure, usage};
+use inspect::{inspect, list};
+use redrive::{open_journal, redrive, runs};
+use triage::default_backup;
+
+pub async fn run(cli: Cli) -> Result<u8, Failure> {
+    let command = match (cli.command, cli.redrive) {
+        (Some(_), None) if cli.redrive_opts.any_set() => {
+            return Err(usage(
+                "redrive options go after the `redrive` subcommand, or with `--redrive QUEUE`",
+            ));
+        }
+        (Some(c), None) => c,
+        (None, Some(queue)) => Command::Redrive {
+            queue,
+            opts: cli.redrive_opts,
+        },
+        (None, None) if cli.redrive_opts.any_set() => {
+            return Err(usage(
+                "redrive options need `--redrive QUEUE` or the `redrive` subcommand",
+            ));
+        }
+        (None, None) => {
+            return Err(usage("no command given; try `dlq-bridge --help`"));
+        }
+        (Some(_), Some(_)) => {
+            return Err(usage(
+                "`--redrive QUEUE` is the flag form of the `redrive` command; use one or the other",
+            ));
+        }
+    };
+    let config_path = config_path(cli.config)?;
+    let config = Config::load(&config_path)?;
+    let registry = Arc::new(Registry::new(config));
+    match command {
+        Command::List {
+            output,
+            fail_if_nonempty,
+            sample,
+        } => list(&registry, output, fail_if_nonempty, sample).await,
+        Command::Inspect {
+            queue,
+            filter,
+            limit,
+            scan,
+            output,
+        } => inspect(&registry, &queue, filter.as_deref(), limit, scan, output).await,
+        Command::Redrive { queue, opts } => redrive(&registry, &queue, opts).await,
+        Command::Check => check(&registry, &config_path).await,
+        Command::Serve => {
+            crate::sidecar::serve::run(registry.config().clone()).await?;
+            Ok(exit::OK)
+        }
+        Command::Runs { journal, output } => runs(&registry, journal, output),
+        Command::Report {
+            queue,
+            filter,
+            by,
+            top,
+            scan,
+            output,
+        } => triage::cli_report(&registry, &queue, filter.as_deref(), &by, top, scan, output).await,
+        Command::Export {
+            queue,
+            to,
+            filter,
+            max,
+            output,
+        } => triage::cli_export(&registry, &queue, &to, filter.as_deref(), max, output).await,
+        Command::Import {
+            file,
+            to,
+            address,
+            filter,
+            rate,
+            max,
+            dry_run,
+            yes,
+            journal,
+            output,
+        } => {
+            let req = crate::engine::triage::ImportRequest {
+                file: &file,
+                to: &to,
+                address: address.as_deref(),
+                filter: filter.as_deref(),
+                rate,
+                max,
+                dry_run,
+            };
+            if !dry_run && !confirm(yes, &format!("Import {} into queue {to}?", file.display()))? {
+                return Ok(exit::FAILURE);
+            }
+            let journal = open_journal(registry.config(), &journal)?;
+            triage::cli_import(&registry, &req, journal, output).await
+        }
+        Command::Purge {
+            queue,
+            filter,
+            older_than,
+            dry_run,
+            yes,
+            backup,
+            no_backup,
+            max,
+            rate,
+            journal,
+            output,
+        } => {
+            crate::filter::Filter::compile(&filter)?;
+            registry.queue(&queue)?;
+            let backup = match (no_backup, backup) {
+                (true, _) => None,
+                (false, Some(p)) => Some(p),
+                (false, None) => Some(
+                    default_backup(&queue)
+                        .ok_or_else(|| usage("no backup directory: pass --backup FILE or --no-backup"))?,
+                ),
+            };
+            if !dry_run
+                && !confirm(
+                    yes,
+                    &format!(
+                        "Delete messages of {queue} matching `{}`{}?",
+                        crate::engine::triage::purge_filter(&filter, older_than),
+                        match &backup {
+                            Some(p) => format!(" (backup: {})", p.display()),
+                            None => " WITHOUT a backup".into(),
+                        }
+                    ),
+                )?
+            {
+                return Ok(exit::FAILURE);
+            }
+            let req = crate::engine::triage::PurgeRequest {
+                filter: &filter,
+                older_than,
+                dry_run,
+                backup: backup.as_deref(),
+                max,
+                rate,
+                trigger: Trigger::Cli,
+            };
+            let journal = open_journal(registry.config(), &journal)?;
+            triage::cli_purge(&registry, &queue, &req, journal, output).await
+        }
+        Command::Retention {
+            queue,
+            dry_run,
+            yes,
+            journal,
+            output,
+        } => {
+            let purges = registry.config().queues.iter().any(|q| {
+                queue.as_ref().is_none_or(|n| *n == q.name)
+                    && q.retention
+                        .as_ref()
+                        .is_some_and(|r| r.action == crate::config::RetentionAction::ExportThenPurge && !r.dry_run)
+            });
+            if purges && !dry_run && !confirm(yes, "Apply retention, deleting expired messages (after a backup)?")? {
+                return Ok(exit::FAILURE);
+            }
+            let journal = open_journal(registry.config(), &journal)?;
+            triage::cli_retention(&registry, queue.as_deref(), dry_run, journal, output).await
+        }
+    }
+}
+
+fn config_path(given: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    for candidate in ["dlq-bridge.yaml", "/etc/dlq-bridge/config.yaml"] {
+        if Path::new(candidate).exists() {
+            return Ok(candidate.into());
+        }
+    }
+    Err(usage(
+        "no config file: pass --config FILE (or set DLQ_BRIDGE_CONFIG); see config/example.yaml",
+    ))
+}

@@ -1,0 +1,203 @@
+//! `redrive` (and the `--redrive` flag form) and `runs`, the journal's audit trail.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use super::args::{JournalOpts, RedriveOpts};
+use super::exit::{self, Failure, usage};
+use crate::config::{Config, state_dir};
+use crate::engine::journal::{Journal, Record, Rotation, read_all_records};
+use crate::engine::redrive::{Engine, Progress, RunSummary, Trigger};
+use crate::engine::registry::{RedriveRequest, Registry};
+use crate::filter::Filter;
+use crate::output::{self, Format};
+
+pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts) -> Result<u8, Failure> {
+    let req = RedriveRequest {
+        filter: opts.filter.clone(),
+        to: opts.to.clone(),
+        dry_run: opts.dry_run,
+        rate: opts.rate,
+        max: opts.max,
+        concurrency: opts.concurrency,
+    };
+    // Validate the filter and the queue before any connection is made.
+    if let Some(f) = &req.filter {
+        Filter::compile(f)?;
+    }
+    registry.queue(queue)?;
+    if !opts.dry_run && !opts.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(usage(
+                "a real redrive needs --yes when not run from a terminal (or use --dry-run)",
+            ));
+        }
+        eprint!(
+            "Redrive messages of {queue} matching `{}`? [y/N] ",
+            req.filter.as_deref().unwrap_or("true")
+        );
+        std::io::stderr().flush().ok();
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("aborted; nothing was touched");
+            return Ok(exit::FAILURE);
+        }
+    }
+    let plan = registry.plan(queue, &req, Trigger::Cli).await?;
+    let backend = registry.backend(queue).await?;
+    let mut engine = Engine::new(backend.clone());
+    let journal_path = if opts.no_journal {
+        None
+    } else {
+        opts.journal.clone().or_else(|| default_journal(registry.config()))
+    };
+    if let Some(path) = &journal_path {
+        let journal = Journal::open_with(path, Rotation::from(&registry.config().redrive))
+            .with_context(|| "opening the redrive journal (or pass --no-journal)")?;
+        engine = engine.with_journal(Arc::new(journal));
+    }
+    let cancel = CancellationToken::new();
+    engine = engine.with_cancel(cancel.clone());
+    let ctrl_c = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ninterrupted: finishing in-flight sends, releasing the rest");
+                cancel.cancel();
+            }
+        }
+    });
+    // The depth only sizes the progress bar, so ask for it only when there is
+    // one: on the Pub/Sub emulator `stats` counts by draining and releasing
+    // the whole DLQ, an extra pass that doubled a redrive's time (bench/run.sh).
+    let depth = if std::io::stderr().is_terminal() {
+        backend.stats().await.ok().map(|s| s.depth)
+    } else {
+        None
+    };
+    let bar = progress_bar(engine.progress(), depth, opts.dry_run);
+    let summary = engine.run(&plan).await;
+    ctrl_c.abort();
+    if let Some((bar, ticker)) = bar {
+        ticker.abort();
+        bar.finish_and_clear();
+    }
+    let summary: RunSummary = summary?;
+    match opts.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
+        Format::Table => print!("{}", output::summary_text(&summary)),
+    }
+    if let Some(p) = &journal_path {
+        eprintln!("journal: {}", p.display());
+    }
+    Ok(if summary.ok() { exit::OK } else { exit::FAILURE })
+}
+
+pub(crate) fn open_journal(config: &Config, opts: &JournalOpts) -> Result<Option<Arc<Journal>>, Failure> {
+    if opts.no_journal {
+        return Ok(None);
+    }
+    match opts.journal.clone().or_else(|| default_journal(config)) {
+        Some(path) => {
+            let j = Journal::open_with(&path, Rotation::from(&config.redrive))
+                .with_context(|| "opening the journal (or pass --no-journal)")?;
+            eprintln!("journal: {}", path.display());
+            Ok(Some(Arc::new(j)))
+        }
+        None => Ok(None),
+    }
+}
+
+pub(crate) fn default_journal(config: &Config) -> Option<PathBuf> {
+    if let Some(p) = &config.redrive.journal {
+        return Some(p.clone());
+    }
+    Some(state_dir()?.join("journal.jsonl"))
+}
+
+/// A progress bar on stderr, only when stderr is a terminal.
+pub(crate) fn progress_bar(
+    progress: Arc<Progress>,
+    depth: Option<u64>,
+    dry_run: bool,
+) -> Option<(indicatif::ProgressBar, tokio::task::JoinHandle<()>)> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = match depth {
+        Some(d) if d > 0 => indicatif::ProgressBar::new(d),
+        _ => indicatif::ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} examined  {msg}")
+            .expect("valid template"),
+    );
+    let ticker = tokio::spawn({
+        let bar = bar.clone();
+        async move {
+            loop {
+                bar.set_position(Progress::get(&progress.examined));
+                let msg = if dry_run {
+                    format!("{} would move", Progress::get(&progress.matched))
+                } else {
+                    format!(
+                        "{} matched, {} sent, {} settled, {} failed",
+                        Progress::get(&progress.matched),
+                        Progress::get(&progress.sent),
+                        Progress::get(&progress.settled),
+                        Progress::get(&progress.failed)
+                    )
+                };
+                bar.set_message(msg);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    Some((bar, ticker))
+}
+
+pub(crate) fn runs(registry: &Registry, journal: Option<PathBuf>, output: Format) -> Result<u8, Failure> {
+    let Some(path) = journal.or_else(|| default_journal(registry.config())) else {
+        return Err(usage("no journal path: pass --journal PATH"));
+    };
+    let records = read_all_records(&path, registry.config().redrive.journal_keep)?;
+    let finished: Vec<serde_json::Value> = records
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::RunFinished { summary, .. } => Some(summary),
+            _ => None,
+        })
+        .collect();
+    match output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&finished)?),
+        Format::Table => {
+            let mut t = output::Table::new(&[
+                "RUN", "QUEUE", "TRIGGER", "DRY", "MATCHED", "SENT", "SETTLED", "FAILED", "STOPPED", "FILTER",
+            ]);
+            for s in &finished {
+                let n = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+                let t_ = |k: &str| s.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+                t.row(vec![
+                    t_("run_id"),
+                    t_("queue"),
+                    t_("trigger"),
+                    s.get("dry_run").and_then(|v| v.as_bool()).unwrap_or(false).to_string(),
+                    n("matched").to_string(),
+                    n("sent").to_string(),
+                    n("settled").to_string(),
+                    (n("send_failed") + n("settle_failed")).to_string(),
+                    t_("stopped"),
+                    output::preview(&t_("filter"), 50),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,354 @@
+//! `report`, `export`, `import`, `purge` and `retention`: the triage commands.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::exit::{self, Failure};
+use crate::config::{RetentionAction, state_dir};
+use crate::engine::journal::Journal;
+use crate::engine::redrive::{RunSummary, Trigger};
+use crate::engine::registry::Registry;
+use crate::engine::triage::{
+    GroupBy, ImportRequest, ImportSummary, PurgeRequest, Report, ReportRequest, RetentionOutcome, TriageError,
+    apply_retention, compile, export, import, purge, read_note, report,
+};
+use crate::output::{Format, Table, human_age, preview};
+
+fn print_json<T: Serialize>(v: &T) -> Result<(), Failure> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub async fn cli_report(
+    registry: &Registry,
+    queue: &str,
+    filter: Option<&str>,
+    by: &str,
+    top: usize,
+    scan: usize,
+    output: Format,
+) -> Result<u8, Failure> {
+    let by: GroupBy = by.parse().map_err(TriageError::Usage)?;
+    compile(filter)?;
+    let backend = registry.backend(queue).await?;
+    if let Some(note) = read_note(&*backend) {
+        eprintln!("{note}");
+    }
+    let r = report(registry, queue, &ReportRequest { by, filter, top, scan }).await?;
+    match output {
+        Format::Json => print_json(&r)?,
+        Format::Table => print!("{}", report_table(&r)),
+    }
+    if r.filter_errors > 0 {
+        eprintln!(
+            "warning: the filter failed on {} messages (counted as no match)",
+            r.filter_errors
+        );
+    }
+    Ok(exit::OK)
+}
+
+pub async fn cli_export(
+    registry: &Registry,
+    queue: &str,
+    to: &Path,
+    filter: Option<&str>,
+    max: Option<u64>,
+    output: Format,
+) -> Result<u8, Failure> {
+    compile(filter)?;
+    let backend = registry.backend(queue).await?;
+    if let Some(note) = read_note(&*backend) {
+        eprintln!("{note}");
+    }
+    let s = export(registry, queue, to, filter, max).await?;
+    match output {
+        Format::Json => print_json(&s)?,
+        Format::Table => {
+            println!(
+                "exported {} of {} messages read from {} to {}",
+                s.written,
+                s.read,
+                s.queue,
+                s.file.display()
+            );
+            if s.capped {
+                println!("  the browse stopped at its cap (--max); the DLQ may hold more");
+            }
+            if s.filter_errors > 0 {
+                println!("  filter errors: {} (counted as no match)", s.filter_errors);
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub async fn cli_import(
+    registry: &Registry,
+    req: &ImportRequest<'_>,
+    journal: Option<Arc<Journal>>,
+    output: Format,
+) -> Result<u8, Failure> {
+    let s = import(registry, req, journal, CancellationToken::new()).await?;
+    match output {
+        Format::Json => print_json(&s)?,
+        Format::Table => print!("{}", import_text(&s)),
+    }
+    Ok(if s.ok() { exit::OK } else { exit::FAILURE })
+}
+
+pub async fn cli_purge(
+    registry: &Registry,
+    queue: &str,
+    req: &PurgeRequest<'_>,
+    journal: Option<Arc<Journal>>,
+    output: Format,
+) -> Result<u8, Failure> {
+    let cancel = CancellationToken::new();
+    let ctrl_c = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ninterrupted: finishing in-flight batches, releasing the rest");
+                cancel.cancel();
+            }
+        }
+    });
+    let s = purge(registry, queue, req, journal, cancel).await;
+    ctrl_c.abort();
+    let s = s?;
+    match output {
+        Format::Json => print_json(&s)?,
+        Format::Table => print!("{}", purge_text(&s)),
+    }
+    Ok(if s.ok() { exit::OK } else { exit::FAILURE })
+}
+
+pub async fn cli_retention(
+    registry: &Registry,
+    queue: Option<&str>,
+    dry_run: bool,
+    journal: Option<Arc<Journal>>,
+    output: Format,
+) -> Result<u8, Failure> {
+    if let Some(q) = queue {
+        registry.queue(q)?;
+    }
+    let names: Vec<String> = registry
+        .config()
+        .queues
+        .iter()
+        .filter(|q| q.retention.is_some() && queue.is_none_or(|n| n == q.name))
+        .map(|q| q.name.clone())
+        .collect();
+    if names.is_empty() {
+        return Err(TriageError::Usage(match queue {
+            Some(q) => format!("queue {q} has no retention policy"),
+            None => "no queue has a retention policy".into(),
+        })
+        .into());
+    }
+    let default_dir = registry
+        .config()
+        .serve
+        .data_dir
+        .clone()
+        .or_else(crate::config::state_dir);
+    let mut outcomes = Vec::new();
+    let mut failed = false;
+    for name in &names {
+        let o = apply_retention(
+            registry,
+            name,
+            dry_run,
+            default_dir.as_deref(),
+            journal.clone(),
+            Trigger::Cli,
+            CancellationToken::new(),
+        )
+        .await;
+        match o {
+            Ok(o) => {
+                failed |= o.purge.as_ref().is_some_and(|s| !s.ok());
+                outcomes.push(o);
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("queue {name}: retention failed: {e}");
+            }
+        }
+    }
+    match output {
+        Format::Json => print_json(&outcomes)?,
+        Format::Table => {
+            for o in &outcomes {
+                print!("{}", retention_text(o));
+            }
+        }
+    }
+    Ok(if failed { exit::FAILURE } else { exit::OK })
+}
+
+fn report_table(r: &Report) -> String {
+    let now = Utc::now();
+    let mut t = Table::new(&[
+        "COUNT",
+        "SHARE",
+        "FIRST",
+        "LAST",
+        "DELIVERIES",
+        "SAMPLE ID",
+        &r.by.to_uppercase(),
+    ]);
+    for g in r.groups.iter().chain(&r.other) {
+        let age = |t: Option<DateTime<Utc>>| human_age(t.map(|t| (now - t).to_std().unwrap_or_default()));
+        let deliveries = match (g.min_delivery_count, g.max_delivery_count) {
+            (Some(a), Some(b)) if a == b => a.to_string(),
+            (Some(a), Some(b)) => format!("{a}-{b}"),
+            _ => "-".into(),
+        };
+        let key = if g.groups_folded > 0 {
+            format!("other ({} groups)", g.groups_folded)
+        } else {
+            preview(&g.key, 100)
+        };
+        t.row(vec![
+            g.count.to_string(),
+            format!("{:.1}%", g.share * 100.0),
+            age(g.first_enqueued_at),
+            age(g.last_enqueued_at),
+            deliveries,
+            g.sample_id.clone(),
+            key,
+        ]);
+    }
+    let mut out = t.render();
+    out.push_str(&format!(
+        "{} messages grouped by {} ({} read{})\n",
+        r.matched,
+        r.by,
+        r.read,
+        if r.capped {
+            "; the read stopped at --scan, the DLQ may hold more"
+        } else {
+            ""
+        }
+    ));
+    out
+}
+
+fn import_text(s: &ImportSummary) -> String {
+    let mut out = format!(
+        "{} {} from {} into queue {} ({})\n",
+        if s.dry_run { "import dry run" } else { "import" },
+        s.run_id,
+        s.file.display(),
+        s.queue,
+        s.backend,
+    );
+    for (to, n) in &s.destinations {
+        out.push_str(&format!(
+            "  {n} {} {to}\n",
+            if s.dry_run { "would go to" } else { "to" }
+        ));
+    }
+    out.push_str(&format!("  read:      {}\n  matched:   {}\n", s.read, s.matched));
+    if !s.dry_run {
+        out.push_str(&format!("  sent:      {}\n  failed:    {}\n", s.sent, s.failed));
+    }
+    if s.filter_errors > 0 {
+        out.push_str(&format!("  filter errors: {}\n", s.filter_errors));
+    }
+    for (name, n) in &s.stripped {
+        out.push_str(&format!("  stripped dead-letter attribute `{name}`: {n} messages\n"));
+    }
+    if s.not_carried.is_empty() {
+        out.push_str("  carried as is: bodies, attributes and their types\n");
+    }
+    for (what, n) in &s.not_carried {
+        out.push_str(&format!("  not carried as is: {what}: {n} messages\n"));
+    }
+    for e in &s.errors {
+        out.push_str(&format!("  error: {e}\n"));
+    }
+    out
+}
+
+fn purge_text(s: &RunSummary) -> String {
+    let mut out = format!(
+        "{} {} of queue {} ({:?})\n  filter:    {}\n  examined:  {}\n  matched:   {}\n",
+        if s.dry_run { "purge dry run" } else { "purge" },
+        s.run_id,
+        s.queue,
+        s.stopped,
+        s.filter,
+        s.examined,
+        s.matched
+    );
+    if !s.dry_run {
+        out.push_str(&format!("  backed up: {}\n  deleted:   {}\n", s.sent, s.settled));
+    }
+    for (to, n) in &s.destinations {
+        let verb = if s.dry_run { "would be purged" } else { "purged" };
+        out.push_str(&format!("  {n} {verb}, {to}\n"));
+    }
+    out.push_str(&format!("  left in DLQ (released): {}\n", s.released));
+    crate::output::push_samples_and_errors(&mut out, s);
+    out
+}
+
+fn retention_text(o: &RetentionOutcome) -> String {
+    let action = match o.action {
+        RetentionAction::Alert => "alert",
+        RetentionAction::ExportThenPurge => "export-then-purge",
+    };
+    let age = human_age(Some(Duration::from_secs(o.max_age_seconds)));
+    let mut out = format!("queue {}: retention max_age {age}, action {action}", o.queue);
+    if o.dry_run {
+        out.push_str(" (dry run)");
+    }
+    out.push('\n');
+    match &o.purge {
+        Some(s) => {
+            out.push_str(&format!(
+                "  purged {} expired messages, backed up to {}\n",
+                s.settled,
+                o.backup.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            ));
+            for e in &s.errors {
+                out.push_str(&format!("  error: {e}\n"));
+            }
+        }
+        None => {
+            let verb = if o.action == RetentionAction::ExportThenPurge {
+                "would purge"
+            } else {
+                "expired"
+            };
+            out.push_str(&format!("  {verb} {} of {} messages read\n", o.expired, o.read));
+            for m in &o.listed {
+                out.push_str(&format!(
+                    "    {}  age {}  reason={}\n",
+                    m.id,
+                    human_age(Some(Duration::from_secs(m.age_seconds))),
+                    m.reason.as_deref().unwrap_or("-")
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Where a purge's backup goes when --backup is not given.
+pub(crate) fn default_backup(queue: &str) -> Option<PathBuf> {
+    Some(
+        state_dir()?
+            .join("backups")
+            .join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))),
+    )
+}

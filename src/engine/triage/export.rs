@@ -1,0 +1,218 @@
+//! `export`: messages copied to a JSONL file, exactly, and the file format
+//! that `import` and purge backups share.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::read::{browse, compile};
+use super::{DEFAULT_PEEK_CAP, PREVIEW_CHARS, TriageError, io_err};
+use crate::backend::QueueBackend;
+use crate::engine::registry::Registry;
+use crate::model::{Attributes, DlqMessage, Properties};
+
+/// One line of an export (and of a purge backup): the message, exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportedMessage {
+    /// The configured queue it was read from, and that queue's backend.
+    pub queue: String,
+    pub backend: String,
+    pub id: String,
+    /// The body, exact.
+    pub body_base64: String,
+    /// The body as lossy UTF-8, cut to 512 characters: for people and grep.
+    pub body_preview: String,
+    pub body_bytes: usize,
+    /// Typed attributes (`{"type": "number", "value": "…", "data_type": …}`).
+    pub attributes: Attributes,
+    #[serde(default, skip_serializing_if = "Properties::is_empty")]
+    pub properties: Properties,
+    pub reason: Option<String>,
+    pub description: Option<String>,
+    pub delivery_count: Option<u32>,
+    pub enqueued_at: Option<DateTime<Utc>>,
+    pub source: Option<String>,
+    pub ordering_key: Option<String>,
+    /// Attributes the provider added when it dead-lettered the message;
+    /// `import` strips them (with `redrive.strip_dead_letter_attributes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provider_attributes: Vec<String>,
+    pub exported_at: DateTime<Utc>,
+}
+
+impl ExportedMessage {
+    pub fn new(m: &DlqMessage, queue: &str, backend: &dyn QueueBackend) -> Self {
+        Self {
+            queue: queue.to_string(),
+            backend: backend.kind().to_string(),
+            id: m.id.clone(),
+            body_base64: base64::engine::general_purpose::STANDARD.encode(&m.body),
+            body_preview: m.body_text().chars().take(PREVIEW_CHARS).collect(),
+            body_bytes: m.body.len(),
+            attributes: m.attributes.clone(),
+            properties: m.properties.clone(),
+            reason: m.reason.clone(),
+            description: m.description.clone(),
+            delivery_count: m.delivery_count,
+            enqueued_at: m.enqueued_at,
+            source: m.source.clone(),
+            ordering_key: m.ordering_key.clone(),
+            provider_attributes: m
+                .attributes
+                .keys()
+                .filter(|k| backend.is_dead_letter_attribute(k))
+                .cloned()
+                .collect(),
+            exported_at: Utc::now(),
+        }
+    }
+
+    pub fn to_message(&self) -> Result<DlqMessage, String> {
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(&self.body_base64)
+            .map_err(|e| format!("body_base64: {e}"))?;
+        Ok(DlqMessage {
+            id: self.id.clone(),
+            body: Bytes::from(body),
+            attributes: self.attributes.clone(),
+            properties: self.properties.clone(),
+            reason: self.reason.clone(),
+            description: self.description.clone(),
+            delivery_count: self.delivery_count,
+            enqueued_at: self.enqueued_at,
+            source: self.source.clone(),
+            ordering_key: self.ordering_key.clone(),
+        })
+    }
+}
+
+/// Writes export lines to a file as they come.
+pub struct ExportWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl ExportWriter {
+    /// Create (or truncate) `path`; with `append`, add to it instead.
+    pub fn create(path: &Path, append: bool) -> Result<Self, TriageError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io_err(path))?;
+        }
+        let mut opts = OpenOptions::new();
+        opts.create(true);
+        if append {
+            opts.append(true);
+        } else {
+            opts.write(true).truncate(true);
+        }
+        let file = opts.open(path).map_err(io_err(path))?;
+        Ok(Self {
+            path: path.to_owned(),
+            out: BufWriter::new(file),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write(&mut self, line: &ExportedMessage) -> Result<(), TriageError> {
+        let mut bytes = serde_json::to_vec(line).expect("export lines serialize");
+        bytes.push(b'\n');
+        self.out.write_all(&bytes).map_err(io_err(&self.path))
+    }
+
+    /// Flush and fsync: what was written survives a crash.
+    pub fn sync(&mut self) -> Result<(), TriageError> {
+        self.out.flush().map_err(io_err(&self.path))?;
+        self.out.get_ref().sync_data().map_err(io_err(&self.path))
+    }
+}
+
+/// Read an export file line by line (one line in memory at a time).
+pub fn read_export(path: &Path) -> Result<impl Iterator<Item = Result<ExportedMessage, TriageError>>, TriageError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let path = path.to_owned();
+    Ok(BufReader::new(file)
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
+        .map(move |(i, line)| {
+            let line = line.map_err(io_err(&path))?;
+            serde_json::from_str(&line).map_err(|e| TriageError::BadLine {
+                path: path.clone(),
+                line: i + 1,
+                message: e.to_string(),
+            })
+        }))
+}
+
+// ---------------------------------------------------------------------------
+// Export
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportSummary {
+    pub queue: String,
+    pub file: PathBuf,
+    pub read: u64,
+    pub written: u64,
+    pub filter_errors: u64,
+    pub capped: bool,
+    pub true_peek: bool,
+}
+
+/// Write every message of `queue` matching `filter` to `path`, one JSON line
+/// each, as it is read. `max` caps the lines written (and, on a provider with
+/// a true peek, the messages browsed: [`DEFAULT_PEEK_CAP`] by default).
+pub async fn export(
+    registry: &Registry,
+    queue: &str,
+    path: &Path,
+    filter: Option<&str>,
+    max: Option<u64>,
+) -> Result<ExportSummary, TriageError> {
+    let filter = compile(filter)?;
+    let backend = registry.backend(queue).await?;
+    let mut writer = ExportWriter::create(path, false)?;
+    let read_cap = match (backend.capabilities().true_peek, max) {
+        (true, Some(m)) => m as usize,
+        (true, None) => DEFAULT_PEEK_CAP,
+        (false, _) => usize::MAX,
+    };
+    let mut written = 0u64;
+    let mut errors = 0u64;
+    let now = Utc::now();
+    let stats = browse(&*backend, read_cap, registry.config().redrive.hold, |m| {
+        if max.is_some_and(|cap| written >= cap) {
+            return Ok(false);
+        }
+        match filter.matches(m, now) {
+            Ok(true) => {
+                writer.write(&ExportedMessage::new(m, queue, &*backend))?;
+                written += 1;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                errors += 1;
+                tracing::debug!(id = %m.id, error = %e, "filter error");
+            }
+        }
+        Ok(max.is_none_or(|cap| written < cap))
+    })
+    .await?;
+    writer.sync()?;
+    Ok(ExportSummary {
+        queue: queue.to_string(),
+        file: path.to_owned(),
+        read: stats.read,
+        written,
+        filter_errors: errors,
+        capped: stats.capped && max.is_none_or(|cap| written < cap),
+        true_peek: stats.true_peek,
+    })
+}

@@ -1,0 +1,310 @@
+//! `import`: an export file replayed into a queue, with the documented
+//! attribute mapping.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::Utc;
+use governor::{Quota, RateLimiter};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::TriageError;
+use super::export::read_export;
+use super::read::compile;
+use crate::backend::QueueBackend;
+use crate::engine::journal::{Journal, JournalError, Record};
+use crate::engine::redrive::{Trigger, outgoing_copy};
+use crate::engine::registry::{RedriveRequest, Registry};
+use crate::model::{AttrValue, Destination, Outgoing, SendResult};
+
+pub struct ImportRequest<'a> {
+    pub file: &'a Path,
+    /// A configured queue: copies go to its source entity (the queue's
+    /// `source`, else what its provider reports), or to `address`.
+    pub to: &'a str,
+    /// A provider-native address on `to`'s backend, instead of its source.
+    pub address: Option<&'a str>,
+    pub filter: Option<&'a str>,
+    pub rate: Option<u32>,
+    pub max: Option<u64>,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportSummary {
+    pub run_id: String,
+    pub file: PathBuf,
+    pub queue: String,
+    pub backend: String,
+    /// Destination address → messages sent there (planned, in a dry run).
+    pub destinations: BTreeMap<String, u64>,
+    pub dry_run: bool,
+    pub read: u64,
+    pub matched: u64,
+    pub sent: u64,
+    pub failed: u64,
+    pub filter_errors: u64,
+    /// What the destination could not carry as it was, and for how many messages.
+    pub not_carried: BTreeMap<String, u64>,
+    /// Provider dead-letter attributes stripped from the copies.
+    pub stripped: BTreeMap<String, u64>,
+    pub errors: Vec<String>,
+}
+
+impl ImportSummary {
+    pub fn ok(&self) -> bool {
+        self.failed == 0
+    }
+}
+
+/// What `backend` cannot carry of `o` exactly as it is (the documented
+/// mapping, README "Triage").
+pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend, dest: &Destination) -> Vec<String> {
+    let caps = backend.capabilities();
+    let kind = backend.kind();
+    let mut out = Vec::new();
+    for (name, a) in &o.attributes {
+        if name == crate::engine::redrive::MARK_ID || name == crate::engine::redrive::MARK_COUNT {
+            // dlq-bridge's own marks: text wherever they go, by design.
+            continue;
+        }
+        let typed = !matches!(a.value, AttrValue::String(_)) || a.data_type.is_some();
+        if !caps.typed_attributes && typed {
+            let ty = match &a.value {
+                AttrValue::Binary(_) => "binary, sent as base64 text".to_string(),
+                v => format!(
+                    "{}, sent as text",
+                    serde_json::to_value(v)
+                        .ok()
+                        .and_then(|j| j["type"].as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ),
+            };
+            out.push(format!("attribute `{name}`: {ty} ({kind} attributes are strings)"));
+        } else if kind == "sqs" {
+            let label = match a.value {
+                AttrValue::Bool(_) => Some("String.bool"),
+                AttrValue::Int(_) => Some("Number.int"),
+                AttrValue::Float(_) => Some("Number.float"),
+                AttrValue::Timestamp(_) => Some("String.timestamp"),
+                AttrValue::Uuid(_) => Some("String.uuid"),
+                _ => None,
+            };
+            if let Some(label) = label {
+                out.push(format!("attribute `{name}`: typed value sent as SQS {label}"));
+            }
+        }
+    }
+    if kind != "servicebus" && !o.properties.is_empty() {
+        let names: Vec<&str> = o.properties.keys().map(String::as_str).collect();
+        out.push(format!("message properties {} ({kind} has none)", names.join(", ")));
+    }
+    if kind == "sqs" && o.ordering_key.is_some() && !dest.0.ends_with(".fifo") {
+        out.push("ordering key (a standard SQS queue has no message groups)".into());
+    }
+    if let Some(cap) = caps.max_attributes
+        && o.attributes.len() > cap
+    {
+        out.push(format!(
+            "{} attributes, more than {kind}'s {cap}: the send fails",
+            o.attributes.len()
+        ));
+    }
+    if !caps.binary_body && std::str::from_utf8(&o.body).is_err() {
+        out.push(format!("a binary body ({kind} bodies are text): the send fails"));
+    }
+    if o.body.len() > caps.max_body_bytes {
+        out.push(format!("a body over {} bytes: the send fails", caps.max_body_bytes));
+    }
+    out
+}
+
+/// Replay an export into the configured queue `to` (its source entity, or
+/// `address`), converting attributes with the documented mapping. Copies are
+/// marked like redriven ones (guarantee 3) and journaled as `imported`.
+pub async fn import(
+    registry: &Registry,
+    req: &ImportRequest<'_>,
+    journal: Option<Arc<Journal>>,
+    cancel: CancellationToken,
+) -> Result<ImportSummary, TriageError> {
+    let filter = compile(req.filter)?;
+    let lines = read_export(req.file)?;
+    let plan = registry
+        .plan(
+            req.to,
+            &RedriveRequest {
+                to: req.address.map(str::to_string),
+                dry_run: req.dry_run,
+                ..Default::default()
+            },
+            Trigger::Cli,
+        )
+        .await?;
+    let configured = plan.to.clone().or_else(|| plan.fallback_source.clone());
+    let backend = registry.backend(req.to).await?;
+    let caps = backend.capabilities();
+    let limiter = req
+        .rate
+        .and_then(NonZeroU32::new)
+        .map(|r| RateLimiter::direct(Quota::per_second(r)));
+    let mut s = ImportSummary {
+        run_id: plan.run_id.clone(),
+        file: req.file.to_owned(),
+        queue: req.to.to_string(),
+        backend: backend.kind().to_string(),
+        destinations: BTreeMap::new(),
+        dry_run: req.dry_run,
+        read: 0,
+        matched: 0,
+        sent: 0,
+        failed: 0,
+        filter_errors: 0,
+        not_carried: BTreeMap::new(),
+        stripped: BTreeMap::new(),
+        errors: Vec::new(),
+    };
+    let record = |r: Record| {
+        if let Some(j) = &journal { j.append(&r) } else { Ok(()) }
+    };
+    if !req.dry_run {
+        record(Record::RunStarted {
+            run: plan.run_id.clone(),
+            at: Utc::now(),
+            queue: req.to.to_string(),
+            trigger: format!("import {}", req.file.display()),
+            filter: filter.source().to_string(),
+            dry_run: false,
+            destination: configured.as_ref().map(|d| d.0.clone()),
+        })?;
+    }
+    let now = Utc::now();
+    let mut batch: Vec<(String, Outgoing)> = Vec::new();
+    let mut batch_dest: Option<Destination> = None;
+    for line in lines {
+        if cancel.is_cancelled() || req.max.is_some_and(|m| s.matched >= m) {
+            break;
+        }
+        let line = line?;
+        s.read += 1;
+        let mut m = line.to_message().map_err(|message| TriageError::BadLine {
+            path: req.file.to_owned(),
+            line: s.read as usize,
+            message,
+        })?;
+        match filter.matches(&m, now) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(_) => {
+                s.filter_errors += 1;
+                continue;
+            }
+        }
+        s.matched += 1;
+        // A line exported from this same queue goes back to its own source
+        // when the config and the provider name none for the queue.
+        let same_queue = line.queue == req.to && line.backend == backend.kind();
+        let Some(dest) = configured
+            .clone()
+            .or_else(|| line.source.clone().filter(|_| same_queue).map(Destination))
+        else {
+            s.failed += 1;
+            push_import_error(
+                &mut s,
+                format!(
+                    "message {}: no destination (queue {} names no source: set its `source` in the config, or pass --address)",
+                    m.id, req.to
+                ),
+            );
+            continue;
+        };
+        *s.destinations.entry(dest.0.clone()).or_default() += 1;
+        if plan.strip_dead_letter_attributes {
+            for name in &line.provider_attributes {
+                if m.attributes.remove(name).is_some() {
+                    *s.stripped.entry(name.clone()).or_default() += 1;
+                }
+            }
+        }
+        let (o, marked) = outgoing_copy(&m, &plan, &*backend);
+        for note in not_carried(&o, &*backend, &dest) {
+            *s.not_carried.entry(note).or_default() += 1;
+        }
+        if !marked {
+            *s.not_carried
+                .entry("redrive marks (no room under the attribute cap)".into())
+                .or_default() += 1;
+        }
+        if req.dry_run {
+            continue;
+        }
+        if batch_dest.as_ref().is_some_and(|d| *d != dest) || batch.len() >= caps.batch_size {
+            let to = batch_dest.clone().expect("a batch has a destination");
+            let full = std::mem::take(&mut batch);
+            send_import_batch(&*backend, &to, full, limiter.as_ref(), &record, &mut s, &plan.run_id).await;
+        }
+        batch_dest = Some(dest);
+        batch.push((m.id, o));
+    }
+    if let Some(to) = batch_dest.filter(|_| !batch.is_empty()) {
+        send_import_batch(&*backend, &to, batch, limiter.as_ref(), &record, &mut s, &plan.run_id).await;
+    }
+    if !req.dry_run {
+        record(Record::RunFinished {
+            run: plan.run_id.clone(),
+            at: Utc::now(),
+            summary: serde_json::to_value(&s).expect("summary serializes"),
+        })?;
+        if let Some(j) = &journal {
+            j.sync()?;
+        }
+    }
+    Ok(s)
+}
+
+async fn send_import_batch(
+    backend: &dyn QueueBackend,
+    dest: &Destination,
+    batch: Vec<(String, Outgoing)>,
+    limiter: Option<&governor::DefaultDirectRateLimiter>,
+    record: &impl Fn(Record) -> Result<(), JournalError>,
+    s: &mut ImportSummary,
+    run: &str,
+) {
+    if let Some(l) = limiter {
+        for _ in 0..batch.len() {
+            l.until_ready().await;
+        }
+    }
+    let (ids, outgoing): (Vec<String>, Vec<Outgoing>) = batch.into_iter().unzip();
+    let results = match backend.send(dest, &outgoing).await {
+        Ok(r) => r,
+        Err(e) => vec![SendResult::Failed { error: e.to_string() }; outgoing.len()],
+    };
+    for (id, r) in ids.into_iter().zip(results) {
+        match r {
+            SendResult::Sent { dest_id } => {
+                s.sent += 1;
+                let _ = record(Record::Imported {
+                    run: run.to_string(),
+                    id,
+                    destination: dest.0.clone(),
+                    dest_id,
+                });
+            }
+            SendResult::Failed { error } => {
+                s.failed += 1;
+                push_import_error(s, format!("message {id}: {error}"));
+            }
+        }
+    }
+}
+
+fn push_import_error(s: &mut ImportSummary, e: String) {
+    if s.errors.len() < 20 {
+        s.errors.push(e);
+    }
+}

@@ -1,0 +1,243 @@
+//! Triage: group a DLQ's failures by pattern (`report`), copy messages to a
+//! file and back (`export`, `import`), discard them with a backup and an
+//! audit record (`purge`), and the per-queue retention policy.
+//!
+//! Reading for reports and exports disturbs the DLQ as little as the provider
+//! allows (DESIGN §3, guarantee 8): Service Bus browses with a true peek; SQS
+//! and Pub/Sub have none, so messages are leased batch by batch, examined, and
+//! released together at the end, which raises their delivery counts. A purge is
+//! a run of the redrive engine with [`Action::Discard`]: the same leases,
+//! seen-set, limits and release discipline as a redrive, but each matching
+//! message is written to the backup file (fsynced) before it is settled.
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::BackendError;
+use crate::engine::journal::JournalError;
+use crate::engine::redrive::RedriveError;
+use crate::engine::registry::RegistryError;
+use crate::filter::FilterError;
+
+mod export;
+mod import;
+mod patterns;
+mod purge;
+mod read;
+mod report;
+mod retention;
+
+pub use export::{ExportSummary, ExportWriter, ExportedMessage, export, read_export};
+pub use import::{ImportRequest, ImportSummary, import, not_carried};
+pub use patterns::{Group, GroupBy, Grouper, normalize, pattern_of, top_counts};
+pub use purge::{FileBackup, PurgeRequest, purge, purge_filter};
+pub(crate) use read::compile;
+pub use read::{ReadStats, browse, read_note};
+pub use report::{Report, ReportRequest, report};
+pub use retention::{ExpiredMessage, RetentionOutcome, apply_retention};
+
+/// Groups shown by default; the rest are folded into `other`.
+pub const DEFAULT_TOP: usize = 10;
+/// Messages a report reads by default (`--scan`).
+pub const DEFAULT_SCAN: usize = 1000;
+/// Messages an export reads at most on a provider with a true peek (Service
+/// Bus), where the whole read is one browse held in memory; `--max` sets it.
+pub const DEFAULT_PEEK_CAP: usize = 10_000;
+/// Distinct keys a report tracks; keys beyond it count towards `other`, so
+/// memory stays bounded whatever the DLQ holds.
+pub(crate) const MAX_TRACKED_GROUPS: usize = 10_000;
+/// Longest group key kept (patterns of huge descriptions are cut).
+pub(crate) const MAX_KEY_CHARS: usize = 200;
+/// Consecutive leases that bring nothing new before a browse stops.
+pub(crate) const ALL_SEEN_LIMIT: u32 = 3;
+/// Expired messages a retention check lists by ID.
+pub(crate) const MAX_LISTED: usize = 1000;
+/// Characters of a body kept as the readable preview in an export line.
+pub(crate) const PREVIEW_CHARS: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TriageError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Redrive(#[from] RedriveError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: not an export line: {message}")]
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    /// Something the user can fix in their input (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl TriageError {
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Self::Registry(e) => e.is_usage(),
+            Self::Filter(_) | Self::Usage(_) | Self::BadLine { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TriageError + '_ {
+    move |source| TriageError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use base64::Engine as _;
+    use bytes::Bytes;
+    use chrono::{DateTime, Utc};
+
+    use super::*;
+    use crate::filter::Filter;
+    use crate::model::{AttrValue, Attribute, DlqMessage, Properties};
+
+    #[test]
+    fn numbers_in_the_issue_example_fall_in_one_pattern() {
+        let a = normalize("timeout after 3012 ms on order 8812");
+        assert_eq!(a, "timeout after <n> ms on order <n>");
+        assert_eq!(normalize("timeout after 15 ms on order 7"), a);
+    }
+
+    #[test]
+    fn placeholders_for_uuids_hex_quotes_and_decimals() {
+        assert_eq!(
+            normalize("trace 3f2b8c1e-9a4d-4e2b-8c7f-0123456789ab failed"),
+            "trace <uuid> failed"
+        );
+        assert_eq!(normalize("commit deadbeef12 at 0x7ffd"), "commit <hex> at <hex>");
+        assert_eq!(
+            normalize(r#"field `sku` missing in "A-17""#),
+            "field <str> missing in <str>"
+        );
+        assert_eq!(
+            normalize("user 'bob' can't pay 12.50 EUR"),
+            "user <str> can't pay <n> EUR"
+        );
+        assert_eq!(
+            normalize("took 3000ms, ord-1017, http2 s3"),
+            "took <n>ms, ord-<n>, http2 s3"
+        );
+        assert_eq!(normalize("HTTP 503 from shipping"), "HTTP <n> from shipping");
+        assert_eq!(normalize("unterminated \"quote"), "unterminated \"quote");
+        assert_eq!(normalize("façade 42"), "façade <n>");
+    }
+
+    fn msg(id: &str, reason: &str, desc: &str, count: u32, secs: i64) -> DlqMessage {
+        DlqMessage {
+            id: id.into(),
+            body: Bytes::from_static(b"{}"),
+            attributes: [("tenant".to_string(), Attribute::string(id))].into(),
+            properties: Properties::new(),
+            reason: Some(reason.into()),
+            description: Some(desc.into()),
+            delivery_count: Some(count),
+            enqueued_at: Some(DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()),
+            source: None,
+            ordering_key: None,
+        }
+    }
+
+    #[test]
+    fn groups_have_counts_times_ranges_and_fold_into_other() {
+        let msgs = [
+            msg("a", "Timeout", "after 3012 ms", 2, 30),
+            msg("b", "Timeout", "after 15 ms", 5, 10),
+            msg("c", "Timeout", "after 9 ms", 3, 20),
+            msg("d", "Bad", "field `x`", 1, 0),
+            msg("e", "Bad", "field `y`", 1, 5),
+            msg("f", "Gone", "404", 1, 0),
+        ];
+        let mut g = Grouper::new(GroupBy::Pattern);
+        for m in &msgs {
+            g.add(m);
+        }
+        let (groups, other) = g.finish(2);
+        assert_eq!(groups.len(), 2);
+        let t = &groups[0];
+        assert_eq!((t.key.as_str(), t.count), ("Timeout: after <n> ms", 3));
+        assert_eq!((t.min_delivery_count, t.max_delivery_count), (Some(2), Some(5)));
+        assert_eq!(t.first_enqueued_at, msgs[1].enqueued_at);
+        assert_eq!(t.last_enqueued_at, msgs[0].enqueued_at);
+        assert!((t.share - 0.5).abs() < 1e-9);
+        assert_eq!((groups[1].key.as_str(), groups[1].count), ("Bad: field <str>", 2));
+        let o = other.unwrap();
+        assert_eq!((o.key.as_str(), o.count, o.groups_folded), ("other", 1, 1));
+        assert_eq!(
+            top_counts(&msgs, &GroupBy::Attribute("tenant".into()), 10).len(),
+            6,
+            "one group per attribute value"
+        );
+    }
+
+    #[test]
+    fn group_by_parses() {
+        assert_eq!("pattern".parse::<GroupBy>().unwrap(), GroupBy::Pattern);
+        assert_eq!(
+            "attribute:tenant".parse::<GroupBy>().unwrap(),
+            GroupBy::Attribute("tenant".into())
+        );
+        assert!("attribute:".parse::<GroupBy>().is_err());
+        assert!("colour".parse::<GroupBy>().is_err());
+    }
+
+    #[test]
+    fn export_line_round_trips_the_message() {
+        let mut m = msg("a", "Timeout", "x", 1, 0);
+        m.body = Bytes::from_static(&[0, 159, 146, 150, b'\n']);
+        m.attributes.insert(
+            "n".into(),
+            Attribute {
+                value: AttrValue::Number("1.50".into()),
+                data_type: Some("Number.float".into()),
+            },
+        );
+        let line = ExportedMessage {
+            queue: "q".into(),
+            backend: "sqs".into(),
+            id: m.id.clone(),
+            body_base64: base64::engine::general_purpose::STANDARD.encode(&m.body),
+            body_preview: m.body_text(),
+            body_bytes: m.body.len(),
+            attributes: m.attributes.clone(),
+            properties: Properties::new(),
+            reason: m.reason.clone(),
+            description: m.description.clone(),
+            delivery_count: m.delivery_count,
+            enqueued_at: m.enqueued_at,
+            source: None,
+            ordering_key: None,
+            provider_attributes: vec![],
+            exported_at: Utc::now(),
+        };
+        let text = serde_json::to_string(&line).unwrap();
+        assert!(!text.contains('\n'));
+        let back: ExportedMessage = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.to_message().unwrap(), m);
+    }
+
+    #[test]
+    fn older_than_narrows_the_filter() {
+        assert_eq!(
+            purge_filter("reason == \"x\"", Some(Duration::from_secs(90))),
+            "(reason == \"x\") && age > duration(\"90s\")"
+        );
+        Filter::compile(&purge_filter("true", Some(Duration::from_secs(5)))).unwrap();
+    }
+}

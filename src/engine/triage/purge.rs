@@ -1,0 +1,107 @@
+//! `purge`: matching messages deleted, each after its backup is written,
+//! through the redrive engine.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::TriageError;
+use super::export::{ExportWriter, ExportedMessage};
+use crate::backend::QueueBackend;
+use crate::engine::journal::Journal;
+use crate::engine::redrive::{Action, Backup, Engine, RunSummary, Trigger};
+use crate::engine::registry::{RedriveRequest, Registry};
+use crate::model::DlqMessage;
+
+/// A purge's backup: export lines appended to a file, fsynced per batch.
+pub struct FileBackup {
+    writer: Mutex<ExportWriter>,
+    queue: String,
+    backend: Arc<dyn QueueBackend>,
+}
+
+impl FileBackup {
+    pub fn create(path: &Path, queue: &str, backend: Arc<dyn QueueBackend>) -> Result<Self, TriageError> {
+        Ok(Self {
+            writer: Mutex::new(ExportWriter::create(path, true)?),
+            queue: queue.to_string(),
+            backend,
+        })
+    }
+}
+
+impl Backup for FileBackup {
+    fn write(&self, msgs: &[&DlqMessage]) -> Result<(), String> {
+        let mut w = self.writer.lock().map_err(|_| "backup lock poisoned".to_string())?;
+        for m in msgs {
+            w.write(&ExportedMessage::new(m, &self.queue, &*self.backend))
+                .map_err(|e| e.to_string())?;
+        }
+        w.sync().map_err(|e| e.to_string())
+    }
+
+    fn describe(&self) -> String {
+        self.writer
+            .lock()
+            .map(|w| w.path().display().to_string())
+            .unwrap_or_default()
+    }
+}
+
+pub struct PurgeRequest<'a> {
+    pub filter: &'a str,
+    pub older_than: Option<Duration>,
+    pub dry_run: bool,
+    /// The backup file; `None` purges without one.
+    pub backup: Option<&'a Path>,
+    pub max: Option<u64>,
+    pub rate: Option<u32>,
+    pub trigger: Trigger,
+}
+
+/// The filter a purge runs with: the user's, narrowed by `--older-than`.
+pub fn purge_filter(filter: &str, older_than: Option<Duration>) -> String {
+    match older_than {
+        Some(d) => format!("({filter}) && age > duration(\"{}s\")", d.as_secs()),
+        None => filter.to_string(),
+    }
+}
+
+/// Delete the messages of `queue` that match, each only after it was written
+/// to the backup (when there is one), through the redrive engine: messages
+/// that do not match stay leased until the pass ends and are then released.
+pub async fn purge(
+    registry: &Registry,
+    queue: &str,
+    req: &PurgeRequest<'_>,
+    journal: Option<Arc<Journal>>,
+    cancel: CancellationToken,
+) -> Result<RunSummary, TriageError> {
+    let filter = purge_filter(req.filter, req.older_than);
+    let mut plan = registry
+        .plan(
+            queue,
+            &RedriveRequest {
+                filter: Some(filter),
+                dry_run: req.dry_run,
+                rate: req.rate,
+                max: req.max,
+                ..Default::default()
+            },
+            req.trigger,
+        )
+        .await?;
+    let backend = registry.backend(queue).await?;
+    let backup: Option<Arc<dyn Backup>> = match req.backup {
+        Some(path) if !req.dry_run => Some(Arc::new(FileBackup::create(path, queue, backend.clone())?)),
+        _ => None,
+    };
+    plan.action = Action::Discard { backup };
+    let mut engine = Engine::new(backend).with_cancel(cancel);
+    if let Some(j) = journal {
+        engine = engine.with_journal(j);
+    }
+    Ok(engine.run(&plan).await?)
+}

@@ -1,0 +1,117 @@
+//! Reading a DLQ for triage with as little disturbance as the provider
+//! allows (DESIGN §3, guarantee 8).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{ALL_SEEN_LIMIT, TriageError};
+use crate::backend::QueueBackend;
+use crate::filter::{Filter, FilterError};
+use crate::model::DlqMessage;
+
+/// How a read went.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ReadStats {
+    /// Messages read (examined), each once.
+    pub read: u64,
+    /// The read stopped at its cap: the DLQ may hold more.
+    pub capped: bool,
+    /// Read with a true peek (no side effect); otherwise leased and released,
+    /// which raised each message's delivery count.
+    pub true_peek: bool,
+}
+
+/// Read up to `max` messages, handing each to `each` once, as it arrives;
+/// `each` returns false to stop early. With a true peek this is one browse;
+/// otherwise messages are leased batch by batch (hidden for `hold`), kept
+/// leased so that the same message does not come back, and released together
+/// at the end, whatever happens. Memory holds the lease handles and IDs, not
+/// the messages.
+pub async fn browse<F>(
+    backend: &dyn QueueBackend,
+    max: usize,
+    hold: Duration,
+    mut each: F,
+) -> Result<ReadStats, TriageError>
+where
+    F: FnMut(&DlqMessage) -> Result<bool, TriageError>,
+{
+    let caps = backend.capabilities();
+    let mut stats = ReadStats {
+        true_peek: caps.true_peek,
+        ..Default::default()
+    };
+    if caps.true_peek {
+        let msgs = backend.peek(max).await?;
+        stats.capped = msgs.len() >= max;
+        for m in &msgs {
+            stats.read += 1;
+            if !each(m)? {
+                break;
+            }
+        }
+        return Ok(stats);
+    }
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut held = Vec::new();
+    let mut streak = 0;
+    let result: Result<(), TriageError> = async {
+        loop {
+            let want = max.saturating_sub(stats.read as usize).min(caps.batch_size);
+            if want == 0 {
+                stats.capped = true;
+                return Ok(());
+            }
+            let batch = backend.lease(want, hold).await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let mut fresh = 0;
+            let mut stop = false;
+            for l in batch {
+                held.push(l.lease);
+                if stop || !seen.insert(l.message.id.clone()) {
+                    continue;
+                }
+                fresh += 1;
+                stats.read += 1;
+                stop = !each(&l.message)?;
+            }
+            if stop {
+                return Ok(());
+            }
+            if fresh == 0 {
+                streak += 1;
+                if streak >= ALL_SEEN_LIMIT {
+                    return Ok(());
+                }
+            } else {
+                streak = 0;
+            }
+        }
+    }
+    .await;
+    let released = backend.release(&held).await;
+    result?;
+    released?;
+    Ok(stats)
+}
+
+/// The side effect of reading this backend, for the user (guarantee 8).
+pub fn read_note(backend: &dyn QueueBackend) -> Option<String> {
+    (!backend.capabilities().true_peek).then(|| {
+        format!(
+            "note: {} has no true peek; reading leases and releases messages, which raises their delivery count",
+            backend.kind()
+        )
+    })
+}
+
+pub(crate) fn compile(filter: Option<&str>) -> Result<Filter, FilterError> {
+    match filter.filter(|f| !f.trim().is_empty()) {
+        Some(f) => Filter::compile(f),
+        None => Ok(Filter::match_all()),
+    }
+}

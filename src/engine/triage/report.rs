@@ -1,0 +1,70 @@
+//! `report`: a DLQ's failures grouped by pattern, reason or attribute.
+
+use chrono::Utc;
+use serde::Serialize;
+
+use super::TriageError;
+use super::patterns::{Group, GroupBy, Grouper};
+use super::read::{browse, compile};
+use crate::engine::registry::Registry;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub queue: String,
+    pub backend: String,
+    pub by: String,
+    pub filter: String,
+    /// Messages read; only these are grouped.
+    pub read: u64,
+    /// Messages that matched the filter and were grouped.
+    pub matched: u64,
+    pub filter_errors: u64,
+    /// The read stopped at `--scan`: the DLQ may hold more than was grouped.
+    pub capped: bool,
+    pub true_peek: bool,
+    pub groups: Vec<Group>,
+    /// Everything past the top N, folded.
+    pub other: Option<Group>,
+}
+
+pub struct ReportRequest<'a> {
+    pub by: GroupBy,
+    pub filter: Option<&'a str>,
+    pub top: usize,
+    pub scan: usize,
+}
+
+pub async fn report(registry: &Registry, queue: &str, req: &ReportRequest<'_>) -> Result<Report, TriageError> {
+    let filter = compile(req.filter)?;
+    let backend = registry.backend(queue).await?;
+    let mut grouper = Grouper::new(req.by.clone());
+    let mut errors = 0;
+    let now = Utc::now();
+    let stats = browse(&*backend, req.scan.max(1), registry.config().redrive.hold, |m| {
+        match filter.matches(m, now) {
+            Ok(true) => grouper.add(m),
+            Ok(false) => {}
+            Err(e) => {
+                errors += 1;
+                tracing::debug!(id = %m.id, error = %e, "filter error");
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    let matched = grouper.total();
+    let (groups, other) = grouper.finish(req.top.max(1));
+    Ok(Report {
+        queue: queue.to_string(),
+        backend: backend.kind().to_string(),
+        by: req.by.to_string(),
+        filter: filter.source().to_string(),
+        read: stats.read,
+        matched,
+        filter_errors: errors,
+        capped: stats.capped,
+        true_peek: stats.true_peek,
+        groups,
+        other,
+    })
+}

@@ -1,0 +1,189 @@
+//! What the HTTP handlers, the scheduler and the alert loop share: the
+//! registry, metrics, the status cache, the journal and the runs started by
+//! the API or a schedule.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::Mutex;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::journal::Journal;
+use crate::engine::redrive::{Engine, Progress, RunSummary, Trigger};
+use crate::engine::registry::{RedriveRequest, Registry, RegistryError};
+use crate::sidecar::metrics::Metrics;
+use crate::sidecar::poller::StatusCache;
+
+/// Finished runs kept for `GET /v1/runs/{id}`.
+const RUNS_KEPT: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Finished,
+    Failed,
+}
+
+/// A redrive started by the API or a schedule, as `/v1/runs/{id}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunView {
+    pub run_id: String,
+    pub queue: String,
+    pub trigger: Trigger,
+    pub status: RunStatus,
+    pub started_at: DateTime<Utc>,
+    pub progress: ProgressView,
+    pub summary: Option<RunSummary>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ProgressView {
+    pub examined: u64,
+    pub matched: u64,
+    pub sent: u64,
+    pub settled: u64,
+    pub failed: u64,
+}
+
+impl From<&Progress> for ProgressView {
+    fn from(p: &Progress) -> Self {
+        Self {
+            examined: Progress::get(&p.examined),
+            matched: Progress::get(&p.matched),
+            sent: Progress::get(&p.sent),
+            settled: Progress::get(&p.settled),
+            failed: Progress::get(&p.failed),
+        }
+    }
+}
+
+pub(super) struct RunEntry {
+    view: RunView,
+    progress: Arc<Progress>,
+}
+
+/// Everything the HTTP handlers, the scheduler and the alert loop share.
+pub struct App {
+    pub registry: Arc<Registry>,
+    pub cache: Arc<StatusCache>,
+    pub metrics: Arc<Metrics>,
+    pub token: Option<String>,
+    pub(super) journal: Option<Arc<Journal>>,
+    pub(super) runs: Mutex<HashMap<String, RunEntry>>,
+    pub(super) finished_order: Mutex<VecDeque<String>>,
+    /// Cancelled on shutdown: runs stop leasing and release what they hold.
+    pub(super) shutdown: CancellationToken,
+    pub(super) tasks: Mutex<JoinSet<()>>,
+    pub(super) queue_names: Vec<String>,
+}
+
+impl App {
+    pub async fn ready(&self) -> bool {
+        self.cache.all_polled(&self.queue_names).await
+    }
+
+    /// Validate a redrive request and start it in the background. Returns the
+    /// run ID, or the reason it cannot start (nothing was touched).
+    pub async fn start_run(
+        self: &Arc<Self>,
+        queue: &str,
+        req: RedriveRequest,
+        trigger: Trigger,
+    ) -> Result<String, RegistryError> {
+        let plan = self.registry.plan(queue, &req, trigger).await?;
+        let backend = self.registry.backend(queue).await?;
+        let mut engine = Engine::new(backend).with_cancel(self.shutdown.child_token());
+        if let Some(j) = &self.journal {
+            engine = engine.with_journal(j.clone());
+        }
+        let progress = engine.progress();
+        let run_id = plan.run_id.clone();
+        self.runs.lock().await.insert(
+            run_id.clone(),
+            RunEntry {
+                view: RunView {
+                    run_id: run_id.clone(),
+                    queue: queue.to_string(),
+                    trigger,
+                    status: RunStatus::Running,
+                    started_at: Utc::now(),
+                    progress: ProgressView::from(&*progress),
+                    summary: None,
+                    error: None,
+                },
+                progress,
+            },
+        );
+        let app = self.clone();
+        let queue = queue.to_string();
+        self.tasks.lock().await.spawn(async move {
+            let result = engine.run(&plan).await;
+            app.finish_run(&plan.run_id, &queue, result).await;
+        });
+        Ok(run_id)
+    }
+
+    async fn finish_run(
+        &self,
+        run_id: &str,
+        queue: &str,
+        result: Result<RunSummary, crate::engine::redrive::RedriveError>,
+    ) {
+        if let Ok(s) = &result {
+            self.metrics
+                .add_redriven(queue, "settled", s.settled + s.settled_from_journal);
+            self.metrics.add_redriven(queue, "send_failed", s.send_failed);
+            self.metrics.add_redriven(queue, "settle_failed", s.settle_failed);
+            self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
+            self.cache.note_removed(queue, s.settled + s.settled_from_journal);
+            tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
+        }
+        let mut runs = self.runs.lock().await;
+        if let Some(e) = runs.get_mut(run_id) {
+            e.view.progress = ProgressView::from(&*e.progress);
+            match result {
+                Ok(s) => {
+                    e.view.status = if s.ok() { RunStatus::Finished } else { RunStatus::Failed };
+                    e.view.summary = Some(s);
+                }
+                Err(err) => {
+                    e.view.status = RunStatus::Failed;
+                    e.view.error = Some(format!("{err:#}"));
+                }
+            }
+        }
+        let mut order = self.finished_order.lock().await;
+        order.push_back(run_id.to_string());
+        while order.len() > RUNS_KEPT {
+            if let Some(old) = order.pop_front() {
+                runs.remove(&old);
+            }
+        }
+    }
+
+    pub async fn run_view(&self, run_id: &str) -> Option<RunView> {
+        let runs = self.runs.lock().await;
+        runs.get(run_id).map(|e| {
+            let mut v = e.view.clone();
+            if v.status == RunStatus::Running {
+                v.progress = ProgressView::from(&*e.progress);
+            }
+            v
+        })
+    }
+
+    /// Wait for runs to finish after shutdown was signalled.
+    pub(super) async fn drain_runs(&self, grace: Duration) {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().await);
+        let wait = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, wait).await.is_err() {
+            tracing::warn!("redrives still running after the shutdown grace period; their leases expire by themselves");
+        }
+    }
+}
