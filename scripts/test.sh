@@ -38,6 +38,8 @@ export DLQ_BRIDGE_TEST_KUBECONFIG=$KUBECONFIG
 unset KUBECONFIG
 
 if [[ -z ${SKIP_LINT:-} ]]; then
+  step "layers: no import circle, no import running upward (scripts/check-layers.py)"
+  python3 scripts/check-layers.py
   step "cargo fmt --check"
   cargo fmt --all -- --check
   step "cargo clippy"

@@ -233,6 +233,21 @@ mod opt_secs {
     }
 }
 
+/// One line of text, at most `max` characters, control characters shown as
+/// spaces: safe to put in a table cell.
+pub fn preview(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    if text.chars().count() > max {
+        out.pop();
+        out.push('…');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

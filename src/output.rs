@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::engine::redrive::RunSummary;
-use crate::model::{Attributes, DlqMessage, DlqStats};
+use crate::model::{Attributes, DlqMessage, DlqStats, preview};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -69,21 +69,6 @@ pub fn human_age(d: Option<std::time::Duration>) -> String {
         3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
         _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
     }
-}
-
-/// One line of text, at most `max` characters, control characters shown as
-/// spaces: safe to put in a table cell.
-pub fn preview(text: &str, max: usize) -> String {
-    let mut out: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(max)
-        .collect();
-    if text.chars().count() > max {
-        out.pop();
-        out.push('…');
-    }
-    out
 }
 
 /// A queue as `list` shows it.

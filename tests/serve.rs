@@ -277,7 +277,10 @@ async fn metrics_negotiate_openmetrics_or_the_classic_text_format_promtool_accep
         )
         .await;
     assert_eq!(code, 200);
-    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
     assert!(text.ends_with("# EOF\n"), "{text}");
     assert!(text.contains("# TYPE dlq_bridge_arrivals counter"), "{text}");
 
@@ -285,7 +288,10 @@ async fn metrics_negotiate_openmetrics_or_the_classic_text_format_promtool_accep
     for accept in ["text/plain;version=0.0.4", "*/*"] {
         let (code, content_type, text) = serve.get_accepting("/metrics", accept).await;
         assert_eq!(code, 200);
-        assert!(content_type.starts_with("text/plain; version=0.0.4"), "{accept}: {content_type}");
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{accept}: {content_type}"
+        );
         assert!(!text.contains("# EOF"), "{text}");
         assert!(text.contains("# HELP dlq_bridge_arrivals_total "), "{text}");
         let mut check = std::process::Command::new(promtool())
@@ -303,7 +309,10 @@ async fn metrics_negotiate_openmetrics_or_the_classic_text_format_promtool_accep
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}\n{text}");
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "promtool check metrics: {said}\n{text}"
+        );
     }
 }
 

@@ -193,7 +193,7 @@ pub(crate) fn runs(registry: &Registry, journal: Option<PathBuf>, output: Format
                     n("settled").to_string(),
                     (n("send_failed") + n("settle_failed")).to_string(),
                     t_("stopped"),
-                    output::preview(&t_("filter"), 50),
+                    crate::model::preview(&t_("filter"), 50),
                 ]);
             }
             print!("{}", t.render());

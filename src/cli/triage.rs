@@ -17,7 +17,8 @@ use crate::engine::triage::{
     GroupBy, ImportRequest, ImportSummary, PurgeRequest, Report, ReportRequest, RetentionOutcome, TriageError,
     apply_retention, compile, export, import, purge, read_note, report,
 };
-use crate::output::{Format, Table, human_age, preview};
+use crate::model::preview;
+use crate::output::{Format, Table, human_age};
 
 fn print_json<T: Serialize>(v: &T) -> Result<(), Failure> {
     println!("{}", serde_json::to_string_pretty(v)?);

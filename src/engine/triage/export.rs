@@ -10,11 +10,17 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::error::{TriageError, io_err};
 use super::read::{browse, compile};
-use super::{DEFAULT_PEEK_CAP, PREVIEW_CHARS, TriageError, io_err};
 use crate::backend::QueueBackend;
 use crate::engine::registry::Registry;
 use crate::model::{Attributes, DlqMessage, Properties};
+
+/// Messages an export reads at most on a provider with a true peek (Service
+/// Bus), where the whole read is one browse held in memory; `--max` sets it.
+pub const DEFAULT_PEEK_CAP: usize = 10_000;
+/// Characters of a body kept as the readable preview in an export line.
+pub(super) const PREVIEW_CHARS: usize = 512;
 
 /// One line of an export (and of a purge backup): the message, exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::TriageError;
+use super::error::TriageError;
 use super::export::read_export;
 use super::read::compile;
 use crate::backend::QueueBackend;

@@ -10,14 +10,7 @@
 //! seen-set, limits and release discipline as a redrive, but each matching
 //! message is written to the backup file (fsynced) before it is settled.
 
-use std::path::{Path, PathBuf};
-
-use crate::backend::BackendError;
-use crate::engine::journal::JournalError;
-use crate::engine::redrive::RedriveError;
-use crate::engine::registry::RegistryError;
-use crate::filter::FilterError;
-
+mod error;
 mod export;
 mod import;
 mod patterns;
@@ -26,75 +19,15 @@ mod read;
 mod report;
 mod retention;
 
-pub use export::{ExportSummary, ExportWriter, ExportedMessage, export, read_export};
+pub use error::TriageError;
+pub use export::{DEFAULT_PEEK_CAP, ExportSummary, ExportWriter, ExportedMessage, export, read_export};
 pub use import::{ImportRequest, ImportSummary, import, not_carried};
 pub use patterns::{Group, GroupBy, Grouper, normalize, pattern_of, top_counts};
 pub use purge::{FileBackup, PurgeRequest, purge, purge_filter};
 pub(crate) use read::compile;
 pub use read::{ReadStats, browse, read_note};
-pub use report::{Report, ReportRequest, report};
+pub use report::{DEFAULT_SCAN, DEFAULT_TOP, Report, ReportRequest, report};
 pub use retention::{ExpiredMessage, RetentionOutcome, apply_retention};
-
-/// Groups shown by default; the rest are folded into `other`.
-pub const DEFAULT_TOP: usize = 10;
-/// Messages a report reads by default (`--scan`).
-pub const DEFAULT_SCAN: usize = 1000;
-/// Messages an export reads at most on a provider with a true peek (Service
-/// Bus), where the whole read is one browse held in memory; `--max` sets it.
-pub const DEFAULT_PEEK_CAP: usize = 10_000;
-/// Distinct keys a report tracks; keys beyond it count towards `other`, so
-/// memory stays bounded whatever the DLQ holds.
-pub(crate) const MAX_TRACKED_GROUPS: usize = 10_000;
-/// Longest group key kept (patterns of huge descriptions are cut).
-pub(crate) const MAX_KEY_CHARS: usize = 200;
-/// Consecutive leases that bring nothing new before a browse stops.
-pub(crate) const ALL_SEEN_LIMIT: u32 = 3;
-/// Expired messages a retention check lists by ID.
-pub(crate) const MAX_LISTED: usize = 1000;
-/// Characters of a body kept as the readable preview in an export line.
-pub(crate) const PREVIEW_CHARS: usize = 512;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TriageError {
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    #[error(transparent)]
-    Filter(#[from] FilterError),
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    #[error(transparent)]
-    Redrive(#[from] RedriveError),
-    #[error(transparent)]
-    Journal(#[from] JournalError),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}:{line}: not an export line: {message}")]
-    BadLine {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
-    /// Something the user can fix in their input (exit code 2).
-    #[error("{0}")]
-    Usage(String),
-}
-
-impl TriageError {
-    pub fn is_usage(&self) -> bool {
-        match self {
-            Self::Registry(e) => e.is_usage(),
-            Self::Filter(_) | Self::Usage(_) | Self::BadLine { .. } => true,
-            _ => false,
-        }
-    }
-}
-
-pub(crate) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TriageError + '_ {
-    move |source| TriageError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -7,9 +7,14 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{MAX_KEY_CHARS, MAX_TRACKED_GROUPS};
 use crate::model::DlqMessage;
-use crate::output::preview;
+use crate::model::preview;
+
+/// Distinct keys a report tracks; keys beyond it count towards `other`, so
+/// memory stays bounded whatever the DLQ holds.
+pub(super) const MAX_TRACKED_GROUPS: usize = 10_000;
+/// Longest group key kept (patterns of huge descriptions are cut).
+pub(super) const MAX_KEY_CHARS: usize = 200;
 
 /// Normalise failure text so that messages failing the same way group
 /// together: quoted values become `<str>`, UUIDs `<uuid>`, hex strings

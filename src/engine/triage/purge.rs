@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::TriageError;
+use super::error::TriageError;
 use super::export::{ExportWriter, ExportedMessage};
 use crate::backend::QueueBackend;
 use crate::engine::journal::Journal;

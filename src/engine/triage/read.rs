@@ -6,10 +6,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{ALL_SEEN_LIMIT, TriageError};
+use super::error::TriageError;
 use crate::backend::QueueBackend;
 use crate::filter::{Filter, FilterError};
 use crate::model::DlqMessage;
+
+/// Consecutive leases that bring nothing new before a browse stops.
+pub(super) const ALL_SEEN_LIMIT: u32 = 3;
 
 /// How a read went.
 #[derive(Debug, Clone, Copy, Default, Serialize)]

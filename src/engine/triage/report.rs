@@ -3,10 +3,15 @@
 use chrono::Utc;
 use serde::Serialize;
 
-use super::TriageError;
+use super::error::TriageError;
 use super::patterns::{Group, GroupBy, Grouper};
 use super::read::{browse, compile};
 use crate::engine::registry::Registry;
+
+/// Groups shown by default; the rest are folded into `other`.
+pub const DEFAULT_TOP: usize = 10;
+/// Messages a report reads by default (`--scan`).
+pub const DEFAULT_SCAN: usize = 1000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {

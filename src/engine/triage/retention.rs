@@ -7,13 +7,16 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::error::TriageError;
 use super::purge::{PurgeRequest, purge};
 use super::read::browse;
-use super::{MAX_LISTED, TriageError};
 use crate::config::RetentionAction;
 use crate::engine::journal::Journal;
 use crate::engine::redrive::{RunSummary, Trigger};
 use crate::engine::registry::Registry;
+
+/// Expired messages a retention check lists by ID.
+pub(super) const MAX_LISTED: usize = 1000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ExpiredMessage {
