@@ -1,85 +1,121 @@
 #!/usr/bin/env bash
-# The demo: starts the SQS emulator, makes realistic orders fail into a
-# dead-letter queue, then shows list, inspect, `report` grouping the failures
-# by reason and by pattern, a dry run, a filtered redrive that moves only one
-# tenant's messages back to the source queue, and an export plus a purge
-# (with a backup) of the validation failures.
+# The demo: the same story on the three clouds' local emulators. It starts
+# them (SQS: moto, Pub/Sub: Google's emulator, Service Bus: the project's
+# emulator), makes the same twelve orders from three tenants fail into each
+# cloud's dead-letter queue the way that cloud does it (scripts/seed.py), and
+# then shows `check`, `list` with the three DLQs side by side, and for each
+# one: inspect, `report` grouping the failures by reason and by pattern, a
+# dry run, a filtered redrive that moves only tenant acme's orders back to
+# the source, and an export plus a purge (with a backup) of the validation
+# failures. It ends with `list`, `runs` (the audit journal of every run) and
+# a check on each emulator that exactly acme's orders arrived back on the
+# source, each marked as redriven once.
 #
-#   scripts/demo.sh          run the demo, then stop the emulator it started
-#   scripts/demo.sh --keep   leave the emulator running to explore (see the last lines)
+#   scripts/demo.sh                      all three clouds (config/demo.yaml)
+#   scripts/demo.sh --backend sqs        one cloud: sqs, pubsub, servicebus (or a comma list), or all
+#   scripts/demo.sh --keep               leave the emulators it started running to explore (see the last lines)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/dlq-bridge/target}
-KEEP=${1:-}
+
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+KEEP= BACKEND=all
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --keep) KEEP=1 ;;
+    --backend) [[ $# -ge 2 ]] || usage; BACKEND=$2; shift ;;
+    --backend=*) BACKEND=${1#*=} ;;
+    *) usage ;;
+  esac
+  shift
+done
+[[ $BACKEND == all ]] && BACKEND=sqs,pubsub,servicebus
+IFS=, read -r -a BACKENDS <<<"$BACKEND"
+for b in "${BACKENDS[@]}"; do
+  case "$b" in sqs | pubsub | servicebus) ;; *) echo "unknown backend '$b' (sqs, pubsub, servicebus or all)" >&2; usage ;; esac
+done
 
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+title() { printf '\n\033[1;7m %s \033[0m\n' "$*"; }
+wants() { [[ ,$BACKEND, == *,$1,* ]]; }
 
-python3 -c 'import boto3' 2>/dev/null || python3 -m pip install --quiet boto3
-started=
-if ! scripts/emulators.sh status | grep -q '^sqs: running'; then
-  scripts/emulators.sh start sqs
-  started=1
+# The clients the seeding script needs, installed when missing.
+wants sqs && { python3 -c 'import boto3' 2>/dev/null || python3 -m pip install --quiet boto3; }
+wants servicebus && { python3 -c 'import azure.servicebus' 2>/dev/null ||
+  python3 -m pip install --quiet "azure-servicebus==7.15.0"; }
+
+# Start the emulators that are not running yet (installing or building them),
+# and stop those again at the end unless --keep.
+started=()
+status=$(scripts/emulators.sh status)
+for b in "${BACKENDS[@]}"; do
+  grep -q "^$b: running" <<<"$status" || started+=("$b")
+done
+if [[ ${#started[@]} -gt 0 ]]; then
+  [[ -n $KEEP ]] || trap 'scripts/emulators.sh stop "${started[@]}"' EXIT
+  scripts/emulators.sh start "${started[@]}"
 fi
-if [[ -n $started && $KEEP != --keep ]]; then trap 'scripts/emulators.sh stop sqs' EXIT; fi
-eval "$(scripts/emulators.sh env sqs)"
+eval "$(scripts/emulators.sh env "${BACKENDS[@]}")"
 
 echo "building dlq-bridge..."
 cargo build --quiet --bin dlq-bridge
 BIN=$CARGO_TARGET_DIR/debug/dlq-bridge
+
+rm -rf /tmp/dlq-bridge-demo
+mkdir -p /tmp/dlq-bridge-demo
+# config/demo.yaml has one `orders` queue per cloud, named sqs-orders,
+# pubsub-orders and servicebus-orders; a run on fewer clouds keeps only theirs.
 CONFIG=config/demo.yaml
+if [[ $BACKEND != sqs,pubsub,servicebus ]]; then
+  CONFIG=/tmp/dlq-bridge-demo/config.yaml
+  awk -v keep=",$BACKEND," '/^  - name: /{ n = $3; sub(/-orders$/, "", n); skip = index(keep, "," n ",") == 0 } /^[^ ]/{ skip = 0 } !skip' \
+    config/demo.yaml >"$CONFIG"
+fi
 dlq() { say "dlq-bridge $*"; "$BIN" --config "$CONFIG" "$@"; }
 
-# A fresh pair of queues each time, so the demo can be rerun.
-python3 - <<'PY'
-import os, boto3
-sqs = boto3.client("sqs", endpoint_url=os.environ["AWS_ENDPOINT_URL_SQS"], region_name="us-east-1")
-for name in ("orders", "orders-dlq"):
-    try:
-        sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=name)["QueueUrl"])
-    except sqs.exceptions.QueueDoesNotExist:
-        pass
-PY
-rm -rf /tmp/dlq-bridge-demo
-say "scripts/seed_sqs.py   # 12 orders fail twice each and land in orders-dlq"
-python3 scripts/seed_sqs.py --count 12
+declare -A HOW=(
+  [sqs]="each order is received twice without a delete; SQS's RedrivePolicy moves it to orders-dlq"
+  [pubsub]="each order is nacked 5 times; Pub/Sub's dead-letter policy forwards it to topic orders-dead"
+  [servicebus]="each order is dead-lettered by its consumer, with a DeadLetterReason and description"
+)
+declare -A CLOUD=([sqs]="AWS SQS" [pubsub]="Google Cloud Pub/Sub" [servicebus]="Azure Service Bus")
+declare -A SOURCE=([sqs]="queue orders" [pubsub]="topic orders, read through subscription orders-worker" [servicebus]="queue orders")
+
+title "12 orders (3 tenants, 4 failures) fail on ${BACKENDS[*]}"
+for b in "${BACKENDS[@]}"; do
+  say "scripts/seed.py seed --backend $b   # ${HOW[$b]}"
+  python3 scripts/seed.py seed --backend "$b"
+done
 
 dlq check
 dlq list
-dlq inspect orders --limit 5
-dlq report orders --by reason
-dlq report orders --by pattern
-dlq inspect orders --filter 'attributes.tenant == "acme" && reason == "Timeout"' -o json
-dlq redrive orders --filter 'attributes.tenant == "acme"' --dry-run
-dlq redrive orders --filter 'attributes.tenant == "acme"' --rate 50 --yes
+
+for b in "${BACKENDS[@]}"; do
+  q=$b-orders
+  title "${CLOUD[$b]}: $q"
+  dlq inspect "$q" --limit 5
+  dlq report "$q" --by reason
+  dlq report "$q" --by pattern
+  dlq inspect "$q" --filter 'attributes.tenant == "acme" && reason == "Timeout"' -o json
+  dlq redrive "$q" --filter 'attributes.tenant == "acme"' --dry-run
+  dlq redrive "$q" --filter 'attributes.tenant == "acme"' --rate 50 --yes
+  dlq export "$q" --filter 'reason == "ValidationError"' --to "/tmp/dlq-bridge-demo/$b-validation.jsonl"
+  dlq purge "$q" --filter 'reason == "ValidationError"' --backup "/tmp/dlq-bridge-demo/$b-purged.jsonl" --yes
+  dlq report "$q" --by pattern
+done
+
+title "afterwards"
 dlq list --sample 0
 dlq runs
-dlq export orders --filter 'reason == "ValidationError"' --to /tmp/dlq-bridge-demo/validation.jsonl
-dlq purge orders --filter 'reason == "ValidationError"' --backup /tmp/dlq-bridge-demo/purged.jsonl --yes
-dlq report orders --by pattern
 
-say "what arrived back on the source queue"
-python3 - <<'PY'
-import os, boto3
-sqs = boto3.client("sqs", endpoint_url=os.environ["AWS_ENDPOINT_URL_SQS"], region_name="us-east-1")
-url = sqs.get_queue_url(QueueName="orders")["QueueUrl"]
-seen = []
-while True:
-    got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, MessageAttributeNames=["All"], WaitTimeSeconds=1)
-    msgs = got.get("Messages", [])
-    if not msgs:
-        break
-    for m in msgs:
-        a = m["MessageAttributes"]
-        seen.append((a["tenant"]["StringValue"], a["dlq-bridge-redrive-count"]["StringValue"], m["Body"]))
-for tenant, count, body in sorted(seen):
-    print(f"  tenant={tenant} redrive-count={count} {body}")
-tenants = {t for t, _, _ in seen}
-assert tenants == {"acme"} and len(seen) == 4, f"expected the 4 acme orders only, got {seen}"
-print(f"\nok: {len(seen)} messages moved, all tenant=acme; the other tenants' messages stay in orders-dlq")
-PY
-if [[ $KEEP == --keep ]]; then
+for b in "${BACKENDS[@]}"; do
+  say "scripts/seed.py source --backend $b --tenant acme   # what arrived back on ${SOURCE[$b]}"
+  python3 scripts/seed.py source --backend "$b" --tenant acme
+done
+
+if [[ -n $KEEP ]]; then
   echo
-  echo "The emulator is still running. To explore:"
-  echo "  eval \"\$(scripts/emulators.sh env sqs)\"; $BIN --config $CONFIG list"
-  echo "  scripts/emulators.sh stop sqs"
+  echo "The emulators are still running. To explore:"
+  echo "  eval \"\$(scripts/emulators.sh env ${BACKENDS[*]})\"; $BIN --config $CONFIG list"
+  echo "  scripts/emulators.sh stop ${BACKENDS[*]}"
 fi

@@ -92,7 +92,11 @@ servicebus_emulator_bin() {
   echo "$target/debug/servicebus-emulator"
 }
 
-port_5672_free() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 5672))' 2>/dev/null; }
+# With SO_REUSEADDR, as the emulator binds (tokio sets it): a listener makes
+# this fail, but the TIME_WAIT connections a previous run leaves for a minute do not.
+port_5672_free() {
+  python3 -c 'import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 5672))' 2>/dev/null
+}
 
 start_one() {
   local name=$1 port pid
