@@ -5,6 +5,7 @@ pub mod alert;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod filter;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -36,10 +36,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/queues/{queue}/report", get(report))
         .route("/v1/queues/{queue}/redrive", post(redrive))
         .route("/v1/runs/{id}", get(run))
+        .merge(crate::dashboard::api::routes())
+        .merge(crate::dashboard::routes(app.registry.config().serve.dashboard.enabled))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), crate::dashboard::guard))
         .with_state(app)
 }
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -58,7 +61,7 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &app.token else { return Ok(()) };
     let given = headers
         .get(header::AUTHORIZATION)
