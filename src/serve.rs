@@ -209,7 +209,7 @@ impl App {
                 v
             })
             .collect();
-        out.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        out.sort_by_key(|v| std::cmp::Reverse(v.started_at));
         out
     }
 

@@ -38,7 +38,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/runs/{id}", get(run))
         .merge(crate::dashboard::api::routes())
         .merge(crate::dashboard::routes(app.registry.config().serve.dashboard.enabled))
-        .layer(axum::middleware::from_fn_with_state(app.clone(), crate::dashboard::guard))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            crate::dashboard::guard,
+        ))
         .with_state(app)
 }
 

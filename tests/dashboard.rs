@@ -31,7 +31,11 @@ fn renamed(config: Config, name: &str) -> QueueConfig {
 fn order(i: usize, tenant: &str, reason: &str, description: &str) -> TestMessage {
     TestMessage {
         body: format!(r#"{{"order":"ord-{i}","tenant":"{tenant}","total":{}.50}}"#, 10 + i * 7).into_bytes(),
-        attributes: attrs(&[("error", reason), ("error_description", description), ("tenant", tenant)]),
+        attributes: attrs(&[
+            ("error", reason),
+            ("error_description", description),
+            ("tenant", tenant),
+        ]),
         ordering_key: None,
     }
 }
@@ -53,7 +57,11 @@ fn screenshots_dir() -> PathBuf {
     let dir = match std::env::var_os("DLQ_BRIDGE_SCREENSHOTS_DIR") {
         Some(d) => {
             let d = PathBuf::from(d);
-            if d.is_absolute() { d } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(d) }
+            if d.is_absolute() {
+                d
+            } else {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(d)
+            }
         }
         None => PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots"),
     };
@@ -130,7 +138,11 @@ async fn dashboard_in_headless_chromium_lists_filters_and_redrives() {
         assert!(text.contains("Timeout"), "{q}: top reasons shown: {text}");
     }
     b.wait("#queues tr.firing[data-queue='orders']").await;
-    assert!(b.text_of("#queues tr[data-queue='orders']").await.contains("orders-depth"));
+    assert!(
+        b.text_of("#queues tr[data-queue='orders']")
+            .await
+            .contains("orders-depth")
+    );
     assert!(b.find("#queues tr.firing[data-queue='payments']").await.is_none());
     // The page refreshes by itself: two more payments fail, and the depth
     // and its sparkline follow without a reload.
@@ -154,7 +166,11 @@ async fn dashboard_in_headless_chromium_lists_filters_and_redrives() {
     b.click(&b.wait("#token-save").await).await;
     b.click(&b.wait("#queues tr[data-queue='orders'] a").await).await;
     let err = b.wait("#messages-error").await;
-    assert!(b.text(&err).await.contains("wrong bearer token"), "{}", b.text(&err).await);
+    assert!(
+        b.text(&err).await.contains("wrong bearer token"),
+        "{}",
+        b.text(&err).await
+    );
     assert!(b.text_of("#banner").await.contains("refused the token"));
     b.click(&b.wait("#tab-actions").await).await;
     b.click(&b.wait("#redrive-dry-run").await).await;
@@ -181,10 +197,14 @@ async fn dashboard_in_headless_chromium_lists_filters_and_redrives() {
     assert!(b.text_of("#filter-error").await.contains('^'));
     b.clear(&filter).await;
     b.type_text(&filter, "tenant == \"acme\"").await;
-    b.wait_until("an unknown variable with its position", Duration::from_secs(10), || async {
-        let t = b.text_of("#filter-error").await;
-        t.contains("unknown variable `tenant`") && t.contains("line 1, column 1")
-    })
+    b.wait_until(
+        "an unknown variable with its position",
+        Duration::from_secs(10),
+        || async {
+            let t = b.text_of("#filter-error").await;
+            t.contains("unknown variable `tenant`") && t.contains("line 1, column 1")
+        },
+    )
     .await;
     // A valid filter narrows the list.
     b.clear(&filter).await;
@@ -272,7 +292,10 @@ async fn dashboard_assets_and_api_rules() {
         let r = http.get(format!("{}{path}", serve.url)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
         let csp = r.headers()["content-security-policy"].to_str().unwrap().to_string();
-        assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+            "{csp}"
+        );
         assert!(!csp.contains("unsafe"), "{csp}");
         if path != "/ui" {
             total += r.bytes().await.unwrap().len();
@@ -363,7 +386,10 @@ async fn dashboard_assets_and_api_rules() {
         if view["status"] != "running" {
             break view;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "purge did not finish: {view}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "purge did not finish: {view}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(view["status"], "finished", "{view}");
@@ -377,7 +403,12 @@ async fn dashboard_assets_and_api_rules() {
     // The runs list has it, with its trigger.
     let (_, text) = serve.get("/v1/runs").await;
     let runs: Value = serde_json::from_str(&text).unwrap();
-    let run = runs.as_array().unwrap().iter().find(|r| r["run_id"] == id.as_str()).unwrap();
+    let run = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run_id"] == id.as_str())
+        .unwrap();
     assert_eq!(run["trigger"], "api");
     assert_eq!(run["progress"]["settled"], 1);
 

@@ -127,10 +127,7 @@ fn word_position(source: &str, word: &str) -> Option<(usize, usize)> {
             None => {
                 let before_ok = i == 0 || !(ident(chars[i - 1]) || chars[i - 1] == '.');
                 let after = i + w.len();
-                if before_ok
-                    && chars[i..].starts_with(&w)
-                    && (after >= chars.len() || !ident(chars[after]))
-                {
+                if before_ok && chars[i..].starts_with(&w) && (after >= chars.len() || !ident(chars[after])) {
                     return Some((line, col));
                 }
             }
@@ -204,9 +201,8 @@ async fn runs(State(app): State<Arc<App>>, Query(q): Query<RunsQuery>) -> Result
 /// A journaled run summary in the shape of a live run view.
 fn from_summary(run: &str, s: Value) -> Value {
     let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let ok = s.get("stopped").and_then(Value::as_str) != Some("failed")
-        && n("send_failed") == 0
-        && n("settle_failed") == 0;
+    let ok =
+        s.get("stopped").and_then(Value::as_str) != Some("failed") && n("send_failed") == 0 && n("settle_failed") == 0;
     json!({
         "run_id": run,
         "queue": s.get("queue"),
@@ -397,14 +393,19 @@ async fn export(
     authorize(&app, &headers)?;
     let filter = b.filter.as_deref().filter(|f| !f.trim().is_empty());
     if b.dry_run {
-        let scan = b.max.map_or(triage::DEFAULT_PEEK_CAP, |m| m as usize).min(triage::DEFAULT_PEEK_CAP);
+        let scan = b
+            .max
+            .map_or(triage::DEFAULT_PEEK_CAP, |m| m as usize)
+            .min(triage::DEFAULT_PEEK_CAP);
         let req = triage::ReportRequest {
             by: GroupBy::Reason,
             filter,
             top: 5,
             scan,
         };
-        let r = triage::report(&app.registry, &queue, &req).await.map_err(triage_error)?;
+        let r = triage::report(&app.registry, &queue, &req)
+            .await
+            .map_err(triage_error)?;
         let matched = b.max.map_or(r.matched, |m| r.matched.min(m));
         return Ok(Json(json!({
             "dry_run": true,
@@ -435,8 +436,14 @@ mod tests {
 
     #[test]
     fn unknown_variable_position_skips_strings_and_fields() {
-        assert_eq!(word_position("reason == \"tenant\" && tenant == 1", "tenant"), Some((1, 23)));
-        assert_eq!(word_position("attributes.tenant == 1\n|| tenant", "tenant"), Some((2, 4)));
+        assert_eq!(
+            word_position("reason == \"tenant\" && tenant == 1", "tenant"),
+            Some((1, 23))
+        );
+        assert_eq!(
+            word_position("attributes.tenant == 1\n|| tenant", "tenant"),
+            Some((2, 4))
+        );
         assert_eq!(word_position("tenants", "tenant"), None);
     }
 }

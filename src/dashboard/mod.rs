@@ -43,8 +43,14 @@ pub fn routes(enabled: bool) -> Router<Arc<App>> {
     r.route("/", get(index))
         .route("/ui", get(index))
         .route("/ui/", get(index))
-        .route("/ui/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
-        .route("/ui/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
+        .route(
+            "/ui/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/ui/app.css",
+            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
         .route("/ui/favicon.svg", get(|| async { asset("image/svg+xml", FAVICON_SVG) }))
 }
 
@@ -98,7 +104,7 @@ pub async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
     next.run(req).await
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: impl axum::http::header::AsHeaderName) -> Option<&'a str> {
+fn header_str(h: &HeaderMap, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -164,7 +170,10 @@ mod tests {
             ("host", "127.0.0.1:9090"),
             ("origin", "http://evil.example"),
         ])));
-        assert!(!same_origin(&headers(&[("host", "127.0.0.1:9090"), ("origin", "null")])));
+        assert!(!same_origin(&headers(&[
+            ("host", "127.0.0.1:9090"),
+            ("origin", "null")
+        ])));
         assert!(!same_origin(&headers(&[
             ("host", "127.0.0.1:9090"),
             ("sec-fetch-site", "cross-site"),
@@ -177,10 +186,22 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for ok in ["127.0.0.1:9090", "localhost:1", "LOCALHOST", "[::1]:80", "app.localhost:3", "127.5.0.1"] {
+        for ok in [
+            "127.0.0.1:9090",
+            "localhost:1",
+            "LOCALHOST",
+            "[::1]:80",
+            "app.localhost:3",
+            "127.5.0.1",
+        ] {
             assert!(host_is_loopback(&headers(&[("host", ok)])), "{ok}");
         }
-        for bad in ["evil.example:9090", "10.0.0.1:9090", "[::2]:1", "localhost.evil.example"] {
+        for bad in [
+            "evil.example:9090",
+            "10.0.0.1:9090",
+            "[::2]:1",
+            "localhost.evil.example",
+        ] {
             assert!(!host_is_loopback(&headers(&[("host", bad)])), "{bad}");
         }
     }

@@ -62,9 +62,12 @@ fn start_driver(chromedriver: &str) -> (Driver, u16) {
             }
         }
     });
-    let port = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| panic!("chromedriver did not report its port within 30 s; log {}", log.display()));
+    let port = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+        panic!(
+            "chromedriver did not report its port within 30 s; log {}",
+            log.display()
+        )
+    });
     (Driver(child), port)
 }
 
@@ -172,7 +175,8 @@ impl Browser {
     }
 
     pub async fn goto(&self, url: &str) {
-        self.cmd(reqwest::Method::POST, "/url", Some(json!({ "url": url }))).await;
+        self.cmd(reqwest::Method::POST, "/url", Some(json!({ "url": url })))
+            .await;
     }
 
     pub async fn find(&self, css: &str) -> Option<Element> {
@@ -237,13 +241,21 @@ impl Browser {
     }
 
     pub async fn click(&self, e: &Element) {
-        self.cmd(reqwest::Method::POST, &format!("/element/{}/click", e.0), Some(json!({})))
-            .await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{}/click", e.0),
+            Some(json!({})),
+        )
+        .await;
     }
 
     pub async fn clear(&self, e: &Element) {
-        self.cmd(reqwest::Method::POST, &format!("/element/{}/clear", e.0), Some(json!({})))
-            .await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{}/clear", e.0),
+            Some(json!({})),
+        )
+        .await;
     }
 
     /// Type into an element, key by key, as a user does.
@@ -273,10 +285,14 @@ impl Browser {
     }
 
     pub async fn attr(&self, e: &Element, name: &str) -> Option<String> {
-        self.try_cmd(reqwest::Method::GET, &format!("/element/{}/attribute/{name}", e.0), None)
-            .await
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
+        self.try_cmd(
+            reqwest::Method::GET,
+            &format!("/element/{}/attribute/{name}", e.0),
+            None,
+        )
+        .await
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
     }
 
     pub async fn page_text(&self) -> String {
