@@ -260,14 +260,34 @@ async fn dashboard_in_headless_chromium_lists_filters_and_redrives() {
     }
     assert_eq!(sqs.dlq_count().await, 3, "the others stayed in the DLQ");
 
-    // Runs: the dry run and the redrive, started from the API.
+    // Export then purge the schema error the same way: dry run, confirm, summary.
+    let filter = b.wait("#filter").await;
+    b.clear(&filter).await;
+    b.type_text(&filter, "reason == \"SchemaMismatch\"").await;
+    b.click(&b.wait("#export-dry-run").await).await;
+    assert_eq!(b.text(&b.wait("#export-dry-result .match-count").await).await, "1");
+    b.click(&b.wait("#export-confirm").await).await;
+    let exported = b.text(&b.wait("#export-summary").await).await;
+    assert!(exported.starts_with("Exported 1 of"), "{exported}");
+    b.click(&b.wait("#purge-dry-run").await).await;
+    assert_eq!(b.text(&b.wait("#purge-dry-result .match-count").await).await, "1");
+    assert_eq!(sqs.dlq_count().await, 3, "a purge dry run deletes nothing");
+    b.click(&b.wait("#purge-confirm").await).await;
+    let summary = b.text(&b.wait("#purge-summary").await).await;
+    assert!(summary.contains("backup"), "{summary}");
+    let status = b.wait("#purge-status[data-status]").await;
+    assert_eq!(b.attr(&status, "data-status").await.as_deref(), Some("finished"));
+    assert_eq!(sqs.dlq_count().await, 2, "exactly the schema error was purged");
+
+    // Runs: the dry runs, the redrive and the purge, started from the API.
     b.goto(&format!("{}/#/runs", serve.url)).await;
-    b.wait_until("two runs listed", Duration::from_secs(20), || async {
-        b.find_all("#runs tbody tr.run").await.len() >= 2
+    b.wait_until("four runs listed", Duration::from_secs(20), || async {
+        b.find_all("#runs tbody tr.run").await.len() >= 4
     })
     .await;
     let runs = b.text_of("#runs").await;
     assert!(runs.contains("redrive (dry run)") && runs.contains("api"), "{runs}");
+    assert!(runs.contains("purge (dry run)") && runs.contains("purge"), "{runs}");
     assert!(runs.contains("attributes.tenant == \"acme\""), "{runs}");
 
     let console = b.console().await;

@@ -113,7 +113,7 @@ impl Browser {
                 "args": [
                     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--window-size=1360,900",
+                    "--disable-dev-shm-usage", "--window-size=1360,1000",
                     format!("--user-data-dir={}", profile.display()),
                 ],
             },
