@@ -303,6 +303,9 @@ async fn dashboard_assets_and_api_rules() {
     config.queues = vec![renamed(sqs.config(), "orders")];
     config.queues[0].poll_interval = Some(Duration::from_secs(3600));
     config.serve.listen = "{listen}".into();
+    // Kept across the restart below, whose runs list then comes from the journal.
+    config.serve.data_dir =
+        Some(std::env::temp_dir().join(format!("dlqb-dashboard-{}", uuid::Uuid::new_v4().simple())));
     let serve = Serve::start(&serde_yaml::to_string(&config).unwrap()).await;
     let http = reqwest::Client::new();
 
@@ -439,4 +442,13 @@ async fn dashboard_assets_and_api_rules() {
     let serve = Serve::start(&serde_yaml::to_string(&off).unwrap()).await;
     assert_eq!(serve.get("/").await.0, 404);
     assert_eq!(serve.get("/v1/queues").await.0, 200);
+    // A new process lists the earlier purge from the audit journal.
+    let (_, text) = serve.get("/v1/runs").await;
+    let runs: Value = serde_json::from_str(&text).unwrap();
+    let run = runs.as_array().unwrap().iter().find(|r| r["run_id"] == id.as_str());
+    let run = run.unwrap_or_else(|| panic!("run {id} in the journal: {runs}"));
+    assert_eq!(run["status"], "finished", "{run}");
+    assert_eq!(run["trigger"], "api", "{run}");
+    assert_eq!(run["action"], "purge", "{run}");
+    assert_eq!(run["progress"]["settled"], 1, "{run}");
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::filter::{Filter, FilterError};
-use crate::journal::{Record, read_all_records};
+use crate::journal::Record;
 use crate::output::MessageView;
 use crate::redrive::{Action, Backup, Trigger};
 use crate::registry::RedriveRequest;
@@ -179,23 +179,93 @@ async fn runs(State(app): State<Arc<App>>, Query(q): Query<RunsQuery>) -> Result
     if let Some(j) = app.journal() {
         let path = j.path().to_owned();
         let keep = app.registry.config().redrive.journal_keep;
-        let records = tokio::task::spawn_blocking(move || read_all_records(&path, keep))
+        let finished = tokio::task::spawn_blocking(move || journal_runs(&path, keep))
             .await
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        for r in records.into_iter().rev() {
-            let Record::RunFinished { run, summary, .. } = r else {
-                continue;
-            };
-            if !seen.insert(run.clone()) {
-                continue;
+        for (run, summary) in finished.iter().rev() {
+            if seen.insert(run.clone()) {
+                out.push(from_summary(run, summary.clone()));
             }
-            out.push(from_summary(&run, summary));
         }
     }
     out.sort_by(|a, b| b["started_at"].as_str().cmp(&a["started_at"].as_str()));
     out.truncate(limit);
     Ok(Json(out).into_response())
+}
+
+/// Finished runs kept from the journal, newest last.
+const JOURNAL_RUNS_KEPT: usize = 1000;
+/// A sidecar's journal holds a record per message moved (tens of MB before
+/// it rotates), so the runs list is not re-read on every page refresh: at
+/// most this often, and only when a journal file changed.
+const JOURNAL_RESCAN: Duration = Duration::from_secs(15);
+
+type FileStamp = (std::path::PathBuf, u64, Option<std::time::SystemTime>);
+
+struct JournalRuns {
+    stamps: Vec<FileStamp>,
+    scanned: std::time::Instant,
+    runs: Arc<Vec<(String, Value)>>,
+}
+
+static JOURNAL_RUNS: std::sync::Mutex<Option<JournalRuns>> = std::sync::Mutex::new(None);
+
+/// The `run_finished` summaries of a journal and its rotated files, oldest
+/// first. Only lines that name that event are parsed.
+fn journal_runs(path: &std::path::Path, keep: usize) -> Result<Arc<Vec<(String, Value)>>, std::io::Error> {
+    use std::io::BufRead;
+    let mut files: Vec<std::path::PathBuf> = (1..=keep.max(1))
+        .rev()
+        .map(|k| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".{k}"));
+            std::path::PathBuf::from(name)
+        })
+        .collect();
+    files.push(path.to_owned());
+    let stamps: Vec<FileStamp> = files
+        .iter()
+        .filter_map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .map(|m| (f.clone(), m.len(), m.modified().ok()))
+        })
+        .collect();
+    let mut cache = JOURNAL_RUNS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = cache.as_ref()
+        && (c.stamps == stamps || c.scanned.elapsed() < JOURNAL_RESCAN)
+    {
+        return Ok(c.runs.clone());
+    }
+    let mut runs = std::collections::VecDeque::new();
+    for (file, _, _) in &stamps {
+        let f = match std::fs::File::open(file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for line in std::io::BufReader::new(f).lines() {
+            let line = line?;
+            if !line.contains("\"run_finished\"") {
+                continue;
+            }
+            // A torn last line (a crash mid-write) is skipped, as the journal does.
+            if let Ok(Record::RunFinished { run, summary, .. }) = serde_json::from_str(&line) {
+                runs.push_back((run, summary));
+                if runs.len() > JOURNAL_RUNS_KEPT {
+                    runs.pop_front();
+                }
+            }
+        }
+    }
+    let runs = Arc::new(Vec::from(runs));
+    *cache = Some(JournalRuns {
+        stamps,
+        scanned: std::time::Instant::now(),
+        runs: runs.clone(),
+    });
+    Ok(runs)
 }
 
 /// A journaled run summary in the shape of a live run view.
