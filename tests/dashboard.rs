@@ -290,7 +290,19 @@ async fn dashboard_in_headless_chromium_lists_filters_and_redrives() {
     assert!(runs.contains("purge (dry run)") && runs.contains("purge"), "{runs}");
     assert!(runs.contains("attributes.tenant == \"acme\""), "{runs}");
 
+    // The log is really captured: a probe line and the provoked 401s are in it.
+    b.script("console.info('dashboard-console-probe'); return 1").await;
     let console = b.console().await;
+    let has = |needle: &str| {
+        console
+            .iter()
+            .any(|e| e["message"].as_str().unwrap_or("").contains(needle))
+    };
+    assert!(
+        has("dashboard-console-probe"),
+        "the browser log is captured: {console:#?}"
+    );
+    assert!(has("401"), "the wrong token's refusals are in the log: {console:#?}");
     let errors = console_errors(&console);
     assert!(errors.is_empty(), "browser console errors: {errors:#?}");
 }

@@ -371,7 +371,7 @@
 
     panes.actions.append(
       actionCard("redrive", "Redrive", "Move the matching messages back to their source (or to a destination).", [
-        ["to", "Destination (optional)", "text", "source queue / topic"], ["rate", "Rate (msg/s)", "number", ""], ["max", "Cap (messages)", "number", ""]]),
+        ["to", "Destination", "text", "default: each message's source"], ["rate", "Rate (msg/s)", "number", ""], ["max", "Cap (messages)", "number", ""]]),
       actionCard("purge", "Purge", "Delete the matching messages, each written to a backup file first (unless unticked).", [
         ["older_than", "Older than", "text", "e.g. 7d"], ["rate", "Rate (msg/s)", "number", ""], ["max", "Cap (messages)", "number", ""],
         ["backup", "Backup file", "checkbox", ""]]),
