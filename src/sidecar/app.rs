@@ -3,6 +3,7 @@
 //! the API or a schedule.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::journal::Journal;
-use crate::engine::redrive::{Engine, Progress, RunSummary, Trigger};
+use crate::engine::redrive::{Engine, Progress, RedrivePlan, RunSummary, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry, RegistryError};
 use crate::sidecar::metrics::Metrics;
 use crate::sidecar::poller::StatusCache;
@@ -35,6 +36,10 @@ pub struct RunView {
     pub run_id: String,
     pub queue: String,
     pub trigger: Trigger,
+    /// `redrive` or `purge`.
+    pub action: &'static str,
+    pub filter: String,
+    pub dry_run: bool,
     pub status: RunStatus,
     pub started_at: DateTime<Utc>,
     pub progress: ProgressView,
@@ -74,6 +79,8 @@ pub struct App {
     pub cache: Arc<StatusCache>,
     pub metrics: Arc<Metrics>,
     pub token: Option<String>,
+    /// Where purges started over HTTP write their backups and exports their files.
+    pub data_dir: Option<PathBuf>,
     pub(super) journal: Option<Arc<Journal>>,
     pub(super) runs: Mutex<HashMap<String, RunEntry>>,
     pub(super) finished_order: Mutex<VecDeque<String>>,
@@ -97,6 +104,13 @@ impl App {
         trigger: Trigger,
     ) -> Result<String, RegistryError> {
         let plan = self.registry.plan(queue, &req, trigger).await?;
+        self.start_planned(plan).await
+    }
+
+    /// Start a planned run (a redrive, or a purge when `plan.action` says so)
+    /// in the background and return its ID.
+    pub async fn start_planned(self: &Arc<Self>, plan: RedrivePlan) -> Result<String, RegistryError> {
+        let queue = plan.queue.as_str();
         let backend = self.registry.backend(queue).await?;
         let mut engine = Engine::new(backend).with_cancel(self.shutdown.child_token());
         if let Some(j) = &self.journal {
@@ -110,7 +124,10 @@ impl App {
                 view: RunView {
                     run_id: run_id.clone(),
                     queue: queue.to_string(),
-                    trigger,
+                    trigger: plan.trigger,
+                    action: plan.action.name(),
+                    filter: plan.filter.source().to_string(),
+                    dry_run: plan.dry_run,
                     status: RunStatus::Running,
                     started_at: Utc::now(),
                     progress: ProgressView::from(&*progress),
@@ -176,6 +193,27 @@ impl App {
             }
             v
         })
+    }
+
+    /// Every run this process still remembers (running and recently finished).
+    pub async fn run_views(&self) -> Vec<RunView> {
+        let runs = self.runs.lock().await;
+        let mut out: Vec<RunView> = runs
+            .values()
+            .map(|e| {
+                let mut v = e.view.clone();
+                if v.status == RunStatus::Running {
+                    v.progress = ProgressView::from(&*e.progress);
+                }
+                v
+            })
+            .collect();
+        out.sort_by_key(|v| std::cmp::Reverse(v.started_at));
+        out
+    }
+
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
     }
 
     /// Wait for runs to finish after shutdown was signalled.

@@ -33,6 +33,8 @@ pub struct Metrics {
     pattern_messages: Family<Labels, Gauge>,
     patterns_exported: Mutex<HashMap<String, Vec<String>>>,
     retention_expired: Family<Labels, Gauge>,
+    /// (queue, rule) pairs firing now, for the dashboard's overview.
+    firing: Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -60,6 +62,7 @@ impl Metrics {
             pattern_messages: Family::default(),
             patterns_exported: Mutex::new(HashMap::new()),
             retention_expired: Family::default(),
+            firing: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -147,6 +150,17 @@ impl Metrics {
         self.alerts_firing
             .get_or_create(&labels(&[("queue", queue), ("rule", rule)]))
             .set(i64::from(firing));
+        let mut set = self.firing.lock().expect("metrics lock");
+        if firing {
+            set.insert((queue.to_string(), rule.to_string()));
+        } else {
+            set.remove(&(queue.to_string(), rule.to_string()));
+        }
+    }
+
+    /// The (queue, rule) pairs firing now.
+    pub fn firing(&self) -> Vec<(String, String)> {
+        self.firing.lock().expect("metrics lock").iter().cloned().collect()
     }
 
     /// Export the top reasons of a sample; `counts` is sorted, most frequent first.

@@ -9,6 +9,8 @@
 pub mod alert;
 pub mod api;
 pub mod app;
+pub mod dashboard;
+pub mod guard;
 pub mod leader;
 pub mod metrics;
 pub mod poller;

@@ -23,6 +23,11 @@ use crate::model::{DlqMessage, DlqStats};
 use crate::sidecar::metrics::Metrics;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Depth history kept per queue for the dashboard's sparklines: points older
+/// than this are dropped, and at most `HISTORY_POINTS` are kept (runs of equal
+/// depths are merged, so an idle queue costs a couple of points).
+const HISTORY_SPAN: Duration = Duration::from_secs(6 * 3600);
+const HISTORY_POINTS: usize = 360;
 
 /// The latest known state of one queue, as `/v1/queues` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +63,9 @@ pub struct StatusCache {
     /// Messages our own redrives removed since the last poll, per queue, so
     /// that arrivals count a burst drained between two polls.
     removed: std::sync::Mutex<HashMap<String, Arc<AtomicU64>>>,
+    /// Depth over time per queue: (unix seconds, depth), oldest first. u32s
+    /// keep a full history at 8 bytes a point.
+    history: std::sync::Mutex<HashMap<String, std::collections::VecDeque<(u32, u32)>>>,
 }
 
 impl StatusCache {
@@ -85,6 +93,34 @@ impl StatusCache {
             .entry(queue.to_string())
             .or_default()
             .clone()
+    }
+
+    /// The depth history of every queue that has one: (unix seconds, depth).
+    pub fn history(&self) -> HashMap<String, Vec<(u32, u32)>> {
+        self.history
+            .lock()
+            .expect("cache lock")
+            .iter()
+            .map(|(q, h)| (q.clone(), h.iter().copied().collect()))
+            .collect()
+    }
+
+    fn record_depth(&self, queue: &str, at: DateTime<Utc>, depth: u64) {
+        let t = u32::try_from(at.timestamp()).unwrap_or(u32::MAX);
+        let d = u32::try_from(depth).unwrap_or(u32::MAX);
+        let mut all = self.history.lock().expect("cache lock");
+        let h = all.entry(queue.to_string()).or_default();
+        // A third equal point in a row only moves the second one forward.
+        let n = h.len();
+        if n >= 2 && h[n - 1].1 == d && h[n - 2].1 == d {
+            h[n - 1].0 = t;
+        } else {
+            h.push_back((t, d));
+        }
+        let oldest = t.saturating_sub(HISTORY_SPAN.as_secs() as u32);
+        while h.len() > HISTORY_POINTS || h.front().is_some_and(|p| p.0 < oldest) {
+            h.pop_front();
+        }
     }
 
     /// Record messages a redrive removed from `queue`.
@@ -210,6 +246,7 @@ impl Poller {
             stats.oldest_age = Some(msgs.iter().filter_map(|m| m.age(now)).max().unwrap_or_default());
         }
         let top = reason_counts(msgs);
+        self.cache.record_depth(queue, now, stats.depth);
         self.metrics
             .set_depth(queue, backend, stats.depth, stats.oldest_age.map(|d| d.as_secs_f64()));
         self.metrics.add_arrivals(queue, backend, arrivals);

@@ -24,6 +24,7 @@ use crate::sidecar::app::{App, RunStatus};
 use crate::sidecar::leader::{self, Leadership};
 use crate::sidecar::metrics::Metrics;
 use crate::sidecar::poller::{AdminLimits, PollResult, Poller, StatusCache};
+use crate::sidecar::{dashboard, guard};
 
 /// Run the sidecar until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -89,6 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cache: cache.clone(),
         metrics: metrics.clone(),
         token,
+        data_dir: data_dir.clone(),
         journal,
         runs: Mutex::new(HashMap::new()),
         finished_order: Mutex::new(VecDeque::new()),
@@ -132,7 +134,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down: no new leases, finishing in-flight batches");
         signal.cancel();
     });
-    let router = crate::sidecar::api::router(app.clone());
+    let router = crate::sidecar::api::routes()
+        .merge(dashboard::api::routes())
+        .merge(dashboard::routes(config.serve.dashboard.enabled))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), guard::guard))
+        .with_state(app.clone());
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;

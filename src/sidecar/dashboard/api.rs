@@ -1,0 +1,519 @@
+//! The API endpoints the dashboard needs beyond the original ones, in the same
+//! style and under the same rules: reads of message content and every
+//! mutating call need the bearer token when one is configured; errors are
+//! `{"error": "..."}`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::engine::journal::Record;
+use crate::engine::redrive::{Action, Backup, Trigger};
+use crate::engine::registry::RedriveRequest;
+use crate::engine::triage::{self, GroupBy, TriageError};
+use crate::filter::{Filter, FilterError};
+use crate::output::MessageView;
+use crate::sidecar::api::{ApiError, authorize};
+use crate::sidecar::app::App;
+
+/// Messages one browse reads at most (as `/messages`).
+const MAX_SCAN: usize = 1000;
+/// Runs `/v1/runs` returns by default, newest first.
+const DEFAULT_RUNS: usize = 100;
+
+pub fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/filter/check", get(check_filter))
+        .route("/v1/history", get(history))
+        .route("/v1/alerts", get(alerts))
+        .route("/v1/runs", get(runs))
+        .route("/v1/queues/{queue}/browse", get(browse))
+        .route("/v1/queues/{queue}/purge", post(purge))
+        .route("/v1/queues/{queue}/export", post(export))
+}
+
+fn bad_request(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, e.to_string())
+}
+
+fn triage_error(e: TriageError) -> ApiError {
+    match e {
+        TriageError::Registry(e) => e.into(),
+        e if e.is_usage() => bad_request(e),
+        e => ApiError(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+/// What the page needs to know before it asks anything else.
+async fn info(State(app): State<Arc<App>>) -> Response {
+    let cfg = app.registry.config();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "token_required": app.token.is_some(),
+        "show_bodies": cfg.serve.dashboard.show_bodies,
+        "queues": cfg.queues.iter().map(|q| json!({"queue": q.name, "backend": q.kind.backend_name()})).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct CheckQuery {
+    filter: Option<String>,
+}
+
+/// Compile a filter and say where it is wrong, reading nothing. Always 200:
+/// the answer is the verdict (`valid`), with the 1-based `line` and `column`
+/// of the error when it has a position.
+async fn check_filter(Query(q): Query<CheckQuery>) -> Response {
+    let source = q.filter.unwrap_or_default();
+    if source.trim().is_empty() {
+        return Json(json!({ "valid": true })).into_response();
+    }
+    match Filter::compile(&source) {
+        Ok(_) => Json(json!({ "valid": true })).into_response(),
+        Err(e) => {
+            let (line, column, message) = match &e {
+                FilterError::Syntax {
+                    line, column, message, ..
+                } => (Some(*line), Some(*column), message.clone()),
+                FilterError::UnknownVariable { name } => match word_position(&source, name) {
+                    Some((l, c)) => (Some(l), Some(c), format!("unknown variable `{name}`")),
+                    None => (None, None, format!("unknown variable `{name}`")),
+                },
+                FilterError::TooComplex(m) => (None, None, m.clone()),
+            };
+            Json(json!({
+                "valid": false,
+                "error": e.to_string(),
+                "message": message,
+                "line": line,
+                "column": column,
+            }))
+            .into_response()
+        }
+    }
+}
+
+/// The 1-based line and column of the first occurrence of `word` as a whole
+/// identifier outside string literals.
+fn word_position(source: &str, word: &str) -> Option<(usize, usize)> {
+    let chars: Vec<char> = source.chars().collect();
+    let w: Vec<char> = word.chars().collect();
+    let ident = |c: char| c.is_alphanumeric() || c == '_';
+    let (mut line, mut col, mut quote) = (1, 1, None::<char>);
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match quote {
+            Some(q) if c == '\\' => {
+                let _ = q;
+                i += 1;
+                col += 1;
+            }
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None => {
+                let before_ok = i == 0 || !(ident(chars[i - 1]) || chars[i - 1] == '.');
+                let after = i + w.len();
+                if before_ok && chars[i..].starts_with(&w) && (after >= chars.len() || !ident(chars[after])) {
+                    return Some((line, col));
+                }
+            }
+        }
+        if c == '\n' {
+            line += 1;
+            col = 1;
+        } else {
+            col += 1;
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Depth over the last hours, per queue: `{"queue": [[unix_seconds, depth], ...]}`.
+async fn history(State(app): State<Arc<App>>) -> Response {
+    Json(app.cache.history()).into_response()
+}
+
+/// Alert rules firing now: `[{"queue", "rule"}]`. Every replica evaluates the
+/// rules (only the leader notifies), so any replica can answer.
+async fn alerts(State(app): State<Arc<App>>) -> Response {
+    let firing: Vec<Value> = app
+        .metrics
+        .firing()
+        .into_iter()
+        .map(|(queue, rule)| json!({ "queue": queue, "rule": rule }))
+        .collect();
+    Json(firing).into_response()
+}
+
+#[derive(Deserialize)]
+struct RunsQuery {
+    limit: Option<usize>,
+}
+
+/// The audit trail: runs this process knows (running ones with live
+/// progress) and every finished run in the journal, newest first, in the
+/// shape of `/v1/runs/{id}`.
+async fn runs(State(app): State<Arc<App>>, Query(q): Query<RunsQuery>) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(DEFAULT_RUNS).clamp(1, 10_000);
+    let mut out: Vec<Value> = Vec::new();
+    let mut seen = HashSet::new();
+    for v in app.run_views().await {
+        seen.insert(v.run_id.clone());
+        out.push(serde_json::to_value(&v).expect("run view serializes"));
+    }
+    if let Some(j) = app.journal() {
+        let path = j.path().to_owned();
+        let keep = app.registry.config().redrive.journal_keep;
+        let finished = tokio::task::spawn_blocking(move || journal_runs(&path, keep))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        for (run, summary) in finished.iter().rev() {
+            if seen.insert(run.clone()) {
+                out.push(from_summary(run, summary.clone()));
+            }
+        }
+    }
+    out.sort_by(|a, b| b["started_at"].as_str().cmp(&a["started_at"].as_str()));
+    out.truncate(limit);
+    Ok(Json(out).into_response())
+}
+
+/// Finished runs kept from the journal, newest last.
+const JOURNAL_RUNS_KEPT: usize = 1000;
+/// A sidecar's journal holds a record per message moved (tens of MB before
+/// it rotates), so the runs list is not re-read on every page refresh: at
+/// most this often, and only when a journal file changed.
+const JOURNAL_RESCAN: Duration = Duration::from_secs(15);
+
+type FileStamp = (std::path::PathBuf, u64, Option<std::time::SystemTime>);
+
+struct JournalRuns {
+    stamps: Vec<FileStamp>,
+    scanned: std::time::Instant,
+    runs: Arc<Vec<(String, Value)>>,
+}
+
+static JOURNAL_RUNS: std::sync::Mutex<Option<JournalRuns>> = std::sync::Mutex::new(None);
+
+/// The `run_finished` summaries of a journal and its rotated files, oldest
+/// first. Only lines that name that event are parsed.
+fn journal_runs(path: &std::path::Path, keep: usize) -> Result<Arc<Vec<(String, Value)>>, std::io::Error> {
+    use std::io::BufRead;
+    let mut files: Vec<std::path::PathBuf> = (1..=keep.max(1))
+        .rev()
+        .map(|k| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".{k}"));
+            std::path::PathBuf::from(name)
+        })
+        .collect();
+    files.push(path.to_owned());
+    let stamps: Vec<FileStamp> = files
+        .iter()
+        .filter_map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .map(|m| (f.clone(), m.len(), m.modified().ok()))
+        })
+        .collect();
+    let mut cache = JOURNAL_RUNS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = cache.as_ref()
+        && (c.stamps == stamps || c.scanned.elapsed() < JOURNAL_RESCAN)
+    {
+        return Ok(c.runs.clone());
+    }
+    let mut runs = std::collections::VecDeque::new();
+    for (file, _, _) in &stamps {
+        let f = match std::fs::File::open(file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for line in std::io::BufReader::new(f).lines() {
+            let line = line?;
+            if !line.contains("\"run_finished\"") {
+                continue;
+            }
+            // A torn last line (a crash mid-write) is skipped, as the journal does.
+            if let Ok(Record::RunFinished { run, summary, .. }) = serde_json::from_str(&line) {
+                runs.push_back((run, summary));
+                if runs.len() > JOURNAL_RUNS_KEPT {
+                    runs.pop_front();
+                }
+            }
+        }
+    }
+    let runs = Arc::new(Vec::from(runs));
+    *cache = Some(JournalRuns {
+        stamps,
+        scanned: std::time::Instant::now(),
+        runs: runs.clone(),
+    });
+    Ok(runs)
+}
+
+/// A journaled run summary in the shape of a live run view.
+fn from_summary(run: &str, s: Value) -> Value {
+    let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let ok =
+        s.get("stopped").and_then(Value::as_str) != Some("failed") && n("send_failed") == 0 && n("settle_failed") == 0;
+    json!({
+        "run_id": run,
+        "queue": s.get("queue"),
+        "trigger": s.get("trigger"),
+        "action": s.get("action").cloned().unwrap_or_else(|| json!("redrive")),
+        "filter": s.get("filter"),
+        "dry_run": s.get("dry_run"),
+        "status": if ok { "finished" } else { "failed" },
+        "started_at": s.get("started_at"),
+        "progress": {
+            "examined": n("examined"),
+            "matched": n("matched"),
+            "sent": n("sent"),
+            "settled": n("settled") + n("settled_from_journal"),
+            "failed": n("send_failed") + n("settle_failed"),
+        },
+        "summary": s,
+        "error": null,
+    })
+}
+
+#[derive(Deserialize)]
+struct BrowseQuery {
+    filter: Option<String>,
+    limit: Option<usize>,
+    /// With `key`: only messages whose report group under `by` is `key`
+    /// (how the page goes from a report row to its messages).
+    by: Option<String>,
+    key: Option<String>,
+}
+
+/// `/messages` for the page: the same read, with bodies left out unless
+/// `serve.dashboard.show_bodies` is on (`body_redacted: true`), and each
+/// message's pattern, so the page can link it to its report group.
+async fn browse(
+    State(app): State<Arc<App>>,
+    Path(queue): Path<String>,
+    Query(q): Query<BrowseQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    let filter = match q.filter.as_deref().filter(|f| !f.trim().is_empty()) {
+        Some(f) => Filter::compile(f).map_err(bad_request)?,
+        None => Filter::match_all(),
+    };
+    let group: Option<(GroupBy, String)> = match (&q.by, q.key) {
+        (Some(by), Some(key)) => Some((by.parse().map_err(bad_request)?, key)),
+        _ => None,
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_SCAN);
+    let show_bodies = app.registry.config().serve.dashboard.show_bodies;
+    let backend = app.registry.backend(&queue).await?;
+    let msgs = backend
+        .peek(MAX_SCAN)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let now = Utc::now();
+    let mut filter_errors = 0u64;
+    let mut views = Vec::new();
+    for m in &msgs {
+        match filter.matches(m, now) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(_) => {
+                filter_errors += 1;
+                continue;
+            }
+        }
+        if let Some((by, key)) = &group
+            && by.key(m) != *key
+        {
+            continue;
+        }
+        let mut v = serde_json::to_value(MessageView::new(m, now)).expect("message view serializes");
+        if let Some(o) = v.as_object_mut() {
+            if !show_bodies {
+                o.remove("body_base64");
+                o.remove("body_text");
+            }
+            o.insert("body_redacted".into(), json!(!show_bodies));
+            o.insert("pattern".into(), json!(triage::pattern_of(m)));
+        }
+        views.push(v);
+        if views.len() >= limit {
+            break;
+        }
+    }
+    Ok(Json(json!({
+        "queue": queue,
+        "true_peek": backend.capabilities().true_peek,
+        "read": msgs.len(),
+        "filter_errors": filter_errors,
+        "body_redacted": !show_bodies,
+        "messages": views,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeBody {
+    /// Required, as on the CLI: `true` purges everything.
+    filter: String,
+    /// e.g. `7d`: only messages older than this.
+    older_than: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    max: Option<u64>,
+    rate: Option<u32>,
+    /// Write each message to a backup file under `serve.data_dir/backups`
+    /// before deleting it (default true).
+    backup: Option<bool>,
+}
+
+/// `purge` as a background run (see `/redrive`): 202 with the run ID, then
+/// `/v1/runs/{id}` for progress and the summary.
+async fn purge(
+    State(app): State<Arc<App>>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    Json(b): Json<PurgeBody>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    if b.filter.trim().is_empty() {
+        return Err(bad_request("purge needs a filter (`true` purges everything)"));
+    }
+    let older_than: Option<Duration> = match b.older_than.as_deref().filter(|s| !s.trim().is_empty()) {
+        Some(s) => Some(humantime::parse_duration(s.trim()).map_err(|e| bad_request(format!("older_than: {e}")))?),
+        None => None,
+    };
+    let req = RedriveRequest {
+        filter: Some(triage::purge_filter(&b.filter, older_than)),
+        dry_run: b.dry_run,
+        rate: b.rate,
+        max: b.max,
+        ..Default::default()
+    };
+    let mut plan = app.registry.plan(&queue, &req, Trigger::Api).await?;
+    let mut backup_path = None;
+    let backup: Option<Arc<dyn Backup>> = if b.dry_run || b.backup == Some(false) {
+        None
+    } else {
+        let Some(dir) = &app.data_dir else {
+            return Err(bad_request(
+                "no data directory for the backup: set serve.data_dir, or purge with \"backup\": false",
+            ));
+        };
+        let path = dir
+            .join("backups")
+            .join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%SZ")));
+        let backend = app.registry.backend(&queue).await?;
+        let fb = triage::FileBackup::create(&path, &queue, backend).map_err(triage_error)?;
+        backup_path = Some(path);
+        Some(Arc::new(fb))
+    };
+    plan.action = Action::Discard { backup };
+    let run_id = app.start_planned(plan).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "run_id": run_id,
+            "status_url": format!("/v1/runs/{run_id}"),
+            "backup": backup_path,
+        })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportBody {
+    filter: Option<String>,
+    max: Option<u64>,
+    /// Count what would be exported (and name a few), write nothing.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `export` to a file under `serve.data_dir/exports` (bodies stay on the
+/// server: the page shows the summary and the file's path). A dry run reads
+/// the same messages and answers the match count and a sample of IDs.
+async fn export(
+    State(app): State<Arc<App>>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    Json(b): Json<ExportBody>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    let filter = b.filter.as_deref().filter(|f| !f.trim().is_empty());
+    if b.dry_run {
+        let scan = b
+            .max
+            .map_or(triage::DEFAULT_PEEK_CAP, |m| m as usize)
+            .min(triage::DEFAULT_PEEK_CAP);
+        let req = triage::ReportRequest {
+            by: GroupBy::Reason,
+            filter,
+            top: 5,
+            scan,
+        };
+        let r = triage::report(&app.registry, &queue, &req)
+            .await
+            .map_err(triage_error)?;
+        let matched = b.max.map_or(r.matched, |m| r.matched.min(m));
+        return Ok(Json(json!({
+            "dry_run": true,
+            "queue": queue,
+            "read": r.read,
+            "matched": matched,
+            "capped": r.capped,
+            "samples": r.groups.iter().map(|g| json!({"id": g.sample_id, "reason": g.key, "count": g.count})).collect::<Vec<_>>(),
+        }))
+        .into_response());
+    }
+    let Some(dir) = &app.data_dir else {
+        return Err(bad_request("no data directory for exports: set serve.data_dir"));
+    };
+    let path = dir
+        .join("exports")
+        .join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%SZ")));
+    let s = triage::export(&app.registry, &queue, &path, filter, b.max)
+        .await
+        .map_err(triage_error)?;
+    tracing::info!(%queue, written = s.written, file = %s.file.display(), trigger = %Trigger::Api, "export finished");
+    Ok(Json(s).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::word_position;
+
+    #[test]
+    fn unknown_variable_position_skips_strings_and_fields() {
+        assert_eq!(
+            word_position("reason == \"tenant\" && tenant == 1", "tenant"),
+            Some((1, 23))
+        );
+        assert_eq!(
+            word_position("attributes.tenant == 1\n|| tenant", "tenant"),
+            Some((2, 4))
+        );
+        assert_eq!(word_position("tenants", "tenant"), None);
+    }
+}
