@@ -14,16 +14,19 @@
 //!
 //! One task owns the connection, the session, the `$cbs` client, the receiver
 //! link and a `$management` client of the dead-letter queue, and serves the
-//! backend's commands in order: concurrent `lease` calls are served one after
-//! the other (the link's credit is then exact, below), while completes and
-//! abandons are applied as soon as they arrive, between two deliveries of a
-//! lease, so that the settles of one batch overlap the next lease.
+//! backend's commands as they come: concurrent `lease` calls overlap (each
+//! browses and grants its credit while earlier ones are still being received,
+//! and deliveries fill them in order), and completes and abandons are applied
+//! as soon as they arrive, between two deliveries, so that the settles of one
+//! batch overlap the next leases.
 //!
 //! ## Credit
 //! A lease first browses (`com.microsoft:peek-message`) the messages past the
-//! last one this link received, up to `max`, and grants exactly that much
-//! credit: the receive then completes without waiting, and no credit is left
-//! on the link afterwards. Credit left over would make the broker deliver a
+//! last one browsed for a lease (or received), up to `max`, and grants exactly
+//! that much more credit: the receive then completes without waiting, and no
+//! credit is left on the link afterwards. Only the last browsed message is
+//! decoded, for its sequence number: the next lease browses past it, so leases
+//! in flight together never count the same messages. Credit left over would make the broker deliver a
 //! message released later straight back to this link, where it would stay
 //! locked until its lock lapsed (a message abandoned at the end of a pass
 //! would not be seen by the next). fe2o3-amqp 0.14's drain cannot replace the
@@ -287,16 +290,20 @@ struct Actor {
     renew_at: Option<Instant>,
     /// Credit the broker may still use on the receiver link.
     credit: u32,
-    /// The sequence number after the last message received: a lease browses
-    /// from there.
-    next_sequence: i64,
+    /// Where the next lease's browse starts: after the last message browsed
+    /// for a lease (or received, whichever is further).
+    browse_from: i64,
     /// Deliveries handed to the backend and not disposed of yet: none means
     /// a new pass, which browses from the beginning again.
     handed_out: usize,
     /// Deliveries that arrived on credit left over from a lease.
     stash: Vec<Delivered>,
     pending: VecDeque<LeaseRequest>,
-    active: Option<Active>,
+    /// Leases being received, oldest first: deliveries fill them in order.
+    actives: VecDeque<Active>,
+    /// Abandons waiting until no lease is being received (see `dispose`),
+    /// with the caller to answer (none: a cancelled lease's deliveries).
+    deferred: Vec<(Vec<DeliveryInfo>, Option<Reply<()>>)>,
 }
 
 impl Actor {
@@ -358,11 +365,12 @@ impl Actor {
             mgmt,
             renew_at,
             credit: 0,
-            next_sequence: 1,
+            browse_from: 1,
             handed_out: 0,
             stash: Vec::new(),
             pending: VecDeque::new(),
-            active: None,
+            actives: VecDeque::new(),
+            deferred: Vec::new(),
         })
     }
 
@@ -373,11 +381,16 @@ impl Actor {
                 self.cfg
                     .unreachable(format!("the dead-letter queue's link failed: {e}"))
             };
-            if let Some(a) = self.active.take() {
+            for a in self.actives.drain(..) {
                 let _ = a.reply.send(Err(err()));
             }
             for p in self.pending.drain(..) {
                 let _ = p.reply.send(Err(err()));
+            }
+            for (_, reply) in self.deferred.drain(..) {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(err()));
+                }
             }
             commands.close();
             while let Ok(cmd) = commands.try_recv() {
@@ -399,14 +412,22 @@ impl Actor {
 
     async fn serve(&mut self, commands: &mut mpsc::Receiver<Command>) -> Result<()> {
         loop {
-            if self.active.is_none()
-                && let Some(req) = self.pending.pop_front()
-            {
+            // A lease starts (browses and grants its credit) while earlier
+            // ones are still being received: with several leases in flight,
+            // each costs about one round trip.
+            if !self.deferred.is_empty() {
+                // No new lease starts before the abandons waiting for the
+                // ones being received are applied: they wait one lease at most.
+                if self.actives.is_empty() {
+                    self.flush_deferred().await?;
+                    continue;
+                }
+            } else if let Some(req) = self.pending.pop_front() {
                 self.start_lease(req).await?;
                 continue;
             }
-            let reading = self.active.is_some() || self.credit > 0;
-            let deadline = self.active.as_ref().map(|a| a.deadline);
+            let reading = !self.actives.is_empty() || self.credit > 0;
+            let deadline = self.actives.front().map(|a| a.deadline);
             let renew_at = self.renew_at;
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
@@ -424,7 +445,7 @@ impl Actor {
                 _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
                     // Fewer messages than browsed could be locked: another
                     // consumer took some. The credit stays open (see above).
-                    if let Some(a) = self.active.take() {
+                    if let Some(a) = self.actives.pop_front() {
                         tracing::debug!(
                             browsed = a.want,
                             received = a.got.len(),
@@ -447,19 +468,23 @@ impl Actor {
             let out: Vec<Delivered> = self.stash.drain(..n).collect();
             return self.hand_out(req.reply, out).await;
         }
-        if self.handed_out == 0 {
-            self.next_sequence = 1;
+        if self.handed_out == 0 && self.actives.is_empty() {
+            self.browse_from = 1;
         }
-        let available = self.browse(self.next_sequence, max as i32).await?;
+        let (available, last) = self.browse(self.browse_from, max as i32).await?;
         if available == 0 {
             let _ = req.reply.send(Ok(Vec::new()));
             return Ok(());
         }
-        // The grant is absolute: deliveries still in flight on credit left
-        // over count against it, so the link never holds more than this.
-        within(&self.cfg, "grant credit", self.receiver.set_credit(available as u32)).await?;
-        self.credit = available as u32;
-        self.active = Some(Active {
+        if let Some(last) = last {
+            self.browse_from = self.browse_from.max(last.saturating_add(1));
+        }
+        // The grant is absolute and counts deliveries still in flight: it is
+        // what earlier leases still wait for plus this one's share, so the
+        // link never holds more credit than the leases it serves.
+        self.credit += available as u32;
+        within(&self.cfg, "grant credit", self.receiver.set_credit(self.credit)).await?;
+        self.actives.push_back(Active {
             want: available,
             got: Vec::with_capacity(available),
             deadline: Instant::now() + LEASE_WAIT,
@@ -471,14 +496,14 @@ impl Actor {
     async fn on_delivery(&mut self, (info, message): (DeliveryInfo, Message<Body<Value>>)) -> Result<()> {
         self.credit = self.credit.saturating_sub(1);
         if let Some(seq) = sequence_number(&message) {
-            self.next_sequence = self.next_sequence.max(seq.saturating_add(1));
+            self.browse_from = self.browse_from.max(seq.saturating_add(1));
         }
         let d = Delivered { info, message };
-        match &mut self.active {
+        match self.actives.front_mut() {
             Some(a) => {
                 a.got.push(d);
                 if a.got.len() >= a.want {
-                    let a = self.active.take().expect("active");
+                    let a = self.actives.pop_front().expect("front");
                     self.hand_out(a.reply, a.got).await?;
                 }
             }
@@ -495,15 +520,18 @@ impl Actor {
             Ok(()) => self.handed_out += n,
             Err(Ok(got)) if !got.is_empty() => {
                 let infos: Vec<DeliveryInfo> = got.into_iter().map(|d| d.info).collect();
-                within(&self.cfg, "abandon", self.receiver.modify_all(infos, abandon())).await?;
+                self.deferred.push((infos, None));
             }
             Err(_) => {}
         }
         Ok(())
     }
 
-    /// Apply `first` and every disposition already queued behind it, confirm
-    /// them all with one round trip, then answer each.
+    /// Apply `batch` and every disposition already queued behind it, confirm
+    /// them all with one round trip, then answer each. Abandons wait while a
+    /// lease is being received: an abandoned message could otherwise be
+    /// delivered straight back on the credit granted for the browsed ones,
+    /// which would then not be delivered, and the pass would skip them.
     async fn dispose(
         &mut self,
         commands: &mut mpsc::Receiver<Command>,
@@ -516,26 +544,57 @@ impl Actor {
             }
         }
         let mut failure = None;
-        for (infos, complete, _) in &mut batch {
-            let infos = std::mem::take(infos);
-            let n = infos.len();
-            let r = if *complete {
-                within(&self.cfg, "complete", self.receiver.accept_all(infos)).await
-            } else {
-                within(&self.cfg, "abandon", self.receiver.modify_all(infos, abandon())).await
-            };
-            self.handed_out = self.handed_out.saturating_sub(n);
-            if let Err(e) = r {
-                failure = Some(e.to_string());
-                break;
+        let mut replies = Vec::with_capacity(batch.len());
+        for (infos, complete, reply) in batch {
+            if !complete && !self.actives.is_empty() {
+                self.deferred.push((infos, Some(reply)));
+                continue;
             }
+            if failure.is_none() {
+                let n = infos.len();
+                let r = if complete {
+                    within(&self.cfg, "complete", self.receiver.accept_all(infos)).await
+                } else {
+                    within(&self.cfg, "abandon", self.receiver.modify_all(infos, abandon())).await
+                };
+                self.handed_out = self.handed_out.saturating_sub(n);
+                failure = r.err();
+            }
+            replies.push(reply);
         }
+        if replies.is_empty() {
+            return Ok(()); // every one deferred
+        }
+        self.confirm(failure, replies).await
+    }
+
+    async fn flush_deferred(&mut self) -> Result<()> {
+        let mut failure = None;
+        let mut replies = Vec::new();
+        for (infos, reply) in std::mem::take(&mut self.deferred) {
+            if failure.is_none() {
+                let n = infos.len();
+                failure = within(&self.cfg, "abandon", self.receiver.modify_all(infos, abandon()))
+                    .await
+                    .err();
+                if reply.is_some() {
+                    self.handed_out = self.handed_out.saturating_sub(n);
+                }
+            }
+            replies.extend(reply);
+        }
+        self.confirm(failure, replies).await
+    }
+
+    /// Confirm the dispositions just queued with a round trip, and answer
+    /// their callers.
+    async fn confirm(&mut self, failure: Option<BackendError>, replies: Vec<Reply<()>>) -> Result<()> {
         let result = match failure {
-            Some(e) => Err(self.cfg.unreachable(e)),
+            Some(e) => Err(e),
             None => self.browse(i64::MAX, 1).await.map(|_| ()),
         };
         let failed = result.as_ref().err().map(ToString::to_string);
-        for (_, _, reply) in batch {
+        for reply in replies {
             let _ = reply.send(match &failed {
                 None => Ok(()),
                 Some(e) => Err(self.cfg.unreachable(format!("dispositions not confirmed: {e}"))),
@@ -545,11 +604,12 @@ impl Actor {
     }
 
     /// How many messages from `from` the dead-letter queue's browse shows,
-    /// up to `count` (the bodies are not decoded).
-    async fn browse(&mut self, from: i64, count: i32) -> Result<usize> {
+    /// up to `count`, and the sequence number of the last (only that one is
+    /// decoded).
+    async fn browse(&mut self, from: i64, count: i32) -> Result<(usize, Option<i64>)> {
         let req = PeekCount::request(from, count);
         match tokio::time::timeout(CALL_TIMEOUT, self.mgmt.call(req)).await {
-            Ok(Ok(PeekCount(n))) => Ok(n),
+            Ok(Ok(PeekCount(n, last))) => Ok((n, last)),
             Ok(Err(e)) => Err(self.cfg.unreachable(format!("browse the dead-letter queue: {e:?}"))),
             Err(_) => Err(self.cfg.unreachable("browsing the dead-letter queue timed out")),
         }
@@ -609,8 +669,9 @@ pub(super) fn sequence_number(m: &Message<Body<Value>>) -> Option<i64> {
     }
 }
 
-/// `com.microsoft:peek-message`, answered by the number of messages only.
-struct PeekCount(usize);
+/// `com.microsoft:peek-message`, answered by the number of messages and the
+/// last one's sequence number.
+struct PeekCount(usize, Option<i64>);
 
 struct PeekRequest {
     body: OrderedMap<String, Value>,
@@ -664,10 +725,15 @@ impl Response for PeekCount {
     }
 
     fn decode_message(message: Message<Self::Body>) -> std::result::Result<Self, Self::Error> {
-        let n = message
+        let messages = message
             .body
             .and_then(|mut b| b.swap_remove("messages"))
-            .map_or(0, |m| m.len());
-        Ok(Self(n))
+            .unwrap_or_default();
+        let last = messages.last().and_then(|m| m.get("message")).and_then(|bytes| {
+            use fe2o3_amqp_types::messaging::message::__private::Deserializable;
+            let m: Deserializable<Message<Body<Value>>> = serde_amqp::from_slice(bytes.as_ref()).ok()?;
+            sequence_number(&m.0)
+        });
+        Ok(Self(messages.len(), last))
     }
 }

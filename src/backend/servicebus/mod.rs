@@ -13,9 +13,9 @@
 //!   are settled on the link that received a message, so what is kept of a
 //!   held message is its delivery info (delivery id and tag), keyed by the
 //!   [`LeaseId`] `<link generation>.<delivery id>`: memory stays bounded
-//!   however many non-matching messages a pass holds. Concurrent leases are
-//!   served one after the other by the link's task; completes and abandons
-//!   overlap them. The hold is the entity's LockDuration: Service Bus has no per-receive
+//!   however many non-matching messages a pass holds. Concurrent leases
+//!   overlap on the link (each browses past the previous one's messages), and
+//!   completes and abandons overlap them. The hold is the entity's LockDuration: Service Bus has no per-receive
 //!   lock time, and locks are not renewed (azservicebus 0.25 sends the lock
 //!   token in the wrong byte order when it renews, TESTING.md); keep passes
 //!   shorter than the LockDuration, or a lock lapses and the message is
