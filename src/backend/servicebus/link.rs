@@ -454,6 +454,11 @@ impl Actor {
                         self.hand_out(a.reply, a.got).await?;
                     }
                 }
+                // An idle link notices a dropped connection at once, so the
+                // next lease opens a new one instead of failing on this one.
+                r = self.connection.on_close() => {
+                    return Err(self.cfg.unreachable(format!("the AMQP connection closed: {r:?}")));
+                }
                 _ = tokio::time::sleep_until(renew_at.unwrap_or(far)), if renew_at.is_some() => {
                     self.renew_at = put_tokens(&self.cfg, &mut self.cbs).await?;
                 }
