@@ -38,6 +38,9 @@ ap.add_argument("--image-size", default="", help="image size line from scripts/i
 ap.add_argument("--backends", default="sqs,pubsub,servicebus")
 ap.add_argument("--only", choices=["redrive", "footprint"], default="",
                 help="run one part (for checking a change; the report then lacks the other part)")
+ap.add_argument("--counts", default="", help="redrive only these DLQ sizes, e.g. 100000 (for checking a change)")
+ap.add_argument("--sizes", default="", help="redrive only these body sizes in bytes, e.g. 1024")
+ap.add_argument("--tools", default="", help="redrive only with these tools, e.g. dlq-bridge")
 args = ap.parse_args()
 QUICK = args.quick
 BACKENDS = [b for b in args.backends.split(",") if b]
@@ -334,8 +337,8 @@ BACKEND_NAMES = {"sqs": "SQS (ministack)", "pubsub": "Pub/Sub (Google emulator)"
 
 
 def redrive_matrix():
-    sizes = [1024, 65536]
-    counts = [1000] if QUICK else [1000, 10000, 100000]
+    sizes = [int(x) for x in args.sizes.split(",") if x] or [1024, 65536]
+    counts = [int(x) for x in args.counts.split(",") if x] or ([1000] if QUICK else [1000, 10000, 100000])
     for kind in BACKENDS:
         for n in counts:
             for size in sizes:
@@ -345,6 +348,8 @@ def redrive_matrix():
                 tools = ["dlq-bridge", "baseline-a"]
                 if kind == "sqs" and n <= 10000 and not (n == 10000 and size > 1024):
                     tools.append("baseline-b")
+                if args.tools:
+                    tools = [t for t in tools if t in args.tools.split(",")]
                 for tool in tools:
                     runs = []
                     r_reps = 1 if tool == "baseline-b" and n > 1000 else reps

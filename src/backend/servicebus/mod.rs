@@ -6,12 +6,16 @@
 //! - **peek**: a true browse, `com.microsoft:peek-message` on the DLQ's
 //!   `$management` node, from sequence number 1 onwards. Nothing is locked and
 //!   no delivery count changes (`Capabilities::true_peek`).
-//! - **lease**: a peek-lock receive from `<entity>/$DeadLetterQueue`, sized
-//!   by a browse of the messages past the last one leased, with a bounded
-//!   wait (2 s); see `lease` for why the receive is sized. The
-//!   received message objects are kept, keyed by lock token ([`LeaseId`]),
-//!   because complete and abandon are settled on the link that received them.
-//!   The hold is the entity's LockDuration: Service Bus has no per-receive
+//! - **lease**: a peek-lock receive from `<entity>/$DeadLetterQueue` on the
+//!   adapter's own fe2o3-amqp connection and link ([`link`]), sized by a
+//!   browse of the messages past the last one leased, with a bounded wait
+//!   (2 s); see [`link`] for why the receive is sized. Complete and abandon
+//!   are settled on the link that received a message, so what is kept of a
+//!   held message is its delivery info (delivery id and tag), keyed by the
+//!   [`LeaseId`] `<link generation>.<delivery id>`: memory stays bounded
+//!   however many non-matching messages a pass holds. Concurrent leases
+//!   overlap on the link (each browses past the previous one's messages), and
+//!   completes and abandons overlap them. The hold is the entity's LockDuration: Service Bus has no per-receive
 //!   lock time, and locks are not renewed (azservicebus 0.25 sends the lock
 //!   token in the wrong byte order when it renews, TESTING.md); keep passes
 //!   shorter than the LockDuration, or a lock lapses and the message is
@@ -113,15 +117,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+mod link;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use azservicebus::core::BasicRetryPolicy;
 use azservicebus::prelude::*;
-use azservicebus::primitives::service_bus_received_message::ServiceBusReceivedMessage as Received;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message};
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp_types::messaging::annotations::OwnedKey;
+use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message, MessageId};
 use fe2o3_amqp_types::primitives::{Dec32, Dec64, Dec128, SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid, Value};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -292,12 +299,23 @@ pub struct ServiceBusBackend {
     senders: Mutex<HashMap<String, ServiceBusSender>>,
     /// The connection generation the senders were attached on.
     senders_generation: AtomicU64,
-    /// Received messages by lock token, until settled or released.
-    leases: std::sync::Mutex<HashMap<String, Received>>,
+    /// What the dead-letter queue's own link needs to (re)open.
+    link_config: Arc<link::LinkConfig>,
+    /// The dead-letter queue's own link (lease, complete, abandon).
+    dlq: Mutex<Option<Arc<link::DlqLink>>>,
+    link_generations: AtomicU64,
+    /// What settles each held message: its delivery info, by delivery id,
+    /// for the link of `generation` (a held message of an older link can no
+    /// longer be settled).
+    held: std::sync::Mutex<Held>,
     management: String,
     stats_cache: Mutex<Option<(Instant, DlqStats)>>,
-    /// The sequence number after the last message leased (see `lease`).
-    next_sequence: std::sync::atomic::AtomicI64,
+}
+
+#[derive(Default)]
+struct Held {
+    generation: u64,
+    infos: HashMap<u32, DeliveryInfo>,
 }
 
 /// Service Bus connections shared between queues: one per namespace and
@@ -457,6 +475,23 @@ impl ServiceBusBackend {
             None => format!("https://{host}"),
         };
         let conn = clients.get(&auth, &host);
+        let link_config = Arc::new(link::LinkConfig {
+            host: host.clone(),
+            tls: !emulator,
+            dlq_path: format!("{}/$DeadLetterQueue", entity.path()),
+            credentials: match &auth {
+                Auth::Sas(cs) => match (&cs.signature, &cs.key_name, &cs.key) {
+                    (Some(sig), _, _) => link::Credentials::Signature(sig.clone()),
+                    (None, Some(name), Some(key)) => link::Credentials::Key {
+                        name: name.clone(),
+                        key: key.clone(),
+                    },
+                    _ => unreachable!("ConnectionString::parse requires a key or a signature"),
+                },
+                Auth::Entra(cred) => link::Credentials::Entra(cred.clone()),
+            },
+            label: format!("{name} ({})", entity.path()),
+        });
         let backend = Self {
             queue_name: name.to_string(),
             entity,
@@ -470,10 +505,12 @@ impl ServiceBusBackend {
             receiver_generation: AtomicU64::new(0),
             senders: Mutex::new(HashMap::new()),
             senders_generation: AtomicU64::new(0),
-            leases: std::sync::Mutex::new(HashMap::new()),
+            link_config,
+            dlq: Mutex::new(None),
+            link_generations: AtomicU64::new(0),
+            held: std::sync::Mutex::new(Held::default()),
             management,
             stats_cache: Mutex::new(None),
-            next_sequence: std::sync::atomic::AtomicI64::new(1),
         };
         // Fail now, with a clear error, when the namespace cannot be reached.
         // No link is attached yet: an emulator would auto-create the entity,
@@ -571,7 +608,6 @@ impl ServiceBusBackend {
         // queue's failure) is dead: attach a new one.
         if slot.is_some() && self.conn.generation().await != Some(self.receiver_generation.load(Ordering::Relaxed)) {
             *slot = None;
-            self.leases.lock().expect("leases lock").clear();
         }
         if slot.is_none() {
             let mut client_slot = self.conn.slot.lock().await;
@@ -620,7 +656,6 @@ impl ServiceBusBackend {
     /// queues share it, so an error of this entity alone leaves it open.
     async fn drop_receiver(&self, slot: &mut Option<ServiceBusReceiver>, connection: bool) {
         *slot = None;
-        self.leases.lock().expect("leases lock").clear();
         if connection {
             self.reset(self.receiver_generation.load(Ordering::Relaxed)).await;
         }
@@ -706,53 +741,12 @@ impl ServiceBusBackend {
             }
             for m in &page {
                 from = from.max(m.sequence_number() + 1);
-                out.push(self.to_model(m.raw_amqp_message(), fields!(m)));
+                let raw = m.raw_amqp_message();
+                out.push(self.to_model(raw, fields_of(raw)));
             }
         }
         out.truncate(max);
         Ok(out)
-    }
-
-    /// Wait until the dispositions (complete, abandon) sent on the DLQ
-    /// receiver have left for the broker. azservicebus (fe2o3-amqp 0.14)
-    /// returns from `complete_message` and `abandon_message` as soon as the
-    /// disposition is queued for the session, so a process that exits (or is
-    /// killed) right after loses them: the broker never completes the message,
-    /// which comes back after its lock and is redriven again. Every link of a
-    /// client shares one session and its frames leave in order, so the answer
-    /// to a management request (a one-message peek) sent after them proves
-    /// they were written, and the broker, which handles a connection's frames
-    /// in order, has applied them.
-    async fn flush_dispositions(&self, slot: &mut Option<ServiceBusReceiver>) -> Result<()> {
-        let Some(rx) = slot.as_mut() else {
-            return Err(self.unreachable("the dead-letter receiver was reset before its dispositions were confirmed"));
-        };
-        match tokio::time::timeout(CALL_TIMEOUT, rx.peek_messages(1, Some(i64::MAX))).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                let err = self.classify("confirm dispositions", &e);
-                self.drop_receiver(slot, matches!(err, BackendError::Unreachable { .. }))
-                    .await;
-                Err(err)
-            }
-            Err(_) => {
-                self.drop_receiver(slot, true).await;
-                Err(self.unreachable("confirming dispositions timed out"))
-            }
-        }
-    }
-
-    async fn receive(&self, rx: &mut ServiceBusReceiver, max: u32, wait: Duration) -> Result<Vec<Received>, String> {
-        match tokio::time::timeout(
-            wait + CALL_TIMEOUT,
-            rx.receive_messages_with_max_wait_time(max, Some(wait)),
-        )
-        .await
-        {
-            Ok(Ok(m)) => Ok(m),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("receive timed out".into()),
-        }
     }
 
     /// A sender to `dest`, opened on first use.
@@ -911,6 +905,68 @@ impl ServiceBusBackend {
         Ok(ranges)
     }
 
+    /// The dead-letter queue's own link, opened on first use and again after
+    /// it failed.
+    async fn link(&self) -> Result<Arc<link::DlqLink>> {
+        let mut slot = self.dlq.lock().await;
+        if let Some(l) = slot.as_ref()
+            && !l.is_closed()
+        {
+            return Ok(l.clone());
+        }
+        *slot = None;
+        let generation = self.link_generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let l = Arc::new(link::DlqLink::open(self.link_config.clone(), generation).await?);
+        *slot = Some(l.clone());
+        Ok(l)
+    }
+
+    /// The link of `generation`, if it is still the current one.
+    async fn current_link(&self, generation: u64) -> Option<Arc<link::DlqLink>> {
+        self.dlq
+            .lock()
+            .await
+            .as_ref()
+            .filter(|l| l.generation == generation && !l.is_closed())
+            .cloned()
+    }
+
+    /// Forget the link of `generation` after a failure (its task ends and
+    /// closes its connection once no call uses it), so the next lease opens a
+    /// new one. What it held can no longer be settled; those locks lapse.
+    async fn drop_link(&self, generation: u64) {
+        let mut slot = self.dlq.lock().await;
+        if slot.as_ref().is_some_and(|l| l.generation == generation) {
+            *slot = None;
+        }
+        let mut held = self.held.lock().expect("held lock");
+        if held.generation == generation {
+            held.infos = HashMap::new();
+        }
+    }
+
+    /// Take the delivery infos of `leases` out of the held set, in order
+    /// (None: not held by the current link), with the link's generation.
+    fn take_held(&self, leases: &[LeaseId]) -> (u64, Vec<Option<DeliveryInfo>>) {
+        let mut held = self.held.lock().expect("held lock");
+        let generation = held.generation;
+        let taken = leases
+            .iter()
+            .map(|l| {
+                let (g, id) = l.0.split_once('.')?;
+                if g.parse::<u64>().ok()? != generation {
+                    return None;
+                }
+                held.infos.remove(&id.parse::<u32>().ok()?)
+            })
+            .collect();
+        if held.infos.is_empty() {
+            // Give a pass's memory back once it released what it held.
+            held.infos.shrink_to_fit();
+        }
+        (generation, taken)
+    }
+
     /// The ATOM management call: (active, dead-lettered), or NotFound.
     async fn counts(&self) -> Result<(u64, u64)> {
         let path = self.entity.path();
@@ -1001,30 +1057,61 @@ struct Fields {
     enqueued_at: DateTime<Utc>,
 }
 
-macro_rules! fields {
-    ($m:expr) => {{
-        let m = $m;
-        Fields {
-            message_id: m.message_id().map(|s| s.into_owned()),
-            sequence_number: m.sequence_number(),
-            correlation_id: m.correlation_id().map(|s| s.into_owned()),
-            subject: m.subject().map(str::to_string),
-            content_type: m.content_type().map(str::to_string),
-            reply_to: m.reply_to().map(str::to_string),
-            reply_to_session_id: m.reply_to_session_id().map(str::to_string),
-            to: m.to().map(str::to_string),
-            partition_key: m.partition_key().map(str::to_string),
-            session_id: m.session_id().map(str::to_string),
-            time_to_live: m.time_to_live(),
-            dead_letter_source: m.dead_letter_source().map(str::to_string),
-            reason: m.dead_letter_reason().map(str::to_string),
-            description: m.dead_letter_error_description().map(str::to_string),
-            delivery_count: m.delivery_count(),
-            enqueued_at: DateTime::<Utc>::from_timestamp_nanos(m.enqueued_time().unix_timestamp_nanos() as i64),
-        }
-    }};
+/// The system properties of a message, read as azservicebus reads them
+/// (`ServiceBusReceivedMessage`), but tolerant of unexpected types: a
+/// message this adapter cannot interpret still goes through.
+fn fields_of(m: &Message<Body<Value>>) -> Fields {
+    let props = m.properties.as_ref();
+    let id = |v: &MessageId| match v {
+        MessageId::String(s) => s.clone(),
+        MessageId::Ulong(n) => n.to_string(),
+        MessageId::Uuid(u) => format!("{u:x}"),
+        MessageId::Binary(b) => format!("{:X}", serde_amqp::primitives::BinaryRef::from(b)),
+    };
+    let annotation_str = |k: &str| match annotation(m, k) {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let app_str = |k: &str| match m.application_properties.as_ref().and_then(|a| a.0.get(k)) {
+        Some(SimpleValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let enqueued_ms = match annotation(m, "x-opt-enqueued-time") {
+        Some(Value::Timestamp(t)) => t.milliseconds(),
+        _ => 0,
+    };
+    Fields {
+        message_id: props.and_then(|p| p.message_id.as_ref()).map(id),
+        sequence_number: link::sequence_number(m).unwrap_or_default(),
+        correlation_id: props.and_then(|p| p.correlation_id.as_ref()).map(id),
+        subject: props.and_then(|p| p.subject.clone()),
+        content_type: props.and_then(|p| p.content_type.as_ref()).map(|s| s.0.clone()),
+        reply_to: props.and_then(|p| p.reply_to.clone()),
+        reply_to_session_id: props.and_then(|p| p.reply_to_group_id.clone()),
+        to: props.and_then(|p| p.to.clone()),
+        partition_key: annotation_str("x-opt-partition-key"),
+        session_id: props.and_then(|p| p.group_id.clone()),
+        time_to_live: m
+            .header
+            .as_ref()
+            .and_then(|h| h.ttl)
+            .map(|ms| Duration::from_millis(ms as u64)),
+        dead_letter_source: annotation_str("x-opt-deadletter-source"),
+        reason: app_str(DEAD_LETTER_REASON),
+        description: app_str(DEAD_LETTER_DESCRIPTION),
+        delivery_count: m.header.as_ref().map(|h| h.delivery_count.saturating_add(1)),
+        enqueued_at: DateTime::<Utc>::from_timestamp_millis(enqueued_ms).unwrap_or_default(),
+    }
 }
-use fields;
+
+/// A message annotation by its symbol key.
+fn annotation<'a>(m: &'a Message<Body<Value>>, key: &str) -> Option<&'a Value> {
+    m.message_annotations
+        .as_ref()?
+        .0
+        .iter()
+        .find_map(|(k, v)| matches!(k, OwnedKey::Symbol(s) if s.0 == key).then_some(v))
+}
 
 fn namespace_host(ns: &str) -> String {
     let ns = ns.trim();
@@ -1404,67 +1491,30 @@ impl QueueBackend for ServiceBusBackend {
 
     async fn lease(&self, max: usize, _hold: Duration) -> Result<Vec<Leased>> {
         let max = max.clamp(1, BATCH) as u32;
-        let mut slot = self.receiver.lock().await;
-        // Size the receive by a browse of what lies past the last message
-        // this backend leased, so that the receive completes without waiting
-        // out its timeout. A receive that times out drains the link, and after
-        // a drain fe2o3-amqp 0.14 can leave the link with credit again: a
-        // message released later would then be delivered straight back to it
-        // and stay locked until its lock expires. Nothing past the last leased
-        // message means the pass has seen everything: no receive at all.
-        // (With several consumers, a browsed message another one has locked
-        // can still make the receive wait out its timeout.)
-        // A new pass (nothing held) starts from the beginning again.
-        if self.leases.lock().expect("leases lock").is_empty() {
-            self.next_sequence.store(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        let from = self.next_sequence.load(std::sync::atomic::Ordering::Relaxed);
-        let rx = self.ensure_receiver(&mut slot).await?;
-        let available = match tokio::time::timeout(CALL_TIMEOUT, rx.peek_messages(max, Some(from))).await {
-            Ok(Ok(p)) => p.len() as u32,
-            Ok(Err(e)) => {
-                let err = self.classify("peek before receive", &e);
-                self.drop_receiver(&mut slot, matches!(err, BackendError::Unreachable { .. }))
-                    .await;
-                return Err(err);
-            }
-            Err(_) => {
-                self.drop_receiver(&mut slot, true).await;
-                return Err(self.unreachable("peek timed out"));
-            }
-        };
-        if available == 0 {
-            return Ok(Vec::new());
-        }
-        let rx = self.ensure_receiver(&mut slot).await?;
-        let got = match self.receive(rx, available, LEASE_WAIT).await {
-            Ok(m) => m,
+        let link = self.link().await?;
+        let got = match link.lease(max, &self.link_config).await {
+            Ok(got) => got,
             Err(e) => {
-                self.drop_receiver(&mut slot, true).await;
-                return Err(self.unreachable(format!("receive from the dead-letter queue: {e}")));
+                self.drop_link(link.generation).await;
+                return Err(e);
             }
         };
-        if (got.len() as u32) < available {
-            tracing::debug!(
-                available,
-                received = got.len(),
-                "fewer messages than browsed could be locked (another consumer holds some)"
-            );
-        }
-        if let Some(last) = got.iter().map(|m| m.sequence_number()).max() {
-            self.next_sequence
-                .fetch_max(last + 1, std::sync::atomic::Ordering::Relaxed);
-        }
-        drop(slot);
         let mut out = Vec::with_capacity(got.len());
-        let mut leases = self.leases.lock().expect("leases lock");
-        for m in got {
-            let token = uuid::Uuid::from_bytes(m.lock_token().clone().into_inner()).to_string();
-            let message = self.to_model(m.raw_amqp_message(), fields!(&m));
-            leases.insert(token.clone(), m);
+        let mut held = self.held.lock().expect("held lock");
+        if held.generation != link.generation {
+            // Leases of an older link can no longer be settled.
+            *held = Held {
+                generation: link.generation,
+                infos: HashMap::new(),
+            };
+        }
+        for d in got {
+            let id = d.info.delivery_id();
+            let message = self.to_model(&d.message, fields_of(&d.message));
+            held.infos.insert(id, d.info);
             out.push(Leased {
                 message,
-                lease: LeaseId(token),
+                lease: LeaseId(format!("{}.{id}", link.generation)),
             });
         }
         Ok(out)
@@ -1524,75 +1574,59 @@ impl QueueBackend for ServiceBusBackend {
     }
 
     async fn settle(&self, leases: &[LeaseId]) -> Result<Vec<SettleResult>> {
-        let mut slot = self.receiver.lock().await;
-        let mut out = Vec::with_capacity(leases.len());
-        for lease in leases {
-            let msg = self.leases.lock().expect("leases lock").remove(&lease.0);
-            let (Some(msg), Some(rx)) = (msg, slot.as_mut()) else {
-                out.push(SettleResult::Failed {
+        let (generation, taken) = self.take_held(leases);
+        let mut out: Vec<SettleResult> = taken
+            .iter()
+            .map(|t| match t {
+                Some(_) => SettleResult::Settled,
+                None => SettleResult::Failed {
                     error: "the lock is no longer held (the link was reset or the lease already settled)".into(),
-                });
-                continue;
+                },
+            })
+            .collect();
+        let infos: Vec<DeliveryInfo> = taken.into_iter().flatten().collect();
+        if !infos.is_empty() {
+            let outcome = match self.current_link(generation).await {
+                Some(link) => {
+                    let r = link.dispose(infos, true, &self.link_config).await;
+                    if r.is_err() {
+                        self.drop_link(generation).await;
+                    }
+                    r
+                }
+                None => Err(self.unreachable("the dead-letter queue's link was reset")),
             };
-            match tokio::time::timeout(CALL_TIMEOUT, rx.complete_message(&msg)).await {
-                Ok(Ok(())) => out.push(SettleResult::Settled),
-                Ok(Err(e)) => out.push(SettleResult::Failed {
-                    error: self.classify("complete", &e).to_string(),
-                }),
-                Err(_) => {
-                    out.push(SettleResult::Failed {
-                        error: "complete timed out".into(),
-                    });
+            // A complete counts only once the broker has it (see `link`).
+            if let Err(e) = outcome {
+                for r in &mut out {
+                    if matches!(r, SettleResult::Settled) {
+                        *r = SettleResult::Failed {
+                            error: format!("complete not confirmed: {e}"),
+                        };
+                    }
                 }
             }
         }
-        // A complete returns once its disposition is queued, not once it is
-        // on the wire: confirm with a round trip before calling it settled.
-        if out.iter().any(|r| matches!(r, SettleResult::Settled))
-            && let Err(e) = self.flush_dispositions(&mut slot).await
-        {
-            for r in &mut out {
-                if matches!(r, SettleResult::Settled) {
-                    *r = SettleResult::Failed {
-                        error: format!("complete not confirmed: {e}"),
-                    };
-                }
-            }
-        }
-        drop(slot);
         *self.stats_cache.lock().await = None;
         Ok(out)
     }
 
     async fn release(&self, leases: &[LeaseId]) -> Result<()> {
-        let mut slot = self.receiver.lock().await;
-        let mut failed = 0;
-        for lease in leases {
-            let msg = self.leases.lock().expect("leases lock").remove(&lease.0);
-            let (Some(msg), Some(rx)) = (msg, slot.as_mut()) else {
-                continue;
-            };
-            match tokio::time::timeout(CALL_TIMEOUT, rx.abandon_message(&msg, None)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    // An expired lock is released anyway.
-                    tracing::debug!(error = %e, "abandon failed");
-                    failed += 1;
-                }
-                Err(_) => {
-                    self.drop_receiver(&mut slot, true).await;
-                    return Err(self.unreachable("abandon timed out"));
-                }
-            }
+        let (generation, taken) = self.take_held(leases);
+        let infos: Vec<DeliveryInfo> = taken.into_iter().flatten().collect();
+        // Leases of a reset link are released anyway: their locks lapse.
+        if infos.is_empty() {
+            return Ok(());
         }
-        if failed > 0 {
-            tracing::debug!(failed, "some releases failed; their locks lapse on their own");
-        }
+        let Some(link) = self.current_link(generation).await else {
+            return Ok(());
+        };
         // As for completes: an abandon still queued when the process exits
         // never reaches the broker, and the message stays locked for the
-        // whole LockDuration (the "released but not offered again" race).
-        if failed < leases.len() && !leases.is_empty() {
-            self.flush_dispositions(&mut slot).await?;
+        // whole LockDuration, so it is confirmed too.
+        if let Err(e) = link.dispose(infos, false, &self.link_config).await {
+            self.drop_link(generation).await;
+            return Err(e);
         }
         Ok(())
     }

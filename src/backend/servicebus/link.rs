@@ -1,0 +1,744 @@
+//! The dead-letter queue's own AMQP connection and receiver link, on which
+//! the adapter leases (peek-lock receives), completes and abandons.
+//!
+//! Why not azservicebus: a message is settled on the link that received it,
+//! and azservicebus 0.25 needs its whole received message object to complete
+//! or abandon one (its fields are private, its body cannot be dropped). A
+//! redrive holds every non-matching message until the end of the pass, so the
+//! adapter kept every body: 3.6 KiB per held 1 KiB message, 242 MiB at 100k.
+//! On its own fe2o3-amqp link the adapter keeps only the [`DeliveryInfo`]
+//! (delivery id and tag) of a held message. Settling by lock token through
+//! `$management` (`com.microsoft:update-disposition`) is no way out: Service
+//! Bus accepts it only for messages received through `$management`
+//! (deferred ones); a lock taken on a link is settled on that link.
+//!
+//! One task owns the connection, the session, the `$cbs` client, the receiver
+//! link and a `$management` client of the dead-letter queue, and serves the
+//! backend's commands as they come: concurrent `lease` calls overlap (each
+//! browses and grants its credit while earlier ones are still being received,
+//! and deliveries fill them in order), and completes and abandons are applied
+//! as soon as they arrive, between two deliveries, so that the settles of one
+//! batch overlap the next leases.
+//!
+//! ## Credit
+//! A lease first browses (`com.microsoft:peek-message`) the messages past the
+//! last one browsed for a lease (or received), up to `max`, and grants exactly
+//! that much more credit: the receive then completes without waiting, and no
+//! credit is left on the link afterwards. Only the last browsed message is
+//! decoded, for its sequence number: the next lease browses past it, so leases
+//! in flight together never count the same messages. Credit left over would make the broker deliver a
+//! message released later straight back to this link, where it would stay
+//! locked until its lock lapsed (a message abandoned at the end of a pass
+//! would not be seen by the next). fe2o3-amqp 0.14's drain cannot replace the
+//! browse: it does not reset the link's credit when the broker answers a drain,
+//! and counts deliveries read after that answer twice, so the next grant is
+//! too large. When another consumer locks some browsed messages first, fewer
+//! arrive: the lease returns after [`LEASE_WAIT`] with what it has, and the
+//! credit still open is tracked; messages that arrive on it later are kept
+//! (at most that credit, at most a batch) and handed to the next lease. A
+//! lease whose caller went away (cancelled) abandons what it received.
+//!
+//! ## Dispositions
+//! fe2o3-amqp returns from `accept` / `modify` once the disposition is queued
+//! for the session, not once it is on the wire: a process that exits (or is
+//! killed) right after would lose it. Each batch of dispositions is therefore
+//! followed by a one-message browse on the same session; its answer proves the
+//! dispositions before it reached the broker, which handles a connection's
+//! frames in order.
+//!
+//! ## Authorization and transport
+//! Claims-based security: SASL ANONYMOUS, then a token put on `$cbs` for the
+//! dead-letter queue and its `$management` node, put again before it
+//! expires: a SAS token signed from the connection string's key (valid
+//! [`SAS_TTL_SECS`], renewed at 5/6 of it), a pre-signed
+//! `SharedAccessSignature` as given (it cannot be renewed), or an Entra ID
+//! access token from workload identity (renewed 4 minutes before it expires).
+//! `amqps://` on port 5671 with TLS (native-tls, as azservicebus) for Azure;
+//! plain `amqp://` on 5672 for `UseDevelopmentEmulator=true`. The adapter
+//! opens the TCP stream itself, so it sets TCP_NODELAY on it directly (see
+//! `set_nodelay_on_amqp_sockets` for why that matters).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::{Connection, Receiver, Session};
+use fe2o3_amqp_cbs::client::CbsClient;
+use fe2o3_amqp_cbs::token::CbsToken;
+use fe2o3_amqp_management::client::MgmtClient;
+use fe2o3_amqp_management::error::Error as ManagementError;
+use fe2o3_amqp_management::request::Request;
+use fe2o3_amqp_management::response::Response;
+use fe2o3_amqp_management::status::StatusCode;
+use fe2o3_amqp_types::definitions::ReceiverSettleMode;
+use fe2o3_amqp_types::messaging::{Body, Message, Modified, Source};
+use fe2o3_amqp_types::primitives::{Binary, OrderedMap, Timestamp, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, Result, SAS_TTL_SECS};
+use super::{WorkloadIdentityCredential, sas_token, unix_now};
+
+const PEEK_OPERATION: &str = "com.microsoft:peek-message";
+const SAS_TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
+const JWT_TOKEN_TYPE: &str = "jwt";
+const ENTRA_SCOPE: &str = "https://servicebus.azure.net/.default";
+/// The connection's idle timeout (heartbeats), as azservicebus sets it.
+const IDLE_TIMEOUT_MS: u32 = 60_000;
+const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// How long closing the connection may take when the task ends.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the link authorizes itself on `$cbs`.
+pub(super) enum Credentials {
+    /// A SAS key: tokens are signed here, and renewed.
+    Key {
+        name: String,
+        key: String,
+    },
+    /// A pre-signed `SharedAccessSignature` from the connection string.
+    Signature(String),
+    Entra(Arc<WorkloadIdentityCredential>),
+}
+
+pub(super) struct LinkConfig {
+    pub host: String,
+    /// `amqps://` (Azure) or plain `amqp://` (an emulator).
+    pub tls: bool,
+    /// `<entity>/$DeadLetterQueue`.
+    pub dlq_path: String,
+    pub credentials: Credentials,
+    /// Names the queue in errors.
+    pub label: String,
+}
+
+impl LinkConfig {
+    fn scheme(&self) -> &'static str {
+        if self.tls { "amqps" } else { "amqp" }
+    }
+
+    fn unreachable(&self, detail: impl std::fmt::Display) -> BackendError {
+        BackendError::Unreachable {
+            endpoint: format!("{}://{}", self.scheme(), self.host),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Sorts an error of the link's opening: a missing entity and refused
+    /// credentials are the caller's to fix; anything else is the connection's.
+    fn classify(&self, what: &str, e: &dyn std::fmt::Debug) -> BackendError {
+        let text = format!("{e:?}");
+        let lower = text.to_ascii_lowercase();
+        let detail = format!("{what}: {text}");
+        if lower.contains("not-found") || lower.contains("notfound") {
+            BackendError::NotFound {
+                queue: self.label.clone(),
+                detail,
+            }
+        } else if lower.contains("unauthorized") || lower.contains("401") {
+            BackendError::Auth {
+                provider: PROVIDER,
+                detail,
+            }
+        } else {
+            self.unreachable(detail)
+        }
+    }
+
+    /// The token for `$cbs` and when to put a fresh one (None: never).
+    async fn token(&self) -> Result<(CbsToken<'static>, Option<Instant>)> {
+        let now = unix_now();
+        match &self.credentials {
+            Credentials::Key { name, key } => {
+                let expiry = now + SAS_TTL_SECS;
+                // Signed for the namespace, as the SDKs do: it covers every
+                // entity the key's rule allows.
+                let resource = format!("{}://{}/", self.scheme(), self.host);
+                let token = sas_token(&resource, name, key, expiry);
+                let renew = Instant::now() + Duration::from_secs(SAS_TTL_SECS * 5 / 6);
+                Ok((
+                    CbsToken::new(token, SAS_TOKEN_TYPE, Some(timestamp(expiry))),
+                    Some(renew),
+                ))
+            }
+            Credentials::Signature(sig) => Ok((CbsToken::new(sig.clone(), SAS_TOKEN_TYPE, None), None)),
+            Credentials::Entra(cred) => {
+                let (token, expiry) = cred.fetch(&[ENTRA_SCOPE]).await.map_err(|e| BackendError::Auth {
+                    provider: PROVIDER,
+                    detail: e,
+                })?;
+                // The credential's cache hands out a token until 5 minutes
+                // before it expires: renew just inside that window.
+                let renew = Duration::from_secs(expiry.saturating_sub(now).saturating_sub(240).max(30));
+                Ok((
+                    CbsToken::new(token, JWT_TOKEN_TYPE, Some(timestamp(expiry))),
+                    Some(Instant::now() + renew),
+                ))
+            }
+        }
+    }
+
+    /// The audiences a token is put for: the dead-letter queue and its
+    /// `$management` node.
+    fn audiences(&self) -> [String; 2] {
+        let dlq = format!("{}://{}/{}", self.scheme(), self.host, self.dlq_path);
+        [format!("{dlq}/$management"), dlq]
+    }
+}
+
+fn timestamp(unix_secs: u64) -> Timestamp {
+    Timestamp::from_milliseconds(i64::try_from(unix_secs).unwrap_or(i64::MAX / 1000) * 1000)
+}
+
+/// A received message and what settles it.
+pub(super) struct Delivered {
+    pub info: DeliveryInfo,
+    pub message: Message<Body<Value>>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+enum Command {
+    Lease {
+        max: u32,
+        reply: Reply<Vec<Delivered>>,
+    },
+    Dispose {
+        infos: Vec<DeliveryInfo>,
+        complete: bool,
+        reply: Reply<()>,
+    },
+}
+
+/// The backend's handle on the link's task. Dropping the last handle ends
+/// the task and closes the connection.
+pub(super) struct DlqLink {
+    commands: mpsc::Sender<Command>,
+    pub generation: u64,
+}
+
+impl DlqLink {
+    pub async fn open(cfg: Arc<LinkConfig>, generation: u64) -> Result<Self> {
+        let actor = tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, Actor::open(cfg.clone()))
+            .await
+            .map_err(|_| cfg.unreachable("opening the dead-letter queue's link timed out"))??;
+        let (commands, rx) = mpsc::channel(64);
+        tokio::spawn(actor.run(rx));
+        Ok(Self { commands, generation })
+    }
+
+    /// The task ended (the link or its connection failed).
+    pub fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+
+    pub async fn lease(&self, max: u32, label: &LinkConfig) -> Result<Vec<Delivered>> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Command::Lease { max, reply }, rx, LEASE_WAIT + 2 * CALL_TIMEOUT, label)
+            .await
+    }
+
+    /// Complete (`complete`) or abandon the deliveries, and confirm that the
+    /// dispositions reached the broker.
+    pub async fn dispose(&self, infos: Vec<DeliveryInfo>, complete: bool, label: &LinkConfig) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Command::Dispose { infos, complete, reply }, rx, 2 * CALL_TIMEOUT, label)
+            .await
+    }
+
+    async fn call<T>(
+        &self,
+        cmd: Command,
+        rx: oneshot::Receiver<Result<T>>,
+        limit: Duration,
+        cfg: &LinkConfig,
+    ) -> Result<T> {
+        let gone = || cfg.unreachable("the dead-letter queue's link closed");
+        self.commands.send(cmd).await.map_err(|_| gone())?;
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err(cfg.unreachable(format!("no answer from the dead-letter queue's link within {limit:?}"))),
+        }
+    }
+}
+
+struct LeaseRequest {
+    max: u32,
+    reply: Reply<Vec<Delivered>>,
+}
+
+struct Active {
+    want: usize,
+    got: Vec<Delivered>,
+    deadline: Instant,
+    reply: Reply<Vec<Delivered>>,
+}
+
+struct Actor {
+    cfg: Arc<LinkConfig>,
+    connection: ConnectionHandle<()>,
+    session: SessionHandle<()>,
+    cbs: CbsClient,
+    receiver: Receiver,
+    mgmt: MgmtClient,
+    renew_at: Option<Instant>,
+    /// Credit the broker may still use on the receiver link.
+    credit: u32,
+    /// Where the next lease's browse starts: after the last message browsed
+    /// for a lease (or received, whichever is further).
+    browse_from: i64,
+    /// Deliveries handed to the backend and not disposed of yet: none means
+    /// a new pass, which browses from the beginning again.
+    handed_out: usize,
+    /// Deliveries that arrived on credit left over from a lease.
+    stash: Vec<Delivered>,
+    pending: VecDeque<LeaseRequest>,
+    /// Leases being received, oldest first: deliveries fill them in order.
+    actives: VecDeque<Active>,
+    /// Abandons waiting until no lease is being received (see `dispose`),
+    /// with the caller to answer (none: a cancelled lease's deliveries).
+    deferred: Vec<(Vec<DeliveryInfo>, Option<Reply<()>>)>,
+}
+
+impl Actor {
+    async fn open(cfg: Arc<LinkConfig>) -> Result<Self> {
+        let port = if cfg.tls { 5671 } else { 5672 };
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((cfg.host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| cfg.unreachable(format!("no TCP connection within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| cfg.unreachable(format!("connect to port {port}: {e}")))?;
+        // See `set_nodelay_on_amqp_sockets`: without it every confirming
+        // browse waits out the broker's delayed ACK.
+        let _ = tcp.set_nodelay(true);
+        let container = format!("dlq-bridge-{}", uuid::Uuid::new_v4());
+        let mut connection = Connection::builder()
+            .container_id(container.as_str())
+            .hostname(cfg.host.as_str())
+            .domain(cfg.host.as_str())
+            .scheme(cfg.scheme())
+            .alt_tls_establishment(true)
+            .sasl_profile(SaslProfile::Anonymous)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .idle_time_out(IDLE_TIMEOUT_MS)
+            .open_with_stream(tcp)
+            .await
+            .map_err(|e| cfg.classify("open the AMQP connection", &e))?;
+        let mut session = Session::begin(&mut connection)
+            .await
+            .map_err(|e| cfg.classify("begin an AMQP session", &e))?;
+        let mut cbs = CbsClient::attach(&mut session)
+            .await
+            .map_err(|e| cfg.classify("attach to $cbs", &e))?;
+        let renew_at = put_tokens(&cfg, &mut cbs).await?;
+        let [_, address] = cfg.audiences();
+        let receiver = Receiver::builder()
+            .name(format!("{container}-dlq"))
+            .source(Source::builder().address(address).build())
+            .target(format!("{container}-dlq-target"))
+            .receiver_settle_mode(ReceiverSettleMode::Second)
+            .credit_mode(CreditMode::Manual)
+            .auto_accept(false)
+            .attach(&mut session)
+            .await
+            .map_err(|e| cfg.classify("attach to the dead-letter queue", &e))?;
+        let mgmt = MgmtClient::builder()
+            .client_node_addr(format!("{container}-mgmt"))
+            .management_node_address(format!("{}/$management", cfg.dlq_path))
+            .attach(&mut session)
+            .await
+            .map_err(|e| cfg.classify("attach to the dead-letter queue's $management", &e))?;
+        Ok(Self {
+            cfg,
+            connection,
+            session,
+            cbs,
+            receiver,
+            mgmt,
+            renew_at,
+            credit: 0,
+            browse_from: 1,
+            handed_out: 0,
+            stash: Vec::new(),
+            pending: VecDeque::new(),
+            actives: VecDeque::new(),
+            deferred: Vec::new(),
+        })
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        if let Err(e) = self.serve(&mut commands).await {
+            tracing::debug!(error = %e, "the dead-letter queue's link failed");
+            let err = || {
+                self.cfg
+                    .unreachable(format!("the dead-letter queue's link failed: {e}"))
+            };
+            for a in self.actives.drain(..) {
+                let _ = a.reply.send(Err(err()));
+            }
+            for p in self.pending.drain(..) {
+                let _ = p.reply.send(Err(err()));
+            }
+            for (_, reply) in self.deferred.drain(..) {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(err()));
+                }
+            }
+            commands.close();
+            while let Ok(cmd) = commands.try_recv() {
+                match cmd {
+                    Command::Lease { reply, .. } => drop(reply.send(Err(err()))),
+                    Command::Dispose { reply, .. } => drop(reply.send(Err(err()))),
+                }
+            }
+        }
+        // Closing the link tells the broker its locks are no longer taken
+        // care of; a lease's messages come back when their locks lapse.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = self.receiver.close().await;
+            let _ = self.session.end().await;
+            let _ = self.connection.close().await;
+        })
+        .await;
+    }
+
+    async fn serve(&mut self, commands: &mut mpsc::Receiver<Command>) -> Result<()> {
+        loop {
+            // A lease starts (browses and grants its credit) while earlier
+            // ones are still being received: with several leases in flight,
+            // each costs about one round trip.
+            if !self.deferred.is_empty() {
+                // No new lease starts before the abandons waiting for the
+                // ones being received are applied: they wait one lease at most.
+                if self.actives.is_empty() {
+                    self.flush_deferred().await?;
+                    continue;
+                }
+            } else if let Some(req) = self.pending.pop_front() {
+                self.start_lease(req).await?;
+                continue;
+            }
+            let reading = !self.actives.is_empty() || self.credit > 0;
+            let deadline = self.actives.front().map(|a| a.deadline);
+            let renew_at = self.renew_at;
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None => return Ok(()),
+                    Some(Command::Lease { max, reply }) => self.pending.push_back(LeaseRequest { max, reply }),
+                    Some(Command::Dispose { infos, complete, reply }) => {
+                        self.dispose(commands, vec![(infos, complete, reply)]).await?;
+                    }
+                },
+                d = self.receiver.recv::<Body<Value>>(), if reading => {
+                    let d = d.map_err(|e| self.cfg.unreachable(format!("receive from the dead-letter queue: {e:?}")))?;
+                    self.on_delivery(d.into_parts()).await?;
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                    // Fewer messages than browsed could be locked: another
+                    // consumer took some. The credit stays open (see above).
+                    if let Some(a) = self.actives.pop_front() {
+                        tracing::debug!(
+                            browsed = a.want,
+                            received = a.got.len(),
+                            "fewer messages than browsed could be locked (another consumer holds some)"
+                        );
+                        self.hand_out(a.reply, a.got).await?;
+                    }
+                }
+                // An idle link notices a dropped connection at once, so the
+                // next lease opens a new one instead of failing on this one.
+                r = self.connection.on_close() => {
+                    return Err(self.cfg.unreachable(format!("the AMQP connection closed: {r:?}")));
+                }
+                _ = tokio::time::sleep_until(renew_at.unwrap_or(far)), if renew_at.is_some() => {
+                    self.renew_at = put_tokens(&self.cfg, &mut self.cbs).await?;
+                }
+            }
+        }
+    }
+
+    async fn start_lease(&mut self, req: LeaseRequest) -> Result<()> {
+        let max = req.max.max(1) as usize;
+        if !self.stash.is_empty() {
+            let n = max.min(self.stash.len());
+            let out: Vec<Delivered> = self.stash.drain(..n).collect();
+            return self.hand_out(req.reply, out).await;
+        }
+        if self.handed_out == 0 && self.actives.is_empty() {
+            self.browse_from = 1;
+        }
+        let (available, last) = self.browse(self.browse_from, max as i32).await?;
+        if available == 0 {
+            let _ = req.reply.send(Ok(Vec::new()));
+            return Ok(());
+        }
+        if let Some(last) = last {
+            self.browse_from = self.browse_from.max(last.saturating_add(1));
+        }
+        // The grant is absolute and counts deliveries still in flight: it is
+        // what earlier leases still wait for plus this one's share, so the
+        // link never holds more credit than the leases it serves.
+        self.credit += available as u32;
+        within(&self.cfg, "grant credit", self.receiver.set_credit(self.credit)).await?;
+        self.actives.push_back(Active {
+            want: available,
+            got: Vec::with_capacity(available),
+            deadline: Instant::now() + LEASE_WAIT,
+            reply: req.reply,
+        });
+        Ok(())
+    }
+
+    async fn on_delivery(&mut self, (info, message): (DeliveryInfo, Message<Body<Value>>)) -> Result<()> {
+        self.credit = self.credit.saturating_sub(1);
+        if let Some(seq) = sequence_number(&message) {
+            self.browse_from = self.browse_from.max(seq.saturating_add(1));
+        }
+        let d = Delivered { info, message };
+        match self.actives.front_mut() {
+            Some(a) => {
+                a.got.push(d);
+                if a.got.len() >= a.want {
+                    let a = self.actives.pop_front().expect("front");
+                    self.hand_out(a.reply, a.got).await?;
+                }
+            }
+            None => self.stash.push(d),
+        }
+        Ok(())
+    }
+
+    /// Hand deliveries to the lease's caller, or abandon them when it is gone
+    /// (its future was dropped): nothing stays locked for nobody.
+    async fn hand_out(&mut self, reply: Reply<Vec<Delivered>>, got: Vec<Delivered>) -> Result<()> {
+        let n = got.len();
+        match reply.send(Ok(got)) {
+            Ok(()) => self.handed_out += n,
+            Err(Ok(got)) if !got.is_empty() => {
+                let infos: Vec<DeliveryInfo> = got.into_iter().map(|d| d.info).collect();
+                self.deferred.push((infos, None));
+            }
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Apply `batch` and every disposition already queued behind it, confirm
+    /// them all with one round trip, then answer each. Abandons wait while a
+    /// lease is being received: an abandoned message could otherwise be
+    /// delivered straight back on the credit granted for the browsed ones,
+    /// which would then not be delivered, and the pass would skip them.
+    async fn dispose(
+        &mut self,
+        commands: &mut mpsc::Receiver<Command>,
+        mut batch: Vec<(Vec<DeliveryInfo>, bool, Reply<()>)>,
+    ) -> Result<()> {
+        while let Ok(cmd) = commands.try_recv() {
+            match cmd {
+                Command::Dispose { infos, complete, reply } => batch.push((infos, complete, reply)),
+                Command::Lease { max, reply } => self.pending.push_back(LeaseRequest { max, reply }),
+            }
+        }
+        let mut failure = None;
+        let mut replies = Vec::with_capacity(batch.len());
+        for (infos, complete, reply) in batch {
+            if !complete && !self.actives.is_empty() {
+                self.deferred.push((infos, Some(reply)));
+                continue;
+            }
+            if failure.is_none() {
+                let n = infos.len();
+                let r = if complete {
+                    within(&self.cfg, "complete", self.receiver.accept_all(infos)).await
+                } else {
+                    within(&self.cfg, "abandon", self.receiver.modify_all(infos, abandon())).await
+                };
+                self.handed_out = self.handed_out.saturating_sub(n);
+                failure = r.err();
+            }
+            replies.push(reply);
+        }
+        if replies.is_empty() {
+            return Ok(()); // every one deferred
+        }
+        self.confirm(failure, replies).await
+    }
+
+    async fn flush_deferred(&mut self) -> Result<()> {
+        let mut failure = None;
+        let mut replies = Vec::new();
+        for (infos, reply) in std::mem::take(&mut self.deferred) {
+            if failure.is_none() {
+                let n = infos.len();
+                failure = within(&self.cfg, "abandon", self.receiver.modify_all(infos, abandon()))
+                    .await
+                    .err();
+                if reply.is_some() {
+                    self.handed_out = self.handed_out.saturating_sub(n);
+                }
+            }
+            replies.extend(reply);
+        }
+        self.confirm(failure, replies).await
+    }
+
+    /// Confirm the dispositions just queued with a round trip, and answer
+    /// their callers.
+    async fn confirm(&mut self, failure: Option<BackendError>, replies: Vec<Reply<()>>) -> Result<()> {
+        let result = match failure {
+            Some(e) => Err(e),
+            None => self.browse(i64::MAX, 1).await.map(|_| ()),
+        };
+        let failed = result.as_ref().err().map(ToString::to_string);
+        for reply in replies {
+            let _ = reply.send(match &failed {
+                None => Ok(()),
+                Some(e) => Err(self.cfg.unreachable(format!("dispositions not confirmed: {e}"))),
+            });
+        }
+        result
+    }
+
+    /// How many messages from `from` the dead-letter queue's browse shows,
+    /// up to `count`, and the sequence number of the last (only that one is
+    /// decoded).
+    async fn browse(&mut self, from: i64, count: i32) -> Result<(usize, Option<i64>)> {
+        let req = PeekCount::request(from, count);
+        match tokio::time::timeout(CALL_TIMEOUT, self.mgmt.call(req)).await {
+            Ok(Ok(PeekCount(n, last))) => Ok((n, last)),
+            Ok(Err(e)) => Err(self.cfg.unreachable(format!("browse the dead-letter queue: {e:?}"))),
+            Err(_) => Err(self.cfg.unreachable("browsing the dead-letter queue timed out")),
+        }
+    }
+}
+
+/// A call on the link, bounded: a session that stopped taking frames (a
+/// stalled connection) must fail the link, not hang its task.
+async fn within<T, E: std::fmt::Debug>(
+    cfg: &LinkConfig,
+    what: &str,
+    call: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(cfg.unreachable(format!("{what} on the dead-letter queue: {e:?}"))),
+        Err(_) => Err(cfg.unreachable(format!("{what} on the dead-letter queue timed out"))),
+    }
+}
+
+/// Abandon: `modified` with no flags, which Service Bus reads as "unlock, and
+/// count the delivery" (the DLQ has no MaxDeliveryCount).
+fn abandon() -> Modified {
+    Modified {
+        delivery_failed: None,
+        undeliverable_here: None,
+        message_annotations: None,
+    }
+}
+
+async fn put_tokens(cfg: &LinkConfig, cbs: &mut CbsClient) -> Result<Option<Instant>> {
+    let (token, renew) = cfg.token().await?;
+    for audience in cfg.audiences() {
+        tokio::time::timeout(CALL_TIMEOUT, cbs.put_token(audience, token.clone()))
+            .await
+            .map_err(|_| cfg.unreachable("the $cbs token put timed out"))?
+            .map_err(|e| {
+                let text = format!("{e:?}");
+                if text.contains("401") || text.contains("403") || text.to_ascii_lowercase().contains("unauthorized") {
+                    // The token itself is not in `e`: only the broker's status.
+                    BackendError::Auth {
+                        provider: PROVIDER,
+                        detail: format!("the $cbs token put was refused: {text}"),
+                    }
+                } else {
+                    cfg.classify("put a $cbs token", &e)
+                }
+            })?;
+    }
+    Ok(renew)
+}
+
+pub(super) fn sequence_number(m: &Message<Body<Value>>) -> Option<i64> {
+    match super::annotation(m, "x-opt-sequence-number")? {
+        Value::Long(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// `com.microsoft:peek-message`, answered by the number of messages and the
+/// last one's sequence number.
+struct PeekCount(usize, Option<i64>);
+
+struct PeekRequest {
+    body: OrderedMap<String, Value>,
+}
+
+impl PeekCount {
+    fn request(from: i64, count: i32) -> PeekRequest {
+        let mut body = OrderedMap::with_capacity(2);
+        body.insert("from-sequence-number".to_string(), Value::Long(from));
+        body.insert("message-count".to_string(), Value::Int(count));
+        PeekRequest { body }
+    }
+}
+
+impl Request for PeekRequest {
+    const OPERATION: &'static str = PEEK_OPERATION;
+    type Response = PeekCount;
+    type Body = OrderedMap<String, Value>;
+
+    fn encode_body(self) -> Self::Body {
+        self.body
+    }
+}
+
+type PeekBody = Option<OrderedMap<String, Vec<OrderedMap<String, Binary>>>>;
+
+impl Response for PeekCount {
+    const STATUS_CODE: u16 = 200;
+    type Body = PeekBody;
+    type Error = ManagementError;
+
+    /// 204 (no messages) is an answer too.
+    fn verify_status_code(message: &mut Message<Self::Body>) -> std::result::Result<StatusCode, Self::Error> {
+        use fe2o3_amqp_management::mgmt_ext::AmqpMessageManagementExt;
+        let code = message
+            .remove_status_code()
+            .ok_or(ManagementError::StatusCodeNotFound)?
+            .map_err(|e| {
+                ManagementError::from(fe2o3_amqp_management::error::InvalidType {
+                    expected: "u16".into(),
+                    actual: format!("{e:?}"),
+                })
+            })?;
+        match code.0.get() {
+            200 | 204 => Ok(code),
+            _ => {
+                let description = message.remove_status_description().and_then(|d| d.ok());
+                Err(fe2o3_amqp_management::error::StatusError { code, description }.into())
+            }
+        }
+    }
+
+    fn decode_message(message: Message<Self::Body>) -> std::result::Result<Self, Self::Error> {
+        let messages = message
+            .body
+            .and_then(|mut b| b.swap_remove("messages"))
+            .unwrap_or_default();
+        let last = messages.last().and_then(|m| m.get("message")).and_then(|bytes| {
+            use fe2o3_amqp_types::messaging::message::__private::Deserializable;
+            let m: Deserializable<Message<Body<Value>>> = serde_amqp::from_slice(bytes.as_ref()).ok()?;
+            sequence_number(&m.0)
+        });
+        Ok(Self(messages.len(), last))
+    }
+}
