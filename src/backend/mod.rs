@@ -71,6 +71,9 @@ pub struct Capabilities {
     pub max_attributes: Option<usize>,
     /// How many messages one lease/send/settle call handles.
     pub batch_size: usize,
+    /// The most messages one lease may ask for. The engine starts at
+    /// `batch_size` and grows towards this while bodies are small.
+    pub max_lease_size: usize,
     /// Leases the engine may have in flight at once on one queue, to hide
     /// the provider's round trip (further capped by `redrive.concurrency`).
     pub max_concurrent_leases: usize,

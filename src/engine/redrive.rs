@@ -596,21 +596,20 @@ impl<'a> Pass<'a> {
         self.plan.max.is_some_and(|m| self.planned >= m)
     }
 
-    /// How many leases may be in flight now.
-    fn lease_slots(&self) -> usize {
-        let mut slots = self.caps.max_concurrent_leases.min(self.plan.concurrency).max(1);
+    /// How many leases may be in flight now, and how many messages each
+    /// asks for: see [`lease_plan`].
+    fn lease_plan(&self) -> (usize, usize) {
         if self.plan.rate.is_some() {
-            slots = slots.min(RATED_LEASE_SLOTS);
+            let slots = self.caps.max_concurrent_leases.min(self.plan.concurrency);
+            return (slots.clamp(1, RATED_LEASE_SLOTS), self.lease_max);
         }
-        let average = self.body_bytes.checked_div(self.s.examined).unwrap_or(0);
-        let per_lease = self.lease_max as u64 * average.max(1024);
-        let by_memory = (LEASE_MEMORY_BUDGET / per_lease).max(1) as usize;
-        slots.min(by_memory)
+        let average = self.body_bytes.checked_div(self.s.examined);
+        lease_plan(&self.caps, self.plan.concurrency, average)
     }
 
-    fn start_lease(&mut self, generation: u32) {
+    fn start_lease(&mut self, generation: u32, max: usize) {
         let backend = self.engine.backend.clone();
-        let (max, hold) = (self.lease_max, self.plan.hold);
+        let hold = self.plan.hold;
         self.leases.push_back(InFlightLease {
             generation,
             task: tokio::spawn(async move { backend.lease(max, hold).await }),
@@ -641,8 +640,9 @@ impl<'a> Pass<'a> {
                 self.s.stopped = StopReason::MaxReached;
                 break;
             }
-            while leasing && !paused && self.leases.len() < self.lease_slots() {
-                self.start_lease(generation);
+            let (slots, size) = self.lease_plan();
+            while leasing && !paused && self.leases.len() < slots {
+                self.start_lease(generation, size);
             }
             let Some(front) = self.leases.front_mut() else {
                 if !paused {
@@ -1045,6 +1045,26 @@ fn take_sendable(
     Some(batch)
 }
 
+/// Leases in flight and messages per lease, within [`LEASE_MEMORY_BUDGET`]
+/// for the bodies they may hold, estimated from `average` (body bytes per
+/// message examined so far, counted as at least 1 KiB; `None` before the
+/// first). Leases start at the provider's batch size and grow to its largest
+/// lease while bodies are small: fewer, larger leases mean fewer round trips
+/// per message. Large bodies shrink the leases to the batch size, then the
+/// number in flight, to one.
+fn lease_plan(caps: &Capabilities, concurrency: usize, average: Option<u64>) -> (usize, usize) {
+    let slots = caps.max_concurrent_leases.min(concurrency).max(1);
+    let smallest = caps.batch_size.min(caps.max_lease_size).max(1);
+    let Some(average) = average else {
+        return (slots, smallest);
+    };
+    let per_message = average.max(1024);
+    let size = (LEASE_MEMORY_BUDGET / slots as u64 / per_message) as usize;
+    let size = size.clamp(smallest, caps.max_lease_size.max(smallest));
+    let by_memory = (LEASE_MEMORY_BUDGET / (size as u64 * per_message)) as usize;
+    (slots.min(by_memory).max(1), size)
+}
+
 fn release_keys(in_flight: &mut HashMap<String, usize>, keys: &[String]) {
     for k in keys {
         if let Some(n) = in_flight.get_mut(k) {
@@ -1163,6 +1183,54 @@ mod tests {
         let batch = take_sendable(&mut queue, &HashMap::new(), 10, true).expect("a is free");
         assert_eq!(ids(&batch), ["a1", "a2"]);
         assert!(queue.is_empty());
+    }
+
+    fn caps(batch_size: usize, max_lease_size: usize, max_concurrent_leases: usize) -> Capabilities {
+        Capabilities {
+            true_peek: false,
+            binary_body: true,
+            empty_body: true,
+            max_body_bytes: 10 << 20,
+            typed_attributes: false,
+            max_attributes: None,
+            batch_size,
+            max_lease_size,
+            max_concurrent_leases,
+            ordered_delivery: false,
+        }
+    }
+
+    #[test]
+    fn leases_grow_while_bodies_are_small_and_shrink_to_one_when_they_are_large() {
+        let pubsub = caps(100, 1000, 8);
+        assert_eq!(lease_plan(&pubsub, 8, None), (8, 100), "first leases: the batch size");
+        assert_eq!(
+            lease_plan(&pubsub, 8, Some(200)),
+            (8, 1000),
+            "1 KiB or less: the largest lease"
+        );
+        assert_eq!(
+            lease_plan(&pubsub, 2, Some(200)),
+            (2, 1000),
+            "never more than concurrency"
+        );
+        assert_eq!(
+            lease_plan(&pubsub, 8, Some(16 << 10)),
+            (8, 256),
+            "32 MiB over 8 leases of 16 KiB bodies"
+        );
+        assert_eq!(
+            lease_plan(&pubsub, 8, Some(1 << 20)),
+            (1, 100),
+            "1 MiB bodies: one lease of a batch"
+        );
+        let sqs = caps(10, 10, 8);
+        assert_eq!(lease_plan(&sqs, 8, Some(200)), (8, 10));
+        assert_eq!(
+            lease_plan(&sqs, 8, Some(256 << 10)),
+            (8, 10),
+            "8 x 10 x 256 KiB fits 32 MiB"
+        );
     }
 
     #[test]

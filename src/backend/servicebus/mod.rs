@@ -144,8 +144,14 @@ use crate::model::{
 type Client = ServiceBusClient<BasicRetryPolicy>;
 
 const PROVIDER: &str = "Service Bus";
-/// Messages per lease, send batch and settle call.
+/// Messages per send batch and settle call, and per lease until the engine
+/// knows how large bodies are.
 const BATCH: usize = 100;
+/// The most messages one lease asks for (one browse, then that much credit).
+/// The link's task browses for one lease or confirms settles at a time, each
+/// a round trip, so behind a real network larger leases are what keeps the
+/// lease rate up; the engine grows to this only while bodies are small.
+const MAX_LEASE: usize = 500;
 /// The standard tier's limit on a message (premium allows up to 100 MB;
 /// the link's advertised maximum decides how sends are split).
 const MAX_BODY: usize = 256 * 1024;
@@ -1448,6 +1454,7 @@ impl QueueBackend for ServiceBusBackend {
             max_attributes: None,
             batch_size: BATCH,
             // The link browses for the next lease while earlier ones are received.
+            max_lease_size: MAX_LEASE,
             max_concurrent_leases: 4,
             // Session order is kept by the queue's own order; a plain
             // receiver on the dead-letter queue is never held back.
@@ -1495,7 +1502,7 @@ impl QueueBackend for ServiceBusBackend {
     }
 
     async fn lease(&self, max: usize, _hold: Duration) -> Result<Vec<Leased>> {
-        let max = max.clamp(1, BATCH) as u32;
+        let max = max.clamp(1, MAX_LEASE) as u32;
         let link = self.link().await?;
         let got = match link.lease(max, &self.link_config).await {
             Ok(got) => got,
