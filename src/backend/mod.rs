@@ -71,6 +71,13 @@ pub struct Capabilities {
     pub max_attributes: Option<usize>,
     /// How many messages one lease/send/settle call handles.
     pub batch_size: usize,
+    /// Leases the engine may have in flight at once on one queue, to hide
+    /// the provider's round trip (further capped by `redrive.concurrency`).
+    pub max_concurrent_leases: usize,
+    /// The provider holds back a group's later messages while earlier ones
+    /// are leased (SQS FIFO queues, Pub/Sub subscriptions with message
+    /// ordering): an empty lease then does not prove the queue empty.
+    pub ordered_delivery: bool,
 }
 
 #[async_trait]

@@ -193,6 +193,9 @@ pub struct PubSubBackend {
     /// The single subscription whose dead-letter policy points at this DLQ's topic.
     listed_source: OnceCell<Option<String>>,
     warned_hold: AtomicBool,
+    /// The subscription has message ordering on: a key's later messages wait
+    /// until its earlier ones are acked.
+    ordered_delivery: bool,
 }
 
 /// The gRPC channels (and the Cloud Monitoring token) of one endpoint: the
@@ -336,7 +339,7 @@ impl PubSubBackend {
             Some(s) => Some(full_name(&cfg.project, "topics", s)?),
             None => None,
         };
-        let backend = Self {
+        let mut backend = Self {
             queue_name: name.to_string(),
             project: cfg.project.clone(),
             subscription,
@@ -350,9 +353,10 @@ impl PubSubBackend {
             source_topics: Mutex::new(HashMap::new()),
             listed_source: OnceCell::new(),
             warned_hold: AtomicBool::new(false),
+            ordered_delivery: false,
         };
         // Fail now, with a clear error, if the DLQ subscription does not exist.
-        backend
+        let sub = backend
             .conns
             .subc
             .get_subscription(
@@ -363,6 +367,7 @@ impl PubSubBackend {
             )
             .await
             .map_err(|s| backend.error(s, &backend.subscription))?;
+        backend.ordered_delivery = sub.into_inner().enable_message_ordering;
         Ok(backend)
     }
 
@@ -895,6 +900,9 @@ impl QueueBackend for PubSubBackend {
             // One slot is kept for the targeted-redrive attribute.
             max_attributes: Some(MAX_ATTRIBUTES - usize::from(self.target_attribute.is_some())),
             batch_size: BATCH,
+            // A pull and its deadline change are two round trips per 100 messages.
+            max_concurrent_leases: 4,
+            ordered_delivery: self.ordered_delivery,
         }
     }
 

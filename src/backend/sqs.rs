@@ -451,6 +451,9 @@ impl QueueBackend for SqsBackend {
             typed_attributes: true,
             max_attributes: Some(MAX_ATTRIBUTES),
             batch_size: BATCH,
+            // Ten messages a call: it takes several calls in flight to hide a round trip.
+            max_concurrent_leases: 8,
+            ordered_delivery: self.queue_url.ends_with(".fifo"),
         }
     }
 

@@ -7,7 +7,7 @@
 //! and is then released together, and a seen-set stops the pass from examining
 //! a message twice, so a pass always terminates (guarantee 4).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{BackendError, QueueBackend};
+use crate::backend::{BackendError, Capabilities, QueueBackend};
 use crate::engine::journal::{Journal, Record};
 use crate::filter::Filter;
 use crate::model::{
@@ -279,7 +279,7 @@ impl Engine {
 
     pub async fn run(&self, plan: &RedrivePlan) -> Result<RunSummary, RedriveError> {
         let started = Instant::now();
-        let mut s = RunSummary {
+        let s = RunSummary {
             run_id: plan.run_id.clone(),
             queue: plan.queue.clone(),
             trigger: plan.trigger,
@@ -316,256 +316,9 @@ impl Engine {
         })?;
         self.sync_journal()?;
 
-        let caps = self.backend.capabilities();
-        let lease_max = lease_size(caps.batch_size, plan.rate, plan.hold);
-        let limiter: Option<Arc<DefaultDirectRateLimiter>> =
-            plan.rate.map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut held: Vec<LeaseId> = Vec::new();
-        let mut tasks: JoinSet<BatchOutcome> = JoinSet::new();
-        let mut keys_in_flight: HashMap<String, usize> = HashMap::new();
-        let mut planned: u64 = 0;
-        let mut all_seen_streak = 0;
-        let mut lease_failures = 0;
-        let discard_to = match &plan.action {
-            Action::Redrive => None,
-            Action::Discard { backup } => Some(Destination(match backup {
-                Some(b) => format!("backup {}", b.describe()),
-                None => "(discarded, no backup)".into(),
-            })),
-        };
-
-        let result: Result<(), RedriveError> = async {
-            'pass: loop {
-                if self.cancel.is_cancelled() {
-                    s.stopped = StopReason::Cancelled;
-                    break;
-                }
-                if started.elapsed() >= plan.deadline {
-                    s.stopped = StopReason::Deadline;
-                    break;
-                }
-                if plan.max.is_some_and(|m| planned >= m) {
-                    s.stopped = StopReason::MaxReached;
-                    break;
-                }
-                let leased = tokio::select! {
-                    r = self.backend.lease(lease_max, plan.hold) => r,
-                    _ = self.cancel.cancelled() => { s.stopped = StopReason::Cancelled; break; }
-                };
-                let leased = match leased {
-                    Ok(l) => {
-                        lease_failures = 0;
-                        l
-                    }
-                    Err(e) => {
-                        lease_failures += 1;
-                        // Refused credentials, a missing queue or a request the
-                        // provider calls invalid do not heal by waiting.
-                        let permanent = matches!(
-                            e,
-                            BackendError::Auth { .. } | BackendError::NotFound { .. } | BackendError::Invalid(_)
-                        );
-                        if permanent {
-                            s.stopped = StopReason::Failed;
-                            s.errors.push(format!("lease failed: {e}"));
-                            break;
-                        }
-                        if lease_failures > LEASE_RETRIES {
-                            s.stopped = StopReason::Failed;
-                            s.errors.push(format!("lease failed {lease_failures} times in a row: {e}"));
-                            break;
-                        }
-                        tracing::warn!(error = %e, attempt = lease_failures, "lease failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(250 << lease_failures)).await;
-                        continue;
-                    }
-                };
-                if leased.is_empty() {
-                    s.stopped = StopReason::Drained;
-                    break;
-                }
-                let mut fresh = 0;
-                let mut to_send: Vec<(Leased, Destination)> = Vec::new();
-                let mut journal_settle: Vec<Leased> = Vec::new();
-                for l in leased {
-                    if !seen.insert(l.message.id.clone()) {
-                        held.push(l.lease);
-                        continue;
-                    }
-                    fresh += 1;
-                    s.examined += 1;
-                    Progress::add(&self.progress.examined, 1);
-                    if !plan.dry_run && self.journal.as_ref().is_some_and(|j| j.already_sent(&l.message.id, l.message.enqueued_at).is_some()) {
-                        journal_settle.push(l);
-                        continue;
-                    }
-                    match plan.filter.matches(&l.message, Utc::now()) {
-                        Err(e) => {
-                            s.filter_errors += 1;
-                            push_error(&mut s.errors, format!("filter on message {}: {e}", l.message.id));
-                            held.push(l.lease);
-                        }
-                        Ok(false) => held.push(l.lease),
-                        Ok(true) if plan.max.is_some_and(|m| planned >= m) => held.push(l.lease),
-                        Ok(true)
-                            if discard_to.is_none() && redrive_count(&l.message) >= plan.max_redrives =>
-                        {
-                            s.skipped_max_redrives += 1;
-                            held.push(l.lease);
-                        }
-                        Ok(true) => {
-                            let dest = discard_to
-                                .clone()
-                                .or_else(|| plan.to.clone())
-                                .or_else(|| l.message.source.clone().map(Destination))
-                                .or_else(|| plan.fallback_source.clone());
-                            s.matched += 1;
-                            Progress::add(&self.progress.matched, 1);
-                            if s.samples.len() < SAMPLE_SIZE {
-                                s.samples.push(Sample {
-                                    id: l.message.id.clone(),
-                                    reason: l.message.reason.clone(),
-                                    destination: dest.as_ref().map(|d| d.0.clone()),
-                                });
-                            }
-                            let Some(dest) = dest else {
-                                s.send_failed += 1;
-                                Progress::add(&self.progress.failed, 1);
-                                push_error(
-                                    &mut s.errors,
-                                    format!(
-                                        "message {}: no destination (the provider names no source; set `source` in the config or pass --to)",
-                                        l.message.id
-                                    ),
-                                );
-                                held.push(l.lease);
-                                continue;
-                            };
-                            planned += 1;
-                            *s.destinations.entry(dest.0.clone()).or_default() += 1;
-                            if plan.dry_run {
-                                held.push(l.lease);
-                            } else {
-                                to_send.push((l, dest));
-                            }
-                        }
-                    }
-                }
-                if !journal_settle.is_empty() {
-                    let n = journal_settle.len() as u64;
-                    let out = self.settle_batch(&plan.run_id, journal_settle, false).await;
-                    s.settled_from_journal += n - out.settle_failed;
-                    merge(&mut s, out, &mut held);
-                }
-                if fresh == 0 {
-                    all_seen_streak += 1;
-                    if all_seen_streak >= ALL_SEEN_LIMIT {
-                        s.stopped = StopReason::AllSeen;
-                        break;
-                    }
-                } else {
-                    all_seen_streak = 0;
-                }
-                // One task per destination keeps every send a single-destination batch.
-                let mut by_dest: BTreeMap<Destination, Vec<Leased>> = BTreeMap::new();
-                for (l, d) in to_send {
-                    by_dest.entry(d).or_default().push(l);
-                }
-                let mut groups = by_dest.into_iter();
-                while let Some((dest, batch)) = groups.next() {
-                    // Shutdown while waiting for rate tokens: these messages
-                    // are not sent; they go back with the rest.
-                    if let Some(lim) = &limiter {
-                        let tokens = async {
-                            for _ in 0..batch.len() {
-                                lim.until_ready().await;
-                            }
-                        };
-                        let cancelled = tokio::select! {
-                            _ = tokens => false,
-                            _ = self.cancel.cancelled() => true,
-                        };
-                        if cancelled {
-                            for (d, b) in std::iter::once((dest, batch)).chain(groups.by_ref()) {
-                                if let Some(n) = s.destinations.get_mut(&d.0) {
-                                    *n -= b.len() as u64;
-                                }
-                                held.extend(b.into_iter().map(|l| l.lease));
-                            }
-                            s.destinations.retain(|_, n| *n > 0);
-                            s.stopped = StopReason::Cancelled;
-                            break 'pass;
-                        }
-                    }
-                    let keys: Vec<String> = batch
-                        .iter()
-                        .filter_map(|l| l.message.ordering_key.clone())
-                        .collect::<HashSet<_>>()
-                        .into_iter()
-                        .collect();
-                    // Guarantee 7: a batch waits for earlier batches of the same
-                    // ordering keys, and for a free concurrency slot.
-                    while tasks.len() >= plan.concurrency || keys.iter().any(|k| keys_in_flight.contains_key(k)) {
-                        let Some(done) = tasks.join_next().await else { break };
-                        let out = done.expect("send tasks do not panic");
-                        release_keys(&mut keys_in_flight, &out.keys);
-                        merge(&mut s, out, &mut held);
-                    }
-                    for k in &keys {
-                        *keys_in_flight.entry(k.clone()).or_default() += 1;
-                    }
-                    let outgoing: Vec<Outgoing> = batch
-                        .iter()
-                        .filter(|_| discard_to.is_none())
-                        .map(|l| {
-                            let (mut o, marked) = outgoing_copy(&l.message, plan, &*self.backend);
-                            if !marked {
-                                s.marks_omitted += 1;
-                            }
-                            // A copy an interrupted run may already have sent
-                            // keeps that run's mark, so consumers can dedupe.
-                            if let Some(prior) = self.journal.as_ref().and_then(|j| j.prior_redrive_id(&l.message.id)) {
-                                if marked {
-                                    o.attributes.insert(MARK_ID.into(), Attribute::string(prior));
-                                }
-                                s.resent_after_crash += 1;
-                            }
-                            o
-                        })
-                        .collect();
-                    let engine = self.clone_for_task();
-                    let run_id = plan.run_id.clone();
-                    let action = plan.action.clone();
-                    tasks.spawn(async move {
-                        let mut out = match action {
-                            Action::Redrive => engine.send_batch(&run_id, &dest, batch, outgoing).await,
-                            Action::Discard { backup } => engine.discard_batch(&run_id, batch, backup).await,
-                        };
-                        out.keys = keys;
-                        out
-                    });
-                }
-            }
-            Ok(())
-        }
-        .await;
-
-        while let Some(done) = tasks.join_next().await {
-            let out = done.expect("send tasks do not panic");
-            merge(&mut s, out, &mut held);
-        }
-        // Release what this pass held, together (guarantee 4).
-        s.released = held.len() as u64;
-        if let Err(e) = self.backend.release(&held).await {
-            push_error(
-                &mut s.errors,
-                format!(
-                    "releasing {} held messages failed ({e}); they become visible again when their lease expires",
-                    held.len()
-                ),
-            );
-        }
+        let mut pass = Pass::new(self, plan, s);
+        let result = pass.drive(started).await;
+        let mut s = pass.finish().await;
         s.finished_at = Utc::now();
         self.journal(Record::RunFinished {
             run: plan.run_id.clone(),
@@ -758,6 +511,487 @@ impl Engine {
     }
 }
 
+/// Leases in flight at once while a rate is set: the rate is then the
+/// bottleneck, and a deeper prefetch only makes leased messages wait longer.
+const RATED_LEASE_SLOTS: usize = 2;
+
+/// Bodies that leases in flight may hold at once, estimated from the bodies
+/// seen so far: large messages get fewer leases in flight, never fewer than one.
+const LEASE_MEMORY_BUDGET: u64 = 32 << 20;
+
+/// A lease in flight: its task, and the retry generation it was started in.
+struct InFlightLease {
+    generation: u32,
+    task: JoinHandle<crate::backend::Result<Vec<Leased>>>,
+}
+
+/// One pass over a DLQ: the state kept between lease results.
+///
+/// Several leases are in flight at once (competing-consumer semantics make
+/// that safe on every provider), but their results are examined one at a
+/// time and in the order the leases were started, so the seen-set, the
+/// filter, `--max` and the per-key order need no locking and hold exactly as
+/// with a single lease. Matches gather per destination into full send batches;
+/// a partial batch goes out as soon as no further lease result is waiting.
+struct Pass<'a> {
+    engine: &'a Engine,
+    plan: &'a RedrivePlan,
+    s: RunSummary,
+    caps: Capabilities,
+    lease_max: usize,
+    limiter: Option<DefaultDirectRateLimiter>,
+    /// Where a purge "sends" its matches (the backup), for the summary.
+    discard_to: Option<Destination>,
+    seen: HashSet<String>,
+    /// Leases released when the pass ends (guarantee 4).
+    held: Vec<LeaseId>,
+    planned: u64,
+    all_seen_streak: u32,
+    /// Matches not yet handed to a send task, per destination, in lease order.
+    pending: BTreeMap<Destination, Vec<Leased>>,
+    sends: JoinSet<BatchOutcome>,
+    keys_in_flight: HashMap<String, usize>,
+    leases: VecDeque<InFlightLease>,
+    body_bytes: u64,
+}
+
+impl<'a> Pass<'a> {
+    fn new(engine: &'a Engine, plan: &'a RedrivePlan, s: RunSummary) -> Self {
+        let caps = engine.backend.capabilities();
+        // Each leased batch waits for its rate tokens behind the others in
+        // flight: they share the hold.
+        let lease_max = match plan.rate {
+            Some(_) => lease_size(caps.batch_size, plan.rate, plan.hold / RATED_LEASE_SLOTS as u32),
+            None => caps.batch_size,
+        };
+        let discard_to = match &plan.action {
+            Action::Redrive => None,
+            Action::Discard { backup } => Some(Destination(match backup {
+                Some(b) => format!("backup {}", b.describe()),
+                None => "(discarded, no backup)".into(),
+            })),
+        };
+        Self {
+            engine,
+            plan,
+            s,
+            caps,
+            lease_max,
+            limiter: plan.rate.map(|r| RateLimiter::direct(Quota::per_second(r))),
+            discard_to,
+            seen: HashSet::new(),
+            held: Vec::new(),
+            planned: 0,
+            all_seen_streak: 0,
+            pending: BTreeMap::new(),
+            sends: JoinSet::new(),
+            keys_in_flight: HashMap::new(),
+            leases: VecDeque::new(),
+            body_bytes: 0,
+        }
+    }
+
+    fn max_reached(&self) -> bool {
+        self.plan.max.is_some_and(|m| self.planned >= m)
+    }
+
+    /// How many leases may be in flight now.
+    fn lease_slots(&self) -> usize {
+        let mut slots = self.caps.max_concurrent_leases.min(self.plan.concurrency).max(1);
+        if self.plan.rate.is_some() {
+            slots = slots.min(RATED_LEASE_SLOTS);
+        }
+        let average = self.body_bytes.checked_div(self.s.examined).unwrap_or(0);
+        let per_lease = self.lease_max as u64 * average.max(1024);
+        let by_memory = (LEASE_MEMORY_BUDGET / per_lease).max(1) as usize;
+        slots.min(by_memory)
+    }
+
+    fn start_lease(&mut self, generation: u32) {
+        let backend = self.engine.backend.clone();
+        let (max, hold) = (self.lease_max, self.plan.hold);
+        self.leases.push_back(InFlightLease {
+            generation,
+            task: tokio::spawn(async move { backend.lease(max, hold).await }),
+        });
+    }
+
+    /// Lease, examine and send until the DLQ is drained, everything left has
+    /// been seen, or a limit, a failure or a shutdown stops the pass.
+    async fn drive(&mut self, started: Instant) -> Result<(), RedriveError> {
+        let cancel = self.engine.cancel.clone();
+        let mut leasing = true;
+        // On a queue with ordered delivery, an empty lease while messages are
+        // outstanding may only mean their groups are locked (SQS FIFO, Pub/Sub
+        // ordering keys): leasing pauses until they settle, then looks again.
+        let mut paused = false;
+        let mut generation = 0;
+        let mut lease_failures = 0;
+        loop {
+            if cancel.is_cancelled() {
+                self.s.stopped = StopReason::Cancelled;
+                break;
+            }
+            if started.elapsed() >= self.plan.deadline {
+                self.s.stopped = StopReason::Deadline;
+                break;
+            }
+            if self.max_reached() {
+                self.s.stopped = StopReason::MaxReached;
+                break;
+            }
+            while leasing && !paused && self.leases.len() < self.lease_slots() {
+                self.start_lease(generation);
+            }
+            let Some(front) = self.leases.front_mut() else {
+                if !paused {
+                    // Nothing in flight and no more leasing: `stopped` says why.
+                    break;
+                }
+                // Settle everything outstanding, then look again.
+                if !self.dispatch(true).await {
+                    self.s.stopped = StopReason::Cancelled;
+                    break;
+                }
+                while let Some(done) = self.sends.join_next().await {
+                    self.merge_send(done.expect("send tasks do not panic"));
+                }
+                paused = false;
+                continue;
+            };
+            let joined = tokio::select! {
+                r = &mut front.task => r,
+                _ = cancel.cancelled() => { self.s.stopped = StopReason::Cancelled; break; }
+            };
+            let lease = self.leases.pop_front().expect("front");
+            let leased = match joined.expect("lease tasks do not panic") {
+                Ok(l) => {
+                    lease_failures = 0;
+                    l
+                }
+                // Leases started before the last retry failed for the same
+                // reason; only a fresh attempt counts.
+                Err(_) if lease.generation < generation => continue,
+                Err(e) => {
+                    lease_failures += 1;
+                    // Refused credentials, a missing queue or a request the
+                    // provider calls invalid do not heal by waiting.
+                    let permanent = matches!(
+                        e,
+                        BackendError::Auth { .. } | BackendError::NotFound { .. } | BackendError::Invalid(_)
+                    );
+                    if permanent {
+                        self.s.stopped = StopReason::Failed;
+                        self.s.errors.push(format!("lease failed: {e}"));
+                        break;
+                    }
+                    if lease_failures > LEASE_RETRIES {
+                        self.s.stopped = StopReason::Failed;
+                        self.s
+                            .errors
+                            .push(format!("lease failed {lease_failures} times in a row: {e}"));
+                        break;
+                    }
+                    tracing::warn!(error = %e, attempt = lease_failures, "lease failed; retrying");
+                    generation += 1;
+                    let backoff = tokio::time::sleep(Duration::from_millis(250 << lease_failures));
+                    tokio::select! {
+                        _ = backoff => {}
+                        _ = cancel.cancelled() => { self.s.stopped = StopReason::Cancelled; break; }
+                    }
+                    continue;
+                }
+            };
+            if leased.is_empty() {
+                // Nothing was visible: what the leases still in flight bring
+                // is examined, but no new lease starts.
+                let outstanding = !(self.leases.is_empty() && self.sends.is_empty() && self.pending.is_empty());
+                if self.caps.ordered_delivery && outstanding {
+                    paused = true;
+                } else if leasing {
+                    leasing = false;
+                    self.s.stopped = StopReason::Drained;
+                }
+            } else if self.examine(leased).await == 0 {
+                self.all_seen_streak += 1;
+                if self.all_seen_streak >= ALL_SEEN_LIMIT && leasing {
+                    leasing = false;
+                    self.s.stopped = StopReason::AllSeen;
+                }
+            } else {
+                self.all_seen_streak = 0;
+            }
+            let more_waiting = self.leases.front().is_some_and(|l| l.task.is_finished());
+            if !self.dispatch(!more_waiting).await {
+                self.s.stopped = StopReason::Cancelled;
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Examine a leased batch: skip what this run has seen, settle what an
+    /// interrupted run already sent, filter the rest and queue the matches.
+    /// Returns how many messages were fresh.
+    async fn examine(&mut self, leased: Vec<Leased>) -> usize {
+        let plan = self.plan;
+        let engine = self.engine;
+        let mut fresh = 0;
+        let mut journal_settle: Vec<Leased> = Vec::new();
+        for l in leased {
+            if !self.seen.insert(l.message.id.clone()) {
+                self.held.push(l.lease);
+                continue;
+            }
+            fresh += 1;
+            self.s.examined += 1;
+            self.body_bytes += l.message.body.len() as u64;
+            Progress::add(&engine.progress.examined, 1);
+            if !plan.dry_run
+                && engine
+                    .journal
+                    .as_ref()
+                    .is_some_and(|j| j.already_sent(&l.message.id, l.message.enqueued_at).is_some())
+            {
+                journal_settle.push(l);
+                continue;
+            }
+            let s = &mut self.s;
+            match plan.filter.matches(&l.message, Utc::now()) {
+                Err(e) => {
+                    s.filter_errors += 1;
+                    push_error(&mut s.errors, format!("filter on message {}: {e}", l.message.id));
+                    self.held.push(l.lease);
+                }
+                Ok(false) => self.held.push(l.lease),
+                Ok(true) if plan.max.is_some_and(|m| self.planned >= m) => self.held.push(l.lease),
+                Ok(true) if self.discard_to.is_none() && redrive_count(&l.message) >= plan.max_redrives => {
+                    s.skipped_max_redrives += 1;
+                    self.held.push(l.lease);
+                }
+                Ok(true) => {
+                    let dest = self
+                        .discard_to
+                        .clone()
+                        .or_else(|| plan.to.clone())
+                        .or_else(|| l.message.source.clone().map(Destination))
+                        .or_else(|| plan.fallback_source.clone());
+                    s.matched += 1;
+                    Progress::add(&engine.progress.matched, 1);
+                    if s.samples.len() < SAMPLE_SIZE {
+                        s.samples.push(Sample {
+                            id: l.message.id.clone(),
+                            reason: l.message.reason.clone(),
+                            destination: dest.as_ref().map(|d| d.0.clone()),
+                        });
+                    }
+                    let Some(dest) = dest else {
+                        s.send_failed += 1;
+                        Progress::add(&engine.progress.failed, 1);
+                        push_error(
+                            &mut s.errors,
+                            format!(
+                                "message {}: no destination (the provider names no source; set `source` in the config or pass --to)",
+                                l.message.id
+                            ),
+                        );
+                        self.held.push(l.lease);
+                        continue;
+                    };
+                    self.planned += 1;
+                    *s.destinations.entry(dest.0.clone()).or_default() += 1;
+                    if plan.dry_run {
+                        self.held.push(l.lease);
+                    } else {
+                        self.pending.entry(dest).or_default().push(l);
+                    }
+                }
+            }
+        }
+        if !journal_settle.is_empty() {
+            let n = journal_settle.len() as u64;
+            let out = engine.settle_batch(&plan.run_id, journal_settle, false).await;
+            self.s.settled_from_journal += n - out.settle_failed;
+            merge(&mut self.s, out, &mut self.held);
+        }
+        fresh
+    }
+
+    /// Hand pending matches to send tasks: full batches always, partial ones
+    /// when `partial`. A batch takes only messages whose ordering key has no
+    /// batch in flight, so one busy group never holds up the others; with
+    /// `partial`, it waits for sends until nothing is left pending. Returns
+    /// false when a shutdown came while waiting for rate tokens (what was not
+    /// handed over stays pending).
+    async fn dispatch(&mut self, partial: bool) -> bool {
+        let full = self.caps.batch_size.max(1);
+        loop {
+            let mut progressed = false;
+            let dests: Vec<Destination> = self.pending.keys().cloned().collect();
+            for dest in dests {
+                while let Some(queue) = self.pending.get_mut(&dest) {
+                    let Some(batch) = take_sendable(queue, &self.keys_in_flight, full, partial) else {
+                        break;
+                    };
+                    if queue.is_empty() {
+                        self.pending.remove(&dest);
+                    }
+                    progressed = true;
+                    if !self.send(dest.clone(), batch).await {
+                        return false;
+                    }
+                }
+            }
+            if self.pending.is_empty() || !partial {
+                return true;
+            }
+            if !progressed {
+                // Everything left waits for its group's batch in flight.
+                let Some(done) = self.sends.join_next().await else {
+                    unreachable!("pending messages wait only for keys of batches in flight")
+                };
+                self.merge_send(done.expect("send tasks do not panic"));
+            }
+        }
+    }
+
+    /// Start one send task for a single-destination batch, once the rate,
+    /// a concurrency slot and earlier batches of its ordering keys allow.
+    async fn send(&mut self, dest: Destination, batch: Vec<Leased>) -> bool {
+        let engine = self.engine;
+        let plan = self.plan;
+        if let Some(lim) = &self.limiter {
+            let tokens = async {
+                for _ in 0..batch.len() {
+                    lim.until_ready().await;
+                }
+            };
+            let cancelled = tokio::select! {
+                _ = tokens => false,
+                _ = engine.cancel.cancelled() => true,
+            };
+            if cancelled {
+                // Not sent: back to pending, which the shutdown releases.
+                let queue = self.pending.entry(dest).or_default();
+                queue.splice(0..0, batch);
+                return false;
+            }
+        }
+        let keys: Vec<String> = batch
+            .iter()
+            .filter_map(|l| l.message.ordering_key.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        // Guarantee 7: `take_sendable` took only keys with no batch in
+        // flight, and a key's batches go out in lease order.
+        while self.sends.len() >= plan.concurrency {
+            let Some(done) = self.sends.join_next().await else {
+                break;
+            };
+            self.merge_send(done.expect("send tasks do not panic"));
+        }
+        for k in &keys {
+            *self.keys_in_flight.entry(k.clone()).or_default() += 1;
+        }
+        let outgoing: Vec<Outgoing> = batch
+            .iter()
+            .filter(|_| self.discard_to.is_none())
+            .map(|l| {
+                let (mut o, marked) = outgoing_copy(&l.message, plan, &*engine.backend);
+                if !marked {
+                    self.s.marks_omitted += 1;
+                }
+                // A copy an interrupted run may already have sent keeps
+                // that run's mark, so consumers can dedupe.
+                if let Some(prior) = engine.journal.as_ref().and_then(|j| j.prior_redrive_id(&l.message.id)) {
+                    if marked {
+                        o.attributes.insert(MARK_ID.into(), Attribute::string(prior));
+                    }
+                    self.s.resent_after_crash += 1;
+                }
+                o
+            })
+            .collect();
+        let task = engine.clone_for_task();
+        let run_id = plan.run_id.clone();
+        let action = plan.action.clone();
+        self.sends.spawn(async move {
+            let mut out = match action {
+                Action::Redrive => task.send_batch(&run_id, &dest, batch, outgoing).await,
+                Action::Discard { backup } => task.discard_batch(&run_id, batch, backup).await,
+            };
+            out.keys = keys;
+            out
+        });
+        true
+    }
+
+    fn merge_send(&mut self, out: BatchOutcome) {
+        release_keys(&mut self.keys_in_flight, &out.keys);
+        merge(&mut self.s, out, &mut self.held);
+    }
+
+    /// End the pass: send what is pending (unless shut down), wait for the
+    /// sends, take back what leases still in flight bring, and release
+    /// everything held, together (guarantee 4).
+    async fn finish(mut self) -> RunSummary {
+        if self.s.stopped != StopReason::Cancelled && !self.dispatch(true).await {
+            self.s.stopped = StopReason::Cancelled;
+        }
+        // Matches never handed to a send task stay in the DLQ.
+        for (dest, batch) in std::mem::take(&mut self.pending) {
+            if let Some(n) = self.s.destinations.get_mut(&dest.0) {
+                *n -= batch.len() as u64;
+            }
+            self.planned -= batch.len() as u64;
+            self.held.extend(batch.into_iter().map(|l| l.lease));
+        }
+        self.s.destinations.retain(|_, n| *n > 0);
+        while let Some(done) = self.sends.join_next().await {
+            self.merge_send(done.expect("send tasks do not panic"));
+        }
+        // Leases still in flight answer within their provider's wait; what
+        // they bring was never examined and goes straight back.
+        for lease in std::mem::take(&mut self.leases) {
+            if let Ok(Ok(leased)) = lease.task.await {
+                self.held.extend(leased.into_iter().map(|l| l.lease));
+            }
+        }
+        self.s.released = self.held.len() as u64;
+        let chunk = self.caps.batch_size.max(1);
+        let parallel = self.plan.concurrency.max(1);
+        let mut releases: JoinSet<Result<(), (usize, BackendError)>> = JoinSet::new();
+        let mut failed: Vec<(usize, BackendError)> = Vec::new();
+        let mut record = |r: Option<Result<Result<(), (usize, BackendError)>, _>>| {
+            if let Some(Err(f)) = r.map(|j| j.expect("release tasks do not panic")) {
+                failed.push(f);
+            }
+        };
+        for c in self.held.chunks(chunk) {
+            if releases.len() >= parallel {
+                record(releases.join_next().await);
+            }
+            let (backend, c) = (self.engine.backend.clone(), c.to_vec());
+            releases.spawn(async move { backend.release(&c).await.map_err(|e| (c.len(), e)) });
+        }
+        while let Some(r) = releases.join_next().await {
+            record(Some(r));
+        }
+        if let Some((_, e)) = failed.first() {
+            let n: usize = failed.iter().map(|(n, _)| n).sum();
+            push_error(
+                &mut self.s.errors,
+                format!(
+                    "releasing {n} of {} held messages failed ({e}); they become visible again when their lease expires",
+                    self.held.len()
+                ),
+            );
+        }
+        self.s
+    }
+}
+
 fn merge(s: &mut RunSummary, out: BatchOutcome, held: &mut Vec<LeaseId>) {
     s.sent += out.sent;
     s.settled += out.settled;
@@ -779,6 +1013,35 @@ fn lease_size(batch_size: usize, rate: Option<NonZeroU32>, hold: Duration) -> us
     let Some(rate) = rate else { return batch_size };
     let within_hold = (f64::from(rate.get()) * hold.as_secs_f64() / 2.0).floor() as usize;
     batch_size.min(within_hold).max(1)
+}
+
+/// The next batch to send from one destination's pending matches, in lease
+/// order: up to `full` messages, skipping every message whose ordering key
+/// has a batch in flight (guarantee 7: a key's copies go out one batch after
+/// another, in order, while other keys go ahead). `None` when nothing can go,
+/// or when fewer than `full` can and `partial` is false.
+fn take_sendable(
+    queue: &mut Vec<Leased>,
+    busy: &HashMap<String, usize>,
+    full: usize,
+    partial: bool,
+) -> Option<Vec<Leased>> {
+    let free = |l: &Leased| l.message.ordering_key.as_ref().is_none_or(|k| !busy.contains_key(k));
+    let ready = queue.iter().filter(|l| free(l)).take(full).count();
+    if ready == 0 || (ready < full && !partial) {
+        return None;
+    }
+    let mut batch = Vec::with_capacity(ready);
+    let mut rest = Vec::with_capacity(queue.len() - ready);
+    for l in queue.drain(..) {
+        if batch.len() < ready && free(&l) {
+            batch.push(l);
+        } else {
+            rest.push(l);
+        }
+    }
+    *queue = rest;
+    Some(batch)
 }
 
 fn release_keys(in_flight: &mut HashMap<String, usize>, keys: &[String]) {
@@ -857,6 +1120,61 @@ pub fn new_run_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn leased(id: &str, key: Option<&str>) -> Leased {
+        Leased {
+            message: DlqMessage {
+                id: id.into(),
+                body: Default::default(),
+                attributes: Default::default(),
+                properties: Default::default(),
+                reason: None,
+                description: None,
+                delivery_count: None,
+                enqueued_at: None,
+                source: None,
+                ordering_key: key.map(Into::into),
+            },
+            lease: LeaseId(id.into()),
+        }
+    }
+
+    fn ids(batch: &[Leased]) -> Vec<&str> {
+        batch.iter().map(|l| l.message.id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_group_with_a_batch_in_flight_waits_while_other_groups_go_ahead_in_order() {
+        let mut queue = vec![
+            leased("a1", Some("a")),
+            leased("b1", Some("b")),
+            leased("a2", Some("a")),
+            leased("c1", Some("c")),
+            leased("b2", Some("b")),
+            leased("n1", None),
+        ];
+        let busy = HashMap::from([("a".to_string(), 1)]);
+        let batch = take_sendable(&mut queue, &busy, 10, true).expect("b, c and n can go");
+        assert_eq!(ids(&batch), ["b1", "c1", "b2", "n1"]);
+        assert_eq!(ids(&queue), ["a1", "a2"], "group a keeps its order, waiting");
+        assert!(take_sendable(&mut queue, &busy, 10, true).is_none());
+        // Once a's batch is done, a goes in order.
+        let batch = take_sendable(&mut queue, &HashMap::new(), 10, true).expect("a is free");
+        assert_eq!(ids(&batch), ["a1", "a2"]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn only_full_batches_go_unless_partial_ones_are_allowed() {
+        let mut queue: Vec<Leased> = (0..5).map(|i| leased(&format!("m{i}"), Some("k"))).collect();
+        let none = HashMap::new();
+        assert!(take_sendable(&mut queue, &none, 10, false).is_none());
+        assert_eq!(queue.len(), 5, "nothing taken");
+        let batch = take_sendable(&mut queue, &none, 3, false).expect("a full batch of 3");
+        assert_eq!(ids(&batch), ["m0", "m1", "m2"]);
+        let batch = take_sendable(&mut queue, &none, 3, true).expect("the partial rest");
+        assert_eq!(ids(&batch), ["m3", "m4"]);
+    }
 
     #[test]
     fn lease_size_keeps_a_batch_within_what_the_rate_allows_in_half_the_hold() {

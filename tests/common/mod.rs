@@ -60,6 +60,12 @@ pub trait Fixture: Send + Sync + Sized {
     /// for the failure route. Backends where that is impossible dead-letter them.
     async fn put_in_dlq(&self, msgs: &[TestMessage]);
 
+    /// Fill the DLQ with ordered messages, keeping each group's order: the
+    /// failure route where it keeps order, else a direct put.
+    async fn fill_dlq_in_order(&self, msgs: &[TestMessage]) {
+        self.dead_letter(msgs).await;
+    }
+
     /// Read and remove everything that arrived at the source.
     async fn drain_source(&self) -> Vec<Received>;
 

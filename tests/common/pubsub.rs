@@ -320,6 +320,13 @@ impl Fixture for PubSubFixture {
         self.publish(DLQ_TOPIC, msgs).await;
     }
 
+    async fn fill_dlq_in_order(&self, msgs: &[TestMessage]) {
+        // An ordered subscription delivers a key's next message only once the
+        // one before is acked, so a consumer that always nacks dead-letters
+        // only the head of each key: publish to the dead-letter topic instead.
+        self.put_in_dlq(msgs).await;
+    }
+
     async fn drain_source(&self) -> Vec<Received> {
         let sub = if self.ordered {
             self.client.subscription(ORDERED_READER_SUB)

@@ -1447,6 +1447,11 @@ impl QueueBackend for ServiceBusBackend {
             typed_attributes: true,
             max_attributes: None,
             batch_size: BATCH,
+            // The link browses for the next lease while earlier ones are received.
+            max_concurrent_leases: 4,
+            // Session order is kept by the queue's own order; a plain
+            // receiver on the dead-letter queue is never held back.
+            ordered_delivery: false,
         }
     }
 
