@@ -22,11 +22,13 @@ use dlq_bridge::engine::redrive::MARK_ID;
 
 const MESSAGES: usize = 40;
 /// Messages per second for the killed runs. The token bucket's burst equals
-/// the rate and the engine leases at most rate × hold / 2 (20) at once, so a
-/// run of 40 sends its first 20 at once and waits about a second for the
-/// rest: the kills placed from the start land in that wait, the journalled
-/// ones also just after the `leased` records. (At 60/s a 40-message run is
-/// over in about 100 ms on a fast machine, before any kill.)
+/// the rate; with a rate the engine keeps two leases in flight, each of at
+/// most rate × hold / 4 (10) messages, so a run of 40 sends its first 20 at
+/// once and waits about a second for the rest with two leases out (one
+/// waiting for its tokens, the next already leased or being leased): the
+/// kills placed from the start land in that wait, the journalled ones also
+/// just after the `leased` records. (At 60/s a 40-message run is over in
+/// about 100 ms on a fast machine, before any kill.)
 const KILL_RATE: &str = "20";
 /// Kills placed from the start land 100 ms to 100 + this after it.
 const KILL_WINDOW_MS: u64 = 900;

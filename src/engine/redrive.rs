@@ -1,11 +1,12 @@
 //! The redrive engine: all redrive policy, generic over [`QueueBackend`]
 //! (DESIGN §3).
 //!
-//! One pass leases batch after batch. Each fresh message is filtered; matches
-//! are sent to their destination, and only messages whose copy was confirmed
-//! are settled (guarantee 1). Everything else stays leased until the pass ends
-//! and is then released together, and a seen-set stops the pass from examining
-//! a message twice, so a pass always terminates (guarantee 4).
+//! One pass leases batch after batch, with several leases in flight to hide
+//! the provider's round trip (see [`Pass`]). Each fresh message is filtered;
+//! matches are sent to their destination, and only messages whose copy was
+//! confirmed are settled (guarantee 1). Everything else stays leased until the
+//! pass ends and is then released together, and a seen-set stops the pass from
+//! examining a message twice, so a pass always terminates (guarantee 4).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
