@@ -5,11 +5,16 @@
 # never fails on a figure, only when something cannot run.
 #
 #   bench/run.sh --quick   a few minutes (CI): 1k messages, 2 runs each, 30 s idle
-#                          window; report to $BENCH_OUT (default
+#                          window, latency part at 1k; report to $BENCH_OUT (default
 #                          ${TMPDIR:-/tmp}/dlq-bridge-bench/benchmarks-quick.md)
 #   bench/run.sh           full: 1k, 10k and 100k messages (100k: not SQS, see the notes), 3 runs each (100k: 1),
-#                          60 s idle window, image size (BENCH_IMAGE=0 skips the
-#                          image's static build); writes docs/benchmarks.md
+#                          latency part at 10k, 60 s idle window, image size (BENCH_IMAGE=0
+#                          skips the image's static build); writes docs/benchmarks.md
+#
+# The latency part (--only latency runs it alone) redrives once direct and once
+# through examples/delayproxy.rs, a TCP proxy with a fixed one-way delay
+# (--latency-ms 20 round trip, --latency-count N), for dlq-bridge and baseline (a).
+# Its Service Bus runs need 127.0.0.2:5672 free as well.
 #
 # Options after the mode are passed to bench/bench.py, e.g. --backends sqs,pubsub.
 # The machine is shared: run the full mode when `uptime` shows a load under 2.5.
@@ -43,8 +48,8 @@ ensure_pubsub_emulator() {
 }
 ensure_pubsub_emulator
 
-log "building release binaries (dlq-bridge, examples/baseline.rs, servicebus-emulator)"
-nice -n 5 cargo build --release --locked --bin dlq-bridge --example baseline -p dlq-bridge >&2
+log "building release binaries (dlq-bridge, examples/baseline.rs, examples/delayproxy.rs, servicebus-emulator)"
+nice -n 5 cargo build --release --locked --bin dlq-bridge --example baseline --example delayproxy -p dlq-bridge >&2
 nice -n 5 cargo build --release --locked -p servicebus-emulator >&2
 TARGET=$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
@@ -80,6 +85,7 @@ fi
 exec python3 bench/bench.py "${QUICK[@]}" \
   --bin "$TARGET/release/dlq-bridge" \
   --baseline "$TARGET/release/examples/baseline" \
+  --delayproxy "$TARGET/release/examples/delayproxy" \
   --sb-emulator "$TARGET/release/servicebus-emulator" \
   --image-size "$IMAGE_SIZE" \
   --out "$OUT" "$@"
