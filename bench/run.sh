@@ -80,6 +80,14 @@ if [[ $MODE == quick ]]; then
   QUICK=(--quick)
 else
   OUT=${BENCH_OUT:-$ROOT/docs/benchmarks.md}
+  # A full run of one part (--only PART) writes docs/benchmarks-PART.md and
+  # leaves the whole report alone.
+  for ((i = 1; i <= $#; i++)); do
+    if [[ ${!i} == --only ]]; then
+      j=$((i + 1))
+      OUT=${BENCH_OUT:-$ROOT/docs/benchmarks-${!j}.md}
+    fi
+  done
   QUICK=()
 fi
 exec python3 bench/bench.py "${QUICK[@]}" \

@@ -960,7 +960,8 @@ impl<'a> Pass<'a> {
             }
         }
         self.s.released = self.held.len() as u64;
-        let chunk = self.caps.batch_size.max(1);
+        // As many as one lease may take: what one call can release.
+        let chunk = self.caps.max_lease_size.max(1);
         let parallel = self.plan.concurrency.max(1);
         let mut releases: JoinSet<Result<(), (usize, BackendError)>> = JoinSet::new();
         let mut failed: Vec<(usize, BackendError)> = Vec::new();
