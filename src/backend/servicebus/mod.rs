@@ -116,7 +116,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 mod link;
 use std::time::{Duration, Instant};
@@ -143,7 +143,18 @@ use crate::model::{
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
 
+/// One set of sender links, one per destination, and the connection
+/// generation they were attached on.
+#[derive(Default)]
+struct Senders {
+    generation: u64,
+    by_dest: HashMap<String, ServiceBusSender>,
+}
+
 const PROVIDER: &str = "Service Bus";
+/// Sender links per destination: how many batches may be sent to one
+/// destination at once.
+const SENDER_SHARDS: usize = 4;
 /// Messages per send batch and settle call, and per lease until the engine
 /// knows how large bodies are.
 const BATCH: usize = 100;
@@ -302,9 +313,11 @@ pub struct ServiceBusBackend {
     receiver: Mutex<Option<ServiceBusReceiver>>,
     /// The connection generation the receiver was attached on.
     receiver_generation: AtomicU64,
-    senders: Mutex<HashMap<String, ServiceBusSender>>,
-    /// The connection generation the senders were attached on.
-    senders_generation: AtomicU64,
+    /// Sender links, in [`SENDER_SHARDS`] sets: a send holds its sender for
+    /// its whole round trip, so one link per destination would send one batch
+    /// at a time whatever the engine's concurrency.
+    senders: Vec<Mutex<Senders>>,
+    next_shard: AtomicUsize,
     /// What the dead-letter queue's own link needs to (re)open.
     link_config: Arc<link::LinkConfig>,
     /// The dead-letter queue's own link (lease, complete, abandon).
@@ -509,8 +522,8 @@ impl ServiceBusBackend {
             conn,
             receiver: Mutex::new(None),
             receiver_generation: AtomicU64::new(0),
-            senders: Mutex::new(HashMap::new()),
-            senders_generation: AtomicU64::new(0),
+            senders: (0..SENDER_SHARDS).map(|_| Mutex::default()).collect(),
+            next_shard: AtomicUsize::new(0),
             link_config,
             dlq: Mutex::new(None),
             link_generations: AtomicU64::new(0),
@@ -603,7 +616,9 @@ impl ServiceBusBackend {
     /// messages return to the DLQ.
     async fn reset(&self, generation: u64) {
         self.reset_client_only(generation).await;
-        self.senders.lock().await.clear();
+        for shard in &self.senders {
+            shard.lock().await.by_dest.clear();
+        }
     }
 
     async fn ensure_receiver<'a>(
@@ -756,22 +771,21 @@ impl ServiceBusBackend {
     }
 
     /// A sender to `dest`, opened on first use.
-    async fn sender<'a>(
-        &self,
-        senders: &'a mut HashMap<String, ServiceBusSender>,
-        dest: &str,
-    ) -> Result<&'a mut ServiceBusSender> {
+    async fn sender<'a>(&self, senders: &'a mut Senders, dest: &str) -> Result<&'a mut ServiceBusSender> {
         let current = self.conn.generation().await;
-        if current != Some(self.senders_generation.load(Ordering::Relaxed)) {
+        if current != Some(senders.generation) {
             // Attached on a connection that was closed since.
-            senders.clear();
+            senders.by_dest.clear();
         }
-        if !senders.contains_key(dest) {
+        let senders = if senders.by_dest.contains_key(dest) {
+            &mut senders.by_dest
+        } else {
             let mut client_slot = self.conn.slot.lock().await;
             let (generation, client) = self.client(&mut client_slot).await?;
-            if self.senders_generation.swap(generation, Ordering::Relaxed) != generation {
-                senders.clear();
+            if std::mem::replace(&mut senders.generation, generation) != generation {
+                senders.by_dest.clear();
             }
+            let senders = &mut senders.by_dest;
             let fut = client.create_sender(dest.to_string(), ServiceBusSenderOptions::default());
             let sender = match tokio::time::timeout(CALL_TIMEOUT, fut).await {
                 Ok(Ok(s)) => s,
@@ -783,7 +797,8 @@ impl ServiceBusBackend {
                 }
             };
             senders.insert(dest.to_string(), sender);
-        }
+            senders
+        };
         Ok(senders.get_mut(dest).expect("just inserted"))
     }
 
@@ -842,7 +857,8 @@ impl ServiceBusBackend {
 
     /// Send one batch, with a timeout and retries on a fresh link.
     async fn send_batch(&self, dest: &str, msgs: &[ServiceBusMessage]) -> Result<(), BackendError> {
-        let mut senders = self.senders.lock().await;
+        let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        let mut senders = self.senders[shard].lock().await;
         let mut last = String::new();
         for attempt in 1..=SEND_ATTEMPTS {
             let sender = self.sender(&mut senders, dest).await?;
@@ -851,7 +867,7 @@ impl ServiceBusBackend {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) => {
                     let err = classify(&e, &self.unreachable(""), dest, "send");
-                    senders.remove(dest);
+                    senders.by_dest.remove(dest);
                     match err {
                         BackendError::NotFound { .. } | BackendError::Auth { .. } => return Err(err),
                         _ => last = err.to_string(),
@@ -860,7 +876,7 @@ impl ServiceBusBackend {
                 Err(_) => {
                     // A lost settlement (fe2o3-amqp race): retry on a new link.
                     tracing::warn!(%dest, attempt, "send not confirmed within {SEND_TIMEOUT:?}; retrying");
-                    senders.remove(dest);
+                    senders.by_dest.remove(dest);
                     last = format!("send not confirmed within {SEND_TIMEOUT:?}");
                 }
             }
@@ -881,7 +897,7 @@ impl ServiceBusBackend {
         msgs: &[ServiceBusMessage],
         estimate: usize,
     ) -> Result<Vec<std::ops::Range<usize>>> {
-        let mut senders = self.senders.lock().await;
+        let mut senders = self.senders[0].lock().await;
         let sender = self.sender(&mut senders, dest).await?;
         let max = match sender.create_message_batch(CreateMessageBatchOptions::default()) {
             Ok(b) => b.max_size_in_bytes() as usize,
