@@ -159,9 +159,9 @@ const SENDER_SHARDS: usize = 4;
 /// knows how large bodies are.
 const BATCH: usize = 100;
 /// The most messages one lease asks for (one browse, then that much credit).
-/// The link's task browses for one lease or confirms settles at a time, each
-/// a round trip, so behind a real network larger leases are what keeps the
-/// lease rate up; the engine grows to this only while bodies are small.
+/// The link's task browses for one lease at a time, each a round trip, so
+/// behind a real network larger leases are what keeps the lease rate up; the
+/// engine grows to this only while bodies are small.
 const MAX_LEASE: usize = 500;
 /// The standard tier's limit on a message (premium allows up to 100 MB;
 /// the link's advertised maximum decides how sends are split).
