@@ -539,7 +539,8 @@ struct Pass<'a> {
     plan: &'a RedrivePlan,
     s: RunSummary,
     caps: Capabilities,
-    lease_max: usize,
+    /// With a rate: the fixed lease size that keeps a batch within its hold.
+    rated_lease: Option<usize>,
     limiter: Option<DefaultDirectRateLimiter>,
     /// Where a purge "sends" its matches (the backup), for the summary.
     discard_to: Option<Destination>,
@@ -561,10 +562,9 @@ impl<'a> Pass<'a> {
         let caps = engine.backend.capabilities();
         // Each leased batch waits for its rate tokens behind the others in
         // flight: they share the hold.
-        let lease_max = match plan.rate {
-            Some(_) => lease_size(caps.batch_size, plan.rate, plan.hold / RATED_LEASE_SLOTS as u32),
-            None => caps.batch_size,
-        };
+        let rated_lease = plan
+            .rate
+            .map(|_| lease_size(caps.batch_size, plan.rate, plan.hold / RATED_LEASE_SLOTS as u32));
         let discard_to = match &plan.action {
             Action::Redrive => None,
             Action::Discard { backup } => Some(Destination(match backup {
@@ -577,7 +577,7 @@ impl<'a> Pass<'a> {
             plan,
             s,
             caps,
-            lease_max,
+            rated_lease,
             limiter: plan.rate.map(|r| RateLimiter::direct(Quota::per_second(r))),
             discard_to,
             seen: HashSet::new(),
@@ -599,9 +599,9 @@ impl<'a> Pass<'a> {
     /// How many leases may be in flight now, and how many messages each
     /// asks for: see [`lease_plan`].
     fn lease_plan(&self) -> (usize, usize) {
-        if self.plan.rate.is_some() {
+        if let Some(size) = self.rated_lease {
             let slots = self.caps.max_concurrent_leases.min(self.plan.concurrency);
-            return (slots.clamp(1, RATED_LEASE_SLOTS), self.lease_max);
+            return (slots.clamp(1, RATED_LEASE_SLOTS), size);
         }
         let average = self.body_bytes.checked_div(self.s.examined);
         lease_plan(&self.caps, self.plan.concurrency, average)
