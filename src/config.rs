@@ -388,7 +388,7 @@ fn default_description_attribute() -> String {
 #[serde(deny_unknown_fields)]
 pub struct RedriveConfig {
     /// Batches sent and settled at the same time; also caps the leases in
-    /// flight (each provider sets its own cap below this). Default 8.
+    /// flight (each provider sets its own cap below this). Default 16.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// How long messages stay leased during a pass. Messages a pass holds
@@ -457,7 +457,7 @@ impl Default for RedriveConfig {
 }
 
 fn default_concurrency() -> usize {
-    8
+    16
 }
 fn default_hold() -> Duration {
     Duration::from_secs(300)

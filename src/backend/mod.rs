@@ -121,6 +121,11 @@ pub trait QueueBackend: Send + Sync {
 
     /// Turn a user-given destination (`--to`) into the provider's address.
     async fn resolve_destination(&self, name: &str) -> Result<Destination>;
+
+    /// A pass is about to send to `to`: open in the background what sends
+    /// there will need, so that the first batches do not wait for it behind
+    /// the first leases. Never fails; a send reports its own errors.
+    fn prepare_send(self: Arc<Self>, _to: &Destination) {}
 }
 
 /// Provider clients shared by every queue that can use the same one: one AWS

@@ -193,6 +193,8 @@ pub struct PubSubBackend {
     target_attribute: Option<String>,
     /// Failing subscription → its topic (None: it no longer exists).
     source_topics: Mutex<HashMap<String, Option<String>>>,
+    /// The DLQ subscription's topic, as `connect` found it.
+    dlq_topic: String,
     /// The single subscription whose dead-letter policy points at this DLQ's topic.
     listed_source: OnceCell<Option<String>>,
     warned_hold: AtomicBool,
@@ -270,9 +272,11 @@ impl Conns {
                     .map_err(|e| connect_error(endpoint, e))
             }
         };
-        let rpc_cm = cm(pool).await?;
+        // Concurrently: each channel is a TCP (and on Google's endpoint a TLS)
+        // handshake, round trips a redrive would otherwise wait for in turn.
         // The streaming-pull pool is never used (no StreamingPull, ever).
-        let subc = SubscriberClient::new(cm(pool).await?, cm(1).await?);
+        let (rpc_cm, sub_cm, streaming_cm) = tokio::try_join!(cm(pool), cm(pool), cm(1))?;
+        let subc = SubscriberClient::new(sub_cm, streaming_cm);
         Ok(Arc::new(Self {
             subc,
             rpc_cm,
@@ -354,6 +358,7 @@ impl PubSubBackend {
             config_source,
             target_attribute: cfg.target_subscription_attribute.clone().filter(|a| !a.is_empty()),
             source_topics: Mutex::new(HashMap::new()),
+            dlq_topic: String::new(),
             listed_source: OnceCell::new(),
             warned_hold: AtomicBool::new(false),
             ordered_delivery: false,
@@ -370,7 +375,9 @@ impl PubSubBackend {
             )
             .await
             .map_err(|s| backend.error(s, &backend.subscription))?;
-        backend.ordered_delivery = sub.into_inner().enable_message_ordering;
+        let sub = sub.into_inner();
+        backend.ordered_delivery = sub.enable_message_ordering;
+        backend.dlq_topic = sub.topic;
         Ok(backend)
     }
 
@@ -637,19 +644,7 @@ impl PubSubBackend {
     async fn listed_source(&self) -> Result<Option<String>> {
         self.listed_source
             .get_or_try_init(|| async {
-                let dlq_topic = self
-                    .conns
-                    .subc
-                    .get_subscription(
-                        GetSubscriptionRequest {
-                            subscription: self.subscription.clone(),
-                        },
-                        None,
-                    )
-                    .await
-                    .map_err(|s| self.error(s, &self.subscription))?
-                    .into_inner()
-                    .topic;
+                let dlq_topic = &self.dlq_topic;
                 let subs = match self
                     .conns
                     .subc
@@ -674,7 +669,7 @@ impl PubSubBackend {
                     .filter(|s| {
                         s.dead_letter_policy
                             .as_ref()
-                            .is_some_and(|p| p.dead_letter_topic == dlq_topic)
+                            .is_some_and(|p| p.dead_letter_topic == *dlq_topic)
                     })
                     .map(|s| s.topic)
                     .filter(|t| t.starts_with("projects/"))
@@ -903,9 +898,12 @@ impl QueueBackend for PubSubBackend {
             // One slot is kept for the targeted-redrive attribute.
             max_attributes: Some(MAX_ATTRIBUTES - usize::from(self.target_attribute.is_some())),
             batch_size: BATCH,
-            // A pull and its deadline change are two round trips per lease.
+            // A pull and its deadline change are two round trips per lease,
+            // and a pull brings fewer than it asks for whenever the service
+            // likes (the emulator at most 100): leases hide the round trips
+            // only in numbers.
             max_lease_size: COUNT_PULL,
-            max_concurrent_leases: 8,
+            max_concurrent_leases: 16,
             ordered_delivery: self.ordered_delivery,
         }
     }

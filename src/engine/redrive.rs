@@ -317,6 +317,13 @@ impl Engine {
         })?;
         self.sync_journal()?;
 
+        if !plan.dry_run && matches!(plan.action, Action::Redrive) {
+            // Without `--to`, copies go where each message came from: most
+            // often the fallback source.
+            if let Some(dest) = plan.to.as_ref().or(plan.fallback_source.as_ref()) {
+                self.backend.clone().prepare_send(dest);
+            }
+        }
         let mut pass = Pass::new(self, plan, s);
         let result = pass.drive(started).await;
         let mut s = pass.finish().await;
@@ -363,6 +370,7 @@ impl Engine {
             out.unsent.extend(batch.into_iter().map(|l| l.lease));
             return out;
         }
+        let sending = std::time::Instant::now();
         let results = match self.backend.send(dest, &outgoing).await {
             Ok(r) => r,
             Err(e) => {
@@ -405,7 +413,9 @@ impl Engine {
             out.unsent.extend(confirmed.into_iter().map(|l| l.lease));
             return out;
         }
+        let sent_in = sending.elapsed();
         let settled = self.settle_batch(run, confirmed, false).await;
+        tracing::debug!(?sent_in, settled_in = ?(sending.elapsed() - sent_in), "batch sent and settled");
         out.settled = settled.settled;
         out.settle_failed = settled.settle_failed;
         out.unsent.extend(settled.unsent);
@@ -544,7 +554,7 @@ struct Pass<'a> {
     limiter: Option<DefaultDirectRateLimiter>,
     /// Where a purge "sends" its matches (the backup), for the summary.
     discard_to: Option<Destination>,
-    seen: HashSet<String>,
+    seen: SeenSet,
     /// Leases released when the pass ends (guarantee 4).
     held: Vec<LeaseId>,
     planned: u64,
@@ -580,7 +590,7 @@ impl<'a> Pass<'a> {
             rated_lease,
             limiter: plan.rate.map(|r| RateLimiter::direct(Quota::per_second(r))),
             discard_to,
-            seen: HashSet::new(),
+            seen: SeenSet::default(),
             held: Vec::new(),
             planned: 0,
             all_seen_streak: 0,
@@ -608,6 +618,7 @@ impl<'a> Pass<'a> {
     }
 
     fn start_lease(&mut self, generation: u32, max: usize) {
+        tracing::debug!(max, in_flight = self.leases.len(), "lease started");
         let backend = self.engine.backend.clone();
         let hold = self.plan.hold;
         self.leases.push_back(InFlightLease {
@@ -665,6 +676,9 @@ impl<'a> Pass<'a> {
                 _ = cancel.cancelled() => { self.s.stopped = StopReason::Cancelled; break; }
             };
             let lease = self.leases.pop_front().expect("front");
+            if let Ok(Ok(l)) = &joined {
+                tracing::debug!(leased = l.len(), in_flight = self.leases.len(), "lease returned");
+            }
             let leased = match joined.expect("lease tasks do not panic") {
                 Ok(l) => {
                     lease_failures = 0;
@@ -722,8 +736,12 @@ impl<'a> Pass<'a> {
             } else {
                 self.all_seen_streak = 0;
             }
+            // A partial batch goes when nothing would fill it soon: no other
+            // lease result is waiting, and sends are not the bottleneck (with
+            // most send slots busy, it would take a slot from a full batch).
             let more_waiting = self.leases.front().is_some_and(|l| l.task.is_finished());
-            if !self.dispatch(!more_waiting).await {
+            let sends_busy = self.sends.len() * 2 >= self.plan.concurrency;
+            if !self.dispatch(!more_waiting && !sends_busy).await {
                 self.s.stopped = StopReason::Cancelled;
                 break;
             }
@@ -740,7 +758,7 @@ impl<'a> Pass<'a> {
         let mut fresh = 0;
         let mut journal_settle: Vec<Leased> = Vec::new();
         for l in leased {
-            if !self.seen.insert(l.message.id.clone()) {
+            if !self.seen.insert(&l.message.id) {
                 self.held.push(l.lease);
                 continue;
             }
@@ -914,6 +932,7 @@ impl<'a> Pass<'a> {
                 o
             })
             .collect();
+        tracing::debug!(messages = batch.len(), sends = self.sends.len(), "send started");
         let task = engine.clone_for_task();
         let run_id = plan.run_id.clone();
         let action = plan.action.clone();
@@ -929,6 +948,7 @@ impl<'a> Pass<'a> {
     }
 
     fn merge_send(&mut self, out: BatchOutcome) {
+        tracing::debug!(settled = out.settled, "send batch done");
         release_keys(&mut self.keys_in_flight, &out.keys);
         merge(&mut self.s, out, &mut self.held);
     }
@@ -960,6 +980,7 @@ impl<'a> Pass<'a> {
             }
         }
         self.s.released = self.held.len() as u64;
+        tracing::debug!(held = self.held.len(), "releasing what the pass held");
         // As many as one lease may take: what one call can release.
         let chunk = self.caps.max_lease_size.max(1);
         let parallel = self.plan.concurrency.max(1);
@@ -1066,6 +1087,27 @@ fn lease_plan(caps: &Capabilities, concurrency: usize, average: Option<u64>) -> 
     (slots.min(by_memory).max(1), size)
 }
 
+/// The message IDs a pass has examined, as 128-bit digests: a pass over a
+/// million messages keeps 16 bytes per ID instead of the ID (Service Bus and
+/// SQS IDs are 36 characters, Pub/Sub's up to 20; with the string's own
+/// header and the allocator's rounding about 80 bytes). Two IDs sharing a
+/// digest (about 1 in 10^26 for a million IDs) would make the second look
+/// seen: held and released, never lost.
+#[derive(Default)]
+struct SeenSet {
+    keys: (std::hash::RandomState, std::hash::RandomState),
+    digests: HashSet<u128>,
+}
+
+impl SeenSet {
+    /// Whether `id` is new to the pass (and now recorded).
+    fn insert(&mut self, id: &str) -> bool {
+        use std::hash::BuildHasher;
+        let digest = (u128::from(self.keys.0.hash_one(id)) << 64) | u128::from(self.keys.1.hash_one(id));
+        self.digests.insert(digest)
+    }
+}
+
 fn release_keys(in_flight: &mut HashMap<String, usize>, keys: &[String]) {
     for k in keys {
         if let Some(n) = in_flight.get_mut(k) {
@@ -1163,6 +1205,17 @@ mod tests {
 
     fn ids(batch: &[Leased]) -> Vec<&str> {
         batch.iter().map(|l| l.message.id.as_str()).collect()
+    }
+
+    #[test]
+    fn the_seen_set_knows_each_id_once() {
+        let mut seen = SeenSet::default();
+        let ids: Vec<String> = (0..10_000).map(|i| format!("{i:08x}-message")).collect();
+        assert!(ids.iter().all(|id| seen.insert(id)), "every new ID is new");
+        assert!(ids.iter().all(|id| !seen.insert(id)), "every ID seen before is seen");
+        assert!(seen.insert("0"), "a prefix of a seen ID is new");
+        assert!(seen.insert(""), "the empty ID is new once");
+        assert!(!seen.insert(""));
     }
 
     #[test]

@@ -14,11 +14,12 @@
 //!
 //! One task owns the connection, the session, the `$cbs` client, the receiver
 //! link and a `$management` client of the dead-letter queue, and serves the
-//! backend's commands as they come: concurrent `lease` calls overlap (each
-//! browses and grants its credit while earlier ones are still being received,
-//! and deliveries fill them in order), and completes and abandons are applied
-//! as soon as they arrive, between two deliveries, so that the settles of one
-//! batch overlap the next leases.
+//! backend's commands as they come: concurrent `lease` calls overlap (the
+//! leases asked for while the task was busy share one browse and grant their
+//! credit while earlier ones are still being received, and deliveries fill
+//! them in order), and completes and abandons are applied as soon as they
+//! arrive, between two deliveries, so that the settles of one batch overlap
+//! the next leases.
 //!
 //! ## Credit
 //! A lease first browses (`com.microsoft:peek-message`) the messages past the
@@ -44,7 +45,9 @@
 //! killed) right after would lose it. Each batch of dispositions is therefore
 //! followed by a one-message browse on the same session; its answer proves the
 //! dispositions before it reached the broker, which handles a connection's
-//! frames in order.
+//! frames in order. A second `$management` link, in a task of its own, sends
+//! these browses (one out at a time, covering every batch queued meanwhile),
+//! so a settle's round trip never holds up the next lease's browse.
 //!
 //! ## Authorization and transport
 //! Claims-based security: SASL ANONYMOUS, then a token put on `$cbs` for the
@@ -93,6 +96,8 @@ const IDLE_TIMEOUT_MS: u32 = 60_000;
 const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// How long closing the connection may take when the task ends.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most messages one browse counts for the leases waiting to start.
+const MAX_BROWSE: usize = super::MAX_CONCURRENT_LEASES * super::MAX_LEASE;
 
 /// How the link authorizes itself on `$cbs`.
 pub(super) enum Credentials {
@@ -287,6 +292,11 @@ struct Actor {
     cbs: CbsClient,
     receiver: Receiver,
     mgmt: MgmtClient,
+    /// Dispositions' callers, answered by the confirming task once a round
+    /// trip behind them came back (see [`confirm_loop`]).
+    confirms: mpsc::UnboundedSender<Vec<Reply<()>>>,
+    /// Why the confirming task failed: the link fails with it.
+    confirm_failed: mpsc::Receiver<BackendError>,
     renew_at: Option<Instant>,
     /// Credit the broker may still use on the receiver link.
     credit: u32,
@@ -356,6 +366,15 @@ impl Actor {
             .attach(&mut session)
             .await
             .map_err(|e| cfg.classify("attach to the dead-letter queue's $management", &e))?;
+        let confirming = MgmtClient::builder()
+            .client_node_addr(format!("{container}-confirm"))
+            .management_node_address(format!("{}/$management", cfg.dlq_path))
+            .attach(&mut session)
+            .await
+            .map_err(|e| cfg.classify("attach to the dead-letter queue's $management", &e))?;
+        let (confirms, batches) = mpsc::unbounded_channel();
+        let (failed, confirm_failed) = mpsc::channel(1);
+        tokio::spawn(confirm_loop(cfg.clone(), confirming, batches, failed));
         Ok(Self {
             cfg,
             connection,
@@ -363,6 +382,8 @@ impl Actor {
             cbs,
             receiver,
             mgmt,
+            confirms,
+            confirm_failed,
             renew_at,
             credit: 0,
             browse_from: 1,
@@ -412,9 +433,20 @@ impl Actor {
 
     async fn serve(&mut self, commands: &mut mpsc::Receiver<Command>) -> Result<()> {
         loop {
-            // A lease starts (browses and grants its credit) while earlier
-            // ones are still being received: with several leases in flight,
-            // each costs about one round trip.
+            // Leases asked for while the task was busy share one browse.
+            let mut disposals = Vec::new();
+            while let Ok(cmd) = commands.try_recv() {
+                match cmd {
+                    Command::Lease { max, reply } => self.pending.push_back(LeaseRequest { max, reply }),
+                    Command::Dispose { infos, complete, reply } => disposals.push((infos, complete, reply)),
+                }
+            }
+            if !disposals.is_empty() {
+                self.dispose(disposals).await?;
+            }
+            // Leases start (browse and grant their credit) while earlier ones
+            // are still being received: with several leases in flight, the
+            // leases asked for during one browse cost the next one together.
             if !self.deferred.is_empty() {
                 // No new lease starts before the abandons waiting for the
                 // ones being received are applied: they wait one lease at most.
@@ -422,8 +454,8 @@ impl Actor {
                     self.flush_deferred().await?;
                     continue;
                 }
-            } else if let Some(req) = self.pending.pop_front() {
-                self.start_lease(req).await?;
+            } else if !self.pending.is_empty() {
+                self.start_leases().await?;
                 continue;
             }
             let reading = !self.actives.is_empty() || self.credit > 0;
@@ -435,7 +467,7 @@ impl Actor {
                     None => return Ok(()),
                     Some(Command::Lease { max, reply }) => self.pending.push_back(LeaseRequest { max, reply }),
                     Some(Command::Dispose { infos, complete, reply }) => {
-                        self.dispose(commands, vec![(infos, complete, reply)]).await?;
+                        self.dispose(vec![(infos, complete, reply)]).await?;
                     }
                 },
                 d = self.receiver.recv::<Body<Value>>(), if reading => {
@@ -454,6 +486,9 @@ impl Actor {
                         self.hand_out(a.reply, a.got).await?;
                     }
                 }
+                failed = self.confirm_failed.recv() => {
+                    return Err(failed.unwrap_or_else(|| self.cfg.unreachable("the confirming link ended")));
+                }
                 // An idle link notices a dropped connection at once, so the
                 // next lease opens a new one instead of failing on this one.
                 r = self.connection.on_close() => {
@@ -466,35 +501,52 @@ impl Actor {
         }
     }
 
-    async fn start_lease(&mut self, req: LeaseRequest) -> Result<()> {
-        let max = req.max.max(1) as usize;
+    /// Start every pending lease with one browse: the first from the stash
+    /// instead when earlier credit brought messages nobody asked for.
+    async fn start_leases(&mut self) -> Result<()> {
         if !self.stash.is_empty() {
-            let n = max.min(self.stash.len());
+            let req = self.pending.pop_front().expect("pending");
+            let n = (req.max.max(1) as usize).min(self.stash.len());
             let out: Vec<Delivered> = self.stash.drain(..n).collect();
             return self.hand_out(req.reply, out).await;
         }
         if self.handed_out == 0 && self.actives.is_empty() {
             self.browse_from = 1;
         }
-        let (available, last) = self.browse(self.browse_from, max as i32).await?;
+        let asked: usize = self.pending.iter().map(|r| r.max.max(1) as usize).sum();
+        let count = asked.min(MAX_BROWSE);
+        let (available, last) = self.browse(self.browse_from, count as i32).await?;
         if available == 0 {
-            let _ = req.reply.send(Ok(Vec::new()));
+            for req in self.pending.drain(..) {
+                let _ = req.reply.send(Ok(Vec::new()));
+            }
             return Ok(());
         }
         if let Some(last) = last {
             self.browse_from = self.browse_from.max(last.saturating_add(1));
         }
         // The grant is absolute and counts deliveries still in flight: it is
-        // what earlier leases still wait for plus this one's share, so the
+        // what earlier leases still wait for plus these ones' shares, so the
         // link never holds more credit than the leases it serves.
         self.credit += available as u32;
         within(&self.cfg, "grant credit", self.receiver.set_credit(self.credit)).await?;
-        self.actives.push_back(Active {
-            want: available,
-            got: Vec::with_capacity(available),
-            deadline: Instant::now() + LEASE_WAIT,
-            reply: req.reply,
-        });
+        let mut left = available;
+        while left > 0
+            && let Some(req) = self.pending.pop_front()
+        {
+            let want = left.min(req.max.max(1) as usize);
+            left -= want;
+            self.actives.push_back(Active {
+                want,
+                got: Vec::with_capacity(want),
+                deadline: Instant::now() + LEASE_WAIT,
+                reply: req.reply,
+            });
+        }
+        // Leases the browse showed nothing for stay pending and browse again
+        // from past it: a browse may show fewer messages than asked for
+        // without the queue holding fewer (the service bounds its answer),
+        // and an empty lease would end the pass.
         Ok(())
     }
 
@@ -532,22 +584,12 @@ impl Actor {
         Ok(())
     }
 
-    /// Apply `batch` and every disposition already queued behind it, confirm
-    /// them all with one round trip, then answer each. Abandons wait while a
-    /// lease is being received: an abandoned message could otherwise be
-    /// delivered straight back on the credit granted for the browsed ones,
-    /// which would then not be delivered, and the pass would skip them.
-    async fn dispose(
-        &mut self,
-        commands: &mut mpsc::Receiver<Command>,
-        mut batch: Vec<(Vec<DeliveryInfo>, bool, Reply<()>)>,
-    ) -> Result<()> {
-        while let Ok(cmd) = commands.try_recv() {
-            match cmd {
-                Command::Dispose { infos, complete, reply } => batch.push((infos, complete, reply)),
-                Command::Lease { max, reply } => self.pending.push_back(LeaseRequest { max, reply }),
-            }
-        }
+    /// Apply a batch of dispositions and hand their callers to the
+    /// confirming task. Abandons wait while a lease is being received: an
+    /// abandoned message could otherwise be delivered straight back on the
+    /// credit granted for the browsed ones, which would then not be
+    /// delivered, and the pass would skip them.
+    async fn dispose(&mut self, batch: Vec<(Vec<DeliveryInfo>, bool, Reply<()>)>) -> Result<()> {
         let mut failure = None;
         let mut replies = Vec::with_capacity(batch.len());
         for (infos, complete, reply) in batch {
@@ -567,27 +609,7 @@ impl Actor {
             }
             replies.push(reply);
         }
-        if replies.is_empty() {
-            return Ok(()); // every one deferred
-        }
-        // A lease waiting to start browses, a round trip behind the
-        // dispositions just sent: its answer confirms them as well as the
-        // confirming browse would, and saves a round trip per settle. (Not
-        // when the lease would be served from the stash, without a browse.)
-        if failure.is_none()
-            && self.stash.is_empty()
-            && self.deferred.is_empty()
-            && let Some(req) = self.pending.pop_front()
-        {
-            // On failure the link fails: `replies` are dropped unanswered, and
-            // their callers see the link close, as an unconfirmed settle.
-            self.start_lease(req).await?;
-            for reply in replies {
-                let _ = reply.send(Ok(()));
-            }
-            return Ok(());
-        }
-        self.confirm(failure, replies).await
+        self.confirm(failure, replies)
     }
 
     async fn flush_deferred(&mut self) -> Result<()> {
@@ -605,36 +627,80 @@ impl Actor {
             }
             replies.extend(reply);
         }
-        self.confirm(failure, replies).await
+        self.confirm(failure, replies)
     }
 
-    /// Confirm the dispositions just queued with a round trip, and answer
-    /// their callers.
-    async fn confirm(&mut self, failure: Option<BackendError>, replies: Vec<Reply<()>>) -> Result<()> {
-        let result = match failure {
-            Some(e) => Err(e),
-            None => self.browse(i64::MAX, 1).await.map(|_| ()),
-        };
-        let failed = result.as_ref().err().map(ToString::to_string);
-        for reply in replies {
-            let _ = reply.send(match &failed {
-                None => Ok(()),
-                Some(e) => Err(self.cfg.unreachable(format!("dispositions not confirmed: {e}"))),
-            });
+    /// Have the dispositions just queued confirmed by a round trip behind
+    /// them, without waiting for it here: the task goes on leasing.
+    fn confirm(&mut self, failure: Option<BackendError>, replies: Vec<Reply<()>>) -> Result<()> {
+        if let Some(e) = failure {
+            let detail = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(self
+                    .cfg
+                    .unreachable(format!("dispositions not confirmed: {detail}"))));
+            }
+            return Err(e);
         }
-        result
+        if !replies.is_empty() && self.confirms.send(replies).is_err() {
+            // Its failure is on `confirm_failed`; the callers see the link close.
+            return Err(self.cfg.unreachable("the confirming link ended"));
+        }
+        Ok(())
     }
 
-    /// How many messages from `from` the dead-letter queue's browse shows,
-    /// up to `count`, and the sequence number of the last (only that one is
-    /// decoded).
     async fn browse(&mut self, from: i64, count: i32) -> Result<(usize, Option<i64>)> {
-        let req = PeekCount::request(from, count);
-        match tokio::time::timeout(CALL_TIMEOUT, self.mgmt.call(req)).await {
-            Ok(Ok(PeekCount(n, last))) => Ok((n, last)),
-            Ok(Err(e)) => Err(self.cfg.unreachable(format!("browse the dead-letter queue: {e:?}"))),
-            Err(_) => Err(self.cfg.unreachable("browsing the dead-letter queue timed out")),
+        browse(&self.cfg, &mut self.mgmt, from, count).await
+    }
+}
+
+/// Confirms dispositions for the link's task, on a `$management` link of its
+/// own: a browse sent after the dispositions were queued on the same session
+/// is answered after the broker applied them (it handles a connection's
+/// frames in order). Every batch handed over while one browse is out is
+/// confirmed by the next, so settles cost the task no round trip and a
+/// burst of them costs the broker one browse.
+async fn confirm_loop(
+    cfg: Arc<LinkConfig>,
+    mut mgmt: MgmtClient,
+    mut batches: mpsc::UnboundedReceiver<Vec<Reply<()>>>,
+    failed: mpsc::Sender<BackendError>,
+) {
+    while let Some(mut replies) = batches.recv().await {
+        while let Ok(more) = batches.try_recv() {
+            replies.extend(more);
         }
+        match browse(&cfg, &mut mgmt, i64::MAX, 1).await {
+            Ok(_) => {
+                for reply in replies {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let detail = e.to_string();
+                batches.close();
+                while let Ok(more) = batches.try_recv() {
+                    replies.extend(more);
+                }
+                for reply in replies {
+                    let _ = reply.send(Err(cfg.unreachable(format!("dispositions not confirmed: {detail}"))));
+                }
+                let _ = failed.send(e).await;
+                return;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, mgmt.close()).await;
+}
+
+/// How many messages from `from` the dead-letter queue's browse shows, up to
+/// `count`, and the sequence number of the last (only that one is decoded).
+async fn browse(cfg: &LinkConfig, mgmt: &mut MgmtClient, from: i64, count: i32) -> Result<(usize, Option<i64>)> {
+    let req = PeekCount::request(from, count);
+    match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(req)).await {
+        Ok(Ok(PeekCount(n, last))) => Ok((n, last)),
+        Ok(Err(e)) => Err(cfg.unreachable(format!("browse the dead-letter queue: {e:?}"))),
+        Err(_) => Err(cfg.unreachable("browsing the dead-letter queue timed out")),
     }
 }
 

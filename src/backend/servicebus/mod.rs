@@ -154,15 +154,17 @@ struct Senders {
 const PROVIDER: &str = "Service Bus";
 /// Sender links per destination: how many batches may be sent to one
 /// destination at once.
-const SENDER_SHARDS: usize = 4;
+const SENDER_SHARDS: usize = 8;
 /// Messages per send batch and settle call, and per lease until the engine
 /// knows how large bodies are.
 const BATCH: usize = 100;
-/// The most messages one lease asks for (one browse, then that much credit).
-/// The link's task browses for one lease at a time, each a round trip, so
-/// behind a real network larger leases are what keeps the lease rate up; the
-/// engine grows to this only while bodies are small.
-const MAX_LEASE: usize = 500;
+/// The most messages one lease asks for (a share of one browse, then that
+/// much credit). The link's task browses once per round trip for whatever
+/// leases wait, so behind a real network larger leases are what keeps the
+/// lease rate up; the engine grows to this only while bodies are small.
+const MAX_LEASE: usize = 250;
+/// Leases the engine may keep in flight: one browse counts for all of them.
+const MAX_CONCURRENT_LEASES: usize = 4;
 /// The standard tier's limit on a message (premium allows up to 100 MB;
 /// the link's advertised maximum decides how sends are split).
 const MAX_BODY: usize = 256 * 1024;
@@ -318,6 +320,8 @@ pub struct ServiceBusBackend {
     /// at a time whatever the engine's concurrency.
     senders: Vec<Mutex<Senders>>,
     next_shard: AtomicUsize,
+    /// The largest batch each destination's sender link takes, in bytes.
+    batch_limits: std::sync::Mutex<HashMap<String, usize>>,
     /// What the dead-letter queue's own link needs to (re)open.
     link_config: Arc<link::LinkConfig>,
     /// The dead-letter queue's own link (lease, complete, abandon).
@@ -524,6 +528,7 @@ impl ServiceBusBackend {
             receiver_generation: AtomicU64::new(0),
             senders: (0..SENDER_SHARDS).map(|_| Mutex::default()).collect(),
             next_shard: AtomicUsize::new(0),
+            batch_limits: std::sync::Mutex::new(HashMap::new()),
             link_config,
             dlq: Mutex::new(None),
             link_generations: AtomicU64::new(0),
@@ -536,15 +541,19 @@ impl ServiceBusBackend {
         // and `list` needs only the management call. A missing entity shows
         // as NotFound from the first call (ATOM's empty feed, or the
         // attach's `amqp:not-found`).
-        let mut slot = backend.conn.slot.lock().await;
-        backend.client(&mut slot).await?;
-        drop(slot);
+        let connected = async {
+            let mut slot = backend.conn.slot.lock().await;
+            backend.client(&mut slot).await.map(drop)
+        };
         // A mistyped entity must fail here, before a receiver attaches:
         // emulators create entities on attach, so a redrive of a queue that
         // does not exist would "succeed" on an empty queue it created. The
         // management GET says so where it may be read (it needs the Manage
-        // right; without it, Azure refuses the attach instead).
-        if let Err(e @ BackendError::NotFound { .. }) = backend.counts().await {
+        // right; without it, Azure refuses the attach instead). Both at once:
+        // each is several round trips.
+        let (connected, counted) = tokio::join!(connected, backend.counts());
+        connected?;
+        if let Err(e @ BackendError::NotFound { .. }) = counted {
             return Err(e);
         }
         Ok(backend)
@@ -770,6 +779,23 @@ impl ServiceBusBackend {
         Ok(out)
     }
 
+    /// A shard to send to `dest` on: the first idle one that already has a
+    /// sender there, else the next in turn (waiting for it). Attaching a
+    /// sender takes several round trips, one shard at a time, so while
+    /// `prepare_send` attaches them, sends go on the ones already attached.
+    async fn free_sender_shard(&self, dest: &str) -> tokio::sync::MutexGuard<'_, Senders> {
+        let n = self.senders.len();
+        let first = self.next_shard.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            if let Ok(shard) = self.senders[(first + i) % n].try_lock()
+                && shard.by_dest.contains_key(dest)
+            {
+                return shard;
+            }
+        }
+        self.senders[first].lock().await
+    }
+
     /// A sender to `dest`, opened on first use.
     async fn sender<'a>(&self, senders: &'a mut Senders, dest: &str) -> Result<&'a mut ServiceBusSender> {
         let current = self.conn.generation().await;
@@ -857,8 +883,7 @@ impl ServiceBusBackend {
 
     /// Send one batch, with a timeout and retries on a fresh link.
     async fn send_batch(&self, dest: &str, msgs: &[ServiceBusMessage]) -> Result<(), BackendError> {
-        let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-        let mut senders = self.senders[shard].lock().await;
+        let mut senders = self.free_sender_shard(dest).await;
         let mut last = String::new();
         for attempt in 1..=SEND_ATTEMPTS {
             let sender = self.sender(&mut senders, dest).await?;
@@ -897,12 +922,24 @@ impl ServiceBusBackend {
         msgs: &[ServiceBusMessage],
         estimate: usize,
     ) -> Result<Vec<std::ops::Range<usize>>> {
-        let mut senders = self.senders[0].lock().await;
+        // The link's limit, once known, needs no sender: a send must not wait
+        // for a busy sender's round trip just to read it.
+        let known = self.batch_limits.lock().expect("batch limits lock").get(dest).copied();
+        if known.is_some_and(|max| msgs.len() <= BATCH && estimate <= max) {
+            return Ok(std::iter::once(0..msgs.len()).collect());
+        }
+        let mut senders = self.free_sender_shard(dest).await;
         let sender = self.sender(&mut senders, dest).await?;
         let max = match sender.create_message_batch(CreateMessageBatchOptions::default()) {
             Ok(b) => b.max_size_in_bytes() as usize,
             Err(_) => 0,
         };
+        if max > 0 {
+            self.batch_limits
+                .lock()
+                .expect("batch limits lock")
+                .insert(dest.to_string(), max);
+        }
         if msgs.len() <= BATCH && estimate <= max {
             return Ok(std::iter::once(0..msgs.len()).collect());
         }
@@ -1471,7 +1508,7 @@ impl QueueBackend for ServiceBusBackend {
             batch_size: BATCH,
             // The link browses for the next lease while earlier ones are received.
             max_lease_size: MAX_LEASE,
-            max_concurrent_leases: 4,
+            max_concurrent_leases: MAX_CONCURRENT_LEASES,
             // Session order is kept by the queue's own order; a plain
             // receiver on the dead-letter queue is never held back.
             ordered_delivery: false,
@@ -1665,6 +1702,23 @@ impl QueueBackend for ServiceBusBackend {
                 .clone()
                 .unwrap_or_else(|| self.entity.parent().to_string()),
         )))
+    }
+
+    /// Sender links take several round trips each (a `$cbs` token put and
+    /// an attach) and are attached one at a time on the shared connection:
+    /// attached here, while the first leases are out, instead of by the
+    /// first sends one shard after another.
+    fn prepare_send(self: Arc<Self>, to: &Destination) {
+        let dest = to.0.clone();
+        tokio::spawn(async move {
+            for shard in &self.senders {
+                let mut senders = shard.lock().await;
+                if let Err(e) = self.sender(&mut senders, &dest).await {
+                    tracing::debug!(%dest, error = %e, "attaching a sender ahead of the sends failed");
+                    return;
+                }
+            }
+        });
     }
 
     async fn resolve_destination(&self, name: &str) -> Result<Destination> {
