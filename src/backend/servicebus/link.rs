@@ -360,18 +360,8 @@ impl Actor {
             .attach(&mut session)
             .await
             .map_err(|e| cfg.classify("attach to the dead-letter queue", &e))?;
-        let mgmt = MgmtClient::builder()
-            .client_node_addr(format!("{container}-mgmt"))
-            .management_node_address(format!("{}/$management", cfg.dlq_path))
-            .attach(&mut session)
-            .await
-            .map_err(|e| cfg.classify("attach to the dead-letter queue's $management", &e))?;
-        let confirming = MgmtClient::builder()
-            .client_node_addr(format!("{container}-confirm"))
-            .management_node_address(format!("{}/$management", cfg.dlq_path))
-            .attach(&mut session)
-            .await
-            .map_err(|e| cfg.classify("attach to the dead-letter queue's $management", &e))?;
+        let mgmt = attach_management(&cfg, &mut session, format!("{container}-mgmt")).await?;
+        let confirming = attach_management(&cfg, &mut session, format!("{container}-confirm")).await?;
         let (confirms, batches) = mpsc::unbounded_channel();
         let (failed, confirm_failed) = mpsc::channel(1);
         tokio::spawn(confirm_loop(cfg.clone(), confirming, batches, failed));
@@ -652,6 +642,16 @@ impl Actor {
     async fn browse(&mut self, from: i64, count: i32) -> Result<(usize, Option<i64>)> {
         browse(&self.cfg, &mut self.mgmt, from, count).await
     }
+}
+
+/// A client of the dead-letter queue's `$management` node, as `client`.
+async fn attach_management(cfg: &LinkConfig, session: &mut SessionHandle<()>, client: String) -> Result<MgmtClient> {
+    MgmtClient::builder()
+        .client_node_addr(client)
+        .management_node_address(format!("{}/$management", cfg.dlq_path))
+        .attach(session)
+        .await
+        .map_err(|e| cfg.classify("attach to the dead-letter queue's $management", &e))
 }
 
 /// Confirms dispositions for the link's task, on a `$management` link of its
