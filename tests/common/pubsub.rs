@@ -114,12 +114,18 @@ impl PubSubFixture {
     }
 
     pub async fn publish(&self, topic: &str, msgs: &[TestMessage]) -> Vec<String> {
-        let messages: Vec<PubsubMessage> = msgs.iter().map(to_pubsub).collect();
         let mut publisher = self.client.topic(topic).new_publisher(None);
-        let ids = publisher
-            .publish_immediately(messages, None)
-            .await
-            .expect("publish on the emulator");
+        let mut ids = Vec::with_capacity(msgs.len());
+        // Pub/Sub takes at most 1,000 messages per Publish request.
+        for chunk in msgs.chunks(1000) {
+            let messages: Vec<PubsubMessage> = chunk.iter().map(to_pubsub).collect();
+            ids.extend(
+                publisher
+                    .publish_immediately(messages, None)
+                    .await
+                    .expect("publish on the emulator"),
+            );
+        }
         publisher.shutdown().await;
         ids
     }

@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::primitives::Blob;
-use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+};
 use bytes::Bytes;
 use dlq_bridge::config::Config;
 use dlq_bridge::model::{AttrValue, Attribute, Attributes};
@@ -322,6 +324,7 @@ impl Fixture for SqsFixture {
                 continue;
             }
             empty = 0;
+            let mut entries = Vec::new();
             for m in msgs {
                 let attributes: Attributes = m
                     .message_attributes()
@@ -339,14 +342,25 @@ impl Fixture for SqsFixture {
                         .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
                         .cloned(),
                 });
-                self.client
-                    .delete_message()
-                    .queue_url(&self.source_url)
-                    .receipt_handle(m.receipt_handle().unwrap())
-                    .send()
-                    .await
-                    .expect("delete");
+                entries.push(
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(entries.len().to_string())
+                        .receipt_handle(m.receipt_handle().unwrap())
+                        .build()
+                        .expect("a delete entry"),
+                );
             }
+            // One request per receive: moto answers each in tens of ms, and a
+            // fault run drains thousands of copies.
+            let deleted = self
+                .client
+                .delete_message_batch()
+                .queue_url(&self.source_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .expect("delete");
+            assert!(deleted.failed().is_empty(), "delete failed: {:?}", deleted.failed());
         }
         out
     }
