@@ -36,7 +36,7 @@ const KILL_RATE: &str = "20";
 const KILL_WINDOW_MS: u64 = 900;
 /// Send batches an unrated run may have in flight: `redrive.concurrency`'s
 /// default, which the fixtures' configs keep.
-const SENDS_IN_FLIGHT: usize = 8;
+const SENDS_IN_FLIGHT: usize = 16;
 /// What a rated run has leased and not settled, typically at most: two
 /// leases of 10 (`RATED_LEASE_SLOTS` and `lease_size` in
 /// src/engine/redrive.rs: 20/s over the 1 s of the 2 s hold each lease gets,
@@ -385,7 +385,7 @@ pub async fn kill9_with_journal_loses_and_duplicates_nothing<F: Fixture>(batch: 
     // A kill inside a send can leave copies the run never heard confirmed,
     // up to the messages in the send batches in flight; the resumed run sends
     // them again under the same mark, which consumers deduplicate on. The
-    // engine allows `concurrency` (8) batches in flight, but at 20/s the
+    // engine allows `concurrency` (16) batches in flight, but at 20/s the
     // bucket (a burst of 20) and two leases of 10 keep that to about two
     // batches of 10: four batches per kill is a margin.
     assert_eq!(o.duplicated, 0, "{o:?}");
@@ -419,7 +419,7 @@ pub struct Unrated {
 /// Issue 14: kill points that land while several leases are in flight. The
 /// killed runs have no rate, so the engine keeps up to
 /// `min(concurrency, max_concurrent_leases)` leases out (SQS 8 of 10
-/// messages; Pub/Sub 8 and Service Bus 4, of 100 growing to 1,000 and 500)
+/// messages; Pub/Sub 16 and Service Bus 4, of 100 growing to 1,000 and 250)
 /// and up to [`SENDS_IN_FLIGHT`] send batches; each kill lands shortly after
 /// the run's first `leased` record (see [`Unrated`]).
 ///
