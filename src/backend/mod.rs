@@ -126,6 +126,11 @@ pub trait QueueBackend: Send + Sync {
     /// there will need, so that the first batches do not wait for it behind
     /// the first leases. Never fails; a send reports its own errors.
     fn prepare_send(self: Arc<Self>, _to: &Destination) {}
+
+    /// A pass is about to lease: open in the background what leases will
+    /// need, while the caller still resolves the pass's destinations. Never
+    /// fails; the first lease reports the error.
+    fn prepare_lease(self: Arc<Self>) {}
 }
 
 /// Provider clients shared by every queue that can use the same one: one AWS

@@ -740,6 +740,10 @@ impl<'a> Pass<'a> {
             // lease result is waiting, and sends are not the bottleneck (with
             // most send slots busy, it would take a slot from a full batch).
             let more_waiting = self.leases.front().is_some_and(|l| l.task.is_finished());
+            // Finished sends count as busy until joined.
+            while let Some(done) = self.sends.try_join_next() {
+                self.merge_send(done.expect("send tasks do not panic"));
+            }
             let sends_busy = self.sends.len() * 2 >= self.plan.concurrency;
             if !self.dispatch(!more_waiting && !sends_busy).await {
                 self.s.stopped = StopReason::Cancelled;

@@ -138,6 +138,7 @@ impl Registry {
             return Err(RegistryError::Invalid("concurrency must be at least 1".into()));
         }
         let backend = self.backend(queue).await?;
+        backend.clone().prepare_lease();
         let resolve = |name: String| {
             let backend = backend.clone();
             async move {

@@ -12,22 +12,28 @@
 //! Bus accepts it only for messages received through `$management`
 //! (deferred ones); a lock taken on a link is settled on that link.
 //!
-//! One task owns the connection, the session, the `$cbs` client, the receiver
-//! link and a `$management` client of the dead-letter queue, and serves the
-//! backend's commands as they come: concurrent `lease` calls overlap (the
-//! leases asked for while the task was busy share one browse and grant their
-//! credit while earlier ones are still being received, and deliveries fill
-//! them in order), and completes and abandons are applied as soon as they
-//! arrive, between two deliveries, so that the settles of one batch overlap
-//! the next leases.
+//! One task owns the connection, the session, the `$cbs` client and the
+//! receiver link of the dead-letter queue, and serves the backend's commands
+//! as they come: concurrent `lease` calls overlap (each takes its credit
+//! while earlier ones are still being received, and deliveries fill them in
+//! order), and completes and abandons are applied as soon as they arrive,
+//! between two deliveries, so that the settles of one batch overlap the next
+//! leases. Browses and confirms go on two `$management` links, each served by
+//! a task of its own, so the link's task never waits for their round trips.
 //!
 //! ## Credit
-//! A lease first browses (`com.microsoft:peek-message`) the messages past the
-//! last one browsed for a lease (or received), up to `max`, and grants exactly
-//! that much more credit: the receive then completes without waiting, and no
-//! credit is left on the link afterwards. Only the last browsed message is
-//! decoded, for its sequence number: the next lease browses past it, so leases
-//! in flight together never count the same messages. Credit left over would make the broker deliver a
+//! Credit is only ever granted for messages a browse
+//! (`com.microsoft:peek-message`) has shown past the last one browsed (or
+//! received): the receive then completes without waiting, and no credit is
+//! left on the link afterwards. The browses run ahead of the leases: while
+//! fewer than half of [`MAX_BROWSE`] messages are known and not yet granted,
+//! the next browse is out, so a lease takes its credit at once and costs one
+//! round trip instead of two. Only the last browsed message is decoded, for
+//! its sequence number: the next browse starts past it, so no message is
+//! counted twice. A lease waits for a full share while more may come; once a
+//! browse shows fewer than it asked for, a lease takes what is known, and a
+//! browse that shows none answers the waiting leases empty (the pass is
+//! drained). Credit left over would make the broker deliver a
 //! message released later straight back to this link, where it would stay
 //! locked until its lock lapsed (a message abandoned at the end of a pass
 //! would not be seen by the next). fe2o3-amqp 0.14's drain cannot replace the
@@ -291,7 +297,24 @@ struct Actor {
     session: SessionHandle<()>,
     cbs: CbsClient,
     receiver: Receiver,
-    mgmt: MgmtClient,
+    /// Browses go to a task of their own (see [`browse_loop`]), so the link
+    /// goes on receiving and granting while one is out.
+    browser: mpsc::UnboundedSender<BrowseRequest>,
+    /// The browse out, if any: the pass it was asked for, how many messages
+    /// it asked for, and its answer.
+    browse_out: Option<(u64, usize, oneshot::Receiver<Result<Browsed>>)>,
+    /// Messages browsed ahead and not yet granted to a lease: a lease takes
+    /// its credit from them at once, without waiting for a browse.
+    known: usize,
+    /// The last browse showed fewer messages than asked for (none: `drained`),
+    /// so no more is known to come: a lease takes what is known.
+    short: bool,
+    drained: bool,
+    /// Counts passes over the queue (see `start_leases`): a browse asked for
+    /// in an earlier one is ignored.
+    pass: u64,
+    /// Something was handed out since the pass began.
+    pass_used: bool,
     /// Dispositions' callers, answered by the confirming task once a round
     /// trip behind them came back (see [`confirm_loop`]).
     confirms: mpsc::UnboundedSender<Vec<Reply<()>>>,
@@ -361,6 +384,8 @@ impl Actor {
             .await
             .map_err(|e| cfg.classify("attach to the dead-letter queue", &e))?;
         let mgmt = attach_management(&cfg, &mut session, format!("{container}-mgmt")).await?;
+        let (browser, browses) = mpsc::unbounded_channel();
+        tokio::spawn(browse_loop(cfg.clone(), mgmt, browses));
         let confirming = attach_management(&cfg, &mut session, format!("{container}-confirm")).await?;
         let (confirms, batches) = mpsc::unbounded_channel();
         let (failed, confirm_failed) = mpsc::channel(1);
@@ -371,7 +396,13 @@ impl Actor {
             session,
             cbs,
             receiver,
-            mgmt,
+            browser,
+            browse_out: None,
+            known: 0,
+            short: false,
+            drained: false,
+            pass: 0,
+            pass_used: false,
             confirms,
             confirm_failed,
             renew_at,
@@ -444,15 +475,22 @@ impl Actor {
                     self.flush_deferred().await?;
                     continue;
                 }
-            } else if !self.pending.is_empty() {
-                self.start_leases().await?;
+            } else if !self.pending.is_empty() && self.start_leases().await? {
                 continue;
             }
+            self.read_ahead();
             let reading = !self.actives.is_empty() || self.credit > 0;
             let deadline = self.actives.front().map(|a| a.deadline);
             let renew_at = self.renew_at;
             let far = Instant::now() + Duration::from_secs(3600);
+            let mut browse_out = self.browse_out.take();
             tokio::select! {
+                // Unwrapped only when polled, and polled only when there is one.
+                r = async { (&mut browse_out.as_mut().expect("a browse is out").2).await }, if browse_out.is_some() => {
+                    let (pass, asked, _) = browse_out.take().expect("a browse is out");
+                    let r = r.unwrap_or_else(|_| Err(self.cfg.unreachable("the browsing link ended")))?;
+                    self.on_browsed(pass, asked, r);
+                }
                 cmd = commands.recv() => match cmd {
                     None => return Ok(()),
                     Some(Command::Lease { max, reply }) => self.pending.push_back(LeaseRequest { max, reply }),
@@ -488,44 +526,48 @@ impl Actor {
                     self.renew_at = put_tokens(&self.cfg, &mut self.cbs).await?;
                 }
             }
+            if browse_out.is_some() {
+                self.browse_out = browse_out;
+            }
         }
     }
 
-    /// Start every pending lease with one browse: the first from the stash
-    /// instead when earlier credit brought messages nobody asked for.
-    async fn start_leases(&mut self) -> Result<()> {
+    /// Start the pending leases that can start now: the first from the
+    /// stash when earlier credit brought messages nobody asked for, then each
+    /// with credit for messages already browsed; ask for a browse when they
+    /// are not enough. Returns whether anything changed.
+    async fn start_leases(&mut self) -> Result<bool> {
         if !self.stash.is_empty() {
             let req = self.pending.pop_front().expect("pending");
             let n = (req.max.max(1) as usize).min(self.stash.len());
             let out: Vec<Delivered> = self.stash.drain(..n).collect();
-            return self.hand_out(req.reply, out).await;
+            self.hand_out(req.reply, out).await?;
+            return Ok(true);
         }
-        if self.handed_out == 0 && self.actives.is_empty() {
+        if self.handed_out == 0 && self.actives.is_empty() && self.credit == 0 && self.pass_used {
+            // Nothing is held or coming: a new pass, which must see from the
+            // beginning again what the last one released.
+            self.pass += 1;
+            self.pass_used = false;
             self.browse_from = 1;
+            self.known = 0;
+            self.short = false;
+            self.drained = false;
+            self.browse_out = None;
         }
-        let asked: usize = self.pending.iter().map(|r| r.max.max(1) as usize).sum();
-        let count = asked.min(MAX_BROWSE);
-        let (available, last) = self.browse(self.browse_from, count as i32).await?;
-        if available == 0 {
-            for req in self.pending.drain(..) {
-                let _ = req.reply.send(Ok(Vec::new()));
+        // With no more known to come, a lease takes what there is; otherwise
+        // it waits for a full share (the browse out, or the next, brings it).
+        let more_coming = !self.short && !self.drained;
+        let mut granted = 0;
+        while let Some(req) = self.pending.front() {
+            let max = req.max.max(1) as usize;
+            if self.known == 0 || (self.known < max && more_coming) {
+                break;
             }
-            return Ok(());
-        }
-        if let Some(last) = last {
-            self.browse_from = self.browse_from.max(last.saturating_add(1));
-        }
-        // The grant is absolute and counts deliveries still in flight: it is
-        // what earlier leases still wait for plus these ones' shares, so the
-        // link never holds more credit than the leases it serves.
-        self.credit += available as u32;
-        within(&self.cfg, "grant credit", self.receiver.set_credit(self.credit)).await?;
-        let mut left = available;
-        while left > 0
-            && let Some(req) = self.pending.pop_front()
-        {
-            let want = left.min(req.max.max(1) as usize);
-            left -= want;
+            let req = self.pending.pop_front().expect("front");
+            let want = self.known.min(max);
+            self.known -= want;
+            granted += want;
             self.actives.push_back(Active {
                 want,
                 got: Vec::with_capacity(want),
@@ -533,11 +575,66 @@ impl Actor {
                 reply: req.reply,
             });
         }
-        // Leases the browse showed nothing for stay pending and browse again
-        // from past it: a browse may show fewer messages than asked for
+        if granted > 0 {
+            self.pass_used = true;
+            // The grant is absolute and counts deliveries still in flight: it
+            // is what earlier leases still wait for plus these ones' shares,
+            // so the link never holds more credit than the leases it serves.
+            self.credit += granted as u32;
+            within(&self.cfg, "grant credit", self.receiver.set_credit(self.credit)).await?;
+        }
+        if self.pending.is_empty() {
+            return Ok(granted > 0);
+        }
+        if self.browse_out.is_none() {
+            let asked: usize = self.pending.iter().map(|r| r.max.max(1) as usize).sum();
+            self.ask_browse(asked.saturating_sub(self.known).max(MAX_BROWSE / 2));
+        }
+        Ok(granted > 0)
+    }
+
+    /// Browse ahead while no lease waits: the next leases then start with
+    /// the credit at once, and a lease costs one round trip instead of two.
+    fn read_ahead(&mut self) {
+        if self.browse_out.is_none() && !self.drained && self.deferred.is_empty() && self.known < MAX_BROWSE / 2 {
+            self.ask_browse(MAX_BROWSE - self.known);
+        }
+    }
+
+    fn ask_browse(&mut self, count: usize) {
+        let count = count.clamp(1, MAX_BROWSE);
+        let (reply, rx) = oneshot::channel();
+        // A closed channel shows as the answer's error.
+        let _ = self.browser.send(BrowseRequest {
+            from: self.browse_from,
+            count: count as i32,
+            reply,
+        });
+        self.browse_out = Some((self.pass, count, rx));
+    }
+
+    /// What a browse showed: more messages known, and where the next browse
+    /// starts. When it showed none and none are known, the leases waiting
+    /// are answered empty (the queue holds nothing more for this pass).
+    fn on_browsed(&mut self, pass: u64, asked: usize, (available, last): Browsed) {
+        if pass != self.pass {
+            return;
+        }
+        self.known += available;
+        self.short = available < asked;
+        self.drained = available == 0;
+        if let Some(last) = last {
+            self.browse_from = self.browse_from.max(last.saturating_add(1));
+        }
+        if self.drained && self.known == 0 {
+            for req in self.pending.drain(..) {
+                let _ = req.reply.send(Ok(Vec::new()));
+            }
+        }
+        // Leases the browse showed too little for stay pending and browse
+        // again from past it: a browse may show fewer messages than asked for
         // without the queue holding fewer (the service bounds its answer),
         // and an empty lease would end the pass.
-        Ok(())
     }
 
     async fn on_delivery(&mut self, (info, message): (DeliveryInfo, Message<Body<Value>>)) -> Result<()> {
@@ -638,10 +735,6 @@ impl Actor {
         }
         Ok(())
     }
-
-    async fn browse(&mut self, from: i64, count: i32) -> Result<(usize, Option<i64>)> {
-        browse(&self.cfg, &mut self.mgmt, from, count).await
-    }
 }
 
 /// A client of the dead-letter queue's `$management` node, as `client`.
@@ -693,9 +786,31 @@ async fn confirm_loop(
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, mgmt.close()).await;
 }
 
+/// How many messages a browse showed, and the last one's sequence number.
+type Browsed = (usize, Option<i64>);
+
+struct BrowseRequest {
+    from: i64,
+    count: i32,
+    reply: Reply<Browsed>,
+}
+
+/// Browses for the link's task, one at a time, on the `$management` link.
+async fn browse_loop(cfg: Arc<LinkConfig>, mut mgmt: MgmtClient, mut requests: mpsc::UnboundedReceiver<BrowseRequest>) {
+    while let Some(req) = requests.recv().await {
+        let r = browse(&cfg, &mut mgmt, req.from, req.count).await;
+        let failed = r.is_err();
+        let _ = req.reply.send(r);
+        if failed {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, mgmt.close()).await;
+}
+
 /// How many messages from `from` the dead-letter queue's browse shows, up to
 /// `count`, and the sequence number of the last (only that one is decoded).
-async fn browse(cfg: &LinkConfig, mgmt: &mut MgmtClient, from: i64, count: i32) -> Result<(usize, Option<i64>)> {
+async fn browse(cfg: &LinkConfig, mgmt: &mut MgmtClient, from: i64, count: i32) -> Result<Browsed> {
     let req = PeekCount::request(from, count);
     match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(req)).await {
         Ok(Ok(PeekCount(n, last))) => Ok((n, last)),

@@ -374,11 +374,21 @@ impl Clients {
 struct SharedClient {
     slot: Mutex<Option<(u64, Client)>>,
     generations: AtomicU64,
+    /// The generation in `slot` (0: none), readable without its lock: every
+    /// send checks it, and the lock is held across a sender's attach (several
+    /// round trips), which sends on links already attached must not wait for.
+    current: AtomicU64,
 }
 
 impl SharedClient {
-    async fn generation(&self) -> Option<u64> {
-        self.slot.lock().await.as_ref().map(|(g, _)| *g)
+    fn generation(&self) -> Option<u64> {
+        Some(self.current.load(Ordering::Acquire)).filter(|g| *g != 0)
+    }
+
+    fn set(&self, slot: &mut Option<(u64, Client)>, value: Option<(u64, Client)>) {
+        self.current
+            .store(value.as_ref().map_or(0, |(g, _)| *g), Ordering::Release);
+        *slot = value;
     }
 }
 
@@ -613,7 +623,7 @@ impl ServiceBusBackend {
                 .map_err(|e| self.classify("connect", &e))?;
             set_nodelay_on_amqp_sockets();
             let generation = self.conn.generations.fetch_add(1, Ordering::Relaxed) + 1;
-            *slot = Some((generation, client));
+            self.conn.set(slot, Some((generation, client)));
         }
         let (generation, client) = slot.as_mut().expect("just set");
         Ok((*generation, client))
@@ -636,7 +646,7 @@ impl ServiceBusBackend {
     ) -> Result<&'a mut ServiceBusReceiver> {
         // A receiver on a connection that was closed since (after another
         // queue's failure) is dead: attach a new one.
-        if slot.is_some() && self.conn.generation().await != Some(self.receiver_generation.load(Ordering::Relaxed)) {
+        if slot.is_some() && self.conn.generation() != Some(self.receiver_generation.load(Ordering::Relaxed)) {
             *slot = None;
         }
         if slot.is_none() {
@@ -798,7 +808,7 @@ impl ServiceBusBackend {
 
     /// A sender to `dest`, opened on first use.
     async fn sender<'a>(&self, senders: &'a mut Senders, dest: &str) -> Result<&'a mut ServiceBusSender> {
-        let current = self.conn.generation().await;
+        let current = self.conn.generation();
         if current != Some(senders.generation) {
             // Attached on a connection that was closed since.
             senders.by_dest.clear();
@@ -832,7 +842,7 @@ impl ServiceBusBackend {
     async fn reset_client_only(&self, generation: u64) {
         let mut slot = self.conn.slot.lock().await;
         if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
-            *slot = None;
+            self.conn.set(&mut slot, None);
         }
     }
 
@@ -1717,6 +1727,18 @@ impl QueueBackend for ServiceBusBackend {
                     tracing::debug!(%dest, error = %e, "attaching a sender ahead of the sends failed");
                     return;
                 }
+            }
+        });
+    }
+
+    /// The dead-letter queue's own link takes a dozen round trips to open
+    /// (TCP, SASL, AMQP open and begin, `$cbs` and its token puts, three
+    /// attaches, one after another): opened here, while the pass's
+    /// destinations are looked up, instead of by the first lease.
+    fn prepare_lease(self: Arc<Self>) {
+        tokio::spawn(async move {
+            if let Err(e) = self.link().await {
+                tracing::debug!(error = %e, "opening the dead-letter queue's link ahead of the leases failed");
             }
         });
     }
