@@ -26,9 +26,9 @@
 //! (`com.microsoft:peek-message`) has shown past the last one browsed (or
 //! received): the receive then completes without waiting, and no credit is
 //! left on the link afterwards. The browses run ahead of the leases: while
-//! fewer than half of [`MAX_BROWSE`] messages are known and not yet granted,
-//! the next browse is out, so a lease takes its credit at once and costs one
-//! round trip instead of two. Only the last browsed message is decoded, for
+//! fewer than [`MAX_BROWSE`] messages are known and not yet granted, a browse
+//! is out, so a lease takes its credit at once and costs one round trip
+//! instead of two. Only the last browsed message is decoded, for
 //! its sequence number: the next browse starts past it, so no message is
 //! counted twice. A lease waits for a full share while more may come; once a
 //! browse shows fewer than it asked for, a lease takes what is known, and a
@@ -587,8 +587,7 @@ impl Actor {
             return Ok(granted > 0);
         }
         if self.browse_out.is_none() {
-            let asked: usize = self.pending.iter().map(|r| r.max.max(1) as usize).sum();
-            self.ask_browse(asked.saturating_sub(self.known).max(MAX_BROWSE / 2));
+            self.ask_browse(MAX_BROWSE);
         }
         Ok(granted > 0)
     }
@@ -596,8 +595,8 @@ impl Actor {
     /// Browse ahead while no lease waits: the next leases then start with
     /// the credit at once, and a lease costs one round trip instead of two.
     fn read_ahead(&mut self) {
-        if self.browse_out.is_none() && !self.drained && self.deferred.is_empty() && self.known < MAX_BROWSE / 2 {
-            self.ask_browse(MAX_BROWSE - self.known);
+        if self.browse_out.is_none() && !self.drained && self.deferred.is_empty() && self.known < MAX_BROWSE {
+            self.ask_browse(MAX_BROWSE);
         }
     }
 

@@ -132,7 +132,7 @@ use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message, MessageI
 use fe2o3_amqp_types::primitives::{Dec32, Dec64, Dec128, SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid, Value};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use super::{BackendError, Capabilities, QueueBackend, Result};
 use crate::config::{QueueConfig, ServiceBusQueueConfig};
@@ -142,6 +142,33 @@ use crate::model::{
 };
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
+
+/// A locked sender shard that tells waiting sends when it is unlocked.
+struct ShardGuard<'a> {
+    shard: Option<tokio::sync::MutexGuard<'a, Senders>>,
+    freed: &'a Notify,
+}
+
+impl std::ops::Deref for ShardGuard<'_> {
+    type Target = Senders;
+    fn deref(&self) -> &Senders {
+        self.shard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for ShardGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Senders {
+        self.shard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for ShardGuard<'_> {
+    fn drop(&mut self) {
+        // Unlocked first, so that the sends woken find it free.
+        drop(self.shard.take());
+        self.freed.notify_waiters();
+    }
+}
 
 /// One set of sender links, one per destination, and the connection
 /// generation they were attached on.
@@ -320,6 +347,9 @@ pub struct ServiceBusBackend {
     /// at a time whatever the engine's concurrency.
     senders: Vec<Mutex<Senders>>,
     next_shard: AtomicUsize,
+    /// Told whenever a shard is unlocked: sends waiting for a shard with a
+    /// sender look again.
+    shard_freed: Notify,
     /// The largest batch each destination's sender link takes, in bytes.
     batch_limits: std::sync::Mutex<HashMap<String, usize>>,
     /// What the dead-letter queue's own link needs to (re)open.
@@ -538,6 +568,7 @@ impl ServiceBusBackend {
             receiver_generation: AtomicU64::new(0),
             senders: (0..SENDER_SHARDS).map(|_| Mutex::default()).collect(),
             next_shard: AtomicUsize::new(0),
+            shard_freed: Notify::new(),
             batch_limits: std::sync::Mutex::new(HashMap::new()),
             link_config,
             dlq: Mutex::new(None),
@@ -790,20 +821,39 @@ impl ServiceBusBackend {
     }
 
     /// A shard to send to `dest` on: the first idle one that already has a
-    /// sender there, else the next in turn (waiting for it). Attaching a
-    /// sender takes several round trips, one shard at a time, so while
-    /// `prepare_send` attaches them, sends go on the ones already attached.
-    async fn free_sender_shard(&self, dest: &str) -> tokio::sync::MutexGuard<'_, Senders> {
+    /// sender there. When none is idle but some are busy, the send waits for
+    /// one to be free (busy shards are sending, or `prepare_send` is attaching
+    /// them); attaching takes several round trips, one shard at a time on the
+    /// shared connection, so a send that took an unattached shard would wait
+    /// behind every attach before it. Only when every shard is idle and none
+    /// has a sender there does the send attach one, the next in turn.
+    async fn free_sender_shard(&self, dest: &str) -> ShardGuard<'_> {
         let n = self.senders.len();
-        let first = self.next_shard.fetch_add(1, Ordering::Relaxed) % n;
-        for i in 0..n {
-            if let Ok(shard) = self.senders[(first + i) % n].try_lock()
-                && shard.by_dest.contains_key(dest)
-            {
-                return shard;
+        loop {
+            let freed = self.shard_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let first = self.next_shard.fetch_add(1, Ordering::Relaxed) % n;
+            let mut busy = false;
+            for i in 0..n {
+                match self.senders[(first + i) % n].try_lock() {
+                    Ok(shard) if shard.by_dest.contains_key(dest) => return self.guard(shard),
+                    Ok(_) => {}
+                    Err(_) => busy = true,
+                }
             }
+            if !busy {
+                return self.guard(self.senders[first].lock().await);
+            }
+            freed.await;
         }
-        self.senders[first].lock().await
+    }
+
+    fn guard<'a>(&'a self, shard: tokio::sync::MutexGuard<'a, Senders>) -> ShardGuard<'a> {
+        ShardGuard {
+            shard: Some(shard),
+            freed: &self.shard_freed,
+        }
     }
 
     /// A sender to `dest`, opened on first use.
@@ -1722,7 +1772,7 @@ impl QueueBackend for ServiceBusBackend {
         let dest = to.0.clone();
         tokio::spawn(async move {
             for shard in &self.senders {
-                let mut senders = shard.lock().await;
+                let mut senders = self.guard(shard.lock().await);
                 if let Err(e) = self.sender(&mut senders, &dest).await {
                     tracing::debug!(%dest, error = %e, "attaching a sender ahead of the sends failed");
                     return;
