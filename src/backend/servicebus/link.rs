@@ -19,7 +19,9 @@
 //! order), and completes and abandons are applied as soon as they arrive,
 //! between two deliveries, so that the settles of one batch overlap the next
 //! leases. Browses and confirms go on two `$management` links, each served by
-//! a task of its own, so the link's task never waits for their round trips.
+//! a task of its own, so the link's task never waits for their round trips;
+//! the browsing link has a session of its own, so that opening the link
+//! attaches it at the same time as the receiver.
 //!
 //! ## Credit
 //! Credit is only ever granted for messages a browse
@@ -295,6 +297,8 @@ struct Actor {
     cfg: Arc<LinkConfig>,
     connection: ConnectionHandle<()>,
     session: SessionHandle<()>,
+    /// The session of the browsing `$management` link.
+    browse_session: SessionHandle<()>,
     cbs: CbsClient,
     receiver: Receiver,
     /// Browses go to a task of their own (see [`browse_loop`]), so the link
@@ -368,25 +372,55 @@ impl Actor {
         let mut session = Session::begin(&mut connection)
             .await
             .map_err(|e| cfg.classify("begin an AMQP session", &e))?;
-        let mut cbs = CbsClient::attach(&mut session)
-            .await
-            .map_err(|e| cfg.classify("attach to $cbs", &e))?;
-        let renew_at = put_tokens(&cfg, &mut cbs).await?;
+        // Browses go on a session of their own, begun while `$cbs` authorizes
+        // on the first: their link attaches at the same time as the receiver,
+        // and the first browse is out before the link's task starts. Confirms
+        // stay on the receiver's session: a session sends its frames in the
+        // order they were queued, which is what makes a browse behind the
+        // dispositions prove them; frames of two sessions may pass each other.
+        let authorized = async {
+            let mut cbs = CbsClient::attach(&mut session)
+                .await
+                .map_err(|e| cfg.classify("attach to $cbs", &e))?;
+            let renew_at = put_tokens(&cfg, &mut cbs).await?;
+            Ok::<_, BackendError>((cbs, renew_at))
+        };
+        let begun = async {
+            Session::begin(&mut connection)
+                .await
+                .map_err(|e| cfg.classify("begin an AMQP session", &e))
+        };
+        let (authorized, begun) = tokio::join!(authorized, begun);
+        let (cbs, renew_at) = authorized?;
+        let mut browse_session = begun?;
         let [_, address] = cfg.audiences();
-        let receiver = Receiver::builder()
-            .name(format!("{container}-dlq"))
-            .source(Source::builder().address(address).build())
-            .target(format!("{container}-dlq-target"))
-            .receiver_settle_mode(ReceiverSettleMode::Second)
-            .credit_mode(CreditMode::Manual)
-            .auto_accept(false)
-            .attach(&mut session)
-            .await
-            .map_err(|e| cfg.classify("attach to the dead-letter queue", &e))?;
-        let mgmt = attach_management(&cfg, &mut session, format!("{container}-mgmt")).await?;
-        let (browser, browses) = mpsc::unbounded_channel();
-        tokio::spawn(browse_loop(cfg.clone(), mgmt, browses));
-        let confirming = attach_management(&cfg, &mut session, format!("{container}-confirm")).await?;
+        let receiving = async {
+            let receiver = Receiver::builder()
+                .name(format!("{container}-dlq"))
+                .source(Source::builder().address(address).build())
+                .target(format!("{container}-dlq-target"))
+                .receiver_settle_mode(ReceiverSettleMode::Second)
+                .credit_mode(CreditMode::Manual)
+                .auto_accept(false)
+                .attach(&mut session)
+                .await
+                .map_err(|e| cfg.classify("attach to the dead-letter queue", &e))?;
+            let confirming = attach_management(&cfg, &mut session, format!("{container}-confirm")).await?;
+            Ok::<_, BackendError>((receiver, confirming))
+        };
+        let browsing = async {
+            let mgmt = attach_management(&cfg, &mut browse_session, format!("{container}-mgmt")).await?;
+            let (browser, browses) = mpsc::unbounded_channel();
+            let (reply, first) = oneshot::channel();
+            let _ = browser.send(BrowseRequest {
+                from: 1,
+                count: MAX_BROWSE as i32,
+                reply,
+            });
+            tokio::spawn(browse_loop(cfg.clone(), mgmt, browses));
+            Ok::<_, BackendError>((browser, first))
+        };
+        let ((receiver, confirming), (browser, first)) = tokio::try_join!(receiving, browsing)?;
         let (confirms, batches) = mpsc::unbounded_channel();
         let (failed, confirm_failed) = mpsc::channel(1);
         tokio::spawn(confirm_loop(cfg.clone(), confirming, batches, failed));
@@ -394,10 +428,11 @@ impl Actor {
             cfg,
             connection,
             session,
+            browse_session,
             cbs,
             receiver,
             browser,
-            browse_out: None,
+            browse_out: Some((0, MAX_BROWSE, first)),
             known: 0,
             short: false,
             drained: false,
@@ -447,6 +482,7 @@ impl Actor {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             let _ = self.receiver.close().await;
             let _ = self.session.end().await;
+            let _ = self.browse_session.end().await;
             let _ = self.connection.close().await;
         })
         .await;
