@@ -667,7 +667,8 @@ impl ServiceBusBackend {
     async fn reset(&self, generation: u64) {
         self.reset_client_only(generation).await;
         for shard in &self.senders {
-            shard.lock().await.by_dest.clear();
+            // Through a guard: its unlock wakes sends waiting for a shard.
+            self.guard(shard.lock().await).by_dest.clear();
         }
     }
 
