@@ -15,7 +15,7 @@ use dlq_bridge::backend::{self, BackendError, QueueBackend};
 use dlq_bridge::config::Config;
 use dlq_bridge::engine::redrive::{MARK_COUNT, MARK_ID};
 use dlq_bridge::engine::registry::{RedriveRequest, Registry};
-use dlq_bridge::model::{AttrValue, Attribute, Destination, Exactness, Outgoing, SendResult};
+use dlq_bridge::model::{AttrValue, Attribute, Destination, Exactness, Outgoing, SendResult, SettleResult};
 
 fn failing(i: usize) -> TestMessage {
     TestMessage {
@@ -197,6 +197,52 @@ async fn send_writes_typed_attributes_as_text_and_refuses_what_pubsub_cannot_car
         (text("s"), text("int"), text("bool"), text("bin"), text("num")),
         ("text".into(), "-7".into(), "true".into(), "AP8=".into(), "1.50".into())
     );
+}
+
+/// Everything one backend can lease now, lease after lease, held for `hold`.
+async fn lease_all(b: &dyn QueueBackend, hold: Duration) -> Vec<dlq_bridge::model::Leased> {
+    let mut all = Vec::new();
+    loop {
+        let got = b.lease(1000, hold).await.unwrap();
+        if got.is_empty() {
+            return all;
+        }
+        all.extend(got);
+    }
+}
+
+/// A lease returns before its deadline change is answered. A release or a
+/// settle right behind it must wait for that answer: a hold landing after a
+/// release would hide the messages for the whole hold (here 600 s, so the next
+/// round would find none).
+#[tokio::test]
+async fn release_and_settle_right_after_a_lease_are_not_overtaken_by_its_hold() {
+    let f = PubSubFixture::create(false).await;
+    f.put_in_dlq(&(0..60).map(failing).collect::<Vec<_>>()).await;
+    let b = backend_for(&f.config()).await.unwrap();
+    let hold = Duration::from_secs(600);
+    for round in 0..5 {
+        let leased = lease_all(b.as_ref(), hold).await;
+        assert_eq!(
+            leased.len(),
+            60,
+            "round {round}: released messages must be deliverable again at once"
+        );
+        b.release(&leased.into_iter().map(|l| l.lease).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    }
+    let leased = lease_all(b.as_ref(), hold).await;
+    assert_eq!(leased.len(), 60);
+    let settled = b
+        .settle(&leased.into_iter().map(|l| l.lease).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert!(
+        settled.iter().all(|r| matches!(r, SettleResult::Settled)),
+        "{settled:?}"
+    );
+    assert_eq!(f.dlq_count().await, 0);
 }
 
 #[tokio::test]

@@ -3,7 +3,13 @@
 //! The DLQ is a subscription on the dead-letter topic. The six verbs map as:
 //!
 //! - **lease**: one unary `Pull`, then `ModifyAckDeadline` of the pulled ack IDs
-//!   to `hold` (capped at Pub/Sub's 600 s). Pulls are never streamed and never
+//!   to `hold` (capped at Pub/Sub's 600 s). The lease returns as soon as the
+//!   pull does, with the deadline change still on its way: a settle or a
+//!   release of those ack IDs waits for its answer first (a release overtaken
+//!   by the hold would hide the message for the whole hold). Until it lands the
+//!   subscription's own ack deadline (10 s at least) holds the messages, and if
+//!   it fails they are still settled within that deadline or come back, as any
+//!   lease that runs out does. Pulls are never streamed and never
 //!   cancelled: the emulator keeps a cancelled pull as a live "zombie" consumer
 //!   that swallows messages for minutes. On the emulator the pull asks for
 //!   `return_immediately`; on GCP, where that flag is deprecated and may answer
@@ -119,7 +125,7 @@ use gcloud_pubsub::client::google_cloud_auth;
 use google_cloud_auth::project::Config as AuthConfig;
 use google_cloud_auth::token::DefaultTokenSourceProvider;
 use token_source::{TokenSource, TokenSourceProvider};
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::{Mutex, OnceCell, watch};
 
 use super::{BackendError, Capabilities, QueueBackend, Result};
 use crate::config::{PubSubQueueConfig, QueueConfig};
@@ -198,6 +204,8 @@ pub struct PubSubBackend {
     /// The single subscription whose dead-letter policy points at this DLQ's topic.
     listed_source: OnceCell<Option<String>>,
     warned_hold: AtomicBool,
+    /// Leased ack IDs whose deadline change has not been answered yet.
+    pending_holds: PendingHolds,
     /// The subscription has message ordering on: a key's later messages wait
     /// until its earlier ones are acked.
     ordered_delivery: bool,
@@ -214,6 +222,82 @@ struct Conns {
     /// publisher, and a pull needs a server-side deadline.
     rpc_cm: ConnectionManager,
     monitoring_token: OnceCell<Arc<dyn TokenSource>>,
+}
+
+/// The deadline changes sent for leases that have already returned, by ack
+/// ID, until each is answered. A settle or a release of those ack IDs waits
+/// for the answer first, so that it cannot be overtaken by the change.
+#[derive(Default, Clone)]
+struct PendingHolds {
+    by_ack_id: Arc<std::sync::Mutex<HashMap<String, watch::Receiver<bool>>>>,
+}
+
+/// One deadline change on its way; [`Hold::answered`] ends it.
+struct Hold {
+    pending: PendingHolds,
+    answered: watch::Sender<bool>,
+    /// Tells this hold's entries from a later hold's of the same ack ID.
+    entry: watch::Receiver<bool>,
+}
+
+impl PendingHolds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<bool>>> {
+        self.by_ack_id.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a deadline change of `ack_ids` as sent and not yet answered.
+    fn start(&self, ack_ids: &[String]) -> Hold {
+        let (answered, rx) = watch::channel(false);
+        let mut pending = self.lock();
+        for id in ack_ids {
+            pending.insert(id.clone(), rx.clone());
+        }
+        Hold {
+            pending: self.clone(),
+            answered,
+            entry: rx,
+        }
+    }
+
+    /// Waits until the deadline changes of every lease in `leases` have been
+    /// answered (at once for leases with none pending).
+    async fn answered(&self, leases: &[LeaseId]) {
+        let mut waits: Vec<watch::Receiver<bool>> = Vec::new();
+        {
+            let pending = self.lock();
+            if pending.is_empty() {
+                return;
+            }
+            for l in leases {
+                if let Some(rx) = pending.get(&l.0)
+                    && !waits.iter().any(|w| w.same_channel(rx))
+                {
+                    waits.push(rx.clone());
+                }
+            }
+        }
+        for mut rx in waits {
+            // An error means the hold was dropped, which is an answer too.
+            let _ = rx.wait_for(|answered| *answered).await;
+        }
+    }
+}
+
+impl Hold {
+    /// The change of `ack_ids` was answered (or failed): whoever waits for
+    /// them goes on.
+    fn answered(self, ack_ids: &[String]) {
+        let mut pending = self.pending.lock();
+        for id in ack_ids {
+            // A later lease of the same message (its hold ran out) has its
+            // own entry: leave that one.
+            if pending.get(id).is_some_and(|r| r.same_channel(&self.entry)) {
+                pending.remove(id);
+            }
+        }
+        drop(pending);
+        self.answered.send_replace(true);
+    }
 }
 
 /// Pub/Sub channels shared between queues, one set per endpoint (`None`: GCP).
@@ -361,6 +445,7 @@ impl PubSubBackend {
             dlq_topic: String::new(),
             listed_source: OnceCell::new(),
             warned_hold: AtomicBool::new(false),
+            pending_holds: PendingHolds::default(),
             ordered_delivery: false,
         };
         // Fail now, with a clear error, if the DLQ subscription does not exist.
@@ -440,20 +525,29 @@ impl PubSubBackend {
     }
 
     async fn modify_deadline(&self, ack_ids: &[String], seconds: i32) -> Result<(), Status> {
-        for chunk in ack_ids.chunks(ACK_CHUNK) {
-            self.conns
-                .subc
-                .modify_ack_deadline(
-                    ModifyAckDeadlineRequest {
-                        subscription: self.subscription.clone(),
-                        ack_ids: chunk.to_vec(),
-                        ack_deadline_seconds: seconds,
-                    },
-                    None,
-                )
-                .await?;
-        }
-        Ok(())
+        modify_deadline(&self.conns.subc, &self.subscription, ack_ids, seconds).await
+    }
+
+    /// Sends the deadline change that holds `ack_ids` for `hold_secs`, without
+    /// waiting for its answer; [`PendingHolds::answered`] waits for it.
+    fn hold_in_background(&self, ack_ids: Vec<String>, hold_secs: i32) {
+        let hold = self.pending_holds.start(&ack_ids);
+        let subc = self.conns.subc.clone();
+        let subscription = self.subscription.clone();
+        let endpoint = self.endpoint.clone();
+        tokio::spawn(async move {
+            if let Err(s) = modify_deadline(&subc, &subscription, &ack_ids, hold_secs).await {
+                // The subscription's own ack deadline still holds them; a
+                // lease that runs out before its settle comes back, as always.
+                tracing::warn!(
+                    subscription = %subscription,
+                    messages = ack_ids.len(),
+                    error = %classify(s, &endpoint, &subscription),
+                    "could not extend the ack deadline of leased messages; they are held only for the subscription's own ack deadline"
+                );
+            }
+            hold.answered(&ack_ids);
+        });
     }
 
     /// Pull up to `max`, hidden for `hold_secs`.
@@ -791,6 +885,27 @@ pub fn pubsub_message(o: &Outgoing, target: Option<&str>) -> Result<PubsubMessag
     Ok(message)
 }
 
+/// One `ModifyAckDeadline` per [`ACK_CHUNK`] ack IDs.
+async fn modify_deadline(
+    subc: &SubscriberClient,
+    subscription: &str,
+    ack_ids: &[String],
+    seconds: i32,
+) -> Result<(), Status> {
+    for chunk in ack_ids.chunks(ACK_CHUNK) {
+        subc.modify_ack_deadline(
+            ModifyAckDeadlineRequest {
+                subscription: subscription.to_string(),
+                ack_ids: chunk.to_vec(),
+                ack_deadline_seconds: seconds,
+            },
+            None,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// A request for the generated clients: the routing header Pub/Sub expects,
 /// and a deadline the server enforces (so nothing is cancelled from here).
 fn routed<T>(message: T, param: &str, resource: &str, deadline: Duration) -> Request<T> {
@@ -898,8 +1013,8 @@ impl QueueBackend for PubSubBackend {
             // One slot is kept for the targeted-redrive attribute.
             max_attributes: Some(MAX_ATTRIBUTES - usize::from(self.target_attribute.is_some())),
             batch_size: BATCH,
-            // A pull and its deadline change are two round trips per lease,
-            // and a pull brings fewer than it asks for whenever the service
+            // A pull is a round trip per lease (its deadline change goes on
+            // behind it), and a pull brings fewer than it asks for whenever the service
             // likes (the emulator at most 100): leases hide the round trips
             // only in numbers.
             max_lease_size: COUNT_PULL,
@@ -957,7 +1072,10 @@ impl QueueBackend for PubSubBackend {
             );
         }
         let secs = hold.as_secs().clamp(1, MAX_ACK_DEADLINE_SECS) as i32;
-        let got = self.pull_and_hold(max.min(COUNT_PULL), secs).await?;
+        let got = self.pull(max.min(COUNT_PULL)).await?;
+        if !got.is_empty() {
+            self.hold_in_background(got.iter().map(|m| m.ack_id.clone()).collect(), secs);
+        }
         let mut out = Vec::with_capacity(got.len());
         for r in &got {
             out.push(Leased {
@@ -1040,6 +1158,7 @@ impl QueueBackend for PubSubBackend {
     }
 
     async fn settle(&self, leases: &[LeaseId]) -> Result<Vec<SettleResult>> {
+        self.pending_holds.answered(leases).await;
         let mut results = Vec::with_capacity(leases.len());
         for chunk in leases.chunks(ACK_CHUNK) {
             let req = AcknowledgeRequest {
@@ -1058,6 +1177,7 @@ impl QueueBackend for PubSubBackend {
     }
 
     async fn release(&self, leases: &[LeaseId]) -> Result<()> {
+        self.pending_holds.answered(leases).await;
         let ids: Vec<String> = leases.iter().map(|l| l.0.clone()).collect();
         for chunk in ids.chunks(ACK_CHUNK) {
             match self.modify_deadline(chunk, 0).await {
@@ -1103,6 +1223,74 @@ impl QueueBackend for PubSubBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn leases(ids: &[&str]) -> Vec<LeaseId> {
+        ids.iter().map(|i| LeaseId(i.to_string())).collect()
+    }
+
+    fn ids(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|i| i.to_string()).collect()
+    }
+
+    /// Whether `answered(leases)` finishes without anything else happening.
+    async fn answered_at_once(holds: &PendingHolds, of: &[&str]) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), holds.answered(&leases(of)))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_settle_waits_for_the_hold_of_its_leases_only() {
+        let holds = PendingHolds::default();
+        assert!(answered_at_once(&holds, &["a"]).await, "nothing pending");
+        let first = holds.start(&ids(&["a", "b"]));
+        let second = holds.start(&ids(&["c"]));
+        assert!(!answered_at_once(&holds, &["a"]).await);
+        assert!(!answered_at_once(&holds, &["x", "c"]).await);
+        assert!(answered_at_once(&holds, &["x"]).await, "no hold of x is pending");
+
+        let waiting = tokio::spawn({
+            let holds = holds.clone();
+            async move { holds.answered(&leases(&["b", "c"])).await }
+        });
+        first.answered(&ids(&["a", "b"]));
+        assert!(answered_at_once(&holds, &["a", "b"]).await);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "c's hold is still out");
+        second.answered(&ids(&["c"]));
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("answered once both holds are")
+            .unwrap();
+        assert!(holds.lock().is_empty(), "answered holds are forgotten");
+    }
+
+    #[tokio::test]
+    async fn an_earlier_holds_answer_leaves_a_later_hold_of_the_same_message_pending() {
+        let holds = PendingHolds::default();
+        let earlier = holds.start(&ids(&["a"]));
+        let later = holds.start(&ids(&["a"]));
+        earlier.answered(&ids(&["a"]));
+        assert!(!answered_at_once(&holds, &["a"]).await);
+        later.answered(&ids(&["a"]));
+        assert!(answered_at_once(&holds, &["a"]).await);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_hold_does_not_leave_its_waiters_waiting() {
+        let holds = PendingHolds::default();
+        let hold = holds.start(&ids(&["a"]));
+        let waiting = tokio::spawn({
+            let holds = holds.clone();
+            async move { holds.answered(&leases(&["a"])).await }
+        });
+        tokio::task::yield_now().await;
+        drop(hold);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("a dropped hold answers")
+            .unwrap();
+    }
 
     #[test]
     fn names_expand_and_bad_ones_are_refused() {
