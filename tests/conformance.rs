@@ -159,6 +159,45 @@ pub async fn filtered_redrive_moves_exactly_the_matches<F: Fixture>() {
     assert_eq!(f.dlq_count().await, 4, "the non-matching messages stay in the DLQ");
 }
 
+/// One process (the sidecar) runs pass after pass on the same backend. A new
+/// pass must start from the beginning of the DLQ again: what the last one
+/// held and released, and what arrived since, are all seen.
+pub async fn a_later_pass_on_the_same_backend_sees_what_the_earlier_released<F: Fixture>() {
+    let f = F::create(false).await;
+    let first = orders(8);
+    f.dead_letter(&first).await;
+    let reg = common::registry(f.config());
+    let backend = reg.backend("dlq").await.expect("backend");
+    let run = |req: RedriveRequest| {
+        let (reg, backend) = (&reg, backend.clone());
+        async move {
+            let plan = reg.plan("dlq", &req, Trigger::Cli).await.expect("plan");
+            dlq_bridge::engine::redrive::Engine::new(backend)
+                .run(&plan)
+                .await
+                .expect("run")
+        }
+    };
+    let s = run(req(r#"attributes.tenant == "acme""#)).await;
+    assert_eq!((s.examined, s.matched, s.settled), (8, 4, 4), "{s:?}");
+    let later: Vec<TestMessage> = (100..102).map(|i| order(i, "initech", "Timeout")).collect();
+    // Straight into the DLQ: dead-lettering through the source would take
+    // the first pass's copies back there too.
+    f.put_in_dlq(&later).await;
+    let s = run(req("true")).await;
+    assert_eq!(
+        (s.examined, s.matched, s.settled),
+        (6, 6, 6),
+        "the 4 the first pass released and the 2 that arrived since: {s:?}"
+    );
+    assert!(s.ok(), "{s:?}");
+    assert_eq!(
+        bodies(&f.drain_source().await),
+        expected_bodies(first.iter().chain(&later))
+    );
+    assert_eq!(f.dlq_count().await, 0);
+}
+
 pub async fn dry_run_changes_nothing<F: Fixture>() {
     let f = F::create(false).await;
     let msgs = orders(6);
@@ -613,6 +652,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn filtered_redrive_moves_exactly_the_matches() {
                 super::filtered_redrive_moves_exactly_the_matches::<$fixture>().await;
+            }
+            #[tokio::test]
+            async fn a_later_pass_on_the_same_backend_sees_what_the_earlier_released() {
+                super::a_later_pass_on_the_same_backend_sees_what_the_earlier_released::<$fixture>().await;
             }
             #[tokio::test]
             async fn dry_run_changes_nothing() {
