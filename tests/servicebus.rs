@@ -420,3 +420,36 @@ async fn concurrent_leases_are_disjoint_and_leave_nothing_locked() {
     b.release(&lease_ids(&again)).await.unwrap();
     assert_eq!(f.browse_dlq().await.len(), 20);
 }
+
+/// Azure may answer a peek with fewer messages than it was asked for while
+/// more wait. The link's read-ahead then hands the leases what the browse
+/// showed instead of waiting for full shares, and browses on from past it:
+/// the pass must still see every message once. Against an emulator whose
+/// peeks answer at most 70 messages (the link asks for 1,000).
+#[tokio::test]
+async fn a_pass_sees_every_message_when_peeks_answer_short() {
+    let host = "127.0.0.7";
+    let emu = common::servicebus::spawn_emulator("servicebus-short-peeks", &["--amqp-host", host, "--max-peek", "70"]);
+    let cs = format!("Endpoint=sb://{host};SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true");
+    let env = "DLQ_BRIDGE_TEST_SERVICEBUS_SHORT_PEEKS";
+    // Only this test reads or writes this variable.
+    unsafe { std::env::set_var(env, &cs) };
+    let client = common::servicebus::client_with(&cs).await;
+    let f = ServiceBusFixture::on(emu.url(), client, env, &["s"]).await;
+    let msgs: Vec<TestMessage> = (0..600)
+        .map(|i| failing(i, if i % 2 == 0 { "Timeout" } else { "Invalid" }))
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let s = redrive(
+        f.config(),
+        RedriveRequest {
+            filter: Some(r#"reason == "Timeout""#.into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!((s.examined, s.matched, s.settled), (600, 300, 300), "{s:?}");
+    assert!(s.ok(), "{s:?}");
+    assert_eq!(f.drain_source().await.len(), 300);
+    assert_eq!(f.dlq_count().await, 300);
+}

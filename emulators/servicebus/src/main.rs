@@ -67,6 +67,12 @@ struct Cli {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     lock_duration: Duration,
 
+    /// The most messages one peek answers (0: as many as asked for). Azure
+    /// may answer a peek with fewer messages than asked for while more wait;
+    /// this lets a client be tested against that.
+    #[arg(long, default_value_t = 0)]
+    max_peek: usize,
+
     /// Write the HTTPS certificate (PEM) here, for clients that verify it.
     #[arg(long)]
     cert_out: Option<PathBuf>,
@@ -118,6 +124,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
                 lock_duration: cli.lock_duration,
                 default_message_ttl: None,
             },
+            max_peek: Some(cli.max_peek).filter(|m| *m > 0),
         },
     ));
     let amqp = bind("AMQP", cli.amqp_host, cli.amqp_port).await?;

@@ -81,6 +81,9 @@ pub struct BrokerOptions {
     pub strict: bool,
     /// CLI defaults, below the topology file's own `defaults`.
     pub defaults: StoreSettings,
+    /// The most messages one peek answers (None: as many as asked). Azure may
+    /// answer a peek with fewer than it was asked for, while more wait.
+    pub max_peek: Option<usize>,
 }
 
 pub struct Broker {
@@ -280,6 +283,7 @@ impl Broker {
 
     pub fn peek(&self, path: &EntityPath, from_sequence_number: i64, count: usize) -> Result<Vec<Bytes>, BrokerError> {
         let strict = self.options.strict;
+        let count = self.options.max_peek.map_or(count, |max| count.min(max));
         self.with_store(path, |store| {
             store.peek(path.dead_letter, from_sequence_number, count, now_ms(), strict)
         })
@@ -371,6 +375,7 @@ mod tests {
                     lock_duration: Duration::from_secs(60),
                     default_message_ttl: None,
                 },
+                max_peek: None,
             },
         )
     }
@@ -422,6 +427,27 @@ mod tests {
             broker.settle(&path(false), &token, Outcome::Complete),
             Err(BrokerError::LockLost)
         ));
+    }
+
+    #[test]
+    fn max_peek_bounds_each_peek_and_the_next_peek_goes_on_from_past_it() {
+        let broker = Broker {
+            options: BrokerOptions {
+                max_peek: Some(2),
+                ..broker(10).options
+            },
+            ..broker(10)
+        };
+        broker.attach(&path(false), true).unwrap();
+        broker.send("q", (0..5).map(|_| message()).collect()).unwrap();
+        assert_eq!(broker.peek(&path(false), 1, 10).unwrap().len(), 2);
+        assert_eq!(broker.peek(&path(false), 1, 1).unwrap().len(), 1);
+        assert_eq!(
+            broker.peek(&path(false), 4, 10).unwrap().len(),
+            2,
+            "sequence numbers 4 and 5"
+        );
+        assert_eq!(broker.peek(&path(false), 5, 10).unwrap().len(), 1);
     }
 
     #[test]
