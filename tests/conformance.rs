@@ -167,24 +167,13 @@ pub async fn a_later_pass_on_the_same_backend_sees_what_the_earlier_released<F: 
     let first = orders(8);
     f.dead_letter(&first).await;
     let reg = common::registry(f.config());
-    let backend = reg.backend("dlq").await.expect("backend");
-    let run = |req: RedriveRequest| {
-        let (reg, backend) = (&reg, backend.clone());
-        async move {
-            let plan = reg.plan("dlq", &req, Trigger::Cli).await.expect("plan");
-            dlq_bridge::engine::redrive::Engine::new(backend)
-                .run(&plan)
-                .await
-                .expect("run")
-        }
-    };
-    let s = run(req(r#"attributes.tenant == "acme""#)).await;
+    let s = common::redrive_on(&reg, req(r#"attributes.tenant == "acme""#)).await;
     assert_eq!((s.examined, s.matched, s.settled), (8, 4, 4), "{s:?}");
     let later: Vec<TestMessage> = (100..102).map(|i| order(i, "initech", "Timeout")).collect();
     // Straight into the DLQ: dead-lettering through the source would take
     // the first pass's copies back there too.
     f.put_in_dlq(&later).await;
-    let s = run(req("true")).await;
+    let s = common::redrive_on(&reg, req("true")).await;
     assert_eq!(
         (s.examined, s.matched, s.settled),
         (6, 6, 6),

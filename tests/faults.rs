@@ -589,10 +589,7 @@ impl ViaProxy for common::servicebus::ServiceBusFixture {
         Proxied {
             proxies: vec![amqp, http],
             config,
-            env: vec![(
-                env_name.into(),
-                format!("Endpoint=sb://{host};SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true"),
-            )],
+            env: vec![(env_name.into(), common::servicebus::emulator_connection_string(&host))],
         }
     }
 }
@@ -845,13 +842,8 @@ impl Private for common::pubsub::PubSubFixture {
 fn private_servicebus(host: &str) -> (Emulator, String) {
     let emu = common::servicebus::spawn_emulator("servicebus-private", &["--amqp-host", host, "--lock-duration", "3s"]);
     let env = format!("DLQ_BRIDGE_FAULTS_SERVICEBUS_{}", host.replace('.', "_"));
-    add_child_env(&env, &private_connection_string(host));
+    add_child_env(&env, &common::servicebus::emulator_connection_string(host));
     (emu, env)
-}
-
-#[cfg(feature = "servicebus")]
-fn private_connection_string(host: &str) -> String {
-    format!("Endpoint=sb://{host};SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true")
 }
 
 #[cfg(feature = "servicebus")]
@@ -859,7 +851,7 @@ fn private_connection_string(host: &str) -> String {
 impl Private for common::servicebus::ServiceBusFixture {
     async fn private(host: &str) -> (Self, Emulator) {
         let (emu, env) = private_servicebus(host);
-        let client = common::servicebus::client_with(&private_connection_string(host)).await;
+        let client = common::servicebus::client_with(&common::servicebus::emulator_connection_string(host)).await;
         (Self::on(emu.url(), client, &env, &["s"]).await, emu)
     }
 }
@@ -878,7 +870,8 @@ impl Fixture for KillServiceBus {
     async fn create(_ordered: bool) -> Self {
         static EMU: std::sync::OnceLock<(Emulator, String)> = std::sync::OnceLock::new();
         let (emu, env) = EMU.get_or_init(|| private_servicebus("127.0.0.4"));
-        let client = common::servicebus::client_with(&private_connection_string("127.0.0.4")).await;
+        let client =
+            common::servicebus::client_with(&common::servicebus::emulator_connection_string("127.0.0.4")).await;
         Self(common::servicebus::ServiceBusFixture::on(emu.url(), client, env, &["s"]).await)
     }
     fn config(&self) -> Config {

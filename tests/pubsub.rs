@@ -212,9 +212,11 @@ async fn lease_all(b: &dyn QueueBackend, hold: Duration) -> Vec<dlq_bridge::mode
 }
 
 /// A lease returns before its deadline change is answered. A release or a
-/// settle right behind it must wait for that answer: a hold landing after a
-/// release would hide the messages for the whole hold (here 600 s, so the next
-/// round would find none).
+/// settle right behind it must not be overtaken by that change: a hold
+/// landing after a release would hide the messages for the whole hold (here
+/// 600 s, so the next round would find none). The emulator answers one
+/// connection's calls in order, so this checks the contract end to end; the
+/// waiting itself is checked by the unit tests of `PendingHolds`.
 #[tokio::test]
 async fn release_and_settle_right_after_a_lease_are_not_overtaken_by_its_hold() {
     let f = PubSubFixture::create(false).await;

@@ -428,14 +428,16 @@ async fn concurrent_leases_are_disjoint_and_leave_nothing_locked() {
 /// peeks answer at most 70 messages (the link asks for 1,000).
 #[tokio::test]
 async fn a_pass_sees_every_message_when_peeks_answer_short() {
-    let host = "127.0.0.7";
-    let emu = common::servicebus::spawn_emulator("servicebus-short-peeks", &["--amqp-host", host, "--max-peek", "70"]);
-    let cs = format!("Endpoint=sb://{host};SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true");
-    let env = "DLQ_BRIDGE_TEST_SERVICEBUS_SHORT_PEEKS";
-    // Only this test reads or writes this variable.
-    unsafe { std::env::set_var(env, &cs) };
-    let client = common::servicebus::client_with(&cs).await;
-    let f = ServiceBusFixture::on(emu.url(), client, env, &["s"]).await;
+    use common::servicebus::{SHORT_PEEKS_CONNECTION_STRING_ENV, SHORT_PEEKS_HOST, emulator_connection_string};
+    // Sets the environment (with the connection string used below) before
+    // anything reads it.
+    emulator();
+    let emu = common::servicebus::spawn_emulator(
+        "servicebus-short-peeks",
+        &["--amqp-host", SHORT_PEEKS_HOST, "--max-peek", "70"],
+    );
+    let client = common::servicebus::client_with(&emulator_connection_string(SHORT_PEEKS_HOST)).await;
+    let f = ServiceBusFixture::on(emu.url(), client, SHORT_PEEKS_CONNECTION_STRING_ENV, &["s"]).await;
     let msgs: Vec<TestMessage> = (0..600)
         .map(|i| failing(i, if i % 2 == 0 { "Timeout" } else { "Invalid" }))
         .collect();

@@ -232,9 +232,12 @@ struct PendingHolds {
     by_ack_id: Arc<std::sync::Mutex<HashMap<String, watch::Receiver<bool>>>>,
 }
 
-/// One deadline change on its way; [`Hold::answered`] ends it.
+/// One deadline change on its way, of the ack IDs it holds. Dropping it (once
+/// the change is answered or has failed, or if its task ends early) forgets
+/// its ack IDs and lets whoever waits for them go on.
 struct Hold {
     pending: PendingHolds,
+    ack_ids: Vec<String>,
     answered: watch::Sender<bool>,
     /// Tells this hold's entries from a later hold's of the same ack ID.
     entry: watch::Receiver<bool>,
@@ -246,16 +249,17 @@ impl PendingHolds {
     }
 
     /// Records a deadline change of `ack_ids` as sent and not yet answered.
-    fn start(&self, ack_ids: &[String]) -> Hold {
-        let (answered, rx) = watch::channel(false);
+    fn start(&self, ack_ids: Vec<String>) -> Hold {
+        let (answered, entry) = watch::channel(false);
         let mut pending = self.lock();
-        for id in ack_ids {
-            pending.insert(id.clone(), rx.clone());
+        for id in &ack_ids {
+            pending.insert(id.clone(), entry.clone());
         }
         Hold {
             pending: self.clone(),
+            ack_ids,
             answered,
-            entry: rx,
+            entry,
         }
     }
 
@@ -277,18 +281,16 @@ impl PendingHolds {
             }
         }
         for mut rx in waits {
-            // An error means the hold was dropped, which is an answer too.
+            // An error means the hold is gone, which is an answer too.
             let _ = rx.wait_for(|answered| *answered).await;
         }
     }
 }
 
-impl Hold {
-    /// The change of `ack_ids` was answered (or failed): whoever waits for
-    /// them goes on.
-    fn answered(self, ack_ids: &[String]) {
+impl Drop for Hold {
+    fn drop(&mut self) {
         let mut pending = self.pending.lock();
-        for id in ack_ids {
+        for id in &self.ack_ids {
             // A later lease of the same message (its hold ran out) has its
             // own entry: leave that one.
             if pending.get(id).is_some_and(|r| r.same_channel(&self.entry)) {
@@ -531,22 +533,22 @@ impl PubSubBackend {
     /// Sends the deadline change that holds `ack_ids` for `hold_secs`, without
     /// waiting for its answer; [`PendingHolds::answered`] waits for it.
     fn hold_in_background(&self, ack_ids: Vec<String>, hold_secs: i32) {
-        let hold = self.pending_holds.start(&ack_ids);
+        let hold = self.pending_holds.start(ack_ids);
         let subc = self.conns.subc.clone();
         let subscription = self.subscription.clone();
         let endpoint = self.endpoint.clone();
         tokio::spawn(async move {
-            if let Err(s) = modify_deadline(&subc, &subscription, &ack_ids, hold_secs).await {
+            if let Err(s) = modify_deadline(&subc, &subscription, &hold.ack_ids, hold_secs).await {
                 // The subscription's own ack deadline still holds them; a
                 // lease that runs out before its settle comes back, as always.
                 tracing::warn!(
                     subscription = %subscription,
-                    messages = ack_ids.len(),
+                    messages = hold.ack_ids.len(),
                     error = %classify(s, &endpoint, &subscription),
                     "could not extend the ack deadline of leased messages; they are held only for the subscription's own ack deadline"
                 );
             }
-            hold.answered(&ack_ids);
+            drop(hold);
         });
     }
 
@@ -1243,8 +1245,8 @@ mod tests {
     async fn a_settle_waits_for_the_hold_of_its_leases_only() {
         let holds = PendingHolds::default();
         assert!(answered_at_once(&holds, &["a"]).await, "nothing pending");
-        let first = holds.start(&ids(&["a", "b"]));
-        let second = holds.start(&ids(&["c"]));
+        let first = holds.start(ids(&["a", "b"]));
+        let second = holds.start(ids(&["c"]));
         assert!(!answered_at_once(&holds, &["a"]).await);
         assert!(!answered_at_once(&holds, &["x", "c"]).await);
         assert!(answered_at_once(&holds, &["x"]).await, "no hold of x is pending");
@@ -1253,11 +1255,11 @@ mod tests {
             let holds = holds.clone();
             async move { holds.answered(&leases(&["b", "c"])).await }
         });
-        first.answered(&ids(&["a", "b"]));
+        drop(first);
         assert!(answered_at_once(&holds, &["a", "b"]).await);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "c's hold is still out");
-        second.answered(&ids(&["c"]));
+        drop(second);
         tokio::time::timeout(Duration::from_secs(1), waiting)
             .await
             .expect("answered once both holds are")
@@ -1268,28 +1270,33 @@ mod tests {
     #[tokio::test]
     async fn an_earlier_holds_answer_leaves_a_later_hold_of_the_same_message_pending() {
         let holds = PendingHolds::default();
-        let earlier = holds.start(&ids(&["a"]));
-        let later = holds.start(&ids(&["a"]));
-        earlier.answered(&ids(&["a"]));
+        let earlier = holds.start(ids(&["a"]));
+        let later = holds.start(ids(&["a"]));
+        drop(earlier);
         assert!(!answered_at_once(&holds, &["a"]).await);
-        later.answered(&ids(&["a"]));
+        drop(later);
         assert!(answered_at_once(&holds, &["a"]).await);
+        assert!(holds.lock().is_empty());
     }
 
     #[tokio::test]
-    async fn a_dropped_hold_does_not_leave_its_waiters_waiting() {
+    async fn a_hold_whose_task_panics_neither_blocks_its_waiters_nor_stays_pending() {
         let holds = PendingHolds::default();
-        let hold = holds.start(&ids(&["a"]));
+        let hold = holds.start(ids(&["a"]));
         let waiting = tokio::spawn({
             let holds = holds.clone();
             async move { holds.answered(&leases(&["a"])).await }
         });
-        tokio::task::yield_now().await;
-        drop(hold);
+        let task = tokio::spawn(async move {
+            let _hold = hold;
+            panic!("the hold's task ends early");
+        });
+        assert!(task.await.is_err());
         tokio::time::timeout(Duration::from_secs(1), waiting)
             .await
-            .expect("a dropped hold answers")
+            .expect("a hold dropped while unwinding answers")
             .unwrap();
+        assert!(holds.lock().is_empty(), "and forgets its ack IDs");
     }
 
     #[test]

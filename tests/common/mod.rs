@@ -110,7 +110,12 @@ pub fn registry(config: Config) -> Arc<Registry> {
 
 /// Run a redrive of queue `dlq` the way the CLI does (same planning path).
 pub async fn redrive(config: Config, req: RedriveRequest) -> RunSummary {
-    let reg = registry(config);
+    redrive_on(&registry(config), req).await
+}
+
+/// The same, on a registry that keeps its backends from run to run, as a
+/// long-lived process (`serve`) does.
+pub async fn redrive_on(reg: &Registry, req: RedriveRequest) -> RunSummary {
     let plan = reg.plan("dlq", &req, Trigger::Cli).await.expect("plan");
     let backend = reg.backend("dlq").await.expect("backend");
     Engine::new(backend).run(&plan).await.expect("run")

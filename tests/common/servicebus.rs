@@ -43,8 +43,19 @@ pub const CONNECTION_STRING_ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_CONNECTION_S
 pub const UNREACHABLE_CONNECTION_STRING_ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_UNREACHABLE";
 pub const EMULATOR_CONNECTION_STRING: &str =
     "Endpoint=sb://127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true";
+/// Where the private emulator of `tests/servicebus.rs`'s short-peek test
+/// listens, and the variable naming its connection string (set with the
+/// others, before any test reads the environment).
+pub const SHORT_PEEKS_HOST: &str = "127.0.0.7";
+pub const SHORT_PEEKS_CONNECTION_STRING_ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_SHORT_PEEKS";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
+
+/// The connection string of an emulator whose AMQP listener is on `host`
+/// (azservicebus always dials port 5672, so emulators differ by host).
+pub fn emulator_connection_string(host: &str) -> String {
+    format!("Endpoint=sb://{host};SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true")
+}
 
 /// The emulator's HTTP (ATOM) base URL: `DLQ_BRIDGE_TEST_SERVICEBUS_HTTP`
 /// when a script started one, else an emulator started for this test binary
@@ -60,8 +71,12 @@ pub fn emulator() -> String {
         unsafe {
             std::env::set_var(
                 UNREACHABLE_CONNECTION_STRING_ENV,
-                "Endpoint=sb://127.0.0.2;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true",
-            )
+                emulator_connection_string("127.0.0.2"),
+            );
+            std::env::set_var(
+                SHORT_PEEKS_CONNECTION_STRING_ENV,
+                emulator_connection_string(SHORT_PEEKS_HOST),
+            );
         };
     });
     if let Some(url) = std::env::var("DLQ_BRIDGE_TEST_SERVICEBUS_HTTP")

@@ -431,13 +431,8 @@ mod tests {
 
     #[test]
     fn max_peek_bounds_each_peek_and_the_next_peek_goes_on_from_past_it() {
-        let broker = Broker {
-            options: BrokerOptions {
-                max_peek: Some(2),
-                ..broker(10).options
-            },
-            ..broker(10)
-        };
+        let mut broker = broker(10);
+        broker.options.max_peek = Some(2);
         broker.attach(&path(false), true).unwrap();
         broker.send("q", (0..5).map(|_| message()).collect()).unwrap();
         assert_eq!(broker.peek(&path(false), 1, 10).unwrap().len(), 2);
