@@ -21,7 +21,7 @@ use common::servicebus::{
 use common::{Fixture, TestMessage, attrs, redrive};
 use dlq_bridge::backend::BackendError;
 use dlq_bridge::config::Config;
-use dlq_bridge::engine::redrive::{MARK_COUNT, MARK_ID};
+use dlq_bridge::engine::redrive::{MARK_COUNT, MARK_ID, Trigger};
 use dlq_bridge::engine::registry::{RedriveRequest, Registry, RegistryError};
 use dlq_bridge::model::{AttrValue, Exactness};
 use fe2o3_amqp_types::messaging::ApplicationProperties;
@@ -328,6 +328,25 @@ async fn missing_entity_is_not_found() {
         CONNECTION_STRING_ENV,
         &http,
     ));
+    let err = not_found_on_connect(reg.backend("dlq").await);
+    assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
+}
+
+/// A redrive of a missing entity fails when it is planned and leaves no
+/// entity behind: what a pass starts opening while it connects (the DLQ
+/// link's connection) must not attach to the entity before the check says
+/// it exists, or the emulator would create it.
+#[tokio::test]
+async fn a_redrive_of_a_missing_entity_creates_nothing() {
+    let http = emulator();
+    let entity = format!("      queue: {}\n", common::unique("never-created"));
+    let reg = Registry::new(config_for(&entity, CONNECTION_STRING_ENV, &http));
+    let planned = reg.plan("dlq", &RedriveRequest::default(), Trigger::Cli).await;
+    let err = not_found_on_connect(planned);
+    assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
+    // Time for anything left opening in the background to attach, if it would.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reg = Registry::new(config_for(&entity, CONNECTION_STRING_ENV, &http));
     let err = not_found_on_connect(reg.backend("dlq").await);
     assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
 }

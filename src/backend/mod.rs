@@ -153,6 +153,7 @@ pub struct SharedClients {
 /// The HTTP client of the REST side calls (Service Bus ATOM counts, Entra ID
 /// tokens, Cloud Monitoring), built once per process: each build loads a TLS
 /// configuration and its root certificates.
+#[cfg(any(feature = "pubsub", feature = "servicebus"))]
 pub(crate) fn http_client() -> Result<reqwest::Client> {
     static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     if let Some(c) = HTTP.get() {
@@ -166,16 +167,32 @@ pub(crate) fn http_client() -> Result<reqwest::Client> {
     Ok(HTTP.get_or_init(|| c).clone())
 }
 
+/// What a backend is connected for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Counts, browsing, alerting: nothing says a lease follows.
+    Inspect,
+    /// A redrive pass leases right after: the adapter may start opening what
+    /// leasing needs while it connects.
+    Pass,
+}
+
 /// Build the adapter a queue's config asks for, with clients of its own.
 pub async fn connect(queue: &QueueConfig) -> Result<Arc<dyn QueueBackend>> {
-    connect_shared(queue, &SharedClients::default()).await
+    connect_shared(queue, &SharedClients::default(), Purpose::Inspect).await
 }
 
 /// Build the adapter a queue's config asks for, reusing (or creating) the
 /// provider client in `shared` that fits it.
-pub async fn connect_shared(queue: &QueueConfig, shared: &SharedClients) -> Result<Arc<dyn QueueBackend>> {
+pub async fn connect_shared(
+    queue: &QueueConfig,
+    shared: &SharedClients,
+    purpose: Purpose,
+) -> Result<Arc<dyn QueueBackend>> {
     #[cfg(not(all(feature = "sqs", feature = "pubsub", feature = "servicebus")))]
     let _ = shared;
+    #[cfg(not(feature = "servicebus"))]
+    let _ = purpose;
     match &queue.kind {
         #[cfg(feature = "sqs")]
         QueueKind::Sqs(cfg) => Ok(Arc::new(
@@ -197,7 +214,7 @@ pub async fn connect_shared(queue: &QueueConfig, shared: &SharedClients) -> Resu
         }),
         #[cfg(feature = "servicebus")]
         QueueKind::ServiceBus(cfg) => Ok(Arc::new(
-            servicebus::ServiceBusBackend::connect(&queue.name, cfg, queue, &shared.servicebus).await?,
+            servicebus::ServiceBusBackend::connect(&queue.name, cfg, queue, &shared.servicebus, purpose).await?,
         )),
         #[cfg(not(feature = "servicebus"))]
         QueueKind::ServiceBus(_) => Err(BackendError::NotCompiled {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::backend::{self, BackendError, QueueBackend};
+use crate::backend::{self, BackendError, Purpose, QueueBackend};
 use crate::config::{Config, QueueConfig};
 use crate::engine::redrive::{RedrivePlan, Trigger, new_run_id};
 use crate::filter::{Filter, FilterError};
@@ -94,6 +94,12 @@ impl Registry {
     }
 
     pub async fn backend(&self, name: &str) -> Result<Arc<dyn QueueBackend>, RegistryError> {
+        self.backend_for(name, Purpose::Inspect).await
+    }
+
+    /// The queue's backend, connected for `purpose` if it is not connected
+    /// yet (a backend connected once serves every purpose after).
+    async fn backend_for(&self, name: &str, purpose: Purpose) -> Result<Arc<dyn QueueBackend>, RegistryError> {
         let queue = self.queue(name)?;
         if let Some(b) = self.backends.lock().await.get(name) {
             return Ok(b.clone());
@@ -106,7 +112,7 @@ impl Registry {
         // Boxed: the SDKs' connect futures are large, and unboxed they would be
         // inlined into every caller's state, including each queue's polling
         // task for its whole life (about 23 KiB per queue, measured with heaptrack).
-        let b = Box::pin(backend::connect_shared(queue, &self.clients))
+        let b = Box::pin(backend::connect_shared(queue, &self.clients, purpose))
             .await
             .map_err(|error| RegistryError::Backend {
                 queue: name.to_string(),
@@ -137,7 +143,7 @@ impl Registry {
         if concurrency == 0 {
             return Err(RegistryError::Invalid("concurrency must be at least 1".into()));
         }
-        let backend = self.backend(queue).await?;
+        let backend = self.backend_for(queue, Purpose::Pass).await?;
         backend.clone().prepare_lease();
         let resolve = |name: String| {
             let backend = backend.clone();

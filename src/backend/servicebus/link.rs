@@ -236,8 +236,17 @@ pub(super) struct DlqLink {
 }
 
 impl DlqLink {
-    pub async fn open(cfg: Arc<LinkConfig>, generation: u64) -> Result<Self> {
-        let actor = tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, Actor::open(cfg.clone()))
+    /// Open the link, on `connecting` if the connection is already on its
+    /// way (see [`Connected::start`]).
+    pub async fn open(cfg: Arc<LinkConfig>, generation: u64, connecting: Option<Connecting>) -> Result<Self> {
+        let opening = async {
+            let connected = match connecting {
+                Some(c) => c.finish(&cfg).await?,
+                None => Connected::open(&cfg).await?,
+            };
+            Actor::open(cfg.clone(), connected).await
+        };
+        let actor = tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, opening)
             .await
             .map_err(|_| cfg.unreachable("opening the dead-letter queue's link timed out"))??;
         let (commands, rx) = mpsc::channel(64);
@@ -343,8 +352,50 @@ struct Actor {
     deferred: Vec<(Vec<DeliveryInfo>, Option<Reply<()>>)>,
 }
 
-impl Actor {
-    async fn open(cfg: Arc<LinkConfig>) -> Result<Self> {
+/// The part of the link's opening that does not name the dead-letter queue:
+/// TCP (and TLS), SASL, AMQP open, both sessions, and `$cbs` with the
+/// tokens put. About nine round trips in series; since nothing here attaches
+/// to the entity, it may run while `connect` still checks that the entity
+/// exists (an emulator creates an entity a link attaches to), see
+/// [`Connected::start`].
+pub(super) struct Connected {
+    container: String,
+    connection: ConnectionHandle<()>,
+    session: SessionHandle<()>,
+    browse_session: SessionHandle<()>,
+    cbs: CbsClient,
+    renew_at: Option<Instant>,
+}
+
+/// A [`Connected`] being opened in the background; dropping it stops the
+/// opening (a backend whose connect failed leaves no connection behind).
+pub(super) struct Connecting(tokio::task::JoinHandle<Result<Connected>>);
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Connecting {
+    async fn finish(mut self, cfg: &LinkConfig) -> Result<Connected> {
+        (&mut self.0)
+            .await
+            .map_err(|e| cfg.unreachable(format!("opening the AMQP connection ended early: {e}")))?
+    }
+}
+
+impl Connected {
+    /// Open in the background; [`DlqLink::open`] takes it over.
+    pub fn start(cfg: Arc<LinkConfig>) -> Connecting {
+        Connecting(tokio::spawn(async move {
+            tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, Self::open(&cfg))
+                .await
+                .map_err(|_| cfg.unreachable("opening the AMQP connection timed out"))?
+        }))
+    }
+
+    async fn open(cfg: &LinkConfig) -> Result<Self> {
         let port = if cfg.tls { 5671 } else { 5672 };
         let tcp = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -382,7 +433,7 @@ impl Actor {
             let mut cbs = CbsClient::attach(&mut session)
                 .await
                 .map_err(|e| cfg.classify("attach to $cbs", &e))?;
-            let renew_at = put_tokens(&cfg, &mut cbs).await?;
+            let renew_at = put_tokens(cfg, &mut cbs).await?;
             Ok::<_, BackendError>((cbs, renew_at))
         };
         let begun = async {
@@ -392,7 +443,28 @@ impl Actor {
         };
         let (authorized, begun) = tokio::join!(authorized, begun);
         let (cbs, renew_at) = authorized?;
-        let mut browse_session = begun?;
+        Ok(Self {
+            container,
+            connection,
+            session,
+            browse_session: begun?,
+            cbs,
+            renew_at,
+        })
+    }
+}
+
+impl Actor {
+    /// Attach the receiver and both `$management` links on `connected`.
+    async fn open(cfg: Arc<LinkConfig>, connected: Connected) -> Result<Self> {
+        let Connected {
+            container,
+            connection,
+            mut session,
+            mut browse_session,
+            cbs,
+            renew_at,
+        } = connected;
         let [_, address] = cfg.audiences();
         let receiving = async {
             let receiver = Receiver::builder()

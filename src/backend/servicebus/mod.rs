@@ -134,7 +134,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, Notify};
 
-use super::{BackendError, Capabilities, QueueBackend, Result};
+use super::{BackendError, Capabilities, Purpose, QueueBackend, Result};
 use crate::config::{QueueConfig, ServiceBusQueueConfig};
 use crate::model::{
     AttrValue, Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing,
@@ -354,6 +354,9 @@ pub struct ServiceBusBackend {
     batch_limits: std::sync::Mutex<HashMap<String, usize>>,
     /// What the dead-letter queue's own link needs to (re)open.
     link_config: Arc<link::LinkConfig>,
+    /// The link's connection, opened while connecting for a pass (see
+    /// [`Purpose::Pass`]); the first link takes it over.
+    connecting: std::sync::Mutex<Option<link::Connecting>>,
     /// The dead-letter queue's own link (lease, complete, abandon).
     dlq: Mutex<Option<Arc<link::DlqLink>>>,
     link_generations: AtomicU64,
@@ -482,6 +485,7 @@ impl ServiceBusBackend {
         cfg: &ServiceBusQueueConfig,
         queue: &QueueConfig,
         clients: &Clients,
+        purpose: Purpose,
     ) -> Result<Self> {
         let entity = match (&cfg.queue, &cfg.topic, &cfg.subscription) {
             (Some(q), None, None) => Entity::Queue(q.clone()),
@@ -570,6 +574,9 @@ impl ServiceBusBackend {
             next_shard: AtomicUsize::new(0),
             shard_freed: Notify::new(),
             batch_limits: std::sync::Mutex::new(HashMap::new()),
+            connecting: std::sync::Mutex::new(
+                (purpose == Purpose::Pass).then(|| link::Connected::start(link_config.clone())),
+            ),
             link_config,
             dlq: Mutex::new(None),
             link_generations: AtomicU64::new(0),
@@ -1036,7 +1043,8 @@ impl ServiceBusBackend {
         }
         *slot = None;
         let generation = self.link_generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let l = Arc::new(link::DlqLink::open(self.link_config.clone(), generation).await?);
+        let connecting = self.connecting.lock().expect("connecting lock").take();
+        let l = Arc::new(link::DlqLink::open(self.link_config.clone(), generation, connecting).await?);
         *slot = Some(l.clone());
         Ok(l)
     }
