@@ -194,8 +194,18 @@ def sb_reset():
 
 
 # ---------------------------------------------------------------- measuring
+def machine_busy_seconds():
+    """CPU seconds the whole machine has spent busy since boot (every process, every core)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    # user nice system idle iowait irq softirq steal: all but idle and iowait.
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(cmd, env=None):
-    """Run cmd to completion: wall seconds, CPU seconds (user+sys), peak RSS KiB, stdout.
+    """Run cmd to completion: wall seconds, CPU seconds (user+sys), peak RSS KiB, stdout, and the
+    machine's busy CPU seconds over the run (the measured tool, the emulator, the delay proxy and
+    anything else running: meaningful on an otherwise quiet machine).
 
     ru_maxrss comes from GNU time (wait4 rusage of the child). The command runs
     under `time`, a small C process, because the rusage of a child forked by
@@ -206,7 +216,7 @@ def measure(cmd, env=None):
     errf = os.path.join(WORK, "measured.err")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(out, "w") as f, open(errf, "w") as err:
-        t0 = time.monotonic()
+        t0, busy0 = time.monotonic(), machine_busy_seconds()
         p = subprocess.Popen(["/usr/bin/time", "-f", "%U %S %M", "-o", tfile, *cmd], stdout=f, stderr=err,
                              env={**os.environ, **(env or {})})
         hwm = 0
@@ -223,7 +233,7 @@ def measure(cmd, env=None):
             except (OSError, IndexError, ValueError):
                 pass
             time.sleep(0.01)
-        wall = time.monotonic() - t0
+        wall, busy = time.monotonic() - t0, machine_busy_seconds() - busy0
     text = open(out).read()
     # BENCH_KEEP_STDERR=DIR keeps each measured run's stderr (with BENCH_LOG=dlq_bridge=debug: its timeline).
     if os.environ.get("BENCH_KEEP_STDERR"):
@@ -236,7 +246,7 @@ def measure(cmd, env=None):
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     maxrss = open(tfile).read().split()[-1]
-    return wall, cpu, max(hwm, int(maxrss)), text
+    return wall, cpu, max(hwm, int(maxrss)), text, busy
 
 
 def dlq_bridge_config(queues, extra="", via=None):
@@ -331,17 +341,21 @@ def run_tool(tool, kind, name, via=None):
     else:
         cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "baseline_boto3.py"), EMU["sqs"],
                f"{name}-dlq", f"{name}-src"]
-    wall, cpu, hwm, out = measure(cmd, env=env)
+    wall, cpu, hwm, out, busy = measure(cmd, env=env)
     j = json.loads(out.strip().splitlines()[-1] if tool != "dlq-bridge" else out)
     pass_s = None
     if tool == "dlq-bridge":
         examined, moved = j["examined"], j["settled"]
-        if j.get("stopped") not in ("drained", "all_seen") or j.get("send_failed") or j.get("settle_failed"):
+        # `errors` carries a release that failed: the held half would then stay
+        # locked until its lease ran out, which a clean run must not need.
+        if (j.get("stopped") not in ("drained", "all_seen") or j.get("send_failed") or j.get("settle_failed")
+                or j.get("errors") or j.get("released") != examined - moved):
             raise RuntimeError(f"dlq-bridge run not clean: {out[:800]}")
         pass_s = json_seconds(j.get("finished_at")) - json_seconds(j.get("started_at"))
     else:
         examined, moved = j["examined"], j["moved"]
-    return {"wall": wall, "cpu": cpu, "hwm_kib": hwm, "examined": examined, "moved": moved, "pass": pass_s}
+    return {"wall": wall, "cpu": cpu, "hwm_kib": hwm, "examined": examined, "moved": moved, "pass": pass_s,
+            "busy": busy}
 
 
 def json_seconds(stamp):
@@ -649,6 +663,25 @@ def latency_report(L, targets):
             L.append(f"| {kind} | {tool} | {d:,.0f} | {p:,.0f} | {ratio:.2f} | {cell} |"
                      + (f" {rng.rstrip('; ')} |" if rng else " |"))
     L.append("")
+    # Whether a run was bound by the machine rather than by round trips: with the proxy, a third process
+    # (which copies every byte) shares the cores with the emulator and the tool.
+    ncpu = os.cpu_count() or 1
+    rows = []
+    for kind in BACKENDS:
+        for tool in ("dlq-bridge", "baseline-a"):
+            d, p = get.get((kind, tool, "direct")), get.get((kind, tool, "proxy"))
+            if d and p and d.get("busy") is not None and p.get("busy") is not None:
+                cells = [f"{r['busy'] / r['wall']:.2f} ({r['cpu'] / r['wall']:.2f})" for r in (d, p)]
+                rows.append(f"| {kind} | {tool} | {cells[0]} | {cells[1]} |")
+    if rows:
+        L.append(f"Cores busy during those runs, of the machine's {ncpu}: every process's CPU time over the run's wall "
+                 "time (`/proc/stat`: the emulator, the delay proxy, the tool and anything else running), and in "
+                 "brackets the tool's own share. A run whose machine is busy on every core is bound by CPU, not by "
+                 "round trips.\n")
+        L.append("| backend | tool | direct: all (tool) | through the proxy: all (tool) |")
+        L.append("|---|---|---:|---:|")
+        L.extend(rows)
+        L.append("")
     # The pass alone: what a large DLQ sees, once the fixed costs of a run (process start, connecting,
     # the queue and destination lookups) are paid.
     rows = []
