@@ -1793,7 +1793,9 @@ impl QueueBackend for ServiceBusBackend {
     /// The dead-letter queue's own link takes a dozen round trips to open
     /// (TCP, SASL, AMQP open and begin, `$cbs` and its token puts, three
     /// attaches, one after another): opened here, while the pass's
-    /// destinations are looked up, instead of by the first lease.
+    /// destinations are looked up, instead of by the first lease. After a
+    /// connect for a pass its connection is already on its way, and only the
+    /// attaches are left.
     fn prepare_lease(self: Arc<Self>) {
         tokio::spawn(async move {
             if let Err(e) = self.link().await {
