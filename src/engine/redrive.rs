@@ -736,16 +736,13 @@ impl<'a> Pass<'a> {
             } else {
                 self.all_seen_streak = 0;
             }
-            // A partial batch goes when nothing would fill it soon: no other
-            // lease result is waiting, and sends are not the bottleneck (with
-            // most send slots busy, it would take a slot from a full batch).
             let more_waiting = self.leases.front().is_some_and(|l| l.task.is_finished());
             // Finished sends count as busy until joined.
             while let Some(done) = self.sends.try_join_next() {
                 self.merge_send(done.expect("send tasks do not panic"));
             }
-            let sends_busy = self.sends.len() * 2 >= self.plan.concurrency;
-            if !self.dispatch(!more_waiting && !sends_busy).await {
+            let partial = partial_batches_may_go(more_waiting, self.sends.len(), self.plan.concurrency);
+            if !self.dispatch(partial).await {
                 self.s.stopped = StopReason::Cancelled;
                 break;
             }
@@ -1042,6 +1039,14 @@ fn lease_size(batch_size: usize, rate: Option<NonZeroU32>, hold: Duration) -> us
     batch_size.min(within_hold).max(1)
 }
 
+/// A partial batch goes when nothing would fill it soon: no lease result is
+/// waiting to be examined, and sends are not the bottleneck (with half the
+/// send slots or more busy, it would take a slot from a full batch). Either
+/// way, what is pending goes when the pass ends.
+fn partial_batches_may_go(lease_result_waiting: bool, sends_in_flight: usize, concurrency: usize) -> bool {
+    !lease_result_waiting && sends_in_flight * 2 < concurrency
+}
+
 /// The next batch to send from one destination's pending matches, in lease
 /// order: up to `full` messages, skipping every message whose ordering key
 /// has a batch in flight (guarantee 7: a key's copies go out one batch after
@@ -1301,6 +1306,21 @@ mod tests {
         assert_eq!(ids(&batch), ["m0", "m1", "m2"]);
         let batch = take_sendable(&mut queue, &none, 3, true).expect("the partial rest");
         assert_eq!(ids(&batch), ["m3", "m4"]);
+    }
+
+    #[test]
+    fn partial_batches_wait_for_waiting_leases_and_for_busy_send_slots() {
+        // Nothing to wait for: the partial batch goes.
+        assert!(partial_batches_may_go(false, 0, 16));
+        assert!(partial_batches_may_go(false, 7, 16));
+        // A lease result is waiting: it may fill the batch.
+        assert!(!partial_batches_may_go(true, 0, 16));
+        // Half the send slots or more are busy: keep them for full batches.
+        assert!(!partial_batches_may_go(false, 8, 16));
+        assert!(!partial_batches_may_go(false, 16, 16));
+        // With one send slot, a partial batch goes only when it is free.
+        assert!(partial_batches_may_go(false, 0, 1));
+        assert!(!partial_batches_may_go(false, 1, 1));
     }
 
     #[test]
