@@ -1,5 +1,7 @@
 //! The dead-letter queue's own AMQP connection and receiver link, on which
-//! the adapter leases (peek-lock receives), completes and abandons.
+//! the adapter leases (peek-lock receives), completes and abandons; and the
+//! copies' sender links, on a session of the same connection (see
+//! [`send_loop`]).
 //!
 //! Why not azservicebus: a message is settled on the link that received it,
 //! and azservicebus 0.25 needs its whole received message object to complete
@@ -78,7 +80,7 @@ use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
-use fe2o3_amqp::{Connection, Receiver, Session};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
 use fe2o3_amqp_management::client::MgmtClient;
@@ -145,12 +147,17 @@ impl LinkConfig {
     /// Sorts an error of the link's opening: a missing entity and refused
     /// credentials are the caller's to fix; anything else is the connection's.
     fn classify(&self, what: &str, e: &dyn std::fmt::Debug) -> BackendError {
+        self.classify_entity(&self.label, what, e)
+    }
+
+    /// As [`classify`](Self::classify), for an error about `entity`.
+    pub fn classify_entity(&self, entity: &str, what: &str, e: &dyn std::fmt::Debug) -> BackendError {
         let text = format!("{e:?}");
         let lower = text.to_ascii_lowercase();
         let detail = format!("{what}: {text}");
         if lower.contains("not-found") || lower.contains("notfound") {
             BackendError::NotFound {
-                queue: self.label.clone(),
+                queue: entity.to_string(),
                 detail,
             }
         } else if lower.contains("unauthorized") || lower.contains("401") {
@@ -196,6 +203,11 @@ impl LinkConfig {
         }
     }
 
+    /// The address of an entity, which is also its token's audience.
+    pub fn audience(&self, entity: &str) -> String {
+        format!("{}://{}/{}", self.scheme(), self.host, entity)
+    }
+
     /// The audiences a token is put for: the dead-letter queue and its
     /// `$management` node.
     fn audiences(&self) -> [String; 2] {
@@ -232,6 +244,8 @@ enum Command {
 /// the task and closes the connection.
 pub(super) struct DlqLink {
     commands: mpsc::Sender<Command>,
+    /// Asks [`send_loop`] for sender links.
+    attaches: mpsc::UnboundedSender<AttachRequest>,
     pub generation: u64,
 }
 
@@ -246,12 +260,33 @@ impl DlqLink {
             };
             Actor::open(cfg.clone(), connected).await
         };
-        let actor = tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, opening)
+        let (actor, attaches) = tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, opening)
             .await
             .map_err(|_| cfg.unreachable("opening the dead-letter queue's link timed out"))??;
         let (commands, rx) = mpsc::channel(64);
         tokio::spawn(actor.run(rx));
-        Ok(Self { commands, generation })
+        Ok(Self {
+            commands,
+            attaches,
+            generation,
+        })
+    }
+
+    /// A sender link to the queue or topic `dest`, on this link's connection.
+    pub async fn sender(&self, dest: &str, cfg: &LinkConfig) -> Result<Sender> {
+        let (reply, rx) = oneshot::channel();
+        let request = AttachRequest {
+            dest: dest.to_string(),
+            reply,
+        };
+        let gone = || cfg.unreachable("the dead-letter queue's connection closed");
+        self.attaches.send(request).map_err(|_| gone())?;
+        // Behind the attaches asked for before it, each bounded.
+        match tokio::time::timeout(4 * CALL_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err(cfg.unreachable(format!("attaching a sender to {dest} timed out"))),
+        }
     }
 
     /// The task ended (the link or its connection failed).
@@ -363,6 +398,8 @@ pub(super) struct Connected {
     connection: ConnectionHandle<()>,
     session: SessionHandle<()>,
     browse_session: SessionHandle<()>,
+    /// The session of the copies' sender links (see [`send_loop`]).
+    send_session: SessionHandle<()>,
     cbs: CbsClient,
     renew_at: Option<Instant>,
 }
@@ -437,17 +474,23 @@ impl Connected {
             Ok::<_, BackendError>((cbs, renew_at))
         };
         let begun = async {
-            Session::begin(&mut connection)
+            let browse = Session::begin(&mut connection)
                 .await
-                .map_err(|e| cfg.classify("begin an AMQP session", &e))
+                .map_err(|e| cfg.classify("begin an AMQP session", &e))?;
+            let send = Session::begin(&mut connection)
+                .await
+                .map_err(|e| cfg.classify("begin an AMQP session", &e))?;
+            Ok::<_, BackendError>((browse, send))
         };
         let (authorized, begun) = tokio::join!(authorized, begun);
         let (cbs, renew_at) = authorized?;
+        let (browse_session, send_session) = begun?;
         Ok(Self {
             container,
             connection,
             session,
-            browse_session: begun?,
+            browse_session,
+            send_session,
             cbs,
             renew_at,
         })
@@ -455,13 +498,15 @@ impl Connected {
 }
 
 impl Actor {
-    /// Attach the receiver and both `$management` links on `connected`.
-    async fn open(cfg: Arc<LinkConfig>, connected: Connected) -> Result<Self> {
+    /// Attach the receiver and both `$management` links on `connected`, and
+    /// start the task that attaches the copies' senders on its send session.
+    async fn open(cfg: Arc<LinkConfig>, connected: Connected) -> Result<(Self, mpsc::UnboundedSender<AttachRequest>)> {
         let Connected {
             container,
             connection,
             mut session,
             mut browse_session,
+            send_session,
             cbs,
             renew_at,
         } = connected;
@@ -496,7 +541,9 @@ impl Actor {
         let (confirms, batches) = mpsc::unbounded_channel();
         let (failed, confirm_failed) = mpsc::channel(1);
         tokio::spawn(confirm_loop(cfg.clone(), confirming, batches, failed));
-        Ok(Self {
+        let (attaches, requests) = mpsc::unbounded_channel();
+        tokio::spawn(send_loop(cfg.clone(), container, send_session, requests));
+        let actor = Self {
             cfg,
             connection,
             session,
@@ -520,7 +567,8 @@ impl Actor {
             pending: VecDeque::new(),
             actives: VecDeque::new(),
             deferred: Vec::new(),
-        })
+        };
+        Ok((actor, attaches))
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
@@ -893,6 +941,89 @@ async fn confirm_loop(
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, mgmt.close()).await;
 }
 
+struct AttachRequest {
+    dest: String,
+    reply: Reply<Sender>,
+}
+
+/// Attaches the copies' sender links, one per destination and connection, on
+/// the send session, and keeps their `$cbs` tokens fresh. A sender takes
+/// many batches in flight (each `send_batchable` returns once its transfer
+/// is queued; its outcome is awaited apart), so one attach per destination
+/// serves every concurrent send: no pool of links to attach one after
+/// another, each several round trips. Its own `$cbs` link, on this session,
+/// puts the destinations' tokens without waiting for the receiver's task.
+async fn send_loop(
+    cfg: Arc<LinkConfig>,
+    container: String,
+    mut session: SessionHandle<()>,
+    mut requests: mpsc::UnboundedReceiver<AttachRequest>,
+) {
+    let mut cbs: Option<CbsClient> = None;
+    let mut audiences: Vec<String> = Vec::new();
+    let mut renew_at: Option<Instant> = None;
+    let mut attached = 0u32;
+    let far = Instant::now() + Duration::from_secs(3600);
+    loop {
+        tokio::select! {
+            req = requests.recv() => {
+                let Some(req) = req else { break };
+                attached += 1;
+                let name = format!("{container}-send-{attached}");
+                let r = attach_sender(&cfg, &mut session, &mut cbs, &req.dest, name).await;
+                let r = r.map(|(sender, renew)| {
+                    let audience = cfg.audience(&req.dest);
+                    if !audiences.contains(&audience) {
+                        audiences.push(audience);
+                    }
+                    renew_at = match (renew_at, renew) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    sender
+                });
+                let _ = req.reply.send(r);
+            }
+            _ = tokio::time::sleep_until(renew_at.unwrap_or(far)), if renew_at.is_some() => {
+                let Some(client) = cbs.as_mut() else { break };
+                match put_tokens_for(&cfg, client, &audiences).await {
+                    Ok(next) => renew_at = next,
+                    Err(e) => {
+                        // Its senders are refused once their tokens lapse, and
+                        // each send retries on a link opened afresh.
+                        tracing::warn!(error = %e, "renewing the senders' $cbs tokens failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.end()).await;
+}
+
+/// Put a token for `dest` and attach a sender link to it; also returns when
+/// the token is to be put again.
+async fn attach_sender(
+    cfg: &LinkConfig,
+    session: &mut SessionHandle<()>,
+    cbs: &mut Option<CbsClient>,
+    dest: &str,
+    name: String,
+) -> Result<(Sender, Option<Instant>)> {
+    if cbs.is_none() {
+        let client = within(cfg, "attach to $cbs", CbsClient::attach(session)).await?;
+        *cbs = Some(client);
+    }
+    let client = cbs.as_mut().expect("just attached");
+    let renew = put_tokens_for(cfg, client, &[cfg.audience(dest)]).await?;
+    let attach = Sender::builder().name(name).target(cfg.audience(dest)).attach(session);
+    match tokio::time::timeout(CALL_TIMEOUT, attach).await {
+        Ok(Ok(sender)) => Ok((sender, renew)),
+        Ok(Err(e)) => Err(cfg.classify_entity(dest, &format!("attach a sender to {dest}"), &e)),
+        Err(_) => Err(cfg.unreachable(format!("attaching a sender to {dest} timed out"))),
+    }
+}
+
 /// How many messages a browse showed, and the last one's sequence number.
 type Browsed = (usize, Option<i64>);
 
@@ -951,9 +1082,14 @@ fn abandon() -> Modified {
 }
 
 async fn put_tokens(cfg: &LinkConfig, cbs: &mut CbsClient) -> Result<Option<Instant>> {
+    put_tokens_for(cfg, cbs, &cfg.audiences()).await
+}
+
+/// Put a token for each of `audiences`; returns when to put them again.
+async fn put_tokens_for(cfg: &LinkConfig, cbs: &mut CbsClient, audiences: &[String]) -> Result<Option<Instant>> {
     let (token, renew) = cfg.token().await?;
-    for audience in cfg.audiences() {
-        tokio::time::timeout(CALL_TIMEOUT, cbs.put_token(audience, token.clone()))
+    for audience in audiences {
+        tokio::time::timeout(CALL_TIMEOUT, cbs.put_token(audience.as_str(), token.clone()))
             .await
             .map_err(|_| cfg.unreachable("the $cbs token put timed out"))?
             .map_err(|e| {

@@ -1,4 +1,6 @@
-//! Azure Service Bus adapter, on the `azservicebus` crate (AMQP 1.0).
+//! Azure Service Bus adapter, on the `azservicebus` crate (AMQP 1.0) for
+//! connecting and browsing, and on its AMQP library fe2o3-amqp for leases,
+//! settles and sends ([`link`]).
 //!
 //! The DLQ is the `$DeadLetterQueue` sub-queue of a queue, or of a topic
 //! subscription. The six verbs map as:
@@ -23,8 +25,12 @@
 //! - **settle**: complete. **release**: abandon (the engine releases what it
 //!   held at the end of a pass). The DLQ has no MaxDeliveryCount, so an
 //!   abandon there only unlocks.
-//! - **send**: batched sends (message-format `0x80013700`) to the destination
-//!   queue or topic, split by the link's maximum message size. Every send has
+//! - **send**: batched sends (message-format `0x80013700`, the envelope the
+//!   SDKs send) to the destination queue or topic, split by the link's maximum
+//!   message size, on one sender link per destination attached on the DLQ
+//!   link's connection ([`link`]): every concurrent send has its batch in
+//!   flight on that link, and a pass attaches it once, while its first leases
+//!   are out. Every send has
 //!   a timeout and is retried on a fresh link: fe2o3-amqp 0.14 can lose a fast
 //!   settlement and then waits forever (TESTING.md). A retry after a lost
 //!   confirmation can duplicate a copy, never lose one; the copy's MessageId
@@ -116,7 +122,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 mod link;
 use std::time::{Duration, Instant};
@@ -126,13 +132,18 @@ use azservicebus::core::BasicRetryPolicy;
 use azservicebus::prelude::*;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::link::delivery::{DeliveryFut, Sendable};
 use fe2o3_amqp_types::messaging::annotations::OwnedKey;
-use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message, MessageId};
-use fe2o3_amqp_types::primitives::{Dec32, Dec64, Dec128, SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid, Value};
+use fe2o3_amqp_types::messaging::message::__private::Serializable;
+use fe2o3_amqp_types::messaging::{ApplicationProperties, Batch, Body, Data, Message, MessageId, Outcome};
+use fe2o3_amqp_types::primitives::{
+    Binary, Dec32, Dec64, Dec128, SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid, Value,
+};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Mutex;
 
 use super::{BackendError, Capabilities, Purpose, QueueBackend, Result};
 use crate::config::{QueueConfig, ServiceBusQueueConfig};
@@ -143,45 +154,44 @@ use crate::model::{
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
 
-/// A locked sender shard that tells waiting sends when it is unlocked.
-struct ShardGuard<'a> {
-    shard: Option<tokio::sync::MutexGuard<'a, Senders>>,
-    freed: &'a Notify,
-}
-
-impl std::ops::Deref for ShardGuard<'_> {
-    type Target = Senders;
-    fn deref(&self) -> &Senders {
-        self.shard.as_ref().expect("held until dropped")
-    }
-}
-
-impl std::ops::DerefMut for ShardGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Senders {
-        self.shard.as_mut().expect("held until dropped")
-    }
-}
-
-impl Drop for ShardGuard<'_> {
-    fn drop(&mut self) {
-        // Unlocked first, so that the sends woken find it free.
-        drop(self.shard.take());
-        self.freed.notify_waiters();
-    }
-}
-
-/// One set of sender links, one per destination, and the connection
-/// generation they were attached on.
-#[derive(Default)]
-struct Senders {
+/// A destination's sender link on the dead-letter queue's connection (see
+/// `link::send_loop`), and the link generation it was attached on.
+struct DestSender {
     generation: u64,
-    by_dest: HashMap<String, ServiceBusSender>,
+    /// Locked only while a transfer is queued, not for its outcome: every
+    /// concurrent send has its batch in flight on the one link.
+    link: Mutex<fe2o3_amqp::Sender>,
+    /// The largest message or batch the link takes (from its attach).
+    max_message_size: usize,
 }
+
+/// One send's AMQP message: a lone message as it is, several in the batch
+/// envelope Service Bus unpacks (what azservicebus and the other SDKs send).
+enum Envelope {
+    Single(Sendable<Data>),
+    Batch(Sendable<Batch<Data>>),
+}
+
+impl Envelope {
+    /// Queue the transfer; the returned future is its outcome.
+    async fn queue_on(
+        &self,
+        link: &mut fe2o3_amqp::Sender,
+    ) -> std::result::Result<DeliveryFut<std::result::Result<Outcome, SendError>>, SendError> {
+        match self {
+            Envelope::Single(m) => link.send_batchable_ref(m).await,
+            Envelope::Batch(b) => link.send_batchable_ref(b).await,
+        }
+    }
+}
+
+/// Service Bus's message format of a batch envelope.
+const BATCH_MESSAGE_FORMAT: u32 = 0x8001_3700;
+/// What each message adds to a batch envelope besides its encoding: a data
+/// section's descriptor and binary length.
+const BATCH_ITEM_OVERHEAD: usize = 8;
 
 const PROVIDER: &str = "Service Bus";
-/// Sender links per destination: how many batches may be sent to one
-/// destination at once.
-const SENDER_SHARDS: usize = 8;
 /// Messages per send batch and settle call, and per lease until the engine
 /// knows how large bodies are.
 const BATCH: usize = 100;
@@ -342,16 +352,10 @@ pub struct ServiceBusBackend {
     receiver: Mutex<Option<ServiceBusReceiver>>,
     /// The connection generation the receiver was attached on.
     receiver_generation: AtomicU64,
-    /// Sender links, in [`SENDER_SHARDS`] sets: a send holds its sender for
-    /// its whole round trip, so one link per destination would send one batch
-    /// at a time whatever the engine's concurrency.
-    senders: Vec<Mutex<Senders>>,
-    next_shard: AtomicUsize,
-    /// Told whenever a shard is unlocked: sends waiting for a shard with a
-    /// sender look again.
-    shard_freed: Notify,
-    /// The largest batch each destination's sender link takes, in bytes.
-    batch_limits: std::sync::Mutex<HashMap<String, usize>>,
+    /// The copies' sender links, one per destination, on the dead-letter
+    /// queue's connection. Locked while one is attached, which every send to
+    /// that destination waits for anyway.
+    senders: Mutex<HashMap<String, Arc<DestSender>>>,
     /// What the dead-letter queue's own link needs to (re)open.
     link_config: Arc<link::LinkConfig>,
     /// The link's connection, opened while connecting for a pass (see
@@ -570,10 +574,7 @@ impl ServiceBusBackend {
             conn,
             receiver: Mutex::new(None),
             receiver_generation: AtomicU64::new(0),
-            senders: (0..SENDER_SHARDS).map(|_| Mutex::default()).collect(),
-            next_shard: AtomicUsize::new(0),
-            shard_freed: Notify::new(),
-            batch_limits: std::sync::Mutex::new(HashMap::new()),
+            senders: Mutex::new(HashMap::new()),
             connecting: std::sync::Mutex::new(
                 (purpose == Purpose::Pass).then(|| link::Connected::start(link_config.clone())),
             ),
@@ -672,10 +673,9 @@ impl ServiceBusBackend {
     /// the old link can no longer be settled; their locks lapse and the
     /// messages return to the DLQ.
     async fn reset(&self, generation: u64) {
-        self.reset_client_only(generation).await;
-        for shard in &self.senders {
-            // Through a guard: its unlock wakes sends waiting for a shard.
-            self.guard(shard.lock().await).by_dest.clear();
+        let mut slot = self.conn.slot.lock().await;
+        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+            self.conn.set(&mut slot, None);
         }
     }
 
@@ -828,84 +828,11 @@ impl ServiceBusBackend {
         Ok(out)
     }
 
-    /// A shard to send to `dest` on: the first idle one that already has a
-    /// sender there. When none is idle but some are busy, the send waits for
-    /// one to be free (busy shards are sending, or `prepare_send` is attaching
-    /// them); attaching takes several round trips, one shard at a time on the
-    /// shared connection, so a send that took an unattached shard would wait
-    /// behind every attach before it. Only when every shard is idle and none
-    /// has a sender there does the send attach one, the next in turn.
-    async fn free_sender_shard(&self, dest: &str) -> ShardGuard<'_> {
-        let n = self.senders.len();
-        loop {
-            let freed = self.shard_freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            let first = self.next_shard.fetch_add(1, Ordering::Relaxed) % n;
-            let mut busy = false;
-            for i in 0..n {
-                match self.senders[(first + i) % n].try_lock() {
-                    Ok(shard) if shard.by_dest.contains_key(dest) => return self.guard(shard),
-                    Ok(_) => {}
-                    Err(_) => busy = true,
-                }
-            }
-            if !busy {
-                return self.guard(self.senders[first].lock().await);
-            }
-            freed.await;
-        }
-    }
-
-    fn guard<'a>(&'a self, shard: tokio::sync::MutexGuard<'a, Senders>) -> ShardGuard<'a> {
-        ShardGuard {
-            shard: Some(shard),
-            freed: &self.shard_freed,
-        }
-    }
-
-    /// A sender to `dest`, opened on first use.
-    async fn sender<'a>(&self, senders: &'a mut Senders, dest: &str) -> Result<&'a mut ServiceBusSender> {
-        let current = self.conn.generation();
-        if current != Some(senders.generation) {
-            // Attached on a connection that was closed since.
-            senders.by_dest.clear();
-        }
-        let senders = if senders.by_dest.contains_key(dest) {
-            &mut senders.by_dest
-        } else {
-            let mut client_slot = self.conn.slot.lock().await;
-            let (generation, client) = self.client(&mut client_slot).await?;
-            if std::mem::replace(&mut senders.generation, generation) != generation {
-                senders.by_dest.clear();
-            }
-            let senders = &mut senders.by_dest;
-            let fut = client.create_sender(dest.to_string(), ServiceBusSenderOptions::default());
-            let sender = match tokio::time::timeout(CALL_TIMEOUT, fut).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(classify(&e, &self.unreachable(""), dest, "attach a sender")),
-                Err(_) => {
-                    drop(client_slot);
-                    self.reset_client_only(generation).await;
-                    return Err(self.unreachable(format!("attaching a sender to {dest} timed out")));
-                }
-            };
-            senders.insert(dest.to_string(), sender);
-            senders
-        };
-        Ok(senders.get_mut(dest).expect("just inserted"))
-    }
-
-    /// Close the namespace's connection if it is still that of `generation`.
-    async fn reset_client_only(&self, generation: u64) {
-        let mut slot = self.conn.slot.lock().await;
-        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
-            self.conn.set(&mut slot, None);
-        }
-    }
-
-    fn outgoing_message(&self, o: &Outgoing, dest: &str) -> Result<ServiceBusMessage, String> {
-        let mut m = ServiceBusMessage::new(o.body.to_vec());
+    /// The AMQP message of the copy of `o` to `dest`.
+    fn outgoing_message(&self, o: &Outgoing, dest: &str) -> Result<Message<Data>, String> {
+        // Built without its body, which is put in once, below: the SDK's
+        // message can only be read by reference.
+        let mut m = ServiceBusMessage::new(Vec::new());
         m.set_message_id(copy_message_id(&o.dedup_id))
             .map_err(|e| e.to_string())?;
         let p = |k: &str| o.properties.get(k).cloned();
@@ -946,21 +873,85 @@ impl ServiceBusBackend {
         if !props.0.is_empty() {
             *m.application_properties_mut() = Some(props);
         }
-        Ok(m)
+        let mut raw = m.raw_amqp_message().clone();
+        raw.body = Data(Binary::from(o.body.to_vec()));
+        Ok(raw)
     }
 
-    /// Send one batch, with a timeout and retries on a fresh link.
-    async fn send_batch(&self, dest: &str, msgs: &[ServiceBusMessage]) -> Result<(), BackendError> {
-        let mut senders = self.free_sender_shard(dest).await;
+    /// The sender link to `dest`, attached on first use and again after the
+    /// dead-letter queue's link was reopened or the sender was forgotten.
+    async fn dest_sender(&self, dest: &str) -> Result<Arc<DestSender>> {
+        let mut senders = self.senders.lock().await;
+        let link = self.link().await?;
+        if let Some(s) = senders.get(dest)
+            && s.generation == link.generation
+        {
+            return Ok(s.clone());
+        }
+        let sender = match link.sender(dest, &self.link_config).await {
+            Ok(s) => s,
+            Err(e) => {
+                if matches!(e, BackendError::Unreachable { .. }) {
+                    // A connection that cannot attach is not trusted with
+                    // the next lease either.
+                    self.drop_link(link.generation).await;
+                }
+                return Err(e);
+            }
+        };
+        let max_message_size = sender
+            .max_message_size()
+            .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+        let s = Arc::new(DestSender {
+            generation: link.generation,
+            link: Mutex::new(sender),
+            max_message_size,
+        });
+        senders.insert(dest.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Forget `dest`'s sender if it is still `failed`: the next send attaches
+    /// a new one (concurrent sends that failed on it attach only one).
+    async fn forget_sender(&self, dest: &str, failed: &Arc<DestSender>) {
+        let mut senders = self.senders.lock().await;
+        if senders.get(dest).is_some_and(|s| Arc::ptr_eq(s, failed)) {
+            senders.remove(dest);
+        }
+    }
+
+    /// Send one envelope and wait for the broker's outcome, with a timeout
+    /// and retries on a fresh sender link.
+    async fn send_envelope(&self, dest: &str, envelope: &Envelope) -> Result<(), BackendError> {
         let mut last = String::new();
         for attempt in 1..=SEND_ATTEMPTS {
-            let sender = self.sender(&mut senders, dest).await?;
-            let fut = sender.send_messages(msgs.to_vec());
-            match tokio::time::timeout(SEND_TIMEOUT, fut).await {
-                Ok(Ok(())) => return Ok(()),
+            let sender = self.dest_sender(dest).await?;
+            let sent = async {
+                let outcome = envelope.queue_on(&mut *sender.link.lock().await).await?;
+                outcome.await
+            };
+            match tokio::time::timeout(SEND_TIMEOUT, sent).await {
+                Ok(Ok(Outcome::Accepted(_))) => return Ok(()),
+                Ok(Ok(Outcome::Rejected(r))) => {
+                    // The broker read the message and refused it (too large,
+                    // quota, disabled entity): sending it again changes nothing.
+                    let detail = r
+                        .error
+                        .map(|e| format!("{:?}: {}", e.condition, e.description.unwrap_or_default()))
+                        .unwrap_or_else(|| "no reason given".into());
+                    let err = self.link_config.classify_entity(dest, "send", &detail);
+                    return Err(match err {
+                        BackendError::Unreachable { .. } => BackendError::Provider {
+                            provider: PROVIDER,
+                            detail: format!("{dest} refused the copies: {detail}"),
+                        },
+                        other => other,
+                    });
+                }
+                Ok(Ok(other)) => last = format!("the broker answered {other:?}"),
                 Ok(Err(e)) => {
-                    let err = classify(&e, &self.unreachable(""), dest, "send");
-                    senders.by_dest.remove(dest);
+                    self.forget_sender(dest, &sender).await;
+                    let err = self.link_config.classify_entity(dest, "send", &e);
                     match err {
                         BackendError::NotFound { .. } | BackendError::Auth { .. } => return Err(err),
                         _ => last = err.to_string(),
@@ -969,7 +960,7 @@ impl ServiceBusBackend {
                 Err(_) => {
                     // A lost settlement (fe2o3-amqp race): retry on a new link.
                     tracing::warn!(%dest, attempt, "send not confirmed within {SEND_TIMEOUT:?}; retrying");
-                    senders.by_dest.remove(dest);
+                    self.forget_sender(dest, &sender).await;
                     last = format!("send not confirmed within {SEND_TIMEOUT:?}");
                 }
             }
@@ -979,57 +970,6 @@ impl ServiceBusBackend {
             provider: PROVIDER,
             detail: format!("send to {dest} failed {SEND_ATTEMPTS} times: {last}"),
         })
-    }
-
-    /// How many messages of `msgs` fit in one batch on `dest`'s link.
-    /// `estimate` is an upper bound of the encoded size of all of them: when
-    /// they fit by it, they are not encoded once more just to be measured.
-    async fn split(
-        &self,
-        dest: &str,
-        msgs: &[ServiceBusMessage],
-        estimate: usize,
-    ) -> Result<Vec<std::ops::Range<usize>>> {
-        // The link's limit, once known, needs no sender: a send must not wait
-        // for a busy sender's round trip just to read it.
-        let known = self.batch_limits.lock().expect("batch limits lock").get(dest).copied();
-        if known.is_some_and(|max| msgs.len() <= BATCH && estimate <= max) {
-            return Ok(std::iter::once(0..msgs.len()).collect());
-        }
-        let mut senders = self.free_sender_shard(dest).await;
-        let sender = self.sender(&mut senders, dest).await?;
-        let max = match sender.create_message_batch(CreateMessageBatchOptions::default()) {
-            Ok(b) => b.max_size_in_bytes() as usize,
-            Err(_) => 0,
-        };
-        if max > 0 {
-            self.batch_limits
-                .lock()
-                .expect("batch limits lock")
-                .insert(dest.to_string(), max);
-        }
-        if msgs.len() <= BATCH && estimate <= max {
-            return Ok(std::iter::once(0..msgs.len()).collect());
-        }
-        let mut ranges = Vec::new();
-        let mut start = 0;
-        while start < msgs.len() {
-            let mut batch = sender
-                .create_message_batch(CreateMessageBatchOptions::default())
-                .map_err(|e| BackendError::Provider {
-                    provider: PROVIDER,
-                    detail: format!("cannot create a message batch: {e:?}"),
-                })?;
-            let mut end = start;
-            while end < msgs.len() && end - start < BATCH && batch.try_add_message(msgs[end].clone()).is_ok() {
-                end += 1;
-            }
-            // A message too large even alone goes in a batch of its own, and
-            // the service's refusal is reported for it.
-            ranges.push(start..end.max(start + 1));
-            start = end.max(start + 1);
-        }
-        Ok(ranges)
     }
 
     /// The dead-letter queue's own link, opened on first use and again after
@@ -1340,38 +1280,64 @@ pub fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
     }
 }
 
-/// An upper bound of the AMQP encoding of the copy of `o`, inside a batch:
-/// the body, every string of the properties and application properties (the
-/// target property included) with the largest per-value overhead AMQP has
-/// (a constructor and a 4-byte length each), and the fixed sections.
-fn encoded_size_bound(o: &Outgoing, target_property: Option<&str>) -> usize {
-    const PER_VALUE: usize = 16;
-    const FIXED: usize = 512;
-    let attributes: usize = o
-        .attributes
-        .iter()
-        .map(|(k, a)| {
-            let value = match &a.value {
-                AttrValue::String(s) | AttrValue::Number(s) => s.len(),
-                AttrValue::Binary(b) => b.len(),
-                _ => 64,
-            };
-            k.len() + value + a.data_type.as_deref().map_or(0, str::len) + 2 * PER_VALUE
-        })
-        .sum();
-    let properties: usize = o
-        .properties
-        .iter()
-        .map(|(k, v)| k.len() + v.len() + 2 * PER_VALUE)
-        .sum();
-    let target = target_property.map_or(0, |p| p.len() + 2 * PER_VALUE) * 2;
-    FIXED
-        + o.body.len()
-        + o.dedup_id.len().max(64)
-        + o.ordering_key.as_ref().map_or(0, |k| 2 * k.len())
-        + attributes
-        + properties
-        + target
+/// The size of a batch envelope around `first` and no message yet: the
+/// envelope carries the first message's properties and annotations.
+fn envelope_base(first: &Message<Data>) -> usize {
+    let empty = Message::builder()
+        .properties(first.properties.clone())
+        .message_annotations(first.message_annotations.clone())
+        .data(Binary::new())
+        .build();
+    // A failed encoding fails the message's own encoding too, before this counts.
+    serde_amqp::to_vec(&Serializable(empty)).map_or(0, |v| v.len()) + BATCH_ITEM_OVERHEAD
+}
+
+/// Consecutive batches of messages of `sizes` (each message's encoded size,
+/// and the size of an envelope it would start) that fit `max` bytes, at
+/// most [`BATCH`] messages each. A message too large even alone goes in a
+/// batch of its own, and the broker's refusal is reported for it.
+fn pack(sizes: &[(usize, usize)], max: usize) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    while start < sizes.len() {
+        let (first, base) = sizes[start];
+        let mut total = base + first + BATCH_ITEM_OVERHEAD;
+        let mut end = start + 1;
+        while end < sizes.len() && end - start < BATCH && total + sizes[end].0 + BATCH_ITEM_OVERHEAD <= max {
+            total += sizes[end].0 + BATCH_ITEM_OVERHEAD;
+            end += 1;
+        }
+        ranges.push(start..end);
+        start = end;
+    }
+    ranges
+}
+
+/// The envelope of `batch` (with each message's encoding in `encoded`), and
+/// which results it answers: each message's index and MessageId.
+fn envelope(mut batch: Vec<(usize, Message<Data>)>, encoded: Vec<Vec<u8>>) -> (Vec<(usize, String)>, Envelope) {
+    let id = |m: &Message<Data>| match m.properties.as_ref().and_then(|p| p.message_id.as_ref()) {
+        Some(MessageId::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let index = batch.iter().map(|(i, m)| (*i, id(m))).collect();
+    if batch.len() == 1 {
+        let (_, message) = batch.pop().expect("one message");
+        return (index, Envelope::Single(Sendable::builder().message(message).build()));
+    }
+    let (_, first) = &batch[0];
+    let message = Message::builder()
+        .properties(first.properties.clone())
+        .message_annotations(first.message_annotations.clone())
+        .body(Batch::from(
+            encoded.into_iter().map(|e| Data(Binary::from(e))).collect::<Vec<_>>(),
+        ))
+        .build();
+    let sendable = Sendable::builder()
+        .message(message)
+        .message_format(BATCH_MESSAGE_FORMAT)
+        .build();
+    (index, Envelope::Batch(sendable))
 }
 
 /// The copy's MessageId: the engine's dedup ID (`<original>-<count>`), hashed
@@ -1658,27 +1624,37 @@ impl QueueBackend for ServiceBusBackend {
         let dest = to.0.as_str();
         let mut results: Vec<Option<SendResult>> = vec![None; msgs.len()];
         let mut built = Vec::new();
-        let mut index = Vec::new();
-        let mut estimate = 0;
         for (i, o) in msgs.iter().enumerate() {
             match self.outgoing_message(o, dest) {
-                Ok(m) => {
-                    built.push(m);
-                    index.push(i);
-                    estimate += encoded_size_bound(o, self.target_property.as_deref());
-                }
+                Ok(m) => built.push((i, m)),
                 Err(e) => results[i] = Some(SendResult::Failed { error: e }),
             }
         }
         if !built.is_empty() {
-            let ranges = self.split(dest, &built, estimate).await?;
-            for r in ranges {
-                match self.send_batch(dest, &built[r.clone()]).await {
+            let max = self.dest_sender(dest).await?.max_message_size;
+            let encoded = built
+                .iter()
+                .map(|(_, m)| serde_amqp::to_vec(&Serializable(m)))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| BackendError::Provider {
+                    provider: PROVIDER,
+                    detail: format!("cannot encode a copy: {e}"),
+                })?;
+            let sizes: Vec<(usize, usize)> = built
+                .iter()
+                .zip(&encoded)
+                .map(|((_, m), e)| (e.len(), envelope_base(m)))
+                .collect();
+            let mut encoded = encoded.into_iter();
+            let mut built = built.into_iter();
+            for r in pack(&sizes, max) {
+                let batch: Vec<(usize, Message<Data>)> = built.by_ref().take(r.len()).collect();
+                let bytes: Vec<Vec<u8>> = encoded.by_ref().take(r.len()).collect();
+                let (index, envelope) = envelope(batch, bytes);
+                match self.send_envelope(dest, &envelope).await {
                     Ok(()) => {
-                        for j in r {
-                            results[index[j]] = Some(SendResult::Sent {
-                                dest_id: built[j].message_id().map(|s| s.into_owned()).unwrap_or_default(),
-                            });
+                        for (i, id) in index {
+                            results[i] = Some(SendResult::Sent { dest_id: id });
                         }
                     }
                     Err(
@@ -1689,8 +1665,8 @@ impl QueueBackend for ServiceBusBackend {
                         return Err(e);
                     }
                     Err(e) => {
-                        for j in r {
-                            results[index[j]] = Some(SendResult::Failed { error: e.to_string() });
+                        for (i, _) in index {
+                            results[i] = Some(SendResult::Failed { error: e.to_string() });
                         }
                     }
                 }
@@ -1773,19 +1749,13 @@ impl QueueBackend for ServiceBusBackend {
         )))
     }
 
-    /// Sender links take several round trips each (a `$cbs` token put and
-    /// an attach) and are attached one at a time on the shared connection:
-    /// attached here, while the first leases are out, instead of by the
-    /// first sends one shard after another.
+    /// A sender link takes a `$cbs` token put and an attach: done here,
+    /// while the first leases are out, instead of by the first send.
     fn prepare_send(self: Arc<Self>, to: &Destination) {
         let dest = to.0.clone();
         tokio::spawn(async move {
-            for shard in &self.senders {
-                let mut senders = self.guard(shard.lock().await);
-                if let Err(e) = self.sender(&mut senders, &dest).await {
-                    tracing::debug!(%dest, error = %e, "attaching a sender ahead of the sends failed");
-                    return;
-                }
+            if let Err(e) = self.dest_sender(&dest).await {
+                tracing::debug!(%dest, error = %e, "attaching a sender ahead of the sends failed");
             }
         });
     }
@@ -2011,5 +1981,63 @@ mod tests {
         assert_eq!(copy_message_id("abc-1"), "abc-1");
         let long = copy_message_id(&"x".repeat(200));
         assert!(long.len() <= MAX_MESSAGE_ID && long.starts_with("dlq-bridge-"));
+    }
+
+    #[test]
+    fn batches_fit_the_link_and_the_count_and_oversized_messages_go_alone() {
+        // Each message 1,000 bytes encoded, envelopes of 200 bytes.
+        let even = vec![(1000, 200); 250];
+        assert_eq!(pack(&even, usize::MAX), vec![0..100, 100..200, 200..250]);
+        // 200 + k * 1,008 <= 10,000: nine per batch.
+        let ranges = pack(&even[..20], 10_000);
+        assert_eq!(ranges, vec![0..9, 9..18, 18..20]);
+        let odd = [(500, 100), (20_000, 100), (500, 100), (500, 100)];
+        assert_eq!(pack(&odd, 10_000), vec![0..1, 1..2, 2..4]);
+        assert!(pack(&[], 10_000).is_empty());
+    }
+
+    fn copy(id: &str, body: usize) -> Message<Data> {
+        let mut m = ServiceBusMessage::new(vec![7u8; body]);
+        m.set_message_id(id).unwrap();
+        m.set_session_id(Some("s".to_string())).unwrap();
+        m.raw_amqp_message().clone()
+    }
+
+    #[test]
+    fn a_batch_envelope_holds_every_message_and_is_no_larger_than_counted() {
+        use fe2o3_amqp_types::messaging::message::__private::Deserializable;
+        // A body of 70 KiB takes a 4-byte length: the largest item overhead.
+        let batch = vec![(4, copy("a", 10)), (7, copy("b", 70 * 1024)), (9, copy("c", 0))];
+        let encoded: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|(_, m)| serde_amqp::to_vec(&Serializable(m)).unwrap())
+            .collect();
+        let counted = envelope_base(&batch[0].1) + encoded.iter().map(|e| e.len() + BATCH_ITEM_OVERHEAD).sum::<usize>();
+        let (index, sent) = envelope(batch.clone(), encoded);
+        assert_eq!(index, vec![(4, "a".into()), (7, "b".into()), (9, "c".into())]);
+        let Envelope::Batch(sendable) = sent else {
+            panic!("three messages go in an envelope")
+        };
+        assert_eq!(sendable.message_format, BATCH_MESSAGE_FORMAT);
+        let bytes = serde_amqp::to_vec(&Serializable(&sendable.message)).unwrap();
+        assert!(
+            bytes.len() <= counted && bytes.len() + 64 > counted,
+            "{} against {counted}",
+            bytes.len()
+        );
+        // The envelope carries the first message's properties, and each item
+        // decodes to the message it was made of.
+        assert_eq!(sendable.message.properties, batch[0].1.properties);
+        let items = &sendable.message.body;
+        assert_eq!(items.len(), 3);
+        for (item, (_, original)) in items.iter().zip(&batch) {
+            let m: Deserializable<Message<Data>> = serde_amqp::from_slice(&item.0).unwrap();
+            assert_eq!(m.0.properties, original.properties);
+            assert_eq!(m.0.body, original.body);
+        }
+        // A lone message is sent as it is.
+        let one = vec![(0, copy("d", 5))];
+        let (_, sent) = envelope(one, vec![Vec::new()]);
+        assert!(matches!(sent, Envelope::Single(s) if s.message_format == 0));
     }
 }
