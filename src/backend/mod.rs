@@ -77,6 +77,9 @@ pub struct Capabilities {
     /// Leases the engine may have in flight at once on one queue, to hide
     /// the provider's round trip (further capped by `redrive.concurrency`).
     pub max_concurrent_leases: usize,
+    /// The most held messages one `release` call takes: the end of a pass
+    /// releases in calls of this many, `redrive.concurrency` at a time.
+    pub max_release_size: usize,
     /// The provider holds back a group's later messages while earlier ones
     /// are leased (SQS FIFO queues, Pub/Sub subscriptions with message
     /// ordering): an empty lease then does not prove the queue empty.

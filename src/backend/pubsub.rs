@@ -1021,6 +1021,7 @@ impl QueueBackend for PubSubBackend {
             // only in numbers.
             max_lease_size: COUNT_PULL,
             max_concurrent_leases: 16,
+            max_release_size: COUNT_PULL,
             ordered_delivery: self.ordered_delivery,
         }
     }

@@ -454,6 +454,8 @@ impl QueueBackend for SqsBackend {
             // Ten messages a call: it takes several calls in flight to hide a round trip.
             max_lease_size: BATCH,
             max_concurrent_leases: 8,
+            // ChangeMessageVisibilityBatch: ten entries a call.
+            max_release_size: BATCH,
             ordered_delivery: self.queue_url.ends_with(".fifo"),
         }
     }

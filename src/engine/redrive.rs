@@ -982,8 +982,7 @@ impl<'a> Pass<'a> {
         }
         self.s.released = self.held.len() as u64;
         tracing::debug!(held = self.held.len(), "releasing what the pass held");
-        // As many as one lease may take: what one call can release.
-        let chunk = self.caps.max_lease_size.max(1);
+        let chunk = self.caps.max_release_size.max(1);
         let parallel = self.plan.concurrency.max(1);
         let mut releases: JoinSet<Result<(), (usize, BackendError)>> = JoinSet::new();
         let mut failed: Vec<(usize, BackendError)> = Vec::new();
@@ -1259,6 +1258,7 @@ mod tests {
             batch_size,
             max_lease_size,
             max_concurrent_leases,
+            max_release_size: max_lease_size,
             ordered_delivery: false,
         }
     }

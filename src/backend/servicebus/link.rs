@@ -246,21 +246,48 @@ pub(super) struct DlqLink {
     commands: mpsc::Sender<Command>,
     /// Asks [`send_loop`] for sender links.
     attaches: mpsc::UnboundedSender<AttachRequest>,
+    /// The sender asked for while the link opened, and its destination.
+    early: std::sync::Mutex<Option<(String, oneshot::Receiver<Result<Sender>>)>>,
     pub generation: u64,
 }
 
 impl DlqLink {
     /// Open the link, on `connecting` if the connection is already on its
-    /// way (see [`Connected::start`]).
-    pub async fn open(cfg: Arc<LinkConfig>, generation: u64, connecting: Option<Connecting>) -> Result<Self> {
+    /// way (see [`Connected::start`]). A sender to the destination `send_to`
+    /// names once the connection is open attaches alongside the receiver.
+    pub async fn open(
+        cfg: Arc<LinkConfig>,
+        generation: u64,
+        connecting: Option<Connecting>,
+        send_to: Arc<std::sync::Mutex<Option<String>>>,
+    ) -> Result<Self> {
         let opening = async {
-            let connected = match connecting {
+            let mut connected = match connecting {
                 Some(c) => c.finish(&cfg).await?,
                 None => Connected::open(&cfg).await?,
             };
-            Actor::open(cfg.clone(), connected).await
+            let send_session = connected.send_session.take().expect("begun with the connection");
+            let (attaches, requests) = mpsc::unbounded_channel();
+            tokio::spawn(send_loop(
+                cfg.clone(),
+                connected.container.clone(),
+                send_session,
+                requests,
+            ));
+            // Read now, not when the opening started: the pass names its
+            // destination while the connection opens.
+            let early = send_to.lock().expect("send_to lock").clone().map(|dest| {
+                let (reply, rx) = oneshot::channel();
+                let _ = attaches.send(AttachRequest {
+                    dest: dest.clone(),
+                    reply,
+                });
+                (dest, rx)
+            });
+            let actor = Actor::open(cfg.clone(), connected).await?;
+            Ok::<_, BackendError>((actor, attaches, early))
         };
-        let (actor, attaches) = tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, opening)
+        let (actor, attaches, early) = tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, opening)
             .await
             .map_err(|_| cfg.unreachable("opening the dead-letter queue's link timed out"))??;
         let (commands, rx) = mpsc::channel(64);
@@ -268,19 +295,27 @@ impl DlqLink {
         Ok(Self {
             commands,
             attaches,
+            early: std::sync::Mutex::new(early),
             generation,
         })
     }
 
     /// A sender link to the queue or topic `dest`, on this link's connection.
     pub async fn sender(&self, dest: &str, cfg: &LinkConfig) -> Result<Sender> {
-        let (reply, rx) = oneshot::channel();
-        let request = AttachRequest {
-            dest: dest.to_string(),
-            reply,
-        };
         let gone = || cfg.unreachable("the dead-letter queue's connection closed");
-        self.attaches.send(request).map_err(|_| gone())?;
+        let early = self.early.lock().expect("early lock").take_if(|(d, _)| d == dest);
+        let rx = match early {
+            Some((_, rx)) => rx,
+            None => {
+                let (reply, rx) = oneshot::channel();
+                let request = AttachRequest {
+                    dest: dest.to_string(),
+                    reply,
+                };
+                self.attaches.send(request).map_err(|_| gone())?;
+                rx
+            }
+        };
         // Behind the attaches asked for before it, each bounded.
         match tokio::time::timeout(4 * CALL_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
@@ -398,8 +433,9 @@ pub(super) struct Connected {
     connection: ConnectionHandle<()>,
     session: SessionHandle<()>,
     browse_session: SessionHandle<()>,
-    /// The session of the copies' sender links (see [`send_loop`]).
-    send_session: SessionHandle<()>,
+    /// The session of the copies' sender links (see [`send_loop`]), taken
+    /// when the link opens.
+    send_session: Option<SessionHandle<()>>,
     cbs: CbsClient,
     renew_at: Option<Instant>,
 }
@@ -490,7 +526,7 @@ impl Connected {
             connection,
             session,
             browse_session,
-            send_session,
+            send_session: Some(send_session),
             cbs,
             renew_at,
         })
@@ -498,15 +534,14 @@ impl Connected {
 }
 
 impl Actor {
-    /// Attach the receiver and both `$management` links on `connected`, and
-    /// start the task that attaches the copies' senders on its send session.
-    async fn open(cfg: Arc<LinkConfig>, connected: Connected) -> Result<(Self, mpsc::UnboundedSender<AttachRequest>)> {
+    /// Attach the receiver and both `$management` links on `connected`.
+    async fn open(cfg: Arc<LinkConfig>, connected: Connected) -> Result<Self> {
         let Connected {
             container,
             connection,
             mut session,
             mut browse_session,
-            send_session,
+            send_session: _,
             cbs,
             renew_at,
         } = connected;
@@ -541,9 +576,7 @@ impl Actor {
         let (confirms, batches) = mpsc::unbounded_channel();
         let (failed, confirm_failed) = mpsc::channel(1);
         tokio::spawn(confirm_loop(cfg.clone(), confirming, batches, failed));
-        let (attaches, requests) = mpsc::unbounded_channel();
-        tokio::spawn(send_loop(cfg.clone(), container, send_session, requests));
-        let actor = Self {
+        Ok(Self {
             cfg,
             connection,
             session,
@@ -567,8 +600,7 @@ impl Actor {
             pending: VecDeque::new(),
             actives: VecDeque::new(),
             deferred: Vec::new(),
-        };
-        Ok((actor, attaches))
+        })
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {

@@ -200,6 +200,10 @@ const BATCH: usize = 100;
 /// leases wait, so behind a real network larger leases are what keeps the
 /// lease rate up; the engine grows to this only while bodies are small.
 const MAX_LEASE: usize = 250;
+/// Held messages one release takes: abandons go in one call whatever their
+/// number (each link's task applies them together) and cost one confirming
+/// round trip, so the end of a pass releases in few calls, all at once.
+const MAX_RELEASE: usize = 5_000;
 /// Leases the engine may keep in flight: one browse counts for all of them.
 const MAX_CONCURRENT_LEASES: usize = 4;
 /// The standard tier's limit on a message (premium allows up to 100 MB;
@@ -356,6 +360,9 @@ pub struct ServiceBusBackend {
     /// queue's connection. Locked while one is attached, which every send to
     /// that destination waits for anyway.
     senders: Mutex<HashMap<String, Arc<DestSender>>>,
+    /// The destination of the pass (see `prepare_send`): a link that opens
+    /// attaches its sender at once.
+    send_to: Arc<std::sync::Mutex<Option<String>>>,
     /// What the dead-letter queue's own link needs to (re)open.
     link_config: Arc<link::LinkConfig>,
     /// The link's connection, opened while connecting for a pass (see
@@ -575,6 +582,7 @@ impl ServiceBusBackend {
             receiver: Mutex::new(None),
             receiver_generation: AtomicU64::new(0),
             senders: Mutex::new(HashMap::new()),
+            send_to: Arc::default(),
             connecting: std::sync::Mutex::new(
                 (purpose == Purpose::Pass).then(|| link::Connected::start(link_config.clone())),
             ),
@@ -984,7 +992,9 @@ impl ServiceBusBackend {
         *slot = None;
         let generation = self.link_generations.fetch_add(1, Ordering::Relaxed) + 1;
         let connecting = self.connecting.lock().expect("connecting lock").take();
-        let l = Arc::new(link::DlqLink::open(self.link_config.clone(), generation, connecting).await?);
+        let l = Arc::new(
+            link::DlqLink::open(self.link_config.clone(), generation, connecting, self.send_to.clone()).await?,
+        );
         *slot = Some(l.clone());
         Ok(l)
     }
@@ -1544,6 +1554,7 @@ impl QueueBackend for ServiceBusBackend {
             // The link browses for the next lease while earlier ones are received.
             max_lease_size: MAX_LEASE,
             max_concurrent_leases: MAX_CONCURRENT_LEASES,
+            max_release_size: MAX_RELEASE,
             // Session order is kept by the queue's own order; a plain
             // receiver on the dead-letter queue is never held back.
             ordered_delivery: false,
@@ -1750,9 +1761,12 @@ impl QueueBackend for ServiceBusBackend {
     }
 
     /// A sender link takes a `$cbs` token put and an attach: done here,
-    /// while the first leases are out, instead of by the first send.
+    /// while the first leases are out, instead of by the first send. A
+    /// dead-letter link still opening (the pass's connection is usually still
+    /// on its way) attaches it alongside its receiver, through `send_to`.
     fn prepare_send(self: Arc<Self>, to: &Destination) {
         let dest = to.0.clone();
+        *self.send_to.lock().expect("send_to lock") = Some(dest.clone());
         tokio::spawn(async move {
             if let Err(e) = self.dest_sender(&dest).await {
                 tracing::debug!(%dest, error = %e, "attaching a sender ahead of the sends failed");
