@@ -211,7 +211,7 @@ impl LinkConfig {
     /// The audiences a token is put for: the dead-letter queue and its
     /// `$management` node.
     fn audiences(&self) -> [String; 2] {
-        let dlq = format!("{}://{}/{}", self.scheme(), self.host, self.dlq_path);
+        let dlq = self.audience(&self.dlq_path);
         [format!("{dlq}/$management"), dlq]
     }
 }

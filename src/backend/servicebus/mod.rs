@@ -1306,19 +1306,19 @@ fn envelope_base(first: &Message<Data>) -> usize {
     serde_amqp::to_vec(&Serializable(empty)).map_or(0, |v| v.len()) + BATCH_ITEM_OVERHEAD
 }
 
-/// Consecutive batches of messages of `sizes` (each message's encoded size,
-/// and the size of an envelope it would start) that fit `max` bytes, at
-/// most [`BATCH`] messages each. A message too large even alone goes in a
-/// batch of its own, and the broker's refusal is reported for it.
-fn pack(sizes: &[(usize, usize)], max: usize) -> Vec<std::ops::Range<usize>> {
+/// Consecutive batches of messages of encoded `sizes` that fit `max` bytes,
+/// at most [`BATCH`] messages each; `base(i)` is the size of an envelope
+/// that message `i` starts, asked only of the messages that start one. A
+/// message too large even alone goes in a batch of its own, and the
+/// broker's refusal is reported for it.
+fn pack(sizes: &[usize], base: impl Fn(usize) -> usize, max: usize) -> Vec<std::ops::Range<usize>> {
     let mut ranges = Vec::new();
     let mut start = 0;
     while start < sizes.len() {
-        let (first, base) = sizes[start];
-        let mut total = base + first + BATCH_ITEM_OVERHEAD;
+        let mut total = base(start) + sizes[start] + BATCH_ITEM_OVERHEAD;
         let mut end = start + 1;
-        while end < sizes.len() && end - start < BATCH && total + sizes[end].0 + BATCH_ITEM_OVERHEAD <= max {
-            total += sizes[end].0 + BATCH_ITEM_OVERHEAD;
+        while end < sizes.len() && end - start < BATCH && total + sizes[end] + BATCH_ITEM_OVERHEAD <= max {
+            total += sizes[end] + BATCH_ITEM_OVERHEAD;
             end += 1;
         }
         ranges.push(start..end);
@@ -1655,14 +1655,11 @@ impl QueueBackend for ServiceBusBackend {
                     provider: PROVIDER,
                     detail: format!("cannot encode a copy: {e}"),
                 })?;
-            let sizes: Vec<(usize, usize)> = built
-                .iter()
-                .zip(&encoded)
-                .map(|((_, m), e)| (e.len(), envelope_base(m)))
-                .collect();
+            let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
+            let ranges = pack(&sizes, |i| envelope_base(&built[i].1), max);
             let mut encoded = encoded.into_iter();
             let mut built = built.into_iter();
-            for r in pack(&sizes, max) {
+            for r in ranges {
                 let batch: Vec<(usize, Message<Data>)> = built.by_ref().take(r.len()).collect();
                 let bytes: Vec<Vec<u8>> = encoded.by_ref().take(r.len()).collect();
                 let (index, envelope) = envelope(batch, bytes);
@@ -2004,14 +2001,27 @@ mod tests {
     #[test]
     fn batches_fit_the_link_and_the_count_and_oversized_messages_go_alone() {
         // Each message 1,000 bytes encoded, envelopes of 200 bytes.
-        let even = vec![(1000, 200); 250];
-        assert_eq!(pack(&even, usize::MAX), vec![0..100, 100..200, 200..250]);
+        let even = vec![1000; 250];
+        assert_eq!(pack(&even, |_| 200, usize::MAX), vec![0..100, 100..200, 200..250]);
         // 200 + k * 1,008 <= 10,000: nine per batch.
-        let ranges = pack(&even[..20], 10_000);
+        let started = std::cell::RefCell::new(Vec::new());
+        let ranges = pack(
+            &even[..20],
+            |i| {
+                started.borrow_mut().push(i);
+                200
+            },
+            10_000,
+        );
         assert_eq!(ranges, vec![0..9, 9..18, 18..20]);
-        let odd = [(500, 100), (20_000, 100), (500, 100), (500, 100)];
-        assert_eq!(pack(&odd, 10_000), vec![0..1, 1..2, 2..4]);
-        assert!(pack(&[], 10_000).is_empty());
+        assert_eq!(
+            *started.borrow(),
+            [0, 9, 18],
+            "only a batch's first message sizes its envelope"
+        );
+        let odd = [500, 20_000, 500, 500];
+        assert_eq!(pack(&odd, |_| 100, 10_000), vec![0..1, 1..2, 2..4]);
+        assert!(pack(&[], |_| 100, 10_000).is_empty());
     }
 
     fn copy(id: &str, body: usize) -> Message<Data> {
