@@ -5,9 +5,14 @@
 //! one message (a missing attribute, a type mismatch) count as "no match" and
 //! are reported to the caller; they never abort a run.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use cel::common::ast::{EntryExpr, Expr, IdedExpr, MapExpr, StructExpr};
+use cel::common::types::{
+    CelBool, CelBytes, CelDouble, CelDuration, CelInt, CelMap, CelMapKey, CelNull, CelString, CelTimestamp,
+};
+use cel::common::value::Val;
 use cel::{Context, Env, Program, Value};
 use chrono::{DateTime, Utc};
 
@@ -171,15 +176,18 @@ impl Filter {
                 source_line,
             }
         })?;
-        let refs = program.references();
-        let mut vars = refs.variables();
-        vars.sort_unstable();
-        if let Some(unknown) = vars.into_iter().find(|v| !VARIABLES.contains(v)) {
+        let mut vars = BTreeSet::new();
+        free_variables(program.expression(), &mut Vec::new(), &mut vars);
+        // Type names (`type(x) == string`) are identifiers too.
+        if let Some(unknown) = vars
+            .iter()
+            .find(|v| !VARIABLES.contains(v) && env.types().find_type(v).is_none())
+        {
             return Err(FilterError::UnknownVariable {
                 name: unknown.to_string(),
             });
         }
-        let uses = VARIABLES.iter().map(|v| refs.has_variable(v)).collect();
+        let uses = VARIABLES.iter().map(|v| vars.contains(v)).collect();
         Ok(Self {
             source: source.into(),
             program: Arc::new(program),
@@ -199,23 +207,30 @@ impl Filter {
 
     /// Evaluate against one message. `Err` carries a message for the report.
     pub fn matches(&self, msg: &DlqMessage, now: DateTime<Utc>) -> Result<bool, String> {
-        self.evaluate(msg, now, false)
+        self.evaluate(msg, now)
     }
 
-    /// [`Filter::matches`] with every variable bound, whether the expression
-    /// references it or not: what `matches` must agree with (the fuzz target
-    /// `filter` checks that skipping unreferenced variables changes nothing).
+    /// The reference evaluation [`Filter::matches`] must agree with: every
+    /// variable bound, whether the expression references it or not, and
+    /// each built as a [`cel::Value`], the crate's plain route, which copies
+    /// the message. The fuzz target `filter` checks the two agree.
     #[doc(hidden)]
-    pub fn matches_binding_all(&self, msg: &DlqMessage, now: DateTime<Utc>) -> Result<bool, String> {
-        self.evaluate(msg, now, true)
+    pub fn matches_reference(&self, msg: &DlqMessage, now: DateTime<Utc>) -> Result<bool, String> {
+        let mut ctx = Context::with_env(self.env.clone());
+        bind_message_by_value(&mut ctx, msg, now);
+        self.run(&ctx)
     }
 
-    fn evaluate(&self, msg: &DlqMessage, now: DateTime<Utc>, bind_all: bool) -> Result<bool, String> {
+    fn evaluate(&self, msg: &DlqMessage, now: DateTime<Utc>) -> Result<bool, String> {
         let mut ctx = Context::with_env(self.env.clone());
         bind_message(&mut ctx, msg, now, |name| {
-            bind_all || VARIABLES.iter().position(|v| *v == name).is_some_and(|i| self.uses[i])
+            VARIABLES.iter().position(|v| *v == name).is_some_and(|i| self.uses[i])
         });
-        match self.program.execute(&ctx) {
+        self.run(&ctx)
+    }
+
+    fn run(&self, ctx: &Context<'_, '_>) -> Result<bool, String> {
+        match self.program.execute(ctx) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("filter must yield a bool, got {:?}", other.type_of())),
             Err(e) => Err(e.to_string()),
@@ -223,57 +238,180 @@ impl Filter {
     }
 }
 
+/// The identifiers `expr` reads from its context: [`cel::Program::references`]
+/// without the variables of its macros (`attributes.exists(k, k == "x")`
+/// binds `k`; counted as a reference, it was refused as unknown).
+fn free_variables<'e>(expr: &'e IdedExpr, bound: &mut Vec<&'e str>, out: &mut BTreeSet<&'e str>) {
+    match &expr.expr {
+        Expr::Unspecified | Expr::Literal(_) => {}
+        Expr::Ident(name) => {
+            // `@`-names are the parser's own (a macro's accumulator).
+            if !name.starts_with('@') && !bound.contains(&name.as_str()) {
+                out.insert(name);
+            }
+        }
+        Expr::Call(call) => {
+            if let Some(target) = &call.target {
+                free_variables(target, bound, out);
+            }
+            for arg in &call.args {
+                free_variables(arg, bound, out);
+            }
+        }
+        Expr::Comprehension(c) => {
+            free_variables(&c.iter_range, bound, out);
+            free_variables(&c.accu_init, bound, out);
+            let depth = bound.len();
+            bound.push(&c.iter_var);
+            bound.extend(c.iter_var2.as_deref());
+            bound.push(&c.accu_var);
+            for e in [&c.loop_cond, &c.loop_step, &c.result] {
+                free_variables(e, bound, out);
+            }
+            bound.truncate(depth);
+        }
+        Expr::List(list) => {
+            for e in &list.elements {
+                free_variables(e, bound, out);
+            }
+        }
+        Expr::Select(select) => free_variables(&select.operand, bound, out),
+        Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
+            for entry in entries {
+                match &entry.expr {
+                    EntryExpr::StructField(field) => free_variables(&field.value, bound, out),
+                    EntryExpr::MapEntry(e) => {
+                        free_variables(&e.key, bound, out);
+                        free_variables(&e.value, bound, out);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Bind the variables the expression uses (`uses(name)`); the others are never
 /// read, so building them (a copy of the body, a map of the attributes) would
-/// be wasted work on every message.
-fn bind_message(ctx: &mut Context<'_, '_>, msg: &DlqMessage, now: DateTime<Utc>, uses: impl Fn(&str) -> bool) {
+/// be wasted work on every message. Strings and bytes borrow from `msg`, and
+/// `attributes` is built once as the interpreter's own map: going through
+/// [`cel::Value`] built the map three times per message (a `HashMap`, the
+/// `Value`'s, then a clone converted entry by entry), most of a redrive's
+/// filter cost (bench/analysis.md, seventh round).
+fn bind_message<'m>(ctx: &mut Context<'_, 'm>, msg: &'m DlqMessage, now: DateTime<Utc>, uses: impl Fn(&str) -> bool) {
     if uses("id") {
-        ctx.add_variable_from_value("id", msg.id.clone());
+        ctx.add_variable_as_val("id", Box::new(CelString::from(msg.id.as_str())));
     }
     if uses("body") {
-        ctx.add_variable_from_value("body", msg.body_text());
+        ctx.add_variable_as_val("body", Box::new(CelString::from(String::from_utf8_lossy(&msg.body))));
     }
     // Parsing the body costs more than everything else here.
     if uses("json") {
-        let json = serde_json::from_slice::<serde_json::Value>(&msg.body)
-            .map(|v| json_to_cel(&v))
-            .unwrap_or(Value::Null);
-        ctx.add_variable_from_value("json", json);
+        ctx.add_variable_from_value("json", json_of(msg));
     }
     if uses("attributes") {
-        let attrs: HashMap<String, Value> = msg
+        let attrs: HashMap<CelMapKey<'m>, Box<dyn Val + 'm>> = msg
             .attributes
             .iter()
-            .map(|(k, a)| (k.clone(), attr_to_cel(&a.value)))
+            .map(|(k, a)| (CelMapKey::from(k.as_str()), attr_val(&a.value)))
             .collect();
-        ctx.add_variable_from_value("attributes", attrs);
+        ctx.add_variable_as_val("attributes", Box::new(CelMap::from(attrs)));
     }
     if uses("reason") {
-        ctx.add_variable_from_value("reason", msg.reason.clone());
+        ctx.add_variable_as_val("reason", optional_str(&msg.reason));
     }
     if uses("description") {
-        ctx.add_variable_from_value("description", msg.description.clone());
+        ctx.add_variable_as_val("description", optional_str(&msg.description));
     }
     if uses("delivery_count") {
-        ctx.add_variable_from_value("delivery_count", msg.delivery_count.map(i64::from));
+        ctx.add_variable_as_val(
+            "delivery_count",
+            match msg.delivery_count {
+                Some(n) => Box::new(CelInt::from(i64::from(n))),
+                None => Box::new(CelNull),
+            },
+        );
     }
     if uses("enqueued_at") {
-        ctx.add_variable_from_value(
+        ctx.add_variable_as_val(
             "enqueued_at",
-            msg.enqueued_at
-                .map(|t| Value::Timestamp(t.fixed_offset()))
-                .unwrap_or(Value::Null),
+            match msg.enqueued_at {
+                Some(t) => Box::new(CelTimestamp::from(t.fixed_offset())),
+                None => Box::new(CelNull),
+            },
         );
     }
     if uses("age") {
-        ctx.add_variable_from_value(
+        ctx.add_variable_as_val(
             "age",
-            msg.enqueued_at.map(|t| Value::Duration(now - t)).unwrap_or(Value::Null),
+            match msg.enqueued_at {
+                Some(t) => Box::new(CelDuration::from(now - t)),
+                None => Box::new(CelNull),
+            },
         );
     }
     if uses("source") {
-        ctx.add_variable_from_value("source", msg.source.clone());
+        ctx.add_variable_as_val("source", optional_str(&msg.source));
     }
+}
+
+fn optional_str(s: &Option<String>) -> Box<dyn Val + '_> {
+    match s {
+        Some(s) => Box::new(CelString::from(s.as_str())),
+        None => Box::new(CelNull),
+    }
+}
+
+/// [`attr_to_cel`] without the copy: text and bytes borrow from the message.
+fn attr_val(v: &AttrValue) -> Box<dyn Val + '_> {
+    match v {
+        AttrValue::String(s) => Box::new(CelString::from(s.as_str())),
+        AttrValue::Number(s) => match s.parse::<i64>() {
+            Ok(i) => Box::new(CelInt::from(i)),
+            Err(_) => match s.parse::<f64>() {
+                Ok(f) => Box::new(CelDouble::from(f)),
+                Err(_) => Box::new(CelString::from(s.as_str())),
+            },
+        },
+        AttrValue::Binary(b) => Box::new(CelBytes::from(&b[..])),
+        AttrValue::Bool(b) => Box::new(CelBool::from(*b)),
+        AttrValue::Int(i) => Box::new(CelInt::from(*i)),
+        AttrValue::Float(f) => Box::new(CelDouble::from(*f)),
+        AttrValue::Timestamp(t) => Box::new(CelTimestamp::from(t.fixed_offset())),
+        AttrValue::Uuid(u) => Box::new(CelString::from(u.to_string())),
+    }
+}
+
+fn json_of(msg: &DlqMessage) -> Value {
+    serde_json::from_slice::<serde_json::Value>(&msg.body)
+        .map(|v| json_to_cel(&v))
+        .unwrap_or(Value::Null)
+}
+
+/// Every variable, each as a [`cel::Value`]: see [`Filter::matches_reference`].
+fn bind_message_by_value(ctx: &mut Context<'_, '_>, msg: &DlqMessage, now: DateTime<Utc>) {
+    ctx.add_variable_from_value("id", msg.id.clone());
+    ctx.add_variable_from_value("body", msg.body_text());
+    ctx.add_variable_from_value("json", json_of(msg));
+    let attrs: HashMap<String, Value> = msg
+        .attributes
+        .iter()
+        .map(|(k, a)| (k.clone(), attr_to_cel(&a.value)))
+        .collect();
+    ctx.add_variable_from_value("attributes", attrs);
+    ctx.add_variable_from_value("reason", msg.reason.clone());
+    ctx.add_variable_from_value("description", msg.description.clone());
+    ctx.add_variable_from_value("delivery_count", msg.delivery_count.map(i64::from));
+    ctx.add_variable_from_value(
+        "enqueued_at",
+        msg.enqueued_at
+            .map(|t| Value::Timestamp(t.fixed_offset()))
+            .unwrap_or(Value::Null),
+    );
+    ctx.add_variable_from_value(
+        "age",
+        msg.enqueued_at.map(|t| Value::Duration(now - t)).unwrap_or(Value::Null),
+    );
+    ctx.add_variable_from_value("source", msg.source.clone());
 }
 
 /// SQS numbers arrive as text; expose them as numbers so `attributes.n > 3`
@@ -365,6 +503,61 @@ mod tests {
         assert_eq!(eval(r#"reason.matches("^Time")"#), Ok(true));
     }
 
+    /// The borrowed binding `matches` uses agrees with the reference, which
+    /// builds every variable as a `cel::Value`, on every attribute type, on
+    /// missing fields and on a body that is not UTF-8, errors included.
+    #[test]
+    fn borrowed_binding_agrees_with_the_value_binding() {
+        let mut typed = msg();
+        let mut put = |k: &str, value: AttrValue| {
+            typed.attributes.insert(k.into(), Attribute { value, data_type: None });
+        };
+        put("flag", AttrValue::Bool(true));
+        put("ratio", AttrValue::Float(0.25));
+        put("count", AttrValue::Int(-7));
+        put("price", AttrValue::Number("9.5".into()));
+        put("code", AttrValue::Number("0x1F".into()));
+        put("raw", AttrValue::Binary(Bytes::from_static(b"\x00\xffab")));
+        put("at", AttrValue::Timestamp(Utc::now()));
+        put("uuid", AttrValue::Uuid(uuid::Uuid::from_u128(7)));
+        let mut bare = msg();
+        bare.attributes.clear();
+        bare.reason = None;
+        bare.source = None;
+        bare.delivery_count = None;
+        bare.enqueued_at = None;
+        bare.body = Bytes::from_static(b"\xff\xfe not utf-8");
+        let filters = [
+            r#"attributes.tenant == "acme""#,
+            "attributes.retries == 3 && attributes.price > 9.0",
+            r#"attributes.code == "0x1F" && attributes.flag && attributes.ratio < 1.0"#,
+            r#"attributes.count == -7 && attributes.raw == b"\x00\xffab""#,
+            r#"attributes.at < timestamp("2999-01-01T00:00:00Z") && attributes.uuid.startsWith("0000")"#,
+            r#"size(attributes) > 3 && "tenant" in attributes && attributes.exists(k, k == "flag")"#,
+            r#"attributes == {"tenant": "acme", "retries": 3}"#,
+            r#"has(attributes.missing) || attributes.missing == "x""#,
+            r#"attributes.all(k, k.size() > 1) && type(attributes) == map"#,
+            r#"reason == "Timeout" && description == null && source == "orders" && id == "m-1""#,
+            "delivery_count > 2 && age > duration(\"1h\") && enqueued_at < timestamp(\"2999-01-01T00:00:00Z\")",
+            r#"body.contains("order") && json.order.id == 42"#,
+            r#"reason.startsWith("T") || source.size() > 0"#,
+            "delivery_count == null && enqueued_at == null && age == null",
+            "1 + 1",
+        ];
+        let now = Utc::now();
+        for m in [msg(), typed, bare] {
+            for f in filters {
+                let filter = Filter::compile(f).unwrap();
+                assert_eq!(
+                    filter.matches(&m, now),
+                    filter.matches_reference(&m, now),
+                    "`{f}` on message with attributes {:?}",
+                    m.attributes.keys().collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+
     #[test]
     fn evaluation_error_is_reported_not_raised() {
         let err = eval(r#"attributes.missing == "x""#).unwrap_err();
@@ -390,6 +583,34 @@ mod tests {
         let text = err.to_string();
         assert!(text.starts_with("invalid filter at 1:"), "{text}");
         assert!(text.contains('^'), "{text}");
+    }
+
+    #[test]
+    fn macro_variables_and_type_names_are_not_unknown_variables() {
+        assert_eq!(eval(r#"attributes.exists(k, k == "tenant")"#), Ok(true));
+        assert_eq!(eval("[1, 2].map(x, x * 2).all(y, y > delivery_count - 4)"), Ok(true));
+        // A macro variable shadows a message variable only inside the macro.
+        assert_eq!(
+            eval(r#"attributes.exists(id, id == "tenant") && id == "m-1""#),
+            Ok(true)
+        );
+        assert_eq!(eval("type(reason) == string && type(attributes) == map"), Ok(true));
+        let f = Filter::compile(r#"attributes.exists(k, k == "tenant")"#).unwrap();
+        assert!(f.uses[VARIABLES.iter().position(|v| *v == "attributes").unwrap()]);
+        assert!(
+            !f.uses
+                .iter()
+                .enumerate()
+                .any(|(i, u)| *u && VARIABLES[i] != "attributes")
+        );
+        assert_eq!(
+            Filter::compile("attributes.exists(k, q == 1)").unwrap_err(),
+            FilterError::UnknownVariable { name: "q".into() }
+        );
+        assert_eq!(
+            Filter::compile("[1].exists(k, k == 1) && k == 1").unwrap_err(),
+            FilterError::UnknownVariable { name: "k".into() }
+        );
     }
 
     #[test]
