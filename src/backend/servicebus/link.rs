@@ -255,18 +255,18 @@ pub(super) struct DlqLink {
 }
 
 impl DlqLink {
-    /// Open the link, on `connecting` if the connection is already on its
-    /// way (see [`Connected::start`]). A sender to the destination `send_to`
+    /// Open the link, on `opening` if the connection is already on its way
+    /// or open (see [`Connected::start`]). A sender to the destination `send_to`
     /// names once the connection is open attaches alongside the receiver.
     pub async fn open(
         cfg: Arc<LinkConfig>,
         generation: u64,
-        connecting: Option<Connecting>,
+        opening: Option<Opening>,
         send_to: Arc<std::sync::Mutex<Option<String>>>,
     ) -> Result<Self> {
         let opening = async {
-            let mut connected = match connecting {
-                Some(c) => c.finish(&cfg).await?,
+            let mut connected = match opening {
+                Some(o) => o.finish(&cfg).await?,
                 None => Connected::open(&cfg).await?,
             };
             let send_session = connected.send_session.take().expect("begun with the connection");
@@ -450,6 +450,28 @@ pub(super) struct Connecting(tokio::task::JoinHandle<Result<Connected>>);
 impl Drop for Connecting {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// The link's connection as a pass's `connect` leaves it: still opening, or
+/// open (`connect` waited for it, as the check that the namespace answers and
+/// takes the credentials).
+pub(super) enum Opening {
+    Connecting(Connecting),
+    Connected(Box<Connected>),
+}
+
+impl Opening {
+    /// Wait until the connection is open.
+    pub async fn opened(self, cfg: &LinkConfig) -> Result<Self> {
+        Ok(Self::Connected(Box::new(self.finish(cfg).await?)))
+    }
+
+    async fn finish(self, cfg: &LinkConfig) -> Result<Connected> {
+        match self {
+            Self::Connecting(c) => c.finish(cfg).await,
+            Self::Connected(c) => Ok(*c),
+        }
     }
 }
 

@@ -372,9 +372,9 @@ pub struct ServiceBusBackend {
     send_to: Arc<std::sync::Mutex<Option<String>>>,
     /// What the dead-letter queue's own link needs to (re)open.
     link_config: Arc<link::LinkConfig>,
-    /// The link's connection, opened while connecting for a pass (see
+    /// The link's connection, opened by `connect` for a pass (see
     /// [`Purpose::Pass`]); the first link takes it over.
-    connecting: std::sync::Mutex<Option<link::Connecting>>,
+    connecting: std::sync::Mutex<Option<link::Opening>>,
     /// The dead-letter queue's own link (lease, complete, abandon).
     dlq: Mutex<Option<Arc<link::DlqLink>>>,
     link_generations: AtomicU64,
@@ -591,7 +591,8 @@ impl ServiceBusBackend {
             senders: Mutex::new(HashMap::new()),
             send_to: Arc::default(),
             connecting: std::sync::Mutex::new(
-                (purpose == Purpose::Pass).then(|| link::Connected::start(link_config.clone())),
+                (purpose == Purpose::Pass)
+                    .then(|| link::Opening::Connecting(link::Connected::start(link_config.clone()))),
             ),
             link_config,
             dlq: Mutex::new(None),
@@ -600,14 +601,27 @@ impl ServiceBusBackend {
             management,
             stats_cache: Mutex::new(None),
         };
-        // Fail now, with a clear error, when the namespace cannot be reached.
-        // No link is attached yet: an emulator would auto-create the entity,
-        // and `list` needs only the management call. A missing entity shows
-        // as NotFound from the first call (ATOM's empty feed, or the
-        // attach's `amqp:not-found`).
+        // Fail now, with a clear error, when the namespace cannot be reached
+        // or refuses the credentials. No link is attached yet: an emulator
+        // would auto-create the entity, and `list` needs only the management
+        // call. A missing entity shows as NotFound from the first call
+        // (ATOM's empty feed, or the attach's `amqp:not-found`). A pass
+        // checks on its own link's connection, which puts the dead-letter
+        // queue's tokens: the SDK's connection, which only browses, is then
+        // opened only if something browses (a progress bar's depth).
         let connected = async {
-            let mut slot = backend.conn.slot.lock().await;
-            backend.client(&mut slot).await.map(drop)
+            let opening = backend.connecting.lock().expect("connecting lock").take();
+            match opening {
+                Some(o) => {
+                    let open = o.opened(&backend.link_config).await?;
+                    *backend.connecting.lock().expect("connecting lock") = Some(open);
+                    Ok(())
+                }
+                None => {
+                    let mut slot = backend.conn.slot.lock().await;
+                    backend.client(&mut slot).await.map(drop)
+                }
+            }
         };
         // A mistyped entity must fail here, before a receiver attaches:
         // emulators create entities on attach, so a redrive of a queue that
@@ -1794,7 +1808,7 @@ impl QueueBackend for ServiceBusBackend {
     /// (TCP, SASL, AMQP open and begin, `$cbs` and its token puts, three
     /// attaches, one after another): opened here, while the pass's
     /// destinations are looked up, instead of by the first lease. After a
-    /// connect for a pass its connection is already on its way, and only the
+    /// connect for a pass its connection is already open, and only the
     /// attaches are left.
     fn prepare_lease(self: Arc<Self>) {
         tokio::spawn(async move {
