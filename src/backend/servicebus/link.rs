@@ -1249,8 +1249,8 @@ impl<'de> Visitor<'de> for PeekBodyVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<PeekBody, A::Error> {
         let mut body = PeekBody::default();
-        while let Some(key) = map.next_key_seed(KeyIs("messages"))? {
-            if key.wanted() {
+        while let Some(wanted) = map.next_key_seed(KeyIs("messages"))? {
+            if wanted {
                 map.next_value_seed(PeekedMessages(&mut body))?;
             } else {
                 map.next_value::<Value>()?;
@@ -1260,33 +1260,26 @@ impl<'de> Visitor<'de> for PeekBodyVisitor {
     }
 }
 
-/// A map key, read as a borrowed string: whether it is the one wanted.
+/// A map key, read as a borrowed string: whether it is the one named.
 struct KeyIs(&'static str);
 
 impl<'de> DeserializeSeed<'de> for KeyIs {
-    type Value = KeyIs;
+    type Value = bool;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<KeyIs, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<bool, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl Visitor<'_> for KeyIs {
-    type Value = KeyIs;
+    type Value = bool;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a string key")
     }
 
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<KeyIs, E> {
-        // Reused as the answer: `KeyIs("")` never names a wanted key.
-        Ok(if v == self.0 { self } else { KeyIs("") })
-    }
-}
-
-impl KeyIs {
-    fn wanted(&self) -> bool {
-        !self.0.is_empty()
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<bool, E> {
+        Ok(v == self.0)
     }
 }
 
@@ -1336,8 +1329,8 @@ impl<'de> Visitor<'de> for PeekedMessage<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
-        while let Some(key) = map.next_key_seed(KeyIs("message"))? {
-            if key.wanted() {
+        while let Some(wanted) = map.next_key_seed(KeyIs("message"))? {
+            if wanted {
                 map.next_value_seed(CopyBytes(&mut *self.0))?;
             } else {
                 map.next_value::<Value>()?;
@@ -1399,13 +1392,13 @@ impl Response for PeekCount {
     }
 
     fn decode_message(message: Message<Self::Body>) -> std::result::Result<Self, Self::Error> {
+        use fe2o3_amqp_types::messaging::message::__private::Deserializable;
         let PeekBody { count, last } = message.body;
-        let last = (count > 0).then_some(()).and_then(|()| {
-            use fe2o3_amqp_types::messaging::message::__private::Deserializable;
-            let m: Deserializable<Message<Body<Value>>> = serde_amqp::from_slice(&last).ok()?;
-            sequence_number(&m.0)
-        });
-        Ok(Self(count, last))
+        if count == 0 {
+            return Ok(Self(0, None));
+        }
+        let m: Option<Deserializable<Message<Body<Value>>>> = serde_amqp::from_slice(&last).ok();
+        Ok(Self(count, m.and_then(|m| sequence_number(&m.0))))
     }
 }
 

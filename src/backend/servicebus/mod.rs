@@ -374,7 +374,7 @@ pub struct ServiceBusBackend {
     link_config: Arc<link::LinkConfig>,
     /// The link's connection, opened by `connect` for a pass (see
     /// [`Purpose::Pass`]); the first link takes it over.
-    connecting: std::sync::Mutex<Option<link::Opening>>,
+    opening: std::sync::Mutex<Option<link::Opening>>,
     /// The dead-letter queue's own link (lease, complete, abandon).
     dlq: Mutex<Option<Arc<link::DlqLink>>>,
     link_generations: AtomicU64,
@@ -590,7 +590,7 @@ impl ServiceBusBackend {
             receiver_generation: AtomicU64::new(0),
             senders: Mutex::new(HashMap::new()),
             send_to: Arc::default(),
-            connecting: std::sync::Mutex::new(
+            opening: std::sync::Mutex::new(
                 (purpose == Purpose::Pass)
                     .then(|| link::Opening::Connecting(link::Connected::start(link_config.clone()))),
             ),
@@ -610,11 +610,11 @@ impl ServiceBusBackend {
         // queue's tokens: the SDK's connection, which only browses, is then
         // opened only if something browses (a progress bar's depth).
         let connected = async {
-            let opening = backend.connecting.lock().expect("connecting lock").take();
+            let opening = backend.opening.lock().expect("opening lock").take();
             match opening {
                 Some(o) => {
                     let open = o.opened(&backend.link_config).await?;
-                    *backend.connecting.lock().expect("connecting lock") = Some(open);
+                    *backend.opening.lock().expect("opening lock") = Some(open);
                     Ok(())
                 }
                 None => {
@@ -1015,10 +1015,9 @@ impl ServiceBusBackend {
         }
         *slot = None;
         let generation = self.link_generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let connecting = self.connecting.lock().expect("connecting lock").take();
-        let l = Arc::new(
-            link::DlqLink::open(self.link_config.clone(), generation, connecting, self.send_to.clone()).await?,
-        );
+        let opening = self.opening.lock().expect("opening lock").take();
+        let l =
+            Arc::new(link::DlqLink::open(self.link_config.clone(), generation, opening, self.send_to.clone()).await?);
         *slot = Some(l.clone());
         Ok(l)
     }
