@@ -5,7 +5,8 @@
 //! the provider's round trip (see [`Pass`]). Each fresh message is filtered;
 //! matches are sent to their destination, and only messages whose copy was
 //! confirmed are settled (guarantee 1). Everything else stays leased until the
-//! pass ends and is then released together, and a seen-set stops the pass from
+//! pass stops leasing and is then released together (while the last sends are
+//! confirmed), and a seen-set stops the pass from
 //! examining a message twice, so a pass always terminates (guarantee 4).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -954,9 +955,12 @@ impl<'a> Pass<'a> {
         merge(&mut self.s, out, &mut self.held);
     }
 
-    /// End the pass: send what is pending (unless shut down), wait for the
-    /// sends, take back what leases still in flight bring, and release
-    /// everything held, together (guarantee 4).
+    /// End the pass: send what is pending (unless shut down), take back what
+    /// leases still in flight bring, and release everything held, together
+    /// (guarantee 4). Nothing is leased any more by then, so the release
+    /// goes out while the last sends finish instead of after them: through a
+    /// cloud's round trip that hides it, and it cannot hand a released
+    /// message back to this pass.
     async fn finish(mut self) -> RunSummary {
         if self.s.stopped != StopReason::Cancelled && !self.dispatch(true).await {
             self.s.stopped = StopReason::Cancelled;
@@ -970,9 +974,6 @@ impl<'a> Pass<'a> {
             self.held.extend(batch.into_iter().map(|l| l.lease));
         }
         self.s.destinations.retain(|_, n| *n > 0);
-        while let Some(done) = self.sends.join_next().await {
-            self.merge_send(done.expect("send tasks do not panic"));
-        }
         // Leases still in flight answer within their provider's wait; what
         // they bring was never examined and goes straight back.
         for lease in std::mem::take(&mut self.leases) {
@@ -980,38 +981,80 @@ impl<'a> Pass<'a> {
                 self.held.extend(leased.into_iter().map(|l| l.lease));
             }
         }
-        self.s.released = self.held.len() as u64;
+        let mut releases = Releases::new(&self);
         tracing::debug!(held = self.held.len(), "releasing what the pass held");
-        let chunk = self.caps.max_release_size.max(1);
-        let parallel = self.plan.concurrency.max(1);
-        let mut releases: JoinSet<Result<(), (usize, BackendError)>> = JoinSet::new();
-        let mut failed: Vec<(usize, BackendError)> = Vec::new();
-        let mut record = |r: Option<Result<Result<(), (usize, BackendError)>, _>>| {
-            if let Some(Err(f)) = r.map(|j| j.expect("release tasks do not panic")) {
-                failed.push(f);
-            }
-        };
-        for c in self.held.chunks(chunk) {
-            if releases.len() >= parallel {
-                record(releases.join_next().await);
-            }
-            let (backend, c) = (self.engine.backend.clone(), c.to_vec());
-            releases.spawn(async move { backend.release(&c).await.map_err(|e| (c.len(), e)) });
+        releases.start(std::mem::take(&mut self.held)).await;
+        while let Some(done) = self.sends.join_next().await {
+            self.merge_send(done.expect("send tasks do not panic"));
         }
-        while let Some(r) = releases.join_next().await {
-            record(Some(r));
-        }
+        // Copies that were not sent (their originals are held again).
+        releases.start(std::mem::take(&mut self.held)).await;
+        let (released, failed) = releases.finish().await;
+        self.s.released = released;
         if let Some((_, e)) = failed.first() {
             let n: usize = failed.iter().map(|(n, _)| n).sum();
             push_error(
                 &mut self.s.errors,
                 format!(
-                    "releasing {n} of {} held messages failed ({e}); they become visible again when their lease expires",
-                    self.held.len()
+                    "releasing {n} of {released} held messages failed ({e}); they become visible again when their lease expires"
                 ),
             );
         }
         self.s
+    }
+}
+
+/// A chunk's release: on failure, how many leases it held and why.
+type ChunkReleased = Result<(), (usize, BackendError)>;
+
+/// The end of a pass's release: held leases in chunks the provider takes at
+/// once, `concurrency` chunks out at a time.
+struct Releases {
+    backend: Arc<dyn QueueBackend>,
+    chunk: usize,
+    parallel: usize,
+    tasks: JoinSet<ChunkReleased>,
+    started: u64,
+    failed: Vec<(usize, BackendError)>,
+}
+
+impl Releases {
+    fn new(pass: &Pass<'_>) -> Self {
+        Self {
+            backend: pass.engine.backend.clone(),
+            chunk: pass.caps.max_release_size.max(1),
+            parallel: pass.plan.concurrency.max(1),
+            tasks: JoinSet::new(),
+            started: 0,
+            failed: Vec::new(),
+        }
+    }
+
+    async fn start(&mut self, held: Vec<LeaseId>) {
+        self.started += held.len() as u64;
+        for c in held.chunks(self.chunk) {
+            if self.tasks.len() >= self.parallel {
+                let done = self.tasks.join_next().await;
+                self.record(done);
+            }
+            let (backend, c) = (self.backend.clone(), c.to_vec());
+            self.tasks
+                .spawn(async move { backend.release(&c).await.map_err(|e| (c.len(), e)) });
+        }
+    }
+
+    fn record(&mut self, done: Option<Result<ChunkReleased, tokio::task::JoinError>>) {
+        if let Some(Err(f)) = done.map(|j| j.expect("release tasks do not panic")) {
+            self.failed.push(f);
+        }
+    }
+
+    /// How many were released, and the chunks that failed.
+    async fn finish(mut self) -> (u64, Vec<(usize, BackendError)>) {
+        while let Some(done) = self.tasks.join_next().await {
+            self.record(Some(done));
+        }
+        (self.started, self.failed)
     }
 }
 
