@@ -1319,6 +1319,72 @@ mod servicebus {
         assert!(f.drain_source().await.is_empty(), "something was sent to the source");
     }
 
+    /// A destination that refuses the copies (a queue at its size quota:
+    /// Azure answers the transfer with a Rejected outcome,
+    /// `amqp:resource-limit-exceeded`): the run fails, says which
+    /// destination refused and why, sends nothing again, and every original
+    /// stays in the DLQ.
+    #[tokio::test]
+    async fn a_destination_that_refuses_the_copies_loses_nothing() {
+        emulator();
+        let f = ServiceBusFixture::create(false).await;
+        let full = format!("{}-full", f.entity);
+        let http = reqwest::Client::new();
+        let created = http
+            .put(format!("{}/{full}?api-version=2021-05", f.http))
+            .header("content-type", "application/atom+xml;type=entry;charset=utf-8")
+            .body(concat!(
+                r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml">"#,
+                r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">"#,
+                r#"<MaxSizeInMegabytes>1</MaxSizeInMegabytes></QueueDescription></content></entry>"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201, "{}", created.text().await.unwrap_or_default());
+        // Together over the 1 MB quota, so the one batch they go in is refused whole.
+        let cases: Vec<TestMessage> = (0..3u8)
+            .map(|i| TestMessage {
+                body: vec![b'a' + i; 400 * 1024],
+                attributes: attrs(&[("kind", "big")]),
+                ordering_key: None,
+            })
+            .collect();
+        f.dead_letter(&cases).await;
+        let before = snapshot(&f).await;
+        let cfg = write_file(config(&f), "yaml");
+        let mut cmd = bin();
+        cs_env(&mut cmd);
+        let (code, out, err) =
+            run(cmd
+                .arg("-c")
+                .arg(&cfg)
+                .args(["redrive", "orders", "--to", &full, "--yes", "--no-journal"]));
+        assert_eq!(code, 1, "{out}{err}");
+        let said = format!("{out}{err}");
+        for expected in [
+            &format!("{full} refused the copies"),
+            "resource-limit-exceeded",
+            "Max entity size",
+        ] {
+            assert!(said.contains(expected), "{expected:?} not in {said}");
+        }
+        assert!(said.contains("settled:   0"), "{said}");
+        assert_eq!(snapshot(&f).await, before, "the DLQ lost or changed a message");
+        let described = http
+            .get(format!("{}/{full}?api-version=2021-05", f.http))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            described.contains("<MessageCount>0</MessageCount>"),
+            "the refusing queue holds something: {described}"
+        );
+    }
+
     #[tokio::test]
     async fn odd_bodies_and_typed_properties_round_trip_byte_exact() {
         use dlq_bridge::model::AttrValue;

@@ -1,4 +1,5 @@
-//! The ATOM management endpoint: the one GET that reports message counts.
+//! The ATOM management endpoint: the GET that reports message counts, and the
+//! PUT that creates a queue.
 
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
@@ -12,7 +13,7 @@ use axum::{
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::broker::{
-    Broker, Counts, Description, StoreSettings,
+    Broker, BrokerError, Counts, Description, StoreSettings,
     address::{self, Node},
     now_ms,
 };
@@ -31,16 +32,19 @@ async fn reset(State(broker): State<Arc<Broker>>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-async fn entity(State(broker): State<Arc<Broker>>, method: Method, uri: Uri) -> Response {
+async fn entity(State(broker): State<Arc<Broker>>, method: Method, uri: Uri, body: String) -> Response {
+    let path = uri.path().replace("%24", "$");
+    let self_link = format!("https://127.0.0.1{}", uri);
+    if method == Method::PUT {
+        return create(&broker, &path, &body, &self_link);
+    }
     if method != Method::GET {
         return (
             StatusCode::NOT_IMPLEMENTED,
-            format!("servicebus-emulator implements only GET on entities, not {method}"),
+            format!("servicebus-emulator implements only GET and PUT (of a queue) on entities, not {method}"),
         )
             .into_response();
     }
-    let path = uri.path().replace("%24", "$");
-    let self_link = format!("https://127.0.0.1{}", uri);
     let description = match address::parse(&path) {
         Ok(Node::Entity(path)) if !path.dead_letter => broker.describe(&path),
         _ => None,
@@ -55,6 +59,50 @@ async fn entity(State(broker): State<Arc<Broker>>, method: Method, uri: Uri) -> 
         body,
     )
         .into_response()
+}
+
+/// A PUT of a `QueueDescription` creates the queue, as on Azure; of its
+/// settings only `MaxSizeInMegabytes` is read (the rest come from the
+/// emulator's defaults). Topics and subscriptions come from the topology or
+/// from a link that names them.
+fn create(broker: &Broker, path: &str, body: &str, self_link: &str) -> Response {
+    let entity = match address::parse(path) {
+        Ok(Node::Entity(p)) if !p.dead_letter && p.subscription.is_none() => p,
+        _ => return (StatusCode::BAD_REQUEST, format!("cannot create {path:?}: name a queue")).into_response(),
+    };
+    if !body.contains("<QueueDescription") {
+        return (
+            StatusCode::NOT_IMPLEMENTED,
+            "servicebus-emulator creates only queues (a QueueDescription) by PUT",
+        )
+            .into_response();
+    }
+    let max_size_mb = match element(body, "MaxSizeInMegabytes").map(str::parse::<usize>) {
+        None => None,
+        Some(Ok(mb)) => Some(mb),
+        Some(Err(e)) => return (StatusCode::BAD_REQUEST, format!("MaxSizeInMegabytes: {e}")).into_response(),
+    };
+    match broker.create_queue(&entity.entity, max_size_mb.map(|mb| mb << 20)) {
+        Ok(()) => {}
+        Err(e @ BrokerError::Conflict(_)) => return (StatusCode::CONFLICT, e.to_string()).into_response(),
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+    let Some(description) = broker.describe(&entity) else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/atom+xml;type=entry;charset=utf-8")],
+        entry(&description, self_link),
+    )
+        .into_response()
+}
+
+/// The text of the first `<name>` element (any namespace prefix).
+fn element<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let open = xml.find(&format!("{name}>"))? + name.len() + 1;
+    let len = xml[open..].find('<')?;
+    Some(xml[open..open + len].trim())
 }
 
 fn escape(text: &str) -> String {
@@ -132,8 +180,9 @@ fn entry(description: &Description, self_link: &str) -> String {
             name.clone(),
             *created_at_ms,
             format!(
-                r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">{}<MaxSizeInMegabytes>1024</MaxSizeInMegabytes><RequiresDuplicateDetection>false</RequiresDuplicateDetection><RequiresSession>false</RequiresSession><DeadLetteringOnMessageExpiration>false</DeadLetteringOnMessageExpiration><EnableBatchedOperations>true</EnableBatchedOperations><SizeInBytes>{}</SizeInBytes><Status>Active</Status><CreatedAt>{created}</CreatedAt><UpdatedAt>{created}</UpdatedAt><AccessedAt>{now}</AccessedAt>{}<EnablePartitioning>false</EnablePartitioning><EnableExpress>false</EnableExpress></QueueDescription>"#,
+                r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">{}<MaxSizeInMegabytes>{}</MaxSizeInMegabytes><RequiresDuplicateDetection>false</RequiresDuplicateDetection><RequiresSession>false</RequiresSession><DeadLetteringOnMessageExpiration>false</DeadLetteringOnMessageExpiration><EnableBatchedOperations>true</EnableBatchedOperations><SizeInBytes>{}</SizeInBytes><Status>Active</Status><CreatedAt>{created}</CreatedAt><UpdatedAt>{created}</UpdatedAt><AccessedAt>{now}</AccessedAt>{}<EnablePartitioning>false</EnablePartitioning><EnableExpress>false</EnableExpress></QueueDescription>"#,
                 store_fields(settings, counts),
+                settings.max_size_bytes.map_or(1024, |b| b >> 20),
                 counts.size_bytes,
                 count_details(counts),
                 created = timestamp(*created_at_ms),
@@ -176,4 +225,17 @@ fn entry(description: &Description, self_link: &str) -> String {
         link = escape(self_link),
         created = timestamp(created_at_ms),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::element;
+
+    #[test]
+    fn element_reads_the_first_element_whatever_its_prefix() {
+        let xml = r#"<entry><content><QueueDescription><d:MaxSizeInMegabytes> 1 </d:MaxSizeInMegabytes><LockDuration>PT1M</LockDuration></QueueDescription></content></entry>"#;
+        assert_eq!(element(xml, "MaxSizeInMegabytes"), Some("1"));
+        assert_eq!(element(xml, "LockDuration"), Some("PT1M"));
+        assert_eq!(element(xml, "Status"), None);
+    }
 }

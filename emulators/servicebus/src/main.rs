@@ -123,6 +123,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
                 max_delivery_count: cli.max_delivery_count,
                 lock_duration: cli.lock_duration,
                 default_message_ttl: None,
+                max_size_bytes: None,
             },
             max_peek: Some(cli.max_peek).filter(|m| *m > 0),
         },

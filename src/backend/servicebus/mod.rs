@@ -135,6 +135,7 @@ use chrono::{DateTime, Utc};
 use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::delivery::{DeliveryFut, Sendable};
+use fe2o3_amqp_types::definitions::ErrorCondition;
 use fe2o3_amqp_types::messaging::annotations::OwnedKey;
 use fe2o3_amqp_types::messaging::message::__private::Serializable;
 use fe2o3_amqp_types::messaging::{ApplicationProperties, Batch, Body, Data, Message, MessageId, Outcome};
@@ -969,7 +970,13 @@ impl ServiceBusBackend {
                     // quota, disabled entity): sending it again changes nothing.
                     let detail = r
                         .error
-                        .map(|e| format!("{:?}: {}", e.condition, e.description.unwrap_or_default()))
+                        .map(|e| {
+                            format!(
+                                "{}: {}",
+                                condition_name(&e.condition),
+                                e.description.unwrap_or_default()
+                            )
+                        })
                         .unwrap_or_else(|| "no reason given".into());
                     let err = self.link_config.classify_entity(dest, "send", &detail);
                     return Err(match err {
@@ -1522,6 +1529,22 @@ pub fn attribute_to_amqp(a: &Attribute) -> Result<SimpleValue, String> {
 
 /// Sort an azservicebus error into the backend's classes, by its kind and
 /// the AMQP condition it names.
+/// An AMQP error condition as the broker named it (`amqp:resource-limit-exceeded`,
+/// `com.microsoft:entity-disabled`), which is what Azure's documentation
+/// and its exception names go by, not the client library's enum.
+fn condition_name(condition: &ErrorCondition) -> String {
+    let symbol = match condition {
+        ErrorCondition::AmqpError(e) => Symbol::from(e),
+        ErrorCondition::ConnectionError(e) => Symbol::from(e),
+        ErrorCondition::SessionError(e) => Symbol::from(e),
+        ErrorCondition::LinkError(e) => Symbol::from(e),
+        ErrorCondition::Custom(s) => s.clone(),
+        #[allow(unreachable_patterns)]
+        other => return format!("{other:?}"),
+    };
+    symbol.0
+}
+
 fn classify(e: &azure_core::Error, unreachable: &BackendError, entity: &str, what: &str) -> BackendError {
     let text = format!("{e} ({e:?})");
     let lower = text.to_ascii_lowercase();
@@ -1942,6 +1965,24 @@ impl azure_core::credentials::TokenCredential for WorkloadIdentityCredential {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_names_its_condition_as_the_broker_does() {
+        use fe2o3_amqp_types::definitions::{AmqpError, LinkError};
+        let named = |c| condition_name(&c);
+        assert_eq!(
+            named(ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded)),
+            "amqp:resource-limit-exceeded"
+        );
+        assert_eq!(
+            named(ErrorCondition::LinkError(LinkError::MessageSizeExceeded)),
+            "amqp:link:message-size-exceeded"
+        );
+        assert_eq!(
+            named(ErrorCondition::Custom(Symbol::from("com.microsoft:entity-disabled"))),
+            "com.microsoft:entity-disabled"
+        );
+    }
 
     #[test]
     fn connection_string_parses_and_drops_the_port() {

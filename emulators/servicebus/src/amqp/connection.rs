@@ -91,6 +91,8 @@ impl From<&BrokerError> for definitions::Error {
             BrokerError::MessageNotFound(_) => custom_condition("com.microsoft:message-not-found"),
             BrokerError::NotAllowed(_) => ErrorCondition::AmqpError(AmqpError::NotAllowed),
             BrokerError::Codec(_) => ErrorCondition::AmqpError(AmqpError::DecodeError),
+            BrokerError::QuotaExceeded { .. } => ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded),
+            BrokerError::Conflict(_) => custom_condition("com.microsoft:entity-already-exists"),
         };
         amqp_error(condition, error.to_string())
     }

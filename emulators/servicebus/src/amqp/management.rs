@@ -65,6 +65,12 @@ impl From<ManagementError> for Reply {
             }
             ManagementError::Broker(BrokerError::NotAllowed(_)) => Reply::error(400, "amqp:not-allowed", description),
             ManagementError::Broker(BrokerError::Codec(_)) => Reply::error(500, "amqp:internal-error", description),
+            ManagementError::Broker(BrokerError::QuotaExceeded { .. }) => {
+                Reply::error(403, "amqp:resource-limit-exceeded", description)
+            }
+            ManagementError::Broker(BrokerError::Conflict(_)) => {
+                Reply::error(409, "com.microsoft:entity-already-exists", description)
+            }
             ManagementError::BadRequest(_) => Reply::error(400, "amqp:invalid-field", description),
         }
     }

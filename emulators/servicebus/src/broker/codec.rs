@@ -55,6 +55,13 @@ pub struct ParsedMessage {
     pub bare: Vec<Section>,
 }
 
+impl ParsedMessage {
+    /// What the message adds to its entity's size: its bare message.
+    pub fn size(&self) -> usize {
+        self.bare.iter().map(|s| s.raw.len()).sum()
+    }
+}
+
 /// Length of the encoded value at the start of `buf`, constructor included.
 fn value_len(buf: &[u8]) -> Result<usize, CodecError> {
     let code = *buf.first().ok_or(CodecError::Truncated)?;

@@ -31,6 +31,12 @@ pub enum BrokerError {
     MessageNotFound(i64),
     #[error("{0}")]
     NotAllowed(String),
+    #[error(
+        "The maximum entity size has been reached or exceeded for Queue: '{entity}'. Size of entity in bytes:{size}, Max entity size in bytes: {max}."
+    )]
+    QuotaExceeded { entity: String, size: usize, max: usize },
+    #[error("the messaging entity '{0}' already exists")]
+    Conflict(String),
     #[error(transparent)]
     Codec(#[from] CodecError),
 }
@@ -63,7 +69,7 @@ pub enum Description {
 
 #[derive(Debug)]
 enum Entity {
-    Queue(Store),
+    Queue(Box<Store>),
     Topic(Topic),
 }
 
@@ -112,7 +118,10 @@ impl Broker {
         let mut entities = BTreeMap::new();
         for queue in &self.topology.queues {
             let settings = self.resolve(&queue.settings(), None);
-            entities.insert(queue.name.to_lowercase(), Entity::Queue(Store::new(settings, now)));
+            entities.insert(
+                queue.name.to_lowercase(),
+                Entity::Queue(Box::new(Store::new(settings, now))),
+            );
         }
         for topic in &self.topology.topics {
             let subscriptions = topic
@@ -146,6 +155,7 @@ impl Broker {
                 .default_message_ttl
                 .or(topic_ttl)
                 .or(defaults.default_message_ttl),
+            max_size_bytes: defaults.max_size_bytes,
         }
     }
 
@@ -196,7 +206,7 @@ impl Broker {
             None => {
                 tracing::info!(entity = %path.entity, "auto-creating queue");
                 let settings = self.resolve(&EntitySettings::default(), None);
-                entities.insert(path.entity.clone(), Entity::Queue(Store::new(settings, now)));
+                entities.insert(path.entity.clone(), Entity::Queue(Box::new(Store::new(settings, now))));
             }
             Some(sub) => {
                 tracing::info!(topic = %path.entity, subscription = %sub, "auto-creating subscription");
@@ -223,6 +233,17 @@ impl Broker {
             let mut entities = self.lock();
             match entities.get_mut(entity) {
                 Some(Entity::Queue(store)) => {
+                    if let Some(max) = store.settings.max_size_bytes {
+                        // A batch is taken whole or refused whole, as Azure does.
+                        let size = store.size_bytes();
+                        if size + messages.iter().map(ParsedMessage::size).sum::<usize>() > max {
+                            return Err(BrokerError::QuotaExceeded {
+                                entity: entity.to_owned(),
+                                size,
+                                max,
+                            });
+                        }
+                    }
                     for message in messages {
                         store.enqueue(message, now);
                     }
@@ -248,7 +269,7 @@ impl Broker {
     ) -> Result<T, BrokerError> {
         let mut entities = self.lock();
         let store = match (entities.get_mut(&path.entity), &path.subscription) {
-            (Some(Entity::Queue(store)), None) => Some(store),
+            (Some(Entity::Queue(store)), None) => Some(&mut **store),
             (Some(Entity::Topic(topic)), Some(sub)) => topic.subscriptions.get_mut(sub),
             _ => None,
         };
@@ -326,6 +347,19 @@ impl Broker {
     }
 
     /// `path` is the ATOM path: `queue`, `topic` or `topic/Subscriptions/sub`.
+    /// Creates a queue, as an ATOM PUT does; an existing entity is a conflict.
+    pub fn create_queue(&self, name: &str, max_size_bytes: Option<usize>) -> Result<(), BrokerError> {
+        let mut entities = self.lock();
+        let name = name.to_lowercase();
+        if entities.contains_key(&name) {
+            return Err(BrokerError::Conflict(name));
+        }
+        let mut settings = self.resolve(&EntitySettings::default(), None);
+        settings.max_size_bytes = max_size_bytes;
+        entities.insert(name, Entity::Queue(Box::new(Store::new(settings, now_ms()))));
+        Ok(())
+    }
+
     pub fn describe(&self, path: &EntityPath) -> Option<Description> {
         let now = now_ms();
         let mut entities = self.lock();
@@ -374,6 +408,7 @@ mod tests {
                     max_delivery_count,
                     lock_duration: Duration::from_secs(60),
                     default_message_ttl: None,
+                    max_size_bytes: None,
                 },
                 max_peek: None,
             },
@@ -413,6 +448,29 @@ mod tests {
         let dead = broker.acquire(&path(true), ReceiveMode::PeekLock).unwrap().unwrap();
         let text = String::from_utf8_lossy(&dead.payload);
         assert!(text.contains("MaxDeliveryCountExceeded"));
+    }
+
+    #[test]
+    fn a_queue_created_with_a_size_limit_refuses_a_batch_that_would_pass_it_whole() {
+        let broker = broker(10);
+        let size = message().size();
+        broker.create_queue("Q", Some(3 * size)).unwrap();
+        assert!(matches!(broker.create_queue("q", None), Err(BrokerError::Conflict(_))));
+        broker.send("q", vec![message(), message()]).unwrap();
+        let refused = broker.send("q", vec![message(), message()]).unwrap_err();
+        assert!(
+            matches!(refused, BrokerError::QuotaExceeded { size: s, max, .. } if s == 2 * size && max == 3 * size),
+            "{refused:?}"
+        );
+        assert_eq!(
+            broker.describe(&path(false)).map(|d| match d {
+                Description::Queue { counts, .. } => counts.active,
+                _ => 0,
+            }),
+            Some(2),
+            "nothing of the refused batch was taken"
+        );
+        broker.send("q", vec![message()]).unwrap();
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct StoreSettings {
     pub max_delivery_count: u32,
     pub lock_duration: Duration,
     pub default_message_ttl: Option<Duration>,
+    /// MaxSizeInMegabytes, in bytes: a send that would take the entity past
+    /// it is refused, as Azure refuses it (QuotaExceeded). None: no limit.
+    pub max_size_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -472,13 +475,17 @@ impl Store {
         Counts {
             active: self.main.messages.len(),
             dead_letter: self.dead_letter.messages.len(),
-            size_bytes: self
-                .main
-                .messages
-                .values()
-                .chain(self.dead_letter.messages.values())
-                .map(|e| e.message.size())
-                .sum(),
+            size_bytes: self.size_bytes(),
         }
+    }
+
+    /// Bytes held, dead letters included (Azure counts them in SizeInBytes).
+    pub fn size_bytes(&self) -> usize {
+        self.main
+            .messages
+            .values()
+            .chain(self.dead_letter.messages.values())
+            .map(|e| e.message.size())
+            .sum()
     }
 }
