@@ -742,7 +742,7 @@ impl<'a> Pass<'a> {
             while let Some(done) = self.sends.try_join_next() {
                 self.merge_send(done.expect("send tasks do not panic"));
             }
-            let partial = partial_batches_may_go(more_waiting, self.sends.len(), self.plan.concurrency);
+            let partial = partial_batches_may_go(leasing, more_waiting, self.sends.len(), self.plan.concurrency);
             if !self.dispatch(partial).await {
                 self.s.stopped = StopReason::Cancelled;
                 break;
@@ -1054,6 +1054,11 @@ impl Releases {
         while let Some(done) = self.tasks.join_next().await {
             self.record(Some(done));
         }
+        tracing::debug!(
+            released = self.started,
+            failed_chunks = self.failed.len(),
+            "release done"
+        );
         (self.started, self.failed)
     }
 }
@@ -1083,10 +1088,17 @@ fn lease_size(batch_size: usize, rate: Option<NonZeroU32>, hold: Duration) -> us
 
 /// A partial batch goes when nothing would fill it soon: no lease result is
 /// waiting to be examined, and sends are not the bottleneck (with half the
-/// send slots or more busy, it would take a slot from a full batch). Either
-/// way, what is pending goes when the pass ends.
-fn partial_batches_may_go(lease_result_waiting: bool, sends_in_flight: usize, concurrency: usize) -> bool {
-    !lease_result_waiting && sends_in_flight * 2 < concurrency
+/// send slots or more busy, it would take a slot from a full batch), or no
+/// full batch can come any more because leasing has stopped: waiting for a
+/// send slot to free up would only add a round trip to the end of the pass.
+/// Either way, what is pending goes when the pass ends.
+fn partial_batches_may_go(
+    leasing: bool,
+    lease_result_waiting: bool,
+    sends_in_flight: usize,
+    concurrency: usize,
+) -> bool {
+    !lease_result_waiting && (!leasing || sends_in_flight * 2 < concurrency)
 }
 
 /// The next batch to send from one destination's pending matches, in lease
@@ -1354,16 +1366,19 @@ mod tests {
     #[test]
     fn partial_batches_wait_for_waiting_leases_and_for_busy_send_slots() {
         // Nothing to wait for: the partial batch goes.
-        assert!(partial_batches_may_go(false, 0, 16));
-        assert!(partial_batches_may_go(false, 7, 16));
+        assert!(partial_batches_may_go(true, false, 0, 16));
+        assert!(partial_batches_may_go(true, false, 7, 16));
         // A lease result is waiting: it may fill the batch.
-        assert!(!partial_batches_may_go(true, 0, 16));
+        assert!(!partial_batches_may_go(true, true, 0, 16));
+        assert!(!partial_batches_may_go(false, true, 0, 16));
         // Half the send slots or more are busy: keep them for full batches.
-        assert!(!partial_batches_may_go(false, 8, 16));
-        assert!(!partial_batches_may_go(false, 16, 16));
+        assert!(!partial_batches_may_go(true, false, 8, 16));
+        assert!(!partial_batches_may_go(true, false, 16, 16));
+        // ... unless leasing has stopped: no full batch is coming.
+        assert!(partial_batches_may_go(false, false, 16, 16));
         // With one send slot, a partial batch goes only when it is free.
-        assert!(partial_batches_may_go(false, 0, 1));
-        assert!(!partial_batches_may_go(false, 1, 1));
+        assert!(partial_batches_may_go(true, false, 0, 1));
+        assert!(!partial_batches_may_go(true, false, 1, 1));
     }
 
     #[test]
