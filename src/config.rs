@@ -657,6 +657,13 @@ pub struct ServiceBusQueueConfig {
     /// copy fans out to every subscription. Example: `dlq_bridge_target`.
     #[serde(default)]
     pub target_subscription_property: Option<String>,
+    /// Lifetime of the SAS tokens the adapter signs with the connection
+    /// string's key for its AMQP links; a link renews them at 5/6 of it for
+    /// as long as it lives (a long, rate-limited redrive). Default `1h`. No
+    /// effect with a pre-signed `SharedAccessSignature` (which cannot be
+    /// renewed: it must outlast the run) or with Entra ID.
+    #[serde(default, with = "opt_duration_text", skip_serializing_if = "Option::is_none")]
+    pub sas_token_ttl: Option<Duration>,
 }
 
 /// What the YAML holds for a queue, before the backend sections are checked.
@@ -734,6 +741,12 @@ impl<'de> Deserialize<'de> for QueueConfig {
             {
                 return Err(serde::de::Error::custom(format!(
                     "queue `{}`: servicebus needs `connection_string_env` (SAS), or `namespace` for Entra ID",
+                    raw.name
+                )));
+            }
+            if sb.sas_token_ttl.is_some_and(|ttl| ttl < Duration::from_secs(2)) {
+                return Err(serde::de::Error::custom(format!(
+                    "queue `{}`: servicebus.sas_token_ttl must be at least 2s (a link renews its tokens at 5/6 of it)",
                     raw.name
                 )));
             }
@@ -1323,5 +1336,22 @@ mod tests {
         let c = parse(y).unwrap();
         assert_eq!(c.queue("a").unwrap().reason_attribute, "why");
         assert_eq!(c.queue("b").unwrap().reason_attribute, "cause");
+    }
+
+    #[test]
+    fn servicebus_sas_token_ttl_parses_and_refuses_less_than_two_seconds() {
+        let y = |ttl: &str| {
+            format!(
+                "queues:\n  - name: sb\n    servicebus: {{connection_string_env: X, queue: q, sas_token_ttl: {ttl}}}\n"
+            )
+        };
+        let c = parse(&y("15m")).unwrap();
+        let QueueKind::ServiceBus(sb) = &c.queue("sb").unwrap().kind else {
+            panic!("a Service Bus queue")
+        };
+        assert_eq!(sb.sas_token_ttl, Some(Duration::from_secs(900)));
+        let err = parse(&y("1s")).unwrap_err().to_string();
+        assert!(err.contains("sas_token_ttl must be at least 2s"), "{err}");
+        assert!(err.contains("test.yaml"), "{err}");
     }
 }

@@ -474,3 +474,110 @@ async fn a_pass_sees_every_message_when_peeks_answer_short() {
     assert_eq!(f.drain_source().await.len(), 300);
     assert_eq!(f.dlq_count().await, 300);
 }
+
+/// A pass that outlives its `$cbs` tokens renews them, against an emulator
+/// that detaches a link once its tokens expire, as Azure does: a 30-message
+/// redrive at 4 msg/s (about 7 s) with 4 s tokens (renewed at 5/6 of what
+/// is left of them) moves everything and no link is detached. The same run with a pre-signed signature that expires
+/// 3 s in (it cannot be renewed) shows that the emulator does detach: the run
+/// fails and says the token expired, and loses nothing.
+#[tokio::test]
+async fn a_pass_longer_than_its_tokens_renews_them() {
+    use common::servicebus::{TOKEN_EXPIRY_HOST, emulator_connection_string};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_TOKEN_EXPIRY";
+    emulator();
+    let emu = common::servicebus::spawn_emulator(
+        "servicebus-token-expiry",
+        &["--amqp-host", TOKEN_EXPIRY_HOST, "--enforce-token-expiry"],
+    );
+    let log = std::env::temp_dir().join(format!("dlq-bridge-test-{}-{}.log", emu.name, emu.port));
+    let key_cs = emulator_connection_string(TOKEN_EXPIRY_HOST);
+    let client = common::servicebus::client_with(&key_cs).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let redrive_with = |cs: &str| {
+        let path = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
+        let yaml = format!(
+            "queues:\n  - name: orders\n    servicebus:\n      connection_string_env: {ENV}\n      queue: {}\n      management_endpoint: {}\n      sas_token_ttl: 4s\n",
+            f.entity, f.http
+        );
+        std::fs::write(&path, yaml).unwrap();
+        let started = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+            .env_remove("DLQ_BRIDGE_CONFIG")
+            .env(ENV, cs)
+            .args([
+                "--config",
+                path.to_str().unwrap(),
+                "redrive",
+                "orders",
+                "--rate",
+                "4",
+                "--yes",
+                "--no-journal",
+            ])
+            .output()
+            .expect("run dlq-bridge redrive");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            started.elapsed() > Duration::from_secs(5),
+            "the pass did not outlive its tokens: {said}"
+        );
+        (out.status.code(), said)
+    };
+
+    let msgs: Vec<TestMessage> = (0..30).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    let (code, said) = redrive_with(&key_cs);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("settled:   30"), "{said}");
+    assert_eq!(f.drain_source().await.len(), 30);
+    assert_eq!(f.dlq_count().await, 0);
+    let detached = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !detached.contains("token expired"),
+        "a link outlived its token: {detached}"
+    );
+
+    // The control: a signature that expires 3 s in, which nothing can renew.
+    f.put_in_dlq(&msgs).await;
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3;
+    let signed = dlq_bridge::backend::servicebus::sas_token(&format!("sb://{TOKEN_EXPIRY_HOST}/"), "x", "y", expiry);
+    let sig_cs =
+        format!("Endpoint=sb://{TOKEN_EXPIRY_HOST};SharedAccessSignature={signed};UseDevelopmentEmulator=true");
+    let (code, said) = redrive_with(&sig_cs);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("authentication failed"), "{said}");
+    assert!(
+        said.to_lowercase().contains("expired"),
+        "the error does not say the token expired: {said}"
+    );
+    let detached = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        detached.contains("token expired"),
+        "the emulator detached nothing: {detached}"
+    );
+    // Nothing lost: every message is in the DLQ (unsettled originals, perhaps
+    // still locked) or was copied to the source.
+    let moved: std::collections::HashSet<Vec<u8>> = f.drain_source().await.into_iter().map(|r| r.body).collect();
+    let left: std::collections::HashSet<Vec<u8>> = f
+        .browse_dlq()
+        .await
+        .iter()
+        .map(|m| m.body().expect("a data body").to_vec())
+        .collect();
+    for m in &msgs {
+        assert!(
+            moved.contains(&m.body) || left.contains(&m.body),
+            "message {:?} was lost",
+            String::from_utf8_lossy(&m.body)
+        );
+    }
+}

@@ -48,6 +48,10 @@ pub const EMULATOR_CONNECTION_STRING: &str =
 /// others, before any test reads the environment).
 pub const SHORT_PEEKS_HOST: &str = "127.0.0.7";
 pub const SHORT_PEEKS_CONNECTION_STRING_ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_SHORT_PEEKS";
+/// Where the private emulator of `tests/servicebus.rs`'s token-expiry test
+/// (`--enforce-token-expiry`) listens; its runs get their connection strings
+/// through the child process's environment.
+pub const TOKEN_EXPIRY_HOST: &str = "127.0.0.8";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 

@@ -59,6 +59,14 @@ struct Cli {
     #[arg(long, default_value_t = 3)]
     accept_delay_ms: u64,
 
+    /// Enforce `$cbs` token expiry as Azure does: a link is detached
+    /// (amqp:unauthorized-access) once every token put for its entity has
+    /// expired, and a token put after its expiry gets 401. The expiry is the
+    /// SAS token's `se`, else the put's `expiration`. Off by default: tokens
+    /// are accepted and never checked.
+    #[arg(long)]
+    enforce_token_expiry: bool,
+
     /// MaxDeliveryCount of entities the topology does not configure.
     #[arg(long, default_value_t = 10)]
     max_delivery_count: u32,
@@ -144,6 +152,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
 
     let settings = amqp::AmqpSettings {
         accept_delay: Duration::from_millis(cli.accept_delay_ms),
+        enforce_token_expiry: cli.enforce_token_expiry,
     };
     let router = atom::router(broker.clone());
     tokio::spawn(amqp::serve(amqp, broker.clone(), settings));

@@ -63,9 +63,10 @@
 //! Claims-based security: SASL ANONYMOUS, then a token put on `$cbs` for the
 //! dead-letter queue and its `$management` node, put again before it
 //! expires: a SAS token signed from the connection string's key (valid
-//! [`SAS_TTL_SECS`], renewed at 5/6 of it), a pre-signed
-//! `SharedAccessSignature` as given (it cannot be renewed), or an Entra ID
-//! access token from workload identity (renewed 4 minutes before it expires).
+//! `servicebus.sas_token_ttl`, default [`SAS_TTL_SECS`](super::SAS_TTL_SECS),
+//! renewed at 5/6 of it), a pre-signed `SharedAccessSignature` as given (it
+//! cannot be renewed), or an Entra ID access token from workload identity
+//! (renewed 4 minutes before it expires).
 //! `amqps://` on port 5671 with TLS (native-tls, as azservicebus) for Azure;
 //! plain `amqp://` on 5672 for `UseDevelopmentEmulator=true`. The adapter
 //! opens the TCP stream itself, so it sets TCP_NODELAY on it directly (see
@@ -97,7 +98,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, Result, SAS_TTL_SECS};
+use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, Result};
 use super::{WorkloadIdentityCredential, sas_token, unix_now};
 
 const PEEK_OPERATION: &str = "com.microsoft:peek-message";
@@ -131,6 +132,8 @@ pub(super) struct LinkConfig {
     /// `<entity>/$DeadLetterQueue`.
     pub dlq_path: String,
     pub credentials: Credentials,
+    /// Lifetime of a SAS token signed from a key (`servicebus.sas_token_ttl`).
+    pub sas_ttl: Duration,
     /// Names the queue in errors.
     pub label: String,
 }
@@ -178,12 +181,18 @@ impl LinkConfig {
         let now = unix_now();
         match &self.credentials {
             Credentials::Key { name, key } => {
-                let expiry = now + SAS_TTL_SECS;
+                let ttl = self.sas_ttl.as_secs().max(1);
+                let expiry = now + ttl;
                 // Signed for the namespace, as the SDKs do: it covers every
                 // entity the key's rule allows.
                 let resource = format!("{}://{}/", self.scheme(), self.host);
                 let token = sas_token(&resource, name, key, expiry);
-                let renew = Instant::now() + Duration::from_secs(SAS_TTL_SECS * 5 / 6);
+                // `se` is a whole second, so the token is valid for up to a
+                // second less than its TTL: renew within what it really has.
+                let valid_for = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(self.sas_ttl, |since| Duration::from_secs(expiry).saturating_sub(since));
+                let renew = Instant::now() + valid_for * 5 / 6;
                 Ok((
                     CbsToken::new(token, SAS_TOKEN_TYPE, Some(timestamp(expiry))),
                     Some(renew),
@@ -631,9 +640,21 @@ impl Actor {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         if let Err(e) = self.serve(&mut commands).await {
             tracing::debug!(error = %e, "the dead-letter queue's link failed");
-            let err = || {
-                self.cfg
-                    .unreachable(format!("the dead-letter queue's link failed: {e}"))
+            // Refused credentials (a token that expired and cannot be
+            // renewed) and a vanished entity keep their kind: the engine
+            // stops on them instead of reconnecting into the same refusal.
+            let failed = |detail: &str| format!("the dead-letter queue's link failed: {detail}");
+            let err = || match &e {
+                BackendError::Auth { provider, detail } => BackendError::Auth {
+                    provider,
+                    detail: failed(detail),
+                },
+                BackendError::NotFound { queue, detail } => BackendError::NotFound {
+                    queue: queue.clone(),
+                    detail: failed(detail),
+                },
+                BackendError::Unreachable { detail, .. } => self.cfg.unreachable(failed(detail)),
+                other => self.cfg.unreachable(failed(&other.to_string())),
             };
             for a in self.actives.drain(..) {
                 let _ = a.reply.send(Err(err()));
@@ -1109,7 +1130,7 @@ async fn browse(cfg: &LinkConfig, mgmt: &mut MgmtClient, from: i64, count: i32) 
     let req = PeekCount::request(from, count);
     match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(req)).await {
         Ok(Ok(PeekCount(n, last))) => Ok((n, last)),
-        Ok(Err(e)) => Err(cfg.unreachable(format!("browse the dead-letter queue: {e:?}"))),
+        Ok(Err(e)) => Err(cfg.classify("browse the dead-letter queue", &e)),
         Err(_) => Err(cfg.unreachable("browsing the dead-letter queue timed out")),
     }
 }
@@ -1123,7 +1144,7 @@ async fn within<T, E: std::fmt::Debug>(
 ) -> Result<T> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(cfg.unreachable(format!("{what} on the dead-letter queue: {e:?}"))),
+        Ok(Err(e)) => Err(cfg.classify(&format!("{what} on the dead-letter queue"), &e)),
         Err(_) => Err(cfg.unreachable(format!("{what} on the dead-letter queue timed out"))),
     }
 }

@@ -576,6 +576,7 @@ impl ServiceBusBackend {
                 },
                 Auth::Entra(cred) => link::Credentials::Entra(cred.clone()),
             },
+            sas_ttl: cfg.sas_token_ttl.unwrap_or(Duration::from_secs(SAS_TTL_SECS)),
             label: format!("{name} ({})", entity.path()),
         });
         let backend = Self {

@@ -32,6 +32,7 @@ use crate::broker::{
     Broker, BrokerError, Outcome, ReceiveMode,
     address::{self, Node},
     codec::{self, Request},
+    now_ms,
 };
 
 /// Our receive limits: generous, so that clients never stall on flow control.
@@ -181,6 +182,9 @@ struct Connection {
     /// Accepts for inbound deliveries, held back by `accept_delay`.
     pending_accepts: Vec<(u16, u32)>,
     accept_deadline: Option<Instant>,
+    /// With `enforce_token_expiry`: the tokens put on `$cbs`, by audience
+    /// path (see [`management::token_audience`]), and when each expires.
+    tokens: Vec<(String, i64)>,
     closed: bool,
 }
 
@@ -212,9 +216,14 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
         sessions: HashMap::new(),
         pending_accepts: Vec::new(),
         accept_deadline: None,
+        tokens: Vec::new(),
         closed: false,
     };
     let mut heartbeat: Option<tokio::time::Interval> = None;
+    let mut expiry_check = connection
+        .settings
+        .enforce_token_expiry
+        .then(|| tokio::time::interval(Duration::from_millis(100)));
     let result = loop {
         let deadline = connection.accept_deadline;
         let step = tokio::select! {
@@ -231,6 +240,9 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
             _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => {
                 frame::put_empty(&mut connection.out);
                 Ok(())
+            }
+            _ = async { expiry_check.as_mut().expect("guarded").tick().await }, if expiry_check.is_some() => {
+                connection.detach_expired()
             }
         };
         if let Err(error) = step {
@@ -698,7 +710,20 @@ impl Connection {
         };
         let encoded = match node {
             Node::Cbs => {
-                let (status, description) = management::handle_cbs(&request);
+                let (mut status, mut description) = management::handle_cbs(&request);
+                if self.settings.enforce_token_expiry && status == 202 {
+                    let audience = management::token_audience(&request);
+                    match (audience, management::token_expiry(&request)) {
+                        (Some(_), Some(expires)) if expires <= now_ms() => {
+                            (status, description) = (401, "ExpiredToken: the token has expired");
+                        }
+                        (Some(audience), Some(expires)) => {
+                            self.tokens.retain(|(a, _)| *a != audience);
+                            self.tokens.push((audience, expires));
+                        }
+                        _ => {}
+                    }
+                }
                 management::encode_cbs_reply(&request, status, description)
             }
             Node::Management(path) => {
@@ -823,6 +848,42 @@ impl Connection {
             }
         }
         for (channel, handle, error) in failed {
+            self.detach(channel, handle, Some(error))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches every link whose entity had tokens put for it that have all
+    /// expired, as Azure does (a link no token ever covered is left alone:
+    /// the emulator does not require tokens).
+    fn detach_expired(&mut self) -> Result<(), ConnectionError> {
+        let now = now_ms();
+        let mut expired = Vec::new();
+        for (&channel, session) in &self.sessions {
+            for (&handle, link) in &session.links {
+                let path = match &link.node {
+                    Node::Entity(p) => p.to_string(),
+                    Node::Management(p) => format!("{p}/$management"),
+                    Node::Cbs => continue,
+                }
+                .to_lowercase();
+                let latest = self
+                    .tokens
+                    .iter()
+                    .filter(|(audience, _)| management::token_covers(audience, &path))
+                    .map(|(_, expires)| *expires)
+                    .max();
+                if latest.is_some_and(|expires| expires <= now) {
+                    expired.push((channel, handle, path));
+                }
+            }
+        }
+        for (channel, handle, path) in expired {
+            tracing::warn!(%path, "the link's token expired: detaching it");
+            let error = amqp_error(
+                ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess),
+                format!("ExpiredToken: the token for '{path}' has expired; put a new one on $cbs before it does"),
+            );
             self.detach(channel, handle, Some(error))?;
         }
         Ok(())

@@ -247,6 +247,51 @@ pub fn handle(broker: &Broker, path: &EntityPath, request: &Request) -> Reply {
 }
 
 /// Answers a `$cbs` put-token: the emulator accepts any token.
+/// The entity path a `put-token` names (its `name`, a URI or a path),
+/// lower-cased, without scheme, host and slashes at either end: `""` for a
+/// token put for the whole namespace.
+pub fn token_audience(request: &Request) -> Option<String> {
+    let name = request.app_property("name").and_then(text)?;
+    let path = match name.find("://") {
+        Some(scheme_end) => {
+            let rest = &name[scheme_end + 3..];
+            rest.find('/').map_or("", |slash| &rest[slash + 1..])
+        }
+        None => name,
+    };
+    Some(path.trim_matches('/').to_lowercase())
+}
+
+/// When a `put-token`'s token expires, in Unix milliseconds: a SAS token's
+/// own `se` (what Azure checks), else the put's `expiration` (a timestamp,
+/// or seconds as the Python SDK sends it).
+pub fn token_expiry(request: &Request) -> Option<i64> {
+    let from_token = text(&request.body).and_then(|token| {
+        token
+            .split(['&', ' '])
+            .find_map(|part| part.strip_prefix("se="))
+            .and_then(|secs| secs.parse::<i64>().ok())
+    });
+    if let Some(secs) = from_token {
+        return Some(secs.saturating_mul(1000));
+    }
+    match request.app_property("expiration")? {
+        Value::Timestamp(t) => Some(t.milliseconds()),
+        Value::Long(s) => Some(s.saturating_mul(1000)),
+        Value::Int(s) => Some(i64::from(*s) * 1000),
+        Value::Ulong(s) => i64::try_from(*s).ok().map(|s| s.saturating_mul(1000)),
+        Value::Uint(s) => Some(i64::from(*s) * 1000),
+        Value::Double(s) => Some((s.0 * 1000.0) as i64),
+        _ => None,
+    }
+}
+
+/// Whether a token for `audience` (see [`token_audience`]) covers `path`:
+/// Azure's audiences are URI prefixes.
+pub fn token_covers(audience: &str, path: &str) -> bool {
+    audience.is_empty() || path == audience || path.strip_prefix(audience).is_some_and(|rest| rest.starts_with('/'))
+}
+
 pub fn handle_cbs(request: &Request) -> (i32, &'static str) {
     match request.app_property("operation").and_then(text) {
         Some("put-token") => (202, "Accepted"),
@@ -297,4 +342,52 @@ pub fn encode_cbs_reply(request: &Request, status: i32, description: &str) -> Re
         ],
         Value::Null,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put_token(name: &str, token: &str, expiration: Option<Value>) -> Request {
+        let mut request = Request::default();
+        let props = &mut request.application_properties;
+        props.insert(Value::String("operation".into()), Value::String("put-token".into()));
+        props.insert(Value::String("name".into()), Value::String(name.into()));
+        if let Some(e) = expiration {
+            props.insert(Value::String("expiration".into()), e);
+        }
+        request.body = Value::String(token.into());
+        request
+    }
+
+    #[test]
+    fn a_put_token_names_its_audience_and_expiry_as_azure_reads_them() {
+        let sas = "SharedAccessSignature sr=sb%3a%2f%2fns%2f&sig=abc%3d&se=1700000000&skn=key";
+        let r = put_token(
+            "sb://ns/Orders/$DeadLetterQueue",
+            sas,
+            Some(Value::Timestamp(Timestamp::from_milliseconds(5))),
+        );
+        assert_eq!(token_audience(&r).as_deref(), Some("orders/$deadletterqueue"));
+        // The SAS token's own `se` wins over the put's `expiration`.
+        assert_eq!(token_expiry(&r), Some(1_700_000_000_000));
+        let jwt = put_token(
+            "sb://ns/",
+            "eyJ.x.y",
+            Some(Value::Timestamp(Timestamp::from_milliseconds(42))),
+        );
+        assert_eq!(token_audience(&jwt).as_deref(), Some(""));
+        assert_eq!(token_expiry(&jwt), Some(42));
+        assert_eq!(token_expiry(&put_token("q", "t", Some(Value::Long(7)))), Some(7000));
+        assert_eq!(token_expiry(&put_token("q", "t", None)), None);
+    }
+
+    #[test]
+    fn a_token_covers_its_path_and_what_lies_below_it() {
+        assert!(token_covers("", "orders"));
+        assert!(token_covers("orders", "orders"));
+        assert!(token_covers("orders", "orders/$deadletterqueue/$management"));
+        assert!(!token_covers("orders", "orders-2"));
+        assert!(!token_covers("orders/$deadletterqueue", "orders"));
+    }
 }

@@ -16,6 +16,9 @@ use crate::broker::Broker;
 pub struct AmqpSettings {
     /// Delay before accepting a client's send.
     pub accept_delay: Duration,
+    /// Detach a link once every token covering its entity has expired, and
+    /// refuse (401) the put of a token that has, as Azure does.
+    pub enforce_token_expiry: bool,
 }
 
 pub async fn serve(listener: TcpListener, broker: Arc<Broker>, settings: AmqpSettings) {
