@@ -6,8 +6,8 @@
 //! matches are sent to their destination, and only messages whose copy was
 //! confirmed are settled (guarantee 1). Everything else stays leased until the
 //! pass stops leasing and is then released together (while the last sends are
-//! confirmed), and a seen-set stops the pass from
-//! examining a message twice, so a pass always terminates (guarantee 4).
+//! confirmed), and a seen-set stops the pass from examining a message twice,
+//! so a pass always terminates (guarantee 4).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;

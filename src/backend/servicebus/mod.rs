@@ -1528,8 +1528,6 @@ pub fn attribute_to_amqp(a: &Attribute) -> Result<SimpleValue, String> {
     })
 }
 
-/// Sort an azservicebus error into the backend's classes, by its kind and
-/// the AMQP condition it names.
 /// An AMQP error condition as the broker named it (`amqp:resource-limit-exceeded`,
 /// `com.microsoft:entity-disabled`), which is what Azure's documentation
 /// and its exception names go by, not the client library's enum.
@@ -1546,6 +1544,8 @@ fn condition_name(condition: &ErrorCondition) -> String {
     symbol.0
 }
 
+/// Sort an azservicebus error into the backend's classes, by its kind and
+/// the AMQP condition it names.
 fn classify(e: &azure_core::Error, unreachable: &BackendError, entity: &str, what: &str) -> BackendError {
     let text = format!("{e} ({e:?})");
     let lower = text.to_ascii_lowercase();
