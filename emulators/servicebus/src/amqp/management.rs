@@ -9,7 +9,7 @@ use serde_amqp::{
 use uuid::Uuid;
 
 use crate::broker::{
-    Broker, BrokerError, EntityPath, Outcome, ReceiveMode,
+    Broker, BrokerError, EntityPath, Outcome, ReceiveMode, address,
     codec::{self, CodecError, Request},
 };
 
@@ -246,20 +246,12 @@ pub fn handle(broker: &Broker, path: &EntityPath, request: &Request) -> Reply {
     result.unwrap_or_else(Reply::from)
 }
 
-/// Answers a `$cbs` put-token: the emulator accepts any token.
 /// The entity path a `put-token` names (its `name`, a URI or a path),
 /// lower-cased, without scheme, host and slashes at either end: `""` for a
 /// token put for the whole namespace.
 pub fn token_audience(request: &Request) -> Option<String> {
     let name = request.app_property("name").and_then(text)?;
-    let path = match name.find("://") {
-        Some(scheme_end) => {
-            let rest = &name[scheme_end + 3..];
-            rest.find('/').map_or("", |slash| &rest[slash + 1..])
-        }
-        None => name,
-    };
-    Some(path.trim_matches('/').to_lowercase())
+    Some(address::path_of(name))
 }
 
 /// When a `put-token`'s token expires, in Unix milliseconds: a SAS token's
@@ -292,6 +284,7 @@ pub fn token_covers(audience: &str, path: &str) -> bool {
     audience.is_empty() || path == audience || path.strip_prefix(audience).is_some_and(|rest| rest.starts_with('/'))
 }
 
+/// Answers a `$cbs` put-token: the emulator accepts any token.
 pub fn handle_cbs(request: &Request) -> (i32, &'static str) {
     match request.app_property("operation").and_then(text) {
         Some("put-token") => (202, "Accepted"),

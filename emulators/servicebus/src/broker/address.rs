@@ -49,14 +49,7 @@ pub struct AddressError(pub String);
 /// (`amqps://host/orders`), which the Python SDK sends.
 pub fn parse(address: &str) -> Result<Node, AddressError> {
     let invalid = || AddressError(address.to_owned());
-    let path = match address.find("://") {
-        Some(scheme_end) => {
-            let rest = &address[scheme_end + 3..];
-            rest.find('/').map_or("", |slash| &rest[slash + 1..])
-        }
-        None => address,
-    };
-    let path = path.trim_matches('/').to_lowercase();
+    let path = path_of(address);
     let mut segments: Vec<&str> = path.split('/').collect();
     if segments.iter().any(|s| s.is_empty()) {
         return Err(invalid());
@@ -90,6 +83,19 @@ pub fn parse(address: &str) -> Result<Node, AddressError> {
     } else {
         Node::Entity(entity)
     })
+}
+
+/// The path of a bare path or a full URI, lower-cased, without scheme, host
+/// and slashes at either end (`""` for the namespace itself).
+pub fn path_of(address: &str) -> String {
+    let path = match address.find("://") {
+        Some(scheme_end) => {
+            let rest = &address[scheme_end + 3..];
+            rest.find('/').map_or("", |slash| &rest[slash + 1..])
+        }
+        None => address,
+    };
+    path.trim_matches('/').to_lowercase()
 }
 
 #[cfg(test)]

@@ -58,8 +58,13 @@ pub struct ParsedMessage {
 impl ParsedMessage {
     /// What the message adds to its entity's size: its bare message.
     pub fn size(&self) -> usize {
-        self.bare.iter().map(|s| s.raw.len()).sum()
+        bare_size(&self.bare)
     }
+}
+
+/// The size Service Bus counts for a message: its bare message's sections.
+pub fn bare_size(bare: &[Section]) -> usize {
+    bare.iter().map(|s| s.raw.len()).sum()
 }
 
 /// Length of the encoded value at the start of `buf`, constructor included.

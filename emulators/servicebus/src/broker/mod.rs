@@ -346,7 +346,6 @@ impl Broker {
         }
     }
 
-    /// `path` is the ATOM path: `queue`, `topic` or `topic/Subscriptions/sub`.
     /// Creates a queue, as an ATOM PUT does; an existing entity is a conflict.
     pub fn create_queue(&self, name: &str, max_size_bytes: Option<usize>) -> Result<(), BrokerError> {
         let mut entities = self.lock();
@@ -360,6 +359,7 @@ impl Broker {
         Ok(())
     }
 
+    /// `path` is the ATOM path: `queue`, `topic` or `topic/Subscriptions/sub`.
     pub fn describe(&self, path: &EntityPath) -> Option<Description> {
         let now = now_ms();
         let mut entities = self.lock();

@@ -77,7 +77,7 @@ struct StoredMessage {
 
 impl StoredMessage {
     fn size(&self) -> usize {
-        self.bare.iter().map(|s| s.raw.len()).sum()
+        codec::bare_size(&self.bare)
     }
 
     fn encode(&self, sequence_number: i64, lock: Option<(Uuid, i64)>, strict: bool) -> Result<Bytes, BrokerError> {
