@@ -121,10 +121,11 @@ start_one() {
       local bin
       bin=$(servicebus_emulator_bin)
       port_5672_free || die "port 5672 is taken (azservicebus only dials 5672): stop whatever holds it"
-      # --strict: no x-opt-lock-token, as Azure behaves.
+      # As Azure behaves: no x-opt-lock-token (--strict), and a link attaches
+      # only once a $cbs token covers its entity (--require-tokens).
       rm -f "$STATE/servicebus.port"
       RUST_LOG=${RUST_LOG:-warn} nohup "$bin" --amqp-port 5672 --http-port "$SERVICEBUS_HTTP_PORT" --https-port 0 \
-        --strict >"$STATE/servicebus.log" 2>&1 &
+        --strict --require-tokens >"$STATE/servicebus.log" 2>&1 &
       pid=$!
       # The ready line names the ports actually bound.
       local deadline=$((SECONDS + 30)) ready=""

@@ -11,8 +11,10 @@
 //! here dies with its binary; [`emulator`] waits for the previous binary's
 //! emulator to release 5672 before starting its own.
 //!
-//! The emulator runs with `--strict`, as Azure behaves: no `x-opt-lock-token`,
-//! so every operation the backend uses is exercised the way Azure answers it.
+//! The emulator runs as Azure behaves: no `x-opt-lock-token` (`--strict`),
+//! and no link attaches before a `$cbs` token covering its entity was put on
+//! the connection (`--require-tokens`), so every operation the backend uses
+//! is exercised the way Azure answers it, in the order Azure needs.
 
 use std::sync::{Once, OnceLock};
 use std::time::Duration;
@@ -112,6 +114,7 @@ pub fn spawn_emulator(name: &'static str, extra: &[&str]) -> Emulator {
         "--https-port",
         "0",
         "--strict",
+        "--require-tokens",
     ];
     args.extend_from_slice(extra);
     spawn(

@@ -67,6 +67,13 @@ struct Cli {
     #[arg(long)]
     enforce_token_expiry: bool,
 
+    /// Refuse a link to an entity (or its `$management` node) until a `$cbs`
+    /// token covering it was put on the connection, as Azure does: the attach
+    /// is answered, then detached with amqp:unauthorized-access. Off by
+    /// default: links attach without tokens.
+    #[arg(long)]
+    require_tokens: bool,
+
     /// MaxDeliveryCount of entities the topology does not configure.
     #[arg(long, default_value_t = 10)]
     max_delivery_count: u32,
@@ -153,6 +160,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     let settings = amqp::AmqpSettings {
         accept_delay: Duration::from_millis(cli.accept_delay_ms),
         enforce_token_expiry: cli.enforce_token_expiry,
+        require_tokens: cli.require_tokens,
     };
     let router = atom::router(broker.clone());
     tokio::spawn(amqp::serve(amqp, broker.clone(), settings));

@@ -398,6 +398,81 @@ fn azservicebus_flows() {
     });
 }
 
+/// `--require-tokens`: a link to an entity attaches only once a `$cbs` token
+/// covering it was put on the connection, as on Azure; before that, and with
+/// a token for another entity (or a name it merely starts with), it is
+/// refused with amqp:unauthorized-access. azservicebus, which puts its tokens
+/// first, works as usual.
+#[test]
+fn links_need_a_token_with_require_tokens() {
+    use fe2o3_amqp::{Connection, Receiver, Session, sasl_profile::SaslProfile};
+    use fe2o3_amqp_cbs::{client::CbsClient, token::CbsToken};
+
+    // On a session of its own: fe2o3-amqp 0.14 leaves a session whose link
+    // was refused unusable for further attaches.
+    async fn attach(connection: &mut fe2o3_amqp::connection::ConnectionHandle<()>, name: &str) -> Result<(), String> {
+        let mut session = Session::begin(connection).await.expect("begin a session");
+        let receiver = Receiver::attach(&mut session, name, QUEUE)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        receiver.close().await.expect("close the raw receiver");
+        session.end().await.expect("end the session");
+        Ok(())
+    }
+
+    run(async {
+        let emulator = Emulator::start(&["--require-tokens"]).await;
+        let mut connection = Connection::builder()
+            .container_id("raw-client")
+            .sasl_profile(SaslProfile::Anonymous)
+            .open("amqp://127.0.0.1:5672")
+            .await
+            .expect("open a connection");
+        let mut session = Session::begin(&mut connection).await.expect("begin a session");
+        let refused = attach(&mut connection, "before-any-token")
+            .await
+            .expect_err("no token yet");
+        assert!(refused.contains("UnauthorizedAccess"), "{refused}");
+
+        let mut cbs = CbsClient::attach(&mut session).await.expect("$cbs needs no token");
+        for audience in ["amqp://127.0.0.1/other", "amqp://127.0.0.1/conform"] {
+            let token = CbsToken::new(
+                "SharedAccessSignature sr=x&sig=y",
+                "servicebus.windows.net:sastoken",
+                None,
+            );
+            cbs.put_token(audience, token).await.expect("put a token");
+            let refused = attach(&mut connection, audience)
+                .await
+                .expect_err("the token covers another entity");
+            assert!(refused.contains("UnauthorizedAccess"), "{refused}");
+        }
+        let token = CbsToken::new(
+            "SharedAccessSignature sr=x&sig=y",
+            "servicebus.windows.net:sastoken",
+            None,
+        );
+        cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), token)
+            .await
+            .expect("put a token");
+        attach(&mut connection, "with-its-token")
+            .await
+            .expect("the token covers the queue");
+        cbs.close().await.expect("close $cbs");
+        session.end().await.expect("end the session");
+        connection.close().await.expect("close the connection");
+
+        let mut client = client().await;
+        send(&mut client, QUEUE, vec![ServiceBusMessage::new("with tokens")]).await;
+        let mut receiver = receiver(&mut client, QUEUE, SubQueue::None).await;
+        let message = receive(&mut receiver, 1).await.pop().expect("a message");
+        receiver.complete_message(&message).await.expect("complete");
+        receiver.dispose().await.unwrap();
+        assert_eq!(emulator.counts(QUEUE).await, (0, 0));
+        client.dispose().await.unwrap();
+    });
+}
+
 /// `--strict` leaves out x-opt-lock-token, as Azure does. azservicebus then
 /// reads the lock token from the delivery tag in the wrong byte order: link
 /// settlement still works, but renewing the lock fails, as it would on Azure.

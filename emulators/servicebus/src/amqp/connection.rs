@@ -72,6 +72,17 @@ impl From<std::io::Error> for ConnectionError {
     }
 }
 
+/// The path a token must cover for a link to `node`, lower-cased as
+/// [`management::token_audience`] gives audiences (None: `$cbs` itself).
+fn token_path(node: &Node) -> Option<String> {
+    let path = match node {
+        Node::Entity(p) => p.to_string(),
+        Node::Management(p) => format!("{p}/$management"),
+        Node::Cbs => return None,
+    };
+    Some(path.to_lowercase())
+}
+
 fn amqp_error(condition: ErrorCondition, description: impl Into<String>) -> definitions::Error {
     definitions::Error {
         condition,
@@ -182,8 +193,9 @@ struct Connection {
     /// Accepts for inbound deliveries, held back by `accept_delay`.
     pending_accepts: Vec<(u16, u32)>,
     accept_deadline: Option<Instant>,
-    /// With `enforce_token_expiry`: the tokens put on `$cbs`, by audience
-    /// path (see [`management::token_audience`]), and when each expires.
+    /// With `enforce_token_expiry` or `require_tokens`: the tokens put on
+    /// `$cbs`, by audience path (see [`management::token_audience`]), and
+    /// when each expires (`i64::MAX`: no expiry given).
     tokens: Vec<(String, i64)>,
     closed: bool,
 }
@@ -504,6 +516,9 @@ impl Connection {
         match &node {
             Node::Cbs => {}
             Node::Entity(path) | Node::Management(path) => {
+                if self.settings.require_tokens {
+                    self.check_token(&node)?;
+                }
                 // A queue's or topic's `$management` node is attached like a
                 // sender (azservicebus opens one next to every sender, also on
                 // a topic, which refuses receivers); those of subscriptions and
@@ -711,17 +726,20 @@ impl Connection {
         let encoded = match node {
             Node::Cbs => {
                 let (mut status, mut description) = management::handle_cbs(&request);
-                if self.settings.enforce_token_expiry && status == 202 {
+                let checked = self.settings.enforce_token_expiry || self.settings.require_tokens;
+                if checked && status == 202 {
                     let audience = management::token_audience(&request);
-                    match (audience, management::token_expiry(&request)) {
+                    let expiry = management::token_expiry(&request);
+                    let enforced = expiry.filter(|_| self.settings.enforce_token_expiry);
+                    match (audience, enforced) {
                         (Some(_), Some(expires)) if expires <= now_ms() => {
                             (status, description) = (401, "ExpiredToken: the token has expired");
                         }
-                        (Some(audience), Some(expires)) => {
+                        (Some(audience), enforced) => {
                             self.tokens.retain(|(a, _)| *a != audience);
-                            self.tokens.push((audience, expires));
+                            self.tokens.push((audience, enforced.unwrap_or(i64::MAX)));
                         }
-                        _ => {}
+                        (None, _) => {}
                     }
                 }
                 management::encode_cbs_reply(&request, status, description)
@@ -853,27 +871,40 @@ impl Connection {
         Ok(())
     }
 
+    /// The latest expiry of the tokens put for `path` (None: no token covers it).
+    fn token_expiry_for(&self, path: &str) -> Option<i64> {
+        self.tokens
+            .iter()
+            .filter(|(audience, _)| management::token_covers(audience, path))
+            .map(|(_, expires)| *expires)
+            .max()
+    }
+
+    /// Refuses a link to `node` that no token covers, with Azure's condition
+    /// and a description that names the claim and the resource.
+    fn check_token(&self, node: &Node) -> Result<(), definitions::Error> {
+        let Some(path) = token_path(node) else { return Ok(()) };
+        match self.token_expiry_for(&path) {
+            Some(expires) if expires > now_ms() => Ok(()),
+            _ => Err(amqp_error(
+                ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess),
+                format!(
+                    "Unauthorized access. No unexpired token covers '{path}': put one on $cbs before attaching a link to it"
+                ),
+            )),
+        }
+    }
+
     /// Detaches every link whose entity had tokens put for it that have all
-    /// expired, as Azure does (a link no token ever covered is left alone:
-    /// the emulator does not require tokens).
+    /// expired, as Azure does (without `require_tokens`, a link no token ever
+    /// covered is left alone).
     fn detach_expired(&mut self) -> Result<(), ConnectionError> {
         let now = now_ms();
         let mut expired = Vec::new();
         for (&channel, session) in &self.sessions {
             for (&handle, link) in &session.links {
-                let path = match &link.node {
-                    Node::Entity(p) => p.to_string(),
-                    Node::Management(p) => format!("{p}/$management"),
-                    Node::Cbs => continue,
-                }
-                .to_lowercase();
-                let latest = self
-                    .tokens
-                    .iter()
-                    .filter(|(audience, _)| management::token_covers(audience, &path))
-                    .map(|(_, expires)| *expires)
-                    .max();
-                if latest.is_some_and(|expires| expires <= now) {
+                let Some(path) = token_path(&link.node) else { continue };
+                if self.token_expiry_for(&path).is_some_and(|expires| expires <= now) {
                     expired.push((channel, handle, path));
                 }
             }

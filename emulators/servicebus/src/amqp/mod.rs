@@ -19,6 +19,10 @@ pub struct AmqpSettings {
     /// Detach a link once every token covering its entity has expired, and
     /// refuse (401) the put of a token that has, as Azure does.
     pub enforce_token_expiry: bool,
+    /// Refuse (amqp:unauthorized-access) a link to an entity or its
+    /// `$management` node that no `$cbs` token put on the connection covers,
+    /// as Azure does.
+    pub require_tokens: bool,
 }
 
 pub async fn serve(listener: TcpListener, broker: Arc<Broker>, settings: AmqpSettings) {

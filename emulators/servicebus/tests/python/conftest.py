@@ -83,6 +83,8 @@ def target():
             "--http-port", ports[1],
             "--https-port", ports[2],
             "--topology", str(HERE.parent / "topology.yaml"),
+            # As Azure: the SDK must put a $cbs token before each link.
+            "--require-tokens",
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
