@@ -1329,19 +1329,7 @@ mod servicebus {
         emulator();
         let f = ServiceBusFixture::create(false).await;
         let full = format!("{}-full", f.entity);
-        let http = reqwest::Client::new();
-        let created = http
-            .put(format!("{}/{full}?api-version=2021-05", f.http))
-            .header("content-type", "application/atom+xml;type=entry;charset=utf-8")
-            .body(concat!(
-                r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml">"#,
-                r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">"#,
-                r#"<MaxSizeInMegabytes>1</MaxSizeInMegabytes></QueueDescription></content></entry>"#
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 201, "{}", created.text().await.unwrap_or_default());
+        common::servicebus::create_queue(&f.http, &full, Some(1)).await;
         // Together over the 1 MB quota, so the one batch they go in is refused whole.
         let cases: Vec<TestMessage> = (0..3u8)
             .map(|i| TestMessage {
@@ -1371,7 +1359,7 @@ mod servicebus {
         }
         assert!(said.contains("settled:   0"), "{said}");
         assert_eq!(snapshot(&f).await, before, "the DLQ lost or changed a message");
-        let described = http
+        let described = reqwest::Client::new()
             .get(format!("{}/{full}?api-version=2021-05", f.http))
             .send()
             .await

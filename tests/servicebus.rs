@@ -581,3 +581,145 @@ async fn a_pass_longer_than_its_tokens_renews_them() {
         );
     }
 }
+
+/// Entities deleted in the middle of a pass, against an emulator that, as
+/// Azure, detaches the links to a deleted entity (`amqp:not-found`) and
+/// creates none that a link names.
+///
+/// 1. The destination: the copies it had accepted go with it (the operator
+///    deleted them), and nothing else is lost. Every other message is still
+///    in the dead-letter queue, and no more left it than the destination
+///    held copies when it was deleted (the emulator logs that count). The
+///    send after the delete fails at once on the detached link, and the run
+///    names the destination and exits 1.
+/// 2. The dead-letter queue's own queue: the link fails as not found, and
+///    the run stops and says so instead of reconnecting into the same
+///    refusal; the destination holds at least a copy of every message the
+///    run settled.
+#[tokio::test]
+async fn entities_deleted_mid_pass_lose_nothing_else() {
+    use common::servicebus::{DELETES_HOST, create_queue, emulator_connection_string};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DELETES";
+    emulator();
+    let emu = common::servicebus::spawn_emulator(
+        "servicebus-deletes",
+        &["--amqp-host", DELETES_HOST, "--auto-create", "false"],
+    );
+    let log = std::env::temp_dir().join(format!("dlq-bridge-test-{}-{}.log", emu.name, emu.port));
+    let cs = emulator_connection_string(DELETES_HOST);
+    let client = common::servicebus::client_with(&cs).await;
+    let f = ServiceBusFixture::created_on(emu.url(), client, ENV).await;
+    let dest = format!("{}-dest", f.entity);
+    create_queue(&f.http, &dest, None).await;
+    let config = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
+    let yaml = format!(
+        "queues:\n  - name: orders\n    servicebus:\n      connection_string_env: {ENV}\n      queue: {}\n      management_endpoint: {}\n",
+        f.entity, f.http
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let http = reqwest::Client::new();
+    // Sends of 100 at 100 msg/s: the first goes at once, the second a second
+    // later; the delete lands before the third.
+    let redrive_deleting = |doomed: String| {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+            .env_remove("DLQ_BRIDGE_CONFIG")
+            .env(ENV, &cs)
+            .args(["--config", config.to_str().unwrap(), "redrive", "orders", "--to", &dest])
+            .args(["--rate", "100", "--yes", "--no-journal"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start dlq-bridge redrive");
+        let url = format!("{}/{doomed}?api-version=2021-05", f.http);
+        let http = http.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let deleted = http
+                .delete(url)
+                .send()
+                .await
+                .expect("the emulator's ATOM endpoint answers");
+            assert_eq!(deleted.status(), 200);
+            let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+                .await
+                .unwrap()
+                .expect("dlq-bridge ran");
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(out.status.code(), Some(1), "{said}");
+            assert!(said.contains(&doomed), "the error does not name {doomed}: {said}");
+            assert!(said.contains("not found"), "the error does not say it is gone: {said}");
+            said
+        }
+    };
+    let settled = |said: &str| -> usize {
+        said.lines()
+            .find_map(|l| l.trim().strip_prefix("settled:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no settled count in {said}"))
+    };
+
+    // 1. The destination.
+    let msgs: Vec<TestMessage> = (0..300).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    let said = redrive_deleting(dest.clone()).await;
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let held: usize = logged
+        .lines()
+        .find(|l| l.contains("deleted with its messages") && l.contains(&dest))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("active=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let left: Vec<Vec<u8>> = f
+        .browse_dlq()
+        .await
+        .iter()
+        .map(|m| m.body().expect("a data body").to_vec())
+        .collect();
+    let gone = msgs.len() - left.len();
+    assert!(
+        gone > 0 && !left.is_empty(),
+        "the delete did not land mid-pass ({gone} moved): {said}"
+    );
+    assert!(
+        gone <= held,
+        "{gone} messages left the DLQ, but the destination held only {held} copies: {said}"
+    );
+    assert_eq!(settled(&said), gone, "{said}");
+    let sent: std::collections::HashSet<&[u8]> = msgs.iter().map(|m| m.body.as_slice()).collect();
+    let distinct: std::collections::HashSet<&[u8]> = left.iter().map(Vec::as_slice).collect();
+    assert_eq!(distinct.len(), left.len(), "a message is in the DLQ twice");
+    assert!(
+        distinct.is_subset(&sent),
+        "the DLQ holds a message that was never put there"
+    );
+
+    // 2. The dead-letter queue's own queue, with the destination back.
+    create_queue(&f.http, &dest, None).await;
+    let more: Vec<TestMessage> = (300..500).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&more).await;
+    let said = redrive_deleting(f.entity.clone()).await;
+    let copies = reqwest::Client::new()
+        .get(format!("{}/{dest}?api-version=2021-05", f.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let copies: usize = copies
+        .split("<MessageCount>")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MessageCount for {dest}: {copies}"));
+    let settled = settled(&said);
+    assert!(settled > 0, "the delete did not land mid-pass: {said}");
+    assert!(
+        copies >= settled,
+        "{settled} settled, but only {copies} copies arrived: {said}"
+    );
+}

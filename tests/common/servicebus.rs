@@ -54,6 +54,9 @@ pub const SHORT_PEEKS_CONNECTION_STRING_ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_
 /// (`--enforce-token-expiry`) listens; its runs get their connection strings
 /// through the child process's environment.
 pub const TOKEN_EXPIRY_HOST: &str = "127.0.0.8";
+/// Where the private emulator of `tests/servicebus.rs`'s deleted-destination
+/// test (`--auto-create false`, as Azure) listens.
+pub const DELETES_HOST: &str = "127.0.0.9";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 
@@ -245,6 +248,31 @@ pub fn attributes_of(props: Option<&ApplicationProperties>) -> Attributes {
         .unwrap_or_default()
 }
 
+/// Create the queue `name` by an ATOM PUT on the emulator at `http`, with a
+/// size quota if `max_size_mb` is given; panics unless it answers 201.
+pub async fn create_queue(http: &str, name: &str, max_size_mb: Option<u32>) {
+    let quota = max_size_mb.map_or(String::new(), |mb| {
+        format!("<MaxSizeInMegabytes>{mb}</MaxSizeInMegabytes>")
+    });
+    let body = format!(
+        concat!(
+            r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml">"#,
+            r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">"#,
+            r#"{}</QueueDescription></content></entry>"#
+        ),
+        quota
+    );
+    let created = reqwest::Client::new()
+        .put(format!("{http}/{name}?api-version=2021-05"))
+        .header("content-type", "application/atom+xml;type=entry;charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .expect("the emulator's ATOM endpoint answers");
+    let status = created.status();
+    assert_eq!(status, 201, "PUT {name}: {}", created.text().await.unwrap_or_default());
+}
+
 /// A queue DLQ (`TOPIC = false`) or a topic-subscription DLQ (`TOPIC = true`).
 pub struct ServiceBusFixtureOf<const TOPIC: bool> {
     pub http: String,
@@ -267,6 +295,21 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
         let http = emulator();
         let client = client().await;
         Self::on(http, client, CONNECTION_STRING_ENV, subs).await
+    }
+
+    /// A queue fixture on an emulator that creates no entity a link names
+    /// (`--auto-create false`, as Azure): the queue is created by an ATOM PUT.
+    pub async fn created_on(http: String, client: Client, connection_env: &str) -> Self {
+        assert!(!TOPIC, "created_on makes queue fixtures");
+        let entity = unique("q");
+        create_queue(&http, &entity, None).await;
+        Self {
+            connection_env: connection_env.to_string(),
+            http,
+            entity,
+            subscription: None,
+            client: Mutex::new(client),
+        }
     }
 
     /// A fixture on another emulator: its ATOM base URL, a client on it, and

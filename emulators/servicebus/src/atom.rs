@@ -1,5 +1,5 @@
-//! The ATOM management endpoint: the GET that reports message counts, and the
-//! PUT that creates a queue.
+//! The ATOM management endpoint: the GET that reports message counts, the
+//! PUT that creates a queue, and the DELETE that removes an entity.
 
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
@@ -38,10 +38,13 @@ async fn entity(State(broker): State<Arc<Broker>>, method: Method, uri: Uri, bod
     if method == Method::PUT {
         return create(&broker, &path, &body, &self_link);
     }
+    if method == Method::DELETE {
+        return delete(&broker, &path);
+    }
     if method != Method::GET {
         return (
             StatusCode::NOT_IMPLEMENTED,
-            format!("servicebus-emulator implements only GET and PUT (of a queue) on entities, not {method}"),
+            format!("servicebus-emulator implements only GET, PUT (of a queue) and DELETE on entities, not {method}"),
         )
             .into_response();
     }
@@ -96,6 +99,25 @@ fn create(broker: &Broker, path: &str, body: &str, self_link: &str) -> Response 
         entry(&description, self_link),
     )
         .into_response()
+}
+
+/// A DELETE removes the queue, topic or subscription, as on Azure: 200, or
+/// 404 for an entity that does not exist.
+fn delete(broker: &Broker, path: &str) -> Response {
+    let entity = match address::parse(path) {
+        Ok(Node::Entity(p)) if !p.dead_letter => p,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("cannot delete {path:?}: name an entity"),
+            )
+                .into_response();
+        }
+    };
+    match broker.delete(&entity) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => (StatusCode::NOT_FOUND, e.to_string()).into_response(),
+    }
 }
 
 /// The text of the first `<name>` element (any namespace prefix).

@@ -132,9 +132,9 @@ use azservicebus::core::BasicRetryPolicy;
 use azservicebus::prelude::*;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::delivery::{DeliveryFut, Sendable};
+use fe2o3_amqp::link::{DetachError, SendError};
 use fe2o3_amqp_types::definitions::ErrorCondition;
 use fe2o3_amqp_types::messaging::annotations::OwnedKey;
 use fe2o3_amqp_types::messaging::message::__private::Serializable;
@@ -142,6 +142,7 @@ use fe2o3_amqp_types::messaging::{ApplicationProperties, Batch, Body, Data, Mess
 use fe2o3_amqp_types::primitives::{
     Binary, Dec32, Dec64, Dec128, SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid, Value,
 };
+use futures::FutureExt;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
@@ -182,6 +183,29 @@ impl Envelope {
         match self {
             Envelope::Single(m) => link.send_batchable_ref(m).await,
             Envelope::Batch(b) => link.send_batchable_ref(b).await,
+        }
+    }
+}
+
+/// Why a send got no outcome: the transfer failed, or the broker had
+/// detached the link before the transfer was queued.
+enum SendFailure {
+    Send(SendError),
+    Detached(DetachError),
+}
+
+impl From<SendError> for SendFailure {
+    fn from(e: SendError) -> Self {
+        Self::Send(e)
+    }
+}
+
+/// As the inner error: errors are classified, and shown, by their text.
+impl std::fmt::Debug for SendFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Send(e) => e.fmt(f),
+            Self::Detached(e) => e.fmt(f),
         }
     }
 }
@@ -961,8 +985,16 @@ impl ServiceBusBackend {
         for attempt in 1..=SEND_ATTEMPTS {
             let sender = self.dest_sender(dest).await?;
             let sent = async {
-                let outcome = envelope.queue_on(&mut *sender.link.lock().await).await?;
-                outcome.await
+                let mut link = sender.link.lock().await;
+                // fe2o3-amqp reads a detach the broker sent (a deleted
+                // destination, a token that lapsed) only when asked: a
+                // transfer queued on that link would wait out SEND_TIMEOUT.
+                if let Some(detached) = link.on_detach().now_or_never() {
+                    return Err(SendFailure::Detached(detached));
+                }
+                let outcome = envelope.queue_on(&mut link).await?;
+                drop(link);
+                Ok(outcome.await?)
             };
             match tokio::time::timeout(SEND_TIMEOUT, sent).await {
                 Ok(Ok(Outcome::Accepted(_))) => return Ok(()),

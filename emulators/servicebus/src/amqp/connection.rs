@@ -1,7 +1,7 @@
 //! One client connection: SASL, then sessions and links, driven by a single task.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -159,6 +159,10 @@ struct Session {
     incoming_since_flow: u32,
     links: HashMap<u32, Link>,
     unsettled: HashMap<u32, Sent>,
+    /// Links we detached whose client has not answered with its own detach
+    /// yet: until it does, the handle is still the client's, and transfers
+    /// it sent before it saw our detach are dropped, not a protocol error.
+    detaching: HashSet<u32>,
 }
 
 impl Session {
@@ -197,6 +201,8 @@ struct Connection {
     /// `$cbs`, by audience path (see [`management::token_audience`]), and
     /// when each expires (`i64::MAX`: no expiry given).
     tokens: Vec<(String, i64)>,
+    /// The broker's count of deletes this connection has acted on.
+    deletions_seen: u64,
     closed: bool,
 }
 
@@ -220,6 +226,7 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
     });
 
     let mut changed: watch::Receiver<u64> = broker.subscribe();
+    let deletions_seen = broker.deletions();
     let mut connection = Connection {
         broker,
         settings,
@@ -229,6 +236,7 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
         pending_accepts: Vec::new(),
         accept_deadline: None,
         tokens: Vec::new(),
+        deletions_seen,
         closed: false,
     };
     let mut heartbeat: Option<tokio::time::Interval> = None;
@@ -245,7 +253,7 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
                 Some(Err(error)) => Err(error.into()),
                 None => break Ok(()),
             },
-            Ok(()) = changed.changed() => connection.pump(),
+            Ok(()) = changed.changed() => connection.detach_deleted().and_then(|()| connection.pump()),
             () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 connection.flush_accepts()
             }
@@ -364,7 +372,7 @@ impl Connection {
             Performative::Transfer(transfer) => self.on_transfer(channel, transfer, frame.payload),
             Performative::Disposition(disposition) => self.on_disposition(channel, disposition),
             // Locks of unsettled deliveries stay until they expire, as on Azure.
-            Performative::Detach(detach) => self.detach(channel, detach.handle.0, None),
+            Performative::Detach(detach) => self.on_detach(channel, detach.handle.0),
             Performative::End(_) => {
                 self.sessions.remove(&channel);
                 self.pending_accepts.retain(|(c, _)| *c != channel);
@@ -385,6 +393,7 @@ impl Connection {
             incoming_since_flow: 0,
             links: HashMap::new(),
             unsettled: HashMap::new(),
+            detaching: HashSet::new(),
         };
         self.sessions.insert(channel, session);
         self.send(
@@ -443,14 +452,7 @@ impl Connection {
                     reply.source = None;
                 }
                 self.send(channel, Performative::Attach(reply))?;
-                return self.send(
-                    channel,
-                    Performative::Detach(Detach {
-                        handle: attach.handle,
-                        closed: true,
-                        error: Some(error),
-                    }),
-                );
+                return self.detach(channel, handle, Some(error));
             }
         };
         tracing::debug!(link = %attach.name, ?node, client_sends, "attached");
@@ -580,6 +582,12 @@ impl Connection {
         session.next_incoming_id = session.next_incoming_id.wrapping_add(1);
         session.incoming_since_flow += 1;
         let handle = transfer.handle.0;
+        if session.detaching.contains(&handle) {
+            // Sent before the client saw our detach: it learns the link's
+            // fate from that detach, as on Azure. A transfer left half-read
+            // belongs to the dropped link too.
+            return Ok(());
+        }
         let link = session
             .links
             .get_mut(&handle)
@@ -871,6 +879,33 @@ impl Connection {
         Ok(())
     }
 
+    /// Detaches every link to an entity deleted since the last look, with
+    /// `amqp:not-found`, as Azure does when an entity goes away under a link.
+    fn detach_deleted(&mut self) -> Result<(), ConnectionError> {
+        let deletions = self.broker.deletions();
+        if deletions == self.deletions_seen {
+            return Ok(());
+        }
+        self.deletions_seen = deletions;
+        let mut gone = Vec::new();
+        for (&channel, session) in &self.sessions {
+            for (&handle, link) in &session.links {
+                let (Node::Entity(path) | Node::Management(path)) = &link.node else {
+                    continue;
+                };
+                if !self.broker.exists(&path.parent()) {
+                    gone.push((channel, handle, path.parent()));
+                }
+            }
+        }
+        for (channel, handle, path) in gone {
+            tracing::info!(%path, "the link's entity was deleted: detaching it");
+            let error = (&BrokerError::NotFound(path.to_string())).into();
+            self.detach(channel, handle, Some(error))?;
+        }
+        Ok(())
+    }
+
     /// The latest expiry of the tokens put for `path` (None: no token covers it).
     fn token_expiry_for(&self, path: &str) -> Option<i64> {
         self.tokens
@@ -920,11 +955,24 @@ impl Connection {
         Ok(())
     }
 
-    /// Ends a link from our side, forgetting its unsettled deliveries.
+    /// The client detaches a link: answered with our detach, unless it is
+    /// the answer to ours.
+    fn on_detach(&mut self, channel: u16, handle: u32) -> Result<(), ConnectionError> {
+        if self.session(channel)?.detaching.remove(&handle) {
+            return Ok(());
+        }
+        self.detach(channel, handle, None)?;
+        self.session(channel)?.detaching.remove(&handle);
+        Ok(())
+    }
+
+    /// Ends a link from our side, forgetting its unsettled deliveries; the
+    /// handle stays reserved until the client's detach answers ours.
     fn detach(&mut self, channel: u16, handle: u32, error: Option<definitions::Error>) -> Result<(), ConnectionError> {
         let session = self.session(channel)?;
         session.links.remove(&handle);
         session.unsettled.retain(|_, sent| sent.handle != handle);
+        session.detaching.insert(handle);
         self.send(
             channel,
             Performative::Detach(Detach {

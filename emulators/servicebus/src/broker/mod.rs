@@ -6,7 +6,10 @@ mod store;
 
 use std::{
     collections::BTreeMap,
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -98,6 +101,9 @@ pub struct Broker {
     options: BrokerOptions,
     /// Bumped whenever a message may have become available to a receiver.
     changed: watch::Sender<u64>,
+    /// Counts deletes: a connection that sees it move detaches its links to
+    /// entities that are gone (see [`Broker::exists`]).
+    deletions: AtomicU64,
 }
 
 impl Broker {
@@ -107,6 +113,7 @@ impl Broker {
             topology,
             options,
             changed: watch::Sender::new(0),
+            deletions: AtomicU64::new(0),
         };
         broker.reset();
         broker
@@ -346,6 +353,57 @@ impl Broker {
         }
     }
 
+    /// Deletes a queue, a topic (with its subscriptions) or a subscription,
+    /// with its messages and dead-letter queue, as an ATOM DELETE does.
+    /// Links attached to it are detached by their connections.
+    pub fn delete(&self, path: &EntityPath) -> Result<(), BrokerError> {
+        let mut entities = self.lock();
+        let mut stores: Vec<Store> = match &path.subscription {
+            None => match entities.remove(&path.entity) {
+                Some(Entity::Queue(store)) => vec![*store],
+                Some(Entity::Topic(topic)) => topic.subscriptions.into_values().collect(),
+                None => return Err(BrokerError::NotFound(path.to_string())),
+            },
+            Some(sub) => match entities.get_mut(&path.entity) {
+                Some(Entity::Topic(topic)) => match topic.subscriptions.remove(sub) {
+                    Some(store) => vec![store],
+                    None => return Err(BrokerError::NotFound(path.to_string())),
+                },
+                _ => return Err(BrokerError::NotFound(path.to_string())),
+            },
+        };
+        drop(entities);
+        let now = now_ms();
+        let (active, dead_letter) = stores.iter_mut().fold((0, 0), |(a, d), store| {
+            let counts = store.counts(now);
+            (a + counts.active, d + counts.dead_letter)
+        });
+        // Loud when messages go with it: a test reads what a delete destroyed.
+        if active + dead_letter > 0 {
+            tracing::warn!(entity = %path, active, dead_letter, "deleted with its messages");
+        } else {
+            tracing::info!(entity = %path, "deleted");
+        }
+        self.deletions.fetch_add(1, Ordering::Relaxed);
+        self.wake();
+        Ok(())
+    }
+
+    /// How many deletes there have been (see [`Broker::delete`]).
+    pub fn deletions(&self) -> u64 {
+        self.deletions.load(Ordering::Relaxed)
+    }
+
+    /// Whether the entity (or subscription) `path` names still exists.
+    pub fn exists(&self, path: &EntityPath) -> bool {
+        let entities = self.lock();
+        match (entities.get(&path.entity), &path.subscription) {
+            (Some(Entity::Queue(_)) | Some(Entity::Topic(_)), None) => true,
+            (Some(Entity::Topic(topic)), Some(sub)) => topic.subscriptions.contains_key(sub),
+            _ => false,
+        }
+    }
+
     /// Creates a queue, as an ATOM PUT does; an existing entity is a conflict.
     pub fn create_queue(&self, name: &str, max_size_bytes: Option<usize>) -> Result<(), BrokerError> {
         let mut entities = self.lock();
@@ -510,6 +568,35 @@ mod tests {
             broker.attach(&path(false), true),
             Err(BrokerError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_deleted_entity_is_gone_with_its_messages() {
+        let broker = broker_with(10, false);
+        broker.create_queue("q", None).unwrap();
+        broker.send("q", vec![message()]).unwrap();
+        assert!(broker.exists(&path(true).parent()));
+        broker.delete(&path(false)).unwrap();
+        assert_eq!(broker.deletions(), 1);
+        assert!(!broker.exists(&path(false)));
+        assert!(matches!(
+            broker.send("q", vec![message()]),
+            Err(BrokerError::NotFound(_))
+        ));
+        assert!(matches!(broker.delete(&path(false)), Err(BrokerError::NotFound(_))));
+        assert_eq!(broker.deletions(), 1, "a failed delete deletes nothing");
+
+        let topics = broker_with(10, true);
+        let subscription = |name: &str| EntityPath {
+            entity: "t".into(),
+            subscription: Some(name.into()),
+            dead_letter: false,
+        };
+        topics.attach(&subscription("s1"), false).unwrap();
+        topics.attach(&subscription("s2"), false).unwrap();
+        topics.delete(&subscription("s1")).unwrap();
+        assert!(!topics.exists(&subscription("s1")));
+        assert!(topics.exists(&subscription("s2")), "its topic and siblings stay");
     }
 
     #[test]
