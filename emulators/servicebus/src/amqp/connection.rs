@@ -915,8 +915,8 @@ impl Connection {
             .max()
     }
 
-    /// Refuses a link to `node` that no token covers, with Azure's condition
-    /// and a description that names the claim and the resource.
+    /// Refuses a link to `node` that no unexpired token covers, with Azure's
+    /// condition and a description that names the resource.
     fn check_token(&self, node: &Node) -> Result<(), definitions::Error> {
         let Some(path) = token_path(node) else { return Ok(()) };
         match self.token_expiry_for(&path) {
