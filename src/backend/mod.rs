@@ -21,7 +21,7 @@ pub mod sqs;
 
 /// What went wrong talking to a provider, classified so the CLI can tell the
 /// user what to do about it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     #[error("queue {queue}: not found ({detail})")]
     NotFound { queue: String, detail: String },

@@ -97,6 +97,7 @@ use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, Result};
 use super::{WorkloadIdentityCredential, sas_token, unix_now};
@@ -261,6 +262,9 @@ pub(super) struct DlqLink {
     /// The sender asked for while the link opened, and its destination.
     early: std::sync::Mutex<Option<(String, oneshot::Receiver<Result<Sender>>)>>,
     pub generation: u64,
+    /// Cancelled once the link's task ends (the link or its connection
+    /// failed, or it was dropped): the senders on its connection are dead too.
+    ended: CancellationToken,
 }
 
 impl DlqLink {
@@ -303,13 +307,21 @@ impl DlqLink {
             .await
             .map_err(|_| cfg.unreachable("opening the dead-letter queue's link timed out"))??;
         let (commands, rx) = mpsc::channel(64);
-        tokio::spawn(actor.run(rx));
+        let ended = CancellationToken::new();
+        tokio::spawn(actor.run(rx, ended.clone()));
         Ok(Self {
             commands,
             attaches,
             early: std::sync::Mutex::new(early),
             generation,
+            ended,
         })
+    }
+
+    /// Cancelled once the link's task has ended: a send on its connection
+    /// that still waits for its outcome will not get one.
+    pub fn ended(&self) -> CancellationToken {
+        self.ended.clone()
     }
 
     /// A sender link to the queue or topic `dest`, on this link's connection.
@@ -637,8 +649,12 @@ impl Actor {
         })
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        if let Err(e) = self.serve(&mut commands).await {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, ended: CancellationToken) {
+        let served = self.serve(&mut commands).await;
+        // Before the close below, which may take CLOSE_TIMEOUT: sends waiting
+        // for an outcome on this connection retry on a new one now.
+        ended.cancel();
+        if let Err(e) = served {
             tracing::debug!(error = %e, "the dead-letter queue's link failed");
             // Refused credentials (a token that expired and cannot be
             // renewed) and a vanished entity keep their kind: the engine
@@ -713,7 +729,6 @@ impl Actor {
                 continue;
             }
             self.read_ahead();
-            let reading = !self.actives.is_empty() || self.credit > 0;
             let deadline = self.actives.front().map(|a| a.deadline);
             let renew_at = self.renew_at;
             let far = Instant::now() + Duration::from_secs(3600);
@@ -732,8 +747,13 @@ impl Actor {
                         self.dispose(vec![(infos, complete, reply)]).await?;
                     }
                 },
-                d = self.receiver.recv::<Body<Value>>(), if reading => {
-                    let d = d.map_err(|e| self.cfg.unreachable(format!("receive from the dead-letter queue: {e:?}")))?;
+                // Polled with no credit out too: nothing can arrive then but
+                // the broker's detach (a deleted entity, a lapsed token),
+                // which an idle link must notice, or the leases and settles
+                // asked of it would wait out their timeouts instead.
+                d = self.receiver.recv::<Body<Value>>() => {
+                    // A detach keeps its kind: a deleted entity is not found.
+                    let d = d.map_err(|e| self.cfg.classify("receive from the dead-letter queue", &e))?;
                     self.on_delivery(d.into_parts()).await?;
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
@@ -1112,16 +1132,24 @@ struct BrowseRequest {
 }
 
 /// Browses for the link's task, one at a time, on the `$management` link.
+/// Once a browse failed, every later one gets the same error: the link's
+/// task may have dropped the failed one's answer (a new pass), and must still
+/// learn why (a deleted entity is not found, not unreachable).
 async fn browse_loop(cfg: Arc<LinkConfig>, mut mgmt: MgmtClient, mut requests: mpsc::UnboundedReceiver<BrowseRequest>) {
+    let mut failed: Option<BackendError> = None;
     while let Some(req) = requests.recv().await {
-        let r = browse(&cfg, &mut mgmt, req.from, req.count).await;
-        let failed = r.is_err();
-        let _ = req.reply.send(r);
-        if failed {
-            break;
+        let r = match &failed {
+            Some(e) => Err(e.clone()),
+            None => browse(&cfg, &mut mgmt, req.from, req.count).await,
+        };
+        if let Err(e) = &r {
+            failed.get_or_insert_with(|| e.clone());
         }
+        let _ = req.reply.send(r);
     }
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, mgmt.close()).await;
+    if failed.is_none() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, mgmt.close()).await;
+    }
 }
 
 /// How many messages from `from` the dead-letter queue's browse shows, up to

@@ -146,6 +146,7 @@ use futures::FutureExt;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use super::{BackendError, Capabilities, Purpose, QueueBackend, Result};
 use crate::config::{QueueConfig, ServiceBusQueueConfig};
@@ -165,6 +166,9 @@ struct DestSender {
     link: Mutex<fe2o3_amqp::Sender>,
     /// The largest message or batch the link takes (from its attach).
     max_message_size: usize,
+    /// Cancelled when the dead-letter queue's link, whose connection this
+    /// sender shares, has ended.
+    link_ended: CancellationToken,
 }
 
 /// One send's AMQP message: a lone message as it is, several in the batch
@@ -187,11 +191,12 @@ impl Envelope {
     }
 }
 
-/// Why a send got no outcome: the transfer failed, or the broker had
-/// detached the link before the transfer was queued.
+/// Why a send got no outcome: the transfer failed, the broker had detached
+/// the link before the transfer was queued, or the connection ended.
 enum SendFailure {
     Send(SendError),
     Detached(DetachError),
+    ConnectionEnded,
 }
 
 impl From<SendError> for SendFailure {
@@ -206,6 +211,7 @@ impl std::fmt::Debug for SendFailure {
         match self {
             Self::Send(e) => e.fmt(f),
             Self::Detached(e) => e.fmt(f),
+            Self::ConnectionEnded => f.write_str("the connection closed before the broker's outcome came"),
         }
     }
 }
@@ -964,6 +970,7 @@ impl ServiceBusBackend {
             generation: link.generation,
             link: Mutex::new(sender),
             max_message_size,
+            link_ended: link.ended(),
         });
         senders.insert(dest.to_string(), s.clone());
         Ok(s)
@@ -994,7 +1001,13 @@ impl ServiceBusBackend {
                 }
                 let outcome = envelope.queue_on(&mut link).await?;
                 drop(link);
-                Ok(outcome.await?)
+                // fe2o3-amqp leaves the outcome pending when the connection
+                // goes: without this a send would wait out SEND_TIMEOUT.
+                tokio::select! {
+                    biased;
+                    outcome = outcome => Ok(outcome?),
+                    () = sender.link_ended.cancelled() => Err(SendFailure::ConnectionEnded),
+                }
             };
             match tokio::time::timeout(SEND_TIMEOUT, sent).await {
                 Ok(Ok(Outcome::Accepted(_))) => return Ok(()),
