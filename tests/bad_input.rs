@@ -1359,17 +1359,10 @@ mod servicebus {
         }
         assert!(said.contains("settled:   0"), "{said}");
         assert_eq!(snapshot(&f).await, before, "the DLQ lost or changed a message");
-        let described = reqwest::Client::new()
-            .get(format!("{}/{full}?api-version=2021-05", f.http))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        assert!(
-            described.contains("<MessageCount>0</MessageCount>"),
-            "the refusing queue holds something: {described}"
+        assert_eq!(
+            common::servicebus::queue_message_count(&f.http, &full).await,
+            0,
+            "the refusing queue holds something"
         );
     }
 

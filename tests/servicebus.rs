@@ -490,7 +490,7 @@ async fn a_pass_longer_than_its_tokens_renews_them() {
         "servicebus-token-expiry",
         &["--amqp-host", TOKEN_EXPIRY_HOST, "--enforce-token-expiry"],
     );
-    let log = std::env::temp_dir().join(format!("dlq-bridge-test-{}-{}.log", emu.name, emu.port));
+    let log = emu.log_path();
     let key_cs = emulator_connection_string(TOKEN_EXPIRY_HOST);
     let client = common::servicebus::client_with(&key_cs).await;
     let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
@@ -605,7 +605,7 @@ async fn entities_deleted_mid_pass_lose_nothing_else() {
         "servicebus-deletes",
         &["--amqp-host", DELETES_HOST, "--auto-create", "false"],
     );
-    let log = std::env::temp_dir().join(format!("dlq-bridge-test-{}-{}.log", emu.name, emu.port));
+    let log = emu.log_path();
     let cs = emulator_connection_string(DELETES_HOST);
     let client = common::servicebus::client_with(&cs).await;
     let f = ServiceBusFixture::created_on(emu.url(), client, ENV).await;
@@ -702,20 +702,7 @@ async fn entities_deleted_mid_pass_lose_nothing_else() {
     let more: Vec<TestMessage> = (300..500).map(|i| failing(i, "Timeout")).collect();
     f.put_in_dlq(&more).await;
     let said = redrive_deleting(f.entity.clone()).await;
-    let copies = reqwest::Client::new()
-        .get(format!("{}/{dest}?api-version=2021-05", f.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let copies: usize = copies
-        .split("<MessageCount>")
-        .nth(1)
-        .and_then(|rest| rest.split('<').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no MessageCount for {dest}: {copies}"));
+    let copies = common::servicebus::queue_message_count(&f.http, &dest).await;
     let settled = settled(&said);
     assert!(settled > 0, "the delete did not land mid-pass: {said}");
     assert!(

@@ -21,6 +21,11 @@ impl Emulator {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Where the emulator's stdout and stderr go.
+    pub fn log_path(&self) -> std::path::PathBuf {
+        log_path(self.name, self.port)
+    }
+
     /// The emulator's own process ID (the child of the `run-tied.py` wrapper),
     /// for tests that freeze or kill it.
     pub fn server_pid(&self) -> u32 {
@@ -38,6 +43,10 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+fn log_path(name: &str, port: u16) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("dlq-bridge-test-{name}-{port}.log"))
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -51,7 +60,7 @@ pub fn free_port() -> u16 {
 pub fn spawn(name: &'static str, command: &[&str], env: &[(&str, &str)], ready_path: &str) -> Emulator {
     let port = free_port();
     let port_text = port.to_string();
-    let log = std::env::temp_dir().join(format!("dlq-bridge-test-{name}-{port}.log"));
+    let log = log_path(name, port);
     let mut cmd = Command::new("python3");
     cmd.arg(repo_root().join("scripts/run-tied.py"));
     for (k, v) in env {

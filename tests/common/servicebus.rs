@@ -273,6 +273,24 @@ pub async fn create_queue(http: &str, name: &str, max_size_mb: Option<u32>) {
     assert_eq!(status, 201, "PUT {name}: {}", created.text().await.unwrap_or_default());
 }
 
+/// The `MessageCount` the emulator's ATOM GET reports for the queue `name`.
+pub async fn queue_message_count(http: &str, name: &str) -> usize {
+    let entry = reqwest::Client::new()
+        .get(format!("{http}/{name}?api-version=2021-05"))
+        .send()
+        .await
+        .expect("the emulator's ATOM endpoint answers")
+        .text()
+        .await
+        .expect("an ATOM entry");
+    entry
+        .split("<MessageCount>")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MessageCount for {name}: {entry}"))
+}
+
 /// A queue DLQ (`TOPIC = false`) or a topic-subscription DLQ (`TOPIC = true`).
 pub struct ServiceBusFixtureOf<const TOPIC: bool> {
     pub http: String,
