@@ -323,3 +323,61 @@ async fn dead_lettered_copies_keep_their_attributes_on_the_dlq() {
     assert_eq!(a["CloudPubSubDeadLetterSourceSubscription"].as_text(), SOURCE_SUB);
     assert_eq!(a["CloudPubSubDeadLetterSourceSubscriptionProject"].as_text(), f.project);
 }
+
+/// The destination topic deleted in the middle of a pass (redriven at 100
+/// msg/s, so sends go a second apart, and deleted 1.5 s in). The publishes
+/// after the delete fail as not found, the run says so, and nothing is lost:
+/// the failing subscription outlives its topic with the copies published
+/// before the delete, and every message is either one of those copies or
+/// still in the dead-letter subscription, once.
+#[tokio::test]
+async fn a_destination_topic_deleted_mid_pass_loses_nothing() {
+    let f = PubSubFixture::create(false).await;
+    let msgs: Vec<TestMessage> = (0..300)
+        .map(|i| TestMessage {
+            body: format!("deleted-topic-{i}").into_bytes(),
+            attributes: attrs(&[("kind", "retry")]),
+            ordering_key: None,
+        })
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let topic = f.client.topic(SOURCE_TOPIC);
+    let deleting = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        topic.delete(None).await.expect("delete the source topic");
+    });
+    let s = redrive(
+        f.config(),
+        RedriveRequest {
+            rate: Some(100),
+            ..Default::default()
+        },
+    )
+    .await;
+    deleting.await.unwrap();
+    assert!(!s.ok(), "{s:?}");
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("not found") && e.contains(SOURCE_TOPIC)),
+        "no error says the topic is not found: {:?}",
+        s.errors
+    );
+    let copies: Vec<Vec<u8>> = f.drain_source().await.into_iter().map(|r| r.body).collect();
+    let left: Vec<Vec<u8>> = f.browse_dlq().await.into_iter().map(|m| m.data.to_vec()).collect();
+    assert!(
+        s.settled > 0 && !left.is_empty(),
+        "the delete did not land mid-pass: {s:?}"
+    );
+    assert_eq!(left.len() as u64 + s.settled, msgs.len() as u64, "{s:?}");
+    let copied: std::collections::HashSet<&[u8]> = copies.iter().map(Vec::as_slice).collect();
+    let kept: std::collections::HashSet<&[u8]> = left.iter().map(Vec::as_slice).collect();
+    assert_eq!(kept.len(), left.len(), "a message is in the DLQ twice");
+    for m in &msgs {
+        assert!(
+            copied.contains(m.body.as_slice()) || kept.contains(m.body.as_slice()),
+            "message {:?} was lost",
+            String::from_utf8_lossy(&m.body)
+        );
+    }
+}
