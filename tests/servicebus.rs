@@ -91,12 +91,7 @@ async fn inspect_leaves_delivery_counts_unchanged() {
     let before = counts(f.browse_dlq().await);
     assert_eq!(before.len(), 4);
 
-    let path = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
-    let yaml = format!(
-        "queues:\n  - name: orders\n    servicebus:\n      connection_string_env: {CONNECTION_STRING_ENV}\n      queue: {}\n      management_endpoint: {}\n",
-        f.entity, f.http
-    );
-    std::fs::write(&path, yaml).unwrap();
+    let path = f.config_file_with("");
     for _ in 0..2 {
         let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
             .env_remove("DLQ_BRIDGE_CONFIG")
@@ -104,7 +99,7 @@ async fn inspect_leaves_delivery_counts_unchanged() {
                 CONNECTION_STRING_ENV,
                 std::env::var(CONNECTION_STRING_ENV).expect("set by the fixture"),
             )
-            .args(["--config", path.to_str().unwrap(), "inspect", "orders", "-o", "json"])
+            .args(["--config", path.to_str().unwrap(), "inspect", "dlq", "-o", "json"])
             .output()
             .expect("run dlq-bridge inspect");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -447,15 +442,8 @@ async fn concurrent_leases_are_disjoint_and_leave_nothing_locked() {
 /// peeks answer at most 70 messages (the link asks for 1,000).
 #[tokio::test]
 async fn a_pass_sees_every_message_when_peeks_answer_short() {
-    use common::servicebus::{SHORT_PEEKS_CONNECTION_STRING_ENV, SHORT_PEEKS_HOST, emulator_connection_string};
-    // Sets the environment (with the connection string used below) before
-    // anything reads it.
-    emulator();
-    let emu = common::servicebus::spawn_emulator(
-        "servicebus-short-peeks",
-        &["--amqp-host", SHORT_PEEKS_HOST, "--max-peek", "70"],
-    );
-    let client = common::servicebus::client_with(&emulator_connection_string(SHORT_PEEKS_HOST)).await;
+    use common::servicebus::{SHORT_PEEKS_CONNECTION_STRING_ENV, SHORT_PEEKS_HOST, private_emulator};
+    let (emu, _, client) = private_emulator("servicebus-short-peeks", SHORT_PEEKS_HOST, &["--max-peek", "70"]).await;
     let f = ServiceBusFixture::on(emu.url(), client, SHORT_PEEKS_CONNECTION_STRING_ENV, &["s"]).await;
     let msgs: Vec<TestMessage> = (0..600)
         .map(|i| failing(i, if i % 2 == 0 { "Timeout" } else { "Invalid" }))
@@ -483,24 +471,18 @@ async fn a_pass_sees_every_message_when_peeks_answer_short() {
 /// fails and says the token expired, and loses nothing.
 #[tokio::test]
 async fn a_pass_longer_than_its_tokens_renews_them() {
-    use common::servicebus::{TOKEN_EXPIRY_HOST, emulator_connection_string};
+    use common::servicebus::{TOKEN_EXPIRY_HOST, private_emulator};
     const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_TOKEN_EXPIRY";
-    emulator();
-    let emu = common::servicebus::spawn_emulator(
+    let (emu, key_cs, client) = private_emulator(
         "servicebus-token-expiry",
-        &["--amqp-host", TOKEN_EXPIRY_HOST, "--enforce-token-expiry"],
-    );
+        TOKEN_EXPIRY_HOST,
+        &["--enforce-token-expiry"],
+    )
+    .await;
     let log = emu.log_path();
-    let key_cs = emulator_connection_string(TOKEN_EXPIRY_HOST);
-    let client = common::servicebus::client_with(&key_cs).await;
     let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
     let redrive_with = |cs: &str| {
-        let path = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
-        let yaml = format!(
-            "queues:\n  - name: orders\n    servicebus:\n      connection_string_env: {ENV}\n      queue: {}\n      management_endpoint: {}\n      sas_token_ttl: 4s\n",
-            f.entity, f.http
-        );
-        std::fs::write(&path, yaml).unwrap();
+        let path = f.config_file_with("      sas_token_ttl: 4s\n");
         let started = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
             .env_remove("DLQ_BRIDGE_CONFIG")
@@ -509,7 +491,7 @@ async fn a_pass_longer_than_its_tokens_renews_them() {
                 "--config",
                 path.to_str().unwrap(),
                 "redrive",
-                "orders",
+                "dlq",
                 "--rate",
                 "4",
                 "--yes",
@@ -598,25 +580,14 @@ async fn a_pass_longer_than_its_tokens_renews_them() {
 ///    run settled.
 #[tokio::test]
 async fn entities_deleted_mid_pass_lose_nothing_else() {
-    use common::servicebus::{DELETES_HOST, create_queue, emulator_connection_string};
+    use common::servicebus::{DELETES_HOST, create_queue, private_emulator};
     const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DELETES";
-    emulator();
-    let emu = common::servicebus::spawn_emulator(
-        "servicebus-deletes",
-        &["--amqp-host", DELETES_HOST, "--auto-create", "false"],
-    );
+    let (emu, cs, client) = private_emulator("servicebus-deletes", DELETES_HOST, &["--auto-create", "false"]).await;
     let log = emu.log_path();
-    let cs = emulator_connection_string(DELETES_HOST);
-    let client = common::servicebus::client_with(&cs).await;
     let f = ServiceBusFixture::created_on(emu.url(), client, ENV).await;
     let dest = format!("{}-dest", f.entity);
     create_queue(&f.http, &dest, None).await;
-    let config = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
-    let yaml = format!(
-        "queues:\n  - name: orders\n    servicebus:\n      connection_string_env: {ENV}\n      queue: {}\n      management_endpoint: {}\n",
-        f.entity, f.http
-    );
-    std::fs::write(&config, yaml).unwrap();
+    let config = f.config_file_with("");
     let http = reqwest::Client::new();
     // Sends of 100 at 100 msg/s: the first goes at once, the second a second
     // later; the delete lands before the third.
@@ -624,7 +595,7 @@ async fn entities_deleted_mid_pass_lose_nothing_else() {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
             .env_remove("DLQ_BRIDGE_CONFIG")
             .env(ENV, &cs)
-            .args(["--config", config.to_str().unwrap(), "redrive", "orders", "--to", &dest])
+            .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", &dest])
             .args(["--rate", "100", "--yes", "--no-journal"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -102,6 +102,19 @@ pub fn emulator() -> String {
         .url()
 }
 
+/// A test's own emulator, its AMQP listener on `host` (besides the shared
+/// one, which this starts first: it sets the environment the tests read),
+/// with `extra` arguments; with its connection string and a client on it.
+pub async fn private_emulator(name: &'static str, host: &str, extra: &[&str]) -> (Emulator, String, Client) {
+    emulator();
+    let mut args = vec!["--amqp-host", host];
+    args.extend_from_slice(extra);
+    let emu = spawn_emulator(name, &args);
+    let cs = emulator_connection_string(host);
+    let client = client_with(&cs).await;
+    (emu, cs, client)
+}
+
 /// `SERVICEBUS_EMULATOR_BIN`, else the binary next to this test's target
 /// directory, built with `cargo build -p servicebus-emulator` if missing.
 /// Start the project's emulator (strict, AMQP on 5672, ATOM on a free port)
@@ -390,15 +403,26 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
 
     /// The fixture's config with extra lines under the queue's `servicebus:` section.
     pub fn config_with(&self, extra_servicebus: &str) -> Config {
+        Config::from_yaml(&self.config_yaml_with(extra_servicebus), "test", &[]).expect("fixture config")
+    }
+
+    /// The same as a file, for the CLI (the queue is `dlq`); the CLI reads
+    /// the connection string from the fixture's environment variable.
+    pub fn config_file_with(&self, extra_servicebus: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, self.config_yaml_with(extra_servicebus)).expect("write the fixture's config");
+        path
+    }
+
+    fn config_yaml_with(&self, extra_servicebus: &str) -> String {
         let entity = match &self.subscription {
             Some(s) => format!("      topic: {}\n      subscription: {s}\n", self.entity),
             None => format!("      queue: {}\n", self.entity),
         };
-        let yaml = format!(
+        format!(
             "queues:\n  - name: dlq\n    servicebus:\n      connection_string_env: {}\n{entity}      management_endpoint: {}\n{extra_servicebus}redrive:\n  hold: 2m\n",
             self.connection_env, self.http
-        );
-        Config::from_yaml(&yaml, "test", &[]).expect("fixture config")
+        )
     }
 
     /// Send to the source queue or topic, with a timeout and retries (the
