@@ -664,6 +664,14 @@ pub struct ServiceBusQueueConfig {
     /// renewed: it must outlast the run) or with Entra ID.
     #[serde(default, with = "opt_duration_text", skip_serializing_if = "Option::is_none")]
     pub sas_token_ttl: Option<Duration>,
+    /// How long the namespace keeps a link with no traffic on it before it
+    /// detaches it: 10 minutes on Azure, which cannot be changed. The link
+    /// that browses the DLQ is kept between calls (the sidecar's API and
+    /// polls); once it has been idle for half of this it is attached again
+    /// before use instead of being trusted. Default `10m`; set it for an
+    /// emulator or a proxy that detaches idle links sooner.
+    #[serde(default, with = "opt_duration_text", skip_serializing_if = "Option::is_none")]
+    pub link_idle_timeout: Option<Duration>,
 }
 
 /// What the YAML holds for a queue, before the backend sections are checked.
@@ -747,6 +755,12 @@ impl<'de> Deserialize<'de> for QueueConfig {
             if sb.sas_token_ttl.is_some_and(|ttl| ttl < Duration::from_secs(2)) {
                 return Err(serde::de::Error::custom(format!(
                     "queue `{}`: servicebus.sas_token_ttl must be at least 2s (a link renews its tokens at 5/6 of it)",
+                    raw.name
+                )));
+            }
+            if sb.link_idle_timeout.is_some_and(|t| t < Duration::from_secs(1)) {
+                return Err(serde::de::Error::custom(format!(
+                    "queue `{}`: servicebus.link_idle_timeout must be at least 1s",
                     raw.name
                 )));
             }
@@ -1352,6 +1366,23 @@ mod tests {
         assert_eq!(sb.sas_token_ttl, Some(Duration::from_secs(900)));
         let err = parse(&y("1s")).unwrap_err().to_string();
         assert!(err.contains("sas_token_ttl must be at least 2s"), "{err}");
+        assert!(err.contains("test.yaml"), "{err}");
+    }
+
+    #[test]
+    fn servicebus_link_idle_timeout_parses_and_refuses_less_than_a_second() {
+        let y = |t: &str| {
+            format!(
+                "queues:\n  - name: sb\n    servicebus: {{connection_string_env: X, queue: q, link_idle_timeout: {t}}}\n"
+            )
+        };
+        let c = parse(&y("2s")).unwrap();
+        let QueueKind::ServiceBus(sb) = &c.queue("sb").unwrap().kind else {
+            panic!("a Service Bus queue")
+        };
+        assert_eq!(sb.link_idle_timeout, Some(Duration::from_secs(2)));
+        let err = parse(&y("500ms")).unwrap_err().to_string();
+        assert!(err.contains("link_idle_timeout must be at least 1s"), "{err}");
         assert!(err.contains("test.yaml"), "{err}");
     }
 }

@@ -685,3 +685,71 @@ async fn entities_deleted_mid_pass_lose_nothing_else() {
         "{settled} settled, but only {copies} copies arrived: {said}"
     );
 }
+
+/// A sidecar whose links sit idle between passes, against an emulator that
+/// force-detaches every link idle for 2 s (`amqp:link:detach-forced`), as
+/// Azure does after 10 minutes: the dead-letter queue's receiver and its
+/// `$management` links, the copies' senders and the browsing receiver. Each
+/// later browse and redrive works on new links, moves everything once, and
+/// does not first wait out a call's timeout (20 s) on a link that is gone.
+#[tokio::test]
+async fn a_sidecar_outlives_links_detached_for_idleness() {
+    use common::serve::Serve;
+    use common::servicebus::{IDLE_LINKS_HOST, private_emulator};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_IDLE_LINKS";
+    const IDLE: Duration = Duration::from_secs(2);
+    /// Well under the backend's call timeout: a browse or a pass that waited
+    /// on a detached link would take at least that.
+    const NO_STALL: Duration = Duration::from_secs(12);
+    let (emu, cs, client) =
+        private_emulator("servicebus-idle-links", IDLE_LINKS_HOST, &["--link-idle-timeout", "2s"]).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let config = format!(
+        "{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1h\n  reason_sample: 0\n",
+        f.config_yaml_with("      link_idle_timeout: 2s\n")
+    );
+    let serve = Serve::start_with_env(&config, &[(ENV, cs.as_str())]).await;
+    let browse = || async {
+        let started = Instant::now();
+        let (code, body) = serve.get("/v1/queues/dlq/messages?limit=500").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            started.elapsed() < NO_STALL,
+            "the browse waited {:?}",
+            started.elapsed()
+        );
+        let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON answer");
+        body["messages"].as_array().expect("messages").len()
+    };
+    let redrive = || async {
+        let started = Instant::now();
+        let run = serve.redrive("dlq", serde_json::json!({ "filter": "true" })).await;
+        assert_eq!(run["status"], "finished", "{run}");
+        assert!(
+            started.elapsed() < NO_STALL,
+            "the pass waited {:?}: {run}",
+            started.elapsed()
+        );
+        run["summary"]["settled"].as_u64().expect("a settled count")
+    };
+
+    let mut moved = 0;
+    for round in 0..3 {
+        let msgs: Vec<TestMessage> = (0..20).map(|i| failing(100 * round + i, "Timeout")).collect();
+        f.put_in_dlq(&msgs).await;
+        assert_eq!(browse().await, 20, "round {round}: browse");
+        tokio::time::sleep(IDLE + IDLE / 2).await;
+        assert_eq!(browse().await, 20, "round {round}: browse after the links went idle");
+        tokio::time::sleep(IDLE + IDLE / 2).await;
+        assert_eq!(redrive().await, 20, "round {round}: redrive after the links went idle");
+        moved += 20;
+        assert_eq!(f.dlq_count().await, 0, "round {round}");
+    }
+    let copies = f.drain_source().await.len();
+    assert_eq!(copies, moved, "every message was moved once");
+    let log = std::fs::read_to_string(emu.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("IdleTimerExpired"),
+        "the emulator detached no idle link: {log}"
+    );
+}

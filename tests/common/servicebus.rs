@@ -57,6 +57,9 @@ pub const TOKEN_EXPIRY_HOST: &str = "127.0.0.8";
 /// Where the private emulator of `tests/servicebus.rs`'s deleted-destination
 /// test (`--auto-create false`, as Azure) listens.
 pub const DELETES_HOST: &str = "127.0.0.9";
+/// Where the private emulator of `tests/servicebus.rs`'s idle-link test
+/// (`--link-idle-timeout`) listens.
+pub const IDLE_LINKS_HOST: &str = "127.0.0.10";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 
@@ -414,7 +417,8 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
         path
     }
 
-    fn config_yaml_with(&self, extra_servicebus: &str) -> String {
+    /// The YAML of [`config_file_with`](Self::config_file_with).
+    pub fn config_yaml_with(&self, extra_servicebus: &str) -> String {
         let entity = match &self.subscription {
             Some(s) => format!("      topic: {}\n      subscription: {s}\n", self.entity),
             None => format!("      queue: {}\n", self.entity),

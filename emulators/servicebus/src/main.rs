@@ -74,6 +74,13 @@ struct Cli {
     #[arg(long)]
     require_tokens: bool,
 
+    /// Force-detach a link to an entity or a `$management` node after this
+    /// long with no transfer or disposition on it (amqp:link:detach-forced),
+    /// as Azure does after 10 minutes; credit alone does not keep a link
+    /// alive. `0s` never detaches an idle link.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    link_idle_timeout: Duration,
+
     /// MaxDeliveryCount of entities the topology does not configure.
     #[arg(long, default_value_t = 10)]
     max_delivery_count: u32,
@@ -161,6 +168,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         accept_delay: Duration::from_millis(cli.accept_delay_ms),
         enforce_token_expiry: cli.enforce_token_expiry,
         require_tokens: cli.require_tokens,
+        link_idle_timeout: cli.link_idle_timeout,
     };
     let router = atom::router(broker.clone());
     tokio::spawn(amqp::serve(amqp, broker.clone(), settings));

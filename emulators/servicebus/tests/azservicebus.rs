@@ -473,6 +473,66 @@ fn links_need_a_token_with_require_tokens() {
     });
 }
 
+/// `--link-idle-timeout`: a link with no transfer or disposition for that
+/// long is force-detached (amqp:link:detach-forced, "IdleTimerExpired"), as
+/// Azure does after 10 minutes, even while it has credit out; a link that
+/// sends keeps going, and so does `$cbs`.
+#[test]
+fn idle_links_are_force_detached() {
+    use azservicebus_types::messaging::{Body, Outcome};
+    use azservicebus_types::primitives::Value;
+    use fe2o3_amqp::{Connection, Receiver, Sender, Session, sasl_profile::SaslProfile};
+    use fe2o3_amqp_cbs::{client::CbsClient, token::CbsToken};
+
+    run(async {
+        let emulator = Emulator::start(&["--link-idle-timeout", "1s"]).await;
+        let mut connection = Connection::builder()
+            .container_id("raw-client")
+            .sasl_profile(SaslProfile::Anonymous)
+            .open("amqp://127.0.0.1:5672")
+            .await
+            .expect("open a connection");
+        let mut session = Session::begin(&mut connection).await.expect("begin a session");
+        let mut cbs = CbsClient::attach(&mut session).await.expect("attach $cbs");
+        let mut idle = Receiver::attach(&mut session, "idle-receiver", QUEUE_MDC)
+            .await
+            .expect("attach the receiver");
+        let mut sender = Sender::attach(&mut session, "busy-sender", QUEUE)
+            .await
+            .expect("attach the sender");
+        let started = tokio::time::Instant::now();
+        let mut sent = 0;
+        while started.elapsed() < Duration::from_millis(2500) {
+            let outcome = sender.send("keep-alive").await.expect("a busy sender stays attached");
+            assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let detached = timeout(Duration::from_secs(1), idle.recv::<Body<Value>>())
+            .await
+            .expect("the idle receiver was detached by now")
+            .expect_err("nothing was sent to it");
+        let detached = format!("{detached:?}");
+        assert!(detached.contains("DetachForced"), "{detached}");
+        assert!(detached.contains("IdleTimerExpired"), "{detached}");
+        assert!(detached.contains("idle-receiver"), "{detached}");
+        let token = CbsToken::new(
+            "SharedAccessSignature sr=x&sig=y",
+            "servicebus.windows.net:sastoken",
+            None,
+        );
+        cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), token)
+            .await
+            .expect("$cbs is not detached for idleness");
+        sender.close().await.expect("close the sender");
+        let _ = idle.close().await;
+        cbs.close().await.expect("close $cbs");
+        session.end().await.expect("end the session");
+        connection.close().await.expect("close the connection");
+        assert_eq!(emulator.counts(QUEUE).await.0, sent, "the sender's messages arrived");
+    });
+}
+
 /// `--strict` leaves out x-opt-lock-token, as Azure does. azservicebus then
 /// reads the lock token from the delivery tag in the wrong byte order: link
 /// settlement still works, but renewing the lock fails, as it would on Azure.

@@ -268,6 +268,9 @@ const SB_XML_NS: &[u8] = b"http://schemas.microsoft.com/netservices/2011/06/serv
 const MAX_MESSAGE_ID: usize = 128;
 /// Lifetime of the SAS tokens signed for the ATOM call.
 const SAS_TTL_SECS: u64 = 3600;
+/// Azure detaches a link with no traffic for 10 minutes
+/// (`amqp:link:detach-forced`, "IdleTimerExpired"); it cannot be changed.
+const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The application properties Service Bus adds when it dead-letters a message.
 pub const DEAD_LETTER_REASON: &str = "DeadLetterReason";
@@ -391,9 +394,13 @@ pub struct ServiceBusBackend {
     target_property: Option<String>,
     /// The namespace's connection, shared with every queue on it.
     conn: Arc<SharedClient>,
-    receiver: Mutex<Option<ServiceBusReceiver>>,
+    /// The browsing receiver, kept between calls, and when it was last used.
+    receiver: Mutex<Option<(ServiceBusReceiver, Instant)>>,
     /// The connection generation the receiver was attached on.
     receiver_generation: AtomicU64,
+    /// How long a kept browsing receiver may sit idle before it is attached
+    /// again (half of `servicebus.link_idle_timeout`).
+    receiver_keep: Duration,
     /// The copies' sender links, one per destination, on the dead-letter
     /// queue's connection. Locked while one is attached, which every send to
     /// that destination waits for anyway.
@@ -620,6 +627,7 @@ impl ServiceBusBackend {
             conn,
             receiver: Mutex::new(None),
             receiver_generation: AtomicU64::new(0),
+            receiver_keep: cfg.link_idle_timeout.unwrap_or(LINK_IDLE_TIMEOUT) / 2,
             senders: Mutex::new(HashMap::new()),
             send_to: Arc::default(),
             opening: std::sync::Mutex::new(
@@ -740,15 +748,26 @@ impl ServiceBusBackend {
         }
     }
 
+    /// The browsing receiver: the one kept from an earlier call, unless it
+    /// may be gone (see below), else a new one. `stale` says whether it was
+    /// kept: such a receiver may have been detached since without a word.
     async fn ensure_receiver<'a>(
         &self,
-        slot: &'a mut Option<ServiceBusReceiver>,
+        slot: &'a mut Option<(ServiceBusReceiver, Instant)>,
+        stale: &mut bool,
     ) -> Result<&'a mut ServiceBusReceiver> {
         // A receiver on a connection that was closed since (after another
-        // queue's failure) is dead: attach a new one.
-        if slot.is_some() && self.conn.generation() != Some(self.receiver_generation.load(Ordering::Relaxed)) {
+        // queue's failure) is dead. One idle for half the namespace's idle
+        // timeout is likely detached, and azservicebus may not notice: a peek
+        // on its detached `$management` link waits out CALL_TIMEOUT. Attach a
+        // new one instead.
+        if let Some((_, used)) = slot
+            && (self.conn.generation() != Some(self.receiver_generation.load(Ordering::Relaxed))
+                || used.elapsed() >= self.receiver_keep)
+        {
             *slot = None;
         }
+        *stale = slot.is_some();
         if slot.is_none() {
             let mut client_slot = self.conn.slot.lock().await;
             let (generation, client) = self.client(&mut client_slot).await?;
@@ -785,16 +804,18 @@ impl ServiceBusBackend {
                     return Err(self.unreachable("attaching to the dead-letter queue timed out"));
                 }
             };
-            *slot = Some(receiver);
+            *slot = Some((receiver, Instant::now()));
             self.receiver_generation.store(generation, Ordering::Relaxed);
         }
-        Ok(slot.as_mut().expect("just set"))
+        let (receiver, used) = slot.as_mut().expect("just set");
+        *used = Instant::now();
+        Ok(receiver)
     }
 
     /// Drop the DLQ receiver after a failed call, and the connection too when
     /// the failure was the connection's (unreachable, timed out): other
     /// queues share it, so an error of this entity alone leaves it open.
-    async fn drop_receiver(&self, slot: &mut Option<ServiceBusReceiver>, connection: bool) {
+    async fn drop_receiver(&self, slot: &mut Option<(ServiceBusReceiver, Instant)>, connection: bool) {
         *slot = None;
         if connection {
             self.reset(self.receiver_generation.load(Ordering::Relaxed)).await;
@@ -860,15 +881,29 @@ impl ServiceBusBackend {
         let mut out = Vec::new();
         let mut from: i64 = 1;
         let mut slot = self.receiver.lock().await;
+        // A receiver kept from an earlier call may have been detached since
+        // (Azure detaches idle links, and links on a namespace it moves), and
+        // azservicebus then fails the next peek ("IllegalState") instead of
+        // attaching again. Such a failure gets one more try, on a new link.
+        let mut stale = false;
+        let mut retried = false;
         while out.len() < max {
-            let rx = self.ensure_receiver(&mut slot).await?;
+            let rx = self.ensure_receiver(&mut slot, &mut stale).await?;
             let n = (max - out.len()).min(PEEK_PAGE) as u32;
             let page = match tokio::time::timeout(CALL_TIMEOUT, rx.peek_messages(n, Some(from))).await {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
                     let err = self.classify("peek", &e);
-                    self.drop_receiver(&mut slot, matches!(err, BackendError::Unreachable { .. }))
-                        .await;
+                    let unreachable = matches!(err, BackendError::Unreachable { .. });
+                    self.drop_receiver(&mut slot, unreachable).await;
+                    let retry = stale
+                        && !retried
+                        && matches!(err, BackendError::Provider { .. } | BackendError::Unreachable { .. });
+                    if retry {
+                        tracing::debug!(queue = %self.queue_name, error = %err, "peek on a kept link failed: attaching a new one");
+                        retried = true;
+                        continue;
+                    }
                     return Err(err);
                 }
                 Err(_) => {

@@ -8,7 +8,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use fe2o3_amqp_types::{
-    definitions::{self, AmqpError, ErrorCondition, Handle, Role, SenderSettleMode},
+    definitions::{self, AmqpError, ErrorCondition, Handle, LinkError, Role, SenderSettleMode},
     messaging::{Accepted, DeliveryState, Modified, Rejected, Source, TargetArchetype},
     performatives::{Attach, Begin, Close, Detach, Disposition, End, Flow, Open, Performative, Transfer},
     primitives::{Array, Symbol},
@@ -142,8 +142,19 @@ enum Direction {
 
 #[derive(Debug)]
 struct Link {
+    /// The client's name for the link, which Azure's detach names.
+    name: String,
     node: Node,
     direction: Direction,
+    /// The last transfer on the link, either way, or disposition of one of
+    /// its deliveries: what Azure's idle timer counts (credit does not).
+    last_active: Instant,
+}
+
+impl Link {
+    fn touch(&mut self) {
+        self.last_active = Instant::now();
+    }
 }
 
 #[derive(Debug)]
@@ -244,6 +255,9 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
         .settings
         .enforce_token_expiry
         .then(|| tokio::time::interval(Duration::from_millis(100)));
+    let link_idle_timeout = Some(connection.settings.link_idle_timeout).filter(|t| !t.is_zero());
+    // Checked often enough that a link outlives its timeout by a tenth at most.
+    let mut idle_check = link_idle_timeout.map(|t| tokio::time::interval((t / 10).max(Duration::from_millis(50))));
     let result = loop {
         let deadline = connection.accept_deadline;
         let step = tokio::select! {
@@ -263,6 +277,9 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
             }
             _ = async { expiry_check.as_mut().expect("guarded").tick().await }, if expiry_check.is_some() => {
                 connection.detach_expired()
+            }
+            _ = async { idle_check.as_mut().expect("guarded").tick().await }, if idle_check.is_some() => {
+                connection.detach_idle(link_idle_timeout.expect("guarded"))
             }
         };
         if let Err(error) = step {
@@ -478,7 +495,13 @@ impl Connection {
             }
         };
         let session = self.session(channel)?;
-        session.links.insert(handle, Link { node, direction });
+        let link = Link {
+            name: attach.name.to_string(),
+            node,
+            direction,
+            last_active: Instant::now(),
+        };
+        session.links.insert(handle, link);
         if client_sends {
             let mut flow = session.flow(Some(handle));
             flow.delivery_count = Some(attach.initial_delivery_count.unwrap_or(0));
@@ -592,6 +615,7 @@ impl Connection {
             .links
             .get_mut(&handle)
             .ok_or_else(|| ConnectionError::Protocol(format!("transfer on unknown handle {handle}")))?;
+        link.touch();
         let Direction::Inbound {
             credit,
             delivery_count,
@@ -840,6 +864,7 @@ impl Connection {
                     };
                     let delivery_id = session.next_outgoing_id;
                     session.next_outgoing_id = delivery_id.wrapping_add(1);
+                    link.last_active = Instant::now();
                     *delivery_count = delivery_count.wrapping_add(1);
                     *credit -= 1;
                     if let Some(lock_token) = lock_token {
@@ -955,6 +980,42 @@ impl Connection {
         Ok(())
     }
 
+    /// Detaches every link to an entity or a `$management` node with no
+    /// transfer or disposition for `timeout`, with Azure's condition and
+    /// description (`amqp:link:detach-forced`, "IdleTimerExpired"). Azure's
+    /// timer is 10 minutes and cannot be changed; outstanding credit does not
+    /// keep a link alive.
+    fn detach_idle(&mut self, timeout: Duration) -> Result<(), ConnectionError> {
+        let now = Instant::now();
+        let mut idle = Vec::new();
+        for (&channel, session) in &self.sessions {
+            for (&handle, link) in &session.links {
+                if matches!(link.node, Node::Cbs) || now.duration_since(link.last_active) < timeout {
+                    continue;
+                }
+                let (code, role) = match link.direction {
+                    Direction::Inbound { .. } => ("publisher", "Publisher"),
+                    Direction::Outbound { .. } => ("consumer", "Consumer"),
+                };
+                let secs = timeout.as_secs();
+                let description = format!(
+                    "The link '{}' is force detached. Code: {code}(link{handle}). Details: AmqpMessage{role}.IdleTimerExpired: Idle timeout: {:02}:{:02}:{:02}.",
+                    link.name,
+                    secs / 3600,
+                    secs / 60 % 60,
+                    secs % 60
+                );
+                idle.push((channel, handle, description));
+            }
+        }
+        for (channel, handle, description) in idle {
+            tracing::warn!(%description, "detaching an idle link");
+            let error = amqp_error(ErrorCondition::LinkError(LinkError::DetachForced), description);
+            self.detach(channel, handle, Some(error))?;
+        }
+        Ok(())
+    }
+
     /// The client detaches a link: answered with our detach, unless it is
     /// the answer to ours.
     fn on_detach(&mut self, channel: u16, handle: u32) -> Result<(), ConnectionError> {
@@ -1006,11 +1067,14 @@ impl Connection {
                 (Some(sent), Some(outcome)) => {
                     let path = self
                         .sessions
-                        .get(&channel)
-                        .and_then(|s| s.links.get(&sent.handle))
-                        .and_then(|link| match &link.node {
-                            Node::Entity(path) => Some(path.clone()),
-                            _ => None,
+                        .get_mut(&channel)
+                        .and_then(|s| s.links.get_mut(&sent.handle))
+                        .and_then(|link| {
+                            link.touch();
+                            match &link.node {
+                                Node::Entity(path) => Some(path.clone()),
+                                _ => None,
+                            }
                         });
                     match path {
                         Some(path) => self.broker.settle(&path, &sent.lock_token, outcome),

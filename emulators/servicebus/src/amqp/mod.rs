@@ -23,6 +23,10 @@ pub struct AmqpSettings {
     /// `$management` node that no `$cbs` token put on the connection covers,
     /// as Azure does.
     pub require_tokens: bool,
+    /// Force-detach (amqp:link:detach-forced) a link to an entity or a
+    /// `$management` node with no transfer or disposition for this long, as
+    /// Azure does after 10 minutes. Zero: never.
+    pub link_idle_timeout: Duration,
 }
 
 pub async fn serve(listener: TcpListener, broker: Arc<Broker>, settings: AmqpSettings) {
