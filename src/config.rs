@@ -1386,3 +1386,137 @@ mod tests {
         assert!(err.contains("test.yaml"), "{err}");
     }
 }
+
+/// The chart's `values.schema.json` lists the keys of each config section it
+/// checks strictly (`additionalProperties: false`): a key missing there is
+/// refused by `helm install` although dlq-bridge reads it.
+#[cfg(test)]
+mod chart_schema {
+    use std::collections::BTreeSet;
+
+    use serde::de::{DeserializeOwned, Deserializer, Error as _, Visitor, value::Error};
+
+    use super::*;
+
+    /// A deserializer that only records the field names a derived
+    /// `Deserialize` asks for.
+    struct FieldNames<'a>(&'a mut &'static [&'static str]);
+
+    impl<'de> Deserializer<'de> for FieldNames<'_> {
+        type Error = Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Error> {
+            *self.0 = fields;
+            Err(Error::custom("fields recorded"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    fn fields_of<T: DeserializeOwned>() -> BTreeSet<&'static str> {
+        let mut fields: &'static [&'static str] = &[];
+        let _ = T::deserialize(FieldNames(&mut fields));
+        assert!(
+            !fields.is_empty(),
+            "{} is not a derived struct",
+            std::any::type_name::<T>()
+        );
+        fields.iter().copied().collect()
+    }
+
+    #[test]
+    fn every_strict_section_of_the_charts_schema_lists_the_keys_dlq_bridge_reads() {
+        let schema: serde_json::Value = serde_json::from_str(include_str!("../charts/dlq-bridge/values.schema.json"))
+            .expect("values.schema.json is JSON");
+        let config = &schema["properties"]["config"];
+        let queue = &config["properties"]["queues"]["items"];
+        let sections: [(&str, &serde_json::Value, BTreeSet<&str>); 12] = [
+            ("config", config, fields_of::<Config>()),
+            (
+                "config.defaults",
+                &config["properties"]["defaults"],
+                fields_of::<QueueDefaults>(),
+            ),
+            (
+                "config.redrive",
+                &config["properties"]["redrive"],
+                fields_of::<RedriveConfig>(),
+            ),
+            (
+                "config.serve",
+                &config["properties"]["serve"],
+                fields_of::<ServeConfig>(),
+            ),
+            (
+                "config.serve.dashboard",
+                &config["properties"]["serve"]["properties"]["dashboard"],
+                fields_of::<DashboardConfig>(),
+            ),
+            (
+                "config.serve.admin_calls_per_second",
+                &config["properties"]["serve"]["properties"]["admin_calls_per_second"],
+                fields_of::<AdminCallLimits>(),
+            ),
+            (
+                "config.alerts",
+                &config["properties"]["alerts"],
+                fields_of::<AlertsConfig>(),
+            ),
+            ("config.queues[]", queue, fields_of::<RawQueue>()),
+            (
+                "config.queues[].sqs",
+                &queue["properties"]["sqs"],
+                fields_of::<SqsQueueConfig>(),
+            ),
+            (
+                "config.queues[].pubsub",
+                &queue["properties"]["pubsub"],
+                fields_of::<PubSubQueueConfig>(),
+            ),
+            (
+                "config.queues[].servicebus",
+                &queue["properties"]["servicebus"],
+                fields_of::<ServiceBusQueueConfig>(),
+            ),
+            (
+                "config.queues[].retention",
+                &queue["properties"]["retention"],
+                fields_of::<RetentionConfig>(),
+            ),
+        ];
+        let mut drift = Vec::new();
+        for (path, node, fields) in &sections {
+            let Some(listed) = node["properties"].as_object() else {
+                // Not checked key by key by the chart: dlq-bridge checks it.
+                assert_ne!(node["additionalProperties"], false, "{path}: strict, but lists no keys");
+                continue;
+            };
+            assert_eq!(node["additionalProperties"], false, "{path}: lists keys but takes any");
+            let listed: BTreeSet<&str> = listed.keys().map(String::as_str).collect();
+            for missing in fields.difference(&listed) {
+                drift.push(format!("{path}.{missing}: read by dlq-bridge, refused by the chart"));
+            }
+            for unknown in listed.difference(fields) {
+                drift.push(format!("{path}.{unknown}: allowed by the chart, unknown to dlq-bridge"));
+            }
+        }
+        assert!(
+            drift.is_empty(),
+            "values.schema.json has drifted:\n{}",
+            drift.join("\n")
+        );
+    }
+}
