@@ -686,23 +686,31 @@ async fn entities_deleted_mid_pass_lose_nothing_else() {
     );
 }
 
-/// A sidecar whose links sit idle between passes, against an emulator that
+/// A sidecar whose links sit idle between calls, against an emulator that
 /// force-detaches every link idle for 2 s (`amqp:link:detach-forced`), as
-/// Azure does after 10 minutes: the dead-letter queue's receiver and its
-/// `$management` links, the copies' senders and the browsing receiver. Each
-/// later browse and redrive works on new links, moves everything once, and
-/// does not first wait out a call's timeout (20 s) on a link that is gone.
+/// Azure does after 10 minutes, then closes each connection left without
+/// links for 1 s (`amqp:connection:forced`), as Azure does after about a
+/// minute: the dead-letter queue's receiver and its `$management` links, the
+/// copies' senders, the browsing receiver and their connections. Each later
+/// browse and redrive works on new links, moves everything once, and does
+/// not first wait out a call's timeout (20 s) on a link that is gone.
 #[tokio::test]
 async fn a_sidecar_outlives_links_detached_for_idleness() {
     use common::serve::Serve;
     use common::servicebus::{IDLE_LINKS_HOST, private_emulator};
     const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_IDLE_LINKS";
-    const IDLE: Duration = Duration::from_secs(2);
+    /// Long enough for the links to be detached (2 s idle), then their
+    /// connections closed (1 s without links).
+    const QUIET: Duration = Duration::from_secs(4);
     /// Well under the backend's call timeout: a browse or a pass that waited
     /// on a detached link would take at least that.
     const NO_STALL: Duration = Duration::from_secs(12);
-    let (emu, cs, client) =
-        private_emulator("servicebus-idle-links", IDLE_LINKS_HOST, &["--link-idle-timeout", "2s"]).await;
+    let (emu, cs, client) = private_emulator(
+        "servicebus-idle-links",
+        IDLE_LINKS_HOST,
+        &["--link-idle-timeout", "2s", "--connection-idle-timeout", "1s"],
+    )
+    .await;
     let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
     let config = format!(
         "{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1h\n  reason_sample: 0\n",
@@ -733,23 +741,33 @@ async fn a_sidecar_outlives_links_detached_for_idleness() {
         run["summary"]["settled"].as_u64().expect("a settled count")
     };
 
+    // The emulator closes the fixture's own connection too while the test
+    // idles, and azservicebus does not reconnect: a new one for each use.
+    let reconnect = || async { *f.client.lock().await = common::servicebus::client_with(&cs).await };
     let mut moved = 0;
     for round in 0..3 {
         let msgs: Vec<TestMessage> = (0..20).map(|i| failing(100 * round + i, "Timeout")).collect();
+        reconnect().await;
         f.put_in_dlq(&msgs).await;
         assert_eq!(browse().await, 20, "round {round}: browse");
-        tokio::time::sleep(IDLE + IDLE / 2).await;
+        tokio::time::sleep(QUIET).await;
         assert_eq!(browse().await, 20, "round {round}: browse after the links went idle");
-        tokio::time::sleep(IDLE + IDLE / 2).await;
+        tokio::time::sleep(QUIET).await;
         assert_eq!(redrive().await, 20, "round {round}: redrive after the links went idle");
         moved += 20;
+        reconnect().await;
         assert_eq!(f.dlq_count().await, 0, "round {round}");
     }
+    reconnect().await;
     let copies = f.drain_source().await.len();
     assert_eq!(copies, moved, "every message was moved once");
     let log = std::fs::read_to_string(emu.log_path()).unwrap_or_default();
     assert!(
         log.contains("IdleTimerExpired"),
         "the emulator detached no idle link: {log}"
+    );
+    assert!(
+        log.contains("did not have any active links"),
+        "the emulator closed no connection: {log}"
     );
 }

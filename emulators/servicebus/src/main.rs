@@ -81,6 +81,13 @@ struct Cli {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     link_idle_timeout: Duration,
 
+    /// Close a connection that has had no link to an entity or a
+    /// `$management` node for this long (amqp:connection:forced), as Azure
+    /// does after about a minute; `$cbs` does not count. `0s` never closes
+    /// one.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    connection_idle_timeout: Duration,
+
     /// MaxDeliveryCount of entities the topology does not configure.
     #[arg(long, default_value_t = 10)]
     max_delivery_count: u32,
@@ -169,6 +176,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         enforce_token_expiry: cli.enforce_token_expiry,
         require_tokens: cli.require_tokens,
         link_idle_timeout: cli.link_idle_timeout,
+        connection_idle_timeout: cli.connection_idle_timeout,
     };
     let router = atom::router(broker.clone());
     tokio::spawn(amqp::serve(amqp, broker.clone(), settings));

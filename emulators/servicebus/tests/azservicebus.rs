@@ -476,7 +476,9 @@ fn links_need_a_token_with_require_tokens() {
 /// `--link-idle-timeout`: a link with no transfer or disposition for that
 /// long is force-detached (amqp:link:detach-forced, "IdleTimerExpired"), as
 /// Azure does after 10 minutes, even while it has credit out; a link that
-/// sends keeps going, and so does `$cbs`.
+/// sends keeps going, and so does `$cbs`. `--connection-idle-timeout`: a
+/// connection left with no link but `$cbs` for that long is closed
+/// (amqp:connection:forced), as Azure does after about a minute.
 #[test]
 fn idle_links_are_force_detached() {
     use azservicebus_types::messaging::{Body, Outcome};
@@ -485,7 +487,7 @@ fn idle_links_are_force_detached() {
     use fe2o3_amqp_cbs::{client::CbsClient, token::CbsToken};
 
     run(async {
-        let emulator = Emulator::start(&["--link-idle-timeout", "1s"]).await;
+        let emulator = Emulator::start(&["--link-idle-timeout", "1s", "--connection-idle-timeout", "1s"]).await;
         let mut connection = Connection::builder()
             .container_id("raw-client")
             .sasl_profile(SaslProfile::Anonymous)
@@ -521,14 +523,25 @@ fn idle_links_are_force_detached() {
             "servicebus.windows.net:sastoken",
             None,
         );
-        cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), token)
+        cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), token.clone())
             .await
             .expect("$cbs is not detached for idleness");
+        // With no link but `$cbs` left, the connection is closed a second later.
         sender.close().await.expect("close the sender");
         let _ = idle.close().await;
-        cbs.close().await.expect("close $cbs");
-        session.end().await.expect("end the session");
-        connection.close().await.expect("close the connection");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let closed = timeout(WAIT, cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), token))
+            .await
+            .expect("a put on a closed connection fails at once")
+            .expect_err("the connection was closed");
+        let closed = format!("{closed:?}");
+        let ended = connection
+            .close()
+            .await
+            .expect_err("the emulator closed the connection first");
+        let ended = format!("{ended:?}");
+        assert!(ended.contains("ConnectionForced"), "{closed} / {ended}");
+        assert!(ended.contains("did not have any active links"), "{ended}");
         assert_eq!(emulator.counts(QUEUE).await.0, sent, "the sender's messages arrived");
     });
 }

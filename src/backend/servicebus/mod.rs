@@ -769,7 +769,24 @@ impl ServiceBusBackend {
         }
         *stale = slot.is_some();
         if slot.is_none() {
-            let mut client_slot = self.conn.slot.lock().await;
+            let (generation, receiver) = self.attach_receiver().await?;
+            *slot = Some((receiver, Instant::now()));
+            self.receiver_generation.store(generation, Ordering::Relaxed);
+        }
+        let (receiver, used) = slot.as_mut().expect("just set");
+        *used = Instant::now();
+        Ok(receiver)
+    }
+
+    /// Attach a browsing receiver, with the generation of the connection it
+    /// is on. Azure closes a connection that has had no link for about a
+    /// minute (amqp:connection:forced), and azservicebus does not reconnect
+    /// by itself: an attach on a connection kept from earlier that fails as
+    /// unreachable gets one more try, on a new connection.
+    async fn attach_receiver(&self) -> Result<(u64, ServiceBusReceiver)> {
+        let mut client_slot = self.conn.slot.lock().await;
+        let mut kept = client_slot.is_some();
+        loop {
             let (generation, client) = self.client(&mut client_slot).await?;
             let options = ServiceBusReceiverOptions {
                 sub_queue: SubQueue::DeadLetter,
@@ -777,7 +794,7 @@ impl ServiceBusBackend {
                 prefetch_count: 0,
                 ..Default::default()
             };
-            let fut = async {
+            let attach = async {
                 match &self.entity {
                     Entity::Queue(q) => client.create_receiver_for_queue(q.clone(), options).await,
                     Entity::Subscription { topic, subscription } => {
@@ -787,29 +804,21 @@ impl ServiceBusBackend {
                     }
                 }
             };
-            let result = tokio::time::timeout(CALL_TIMEOUT, fut).await;
-            let receiver = match result {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    let err = self.classify("attach to the dead-letter queue", &e);
-                    drop(client_slot);
-                    if matches!(err, BackendError::Unreachable { .. }) {
-                        self.reset(generation).await;
-                    }
-                    return Err(err);
-                }
-                Err(_) => {
-                    drop(client_slot);
-                    self.reset(generation).await;
-                    return Err(self.unreachable("attaching to the dead-letter queue timed out"));
-                }
+            let err = match tokio::time::timeout(CALL_TIMEOUT, attach).await {
+                Ok(Ok(receiver)) => return Ok((generation, receiver)),
+                Ok(Err(e)) => self.classify("attach to the dead-letter queue", &e),
+                Err(_) => self.unreachable("attaching to the dead-letter queue timed out"),
             };
-            *slot = Some((receiver, Instant::now()));
-            self.receiver_generation.store(generation, Ordering::Relaxed);
+            if !matches!(err, BackendError::Unreachable { .. }) {
+                return Err(err);
+            }
+            // Forgotten, so that the next call (or the retry) reconnects.
+            self.conn.set(&mut client_slot, None);
+            if !std::mem::take(&mut kept) {
+                return Err(err);
+            }
+            tracing::debug!(queue = %self.queue_name, error = %err, "attach on a kept connection failed: reconnecting");
         }
-        let (receiver, used) = slot.as_mut().expect("just set");
-        *used = Instant::now();
-        Ok(receiver)
     }
 
     /// Drop the DLQ receiver after a failed call, and the connection too when

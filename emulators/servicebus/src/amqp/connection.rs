@@ -214,6 +214,9 @@ struct Connection {
     tokens: Vec<(String, i64)>,
     /// The broker's count of deletes this connection has acted on.
     deletions_seen: u64,
+    /// The last time the connection had a link to an entity or a
+    /// `$management` node (`$cbs` does not count, as on Azure).
+    last_linked: Instant,
     closed: bool,
 }
 
@@ -248,6 +251,7 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
         accept_deadline: None,
         tokens: Vec::new(),
         deletions_seen,
+        last_linked: Instant::now(),
         closed: false,
     };
     let mut heartbeat: Option<tokio::time::Interval> = None;
@@ -256,8 +260,14 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
         .enforce_token_expiry
         .then(|| tokio::time::interval(Duration::from_millis(100)));
     let link_idle_timeout = Some(connection.settings.link_idle_timeout).filter(|t| !t.is_zero());
-    // Checked often enough that a link outlives its timeout by a tenth at most.
-    let mut idle_check = link_idle_timeout.map(|t| tokio::time::interval((t / 10).max(Duration::from_millis(50))));
+    let connection_idle_timeout = Some(connection.settings.connection_idle_timeout).filter(|t| !t.is_zero());
+    // Checked often enough that a link or connection outlives its timeout by
+    // a tenth at most.
+    let mut idle_check = [link_idle_timeout, connection_idle_timeout]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| tokio::time::interval((t / 10).max(Duration::from_millis(50))));
     let result = loop {
         let deadline = connection.accept_deadline;
         let step = tokio::select! {
@@ -279,7 +289,9 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
                 connection.detach_expired()
             }
             _ = async { idle_check.as_mut().expect("guarded").tick().await }, if idle_check.is_some() => {
-                connection.detach_idle(link_idle_timeout.expect("guarded"))
+                link_idle_timeout
+                    .map_or(Ok(()), |t| connection.detach_idle(t))
+                    .and_then(|()| connection_idle_timeout.map_or(Ok(()), |t| connection.close_if_unlinked(t)))
             }
         };
         if let Err(error) = step {
@@ -1014,6 +1026,40 @@ impl Connection {
             self.detach(channel, handle, Some(error))?;
         }
         Ok(())
+    }
+
+    /// Closes the connection once it has had no link to an entity or a
+    /// `$management` node for `timeout` (`$cbs` does not count), with Azure's
+    /// condition and description (`amqp:connection:forced`, "did not have any
+    /// active links").
+    fn close_if_unlinked(&mut self, timeout: Duration) -> Result<(), ConnectionError> {
+        let now = Instant::now();
+        let linked = self
+            .sessions
+            .values()
+            .any(|session| session.links.values().any(|link| !matches!(link.node, Node::Cbs)));
+        if linked {
+            self.last_linked = now;
+            return Ok(());
+        }
+        if now.duration_since(self.last_linked) < timeout {
+            return Ok(());
+        }
+        let description = format!(
+            "The connection was closed by container 'servicebus-emulator' because it did not have any active links in the past {} milliseconds.",
+            timeout.as_millis()
+        );
+        tracing::warn!(%description, "closing a connection without links");
+        self.closed = true;
+        self.send(
+            0,
+            Performative::Close(Close {
+                error: Some(amqp_error(
+                    ErrorCondition::ConnectionError(definitions::ConnectionError::ConnectionForced),
+                    description,
+                )),
+            }),
+        )
     }
 
     /// The client detaches a link: answered with our detach, unless it is

@@ -27,6 +27,10 @@ pub struct AmqpSettings {
     /// `$management` node with no transfer or disposition for this long, as
     /// Azure does after 10 minutes. Zero: never.
     pub link_idle_timeout: Duration,
+    /// Close (amqp:connection:forced) a connection that has had no link to an
+    /// entity or a `$management` node for this long, as Azure does after 60
+    /// seconds (`$cbs` does not count). Zero: never.
+    pub connection_idle_timeout: Duration,
 }
 
 pub async fn serve(listener: TcpListener, broker: Arc<Broker>, settings: AmqpSettings) {
