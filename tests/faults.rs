@@ -1011,6 +1011,54 @@ pub async fn endpoint_down_mid_run_loses_nothing<F: ViaProxy>(backend: &str) {
     assert_resumes_whole(&what, &f, &msgs, &config, &journal, &proxied.env, &out, &output).await;
 }
 
+/// A sidecar whose connections are reset while it idles between calls (a
+/// NAT or load balancer dropping idle flows, an endpoint restarted): the
+/// next browse and the next API redrive work without an error, and the
+/// redrive moves every message once.
+pub async fn a_sidecar_rides_out_connections_cut_while_idle<F: ViaProxy>(backend: &str) {
+    use common::serve::Serve;
+    let f = F::create(false).await;
+    let msgs = seeded("idle-cut", 10);
+    f.put_in_dlq(&msgs).await;
+    let proxied = f.via_proxy().await;
+    let mut config = proxied.config.clone();
+    config.serve.listen = "{listen}".into();
+    config.serve.poll_interval = Duration::from_secs(3600);
+    config.queues[0].poll_interval = None;
+    config.serve.reason_sample = 0;
+    let queue = config.queues[0].name.clone();
+    let env: Vec<(&str, &str)> = proxied.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let serve = Serve::start_with_env(&serde_yaml::to_string(&config).unwrap(), &env).await;
+    let browse = |when: &'static str| {
+        let (serve, queue, msgs) = (&serve, &queue, &msgs);
+        async move {
+            let (code, body) = serve.get(&format!("/v1/queues/{queue}/messages?limit=100")).await;
+            assert_eq!(code, 200, "{backend}: the browse {when}: {body}");
+            let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON answer");
+            let listed = body["messages"].as_array().expect("messages").len();
+            assert_eq!(listed, msgs.len(), "{backend}: the browse {when}: {body}");
+        }
+    };
+    let cut = || async {
+        for p in &proxied.proxies {
+            p.cut();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+
+    browse("before any cut").await;
+    cut().await;
+    browse("after its connections were cut").await;
+    cut().await;
+    let run = serve.redrive(&queue, serde_json::json!({ "filter": "true" })).await;
+    assert_eq!(run["status"], "finished", "{backend}: {run}");
+    assert_eq!(run["summary"]["settled"], msgs.len(), "{backend}: {run}");
+    let arrived = f.drain_source().await;
+    let (lost, extra_copies, _) = count(&msgs, &arrived);
+    assert_eq!((lost, extra_copies), (0, 0), "{backend}: lost, extra copies");
+    assert_eq!(f.dlq_count().await, 0, "{backend}: left in the DLQ");
+}
+
 /// (b) The emulator process is frozen (SIGSTOP) for 8 s mid-run, then resumed:
 /// a hung server. The run fails with a clear error or rides it out, within a
 /// bound; a resume loses nothing.
@@ -1093,6 +1141,10 @@ macro_rules! faults {
             #[tokio::test]
             async fn emulator_killed_mid_run_fails_clearly() {
                 super::emulator_killed_mid_run_fails_clearly::<$fixture>(stringify!($module), "127.0.0.6").await;
+            }
+            #[tokio::test]
+            async fn a_sidecar_rides_out_connections_cut_while_idle() {
+                super::a_sidecar_rides_out_connections_cut_while_idle::<$fixture>(stringify!($module)).await;
             }
             #[tokio::test]
             async fn clean_run_settles_everything_before_it_exits() {
