@@ -398,6 +398,26 @@ fn azservicebus_flows() {
     });
 }
 
+/// A plain fe2o3-amqp connection to the emulator on 5672, for the tests
+/// that need frames azservicebus does not send (or hides).
+async fn raw_connection() -> fe2o3_amqp::connection::ConnectionHandle<()> {
+    fe2o3_amqp::Connection::builder()
+        .container_id("raw-client")
+        .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Anonymous)
+        .open("amqp://127.0.0.1:5672")
+        .await
+        .expect("open a connection")
+}
+
+/// A SAS token the emulator takes (it checks no signature).
+fn any_token() -> fe2o3_amqp_cbs::token::CbsToken<'static> {
+    fe2o3_amqp_cbs::token::CbsToken::new(
+        "SharedAccessSignature sr=x&sig=y",
+        "servicebus.windows.net:sastoken",
+        None,
+    )
+}
+
 /// `--require-tokens`: a link to an entity attaches only once a `$cbs` token
 /// covering it was put on the connection, as on Azure; before that, and with
 /// a token for another entity (or a name it merely starts with), it is
@@ -405,8 +425,8 @@ fn azservicebus_flows() {
 /// first, works as usual.
 #[test]
 fn links_need_a_token_with_require_tokens() {
-    use fe2o3_amqp::{Connection, Receiver, Session, sasl_profile::SaslProfile};
-    use fe2o3_amqp_cbs::{client::CbsClient, token::CbsToken};
+    use fe2o3_amqp::{Receiver, Session};
+    use fe2o3_amqp_cbs::client::CbsClient;
 
     // On a session of its own: fe2o3-amqp 0.14 leaves a session whose link
     // was refused unusable for further attaches.
@@ -422,12 +442,7 @@ fn links_need_a_token_with_require_tokens() {
 
     run(async {
         let emulator = Emulator::start(&["--require-tokens"]).await;
-        let mut connection = Connection::builder()
-            .container_id("raw-client")
-            .sasl_profile(SaslProfile::Anonymous)
-            .open("amqp://127.0.0.1:5672")
-            .await
-            .expect("open a connection");
+        let mut connection = raw_connection().await;
         let mut session = Session::begin(&mut connection).await.expect("begin a session");
         let refused = attach(&mut connection, "before-any-token")
             .await
@@ -436,23 +451,13 @@ fn links_need_a_token_with_require_tokens() {
 
         let mut cbs = CbsClient::attach(&mut session).await.expect("$cbs needs no token");
         for audience in ["amqp://127.0.0.1/other", "amqp://127.0.0.1/conform"] {
-            let token = CbsToken::new(
-                "SharedAccessSignature sr=x&sig=y",
-                "servicebus.windows.net:sastoken",
-                None,
-            );
-            cbs.put_token(audience, token).await.expect("put a token");
+            cbs.put_token(audience, any_token()).await.expect("put a token");
             let refused = attach(&mut connection, audience)
                 .await
                 .expect_err("the token covers another entity");
             assert!(refused.contains("UnauthorizedAccess"), "{refused}");
         }
-        let token = CbsToken::new(
-            "SharedAccessSignature sr=x&sig=y",
-            "servicebus.windows.net:sastoken",
-            None,
-        );
-        cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), token)
+        cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), any_token())
             .await
             .expect("put a token");
         attach(&mut connection, "with-its-token")
@@ -483,17 +488,12 @@ fn links_need_a_token_with_require_tokens() {
 fn idle_links_are_force_detached() {
     use azservicebus_types::messaging::{Body, Outcome};
     use azservicebus_types::primitives::Value;
-    use fe2o3_amqp::{Connection, Receiver, Sender, Session, sasl_profile::SaslProfile};
-    use fe2o3_amqp_cbs::{client::CbsClient, token::CbsToken};
+    use fe2o3_amqp::{Receiver, Sender, Session};
+    use fe2o3_amqp_cbs::client::CbsClient;
 
     run(async {
         let emulator = Emulator::start(&["--link-idle-timeout", "1s", "--connection-idle-timeout", "1s"]).await;
-        let mut connection = Connection::builder()
-            .container_id("raw-client")
-            .sasl_profile(SaslProfile::Anonymous)
-            .open("amqp://127.0.0.1:5672")
-            .await
-            .expect("open a connection");
+        let mut connection = raw_connection().await;
         let mut session = Session::begin(&mut connection).await.expect("begin a session");
         let mut cbs = CbsClient::attach(&mut session).await.expect("attach $cbs");
         let mut idle = Receiver::attach(&mut session, "idle-receiver", QUEUE_MDC)
@@ -518,22 +518,20 @@ fn idle_links_are_force_detached() {
         assert!(detached.contains("DetachForced"), "{detached}");
         assert!(detached.contains("IdleTimerExpired"), "{detached}");
         assert!(detached.contains("idle-receiver"), "{detached}");
-        let token = CbsToken::new(
-            "SharedAccessSignature sr=x&sig=y",
-            "servicebus.windows.net:sastoken",
-            None,
-        );
-        cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), token.clone())
+        cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), any_token())
             .await
             .expect("$cbs is not detached for idleness");
         // With no link but `$cbs` left, the connection is closed a second later.
         sender.close().await.expect("close the sender");
         let _ = idle.close().await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let closed = timeout(WAIT, cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), token))
-            .await
-            .expect("a put on a closed connection fails at once")
-            .expect_err("the connection was closed");
+        let closed = timeout(
+            WAIT,
+            cbs.put_token(format!("amqp://127.0.0.1/{QUEUE}").as_str(), any_token()),
+        )
+        .await
+        .expect("a put on a closed connection fails at once")
+        .expect_err("the connection was closed");
         let closed = format!("{closed:?}");
         let ended = connection
             .close()
