@@ -1,6 +1,7 @@
 //! Two `serve` replicas share a coordination.k8s.io/v1 Lease on a real
-//! kube-apiserver (scripts/kube.sh): exactly one sends alerts, and when it is
-//! killed the other takes over within the lease duration and sends the next.
+//! kube-apiserver (scripts/kube.sh): exactly one sends alerts and runs the
+//! schedules, and when it is killed the other takes over within the lease
+//! duration and sends the next alert, or moves the next messages.
 #![cfg(all(feature = "k8s", feature = "sqs"))]
 
 mod common;
@@ -18,7 +19,14 @@ const LEASE_SECONDS: u64 = 4;
 /// A kubeconfig for the test API server: DLQ_BRIDGE_TEST_KUBECONFIG when
 /// scripts/test.sh started one, else `scripts/kube.sh start` (which installs
 /// what it needs). Never skipped: no API server fails the test.
+/// Started once per test binary: the tests run in parallel, and two starts
+/// at once would race for the same ports and data directory.
 fn kubeconfig() -> String {
+    static KUBECONFIG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KUBECONFIG.get_or_init(start_kube).clone()
+}
+
+fn start_kube() -> String {
     if let Some(k) = std::env::var("DLQ_BRIDGE_TEST_KUBECONFIG")
         .ok()
         .filter(|k| !k.is_empty())
@@ -102,4 +110,97 @@ async fn one_leader_alerts_and_the_standby_takes_over_when_it_dies() {
         after.iter().all(|r| r == standby),
         "only the new leader sends: {after:?}"
     );
+}
+
+/// How many messages a replica's redrives of `orders` settled, from its /metrics.
+async fn settled_by(replica: &Serve) -> u64 {
+    let (_, text) = replica.get("/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(r#"dlq_bridge_redrive_messages_total{queue="orders",outcome="settled"}"#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// How many scheduled runs a replica has started, from its /v1/runs.
+async fn scheduled_runs(replica: &Serve) -> usize {
+    let (_, text) = replica.get("/v1/runs?limit=10000").await;
+    let runs: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    runs.as_array()
+        .map_or(0, |runs| runs.iter().filter(|r| r["trigger"] == "schedule").count())
+}
+
+/// Both replicas carry the same schedule (every second, every message), and
+/// only the leader runs it: each message is redriven once, by one replica.
+/// When the leader dies, the standby takes the schedule over.
+#[tokio::test]
+async fn only_the_leader_runs_schedules_and_the_standby_takes_them_over() {
+    let kubeconfig = kubeconfig();
+    let f = SqsFixture::create(false).await;
+    let lease = common::unique("dlqb-lease");
+    let config = |replica: &str| {
+        format!(
+            "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\nserve:\n  listen: \"{{listen}}\"\n  poll_interval: 1h\n  reason_sample: 0\n  leader_election:\n    enabled: true\n    lease_name: {lease}\n    namespace: default\n    identity: replica-{replica}\n    lease_duration: {LEASE_SECONDS}s\nredrive:\n  hold: 5s\nschedules:\n  - queue: orders\n    every: 1s\n    filter: \"true\"\n",
+            f.dlq_url, f.endpoint
+        )
+    };
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+    let mut a = Serve::start_with_env(&config("a"), &env).await;
+    let mut b = Serve::start_with_env(&config("b"), &env).await;
+    let batch = |tag: &str| -> Vec<TestMessage> {
+        (0..3)
+            .map(|i| TestMessage {
+                body: format!("{tag}-{i}").into_bytes(),
+                attributes: attrs(&[("error", "Timeout")]),
+                ordering_key: None,
+            })
+            .collect()
+    };
+    let moved = |want: usize| {
+        let f = &f;
+        async move {
+            let mut got = Vec::new();
+            let started = Instant::now();
+            while got.len() < want {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "the schedule moved {} of {want}",
+                    got.len()
+                );
+                got.extend(f.drain_source().await.into_iter().map(|r| r.body));
+            }
+            got.sort();
+            got
+        }
+    };
+
+    f.put_in_dlq(&batch("first")).await;
+    let first: Vec<Vec<u8>> = batch("first").into_iter().map(|m| m.body).collect();
+    assert_eq!(moved(3).await, first, "each message once");
+    let (sent_a, sent_b) = (settled_by(&a).await, settled_by(&b).await);
+    assert!(
+        (sent_a, sent_b) == (3, 0) || (sent_a, sent_b) == (0, 3),
+        "one replica ran the schedule: a settled {sent_a}, b settled {sent_b}"
+    );
+    let (runs_a, runs_b) = (scheduled_runs(&a).await, scheduled_runs(&b).await);
+    assert!(
+        (runs_a > 0) != (runs_b > 0),
+        "only one replica starts scheduled runs: a {runs_a}, b {runs_b}"
+    );
+
+    // Kill the leader without a chance to hand the lease over. A receive it
+    // had out may still take the next messages (a long poll the server
+    // answers after the client died): they come back once the hold (5 s)
+    // lapses, as on SQS.
+    let (dead, standby) = if sent_a == 3 { (&mut a, &b) } else { (&mut b, &a) };
+    assert_eq!(scheduled_runs(standby).await, 0, "the standby started none");
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    f.put_in_dlq(&batch("second")).await;
+    let second: Vec<Vec<u8>> = batch("second").into_iter().map(|m| m.body).collect();
+    assert_eq!(moved(3).await, second, "each message once, by the new leader");
+    assert_eq!(settled_by(standby).await, 3, "the standby took the schedule over");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(f.drain_source().await.is_empty(), "nothing was moved twice");
+    assert_eq!(f.dlq_count().await, 0);
 }
