@@ -49,6 +49,15 @@ fn start_kube() -> String {
         .expect("kube.sh prints export KUBECONFIG=")
 }
 
+/// The config of one replica: the fixture's DLQ as `orders`, leader
+/// election on `lease`, `poll_interval`, then `rest` (alerts, schedules).
+fn replica_config(f: &SqsFixture, lease: &str, replica: &str, poll_interval: &str, rest: &str) -> String {
+    format!(
+        "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\nserve:\n  listen: \"{{listen}}\"\n  poll_interval: {poll_interval}\n  reason_sample: 0\n  leader_election:\n    enabled: true\n    lease_name: {lease}\n    namespace: default\n    identity: replica-{replica}\n    lease_duration: {LEASE_SECONDS}s\n{rest}",
+        f.dlq_url, f.endpoint
+    )
+}
+
 fn replica_of(n: &Value) -> String {
     n["labels"]["replica"].as_str().unwrap_or("?").to_string()
 }
@@ -66,10 +75,10 @@ async fn one_leader_alerts_and_the_standby_takes_over_when_it_dies() {
     let (rx, base) = Receiver::start().await;
     let lease = common::unique("dlqb-lease");
     let config = |replica: &str| {
-        format!(
-            "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\nserve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  reason_sample: 0\n  leader_election:\n    enabled: true\n    lease_name: {lease}\n    namespace: default\n    identity: replica-{replica}\n    lease_duration: {LEASE_SECONDS}s\nalerts:\n  rules:\n    - depth_above: 0\n      repeat: 2s\n  sinks:\n    - webhook: {{url: \"{base}/webhook\", labels: {{replica: {replica}}}}}\n",
-            f.dlq_url, f.endpoint
-        )
+        let alerts = format!(
+            "alerts:\n  rules:\n    - depth_above: 0\n      repeat: 2s\n  sinks:\n    - webhook: {{url: \"{base}/webhook\", labels: {{replica: {replica}}}}}\n"
+        );
+        replica_config(&f, &lease, replica, "1s", &alerts)
     };
     let env = [("KUBECONFIG", kubeconfig.as_str())];
     let mut a = Serve::start_with_env(&config("a"), &env).await;
@@ -138,12 +147,8 @@ async fn only_the_leader_runs_schedules_and_the_standby_takes_them_over() {
     let kubeconfig = kubeconfig();
     let f = SqsFixture::create(false).await;
     let lease = common::unique("dlqb-lease");
-    let config = |replica: &str| {
-        format!(
-            "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\nserve:\n  listen: \"{{listen}}\"\n  poll_interval: 1h\n  reason_sample: 0\n  leader_election:\n    enabled: true\n    lease_name: {lease}\n    namespace: default\n    identity: replica-{replica}\n    lease_duration: {LEASE_SECONDS}s\nredrive:\n  hold: 5s\nschedules:\n  - queue: orders\n    every: 1s\n    filter: \"true\"\n",
-            f.dlq_url, f.endpoint
-        )
-    };
+    let schedule = "redrive:\n  hold: 5s\nschedules:\n  - queue: orders\n    every: 1s\n    filter: \"true\"\n";
+    let config = |replica: &str| replica_config(&f, &lease, replica, "1h", schedule);
     let env = [("KUBECONFIG", kubeconfig.as_str())];
     let mut a = Serve::start_with_env(&config("a"), &env).await;
     let mut b = Serve::start_with_env(&config("b"), &env).await;
@@ -174,8 +179,9 @@ async fn only_the_leader_runs_schedules_and_the_standby_takes_them_over() {
         }
     };
 
-    f.put_in_dlq(&batch("first")).await;
-    let first: Vec<Vec<u8>> = batch("first").into_iter().map(|m| m.body).collect();
+    let first = batch("first");
+    f.put_in_dlq(&first).await;
+    let first: Vec<Vec<u8>> = first.into_iter().map(|m| m.body).collect();
     assert_eq!(moved(3).await, first, "each message once");
     let (sent_a, sent_b) = (settled_by(&a).await, settled_by(&b).await);
     assert!(
@@ -196,8 +202,9 @@ async fn only_the_leader_runs_schedules_and_the_standby_takes_them_over() {
     assert_eq!(scheduled_runs(standby).await, 0, "the standby started none");
     dead.child.kill().unwrap();
     dead.child.wait().unwrap();
-    f.put_in_dlq(&batch("second")).await;
-    let second: Vec<Vec<u8>> = batch("second").into_iter().map(|m| m.body).collect();
+    let second = batch("second");
+    f.put_in_dlq(&second).await;
+    let second: Vec<Vec<u8>> = second.into_iter().map(|m| m.body).collect();
     assert_eq!(moved(3).await, second, "each message once, by the new leader");
     assert_eq!(settled_by(standby).await, 3, "the standby took the schedule over");
     tokio::time::sleep(Duration::from_secs(2)).await;
