@@ -771,3 +771,197 @@ async fn a_sidecar_outlives_links_detached_for_idleness() {
         "the emulator closed no connection: {log}"
     );
 }
+
+/// A federated service-account token, as the AKS webhook mounts it: a JWT
+/// for Entra ID's token exchange, signed by the cluster (the emulator reads
+/// its claims, not its signature), expiring `valid_for` from now.
+fn service_account_token(subject: &str, valid_for: Duration) -> String {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    let exp = (std::time::SystemTime::now() + valid_for)
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": "https://oidc.prod-aks.azure.com/tenant-1/",
+        "sub": subject,
+        "aud": ["api://AzureADTokenExchange"],
+        "exp": exp,
+    });
+    format!(
+        "{}.{}.c2lnbmVkIGJ5IHRoZSBjbHVzdGVy",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    )
+}
+
+/// Entra ID through Azure Workload Identity, over TLS, as a sidecar on AKS
+/// meets Service Bus: no connection string, only `namespace`, the federated
+/// token file and the IDs the webhook sets. The private emulator speaks AMQP
+/// over TLS on 5671 (its self-signed certificate trusted through
+/// `SSL_CERT_FILE`), serves the token endpoint and the ATOM endpoint on
+/// HTTPS, and checks every `jwt` token put on `$cbs` and every bearer token
+/// (issued by it, unaltered, unexpired); its access tokens last 4 s, and it
+/// detaches a link whose tokens have all expired.
+///
+/// 1. `inspect` browses over TLS (azservicebus with the credential) and
+///    `list` counts through the ATOM endpoint with a bearer token.
+/// 2. A redrive that lasts about 8 s, two tokens' lifetimes, moves all 30
+///    messages with no link detached: its link renewed its token. The
+///    service-account token it started with expires 3 s in and is rotated
+///    in the file after 1 s, as the kubelet does: renewals read the file
+///    again (the old assertion would be refused, AADSTS700024).
+/// 3. `serve` browses twice, 6 s apart: the SDK's connection renews its
+///    tokens too, or the second browse fails.
+/// 4. A service account the federated credential does not name: `list`
+///    fails with Entra's AADSTS70021, names the queue and says
+///    authentication failed, exit 1.
+#[tokio::test]
+async fn entra_workload_identity_over_tls_renews_its_tokens() {
+    use common::serve::Serve;
+    use common::servicebus::{ENTRA_HOST, private_emulator};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_ENTRA_SEED";
+    const SUBJECT: &str = "system:serviceaccount:apps:orders";
+    let dir = std::env::temp_dir().join(format!("dlqb-entra-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = dir.join("emulator.pem");
+    let https_port = common::emulator::free_port().to_string();
+    let (emu, _seed_cs, client) = private_emulator(
+        "servicebus-entra",
+        ENTRA_HOST,
+        &[
+            "--amqps-port",
+            "5671",
+            "--https-port",
+            &https_port,
+            "--cert-out",
+            cert.to_str().unwrap(),
+            "--enforce-token-expiry",
+            "--entra-tenant-id",
+            "tenant-1",
+            "--entra-client-id",
+            "client-1",
+            "--entra-subject",
+            SUBJECT,
+            "--entra-token-ttl",
+            "4s",
+        ],
+    )
+    .await;
+    let log = emu.log_path();
+    // Seeded over plain AMQP with a SAS connection string, which the
+    // emulator takes unchecked.
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let https = format!("https://127.0.0.1:{https_port}");
+    let config = format!(
+        "queues:\n  - name: dlq\n    servicebus:\n      namespace: {ENTRA_HOST}\n      queue: {}\n      management_endpoint: {https}\nredrive:\n  hold: 2m\n",
+        f.entity
+    );
+    let config_path = dir.join("config.yaml");
+    std::fs::write(&config_path, &config).unwrap();
+    let token_file = dir.join("azure-identity-token");
+    let write_token = |subject: &str, valid_for: Duration| {
+        // Written aside and renamed in, as the kubelet swaps a projected file.
+        let part = dir.join("azure-identity-token.part");
+        std::fs::write(&part, service_account_token(subject, valid_for)).unwrap();
+        std::fs::rename(&part, &token_file).unwrap();
+    };
+    let identity = [
+        ("AZURE_FEDERATED_TOKEN_FILE", token_file.to_str().unwrap().to_string()),
+        ("AZURE_CLIENT_ID", "client-1".to_string()),
+        ("AZURE_TENANT_ID", "tenant-1".to_string()),
+        ("AZURE_AUTHORITY_HOST", format!("{https}/")),
+        ("SSL_CERT_FILE", cert.to_str().unwrap().to_string()),
+    ];
+    let cli = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dlq-bridge"));
+        c.env_remove("DLQ_BRIDGE_CONFIG")
+            .envs(identity.iter().map(|(k, v)| (*k, v.as_str())))
+            .arg("--config")
+            .arg(&config_path)
+            .args(args);
+        c
+    };
+    let said = |out: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let detaches = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("token expired")
+            .count()
+    };
+
+    // 1. Browse and count.
+    write_token(SUBJECT, Duration::from_secs(3600));
+    let msgs: Vec<TestMessage> = (0..30).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    let out = cli(&["inspect", "dlq", "-o", "json", "--limit", "100"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let shown: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("inspect -o json");
+    assert_eq!(shown.len(), 30);
+    let out = cli(&["list", "-o", "json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list -o json");
+    assert_eq!(listed[0]["depth"], 30, "{listed}");
+
+    // 2. A pass of two tokens' lifetimes, its assertion rotated under it.
+    write_token(SUBJECT, Duration::from_secs(3));
+    let started = Instant::now();
+    let child = cli(&["redrive", "dlq", "--rate", "4", "--yes", "--no-journal"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    write_token(SUBJECT, Duration::from_secs(3600));
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() > Duration::from_secs(6),
+        "the pass did not outlive its tokens"
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    assert!(said(&out).contains("settled:   30"), "{}", said(&out));
+    assert_eq!(f.drain_source().await.len(), 30);
+    assert_eq!(f.dlq_count().await, 0);
+    assert_eq!(detaches(), 0, "a link outlived its token");
+
+    // 3. The sidecar's browsing connection outlives its first token.
+    f.put_in_dlq(&msgs[..10]).await;
+    let serve_config = format!("{config}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1h\n  reason_sample: 0\n");
+    let env: Vec<(&str, &str)> = identity.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let serve = Serve::start_with_env(&serve_config, &env).await;
+    for round in 0..2 {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+        }
+        let (code, body) = serve.get("/v1/queues/dlq/messages?limit=100").await;
+        assert_eq!(code, 200, "browse {round}: {body}");
+        let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            listed["messages"].as_array().map(Vec::len),
+            Some(10),
+            "browse {round}: {listed}"
+        );
+    }
+    drop(serve);
+    assert_eq!(detaches(), 0, "the sidecar's browsing link outlived its token");
+
+    // 4. A service account the federated credential does not name.
+    write_token("system:serviceaccount:apps:billing", Duration::from_secs(3600));
+    let out = cli(&["list"]).output().unwrap();
+    let text = said(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("AADSTS70021"), "{text}");
+    assert!(text.contains("authentication failed"), "{text}");
+    assert!(text.contains("dlq"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -60,6 +60,9 @@ pub const DELETES_HOST: &str = "127.0.0.9";
 /// Where the private emulator of `tests/servicebus.rs`'s idle-link test
 /// (`--link-idle-timeout`) listens.
 pub const IDLE_LINKS_HOST: &str = "127.0.0.10";
+/// Where the private emulator of `tests/servicebus.rs`'s Entra ID test
+/// (AMQP over TLS on 5671, the token endpoint) listens.
+pub const ENTRA_HOST: &str = "127.0.0.11";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 
@@ -130,11 +133,12 @@ pub fn spawn_emulator(name: &'static str, extra: &[&str]) -> Emulator {
         "5672",
         "--http-port",
         "{port}",
-        "--https-port",
-        "0",
         "--strict",
         "--require-tokens",
     ];
+    if !extra.contains(&"--https-port") {
+        args.extend(["--https-port", "0"]);
+    }
     args.extend_from_slice(extra);
     spawn(
         name,

@@ -17,13 +17,26 @@ use crate::broker::{
     address::{self, Node},
     now_ms,
 };
+use crate::entra::Entra;
 
-pub fn router(broker: Arc<Broker>) -> Router {
+/// The ATOM endpoint; with Entra ID on, its bearer tokens are checked, and
+/// the token endpoint is served beside it.
+pub fn router(broker: Arc<Broker>, entra: Option<&Arc<Entra>>) -> Router {
+    let atom = Router::new().fallback(entity).with_state(broker.clone());
+    let atom = match entra {
+        Some(entra) => atom
+            .layer(axum::middleware::from_fn_with_state(
+                entra.clone(),
+                crate::entra::check_bearer,
+            ))
+            .merge(entra.router()),
+        None => atom,
+    };
     Router::new()
         // Emulator-only: not part of Service Bus.
         .route("/$emulator/reset", post(reset))
-        .fallback(entity)
         .with_state(broker)
+        .merge(atom)
 }
 
 async fn reset(State(broker): State<Arc<Broker>>) -> StatusCode {

@@ -3,6 +3,7 @@
 mod amqp;
 mod atom;
 mod broker;
+mod entra;
 mod tls;
 mod topology;
 
@@ -40,6 +41,34 @@ struct Cli {
     /// HTTPS port of the ATOM endpoint (self-signed certificate).
     #[arg(long, env = "SERVICEBUS_EMULATOR_HTTPS_PORT", default_value_t = 5443)]
     https_port: u16,
+
+    /// Also listen for AMQP over TLS on this port of `--amqp-host`, with the
+    /// HTTPS listener's self-signed certificate: TLS from the first byte, as
+    /// Azure's port 5671 (which azservicebus always dials for `amqps`). Off
+    /// by default.
+    #[arg(long)]
+    amqps_port: Option<u16>,
+
+    /// Turn on Entra ID: the tenant of the one app registration the token
+    /// endpoint (`POST /{tenant}/oauth2/v2.0/token` on the HTTP(S) listeners)
+    /// knows. A `$cbs` token of type `jwt`, and a bearer token on the ATOM
+    /// endpoint, must then be an access token the emulator issued.
+    #[arg(long, requires_all = ["entra_client_id", "entra_subject"])]
+    entra_tenant_id: Option<String>,
+
+    /// The app registration's client ID (a client's `AZURE_CLIENT_ID`).
+    #[arg(long, requires = "entra_tenant_id")]
+    entra_client_id: Option<String>,
+
+    /// The subject of its federated credential, which the client's
+    /// assertion (`AZURE_FEDERATED_TOKEN_FILE`) must carry, e.g.
+    /// `system:serviceaccount:apps:orders`.
+    #[arg(long, requires = "entra_tenant_id")]
+    entra_subject: Option<String>,
+
+    /// How long an issued access token lasts (Entra's are 60 to 90 minutes).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    entra_token_ttl: Duration,
 
     /// Topology YAML: queues, topics, subscriptions and their settings.
     #[arg(long, env = "SERVICEBUS_EMULATOR_TOPOLOGY")]
@@ -160,16 +189,32 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     let amqp = bind("AMQP", cli.amqp_host, cli.amqp_port).await?;
     let http = bind("HTTP", LOOPBACK, cli.http_port).await?;
     let https = bind("HTTPS", LOOPBACK, cli.https_port).await?;
-    let (acceptor, pem) = tls::self_signed()?;
+    let amqps = match cli.amqps_port {
+        Some(port) => Some(bind("AMQPS", cli.amqp_host, port).await?),
+        None => None,
+    };
+    let (acceptor, pem) = tls::self_signed(cli.amqp_host)?;
     if let Some(path) = &cli.cert_out {
         std::fs::write(path, pem).map_err(StartError::CertOut)?;
     }
     println!(
-        "servicebus-emulator ready amqp={} http={} https={}",
+        "servicebus-emulator ready amqp={} http={} https={}{}",
         local(&amqp),
         local(&http),
-        local(&https)
+        local(&https),
+        amqps
+            .as_ref()
+            .map_or_else(String::new, |l| format!(" amqps={}", local(l)))
     );
+    let entra = match (cli.entra_tenant_id, cli.entra_client_id, cli.entra_subject) {
+        (Some(tenant_id), Some(client_id), Some(subject)) => Some(Arc::new(entra::Entra::new(entra::EntraSettings {
+            tenant_id,
+            client_id,
+            subject,
+            token_ttl: cli.entra_token_ttl,
+        }))),
+        _ => None,
+    };
 
     let settings = amqp::AmqpSettings {
         accept_delay: Duration::from_millis(cli.accept_delay_ms),
@@ -177,9 +222,18 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         require_tokens: cli.require_tokens,
         link_idle_timeout: cli.link_idle_timeout,
         connection_idle_timeout: cli.connection_idle_timeout,
+        entra: entra.clone(),
     };
-    let router = atom::router(broker.clone());
-    tokio::spawn(amqp::serve(amqp, broker.clone(), settings));
+    let router = atom::router(broker.clone(), entra.as_ref());
+    if let Some(amqps) = amqps {
+        tokio::spawn(amqp::serve(
+            amqps,
+            Some(acceptor.clone()),
+            broker.clone(),
+            settings.clone(),
+        ));
+    }
+    tokio::spawn(amqp::serve(amqp, None, broker.clone(), settings));
     tokio::spawn(tls::serve(https, acceptor, router.clone()));
     tokio::spawn(async move {
         if let Err(error) = axum::serve(http, router).await {

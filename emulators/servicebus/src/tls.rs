@@ -1,4 +1,5 @@
-//! HTTPS for the ATOM endpoint: the Python admin client only speaks https.
+//! TLS: HTTPS for the ATOM endpoint (the Python admin client only speaks
+//! https, and Entra ID's token endpoint is https), and AMQPS when asked for.
 
 use std::sync::Arc;
 
@@ -16,9 +17,13 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-/// A fresh self-signed certificate for localhost; returns the acceptor and the PEM.
-pub fn self_signed() -> Result<(TlsAcceptor, String), TlsError> {
-    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+/// A fresh self-signed certificate for localhost, 127.0.0.1 and
+/// `amqp_host` (where the AMQPS listener binds); returns the acceptor and the PEM.
+pub fn self_signed(amqp_host: std::net::IpAddr) -> Result<(TlsAcceptor, String), TlsError> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    if !amqp_host.is_unspecified() && amqp_host.to_string() != "127.0.0.1" {
+        names.push(amqp_host.to_string());
+    }
     let certified = rcgen::generate_simple_self_signed(names)?;
     let pem = certified.cert.pem();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));

@@ -188,12 +188,7 @@ impl LinkConfig {
                 // entity the key's rule allows.
                 let resource = format!("{}://{}/", self.scheme(), self.host);
                 let token = sas_token(&resource, name, key, expiry);
-                // `se` is a whole second, so the token is valid for up to a
-                // second less than its TTL: renew within what it really has.
-                let valid_for = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(self.sas_ttl, |since| Duration::from_secs(expiry).saturating_sub(since));
-                let renew = Instant::now() + valid_for * 5 / 6;
+                let renew = Instant::now() + valid_for(expiry) * 5 / 6;
                 Ok((
                     CbsToken::new(token, SAS_TOKEN_TYPE, Some(timestamp(expiry))),
                     Some(renew),
@@ -205,12 +200,9 @@ impl LinkConfig {
                     provider: PROVIDER,
                     detail: e,
                 })?;
-                // The credential's cache hands out a token until 5 minutes
-                // before it expires: renew just inside that window.
-                let renew = Duration::from_secs(expiry.saturating_sub(now).saturating_sub(240).max(30));
                 Ok((
                     CbsToken::new(token, JWT_TOKEN_TYPE, Some(timestamp(expiry))),
-                    Some(Instant::now() + renew),
+                    Some(Instant::now() + entra_renewal(valid_for(expiry))),
                 ))
             }
         }
@@ -226,6 +218,31 @@ impl LinkConfig {
     fn audiences(&self) -> [String; 2] {
         let dlq = self.audience(&self.dlq_path);
         [format!("{dlq}/$management"), dlq]
+    }
+}
+
+/// How long a token that expires at `expiry` (a whole Unix second, as SAS
+/// tokens and Entra ID's `expires_in` give it) is still valid: up to a second
+/// less than its whole-second lifetime says.
+fn valid_for(expiry: u64) -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(Duration::ZERO, |since| {
+            Duration::from_secs(expiry).saturating_sub(since)
+        })
+}
+
+/// When to put a fresh Entra ID token, `valid_for` before the one put
+/// expires. Within the last 4 minutes of a long-lived token (Entra's last 60
+/// to 90 minutes), which is inside the credential's cache window of 5: the
+/// fetch then gets a new token, not the cached one. A short-lived token
+/// (10 minutes or less) is renewed at 5/6 of what it has left, as SAS tokens
+/// are, never after it expired.
+fn entra_renewal(valid_for: Duration) -> Duration {
+    if valid_for > Duration::from_secs(600) {
+        valid_for - Duration::from_secs(240)
+    } else {
+        valid_for * 5 / 6
     }
 }
 
@@ -1458,6 +1475,19 @@ mod tests {
     use fe2o3_amqp_types::messaging::annotations::OwnedKey;
     use fe2o3_amqp_types::messaging::message::__private::Serializable;
     use fe2o3_amqp_types::primitives::{Binary, Symbol};
+
+    #[test]
+    fn entra_tokens_are_renewed_before_they_expire_and_after_the_cache_lets_go() {
+        let secs = Duration::from_secs;
+        // Entra's usual hour: 4 minutes before, inside the credential
+        // cache's 5-minute window (it hands out a new token then).
+        assert_eq!(entra_renewal(secs(3600)), secs(3360));
+        assert_eq!(entra_renewal(secs(601)), secs(361));
+        // Short-lived tokens: well before they expire, never after.
+        assert_eq!(entra_renewal(secs(600)), secs(500));
+        assert_eq!(entra_renewal(secs(6)), secs(5));
+        assert_eq!(entra_renewal(Duration::ZERO), Duration::ZERO);
+    }
 
     fn peeked(seq: i64) -> Value {
         let mut annotations = MessageAnnotations::default();

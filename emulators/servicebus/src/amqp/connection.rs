@@ -16,8 +16,7 @@ use fe2o3_amqp_types::{
 };
 use serde_amqp::value::Value;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     sync::{mpsc, watch},
     time::{Instant, sleep_until},
 };
@@ -220,9 +219,12 @@ struct Connection {
     closed: bool,
 }
 
-pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSettings) -> Result<(), ConnectionError> {
-    stream.set_nodelay(true)?;
-    let (reader, mut writer) = stream.into_split();
+/// Serves one connection on `stream`: a TCP stream, or TLS over one (amqps).
+pub async fn serve<S>(stream: S, broker: Arc<Broker>, settings: AmqpSettings) -> Result<(), ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (reader, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::new(reader);
     handshake(&mut reader, &mut writer).await?;
 
@@ -313,9 +315,9 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, settings: AmqpSetting
 
 /// Protocol headers and SASL. Any mechanism is accepted: the emulator has no
 /// identities, and clients send ANONYMOUS, PLAIN or MSSBCBS.
-async fn handshake(
-    reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut BufReader<R>,
+    writer: &mut W,
 ) -> Result<(), ConnectionError> {
     let mut header = [0u8; 8];
     reader.read_exact(&mut header).await?;
@@ -770,10 +772,18 @@ impl Connection {
         let encoded = match node {
             Node::Cbs => {
                 let (mut status, mut description) = management::handle_cbs(&request);
+                let mut expiry = management::token_expiry(&request);
+                // An Entra ID token is checked whatever the flags, as Azure
+                // does: issued by the emulator, unaltered, unexpired.
+                if let (Some(entra), Some(jwt), 202) = (&self.settings.entra, management::jwt_token(&request), status) {
+                    match entra.verify(jwt) {
+                        Ok(expires) => expiry = Some(expires),
+                        Err(refusal) => (status, description) = (401, refusal.description()),
+                    }
+                }
                 let checked = self.settings.enforce_token_expiry || self.settings.require_tokens;
                 if checked && status == 202 {
                     let audience = management::token_audience(&request);
-                    let expiry = management::token_expiry(&request);
                     let enforced = expiry.filter(|_| self.settings.enforce_token_expiry);
                     match (audience, enforced) {
                         (Some(_), Some(expires)) if expires <= now_ms() => {

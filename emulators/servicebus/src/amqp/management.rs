@@ -284,6 +284,11 @@ pub fn token_covers(audience: &str, path: &str) -> bool {
     audience.is_empty() || path == audience || path.strip_prefix(audience).is_some_and(|rest| rest.starts_with('/'))
 }
 
+/// A `put-token`'s token when it is an Entra ID access token (type `jwt`).
+pub fn jwt_token(request: &Request) -> Option<&str> {
+    (request.app_property("type").and_then(text) == Some("jwt")).then(|| text(&request.body).unwrap_or(""))
+}
+
 /// Answers a `$cbs` put-token: the emulator accepts any token.
 pub fn handle_cbs(request: &Request) -> (i32, &'static str) {
     match request.app_property("operation").and_then(text) {

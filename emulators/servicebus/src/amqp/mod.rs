@@ -9,10 +9,11 @@ mod management;
 use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
-use crate::broker::Broker;
+use crate::{broker::Broker, entra::Entra};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct AmqpSettings {
     /// Delay before accepting a client's send.
     pub accept_delay: Duration,
@@ -31,9 +32,14 @@ pub struct AmqpSettings {
     /// entity or a `$management` node for this long, as Azure does after 60
     /// seconds (`$cbs` does not count). Zero: never.
     pub connection_idle_timeout: Duration,
+    /// With Entra ID on: a `$cbs` token of type `jwt` must be an access
+    /// token the emulator issued, unaltered and unexpired (401 otherwise).
+    pub entra: Option<Arc<Entra>>,
 }
 
-pub async fn serve(listener: TcpListener, broker: Arc<Broker>, settings: AmqpSettings) {
+/// Accepts AMQP connections on `listener`; with `tls`, each one is TLS
+/// from its first byte, as on Azure's port 5671 (no AMQP TLS header first).
+pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, broker: Arc<Broker>, settings: AmqpSettings) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -42,10 +48,21 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, settings: AmqpSet
                 continue;
             }
         };
-        let broker = broker.clone();
+        let _ = stream.set_nodelay(true);
+        let (broker, settings, tls) = (broker.clone(), settings.clone(), tls.clone());
         tokio::spawn(async move {
-            tracing::debug!(%peer, "AMQP connection opened");
-            match connection::serve(stream, broker, settings).await {
+            tracing::debug!(%peer, tls = tls.is_some(), "AMQP connection opened");
+            let served = match tls {
+                None => connection::serve(stream, broker, settings).await,
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => connection::serve(stream, broker, settings).await,
+                    Err(error) => {
+                        tracing::info!(%peer, %error, "AMQP TLS handshake failed");
+                        return;
+                    }
+                },
+            };
+            match served {
                 Ok(()) => tracing::debug!(%peer, "AMQP connection closed"),
                 Err(error) if error.is_disconnect() => {
                     tracing::debug!(%peer, %error, "AMQP client disconnected")
