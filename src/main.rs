@@ -29,6 +29,9 @@ const CAPPED_TARGETS: &[(&str, &str)] = &[
     ("gcloud_pubsub", "info"),
     ("azservicebus", "info"),
     ("azure_core", "info"),
+    // It logs a refused certificate as an error of its own; the backend's
+    // error says the same, with what to do about it.
+    ("rustls_platform_verifier", "off"),
     ("fe2o3_amqp", "info"),
     ("kube", "info"),
     ("kube_client", "info"),
@@ -68,6 +71,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a sidecar's log is read from a file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,

@@ -804,7 +804,8 @@ fn service_account_token(subject: &str, valid_for: Duration) -> String {
 /// detaches a link whose tokens have all expired.
 ///
 /// 1. `inspect` browses over TLS (azservicebus with the credential) and
-///    `list` counts through the ATOM endpoint with a bearer token.
+///    `list` counts through the ATOM endpoint with a bearer token; both also
+///    with a SAS connection string in Azure's form (TLS too).
 /// 2. A redrive that lasts about 8 s, two tokens' lifetimes, moves all 30
 ///    messages with no link detached: its link renewed its token. The
 ///    service-account token it started with expires 3 s in and is rotated
@@ -815,6 +816,10 @@ fn service_account_token(subject: &str, valid_for: Duration) -> String {
 /// 4. A service account the federated credential does not name: `list`
 ///    fails with Entra's AADSTS70021, names the queue and says
 ///    authentication failed, exit 1.
+/// 5. Without `SSL_CERT_FILE`, the emulator's certificate is refused, over
+///    AMQP and over HTTPS: exit 1, an error that says the certificate is not
+///    trusted and what to set (not "is the service running?"), and nothing
+///    leaves the DLQ.
 #[tokio::test]
 async fn entra_workload_identity_over_tls_renews_its_tokens() {
     use common::serve::Serve;
@@ -872,15 +877,31 @@ async fn entra_workload_identity_over_tls_renews_its_tokens() {
         ("AZURE_AUTHORITY_HOST", format!("{https}/")),
         ("SSL_CERT_FILE", cert.to_str().unwrap().to_string()),
     ];
-    let cli = |args: &[&str]| {
+    // The same queue through a SAS connection string in Azure's form (no
+    // `UseDevelopmentEmulator`), which is also AMQP over TLS.
+    let sas_config_path = dir.join("sas-config.yaml");
+    std::fs::write(
+        &sas_config_path,
+        config.replace(
+            &format!("namespace: {ENTRA_HOST}"),
+            "connection_string_env: DLQ_BRIDGE_TEST_SERVICEBUS_TLS",
+        ),
+    )
+    .unwrap();
+    let cli_with = |config: &std::path::Path, args: &[&str]| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dlq-bridge"));
         c.env_remove("DLQ_BRIDGE_CONFIG")
             .envs(identity.iter().map(|(k, v)| (*k, v.as_str())))
+            .env(
+                "DLQ_BRIDGE_TEST_SERVICEBUS_TLS",
+                format!("Endpoint=sb://{ENTRA_HOST}/;SharedAccessKeyName=x;SharedAccessKey=y"),
+            )
             .arg("--config")
-            .arg(&config_path)
+            .arg(config)
             .args(args);
         c
     };
+    let cli = |args: &[&str]| cli_with(&config_path, args);
     let said = |out: &std::process::Output| {
         format!(
             "{}{}",
@@ -895,20 +916,22 @@ async fn entra_workload_identity_over_tls_renews_its_tokens() {
             .count()
     };
 
-    // 1. Browse and count.
+    // 1. Browse and count, with Entra ID and with SAS.
     write_token(SUBJECT, Duration::from_secs(3600));
     let msgs: Vec<TestMessage> = (0..30).map(|i| failing(i, "Timeout")).collect();
     f.put_in_dlq(&msgs).await;
-    let out = cli(&["inspect", "dlq", "-o", "json", "--limit", "100"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
-    let shown: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("inspect -o json");
-    assert_eq!(shown.len(), 30);
-    let out = cli(&["list", "-o", "json"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
-    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list -o json");
-    assert_eq!(listed[0]["depth"], 30, "{listed}");
+    for config in [&config_path, &sas_config_path] {
+        let out = cli_with(config, &["inspect", "dlq", "-o", "json", "--limit", "100"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+        let shown: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("inspect -o json");
+        assert_eq!(shown.len(), 30, "{}", config.display());
+        let out = cli_with(config, &["list", "-o", "json"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list -o json");
+        assert_eq!(listed[0]["depth"], 30, "{}: {listed}", config.display());
+    }
 
     // 2. A pass of two tokens' lifetimes, its assertion rotated under it.
     write_token(SUBJECT, Duration::from_secs(3));
@@ -963,5 +986,26 @@ async fn entra_workload_identity_over_tls_renews_its_tokens() {
     assert!(text.contains("AADSTS70021"), "{text}");
     assert!(text.contains("authentication failed"), "{text}");
     assert!(text.contains("dlq"), "{text}");
+
+    // 5. Without the emulator's certificate trusted: a refused certificate,
+    // told apart from an endpoint that is down, over AMQP (OpenSSL) and
+    // HTTPS (rustls), and nothing leaves the DLQ.
+    write_token(SUBJECT, Duration::from_secs(3600));
+    for (config, args) in [
+        (&sas_config_path, &["inspect", "dlq"][..]),
+        (&config_path, &["list"][..]),
+        (&config_path, &["redrive", "dlq", "--yes", "--no-journal"][..]),
+    ] {
+        let out = cli_with(config, args).env_remove("SSL_CERT_FILE").output().unwrap();
+        let text = said(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
+        assert!(
+            text.contains("failed: its certificate is not trusted (") && text.contains("SSL_CERT_FILE"),
+            "{args:?}: {text}"
+        );
+        assert!(!text.contains("is the service or emulator running"), "{args:?}: {text}");
+        assert!(!text.contains("ERROR"), "a library logged the refusal itself: {text}");
+    }
+    assert_eq!(f.dlq_count().await, 10);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -27,6 +27,16 @@ pub enum BackendError {
     NotFound { queue: String, detail: String },
     #[error("cannot reach {endpoint}: {detail} (is the service or emulator running?)")]
     Unreachable { endpoint: String, detail: String },
+    /// Reached, but its TLS certificate was refused (see [`BackendError::unreachable`]).
+    #[error(
+        "TLS with {endpoint} failed: its certificate is not trusted ({reason}). If this is the right endpoint, set SSL_CERT_FILE to a PEM file that holds its CA certificate"
+    )]
+    Tls {
+        endpoint: String,
+        reason: &'static str,
+        /// The TLS library's own words, for `-v` and the debug log.
+        detail: String,
+    },
     /// Credentials refused by the provider, or none found.
     #[error("{provider} authentication failed: {detail}")]
     Auth { provider: &'static str, detail: String },
@@ -39,6 +49,54 @@ pub enum BackendError {
 }
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+impl BackendError {
+    /// An endpoint that could not be reached, unless `detail` shows that it
+    /// was reached and its certificate refused: that does not heal by
+    /// retrying, and "is it running?" is the wrong hint (a private CA, a
+    /// TLS-inspecting proxy, an endpoint of another name).
+    pub fn unreachable(endpoint: impl Into<String>, detail: impl Into<String>) -> Self {
+        let (endpoint, detail) = (endpoint.into(), detail.into());
+        match untrusted_certificate(&detail) {
+            Some(reason) => {
+                tracing::debug!(%endpoint, %detail, "TLS certificate refused");
+                Self::Tls {
+                    endpoint,
+                    reason,
+                    detail,
+                }
+            }
+            None => Self::Unreachable { endpoint, detail },
+        }
+    }
+}
+
+/// Why a TLS library refused a server's certificate, read from its error
+/// text (OpenSSL through native-tls for AMQP, rustls for HTTP and gRPC);
+/// None when the text is not such a refusal.
+fn untrusted_certificate(text: &str) -> Option<&'static str> {
+    const SIGNS: &[(&str, &str)] = &[
+        ("self-signed certificate", "it is self-signed"),
+        ("self signed certificate", "it is self-signed"),
+        (
+            "unable to get local issuer certificate",
+            "its issuer is not a trusted CA",
+        ),
+        ("unknownissuer", "its issuer is not a trusted CA"),
+        ("certificate has expired", "it has expired"),
+        ("invalid peer certificate: expired", "it has expired"),
+        ("hostname mismatch", "it does not name this host"),
+        ("ip address mismatch", "it does not name this host"),
+        ("notvalidforname", "it does not name this host"),
+        ("certificate verify failed", "it failed verification"),
+        ("invalid peer certificate", "it failed verification"),
+    ];
+    let lower = text.to_ascii_lowercase();
+    SIGNS
+        .iter()
+        .find(|(sign, _)| lower.contains(sign))
+        .map(|&(_, reason)| reason)
+}
 
 /// The innermost cause of an error, e.g. "Connection refused (os error 111)"
 /// under layers of "dispatch failure: io error: client error (Connect)".
@@ -224,5 +282,50 @@ pub async fn connect_shared(
             queue: queue.name.clone(),
             backend: "servicebus",
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_certificate_is_told_apart_from_an_unreachable_endpoint() {
+        let reason = |detail: &str| match BackendError::unreachable("amqps://ns", detail) {
+            BackendError::Tls { reason, .. } => Some(reason),
+            BackendError::Unreachable { .. } => None,
+            other => panic!("{other:?}"),
+        };
+        // OpenSSL through native-tls (AMQP), as azservicebus words it.
+        let openssl = r#"connect: Ssl(Error { code: ErrorCode(1), cause: Some(Ssl(ErrorStack([Error { code: 167772294, library: "SSL routines", function: "tls_post_process_server_certificate", reason: "certificate verify failed" }]))) }, X509VerifyResult { code: 18, error: "self-signed certificate" })"#;
+        assert_eq!(reason(openssl), Some("it is self-signed"));
+        assert_eq!(
+            reason(r#"X509VerifyResult { code: 20, error: "unable to get local issuer certificate" }"#),
+            Some("its issuer is not a trusted CA")
+        );
+        assert_eq!(
+            reason(r#"X509VerifyResult { code: 62, error: "hostname mismatch" }"#),
+            Some("it does not name this host")
+        );
+        // rustls (HTTP and gRPC).
+        assert_eq!(
+            reason("error sending request: invalid peer certificate: UnknownIssuer"),
+            Some("its issuer is not a trusted CA")
+        );
+        assert_eq!(reason("invalid peer certificate: Expired"), Some("it has expired"));
+        assert_eq!(
+            reason("invalid peer certificate: NotValidForName"),
+            Some("it does not name this host")
+        );
+        // Not certificates.
+        assert_eq!(reason("Connection refused (os error 111)"), None);
+        assert_eq!(reason("ExpiredToken: The token is expired."), None);
+        assert_eq!(reason("dns error: failed to lookup address"), None);
+        let tls = BackendError::unreachable("amqps://ns", openssl).to_string();
+        assert!(
+            tls.starts_with("TLS with amqps://ns failed: its certificate is not trusted (it is self-signed)"),
+            "{tls}"
+        );
+        assert!(tls.contains("SSL_CERT_FILE"), "{tls}");
     }
 }

@@ -403,10 +403,7 @@ fn connect_error(endpoint: &str, e: impl std::error::Error + 'static) -> Backend
     // "tonic error : transport error" says little; the innermost cause says
     // what happened (connection refused, DNS, TLS).
     let (top, root) = (e.to_string(), super::root_cause(&e));
-    BackendError::Unreachable {
-        endpoint: endpoint.to_string(),
-        detail: if root == top { top } else { format!("{top}: {root}") },
-    }
+    BackendError::unreachable(endpoint, if root == top { top } else { format!("{top}: {root}") })
 }
 
 impl PubSubBackend {
@@ -1140,7 +1137,10 @@ impl QueueBackend for PubSubBackend {
                     // A wrong destination fails every message the same way.
                     if matches!(
                         err,
-                        BackendError::NotFound { .. } | BackendError::Unreachable { .. } | BackendError::Auth { .. }
+                        BackendError::NotFound { .. }
+                            | BackendError::Unreachable { .. }
+                            | BackendError::Tls { .. }
+                            | BackendError::Auth { .. }
                     ) {
                         return Err(err);
                     }

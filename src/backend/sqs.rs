@@ -293,10 +293,7 @@ where
             endpoint: endpoint.to_string(),
             detail: "timed out".into(),
         },
-        SdkError::DispatchFailure(_) => BackendError::Unreachable {
-            endpoint: endpoint.to_string(),
-            detail: super::root_cause(&err),
-        },
+        SdkError::DispatchFailure(_) => BackendError::unreachable(endpoint, super::root_cause(&err)),
         _ => {
             let mut code = err.code().unwrap_or_default().to_string();
             let mut detail = match err.message() {
@@ -582,7 +579,10 @@ impl QueueBackend for SqsBackend {
                     // destination fails every message the same way, so say so.
                     if matches!(
                         err,
-                        BackendError::NotFound { .. } | BackendError::Unreachable { .. } | BackendError::Auth { .. }
+                        BackendError::NotFound { .. }
+                            | BackendError::Unreachable { .. }
+                            | BackendError::Tls { .. }
+                            | BackendError::Auth { .. }
                     ) {
                         return Err(err);
                     }

@@ -690,11 +690,15 @@ impl<'a> Pass<'a> {
                 Err(_) if lease.generation < generation => continue,
                 Err(e) => {
                     lease_failures += 1;
-                    // Refused credentials, a missing queue or a request the
-                    // provider calls invalid do not heal by waiting.
+                    // Refused credentials or certificates, a missing queue or
+                    // a request the provider calls invalid do not heal by
+                    // waiting.
                     let permanent = matches!(
                         e,
-                        BackendError::Auth { .. } | BackendError::NotFound { .. } | BackendError::Invalid(_)
+                        BackendError::Auth { .. }
+                            | BackendError::Tls { .. }
+                            | BackendError::NotFound { .. }
+                            | BackendError::Invalid(_)
                     );
                     if permanent {
                         self.s.stopped = StopReason::Failed;

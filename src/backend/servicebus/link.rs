@@ -145,10 +145,7 @@ impl LinkConfig {
     }
 
     fn unreachable(&self, detail: impl std::fmt::Display) -> BackendError {
-        BackendError::Unreachable {
-            endpoint: format!("{}://{}", self.scheme(), self.host),
-            detail: detail.to_string(),
-        }
+        BackendError::unreachable(format!("{}://{}", self.scheme(), self.host), detail.to_string())
     }
 
     /// Sorts an error of the link's opening: a missing entity and refused
@@ -162,7 +159,9 @@ impl LinkConfig {
         let text = format!("{e:?}");
         let lower = text.to_ascii_lowercase();
         let detail = format!("{what}: {text}");
-        if lower.contains("not-found") || lower.contains("notfound") {
+        if let tls @ BackendError::Tls { .. } = self.unreachable(&detail) {
+            tls
+        } else if lower.contains("not-found") || lower.contains("notfound") {
             BackendError::NotFound {
                 queue: entity.to_string(),
                 detail,
@@ -196,10 +195,7 @@ impl LinkConfig {
             }
             Credentials::Signature(sig) => Ok((CbsToken::new(sig.clone(), SAS_TOKEN_TYPE, None), None)),
             Credentials::Entra(cred) => {
-                let (token, expiry) = cred.fetch(&[ENTRA_SCOPE]).await.map_err(|e| BackendError::Auth {
-                    provider: PROVIDER,
-                    detail: e,
-                })?;
+                let (token, expiry) = cred.fetch(&[ENTRA_SCOPE]).await?;
                 Ok((
                     CbsToken::new(token, JWT_TOKEN_TYPE, Some(timestamp(expiry))),
                     Some(Instant::now() + entra_renewal(valid_for(expiry))),

@@ -1180,13 +1180,7 @@ impl ServiceBusBackend {
                 ),
             },
             Auth::Entra(cred) => {
-                let token = cred
-                    .token(&["https://servicebus.azure.net/.default"])
-                    .await
-                    .map_err(|e| BackendError::Auth {
-                        provider: PROVIDER,
-                        detail: e.to_string(),
-                    })?;
+                let token = cred.fetch(&["https://servicebus.azure.net/.default"]).await?.0;
                 format!("Bearer {token}")
             }
         };
@@ -1195,9 +1189,11 @@ impl ServiceBusBackend {
             .header("Authorization", auth)
             .send()
             .await
-            .map_err(|e| BackendError::Unreachable {
-                endpoint: self.management.clone(),
-                detail: format!("management GET {url}: {e}"),
+            .map_err(|e| {
+                BackendError::unreachable(
+                    self.management.clone(),
+                    format!("management GET {url}: {e}: {}", super::root_cause(&e)),
+                )
             })?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| BackendError::Unreachable {
@@ -1639,6 +1635,11 @@ fn classify(e: &azure_core::Error, unreachable: &BackendError, entity: &str, wha
     let text = format!("{e} ({e:?})");
     let lower = text.to_ascii_lowercase();
     let detail = format!("{what}: {e}");
+    if let BackendError::Unreachable { endpoint, .. } = unreachable
+        && let tls @ BackendError::Tls { .. } = BackendError::unreachable(endpoint.clone(), format!("{what}: {text}"))
+    {
+        return tls;
+    }
     if lower.contains("not-found") || lower.contains("notfound") || lower.contains("messagingentitynotfound") {
         BackendError::NotFound {
             queue: entity.to_string(),
@@ -1813,6 +1814,7 @@ impl QueueBackend for ServiceBusBackend {
                     Err(
                         e @ (BackendError::NotFound { .. }
                         | BackendError::Auth { .. }
+                        | BackendError::Tls { .. }
                         | BackendError::Unreachable { .. }),
                     ) => {
                         return Err(e);
@@ -1978,15 +1980,21 @@ impl WorkloadIdentityCredential {
     }
 
     /// An access token for `scopes`, with its expiry (unix seconds).
-    async fn fetch(&self, scopes: &[&str]) -> Result<(String, u64), String> {
+    /// A token endpoint that cannot be reached is unreachable (or a refused
+    /// certificate); anything it answers that is not a token is a refusal.
+    async fn fetch(&self, scopes: &[&str]) -> Result<(String, u64)> {
+        let refused = |detail: String| BackendError::Auth {
+            provider: PROVIDER,
+            detail,
+        };
         let key = scopes.join(" ");
         if let Some((tok, exp)) = self.cache.lock().await.get(&key)
             && *exp > unix_now() + 300
         {
             return Ok((tok.clone(), *exp));
         }
-        let assertion =
-            std::fs::read_to_string(&self.token_file).map_err(|e| format!("cannot read {}: {e}", self.token_file))?;
+        let assertion = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| refused(format!("cannot read {}: {e}", self.token_file)))?;
         let url = format!(
             "{}/{}/oauth2/v2.0/token",
             self.authority.trim_end_matches('/'),
@@ -2014,24 +2022,22 @@ impl WorkloadIdentityCredential {
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("token request to {url}: {e}"))?;
+            .map_err(|e| {
+                BackendError::unreachable(url.clone(), format!("token request: {e}: {}", super::root_cause(&e)))
+            })?;
         let status = resp.status();
-        let json: serde_json::Value = resp.json().await.map_err(|e| format!("token response: {e}"))?;
+        let json: serde_json::Value = resp.json().await.map_err(|e| refused(format!("token response: {e}")))?;
         if !status.is_success() {
-            return Err(format!("token request answered {status}: {json}"));
+            return Err(refused(format!("token request answered {status}: {json}")));
         }
         let token = json["access_token"]
             .as_str()
-            .ok_or("no access_token in the token response")?
+            .ok_or_else(|| refused("no access_token in the token response".into()))?
             .to_string();
         let expires_in = json["expires_in"].as_u64().unwrap_or(3600);
         let exp = unix_now() + expires_in;
         self.cache.lock().await.insert(key, (token.clone(), exp));
         Ok((token, exp))
-    }
-
-    async fn token(&self, scopes: &[&str]) -> Result<String, String> {
-        self.fetch(scopes).await.map(|(t, _)| t)
     }
 }
 
@@ -2045,7 +2051,7 @@ impl azure_core::credentials::TokenCredential for WorkloadIdentityCredential {
         let (token, exp) = self
             .fetch(scopes)
             .await
-            .map_err(|e| azure_core::Error::message(azure_core::error::ErrorKind::Credential, e))?;
+            .map_err(|e| azure_core::Error::message(azure_core::error::ErrorKind::Credential, e.to_string()))?;
         let expires_on = azure_core::date::OffsetDateTime::from_unix_timestamp(exp as i64)
             .map_err(|e| azure_core::Error::new(azure_core::error::ErrorKind::DataConversion, e))?;
         Ok(azure_core::credentials::AccessToken::new(token, expires_on))
