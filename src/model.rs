@@ -177,6 +177,9 @@ pub enum Exactness {
     Approximate,
     /// A metric that lags the truth by minutes.
     Lagged,
+    /// Counted by browsing up to a limit, which was reached: the depth is a
+    /// floor (Service Bus without the Manage right).
+    AtLeast,
 }
 
 impl std::fmt::Display for Exactness {
@@ -185,6 +188,7 @@ impl std::fmt::Display for Exactness {
             Self::Exact => "exact",
             Self::Approximate => "approximate",
             Self::Lagged => "lagged",
+            Self::AtLeast => "at least",
         })
     }
 }

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::engine::redrive::RunSummary;
-use crate::model::{Attributes, DlqMessage, DlqStats, preview};
+use crate::model::{Attributes, DlqMessage, DlqStats, Exactness, preview};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -89,6 +89,11 @@ pub fn queues_table(rows: &[QueueRow]) -> String {
     let mut t = Table::new(&["QUEUE", "BACKEND", "DEPTH", "OLDEST", "HOW", "TOP REASONS"]);
     for r in rows {
         let (depth, age, how) = match &r.stats {
+            Some(s) if s.exactness == Exactness::AtLeast => (
+                format!("{}+", s.depth),
+                human_age(s.oldest_age),
+                s.exactness.to_string(),
+            ),
             Some(s) => (s.depth.to_string(), human_age(s.oldest_age), s.exactness.to_string()),
             None => ("?".into(), "-".into(), "-".into()),
         };
@@ -234,6 +239,32 @@ mod tests {
         let mut t = Table::new(&["A", "BB"]);
         t.row(vec!["long".into(), "x".into()]);
         assert_eq!(t.render(), "A     BB\nlong  x\n");
+    }
+
+    #[test]
+    fn a_depth_that_is_a_floor_says_so() {
+        let row = |depth, exactness| QueueRow {
+            queue: "q".into(),
+            backend: "servicebus".into(),
+            stats: Some(DlqStats {
+                depth,
+                in_flight: None,
+                oldest_age: None,
+                exactness,
+            }),
+            top_reasons: Vec::new(),
+            sampled: 0,
+            error: None,
+        };
+        let table = queues_table(&[row(1000, Exactness::AtLeast), row(7, Exactness::Exact)]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].contains("1000+") && lines[1].contains("at least"), "{table}");
+        assert!(lines[2].contains(" 7 ") && lines[2].contains("exact"), "{table}");
+        let json = serde_json::to_value(row(1000, Exactness::AtLeast)).unwrap();
+        assert_eq!(
+            (json["depth"].as_u64(), json["exactness"].as_str()),
+            (Some(1000), Some("at_least"))
+        );
     }
 
     #[test]

@@ -1009,3 +1009,110 @@ async fn entra_workload_identity_over_tls_renews_its_tokens() {
     assert_eq!(f.dlq_count().await, 10);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Shared access signatures checked as Azure checks them, against a
+/// namespace with three authorization rules: `x` (every right; the
+/// fixture's), `app` (Listen and Send, no Manage: what a team is usually
+/// given) and `reader` (Listen only).
+///
+/// 1. A wrong key: `list` and `redrive` fail, exit 1, saying authentication
+///    failed and why (the broker's InvalidSignature), and nothing moves.
+/// 2. `app`: browsing and redriving work; the counts, which need Manage, are
+///    refused, and `list` says so for that queue instead of failing.
+/// 3. `reader`: the redrive reads the DLQ but the copies are refused (the
+///    Send claim): exit 1, the error names the claim, nothing is lost.
+#[tokio::test]
+async fn sas_rules_and_their_rights_are_enforced() {
+    use common::servicebus::{SAS_RULES_HOST, emulator_connection_string, private_emulator};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_SAS_RULES";
+    let (emu, _cs, client) = private_emulator(
+        "servicebus-sas-rules",
+        SAS_RULES_HOST,
+        &[
+            "--sas-rule",
+            "x=y",
+            "--sas-rule",
+            "app=app-key:Listen,Send",
+            "--sas-rule",
+            "reader=reader-key:Listen",
+        ],
+    )
+    .await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let config = f.config_file_with("");
+    let with_rule = |rule: &str, key: &str| {
+        emulator_connection_string(SAS_RULES_HOST)
+            .replace("SharedAccessKeyName=x", &format!("SharedAccessKeyName={rule}"))
+            .replace("SharedAccessKey=y", &format!("SharedAccessKey={key}"))
+    };
+    let run = |cs: &str, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+            .env_remove("DLQ_BRIDGE_CONFIG")
+            .env(ENV, cs)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), stdout, said)
+    };
+    let msgs: Vec<TestMessage> = (0..20).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+
+    // 1. A wrong key.
+    let wrong = with_rule("x", "not-the-key");
+    for args in [&["list"][..], &["redrive", "dlq", "--yes", "--no-journal"][..]] {
+        let (code, _, said) = run(&wrong, args);
+        assert_eq!(code, Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("Service Bus authentication failed")
+                && said.contains("InvalidSignature: The token has an invalid signature."),
+            "{args:?}: {said}"
+        );
+        assert!(
+            !said.contains("StatusCode("),
+            "a debug dump instead of the broker's words: {said}"
+        );
+    }
+    assert_eq!(f.dlq_count().await, 20);
+
+    // 2. Listen and Send, no Manage: counted by browsing.
+    let app = with_rule("app", "app-key");
+    let (code, stdout, said) = run(&app, &["list", "-o", "json"]);
+    assert_eq!(code, Some(0), "{said}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("list -o json");
+    assert_eq!(listed[0]["depth"], 20, "{listed}");
+    assert_eq!(listed[0]["exactness"], "exact", "{listed}");
+    assert!(
+        said.contains("lack the Manage right"),
+        "no word of the fallback: {said}"
+    );
+    let (code, _, said) = run(&app, &["inspect", "dlq"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("20 shown, 20 read"), "{said}");
+    let (code, _, said) = run(&app, &["redrive", "dlq", "--yes", "--no-journal"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("settled:   20"), "{said}");
+    assert_eq!(f.drain_source().await.len(), 20);
+
+    // 3. Listen only: the copies are refused, once, and the pass stops.
+    f.put_in_dlq(&msgs[..10]).await;
+    let reader = with_rule("reader", "reader-key");
+    let (code, _, said) = run(&reader, &["redrive", "dlq", "--yes", "--no-journal"]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("(Failed"), "{said}");
+    assert!(
+        said.contains("'Send' claim(s) are required to perform this operation"),
+        "{said}"
+    );
+    assert_eq!(
+        said.matches("claim(s) are required").count(),
+        1,
+        "the refusal is said once: {said}"
+    );
+    assert!(said.contains("settled:   0"), "{said}");
+    assert_eq!(f.dlq_count().await, 10);
+    assert!(f.drain_source().await.is_empty());
+}

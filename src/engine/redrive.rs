@@ -232,6 +232,10 @@ struct BatchOutcome {
     /// Leases to release at the end: messages whose send failed stay in the DLQ.
     unsent: Vec<LeaseId>,
     errors: Vec<String>,
+    /// The destination refused the whole batch for a reason waiting does not
+    /// mend (credentials, a right, a certificate, a missing entity): every
+    /// later batch would fail the same way, so the pass stops.
+    refused: bool,
 }
 
 pub struct Engine {
@@ -372,11 +376,14 @@ impl Engine {
             return out;
         }
         let sending = std::time::Instant::now();
+        let mut batch_error = None;
         let results = match self.backend.send(dest, &outgoing).await {
             Ok(r) => r,
             Err(e) => {
                 let error = format!("send to {dest} failed: {e}");
                 push_error(&mut out.errors, error.clone());
+                out.refused = is_permanent(&e);
+                batch_error = Some(error.clone());
                 vec![SendResult::Failed { error }; batch.len()]
             }
         };
@@ -400,7 +407,11 @@ impl Engine {
                         id: l.message.id.clone(),
                         error: error.clone(),
                     });
-                    push_error(&mut out.errors, format!("message {}: {error}", l.message.id));
+                    // The batch's own error, said once above, is not said
+                    // again for each of its messages (the journal has them).
+                    if batch_error.as_ref() != Some(&error) {
+                        push_error(&mut out.errors, format!("message {}: {error}", l.message.id));
+                    }
                     out.unsent.push(l.lease);
                 }
             }
@@ -560,6 +571,9 @@ struct Pass<'a> {
     held: Vec<LeaseId>,
     planned: u64,
     all_seen_streak: u32,
+    /// A destination refused a batch for good (see [`BatchOutcome::refused`]):
+    /// nothing more is leased or sent.
+    refused: bool,
     /// Matches not yet handed to a send task, per destination, in lease order.
     pending: BTreeMap<Destination, Vec<Leased>>,
     sends: JoinSet<BatchOutcome>,
@@ -595,6 +609,7 @@ impl<'a> Pass<'a> {
             held: Vec::new(),
             planned: 0,
             all_seen_streak: 0,
+            refused: false,
             pending: BTreeMap::new(),
             sends: JoinSet::new(),
             keys_in_flight: HashMap::new(),
@@ -644,6 +659,9 @@ impl<'a> Pass<'a> {
                 self.s.stopped = StopReason::Cancelled;
                 break;
             }
+            if self.refused {
+                break;
+            }
             if started.elapsed() >= self.plan.deadline {
                 self.s.stopped = StopReason::Deadline;
                 break;
@@ -690,17 +708,7 @@ impl<'a> Pass<'a> {
                 Err(_) if lease.generation < generation => continue,
                 Err(e) => {
                     lease_failures += 1;
-                    // Refused credentials or certificates, a missing queue or
-                    // a request the provider calls invalid do not heal by
-                    // waiting.
-                    let permanent = matches!(
-                        e,
-                        BackendError::Auth { .. }
-                            | BackendError::Tls { .. }
-                            | BackendError::NotFound { .. }
-                            | BackendError::Invalid(_)
-                    );
-                    if permanent {
+                    if is_permanent(&e) {
                         self.s.stopped = StopReason::Failed;
                         self.s.errors.push(format!("lease failed: {e}"));
                         break;
@@ -955,6 +963,10 @@ impl<'a> Pass<'a> {
 
     fn merge_send(&mut self, out: BatchOutcome) {
         tracing::debug!(settled = out.settled, "send batch done");
+        if out.refused {
+            self.refused = true;
+            self.s.stopped = StopReason::Failed;
+        }
         release_keys(&mut self.keys_in_flight, &out.keys);
         merge(&mut self.s, out, &mut self.held);
     }
@@ -966,7 +978,7 @@ impl<'a> Pass<'a> {
     /// cloud's round trip that hides it, and it cannot hand a released
     /// message back to this pass.
     async fn finish(mut self) -> RunSummary {
-        if self.s.stopped != StopReason::Cancelled && !self.dispatch(true).await {
+        if self.s.stopped != StopReason::Cancelled && !self.refused && !self.dispatch(true).await {
             self.s.stopped = StopReason::Cancelled;
         }
         // Matches never handed to a send task stay in the DLQ.
@@ -1065,6 +1077,15 @@ impl Releases {
         );
         (self.started, self.failed)
     }
+}
+
+/// Refused credentials, rights or certificates, a missing queue or a
+/// request the provider calls invalid do not heal by waiting.
+fn is_permanent(e: &BackendError) -> bool {
+    matches!(
+        e,
+        BackendError::Auth { .. } | BackendError::Tls { .. } | BackendError::NotFound { .. } | BackendError::Invalid(_)
+    )
 }
 
 fn merge(s: &mut RunSummary, out: BatchOutcome, held: &mut Vec<LeaseId>) {

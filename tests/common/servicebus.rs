@@ -63,6 +63,9 @@ pub const IDLE_LINKS_HOST: &str = "127.0.0.10";
 /// Where the private emulator of `tests/servicebus.rs`'s Entra ID test
 /// (AMQP over TLS on 5671, the token endpoint) listens.
 pub const ENTRA_HOST: &str = "127.0.0.11";
+/// Where the private emulator of `tests/servicebus.rs`'s SAS rules test
+/// (`--sas-rule`) listens.
+pub const SAS_RULES_HOST: &str = "127.0.0.12";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 

@@ -5,8 +5,9 @@ use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::State,
+    extract::{Request, State},
     http::{Method, StatusCode, Uri, header},
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -18,25 +19,73 @@ use crate::broker::{
     now_ms,
 };
 use crate::entra::Entra;
+use crate::sas::{Right, SasRules};
 
-/// The ATOM endpoint; with Entra ID on, its bearer tokens are checked, and
-/// the token endpoint is served beside it.
-pub fn router(broker: Arc<Broker>, entra: Option<&Arc<Entra>>) -> Router {
-    let atom = Router::new().fallback(entity).with_state(broker.clone());
-    let atom = match entra {
-        Some(entra) => atom
-            .layer(axum::middleware::from_fn_with_state(
-                entra.clone(),
-                crate::entra::check_bearer,
-            ))
-            .merge(entra.router()),
-        None => atom,
-    };
+/// Who may call the ATOM endpoint, as Azure checks its `Authorization`
+/// header. With neither Entra ID nor SAS rules on, anyone may.
+pub struct AtomAuth {
+    pub entra: Option<Arc<Entra>>,
+    pub sas: Option<Arc<SasRules>>,
+}
+
+/// The ATOM endpoint (and, with Entra ID on, its token endpoint beside it).
+pub fn router(broker: Arc<Broker>, auth: AtomAuth) -> Router {
+    let token_endpoint = auth.entra.as_ref().map(Entra::router);
+    let mut atom = Router::new().fallback(entity).with_state(broker.clone());
+    if auth.entra.is_some() || auth.sas.is_some() {
+        atom = atom.layer(axum::middleware::from_fn_with_state(Arc::new(auth), authorize));
+    }
+    if let Some(token_endpoint) = token_endpoint {
+        atom = atom.merge(token_endpoint);
+    }
     Router::new()
         // Emulator-only: not part of Service Bus.
         .route("/$emulator/reset", post(reset))
         .with_state(broker)
         .merge(atom)
+}
+
+/// A bearer token must be one the emulator issued, still valid (with Entra
+/// ID on); a shared access signature must check out against the rules, cover
+/// the entity and carry Manage (with SAS rules on); with SAS rules on, a call
+/// without either is refused. Azure answers each with 401 and an XML error.
+async fn authorize(State(auth): State<Arc<AtomAuth>>, request: Request, next: Next) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let path = address::path_of(&request.uri().path().replace("%24", "$"));
+    let refusal: Option<String> = if let Some(token) = header.strip_prefix("Bearer ") {
+        auth.entra
+            .as_ref()
+            .and_then(|entra| entra.verify(token).err().map(|r| r.description().to_string()))
+    } else if header.starts_with("SharedAccessSignature ") {
+        auth.sas.as_ref().and_then(|rules| match rules.verify(header) {
+            Err(refusal) => Some(refusal),
+            Ok(v) if !address::token_covers(&v.resource, &path) => Some(format!(
+                "InvalidAudience: the token is for '{}', which does not cover '{path}'",
+                v.resource
+            )),
+            Ok(v) if !Right::Manage.granted_by(v.rights) => {
+                Some("Unauthorized access. 'Manage' claim(s) are required to perform this operation.".into())
+            }
+            Ok(_) => None,
+        })
+    } else {
+        auth.sas
+            .as_ref()
+            .map(|_| "MissingToken: The authorization header was not found.".to_string())
+    };
+    match refusal {
+        None => next.run(request).await,
+        Some(detail) => (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "application/xml; charset=utf-8")],
+            format!("<Error><Code>401</Code><Detail>{}</Detail></Error>", escape(&detail)),
+        )
+            .into_response(),
+    }
 }
 
 async fn reset(State(broker): State<Arc<Broker>>) -> StatusCode {

@@ -20,9 +20,8 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Form, Json, Router,
-    extract::{Path, Request, State},
-    http::{StatusCode, header},
-    middleware::Next,
+    extract::{Path, State},
+    http::StatusCode,
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -247,31 +246,6 @@ async fn token(State(entra): State<Arc<Entra>>, Path(tenant): Path<String>, Form
         "access_token": access_token,
     }))
     .into_response()
-}
-
-/// ATOM middleware: a bearer token must be one the emulator issued and
-/// still valid (Azure answers 401 with an XML error). SAS tokens are let
-/// through unchecked, as everywhere in the emulator.
-pub async fn check_bearer(State(entra): State<Arc<Entra>>, request: Request, next: Next) -> Response {
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if let Some(token) = bearer
-        && let Err(refusal) = entra.verify(token)
-    {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(header::CONTENT_TYPE, "application/xml; charset=utf-8")],
-            format!(
-                "<Error><Code>401</Code><Detail>{}</Detail></Error>",
-                refusal.description()
-            ),
-        )
-            .into_response();
-    }
-    next.run(request).await
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ mod amqp;
 mod atom;
 mod broker;
 mod entra;
+mod sas;
 mod tls;
 mod topology;
 
@@ -65,6 +66,16 @@ struct Cli {
     /// `system:serviceaccount:apps:orders`.
     #[arg(long, requires = "entra_tenant_id")]
     entra_subject: Option<String>,
+
+    /// An authorization rule of the namespace, `NAME=KEY` (every right) or
+    /// `NAME=KEY:Listen,Send` (any of Listen, Send, Manage). Repeatable. With
+    /// one or more, shared access signatures are checked as Azure checks
+    /// them (signature, expiry, the resource they cover), links need a token
+    /// with the right they use (receive: Listen, send: Send, `$management`:
+    /// either), and the ATOM endpoint needs Manage. Without: SAS tokens are
+    /// taken unchecked.
+    #[arg(long = "sas-rule", value_name = "NAME=KEY[:RIGHTS]", value_parser = sas::SasRule::parse)]
+    sas_rules: Vec<sas::SasRule>,
 
     /// How long an issued access token lasts (Entra's are 60 to 90 minutes).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
@@ -215,6 +226,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         }))),
         _ => None,
     };
+    let sas = (!cli.sas_rules.is_empty()).then(|| Arc::new(sas::SasRules::new(cli.sas_rules)));
 
     let settings = amqp::AmqpSettings {
         accept_delay: Duration::from_millis(cli.accept_delay_ms),
@@ -223,8 +235,9 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         link_idle_timeout: cli.link_idle_timeout,
         connection_idle_timeout: cli.connection_idle_timeout,
         entra: entra.clone(),
+        sas: sas.clone(),
     };
-    let router = atom::router(broker.clone(), entra.as_ref());
+    let router = atom::router(broker.clone(), atom::AtomAuth { entra, sas });
     if let Some(amqps) = amqps {
         tokio::spawn(amqp::serve(
             amqps,

@@ -158,8 +158,8 @@ impl LinkConfig {
     pub fn classify_entity(&self, entity: &str, what: &str, e: &dyn std::fmt::Debug) -> BackendError {
         let text = format!("{e:?}");
         let lower = text.to_ascii_lowercase();
-        let detail = format!("{what}: {text}");
-        if let tls @ BackendError::Tls { .. } = self.unreachable(&detail) {
+        let detail = format!("{what}: {}", broker_words(&text).unwrap_or_else(|| text.clone()));
+        if let tls @ BackendError::Tls { .. } = self.unreachable(format!("{what}: {text}")) {
             tls
         } else if lower.contains("not-found") || lower.contains("notfound") {
             BackendError::NotFound {
@@ -217,6 +217,28 @@ impl LinkConfig {
     fn dlq_audience(&self) -> String {
         self.audience(&self.dlq_path)
     }
+}
+
+/// The broker's own description in a fe2o3-amqp error's debug text (an
+/// AMQP error's `description`, a `$cbs` or `$management` status
+/// description), which is what Azure's documentation and a user's search go
+/// by; None when it has none.
+fn broker_words(debug: &str) -> Option<String> {
+    let start = debug.find("description: Some(\"")? + "description: Some(\"".len();
+    let mut words = String::new();
+    let mut chars = debug[start..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(words),
+            '\\' => match chars.next()? {
+                'n' => words.push('\n'),
+                't' => words.push('\t'),
+                other => words.push(other),
+            },
+            c => words.push(c),
+        }
+    }
+    None
 }
 
 /// How long a token that expires at `expiry` (a whole Unix second, as SAS
@@ -1219,7 +1241,10 @@ async fn put_tokens_for(cfg: &LinkConfig, cbs: &mut CbsClient, audiences: &[Stri
                     // The token itself is not in `e`: only the broker's status.
                     BackendError::Auth {
                         provider: PROVIDER,
-                        detail: format!("the $cbs token put was refused: {text}"),
+                        detail: format!(
+                            "the $cbs token put was refused: {}",
+                            broker_words(&text).unwrap_or(text)
+                        ),
                     }
                 } else {
                     cfg.classify("put a $cbs token", &e)
@@ -1473,6 +1498,22 @@ mod tests {
     use fe2o3_amqp_types::messaging::annotations::OwnedKey;
     use fe2o3_amqp_types::messaging::message::__private::Serializable;
     use fe2o3_amqp_types::primitives::{Binary, Symbol};
+
+    #[test]
+    fn the_brokers_words_are_read_out_of_an_error() {
+        let attach = r#"RemoteClosedWithError(Error { condition: AmqpError(UnauthorizedAccess), description: Some("Unauthorized access. 'Send' claim(s) are required. Resource: \"q\"."), info: None })"#;
+        assert_eq!(
+            broker_words(attach).as_deref(),
+            Some("Unauthorized access. 'Send' claim(s) are required. Resource: \"q\".")
+        );
+        let put = r#"Status(StatusError { code: StatusCode(401), description: Some("InvalidSignature: The token has an invalid signature.") })"#;
+        assert_eq!(
+            broker_words(put).as_deref(),
+            Some("InvalidSignature: The token has an invalid signature.")
+        );
+        assert_eq!(broker_words("IllegalState"), None);
+        assert_eq!(broker_words(r#"Error { description: None }"#), None);
+    }
 
     #[test]
     fn entra_tokens_are_renewed_before_they_expire_and_after_the_cache_lets_go() {

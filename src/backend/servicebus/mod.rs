@@ -122,7 +122,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 mod link;
 use std::time::{Duration, Instant};
@@ -258,6 +258,10 @@ const SEND_ATTEMPTS: usize = 3;
 const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// Messages per peek request.
 const PEEK_PAGE: usize = 100;
+/// The most messages counted by browsing when the counts are refused (see
+/// [`ServiceBusBackend::browse_count`]): enough for alerts on small depths,
+/// little enough to browse at every poll.
+const BROWSE_COUNT_LIMIT: usize = 1_000;
 /// How long a stats result is reused.
 pub const STATS_TTL: Duration = Duration::from_secs(2);
 /// The least time between two ATOM calls of one backend.
@@ -422,6 +426,9 @@ pub struct ServiceBusBackend {
     held: std::sync::Mutex<Held>,
     management: String,
     stats_cache: Mutex<Option<(Instant, DlqStats)>>,
+    /// The management endpoint refused the counts for want of the Manage
+    /// right: `stats` counts by browsing from then on.
+    counts_refused: AtomicBool,
 }
 
 #[derive(Default)]
@@ -640,6 +647,7 @@ impl ServiceBusBackend {
             held: std::sync::Mutex::new(Held::default()),
             management,
             stats_cache: Mutex::new(None),
+            counts_refused: AtomicBool::new(false),
         };
         // Fail now, with a clear error, when the namespace cannot be reached
         // or refuses the credentials. No link is attached yet: an emulator
@@ -888,6 +896,50 @@ impl ServiceBusBackend {
     /// Up to `max` messages from the DLQ's browse, from sequence number 1.
     async fn browse(&self, max: usize) -> Result<Vec<DlqMessage>> {
         let mut out = Vec::new();
+        self.walk(max, |page| {
+            out.extend(page.iter().map(|m| {
+                let raw = m.raw_amqp_message();
+                self.to_model(raw, fields_of(raw))
+            }))
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Depth and age by browsing, for credentials without the Manage right
+    /// that the counts need (a Listen and Send rule, what a team is usually
+    /// given): exact up to [`BROWSE_COUNT_LIMIT`] messages, a floor beyond.
+    /// A page at a time, so a sidecar holds no more than a page of bodies.
+    async fn browse_count(&self) -> Result<DlqStats> {
+        let mut oldest = None;
+        let now = Utc::now();
+        let depth = self
+            .walk(BROWSE_COUNT_LIMIT, |page| {
+                if oldest.is_none()
+                    && let Some(m) = page.first()
+                {
+                    let raw = m.raw_amqp_message();
+                    oldest = self.to_model(raw, fields_of(raw)).age(now);
+                }
+            })
+            .await?;
+        Ok(DlqStats {
+            depth: depth as u64,
+            in_flight: None,
+            oldest_age: oldest,
+            exactness: if depth < BROWSE_COUNT_LIMIT {
+                Exactness::Exact
+            } else {
+                Exactness::AtLeast
+            },
+        })
+    }
+
+    /// Walks the dead-letter queue by true peek from its first message, a
+    /// page at a time, until `max` messages or its end; hands each page to
+    /// `visit` and returns how many it saw.
+    async fn walk(&self, max: usize, mut visit: impl FnMut(&[ServiceBusPeekedMessage])) -> Result<usize> {
+        let mut seen = 0;
         let mut from: i64 = 1;
         let mut slot = self.receiver.lock().await;
         // A receiver kept from an earlier call may have been detached since
@@ -896,9 +948,9 @@ impl ServiceBusBackend {
         // attaching again. Such a failure gets one more try, on a new link.
         let mut stale = false;
         let mut retried = false;
-        while out.len() < max {
+        while seen < max {
             let rx = self.ensure_receiver(&mut slot, &mut stale).await?;
-            let n = (max - out.len()).min(PEEK_PAGE) as u32;
+            let n = (max - seen).min(PEEK_PAGE) as u32;
             let page = match tokio::time::timeout(CALL_TIMEOUT, rx.peek_messages(n, Some(from))).await {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
@@ -925,12 +977,12 @@ impl ServiceBusBackend {
             }
             for m in &page {
                 from = from.max(m.sequence_number() + 1);
-                let raw = m.raw_amqp_message();
-                out.push(self.to_model(raw, fields_of(raw)));
             }
+            let page = &page[..page.len().min(max - seen)];
+            visit(page);
+            seen += page.len();
         }
-        out.truncate(max);
-        Ok(out)
+        Ok(seen)
     }
 
     /// The AMQP message of the copy of `o` to `dest`.
@@ -1203,12 +1255,14 @@ impl ServiceBusBackend {
         match status.as_u16() {
             200 => {}
             401 | 403 => {
+                let hint = if lacks_manage(&text) {
+                    " (reading counts needs the Manage right)"
+                } else {
+                    ""
+                };
                 return Err(BackendError::Auth {
                     provider: PROVIDER,
-                    detail: format!(
-                        "management GET {url} answered {status} (reading counts needs the Manage right): {}",
-                        snippet(&text)
-                    ),
+                    detail: format!("management GET {url} answered {status}{hint}: {}", snippet(&text)),
                 });
             }
             404 => {
@@ -1316,6 +1370,14 @@ fn namespace_host(ns: &str) -> String {
     } else {
         format!("{host}.servicebus.windows.net")
     }
+}
+
+/// Whether a refusal of the management endpoint is for want of the Manage
+/// right (Azure: "Manage,EntityRead claims required for this operation.",
+/// the emulator: "'Manage' claim(s) are required …"), not a bad token.
+fn lacks_manage(refusal: &str) -> bool {
+    let lower = refusal.to_ascii_lowercase();
+    lower.contains("manage") && lower.contains("claim")
 }
 
 fn unix_now() -> u64 {
@@ -1722,21 +1784,38 @@ impl QueueBackend for ServiceBusBackend {
                 tokio::time::sleep(STATS_MIN_INTERVAL - since).await;
             }
         }
-        let (_, dead) = self.counts().await?;
-        let oldest_age = if dead == 0 {
+        let counted = if self.counts_refused.load(Ordering::Relaxed) {
             None
         } else {
-            self.browse(1).await?.first().and_then(|m| m.age(Utc::now()))
+            match self.counts().await {
+                Ok((_, dead)) => Some(dead),
+                Err(BackendError::Auth { detail, .. }) if lacks_manage(&detail) => {
+                    tracing::warn!(
+                        queue = %self.queue_name,
+                        "the credentials lack the Manage right that Service Bus's counts need: counting by browsing (the first {BROWSE_COUNT_LIMIT} messages) instead"
+                    );
+                    self.counts_refused.store(true, Ordering::Relaxed);
+                    None
+                }
+                Err(e) => return Err(e),
+            }
         };
-        let stats = DlqStats {
-            depth: dead,
-            in_flight: None,
-            oldest_age,
-            exactness: if self.emulator {
-                Exactness::Exact
-            } else {
-                Exactness::Approximate
+        let stats = match counted {
+            Some(dead) => DlqStats {
+                depth: dead,
+                in_flight: None,
+                oldest_age: if dead == 0 {
+                    None
+                } else {
+                    self.browse(1).await?.first().and_then(|m| m.age(Utc::now()))
+                },
+                exactness: if self.emulator {
+                    Exactness::Exact
+                } else {
+                    Exactness::Approximate
+                },
             },
+            None => self.browse_count().await?,
         };
         *cache = Some((Instant::now(), stats.clone()));
         Ok(stats)

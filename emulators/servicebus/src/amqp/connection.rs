@@ -1,6 +1,7 @@
 //! One client connection: SASL, then sessions and links, driven by a single task.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
@@ -33,6 +34,7 @@ use crate::broker::{
     codec::{self, Request},
     now_ms,
 };
+use crate::sas::{Right, Rights};
 
 /// Our receive limits: generous, so that clients never stall on flow control.
 const MAX_FRAME_SIZE: u32 = 1024 * 1024;
@@ -210,7 +212,7 @@ struct Connection {
     /// With `enforce_token_expiry` or `require_tokens`: the tokens put on
     /// `$cbs`, by audience path (see [`management::token_audience`]), and
     /// when each expires (`i64::MAX`: no expiry given).
-    tokens: Vec<(String, i64)>,
+    tokens: Vec<PutToken>,
     /// The broker's count of deletes this connection has acted on.
     deletions_seen: u64,
     /// The last time the connection had a link to an entity or a
@@ -220,6 +222,15 @@ struct Connection {
 }
 
 /// Serves one connection on `stream`: a TCP stream, or TLS over one (amqps).
+/// A token put on `$cbs`: the audience path it was put for (see
+/// [`management::token_audience`]), when it expires (`i64::MAX`: not
+/// enforced) and what it allows.
+struct PutToken {
+    audience: String,
+    expires: i64,
+    rights: Rights,
+}
+
 pub async fn serve<S>(stream: S, broker: Arc<Broker>, settings: AmqpSettings) -> Result<(), ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -555,8 +566,8 @@ impl Connection {
         match &node {
             Node::Cbs => {}
             Node::Entity(path) | Node::Management(path) => {
-                if self.settings.require_tokens {
-                    self.check_token(&node)?;
+                if self.settings.require_tokens || self.settings.sas.is_some() {
+                    self.check_token(&node, client_sends)?;
                 }
                 // A queue's or topic's `$management` node is attached like a
                 // sender (azservicebus opens one next to every sender, also on
@@ -771,32 +782,8 @@ impl Connection {
         };
         let encoded = match node {
             Node::Cbs => {
-                let (mut status, mut description) = management::handle_cbs(&request);
-                let mut expiry = management::token_expiry(&request);
-                // An Entra ID token is checked whatever the flags, as Azure
-                // does: issued by the emulator, unaltered, unexpired.
-                if let (Some(entra), Some(jwt), 202) = (&self.settings.entra, management::jwt_token(&request), status) {
-                    match entra.verify(jwt) {
-                        Ok(expires) => expiry = Some(expires),
-                        Err(refusal) => (status, description) = (401, refusal.description()),
-                    }
-                }
-                let checked = self.settings.enforce_token_expiry || self.settings.require_tokens;
-                if checked && status == 202 {
-                    let audience = management::token_audience(&request);
-                    let enforced = expiry.filter(|_| self.settings.enforce_token_expiry);
-                    match (audience, enforced) {
-                        (Some(_), Some(expires)) if expires <= now_ms() => {
-                            (status, description) = (401, "ExpiredToken: the token has expired");
-                        }
-                        (Some(audience), enforced) => {
-                            self.tokens.retain(|(a, _)| *a != audience);
-                            self.tokens.push((audience, enforced.unwrap_or(i64::MAX)));
-                        }
-                        (None, _) => {}
-                    }
-                }
-                management::encode_cbs_reply(&request, status, description)
+                let (status, description) = self.put_token(&request);
+                management::encode_cbs_reply(&request, status, &description)
             }
             Node::Management(path) => {
                 let reply = management::handle(&self.broker, path, &request);
@@ -953,28 +940,112 @@ impl Connection {
         Ok(())
     }
 
+    /// Answers a `$cbs` put-token. The token is checked where the emulator
+    /// can, as Azure does whatever the flags: an Entra ID token when Entra is
+    /// on, a shared access signature against the `--sas-rule`s (its rule's
+    /// key, its expiry, and a resource that covers the audience). What it
+    /// covers, until when and with which rights is kept for the link checks.
+    fn put_token(&mut self, request: &Request) -> (i32, Cow<'static, str>) {
+        let (status, description) = management::handle_cbs(request);
+        if status != 202 {
+            return (status, description.into());
+        }
+        let audience = management::token_audience(request);
+        let mut expiry = management::token_expiry(request);
+        let mut rights = Rights::ALL;
+        if let (Some(entra), Some(jwt)) = (&self.settings.entra, management::jwt_token(request)) {
+            match entra.verify(jwt) {
+                Ok(expires) => expiry = Some(expires),
+                Err(refusal) => return (401, refusal.description().into()),
+            }
+        }
+        if let (Some(rules), Some(sas)) = (&self.settings.sas, management::sas_token(request)) {
+            match rules.verify(sas) {
+                Ok(verified) => {
+                    if let Some(audience) = &audience
+                        && !address::token_covers(&verified.resource, audience)
+                    {
+                        return (
+                            401,
+                            format!(
+                                "InvalidAudience: the token is for '{}', which does not cover '{audience}'",
+                                verified.resource
+                            )
+                            .into(),
+                        );
+                    }
+                    (expiry, rights) = (Some(verified.expires), verified.rights);
+                }
+                Err(refusal) => return (401, refusal.into()),
+            }
+        }
+        if !(self.settings.enforce_token_expiry || self.settings.require_tokens || self.settings.sas.is_some()) {
+            return (status, description.into());
+        }
+        let enforced = expiry.filter(|_| self.settings.enforce_token_expiry);
+        match (audience, enforced) {
+            (Some(_), Some(expires)) if expires <= now_ms() => (401, "ExpiredToken: the token has expired".into()),
+            (Some(audience), enforced) => {
+                self.tokens.retain(|t| t.audience != audience);
+                self.tokens.push(PutToken {
+                    audience,
+                    expires: enforced.unwrap_or(i64::MAX),
+                    rights,
+                });
+                (status, description.into())
+            }
+            (None, _) => (status, description.into()),
+        }
+    }
+
     /// The latest expiry of the tokens put for `path` (None: no token covers it).
     fn token_expiry_for(&self, path: &str) -> Option<i64> {
         self.tokens
             .iter()
-            .filter(|(audience, _)| management::token_covers(audience, path))
-            .map(|(_, expires)| *expires)
+            .filter(|t| address::token_covers(&t.audience, path))
+            .map(|t| t.expires)
             .max()
     }
 
-    /// Refuses a link to `node` that no unexpired token covers, with Azure's
-    /// condition and a description that names the resource.
-    fn check_token(&self, node: &Node) -> Result<(), definitions::Error> {
+    /// Refuses a link to `node` that no unexpired token covers, or none with
+    /// a right the link needs, with Azure's condition and a description that
+    /// names the resource (and the claims, as Azure does).
+    fn check_token(&self, node: &Node, client_sends: bool) -> Result<(), definitions::Error> {
         let Some(path) = token_path(node) else { return Ok(()) };
-        match self.token_expiry_for(&path) {
-            Some(expires) if expires > now_ms() => Ok(()),
-            _ => Err(amqp_error(
+        let now = now_ms();
+        let covering: Vec<&PutToken> = self
+            .tokens
+            .iter()
+            .filter(|t| t.expires > now && address::token_covers(&t.audience, &path))
+            .collect();
+        let refuse = |description: String| {
+            Err(amqp_error(
                 ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess),
-                format!(
-                    "Unauthorized access. No unexpired token covers '{path}': put one on $cbs before attaching a link to it"
-                ),
-            )),
+                description,
+            ))
+        };
+        if covering.is_empty() {
+            return refuse(format!(
+                "Unauthorized access. No unexpired token covers '{path}': put one on $cbs before attaching a link to it"
+            ));
         }
+        // A `$management` node takes requests of either kind (a peek, a
+        // scheduled send): Listen or Send will do.
+        let needed: &[Right] = match node {
+            Node::Entity(_) if client_sends => &[Right::Send],
+            Node::Entity(_) => &[Right::Listen],
+            _ => &[Right::Listen, Right::Send],
+        };
+        if covering
+            .iter()
+            .any(|t| needed.iter().any(|right| right.granted_by(t.rights)))
+        {
+            return Ok(());
+        }
+        refuse(format!(
+            "Unauthorized access. '{}' claim(s) are required to perform this operation. Resource: '{path}'.",
+            needed[0]
+        ))
     }
 
     /// Detaches every link whose entity had tokens put for it that have all

@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::{broker::Broker, entra::Entra};
+use crate::{broker::Broker, entra::Entra, sas::SasRules};
 
 #[derive(Clone)]
 pub struct AmqpSettings {
@@ -35,6 +35,9 @@ pub struct AmqpSettings {
     /// With Entra ID on: a `$cbs` token of type `jwt` must be an access
     /// token the emulator issued, unaltered and unexpired (401 otherwise).
     pub entra: Option<Arc<Entra>>,
+    /// With `--sas-rule`s: a shared access signature must be signed by one,
+    /// cover the audience it is put for, and carry the rights a link needs.
+    pub sas: Option<Arc<SasRules>>,
 }
 
 /// Accepts AMQP connections on `listener`; with `tls`, each one is TLS

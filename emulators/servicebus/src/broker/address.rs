@@ -98,9 +98,25 @@ pub fn path_of(address: &str) -> String {
     path.trim_matches('/').to_lowercase()
 }
 
+/// Whether a token for the path `audience` (a `$cbs` put's audience, or the
+/// resource a signature was made for) covers `path`: Azure's audiences are
+/// URI prefixes.
+pub fn token_covers(audience: &str, path: &str) -> bool {
+    audience.is_empty() || path == audience || path.strip_prefix(audience).is_some_and(|rest| rest.starts_with('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_covers_its_path_and_what_lies_below_it() {
+        assert!(token_covers("", "orders"));
+        assert!(token_covers("orders", "orders"));
+        assert!(token_covers("orders", "orders/$deadletterqueue/$management"));
+        assert!(!token_covers("orders", "orders-2"));
+        assert!(!token_covers("orders/$deadletterqueue", "orders"));
+    }
 
     fn entity(entity: &str, subscription: Option<&str>, dead_letter: bool) -> EntityPath {
         EntityPath {
