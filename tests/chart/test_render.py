@@ -176,6 +176,22 @@ def test_connection_string_secrets(render):
     assert r.secret_value("rel-dlq-bridge-env", "OTHER_CONN") == "Endpoint=sb://x/"
 
 
+def test_ca_bundle_is_mounted_and_named_by_ssl_cert_file(render):
+    r = render({"caBundle": {"configMap": "corp-ca", "key": "bundle.pem"}})
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    c = container_of(pod)
+    assert env_of(c)["SSL_CERT_FILE"]["value"] == "/etc/dlq-bridge-ca/bundle.pem"
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/etc/dlq-bridge-ca"]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/etc/dlq-bridge-ca"]["name"]]["configMap"] == {
+        "name": "corp-ca", "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}
+    # Off by default: the image's own public CAs.
+    pod = render().one("Deployment")["spec"]["template"]["spec"]
+    assert "SSL_CERT_FILE" not in env_of(container_of(pod))
+    assert all(v["name"] != "dlq-bridge-ca" for v in pod["volumes"])
+
+
 def test_persistent_data_dir(render):
     r = render({"persistence": {"type": "pvc", "mountPath": "/var/lib/dlq-bridge",
                                 "pvc": {"size": "5Gi", "storageClassName": "fast"}}})

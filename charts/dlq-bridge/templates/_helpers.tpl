@@ -133,6 +133,10 @@ env:
         name: {{ .secretName }}
         key: {{ .key }}
   {{- end }}
+  {{- if .Values.caBundle.configMap }}
+  - name: SSL_CERT_FILE
+    value: {{ printf "/etc/dlq-bridge-ca/%s" .Values.caBundle.key | quote }}
+  {{- end }}
   {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -165,6 +169,11 @@ volumeMounts:
     mountPath: {{ .Values.persistence.mountPath }}
   - name: dlq-bridge-tmp
     mountPath: /tmp
+  {{- if .Values.caBundle.configMap }}
+  - name: dlq-bridge-ca
+    mountPath: /etc/dlq-bridge-ca
+    readOnly: true
+  {{- end }}
 {{- end -}}
 
 {{/* A YAML mapping (string) as one item of a list. */}}
@@ -188,6 +197,14 @@ volumeMounts:
 - name: dlq-bridge-tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- if .Values.caBundle.configMap }}
+- name: dlq-bridge-ca
+  configMap:
+    name: {{ .Values.caBundle.configMap }}
+    items:
+      - key: {{ .Values.caBundle.key }}
+        path: {{ .Values.caBundle.key }}
+{{- end }}
 {{- end -}}
 
 {{/*
