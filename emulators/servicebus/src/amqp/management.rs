@@ -278,18 +278,20 @@ pub fn token_expiry(request: &Request) -> Option<i64> {
     }
 }
 
-/// A `put-token`'s token when it is an Entra ID access token (type `jwt`).
-pub fn jwt_token(request: &Request) -> Option<&str> {
-    token_of_type(request, "jwt")
-}
-
-/// A `put-token`'s token when it is a shared access signature.
+/// A `put-token`'s token when it is a shared access signature. Told by its
+/// text, not by the put's `type`: Microsoft's Python SDK puts its SAS
+/// tokens with type `jwt`, and Azure takes them.
 pub fn sas_token(request: &Request) -> Option<&str> {
-    token_of_type(request, "servicebus.windows.net:sastoken")
+    text(&request.body).filter(|token| token.starts_with("SharedAccessSignature "))
 }
 
-fn token_of_type<'a>(request: &'a Request, kind: &str) -> Option<&'a str> {
-    (request.app_property("type").and_then(text) == Some(kind)).then(|| text(&request.body).unwrap_or(""))
+/// A `put-token`'s token when it is an Entra ID access token: type `jwt`,
+/// and not a shared access signature.
+pub fn jwt_token(request: &Request) -> Option<&str> {
+    if request.app_property("type").and_then(text) != Some("jwt") || sas_token(request).is_some() {
+        return None;
+    }
+    Some(text(&request.body).unwrap_or(""))
 }
 
 /// Answers a `$cbs` put-token: the emulator accepts any token.

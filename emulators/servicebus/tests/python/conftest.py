@@ -21,6 +21,9 @@ QUEUE_MDC = "conformance-mdc"
 QUEUE_SHORT_LOCK = "conformance-shortlock"
 TOPIC = "conformance-topic"
 SUBSCRIPTIONS = ("sub-a", "sub-b")
+# A second authorization rule of the emulator's namespace, with Listen only.
+LISTEN_ONLY_RULE = "listener"
+LISTEN_ONLY_KEY = "listen-key"
 
 
 class Target:
@@ -85,6 +88,10 @@ def target():
             "--topology", str(HERE.parent / "topology.yaml"),
             # As Azure: the SDK must put a $cbs token before each link.
             "--require-tokens",
+            # And its SAS tokens are checked against the namespace's rules:
+            # Microsoft's signer against the emulator's check, in every flow.
+            "--sas-rule", "x=y",
+            "--sas-rule", f"{LISTEN_ONLY_RULE}={LISTEN_ONLY_KEY}:Listen",
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

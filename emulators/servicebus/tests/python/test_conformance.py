@@ -14,7 +14,7 @@ from azure.servicebus import (
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
 )
-from azure.servicebus.exceptions import MessageLockLostError, ServiceBusError
+from azure.servicebus.exceptions import MessageLockLostError, ServiceBusAuthenticationError, ServiceBusError
 
 # The SDK's public API sends every int as AMQP int and every bytes value as a
 # string; its encoder's typed values are the only way to send long and binary.
@@ -359,3 +359,43 @@ def test_expired_messages_are_not_delivered(client, admin):
     _, messages = receive(client, QUEUE, count=2, wait=EMPTY_WAIT, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE)
     assert [str(m) for m in messages] == ["long-lived"]
     assert admin.get_queue_runtime_properties(QUEUE).active_message_count == 0
+
+
+def test_shared_access_signatures_are_checked_against_the_rules(target, client, admin):
+    """The SDK's own SAS tokens pass the emulator's check in every flow here
+    (rule `x`); a wrong key, and a rule without the right an operation needs,
+    are refused as Azure refuses them."""
+    if not target.is_emulator:
+        pytest.skip("needs the emulator's known rules")
+    from azure.core.exceptions import ClientAuthenticationError
+    from azure.servicebus.management import ServiceBusAdministrationClient
+
+    from conftest import LISTEN_ONLY_KEY, LISTEN_ONLY_RULE
+
+    send(client, QUEUE, ServiceBusMessage(b"checked"))
+    assert admin.get_queue_runtime_properties(QUEUE).active_message_count == 1
+
+    wrong = target.conn_str.replace("SharedAccessKey=y", "SharedAccessKey=not-y")
+    with ServiceBusClient.from_connection_string(wrong, retry_total=0) as bad:
+        # The SDK does not pass the put-token's status description on.
+        with pytest.raises(ServiceBusAuthenticationError):
+            send(bad, QUEUE, ServiceBusMessage(b"refused"))
+
+    listener = target.conn_str.replace("SharedAccessKeyName=x", f"SharedAccessKeyName={LISTEN_ONLY_RULE}")
+    listener = listener.replace("SharedAccessKey=y", f"SharedAccessKey={LISTEN_ONLY_KEY}")
+    with ServiceBusClient.from_connection_string(listener, retry_total=0) as reader:
+        _, got = receive(reader, QUEUE)
+        assert [body(m) for m in got] == [b"checked"]
+        with pytest.raises(ServiceBusError) as refused:
+            send(reader, QUEUE, ServiceBusMessage(b"no send right"))
+    assert "'Send' claim(s) are required" in str(refused.value)
+
+    listening_admin = ServiceBusAdministrationClient.from_connection_string(
+        target.admin_conn_str.replace("SharedAccessKeyName=x", f"SharedAccessKeyName={LISTEN_ONLY_RULE}").replace(
+            "SharedAccessKey=y", f"SharedAccessKey={LISTEN_ONLY_KEY}"
+        ),
+        connection_verify=False,
+    )
+    with pytest.raises(ClientAuthenticationError) as refused:
+        listening_admin.get_queue_runtime_properties(QUEUE)
+    assert "'Manage' claim(s) are required" in str(refused.value)
