@@ -68,7 +68,8 @@ async fn authorize(State(auth): State<Arc<AtomAuth>>, request: Request, next: Ne
                 v.resource
             )),
             Ok(v) if !Right::Manage.granted_by(v.rights) => {
-                Some("Unauthorized access. 'Manage' claim(s) are required to perform this operation.".into())
+                // Azure's words for a Listen or Send key on the ATOM endpoint.
+                Some("Manage,EntityRead claims required for this operation.".into())
             }
             Ok(_) => None,
         })

@@ -1374,7 +1374,7 @@ fn namespace_host(ns: &str) -> String {
 
 /// Whether a refusal of the management endpoint is for want of the Manage
 /// right (Azure: "Manage,EntityRead claims required for this operation.",
-/// the emulator: "'Manage' claim(s) are required …"), not a bad token.
+/// which the emulator says too), not a bad token.
 fn lacks_manage(refusal: &str) -> bool {
     let lower = refusal.to_ascii_lowercase();
     lower.contains("manage") && lower.contains("claim")
@@ -2157,6 +2157,18 @@ mod tests {
             named(ErrorCondition::Custom(Symbol::from("com.microsoft:entity-disabled"))),
             "com.microsoft:entity-disabled"
         );
+    }
+
+    #[test]
+    fn a_refusal_for_want_of_manage_is_told_from_a_bad_token() {
+        // Azure's answer to a Listen or Send key, and to a token it refuses.
+        assert!(lacks_manage(
+            "<Error><Code>401</Code><Detail>Manage,EntityRead claims required for this operation. TrackingId:6399943f_G4S2</Detail></Error>"
+        ));
+        assert!(!lacks_manage(
+            "<Error><Code>401</Code><Detail>InvalidSignature: The token has an invalid signature.</Detail></Error>"
+        ));
+        assert!(!lacks_manage("claim is empty or token is invalid."));
     }
 
     #[test]

@@ -398,4 +398,4 @@ def test_shared_access_signatures_are_checked_against_the_rules(target, client, 
     )
     with pytest.raises(ClientAuthenticationError) as refused:
         listening_admin.get_queue_runtime_properties(QUEUE)
-    assert "'Manage' claim(s) are required" in str(refused.value)
+    assert "Manage,EntityRead claims required for this operation." in str(refused.value)
