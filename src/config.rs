@@ -672,6 +672,13 @@ pub struct ServiceBusQueueConfig {
     /// emulator or a proxy that detaches idle links sooner.
     #[serde(default, with = "opt_duration_text", skip_serializing_if = "Option::is_none")]
     pub link_idle_timeout: Option<Duration>,
+    /// With a key that lacks the Manage right the counts need, the depth and
+    /// age are counted by browsing the DLQ from its first message, up to
+    /// this many messages (exact below, a floor `at_least` at it). Raise it
+    /// for a `depth_above` alert whose threshold lies above it; each poll
+    /// browses that many messages. Default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browse_count_limit: Option<usize>,
 }
 
 /// What the YAML holds for a queue, before the backend sections are checked.
@@ -761,6 +768,12 @@ impl<'de> Deserialize<'de> for QueueConfig {
             if sb.link_idle_timeout.is_some_and(|t| t < Duration::from_secs(1)) {
                 return Err(serde::de::Error::custom(format!(
                     "queue `{}`: servicebus.link_idle_timeout must be at least 1s",
+                    raw.name
+                )));
+            }
+            if sb.browse_count_limit == Some(0) {
+                return Err(serde::de::Error::custom(format!(
+                    "queue `{}`: servicebus.browse_count_limit must be at least 1",
                     raw.name
                 )));
             }

@@ -1018,7 +1018,8 @@ async fn entra_workload_identity_over_tls_renews_its_tokens() {
 /// 1. A wrong key: `list` and `redrive` fail, exit 1, saying authentication
 ///    failed and why (the broker's InvalidSignature), and nothing moves.
 /// 2. `app`: browsing and redriving work; the counts, which need Manage, are
-///    refused, and `list` says so for that queue instead of failing.
+///    refused, and `list` counts by browsing instead (exact, or a floor past
+///    `browse_count_limit`) and says so.
 /// 3. `reader`: the redrive reads the DLQ but the copies are refused (the
 ///    Send claim): exit 1, the error names the claim, nothing is lost.
 #[tokio::test]
@@ -1045,12 +1046,13 @@ async fn sas_rules_and_their_rights_are_enforced() {
             .replace("SharedAccessKeyName=x", &format!("SharedAccessKeyName={rule}"))
             .replace("SharedAccessKey=y", &format!("SharedAccessKey={key}"))
     };
-    let run = |cs: &str, args: &[&str]| {
+    let floored = f.config_file_with("      browse_count_limit: 10\n");
+    let run_with = |config: &std::path::Path, cs: &str, args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
             .env_remove("DLQ_BRIDGE_CONFIG")
             .env(ENV, cs)
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .args(args)
             .output()
             .unwrap();
@@ -1058,6 +1060,7 @@ async fn sas_rules_and_their_rights_are_enforced() {
         let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
         (out.status.code(), stdout, said)
     };
+    let run = |cs: &str, args: &[&str]| run_with(&config, cs, args);
     let msgs: Vec<TestMessage> = (0..20).map(|i| failing(i, "Timeout")).collect();
     f.put_in_dlq(&msgs).await;
 
@@ -1089,6 +1092,17 @@ async fn sas_rules_and_their_rights_are_enforced() {
         said.contains("lack the Manage right"),
         "no word of the fallback: {said}"
     );
+    // Past the limit, the depth is a floor, and says so.
+    let (code, stdout, said) = run_with(&floored, &app, &["list", "-o", "json"]);
+    assert_eq!(code, Some(0), "{said}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("list -o json");
+    assert_eq!(
+        (listed[0]["depth"].as_u64(), listed[0]["exactness"].as_str()),
+        (Some(10), Some("at_least")),
+        "{listed}"
+    );
+    let (_, stdout, _) = run_with(&floored, &app, &["list"]);
+    assert!(stdout.contains("10+") && stdout.contains("at least"), "{stdout}");
     let (code, _, said) = run(&app, &["inspect", "dlq"]);
     assert_eq!(code, Some(0), "{said}");
     assert!(said.contains("20 shown, 20 read"), "{said}");

@@ -259,8 +259,8 @@ const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// Messages per peek request.
 const PEEK_PAGE: usize = 100;
 /// The most messages counted by browsing when the counts are refused (see
-/// [`ServiceBusBackend::browse_count`]): enough for alerts on small depths,
-/// little enough to browse at every poll.
+/// [`ServiceBusBackend::browse_count`]), unless `browse_count_limit` says:
+/// enough for alerts on small depths, little enough to browse at every poll.
 const BROWSE_COUNT_LIMIT: usize = 1_000;
 /// How long a stats result is reused.
 pub const STATS_TTL: Duration = Duration::from_secs(2);
@@ -427,8 +427,9 @@ pub struct ServiceBusBackend {
     management: String,
     stats_cache: Mutex<Option<(Instant, DlqStats)>>,
     /// The management endpoint refused the counts for want of the Manage
-    /// right: `stats` counts by browsing from then on.
+    /// right: `stats` counts by browsing from then on, up to this many.
     counts_refused: AtomicBool,
+    browse_count_limit: usize,
 }
 
 #[derive(Default)]
@@ -648,6 +649,7 @@ impl ServiceBusBackend {
             management,
             stats_cache: Mutex::new(None),
             counts_refused: AtomicBool::new(false),
+            browse_count_limit: cfg.browse_count_limit.unwrap_or(BROWSE_COUNT_LIMIT),
         };
         // Fail now, with a clear error, when the namespace cannot be reached
         // or refuses the credentials. No link is attached yet: an emulator
@@ -908,13 +910,13 @@ impl ServiceBusBackend {
 
     /// Depth and age by browsing, for credentials without the Manage right
     /// that the counts need (a Listen and Send rule, what a team is usually
-    /// given): exact up to [`BROWSE_COUNT_LIMIT`] messages, a floor beyond.
+    /// given): exact up to `browse_count_limit` messages, a floor beyond.
     /// A page at a time, so a sidecar holds no more than a page of bodies.
     async fn browse_count(&self) -> Result<DlqStats> {
         let mut oldest = None;
         let now = Utc::now();
         let depth = self
-            .walk(BROWSE_COUNT_LIMIT, |page| {
+            .walk(self.browse_count_limit, |page| {
                 if oldest.is_none()
                     && let Some(m) = page.first()
                 {
@@ -927,7 +929,7 @@ impl ServiceBusBackend {
             depth: depth as u64,
             in_flight: None,
             oldest_age: oldest,
-            exactness: if depth < BROWSE_COUNT_LIMIT {
+            exactness: if depth < self.browse_count_limit {
                 Exactness::Exact
             } else {
                 Exactness::AtLeast
@@ -1792,7 +1794,8 @@ impl QueueBackend for ServiceBusBackend {
                 Err(BackendError::Auth { detail, .. }) if lacks_manage(&detail) => {
                     tracing::warn!(
                         queue = %self.queue_name,
-                        "the credentials lack the Manage right that Service Bus's counts need: counting by browsing (the first {BROWSE_COUNT_LIMIT} messages) instead"
+                        limit = self.browse_count_limit,
+                        "the credentials lack the Manage right that Service Bus's counts need: counting by browsing (at most servicebus.browse_count_limit messages) instead"
                     );
                     self.counts_refused.store(true, Ordering::Relaxed);
                     None
