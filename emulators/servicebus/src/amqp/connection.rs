@@ -209,9 +209,8 @@ struct Connection {
     /// Accepts for inbound deliveries, held back by `accept_delay`.
     pending_accepts: Vec<(u16, u32)>,
     accept_deadline: Option<Instant>,
-    /// With `enforce_token_expiry` or `require_tokens`: the tokens put on
-    /// `$cbs`, by audience path (see [`management::token_audience`]), and
-    /// when each expires (`i64::MAX`: no expiry given).
+    /// With `enforce_token_expiry`, `require_tokens` or SAS rules: the
+    /// tokens put on `$cbs`.
     tokens: Vec<PutToken>,
     /// The broker's count of deletes this connection has acted on.
     deletions_seen: u64,
@@ -221,7 +220,6 @@ struct Connection {
     closed: bool,
 }
 
-/// Serves one connection on `stream`: a TCP stream, or TLS over one (amqps).
 /// A token put on `$cbs`: the audience path it was put for (see
 /// [`management::token_audience`]), when it expires (`i64::MAX`: not
 /// enforced) and what it allows.
@@ -231,6 +229,7 @@ struct PutToken {
     rights: Rights,
 }
 
+/// Serves one connection on `stream`: a TCP stream, or TLS over one (amqps).
 pub async fn serve<S>(stream: S, broker: Arc<Broker>, settings: AmqpSettings) -> Result<(), ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
