@@ -604,6 +604,16 @@ def latency_part():
             stop_proc(p)
 
 
+def engine_settles_per_send_slot():
+    """Settles the engine lets run per send slot once their copies are confirmed (SETTLES_PER_SEND_SLOT in
+    this checkout's src/engine/redrive.rs; 0 before the settles left the send slots)."""
+    try:
+        src = open(os.path.join(os.path.dirname(__file__), "..", "src/engine/redrive.rs")).read()
+        return int(re.search(r"const SETTLES_PER_SEND_SLOT: usize = (\d+);", src).group(1))
+    except (OSError, AttributeError, ValueError):
+        return 0
+
+
 def engine_lease_caps():
     """SQS leases in flight per pass, as this checkout's source sets them (min of the SQS adapter's
     `max_concurrent_leases` and the default `redrive.concurrency`); 1 if the engine has no such cap."""
@@ -757,10 +767,11 @@ def latency_report(L, targets):
             line += (f"; the engine's own ceiling is {leases} leases in flight (SQS adapter {cap}, default "
                      f"`redrive.concurrency` {conc}) × 10 messages / {real_rtt:.0f} ms × 50 % matching = "
                      f"{ceiling:,.0f} moved/s, so expect about {min(pred, ceiling):,.0f} moved/s per replica")
-            if in_flight > leases + conc:
+            settles = conc * engine_settles_per_send_slot()
+            if in_flight > leases + conc + settles:
                 shown = "that many calls" if in_flight == float("inf") else f"{in_flight:.0f} calls"
-                line += (f". {shown} in flight is more than the engine can have ({leases} leases and "
-                         f"{conc} sends or settles): ministack's own time hid most of the delay, so the subtraction "
+                line += (f". {shown} in flight is more than the engine can have ({leases} leases, {conc} sends "
+                         f"and {settles} settles): ministack's own time hid most of the delay, so the subtraction "
                          "undercounts the round trips and the ceiling is the better estimate")
         elif tool == "dlq-bridge":
             line += "; the engine leases one batch at a time (10 messages / 20 ms × 50 % = 250 moved/s at most)"

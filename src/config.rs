@@ -387,8 +387,9 @@ fn default_description_attribute() -> String {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedriveConfig {
-    /// Batches sent and settled at the same time; also caps the leases in
-    /// flight (each provider sets its own cap below this). Default 16.
+    /// Send batches in flight at once (a batch gives its slot back once its
+    /// copies are confirmed, while its originals are settled); also caps the
+    /// leases in flight (each provider sets its own cap below this). Default 16.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// How long messages stay leased during a pass. Messages a pass holds

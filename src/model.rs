@@ -120,6 +120,20 @@ pub struct Leased {
     pub lease: LeaseId,
 }
 
+impl Leased {
+    /// What is left to keep once the copy is confirmed: the settle and its
+    /// journal records need the lease, the ID, the reason and the enqueue
+    /// time, not the body, so a settle in flight holds no body.
+    pub fn settling(mut self) -> Self {
+        let m = &mut self.message;
+        m.body = Bytes::new();
+        m.attributes = Attributes::default();
+        m.properties = Properties::default();
+        m.description = None;
+        self
+    }
+}
+
 /// Where a redriven copy goes, as the provider names it: an SQS queue URL, a
 /// Pub/Sub topic, a Service Bus entity path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -230,7 +230,7 @@ pub struct RedriveOpts {
     /// Move at most N messages.
     #[arg(long, value_name = "N")]
     pub max: Option<u64>,
-    /// Batches in flight at once. Default: the config's `redrive.concurrency`.
+    /// Send batches in flight at once. Default: the config's `redrive.concurrency`.
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
     /// Do not ask for confirmation (required when not on a terminal).

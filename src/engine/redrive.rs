@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -359,6 +360,7 @@ impl Engine {
         dest: &Destination,
         batch: Vec<Leased>,
         outgoing: Vec<Outgoing>,
+        slot: OwnedSemaphorePermit,
     ) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         for (l, o) in batch.iter().zip(&outgoing) {
@@ -387,6 +389,7 @@ impl Engine {
                 vec![SendResult::Failed { error }; batch.len()]
             }
         };
+        drop((outgoing, slot));
         let mut confirmed = Vec::new();
         for (l, r) in batch.into_iter().zip(results) {
             match r {
@@ -398,7 +401,7 @@ impl Engine {
                         destination: dest.0.clone(),
                         dest_id,
                     });
-                    confirmed.push(l);
+                    confirmed.push(l.settling());
                 }
                 SendResult::Failed { error } => {
                     out.send_failed += 1;
@@ -436,7 +439,13 @@ impl Engine {
     }
 
     /// Back up (when there is a backup), then settle: the purge's half of a batch.
-    async fn discard_batch(&self, run: &str, batch: Vec<Leased>, backup: Option<Arc<dyn Backup>>) -> BatchOutcome {
+    async fn discard_batch(
+        &self,
+        run: &str,
+        batch: Vec<Leased>,
+        backup: Option<Arc<dyn Backup>>,
+        slot: OwnedSemaphorePermit,
+    ) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         for l in &batch {
             let _ = self.journal(Record::Leased {
@@ -462,8 +471,10 @@ impl Engine {
                 return out;
             }
         }
+        drop(slot);
         out.sent = batch.len() as u64;
         Progress::add(&self.progress.sent, out.sent);
+        let batch = batch.into_iter().map(Leased::settling).collect();
         let settled = self.settle_batch(run, batch, true).await;
         out.settled = settled.settled;
         out.settle_failed = settled.settle_failed;
@@ -534,6 +545,13 @@ impl Engine {
     }
 }
 
+/// Send tasks that may be settling (their copies confirmed, their slot given
+/// back) per send slot. A settle is a round trip of its own after the send's:
+/// were the slot held through it, a cloud's round trip would halve what the
+/// slots send. A settling task holds no bodies (see [`Leased::settling`]);
+/// the bound only keeps a provider whose settles lag from piling them up.
+const SETTLES_PER_SEND_SLOT: usize = 3;
+
 /// Leases in flight at once while a rate is set: the rate is then the
 /// bottleneck, and a deeper prefetch only makes leased messages wait longer.
 const RATED_LEASE_SLOTS: usize = 2;
@@ -576,7 +594,11 @@ struct Pass<'a> {
     refused: bool,
     /// Matches not yet handed to a send task, per destination, in lease order.
     pending: BTreeMap<Destination, Vec<Leased>>,
+    /// Send tasks: each holds one of `send_slots` while its copies are being
+    /// sent, and gives it back before it settles the originals (see
+    /// [`SETTLES_PER_SEND_SLOT`]).
     sends: JoinSet<BatchOutcome>,
+    send_slots: Arc<Semaphore>,
     keys_in_flight: HashMap<String, usize>,
     leases: VecDeque<InFlightLease>,
     body_bytes: u64,
@@ -612,6 +634,7 @@ impl<'a> Pass<'a> {
             refused: false,
             pending: BTreeMap::new(),
             sends: JoinSet::new(),
+            send_slots: Arc::new(Semaphore::new(plan.concurrency.max(1))),
             keys_in_flight: HashMap::new(),
             leases: VecDeque::new(),
             body_bytes: 0,
@@ -754,7 +777,7 @@ impl<'a> Pass<'a> {
             while let Some(done) = self.sends.try_join_next() {
                 self.merge_send(done.expect("send tasks do not panic"));
             }
-            let partial = partial_batches_may_go(leasing, more_waiting, self.sends.len(), self.plan.concurrency);
+            let partial = partial_batches_may_go(leasing, more_waiting, self.sends_in_flight(), self.plan.concurrency);
             if !self.dispatch(partial).await {
                 self.s.stopped = StopReason::Cancelled;
                 break;
@@ -918,12 +941,7 @@ impl<'a> Pass<'a> {
             .collect();
         // Guarantee 7: `take_sendable` took only keys with no batch in
         // flight, and a key's batches go out in lease order.
-        while self.sends.len() >= plan.concurrency {
-            let Some(done) = self.sends.join_next().await else {
-                break;
-            };
-            self.merge_send(done.expect("send tasks do not panic"));
-        }
+        let slot = self.send_slot().await;
         for k in &keys {
             *self.keys_in_flight.entry(k.clone()).or_default() += 1;
         }
@@ -946,19 +964,51 @@ impl<'a> Pass<'a> {
                 o
             })
             .collect();
-        tracing::debug!(messages = batch.len(), sends = self.sends.len(), "send started");
+        tracing::debug!(
+            messages = batch.len(),
+            sending = self.sends_in_flight(),
+            settling = self.sends.len() + 1 - self.sends_in_flight(),
+            "send started"
+        );
         let task = engine.clone_for_task();
         let run_id = plan.run_id.clone();
         let action = plan.action.clone();
         self.sends.spawn(async move {
             let mut out = match action {
-                Action::Redrive => task.send_batch(&run_id, &dest, batch, outgoing).await,
-                Action::Discard { backup } => task.discard_batch(&run_id, batch, backup).await,
+                Action::Redrive => task.send_batch(&run_id, &dest, batch, outgoing, slot).await,
+                Action::Discard { backup } => task.discard_batch(&run_id, batch, backup, slot).await,
             };
             out.keys = keys;
             out
         });
         true
+    }
+
+    /// A send slot, once one is free and the settling tasks are within
+    /// their bound; finished tasks are merged while waiting.
+    async fn send_slot(&mut self) -> OwnedSemaphorePermit {
+        let tasks = self.plan.concurrency.max(1) * (1 + SETTLES_PER_SEND_SLOT);
+        loop {
+            let done = if self.sends.len() < tasks {
+                let slots = self.send_slots.clone();
+                tokio::select! {
+                    biased;
+                    slot = slots.acquire_owned() => return slot.expect("the send slots are never closed"),
+                    Some(done) = self.sends.join_next() => Some(done),
+                }
+            } else {
+                self.sends.join_next().await
+            };
+            let Some(done) = done else {
+                unreachable!("every slot taken is held by a send task")
+            };
+            self.merge_send(done.expect("send tasks do not panic"));
+        }
+    }
+
+    /// Send tasks still sending (holding a slot), not yet settling.
+    fn sends_in_flight(&self) -> usize {
+        self.plan.concurrency.max(1) - self.send_slots.available_permits()
     }
 
     fn merge_send(&mut self, out: BatchOutcome) {

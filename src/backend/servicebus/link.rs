@@ -563,6 +563,7 @@ impl Connected {
         // See `set_nodelay_on_amqp_sockets`: without it every confirming
         // browse waits out the broker's delayed ACK.
         let _ = tcp.set_nodelay(true);
+        tracing::debug!("TCP connected");
         let container = format!("dlq-bridge-{}", uuid::Uuid::new_v4());
         let mut connection = Connection::builder()
             .container_id(container.as_str())
@@ -576,9 +577,11 @@ impl Connected {
             .open_with_stream(tcp)
             .await
             .map_err(|e| cfg.classify("open the AMQP connection", &e))?;
+        tracing::debug!("AMQP connection open");
         let mut session = Session::begin(&mut connection)
             .await
             .map_err(|e| cfg.classify("begin an AMQP session", &e))?;
+        tracing::debug!("session begun");
         // Browses go on a session of their own, begun while `$cbs` authorizes
         // on the first: their link attaches at the same time as the receiver,
         // and the first browse is out before the link's task starts. Confirms
@@ -589,7 +592,9 @@ impl Connected {
             let mut cbs = CbsClient::attach(&mut session)
                 .await
                 .map_err(|e| cfg.classify("attach to $cbs", &e))?;
+            tracing::debug!("$cbs attached");
             let renew_at = put_tokens(cfg, &mut cbs).await?;
+            tracing::debug!("token put");
             Ok::<_, BackendError>((cbs, renew_at))
         };
         let begun = async {
@@ -640,11 +645,13 @@ impl Actor {
                 .attach(&mut session)
                 .await
                 .map_err(|e| cfg.classify("attach to the dead-letter queue", &e))?;
+            tracing::debug!("receiver attached");
             let confirming = attach_management(&cfg, &mut session, format!("{container}-confirm")).await?;
             Ok::<_, BackendError>((receiver, confirming))
         };
         let browsing = async {
             let mgmt = attach_management(&cfg, &mut browse_session, format!("{container}-mgmt")).await?;
+            tracing::debug!("browsing $management attached");
             let (browser, browses) = mpsc::unbounded_channel();
             let (reply, first) = oneshot::channel();
             let _ = browser.send(BrowseRequest {
@@ -656,6 +663,7 @@ impl Actor {
             Ok::<_, BackendError>((browser, first))
         };
         let ((receiver, confirming), (browser, first)) = tokio::try_join!(receiving, browsing)?;
+        tracing::debug!("confirming $management attached");
         let (confirms, batches) = mpsc::unbounded_channel();
         let (failed, confirm_failed) = mpsc::channel(1);
         tokio::spawn(confirm_loop(cfg.clone(), confirming, batches, failed));
