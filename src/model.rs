@@ -281,4 +281,35 @@ mod tests {
         let back: Attribute = serde_json::from_str(&json).unwrap();
         assert_eq!(back, attr);
     }
+
+    #[test]
+    fn a_settling_lease_keeps_what_its_settle_and_journal_need_and_no_body() {
+        let enqueued_at = DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let leased = Leased {
+            message: DlqMessage {
+                id: "m-1".into(),
+                body: Bytes::from(vec![7u8; 1 << 20]),
+                attributes: [("kind".to_string(), Attribute::string("retry"))].into(),
+                properties: [("x-seq".to_string(), "9".to_string())].into(),
+                reason: Some("MaxDeliveryCountExceeded".into()),
+                description: Some("too many".into()),
+                delivery_count: Some(10),
+                enqueued_at: Some(enqueued_at),
+                source: Some("orders".into()),
+                ordering_key: Some("g-1".into()),
+            },
+            lease: LeaseId("lock-1".into()),
+        }
+        .settling();
+        let m = &leased.message;
+        assert!(m.body.is_empty() && m.attributes.is_empty() && m.properties.is_empty());
+        assert_eq!(m.description, None);
+        assert_eq!(leased.lease, LeaseId("lock-1".into()));
+        assert_eq!(m.id, "m-1");
+        assert_eq!(m.reason.as_deref(), Some("MaxDeliveryCountExceeded"));
+        assert_eq!(m.enqueued_at, Some(enqueued_at));
+        assert_eq!(m.ordering_key.as_deref(), Some("g-1"));
+    }
 }

@@ -663,7 +663,7 @@ impl Actor {
             Ok::<_, BackendError>((browser, first))
         };
         let ((receiver, confirming), (browser, first)) = tokio::try_join!(receiving, browsing)?;
-        tracing::debug!("confirming $management attached");
+        tracing::debug!("receiver and both $management links attached");
         let (confirms, batches) = mpsc::unbounded_channel();
         let (failed, confirm_failed) = mpsc::channel(1);
         tokio::spawn(confirm_loop(cfg.clone(), confirming, batches, failed));
