@@ -14,8 +14,8 @@
 //!   (2 s); see [`link`] for why the receive is sized. Complete and abandon
 //!   are settled on the link that received a message, so what is kept of a
 //!   held message is its delivery info (delivery id and tag), keyed by the
-//!   [`LeaseId`] `<link generation>.<delivery id>`: memory stays bounded
-//!   however many non-matching messages a pass holds. Concurrent leases
+//!   [`LeaseId`] `<link generation>.<delivery id>`: a held message costs a
+//!   few hundred bytes, whatever its body's size. Concurrent leases
 //!   overlap on the link (each browses past the previous one's messages), and
 //!   completes and abandons overlap them. The hold is the entity's LockDuration: Service Bus has no per-receive
 //!   lock time, and locks are not renewed (azservicebus 0.25 sends the lock
