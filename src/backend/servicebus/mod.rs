@@ -1382,6 +1382,18 @@ fn lacks_manage(refusal: &str) -> bool {
     lower.contains("manage") && lower.contains("claim")
 }
 
+/// How long before an Entra ID token expires azservicebus should renew it:
+/// a sixth of a short-lived token's life (as SAS tokens are renewed), four
+/// minutes of a long one. Always less than `fetch`'s five-minute cache
+/// window, so the renewal fetches a new token, not the cached one.
+fn renew_ahead(valid_secs: u64) -> Duration {
+    if valid_secs > 600 {
+        Duration::from_secs(240)
+    } else {
+        Duration::from_millis(valid_secs * 1000 / 6)
+    }
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -2075,6 +2087,10 @@ impl WorkloadIdentityCredential {
         {
             return Ok((tok.clone(), *exp));
         }
+        // Counted from before the request: the token cannot expire before
+        // `requested + expires_in`, whereas a clock read after the answer
+        // could put the expiry up to a second past the token's own.
+        let requested = unix_now();
         let assertion = std::fs::read_to_string(&self.token_file)
             .map_err(|e| refused(format!("cannot read {}: {e}", self.token_file)))?;
         let url = format!(
@@ -2117,7 +2133,7 @@ impl WorkloadIdentityCredential {
             .ok_or_else(|| refused("no access_token in the token response".into()))?
             .to_string();
         let expires_in = json["expires_in"].as_u64().unwrap_or(3600);
-        let exp = unix_now() + expires_in;
+        let exp = requested + expires_in;
         self.cache.lock().await.insert(key, (token.clone(), exp));
         Ok((token, exp))
     }
@@ -2136,13 +2152,31 @@ impl azure_core::credentials::TokenCredential for WorkloadIdentityCredential {
             .map_err(|e| azure_core::Error::message(azure_core::error::ErrorKind::Credential, e.to_string()))?;
         let expires_on = azure_core::date::OffsetDateTime::from_unix_timestamp(exp as i64)
             .map_err(|e| azure_core::Error::new(azure_core::error::ErrorKind::DataConversion, e))?;
-        Ok(azure_core::credentials::AccessToken::new(token, expires_on))
+        // azservicebus puts a link's next token when the last one expires,
+        // not before, so the broker may detach the link first (a browsing
+        // receiver kept by the sidecar, with the emulator's
+        // `--enforce-token-expiry`): it is told of an earlier expiry.
+        let early = renew_ahead(exp.saturating_sub(unix_now()));
+        Ok(azure_core::credentials::AccessToken::new(token, expires_on - early))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn azservicebus_is_told_of_an_entra_token_expiring_early_enough_to_renew_it() {
+        // A sixth of a short life; four minutes of a long one.
+        assert_eq!(renew_ahead(4), Duration::from_millis(666));
+        assert_eq!(renew_ahead(600), Duration::from_secs(100));
+        assert_eq!(renew_ahead(3599), Duration::from_secs(240));
+        // Inside `fetch`'s cache window (5 minutes), so that the renewal
+        // fetches a new token instead of getting the one it renews.
+        for valid in [0, 1, 4, 60, 600, 601, 3600, 86_400] {
+            assert!(renew_ahead(valid) < Duration::from_secs(300), "{valid}");
+        }
+    }
 
     #[test]
     fn a_refusal_names_its_condition_as_the_broker_does() {
