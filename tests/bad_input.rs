@@ -748,6 +748,25 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
         .args(["redrive", "orders", "--yes", "--no-journal"]));
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains(&format!("queue {gone}: not found")), "{err}");
+    // Pub/Sub checks a configured source while it connects for a pass; the
+    // plan still reports a missing one.
+    let (code, out, err) = run(bin()
+        .arg("-c")
+        .arg(write_file(
+            format!(
+                "queues:\n  - name: orders\n    source: {gone}\n    pubsub: {{project: {}, subscription: {}, emulator_host: '{}'}}\n",
+                p.project,
+                common::pubsub::DLQ_SUB,
+                p.host
+            ),
+            "yaml",
+        ))
+        .args(["redrive", "orders", "--yes", "--no-journal"]));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!("projects/{}/topics/{gone}: not found", p.project)),
+        "{err}"
+    );
 
     assert_sqs_untouched(&s, &sqs_before).await;
     assert_pubsub_untouched(&p, &pubsub_before).await;

@@ -234,7 +234,8 @@ pub enum Purpose {
     /// Counts, browsing, alerting: nothing says a lease follows.
     Inspect,
     /// A redrive pass leases right after: the adapter may start opening what
-    /// leasing needs while it connects.
+    /// leasing needs, and checking what the pass's plan resolves next, while
+    /// it connects.
     Pass,
 }
 
@@ -252,7 +253,7 @@ pub async fn connect_shared(
 ) -> Result<Arc<dyn QueueBackend>> {
     #[cfg(not(all(feature = "sqs", feature = "pubsub", feature = "servicebus")))]
     let _ = shared;
-    #[cfg(not(feature = "servicebus"))]
+    #[cfg(not(any(feature = "pubsub", feature = "servicebus")))]
     let _ = purpose;
     match &queue.kind {
         #[cfg(feature = "sqs")]
@@ -266,7 +267,7 @@ pub async fn connect_shared(
         }),
         #[cfg(feature = "pubsub")]
         QueueKind::PubSub(cfg) => Ok(Arc::new(
-            pubsub::PubSubBackend::connect(&queue.name, cfg, queue, &shared.pubsub).await?,
+            pubsub::PubSubBackend::connect(&queue.name, cfg, queue, &shared.pubsub, purpose).await?,
         )),
         #[cfg(not(feature = "pubsub"))]
         QueueKind::PubSub(_) => Err(BackendError::NotCompiled {

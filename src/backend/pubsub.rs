@@ -127,7 +127,7 @@ use google_cloud_auth::token::DefaultTokenSourceProvider;
 use token_source::{TokenSource, TokenSourceProvider};
 use tokio::sync::{Mutex, OnceCell, watch};
 
-use super::{BackendError, Capabilities, QueueBackend, Result};
+use super::{BackendError, Capabilities, Purpose, QueueBackend, Result};
 use crate::config::{PubSubQueueConfig, QueueConfig};
 use crate::model::{
     Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing, Properties,
@@ -203,6 +203,9 @@ pub struct PubSubBackend {
     dlq_topic: String,
     /// The single subscription whose dead-letter policy points at this DLQ's topic.
     listed_source: OnceCell<Option<String>>,
+    /// `config_source`, when a pass's `connect` found that it exists: the
+    /// pass's plan takes it instead of asking again (once; a later plan asks).
+    source_checked: std::sync::Mutex<Option<String>>,
     warned_hold: AtomicBool,
     /// Leased ack IDs whose deadline change has not been answered yet.
     pending_holds: PendingHolds,
@@ -407,7 +410,13 @@ fn connect_error(endpoint: &str, e: impl std::error::Error + 'static) -> Backend
 }
 
 impl PubSubBackend {
-    pub async fn connect(name: &str, cfg: &PubSubQueueConfig, queue: &QueueConfig, clients: &Clients) -> Result<Self> {
+    pub async fn connect(
+        name: &str,
+        cfg: &PubSubQueueConfig,
+        queue: &QueueConfig,
+        clients: &Clients,
+        purpose: Purpose,
+    ) -> Result<Self> {
         if cfg.project.trim().is_empty() {
             return Err(BackendError::Invalid(format!(
                 "queue {name}: pubsub.project must not be empty"
@@ -443,26 +452,47 @@ impl PubSubBackend {
             source_topics: Mutex::new(HashMap::new()),
             dlq_topic: String::new(),
             listed_source: OnceCell::new(),
+            source_checked: std::sync::Mutex::new(None),
             warned_hold: AtomicBool::new(false),
             pending_holds: PendingHolds::default(),
             ordered_delivery: false,
         };
         // Fail now, with a clear error, if the DLQ subscription does not exist.
-        let sub = backend
-            .conns
-            .subc
-            .get_subscription(
-                GetSubscriptionRequest {
-                    subscription: backend.subscription.clone(),
-                },
-                None,
-            )
-            .await
-            .map_err(|s| backend.error(s, &backend.subscription))?;
-        let sub = sub.into_inner();
+        // A pass's plan checks the configured source topic next: checking it
+        // alongside spares the pass a round trip before its first pull. Its
+        // failure is left for the plan to report, as it would without this.
+        let subscription = backend.conns.subc.get_subscription(
+            GetSubscriptionRequest {
+                subscription: backend.subscription.clone(),
+            },
+            None,
+        );
+        let source_checked = async {
+            let topic = backend.config_source.as_deref().filter(|_| purpose == Purpose::Pass)?;
+            backend.check_topic(topic).await.ok().map(|()| topic.to_string())
+        };
+        let (sub, source_checked) = tokio::join!(subscription, source_checked);
+        let sub = sub.map_err(|s| backend.error(s, &backend.subscription))?.into_inner();
         backend.ordered_delivery = sub.enable_message_ordering;
         backend.dlq_topic = sub.topic;
+        *backend.source_checked.get_mut().expect("source_checked lock") = source_checked;
         Ok(backend)
+    }
+
+    /// Whether `topic` (a full name) exists.
+    async fn check_topic(&self, topic: &str) -> Result<()> {
+        self.publisher()
+            .get_topic(routed(
+                GetTopicRequest {
+                    topic: topic.to_string(),
+                },
+                "topic",
+                topic,
+                RPC_DEADLINE,
+            ))
+            .await
+            .map(drop)
+            .map_err(|s| self.error(s, topic))
     }
 
     /// The DLQ subscription, `projects/P/subscriptions/S`.
@@ -1210,15 +1240,15 @@ impl QueueBackend for PubSubBackend {
 
     async fn resolve_destination(&self, name: &str) -> Result<Destination> {
         let topic = full_name(&self.project, "topics", name.trim())?;
-        self.publisher()
-            .get_topic(routed(
-                GetTopicRequest { topic: topic.clone() },
-                "topic",
-                &topic,
-                RPC_DEADLINE,
-            ))
-            .await
-            .map_err(|s| self.error(s, &topic))?;
+        let checked = self
+            .source_checked
+            .lock()
+            .expect("source_checked lock")
+            .take_if(|t| *t == topic)
+            .is_some();
+        if !checked {
+            self.check_topic(&topic).await?;
+        }
         Ok(Destination(topic))
     }
 }

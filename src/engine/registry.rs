@@ -157,17 +157,24 @@ impl Registry {
                     })
             }
         };
-        let to = match &req.to {
-            Some(t) => Some(resolve(self.destination_address(t)).await?),
-            None => None,
+        let to = async {
+            match &req.to {
+                Some(t) => resolve(self.destination_address(t)).await.map(Some),
+                None => Ok(None),
+            }
         };
-        let fallback_source = match &qcfg.source {
-            Some(s) => Some(resolve(s.clone()).await?),
-            None => backend.default_source().await.map_err(|error| RegistryError::Backend {
-                queue: queue.to_string(),
-                error,
-            })?,
+        let fallback_source = async {
+            match &qcfg.source {
+                Some(s) => resolve(s.clone()).await.map(Some),
+                None => backend.default_source().await.map_err(|error| RegistryError::Backend {
+                    queue: queue.to_string(),
+                    error,
+                }),
+            }
         };
+        // Each may be a round trip to the provider, before the first lease.
+        let (to, fallback_source) = tokio::join!(to, fallback_source);
+        let (to, fallback_source) = (to?, fallback_source?);
         Ok(RedrivePlan {
             run_id: new_run_id(),
             queue: queue.to_string(),
