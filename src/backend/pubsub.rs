@@ -433,7 +433,9 @@ impl PubSubBackend {
             Some(h) => (h.clone(), true),
             None => (PUBSUB.to_string(), false),
         };
+        tracing::debug!(queue = name, "connecting to Pub/Sub");
         let conns = clients.get(emulator_host.as_deref()).await?;
+        tracing::debug!("gRPC channels open");
         let config_source = match &queue.source {
             Some(s) => Some(full_name(&cfg.project, "topics", s)?),
             None => None,
@@ -472,6 +474,7 @@ impl PubSubBackend {
             backend.check_topic(topic).await.ok().map(|()| topic.to_string())
         };
         let (sub, source_checked) = tokio::join!(subscription, source_checked);
+        tracing::debug!("DLQ subscription checked");
         let sub = sub.map_err(|s| backend.error(s, &backend.subscription))?.into_inner();
         backend.ordered_delivery = sub.enable_message_ordering;
         backend.dlq_topic = sub.topic;
