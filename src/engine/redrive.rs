@@ -360,7 +360,7 @@ impl Engine {
         dest: &Destination,
         batch: Vec<Leased>,
         outgoing: Vec<Outgoing>,
-        slot: OwnedSemaphorePermit,
+        slot: SendPermit,
     ) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         for (l, o) in batch.iter().zip(&outgoing) {
@@ -444,7 +444,7 @@ impl Engine {
         run: &str,
         batch: Vec<Leased>,
         backup: Option<Arc<dyn Backup>>,
-        slot: OwnedSemaphorePermit,
+        slot: SendPermit,
     ) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         for l in &batch {
@@ -560,6 +560,26 @@ const RATED_LEASE_SLOTS: usize = 2;
 /// seen so far: large messages get fewer leases in flight, never fewer than one.
 const LEASE_MEMORY_BUDGET: u64 = 32 << 20;
 
+/// The body a message is assumed to have before the pass has examined any:
+/// the first leases may hold [`LEASE_MEMORY_BUDGET`] of such bodies. Starting
+/// every lease slot at once with nothing known let 64 KiB Pub/Sub messages
+/// fill 16 leases of 100 (100 MiB) before the first came back.
+const ASSUMED_BODY: u64 = 64 << 10;
+
+/// Bodies that copies being sent may hold at once (with the SDKs' encoded
+/// requests, about as much again): a send waits for room besides its slot,
+/// and one always goes when none is out, however large. Sixteen send slots
+/// of 100 messages of 64 KiB would otherwise hold 100 MiB.
+const SEND_MEMORY_BUDGET: u64 = 16 << 20;
+
+/// What a send task holds while its copies are out: a concurrency slot, and
+/// room for their bodies within [`SEND_MEMORY_BUDGET`] (in KiB). Dropped once
+/// the destination answered: settling holds no bodies.
+struct SendPermit {
+    _slot: OwnedSemaphorePermit,
+    _room: OwnedSemaphorePermit,
+}
+
 /// A lease in flight: its task, and the retry generation it was started in.
 struct InFlightLease {
     generation: u32,
@@ -599,6 +619,8 @@ struct Pass<'a> {
     /// [`SETTLES_PER_SEND_SLOT`]).
     sends: JoinSet<BatchOutcome>,
     send_slots: Arc<Semaphore>,
+    /// Room for the bodies of copies being sent, in KiB (see [`SendPermit`]).
+    send_room: Arc<Semaphore>,
     keys_in_flight: HashMap<String, usize>,
     leases: VecDeque<InFlightLease>,
     body_bytes: u64,
@@ -635,6 +657,7 @@ impl<'a> Pass<'a> {
             pending: BTreeMap::new(),
             sends: JoinSet::new(),
             send_slots: Arc::new(Semaphore::new(plan.concurrency.max(1))),
+            send_room: Arc::new(Semaphore::new((SEND_MEMORY_BUDGET >> 10) as usize)),
             keys_in_flight: HashMap::new(),
             leases: VecDeque::new(),
             body_bytes: 0,
@@ -941,7 +964,8 @@ impl<'a> Pass<'a> {
             .collect();
         // Guarantee 7: `take_sendable` took only keys with no batch in
         // flight, and a key's batches go out in lease order.
-        let slot = self.send_slot().await;
+        let bytes: u64 = batch.iter().map(|l| l.message.body.len() as u64).sum();
+        let slot = self.send_slot(bytes).await;
         for k in &keys {
             *self.keys_in_flight.entry(k.clone()).or_default() += 1;
         }
@@ -984,23 +1008,42 @@ impl<'a> Pass<'a> {
         true
     }
 
-    /// A send slot, once one is free and the settling tasks are within
-    /// their bound; finished tasks are merged while waiting.
-    async fn send_slot(&mut self) -> OwnedSemaphorePermit {
+    /// A send slot and room for `bytes` of bodies, once both are free and
+    /// the settling tasks are within their bound; finished tasks are merged
+    /// while waiting.
+    async fn send_slot(&mut self, bytes: u64) -> SendPermit {
         let tasks = self.plan.concurrency.max(1) * (1 + SETTLES_PER_SEND_SLOT);
+        let budget = (SEND_MEMORY_BUDGET >> 10) as u32;
+        let kib = (bytes.div_ceil(1024) as u32).clamp(1, budget);
+        let mut slot = None;
         loop {
-            let done = if self.sends.len() < tasks {
+            let done = if slot.is_none() && self.sends.len() < tasks {
                 let slots = self.send_slots.clone();
                 tokio::select! {
                     biased;
-                    slot = slots.acquire_owned() => return slot.expect("the send slots are never closed"),
+                    s = slots.acquire_owned() => {
+                        slot = Some(s.expect("the send slots are never closed"));
+                        continue;
+                    }
                     Some(done) = self.sends.join_next() => Some(done),
+                }
+            } else if let Some(s) = slot.take() {
+                let room = self.send_room.clone();
+                tokio::select! {
+                    biased;
+                    r = room.acquire_many_owned(kib) => {
+                        return SendPermit { _slot: s, _room: r.expect("the send room is never closed") };
+                    }
+                    Some(done) = self.sends.join_next() => {
+                        slot = Some(s);
+                        Some(done)
+                    }
                 }
             } else {
                 self.sends.join_next().await
             };
             let Some(done) = done else {
-                unreachable!("every slot taken is held by a send task")
+                unreachable!("every slot and all room taken is held by a send task")
             };
             self.merge_send(done.expect("send tasks do not panic"));
         }
@@ -1208,7 +1251,7 @@ fn take_sendable(
 /// Leases in flight and messages per lease, within [`LEASE_MEMORY_BUDGET`]
 /// for the bodies they may hold, estimated from `average` (body bytes per
 /// message examined so far, counted as at least 1 KiB; `None` before the
-/// first). Leases start at the provider's batch size and grow to its largest
+/// first, when bodies of [`ASSUMED_BODY`] are assumed). Leases start at the provider's batch size and grow to its largest
 /// lease while bodies are small: fewer, larger leases mean fewer round trips
 /// per message. Large bodies shrink the leases to the batch size, then the
 /// number in flight, to one.
@@ -1216,7 +1259,8 @@ fn lease_plan(caps: &Capabilities, concurrency: usize, average: Option<u64>) -> 
     let slots = caps.max_concurrent_leases.min(concurrency).max(1);
     let smallest = caps.batch_size.min(caps.max_lease_size).max(1);
     let Some(average) = average else {
-        return (slots, smallest);
+        let by_memory = (LEASE_MEMORY_BUDGET / (smallest as u64 * ASSUMED_BODY)) as usize;
+        return (slots.min(by_memory).max(1), smallest);
     };
     let per_message = average.max(1024);
     let size = (LEASE_MEMORY_BUDGET / slots as u64 / per_message) as usize;
@@ -1396,7 +1440,12 @@ mod tests {
     #[test]
     fn leases_grow_while_bodies_are_small_and_shrink_to_one_when_they_are_large() {
         let pubsub = caps(100, 1000, 8);
-        assert_eq!(lease_plan(&pubsub, 8, None), (8, 100), "first leases: the batch size");
+        assert_eq!(
+            lease_plan(&pubsub, 8, None),
+            (5, 100),
+            "first leases: the batch size, as many as 32 MiB of 64 KiB bodies allow"
+        );
+        assert_eq!(lease_plan(&caps(10, 10, 8), 8, None), (8, 10));
         assert_eq!(
             lease_plan(&pubsub, 8, Some(200)),
             (8, 1000),
