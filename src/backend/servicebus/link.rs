@@ -32,7 +32,9 @@
 //! left on the link afterwards. The browses run ahead of the leases: while
 //! fewer than [`MAX_BROWSE`] messages are known and not yet granted, a browse
 //! is out, so a lease takes its credit at once and costs one round trip
-//! instead of two. Only the last browsed message is decoded, for
+//! instead of two. A browse's answer carries whole messages, so it asks for
+//! as many as fit in [`BROWSE_BYTES`] at the size of the last ones browsed.
+//! Only the last browsed message is decoded, for
 //! its sequence number: the next browse starts past it, so no message is
 //! counted twice. A lease waits for a full share while more may come; once a
 //! browse shows fewer than it asked for, a lease takes what is known, and a
@@ -113,6 +115,13 @@ const MAX_FRAME_SIZE: u32 = 256 * 1024;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most messages one browse counts for the leases waiting to start.
 const MAX_BROWSE: usize = super::MAX_CONCURRENT_LEASES * super::MAX_LEASE;
+/// The encoded messages one browse's answer may carry, as estimated from the
+/// last answer: the answer carries whole messages and is assembled in memory
+/// before it is counted, so at 64 KiB one of [`MAX_BROWSE`] held 64 MiB. The
+/// first browse, with nothing known, assumes 64 KiB messages: 128 of them,
+/// more than the first lease takes.
+const BROWSE_BYTES: usize = 8 << 20;
+const FIRST_BROWSE: usize = BROWSE_BYTES / (64 << 10);
 
 /// How the link authorizes itself on `$cbs`.
 pub(super) enum Credentials {
@@ -447,6 +456,9 @@ struct Actor {
     /// The browse out, if any: the pass it was asked for, how many messages
     /// it asked for, and its answer.
     browse_out: Option<(u64, usize, oneshot::Receiver<Result<Browsed>>)>,
+    /// How many messages the next browse asks for: [`BROWSE_BYTES`] of them
+    /// at the size of the last ones browsed.
+    browse_count: usize,
     /// Messages browsed ahead and not yet granted to a lease: a lease takes
     /// its credit from them at once, without waiting for a browse.
     known: usize,
@@ -656,7 +668,7 @@ impl Actor {
             let (reply, first) = oneshot::channel();
             let _ = browser.send(BrowseRequest {
                 from: 1,
-                count: MAX_BROWSE as i32,
+                count: FIRST_BROWSE as i32,
                 reply,
             });
             tokio::spawn(browse_loop(cfg.clone(), mgmt, browses));
@@ -675,7 +687,8 @@ impl Actor {
             cbs,
             receiver,
             browser,
-            browse_out: Some((0, MAX_BROWSE, first)),
+            browse_out: Some((0, FIRST_BROWSE, first)),
+            browse_count: FIRST_BROWSE,
             known: 0,
             short: false,
             drained: false,
@@ -880,13 +893,14 @@ impl Actor {
             // is what earlier leases still wait for plus these ones' shares,
             // so the link never holds more credit than the leases it serves.
             self.credit += granted as u32;
+            tracing::debug!(granted, credit = self.credit, known = self.known, "credit granted");
             within(&self.cfg, "grant credit", self.receiver.set_credit(self.credit)).await?;
         }
         if self.pending.is_empty() {
             return Ok(granted > 0);
         }
         if self.browse_out.is_none() {
-            self.ask_browse(MAX_BROWSE);
+            self.ask_browse();
         }
         Ok(granted > 0)
     }
@@ -895,12 +909,12 @@ impl Actor {
     /// the credit at once, and a lease costs one round trip instead of two.
     fn read_ahead(&mut self) {
         if self.browse_out.is_none() && !self.drained && self.deferred.is_empty() && self.known < MAX_BROWSE {
-            self.ask_browse(MAX_BROWSE);
+            self.ask_browse();
         }
     }
 
-    fn ask_browse(&mut self, count: usize) {
-        let count = count.clamp(1, MAX_BROWSE);
+    fn ask_browse(&mut self) {
+        let count = self.browse_count;
         let (reply, rx) = oneshot::channel();
         // A closed channel shows as the answer's error.
         let _ = self.browser.send(BrowseRequest {
@@ -914,10 +928,16 @@ impl Actor {
     /// What a browse showed: more messages known, and where the next browse
     /// starts. When it showed none and none are known, the leases waiting
     /// are answered empty (the queue holds nothing more for this pass).
-    fn on_browsed(&mut self, pass: u64, asked: usize, (available, last): Browsed) {
+    fn on_browsed(&mut self, pass: u64, asked: usize, browsed: Browsed) {
+        if let Some(size) = browsed.bytes.checked_div(browsed.shown) {
+            self.browse_count = (BROWSE_BYTES / size.max(1)).clamp(1, MAX_BROWSE);
+        }
         if pass != self.pass {
             return;
         }
+        let Browsed {
+            shown: available, last, ..
+        } = browsed;
         self.known += available;
         self.short = available < asked;
         self.drained = available == 0;
@@ -1168,7 +1188,14 @@ async fn attach_sender(
 }
 
 /// How many messages a browse showed, and the last one's sequence number.
-type Browsed = (usize, Option<i64>);
+/// What a browse showed: how many messages, the last one's sequence number,
+/// and the bytes of their encodings (which size the next browse).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Browsed {
+    shown: usize,
+    last: Option<i64>,
+    bytes: usize,
+}
 
 struct BrowseRequest {
     from: i64,
@@ -1185,7 +1212,12 @@ async fn browse_loop(cfg: Arc<LinkConfig>, mut mgmt: MgmtClient, mut requests: m
     while let Some(req) = requests.recv().await {
         let r = match &failed {
             Some(e) => Err(e.clone()),
-            None => browse(&cfg, &mut mgmt, req.from, req.count).await,
+            None => {
+                tracing::debug!(from = req.from, count = req.count, "browse out");
+                let r = browse(&cfg, &mut mgmt, req.from, req.count).await;
+                tracing::debug!(shown = r.as_ref().map_or(0, |b| b.shown), "browse back");
+                r
+            }
         };
         if let Err(e) = &r {
             failed.get_or_insert_with(|| e.clone());
@@ -1202,7 +1234,7 @@ async fn browse_loop(cfg: Arc<LinkConfig>, mut mgmt: MgmtClient, mut requests: m
 async fn browse(cfg: &LinkConfig, mgmt: &mut MgmtClient, from: i64, count: i32) -> Result<Browsed> {
     let req = PeekCount::request(from, count);
     match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(req)).await {
-        Ok(Ok(PeekCount(n, last))) => Ok((n, last)),
+        Ok(Ok(PeekCount(browsed))) => Ok(browsed),
         Ok(Err(e)) => Err(cfg.classify("browse the dead-letter queue", &e)),
         Err(_) => Err(cfg.unreachable("browsing the dead-letter queue timed out")),
     }
@@ -1271,7 +1303,7 @@ pub(super) fn sequence_number(m: &Message<Body<Value>>) -> Option<i64> {
 
 /// `com.microsoft:peek-message`, answered by the number of messages and the
 /// last one's sequence number.
-struct PeekCount(usize, Option<i64>);
+struct PeekCount(Browsed);
 
 struct PeekRequest {
     body: OrderedMap<String, Value>,
@@ -1297,13 +1329,14 @@ impl Request for PeekRequest {
 }
 
 /// The body of a peek's answer, read without keeping its messages: how many
-/// there are and the encoding of the last. The answer holds up to
+/// there are, their encodings' bytes, and the encoding of the last. The answer holds up to
 /// [`MAX_BROWSE`] whole messages for a count and one sequence number; decoding
 /// them into maps of owned buffers was a twentieth of a redrive's CPU
 /// (bench/analysis.md, seventh round). A 204 answer's body is null.
 #[derive(Debug, Default)]
 struct PeekBody {
     count: usize,
+    bytes: usize,
     last: Vec<u8>,
 }
 
@@ -1401,6 +1434,7 @@ impl<'de> Visitor<'de> for PeekedMessages<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
         while seq.next_element_seed(PeekedMessage(&mut self.0.last))?.is_some() {
             self.0.count += 1;
+            self.0.bytes += self.0.last.len();
         }
         Ok(())
     }
@@ -1490,12 +1524,16 @@ impl Response for PeekCount {
 
     fn decode_message(message: Message<Self::Body>) -> std::result::Result<Self, Self::Error> {
         use fe2o3_amqp_types::messaging::message::__private::Deserializable;
-        let PeekBody { count, last } = message.body;
+        let PeekBody { count, bytes, last } = message.body;
         if count == 0 {
-            return Ok(Self(0, None));
+            return Ok(Self(Browsed::default()));
         }
         let m: Option<Deserializable<Message<Body<Value>>>> = serde_amqp::from_slice(&last).ok();
-        Ok(Self(count, m.and_then(|m| sequence_number(&m.0))))
+        Ok(Self(Browsed {
+            shown: count,
+            last: m.and_then(|m| sequence_number(&m.0)),
+            bytes,
+        }))
     }
 }
 
@@ -1537,6 +1575,14 @@ mod tests {
     }
 
     fn peeked(seq: i64) -> Value {
+        let bytes = encoded(seq);
+        let mut entry = OrderedMap::new();
+        entry.insert(Value::String("message".into()), Value::Binary(Binary::from(bytes)));
+        entry.insert(Value::String("lock-token".into()), Value::Null);
+        Value::Map(entry)
+    }
+
+    fn encoded(seq: i64) -> Vec<u8> {
         let mut annotations = MessageAnnotations::default();
         annotations.insert(
             OwnedKey::Symbol(Symbol::from("x-opt-sequence-number")),
@@ -1546,11 +1592,7 @@ mod tests {
             .message_annotations(annotations)
             .value(Value::String(format!("body {seq}")))
             .build();
-        let bytes = serde_amqp::to_vec(&Serializable(m)).unwrap();
-        let mut entry = OrderedMap::new();
-        entry.insert(Value::String("message".into()), Value::Binary(Binary::from(bytes)));
-        entry.insert(Value::String("lock-token".into()), Value::Null);
-        Value::Map(entry)
+        serde_amqp::to_vec(&Serializable(m)).unwrap()
     }
 
     /// The management answer as it arrives: a message whose body is `value`.
@@ -1565,23 +1607,24 @@ mod tests {
         answer_of(Value::Map(body))
     }
 
-    fn decode(bytes: &[u8]) -> (usize, Option<i64>) {
+    fn decode(bytes: &[u8]) -> Browsed {
         use fe2o3_amqp_types::messaging::message::__private::Deserializable;
         let m: Deserializable<Message<PeekBody>> = serde_amqp::from_slice(bytes).unwrap();
-        let PeekCount(count, last) = PeekCount::decode_message(m.0).unwrap();
-        (count, last)
+        PeekCount::decode_message(m.0).unwrap().0
     }
 
-    /// A peek's answer is counted, and its last message's sequence number
-    /// read, beside keys the count does not use; a 204's null body is no
+    /// A peek's answer is counted, its messages' bytes summed and its last
+    /// message's sequence number read, beside keys the count does not use; a 204's null body is no
     /// messages. (An AMQP array of maps is not tested: serde_amqp 0.14 cannot
     /// decode one into any type, `Value` included, nor could the SDK's own
     /// peek, which reads `messages` as this code does.)
     #[test]
     fn a_peek_answer_is_counted_without_keeping_its_messages() {
         let list = answer(Value::List((5..=9).map(peeked).collect()));
-        assert_eq!(decode(&list), (5, Some(9)));
-        assert_eq!(decode(&answer(Value::List(Vec::new()))), (0, None));
-        assert_eq!(decode(&answer_of(Value::Null)), (0, None));
+        let bytes = (5..=9).map(|seq| encoded(seq).len()).sum();
+        let shown = |shown, last, bytes| Browsed { shown, last, bytes };
+        assert_eq!(decode(&list), shown(5, Some(9), bytes));
+        assert_eq!(decode(&answer(Value::List(Vec::new()))), Browsed::default());
+        assert_eq!(decode(&answer_of(Value::Null)), Browsed::default());
     }
 }
