@@ -1251,9 +1251,9 @@ fn take_sendable(
 /// Leases in flight and messages per lease, within [`LEASE_MEMORY_BUDGET`]
 /// for the bodies they may hold, estimated from `average` (body bytes per
 /// message examined so far, counted as at least 1 KiB; `None` before the
-/// first, when bodies of [`ASSUMED_BODY`] are assumed). Leases start at the provider's batch size and grow to its largest
-/// lease while bodies are small: fewer, larger leases mean fewer round trips
-/// per message. Large bodies shrink the leases to the batch size, then the
+/// first, when bodies of [`ASSUMED_BODY`] are assumed). Leases start at the
+/// provider's batch size and grow to its largest lease while bodies are
+/// small: fewer, larger leases mean fewer round trips per message. Large bodies shrink the leases to the batch size, then the
 /// number in flight, to one.
 fn lease_plan(caps: &Capabilities, concurrency: usize, average: Option<u64>) -> (usize, usize) {
     let slots = caps.max_concurrent_leases.min(concurrency).max(1);

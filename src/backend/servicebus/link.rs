@@ -34,9 +34,8 @@
 //! is out, so a lease takes its credit at once and costs one round trip
 //! instead of two. A browse's answer carries whole messages, so it asks for
 //! as many as fit in [`BROWSE_BYTES`] at the size of the last ones browsed.
-//! Only the last browsed message is decoded, for
-//! its sequence number: the next browse starts past it, so no message is
-//! counted twice. A lease waits for a full share while more may come; once a
+//! Only the last browsed message is decoded, for its sequence number: the
+//! next browse starts past it, so no message is counted twice. A lease waits for a full share while more may come; once a
 //! browse shows fewer than it asked for, a lease takes what is known, and a
 //! browse that shows none answers the waiting leases empty (the pass is
 //! drained). Credit left over would make the broker deliver a
@@ -1187,7 +1186,6 @@ async fn attach_sender(
     }
 }
 
-/// How many messages a browse showed, and the last one's sequence number.
 /// What a browse showed: how many messages, the last one's sequence number,
 /// and the bytes of their encodings (which size the next browse).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1329,10 +1327,11 @@ impl Request for PeekRequest {
 }
 
 /// The body of a peek's answer, read without keeping its messages: how many
-/// there are, their encodings' bytes, and the encoding of the last. The answer holds up to
-/// [`MAX_BROWSE`] whole messages for a count and one sequence number; decoding
-/// them into maps of owned buffers was a twentieth of a redrive's CPU
-/// (bench/analysis.md, seventh round). A 204 answer's body is null.
+/// there are, their encodings' bytes, and the encoding of the last. The
+/// answer holds up to [`MAX_BROWSE`] whole messages for a count and one
+/// sequence number; decoding them into maps of owned buffers was a twentieth
+/// of a redrive's CPU (bench/analysis.md, seventh round). A 204 answer's body
+/// is null.
 #[derive(Debug, Default)]
 struct PeekBody {
     count: usize,
