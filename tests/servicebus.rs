@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -144,7 +145,8 @@ async fn properties_survive_and_dead_letter_attributes_are_replaced_by_marks() {
     let peeked = b.peek(10).await.unwrap();
     assert_eq!(peeked.len(), 1);
     let m = &peeked[0];
-    assert_eq!(m.id, "orig-1");
+    let seq = m.properties["sequence_number"].clone();
+    assert_eq!(m.id, format!("orig-1@{seq}"), "MessageId and SequenceNumber");
     assert_eq!(m.reason.as_deref(), Some("Boom"));
     assert_eq!(m.description.as_deref(), Some("it went boom"));
     assert_eq!(m.source.as_deref(), Some(f.entity.as_str()), "the source is the queue");
@@ -181,7 +183,11 @@ async fn properties_survive_and_dead_letter_attributes_are_replaced_by_marks() {
     assert_eq!(got.len(), 1);
     let c = &got[0];
     assert_eq!(c.body().unwrap(), b"\x00\x01\xfe\xff binary \xc3\x28");
-    assert_eq!(c.message_id().as_deref(), Some("orig-1-1"), "the copy's MessageId");
+    assert_eq!(
+        c.message_id().as_deref(),
+        Some(format!("orig-1@{seq}-1").as_str()),
+        "the copy's MessageId"
+    );
     assert_eq!(c.correlation_id().as_deref(), Some("corr-1"));
     assert_eq!(c.subject(), Some("subject-1"));
     assert_eq!(c.content_type(), Some("application/octet-stream"));
@@ -202,10 +208,56 @@ async fn properties_survive_and_dead_letter_attributes_are_replaced_by_marks() {
     assert!(!have.0.contains_key("DeadLetterErrorDescription"), "{have:?}");
     let marks = attributes_of(Some(have));
     assert_eq!(marks[MARK_COUNT].as_text(), "1");
-    assert_eq!(marks[MARK_ID].as_text(), format!("{}:orig-1", s.run_id));
+    assert_eq!(marks[MARK_ID].as_text(), format!("{}:orig-1@{seq}", s.run_id));
     rx.complete_message(&got[0]).await.unwrap();
     rx.dispose().await.ok();
     assert_eq!(f.dlq_count().await, 0);
+}
+
+/// Senders choose MessageIds and may reuse them: two dead-lettered messages
+/// under one MessageId are two messages. A pass examines and moves both, and
+/// their copies get different MessageIds, so duplicate detection on the
+/// source could not drop the second copy and let its original be completed.
+#[tokio::test]
+async fn messages_that_share_a_message_id_are_each_redriven() {
+    let f = ServiceBusFixture::create(false).await;
+    let msgs = ["first", "second"]
+        .map(|body| {
+            let mut m = ServiceBusMessage::new(body.as_bytes().to_vec());
+            m.set_message_id("order-42").unwrap();
+            m
+        })
+        .to_vec();
+    f.dead_letter_raw(msgs).await;
+
+    let reg = Registry::new(f.config());
+    let ids: HashSet<String> = reg
+        .backend("dlq")
+        .await
+        .unwrap()
+        .peek(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids.len(), 2, "two messages, two IDs: {ids:?}");
+    drop(reg);
+
+    let s = redrive(f.config(), all()).await;
+    assert!(s.ok(), "{s:?}");
+    assert_eq!((s.examined, s.settled), (2, 2), "{s:?}");
+    assert_eq!(f.dlq_count().await, 0);
+    let mut rx = f.source_receiver().await;
+    let got = ServiceBusFixture::receive(&mut rx, 10).await;
+    let bodies: HashSet<Vec<u8>> = got.iter().map(|c| c.body().unwrap().to_vec()).collect();
+    assert_eq!(bodies, HashSet::from([b"first".to_vec(), b"second".to_vec()]));
+    let copy_ids: HashSet<Option<String>> = got.iter().map(|c| c.message_id().map(|i| i.to_string())).collect();
+    assert_eq!(copy_ids.len(), 2, "{copy_ids:?}");
+    for c in &got {
+        rx.complete_message(c).await.unwrap();
+    }
+    rx.dispose().await.ok();
 }
 
 /// A subscription DLQ redrives to the topic, which fans out to every
@@ -392,7 +444,6 @@ async fn unreachable_namespace_fails_fast() {
 /// released before it.
 #[tokio::test]
 async fn concurrent_leases_are_disjoint_and_leave_nothing_locked() {
-    use std::collections::HashSet;
     let f = ServiceBusFixture::create(false).await;
     f.dead_letter(&(0..30).map(|i| failing(i, "Timeout")).collect::<Vec<_>>())
         .await;
@@ -600,8 +651,8 @@ async fn a_pass_longer_than_its_tokens_renews_them() {
     );
     // Nothing lost: every message is in the DLQ (unsettled originals, perhaps
     // still locked) or was copied to the source.
-    let moved: std::collections::HashSet<Vec<u8>> = f.drain_source().await.into_iter().map(|r| r.body).collect();
-    let left: std::collections::HashSet<Vec<u8>> = f
+    let moved: HashSet<Vec<u8>> = f.drain_source().await.into_iter().map(|r| r.body).collect();
+    let left: HashSet<Vec<u8>> = f
         .browse_dlq()
         .await
         .iter()
@@ -716,8 +767,8 @@ async fn entities_deleted_mid_pass_lose_nothing_else() {
         "{gone} messages left the DLQ, but the destination held only {held} copies: {said}"
     );
     assert_eq!(settled(&said), gone, "{said}");
-    let sent: std::collections::HashSet<&[u8]> = msgs.iter().map(|m| m.body.as_slice()).collect();
-    let distinct: std::collections::HashSet<&[u8]> = left.iter().map(Vec::as_slice).collect();
+    let sent: HashSet<&[u8]> = msgs.iter().map(|m| m.body.as_slice()).collect();
+    let distinct: HashSet<&[u8]> = left.iter().map(Vec::as_slice).collect();
     assert_eq!(distinct.len(), left.len(), "a message is in the DLQ twice");
     assert!(
         distinct.is_subset(&sent),

@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("journal {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The cause is in the message and not a `source`, so that an error
+    /// chain printed whole (`{:#}`) does not say it twice.
+    #[error("journal {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("journal {path}:{line}: not a journal record: {message}")]
     Corrupt {
         path: PathBuf,
@@ -45,13 +47,25 @@ pub enum Record {
     /// dedupe on `dlq-bridge-redrive-id` see one message.
     Leased {
         run: String,
+        /// The configured queue the message was leased from. Replay state is
+        /// kept per queue: IDs repeat across queues (two subscriptions of one
+        /// topic, Service Bus MessageIds chosen by senders). Records of
+        /// journals written before it was recorded take their run's queue.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        queue: Option<String>,
         id: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         redrive_id: Option<String>,
     },
     Sent {
         run: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        queue: Option<String>,
         id: String,
+        /// The original's enqueue time: a message leased later is this one
+        /// only if it matches too (see `Replay::settled`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        enqueued_at: Option<DateTime<Utc>>,
         destination: String,
         dest_id: String,
     },
@@ -62,6 +76,8 @@ pub enum Record {
     },
     Settled {
         run: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        queue: Option<String>,
         id: String,
         /// The settled message's enqueue time, when the provider gives one:
         /// it tells the same message leased again (a settle that did not take
@@ -98,11 +114,76 @@ pub enum Record {
     },
 }
 
+/// Replay state per configured queue, then per message ID: IDs repeat across
+/// queues. Records from journals that predate the queue field, whose run is
+/// unknown too, are under the queue `""` and are found from every queue.
+#[derive(Debug)]
+struct PerQueue<T>(HashMap<String, HashMap<String, T>>);
+
+impl<T> Default for PerQueue<T> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<T> PerQueue<T> {
+    fn get(&self, queue: &str, id: &str) -> Option<&T> {
+        let at = |q: &str| self.0.get(q).and_then(|ids| ids.get(id));
+        at(queue).or_else(|| at(""))
+    }
+
+    fn insert(&mut self, (queue, id): (String, String), value: T) {
+        self.0.entry(queue).or_default().insert(id, value);
+    }
+
+    fn remove(&mut self, (queue, id): &(String, String)) -> Option<T> {
+        let ids = self.0.get_mut(queue)?;
+        let value = ids.remove(id);
+        if ids.is_empty() {
+            self.0.remove(queue);
+        }
+        value
+    }
+
+    fn contains(&self, key: &(String, String)) -> bool {
+        self.get_exact(key).is_some()
+    }
+
+    /// The entry under exactly this queue (no fallback to `""`).
+    fn get_exact(&self, (queue, id): &(String, String)) -> Option<&T> {
+        self.0.get(queue).and_then(|ids| ids.get(id))
+    }
+
+    /// Every entry, with its queue and ID.
+    fn iter(&self) -> impl Iterator<Item = (&String, &String, &T)> {
+        self.0
+            .iter()
+            .flat_map(|(q, ids)| ids.iter().map(move |(id, v)| (q, id, v)))
+    }
+}
+
+/// A copy an earlier run sent.
+#[derive(Debug, Clone)]
+struct Copy {
+    destination: String,
+    dest_id: String,
+    /// The original's enqueue time, when the record has one.
+    enqueued_at: Option<DateTime<Utc>>,
+}
+
+impl Copy {
+    /// Whether a message leased now, enqueued at `at`, is the original of
+    /// this copy. A record without a time cannot tell, and says yes.
+    fn of(&self, at: Option<DateTime<Utc>>) -> bool {
+        self.enqueued_at.is_none() || self.enqueued_at == at
+    }
+}
+
 /// What earlier runs left unfinished: copies sent whose DLQ original was
 /// never settled.
 #[derive(Debug, Default)]
 struct Replay {
-    sent: HashMap<String, (String, String)>,
+    sent: PerQueue<Copy>,
     /// Messages sent and settled by an earlier run. One that is leased again
     /// was not really settled: its lease (visibility timeout, ack deadline,
     /// lock) ran out before the delete, ack or complete reached the provider,
@@ -111,9 +192,84 @@ struct Replay {
     /// is settled again, never resent. It is the same message only when its
     /// enqueue time matches too (a redriven copy that fails again comes back
     /// under a new ID, but a sender may reuse a Service Bus MessageId).
-    settled: HashMap<String, (String, String, DateTime<Utc>)>,
+    settled: PerQueue<Copy>,
     /// The redrive ID of each copy an earlier run set out to send.
-    intents: HashMap<String, String>,
+    intents: PerQueue<String>,
+    /// The queue of each run, from its `run_started` record: the queue of
+    /// records written before records named it.
+    run_queues: HashMap<String, String>,
+}
+
+impl Replay {
+    fn key(&self, run: &str, queue: &Option<String>, id: &str) -> (String, String) {
+        let queue = queue
+            .clone()
+            .or_else(|| self.run_queues.get(run).cloned())
+            .unwrap_or_default();
+        (queue, id.to_string())
+    }
+
+    /// Keep what `record` changes about unfinished work.
+    fn apply(&mut self, record: &Record) {
+        match record {
+            Record::RunStarted { run, queue, .. } => {
+                self.run_queues.insert(run.clone(), queue.clone());
+            }
+            Record::Leased {
+                run,
+                queue,
+                id,
+                redrive_id: Some(rid),
+            } => {
+                let key = self.key(run, queue, id);
+                if !self.intents.contains(&key) {
+                    self.intents.insert(key, rid.clone());
+                }
+            }
+            Record::Sent {
+                run,
+                queue,
+                id,
+                enqueued_at,
+                destination,
+                dest_id,
+            } => {
+                let key = self.key(run, queue, id);
+                let copy = Copy {
+                    destination: destination.clone(),
+                    dest_id: dest_id.clone(),
+                    enqueued_at: *enqueued_at,
+                };
+                self.sent.insert(key, copy);
+            }
+            Record::Settled {
+                run,
+                queue,
+                id,
+                enqueued_at,
+            } => {
+                let key = self.key(run, queue, id);
+                let legacy = (String::new(), id.clone());
+                // Another message under the same ID does not settle this copy.
+                let sent = [&key, &legacy]
+                    .into_iter()
+                    .find(|k| self.sent.get_exact(k).is_some_and(|c| c.of(*enqueued_at)));
+                if let (Some(copy), Some(at)) = (sent.and_then(|k| self.sent.remove(k)), enqueued_at) {
+                    let settled = Copy {
+                        enqueued_at: Some(*at),
+                        ..copy
+                    };
+                    self.settled.insert(key.clone(), settled);
+                }
+                self.intents.remove(&key);
+                self.intents.remove(&legacy);
+            }
+            Record::RunFinished { run, .. } => {
+                self.run_queues.remove(run);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// When the journal is rotated and how many rotated files are kept
@@ -147,6 +303,11 @@ struct Writer {
     file: BufWriter<File>,
     /// Bytes in the active file, including what is still buffered.
     bytes: u64,
+    /// Why a record could not be written, if one could not. Every later
+    /// sync fails with it: a sync that succeeded after a record was lost
+    /// would let a send or a settle go ahead that the journal does not know
+    /// about (and the lost record may be another task's).
+    lost: Option<String>,
 }
 
 pub struct Journal {
@@ -164,39 +325,16 @@ impl Journal {
     }
 
     pub fn open_with(path: &Path, rotation: Rotation) -> Result<Self, JournalError> {
-        let io = |source| JournalError::Io {
+        let io = |error| JournalError::Io {
             path: path.to_owned(),
-            source,
+            error,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let mut replay = Replay::default();
         for record in read_all_records(path, rotation.keep)? {
-            match record {
-                Record::Sent {
-                    id,
-                    destination,
-                    dest_id,
-                    ..
-                } => {
-                    replay.sent.insert(id, (destination, dest_id));
-                }
-                Record::Settled { id, enqueued_at, .. } => {
-                    if let (Some((dest, dest_id)), Some(at)) = (replay.sent.remove(&id), enqueued_at) {
-                        replay.settled.insert(id.clone(), (dest, dest_id, at));
-                    }
-                    replay.intents.remove(&id);
-                }
-                Record::Leased {
-                    id,
-                    redrive_id: Some(rid),
-                    ..
-                } => {
-                    replay.intents.entry(id).or_insert(rid);
-                }
-                _ => {}
-            }
+            replay.apply(&record);
         }
         let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
         // Start on a fresh line after a torn write, so the next record is whole.
@@ -211,6 +349,7 @@ impl Journal {
             writer: Mutex::new(Writer {
                 file: BufWriter::new(file),
                 bytes,
+                lost: None,
             }),
             replay: Mutex::new(replay),
         })
@@ -220,80 +359,62 @@ impl Journal {
         &self.path
     }
 
-    /// A message an earlier run sent (to `destination`, as `dest_id`) but did
-    /// not settle.
-    pub fn unsettled(&self, id: &str) -> Option<(String, String)> {
-        self.replay.lock().expect("journal lock").sent.get(id).cloned()
-    }
-
-    /// Where an earlier run sent its copy of message `id`, settled or not: a
-    /// leased message with a copy already out is settled, never resent. That
-    /// covers one recorded as settled, too: if it is leased again, the settle
-    /// did not take effect (see `Replay::settled`).
-    pub fn already_sent(&self, id: &str, enqueued_at: Option<DateTime<Utc>>) -> Option<(String, String)> {
+    /// A message of `queue` an earlier run sent (to `destination`, as
+    /// `dest_id`) but did not settle.
+    pub fn unsettled(&self, queue: &str, id: &str) -> Option<(String, String)> {
         let r = self.replay.lock().expect("journal lock");
-        r.sent.get(id).cloned().or_else(|| {
-            r.settled
-                .get(id)
-                .filter(|(_, _, at)| Some(*at) == enqueued_at)
-                .map(|(dest, dest_id, _)| (dest.clone(), dest_id.clone()))
-        })
+        r.sent
+            .get(queue, id)
+            .map(|c| (c.destination.clone(), c.dest_id.clone()))
     }
 
-    /// The redrive ID an earlier run gave its copy of message `id`, when that
-    /// run may have sent it without recording the outcome (it crashed inside
-    /// the send).
-    pub fn prior_redrive_id(&self, id: &str) -> Option<String> {
-        self.replay.lock().expect("journal lock").intents.get(id).cloned()
+    /// Where an earlier run sent its copy of message `id` of `queue`, settled
+    /// or not: a leased message with a copy already out is settled, never
+    /// resent. That covers one recorded as settled, too: if it is leased
+    /// again, the settle did not take effect (see `Replay::settled`). A copy
+    /// is of this message only if the enqueue times match, where the record
+    /// has one: a sender may reuse an ID.
+    pub fn already_sent(&self, queue: &str, id: &str, enqueued_at: Option<DateTime<Utc>>) -> Option<(String, String)> {
+        let r = self.replay.lock().expect("journal lock");
+        let sent = r.sent.get(queue, id).filter(|c| c.of(enqueued_at));
+        let settled = || {
+            r.settled
+                .get(queue, id)
+                .filter(|c| c.enqueued_at.is_some() && c.enqueued_at == enqueued_at)
+        };
+        sent.or_else(settled)
+            .map(|c| (c.destination.clone(), c.dest_id.clone()))
+    }
+
+    /// The redrive ID an earlier run gave its copy of message `id` of
+    /// `queue`, when that run may have sent it without recording the outcome
+    /// (it crashed inside the send).
+    pub fn prior_redrive_id(&self, queue: &str, id: &str) -> Option<String> {
+        self.replay
+            .lock()
+            .expect("journal lock")
+            .intents
+            .get(queue, id)
+            .cloned()
     }
 
     pub fn append(&self, record: &Record) -> Result<(), JournalError> {
-        match record {
-            Record::Settled { id, enqueued_at, .. } => {
-                let mut r = self.replay.lock().expect("journal lock");
-                if let (Some((dest, dest_id)), Some(at)) = (r.sent.remove(id), enqueued_at) {
-                    r.settled.insert(id.clone(), (dest, dest_id, *at));
-                }
-                r.intents.remove(id);
-            }
-            Record::Leased {
-                id,
-                redrive_id: Some(rid),
-                ..
-            } => {
-                self.replay
-                    .lock()
-                    .expect("journal lock")
-                    .intents
-                    .entry(id.clone())
-                    .or_insert_with(|| rid.clone());
-            }
-            // Tracked so that a rotation carries it forward until settled.
-            Record::Sent {
-                id,
-                destination,
-                dest_id,
-                ..
-            } => {
-                self.replay
-                    .lock()
-                    .expect("journal lock")
-                    .sent
-                    .insert(id.clone(), (destination.clone(), dest_id.clone()));
-            }
-            _ => {}
-        }
+        self.replay.lock().expect("journal lock").apply(record);
         let mut line = serde_json::to_vec(record).expect("records serialize");
         line.push(b'\n');
         let mut w = self.writer.lock().expect("journal lock");
         w.bytes += line.len() as u64;
-        w.file.write_all(&line).map_err(|source| self.io(source))
+        let written = w.file.write_all(&line);
+        if let Err(e) = &written {
+            w.lost.get_or_insert_with(|| e.to_string());
+        }
+        written.map_err(|e| self.io(e))
     }
 
-    fn io(&self, source: std::io::Error) -> JournalError {
+    fn io(&self, error: std::io::Error) -> JournalError {
         JournalError::Io {
             path: self.path.clone(),
-            source,
+            error,
         }
     }
 
@@ -301,6 +422,9 @@ impl Journal {
     /// and before they are settled. Rotates the file once it is too large.
     pub fn sync(&self) -> Result<(), JournalError> {
         let mut w = self.writer.lock().expect("journal lock");
+        if let Some(lost) = &w.lost {
+            return Err(self.io(std::io::Error::other(format!("a record could not be written ({lost})"))));
+        }
         w.file
             .flush()
             .and_then(|_| w.file.get_ref().sync_data())
@@ -333,17 +457,22 @@ impl Journal {
         *w = Writer {
             file: BufWriter::new(file),
             bytes: 0,
+            lost: None,
         };
         let carried: Vec<Record> = {
             let r = self.replay.lock().expect("journal lock");
-            let sent = r.sent.iter().map(|(id, (destination, dest_id))| Record::Sent {
+            let queue = |q: &String| Some(q.clone()).filter(|q| !q.is_empty());
+            let sent = r.sent.iter().map(|(q, id, c)| Record::Sent {
                 run: "carried".into(),
+                queue: queue(q),
                 id: id.clone(),
-                destination: destination.clone(),
-                dest_id: dest_id.clone(),
+                enqueued_at: c.enqueued_at,
+                destination: c.destination.clone(),
+                dest_id: c.dest_id.clone(),
             });
-            let intents = r.intents.iter().map(|(id, rid)| Record::Leased {
+            let intents = r.intents.iter().map(|(q, id, rid)| Record::Leased {
                 run: "carried".into(),
+                queue: queue(q),
                 id: id.clone(),
                 redrive_id: Some(rid.clone()),
             });
@@ -385,19 +514,19 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, JournalError> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
+        Err(error) => {
             return Err(JournalError::Io {
                 path: path.to_owned(),
-                source,
+                error,
             });
         }
     };
     let lines: Vec<String> = BufReader::new(file)
         .lines()
         .collect::<Result<_, _>>()
-        .map_err(|source| JournalError::Io {
+        .map_err(|error| JournalError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
     let mut out = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
@@ -446,7 +575,9 @@ mod tests {
             let j = Journal::open_with(&path, rotation).unwrap();
             j.append(&Record::Sent {
                 run: "r0".into(),
+                queue: Some("orders".into()),
                 id: "unsettled".into(),
+                enqueued_at: None,
                 destination: "q".into(),
                 dest_id: "d".into(),
             })
@@ -454,6 +585,7 @@ mod tests {
             for i in 0..200 {
                 j.append(&Record::Settled {
                     run: "r1".into(),
+                    queue: Some("orders".into()),
                     id: format!("m{i}"),
                     enqueued_at: None,
                 })
@@ -468,10 +600,11 @@ mod tests {
         }
         let j = Journal::open_with(&path, rotation).unwrap();
         assert_eq!(
-            j.unsettled("unsettled"),
+            j.unsettled("orders", "unsettled"),
             Some(("q".into(), "d".into())),
             "survives its original file being deleted"
         );
+        assert_eq!(j.unsettled("payments", "unsettled"), None, "and keeps its queue");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -485,7 +618,9 @@ mod tests {
             for (id, settle) in [("a", true), ("b", false)] {
                 j.append(&Record::Sent {
                     run: "r1".into(),
+                    queue: None,
                     id: id.into(),
+                    enqueued_at: None,
                     destination: "q".into(),
                     dest_id: format!("d-{id}"),
                 })
@@ -493,6 +628,7 @@ mod tests {
                 if settle {
                     j.append(&Record::Settled {
                         run: "r1".into(),
+                        queue: None,
                         id: id.into(),
                         enqueued_at: Some(enqueued),
                     })
@@ -506,10 +642,13 @@ mod tests {
         f.write_all(b"{\"event\":\"sett").unwrap();
         drop(f);
         let j = Journal::open(&path).unwrap();
-        assert_eq!(j.unsettled("a"), None);
-        assert_eq!(j.unsettled("b"), Some(("q".into(), "d-b".into())));
+        // Records from before the queue was recorded, of a run whose start is
+        // unknown, are found from any queue.
+        assert_eq!(j.unsettled("orders", "a"), None);
+        assert_eq!(j.unsettled("orders", "b"), Some(("q".into(), "d-b".into())));
         j.append(&Record::Settled {
             run: "r2".into(),
+            queue: Some("orders".into()),
             id: "b".into(),
             enqueued_at: None,
         })
@@ -517,15 +656,105 @@ mod tests {
         j.sync().unwrap();
         drop(j);
         let j = Journal::open(&path).unwrap();
-        assert_eq!(j.unsettled("b"), None);
+        assert_eq!(j.unsettled("orders", "b"), None);
         // Settled, but should the same message be leased again, its copy is
         // already out; a new message reusing the ID is not that message.
-        assert_eq!(j.already_sent("a", Some(enqueued)), Some(("q".into(), "d-a".into())));
-        assert_eq!(j.already_sent("a", Some(enqueued + chrono::Duration::seconds(1))), None);
-        assert_eq!(j.already_sent("a", None), None);
+        assert_eq!(
+            j.already_sent("orders", "a", Some(enqueued)),
+            Some(("q".into(), "d-a".into()))
+        );
+        assert_eq!(
+            j.already_sent("orders", "a", Some(enqueued + chrono::Duration::seconds(1))),
+            None
+        );
+        assert_eq!(j.already_sent("orders", "a", None), None);
         // Settled without an enqueue time: not recognisable, so sent again.
-        assert_eq!(j.already_sent("b", None), None);
+        assert_eq!(j.already_sent("orders", "b", None), None);
         assert_eq!(read_records(&path).unwrap().len(), 4);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn sent(run: &str, queue: Option<&str>, id: &str, at: Option<DateTime<Utc>>) -> Record {
+        Record::Sent {
+            run: run.into(),
+            queue: queue.map(Into::into),
+            id: id.into(),
+            enqueued_at: at,
+            destination: "src".into(),
+            dest_id: format!("copy-of-{id}"),
+        }
+    }
+
+    fn started(run: &str, queue: &str) -> Record {
+        Record::RunStarted {
+            run: run.into(),
+            at: Utc::now(),
+            queue: queue.into(),
+            trigger: "cli".into(),
+            filter: "true".into(),
+            dry_run: false,
+            destination: None,
+        }
+    }
+
+    /// One journal serves every queue, and IDs repeat across queues (two
+    /// subscriptions of one topic, Service Bus MessageIds chosen by
+    /// senders) and within one (a reused MessageId): a copy recorded for one
+    /// message must never settle another without sending it.
+    #[test]
+    fn a_copy_settles_only_its_own_original() {
+        let dir = std::env::temp_dir().join(format!("dlqb-keys-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("j.jsonl");
+        let t0 = Utc::now();
+        let t1 = t0 + chrono::Duration::seconds(5);
+        {
+            let j = Journal::open(&path).unwrap();
+            j.append(&started("r1", "billing")).unwrap();
+            j.append(&sent("r1", Some("billing"), "order-42", Some(t0))).unwrap();
+            // A record without a queue belongs to its run's queue.
+            j.append(&sent("r1", None, "order-7", Some(t0))).unwrap();
+            j.sync().unwrap();
+        }
+        for reopened in [false, true] {
+            let j = Journal::open(&path).unwrap();
+            let what = if reopened { "after a restart" } else { "" };
+            assert!(j.already_sent("billing", "order-42", Some(t0)).is_some(), "{what}");
+            assert_eq!(j.already_sent("shipping", "order-42", Some(t0)), None, "{what}");
+            assert_eq!(j.already_sent("billing", "order-42", Some(t1)), None, "{what}");
+            assert!(j.already_sent("billing", "order-7", Some(t0)).is_some(), "{what}");
+            assert_eq!(j.already_sent("shipping", "order-7", Some(t0)), None, "{what}");
+            if reopened {
+                // Settling another message under the ID leaves this copy unsettled.
+                j.append(&Record::Settled {
+                    run: "r2".into(),
+                    queue: Some("billing".into()),
+                    id: "order-42".into(),
+                    enqueued_at: Some(t1),
+                })
+                .unwrap();
+                assert!(j.unsettled("billing", "order-42").is_some());
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_record_that_could_not_be_written_fails_every_later_sync() {
+        let dir = std::env::temp_dir().join(format!("dlqb-lost-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("j.jsonl");
+        let j = Journal::open(&path).unwrap();
+        // A disk that is full for one record: larger than the write buffer,
+        // it goes straight to the file and fails.
+        let full = OpenOptions::new().append(true).open("/dev/full").unwrap();
+        let healthy = std::mem::replace(&mut j.writer.lock().unwrap().file, BufWriter::new(full));
+        let big = sent("r1", Some("orders"), &"x".repeat(16 << 10), None);
+        assert!(j.append(&big).is_err());
+        // The disk has room again: the flush and fsync alone would succeed.
+        j.writer.lock().unwrap().file = healthy;
+        j.append(&sent("r1", Some("orders"), "after", None)).unwrap();
+        let e = j.sync().unwrap_err().to_string();
+        assert!(e.contains("could not be written"), "{e}");
+        assert!(j.sync().is_err(), "still, for every task sharing the journal");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

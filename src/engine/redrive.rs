@@ -356,7 +356,7 @@ impl Engine {
     /// Send, record, then settle only what the destination confirmed.
     async fn send_batch(
         &self,
-        run: &str,
+        run: &RunRef,
         dest: &Destination,
         batch: Vec<Leased>,
         outgoing: Vec<Outgoing>,
@@ -365,7 +365,8 @@ impl Engine {
         let mut out = BatchOutcome::default();
         for (l, o) in batch.iter().zip(&outgoing) {
             let _ = self.journal(Record::Leased {
-                run: run.into(),
+                run: run.id.clone(),
+                queue: Some(run.queue.clone()),
                 id: l.message.id.clone(),
                 redrive_id: o.attributes.get(MARK_ID).map(Attribute::as_text),
             });
@@ -396,8 +397,10 @@ impl Engine {
                 SendResult::Sent { dest_id } => {
                     out.sent += 1;
                     let _ = self.journal(Record::Sent {
-                        run: run.into(),
+                        run: run.id.clone(),
+                        queue: Some(run.queue.clone()),
                         id: l.message.id.clone(),
+                        enqueued_at: l.message.enqueued_at,
                         destination: dest.0.clone(),
                         dest_id,
                     });
@@ -406,7 +409,7 @@ impl Engine {
                 SendResult::Failed { error } => {
                     out.send_failed += 1;
                     let _ = self.journal(Record::SendFailed {
-                        run: run.into(),
+                        run: run.id.clone(),
                         id: l.message.id.clone(),
                         error: error.clone(),
                     });
@@ -441,7 +444,7 @@ impl Engine {
     /// Back up (when there is a backup), then settle: the purge's half of a batch.
     async fn discard_batch(
         &self,
-        run: &str,
+        run: &RunRef,
         batch: Vec<Leased>,
         backup: Option<Arc<dyn Backup>>,
         slot: SendPermit,
@@ -449,7 +452,8 @@ impl Engine {
         let mut out = BatchOutcome::default();
         for l in &batch {
             let _ = self.journal(Record::Leased {
-                run: run.into(),
+                run: run.id.clone(),
+                queue: Some(run.queue.clone()),
                 id: l.message.id.clone(),
                 redrive_id: None,
             });
@@ -485,7 +489,7 @@ impl Engine {
     }
 
     /// Settle leased messages; `purged` journals each removal as a purge.
-    async fn settle_batch(&self, run: &str, batch: Vec<Leased>, purged: bool) -> BatchOutcome {
+    async fn settle_batch(&self, run: &RunRef, batch: Vec<Leased>, purged: bool) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         if batch.is_empty() {
             return out;
@@ -501,13 +505,14 @@ impl Engine {
                     out.settled += 1;
                     let _ = self.journal(if purged {
                         Record::Purged {
-                            run: run.into(),
+                            run: run.id.clone(),
                             id: l.message.id,
                             reason: l.message.reason,
                         }
                     } else {
                         Record::Settled {
-                            run: run.into(),
+                            run: run.id.clone(),
+                            queue: Some(run.queue.clone()),
                             id: l.message.id,
                             enqueued_at: l.message.enqueued_at,
                         }
@@ -516,7 +521,7 @@ impl Engine {
                 SettleResult::Failed { error } => {
                     out.settle_failed += 1;
                     let _ = self.journal(Record::SettleFailed {
-                        run: run.into(),
+                        run: run.id.clone(),
                         id: l.message.id.clone(),
                         error: error.clone(),
                     });
@@ -571,6 +576,21 @@ const ASSUMED_BODY: u64 = 64 << 10;
 /// and one always goes when none is out, however large. Sixteen send slots
 /// of 100 messages of 64 KiB would otherwise hold 100 MiB.
 const SEND_MEMORY_BUDGET: u64 = 16 << 20;
+
+/// The run, and the configured queue, that a journal record is about.
+struct RunRef {
+    id: String,
+    queue: String,
+}
+
+impl RunRef {
+    fn of(plan: &RedrivePlan) -> Self {
+        Self {
+            id: plan.run_id.clone(),
+            queue: plan.queue.clone(),
+        }
+    }
+}
 
 /// What a send task holds while its copies are out: a concurrency slot, and
 /// room for their bodies within [`SEND_MEMORY_BUDGET`] (in KiB). Dropped once
@@ -827,10 +847,10 @@ impl<'a> Pass<'a> {
             self.body_bytes += l.message.body.len() as u64;
             Progress::add(&engine.progress.examined, 1);
             if !plan.dry_run
-                && engine
-                    .journal
-                    .as_ref()
-                    .is_some_and(|j| j.already_sent(&l.message.id, l.message.enqueued_at).is_some())
+                && engine.journal.as_ref().is_some_and(|j| {
+                    j.already_sent(&plan.queue, &l.message.id, l.message.enqueued_at)
+                        .is_some()
+                })
             {
                 journal_settle.push(l);
                 continue;
@@ -889,7 +909,7 @@ impl<'a> Pass<'a> {
         }
         if !journal_settle.is_empty() {
             let n = journal_settle.len() as u64;
-            let out = engine.settle_batch(&plan.run_id, journal_settle, false).await;
+            let out = engine.settle_batch(&RunRef::of(plan), journal_settle, false).await;
             self.s.settled_from_journal += n - out.settle_failed;
             merge(&mut self.s, out, &mut self.held);
         }
@@ -979,7 +999,11 @@ impl<'a> Pass<'a> {
                 }
                 // A copy an interrupted run may already have sent keeps
                 // that run's mark, so consumers can dedupe.
-                if let Some(prior) = engine.journal.as_ref().and_then(|j| j.prior_redrive_id(&l.message.id)) {
+                if let Some(prior) = engine
+                    .journal
+                    .as_ref()
+                    .and_then(|j| j.prior_redrive_id(&plan.queue, &l.message.id))
+                {
                     if marked {
                         o.attributes.insert(MARK_ID.into(), Attribute::string(prior));
                     }
@@ -995,12 +1019,12 @@ impl<'a> Pass<'a> {
             "send started"
         );
         let task = engine.clone_for_task();
-        let run_id = plan.run_id.clone();
+        let run = RunRef::of(plan);
         let action = plan.action.clone();
         self.sends.spawn(async move {
             let mut out = match action {
-                Action::Redrive => task.send_batch(&run_id, &dest, batch, outgoing, slot).await,
-                Action::Discard { backup } => task.discard_batch(&run_id, batch, backup, slot).await,
+                Action::Redrive => task.send_batch(&run, &dest, batch, outgoing, slot).await,
+                Action::Discard { backup } => task.discard_batch(&run, batch, backup, slot).await,
             };
             out.keys = keys;
             out

@@ -56,8 +56,10 @@
 //! connection; links of a closed connection are re-attached on the next call.
 //!
 //! ## The message model
-//! - `id` is the MessageId (falling back to the sequence number when a
-//!   message has none).
+//! - `id` is the MessageId and the SequenceNumber, `order-42@1187`
+//!   (`seq-1187` when a message has no MessageId): senders choose MessageIds
+//!   and may reuse them, the sequence number is unique in the entity. Both
+//!   are also in `properties`.
 //! - `body`: the concatenated data sections, exact. Messages whose body is an
 //!   AMQP value (sent by some non-.NET clients) show the value's bytes (binary
 //!   or string) and set `properties["body_type"] = "amqp-value"`; a copy of
@@ -97,10 +99,12 @@
 //! by default, up to 7 days) of the original would be silently dropped as a
 //! duplicate of the message that failed, and the DLQ copy would then be
 //! settled: a loss. A copy's MessageId is instead `<original id>-<redrive
-//! count>` (the engine's `dedup_id`; hashed when longer than Service Bus's 128
-//! characters): stable across retries and crashes of the same redrive, so
-//! duplicate detection absorbs a crash-resend, and new for every redrive. The
-//! original ID stays readable in the `dlq-bridge-redrive-id` mark.
+//! count>` (the engine's `dedup_id`, where the `id` carries the sequence
+//! number, so two originals that share a MessageId get different copy IDs;
+//! hashed when longer than Service Bus's 128 characters): stable across
+//! retries and crashes of the same redrive, so duplicate detection absorbs a
+//! crash-resend, and new for every redrive. The original ID stays readable in
+//! the `dlq-bridge-redrive-id` mark.
 //!
 //! ## Subscription DLQs
 //! A copy goes back to the topic, so **every** subscription of the topic gets
@@ -876,9 +880,7 @@ impl ServiceBusBackend {
             put(PROP_SOURCE_SUBSCRIPTION, Some(subscription.clone()));
         }
         DlqMessage {
-            id: fields
-                .message_id
-                .unwrap_or_else(|| format!("seq-{}", fields.sequence_number)),
+            id: message_key(fields.message_id.as_deref(), fields.sequence_number),
             body,
             reason: fields.reason,
             description: fields.description,
@@ -1549,6 +1551,21 @@ fn envelope(mut batch: Vec<(usize, Message<Data>)>, encoded: Vec<Vec<u8>>) -> (V
         .message_format(BATCH_MESSAGE_FORMAT)
         .build();
     (index, Envelope::Batch(sendable))
+}
+
+/// A message's `id`: its MessageId and its SequenceNumber (`order-42@1187`),
+/// or `seq-1187` when it has no MessageId. A MessageId alone does not name
+/// one message: senders choose them, and reuse them. Two DLQ messages under
+/// one MessageId would share a copy MessageId, so with duplicate detection on
+/// the destination the second copy would be dropped, and its original then
+/// completed; and a pass's seen-set would skip the second as already
+/// examined. The sequence number is unique in the entity and stays with the
+/// message in its DLQ, so a crash-resend still gets the same copy MessageId.
+fn message_key(message_id: Option<&str>, sequence_number: i64) -> String {
+    match message_id {
+        Some(id) => format!("{id}@{sequence_number}"),
+        None => format!("seq-{sequence_number}"),
+    }
 }
 
 /// The copy's MessageId: the engine's dedup ID (`<original>-<count>`), hashed
