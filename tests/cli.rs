@@ -161,3 +161,55 @@ async fn list_inspect_and_check() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("queue orders (sqs): ok, depth 4"), "{out}");
 }
+
+/// SIGTERM, how Kubernetes stops a Job's pod and `docker stop` a container,
+/// stops a redrive as Ctrl-C does: leasing stops, what was sent is deleted,
+/// the rest is released at once (not left invisible for the hold), the
+/// summary is printed and the exit code says the run was stopped.
+#[tokio::test]
+async fn sigterm_stops_a_redrive_cleanly_and_loses_nothing() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&tenants(30)).await;
+    let cfg = fixture_config(&f);
+    let child = bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args([
+            "redrive",
+            "orders",
+            "--rate",
+            "4",
+            "--yes",
+            "--no-journal",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // SAFETY: signalling our own child, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(143), "{stdout}{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("the summary is printed");
+    assert_eq!(summary["stopped"], "cancelled", "{summary}");
+    let moved = summary["settled"].as_u64().unwrap();
+    assert!(moved > 0 && moved < 30, "{summary}");
+    assert_eq!(
+        f.drain_source().await.len() as u64,
+        moved,
+        "every deleted message has its copy"
+    );
+    assert_eq!(
+        f.dlq_count().await as u64,
+        30 - moved,
+        "the rest is back in the DLQ, visible"
+    );
+}

@@ -629,64 +629,67 @@ pub async fn retention_dry_run_lists_what_it_would_purge<F: Fixture>() {
 }
 
 /// Instantiate the suite for one backend.
+// Every test runs on a multi-threaded runtime, as the CLI and `serve` do:
+// there, spawned leases and sends run in parallel and may first run in any
+// order (the last one spawned often first), which a single thread would hide.
 macro_rules! conformance {
     ($module:ident, $fixture:ty) => {
         mod $module {
             use super::*;
 
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dead_lettered_messages_show_in_stats_and_peek() {
                 super::dead_lettered_messages_show_in_stats_and_peek::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn filtered_redrive_moves_exactly_the_matches() {
                 super::filtered_redrive_moves_exactly_the_matches::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_later_pass_on_the_same_backend_sees_what_the_earlier_released() {
                 super::a_later_pass_on_the_same_backend_sees_what_the_earlier_released::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dry_run_changes_nothing() {
                 super::dry_run_changes_nothing::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn max_caps_the_run() {
                 super::max_caps_the_run::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn run_ends_when_nothing_matches() {
                 super::run_ends_when_nothing_matches::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn evaluation_errors_are_no_match_and_reported() {
                 super::evaluation_errors_are_no_match_and_reported::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn payloads_survive_byte_for_byte() {
                 super::payloads_survive_byte_for_byte::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn ordering_group_is_kept() {
                 super::ordering_group_is_kept::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn ordering_holds_with_leases_in_flight() {
                 super::ordering_holds_with_leases_in_flight::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn report_groups_patterns_exactly() {
                 super::report_groups_patterns_exactly::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn export_then_import_round_trips() {
                 super::export_then_import_round_trips::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn purge_removes_exactly_the_matches_with_backup() {
                 super::purge_removes_exactly_the_matches_with_backup::<$fixture>().await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn retention_dry_run_lists_what_it_would_purge() {
                 super::retention_dry_run_lists_what_it_would_purge::<$fixture>().await;
             }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 
 use crate::config::{QueueConfig, QueueKind};
 use crate::model::{Destination, DlqMessage, DlqStats, LeaseId, Leased, Outgoing, SendResult, SettleResult};
@@ -49,6 +50,34 @@ pub enum BackendError {
 }
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// A send's call failed for a reason that fails every later call to the
+/// destination the same way (not found, credentials, TLS, unreachable).
+pub(crate) fn fails_every_send(e: &BackendError) -> bool {
+    matches!(
+        e,
+        BackendError::NotFound { .. }
+            | BackendError::Unreachable { .. }
+            | BackendError::Tls { .. }
+            | BackendError::Auth { .. }
+    )
+}
+
+/// End a send that one of its calls (a chunk, an envelope) failed with `e`,
+/// which [`fails_every_send`]. Nothing confirmed yet: the whole send fails,
+/// which tells the engine the destination refused it. Copies already
+/// confirmed keep their results, so their originals are settled rather than
+/// released and sent again by a later run; every other message fails with `e`.
+pub(crate) fn abandon_send(results: Vec<Option<SendResult>>, e: BackendError) -> Result<Vec<SendResult>> {
+    if !results.iter().any(|r| matches!(r, Some(SendResult::Sent { .. }))) {
+        return Err(e);
+    }
+    let error = e.to_string();
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| SendResult::Failed { error: error.clone() }))
+        .collect())
+}
 
 impl BackendError {
     /// An endpoint that could not be reached, unless `detail` shows that it
@@ -166,6 +195,23 @@ pub trait QueueBackend: Send + Sync {
     /// them from other consumers for `hold`. An empty result means the queue
     /// had nothing visible.
     async fn lease(&self, max: usize, hold: Duration) -> Result<Vec<Leased>>;
+
+    /// A lease that takes its place in line now, before the returned future
+    /// first runs. The engine examines lease results in the order it starts
+    /// them, and several leases' tasks may first run in any order (on a
+    /// multi-threaded runtime the last one spawned often runs first). Where
+    /// the provider holds back a group's later messages while earlier ones
+    /// are leased (SQS FIFO, ordered Pub/Sub), that order does not matter.
+    /// Where it hands each lease whatever is next (a Service Bus DLQ, never
+    /// session-aware), leases must be served in the order of this call, or a
+    /// session's later messages could be examined, and sent, before its
+    /// earlier ones.
+    fn lease_in_turn(self: Arc<Self>, max: usize, hold: Duration) -> BoxFuture<'static, Result<Vec<Leased>>>
+    where
+        Self: 'static,
+    {
+        Box::pin(async move { self.lease(max, hold).await })
+    }
 
     /// Send copies to `to` and wait for the destination to confirm each.
     async fn send(&self, to: &Destination, msgs: &[Outgoing]) -> Result<Vec<SendResult>>;
@@ -289,6 +335,23 @@ pub async fn connect_shared(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_send_cut_short_keeps_what_was_confirmed() {
+        let down = || BackendError::unreachable("sqs.example", "connection refused");
+        let sent = || Some(SendResult::Sent { dest_id: "d1".into() });
+        assert!(
+            abandon_send(vec![None, None], down()).is_err(),
+            "nothing confirmed: the send fails"
+        );
+        let failed_before = Some(SendResult::Failed {
+            error: "too large".into(),
+        });
+        assert!(abandon_send(vec![failed_before, None], down()).is_err());
+        let results = abandon_send(vec![sent(), None], down()).unwrap();
+        assert!(matches!(&results[0], SendResult::Sent { dest_id } if dest_id == "d1"));
+        assert!(matches!(&results[1], SendResult::Failed { error } if error.contains("cannot reach")));
+    }
 
     #[test]
     fn a_refused_certificate_is_told_apart_from_an_unreachable_endpoint() {

@@ -127,7 +127,7 @@ use google_cloud_auth::token::DefaultTokenSourceProvider;
 use token_source::{TokenSource, TokenSourceProvider};
 use tokio::sync::{Mutex, OnceCell, watch};
 
-use super::{BackendError, Capabilities, Purpose, QueueBackend, Result};
+use super::{BackendError, Capabilities, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
 use crate::config::{PubSubQueueConfig, QueueConfig};
 use crate::model::{
     Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing, Properties,
@@ -1168,14 +1168,8 @@ impl QueueBackend for PubSubBackend {
                 Err(status) => {
                     let err = self.error(status, &to.0);
                     // A wrong destination fails every message the same way.
-                    if matches!(
-                        err,
-                        BackendError::NotFound { .. }
-                            | BackendError::Unreachable { .. }
-                            | BackendError::Tls { .. }
-                            | BackendError::Auth { .. }
-                    ) {
-                        return Err(err);
+                    if fails_every_send(&err) {
+                        return abandon_send(results, err);
                     }
                     for i in idx {
                         results[i] = Some(SendResult::Failed { error: err.to_string() });

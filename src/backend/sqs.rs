@@ -28,7 +28,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::{Mutex, OnceCell};
 
-use super::{BackendError, Capabilities, QueueBackend, Result};
+use super::{BackendError, Capabilities, QueueBackend, Result, abandon_send, fails_every_send};
 use crate::config::{QueueConfig, SqsQueueConfig};
 use crate::model::{
     AttrValue, Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing,
@@ -527,6 +527,14 @@ impl QueueBackend for SqsBackend {
         let mut chunks: Vec<Vec<usize>> = Vec::new();
         let mut size = 0;
         for (i, m) in msgs.iter().enumerate() {
+            // SQS bodies are text. A copy with its invalid bytes replaced
+            // would be accepted, and its original then deleted: a loss.
+            if std::str::from_utf8(&m.body).is_err() {
+                results[i] = Some(SendResult::Failed {
+                    error: "the body is binary (not valid UTF-8) and SQS bodies are text: not sent".into(),
+                });
+                continue;
+            }
             let s = payload_size(m);
             match chunks.last_mut() {
                 Some(c) if c.len() < BATCH && size + s <= MAX_PAYLOAD => {
@@ -545,7 +553,7 @@ impl QueueBackend for SqsBackend {
                 let m = &msgs[i];
                 let mut entry = SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
-                    .message_body(String::from_utf8_lossy(&m.body));
+                    .message_body(std::str::from_utf8(&m.body).expect("checked above"));
                 for (k, a) in &m.attributes {
                     entry = entry.message_attributes(k, attribute_to_sqs(a));
                 }
@@ -558,16 +566,19 @@ impl QueueBackend for SqsBackend {
             }
             match req.send().await {
                 Ok(out) => {
+                    // Entries are looked up by the IDs the answer names; an ID
+                    // this request did not send (a non-conforming endpoint)
+                    // confirms nothing.
                     for ok in out.successful() {
-                        if let Ok(i) = ok.id().parse::<usize>() {
-                            results[i] = Some(SendResult::Sent {
+                        if let Some(r) = entry(&mut results, &chunk, ok.id()) {
+                            *r = Some(SendResult::Sent {
                                 dest_id: ok.message_id().to_string(),
                             });
                         }
                     }
                     for bad in out.failed() {
-                        if let Ok(i) = bad.id().parse::<usize>() {
-                            results[i] = Some(SendResult::Failed {
+                        if let Some(r) = entry(&mut results, &chunk, bad.id()) {
+                            *r = Some(SendResult::Failed {
                                 error: format!("{}: {}", bad.code(), bad.message().unwrap_or_default()),
                             });
                         }
@@ -577,14 +588,8 @@ impl QueueBackend for SqsBackend {
                     let err = self.error(e);
                     // Nothing about this request can be confirmed. A wrong
                     // destination fails every message the same way, so say so.
-                    if matches!(
-                        err,
-                        BackendError::NotFound { .. }
-                            | BackendError::Unreachable { .. }
-                            | BackendError::Tls { .. }
-                            | BackendError::Auth { .. }
-                    ) {
-                        return Err(err);
+                    if fails_every_send(&err) {
+                        return abandon_send(results, err);
                     }
                     for &i in &chunk {
                         results[i] = Some(SendResult::Failed { error: err.to_string() });
@@ -617,9 +622,10 @@ impl QueueBackend for SqsBackend {
             }
             match req.send().await {
                 Ok(out) => {
+                    let sent: Vec<usize> = (c * BATCH..c * BATCH + chunk.len()).collect();
                     for bad in out.failed() {
-                        if let Ok(i) = bad.id().parse::<usize>() {
-                            results[i] = SettleResult::Failed {
+                        if let Some(r) = entry(&mut results, &sent, bad.id()) {
+                            *r = SettleResult::Failed {
                                 error: format!("{}: {}", bad.code(), bad.message().unwrap_or_default()),
                             };
                         }
@@ -667,6 +673,13 @@ impl QueueBackend for SqsBackend {
             .await
             .map(Destination)
     }
+}
+
+/// The result of the batch entry that `id` names, when it is one of `sent`
+/// (the indexes this request sent, which are also its entries' IDs).
+fn entry<'a, T>(results: &'a mut [T], sent: &[usize], id: &str) -> Option<&'a mut T> {
+    let i = id.parse::<usize>().ok().filter(|i| sent.contains(i))?;
+    results.get_mut(i)
 }
 
 #[cfg(test)]

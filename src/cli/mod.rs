@@ -13,6 +13,7 @@ mod confirm;
 pub mod exit;
 mod inspect;
 mod redrive;
+mod signals;
 mod triage;
 
 pub use args::{Cli, Command, JournalOpts, RedriveOpts};

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::args::{JournalOpts, RedriveOpts};
 use super::exit::{self, Failure, usage};
+use super::signals;
 use crate::config::{Config, state_dir};
 use crate::engine::journal::{Journal, Record, Rotation, read_all_records};
 use crate::engine::redrive::{Engine, Progress, RunSummary, Trigger};
@@ -64,15 +65,7 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
     }
     let cancel = CancellationToken::new();
     engine = engine.with_cancel(cancel.clone());
-    let ctrl_c = tokio::spawn({
-        let cancel = cancel.clone();
-        async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\ninterrupted: finishing in-flight sends, releasing the rest");
-                cancel.cancel();
-            }
-        }
-    });
+    let interrupt = signals::on_interrupt(cancel.clone(), "the sends");
     // The depth only sizes the progress bar, so ask for it only when there is
     // one: on the Pub/Sub emulator `stats` counts by draining and releasing
     // the whole DLQ, an extra pass that doubled a redrive's time (bench/run.sh).
@@ -83,7 +76,6 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
     };
     let bar = progress_bar(engine.progress(), depth, opts.dry_run);
     let summary = engine.run(&plan).await;
-    ctrl_c.abort();
     if let Some((bar, ticker)) = bar {
         ticker.abort();
         bar.finish_and_clear();
@@ -96,7 +88,11 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
     if let Some(p) = &journal_path {
         eprintln!("journal: {}", p.display());
     }
-    Ok(if summary.ok() { exit::OK } else { exit::FAILURE })
+    Ok(match interrupt.exit_code() {
+        Some(code) => code,
+        None if summary.ok() => exit::OK,
+        None => exit::FAILURE,
+    })
 }
 
 pub(crate) fn open_journal(config: &Config, opts: &JournalOpts) -> Result<Option<Arc<Journal>>, Failure> {

@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::exit::{self, Failure};
+use crate::cli::signals;
 use crate::config::{RetentionAction, state_dir};
 use crate::engine::journal::Journal;
 use crate::engine::redrive::{RunSummary, Trigger};
@@ -111,23 +112,17 @@ pub async fn cli_purge(
     output: Format,
 ) -> Result<u8, Failure> {
     let cancel = CancellationToken::new();
-    let ctrl_c = tokio::spawn({
-        let cancel = cancel.clone();
-        async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\ninterrupted: finishing in-flight batches, releasing the rest");
-                cancel.cancel();
-            }
-        }
-    });
-    let s = purge(registry, queue, req, journal, cancel).await;
-    ctrl_c.abort();
-    let s = s?;
+    let interrupt = signals::on_interrupt(cancel.clone(), "the batches");
+    let s = purge(registry, queue, req, journal, cancel).await?;
     match output {
         Format::Json => print_json(&s)?,
         Format::Table => print!("{}", purge_text(&s)),
     }
-    Ok(if s.ok() { exit::OK } else { exit::FAILURE })
+    Ok(match interrupt.exit_code() {
+        Some(code) => code,
+        None if s.ok() => exit::OK,
+        None => exit::FAILURE,
+    })
 }
 
 pub async fn cli_retention(

@@ -197,6 +197,10 @@ pub struct RunSummary {
     pub filter_errors: u64,
     /// Matches left in the DLQ because they were redriven `max_redrives` times.
     pub skipped_max_redrives: u64,
+    /// Matches left in the DLQ to keep their group's order (SQS FIFO group,
+    /// Pub/Sub ordering key, Service Bus session): an earlier message of the
+    /// group failed to send, so its later ones must not arrive before it.
+    pub held_for_order: u64,
     /// Copies sent without the redrive marks, because the provider's attribute
     /// cap left no room for them.
     pub marks_omitted: u64,
@@ -209,8 +213,14 @@ pub struct RunSummary {
 }
 
 impl RunSummary {
+    /// Whether the run did what it was asked: nothing failed, and the filter
+    /// did not fail on every message it saw (a typo in an attribute name
+    /// fails on every message, and would otherwise look like "no match").
     pub fn ok(&self) -> bool {
-        self.stopped != StopReason::Failed && self.send_failed == 0 && self.settle_failed == 0
+        self.stopped != StopReason::Failed
+            && self.send_failed == 0
+            && self.settle_failed == 0
+            && !(self.examined > 0 && self.filter_errors == self.examined)
     }
 }
 
@@ -226,6 +236,8 @@ pub enum RedriveError {
 #[derive(Default)]
 struct BatchOutcome {
     keys: Vec<String>,
+    /// Ordering keys of messages whose send failed.
+    failed_keys: Vec<String>,
     sent: u64,
     settled: u64,
     send_failed: u64,
@@ -305,6 +317,7 @@ impl Engine {
             settle_failed: 0,
             filter_errors: 0,
             skipped_max_redrives: 0,
+            held_for_order: 0,
             marks_omitted: 0,
             released: 0,
             destinations: BTreeMap::new(),
@@ -375,6 +388,8 @@ impl Engine {
         // then known to the next run, which resends under the same mark.
         if let Err(e) = self.sync_journal() {
             push_error(&mut out.errors, format!("journal: {e}; not sending this batch"));
+            out.failed_keys
+                .extend(batch.iter().filter_map(|l| l.message.ordering_key.clone()));
             out.unsent.extend(batch.into_iter().map(|l| l.lease));
             return out;
         }
@@ -408,6 +423,7 @@ impl Engine {
                 }
                 SendResult::Failed { error } => {
                     out.send_failed += 1;
+                    out.failed_keys.extend(l.message.ordering_key.clone());
                     let _ = self.journal(Record::SendFailed {
                         run: run.id.clone(),
                         id: l.message.id.clone(),
@@ -600,9 +616,11 @@ struct SendPermit {
     _room: OwnedSemaphorePermit,
 }
 
-/// A lease in flight: its task, and the retry generation it was started in.
+/// A lease in flight: its task, the retry generation it was started in, and
+/// how many messages the pass had settled when it started.
 struct InFlightLease {
     generation: u32,
+    settled_before: u64,
     task: JoinHandle<crate::backend::Result<Vec<Leased>>>,
 }
 
@@ -642,6 +660,9 @@ struct Pass<'a> {
     /// Room for the bodies of copies being sent, in KiB (see [`SendPermit`]).
     send_room: Arc<Semaphore>,
     keys_in_flight: HashMap<String, usize>,
+    /// Ordering keys with a message whose send failed: their later messages
+    /// stay in the DLQ for the rest of the pass (see `held_for_order`).
+    failed_keys: HashSet<String>,
     leases: VecDeque<InFlightLease>,
     body_bytes: u64,
 }
@@ -679,9 +700,15 @@ impl<'a> Pass<'a> {
             send_slots: Arc::new(Semaphore::new(plan.concurrency.max(1))),
             send_room: Arc::new(Semaphore::new((SEND_MEMORY_BUDGET >> 10) as usize)),
             keys_in_flight: HashMap::new(),
+            failed_keys: HashSet::new(),
             leases: VecDeque::new(),
             body_bytes: 0,
         }
+    }
+
+    /// Messages this pass has removed from the DLQ so far.
+    fn settled(&self) -> u64 {
+        self.s.settled
     }
 
     fn max_reached(&self) -> bool {
@@ -701,11 +728,13 @@ impl<'a> Pass<'a> {
 
     fn start_lease(&mut self, generation: u32, max: usize) {
         tracing::debug!(max, in_flight = self.leases.len(), "lease started");
-        let backend = self.engine.backend.clone();
-        let hold = self.plan.hold;
+        // The lease takes its turn here, in the order leases are started
+        // and examined, whenever its task first runs.
+        let lease = self.engine.backend.clone().lease_in_turn(max, self.plan.hold);
         self.leases.push_back(InFlightLease {
             generation,
-            task: tokio::spawn(async move { backend.lease(max, hold).await }),
+            settled_before: self.settled(),
+            task: tokio::spawn(lease),
         });
     }
 
@@ -798,8 +827,11 @@ impl<'a> Pass<'a> {
             };
             if leased.is_empty() {
                 // Nothing was visible: what the leases still in flight bring
-                // is examined, but no new lease starts.
-                let outstanding = !(self.leases.is_empty() && self.sends.is_empty() && self.pending.is_empty());
+                // is examined, but no new lease starts. With ordered
+                // delivery, messages settled since the lease went out may
+                // have unlocked their groups after the provider answered it.
+                let outstanding = !(self.leases.is_empty() && self.sends.is_empty() && self.pending.is_empty())
+                    || self.settled() != lease.settled_before;
                 if self.caps.ordered_delivery && outstanding {
                     paused = true;
                 } else if leasing {
@@ -897,6 +929,15 @@ impl<'a> Pass<'a> {
                         self.held.push(l.lease);
                         continue;
                     };
+                    if l.message
+                        .ordering_key
+                        .as_ref()
+                        .is_some_and(|k| self.failed_keys.contains(k))
+                    {
+                        s.held_for_order += 1;
+                        self.held.push(l.lease);
+                        continue;
+                    }
                     self.planned += 1;
                     *s.destinations.entry(dest.0.clone()).or_default() += 1;
                     if plan.dry_run {
@@ -1085,7 +1126,34 @@ impl<'a> Pass<'a> {
             self.s.stopped = StopReason::Failed;
         }
         release_keys(&mut self.keys_in_flight, &out.keys);
+        for key in &out.failed_keys {
+            if self.failed_keys.insert(key.clone()) {
+                self.hold_back(key);
+            }
+        }
         merge(&mut self.s, out, &mut self.held);
+    }
+
+    /// A message of `key` failed to send: its later messages that wait to be
+    /// sent stay in the DLQ instead, so that none arrives before it.
+    fn hold_back(&mut self, key: &str) {
+        let taken = take_key(&mut self.pending, key);
+        let n = taken.len() as u64;
+        for (dest, l) in taken {
+            if let Some(planned) = self.s.destinations.get_mut(&dest.0) {
+                *planned -= 1;
+            }
+            self.held.push(l.lease);
+        }
+        // Not sent: they do not count against `--max`.
+        self.planned -= n;
+        self.s.held_for_order += n;
+        push_error(
+            &mut self.s.errors,
+            format!(
+                "ordering group {key}: a message failed to send, so its later messages stay in the DLQ to keep their order"
+            ),
+        );
     }
 
     /// End the pass: send what is pending (unless shut down), take back what
@@ -1272,6 +1340,21 @@ fn take_sendable(
     Some(batch)
 }
 
+/// Take every pending message of ordering key `key` out of `pending`, with
+/// its destination; the others keep their order.
+fn take_key(pending: &mut BTreeMap<Destination, Vec<Leased>>, key: &str) -> Vec<(Destination, Leased)> {
+    let mut taken = Vec::new();
+    for (dest, queue) in pending.iter_mut() {
+        let (of_key, rest): (Vec<Leased>, Vec<Leased>) = std::mem::take(queue)
+            .into_iter()
+            .partition(|l| l.message.ordering_key.as_deref() == Some(key));
+        *queue = rest;
+        taken.extend(of_key.into_iter().map(|l| (dest.clone(), l)));
+    }
+    pending.retain(|_, q| !q.is_empty());
+    taken
+}
+
 /// Leases in flight and messages per lease, within [`LEASE_MEMORY_BUDGET`]
 /// for the bodies they may hold, estimated from `average` (body bytes per
 /// message examined so far, counted as at least 1 KiB; `None` before the
@@ -1348,7 +1431,7 @@ pub fn outgoing_copy(m: &DlqMessage, plan: &RedrivePlan, backend: &dyn QueueBack
     if plan.strip_dead_letter_attributes {
         attributes.retain(|k, _| !backend.is_dead_letter_attribute(k));
     }
-    let count = redrive_count(m) + 1;
+    let count = redrive_count(m).saturating_add(1);
     attributes.remove(MARK_ID);
     attributes.remove(MARK_COUNT);
     let room = backend
@@ -1443,6 +1526,31 @@ mod tests {
         let batch = take_sendable(&mut queue, &HashMap::new(), 10, true).expect("a is free");
         assert_eq!(ids(&batch), ["a1", "a2"]);
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_failed_group_leaves_pending_and_the_other_groups_keep_their_order() {
+        let a = Destination("a".into());
+        let b = Destination("b".into());
+        let mut pending = BTreeMap::from([
+            (
+                a.clone(),
+                vec![
+                    leased("1", Some("g1")),
+                    leased("2", Some("g2")),
+                    leased("3", Some("g1")),
+                ],
+            ),
+            (b.clone(), vec![leased("4", Some("g1"))]),
+        ]);
+        let taken = take_key(&mut pending, "g1");
+        let taken: Vec<(&str, &str)> = taken
+            .iter()
+            .map(|(d, l)| (d.0.as_str(), l.message.id.as_str()))
+            .collect();
+        assert_eq!(taken, [("a", "1"), ("a", "3"), ("b", "4")]);
+        assert_eq!(ids(&pending[&a]), ["2"]);
+        assert!(!pending.contains_key(&b), "a destination left with nothing is gone");
     }
 
     fn caps(batch_size: usize, max_lease_size: usize, max_concurrent_leases: usize) -> Capabilities {

@@ -398,10 +398,16 @@ impl DlqLink {
         self.commands.is_closed()
     }
 
-    pub async fn lease(&self, max: u32, label: &LinkConfig) -> Result<Vec<Delivered>> {
+    /// Queue a lease of up to `max` messages; [`Self::leased`] waits for its
+    /// deliveries. The link serves leases in the order they were queued.
+    pub async fn queue_lease(&self, max: u32, label: &LinkConfig) -> Result<LeaseReply> {
         let (reply, rx) = oneshot::channel();
-        self.call(Command::Lease { max, reply }, rx, LEASE_WAIT + 2 * CALL_TIMEOUT, label)
-            .await
+        self.queue(Command::Lease { max, reply }, label).await?;
+        Ok(LeaseReply(rx))
+    }
+
+    pub async fn leased(&self, reply: LeaseReply, label: &LinkConfig) -> Result<Vec<Delivered>> {
+        answer(reply.0, LEASE_WAIT + 2 * CALL_TIMEOUT, label).await
     }
 
     /// Complete (`complete`) or abandon the deliveries, and confirm that the
@@ -419,13 +425,27 @@ impl DlqLink {
         limit: Duration,
         cfg: &LinkConfig,
     ) -> Result<T> {
-        let gone = || cfg.unreachable("the dead-letter queue's link closed");
-        self.commands.send(cmd).await.map_err(|_| gone())?;
-        match tokio::time::timeout(limit, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(gone()),
-            Err(_) => Err(cfg.unreachable(format!("no answer from the dead-letter queue's link within {limit:?}"))),
-        }
+        self.queue(cmd, cfg).await?;
+        answer(rx, limit, cfg).await
+    }
+
+    async fn queue(&self, cmd: Command, cfg: &LinkConfig) -> Result<()> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| cfg.unreachable("the dead-letter queue's link closed"))
+    }
+}
+
+/// A queued lease's deliveries, to come.
+pub struct LeaseReply(oneshot::Receiver<Result<Vec<Delivered>>>);
+
+/// The link task's answer to a command, within `limit`.
+async fn answer<T>(rx: oneshot::Receiver<Result<T>>, limit: Duration, cfg: &LinkConfig) -> Result<T> {
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(cfg.unreachable("the dead-letter queue's link closed")),
+        Err(_) => Err(cfg.unreachable(format!("no answer from the dead-letter queue's link within {limit:?}"))),
     }
 }
 

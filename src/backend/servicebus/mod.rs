@@ -129,6 +129,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 mod link;
+mod turns;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -147,12 +148,13 @@ use fe2o3_amqp_types::primitives::{
     Binary, Dec32, Dec64, Dec128, SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid, Value,
 };
 use futures::FutureExt;
+use futures::future::BoxFuture;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{BackendError, Capabilities, Purpose, QueueBackend, Result};
+use super::{BackendError, Capabilities, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
 use crate::config::{QueueConfig, ServiceBusQueueConfig};
 use crate::model::{
     AttrValue, Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing,
@@ -424,6 +426,8 @@ pub struct ServiceBusBackend {
     /// The dead-letter queue's own link (lease, complete, abandon).
     dlq: Mutex<Option<Arc<link::DlqLink>>>,
     link_generations: AtomicU64,
+    /// The order in which leases reach the link (see [`QueueBackend::lease_in_turn`]).
+    lease_turns: Arc<turns::Turnstile>,
     /// What settles each held message: its delivery info, by delivery id,
     /// for the link of `generation` (a held message of an older link can no
     /// longer be settled).
@@ -649,6 +653,7 @@ impl ServiceBusBackend {
             link_config,
             dlq: Mutex::new(None),
             link_generations: AtomicU64::new(0),
+            lease_turns: Arc::default(),
             held: std::sync::Mutex::new(Held::default()),
             management,
             stats_cache: Mutex::new(None),
@@ -1155,6 +1160,47 @@ impl ServiceBusBackend {
             provider: PROVIDER,
             detail: format!("send to {dest} failed {SEND_ATTEMPTS} times: {last}"),
         })
+    }
+
+    /// A lease in its turn: once every lease started before it has been
+    /// queued on the link, it is queued, the turn ends, and it waits for its
+    /// deliveries.
+    async fn lease_when_up(&self, turn: turns::Turn, max: usize) -> Result<Vec<Leased>> {
+        let max = max.clamp(1, MAX_LEASE) as u32;
+        turn.come_up().await;
+        let link = self.link().await?;
+        let queued = link.queue_lease(max, &self.link_config).await;
+        drop(turn);
+        let got = match queued {
+            Ok(reply) => link.leased(reply, &self.link_config).await,
+            Err(e) => Err(e),
+        };
+        let got = match got {
+            Ok(got) => got,
+            Err(e) => {
+                self.drop_link(link.generation).await;
+                return Err(e);
+            }
+        };
+        let mut out = Vec::with_capacity(got.len());
+        let mut held = self.held.lock().expect("held lock");
+        if held.generation != link.generation {
+            // Leases of an older link can no longer be settled.
+            *held = Held {
+                generation: link.generation,
+                infos: HashMap::new(),
+            };
+        }
+        for d in got {
+            let id = d.info.delivery_id();
+            let message = self.to_model(&d.message, fields_of(&d.message));
+            held.infos.insert(id, d.info);
+            out.push(Leased {
+                message,
+                lease: LeaseId(format!("{}.{id}", link.generation)),
+            });
+        }
+        Ok(out)
     }
 
     /// The dead-letter queue's own link, opened on first use and again after
@@ -1858,34 +1904,12 @@ impl QueueBackend for ServiceBusBackend {
     }
 
     async fn lease(&self, max: usize, _hold: Duration) -> Result<Vec<Leased>> {
-        let max = max.clamp(1, MAX_LEASE) as u32;
-        let link = self.link().await?;
-        let got = match link.lease(max, &self.link_config).await {
-            Ok(got) => got,
-            Err(e) => {
-                self.drop_link(link.generation).await;
-                return Err(e);
-            }
-        };
-        let mut out = Vec::with_capacity(got.len());
-        let mut held = self.held.lock().expect("held lock");
-        if held.generation != link.generation {
-            // Leases of an older link can no longer be settled.
-            *held = Held {
-                generation: link.generation,
-                infos: HashMap::new(),
-            };
-        }
-        for d in got {
-            let id = d.info.delivery_id();
-            let message = self.to_model(&d.message, fields_of(&d.message));
-            held.infos.insert(id, d.info);
-            out.push(Leased {
-                message,
-                lease: LeaseId(format!("{}.{id}", link.generation)),
-            });
-        }
-        Ok(out)
+        self.lease_when_up(self.lease_turns.take(), max).await
+    }
+
+    fn lease_in_turn(self: Arc<Self>, max: usize, _hold: Duration) -> BoxFuture<'static, Result<Vec<Leased>>> {
+        let turn = self.lease_turns.take();
+        Box::pin(async move { self.lease_when_up(turn, max).await })
     }
 
     async fn send(&self, to: &Destination, msgs: &[Outgoing]) -> Result<Vec<SendResult>> {
@@ -1922,14 +1946,8 @@ impl QueueBackend for ServiceBusBackend {
                             results[i] = Some(SendResult::Sent { dest_id: id });
                         }
                     }
-                    Err(
-                        e @ (BackendError::NotFound { .. }
-                        | BackendError::Auth { .. }
-                        | BackendError::Tls { .. }
-                        | BackendError::Unreachable { .. }),
-                    ) => {
-                        return Err(e);
-                    }
+                    // Envelopes already accepted keep their results.
+                    Err(e) if fails_every_send(&e) => return abandon_send(results, e),
                     Err(e) => {
                         for (i, _) in index {
                             results[i] = Some(SendResult::Failed { error: e.to_string() });

@@ -1,0 +1,71 @@
+//! Stopping a run cleanly on Ctrl-C (SIGINT) and on SIGTERM: leasing stops,
+//! sends in flight finish and their originals are settled, the rest is
+//! released. SIGTERM is how Kubernetes stops a Job's pod and `docker stop` a
+//! container; the image runs the binary as PID 1, where a signal without a
+//! handler is ignored until the kill that follows the grace period.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Cancels a token on the first SIGINT or SIGTERM while it lives.
+pub struct Interrupt {
+    task: JoinHandle<()>,
+    /// The signal's number, once one came.
+    signal: Arc<AtomicU8>,
+}
+
+/// Cancel `cancel` on the first SIGINT or SIGTERM, saying on stderr that
+/// `what` (in flight) finishes and the rest is released.
+pub fn on_interrupt(cancel: CancellationToken, what: &'static str) -> Interrupt {
+    let signal = Arc::new(AtomicU8::new(0));
+    let task = tokio::spawn({
+        let signal = signal.clone();
+        async move {
+            let number = interrupted().await;
+            signal.store(number, Ordering::Relaxed);
+            eprintln!("\ninterrupted: finishing {what} in flight, releasing the rest");
+            cancel.cancel();
+        }
+    });
+    Interrupt { task, signal }
+}
+
+impl Interrupt {
+    /// The exit code of a run a signal stopped: 128 + its number (130 for
+    /// SIGINT, 143 for SIGTERM), as shells report it.
+    pub fn exit_code(&self) -> Option<u8> {
+        match self.signal.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(128 + n),
+        }
+    }
+}
+
+impl Drop for Interrupt {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The number of the first SIGINT or SIGTERM to come.
+async fn interrupted() -> u8 {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => 2,
+                _ = term.recv() => 15,
+            };
+        }
+    }
+    // Without a SIGTERM handler (not on Unix, or it could not be set up),
+    // Ctrl-C alone; a failed handler never counts as a signal.
+    match tokio::signal::ctrl_c().await {
+        Ok(()) => 2,
+        Err(_) => std::future::pending().await,
+    }
+}
