@@ -568,7 +568,8 @@ async fn evaluation_errors_are_per_message_and_reported() {
     assert_eq!(arrived[0].body, msgs[0].body);
 
     // A type error on every message, and a filter that is not a bool: nothing
-    // moves, the table says how many failed and why.
+    // moves, the table says how many failed and why, and the run fails (exit
+    // 1): a filter that fails on every message is a mistake, not "no match".
     for (filter, why) in [
         (r#"delivery_count + "x" > 0"#, "Unsupported binary operator 'add'"),
         ("body", "filter must yield a bool"),
@@ -579,7 +580,7 @@ async fn evaluation_errors_are_per_message_and_reported() {
                 .arg("-c")
                 .arg(&cfg)
                 .args(["redrive", "orders", "--filter", filter, "--yes", "--no-journal"]));
-        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(code, 1, "{out}{err}");
         assert!(
             out.contains("matched:   0") && out.contains("filter errors: 2"),
             "{out}"

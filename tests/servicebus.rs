@@ -260,6 +260,80 @@ async fn messages_that_share_a_message_id_are_each_redriven() {
     rx.dispose().await.ok();
 }
 
+/// `--to` names a configured queue (its source gets the copies, as with
+/// `import --to`) or an entity, checked before anything is leased: a typo
+/// fails the plan instead of the first send, and a queue on another cloud
+/// is refused.
+#[tokio::test]
+async fn to_names_a_configured_queue_or_an_existing_entity() {
+    let f = ServiceBusFixture::create(false).await;
+    let other = ServiceBusFixture::create(false).await;
+    f.dead_letter(&[failing(0, "Boom"), failing(1, "Boom")]).await;
+    // Two configured queues, and one on SQS.
+    let mut yaml = f.config_yaml_with("");
+    let second = other.config_yaml_with("").replace("name: dlq", "name: other");
+    let second = second
+        .split("queues:\n")
+        .nth(1)
+        .unwrap()
+        .split("redrive:")
+        .next()
+        .unwrap()
+        .to_string();
+    yaml = yaml.replace(
+        "redrive:",
+        &format!("{second}  - name: elsewhere\n    sqs:\n      queue: q\n      region: us-east-1\nredrive:"),
+    );
+    let cfg = Config::from_yaml(&yaml, "test", &[]).unwrap();
+    let reg = Registry::new(cfg.clone());
+    let plan = |to: &str| {
+        let req = RedriveRequest {
+            to: Some(to.into()),
+            dry_run: true,
+            ..all()
+        };
+        let reg = &reg;
+        async move { reg.plan("dlq", &req, Trigger::Cli).await }
+    };
+    let typo = plan("no-such-queue").await.unwrap_err();
+    assert!(
+        matches!(
+            &typo,
+            RegistryError::Backend {
+                error: BackendError::NotFound { .. },
+                ..
+            }
+        ),
+        "{typo}"
+    );
+    let cross = plan("elsewhere").await.unwrap_err();
+    assert!(cross.is_usage() && cross.to_string().contains("on sqs"), "{cross}");
+    let to_other = plan("other").await.unwrap();
+    assert_eq!(
+        to_other.to.map(|d| d.0),
+        Some(other.entity.clone()),
+        "the other queue's source"
+    );
+    let entity = plan(&other.entity).await.unwrap();
+    assert_eq!(entity.to.map(|d| d.0), Some(other.entity.clone()));
+
+    let s = redrive(
+        cfg,
+        RedriveRequest {
+            to: Some("other".into()),
+            ..all()
+        },
+    )
+    .await;
+    assert!(s.ok() && s.settled == 2, "{s:?}");
+    assert_eq!(
+        other.drain_source().await.len(),
+        2,
+        "the copies went to the other queue"
+    );
+    assert!(f.drain_source().await.is_empty());
+}
+
 /// A subscription DLQ redrives to the topic, which fans out to every
 /// subscription; with `target_subscription_property` each copy names the
 /// failing subscription, for the documented SQL filter rule.

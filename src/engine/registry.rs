@@ -13,6 +13,7 @@ use crate::backend::{self, BackendError, Purpose, QueueBackend};
 use crate::config::{Config, QueueConfig};
 use crate::engine::redrive::{RedrivePlan, Trigger, new_run_id};
 use crate::filter::{Filter, FilterError};
+use crate::model::Destination;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -159,7 +160,10 @@ impl Registry {
         };
         let to = async {
             match &req.to {
-                Some(t) => resolve(self.destination_address(t)).await.map(Some),
+                Some(t) => match self.configured_destination(queue, t).await? {
+                    Some(dest) => Ok(Some(dest)),
+                    None => resolve(t.clone()).await.map(Some),
+                },
                 None => Ok(None),
             }
         };
@@ -194,13 +198,35 @@ impl Registry {
         })
     }
 
-    /// `--to` may name another configured queue (meaning that queue's DLQ
-    /// address) or be a provider-native address.
-    fn destination_address(&self, to: &str) -> String {
-        use crate::config::QueueKind;
-        match self.config.queue(to).map(|q| &q.kind) {
-            Some(QueueKind::Sqs(s)) => s.queue.clone(),
-            _ => to.to_string(),
+    /// `--to` naming another configured queue means that queue's source:
+    /// where its own redrives go (`source` in its config, else what its
+    /// provider reports), as `import --to` does. A DLQ itself is no place to
+    /// send to (Service Bus refuses sends to `$DeadLetterQueue`, a Pub/Sub
+    /// subscription takes none). `None`: `to` is no configured queue, but a
+    /// provider address.
+    async fn configured_destination(&self, queue: &str, to: &str) -> Result<Option<Destination>, RegistryError> {
+        let Some(other) = self.config.queue(to) else {
+            return Ok(None);
+        };
+        let (from, into) = (self.queue(queue)?.kind.backend_name(), other.kind.backend_name());
+        if from != into {
+            return Err(RegistryError::Invalid(format!(
+                "--to {to}: that queue is on {into}, and a redrive from {queue} sends with {from}; name a queue on {from} or a {from} address"
+            )));
+        }
+        let other_backend = self.backend_for(to, Purpose::Pass).await?;
+        let source = match &other.source {
+            Some(s) => other_backend.resolve_destination(s).await.map(Some),
+            None => other_backend.default_source().await,
+        };
+        match source.map_err(|error| RegistryError::Backend {
+            queue: to.to_string(),
+            error,
+        })? {
+            Some(dest) => Ok(Some(dest)),
+            None => Err(RegistryError::Invalid(format!(
+                "--to {to}: its provider names no source for that queue; set `source` for it in the config, or pass an address"
+            ))),
         }
     }
 }

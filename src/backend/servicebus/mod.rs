@@ -369,6 +369,9 @@ impl ConnectionString {
                 "the Service Bus connection string needs `SharedAccessKeyName` and `SharedAccessKey`, or `SharedAccessSignature`".into(),
             ));
         }
+        if let Some(sig) = &out.signature {
+            check_signature_expiry(sig, unix_now())?;
+        }
         Ok(out)
     }
 
@@ -384,6 +387,43 @@ impl ConnectionString {
         }
         s
     }
+}
+
+/// The longest a SharedAccessSignature may still be valid: azservicebus
+/// schedules its refresh at the expiry on a timer that cannot reach further
+/// (about 2.2 years) and panics beyond it.
+const MAX_SIGNATURE_LIFETIME_SECS: u64 = 2 * 365 * 24 * 3600;
+
+/// A SharedAccessSignature's expiry (`se=`, Unix seconds) must lie ahead, and
+/// within [`MAX_SIGNATURE_LIFETIME_SECS`]: an expired one would fail every
+/// call with a misleading "cannot reach", after azservicebus panicked.
+fn check_signature_expiry(signature: &str, now: u64) -> Result<()> {
+    let params = signature.trim_start_matches("SharedAccessSignature").trim();
+    let expiry = params.split('&').find_map(|p| p.strip_prefix("se=")).ok_or_else(|| {
+        BackendError::Invalid("the connection string's SharedAccessSignature has no expiry (`se=`)".into())
+    })?;
+    let expiry: u64 = expiry.parse().map_err(|_| {
+        BackendError::Invalid(format!(
+            "the connection string's SharedAccessSignature has an expiry that is not Unix seconds: se={expiry}"
+        ))
+    })?;
+    let at = |secs: u64| {
+        chrono::DateTime::from_timestamp(i64::try_from(secs).unwrap_or(i64::MAX), 0)
+            .map_or_else(|| format!("{secs} (Unix seconds)"), |t| t.to_rfc3339())
+    };
+    if expiry <= now {
+        return Err(BackendError::Invalid(format!(
+            "the connection string's SharedAccessSignature expired at {}: issue a new one",
+            at(expiry)
+        )));
+    }
+    if expiry - now > MAX_SIGNATURE_LIFETIME_SECS {
+        return Err(BackendError::Invalid(format!(
+            "the connection string's SharedAccessSignature expires at {}, more than two years ahead, which the Service Bus client cannot schedule: issue one that expires sooner, or use SharedAccessKeyName and SharedAccessKey",
+            at(expiry)
+        )));
+    }
+    Ok(())
 }
 
 /// How the backend authenticates.
@@ -1270,6 +1310,42 @@ impl ServiceBusBackend {
     /// The ATOM management call: (active, dead-lettered), or NotFound.
     async fn counts(&self) -> Result<(u64, u64)> {
         let path = self.entity.path();
+        let text = self.atom_get(&path).await?;
+        parse_counts(&text).ok_or_else(|| BackendError::NotFound {
+            queue: path,
+            detail: format!("no such entity at {}", self.management),
+        })
+    }
+
+    /// Whether `name` is a queue or topic of the namespace: a redrive `--to`
+    /// a mistyped name would otherwise fail only at its first send, after
+    /// leasing (or, on an emulator that creates entities as they are named,
+    /// not at all). Without the Manage right the namespace cannot be asked,
+    /// and the send will tell.
+    async fn check_destination(&self, name: &str) -> Result<()> {
+        let text = match self.atom_get(name).await {
+            Ok(text) => text,
+            Err(BackendError::Auth { detail, .. }) if lacks_manage(&detail) || detail.contains(" 401") => {
+                tracing::debug!(
+                    destination = name,
+                    "cannot check the destination without the Manage right"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if text.contains("<QueueDescription") || text.contains("<TopicDescription") {
+            return Ok(());
+        }
+        Err(BackendError::NotFound {
+            queue: name.to_string(),
+            detail: format!("no queue or topic of that name at {}", self.management),
+        })
+    }
+
+    /// The ATOM description of the entity at `path`, or NotFound.
+    async fn atom_get(&self, path: &str) -> Result<String> {
+        let path = path.to_string();
         let url = format!("{}/{}?api-version={API_VERSION}", self.management, path);
         let auth = match &self.auth {
             Auth::Sas(cs) => match &cs.signature {
@@ -1328,10 +1404,7 @@ impl ServiceBusBackend {
                 });
             }
         }
-        parse_counts(&text).ok_or_else(|| BackendError::NotFound {
-            queue: path,
-            detail: format!("no such entity at {}", self.management),
-        })
+        Ok(text)
     }
 }
 
@@ -2069,6 +2142,7 @@ impl QueueBackend for ServiceBusBackend {
                 "`{name}` is not a Service Bus queue or topic: copies can only be sent to a queue or a topic"
             )));
         }
+        self.check_destination(name).await?;
         Ok(Destination(name.to_string()))
     }
 }
@@ -2317,6 +2391,23 @@ mod tests {
             let a = attribute_from_amqp(&v);
             assert_eq!(attribute_to_amqp(&a).unwrap(), v, "{a:?}");
         }
+    }
+
+    #[test]
+    fn a_signature_must_expire_ahead_and_within_two_years() {
+        let now = 1_800_000_000;
+        let sig = |se: &str| format!("SharedAccessSignature sr=ns&sig=abc&se={se}&skn=send");
+        assert!(check_signature_expiry(&sig("1800003600"), now).is_ok());
+        let expired = check_signature_expiry(&sig("1"), now).unwrap_err().to_string();
+        assert!(expired.contains("expired at 1970-01-01"), "{expired}");
+        let far = check_signature_expiry(&sig("99999999999"), now)
+            .unwrap_err()
+            .to_string();
+        assert!(far.contains("more than two years"), "{far}");
+        assert!(check_signature_expiry("SharedAccessSignature sr=ns&sig=abc", now).is_err());
+        assert!(check_signature_expiry(&sig("soon"), now).is_err());
+        let cs = ConnectionString::parse(&format!("Endpoint=sb://ns.example/;SharedAccessSignature={}", sig("1")));
+        assert!(cs.is_err(), "checked when the connection string is read");
     }
 
     #[test]
