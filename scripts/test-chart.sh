@@ -61,7 +61,7 @@ yamllint -s -c "$ROOT/tests/chart/yamllint.yaml" "$CHART/values.yaml" "$CHART/Ch
 
 # ---------------------------------------------------------------- 1. lint
 step "helm lint --strict"
-helm lint --strict "$CHART"
+helm lint --strict "$CHART" --set auth.existingSecret=dlq-bridge-token
 for f in "$ROOT"/tests/chart/values/*.yaml; do
   helm lint --strict --quiet "$CHART" -f "$f" >/dev/null || { helm lint --strict "$CHART" -f "$f"; die "helm lint with $f"; }
 done
@@ -81,11 +81,13 @@ validate() { # validate NAME helm-template-args...
     die "kubernetes-validate rejected mode $name ($out)"
   echo "  $name: $n objects valid"
 }
-validate deployment rel "$CHART" -n dlq
+# The chart needs a source for the API token; the defaults alone are refused.
+if helm template rel "$CHART" -n dlq >/dev/null 2>&1; then die "the chart rendered without any API token source"; fi
+validate deployment rel "$CHART" -n dlq --set auth.existingSecret=dlq-bridge-token
 for f in "$ROOT"/tests/chart/values/*.yaml; do
   validate "deployment-$(basename "$f" .yaml)" rel "$CHART" -n dlq -f "$f"
 done
-validate sidecar rel "$CHART" -n dlq --set mode=sidecar --set sidecar.podSelector.app=orders
+validate sidecar rel "$CHART" -n dlq --set mode=sidecar --set sidecar.podSelector.app=orders --set auth.generate=true
 validate sidecar-native-in-app rel "$PARENT" -n shop
 validate sidecar-classic-in-app rel "$PARENT" -n shop --set dlq-bridge.sidecar.native=false
 
