@@ -679,3 +679,20 @@ async fn a_second_serve_on_the_same_data_dir_fails_clearly() {
         "{err}"
     );
 }
+
+/// Retention purges run under the same per-queue guard as other runs (the
+/// poller samples every second meanwhile) and still empty the queue.
+#[tokio::test]
+async fn retention_purges_alongside_the_pollers_samples() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(12, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}    retention: {{max_age: 1s, action: export-then-purge, check_every: 2s}}\nserve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    serve
+        .wait_for(Duration::from_secs(30), || async { f.dlq_count().await == 0 })
+        .await;
+    assert!(f.drain_source().await.is_empty(), "purged, not redriven");
+}

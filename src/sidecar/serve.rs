@@ -316,6 +316,16 @@ async fn retention_loop(
     let mut firing_since: Option<DateTime<Utc>> = None;
     loop {
         if *leadership.borrow_and_update() {
+            // A purge run like any other: the poller's sample and the API's
+            // reads keep off the queue meanwhile (see `exclusion`).
+            let leases = match app.registry.backend(&queue).await {
+                Ok(b) => !b.capabilities().true_peek,
+                Err(_) => true,
+            };
+            let ticket = match leases.then(|| app.locks.run_starting(&queue)) {
+                Some(t) => Some(t.admitted().await),
+                None => None,
+            };
             let outcome = crate::engine::triage::apply_retention(
                 &app.registry,
                 &queue,
@@ -326,6 +336,7 @@ async fn retention_loop(
                 shutdown.child_token(),
             )
             .await;
+            drop(ticket);
             match outcome {
                 Ok(o) => {
                     app.metrics
