@@ -444,6 +444,9 @@ async fn api_bodies_tokens_and_runs_are_checked_and_errors_are_json() {
         (status, v["error"].as_str().unwrap().to_string())
     };
 
+    // The token is checked before the body.
+    let r = serve.http.post(&url).body("not json").send().await.unwrap();
+    assert_eq!(json_error(r).await.0, 401);
     // What Python's requests.post(url, data=json.dumps(...)) sends: no Content-Type.
     let r = serve
         .http

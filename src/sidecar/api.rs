@@ -12,7 +12,8 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -89,27 +90,19 @@ pub(crate) async fn read_guard(
     }
 }
 
-/// A JSON request body, with JSON errors (axum's own rejections are plain
-/// text). A body needs `Content-Type: application/json` (or `+json`):
-/// without it a client such as Python's `requests.post(url, data=...)` would
-/// have its body ignored, and a browser could send a "simple" cross-site
-/// `text/plain` request. An empty body is refused too: an unfiltered
-/// redrive must be asked for explicitly, with `{}`.
-pub struct JsonBody<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap_or("").to_string());
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError(e.status(), e.body_text()))?;
-        parse_json_body(content_type.as_deref(), &bytes).map(JsonBody)
-    }
+/// The request body as JSON, with JSON errors (axum's own rejections are
+/// plain text), read after the token was checked. The body needs
+/// `Content-Type: application/json` (or `+json`): without it a client such as
+/// Python's `requests.post(url, data=...)` would have its body ignored, and a
+/// browser could send a "simple" cross-site `text/plain` request. An empty
+/// body is refused too: an unfiltered redrive must be asked for with `{}`.
+pub(crate) fn json_body<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or(""));
+    parse_json_body(content_type, &body)
 }
 
 fn is_json_content_type(ct: &str) -> bool {
@@ -320,17 +313,16 @@ struct RedriveBody {
     concurrency: Option<usize>,
 }
 
-/// Start a redrive. The body is required JSON (see [`JsonBody`]); `{}` means
+/// Start a redrive. The body is required JSON (see [`json_body`]); `{}` means
 /// every default: every message, to its source, at the config's rate.
 async fn redrive(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    let b: RedriveBody = parse_json_body(content_type, &body)?;
+    let b: RedriveBody = json_body(&headers, body)?;
     // The DLQ first: a failure here is the provider's (502), so that one in
     // planning with `to` set is the destination's.
     app.registry.backend(&queue).await?;

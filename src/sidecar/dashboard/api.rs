@@ -23,7 +23,7 @@ use crate::engine::registry::RedriveRequest;
 use crate::engine::triage::{self, GroupBy, TriageError};
 use crate::filter::{Filter, FilterError};
 use crate::output::MessageView;
-use crate::sidecar::api::{ApiError, JsonBody, authorize, browse_reads, read_guard};
+use crate::sidecar::api::{ApiError, authorize, browse_reads, json_body, read_guard};
 use crate::sidecar::app::App;
 
 /// Messages one browse shows at most.
@@ -406,9 +406,10 @@ async fn purge(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
     headers: HeaderMap,
-    JsonBody(b): JsonBody<PurgeBody>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
+    let b: PurgeBody = json_body(&headers, body)?;
     if b.filter.trim().is_empty() {
         return Err(bad_request("purge needs a filter (`true` purges everything)"));
     }
@@ -471,9 +472,10 @@ async fn export(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
     headers: HeaderMap,
-    JsonBody(b): JsonBody<ExportBody>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
+    let b: ExportBody = json_body(&headers, body)?;
     let filter = b.filter.as_deref().filter(|f| !f.trim().is_empty());
     // Both reads lease on SQS and Pub/Sub, like a browse.
     let backend = app.registry.backend(&queue).await?;
