@@ -191,6 +191,11 @@ def test_shared_claims_get_a_data_directory_per_pod(render, render_parent):
     assert got == {"name": "DLQ_BRIDGE__SERVE__DATA_DIR", "value": "/var/lib/dlq-bridge/$(POD_NAME)"}
     # $(POD_NAME) expands only when POD_NAME is defined before it.
     assert names.index("POD_NAME") < names.index("DLQ_BRIDGE__SERVE__DATA_DIR")
+    # CLI commands run in the pod (kubectl exec) keep their state there too.
+    r = render({"persistence": pvc, "replicaCount": 2, "leaderElection": {"enabled": True}})
+    env = env_of(container_of(r.one("Deployment")["spec"]["template"]["spec"]))
+    assert env["XDG_STATE_HOME"]["value"] == "/var/lib/dlq-bridge/$(POD_NAME)"
+    assert names.index("POD_NAME") < names.index("XDG_STATE_HOME")
     # One replica keeps the claim's root (its journal survives restarts); emptyDir is per pod anyway.
     assert data_dir_env(render({"persistence": pvc}))[0] is None
     assert data_dir_env(render({"replicaCount": 2, "leaderElection": {"enabled": True}}))[0] is None

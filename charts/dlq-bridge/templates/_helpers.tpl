@@ -169,11 +169,15 @@ env:
       fieldRef: {fieldPath: metadata.namespace}
   - name: DLQ_BRIDGE_LOG
     value: {{ .Values.logLevel | quote }}
-  - name: XDG_STATE_HOME
-    value: {{ .Values.persistence.mountPath | quote }}
   {{- if include "dlq-bridge.perPodDataDir" . }}
+  {{- /* serve's data_dir, and the state dir of CLI commands run in the pod. */}}
+  - name: XDG_STATE_HOME
+    value: {{ printf "%s/$(POD_NAME)" .Values.persistence.mountPath | quote }}
   - name: DLQ_BRIDGE__SERVE__DATA_DIR
     value: {{ printf "%s/$(POD_NAME)" .Values.persistence.mountPath | quote }}
+  {{- else }}
+  - name: XDG_STATE_HOME
+    value: {{ .Values.persistence.mountPath | quote }}
   {{- end }}
   - name: DLQ_BRIDGE_API_TOKEN
     valueFrom:
