@@ -123,11 +123,19 @@ for obj in "deployment/$FULL" "configmap/$FULL" "service/$FULL" "serviceaccount/
   kubectl get -n "$NS" "$obj" -o name >/dev/null || die "$obj missing after helm install"
 done
 echo "  installed release $REL in $NS: $(helm list -n "$NS" -o json | python -c 'import sys,json; r=json.load(sys.stdin)[0]; print(r["status"], "revision", r["revision"])')"
+auth_checksum() {
+  kubectl get deployment -n "$NS" "$FULL" -o json |
+    python -c 'import json,sys; print(json.load(sys.stdin)["spec"]["template"]["metadata"]["annotations"]["checksum/auth"])'
+}
 TOKEN1=$(kubectl get secret -n "$NS" "$FULL-auth" -o jsonpath='{.data.api-token}')
+SUM1=$(auth_checksum)
+[ "$SUM1" = "$(printf '%s' "$TOKEN1" | base64 -d | sha256sum | cut -d' ' -f1)" ] ||
+  die "the pods' checksum/auth is not that of the generated token"
 helm upgrade "$REL" "$CHART" -n "$NS" --reuse-values --set logLevel=debug >/dev/null
 TOKEN2=$(kubectl get secret -n "$NS" "$FULL-auth" -o jsonpath='{.data.api-token}')
 [ "$TOKEN1" = "$TOKEN2" ] || die "the generated API token changed on helm upgrade"
-echo "  helm upgrade kept the generated API token"
+[ "$SUM1" = "$(auth_checksum)" ] || die "checksum/auth changed on helm upgrade (the pods would restart)"
+echo "  helm upgrade kept the generated API token and the pods' checksum/auth"
 # The sidecar-mode objects install too (into their own namespace). This API server
 # is 1.20: it predates native sidecars (initContainers[].restartPolicy, 1.28+), so
 # the app chart goes in with the classic sidecar; the native form was checked
