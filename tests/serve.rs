@@ -664,7 +664,7 @@ async fn a_second_serve_on_the_same_data_dir_fails_clearly() {
         "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n",
         queue_yaml("orders", &f)
     );
-    let _first = Serve::start_with_env(&config, &[("XDG_STATE_HOME", state.to_str().unwrap())]).await;
+    let first = Serve::start_with_env(&config, &[("XDG_STATE_HOME", state.to_str().unwrap())]).await;
     let path = std::env::temp_dir().join(format!("dlqb-{}.yaml", uuid::Uuid::new_v4().simple()));
     std::fs::write(&path, config.replace("{listen}", "127.0.0.1:0")).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
@@ -681,6 +681,9 @@ async fn a_second_serve_on_the_same_data_dir_fails_clearly() {
         err.contains("serve.data_dir") && err.contains("in use by another dlq-bridge serve"),
         "{err}"
     );
+    drop(first);
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_file(&path);
 }
 
 /// Retention purges run under the same per-queue guard as other runs (the
