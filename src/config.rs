@@ -75,7 +75,8 @@ pub struct ServeConfig {
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
     /// How often each queue is polled, unless the queue sets `poll_interval`.
-    #[serde(default = "default_poll_interval", with = "duration_text")]
+    /// At least 1s (`MIN_POLL_INTERVAL`).
+    #[serde(default = "default_poll_interval", with = "poll_interval_text")]
     pub poll_interval: Duration,
     /// Messages read per poll to find reasons (top-N metric, `new_reason`).
     /// On SQS and Pub/Sub reading leases and releases (delivery counts rise);
@@ -131,6 +132,52 @@ impl Default for ServeConfig {
             leader_election: LeaderElectionConfig::default(),
             dashboard: DashboardConfig::default(),
         }
+    }
+}
+
+/// The shortest poll interval: shorter ones hammer the provider's admin API
+/// (and a failing one, the log) for no fresher data.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// [`duration_text`] for poll intervals, refusing those under `MIN_POLL_INTERVAL`.
+pub mod poll_interval_text {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        super::duration_text::serialize(d, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        check(super::duration_text::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+
+    pub fn check(d: Duration) -> Result<Duration, String> {
+        if d < super::MIN_POLL_INTERVAL {
+            return Err(format!(
+                "poll interval {} is too short: at least {}",
+                humantime::format_duration(d),
+                humantime::format_duration(super::MIN_POLL_INTERVAL)
+            ));
+        }
+        Ok(d)
+    }
+}
+
+/// Like [`poll_interval_text`], for a queue's optional own interval.
+pub mod opt_poll_interval_text {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        super::opt_duration_text::serialize(d, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::opt_duration_text::deserialize(d)?
+            .map(super::poll_interval_text::check)
+            .transpose()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -274,6 +321,8 @@ fn default_repeat() -> Duration {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrowthRule {
+    /// At least 1: 0 would fire on every poll.
+    #[serde(deserialize_with = "at_least_one")]
     pub messages: u64,
     #[serde(with = "duration_text")]
     pub window: Duration,
@@ -319,10 +368,38 @@ impl SinkConfig {
     }
 }
 
+fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match u64::deserialize(d)? {
+        0 => Err(serde::de::Error::custom(
+            "must be at least 1 (0 would fire on every poll)",
+        )),
+        n => Ok(n),
+    }
+}
+
+/// Checks a sink's URL: absolute `http` or `https` with a host. Sinks given
+/// by `url_env` are checked the same way when `serve` starts.
+pub fn check_sink_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url.trim()).map_err(|e| format!("`{url}` is not a URL ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("`{url}` is not an http:// or https:// URL with a host"));
+    }
+    Ok(())
+}
+
+fn opt_sink_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let url = Option::<String>::deserialize(d)?;
+    if let Some(u) = &url {
+        check_sink_url(u).map_err(serde::de::Error::custom)?;
+    }
+    Ok(url)
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkTarget {
-    #[serde(default)]
+    /// Absolute http(s) URL, checked when the file is loaded.
+    #[serde(default, deserialize_with = "opt_sink_url")]
     pub url: Option<String>,
     /// Environment variable holding the URL (for URLs that carry a secret).
     #[serde(default)]
@@ -699,7 +776,7 @@ struct RawQueue {
     reason_attribute: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     description_attribute: Option<String>,
-    #[serde(default, with = "opt_duration_text", skip_serializing_if = "Option::is_none")]
+    #[serde(default, with = "opt_poll_interval_text", skip_serializing_if = "Option::is_none")]
     poll_interval: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     retention: Option<RetentionConfig>,
@@ -829,6 +906,7 @@ impl Config {
         }
         config.resolve_defaults();
         config.validate(origin)?;
+        config.validate_alert_globs(text, origin)?;
         Ok(config)
     }
 
@@ -973,9 +1051,103 @@ impl Config {
         Ok(())
     }
 
+    /// Every glob of an alert rule must match a configured queue (when any
+    /// is configured): one that
+    /// matches none is a typo (`order*` for `orders`) and would leave the rule
+    /// silently idle. Located at the glob in `text` when it can be found.
+    fn validate_alert_globs(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        // A file with no queues (alerts only, or a shared fragment) has
+        // nothing to match yet.
+        if self.queues.is_empty() {
+            return Ok(());
+        }
+        for (i, r) in self.alerts.rules.iter().enumerate() {
+            for (j, g) in r.queues.iter().enumerate() {
+                let Ok(pattern) = glob::Pattern::new(g) else { continue };
+                if self.queues.iter().any(|q| pattern.matches(&q.name)) {
+                    continue;
+                }
+                let location = match locate_rule_glob(text, i, g) {
+                    Some((line, column)) => format!("{origin}:{line}:{column}"),
+                    None => origin.to_string(),
+                };
+                let known: Vec<&str> = self.queues.iter().map(|q| q.name.as_str()).collect();
+                return Err(ConfigError::Invalid {
+                    location,
+                    field: format!("alerts.rules[{i}].queues[{j}]"),
+                    message: format!(
+                        "`{g}` matches no configured queue (configured: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
         self.queues.iter().find(|q| q.name == name)
     }
+}
+
+/// The 1-based line and column of glob `glob` in the `rule`-th item of
+/// `alerts.rules` (block style), or of that item when the glob is not written
+/// out (the default `*`), or of `rules:` for a flow-style list.
+fn locate_rule_glob(text: &str, rule: usize, glob: &str) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let blank = |l: &str| l.trim().is_empty() || l.trim_start().starts_with('#');
+    let alerts = lines.iter().position(|l| l.starts_with("alerts:"))?;
+    let (rules, rules_line) = lines
+        .iter()
+        .enumerate()
+        .skip(alerts + 1)
+        .take_while(|(_, l)| blank(l) || indent(l) > 0)
+        .find(|(_, l)| l.trim_start().starts_with("rules:"))?;
+    let key_indent = indent(rules_line);
+    let rules_col = key_indent + 1;
+    if rules_line
+        .trim_start()
+        .trim_start_matches("rules:")
+        .trim_start()
+        .starts_with('[')
+    {
+        return Some((rules + 1, rules_col));
+    }
+    // The list's items, up to the first line back at the key's indentation.
+    let body: Vec<(usize, &str)> = lines
+        .iter()
+        .enumerate()
+        .skip(rules + 1)
+        .take_while(|(_, l)| {
+            blank(l) || indent(l) > key_indent || (indent(l) == key_indent && l.trim_start().starts_with('-'))
+        })
+        .map(|(n, l)| (n, *l))
+        .collect();
+    let item_col = body.iter().find(|(_, l)| !blank(l)).map(|(_, l)| indent(l))?;
+    let starts: Vec<usize> = body
+        .iter()
+        .filter(|(_, l)| indent(l) == item_col && l.trim_start().starts_with('-'))
+        .map(|(n, _)| *n)
+        .collect();
+    let start = *starts.get(rule)?;
+    let end = starts
+        .get(rule + 1)
+        .copied()
+        .unwrap_or(body.last().map_or(start, |(n, _)| n + 1));
+    let from = (start..end).find(|&n| lines[n].contains("queues:")).unwrap_or(start);
+    for (n, l) in lines.iter().enumerate().take(end).skip(from) {
+        for quoted in [format!("\"{glob}\""), format!("'{glob}'"), glob.to_string()] {
+            if let Some(c) = l.find(&quoted) {
+                return Some((n + 1, c + 1));
+            }
+        }
+    }
+    Some((start + 1, item_col + 1))
 }
 
 fn parse_located<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
@@ -1327,6 +1499,74 @@ mod tests {
             .to_string();
         assert!(err.contains("DLQ_BRIDGE__REDRIVE__CONCURENCY"), "{err}");
         assert!(err.contains("unknown field `concurency`"), "{err}");
+    }
+
+    #[test]
+    fn poll_intervals_under_a_second_are_refused_where_written() {
+        let err = parse("serve:\n  listen: 127.0.0.1:1\n  poll_interval: 0s\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.yaml:3:"), "{err}");
+        assert!(
+            err.contains("serve.poll_interval") && err.contains("at least 1s"),
+            "{err}"
+        );
+        let y = "queues:\n  - name: a\n    sqs: {queue: x, region: r}\n    poll_interval: 500ms\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:4:"), "{err}");
+        assert!(err.contains("queues[0].poll_interval"), "{err}");
+        assert_eq!(
+            parse("serve:\n  poll_interval: 1s\n").unwrap().serve.poll_interval,
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn sink_urls_and_growth_thresholds_are_checked_at_load() {
+        let y = "alerts:\n  sinks:\n    - webhook: {url: \"not a url\"}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:3:"), "{err}");
+        assert!(
+            err.contains("alerts.sinks[0].webhook.url") && err.contains("not a URL"),
+            "{err}"
+        );
+        let y = "alerts:\n  sinks:\n    - slack:\n        url: ftp://hooks.example/x\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:4:"), "{err}");
+        assert!(err.contains("http:// or https://"), "{err}");
+        assert!(parse("alerts:\n  sinks:\n    - alertmanager: {url: \"http://am:9093\"}\n").is_ok());
+        let y = "alerts:\n  rules:\n    - depth_above: 1\n    - growth: {messages: 0, window: 5m}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:4:"), "{err}");
+        assert!(
+            err.contains("alerts.rules[1].growth.messages") && err.contains("at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_rule_glob_that_matches_no_queue_is_an_error_at_its_line() {
+        let queues = "queues:\n  - name: orders\n    sqs: {queue: x, region: r}\n";
+        let y = format!(
+            "{queues}alerts:\n  rules:\n    - name: orders-depth\n      depth_above: 1\n      queues: [\"orders\"]\n    - name: typo\n      depth_above: 1\n      queues:\n        - \"orders\"\n        - \"order-*\"\n"
+        );
+        let err = parse(&y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:13:11: alerts.rules[1].queues[1]"), "{err}");
+        assert!(
+            err.contains("`order-*` matches no configured queue (configured: orders)"),
+            "{err}"
+        );
+        // Flow style: the list's line.
+        let y = format!("{queues}alerts:\n  rules: [{{depth_above: 1, queues: [nope]}}]\n");
+        let err = parse(&y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:5:3:"), "{err}");
+        // The default (every queue) and a matching glob are fine.
+        assert!(
+            parse(&format!(
+                "{queues}alerts:\n  rules:\n    - depth_above: 1\n    - {{new_reason: true, queues: [\"ord*\"]}}\n"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

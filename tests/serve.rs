@@ -187,6 +187,22 @@ async fn metrics_match_depths_and_api_enforces_the_token() {
         );
     }
     assert!(text.contains("dlq_bridge_poll_errors") && text.contains("dlq_bridge_arrivals"));
+    // When each queue was last polled successfully: a moment ago.
+    let now = chrono::Utc::now().timestamp() as f64;
+    for queue in ["alpha", "beta"] {
+        let at = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "dlq_bridge_last_poll_success_timestamp_seconds" && s.labels.get("queue") == Some(queue)
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("unexpected {other:?}"),
+            });
+        let at = at.unwrap_or_else(|| panic!("last success of {queue}: {text}"));
+        assert!((now - 30.0..=now + 1.0).contains(&at), "{queue}: {at} vs {now}");
+    }
 
     let (code, text) = serve.get("/v1/queues").await;
     assert_eq!(code, 200);
@@ -403,4 +419,286 @@ async fn a_schedule_redrives_by_itself() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(f.drain_source().await.len(), 0, "only the filtered messages move");
     assert_eq!(f.dlq_count().await, 2);
+}
+
+/// Request bodies must be JSON (415/400/422 otherwise, all JSON errors), an
+/// unknown destination is the caller's 400, the token is read without its
+/// trailing newline and the `bearer` scheme is case-insensitive, and runs
+/// need the token like the rest of what shows message content.
+#[tokio::test]
+async fn api_bodies_tokens_and_runs_are_checked_and_errors_are_json() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(3, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\n",
+        queue_yaml("orders", &f)
+    );
+    // As `kubectl create secret --from-file` stores a file that ends in a newline.
+    let serve = Serve::start_with_env(&config, &[("DLQ_BRIDGE_TEST_TOKEN", &format!("{TOKEN}\n"))]).await;
+    let url = format!("{}/v1/queues/orders/redrive", serve.url);
+    let json_error = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("application/json"), "{status}: {ct}");
+        let v: Value = r.json().await.unwrap();
+        (status, v["error"].as_str().unwrap().to_string())
+    };
+
+    // The token is checked before the body.
+    let r = serve.http.post(&url).body("not json").send().await.unwrap();
+    assert_eq!(json_error(r).await.0, 401);
+    // What Python's requests.post(url, data=json.dumps(...)) sends: no Content-Type.
+    let r = serve
+        .http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .body(r#"{"filter": "attributes.tenant == \"nobody\""}"#)
+        .send()
+        .await
+        .unwrap();
+    let (code, error) = json_error(r).await;
+    assert_eq!(code, 415, "{error}");
+    assert!(error.contains("application/json"), "{error}");
+    // An empty body is not an unfiltered redrive.
+    let r = serve.http.post(&url).bearer_auth(TOKEN).send().await.unwrap();
+    let (code, error) = json_error(r).await;
+    assert_eq!(code, 400, "{error}");
+    assert!(error.contains("empty"), "{error}");
+    // A misspelt field.
+    let (code, body) = serve
+        .post("/v1/queues/orders/redrive", json!({ "fliter": "true" }), Some(TOKEN))
+        .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("fliter"), "{body}");
+    // A destination that does not exist.
+    let (code, body) = serve
+        .post(
+            "/v1/queues/orders/redrive",
+            json!({ "to": "sidecarfix-no-such-queue" }),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("sidecarfix-no-such-queue"),
+        "{body}"
+    );
+    // Purge and export bodies follow the same rules.
+    for path in ["purge", "export"] {
+        let r = serve
+            .http
+            .post(format!("{}/v1/queues/orders/{path}", serve.url))
+            .bearer_auth(TOKEN)
+            .header("content-type", "text/plain")
+            .body(r#"{"filter": "true", "dry_run": true}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(json_error(r).await.0, 415, "{path}");
+    }
+    assert_eq!(f.dlq_count().await, 3, "nothing moved");
+    assert!(f.drain_source().await.is_empty());
+
+    // The lowercase scheme, with the token the file held (newline dropped).
+    let r = serve
+        .http
+        .post(&url)
+        .header("authorization", format!("bearer {TOKEN}"))
+        .json(&json!({ "dry_run": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let started: Value = r.json().await.unwrap();
+    let id = started["run_id"].as_str().unwrap();
+    // Runs show filters, sample IDs and reasons: the token is needed.
+    assert_eq!(serve.get(&format!("/v1/runs/{id}")).await.0, 401);
+    assert_eq!(serve.get("/v1/runs").await.0, 401);
+    let view = serve.wait_run(id).await;
+    assert_eq!(view["summary"]["matched"], 3, "{view}");
+    let (code, text) = serve.get_auth("/v1/runs").await;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains(id), "{text}");
+}
+
+/// A run on SQS is not cut short by the sidecar's own reads: the poller
+/// samples reasons every second (leasing up to 50 messages for a moment),
+/// yet each run sees every message; a browse during a run is refused rather
+/// than hiding messages from it.
+#[tokio::test]
+async fn the_pollers_samples_and_browses_never_hide_messages_from_a_run() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(40, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 50\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    for _ in 0..20 {
+        let run = serve.redrive("orders", json!({ "dry_run": true })).await;
+        assert_eq!(run["summary"]["matched"], 40, "every dry run sees all 40: {run}");
+    }
+    // A slow real run spans several polls.
+    let (code, started) = serve
+        .post("/v1/queues/orders/redrive", json!({ "rate": 10 }), Some(TOKEN))
+        .await;
+    assert_eq!(code, 202, "{started}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, text) = serve.get_auth("/v1/queues/orders/messages?limit=5").await;
+    assert_eq!(code, 409, "{text}");
+    assert!(text.contains("a run is active"), "{text}");
+    let view = serve.wait_run(started["run_id"].as_str().unwrap()).await;
+    assert_eq!(view["status"], "finished", "{view}");
+    assert_eq!(view["summary"]["settled"], 40, "{view}");
+    assert_eq!(f.drain_source().await.len(), 40);
+    assert_eq!(f.dlq_count().await, 0);
+    let (code, text) = serve.get_auth("/v1/queues/orders/messages?limit=5").await;
+    assert_eq!(code, 200, "reads resume once the run is over: {text}");
+}
+
+/// On SQS without CloudWatch the oldest age is known when the reason sample
+/// covers the whole queue; `oldest_age_above` must then fire.
+#[tokio::test]
+async fn oldest_age_above_fires_on_sqs_from_the_sampled_age() {
+    let f = SqsFixture::create(false).await;
+    let (rx, base) = Receiver::start().await;
+    f.put_in_dlq(&msgs(2, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\nalerts:\n  rules:\n    - oldest_age_above: 2s\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            !firing(&rx.webhook(), "oldest_age_above").is_empty()
+        })
+        .await;
+    let note = firing(&rx.webhook(), "oldest_age_above")[0].clone();
+    assert_eq!(note["queue"], "orders");
+    assert!(note["value"].as_f64().unwrap() > 2.0, "{note}");
+}
+
+/// A redrive that spans polls removes messages the polls already saw go: no
+/// phantom arrivals, and no growth alert, for our own removals.
+#[tokio::test]
+async fn a_redrive_spanning_polls_counts_no_phantom_arrivals() {
+    let f = SqsFixture::create(false).await;
+    let (rx, base) = Receiver::start().await;
+    f.put_in_dlq(&msgs(20, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\nalerts:\n  rules:\n    - growth: {{messages: 5, window: 5m}}\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    let run = serve.redrive("orders", json!({ "rate": 5 })).await;
+    assert_eq!(run["summary"]["settled"], 20, "{run}");
+    let started: chrono::DateTime<chrono::Utc> = run["started_at"].as_str().unwrap().parse().unwrap();
+    assert!(
+        chrono::Utc::now() - started > chrono::Duration::seconds(3),
+        "the run spanned several polls"
+    );
+    // Two more polls after the run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, text) = serve.get("/metrics").await;
+    let arrivals = text
+        .lines()
+        .find(|l| l.starts_with(r#"dlq_bridge_arrivals_total{queue="orders""#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<f64>().ok());
+    assert_eq!(arrivals, Some(0.0), "{text}");
+    assert!(firing(&rx.webhook(), "growth").is_empty(), "{:?}", rx.webhook());
+    // Real arrivals still count.
+    f.put_in_dlq(&msgs(6, "Timeout")).await;
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            !firing(&rx.webhook(), "growth").is_empty()
+        })
+        .await;
+    let value = firing(&rx.webhook(), "growth")[0]["value"].as_f64().unwrap();
+    assert!((5.0..=6.0).contains(&value), "only the 6 real arrivals count: {value}");
+}
+
+/// `?limit=1` leases one message, not a thousand (every lease raises a
+/// receive count on SQS); with a filter, at most `scan` are read.
+#[tokio::test]
+async fn a_browse_reads_only_what_it_needs() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(5, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    let before: std::collections::HashMap<String, u32> =
+        f.dlq_snapshot().await.into_iter().map(|(id, _, n)| (id, n)).collect();
+    assert_eq!(before.len(), 5);
+    let (code, text) = serve.get_auth("/v1/queues/orders/messages?limit=1").await;
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(v["read"], 1, "{v}");
+    let after = f.dlq_snapshot().await;
+    // The snapshot itself adds one to each; the browse, one more to one message.
+    let browsed: Vec<&String> = after
+        .iter()
+        .filter(|(id, _, n)| *n >= before[id] + 2)
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(browsed.len(), 1, "{after:?} after {before:?}");
+
+    let (code, text) = serve
+        .get_auth("/v1/queues/orders/messages?limit=1&filter=reason%20%3D%3D%20%22Nope%22&scan=3")
+        .await;
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["read"], 3, "a filtered browse reads `scan`: {v}");
+    assert!(v["messages"].as_array().unwrap().is_empty());
+}
+
+/// Two `serve` processes never share a data directory (and so a journal).
+#[tokio::test]
+async fn a_second_serve_on_the_same_data_dir_fails_clearly() {
+    let f = SqsFixture::create(false).await;
+    let state = std::env::temp_dir().join(format!("sidecarfix-state-{}", uuid::Uuid::new_v4().simple()));
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n",
+        queue_yaml("orders", &f)
+    );
+    let first = Serve::start_with_env(&config, &[("XDG_STATE_HOME", state.to_str().unwrap())]).await;
+    let path = std::env::temp_dir().join(format!("dlqb-{}.yaml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, config.replace("{listen}", "127.0.0.1:0")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("XDG_STATE_HOME", &state)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("serve.data_dir") && err.contains("in use by another dlq-bridge serve"),
+        "{err}"
+    );
+    drop(first);
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Retention purges run under the same per-queue guard as other runs (the
+/// poller samples every second meanwhile) and still empty the queue.
+#[tokio::test]
+async fn retention_purges_alongside_the_pollers_samples() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(12, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}    retention: {{max_age: 1s, action: export-then-purge, check_every: 2s}}\nserve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    serve
+        .wait_for(Duration::from_secs(30), || async { f.dlq_count().await == 0 })
+        .await;
+    assert!(f.drain_source().await.is_empty(), "purged, not redriven");
 }

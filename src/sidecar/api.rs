@@ -1,30 +1,44 @@
 //! The sidecar's HTTP API (axum).
 //!
 //! `/healthz`, `/readyz`, `/metrics` and `GET /v1/queues` are open. Calls that
-//! change a queue or read message bodies need `Authorization: Bearer <token>`
-//! when a token is configured; it is compared in constant time. Errors are
-//! JSON: `{"error": "..."}`.
+//! change a queue or read message content (bodies, reasons, runs' filters and
+//! samples) need `Authorization: Bearer <token>` when a token is configured;
+//! it is compared in constant time. Errors are JSON: `{"error": "..."}`,
+//! including those of request bodies (415, 400, 422).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::backend::{BackendError, QueueBackend};
 use crate::engine::redrive::Trigger;
 use crate::engine::registry::{RedriveRequest, RegistryError};
 use crate::filter::Filter;
 use crate::output::MessageView;
 use crate::sidecar::app::App;
+use crate::sidecar::exclusion::{Busy, ReadGuard};
 
 const MAX_LIMIT: usize = 1000;
+/// Messages a filtered browse reads at most by default (`scan`), as the
+/// CLI's `inspect --scan`; `MAX_SCAN` at most.
+pub(crate) const DEFAULT_SCAN: usize = 1000;
+pub(crate) const MAX_SCAN: usize = 10_000;
+/// How long an API read waits for another read of the queue (the poller's
+/// sample) to finish.
+const READ_WAIT: Duration = Duration::from_secs(10);
 
 /// The `/v1` API, the probes and `/metrics`.
 pub fn routes() -> Router<Arc<App>> {
@@ -39,6 +53,90 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/v1/runs/{id}", get(run))
 }
 
+/// How many messages a browse reads: `limit` without a filter (nothing is
+/// skipped, so reading more would only raise delivery counts on SQS and
+/// Pub/Sub), else `scan` (default `DEFAULT_SCAN`), never fewer than `limit`.
+pub(crate) fn browse_reads(limit: usize, filtered: bool, scan: Option<usize>) -> usize {
+    if filtered {
+        scan.unwrap_or(DEFAULT_SCAN).clamp(limit, MAX_SCAN.max(limit))
+    } else {
+        limit
+    }
+}
+
+/// Take the queue's read guard before a read that leases (SQS, Pub/Sub): a
+/// run on the queue would otherwise find the leased messages missing and
+/// stop early. Refused with 409 while a run is active.
+pub(crate) async fn read_guard(
+    app: &App,
+    queue: &str,
+    backend: &dyn QueueBackend,
+) -> Result<Option<ReadGuard>, ApiError> {
+    if backend.capabilities().true_peek {
+        return Ok(None);
+    }
+    match app.locks.read(queue, READ_WAIT).await {
+        Ok(g) => Ok(Some(g)),
+        Err(Busy::RunActive) => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "a run is active on `{queue}`: reading it now would lease (hide) messages the run needs, as this provider has no true peek; try again once it has finished (GET /v1/runs)"
+            ),
+        )),
+        Err(Busy::ReadInFlight) => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("another read of `{queue}` is still in flight; try again"),
+        )),
+    }
+}
+
+/// The request body as JSON, with JSON errors (axum's own rejections are
+/// plain text), read after the token was checked. The body needs
+/// `Content-Type: application/json` (or `+json`): without it a client such as
+/// Python's `requests.post(url, data=...)` would have its body ignored, and a
+/// browser could send a "simple" cross-site `text/plain` request. An empty
+/// body is refused too: an unfiltered redrive must be asked for with `{}`.
+pub(crate) fn json_body<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or(""));
+    parse_json_body(content_type, &body)
+}
+
+fn is_json_content_type(ct: &str) -> bool {
+    let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
+}
+
+pub(crate) fn parse_json_body<T: DeserializeOwned>(content_type: Option<&str>, body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "empty request body: send a JSON object with Content-Type: application/json (`{}` takes every default, which for a redrive means every message)".into(),
+        ));
+    }
+    if !content_type.is_some_and(is_json_content_type) {
+        return Err(ApiError(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "the request body must be JSON sent with Content-Type: application/json (got {})",
+                content_type.map_or("no Content-Type".to_string(), |c| format!("`{c}`"))
+            ),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        let status = match e.classify() {
+            Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError(status, format!("invalid JSON body: {e}"))
+    })
+}
+
+#[derive(Debug)]
 pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
@@ -58,12 +156,20 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+/// The credentials of an `Authorization: Bearer <token>` header. The scheme
+/// is case-insensitive (RFC 9110 §11.1); whitespace around the token is not
+/// part of it.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim().split_once([' ', '\t'])?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
 pub(crate) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &app.token else { return Ok(()) };
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
         Ok(())
@@ -111,6 +217,8 @@ async fn queues(State(app): State<Arc<App>>) -> Response {
 struct MessagesQuery {
     filter: Option<String>,
     limit: Option<usize>,
+    /// With a filter: messages read at most while looking for matches.
+    scan: Option<usize>,
 }
 
 async fn messages(
@@ -120,16 +228,20 @@ async fn messages(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let filter = match q.filter.as_deref().filter(|f| !f.trim().is_empty()) {
+    let given = q.filter.as_deref().filter(|f| !f.trim().is_empty());
+    let filter = match given {
         Some(f) => Filter::compile(f).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?,
         None => Filter::match_all(),
     };
     let limit = q.limit.unwrap_or(20).clamp(1, MAX_LIMIT);
+    let reads = browse_reads(limit, given.is_some(), q.scan);
     let backend = app.registry.backend(&queue).await?;
+    let guard = read_guard(&app, &queue, &*backend).await?;
     let msgs = backend
-        .peek(MAX_LIMIT)
+        .peek(reads)
         .await
         .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    drop(guard);
     let now = Utc::now();
     let views: Vec<MessageView> = msgs
         .iter()
@@ -140,6 +252,7 @@ async fn messages(
     Ok(Json(json!({
         "queue": queue,
         "true_peek": backend.capabilities().true_peek,
+        "read": msgs.len(),
         "messages": views,
     }))
     .into_response())
@@ -176,7 +289,11 @@ async fn report(
         top: q.top.unwrap_or(triage::DEFAULT_TOP).clamp(1, 100),
         scan: q.scan.unwrap_or(MAX_LIMIT).clamp(1, 10 * MAX_LIMIT),
     };
-    match triage::report(&app.registry, &queue, &req).await {
+    let backend = app.registry.backend(&queue).await?;
+    let guard = read_guard(&app, &queue, &*backend).await?;
+    let result = triage::report(&app.registry, &queue, &req).await;
+    drop(guard);
+    match result {
         Ok(r) => Ok(Json(r).into_response()),
         Err(TriageError::Registry(e)) => Err(e.into()),
         Err(e) if e.is_usage() => Err(ApiError(StatusCode::BAD_REQUEST, e.to_string())),
@@ -184,7 +301,7 @@ async fn report(
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RedriveBody {
     filter: Option<String>,
@@ -196,14 +313,20 @@ struct RedriveBody {
     concurrency: Option<usize>,
 }
 
+/// Start a redrive. The body is required JSON (see [`json_body`]); `{}` means
+/// every default: every message, to its source, at the config's rate.
 async fn redrive(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
     headers: HeaderMap,
-    body: Option<Json<RedriveBody>>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let Json(b) = body.unwrap_or_default();
+    let b: RedriveBody = json_body(&headers, body)?;
+    // The DLQ first: a failure here is the provider's (502), so that one in
+    // planning with `to` set is the destination's.
+    app.registry.backend(&queue).await?;
+    let named_destination = b.to.is_some();
     let req = RedriveRequest {
         filter: b.filter,
         to: b.to,
@@ -212,7 +335,10 @@ async fn redrive(
         max: b.max,
         concurrency: b.concurrency,
     };
-    let run_id = app.start_run(&queue, req, Trigger::Api).await?;
+    let run_id = app
+        .start_run(&queue, req, Trigger::Api)
+        .await
+        .map_err(|e| destination_error(e, named_destination))?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "run_id": run_id, "status_url": format!("/v1/runs/{run_id}") })),
@@ -220,9 +346,101 @@ async fn redrive(
         .into_response())
 }
 
-async fn run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+/// A destination (`to`) the provider does not know, or cannot take copies,
+/// is the caller's mistake (400), not a provider failure (502). The DLQ was
+/// reached just before, so such an error from planning with `to` set names
+/// the destination. (The configured `source` is resolved in the same step;
+/// its errors say so in their text.)
+pub(crate) fn destination_error(e: RegistryError, named_destination: bool) -> ApiError {
+    match &e {
+        RegistryError::Backend {
+            error: BackendError::NotFound { .. } | BackendError::Invalid(_),
+            ..
+        } if named_destination => ApiError(StatusCode::BAD_REQUEST, format!("destination (`to`): {e}")),
+        _ => e.into(),
+    }
+}
+
+async fn run(State(app): State<Arc<App>>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    // A run shows its filter, sample IDs, reasons and destinations.
+    authorize(&app, &headers)?;
     match app.run_view(&id).await {
         Some(v) => Ok(Json(v).into_response()),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run `{id}`"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_the_token_trimmed() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token(""), None);
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        #[allow(dead_code)]
+        filter: Option<String>,
+    }
+
+    #[test]
+    fn bodies_need_json_and_errors_say_why() {
+        let ok: Body = parse_json_body(Some("application/json; charset=utf-8"), br#"{"filter": "true"}"#).unwrap();
+        assert_eq!(ok.filter.as_deref(), Some("true"));
+        assert!(parse_json_body::<Body>(Some("application/merge-patch+json"), b"{}").is_ok());
+        let e = parse_json_body::<Body>(None, br#"{"filter": "x"}"#).unwrap_err();
+        assert_eq!(e.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert!(e.1.contains("application/json"), "{}", e.1);
+        let e = parse_json_body::<Body>(Some("text/plain"), b"{}").unwrap_err();
+        assert_eq!(e.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        for empty in [&b""[..], b" \n"] {
+            let e = parse_json_body::<Body>(None, empty).unwrap_err();
+            assert_eq!(e.0, StatusCode::BAD_REQUEST);
+            assert!(e.1.contains("empty"), "{}", e.1);
+        }
+        let e = parse_json_body::<Body>(Some("application/json"), br#"{"fliter": "x"}"#).unwrap_err();
+        assert_eq!(e.0, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(e.1.contains("fliter"), "{}", e.1);
+        let e = parse_json_body::<Body>(Some("application/json"), b"{").unwrap_err();
+        assert_eq!(e.0, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn a_browse_reads_its_limit_without_a_filter_and_a_bounded_scan_with_one() {
+        assert_eq!(browse_reads(1, false, None), 1);
+        assert_eq!(browse_reads(20, false, Some(5000)), 20);
+        assert_eq!(browse_reads(20, true, None), DEFAULT_SCAN);
+        assert_eq!(browse_reads(20, true, Some(50)), 50);
+        assert_eq!(browse_reads(20, true, Some(5)), 20, "never fewer than the limit");
+        assert_eq!(browse_reads(20, true, Some(1_000_000)), MAX_SCAN);
+    }
+
+    #[test]
+    fn an_unknown_destination_is_the_callers_mistake() {
+        let not_found = || RegistryError::Backend {
+            queue: "orders".into(),
+            error: BackendError::NotFound {
+                queue: "nosuch".into(),
+                detail: "no queue".into(),
+            },
+        };
+        assert_eq!(destination_error(not_found(), true).0, StatusCode::BAD_REQUEST);
+        assert_eq!(destination_error(not_found(), false).0, StatusCode::BAD_GATEWAY);
+        let down = RegistryError::Backend {
+            queue: "orders".into(),
+            error: BackendError::Unreachable {
+                endpoint: "x".into(),
+                detail: "refused".into(),
+            },
+        };
+        assert_eq!(destination_error(down, true).0, StatusCode::BAD_GATEWAY);
     }
 }

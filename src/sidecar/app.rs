@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::journal::Journal;
 use crate::engine::redrive::{Engine, Progress, RedrivePlan, RunSummary, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry, RegistryError};
+use crate::sidecar::exclusion::QueueLocks;
 use crate::sidecar::metrics::Metrics;
 use crate::sidecar::poller::StatusCache;
 
@@ -79,6 +80,8 @@ pub struct App {
     pub cache: Arc<StatusCache>,
     pub metrics: Arc<Metrics>,
     pub token: Option<String>,
+    /// Runs against the sidecar's own reads that lease (see `exclusion`).
+    pub locks: Arc<QueueLocks>,
     /// Where purges started over HTTP write their backups and exports their files.
     pub data_dir: Option<PathBuf>,
     pub(super) journal: Option<Arc<Journal>>,
@@ -112,12 +115,19 @@ impl App {
     pub async fn start_planned(self: &Arc<Self>, plan: RedrivePlan) -> Result<String, RegistryError> {
         let queue = plan.queue.as_str();
         let backend = self.registry.backend(queue).await?;
+        let true_peek = backend.capabilities().true_peek;
         let mut engine = Engine::new(backend).with_cancel(self.shutdown.child_token());
         if let Some(j) = &self.journal {
             engine = engine.with_journal(j.clone());
         }
         let progress = engine.progress();
         let run_id = plan.run_id.clone();
+        // Counted as active at once (the poller stops sampling the queue); it
+        // leases only once a read of the queue in flight is done. Service Bus
+        // browses without leasing and needs no guard.
+        let ticket = (!true_peek).then(|| self.locks.run_starting(queue));
+        // What it settles counts as removed as it happens (arrivals, growth).
+        self.cache.run_started(queue, &run_id, progress.clone());
         self.runs.lock().await.insert(
             run_id.clone(),
             RunEntry {
@@ -140,7 +150,12 @@ impl App {
         let app = self.clone();
         let queue = queue.to_string();
         self.tasks.lock().await.spawn(async move {
+            let ticket = match ticket {
+                Some(t) => Some(t.admitted().await),
+                None => None,
+            };
             let result = engine.run(&plan).await;
+            drop(ticket);
             app.finish_run(&plan.run_id, &queue, result).await;
         });
         Ok(run_id)
@@ -152,13 +167,17 @@ impl App {
         queue: &str,
         result: Result<RunSummary, crate::engine::redrive::RedriveError>,
     ) {
+        let settled = match &result {
+            Ok(s) => s.settled + s.settled_from_journal,
+            Err(_) => 0,
+        };
+        self.cache.run_finished(queue, run_id, settled);
         if let Ok(s) = &result {
             self.metrics
                 .add_redriven(queue, "settled", s.settled + s.settled_from_journal);
             self.metrics.add_redriven(queue, "send_failed", s.send_failed);
             self.metrics.add_redriven(queue, "settle_failed", s.settle_failed);
             self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
-            self.cache.note_removed(queue, s.settled + s.settled_from_journal);
             tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
         }
         let mut runs = self.runs.lock().await;

@@ -26,6 +26,7 @@ pub struct Metrics {
     arrivals: Family<Labels, Counter>,
     redrive_messages: Family<Labels, Counter>,
     poll_errors: Family<Labels, Counter>,
+    last_success: Family<Labels, Gauge<f64, AtomicU64>>,
     alerts_firing: Family<Labels, Gauge>,
     reason_messages: Family<Labels, Gauge>,
     /// The reason labels currently exported per queue, to remove stale ones.
@@ -56,6 +57,7 @@ impl Metrics {
             arrivals: Family::default(),
             redrive_messages: Family::default(),
             poll_errors: Family::default(),
+            last_success: Family::default(),
             alerts_firing: Family::default(),
             reason_messages: Family::default(),
             reasons_exported: Mutex::new(HashMap::new()),
@@ -89,6 +91,11 @@ impl Metrics {
             "dlq_bridge_poll_errors",
             "Failed polls of a dead-letter queue",
             m.poll_errors.clone(),
+        );
+        registry.register(
+            "dlq_bridge_last_poll_success_timestamp_seconds",
+            "Unix time of the latest successful poll of the queue (0 until the first); the other per-queue values are as of then",
+            m.last_success.clone(),
         );
         registry.register(
             "dlq_bridge_alerts_firing",
@@ -144,6 +151,14 @@ impl Metrics {
         self.poll_errors
             .get_or_create(&labels(&[("queue", queue), ("backend", backend)]))
             .inc();
+    }
+
+    /// When the queue was last polled successfully (`None`: never yet).
+    pub fn set_last_success(&self, queue: &str, backend: &str, at: Option<chrono::DateTime<chrono::Utc>>) {
+        let secs = at.map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0);
+        self.last_success
+            .get_or_create(&labels(&[("queue", queue), ("backend", backend)]))
+            .set(secs);
     }
 
     pub fn set_firing(&self, queue: &str, rule: &str, firing: bool) {
@@ -438,6 +453,8 @@ mod tests {
         m.add_arrivals("orders", "sqs", 3);
         m.add_redriven("orders", "sent", 2);
         m.poll_error("orders", "sqs");
+        m.set_last_success("orders", "sqs", chrono::DateTime::from_timestamp(1_700_000_000, 0));
+        m.set_last_success("beta", "sqs", None);
         m.set_firing("orders", "depth", true);
         let text = m.render();
         for needle in [
@@ -446,6 +463,8 @@ mod tests {
             r#"dlq_bridge_arrivals_total{queue="orders",backend="sqs"} 3"#,
             r#"dlq_bridge_redrive_messages_total{queue="orders",outcome="sent"} 2"#,
             r#"dlq_bridge_poll_errors_total{queue="orders",backend="sqs"} 1"#,
+            r#"dlq_bridge_last_poll_success_timestamp_seconds{queue="orders",backend="sqs"} 1700000000.0"#,
+            r#"dlq_bridge_last_poll_success_timestamp_seconds{queue="beta",backend="sqs"} 0.0"#,
             r#"dlq_bridge_alerts_firing{queue="orders",rule="depth"} 1"#,
         ] {
             assert!(text.contains(needle), "{needle} in\n{text}");

@@ -10,6 +10,7 @@ pub mod alert;
 pub mod api;
 pub mod app;
 pub mod dashboard;
+pub mod exclusion;
 pub mod guard;
 pub mod leader;
 pub mod metrics;

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -18,8 +17,10 @@ use tokio::sync::{RwLock, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AdminCallLimits, Config};
+use crate::engine::redrive::Progress;
 use crate::engine::registry::Registry;
 use crate::model::{DlqMessage, DlqStats};
+use crate::sidecar::exclusion::QueueLocks;
 use crate::sidecar::metrics::Metrics;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -40,6 +41,9 @@ pub struct QueueStatus {
     pub top_reasons: Vec<(String, u64)>,
     pub sampled: usize,
     pub polled_at: Option<DateTime<Utc>>,
+    /// The latest poll that succeeded; older than `polled_at` while polls
+    /// fail, when depth, age and reasons are the last known ones.
+    pub last_success_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
 }
 
@@ -52,17 +56,34 @@ pub struct PollResult {
     pub stats: DlqStats,
     /// Messages that arrived since the previous poll.
     pub arrivals: u64,
-    /// The sampled messages (empty when sampling is off).
+    /// The sampled messages (empty when sampling is off, and when this poll
+    /// skipped its sample because a run was active on the queue).
     pub sample: Vec<DlqMessage>,
+}
+
+/// Messages our own runs removed from one queue: the final counts of
+/// finished runs plus the live counts of the runs in progress, so that a
+/// poll during a run credits what the run settled so far (and not again when
+/// it ends).
+#[derive(Default)]
+struct Removals {
+    finished: u64,
+    live: HashMap<String, Arc<Progress>>,
+}
+
+impl Removals {
+    fn total(&self) -> u64 {
+        self.finished + self.live.values().map(|p| Progress::get(&p.settled)).sum::<u64>()
+    }
 }
 
 /// Shared between pollers, the API and redrive runs.
 #[derive(Default)]
 pub struct StatusCache {
     statuses: RwLock<HashMap<String, QueueStatus>>,
-    /// Messages our own redrives removed since the last poll, per queue, so
-    /// that arrivals count a burst drained between two polls.
-    removed: std::sync::Mutex<HashMap<String, Arc<AtomicU64>>>,
+    /// Messages our own runs removed, per queue, so that arrivals count a
+    /// burst drained between two polls (depth deltas alone would miss it).
+    removed: std::sync::Mutex<HashMap<String, Removals>>,
     /// Depth over time per queue: (unix seconds, depth), oldest first. u32s
     /// keep a full history at 8 bytes a point.
     history: std::sync::Mutex<HashMap<String, std::collections::VecDeque<(u32, u32)>>>,
@@ -86,13 +107,33 @@ impl StatusCache {
         queues.iter().all(|q| s.get(q).is_some_and(|st| st.polled_at.is_some()))
     }
 
-    fn removed_counter(&self, queue: &str) -> Arc<AtomicU64> {
+    /// Everything our runs removed from `queue` so far (monotonic).
+    pub fn removed_total(&self, queue: &str) -> u64 {
+        self.removed
+            .lock()
+            .expect("cache lock")
+            .get(queue)
+            .map_or(0, Removals::total)
+    }
+
+    /// A run on `queue` started: what it settles counts as removed as it happens.
+    pub fn run_started(&self, queue: &str, run_id: &str, progress: Arc<Progress>) {
         self.removed
             .lock()
             .expect("cache lock")
             .entry(queue.to_string())
             .or_default()
-            .clone()
+            .live
+            .insert(run_id.to_string(), progress);
+    }
+
+    /// A run ended having removed `settled` messages in all (at least what
+    /// its progress showed): its live count becomes a final one.
+    pub fn run_finished(&self, queue: &str, run_id: &str, settled: u64) {
+        let mut all = self.removed.lock().expect("cache lock");
+        let r = all.entry(queue.to_string()).or_default();
+        let live = r.live.remove(run_id).map_or(0, |p| Progress::get(&p.settled));
+        r.finished += settled.max(live);
     }
 
     /// The depth history of every queue that has one: (unix seconds, depth).
@@ -123,9 +164,14 @@ impl StatusCache {
         }
     }
 
-    /// Record messages a redrive removed from `queue`.
+    /// Record messages a run this cache did not follow removed from `queue`.
     pub fn note_removed(&self, queue: &str, n: u64) {
-        self.removed_counter(queue).fetch_add(n, Ordering::Relaxed);
+        self.removed
+            .lock()
+            .expect("cache lock")
+            .entry(queue.to_string())
+            .or_default()
+            .finished += n;
     }
 }
 
@@ -158,7 +204,54 @@ pub struct Poller {
     pub cache: Arc<StatusCache>,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<AdminLimits>,
+    pub locks: Arc<QueueLocks>,
     pub results: mpsc::Sender<PollResult>,
+}
+
+/// What one successful poll read.
+struct Polled {
+    stats: DlqStats,
+    /// `removed_total` just after the stats were read.
+    removed_total: u64,
+    /// `None`: the sample was skipped (a run is active on the queue); the
+    /// previous one stands.
+    sample: Option<Vec<DlqMessage>>,
+}
+
+/// The wait before the next poll after `errors` failures in a row: the
+/// interval doubled per failure, up to `MAX_BACKOFF` (or the interval, when
+/// that is longer). Config validation keeps the interval at 1 s or more.
+fn backoff(interval: Duration, errors: u32) -> Duration {
+    let interval = interval.max(Duration::from_secs(1));
+    interval
+        .saturating_mul(1 << errors.min(8))
+        .min(MAX_BACKOFF.max(interval))
+}
+
+/// Messages that arrived between two polls: the depth delta plus what our
+/// runs removed in between (credited as they settle, see `Removals`).
+fn arrivals_between(prev: Option<(u64, u64)>, depth: u64, removed_total: u64) -> u64 {
+    match prev {
+        Some((prev_depth, prev_removed)) => {
+            (depth + removed_total.saturating_sub(prev_removed)).saturating_sub(prev_depth)
+        }
+        None => 0,
+    }
+}
+
+/// Fill in the oldest age when the sample is the whole queue: its oldest
+/// message is the queue's oldest (and an empty queue's oldest age is zero).
+fn with_known_age(mut stats: DlqStats, sample: Option<&[DlqMessage]>, now: DateTime<Utc>) -> DlqStats {
+    if stats.oldest_age.is_none() {
+        if stats.depth == 0 {
+            stats.oldest_age = Some(Duration::ZERO);
+        } else if let Some(msgs) = sample
+            && msgs.len() as u64 >= stats.depth
+        {
+            stats.oldest_age = Some(msgs.iter().filter_map(|m| m.age(now)).max().unwrap_or_default());
+        }
+    }
+    stats
 }
 
 impl Poller {
@@ -170,34 +263,35 @@ impl Poller {
             let backend = q.kind.backend_name().to_string();
             let interval = q.poll_interval.unwrap_or(config.serve.poll_interval);
             let cancel = cancel.clone();
+            // Stale from the start until the first poll succeeds.
+            self.metrics.set_last_success(&name, &backend, None);
             tokio::spawn(async move { me.run(name, backend, interval, sample, cancel).await });
         }
     }
 
     async fn run(&self, queue: String, backend: String, interval: Duration, sample: usize, cancel: CancellationToken) {
-        let mut prev_depth: Option<u64> = None;
+        // (depth, removed_total) at the previous successful poll.
+        let mut prev: Option<(u64, u64)> = None;
         let mut errors: u32 = 0;
-        let removed = self.cache.removed_counter(&queue);
         loop {
             let wait = match self.poll_once(&queue, &backend, sample).await {
-                Ok((stats, msgs)) => {
+                Ok(polled) => {
                     errors = 0;
-                    let removed_now = removed.swap(0, Ordering::Relaxed);
-                    let arrivals = match prev_depth {
-                        Some(p) => (stats.depth + removed_now).saturating_sub(p),
-                        None => 0,
-                    };
-                    prev_depth = Some(stats.depth);
-                    self.record_ok(&queue, &backend, &stats, &msgs, arrivals).await;
+                    let arrivals = arrivals_between(prev, polled.stats.depth, polled.removed_total);
+                    prev = Some((polled.stats.depth, polled.removed_total));
+                    let now = Utc::now();
+                    let stats = with_known_age(polled.stats, polled.sample.as_deref(), now);
+                    self.record_ok(&queue, &backend, &stats, polled.sample.as_deref(), arrivals, now)
+                        .await;
                     let _ = self
                         .results
                         .send(PollResult {
                             queue: queue.clone(),
                             backend: backend.clone(),
-                            at: Utc::now(),
+                            at: now,
                             stats,
                             arrivals,
-                            sample: msgs,
+                            sample: polled.sample.unwrap_or_default(),
                         })
                         .await;
                     interval
@@ -207,9 +301,7 @@ impl Poller {
                     tracing::warn!(%queue, error = %e, attempt = errors, "poll failed");
                     self.metrics.poll_error(&queue, &backend);
                     self.record_err(&queue, &backend, e).await;
-                    interval
-                        .saturating_mul(1 << errors.min(8))
-                        .min(MAX_BACKOFF.max(interval))
+                    backoff(interval, errors)
                 }
             };
             tokio::select! {
@@ -219,49 +311,80 @@ impl Poller {
         }
     }
 
-    async fn poll_once(
-        &self,
-        queue: &str,
-        backend: &str,
-        sample: usize,
-    ) -> anyhow::Result<(DlqStats, Vec<DlqMessage>)> {
+    async fn poll_once(&self, queue: &str, backend: &str, sample: usize) -> anyhow::Result<Polled> {
         let b = self.registry.backend(queue).await?;
         self.limits.wait(backend).await;
         let stats = b.stats().await?;
+        let removed_total = self.cache.removed_total(queue);
         let msgs = if sample > 0 && stats.depth > 0 {
+            // Reading leases on SQS and Pub/Sub: never while a run is active
+            // on the queue (it would find the queue empty and stop early).
+            let guard = if b.capabilities().true_peek {
+                None
+            } else {
+                match self.locks.try_read(queue) {
+                    Some(g) => Some(g),
+                    None => {
+                        tracing::debug!(%queue, "a run or read is active on the queue: reason sample skipped");
+                        return Ok(Polled {
+                            stats,
+                            removed_total,
+                            sample: None,
+                        });
+                    }
+                }
+            };
             self.limits.wait(backend).await;
-            b.peek(sample).await?
+            let msgs = b.peek(sample).await?;
+            drop(guard);
+            msgs
         } else {
             Vec::new()
         };
-        Ok((stats, msgs))
+        Ok(Polled {
+            stats,
+            removed_total,
+            sample: Some(msgs),
+        })
     }
 
-    async fn record_ok(&self, queue: &str, backend: &str, stats: &DlqStats, msgs: &[DlqMessage], arrivals: u64) {
-        let mut stats = stats.clone();
-        let now = Utc::now();
-        // When the sample is the whole queue, its oldest message is the
-        // queue's oldest (and an empty queue's oldest age is zero).
-        if stats.oldest_age.is_none() && msgs.len() as u64 >= stats.depth {
-            stats.oldest_age = Some(msgs.iter().filter_map(|m| m.age(now)).max().unwrap_or_default());
-        }
-        let top = reason_counts(msgs);
+    async fn record_ok(
+        &self,
+        queue: &str,
+        backend: &str,
+        stats: &DlqStats,
+        sample: Option<&[DlqMessage]>,
+        arrivals: u64,
+        now: DateTime<Utc>,
+    ) {
         self.cache.record_depth(queue, now, stats.depth);
         self.metrics
             .set_depth(queue, backend, stats.depth, stats.oldest_age.map(|d| d.as_secs_f64()));
         self.metrics.add_arrivals(queue, backend, arrivals);
-        if !msgs.is_empty() || stats.depth == 0 {
-            self.metrics.set_reasons(queue, &top);
-        }
-        self.cache.statuses.write().await.insert(
+        self.metrics.set_last_success(queue, backend, Some(now));
+        let mut all = self.cache.statuses.write().await;
+        let previous = all.get(queue);
+        let (top, sampled) = match sample {
+            Some(msgs) => {
+                let top = reason_counts(msgs);
+                if !msgs.is_empty() || stats.depth == 0 {
+                    self.metrics.set_reasons(queue, &top);
+                }
+                (top.into_iter().take(5).collect(), msgs.len())
+            }
+            // Skipped: the previous sample's reasons stand.
+            None => previous.map_or((Vec::new(), 0), |p| (p.top_reasons.clone(), p.sampled)),
+        };
+        all.insert(
             queue.to_string(),
             QueueStatus {
                 queue: queue.to_string(),
                 backend: backend.to_string(),
-                stats: Some(stats),
-                sampled: msgs.len(),
-                top_reasons: top.into_iter().take(5).collect(),
+                stats: Some(stats.clone()),
+                sampled,
+                top_reasons: top,
                 polled_at: Some(now),
+                last_success_at: Some(now),
                 error: None,
             },
         );
@@ -276,6 +399,7 @@ impl Poller {
             top_reasons: Vec::new(),
             sampled: 0,
             polled_at: None,
+            last_success_at: None,
             error: None,
         });
         entry.polled_at = Some(Utc::now());
@@ -294,4 +418,102 @@ pub fn reason_counts(msgs: &[DlqMessage]) -> Vec<(String, u64)> {
     let mut v: Vec<(String, u64)> = counts.into_iter().collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Exactness;
+
+    fn stats(depth: u64) -> DlqStats {
+        DlqStats {
+            depth,
+            in_flight: None,
+            oldest_age: None,
+            exactness: Exactness::Approximate,
+        }
+    }
+
+    fn msg(age_secs: i64, now: DateTime<Utc>) -> DlqMessage {
+        DlqMessage {
+            id: format!("m{age_secs}"),
+            body: bytes::Bytes::new(),
+            attributes: Default::default(),
+            properties: Default::default(),
+            reason: None,
+            description: None,
+            delivery_count: None,
+            enqueued_at: Some(now - chrono::Duration::seconds(age_secs)),
+            source: None,
+            ordering_key: None,
+        }
+    }
+
+    #[test]
+    fn the_age_a_whole_sample_shows_is_the_one_polls_carry() {
+        let now = Utc::now();
+        let sample = [msg(30, now), msg(700, now)];
+        let s = with_known_age(stats(2), Some(&sample), now);
+        assert_eq!(s.oldest_age, Some(Duration::from_secs(700)));
+        // Part of the queue only: unknown, never guessed.
+        assert_eq!(with_known_age(stats(3), Some(&sample), now).oldest_age, None);
+        // A skipped sample tells nothing; an empty queue has no old message.
+        assert_eq!(with_known_age(stats(2), None, now).oldest_age, None);
+        assert_eq!(with_known_age(stats(0), None, now).oldest_age, Some(Duration::ZERO));
+        // The provider's own figure is kept.
+        let mut given = stats(2);
+        given.oldest_age = Some(Duration::from_secs(5));
+        assert_eq!(
+            with_known_age(given, Some(&sample), now).oldest_age,
+            Some(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn removals_are_credited_as_runs_settle_and_once() {
+        let cache = StatusCache::default();
+        let progress = Arc::new(Progress::default());
+        // Poll 1: 10 messages, nothing removed yet.
+        let mut prev = Some((10, cache.removed_total("q")));
+        cache.run_started("q", "run-1", progress.clone());
+        // The run settles 4 before poll 2, which sees depth 6: no arrival.
+        progress.settled.fetch_add(4, std::sync::atomic::Ordering::Relaxed);
+        let removed = cache.removed_total("q");
+        assert_eq!(arrivals_between(prev, 6, removed), 0);
+        prev = Some((6, removed));
+        // It settles 6 more and ends (its summary says 10) before poll 3,
+        // which sees depth 2: the 2 new ones are the only arrivals.
+        progress.settled.fetch_add(6, std::sync::atomic::Ordering::Relaxed);
+        cache.run_finished("q", "run-1", 10);
+        let removed = cache.removed_total("q");
+        assert_eq!(removed, 10);
+        assert_eq!(arrivals_between(prev, 2, removed), 2);
+        prev = Some((2, removed));
+        // Nothing changes: nothing arrived (the finished run is not counted again).
+        assert_eq!(arrivals_between(prev, 2, cache.removed_total("q")), 0);
+        // A burst of 5 drained by a retention purge between two polls still counts.
+        cache.note_removed("q", 5);
+        assert_eq!(arrivals_between(prev, 2, cache.removed_total("q")), 5);
+        assert_eq!(arrivals_between(None, 7, 0), 0, "the first poll is the baseline");
+    }
+
+    #[test]
+    fn a_finished_run_counts_at_least_what_its_progress_showed() {
+        let cache = StatusCache::default();
+        let progress = Arc::new(Progress::default());
+        cache.run_started("q", "r", progress.clone());
+        progress.settled.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        // A run that failed reports no summary: its progress stands.
+        cache.run_finished("q", "r", 0);
+        assert_eq!(cache.removed_total("q"), 3);
+        assert_eq!(cache.removed_total("other"), 0);
+    }
+
+    #[test]
+    fn backoff_doubles_from_at_least_a_second_up_to_the_cap() {
+        assert_eq!(backoff(Duration::from_secs(30), 1), Duration::from_secs(60));
+        assert_eq!(backoff(Duration::from_secs(30), 20), MAX_BACKOFF);
+        assert_eq!(backoff(Duration::ZERO, 1), Duration::from_secs(2));
+        assert_eq!(backoff(Duration::from_secs(600), 3), Duration::from_secs(600));
+    }
 }

@@ -21,6 +21,7 @@ use crate::engine::registry::{RedriveRequest, Registry};
 use crate::sidecar::alert::Evaluator;
 use crate::sidecar::alert::sinks::Sinks;
 use crate::sidecar::app::{App, RunStatus};
+use crate::sidecar::exclusion::QueueLocks;
 use crate::sidecar::leader::{self, Leadership};
 use crate::sidecar::metrics::Metrics;
 use crate::sidecar::poller::{AdminLimits, PollResult, Poller, StatusCache};
@@ -34,13 +35,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("serve.listen: `{}` is not an address:port", config.serve.listen))?;
     let token = match &config.serve.token_env {
-        Some(var) => Some(std::env::var(var).ok().filter(|t| !t.is_empty()).ok_or_else(|| {
-            crate::config::ConfigError::Invalid {
+        Some(var) => Some(
+            token_from(std::env::var(var).ok()).ok_or_else(|| crate::config::ConfigError::Invalid {
                 location: "config".into(),
                 field: "serve.token_env".into(),
-                message: format!("environment variable {var} is not set"),
-            }
-        })?),
+                message: format!("environment variable {var} is not set (or holds only whitespace)"),
+            })?,
+        ),
         None => None,
     };
     if !listen.ip().is_loopback() && token.is_none() {
@@ -54,6 +55,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .into());
     }
     let data_dir = config.serve.data_dir.clone().or_else(crate::config::state_dir);
+    // Held until the process exits: one `serve` per data directory.
+    let _data_dir_lock = match &data_dir {
+        Some(dir) => Some(lock_data_dir(dir)?),
+        None => None,
+    };
     let journal = match &data_dir {
         Some(dir) => Some(Arc::new(Journal::open_with(
             &dir.join("journal.jsonl"),
@@ -76,6 +82,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         leader::always()
     };
     let sinks = Sinks::start(&config.alerts.sinks)?;
+    if !config.alerts.rules.is_empty() && config.alerts.sinks.is_empty() {
+        tracing::warn!(
+            rules = config.alerts.rules.len(),
+            "alerts.rules are set but alerts.sinks is empty: rules only set dlq_bridge_alerts_firing and /v1/alerts, no notification is sent"
+        );
+    }
     let evaluator = Evaluator::new(&config.alerts);
     let sample = if evaluator.needs_reasons() {
         config.serve.reason_sample.max(1)
@@ -85,11 +97,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(config.clone()));
     let metrics = Arc::new(Metrics::new());
     let cache = Arc::new(StatusCache::default());
+    let locks = Arc::new(QueueLocks::new(config.queues.iter().map(|q| q.name.as_str())));
     let app = Arc::new(App {
         registry: registry.clone(),
         cache: cache.clone(),
         metrics: metrics.clone(),
         token,
+        locks: locks.clone(),
         data_dir: data_dir.clone(),
         journal,
         runs: Mutex::new(HashMap::new()),
@@ -105,6 +119,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cache,
         metrics: metrics.clone(),
         limits: Arc::new(AdminLimits::new(&config.serve.admin_calls_per_second)),
+        locks,
         results: results_tx,
     });
     poller.spawn_all(&config, sample, shutdown.clone());
@@ -149,6 +164,45 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Give the elector a moment to hand the lease over.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// The API token from its environment variable: surrounding whitespace is
+/// not part of it (`kubectl create secret --from-file` keeps the file's
+/// trailing newline); empty means unset.
+fn token_from(raw: Option<String>) -> Option<String> {
+    raw.map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+}
+
+/// Take an exclusive advisory lock (flock) on `dir/serve.lock`, so that two
+/// `serve` processes never append to and rotate the same journal (a claim
+/// shared by several replicas). Fails at once, naming the directory, when
+/// another process holds it. On NFS the lock is only as good as the mount's
+/// lock support (NFSv4, or NFSv3 with lockd; `nolock` makes it local).
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    let path = dir.join("serve.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(crate::config::ConfigError::Invalid {
+            location: "config".into(),
+            field: "serve.data_dir".into(),
+            message: format!(
+                "{} is in use by another dlq-bridge serve (it holds {}): give each replica its own data directory; the journal has no cross-process lock",
+                dir.display(),
+                path.display()
+            ),
+        }
+        .into()),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("cannot lock {}", path.display())))
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -262,6 +316,16 @@ async fn retention_loop(
     let mut firing_since: Option<DateTime<Utc>> = None;
     loop {
         if *leadership.borrow_and_update() {
+            // A purge run like any other: the poller's sample and the API's
+            // reads keep off the queue meanwhile (see `exclusion`).
+            let leases = match app.registry.backend(&queue).await {
+                Ok(b) => !b.capabilities().true_peek,
+                Err(_) => true,
+            };
+            let ticket = match leases.then(|| app.locks.run_starting(&queue)) {
+                Some(t) => Some(t.admitted().await),
+                None => None,
+            };
             let outcome = crate::engine::triage::apply_retention(
                 &app.registry,
                 &queue,
@@ -272,6 +336,7 @@ async fn retention_loop(
                 shutdown.child_token(),
             )
             .await;
+            drop(ticket);
             match outcome {
                 Ok(o) => {
                     app.metrics
@@ -337,5 +402,32 @@ async fn retention_loop(
             }
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_whitespace_is_not_part_of_it() {
+        assert_eq!(token_from(Some("s3cret\n".into())).as_deref(), Some("s3cret"));
+        assert_eq!(token_from(Some("  s3cret \r\n".into())).as_deref(), Some("s3cret"));
+        assert_eq!(token_from(Some("\n".into())), None);
+        assert_eq!(token_from(None), None);
+    }
+
+    #[test]
+    fn a_second_serve_on_the_same_data_dir_is_refused() {
+        let dir = std::env::temp_dir().join(format!("sidecarfix-lock-{}", uuid::Uuid::new_v4().simple()));
+        let held = lock_data_dir(&dir).expect("first lock");
+        let err = lock_data_dir(&dir).expect_err("second lock refused").to_string();
+        assert!(
+            err.contains("serve.data_dir") && err.contains("another dlq-bridge serve"),
+            "{err}"
+        );
+        drop(held);
+        lock_data_dir(&dir).expect("free again once the first is dropped");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

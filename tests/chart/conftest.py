@@ -77,10 +77,26 @@ def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+# The chart needs a way to get the API token (auth.existingSecret, auth.token or
+# auth.generate); tests that are not about it take a generated one. A test's own
+# `auth` values take precedence (`{"auth": {"generate": False}}` leaves none).
+BASE_VALUES = {"auth": {"generate": True}}
+
+
+def with_base(values: dict | None) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in BASE_VALUES.items()}
+    for k, v in (values or {}).items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = {**merged[k], **v}
+        else:
+            merged[k] = v
+    return merged
+
+
 @pytest.fixture
 def render():
     def _render(values: dict | None = None, release: str = "rel", namespace: str = "dlq") -> Rendered:
-        return Rendered(_helm_template(CHART, values, release, namespace))
+        return Rendered(_helm_template(CHART, with_base(values), release, namespace))
     return _render
 
 
@@ -88,7 +104,7 @@ def render():
 def render_error():
     def _render_error(values: dict) -> str:
         try:
-            out = _helm_template(CHART, values, "rel", "dlq")
+            out = _helm_template(CHART, with_base(values), "rel", "dlq")
         except RenderError as e:
             return str(e)
         raise AssertionError(f"values were accepted: {values}\n{out[:500]}")

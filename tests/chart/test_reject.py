@@ -36,6 +36,7 @@ CASES = [
     ("bad poll interval", {"config": {"serve": {"poll_interval": "often"}}}, "/config/serve/poll_interval"),
     ("bad alert window", {"prometheusRule": {"growth": {"window": "15 minutes"}}}, "/prometheusRule/growth/window"),
     # Checks in the templates (no schema can express them):
+    ("no way to get an API token", {"auth": {"generate": False}}, "auth: set auth.existingSecret"),
     ("replicas without leader election", {"replicaCount": 2}, "needs leaderElection.enabled"),
     ("sidecar Service without selector", {"mode": "sidecar"}, "needs sidecar.podSelector"),
     ("duplicate queue names", {"config": {"queues": [{"name": "q", "sqs": {"queue": "a"}},

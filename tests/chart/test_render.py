@@ -1,5 +1,7 @@
 """Value variations of charts/dlq-bridge, asserted on the rendered objects."""
 
+import hashlib
+
 import yaml
 
 from conftest import container_of, env_of
@@ -161,6 +163,47 @@ def test_given_token_goes_into_the_chart_secret(render):
     assert r.secret_value("rel-dlq-bridge-auth", "api-token") == "s3cret-token-0123456789"
 
 
+def test_token_changes_restart_the_pods_and_stay_out_of_the_pod_spec(render):
+    def annotations(values):
+        return render(values).one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    a = annotations({"auth": {"token": "s3cret-token-0123456789"}})
+    assert a["checksum/auth"] == hashlib.sha256(b"s3cret-token-0123456789").hexdigest()
+    assert a == annotations({"auth": {"token": "s3cret-token-0123456789"}}), "stable across renders"
+    assert annotations({"auth": {"token": "another-token-0123456789"}})["checksum/auth"] != a["checksum/auth"]
+    # A generated token: the pods carry the checksum of the one in the Secret.
+    r = render({"auth": {"generate": True}})
+    token = r.secret_value("rel-dlq-bridge-auth", "api-token")
+    got = r.one("Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/auth"]
+    assert got == hashlib.sha256(token.encode()).hexdigest()
+    # An existing Secret: its content is not visible to the chart; its name is.
+    e = annotations({"auth": {"existingSecret": "ops-token"}})
+    assert e["checksum/auth"] != annotations({"auth": {"existingSecret": "ops-token-2"}})["checksum/auth"]
+    assert "s3cret" not in str(render({"auth": {"token": "s3cret-token-0123456789"}}).one("Deployment"))
+
+
+def test_shared_claims_get_a_data_directory_per_pod(render, render_parent):
+    def data_dir_env(r, kind="Deployment"):
+        env = env_of(container_of(r.one(kind)["spec"]["template"]["spec"]))
+        names = [n for n in env]
+        return env.get("DLQ_BRIDGE__SERVE__DATA_DIR"), names
+    pvc = {"type": "pvc", "mountPath": "/var/lib/dlq-bridge", "pvc": {"accessModes": ["ReadWriteMany"]}}
+    got, names = data_dir_env(render({"persistence": pvc, "replicaCount": 2, "leaderElection": {"enabled": True}}))
+    assert got == {"name": "DLQ_BRIDGE__SERVE__DATA_DIR", "value": "/var/lib/dlq-bridge/$(POD_NAME)"}
+    # $(POD_NAME) expands only when POD_NAME is defined before it.
+    assert names.index("POD_NAME") < names.index("DLQ_BRIDGE__SERVE__DATA_DIR")
+    # CLI commands run in the pod (kubectl exec) keep their state there too.
+    r = render({"persistence": pvc, "replicaCount": 2, "leaderElection": {"enabled": True}})
+    env = env_of(container_of(r.one("Deployment")["spec"]["template"]["spec"]))
+    assert env["XDG_STATE_HOME"]["value"] == "/var/lib/dlq-bridge/$(POD_NAME)"
+    assert names.index("POD_NAME") < names.index("XDG_STATE_HOME")
+    # One replica keeps the claim's root (its journal survives restarts); emptyDir is per pod anyway.
+    assert data_dir_env(render({"persistence": pvc}))[0] is None
+    assert data_dir_env(render({"replicaCount": 2, "leaderElection": {"enabled": True}}))[0] is None
+    # Sidecar mode: the chart cannot know how many pods carry it.
+    parent = render_parent({"dlq-bridge": {"persistence": pvc}})
+    assert data_dir_env(parent)[0]["value"] == "/var/lib/dlq-bridge/$(POD_NAME)"
+
+
 def test_connection_string_secrets(render):
     r = render({
         "secretEnv": [{"name": "SB_CONN", "secretName": "servicebus", "key": "connection-string"}],
@@ -241,7 +284,7 @@ def test_prometheus_rule_mirrors_the_builtin_rules(render):
     [group] = pr["spec"]["groups"]
     rules = {rule.get("alert"): rule for rule in group["rules"]}
     assert set(rules) == {"DlqBridgeDepthAbove", "DlqBridgeOldestMessageAgeAbove", "DlqBridgeGrowth",
-                          "DlqBridgePollErrors", "Custom"}
+                          "DlqBridgePollErrors", "DlqBridgeStale", "Custom"}
     depth = rules["DlqBridgeDepthAbove"]
     assert depth["expr"] == 'max by (queue, backend) (dlq_bridge_messages{queue=~"orders|payments"}) > 25'
     assert depth["for"] == "10m" and depth["labels"] == {"severity": "page", "rule": "depth_above"}
@@ -252,11 +295,20 @@ def test_prometheus_rule_mirrors_the_builtin_rules(render):
     growth = rules["DlqBridgeGrowth"]
     assert growth["expr"] == 'sum by (queue) (increase(dlq_bridge_arrivals_total{queue=~"orders|payments"}[30m])) > 50'
     assert growth["labels"]["rule"] == "growth"
+    # Poll errors keep the queue, so the alert says which one.
+    errors = rules["DlqBridgePollErrors"]
+    assert errors["expr"] == ('sum by (queue, backend) (increase(dlq_bridge_poll_errors_total'
+                              '{queue=~"orders|payments"}[10m])) > 0')
+    assert "{{ $labels.queue }}" in errors["annotations"]["summary"]
+    stale = rules["DlqBridgeStale"]
+    assert stale["expr"] == ('time() - max by (queue, backend) (dlq_bridge_last_poll_success_timestamp_seconds'
+                             '{queue=~"orders|payments"}) > 600')
+    assert stale["labels"] == {"severity": "warning"}
 
 
 def test_prometheus_rule_can_disable_single_alerts(render):
     r = render({"prometheusRule": {"enabled": True, "oldestAgeAbove": {"enabled": False},
-                                   "pollErrors": {"enabled": False}}})
+                                   "pollErrors": {"enabled": False}, "stale": {"enabled": False}}})
     alerts = {rule["alert"] for rule in r.one("PrometheusRule")["spec"]["groups"][0]["rules"]}
     assert alerts == {"DlqBridgeDepthAbove", "DlqBridgeGrowth"}
 

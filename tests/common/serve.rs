@@ -114,6 +114,37 @@ impl Serve {
         }
     }
 
+    /// A GET with the bearer token (runs, messages).
+    pub async fn get_auth(&self, path: &str) -> (u16, String) {
+        match self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+        {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// Wait until run `id` is no longer running and return its view.
+    pub async fn wait_run(&self, id: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let (_, text) = self.get_auth(&format!("/v1/runs/{id}")).await;
+            let view: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if view["status"] != "running" {
+                return view;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "run {id} did not finish: {view}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// A GET with an `Accept` header: status, content type and body.
     pub async fn get_accepting(&self, path: &str, accept: &str) -> (u16, String, String) {
         let r = self
@@ -160,19 +191,7 @@ impl Serve {
             .await;
         assert_eq!(code, 202, "{started}");
         let id = started["run_id"].as_str().unwrap().to_string();
-        let start = Instant::now();
-        loop {
-            let (_, text) = self.get(&format!("/v1/runs/{id}")).await;
-            let view: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if view["status"] != "running" {
-                return view;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "run {id} did not finish: {view}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        self.wait_run(&id).await
     }
 }
 

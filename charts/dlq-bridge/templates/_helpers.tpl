@@ -60,6 +60,56 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.auth.existingSecret -}}{{ .Values.auth.existingSecretKey }}{{- else -}}api-token{{- end -}}
 {{- end -}}
 
+{{/*
+The token of the chart-made Secret (no auth.existingSecret): auth.token, else
+with auth.generate the one already in the cluster (kept across upgrades), else
+a new one. Resolved once per render and kept in .Values.auth, so that the
+Secret and the pods' checksum agree. Fails when none of the three is set: a
+token generated at render time changes on every `helm template` (GitOps tools
+would rotate the Secret on every sync).
+*/}}
+{{- define "dlq-bridge.apiToken" -}}
+{{- if not (hasKey .Values.auth "resolvedToken_") -}}
+{{- $token := .Values.auth.token -}}
+{{- if not $token -}}
+{{- if not .Values.auth.generate -}}
+{{- fail "auth: set auth.existingSecret (a Secret you manage: recommended, and the choice for GitOps tools that render with `helm template`), auth.token, or auth.generate=true (helm install/upgrade only): the API listens on the pod IP and needs a bearer token" -}}
+{{- end -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (printf "%s-auth" (include "dlq-bridge.fullname" .)) -}}
+{{- if and $existing $existing.data (hasKey $existing.data "api-token") -}}
+{{- $token = index $existing.data "api-token" | b64dec -}}
+{{- else -}}
+{{- $token = randAlphaNum 40 -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set .Values.auth "resolvedToken_" $token -}}
+{{- end -}}
+{{- index .Values.auth "resolvedToken_" -}}
+{{- end -}}
+
+{{/*
+Pod annotations that change when the config or the API token does, so that
+pods restart with the new one (the token is read at start). With
+auth.existingSecret the chart cannot see the token: only a change of Secret
+name or key restarts; after rotating its content, restart the pods yourself.
+For sidecar mode, put them on your pod template's annotations.
+*/}}
+{{- define "dlq-bridge.checksums" -}}
+checksum/config: {{ include "dlq-bridge.config" . | sha256sum }}
+{{- if .Values.auth.existingSecret }}
+checksum/auth: {{ printf "%s/%s" .Values.auth.existingSecret .Values.auth.existingSecretKey | sha256sum }}
+{{- else }}
+checksum/auth: {{ include "dlq-bridge.apiToken" . | sha256sum }}
+{{- end }}
+{{- end -}}
+
+{{/* Each pod keeps its own data directory on a shared claim (see values.yaml, persistence). */}}
+{{- define "dlq-bridge.perPodDataDir" -}}
+{{- if and (eq .Values.persistence.type "pvc") (or (eq .Values.mode "sidecar") (gt (int .Values.replicaCount) 1)) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{- define "dlq-bridge.automountToken" -}}
 {{- if kindIs "bool" .Values.serviceAccount.automountToken -}}
 {{- .Values.serviceAccount.automountToken -}}
@@ -119,8 +169,16 @@ env:
       fieldRef: {fieldPath: metadata.namespace}
   - name: DLQ_BRIDGE_LOG
     value: {{ .Values.logLevel | quote }}
+  {{- if include "dlq-bridge.perPodDataDir" . }}
+  {{- /* serve's data_dir, and the state dir of CLI commands run in the pod. */}}
+  - name: XDG_STATE_HOME
+    value: {{ printf "%s/$(POD_NAME)" .Values.persistence.mountPath | quote }}
+  - name: DLQ_BRIDGE__SERVE__DATA_DIR
+    value: {{ printf "%s/$(POD_NAME)" .Values.persistence.mountPath | quote }}
+  {{- else }}
   - name: XDG_STATE_HOME
     value: {{ .Values.persistence.mountPath | quote }}
+  {{- end }}
   - name: DLQ_BRIDGE_API_TOKEN
     valueFrom:
       secretKeyRef:

@@ -22,6 +22,8 @@ const ATTEMPTS: u32 = 5;
 pub enum SinkError {
     #[error("alerts.sinks[{index}]: environment variable {var} is not set")]
     MissingEnv { index: usize, var: String },
+    #[error("alerts.sinks[{index}]: environment variable {var}: {message}")]
+    BadUrl { index: usize, var: String, message: String },
 }
 
 struct Sink {
@@ -49,10 +51,20 @@ impl Sinks {
             let (kind, target) = cfg.target().expect("validated when the config was loaded");
             let url = match (&target.url, &target.url_env) {
                 (Some(u), _) => u.clone(),
-                (None, Some(var)) => std::env::var(var).map_err(|_| SinkError::MissingEnv {
-                    index,
-                    var: var.clone(),
-                })?,
+                (None, Some(var)) => {
+                    let url = std::env::var(var).map_err(|_| SinkError::MissingEnv {
+                        index,
+                        var: var.clone(),
+                    })?;
+                    // Checked like `url` is at load; the message leaves the
+                    // URL out (it can carry a secret).
+                    crate::config::check_sink_url(&url).map_err(|_| SinkError::BadUrl {
+                        index,
+                        var: var.clone(),
+                        message: "does not hold an http:// or https:// URL with a host".into(),
+                    })?;
+                    url.trim().to_string()
+                }
                 (None, None) => unreachable!("validated when the config was loaded"),
             };
             let sink = Sink {

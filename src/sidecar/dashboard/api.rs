@@ -23,11 +23,11 @@ use crate::engine::registry::RedriveRequest;
 use crate::engine::triage::{self, GroupBy, TriageError};
 use crate::filter::{Filter, FilterError};
 use crate::output::MessageView;
-use crate::sidecar::api::{ApiError, authorize};
+use crate::sidecar::api::{ApiError, authorize, browse_reads, json_body, read_guard};
 use crate::sidecar::app::App;
 
-/// Messages one browse reads at most (as `/messages`).
-const MAX_SCAN: usize = 1000;
+/// Messages one browse shows at most.
+const MAX_LIMIT: usize = 1000;
 /// Runs `/v1/runs` returns by default, newest first.
 const DEFAULT_RUNS: usize = 100;
 
@@ -168,7 +168,13 @@ struct RunsQuery {
 /// The audit trail: runs this process knows (running ones with live
 /// progress) and every finished run in the journal, newest first, in the
 /// shape of `/v1/runs/{id}`.
-async fn runs(State(app): State<Arc<App>>, Query(q): Query<RunsQuery>) -> Result<Response, ApiError> {
+async fn runs(
+    State(app): State<Arc<App>>,
+    Query(q): Query<RunsQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // Runs show their filters, sample IDs, reasons and destinations.
+    authorize(&app, &headers)?;
     let limit = q.limit.unwrap_or(DEFAULT_RUNS).clamp(1, 10_000);
     let mut out: Vec<Value> = Vec::new();
     let mut seen = HashSet::new();
@@ -302,6 +308,9 @@ struct BrowseQuery {
     /// (how the page goes from a report row to its messages).
     by: Option<String>,
     key: Option<String>,
+    /// With a filter or a group: messages read at most while looking for
+    /// matches (default 1000, at most 10,000). Without either, `limit`.
+    scan: Option<usize>,
 }
 
 /// `/messages` for the page: the same read, with bodies left out unless
@@ -314,7 +323,8 @@ async fn browse(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let filter = match q.filter.as_deref().filter(|f| !f.trim().is_empty()) {
+    let given = q.filter.as_deref().filter(|f| !f.trim().is_empty());
+    let filter = match given {
         Some(f) => Filter::compile(f).map_err(bad_request)?,
         None => Filter::match_all(),
     };
@@ -322,13 +332,16 @@ async fn browse(
         (Some(by), Some(key)) => Some((by.parse().map_err(bad_request)?, key)),
         _ => None,
     };
-    let limit = q.limit.unwrap_or(50).clamp(1, MAX_SCAN);
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_LIMIT);
+    let reads = browse_reads(limit, given.is_some() || group.is_some(), q.scan);
     let show_bodies = app.registry.config().serve.dashboard.show_bodies;
     let backend = app.registry.backend(&queue).await?;
+    let guard = read_guard(&app, &queue, &*backend).await?;
     let msgs = backend
-        .peek(MAX_SCAN)
+        .peek(reads)
         .await
         .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    drop(guard);
     let now = Utc::now();
     let mut filter_errors = 0u64;
     let mut views = Vec::new();
@@ -393,9 +406,10 @@ async fn purge(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
     headers: HeaderMap,
-    Json(b): Json<PurgeBody>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
+    let b: PurgeBody = json_body(&headers, body)?;
     if b.filter.trim().is_empty() {
         return Err(bad_request("purge needs a filter (`true` purges everything)"));
     }
@@ -458,10 +472,14 @@ async fn export(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
     headers: HeaderMap,
-    Json(b): Json<ExportBody>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
+    let b: ExportBody = json_body(&headers, body)?;
     let filter = b.filter.as_deref().filter(|f| !f.trim().is_empty());
+    // Both reads lease on SQS and Pub/Sub, like a browse.
+    let backend = app.registry.backend(&queue).await?;
+    let _guard = read_guard(&app, &queue, &*backend).await?;
     if b.dry_run {
         let scan = b
             .max
