@@ -13,6 +13,7 @@ mod confirm;
 pub mod exit;
 mod inspect;
 mod redrive;
+mod runs;
 mod triage;
 
 pub use args::{Cli, Command, JournalOpts, RedriveOpts};
@@ -20,7 +21,8 @@ use check::check;
 use confirm::confirm;
 use exit::{Failure, usage};
 use inspect::{inspect, list};
-use redrive::{open_journal, redrive, runs};
+use redrive::{open_journal, redrive};
+use runs::runs;
 use triage::default_backup;
 
 pub async fn run(cli: Cli) -> Result<u8, Failure> {
@@ -71,7 +73,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             crate::sidecar::serve::run(registry.config().clone()).await?;
             Ok(exit::OK)
         }
-        Command::Runs { journal, output } => runs(&registry, journal, output),
+        Command::Runs { journal, output } => runs(registry.config(), journal, output),
         Command::Report {
             queue,
             filter,

@@ -1,4 +1,4 @@
-//! `redrive` (and the `--redrive` flag form) and `runs`, the journal's audit trail.
+//! `redrive` (and the `--redrive` flag form), and the journal it keeps.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::args::{JournalOpts, RedriveOpts};
 use super::exit::{self, Failure, usage};
 use crate::config::{Config, state_dir};
-use crate::engine::journal::{Journal, Record, Rotation, read_all_records};
+use crate::engine::journal::{Journal, Rotation};
 use crate::engine::redrive::{Engine, Progress, RunSummary, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry};
 use crate::filter::Filter;
@@ -160,44 +160,4 @@ pub(crate) fn progress_bar(
         }
     });
     Some((bar, ticker))
-}
-
-pub(crate) fn runs(registry: &Registry, journal: Option<PathBuf>, output: Format) -> Result<u8, Failure> {
-    let Some(path) = journal.or_else(|| default_journal(registry.config())) else {
-        return Err(usage("no journal path: pass --journal PATH"));
-    };
-    let records = read_all_records(&path, registry.config().redrive.journal_keep)?;
-    let finished: Vec<serde_json::Value> = records
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::RunFinished { summary, .. } => Some(summary),
-            _ => None,
-        })
-        .collect();
-    match output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&finished)?),
-        Format::Table => {
-            let mut t = output::Table::new(&[
-                "RUN", "QUEUE", "TRIGGER", "DRY", "MATCHED", "SENT", "SETTLED", "FAILED", "STOPPED", "FILTER",
-            ]);
-            for s in &finished {
-                let n = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-                let t_ = |k: &str| s.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-                t.row(vec![
-                    t_("run_id"),
-                    t_("queue"),
-                    t_("trigger"),
-                    s.get("dry_run").and_then(|v| v.as_bool()).unwrap_or(false).to_string(),
-                    n("matched").to_string(),
-                    n("sent").to_string(),
-                    n("settled").to_string(),
-                    (n("send_failed") + n("settle_failed")).to_string(),
-                    t_("stopped"),
-                    crate::model::preview(&t_("filter"), 50),
-                ]);
-            }
-            print!("{}", t.render());
-        }
-    }
-    Ok(exit::OK)
 }
