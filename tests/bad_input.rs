@@ -527,6 +527,56 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
     assert_sqs_untouched(&f, &before).await;
 }
 
+/// `runs --journal PATH` reads that journal with no config at all; a path
+/// that is not a journal file is a usage error naming it.
+#[test]
+fn runs_needs_no_config_for_a_named_journal_and_refuses_a_missing_one() {
+    let missing = scratch().join("no-such-journal.jsonl").display().to_string();
+    let dir = scratch().display().to_string();
+    let journal = write_file(
+        concat!(
+            r#"{"event":"run_started","run":"r-1","at":"2026-01-01T00:00:00Z","queue":"orders","trigger":"cli","filter":"true","dry_run":false,"destination":null}"#,
+            "\n",
+            r#"{"event":"run_finished","run":"r-1","at":"2026-01-01T00:00:01Z","summary":{"run_id":"r-1","queue":"orders","trigger":"cli","action":"redrive","filter":"true","dry_run":false,"matched":2,"sent":2,"settled":2,"send_failed":0,"settle_failed":0,"stopped":"drained"}}"#,
+            "\n"
+        ),
+        "jsonl",
+    )
+    .display()
+    .to_string();
+    let cases = vec![
+        case(
+            "missing journal",
+            None,
+            &["runs", "--journal", &missing],
+            2,
+            &[&missing, "no such file"],
+        ),
+        case(
+            "journal is a directory",
+            None,
+            &["runs", "--journal", &dir],
+            2,
+            &[&dir, "is a directory"],
+        ),
+        case(
+            "no journal and no config",
+            None,
+            &["runs"],
+            2,
+            &["pass --journal PATH, or --config FILE"],
+        ),
+        case(
+            "a journal without a config",
+            None,
+            &["runs", "--journal", &journal],
+            0,
+            &["r-1", "orders", "redrive", "drained"],
+        ),
+    ];
+    run_table(&cases);
+}
+
 /// A filter that compiles but fails on some messages: each such message is
 /// "no match" and stays, the run goes on, and the summary counts and shows why.
 #[tokio::test]

@@ -191,9 +191,12 @@ pub enum Command {
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
     },
-    /// Past redrive runs from the journal: the audit trail.
+    /// Past runs (redrive, purge, import) from the journal: the audit trail.
+    /// Runs without a summary (killed, crashed or still going) show as unfinished.
     Runs {
-        /// Journal file. Default: as for `redrive`.
+        /// Journal file to read; it must exist. With it no config is needed.
+        /// Default: the config's `redrive.journal`, else
+        /// $XDG_STATE_HOME/dlq-bridge/journal.jsonl.
         #[arg(long, value_name = "PATH")]
         journal: Option<PathBuf>,
         #[arg(long, short = 'o', value_enum, default_value = "table")]

@@ -51,6 +51,20 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             ));
         }
     };
+    if let Command::Runs { journal, output } = command {
+        // Reading a journal named on the command line needs no config; one
+        // found is still read, for its rotation settings.
+        let config = match (config_path(cli.config), &journal) {
+            (Ok(path), _) => Some(Config::load(&path)?),
+            (Err(_), Some(_)) => None,
+            (Err(_), None) => {
+                return Err(usage(
+                    "no config file to find the journal from: pass --journal PATH, or --config FILE (or set DLQ_BRIDGE_CONFIG)",
+                ));
+            }
+        };
+        return runs(config.as_ref(), journal, output);
+    }
     let config_path = config_path(cli.config)?;
     let config = Config::load(&config_path)?;
     let registry = Arc::new(Registry::new(config));
@@ -73,7 +87,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             crate::sidecar::serve::run(registry.config().clone()).await?;
             Ok(exit::OK)
         }
-        Command::Runs { journal, output } => runs(registry.config(), journal, output),
+        Command::Runs { .. } => unreachable!("handled before the config is loaded"),
         Command::Report {
             queue,
             filter,

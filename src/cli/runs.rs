@@ -6,29 +6,61 @@
 //! and failure records give.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
 use super::exit::{self, Failure, usage};
 use crate::config::Config;
-use crate::engine::journal::{Record, read_all_records};
+use crate::engine::journal::{Record, Rotation, read_all_records};
 use crate::output::{self, Format};
 
 /// `stopped` of a run the journal has no `run_finished` record for.
 pub(crate) const UNFINISHED: &str = "unfinished";
 
-pub(crate) fn runs(config: &Config, journal: Option<PathBuf>, output: Format) -> Result<u8, Failure> {
-    let Some(path) = journal.or_else(|| super::redrive::default_journal(config)) else {
-        return Err(usage("no journal path: pass --journal PATH"));
+pub(crate) fn runs(config: Option<&Config>, journal: Option<PathBuf>, output: Format) -> Result<u8, Failure> {
+    let explicit = journal.is_some();
+    let Some(path) = journal.or_else(|| config.and_then(super::redrive::default_journal)) else {
+        return Err(usage(
+            "no journal path: pass --journal PATH (or set XDG_STATE_HOME or HOME)",
+        ));
     };
-    let rows = run_rows(read_all_records(&path, config.redrive.journal_keep)?);
+    if path.is_dir() {
+        return Err(usage(format!(
+            "journal {}: is a directory, not a journal file",
+            path.display()
+        )));
+    }
+    if !journal_exists(&path) {
+        if explicit {
+            return Err(usage(format!(
+                "journal {}: no such file (runs are journaled by redrive, purge, import and retention)",
+                path.display()
+            )));
+        }
+        // The default place, before any run was journaled there: no runs yet.
+        eprintln!("note: no runs journaled yet (no journal at {})", path.display());
+    }
+    let keep = config.map_or(Rotation::default().keep, |c| c.redrive.journal_keep);
+    let rows = run_rows(read_all_records(&path, keep)?);
     match output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Format::Table => print!("{}", runs_table(&rows)),
     }
     Ok(exit::OK)
 }
+
+/// The journal file, or (should it be gone) its newest rotated file.
+fn journal_exists(path: &Path) -> bool {
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    path.exists() || Path::new(&rotated).exists()
+}
+
+/// The run ID of the records a rotation copies into the new journal file
+/// (sends not yet settled, intents): they belong to earlier runs, whose own
+/// records are in the rotated files, so they make no run of their own.
+const CARRIED: &str = "carried";
 
 /// What the records of one run say.
 #[derive(Debug, Default)]
@@ -136,6 +168,9 @@ fn run_rows(records: Vec<Record>) -> Vec<Value> {
             | Record::Imported { run, .. }
             | Record::RunFinished { run, .. } => run.clone(),
         };
+        if run_id == CARRIED {
+            continue;
+        }
         let i = *index.entry(run_id.clone()).or_insert_with(|| {
             runs.push(RunRecords {
                 run: run_id,
@@ -405,6 +440,16 @@ mod tests {
             ],
             "{table}"
         );
+    }
+
+    #[test]
+    fn records_a_rotation_carries_over_make_no_run() {
+        let mut records = vec![started("r1", "orders", "cli", false)];
+        records.extend(sent("r1", "a"));
+        records.extend(sent("carried", "a"));
+        let rows = run_rows(records);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0]["sent"], 1);
     }
 
     #[test]
