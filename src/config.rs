@@ -828,7 +828,7 @@ impl Config {
             })?;
         }
         config.resolve_defaults();
-        config.validate(origin)?;
+        config.validate(origin, text, overrides)?;
         Ok(config)
     }
 
@@ -843,7 +843,30 @@ impl Config {
         }
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    /// The checks that need more than one field, or a field's value in
+    /// context. Each error names the line and column where the field is
+    /// written (or the environment override that set it).
+    fn validate(&self, origin: &str, text: &str, overrides: &[(String, String)]) -> Result<(), ConfigError> {
+        let err = |field: String, message: String| -> ConfigError {
+            let overridden = overrides
+                .iter()
+                .find(|(key, _)| field == *key || field.starts_with(&format!("{key}.")));
+            if let Some((key, _)) = overridden {
+                return ConfigError::Env {
+                    var: env_var_for(key),
+                    message: format!("{field}: {message}"),
+                };
+            }
+            let location = match locate(text, &field) {
+                Some((line, column)) => format!("{origin}:{line}:{column}"),
+                None => origin.to_string(),
+            };
+            ConfigError::Invalid {
+                location,
+                field,
+                message,
+            }
+        };
         // An empty default would leave every queue without one (found by the
         // `config` fuzz target: `reason_attribute: &anchor` is an empty string).
         for (field, value) in [
@@ -851,28 +874,19 @@ impl Config {
             ("defaults.description_attribute", &self.defaults.description_attribute),
         ] {
             if value.trim().is_empty() {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: field.into(),
-                    message: "must not be empty".into(),
-                });
+                return Err(err(field.into(), "must not be empty".into()));
             }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, q) in self.queues.iter().enumerate() {
             if q.name.trim().is_empty() {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("queues[{i}].name"),
-                    message: "must not be empty".into(),
-                });
+                return Err(err(format!("queues[{i}].name"), "must not be empty".into()));
             }
             if !seen.insert(q.name.as_str()) {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("queues[{i}].name"),
-                    message: format!("duplicate queue name `{}`", q.name),
-                });
+                return Err(err(
+                    format!("queues[{i}].name"),
+                    format!("duplicate queue name `{}`", q.name),
+                ));
             }
         }
         for (i, r) in self.alerts.rules.iter().enumerate() {
@@ -883,72 +897,58 @@ impl Config {
                 r.new_reason,
             ];
             if conditions.iter().filter(|c| **c).count() != 1 {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("alerts.rules[{i}]"),
-                    message: "set exactly one of `depth_above`, `oldest_age_above`, `growth`, `new_reason`".into(),
-                });
+                return Err(err(
+                    format!("alerts.rules[{i}]"),
+                    "set exactly one of `depth_above`, `oldest_age_above`, `growth`, `new_reason`".into(),
+                ));
             }
             for (j, g) in r.queues.iter().enumerate() {
                 if let Err(e) = glob::Pattern::new(g) {
-                    return Err(ConfigError::Invalid {
-                        location: origin.into(),
-                        field: format!("alerts.rules[{i}].queues[{j}]"),
-                        message: format!("invalid glob `{g}`: {e}"),
-                    });
+                    return Err(err(
+                        format!("alerts.rules[{i}].queues[{j}]"),
+                        format!("invalid glob `{g}`: {e}"),
+                    ));
                 }
             }
         }
         for (i, sink) in self.alerts.sinks.iter().enumerate() {
             let Some((_, t)) = sink.target() else {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("alerts.sinks[{i}]"),
-                    message: "set exactly one of `webhook`, `slack` or `alertmanager`".into(),
-                });
+                return Err(err(
+                    format!("alerts.sinks[{i}]"),
+                    "set exactly one of `webhook`, `slack` or `alertmanager`".into(),
+                ));
             };
             if t.url.is_some() == t.url_env.is_some() {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("alerts.sinks[{i}]"),
-                    message: "set exactly one of `url` and `url_env`".into(),
-                });
+                return Err(err(
+                    format!("alerts.sinks[{i}]"),
+                    "set exactly one of `url` and `url_env`".into(),
+                ));
             }
         }
         for (i, sch) in self.schedules.iter().enumerate() {
             let field = format!("schedules[{i}]");
             if self.queue(&sch.queue).is_none() {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("{field}.queue"),
-                    message: format!("no queue named `{}` is configured", sch.queue),
-                });
+                return Err(err(
+                    format!("{field}.queue"),
+                    format!("no queue named `{}` is configured", sch.queue),
+                ));
             }
             match (&sch.every, &sch.cron) {
                 (Some(_), None) => {}
                 (None, Some(expr)) => {
                     if let Err(e) = expr.parse::<croner::Cron>() {
-                        return Err(ConfigError::Invalid {
-                            location: origin.into(),
-                            field: format!("{field}.cron"),
-                            message: format!("invalid cron expression `{expr}`: {e}"),
-                        });
+                        return Err(err(
+                            format!("{field}.cron"),
+                            format!("invalid cron expression `{expr}`: {e}"),
+                        ));
                     }
                 }
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        location: origin.into(),
-                        field,
-                        message: "set exactly one of `every` and `cron`".into(),
-                    });
+                    return Err(err(field, "set exactly one of `every` and `cron`".into()));
                 }
             }
             if let Some(Err(e)) = sch.filter.as_deref().map(crate::filter::Filter::compile) {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("{field}.filter"),
-                    message: e.to_string(),
-                });
+                return Err(err(format!("{field}.filter"), e.to_string()));
             }
         }
         for (i, q) in self.queues.iter().enumerate() {
@@ -956,26 +956,179 @@ impl Config {
                 .as_ref()
                 .is_some_and(|r| r.max_age.is_zero() || r.check_every.is_zero())
             {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("queues[{i}].retention"),
-                    message: "`max_age` and `check_every` must be longer than 0s".into(),
-                });
+                return Err(err(
+                    format!("queues[{i}].retention"),
+                    "`max_age` and `check_every` must be longer than 0s".into(),
+                ));
             }
         }
         if self.redrive.concurrency == 0 {
-            return Err(ConfigError::Invalid {
-                location: origin.into(),
-                field: "redrive.concurrency".into(),
-                message: "must be at least 1".into(),
-            });
+            return Err(err("redrive.concurrency".into(), "must be at least 1".into()));
         }
+        self.serve
+            .check_listen()
+            .map_err(|(field, message)| err(field.into(), message))?;
         Ok(())
     }
 
     pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
         self.queues.iter().find(|q| q.name == name)
     }
+}
+
+impl ServeConfig {
+    /// `listen` is an IP address and port, and only loopback unless a token
+    /// is configured: otherwise `(field, what is wrong)`. Whether the token's
+    /// variable is set is checked when `serve` starts (the environment is not
+    /// the config).
+    pub fn check_listen(&self) -> Result<std::net::SocketAddr, (&'static str, String)> {
+        let listen: std::net::SocketAddr = self.listen.trim().parse().map_err(|_| {
+            (
+                "serve.listen",
+                format!(
+                    "`{}` is not an IP address and port (e.g. `127.0.0.1:9090`, `[::1]:9090`, `0.0.0.0:9090`; host names are not resolved)",
+                    self.listen
+                ),
+            )
+        })?;
+        match self.token_env.as_deref() {
+            Some(var) if var.trim().is_empty() => Err((
+                "serve.token_env",
+                "must not be empty: it names the environment variable holding the API token".into(),
+            )),
+            None if !listen.ip().is_loopback() => Err((
+                "serve.listen",
+                format!(
+                    "{listen} is not a loopback address: refusing to serve the API there without a token; set serve.token_env (the environment variable holding it), or listen on 127.0.0.1"
+                ),
+            )),
+            _ => Ok(listen),
+        }
+    }
+}
+
+/// Where `field` (a path as errors name it: `queues[1].name`,
+/// `redrive.concurrency`) is written in `text`: the 1-based line and column
+/// of its key (or list item), or of the deepest part of the path that is
+/// written there. Block YAML, and flow collections on one line; None when
+/// not even the path's first key is in the file.
+fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
+    enum Step<'a> {
+        Key(&'a str),
+        Index(usize),
+    }
+    let mut steps = Vec::new();
+    for part in field.split('.') {
+        let (key, mut rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+        if !key.is_empty() {
+            steps.push(Step::Key(key));
+        }
+        while let Some((i, after)) = rest.split_once(']') {
+            steps.push(Step::Index(i.parse().ok()?));
+            rest = after.strip_prefix('[').unwrap_or(after);
+        }
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start_matches(' ').len();
+    let meaningful = |l: &str| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('#') && t != "---"
+    };
+    // Whether `line[col..]` is the key `key` (plain or quoted) followed by `:`.
+    let key_at = |line: &str, col: usize, key: &str| {
+        let rest = line.get(col..).unwrap_or("");
+        [format!("{key}:"), format!("\"{key}\":"), format!("'{key}':")]
+            .iter()
+            .find(|k| rest.starts_with(k.as_str()))
+            .map(|k| k.len())
+            .filter(|len| rest[*len..].is_empty() || rest[*len..].starts_with([' ', '\t']))
+    };
+    // The current block: lines [from, to), the column its keys are at (None:
+    // that of its first line), and an item line whose first key follows `- `.
+    let (mut from, mut to) = (0, lines.len());
+    let mut key_col: Option<usize> = None;
+    let mut item_line: Option<usize> = None;
+    // Inside a flow collection: its line and where the search goes on.
+    let mut flow: Option<(usize, usize)> = None;
+    let mut found = None;
+    for step in steps {
+        if let Some((n, pos)) = flow {
+            // `{a: 1, b: {c: 2}}`: a key follows `{`, `,` or a space.
+            let Step::Key(key) = step else { break };
+            let line = lines[n];
+            let at = line.get(pos..).and_then(|rest| {
+                rest.match_indices(&format!("{key}:"))
+                    .map(|(i, _)| pos + i)
+                    .find(|&i| i == 0 || matches!(line.as_bytes()[i - 1], b'{' | b',' | b' '))
+            });
+            let Some(at) = at else { break };
+            found = Some((n + 1, at + 1));
+            flow = Some((n, at + key.len() + 1));
+            continue;
+        }
+        match step {
+            Step::Key(key) => {
+                let col_of = |i: usize| {
+                    if item_line == Some(i) {
+                        key_col
+                    } else {
+                        Some(indent(lines[i]))
+                    }
+                };
+                let first = (from..to).find(|&i| meaningful(lines[i]))?;
+                let want = key_col.unwrap_or_else(|| indent(lines[first]));
+                let Some((n, len)) = (from..to)
+                    .filter(|&i| meaningful(lines[i]) && col_of(i) == Some(want))
+                    .find_map(|i| key_at(lines[i], want, key).map(|len| (i, len)))
+                else {
+                    break;
+                };
+                found = Some((n + 1, want + 1));
+                let value = lines[n][want + len..].trim_start();
+                if value.starts_with('{') || value.starts_with('[') {
+                    flow = Some((n, lines[n].len() - value.len()));
+                    continue;
+                }
+                // The value's block: the lines below, more indented, or a
+                // list at the key's own indentation.
+                from = n + 1;
+                to = (from..to)
+                    .find(|&i| {
+                        meaningful(lines[i])
+                            && (indent(lines[i]) < want
+                                || (indent(lines[i]) == want && !lines[i].trim_start().starts_with('-')))
+                    })
+                    .unwrap_or(to);
+                key_col = None;
+                item_line = None;
+            }
+            Step::Index(index) => {
+                let first = (from..to).find(|&i| meaningful(lines[i]))?;
+                if !lines[first].trim_start().starts_with('-') {
+                    break;
+                }
+                let dash = indent(lines[first]);
+                let is_item = |i: usize| indent(lines[i]) == dash && lines[i].trim_start().starts_with('-');
+                let Some(n) = (from..to).filter(|&i| is_item(i)).nth(index) else {
+                    break;
+                };
+                found = Some((n + 1, dash + 1));
+                let after_dash = &lines[n][dash + 1..];
+                let content = dash + 1 + (after_dash.len() - after_dash.trim_start().len());
+                let end = (n + 1..to)
+                    .find(|&i| meaningful(lines[i]) && indent(lines[i]) <= dash)
+                    .unwrap_or(to);
+                if lines[n][content..].starts_with('{') || lines[n][content..].starts_with('[') {
+                    flow = Some((n, content));
+                } else if lines[n][content..].trim().is_empty() {
+                    (from, to, key_col, item_line) = (n + 1, end, None, None);
+                } else {
+                    (from, to, key_col, item_line) = (n, end, Some(content), Some(n));
+                }
+            }
+        }
+    }
+    found
 }
 
 fn parse_located<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
@@ -1314,7 +1467,82 @@ mod tests {
     fn duplicate_names_rejected() {
         let y = "queues:\n  - name: a\n    sqs: {queue: x}\n  - name: a\n    sqs: {queue: y}\n";
         let err = parse(y).unwrap_err().to_string();
-        assert!(err.contains("queues[1].name: duplicate queue name `a`"), "{err}");
+        assert_eq!(err, "test.yaml:4:5: queues[1].name: duplicate queue name `a`");
+        // Flow style, and a list at its key's own indentation.
+        let y = "queues:\n- {name: a, sqs: {queue: x}}\n- {sqs: {queue: y}, name: a}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:3:21: queues[1].name: duplicate"), "{err}");
+    }
+
+    #[test]
+    fn locate_finds_keys_and_items_in_block_and_flow_yaml() {
+        let y = "# a comment\nredrive:\n  hold: 5m\n\n  concurrency: 0\nqueues:\n  - name: a\n    sqs:\n      queue: x\n  -\n    name: b\n    pubsub: {project: p, subscription: ''}\nserve: {listen: 'x'}\n";
+        assert_eq!(locate(y, "redrive.concurrency"), Some((5, 3)));
+        assert_eq!(locate(y, "queues[0].name"), Some((7, 5)));
+        assert_eq!(locate(y, "queues[0].sqs.queue"), Some((9, 7)));
+        assert_eq!(locate(y, "queues[1]"), Some((10, 3)));
+        assert_eq!(locate(y, "queues[1].name"), Some((11, 5)));
+        assert_eq!(locate(y, "queues[1].pubsub.subscription"), Some((12, 26)));
+        assert_eq!(locate(y, "serve.listen"), Some((13, 9)));
+        // What is not written: the deepest part that is, or nothing.
+        assert_eq!(locate(y, "redrive.rate"), Some((2, 1)));
+        assert_eq!(locate(y, "queues[7].name"), Some((6, 1)));
+        assert_eq!(locate(y, "alerts.rules[0]"), None);
+        // `hold:` under another key is not `redrive.hold`.
+        assert_eq!(locate("serve:\n  hold: 1\nredrive: {}\n", "serve.listen"), Some((1, 1)));
+        assert_eq!(locate("a:\n  hold: 1\n", "hold"), None);
+    }
+
+    #[test]
+    fn validation_errors_name_the_line_and_overrides_their_variable() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!("{q}redrive:\n  hold: 1m\n  concurrency: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "test.yaml:6:3: redrive.concurrency: must be at least 1");
+        let err = Config::from_yaml(
+            &format!("{q}redrive:\n  concurrency: 4\n"),
+            "t",
+            &[("redrive.concurrency".into(), "0".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "environment override DLQ_BRIDGE__REDRIVE__CONCURRENCY: redrive.concurrency: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn serve_listen_must_be_an_address_and_loopback_without_a_token() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!("{q}serve:\n  listen: notanaddr\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:5:3: serve.listen: `notanaddr` is not an IP address and port"),
+            "{err}"
+        );
+        let err = parse(&format!("{q}serve:\n  poll_interval: 5s\n  listen: 0.0.0.0:9999\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:6:3: serve.listen: 0.0.0.0:9999 is not a loopback address"),
+            "{err}"
+        );
+        assert!(err.contains("set serve.token_env"), "{err}");
+        let err = parse(&format!("{q}serve: {{listen: '127.0.0.1:9', token_env: ''}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("serve.token_env: must not be empty"), "{err}");
+        for ok in [
+            "serve: {listen: '0.0.0.0:9999', token_env: TOKEN}\n",
+            "serve: {listen: '[::1]:9090'}\n",
+            "serve: {listen: '127.0.0.2:0'}\n",
+        ] {
+            let c = parse(&format!("{q}{ok}")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(c.serve.check_listen().is_ok());
+        }
     }
 
     #[test]

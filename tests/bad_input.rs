@@ -250,7 +250,12 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         config_error(
             "empty file",
             String::new(),
-            &["unknown queue `orders` (configured: none)"],
+            &["{file}: queues: no queue is configured; add one"],
+        ),
+        config_error(
+            "no queues",
+            "queues: []\n".to_string(),
+            &["{file}: queues: no queue is configured; add one"],
         ),
         // Unknown fields: the typo is named, and the right field suggested.
         config_error(
@@ -327,7 +332,7 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         config_error(
             "zero concurrency",
             with_tail(&f, "redrive:\n  concurrency: 0\n"),
-            &["{file}", "redrive.concurrency", "at least 1"],
+            &["{file}:8:3: redrive.concurrency: must be at least 1"],
         ),
         // Structure.
         config_error(
@@ -342,7 +347,7 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         config_error(
             "duplicate names",
             with_tail(&f, "  - name: orders\n    sqs: {queue: other}\n"),
-            &["{file}", "queues[1].name", "duplicate queue name `orders`"],
+            &["{file}:7:5: queues[1].name: duplicate queue name `orders`"],
         ),
         config_error(
             "servicebus without credentials",
@@ -373,6 +378,50 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         )
         .env("DLQ_BRIDGE__REDRIVE__HOLD", "forever"),
     ];
+    run_table(&cases);
+
+    // A config without queues: every command that reads queues refuses it;
+    // `check` passes it with a warning (the chart's default values have none).
+    let cases = vec![
+        case(
+            "list without queues",
+            "queues: []\n".to_string(),
+            &["list", "--fail-if-nonempty"],
+            2,
+            &["{file}: queues: no queue is configured"],
+        ),
+        case(
+            "check without queues",
+            String::new(),
+            &["check"],
+            0,
+            &["ok (0 queues)", "warning: {file}: no queue is configured"],
+        ),
+    ];
+    run_table(&cases);
+
+    // What only `serve` uses is checked when any command loads the config,
+    // so `check` reports it as `serve` would.
+    let mut cases = Vec::new();
+    for command in ["check", "serve"] {
+        cases.push(case(
+            "listen is not an address",
+            with_tail(&f, "serve:\n  listen: notanaddr\n"),
+            &[command],
+            2,
+            &["{file}:8:3: serve.listen: `notanaddr` is not an IP address and port"],
+        ));
+        cases.push(case(
+            "listen beyond loopback without a token",
+            with_tail(&f, "serve:\n  poll_interval: 5s\n  listen: 0.0.0.0:9999\n"),
+            &[command],
+            2,
+            &[
+                "{file}:9:3: serve.listen: 0.0.0.0:9999 is not a loopback address",
+                "set serve.token_env",
+            ],
+        ));
+    }
     run_table(&cases);
 
     // The file itself: missing, a directory, not text.

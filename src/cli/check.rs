@@ -11,6 +11,12 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
         path.display(),
         registry.config().queues.len()
     );
+    if registry.config().queues.is_empty() {
+        eprintln!(
+            "warning: {}: no queue is configured; every command but check, serve and runs needs one",
+            path.display()
+        );
+    }
     let mut failed = 0;
     for q in &registry.config().queues {
         let result = async {

@@ -67,6 +67,25 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
     }
     let config_path = config_path(cli.config)?;
     let config = Config::load(&config_path)?;
+    if config.queues.is_empty() {
+        match command {
+            // `check` says so; `serve` still serves its API and dashboard
+            // (the chart's default values configure no queue).
+            Command::Check => {}
+            Command::Serve => eprintln!(
+                "warning: {}: no queue is configured; serve has nothing to poll",
+                config_path.display()
+            ),
+            _ => {
+                return Err(crate::config::ConfigError::Invalid {
+                    location: config_path.display().to_string(),
+                    field: "queues".into(),
+                    message: "no queue is configured; add one (see config/example.yaml)".into(),
+                }
+                .into());
+            }
+        }
+    }
     let registry = Arc::new(Registry::new(config));
     match command {
         Command::List {
