@@ -394,7 +394,7 @@ pub struct RedriveConfig {
     pub concurrency: usize,
     /// How long messages stay leased during a pass. Messages a pass holds
     /// (non-matching ones) are released together when it ends, so this must
-    /// outlast the pass. Default `5m`.
+    /// outlast the pass. At least `1s`; default `5m`.
     #[serde(default = "default_hold", with = "duration_text")]
     pub hold: Duration,
     /// A run stops after this long, releasing what it holds. Default `1h`.
@@ -408,8 +408,8 @@ pub struct RedriveConfig {
     /// (CloudPubSubDeadLetter*, DeadLetterReason...). Default true.
     #[serde(default = "default_true")]
     pub strip_dead_letter_attributes: bool,
-    /// Default messages per second for a redrive, when `--rate` is not given.
-    /// Unset means unlimited.
+    /// Default messages per second for a redrive, when `--rate` is not given:
+    /// at least 1. Unset means unlimited.
     #[serde(default)]
     pub rate: Option<u32>,
     /// The journal file: audit trail and crash record. Default:
@@ -950,6 +950,15 @@ impl Config {
             if let Some(Err(e)) = sch.filter.as_deref().map(crate::filter::Filter::compile) {
                 return Err(err(format!("{field}.filter"), e.to_string()));
             }
+            if sch.rate == Some(0) {
+                return Err(err(format!("{field}.rate"), RATE_AT_LEAST_ONE.into()));
+            }
+            if sch.max == Some(0) {
+                return Err(err(
+                    format!("{field}.max"),
+                    "must be at least 1 (leave it out for no cap)".into(),
+                ));
+            }
         }
         for (i, q) in self.queues.iter().enumerate() {
             if q.retention
@@ -965,6 +974,27 @@ impl Config {
         if self.redrive.concurrency == 0 {
             return Err(err("redrive.concurrency".into(), "must be at least 1".into()));
         }
+        if self.redrive.rate == Some(0) {
+            return Err(err("redrive.rate".into(), RATE_AT_LEAST_ONE.into()));
+        }
+        if self.redrive.hold < MIN_HOLD {
+            return Err(err(
+                "redrive.hold".into(),
+                format!(
+                    "must be at least {} (messages stay leased this long while a pass examines and sends them)",
+                    humantime::format_duration(MIN_HOLD)
+                ),
+            ));
+        }
+        if self.redrive.deadline < MIN_DEADLINE {
+            return Err(err(
+                "redrive.deadline".into(),
+                format!(
+                    "must be at least {} (a run stops after this long)",
+                    humantime::format_duration(MIN_DEADLINE)
+                ),
+            ));
+        }
         self.serve
             .check_listen()
             .map_err(|(field, message)| err(field.into(), message))?;
@@ -975,6 +1005,15 @@ impl Config {
         self.queues.iter().find(|q| q.name == name)
     }
 }
+
+/// What `redrive.rate` and a schedule's `rate` must be: 0 is no rate at all.
+const RATE_AT_LEAST_ONE: &str = "must be at least 1 (whole messages per second); leave it out for no limit";
+
+/// Leases shorter than this expire while their batch is examined and sent.
+const MIN_HOLD: Duration = Duration::from_secs(1);
+
+/// A run given less time than this ends before its first lease is back.
+const MIN_DEADLINE: Duration = Duration::from_secs(1);
 
 impl ServeConfig {
     /// `listen` is an IP address and port, and only loopback unless a token
@@ -1511,6 +1550,13 @@ mod tests {
             err,
             "environment override DLQ_BRIDGE__REDRIVE__CONCURRENCY: redrive.concurrency: must be at least 1"
         );
+        let err = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, rate: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:5:27: schedules[0].rate: must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1543,6 +1589,25 @@ mod tests {
             let c = parse(&format!("{q}{ok}")).unwrap_or_else(|e| panic!("{ok}: {e}"));
             assert!(c.serve.check_listen().is_ok());
         }
+    }
+
+    #[test]
+    fn limits_that_mean_nothing_are_refused() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for (redrive, says) in [
+            (
+                "rate: 0",
+                "test.yaml:5:3: redrive.rate: must be at least 1 (whole messages per second)",
+            ),
+            ("hold: 0s", "test.yaml:5:3: redrive.hold: must be at least 1s"),
+            ("hold: 500ms", "test.yaml:5:3: redrive.hold: must be at least 1s"),
+            ("deadline: 0s", "test.yaml:5:3: redrive.deadline: must be at least 1s"),
+        ] {
+            let err = parse(&format!("{q}redrive:\n  {redrive}\n")).unwrap_err().to_string();
+            assert!(err.starts_with(says), "{redrive}: {err}");
+        }
+        let c = parse(&format!("{q}redrive: {{rate: 1, hold: 1s, deadline: 1s}}\n")).unwrap();
+        assert_eq!(c.redrive.rate, Some(1));
     }
 
     #[test]

@@ -334,6 +334,21 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
             with_tail(&f, "redrive:\n  concurrency: 0\n"),
             &["{file}:8:3: redrive.concurrency: must be at least 1"],
         ),
+        config_error(
+            "zero rate",
+            with_tail(&f, "redrive:\n  rate: 0\n"),
+            &["{file}:8:3: redrive.rate: must be at least 1 (whole messages per second)"],
+        ),
+        config_error(
+            "zero hold",
+            with_tail(&f, "redrive:\n  hold: 0s\n"),
+            &["{file}:8:3: redrive.hold: must be at least 1s"],
+        ),
+        config_error(
+            "zero schedule rate",
+            with_tail(&f, "schedules:\n  - queue: orders\n    every: 1h\n    rate: 0\n"),
+            &["{file}:10:5: schedules[0].rate: must be at least 1"],
+        ),
         // Structure.
         config_error(
             "two backends",
@@ -528,6 +543,31 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
             "negative rate",
             &["redrive", "orders", "--rate=-3", "--yes"],
             &["--rate", "-3"],
+        ),
+        c(
+            "zero rate",
+            &["redrive", "orders", "--rate", "0", "--yes"],
+            &["'0' for '--rate <N>'", "at least 1 message per second"],
+        ),
+        c(
+            "fractional rate",
+            &["redrive", "orders", "--rate", "0.5", "--yes"],
+            &["'0.5' for '--rate <N>'", "rate is whole messages per second"],
+        ),
+        c(
+            "zero rate, flag form",
+            &["--redrive", "orders", "--rate", "0", "--yes"],
+            &["--rate", "at least 1"],
+        ),
+        c(
+            "zero purge rate",
+            &["purge", "orders", "--filter", "true", "--rate", "0", "--yes"],
+            &["--rate", "at least 1"],
+        ),
+        c(
+            "zero import rate",
+            &["import", "x.jsonl", "--to", "orders", "--rate", "0", "--yes"],
+            &["--rate", "at least 1"],
         ),
         c(
             "max not a number",

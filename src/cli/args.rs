@@ -128,8 +128,8 @@ pub enum Command {
         address: Option<String>,
         #[arg(long, short = 'f')]
         filter: Option<String>,
-        /// Messages per second at most.
-        #[arg(long, value_name = "N")]
+        /// Messages per second at most: a whole number, at least 1. Default: no limit.
+        #[arg(long, value_name = "N", value_parser = parse_rate)]
         rate: Option<u32>,
         /// Import at most N messages.
         #[arg(long, value_name = "N")]
@@ -169,7 +169,9 @@ pub enum Command {
         /// Delete at most N messages.
         #[arg(long, value_name = "N")]
         max: Option<u64>,
-        #[arg(long, value_name = "N")]
+        /// Messages per second at most: a whole number, at least 1. Default: the
+        /// config's `redrive.rate`, else no limit.
+        #[arg(long, value_name = "N", value_parser = parse_rate)]
         rate: Option<u32>,
         #[command(flatten)]
         journal: JournalOpts,
@@ -227,8 +229,9 @@ pub struct RedriveOpts {
     /// Lease, filter and report what would move; send and delete nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Messages per second at most.
-    #[arg(long, value_name = "N")]
+    /// Messages per second at most: a whole number, at least 1. Default: the
+    /// config's `redrive.rate`, else no limit.
+    #[arg(long, value_name = "N", value_parser = parse_rate)]
     pub rate: Option<u32>,
     /// Move at most N messages.
     #[arg(long, value_name = "N")]
@@ -262,5 +265,33 @@ impl RedriveOpts {
             || self.journal.is_some()
             || self.no_journal
             || self.output != Format::Table
+    }
+}
+
+/// `--rate`: whole messages per second, at least 1 (0 would mean no limit at
+/// all, which leaving `--rate` out already says).
+fn parse_rate(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(0) => Err("must be at least 1 message per second (leave --rate out for no limit)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("rate is whole messages per second: an integer of at least 1, e.g. --rate 50".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_is_whole_messages_per_second_and_at_least_one() {
+        assert_eq!(parse_rate("50"), Ok(50));
+        assert_eq!(parse_rate("1"), Ok(1));
+        assert!(parse_rate("0").unwrap_err().contains("at least 1"));
+        for bad in ["0.5", "-3", "fast", ""] {
+            assert!(
+                parse_rate(bad).unwrap_err().contains("whole messages per second"),
+                "{bad}"
+            );
+        }
     }
 }
