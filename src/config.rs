@@ -477,7 +477,8 @@ fn default_true() -> bool {
 /// It serializes in the shape it is written in, so a config round-trips.
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
-    /// The name used on the command line and in metrics.
+    /// The name used on the command line, in the API's URLs and in metrics:
+    /// unique, made of letters, digits, `-`, `_` and `.`.
     pub name: String,
     pub kind: QueueKind,
     /// Where redriven messages go when the message itself does not say (SQS:
@@ -879,13 +880,27 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, q) in self.queues.iter().enumerate() {
-            if q.name.trim().is_empty() {
-                return Err(err(format!("queues[{i}].name"), "must not be empty".into()));
+            if let Some(message) = queue_name_problem(&q.name) {
+                return Err(err(format!("queues[{i}].name"), message));
             }
             if !seen.insert(q.name.as_str()) {
                 return Err(err(
                     format!("queues[{i}].name"),
                     format!("duplicate queue name `{}`", q.name),
+                ));
+            }
+            for (field, value, what) in backend_names(&q.kind) {
+                if value.is_some_and(|v| v.trim().is_empty()) {
+                    return Err(err(
+                        format!("queues[{i}].{field}"),
+                        format!("must not be empty: {what}"),
+                    ));
+                }
+            }
+            if q.source.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                return Err(err(
+                    format!("queues[{i}].source"),
+                    "must not be empty (leave it out to use the source the provider reports)".into(),
                 ));
             }
         }
@@ -1043,6 +1058,64 @@ impl ServeConfig {
             )),
             _ => Ok(listen),
         }
+    }
+}
+
+/// Why `name` cannot name a queue, if it cannot. Names are typed on the
+/// command line and appear in URLs (`/v1/queues/NAME`), file names (backups,
+/// exports) and metric labels, and alert rules match them with globs.
+fn queue_name_problem(name: &str) -> Option<String> {
+    if name.trim().is_empty() {
+        return Some("must not be empty".into());
+    }
+    if name.starts_with('-') {
+        return Some(format!(
+            "queue name `{name}` starts with `-`, which reads as an option on the command line"
+        ));
+    }
+    let bad = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))?;
+    let what = match bad {
+        ' ' => "a space".to_string(),
+        c if c.is_whitespace() || c.is_control() => format!("the character {:?}", c),
+        c => format!("`{c}`"),
+    };
+    Some(format!(
+        "queue name `{name}` contains {what}: use letters, digits, `-`, `_` and `.` (names appear on the command line, in URLs, file names and metric labels)"
+    ))
+}
+
+/// The names a queue's backend section must not leave empty: (field under
+/// `queues[i]`, value when set, what it is).
+fn backend_names(kind: &QueueKind) -> Vec<(&'static str, Option<&str>, &'static str)> {
+    match kind {
+        QueueKind::Sqs(c) => vec![("sqs.queue", Some(c.queue.as_str()), "the DLQ's queue name or URL")],
+        QueueKind::PubSub(c) => vec![
+            (
+                "pubsub.project",
+                Some(c.project.as_str()),
+                "the GCP project of the dead-letter subscription",
+            ),
+            (
+                "pubsub.subscription",
+                Some(c.subscription.as_str()),
+                "the subscription on the dead-letter topic",
+            ),
+        ],
+        QueueKind::ServiceBus(c) => vec![
+            (
+                "servicebus.queue",
+                c.queue.as_deref(),
+                "the queue whose dead-letter queue is managed",
+            ),
+            ("servicebus.topic", c.topic.as_deref(), "the topic of the subscription"),
+            (
+                "servicebus.subscription",
+                c.subscription.as_deref(),
+                "the subscription whose dead-letter queue is managed",
+            ),
+        ],
     }
 }
 
@@ -1608,6 +1681,48 @@ mod tests {
         }
         let c = parse(&format!("{q}redrive: {{rate: 1, hold: 1s, deadline: 1s}}\n")).unwrap();
         assert_eq!(c.redrive.rate, Some(1));
+    }
+
+    #[test]
+    fn queue_names_and_backend_names_are_checked() {
+        let sqs = |name: &str, queue: &str| format!("queues:\n  - name: {name}\n    sqs: {{queue: {queue}}}\n");
+        for (name, says) in [
+            ("'my orders'", "contains a space"),
+            ("orders/eu", "contains `/`"),
+            ("'-orders'", "starts with `-`"),
+            ("'orders*'", "contains `*`"),
+        ] {
+            let err = parse(&sqs(name, "x")).unwrap_err().to_string();
+            assert!(
+                err.starts_with("test.yaml:2:5: queues[0].name: queue name"),
+                "{name}: {err}"
+            );
+            assert!(err.contains(says), "{name}: {err}");
+        }
+        parse(&sqs("orders-eu_1.v2", "x")).unwrap();
+        let err = parse(&sqs("a", "''")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("test.yaml:3:11: queues[0].sqs.queue: must not be empty"),
+            "{err}"
+        );
+        let err = parse("queues:\n  - name: a\n    pubsub:\n      project: p\n      subscription: ' '\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:5:7: queues[0].pubsub.subscription: must not be empty"),
+            "{err}"
+        );
+        let err = parse("queues:\n  - name: a\n    servicebus: {namespace: n, queue: ''}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("queues[0].servicebus.queue: must not be empty"), "{err}");
+        let err = parse("queues:\n  - name: a\n    source: ''\n    sqs: {queue: x}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:3:5: queues[0].source: must not be empty"),
+            "{err}"
+        );
     }
 
     #[test]

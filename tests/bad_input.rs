@@ -365,6 +365,21 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
             &["{file}:7:5: queues[1].name: duplicate queue name `orders`"],
         ),
         config_error(
+            "queue name with a space",
+            with_line(&f, 2, "  - name: 'my orders'"),
+            &["{file}:2:5: queues[0].name: queue name `my orders` contains a space"],
+        ),
+        config_error(
+            "queue name with a slash",
+            with_line(&f, 2, "  - name: eu/orders"),
+            &["{file}:2:5: queues[0].name", "contains `/`"],
+        ),
+        config_error(
+            "empty sqs queue",
+            with_line(&f, 4, "      queue: ''"),
+            &["{file}:4:7: queues[0].sqs.queue: must not be empty"],
+        ),
+        config_error(
             "servicebus without credentials",
             with_tail(&f, "  - name: sb\n    servicebus: {queue: q}\n"),
             &["{file}:7:", "queues[1]", "queue `sb`", "`connection_string_env`"],
