@@ -585,6 +585,26 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
             &["--rate", "at least 1"],
         ),
         c(
+            "inspect --limit 0",
+            &["inspect", "orders", "--limit", "0"],
+            &["'0' for '--limit <N>'", "must be at least 1"],
+        ),
+        c(
+            "inspect --scan 0",
+            &["inspect", "orders", "--filter", "true", "--scan", "0"],
+            &["'0' for '--scan <N>'", "must be at least 1"],
+        ),
+        c(
+            "report --top 0",
+            &["report", "orders", "--top", "0"],
+            &["'0' for '--top <N>'", "must be at least 1"],
+        ),
+        c(
+            "redrive --max 0",
+            &["redrive", "orders", "--max", "0", "--yes"],
+            &["'0' for '--max <N>'", "must be at least 1"],
+        ),
+        c(
             "max not a number",
             &["redrive", "orders", "--max", "many", "--yes"],
             &["--max", "many"],

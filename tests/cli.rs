@@ -256,3 +256,49 @@ async fn runs_shows_killed_runs_as_unfinished_and_each_runs_action() {
     );
     assert_eq!(lines[2].split_whitespace().nth(2), Some("purge"), "{out}");
 }
+
+/// `inspect` reads what its help says: without a filter no more than
+/// `--limit` (each read raises an SQS receive count), with one at most
+/// `--scan`, and it says when that read may have missed matches.
+#[tokio::test]
+async fn inspect_reads_at_most_limit_unfiltered_and_at_most_scan_filtered() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&tenants(6)).await;
+    let cfg = fixture_config(&f);
+    let before = f.dlq_snapshot().await;
+
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args(["inspect", "orders", "-n", "2"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("2 shown, 2 read"), "{err}");
+    // The snapshot adds one receive to each; the inspect one more to two only.
+    let after = f.dlq_snapshot().await;
+    let raised: Vec<u32> = after
+        .iter()
+        .map(|(id, _, c)| c - before.iter().find(|(b, ..)| b == id).unwrap().2)
+        .collect();
+    assert_eq!(raised.iter().filter(|&&d| d == 2).count(), 2, "{raised:?}");
+    assert_eq!(raised.iter().filter(|&&d| d == 1).count(), 4, "{raised:?}");
+
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args([
+        "inspect",
+        "orders",
+        "--filter",
+        r#"attributes.tenant == "acme""#,
+        "--scan",
+        "3",
+        "-n",
+        "10",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains(" shown, 3 read"), "{err}");
+    assert!(err.contains("the read stopped at --scan 3"), "{err}");
+
+    let (code, out, err) = run(bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["inspect", "orders", "-o", "json", "-n", "10"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let msgs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(msgs.as_array().unwrap().len(), 6, "{out}");
+    assert!(!err.contains("--scan"), "{err}");
+}

@@ -58,11 +58,12 @@ pub enum Command {
         /// CEL filter; only matching messages are shown.
         #[arg(long, short = 'f')]
         filter: Option<String>,
-        /// Messages shown at most.
-        #[arg(long, short = 'n', default_value_t = 20)]
+        /// Messages shown at most. Without --filter only this many are read.
+        #[arg(long, short = 'n', default_value_t = 20, value_name = "N", value_parser = at_least_one::<usize>)]
         limit: usize,
-        /// Messages read at most while looking for matches.
-        #[arg(long, default_value_t = 1000, value_name = "N")]
+        /// Messages read at most while looking for --filter's matches (the read
+        /// is one batch: all N are read even when --limit matches come early).
+        #[arg(long, default_value_t = 1000, value_name = "N", value_parser = at_least_one::<usize>)]
         scan: usize,
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
@@ -91,10 +92,10 @@ pub enum Command {
         #[arg(long, default_value = "pattern", value_name = "BY")]
         by: String,
         /// Groups shown; the rest are folded into `other`.
-        #[arg(long, default_value_t = crate::engine::triage::DEFAULT_TOP, value_name = "N")]
+        #[arg(long, default_value_t = crate::engine::triage::DEFAULT_TOP, value_name = "N", value_parser = at_least_one::<usize>)]
         top: usize,
         /// Messages read at most (large DLQs: raise it; only what is read is grouped).
-        #[arg(long, default_value_t = crate::engine::triage::DEFAULT_SCAN, value_name = "N")]
+        #[arg(long, default_value_t = crate::engine::triage::DEFAULT_SCAN, value_name = "N", value_parser = at_least_one::<usize>)]
         scan: usize,
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
@@ -109,7 +110,7 @@ pub enum Command {
         #[arg(long, short = 'f')]
         filter: Option<String>,
         /// Write at most N messages (Service Bus: browse at most N; default 10000).
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
         max: Option<u64>,
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
@@ -132,7 +133,7 @@ pub enum Command {
         #[arg(long, value_name = "N", value_parser = parse_rate)]
         rate: Option<u32>,
         /// Import at most N messages.
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
         max: Option<u64>,
         /// Read, filter and report what would be sent (and what could not be carried); send nothing.
         #[arg(long)]
@@ -167,7 +168,7 @@ pub enum Command {
         #[arg(long, conflicts_with = "backup")]
         no_backup: bool,
         /// Delete at most N messages.
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
         max: Option<u64>,
         /// Messages per second at most: a whole number, at least 1. Default: the
         /// config's `redrive.rate`, else no limit.
@@ -234,7 +235,7 @@ pub struct RedriveOpts {
     #[arg(long, value_name = "N", value_parser = parse_rate)]
     pub rate: Option<u32>,
     /// Move at most N messages.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
     pub max: Option<u64>,
     /// Send batches in flight at once. Default: the config's `redrive.concurrency`.
     #[arg(long, value_name = "N")]
@@ -278,9 +279,27 @@ fn parse_rate(text: &str) -> Result<u32, String> {
     }
 }
 
+/// A count that must be at least 1: 0 would show, read or move nothing.
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(text: &str) -> Result<T, String> {
+    match text.trim().parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err("expected a whole number of at least 1".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_are_whole_numbers_of_at_least_one() {
+        assert_eq!(at_least_one::<usize>("3"), Ok(3));
+        assert_eq!(at_least_one::<u64>("1"), Ok(1));
+        assert_eq!(at_least_one::<usize>("0"), Err("must be at least 1".into()));
+        assert!(at_least_one::<u64>("-1").unwrap_err().contains("whole number"));
+        assert!(at_least_one::<usize>("2.5").unwrap_err().contains("whole number"));
+    }
 
     #[test]
     fn rate_is_whole_messages_per_second_and_at_least_one() {

@@ -91,6 +91,7 @@ pub(crate) async fn inspect(
     scan: usize,
     output: Format,
 ) -> Result<u8, Failure> {
+    let filtered = filter.is_some();
     let filter = match filter {
         Some(f) => Filter::compile(f)?,
         None => Filter::match_all(),
@@ -103,7 +104,10 @@ pub(crate) async fn inspect(
             backend.kind()
         );
     }
-    let msgs = backend.peek(scan.max(limit)).await?;
+    // Without a filter every message read is shown, so read no more than
+    // --limit: on SQS and Pub/Sub each one read gets its delivery count raised.
+    let read = if filtered { scan } else { scan.min(limit) };
+    let msgs = backend.peek(read).await?;
     let now = Utc::now();
     let mut shown = Vec::new();
     let mut errors = 0;
@@ -132,6 +136,9 @@ pub(crate) async fn inspect(
     }
     if errors > 0 {
         eprintln!("warning: the filter failed on {errors} messages (counted as no match); -vv shows why");
+    }
+    if filtered && shown.len() < limit && msgs.len() >= scan {
+        eprintln!("note: the read stopped at --scan {scan}; the DLQ may hold more matches (raise --scan)");
     }
     Ok(exit::OK)
 }
