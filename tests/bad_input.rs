@@ -1512,6 +1512,33 @@ mod servicebus {
         assert!(f.drain_source().await.is_empty(), "something was sent to the source");
     }
 
+    /// The counts come from the management endpoint, apart from the AMQP
+    /// connection: when only it is down, `list` and `check` still name the
+    /// queue in the error, as for every other failure.
+    #[tokio::test]
+    async fn a_management_endpoint_that_is_down_is_named_with_its_queue() {
+        emulator();
+        let f = ServiceBusFixture::create(false).await;
+        let port = common::emulator::free_port();
+        let cfg = write_file(
+            format!(
+                "queues:\n  - name: orders\n    servicebus: {{connection_string_env: {CONNECTION_STRING_ENV}, queue: {}, management_endpoint: 'http://127.0.0.1:{port}'}}\n",
+                f.entity
+            ),
+            "yaml",
+        );
+        for args in [&["list", "--sample", "0"][..], &["check"]] {
+            let mut cmd = bin();
+            cs_env(&mut cmd);
+            let (code, out, err) = run(cmd.arg("-c").arg(&cfg).args(args));
+            assert_eq!(code, 1, "{args:?}: {out}{err}");
+            assert!(
+                err.contains(&format!("error: queue orders: cannot reach http://127.0.0.1:{port}")),
+                "{args:?}: {err}"
+            );
+        }
+    }
+
     /// A destination that refuses the copies (a queue at its size quota:
     /// Azure answers the transfer with a Rejected outcome,
     /// `amqp:resource-limit-exceeded`): the run fails, says which

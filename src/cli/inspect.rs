@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use anyhow::Context as _;
 use chrono::Utc;
 
 use super::exit::{self, Failure};
@@ -51,10 +52,12 @@ pub(crate) async fn queue_row(registry: &Registry, name: &str, sample: usize) ->
         error: None,
     };
     let result: anyhow::Result<()> = async {
+        // Connect errors name the queue already; the backend's own do not.
         let backend = registry.backend(name).await?;
-        let mut stats = backend.stats().await?;
+        let named = || format!("queue {name}");
+        let mut stats = backend.stats().await.with_context(named)?;
         if sample > 0 && stats.depth > 0 {
-            let msgs = backend.peek(sample).await?;
+            let msgs = backend.peek(sample).await.with_context(named)?;
             row.sampled = msgs.len();
             let mut counts: HashMap<String, u64> = HashMap::new();
             for m in &msgs {

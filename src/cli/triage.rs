@@ -252,11 +252,15 @@ fn import_text(s: &ImportSummary) -> String {
         s.queue,
         s.backend,
     );
+    // Matches planned for each destination; with one, the run's `sent` is its own.
     for (to, n) in &s.destinations {
-        out.push_str(&format!(
-            "  {n} {} {to}\n",
-            if s.dry_run { "would go to" } else { "to" }
-        ));
+        if s.dry_run {
+            out.push_str(&format!("  {n} would go to {to}\n"));
+        } else if s.destinations.len() == 1 {
+            out.push_str(&format!("  {n} planned for {to}, {} sent\n", s.sent));
+        } else {
+            out.push_str(&format!("  {n} planned for {to}\n"));
+        }
     }
     out.push_str(&format!("  read:      {}\n  matched:   {}\n", s.read, s.matched));
     if !s.dry_run {
@@ -294,11 +298,13 @@ fn purge_text(s: &RunSummary) -> String {
     if !s.dry_run {
         out.push_str(&format!("  backed up: {}\n  deleted:   {}\n", s.sent, s.settled));
     }
+    // Matches handed to the backup (or to no backup), not deletions: those
+    // are `deleted` above.
     for (to, n) in &s.destinations {
-        let verb = if s.dry_run { "would be purged" } else { "purged" };
+        let verb = if s.dry_run { "would be purged" } else { "planned" };
         out.push_str(&format!("  {n} {verb}, {to}\n"));
     }
-    out.push_str(&format!("  left in DLQ (released): {}\n", s.released));
+    out.push_str(&crate::output::released_line(s, "deleted"));
     crate::output::push_samples_and_errors(&mut out, s);
     out
 }
