@@ -83,6 +83,9 @@ pub struct QueueRow {
     pub sampled: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The exit code `error` calls for (a config problem or a failure).
+    #[serde(skip)]
+    pub error_code: u8,
 }
 
 pub fn queues_table(rows: &[QueueRow]) -> String {
@@ -281,6 +284,7 @@ mod tests {
             top_reasons: Vec::new(),
             sampled: 0,
             error: None,
+            error_code: 0,
         };
         let table = queues_table(&[row(1000, Exactness::AtLeast), row(7, Exactness::Exact)]);
         let lines: Vec<&str> = table.lines().collect();

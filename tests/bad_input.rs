@@ -1374,23 +1374,58 @@ async fn unset_secret_variables_are_config_errors_naming_field_and_variable() {
             &["queue sb", "`SharedAccessKeyName` and `SharedAccessKey`"],
         )
         .env(&unset, "Endpoint=sb://ns.servicebus.windows.net/"),
-        // Per-queue commands report each queue and exit 1; the SQS queue still answers.
+        // Commands over every queue report each one (the SQS queue still
+        // answers), and exit 2 for the config problem, as the others do.
         case(
             "connection string unset, list",
             sb.clone(),
             &["list", "--sample", "0"],
-            1,
+            2,
             sb_says,
         ),
         case(
             "connection string unset, check",
             sb.clone(),
             &["check"],
-            1,
+            2,
             &[
                 "queue orders (sqs): ok, depth 2",
                 "queue sb (servicebus): FAILED",
                 &unset,
+            ],
+        ),
+        // The triage commands connect their queue themselves: the same exit 2.
+        case(
+            "connection string unset, purge",
+            sb.clone(),
+            &[
+                "purge",
+                "sb",
+                "--filter",
+                "true",
+                "--no-backup",
+                "--yes",
+                "--no-journal",
+            ],
+            2,
+            sb_says,
+        ),
+        case(
+            "connection string unset, report",
+            sb.clone(),
+            &["report", "sb"],
+            2,
+            sb_says,
+        ),
+        case(
+            "connection string unset, retention",
+            format!("{sb}    retention: {{max_age: 1d}}\n"),
+            &["retention", "sb", "--dry-run", "--no-journal"],
+            2,
+            &[
+                "error: queue sb: retention failed: the environment variable",
+                &unset,
+                "is not set",
             ],
         ),
         // serve refuses to start (before it polls anything).

@@ -19,7 +19,8 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
             path.display()
         );
     }
-    let mut failed = 0;
+    // The worst outcome: a config problem (exit 2) outranks a failure (exit 1).
+    let mut code = exit::OK;
     for q in &registry.config().queues {
         let result = async {
             // Connect errors name the queue already; the backend's own do not.
@@ -30,7 +31,7 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
         match result {
             Ok(s) => println!("queue {} ({}): ok, depth {}", q.name, q.kind.backend_name(), s.depth),
             Err(e) => {
-                failed += 1;
+                code = code.max(exit::code_of(&e));
                 // The verdict on stdout with the others, the error (which
                 // names the queue) on stderr, as every command reports errors.
                 println!("queue {} ({}): FAILED", q.name, q.kind.backend_name());
@@ -38,5 +39,5 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
             }
         }
     }
-    Ok(if failed == 0 { exit::OK } else { exit::FAILURE })
+    Ok(code)
 }

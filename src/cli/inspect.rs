@@ -29,7 +29,9 @@ pub(crate) async fn list(
         for r in rows.iter().filter(|r| r.error.is_some()) {
             eprintln!("error: {}", r.error.as_deref().unwrap_or_default());
         }
-        return Ok(exit::FAILURE);
+        // A config problem (exit 2) outranks a failure (exit 1): it needs fixing
+        // whatever the backends do.
+        return Ok(rows.iter().map(|r| r.error_code).max().unwrap_or(exit::FAILURE));
     }
     if fail_if_nonempty && rows.iter().any(|r| r.stats.as_ref().is_some_and(|s| s.depth > 0)) {
         return Ok(exit::NONEMPTY);
@@ -50,6 +52,7 @@ pub(crate) async fn queue_row(registry: &Registry, name: &str, sample: usize) ->
         top_reasons: Vec::new(),
         sampled: 0,
         error: None,
+        error_code: exit::OK,
     };
     let result: anyhow::Result<()> = async {
         // Connect errors name the queue already; the backend's own do not.
@@ -82,6 +85,7 @@ pub(crate) async fn queue_row(registry: &Registry, name: &str, sample: usize) ->
     .await;
     if let Err(e) = result {
         row.error = Some(format!("{e:#}"));
+        row.error_code = exit::code_of(&e);
     }
     row
 }

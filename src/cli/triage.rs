@@ -161,7 +161,8 @@ pub async fn cli_retention(
         .clone()
         .or_else(crate::config::state_dir);
     let mut outcomes = Vec::new();
-    let mut failed = false;
+    // The worst outcome: a config problem (exit 2) outranks a failure (exit 1).
+    let mut code = exit::OK;
     for name in &names {
         let o = apply_retention(
             registry,
@@ -175,12 +176,16 @@ pub async fn cli_retention(
         .await;
         match o {
             Ok(o) => {
-                failed |= o.purge.as_ref().is_some_and(|s| !s.ok());
+                if o.purge.as_ref().is_some_and(|s| !s.ok()) {
+                    code = code.max(exit::FAILURE);
+                }
                 outcomes.push(o);
             }
             Err(e) => {
-                failed = true;
-                eprintln!("queue {name}: retention failed: {e}");
+                let text = e.to_string();
+                let text = text.strip_prefix(&format!("queue {name}: ")).unwrap_or(&text);
+                eprintln!("error: queue {name}: retention failed: {text}");
+                code = code.max(Failure::from(e).code);
             }
         }
     }
@@ -192,7 +197,7 @@ pub async fn cli_retention(
             }
         }
     }
-    Ok(if failed { exit::FAILURE } else { exit::OK })
+    Ok(code)
 }
 
 fn report_table(r: &Report) -> String {
