@@ -528,10 +528,37 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
             &["--redrive", "orders", "--filter", "reasn == \"x\"", "--yes"],
             &["unknown variable `reasn`"],
         ),
+        // An empty filter is refused alike everywhere (a shell-quoting slip,
+        // most likely), with what to pass instead.
         c(
             "empty filter",
             &["redrive", "orders", "--filter", "", "--yes"],
-            &["invalid filter"],
+            &["the filter is empty: leave --filter out to select every message"],
+        ),
+        c(
+            "empty filter, flag form",
+            &["--redrive", "orders", "--filter", " ", "--yes"],
+            &["the filter is empty"],
+        ),
+        c(
+            "empty filter, inspect",
+            &["inspect", "orders", "--filter", ""],
+            &["the filter is empty"],
+        ),
+        c(
+            "empty filter, report",
+            &["report", "orders", "--filter", ""],
+            &["the filter is empty"],
+        ),
+        c(
+            "empty filter, export",
+            &["export", "orders", "--to", &export_to, "--filter", ""],
+            &["the filter is empty"],
+        ),
+        c(
+            "empty filter, purge",
+            &["purge", "orders", "--filter", "", "--yes"],
+            &["the filter is empty: pass --filter true to purge every message"],
         ),
         c(
             "purge filter",
