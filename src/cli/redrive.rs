@@ -1,6 +1,6 @@
 //! `redrive` (and the `--redrive` flag form), and the journal it keeps.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,8 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use super::args::{JournalOpts, RedriveOpts};
-use super::exit::{self, Failure, usage};
+use super::confirm::confirm;
+use super::exit::{self, Failure};
 use crate::config::{Config, state_dir};
 use crate::engine::journal::{Journal, Rotation};
 use crate::engine::redrive::{Engine, Progress, RunSummary, Trigger};
@@ -31,21 +32,17 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
         Filter::compile(f)?;
     }
     registry.queue(queue)?;
-    if !opts.dry_run && !opts.yes {
-        if !std::io::stdin().is_terminal() {
-            return Err(usage(
-                "a real redrive needs --yes when not run from a terminal (or use --dry-run)",
-            ));
-        }
-        eprint!(
-            "Redrive messages of {queue} matching `{}`? [y/N] ",
-            req.filter.as_deref().unwrap_or("true")
-        );
-        std::io::stderr().flush().ok();
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            eprintln!("aborted; nothing was touched");
+    if !opts.dry_run {
+        let what = match &req.filter {
+            Some(f) => format!("the messages of {queue} matching `{f}`"),
+            None => format!("every message of {queue}"),
+        };
+        let to = match &req.to {
+            Some(t) => format!("to {t}"),
+            None => "back to their source".into(),
+        };
+        let cap = req.max.map(|m| format!(" (at most {m})")).unwrap_or_default();
+        if !confirm(opts.yes, &format!("Redrive {what} {to}{cap}?"))? {
             return Ok(exit::FAILURE);
         }
     }
