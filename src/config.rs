@@ -1187,7 +1187,9 @@ fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
                         Some(indent(lines[i]))
                     }
                 };
-                let first = (from..to).find(|&i| meaningful(lines[i]))?;
+                let Some(first) = (from..to).find(|&i| meaningful(lines[i])) else {
+                    break;
+                };
                 let want = key_col.unwrap_or_else(|| indent(lines[first]));
                 let Some((n, len)) = (from..to)
                     .filter(|&i| meaningful(lines[i]) && col_of(i) == Some(want))
@@ -1215,7 +1217,9 @@ fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
                 item_line = None;
             }
             Step::Index(index) => {
-                let first = (from..to).find(|&i| meaningful(lines[i]))?;
+                let Some(first) = (from..to).find(|&i| meaningful(lines[i])) else {
+                    break;
+                };
                 if !lines[first].trim_start().starts_with('-') {
                     break;
                 }
@@ -1603,6 +1607,19 @@ mod tests {
         // `hold:` under another key is not `redrive.hold`.
         assert_eq!(locate("serve:\n  hold: 1\nredrive: {}\n", "serve.listen"), Some((1, 1)));
         assert_eq!(locate("a:\n  hold: 1\n", "hold"), None);
+        // A key with nothing under it, CRLF line ends, odd input: no panic.
+        assert_eq!(locate("redrive:\n", "redrive.rate"), Some((1, 1)));
+        assert_eq!(locate("redrive:\r\n  rate: 0\r\n", "redrive.rate"), Some((2, 3)));
+        for odd in [
+            "queues:\n  -\u{3000}name: a\n",
+            "queues: [\n",
+            "- x\n- y\n",
+            "queues:\n-\n",
+            "\u{e9}: 1\n",
+        ] {
+            let _ = locate(odd, "queues[0].name");
+            let _ = locate(odd, "queues[1].sqs.queue");
+        }
     }
 
     #[test]
