@@ -471,7 +471,7 @@ pub struct RedriveConfig {
     pub concurrency: usize,
     /// How long messages stay leased during a pass. Messages a pass holds
     /// (non-matching ones) are released together when it ends, so this must
-    /// outlast the pass. Default `5m`.
+    /// outlast the pass. At least `1s`; default `5m`.
     #[serde(default = "default_hold", with = "duration_text")]
     pub hold: Duration,
     /// A run stops after this long, releasing what it holds. Default `1h`.
@@ -485,8 +485,8 @@ pub struct RedriveConfig {
     /// (CloudPubSubDeadLetter*, DeadLetterReason...). Default true.
     #[serde(default = "default_true")]
     pub strip_dead_letter_attributes: bool,
-    /// Default messages per second for a redrive, when `--rate` is not given.
-    /// Unset means unlimited.
+    /// Default messages per second for a redrive, when `--rate` is not given:
+    /// at least 1. Unset means unlimited.
     #[serde(default)]
     pub rate: Option<u32>,
     /// The journal file: audit trail and crash record. Default:
@@ -554,7 +554,8 @@ fn default_true() -> bool {
 /// It serializes in the shape it is written in, so a config round-trips.
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
-    /// The name used on the command line and in metrics.
+    /// The name used on the command line, in the API's URLs and in metrics:
+    /// unique, made of letters, digits, `-`, `_` and `.`.
     pub name: String,
     pub kind: QueueKind,
     /// Where redriven messages go when the message itself does not say (SQS:
@@ -905,7 +906,7 @@ impl Config {
             })?;
         }
         config.resolve_defaults();
-        config.validate(origin)?;
+        config.validate(origin, text, overrides)?;
         config.validate_alert_globs(text, origin)?;
         Ok(config)
     }
@@ -921,7 +922,30 @@ impl Config {
         }
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    /// The checks that need more than one field, or a field's value in
+    /// context. Each error names the line and column where the field is
+    /// written (or the environment override that set it).
+    fn validate(&self, origin: &str, text: &str, overrides: &[(String, String)]) -> Result<(), ConfigError> {
+        let err = |field: String, message: String| -> ConfigError {
+            let overridden = overrides
+                .iter()
+                .find(|(key, _)| field == *key || field.starts_with(&format!("{key}.")));
+            if let Some((key, _)) = overridden {
+                return ConfigError::Env {
+                    var: env_var_for(key),
+                    message: format!("{field}: {message}"),
+                };
+            }
+            let location = match locate(text, &field) {
+                Some((line, column)) => format!("{origin}:{line}:{column}"),
+                None => origin.to_string(),
+            };
+            ConfigError::Invalid {
+                location,
+                field,
+                message,
+            }
+        };
         // An empty default would leave every queue without one (found by the
         // `config` fuzz target: `reason_attribute: &anchor` is an empty string).
         for (field, value) in [
@@ -929,28 +953,33 @@ impl Config {
             ("defaults.description_attribute", &self.defaults.description_attribute),
         ] {
             if value.trim().is_empty() {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: field.into(),
-                    message: "must not be empty".into(),
-                });
+                return Err(err(field.into(), "must not be empty".into()));
             }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, q) in self.queues.iter().enumerate() {
-            if q.name.trim().is_empty() {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("queues[{i}].name"),
-                    message: "must not be empty".into(),
-                });
+            if let Some(message) = queue_name_problem(&q.name) {
+                return Err(err(format!("queues[{i}].name"), message));
             }
             if !seen.insert(q.name.as_str()) {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("queues[{i}].name"),
-                    message: format!("duplicate queue name `{}`", q.name),
-                });
+                return Err(err(
+                    format!("queues[{i}].name"),
+                    format!("duplicate queue name `{}`", q.name),
+                ));
+            }
+            for (field, value, what) in backend_names(&q.kind) {
+                if value.is_some_and(|v| v.trim().is_empty()) {
+                    return Err(err(
+                        format!("queues[{i}].{field}"),
+                        format!("must not be empty: {what}"),
+                    ));
+                }
+            }
+            if q.source.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                return Err(err(
+                    format!("queues[{i}].source"),
+                    "must not be empty (leave it out to use the source the provider reports)".into(),
+                ));
             }
         }
         for (i, r) in self.alerts.rules.iter().enumerate() {
@@ -961,72 +990,67 @@ impl Config {
                 r.new_reason,
             ];
             if conditions.iter().filter(|c| **c).count() != 1 {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("alerts.rules[{i}]"),
-                    message: "set exactly one of `depth_above`, `oldest_age_above`, `growth`, `new_reason`".into(),
-                });
+                return Err(err(
+                    format!("alerts.rules[{i}]"),
+                    "set exactly one of `depth_above`, `oldest_age_above`, `growth`, `new_reason`".into(),
+                ));
             }
             for (j, g) in r.queues.iter().enumerate() {
                 if let Err(e) = glob::Pattern::new(g) {
-                    return Err(ConfigError::Invalid {
-                        location: origin.into(),
-                        field: format!("alerts.rules[{i}].queues[{j}]"),
-                        message: format!("invalid glob `{g}`: {e}"),
-                    });
+                    return Err(err(
+                        format!("alerts.rules[{i}].queues[{j}]"),
+                        format!("invalid glob `{g}`: {e}"),
+                    ));
                 }
             }
         }
         for (i, sink) in self.alerts.sinks.iter().enumerate() {
             let Some((_, t)) = sink.target() else {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("alerts.sinks[{i}]"),
-                    message: "set exactly one of `webhook`, `slack` or `alertmanager`".into(),
-                });
+                return Err(err(
+                    format!("alerts.sinks[{i}]"),
+                    "set exactly one of `webhook`, `slack` or `alertmanager`".into(),
+                ));
             };
             if t.url.is_some() == t.url_env.is_some() {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("alerts.sinks[{i}]"),
-                    message: "set exactly one of `url` and `url_env`".into(),
-                });
+                return Err(err(
+                    format!("alerts.sinks[{i}]"),
+                    "set exactly one of `url` and `url_env`".into(),
+                ));
             }
         }
         for (i, sch) in self.schedules.iter().enumerate() {
             let field = format!("schedules[{i}]");
             if self.queue(&sch.queue).is_none() {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("{field}.queue"),
-                    message: format!("no queue named `{}` is configured", sch.queue),
-                });
+                return Err(err(
+                    format!("{field}.queue"),
+                    format!("no queue named `{}` is configured", sch.queue),
+                ));
             }
             match (&sch.every, &sch.cron) {
                 (Some(_), None) => {}
                 (None, Some(expr)) => {
                     if let Err(e) = expr.parse::<croner::Cron>() {
-                        return Err(ConfigError::Invalid {
-                            location: origin.into(),
-                            field: format!("{field}.cron"),
-                            message: format!("invalid cron expression `{expr}`: {e}"),
-                        });
+                        return Err(err(
+                            format!("{field}.cron"),
+                            format!("invalid cron expression `{expr}`: {e}"),
+                        ));
                     }
                 }
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        location: origin.into(),
-                        field,
-                        message: "set exactly one of `every` and `cron`".into(),
-                    });
+                    return Err(err(field, "set exactly one of `every` and `cron`".into()));
                 }
             }
             if let Some(Err(e)) = sch.filter.as_deref().map(crate::filter::Filter::compile) {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("{field}.filter"),
-                    message: e.to_string(),
-                });
+                return Err(err(format!("{field}.filter"), e.to_string()));
+            }
+            if sch.rate == Some(0) {
+                return Err(err(format!("{field}.rate"), RATE_AT_LEAST_ONE.into()));
+            }
+            if sch.max == Some(0) {
+                return Err(err(
+                    format!("{field}.max"),
+                    "must be at least 1 (leave it out for no cap)".into(),
+                ));
             }
         }
         for (i, q) in self.queues.iter().enumerate() {
@@ -1034,20 +1058,39 @@ impl Config {
                 .as_ref()
                 .is_some_and(|r| r.max_age.is_zero() || r.check_every.is_zero())
             {
-                return Err(ConfigError::Invalid {
-                    location: origin.into(),
-                    field: format!("queues[{i}].retention"),
-                    message: "`max_age` and `check_every` must be longer than 0s".into(),
-                });
+                return Err(err(
+                    format!("queues[{i}].retention"),
+                    "`max_age` and `check_every` must be longer than 0s".into(),
+                ));
             }
         }
         if self.redrive.concurrency == 0 {
-            return Err(ConfigError::Invalid {
-                location: origin.into(),
-                field: "redrive.concurrency".into(),
-                message: "must be at least 1".into(),
-            });
+            return Err(err("redrive.concurrency".into(), "must be at least 1".into()));
         }
+        if self.redrive.rate == Some(0) {
+            return Err(err("redrive.rate".into(), RATE_AT_LEAST_ONE.into()));
+        }
+        if self.redrive.hold < MIN_HOLD {
+            return Err(err(
+                "redrive.hold".into(),
+                format!(
+                    "must be at least {} (messages stay leased this long while a pass examines and sends them)",
+                    humantime::format_duration(MIN_HOLD)
+                ),
+            ));
+        }
+        if self.redrive.deadline < MIN_DEADLINE {
+            return Err(err(
+                "redrive.deadline".into(),
+                format!(
+                    "must be at least {} (a run stops after this long)",
+                    humantime::format_duration(MIN_DEADLINE)
+                ),
+            ));
+        }
+        self.serve
+            .check_listen()
+            .map_err(|(field, message)| err(field.into(), message))?;
         Ok(())
     }
 
@@ -1148,6 +1191,232 @@ fn locate_rule_glob(text: &str, rule: usize, glob: &str) -> Option<(usize, usize
         }
     }
     Some((start + 1, item_col + 1))
+}
+
+/// What `redrive.rate` and a schedule's `rate` must be: 0 is no rate at all.
+const RATE_AT_LEAST_ONE: &str = "must be at least 1 (whole messages per second); leave it out for no limit";
+
+/// Leases shorter than this expire while their batch is examined and sent.
+const MIN_HOLD: Duration = Duration::from_secs(1);
+
+/// A run given less time than this ends before its first lease is back.
+const MIN_DEADLINE: Duration = Duration::from_secs(1);
+
+impl ServeConfig {
+    /// `listen` is an IP address and port, and only loopback unless a token
+    /// is configured: otherwise `(field, what is wrong)`. Whether the token's
+    /// variable is set is checked when `serve` starts (the environment is not
+    /// the config).
+    pub fn check_listen(&self) -> Result<std::net::SocketAddr, (&'static str, String)> {
+        let listen: std::net::SocketAddr = self.listen.trim().parse().map_err(|_| {
+            (
+                "serve.listen",
+                format!(
+                    "`{}` is not an IP address and port (e.g. `127.0.0.1:9090`, `[::1]:9090`, `0.0.0.0:9090`; host names are not resolved)",
+                    self.listen
+                ),
+            )
+        })?;
+        match self.token_env.as_deref() {
+            Some(var) if var.trim().is_empty() => Err((
+                "serve.token_env",
+                "must not be empty: it names the environment variable holding the API token".into(),
+            )),
+            None if !listen.ip().is_loopback() => Err((
+                "serve.listen",
+                format!(
+                    "{listen} is not a loopback address: refusing to serve the API there without a token; set serve.token_env (the environment variable holding it), or listen on 127.0.0.1"
+                ),
+            )),
+            _ => Ok(listen),
+        }
+    }
+}
+
+/// Why `name` cannot name a queue, if it cannot. Names are typed on the
+/// command line and appear in URLs (`/v1/queues/NAME`), file names (backups,
+/// exports) and metric labels, and alert rules match them with globs.
+fn queue_name_problem(name: &str) -> Option<String> {
+    if name.trim().is_empty() {
+        return Some("must not be empty".into());
+    }
+    if name.starts_with('-') {
+        return Some(format!(
+            "queue name `{name}` starts with `-`, which reads as an option on the command line"
+        ));
+    }
+    let bad = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))?;
+    let what = match bad {
+        ' ' => "a space".to_string(),
+        c if c.is_whitespace() || c.is_control() => format!("the character {:?}", c),
+        c => format!("`{c}`"),
+    };
+    Some(format!(
+        "queue name `{name}` contains {what}: use letters, digits, `-`, `_` and `.` (names appear on the command line, in URLs, file names and metric labels)"
+    ))
+}
+
+/// The names a queue's backend section must not leave empty: (field under
+/// `queues[i]`, value when set, what it is).
+fn backend_names(kind: &QueueKind) -> Vec<(&'static str, Option<&str>, &'static str)> {
+    match kind {
+        QueueKind::Sqs(c) => vec![("sqs.queue", Some(c.queue.as_str()), "the DLQ's queue name or URL")],
+        QueueKind::PubSub(c) => vec![
+            (
+                "pubsub.project",
+                Some(c.project.as_str()),
+                "the GCP project of the dead-letter subscription",
+            ),
+            (
+                "pubsub.subscription",
+                Some(c.subscription.as_str()),
+                "the subscription on the dead-letter topic",
+            ),
+        ],
+        QueueKind::ServiceBus(c) => vec![
+            (
+                "servicebus.queue",
+                c.queue.as_deref(),
+                "the queue whose dead-letter queue is managed",
+            ),
+            ("servicebus.topic", c.topic.as_deref(), "the topic of the subscription"),
+            (
+                "servicebus.subscription",
+                c.subscription.as_deref(),
+                "the subscription whose dead-letter queue is managed",
+            ),
+        ],
+    }
+}
+
+/// Where `field` (a path as errors name it: `queues[1].name`,
+/// `redrive.concurrency`) is written in `text`: the 1-based line and column
+/// of its key (or list item), or of the deepest part of the path that is
+/// written there. Block YAML, and flow collections on one line; None when
+/// not even the path's first key is in the file.
+fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
+    enum Step<'a> {
+        Key(&'a str),
+        Index(usize),
+    }
+    let mut steps = Vec::new();
+    for part in field.split('.') {
+        let (key, mut rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+        if !key.is_empty() {
+            steps.push(Step::Key(key));
+        }
+        while let Some((i, after)) = rest.split_once(']') {
+            steps.push(Step::Index(i.parse().ok()?));
+            rest = after.strip_prefix('[').unwrap_or(after);
+        }
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start_matches(' ').len();
+    let meaningful = |l: &str| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('#') && t != "---"
+    };
+    // Whether `line[col..]` is the key `key` (plain or quoted) followed by `:`.
+    let key_at = |line: &str, col: usize, key: &str| {
+        let rest = line.get(col..).unwrap_or("");
+        [format!("{key}:"), format!("\"{key}\":"), format!("'{key}':")]
+            .iter()
+            .find(|k| rest.starts_with(k.as_str()))
+            .map(|k| k.len())
+            .filter(|len| rest[*len..].is_empty() || rest[*len..].starts_with([' ', '\t']))
+    };
+    // The current block: lines [from, to), the column its keys are at (None:
+    // that of its first line), and an item line whose first key follows `- `.
+    let (mut from, mut to) = (0, lines.len());
+    let mut key_col: Option<usize> = None;
+    let mut item_line: Option<usize> = None;
+    // Inside a flow collection: its line and where the search goes on.
+    let mut flow: Option<(usize, usize)> = None;
+    let mut found = None;
+    for step in steps {
+        if let Some((n, pos)) = flow {
+            // `{a: 1, b: {c: 2}}`: a key follows `{`, `,` or a space.
+            let Step::Key(key) = step else { break };
+            let line = lines[n];
+            let at = line.get(pos..).and_then(|rest| {
+                rest.match_indices(&format!("{key}:"))
+                    .map(|(i, _)| pos + i)
+                    .find(|&i| i == 0 || matches!(line.as_bytes()[i - 1], b'{' | b',' | b' '))
+            });
+            let Some(at) = at else { break };
+            found = Some((n + 1, at + 1));
+            flow = Some((n, at + key.len() + 1));
+            continue;
+        }
+        match step {
+            Step::Key(key) => {
+                let col_of = |i: usize| {
+                    if item_line == Some(i) {
+                        key_col
+                    } else {
+                        Some(indent(lines[i]))
+                    }
+                };
+                let Some(first) = (from..to).find(|&i| meaningful(lines[i])) else {
+                    break;
+                };
+                let want = key_col.unwrap_or_else(|| indent(lines[first]));
+                let Some((n, len)) = (from..to)
+                    .filter(|&i| meaningful(lines[i]) && col_of(i) == Some(want))
+                    .find_map(|i| key_at(lines[i], want, key).map(|len| (i, len)))
+                else {
+                    break;
+                };
+                found = Some((n + 1, want + 1));
+                let value = lines[n][want + len..].trim_start();
+                if value.starts_with('{') || value.starts_with('[') {
+                    flow = Some((n, lines[n].len() - value.len()));
+                    continue;
+                }
+                // The value's block: the lines below, more indented, or a
+                // list at the key's own indentation.
+                from = n + 1;
+                to = (from..to)
+                    .find(|&i| {
+                        meaningful(lines[i])
+                            && (indent(lines[i]) < want
+                                || (indent(lines[i]) == want && !lines[i].trim_start().starts_with('-')))
+                    })
+                    .unwrap_or(to);
+                key_col = None;
+                item_line = None;
+            }
+            Step::Index(index) => {
+                let Some(first) = (from..to).find(|&i| meaningful(lines[i])) else {
+                    break;
+                };
+                if !lines[first].trim_start().starts_with('-') {
+                    break;
+                }
+                let dash = indent(lines[first]);
+                let is_item = |i: usize| indent(lines[i]) == dash && lines[i].trim_start().starts_with('-');
+                let Some(n) = (from..to).filter(|&i| is_item(i)).nth(index) else {
+                    break;
+                };
+                found = Some((n + 1, dash + 1));
+                let after_dash = &lines[n][dash + 1..];
+                let content = dash + 1 + (after_dash.len() - after_dash.trim_start().len());
+                let end = (n + 1..to)
+                    .find(|&i| meaningful(lines[i]) && indent(lines[i]) <= dash)
+                    .unwrap_or(to);
+                if lines[n][content..].starts_with('{') || lines[n][content..].starts_with('[') {
+                    flow = Some((n, content));
+                } else if lines[n][content..].trim().is_empty() {
+                    (from, to, key_col, item_line) = (n + 1, end, None, None);
+                } else {
+                    (from, to, key_col, item_line) = (n, end, Some(content), Some(n));
+                }
+            }
+        }
+    }
+    found
 }
 
 fn parse_located<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
@@ -1486,7 +1755,163 @@ mod tests {
     fn duplicate_names_rejected() {
         let y = "queues:\n  - name: a\n    sqs: {queue: x}\n  - name: a\n    sqs: {queue: y}\n";
         let err = parse(y).unwrap_err().to_string();
-        assert!(err.contains("queues[1].name: duplicate queue name `a`"), "{err}");
+        assert_eq!(err, "test.yaml:4:5: queues[1].name: duplicate queue name `a`");
+        // Flow style, and a list at its key's own indentation.
+        let y = "queues:\n- {name: a, sqs: {queue: x}}\n- {sqs: {queue: y}, name: a}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:3:21: queues[1].name: duplicate"), "{err}");
+    }
+
+    #[test]
+    fn locate_finds_keys_and_items_in_block_and_flow_yaml() {
+        let y = "# a comment\nredrive:\n  hold: 5m\n\n  concurrency: 0\nqueues:\n  - name: a\n    sqs:\n      queue: x\n  -\n    name: b\n    pubsub: {project: p, subscription: ''}\nserve: {listen: 'x'}\n";
+        assert_eq!(locate(y, "redrive.concurrency"), Some((5, 3)));
+        assert_eq!(locate(y, "queues[0].name"), Some((7, 5)));
+        assert_eq!(locate(y, "queues[0].sqs.queue"), Some((9, 7)));
+        assert_eq!(locate(y, "queues[1]"), Some((10, 3)));
+        assert_eq!(locate(y, "queues[1].name"), Some((11, 5)));
+        assert_eq!(locate(y, "queues[1].pubsub.subscription"), Some((12, 26)));
+        assert_eq!(locate(y, "serve.listen"), Some((13, 9)));
+        // What is not written: the deepest part that is, or nothing.
+        assert_eq!(locate(y, "redrive.rate"), Some((2, 1)));
+        assert_eq!(locate(y, "queues[7].name"), Some((6, 1)));
+        assert_eq!(locate(y, "alerts.rules[0]"), None);
+        // `hold:` under another key is not `redrive.hold`.
+        assert_eq!(locate("serve:\n  hold: 1\nredrive: {}\n", "serve.listen"), Some((1, 1)));
+        assert_eq!(locate("a:\n  hold: 1\n", "hold"), None);
+        // A key with nothing under it, CRLF line ends, odd input: no panic.
+        assert_eq!(locate("redrive:\n", "redrive.rate"), Some((1, 1)));
+        assert_eq!(locate("redrive:\r\n  rate: 0\r\n", "redrive.rate"), Some((2, 3)));
+        for odd in [
+            "queues:\n  -\u{3000}name: a\n",
+            "queues: [\n",
+            "- x\n- y\n",
+            "queues:\n-\n",
+            "\u{e9}: 1\n",
+        ] {
+            let _ = locate(odd, "queues[0].name");
+            let _ = locate(odd, "queues[1].sqs.queue");
+        }
+    }
+
+    #[test]
+    fn validation_errors_name_the_line_and_overrides_their_variable() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!("{q}redrive:\n  hold: 1m\n  concurrency: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "test.yaml:6:3: redrive.concurrency: must be at least 1");
+        let err = Config::from_yaml(
+            &format!("{q}redrive:\n  concurrency: 4\n"),
+            "t",
+            &[("redrive.concurrency".into(), "0".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "environment override DLQ_BRIDGE__REDRIVE__CONCURRENCY: redrive.concurrency: must be at least 1"
+        );
+        let err = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, rate: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:5:27: schedules[0].rate: must be at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn serve_listen_must_be_an_address_and_loopback_without_a_token() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!("{q}serve:\n  listen: notanaddr\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:5:3: serve.listen: `notanaddr` is not an IP address and port"),
+            "{err}"
+        );
+        let err = parse(&format!("{q}serve:\n  poll_interval: 5s\n  listen: 0.0.0.0:9999\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:6:3: serve.listen: 0.0.0.0:9999 is not a loopback address"),
+            "{err}"
+        );
+        assert!(err.contains("set serve.token_env"), "{err}");
+        let err = parse(&format!("{q}serve: {{listen: '127.0.0.1:9', token_env: ''}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("serve.token_env: must not be empty"), "{err}");
+        for ok in [
+            "serve: {listen: '0.0.0.0:9999', token_env: TOKEN}\n",
+            "serve: {listen: '[::1]:9090'}\n",
+            "serve: {listen: '127.0.0.2:0'}\n",
+        ] {
+            let c = parse(&format!("{q}{ok}")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(c.serve.check_listen().is_ok());
+        }
+    }
+
+    #[test]
+    fn limits_that_mean_nothing_are_refused() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for (redrive, says) in [
+            (
+                "rate: 0",
+                "test.yaml:5:3: redrive.rate: must be at least 1 (whole messages per second)",
+            ),
+            ("hold: 0s", "test.yaml:5:3: redrive.hold: must be at least 1s"),
+            ("hold: 500ms", "test.yaml:5:3: redrive.hold: must be at least 1s"),
+            ("deadline: 0s", "test.yaml:5:3: redrive.deadline: must be at least 1s"),
+        ] {
+            let err = parse(&format!("{q}redrive:\n  {redrive}\n")).unwrap_err().to_string();
+            assert!(err.starts_with(says), "{redrive}: {err}");
+        }
+        let c = parse(&format!("{q}redrive: {{rate: 1, hold: 1s, deadline: 1s}}\n")).unwrap();
+        assert_eq!(c.redrive.rate, Some(1));
+    }
+
+    #[test]
+    fn queue_names_and_backend_names_are_checked() {
+        let sqs = |name: &str, queue: &str| format!("queues:\n  - name: {name}\n    sqs: {{queue: {queue}}}\n");
+        for (name, says) in [
+            ("'my orders'", "contains a space"),
+            ("orders/eu", "contains `/`"),
+            ("'-orders'", "starts with `-`"),
+            ("'orders*'", "contains `*`"),
+        ] {
+            let err = parse(&sqs(name, "x")).unwrap_err().to_string();
+            assert!(
+                err.starts_with("test.yaml:2:5: queues[0].name: queue name"),
+                "{name}: {err}"
+            );
+            assert!(err.contains(says), "{name}: {err}");
+        }
+        parse(&sqs("orders-eu_1.v2", "x")).unwrap();
+        let err = parse(&sqs("a", "''")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("test.yaml:3:11: queues[0].sqs.queue: must not be empty"),
+            "{err}"
+        );
+        let err = parse("queues:\n  - name: a\n    pubsub:\n      project: p\n      subscription: ' '\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:5:7: queues[0].pubsub.subscription: must not be empty"),
+            "{err}"
+        );
+        let err = parse("queues:\n  - name: a\n    servicebus: {namespace: n, queue: ''}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("queues[0].servicebus.queue: must not be empty"), "{err}");
+        let err = parse("queues:\n  - name: a\n    source: ''\n    sqs: {queue: x}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:3:5: queues[0].source: must not be empty"),
+            "{err}"
+        );
     }
 
     #[test]

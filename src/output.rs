@@ -83,6 +83,9 @@ pub struct QueueRow {
     pub sampled: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The exit code `error` calls for (a config problem or a failure).
+    #[serde(skip)]
+    pub error_code: u8,
 }
 
 pub fn queues_table(rows: &[QueueRow]) -> String {
@@ -98,7 +101,11 @@ pub fn queues_table(rows: &[QueueRow]) -> String {
             None => ("?".into(), "-".into(), "-".into()),
         };
         let reasons = match &r.error {
-            Some(e) => format!("error: {}", preview(e, 100)),
+            // The QUEUE column names the queue; the whole error goes to stderr.
+            Some(e) => {
+                let e = e.strip_prefix(&format!("queue {}: ", r.queue)).unwrap_or(e);
+                format!("error: {}", preview(e, 100))
+            }
             None => r
                 .top_reasons
                 .iter()
@@ -196,6 +203,7 @@ pub fn summary_text(s: &RunSummary) -> String {
         ("settle failed", s.settle_failed),
         ("filter errors", s.filter_errors),
         ("skipped (max_redrives)", s.skipped_max_redrives),
+        ("held back behind a failed send of their group", s.held_for_order),
         ("sent without marks", s.marks_omitted),
     ];
     for (label, n) in extras {
@@ -203,13 +211,35 @@ pub fn summary_text(s: &RunSummary) -> String {
             out.push_str(&format!("  {label}: {n}\n"));
         }
     }
-    out.push_str(&format!("  left in DLQ (released): {}\n", s.released));
+    out.push_str(&released_line(s, "sent"));
+    // `destinations` counts the matches handed to each destination, not the
+    // copies it confirmed: with one destination the run's `sent` is its own.
     for (dest, n) in &s.destinations {
-        let verb = if s.dry_run { "would go to" } else { "to" };
-        out.push_str(&format!("  {n} {verb} {dest}\n"));
+        if s.dry_run {
+            out.push_str(&format!("  {n} would go to {dest}\n"));
+        } else if s.destinations.len() == 1 {
+            out.push_str(&format!("  {n} planned for {dest}, {} sent\n", s.sent));
+        } else {
+            out.push_str(&format!("  {n} planned for {dest}\n"));
+        }
     }
     push_samples_and_errors(&mut out, s);
     out
+}
+
+/// What `released` counts: the messages the pass leased and handed back
+/// unchanged at its end (every one, in a dry run). Not what the DLQ holds
+/// now: a pass stopped by `--max` or its deadline never leased the rest.
+/// `moved` is what the action does to a match (`sent`, `deleted`).
+pub fn released_line(s: &RunSummary, moved: &str) -> String {
+    if s.dry_run {
+        format!("  released:  {} (leased, then put back unchanged)\n", s.released)
+    } else {
+        format!(
+            "  released:  {} (leased, then put back: not matched or not {moved})\n",
+            s.released
+        )
+    }
 }
 
 /// The closing lines every run summary shares: a dry run's sample of
@@ -255,6 +285,7 @@ mod tests {
             top_reasons: Vec::new(),
             sampled: 0,
             error: None,
+            error_code: 0,
         };
         let table = queues_table(&[row(1000, Exactness::AtLeast), row(7, Exactness::Exact)]);
         let lines: Vec<&str> = table.lines().collect();
@@ -265,6 +296,57 @@ mod tests {
             (json["depth"].as_u64(), json["exactness"].as_str()),
             (Some(1000), Some("at_least"))
         );
+    }
+
+    fn summary(dry_run: bool, destinations: &[(&str, u64)], sent: u64) -> RunSummary {
+        let now = Utc::now();
+        RunSummary {
+            run_id: "r".into(),
+            queue: "orders".into(),
+            trigger: crate::engine::redrive::Trigger::Cli,
+            action: "redrive",
+            filter: "true".into(),
+            dry_run,
+            started_at: now,
+            finished_at: now,
+            examined: 5,
+            matched: 3,
+            sent,
+            settled: sent,
+            settled_from_journal: 0,
+            resent_after_crash: 0,
+            send_failed: 3 - sent,
+            settle_failed: 0,
+            filter_errors: 0,
+            skipped_max_redrives: 0,
+            held_for_order: 0,
+            marks_omitted: 0,
+            released: 5 - sent,
+            destinations: destinations.iter().map(|(d, n)| (d.to_string(), *n)).collect(),
+            samples: Vec::new(),
+            errors: Vec::new(),
+            stopped: crate::engine::redrive::StopReason::Drained,
+        }
+    }
+
+    #[test]
+    fn a_summary_says_what_was_planned_sent_and_released() {
+        // A send that failed: the three matches were planned, none sent.
+        let text = summary_text(&summary(false, &[("src", 3)], 0));
+        assert!(text.contains("  3 planned for src, 0 sent\n"), "{text}");
+        assert!(
+            text.contains("  released:  5 (leased, then put back: not matched or not sent)\n"),
+            "{text}"
+        );
+        assert!(!text.contains("left in DLQ"), "{text}");
+        let text = summary_text(&summary(false, &[("a", 2), ("b", 1)], 3));
+        assert!(
+            text.contains("  2 planned for a\n") && text.contains("  1 planned for b\n"),
+            "{text}"
+        );
+        let text = summary_text(&summary(true, &[("src", 3)], 0));
+        assert!(text.contains("  3 would go to src\n"), "{text}");
+        assert!(text.contains("(leased, then put back unchanged)"), "{text}");
     }
 
     #[test]

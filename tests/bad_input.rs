@@ -250,7 +250,12 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         config_error(
             "empty file",
             String::new(),
-            &["unknown queue `orders` (configured: none)"],
+            &["{file}: queues: no queue is configured; add one"],
+        ),
+        config_error(
+            "no queues",
+            "queues: []\n".to_string(),
+            &["{file}: queues: no queue is configured; add one"],
         ),
         // Unknown fields: the typo is named, and the right field suggested.
         config_error(
@@ -327,7 +332,22 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         config_error(
             "zero concurrency",
             with_tail(&f, "redrive:\n  concurrency: 0\n"),
-            &["{file}", "redrive.concurrency", "at least 1"],
+            &["{file}:8:3: redrive.concurrency: must be at least 1"],
+        ),
+        config_error(
+            "zero rate",
+            with_tail(&f, "redrive:\n  rate: 0\n"),
+            &["{file}:8:3: redrive.rate: must be at least 1 (whole messages per second)"],
+        ),
+        config_error(
+            "zero hold",
+            with_tail(&f, "redrive:\n  hold: 0s\n"),
+            &["{file}:8:3: redrive.hold: must be at least 1s"],
+        ),
+        config_error(
+            "zero schedule rate",
+            with_tail(&f, "schedules:\n  - queue: orders\n    every: 1h\n    rate: 0\n"),
+            &["{file}:10:5: schedules[0].rate: must be at least 1"],
         ),
         // Structure.
         config_error(
@@ -342,7 +362,22 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         config_error(
             "duplicate names",
             with_tail(&f, "  - name: orders\n    sqs: {queue: other}\n"),
-            &["{file}", "queues[1].name", "duplicate queue name `orders`"],
+            &["{file}:7:5: queues[1].name: duplicate queue name `orders`"],
+        ),
+        config_error(
+            "queue name with a space",
+            with_line(&f, 2, "  - name: 'my orders'"),
+            &["{file}:2:5: queues[0].name: queue name `my orders` contains a space"],
+        ),
+        config_error(
+            "queue name with a slash",
+            with_line(&f, 2, "  - name: eu/orders"),
+            &["{file}:2:5: queues[0].name", "contains `/`"],
+        ),
+        config_error(
+            "empty sqs queue",
+            with_line(&f, 4, "      queue: ''"),
+            &["{file}:4:7: queues[0].sqs.queue: must not be empty"],
         ),
         config_error(
             "servicebus without credentials",
@@ -373,6 +408,50 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         )
         .env("DLQ_BRIDGE__REDRIVE__HOLD", "forever"),
     ];
+    run_table(&cases);
+
+    // A config without queues: every command that reads queues refuses it;
+    // `check` passes it with a warning (the chart's default values have none).
+    let cases = vec![
+        case(
+            "list without queues",
+            "queues: []\n".to_string(),
+            &["list", "--fail-if-nonempty"],
+            2,
+            &["{file}: queues: no queue is configured"],
+        ),
+        case(
+            "check without queues",
+            String::new(),
+            &["check"],
+            0,
+            &["ok (0 queues)", "warning: {file}: no queue is configured"],
+        ),
+    ];
+    run_table(&cases);
+
+    // What only `serve` uses is checked when any command loads the config,
+    // so `check` reports it as `serve` would.
+    let mut cases = Vec::new();
+    for command in ["check", "serve"] {
+        cases.push(case(
+            "listen is not an address",
+            with_tail(&f, "serve:\n  listen: notanaddr\n"),
+            &[command],
+            2,
+            &["{file}:8:3: serve.listen: `notanaddr` is not an IP address and port"],
+        ));
+        cases.push(case(
+            "listen beyond loopback without a token",
+            with_tail(&f, "serve:\n  poll_interval: 5s\n  listen: 0.0.0.0:9999\n"),
+            &[command],
+            2,
+            &[
+                "{file}:9:3: serve.listen: 0.0.0.0:9999 is not a loopback address",
+                "set serve.token_env",
+            ],
+        ));
+    }
     run_table(&cases);
 
     // The file itself: missing, a directory, not text.
@@ -449,10 +528,37 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
             &["--redrive", "orders", "--filter", "reasn == \"x\"", "--yes"],
             &["unknown variable `reasn`"],
         ),
+        // An empty filter is refused alike everywhere (a shell-quoting slip,
+        // most likely), with what to pass instead.
         c(
             "empty filter",
             &["redrive", "orders", "--filter", "", "--yes"],
-            &["invalid filter"],
+            &["the filter is empty: leave --filter out to select every message"],
+        ),
+        c(
+            "empty filter, flag form",
+            &["--redrive", "orders", "--filter", " ", "--yes"],
+            &["the filter is empty"],
+        ),
+        c(
+            "empty filter, inspect",
+            &["inspect", "orders", "--filter", ""],
+            &["the filter is empty"],
+        ),
+        c(
+            "empty filter, report",
+            &["report", "orders", "--filter", ""],
+            &["the filter is empty"],
+        ),
+        c(
+            "empty filter, export",
+            &["export", "orders", "--to", &export_to, "--filter", ""],
+            &["the filter is empty"],
+        ),
+        c(
+            "empty filter, purge",
+            &["purge", "orders", "--filter", "", "--yes"],
+            &["the filter is empty: pass --filter true to purge every message"],
         ),
         c(
             "purge filter",
@@ -479,6 +585,51 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
             "negative rate",
             &["redrive", "orders", "--rate=-3", "--yes"],
             &["--rate", "-3"],
+        ),
+        c(
+            "zero rate",
+            &["redrive", "orders", "--rate", "0", "--yes"],
+            &["'0' for '--rate <N>'", "at least 1 message per second"],
+        ),
+        c(
+            "fractional rate",
+            &["redrive", "orders", "--rate", "0.5", "--yes"],
+            &["'0.5' for '--rate <N>'", "rate is whole messages per second"],
+        ),
+        c(
+            "zero rate, flag form",
+            &["--redrive", "orders", "--rate", "0", "--yes"],
+            &["--rate", "at least 1"],
+        ),
+        c(
+            "zero purge rate",
+            &["purge", "orders", "--filter", "true", "--rate", "0", "--yes"],
+            &["--rate", "at least 1"],
+        ),
+        c(
+            "zero import rate",
+            &["import", "x.jsonl", "--to", "orders", "--rate", "0", "--yes"],
+            &["--rate", "at least 1"],
+        ),
+        c(
+            "inspect --limit 0",
+            &["inspect", "orders", "--limit", "0"],
+            &["'0' for '--limit <N>'", "must be at least 1"],
+        ),
+        c(
+            "inspect --scan 0",
+            &["inspect", "orders", "--filter", "true", "--scan", "0"],
+            &["'0' for '--scan <N>'", "must be at least 1"],
+        ),
+        c(
+            "report --top 0",
+            &["report", "orders", "--top", "0"],
+            &["'0' for '--top <N>'", "must be at least 1"],
+        ),
+        c(
+            "redrive --max 0",
+            &["redrive", "orders", "--max", "0", "--yes"],
+            &["'0' for '--max <N>'", "must be at least 1"],
         ),
         c(
             "max not a number",
@@ -525,6 +676,56 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
     run_table(&cases);
     assert!(!Path::new(&export_to).exists(), "no export file was written");
     assert_sqs_untouched(&f, &before).await;
+}
+
+/// `runs --journal PATH` reads that journal with no config at all; a path
+/// that is not a journal file is a usage error naming it.
+#[test]
+fn runs_needs_no_config_for_a_named_journal_and_refuses_a_missing_one() {
+    let missing = scratch().join("no-such-journal.jsonl").display().to_string();
+    let dir = scratch().display().to_string();
+    let journal = write_file(
+        concat!(
+            r#"{"event":"run_started","run":"r-1","at":"2026-01-01T00:00:00Z","queue":"orders","trigger":"cli","filter":"true","dry_run":false,"destination":null}"#,
+            "\n",
+            r#"{"event":"run_finished","run":"r-1","at":"2026-01-01T00:00:01Z","summary":{"run_id":"r-1","queue":"orders","trigger":"cli","action":"redrive","filter":"true","dry_run":false,"matched":2,"sent":2,"settled":2,"send_failed":0,"settle_failed":0,"stopped":"drained"}}"#,
+            "\n"
+        ),
+        "jsonl",
+    )
+    .display()
+    .to_string();
+    let cases = vec![
+        case(
+            "missing journal",
+            None,
+            &["runs", "--journal", &missing],
+            2,
+            &[&missing, "no such file"],
+        ),
+        case(
+            "journal is a directory",
+            None,
+            &["runs", "--journal", &dir],
+            2,
+            &[&dir, "is a directory"],
+        ),
+        case(
+            "no journal and no config",
+            None,
+            &["runs"],
+            2,
+            &["pass --journal PATH, or --config FILE"],
+        ),
+        case(
+            "a journal without a config",
+            None,
+            &["runs", "--journal", &journal],
+            0,
+            &["r-1", "orders", "redrive", "drained"],
+        ),
+    ];
+    run_table(&cases);
 }
 
 /// A filter that compiles but fails on some messages: each such message is
@@ -1201,23 +1402,58 @@ async fn unset_secret_variables_are_config_errors_naming_field_and_variable() {
             &["queue sb", "`SharedAccessKeyName` and `SharedAccessKey`"],
         )
         .env(&unset, "Endpoint=sb://ns.servicebus.windows.net/"),
-        // Per-queue commands report each queue and exit 1; the SQS queue still answers.
+        // Commands over every queue report each one (the SQS queue still
+        // answers), and exit 2 for the config problem, as the others do.
         case(
             "connection string unset, list",
             sb.clone(),
             &["list", "--sample", "0"],
-            1,
+            2,
             sb_says,
         ),
         case(
             "connection string unset, check",
             sb.clone(),
             &["check"],
-            1,
+            2,
             &[
                 "queue orders (sqs): ok, depth 2",
                 "queue sb (servicebus): FAILED",
                 &unset,
+            ],
+        ),
+        // The triage commands connect their queue themselves: the same exit 2.
+        case(
+            "connection string unset, purge",
+            sb.clone(),
+            &[
+                "purge",
+                "sb",
+                "--filter",
+                "true",
+                "--no-backup",
+                "--yes",
+                "--no-journal",
+            ],
+            2,
+            sb_says,
+        ),
+        case(
+            "connection string unset, report",
+            sb.clone(),
+            &["report", "sb"],
+            2,
+            sb_says,
+        ),
+        case(
+            "connection string unset, retention",
+            format!("{sb}    retention: {{max_age: 1d}}\n"),
+            &["retention", "sb", "--dry-run", "--no-journal"],
+            2,
+            &[
+                "error: queue sb: retention failed: the environment variable",
+                &unset,
+                "is not set",
             ],
         ),
         // serve refuses to start (before it polls anything).
@@ -1337,6 +1573,33 @@ mod servicebus {
         assert!(err.contains("is not a Service Bus queue or topic"), "{err}");
         assert_eq!(snapshot(&f).await, before, "the DLQ was touched");
         assert!(f.drain_source().await.is_empty(), "something was sent to the source");
+    }
+
+    /// The counts come from the management endpoint, apart from the AMQP
+    /// connection: when only it is down, `list` and `check` still name the
+    /// queue in the error, as for every other failure.
+    #[tokio::test]
+    async fn a_management_endpoint_that_is_down_is_named_with_its_queue() {
+        emulator();
+        let f = ServiceBusFixture::create(false).await;
+        let port = common::emulator::free_port();
+        let cfg = write_file(
+            format!(
+                "queues:\n  - name: orders\n    servicebus: {{connection_string_env: {CONNECTION_STRING_ENV}, queue: {}, management_endpoint: 'http://127.0.0.1:{port}'}}\n",
+                f.entity
+            ),
+            "yaml",
+        );
+        for args in [&["list", "--sample", "0"][..], &["check"]] {
+            let mut cmd = bin();
+            cs_env(&mut cmd);
+            let (code, out, err) = run(cmd.arg("-c").arg(&cfg).args(args));
+            assert_eq!(code, 1, "{args:?}: {out}{err}");
+            assert!(
+                err.contains(&format!("error: queue orders: cannot reach http://127.0.0.1:{port}")),
+                "{args:?}: {err}"
+            );
+        }
     }
 
     /// A destination that refuses the copies (a queue at its size quota:

@@ -213,3 +213,144 @@ async fn sigterm_stops_a_redrive_cleanly_and_loses_nothing() {
         "the rest is back in the DLQ, visible"
     );
 }
+
+/// A redrive killed mid-run leaves no summary in the journal: `runs` shows it
+/// as unfinished with what its records say, beside a finished purge, and says
+/// which run was which.
+#[tokio::test]
+async fn runs_shows_killed_runs_as_unfinished_and_each_runs_action() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&tenants(30)).await;
+    let cfg = fixture_config(&f);
+    let journal = std::env::temp_dir().join(format!("dlqb-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let mut child = bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["redrive", "orders", "--rate", "5", "--yes", "--journal"])
+        .arg(&journal)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start dlq-bridge");
+    // Kill it once it has settled something, well before its 30 messages at 5/s.
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&journal)
+        .unwrap_or_default()
+        .contains(r#""event":"settled""#)
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "nothing settled within a minute"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&journal).unwrap();
+    assert!(!text.contains("run_finished"), "the run finished before it was killed");
+    let settled = text.matches(r#""event":"settled""#).count() as u64;
+    let sent = text.matches(r#""event":"sent""#).count() as u64;
+
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args([
+        "purge",
+        "orders",
+        "--filter",
+        "true",
+        "--max",
+        "1",
+        "--no-backup",
+        "--yes",
+        "--journal",
+        journal.to_str().unwrap(),
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+
+    let (code, out, err) =
+        run(bin()
+            .arg("-c")
+            .arg(&cfg)
+            .args(["runs", "--journal", journal.to_str().unwrap(), "-o", "json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{out}");
+    let (killed, purge) = (&rows[0], &rows[1]);
+    assert_eq!(
+        (killed["action"].as_str(), killed["stopped"].as_str()),
+        (Some("redrive"), Some("unfinished")),
+        "{killed}"
+    );
+    assert_eq!(
+        (killed["sent"].as_u64(), killed["settled"].as_u64()),
+        (Some(sent), Some(settled))
+    );
+    assert_eq!(
+        (killed["queue"].as_str(), killed["trigger"].as_str()),
+        (Some("orders"), Some("cli"))
+    );
+    assert_eq!(purge["action"], "purge", "{purge}");
+    assert_ne!(purge["stopped"], "unfinished");
+
+    let (code, out, err) = run(bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["runs", "--journal", journal.to_str().unwrap()]));
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].contains("ACTION"), "{out}");
+    let killed_cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        killed_cells[2..].join(" "),
+        format!("redrive cli false - {sent} {settled} 0 unfinished true"),
+        "{out}"
+    );
+    assert_eq!(lines[2].split_whitespace().nth(2), Some("purge"), "{out}");
+}
+
+/// `inspect` reads what its help says: without a filter no more than
+/// `--limit` (each read raises an SQS receive count), with one at most
+/// `--scan`, and it says when that read may have missed matches.
+#[tokio::test]
+async fn inspect_reads_at_most_limit_unfiltered_and_at_most_scan_filtered() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&tenants(6)).await;
+    let cfg = fixture_config(&f);
+    let before = f.dlq_snapshot().await;
+
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args(["inspect", "orders", "-n", "2"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("2 shown, 2 read"), "{err}");
+    // The snapshot adds one receive to each; the inspect one more to two only.
+    let after = f.dlq_snapshot().await;
+    let raised: Vec<u32> = after
+        .iter()
+        .map(|(id, _, c)| c - before.iter().find(|(b, ..)| b == id).unwrap().2)
+        .collect();
+    assert_eq!(raised.iter().filter(|&&d| d == 2).count(), 2, "{raised:?}");
+    assert_eq!(raised.iter().filter(|&&d| d == 1).count(), 4, "{raised:?}");
+
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args([
+        "inspect",
+        "orders",
+        "--filter",
+        r#"attributes.tenant == "acme""#,
+        "--scan",
+        "3",
+        "-n",
+        "10",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains(" shown, 3 read"), "{err}");
+    assert!(err.contains("the read stopped at --scan 3"), "{err}");
+
+    let (code, out, err) = run(bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["inspect", "orders", "-o", "json", "-n", "10"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let msgs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(msgs.as_array().unwrap().len(), 6, "{out}");
+    assert!(!err.contains("--scan"), "{err}");
+}

@@ -41,6 +41,7 @@ pub struct Cli {
 pub enum Command {
     /// Every configured DLQ: depth, age of the oldest message, top failure reasons.
     List {
+        /// Output: an aligned table for people, or JSON for scripts.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
         /// Exit 3 when any DLQ holds messages (for cron jobs and CI gates).
@@ -54,21 +55,27 @@ pub enum Command {
     /// Browse a DLQ's messages. On SQS and Pub/Sub this leases and releases
     /// (delivery counts rise); Service Bus uses a true peek.
     Inspect {
+        /// The DLQ: a queue name from the config (`dlq-bridge list` shows them).
+        #[arg(value_name = "QUEUE")]
         queue: String,
-        /// CEL filter; only matching messages are shown.
-        #[arg(long, short = 'f')]
+        /// CEL filter; only matching messages are shown. Default: every message.
+        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
         filter: Option<String>,
-        /// Messages shown at most.
-        #[arg(long, short = 'n', default_value_t = 20)]
+        /// Messages shown at most. Without --filter only this many are read.
+        #[arg(long, short = 'n', default_value_t = 20, value_name = "N", value_parser = at_least_one::<usize>)]
         limit: usize,
-        /// Messages read at most while looking for matches.
-        #[arg(long, default_value_t = 1000, value_name = "N")]
+        /// Messages read at most while looking for --filter's matches (read in
+        /// one go, however early --limit of them match).
+        #[arg(long, default_value_t = 1000, value_name = "N", value_parser = at_least_one::<usize>)]
         scan: usize,
+        /// Output: an aligned table for people, or JSON for scripts.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
     },
     /// Move the messages a filter selects back to their source (or --to).
     Redrive {
+        /// The DLQ: a queue name from the config (`dlq-bridge list` shows them).
+        #[arg(value_name = "QUEUE")]
         queue: String,
         #[command(flatten)]
         opts: RedriveOpts,
@@ -82,20 +89,23 @@ pub enum Command {
     /// attribute): count, share, first/last enqueue, delivery counts, a sample
     /// ID. Reading is as for `inspect` (a true peek on Service Bus only).
     Report {
+        /// The DLQ: a queue name from the config (`dlq-bridge list` shows them).
+        #[arg(value_name = "QUEUE")]
         queue: String,
-        /// CEL filter; only matching messages are grouped.
-        #[arg(long, short = 'f')]
+        /// CEL filter; only matching messages are grouped. Default: every message.
+        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
         filter: Option<String>,
         /// reason, source, pattern (the reason and description with numbers,
         /// UUIDs, hex and quoted values as placeholders) or attribute:NAME.
         #[arg(long, default_value = "pattern", value_name = "BY")]
         by: String,
         /// Groups shown; the rest are folded into `other`.
-        #[arg(long, default_value_t = crate::engine::triage::DEFAULT_TOP, value_name = "N")]
+        #[arg(long, default_value_t = crate::engine::triage::DEFAULT_TOP, value_name = "N", value_parser = at_least_one::<usize>)]
         top: usize,
         /// Messages read at most (large DLQs: raise it; only what is read is grouped).
-        #[arg(long, default_value_t = crate::engine::triage::DEFAULT_SCAN, value_name = "N")]
+        #[arg(long, default_value_t = crate::engine::triage::DEFAULT_SCAN, value_name = "N", value_parser = at_least_one::<usize>)]
         scan: usize,
+        /// Output: an aligned table for people, or JSON for scripts.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
     },
@@ -103,14 +113,19 @@ pub enum Command {
     /// preview, typed attributes, reason, times, source), streamed as read.
     /// Nothing is removed; reading is as for `inspect`.
     Export {
+        /// The DLQ: a queue name from the config (`dlq-bridge list` shows them).
+        #[arg(value_name = "QUEUE")]
         queue: String,
+        /// The JSONL file to write, one message per line (replaced if it exists).
         #[arg(long, value_name = "FILE.jsonl")]
         to: PathBuf,
-        #[arg(long, short = 'f')]
+        /// CEL filter; only matching messages are written. Default: every message.
+        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
         filter: Option<String>,
         /// Write at most N messages (Service Bus: browse at most N; default 10000).
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
         max: Option<u64>,
+        /// Output: an aligned table for people, or JSON for scripts.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
     },
@@ -119,28 +134,34 @@ pub enum Command {
     /// --address on DEST's backend: any provider, converting attributes as the
     /// README's mapping says and naming what could not be carried.
     Import {
+        /// An export file (JSONL, as `export` and purge backups write it).
+        #[arg(value_name = "FILE")]
         file: PathBuf,
-        /// A configured queue name.
+        /// A queue name from the config: copies go to its source entity.
         #[arg(long, value_name = "DEST")]
         to: String,
         /// A provider-native address on DEST's backend, instead of its source.
         #[arg(long, value_name = "ADDRESS")]
         address: Option<String>,
-        #[arg(long, short = 'f')]
+        /// CEL filter over the exported messages; only matching lines are sent.
+        /// Default: every line.
+        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
         filter: Option<String>,
-        /// Messages per second at most.
-        #[arg(long, value_name = "N")]
+        /// Messages per second at most: a whole number, at least 1. Default: no limit.
+        #[arg(long, value_name = "N", value_parser = parse_rate)]
         rate: Option<u32>,
         /// Import at most N messages.
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
         max: Option<u64>,
         /// Read, filter and report what would be sent (and what could not be carried); send nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Do not ask for confirmation (required when not on a terminal).
         #[arg(long, short = 'y')]
         yes: bool,
         #[command(flatten)]
         journal: JournalOpts,
+        /// Output: an aligned table for people, or JSON for scripts.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
     },
@@ -148,15 +169,20 @@ pub enum Command {
     /// backup file (on by default), each deletion journaled. Messages that do
     /// not match are released at the end of the pass.
     Purge {
+        /// The DLQ: a queue name from the config (`dlq-bridge list` shows them).
+        #[arg(value_name = "QUEUE")]
         queue: String,
         /// CEL filter selecting what to delete (required; `true` for everything).
-        #[arg(long, short = 'f')]
+        #[arg(long, short = 'f', value_name = "CEL", value_parser = purge_filter)]
         filter: String,
         /// Only messages older than this (`7d`, `36h`), by enqueue time.
         #[arg(long, value_name = "DURATION", value_parser = crate::config::duration_text::parse)]
         older_than: Option<std::time::Duration>,
+        /// Lease, filter and report what would be deleted, then release it all;
+        /// delete nothing and write no backup.
         #[arg(long)]
         dry_run: bool,
+        /// Do not ask for confirmation (required when not on a terminal).
         #[arg(long, short = 'y')]
         yes: bool,
         /// Backup file (JSONL, the `export` format; appended to). Default:
@@ -167,35 +193,45 @@ pub enum Command {
         #[arg(long, conflicts_with = "backup")]
         no_backup: bool,
         /// Delete at most N messages.
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
         max: Option<u64>,
-        #[arg(long, value_name = "N")]
+        /// Messages per second at most: a whole number, at least 1. Default: the
+        /// config's `redrive.rate`, else no limit.
+        #[arg(long, value_name = "N", value_parser = parse_rate)]
         rate: Option<u32>,
         #[command(flatten)]
         journal: JournalOpts,
+        /// Output: an aligned table for people, or JSON for scripts.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
     },
     /// Apply the queues' `retention` policies once, as `serve` does on its
     /// leader: list expired messages (alert, --dry-run) or export-then-purge them.
     Retention {
-        /// One queue; default: every queue with a policy.
+        /// One queue name from the config; default: every queue with a policy.
+        #[arg(value_name = "QUEUE")]
         queue: Option<String>,
-        /// List what would be purged; purge nothing.
+        /// List the expired messages each policy would purge; purge nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Do not ask for confirmation (required when not on a terminal).
         #[arg(long, short = 'y')]
         yes: bool,
         #[command(flatten)]
         journal: JournalOpts,
+        /// Output: an aligned table for people, or JSON for scripts.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
     },
-    /// Past redrive runs from the journal: the audit trail.
+    /// Past runs (redrive, purge, import) from the journal: the audit trail.
+    /// Runs without a summary (killed, crashed or still going) show as unfinished.
     Runs {
-        /// Journal file. Default: as for `redrive`.
+        /// Journal file to read; it must exist. With it no config is needed.
+        /// Default: the config's `redrive.journal`, else
+        /// $XDG_STATE_HOME/dlq-bridge/journal.jsonl.
         #[arg(long, value_name = "PATH")]
         journal: Option<PathBuf>,
+        /// Output: an aligned table for people, or JSON for scripts.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
     },
@@ -214,8 +250,8 @@ pub struct JournalOpts {
 
 #[derive(Debug, Args, Default)]
 pub struct RedriveOpts {
-    /// CEL filter selecting the messages to move. Default: all.
-    #[arg(long, short = 'f')]
+    /// CEL filter selecting the messages to move. Default: every message.
+    #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
     pub filter: Option<String>,
     /// Destination instead of each message's source: a configured queue name or
     /// a provider address (SQS queue name/URL, Pub/Sub topic, Service Bus entity).
@@ -224,11 +260,12 @@ pub struct RedriveOpts {
     /// Lease, filter and report what would move; send and delete nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Messages per second at most.
-    #[arg(long, value_name = "N")]
+    /// Messages per second at most: a whole number, at least 1. Default: the
+    /// config's `redrive.rate`, else no limit.
+    #[arg(long, value_name = "N", value_parser = parse_rate)]
     pub rate: Option<u32>,
     /// Move at most N messages.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
     pub max: Option<u64>,
     /// Send batches in flight at once. Default: the config's `redrive.concurrency`.
     #[arg(long, value_name = "N")]
@@ -243,6 +280,7 @@ pub struct RedriveOpts {
     /// Keep no journal for this run.
     #[arg(long, conflicts_with = "journal")]
     pub no_journal: bool,
+    /// Output of the summary: an aligned table for people, or JSON for scripts.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Format,
 }
@@ -259,5 +297,96 @@ impl RedriveOpts {
             || self.journal.is_some()
             || self.no_journal
             || self.output != Format::Table
+    }
+}
+
+/// `--rate`: whole messages per second, at least 1 (0 would mean no limit at
+/// all, which leaving `--rate` out already says).
+fn parse_rate(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(0) => Err("must be at least 1 message per second (leave --rate out for no limit)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("rate is whole messages per second: an integer of at least 1, e.g. --rate 50".into()),
+    }
+}
+
+/// An optional `--filter`: given, it must say something. An empty one is
+/// most often a shell-quoting slip (`--filter "$F"` with F unset), and some
+/// commands read it as "every message" where others refused it.
+fn optional_filter(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("the filter is empty: leave --filter out to select every message (an empty value is often a shell-quoting slip)".into());
+    }
+    Ok(text.to_string())
+}
+
+/// Purge's required `--filter`: `true` purges everything, so nothing is implied.
+fn purge_filter(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("the filter is empty: pass --filter true to purge every message (an empty value is often a shell-quoting slip)".into());
+    }
+    Ok(text.to_string())
+}
+
+/// A count that must be at least 1: 0 would show, read or move nothing.
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(text: &str) -> Result<T, String> {
+    match text.trim().parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err("expected a whole number of at least 1".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_whole_numbers_of_at_least_one() {
+        assert_eq!(at_least_one::<usize>("3"), Ok(3));
+        assert_eq!(at_least_one::<u64>("1"), Ok(1));
+        assert_eq!(at_least_one::<usize>("0"), Err("must be at least 1".into()));
+        assert!(at_least_one::<u64>("-1").unwrap_err().contains("whole number"));
+        assert!(at_least_one::<usize>("2.5").unwrap_err().contains("whole number"));
+    }
+
+    #[test]
+    fn an_empty_filter_is_refused_with_what_to_do_instead() {
+        assert_eq!(optional_filter("reason == \"x\""), Ok("reason == \"x\"".into()));
+        for empty in ["", "  ", "\n"] {
+            assert!(optional_filter(empty).unwrap_err().contains("leave --filter out"));
+            assert!(purge_filter(empty).unwrap_err().contains("--filter true"));
+        }
+    }
+
+    #[test]
+    fn every_argument_has_help() {
+        use clap::CommandFactory;
+        let mut missing = Vec::new();
+        let cli = Cli::command();
+        let mut commands = vec![&cli];
+        commands.extend(cli.get_subcommands());
+        for cmd in commands {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.get_help().is_none() && !matches!(id, "help" | "version") {
+                    missing.push(format!("{} {id}", cmd.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    #[test]
+    fn rate_is_whole_messages_per_second_and_at_least_one() {
+        assert_eq!(parse_rate("50"), Ok(50));
+        assert_eq!(parse_rate("1"), Ok(1));
+        assert!(parse_rate("0").unwrap_err().contains("at least 1"));
+        for bad in ["0.5", "-3", "fast", ""] {
+            assert!(
+                parse_rate(bad).unwrap_err().contains("whole messages per second"),
+                "{bad}"
+            );
+        }
     }
 }

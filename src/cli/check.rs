@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use anyhow::Context as _;
+
 use super::exit::{self, Failure};
 use crate::engine::registry::Registry;
 
@@ -11,20 +13,31 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
         path.display(),
         registry.config().queues.len()
     );
-    let mut failed = 0;
+    if registry.config().queues.is_empty() {
+        eprintln!(
+            "warning: {}: no queue is configured; every command but check, serve and runs needs one",
+            path.display()
+        );
+    }
+    // The worst outcome: a config problem (exit 2) outranks a failure (exit 1).
+    let mut code = exit::OK;
     for q in &registry.config().queues {
         let result = async {
+            // Connect errors name the queue already; the backend's own do not.
             let b = registry.backend(&q.name).await?;
-            anyhow::Ok(b.stats().await?)
+            anyhow::Ok(b.stats().await.with_context(|| format!("queue {}", q.name))?)
         }
         .await;
         match result {
             Ok(s) => println!("queue {} ({}): ok, depth {}", q.name, q.kind.backend_name(), s.depth),
             Err(e) => {
-                failed += 1;
-                println!("queue {} ({}): FAILED: {e:#}", q.name, q.kind.backend_name());
+                code = code.max(exit::code_of(&e));
+                // The verdict on stdout with the others, the error (which
+                // names the queue) on stderr, as every command reports errors.
+                println!("queue {} ({}): FAILED", q.name, q.kind.backend_name());
+                eprintln!("error: {e:#}");
             }
         }
     }
-    Ok(if failed == 0 { exit::OK } else { exit::FAILURE })
+    Ok(code)
 }

@@ -11,7 +11,7 @@ pub(crate) fn confirm(yes: bool, question: &str) -> Result<bool, Failure> {
     }
     if !std::io::stdin().is_terminal() {
         return Err(usage(
-            "this command changes queues: pass --yes when not run from a terminal (or use --dry-run)",
+            "this command changes queues: pass --yes to confirm when not run from a terminal (or use --dry-run)",
         ));
     }
     eprint!("{question} [y/N] ");

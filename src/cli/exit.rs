@@ -1,7 +1,9 @@
 //! Exit codes, documented in `--help` and the README, and the error that
 //! carries one to `main`.
 
+use crate::backend::BackendError;
 use crate::engine::registry::RegistryError;
+use crate::engine::triage::TriageError;
 
 pub const OK: u8 = 0;
 pub const FAILURE: u8 = 1;
@@ -18,23 +20,32 @@ pub struct Failure {
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         let error = e.into();
-        let code = if error.downcast_ref::<crate::config::ConfigError>().is_some()
-            || error.downcast_ref::<crate::filter::FilterError>().is_some()
-            || error
-                .downcast_ref::<RegistryError>()
-                .is_some_and(|e| e.is_usage() || is_config_backend_error(e))
-            || error
-                .downcast_ref::<crate::sidecar::alert::sinks::SinkError>()
-                .is_some()
-            || error
-                .downcast_ref::<crate::engine::triage::TriageError>()
-                .is_some_and(crate::engine::triage::TriageError::is_usage)
-        {
-            USAGE
-        } else {
-            FAILURE
-        };
-        Self { code, error }
+        Self {
+            code: code_of(&error),
+            error,
+        }
+    }
+}
+
+/// The exit code an error calls for: [`USAGE`] when the user's input (the
+/// config, its environment variables, a filter, an argument) is wrong,
+/// [`FAILURE`] for what went wrong at run time.
+pub(crate) fn code_of(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<crate::config::ConfigError>().is_some()
+        || error.downcast_ref::<crate::filter::FilterError>().is_some()
+        || error
+            .downcast_ref::<RegistryError>()
+            .is_some_and(|e| e.is_usage() || is_config_backend_error(e))
+        || error
+            .downcast_ref::<crate::sidecar::alert::sinks::SinkError>()
+            .is_some()
+        || error
+            .downcast_ref::<TriageError>()
+            .is_some_and(|e| e.is_usage() || is_config_triage_error(e))
+    {
+        USAGE
+    } else {
+        FAILURE
     }
 }
 
@@ -46,10 +57,20 @@ pub(crate) fn is_config_backend_error(e: &RegistryError) -> bool {
     matches!(
         e,
         RegistryError::Backend {
-            error: crate::backend::BackendError::Invalid(_) | crate::backend::BackendError::NotCompiled { .. },
+            error: BackendError::Invalid(_) | BackendError::NotCompiled { .. },
             ..
         }
     )
+}
+
+/// The same, met inside a triage command (purge, import, retention connect
+/// their queue's backend themselves).
+fn is_config_triage_error(e: &TriageError) -> bool {
+    match e {
+        TriageError::Registry(r) => is_config_backend_error(r),
+        TriageError::Backend(b) => matches!(b, BackendError::Invalid(_) | BackendError::NotCompiled { .. }),
+        _ => false,
+    }
 }
 
 pub(crate) fn usage(msg: impl Into<String>) -> Failure {

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use anyhow::Context as _;
 use chrono::Utc;
 
 use super::exit::{self, Failure};
@@ -28,7 +29,9 @@ pub(crate) async fn list(
         for r in rows.iter().filter(|r| r.error.is_some()) {
             eprintln!("error: {}", r.error.as_deref().unwrap_or_default());
         }
-        return Ok(exit::FAILURE);
+        // A config problem (exit 2) outranks a failure (exit 1): it needs fixing
+        // whatever the backends do.
+        return Ok(rows.iter().map(|r| r.error_code).max().unwrap_or(exit::FAILURE));
     }
     if fail_if_nonempty && rows.iter().any(|r| r.stats.as_ref().is_some_and(|s| s.depth > 0)) {
         return Ok(exit::NONEMPTY);
@@ -49,12 +52,15 @@ pub(crate) async fn queue_row(registry: &Registry, name: &str, sample: usize) ->
         top_reasons: Vec::new(),
         sampled: 0,
         error: None,
+        error_code: exit::OK,
     };
     let result: anyhow::Result<()> = async {
+        // Connect errors name the queue already; the backend's own do not.
         let backend = registry.backend(name).await?;
-        let mut stats = backend.stats().await?;
+        let named = || format!("queue {name}");
+        let mut stats = backend.stats().await.with_context(named)?;
         if sample > 0 && stats.depth > 0 {
-            let msgs = backend.peek(sample).await?;
+            let msgs = backend.peek(sample).await.with_context(named)?;
             row.sampled = msgs.len();
             let mut counts: HashMap<String, u64> = HashMap::new();
             for m in &msgs {
@@ -79,6 +85,7 @@ pub(crate) async fn queue_row(registry: &Registry, name: &str, sample: usize) ->
     .await;
     if let Err(e) = result {
         row.error = Some(format!("{e:#}"));
+        row.error_code = exit::code_of(&e);
     }
     row
 }
@@ -91,6 +98,7 @@ pub(crate) async fn inspect(
     scan: usize,
     output: Format,
 ) -> Result<u8, Failure> {
+    let filtered = filter.is_some();
     let filter = match filter {
         Some(f) => Filter::compile(f)?,
         None => Filter::match_all(),
@@ -103,7 +111,10 @@ pub(crate) async fn inspect(
             backend.kind()
         );
     }
-    let msgs = backend.peek(scan.max(limit)).await?;
+    // Without a filter every message read is shown, so read no more than
+    // --limit: on SQS and Pub/Sub each one read gets its delivery count raised.
+    let read = if filtered { scan } else { scan.min(limit) };
+    let msgs = backend.peek(read).await?;
     let now = Utc::now();
     let mut shown = Vec::new();
     let mut errors = 0;
@@ -132,6 +143,9 @@ pub(crate) async fn inspect(
     }
     if errors > 0 {
         eprintln!("warning: the filter failed on {errors} messages (counted as no match); -vv shows why");
+    }
+    if filtered && shown.len() < limit && msgs.len() >= scan {
+        eprintln!("note: the read stopped at --scan {scan}; the DLQ may hold more matches (raise --scan)");
     }
     Ok(exit::OK)
 }

@@ -13,6 +13,7 @@ mod confirm;
 pub mod exit;
 mod inspect;
 mod redrive;
+mod runs;
 mod signals;
 mod triage;
 
@@ -21,7 +22,8 @@ use check::check;
 use confirm::confirm;
 use exit::{Failure, usage};
 use inspect::{inspect, list};
-use redrive::{open_journal, redrive, runs};
+use redrive::{open_journal, redrive};
+use runs::runs;
 use triage::default_backup;
 
 pub async fn run(cli: Cli) -> Result<u8, Failure> {
@@ -50,8 +52,41 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             ));
         }
     };
+    if let Command::Runs { journal, output } = command {
+        // Reading a journal named on the command line needs no config; one
+        // found is still read, for its rotation settings.
+        let config = match (config_path(cli.config), &journal) {
+            (Ok(path), _) => Some(Config::load(&path)?),
+            (Err(_), Some(_)) => None,
+            (Err(_), None) => {
+                return Err(usage(
+                    "no config file to find the journal from: pass --journal PATH, or --config FILE (or set DLQ_BRIDGE_CONFIG)",
+                ));
+            }
+        };
+        return runs(config.as_ref(), journal, output);
+    }
     let config_path = config_path(cli.config)?;
     let config = Config::load(&config_path)?;
+    if config.queues.is_empty() {
+        match command {
+            // `check` says so; `serve` still serves its API and dashboard
+            // (the chart's default values configure no queue).
+            Command::Check => {}
+            Command::Serve => eprintln!(
+                "warning: {}: no queue is configured; serve has nothing to poll",
+                config_path.display()
+            ),
+            _ => {
+                return Err(crate::config::ConfigError::Invalid {
+                    location: config_path.display().to_string(),
+                    field: "queues".into(),
+                    message: "no queue is configured; add one (see config/example.yaml)".into(),
+                }
+                .into());
+            }
+        }
+    }
     let registry = Arc::new(Registry::new(config));
     match command {
         Command::List {
@@ -72,7 +107,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             crate::sidecar::serve::run(registry.config().clone()).await?;
             Ok(exit::OK)
         }
-        Command::Runs { journal, output } => runs(&registry, journal, output),
+        Command::Runs { .. } => unreachable!("handled before the config is loaded"),
         Command::Report {
             queue,
             filter,

@@ -1,6 +1,6 @@
-//! `redrive` (and the `--redrive` flag form) and `runs`, the journal's audit trail.
+//! `redrive` (and the `--redrive` flag form), and the journal it keeps.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +9,11 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use super::args::{JournalOpts, RedriveOpts};
-use super::exit::{self, Failure, usage};
+use super::confirm::confirm;
+use super::exit::{self, Failure};
 use super::signals;
 use crate::config::{Config, state_dir};
-use crate::engine::journal::{Journal, Record, Rotation, read_all_records};
+use crate::engine::journal::{Journal, Rotation};
 use crate::engine::redrive::{Engine, Progress, RunSummary, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry};
 use crate::filter::Filter;
@@ -32,21 +33,17 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
         Filter::compile(f)?;
     }
     registry.queue(queue)?;
-    if !opts.dry_run && !opts.yes {
-        if !std::io::stdin().is_terminal() {
-            return Err(usage(
-                "a real redrive needs --yes when not run from a terminal (or use --dry-run)",
-            ));
-        }
-        eprint!(
-            "Redrive messages of {queue} matching `{}`? [y/N] ",
-            req.filter.as_deref().unwrap_or("true")
-        );
-        std::io::stderr().flush().ok();
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            eprintln!("aborted; nothing was touched");
+    if !opts.dry_run {
+        let what = match &req.filter {
+            Some(f) => format!("the messages of {queue} matching `{f}`"),
+            None => format!("every message of {queue}"),
+        };
+        let to = match &req.to {
+            Some(t) => format!("to {t}"),
+            None => "back to their source".into(),
+        };
+        let cap = req.max.map(|m| format!(" (at most {m})")).unwrap_or_default();
+        if !confirm(opts.yes, &format!("Redrive {what} {to}{cap}?"))? {
             return Ok(exit::FAILURE);
         }
     }
@@ -156,44 +153,4 @@ pub(crate) fn progress_bar(
         }
     });
     Some((bar, ticker))
-}
-
-pub(crate) fn runs(registry: &Registry, journal: Option<PathBuf>, output: Format) -> Result<u8, Failure> {
-    let Some(path) = journal.or_else(|| default_journal(registry.config())) else {
-        return Err(usage("no journal path: pass --journal PATH"));
-    };
-    let records = read_all_records(&path, registry.config().redrive.journal_keep)?;
-    let finished: Vec<serde_json::Value> = records
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::RunFinished { summary, .. } => Some(summary),
-            _ => None,
-        })
-        .collect();
-    match output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&finished)?),
-        Format::Table => {
-            let mut t = output::Table::new(&[
-                "RUN", "QUEUE", "TRIGGER", "DRY", "MATCHED", "SENT", "SETTLED", "FAILED", "STOPPED", "FILTER",
-            ]);
-            for s in &finished {
-                let n = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-                let t_ = |k: &str| s.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-                t.row(vec![
-                    t_("run_id"),
-                    t_("queue"),
-                    t_("trigger"),
-                    s.get("dry_run").and_then(|v| v.as_bool()).unwrap_or(false).to_string(),
-                    n("matched").to_string(),
-                    n("sent").to_string(),
-                    n("settled").to_string(),
-                    (n("send_failed") + n("settle_failed")).to_string(),
-                    t_("stopped"),
-                    crate::model::preview(&t_("filter"), 50),
-                ]);
-            }
-            print!("{}", t.render());
-        }
-    }
-    Ok(exit::OK)
 }

@@ -156,7 +156,8 @@ pub async fn cli_retention(
         .clone()
         .or_else(crate::config::state_dir);
     let mut outcomes = Vec::new();
-    let mut failed = false;
+    // The worst outcome: a config problem (exit 2) outranks a failure (exit 1).
+    let mut code = exit::OK;
     for name in &names {
         let o = apply_retention(
             registry,
@@ -170,12 +171,16 @@ pub async fn cli_retention(
         .await;
         match o {
             Ok(o) => {
-                failed |= o.purge.as_ref().is_some_and(|s| !s.ok());
+                if o.purge.as_ref().is_some_and(|s| !s.ok()) {
+                    code = code.max(exit::FAILURE);
+                }
                 outcomes.push(o);
             }
             Err(e) => {
-                failed = true;
-                eprintln!("queue {name}: retention failed: {e}");
+                let text = e.to_string();
+                let text = text.strip_prefix(&format!("queue {name}: ")).unwrap_or(&text);
+                eprintln!("error: queue {name}: retention failed: {text}");
+                code = code.max(Failure::from(e).code);
             }
         }
     }
@@ -187,7 +192,7 @@ pub async fn cli_retention(
             }
         }
     }
-    Ok(if failed { exit::FAILURE } else { exit::OK })
+    Ok(code)
 }
 
 fn report_table(r: &Report) -> String {
@@ -247,11 +252,15 @@ fn import_text(s: &ImportSummary) -> String {
         s.queue,
         s.backend,
     );
+    // Matches planned for each destination; with one, the run's `sent` is its own.
     for (to, n) in &s.destinations {
-        out.push_str(&format!(
-            "  {n} {} {to}\n",
-            if s.dry_run { "would go to" } else { "to" }
-        ));
+        if s.dry_run {
+            out.push_str(&format!("  {n} would go to {to}\n"));
+        } else if s.destinations.len() == 1 {
+            out.push_str(&format!("  {n} planned for {to}, {} sent\n", s.sent));
+        } else {
+            out.push_str(&format!("  {n} planned for {to}\n"));
+        }
     }
     out.push_str(&format!("  read:      {}\n  matched:   {}\n", s.read, s.matched));
     if !s.dry_run {
@@ -289,11 +298,13 @@ fn purge_text(s: &RunSummary) -> String {
     if !s.dry_run {
         out.push_str(&format!("  backed up: {}\n  deleted:   {}\n", s.sent, s.settled));
     }
+    // Matches handed to the backup (or to no backup), not deletions: those
+    // are `deleted` above.
     for (to, n) in &s.destinations {
-        let verb = if s.dry_run { "would be purged" } else { "purged" };
+        let verb = if s.dry_run { "would be purged" } else { "planned" };
         out.push_str(&format!("  {n} {verb}, {to}\n"));
     }
-    out.push_str(&format!("  left in DLQ (released): {}\n", s.released));
+    out.push_str(&crate::output::released_line(s, "deleted"));
     crate::output::push_samples_and_errors(&mut out, s);
     out
 }

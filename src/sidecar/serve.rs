@@ -29,11 +29,18 @@ use crate::sidecar::{dashboard, guard};
 
 /// Run the sidecar until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let listen: SocketAddr = config
-        .serve
-        .listen
-        .parse()
-        .with_context(|| format!("serve.listen: `{}` is not an address:port", config.serve.listen))?;
+    // An IP address and port, loopback unless token_env is set: checked when
+    // the config is loaded (so `check` reports it too), and again here for a
+    // config built in code.
+    let listen: SocketAddr =
+        config
+            .serve
+            .check_listen()
+            .map_err(|(field, message)| crate::config::ConfigError::Invalid {
+                location: "config".into(),
+                field: field.into(),
+                message,
+            })?;
     let token = match &config.serve.token_env {
         Some(var) => Some(
             token_from(std::env::var(var).ok()).ok_or_else(|| crate::config::ConfigError::Invalid {
@@ -44,16 +51,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    if !listen.ip().is_loopback() && token.is_none() {
-        return Err(crate::config::ConfigError::Invalid {
-            location: "config".into(),
-            field: "serve.listen".into(),
-            message: format!(
-                "{listen} is not a loopback address: refusing to serve the API without a token (set serve.token_env)"
-            ),
-        }
-        .into());
-    }
     let data_dir = config.serve.data_dir.clone().or_else(crate::config::state_dir);
     // Held until the process exits: one `serve` per data directory.
     let _data_dir_lock = match &data_dir {
