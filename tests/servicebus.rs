@@ -299,11 +299,11 @@ async fn to_names_a_configured_queue_or_an_existing_entity() {
     assert!(
         matches!(
             &typo,
-            RegistryError::Backend {
+            RegistryError::Destination {
                 error: BackendError::NotFound { .. },
                 ..
             }
-        ),
+        ) && typo.is_usage(),
         "{typo}"
     );
     let cross = plan("elsewhere").await.unwrap_err();

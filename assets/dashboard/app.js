@@ -488,7 +488,7 @@
       return el("table", { class: "summary kv", id: kind + "-summary" }, el("tbody", {},
         kv("run", v.run_id), kv("outcome", v.status + (s.stopped ? " (" + s.stopped + ")" : "")), kv("matched", s.matched),
         kv(kind === "purge" ? "backed up" : "sent", s.sent), kv(kind === "purge" ? "deleted" : "settled", s.settled),
-        kv("failed", (s.send_failed || 0) + (s.settle_failed || 0)), kv("left in the DLQ", s.released),
+        kv("failed", (s.send_failed || 0) + (s.settle_failed || 0)), kv("released (put back)", s.released),
         backup ? kv("backup", backup) : null, v.error ? kv("error", v.error) : null,
         (s.errors || []).length ? kv("errors", s.errors.join("; ")) : null));
     }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::exit::{self, Failure, usage};
 use crate::config::Config;
-use crate::engine::journal::{Record, Rotation, read_all_records};
+use crate::engine::journal::{CARRIED_RUN, Record, Rotation, read_all_records};
 use crate::output::{self, Format};
 
 /// `stopped` of a run the journal has no `run_finished` record for.
@@ -57,11 +57,6 @@ fn journal_exists(path: &Path) -> bool {
     path.exists() || Path::new(&rotated).exists()
 }
 
-/// The run ID of the records a rotation copies into the new journal file
-/// (sends not yet settled, intents): they belong to earlier runs, whose own
-/// records are in the rotated files, so they make no run of their own.
-const CARRIED: &str = "carried";
-
 /// What the records of one run say.
 #[derive(Debug, Default)]
 struct RunRecords {
@@ -88,8 +83,16 @@ impl RunRecords {
                 _ => Some("redrive"),
             };
         }
-        // An import's summary has no action (it names its file); its start
-        // record says `import FILE` as its trigger.
+        if let Some(a) = self.started.as_ref().and_then(|s| s["action"].as_str()) {
+            return match a {
+                "purge" => Some("purge"),
+                "import" => Some("import"),
+                _ => Some("redrive"),
+            };
+        }
+        // Journals from before runs recorded their action. An import's
+        // summary has no action (it names its file); its start record says
+        // `import FILE` as its trigger.
         let trigger = self.started.as_ref().and_then(|s| s["trigger"].as_str()).unwrap_or("");
         if self.imported > 0
             || trigger.starts_with("import ")
@@ -168,7 +171,9 @@ fn run_rows(records: Vec<Record>) -> Vec<Value> {
             | Record::Imported { run, .. }
             | Record::RunFinished { run, .. } => run.clone(),
         };
-        if run_id == CARRIED {
+        // Copies a rotation carried over belong to earlier runs, whose own
+        // records are in the rotated files: they make no run of their own.
+        if run_id == CARRIED_RUN {
             continue;
         }
         let i = *index.entry(run_id.clone()).or_insert_with(|| {
@@ -237,6 +242,8 @@ mod tests {
             run: run.into(),
             at: Utc::now(),
             queue: queue.into(),
+            // As journals written before runs recorded their action.
+            action: None,
             trigger: trigger.into(),
             filter: "true".into(),
             dry_run,
@@ -327,6 +334,17 @@ mod tests {
             ],
             "{table}"
         );
+    }
+
+    #[test]
+    fn a_run_killed_before_its_first_batch_says_its_action_from_its_start() {
+        let mut start = started("p9", "orders", "cli", true);
+        if let Record::RunStarted { action, .. } = &mut start {
+            *action = Some("purge".into());
+        }
+        let rows = run_rows(vec![start]);
+        assert_eq!(rows[0]["action"], "purge", "{rows:?}");
+        assert_eq!(rows[0]["stopped"], "unfinished", "{rows:?}");
     }
 
     #[test]
@@ -451,7 +469,7 @@ mod tests {
     fn records_a_rotation_carries_over_make_no_run() {
         let mut records = vec![started("r1", "orders", "cli", false)];
         records.extend(sent("r1", "a"));
-        records.extend(sent("carried", "a"));
+        records.extend(sent(CARRIED_RUN, "a"));
         let rows = run_rows(records);
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert_eq!(rows[0]["sent"], 1);

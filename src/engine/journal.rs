@@ -37,6 +37,10 @@ pub enum Record {
         run: String,
         at: DateTime<Utc>,
         queue: String,
+        /// `redrive`, `purge` or `import`, so that a run that never finished
+        /// still says what it was. Absent in journals written before.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        action: Option<String>,
         trigger: String,
         filter: String,
         dry_run: bool,
@@ -272,6 +276,11 @@ impl Replay {
     }
 }
 
+/// The run ID of the records a rotation copies into the new file (copies
+/// not yet settled, intents): they belong to earlier runs, whose own records
+/// are in the rotated files.
+pub const CARRIED_RUN: &str = "carried";
+
 /// When the journal is rotated and how many rotated files are kept
 /// (`journal.jsonl.1` is the newest). A sidecar appends for months, so the
 /// file must not grow without bound.
@@ -463,7 +472,7 @@ impl Journal {
             let r = self.replay.lock().expect("journal lock");
             let queue = |q: &String| Some(q.clone()).filter(|q| !q.is_empty());
             let sent = r.sent.iter().map(|(q, id, c)| Record::Sent {
-                run: "carried".into(),
+                run: CARRIED_RUN.into(),
                 queue: queue(q),
                 id: id.clone(),
                 enqueued_at: c.enqueued_at,
@@ -471,7 +480,7 @@ impl Journal {
                 dest_id: c.dest_id.clone(),
             });
             let intents = r.intents.iter().map(|(q, id, rid)| Record::Leased {
-                run: "carried".into(),
+                run: CARRIED_RUN.into(),
                 queue: queue(q),
                 id: id.clone(),
                 redrive_id: Some(rid.clone()),
@@ -690,6 +699,7 @@ mod tests {
             run: run.into(),
             at: Utc::now(),
             queue: queue.into(),
+            action: Some("redrive".into()),
             trigger: "cli".into(),
             filter: "true".into(),
             dry_run: false,

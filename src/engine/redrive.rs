@@ -329,6 +329,7 @@ impl Engine {
             run: plan.run_id.clone(),
             at: s.started_at,
             queue: plan.queue.clone(),
+            action: Some(plan.action.name().into()),
             trigger: plan.trigger.to_string(),
             filter: plan.filter.source().to_string(),
             dry_run: plan.dry_run,

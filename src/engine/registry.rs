@@ -27,6 +27,11 @@ pub enum RegistryError {
     Backend { queue: String, error: BackendError },
     #[error("{0}")]
     Invalid(String),
+    /// The redrive's destination (`--to`, `to` over HTTP) could not be
+    /// resolved. One the provider does not know or cannot take is the
+    /// caller's mistake; an unreachable one is not.
+    #[error("--to {to}: {error}")]
+    Destination { to: String, error: BackendError },
 }
 
 impl RegistryError {
@@ -34,6 +39,13 @@ impl RegistryError {
     /// failures at run time (exit code 1).
     pub fn is_usage(&self) -> bool {
         matches!(self, Self::UnknownQueue { .. } | Self::Filter(_) | Self::Invalid(_))
+            || matches!(
+                self,
+                Self::Destination {
+                    error: BackendError::NotFound { .. } | BackendError::Invalid(_),
+                    ..
+                }
+            )
     }
 }
 
@@ -132,13 +144,24 @@ impl Registry {
         trigger: Trigger,
     ) -> Result<RedrivePlan, RegistryError> {
         let qcfg = self.queue(queue)?;
+        // The CLI and the config refuse these already; the HTTP API passes
+        // what it is sent.
         let filter = match &req.filter {
-            Some(f) if !f.trim().is_empty() => Filter::compile(f)?,
-            _ => Filter::match_all(),
+            Some(f) if f.trim().is_empty() => {
+                return Err(RegistryError::Invalid(
+                    "the filter is empty: leave it out to select every message".into(),
+                ));
+            }
+            Some(f) => Filter::compile(f)?,
+            None => Filter::match_all(),
         };
         let rate = match req.rate.or(self.config.redrive.rate) {
-            None | Some(0) => None,
-            Some(r) => NonZeroU32::new(r),
+            None => None,
+            Some(r) => Some(NonZeroU32::new(r).ok_or_else(|| {
+                RegistryError::Invalid(
+                    "the rate must be at least 1 message per second; leave it out for no limit".into(),
+                )
+            })?),
         };
         let concurrency = req.concurrency.unwrap_or(self.config.redrive.concurrency);
         if concurrency == 0 {
@@ -159,13 +182,13 @@ impl Registry {
             }
         };
         let to = async {
-            match &req.to {
-                Some(t) => match self.configured_destination(queue, t).await? {
-                    Some(dest) => Ok(Some(dest)),
-                    None => resolve(t.clone()).await.map(Some),
-                },
-                None => Ok(None),
-            }
+            let Some(t) = &req.to else { return Ok(None) };
+            let dest = match self.configured_destination(queue, t).await? {
+                Some(dest) => Ok(dest),
+                None => backend.resolve_destination(t).await,
+            };
+            dest.map(Some)
+                .map_err(|error| RegistryError::Destination { to: t.clone(), error })
         };
         let fallback_source = async {
             match &qcfg.source {
@@ -219,8 +242,8 @@ impl Registry {
             Some(s) => other_backend.resolve_destination(s).await.map(Some),
             None => other_backend.default_source().await,
         };
-        match source.map_err(|error| RegistryError::Backend {
-            queue: to.to_string(),
+        match source.map_err(|error| RegistryError::Destination {
+            to: to.to_string(),
             error,
         })? {
             Some(dest) => Ok(Some(dest)),

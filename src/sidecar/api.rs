@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::backend::{BackendError, QueueBackend};
+use crate::backend::QueueBackend;
 use crate::engine::redrive::Trigger;
 use crate::engine::registry::{RedriveRequest, RegistryError};
 use crate::filter::Filter;
@@ -323,10 +323,10 @@ async fn redrive(
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     let b: RedriveBody = json_body(&headers, body)?;
-    // The DLQ first: a failure here is the provider's (502), so that one in
-    // planning with `to` set is the destination's.
+    // The DLQ first, so that its own failure reads as the provider's (502);
+    // planning then names a destination it cannot resolve (400 when the
+    // provider does not know it).
     app.registry.backend(&queue).await?;
-    let named_destination = b.to.is_some();
     let req = RedriveRequest {
         filter: b.filter,
         to: b.to,
@@ -335,30 +335,12 @@ async fn redrive(
         max: b.max,
         concurrency: b.concurrency,
     };
-    let run_id = app
-        .start_run(&queue, req, Trigger::Api)
-        .await
-        .map_err(|e| destination_error(e, named_destination))?;
+    let run_id = app.start_run(&queue, req, Trigger::Api).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "run_id": run_id, "status_url": format!("/v1/runs/{run_id}") })),
     )
         .into_response())
-}
-
-/// A destination (`to`) the provider does not know, or cannot take copies,
-/// is the caller's mistake (400), not a provider failure (502). The DLQ was
-/// reached just before, so such an error from planning with `to` set names
-/// the destination. (The configured `source` is resolved in the same step;
-/// its errors say so in their text.)
-pub(crate) fn destination_error(e: RegistryError, named_destination: bool) -> ApiError {
-    match &e {
-        RegistryError::Backend {
-            error: BackendError::NotFound { .. } | BackendError::Invalid(_),
-            ..
-        } if named_destination => ApiError(StatusCode::BAD_REQUEST, format!("destination (`to`): {e}")),
-        _ => e.into(),
-    }
 }
 
 async fn run(State(app): State<Arc<App>>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -373,6 +355,7 @@ async fn run(State(app): State<Arc<App>>, Path(id): Path<String>, headers: Heade
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::BackendError;
 
     #[test]
     fn bearer_scheme_is_case_insensitive_and_the_token_trimmed() {
@@ -425,22 +408,27 @@ mod tests {
 
     #[test]
     fn an_unknown_destination_is_the_callers_mistake() {
-        let not_found = || RegistryError::Backend {
-            queue: "orders".into(),
-            error: BackendError::NotFound {
-                queue: "nosuch".into(),
-                detail: "no queue".into(),
-            },
+        let destination = |error| RegistryError::Destination {
+            to: "nosuch".into(),
+            error,
         };
-        assert_eq!(destination_error(not_found(), true).0, StatusCode::BAD_REQUEST);
-        assert_eq!(destination_error(not_found(), false).0, StatusCode::BAD_GATEWAY);
-        let down = RegistryError::Backend {
-            queue: "orders".into(),
-            error: BackendError::Unreachable {
-                endpoint: "x".into(),
-                detail: "refused".into(),
-            },
+        let not_found = BackendError::NotFound {
+            queue: "nosuch".into(),
+            detail: "no queue".into(),
         };
-        assert_eq!(destination_error(down, true).0, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            ApiError::from(destination(not_found.clone())).0,
+            StatusCode::BAD_REQUEST
+        );
+        let dlq_missing = RegistryError::Backend {
+            queue: "orders".into(),
+            error: not_found,
+        };
+        assert_eq!(ApiError::from(dlq_missing).0, StatusCode::BAD_GATEWAY);
+        let down = BackendError::Unreachable {
+            endpoint: "x".into(),
+            detail: "refused".into(),
+        };
+        assert_eq!(ApiError::from(destination(down)).0, StatusCode::BAD_GATEWAY);
     }
 }

@@ -175,6 +175,7 @@ pub async fn import(
             run: plan.run_id.clone(),
             at: Utc::now(),
             queue: req.to.to_string(),
+            action: Some("import".into()),
             trigger: format!("import {}", req.file.display()),
             filter: filter.source().to_string(),
             dry_run: false,
