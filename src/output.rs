@@ -212,18 +212,24 @@ pub fn summary_text(s: &RunSummary) -> String {
         }
     }
     out.push_str(&released_line(s, "sent"));
-    // `destinations` counts the matches handed to each destination, not the
-    // copies it confirmed: with one destination the run's `sent` is its own.
-    for (dest, n) in &s.destinations {
-        if s.dry_run {
+    out.push_str(&destination_lines(&s.destinations, s.dry_run, s.sent));
+    push_samples_and_errors(&mut out, s);
+    out
+}
+
+/// A line per destination. `destinations` counts the matches handed to each,
+/// not the copies it confirmed: with one destination the run's `sent` is its own.
+pub fn destination_lines(destinations: &BTreeMap<String, u64>, dry_run: bool, sent: u64) -> String {
+    let mut out = String::new();
+    for (dest, n) in destinations {
+        if dry_run {
             out.push_str(&format!("  {n} would go to {dest}\n"));
-        } else if s.destinations.len() == 1 {
-            out.push_str(&format!("  {n} planned for {dest}, {} sent\n", s.sent));
+        } else if destinations.len() == 1 {
+            out.push_str(&format!("  {n} planned for {dest}, {sent} sent\n"));
         } else {
             out.push_str(&format!("  {n} planned for {dest}\n"));
         }
     }
-    push_samples_and_errors(&mut out, s);
     out
 }
 

@@ -19,7 +19,7 @@ use crate::engine::triage::{
     apply_retention, compile, export, import, purge, read_note, report,
 };
 use crate::model::preview;
-use crate::output::{Format, Table, human_age};
+use crate::output::{Format, Table, destination_lines, human_age};
 
 fn print_json<T: Serialize>(v: &T) -> Result<(), Failure> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -252,16 +252,7 @@ fn import_text(s: &ImportSummary) -> String {
         s.queue,
         s.backend,
     );
-    // Matches planned for each destination; with one, the run's `sent` is its own.
-    for (to, n) in &s.destinations {
-        if s.dry_run {
-            out.push_str(&format!("  {n} would go to {to}\n"));
-        } else if s.destinations.len() == 1 {
-            out.push_str(&format!("  {n} planned for {to}, {} sent\n", s.sent));
-        } else {
-            out.push_str(&format!("  {n} planned for {to}\n"));
-        }
-    }
+    out.push_str(&destination_lines(&s.destinations, s.dry_run, s.sent));
     out.push_str(&format!("  read:      {}\n  matched:   {}\n", s.read, s.matched));
     if !s.dry_run {
         out.push_str(&format!("  sent:      {}\n  failed:    {}\n", s.sent, s.failed));

@@ -245,6 +245,9 @@ fn journal_runs(path: &std::path::Path, keep: usize) -> Result<Arc<Vec<(String, 
         return Ok(c.runs.clone());
     }
     let mut runs = std::collections::VecDeque::new();
+    // Runs started and not (yet) finished: killed, crashed, or still going
+    // in another process. Shown as unfinished, from their start record.
+    let mut open: Vec<(String, Value)> = Vec::new();
     for (file, _, _) in &stamps {
         let f = match std::fs::File::open(file) {
             Ok(f) => f,
@@ -253,18 +256,42 @@ fn journal_runs(path: &std::path::Path, keep: usize) -> Result<Arc<Vec<(String, 
         };
         for line in std::io::BufReader::new(f).lines() {
             let line = line?;
-            if !line.contains("\"run_finished\"") {
+            if !line.contains("\"run_finished\"") && !line.contains("\"run_started\"") {
                 continue;
             }
             // A torn last line (a crash mid-write) is skipped, as the journal does.
-            if let Ok(Record::RunFinished { run, summary, .. }) = serde_json::from_str(&line) {
-                runs.push_back((run, summary));
-                if runs.len() > JOURNAL_RUNS_KEPT {
-                    runs.pop_front();
+            match serde_json::from_str(&line) {
+                Ok(Record::RunFinished { run, summary, .. }) => {
+                    open.retain(|(r, _)| *r != run);
+                    runs.push_back((run, summary));
+                    if runs.len() > JOURNAL_RUNS_KEPT {
+                        runs.pop_front();
+                    }
                 }
+                Ok(Record::RunStarted {
+                    run,
+                    at,
+                    queue,
+                    action,
+                    trigger,
+                    filter,
+                    dry_run,
+                    ..
+                }) => {
+                    let start = json!({
+                        "queue": queue, "trigger": trigger, "action": action, "filter": filter,
+                        "dry_run": dry_run, "started_at": at, "stopped": "unfinished",
+                    });
+                    open.push((run, start));
+                    if open.len() > JOURNAL_RUNS_KEPT {
+                        open.remove(0);
+                    }
+                }
+                _ => {}
             }
         }
     }
+    runs.extend(open);
     let runs = Arc::new(Vec::from(runs));
     *cache = Some(JournalRuns {
         stamps,
@@ -277,16 +304,27 @@ fn journal_runs(path: &std::path::Path, keep: usize) -> Result<Arc<Vec<(String, 
 /// A journaled run summary in the shape of a live run view.
 fn from_summary(run: &str, s: Value) -> Value {
     let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let ok =
-        s.get("stopped").and_then(Value::as_str) != Some("failed") && n("send_failed") == 0 && n("settle_failed") == 0;
+    let stopped = s.get("stopped").and_then(Value::as_str);
+    let ok = stopped != Some("failed") && n("send_failed") == 0 && n("settle_failed") == 0;
+    let status = match stopped {
+        Some("unfinished") => "unfinished",
+        _ if ok => "finished",
+        _ => "failed",
+    };
     json!({
         "run_id": run,
         "queue": s.get("queue"),
         "trigger": s.get("trigger"),
-        "action": s.get("action").cloned().unwrap_or_else(|| json!("redrive")),
+        // Summaries from before runs named their action were redrives; an
+        // unfinished run from such a journal cannot tell.
+        "action": match s.get("action") {
+            Some(Value::Null) => json!("-"),
+            Some(a) => a.clone(),
+            None => json!("redrive"),
+        },
         "filter": s.get("filter"),
         "dry_run": s.get("dry_run"),
-        "status": if ok { "finished" } else { "failed" },
+        "status": status,
         "started_at": s.get("started_at"),
         "progress": {
             "examined": n("examined"),
@@ -520,7 +558,43 @@ async fn export(
 
 #[cfg(test)]
 mod tests {
-    use super::word_position;
+    use super::{from_summary, journal_runs, word_position};
+    use crate::engine::journal::{Journal, Record};
+
+    /// A run killed mid-way (no `run_finished`) is listed, as unfinished.
+    #[test]
+    fn journaled_runs_include_unfinished_ones() {
+        let dir = std::env::temp_dir().join(format!("dlqb-dash-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("journal.jsonl");
+        let j = Journal::open(&path).unwrap();
+        let start = |run: &str| Record::RunStarted {
+            run: run.into(),
+            at: chrono::Utc::now(),
+            queue: "orders".into(),
+            action: Some("purge".into()),
+            trigger: "api".into(),
+            filter: "true".into(),
+            dry_run: false,
+            destination: None,
+        };
+        j.append(&start("done")).unwrap();
+        j.append(&Record::RunFinished {
+            run: "done".into(),
+            at: chrono::Utc::now(),
+            summary: serde_json::json!({"queue": "orders", "action": "purge", "stopped": "drained"}),
+        })
+        .unwrap();
+        j.append(&start("killed")).unwrap();
+        j.sync().unwrap();
+        let runs = journal_runs(&path, 1).unwrap();
+        let ids: Vec<&str> = runs.iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(ids, ["done", "killed"]);
+        let killed = from_summary("killed", runs[1].1.clone());
+        assert_eq!(killed["status"], "unfinished", "{killed}");
+        assert_eq!(killed["action"], "purge", "{killed}");
+        assert_eq!(from_summary("done", runs[0].1.clone())["status"], "finished");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn unknown_variable_position_skips_strings_and_fields() {
