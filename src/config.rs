@@ -71,7 +71,8 @@ pub struct ServeConfig {
     /// (redrives) must present. Unset: no token is required (loopback only).
     #[serde(default)]
     pub token_env: Option<String>,
-    /// Where the journal and state live. Default: `$XDG_STATE_HOME/dlq-bridge`.
+    /// Where the journal (unless `redrive.journal` names one) and state
+    /// live. Default: `$XDG_STATE_HOME/dlq-bridge`.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
     /// How often each queue is polled, unless the queue sets `poll_interval`.
@@ -490,7 +491,10 @@ pub struct RedriveConfig {
     #[serde(default)]
     pub rate: Option<u32>,
     /// The journal file: audit trail and crash record. Default:
-    /// `$XDG_STATE_HOME/dlq-bridge/journal.jsonl`.
+    /// `journal.jsonl` in `serve.data_dir` when that is set, else in
+    /// `$XDG_STATE_HOME/dlq-bridge`; the CLI and `serve` use the same one.
+    /// With several replicas on one claim, leave it unset: each pod then
+    /// journals in its own data directory.
     #[serde(default)]
     pub journal: Option<PathBuf>,
     /// The journal is rotated past this size (bytes). Default 64 MiB.
@@ -871,6 +875,18 @@ impl<'de> Deserialize<'de> for QueueConfig {
 }
 
 impl Config {
+    /// The journal every command and `serve` use: `redrive.journal`, else
+    /// `journal.jsonl` in `serve.data_dir`, else in the state directory.
+    /// One rule, so that `runs` and a rerun's recovery find what `serve`
+    /// journaled.
+    pub fn journal_path(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.redrive.journal {
+            return Some(p.clone());
+        }
+        let dir = self.serve.data_dir.clone().or_else(state_dir)?;
+        Some(dir.join("journal.jsonl"))
+    }
+
     /// Read, parse, apply environment overrides and validate a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
@@ -1650,6 +1666,21 @@ pub mod opt_duration_text {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cli_and_serve_share_one_journal() {
+        let q = "queues:\n  - name: q\n    sqs:\n      queue: q\n";
+        let c = |extra: &str| Config::from_yaml(&format!("{q}{extra}"), "t.yaml", &[]).unwrap();
+        assert_eq!(
+            c("redrive:\n  journal: /j/x.jsonl\nserve:\n  data_dir: /d\n").journal_path(),
+            Some(PathBuf::from("/j/x.jsonl"))
+        );
+        assert_eq!(
+            c("serve:\n  data_dir: /d\n").journal_path(),
+            Some(PathBuf::from("/d/journal.jsonl"))
+        );
+        assert_eq!(c("").journal_path(), state_dir().map(|d| d.join("journal.jsonl")));
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_yaml(text, "test.yaml", &[])

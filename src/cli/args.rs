@@ -227,8 +227,8 @@ pub enum Command {
     /// Runs without a summary (killed, crashed or still going) show as unfinished.
     Runs {
         /// Journal file to read; it must exist. With it no config is needed.
-        /// Default: the config's `redrive.journal`, else
-        /// $XDG_STATE_HOME/dlq-bridge/journal.jsonl.
+        /// Default: the config's `redrive.journal`, else journal.jsonl in
+        /// `serve.data_dir`, else in $XDG_STATE_HOME/dlq-bridge (where `serve` journals).
         #[arg(long, value_name = "PATH")]
         journal: Option<PathBuf>,
         /// Output: an aligned table for people, or JSON for scripts.
@@ -240,7 +240,7 @@ pub enum Command {
 #[derive(Debug, Args, Default)]
 pub struct JournalOpts {
     /// Journal (audit trail). Default: the config's `redrive.journal`, else
-    /// $XDG_STATE_HOME/dlq-bridge/journal.jsonl.
+    /// journal.jsonl in `serve.data_dir`, else in $XDG_STATE_HOME/dlq-bridge.
     #[arg(long, value_name = "PATH")]
     pub journal: Option<PathBuf>,
     /// Keep no journal for this run.
@@ -274,7 +274,8 @@ pub struct RedriveOpts {
     #[arg(long, short = 'y')]
     pub yes: bool,
     /// Journal (audit trail and crash record). Default: the config's
-    /// `redrive.journal`, else $XDG_STATE_HOME/dlq-bridge/journal.jsonl.
+    /// `redrive.journal`, else journal.jsonl in `serve.data_dir`, else in
+    /// $XDG_STATE_HOME/dlq-bridge.
     #[arg(long, value_name = "PATH")]
     pub journal: Option<PathBuf>,
     /// Keep no journal for this run.

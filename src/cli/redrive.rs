@@ -12,7 +12,7 @@ use super::args::{JournalOpts, RedriveOpts};
 use super::confirm::confirm;
 use super::exit::{self, Failure};
 use super::signals;
-use crate::config::{Config, state_dir};
+use crate::config::Config;
 use crate::engine::journal::{Journal, Rotation};
 use crate::engine::redrive::{Engine, Progress, RunSummary, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry};
@@ -108,10 +108,7 @@ pub(crate) fn open_journal(config: &Config, opts: &JournalOpts) -> Result<Option
 }
 
 pub(crate) fn default_journal(config: &Config) -> Option<PathBuf> {
-    if let Some(p) = &config.redrive.journal {
-        return Some(p.clone());
-    }
-    Some(state_dir()?.join("journal.jsonl"))
+    config.journal_path()
 }
 
 /// A progress bar on stderr, only when stderr is a terminal.

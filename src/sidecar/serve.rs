@@ -57,11 +57,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(dir) => Some(lock_data_dir(dir)?),
         None => None,
     };
-    let journal = match &data_dir {
-        Some(dir) => Some(Arc::new(Journal::open_with(
-            &dir.join("journal.jsonl"),
-            Rotation::from(&config.redrive),
-        )?)),
+    let journal = match config.journal_path() {
+        Some(path) => Some(Arc::new(Journal::open_with(&path, Rotation::from(&config.redrive))?)),
         None => None,
     };
     // Bind before taking the Lease: a port already in use fails before this
