@@ -915,7 +915,8 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
         &[&format!("projects/{}/subscriptions/{gone}: not found", p.project)],
     );
 
-    // A destination that does not exist fails before anything is leased.
+    // A destination that does not exist fails before anything is leased, as
+    // the caller's mistake (exit 2), naming the `--to` it came from.
     let sqs_cfg = write_file(join(&sqs_lines(&s)), "yaml");
     let pubsub_cfg = write_file(
         format!(
@@ -927,8 +928,11 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
         "yaml",
     );
     let cases = [
-        (&sqs_cfg, format!("queue orders: queue {gone}: not found")),
-        (&pubsub_cfg, format!("projects/{}/topics/{gone}: not found", p.project)),
+        (&sqs_cfg, format!("--to {gone}: queue {gone}: not found")),
+        (
+            &pubsub_cfg,
+            format!("--to {gone}: queue projects/{}/topics/{gone}: not found", p.project),
+        ),
     ];
     for (cfg, says) in cases {
         let (code, out, err) =
@@ -936,7 +940,7 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
                 .arg("-c")
                 .arg(cfg)
                 .args(["redrive", "orders", "--to", &gone, "--yes", "--no-journal"]));
-        assert_eq!(code, 1, "{out}{err}");
+        assert_eq!(code, 2, "{out}{err}");
         assert!(err.contains(&says), "{says}: {err}");
     }
     // The source is not configured and not knowable: a configured `source`
