@@ -501,6 +501,10 @@ pub struct RedriveConfig {
     #[serde(default = "default_journal_max_bytes")]
     pub journal_max_bytes: u64,
     /// Rotated journal files kept (`journal.jsonl.1` ... `.N`). Default 5.
+    /// Together with `journal_max_bytes` this bounds memory too: a message
+    /// moved is remembered (about 100 bytes) until rotation deletes its
+    /// record, so that a settle that did not take effect is retried rather
+    /// than the message resent.
     #[serde(default = "default_journal_keep")]
     pub journal_keep: usize,
 }

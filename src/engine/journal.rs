@@ -158,6 +158,14 @@ impl<T> PerQueue<T> {
         self.0.get(queue).and_then(|ids| ids.get(id))
     }
 
+    /// Keep only the entries `keep` says yes to.
+    fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.0.retain(|_, ids| {
+            ids.retain(|_, v| keep(v));
+            !ids.is_empty()
+        });
+    }
+
     /// Every entry, with its queue and ID.
     fn iter(&self) -> impl Iterator<Item = (&String, &String, &T)> {
         self.0
@@ -173,6 +181,16 @@ struct Copy {
     dest_id: String,
     /// The original's enqueue time, when the record has one.
     enqueued_at: Option<DateTime<Utc>>,
+}
+
+/// A message an earlier run sent and settled: all it takes to know the
+/// message if it is leased again. Where its copy went is not kept: a sidecar
+/// holds one of these per message its journal remembers.
+#[derive(Debug, Clone, Copy)]
+struct SettledCopy {
+    enqueued_at: DateTime<Utc>,
+    /// The journal file the record is in (see `Replay::generation`).
+    generation: u64,
 }
 
 impl Copy {
@@ -196,12 +214,17 @@ struct Replay {
     /// is settled again, never resent. It is the same message only when its
     /// enqueue time matches too (a redriven copy that fails again comes back
     /// under a new ID, but a sender may reuse a Service Bus MessageId).
-    settled: PerQueue<Copy>,
+    settled: PerQueue<SettledCopy>,
     /// The redrive ID of each copy an earlier run set out to send.
     intents: PerQueue<String>,
     /// The queue of each run, from its `run_started` record: the queue of
     /// records written before records named it.
     run_queues: HashMap<String, String>,
+    /// Which journal file the records being applied are in: it counts up by
+    /// one per file, oldest first, and by one at each rotation. A settled
+    /// copy is forgotten when its file is deleted, as a restart would, so
+    /// that a sidecar's memory stays bounded by what its journal keeps.
+    generation: u64,
 }
 
 impl Replay {
@@ -211,6 +234,21 @@ impl Replay {
             .or_else(|| self.run_queues.get(run).cloned())
             .unwrap_or_default();
         (queue, id.to_string())
+    }
+
+    /// Whether `apply` keeps anything of records of this kind.
+    fn cares_about(record: &Record) -> bool {
+        matches!(
+            record,
+            Record::RunStarted { .. }
+                | Record::Leased {
+                    redrive_id: Some(_),
+                    ..
+                }
+                | Record::Sent { .. }
+                | Record::Settled { .. }
+                | Record::RunFinished { .. }
+        )
     }
 
     /// Keep what `record` changes about unfinished work.
@@ -258,10 +296,10 @@ impl Replay {
                 let sent = [&key, &legacy]
                     .into_iter()
                     .find(|k| self.sent.get_exact(k).is_some_and(|c| c.of(*enqueued_at)));
-                if let (Some(copy), Some(at)) = (sent.and_then(|k| self.sent.remove(k)), enqueued_at) {
-                    let settled = Copy {
-                        enqueued_at: Some(*at),
-                        ..copy
+                if let (Some(_), Some(at)) = (sent.and_then(|k| self.sent.remove(k)), enqueued_at) {
+                    let settled = SettledCopy {
+                        enqueued_at: *at,
+                        generation: self.generation,
                     };
                     self.settled.insert(key.clone(), settled);
                 }
@@ -273,6 +311,15 @@ impl Replay {
             }
             _ => {}
         }
+    }
+
+    /// The journal rotated: forget the settled copies whose records were in
+    /// the file it deleted. Copies not yet settled and intents are carried
+    /// into the new file, so they stay.
+    fn rotated(&mut self, keep: usize) {
+        self.generation += 1;
+        let oldest_kept = self.generation.saturating_sub(keep as u64);
+        self.settled.retain(|c| c.generation >= oldest_kept);
     }
 }
 
@@ -342,9 +389,14 @@ impl Journal {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let mut replay = Replay::default();
-        for record in read_all_records(path, rotation.keep)? {
-            replay.apply(&record);
+        for file in record_files(path, rotation.keep) {
+            for record in read_records(&file)? {
+                replay.apply(&record);
+            }
+            replay.generation += 1;
         }
+        // The active file's generation.
+        replay.generation -= 1;
         let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
         // Start on a fresh line after a torn write, so the next record is whole.
         let mut bytes = file.metadata().map_err(io)?.len();
@@ -377,22 +429,18 @@ impl Journal {
             .map(|c| (c.destination.clone(), c.dest_id.clone()))
     }
 
-    /// Where an earlier run sent its copy of message `id` of `queue`, settled
+    /// Whether an earlier run sent a copy of message `id` of `queue`, settled
     /// or not: a leased message with a copy already out is settled, never
     /// resent. That covers one recorded as settled, too: if it is leased
     /// again, the settle did not take effect (see `Replay::settled`). A copy
     /// is of this message only if the enqueue times match, where the record
     /// has one: a sender may reuse an ID.
-    pub fn already_sent(&self, queue: &str, id: &str, enqueued_at: Option<DateTime<Utc>>) -> Option<(String, String)> {
+    pub fn already_sent(&self, queue: &str, id: &str, enqueued_at: Option<DateTime<Utc>>) -> bool {
         let r = self.replay.lock().expect("journal lock");
-        let sent = r.sent.get(queue, id).filter(|c| c.of(enqueued_at));
-        let settled = || {
-            r.settled
+        r.sent.get(queue, id).is_some_and(|c| c.of(enqueued_at))
+            || r.settled
                 .get(queue, id)
-                .filter(|c| c.enqueued_at.is_some() && c.enqueued_at == enqueued_at)
-        };
-        sent.or_else(settled)
-            .map(|c| (c.destination.clone(), c.dest_id.clone()))
+                .is_some_and(|c| Some(c.enqueued_at) == enqueued_at)
     }
 
     /// The redrive ID an earlier run gave its copy of message `id` of
@@ -408,7 +456,9 @@ impl Journal {
     }
 
     pub fn append(&self, record: &Record) -> Result<(), JournalError> {
-        self.replay.lock().expect("journal lock").apply(record);
+        if Replay::cares_about(record) {
+            self.replay.lock().expect("journal lock").apply(record);
+        }
         let mut line = serde_json::to_vec(record).expect("records serialize");
         line.push(b'\n');
         let mut w = self.writer.lock().expect("journal lock");
@@ -469,7 +519,8 @@ impl Journal {
             lost: None,
         };
         let carried: Vec<Record> = {
-            let r = self.replay.lock().expect("journal lock");
+            let mut r = self.replay.lock().expect("journal lock");
+            r.rotated(keep);
             let queue = |q: &String| Some(q.clone()).filter(|q| !q.is_empty());
             let sent = r.sent.iter().map(|(q, id, c)| Record::Sent {
                 run: CARRIED_RUN.into(),
@@ -506,13 +557,20 @@ fn rotated(path: &Path, n: usize) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// A journal's rotated files and then the active one, oldest first.
+fn record_files(path: &Path, keep: usize) -> impl Iterator<Item = PathBuf> + '_ {
+    (1..=keep.max(1))
+        .rev()
+        .map(|k| rotated(path, k))
+        .chain(std::iter::once(path.to_owned()))
+}
+
 /// Every record of a journal and its rotated files, oldest first.
 pub fn read_all_records(path: &Path, keep: usize) -> Result<Vec<Record>, JournalError> {
     let mut out = Vec::new();
-    for k in (1..=keep.max(1)).rev() {
-        out.extend(read_records(&rotated(path, k))?);
+    for file in record_files(path, keep) {
+        out.extend(read_records(&file)?);
     }
-    out.extend(read_records(path)?);
     Ok(out)
 }
 
@@ -617,6 +675,60 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A long-lived sidecar must not remember every message it ever settled:
+    /// it forgets a settled copy when rotation deletes its record, so it
+    /// knows exactly what a restart would.
+    #[test]
+    fn settled_copies_are_forgotten_with_their_file() {
+        let dir = std::env::temp_dir().join(format!("dlqb-forget-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("j.jsonl");
+        let rotation = Rotation {
+            max_bytes: 1_000,
+            keep: 1,
+        };
+        let at = Some(Utc::now());
+        let move_one = |j: &Journal, id: &str| {
+            j.append(&sent("r1", Some("orders"), id, at)).unwrap();
+            j.append(&Record::Settled {
+                run: "r1".into(),
+                queue: Some("orders".into()),
+                id: id.into(),
+                enqueued_at: at,
+            })
+            .unwrap();
+            j.sync().unwrap();
+        };
+        let j = Journal::open_with(&path, rotation).unwrap();
+        move_one(&j, "first");
+        assert!(j.already_sent("orders", "first", at));
+        let mut n = 0;
+        // The first rotation moves its file to `.1`: still known.
+        while !rotated(&path, 1).exists() {
+            move_one(&j, &format!("m{n}"));
+            n += 1;
+        }
+        assert!(j.already_sent("orders", "first", at), "its file is kept");
+        let first_rotation = n;
+        // The second deletes it.
+        while n < 3 * first_rotation + 3 && j.already_sent("orders", "first", at) {
+            move_one(&j, &format!("m{n}"));
+            n += 1;
+        }
+        assert!(!read_all_records(&path, 1).unwrap().iter().any(|r| matches!(r,
+            Record::Settled { id, .. } if id == "first")));
+        assert!(!j.already_sent("orders", "first", at), "forgotten with its file");
+        let last = format!("m{}", n - 1);
+        assert!(j.already_sent("orders", &last, at));
+        drop(j);
+        let restarted = Journal::open_with(&path, rotation).unwrap();
+        assert!(!restarted.already_sent("orders", "first", at));
+        assert!(restarted.already_sent("orders", &last, at));
+        let in_memory = |j: &Journal| j.replay.lock().unwrap().settled.iter().count();
+        let reopened = in_memory(&restarted);
+        assert!(reopened < n, "{reopened} of {n} kept");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn replay_finds_sent_but_unsettled() {
         let enqueued = Utc::now();
@@ -668,17 +780,11 @@ mod tests {
         assert_eq!(j.unsettled("orders", "b"), None);
         // Settled, but should the same message be leased again, its copy is
         // already out; a new message reusing the ID is not that message.
-        assert_eq!(
-            j.already_sent("orders", "a", Some(enqueued)),
-            Some(("q".into(), "d-a".into()))
-        );
-        assert_eq!(
-            j.already_sent("orders", "a", Some(enqueued + chrono::Duration::seconds(1))),
-            None
-        );
-        assert_eq!(j.already_sent("orders", "a", None), None);
+        assert!(j.already_sent("orders", "a", Some(enqueued)));
+        assert!(!j.already_sent("orders", "a", Some(enqueued + chrono::Duration::seconds(1))));
+        assert!(!j.already_sent("orders", "a", None));
         // Settled without an enqueue time: not recognisable, so sent again.
-        assert_eq!(j.already_sent("orders", "b", None), None);
+        assert!(!j.already_sent("orders", "b", None));
         assert_eq!(read_records(&path).unwrap().len(), 4);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -728,11 +834,11 @@ mod tests {
         for reopened in [false, true] {
             let j = Journal::open(&path).unwrap();
             let what = if reopened { "after a restart" } else { "" };
-            assert!(j.already_sent("billing", "order-42", Some(t0)).is_some(), "{what}");
-            assert_eq!(j.already_sent("shipping", "order-42", Some(t0)), None, "{what}");
-            assert_eq!(j.already_sent("billing", "order-42", Some(t1)), None, "{what}");
-            assert!(j.already_sent("billing", "order-7", Some(t0)).is_some(), "{what}");
-            assert_eq!(j.already_sent("shipping", "order-7", Some(t0)), None, "{what}");
+            assert!(j.already_sent("billing", "order-42", Some(t0)), "{what}");
+            assert!(!j.already_sent("shipping", "order-42", Some(t0)), "{what}");
+            assert!(!j.already_sent("billing", "order-42", Some(t1)), "{what}");
+            assert!(j.already_sent("billing", "order-7", Some(t0)), "{what}");
+            assert!(!j.already_sent("shipping", "order-7", Some(t0)), "{what}");
             if reopened {
                 // Settling another message under the ID leaves this copy unsettled.
                 j.append(&Record::Settled {

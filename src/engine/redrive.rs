@@ -880,10 +880,10 @@ impl<'a> Pass<'a> {
             self.body_bytes += l.message.body.len() as u64;
             Progress::add(&engine.progress.examined, 1);
             if !plan.dry_run
-                && engine.journal.as_ref().is_some_and(|j| {
-                    j.already_sent(&plan.queue, &l.message.id, l.message.enqueued_at)
-                        .is_some()
-                })
+                && engine
+                    .journal
+                    .as_ref()
+                    .is_some_and(|j| j.already_sent(&plan.queue, &l.message.id, l.message.enqueued_at))
             {
                 journal_settle.push(l);
                 continue;
