@@ -702,3 +702,25 @@ async fn retention_purges_alongside_the_pollers_samples() {
         .await;
     assert!(f.drain_source().await.is_empty(), "purged, not redriven");
 }
+
+/// A sidecar with many queues is ready once each backend has polled one of
+/// them, not after the admin-call limit has let every queue's first poll
+/// through: an unready sidecar takes its app's pod out of service.
+#[tokio::test]
+async fn ready_once_each_backend_has_polled_without_waiting_for_every_queue() {
+    let f = SqsFixture::create(false).await;
+    let queues: String = (0..5).map(|i| queue_yaml(&format!("orders-{i}"), &f)).collect();
+    // One admin call a second: the fifth queue's first poll is 4 s away.
+    let config = format!(
+        "queues:\n{queues}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 30s\n  reason_sample: 0\n  admin_calls_per_second: {{sqs: 1}}\n"
+    );
+    let serve = Serve::start_until_ready(&config, &[]).await;
+    assert!(!serve.all_polled().await, "ready before every queue was polled");
+    let (_, body) = serve.get("/v1/queues").await;
+    let statuses: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(statuses.len(), 5, "{body}");
+    assert!(statuses.iter().any(|q| q["polled_at"].is_null()), "{body}");
+    serve
+        .wait_for(Duration::from_secs(30), || async { serve.all_polled().await })
+        .await;
+}

@@ -90,12 +90,19 @@ pub struct App {
     /// Cancelled on shutdown: runs stop leasing and release what they hold.
     pub(super) shutdown: CancellationToken,
     pub(super) tasks: Mutex<JoinSet<()>>,
-    pub(super) queue_names: Vec<String>,
+    /// The configured queues, grouped by backend: the pod is ready once
+    /// each backend has polled one queue (see `ready`).
+    pub(super) queues_by_backend: Vec<Vec<String>>,
 }
 
 impl App {
+    /// Ready once each configured backend has polled a queue: its client
+    /// is built and its first answer (or error) is in. Not every queue: the
+    /// admin-call limits spread a thousand queues' first polls over a
+    /// minute, and a sidecar that is not ready takes its app's pod out of
+    /// service with it.
     pub async fn ready(&self) -> bool {
-        self.cache.all_polled(&self.queue_names).await
+        self.cache.each_group_polled(&self.queues_by_backend).await
     }
 
     /// Validate a redrive request and start it in the background. Returns the

@@ -100,11 +100,13 @@ impl StatusCache {
         self.statuses.read().await.get(queue).cloned()
     }
 
-    /// Whether every one of `queues` has been polled at least once (whatever
+    /// Whether each group of queues has at least one queue polled (whatever
     /// the result: a provider outage must not take the pod out of service).
-    pub async fn all_polled(&self, queues: &[String]) -> bool {
+    pub async fn each_group_polled(&self, groups: &[Vec<String>]) -> bool {
         let s = self.statuses.read().await;
-        queues.iter().all(|q| s.get(q).is_some_and(|st| st.polled_at.is_some()))
+        groups
+            .iter()
+            .all(|g| g.iter().any(|q| s.get(q).is_some_and(|st| st.polled_at.is_some())))
     }
 
     /// Everything our runs removed from `queue` so far (monotonic).

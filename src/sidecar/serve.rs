@@ -104,7 +104,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         finished_order: Mutex::new(VecDeque::new()),
         shutdown: shutdown.clone(),
         tasks: Mutex::new(JoinSet::new()),
-        queue_names: config.queues.iter().map(|q| q.name.clone()).collect(),
+        queues_by_backend: queues_by_backend(&config),
     });
 
     let (results_tx, results_rx) = mpsc::channel::<PollResult>(1024);
@@ -163,6 +163,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// The API token from its environment variable: surrounding whitespace is
 /// not part of it (`kubectl create secret --from-file` keeps the file's
 /// trailing newline); empty means unset.
+/// The configured queues' names, one group per backend, in config order.
+fn queues_by_backend(config: &Config) -> Vec<Vec<String>> {
+    let mut groups: Vec<(&str, Vec<String>)> = Vec::new();
+    for q in &config.queues {
+        let backend = q.kind.backend_name();
+        match groups.iter_mut().find(|(b, _)| *b == backend) {
+            Some((_, names)) => names.push(q.name.clone()),
+            None => groups.push((backend, vec![q.name.clone()])),
+        }
+    }
+    groups.into_iter().map(|(_, names)| names).collect()
+}
+
 fn token_from(raw: Option<String>) -> Option<String> {
     raw.map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
 }

@@ -79,6 +79,14 @@ impl Serve {
     /// serve prints it: a probed-then-released port can be taken in between by
     /// any outgoing connection's ephemeral port.
     pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let s = Self::start_until_ready(config, env).await;
+        // Ready needs one queue polled per backend; the tests read every queue.
+        s.wait_for(Duration::from_secs(30), || async { s.all_polled().await })
+            .await;
+        s
+    }
+
+    fn spawn(config: &str, env: &[(&str, &str)]) -> Self {
         let path = std::env::temp_dir().join(format!("dlqb-serve-{}.yaml", uuid::Uuid::new_v4().simple()));
         std::fs::write(&path, config.replace("{listen}", "127.0.0.1:0")).unwrap();
         let data = std::env::temp_dir().join(format!("dlqb-serve-data-{}", uuid::Uuid::new_v4().simple()));
@@ -97,14 +105,26 @@ impl Serve {
             .spawn()
             .expect("start dlq-bridge serve");
         let addr = bound_address(child.stderr.take().expect("piped stderr"));
-        let s = Serve {
+        Serve {
             child,
             url: format!("http://{addr}"),
             http: reqwest::Client::new(),
-        };
+        }
+    }
+
+    /// Start `dlq-bridge serve` and wait only until `/readyz` says ready.
+    pub async fn start_until_ready(config: &str, env: &[(&str, &str)]) -> Self {
+        let s = Self::spawn(config, env);
         s.wait_for(Duration::from_secs(30), || async { s.get("/readyz").await.0 == 200 })
             .await;
         s
+    }
+
+    /// Whether `/v1/queues` shows every queue polled.
+    pub async fn all_polled(&self) -> bool {
+        let (code, body) = self.get("/v1/queues").await;
+        code == 200
+            && serde_json::from_str::<Vec<Value>>(&body).is_ok_and(|qs| qs.iter().all(|q| !q["polled_at"].is_null()))
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
