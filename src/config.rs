@@ -478,6 +478,14 @@ pub struct RedriveConfig {
     /// A run stops after this long, releasing what it holds. Default `1h`.
     #[serde(default = "default_deadline", with = "duration_text")]
     pub deadline: Duration,
+    /// A pass keeps every message it leased and did not move leased until it
+    /// ends (so that it never sees one twice). Past this many it stops
+    /// leasing and ends (`held_limit`): memory stays bounded whatever the
+    /// DLQ's size, and below SQS's 120,000 in-flight messages per queue.
+    /// Messages past them are not examined: narrow the filter, or raise it.
+    /// At least 1; default 100,000.
+    #[serde(default = "default_max_held")]
+    pub max_held: usize,
     /// Messages already redriven this many times are left in the DLQ, so a
     /// poison message cannot loop forever. Default 5.
     #[serde(default = "default_max_redrives")]
@@ -532,6 +540,7 @@ impl Default for RedriveConfig {
             concurrency: default_concurrency(),
             hold: default_hold(),
             deadline: default_deadline(),
+            max_held: default_max_held(),
             max_redrives: default_max_redrives(),
             strip_dead_letter_attributes: true,
             rate: None,
@@ -550,6 +559,9 @@ fn default_hold() -> Duration {
 }
 fn default_deadline() -> Duration {
     Duration::from_secs(3600)
+}
+fn default_max_held() -> usize {
+    100_000
 }
 fn default_max_redrives() -> u32 {
     5
@@ -1089,6 +1101,12 @@ impl Config {
         }
         if self.redrive.rate == Some(0) {
             return Err(err("redrive.rate".into(), RATE_AT_LEAST_ONE.into()));
+        }
+        if self.redrive.max_held == 0 {
+            return Err(err(
+                "redrive.max_held".into(),
+                "must be at least 1 (a pass stops leasing once it holds this many messages it did not move)".into(),
+            ));
         }
         if self.redrive.hold < MIN_HOLD {
             return Err(err(
@@ -1899,12 +1917,17 @@ mod tests {
             ("hold: 0s", "test.yaml:5:3: redrive.hold: must be at least 1s"),
             ("hold: 500ms", "test.yaml:5:3: redrive.hold: must be at least 1s"),
             ("deadline: 0s", "test.yaml:5:3: redrive.deadline: must be at least 1s"),
+            ("max_held: 0", "test.yaml:5:3: redrive.max_held: must be at least 1"),
         ] {
             let err = parse(&format!("{q}redrive:\n  {redrive}\n")).unwrap_err().to_string();
             assert!(err.starts_with(says), "{redrive}: {err}");
         }
-        let c = parse(&format!("{q}redrive: {{rate: 1, hold: 1s, deadline: 1s}}\n")).unwrap();
+        let c = parse(&format!(
+            "{q}redrive: {{rate: 1, hold: 1s, deadline: 1s, max_held: 1}}\n"
+        ))
+        .unwrap();
         assert_eq!(c.redrive.rate, Some(1));
+        assert_eq!(c.redrive.max_held, 1);
     }
 
     #[test]

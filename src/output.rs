@@ -10,7 +10,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::engine::redrive::RunSummary;
+use crate::engine::redrive::{RunSummary, StopReason};
 use crate::model::{Attributes, DlqMessage, DlqStats, Exactness, preview};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -212,6 +212,7 @@ pub fn summary_text(s: &RunSummary) -> String {
         }
     }
     out.push_str(&released_line(s, "sent"));
+    out.push_str(&held_limit_line(s));
     out.push_str(&destination_lines(&s.destinations, s.dry_run, s.sent));
     push_samples_and_errors(&mut out, s);
     out
@@ -246,6 +247,14 @@ pub fn released_line(s: &RunSummary, moved: &str) -> String {
             s.released
         )
     }
+}
+
+/// Why a pass that stopped at the held limit did not see the whole DLQ.
+pub fn held_limit_line(s: &RunSummary) -> String {
+    if s.stopped != StopReason::HeldLimit {
+        return String::new();
+    }
+    "  stopped leasing: the pass held as many messages as it may (redrive.max_held, or the provider's in-flight limit); messages past them were not examined. Narrow the filter, or raise redrive.max_held, and run again\n".into()
 }
 
 /// The closing lines every run summary shares: a dry run's sample of

@@ -628,6 +628,44 @@ pub async fn retention_dry_run_lists_what_it_would_purge<F: Fixture>() {
     assert_eq!((o.read, o.expired), (5, 0), "{o:?}");
 }
 
+/// A pass holds what it leased and did not move until it ends. At
+/// `redrive.max_held` it stops leasing, moves what it examined, releases the
+/// rest and says why it stopped; nothing is lost, and a later run goes on.
+pub async fn a_pass_stops_leasing_at_max_held_and_loses_nothing<F: Fixture>() {
+    let f = F::create(false).await;
+    let msgs = orders(40);
+    f.dead_letter(&msgs).await;
+    let mut config = f.config();
+    config.redrive.max_held = 5;
+    // One lease at a time: with several in flight, one may return every
+    // message while an earlier one comes back empty and ends the pass first.
+    config.redrive.concurrency = 1;
+    let s = redrive(config, req(r#"attributes.tenant == "acme""#)).await;
+    assert_eq!(s.stopped, StopReason::HeldLimit, "{s:?}");
+    assert!(s.ok(), "{s:?}");
+    assert!(s.released >= 5, "{s:?}");
+    assert_eq!(s.examined, s.matched + s.released, "{s:?}");
+    assert_eq!((s.sent, s.settled), (s.matched, s.matched), "{s:?}");
+    let first = f.drain_source().await;
+    assert_eq!(first.len() as u64, s.settled);
+    assert_eq!(f.dlq_count().await as u64, 40 - s.settled, "nothing lost");
+
+    let s = redrive(f.config(), req(r#"attributes.tenant == "acme""#)).await;
+    assert!(s.ok() && s.stopped != StopReason::HeldLimit, "{s:?}");
+    let acme = msgs.iter().filter(|m| m.attributes["tenant"].as_text() == "acme");
+    let second = f.drain_source().await;
+    assert_eq!(
+        bodies(&first).len() + bodies(&second).len(),
+        20,
+        "each match moved once"
+    );
+    assert_eq!(
+        bodies(&first).union(&bodies(&second)).cloned().collect::<BTreeSet<_>>(),
+        expected_bodies(acme)
+    );
+    assert_eq!(f.dlq_count().await, 20);
+}
+
 /// Instantiate the suite for one backend.
 // Every test runs on a multi-threaded runtime, as the CLI and `serve` do:
 // there, spawned leases and sends run in parallel and may first run in any
@@ -676,6 +714,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn ordering_holds_with_leases_in_flight() {
                 super::ordering_holds_with_leases_in_flight::<$fixture>().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_pass_stops_leasing_at_max_held_and_loses_nothing() {
+                super::a_pass_stops_leasing_at_max_held_and_loses_nothing::<$fixture>().await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn report_groups_patterns_exactly() {

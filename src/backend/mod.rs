@@ -43,6 +43,10 @@ pub enum BackendError {
     Auth { provider: &'static str, detail: String },
     #[error("{provider}: {detail}")]
     Provider { provider: &'static str, detail: String },
+    /// The provider leases no more messages while the client holds the ones
+    /// it has (SQS: 120,000 in flight per queue).
+    #[error("{provider}: {detail}")]
+    HoldLimit { provider: &'static str, detail: String },
     #[error("{0}")]
     Invalid(String),
     #[error("queue {queue} uses the {backend} backend, which this build leaves out (cargo feature `{backend}`)")]

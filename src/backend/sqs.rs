@@ -339,6 +339,11 @@ where
                     provider: PROVIDER,
                     detail: format!("{detail} (queue {queue} at {endpoint})"),
                 },
+                // ReceiveMessage with 120,000 messages in flight on the queue.
+                "OverLimit" | "AWS.SimpleQueueService.OverLimit" => BackendError::HoldLimit {
+                    provider: PROVIDER,
+                    detail: format!("{detail} (queue {queue})"),
+                },
                 _ => BackendError::Provider {
                     provider: PROVIDER,
                     detail,
@@ -732,6 +737,31 @@ mod tests {
             assert_eq!(v.data_type(), expected, "{a:?}");
             assert_eq!(v.binary_value().is_some(), expected.starts_with("Binary"), "{a:?}");
         }
+    }
+
+    /// A receive refused for the in-flight limit ends the pass like
+    /// `max_held` (the engine stops leasing), not like a provider failure.
+    #[test]
+    fn over_limit_is_a_hold_limit() {
+        use aws_sdk_sqs::error::ErrorMetadata;
+        use aws_sdk_sqs::operation::receive_message::ReceiveMessageError;
+        use aws_smithy_types::body::SdkBody;
+        let refused = |code: &str| {
+            let meta = ErrorMetadata::builder()
+                .code(code)
+                .message("too many messages in flight")
+                .build();
+            let raw = HttpResponse::new(400.try_into().unwrap(), SdkBody::empty());
+            classify(
+                SdkError::service_error(ReceiveMessageError::generic(meta), raw),
+                "http://sqs",
+                "orders",
+            )
+        };
+        for code in ["OverLimit", "AWS.SimpleQueueService.OverLimit"] {
+            assert!(matches!(refused(code), BackendError::HoldLimit { .. }), "{code}");
+        }
+        assert!(matches!(refused("InternalError"), BackendError::Provider { .. }));
     }
 
     #[test]

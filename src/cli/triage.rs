@@ -296,6 +296,7 @@ fn purge_text(s: &RunSummary) -> String {
         out.push_str(&format!("  {n} {verb}, {to}\n"));
     }
     out.push_str(&crate::output::released_line(s, "deleted"));
+    out.push_str(&crate::output::held_limit_line(s));
     crate::output::push_samples_and_errors(&mut out, s);
     out
 }

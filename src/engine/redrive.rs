@@ -122,6 +122,9 @@ pub struct RedrivePlan {
     pub concurrency: usize,
     pub hold: Duration,
     pub deadline: Duration,
+    /// Leased messages the pass may keep without moving them before it stops
+    /// leasing (`redrive.max_held`).
+    pub max_held: usize,
     pub max_redrives: u32,
     pub strip_dead_letter_attributes: bool,
     /// Redrive (the default) or purge.
@@ -158,6 +161,10 @@ pub enum StopReason {
     /// `--max` messages were redriven (or planned, in a dry run).
     MaxReached,
     Deadline,
+    /// The pass held `redrive.max_held` messages it did not move, or the
+    /// provider refused to lease more while it held them (SQS's in-flight
+    /// limit): messages past them were not examined.
+    HeldLimit,
     Cancelled,
     /// The provider kept failing; see `error`.
     Failed,
@@ -802,6 +809,16 @@ impl<'a> Pass<'a> {
                 // Leases started before the last retry failed for the same
                 // reason; only a fresh attempt counts.
                 Err(_) if lease.generation < generation => continue,
+                // The provider leases no more while the pass holds what it
+                // has: the pass ends as at `max_held`.
+                Err(BackendError::HoldLimit { detail, .. }) => {
+                    if leasing {
+                        leasing = false;
+                        self.s.stopped = StopReason::HeldLimit;
+                        tracing::info!(held = self.held.len(), %detail, "the provider leases no more while the pass holds what it has");
+                    }
+                    continue;
+                }
                 Err(e) => {
                     lease_failures += 1;
                     if is_permanent(&e) {
@@ -847,6 +864,10 @@ impl<'a> Pass<'a> {
                 }
             } else {
                 self.all_seen_streak = 0;
+            }
+            if leasing && self.held.len() >= self.plan.max_held {
+                leasing = false;
+                self.s.stopped = StopReason::HeldLimit;
             }
             let more_waiting = self.leases.front().is_some_and(|l| l.task.is_finished());
             // Finished sends count as busy until joined.

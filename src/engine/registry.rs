@@ -215,6 +215,7 @@ impl Registry {
             concurrency,
             hold: self.config.redrive.hold,
             deadline: self.config.redrive.deadline,
+            max_held: self.config.redrive.max_held,
             max_redrives: self.config.redrive.max_redrives,
             strip_dead_letter_attributes: self.config.redrive.strip_dead_letter_attributes,
             action: crate::engine::redrive::Action::Redrive,
