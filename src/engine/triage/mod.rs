@@ -173,4 +173,17 @@ mod tests {
         );
         Filter::compile(&purge_filter("true", Some(Duration::from_secs(5)))).unwrap();
     }
+
+    #[test]
+    fn older_than_keeps_fractions_of_a_second() {
+        // `--older-than 1500ms` (or a retention max_age of 1.5s) must not
+        // purge a message 1.2s old.
+        let f = Filter::compile(&purge_filter("true", Some(Duration::from_millis(1500)))).unwrap();
+        let mut m = msg("a", "Timeout", "x", 1, 0);
+        let now = Utc::now();
+        m.enqueued_at = Some(now - chrono::Duration::milliseconds(1200));
+        assert!(!f.matches(&m, now).unwrap(), "{}", f.source());
+        m.enqueued_at = Some(now - chrono::Duration::milliseconds(1600));
+        assert!(f.matches(&m, now).unwrap(), "{}", f.source());
+    }
 }
