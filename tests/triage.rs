@@ -324,3 +324,45 @@ async fn import_crosses_providers_and_names_what_is_not_carried() {
         assert_eq!(arrived[0].attributes[k].as_text(), a.as_text(), "attribute {k}");
     }
 }
+
+fn numbered(n: usize) -> Vec<TestMessage> {
+    (0..n)
+        .map(|i| TestMessage {
+            body: format!("message {i} ✓").into_bytes(),
+            attributes: attrs(&[("error", "Timeout"), ("i", &i.to_string())]),
+            ordering_key: None,
+        })
+        .collect()
+}
+
+/// An export that fails (here: the DLQ is gone) must not truncate the file it
+/// was to replace, which may be an earlier export or a purge backup.
+#[tokio::test]
+async fn a_failed_export_keeps_the_file_it_was_to_replace() {
+    let f = SqsFixture::create(false).await;
+    let dir = scratch();
+    let gone = SqsFixture {
+        dlq_url: format!("{}-gone", f.dlq_url),
+        ..f
+    };
+    let cfg = config(&dir, &gone, "");
+    let file = dir.join("earlier.jsonl");
+    std::fs::write(&file, "{\"an\": \"earlier export\"}\n").unwrap();
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to"])
+        .arg(&file));
+    assert_ne!(code, 0, "{out}{err}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "{\"an\": \"earlier export\"}\n",
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "no partial file is left behind: {left:?}");
+}

@@ -101,14 +101,15 @@ impl ExportedMessage {
 pub struct ExportWriter {
     path: PathBuf,
     out: BufWriter<File>,
+    /// Written under this name until [`ExportWriter::commit`] renames it to
+    /// `path`; removed if the writer is dropped before.
+    partial: Option<PathBuf>,
 }
 
 impl ExportWriter {
     /// Create (or truncate) `path`; with `append`, add to it instead.
     pub fn create(path: &Path, append: bool) -> Result<Self, TriageError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io_err(path))?;
-        }
+        create_parent(path)?;
         let mut opts = OpenOptions::new();
         opts.create(true);
         if append {
@@ -120,6 +121,30 @@ impl ExportWriter {
         Ok(Self {
             path: path.to_owned(),
             out: BufWriter::new(file),
+            partial: None,
+        })
+    }
+
+    /// Write to a temporary file next to `path` that replaces it only on
+    /// [`ExportWriter::commit`]: an export that fails or is interrupted half-way
+    /// leaves an existing `path` (an earlier export, a backup) as it was
+    /// instead of truncated.
+    pub fn create_replacing(path: &Path) -> Result<Self, TriageError> {
+        // A pipe or a device (`--to /dev/stdout`) cannot be replaced, and
+        // holds nothing to keep: write to it directly.
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Self::create(path, false);
+        }
+        create_parent(path)?;
+        let name = path
+            .file_name()
+            .ok_or_else(|| TriageError::Usage(format!("{}: not a file name", path.display())))?;
+        let partial = path.with_file_name(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
+        let file = File::create(&partial).map_err(io_err(&partial))?;
+        Ok(Self {
+            path: path.to_owned(),
+            out: BufWriter::new(file),
+            partial: Some(partial),
         })
     }
 
@@ -138,10 +163,51 @@ impl ExportWriter {
         self.out.flush().map_err(io_err(&self.path))?;
         self.out.get_ref().sync_data().map_err(io_err(&self.path))
     }
+
+    /// Sync, and put a [`ExportWriter::create_replacing`] file in place.
+    pub fn commit(mut self) -> Result<(), TriageError> {
+        self.sync()?;
+        if let Some(partial) = self.partial.take() {
+            if let Err(e) = std::fs::rename(&partial, &self.path) {
+                let _ = std::fs::remove_file(&partial);
+                return Err(io_err(&self.path)(e));
+            }
+            // The rename itself is durable only once the directory is synced.
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
+                && let Ok(d) = File::open(dir)
+            {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ExportWriter {
+    fn drop(&mut self) {
+        if let Some(partial) = &self.partial {
+            let _ = std::fs::remove_file(partial);
+        }
+    }
+}
+
+fn create_parent(path: &Path) -> Result<(), TriageError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err(path))?;
+    }
+    Ok(())
 }
 
 /// Read an export file line by line (one line in memory at a time).
 pub fn read_export(path: &Path) -> Result<impl Iterator<Item = Result<ExportedMessage, TriageError>>, TriageError> {
+    Ok(read_numbered(path)?.map(|r| r.map(|(_, line)| line)))
+}
+
+/// [`read_export`], each line with its number in the file (blank lines
+/// count, as in an editor), so that errors found later can name it.
+pub(super) fn read_numbered(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<(usize, ExportedMessage), TriageError>>, TriageError> {
     let file = File::open(path).map_err(io_err(path))?;
     let path = path.to_owned();
     Ok(BufReader::new(file)
@@ -150,11 +216,13 @@ pub fn read_export(path: &Path) -> Result<impl Iterator<Item = Result<ExportedMe
         .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
         .map(move |(i, line)| {
             let line = line.map_err(io_err(&path))?;
-            serde_json::from_str(&line).map_err(|e| TriageError::BadLine {
-                path: path.clone(),
-                line: i + 1,
-                message: e.to_string(),
-            })
+            serde_json::from_str(&line)
+                .map(|m| (i + 1, m))
+                .map_err(|e| TriageError::BadLine {
+                    path: path.clone(),
+                    line: i + 1,
+                    message: e.to_string(),
+                })
         }))
 }
 
@@ -184,7 +252,7 @@ pub async fn export(
 ) -> Result<ExportSummary, TriageError> {
     let filter = compile(filter)?;
     let backend = registry.backend(queue).await?;
-    let mut writer = ExportWriter::create(path, false)?;
+    let mut writer = ExportWriter::create_replacing(path)?;
     let read_cap = match (backend.capabilities().true_peek, max) {
         (true, Some(m)) => m as usize,
         (true, None) => DEFAULT_PEEK_CAP,
@@ -211,7 +279,7 @@ pub async fn export(
         Ok(max.is_none_or(|cap| written < cap))
     })
     .await?;
-    writer.sync()?;
+    writer.commit()?;
     Ok(ExportSummary {
         queue: queue.to_string(),
         file: path.to_owned(),
