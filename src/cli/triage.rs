@@ -96,12 +96,18 @@ pub async fn cli_import(
     journal: Option<Arc<Journal>>,
     output: Format,
 ) -> Result<u8, Failure> {
-    let s = import(registry, req, journal, CancellationToken::new()).await?;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "the batch");
+    let s = import(registry, req, journal, cancel).await?;
     match output {
         Format::Json => print_json(&s)?,
         Format::Table => print!("{}", import_text(&s)),
     }
-    Ok(if s.ok() { exit::OK } else { exit::FAILURE })
+    Ok(match interrupt.exit_code() {
+        Some(code) if s.interrupted => code,
+        _ if s.ok() => exit::OK,
+        _ => exit::FAILURE,
+    })
 }
 
 pub async fn cli_purge(
@@ -271,6 +277,13 @@ fn import_text(s: &ImportSummary) -> String {
     }
     for e in &s.errors {
         out.push_str(&format!("  error: {e}\n"));
+    }
+    if let Some(n) = s.resume_line.filter(|_| !s.dry_run) {
+        out.push_str(&format!(
+            "  {}: lines {n} on were not sent; `tail -n +{n} {}` holds the rest\n",
+            if s.interrupted { "interrupted" } else { "stopped" },
+            s.file.display()
+        ));
     }
     out
 }
