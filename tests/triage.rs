@@ -474,3 +474,45 @@ async fn an_interrupted_import_says_where_to_resume() {
     want.sort();
     assert_eq!(arrived, want, "every message exactly once");
 }
+
+/// An SQS FIFO DLQ delivers nothing more of a message group while any of it is
+/// leased, and reading deletes nothing: past the first lease of each group
+/// the rest cannot be read. export and report say how many were not read
+/// instead of presenting a partial read as the whole DLQ.
+#[tokio::test]
+async fn reading_a_fifo_dlq_says_what_its_locked_groups_held_back() {
+    let f = SqsFixture::create(true).await;
+    let msgs: Vec<TestMessage> = numbered(25)
+        .into_iter()
+        .map(|m| TestMessage {
+            ordering_key: Some("g-1".into()),
+            ..m
+        })
+        .collect();
+    f.fill_dlq_in_order(&msgs).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+    let file = dir.join("fifo.jsonl");
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to"])
+        .arg(&file));
+    assert_eq!(code, 0, "{out}{err}");
+    let written = read_export(&file).unwrap().count();
+    assert!(written < 25, "the emulator locks the group: {out}");
+    assert!(
+        err.contains(&format!("warning: {} more messages were not read", 25 - written)),
+        "{out}{err}"
+    );
+    let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).args(["report", "orders", "-o", "json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        r["read"].as_u64().unwrap() + r["held_back"].as_u64().unwrap(),
+        25,
+        "{out}"
+    );
+    assert!(err.contains("more messages were not read"), "{err}");
+    assert_eq!(f.dlq_count().await, 25, "reading removes nothing");
+}

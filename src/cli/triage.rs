@@ -52,6 +52,9 @@ pub async fn cli_report(
             r.filter_errors
         );
     }
+    if let Some(note) = held_back_note(r.held_back) {
+        eprintln!("{note}");
+    }
     Ok(exit::OK)
 }
 
@@ -86,6 +89,9 @@ pub async fn cli_export(
                 println!("  filter errors: {} (counted as no match)", s.filter_errors);
             }
         }
+    }
+    if let Some(note) = held_back_note(s.held_back) {
+        eprintln!("{note}");
     }
     Ok(exit::OK)
 }
@@ -199,6 +205,14 @@ pub async fn cli_retention(
         }
     }
     Ok(code)
+}
+
+fn held_back_note(held_back: u64) -> Option<String> {
+    crate::engine::triage::ReadStats {
+        held_back,
+        ..Default::default()
+    }
+    .held_back_note()
 }
 
 fn report_table(r: &Report) -> String {
@@ -342,6 +356,9 @@ fn retention_text(o: &RetentionOutcome) -> String {
                 "expired"
             };
             out.push_str(&format!("  {verb} {} of {} messages read\n", o.expired, o.read));
+            if let Some(note) = held_back_note(o.held_back) {
+                out.push_str(&format!("  {note}\n"));
+            }
             for m in &o.listed {
                 out.push_str(&format!(
                     "    {}  age {}  reason={}\n",

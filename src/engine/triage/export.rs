@@ -238,6 +238,8 @@ pub struct ExportSummary {
     pub filter_errors: u64,
     pub capped: bool,
     pub true_peek: bool,
+    /// Messages not read: held back by the provider (see [`super::ReadStats::held_back`]).
+    pub held_back: u64,
 }
 
 /// Write every message of `queue` matching `filter` to `path`, one JSON line
@@ -288,5 +290,6 @@ pub async fn export(
         filter_errors: errors,
         capped: stats.capped && max.is_none_or(|cap| written < cap),
         true_peek: stats.true_peek,
+        held_back: stats.held_back,
     })
 }

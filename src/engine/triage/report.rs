@@ -27,6 +27,8 @@ pub struct Report {
     /// The read stopped at `--scan`: the DLQ may hold more than was grouped.
     pub capped: bool,
     pub true_peek: bool,
+    /// Messages not read: held back by the provider (see [`super::ReadStats::held_back`]).
+    pub held_back: u64,
     pub groups: Vec<Group>,
     /// Everything past the top N, folded.
     pub other: Option<Group>,
@@ -69,6 +71,7 @@ pub async fn report(registry: &Registry, queue: &str, req: &ReportRequest<'_>) -
         filter_errors: errors,
         capped: stats.capped,
         true_peek: stats.true_peek,
+        held_back: stats.held_back,
         groups,
         other,
     })
