@@ -516,3 +516,64 @@ async fn reading_a_fifo_dlq_says_what_its_locked_groups_held_back() {
     assert!(err.contains("more messages were not read"), "{err}");
     assert_eq!(f.dlq_count().await, 25, "reading removes nothing");
 }
+
+/// Ctrl-C during `retention` (export-then-purge) stops it as it stops a
+/// purge: the batch in flight is backed up and deleted, the rest is released
+/// at once (not left hidden for `redrive.hold`), and the exit code says so.
+#[tokio::test]
+async fn an_interrupted_retention_releases_what_it_did_not_purge() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&numbered(30)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let dir = scratch();
+    let export_dir = dir.join("retention");
+    let cfg = dir.join("slow.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\n    retention:\n      max_age: 1s\n      action: export-then-purge\n      export_dir: {}\nredrive:\n  hold: 2m\n  rate: 3\n",
+            f.dlq_url,
+            f.endpoint,
+            export_dir.display()
+        ),
+    )
+    .unwrap();
+    let child = bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["retention", "orders", "--yes", "--no-journal", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr));
+    assert_eq!(status.code(), Some(130), "{out}{err}");
+    let o: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let purged = o[0]["expired"].as_u64().unwrap() as usize;
+    assert!(purged > 0 && purged < 30, "{out}");
+    let visible = f
+        .client
+        .get_queue_attributes()
+        .queue_url(&f.dlq_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages]
+        .parse::<usize>()
+        .unwrap();
+    assert_eq!(visible, 30 - purged, "the rest is visible again at once: {out}{err}");
+    let backups: Vec<PathBuf> = std::fs::read_dir(&export_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        read_export(&backups[0]).unwrap().count(),
+        purged,
+        "each purged message is backed up"
+    );
+}

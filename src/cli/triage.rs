@@ -170,7 +170,12 @@ pub async fn cli_retention(
     let mut outcomes = Vec::new();
     // The worst outcome: a config problem (exit 2) outranks a failure (exit 1).
     let mut code = exit::OK;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "the batches");
     for name in &names {
+        if cancel.is_cancelled() {
+            break;
+        }
         let o = apply_retention(
             registry,
             name,
@@ -178,7 +183,7 @@ pub async fn cli_retention(
             default_dir.as_deref(),
             journal.clone(),
             Trigger::Cli,
-            CancellationToken::new(),
+            cancel.clone(),
         )
         .await;
         match o {
@@ -204,7 +209,7 @@ pub async fn cli_retention(
             }
         }
     }
-    Ok(code)
+    Ok(interrupt.exit_code().unwrap_or(code))
 }
 
 fn held_back_note(held_back: u64) -> Option<String> {

@@ -90,7 +90,7 @@ pub async fn apply_retention(
                     });
                 }
             }
-            Ok(true)
+            Ok(!cancel.is_cancelled())
         })
         .await?;
         out.read = stats.read;
