@@ -300,7 +300,9 @@ async fn import_crosses_providers_and_names_what_is_not_carried() {
     let reg = Registry::new(config);
     let dir = scratch();
     let file = dir.join("sqs.jsonl");
-    let s = triage::export(&reg, "from-sqs", &file, None, None).await.unwrap();
+    let s = triage::export(&reg, "from-sqs", &file, None, None, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(s.written, 1);
     let req = ImportRequest {
         file: &file,
@@ -576,4 +578,68 @@ async fn an_interrupted_retention_releases_what_it_did_not_purge() {
         purged,
         "each purged message is backed up"
     );
+}
+
+/// Ctrl-C during an export (each lease slowed down by a proxy, so that the
+/// signal lands mid-read): the leased messages are released at once instead
+/// of staying hidden for `redrive.hold`, the file the export was to replace
+/// is left as it was, no partial file is left behind, and the exit code says
+/// the export was interrupted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_export_releases_and_keeps_the_old_file() {
+    use common::faultproxy::{Fault, FaultProxy};
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&numbered(60)).await;
+    let upstream = f.endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), upstream.parse().unwrap()).await;
+    proxy.set(Fault::Delay(std::time::Duration::from_millis(300)));
+    let dir = scratch();
+    let slow = SqsFixture {
+        endpoint: format!("http://{}", proxy.addr),
+        client: f.client.clone(),
+        source_url: f.source_url.clone(),
+        dlq_url: f.dlq_url.clone(),
+        fifo: false,
+    };
+    let cfg = config(&dir, &slow, "");
+    let file = dir.join("earlier.jsonl");
+    std::fs::write(&file, "{\"an\": \"earlier export\"}\n").unwrap();
+    let child = bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to"])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr));
+    assert_eq!(status.code(), Some(130), "{out}{err}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "{\"an\": \"earlier export\"}\n",
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "no partial file is left behind: {left:?}");
+    let visible = f
+        .client
+        .get_queue_attributes()
+        .queue_url(&f.dlq_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages]
+        .parse::<usize>()
+        .unwrap();
+    assert_eq!(visible, 60, "every message is visible again at once: {err}");
 }

@@ -41,7 +41,12 @@ pub async fn cli_report(
     if let Some(note) = read_note(&*backend) {
         eprintln!("{note}");
     }
-    let r = report(registry, queue, &ReportRequest { by, filter, top, scan }).await?;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "the read");
+    let r = report(registry, queue, &ReportRequest { by, filter, top, scan }, &cancel).await?;
+    if let Some(code) = interrupt.exit_code().filter(|_| r.interrupted) {
+        return Ok(code);
+    }
     match output {
         Format::Json => print_json(&r)?,
         Format::Table => print!("{}", report_table(&r)),
@@ -71,7 +76,13 @@ pub async fn cli_export(
     if let Some(note) = read_note(&*backend) {
         eprintln!("{note}");
     }
-    let s = export(registry, queue, to, filter, max).await?;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "the read");
+    let s = export(registry, queue, to, filter, max, &cancel).await?;
+    if let Some(code) = interrupt.exit_code().filter(|_| s.interrupted) {
+        eprintln!("export interrupted: {} left as it was", s.file.display());
+        return Ok(code);
+    }
     match output {
         Format::Json => print_json(&s)?,
         Format::Table => {

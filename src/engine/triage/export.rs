@@ -9,6 +9,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::error::{TriageError, io_err};
 use super::read::{browse, compile};
@@ -240,17 +241,21 @@ pub struct ExportSummary {
     pub true_peek: bool,
     /// Messages not read: held back by the provider (see [`super::ReadStats::held_back`]).
     pub held_back: u64,
+    /// Stopped by an interrupt: nothing was written to `file`.
+    pub interrupted: bool,
 }
 
 /// Write every message of `queue` matching `filter` to `path`, one JSON line
 /// each, as it is read. `max` caps the lines written (and, on a provider with
 /// a true peek, the messages browsed: [`DEFAULT_PEEK_CAP`] by default).
+/// `path` is replaced only once the export is complete.
 pub async fn export(
     registry: &Registry,
     queue: &str,
     path: &Path,
     filter: Option<&str>,
     max: Option<u64>,
+    cancel: &CancellationToken,
 ) -> Result<ExportSummary, TriageError> {
     let filter = compile(filter)?;
     let backend = registry.backend(queue).await?;
@@ -263,7 +268,7 @@ pub async fn export(
     let mut written = 0u64;
     let mut errors = 0u64;
     let now = Utc::now();
-    let stats = browse(&*backend, read_cap, registry.config().redrive.hold, |m| {
+    let stats = browse(&*backend, read_cap, registry.config().redrive.hold, cancel, |m| {
         if max.is_some_and(|cap| written >= cap) {
             return Ok(false);
         }
@@ -281,7 +286,11 @@ pub async fn export(
         Ok(max.is_none_or(|cap| written < cap))
     })
     .await?;
-    writer.commit()?;
+    // An interrupted export is not the export asked for: the file it was to
+    // replace stays as it was (dropping the writer removes the partial one).
+    if !stats.interrupted {
+        writer.commit()?;
+    }
     Ok(ExportSummary {
         queue: queue.to_string(),
         file: path.to_owned(),
@@ -291,5 +300,6 @@ pub async fn export(
         capped: stats.capped && max.is_none_or(|cap| written < cap),
         true_peek: stats.true_peek,
         held_back: stats.held_back,
+        interrupted: stats.interrupted,
     })
 }

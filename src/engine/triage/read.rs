@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::error::TriageError;
 use crate::backend::QueueBackend;
@@ -29,6 +30,8 @@ pub struct ReadStats {
     /// more of a group while any of it is in flight), so they could not be
     /// read without deleting those. 0 when the read saw everything.
     pub held_back: u64,
+    /// Stopped early by `cancel` (an interrupt).
+    pub interrupted: bool,
 }
 
 impl ReadStats {
@@ -49,11 +52,13 @@ impl ReadStats {
 /// otherwise messages are leased batch by batch (hidden for `hold`), kept
 /// leased so that the same message does not come back, and released together
 /// at the end, whatever happens. Memory holds the lease handles and IDs, not
-/// the messages.
+/// the messages. `cancel` stops it between leases, releasing what it holds
+/// at once rather than leaving it hidden for `hold`.
 pub async fn browse<F>(
     backend: &dyn QueueBackend,
     max: usize,
     hold: Duration,
+    cancel: &CancellationToken,
     mut each: F,
 ) -> Result<ReadStats, TriageError>
 where
@@ -80,6 +85,10 @@ where
     let mut streak = 0;
     let result: Result<(), TriageError> = async {
         loop {
+            if cancel.is_cancelled() {
+                stats.interrupted = true;
+                return Ok(());
+            }
             let want = max.saturating_sub(stats.read as usize).min(caps.batch_size);
             if want == 0 {
                 stats.capped = true;
