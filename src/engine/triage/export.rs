@@ -114,11 +114,14 @@ impl ExportWriter {
         let mut opts = OpenOptions::new();
         opts.create(true);
         if append {
-            opts.append(true);
+            opts.append(true).read(true);
         } else {
             opts.write(true).truncate(true);
         }
-        let file = opts.open(path).map_err(io_err(path))?;
+        let mut file = opts.open(path).map_err(io_err(path))?;
+        if append {
+            end_last_line(&mut file).map_err(io_err(path))?;
+        }
         Ok(Self {
             path: path.to_owned(),
             out: BufWriter::new(file),
@@ -190,6 +193,24 @@ impl Drop for ExportWriter {
             let _ = std::fs::remove_file(partial);
         }
     }
+}
+
+/// A backup cut short by a crash can end in half a line; appending to it as
+/// it is would glue the next message to that half, and that message (deleted
+/// from the DLQ once backed up) would be unreadable too. End the half line.
+fn end_last_line(file: &mut File) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    if len == 0 || !file.metadata()?.is_file() {
+        return Ok(());
+    }
+    let mut last = [0u8];
+    file.seek(SeekFrom::Start(len - 1))?;
+    file.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        file.write_all(b"\n")?;
+    }
+    Ok(())
 }
 
 fn create_parent(path: &Path) -> Result<(), TriageError> {
@@ -302,4 +323,58 @@ pub async fn export(
         held_back: stats.held_back,
         interrupted: stats.interrupted,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DlqMessage;
+
+    #[test]
+    fn appending_after_a_half_written_line_keeps_the_new_line_readable() {
+        let dir = std::env::temp_dir().join(format!("dlqb-export-{}", uuid::Uuid::new_v4().simple()));
+        let path = dir.join("backup.jsonl");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&path, "{\"queue\":\"q\",\"id\":\"cut sh").unwrap();
+        let m = DlqMessage {
+            id: "m1".into(),
+            body: Bytes::from_static(b"x"),
+            attributes: Default::default(),
+            properties: Properties::new(),
+            reason: None,
+            description: None,
+            delivery_count: None,
+            enqueued_at: None,
+            source: None,
+            ordering_key: None,
+        };
+        let line = ExportedMessage {
+            queue: "q".into(),
+            backend: "sqs".into(),
+            id: m.id.clone(),
+            body_base64: "eA==".into(),
+            body_preview: "x".into(),
+            body_bytes: 1,
+            attributes: Default::default(),
+            properties: Properties::new(),
+            reason: None,
+            description: None,
+            delivery_count: None,
+            enqueued_at: None,
+            source: None,
+            ordering_key: None,
+            provider_attributes: vec![],
+            exported_at: Utc::now(),
+        };
+        let mut w = ExportWriter::create(&path, true).unwrap();
+        w.write(&line).unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let read: Vec<_> = read_numbered(&path).unwrap().collect();
+        assert_eq!(read.len(), 2);
+        assert!(matches!(read[0], Err(TriageError::BadLine { line: 1, .. })));
+        let (n, back) = read[1].as_ref().unwrap();
+        assert_eq!((*n, back.to_message().unwrap()), (2, m));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
