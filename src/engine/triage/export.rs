@@ -237,14 +237,19 @@ pub(super) fn read_numbered(
         .enumerate()
         .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
         .map(move |(i, line)| {
-            let line = line.map_err(io_err(&path))?;
+            let bad = |message: String| TriageError::BadLine {
+                path: path.clone(),
+                line: i + 1,
+                message,
+            };
+            let line = line.map_err(|e| match e.kind() {
+                // Not UTF-8: the line's fault, not the file system's.
+                std::io::ErrorKind::InvalidData => bad(e.to_string()),
+                _ => io_err(&path)(e),
+            })?;
             serde_json::from_str(&line)
                 .map(|m| (i + 1, m))
-                .map_err(|e| TriageError::BadLine {
-                    path: path.clone(),
-                    line: i + 1,
-                    message: e.to_string(),
-                })
+                .map_err(|e| bad(e.to_string()))
         }))
 }
 
@@ -375,6 +380,18 @@ mod tests {
         assert!(matches!(read[0], Err(TriageError::BadLine { line: 1, .. })));
         let (n, back) = read[1].as_ref().unwrap();
         assert_eq!((*n, back.to_message().unwrap()), (2, m));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_named() {
+        let dir = std::env::temp_dir().join(format!("dlqb-export-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("latin1.jsonl");
+        std::fs::write(&path, b"\n\n{\"queue\": \"caf\xe9\"}\n").unwrap();
+        let err = read_numbered(&path).unwrap().next().unwrap().unwrap_err();
+        assert!(err.is_usage(), "{err}");
+        assert!(err.to_string().starts_with(&format!("{}:3: ", path.display())), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
