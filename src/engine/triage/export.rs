@@ -102,9 +102,10 @@ impl ExportedMessage {
 pub struct ExportWriter {
     path: PathBuf,
     out: BufWriter<File>,
-    /// Written under this name until [`ExportWriter::commit`] renames it to
-    /// `path`; removed if the writer is dropped before.
-    partial: Option<PathBuf>,
+    /// Written under this name (the first) until [`ExportWriter::commit`]
+    /// renames it to `path` (the second: `path` with symlinks resolved);
+    /// removed if the writer is dropped before.
+    partial: Option<(PathBuf, PathBuf)>,
 }
 
 impl ExportWriter {
@@ -140,15 +141,21 @@ impl ExportWriter {
             return Self::create(path, false);
         }
         create_parent(path)?;
-        let name = path
+        // A symlink is written through, as truncating it did: the file it
+        // points to is replaced, not the link.
+        let target = match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).map_err(io_err(path))?,
+            _ => path.to_owned(),
+        };
+        let name = target
             .file_name()
             .ok_or_else(|| TriageError::Usage(format!("{}: not a file name", path.display())))?;
-        let partial = path.with_file_name(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
+        let partial = target.with_file_name(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
         let file = File::create(&partial).map_err(io_err(&partial))?;
         Ok(Self {
             path: path.to_owned(),
             out: BufWriter::new(file),
-            partial: Some(partial),
+            partial: Some((partial, target)),
         })
     }
 
@@ -171,13 +178,13 @@ impl ExportWriter {
     /// Sync, and put a [`ExportWriter::create_replacing`] file in place.
     pub fn commit(mut self) -> Result<(), TriageError> {
         self.sync()?;
-        if let Some(partial) = self.partial.take() {
-            if let Err(e) = std::fs::rename(&partial, &self.path) {
+        if let Some((partial, target)) = self.partial.take() {
+            if let Err(e) = std::fs::rename(&partial, &target) {
                 let _ = std::fs::remove_file(&partial);
                 return Err(io_err(&self.path)(e));
             }
             // The rename itself is durable only once the directory is synced.
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
+            if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty())
                 && let Ok(d) = File::open(dir)
             {
                 let _ = d.sync_all();
@@ -189,7 +196,7 @@ impl ExportWriter {
 
 impl Drop for ExportWriter {
     fn drop(&mut self) {
-        if let Some(partial) = &self.partial {
+        if let Some((partial, _)) = &self.partial {
             let _ = std::fs::remove_file(partial);
         }
     }
@@ -380,6 +387,29 @@ mod tests {
         assert!(matches!(read[0], Err(TriageError::BadLine { line: 1, .. })));
         let (n, back) = read[1].as_ref().unwrap();
         assert_eq!((*n, back.to_message().unwrap()), (2, m));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn replacing_writes_through_a_symlink_and_keeps_the_old_file_until_commit() {
+        let dir = std::env::temp_dir().join(format!("dlqb-export-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        let real = dir.join("real/out.jsonl");
+        let link = dir.join("out.jsonl");
+        std::fs::write(&real, "old\n").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let w = ExportWriter::create_replacing(&link).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "old\n", "dropped: kept");
+        let mut w = ExportWriter::create_replacing(&link).unwrap();
+        w.out.write_all(b"new\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "old\n", "not committed yet");
+        w.commit().unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "new\n");
+        let names: Vec<_> = std::fs::read_dir(dir.join("real")).unwrap().collect();
+        assert_eq!(names.len(), 1, "no partial file left");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
