@@ -72,6 +72,14 @@ mod tests {
         assert_eq!(normalize("façade 42"), "façade <n>");
     }
 
+    #[test]
+    fn timestamps_fall_in_one_pattern_whatever_the_hour() {
+        let a = normalize("deadline exceeded at 2024-01-02T10:20:30.123Z");
+        assert_eq!(a, "deadline exceeded at <n>-<n>-<n>T<n>:<n>:<n>Z");
+        assert_eq!(normalize("deadline exceeded at 2025-11-30T23:59:01.9Z"), a);
+        assert_eq!(normalize("retry in 5m30s"), "retry in <n>m<n>s");
+    }
+
     fn msg(id: &str, reason: &str, desc: &str, count: u32, secs: i64) -> DlqMessage {
         DlqMessage {
             id: id.into(),
