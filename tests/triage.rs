@@ -300,7 +300,9 @@ async fn import_crosses_providers_and_names_what_is_not_carried() {
     let reg = Registry::new(config);
     let dir = scratch();
     let file = dir.join("sqs.jsonl");
-    let s = triage::export(&reg, "from-sqs", &file, None, None).await.unwrap();
+    let s = triage::export(&reg, "from-sqs", &file, None, None, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(s.written, 1);
     let req = ImportRequest {
         file: &file,
@@ -323,4 +325,321 @@ async fn import_crosses_providers_and_names_what_is_not_carried() {
     for (k, a) in &typed {
         assert_eq!(arrived[0].attributes[k].as_text(), a.as_text(), "attribute {k}");
     }
+}
+
+fn numbered(n: usize) -> Vec<TestMessage> {
+    (0..n)
+        .map(|i| TestMessage {
+            body: format!("message {i} ✓").into_bytes(),
+            attributes: attrs(&[("error", "Timeout"), ("i", &i.to_string())]),
+            ordering_key: None,
+        })
+        .collect()
+}
+
+/// An export that fails (here: the DLQ is gone) must not truncate the file it
+/// was to replace, which may be an earlier export or a purge backup.
+#[tokio::test]
+async fn a_failed_export_keeps_the_file_it_was_to_replace() {
+    let f = SqsFixture::create(false).await;
+    let dir = scratch();
+    let gone = SqsFixture {
+        dlq_url: format!("{}-gone", f.dlq_url),
+        ..f
+    };
+    let cfg = config(&dir, &gone, "");
+    let file = dir.join("earlier.jsonl");
+    std::fs::write(&file, "{\"an\": \"earlier export\"}\n").unwrap();
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to"])
+        .arg(&file));
+    assert_ne!(code, 0, "{out}{err}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "{\"an\": \"earlier export\"}\n",
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "no partial file is left behind: {left:?}");
+}
+
+/// A malformed line half-way through the file stops the import before
+/// anything is sent (a partial import, rerun after the fix, would send the
+/// first part twice), and the error names the line as an editor numbers it.
+#[tokio::test]
+async fn import_checks_every_line_before_sending_any() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&numbered(25)).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+    let file = dir.join("all.jsonl");
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to"])
+        .arg(&file));
+    assert_eq!(code, 0, "{out}{err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 25);
+    lines.insert(1, String::new());
+    let good = lines[18].clone();
+
+    // Line 19 is not JSON; then, line 19 has a body that is not base64.
+    lines[18] = "{\"queue\": ".into();
+    let bad_json = dir.join("bad-json.jsonl");
+    std::fs::write(&bad_json, lines.join("\n") + "\n").unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    v["body_base64"] = "!!not base64".into();
+    lines[18] = v.to_string();
+    let bad_body = dir.join("bad-body.jsonl");
+    std::fs::write(&bad_body, lines.join("\n") + "\n").unwrap();
+
+    for bad in [&bad_json, &bad_body] {
+        let (code, out, err) =
+            run(bin(&dir)
+                .arg("-c")
+                .arg(&cfg)
+                .arg("import")
+                .arg(bad)
+                .args(["--to", "orders", "--yes", "--no-journal"]));
+        assert_eq!(code, 2, "{out}{err}");
+        let name = bad.file_name().unwrap().to_string_lossy();
+        assert!(err.contains(&format!("{name}:19: not an export line")), "{err}");
+        assert!(f.drain_source().await.is_empty(), "nothing was sent: {out}{err}");
+    }
+}
+
+/// Ctrl-C during an import stops it cleanly: the batch in flight finishes,
+/// nothing else is sent, the summary counts exactly what arrived and names the
+/// line to resume from, and importing from that line completes the file with
+/// every message exactly once.
+#[tokio::test]
+async fn an_interrupted_import_says_where_to_resume() {
+    let f = SqsFixture::create(false).await;
+    let msgs = numbered(30);
+    f.put_in_dlq(&msgs).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+    let file = dir.join("all.jsonl");
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to"])
+        .arg(&file));
+    assert_eq!(code, 0, "{out}{err}");
+
+    let child = bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .arg("import")
+        .arg(&file)
+        .args(["--to", "orders", "--yes", "--no-journal", "--rate", "3", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr));
+    assert_eq!(status.code(), Some(130), "{out}{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["interrupted"], true, "{out}");
+    let sent = s["sent"].as_u64().unwrap() as usize;
+    let resume = s["resume_line"].as_u64().unwrap() as usize;
+    assert!(sent > 0 && sent < 30, "{out}");
+    assert_eq!(resume, sent + 1, "{out}");
+    let mut arrived: Vec<Vec<u8>> = f.drain_source().await.into_iter().map(|m| m.body).collect();
+    assert_eq!(arrived.len(), sent, "the summary counts what arrived: {out}");
+
+    let rest = dir.join("rest.jsonl");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&rest, text.lines().skip(resume - 1).collect::<Vec<_>>().join("\n")).unwrap();
+    let (code, out, err) =
+        run(bin(&dir)
+            .arg("-c")
+            .arg(&cfg)
+            .arg("import")
+            .arg(&rest)
+            .args(["--to", "orders", "--yes", "--no-journal"]));
+    assert_eq!(code, 0, "{out}{err}");
+    arrived.extend(f.drain_source().await.into_iter().map(|m| m.body));
+    arrived.sort();
+    let mut want: Vec<Vec<u8>> = msgs.into_iter().map(|m| m.body).collect();
+    want.sort();
+    assert_eq!(arrived, want, "every message exactly once");
+}
+
+/// An SQS FIFO DLQ delivers nothing more of a message group while any of it is
+/// leased, and reading deletes nothing: past the first lease of each group
+/// the rest cannot be read. export and report say how many were not read
+/// instead of presenting a partial read as the whole DLQ.
+#[tokio::test]
+async fn reading_a_fifo_dlq_says_what_its_locked_groups_held_back() {
+    let f = SqsFixture::create(true).await;
+    let msgs: Vec<TestMessage> = numbered(25)
+        .into_iter()
+        .map(|m| TestMessage {
+            ordering_key: Some("g-1".into()),
+            ..m
+        })
+        .collect();
+    f.fill_dlq_in_order(&msgs).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+    let file = dir.join("fifo.jsonl");
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to"])
+        .arg(&file));
+    assert_eq!(code, 0, "{out}{err}");
+    let written = read_export(&file).unwrap().count();
+    assert!(written < 25, "the emulator locks the group: {out}");
+    assert!(
+        err.contains(&format!("warning: {} more messages were not read", 25 - written)),
+        "{out}{err}"
+    );
+    let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).args(["report", "orders", "-o", "json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        r["read"].as_u64().unwrap() + r["held_back"].as_u64().unwrap(),
+        25,
+        "{out}"
+    );
+    assert!(err.contains("more messages were not read"), "{err}");
+    assert_eq!(f.dlq_count().await, 25, "reading removes nothing");
+}
+
+/// Ctrl-C during `retention` (export-then-purge) stops it as it stops a
+/// purge: the batch in flight is backed up and deleted, the rest is released
+/// at once (not left hidden for `redrive.hold`), and the exit code says so.
+#[tokio::test]
+async fn an_interrupted_retention_releases_what_it_did_not_purge() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&numbered(30)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let dir = scratch();
+    let export_dir = dir.join("retention");
+    let cfg = dir.join("slow.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\n    retention:\n      max_age: 1s\n      action: export-then-purge\n      export_dir: {}\nredrive:\n  hold: 2m\n  rate: 3\n",
+            f.dlq_url,
+            f.endpoint,
+            export_dir.display()
+        ),
+    )
+    .unwrap();
+    let child = bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["retention", "orders", "--yes", "--no-journal", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr));
+    assert_eq!(status.code(), Some(130), "{out}{err}");
+    let o: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let purged = o[0]["expired"].as_u64().unwrap() as usize;
+    assert!(purged > 0 && purged < 30, "{out}");
+    let visible = f
+        .client
+        .get_queue_attributes()
+        .queue_url(&f.dlq_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages]
+        .parse::<usize>()
+        .unwrap();
+    assert_eq!(visible, 30 - purged, "the rest is visible again at once: {out}{err}");
+    let backups: Vec<PathBuf> = std::fs::read_dir(&export_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        read_export(&backups[0]).unwrap().count(),
+        purged,
+        "each purged message is backed up"
+    );
+}
+
+/// Ctrl-C during an export (each lease slowed down by a proxy, so that the
+/// signal lands mid-read): the leased messages are released at once instead
+/// of staying hidden for `redrive.hold`, the file the export was to replace
+/// is left as it was, no partial file is left behind, and the exit code says
+/// the export was interrupted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_export_releases_and_keeps_the_old_file() {
+    use common::faultproxy::{Fault, FaultProxy};
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&numbered(60)).await;
+    let upstream = f.endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), upstream.parse().unwrap()).await;
+    proxy.set(Fault::Delay(std::time::Duration::from_millis(300)));
+    let dir = scratch();
+    let slow = SqsFixture {
+        endpoint: format!("http://{}", proxy.addr),
+        client: f.client.clone(),
+        source_url: f.source_url.clone(),
+        dlq_url: f.dlq_url.clone(),
+        fifo: false,
+    };
+    let cfg = config(&dir, &slow, "");
+    let file = dir.join("earlier.jsonl");
+    std::fs::write(&file, "{\"an\": \"earlier export\"}\n").unwrap();
+    let child = bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to"])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr));
+    assert_eq!(status.code(), Some(130), "{out}{err}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "{\"an\": \"earlier export\"}\n",
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "no partial file is left behind: {left:?}");
+    let visible = f
+        .client
+        .get_queue_attributes()
+        .queue_url(&f.dlq_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages]
+        .parse::<usize>()
+        .unwrap();
+    assert_eq!(visible, 60, "every message is visible again at once: {err}");
 }

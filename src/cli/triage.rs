@@ -41,7 +41,12 @@ pub async fn cli_report(
     if let Some(note) = read_note(&*backend) {
         eprintln!("{note}");
     }
-    let r = report(registry, queue, &ReportRequest { by, filter, top, scan }).await?;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "the read");
+    let r = report(registry, queue, &ReportRequest { by, filter, top, scan }, &cancel).await?;
+    if let Some(code) = interrupt.exit_code().filter(|_| r.interrupted) {
+        return Ok(code);
+    }
     match output {
         Format::Json => print_json(&r)?,
         Format::Table => print!("{}", report_table(&r)),
@@ -51,6 +56,9 @@ pub async fn cli_report(
             "warning: the filter failed on {} messages (counted as no match)",
             r.filter_errors
         );
+    }
+    if let Some(note) = held_back_note(r.held_back) {
+        eprintln!("{note}");
     }
     Ok(exit::OK)
 }
@@ -68,7 +76,13 @@ pub async fn cli_export(
     if let Some(note) = read_note(&*backend) {
         eprintln!("{note}");
     }
-    let s = export(registry, queue, to, filter, max).await?;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "the read");
+    let s = export(registry, queue, to, filter, max, &cancel).await?;
+    if let Some(code) = interrupt.exit_code().filter(|_| s.interrupted) {
+        eprintln!("export interrupted: {} left as it was", s.file.display());
+        return Ok(code);
+    }
     match output {
         Format::Json => print_json(&s)?,
         Format::Table => {
@@ -87,6 +101,9 @@ pub async fn cli_export(
             }
         }
     }
+    if let Some(note) = held_back_note(s.held_back) {
+        eprintln!("{note}");
+    }
     Ok(exit::OK)
 }
 
@@ -96,12 +113,18 @@ pub async fn cli_import(
     journal: Option<Arc<Journal>>,
     output: Format,
 ) -> Result<u8, Failure> {
-    let s = import(registry, req, journal, CancellationToken::new()).await?;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "the batch");
+    let s = import(registry, req, journal, cancel).await?;
     match output {
         Format::Json => print_json(&s)?,
         Format::Table => print!("{}", import_text(&s)),
     }
-    Ok(if s.ok() { exit::OK } else { exit::FAILURE })
+    Ok(match interrupt.exit_code() {
+        Some(code) if s.interrupted => code,
+        _ if s.ok() => exit::OK,
+        _ => exit::FAILURE,
+    })
 }
 
 pub async fn cli_purge(
@@ -158,7 +181,12 @@ pub async fn cli_retention(
     let mut outcomes = Vec::new();
     // The worst outcome: a config problem (exit 2) outranks a failure (exit 1).
     let mut code = exit::OK;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "the batches");
     for name in &names {
+        if cancel.is_cancelled() {
+            break;
+        }
         let o = apply_retention(
             registry,
             name,
@@ -166,7 +194,7 @@ pub async fn cli_retention(
             default_dir.as_deref(),
             journal.clone(),
             Trigger::Cli,
-            CancellationToken::new(),
+            cancel.clone(),
         )
         .await;
         match o {
@@ -192,7 +220,15 @@ pub async fn cli_retention(
             }
         }
     }
-    Ok(code)
+    Ok(interrupt.exit_code().unwrap_or(code))
+}
+
+fn held_back_note(held_back: u64) -> Option<String> {
+    crate::engine::triage::ReadStats {
+        held_back,
+        ..Default::default()
+    }
+    .held_back_note()
 }
 
 fn report_table(r: &Report) -> String {
@@ -272,6 +308,13 @@ fn import_text(s: &ImportSummary) -> String {
     for e in &s.errors {
         out.push_str(&format!("  error: {e}\n"));
     }
+    if let Some(n) = s.resume_line.filter(|_| !s.dry_run) {
+        out.push_str(&format!(
+            "  {}: lines {n} on were not sent; `tail -n +{n} {}` holds the rest\n",
+            if s.interrupted { "interrupted" } else { "stopped" },
+            s.file.display()
+        ));
+    }
     out
 }
 
@@ -330,6 +373,9 @@ fn retention_text(o: &RetentionOutcome) -> String {
                 "expired"
             };
             out.push_str(&format!("  {verb} {} of {} messages read\n", o.expired, o.read));
+            if let Some(note) = held_back_note(o.held_back) {
+                out.push_str(&format!("  {note}\n"));
+            }
             for m in &o.listed {
                 out.push_str(&format!(
                     "    {}  age {}  reason={}\n",

@@ -291,7 +291,7 @@ async fn report(
     };
     let backend = app.registry.backend(&queue).await?;
     let guard = read_guard(&app, &queue, &*backend).await?;
-    let result = triage::report(&app.registry, &queue, &req).await;
+    let result = triage::report(&app.registry, &queue, &req, &Default::default()).await;
     drop(guard);
     match result {
         Ok(r) => Ok(Json(r).into_response()),

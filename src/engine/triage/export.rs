@@ -9,6 +9,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::error::{TriageError, io_err};
 use super::read::{browse, compile};
@@ -101,25 +102,60 @@ impl ExportedMessage {
 pub struct ExportWriter {
     path: PathBuf,
     out: BufWriter<File>,
+    /// Written under this name (the first) until [`ExportWriter::commit`]
+    /// renames it to `path` (the second: `path` with symlinks resolved);
+    /// removed if the writer is dropped before.
+    partial: Option<(PathBuf, PathBuf)>,
 }
 
 impl ExportWriter {
     /// Create (or truncate) `path`; with `append`, add to it instead.
     pub fn create(path: &Path, append: bool) -> Result<Self, TriageError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io_err(path))?;
-        }
+        create_parent(path)?;
         let mut opts = OpenOptions::new();
         opts.create(true);
         if append {
-            opts.append(true);
+            opts.append(true).read(true);
         } else {
             opts.write(true).truncate(true);
         }
-        let file = opts.open(path).map_err(io_err(path))?;
+        let mut file = opts.open(path).map_err(io_err(path))?;
+        if append {
+            end_last_line(&mut file).map_err(io_err(path))?;
+        }
         Ok(Self {
             path: path.to_owned(),
             out: BufWriter::new(file),
+            partial: None,
+        })
+    }
+
+    /// Write to a temporary file next to `path` that replaces it only on
+    /// [`ExportWriter::commit`]: an export that fails or is interrupted half-way
+    /// leaves an existing `path` (an earlier export, a backup) as it was
+    /// instead of truncated.
+    pub fn create_replacing(path: &Path) -> Result<Self, TriageError> {
+        // A pipe or a device (`--to /dev/stdout`) cannot be replaced, and
+        // holds nothing to keep: write to it directly.
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Self::create(path, false);
+        }
+        create_parent(path)?;
+        // A symlink is written through, as truncating it did: the file it
+        // points to is replaced, not the link.
+        let target = match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).map_err(io_err(path))?,
+            _ => path.to_owned(),
+        };
+        let name = target
+            .file_name()
+            .ok_or_else(|| TriageError::Usage(format!("{}: not a file name", path.display())))?;
+        let partial = target.with_file_name(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
+        let file = File::create(&partial).map_err(io_err(&partial))?;
+        Ok(Self {
+            path: path.to_owned(),
+            out: BufWriter::new(file),
+            partial: Some((partial, target)),
         })
     }
 
@@ -138,10 +174,69 @@ impl ExportWriter {
         self.out.flush().map_err(io_err(&self.path))?;
         self.out.get_ref().sync_data().map_err(io_err(&self.path))
     }
+
+    /// Sync, and put a [`ExportWriter::create_replacing`] file in place.
+    pub fn commit(mut self) -> Result<(), TriageError> {
+        self.sync()?;
+        if let Some((partial, target)) = self.partial.take() {
+            if let Err(e) = std::fs::rename(&partial, &target) {
+                let _ = std::fs::remove_file(&partial);
+                return Err(io_err(&self.path)(e));
+            }
+            // The rename itself is durable only once the directory is synced.
+            if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty())
+                && let Ok(d) = File::open(dir)
+            {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ExportWriter {
+    fn drop(&mut self) {
+        if let Some((partial, _)) = &self.partial {
+            let _ = std::fs::remove_file(partial);
+        }
+    }
+}
+
+/// A backup cut short by a crash can end in half a line; appending to it as
+/// it is would glue the next message to that half, and that message (deleted
+/// from the DLQ once backed up) would be unreadable too. End the half line.
+fn end_last_line(file: &mut File) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    if len == 0 || !file.metadata()?.is_file() {
+        return Ok(());
+    }
+    let mut last = [0u8];
+    file.seek(SeekFrom::Start(len - 1))?;
+    file.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        file.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+fn create_parent(path: &Path) -> Result<(), TriageError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err(path))?;
+    }
+    Ok(())
 }
 
 /// Read an export file line by line (one line in memory at a time).
 pub fn read_export(path: &Path) -> Result<impl Iterator<Item = Result<ExportedMessage, TriageError>>, TriageError> {
+    Ok(read_numbered(path)?.map(|r| r.map(|(_, line)| line)))
+}
+
+/// [`read_export`], each line with its number in the file (blank lines
+/// count, as in an editor), so that errors found later can name it.
+pub(super) fn read_numbered(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<(usize, ExportedMessage), TriageError>>, TriageError> {
     let file = File::open(path).map_err(io_err(path))?;
     let path = path.to_owned();
     Ok(BufReader::new(file)
@@ -149,12 +244,19 @@ pub fn read_export(path: &Path) -> Result<impl Iterator<Item = Result<ExportedMe
         .enumerate()
         .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
         .map(move |(i, line)| {
-            let line = line.map_err(io_err(&path))?;
-            serde_json::from_str(&line).map_err(|e| TriageError::BadLine {
+            let bad = |message: String| TriageError::BadLine {
                 path: path.clone(),
                 line: i + 1,
-                message: e.to_string(),
-            })
+                message,
+            };
+            let line = line.map_err(|e| match e.kind() {
+                // Not UTF-8: the line's fault, not the file system's.
+                std::io::ErrorKind::InvalidData => bad(e.to_string()),
+                _ => io_err(&path)(e),
+            })?;
+            serde_json::from_str(&line)
+                .map(|m| (i + 1, m))
+                .map_err(|e| bad(e.to_string()))
         }))
 }
 
@@ -170,21 +272,27 @@ pub struct ExportSummary {
     pub filter_errors: u64,
     pub capped: bool,
     pub true_peek: bool,
+    /// Messages not read: held back by the provider (see [`super::ReadStats::held_back`]).
+    pub held_back: u64,
+    /// Stopped by an interrupt: nothing was written to `file`.
+    pub interrupted: bool,
 }
 
 /// Write every message of `queue` matching `filter` to `path`, one JSON line
 /// each, as it is read. `max` caps the lines written (and, on a provider with
 /// a true peek, the messages browsed: [`DEFAULT_PEEK_CAP`] by default).
+/// `path` is replaced only once the export is complete.
 pub async fn export(
     registry: &Registry,
     queue: &str,
     path: &Path,
     filter: Option<&str>,
     max: Option<u64>,
+    cancel: &CancellationToken,
 ) -> Result<ExportSummary, TriageError> {
     let filter = compile(filter)?;
     let backend = registry.backend(queue).await?;
-    let mut writer = ExportWriter::create(path, false)?;
+    let mut writer = ExportWriter::create_replacing(path)?;
     let read_cap = match (backend.capabilities().true_peek, max) {
         (true, Some(m)) => m as usize,
         (true, None) => DEFAULT_PEEK_CAP,
@@ -193,7 +301,7 @@ pub async fn export(
     let mut written = 0u64;
     let mut errors = 0u64;
     let now = Utc::now();
-    let stats = browse(&*backend, read_cap, registry.config().redrive.hold, |m| {
+    let stats = browse(&*backend, read_cap, registry.config().redrive.hold, cancel, |m| {
         if max.is_some_and(|cap| written >= cap) {
             return Ok(false);
         }
@@ -211,7 +319,11 @@ pub async fn export(
         Ok(max.is_none_or(|cap| written < cap))
     })
     .await?;
-    writer.sync()?;
+    // An interrupted export is not the export asked for: the file it was to
+    // replace stays as it was (dropping the writer removes the partial one).
+    if !stats.interrupted {
+        writer.commit()?;
+    }
     Ok(ExportSummary {
         queue: queue.to_string(),
         file: path.to_owned(),
@@ -220,5 +332,96 @@ pub async fn export(
         filter_errors: errors,
         capped: stats.capped && max.is_none_or(|cap| written < cap),
         true_peek: stats.true_peek,
+        held_back: stats.held_back,
+        interrupted: stats.interrupted,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DlqMessage;
+
+    #[test]
+    fn appending_after_a_half_written_line_keeps_the_new_line_readable() {
+        let dir = std::env::temp_dir().join(format!("dlqb-export-{}", uuid::Uuid::new_v4().simple()));
+        let path = dir.join("backup.jsonl");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&path, "{\"queue\":\"q\",\"id\":\"cut sh").unwrap();
+        let m = DlqMessage {
+            id: "m1".into(),
+            body: Bytes::from_static(b"x"),
+            attributes: Default::default(),
+            properties: Properties::new(),
+            reason: None,
+            description: None,
+            delivery_count: None,
+            enqueued_at: None,
+            source: None,
+            ordering_key: None,
+        };
+        let line = ExportedMessage {
+            queue: "q".into(),
+            backend: "sqs".into(),
+            id: m.id.clone(),
+            body_base64: "eA==".into(),
+            body_preview: "x".into(),
+            body_bytes: 1,
+            attributes: Default::default(),
+            properties: Properties::new(),
+            reason: None,
+            description: None,
+            delivery_count: None,
+            enqueued_at: None,
+            source: None,
+            ordering_key: None,
+            provider_attributes: vec![],
+            exported_at: Utc::now(),
+        };
+        let mut w = ExportWriter::create(&path, true).unwrap();
+        w.write(&line).unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let read: Vec<_> = read_numbered(&path).unwrap().collect();
+        assert_eq!(read.len(), 2);
+        assert!(matches!(read[0], Err(TriageError::BadLine { line: 1, .. })));
+        let (n, back) = read[1].as_ref().unwrap();
+        assert_eq!((*n, back.to_message().unwrap()), (2, m));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn replacing_writes_through_a_symlink_and_keeps_the_old_file_until_commit() {
+        let dir = std::env::temp_dir().join(format!("dlqb-export-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        let real = dir.join("real/out.jsonl");
+        let link = dir.join("out.jsonl");
+        std::fs::write(&real, "old\n").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let w = ExportWriter::create_replacing(&link).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "old\n", "dropped: kept");
+        let mut w = ExportWriter::create_replacing(&link).unwrap();
+        w.out.write_all(b"new\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "old\n", "not committed yet");
+        w.commit().unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "new\n");
+        let names: Vec<_> = std::fs::read_dir(dir.join("real")).unwrap().collect();
+        assert_eq!(names.len(), 1, "no partial file left");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_named() {
+        let dir = std::env::temp_dir().join(format!("dlqb-export-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("latin1.jsonl");
+        std::fs::write(&path, b"\n\n{\"queue\": \"caf\xe9\"}\n").unwrap();
+        let err = read_numbered(&path).unwrap().next().unwrap().unwrap_err();
+        assert!(err.is_usage(), "{err}");
+        assert!(err.to_string().starts_with(&format!("{}:3: ", path.display())), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

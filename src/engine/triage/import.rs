@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::error::TriageError;
-use super::export::read_export;
+use super::export::read_numbered;
 use super::read::compile;
 use crate::backend::QueueBackend;
 use crate::engine::journal::{Journal, JournalError, Record};
@@ -52,6 +52,12 @@ pub struct ImportSummary {
     /// Provider dead-letter attributes stripped from the copies.
     pub stripped: BTreeMap<String, u64>,
     pub errors: Vec<String>,
+    /// Stopped by an interrupt before the end of the file.
+    pub interrupted: bool,
+    /// When the import stopped before the end of the file (interrupt,
+    /// `--max`): the first line whose message was not sent or skipped;
+    /// importing the file from that line on completes it.
+    pub resume_line: Option<usize>,
 }
 
 impl ImportSummary {
@@ -132,7 +138,14 @@ pub async fn import(
     cancel: CancellationToken,
 ) -> Result<ImportSummary, TriageError> {
     let filter = compile(req.filter)?;
-    let lines = read_export(req.file)?;
+    // Every line is checked before any is sent: a bad line met half-way
+    // would stop the import with the lines before it sent and those after it
+    // not, and the rerun after fixing the file would send the first part twice.
+    for line in read_numbered(req.file)? {
+        let (n, line) = line?;
+        line.to_message().map_err(|message| bad_line(req.file, n, message))?;
+    }
+    let lines = read_numbered(req.file)?;
     let plan = registry
         .plan(
             req.to,
@@ -166,6 +179,8 @@ pub async fn import(
         not_carried: BTreeMap::new(),
         stripped: BTreeMap::new(),
         errors: Vec::new(),
+        interrupted: false,
+        resume_line: None,
     };
     let record = |r: Record| {
         if let Some(j) = &journal { j.append(&r) } else { Ok(()) }
@@ -183,19 +198,16 @@ pub async fn import(
         })?;
     }
     let now = Utc::now();
-    let mut batch: Vec<(String, Outgoing)> = Vec::new();
+    let mut batch: Vec<(usize, String, Outgoing)> = Vec::new();
     let mut batch_dest: Option<Destination> = None;
-    for line in lines {
+    let mut lines = lines.peekable();
+    while lines.peek().is_some() {
         if cancel.is_cancelled() || req.max.is_some_and(|m| s.matched >= m) {
             break;
         }
-        let line = line?;
+        let (n, line) = lines.next().expect("peeked")?;
         s.read += 1;
-        let mut m = line.to_message().map_err(|message| TriageError::BadLine {
-            path: req.file.to_owned(),
-            line: s.read as usize,
-            message,
-        })?;
+        let mut m = line.to_message().map_err(|message| bad_line(req.file, n, message))?;
         match filter.matches(&m, now) {
             Ok(true) => {}
             Ok(false) => continue,
@@ -245,14 +257,46 @@ pub async fn import(
         if batch_dest.as_ref().is_some_and(|d| *d != dest) || batch.len() >= caps.batch_size {
             let to = batch_dest.clone().expect("a batch has a destination");
             let full = std::mem::take(&mut batch);
-            send_import_batch(&*backend, &to, full, limiter.as_ref(), &record, &mut s, &plan.run_id).await;
+            let ctx = BatchContext {
+                backend: &*backend,
+                limiter: limiter.as_ref(),
+                record: &record,
+                run: &plan.run_id,
+                cancel: &cancel,
+            };
+            if let Some(unsent) = send_import_batch(&ctx, &to, full, &mut s).await {
+                s.resume_line = Some(unsent);
+                batch.clear();
+                break;
+            }
         }
         batch_dest = Some(dest);
-        batch.push((m.id, o));
+        batch.push((n, m.id, o));
     }
     if let Some(to) = batch_dest.filter(|_| !batch.is_empty()) {
-        send_import_batch(&*backend, &to, batch, limiter.as_ref(), &record, &mut s, &plan.run_id).await;
+        let first = batch[0].0;
+        if cancel.is_cancelled() {
+            // Read but not sent: nothing new leaves after an interrupt.
+            s.resume_line.get_or_insert(first);
+        } else {
+            let ctx = BatchContext {
+                backend: &*backend,
+                limiter: limiter.as_ref(),
+                record: &record,
+                run: &plan.run_id,
+                cancel: &cancel,
+            };
+            if let Some(unsent) = send_import_batch(&ctx, &to, batch, &mut s).await {
+                s.resume_line.get_or_insert(unsent);
+            }
+        }
     }
+    if s.resume_line.is_none()
+        && let Some(Ok((n, _))) = lines.next()
+    {
+        s.resume_line = Some(n);
+    }
+    s.interrupted = cancel.is_cancelled() && s.resume_line.is_some();
     if !req.dry_run {
         record(Record::RunFinished {
             run: plan.run_id.clone(),
@@ -266,22 +310,48 @@ pub async fn import(
     Ok(s)
 }
 
-async fn send_import_batch(
-    backend: &dyn QueueBackend,
+struct BatchContext<'a, R> {
+    backend: &'a dyn QueueBackend,
+    limiter: Option<&'a governor::DefaultDirectRateLimiter>,
+    record: &'a R,
+    run: &'a str,
+    cancel: &'a CancellationToken,
+}
+
+/// Send one batch (line number, original ID, copy), waiting for the rate
+/// limit message by message. An interrupt during the wait sends only what
+/// was admitted; the line of the first message left unsent is returned.
+async fn send_import_batch<R>(
+    ctx: &BatchContext<'_, R>,
     dest: &Destination,
-    batch: Vec<(String, Outgoing)>,
-    limiter: Option<&governor::DefaultDirectRateLimiter>,
-    record: &impl Fn(Record) -> Result<(), JournalError>,
+    mut batch: Vec<(usize, String, Outgoing)>,
     s: &mut ImportSummary,
-    run: &str,
-) {
-    if let Some(l) = limiter {
-        for _ in 0..batch.len() {
-            l.until_ready().await;
+) -> Option<usize>
+where
+    R: Fn(Record) -> Result<(), JournalError>,
+{
+    let mut unsent = None;
+    if let Some(l) = ctx.limiter {
+        for i in 0..batch.len() {
+            tokio::select! {
+                biased;
+                _ = ctx.cancel.cancelled() => {
+                    unsent = Some(batch[i].0);
+                    batch.truncate(i);
+                    break;
+                }
+                _ = l.until_ready() => {}
+            }
         }
+    } else if ctx.cancel.is_cancelled() {
+        unsent = batch.first().map(|b| b.0);
+        batch.clear();
     }
-    let (ids, outgoing): (Vec<String>, Vec<Outgoing>) = batch.into_iter().unzip();
-    let results = match backend.send(dest, &outgoing).await {
+    if batch.is_empty() {
+        return unsent;
+    }
+    let (ids, outgoing): (Vec<String>, Vec<Outgoing>) = batch.into_iter().map(|(_, id, o)| (id, o)).unzip();
+    let results = match ctx.backend.send(dest, &outgoing).await {
         Ok(r) => r,
         Err(e) => vec![SendResult::Failed { error: e.to_string() }; outgoing.len()],
     };
@@ -289,8 +359,8 @@ async fn send_import_batch(
         match r {
             SendResult::Sent { dest_id } => {
                 s.sent += 1;
-                let _ = record(Record::Imported {
-                    run: run.to_string(),
+                let _ = (ctx.record)(Record::Imported {
+                    run: ctx.run.to_string(),
                     id,
                     destination: dest.0.clone(),
                     dest_id,
@@ -301,6 +371,15 @@ async fn send_import_batch(
                 push_import_error(s, format!("message {id}: {error}"));
             }
         }
+    }
+    unsent
+}
+
+fn bad_line(file: &Path, line: usize, message: String) -> TriageError {
+    TriageError::BadLine {
+        path: file.to_owned(),
+        line,
+        message,
     }
 }
 

@@ -72,6 +72,14 @@ mod tests {
         assert_eq!(normalize("façade 42"), "façade <n>");
     }
 
+    #[test]
+    fn timestamps_fall_in_one_pattern_whatever_the_hour() {
+        let a = normalize("deadline exceeded at 2024-01-02T10:20:30.123Z");
+        assert_eq!(a, "deadline exceeded at <n>-<n>-<n>T<n>:<n>:<n>Z");
+        assert_eq!(normalize("deadline exceeded at 2025-11-30T23:59:01.9Z"), a);
+        assert_eq!(normalize("retry in 5m30s"), "retry in <n>m<n>s");
+    }
+
     fn msg(id: &str, reason: &str, desc: &str, count: u32, secs: i64) -> DlqMessage {
         DlqMessage {
             id: id.into(),
@@ -172,5 +180,18 @@ mod tests {
             "(reason == \"x\") && age > duration(\"90s\")"
         );
         Filter::compile(&purge_filter("true", Some(Duration::from_secs(5)))).unwrap();
+    }
+
+    #[test]
+    fn older_than_keeps_fractions_of_a_second() {
+        // `--older-than 1500ms` (or a retention max_age of 1.5s) must not
+        // purge a message 1.2s old.
+        let f = Filter::compile(&purge_filter("true", Some(Duration::from_millis(1500)))).unwrap();
+        let mut m = msg("a", "Timeout", "x", 1, 0);
+        let now = Utc::now();
+        m.enqueued_at = Some(now - chrono::Duration::milliseconds(1200));
+        assert!(!f.matches(&m, now).unwrap(), "{}", f.source());
+        m.enqueued_at = Some(now - chrono::Duration::milliseconds(1600));
+        assert!(f.matches(&m, now).unwrap(), "{}", f.source());
     }
 }

@@ -68,9 +68,20 @@ pub fn normalize(text: &str) -> String {
                     }
                 }
                 out.push_str("<n>");
-                // A unit suffix (`ms`, `kb`) stays as it is.
-                if j < end {
-                    out.extend(&chars[j..end]);
+                // A unit suffix (`ms`, `kb`) stays as it is; numbers inside
+                // it do not (the `T10` of `2024-01-02T10:20:30Z`, else every
+                // hour of the day would be a pattern of its own).
+                let mut k = j;
+                while k < end {
+                    if chars[k].is_ascii_digit() {
+                        while k < end && chars[k].is_ascii_digit() {
+                            k += 1;
+                        }
+                        out.push_str("<n>");
+                    } else {
+                        out.push(chars[k]);
+                        k += 1;
+                    }
                 }
                 i = j.max(end);
                 continue;

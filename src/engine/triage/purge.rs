@@ -64,7 +64,10 @@ pub struct PurgeRequest<'a> {
 /// The filter a purge runs with: the user's, narrowed by `--older-than`.
 pub fn purge_filter(filter: &str, older_than: Option<Duration>) -> String {
     match older_than {
-        Some(d) => format!("({filter}) && age > duration(\"{}s\")", d.as_secs()),
+        // Whole seconds read best; a fraction is kept (in nanoseconds) rather
+        // than cut, which would purge messages younger than asked.
+        Some(d) if d.subsec_nanos() == 0 => format!("({filter}) && age > duration(\"{}s\")", d.as_secs()),
+        Some(d) => format!("({filter}) && age > duration(\"{}ns\")", d.as_nanos()),
         None => filter.to_string(),
     }
 }

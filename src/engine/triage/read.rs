@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::error::TriageError;
 use crate::backend::QueueBackend;
@@ -24,6 +25,26 @@ pub struct ReadStats {
     /// Read with a true peek (no side effect); otherwise leased and released,
     /// which raised each message's delivery count.
     pub true_peek: bool,
+    /// Messages the provider held back, by its count: their group's earlier
+    /// messages were leased by this read (an SQS FIFO queue delivers nothing
+    /// more of a group while any of it is in flight), so they could not be
+    /// read without deleting those. 0 when the read saw everything.
+    pub held_back: u64,
+    /// Stopped early by `cancel` (an interrupt).
+    pub interrupted: bool,
+}
+
+impl ReadStats {
+    /// What the user is told when the read could not see the whole DLQ
+    /// because of [`ReadStats::held_back`].
+    pub fn held_back_note(&self) -> Option<String> {
+        (self.held_back > 0).then(|| {
+            format!(
+                "warning: {} more messages were not read: the provider delivers a message group's later messages only once its earlier ones are deleted (SQS FIFO), and reading deletes nothing",
+                self.held_back
+            )
+        })
+    }
 }
 
 /// Read up to `max` messages, handing each to `each` once, as it arrives;
@@ -31,11 +52,13 @@ pub struct ReadStats {
 /// otherwise messages are leased batch by batch (hidden for `hold`), kept
 /// leased so that the same message does not come back, and released together
 /// at the end, whatever happens. Memory holds the lease handles and IDs, not
-/// the messages.
+/// the messages. `cancel` stops it between leases, releasing what it holds
+/// at once rather than leaving it hidden for `hold`.
 pub async fn browse<F>(
     backend: &dyn QueueBackend,
     max: usize,
     hold: Duration,
+    cancel: &CancellationToken,
     mut each: F,
 ) -> Result<ReadStats, TriageError>
 where
@@ -62,6 +85,10 @@ where
     let mut streak = 0;
     let result: Result<(), TriageError> = async {
         loop {
+            if cancel.is_cancelled() {
+                stats.interrupted = true;
+                return Ok(());
+            }
             let want = max.saturating_sub(stats.read as usize).min(caps.batch_size);
             if want == 0 {
                 stats.capped = true;
@@ -69,6 +96,12 @@ where
             }
             let batch = backend.lease(want, hold).await?;
             if batch.is_empty() {
+                // An empty lease proves the queue read only when the provider
+                // holds nothing back for the leases this read keeps.
+                if caps.ordered_delivery && !held.is_empty() {
+                    let depth = backend.stats().await?.depth;
+                    stats.held_back = depth.saturating_sub(stats.read);
+                }
                 return Ok(());
             }
             let mut fresh = 0;

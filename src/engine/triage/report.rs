@@ -2,6 +2,7 @@
 
 use chrono::Utc;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::error::TriageError;
 use super::patterns::{Group, GroupBy, Grouper};
@@ -27,6 +28,10 @@ pub struct Report {
     /// The read stopped at `--scan`: the DLQ may hold more than was grouped.
     pub capped: bool,
     pub true_peek: bool,
+    /// Messages not read: held back by the provider (see [`super::ReadStats::held_back`]).
+    pub held_back: u64,
+    /// Stopped by an interrupt: only what was read before is grouped.
+    pub interrupted: bool,
     pub groups: Vec<Group>,
     /// Everything past the top N, folded.
     pub other: Option<Group>,
@@ -39,23 +44,34 @@ pub struct ReportRequest<'a> {
     pub scan: usize,
 }
 
-pub async fn report(registry: &Registry, queue: &str, req: &ReportRequest<'_>) -> Result<Report, TriageError> {
+pub async fn report(
+    registry: &Registry,
+    queue: &str,
+    req: &ReportRequest<'_>,
+    cancel: &CancellationToken,
+) -> Result<Report, TriageError> {
     let filter = compile(req.filter)?;
     let backend = registry.backend(queue).await?;
     let mut grouper = Grouper::new(req.by.clone());
     let mut errors = 0;
     let now = Utc::now();
-    let stats = browse(&*backend, req.scan.max(1), registry.config().redrive.hold, |m| {
-        match filter.matches(m, now) {
-            Ok(true) => grouper.add(m),
-            Ok(false) => {}
-            Err(e) => {
-                errors += 1;
-                tracing::debug!(id = %m.id, error = %e, "filter error");
+    let stats = browse(
+        &*backend,
+        req.scan.max(1),
+        registry.config().redrive.hold,
+        cancel,
+        |m| {
+            match filter.matches(m, now) {
+                Ok(true) => grouper.add(m),
+                Ok(false) => {}
+                Err(e) => {
+                    errors += 1;
+                    tracing::debug!(id = %m.id, error = %e, "filter error");
+                }
             }
-        }
-        Ok(true)
-    })
+            Ok(true)
+        },
+    )
     .await?;
     let matched = grouper.total();
     let (groups, other) = grouper.finish(req.top.max(1));
@@ -69,6 +85,8 @@ pub async fn report(registry: &Registry, queue: &str, req: &ReportRequest<'_>) -
         filter_errors: errors,
         capped: stats.capped,
         true_peek: stats.true_peek,
+        held_back: stats.held_back,
+        interrupted: stats.interrupted,
         groups,
         other,
     })

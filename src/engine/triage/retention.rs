@@ -38,6 +38,9 @@ pub struct RetentionOutcome {
     pub expired: u64,
     /// The expired messages by ID (alert and dry runs; at most 1000).
     pub listed: Vec<ExpiredMessage>,
+    /// Messages not read (alert and dry runs): held back by the provider
+    /// (see [`super::ReadStats::held_back`]); some may be expired too.
+    pub held_back: u64,
     /// The purge run (export-then-purge, not a dry run).
     pub purge: Option<RunSummary>,
     pub backup: Option<PathBuf>,
@@ -69,13 +72,14 @@ pub async fn apply_retention(
         read: 0,
         expired: 0,
         listed: Vec::new(),
+        held_back: 0,
         purge: None,
         backup: None,
     };
     if r.action == RetentionAction::Alert || dry_run {
         let backend = registry.backend(queue).await?;
         let now = Utc::now();
-        let stats = browse(&*backend, usize::MAX, registry.config().redrive.hold, |m| {
+        let stats = browse(&*backend, usize::MAX, registry.config().redrive.hold, &cancel, |m| {
             if let Some(age) = m.age(now).filter(|a| *a > r.max_age) {
                 out.expired += 1;
                 if out.listed.len() < MAX_LISTED {
@@ -90,6 +94,7 @@ pub async fn apply_retention(
         })
         .await?;
         out.read = stats.read;
+        out.held_back = stats.held_back;
         return Ok(out);
     }
     let dir = r

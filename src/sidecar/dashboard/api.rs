@@ -529,7 +529,7 @@ async fn export(
             top: 5,
             scan,
         };
-        let r = triage::report(&app.registry, &queue, &req)
+        let r = triage::report(&app.registry, &queue, &req, &Default::default())
             .await
             .map_err(triage_error)?;
         let matched = b.max.map_or(r.matched, |m| r.matched.min(m));
@@ -549,7 +549,7 @@ async fn export(
     let path = dir
         .join("exports")
         .join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%SZ")));
-    let s = triage::export(&app.registry, &queue, &path, filter, b.max)
+    let s = triage::export(&app.registry, &queue, &path, filter, b.max, &Default::default())
         .await
         .map_err(triage_error)?;
     tracing::info!(%queue, written = s.written, file = %s.file.display(), trigger = %Trigger::Api, "export finished");
