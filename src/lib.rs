@@ -14,6 +14,10 @@
 //! | [`filter`] | CEL filters over the message model |
 //! | [`model`] | the provider-neutral message model |
 
+// Command output goes through `cli`'s `out!`/`outln!`: `print!` panics when
+// the reader has gone (`dlq-bridge ... | head`).
+#![deny(clippy::print_stdout)]
+
 pub mod backend;
 pub mod cli;
 pub mod config;

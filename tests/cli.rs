@@ -354,3 +354,29 @@ async fn inspect_reads_at_most_limit_unfiltered_and_at_most_scan_filtered() {
     assert_eq!(msgs.as_array().unwrap().len(), 6, "{out}");
     assert!(!err.contains("--scan"), "{err}");
 }
+
+/// `dlq-bridge ... | head` closes the pipe before the command has written
+/// its output. That ends the output, not the command: no panic, and the exit
+/// code still says what the redrive did.
+#[tokio::test]
+async fn a_closed_stdout_does_not_turn_a_redrive_into_a_crash() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&tenants(6)).await;
+    let cfg = fixture_config(&f);
+    for format in ["json", "table"] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = bin()
+            .arg("-c")
+            .arg(&cfg)
+            .args(["redrive", "orders", "--filter", "true", "--yes", "-o", format])
+            .stdout(writer)
+            .output()
+            .expect("run dlq-bridge");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{format}: {err}");
+        assert!(!err.contains("panicked"), "{format}: {err}");
+    }
+    assert_eq!(f.drain_source().await.len(), 6);
+    assert!(f.dlq_snapshot().await.is_empty());
+}

@@ -8,11 +8,11 @@ use super::exit::{self, Failure};
 use crate::engine::registry::Registry;
 
 pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failure> {
-    println!(
+    outln!(
         "config {}: ok ({} queues)",
         path.display(),
         registry.config().queues.len()
-    );
+    )?;
     if registry.config().queues.is_empty() {
         eprintln!(
             "warning: {}: no queue is configured; every command but check, serve and runs needs one",
@@ -29,12 +29,12 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
         }
         .await;
         match result {
-            Ok(s) => println!("queue {} ({}): ok, depth {}", q.name, q.kind.backend_name(), s.depth),
+            Ok(s) => outln!("queue {} ({}): ok, depth {}", q.name, q.kind.backend_name(), s.depth)?,
             Err(e) => {
                 code = code.max(exit::code_of(&e));
                 // The verdict on stdout with the others, the error (which
                 // names the queue) on stderr, as every command reports errors.
-                println!("queue {} ({}): FAILED", q.name, q.kind.backend_name());
+                outln!("queue {} ({}): FAILED", q.name, q.kind.backend_name())?;
                 eprintln!("error: {e:#}");
             }
         }

@@ -21,8 +21,8 @@ pub(crate) async fn list(
     // serialise the rest.
     let rows = futures::future::join_all(names.iter().map(|name| queue_row(registry, name, sample))).await;
     match output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Format::Table => print!("{}", output::queues_table(&rows)),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&rows)?)?,
+        Format::Table => out!("{}", output::queues_table(&rows))?,
     }
     if rows.iter().any(|r| r.error.is_some()) {
         // The table cuts long cells; the whole error goes to stderr.
@@ -134,10 +134,10 @@ pub(crate) async fn inspect(
     match output {
         Format::Json => {
             let views: Vec<MessageView> = shown.iter().map(|m| MessageView::new(m, now)).collect();
-            println!("{}", serde_json::to_string_pretty(&views)?);
+            outln!("{}", serde_json::to_string_pretty(&views)?)?;
         }
         Format::Table => {
-            print!("{}", output::messages_table(&shown, now));
+            out!("{}", output::messages_table(&shown, now))?;
             eprintln!("{} shown, {} read", shown.len(), msgs.len());
         }
     }

@@ -7,6 +7,22 @@ use crate::config::Config;
 use crate::engine::redrive::Trigger;
 use crate::engine::registry::Registry;
 
+/// `print!` for command output. A reader that went away (`... | head`) ends
+/// the output, not the command: nothing panics, and the exit code and the
+/// journal still say what the command did.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` for command output; see [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod args;
 mod check;
 mod confirm;
@@ -234,4 +250,14 @@ fn config_path(given: Option<PathBuf>) -> Result<PathBuf, Failure> {
     Err(usage(
         "no config file: pass --config FILE (or set DLQ_BRIDGE_CONFIG); see config/example.yaml",
     ))
+}
+
+/// Write command output to stdout, at once. Only a closed pipe is forgiven.
+pub(crate) fn write_stdout(args: std::fmt::Arguments) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }

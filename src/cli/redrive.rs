@@ -79,8 +79,8 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
     }
     let summary: RunSummary = summary?;
     match opts.output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
-        Format::Table => print!("{}", output::summary_text(&summary)),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&summary)?)?,
+        Format::Table => out!("{}", output::summary_text(&summary))?,
     }
     if let Some(p) = &journal_path {
         eprintln!("journal: {}", p.display());

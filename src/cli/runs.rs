@@ -44,8 +44,8 @@ pub(crate) fn runs(config: Option<&Config>, journal: Option<PathBuf>, output: Fo
     let keep = config.map_or(Rotation::default().keep, |c| c.redrive.journal_keep);
     let rows = run_rows(read_all_records(&path, keep)?);
     match output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Format::Table => print!("{}", runs_table(&rows)),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&rows)?)?,
+        Format::Table => out!("{}", runs_table(&rows))?,
     }
     Ok(exit::OK)
 }

@@ -22,7 +22,7 @@ use crate::model::preview;
 use crate::output::{Format, Table, destination_lines, human_age};
 
 fn print_json<T: Serialize>(v: &T) -> Result<(), Failure> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
 }
 
@@ -49,7 +49,7 @@ pub async fn cli_report(
     }
     match output {
         Format::Json => print_json(&r)?,
-        Format::Table => print!("{}", report_table(&r)),
+        Format::Table => out!("{}", report_table(&r))?,
     }
     if r.filter_errors > 0 {
         eprintln!(
@@ -86,18 +86,18 @@ pub async fn cli_export(
     match output {
         Format::Json => print_json(&s)?,
         Format::Table => {
-            println!(
+            outln!(
                 "exported {} of {} messages read from {} to {}",
                 s.written,
                 s.read,
                 s.queue,
                 s.file.display()
-            );
+            )?;
             if s.capped {
-                println!("  the browse stopped at its cap (--max); the DLQ may hold more");
+                outln!("  the browse stopped at its cap (--max); the DLQ may hold more")?;
             }
             if s.filter_errors > 0 {
-                println!("  filter errors: {} (counted as no match)", s.filter_errors);
+                outln!("  filter errors: {} (counted as no match)", s.filter_errors)?;
             }
         }
     }
@@ -118,7 +118,7 @@ pub async fn cli_import(
     let s = import(registry, req, journal, cancel).await?;
     match output {
         Format::Json => print_json(&s)?,
-        Format::Table => print!("{}", import_text(&s)),
+        Format::Table => out!("{}", import_text(&s))?,
     }
     Ok(match interrupt.exit_code() {
         Some(code) if s.interrupted => code,
@@ -139,7 +139,7 @@ pub async fn cli_purge(
     let s = purge(registry, queue, req, journal, cancel).await?;
     match output {
         Format::Json => print_json(&s)?,
-        Format::Table => print!("{}", purge_text(&s)),
+        Format::Table => out!("{}", purge_text(&s))?,
     }
     Ok(match interrupt.exit_code() {
         Some(code) => code,
@@ -216,7 +216,7 @@ pub async fn cli_retention(
         Format::Json => print_json(&outcomes)?,
         Format::Table => {
             for o in &outcomes {
-                print!("{}", retention_text(o));
+                out!("{}", retention_text(o))?;
             }
         }
     }
