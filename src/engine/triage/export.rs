@@ -114,6 +114,7 @@ impl ExportWriter {
         create_parent(path)?;
         let mut opts = OpenOptions::new();
         opts.create(true);
+        private(&mut opts);
         if append {
             opts.append(true).read(true);
         } else {
@@ -151,7 +152,14 @@ impl ExportWriter {
             .file_name()
             .ok_or_else(|| TriageError::Usage(format!("{}: not a file name", path.display())))?;
         let partial = target.with_file_name(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
-        let file = File::create(&partial).map_err(io_err(&partial))?;
+        let mut opts = OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        private(&mut opts);
+        let file = opts.open(&partial).map_err(io_err(&partial))?;
+        // The file it replaces keeps its permissions (a reader it was shared with).
+        if let Ok(m) = std::fs::metadata(&target) {
+            let _ = file.set_permissions(m.permissions());
+        }
         Ok(Self {
             path: path.to_owned(),
             out: BufWriter::new(file),
@@ -200,6 +208,13 @@ impl Drop for ExportWriter {
             let _ = std::fs::remove_file(partial);
         }
     }
+}
+
+/// Exports and backups hold message bodies, which may be personal data: a
+/// file dlq-bridge creates is readable by its owner only.
+fn private(opts: &mut OpenOptions) {
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(opts, 0o600);
 }
 
 /// A backup cut short by a crash can end in half a line; appending to it as
@@ -387,6 +402,28 @@ mod tests {
         assert!(matches!(read[0], Err(TriageError::BadLine { line: 1, .. })));
         let (n, back) = read[1].as_ref().unwrap();
         assert_eq!((*n, back.to_message().unwrap()), (2, m));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Message bodies stay with the file's owner: new exports and backups
+    /// are 0600, and a file an export replaces keeps the mode it had.
+    #[cfg(unix)]
+    #[test]
+    fn exports_are_private_unless_they_replace_a_shared_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("dlqb-export-{}", uuid::Uuid::new_v4().simple()));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fresh = dir.join("fresh.jsonl");
+        ExportWriter::create_replacing(&fresh).unwrap().commit().unwrap();
+        assert_eq!(mode(&fresh), 0o600);
+        let backup = dir.join("backup.jsonl");
+        drop(ExportWriter::create(&backup, true).unwrap());
+        assert_eq!(mode(&backup), 0o600);
+        let shared = dir.join("shared.jsonl");
+        std::fs::write(&shared, "").unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+        ExportWriter::create_replacing(&shared).unwrap().commit().unwrap();
+        assert_eq!(mode(&shared), 0o640);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
