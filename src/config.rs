@@ -312,6 +312,27 @@ pub struct AlertRule {
     pub send_resolved: bool,
 }
 
+impl AlertRule {
+    /// The condition this rule tests: `depth_above`, `oldest_age_above`,
+    /// `growth` or `new_reason`.
+    pub fn kind(&self) -> &'static str {
+        if self.depth_above.is_some() {
+            "depth_above"
+        } else if self.oldest_age_above.is_some() {
+            "oldest_age_above"
+        } else if self.growth.is_some() {
+            "growth"
+        } else {
+            "new_reason"
+        }
+    }
+
+    /// `name`, else the condition's name.
+    pub fn effective_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.kind().to_string())
+    }
+}
+
 fn default_all_queues() -> Vec<String> {
     vec!["*".into()]
 }
@@ -1141,6 +1162,43 @@ impl Config {
                         } else {
                             known.join(", ")
                         }
+                    ),
+                });
+            }
+        }
+        // A rule's name identifies its alert: the `rule` label of
+        // dlq_bridge_alerts_firing and Alertmanager's `alertname`. Two rules
+        // with one name on one queue (two unnamed `depth_above` thresholds)
+        // would overwrite each other's series and resolve each other's alert.
+        let applies = |r: &AlertRule, queue: &str| {
+            r.queues
+                .iter()
+                .filter_map(|g| glob::Pattern::new(g).ok())
+                .any(|p| p.matches(queue))
+        };
+        for (i, r) in self.alerts.rules.iter().enumerate() {
+            let name = r.effective_name();
+            for (k, earlier) in self.alerts.rules[..i].iter().enumerate() {
+                if earlier.effective_name() != name {
+                    continue;
+                }
+                let Some(q) = self
+                    .queues
+                    .iter()
+                    .find(|q| applies(r, &q.name) && applies(earlier, &q.name))
+                else {
+                    continue;
+                };
+                let location = match locate_rule_glob(text, i, r.queues.first().map_or("*", String::as_str)) {
+                    Some((line, column)) => format!("{origin}:{line}:{column}"),
+                    None => origin.to_string(),
+                };
+                return Err(ConfigError::Invalid {
+                    location,
+                    field: format!("alerts.rules[{i}]"),
+                    message: format!(
+                        "alerts.rules[{k}] has the same name `{name}` and both apply to queue `{}`: give each a distinct `name` (it is the alert's identity in dlq_bridge_alerts_firing and Alertmanager)",
+                        q.name
                     ),
                 });
             }
@@ -2023,6 +2081,31 @@ mod tests {
             ))
             .is_ok()
         );
+    }
+
+    #[test]
+    fn two_rules_with_one_name_on_one_queue_are_refused() {
+        let queues = "queues:\n  - name: orders\n    sqs: {queue: x, region: r}\n  - name: pay\n    sqs: {queue: y, region: r}\n";
+        // Two unnamed thresholds: both would be `depth_above` on `orders`.
+        let y = format!("{queues}alerts:\n  rules:\n    - depth_above: 10\n    - depth_above: 100\n");
+        let err = parse(&y).unwrap_err().to_string();
+        assert!(err.contains("alerts.rules[1]"), "{err}");
+        assert!(
+            err.contains("alerts.rules[0] has the same name `depth_above`") && err.contains("queue `orders`"),
+            "{err}"
+        );
+        let y = format!(
+            "{queues}alerts:\n  rules:\n    - {{name: a, depth_above: 10}}\n    - {{name: a, growth: {{messages: 1, window: 1m}}}}\n"
+        );
+        assert!(parse(&y).is_err());
+        // Distinct names, or the same name on disjoint queues, are fine.
+        for ok in [
+            "    - {name: warn, depth_above: 10}\n    - {name: page, depth_above: 100}\n",
+            "    - {depth_above: 10, queues: [orders]}\n    - {depth_above: 100, queues: [pay]}\n",
+            "    - depth_above: 10\n    - new_reason: true\n",
+        ] {
+            assert!(parse(&format!("{queues}alerts:\n  rules:\n{ok}")).is_ok(), "{ok}");
+        }
     }
 
     #[test]

@@ -93,28 +93,15 @@ pub struct Evaluator {
     longest_window: Duration,
 }
 
-fn kind_of(r: &AlertRule) -> &'static str {
-    if r.depth_above.is_some() {
-        "depth_above"
-    } else if r.oldest_age_above.is_some() {
-        "oldest_age_above"
-    } else if r.growth.is_some() {
-        "growth"
-    } else {
-        "new_reason"
-    }
-}
-
 impl Evaluator {
     pub fn new(cfg: &AlertsConfig) -> Self {
         let rules: Vec<Rule> = cfg
             .rules
             .iter()
             .map(|r| {
-                let kind = kind_of(r);
                 Rule {
-                    name: r.name.clone().unwrap_or_else(|| kind.to_string()),
-                    kind,
+                    name: r.effective_name(),
+                    kind: r.kind(),
                     // Validated when the config was loaded.
                     globs: r.queues.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect(),
                     cfg: r.clone(),
