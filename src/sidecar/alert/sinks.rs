@@ -122,6 +122,13 @@ fn without_url(e: &reqwest::Error) -> String {
     e
 }
 
+/// Slack reads `<...>` as a link or a mention (`<!channel>` pages everyone)
+/// and `&` as the start of an entity. Failure reasons are written by whatever
+/// failed, so they are escaped as Slack asks, to show as written.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
 fn payload(sink: &Sink, n: &Notification) -> serde_json::Value {
     match sink.kind {
         Kind::Webhook => {
@@ -140,7 +147,12 @@ fn payload(sink: &Sink, n: &Notification) -> serde_json::Value {
                 Status::Firing => "FIRING",
                 Status::Resolved => "RESOLVED",
             };
-            json!({ "text": format!("{icon} [{state}] {} (rule `{}`, {})", n.summary, n.rule, n.backend) })
+            json!({ "text": format!(
+                "{icon} [{state}] {} (rule `{}`, {})",
+                slack_escape(&n.summary),
+                slack_escape(&n.rule),
+                slack_escape(&n.backend)
+            ) })
         }
         Kind::Alertmanager => {
             let mut labels = sink.labels.clone();
@@ -211,6 +223,23 @@ mod tests {
         assert_eq!(a["labels"]["severity"], "warning");
         assert_eq!(a["endsAt"], a["endsAt"]);
         assert!(a["annotations"]["summary"].as_str().unwrap().contains("12 messages"));
+    }
+
+    #[test]
+    fn slack_text_escapes_what_slack_would_read_as_markup() {
+        let sink = Sink {
+            kind: Kind::Slack,
+            url: String::new(),
+            labels: BTreeMap::new(),
+        };
+        let mut n = note(Status::Firing);
+        n.summary = "orders: new failure reason `x < 5 & <!channel> <https://evil|ok>`".into();
+        let text = payload(&sink, &n)["text"].as_str().unwrap().to_string();
+        assert!(
+            text.contains("`x &lt; 5 &amp; &lt;!channel&gt; &lt;https://evil|ok&gt;`"),
+            "{text}"
+        );
+        assert!(!text.contains('<') && !text.contains('>'), "{text}");
     }
 
     #[test]
