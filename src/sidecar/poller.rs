@@ -56,9 +56,10 @@ pub struct PollResult {
     pub stats: DlqStats,
     /// Messages that arrived since the previous poll.
     pub arrivals: u64,
-    /// The sampled messages (empty when sampling is off, and when this poll
-    /// skipped its sample because a run was active on the queue).
-    pub sample: Vec<DlqMessage>,
+    /// The sampled messages (empty when sampling is off or the queue is
+    /// empty); `None` when this poll skipped its sample because a run was
+    /// active on the queue, so it tells nothing about reasons.
+    pub sample: Option<Vec<DlqMessage>>,
 }
 
 /// Messages our own runs removed from one queue: the final counts of
@@ -291,7 +292,7 @@ impl Poller {
                             at: now,
                             stats,
                             arrivals,
-                            sample: polled.sample.unwrap_or_default(),
+                            sample: polled.sample,
                         })
                         .await;
                     interval

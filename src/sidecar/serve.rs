@@ -229,9 +229,9 @@ async fn alert_loop(
     leadership: Leadership,
 ) {
     while let Some(poll) = results.recv().await {
-        if !poll.sample.is_empty() || poll.stats.depth == 0 {
+        if let Some(sample) = poll.sample.as_ref().filter(|s| !s.is_empty() || poll.stats.depth == 0) {
             let patterns = crate::engine::triage::top_counts(
-                &poll.sample,
+                sample,
                 &crate::engine::triage::GroupBy::Pattern,
                 crate::sidecar::metrics::TOP_REASONS,
             );

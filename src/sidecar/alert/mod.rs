@@ -8,7 +8,7 @@
 
 pub mod sinks;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -64,6 +64,13 @@ pub struct SampleMessage {
 
 const SAMPLES_PER_ALERT: usize = 3;
 
+/// The first poll of a queue, against which reasons are judged new.
+struct Baseline {
+    at: DateTime<Utc>,
+    /// Its sample held the whole queue.
+    complete: bool,
+}
+
 #[derive(Debug, Default)]
 struct RuleState {
     pending_since: Option<DateTime<Utc>>,
@@ -89,6 +96,7 @@ pub struct Evaluator {
     include_bodies: bool,
     state: HashMap<(usize, String), RuleState>,
     known_reasons: HashMap<String, HashSet<String>>,
+    baselines: HashMap<String, Baseline>,
     arrivals: HashMap<String, VecDeque<(DateTime<Utc>, u64)>>,
     longest_window: Duration,
 }
@@ -118,6 +126,7 @@ impl Evaluator {
             include_bodies: cfg.include_bodies,
             state: HashMap::new(),
             known_reasons: HashMap::new(),
+            baselines: HashMap::new(),
             arrivals: HashMap::new(),
             longest_window,
         }
@@ -126,6 +135,45 @@ impl Evaluator {
     /// Whether any rule needs a sample of messages from `queue`.
     pub fn needs_reasons(&self) -> bool {
         self.rules.iter().any(|r| r.cfg.new_reason)
+    }
+
+    /// The reasons in `poll`'s sample never seen before on its queue, sorted.
+    ///
+    /// The first poll is the baseline: what its sample shows was there before
+    /// dlq-bridge looked, so it is not news. A sample skipped (a run was
+    /// active) or smaller than the queue shows only part of what was there;
+    /// a later sample then finds reasons that were in the queue all along. So
+    /// a reason is new only when it was seen all through (complete baseline)
+    /// or when none of the messages carrying it was enqueued before the
+    /// baseline. Providers keep a message's first enqueue time when they
+    /// dead-letter it, so a message published before the baseline that fails
+    /// only later is taken for old news too: a miss soon after start-up,
+    /// rather than stale reasons announced as new after every restart.
+    fn new_reasons(&mut self, poll: &PollResult) -> Vec<String> {
+        let known = self.known_reasons.entry(poll.queue.clone()).or_default();
+        let Some(baseline) = self.baselines.get(&poll.queue) else {
+            let complete = poll.sample.as_ref().is_some_and(|s| s.len() as u64 >= poll.stats.depth);
+            self.baselines
+                .insert(poll.queue.clone(), Baseline { at: poll.at, complete });
+            known.extend(poll.sample.iter().flatten().filter_map(|m| m.reason.clone()));
+            return Vec::new();
+        };
+        // Unknown reason -> whether every message carrying it arrived after the baseline.
+        let mut unknown: BTreeMap<&String, bool> = BTreeMap::new();
+        for m in poll.sample.iter().flatten() {
+            let Some(r) = m.reason.as_ref().filter(|r| !known.contains(*r)) else {
+                continue;
+            };
+            let since = baseline.complete || m.enqueued_at.is_none_or(|t| t >= baseline.at);
+            *unknown.entry(r).or_insert(true) &= since;
+        }
+        let new: Vec<String> = unknown
+            .iter()
+            .filter(|(_, new)| **new)
+            .map(|(r, _)| (*r).clone())
+            .collect();
+        known.extend(unknown.into_keys().cloned());
+        new
     }
 
     /// Evaluate every rule that applies to the polled queue. Returns what to
@@ -140,18 +188,7 @@ impl Evaluator {
         {
             window.pop_front();
         }
-        let reasons: HashSet<String> = poll.sample.iter().filter_map(|m| m.reason.clone()).collect();
-        let first_sample = !self.known_reasons.contains_key(&poll.queue);
-        let known = self.known_reasons.entry(poll.queue.clone()).or_default();
-        let mut new_reasons: Vec<String> = if first_sample {
-            // The first sample is the baseline: everything in it was there
-            // before dlq-bridge looked, so it is not news.
-            Vec::new()
-        } else {
-            reasons.difference(known).cloned().collect()
-        };
-        new_reasons.sort();
-        known.extend(reasons);
+        let new_reasons = self.new_reasons(poll);
 
         let mut out = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
@@ -283,6 +320,7 @@ fn notification(
     let samples = poll
         .sample
         .iter()
+        .flatten()
         .filter(|m| reason.is_none() || m.reason.as_ref() == reason)
         .take(SAMPLES_PER_ALERT)
         .map(|m| SampleMessage {
@@ -333,23 +371,69 @@ mod tests {
                 exactness: Exactness::Exact,
             },
             arrivals,
-            sample: reasons
-                .iter()
-                .enumerate()
-                .map(|(i, r)| DlqMessage {
-                    id: format!("m{i}"),
-                    body: bytes::Bytes::from_static(b"secret body"),
-                    attributes: Default::default(),
-                    properties: Default::default(),
-                    reason: Some(r.to_string()),
-                    description: None,
-                    delivery_count: None,
-                    enqueued_at: None,
-                    source: None,
-                    ordering_key: None,
-                })
-                .collect(),
+            sample: Some(
+                reasons
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| DlqMessage {
+                        id: format!("m{i}"),
+                        body: bytes::Bytes::from_static(b"secret body"),
+                        attributes: Default::default(),
+                        properties: Default::default(),
+                        reason: Some(r.to_string()),
+                        description: None,
+                        delivery_count: None,
+                        enqueued_at: None,
+                        source: None,
+                        ordering_key: None,
+                    })
+                    .collect(),
+            ),
         }
+    }
+
+    /// `p` with its sampled messages enqueued these many seconds from its time.
+    fn enqueued(mut p: PollResult, offsets: &[i64]) -> PollResult {
+        for (m, off) in p.sample.iter_mut().flatten().zip(offsets) {
+            m.enqueued_at = Some(p.at + chrono::Duration::seconds(*off));
+        }
+        p
+    }
+
+    fn reasons_of(n: &[Notification]) -> Vec<&str> {
+        n.iter().filter_map(|n| n.reason.as_deref()).collect()
+    }
+
+    #[test]
+    fn new_reason_ignores_reasons_that_predate_a_skipped_or_partial_baseline() {
+        let m = Metrics::new();
+        // The first poll's sample was skipped (a run was active): the
+        // baseline saw nothing of the 40 messages there.
+        let mut e = evaluator("    - new_reason: true\n");
+        let mut skipped = poll(0, 40, 0, &[]);
+        skipped.sample = None;
+        assert!(e.evaluate(&skipped, true, &m).is_empty());
+        let p = enqueued(poll(10, 41, 1, &["Timeout", "Boom", "Schema"]), &[-600, -60, -2]);
+        assert_eq!(reasons_of(&e.evaluate(&p, true, &m)), ["Schema"]);
+
+        // A sample of 1 from 100: the next sample shows more of what was there.
+        let mut e = evaluator("    - new_reason: true\n");
+        let first = enqueued(poll(0, 100, 0, &["Timeout"]), &[-600]);
+        assert!(e.evaluate(&first, true, &m).is_empty());
+        let p = enqueued(poll(10, 100, 0, &["Timeout", "Boom", "Boom"]), &[-600, -300, -2]);
+        assert!(e.evaluate(&p, true, &m).is_empty(), "a Boom was there before");
+        let p = enqueued(poll(20, 101, 1, &["Boom", "Late"]), &[-300, -5]);
+        assert_eq!(reasons_of(&e.evaluate(&p, true, &m)), ["Late"]);
+
+        // A baseline that saw the whole queue: anything unseen came since,
+        // whenever its message was first enqueued (before it failed).
+        let mut e = evaluator("    - new_reason: true\n");
+        assert!(
+            e.evaluate(&enqueued(poll(0, 1, 0, &["Timeout"]), &[-600]), true, &m)
+                .is_empty()
+        );
+        let p = enqueued(poll(10, 2, 1, &["Timeout", "Boom"]), &[-600, -300]);
+        assert_eq!(reasons_of(&e.evaluate(&p, true, &m)), ["Boom"]);
     }
 
     #[test]
