@@ -307,7 +307,8 @@ pub struct AlertRule {
     /// A firing alert is sent again after this long.
     #[serde(default = "default_repeat", with = "duration_text")]
     pub repeat: Duration,
-    /// Send a notice when the condition clears.
+    /// Send a notice when the condition clears. Alertmanager is told in any
+    /// case: its alert would otherwise stay active until its `endsAt`.
     #[serde(default = "default_true")]
     pub send_resolved: bool,
 }

@@ -380,6 +380,7 @@ async fn retention_loop(
                                         body_redacted: true,
                                     })
                                     .collect(),
+                                quiet: false,
                             });
                         }
                     }

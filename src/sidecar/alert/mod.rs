@@ -51,6 +51,10 @@ pub struct Notification {
     pub repeat_seconds: u64,
     /// A few messages behind the alert. Bodies only when `include_bodies`.
     pub samples: Vec<SampleMessage>,
+    /// A resolve of a rule without `send_resolved`: it only ends the alert in
+    /// Alertmanager, and is no notice for the other sinks.
+    #[serde(skip)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -265,8 +269,11 @@ impl Evaluator {
                 st.pending_since = None;
                 if let Some(started) = st.firing_since.take() {
                     let was_sent = st.last_sent.take().is_some();
-                    if leader && was_sent && rule.cfg.send_resolved {
-                        out.push(notification(
+                    // Sent even without `send_resolved`: Alertmanager would
+                    // otherwise show the alert active until its endsAt (the
+                    // repeat interval later); the other sinks skip it.
+                    if leader && was_sent {
+                        let mut n = notification(
                             self.include_bodies,
                             rule,
                             poll,
@@ -275,7 +282,9 @@ impl Evaluator {
                             threshold,
                             started,
                             None,
-                        ));
+                        );
+                        n.quiet = !rule.cfg.send_resolved;
+                        out.push(n);
                     }
                 }
             }
@@ -345,6 +354,7 @@ fn notification(
         sent_at: Utc::now(),
         repeat_seconds: rule.cfg.repeat.as_secs(),
         samples,
+        quiet: false,
     }
 }
 
@@ -454,6 +464,18 @@ mod tests {
         assert_eq!(resolved.len(), 1);
         assert_eq!(resolved[0].status, Status::Resolved);
         assert!(e.evaluate(&poll(90, 0, 0, &[]), true, &m).is_empty());
+    }
+
+    #[test]
+    fn without_send_resolved_the_resolve_is_quiet() {
+        let mut e = evaluator("    - depth_above: 3\n      send_resolved: false\n");
+        let m = Metrics::new();
+        assert_eq!(e.evaluate(&poll(0, 5, 0, &[]), true, &m).len(), 1);
+        let resolved = e.evaluate(&poll(10, 0, 0, &[]), true, &m);
+        assert_eq!(resolved.len(), 1, "Alertmanager needs it to end the alert");
+        assert_eq!(resolved[0].status, Status::Resolved);
+        assert!(resolved[0].quiet);
+        assert!(!serde_json::to_string(&resolved[0]).unwrap().contains("quiet"));
     }
 
     #[test]

@@ -35,7 +35,7 @@ struct Sink {
 /// Hands notifications to every sink's task.
 #[derive(Clone, Default)]
 pub struct Sinks {
-    queues: Vec<(String, mpsc::Sender<Arc<Notification>>)>,
+    queues: Vec<(String, Kind, mpsc::Sender<Arc<Notification>>)>,
 }
 
 impl Sinks {
@@ -79,14 +79,17 @@ impl Sinks {
             let name = format!("{kind:?} sink #{index}").to_lowercase();
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
             tokio::spawn(deliver(name.clone(), sink, client.clone(), rx));
-            queues.push((name, tx));
+            queues.push((name, kind, tx));
         }
         Ok(Self { queues })
     }
 
     pub fn send(&self, n: Notification) {
         let n = Arc::new(n);
-        for (name, q) in &self.queues {
+        for (name, kind, q) in &self.queues {
+            if n.quiet && *kind != Kind::Alertmanager {
+                continue;
+            }
             if q.try_send(n.clone()).is_err() {
                 tracing::warn!(sink = %name, rule = %n.rule, queue = %n.queue, "sink queue full; notification dropped");
             }
@@ -205,7 +208,29 @@ mod tests {
             sent_at: Utc::now(),
             repeat_seconds: 3600,
             samples: vec![],
+            quiet: false,
         }
+    }
+
+    #[test]
+    fn a_quiet_resolve_goes_to_alertmanager_only() {
+        let mut queues = Vec::new();
+        let mut rxs = Vec::new();
+        for kind in [Kind::Webhook, Kind::Slack, Kind::Alertmanager] {
+            let (tx, rx) = mpsc::channel(4);
+            queues.push((format!("{kind:?}"), kind, tx));
+            rxs.push(rx);
+        }
+        let sinks = Sinks { queues };
+        let mut quiet = note(Status::Resolved);
+        quiet.quiet = true;
+        sinks.send(quiet);
+        sinks.send(note(Status::Resolved));
+        let got: Vec<usize> = rxs
+            .iter_mut()
+            .map(|rx| std::iter::from_fn(|| rx.try_recv().ok()).count())
+            .collect();
+        assert_eq!(got, [1, 1, 2]);
     }
 
     #[test]
