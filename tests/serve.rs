@@ -702,3 +702,38 @@ async fn retention_purges_alongside_the_pollers_samples() {
         .await;
     assert!(f.drain_source().await.is_empty(), "purged, not redriven");
 }
+
+/// A retention purge that spans polls is credited as it settles, like an API
+/// run: the polls that see the depth fall count no arrivals for it, and
+/// nothing is counted again when it ends (no phantom growth alert).
+#[tokio::test]
+async fn a_retention_purge_spanning_polls_counts_no_phantom_arrivals() {
+    let f = SqsFixture::create(false).await;
+    let (rx, base) = Receiver::start().await;
+    f.put_in_dlq(&msgs(300, "Timeout")).await;
+    // Older than max_age by the time serve applies the policy, at start-up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let config = format!(
+        "queues:\n{}    retention: {{max_age: 1s, action: export-then-purge, check_every: 1h}}\nserve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  reason_sample: 0\nalerts:\n  rules:\n    - growth: {{messages: 5, window: 5m}}\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    let arrivals = || async {
+        let (_, text) = serve.get("/metrics").await;
+        text.lines()
+            .find(|l| l.starts_with(r#"dlq_bridge_arrivals_total{queue="orders""#))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<f64>().ok())
+    };
+    let depth = || async {
+        let (_, text) = serve.get("/v1/queues").await;
+        serde_json::from_str::<Value>(&text).unwrap()[0]["depth"].as_u64()
+    };
+    serve
+        .wait_for(Duration::from_secs(60), || async { depth().await == Some(0) })
+        .await;
+    // Two more polls after the purge was credited.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(arrivals().await, Some(0.0));
+    assert!(firing(&rx.webhook(), "growth").is_empty(), "{:?}", rx.webhook());
+}

@@ -167,6 +167,7 @@ pub async fn cli_retention(
             journal.clone(),
             Trigger::Cli,
             CancellationToken::new(),
+            None,
         )
         .await;
         match o {
