@@ -105,7 +105,7 @@ async fn deliver(name: String, sink: Sink, client: reqwest::Client, mut rx: mpsc
             match result {
                 Ok(r) if r.status().is_success() => break,
                 Ok(r) => tracing::warn!(sink = %name, status = %r.status(), attempt, "sink refused a notification"),
-                Err(e) => tracing::warn!(sink = %name, error = %without_url(&e), attempt, "sink unreachable"),
+                Err(e) => tracing::warn!(sink = %name, error = %without_url(e, &sink.url), attempt, "sink unreachable"),
             }
             if attempt == ATTEMPTS {
                 tracing::error!(sink = %name, rule = %n.rule, queue = %n.queue, "notification dropped after {ATTEMPTS} attempts");
@@ -116,13 +116,26 @@ async fn deliver(name: String, sink: Sink, client: reqwest::Client, mut rx: mpsc
     }
 }
 
-/// reqwest errors include the URL, which for Slack is a secret.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut e = e.to_string();
-    if let Some(i) = e.find(" for url (") {
-        e.truncate(i);
+/// A reqwest error without its URL, which for Slack is a secret, but with its
+/// causes (refused, timed out, DNS): reqwest's own text is only "error
+/// sending request", which tells an operator nothing. The causes do not hold
+/// the URL; it is scrubbed anyway, should a future version put it there.
+fn without_url(e: reqwest::Error, url: &str) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
     }
-    e
+    let bare = url.split(['?', '#']).next().unwrap_or(url);
+    for secret in [url, bare] {
+        if !secret.is_empty() {
+            text = text.replace(secret, "<sink url>");
+        }
+    }
+    text
 }
 
 /// Slack reads `<...>` as a link or a mention (`<!channel>` pages everyone)
@@ -231,6 +244,16 @@ mod tests {
             .map(|rx| std::iter::from_fn(|| rx.try_recv().ok()).count())
             .collect();
         assert_eq!(got, [1, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn delivery_errors_say_why_without_the_url() {
+        let url = "http://127.0.0.1:1/services/T0/B0/SLACKSECRET?token=QSECRET";
+        let e = reqwest::Client::new().post(url).send().await.unwrap_err();
+        let text = without_url(e, url);
+        assert!(!text.contains("SECRET") && !text.contains("127.0.0.1:1"), "{text}");
+        assert!(text.contains("error sending request: "), "{text}");
+        assert!(text.to_lowercase().contains("connect"), "the cause: {text}");
     }
 
     #[test]
