@@ -133,6 +133,16 @@ impl Metrics {
         }
     }
 
+    /// Export a configured queue's counters at 0 before anything happens:
+    /// `increase()` and `rate()` see nothing in a series' first sample, so a
+    /// counter that first appears at 1 hides its first error from an alert
+    /// rule (Prometheus's advice: initialise the label sets you know).
+    pub fn init_queue(&self, queue: &str, backend: &str) {
+        let l = labels(&[("queue", queue), ("backend", backend)]);
+        let _ = self.poll_errors.get_or_create(&l);
+        let _ = self.arrivals.get_or_create(&l);
+    }
+
     pub fn add_arrivals(&self, queue: &str, backend: &str, n: u64) {
         self.arrivals
             .get_or_create(&labels(&[("queue", queue), ("backend", backend)]))
@@ -469,6 +479,24 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_queue_s_counters_are_exported_at_zero_from_the_start() {
+        let m = Metrics::new();
+        m.init_queue("orders", "sqs");
+        let text = m.render();
+        for needle in [
+            r#"dlq_bridge_poll_errors_total{queue="orders",backend="sqs"} 0"#,
+            r#"dlq_bridge_arrivals_total{queue="orders",backend="sqs"} 0"#,
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
+        m.poll_error("orders", "sqs");
+        assert!(
+            m.render()
+                .contains(r#"dlq_bridge_poll_errors_total{queue="orders",backend="sqs"} 1"#)
+        );
     }
 
     #[test]

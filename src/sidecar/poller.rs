@@ -286,6 +286,7 @@ impl Poller {
             let cancel = cancel.clone();
             // Stale from the start until the first poll succeeds.
             self.metrics.set_last_success(&name, &backend, None);
+            self.metrics.init_queue(&name, &backend);
             tokio::spawn(async move { me.run(name, backend, interval, sample, cancel).await });
         }
     }
