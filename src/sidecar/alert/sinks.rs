@@ -104,7 +104,22 @@ async fn deliver(name: String, sink: Sink, client: reqwest::Client, mut rx: mpsc
             let result = client.post(&sink.url).json(&body).send().await;
             match result {
                 Ok(r) if r.status().is_success() => break,
-                Ok(r) => tracing::warn!(sink = %name, status = %r.status(), attempt, "sink refused a notification"),
+                Ok(r) => {
+                    let status = r.status();
+                    // What the sink objects to: Slack's `invalid_payload` or
+                    // `no_service`, the label Alertmanager refuses.
+                    let said: String = r.text().await.unwrap_or_default().chars().take(200).collect();
+                    // The same request would be refused again: retrying it
+                    // only holds the notifications queued behind it.
+                    if status.is_client_error()
+                        && status != reqwest::StatusCode::REQUEST_TIMEOUT
+                        && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+                    {
+                        tracing::error!(sink = %name, %status, %said, rule = %n.rule, queue = %n.queue, "sink refused a notification; dropped without retrying");
+                        break;
+                    }
+                    tracing::warn!(sink = %name, %status, %said, attempt, "sink refused a notification");
+                }
                 Err(e) => tracing::warn!(sink = %name, error = %without_url(e, &sink.url), attempt, "sink unreachable"),
             }
             if attempt == ATTEMPTS {
@@ -244,6 +259,43 @@ mod tests {
             .map(|rx| std::iter::from_fn(|| rx.try_recv().ok()).count())
             .collect();
         assert_eq!(got, [1, 1, 2]);
+    }
+
+    /// A receiver that answers every POST with `status` and counts them.
+    async fn receiver(status: u16) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            let hits = counted.clone();
+            async move {
+                hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (axum::http::StatusCode::from_u16(status).unwrap(), "invalid_payload")
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/hook"), hits)
+    }
+
+    #[tokio::test]
+    async fn a_client_error_is_not_retried_a_server_error_is() {
+        let (refusing, refused) = receiver(400).await;
+        let (failing, failed) = receiver(503).await;
+        let cfg = crate::config::Config::from_yaml(
+            &format!(
+                "alerts:\n  sinks:\n    - webhook: {{url: \"{refusing}\"}}\n    - webhook: {{url: \"{failing}\"}}\n"
+            ),
+            "t",
+            &[],
+        )
+        .unwrap();
+        let sinks = Sinks::start(&cfg.alerts.sinks).unwrap();
+        sinks.send(note(Status::Firing));
+        // Retries come after 1 s, then 2 s more.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(failed.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
