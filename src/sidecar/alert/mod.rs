@@ -4,7 +4,8 @@
 //! State is kept on every replica so that a replica that becomes leader knows
 //! which reasons are old news and how many messages arrived lately; only the
 //! leader sends. A firing alert counts as sent only once a leader sent it, so
-//! the next leader sends it on its first evaluation.
+//! the next leader sends it on its first evaluation, and resolves it when it
+//! clears, whichever leader sent it.
 
 pub mod sinks;
 
@@ -268,11 +269,15 @@ impl Evaluator {
             } else {
                 st.pending_since = None;
                 if let Some(started) = st.firing_since.take() {
-                    let was_sent = st.last_sent.take().is_some();
+                    st.last_sent = None;
+                    // Whether or not this replica sent it: a replica that has
+                    // just become leader resolves what the previous leader
+                    // sent (it fired here too), or that alert would stay
+                    // active in Alertmanager and unresolved in chat.
                     // Sent even without `send_resolved`: Alertmanager would
                     // otherwise show the alert active until its endsAt (the
                     // repeat interval later); the other sinks skip it.
-                    if leader && was_sent {
+                    if leader {
                         let mut n = notification(
                             self.include_bodies,
                             rule,
@@ -476,6 +481,19 @@ mod tests {
         assert_eq!(resolved[0].status, Status::Resolved);
         assert!(resolved[0].quiet);
         assert!(!serde_json::to_string(&resolved[0]).unwrap().contains("quiet"));
+    }
+
+    #[test]
+    fn a_new_leader_resolves_what_the_previous_leader_sent() {
+        let mut e = evaluator("    - depth_above: 0\n");
+        let m = Metrics::new();
+        // The previous leader sent it; here it fired as a follower.
+        assert!(e.evaluate(&poll(0, 1, 1, &[]), false, &m).is_empty());
+        // Leadership moves just as the queue is drained.
+        let n = e.evaluate(&poll(10, 0, 0, &[]), true, &m);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].status, Status::Resolved);
+        assert!(e.evaluate(&poll(20, 0, 0, &[]), true, &m).is_empty());
     }
 
     #[test]
