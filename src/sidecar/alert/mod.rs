@@ -69,6 +69,9 @@ pub struct SampleMessage {
 
 const SAMPLES_PER_ALERT: usize = 3;
 
+/// (from, to, n): `n` messages arrived between the polls at `from` and `to`.
+type Arrivals = (DateTime<Utc>, DateTime<Utc>, u64);
+
 /// The first poll of a queue, against which reasons are judged new.
 struct Baseline {
     at: DateTime<Utc>,
@@ -102,7 +105,9 @@ pub struct Evaluator {
     state: HashMap<(usize, String), RuleState>,
     known_reasons: HashMap<String, HashSet<String>>,
     baselines: HashMap<String, Baseline>,
-    arrivals: HashMap<String, VecDeque<(DateTime<Utc>, u64)>>,
+    /// Per queue: the messages that arrived between two polls.
+    arrivals: HashMap<String, VecDeque<Arrivals>>,
+    last_poll: HashMap<String, DateTime<Utc>>,
     longest_window: Duration,
 }
 
@@ -133,6 +138,7 @@ impl Evaluator {
             known_reasons: HashMap::new(),
             baselines: HashMap::new(),
             arrivals: HashMap::new(),
+            last_poll: HashMap::new(),
             longest_window,
         }
     }
@@ -185,11 +191,12 @@ impl Evaluator {
     /// send; when `leader` is false nothing is returned and nothing counts as sent.
     pub fn evaluate(&mut self, poll: &PollResult, leader: bool, metrics: &Metrics) -> Vec<Notification> {
         let now = poll.at;
+        let from = self.last_poll.insert(poll.queue.clone(), now).unwrap_or(now);
         let window = self.arrivals.entry(poll.queue.clone()).or_default();
-        window.push_back((now, poll.arrivals));
+        window.push_back((from, now, poll.arrivals));
         while window
             .front()
-            .is_some_and(|(t, _)| (now - *t).to_std().unwrap_or_default() > self.longest_window)
+            .is_some_and(|(_, to, _)| (now - *to).to_std().unwrap_or_default() > self.longest_window)
         {
             window.pop_front();
         }
@@ -230,12 +237,10 @@ impl Evaluator {
                 },
                 _ => {
                     let g = rule.cfg.growth.as_ref().expect("growth rule");
-                    let sum: u64 = self.arrivals[&poll.queue]
-                        .iter()
-                        .filter(|(t, _)| (now - *t).to_std().unwrap_or_default() <= g.window)
-                        .map(|(_, n)| n)
-                        .sum();
-                    (sum as f64, g.messages as f64)
+                    (
+                        arrivals_within(&self.arrivals[&poll.queue], now, g.window),
+                        g.messages as f64,
+                    )
                 }
             };
             // Thresholds are "above" limits, except growth: N arrivals fire.
@@ -299,6 +304,29 @@ impl Evaluator {
     }
 }
 
+/// The messages that arrived within `window` before `now`. The arrivals
+/// between two polls are known only in sum; spread evenly over the interval,
+/// only its part inside the window counts. After an outage (polls failing
+/// for half an hour) the first poll's arrivals span the whole outage, and
+/// counting them all as within the window would fire a growth alert that
+/// the rate never justified.
+fn arrivals_within(entries: &VecDeque<Arrivals>, now: DateTime<Utc>, window: Duration) -> f64 {
+    let start = now - chrono::Duration::from_std(window).unwrap_or(chrono::TimeDelta::MAX);
+    entries
+        .iter()
+        .filter(|(_, to, n)| *n > 0 && *to >= start)
+        .map(|(from, to, n)| {
+            let span = (*to - *from).num_milliseconds();
+            let inside = (*to - (*from).max(start)).num_milliseconds();
+            if span <= 0 || inside >= span {
+                *n as f64
+            } else {
+                *n as f64 * inside as f64 / span as f64
+            }
+        })
+        .sum()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn notification(
     include_bodies: bool,
@@ -320,7 +348,7 @@ fn notification(
             humantime::format_duration(Duration::from_secs(threshold as u64))
         ),
         (_, "growth") => format!(
-            "{}: {} messages arrived within {}",
+            "{}: {:.0} messages arrived within {}",
             poll.queue,
             value,
             humantime::format_duration(rule.cfg.growth.as_ref().map(|g| g.window).unwrap_or_default())
@@ -541,6 +569,25 @@ mod tests {
         assert_eq!(n.len(), 1, "6 arrivals within 5m though the depth stayed 0");
         assert_eq!(n[0].value, 6.0);
         assert_eq!(n[0].threshold, 5.0);
+    }
+
+    #[test]
+    fn growth_spreads_the_arrivals_of_a_long_gap_over_it() {
+        let mut e = evaluator("    - growth: {messages: 20, window: 10m}\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 0, 0, &[]), true, &m).is_empty());
+        // Polls failed for 30 minutes while 1 message a minute arrived: about
+        // 10 within the last 10 minutes, not 30.
+        assert!(e.evaluate(&poll(1800, 30, 30, &[]), true, &m).is_empty());
+        // A real burst still fires, on top of the gap's share.
+        let n = e.evaluate(&poll(1830, 50, 20, &[]), true, &m);
+        assert_eq!(n.len(), 1);
+        assert!((29.0..31.0).contains(&n[0].value), "{}", n[0].value);
+        assert!(
+            n[0].summary.contains(" 30 messages arrived within 10m"),
+            "{}",
+            n[0].summary
+        );
     }
 
     #[test]
