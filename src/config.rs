@@ -402,10 +402,14 @@ fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 /// Checks a sink's URL: absolute `http` or `https` with a host. Sinks given
 /// by `url_env` are checked the same way when `serve` starts.
+///
+/// The messages leave the URL out: sink URLs carry secrets (Slack's path is
+/// one), and config errors reach the pod's log; the error's location says
+/// which field it is.
 pub fn check_sink_url(url: &str) -> Result<(), String> {
-    let parsed = reqwest::Url::parse(url.trim()).map_err(|e| format!("`{url}` is not a URL ({e})"))?;
+    let parsed = reqwest::Url::parse(url.trim()).map_err(|e| format!("not a URL ({e})"))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
-        return Err(format!("`{url}` is not an http:// or https:// URL with a host"));
+        return Err("not an http:// or https:// URL with a host".into());
     }
     Ok(())
 }
@@ -2045,6 +2049,14 @@ mod tests {
             err.contains("alerts.sinks[0].webhook.url") && err.contains("not a URL"),
             "{err}"
         );
+        // A mistyped Slack URL still holds its secret: the error leaves it out.
+        let y = "alerts:\n  sinks:\n    - slack: {url: \"htps//hooks.slack.com/services/T0/B0/S3CRET\"}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(
+            err.contains("alerts.sinks[0].slack.url") && err.contains("not a URL"),
+            "{err}"
+        );
+        assert!(!err.contains("S3CRET"), "{err}");
         let y = "alerts:\n  sinks:\n    - slack:\n        url: ftp://hooks.example/x\n";
         let err = parse(y).unwrap_err().to_string();
         assert!(err.starts_with("test.yaml:4:"), "{err}");
