@@ -307,9 +307,31 @@ pub struct AlertRule {
     /// A firing alert is sent again after this long.
     #[serde(default = "default_repeat", with = "duration_text")]
     pub repeat: Duration,
-    /// Send a notice when the condition clears.
+    /// Send a notice when the condition clears. Alertmanager is told in any
+    /// case: its alert would otherwise stay active until its `endsAt`.
     #[serde(default = "default_true")]
     pub send_resolved: bool,
+}
+
+impl AlertRule {
+    /// The condition this rule tests: `depth_above`, `oldest_age_above`,
+    /// `growth` or `new_reason`.
+    pub fn kind(&self) -> &'static str {
+        if self.depth_above.is_some() {
+            "depth_above"
+        } else if self.oldest_age_above.is_some() {
+            "oldest_age_above"
+        } else if self.growth.is_some() {
+            "growth"
+        } else {
+            "new_reason"
+        }
+    }
+
+    /// `name`, else the condition's name.
+    pub fn effective_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.kind().to_string())
+    }
 }
 
 fn default_all_queues() -> Vec<String> {
@@ -380,10 +402,14 @@ fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 /// Checks a sink's URL: absolute `http` or `https` with a host. Sinks given
 /// by `url_env` are checked the same way when `serve` starts.
+///
+/// The messages leave the URL out: sink URLs carry secrets (Slack's path is
+/// one), and config errors reach the pod's log; the error's location says
+/// which field it is.
 pub fn check_sink_url(url: &str) -> Result<(), String> {
-    let parsed = reqwest::Url::parse(url.trim()).map_err(|e| format!("`{url}` is not a URL ({e})"))?;
+    let parsed = reqwest::Url::parse(url.trim()).map_err(|e| format!("not a URL ({e})"))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
-        return Err(format!("`{url}` is not an http:// or https:// URL with a host"));
+        return Err("not an http:// or https:// URL with a host".into());
     }
     Ok(())
 }
@@ -1163,6 +1189,43 @@ impl Config {
                         } else {
                             known.join(", ")
                         }
+                    ),
+                });
+            }
+        }
+        // A rule's name identifies its alert: the `rule` label of
+        // dlq_bridge_alerts_firing and Alertmanager's `alertname`. Two rules
+        // with one name on one queue (two unnamed `depth_above` thresholds)
+        // would overwrite each other's series and resolve each other's alert.
+        let applies = |r: &AlertRule, queue: &str| {
+            r.queues
+                .iter()
+                .filter_map(|g| glob::Pattern::new(g).ok())
+                .any(|p| p.matches(queue))
+        };
+        for (i, r) in self.alerts.rules.iter().enumerate() {
+            let name = r.effective_name();
+            for (k, earlier) in self.alerts.rules[..i].iter().enumerate() {
+                if earlier.effective_name() != name {
+                    continue;
+                }
+                let Some(q) = self
+                    .queues
+                    .iter()
+                    .find(|q| applies(r, &q.name) && applies(earlier, &q.name))
+                else {
+                    continue;
+                };
+                let location = match locate_rule_glob(text, i, r.queues.first().map_or("*", String::as_str)) {
+                    Some((line, column)) => format!("{origin}:{line}:{column}"),
+                    None => origin.to_string(),
+                };
+                return Err(ConfigError::Invalid {
+                    location,
+                    field: format!("alerts.rules[{i}]"),
+                    message: format!(
+                        "alerts.rules[{k}] has the same name `{name}` and both apply to queue `{}`: give each a distinct `name` (it is the alert's identity in dlq_bridge_alerts_firing and Alertmanager)",
+                        q.name
                     ),
                 });
             }
@@ -2013,6 +2076,14 @@ mod tests {
             err.contains("alerts.sinks[0].webhook.url") && err.contains("not a URL"),
             "{err}"
         );
+        // A mistyped Slack URL still holds its secret: the error leaves it out.
+        let y = "alerts:\n  sinks:\n    - slack: {url: \"htps//hooks.slack.com/services/T0/B0/S3CRET\"}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(
+            err.contains("alerts.sinks[0].slack.url") && err.contains("not a URL"),
+            "{err}"
+        );
+        assert!(!err.contains("S3CRET"), "{err}");
         let y = "alerts:\n  sinks:\n    - slack:\n        url: ftp://hooks.example/x\n";
         let err = parse(y).unwrap_err().to_string();
         assert!(err.starts_with("test.yaml:4:"), "{err}");
@@ -2050,6 +2121,31 @@ mod tests {
             ))
             .is_ok()
         );
+    }
+
+    #[test]
+    fn two_rules_with_one_name_on_one_queue_are_refused() {
+        let queues = "queues:\n  - name: orders\n    sqs: {queue: x, region: r}\n  - name: pay\n    sqs: {queue: y, region: r}\n";
+        // Two unnamed thresholds: both would be `depth_above` on `orders`.
+        let y = format!("{queues}alerts:\n  rules:\n    - depth_above: 10\n    - depth_above: 100\n");
+        let err = parse(&y).unwrap_err().to_string();
+        assert!(err.contains("alerts.rules[1]"), "{err}");
+        assert!(
+            err.contains("alerts.rules[0] has the same name `depth_above`") && err.contains("queue `orders`"),
+            "{err}"
+        );
+        let y = format!(
+            "{queues}alerts:\n  rules:\n    - {{name: a, depth_above: 10}}\n    - {{name: a, growth: {{messages: 1, window: 1m}}}}\n"
+        );
+        assert!(parse(&y).is_err());
+        // Distinct names, or the same name on disjoint queues, are fine.
+        for ok in [
+            "    - {name: warn, depth_above: 10}\n    - {name: page, depth_above: 100}\n",
+            "    - {depth_above: 10, queues: [orders]}\n    - {depth_above: 100, queues: [pay]}\n",
+            "    - depth_above: 10\n    - new_reason: true\n",
+        ] {
+            assert!(parse(&format!("{queues}alerts:\n  rules:\n{ok}")).is_ok(), "{ok}");
+        }
     }
 
     #[test]

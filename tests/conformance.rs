@@ -651,7 +651,7 @@ pub async fn retention_dry_run_lists_what_it_would_purge<F: Fixture>() {
         Registry::new(c)
     };
     let reg = with_policy(Duration::from_secs(1));
-    let o = triage::apply_retention(&reg, "dlq", false, None, None, Trigger::Cli, Default::default())
+    let o = triage::apply_retention(&reg, "dlq", false, None, None, Trigger::Cli, Default::default(), None)
         .await
         .unwrap();
     assert!(o.dry_run && o.purge.is_none(), "{o:?}");
@@ -671,7 +671,7 @@ pub async fn retention_dry_run_lists_what_it_would_purge<F: Fixture>() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "and writes no backup");
 
     let reg = with_policy(Duration::from_secs(3600));
-    let o = triage::apply_retention(&reg, "dlq", false, None, None, Trigger::Cli, Default::default())
+    let o = triage::apply_retention(&reg, "dlq", false, None, None, Trigger::Cli, Default::default(), None)
         .await
         .unwrap();
     assert_eq!((o.read, o.expired), (5, 0), "{o:?}");

@@ -724,3 +724,81 @@ async fn ready_once_each_backend_has_polled_without_waiting_for_every_queue() {
         .wait_for(Duration::from_secs(30), || async { serve.all_polled().await })
         .await;
 }
+
+/// A retention purge that spans polls is credited as it settles, like an API
+/// run: the polls that see the depth fall count no arrivals for it, and
+/// nothing is counted again when it ends (no phantom growth alert).
+#[tokio::test]
+async fn a_retention_purge_spanning_polls_counts_no_phantom_arrivals() {
+    let f = SqsFixture::create(false).await;
+    let (rx, base) = Receiver::start().await;
+    f.put_in_dlq(&msgs(300, "Timeout")).await;
+    // Older than max_age by the time serve applies the policy, at start-up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let config = format!(
+        "queues:\n{}    retention: {{max_age: 1s, action: export-then-purge, check_every: 1h}}\nserve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  reason_sample: 0\nalerts:\n  rules:\n    - growth: {{messages: 5, window: 5m}}\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    let arrivals = || async {
+        let (_, text) = serve.get("/metrics").await;
+        text.lines()
+            .find(|l| l.starts_with(r#"dlq_bridge_arrivals_total{queue="orders""#))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<f64>().ok())
+    };
+    let depth = || async {
+        let (_, text) = serve.get("/v1/queues").await;
+        serde_json::from_str::<Value>(&text).unwrap()[0]["depth"].as_u64()
+    };
+    serve
+        .wait_for(Duration::from_secs(60), || async { depth().await == Some(0) })
+        .await;
+    // Two more polls after the purge was credited.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(arrivals().await, Some(0.0));
+    assert!(firing(&rx.webhook(), "growth").is_empty(), "{:?}", rx.webhook());
+}
+
+/// Failure reasons are label values: one with a quote, a backslash and a line
+/// break must still give a scrape Prometheus (and promtool) accepts, with the
+/// reason intact.
+#[tokio::test]
+async fn a_reason_with_quotes_and_line_breaks_keeps_the_scrape_valid() {
+    let f = SqsFixture::create(false).await;
+    let reason = "Unexpected token \"<\" at C:\\app\\x.js\n    at parse";
+    f.put_in_dlq(&msgs(2, reason)).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    let (code, _, text) = serve.get_accepting("/metrics", "text/plain;version=0.0.4").await;
+    assert_eq!(code, 200);
+    let mut check = std::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    use std::io::Write as _;
+    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text");
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "dlq_bridge_reason_messages" && s.labels.get("queue") == Some("orders"))
+        .unwrap_or_else(|| panic!("no reason series in\n{text}"));
+    assert!(
+        matches!(sample.value, prometheus_parse::Value::Gauge(v) if v == 2.0),
+        "{sample:?}"
+    );
+}

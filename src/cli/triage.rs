@@ -195,6 +195,7 @@ pub async fn cli_retention(
             journal.clone(),
             Trigger::Cli,
             cancel.clone(),
+            None,
         )
         .await;
         match o {

@@ -285,6 +285,12 @@ impl Engine {
         self
     }
 
+    /// Count into `progress`: a caller that follows the run as it goes.
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = progress;
+        self
+    }
+
     pub fn progress(&self) -> Arc<Progress> {
         self.progress.clone()
     }

@@ -38,8 +38,29 @@ pub struct Metrics {
     firing: Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
+/// A label set, its values escaped for the text formats: prometheus-client
+/// writes label values as given, and a failure reason holding a quote, a
+/// backslash or a line break would otherwise end the value early or split
+/// the line, and Prometheus would reject the whole scrape.
 fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), escape_label_value(v)))
+        .collect()
+}
+
+/// The escapes both OpenMetrics and the classic text format define.
+fn escape_label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl Default for Metrics {
@@ -131,6 +152,16 @@ impl Metrics {
                 self.oldest_age.remove(&l);
             }
         }
+    }
+
+    /// Export a configured queue's counters at 0 before anything happens:
+    /// `increase()` and `rate()` see nothing in a series' first sample, so a
+    /// counter that first appears at 1 hides its first error from an alert
+    /// rule (Prometheus's advice: initialise the label sets you know).
+    pub fn init_queue(&self, queue: &str, backend: &str) {
+        let l = labels(&[("queue", queue), ("backend", backend)]);
+        let _ = self.poll_errors.get_or_create(&l);
+        let _ = self.arrivals.get_or_create(&l);
     }
 
     pub fn add_arrivals(&self, queue: &str, backend: &str, n: u64) {
@@ -469,6 +500,40 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_queue_s_counters_are_exported_at_zero_from_the_start() {
+        let m = Metrics::new();
+        m.init_queue("orders", "sqs");
+        let text = m.render();
+        for needle in [
+            r#"dlq_bridge_poll_errors_total{queue="orders",backend="sqs"} 0"#,
+            r#"dlq_bridge_arrivals_total{queue="orders",backend="sqs"} 0"#,
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
+        m.poll_error("orders", "sqs");
+        assert!(
+            m.render()
+                .contains(r#"dlq_bridge_poll_errors_total{queue="orders",backend="sqs"} 1"#)
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        m.set_reasons("q", &[("bad \"token\" at C:\\x\nnext".into(), 2)]);
+        let text = m.render();
+        assert!(
+            text.contains(r#"dlq_bridge_reason_messages{queue="q",reason="bad \"token\" at C:\\x\nnext"} 2"#),
+            "{text}"
+        );
+        // Replaced, not left behind, by the next sample.
+        m.set_reasons("q", &[("ok".into(), 1)]);
+        assert_eq!(m.render().matches("dlq_bridge_reason_messages{").count(), 1);
+        let classic = to_classic_text(&m.render());
+        assert!(classic.contains(r#"reason="ok"} 1"#), "{classic}");
     }
 
     #[test]

@@ -56,9 +56,10 @@ pub struct PollResult {
     pub stats: DlqStats,
     /// Messages that arrived since the previous poll.
     pub arrivals: u64,
-    /// The sampled messages (empty when sampling is off, and when this poll
-    /// skipped its sample because a run was active on the queue).
-    pub sample: Vec<DlqMessage>,
+    /// The sampled messages (empty when sampling is off or the queue is
+    /// empty); `None` when this poll skipped its sample because a run was
+    /// active on the queue, so it tells nothing about reasons.
+    pub sample: Option<Vec<DlqMessage>>,
 }
 
 /// Messages our own runs removed from one queue: the final counts of
@@ -213,7 +214,7 @@ pub struct Poller {
 /// What one successful poll read.
 struct Polled {
     stats: DlqStats,
-    /// `removed_total` just after the stats were read.
+    /// `removed_total` just before the stats were read.
     removed_total: u64,
     /// `None`: the sample was skipped (a run is active on the queue); the
     /// previous one stands.
@@ -230,14 +231,34 @@ fn backoff(interval: Duration, errors: u32) -> Duration {
         .min(MAX_BACKOFF.max(interval))
 }
 
-/// Messages that arrived between two polls: the depth delta plus what our
-/// runs removed in between (credited as they settle, see `Removals`).
-fn arrivals_between(prev: Option<(u64, u64)>, depth: u64, removed_total: u64) -> u64 {
-    match prev {
-        Some((prev_depth, prev_removed)) => {
-            (depth + removed_total.saturating_sub(prev_removed)).saturating_sub(prev_depth)
-        }
-        None => 0,
+/// Counts the messages that arrived between polls: the depth delta plus what
+/// our runs removed in between (credited as they settle, see `Removals`).
+#[derive(Default)]
+struct ArrivalCounter {
+    /// (depth, removed_total) at the previous successful poll.
+    prev: Option<(u64, u64)>,
+    /// How much further the depth fell at the previous poll than the
+    /// removals credited by then explain.
+    shortfall: u64,
+}
+
+impl ArrivalCounter {
+    /// Arrivals since the previous poll (the first poll is the baseline).
+    fn observe(&mut self, depth: u64, removed_total: u64) -> u64 {
+        let Some((prev_depth, prev_removed)) = self.prev.replace((depth, removed_total)) else {
+            return 0;
+        };
+        // A run's settle is credited once the provider confirmed it: a poll
+        // in between sees the depth fall with no credit yet, and the credit
+        // comes at the next poll. That late credit pays off the shortfall
+        // instead of counting its messages a second time, as arrivals. Only
+        // the previous poll's shortfall, and only from credits: a removal
+        // that is never credited (a CLI run, expiry) costs no later arrivals.
+        let credited = removed_total.saturating_sub(prev_removed);
+        let late = credited.min(self.shortfall);
+        let up = depth + credited - late;
+        self.shortfall = prev_depth.saturating_sub(up);
+        up.saturating_sub(prev_depth)
     }
 }
 
@@ -267,20 +288,19 @@ impl Poller {
             let cancel = cancel.clone();
             // Stale from the start until the first poll succeeds.
             self.metrics.set_last_success(&name, &backend, None);
+            self.metrics.init_queue(&name, &backend);
             tokio::spawn(async move { me.run(name, backend, interval, sample, cancel).await });
         }
     }
 
     async fn run(&self, queue: String, backend: String, interval: Duration, sample: usize, cancel: CancellationToken) {
-        // (depth, removed_total) at the previous successful poll.
-        let mut prev: Option<(u64, u64)> = None;
+        let mut arrivals_counter = ArrivalCounter::default();
         let mut errors: u32 = 0;
         loop {
             let wait = match self.poll_once(&queue, &backend, sample).await {
                 Ok(polled) => {
                     errors = 0;
-                    let arrivals = arrivals_between(prev, polled.stats.depth, polled.removed_total);
-                    prev = Some((polled.stats.depth, polled.removed_total));
+                    let arrivals = arrivals_counter.observe(polled.stats.depth, polled.removed_total);
                     let now = Utc::now();
                     let stats = with_known_age(polled.stats, polled.sample.as_deref(), now);
                     self.record_ok(&queue, &backend, &stats, polled.sample.as_deref(), arrivals, now)
@@ -293,7 +313,7 @@ impl Poller {
                             at: now,
                             stats,
                             arrivals,
-                            sample: polled.sample.unwrap_or_default(),
+                            sample: polled.sample,
                         })
                         .await;
                     interval
@@ -316,8 +336,11 @@ impl Poller {
     async fn poll_once(&self, queue: &str, backend: &str, sample: usize) -> anyhow::Result<Polled> {
         let b = self.registry.backend(queue).await?;
         self.limits.wait(backend).await;
-        let stats = b.stats().await?;
+        // Read before the stats: a removal credited by then shows in the
+        // depth, so the credit is never ahead of the depth (it can lag, see
+        // `ArrivalCounter`).
         let removed_total = self.cache.removed_total(queue);
+        let stats = b.stats().await?;
         let msgs = if sample > 0 && stats.depth > 0 {
             // Reading leases on SQS and Pub/Sub: never while a run is active
             // on the queue (it would find the queue empty and stop early).
@@ -475,28 +498,43 @@ mod tests {
     fn removals_are_credited_as_runs_settle_and_once() {
         let cache = StatusCache::default();
         let progress = Arc::new(Progress::default());
-        // Poll 1: 10 messages, nothing removed yet.
-        let mut prev = Some((10, cache.removed_total("q")));
+        let mut counter = ArrivalCounter::default();
+        // Poll 1: 10 messages, nothing removed yet: the baseline.
+        assert_eq!(counter.observe(10, cache.removed_total("q")), 0);
         cache.run_started("q", "run-1", progress.clone());
         // The run settles 4 before poll 2, which sees depth 6: no arrival.
         progress.settled.fetch_add(4, std::sync::atomic::Ordering::Relaxed);
-        let removed = cache.removed_total("q");
-        assert_eq!(arrivals_between(prev, 6, removed), 0);
-        prev = Some((6, removed));
+        assert_eq!(counter.observe(6, cache.removed_total("q")), 0);
         // It settles 6 more and ends (its summary says 10) before poll 3,
         // which sees depth 2: the 2 new ones are the only arrivals.
         progress.settled.fetch_add(6, std::sync::atomic::Ordering::Relaxed);
         cache.run_finished("q", "run-1", 10);
-        let removed = cache.removed_total("q");
-        assert_eq!(removed, 10);
-        assert_eq!(arrivals_between(prev, 2, removed), 2);
-        prev = Some((2, removed));
+        assert_eq!(cache.removed_total("q"), 10);
+        assert_eq!(counter.observe(2, cache.removed_total("q")), 2);
         // Nothing changes: nothing arrived (the finished run is not counted again).
-        assert_eq!(arrivals_between(prev, 2, cache.removed_total("q")), 0);
+        assert_eq!(counter.observe(2, cache.removed_total("q")), 0);
         // A burst of 5 drained by a retention purge between two polls still counts.
         cache.note_removed("q", 5);
-        assert_eq!(arrivals_between(prev, 2, cache.removed_total("q")), 5);
-        assert_eq!(arrivals_between(None, 7, 0), 0, "the first poll is the baseline");
+        assert_eq!(counter.observe(2, cache.removed_total("q")), 5);
+    }
+
+    #[test]
+    fn a_settle_credited_after_a_poll_saw_it_is_not_counted_as_arrivals() {
+        let mut c = ArrivalCounter::default();
+        assert_eq!(c.observe(300, 0), 0);
+        // A batch of 10 is deleted but not credited yet when poll 2 reads.
+        assert_eq!(c.observe(290, 0), 0);
+        // Poll 3: the late 10 plus 90 more credited, and 3 real arrivals.
+        assert_eq!(c.observe(203, 100), 3);
+        assert_eq!(c.observe(203, 100), 0);
+        // A removal never credited (a CLI run elsewhere) costs no arrivals
+        // later: 4 arrive after 50 went.
+        assert_eq!(c.observe(153, 100), 0);
+        assert_eq!(c.observe(157, 100), 4);
+        // Nor does a shortfall older than one poll swallow a later credit.
+        assert_eq!(c.observe(100, 100), 0);
+        assert_eq!(c.observe(100, 100), 0);
+        assert_eq!(c.observe(95, 110), 5);
     }
 
     #[test]

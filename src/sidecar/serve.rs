@@ -242,9 +242,9 @@ async fn alert_loop(
     leadership: Leadership,
 ) {
     while let Some(poll) = results.recv().await {
-        if !poll.sample.is_empty() || poll.stats.depth == 0 {
+        if let Some(sample) = poll.sample.as_ref().filter(|s| !s.is_empty() || poll.stats.depth == 0) {
             let patterns = crate::engine::triage::top_counts(
-                &poll.sample,
+                sample,
                 &crate::engine::triage::GroupBy::Pattern,
                 crate::sidecar::metrics::TOP_REASONS,
             );
@@ -333,6 +333,12 @@ async fn retention_loop(
                 Some(t) => Some(t.admitted().await),
                 None => None,
             };
+            // Credited as it settles, like an API run: a poll during a long
+            // purge sees the depth fall, and a credit only at the end would
+            // then count the purged messages again, as arrivals.
+            let progress = Arc::new(crate::engine::redrive::Progress::default());
+            let key = format!("retention-{}", uuid::Uuid::new_v4().simple());
+            app.cache.run_started(&queue, &key, progress.clone());
             let outcome = crate::engine::triage::apply_retention(
                 &app.registry,
                 &queue,
@@ -341,15 +347,21 @@ async fn retention_loop(
                 app.journal.clone(),
                 Trigger::Retention,
                 shutdown.child_token(),
+                Some(progress),
             )
             .await;
+            let settled = outcome
+                .as_ref()
+                .ok()
+                .and_then(|o| o.purge.as_ref())
+                .map_or(0, |s| s.settled + s.settled_from_journal);
+            app.cache.run_finished(&queue, &key, settled);
             drop(ticket);
             match outcome {
                 Ok(o) => {
                     app.metrics
                         .set_retention_expired(&queue, if o.purge.is_some() { 0 } else { o.expired });
                     if let Some(s) = &o.purge {
-                        app.cache.note_removed(&queue, s.settled);
                         tracing::info!(%queue, purged = s.settled, backup = ?o.backup, "retention: expired messages exported and purged");
                     } else if o.dry_run && policy.action == RetentionAction::ExportThenPurge {
                         let ids: Vec<&str> = o.listed.iter().map(|m| m.id.as_str()).collect();
@@ -393,6 +405,7 @@ async fn retention_loop(
                                         body_redacted: true,
                                     })
                                     .collect(),
+                                quiet: false,
                             });
                         }
                     }

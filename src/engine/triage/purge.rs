@@ -11,7 +11,7 @@ use super::error::TriageError;
 use super::export::{ExportWriter, ExportedMessage};
 use crate::backend::QueueBackend;
 use crate::engine::journal::Journal;
-use crate::engine::redrive::{Action, Backup, Engine, RunSummary, Trigger};
+use crate::engine::redrive::{Action, Backup, Engine, Progress, RunSummary, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry};
 use crate::model::DlqMessage;
 
@@ -82,6 +82,18 @@ pub async fn purge(
     journal: Option<Arc<Journal>>,
     cancel: CancellationToken,
 ) -> Result<RunSummary, TriageError> {
+    purge_counted(registry, queue, req, journal, cancel, None).await
+}
+
+/// [`purge`], counting into `progress` as it goes when one is given.
+pub async fn purge_counted(
+    registry: &Registry,
+    queue: &str,
+    req: &PurgeRequest<'_>,
+    journal: Option<Arc<Journal>>,
+    cancel: CancellationToken,
+    progress: Option<Arc<Progress>>,
+) -> Result<RunSummary, TriageError> {
     let filter = purge_filter(req.filter, req.older_than);
     let mut plan = registry
         .plan(
@@ -105,6 +117,9 @@ pub async fn purge(
     let mut engine = Engine::new(backend).with_cancel(cancel);
     if let Some(j) = journal {
         engine = engine.with_journal(j);
+    }
+    if let Some(p) = progress {
+        engine = engine.with_progress(p);
     }
     Ok(engine.run(&plan).await?)
 }

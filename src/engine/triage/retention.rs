@@ -8,11 +8,11 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::error::TriageError;
-use super::purge::{PurgeRequest, purge};
+use super::purge::{PurgeRequest, purge_counted};
 use super::read::browse;
 use crate::config::RetentionAction;
 use crate::engine::journal::Journal;
-use crate::engine::redrive::{RunSummary, Trigger};
+use crate::engine::redrive::{Progress, RunSummary, Trigger};
 use crate::engine::registry::Registry;
 
 /// Expired messages a retention check lists by ID.
@@ -49,7 +49,9 @@ pub struct RetentionOutcome {
 /// Apply `queue`'s retention policy once. An `alert` policy, or any policy
 /// with `dry_run` (config or `force_dry_run`), only reads and lists the
 /// expired messages; `export-then-purge` purges them through
-/// [`purge`], backed up to `QUEUE-RUN.jsonl` in the export directory.
+/// [`purge`], backed up to `QUEUE-RUN.jsonl` in the export directory, counting
+/// into `progress` (when given) as it goes.
+#[allow(clippy::too_many_arguments)]
 pub async fn apply_retention(
     registry: &Registry,
     queue: &str,
@@ -58,6 +60,7 @@ pub async fn apply_retention(
     journal: Option<Arc<Journal>>,
     trigger: Trigger,
     cancel: CancellationToken,
+    progress: Option<Arc<Progress>>,
 ) -> Result<RetentionOutcome, TriageError> {
     let qcfg = registry.queue(queue)?;
     let Some(r) = qcfg.retention.clone() else {
@@ -103,7 +106,7 @@ pub async fn apply_retention(
         .or_else(|| default_dir.map(|d| d.join("retention")))
         .ok_or_else(|| TriageError::Usage(format!("queue {queue}: set retention.export_dir")))?;
     let path = dir.join(format!("{queue}-{}.jsonl", crate::engine::redrive::new_run_id()));
-    let summary = purge(
+    let summary = purge_counted(
         registry,
         queue,
         &PurgeRequest {
@@ -117,6 +120,7 @@ pub async fn apply_retention(
         },
         journal,
         cancel,
+        progress,
     )
     .await?;
     out.expired = summary.settled;

@@ -4,11 +4,12 @@
 //! State is kept on every replica so that a replica that becomes leader knows
 //! which reasons are old news and how many messages arrived lately; only the
 //! leader sends. A firing alert counts as sent only once a leader sent it, so
-//! the next leader sends it on its first evaluation.
+//! the next leader sends it on its first evaluation, and resolves it when it
+//! clears, whichever leader sent it.
 
 pub mod sinks;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -51,6 +52,10 @@ pub struct Notification {
     pub repeat_seconds: u64,
     /// A few messages behind the alert. Bodies only when `include_bodies`.
     pub samples: Vec<SampleMessage>,
+    /// A resolve of a rule without `send_resolved`: it only ends the alert in
+    /// Alertmanager, and is no notice for the other sinks.
+    #[serde(skip)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +68,16 @@ pub struct SampleMessage {
 }
 
 const SAMPLES_PER_ALERT: usize = 3;
+
+/// (from, to, n): `n` messages arrived between the polls at `from` and `to`.
+type Arrivals = (DateTime<Utc>, DateTime<Utc>, u64);
+
+/// The first poll of a queue, against which reasons are judged new.
+struct Baseline {
+    at: DateTime<Utc>,
+    /// Its sample held the whole queue.
+    complete: bool,
+}
 
 #[derive(Debug, Default)]
 struct RuleState {
@@ -89,20 +104,11 @@ pub struct Evaluator {
     include_bodies: bool,
     state: HashMap<(usize, String), RuleState>,
     known_reasons: HashMap<String, HashSet<String>>,
-    arrivals: HashMap<String, VecDeque<(DateTime<Utc>, u64)>>,
+    baselines: HashMap<String, Baseline>,
+    /// Per queue: the messages that arrived between two polls.
+    arrivals: HashMap<String, VecDeque<Arrivals>>,
+    last_poll: HashMap<String, DateTime<Utc>>,
     longest_window: Duration,
-}
-
-fn kind_of(r: &AlertRule) -> &'static str {
-    if r.depth_above.is_some() {
-        "depth_above"
-    } else if r.oldest_age_above.is_some() {
-        "oldest_age_above"
-    } else if r.growth.is_some() {
-        "growth"
-    } else {
-        "new_reason"
-    }
 }
 
 impl Evaluator {
@@ -111,10 +117,9 @@ impl Evaluator {
             .rules
             .iter()
             .map(|r| {
-                let kind = kind_of(r);
                 Rule {
-                    name: r.name.clone().unwrap_or_else(|| kind.to_string()),
-                    kind,
+                    name: r.effective_name(),
+                    kind: r.kind(),
                     // Validated when the config was loaded.
                     globs: r.queues.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect(),
                     cfg: r.clone(),
@@ -131,7 +136,9 @@ impl Evaluator {
             include_bodies: cfg.include_bodies,
             state: HashMap::new(),
             known_reasons: HashMap::new(),
+            baselines: HashMap::new(),
             arrivals: HashMap::new(),
+            last_poll: HashMap::new(),
             longest_window,
         }
     }
@@ -141,30 +148,59 @@ impl Evaluator {
         self.rules.iter().any(|r| r.cfg.new_reason)
     }
 
+    /// The reasons in `poll`'s sample never seen before on its queue, sorted.
+    ///
+    /// The first poll is the baseline: what its sample shows was there before
+    /// dlq-bridge looked, so it is not news. A sample skipped (a run was
+    /// active) or smaller than the queue shows only part of what was there;
+    /// a later sample then finds reasons that were in the queue all along. So
+    /// a reason is new only when it was seen all through (complete baseline)
+    /// or when none of the messages carrying it was enqueued before the
+    /// baseline. Providers keep a message's first enqueue time when they
+    /// dead-letter it, so a message published before the baseline that fails
+    /// only later is taken for old news too: a miss soon after start-up,
+    /// rather than stale reasons announced as new after every restart.
+    fn new_reasons(&mut self, poll: &PollResult) -> Vec<String> {
+        let known = self.known_reasons.entry(poll.queue.clone()).or_default();
+        let Some(baseline) = self.baselines.get(&poll.queue) else {
+            let complete = poll.sample.as_ref().is_some_and(|s| s.len() as u64 >= poll.stats.depth);
+            self.baselines
+                .insert(poll.queue.clone(), Baseline { at: poll.at, complete });
+            known.extend(poll.sample.iter().flatten().filter_map(|m| m.reason.clone()));
+            return Vec::new();
+        };
+        // Unknown reason -> whether every message carrying it arrived after the baseline.
+        let mut unknown: BTreeMap<&String, bool> = BTreeMap::new();
+        for m in poll.sample.iter().flatten() {
+            let Some(r) = m.reason.as_ref().filter(|r| !known.contains(*r)) else {
+                continue;
+            };
+            let since = baseline.complete || m.enqueued_at.is_none_or(|t| t >= baseline.at);
+            *unknown.entry(r).or_insert(true) &= since;
+        }
+        let new: Vec<String> = unknown
+            .iter()
+            .filter(|(_, new)| **new)
+            .map(|(r, _)| (*r).clone())
+            .collect();
+        known.extend(unknown.into_keys().cloned());
+        new
+    }
+
     /// Evaluate every rule that applies to the polled queue. Returns what to
     /// send; when `leader` is false nothing is returned and nothing counts as sent.
     pub fn evaluate(&mut self, poll: &PollResult, leader: bool, metrics: &Metrics) -> Vec<Notification> {
         let now = poll.at;
+        let from = self.last_poll.insert(poll.queue.clone(), now).unwrap_or(now);
         let window = self.arrivals.entry(poll.queue.clone()).or_default();
-        window.push_back((now, poll.arrivals));
+        window.push_back((from, now, poll.arrivals));
         while window
             .front()
-            .is_some_and(|(t, _)| (now - *t).to_std().unwrap_or_default() > self.longest_window)
+            .is_some_and(|(_, to, _)| (now - *to).to_std().unwrap_or_default() > self.longest_window)
         {
             window.pop_front();
         }
-        let reasons: HashSet<String> = poll.sample.iter().filter_map(|m| m.reason.clone()).collect();
-        let first_sample = !self.known_reasons.contains_key(&poll.queue);
-        let known = self.known_reasons.entry(poll.queue.clone()).or_default();
-        let mut new_reasons: Vec<String> = if first_sample {
-            // The first sample is the baseline: everything in it was there
-            // before dlq-bridge looked, so it is not news.
-            Vec::new()
-        } else {
-            reasons.difference(known).cloned().collect()
-        };
-        new_reasons.sort();
-        known.extend(reasons);
+        let new_reasons = self.new_reasons(poll);
 
         let mut out = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
@@ -201,12 +237,10 @@ impl Evaluator {
                 },
                 _ => {
                     let g = rule.cfg.growth.as_ref().expect("growth rule");
-                    let sum: u64 = self.arrivals[&poll.queue]
-                        .iter()
-                        .filter(|(t, _)| (now - *t).to_std().unwrap_or_default() <= g.window)
-                        .map(|(_, n)| n)
-                        .sum();
-                    (sum as f64, g.messages as f64)
+                    (
+                        arrivals_within(&self.arrivals[&poll.queue], now, g.window),
+                        g.messages as f64,
+                    )
                 }
             };
             // Thresholds are "above" limits, except growth: N arrivals fire.
@@ -240,9 +274,16 @@ impl Evaluator {
             } else {
                 st.pending_since = None;
                 if let Some(started) = st.firing_since.take() {
-                    let was_sent = st.last_sent.take().is_some();
-                    if leader && was_sent && rule.cfg.send_resolved {
-                        out.push(notification(
+                    st.last_sent = None;
+                    // Whether or not this replica sent it: a replica that has
+                    // just become leader resolves what the previous leader
+                    // sent (it fired here too), or that alert would stay
+                    // active in Alertmanager and unresolved in chat.
+                    // Sent even without `send_resolved`: Alertmanager would
+                    // otherwise show the alert active until its endsAt (the
+                    // repeat interval later); the other sinks skip it.
+                    if leader {
+                        let mut n = notification(
                             self.include_bodies,
                             rule,
                             poll,
@@ -251,7 +292,9 @@ impl Evaluator {
                             threshold,
                             started,
                             None,
-                        ));
+                        );
+                        n.quiet = !rule.cfg.send_resolved;
+                        out.push(n);
                     }
                 }
             }
@@ -259,6 +302,29 @@ impl Evaluator {
         }
         out
     }
+}
+
+/// The messages that arrived within `window` before `now`. The arrivals
+/// between two polls are known only in sum; spread evenly over the interval,
+/// only its part inside the window counts. After an outage (polls failing
+/// for half an hour) the first poll's arrivals span the whole outage, and
+/// counting them all as within the window would fire a growth alert that
+/// the rate never justified.
+fn arrivals_within(entries: &VecDeque<Arrivals>, now: DateTime<Utc>, window: Duration) -> f64 {
+    let start = now - chrono::Duration::from_std(window).unwrap_or(chrono::TimeDelta::MAX);
+    entries
+        .iter()
+        .filter(|(_, to, n)| *n > 0 && *to >= start)
+        .map(|(from, to, n)| {
+            let span = (*to - *from).num_milliseconds();
+            let inside = (*to - (*from).max(start)).num_milliseconds();
+            if span <= 0 || inside >= span {
+                *n as f64
+            } else {
+                *n as f64 * inside as f64 / span as f64
+            }
+        })
+        .sum()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -282,7 +348,7 @@ fn notification(
             humantime::format_duration(Duration::from_secs(threshold as u64))
         ),
         (_, "growth") => format!(
-            "{}: {} messages arrived within {}",
+            "{}: {:.0} messages arrived within {}",
             poll.queue,
             value,
             humantime::format_duration(rule.cfg.growth.as_ref().map(|g| g.window).unwrap_or_default())
@@ -296,6 +362,7 @@ fn notification(
     let samples = poll
         .sample
         .iter()
+        .flatten()
         .filter(|m| reason.is_none() || m.reason.as_ref() == reason)
         .take(SAMPLES_PER_ALERT)
         .map(|m| SampleMessage {
@@ -320,6 +387,7 @@ fn notification(
         sent_at: Utc::now(),
         repeat_seconds: rule.cfg.repeat.as_secs(),
         samples,
+        quiet: false,
     }
 }
 
@@ -346,23 +414,69 @@ mod tests {
                 exactness: Exactness::Exact,
             },
             arrivals,
-            sample: reasons
-                .iter()
-                .enumerate()
-                .map(|(i, r)| DlqMessage {
-                    id: format!("m{i}"),
-                    body: bytes::Bytes::from_static(b"secret body"),
-                    attributes: Default::default(),
-                    properties: Default::default(),
-                    reason: Some(r.to_string()),
-                    description: None,
-                    delivery_count: None,
-                    enqueued_at: None,
-                    source: None,
-                    ordering_key: None,
-                })
-                .collect(),
+            sample: Some(
+                reasons
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| DlqMessage {
+                        id: format!("m{i}"),
+                        body: bytes::Bytes::from_static(b"secret body"),
+                        attributes: Default::default(),
+                        properties: Default::default(),
+                        reason: Some(r.to_string()),
+                        description: None,
+                        delivery_count: None,
+                        enqueued_at: None,
+                        source: None,
+                        ordering_key: None,
+                    })
+                    .collect(),
+            ),
         }
+    }
+
+    /// `p` with its sampled messages enqueued these many seconds from its time.
+    fn enqueued(mut p: PollResult, offsets: &[i64]) -> PollResult {
+        for (m, off) in p.sample.iter_mut().flatten().zip(offsets) {
+            m.enqueued_at = Some(p.at + chrono::Duration::seconds(*off));
+        }
+        p
+    }
+
+    fn reasons_of(n: &[Notification]) -> Vec<&str> {
+        n.iter().filter_map(|n| n.reason.as_deref()).collect()
+    }
+
+    #[test]
+    fn new_reason_ignores_reasons_that_predate_a_skipped_or_partial_baseline() {
+        let m = Metrics::new();
+        // The first poll's sample was skipped (a run was active): the
+        // baseline saw nothing of the 40 messages there.
+        let mut e = evaluator("    - new_reason: true\n");
+        let mut skipped = poll(0, 40, 0, &[]);
+        skipped.sample = None;
+        assert!(e.evaluate(&skipped, true, &m).is_empty());
+        let p = enqueued(poll(10, 41, 1, &["Timeout", "Boom", "Schema"]), &[-600, -60, -2]);
+        assert_eq!(reasons_of(&e.evaluate(&p, true, &m)), ["Schema"]);
+
+        // A sample of 1 from 100: the next sample shows more of what was there.
+        let mut e = evaluator("    - new_reason: true\n");
+        let first = enqueued(poll(0, 100, 0, &["Timeout"]), &[-600]);
+        assert!(e.evaluate(&first, true, &m).is_empty());
+        let p = enqueued(poll(10, 100, 0, &["Timeout", "Boom", "Boom"]), &[-600, -300, -2]);
+        assert!(e.evaluate(&p, true, &m).is_empty(), "a Boom was there before");
+        let p = enqueued(poll(20, 101, 1, &["Boom", "Late"]), &[-300, -5]);
+        assert_eq!(reasons_of(&e.evaluate(&p, true, &m)), ["Late"]);
+
+        // A baseline that saw the whole queue: anything unseen came since,
+        // whenever its message was first enqueued (before it failed).
+        let mut e = evaluator("    - new_reason: true\n");
+        assert!(
+            e.evaluate(&enqueued(poll(0, 1, 0, &["Timeout"]), &[-600]), true, &m)
+                .is_empty()
+        );
+        let p = enqueued(poll(10, 2, 1, &["Timeout", "Boom"]), &[-600, -300]);
+        assert_eq!(reasons_of(&e.evaluate(&p, true, &m)), ["Boom"]);
     }
 
     #[test]
@@ -383,6 +497,31 @@ mod tests {
         assert_eq!(resolved.len(), 1);
         assert_eq!(resolved[0].status, Status::Resolved);
         assert!(e.evaluate(&poll(90, 0, 0, &[]), true, &m).is_empty());
+    }
+
+    #[test]
+    fn without_send_resolved_the_resolve_is_quiet() {
+        let mut e = evaluator("    - depth_above: 3\n      send_resolved: false\n");
+        let m = Metrics::new();
+        assert_eq!(e.evaluate(&poll(0, 5, 0, &[]), true, &m).len(), 1);
+        let resolved = e.evaluate(&poll(10, 0, 0, &[]), true, &m);
+        assert_eq!(resolved.len(), 1, "Alertmanager needs it to end the alert");
+        assert_eq!(resolved[0].status, Status::Resolved);
+        assert!(resolved[0].quiet);
+        assert!(!serde_json::to_string(&resolved[0]).unwrap().contains("quiet"));
+    }
+
+    #[test]
+    fn a_new_leader_resolves_what_the_previous_leader_sent() {
+        let mut e = evaluator("    - depth_above: 0\n");
+        let m = Metrics::new();
+        // The previous leader sent it; here it fired as a follower.
+        assert!(e.evaluate(&poll(0, 1, 1, &[]), false, &m).is_empty());
+        // Leadership moves just as the queue is drained.
+        let n = e.evaluate(&poll(10, 0, 0, &[]), true, &m);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].status, Status::Resolved);
+        assert!(e.evaluate(&poll(20, 0, 0, &[]), true, &m).is_empty());
     }
 
     #[test]
@@ -430,6 +569,25 @@ mod tests {
         assert_eq!(n.len(), 1, "6 arrivals within 5m though the depth stayed 0");
         assert_eq!(n[0].value, 6.0);
         assert_eq!(n[0].threshold, 5.0);
+    }
+
+    #[test]
+    fn growth_spreads_the_arrivals_of_a_long_gap_over_it() {
+        let mut e = evaluator("    - growth: {messages: 20, window: 10m}\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 0, 0, &[]), true, &m).is_empty());
+        // Polls failed for 30 minutes while 1 message a minute arrived: about
+        // 10 within the last 10 minutes, not 30.
+        assert!(e.evaluate(&poll(1800, 30, 30, &[]), true, &m).is_empty());
+        // A real burst still fires, on top of the gap's share.
+        let n = e.evaluate(&poll(1830, 50, 20, &[]), true, &m);
+        assert_eq!(n.len(), 1);
+        assert!((29.0..31.0).contains(&n[0].value), "{}", n[0].value);
+        assert!(
+            n[0].summary.contains(" 30 messages arrived within 10m"),
+            "{}",
+            n[0].summary
+        );
     }
 
     #[test]

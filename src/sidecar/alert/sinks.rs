@@ -35,7 +35,7 @@ struct Sink {
 /// Hands notifications to every sink's task.
 #[derive(Clone, Default)]
 pub struct Sinks {
-    queues: Vec<(String, mpsc::Sender<Arc<Notification>>)>,
+    queues: Vec<(String, Kind, mpsc::Sender<Arc<Notification>>)>,
 }
 
 impl Sinks {
@@ -79,14 +79,17 @@ impl Sinks {
             let name = format!("{kind:?} sink #{index}").to_lowercase();
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
             tokio::spawn(deliver(name.clone(), sink, client.clone(), rx));
-            queues.push((name, tx));
+            queues.push((name, kind, tx));
         }
         Ok(Self { queues })
     }
 
     pub fn send(&self, n: Notification) {
         let n = Arc::new(n);
-        for (name, q) in &self.queues {
+        for (name, kind, q) in &self.queues {
+            if n.quiet && *kind != Kind::Alertmanager {
+                continue;
+            }
             if q.try_send(n.clone()).is_err() {
                 tracing::warn!(sink = %name, rule = %n.rule, queue = %n.queue, "sink queue full; notification dropped");
             }
@@ -101,8 +104,23 @@ async fn deliver(name: String, sink: Sink, client: reqwest::Client, mut rx: mpsc
             let result = client.post(&sink.url).json(&body).send().await;
             match result {
                 Ok(r) if r.status().is_success() => break,
-                Ok(r) => tracing::warn!(sink = %name, status = %r.status(), attempt, "sink refused a notification"),
-                Err(e) => tracing::warn!(sink = %name, error = %without_url(&e), attempt, "sink unreachable"),
+                Ok(r) => {
+                    let status = r.status();
+                    // What the sink objects to: Slack's `invalid_payload` or
+                    // `no_service`, the label Alertmanager refuses.
+                    let said: String = r.text().await.unwrap_or_default().chars().take(200).collect();
+                    // The same request would be refused again: retrying it
+                    // only holds the notifications queued behind it.
+                    if status.is_client_error()
+                        && status != reqwest::StatusCode::REQUEST_TIMEOUT
+                        && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+                    {
+                        tracing::error!(sink = %name, %status, %said, rule = %n.rule, queue = %n.queue, "sink refused a notification; dropped without retrying");
+                        break;
+                    }
+                    tracing::warn!(sink = %name, %status, %said, attempt, "sink refused a notification");
+                }
+                Err(e) => tracing::warn!(sink = %name, error = %without_url(e, &sink.url), attempt, "sink unreachable"),
             }
             if attempt == ATTEMPTS {
                 tracing::error!(sink = %name, rule = %n.rule, queue = %n.queue, "notification dropped after {ATTEMPTS} attempts");
@@ -113,13 +131,33 @@ async fn deliver(name: String, sink: Sink, client: reqwest::Client, mut rx: mpsc
     }
 }
 
-/// reqwest errors include the URL, which for Slack is a secret.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut e = e.to_string();
-    if let Some(i) = e.find(" for url (") {
-        e.truncate(i);
+/// A reqwest error without its URL, which for Slack is a secret, but with its
+/// causes (refused, timed out, DNS): reqwest's own text is only "error
+/// sending request", which tells an operator nothing. The causes do not hold
+/// the URL; it is scrubbed anyway, should a future version put it there.
+fn without_url(e: reqwest::Error, url: &str) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
     }
-    e
+    let bare = url.split(['?', '#']).next().unwrap_or(url);
+    for secret in [url, bare] {
+        if !secret.is_empty() {
+            text = text.replace(secret, "<sink url>");
+        }
+    }
+    text
+}
+
+/// Slack reads `<...>` as a link or a mention (`<!channel>` pages everyone)
+/// and `&` as the start of an entity. Failure reasons are written by whatever
+/// failed, so they are escaped as Slack asks, to show as written.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 fn payload(sink: &Sink, n: &Notification) -> serde_json::Value {
@@ -140,7 +178,12 @@ fn payload(sink: &Sink, n: &Notification) -> serde_json::Value {
                 Status::Firing => "FIRING",
                 Status::Resolved => "RESOLVED",
             };
-            json!({ "text": format!("{icon} [{state}] {} (rule `{}`, {})", n.summary, n.rule, n.backend) })
+            json!({ "text": format!(
+                "{icon} [{state}] {} (rule `{}`, {})",
+                slack_escape(&n.summary),
+                slack_escape(&n.rule),
+                slack_escape(&n.backend)
+            ) })
         }
         Kind::Alertmanager => {
             let mut labels = sink.labels.clone();
@@ -193,7 +236,76 @@ mod tests {
             sent_at: Utc::now(),
             repeat_seconds: 3600,
             samples: vec![],
+            quiet: false,
         }
+    }
+
+    #[test]
+    fn a_quiet_resolve_goes_to_alertmanager_only() {
+        let mut queues = Vec::new();
+        let mut rxs = Vec::new();
+        for kind in [Kind::Webhook, Kind::Slack, Kind::Alertmanager] {
+            let (tx, rx) = mpsc::channel(4);
+            queues.push((format!("{kind:?}"), kind, tx));
+            rxs.push(rx);
+        }
+        let sinks = Sinks { queues };
+        let mut quiet = note(Status::Resolved);
+        quiet.quiet = true;
+        sinks.send(quiet);
+        sinks.send(note(Status::Resolved));
+        let got: Vec<usize> = rxs
+            .iter_mut()
+            .map(|rx| std::iter::from_fn(|| rx.try_recv().ok()).count())
+            .collect();
+        assert_eq!(got, [1, 1, 2]);
+    }
+
+    /// A receiver that answers every POST with `status` and counts them.
+    async fn receiver(status: u16) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            let hits = counted.clone();
+            async move {
+                hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (axum::http::StatusCode::from_u16(status).unwrap(), "invalid_payload")
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/hook"), hits)
+    }
+
+    #[tokio::test]
+    async fn a_client_error_is_not_retried_a_server_error_is() {
+        let (refusing, refused) = receiver(400).await;
+        let (failing, failed) = receiver(503).await;
+        let cfg = crate::config::Config::from_yaml(
+            &format!(
+                "alerts:\n  sinks:\n    - webhook: {{url: \"{refusing}\"}}\n    - webhook: {{url: \"{failing}\"}}\n"
+            ),
+            "t",
+            &[],
+        )
+        .unwrap();
+        let sinks = Sinks::start(&cfg.alerts.sinks).unwrap();
+        sinks.send(note(Status::Firing));
+        // Retries come after 1 s, then 2 s more.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(failed.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn delivery_errors_say_why_without_the_url() {
+        let url = "http://127.0.0.1:1/services/T0/B0/SLACKSECRET?token=QSECRET";
+        let e = reqwest::Client::new().post(url).send().await.unwrap_err();
+        let text = without_url(e, url);
+        assert!(!text.contains("SECRET") && !text.contains("127.0.0.1:1"), "{text}");
+        assert!(text.contains("error sending request: "), "{text}");
+        assert!(text.to_lowercase().contains("connect"), "the cause: {text}");
     }
 
     #[test]
@@ -211,6 +323,23 @@ mod tests {
         assert_eq!(a["labels"]["severity"], "warning");
         assert_eq!(a["endsAt"], a["endsAt"]);
         assert!(a["annotations"]["summary"].as_str().unwrap().contains("12 messages"));
+    }
+
+    #[test]
+    fn slack_text_escapes_what_slack_would_read_as_markup() {
+        let sink = Sink {
+            kind: Kind::Slack,
+            url: String::new(),
+            labels: BTreeMap::new(),
+        };
+        let mut n = note(Status::Firing);
+        n.summary = "orders: new failure reason `x < 5 & <!channel> <https://evil|ok>`".into();
+        let text = payload(&sink, &n)["text"].as_str().unwrap().to_string();
+        assert!(
+            text.contains("`x &lt; 5 &amp; &lt;!channel&gt; &lt;https://evil|ok&gt;`"),
+            "{text}"
+        );
+        assert!(!text.contains('<') && !text.contains('>'), "{text}");
     }
 
     #[test]
