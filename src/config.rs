@@ -1126,6 +1126,15 @@ impl Config {
                 ),
             ));
         }
+        if self.serve.leader_election.lease_duration < MIN_LEASE_DURATION {
+            return Err(err(
+                "serve.leader_election.lease_duration".into(),
+                format!(
+                    "must be at least {} (the leader renews every third of it; a shorter lease flaps between replicas)",
+                    humantime::format_duration(MIN_LEASE_DURATION)
+                ),
+            ));
+        }
         self.serve
             .check_listen()
             .map_err(|(field, message)| err(field.into(), message))?;
@@ -1239,6 +1248,10 @@ const MIN_HOLD: Duration = Duration::from_secs(1);
 
 /// A run given less time than this ends before its first lease is back.
 const MIN_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The Lease holds whole seconds, and the leader must renew (every third of
+/// it) well within it.
+const MIN_LEASE_DURATION: Duration = Duration::from_secs(2);
 
 impl ServeConfig {
     /// `listen` is an IP address and port, and only loopback unless a token
@@ -1928,6 +1941,22 @@ mod tests {
         .unwrap();
         assert_eq!(c.redrive.rate, Some(1));
         assert_eq!(c.redrive.max_held, 1);
+    }
+
+    #[test]
+    fn a_lease_too_short_to_renew_is_refused() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for d in ["0s", "1s", "500ms"] {
+            let err = parse(&format!("{q}serve:\n  leader_election:\n    lease_duration: {d}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("test.yaml:6:5: serve.leader_election.lease_duration: must be at least 2s"),
+                "{d}: {err}"
+            );
+        }
+        let c = parse(&format!("{q}serve:\n  leader_election: {{lease_duration: 2s}}\n")).unwrap();
+        assert_eq!(c.serve.leader_election.lease_duration, Duration::from_secs(2));
     }
 
     #[test]
