@@ -421,6 +421,56 @@ async fn a_schedule_redrives_by_itself() {
     assert_eq!(f.dlq_count().await, 2);
 }
 
+/// A scheduled run that fails (here: its DLQ is deleted while serve runs)
+/// says so in the log every time, naming the run, and /v1/runs has its
+/// error: a schedule must not fail silently tick after tick.
+#[tokio::test]
+async fn a_scheduled_run_that_fails_says_so_in_the_log() {
+    let f = SqsFixture::create(false).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\nschedules:\n  - queue: orders\n    every: 1s\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    // One scheduled run that worked, so the backend is built, then the DLQ goes.
+    let scheduled = |status: &'static str| {
+        let serve = &serve;
+        async move {
+            let (_, body) = serve.get_auth("/v1/runs").await;
+            let runs: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            runs.as_array().or_else(|| runs["runs"].as_array()).and_then(|runs| {
+                runs.iter()
+                    .find(|r| r["trigger"] == "schedule" && r["status"] == status)
+                    .cloned()
+            })
+        }
+    };
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            scheduled("finished").await.is_some()
+        })
+        .await;
+    f.client.delete_queue().queue_url(&f.dlq_url).send().await.unwrap();
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            scheduled("failed").await.is_some()
+        })
+        .await;
+    let run = scheduled("failed").await.unwrap();
+    let id = run["run_id"].as_str().unwrap().to_string();
+    serve
+        .wait_for(Duration::from_secs(5), || async {
+            serve.log.lock().unwrap().iter().any(|l| l.contains(&id))
+        })
+        .await;
+    let log = serve.log.lock().unwrap().clone();
+    let line = log.iter().find(|l| l.contains(&id)).unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("orders") && line.contains("schedule"),
+        "{line}"
+    );
+}
+
 /// Request bodies must be JSON (415/400/422 otherwise, all JSON errors), an
 /// unknown destination is the caller's 400, the token is read without its
 /// trailing newline and the `bearer` scheme is case-insensitive, and runs

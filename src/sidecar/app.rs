@@ -163,7 +163,7 @@ impl App {
             };
             let result = engine.run(&plan).await;
             drop(ticket);
-            app.finish_run(&plan.run_id, &queue, result).await;
+            app.finish_run(&plan.run_id, &queue, plan.trigger, result).await;
         });
         Ok(run_id)
     }
@@ -172,6 +172,7 @@ impl App {
         &self,
         run_id: &str,
         queue: &str,
+        trigger: Trigger,
         result: Result<RunSummary, crate::engine::redrive::RedriveError>,
     ) {
         let settled = match &result {
@@ -185,7 +186,16 @@ impl App {
             self.metrics.add_redriven(queue, "send_failed", s.send_failed);
             self.metrics.add_redriven(queue, "settle_failed", s.settle_failed);
             self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
-            tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
+            if s.ok() {
+                tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
+            } else {
+                // A schedule's runs are seen nowhere else: a run that fails
+                // every tick must say so, and why, where operators look.
+                tracing::error!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, filter_errors = s.filter_errors, stopped = ?s.stopped, errors = ?s.errors, trigger = %s.trigger, "redrive failed");
+            }
+        }
+        if let Err(e) = &result {
+            tracing::error!(run = %run_id, queue, error = %e, %trigger, "redrive failed");
         }
         let mut runs = self.runs.lock().await;
         if let Some(e) = runs.get_mut(run_id) {
