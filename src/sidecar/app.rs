@@ -254,8 +254,16 @@ impl App {
 
     /// Wait for runs to finish after shutdown was signalled.
     pub(super) async fn drain_runs(&self, grace: Duration) {
-        let mut tasks = std::mem::take(&mut *self.tasks.lock().await);
-        let wait = async { while tasks.join_next().await.is_some() {} };
+        // Runs spawned while the first ones drain are waited for too.
+        let wait = async {
+            loop {
+                let mut tasks = std::mem::take(&mut *self.tasks.lock().await);
+                if tasks.is_empty() {
+                    break;
+                }
+                while tasks.join_next().await.is_some() {}
+            }
+        };
         if tokio::time::timeout(grace, wait).await.is_err() {
             tracing::warn!("redrives still running after the shutdown grace period; their leases expire by themselves");
         }

@@ -52,13 +52,23 @@ pub fn identity(cfg: &LeaderElectionConfig) -> String {
         .unwrap_or_else(|| format!("dlq-bridge-{}", std::process::id()))
 }
 
+/// The elector's task: it ends once it has handed the Lease over after
+/// `cancel` (or given up doing so).
+pub type Elector = tokio::task::JoinHandle<()>;
+
 #[cfg(not(feature = "k8s"))]
-pub async fn start(_cfg: &LeaderElectionConfig, _cancel: CancellationToken) -> Result<Leadership, LeaderError> {
+pub async fn start(
+    _cfg: &LeaderElectionConfig,
+    _cancel: CancellationToken,
+) -> Result<(Leadership, Elector), LeaderError> {
     Err(LeaderError::NotCompiled)
 }
 
 #[cfg(feature = "k8s")]
-pub async fn start(cfg: &LeaderElectionConfig, cancel: CancellationToken) -> Result<Leadership, LeaderError> {
+pub async fn start(
+    cfg: &LeaderElectionConfig,
+    cancel: CancellationToken,
+) -> Result<(Leadership, Elector), LeaderError> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| LeaderError::Client(e.to_string()))?;
@@ -74,8 +84,7 @@ pub async fn start(cfg: &LeaderElectionConfig, cancel: CancellationToken) -> Res
         duration: cfg.lease_duration,
     };
     let (tx, rx) = watch::channel(false);
-    tokio::spawn(elector.run(tx, cancel));
-    Ok(rx)
+    Ok((rx, tokio::spawn(elector.run(tx, cancel))))
 }
 
 #[cfg(feature = "k8s")]

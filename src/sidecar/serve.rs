@@ -70,10 +70,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(listen = %bound, queues = config.queues.len(), "serving");
     eprintln!("dlq-bridge serve: listening on http://{bound}");
     let shutdown = CancellationToken::new();
-    let leadership: Leadership = if config.serve.leader_election.enabled {
-        leader::start(&config.serve.leader_election, shutdown.clone()).await?
+    let (leadership, elector): (Leadership, Option<leader::Elector>) = if config.serve.leader_election.enabled {
+        let (leadership, elector) = leader::start(&config.serve.leader_election, shutdown.clone()).await?;
+        (leadership, Some(elector))
     } else {
-        leader::always()
+        (leader::always(), None)
     };
     let sinks = Sinks::start(&config.alerts.sinks)?;
     if !config.alerts.rules.is_empty() && config.alerts.sinks.is_empty() {
@@ -117,8 +118,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         results: results_tx,
     });
     poller.spawn_all(&config, sample, shutdown.clone());
+    // The loops that start work: waited for on shutdown, so that a purge a
+    // retention check is running releases what it holds, and a run a
+    // schedule is starting is among the runs drained.
+    let mut loops = JoinSet::new();
     for q in config.queues.iter().filter(|q| q.retention.is_some()) {
-        tokio::spawn(retention_loop(
+        loops.spawn(retention_loop(
             app.clone(),
             q.name.clone(),
             data_dir.clone(),
@@ -129,7 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(alert_loop(results_rx, evaluator, sinks, metrics, leadership.clone()));
     for s in &config.schedules {
-        tokio::spawn(schedule_loop(
+        loops.spawn(schedule_loop(
             app.clone(),
             s.clone(),
             leadership.clone(),
@@ -151,12 +156,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;
-    app.drain_runs(config.serve.shutdown_grace).await;
+    let deadline = tokio::time::Instant::now() + config.serve.shutdown_grace;
+    let loops_done = async { while loops.join_next().await.is_some() {} };
+    if tokio::time::timeout_at(deadline, loops_done).await.is_err() {
+        tracing::warn!(
+            "retention checks still running after the shutdown grace period; their leases expire by themselves"
+        );
+    }
+    drop(loops);
+    app.drain_runs(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
     if let Some(j) = &app.journal {
         j.sync()?;
     }
-    // Give the elector a moment to hand the lease over.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The elector hands the Lease over as soon as shutdown starts, and gives
+    // up after a renewal period: wait for it, so that a standby takes over
+    // now rather than after the lease expires.
+    if let Some(elector) = elector {
+        let _ = elector.await;
+    }
     Ok(())
 }
 
