@@ -23,6 +23,15 @@ use crate::sidecar::poller::StatusCache;
 /// Finished runs kept for `GET /v1/runs/{id}`.
 const RUNS_KEPT: usize = 200;
 
+/// Spawn `run` into `tasks` after dropping the runs that have ended. A
+/// JoinSet keeps each finished task (its whole future's allocation) until it
+/// is joined, and these are joined only at shutdown: a sidecar whose
+/// schedule fires every minute would hold every run it ever made.
+fn spawn_reaping(tasks: &mut JoinSet<()>, run: impl std::future::Future<Output = ()> + Send + 'static) {
+    while tasks.try_join_next().is_some() {}
+    tasks.spawn(run);
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -156,7 +165,7 @@ impl App {
         );
         let app = self.clone();
         let queue = queue.to_string();
-        self.tasks.lock().await.spawn(async move {
+        spawn_reaping(&mut *self.tasks.lock().await, async move {
             let ticket = match ticket {
                 Some(t) => Some(t.admitted().await),
                 None => None,
@@ -267,5 +276,31 @@ impl App {
         if tokio::time::timeout(grace, wait).await.is_err() {
             tracing::warn!("redrives still running after the shutdown grace period; their leases expire by themselves");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn finished_runs_do_not_pile_up_in_the_task_set() {
+        let mut tasks = JoinSet::new();
+        for _ in 0..100 {
+            spawn_reaping(&mut tasks, async {});
+            // Let it finish, as a run does long before the next one starts.
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert!(tasks.len() <= 1, "{} finished runs kept", tasks.len());
+        // Runs still going are kept, to be drained on shutdown.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        spawn_reaping(&mut tasks, async move {
+            let _ = rx.await;
+        });
+        spawn_reaping(&mut tasks, async {});
+        assert!(tasks.len() >= 2);
+        drop(tx);
     }
 }
