@@ -1059,6 +1059,14 @@ impl Config {
                 ));
             }
             match (&sch.every, &sch.cron) {
+                // 0s would start a redrive the moment the last one ends, on
+                // and on; cron's own floor is a minute.
+                (Some(every), None) if *every < MIN_SCHEDULE_EVERY => {
+                    return Err(err(
+                        format!("{field}.every"),
+                        format!("must be at least {}", humantime::format_duration(MIN_SCHEDULE_EVERY)),
+                    ));
+                }
                 (Some(_), None) => {}
                 (None, Some(expr)) => {
                     if let Err(e) = expr.parse::<croner::Cron>() {
@@ -1248,6 +1256,9 @@ const MIN_HOLD: Duration = Duration::from_secs(1);
 
 /// A run given less time than this ends before its first lease is back.
 const MIN_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The shortest `every` a schedule may have.
+const MIN_SCHEDULE_EVERY: Duration = Duration::from_secs(1);
 
 /// The Lease holds whole seconds, and the leader must renew (every third of
 /// it) well within it.
@@ -1941,6 +1952,22 @@ mod tests {
         .unwrap();
         assert_eq!(c.redrive.rate, Some(1));
         assert_eq!(c.redrive.max_held, 1);
+    }
+
+    #[test]
+    fn a_schedule_every_0s_is_refused() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for every in ["0s", "500ms"] {
+            let err = parse(&format!("{q}schedules:\n  - queue: a\n    every: {every}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("test.yaml:6:5: schedules[0].every: must be at least 1s"),
+                "{every}: {err}"
+            );
+        }
+        let c = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1s}}\n")).unwrap();
+        assert_eq!(c.schedules[0].every, Some(Duration::from_secs(1)));
     }
 
     #[test]
