@@ -335,8 +335,11 @@ async fn schedule_loop(app: Arc<App>, s: ScheduleConfig, leadership: Leadership,
             },
         };
         tokio::select! {
-            _ = tokio::time::sleep_until(wake) => {}
+            // Shutdown first: after a run that outlasted its slot both are
+            // ready, and a run started now would only be cancelled.
+            biased;
             _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(wake) => {}
         }
         if !*leadership.borrow() {
             continue;
