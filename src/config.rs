@@ -1085,6 +1085,14 @@ impl Config {
                 ));
             }
             match (&sch.every, &sch.cron) {
+                // 0s would start a redrive the moment the last one ends, on
+                // and on; cron's own floor is a minute.
+                (Some(every), None) if *every < MIN_SCHEDULE_EVERY => {
+                    return Err(err(
+                        format!("{field}.every"),
+                        format!("must be at least {}", humantime::format_duration(MIN_SCHEDULE_EVERY)),
+                    ));
+                }
                 (Some(_), None) => {}
                 (None, Some(expr)) => {
                     if let Err(e) = expr.parse::<croner::Cron>() {
@@ -1149,6 +1157,15 @@ impl Config {
                 format!(
                     "must be at least {} (a run stops after this long)",
                     humantime::format_duration(MIN_DEADLINE)
+                ),
+            ));
+        }
+        if self.serve.leader_election.lease_duration < MIN_LEASE_DURATION {
+            return Err(err(
+                "serve.leader_election.lease_duration".into(),
+                format!(
+                    "must be at least {} (the leader renews every third of it; a shorter lease flaps between replicas)",
+                    humantime::format_duration(MIN_LEASE_DURATION)
                 ),
             ));
         }
@@ -1302,6 +1319,13 @@ const MIN_HOLD: Duration = Duration::from_secs(1);
 
 /// A run given less time than this ends before its first lease is back.
 const MIN_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The shortest `every` a schedule may have.
+const MIN_SCHEDULE_EVERY: Duration = Duration::from_secs(1);
+
+/// The Lease holds whole seconds, and the leader must renew (every third of
+/// it) well within it.
+const MIN_LEASE_DURATION: Duration = Duration::from_secs(2);
 
 impl ServeConfig {
     /// `listen` is an IP address and port, and only loopback unless a token
@@ -1991,6 +2015,38 @@ mod tests {
         .unwrap();
         assert_eq!(c.redrive.rate, Some(1));
         assert_eq!(c.redrive.max_held, 1);
+    }
+
+    #[test]
+    fn a_schedule_every_0s_is_refused() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for every in ["0s", "500ms"] {
+            let err = parse(&format!("{q}schedules:\n  - queue: a\n    every: {every}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("test.yaml:6:5: schedules[0].every: must be at least 1s"),
+                "{every}: {err}"
+            );
+        }
+        let c = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1s}}\n")).unwrap();
+        assert_eq!(c.schedules[0].every, Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_lease_too_short_to_renew_is_refused() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for d in ["0s", "1s", "500ms"] {
+            let err = parse(&format!("{q}serve:\n  leader_election:\n    lease_duration: {d}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("test.yaml:6:5: serve.leader_election.lease_duration: must be at least 2s"),
+                "{d}: {err}"
+            );
+        }
+        let c = parse(&format!("{q}serve:\n  leader_election: {{lease_duration: 2s}}\n")).unwrap();
+        assert_eq!(c.serve.leader_election.lease_duration, Duration::from_secs(2));
     }
 
     #[test]

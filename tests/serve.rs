@@ -421,6 +421,107 @@ async fn a_schedule_redrives_by_itself() {
     assert_eq!(f.dlq_count().await, 2);
 }
 
+/// SIGTERM while a retention purge is going: serve waits for it to release
+/// what it leased (and journal what it deleted) before it exits, as it does
+/// for API and scheduled runs. (Against moto the purge stops within serve's
+/// old 200 ms exit delay, so this guards the behaviour rather than catching
+/// the slower releases of a real provider.)
+#[tokio::test]
+async fn sigterm_mid_retention_purge_releases_what_it_holds() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(30, "Timeout")).await;
+    // Every message is past max_age by the time serve starts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let export = std::env::temp_dir().join(format!("dlqb-retention-{}", uuid::Uuid::new_v4().simple()));
+    let config = format!(
+        "queues:\n{}    retention: {{max_age: 1s, check_every: 1h, action: export-then-purge, export_dir: {}}}\nserve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  reason_sample: 0\nredrive:\n  rate: 10\n  hold: 60s\n",
+        queue_yaml("orders", &f),
+        export.display()
+    );
+    let mut serve = Serve::start_until_ready(&config, &[]).await;
+    serve
+        .wait_for(Duration::from_secs(20), || async { f.dlq_count().await < 30 })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = serve.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = serve.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "exits after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let left = f.dlq_count().await;
+    assert!(left > 0 && left < 30, "interrupted mid-purge: {left} left");
+    // Released, not left leased: all of the rest are visible at once.
+    let visible = f
+        .client
+        .get_queue_attributes()
+        .queue_url(&f.dlq_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        visible.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages],
+        left.to_string()
+    );
+    let _ = std::fs::remove_dir_all(&export);
+}
+
+/// A scheduled run that fails (here: its DLQ is deleted while serve runs)
+/// says so in the log every time, naming the run, and /v1/runs has its
+/// error: a schedule must not fail silently tick after tick.
+#[tokio::test]
+async fn a_scheduled_run_that_fails_says_so_in_the_log() {
+    let f = SqsFixture::create(false).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\nschedules:\n  - queue: orders\n    every: 1s\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    // One scheduled run that worked, so the backend is built, then the DLQ goes.
+    let scheduled = |status: &'static str| {
+        let serve = &serve;
+        async move {
+            let (_, body) = serve.get_auth("/v1/runs").await;
+            let runs: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            runs.as_array().or_else(|| runs["runs"].as_array()).and_then(|runs| {
+                runs.iter()
+                    .find(|r| r["trigger"] == "schedule" && r["status"] == status)
+                    .cloned()
+            })
+        }
+    };
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            scheduled("finished").await.is_some()
+        })
+        .await;
+    f.client.delete_queue().queue_url(&f.dlq_url).send().await.unwrap();
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            scheduled("failed").await.is_some()
+        })
+        .await;
+    let run = scheduled("failed").await.unwrap();
+    let id = run["run_id"].as_str().unwrap().to_string();
+    serve
+        .wait_for(Duration::from_secs(5), || async {
+            serve.log.lock().unwrap().iter().any(|l| l.contains(&id))
+        })
+        .await;
+    let log = serve.log.lock().unwrap().clone();
+    let line = log.iter().find(|l| l.contains(&id)).unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("orders") && line.contains("schedule"),
+        "{line}"
+    );
+}
+
 /// Request bodies must be JSON (415/400/422 otherwise, all JSON errors), an
 /// unknown destination is the caller's 400, the token is read without its
 /// trailing newline and the `bearer` scheme is case-insensitive, and runs

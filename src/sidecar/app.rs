@@ -23,6 +23,15 @@ use crate::sidecar::poller::StatusCache;
 /// Finished runs kept for `GET /v1/runs/{id}`.
 const RUNS_KEPT: usize = 200;
 
+/// Spawn `run` into `tasks` after dropping the runs that have ended. A
+/// JoinSet keeps each finished task (its whole future's allocation) until it
+/// is joined, and these are joined only at shutdown: a sidecar whose
+/// schedule fires every minute would hold every run it ever made.
+fn spawn_reaping(tasks: &mut JoinSet<()>, run: impl std::future::Future<Output = ()> + Send + 'static) {
+    while tasks.try_join_next().is_some() {}
+    tasks.spawn(run);
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -156,14 +165,14 @@ impl App {
         );
         let app = self.clone();
         let queue = queue.to_string();
-        self.tasks.lock().await.spawn(async move {
+        spawn_reaping(&mut *self.tasks.lock().await, async move {
             let ticket = match ticket {
                 Some(t) => Some(t.admitted().await),
                 None => None,
             };
             let result = engine.run(&plan).await;
             drop(ticket);
-            app.finish_run(&plan.run_id, &queue, result).await;
+            app.finish_run(&plan.run_id, &queue, plan.trigger, result).await;
         });
         Ok(run_id)
     }
@@ -172,6 +181,7 @@ impl App {
         &self,
         run_id: &str,
         queue: &str,
+        trigger: Trigger,
         result: Result<RunSummary, crate::engine::redrive::RedriveError>,
     ) {
         let settled = match &result {
@@ -185,7 +195,16 @@ impl App {
             self.metrics.add_redriven(queue, "send_failed", s.send_failed);
             self.metrics.add_redriven(queue, "settle_failed", s.settle_failed);
             self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
-            tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
+            if s.ok() {
+                tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
+            } else {
+                // A schedule's runs are seen nowhere else: a run that fails
+                // every tick must say so, and why, where operators look.
+                tracing::error!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, filter_errors = s.filter_errors, stopped = ?s.stopped, errors = ?s.errors, trigger = %s.trigger, "redrive failed");
+            }
+        }
+        if let Err(e) = &result {
+            tracing::error!(run = %run_id, queue, error = %e, %trigger, "redrive failed");
         }
         let mut runs = self.runs.lock().await;
         if let Some(e) = runs.get_mut(run_id) {
@@ -244,10 +263,44 @@ impl App {
 
     /// Wait for runs to finish after shutdown was signalled.
     pub(super) async fn drain_runs(&self, grace: Duration) {
-        let mut tasks = std::mem::take(&mut *self.tasks.lock().await);
-        let wait = async { while tasks.join_next().await.is_some() {} };
+        // Runs spawned while the first ones drain are waited for too.
+        let wait = async {
+            loop {
+                let mut tasks = std::mem::take(&mut *self.tasks.lock().await);
+                if tasks.is_empty() {
+                    break;
+                }
+                while tasks.join_next().await.is_some() {}
+            }
+        };
         if tokio::time::timeout(grace, wait).await.is_err() {
             tracing::warn!("redrives still running after the shutdown grace period; their leases expire by themselves");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn finished_runs_do_not_pile_up_in_the_task_set() {
+        let mut tasks = JoinSet::new();
+        for _ in 0..100 {
+            spawn_reaping(&mut tasks, async {});
+            // Let it finish, as a run does long before the next one starts.
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert!(tasks.len() <= 1, "{} finished runs kept", tasks.len());
+        // Runs still going are kept, to be drained on shutdown.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        spawn_reaping(&mut tasks, async move {
+            let _ = rx.await;
+        });
+        spawn_reaping(&mut tasks, async {});
+        assert!(tasks.len() >= 2);
+        drop(tx);
     }
 }

@@ -6,11 +6,13 @@
 //! because provider leases already give competing-consumer semantics.
 //!
 //! kube-rs has no leader elector of its own, so this is the standard
-//! client-go algorithm in a few lines: take the Lease when it is free or its
-//! holder has not renewed within `leaseDurationSeconds`, renew it at a third
-//! of that, and let optimistic concurrency (`resourceVersion` on replace)
-//! settle races. On shutdown the leader clears the holder so that a standby
-//! takes over at once instead of after the lease expires.
+//! client-go algorithm in a few lines: take the Lease when it is free or has
+//! stood unchanged for `leaseDurationSeconds` by this replica's own clock,
+//! renew it at a third of that, step down when no renewal has succeeded for
+//! two thirds of it (every call is bounded by that deadline), and let
+//! optimistic concurrency (`resourceVersion` on replace) settle races. On
+//! shutdown the leader clears the holder so that a standby takes over at
+//! once instead of after the lease expires.
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -50,13 +52,23 @@ pub fn identity(cfg: &LeaderElectionConfig) -> String {
         .unwrap_or_else(|| format!("dlq-bridge-{}", std::process::id()))
 }
 
+/// The elector's task: it ends once it has handed the Lease over after
+/// `cancel` (or given up doing so).
+pub type Elector = tokio::task::JoinHandle<()>;
+
 #[cfg(not(feature = "k8s"))]
-pub async fn start(_cfg: &LeaderElectionConfig, _cancel: CancellationToken) -> Result<Leadership, LeaderError> {
+pub async fn start(
+    _cfg: &LeaderElectionConfig,
+    _cancel: CancellationToken,
+) -> Result<(Leadership, Elector), LeaderError> {
     Err(LeaderError::NotCompiled)
 }
 
 #[cfg(feature = "k8s")]
-pub async fn start(cfg: &LeaderElectionConfig, cancel: CancellationToken) -> Result<Leadership, LeaderError> {
+pub async fn start(
+    cfg: &LeaderElectionConfig,
+    cancel: CancellationToken,
+) -> Result<(Leadership, Elector), LeaderError> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| LeaderError::Client(e.to_string()))?;
@@ -72,13 +84,12 @@ pub async fn start(cfg: &LeaderElectionConfig, cancel: CancellationToken) -> Res
         duration: cfg.lease_duration,
     };
     let (tx, rx) = watch::channel(false);
-    tokio::spawn(elector.run(tx, cancel));
-    Ok(rx)
+    Ok((rx, tokio::spawn(elector.run(tx, cancel))))
 }
 
 #[cfg(feature = "k8s")]
 mod k8s {
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -95,38 +106,140 @@ mod k8s {
         pub duration: Duration,
     }
 
+    /// How often to renew (or try to acquire): a third of the lease, as
+    /// client-go's 15s lease renews every 5s or so.
+    pub(super) fn retry_period(duration: Duration) -> Duration {
+        (duration / 3).max(Duration::from_millis(500))
+    }
+
+    /// How long after its last renewal a leader that cannot renew keeps
+    /// leading: two thirds of the lease (client-go's 10s of 15s). Another
+    /// replica takes over only once the Lease has stood unchanged for the
+    /// whole lease by its own clock, so the old leader has stepped down a
+    /// third of the lease before then.
+    pub(super) fn renew_deadline(duration: Duration) -> Duration {
+        duration * 2 / 3
+    }
+
+    /// How long the next call may take. Bounded whatever happens: kube's
+    /// client has no response timeout, and a call hung on a half-open
+    /// connection would otherwise keep a stale leader leading for as long
+    /// as it hangs, next to the replica that took the Lease over.
+    pub(super) fn call_budget(
+        renewed_at: Option<Instant>,
+        now: Instant,
+        period: Duration,
+        deadline: Duration,
+    ) -> Duration {
+        match renewed_at {
+            Some(t) => (t + deadline).saturating_duration_since(now).min(period),
+            None => period,
+        }
+    }
+
+    /// The Lease as this replica last saw it and when, by its own monotonic
+    /// clock, it last changed. Expiry is judged by that, as client-go does,
+    /// and not by the holder's `renewTime`: that is another node's wall
+    /// clock, and a skew of more than a lease would let two replicas lead.
+    #[derive(Debug, Default)]
+    pub(super) struct Observed {
+        version: Option<String>,
+        since: Option<Instant>,
+    }
+
+    impl Observed {
+        /// Note the record's `resourceVersion` (every write changes it) as
+        /// seen at `now`; returns how long it has stood unchanged.
+        pub(super) fn note(&mut self, version: Option<&str>, now: Instant) -> Duration {
+            if self.since.is_none() || self.version.as_deref() != version {
+                self.version = version.map(str::to_owned);
+                self.since = Some(now);
+            }
+            now.saturating_duration_since(self.since.unwrap_or(now))
+        }
+    }
+
+    /// Whether this replica may take the Lease: it is free, already ours, or
+    /// its holder has not written it for longer than the lease it declares
+    /// (ours when it declares none).
+    pub(super) fn may_take(
+        holder: Option<&str>,
+        me: &str,
+        unchanged_for: Duration,
+        declared_secs: Option<i32>,
+        ours: Duration,
+    ) -> bool {
+        let lease = declared_secs
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(ours, Duration::from_secs);
+        match holder {
+            None => true,
+            Some(h) => h == me || unchanged_for > lease,
+        }
+    }
+
     impl Elector {
         pub async fn run(self, tx: watch::Sender<bool>, cancel: CancellationToken) {
-            let period = (self.duration / 3).max(Duration::from_millis(500));
-            let mut last_renewed: Option<std::time::Instant> = None;
+            let period = retry_period(self.duration);
+            let deadline = renew_deadline(self.duration);
+            let mut observed = Observed::default();
+            // When the last renewal that succeeded was sent.
+            let mut renewed_at: Option<Instant> = None;
             loop {
-                let leading = match self.try_acquire_or_renew().await {
-                    Ok(l) => {
-                        if l {
-                            last_renewed = Some(std::time::Instant::now());
-                        }
-                        l
+                let started = Instant::now();
+                let budget = call_budget(renewed_at.filter(|_| *tx.borrow()), started, period, deadline);
+                let outcome = if budget.is_zero() {
+                    None
+                } else {
+                    tokio::time::timeout(budget, self.try_acquire_or_renew(&mut observed))
+                        .await
+                        .ok()
+                };
+                let leading = match outcome {
+                    Some(Ok(true)) => {
+                        renewed_at = Some(started);
+                        true
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, lease = %self.name, "leader election call failed");
+                    Some(Ok(false)) => {
+                        renewed_at = None;
+                        false
+                    }
+                    failed => {
+                        match failed {
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, lease = %self.name, "leader election call failed")
+                            }
+                            _ => {
+                                tracing::warn!(lease = %self.name, timeout = ?budget, "leader election call timed out")
+                            }
+                        }
                         // A leader that cannot renew keeps leading only until
-                        // its lease may have expired and been taken over.
-                        *tx.borrow() && last_renewed.is_some_and(|t| t.elapsed() < self.duration)
+                        // its renew deadline, well before another replica may
+                        // take the Lease over.
+                        *tx.borrow() && renewed_at.is_some_and(|t| t.elapsed() < deadline)
                     }
                 };
                 if *tx.borrow() != leading {
                     tracing::info!(identity = %self.me, leading, "leadership changed");
                 }
                 let _ = tx.send(leading);
+                // A leader wakes by its renew deadline at the latest, to step
+                // down on time if renewals keep failing.
+                let pause = match renewed_at.filter(|_| leading) {
+                    Some(t) => (t + deadline).saturating_duration_since(Instant::now()).min(period),
+                    None => period,
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(period) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = cancel.cancelled() => break,
                 }
             }
             if *tx.borrow() {
                 let _ = tx.send(false);
-                if let Err(e) = self.release().await {
-                    tracing::warn!(error = %e, "could not release the lease; it expires by itself");
+                match tokio::time::timeout(period, self.release()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease; it expires by itself"),
+                    Err(_) => tracing::warn!("releasing the lease timed out; it expires by itself"),
                 }
             }
         }
@@ -150,7 +263,7 @@ mod k8s {
         }
 
         /// Returns whether this replica holds the lease after the call.
-        async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+        async fn try_acquire_or_renew(&self, observed: &mut Observed) -> Result<bool, kube::Error> {
             let now = Timestamp::now();
             let Some(mut lease) = self.api.get_opt(&self.name).await? else {
                 let lease = Lease {
@@ -168,19 +281,24 @@ mod k8s {
             };
             let spec = lease.spec.clone().unwrap_or_default();
             let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
-            let mine = holder == Some(self.me.as_str());
-            let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-                (Some(MicroTime(t)), Some(secs)) => now.as_millisecond() - t.as_millisecond() > i64::from(secs) * 1000,
-                _ => true,
-            };
-            if !(mine || holder.is_none() || expired) {
+            let unchanged_for = observed.note(lease.metadata.resource_version.as_deref(), Instant::now());
+            if !may_take(
+                holder,
+                &self.me,
+                unchanged_for,
+                spec.lease_duration_seconds,
+                self.duration,
+            ) {
                 return Ok(false);
             }
             lease.spec = Some(self.spec(Some(&spec), now));
             // `replace` carries the resourceVersion we read: if another replica
             // wrote in between, the API answers 409 and we lost this round.
             match self.api.replace(&self.name, &PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
+                Ok(written) => {
+                    observed.note(written.metadata.resource_version.as_deref(), Instant::now());
+                    Ok(true)
+                }
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
                 Err(e) => Err(e),
             }
@@ -197,6 +315,56 @@ mod k8s {
                 self.api.replace(&self.name, &PostParams::default(), &lease).await?;
             }
             Ok(())
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_skewed_renew_time_does_not_expire_a_lease_that_keeps_changing() {
+            let me = "replica-b";
+            let mut seen = Observed::default();
+            let t0 = Instant::now();
+            let secs = Some(15);
+            let d = Duration::from_secs(15);
+            // The holder renews every 5s. Its renewTime may read minutes old
+            // on this node's clock: it does not matter, the record changes.
+            for (i, version) in ["1", "2", "3", "4", "5"].iter().enumerate() {
+                let now = t0 + Duration::from_secs(5 * i as u64);
+                let unchanged = seen.note(Some(version), now);
+                assert!(!may_take(Some("replica-a"), me, unchanged, secs, d), "round {i}");
+            }
+            // It stops renewing: taken over once the record stood still for a
+            // whole lease by this replica's clock, not before.
+            let last = t0 + Duration::from_secs(20);
+            let unchanged = seen.note(Some("5"), last + Duration::from_secs(14));
+            assert!(!may_take(Some("replica-a"), me, unchanged, secs, d));
+            let unchanged = seen.note(Some("5"), last + Duration::from_secs(16));
+            assert!(may_take(Some("replica-a"), me, unchanged, secs, d));
+            // Free or ours: at once.
+            assert!(may_take(None, me, Duration::ZERO, secs, d));
+            assert!(may_take(Some(me), me, Duration::ZERO, secs, d));
+        }
+
+        #[test]
+        fn a_leader_that_cannot_renew_steps_down_before_others_may_take_over() {
+            let d = Duration::from_secs(15);
+            let (period, deadline) = (retry_period(d), renew_deadline(d));
+            assert_eq!(period, Duration::from_secs(5));
+            assert!(deadline + period <= d + Duration::from_millis(1) && deadline > period);
+            let t0 = Instant::now();
+            // Renewed at t0: the next call (at about t0 + 5s) may take at most
+            // what is left until t0 + 10s, however long the API hangs.
+            assert_eq!(call_budget(Some(t0), t0 + period, period, deadline), period);
+            assert_eq!(
+                call_budget(Some(t0), t0 + Duration::from_secs(8), period, deadline),
+                Duration::from_secs(2)
+            );
+            assert_eq!(call_budget(Some(t0), t0 + deadline, period, deadline), Duration::ZERO);
+            // Not leading: one period per try.
+            assert_eq!(call_budget(None, t0 + d * 10, period, deadline), period);
         }
     }
 }

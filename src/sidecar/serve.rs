@@ -70,10 +70,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(listen = %bound, queues = config.queues.len(), "serving");
     eprintln!("dlq-bridge serve: listening on http://{bound}");
     let shutdown = CancellationToken::new();
-    let leadership: Leadership = if config.serve.leader_election.enabled {
-        leader::start(&config.serve.leader_election, shutdown.clone()).await?
+    let (leadership, elector): (Leadership, Option<leader::Elector>) = if config.serve.leader_election.enabled {
+        let (leadership, elector) = leader::start(&config.serve.leader_election, shutdown.clone()).await?;
+        (leadership, Some(elector))
     } else {
-        leader::always()
+        (leader::always(), None)
     };
     let sinks = Sinks::start(&config.alerts.sinks)?;
     if !config.alerts.rules.is_empty() && config.alerts.sinks.is_empty() {
@@ -117,8 +118,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         results: results_tx,
     });
     poller.spawn_all(&config, sample, shutdown.clone());
+    // The loops that start work: waited for on shutdown, so that a purge a
+    // retention check is running releases what it holds, and a run a
+    // schedule is starting is among the runs drained.
+    let mut loops = JoinSet::new();
     for q in config.queues.iter().filter(|q| q.retention.is_some()) {
-        tokio::spawn(retention_loop(
+        loops.spawn(retention_loop(
             app.clone(),
             q.name.clone(),
             data_dir.clone(),
@@ -129,7 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(alert_loop(results_rx, evaluator, sinks, metrics, leadership.clone()));
     for s in &config.schedules {
-        tokio::spawn(schedule_loop(
+        loops.spawn(schedule_loop(
             app.clone(),
             s.clone(),
             leadership.clone(),
@@ -151,12 +156,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;
-    app.drain_runs(config.serve.shutdown_grace).await;
+    let deadline = tokio::time::Instant::now() + config.serve.shutdown_grace;
+    let loops_done = async { while loops.join_next().await.is_some() {} };
+    if tokio::time::timeout_at(deadline, loops_done).await.is_err() {
+        tracing::warn!(
+            "retention checks still running after the shutdown grace period; their leases expire by themselves"
+        );
+    }
+    drop(loops);
+    app.drain_runs(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
     if let Some(j) = &app.journal {
         j.sync()?;
     }
-    // Give the elector a moment to hand the lease over.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The elector hands the Lease over as soon as shutdown starts, and gives
+    // up after a renewal period: wait for it, so that a standby takes over
+    // now rather than after the lease expires.
+    if let Some(elector) = elector {
+        let _ = elector.await;
+    }
     Ok(())
 }
 
@@ -258,23 +276,70 @@ async fn alert_loop(
     }
 }
 
+/// When a schedule fires. `every` keeps a fixed cadence from startup rather
+/// than waiting `every` after each run ends (a 15m schedule whose runs take 5m
+/// would otherwise fire every 20m); a run that outlasts its interval skips the
+/// slots it overran instead of starting them back to back.
+enum Cadence {
+    Every(Duration),
+    Cron(Box<croner::Cron>),
+}
+
+impl Cadence {
+    /// `None` for a schedule with neither (refused when the config is loaded).
+    fn of(s: &ScheduleConfig) -> Option<Self> {
+        match (&s.cron, s.every) {
+            (Some(c), _) => c.parse::<croner::Cron>().ok().map(|c| Self::Cron(Box::new(c))),
+            (None, Some(every)) if !every.is_zero() => Some(Self::Every(every)),
+            _ => None,
+        }
+    }
+}
+
+/// The first `every` slot (`anchor + k * every`, k >= 1) strictly after `now`.
+fn next_every(anchor: tokio::time::Instant, every: Duration, now: tokio::time::Instant) -> tokio::time::Instant {
+    let elapsed = now.saturating_duration_since(anchor).as_nanos();
+    let k = elapsed / every.as_nanos() + 1;
+    let offset = every.as_nanos().saturating_mul(k);
+    anchor + Duration::from_nanos(u64::try_from(offset).unwrap_or(u64::MAX))
+}
+
+/// The first cron slot after both `now` and the slot that fired last: a
+/// timer that wakes a little before its slot (the wall clock stepped back
+/// while it slept) must not fire that slot a second time.
+fn next_cron(
+    cron: &croner::Cron,
+    now: DateTime<Utc>,
+    last: Option<DateTime<Utc>>,
+) -> Result<DateTime<Utc>, croner::errors::CronError> {
+    let from = last.map_or(now, |l| l.max(now));
+    cron.find_next_occurrence(&from, false)
+}
+
 async fn schedule_loop(app: Arc<App>, s: ScheduleConfig, leadership: Leadership, shutdown: CancellationToken) {
-    let cron = s.cron.as_deref().and_then(|c| c.parse::<croner::Cron>().ok());
+    let Some(cadence) = Cadence::of(&s) else { return };
+    let anchor = tokio::time::Instant::now();
+    let mut last_cron: Option<DateTime<Utc>> = None;
     loop {
-        let wait = match (&cron, s.every) {
-            (Some(c), _) => match c.find_next_occurrence(&Utc::now(), false) {
-                Ok(next) => (next - Utc::now()).to_std().unwrap_or_default(),
+        let wake = match &cadence {
+            Cadence::Every(every) => next_every(anchor, *every, tokio::time::Instant::now()),
+            Cadence::Cron(c) => match next_cron(c, Utc::now(), last_cron) {
+                Ok(next) => {
+                    last_cron = Some(next);
+                    tokio::time::Instant::now() + (next - Utc::now()).to_std().unwrap_or_default()
+                }
                 Err(e) => {
                     tracing::error!(queue = %s.queue, error = %e, "cron schedule has no next run; stopping it");
                     return;
                 }
             },
-            (None, Some(every)) => every,
-            (None, None) => return,
         };
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            // Shutdown first: after a run that outlasted its slot both are
+            // ready, and a run started now would only be cancelled.
+            biased;
             _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(wake) => {}
         }
         if !*leadership.borrow() {
             continue;
@@ -428,6 +493,49 @@ async fn retention_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_keeps_its_cadence_whatever_the_runs_take() {
+        let t0 = tokio::time::Instant::now();
+        let every = Duration::from_secs(10);
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        // Startup waits a whole interval: nothing fires at once.
+        assert_eq!(next_every(t0, every, t0), at(10_000));
+        // A run started at 10s that took 3s: the next slot is 20s, not 23s.
+        assert_eq!(next_every(t0, every, at(13_000)), at(20_000));
+        // On the slot itself: the following one.
+        assert_eq!(next_every(t0, every, at(20_000)), at(30_000));
+        // A run that took 25s overran the 20s and 30s slots: they are skipped,
+        // not started back to back.
+        assert_eq!(next_every(t0, every, at(35_000)), at(40_000));
+    }
+
+    #[test]
+    fn a_cron_slot_fires_once_even_when_the_timer_wakes_early() {
+        let cron: croner::Cron = "0 * * * *".parse().unwrap();
+        let t = |h: u32, m: u32, s: u32, ms: u32| {
+            chrono::NaiveDate::from_ymd_opt(2026, 3, 29)
+                .unwrap()
+                .and_hms_milli_opt(h, m, s, ms)
+                .unwrap()
+                .and_utc()
+        };
+        assert_eq!(next_cron(&cron, t(1, 20, 0, 0), None).unwrap(), t(2, 0, 0, 0));
+        // Woke 5ms before 02:00 (the wall clock stepped back meanwhile) and
+        // fired the 02:00 slot: the next is 03:00, not 02:00 again.
+        assert_eq!(
+            next_cron(&cron, t(1, 59, 59, 995), Some(t(2, 0, 0, 0))).unwrap(),
+            t(3, 0, 0, 0)
+        );
+        // A run that overran 03:00 skips it.
+        assert_eq!(
+            next_cron(&cron, t(3, 10, 0, 0), Some(t(2, 0, 0, 0))).unwrap(),
+            t(4, 0, 0, 0)
+        );
+        // UTC: no DST gap or repeat (29 March 2026 is the EU switch).
+        let daily: croner::Cron = "30 2 * * *".parse().unwrap();
+        assert_eq!(next_cron(&daily, t(1, 0, 0, 0), None).unwrap(), t(2, 30, 0, 0));
+    }
 
     #[test]
     fn token_whitespace_is_not_part_of_it() {

@@ -58,6 +58,8 @@ impl Receiver {
 
 pub struct Serve {
     pub child: Child,
+    /// Every line serve has written to stderr so far (its log).
+    pub log: Arc<Mutex<Vec<String>>>,
     pub url: String,
     pub http: reqwest::Client,
 }
@@ -104,9 +106,11 @@ impl Serve {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start dlq-bridge serve");
-        let addr = bound_address(child.stderr.take().expect("piped stderr"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let addr = bound_address(child.stderr.take().expect("piped stderr"), log.clone());
         Serve {
             child,
+            log,
             url: format!("http://{addr}"),
             http: reqwest::Client::new(),
         }
@@ -215,15 +219,16 @@ impl Serve {
     }
 }
 
-/// Forward serve's stderr to the test's (so failures show its log) and return
-/// the address from its "listening on http://ADDR" line.
-fn bound_address(stderr: ChildStderr) -> String {
+/// Forward serve's stderr to the test's (so failures show its log) and to
+/// `log`, and return the address from its "listening on http://ADDR" line.
+fn bound_address(stderr: ChildStderr, log: Arc<Mutex<Vec<String>>>) -> String {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             eprintln!("{line}");
+            log.lock().unwrap().push(line.clone());
             if let Some(addr) = line.split("listening on http://").nth(1)
                 && let Some(tx) = tx.take()
             {
