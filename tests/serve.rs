@@ -381,18 +381,7 @@ async fn sigterm_mid_redrive_loses_nothing() {
     assert!(moved > 0 && moved < 30, "interrupted mid-run: {moved} moved");
     assert_eq!(moved + left, 30, "every message is in exactly one place");
     // Released, not left leased: all of the rest are visible at once.
-    let visible = f
-        .client
-        .get_queue_attributes()
-        .queue_url(&f.dlq_url)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        visible.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages],
-        left.to_string()
-    );
+    assert_eq!(f.dlq_visible().await, left);
 }
 
 #[tokio::test]
@@ -457,18 +446,7 @@ async fn sigterm_mid_retention_purge_releases_what_it_holds() {
     let left = f.dlq_count().await;
     assert!(left > 0 && left < 30, "interrupted mid-purge: {left} left");
     // Released, not left leased: all of the rest are visible at once.
-    let visible = f
-        .client
-        .get_queue_attributes()
-        .queue_url(&f.dlq_url)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        visible.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages],
-        left.to_string()
-    );
+    assert_eq!(f.dlq_visible().await, left);
     let _ = std::fs::remove_dir_all(&export);
 }
 

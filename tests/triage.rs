@@ -556,18 +556,7 @@ async fn an_interrupted_retention_releases_what_it_did_not_purge() {
     let o: serde_json::Value = serde_json::from_str(&out).unwrap();
     let purged = o[0]["expired"].as_u64().unwrap() as usize;
     assert!(purged > 0 && purged < 30, "{out}");
-    let visible = f
-        .client
-        .get_queue_attributes()
-        .queue_url(&f.dlq_url)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-        .send()
-        .await
-        .unwrap()
-        .attributes()
-        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages]
-        .parse::<usize>()
-        .unwrap();
+    let visible = f.dlq_visible().await;
     assert_eq!(visible, 30 - purged, "the rest is visible again at once: {out}{err}");
     let backups: Vec<PathBuf> = std::fs::read_dir(&export_dir)
         .unwrap()
@@ -629,17 +618,6 @@ async fn an_interrupted_export_releases_and_keeps_the_old_file() {
         .filter(|n| n.contains("partial"))
         .collect();
     assert!(left.is_empty(), "no partial file is left behind: {left:?}");
-    let visible = f
-        .client
-        .get_queue_attributes()
-        .queue_url(&f.dlq_url)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-        .send()
-        .await
-        .unwrap()
-        .attributes()
-        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages]
-        .parse::<usize>()
-        .unwrap();
+    let visible = f.dlq_visible().await;
     assert_eq!(visible, 60, "every message is visible again at once: {err}");
 }

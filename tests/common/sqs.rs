@@ -172,6 +172,22 @@ impl SqsFixture {
         }
     }
 
+    /// Messages in the DLQ that a receive would get now (not leased).
+    pub async fn dlq_visible(&self) -> usize {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.dlq_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .send()
+            .await
+            .expect("queue attributes");
+        out.attributes()
+            .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
+            .and_then(|v| v.parse().ok())
+            .expect("ApproximateNumberOfMessages")
+    }
+
     async fn count(&self, url: &str) -> usize {
         let out = self
             .client

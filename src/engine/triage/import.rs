@@ -198,6 +198,13 @@ pub async fn import(
         })?;
     }
     let now = Utc::now();
+    let ctx = BatchContext {
+        backend: &*backend,
+        limiter: limiter.as_ref(),
+        record: &record,
+        run: &plan.run_id,
+        cancel: &cancel,
+    };
     let mut batch: Vec<(usize, String, Outgoing)> = Vec::new();
     let mut batch_dest: Option<Destination> = None;
     let mut lines = lines.peekable();
@@ -257,13 +264,6 @@ pub async fn import(
         if batch_dest.as_ref().is_some_and(|d| *d != dest) || batch.len() >= caps.batch_size {
             let to = batch_dest.clone().expect("a batch has a destination");
             let full = std::mem::take(&mut batch);
-            let ctx = BatchContext {
-                backend: &*backend,
-                limiter: limiter.as_ref(),
-                record: &record,
-                run: &plan.run_id,
-                cancel: &cancel,
-            };
             if let Some(unsent) = send_import_batch(&ctx, &to, full, &mut s).await {
                 s.resume_line = Some(unsent);
                 batch.clear();
@@ -279,13 +279,6 @@ pub async fn import(
             // Read but not sent: nothing new leaves after an interrupt.
             s.resume_line.get_or_insert(first);
         } else {
-            let ctx = BatchContext {
-                backend: &*backend,
-                limiter: limiter.as_ref(),
-                record: &record,
-                run: &plan.run_id,
-                cancel: &cancel,
-            };
             if let Some(unsent) = send_import_batch(&ctx, &to, batch, &mut s).await {
                 s.resume_line.get_or_insert(unsent);
             }
