@@ -571,6 +571,7 @@ pub async fn purge_removes_exactly_the_matches_with_backup<F: Fixture>() {
         },
         None,
         Default::default(),
+        None,
     )
     .await
     .unwrap();
@@ -592,6 +593,7 @@ pub async fn purge_removes_exactly_the_matches_with_backup<F: Fixture>() {
         },
         Some(journal),
         Default::default(),
+        None,
     )
     .await
     .unwrap();

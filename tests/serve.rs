@@ -365,16 +365,7 @@ async fn sigterm_mid_redrive_loses_nothing() {
         .await;
     assert_eq!(code, 202);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let pid = serve.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = serve.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "exits after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = serve.terminate().await;
     assert!(status.success(), "{status:?}");
     let moved = f.drain_source().await.len();
     let left = f.dlq_count().await;
@@ -432,16 +423,7 @@ async fn sigterm_mid_retention_purge_releases_what_it_holds() {
         .wait_for(Duration::from_secs(20), || async { f.dlq_count().await < 30 })
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = serve.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = serve.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "exits after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = serve.terminate().await;
     assert!(status.success(), "{status:?}");
     let left = f.dlq_count().await;
     assert!(left > 0 && left < 30, "interrupted mid-purge: {left} left");

@@ -349,24 +349,14 @@ async fn a_failed_export_keeps_the_file_it_was_to_replace() {
     };
     let cfg = config(&dir, &gone, "");
     let file = dir.join("earlier.jsonl");
-    std::fs::write(&file, "{\"an\": \"earlier export\"}\n").unwrap();
+    std::fs::write(&file, EARLIER_EXPORT).unwrap();
     let (code, out, err) = run(bin(&dir)
         .arg("-c")
         .arg(&cfg)
         .args(["export", "orders", "--to"])
         .arg(&file));
     assert_ne!(code, 0, "{out}{err}");
-    assert_eq!(
-        std::fs::read_to_string(&file).unwrap(),
-        "{\"an\": \"earlier export\"}\n",
-        "{err}"
-    );
-    let left: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("partial"))
-        .collect();
-    assert!(left.is_empty(), "no partial file is left behind: {left:?}");
+    assert_earlier_export_kept(&file, &dir, &err);
 }
 
 /// A malformed line half-way through the file stops the import before
@@ -592,7 +582,7 @@ async fn an_interrupted_export_releases_and_keeps_the_old_file() {
     };
     let cfg = config(&dir, &slow, "");
     let file = dir.join("earlier.jsonl");
-    std::fs::write(&file, "{\"an\": \"earlier export\"}\n").unwrap();
+    std::fs::write(&file, EARLIER_EXPORT).unwrap();
     let child = bin(&dir)
         .arg("-c")
         .arg(&cfg)
@@ -607,17 +597,22 @@ async fn an_interrupted_export_releases_and_keeps_the_old_file() {
     let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
     let (out, err) = (String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr));
     assert_eq!(status.code(), Some(130), "{out}{err}");
-    assert_eq!(
-        std::fs::read_to_string(&file).unwrap(),
-        "{\"an\": \"earlier export\"}\n",
-        "{err}"
-    );
-    let left: Vec<_> = std::fs::read_dir(&dir)
+    assert_earlier_export_kept(&file, &dir, &err);
+    let visible = f.dlq_visible().await;
+    assert_eq!(visible, 60, "every message is visible again at once: {err}");
+}
+
+/// What the export tests put at `--to` before an export that must not finish.
+const EARLIER_EXPORT: &str = "{\"an\": \"earlier export\"}\n";
+
+/// An export that did not finish left `file` as it was and no partial file
+/// in `dir`.
+fn assert_earlier_export_kept(file: &std::path::Path, dir: &std::path::Path, err: &str) {
+    assert_eq!(std::fs::read_to_string(file).unwrap(), EARLIER_EXPORT, "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains("partial"))
         .collect();
     assert!(left.is_empty(), "no partial file is left behind: {left:?}");
-    let visible = f.dlq_visible().await;
-    assert_eq!(visible, 60, "every message is visible again at once: {err}");
 }

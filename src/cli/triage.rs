@@ -136,7 +136,7 @@ pub async fn cli_purge(
 ) -> Result<u8, Failure> {
     let cancel = CancellationToken::new();
     let interrupt = signals::on_interrupt(cancel.clone(), "the batches");
-    let s = purge(registry, queue, req, journal, cancel).await?;
+    let s = purge(registry, queue, req, journal, cancel, None).await?;
     match output {
         Format::Json => print_json(&s)?,
         Format::Table => out!("{}", purge_text(&s))?,

@@ -124,6 +124,21 @@ impl Serve {
         s
     }
 
+    /// Send SIGTERM and wait (up to 30 s) for serve to exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = i32::try_from(self.child.id()).expect("a pid");
+        // SAFETY: kill(2) only sends a signal to the child we started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM sent");
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "exits after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Whether `/v1/queues` shows every queue polled.
     pub async fn all_polled(&self) -> bool {
         let (code, body) = self.get("/v1/queues").await;

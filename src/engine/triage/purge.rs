@@ -75,18 +75,9 @@ pub fn purge_filter(filter: &str, older_than: Option<Duration>) -> String {
 /// Delete the messages of `queue` that match, each only after it was written
 /// to the backup (when there is one), through the redrive engine: messages
 /// that do not match stay leased until the pass ends and are then released.
+/// With `progress`, the run counts into it as it goes (`serve` credits the
+/// removals to the queue's arrivals while the purge runs).
 pub async fn purge(
-    registry: &Registry,
-    queue: &str,
-    req: &PurgeRequest<'_>,
-    journal: Option<Arc<Journal>>,
-    cancel: CancellationToken,
-) -> Result<RunSummary, TriageError> {
-    purge_counted(registry, queue, req, journal, cancel, None).await
-}
-
-/// [`purge`], counting into `progress` as it goes when one is given.
-pub async fn purge_counted(
     registry: &Registry,
     queue: &str,
     req: &PurgeRequest<'_>,

@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::error::TriageError;
-use super::purge::{PurgeRequest, purge_counted};
+use super::purge::{PurgeRequest, purge};
 use super::read::browse;
 use crate::config::RetentionAction;
 use crate::engine::journal::Journal;
@@ -106,7 +106,7 @@ pub async fn apply_retention(
         .or_else(|| default_dir.map(|d| d.join("retention")))
         .ok_or_else(|| TriageError::Usage(format!("queue {queue}: set retention.export_dir")))?;
     let path = dir.join(format!("{queue}-{}.jsonl", crate::engine::redrive::new_run_id()));
-    let summary = purge_counted(
+    let summary = purge(
         registry,
         queue,
         &PurgeRequest {
