@@ -463,4 +463,11 @@ async fn dashboard_assets_and_api_rules() {
     assert_eq!(run["trigger"], "api", "{run}");
     assert_eq!(run["action"], "purge", "{run}");
     assert_eq!(run["progress"]["settled"], 1, "{run}");
+    // And finds it by ID, from the journal too, in the same shape.
+    let (code, text) = serve.get(&format!("/v1/runs/{id}")).await;
+    assert_eq!(code, 200, "{text}");
+    let by_id: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(&by_id, run);
+    let (code, text) = serve.get("/v1/runs/no-such-run").await;
+    assert_eq!(code, 404, "{text}");
 }

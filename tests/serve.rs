@@ -443,6 +443,14 @@ async fn a_scheduled_run_that_fails_says_so_in_the_log() {
         queue_yaml("orders", &f)
     );
     let serve = Serve::start(&config).await;
+    // Exported at 0 before the first run, so that its failure shows as an increase.
+    let (_, metrics) = serve.get("/metrics").await;
+    assert!(
+        metrics.contains(
+            r#"dlq_bridge_runs_total{queue="orders",action="redrive",trigger="schedule",outcome="failed"} 0"#
+        ),
+        "{metrics}"
+    );
     // One scheduled run that worked, so the backend is built, then the DLQ goes.
     let scheduled = |status: &'static str| {
         let serve = &serve;
@@ -480,6 +488,19 @@ async fn a_scheduled_run_that_fails_says_so_in_the_log() {
         line.contains("ERROR") && line.contains("orders") && line.contains("schedule"),
         "{line}"
     );
+    // And the metrics count it, for an alert rule to see.
+    let (_, metrics) = serve.get("/metrics").await;
+    let runs = |outcome: &str| {
+        let series = format!(
+            r#"dlq_bridge_runs_total{{queue="orders",action="redrive",trigger="schedule",outcome="{outcome}"}} "#
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{series} in\n{metrics}"))
+    };
+    assert!(runs("succeeded") >= 1 && runs("failed") >= 1, "{metrics}");
 }
 
 /// Request bodies must be JSON (415/400/422 otherwise, all JSON errors), an

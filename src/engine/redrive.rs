@@ -84,10 +84,13 @@ pub enum Action {
 }
 
 impl Action {
+    pub const REDRIVE: &'static str = "redrive";
+    pub const PURGE: &'static str = "purge";
+
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Redrive => "redrive",
-            Self::Discard { .. } => "purge",
+            Self::Redrive => Self::REDRIVE,
+            Self::Discard { .. } => Self::PURGE,
         }
     }
 }

@@ -346,9 +346,13 @@ async fn redrive(
 async fn run(State(app): State<Arc<App>>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
     // A run shows its filter, sample IDs, reasons and destinations.
     authorize(&app, &headers)?;
-    match app.run_view(&id).await {
-        Some(v) => Ok(Json(v).into_response()),
-        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run `{id}`"))),
+    match app.find_run(&id).await {
+        Ok(Some(v)) => Ok(Json(v).into_response()),
+        Ok(None) => Err(ApiError(StatusCode::NOT_FOUND, format!("no run `{id}`"))),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the journal: {e}"),
+        )),
     }
 }
 

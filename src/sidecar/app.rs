@@ -17,6 +17,7 @@ use crate::engine::journal::Journal;
 use crate::engine::redrive::{Engine, Progress, RedrivePlan, RunSummary, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry, RegistryError};
 use crate::sidecar::exclusion::QueueLocks;
+use crate::sidecar::history::{self, RunHistory};
 use crate::sidecar::metrics::Metrics;
 use crate::sidecar::poller::StatusCache;
 
@@ -94,6 +95,8 @@ pub struct App {
     /// Where purges started over HTTP write their backups and exports their files.
     pub data_dir: Option<PathBuf>,
     pub(super) journal: Option<Arc<Journal>>,
+    /// The runs the journal records, for runs past those kept in `runs`.
+    pub(super) history: RunHistory,
     pub(super) runs: Mutex<HashMap<String, RunEntry>>,
     pub(super) finished_order: Mutex<VecDeque<String>>,
     /// Cancelled on shutdown: runs stop leasing and release what they hold.
@@ -172,7 +175,8 @@ impl App {
             };
             let result = engine.run(&plan).await;
             drop(ticket);
-            app.finish_run(&plan.run_id, &queue, plan.trigger, result).await;
+            app.finish_run(&plan.run_id, &queue, plan.action.name(), plan.trigger, result)
+                .await;
         });
         Ok(run_id)
     }
@@ -181,9 +185,12 @@ impl App {
         &self,
         run_id: &str,
         queue: &str,
+        action: &str,
         trigger: Trigger,
         result: Result<RunSummary, crate::engine::redrive::RedriveError>,
     ) {
+        let succeeded = result.as_ref().is_ok_and(RunSummary::ok);
+        self.metrics.count_run(queue, action, &trigger.to_string(), succeeded);
         let settled = match &result {
             Ok(s) => s.settled + s.settled_from_journal,
             Err(_) => 0,
@@ -259,6 +266,36 @@ impl App {
 
     pub fn journal(&self) -> Option<&Arc<Journal>> {
         self.journal.as_ref()
+    }
+
+    /// The runs the journal records, oldest first (see [`RunHistory::runs`]);
+    /// `None` without a journal.
+    pub async fn journaled_runs(self: &Arc<Self>) -> std::io::Result<Option<Arc<Vec<(String, serde_json::Value)>>>> {
+        let Some(j) = &self.journal else { return Ok(None) };
+        let path = j.path().to_owned();
+        let keep = self.registry.config().redrive.journal_keep;
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || app.history.runs(&path, keep))
+            .await
+            .map_err(std::io::Error::other)?
+            .map(Some)
+    }
+
+    /// A run by ID: from memory while it is kept, else from the journal, in
+    /// the same shape.
+    pub async fn find_run(self: &Arc<Self>, run_id: &str) -> std::io::Result<Option<serde_json::Value>> {
+        if let Some(v) = self.run_view(run_id).await {
+            return Ok(Some(serde_json::to_value(v).expect("run views serialize")));
+        }
+        let Some(runs) = self.journaled_runs().await? else {
+            return Ok(None);
+        };
+        // A run's finish comes after its start: the last record wins.
+        Ok(runs
+            .iter()
+            .rev()
+            .find(|(id, _)| id == run_id)
+            .map(|(id, summary)| history::from_summary(id, summary.clone())))
     }
 
     /// Wait for runs to finish after shutdown was signalled.

@@ -16,6 +16,18 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
+const RUN_SUCCEEDED: &str = "succeeded";
+const RUN_FAILED: &str = "failed";
+
+fn run_labels(queue: &str, action: &str, trigger: &str, outcome: &str) -> Labels {
+    labels(&[
+        ("queue", queue),
+        ("action", action),
+        ("trigger", trigger),
+        ("outcome", outcome),
+    ])
+}
+
 /// Reasons per queue exported as their own label value; the rest are `other`.
 pub const TOP_REASONS: usize = 10;
 
@@ -25,6 +37,7 @@ pub struct Metrics {
     oldest_age: Family<Labels, Gauge<f64, AtomicU64>>,
     arrivals: Family<Labels, Counter>,
     redrive_messages: Family<Labels, Counter>,
+    runs: Family<Labels, Counter>,
     poll_errors: Family<Labels, Counter>,
     last_success: Family<Labels, Gauge<f64, AtomicU64>>,
     alerts_firing: Family<Labels, Gauge>,
@@ -77,6 +90,7 @@ impl Metrics {
             oldest_age: Family::default(),
             arrivals: Family::default(),
             redrive_messages: Family::default(),
+            runs: Family::default(),
             poll_errors: Family::default(),
             last_success: Family::default(),
             alerts_firing: Family::default(),
@@ -107,6 +121,11 @@ impl Metrics {
             "dlq_bridge_redrive_messages",
             "Messages handled by redrives, by outcome",
             m.redrive_messages.clone(),
+        );
+        registry.register(
+            "dlq_bridge_runs",
+            "Redrives and purges the sidecar ran (trigger api, schedule or retention), by outcome: succeeded, or failed (including runs that could not start)",
+            m.runs.clone(),
         );
         registry.register(
             "dlq_bridge_poll_errors",
@@ -176,6 +195,24 @@ impl Metrics {
                 .get_or_create(&labels(&[("queue", queue), ("outcome", outcome)]))
                 .inc_by(n);
         }
+    }
+
+    /// Export a run kind's outcomes at 0 before its first run: the first
+    /// scheduled run that fails must show as an increase (see `init_queue`).
+    /// Only for the kinds the config sets up (schedules, retention purges):
+    /// every queue times every trigger would be a dozen series per queue.
+    pub fn init_runs(&self, queue: &str, action: &str, trigger: &str) {
+        for outcome in [RUN_SUCCEEDED, RUN_FAILED] {
+            let _ = self.runs.get_or_create(&run_labels(queue, action, trigger, outcome));
+        }
+    }
+
+    /// Count one run (or one that could not start) by how it ended.
+    pub fn count_run(&self, queue: &str, action: &str, trigger: &str, succeeded: bool) {
+        let outcome = if succeeded { RUN_SUCCEEDED } else { RUN_FAILED };
+        self.runs
+            .get_or_create(&run_labels(queue, action, trigger, outcome))
+            .inc();
     }
 
     pub fn poll_error(&self, queue: &str, backend: &str) {
@@ -518,6 +555,29 @@ mod tests {
             m.render()
                 .contains(r#"dlq_bridge_poll_errors_total{queue="orders",backend="sqs"} 1"#)
         );
+    }
+
+    #[test]
+    fn runs_are_counted_by_outcome_from_zero() {
+        let m = Metrics::new();
+        m.init_runs("orders", "redrive", "schedule");
+        let text = m.render();
+        for outcome in ["succeeded", "failed"] {
+            let needle = format!(
+                r#"dlq_bridge_runs_total{{queue="orders",action="redrive",trigger="schedule",outcome="{outcome}"}} 0"#
+            );
+            assert!(text.contains(&needle), "{needle} in\n{text}");
+        }
+        m.count_run("orders", "redrive", "schedule", false);
+        m.count_run("orders", "purge", "api", true);
+        let text = m.render();
+        for needle in [
+            r#"dlq_bridge_runs_total{queue="orders",action="redrive",trigger="schedule",outcome="failed"} 1"#,
+            r#"dlq_bridge_runs_total{queue="orders",action="redrive",trigger="schedule",outcome="succeeded"} 0"#,
+            r#"dlq_bridge_runs_total{queue="orders",action="purge",trigger="api",outcome="succeeded"} 1"#,
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
     }
 
     #[test]

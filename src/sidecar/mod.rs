@@ -12,6 +12,7 @@ pub mod app;
 pub mod dashboard;
 pub mod exclusion;
 pub mod guard;
+pub mod history;
 pub mod leader;
 pub mod metrics;
 pub mod poller;

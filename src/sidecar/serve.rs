@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ScheduleConfig};
 use crate::engine::journal::{Journal, Rotation};
-use crate::engine::redrive::Trigger;
+use crate::engine::redrive::{Action, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry};
 use crate::sidecar::alert::Evaluator;
 use crate::sidecar::alert::sinks::Sinks;
@@ -101,6 +101,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         locks: locks.clone(),
         data_dir: data_dir.clone(),
         journal,
+        history: Default::default(),
         runs: Mutex::new(HashMap::new()),
         finished_order: Mutex::new(VecDeque::new()),
         shutdown: shutdown.clone(),
@@ -122,7 +123,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // retention check is running releases what it holds, and a run a
     // schedule is starting is among the runs drained.
     let mut loops = JoinSet::new();
-    for q in config.queues.iter().filter(|q| q.retention.is_some()) {
+    for q in config.queues.iter() {
+        let Some(policy) = &q.retention else { continue };
+        if purges(policy) {
+            app.metrics
+                .init_runs(&q.name, Action::PURGE, &Trigger::Retention.to_string());
+        }
         loops.spawn(retention_loop(
             app.clone(),
             q.name.clone(),
@@ -134,6 +140,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(alert_loop(results_rx, evaluator, sinks, metrics, leadership.clone()));
     for s in &config.schedules {
+        app.metrics
+            .init_runs(&s.queue, Action::REDRIVE, &Trigger::Schedule.to_string());
         loops.spawn(schedule_loop(
             app.clone(),
             s.clone(),
@@ -359,9 +367,19 @@ async fn schedule_loop(app: Arc<App>, s: ScheduleConfig, leadership: Leadership,
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
-            Err(e) => tracing::error!(queue = %s.queue, error = %e, "scheduled redrive could not start"),
+            Err(e) => {
+                app.metrics
+                    .count_run(&s.queue, Action::REDRIVE, &Trigger::Schedule.to_string(), false);
+                tracing::error!(queue = %s.queue, error = %e, "scheduled redrive could not start");
+            }
         }
     }
+}
+
+/// Whether a retention policy purges (and so counts as runs): an
+/// `export-then-purge` one that is not a dry run.
+fn purges(policy: &crate::config::RetentionConfig) -> bool {
+    policy.action == crate::config::RetentionAction::ExportThenPurge && !policy.dry_run
 }
 
 /// Apply one queue's retention policy every `check_every`, on the leader only
@@ -424,6 +442,10 @@ async fn retention_loop(
             drop(ticket);
             match outcome {
                 Ok(o) => {
+                    if let Some(s) = &o.purge {
+                        app.metrics
+                            .count_run(&queue, Action::PURGE, &Trigger::Retention.to_string(), s.ok());
+                    }
                     app.metrics
                         .set_retention_expired(&queue, if o.purge.is_some() { 0 } else { o.expired });
                     if let Some(s) = &o.purge {
@@ -475,7 +497,14 @@ async fn retention_loop(
                         }
                     }
                 }
-                Err(e) => tracing::error!(%queue, error = %e, "retention check failed"),
+                Err(e) => {
+                    // The purge this check was to make did not happen.
+                    if purges(&policy) {
+                        app.metrics
+                            .count_run(&queue, Action::PURGE, &Trigger::Retention.to_string(), false);
+                    }
+                    tracing::error!(%queue, error = %e, "retention check failed");
+                }
             }
         }
         tokio::select! {

@@ -284,7 +284,7 @@ def test_prometheus_rule_mirrors_the_builtin_rules(render):
     [group] = pr["spec"]["groups"]
     rules = {rule.get("alert"): rule for rule in group["rules"]}
     assert set(rules) == {"DlqBridgeDepthAbove", "DlqBridgeOldestMessageAgeAbove", "DlqBridgeGrowth",
-                          "DlqBridgePollErrors", "DlqBridgeStale", "Custom"}
+                          "DlqBridgePollErrors", "DlqBridgeStale", "DlqBridgeRunFailed", "Custom"}
     depth = rules["DlqBridgeDepthAbove"]
     assert depth["expr"] == 'max by (queue, backend) (dlq_bridge_messages{queue=~"orders|payments"}) > 25'
     assert depth["for"] == "10m" and depth["labels"] == {"severity": "page", "rule": "depth_above"}
@@ -305,11 +305,17 @@ def test_prometheus_rule_mirrors_the_builtin_rules(render):
     assert stale["expr"] == ('time() - max by (queue, backend) (dlq_bridge_last_poll_success_timestamp_seconds'
                              '{queue=~"orders|payments"}) > 600')
     assert stale["labels"] == {"severity": "warning"}
+    # A failed scheduled, API or retention run, by queue, action and trigger.
+    failed = rules["DlqBridgeRunFailed"]
+    assert failed["expr"] == ('sum by (queue, action, trigger) (increase(dlq_bridge_runs_total'
+                              '{outcome="failed",queue=~"orders|payments"}[1h])) > 0')
+    assert "{{ $labels.queue }}" in failed["annotations"]["summary"]
 
 
 def test_prometheus_rule_can_disable_single_alerts(render):
     r = render({"prometheusRule": {"enabled": True, "oldestAgeAbove": {"enabled": False},
-                                   "pollErrors": {"enabled": False}, "stale": {"enabled": False}}})
+                                   "pollErrors": {"enabled": False}, "stale": {"enabled": False},
+                                   "runFailures": {"enabled": False}}})
     alerts = {rule["alert"] for rule in r.one("PrometheusRule")["spec"]["groups"][0]["rules"]}
     assert alerts == {"DlqBridgeDepthAbove", "DlqBridgeGrowth"}
 
