@@ -884,3 +884,53 @@ async fn a_reason_with_quotes_and_line_breaks_keeps_the_scrape_valid() {
         "{sample:?}"
     );
 }
+
+/// A notification still being retried when the pod is told to stop goes out
+/// before the process exits (within `shutdown_grace`): an alert that fired
+/// just before a rollout must not die with the pod.
+#[tokio::test]
+async fn a_notification_in_retry_at_shutdown_is_still_delivered() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(2, "Timeout")).await;
+    // Refuses the first attempt (503: retried after a second), takes the rest.
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let delivered = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let hook = {
+        let (attempts, delivered) = (attempts.clone(), delivered.clone());
+        axum::Router::new().fallback(move |axum::Json(v): axum::Json<Value>| {
+            let (attempts, delivered) = (attempts.clone(), delivered.clone());
+            async move {
+                if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                delivered.lock().unwrap().push(v);
+                axum::http::StatusCode::OK
+            }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  reason_sample: 0\nalerts:\n  rules:\n    - depth_above: 1\n  sinks:\n    - webhook: {{url: \"http://{addr}/hook\"}}\n",
+        queue_yaml("orders", &f)
+    );
+    let mut serve = Serve::start(&config).await;
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            attempts.load(Ordering::SeqCst) >= 1
+        })
+        .await;
+    let status = serve.terminate().await;
+    assert!(status.success(), "{status:?}");
+    let delivered = delivered.lock().unwrap().clone();
+    assert_eq!(
+        delivered.len(),
+        1,
+        "the refused notification, retried before exiting: {delivered:?}"
+    );
+    assert_eq!(delivered[0]["status"], "firing");
+    assert_eq!(delivered[0]["queue"], "orders");
+}

@@ -138,6 +138,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
+    let outgoing = sinks.clone();
     tokio::spawn(alert_loop(results_rx, evaluator, sinks, metrics, leadership.clone()));
     for s in &config.schedules {
         app.metrics
@@ -176,6 +177,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await;
     if let Some(j) = &app.journal {
         j.sync()?;
+    }
+    // Notifications queued or in retry would die with the process: an alert
+    // that fired just before a rollout must still reach its sinks.
+    let left = outgoing
+        .flush(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "notifications not delivered within the shutdown grace period; dropped"
+        );
     }
     // The elector hands the Lease over as soon as shutdown starts, and gives
     // up after a renewal period: wait for it, so that a standby takes over

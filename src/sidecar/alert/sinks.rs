@@ -3,14 +3,18 @@
 //!
 //! Each sink has its own task and bounded queue: a slow or failing sink is
 //! retried with backoff without ever blocking polling, and when its queue is
-//! full the newest notification is dropped with a warning.
+//! full the newest notification is dropped with a warning. On shutdown,
+//! `serve` gives what is queued or being retried a bounded time to go out
+//! ([`Sinks::flush`]): an alert that fired just before a rollout is not lost
+//! with the pod.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::{Notification, Status};
 use crate::config::{SinkConfig, SinkKind as Kind};
@@ -36,6 +40,27 @@ struct Sink {
 #[derive(Clone, Default)]
 pub struct Sinks {
     queues: Vec<(String, Kind, mpsc::Sender<Arc<Notification>>)>,
+    pending: Arc<Pending>,
+}
+
+/// Notifications queued or being delivered, over all sinks.
+#[derive(Default)]
+struct Pending {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Pending {
+    fn add(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// One notification delivered, refused or given up on.
+    fn done(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
 }
 
 impl Sinks {
@@ -46,6 +71,7 @@ impl Sinks {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .expect("an HTTP client with default TLS settings");
+        let pending = Arc::new(Pending::default());
         let mut queues = Vec::new();
         for (index, cfg) in configs.iter().enumerate() {
             let (kind, target) = cfg.target().expect("validated when the config was loaded");
@@ -78,10 +104,30 @@ impl Sinks {
             // Named without the URL: webhook URLs can carry secrets.
             let name = format!("{kind:?} sink #{index}").to_lowercase();
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-            tokio::spawn(deliver(name.clone(), sink, client.clone(), rx));
+            tokio::spawn(deliver(name.clone(), sink, client.clone(), rx, pending.clone()));
             queues.push((name, kind, tx));
         }
-        Ok(Self { queues })
+        Ok(Self { queues, pending })
+    }
+
+    /// Wait, at most `within`, until every notification handed over so far
+    /// has been delivered or given up on. Returns how many were still out.
+    pub async fn flush(&self, within: Duration) -> usize {
+        let wait = async {
+            loop {
+                let idle = self.pending.idle.notified();
+                tokio::pin!(idle);
+                // Registered before the count is read, so a `done` in between
+                // is not missed.
+                idle.as_mut().enable();
+                if self.pending.count.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(within, wait).await;
+        self.pending.count.load(Ordering::SeqCst)
     }
 
     pub fn send(&self, n: Notification) {
@@ -90,43 +136,56 @@ impl Sinks {
             if n.quiet && *kind != Kind::Alertmanager {
                 continue;
             }
+            self.pending.add();
             if q.try_send(n.clone()).is_err() {
+                self.pending.done();
                 tracing::warn!(sink = %name, rule = %n.rule, queue = %n.queue, "sink queue full; notification dropped");
             }
         }
     }
 }
 
-async fn deliver(name: String, sink: Sink, client: reqwest::Client, mut rx: mpsc::Receiver<Arc<Notification>>) {
+async fn deliver(
+    name: String,
+    sink: Sink,
+    client: reqwest::Client,
+    mut rx: mpsc::Receiver<Arc<Notification>>,
+    pending: Arc<Pending>,
+) {
     while let Some(n) = rx.recv().await {
-        let body = payload(&sink, &n);
-        for attempt in 1..=ATTEMPTS {
-            let result = client.post(&sink.url).json(&body).send().await;
-            match result {
-                Ok(r) if r.status().is_success() => break,
-                Ok(r) => {
-                    let status = r.status();
-                    // What the sink objects to: Slack's `invalid_payload` or
-                    // `no_service`, the label Alertmanager refuses.
-                    let said: String = r.text().await.unwrap_or_default().chars().take(200).collect();
-                    // The same request would be refused again: retrying it
-                    // only holds the notifications queued behind it.
-                    if status.is_client_error()
-                        && status != reqwest::StatusCode::REQUEST_TIMEOUT
-                        && status != reqwest::StatusCode::TOO_MANY_REQUESTS
-                    {
-                        tracing::error!(sink = %name, %status, %said, rule = %n.rule, queue = %n.queue, "sink refused a notification; dropped without retrying");
-                        break;
-                    }
-                    tracing::warn!(sink = %name, %status, %said, attempt, "sink refused a notification");
+        deliver_one(&name, &sink, &client, &n).await;
+        pending.done();
+    }
+}
+
+async fn deliver_one(name: &str, sink: &Sink, client: &reqwest::Client, n: &Notification) {
+    let body = payload(sink, n);
+    for attempt in 1..=ATTEMPTS {
+        let result = client.post(&sink.url).json(&body).send().await;
+        match result {
+            Ok(r) if r.status().is_success() => break,
+            Ok(r) => {
+                let status = r.status();
+                // What the sink objects to: Slack's `invalid_payload` or
+                // `no_service`, the label Alertmanager refuses.
+                let said: String = r.text().await.unwrap_or_default().chars().take(200).collect();
+                // The same request would be refused again: retrying it
+                // only holds the notifications queued behind it.
+                if status.is_client_error()
+                    && status != reqwest::StatusCode::REQUEST_TIMEOUT
+                    && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+                {
+                    tracing::error!(sink = %name, %status, %said, rule = %n.rule, queue = %n.queue, "sink refused a notification; dropped without retrying");
+                    break;
                 }
-                Err(e) => tracing::warn!(sink = %name, error = %without_url(e, &sink.url), attempt, "sink unreachable"),
+                tracing::warn!(sink = %name, %status, %said, attempt, "sink refused a notification");
             }
-            if attempt == ATTEMPTS {
-                tracing::error!(sink = %name, rule = %n.rule, queue = %n.queue, "notification dropped after {ATTEMPTS} attempts");
-            } else {
-                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
-            }
+            Err(e) => tracing::warn!(sink = %name, error = %without_url(e, &sink.url), attempt, "sink unreachable"),
+        }
+        if attempt == ATTEMPTS {
+            tracing::error!(sink = %name, rule = %n.rule, queue = %n.queue, "notification dropped after {ATTEMPTS} attempts");
+        } else {
+            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
         }
     }
 }
@@ -249,7 +308,10 @@ mod tests {
             queues.push((format!("{kind:?}"), kind, tx));
             rxs.push(rx);
         }
-        let sinks = Sinks { queues };
+        let sinks = Sinks {
+            queues,
+            pending: Default::default(),
+        };
         let mut quiet = note(Status::Resolved);
         quiet.quiet = true;
         sinks.send(quiet);
@@ -276,6 +338,24 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         (format!("http://{addr}/hook"), hits)
+    }
+
+    #[tokio::test]
+    async fn flush_waits_for_deliveries_and_says_how_many_are_still_out() {
+        let (ok, _) = receiver(200).await;
+        let (failing, _) = receiver(503).await;
+        let yaml = |url: &str| format!("alerts:\n  sinks:\n    - webhook: {{url: \"{url}\"}}\n");
+        let cfg = crate::config::Config::from_yaml(&yaml(&ok), "t", &[]).unwrap();
+        let sinks = Sinks::start(&cfg.alerts.sinks).unwrap();
+        assert_eq!(sinks.flush(Duration::ZERO).await, 0, "nothing handed over yet");
+        sinks.send(note(Status::Firing));
+        sinks.send(note(Status::Resolved));
+        assert_eq!(sinks.flush(Duration::from_secs(10)).await, 0);
+        // A sink in retry holds its notification past a short wait.
+        let cfg = crate::config::Config::from_yaml(&yaml(&failing), "t", &[]).unwrap();
+        let sinks = Sinks::start(&cfg.alerts.sinks).unwrap();
+        sinks.send(note(Status::Firing));
+        assert_eq!(sinks.flush(Duration::from_millis(300)).await, 1);
     }
 
     #[tokio::test]
