@@ -119,6 +119,16 @@ impl StatusCache {
             .map_or(0, Removals::total)
     }
 
+    /// Whether a run of ours is removing messages from `queue`, or one has
+    /// since `removed_total` was read.
+    pub fn removing(&self, queue: &str, removed_total: u64) -> bool {
+        self.removed
+            .lock()
+            .expect("cache lock")
+            .get(queue)
+            .is_some_and(|r| !r.live.is_empty() || r.total() != removed_total)
+    }
+
     /// A run on `queue` started: what it settles counts as removed as it happens.
     pub fn run_started(&self, queue: &str, run_id: &str, progress: Arc<Progress>) {
         self.removed
@@ -216,6 +226,9 @@ struct Polled {
     stats: DlqStats,
     /// `removed_total` just before the stats were read.
     removed_total: u64,
+    /// A run of ours was removing messages around the stats read: the depth
+    /// may show removals not credited yet.
+    removing: bool,
     /// `None`: the sample was skipped (a run is active on the queue); the
     /// previous one stands.
     sample: Option<Vec<DlqMessage>>,
@@ -240,12 +253,22 @@ struct ArrivalCounter {
     /// How much further the depth fell at the previous poll than the
     /// removals credited by then explain.
     shortfall: u64,
+    /// The baseline was read while a run removed messages (see `observe`).
+    baseline_uncertain: bool,
 }
 
 impl ArrivalCounter {
     /// Arrivals since the previous poll (the first poll is the baseline).
-    fn observe(&mut self, depth: u64, removed_total: u64) -> u64 {
+    /// `removing`: one of our runs was removing messages while the depth was
+    /// read, so it may already show removals credited only later.
+    fn observe(&mut self, depth: u64, removed_total: u64, removing: bool) -> u64 {
         let Some((prev_depth, prev_removed)) = self.prev.replace((depth, removed_total)) else {
+            // With no earlier depth, how far the baseline's depth is ahead of
+            // the credits is unknown: a run that started with `serve` (a
+            // retention purge) would have its first late credits counted
+            // as arrivals. At the next poll, credits beyond the depth's fall
+            // are taken for late ones (see below).
+            self.baseline_uncertain = removing;
             return 0;
         };
         // A run's settle is credited once the provider confirmed it: a poll
@@ -255,7 +278,13 @@ impl ArrivalCounter {
         // the previous poll's shortfall, and only from credits: a removal
         // that is never credited (a CLI run, expiry) costs no later arrivals.
         let credited = removed_total.saturating_sub(prev_removed);
-        let late = credited.min(self.shortfall);
+        let late = if std::mem::take(&mut self.baseline_uncertain) {
+            // Arrivals the first interval had while credits outran the depth's
+            // fall go uncounted: a miss at start-up, not a phantom alert.
+            (depth + credited).saturating_sub(prev_depth).min(credited)
+        } else {
+            credited.min(self.shortfall)
+        };
         let up = depth + credited - late;
         self.shortfall = prev_depth.saturating_sub(up);
         up.saturating_sub(prev_depth)
@@ -300,7 +329,7 @@ impl Poller {
             let wait = match self.poll_once(&queue, &backend, sample).await {
                 Ok(polled) => {
                     errors = 0;
-                    let arrivals = arrivals_counter.observe(polled.stats.depth, polled.removed_total);
+                    let arrivals = arrivals_counter.observe(polled.stats.depth, polled.removed_total, polled.removing);
                     let now = Utc::now();
                     let stats = with_known_age(polled.stats, polled.sample.as_deref(), now);
                     self.record_ok(&queue, &backend, &stats, polled.sample.as_deref(), arrivals, now)
@@ -341,6 +370,7 @@ impl Poller {
         // `ArrivalCounter`).
         let removed_total = self.cache.removed_total(queue);
         let stats = b.stats().await?;
+        let removing = self.cache.removing(queue, removed_total);
         let msgs = if sample > 0 && stats.depth > 0 {
             // Reading leases on SQS and Pub/Sub: never while a run is active
             // on the queue (it would find the queue empty and stop early).
@@ -354,6 +384,7 @@ impl Poller {
                         return Ok(Polled {
                             stats,
                             removed_total,
+                            removing,
                             sample: None,
                         });
                     }
@@ -369,6 +400,7 @@ impl Poller {
         Ok(Polled {
             stats,
             removed_total,
+            removing,
             sample: Some(msgs),
         })
     }
@@ -500,41 +532,59 @@ mod tests {
         let progress = Arc::new(Progress::default());
         let mut counter = ArrivalCounter::default();
         // Poll 1: 10 messages, nothing removed yet: the baseline.
-        assert_eq!(counter.observe(10, cache.removed_total("q")), 0);
+        assert_eq!(counter.observe(10, cache.removed_total("q"), false), 0);
         cache.run_started("q", "run-1", progress.clone());
         // The run settles 4 before poll 2, which sees depth 6: no arrival.
         progress.settled.fetch_add(4, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(counter.observe(6, cache.removed_total("q")), 0);
+        assert_eq!(counter.observe(6, cache.removed_total("q"), false), 0);
         // It settles 6 more and ends (its summary says 10) before poll 3,
         // which sees depth 2: the 2 new ones are the only arrivals.
         progress.settled.fetch_add(6, std::sync::atomic::Ordering::Relaxed);
         cache.run_finished("q", "run-1", 10);
         assert_eq!(cache.removed_total("q"), 10);
-        assert_eq!(counter.observe(2, cache.removed_total("q")), 2);
+        assert_eq!(counter.observe(2, cache.removed_total("q"), false), 2);
         // Nothing changes: nothing arrived (the finished run is not counted again).
-        assert_eq!(counter.observe(2, cache.removed_total("q")), 0);
+        assert_eq!(counter.observe(2, cache.removed_total("q"), false), 0);
         // A burst of 5 drained by a retention purge between two polls still counts.
         cache.note_removed("q", 5);
-        assert_eq!(counter.observe(2, cache.removed_total("q")), 5);
+        assert_eq!(counter.observe(2, cache.removed_total("q"), false), 5);
     }
 
     #[test]
     fn a_settle_credited_after_a_poll_saw_it_is_not_counted_as_arrivals() {
         let mut c = ArrivalCounter::default();
-        assert_eq!(c.observe(300, 0), 0);
+        assert_eq!(c.observe(300, 0, false), 0);
         // A batch of 10 is deleted but not credited yet when poll 2 reads.
-        assert_eq!(c.observe(290, 0), 0);
+        assert_eq!(c.observe(290, 0, false), 0);
         // Poll 3: the late 10 plus 90 more credited, and 3 real arrivals.
-        assert_eq!(c.observe(203, 100), 3);
-        assert_eq!(c.observe(203, 100), 0);
+        assert_eq!(c.observe(203, 100, false), 3);
+        assert_eq!(c.observe(203, 100, false), 0);
         // A removal never credited (a CLI run elsewhere) costs no arrivals
         // later: 4 arrive after 50 went.
-        assert_eq!(c.observe(153, 100), 0);
-        assert_eq!(c.observe(157, 100), 4);
+        assert_eq!(c.observe(153, 100, false), 0);
+        assert_eq!(c.observe(157, 100, false), 4);
         // Nor does a shortfall older than one poll swallow a later credit.
-        assert_eq!(c.observe(100, 100), 0);
-        assert_eq!(c.observe(100, 100), 0);
-        assert_eq!(c.observe(95, 110), 5);
+        assert_eq!(c.observe(100, 100, false), 0);
+        assert_eq!(c.observe(100, 100, false), 0);
+        assert_eq!(c.observe(95, 110, false), 5);
+    }
+
+    /// A purge that starts with `serve` (a retention policy) deletes while
+    /// the first poll reads: its baseline depth may already lack messages
+    /// credited only at the next poll, and those are no arrivals.
+    #[test]
+    fn a_baseline_read_during_a_run_counts_no_late_credits_as_arrivals() {
+        let mut c = ArrivalCounter::default();
+        // 300 in the DLQ; 7 deleted, none credited yet, when the baseline reads.
+        assert_eq!(c.observe(293, 0, true), 0);
+        // 100 more deleted: 107 credited now.
+        assert_eq!(c.observe(193, 107, true), 0);
+        // From then on, as usual: 2 arrive while 10 more are removed.
+        assert_eq!(c.observe(185, 117, true), 2);
+        // A baseline with no run about keeps nothing back.
+        let mut c = ArrivalCounter::default();
+        assert_eq!(c.observe(10, 0, false), 0);
+        assert_eq!(c.observe(10, 3, false), 3);
     }
 
     #[test]
