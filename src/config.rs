@@ -265,7 +265,7 @@ fn default_lease_duration() -> Duration {
     Duration::from_secs(15)
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
     #[serde(default)]
@@ -276,6 +276,28 @@ pub struct AlertsConfig {
     /// personal data, and alerts travel to chat rooms.
     #[serde(default)]
     pub include_bodies: bool,
+    /// How often the leader re-sends each firing alert to Alertmanager sinks
+    /// (as Prometheus does), each time ending it 4 times this later: an alert
+    /// whose sender died or restarted ends by itself within minutes instead
+    /// of staying active until its repeat interval. Alertmanager does not
+    /// notify again for a re-sent alert. At least `1s`; default `1m`.
+    #[serde(default = "default_resend_delay", with = "duration_text")]
+    pub resend_delay: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            rules: Vec::new(),
+            sinks: Vec::new(),
+            include_bodies: false,
+            resend_delay: default_resend_delay(),
+        }
+    }
+}
+
+fn default_resend_delay() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// One alert rule. Exactly one condition (`depth_above`, `oldest_age_above`,
@@ -1142,6 +1164,15 @@ impl Config {
                 "must be at least 1 (a pass stops leasing once it holds this many messages it did not move)".into(),
             ));
         }
+        if self.alerts.resend_delay < MIN_RESEND_DELAY {
+            return Err(err(
+                "alerts.resend_delay".into(),
+                format!(
+                    "must be at least {} (firing alerts are re-sent to Alertmanager this often)",
+                    humantime::format_duration(MIN_RESEND_DELAY)
+                ),
+            ));
+        }
         if self.redrive.hold < MIN_HOLD {
             return Err(err(
                 "redrive.hold".into(),
@@ -1316,6 +1347,7 @@ const RATE_AT_LEAST_ONE: &str = "must be at least 1 (whole messages per second);
 
 /// Leases shorter than this expire while their batch is examined and sent.
 const MIN_HOLD: Duration = Duration::from_secs(1);
+const MIN_RESEND_DELAY: Duration = Duration::from_secs(1);
 
 /// A run given less time than this ends before its first lease is back.
 const MIN_DEADLINE: Duration = Duration::from_secs(1);
@@ -1852,6 +1884,20 @@ mod tests {
             None
         );
         assert_eq!(did_you_mean("invalid type: string, expected u32"), None);
+    }
+
+    #[test]
+    fn resend_delay_defaults_to_a_minute_and_is_at_least_a_second() {
+        assert_eq!(parse("{}").unwrap().alerts.resend_delay, Duration::from_secs(60));
+        let err = parse("alerts:\n  resend_delay: 500ms\n").unwrap_err().to_string();
+        assert!(
+            err.contains("test.yaml:2:") && err.contains("alerts.resend_delay"),
+            "{err}"
+        );
+        assert_eq!(
+            parse("alerts:\n  resend_delay: 2s\n").unwrap().alerts.resend_delay,
+            Duration::from_secs(2)
+        );
     }
 
     #[test]

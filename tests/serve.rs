@@ -42,7 +42,7 @@ async fn depth_alert_fires_once_repeats_after_interval_and_resolves_on_drain() {
     let f = SqsFixture::create(false).await;
     let (rx, base) = Receiver::start().await;
     let config = format!(
-        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\nalerts:\n  rules:\n    - name: orders-depth\n      depth_above: 3\n      repeat: 6s\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n    - slack: {{url: \"{base}/slack\"}}\n    - alertmanager: {{url: \"{base}/am\", labels: {{team: payments}}}}\n",
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\nalerts:\n  resend_delay: 1s\n  rules:\n    - name: orders-depth\n      depth_above: 3\n      repeat: 6s\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n    - slack: {{url: \"{base}/slack\"}}\n    - alertmanager: {{url: \"{base}/am\", labels: {{team: payments}}}}\n",
         queue_yaml("orders", &f)
     );
     let serve = Serve::start(&config).await;
@@ -69,6 +69,22 @@ async fn depth_alert_fires_once_repeats_after_interval_and_resolves_on_drain() {
             "deduplicated across polls"
         );
     }
+    // Alertmanager meanwhile gets it again every resend_delay, each time
+    // valid for four of them: not for the whole repeat interval.
+    let am_firing: Vec<Value> = rx
+        .on("am/api/v2/alerts")
+        .into_iter()
+        .filter(|a| a[0]["labels"]["alertname"] == "orders-depth")
+        .collect();
+    assert!(am_firing.len() >= 2, "re-sent to Alertmanager: {am_firing:?}");
+    let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    let first_am = &am_firing[0][0];
+    let valid = time(&first_am["endsAt"]) - time(&first_am["startsAt"]);
+    assert!(valid <= chrono::Duration::seconds(10), "valid for {valid}: {first_am}");
+    assert!(
+        am_firing.iter().all(|a| a[0]["startsAt"] == first_am["startsAt"]),
+        "the same alert"
+    );
     // After the repeat interval, it is sent again.
     serve
         .wait_for(Duration::from_secs(20), || async {

@@ -139,7 +139,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     let outgoing = sinks.clone();
-    tokio::spawn(alert_loop(results_rx, evaluator, sinks, metrics, leadership.clone()));
+    tokio::spawn(alert_loop(
+        results_rx,
+        evaluator,
+        config.alerts.resend_delay,
+        sinks,
+        metrics,
+        leadership.clone(),
+    ));
     for s in &config.schedules {
         app.metrics
             .init_runs(&s.queue, Action::REDRIVE, &Trigger::Schedule.to_string());
@@ -275,11 +282,27 @@ async fn wait_for_signal() {
 async fn alert_loop(
     mut results: mpsc::Receiver<PollResult>,
     mut evaluator: Evaluator,
+    resend_delay: Duration,
     sinks: Sinks,
     metrics: Arc<Metrics>,
     leadership: Leadership,
 ) {
-    while let Some(poll) = results.recv().await {
+    let mut resend = tokio::time::interval(resend_delay);
+    resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let poll = tokio::select! {
+            poll = results.recv() => match poll {
+                Some(p) => p,
+                None => return,
+            },
+            _ = resend.tick() => {
+                for n in evaluator.refresh(Utc::now(), *leadership.borrow()) {
+                    tracing::debug!(rule = %n.rule, queue = %n.queue, "alert re-sent to Alertmanager");
+                    sinks.send(n);
+                }
+                continue;
+            }
+        };
         if let Some(sample) = poll.sample.as_ref().filter(|s| !s.is_empty() || poll.stats.depth == 0) {
             let patterns = crate::engine::triage::top_counts(
                 sample,
@@ -505,6 +528,8 @@ async fn retention_loop(
                                     })
                                     .collect(),
                                 quiet: false,
+                                // Checked again every `check_every`.
+                                valid_for: policy.check_every + Duration::from_secs(300),
                             });
                         }
                     }

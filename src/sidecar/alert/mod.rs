@@ -6,6 +6,12 @@
 //! leader sends. A firing alert counts as sent only once a leader sent it, so
 //! the next leader sends it on its first evaluation, and resolves it when it
 //! clears, whichever leader sent it.
+//!
+//! Alertmanager also gets every firing alert again each `resend_delay`
+//! ([`Evaluator::refresh`]), valid for four times that: if the sidecar dies or
+//! restarts while the alert fires and the queue clears meanwhile, nobody is
+//! left to resolve it, and it then ends by itself within minutes rather than
+//! at the end of its repeat interval (hours).
 
 pub mod sinks;
 
@@ -52,10 +58,15 @@ pub struct Notification {
     pub repeat_seconds: u64,
     /// A few messages behind the alert. Bodies only when `include_bodies`.
     pub samples: Vec<SampleMessage>,
-    /// A resolve of a rule without `send_resolved`: it only ends the alert in
-    /// Alertmanager, and is no notice for the other sinks.
+    /// For Alertmanager only: a resolve of a rule without `send_resolved`
+    /// (it only ends the alert there), or a firing alert re-sent to keep it
+    /// active there. No notice for the other sinks.
     #[serde(skip)]
     pub quiet: bool,
+    /// How long Alertmanager keeps a firing alert active unless it is sent
+    /// again (its `endsAt`).
+    #[serde(skip)]
+    pub valid_for: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -84,6 +95,9 @@ struct RuleState {
     pending_since: Option<DateTime<Utc>>,
     firing_since: Option<DateTime<Utc>>,
     last_sent: Option<DateTime<Utc>>,
+    /// The firing notification this replica sent, while the alert fires: what
+    /// [`Evaluator::refresh`] re-sends to Alertmanager, and when it last did.
+    sent: Option<(Notification, DateTime<Utc>)>,
 }
 
 struct Rule {
@@ -109,7 +123,12 @@ pub struct Evaluator {
     arrivals: HashMap<String, VecDeque<Arrivals>>,
     last_poll: HashMap<String, DateTime<Utc>>,
     longest_window: Duration,
+    resend_delay: Duration,
 }
+
+/// Firing alerts are valid in Alertmanager for this many resend delays, as
+/// Prometheus sends them: a re-send or two may be late or lost.
+const RESENDS_VALID: u32 = 4;
 
 impl Evaluator {
     pub fn new(cfg: &AlertsConfig) -> Self {
@@ -140,7 +159,33 @@ impl Evaluator {
             arrivals: HashMap::new(),
             last_poll: HashMap::new(),
             longest_window,
+            resend_delay: cfg.resend_delay,
         }
+    }
+
+    /// The firing alerts this replica sent, again, for Alertmanager only,
+    /// each at most every `resend_delay`; nothing unless `leader`. Called on
+    /// a timer, not per poll: while polls fail the alert keeps its state, and
+    /// stays active as long as the sidecar is alive to say so.
+    pub fn refresh(&mut self, now: DateTime<Utc>, leader: bool) -> Vec<Notification> {
+        if !leader {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for st in self.state.values_mut() {
+            let Some((sent, refreshed)) = st.sent.as_mut() else {
+                continue;
+            };
+            if (now - *refreshed).to_std().unwrap_or_default() < self.resend_delay {
+                continue;
+            }
+            *refreshed = now;
+            let mut n = sent.clone();
+            n.sent_at = now;
+            n.quiet = true;
+            out.push(n);
+        }
+        out
     }
 
     /// Whether any rule needs a sample of messages from `queue`.
@@ -259,7 +304,7 @@ impl Evaluator {
                         .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= rule.cfg.repeat);
                     if leader && due {
                         st.last_sent = Some(now);
-                        out.push(notification(
+                        let mut n = notification(
                             self.include_bodies,
                             rule,
                             poll,
@@ -268,13 +313,17 @@ impl Evaluator {
                             threshold,
                             started,
                             None,
-                        ));
+                        );
+                        n.valid_for = self.resend_delay * RESENDS_VALID;
+                        st.sent = Some((n.clone(), now));
+                        out.push(n);
                     }
                 }
             } else {
                 st.pending_since = None;
                 if let Some(started) = st.firing_since.take() {
                     st.last_sent = None;
+                    st.sent = None;
                     // Whether or not this replica sent it: a replica that has
                     // just become leader resolves what the previous leader
                     // sent (it fired here too), or that alert would stay
@@ -388,6 +437,7 @@ fn notification(
         repeat_seconds: rule.cfg.repeat.as_secs(),
         samples,
         quiet: false,
+        valid_for: Duration::ZERO,
     }
 }
 
@@ -497,6 +547,46 @@ mod tests {
         assert_eq!(resolved.len(), 1);
         assert_eq!(resolved[0].status, Status::Resolved);
         assert!(e.evaluate(&poll(90, 0, 0, &[]), true, &m).is_empty());
+    }
+
+    /// Alertmanager gets a firing alert again every `resend_delay`, valid for
+    /// four of them, so that it ends by itself if nobody is left to resolve it.
+    #[test]
+    fn firing_alerts_are_re_sent_to_alertmanager_until_they_resolve() {
+        let cfg = Config::from_yaml(
+            "alerts:\n  resend_delay: 30s\n  rules:\n    - depth_above: 3\n      repeat: 4h\n",
+            "t",
+            &[],
+        )
+        .unwrap();
+        let mut e = Evaluator::new(&cfg.alerts);
+        let m = Metrics::new();
+        let at = |secs: i64| DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap();
+        let fired = e.evaluate(&poll(0, 5, 5, &[]), true, &m);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].valid_for, Duration::from_secs(120));
+        assert!(!fired[0].quiet);
+        assert!(e.refresh(at(10), true).is_empty(), "not due yet");
+        let again = e.refresh(at(31), true);
+        assert_eq!(again.len(), 1);
+        assert!(again[0].quiet, "for Alertmanager only");
+        assert_eq!((again[0].status, again[0].sent_at), (Status::Firing, at(31)));
+        assert_eq!(again[0].started_at, fired[0].started_at, "the same alert");
+        assert!(e.refresh(at(45), true).is_empty());
+        assert!(e.refresh(at(62), false).is_empty(), "only the leader sends");
+        assert_eq!(e.refresh(at(62), true).len(), 1);
+        // Resolved: nothing more to keep alive.
+        assert_eq!(e.evaluate(&poll(70, 0, 0, &[]), true, &m).len(), 1);
+        assert!(e.refresh(at(200), true).is_empty());
+    }
+
+    #[test]
+    fn a_replica_that_never_sent_an_alert_does_not_re_send_it() {
+        let mut e = evaluator("    - depth_above: 3\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 5, 5, &[]), false, &m).is_empty());
+        let later = DateTime::from_timestamp(1_700_000_000 + 3600, 0).unwrap();
+        assert!(e.refresh(later, true).is_empty());
     }
 
     #[test]

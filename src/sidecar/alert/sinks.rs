@@ -254,12 +254,12 @@ fn payload(sink: &Sink, n: &Notification) -> serde_json::Value {
             if let Some(r) = &n.reason {
                 labels.insert("reason".into(), r.clone());
             }
-            // A firing alert stays active until it is re-sent (every repeat
-            // interval) or resolved; Alertmanager would otherwise expire it
-            // after its own resolve_timeout.
+            // A firing alert stays active until it is re-sent or resolved;
+            // without an endsAt, Alertmanager would expire it after its own
+            // resolve_timeout.
             let ends_at = match n.status {
                 Status::Resolved => n.sent_at,
-                Status::Firing => n.sent_at + chrono::Duration::seconds(n.repeat_seconds as i64 + 300),
+                Status::Firing => n.sent_at + n.valid_for,
             };
             json!([{
                 "labels": labels,
@@ -296,6 +296,7 @@ mod tests {
             repeat_seconds: 3600,
             samples: vec![],
             quiet: false,
+            valid_for: Duration::from_secs(240),
         }
     }
 
@@ -395,14 +396,23 @@ mod tests {
             url: String::new(),
             labels: BTreeMap::from([("team".into(), "payments".into())]),
         };
-        let v = payload(&sink, &note(Status::Resolved));
+        let ends_at = |n: &Notification| {
+            let v = payload(&sink, n);
+            serde_json::from_value::<chrono::DateTime<Utc>>(v[0]["endsAt"].clone()).unwrap()
+        };
+        let resolved = note(Status::Resolved);
+        let v = payload(&sink, &resolved);
         let a = &v[0];
         assert_eq!(a["labels"]["alertname"], "dlq-depth");
         assert_eq!(a["labels"]["queue"], "orders");
         assert_eq!(a["labels"]["team"], "payments");
         assert_eq!(a["labels"]["severity"], "warning");
-        assert_eq!(a["endsAt"], a["endsAt"]);
         assert!(a["annotations"]["summary"].as_str().unwrap().contains("12 messages"));
+        // A resolve ends the alert now; a firing one is valid until re-sent,
+        // not for the whole repeat interval.
+        assert_eq!(ends_at(&resolved), resolved.sent_at);
+        let firing = note(Status::Firing);
+        assert_eq!(ends_at(&firing), firing.sent_at + Duration::from_secs(240));
     }
 
     #[test]
