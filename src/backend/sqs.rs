@@ -420,6 +420,93 @@ pub fn attribute_to_sqs(a: &Attribute) -> MessageAttributeValue {
         .expect("data_type is always set")
 }
 
+/// Why SQS would refuse `o`, checked here for each copy on its own: SQS
+/// fails a whole SendMessageBatch for one entry's bad attribute name
+/// (InvalidParameterValue), which would fail the nine copies batched with it
+/// on every run, and it has been documented to store a body's disallowed
+/// characters as U+FFFD, which would settle the original after sending an
+/// altered copy: a loss. Such copies come from other providers (`import`),
+/// whose bodies and attributes SQS never checked.
+fn refused_by_sqs(o: &Outgoing) -> Option<String> {
+    // SQS bodies are text. A copy with its invalid bytes replaced would be
+    // accepted, and its original then deleted: a loss.
+    let Ok(body) = std::str::from_utf8(&o.body) else {
+        return Some("the body is binary (not valid UTF-8) and SQS bodies are text".into());
+    };
+    if body.is_empty() {
+        return Some("the body is empty and SQS needs at least one character".into());
+    }
+    if let Some(c) = disallowed_char(body) {
+        return Some(format!("the body holds {}, which SQS does not allow", char_name(c)));
+    }
+    for (name, a) in &o.attributes {
+        if let Some(why) = bad_attribute_name(name) {
+            return Some(format!("attribute name `{}` {why}", name.escape_debug()));
+        }
+        let sqs = attribute_to_sqs(a);
+        if let Some(c) = disallowed_char(sqs.data_type()) {
+            return Some(format!(
+                "attribute `{name}` has a type with {}, which SQS does not allow",
+                char_name(c)
+            ));
+        }
+        let value_empty = match (sqs.string_value(), sqs.binary_value()) {
+            (Some(text), _) => {
+                if let Some(c) = disallowed_char(text) {
+                    return Some(format!(
+                        "attribute `{name}` holds {}, which SQS does not allow",
+                        char_name(c)
+                    ));
+                }
+                text.is_empty()
+            }
+            (None, Some(b)) => b.as_ref().is_empty(),
+            (None, None) => true,
+        };
+        if value_empty {
+            return Some(format!(
+                "attribute `{name}` is empty, and SQS attribute values must not be"
+            ));
+        }
+    }
+    None
+}
+
+/// The first character outside what SQS allows in bodies and string
+/// attributes: #x9 | #xA | #xD | #x20-#xD7FF | #xE000-#xFFFD | #x10000-#x10FFFF
+/// (surrogates cannot occur in a `str`).
+fn disallowed_char(text: &str) -> Option<char> {
+    text.chars()
+        .find(|&c| !matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..))
+}
+
+fn char_name(c: char) -> String {
+    format!("U+{:04X}", u32::from(c))
+}
+
+/// Why SQS refuses a message attribute name, if it does: A-Z a-z 0-9 `_` `-`
+/// `.`, at most 256 characters, not starting with `AWS.` or `Amazon.` in any
+/// case, no leading or trailing period, no two periods in a row.
+fn bad_attribute_name(name: &str) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    if name.is_empty() {
+        Some("is empty")
+    } else if name.len() > 256 {
+        Some("is over 256 characters")
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        Some("has characters other than A-Z a-z 0-9 _ - .")
+    } else if lower.starts_with("aws.") || lower.starts_with("amazon.") {
+        Some("starts with a prefix AWS reserves (AWS. or Amazon.)")
+    } else if name.starts_with('.') || name.ends_with('.') || name.contains("..") {
+        Some("starts or ends with a period, or has two in a row")
+    } else {
+        None
+    }
+}
+
 /// What SQS counts against its payload limit for one message.
 fn payload_size(o: &Outgoing) -> usize {
     o.body.len()
@@ -532,11 +619,9 @@ impl QueueBackend for SqsBackend {
         let mut chunks: Vec<Vec<usize>> = Vec::new();
         let mut size = 0;
         for (i, m) in msgs.iter().enumerate() {
-            // SQS bodies are text. A copy with its invalid bytes replaced
-            // would be accepted, and its original then deleted: a loss.
-            if std::str::from_utf8(&m.body).is_err() {
+            if let Some(error) = refused_by_sqs(m) {
                 results[i] = Some(SendResult::Failed {
-                    error: "the body is binary (not valid UTF-8) and SQS bodies are text: not sent".into(),
+                    error: format!("{error}: not sent"),
                 });
                 continue;
             }
@@ -762,6 +847,43 @@ mod tests {
             assert!(matches!(refused(code), BackendError::HoldLimit { .. }), "{code}");
         }
         assert!(matches!(refused("InternalError"), BackendError::Provider { .. }));
+    }
+
+    /// The edges of SQS's rules, which moto does not check.
+    #[test]
+    fn copies_sqs_refuses_are_named() {
+        let copy = |body: &str, name: &str, value: AttrValue| Outgoing {
+            body: Bytes::from(body.to_string()),
+            attributes: [(name.to_string(), Attribute { value, data_type: None })].into(),
+            properties: Default::default(),
+            ordering_key: None,
+            dedup_id: "d".into(),
+            original_id: "o".into(),
+        };
+        let text = |s: &str| AttrValue::String(s.into());
+        let allowed = "\t\n\r \u{D7FF}\u{E000}\u{FFFD}\u{10000}\u{10FFFF}";
+        for (body, name, value) in [
+            (allowed, "a.b_c-D9", text(allowed)),
+            ("x", &"n".repeat(256), text("x")),
+            ("x", "awsx.Amazonx", AttrValue::Binary(Bytes::from_static(&[0]))),
+        ] {
+            assert_eq!(refused_by_sqs(&copy(body, name, value)), None, "{name}");
+        }
+        for (body, name, value, why) in [
+            ("\u{FFFE}", "n", text("x"), "the body holds U+FFFE"),
+            ("\u{1F}", "n", text("x"), "the body holds U+001F"),
+            ("x", "n", text("\u{FFFF}"), "attribute `n` holds U+FFFF"),
+            ("x", "n", AttrValue::Binary(Bytes::new()), "attribute `n` is empty"),
+            ("x", &"n".repeat(257), text("x"), "is over 256 characters"),
+            ("x", "amazon.x", text("x"), "reserves"),
+            ("x", "aWs.x", text("x"), "reserves"),
+            ("x", "x.", text("x"), "period"),
+            ("x", "a..b", text("x"), "period"),
+            ("x", "ü", text("x"), "characters other than"),
+        ] {
+            let refused = refused_by_sqs(&copy(body, name, value)).unwrap_or_default();
+            assert!(refused.contains(why), "{name}: {refused:?}");
+        }
     }
 
     #[test]
