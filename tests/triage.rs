@@ -396,6 +396,71 @@ async fn import_into_sqs_fails_only_the_copies_sqs_refuses() {
     );
 }
 
+/// Service Bus message IDs (up to 128 characters, any text) imported into an
+/// SQS FIFO queue: each copy's deduplication ID must stay distinct. IDs that
+/// differ only in characters SQS does not allow there, or past its 128th
+/// character, once became the same ID, and SQS accepted the second copy as
+/// sent and dropped it as a duplicate.
+#[tokio::test]
+async fn import_into_a_fifo_queue_keeps_distinct_ids_distinct() {
+    use dlq_bridge::engine::registry::Registry;
+    use dlq_bridge::engine::triage::{self, ImportRequest};
+
+    let f = SqsFixture::create(true).await;
+    let long = "m".repeat(130);
+    let ids = [
+        "order 1".to_string(),
+        "order1".into(),
+        format!("{long}a"),
+        format!("{long}b"),
+    ];
+    let dir = scratch();
+    let file = dir.join("servicebus.jsonl");
+    let lines: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let body = format!("message {i}");
+            let line = ExportedMessage {
+                queue: "orders".into(),
+                backend: "servicebus".into(),
+                id: id.clone(),
+                body_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &body),
+                body_preview: body.clone(),
+                body_bytes: body.len(),
+                attributes: attrs(&[("error", "Timeout")]),
+                properties: Default::default(),
+                reason: None,
+                description: None,
+                delivery_count: Some(10),
+                enqueued_at: None,
+                source: None,
+                ordering_key: Some("session ü".into()),
+                provider_attributes: Vec::new(),
+                exported_at: chrono::Utc::now(),
+            };
+            serde_json::to_string(&line).unwrap()
+        })
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let reg = Registry::new(f.config());
+    let req = ImportRequest {
+        file: &file,
+        to: "dlq",
+        // ministack lists no dead-letter sources.
+        address: Some(&f.source_url),
+        filter: None,
+        rate: None,
+        max: None,
+        dry_run: false,
+    };
+    let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
+    assert_eq!((s.sent, s.failed), (4, 0), "{s:?}");
+    let arrived: Vec<Vec<u8>> = f.drain_source().await.into_iter().map(|m| m.body).collect();
+    let expected: Vec<Vec<u8>> = (0..4).map(|i| format!("message {i}").into_bytes()).collect();
+    assert_eq!(arrived, expected, "every copy arrives, in order");
+}
+
 fn numbered(n: usize) -> Vec<TestMessage> {
     (0..n)
         .map(|i| TestMessage {

@@ -26,6 +26,7 @@ use aws_sdk_sqs::types::{
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OnceCell};
 
 use super::{BackendError, Capabilities, QueueBackend, Result, abandon_send, fails_every_send};
@@ -40,6 +41,8 @@ const BATCH: usize = 10;
 /// SQS's limit on a message, and on a whole batch request.
 const MAX_PAYLOAD: usize = 1024 * 1024;
 const MAX_ATTRIBUTES: usize = 10;
+/// The longest FIFO deduplication or group ID.
+const MAX_FIFO_ID: usize = 128;
 /// The longest visibility timeout SQS accepts (12 hours).
 const MAX_VISIBILITY_SECS: u64 = 43_200;
 
@@ -516,13 +519,29 @@ fn payload_size(o: &Outgoing) -> usize {
             .sum::<usize>()
 }
 
-/// SQS FIFO deduplication IDs: at most 128 characters of alphanumerics and
-/// punctuation.
-fn fifo_dedup_id(raw: &str) -> String {
-    raw.chars()
-        .filter(|c| c.is_ascii_alphanumeric() || c.is_ascii_punctuation())
-        .take(128)
-        .collect()
+/// An SQS FIFO deduplication or group ID for `raw`: at most 128 characters
+/// of ASCII alphanumerics and punctuation. A valid `raw` is kept; any other
+/// becomes its readable part and a SHA-256 of all of it, so that distinct
+/// IDs stay distinct. Cutting or filtering alone would not: SQS accepts a
+/// copy whose deduplication ID it saw in the last 5 minutes and drops it,
+/// and the original would then be settled, a loss (two IDs differing only in
+/// a space, or past the 128th character, as `<long id>-1` and `<long id>-2`
+/// of the same message redriven twice).
+fn fifo_id(raw: &str) -> String {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c.is_ascii_punctuation();
+    if !raw.is_empty() && raw.len() <= MAX_FIFO_ID && raw.chars().all(allowed) {
+        return raw.to_string();
+    }
+    let hex: String = Sha256::digest(raw.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let readable: String = raw
+        .chars()
+        .filter(|&c| allowed(c))
+        .take(MAX_FIFO_ID - hex.len() - 1)
+        .collect();
+    format!("{readable}~{hex}")
 }
 
 #[async_trait]
@@ -649,8 +668,8 @@ impl QueueBackend for SqsBackend {
                 }
                 if fifo {
                     entry = entry
-                        .message_group_id(m.ordering_key.clone().unwrap_or_else(|| "dlq-bridge".into()))
-                        .message_deduplication_id(fifo_dedup_id(&m.dedup_id));
+                        .message_group_id(fifo_id(m.ordering_key.as_deref().unwrap_or("dlq-bridge")))
+                        .message_deduplication_id(fifo_id(&m.dedup_id));
                 }
                 req = req.entries(entry.build().expect("id and body are set"));
             }
@@ -887,12 +906,35 @@ mod tests {
     }
 
     #[test]
-    fn dedup_ids_are_valid_for_fifo() {
-        let id = fifo_dedup_id(&format!("{} é {}", "a".repeat(100), "b".repeat(100)));
-        assert_eq!(id.len(), 128);
-        assert!(
-            id.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c.is_ascii_punctuation())
+    fn fifo_ids_are_valid_and_distinct() {
+        let long = "a".repeat(127);
+        let raws = [
+            format!("{} é {}", "a".repeat(100), "b".repeat(100)),
+            format!("{long}-1"),
+            format!("{long}-2"),
+            "order 1-1".into(),
+            "order1-1".into(),
+            "ключ".into(),
+            "ключ2".into(),
+            String::new(),
+        ];
+        let ids: Vec<String> = raws.iter().map(|r| fifo_id(r)).collect();
+        for id in &ids {
+            assert!(!id.is_empty() && id.len() <= 128, "{id}");
+            assert!(
+                id.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c.is_ascii_punctuation()),
+                "{id}"
+            );
+        }
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), raws.len(), "{ids:?}");
+        // A valid ID (an SQS message ID, a group ID from SQS) is kept as it is.
+        assert_eq!(fifo_id("order1-1"), "order1-1");
+        assert_eq!(fifo_id(&"x".repeat(128)), "x".repeat(128));
+        assert_eq!(
+            fifo_id("3f2b9c1e-8d6a-4b7f-9e0d-1a2b3c4d5e6f-2"),
+            "3f2b9c1e-8d6a-4b7f-9e0d-1a2b3c4d5e6f-2"
         );
     }
 }
