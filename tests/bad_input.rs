@@ -978,6 +978,39 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
     assert_pubsub_untouched(&p, &pubsub_before).await;
 }
 
+/// A queue given as its ARN (what the console, CloudFormation and
+/// RedrivePolicy show) is looked up by its name in its account, and a queue
+/// URL's region is the region called: a `region` that disagrees with it is
+/// named at once, rather than ending as SQS's "queue does not exist".
+#[tokio::test]
+async fn sqs_queue_given_by_arn_or_url_region() {
+    let s = SqsFixture::create(false).await;
+    s.dead_letter(&orders(2)).await;
+    let mut path = s.dlq_url.rsplit('/');
+    let (name, account) = (path.next().unwrap(), path.next().unwrap());
+    let connect = |queue: String, region: &str| {
+        let yaml = format!(
+            "queues:\n  - name: q\n    sqs: {{queue: '{queue}', endpoint_url: '{}', region: {region}}}\n",
+            s.endpoint
+        );
+        let config = dlq_bridge::config::Config::from_yaml(&yaml, "test", &[]).unwrap();
+        async move { dlq_bridge::backend::connect(config.queue("q").unwrap()).await }
+    };
+    let b = connect(format!("arn:aws:sqs:us-east-1:{account}:{name}"), "us-east-1")
+        .await
+        .unwrap();
+    assert_eq!(b.stats().await.unwrap().depth, 2);
+    let elsewhere = format!("https://sqs.eu-west-1.amazonaws.com/{account}/{name}");
+    let err = connect(elsewhere, "us-east-1")
+        .await
+        .err()
+        .expect("a region mismatch is refused");
+    assert!(
+        err.to_string().contains("`region: us-east-1` but its queue") && err.to_string().contains("is in eu-west-1"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn an_emulator_that_is_down_fails_fast_with_its_address() {
     // Real emulators up, so only the address differs.

@@ -68,6 +68,8 @@ pub struct Clients {
     by_key: Mutex<HashMap<ClientKey, SharedClient>>,
 }
 
+/// (region, endpoint): the region is the queue's own when its URL or ARN
+/// names one ([`queue_region`]).
 type ClientKey = (Option<String>, Option<String>);
 /// The client and its region, filled once by the first queue that needs it.
 type SharedClient = Arc<OnceCell<(Client, String)>>;
@@ -75,7 +77,7 @@ type SharedClient = Arc<OnceCell<(Client, String)>>;
 impl Clients {
     /// The client for `cfg`, built on first use.
     pub async fn get(&self, cfg: &SqsQueueConfig) -> (Client, String) {
-        let key = (cfg.region.clone(), cfg.endpoint_url.clone());
+        let key = (region_of(cfg), cfg.endpoint_url.clone());
         let cell = self.by_key.lock().await.entry(key).or_default().clone();
         cell.get_or_init(|| client(cfg)).await.clone()
     }
@@ -84,7 +86,7 @@ impl Clients {
 /// Build an SQS client for `cfg`, with timeouts always set (the SDK has no
 /// default read timeout, so a stalled endpoint would hang a run forever).
 pub async fn client(cfg: &SqsQueueConfig) -> (Client, String) {
-    let region = RegionProviderChain::first_try(cfg.region.clone().map(aws_config::Region::new))
+    let region = RegionProviderChain::first_try(region_of(cfg).map(aws_config::Region::new))
         .or_default_provider()
         .or_else("us-east-1");
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -121,12 +123,77 @@ pub async fn client(cfg: &SqsQueueConfig) -> (Client, String) {
     (Client::from_conf(builder.build()), endpoint)
 }
 
+/// The region to call for `cfg`: `region`, else the region its queue URL or
+/// ARN names (SQS answers a queue URL of another region than the endpoint's
+/// with "queue does not exist"), else None (the SDK's chain).
+fn region_of(cfg: &SqsQueueConfig) -> Option<String> {
+    cfg.region.clone().or_else(|| queue_region(&cfg.queue))
+}
+
+/// The region an AWS queue URL (`https://sqs.REGION.amazonaws.com/…`, the
+/// legacy `https://REGION.queue.amazonaws.com/…`, FIPS, China and VPC
+/// endpoint hosts) or queue ARN names; None for a name, or a URL of another
+/// host (an emulator, a proxy).
+fn queue_region(queue: &str) -> Option<String> {
+    if let Some(arn) = QueueArn::parse(queue) {
+        return Some(arn.region.to_string());
+    }
+    let host = queue
+        .strip_prefix("https://")
+        .or_else(|| queue.strip_prefix("http://"))?
+        .split(['/', ':'])
+        .next()?;
+    let labels: Vec<&str> = host
+        .strip_suffix(".amazonaws.com")
+        .or_else(|| host.strip_suffix(".amazonaws.com.cn"))?
+        .split('.')
+        .collect();
+    let region = match labels.as_slice() {
+        [.., "sqs" | "sqs-fips", region] | [.., "sqs" | "sqs-fips", region, "vpce"] => region,
+        [region, "queue"] => region,
+        ["queue"] => "us-east-1",
+        _ => return None,
+    };
+    let plausible = region.split('-').count() >= 3 && region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    plausible.then(|| region.to_string())
+}
+
+/// `arn:PARTITION:sqs:REGION:ACCOUNT:NAME`.
+struct QueueArn<'a> {
+    region: &'a str,
+    account: &'a str,
+    name: &'a str,
+}
+
+impl<'a> QueueArn<'a> {
+    fn parse(arn: &'a str) -> Option<Self> {
+        let mut parts = arn.splitn(6, ':');
+        let (_arn, _partition, service, region, account, name) = (
+            parts.next().filter(|p| *p == "arn")?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+        );
+        (service == "sqs" && !name.is_empty()).then_some(Self { region, account, name })
+    }
+}
+
 fn non_empty_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 impl SqsBackend {
     pub async fn connect(name: &str, cfg: &SqsQueueConfig, queue: &QueueConfig, clients: &Clients) -> Result<Self> {
+        if let (Some(region), Some(named)) = (&cfg.region, queue_region(&cfg.queue))
+            && *region != named
+        {
+            return Err(BackendError::Invalid(format!(
+                "queue {name}: `region: {region}` but its queue {} is in {named}; SQS would answer that it does not exist (drop `region`, or fix it)",
+                cfg.queue
+            )));
+        }
         let (client, endpoint) = clients.get(cfg).await;
         let queue_url = resolve_queue_url(&client, &endpoint, &cfg.queue, cfg.account_id.as_deref()).await?;
         Ok(Self {
@@ -156,17 +223,7 @@ impl SqsBackend {
         if let Some(url) = self.arn_urls.lock().await.get(arn) {
             return Some(url.clone());
         }
-        // arn:aws:sqs:<region>:<account>:<name>
-        let mut parts = arn.splitn(6, ':');
-        let (_, _, _, _, account, name) = (
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-        );
-        let url = resolve_queue_url(&self.client, &self.endpoint, name, Some(account))
+        let url = resolve_queue_url(&self.client, &self.endpoint, arn, None)
             .await
             .map_err(|e| tracing::warn!(%arn, error = %e, "cannot resolve the dead-letter source queue"))
             .ok()?;
@@ -263,6 +320,10 @@ async fn resolve_queue_url(client: &Client, endpoint: &str, queue: &str, account
     if queue.starts_with("https://") || queue.starts_with("http://") {
         return Ok(queue.to_string());
     }
+    let (queue, account) = match QueueArn::parse(queue) {
+        Some(arn) => (arn.name, Some(arn.account)),
+        None => (queue, account),
+    };
     let mut req = client.get_queue_url().queue_name(queue);
     if let Some(a) = account {
         req = req.queue_owner_aws_account_id(a);
@@ -903,6 +964,56 @@ mod tests {
             let refused = refused_by_sqs(&copy(body, name, value)).unwrap_or_default();
             assert!(refused.contains(why), "{name}: {refused:?}");
         }
+    }
+
+    #[test]
+    fn a_queue_url_or_arn_gives_the_region_to_call() {
+        for (queue, region) in [
+            (
+                "https://sqs.eu-west-1.amazonaws.com/123456789012/orders",
+                Some("eu-west-1"),
+            ),
+            (
+                "https://sqs-fips.us-gov-west-1.amazonaws.com/123456789012/orders",
+                Some("us-gov-west-1"),
+            ),
+            (
+                "https://sqs.cn-north-1.amazonaws.com.cn/123456789012/orders",
+                Some("cn-north-1"),
+            ),
+            (
+                "https://ap-southeast-2.queue.amazonaws.com/123456789012/orders",
+                Some("ap-southeast-2"),
+            ),
+            ("https://queue.amazonaws.com/123456789012/orders", Some("us-east-1")),
+            (
+                "https://vpce-0a1b-c2d3.sqs.eu-central-1.vpce.amazonaws.com/123456789012/orders",
+                Some("eu-central-1"),
+            ),
+            ("arn:aws:sqs:sa-east-1:123456789012:orders.fifo", Some("sa-east-1")),
+            ("orders", None),
+            ("http://127.0.0.1:4566/123456789012/orders", None),
+            (
+                "http://sqs.us-east-1.localhost.localstack.cloud:4566/000000000000/orders",
+                None,
+            ),
+            ("arn:aws:sns:us-east-1:123456789012:orders", None),
+        ] {
+            assert_eq!(queue_region(queue).as_deref(), region, "{queue}");
+        }
+        let cfg = |queue: &str, region: Option<&str>| SqsQueueConfig {
+            queue: queue.into(),
+            region: region.map(Into::into),
+            endpoint_url: None,
+            account_id: None,
+        };
+        let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/orders";
+        assert_eq!(region_of(&cfg(url, None)).as_deref(), Some("eu-west-1"));
+        assert_eq!(region_of(&cfg("orders", None)), None, "the SDK's chain decides");
+        assert_eq!(
+            region_of(&cfg("orders", Some("us-west-2"))).as_deref(),
+            Some("us-west-2")
+        );
     }
 
     #[test]
