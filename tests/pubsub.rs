@@ -381,3 +381,53 @@ async fn a_destination_topic_deleted_mid_pass_loses_nothing() {
         );
     }
 }
+
+/// An exactly-once DLQ subscription: Acknowledge fails INVALID_ARGUMENT as
+/// soon as one of its ack IDs is no longer valid, yet acknowledges the
+/// others. Only the invalid one is reported unsettled, so a redrive or purge
+/// does not say that messages it removed "stay in the DLQ".
+#[tokio::test]
+async fn an_exactly_once_subscription_settles_what_it_acknowledged() {
+    use gcloud_pubsub::subscription::SubscriptionConfig;
+    let f = PubSubFixture::create(false).await;
+    let eod = "orders-dead-eod";
+    f.client
+        .create_subscription(
+            eod,
+            common::pubsub::DLQ_TOPIC,
+            SubscriptionConfig {
+                ack_deadline_seconds: 10,
+                enable_exactly_once_delivery: true,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    f.put_in_dlq(&[failing(1), failing(2)]).await;
+    let yaml = format!(
+        "queues:\n  - name: dlq\n    pubsub: {{project: {}, subscription: {eod}, emulator_host: '{}'}}\n",
+        f.project, f.host
+    );
+    let b = backend_for(&Config::from_yaml(&yaml, "test", &[]).unwrap())
+        .await
+        .unwrap();
+    let leased = lease_all(b.as_ref(), Duration::from_secs(600)).await;
+    assert_eq!(leased.len(), 2);
+    // Another consumer's nack makes the first lease's ack ID invalid.
+    f.modack(&f.client.subscription(eod), vec![leased[0].lease.0.clone()], 0)
+        .await;
+    let leases: Vec<_> = leased.iter().map(|l| l.lease.clone()).collect();
+    let results = b.settle(&leases).await.unwrap();
+    assert!(
+        matches!(&results[0], SettleResult::Failed { error } if error.contains("PERMANENT_FAILURE_INVALID_ACK_ID")),
+        "{results:?}"
+    );
+    assert_eq!(results[1], SettleResult::Settled, "{results:?}");
+    let left: Vec<String> = lease_all(b.as_ref(), Duration::from_secs(10))
+        .await
+        .into_iter()
+        .map(|l| l.message.id)
+        .collect();
+    assert_eq!(left, vec![leased[0].message.id.clone()], "the second was acknowledged");
+}

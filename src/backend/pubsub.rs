@@ -17,7 +17,11 @@
 //!   server-side gRPC deadline (`grpc-timeout`) of 5 s, which the server ends
 //!   cleanly; `DEADLINE_EXCEEDED` means "nothing to pull". A `hold` over 600 s
 //!   is cut to 600 s (with one warning).
-//! - **settle**: `Acknowledge`. **release**: `ModifyAckDeadline` to 0.
+//! - **settle**: `Acknowledge`. On an exactly-once subscription a request
+//!   with one ack ID no longer valid fails INVALID_ARGUMENT, acknowledges the
+//!   others, and lists the failed IDs in an ErrorInfo: only those are
+//!   reported unsettled, and the transient ones are acknowledged again.
+//!   **release**: `ModifyAckDeadline` to 0.
 //! - **peek**: Pub/Sub has no browse, so it leases and releases at once. Each
 //!   peek therefore counts as a delivery attempt on the DLQ subscription and
 //!   hides the messages from other consumers for the moment it takes
@@ -155,6 +159,11 @@ const MAX_ACK_DEADLINE_SECS: u64 = 600;
 /// Ack IDs per Acknowledge / ModifyAckDeadline call (the request limit is
 /// 512 KB; ack IDs are a few hundred bytes at most).
 const ACK_CHUNK: usize = 1000;
+/// Acknowledge calls per chunk while an exactly-once subscription answers
+/// some of its ack IDs with a transient failure, which Google's clients retry.
+const ACK_ATTEMPTS: u32 = 4;
+const EXACTLY_ONCE_ACK_FAILURE: &str = "EXACTLY_ONCE_ACKID_FAILURE";
+const TRANSIENT_ACK_FAILURE: &str = "TRANSIENT_FAILURE";
 /// The most messages one Pull returns: per lease, and per pull while
 /// counting on the emulator.
 const COUNT_PULL: usize = 1000;
@@ -917,6 +926,37 @@ pub fn pubsub_message(o: &Outgoing, target: Option<&str>) -> Result<PubsubMessag
     Ok(message)
 }
 
+/// google.rpc.ErrorInfo, which gcloud-googleapis does not generate.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ErrorInfo {
+    #[prost(string, tag = "1")]
+    reason: String,
+    #[prost(string, tag = "2")]
+    domain: String,
+    #[prost(map = "string, string", tag = "3")]
+    metadata: HashMap<String, String>,
+}
+
+/// The ack IDs a failed Acknowledge on an exactly-once subscription lists,
+/// each with why (`PERMANENT_FAILURE_INVALID_ACK_ID`, `TRANSIENT_FAILURE_…`):
+/// there the RPC fails INVALID_ARGUMENT as soon as one ack ID fails, with
+/// an ErrorInfo whose metadata names the failed IDs, and acknowledges the
+/// others. None for any other error, which answers for the whole request.
+fn exactly_once_ack_failures(status: &Status) -> Option<HashMap<String, String>> {
+    use prost::Message as _;
+    if status.code() != Code::InvalidArgument {
+        return None;
+    }
+    let details = gcloud_googleapis::rpc::Status::decode(status.details()).ok()?;
+    details
+        .details
+        .iter()
+        .filter(|any| any.type_url.ends_with("/google.rpc.ErrorInfo"))
+        .filter_map(|any| ErrorInfo::decode(any.value.as_slice()).ok())
+        .find(|info| info.reason == EXACTLY_ONCE_ACK_FAILURE)
+        .map(|info| info.metadata)
+}
+
 /// One `ModifyAckDeadline` per [`ACK_CHUNK`] ack IDs.
 async fn modify_deadline(
     subc: &SubscriberClient,
@@ -1189,18 +1229,43 @@ impl QueueBackend for PubSubBackend {
 
     async fn settle(&self, leases: &[LeaseId]) -> Result<Vec<SettleResult>> {
         self.pending_holds.answered(leases).await;
-        let mut results = Vec::with_capacity(leases.len());
-        for chunk in leases.chunks(ACK_CHUNK) {
-            let req = AcknowledgeRequest {
-                subscription: self.subscription.clone(),
-                ack_ids: chunk.iter().map(|l| l.0.clone()).collect(),
-            };
-            match self.conns.subc.acknowledge(req, None).await {
-                Ok(_) => results.extend(std::iter::repeat_n(SettleResult::Settled, chunk.len())),
-                Err(s) => {
-                    let error = self.error(s, &self.subscription).to_string();
-                    results.extend(std::iter::repeat_n(SettleResult::Failed { error }, chunk.len()));
+        let mut results = vec![SettleResult::Settled; leases.len()];
+        for (c, chunk) in leases.chunks(ACK_CHUNK).enumerate() {
+            // Indexes into `results` of the acks still to be answered.
+            let mut pending: Vec<usize> = (c * ACK_CHUNK..c * ACK_CHUNK + chunk.len()).collect();
+            for attempt in 1..=ACK_ATTEMPTS {
+                let req = AcknowledgeRequest {
+                    subscription: self.subscription.clone(),
+                    ack_ids: pending.iter().map(|&i| leases[i].0.clone()).collect(),
+                };
+                let Err(status) = self.conns.subc.acknowledge(req, None).await else {
+                    break;
+                };
+                let Some(failed) = exactly_once_ack_failures(&status) else {
+                    let error = self.error(status, &self.subscription).to_string();
+                    for &i in &pending {
+                        results[i] = SettleResult::Failed { error: error.clone() };
+                    }
+                    break;
+                };
+                // Exactly-once delivery: the IDs the error lists failed, and
+                // every other ID of the request was acknowledged.
+                let mut transient = Vec::new();
+                for &i in &pending {
+                    let Some(code) = failed.get(&leases[i].0) else { continue };
+                    if code.starts_with(TRANSIENT_ACK_FAILURE) && attempt < ACK_ATTEMPTS {
+                        transient.push(i);
+                    } else {
+                        results[i] = SettleResult::Failed {
+                            error: format!("Pub/Sub did not acknowledge it: {code} (exactly-once delivery)"),
+                        };
+                    }
                 }
+                if transient.is_empty() {
+                    break;
+                }
+                pending = transient;
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
             }
         }
         Ok(results)
@@ -1253,6 +1318,69 @@ impl QueueBackend for PubSubBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A status as Pub/Sub sends it: google.rpc.Status in the details, with
+    /// an ErrorInfo packed in an Any.
+    fn status_with_error_info(code: Code, reason: &str, metadata: &[(&str, &str)]) -> Status {
+        use prost::Message as _;
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Any {
+            #[prost(string, tag = "1")]
+            type_url: String,
+            #[prost(bytes = "vec", tag = "2")]
+            value: Vec<u8>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct RpcStatus {
+            #[prost(int32, tag = "1")]
+            code: i32,
+            #[prost(string, tag = "2")]
+            message: String,
+            #[prost(message, repeated, tag = "3")]
+            details: Vec<Any>,
+        }
+        let info = ErrorInfo {
+            reason: reason.into(),
+            domain: "pubsub.googleapis.com".into(),
+            metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let details = RpcStatus {
+            code: code as i32,
+            message: "Some acknowledgement ids in the request were invalid.".into(),
+            details: vec![
+                Any {
+                    type_url: "type.googleapis.com/google.rpc.DebugInfo".into(),
+                    value: Vec::new(),
+                },
+                Any {
+                    type_url: "type.googleapis.com/google.rpc.ErrorInfo".into(),
+                    value: info.encode_to_vec(),
+                },
+            ],
+        };
+        Status::with_details(code, "failed", details.encode_to_vec().into())
+    }
+
+    #[test]
+    fn exactly_once_ack_failures_name_only_the_failed_ids() {
+        let failed = exactly_once_ack_failures(&status_with_error_info(
+            Code::InvalidArgument,
+            EXACTLY_ONCE_ACK_FAILURE,
+            &[
+                ("a1", "PERMANENT_FAILURE_INVALID_ACK_ID"),
+                ("a2", "TRANSIENT_FAILURE_UNORDERED_ACK_ID"),
+            ],
+        ))
+        .expect("an exactly-once ack failure");
+        assert_eq!(failed.len(), 2);
+        assert!(failed["a2"].starts_with(TRANSIENT_ACK_FAILURE));
+        // Anything else answers for the whole request.
+        let other = status_with_error_info(Code::InvalidArgument, "SOMETHING_ELSE", &[("a1", "x")]);
+        assert_eq!(exactly_once_ack_failures(&other), None);
+        let other = status_with_error_info(Code::FailedPrecondition, EXACTLY_ONCE_ACK_FAILURE, &[("a1", "x")]);
+        assert_eq!(exactly_once_ack_failures(&other), None);
+        assert_eq!(exactly_once_ack_failures(&Status::invalid_argument("bad")), None);
+    }
 
     fn leases(ids: &[&str]) -> Vec<LeaseId> {
         ids.iter().map(|i| LeaseId(i.to_string())).collect()
