@@ -571,12 +571,18 @@ fn bad_attribute_name(name: &str) -> Option<&'static str> {
     }
 }
 
-/// What SQS counts against its payload limit for one message.
+/// What SQS counts against its payload limit for one message: the body, and
+/// each attribute's name, type and value as they are sent (the type label
+/// [`attribute_to_sqs`] gives it, binary values as bytes, not base64).
 fn payload_size(o: &Outgoing) -> usize {
     o.body.len()
         + o.attributes
             .iter()
-            .map(|(k, a)| k.len() + a.data_type.as_deref().map_or(8, str::len) + a.as_text().len())
+            .map(|(k, a)| {
+                let v = attribute_to_sqs(a);
+                let value = v.string_value().map_or(0, str::len) + v.binary_value().map_or(0, |b| b.as_ref().len());
+                k.len() + v.data_type().len() + value
+            })
             .sum::<usize>()
 }
 
@@ -1014,6 +1020,32 @@ mod tests {
             region_of(&cfg("orders", Some("us-west-2"))).as_deref(),
             Some("us-west-2")
         );
+    }
+
+    /// `send` splits batches by this count: an undercount lets a request
+    /// over SQS's 1 MiB batch limit through, which fails all of its copies
+    /// (BatchRequestTooLong), the same way on every rerun.
+    #[test]
+    fn payload_size_is_what_sqs_counts() {
+        let attrs =
+            |value: AttrValue| -> Attributes { [("when".to_string(), Attribute { value, data_type: None })].into() };
+        let copy = |body: usize, attributes: Attributes| Outgoing {
+            body: Bytes::from("b".repeat(body)),
+            attributes,
+            properties: Default::default(),
+            ordering_key: None,
+            dedup_id: "d".into(),
+            original_id: "o".into(),
+        };
+        let t = chrono::DateTime::from_timestamp(0, 0).unwrap();
+        // "when" + "String.timestamp" + "1970-01-01T00:00:00+00:00"
+        assert_eq!(
+            payload_size(&copy(10, attrs(AttrValue::Timestamp(t)))),
+            10 + 4 + 16 + 25
+        );
+        // "when" + "Binary" + 3 bytes (not their base64)
+        let binary = AttrValue::Binary(Bytes::from_static(&[1, 2, 3]));
+        assert_eq!(payload_size(&copy(10, attrs(binary))), 10 + 4 + 6 + 3);
     }
 
     #[test]
