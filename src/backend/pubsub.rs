@@ -993,6 +993,14 @@ fn message_size(m: &PubsubMessage) -> usize {
     m.data.len() + m.ordering_key.len() + m.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
+/// The bytes a length-delimited protobuf field of `len` bytes takes in its
+/// message (tag, length, content): Pub/Sub's 10 MB limit is on the encoded
+/// PublishRequest, where each attribute and message carries such framing
+/// (Google's clients measure a batch the same way).
+fn field_size(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
@@ -1161,9 +1169,10 @@ impl QueueBackend for PubSubBackend {
 
     async fn send(&self, to: &Destination, msgs: &[Outgoing]) -> Result<Vec<SendResult>> {
         let mut results: Vec<Option<SendResult>> = vec![None; msgs.len()];
-        // Split into requests of at most 1,000 messages and 10 MB.
+        // Split into requests of at most 1,000 messages and 10 MB, as encoded.
         let mut chunks: Vec<Vec<(usize, PubsubMessage)>> = Vec::new();
         let mut size = 0;
+        let request_size = field_size(to.0.len());
         for (i, o) in msgs.iter().enumerate() {
             let m = match self.to_pubsub(o) {
                 Ok(m) => m,
@@ -1172,7 +1181,7 @@ impl QueueBackend for PubSubBackend {
                     continue;
                 }
             };
-            let s = message_size(&m) + 64;
+            let s = field_size(prost::Message::encoded_len(&m));
             match chunks.last_mut() {
                 Some(c) if c.len() < MAX_PUBLISH_MESSAGES && size + s <= MAX_PUBLISH_BYTES => {
                     c.push((i, m));
@@ -1180,7 +1189,7 @@ impl QueueBackend for PubSubBackend {
                 }
                 _ => {
                     chunks.push(vec![(i, m)]);
-                    size = s;
+                    size = request_size + s;
                 }
             }
         }
@@ -1359,6 +1368,30 @@ mod tests {
             ],
         };
         Status::with_details(code, "failed", details.encode_to_vec().into())
+    }
+
+    /// `send` splits by this count; an undercount (it once allowed 64 bytes
+    /// of framing per message, and a message with 90 attributes takes over
+    /// 700) lets a request over 10 MB through, which fails all its copies.
+    #[test]
+    fn publish_requests_are_measured_as_encoded() {
+        use prost::Message as _;
+        let message = |attributes: usize| PubsubMessage {
+            data: vec![b'x'; 300].into(),
+            attributes: (0..attributes)
+                .map(|a| (format!("attribute-{a:06}"), "v".repeat(1000)))
+                .collect(),
+            ordering_key: "key".into(),
+            ..Default::default()
+        };
+        let topic = "projects/p/topics/t";
+        let messages = vec![message(0), message(1), message(90)];
+        let counted = field_size(topic.len()) + messages.iter().map(|m| field_size(m.encoded_len())).sum::<usize>();
+        let request = PublishRequest {
+            topic: topic.into(),
+            messages,
+        };
+        assert_eq!(counted, request.encoded_len());
     }
 
     #[test]
