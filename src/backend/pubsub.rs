@@ -548,15 +548,15 @@ impl PubSubBackend {
     }
 
     /// One Publish, retried (with the same messages) while the service is
-    /// briefly unavailable. A retry after a lost answer can duplicate copies,
-    /// never lose them.
+    /// briefly unavailable, busy or throttling ([`publish_retryable`]). A
+    /// retry after a lost answer can duplicate copies, never lose them.
     async fn publish(&self, req: PublishRequest) -> Result<Vec<String>, Status> {
         let mut attempt = 0;
         loop {
             let request = routed(req.clone(), "topic", &req.topic, RPC_DEADLINE);
             match self.publisher().publish(request).await {
                 Ok(r) => return Ok(r.into_inner().message_ids),
-                Err(s) if s.code() == Code::Unavailable && attempt < 3 => {
+                Err(s) if publish_retryable(s.code()) && attempt < 3 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
@@ -993,6 +993,18 @@ fn message_size(m: &PubsubMessage) -> usize {
     m.data.len() + m.ordering_key.len() + m.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
+/// Publish errors worth the same request again: those Google's clients retry
+/// a Publish on (quota and throughput limits answer RESOURCE_EXHAUSTED; a
+/// passing server fault INTERNAL, UNKNOWN or ABORTED), except
+/// DEADLINE_EXCEEDED and CANCELLED, which after the request's own 30 s
+/// deadline mean an endpoint too slow to wait on again.
+fn publish_retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::ResourceExhausted | Code::Internal | Code::Unknown | Code::Aborted
+    )
+}
+
 /// The bytes a length-delimited protobuf field of `len` bytes takes in its
 /// message (tag, length, content): Pub/Sub's 10 MB limit is on the encoded
 /// PublishRequest, where each attribute and message carries such framing
@@ -1392,6 +1404,28 @@ mod tests {
             messages,
         };
         assert_eq!(counted, request.encoded_len());
+    }
+
+    #[test]
+    fn throttled_and_passing_publish_failures_are_retried() {
+        for code in [
+            Code::Unavailable,
+            Code::ResourceExhausted,
+            Code::Internal,
+            Code::Unknown,
+            Code::Aborted,
+        ] {
+            assert!(publish_retryable(code), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::PermissionDenied,
+            Code::FailedPrecondition,
+            Code::DeadlineExceeded,
+        ] {
+            assert!(!publish_retryable(code), "{code:?}");
+        }
     }
 
     #[test]
