@@ -399,7 +399,10 @@ where
                 | "AccessDenied"
                 | "AccessDeniedException"
                 | "ExpiredToken"
-                | "InvalidSecurity" => BackendError::Auth {
+                | "InvalidSecurity"
+                // The queue's SSE-KMS key refuses the caller: every send to
+                // (or receive from) the queue fails the same way.
+                | "KMS.AccessDeniedException" => BackendError::Auth {
                     provider: PROVIDER,
                     detail: format!("{detail} (queue {queue} at {endpoint})"),
                 },
@@ -910,29 +913,46 @@ mod tests {
         }
     }
 
+    /// `classify` of a service error with `code`, as the SDK builds it.
+    fn service_error(code: &str) -> BackendError {
+        use aws_sdk_sqs::error::ErrorMetadata;
+        use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
+        use aws_smithy_types::body::SdkBody;
+        let meta = ErrorMetadata::builder().code(code).message("refused").build();
+        let raw = HttpResponse::new(400.try_into().unwrap(), SdkBody::empty());
+        classify(
+            SdkError::service_error(SendMessageBatchError::generic(meta), raw),
+            "http://sqs",
+            "orders",
+        )
+    }
+
     /// A receive refused for the in-flight limit ends the pass like
     /// `max_held` (the engine stops leasing), not like a provider failure.
     #[test]
     fn over_limit_is_a_hold_limit() {
-        use aws_sdk_sqs::error::ErrorMetadata;
-        use aws_sdk_sqs::operation::receive_message::ReceiveMessageError;
-        use aws_smithy_types::body::SdkBody;
-        let refused = |code: &str| {
-            let meta = ErrorMetadata::builder()
-                .code(code)
-                .message("too many messages in flight")
-                .build();
-            let raw = HttpResponse::new(400.try_into().unwrap(), SdkBody::empty());
-            classify(
-                SdkError::service_error(ReceiveMessageError::generic(meta), raw),
-                "http://sqs",
-                "orders",
-            )
-        };
         for code in ["OverLimit", "AWS.SimpleQueueService.OverLimit"] {
-            assert!(matches!(refused(code), BackendError::HoldLimit { .. }), "{code}");
+            assert!(matches!(service_error(code), BackendError::HoldLimit { .. }), "{code}");
         }
-        assert!(matches!(refused("InternalError"), BackendError::Provider { .. }));
+        assert!(matches!(service_error("InternalError"), BackendError::Provider { .. }));
+    }
+
+    /// A destination whose SSE-KMS key refuses the caller fails every batch
+    /// the same way: the send says so once and the pass stops, rather than
+    /// leasing and failing the whole DLQ batch by batch.
+    #[test]
+    fn a_kms_key_that_refuses_the_caller_fails_every_send() {
+        // The code the SDK reports for KmsAccessDenied (the query-compatible
+        // code of SQS's JSON protocol).
+        let kms = service_error("KMS.AccessDeniedException");
+        assert!(
+            matches!(kms, BackendError::Auth { .. }) && fails_every_send(&kms),
+            "{kms:?}"
+        );
+        assert!(matches!(
+            service_error("KMS.ThrottlingException"),
+            BackendError::Provider { .. }
+        ));
     }
 
     /// The edges of SQS's rules, which moto does not check.
