@@ -33,7 +33,11 @@
 //!   confirmed when Pub/Sub returns its message ID. Data bytes, attributes and
 //!   the ordering key are kept. The RPC takes an ordering key on any topic; the
 //!   client-side "enable message ordering" switch only serialises publishes per
-//!   key, which the engine already does (one batch per key in flight).
+//!   key, which the engine already does (one batch per key in flight). One
+//!   request holds one ordering key only (Pub/Sub refuses a request that
+//!   mixes keys, or keyed and unkeyed messages, with FAILED_PRECONDITION; the
+//!   emulator does not): a send publishes each key's requests in order, and
+//!   the keys side by side.
 //! - **stats**: see below.
 //!
 //! ## The message model
@@ -149,6 +153,8 @@ const BATCH: usize = 100;
 /// Pub/Sub's limits on one Publish request.
 const MAX_PUBLISH_MESSAGES: usize = 1000;
 const MAX_PUBLISH_BYTES: usize = 10_000_000;
+/// Publish requests of different ordering keys in flight at once in one send.
+const PUBLISH_CONCURRENCY: usize = 16;
 /// A message's data plus attributes may not exceed 10 MB.
 const MAX_MESSAGE_BYTES: usize = 10_000_000;
 const MAX_ATTRIBUTES: usize = 100;
@@ -993,6 +999,51 @@ fn message_size(m: &PubsubMessage) -> usize {
     m.data.len() + m.ordering_key.len() + m.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
+/// One Publish request's worth of copies, all of one ordering key.
+struct PublishChunk {
+    /// Their indexes in the send.
+    idx: Vec<usize>,
+    messages: Vec<PubsubMessage>,
+}
+
+/// `messages` (with their indexes in the send) split into Publish requests
+/// of at most 1,000 messages and 10 MB as encoded to `topic` (of `topic_len`
+/// bytes), each holding one ordering key only: Pub/Sub refuses a request
+/// that mixes keys, or keyed and unkeyed messages (FAILED_PRECONDITION "all
+/// messages must have no ordering key or they must all have the same
+/// ordering key"). One list of requests per key, in the order the keys first
+/// come, each key's messages in their order.
+fn publish_chunks(messages: Vec<(usize, PubsubMessage)>, topic_len: usize) -> Vec<Vec<PublishChunk>> {
+    let request_size = field_size(topic_len);
+    let mut keys: HashMap<String, usize> = HashMap::new();
+    let mut by_key: Vec<Vec<(usize, PublishChunk)>> = Vec::new();
+    for (i, m) in messages {
+        let s = field_size(prost::Message::encoded_len(&m));
+        let k = *keys.entry(m.ordering_key.clone()).or_insert_with(|| {
+            by_key.push(Vec::new());
+            by_key.len() - 1
+        });
+        match by_key[k].last_mut() {
+            Some((size, c)) if c.messages.len() < MAX_PUBLISH_MESSAGES && *size + s <= MAX_PUBLISH_BYTES => {
+                c.idx.push(i);
+                c.messages.push(m);
+                *size += s;
+            }
+            _ => by_key[k].push((
+                request_size + s,
+                PublishChunk {
+                    idx: vec![i],
+                    messages: vec![m],
+                },
+            )),
+        }
+    }
+    by_key
+        .into_iter()
+        .map(|chunks| chunks.into_iter().map(|(_, c)| c).collect())
+        .collect()
+}
+
 /// Publish errors worth the same request again: those Google's clients retry
 /// a Publish on (quota and throughput limits answer RESOURCE_EXHAUSTED; a
 /// passing server fault INTERNAL, UNKNOWN or ABORTED), except
@@ -1180,63 +1231,70 @@ impl QueueBackend for PubSubBackend {
     }
 
     async fn send(&self, to: &Destination, msgs: &[Outgoing]) -> Result<Vec<SendResult>> {
+        use futures::StreamExt as _;
         let mut results: Vec<Option<SendResult>> = vec![None; msgs.len()];
-        // Split into requests of at most 1,000 messages and 10 MB, as encoded.
-        let mut chunks: Vec<Vec<(usize, PubsubMessage)>> = Vec::new();
-        let mut size = 0;
-        let request_size = field_size(to.0.len());
+        let mut prepared = Vec::with_capacity(msgs.len());
         for (i, o) in msgs.iter().enumerate() {
-            let m = match self.to_pubsub(o) {
-                Ok(m) => m,
-                Err(error) => {
-                    results[i] = Some(SendResult::Failed { error });
-                    continue;
-                }
-            };
-            let s = field_size(prost::Message::encoded_len(&m));
-            match chunks.last_mut() {
-                Some(c) if c.len() < MAX_PUBLISH_MESSAGES && size + s <= MAX_PUBLISH_BYTES => {
-                    c.push((i, m));
-                    size += s;
-                }
-                _ => {
-                    chunks.push(vec![(i, m)]);
-                    size = request_size + s;
-                }
+            match self.to_pubsub(o) {
+                Ok(m) => prepared.push((i, m)),
+                Err(error) => results[i] = Some(SendResult::Failed { error }),
             }
         }
-        for chunk in chunks {
-            let (idx, messages): (Vec<usize>, Vec<PubsubMessage>) = chunk.into_iter().unzip();
-            let n = messages.len();
-            let req = PublishRequest {
-                topic: to.0.clone(),
-                messages,
-            };
-            match self.publish(req).await {
-                Ok(ids) => {
-                    if ids.len() == n {
-                        for (i, id) in idx.into_iter().zip(ids) {
-                            results[i] = Some(SendResult::Sent { dest_id: id });
+        // Each ordering key's requests go one after another, in order; the
+        // keys go side by side.
+        let answers: Vec<Vec<(Vec<usize>, Option<Result<Vec<String>, Status>>)>> =
+            futures::stream::iter(publish_chunks(prepared, to.0.len()))
+                .map(|chunks| async move {
+                    let mut answers = Vec::with_capacity(chunks.len());
+                    let mut failed = false;
+                    for chunk in chunks {
+                        if failed {
+                            // Published after a failed request of its key, it
+                            // would arrive ahead of the copies that failed.
+                            answers.push((chunk.idx, None));
+                            continue;
                         }
-                    } else {
-                        for i in idx {
-                            results[i] = Some(SendResult::Failed {
-                                error: format!("Pub/Sub returned {} message IDs for {n} messages", ids.len()),
-                            });
-                        }
+                        let n = chunk.messages.len();
+                        let req = PublishRequest {
+                            topic: to.0.clone(),
+                            messages: chunk.messages,
+                        };
+                        let answer = self.publish(req).await;
+                        failed = answer.as_ref().map_or(true, |ids| ids.len() != n);
+                        answers.push((chunk.idx, Some(answer)));
                     }
+                    answers
+                })
+                .buffer_unordered(PUBLISH_CONCURRENCY)
+                .collect()
+                .await;
+        let mut every_send_fails = None;
+        for (idx, answer) in answers.into_iter().flatten() {
+            let error = match answer {
+                Some(Ok(ids)) if ids.len() == idx.len() => {
+                    for (i, id) in idx.into_iter().zip(ids) {
+                        results[i] = Some(SendResult::Sent { dest_id: id });
+                    }
+                    continue;
                 }
-                Err(status) => {
+                Some(Ok(ids)) => format!("Pub/Sub returned {} message IDs for {} messages", ids.len(), idx.len()),
+                Some(Err(status)) => {
                     let err = self.error(status, &to.0);
                     // A wrong destination fails every message the same way.
                     if fails_every_send(&err) {
-                        return abandon_send(results, err);
+                        every_send_fails = Some(err);
+                        continue;
                     }
-                    for i in idx {
-                        results[i] = Some(SendResult::Failed { error: err.to_string() });
-                    }
+                    err.to_string()
                 }
+                None => "not sent: an earlier publish of its ordering key failed".into(),
+            };
+            for i in idx {
+                results[i] = Some(SendResult::Failed { error: error.clone() });
             }
+        }
+        if let Some(err) = every_send_fails {
+            return abandon_send(results, err);
         }
         Ok(results
             .into_iter()
@@ -1404,6 +1462,54 @@ mod tests {
             messages,
         };
         assert_eq!(counted, request.encoded_len());
+    }
+
+    /// Pub/Sub refuses a Publish whose messages do not all share one
+    /// ordering key (FAILED_PRECONDITION); the emulator takes it, so this is
+    /// checked here.
+    #[test]
+    fn each_publish_request_holds_one_ordering_key() {
+        let message = |key: &str, bytes: usize| PubsubMessage {
+            data: vec![b'x'; bytes].into(),
+            ordering_key: key.into(),
+            ..Default::default()
+        };
+        let keys = ["a", "b", "", "a", "b", "", "c", "a"];
+        let messages = keys.iter().enumerate().map(|(i, k)| (i, message(k, 10))).collect();
+        let chunks = publish_chunks(messages, 20);
+        let got: Vec<Vec<(String, Vec<usize>)>> = chunks
+            .iter()
+            .map(|requests| {
+                requests
+                    .iter()
+                    .map(|c| (c.messages[0].ordering_key.clone(), c.idx.clone()))
+                    .collect()
+            })
+            .collect();
+        let one = |k: &str, idx: &[usize]| vec![(k.to_string(), idx.to_vec())];
+        assert_eq!(
+            got,
+            vec![
+                one("a", &[0, 3, 7]),
+                one("b", &[1, 4]),
+                one("", &[2, 5]),
+                one("c", &[6])
+            ]
+        );
+        for c in chunks.iter().flatten() {
+            assert!(c.messages.iter().all(|m| m.ordering_key == c.messages[0].ordering_key));
+        }
+        // One key over the request limits: its requests follow in order.
+        let big: Vec<(usize, PubsubMessage)> = (0..5).map(|i| (i, message("k", 4_000_000))).collect();
+        let split: Vec<Vec<usize>> = publish_chunks(big, 20).remove(0).into_iter().map(|c| c.idx).collect();
+        assert_eq!(split, vec![vec![0, 1], vec![2, 3], vec![4]]);
+        let many: Vec<(usize, PubsubMessage)> = (0..2500).map(|i| (i, message("", 1))).collect();
+        let sizes: Vec<usize> = publish_chunks(many, 20)
+            .remove(0)
+            .iter()
+            .map(|c| c.messages.len())
+            .collect();
+        assert_eq!(sizes, vec![1000, 1000, 500]);
     }
 
     #[test]
