@@ -980,8 +980,9 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
 
 /// A queue given as its ARN (what the console, CloudFormation and
 /// RedrivePolicy show) is looked up by its name in its account, and a queue
-/// URL's region is the region called: a `region` that disagrees with it is
-/// named at once, rather than ending as SQS's "queue does not exist".
+/// URL's region is the region called: a `region` that disagrees with it, or
+/// a destination in another region, is named at once, rather than ending as
+/// SQS's "queue does not exist".
 #[tokio::test]
 async fn sqs_queue_given_by_arn_or_url_region() {
     let s = SqsFixture::create(false).await;
@@ -1001,6 +1002,14 @@ async fn sqs_queue_given_by_arn_or_url_region() {
         .unwrap();
     assert_eq!(b.stats().await.unwrap().depth, 2);
     let elsewhere = format!("https://sqs.eu-west-1.amazonaws.com/{account}/{name}");
+    let err = b
+        .resolve_destination(&elsewhere)
+        .await
+        .expect_err("another region's queue");
+    assert!(
+        err.to_string().contains("is in eu-west-1, and queue q is in us-east-1"),
+        "{err}"
+    );
     let err = connect(elsewhere, "us-east-1")
         .await
         .err()

@@ -848,6 +848,17 @@ impl QueueBackend for SqsBackend {
     }
 
     async fn resolve_destination(&self, name: &str) -> Result<Destination> {
+        // Sends go through this queue's client, to its region's endpoint,
+        // which answers a queue URL of another region "does not exist".
+        let here = self.client.config().region().map(|r| r.as_ref().to_string());
+        if let (Some(there), Some(here)) = (queue_region(name), here)
+            && there != here
+        {
+            return Err(BackendError::Invalid(format!(
+                "{name} is in {there}, and queue {} is in {here}: copies go to queues of its own region",
+                self.queue_name
+            )));
+        }
         resolve_queue_url(&self.client, &self.endpoint, name, None)
             .await
             .map(Destination)
