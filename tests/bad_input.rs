@@ -1334,6 +1334,44 @@ async fn sqs_odd_bodies_and_attributes_round_trip_byte_exact() {
     assert_eq!(f.dlq_count().await, 0);
 }
 
+/// A message within SQS's 1 MiB (body, attribute names, types and values)
+/// that the redrive marks would take over it is sent without them, counted
+/// as "sent without marks"; a smaller one keeps them. (moto does not count
+/// attributes against the limit: real SQS refused such a copy on every run.)
+#[tokio::test]
+async fn sqs_marks_are_left_off_a_copy_they_would_take_over_the_size_limit() {
+    use dlq_bridge::engine::redrive::{MARK_COUNT, MARK_ID};
+    use dlq_bridge::engine::registry::RedriveRequest;
+    let f = SqsFixture::create(false).await;
+    // "kind" + "String" + "near-limit" + "error" + "String" + "Timeout" = 38 bytes.
+    let near = TestMessage {
+        body: "y".repeat(1024 * 1024 - 38 - 20).into_bytes(),
+        attributes: attrs(&[("kind", "near-limit"), ("error", "Timeout")]),
+        ordering_key: None,
+    };
+    let small = TestMessage {
+        body: b"small".to_vec(),
+        attributes: attrs(&[("kind", "small"), ("error", "Timeout")]),
+        ordering_key: None,
+    };
+    f.put_in_dlq(&[near.clone(), small]).await;
+    let mut config = f.config();
+    config.queues[0].source = Some(f.source_url.clone());
+    let s = common::redrive(config, RedriveRequest::default()).await;
+    assert_eq!((s.settled, s.marks_omitted), (2, 1), "{s:?}");
+    let arrived = f.drain_source().await;
+    let kind = |k: &str| {
+        arrived
+            .iter()
+            .find(|m| m.attributes["kind"].as_text() == k)
+            .unwrap_or_else(|| panic!("{k} arrived"))
+    };
+    let near_copy = kind("near-limit");
+    assert_eq!(near_copy.body, near.body);
+    assert!(!near_copy.attributes.contains_key(MARK_ID) && !near_copy.attributes.contains_key(MARK_COUNT));
+    assert!(kind("small").attributes.contains_key(MARK_ID));
+}
+
 #[tokio::test]
 async fn pubsub_odd_bodies_and_attributes_round_trip_byte_exact() {
     let f = PubSubFixture::create(false).await;

@@ -638,6 +638,10 @@ impl QueueBackend for SqsBackend {
         }
     }
 
+    fn fits(&self, o: &Outgoing) -> bool {
+        payload_size(o) <= MAX_PAYLOAD
+    }
+
     fn is_dead_letter_attribute(&self, _name: &str) -> bool {
         // SQS records dead-lettering in system attributes, which a send cannot
         // set anyway; it adds no message attributes.
