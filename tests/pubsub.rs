@@ -431,3 +431,30 @@ async fn an_exactly_once_subscription_settles_what_it_acknowledged() {
         .collect();
     assert_eq!(left, vec![leased[0].message.id.clone()], "the second was acknowledged");
 }
+
+/// A message within Pub/Sub's 10 MB that the redrive marks would take over
+/// it is sent without them and counted as "sent without marks"; it used to
+/// fail ("… bytes; Pub/Sub allows 10000000") on every run.
+#[tokio::test]
+async fn marks_are_left_off_a_copy_they_would_take_over_the_size_limit() {
+    let f = PubSubFixture::create(false).await;
+    // "error" + "Timeout" + "kind" + "near" = 20 bytes of attributes.
+    let near = TestMessage {
+        body: vec![b'y'; 10_000_000 - 20 - 30],
+        attributes: attrs(&[("error", "Timeout"), ("kind", "near")]),
+        ordering_key: None,
+    };
+    f.put_in_dlq(&[near.clone(), failing(1)]).await;
+    let mut config = f.config();
+    config.queues[0].source = Some(SOURCE_TOPIC.into());
+    let s = redrive(config, RedriveRequest::default()).await;
+    assert_eq!((s.settled, s.marks_omitted, s.send_failed), (2, 1, 0), "{:?}", s.errors);
+    let arrived = f.drain_source().await;
+    let near_copy = arrived
+        .iter()
+        .find(|m| m.attributes.get("kind").map(|a| a.as_text()).as_deref() == Some("near"))
+        .expect("the near-limit copy arrived");
+    assert_eq!(near_copy.body.len(), near.body.len());
+    assert!(!near_copy.attributes.contains_key(MARK_ID), "sent without marks");
+    assert_eq!(arrived.iter().filter(|m| m.attributes.contains_key(MARK_ID)).count(), 1);
+}

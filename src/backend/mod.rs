@@ -190,8 +190,8 @@ pub trait QueueBackend: Send + Sync {
 
     /// Whether `o` is within the provider's size limit for one message, where
     /// that limit counts attributes too (SQS: body, attribute names, types
-    /// and values). The engine leaves the redrive marks off a copy they
-    /// would take over it.
+    /// and values; Pub/Sub: data, attributes and ordering key). The engine
+    /// leaves the redrive marks off a copy they would take over it.
     fn fits(&self, _o: &Outgoing) -> bool {
         true
     }

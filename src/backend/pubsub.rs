@@ -889,10 +889,8 @@ pub fn message_to_model(
 /// call it directly.
 #[doc(hidden)]
 pub fn pubsub_message(o: &Outgoing, target: Option<&str>) -> Result<PubsubMessage, String> {
-    let mut attributes: HashMap<String, String> = o.attributes.iter().map(|(k, a)| (k.clone(), a.as_text())).collect();
-    if let (Some(name), Some(sub)) = (target, o.properties.get(PROP_SOURCE_SUBSCRIPTION)) {
-        attributes.insert(name.to_string(), sub.clone());
-    }
+    let message = unchecked_message(o, target);
+    let attributes = &message.attributes;
     if o.body.is_empty() && attributes.is_empty() {
         return Err("Pub/Sub needs data or at least one attribute; this copy has neither".into());
     }
@@ -902,7 +900,7 @@ pub fn pubsub_message(o: &Outgoing, target: Option<&str>) -> Result<PubsubMessag
             attributes.len()
         ));
     }
-    for (k, v) in &attributes {
+    for (k, v) in attributes {
         if k.len() > MAX_ATTRIBUTE_KEY_BYTES {
             return Err(format!("attribute name `{k}` is over {MAX_ATTRIBUTE_KEY_BYTES} bytes"));
         }
@@ -918,18 +916,27 @@ pub fn pubsub_message(o: &Outgoing, target: Option<&str>) -> Result<PubsubMessag
             ));
         }
     }
-    let message = PubsubMessage {
-        data: o.body.clone(),
-        attributes,
-        message_id: String::new(),
-        publish_time: None,
-        ordering_key: o.ordering_key.clone().unwrap_or_default(),
-    };
     let size = message_size(&message);
     if size > MAX_MESSAGE_BYTES {
         return Err(format!("{size} bytes; Pub/Sub allows {MAX_MESSAGE_BYTES}"));
     }
     Ok(message)
+}
+
+/// The message `o` publishes as, with the targeting attribute `target` when
+/// configured, before any of Pub/Sub's checks.
+fn unchecked_message(o: &Outgoing, target: Option<&str>) -> PubsubMessage {
+    let mut attributes: HashMap<String, String> = o.attributes.iter().map(|(k, a)| (k.clone(), a.as_text())).collect();
+    if let (Some(name), Some(sub)) = (target, o.properties.get(PROP_SOURCE_SUBSCRIPTION)) {
+        attributes.insert(name.to_string(), sub.clone());
+    }
+    PubsubMessage {
+        data: o.body.clone(),
+        attributes,
+        message_id: String::new(),
+        publish_time: None,
+        ordering_key: o.ordering_key.clone().unwrap_or_default(),
+    }
 }
 
 /// google.rpc.ErrorInfo, which gcloud-googleapis does not generate.
@@ -1169,6 +1176,10 @@ impl QueueBackend for PubSubBackend {
 
     fn is_dead_letter_attribute(&self, name: &str) -> bool {
         name.starts_with(DEAD_LETTER_PREFIX)
+    }
+
+    fn fits(&self, o: &Outgoing) -> bool {
+        message_size(&unchecked_message(o, self.target_attribute.as_deref())) <= MAX_MESSAGE_BYTES
     }
 
     async fn stats(&self) -> Result<DlqStats> {
