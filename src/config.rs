@@ -702,9 +702,10 @@ impl QueueKind {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqsQueueConfig {
-    /// The DLQ: a queue name or a full queue URL.
+    /// The DLQ: a queue name, a full queue URL or a queue ARN.
     pub queue: String,
-    /// AWS region. Default: the SDK's chain (AWS_REGION, profile), else us-east-1.
+    /// AWS region. Default: the region the queue URL or ARN names, else the
+    /// SDK's chain (AWS_REGION, profile), else us-east-1.
     #[serde(default)]
     pub region: Option<String>,
     /// Endpoint override, e.g. a local emulator. Default: the SDK's chain,

@@ -978,6 +978,48 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
     assert_pubsub_untouched(&p, &pubsub_before).await;
 }
 
+/// A queue given as its ARN (what the console, CloudFormation and
+/// RedrivePolicy show) is looked up by its name in its account, and a queue
+/// URL's region is the region called: a `region` that disagrees with it, or
+/// a destination in another region, is named at once, rather than ending as
+/// SQS's "queue does not exist".
+#[tokio::test]
+async fn sqs_queue_given_by_arn_or_url_region() {
+    let s = SqsFixture::create(false).await;
+    s.dead_letter(&orders(2)).await;
+    let mut path = s.dlq_url.rsplit('/');
+    let (name, account) = (path.next().unwrap(), path.next().unwrap());
+    let connect = |queue: String, region: &str| {
+        let yaml = format!(
+            "queues:\n  - name: q\n    sqs: {{queue: '{queue}', endpoint_url: '{}', region: {region}}}\n",
+            s.endpoint
+        );
+        let config = dlq_bridge::config::Config::from_yaml(&yaml, "test", &[]).unwrap();
+        async move { dlq_bridge::backend::connect(config.queue("q").unwrap()).await }
+    };
+    let b = connect(format!("arn:aws:sqs:us-east-1:{account}:{name}"), "us-east-1")
+        .await
+        .unwrap();
+    assert_eq!(b.stats().await.unwrap().depth, 2);
+    let elsewhere = format!("https://sqs.eu-west-1.amazonaws.com/{account}/{name}");
+    let err = b
+        .resolve_destination(&elsewhere)
+        .await
+        .expect_err("another region's queue");
+    assert!(
+        err.to_string().contains("is in eu-west-1, and queue q is in us-east-1"),
+        "{err}"
+    );
+    let err = connect(elsewhere, "us-east-1")
+        .await
+        .err()
+        .expect("a region mismatch is refused");
+    assert!(
+        err.to_string().contains("`region: us-east-1` but its queue") && err.to_string().contains("is in eu-west-1"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn an_emulator_that_is_down_fails_fast_with_its_address() {
     // Real emulators up, so only the address differs.
@@ -1290,6 +1332,44 @@ async fn sqs_odd_bodies_and_attributes_round_trip_byte_exact() {
     );
     assert_arrived_exactly(&cases, &f.drain_source().await, true);
     assert_eq!(f.dlq_count().await, 0);
+}
+
+/// A message within SQS's 1 MiB (body, attribute names, types and values)
+/// that the redrive marks would take over it is sent without them, counted
+/// as "sent without marks"; a smaller one keeps them. (moto does not count
+/// attributes against the limit: real SQS refused such a copy on every run.)
+#[tokio::test]
+async fn sqs_marks_are_left_off_a_copy_they_would_take_over_the_size_limit() {
+    use dlq_bridge::engine::redrive::{MARK_COUNT, MARK_ID};
+    use dlq_bridge::engine::registry::RedriveRequest;
+    let f = SqsFixture::create(false).await;
+    // "kind" + "String" + "near-limit" + "error" + "String" + "Timeout" = 38 bytes.
+    let near = TestMessage {
+        body: "y".repeat(1024 * 1024 - 38 - 20).into_bytes(),
+        attributes: attrs(&[("kind", "near-limit"), ("error", "Timeout")]),
+        ordering_key: None,
+    };
+    let small = TestMessage {
+        body: b"small".to_vec(),
+        attributes: attrs(&[("kind", "small"), ("error", "Timeout")]),
+        ordering_key: None,
+    };
+    f.put_in_dlq(&[near.clone(), small]).await;
+    let mut config = f.config();
+    config.queues[0].source = Some(f.source_url.clone());
+    let s = common::redrive(config, RedriveRequest::default()).await;
+    assert_eq!((s.settled, s.marks_omitted), (2, 1), "{s:?}");
+    let arrived = f.drain_source().await;
+    let kind = |k: &str| {
+        arrived
+            .iter()
+            .find(|m| m.attributes["kind"].as_text() == k)
+            .unwrap_or_else(|| panic!("{k} arrived"))
+    };
+    let near_copy = kind("near-limit");
+    assert_eq!(near_copy.body, near.body);
+    assert!(!near_copy.attributes.contains_key(MARK_ID) && !near_copy.attributes.contains_key(MARK_COUNT));
+    assert!(kind("small").attributes.contains_key(MARK_ID));
 }
 
 #[tokio::test]

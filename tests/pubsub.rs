@@ -381,3 +381,80 @@ async fn a_destination_topic_deleted_mid_pass_loses_nothing() {
         );
     }
 }
+
+/// An exactly-once DLQ subscription: Acknowledge fails INVALID_ARGUMENT as
+/// soon as one of its ack IDs is no longer valid, yet acknowledges the
+/// others. Only the invalid one is reported unsettled, so a redrive or purge
+/// does not say that messages it removed "stay in the DLQ".
+#[tokio::test]
+async fn an_exactly_once_subscription_settles_what_it_acknowledged() {
+    use gcloud_pubsub::subscription::SubscriptionConfig;
+    let f = PubSubFixture::create(false).await;
+    let eod = "orders-dead-eod";
+    f.client
+        .create_subscription(
+            eod,
+            common::pubsub::DLQ_TOPIC,
+            SubscriptionConfig {
+                ack_deadline_seconds: 10,
+                enable_exactly_once_delivery: true,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    f.put_in_dlq(&[failing(1), failing(2)]).await;
+    let yaml = format!(
+        "queues:\n  - name: dlq\n    pubsub: {{project: {}, subscription: {eod}, emulator_host: '{}'}}\n",
+        f.project, f.host
+    );
+    let b = backend_for(&Config::from_yaml(&yaml, "test", &[]).unwrap())
+        .await
+        .unwrap();
+    let leased = lease_all(b.as_ref(), Duration::from_secs(600)).await;
+    assert_eq!(leased.len(), 2);
+    // Another consumer's nack makes the first lease's ack ID invalid.
+    f.modack(&f.client.subscription(eod), vec![leased[0].lease.0.clone()], 0)
+        .await;
+    let leases: Vec<_> = leased.iter().map(|l| l.lease.clone()).collect();
+    let results = b.settle(&leases).await.unwrap();
+    assert!(
+        matches!(&results[0], SettleResult::Failed { error } if error.contains("PERMANENT_FAILURE_INVALID_ACK_ID")),
+        "{results:?}"
+    );
+    assert_eq!(results[1], SettleResult::Settled, "{results:?}");
+    let left: Vec<String> = lease_all(b.as_ref(), Duration::from_secs(10))
+        .await
+        .into_iter()
+        .map(|l| l.message.id)
+        .collect();
+    assert_eq!(left, vec![leased[0].message.id.clone()], "the second was acknowledged");
+}
+
+/// A message within Pub/Sub's 10 MB that the redrive marks would take over
+/// it is sent without them and counted as "sent without marks"; it used to
+/// fail ("… bytes; Pub/Sub allows 10000000") on every run.
+#[tokio::test]
+async fn marks_are_left_off_a_copy_they_would_take_over_the_size_limit() {
+    let f = PubSubFixture::create(false).await;
+    // "error" + "Timeout" + "kind" + "near" = 20 bytes of attributes.
+    let near = TestMessage {
+        body: vec![b'y'; 10_000_000 - 20 - 30],
+        attributes: attrs(&[("error", "Timeout"), ("kind", "near")]),
+        ordering_key: None,
+    };
+    f.put_in_dlq(&[near.clone(), failing(1)]).await;
+    let mut config = f.config();
+    config.queues[0].source = Some(SOURCE_TOPIC.into());
+    let s = redrive(config, RedriveRequest::default()).await;
+    assert_eq!((s.settled, s.marks_omitted, s.send_failed), (2, 1, 0), "{:?}", s.errors);
+    let arrived = f.drain_source().await;
+    let near_copy = arrived
+        .iter()
+        .find(|m| m.attributes.get("kind").map(|a| a.as_text()).as_deref() == Some("near"))
+        .expect("the near-limit copy arrived");
+    assert_eq!(near_copy.body.len(), near.body.len());
+    assert!(!near_copy.attributes.contains_key(MARK_ID), "sent without marks");
+    assert_eq!(arrived.iter().filter(|m| m.attributes.contains_key(MARK_ID)).count(), 1);
+}

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -325,6 +326,139 @@ async fn import_crosses_providers_and_names_what_is_not_carried() {
     for (k, a) in &typed {
         assert_eq!(arrived[0].attributes[k].as_text(), a.as_text(), "attribute {k}");
     }
+}
+
+/// Pub/Sub to SQS: a copy SQS would refuse (or store altered) fails on its
+/// own, before any call, and the copies around it arrive. SQS fails a whole
+/// SendMessageBatch for one bad attribute name, and its documented character
+/// rules for bodies and values are not checked by moto.
+#[cfg(feature = "pubsub")]
+#[tokio::test]
+async fn import_into_sqs_fails_only_the_copies_sqs_refuses() {
+    use common::pubsub::PubSubFixture;
+    use dlq_bridge::engine::registry::Registry;
+    use dlq_bridge::engine::triage::{self, ImportRequest};
+
+    let sqs = SqsFixture::create(false).await;
+    let ps = PubSubFixture::create(false).await;
+    let msg = |body: &str, extra: (&str, &str)| TestMessage {
+        body: body.as_bytes().to_vec(),
+        attributes: attrs(&[("error", "Payload"), extra]),
+        ordering_key: None,
+    };
+    let msgs = vec![
+        msg("fine ✓", ("kind", "ok")),
+        msg("a NUL \u{0} in the body", ("kind", "nul")),
+        msg("spaced attribute name", ("with space", "x")),
+        msg("reserved attribute name", ("AWS.trace", "x")),
+        msg("empty attribute value", ("empty", "")),
+        msg("", ("kind", "empty body")),
+        msg("also fine", ("kind", "ok")),
+    ];
+    ps.put_in_dlq(&msgs).await;
+    let mut config = ps.config();
+    config.queues[0].name = "from-pubsub".into();
+    let mut sqs_queue = sqs.config().queues.remove(0);
+    sqs_queue.name = "to-sqs".into();
+    config.queues.push(sqs_queue);
+    let reg = Registry::new(config);
+    let dir = scratch();
+    let file = dir.join("pubsub.jsonl");
+    let s = triage::export(&reg, "from-pubsub", &file, None, None, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(s.written, msgs.len() as u64);
+    let req = ImportRequest {
+        file: &file,
+        to: "to-sqs",
+        address: None,
+        filter: None,
+        rate: None,
+        max: None,
+        dry_run: false,
+    };
+    let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
+    assert_eq!((s.sent, s.failed), (2, 5), "{s:?}");
+    let errors = s.errors.join("\n");
+    for said in [
+        "the body holds U+0000, which SQS does not allow",
+        "attribute name `with space` has characters other than",
+        "attribute name `AWS.trace` starts with a prefix AWS reserves",
+        "attribute `empty` is empty",
+        "the body is empty",
+    ] {
+        assert!(errors.contains(said), "{said}: {errors}");
+    }
+    let arrived: BTreeSet<Vec<u8>> = sqs.drain_source().await.into_iter().map(|m| m.body).collect();
+    assert_eq!(
+        arrived,
+        BTreeSet::from([b"fine \xE2\x9C\x93".to_vec(), b"also fine".to_vec()])
+    );
+}
+
+/// Service Bus message IDs (up to 128 characters, any text) imported into an
+/// SQS FIFO queue: each copy's deduplication ID must stay distinct. IDs that
+/// differ only in characters SQS does not allow there, or past its 128th
+/// character, once became the same ID, and SQS accepted the second copy as
+/// sent and dropped it as a duplicate.
+#[tokio::test]
+async fn import_into_a_fifo_queue_keeps_distinct_ids_distinct() {
+    use dlq_bridge::engine::registry::Registry;
+    use dlq_bridge::engine::triage::{self, ImportRequest};
+
+    let f = SqsFixture::create(true).await;
+    let long = "m".repeat(130);
+    let ids = [
+        "order 1".to_string(),
+        "order1".into(),
+        format!("{long}a"),
+        format!("{long}b"),
+    ];
+    let dir = scratch();
+    let file = dir.join("servicebus.jsonl");
+    let lines: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let body = format!("message {i}");
+            let line = ExportedMessage {
+                queue: "orders".into(),
+                backend: "servicebus".into(),
+                id: id.clone(),
+                body_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &body),
+                body_preview: body.clone(),
+                body_bytes: body.len(),
+                attributes: attrs(&[("error", "Timeout")]),
+                properties: Default::default(),
+                reason: None,
+                description: None,
+                delivery_count: Some(10),
+                enqueued_at: None,
+                source: None,
+                ordering_key: Some("session ü".into()),
+                provider_attributes: Vec::new(),
+                exported_at: chrono::Utc::now(),
+            };
+            serde_json::to_string(&line).unwrap()
+        })
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let reg = Registry::new(f.config());
+    let req = ImportRequest {
+        file: &file,
+        to: "dlq",
+        // ministack lists no dead-letter sources.
+        address: Some(&f.source_url),
+        filter: None,
+        rate: None,
+        max: None,
+        dry_run: false,
+    };
+    let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
+    assert_eq!((s.sent, s.failed), (4, 0), "{s:?}");
+    let arrived: Vec<Vec<u8>> = f.drain_source().await.into_iter().map(|m| m.body).collect();
+    let expected: Vec<Vec<u8>> = (0..4).map(|i| format!("message {i}").into_bytes()).collect();
+    assert_eq!(arrived, expected, "every copy arrives, in order");
 }
 
 fn numbered(n: usize) -> Vec<TestMessage> {

@@ -188,6 +188,14 @@ pub trait QueueBackend: Send + Sync {
     /// message (and so is stripped from a redriven copy by default).
     fn is_dead_letter_attribute(&self, name: &str) -> bool;
 
+    /// Whether `o` is within the provider's size limit for one message, where
+    /// that limit counts attributes too (SQS: body, attribute names, types
+    /// and values; Pub/Sub: data, attributes and ordering key). The engine
+    /// leaves the redrive marks off a copy they would take over it.
+    fn fits(&self, _o: &Outgoing) -> bool {
+        true
+    }
+
     /// Depth, age of the oldest message when knowable, and how exact they are.
     async fn stats(&self) -> Result<DlqStats>;
 

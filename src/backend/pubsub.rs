@@ -17,7 +17,11 @@
 //!   server-side gRPC deadline (`grpc-timeout`) of 5 s, which the server ends
 //!   cleanly; `DEADLINE_EXCEEDED` means "nothing to pull". A `hold` over 600 s
 //!   is cut to 600 s (with one warning).
-//! - **settle**: `Acknowledge`. **release**: `ModifyAckDeadline` to 0.
+//! - **settle**: `Acknowledge`. On an exactly-once subscription a request
+//!   with one ack ID no longer valid fails INVALID_ARGUMENT, acknowledges the
+//!   others, and lists the failed IDs in an ErrorInfo: only those are
+//!   reported unsettled, and the transient ones are acknowledged again.
+//!   **release**: `ModifyAckDeadline` to 0.
 //! - **peek**: Pub/Sub has no browse, so it leases and releases at once. Each
 //!   peek therefore counts as a delivery attempt on the DLQ subscription and
 //!   hides the messages from other consumers for the moment it takes
@@ -29,7 +33,11 @@
 //!   confirmed when Pub/Sub returns its message ID. Data bytes, attributes and
 //!   the ordering key are kept. The RPC takes an ordering key on any topic; the
 //!   client-side "enable message ordering" switch only serialises publishes per
-//!   key, which the engine already does (one batch per key in flight).
+//!   key, which the engine already does (one batch per key in flight). One
+//!   request holds one ordering key only (Pub/Sub refuses a request that
+//!   mixes keys, or keyed and unkeyed messages, with FAILED_PRECONDITION; the
+//!   emulator does not): a send publishes each key's requests in order, and
+//!   the keys side by side.
 //! - **stats**: see below.
 //!
 //! ## The message model
@@ -145,6 +153,8 @@ const BATCH: usize = 100;
 /// Pub/Sub's limits on one Publish request.
 const MAX_PUBLISH_MESSAGES: usize = 1000;
 const MAX_PUBLISH_BYTES: usize = 10_000_000;
+/// Publish requests of different ordering keys in flight at once in one send.
+const PUBLISH_CONCURRENCY: usize = 16;
 /// A message's data plus attributes may not exceed 10 MB.
 const MAX_MESSAGE_BYTES: usize = 10_000_000;
 const MAX_ATTRIBUTES: usize = 100;
@@ -155,6 +165,11 @@ const MAX_ACK_DEADLINE_SECS: u64 = 600;
 /// Ack IDs per Acknowledge / ModifyAckDeadline call (the request limit is
 /// 512 KB; ack IDs are a few hundred bytes at most).
 const ACK_CHUNK: usize = 1000;
+/// Acknowledge calls per chunk while an exactly-once subscription answers
+/// some of its ack IDs with a transient failure, which Google's clients retry.
+const ACK_ATTEMPTS: u32 = 4;
+const EXACTLY_ONCE_ACK_FAILURE: &str = "EXACTLY_ONCE_ACKID_FAILURE";
+const TRANSIENT_ACK_FAILURE: &str = "TRANSIENT_FAILURE";
 /// The most messages one Pull returns: per lease, and per pull while
 /// counting on the emulator.
 const COUNT_PULL: usize = 1000;
@@ -539,15 +554,15 @@ impl PubSubBackend {
     }
 
     /// One Publish, retried (with the same messages) while the service is
-    /// briefly unavailable. A retry after a lost answer can duplicate copies,
-    /// never lose them.
+    /// briefly unavailable, busy or throttling ([`publish_retryable`]). A
+    /// retry after a lost answer can duplicate copies, never lose them.
     async fn publish(&self, req: PublishRequest) -> Result<Vec<String>, Status> {
         let mut attempt = 0;
         loop {
             let request = routed(req.clone(), "topic", &req.topic, RPC_DEADLINE);
             match self.publisher().publish(request).await {
                 Ok(r) => return Ok(r.into_inner().message_ids),
-                Err(s) if s.code() == Code::Unavailable && attempt < 3 => {
+                Err(s) if publish_retryable(s.code()) && attempt < 3 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
@@ -874,10 +889,8 @@ pub fn message_to_model(
 /// call it directly.
 #[doc(hidden)]
 pub fn pubsub_message(o: &Outgoing, target: Option<&str>) -> Result<PubsubMessage, String> {
-    let mut attributes: HashMap<String, String> = o.attributes.iter().map(|(k, a)| (k.clone(), a.as_text())).collect();
-    if let (Some(name), Some(sub)) = (target, o.properties.get(PROP_SOURCE_SUBSCRIPTION)) {
-        attributes.insert(name.to_string(), sub.clone());
-    }
+    let message = unchecked_message(o, target);
+    let attributes = &message.attributes;
     if o.body.is_empty() && attributes.is_empty() {
         return Err("Pub/Sub needs data or at least one attribute; this copy has neither".into());
     }
@@ -887,7 +900,7 @@ pub fn pubsub_message(o: &Outgoing, target: Option<&str>) -> Result<PubsubMessag
             attributes.len()
         ));
     }
-    for (k, v) in &attributes {
+    for (k, v) in attributes {
         if k.len() > MAX_ATTRIBUTE_KEY_BYTES {
             return Err(format!("attribute name `{k}` is over {MAX_ATTRIBUTE_KEY_BYTES} bytes"));
         }
@@ -903,18 +916,58 @@ pub fn pubsub_message(o: &Outgoing, target: Option<&str>) -> Result<PubsubMessag
             ));
         }
     }
-    let message = PubsubMessage {
-        data: o.body.clone(),
-        attributes,
-        message_id: String::new(),
-        publish_time: None,
-        ordering_key: o.ordering_key.clone().unwrap_or_default(),
-    };
     let size = message_size(&message);
     if size > MAX_MESSAGE_BYTES {
         return Err(format!("{size} bytes; Pub/Sub allows {MAX_MESSAGE_BYTES}"));
     }
     Ok(message)
+}
+
+/// The message `o` publishes as, with the targeting attribute `target` when
+/// configured, before any of Pub/Sub's checks.
+fn unchecked_message(o: &Outgoing, target: Option<&str>) -> PubsubMessage {
+    let mut attributes: HashMap<String, String> = o.attributes.iter().map(|(k, a)| (k.clone(), a.as_text())).collect();
+    if let (Some(name), Some(sub)) = (target, o.properties.get(PROP_SOURCE_SUBSCRIPTION)) {
+        attributes.insert(name.to_string(), sub.clone());
+    }
+    PubsubMessage {
+        data: o.body.clone(),
+        attributes,
+        message_id: String::new(),
+        publish_time: None,
+        ordering_key: o.ordering_key.clone().unwrap_or_default(),
+    }
+}
+
+/// google.rpc.ErrorInfo, which gcloud-googleapis does not generate.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ErrorInfo {
+    #[prost(string, tag = "1")]
+    reason: String,
+    #[prost(string, tag = "2")]
+    domain: String,
+    #[prost(map = "string, string", tag = "3")]
+    metadata: HashMap<String, String>,
+}
+
+/// The ack IDs a failed Acknowledge on an exactly-once subscription lists,
+/// each with why (`PERMANENT_FAILURE_INVALID_ACK_ID`, `TRANSIENT_FAILURE_…`):
+/// there the RPC fails INVALID_ARGUMENT as soon as one ack ID fails, with
+/// an ErrorInfo whose metadata names the failed IDs, and acknowledges the
+/// others. None for any other error, which answers for the whole request.
+fn exactly_once_ack_failures(status: &Status) -> Option<HashMap<String, String>> {
+    use prost::Message as _;
+    if status.code() != Code::InvalidArgument {
+        return None;
+    }
+    let details = gcloud_googleapis::rpc::Status::decode(status.details()).ok()?;
+    details
+        .details
+        .iter()
+        .filter(|any| any.type_url.ends_with("/google.rpc.ErrorInfo"))
+        .filter_map(|any| ErrorInfo::decode(any.value.as_slice()).ok())
+        .find(|info| info.reason == EXACTLY_ONCE_ACK_FAILURE)
+        .map(|info| info.metadata)
 }
 
 /// One `ModifyAckDeadline` per [`ACK_CHUNK`] ack IDs.
@@ -951,6 +1004,71 @@ fn routed<T>(message: T, param: &str, resource: &str, deadline: Duration) -> Req
 
 fn message_size(m: &PubsubMessage) -> usize {
     m.data.len() + m.ordering_key.len() + m.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+}
+
+/// One Publish request's worth of copies, all of one ordering key.
+struct PublishChunk {
+    /// Their indexes in the send.
+    idx: Vec<usize>,
+    messages: Vec<PubsubMessage>,
+}
+
+/// `messages` (with their indexes in the send) split into Publish requests
+/// of at most 1,000 messages and 10 MB as encoded to `topic` (of `topic_len`
+/// bytes), each holding one ordering key only: Pub/Sub refuses a request
+/// that mixes keys, or keyed and unkeyed messages (FAILED_PRECONDITION "all
+/// messages must have no ordering key or they must all have the same
+/// ordering key"). One list of requests per key, in the order the keys first
+/// come, each key's messages in their order.
+fn publish_chunks(messages: Vec<(usize, PubsubMessage)>, topic_len: usize) -> Vec<Vec<PublishChunk>> {
+    let request_size = field_size(topic_len);
+    let mut keys: HashMap<String, usize> = HashMap::new();
+    let mut by_key: Vec<Vec<(usize, PublishChunk)>> = Vec::new();
+    for (i, m) in messages {
+        let s = field_size(prost::Message::encoded_len(&m));
+        let k = *keys.entry(m.ordering_key.clone()).or_insert_with(|| {
+            by_key.push(Vec::new());
+            by_key.len() - 1
+        });
+        match by_key[k].last_mut() {
+            Some((size, c)) if c.messages.len() < MAX_PUBLISH_MESSAGES && *size + s <= MAX_PUBLISH_BYTES => {
+                c.idx.push(i);
+                c.messages.push(m);
+                *size += s;
+            }
+            _ => by_key[k].push((
+                request_size + s,
+                PublishChunk {
+                    idx: vec![i],
+                    messages: vec![m],
+                },
+            )),
+        }
+    }
+    by_key
+        .into_iter()
+        .map(|chunks| chunks.into_iter().map(|(_, c)| c).collect())
+        .collect()
+}
+
+/// Publish errors worth the same request again: those Google's clients retry
+/// a Publish on (quota and throughput limits answer RESOURCE_EXHAUSTED; a
+/// passing server fault INTERNAL, UNKNOWN or ABORTED), except
+/// DEADLINE_EXCEEDED and CANCELLED, which after the request's own 30 s
+/// deadline mean an endpoint too slow to wait on again.
+fn publish_retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::ResourceExhausted | Code::Internal | Code::Unknown | Code::Aborted
+    )
+}
+
+/// The bytes a length-delimited protobuf field of `len` bytes takes in its
+/// message (tag, length, content): Pub/Sub's 10 MB limit is on the encoded
+/// PublishRequest, where each attribute and message carries such framing
+/// (Google's clients measure a batch the same way).
+fn field_size(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -1060,6 +1178,10 @@ impl QueueBackend for PubSubBackend {
         name.starts_with(DEAD_LETTER_PREFIX)
     }
 
+    fn fits(&self, o: &Outgoing) -> bool {
+        message_size(&unchecked_message(o, self.target_attribute.as_deref())) <= MAX_MESSAGE_BYTES
+    }
+
     async fn stats(&self) -> Result<DlqStats> {
         if self.emulator {
             self.drain_count().await
@@ -1120,62 +1242,70 @@ impl QueueBackend for PubSubBackend {
     }
 
     async fn send(&self, to: &Destination, msgs: &[Outgoing]) -> Result<Vec<SendResult>> {
+        use futures::StreamExt as _;
         let mut results: Vec<Option<SendResult>> = vec![None; msgs.len()];
-        // Split into requests of at most 1,000 messages and 10 MB.
-        let mut chunks: Vec<Vec<(usize, PubsubMessage)>> = Vec::new();
-        let mut size = 0;
+        let mut prepared = Vec::with_capacity(msgs.len());
         for (i, o) in msgs.iter().enumerate() {
-            let m = match self.to_pubsub(o) {
-                Ok(m) => m,
-                Err(error) => {
-                    results[i] = Some(SendResult::Failed { error });
-                    continue;
-                }
-            };
-            let s = message_size(&m) + 64;
-            match chunks.last_mut() {
-                Some(c) if c.len() < MAX_PUBLISH_MESSAGES && size + s <= MAX_PUBLISH_BYTES => {
-                    c.push((i, m));
-                    size += s;
-                }
-                _ => {
-                    chunks.push(vec![(i, m)]);
-                    size = s;
-                }
+            match self.to_pubsub(o) {
+                Ok(m) => prepared.push((i, m)),
+                Err(error) => results[i] = Some(SendResult::Failed { error }),
             }
         }
-        for chunk in chunks {
-            let (idx, messages): (Vec<usize>, Vec<PubsubMessage>) = chunk.into_iter().unzip();
-            let n = messages.len();
-            let req = PublishRequest {
-                topic: to.0.clone(),
-                messages,
-            };
-            match self.publish(req).await {
-                Ok(ids) => {
-                    if ids.len() == n {
-                        for (i, id) in idx.into_iter().zip(ids) {
-                            results[i] = Some(SendResult::Sent { dest_id: id });
+        // Each ordering key's requests go one after another, in order; the
+        // keys go side by side.
+        let answers: Vec<Vec<(Vec<usize>, Option<Result<Vec<String>, Status>>)>> =
+            futures::stream::iter(publish_chunks(prepared, to.0.len()))
+                .map(|chunks| async move {
+                    let mut answers = Vec::with_capacity(chunks.len());
+                    let mut failed = false;
+                    for chunk in chunks {
+                        if failed {
+                            // Published after a failed request of its key, it
+                            // would arrive ahead of the copies that failed.
+                            answers.push((chunk.idx, None));
+                            continue;
                         }
-                    } else {
-                        for i in idx {
-                            results[i] = Some(SendResult::Failed {
-                                error: format!("Pub/Sub returned {} message IDs for {n} messages", ids.len()),
-                            });
-                        }
+                        let n = chunk.messages.len();
+                        let req = PublishRequest {
+                            topic: to.0.clone(),
+                            messages: chunk.messages,
+                        };
+                        let answer = self.publish(req).await;
+                        failed = answer.as_ref().map_or(true, |ids| ids.len() != n);
+                        answers.push((chunk.idx, Some(answer)));
                     }
+                    answers
+                })
+                .buffer_unordered(PUBLISH_CONCURRENCY)
+                .collect()
+                .await;
+        let mut every_send_fails = None;
+        for (idx, answer) in answers.into_iter().flatten() {
+            let error = match answer {
+                Some(Ok(ids)) if ids.len() == idx.len() => {
+                    for (i, id) in idx.into_iter().zip(ids) {
+                        results[i] = Some(SendResult::Sent { dest_id: id });
+                    }
+                    continue;
                 }
-                Err(status) => {
+                Some(Ok(ids)) => format!("Pub/Sub returned {} message IDs for {} messages", ids.len(), idx.len()),
+                Some(Err(status)) => {
                     let err = self.error(status, &to.0);
                     // A wrong destination fails every message the same way.
                     if fails_every_send(&err) {
-                        return abandon_send(results, err);
+                        every_send_fails = Some(err);
+                        continue;
                     }
-                    for i in idx {
-                        results[i] = Some(SendResult::Failed { error: err.to_string() });
-                    }
+                    err.to_string()
                 }
+                None => "not sent: an earlier publish of its ordering key failed".into(),
+            };
+            for i in idx {
+                results[i] = Some(SendResult::Failed { error: error.clone() });
             }
+        }
+        if let Some(err) = every_send_fails {
+            return abandon_send(results, err);
         }
         Ok(results
             .into_iter()
@@ -1189,18 +1319,43 @@ impl QueueBackend for PubSubBackend {
 
     async fn settle(&self, leases: &[LeaseId]) -> Result<Vec<SettleResult>> {
         self.pending_holds.answered(leases).await;
-        let mut results = Vec::with_capacity(leases.len());
-        for chunk in leases.chunks(ACK_CHUNK) {
-            let req = AcknowledgeRequest {
-                subscription: self.subscription.clone(),
-                ack_ids: chunk.iter().map(|l| l.0.clone()).collect(),
-            };
-            match self.conns.subc.acknowledge(req, None).await {
-                Ok(_) => results.extend(std::iter::repeat_n(SettleResult::Settled, chunk.len())),
-                Err(s) => {
-                    let error = self.error(s, &self.subscription).to_string();
-                    results.extend(std::iter::repeat_n(SettleResult::Failed { error }, chunk.len()));
+        let mut results = vec![SettleResult::Settled; leases.len()];
+        for (c, chunk) in leases.chunks(ACK_CHUNK).enumerate() {
+            // Indexes into `results` of the acks still to be answered.
+            let mut pending: Vec<usize> = (c * ACK_CHUNK..c * ACK_CHUNK + chunk.len()).collect();
+            for attempt in 1..=ACK_ATTEMPTS {
+                let req = AcknowledgeRequest {
+                    subscription: self.subscription.clone(),
+                    ack_ids: pending.iter().map(|&i| leases[i].0.clone()).collect(),
+                };
+                let Err(status) = self.conns.subc.acknowledge(req, None).await else {
+                    break;
+                };
+                let Some(failed) = exactly_once_ack_failures(&status) else {
+                    let error = self.error(status, &self.subscription).to_string();
+                    for &i in &pending {
+                        results[i] = SettleResult::Failed { error: error.clone() };
+                    }
+                    break;
+                };
+                // Exactly-once delivery: the IDs the error lists failed, and
+                // every other ID of the request was acknowledged.
+                let mut transient = Vec::new();
+                for &i in &pending {
+                    let Some(code) = failed.get(&leases[i].0) else { continue };
+                    if code.starts_with(TRANSIENT_ACK_FAILURE) && attempt < ACK_ATTEMPTS {
+                        transient.push(i);
+                    } else {
+                        results[i] = SettleResult::Failed {
+                            error: format!("Pub/Sub did not acknowledge it: {code} (exactly-once delivery)"),
+                        };
+                    }
                 }
+                if transient.is_empty() {
+                    break;
+                }
+                pending = transient;
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
             }
         }
         Ok(results)
@@ -1253,6 +1408,163 @@ impl QueueBackend for PubSubBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A status as Pub/Sub sends it: google.rpc.Status in the details, with
+    /// an ErrorInfo packed in an Any.
+    fn status_with_error_info(code: Code, reason: &str, metadata: &[(&str, &str)]) -> Status {
+        use prost::Message as _;
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Any {
+            #[prost(string, tag = "1")]
+            type_url: String,
+            #[prost(bytes = "vec", tag = "2")]
+            value: Vec<u8>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct RpcStatus {
+            #[prost(int32, tag = "1")]
+            code: i32,
+            #[prost(string, tag = "2")]
+            message: String,
+            #[prost(message, repeated, tag = "3")]
+            details: Vec<Any>,
+        }
+        let info = ErrorInfo {
+            reason: reason.into(),
+            domain: "pubsub.googleapis.com".into(),
+            metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let details = RpcStatus {
+            code: code as i32,
+            message: "Some acknowledgement ids in the request were invalid.".into(),
+            details: vec![
+                Any {
+                    type_url: "type.googleapis.com/google.rpc.DebugInfo".into(),
+                    value: Vec::new(),
+                },
+                Any {
+                    type_url: "type.googleapis.com/google.rpc.ErrorInfo".into(),
+                    value: info.encode_to_vec(),
+                },
+            ],
+        };
+        Status::with_details(code, "failed", details.encode_to_vec().into())
+    }
+
+    /// `send` splits by this count; an undercount (it once allowed 64 bytes
+    /// of framing per message, and a message with 90 attributes takes over
+    /// 700) lets a request over 10 MB through, which fails all its copies.
+    #[test]
+    fn publish_requests_are_measured_as_encoded() {
+        use prost::Message as _;
+        let message = |attributes: usize| PubsubMessage {
+            data: vec![b'x'; 300].into(),
+            attributes: (0..attributes)
+                .map(|a| (format!("attribute-{a:06}"), "v".repeat(1000)))
+                .collect(),
+            ordering_key: "key".into(),
+            ..Default::default()
+        };
+        let topic = "projects/p/topics/t";
+        let messages = vec![message(0), message(1), message(90)];
+        let counted = field_size(topic.len()) + messages.iter().map(|m| field_size(m.encoded_len())).sum::<usize>();
+        let request = PublishRequest {
+            topic: topic.into(),
+            messages,
+        };
+        assert_eq!(counted, request.encoded_len());
+    }
+
+    /// Pub/Sub refuses a Publish whose messages do not all share one
+    /// ordering key (FAILED_PRECONDITION); the emulator takes it, so this is
+    /// checked here.
+    #[test]
+    fn each_publish_request_holds_one_ordering_key() {
+        let message = |key: &str, bytes: usize| PubsubMessage {
+            data: vec![b'x'; bytes].into(),
+            ordering_key: key.into(),
+            ..Default::default()
+        };
+        let keys = ["a", "b", "", "a", "b", "", "c", "a"];
+        let messages = keys.iter().enumerate().map(|(i, k)| (i, message(k, 10))).collect();
+        let chunks = publish_chunks(messages, 20);
+        let got: Vec<Vec<(String, Vec<usize>)>> = chunks
+            .iter()
+            .map(|requests| {
+                requests
+                    .iter()
+                    .map(|c| (c.messages[0].ordering_key.clone(), c.idx.clone()))
+                    .collect()
+            })
+            .collect();
+        let one = |k: &str, idx: &[usize]| vec![(k.to_string(), idx.to_vec())];
+        assert_eq!(
+            got,
+            vec![
+                one("a", &[0, 3, 7]),
+                one("b", &[1, 4]),
+                one("", &[2, 5]),
+                one("c", &[6])
+            ]
+        );
+        for c in chunks.iter().flatten() {
+            assert!(c.messages.iter().all(|m| m.ordering_key == c.messages[0].ordering_key));
+        }
+        // One key over the request limits: its requests follow in order.
+        let big: Vec<(usize, PubsubMessage)> = (0..5).map(|i| (i, message("k", 4_000_000))).collect();
+        let split: Vec<Vec<usize>> = publish_chunks(big, 20).remove(0).into_iter().map(|c| c.idx).collect();
+        assert_eq!(split, vec![vec![0, 1], vec![2, 3], vec![4]]);
+        let many: Vec<(usize, PubsubMessage)> = (0..2500).map(|i| (i, message("", 1))).collect();
+        let sizes: Vec<usize> = publish_chunks(many, 20)
+            .remove(0)
+            .iter()
+            .map(|c| c.messages.len())
+            .collect();
+        assert_eq!(sizes, vec![1000, 1000, 500]);
+    }
+
+    #[test]
+    fn throttled_and_passing_publish_failures_are_retried() {
+        for code in [
+            Code::Unavailable,
+            Code::ResourceExhausted,
+            Code::Internal,
+            Code::Unknown,
+            Code::Aborted,
+        ] {
+            assert!(publish_retryable(code), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::PermissionDenied,
+            Code::FailedPrecondition,
+            Code::DeadlineExceeded,
+        ] {
+            assert!(!publish_retryable(code), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn exactly_once_ack_failures_name_only_the_failed_ids() {
+        let failed = exactly_once_ack_failures(&status_with_error_info(
+            Code::InvalidArgument,
+            EXACTLY_ONCE_ACK_FAILURE,
+            &[
+                ("a1", "PERMANENT_FAILURE_INVALID_ACK_ID"),
+                ("a2", "TRANSIENT_FAILURE_UNORDERED_ACK_ID"),
+            ],
+        ))
+        .expect("an exactly-once ack failure");
+        assert_eq!(failed.len(), 2);
+        assert!(failed["a2"].starts_with(TRANSIENT_ACK_FAILURE));
+        // Anything else answers for the whole request.
+        let other = status_with_error_info(Code::InvalidArgument, "SOMETHING_ELSE", &[("a1", "x")]);
+        assert_eq!(exactly_once_ack_failures(&other), None);
+        let other = status_with_error_info(Code::FailedPrecondition, EXACTLY_ONCE_ACK_FAILURE, &[("a1", "x")]);
+        assert_eq!(exactly_once_ack_failures(&other), None);
+        assert_eq!(exactly_once_ack_failures(&Status::invalid_argument("bad")), None);
+    }
 
     fn leases(ids: &[&str]) -> Vec<LeaseId> {
         ids.iter().map(|i| LeaseId(i.to_string())).collect()

@@ -26,6 +26,7 @@ use aws_sdk_sqs::types::{
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OnceCell};
 
 use super::{BackendError, Capabilities, QueueBackend, Result, abandon_send, fails_every_send};
@@ -40,6 +41,8 @@ const BATCH: usize = 10;
 /// SQS's limit on a message, and on a whole batch request.
 const MAX_PAYLOAD: usize = 1024 * 1024;
 const MAX_ATTRIBUTES: usize = 10;
+/// The longest FIFO deduplication or group ID.
+const MAX_FIFO_ID: usize = 128;
 /// The longest visibility timeout SQS accepts (12 hours).
 const MAX_VISIBILITY_SECS: u64 = 43_200;
 
@@ -65,6 +68,8 @@ pub struct Clients {
     by_key: Mutex<HashMap<ClientKey, SharedClient>>,
 }
 
+/// (region, endpoint): the region is the queue's own when its URL or ARN
+/// names one ([`queue_region`]).
 type ClientKey = (Option<String>, Option<String>);
 /// The client and its region, filled once by the first queue that needs it.
 type SharedClient = Arc<OnceCell<(Client, String)>>;
@@ -72,7 +77,7 @@ type SharedClient = Arc<OnceCell<(Client, String)>>;
 impl Clients {
     /// The client for `cfg`, built on first use.
     pub async fn get(&self, cfg: &SqsQueueConfig) -> (Client, String) {
-        let key = (cfg.region.clone(), cfg.endpoint_url.clone());
+        let key = (region_of(cfg), cfg.endpoint_url.clone());
         let cell = self.by_key.lock().await.entry(key).or_default().clone();
         cell.get_or_init(|| client(cfg)).await.clone()
     }
@@ -81,7 +86,7 @@ impl Clients {
 /// Build an SQS client for `cfg`, with timeouts always set (the SDK has no
 /// default read timeout, so a stalled endpoint would hang a run forever).
 pub async fn client(cfg: &SqsQueueConfig) -> (Client, String) {
-    let region = RegionProviderChain::first_try(cfg.region.clone().map(aws_config::Region::new))
+    let region = RegionProviderChain::first_try(region_of(cfg).map(aws_config::Region::new))
         .or_default_provider()
         .or_else("us-east-1");
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -118,12 +123,77 @@ pub async fn client(cfg: &SqsQueueConfig) -> (Client, String) {
     (Client::from_conf(builder.build()), endpoint)
 }
 
+/// The region to call for `cfg`: `region`, else the region its queue URL or
+/// ARN names (SQS answers a queue URL of another region than the endpoint's
+/// with "queue does not exist"), else None (the SDK's chain).
+fn region_of(cfg: &SqsQueueConfig) -> Option<String> {
+    cfg.region.clone().or_else(|| queue_region(&cfg.queue))
+}
+
+/// The region an AWS queue URL (`https://sqs.REGION.amazonaws.com/…`, the
+/// legacy `https://REGION.queue.amazonaws.com/…`, FIPS, China and VPC
+/// endpoint hosts) or queue ARN names; None for a name, or a URL of another
+/// host (an emulator, a proxy).
+fn queue_region(queue: &str) -> Option<String> {
+    if let Some(arn) = QueueArn::parse(queue) {
+        return Some(arn.region.to_string());
+    }
+    let host = queue
+        .strip_prefix("https://")
+        .or_else(|| queue.strip_prefix("http://"))?
+        .split(['/', ':'])
+        .next()?;
+    let labels: Vec<&str> = host
+        .strip_suffix(".amazonaws.com")
+        .or_else(|| host.strip_suffix(".amazonaws.com.cn"))?
+        .split('.')
+        .collect();
+    let region = match labels.as_slice() {
+        [.., "sqs" | "sqs-fips", region] | [.., "sqs" | "sqs-fips", region, "vpce"] => region,
+        [region, "queue"] => region,
+        ["queue"] => "us-east-1",
+        _ => return None,
+    };
+    let plausible = region.split('-').count() >= 3 && region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    plausible.then(|| region.to_string())
+}
+
+/// `arn:PARTITION:sqs:REGION:ACCOUNT:NAME`.
+struct QueueArn<'a> {
+    region: &'a str,
+    account: &'a str,
+    name: &'a str,
+}
+
+impl<'a> QueueArn<'a> {
+    fn parse(arn: &'a str) -> Option<Self> {
+        let mut parts = arn.splitn(6, ':');
+        let (_arn, _partition, service, region, account, name) = (
+            parts.next().filter(|p| *p == "arn")?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+        );
+        (service == "sqs" && !name.is_empty()).then_some(Self { region, account, name })
+    }
+}
+
 fn non_empty_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 impl SqsBackend {
     pub async fn connect(name: &str, cfg: &SqsQueueConfig, queue: &QueueConfig, clients: &Clients) -> Result<Self> {
+        if let (Some(region), Some(named)) = (&cfg.region, queue_region(&cfg.queue))
+            && *region != named
+        {
+            return Err(BackendError::Invalid(format!(
+                "queue {name}: `region: {region}` but its queue {} is in {named}; SQS would answer that it does not exist (drop `region`, or fix it)",
+                cfg.queue
+            )));
+        }
         let (client, endpoint) = clients.get(cfg).await;
         let queue_url = resolve_queue_url(&client, &endpoint, &cfg.queue, cfg.account_id.as_deref()).await?;
         Ok(Self {
@@ -153,17 +223,7 @@ impl SqsBackend {
         if let Some(url) = self.arn_urls.lock().await.get(arn) {
             return Some(url.clone());
         }
-        // arn:aws:sqs:<region>:<account>:<name>
-        let mut parts = arn.splitn(6, ':');
-        let (_, _, _, _, account, name) = (
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-        );
-        let url = resolve_queue_url(&self.client, &self.endpoint, name, Some(account))
+        let url = resolve_queue_url(&self.client, &self.endpoint, arn, None)
             .await
             .map_err(|e| tracing::warn!(%arn, error = %e, "cannot resolve the dead-letter source queue"))
             .ok()?;
@@ -260,6 +320,10 @@ async fn resolve_queue_url(client: &Client, endpoint: &str, queue: &str, account
     if queue.starts_with("https://") || queue.starts_with("http://") {
         return Ok(queue.to_string());
     }
+    let (queue, account) = match QueueArn::parse(queue) {
+        Some(arn) => (arn.name, Some(arn.account)),
+        None => (queue, account),
+    };
     let mut req = client.get_queue_url().queue_name(queue);
     if let Some(a) = account {
         req = req.queue_owner_aws_account_id(a);
@@ -335,7 +399,10 @@ where
                 | "AccessDenied"
                 | "AccessDeniedException"
                 | "ExpiredToken"
-                | "InvalidSecurity" => BackendError::Auth {
+                | "InvalidSecurity"
+                // The queue's SSE-KMS key refuses the caller: every send to
+                // (or receive from) the queue fails the same way.
+                | "KMS.AccessDeniedException" => BackendError::Auth {
                     provider: PROVIDER,
                     detail: format!("{detail} (queue {queue} at {endpoint})"),
                 },
@@ -420,22 +487,131 @@ pub fn attribute_to_sqs(a: &Attribute) -> MessageAttributeValue {
         .expect("data_type is always set")
 }
 
-/// What SQS counts against its payload limit for one message.
+/// Why SQS would refuse `o`, checked here for each copy on its own: SQS
+/// fails a whole SendMessageBatch for one entry's bad attribute name
+/// (InvalidParameterValue), which would fail the nine copies batched with it
+/// on every run, and it has been documented to store a body's disallowed
+/// characters as U+FFFD, which would settle the original after sending an
+/// altered copy: a loss. Such copies come from other providers (`import`),
+/// whose bodies and attributes SQS never checked.
+fn refused_by_sqs(o: &Outgoing) -> Option<String> {
+    // SQS bodies are text. A copy with its invalid bytes replaced would be
+    // accepted, and its original then deleted: a loss.
+    let Ok(body) = std::str::from_utf8(&o.body) else {
+        return Some("the body is binary (not valid UTF-8) and SQS bodies are text".into());
+    };
+    if body.is_empty() {
+        return Some("the body is empty and SQS needs at least one character".into());
+    }
+    if let Some(c) = disallowed_char(body) {
+        return Some(format!("the body holds {}, which SQS does not allow", char_name(c)));
+    }
+    for (name, a) in &o.attributes {
+        if let Some(why) = bad_attribute_name(name) {
+            return Some(format!("attribute name `{}` {why}", name.escape_debug()));
+        }
+        let sqs = attribute_to_sqs(a);
+        if let Some(c) = disallowed_char(sqs.data_type()) {
+            return Some(format!(
+                "attribute `{name}` has a type with {}, which SQS does not allow",
+                char_name(c)
+            ));
+        }
+        let value_empty = match (sqs.string_value(), sqs.binary_value()) {
+            (Some(text), _) => {
+                if let Some(c) = disallowed_char(text) {
+                    return Some(format!(
+                        "attribute `{name}` holds {}, which SQS does not allow",
+                        char_name(c)
+                    ));
+                }
+                text.is_empty()
+            }
+            (None, Some(b)) => b.as_ref().is_empty(),
+            (None, None) => true,
+        };
+        if value_empty {
+            return Some(format!(
+                "attribute `{name}` is empty, and SQS attribute values must not be"
+            ));
+        }
+    }
+    None
+}
+
+/// The first character outside what SQS allows in bodies and string
+/// attributes: #x9 | #xA | #xD | #x20-#xD7FF | #xE000-#xFFFD | #x10000-#x10FFFF
+/// (surrogates cannot occur in a `str`).
+fn disallowed_char(text: &str) -> Option<char> {
+    text.chars()
+        .find(|&c| !matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..))
+}
+
+fn char_name(c: char) -> String {
+    format!("U+{:04X}", u32::from(c))
+}
+
+/// Why SQS refuses a message attribute name, if it does: A-Z a-z 0-9 `_` `-`
+/// `.`, at most 256 characters, not starting with `AWS.` or `Amazon.` in any
+/// case, no leading or trailing period, no two periods in a row.
+fn bad_attribute_name(name: &str) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    if name.is_empty() {
+        Some("is empty")
+    } else if name.len() > 256 {
+        Some("is over 256 characters")
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        Some("has characters other than A-Z a-z 0-9 _ - .")
+    } else if lower.starts_with("aws.") || lower.starts_with("amazon.") {
+        Some("starts with a prefix AWS reserves (AWS. or Amazon.)")
+    } else if name.starts_with('.') || name.ends_with('.') || name.contains("..") {
+        Some("starts or ends with a period, or has two in a row")
+    } else {
+        None
+    }
+}
+
+/// What SQS counts against its payload limit for one message: the body, and
+/// each attribute's name, type and value as they are sent (the type label
+/// [`attribute_to_sqs`] gives it, binary values as bytes, not base64).
 fn payload_size(o: &Outgoing) -> usize {
     o.body.len()
         + o.attributes
             .iter()
-            .map(|(k, a)| k.len() + a.data_type.as_deref().map_or(8, str::len) + a.as_text().len())
+            .map(|(k, a)| {
+                let v = attribute_to_sqs(a);
+                let value = v.string_value().map_or(0, str::len) + v.binary_value().map_or(0, |b| b.as_ref().len());
+                k.len() + v.data_type().len() + value
+            })
             .sum::<usize>()
 }
 
-/// SQS FIFO deduplication IDs: at most 128 characters of alphanumerics and
-/// punctuation.
-fn fifo_dedup_id(raw: &str) -> String {
-    raw.chars()
-        .filter(|c| c.is_ascii_alphanumeric() || c.is_ascii_punctuation())
-        .take(128)
-        .collect()
+/// An SQS FIFO deduplication or group ID for `raw`: at most 128 characters
+/// of ASCII alphanumerics and punctuation. A valid `raw` is kept; any other
+/// becomes its readable part and a SHA-256 of all of it, so that distinct
+/// IDs stay distinct. Cutting or filtering alone would not: SQS accepts a
+/// copy whose deduplication ID it saw in the last 5 minutes and drops it,
+/// and the original would then be settled, a loss (two IDs differing only in
+/// a space, or past the 128th character, as `<long id>-1` and `<long id>-2`
+/// of the same message redriven twice).
+fn fifo_id(raw: &str) -> String {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c.is_ascii_punctuation();
+    if !raw.is_empty() && raw.len() <= MAX_FIFO_ID && raw.chars().all(allowed) {
+        return raw.to_string();
+    }
+    let hex: String = Sha256::digest(raw.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let readable: String = raw
+        .chars()
+        .filter(|&c| allowed(c))
+        .take(MAX_FIFO_ID - hex.len() - 1)
+        .collect();
+    format!("{readable}~{hex}")
 }
 
 #[async_trait]
@@ -460,6 +636,10 @@ impl QueueBackend for SqsBackend {
             max_release_size: BATCH,
             ordered_delivery: self.queue_url.ends_with(".fifo"),
         }
+    }
+
+    fn fits(&self, o: &Outgoing) -> bool {
+        payload_size(o) <= MAX_PAYLOAD
     }
 
     fn is_dead_letter_attribute(&self, _name: &str) -> bool {
@@ -532,11 +712,9 @@ impl QueueBackend for SqsBackend {
         let mut chunks: Vec<Vec<usize>> = Vec::new();
         let mut size = 0;
         for (i, m) in msgs.iter().enumerate() {
-            // SQS bodies are text. A copy with its invalid bytes replaced
-            // would be accepted, and its original then deleted: a loss.
-            if std::str::from_utf8(&m.body).is_err() {
+            if let Some(error) = refused_by_sqs(m) {
                 results[i] = Some(SendResult::Failed {
-                    error: "the body is binary (not valid UTF-8) and SQS bodies are text: not sent".into(),
+                    error: format!("{error}: not sent"),
                 });
                 continue;
             }
@@ -564,8 +742,8 @@ impl QueueBackend for SqsBackend {
                 }
                 if fifo {
                     entry = entry
-                        .message_group_id(m.ordering_key.clone().unwrap_or_else(|| "dlq-bridge".into()))
-                        .message_deduplication_id(fifo_dedup_id(&m.dedup_id));
+                        .message_group_id(fifo_id(m.ordering_key.as_deref().unwrap_or("dlq-bridge")))
+                        .message_deduplication_id(fifo_id(&m.dedup_id));
                 }
                 req = req.entries(entry.build().expect("id and body are set"));
             }
@@ -674,6 +852,17 @@ impl QueueBackend for SqsBackend {
     }
 
     async fn resolve_destination(&self, name: &str) -> Result<Destination> {
+        // Sends go through this queue's client, to its region's endpoint,
+        // which answers a queue URL of another region "does not exist".
+        let here = self.client.config().region().map(|r| r.as_ref().to_string());
+        if let (Some(there), Some(here)) = (queue_region(name), here)
+            && there != here
+        {
+            return Err(BackendError::Invalid(format!(
+                "{name} is in {there}, and queue {} is in {here}: copies go to queues of its own region",
+                self.queue_name
+            )));
+        }
         resolve_queue_url(&self.client, &self.endpoint, name, None)
             .await
             .map(Destination)
@@ -739,38 +928,191 @@ mod tests {
         }
     }
 
+    /// `classify` of a service error with `code`, as the SDK builds it.
+    fn service_error(code: &str) -> BackendError {
+        use aws_sdk_sqs::error::ErrorMetadata;
+        use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
+        use aws_smithy_types::body::SdkBody;
+        let meta = ErrorMetadata::builder().code(code).message("refused").build();
+        let raw = HttpResponse::new(400.try_into().unwrap(), SdkBody::empty());
+        classify(
+            SdkError::service_error(SendMessageBatchError::generic(meta), raw),
+            "http://sqs",
+            "orders",
+        )
+    }
+
     /// A receive refused for the in-flight limit ends the pass like
     /// `max_held` (the engine stops leasing), not like a provider failure.
     #[test]
     fn over_limit_is_a_hold_limit() {
-        use aws_sdk_sqs::error::ErrorMetadata;
-        use aws_sdk_sqs::operation::receive_message::ReceiveMessageError;
-        use aws_smithy_types::body::SdkBody;
-        let refused = |code: &str| {
-            let meta = ErrorMetadata::builder()
-                .code(code)
-                .message("too many messages in flight")
-                .build();
-            let raw = HttpResponse::new(400.try_into().unwrap(), SdkBody::empty());
-            classify(
-                SdkError::service_error(ReceiveMessageError::generic(meta), raw),
-                "http://sqs",
-                "orders",
-            )
-        };
         for code in ["OverLimit", "AWS.SimpleQueueService.OverLimit"] {
-            assert!(matches!(refused(code), BackendError::HoldLimit { .. }), "{code}");
+            assert!(matches!(service_error(code), BackendError::HoldLimit { .. }), "{code}");
         }
-        assert!(matches!(refused("InternalError"), BackendError::Provider { .. }));
+        assert!(matches!(service_error("InternalError"), BackendError::Provider { .. }));
+    }
+
+    /// A destination whose SSE-KMS key refuses the caller fails every batch
+    /// the same way: the send says so once and the pass stops, rather than
+    /// leasing and failing the whole DLQ batch by batch.
+    #[test]
+    fn a_kms_key_that_refuses_the_caller_fails_every_send() {
+        // The code the SDK reports for KmsAccessDenied (the query-compatible
+        // code of SQS's JSON protocol).
+        let kms = service_error("KMS.AccessDeniedException");
+        assert!(
+            matches!(kms, BackendError::Auth { .. }) && fails_every_send(&kms),
+            "{kms:?}"
+        );
+        assert!(matches!(
+            service_error("KMS.ThrottlingException"),
+            BackendError::Provider { .. }
+        ));
+    }
+
+    /// The edges of SQS's rules, which moto does not check.
+    #[test]
+    fn copies_sqs_refuses_are_named() {
+        let copy = |body: &str, name: &str, value: AttrValue| Outgoing {
+            body: Bytes::from(body.to_string()),
+            attributes: [(name.to_string(), Attribute { value, data_type: None })].into(),
+            properties: Default::default(),
+            ordering_key: None,
+            dedup_id: "d".into(),
+            original_id: "o".into(),
+        };
+        let text = |s: &str| AttrValue::String(s.into());
+        let allowed = "\t\n\r \u{D7FF}\u{E000}\u{FFFD}\u{10000}\u{10FFFF}";
+        for (body, name, value) in [
+            (allowed, "a.b_c-D9", text(allowed)),
+            ("x", &"n".repeat(256), text("x")),
+            ("x", "awsx.Amazonx", AttrValue::Binary(Bytes::from_static(&[0]))),
+        ] {
+            assert_eq!(refused_by_sqs(&copy(body, name, value)), None, "{name}");
+        }
+        for (body, name, value, why) in [
+            ("\u{FFFE}", "n", text("x"), "the body holds U+FFFE"),
+            ("\u{1F}", "n", text("x"), "the body holds U+001F"),
+            ("x", "n", text("\u{FFFF}"), "attribute `n` holds U+FFFF"),
+            ("x", "n", AttrValue::Binary(Bytes::new()), "attribute `n` is empty"),
+            ("x", &"n".repeat(257), text("x"), "is over 256 characters"),
+            ("x", "amazon.x", text("x"), "reserves"),
+            ("x", "aWs.x", text("x"), "reserves"),
+            ("x", "x.", text("x"), "period"),
+            ("x", "a..b", text("x"), "period"),
+            ("x", "ü", text("x"), "characters other than"),
+        ] {
+            let refused = refused_by_sqs(&copy(body, name, value)).unwrap_or_default();
+            assert!(refused.contains(why), "{name}: {refused:?}");
+        }
     }
 
     #[test]
-    fn dedup_ids_are_valid_for_fifo() {
-        let id = fifo_dedup_id(&format!("{} é {}", "a".repeat(100), "b".repeat(100)));
-        assert_eq!(id.len(), 128);
-        assert!(
-            id.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c.is_ascii_punctuation())
+    fn a_queue_url_or_arn_gives_the_region_to_call() {
+        for (queue, region) in [
+            (
+                "https://sqs.eu-west-1.amazonaws.com/123456789012/orders",
+                Some("eu-west-1"),
+            ),
+            (
+                "https://sqs-fips.us-gov-west-1.amazonaws.com/123456789012/orders",
+                Some("us-gov-west-1"),
+            ),
+            (
+                "https://sqs.cn-north-1.amazonaws.com.cn/123456789012/orders",
+                Some("cn-north-1"),
+            ),
+            (
+                "https://ap-southeast-2.queue.amazonaws.com/123456789012/orders",
+                Some("ap-southeast-2"),
+            ),
+            ("https://queue.amazonaws.com/123456789012/orders", Some("us-east-1")),
+            (
+                "https://vpce-0a1b-c2d3.sqs.eu-central-1.vpce.amazonaws.com/123456789012/orders",
+                Some("eu-central-1"),
+            ),
+            ("arn:aws:sqs:sa-east-1:123456789012:orders.fifo", Some("sa-east-1")),
+            ("orders", None),
+            ("http://127.0.0.1:4566/123456789012/orders", None),
+            (
+                "http://sqs.us-east-1.localhost.localstack.cloud:4566/000000000000/orders",
+                None,
+            ),
+            ("arn:aws:sns:us-east-1:123456789012:orders", None),
+        ] {
+            assert_eq!(queue_region(queue).as_deref(), region, "{queue}");
+        }
+        let cfg = |queue: &str, region: Option<&str>| SqsQueueConfig {
+            queue: queue.into(),
+            region: region.map(Into::into),
+            endpoint_url: None,
+            account_id: None,
+        };
+        let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/orders";
+        assert_eq!(region_of(&cfg(url, None)).as_deref(), Some("eu-west-1"));
+        assert_eq!(region_of(&cfg("orders", None)), None, "the SDK's chain decides");
+        assert_eq!(
+            region_of(&cfg("orders", Some("us-west-2"))).as_deref(),
+            Some("us-west-2")
+        );
+    }
+
+    /// `send` splits batches by this count: an undercount lets a request
+    /// over SQS's 1 MiB batch limit through, which fails all of its copies
+    /// (BatchRequestTooLong), the same way on every rerun.
+    #[test]
+    fn payload_size_is_what_sqs_counts() {
+        let attrs =
+            |value: AttrValue| -> Attributes { [("when".to_string(), Attribute { value, data_type: None })].into() };
+        let copy = |body: usize, attributes: Attributes| Outgoing {
+            body: Bytes::from("b".repeat(body)),
+            attributes,
+            properties: Default::default(),
+            ordering_key: None,
+            dedup_id: "d".into(),
+            original_id: "o".into(),
+        };
+        let t = chrono::DateTime::from_timestamp(0, 0).unwrap();
+        // "when" + "String.timestamp" + "1970-01-01T00:00:00+00:00"
+        assert_eq!(
+            payload_size(&copy(10, attrs(AttrValue::Timestamp(t)))),
+            10 + 4 + 16 + 25
+        );
+        // "when" + "Binary" + 3 bytes (not their base64)
+        let binary = AttrValue::Binary(Bytes::from_static(&[1, 2, 3]));
+        assert_eq!(payload_size(&copy(10, attrs(binary))), 10 + 4 + 6 + 3);
+    }
+
+    #[test]
+    fn fifo_ids_are_valid_and_distinct() {
+        let long = "a".repeat(127);
+        let raws = [
+            format!("{} é {}", "a".repeat(100), "b".repeat(100)),
+            format!("{long}-1"),
+            format!("{long}-2"),
+            "order 1-1".into(),
+            "order1-1".into(),
+            "ключ".into(),
+            "ключ2".into(),
+            String::new(),
+        ];
+        let ids: Vec<String> = raws.iter().map(|r| fifo_id(r)).collect();
+        for id in &ids {
+            assert!(!id.is_empty() && id.len() <= 128, "{id}");
+            assert!(
+                id.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c.is_ascii_punctuation()),
+                "{id}"
+            );
+        }
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), raws.len(), "{ids:?}");
+        // A valid ID (an SQS message ID, a group ID from SQS) is kept as it is.
+        assert_eq!(fifo_id("order1-1"), "order1-1");
+        assert_eq!(fifo_id(&"x".repeat(128)), "x".repeat(128));
+        assert_eq!(
+            fifo_id("3f2b9c1e-8d6a-4b7f-9e0d-1a2b3c4d5e6f-2"),
+            "3f2b9c1e-8d6a-4b7f-9e0d-1a2b3c4d5e6f-2"
         );
     }
 }

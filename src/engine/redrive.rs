@@ -212,7 +212,7 @@ pub struct RunSummary {
     /// group failed to send, so its later ones must not arrive before it.
     pub held_for_order: u64,
     /// Copies sent without the redrive marks, because the provider's attribute
-    /// cap left no room for them.
+    /// cap or message size limit left no room for them.
     pub marks_omitted: u64,
     pub released: u64,
     /// Destination → messages sent there (planned, in a dry run).
@@ -1456,7 +1456,10 @@ pub fn redrive_count(m: &DlqMessage) -> u32 {
 }
 
 /// The copy of `m` to send: provider dead-letter attributes stripped (when
-/// configured), redrive marks added. Returns whether the marks fit.
+/// configured), redrive marks added. Returns whether the marks fit: within
+/// the provider's attribute cap, and not taking a copy that fits its size
+/// limit over it (SQS counts attributes in its 1 MiB: a message near it would
+/// otherwise fail on every run).
 pub fn outgoing_copy(m: &DlqMessage, plan: &RedrivePlan, backend: &dyn QueueBackend) -> (Outgoing, bool) {
     let mut attributes = m.attributes.clone();
     if plan.strip_dead_letter_attributes {
@@ -1465,11 +1468,21 @@ pub fn outgoing_copy(m: &DlqMessage, plan: &RedrivePlan, backend: &dyn QueueBack
     let count = redrive_count(m).saturating_add(1);
     attributes.remove(MARK_ID);
     attributes.remove(MARK_COUNT);
-    let room = backend
+    let mut room = backend
         .capabilities()
         .max_attributes
         .is_none_or(|cap| attributes.len() + 2 <= cap);
+    let mut copy = Outgoing {
+        body: m.body.clone(),
+        attributes,
+        properties: m.properties.clone(),
+        ordering_key: m.ordering_key.clone(),
+        dedup_id: format!("{}-{count}", m.id),
+        original_id: m.id.clone(),
+    };
     if room {
+        let unmarked_fits = backend.fits(&copy);
+        let attributes = &mut copy.attributes;
         attributes.insert(MARK_ID.into(), Attribute::string(format!("{}:{}", plan.run_id, m.id)));
         attributes.insert(
             MARK_COUNT.into(),
@@ -1478,18 +1491,13 @@ pub fn outgoing_copy(m: &DlqMessage, plan: &RedrivePlan, backend: &dyn QueueBack
                 data_type: None,
             },
         );
+        if unmarked_fits && !backend.fits(&copy) {
+            copy.attributes.remove(MARK_ID);
+            copy.attributes.remove(MARK_COUNT);
+            room = false;
+        }
     }
-    (
-        Outgoing {
-            body: m.body.clone(),
-            attributes,
-            properties: m.properties.clone(),
-            ordering_key: m.ordering_key.clone(),
-            dedup_id: format!("{}-{count}", m.id),
-            original_id: m.id.clone(),
-        },
-        room,
-    )
+    (copy, room)
 }
 
 /// A run ID: sortable by start time, unique across replicas.
