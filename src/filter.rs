@@ -8,12 +8,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use cel::common::ast::{EntryExpr, Expr, IdedExpr, MapExpr, StructExpr};
+use cel::common::ast::{CallExpr, EntryExpr, Expr, IdedExpr, MapExpr, StructExpr};
 use cel::common::types::{
     CelBool, CelBytes, CelDouble, CelDuration, CelInt, CelMap, CelMapKey, CelNull, CelString, CelTimestamp,
 };
 use cel::common::value::Val;
-use cel::{Context, Env, Program, Value};
+use cel::{Context, Env, ExecutionError, Program, Value};
 use chrono::{DateTime, Utc};
 
 use crate::model::{AttrValue, DlqMessage};
@@ -44,6 +44,15 @@ pub enum FilterError {
     },
     #[error("invalid filter: unknown variable `{name}` (the variables are: {known})", known = VARIABLES.join(", "))]
     UnknownVariable { name: String },
+    /// A call to a function that neither CEL's standard library nor its
+    /// strings extension declares. `line` and `column` are 1-based.
+    #[error("invalid filter at {line}:{column}: unknown function `{name}` (function names are case-sensitive: `startsWith`, `lowerAscii`)\n  {source_line}\n  {caret:>width$}", caret = "^", width = *column)]
+    UnknownFunction {
+        name: String,
+        line: usize,
+        column: usize,
+        source_line: String,
+    },
     /// Too long or too deeply nested to parse and evaluate safely.
     #[error("invalid filter: {0}")]
     TooComplex(String),
@@ -177,7 +186,8 @@ impl Filter {
             }
         })?;
         let mut vars = BTreeSet::new();
-        free_variables(program.expression(), &mut Vec::new(), &mut vars);
+        let mut calls = Vec::new();
+        free_variables(program.expression(), &mut Vec::new(), &mut vars, &mut calls);
         // Type names (`type(x) == string`) are identifiers too.
         if let Some(unknown) = vars
             .iter()
@@ -185,6 +195,20 @@ impl Filter {
         {
             return Err(FilterError::UnknownVariable {
                 name: unknown.to_string(),
+            });
+        }
+        // The interpreter resolves a function name only when it reaches the
+        // call, so a misspelt one (`startswith`) compiled and then failed on
+        // every message: no match anywhere, and only a count to show for it.
+        if let Some((id, call)) = calls.iter().find(|(_, c)| is_unknown_function(&env, c)) {
+            let (line, column) = program.source_info().offset_for(*id).map_or((1, 1), |(start, _)| {
+                call_position(source, start as usize, &call.func_name)
+            });
+            return Err(FilterError::UnknownFunction {
+                name: call.func_name.clone(),
+                line,
+                column,
+                source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
             });
         }
         let uses = VARIABLES.iter().map(|v| vars.contains(v)).collect();
@@ -238,10 +262,52 @@ impl Filter {
     }
 }
 
+/// The 1-based line and column of the call at byte `paren`, which is where
+/// the parser places a call: at its `(`. The name before it is what a reader
+/// looks for, so that is where the position points.
+fn call_position(source: &str, paren: usize, name: &str) -> (usize, usize) {
+    let before = source.get(..paren).unwrap_or(source);
+    let before = before.trim_end().strip_suffix(name).unwrap_or(before);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
+
+/// Whether the interpreter would find no function for `call`, asked the way it
+/// asks at run time: the same call shape, on an empty context, fails with an
+/// undeclared reference to the function's name. Operators (`_==_`, `@in`)
+/// are the parser's own and always declared.
+fn is_unknown_function(env: &Arc<Env>, call: &CallExpr) -> bool {
+    let name = &call.func_name;
+    if !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+        return false;
+    }
+    let probe = match call.target {
+        Some(_) => format!("''.{name}()"),
+        None => format!("{name}()"),
+    };
+    let Ok(program) = env.compile(&probe) else {
+        return false;
+    };
+    matches!(
+        program.execute(&Context::with_env(env.clone())),
+        Err(ExecutionError::UndeclaredReference(n)) if n.as_str() == name
+    )
+}
+
 /// The identifiers `expr` reads from its context: [`cel::Program::references`]
 /// without the variables of its macros (`attributes.exists(k, k == "x")`
-/// binds `k`; counted as a reference, it was refused as unknown).
-fn free_variables<'e>(expr: &'e IdedExpr, bound: &mut Vec<&'e str>, out: &mut BTreeSet<&'e str>) {
+/// binds `k`; counted as a reference, it was refused as unknown). `calls`
+/// gets every call, operators included, with the node that carries its
+/// position.
+fn free_variables<'e>(
+    expr: &'e IdedExpr,
+    bound: &mut Vec<&'e str>,
+    out: &mut BTreeSet<&'e str>,
+    calls: &mut Vec<(u64, &'e CallExpr)>,
+) {
     match &expr.expr {
         Expr::Unspecified | Expr::Literal(_) => {}
         Expr::Ident(name) => {
@@ -251,38 +317,39 @@ fn free_variables<'e>(expr: &'e IdedExpr, bound: &mut Vec<&'e str>, out: &mut BT
             }
         }
         Expr::Call(call) => {
+            calls.push((expr.id, call));
             if let Some(target) = &call.target {
-                free_variables(target, bound, out);
+                free_variables(target, bound, out, calls);
             }
             for arg in &call.args {
-                free_variables(arg, bound, out);
+                free_variables(arg, bound, out, calls);
             }
         }
         Expr::Comprehension(c) => {
-            free_variables(&c.iter_range, bound, out);
-            free_variables(&c.accu_init, bound, out);
+            free_variables(&c.iter_range, bound, out, calls);
+            free_variables(&c.accu_init, bound, out, calls);
             let depth = bound.len();
             bound.push(&c.iter_var);
             bound.extend(c.iter_var2.as_deref());
             bound.push(&c.accu_var);
             for e in [&c.loop_cond, &c.loop_step, &c.result] {
-                free_variables(e, bound, out);
+                free_variables(e, bound, out, calls);
             }
             bound.truncate(depth);
         }
         Expr::List(list) => {
             for e in &list.elements {
-                free_variables(e, bound, out);
+                free_variables(e, bound, out, calls);
             }
         }
-        Expr::Select(select) => free_variables(&select.operand, bound, out),
+        Expr::Select(select) => free_variables(&select.operand, bound, out, calls),
         Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
             for entry in entries {
                 match &entry.expr {
-                    EntryExpr::StructField(field) => free_variables(&field.value, bound, out),
+                    EntryExpr::StructField(field) => free_variables(&field.value, bound, out, calls),
                     EntryExpr::MapEntry(e) => {
-                        free_variables(&e.key, bound, out);
-                        free_variables(&e.value, bound, out);
+                        free_variables(&e.key, bound, out, calls);
+                        free_variables(&e.value, bound, out, calls);
                     }
                 }
             }
@@ -611,6 +678,55 @@ mod tests {
             Filter::compile("[1].exists(k, k == 1) && k == 1").unwrap_err(),
             FilterError::UnknownVariable { name: "k".into() }
         );
+    }
+
+    /// A misspelt function compiled, then failed on every message: an
+    /// inspect showed nothing and a redrive moved nothing, with no word of
+    /// the typo. Known functions, member or global, standard or from the
+    /// strings extension, and macros still compile.
+    #[test]
+    fn unknown_function_is_a_compile_error_with_its_position() {
+        let err = Filter::compile(r#"reason.startswith("Time")"#).unwrap_err();
+        match &err {
+            FilterError::UnknownFunction { name, line, column, .. } => {
+                assert_eq!((name.as_str(), *line), ("startswith", 1));
+                assert!((7..=18).contains(column), "{err}");
+            }
+            other => panic!("expected an unknown function, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.starts_with("invalid filter at 1:") && text.contains("unknown function `startswith`"),
+            "{text}"
+        );
+        let err = Filter::compile("delivery_count > 1 &&\n  sise(body) > 3").unwrap_err();
+        assert!(
+            matches!(&err, FilterError::UnknownFunction { name, line: 2, column: 3, .. } if name == "sise"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("\n    sise(body) > 3\n    ^"), "{err}");
+        // Columns count characters, as the syntax errors' do (the parser's
+        // call offsets are in bytes).
+        let err = Filter::compile(r#"reason == "é😀" || fo(1)"#).unwrap_err();
+        assert!(
+            matches!(&err, FilterError::UnknownFunction { column: 19, .. }),
+            "{err:?}"
+        );
+        let err = Filter::compile(r#"attributes.exists(k, k.startswith("x"))"#).unwrap_err();
+        assert!(matches!(err, FilterError::UnknownFunction { .. }), "{err:?}");
+        for known in [
+            r#"reason.startsWith("T") && body.endsWith("}") && reason.contains("i")"#,
+            r#"size(body) > 1 && body.size() > 1 && int(delivery_count) > 1 && string(delivery_count) == "5""#,
+            r#"reason.lowerAscii().upperAscii().trim() == "TIMEOUT" && reason.replace("T", "t") == "timeout""#,
+            r#"reason.split("e").size() == 2 && reason.indexOf("m") == 2 && reason.substring(1) == "imeout""#,
+            r#"reason.matches("^T") && matches(reason, "^T") && type(reason) == string"#,
+            r#"age > duration("1h") && enqueued_at.getFullYear() > 2000 && timestamp("2999-01-01T00:00:00Z") > enqueued_at"#,
+            r#"double(delivery_count) > 1.0 && uint(delivery_count) > 1u && bytes(reason).size() == 7"#,
+            r#"has(json.order) && json.order.exists(k, k == "id") && [1, 2].map(x, x * 2).filter(y, y > 2).size() == 1"#,
+            r#"dyn(delivery_count) > 1 && [1, 2].exists_one(x, x > 1) && ["a"].join() == "a""#,
+        ] {
+            assert_eq!(eval(known), Ok(true), "{known}");
+        }
     }
 
     #[test]

@@ -268,6 +268,19 @@ fn check_filter_error(expr: &str, e: &FilterError) {
         FilterError::UnknownVariable { name } => {
             assert!(!crate::filter::VARIABLES.contains(&name.as_str()));
         }
+        FilterError::UnknownFunction {
+            line,
+            column,
+            source_line,
+            ..
+        } => {
+            assert!(*line >= 1 && *column >= 1, "position {line}:{column} is not 1-based");
+            assert_eq!(
+                expr.lines().nth(line - 1).unwrap_or(""),
+                source_line.as_str(),
+                "the quoted line is not line {line}"
+            );
+        }
         FilterError::TooComplex(why) => {
             assert!(why.contains("the limit is"), "{why}");
         }

@@ -524,6 +524,11 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
             ],
         ),
         c(
+            "unknown function",
+            &["redrive", "orders", "--filter", r#"reason.startswith("Time")"#, "--yes"],
+            &["invalid filter at 1:8: unknown function `startswith`", "^"],
+        ),
+        c(
             "unknown variable, flag form",
             &["--redrive", "orders", "--filter", "reasn == \"x\"", "--yes"],
             &["unknown variable `reasn`"],

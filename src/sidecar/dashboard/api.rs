@@ -91,6 +91,9 @@ async fn check_filter(Query(q): Query<CheckQuery>) -> Response {
                     Some((l, c)) => (Some(l), Some(c), format!("unknown variable `{name}`")),
                     None => (None, None, format!("unknown variable `{name}`")),
                 },
+                FilterError::UnknownFunction { name, line, column, .. } => {
+                    (Some(*line), Some(*column), format!("unknown function `{name}`"))
+                }
                 FilterError::TooComplex(m) => (None, None, m.clone()),
             };
             Json(json!({
