@@ -266,6 +266,26 @@ pub fn preview(text: &str, max: usize) -> String {
     out
 }
 
+/// `text` whole, with each control character escaped (`\u{1b}`): for what
+/// must stay exact and tell apart, such as a message ID, where [`preview`]
+/// would cut or blank it. A sender sets a Service Bus MessageId, so an ID
+/// can carry terminal escape sequences.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
