@@ -39,10 +39,13 @@ impl Table {
     }
 
     pub fn render(&self) -> String {
-        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        // Counting characters misaligned every column after a cell with CJK
+        // text or emoji, which a terminal shows two columns wide.
+        let width = |c: &str| unicode_width::UnicodeWidthStr::width(c);
+        let mut widths: Vec<usize> = self.header.iter().map(|h| width(h)).collect();
         for r in &self.rows {
             for (i, c) in r.iter().enumerate() {
-                widths[i] = widths[i].max(c.chars().count());
+                widths[i] = widths[i].max(width(c));
             }
         }
         let mut out = String::new();
@@ -51,7 +54,7 @@ impl Table {
             for (i, c) in r.iter().enumerate() {
                 out.push_str(c);
                 if i < last {
-                    out.extend(std::iter::repeat_n(' ', widths[i] - c.chars().count() + 2));
+                    out.extend(std::iter::repeat_n(' ', widths[i] - width(c) + 2));
                 }
             }
             out.push('\n');
@@ -285,6 +288,23 @@ mod tests {
         let mut t = Table::new(&["A", "BB"]);
         t.row(vec!["long".into(), "x".into()]);
         assert_eq!(t.render(), "A     BB\nlong  x\n");
+    }
+
+    #[test]
+    fn wide_characters_keep_the_columns_aligned() {
+        let mut t = Table::new(&["REASON", "BODY"]);
+        t.row(vec!["注文タイムアウト".into(), "x".into()]);
+        t.row(vec!["Timeout 🔥".into(), "y".into()]);
+        t.row(vec!["e\u{301}tat".into(), "z".into()]);
+        let text = t.render();
+        let columns: Vec<usize> = text
+            .lines()
+            .map(|l| {
+                let body = l.rfind(' ').unwrap() + 1;
+                unicode_width::UnicodeWidthStr::width(&l[..body])
+            })
+            .collect();
+        assert_eq!(columns, vec![18; 4], "{text}");
     }
 
     #[test]
