@@ -729,6 +729,47 @@ mod tests {
         }
     }
 
+    /// Every filter the README shows, in its Filters examples and in the
+    /// commands and config around it, compiles and matches a message it is
+    /// written for.
+    #[test]
+    fn the_readme_filters_work() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let section = &readme[readme.find("### Filters").unwrap()..];
+        let block = section.split("```\n").nth(1).unwrap();
+        let mut examples: Vec<&str> = block.lines().collect();
+        assert!(examples.len() >= 5, "{block}");
+        for marker in ["--filter '", "filter: '"] {
+            for (i, _) in readme.match_indices(marker) {
+                let rest = &readme[i + marker.len()..];
+                let f = &rest[..rest.find('\'').unwrap()];
+                if !f.is_empty() && f != "..." {
+                    examples.push(f);
+                }
+            }
+        }
+        let mut fits = msg();
+        fits.attributes.insert("retry".into(), Attribute::string("yes"));
+        fits.attributes.insert("x-retry-after".into(), Attribute::string("30"));
+        fits.body = Bytes::from_static(br#"{"order": {"total": 120.5}}"#);
+        fits.enqueued_at = Some(Utc::now() - chrono::Duration::days(2));
+        let mut http = msg();
+        http.reason = Some("503 Service Unavailable".into());
+        http.body = Bytes::from_static(b"upstream: connection reset by peer");
+        let mut invalid = msg();
+        invalid.reason = Some("ValidationError".into());
+        let now = Utc::now();
+        for f in examples {
+            let filter = Filter::compile(f).unwrap_or_else(|e| panic!("README filter `{f}`: {e}"));
+            assert!(
+                [&fits, &http, &invalid]
+                    .iter()
+                    .any(|m| filter.matches(m, now) == Ok(true)),
+                "README filter `{f}` matches none of the messages written for it"
+            );
+        }
+    }
+
     #[test]
     fn unknown_variable_is_a_compile_error() {
         let err = Filter::compile(r#"atributes.tenant == "acme""#).unwrap_err();
