@@ -35,7 +35,7 @@ pub const VARIABLES: &[&str] = &[
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FilterError {
     /// The expression does not parse. `line` and `column` are 1-based.
-    #[error("invalid filter at {line}:{column}: {message}\n  {source_line}\n  {caret:>width$}", caret = "^", width = *column)]
+    #[error("invalid filter at {line}:{column}: {message}{}", quote(source_line, *column))]
     Syntax {
         line: usize,
         column: usize,
@@ -46,7 +46,7 @@ pub enum FilterError {
     UnknownVariable { name: String },
     /// A call to a function that neither CEL's standard library nor its
     /// strings extension declares. `line` and `column` are 1-based.
-    #[error("invalid filter at {line}:{column}: unknown function `{name}` (function names are case-sensitive: `startsWith`, `lowerAscii`)\n  {source_line}\n  {caret:>width$}", caret = "^", width = *column)]
+    #[error("invalid filter at {line}:{column}: unknown function `{name}` (function names are case-sensitive: `startsWith`, `lowerAscii`){}", quote(source_line, *column))]
     UnknownFunction {
         name: String,
         line: usize,
@@ -174,7 +174,9 @@ impl Filter {
         let program = env.compile(source).map_err(|errs| {
             let first = errs.errors.into_iter().next();
             let (line, column, message) = match first {
-                Some(e) => (e.pos.0.max(1) as usize, e.pos.1.max(0) as usize + 1, e.msg),
+                // Both of the parser's sources of positions (ANTLR's
+                // syntax errors, its own AST errors) give 1-based columns.
+                Some(e) => (e.pos.0.max(1) as usize, e.pos.1.max(1) as usize, e.msg),
                 None => (1, 1, "cannot parse".into()),
             };
             let source_line = source.lines().nth(line - 1).unwrap_or("").to_string();
@@ -273,6 +275,21 @@ fn call_position(source: &str, paren: usize, name: &str) -> (usize, usize) {
         before.matches('\n').count() + 1,
         before[line_start..].chars().count() + 1,
     )
+}
+
+/// The quoted line with a caret under `column` (1-based, in characters).
+/// The caret line repeats the line's tabs and counts wide characters (CJK,
+/// emoji) as the two cells a terminal gives them, so it stays under its mark.
+fn quote(source_line: &str, column: usize) -> String {
+    let pad: String = source_line
+        .chars()
+        .take(column.saturating_sub(1))
+        .map(|c| match c {
+            '\t' => "\t".to_string(),
+            c => " ".repeat(unicode_width::UnicodeWidthChar::width(c).unwrap_or(0)),
+        })
+        .collect();
+    format!("\n  {source_line}\n  {pad}^")
 }
 
 /// Whether the interpreter would find no function for `call`, asked the way it
@@ -650,6 +667,17 @@ mod tests {
         let text = err.to_string();
         assert!(text.starts_with("invalid filter at 1:"), "{text}");
         assert!(text.contains('^'), "{text}");
+        // Mid-line, the column is the offending token's first character (it
+        // was one past it: only an error at the end of a line, clamped, hid it).
+        let err = Filter::compile(r#"reason == "a" && && true"#).unwrap_err();
+        assert!(matches!(err, FilterError::Syntax { column: 18, .. }), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("\n  reason == \"a\" && && true\n                   ^"),
+            "{err}"
+        );
+        let err = Filter::compile("delivery_count > 1 &&\n  has(1)").unwrap_err();
+        assert!(matches!(err, FilterError::Syntax { line: 2, column: 7, .. }), "{err}");
     }
 
     #[test]
@@ -768,6 +796,23 @@ mod tests {
                 "README filter `{f}` matches none of the messages written for it"
             );
         }
+    }
+
+    /// The caret sits under its mark when the line holds wide characters.
+    #[test]
+    fn the_caret_counts_wide_characters_as_a_terminal_does() {
+        let err = Filter::compile(r#"reason == "注文" && && true"#).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, FilterError::Syntax { column: 19, .. }), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        let caret = unicode_width::UnicodeWidthStr::width(&lines[2][..lines[2].find('^').unwrap()]);
+        let mark = unicode_width::UnicodeWidthStr::width(&lines[1][..lines[1].rfind("&&").unwrap()]);
+        assert_eq!(caret, mark, "{text}");
+        // A tab in the line is a tab in the caret line: the same tab stop.
+        let text = Filter::compile("reason == \"x\" &&\n\t\t&& true")
+            .unwrap_err()
+            .to_string();
+        assert!(text.ends_with("\n  \t\t&& true\n  \t\t^"), "{text}");
     }
 
     #[test]
