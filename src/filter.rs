@@ -5,7 +5,7 @@
 //! one message (a missing attribute, a type mismatch) count as "no match" and
 //! are reported to the caller; they never abort a run.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cel::common::ast::{CallExpr, EntryExpr, Expr, IdedExpr, MapExpr, StructExpr};
@@ -42,8 +42,14 @@ pub enum FilterError {
         message: String,
         source_line: String,
     },
-    #[error("invalid filter: unknown variable `{name}` (the variables are: {known})", known = VARIABLES.join(", "))]
-    UnknownVariable { name: String },
+    /// `line` and `column` (1-based) are those of its first use.
+    #[error("invalid filter at {line}:{column}: unknown variable `{name}` (the variables are: {known}){}", quote(source_line, *column), known = VARIABLES.join(", "))]
+    UnknownVariable {
+        name: String,
+        line: usize,
+        column: usize,
+        source_line: String,
+    },
     /// A call to a function that neither CEL's standard library nor its
     /// strings extension declares. `line` and `column` are 1-based.
     #[error("invalid filter at {line}:{column}: unknown function `{name}` (function names are case-sensitive: `startsWith`, `lowerAscii`){}", quote(source_line, *column))]
@@ -187,25 +193,31 @@ impl Filter {
                 source_line,
             }
         })?;
-        let mut vars = BTreeSet::new();
+        let mut vars = BTreeMap::new();
         let mut calls = Vec::new();
         free_variables(program.expression(), &mut Vec::new(), &mut vars, &mut calls);
-        // Type names (`type(x) == string`) are identifiers too.
-        if let Some(unknown) = vars
+        let offset = |id: u64| program.source_info().offset_for(id).map(|(start, _)| start as usize);
+        // Type names (`type(x) == string`) are identifiers too. The first
+        // unknown in the text is the one to report.
+        if let Some((name, at)) = vars
             .iter()
-            .find(|v| !VARIABLES.contains(v) && env.types().find_type(v).is_none())
+            .filter(|(v, _)| !VARIABLES.contains(v) && env.types().find_type(v).is_none())
+            .map(|(v, ids)| (v, ids.iter().filter_map(|id| offset(*id)).min().unwrap_or(0)))
+            .min_by_key(|(_, at)| *at)
         {
+            let (line, column) = position(source, at);
             return Err(FilterError::UnknownVariable {
-                name: unknown.to_string(),
+                name: name.to_string(),
+                line,
+                column,
+                source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
             });
         }
         // The interpreter resolves a function name only when it reaches the
         // call, so a misspelt one (`startswith`) compiled and then failed on
         // every message: no match anywhere, and only a count to show for it.
         if let Some((id, call)) = calls.iter().find(|(_, c)| is_unknown_function(&env, c)) {
-            let (line, column) = program.source_info().offset_for(*id).map_or((1, 1), |(start, _)| {
-                call_position(source, start as usize, &call.func_name)
-            });
+            let (line, column) = offset(*id).map_or((1, 1), |at| call_position(source, at, &call.func_name));
             return Err(FilterError::UnknownFunction {
                 name: call.func_name.clone(),
                 line,
@@ -213,7 +225,7 @@ impl Filter {
                 source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
             });
         }
-        let uses = VARIABLES.iter().map(|v| vars.contains(v)).collect();
+        let uses = VARIABLES.iter().map(|v| vars.contains_key(v)).collect();
         Ok(Self {
             source: source.into(),
             program: Arc::new(program),
@@ -270,6 +282,13 @@ impl Filter {
 fn call_position(source: &str, paren: usize, name: &str) -> (usize, usize) {
     let before = source.get(..paren).unwrap_or(source);
     let before = before.trim_end().strip_suffix(name).unwrap_or(before);
+    position(source, before.len())
+}
+
+/// The 1-based line and column (in characters) of byte `at`, as the parser
+/// gives node offsets.
+fn position(source: &str, at: usize) -> (usize, usize) {
+    let before = source.get(..at).unwrap_or(source);
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     (
         before.matches('\n').count() + 1,
@@ -322,7 +341,7 @@ fn is_unknown_function(env: &Arc<Env>, call: &CallExpr) -> bool {
 fn free_variables<'e>(
     expr: &'e IdedExpr,
     bound: &mut Vec<&'e str>,
-    out: &mut BTreeSet<&'e str>,
+    out: &mut BTreeMap<&'e str, Vec<u64>>,
     calls: &mut Vec<(u64, &'e CallExpr)>,
 ) {
     match &expr.expr {
@@ -330,7 +349,7 @@ fn free_variables<'e>(
         Expr::Ident(name) => {
             // `@`-names are the parser's own (a macro's accumulator).
             if !name.starts_with('@') && !bound.contains(&name.as_str()) {
-                out.insert(name);
+                out.entry(name).or_default().push(expr.id);
             }
         }
         Expr::Call(call) => {
@@ -698,14 +717,12 @@ mod tests {
                 .enumerate()
                 .any(|(i, u)| *u && VARIABLES[i] != "attributes")
         );
-        assert_eq!(
-            Filter::compile("attributes.exists(k, q == 1)").unwrap_err(),
-            FilterError::UnknownVariable { name: "q".into() }
-        );
-        assert_eq!(
-            Filter::compile("[1].exists(k, k == 1) && k == 1").unwrap_err(),
-            FilterError::UnknownVariable { name: "k".into() }
-        );
+        let unknown = |f: &str| match Filter::compile(f).unwrap_err() {
+            FilterError::UnknownVariable { name, .. } => name,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(unknown("attributes.exists(k, q == 1)"), "q");
+        assert_eq!(unknown("[1].exists(k, k == 1) && k == 1"), "k");
     }
 
     /// A misspelt function compiled, then failed on every message: an
@@ -798,6 +815,40 @@ mod tests {
         }
     }
 
+    /// An unknown variable is reported at its first use in the text, past
+    /// strings and fields that spell the same word, with the line quoted.
+    #[test]
+    fn unknown_variable_is_a_compile_error_with_its_position() {
+        let err = Filter::compile(r#"atributes.tenant == "acme""#).unwrap_err();
+        assert_eq!(
+            err,
+            FilterError::UnknownVariable {
+                name: "atributes".into(),
+                line: 1,
+                column: 1,
+                source_line: r#"atributes.tenant == "acme""#.into(),
+            }
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("invalid filter at 1:1: unknown variable `atributes` (the variables are: id, body"),
+            "{text}"
+        );
+        let at = |f: &str| match Filter::compile(f).unwrap_err() {
+            FilterError::UnknownVariable { name, line, column, .. } => (name, line, column),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(at(r#"reason == "tenant" && tenant == 1"#), ("tenant".into(), 1, 23));
+        assert_eq!(at("attributes.tenant == 1\n|| tenant"), ("tenant".into(), 2, 4));
+        // The first in the text, not the first alphabetically.
+        assert_eq!(at("zeta == 1 || alpha == 2"), ("zeta".into(), 1, 1));
+        assert_eq!(at("reason == \"é😀\" ||\n\t  reasn == 1"), ("reasn".into(), 2, 4));
+        let text = Filter::compile("reason == \"é😀\" ||\n\t  reasn == 1")
+            .unwrap_err()
+            .to_string();
+        assert!(text.ends_with("\n  \t  reasn == 1\n  \t  ^"), "{text}");
+    }
+
     /// The caret sits under its mark when the line holds wide characters.
     #[test]
     fn the_caret_counts_wide_characters_as_a_terminal_does() {
@@ -813,18 +864,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(text.ends_with("\n  \t\t&& true\n  \t\t^"), "{text}");
-    }
-
-    #[test]
-    fn unknown_variable_is_a_compile_error() {
-        let err = Filter::compile(r#"atributes.tenant == "acme""#).unwrap_err();
-        assert_eq!(
-            err,
-            FilterError::UnknownVariable {
-                name: "atributes".into()
-            }
-        );
-        assert!(err.to_string().contains("attributes"));
     }
     #[test]
     fn deep_nesting_and_huge_filters_are_refused_before_parsing() {

@@ -390,6 +390,18 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
             &["{file}", "schedules[0].filter", "invalid filter at 1:"],
         ),
         config_error(
+            "schedule filter with an unknown variable",
+            with_tail(
+                &f,
+                "schedules:\n  - queue: orders\n    every: 1h\n    filter: |\n      reason == \"Timeout\" &&\n        tennant == \"acme\"\n",
+            ),
+            &[
+                "{file}",
+                "schedules[0].filter",
+                "invalid filter at 2:3: unknown variable `tennant`",
+            ],
+        ),
+        config_error(
             "schedule on an unknown queue",
             with_tail(&f, "schedules:\n  - {queue: ordrs, every: 1h}\n"),
             &["{file}", "schedules[0].queue", "no queue named `ordrs`"],
@@ -531,7 +543,7 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
         c(
             "unknown variable, flag form",
             &["--redrive", "orders", "--filter", "reasn == \"x\"", "--yes"],
-            &["unknown variable `reasn`"],
+            &["invalid filter at 1:1: unknown variable `reasn`"],
         ),
         // An empty filter is refused alike everywhere (a shell-quoting slip,
         // most likely), with what to pass instead.
