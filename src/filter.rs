@@ -16,7 +16,7 @@ use cel::common::value::Val;
 use cel::{Context, Env, ExecutionError, Program, Value};
 use chrono::{DateTime, Utc};
 
-use crate::model::{AttrValue, DlqMessage};
+use crate::model::{AttrValue, Attribute, DlqMessage};
 
 /// The variables a filter may use, in the order the docs list them.
 pub const VARIABLES: &[&str] = &[
@@ -415,7 +415,7 @@ fn bind_message<'m>(ctx: &mut Context<'_, 'm>, msg: &'m DlqMessage, now: DateTim
         let attrs: HashMap<CelMapKey<'m>, Box<dyn Val + 'm>> = msg
             .attributes
             .iter()
-            .map(|(k, a)| (CelMapKey::from(k.as_str()), attr_val(&a.value)))
+            .map(|(k, a)| (CelMapKey::from(k.as_str()), attr_val(a)))
             .collect();
         ctx.add_variable_as_val("attributes", Box::new(CelMap::from(attrs)));
     }
@@ -465,8 +465,11 @@ fn optional_str(s: &Option<String>) -> Box<dyn Val + '_> {
 }
 
 /// [`attr_to_cel`] without the copy: text and bytes borrow from the message.
-fn attr_val(v: &AttrValue) -> Box<dyn Val + '_> {
-    match v {
+fn attr_val(a: &Attribute) -> Box<dyn Val + '_> {
+    if a.is_null() {
+        return Box::new(CelNull);
+    }
+    match &a.value {
         AttrValue::String(s) => Box::new(CelString::from(s.as_str())),
         AttrValue::Number(s) => match s.parse::<i64>() {
             Ok(i) => Box::new(CelInt::from(i)),
@@ -498,7 +501,7 @@ fn bind_message_by_value(ctx: &mut Context<'_, '_>, msg: &DlqMessage, now: DateT
     let attrs: HashMap<String, Value> = msg
         .attributes
         .iter()
-        .map(|(k, a)| (k.clone(), attr_to_cel(&a.value)))
+        .map(|(k, a)| (k.clone(), attr_to_cel(a)))
         .collect();
     ctx.add_variable_from_value("attributes", attrs);
     ctx.add_variable_from_value("reason", msg.reason.clone());
@@ -518,9 +521,13 @@ fn bind_message_by_value(ctx: &mut Context<'_, '_>, msg: &DlqMessage, now: DateT
 }
 
 /// SQS numbers arrive as text; expose them as numbers so `attributes.n > 3`
-/// works, and keep the text when it is not a plain number.
-fn attr_to_cel(v: &AttrValue) -> Value {
-    match v {
+/// works, and keep the text when it is not a plain number. A Service Bus
+/// property set to null is null, not the empty string that carries it.
+fn attr_to_cel(a: &Attribute) -> Value {
+    if a.is_null() {
+        return Value::Null;
+    }
+    match &a.value {
         AttrValue::String(s) => Value::from(s.as_str()),
         AttrValue::Number(s) => s
             .parse::<i64>()
@@ -557,7 +564,6 @@ fn json_to_cel(v: &serde_json::Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Attribute;
     use bytes::Bytes;
 
     fn msg() -> DlqMessage {
@@ -623,6 +629,13 @@ mod tests {
         put("raw", AttrValue::Binary(Bytes::from_static(b"\x00\xffab")));
         put("at", AttrValue::Timestamp(Utc::now()));
         put("uuid", AttrValue::Uuid(uuid::Uuid::from_u128(7)));
+        typed.attributes.insert(
+            "cleared".into(),
+            Attribute {
+                value: AttrValue::String(String::new()),
+                data_type: Some("null".into()),
+            },
+        );
         let mut bare = msg();
         bare.attributes.clear();
         bare.reason = None;
@@ -639,6 +652,7 @@ mod tests {
             r#"size(attributes) > 3 && "tenant" in attributes && attributes.exists(k, k == "flag")"#,
             r#"attributes == {"tenant": "acme", "retries": 3}"#,
             r#"has(attributes.missing) || attributes.missing == "x""#,
+            r#"attributes.cleared == null || attributes.cleared == """#,
             r#"attributes.all(k, k.size() > 1) && type(attributes) == map"#,
             r#"reason == "Timeout" && description == null && source == "orders" && id == "m-1""#,
             "delivery_count > 2 && age > duration(\"1h\") && enqueued_at < timestamp(\"2999-01-01T00:00:00Z\")",
@@ -658,6 +672,30 @@ mod tests {
                     m.attributes.keys().collect::<Vec<_>>()
                 );
             }
+        }
+    }
+
+    /// A Service Bus property set to null read as "" in a filter: `== null`
+    /// never matched it, and `== ""` matched it as if it were text.
+    #[test]
+    fn a_null_service_bus_property_is_null() {
+        let mut m = msg();
+        let null = Attribute {
+            value: AttrValue::String(String::new()),
+            data_type: Some("null".into()),
+        };
+        m.attributes.insert("cleared".into(), null);
+        m.attributes.insert("blank".into(), Attribute::string(""));
+        let now = Utc::now();
+        for f in [
+            "attributes.cleared == null",
+            r#"attributes.cleared != """#,
+            "has(attributes.cleared)",
+            r#"attributes.blank == "" && attributes.blank != null"#,
+        ] {
+            let filter = Filter::compile(f).unwrap();
+            assert_eq!(filter.matches(&m, now), Ok(true), "{f}");
+            assert_eq!(filter.matches_reference(&m, now), Ok(true), "{f}");
         }
     }
 

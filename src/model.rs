@@ -53,6 +53,13 @@ impl Attribute {
         }
     }
 
+    /// An AMQP null (a Service Bus application property set to null), which
+    /// the model carries as an empty string labelled `null` so that a redrive
+    /// sends it back as null.
+    pub fn is_null(&self) -> bool {
+        self.data_type.as_deref() == Some("null") && self.value == AttrValue::String(String::new())
+    }
+
     /// The value as text, for filters, tables and providers whose attributes are
     /// strings only. Binary values are base64.
     pub fn as_text(&self) -> String {
