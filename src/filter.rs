@@ -195,7 +195,7 @@ impl Filter {
         })?;
         let mut vars = BTreeMap::new();
         let mut calls = Vec::new();
-        free_variables(program.expression(), &mut Vec::new(), &mut vars, &mut calls);
+        free_variables(&env, program.expression(), &mut Vec::new(), &mut vars, &mut calls);
         let offset = |id: u64| program.source_info().offset_for(id).map(|(start, _)| start as usize);
         // Type names (`type(x) == string`) are identifiers too. The first
         // unknown in the text is the one to report.
@@ -324,13 +324,39 @@ fn is_unknown_function(env: &Arc<Env>, call: &CallExpr) -> bool {
         Some(_) => format!("''.{name}()"),
         None => format!("{name}()"),
     };
-    let Ok(program) = env.compile(&probe) else {
+    undeclared(env, &probe).is_some_and(|n| n == *name)
+}
+
+/// Whether `call` is a call to a namespaced function (`optional.of(x)`,
+/// `strings.quote(s)`), which the parser reads as a method on a variable
+/// named `optional` or `strings`. Asked as [`is_unknown_function`] asks: a
+/// call that is no such function resolves its target, the namespace's first
+/// segment, and fails on that name.
+fn is_namespaced_call(env: &Arc<Env>, call: &CallExpr) -> bool {
+    let Some(namespace) = call.target.as_deref().and_then(qualified_name) else {
         return false;
     };
-    matches!(
-        program.execute(&Context::with_env(env.clone())),
-        Err(ExecutionError::UndeclaredReference(n)) if n.as_str() == name
-    )
+    let root = namespace.split('.').next().unwrap_or_default();
+    undeclared(env, &format!("{namespace}.{}()", call.func_name)).is_none_or(|n| n != root)
+}
+
+/// `a.b.c` for an identifier or a chain of field selections on one.
+fn qualified_name(expr: &IdedExpr) -> Option<String> {
+    match &expr.expr {
+        Expr::Ident(name) => Some(name.clone()),
+        Expr::Select(select) if !select.test => {
+            qualified_name(&select.operand).map(|q| format!("{q}.{}", select.field))
+        }
+        _ => None,
+    }
+}
+
+/// The name `probe`, run on an empty context, fails on as undeclared.
+fn undeclared(env: &Arc<Env>, probe: &str) -> Option<String> {
+    match env.compile(probe).ok()?.execute(&Context::with_env(env.clone())) {
+        Err(ExecutionError::UndeclaredReference(n)) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 /// The identifiers `expr` reads from its context: [`cel::Program::references`]
@@ -339,6 +365,7 @@ fn is_unknown_function(env: &Arc<Env>, call: &CallExpr) -> bool {
 /// gets every call, operators included, with the node that carries its
 /// position.
 fn free_variables<'e>(
+    env: &Arc<Env>,
     expr: &'e IdedExpr,
     bound: &mut Vec<&'e str>,
     out: &mut BTreeMap<&'e str, Vec<u64>>,
@@ -352,40 +379,45 @@ fn free_variables<'e>(
                 out.entry(name).or_default().push(expr.id);
             }
         }
+        Expr::Call(call) if call.target.is_some() && is_namespaced_call(env, call) => {
+            for arg in &call.args {
+                free_variables(env, arg, bound, out, calls);
+            }
+        }
         Expr::Call(call) => {
             calls.push((expr.id, call));
             if let Some(target) = &call.target {
-                free_variables(target, bound, out, calls);
+                free_variables(env, target, bound, out, calls);
             }
             for arg in &call.args {
-                free_variables(arg, bound, out, calls);
+                free_variables(env, arg, bound, out, calls);
             }
         }
         Expr::Comprehension(c) => {
-            free_variables(&c.iter_range, bound, out, calls);
-            free_variables(&c.accu_init, bound, out, calls);
+            free_variables(env, &c.iter_range, bound, out, calls);
+            free_variables(env, &c.accu_init, bound, out, calls);
             let depth = bound.len();
             bound.push(&c.iter_var);
             bound.extend(c.iter_var2.as_deref());
             bound.push(&c.accu_var);
             for e in [&c.loop_cond, &c.loop_step, &c.result] {
-                free_variables(e, bound, out, calls);
+                free_variables(env, e, bound, out, calls);
             }
             bound.truncate(depth);
         }
         Expr::List(list) => {
             for e in &list.elements {
-                free_variables(e, bound, out, calls);
+                free_variables(env, e, bound, out, calls);
             }
         }
-        Expr::Select(select) => free_variables(&select.operand, bound, out, calls),
+        Expr::Select(select) => free_variables(env, &select.operand, bound, out, calls),
         Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
             for entry in entries {
                 match &entry.expr {
-                    EntryExpr::StructField(field) => free_variables(&field.value, bound, out, calls),
+                    EntryExpr::StructField(field) => free_variables(env, &field.value, bound, out, calls),
                     EntryExpr::MapEntry(e) => {
-                        free_variables(&e.key, bound, out, calls);
-                        free_variables(&e.value, bound, out, calls);
+                        free_variables(env, &e.key, bound, out, calls);
+                        free_variables(env, &e.value, bound, out, calls);
                     }
                 }
             }
@@ -855,6 +887,31 @@ mod tests {
 
     /// An unknown variable is reported at its first use in the text, past
     /// strings and fields that spell the same word, with the line quoted.
+    /// `optional.of(x)` and `strings.quote(s)` are functions in namespaces;
+    /// their namespace was refused as an unknown variable.
+    #[test]
+    fn namespaced_functions_compile() {
+        assert_eq!(eval(r#"strings.quote(reason) == "\"Timeout\"""#), Ok(true));
+        assert_eq!(
+            eval(r#"attributes.?nope.orValue("x") == optional.of("x").value()"#),
+            Ok(true)
+        );
+        assert_eq!(eval("optional.none().orValue(delivery_count) == 5"), Ok(true));
+        // A namespace's unknown function, or one the crate does not load,
+        // is still refused.
+        for f in ["strings.qoute(reason)", "math.greatest(1, 2) == 2"] {
+            assert!(Filter::compile(f).is_err(), "{f}");
+        }
+        let f = Filter::compile("strings.quote(reason) != body").unwrap();
+        let used: Vec<&str> = VARIABLES
+            .iter()
+            .zip(f.uses.iter())
+            .filter(|(_, u)| **u)
+            .map(|(v, _)| *v)
+            .collect();
+        assert_eq!(used, ["body", "reason"]);
+    }
+
     #[test]
     fn unknown_variable_is_a_compile_error_with_its_position() {
         let err = Filter::compile(r#"atributes.tenant == "acme""#).unwrap_err();
