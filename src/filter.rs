@@ -178,7 +178,16 @@ impl Filter {
             .expect("the strings extension registers once");
         let env = Arc::new(env);
         let program = env.compile(source).map_err(|errs| {
-            let first = errs.errors.into_iter().next();
+            // After a syntax error the parser's AST builder reports what it
+            // could not build, at 1:1 and in its own terms ("Incomplete
+            // `ExprContext` for `_?_:_` expression!"): the syntax error is
+            // the one that says what is wrong, and where.
+            let mut errors = errs.errors;
+            let syntax = errors.iter().position(|e| e.msg.starts_with("Syntax error"));
+            let first = match syntax {
+                Some(i) => Some(errors.swap_remove(i)),
+                None => errors.into_iter().next(),
+            };
             let (line, column, message) = match first {
                 // Both of the parser's sources of positions (ANTLR's
                 // syntax errors, its own AST errors) give 1-based columns.
@@ -767,6 +776,21 @@ mod tests {
         );
         let err = Filter::compile("delivery_count > 1 &&\n  has(1)").unwrap_err();
         assert!(matches!(err, FilterError::Syntax { line: 2, column: 7, .. }), "{err}");
+        // An unfinished conditional: the syntax error, not the parser's
+        // internal complaint about the expression it could not build.
+        let err = Filter::compile("reason == 'x' ? 1").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FilterError::Syntax {
+                    line: 1,
+                    column: 18,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("ExprContext"), "{err}");
     }
 
     #[test]
