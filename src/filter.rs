@@ -740,6 +740,25 @@ mod tests {
         }
     }
 
+    /// `json` is whatever JSON the body holds, not only an object.
+    #[test]
+    fn json_is_any_json_value_or_null() {
+        let now = Utc::now();
+        for (body, f) in [
+            (&b"[1, 2]"[..], "type(json) == list && json[1] == 2"),
+            (br#""text""#, r#"json == "text""#),
+            (b"42", "json == 42"),
+            (b"true", "json"),
+            (b"null", "json == null"),
+            (b"not json", "json == null"),
+            (b"\xff", "json == null"),
+        ] {
+            let mut m = msg();
+            m.body = Bytes::copy_from_slice(body);
+            assert_eq!(Filter::compile(f).unwrap().matches(&m, now), Ok(true), "{f}");
+        }
+    }
+
     #[test]
     fn evaluation_error_is_reported_not_raised() {
         let err = eval(r#"attributes.missing == "x""#).unwrap_err();
@@ -887,6 +906,15 @@ mod tests {
                 }
             }
         }
+        // The variable table names every variable, and only those.
+        let table: Vec<&str> = section
+            .lines()
+            .take_while(|l| !l.starts_with("```"))
+            .filter_map(|l| l.strip_prefix("| `"))
+            .flat_map(|l| l.split(" | ").next().unwrap().split(", "))
+            .map(|v| v.trim_matches('`'))
+            .collect();
+        assert_eq!(table, VARIABLES, "README's variable table");
         let mut fits = msg();
         fits.attributes.insert("retry".into(), Attribute::string("yes"));
         fits.attributes.insert("x-retry-after".into(), Attribute::string("30"));
