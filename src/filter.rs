@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use cel::common::ast::{CallExpr, EntryExpr, Expr, IdedExpr, MapExpr, StructExpr};
+use cel::common::ast::{CallExpr, EntryExpr, Expr, IdedExpr, LiteralValue, MapExpr, StructExpr};
 use cel::common::types::{
     CelBool, CelBytes, CelDouble, CelDuration, CelInt, CelMap, CelMapKey, CelNull, CelString, CelTimestamp,
 };
@@ -55,6 +55,16 @@ pub enum FilterError {
     #[error("invalid filter at {line}:{column}: unknown function `{name}` (function names are case-sensitive: `startsWith`, `lowerAscii`){}", quote(source_line, *column))]
     UnknownFunction {
         name: String,
+        line: usize,
+        column: usize,
+        source_line: String,
+    },
+    /// A literal argument that the function refuses whatever the message:
+    /// `duration("7d")`, `timestamp("2026-01-01")`, `matches("(")`.
+    #[error("invalid filter at {line}:{column}: {function}(): {message}{}", quote(source_line, *column))]
+    BadArgument {
+        function: String,
+        message: String,
         line: usize,
         column: usize,
         source_line: String,
@@ -234,6 +244,22 @@ impl Filter {
                 source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
             });
         }
+        // Equally, a literal these functions refuse failed on every message,
+        // as a cryptic per-message count ("Parsing Error: Error { input:
+        // \"d\" ... }" for the `7d` that --older-than accepts).
+        if let Some((id, call, message)) = calls
+            .iter()
+            .find_map(|(id, c)| bad_literal_argument(&env, c).map(|m| (id, c, m)))
+        {
+            let (line, column) = offset(*id).map_or((1, 1), |at| call_position(source, at, &call.func_name));
+            return Err(FilterError::BadArgument {
+                function: call.func_name.clone(),
+                message,
+                line,
+                column,
+                source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
+            });
+        }
         let uses = VARIABLES.iter().map(|v| vars.contains_key(v)).collect();
         Ok(Self {
             source: source.into(),
@@ -334,6 +360,54 @@ fn is_unknown_function(env: &Arc<Env>, call: &CallExpr) -> bool {
         None => format!("{name}()"),
     };
     undeclared(env, &probe).is_some_and(|n| n == *name)
+}
+
+/// Why `call` fails whatever the message, when it is `duration` or
+/// `timestamp` of a literal, or `matches` with a literal pattern: the call
+/// evaluated once, with an empty string standing for what `matches` tests.
+fn bad_literal_argument(env: &Arc<Env>, call: &CallExpr) -> Option<String> {
+    let literal = |e: &IdedExpr| matches!(e.expr, Expr::Literal(_));
+    let probe = match (call.func_name.as_str(), &call.target, call.args.as_slice()) {
+        ("duration" | "timestamp", None, [arg]) if literal(arg) => call.clone(),
+        ("matches", Some(_), [pattern]) | ("matches", None, [_, pattern]) if literal(pattern) => CallExpr {
+            func_name: call.func_name.clone(),
+            target: Some(Box::new(IdedExpr {
+                id: 0,
+                expr: Expr::Literal(LiteralValue::String("".into())),
+            })),
+            args: vec![pattern.clone()],
+        },
+        _ => return None,
+    };
+    let expr = IdedExpr {
+        id: 0,
+        expr: Expr::Call(probe),
+    };
+    let error = Value::resolve(&expr, &Context::with_env(env.clone()))
+        .err()?
+        .to_string();
+    // The crate's wrapper names the function the error line names already.
+    let error = error
+        .strip_prefix(&format!("Error executing function '{}': ", call.func_name))
+        .unwrap_or(&error);
+    let text = match call.args.as_slice() {
+        [
+            IdedExpr {
+                expr: Expr::Literal(LiteralValue::String(s)),
+                ..
+            },
+        ] => format!("{:?}", s.inner()),
+        _ => String::new(),
+    };
+    Some(match call.func_name.as_str() {
+        // The duration parser's own error ("Parsing Error: Error { input:
+        // \"d\", code: Char }") says nothing a user can act on.
+        "duration" => {
+            format!("{text} is not a duration: a number and a unit of h, m, s, ms, us or ns (168h for 7 days, 1h30m)")
+        }
+        "timestamp" => format!("{text} is not an RFC 3339 timestamp such as 2026-01-31T00:00:00Z ({error})"),
+        _ => error.to_string(),
+    })
 }
 
 /// Whether `call` is a call to a namespaced function (`optional.of(x)`,
@@ -962,6 +1036,44 @@ mod tests {
             .map(|(v, _)| *v)
             .collect();
         assert_eq!(used, ["body", "reason"]);
+    }
+
+    /// `duration("7d")` (the `7d` --older-than takes), a date without a
+    /// time, and a regex that does not compile failed on every message at
+    /// run time with the crate's parser error; they are compile errors now.
+    #[test]
+    fn a_literal_argument_that_can_never_work_is_a_compile_error() {
+        let err = Filter::compile(r#"reason == "Timeout" && age > duration("7d")"#).unwrap_err();
+        match &err {
+            FilterError::BadArgument {
+                function, line, column, ..
+            } => assert_eq!((function.as_str(), *line, *column), ("duration", 1, 30)),
+            other => panic!("{other:?}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.starts_with(r#"invalid filter at 1:30: duration(): "7d" is not a duration"#)
+                && text.contains("168h for 7 days"),
+            "{text}"
+        );
+        let err = Filter::compile(r#"enqueued_at < timestamp("2026-01-01")"#).unwrap_err();
+        assert!(err.to_string().contains("RFC 3339"), "{err}");
+        for f in [r#"reason.matches("(Time")"#, r#"matches(reason, "[a-")"#] {
+            let err = Filter::compile(f).unwrap_err();
+            assert!(
+                matches!(err, FilterError::BadArgument { ref function, .. } if function == "matches"),
+                "{f}: {err}"
+            );
+        }
+        // Valid literals, and arguments that are not literals, compile.
+        for f in [
+            r#"age > duration("168h") && age < duration("1h30m15s") && duration("-1.5h") < age"#,
+            r#"enqueued_at < timestamp("2999-01-01T00:00:00+02:00")"#,
+            r#"reason.matches("^Time(out)?$") && matches(reason, "[A-Z]")"#,
+            r#"age > duration(reason) || reason.matches(body) || true"#,
+        ] {
+            assert!(Filter::compile(f).is_ok(), "{f}");
+        }
     }
 
     #[test]

@@ -541,6 +541,11 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
             &["invalid filter at 1:8: unknown function `startswith`", "^"],
         ),
         c(
+            "a duration in days",
+            &["redrive", "orders", "--filter", r#"age > duration("7d")"#, "--yes"],
+            &[r#"invalid filter at 1:7: duration(): "7d" is not a duration"#, "168h"],
+        ),
+        c(
             "unknown variable, flag form",
             &["--redrive", "orders", "--filter", "reasn == \"x\"", "--yes"],
             &["invalid filter at 1:1: unknown variable `reasn`"],

@@ -93,6 +93,13 @@ async fn check_filter(Query(q): Query<CheckQuery>) -> Response {
                 FilterError::UnknownFunction { name, line, column, .. } => {
                     (Some(*line), Some(*column), format!("unknown function `{name}`"))
                 }
+                FilterError::BadArgument {
+                    function,
+                    message,
+                    line,
+                    column,
+                    ..
+                } => (Some(*line), Some(*column), format!("{function}(): {message}")),
                 FilterError::TooComplex(m) => (None, None, m.clone()),
             };
             Json(json!({
