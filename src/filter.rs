@@ -69,6 +69,15 @@ pub enum FilterError {
         column: usize,
         source_line: String,
     },
+    /// A variable compared with a literal of a type it never compares with:
+    /// `delivery_count > "3"`, `enqueued_at > "2026-01-01T00:00:00Z"`.
+    #[error("invalid filter at {line}:{column}: {message}{}", quote(source_line, *column))]
+    TypeMismatch {
+        message: String,
+        line: usize,
+        column: usize,
+        source_line: String,
+    },
     /// Too long or too deeply nested to parse and evaluate safely.
     #[error("invalid filter: {0}")]
     TooComplex(String),
@@ -260,6 +269,18 @@ impl Filter {
                 source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
             });
         }
+        // A comparison of a message variable with a literal of another type
+        // fails on every message (`<`), or never holds (`==`), quietly.
+        let free = |name: &str, id: u64| vars.get(name).is_some_and(|ids| ids.contains(&id));
+        if let Some((at, message)) = calls.iter().find_map(|(_, c)| type_mismatch(c, free)) {
+            let (line, column) = offset(at).map_or((1, 1), |at| position(source, at));
+            return Err(FilterError::TypeMismatch {
+                message,
+                line,
+                column,
+                source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
+            });
+        }
         let uses = VARIABLES.iter().map(|v| vars.contains_key(v)).collect();
         Ok(Self {
             source: source.into(),
@@ -360,6 +381,69 @@ fn is_unknown_function(env: &Arc<Env>, call: &CallExpr) -> bool {
         None => format!("{name}()"),
     };
     undeclared(env, &probe).is_some_and(|n| n == *name)
+}
+
+/// When `call` compares a message variable whose type is fixed with a
+/// literal of a type that never compares with it: the literal's node id and
+/// what to write instead. `free` tells a message variable from a macro's
+/// variable of the same name.
+fn type_mismatch(call: &CallExpr, free: impl Fn(&str, u64) -> bool) -> Option<(u64, String)> {
+    use cel::common::ast::operators::*;
+    let equality = [EQUALS, NOT_EQUALS].contains(&call.func_name.as_str());
+    if !equality && ![LESS, LESS_EQUALS, GREATER, GREATER_EQUALS].contains(&call.func_name.as_str()) {
+        return None;
+    }
+    let [a, b] = call.args.as_slice() else { return None };
+    let (name, literal, lit_id) = match (&a.expr, &b.expr) {
+        (Expr::Ident(n), Expr::Literal(l)) if free(n, a.id) => (n, l, b.id),
+        (Expr::Literal(l), Expr::Ident(n)) if free(n, b.id) => (n, l, a.id),
+        _ => return None,
+    };
+    let (kind, fits) = match name.as_str() {
+        "delivery_count" => (
+            "an int",
+            matches!(
+                literal,
+                LiteralValue::Int(_) | LiteralValue::UInt(_) | LiteralValue::Double(_)
+            ),
+        ),
+        "id" | "body" | "reason" | "description" | "source" => ("a string", matches!(literal, LiteralValue::String(_))),
+        "enqueued_at" => ("a timestamp", false),
+        "age" => ("a duration", false),
+        _ => return None,
+    };
+    if fits || (equality && matches!(literal, LiteralValue::Null)) {
+        return None;
+    }
+    let given = match literal {
+        LiteralValue::Boolean(_) => "a bool",
+        LiteralValue::Bytes(_) => "bytes",
+        LiteralValue::Double(_) => "a double",
+        LiteralValue::Int(_) => "an int",
+        LiteralValue::Null => "null",
+        LiteralValue::String(_) => "a string",
+        LiteralValue::UInt(_) => "a uint",
+    };
+    let text = match literal {
+        LiteralValue::String(s) => format!("{:?}", s.inner()),
+        _ => "…".into(),
+    };
+    let instead = match (name.as_str(), literal) {
+        ("enqueued_at", LiteralValue::String(_)) => format!("; write timestamp({text})"),
+        ("age", LiteralValue::String(_)) => format!("; write duration({text})"),
+        ("age", _) => "; write a duration, such as duration(\"1h\")".into(),
+        ("delivery_count", LiteralValue::String(_)) => "; write the number without quotes".into(),
+        _ => String::new(),
+    };
+    let never = if equality {
+        "never equals"
+    } else {
+        "does not compare with"
+    };
+    Some((
+        lit_id,
+        format!("`{name}` is {kind} (or null), which {never} {given}{instead}"),
+    ))
 }
 
 /// Why `call` fails whatever the message, when it is `duration` or
@@ -1073,6 +1157,46 @@ mod tests {
             r#"age > duration(reason) || reason.matches(body) || true"#,
         ] {
             assert!(Filter::compile(f).is_ok(), "{f}");
+        }
+    }
+
+    /// A message variable compared with a literal of the wrong type failed
+    /// on every message (`delivery_count > "3"`, `enqueued_at > "2026-…"`),
+    /// or never held (`reason == 3`), without a word at compile time.
+    #[test]
+    fn a_variable_compared_with_a_literal_of_the_wrong_type_is_a_compile_error() {
+        let at = |f: &str| match Filter::compile(f).unwrap_err() {
+            FilterError::TypeMismatch {
+                message, line, column, ..
+            } => (message, line, column),
+            other => panic!("{f}: {other:?}"),
+        };
+        let (message, line, column) = at(r#"delivery_count > "3""#);
+        assert_eq!((line, column), (1, 18));
+        assert_eq!(
+            message,
+            "`delivery_count` is an int (or null), which does not compare with a string; write the number without quotes"
+        );
+        let (message, ..) = at(r#"reason == "x" || enqueued_at > "2026-01-01T00:00:00Z""#);
+        assert!(
+            message.ends_with(r#"write timestamp("2026-01-01T00:00:00Z")"#),
+            "{message}"
+        );
+        let (message, ..) = at(r#""1h" < age"#);
+        assert!(message.ends_with(r#"write duration("1h")"#), "{message}");
+        let (message, ..) = at("age > 3600");
+        assert!(message.contains("duration(\"1h\")"), "{message}");
+        let (message, ..) = at("reason == 3");
+        assert!(message.contains("never equals an int"), "{message}");
+        // What compares, and a macro's variable that shares a name, compile.
+        for f in [
+            "delivery_count > 3 && delivery_count < 4.5 && delivery_count != 2u && delivery_count != null",
+            r#"reason == "x" || reason != null || description == null || source < "m" || id != "" || body > """#,
+            r#"enqueued_at != null && age != null && age > duration("1h")"#,
+            r#"[1].exists(age, age > 0) && ["a"].all(reason, reason == "a")"#,
+            r#"attributes.n > "3" || json.n == 3"#,
+        ] {
+            assert!(Filter::compile(f).is_ok(), "{f}: {:?}", Filter::compile(f).unwrap_err());
         }
     }
 

@@ -290,6 +290,12 @@ fn check_filter_error(expr: &str, e: &FilterError) {
             column,
             source_line,
             ..
+        }
+        | FilterError::TypeMismatch {
+            line,
+            column,
+            source_line,
+            ..
         } => {
             assert!(*line >= 1 && *column >= 1, "position {line}:{column} is not 1-based");
             assert_eq!(

@@ -546,6 +546,19 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
             &[r#"invalid filter at 1:7: duration(): "7d" is not a duration"#, "168h"],
         ),
         c(
+            "a timestamp compared with a string",
+            &[
+                "inspect",
+                "orders",
+                "--filter",
+                r#"enqueued_at < "2026-01-01T00:00:00Z""#,
+            ],
+            &[
+                "invalid filter at 1:15: `enqueued_at` is a timestamp (or null)",
+                r#"write timestamp("2026-01-01T00:00:00Z")"#,
+            ],
+        ),
+        c(
             "unknown variable, flag form",
             &["--redrive", "orders", "--filter", "reasn == \"x\"", "--yes"],
             &["invalid filter at 1:1: unknown variable `reasn`"],

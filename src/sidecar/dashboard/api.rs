@@ -100,6 +100,9 @@ async fn check_filter(Query(q): Query<CheckQuery>) -> Response {
                     column,
                     ..
                 } => (Some(*line), Some(*column), format!("{function}(): {message}")),
+                FilterError::TypeMismatch {
+                    message, line, column, ..
+                } => (Some(*line), Some(*column), message.clone()),
                 FilterError::TooComplex(m) => (None, None, m.clone()),
             };
             Json(json!({
