@@ -273,10 +273,14 @@ pub fn push_samples_and_errors(out: &mut String, s: &RunSummary) {
             ));
         }
     }
-    // Errors quote message IDs and provider text.
-    for e in &s.errors {
-        out.push_str(&format!("  error: {}\n", printable(e)));
-    }
+    out.push_str(&error_lines(&s.errors));
+}
+
+/// A run's errors, a line each. They quote message IDs (a Service Bus
+/// sender picks its MessageId) and provider text, so control characters are
+/// escaped rather than sent to the terminal.
+pub fn error_lines(errors: &[String]) -> String {
+    errors.iter().map(|e| format!("  error: {}\n", printable(e))).collect()
 }
 
 #[cfg(test)]
