@@ -213,7 +213,7 @@ impl Filter {
                 Some(e) => (e.pos.0.max(1) as usize, e.pos.1.max(1) as usize, e.msg),
                 None => (1, 1, "cannot parse".into()),
             };
-            let source_line = source.lines().nth(line - 1).unwrap_or("").to_string();
+            let source_line = line_of(source, line);
             FilterError::Syntax {
                 line,
                 column: column.min(source_line.chars().count() + 1),
@@ -225,6 +225,9 @@ impl Filter {
         let mut calls = Vec::new();
         free_variables(&env, program.expression(), &mut Vec::new(), &mut vars, &mut calls);
         let offset = |id: u64| program.source_info().offset_for(id).map(|(start, _)| start as usize);
+        // The walk meets `a.f().g()`'s g before f: the error to report is the
+        // first in the text.
+        calls.sort_by_key(|(id, _)| offset(*id));
         // Type names (`type(x) == string`) are identifiers too. The first
         // unknown in the text is the one to report.
         if let Some((name, at)) = vars
@@ -238,7 +241,7 @@ impl Filter {
                 name: name.to_string(),
                 line,
                 column,
-                source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
+                source_line: line_of(source, line),
             });
         }
         // The interpreter resolves a function name only when it reaches the
@@ -250,7 +253,7 @@ impl Filter {
                 name: call.func_name.clone(),
                 line,
                 column,
-                source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
+                source_line: line_of(source, line),
             });
         }
         // Equally, a literal these functions refuse failed on every message,
@@ -266,7 +269,7 @@ impl Filter {
                 message,
                 line,
                 column,
-                source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
+                source_line: line_of(source, line),
             });
         }
         // A comparison of a message variable with a literal of another type
@@ -278,7 +281,7 @@ impl Filter {
                 message,
                 line,
                 column,
-                source_line: source.lines().nth(line - 1).unwrap_or("").to_string(),
+                source_line: line_of(source, line),
             });
         }
         let uses = VARIABLES.iter().map(|v| vars.contains_key(v)).collect();
@@ -350,6 +353,11 @@ fn position(source: &str, at: usize) -> (usize, usize) {
         before.matches('\n').count() + 1,
         before[line_start..].chars().count() + 1,
     )
+}
+
+/// Line `line` (1-based) of `source`, to quote in an error; empty past the end.
+fn line_of(source: &str, line: usize) -> String {
+    source.lines().nth(line.saturating_sub(1)).unwrap_or("").to_string()
 }
 
 /// The quoted line with a caret under `column` (1-based, in characters).
@@ -1026,6 +1034,11 @@ mod tests {
         let err = Filter::compile(r#"reason == "é😀" || fo(1)"#).unwrap_err();
         assert!(
             matches!(&err, FilterError::UnknownFunction { column: 19, .. }),
+            "{err:?}"
+        );
+        let err = Filter::compile("reason.lowerascii().trimm() == body").unwrap_err();
+        assert!(
+            matches!(&err, FilterError::UnknownFunction { name, column: 8, .. } if name == "lowerascii"),
             "{err:?}"
         );
         let err = Filter::compile(r#"attributes.exists(k, k.startswith("x"))"#).unwrap_err();
