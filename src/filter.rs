@@ -455,20 +455,33 @@ fn type_mismatch(call: &CallExpr, free: impl Fn(&str, u64) -> bool) -> Option<(u
 }
 
 /// Why `call` fails whatever the message, when it is `duration` or
-/// `timestamp` of a literal, or `matches` with a literal pattern: the call
-/// evaluated once, with an empty string standing for what `matches` tests.
+/// `timestamp` of a literal, `matches` with a literal pattern, or a
+/// timestamp accessor with a literal time zone (`getHours("Europe/Paris")`):
+/// the call evaluated once, with an empty string standing for what `matches`
+/// tests and the epoch for the timestamp.
 fn bad_literal_argument(env: &Arc<Env>, call: &CallExpr) -> Option<String> {
     let literal = |e: &IdedExpr| matches!(e.expr, Expr::Literal(_));
+    let on = |target: Expr, arg: &IdedExpr| CallExpr {
+        func_name: call.func_name.clone(),
+        target: Some(Box::new(IdedExpr { id: 0, expr: target })),
+        args: vec![arg.clone()],
+    };
     let probe = match (call.func_name.as_str(), &call.target, call.args.as_slice()) {
         ("duration" | "timestamp", None, [arg]) if literal(arg) => call.clone(),
-        ("matches", Some(_), [pattern]) | ("matches", None, [_, pattern]) if literal(pattern) => CallExpr {
-            func_name: call.func_name.clone(),
-            target: Some(Box::new(IdedExpr {
-                id: 0,
-                expr: Expr::Literal(LiteralValue::String("".into())),
-            })),
-            args: vec![pattern.clone()],
-        },
+        ("matches", Some(_), [pattern]) | ("matches", None, [_, pattern]) if literal(pattern) => {
+            on(Expr::Literal(LiteralValue::String("".into())), pattern)
+        }
+        (get, Some(_), [zone]) if get.starts_with("get") && literal(zone) => {
+            let epoch = CallExpr {
+                func_name: "timestamp".into(),
+                target: None,
+                args: vec![IdedExpr {
+                    id: 0,
+                    expr: Expr::Literal(LiteralValue::Int(0.into())),
+                }],
+            };
+            on(Expr::Call(epoch), zone)
+        }
         _ => return None,
     };
     let expr = IdedExpr {
@@ -481,6 +494,7 @@ fn bad_literal_argument(env: &Arc<Env>, call: &CallExpr) -> Option<String> {
     // The crate's wrapper names the function the error line names already.
     let error = error
         .strip_prefix(&format!("Error executing function '{}': ", call.func_name))
+        .or_else(|| error.strip_prefix("Error executing function 'timezone': "))
         .unwrap_or(&error);
     let text = match call.args.as_slice() {
         [
@@ -498,6 +512,9 @@ fn bad_literal_argument(env: &Arc<Env>, call: &CallExpr) -> Option<String> {
             format!("{text} is not a duration: a number and a unit of h, m, s, ms, us or ns (168h for 7 days, 1h30m)")
         }
         "timestamp" => format!("{text} is not an RFC 3339 timestamp such as 2026-01-31T00:00:00Z ({error})"),
+        get if get.starts_with("get") => {
+            format!("{error} (a time zone is an IANA name such as Europe/Paris, or an offset such as +02:00)")
+        }
         _ => error.to_string(),
     })
 }
@@ -1155,6 +1172,16 @@ mod tests {
         );
         let err = Filter::compile(r#"enqueued_at < timestamp("2026-01-01")"#).unwrap_err();
         assert!(err.to_string().contains("RFC 3339"), "{err}");
+        let err = Filter::compile(r#"enqueued_at.getHours("Europe/Pari") < 9"#).unwrap_err();
+        assert!(
+            matches!(&err, FilterError::BadArgument { function, column: 13, .. } if function == "getHours"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("unknown time zone Europe/Pari (a time zone is an IANA name"),
+            "{err}"
+        );
         for f in [r#"reason.matches("(Time")"#, r#"matches(reason, "[a-")"#] {
             let err = Filter::compile(f).unwrap_err();
             assert!(
@@ -1168,6 +1195,8 @@ mod tests {
             r#"enqueued_at < timestamp("2999-01-01T00:00:00+02:00")"#,
             r#"reason.matches("^Time(out)?$") && matches(reason, "[A-Z]")"#,
             r#"age > duration(reason) || reason.matches(body) || true"#,
+            r#"enqueued_at.getHours("Europe/Paris") > 8 && enqueued_at.getDayOfWeek("+02:00") < 6"#,
+            r#"enqueued_at.getHours() >= 0 && age.getHours() >= 0"#,
         ] {
             assert!(Filter::compile(f).is_ok(), "{f}");
         }
