@@ -5,18 +5,18 @@
 //! one message (a missing attribute, a type mismatch) count as "no match" and
 //! are reported to the caller; they never abort a run.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use cel::common::ast::{EntryExpr, Expr, IdedExpr, MapExpr, StructExpr};
+use cel::common::ast::{CallExpr, EntryExpr, Expr, IdedExpr, LiteralValue, MapExpr, StructExpr};
 use cel::common::types::{
     CelBool, CelBytes, CelDouble, CelDuration, CelInt, CelMap, CelMapKey, CelNull, CelString, CelTimestamp,
 };
 use cel::common::value::Val;
-use cel::{Context, Env, Program, Value};
+use cel::{Context, Env, ExecutionError, Program, Value};
 use chrono::{DateTime, Utc};
 
-use crate::model::{AttrValue, DlqMessage};
+use crate::model::{AttrValue, Attribute, DlqMessage};
 
 /// The variables a filter may use, in the order the docs list them.
 pub const VARIABLES: &[&str] = &[
@@ -35,15 +35,49 @@ pub const VARIABLES: &[&str] = &[
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FilterError {
     /// The expression does not parse. `line` and `column` are 1-based.
-    #[error("invalid filter at {line}:{column}: {message}\n  {source_line}\n  {caret:>width$}", caret = "^", width = *column)]
+    #[error("invalid filter at {line}:{column}: {message}{}", quote(source_line, *column))]
     Syntax {
         line: usize,
         column: usize,
         message: String,
         source_line: String,
     },
-    #[error("invalid filter: unknown variable `{name}` (the variables are: {known})", known = VARIABLES.join(", "))]
-    UnknownVariable { name: String },
+    /// `line` and `column` (1-based) are those of its first use.
+    #[error("invalid filter at {line}:{column}: unknown variable `{name}` (the variables are: {known}){}", quote(source_line, *column), known = VARIABLES.join(", "))]
+    UnknownVariable {
+        name: String,
+        line: usize,
+        column: usize,
+        source_line: String,
+    },
+    /// A call to a function that neither CEL's standard library nor its
+    /// strings extension declares. `line` and `column` are 1-based.
+    #[error("invalid filter at {line}:{column}: unknown function `{name}` (function names are case-sensitive: `startsWith`, `lowerAscii`){}", quote(source_line, *column))]
+    UnknownFunction {
+        name: String,
+        line: usize,
+        column: usize,
+        source_line: String,
+    },
+    /// A literal argument that the function refuses whatever the message:
+    /// `duration("7d")`, `timestamp("2026-01-01")`, `matches("(")`.
+    #[error("invalid filter at {line}:{column}: {function}(): {message}{}", quote(source_line, *column))]
+    BadArgument {
+        function: String,
+        message: String,
+        line: usize,
+        column: usize,
+        source_line: String,
+    },
+    /// A variable compared with a literal of a type it never compares with:
+    /// `delivery_count > "3"`, `enqueued_at > "2026-01-01T00:00:00Z"`.
+    #[error("invalid filter at {line}:{column}: {message}{}", quote(source_line, *column))]
+    TypeMismatch {
+        message: String,
+        line: usize,
+        column: usize,
+        source_line: String,
+    },
     /// Too long or too deeply nested to parse and evaluate safely.
     #[error("invalid filter: {0}")]
     TooComplex(String),
@@ -163,12 +197,23 @@ impl Filter {
             .expect("the strings extension registers once");
         let env = Arc::new(env);
         let program = env.compile(source).map_err(|errs| {
-            let first = errs.errors.into_iter().next();
+            // After a syntax error the parser's AST builder reports what it
+            // could not build, at 1:1 and in its own terms ("Incomplete
+            // `ExprContext` for `_?_:_` expression!"): the syntax error is
+            // the one that says what is wrong, and where.
+            let mut errors = errs.errors;
+            let syntax = errors.iter().position(|e| e.msg.starts_with("Syntax error"));
+            let first = match syntax {
+                Some(i) => Some(errors.swap_remove(i)),
+                None => errors.into_iter().next(),
+            };
             let (line, column, message) = match first {
-                Some(e) => (e.pos.0.max(1) as usize, e.pos.1.max(0) as usize + 1, e.msg),
+                // Both of the parser's sources of positions (ANTLR's
+                // syntax errors, its own AST errors) give 1-based columns.
+                Some(e) => (e.pos.0.max(1) as usize, e.pos.1.max(1) as usize, e.msg),
                 None => (1, 1, "cannot parse".into()),
             };
-            let source_line = source.lines().nth(line - 1).unwrap_or("").to_string();
+            let source_line = line_of(source, line);
             FilterError::Syntax {
                 line,
                 column: column.min(source_line.chars().count() + 1),
@@ -176,18 +221,70 @@ impl Filter {
                 source_line,
             }
         })?;
-        let mut vars = BTreeSet::new();
-        free_variables(program.expression(), &mut Vec::new(), &mut vars);
-        // Type names (`type(x) == string`) are identifiers too.
-        if let Some(unknown) = vars
+        let mut vars = BTreeMap::new();
+        let mut calls = Vec::new();
+        free_variables(&env, program.expression(), &mut Vec::new(), &mut vars, &mut calls);
+        let offset = |id: u64| program.source_info().offset_for(id).map(|(start, _)| start as usize);
+        // The walk meets `a.f().g()`'s g before f: the error to report is the
+        // first in the text.
+        calls.sort_by_key(|(id, _)| offset(*id));
+        // Type names (`type(x) == string`) are identifiers too. The first
+        // unknown in the text is the one to report.
+        if let Some((name, at)) = vars
             .iter()
-            .find(|v| !VARIABLES.contains(v) && env.types().find_type(v).is_none())
+            .filter(|(v, _)| !VARIABLES.contains(v) && env.types().find_type(v).is_none())
+            .map(|(v, ids)| (v, ids.iter().filter_map(|id| offset(*id)).min().unwrap_or(0)))
+            .min_by_key(|(_, at)| *at)
         {
+            let (line, column) = position(source, at);
             return Err(FilterError::UnknownVariable {
-                name: unknown.to_string(),
+                name: name.to_string(),
+                line,
+                column,
+                source_line: line_of(source, line),
             });
         }
-        let uses = VARIABLES.iter().map(|v| vars.contains(v)).collect();
+        // The interpreter resolves a function name only when it reaches the
+        // call, so a misspelt one (`startswith`) compiled and then failed on
+        // every message: no match anywhere, and only a count to show for it.
+        if let Some((id, call)) = calls.iter().find(|(_, c)| is_unknown_function(&env, c)) {
+            let (line, column) = offset(*id).map_or((1, 1), |at| call_position(source, at, &call.func_name));
+            return Err(FilterError::UnknownFunction {
+                name: call.func_name.clone(),
+                line,
+                column,
+                source_line: line_of(source, line),
+            });
+        }
+        // Equally, a literal these functions refuse failed on every message,
+        // as a cryptic per-message count ("Parsing Error: Error { input:
+        // \"d\" ... }" for the `7d` that --older-than accepts).
+        if let Some((id, call, message)) = calls
+            .iter()
+            .find_map(|(id, c)| bad_literal_argument(&env, c).map(|m| (id, c, m)))
+        {
+            let (line, column) = offset(*id).map_or((1, 1), |at| call_position(source, at, &call.func_name));
+            return Err(FilterError::BadArgument {
+                function: call.func_name.clone(),
+                message,
+                line,
+                column,
+                source_line: line_of(source, line),
+            });
+        }
+        // A comparison of a message variable with a literal of another type
+        // fails on every message (`<`), or never holds (`==`), quietly.
+        let free = |name: &str, id: u64| vars.get(name).is_some_and(|ids| ids.contains(&id));
+        if let Some((at, message)) = calls.iter().find_map(|(_, c)| type_mismatch(c, free)) {
+            let (line, column) = offset(at).map_or((1, 1), |at| position(source, at));
+            return Err(FilterError::TypeMismatch {
+                message,
+                line,
+                column,
+                source_line: line_of(source, line),
+            });
+        }
+        let uses = VARIABLES.iter().map(|v| vars.contains_key(v)).collect();
         Ok(Self {
             source: source.into(),
             program: Arc::new(program),
@@ -238,51 +335,281 @@ impl Filter {
     }
 }
 
+/// The 1-based line and column of the call at byte `paren`, which is where
+/// the parser places a call: at its `(`. The name before it is what a reader
+/// looks for, so that is where the position points.
+fn call_position(source: &str, paren: usize, name: &str) -> (usize, usize) {
+    let before = source.get(..paren).unwrap_or(source);
+    let before = before.trim_end().strip_suffix(name).unwrap_or(before);
+    position(source, before.len())
+}
+
+/// The 1-based line and column (in characters) of byte `at`, as the parser
+/// gives node offsets.
+fn position(source: &str, at: usize) -> (usize, usize) {
+    let before = source.get(..at).unwrap_or(source);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
+
+/// Line `line` (1-based) of `source`, to quote in an error; empty past the end.
+fn line_of(source: &str, line: usize) -> String {
+    source.lines().nth(line.saturating_sub(1)).unwrap_or("").to_string()
+}
+
+/// The quoted line with a caret under `column` (1-based, in characters).
+/// The caret line repeats the line's tabs and counts wide characters (CJK,
+/// emoji) as the two cells a terminal gives them, so it stays under its mark.
+fn quote(source_line: &str, column: usize) -> String {
+    let pad: String = source_line
+        .chars()
+        .take(column.saturating_sub(1))
+        .map(|c| match c {
+            '\t' => "\t".to_string(),
+            c => " ".repeat(unicode_width::UnicodeWidthChar::width(c).unwrap_or(0)),
+        })
+        .collect();
+    format!("\n  {source_line}\n  {pad}^")
+}
+
+/// Whether the interpreter would find no function for `call`, asked the way it
+/// asks at run time: the same call shape, on an empty context, fails with an
+/// undeclared reference to the function's name. Operators (`_==_`, `@in`)
+/// are the parser's own and always declared.
+fn is_unknown_function(env: &Arc<Env>, call: &CallExpr) -> bool {
+    let name = &call.func_name;
+    if !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+        return false;
+    }
+    let probe = match call.target {
+        Some(_) => format!("''.{name}()"),
+        None => format!("{name}()"),
+    };
+    undeclared(env, &probe).is_some_and(|n| n == *name)
+}
+
+/// When `call` compares a message variable whose type is fixed with a
+/// literal of a type that never compares with it: the literal's node id and
+/// what to write instead. `free` tells a message variable from a macro's
+/// variable of the same name.
+fn type_mismatch(call: &CallExpr, free: impl Fn(&str, u64) -> bool) -> Option<(u64, String)> {
+    use cel::common::ast::operators::*;
+    let equality = [EQUALS, NOT_EQUALS].contains(&call.func_name.as_str());
+    if !equality && ![LESS, LESS_EQUALS, GREATER, GREATER_EQUALS].contains(&call.func_name.as_str()) {
+        return None;
+    }
+    let [a, b] = call.args.as_slice() else { return None };
+    let (name, literal, lit_id) = match (&a.expr, &b.expr) {
+        (Expr::Ident(n), Expr::Literal(l)) if free(n, a.id) => (n, l, b.id),
+        (Expr::Literal(l), Expr::Ident(n)) if free(n, b.id) => (n, l, a.id),
+        _ => return None,
+    };
+    let (kind, fits) = match name.as_str() {
+        "delivery_count" => (
+            "an int",
+            matches!(
+                literal,
+                LiteralValue::Int(_) | LiteralValue::UInt(_) | LiteralValue::Double(_)
+            ),
+        ),
+        "id" | "body" | "reason" | "description" | "source" => ("a string", matches!(literal, LiteralValue::String(_))),
+        "enqueued_at" => ("a timestamp", false),
+        "age" => ("a duration", false),
+        _ => return None,
+    };
+    if fits || (equality && matches!(literal, LiteralValue::Null)) {
+        return None;
+    }
+    let given = match literal {
+        LiteralValue::Boolean(_) => "a bool",
+        LiteralValue::Bytes(_) => "bytes",
+        LiteralValue::Double(_) => "a double",
+        LiteralValue::Int(_) => "an int",
+        LiteralValue::Null => "null",
+        LiteralValue::String(_) => "a string",
+        LiteralValue::UInt(_) => "a uint",
+    };
+    let text = match literal {
+        LiteralValue::String(s) => format!("{:?}", s.inner()),
+        _ => "…".into(),
+    };
+    let instead = match (name.as_str(), literal) {
+        ("enqueued_at", LiteralValue::String(_)) => format!("; write timestamp({text})"),
+        ("age", LiteralValue::String(_)) => format!("; write duration({text})"),
+        ("age", _) => "; write a duration, such as duration(\"1h\")".into(),
+        ("delivery_count", LiteralValue::String(_)) => "; write the number without quotes".into(),
+        _ => String::new(),
+    };
+    let never = if equality {
+        "never equals"
+    } else {
+        "does not compare with"
+    };
+    Some((
+        lit_id,
+        format!("`{name}` is {kind} (or null), which {never} {given}{instead}"),
+    ))
+}
+
+/// Why `call` fails whatever the message, when it is `duration` or
+/// `timestamp` of a literal, `matches` with a literal pattern, or a
+/// timestamp accessor with a literal time zone (`getHours("Europe/Paris")`):
+/// the call evaluated once, with an empty string standing for what `matches`
+/// tests and the epoch for the timestamp.
+fn bad_literal_argument(env: &Arc<Env>, call: &CallExpr) -> Option<String> {
+    let literal = |e: &IdedExpr| matches!(e.expr, Expr::Literal(_));
+    let on = |target: Expr, arg: &IdedExpr| CallExpr {
+        func_name: call.func_name.clone(),
+        target: Some(Box::new(IdedExpr { id: 0, expr: target })),
+        args: vec![arg.clone()],
+    };
+    let probe = match (call.func_name.as_str(), &call.target, call.args.as_slice()) {
+        ("duration" | "timestamp", None, [arg]) if literal(arg) => call.clone(),
+        ("matches", Some(_), [pattern]) | ("matches", None, [_, pattern]) if literal(pattern) => {
+            on(Expr::Literal(LiteralValue::String("".into())), pattern)
+        }
+        (get, Some(_), [zone]) if get.starts_with("get") && literal(zone) => {
+            let epoch = CallExpr {
+                func_name: "timestamp".into(),
+                target: None,
+                args: vec![IdedExpr {
+                    id: 0,
+                    expr: Expr::Literal(LiteralValue::Int(0.into())),
+                }],
+            };
+            on(Expr::Call(epoch), zone)
+        }
+        _ => return None,
+    };
+    let expr = IdedExpr {
+        id: 0,
+        expr: Expr::Call(probe),
+    };
+    let error = Value::resolve(&expr, &Context::with_env(env.clone()))
+        .err()?
+        .to_string();
+    // The crate's wrapper names the function the error line names already.
+    let error = error
+        .strip_prefix(&format!("Error executing function '{}': ", call.func_name))
+        .or_else(|| error.strip_prefix("Error executing function 'timezone': "))
+        .unwrap_or(&error);
+    let text = match call.args.as_slice() {
+        [
+            IdedExpr {
+                expr: Expr::Literal(LiteralValue::String(s)),
+                ..
+            },
+        ] => format!("{:?}", s.inner()),
+        _ => String::new(),
+    };
+    Some(match call.func_name.as_str() {
+        // The duration parser's own error ("Parsing Error: Error { input:
+        // \"d\", code: Char }") says nothing a user can act on.
+        "duration" => {
+            format!("{text} is not a duration: a number and a unit of h, m, s, ms, us or ns (168h for 7 days, 1h30m)")
+        }
+        "timestamp" => format!("{text} is not an RFC 3339 timestamp such as 2026-01-31T00:00:00Z ({error})"),
+        get if get.starts_with("get") => {
+            format!("{error} (a time zone is an IANA name such as Europe/Paris, or an offset such as +02:00)")
+        }
+        _ => error.to_string(),
+    })
+}
+
+/// Whether `call` is a call to a namespaced function (`optional.of(x)`,
+/// `strings.quote(s)`), which the parser reads as a method on a variable
+/// named `optional` or `strings`. Asked as [`is_unknown_function`] asks: a
+/// call that is no such function resolves its target, the namespace's first
+/// segment, and fails on that name.
+fn is_namespaced_call(env: &Arc<Env>, call: &CallExpr) -> bool {
+    let Some(namespace) = call.target.as_deref().and_then(qualified_name) else {
+        return false;
+    };
+    let root = namespace.split('.').next().unwrap_or_default();
+    undeclared(env, &format!("{namespace}.{}()", call.func_name)).is_none_or(|n| n != root)
+}
+
+/// `a.b.c` for an identifier or a chain of field selections on one.
+fn qualified_name(expr: &IdedExpr) -> Option<String> {
+    match &expr.expr {
+        Expr::Ident(name) => Some(name.clone()),
+        Expr::Select(select) if !select.test => {
+            qualified_name(&select.operand).map(|q| format!("{q}.{}", select.field))
+        }
+        _ => None,
+    }
+}
+
+/// The name `probe`, run on an empty context, fails on as undeclared.
+fn undeclared(env: &Arc<Env>, probe: &str) -> Option<String> {
+    match env.compile(probe).ok()?.execute(&Context::with_env(env.clone())) {
+        Err(ExecutionError::UndeclaredReference(n)) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 /// The identifiers `expr` reads from its context: [`cel::Program::references`]
 /// without the variables of its macros (`attributes.exists(k, k == "x")`
-/// binds `k`; counted as a reference, it was refused as unknown).
-fn free_variables<'e>(expr: &'e IdedExpr, bound: &mut Vec<&'e str>, out: &mut BTreeSet<&'e str>) {
+/// binds `k`; counted as a reference, it was refused as unknown). `calls`
+/// gets every call, operators included, with the node that carries its
+/// position.
+fn free_variables<'e>(
+    env: &Arc<Env>,
+    expr: &'e IdedExpr,
+    bound: &mut Vec<&'e str>,
+    out: &mut BTreeMap<&'e str, Vec<u64>>,
+    calls: &mut Vec<(u64, &'e CallExpr)>,
+) {
     match &expr.expr {
         Expr::Unspecified | Expr::Literal(_) => {}
         Expr::Ident(name) => {
             // `@`-names are the parser's own (a macro's accumulator).
             if !name.starts_with('@') && !bound.contains(&name.as_str()) {
-                out.insert(name);
+                out.entry(name).or_default().push(expr.id);
+            }
+        }
+        Expr::Call(call) if call.target.is_some() && is_namespaced_call(env, call) => {
+            for arg in &call.args {
+                free_variables(env, arg, bound, out, calls);
             }
         }
         Expr::Call(call) => {
+            calls.push((expr.id, call));
             if let Some(target) = &call.target {
-                free_variables(target, bound, out);
+                free_variables(env, target, bound, out, calls);
             }
             for arg in &call.args {
-                free_variables(arg, bound, out);
+                free_variables(env, arg, bound, out, calls);
             }
         }
         Expr::Comprehension(c) => {
-            free_variables(&c.iter_range, bound, out);
-            free_variables(&c.accu_init, bound, out);
+            free_variables(env, &c.iter_range, bound, out, calls);
+            free_variables(env, &c.accu_init, bound, out, calls);
             let depth = bound.len();
             bound.push(&c.iter_var);
             bound.extend(c.iter_var2.as_deref());
             bound.push(&c.accu_var);
             for e in [&c.loop_cond, &c.loop_step, &c.result] {
-                free_variables(e, bound, out);
+                free_variables(env, e, bound, out, calls);
             }
             bound.truncate(depth);
         }
         Expr::List(list) => {
             for e in &list.elements {
-                free_variables(e, bound, out);
+                free_variables(env, e, bound, out, calls);
             }
         }
-        Expr::Select(select) => free_variables(&select.operand, bound, out),
+        Expr::Select(select) => free_variables(env, &select.operand, bound, out, calls),
         Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
             for entry in entries {
                 match &entry.expr {
-                    EntryExpr::StructField(field) => free_variables(&field.value, bound, out),
+                    EntryExpr::StructField(field) => free_variables(env, &field.value, bound, out, calls),
                     EntryExpr::MapEntry(e) => {
-                        free_variables(&e.key, bound, out);
-                        free_variables(&e.value, bound, out);
+                        free_variables(env, &e.key, bound, out, calls);
+                        free_variables(env, &e.value, bound, out, calls);
                     }
                 }
             }
@@ -312,7 +639,7 @@ fn bind_message<'m>(ctx: &mut Context<'_, 'm>, msg: &'m DlqMessage, now: DateTim
         let attrs: HashMap<CelMapKey<'m>, Box<dyn Val + 'm>> = msg
             .attributes
             .iter()
-            .map(|(k, a)| (CelMapKey::from(k.as_str()), attr_val(&a.value)))
+            .map(|(k, a)| (CelMapKey::from(k.as_str()), attr_val(a)))
             .collect();
         ctx.add_variable_as_val("attributes", Box::new(CelMap::from(attrs)));
     }
@@ -362,8 +689,11 @@ fn optional_str(s: &Option<String>) -> Box<dyn Val + '_> {
 }
 
 /// [`attr_to_cel`] without the copy: text and bytes borrow from the message.
-fn attr_val(v: &AttrValue) -> Box<dyn Val + '_> {
-    match v {
+fn attr_val(a: &Attribute) -> Box<dyn Val + '_> {
+    if a.is_null() {
+        return Box::new(CelNull);
+    }
+    match &a.value {
         AttrValue::String(s) => Box::new(CelString::from(s.as_str())),
         AttrValue::Number(s) => match s.parse::<i64>() {
             Ok(i) => Box::new(CelInt::from(i)),
@@ -395,7 +725,7 @@ fn bind_message_by_value(ctx: &mut Context<'_, '_>, msg: &DlqMessage, now: DateT
     let attrs: HashMap<String, Value> = msg
         .attributes
         .iter()
-        .map(|(k, a)| (k.clone(), attr_to_cel(&a.value)))
+        .map(|(k, a)| (k.clone(), attr_to_cel(a)))
         .collect();
     ctx.add_variable_from_value("attributes", attrs);
     ctx.add_variable_from_value("reason", msg.reason.clone());
@@ -415,9 +745,13 @@ fn bind_message_by_value(ctx: &mut Context<'_, '_>, msg: &DlqMessage, now: DateT
 }
 
 /// SQS numbers arrive as text; expose them as numbers so `attributes.n > 3`
-/// works, and keep the text when it is not a plain number.
-fn attr_to_cel(v: &AttrValue) -> Value {
-    match v {
+/// works, and keep the text when it is not a plain number. A Service Bus
+/// property set to null is null, not the empty string that carries it.
+fn attr_to_cel(a: &Attribute) -> Value {
+    if a.is_null() {
+        return Value::Null;
+    }
+    match &a.value {
         AttrValue::String(s) => Value::from(s.as_str()),
         AttrValue::Number(s) => s
             .parse::<i64>()
@@ -454,7 +788,6 @@ fn json_to_cel(v: &serde_json::Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Attribute;
     use bytes::Bytes;
 
     fn msg() -> DlqMessage {
@@ -520,6 +853,13 @@ mod tests {
         put("raw", AttrValue::Binary(Bytes::from_static(b"\x00\xffab")));
         put("at", AttrValue::Timestamp(Utc::now()));
         put("uuid", AttrValue::Uuid(uuid::Uuid::from_u128(7)));
+        typed.attributes.insert(
+            "cleared".into(),
+            Attribute {
+                value: AttrValue::String(String::new()),
+                data_type: Some("null".into()),
+            },
+        );
         let mut bare = msg();
         bare.attributes.clear();
         bare.reason = None;
@@ -536,6 +876,7 @@ mod tests {
             r#"size(attributes) > 3 && "tenant" in attributes && attributes.exists(k, k == "flag")"#,
             r#"attributes == {"tenant": "acme", "retries": 3}"#,
             r#"has(attributes.missing) || attributes.missing == "x""#,
+            r#"attributes.cleared == null || attributes.cleared == """#,
             r#"attributes.all(k, k.size() > 1) && type(attributes) == map"#,
             r#"reason == "Timeout" && description == null && source == "orders" && id == "m-1""#,
             "delivery_count > 2 && age > duration(\"1h\") && enqueued_at < timestamp(\"2999-01-01T00:00:00Z\")",
@@ -555,6 +896,49 @@ mod tests {
                     m.attributes.keys().collect::<Vec<_>>()
                 );
             }
+        }
+    }
+
+    /// A Service Bus property set to null read as "" in a filter: `== null`
+    /// never matched it, and `== ""` matched it as if it were text.
+    #[test]
+    fn a_null_service_bus_property_is_null() {
+        let mut m = msg();
+        let null = Attribute {
+            value: AttrValue::String(String::new()),
+            data_type: Some("null".into()),
+        };
+        m.attributes.insert("cleared".into(), null);
+        m.attributes.insert("blank".into(), Attribute::string(""));
+        let now = Utc::now();
+        for f in [
+            "attributes.cleared == null",
+            r#"attributes.cleared != """#,
+            "has(attributes.cleared)",
+            r#"attributes.blank == "" && attributes.blank != null"#,
+        ] {
+            let filter = Filter::compile(f).unwrap();
+            assert_eq!(filter.matches(&m, now), Ok(true), "{f}");
+            assert_eq!(filter.matches_reference(&m, now), Ok(true), "{f}");
+        }
+    }
+
+    /// `json` is whatever JSON the body holds, not only an object.
+    #[test]
+    fn json_is_any_json_value_or_null() {
+        let now = Utc::now();
+        for (body, f) in [
+            (&b"[1, 2]"[..], "type(json) == list && json[1] == 2"),
+            (br#""text""#, r#"json == "text""#),
+            (b"42", "json == 42"),
+            (b"true", "json"),
+            (b"null", "json == null"),
+            (b"not json", "json == null"),
+            (b"\xff", "json == null"),
+        ] {
+            let mut m = msg();
+            m.body = Bytes::copy_from_slice(body);
+            assert_eq!(Filter::compile(f).unwrap().matches(&m, now), Ok(true), "{f}");
         }
     }
 
@@ -583,6 +967,32 @@ mod tests {
         let text = err.to_string();
         assert!(text.starts_with("invalid filter at 1:"), "{text}");
         assert!(text.contains('^'), "{text}");
+        // Mid-line, the column is the offending token's first character (it
+        // was one past it: only an error at the end of a line, clamped, hid it).
+        let err = Filter::compile(r#"reason == "a" && && true"#).unwrap_err();
+        assert!(matches!(err, FilterError::Syntax { column: 18, .. }), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("\n  reason == \"a\" && && true\n                   ^"),
+            "{err}"
+        );
+        let err = Filter::compile("delivery_count > 1 &&\n  has(1)").unwrap_err();
+        assert!(matches!(err, FilterError::Syntax { line: 2, column: 7, .. }), "{err}");
+        // An unfinished conditional: the syntax error, not the parser's
+        // internal complaint about the expression it could not build.
+        let err = Filter::compile("reason == 'x' ? 1").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FilterError::Syntax {
+                    line: 1,
+                    column: 18,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("ExprContext"), "{err}");
     }
 
     #[test]
@@ -603,26 +1013,282 @@ mod tests {
                 .enumerate()
                 .any(|(i, u)| *u && VARIABLES[i] != "attributes")
         );
-        assert_eq!(
-            Filter::compile("attributes.exists(k, q == 1)").unwrap_err(),
-            FilterError::UnknownVariable { name: "q".into() }
+        let unknown = |f: &str| match Filter::compile(f).unwrap_err() {
+            FilterError::UnknownVariable { name, .. } => name,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(unknown("attributes.exists(k, q == 1)"), "q");
+        assert_eq!(unknown("[1].exists(k, k == 1) && k == 1"), "k");
+    }
+
+    /// A misspelt function compiled, then failed on every message: an
+    /// inspect showed nothing and a redrive moved nothing, with no word of
+    /// the typo. Known functions, member or global, standard or from the
+    /// strings extension, and macros still compile.
+    #[test]
+    fn unknown_function_is_a_compile_error_with_its_position() {
+        let err = Filter::compile(r#"reason.startswith("Time")"#).unwrap_err();
+        match &err {
+            FilterError::UnknownFunction { name, line, column, .. } => {
+                assert_eq!((name.as_str(), *line), ("startswith", 1));
+                assert!((7..=18).contains(column), "{err}");
+            }
+            other => panic!("expected an unknown function, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.starts_with("invalid filter at 1:") && text.contains("unknown function `startswith`"),
+            "{text}"
         );
-        assert_eq!(
-            Filter::compile("[1].exists(k, k == 1) && k == 1").unwrap_err(),
-            FilterError::UnknownVariable { name: "k".into() }
+        let err = Filter::compile("delivery_count > 1 &&\n  sise(body) > 3").unwrap_err();
+        assert!(
+            matches!(&err, FilterError::UnknownFunction { name, line: 2, column: 3, .. } if name == "sise"),
+            "{err:?}"
         );
+        assert!(err.to_string().contains("\n    sise(body) > 3\n    ^"), "{err}");
+        // Columns count characters, as the syntax errors' do (the parser's
+        // call offsets are in bytes).
+        let err = Filter::compile(r#"reason == "é😀" || fo(1)"#).unwrap_err();
+        assert!(
+            matches!(&err, FilterError::UnknownFunction { column: 19, .. }),
+            "{err:?}"
+        );
+        let err = Filter::compile("reason.lowerascii().trimm() == body").unwrap_err();
+        assert!(
+            matches!(&err, FilterError::UnknownFunction { name, column: 8, .. } if name == "lowerascii"),
+            "{err:?}"
+        );
+        let err = Filter::compile(r#"attributes.exists(k, k.startswith("x"))"#).unwrap_err();
+        assert!(matches!(err, FilterError::UnknownFunction { .. }), "{err:?}");
+        for known in [
+            r#"reason.startsWith("T") && body.endsWith("}") && reason.contains("i")"#,
+            r#"size(body) > 1 && body.size() > 1 && int(delivery_count) > 1 && string(delivery_count) == "5""#,
+            r#"reason.lowerAscii().upperAscii().trim() == "TIMEOUT" && reason.replace("T", "t") == "timeout""#,
+            r#"reason.split("e").size() == 2 && reason.indexOf("m") == 2 && reason.substring(1) == "imeout""#,
+            r#"reason.matches("^T") && matches(reason, "^T") && type(reason) == string"#,
+            r#"age > duration("1h") && enqueued_at.getFullYear() > 2000 && timestamp("2999-01-01T00:00:00Z") > enqueued_at"#,
+            r#"double(delivery_count) > 1.0 && uint(delivery_count) > 1u && bytes(reason).size() == 7"#,
+            r#"has(json.order) && json.order.exists(k, k == "id") && [1, 2].map(x, x * 2).filter(y, y > 2).size() == 1"#,
+            r#"dyn(delivery_count) > 1 && [1, 2].exists_one(x, x > 1) && ["a"].join() == "a""#,
+        ] {
+            assert_eq!(eval(known), Ok(true), "{known}");
+        }
+    }
+
+    /// Every filter the README shows, in its Filters examples and in the
+    /// commands and config around it, compiles and matches a message it is
+    /// written for.
+    #[test]
+    fn the_readme_filters_work() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let section = &readme[readme.find("### Filters").unwrap()..];
+        let block = section.split("```\n").nth(1).unwrap();
+        let mut examples: Vec<&str> = block.lines().collect();
+        assert!(examples.len() >= 5, "{block}");
+        for marker in ["--filter '", "filter: '"] {
+            for (i, _) in readme.match_indices(marker) {
+                let rest = &readme[i + marker.len()..];
+                let f = &rest[..rest.find('\'').unwrap()];
+                if !f.is_empty() && f != "..." {
+                    examples.push(f);
+                }
+            }
+        }
+        // The variable table names every variable, and only those.
+        let table: Vec<&str> = section
+            .lines()
+            .take_while(|l| !l.starts_with("```"))
+            .filter_map(|l| l.strip_prefix("| `"))
+            .flat_map(|l| l.split(" | ").next().unwrap().split(", "))
+            .map(|v| v.trim_matches('`'))
+            .collect();
+        assert_eq!(table, VARIABLES, "README's variable table");
+        let mut fits = msg();
+        fits.attributes.insert("retry".into(), Attribute::string("yes"));
+        fits.attributes.insert("x-retry-after".into(), Attribute::string("30"));
+        fits.body = Bytes::from_static(br#"{"order": {"total": 120.5}}"#);
+        fits.enqueued_at = Some(Utc::now() - chrono::Duration::days(2));
+        let mut http = msg();
+        http.reason = Some("503 Service Unavailable".into());
+        http.body = Bytes::from_static(b"upstream: connection reset by peer");
+        let mut invalid = msg();
+        invalid.reason = Some("ValidationError".into());
+        let now = Utc::now();
+        for f in examples {
+            let filter = Filter::compile(f).unwrap_or_else(|e| panic!("README filter `{f}`: {e}"));
+            assert!(
+                [&fits, &http, &invalid]
+                    .iter()
+                    .any(|m| filter.matches(m, now) == Ok(true)),
+                "README filter `{f}` matches none of the messages written for it"
+            );
+        }
+    }
+
+    /// An unknown variable is reported at its first use in the text, past
+    /// strings and fields that spell the same word, with the line quoted.
+    /// `optional.of(x)` and `strings.quote(s)` are functions in namespaces;
+    /// their namespace was refused as an unknown variable.
+    #[test]
+    fn namespaced_functions_compile() {
+        assert_eq!(eval(r#"strings.quote(reason) == "\"Timeout\"""#), Ok(true));
+        assert_eq!(
+            eval(r#"attributes.?nope.orValue("x") == optional.of("x").value()"#),
+            Ok(true)
+        );
+        assert_eq!(eval("optional.none().orValue(delivery_count) == 5"), Ok(true));
+        // A namespace's unknown function, or one the crate does not load,
+        // is still refused.
+        for f in ["strings.qoute(reason)", "math.greatest(1, 2) == 2"] {
+            assert!(Filter::compile(f).is_err(), "{f}");
+        }
+        let f = Filter::compile("strings.quote(reason) != body").unwrap();
+        let used: Vec<&str> = VARIABLES
+            .iter()
+            .zip(f.uses.iter())
+            .filter(|(_, u)| **u)
+            .map(|(v, _)| *v)
+            .collect();
+        assert_eq!(used, ["body", "reason"]);
+    }
+
+    /// `duration("7d")` (the `7d` --older-than takes), a date without a
+    /// time, and a regex that does not compile failed on every message at
+    /// run time with the crate's parser error; they are compile errors now.
+    #[test]
+    fn a_literal_argument_that_can_never_work_is_a_compile_error() {
+        let err = Filter::compile(r#"reason == "Timeout" && age > duration("7d")"#).unwrap_err();
+        match &err {
+            FilterError::BadArgument {
+                function, line, column, ..
+            } => assert_eq!((function.as_str(), *line, *column), ("duration", 1, 30)),
+            other => panic!("{other:?}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.starts_with(r#"invalid filter at 1:30: duration(): "7d" is not a duration"#)
+                && text.contains("168h for 7 days"),
+            "{text}"
+        );
+        let err = Filter::compile(r#"enqueued_at < timestamp("2026-01-01")"#).unwrap_err();
+        assert!(err.to_string().contains("RFC 3339"), "{err}");
+        let err = Filter::compile(r#"enqueued_at.getHours("Europe/Pari") < 9"#).unwrap_err();
+        assert!(
+            matches!(&err, FilterError::BadArgument { function, column: 13, .. } if function == "getHours"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("unknown time zone Europe/Pari (a time zone is an IANA name"),
+            "{err}"
+        );
+        for f in [r#"reason.matches("(Time")"#, r#"matches(reason, "[a-")"#] {
+            let err = Filter::compile(f).unwrap_err();
+            assert!(
+                matches!(err, FilterError::BadArgument { ref function, .. } if function == "matches"),
+                "{f}: {err}"
+            );
+        }
+        // Valid literals, and arguments that are not literals, compile.
+        for f in [
+            r#"age > duration("168h") && age < duration("1h30m15s") && duration("-1.5h") < age"#,
+            r#"enqueued_at < timestamp("2999-01-01T00:00:00+02:00")"#,
+            r#"reason.matches("^Time(out)?$") && matches(reason, "[A-Z]")"#,
+            r#"age > duration(reason) || reason.matches(body) || true"#,
+            r#"enqueued_at.getHours("Europe/Paris") > 8 && enqueued_at.getDayOfWeek("+02:00") < 6"#,
+            r#"enqueued_at.getHours() >= 0 && age.getHours() >= 0"#,
+        ] {
+            assert!(Filter::compile(f).is_ok(), "{f}");
+        }
+    }
+
+    /// A message variable compared with a literal of the wrong type failed
+    /// on every message (`delivery_count > "3"`, `enqueued_at > "2026-…"`),
+    /// or never held (`reason == 3`), without a word at compile time.
+    #[test]
+    fn a_variable_compared_with_a_literal_of_the_wrong_type_is_a_compile_error() {
+        let at = |f: &str| match Filter::compile(f).unwrap_err() {
+            FilterError::TypeMismatch {
+                message, line, column, ..
+            } => (message, line, column),
+            other => panic!("{f}: {other:?}"),
+        };
+        let (message, line, column) = at(r#"delivery_count > "3""#);
+        assert_eq!((line, column), (1, 18));
+        assert_eq!(
+            message,
+            "`delivery_count` is an int (or null), which does not compare with a string; write the number without quotes"
+        );
+        let (message, ..) = at(r#"reason == "x" || enqueued_at > "2026-01-01T00:00:00Z""#);
+        assert!(
+            message.ends_with(r#"write timestamp("2026-01-01T00:00:00Z")"#),
+            "{message}"
+        );
+        let (message, ..) = at(r#""1h" < age"#);
+        assert!(message.ends_with(r#"write duration("1h")"#), "{message}");
+        let (message, ..) = at("age > 3600");
+        assert!(message.contains("duration(\"1h\")"), "{message}");
+        let (message, ..) = at("reason == 3");
+        assert!(message.contains("never equals an int"), "{message}");
+        // What compares, and a macro's variable that shares a name, compile.
+        for f in [
+            "delivery_count > 3 && delivery_count < 4.5 && delivery_count != 2u && delivery_count != null",
+            r#"reason == "x" || reason != null || description == null || source < "m" || id != "" || body > """#,
+            r#"enqueued_at != null && age != null && age > duration("1h")"#,
+            r#"[1].exists(age, age > 0) && ["a"].all(reason, reason == "a")"#,
+            r#"attributes.n > "3" || json.n == 3"#,
+        ] {
+            assert!(Filter::compile(f).is_ok(), "{f}: {:?}", Filter::compile(f).unwrap_err());
+        }
     }
 
     #[test]
-    fn unknown_variable_is_a_compile_error() {
+    fn unknown_variable_is_a_compile_error_with_its_position() {
         let err = Filter::compile(r#"atributes.tenant == "acme""#).unwrap_err();
         assert_eq!(
             err,
             FilterError::UnknownVariable {
-                name: "atributes".into()
+                name: "atributes".into(),
+                line: 1,
+                column: 1,
+                source_line: r#"atributes.tenant == "acme""#.into(),
             }
         );
-        assert!(err.to_string().contains("attributes"));
+        let text = err.to_string();
+        assert!(
+            text.starts_with("invalid filter at 1:1: unknown variable `atributes` (the variables are: id, body"),
+            "{text}"
+        );
+        let at = |f: &str| match Filter::compile(f).unwrap_err() {
+            FilterError::UnknownVariable { name, line, column, .. } => (name, line, column),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(at(r#"reason == "tenant" && tenant == 1"#), ("tenant".into(), 1, 23));
+        assert_eq!(at("attributes.tenant == 1\n|| tenant"), ("tenant".into(), 2, 4));
+        // The first in the text, not the first alphabetically.
+        assert_eq!(at("zeta == 1 || alpha == 2"), ("zeta".into(), 1, 1));
+        assert_eq!(at("reason == \"é😀\" ||\n\t  reasn == 1"), ("reasn".into(), 2, 4));
+        let text = Filter::compile("reason == \"é😀\" ||\n\t  reasn == 1")
+            .unwrap_err()
+            .to_string();
+        assert!(text.ends_with("\n  \t  reasn == 1\n  \t  ^"), "{text}");
+    }
+
+    /// The caret sits under its mark when the line holds wide characters.
+    #[test]
+    fn the_caret_counts_wide_characters_as_a_terminal_does() {
+        let err = Filter::compile(r#"reason == "注文" && && true"#).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, FilterError::Syntax { column: 19, .. }), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        let caret = unicode_width::UnicodeWidthStr::width(&lines[2][..lines[2].find('^').unwrap()]);
+        let mark = unicode_width::UnicodeWidthStr::width(&lines[1][..lines[1].rfind("&&").unwrap()]);
+        assert_eq!(caret, mark, "{text}");
+        // A tab in the line is a tab in the caret line: the same tab stop.
+        let text = Filter::compile("reason == \"x\" &&\n\t\t&& true")
+            .unwrap_err()
+            .to_string();
+        assert!(text.ends_with("\n  \t\t&& true\n  \t\t^"), "{text}");
     }
     #[test]
     fn deep_nesting_and_huge_filters_are_refused_before_parsing() {

@@ -265,8 +265,44 @@ fn check_filter_error(expr: &str, e: &FilterError) {
                 assert!(source_line.is_empty(), "quoted `{source_line}` from past the end");
             }
         }
-        FilterError::UnknownVariable { name } => {
+        FilterError::UnknownVariable {
+            name,
+            line,
+            column,
+            source_line,
+        } => {
             assert!(!crate::filter::VARIABLES.contains(&name.as_str()));
+            assert!(*line >= 1 && *column >= 1, "position {line}:{column} is not 1-based");
+            assert_eq!(
+                expr.lines().nth(line - 1).unwrap_or(""),
+                source_line.as_str(),
+                "the quoted line is not line {line}"
+            );
+        }
+        FilterError::UnknownFunction {
+            line,
+            column,
+            source_line,
+            ..
+        }
+        | FilterError::BadArgument {
+            line,
+            column,
+            source_line,
+            ..
+        }
+        | FilterError::TypeMismatch {
+            line,
+            column,
+            source_line,
+            ..
+        } => {
+            assert!(*line >= 1 && *column >= 1, "position {line}:{column} is not 1-based");
+            assert_eq!(
+                expr.lines().nth(line - 1).unwrap_or(""),
+                source_line.as_str(),
+                "the quoted line is not line {line}"
+            );
         }
         FilterError::TooComplex(why) => {
             assert!(why.contains("the limit is"), "{why}");

@@ -53,6 +53,13 @@ impl Attribute {
         }
     }
 
+    /// An AMQP null (a Service Bus application property set to null), which
+    /// the model carries as an empty string labelled `null` so that a redrive
+    /// sends it back as null.
+    pub fn is_null(&self) -> bool {
+        self.data_type.as_deref() == Some("null") && self.value == AttrValue::String(String::new())
+    }
+
     /// The value as text, for filters, tables and providers whose attributes are
     /// strings only. Binary values are base64.
     pub fn as_text(&self) -> String {
@@ -264,6 +271,26 @@ pub fn preview(text: &str, max: usize) -> String {
         out.push('…');
     }
     out
+}
+
+/// `text` whole, with each control character escaped (`\u{1b}`): for what
+/// must stay exact and tell apart, such as a message ID, where [`preview`]
+/// would cut or blank it. A sender sets a Service Bus MessageId, so an ID
+/// can carry terminal escape sequences.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 #[cfg(test)]

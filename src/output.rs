@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::engine::redrive::{RunSummary, StopReason};
-use crate::model::{Attributes, DlqMessage, DlqStats, Exactness, preview};
+use crate::model::{Attributes, DlqMessage, DlqStats, Exactness, preview, printable};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -39,10 +39,13 @@ impl Table {
     }
 
     pub fn render(&self) -> String {
-        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        // Counting characters misaligned every column after a cell with CJK
+        // text or emoji, which a terminal shows two columns wide.
+        let width = |c: &str| unicode_width::UnicodeWidthStr::width(c);
+        let mut widths: Vec<usize> = self.header.iter().map(|h| width(h)).collect();
         for r in &self.rows {
             for (i, c) in r.iter().enumerate() {
-                widths[i] = widths[i].max(c.chars().count());
+                widths[i] = widths[i].max(width(c));
             }
         }
         let mut out = String::new();
@@ -51,7 +54,7 @@ impl Table {
             for (i, c) in r.iter().enumerate() {
                 out.push_str(c);
                 if i < last {
-                    out.extend(std::iter::repeat_n(' ', widths[i] - c.chars().count() + 2));
+                    out.extend(std::iter::repeat_n(' ', widths[i] - width(c) + 2));
                 }
             }
             out.push('\n');
@@ -168,7 +171,7 @@ pub fn messages_table(msgs: &[&DlqMessage], now: DateTime<Utc>) -> String {
             .collect::<Vec<_>>()
             .join(" ");
         t.row(vec![
-            m.id.clone(),
+            printable(&m.id).into_owned(),
             human_age(m.age(now)),
             m.delivery_count.map_or("-".into(), |c| c.to_string()),
             preview(m.reason.as_deref().unwrap_or("-"), 32),
@@ -265,14 +268,19 @@ pub fn push_samples_and_errors(out: &mut String, s: &RunSummary) {
         for m in &s.samples {
             out.push_str(&format!(
                 "    {}  reason={}\n",
-                m.id,
-                m.reason.as_deref().unwrap_or("-")
+                printable(&m.id),
+                printable(m.reason.as_deref().unwrap_or("-"))
             ));
         }
     }
-    for e in &s.errors {
-        out.push_str(&format!("  error: {e}\n"));
-    }
+    out.push_str(&error_lines(&s.errors));
+}
+
+/// A run's errors, a line each. They quote message IDs (a Service Bus
+/// sender picks its MessageId) and provider text, so control characters are
+/// escaped rather than sent to the terminal.
+pub fn error_lines(errors: &[String]) -> String {
+    errors.iter().map(|e| format!("  error: {}\n", printable(e))).collect()
 }
 
 #[cfg(test)]
@@ -284,6 +292,23 @@ mod tests {
         let mut t = Table::new(&["A", "BB"]);
         t.row(vec!["long".into(), "x".into()]);
         assert_eq!(t.render(), "A     BB\nlong  x\n");
+    }
+
+    #[test]
+    fn wide_characters_keep_the_columns_aligned() {
+        let mut t = Table::new(&["REASON", "BODY"]);
+        t.row(vec!["注文タイムアウト".into(), "x".into()]);
+        t.row(vec!["Timeout 🔥".into(), "y".into()]);
+        t.row(vec!["e\u{301}tat".into(), "z".into()]);
+        let text = t.render();
+        let columns: Vec<usize> = text
+            .lines()
+            .map(|l| {
+                let body = l.rfind(' ').unwrap() + 1;
+                unicode_width::UnicodeWidthStr::width(&l[..body])
+            })
+            .collect();
+        assert_eq!(columns, vec![18; 4], "{text}");
     }
 
     #[test]
@@ -362,6 +387,39 @@ mod tests {
         let text = summary_text(&summary(true, &[("src", 3)], 0));
         assert!(text.contains("  3 would go to src\n"), "{text}");
         assert!(text.contains("(leased, then put back unchanged)"), "{text}");
+    }
+
+    /// A Service Bus sender sets the MessageId, and a receiver the
+    /// dead-letter reason: escape sequences in either reached the terminal
+    /// raw from the inspect table and a dry run's sample and errors.
+    #[test]
+    fn message_ids_reasons_and_errors_reach_the_terminal_without_control_characters() {
+        let evil = "m-1\x1b]0;pwned\x07\x1b[2J\r";
+        let m = DlqMessage {
+            id: evil.into(),
+            body: bytes::Bytes::from_static(b"{}"),
+            attributes: Attributes::new(),
+            properties: Default::default(),
+            reason: Some(format!("Timeout{evil}")),
+            description: None,
+            delivery_count: Some(1),
+            enqueued_at: None,
+            source: None,
+            ordering_key: None,
+        };
+        let table = messages_table(&[&m], Utc::now());
+        assert!(!table.chars().any(|c| c.is_control() && c != '\n'), "{table:?}");
+        assert!(table.contains(r"m-1\u{1b}]0;pwned\u{7}\u{1b}[2J\u{d}"), "{table:?}");
+        let mut s = summary(true, &[("src", 1)], 0);
+        s.samples.push(crate::engine::redrive::Sample {
+            id: m.id.clone(),
+            reason: m.reason.clone(),
+            destination: None,
+        });
+        s.errors.push(format!("filter on message {evil}: No such key: x"));
+        let text = summary_text(&s);
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+        assert!(text.contains(r"filter on message m-1\u{1b}]0;"), "{text}");
     }
 
     #[test]

@@ -390,6 +390,18 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
             &["{file}", "schedules[0].filter", "invalid filter at 1:"],
         ),
         config_error(
+            "schedule filter with an unknown variable",
+            with_tail(
+                &f,
+                "schedules:\n  - queue: orders\n    every: 1h\n    filter: |\n      reason == \"Timeout\" &&\n        tennant == \"acme\"\n",
+            ),
+            &[
+                "{file}",
+                "schedules[0].filter",
+                "invalid filter at 2:3: unknown variable `tennant`",
+            ],
+        ),
+        config_error(
             "schedule on an unknown queue",
             with_tail(&f, "schedules:\n  - {queue: ordrs, every: 1h}\n"),
             &["{file}", "schedules[0].queue", "no queue named `ordrs`"],
@@ -524,9 +536,32 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
             ],
         ),
         c(
+            "unknown function",
+            &["redrive", "orders", "--filter", r#"reason.startswith("Time")"#, "--yes"],
+            &["invalid filter at 1:8: unknown function `startswith`", "^"],
+        ),
+        c(
+            "a duration in days",
+            &["redrive", "orders", "--filter", r#"age > duration("7d")"#, "--yes"],
+            &[r#"invalid filter at 1:7: duration(): "7d" is not a duration"#, "168h"],
+        ),
+        c(
+            "a timestamp compared with a string",
+            &[
+                "inspect",
+                "orders",
+                "--filter",
+                r#"enqueued_at < "2026-01-01T00:00:00Z""#,
+            ],
+            &[
+                "invalid filter at 1:15: `enqueued_at` is a timestamp (or null)",
+                r#"write timestamp("2026-01-01T00:00:00Z")"#,
+            ],
+        ),
+        c(
             "unknown variable, flag form",
             &["--redrive", "orders", "--filter", "reasn == \"x\"", "--yes"],
-            &["unknown variable `reasn`"],
+            &["invalid filter at 1:1: unknown variable `reasn`"],
         ),
         // An empty filter is refused alike everywhere (a shell-quoting slip,
         // most likely), with what to pass instead.

@@ -751,6 +751,21 @@ async fn a_browse_reads_only_what_it_needs() {
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["read"], 3, "a filtered browse reads `scan`: {v}");
     assert!(v["messages"].as_array().unwrap().is_empty());
+    assert_eq!(v["filter_errors"], 0, "{v}");
+
+    // A filter that fails on every message is told apart from one that
+    // matches none, as inspect and the dashboard's browse tell them apart.
+    let (code, text) = serve
+        .get_auth("/v1/queues/orders/messages?limit=1&filter=attributes.missing%20%3D%3D%20%22x%22&scan=3")
+        .await;
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(v["messages"].as_array().unwrap().is_empty());
+    assert_eq!(
+        (v["read"].as_u64(), v["filter_errors"].as_u64()),
+        (Some(3), Some(3)),
+        "{v}"
+    );
 }
 
 /// Two `serve` processes never share a data directory (and so a journal).

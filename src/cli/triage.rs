@@ -306,9 +306,7 @@ fn import_text(s: &ImportSummary) -> String {
     for (what, n) in &s.not_carried {
         out.push_str(&format!("  not carried as is: {what}: {n} messages\n"));
     }
-    for e in &s.errors {
-        out.push_str(&format!("  error: {e}\n"));
-    }
+    out.push_str(&crate::output::error_lines(&s.errors));
     if let Some(n) = s.resume_line.filter(|_| !s.dry_run) {
         out.push_str(&format!(
             "  {}: lines {n} on were not sent; `tail -n +{n} {}` holds the rest\n",
@@ -363,9 +361,7 @@ fn retention_text(o: &RetentionOutcome) -> String {
                 s.settled,
                 o.backup.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
             ));
-            for e in &s.errors {
-                out.push_str(&format!("  error: {e}\n"));
-            }
+            out.push_str(&crate::output::error_lines(&s.errors));
         }
         None => {
             let verb = if o.action == RetentionAction::ExportThenPurge {
@@ -397,4 +393,39 @@ pub(crate) fn default_backup(queue: &str) -> Option<PathBuf> {
             .join("backups")
             .join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An import's errors quote the IDs of the file's messages, exported
+    /// from a DLQ: they reached the terminal with their escape sequences.
+    #[test]
+    fn an_import_summary_escapes_control_characters_in_its_errors() {
+        let s = ImportSummary {
+            run_id: "r".into(),
+            file: "f.jsonl".into(),
+            queue: "orders".into(),
+            backend: "servicebus".into(),
+            destinations: Default::default(),
+            dry_run: false,
+            read: 1,
+            matched: 1,
+            sent: 0,
+            failed: 1,
+            filter_errors: 0,
+            not_carried: Default::default(),
+            stripped: Default::default(),
+            errors: vec!["line 1: message m-1\x1b]0;pwned\x07: send failed".into()],
+            interrupted: false,
+            resume_line: None,
+        };
+        let text = import_text(&s);
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+        assert!(
+            text.contains(r"  error: line 1: message m-1\u{1b}]0;pwned\u{7}: send failed"),
+            "{text}"
+        );
+    }
 }

@@ -243,9 +243,17 @@ async fn messages(
         .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
     drop(guard);
     let now = Utc::now();
+    // Counted, as `inspect` and the dashboard's browse count them: a filter
+    // that fails on every message otherwise looks like an empty DLQ.
+    let mut filter_errors = 0u64;
     let views: Vec<MessageView> = msgs
         .iter()
-        .filter(|m| filter.matches(m, now).unwrap_or(false))
+        .filter(|m| {
+            filter.matches(m, now).unwrap_or_else(|_| {
+                filter_errors += 1;
+                false
+            })
+        })
         .take(limit)
         .map(|m| MessageView::new(m, now))
         .collect();
@@ -253,6 +261,7 @@ async fn messages(
         "queue": queue,
         "true_peek": backend.capabilities().true_peek,
         "read": msgs.len(),
+        "filter_errors": filter_errors,
         "messages": views,
     }))
     .into_response())

@@ -87,10 +87,22 @@ async fn check_filter(Query(q): Query<CheckQuery>) -> Response {
                 FilterError::Syntax {
                     line, column, message, ..
                 } => (Some(*line), Some(*column), message.clone()),
-                FilterError::UnknownVariable { name } => match word_position(&source, name) {
-                    Some((l, c)) => (Some(l), Some(c), format!("unknown variable `{name}`")),
-                    None => (None, None, format!("unknown variable `{name}`")),
-                },
+                FilterError::UnknownVariable { name, line, column, .. } => {
+                    (Some(*line), Some(*column), format!("unknown variable `{name}`"))
+                }
+                FilterError::UnknownFunction { name, line, column, .. } => {
+                    (Some(*line), Some(*column), format!("unknown function `{name}`"))
+                }
+                FilterError::BadArgument {
+                    function,
+                    message,
+                    line,
+                    column,
+                    ..
+                } => (Some(*line), Some(*column), format!("{function}(): {message}")),
+                FilterError::TypeMismatch {
+                    message, line, column, ..
+                } => (Some(*line), Some(*column), message.clone()),
                 FilterError::TooComplex(m) => (None, None, m.clone()),
             };
             Json(json!({
@@ -103,44 +115,6 @@ async fn check_filter(Query(q): Query<CheckQuery>) -> Response {
             .into_response()
         }
     }
-}
-
-/// The 1-based line and column of the first occurrence of `word` as a whole
-/// identifier outside string literals.
-fn word_position(source: &str, word: &str) -> Option<(usize, usize)> {
-    let chars: Vec<char> = source.chars().collect();
-    let w: Vec<char> = word.chars().collect();
-    let ident = |c: char| c.is_alphanumeric() || c == '_';
-    let (mut line, mut col, mut quote) = (1, 1, None::<char>);
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        match quote {
-            Some(q) if c == '\\' => {
-                let _ = q;
-                i += 1;
-                col += 1;
-            }
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == '"' || c == '\'' => quote = Some(c),
-            None => {
-                let before_ok = i == 0 || !(ident(chars[i - 1]) || chars[i - 1] == '.');
-                let after = i + w.len();
-                if before_ok && chars[i..].starts_with(&w) && (after >= chars.len() || !ident(chars[after])) {
-                    return Some((line, col));
-                }
-            }
-        }
-        if c == '\n' {
-            line += 1;
-            col = 1;
-        } else {
-            col += 1;
-        }
-        i += 1;
-    }
-    None
 }
 
 /// Depth over the last hours, per queue: `{"queue": [[unix_seconds, depth], ...]}`.
@@ -412,22 +386,4 @@ async fn export(
         .map_err(triage_error)?;
     tracing::info!(%queue, written = s.written, file = %s.file.display(), trigger = %Trigger::Api, "export finished");
     Ok(Json(s).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::word_position;
-
-    #[test]
-    fn unknown_variable_position_skips_strings_and_fields() {
-        assert_eq!(
-            word_position("reason == \"tenant\" && tenant == 1", "tenant"),
-            Some((1, 23))
-        );
-        assert_eq!(
-            word_position("attributes.tenant == 1\n|| tenant", "tenant"),
-            Some((2, 4))
-        );
-        assert_eq!(word_position("tenants", "tenant"), None);
-    }
 }
