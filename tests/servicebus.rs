@@ -214,6 +214,65 @@ async fn properties_survive_and_dead_letter_attributes_are_replaced_by_marks() {
     assert_eq!(f.dlq_count().await, 0);
 }
 
+/// JMS clients and the Python and Java SDKs send bodies that are not data
+/// sections: a TextMessage is an amqp-value string, a MapMessage an
+/// amqp-value map, a StreamMessage amqp-sequence sections. Each copy has
+/// the same section kind and value as its original, so its consumer reads it
+/// as it would have read the original (a StreamMessage's copy was empty, a
+/// map's was its debug text, a string's a data section).
+#[tokio::test]
+async fn bodies_of_every_section_kind_are_copied_as_they_were() {
+    use fe2o3_amqp_types::messaging::{AmqpSequence, AmqpValue, Batch, Body, Message, Properties};
+    use fe2o3_amqp_types::primitives::{OrderedMap, Value};
+
+    let f = ServiceBusFixture::create(false).await;
+    let mut map = OrderedMap::new();
+    map.insert(Value::String("qty".into()), Value::Int(3));
+    map.insert(Value::String("sku".into()), Value::String("A-1".into()));
+    let bodies = [
+        Body::Value(AmqpValue(Value::String("a text message ✓".into()))),
+        Body::Value(AmqpValue(Value::Map(map))),
+        Body::Value(AmqpValue(Value::Binary(vec![0u8, 0xff, 0xc3, 0x28].into()))),
+        Body::Sequence(Batch::from(vec![AmqpSequence(vec![
+            Value::Long(7),
+            Value::String("stream".into()),
+        ])])),
+    ];
+    let messages = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| Message {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: Some(Properties {
+                message_id: Some(format!("kind-{i}").into()),
+                ..Default::default()
+            }),
+            application_properties: None,
+            body: body.clone(),
+            footer: None,
+        })
+        .collect();
+    f.dead_letter_amqp(messages).await;
+
+    let s = redrive(f.config(), all()).await;
+    assert_eq!(s.settled, bodies.len() as u64, "{s:?}");
+    let mut rx = f.source_receiver().await;
+    let got = ServiceBusFixture::receive(&mut rx, 10).await;
+    assert_eq!(got.len(), bodies.len());
+    for c in &got {
+        let id = c.message_id().expect("a MessageId").to_string();
+        let i: usize = id["kind-".len()..id.find('@').expect("a copy's MessageId")]
+            .parse()
+            .expect("the original's index");
+        assert_eq!(c.raw_amqp_message().body, bodies[i], "the copy of {id}");
+        rx.complete_message(c).await.unwrap();
+    }
+    rx.dispose().await.ok();
+    assert_eq!(f.dlq_count().await, 0);
+}
+
 /// Senders choose MessageIds and may reuse them: two dead-lettered messages
 /// under one MessageId are two messages. A pass examines and moves both, and
 /// their copies get different MessageIds, so duplicate detection on the
