@@ -27,7 +27,7 @@
 //!   abandon there only unlocks.
 //! - **send**: batched sends (message-format `0x80013700`, the envelope the
 //!   SDKs send) to the destination queue or topic, split by the link's maximum
-//!   message size, on one sender link per destination attached on the DLQ
+//!   message size and Service Bus's 1 MB limit on a batch, on one sender link per destination attached on the DLQ
 //!   link's connection ([`link`]): every concurrent send has its batch in
 //!   flight on that link, and a pass attaches it once, while its first leases
 //!   are out. Every send has
@@ -260,6 +260,11 @@ const MAX_CONCURRENT_LEASES: usize = 4;
 /// The standard tier's limit on a message (premium allows up to 100 MB;
 /// the link's advertised maximum decides how sends are split).
 const MAX_BODY: usize = 256 * 1024;
+/// The largest batch envelope Service Bus takes, whatever the link's
+/// maximum message size: a premium entity with large messages advertises up
+/// to 100 MB on its links but refuses any batch over 1 MB (the SDKs cap
+/// their batches so, azure-sdk-for-net#44914).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// The longest a single AMQP call (attach, receive, settle, peek) may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// Opening the connection (TCP, TLS, SASL, CBS).
@@ -1692,12 +1697,14 @@ fn envelope_base(first: &Message<Body<Value>>) -> usize {
     serde_amqp::to_vec(&Serializable(empty)).map_or(0, |v| v.len()) + BATCH_ITEM_OVERHEAD
 }
 
-/// Consecutive batches of messages of encoded `sizes` that fit `max` bytes,
-/// at most [`BATCH`] messages each; `base(i)` is the size of an envelope
-/// that message `i` starts, asked only of the messages that start one. A
-/// message too large even alone goes in a batch of its own, and the
-/// broker's refusal is reported for it.
+/// Consecutive batches of messages of encoded `sizes` that fit the link's
+/// `max` bytes and [`MAX_BATCH_BYTES`], at most [`BATCH`] messages each;
+/// `base(i)` is the size of an envelope that message `i` starts, asked only
+/// of the messages that start one. A message too large even alone goes in a
+/// batch of its own (sent as a lone message, up to the link's maximum), and
+/// the broker's refusal is reported for it.
 fn pack(sizes: &[usize], base: impl Fn(usize) -> usize, max: usize) -> Vec<std::ops::Range<usize>> {
+    let max = max.min(MAX_BATCH_BYTES);
     let mut ranges = Vec::new();
     let mut start = 0;
     while start < sizes.len() {
@@ -2506,6 +2513,18 @@ mod tests {
             [0, 9, 18],
             "only a batch's first message sizes its envelope"
         );
+        // A premium entity with large messages: 100 MB on the link, but
+        // batches of 1 MB at most; a message over 1 MB still goes, alone.
+        let premium = 100 << 20;
+        let mut large = vec![60 * 1024; 40];
+        large.insert(20, 5 << 20);
+        let ranges = pack(&large, |_| 200, premium);
+        assert!(ranges.contains(&(20..21)), "{ranges:?}");
+        for r in &ranges {
+            let total = 200 + large[r.clone()].iter().map(|s| s + BATCH_ITEM_OVERHEAD).sum::<usize>();
+            assert!(r.len() == 1 || total <= MAX_BATCH_BYTES, "{r:?}: {total} bytes");
+        }
+        assert_eq!(ranges.len(), 5, "{ranges:?}");
         let odd = [500, 20_000, 500, 500];
         assert_eq!(pack(&odd, |_| 100, 10_000), vec![0..1, 1..2, 2..4]);
         assert!(pack(&[], |_| 100, 10_000).is_empty());
