@@ -273,6 +273,48 @@ async fn bodies_of_every_section_kind_are_copied_as_they_were() {
     assert_eq!(f.dlq_count().await, 0);
 }
 
+/// Azure rejects a send with com.microsoft:server-busy while it throttles a
+/// namespace ("Please wait 2 seconds and try again"). The envelope is sent
+/// again after a pause, so a throttled redrive still moves every message
+/// (each copy of a throttled envelope failed, and the pass moved nothing).
+#[tokio::test]
+async fn sends_refused_as_throttled_are_sent_again() {
+    use common::servicebus::{SERVER_BUSY_HOST, create_queue, private_emulator, queue_message_count};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_SERVER_BUSY";
+    const DEST: &str = "throttled-dest";
+    let (emu, cs, client) = private_emulator(
+        "servicebus-server-busy",
+        SERVER_BUSY_HOST,
+        &["--server-busy", &format!("{DEST}=2")],
+    )
+    .await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    create_queue(&f.http, DEST, None).await;
+    let msgs: Vec<TestMessage> = (0..10).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", DEST])
+        .args(["--yes", "--no-journal"])
+        .output()
+        .expect("dlq-bridge ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert_eq!(queue_message_count(&f.http, DEST).await, 10, "{said}");
+    assert_eq!(f.dlq_count().await, 0, "{said}");
+    assert_eq!(
+        said.matches("com.microsoft:server-busy").count(),
+        2,
+        "each refusal is told, then the send goes again: {said}"
+    );
+}
+
 /// Senders choose MessageIds and may reuse them: two dead-lettered messages
 /// under one MessageId are two messages. A pass examines and moves both, and
 /// their copies get different MessageIds, so duplicate detection on the

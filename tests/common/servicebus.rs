@@ -66,6 +66,9 @@ pub const ENTRA_HOST: &str = "127.0.0.11";
 /// Where the private emulator of `tests/servicebus.rs`'s SAS rules test
 /// (`--sas-rule`) listens.
 pub const SAS_RULES_HOST: &str = "127.0.0.12";
+/// Where the private emulator of `tests/servicebus.rs`'s throttling test
+/// (`--server-busy`) listens.
+pub const SERVER_BUSY_HOST: &str = "127.0.0.13";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 

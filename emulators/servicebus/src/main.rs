@@ -142,9 +142,22 @@ struct Cli {
     #[arg(long, default_value_t = 0)]
     max_peek: usize,
 
+    /// Refuse the next N sends to ENTITY as throttled: the transfer is
+    /// rejected with com.microsoft:server-busy ("Please wait 2 seconds and
+    /// try again"), as Azure does when it throttles a namespace. Repeatable.
+    #[arg(long = "server-busy", value_name = "ENTITY=N", value_parser = parse_server_busy)]
+    server_busy: Vec<(String, usize)>,
+
     /// Write the HTTPS certificate (PEM) here, for clients that verify it.
     #[arg(long)]
     cert_out: Option<PathBuf>,
+}
+
+/// `ENTITY=N` of `--server-busy`, the entity lowercased as the broker keys them.
+fn parse_server_busy(arg: &str) -> Result<(String, usize), String> {
+    let (entity, n) = arg.split_once('=').ok_or("expected ENTITY=N")?;
+    let n = n.parse().map_err(|e| format!("{n}: {e}"))?;
+    Ok((entity.to_lowercase(), n))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +208,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
                 max_size_bytes: None,
             },
             max_peek: Some(cli.max_peek).filter(|m| *m > 0),
+            server_busy: cli.server_busy.into_iter().collect(),
         },
     ));
     let amqp = bind("AMQP", cli.amqp_host, cli.amqp_port).await?;

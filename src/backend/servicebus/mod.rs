@@ -272,6 +272,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One send attempt; then it is retried on a fresh link.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_ATTEMPTS: usize = 3;
+/// The condition of a send Service Bus refused because it throttles the
+/// namespace or entity, and how long to wait before sending again.
+const SERVER_BUSY: &str = "com.microsoft:server-busy";
+const SERVER_BUSY_WAIT: Duration = Duration::from_secs(2);
 /// How long a lease waits for the first message before reporting the DLQ empty.
 const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// Messages per peek request.
@@ -1151,7 +1155,8 @@ impl ServiceBusBackend {
     }
 
     /// Send one envelope and wait for the broker's outcome, with a timeout
-    /// and retries on a fresh sender link.
+    /// and retries on a fresh sender link (after a pause, when Service Bus
+    /// refused it as throttled).
     async fn send_envelope(&self, dest: &str, envelope: &Envelope) -> Result<(), BackendError> {
         let mut last = String::new();
         for attempt in 1..=SEND_ATTEMPTS {
@@ -1177,8 +1182,10 @@ impl ServiceBusBackend {
             match tokio::time::timeout(SEND_TIMEOUT, sent).await {
                 Ok(Ok(Outcome::Accepted(_))) => return Ok(()),
                 Ok(Ok(Outcome::Rejected(r))) => {
-                    // The broker read the message and refused it (too large,
-                    // quota, disabled entity): sending it again changes nothing.
+                    let busy = r
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| condition_name(&e.condition) == SERVER_BUSY);
                     let detail = r
                         .error
                         .map(|e| {
@@ -1189,6 +1196,19 @@ impl ServiceBusBackend {
                             )
                         })
                         .unwrap_or_else(|| "no reason given".into());
+                    if busy {
+                        // Throttled: Azure asks for the send again after a
+                        // pause ("Please wait 2 seconds and try again"), as
+                        // the SDKs do.
+                        last = format!("{dest} refused the copies: {detail}");
+                        if attempt < SEND_ATTEMPTS {
+                            tracing::warn!(%dest, attempt, "{last}; sending again in {SERVER_BUSY_WAIT:?}");
+                            tokio::time::sleep(SERVER_BUSY_WAIT).await;
+                        }
+                        continue;
+                    }
+                    // The broker read the message and refused it (too large,
+                    // quota, disabled entity): sending it again changes nothing.
                     let err = self.link_config.classify_entity(dest, "send", &detail);
                     return Err(match err {
                         BackendError::Unreachable { .. } => BackendError::Provider {

@@ -106,6 +106,7 @@ impl From<&BrokerError> for definitions::Error {
             BrokerError::Codec(_) => ErrorCondition::AmqpError(AmqpError::DecodeError),
             BrokerError::QuotaExceeded { .. } => ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded),
             BrokerError::Conflict(_) => custom_condition("com.microsoft:entity-already-exists"),
+            BrokerError::ServerBusy(_) => custom_condition("com.microsoft:server-busy"),
         };
         amqp_error(condition, error.to_string())
     }

@@ -40,6 +40,10 @@ pub enum BrokerError {
     QuotaExceeded { entity: String, size: usize, max: usize },
     #[error("the messaging entity '{0}' already exists")]
     Conflict(String),
+    #[error(
+        "The request was terminated because the entity '{0}' is being throttled. Error code : 50009. Please wait 2 seconds and try again."
+    )]
+    ServerBusy(String),
     #[error(transparent)]
     Codec(#[from] CodecError),
 }
@@ -93,6 +97,9 @@ pub struct BrokerOptions {
     /// The most messages one peek answers (None: as many as asked). Azure may
     /// answer a peek with fewer than it was asked for, while more wait.
     pub max_peek: Option<usize>,
+    /// Sends to refuse as throttled (`com.microsoft:server-busy`), by entity
+    /// (lowercase): Azure rejects a transfer so when it throttles a namespace.
+    pub server_busy: BTreeMap<String, usize>,
 }
 
 pub struct Broker {
@@ -104,16 +111,20 @@ pub struct Broker {
     /// Counts deletes: a connection that sees it move detaches its links to
     /// entities that are gone (see [`Broker::exists`]).
     deletions: AtomicU64,
+    /// What is left of `options.server_busy`.
+    busy: Mutex<BTreeMap<String, usize>>,
 }
 
 impl Broker {
     pub fn new(topology: Topology, options: BrokerOptions) -> Self {
+        let busy = Mutex::new(options.server_busy.clone());
         let broker = Broker {
             entities: Mutex::new(BTreeMap::new()),
             topology,
             options,
             changed: watch::Sender::new(0),
             deletions: AtomicU64::new(0),
+            busy,
         };
         broker.reset();
         broker
@@ -235,6 +246,12 @@ impl Broker {
 
     /// Enqueues to a queue, or copies to every subscription of a topic.
     pub fn send(&self, entity: &str, messages: Vec<ParsedMessage>) -> Result<(), BrokerError> {
+        if let Some(left) = self.busy.lock().expect("busy lock").get_mut(entity)
+            && *left > 0
+        {
+            *left -= 1;
+            return Err(BrokerError::ServerBusy(entity.to_owned()));
+        }
         let now = now_ms();
         {
             let mut entities = self.lock();
@@ -469,6 +486,7 @@ mod tests {
                     max_size_bytes: None,
                 },
                 max_peek: None,
+                server_busy: BTreeMap::new(),
             },
         )
     }
@@ -543,6 +561,32 @@ mod tests {
             broker.settle(&path(false), &token, Outcome::Complete),
             Err(BrokerError::LockLost)
         ));
+    }
+
+    #[test]
+    fn sends_to_a_throttled_entity_are_refused_as_many_times_as_configured() {
+        let mut options = broker(10).options.clone();
+        options.server_busy.insert("q".into(), 2);
+        let broker = Broker::new(Topology::default(), options);
+        broker.attach(&path(false), true).unwrap();
+        let other = EntityPath {
+            entity: "other".into(),
+            ..path(false)
+        };
+        broker.attach(&other, true).unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                broker.send("q", vec![message()]),
+                Err(BrokerError::ServerBusy(_))
+            ));
+        }
+        broker.send("other", vec![message()]).unwrap();
+        broker.send("q", vec![message()]).unwrap();
+        assert_eq!(
+            broker.peek(&path(false), 1, 10).unwrap().len(),
+            1,
+            "only the accepted send"
+        );
     }
 
     #[test]
