@@ -315,6 +315,41 @@ async fn sends_refused_as_throttled_are_sent_again() {
     );
 }
 
+/// Azure refuses every send to a Disabled or SendDisabled entity
+/// (com.microsoft:entity-disabled): a redrive to one fails at once, before
+/// anything is leased, saying so; it said "cannot reach ... (is the service
+/// or emulator running?)" and dropped the dead-letter queue's link (and what
+/// it held) at each batch's attach.
+#[tokio::test]
+async fn a_redrive_to_a_disabled_destination_says_so() {
+    use common::servicebus::{DISABLED_HOST, create_queue_described, private_emulator, queue_message_count};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DISABLED";
+    let (emu, cs, client) = private_emulator("servicebus-disabled", DISABLED_HOST, &[]).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let dest = format!("{}-dest", f.entity);
+    create_queue_described(&f.http, &dest, "<Status>SendDisabled</Status>").await;
+    let msgs: Vec<TestMessage> = (0..3).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", &dest])
+        .args(["--yes", "--no-journal"])
+        .output()
+        .expect("dlq-bridge ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains(&format!("{dest} is SendDisabled")), "{said}");
+    assert!(!said.contains("cannot reach"), "{said}");
+    assert_eq!(f.dlq_count().await, 3, "{said}");
+    assert_eq!(queue_message_count(&f.http, &dest).await, 0, "{said}");
+}
+
 /// Senders choose MessageIds and may reuse them: two dead-lettered messages
 /// under one MessageId are two messages. A pass examines and moves both, and
 /// their copies get different MessageIds, so duplicate detection on the

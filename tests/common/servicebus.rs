@@ -69,6 +69,9 @@ pub const SAS_RULES_HOST: &str = "127.0.0.12";
 /// Where the private emulator of `tests/servicebus.rs`'s throttling test
 /// (`--server-busy`) listens.
 pub const SERVER_BUSY_HOST: &str = "127.0.0.13";
+/// Where the private emulator of `tests/servicebus.rs`'s disabled-destination
+/// test (entity Status, new in the emulator) listens.
+pub const DISABLED_HOST: &str = "127.0.0.14";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 
@@ -280,13 +283,19 @@ pub async fn create_queue(http: &str, name: &str, max_size_mb: Option<u32>) {
     let quota = max_size_mb.map_or(String::new(), |mb| {
         format!("<MaxSizeInMegabytes>{mb}</MaxSizeInMegabytes>")
     });
+    create_queue_described(http, name, &quota).await;
+}
+
+/// Create a queue by ATOM PUT with these `QueueDescription` elements
+/// (`<Status>SendDisabled</Status>`, ...).
+pub async fn create_queue_described(http: &str, name: &str, elements: &str) {
     let body = format!(
         concat!(
             r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml">"#,
             r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">"#,
             r#"{}</QueueDescription></content></entry>"#
         ),
-        quota
+        elements
     );
     let created = reqwest::Client::new()
         .put(format!("{http}/{name}?api-version=2021-05"))

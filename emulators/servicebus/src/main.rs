@@ -206,6 +206,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
                 lock_duration: cli.lock_duration,
                 default_message_ttl: None,
                 max_size_bytes: None,
+                status: broker::EntityStatus::Active,
             },
             max_peek: Some(cli.max_peek).filter(|m| *m > 0),
             server_busy: cli.server_busy.into_iter().collect(),

@@ -1375,6 +1375,20 @@ impl ServiceBusBackend {
             Err(e) => return Err(e),
         };
         if text.contains("<QueueDescription") || text.contains("<TopicDescription") {
+            // Known before anything is leased: Service Bus refuses every send
+            // to a Disabled or SendDisabled entity.
+            let status = text
+                .split_once("<Status>")
+                .and_then(|(_, rest)| rest.split_once("</Status>"))
+                .map(|(s, _)| s.trim());
+            if let Some(status @ ("Disabled" | "SendDisabled")) = status {
+                return Err(BackendError::Provider {
+                    provider: PROVIDER,
+                    detail: format!(
+                        "{name} is {status}: Service Bus refuses every send to it; set its status to Active first"
+                    ),
+                });
+            }
             return Ok(());
         }
         Err(BackendError::NotFound {

@@ -107,6 +107,7 @@ impl From<&BrokerError> for definitions::Error {
             BrokerError::QuotaExceeded { .. } => ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded),
             BrokerError::Conflict(_) => custom_condition("com.microsoft:entity-already-exists"),
             BrokerError::ServerBusy(_) => custom_condition("com.microsoft:server-busy"),
+            BrokerError::EntityDisabled(_) => custom_condition("com.microsoft:entity-disabled"),
         };
         amqp_error(condition, error.to_string())
     }
