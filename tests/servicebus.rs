@@ -350,6 +350,52 @@ async fn a_redrive_to_a_disabled_destination_says_so() {
     assert_eq!(queue_message_count(&f.http, &dest).await, 0, "{said}");
 }
 
+/// A copy larger than the destination's link takes (its max-message-size,
+/// 256 KiB on the standard tier) fails alone, before it is sent, and says
+/// so; the others go. Sent, it made Service Bus detach the link
+/// (amqp:link:message-size-exceeded), failing every send in flight on it,
+/// three times over, reported as "cannot reach" the namespace.
+#[tokio::test]
+async fn a_copy_larger_than_the_destination_takes_fails_alone_and_says_so() {
+    use common::servicebus::{SMALL_LINK_HOST, create_queue, private_emulator, queue_message_count};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_SMALL_LINK";
+    const DEST: &str = "small-dest";
+    let (emu, cs, client) = private_emulator(
+        "servicebus-small-link",
+        SMALL_LINK_HOST,
+        &["--max-message-size", &format!("{DEST}=65536")],
+    )
+    .await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    create_queue(&f.http, DEST, None).await;
+    let mut msgs: Vec<TestMessage> = (0..4).map(|i| failing(i, "Timeout")).collect();
+    msgs[2].body = vec![b'x'; 100 * 1024];
+    f.put_in_dlq(&msgs).await;
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", DEST])
+        .args(["--yes", "--no-journal"])
+        .output()
+        .expect("dlq-bridge ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("more than the 65536 bytes a message to small-dest may have"),
+        "{said}"
+    );
+    assert!(!said.contains("cannot reach"), "{said}");
+    assert_eq!(queue_message_count(&f.http, DEST).await, 3, "{said}");
+    let left = f.browse_dlq().await;
+    assert_eq!(left.len(), 1, "{said}");
+    assert_eq!(left[0].body().unwrap().len(), 100 * 1024, "the large one stays");
+}
+
 /// Senders choose MessageIds and may reuse them: two dead-lettered messages
 /// under one MessageId are two messages. A pass examines and moves both, and
 /// their copies get different MessageIds, so duplicate detection on the

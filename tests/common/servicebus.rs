@@ -72,6 +72,9 @@ pub const SERVER_BUSY_HOST: &str = "127.0.0.13";
 /// Where the private emulator of `tests/servicebus.rs`'s disabled-destination
 /// test (entity Status, new in the emulator) listens.
 pub const DISABLED_HOST: &str = "127.0.0.14";
+/// Where the private emulator of `tests/servicebus.rs`'s oversized-copy test
+/// (`--max-message-size`) listens.
+pub const SMALL_LINK_HOST: &str = "127.0.0.15";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 

@@ -1734,9 +1734,9 @@ fn envelope_base(first: &Message<Body<Value>>) -> usize {
 /// Consecutive batches of messages of encoded `sizes` that fit the link's
 /// `max` bytes and [`MAX_BATCH_BYTES`], at most [`BATCH`] messages each;
 /// `base(i)` is the size of an envelope that message `i` starts, asked only
-/// of the messages that start one. A message too large even alone goes in a
-/// batch of its own (sent as a lone message, up to the link's maximum), and
-/// the broker's refusal is reported for it.
+/// of the messages that start one. A message too large for a batch goes in
+/// one of its own, sent as a lone message (`send` fails those larger than
+/// the link's maximum before they get here).
 fn pack(sizes: &[usize], base: impl Fn(usize) -> usize, max: usize) -> Vec<std::ops::Range<usize>> {
     let max = max.min(MAX_BATCH_BYTES);
     let mut ranges = Vec::new();
@@ -2114,6 +2114,26 @@ impl QueueBackend for ServiceBusBackend {
                     provider: PROVIDER,
                     detail: format!("cannot encode a copy: {e}"),
                 })?;
+            // A copy larger than the link takes fails alone, here, as the
+            // SDKs refuse it: sent, it would make Service Bus detach the
+            // link (amqp:link:message-size-exceeded), failing every send in
+            // flight on it, and again on each retry.
+            let (built, encoded): (Vec<_>, Vec<_>) = built
+                .into_iter()
+                .zip(encoded)
+                .filter(|((i, _), e)| {
+                    let fits = e.len() <= max;
+                    if !fits {
+                        results[*i] = Some(SendResult::Failed {
+                            error: format!(
+                                "the copy is {} bytes, more than the {max} bytes a message to {dest} may have",
+                                e.len()
+                            ),
+                        });
+                    }
+                    fits
+                })
+                .unzip();
             let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
             let ranges = pack(&sizes, |i| envelope_base(&built[i].1), max);
             let mut encoded = encoded.into_iter();
