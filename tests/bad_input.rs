@@ -1732,10 +1732,11 @@ mod servicebus {
         let f = ServiceBusFixture::create(false).await;
         let full = format!("{}-full", f.entity);
         common::servicebus::create_queue(&f.http, &full, Some(1)).await;
-        // Together over the 1 MB quota, so the one batch they go in is refused whole.
+        // Each over the 1 MB quota, and over the 1 MB a batch may hold, so
+        // each goes alone and is refused.
         let cases: Vec<TestMessage> = (0..3u8)
             .map(|i| TestMessage {
-                body: vec![b'a' + i; 400 * 1024],
+                body: vec![b'a' + i; 1100 * 1024],
                 attributes: attrs(&[("kind", "big")]),
                 ordering_key: None,
             })

@@ -214,6 +214,188 @@ async fn properties_survive_and_dead_letter_attributes_are_replaced_by_marks() {
     assert_eq!(f.dlq_count().await, 0);
 }
 
+/// JMS clients and the Python and Java SDKs send bodies that are not data
+/// sections: a TextMessage is an amqp-value string, a MapMessage an
+/// amqp-value map, a StreamMessage amqp-sequence sections. Each copy has
+/// the same section kind and value as its original, so its consumer reads it
+/// as it would have read the original (a StreamMessage's copy was empty, a
+/// map's was its debug text, a string's a data section).
+#[tokio::test]
+async fn bodies_of_every_section_kind_are_copied_as_they_were() {
+    use fe2o3_amqp_types::messaging::{AmqpSequence, AmqpValue, Batch, Body, Message, Properties};
+    use fe2o3_amqp_types::primitives::{OrderedMap, Value};
+
+    let f = ServiceBusFixture::create(false).await;
+    let mut map = OrderedMap::new();
+    map.insert(Value::String("qty".into()), Value::Int(3));
+    map.insert(Value::String("sku".into()), Value::String("A-1".into()));
+    let bodies = [
+        Body::Value(AmqpValue(Value::String("a text message ✓".into()))),
+        Body::Value(AmqpValue(Value::Map(map))),
+        Body::Value(AmqpValue(Value::Binary(vec![0u8, 0xff, 0xc3, 0x28].into()))),
+        Body::Sequence(Batch::from(vec![AmqpSequence(vec![
+            Value::Long(7),
+            Value::String("stream".into()),
+        ])])),
+    ];
+    let messages = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| Message {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: Some(Properties {
+                message_id: Some(format!("kind-{i}").into()),
+                ..Default::default()
+            }),
+            application_properties: None,
+            body: body.clone(),
+            footer: None,
+        })
+        .collect();
+    f.dead_letter_amqp(messages).await;
+
+    let s = redrive(f.config(), all()).await;
+    assert_eq!(s.settled, bodies.len() as u64, "{s:?}");
+    let mut rx = f.source_receiver().await;
+    let got = ServiceBusFixture::receive(&mut rx, 10).await;
+    assert_eq!(got.len(), bodies.len());
+    for c in &got {
+        let id = c.message_id().expect("a MessageId").to_string();
+        let i: usize = id["kind-".len()..id.find('@').expect("a copy's MessageId")]
+            .parse()
+            .expect("the original's index");
+        assert_eq!(c.raw_amqp_message().body, bodies[i], "the copy of {id}");
+        rx.complete_message(c).await.unwrap();
+    }
+    rx.dispose().await.ok();
+    assert_eq!(f.dlq_count().await, 0);
+}
+
+/// Azure rejects a send with com.microsoft:server-busy while it throttles a
+/// namespace ("Please wait 2 seconds and try again"). The envelope is sent
+/// again after a pause, so a throttled redrive still moves every message
+/// (each copy of a throttled envelope failed, and the pass moved nothing).
+#[tokio::test]
+async fn sends_refused_as_throttled_are_sent_again() {
+    use common::servicebus::{SERVER_BUSY_HOST, create_queue, private_emulator, queue_message_count};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_SERVER_BUSY";
+    const DEST: &str = "throttled-dest";
+    let (emu, cs, client) = private_emulator(
+        "servicebus-server-busy",
+        SERVER_BUSY_HOST,
+        &["--server-busy", &format!("{DEST}=2")],
+    )
+    .await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    create_queue(&f.http, DEST, None).await;
+    let msgs: Vec<TestMessage> = (0..10).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", DEST])
+        .args(["--yes", "--no-journal"])
+        .output()
+        .expect("dlq-bridge ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert_eq!(queue_message_count(&f.http, DEST).await, 10, "{said}");
+    assert_eq!(f.dlq_count().await, 0, "{said}");
+    assert_eq!(
+        said.matches("com.microsoft:server-busy").count(),
+        2,
+        "each refusal is told, then the send goes again: {said}"
+    );
+}
+
+/// Azure refuses every send to a Disabled or SendDisabled entity
+/// (com.microsoft:entity-disabled): a redrive to one fails at once, before
+/// anything is leased, saying so; it said "cannot reach ... (is the service
+/// or emulator running?)" and dropped the dead-letter queue's link (and what
+/// it held) at each batch's attach.
+#[tokio::test]
+async fn a_redrive_to_a_disabled_destination_says_so() {
+    use common::servicebus::{DISABLED_HOST, create_queue_described, private_emulator, queue_message_count};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DISABLED";
+    let (emu, cs, client) = private_emulator("servicebus-disabled", DISABLED_HOST, &[]).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let dest = format!("{}-dest", f.entity);
+    create_queue_described(&f.http, &dest, "<Status>SendDisabled</Status>").await;
+    let msgs: Vec<TestMessage> = (0..3).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", &dest])
+        .args(["--yes", "--no-journal"])
+        .output()
+        .expect("dlq-bridge ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains(&format!("{dest} is SendDisabled")), "{said}");
+    assert!(!said.contains("cannot reach"), "{said}");
+    assert_eq!(f.dlq_count().await, 3, "{said}");
+    assert_eq!(queue_message_count(&f.http, &dest).await, 0, "{said}");
+}
+
+/// A copy larger than the destination's link takes (its max-message-size,
+/// 256 KiB on the standard tier) fails alone, before it is sent, and says
+/// so; the others go. Sent, it made Service Bus detach the link
+/// (amqp:link:message-size-exceeded), failing every send in flight on it,
+/// three times over, reported as "cannot reach" the namespace.
+#[tokio::test]
+async fn a_copy_larger_than_the_destination_takes_fails_alone_and_says_so() {
+    use common::servicebus::{SMALL_LINK_HOST, create_queue, private_emulator, queue_message_count};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_SMALL_LINK";
+    const DEST: &str = "small-dest";
+    let (emu, cs, client) = private_emulator(
+        "servicebus-small-link",
+        SMALL_LINK_HOST,
+        &["--max-message-size", &format!("{DEST}=65536")],
+    )
+    .await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    create_queue(&f.http, DEST, None).await;
+    let mut msgs: Vec<TestMessage> = (0..4).map(|i| failing(i, "Timeout")).collect();
+    msgs[2].body = vec![b'x'; 100 * 1024];
+    f.put_in_dlq(&msgs).await;
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", DEST])
+        .args(["--yes", "--no-journal"])
+        .output()
+        .expect("dlq-bridge ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("more than the 65536 bytes a message to small-dest may have"),
+        "{said}"
+    );
+    assert!(!said.contains("cannot reach"), "{said}");
+    assert_eq!(queue_message_count(&f.http, DEST).await, 3, "{said}");
+    let left = f.browse_dlq().await;
+    assert_eq!(left.len(), 1, "{said}");
+    assert_eq!(left[0].body().unwrap().len(), 100 * 1024, "the large one stays");
+}
+
 /// Senders choose MessageIds and may reuse them: two dead-lettered messages
 /// under one MessageId are two messages. A pass examines and moves both, and
 /// their copies get different MessageIds, so duplicate detection on the

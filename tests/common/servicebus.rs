@@ -26,8 +26,8 @@ use azservicebus::receiver::DeadLetterOptions;
 use bytes::Bytes;
 use dlq_bridge::config::Config;
 use dlq_bridge::model::{AttrValue, Attribute, Attributes};
-use fe2o3_amqp_types::messaging::ApplicationProperties;
-use fe2o3_amqp_types::primitives::{SimpleValue, Timestamp, Uuid as AmqpUuid};
+use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message};
+use fe2o3_amqp_types::primitives::{SimpleValue, Timestamp, Uuid as AmqpUuid, Value};
 use tokio::sync::Mutex;
 
 use super::emulator::{Emulator, repo_root, spawn};
@@ -66,6 +66,15 @@ pub const ENTRA_HOST: &str = "127.0.0.11";
 /// Where the private emulator of `tests/servicebus.rs`'s SAS rules test
 /// (`--sas-rule`) listens.
 pub const SAS_RULES_HOST: &str = "127.0.0.12";
+/// Where the private emulator of `tests/servicebus.rs`'s throttling test
+/// (`--server-busy`) listens.
+pub const SERVER_BUSY_HOST: &str = "127.0.0.13";
+/// Where the private emulator of `tests/servicebus.rs`'s disabled-destination
+/// test (entity Status, new in the emulator) listens.
+pub const DISABLED_HOST: &str = "127.0.0.14";
+/// Where the private emulator of `tests/servicebus.rs`'s oversized-copy test
+/// (`--max-message-size`) listens.
+pub const SMALL_LINK_HOST: &str = "127.0.0.15";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 
@@ -277,13 +286,19 @@ pub async fn create_queue(http: &str, name: &str, max_size_mb: Option<u32>) {
     let quota = max_size_mb.map_or(String::new(), |mb| {
         format!("<MaxSizeInMegabytes>{mb}</MaxSizeInMegabytes>")
     });
+    create_queue_described(http, name, &quota).await;
+}
+
+/// Create a queue by ATOM PUT with these `QueueDescription` elements
+/// (`<Status>SendDisabled</Status>`, ...).
+pub async fn create_queue_described(http: &str, name: &str, elements: &str) {
     let body = format!(
         concat!(
             r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml">"#,
             r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">"#,
             r#"{}</QueueDescription></content></entry>"#
         ),
-        quota
+        elements
     );
     let created = reqwest::Client::new()
         .put(format!("{http}/{name}?api-version=2021-05"))
@@ -505,6 +520,63 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
         let n = msgs.len();
         let before = self.browse_dlq().await.len();
         self.send(msgs).await;
+        self.dead_letter_sent(n, before).await;
+    }
+
+    /// Dead-letter AMQP messages of any body section kind (azservicebus
+    /// sends data sections only), sent on a plain fe2o3-amqp connection
+    /// with a `$cbs` token for the entity, as another SDK or a JMS client
+    /// would send them.
+    pub async fn dead_letter_amqp(&self, msgs: Vec<Message<Body<Value>>>) {
+        use fe2o3_amqp::{Sender, Session};
+        use fe2o3_amqp_cbs::client::CbsClient;
+        use fe2o3_amqp_cbs::token::CbsToken;
+        let n = msgs.len();
+        let before = self.browse_dlq().await.len();
+        let cs = std::env::var(&self.connection_env).expect("the fixture's connection string");
+        let cs = dlq_bridge::backend::servicebus::ConnectionString::parse(&cs).expect("a connection string");
+        let mut connection = fe2o3_amqp::Connection::builder()
+            .container_id(unique("raw"))
+            .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Anonymous)
+            .open(format!("amqp://{}:5672", cs.host).as_str())
+            .await
+            .expect("open a connection");
+        let mut session = Session::begin(&mut connection).await.expect("begin a session");
+        let mut cbs = CbsClient::attach(&mut session).await.expect("attach $cbs");
+        let audience = format!("amqp://{}/{}", cs.host, self.entity);
+        let expiry = chrono::Utc::now().timestamp() as u64 + 3600;
+        let token = dlq_bridge::backend::servicebus::sas_token(
+            &audience,
+            cs.key_name.as_deref().unwrap_or_default(),
+            cs.key.as_deref().unwrap_or_default(),
+            expiry,
+        );
+        cbs.put_token(
+            audience.as_str(),
+            CbsToken::new(token, "servicebus.windows.net:sastoken", None),
+        )
+        .await
+        .expect("put a token");
+        let mut sender = Sender::attach(&mut session, unique("raw-sender"), self.entity.clone())
+            .await
+            .expect("attach a sender");
+        for m in msgs {
+            let outcome = tokio::time::timeout(CALL, sender.send(m))
+                .await
+                .expect("send returns")
+                .expect("send succeeds");
+            assert!(outcome.is_accepted(), "{outcome:?}");
+        }
+        sender.close().await.ok();
+        cbs.close().await.ok();
+        session.end().await.ok();
+        connection.close().await.ok();
+        self.dead_letter_sent(n, before).await;
+    }
+
+    /// Receive `n` messages sent to the source and dead-letter each with its
+    /// `error` attribute as the reason; the DLQ held `before` until then.
+    async fn dead_letter_sent(&self, n: usize, before: usize) {
         let mut rx = self.source_receiver().await;
         let mut moved = 0;
         for _ in 0..10 {

@@ -14,7 +14,7 @@ use axum::{
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::broker::{
-    Broker, BrokerError, Counts, Description, StoreSettings,
+    Broker, BrokerError, Counts, Description, EntityStatus, StoreSettings,
     address::{self, Node},
     now_ms,
 };
@@ -148,7 +148,12 @@ fn create(broker: &Broker, path: &str, body: &str, self_link: &str) -> Response 
         Some(Ok(mb)) => Some(mb),
         Some(Err(e)) => return (StatusCode::BAD_REQUEST, format!("MaxSizeInMegabytes: {e}")).into_response(),
     };
-    match broker.create_queue(&entity.entity, max_size_mb.map(|mb| mb << 20)) {
+    let status = match element(body, "Status").map(|s| EntityStatus::parse(s.trim())) {
+        None => EntityStatus::Active,
+        Some(Some(status)) => status,
+        Some(None) => return (StatusCode::BAD_REQUEST, "Status: not an entity status").into_response(),
+    };
+    match broker.create_queue(&entity.entity, max_size_mb.map(|mb| mb << 20), status) {
         Ok(()) => {}
         Err(e @ BrokerError::Conflict(_)) => return (StatusCode::CONFLICT, e.to_string()).into_response(),
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
@@ -265,10 +270,11 @@ fn entry(description: &Description, self_link: &str) -> String {
             name.clone(),
             *created_at_ms,
             format!(
-                r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">{}<MaxSizeInMegabytes>{}</MaxSizeInMegabytes><RequiresDuplicateDetection>false</RequiresDuplicateDetection><RequiresSession>false</RequiresSession><DeadLetteringOnMessageExpiration>false</DeadLetteringOnMessageExpiration><EnableBatchedOperations>true</EnableBatchedOperations><SizeInBytes>{}</SizeInBytes><Status>Active</Status><CreatedAt>{created}</CreatedAt><UpdatedAt>{created}</UpdatedAt><AccessedAt>{now}</AccessedAt>{}<EnablePartitioning>false</EnablePartitioning><EnableExpress>false</EnableExpress></QueueDescription>"#,
+                r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">{}<MaxSizeInMegabytes>{}</MaxSizeInMegabytes><RequiresDuplicateDetection>false</RequiresDuplicateDetection><RequiresSession>false</RequiresSession><DeadLetteringOnMessageExpiration>false</DeadLetteringOnMessageExpiration><EnableBatchedOperations>true</EnableBatchedOperations><SizeInBytes>{}</SizeInBytes><Status>{}</Status><CreatedAt>{created}</CreatedAt><UpdatedAt>{created}</UpdatedAt><AccessedAt>{now}</AccessedAt>{}<EnablePartitioning>false</EnablePartitioning><EnableExpress>false</EnableExpress></QueueDescription>"#,
                 store_fields(settings, counts),
                 settings.max_size_bytes.map_or(1024, |b| b >> 20),
                 counts.size_bytes,
+                settings.status.as_str(),
                 count_details(counts),
                 created = timestamp(*created_at_ms),
                 now = timestamp(now_ms()),

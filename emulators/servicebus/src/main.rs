@@ -142,9 +142,30 @@ struct Cli {
     #[arg(long, default_value_t = 0)]
     max_peek: usize,
 
+    /// Advertise BYTES as the max-message-size of a sender's link to ENTITY
+    /// (Azure: 262,144 on the standard tier), and detach the link with
+    /// amqp:link:message-size-exceeded on a larger transfer, as Azure does.
+    /// Repeatable.
+    #[arg(long = "max-message-size", value_name = "ENTITY=BYTES", value_parser = parse_entity_count)]
+    max_message_size: Vec<(String, usize)>,
+
+    /// Refuse the next N sends to ENTITY as throttled: the transfer is
+    /// rejected with com.microsoft:server-busy ("Please wait 2 seconds and
+    /// try again"), as Azure does when it throttles a namespace. Repeatable.
+    #[arg(long = "server-busy", value_name = "ENTITY=N", value_parser = parse_entity_count)]
+    server_busy: Vec<(String, usize)>,
+
     /// Write the HTTPS certificate (PEM) here, for clients that verify it.
     #[arg(long)]
     cert_out: Option<PathBuf>,
+}
+
+/// `ENTITY=N` of `--server-busy` and `--max-message-size`, the entity
+/// lowercased as the broker keys them.
+fn parse_entity_count(arg: &str) -> Result<(String, usize), String> {
+    let (entity, n) = arg.split_once('=').ok_or("expected ENTITY=N")?;
+    let n = n.parse().map_err(|e| format!("{n}: {e}"))?;
+    Ok((entity.to_lowercase(), n))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,8 +214,10 @@ async fn run(cli: Cli) -> Result<(), StartError> {
                 lock_duration: cli.lock_duration,
                 default_message_ttl: None,
                 max_size_bytes: None,
+                status: broker::EntityStatus::Active,
             },
             max_peek: Some(cli.max_peek).filter(|m| *m > 0),
+            server_busy: cli.server_busy.into_iter().collect(),
         },
     ));
     let amqp = bind("AMQP", cli.amqp_host, cli.amqp_port).await?;
@@ -229,6 +252,11 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     let sas = (!cli.sas_rules.is_empty()).then(|| Arc::new(sas::SasRules::new(cli.sas_rules)));
 
     let settings = amqp::AmqpSettings {
+        max_message_size: cli
+            .max_message_size
+            .into_iter()
+            .map(|(entity, bytes)| (entity, bytes as u64))
+            .collect(),
         accept_delay: Duration::from_millis(cli.accept_delay_ms),
         enforce_token_expiry: cli.enforce_token_expiry,
         require_tokens: cli.require_tokens,

@@ -156,8 +156,9 @@ impl LinkConfig {
         BackendError::unreachable(format!("{}://{}", self.scheme(), self.host), detail.to_string())
     }
 
-    /// Sorts an error of the link's opening: a missing entity and refused
-    /// credentials are the caller's to fix; anything else is the connection's.
+    /// Sorts an error of the link's opening: a missing entity, refused
+    /// credentials and a disabled entity are the caller's to fix; anything
+    /// else is the connection's.
     fn classify(&self, what: &str, e: &dyn std::fmt::Debug) -> BackendError {
         self.classify_entity(&self.label, what, e)
     }
@@ -178,6 +179,14 @@ impl LinkConfig {
             BackendError::Auth {
                 provider: PROVIDER,
                 detail,
+            }
+        } else if lower.contains("entity-disabled") {
+            // Reached, and refused: the connection is fine (an unreachable
+            // error would also drop the dead-letter queue's link, and what
+            // it holds, for a destination that refuses sends).
+            BackendError::Provider {
+                provider: PROVIDER,
+                detail: format!("{entity} is disabled ({detail}): set its status to Active"),
             }
         } else {
             self.unreachable(detail)
@@ -1578,6 +1587,24 @@ mod tests {
         );
         assert_eq!(broker_words("IllegalState"), None);
         assert_eq!(broker_words(r#"Error { description: None }"#), None);
+    }
+
+    #[test]
+    fn a_disabled_entity_is_refused_not_unreachable() {
+        let cfg = LinkConfig {
+            host: "ns.servicebus.windows.net".into(),
+            tls: true,
+            dlq_path: "q/$DeadLetterQueue".into(),
+            credentials: Credentials::Signature(String::new()),
+            sas_ttl: Duration::from_secs(60),
+            label: "dlq (q)".into(),
+        };
+        let attach = r#"RemoteClosedWithError(Error { condition: Custom(Symbol("com.microsoft:entity-disabled")), description: Some("Messaging entity 'ns:Queue:dest' is currently disabled."), info: None })"#;
+        let e = cfg.classify_entity("dest", "attach a sender to dest", &attach);
+        assert!(
+            matches!(&e, BackendError::Provider { detail, .. } if detail.contains("dest is disabled") && detail.contains("currently disabled")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //!   abandon there only unlocks.
 //! - **send**: batched sends (message-format `0x80013700`, the envelope the
 //!   SDKs send) to the destination queue or topic, split by the link's maximum
-//!   message size, on one sender link per destination attached on the DLQ
+//!   message size and Service Bus's 1 MB limit on a batch, on one sender link per destination attached on the DLQ
 //!   link's connection ([`link`]): every concurrent send has its batch in
 //!   flight on that link, and a pass attaches it once, while its first leases
 //!   are out. Every send has
@@ -60,10 +60,15 @@
 //!   (`seq-1187` when a message has no MessageId): senders choose MessageIds
 //!   and may reuse them, the sequence number is unique in the entity. Both
 //!   are also in `properties`.
-//! - `body`: the concatenated data sections, exact. Messages whose body is an
-//!   AMQP value (sent by some non-.NET clients) show the value's bytes (binary
-//!   or string) and set `properties["body_type"] = "amqp-value"`; a copy of
-//!   such a message is sent as a data section.
+//! - `body`: the concatenated data sections, exact. A body of another kind
+//!   (JMS and the Python and Java SDKs send them: a TextMessage is an
+//!   amqp-value string, a MapMessage an amqp-value map, a StreamMessage
+//!   amqp-sequence sections) sets `properties["body_type"]` and shows an
+//!   amqp-value string as its text (`amqp-value`), a binary as its bytes
+//!   (`amqp-value-binary`), any other value as its AMQP encoding
+//!   (`amqp-value-encoded`), and sequences as the AMQP encoding of their lists
+//!   (`amqp-sequence`). A copy has the same kind of body as its original, so
+//!   its consumer reads it as it would have read the original.
 //! - `attributes`: the application properties, with their AMQP types:
 //!   long → `Int`, double → `Float`, boolean → `Bool`, string → `String`,
 //!   binary → `Binary`, uuid → `Uuid`, timestamp → `Timestamp`. Other AMQP
@@ -143,7 +148,9 @@ use fe2o3_amqp::link::{DetachError, SendError};
 use fe2o3_amqp_types::definitions::ErrorCondition;
 use fe2o3_amqp_types::messaging::annotations::OwnedKey;
 use fe2o3_amqp_types::messaging::message::__private::Serializable;
-use fe2o3_amqp_types::messaging::{ApplicationProperties, Batch, Body, Data, Message, MessageId, Outcome};
+use fe2o3_amqp_types::messaging::{
+    AmqpSequence, AmqpValue, ApplicationProperties, Batch, Body, Data, Message, MessageId, Outcome,
+};
 use fe2o3_amqp_types::primitives::{
     Binary, Dec32, Dec64, Dec128, SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid, Value,
 };
@@ -180,7 +187,7 @@ struct DestSender {
 /// One send's AMQP message: a lone message as it is, several in the batch
 /// envelope Service Bus unpacks (what azservicebus and the other SDKs send).
 enum Envelope {
-    Single(Sendable<Data>),
+    Single(Sendable<Body<Value>>),
     Batch(Sendable<Batch<Data>>),
 }
 
@@ -253,6 +260,11 @@ const MAX_CONCURRENT_LEASES: usize = 4;
 /// The standard tier's limit on a message (premium allows up to 100 MB;
 /// the link's advertised maximum decides how sends are split).
 const MAX_BODY: usize = 256 * 1024;
+/// The largest batch envelope Service Bus takes, whatever the link's
+/// maximum message size: a premium entity with large messages advertises up
+/// to 100 MB on its links but refuses any batch over 1 MB (the SDKs cap
+/// their batches so, azure-sdk-for-net#44914).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// The longest a single AMQP call (attach, receive, settle, peek) may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// Opening the connection (TCP, TLS, SASL, CBS).
@@ -260,6 +272,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One send attempt; then it is retried on a fresh link.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_ATTEMPTS: usize = 3;
+/// The condition of a send Service Bus refused because it throttles the
+/// namespace or entity, and how long to wait before sending again.
+const SERVER_BUSY: &str = "com.microsoft:server-busy";
+const SERVER_BUSY_WAIT: Duration = Duration::from_secs(2);
 /// How long a lease waits for the first message before reporting the DLQ empty.
 const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// Messages per peek request.
@@ -300,6 +316,14 @@ pub const PROP_TIME_TO_LIVE: &str = "time_to_live";
 pub const PROP_DEAD_LETTER_SOURCE: &str = "dead_letter_source";
 pub const PROP_SOURCE_SUBSCRIPTION: &str = "source_subscription";
 pub const PROP_BODY_TYPE: &str = "body_type";
+/// [`PROP_BODY_TYPE`]s: the body was an amqp-value section holding a string
+/// (the body is its UTF-8), a binary (the body is its bytes), or another
+/// value (the body is its AMQP encoding); or amqp-sequence sections (the
+/// body is the AMQP encoding of the list of their lists).
+pub const BODY_VALUE_STRING: &str = "amqp-value";
+pub const BODY_VALUE_BINARY: &str = "amqp-value-binary";
+pub const BODY_VALUE_ENCODED: &str = "amqp-value-encoded";
+pub const BODY_SEQUENCE: &str = "amqp-sequence";
 
 /// The entity whose dead-letter sub-queue is managed.
 #[derive(Debug, Clone)]
@@ -1035,7 +1059,7 @@ impl ServiceBusBackend {
     }
 
     /// The AMQP message of the copy of `o` to `dest`.
-    fn outgoing_message(&self, o: &Outgoing, dest: &str) -> Result<Message<Data>, String> {
+    fn outgoing_message(&self, o: &Outgoing, dest: &str) -> Result<Message<Body<Value>>, String> {
         // Built without its body and application properties, which are put
         // in once, below.
         let mut m = ServiceBusMessage::new(Vec::new());
@@ -1079,12 +1103,12 @@ impl ServiceBusBackend {
         // Put in after the copy out of the SDK's message, which can only be
         // read by reference: cloning the properties map cost a copy of every
         // attribute per message.
+        let body = copy_body(&o.body, o.properties.get(PROP_BODY_TYPE).map(String::as_str))?;
         let mut raw = m.raw_amqp_message().clone();
         if !props.0.is_empty() {
             raw.application_properties = Some(props);
         }
-        raw.body = Data(Binary::from(o.body.to_vec()));
-        Ok(raw)
+        Ok(with_body(raw, body))
     }
 
     /// The sender link to `dest`, attached on first use and again after the
@@ -1131,7 +1155,8 @@ impl ServiceBusBackend {
     }
 
     /// Send one envelope and wait for the broker's outcome, with a timeout
-    /// and retries on a fresh sender link.
+    /// and retries on a fresh sender link (after a pause, when Service Bus
+    /// refused it as throttled).
     async fn send_envelope(&self, dest: &str, envelope: &Envelope) -> Result<(), BackendError> {
         let mut last = String::new();
         for attempt in 1..=SEND_ATTEMPTS {
@@ -1157,8 +1182,10 @@ impl ServiceBusBackend {
             match tokio::time::timeout(SEND_TIMEOUT, sent).await {
                 Ok(Ok(Outcome::Accepted(_))) => return Ok(()),
                 Ok(Ok(Outcome::Rejected(r))) => {
-                    // The broker read the message and refused it (too large,
-                    // quota, disabled entity): sending it again changes nothing.
+                    let busy = r
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| condition_name(&e.condition) == SERVER_BUSY);
                     let detail = r
                         .error
                         .map(|e| {
@@ -1169,6 +1196,19 @@ impl ServiceBusBackend {
                             )
                         })
                         .unwrap_or_else(|| "no reason given".into());
+                    if busy {
+                        // Throttled: Azure asks for the send again after a
+                        // pause ("Please wait 2 seconds and try again"), as
+                        // the SDKs do.
+                        last = format!("{dest} refused the copies: {detail}");
+                        if attempt < SEND_ATTEMPTS {
+                            tracing::warn!(%dest, attempt, "{last}; sending again in {SERVER_BUSY_WAIT:?}");
+                            tokio::time::sleep(SERVER_BUSY_WAIT).await;
+                        }
+                        continue;
+                    }
+                    // The broker read the message and refused it (too large,
+                    // quota, disabled entity): sending it again changes nothing.
                     let err = self.link_config.classify_entity(dest, "send", &detail);
                     return Err(match err {
                         BackendError::Unreachable { .. } => BackendError::Provider {
@@ -1335,6 +1375,20 @@ impl ServiceBusBackend {
             Err(e) => return Err(e),
         };
         if text.contains("<QueueDescription") || text.contains("<TopicDescription") {
+            // Known before anything is leased: Service Bus refuses every send
+            // to a Disabled or SendDisabled entity.
+            let status = text
+                .split_once("<Status>")
+                .and_then(|(_, rest)| rest.split_once("</Status>"))
+                .map(|(s, _)| s.trim());
+            if let Some(status @ ("Disabled" | "SendDisabled")) = status {
+                return Err(BackendError::Provider {
+                    provider: PROVIDER,
+                    detail: format!(
+                        "{name} is {status}: Service Bus refuses every send to it; set its status to Active first"
+                    ),
+                });
+            }
             return Ok(());
         }
         Err(BackendError::NotFound {
@@ -1594,27 +1648,80 @@ pub fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
             }
         }
         Body::Value(v) => match &v.0 {
-            Value::Binary(b) => (Bytes::copy_from_slice(b.as_ref()), Some("amqp-value")),
-            Value::String(s) => (Bytes::from(s.clone()), Some("amqp-value")),
-            other => (Bytes::from(format!("{other:?}")), Some("amqp-value")),
+            Value::String(s) => (Bytes::from(s.clone()), Some(BODY_VALUE_STRING)),
+            Value::Binary(b) => (Bytes::copy_from_slice(b.as_ref()), Some(BODY_VALUE_BINARY)),
+            other => (Bytes::from(encode_value(other)), Some(BODY_VALUE_ENCODED)),
         },
-        Body::Sequence(_) => (Bytes::new(), Some("amqp-sequence")),
+        Body::Sequence(sections) => {
+            let lists: Vec<&Vec<Value>> = sections.iter().map(|s| &s.0).collect();
+            (Bytes::from(encode_value(&lists)), Some(BODY_SEQUENCE))
+        }
         Body::Empty => (Bytes::new(), None),
+    }
+}
+
+/// The AMQP encoding of a body's value or sequences. Values decoded from the
+/// wire always encode again.
+fn encode_value(v: &impl serde::Serialize) -> Vec<u8> {
+    serde_amqp::to_vec(v).unwrap_or_default()
+}
+
+/// The copy's body: the section kind the original had (`body_type`, from
+/// [`body_bytes`]), so that a consumer reads the copy as it would have read
+/// the original: a JMS TextMessage is an amqp-value string, a MapMessage an
+/// amqp-value map, a StreamMessage amqp-sequence sections.
+#[doc(hidden)]
+pub fn copy_body(body: &Bytes, body_type: Option<&str>) -> Result<Body<Value>, String> {
+    let undecodable = |e: serde_amqp::Error| {
+        format!("the body (body_type {body_type:?}) is not the AMQP encoding it was read as: {e}")
+    };
+    Ok(match body_type {
+        Some(BODY_VALUE_STRING) => match std::str::from_utf8(body) {
+            Ok(s) => Body::Value(AmqpValue(Value::String(s.to_string()))),
+            Err(_) => return Err("the body (body_type amqp-value, a string) is not UTF-8".into()),
+        },
+        Some(BODY_VALUE_BINARY) => Body::Value(AmqpValue(Value::Binary(Binary::from(body.to_vec())))),
+        Some(BODY_VALUE_ENCODED) => Body::Value(AmqpValue(serde_amqp::from_slice(body).map_err(undecodable)?)),
+        Some(BODY_SEQUENCE) => {
+            let lists: Vec<Vec<Value>> = serde_amqp::from_slice(body).map_err(undecodable)?;
+            if lists.is_empty() {
+                return Err("the body (body_type amqp-sequence) holds no sequence section".into());
+            }
+            Body::Sequence(Batch::from(lists.into_iter().map(AmqpSequence).collect::<Vec<_>>()))
+        }
+        _ => Body::Data(Batch::from(vec![Data(Binary::from(body.to_vec()))])),
+    })
+}
+
+/// `m` (the SDK's message, which has a data section) with `body` instead.
+fn with_body(m: Message<Data>, body: Body<Value>) -> Message<Body<Value>> {
+    Message {
+        header: m.header,
+        delivery_annotations: m.delivery_annotations,
+        message_annotations: m.message_annotations,
+        properties: m.properties,
+        application_properties: m.application_properties,
+        body,
+        footer: m.footer,
     }
 }
 
 /// A copy's AMQP encoding, in a buffer sized for its body up front (growing
 /// it by doubling copied each body several times).
-fn encode(m: &Message<Data>) -> std::result::Result<Vec<u8>, serde_amqp::Error> {
+fn encode(m: &Message<Body<Value>>) -> std::result::Result<Vec<u8>, serde_amqp::Error> {
     use serde::Serialize;
-    let mut buf = Vec::with_capacity(m.body.0.len() + ENCODED_HEADROOM);
+    let body = match &m.body {
+        Body::Data(sections) => sections.iter().map(|d| d.0.len()).sum(),
+        _ => 0,
+    };
+    let mut buf = Vec::with_capacity(body + ENCODED_HEADROOM);
     Serializable(m).serialize(&mut serde_amqp::ser::Serializer::new(&mut buf))?;
     Ok(buf)
 }
 
 /// The size of a batch envelope around `first` and no message yet: the
 /// envelope carries the first message's properties and annotations.
-fn envelope_base(first: &Message<Data>) -> usize {
+fn envelope_base(first: &Message<Body<Value>>) -> usize {
     let empty = Message::builder()
         .properties(first.properties.clone())
         .message_annotations(first.message_annotations.clone())
@@ -1624,12 +1731,14 @@ fn envelope_base(first: &Message<Data>) -> usize {
     serde_amqp::to_vec(&Serializable(empty)).map_or(0, |v| v.len()) + BATCH_ITEM_OVERHEAD
 }
 
-/// Consecutive batches of messages of encoded `sizes` that fit `max` bytes,
-/// at most [`BATCH`] messages each; `base(i)` is the size of an envelope
-/// that message `i` starts, asked only of the messages that start one. A
-/// message too large even alone goes in a batch of its own, and the
-/// broker's refusal is reported for it.
+/// Consecutive batches of messages of encoded `sizes` that fit the link's
+/// `max` bytes and [`MAX_BATCH_BYTES`], at most [`BATCH`] messages each;
+/// `base(i)` is the size of an envelope that message `i` starts, asked only
+/// of the messages that start one. A message too large for a batch goes in
+/// one of its own, sent as a lone message (`send` fails those larger than
+/// the link's maximum before they get here).
 fn pack(sizes: &[usize], base: impl Fn(usize) -> usize, max: usize) -> Vec<std::ops::Range<usize>> {
+    let max = max.min(MAX_BATCH_BYTES);
     let mut ranges = Vec::new();
     let mut start = 0;
     while start < sizes.len() {
@@ -1647,8 +1756,8 @@ fn pack(sizes: &[usize], base: impl Fn(usize) -> usize, max: usize) -> Vec<std::
 
 /// The envelope of `batch` (with each message's encoding in `encoded`), and
 /// which results it answers: each message's index and MessageId.
-fn envelope(mut batch: Vec<(usize, Message<Data>)>, encoded: Vec<Vec<u8>>) -> (Vec<(usize, String)>, Envelope) {
-    let id = |m: &Message<Data>| match m.properties.as_ref().and_then(|p| p.message_id.as_ref()) {
+fn envelope(mut batch: Vec<(usize, Message<Body<Value>>)>, encoded: Vec<Vec<u8>>) -> (Vec<(usize, String)>, Envelope) {
+    let id = |m: &Message<Body<Value>>| match m.properties.as_ref().and_then(|p| p.message_id.as_ref()) {
         Some(MessageId::String(s)) => s.clone(),
         _ => String::new(),
     };
@@ -2005,12 +2114,32 @@ impl QueueBackend for ServiceBusBackend {
                     provider: PROVIDER,
                     detail: format!("cannot encode a copy: {e}"),
                 })?;
+            // A copy larger than the link takes fails alone, here, as the
+            // SDKs refuse it: sent, it would make Service Bus detach the
+            // link (amqp:link:message-size-exceeded), failing every send in
+            // flight on it, and again on each retry.
+            let (built, encoded): (Vec<_>, Vec<_>) = built
+                .into_iter()
+                .zip(encoded)
+                .filter(|((i, _), e)| {
+                    let fits = e.len() <= max;
+                    if !fits {
+                        results[*i] = Some(SendResult::Failed {
+                            error: format!(
+                                "the copy is {} bytes, more than the {max} bytes a message to {dest} may have",
+                                e.len()
+                            ),
+                        });
+                    }
+                    fits
+                })
+                .unzip();
             let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
             let ranges = pack(&sizes, |i| envelope_base(&built[i].1), max);
             let mut encoded = encoded.into_iter();
             let mut built = built.into_iter();
             for r in ranges {
-                let batch: Vec<(usize, Message<Data>)> = built.by_ref().take(r.len()).collect();
+                let batch: Vec<(usize, Message<Body<Value>>)> = built.by_ref().take(r.len()).collect();
                 let bytes: Vec<Vec<u8>> = encoded.by_ref().take(r.len()).collect();
                 let (index, envelope) = envelope(batch, bytes);
                 match self.send_envelope(dest, &envelope).await {
@@ -2438,16 +2567,64 @@ mod tests {
             [0, 9, 18],
             "only a batch's first message sizes its envelope"
         );
+        // A premium entity with large messages: 100 MB on the link, but
+        // batches of 1 MB at most; a message over 1 MB still goes, alone.
+        let premium = 100 << 20;
+        let mut large = vec![60 * 1024; 40];
+        large.insert(20, 5 << 20);
+        let ranges = pack(&large, |_| 200, premium);
+        assert!(ranges.contains(&(20..21)), "{ranges:?}");
+        for r in &ranges {
+            let total = 200 + large[r.clone()].iter().map(|s| s + BATCH_ITEM_OVERHEAD).sum::<usize>();
+            assert!(r.len() == 1 || total <= MAX_BATCH_BYTES, "{r:?}: {total} bytes");
+        }
+        assert_eq!(ranges.len(), 5, "{ranges:?}");
         let odd = [500, 20_000, 500, 500];
         assert_eq!(pack(&odd, |_| 100, 10_000), vec![0..1, 1..2, 2..4]);
         assert!(pack(&[], |_| 100, 10_000).is_empty());
     }
 
-    fn copy(id: &str, body: usize) -> Message<Data> {
+    #[test]
+    fn a_copy_has_the_body_section_kind_and_value_of_its_original() {
+        use fe2o3_amqp_types::primitives::OrderedMap;
+        let mut map = OrderedMap::new();
+        map.insert(Value::String("qty".into()), Value::Int(3));
+        map.insert(Value::String("blob".into()), Value::Binary(vec![0u8, 255].into()));
+        let bodies = [
+            Body::Value(AmqpValue(Value::String("héllo".into()))),
+            Body::Value(AmqpValue(Value::Binary(vec![0xc3u8, 0x28].into()))),
+            Body::Value(AmqpValue(Value::Map(map))),
+            Body::Value(AmqpValue(Value::Long(-42))),
+            Body::Value(AmqpValue(Value::Null)),
+            Body::Sequence(Batch::from(vec![
+                AmqpSequence(vec![Value::Int(1), Value::String("two".into())]),
+                AmqpSequence(vec![]),
+            ])),
+            Body::Data(Batch::from(vec![Data(vec![1u8, 2].into())])),
+        ];
+        for original in bodies {
+            let (bytes, kind) = body_bytes(&original);
+            assert_eq!(copy_body(&bytes, kind).as_ref(), Ok(&original), "{kind:?}");
+        }
+        let (text, kind) = body_bytes(&Body::Value(AmqpValue(Value::String("héllo".into()))));
+        assert_eq!(
+            (&text[..], kind),
+            ("héllo".as_bytes(), Some(BODY_VALUE_STRING)),
+            "shown as its text"
+        );
+        let not_utf8 = copy_body(&Bytes::from_static(b"\xff"), Some(BODY_VALUE_STRING));
+        assert!(not_utf8.is_err(), "{not_utf8:?}");
+        let not_amqp = copy_body(&Bytes::from_static(b"\xff"), Some(BODY_SEQUENCE));
+        assert!(not_amqp.is_err(), "{not_amqp:?}");
+    }
+
+    fn copy(id: &str, body: usize) -> Message<Body<Value>> {
         let mut m = ServiceBusMessage::new(vec![7u8; body]);
         m.set_message_id(id).unwrap();
         m.set_session_id(Some("s".to_string())).unwrap();
-        m.raw_amqp_message().clone()
+        let raw = m.raw_amqp_message().clone();
+        let body = Body::Data(Batch::from(vec![raw.body.clone()]));
+        with_body(raw, body)
     }
 
     #[test]
@@ -2478,7 +2655,7 @@ mod tests {
         let items = &sendable.message.body;
         assert_eq!(items.len(), 3);
         for (item, (_, original)) in items.iter().zip(&batch) {
-            let m: Deserializable<Message<Data>> = serde_amqp::from_slice(&item.0).unwrap();
+            let m: Deserializable<Message<Body<Value>>> = serde_amqp::from_slice(&item.0).unwrap();
             assert_eq!(m.0.properties, original.properties);
             assert_eq!(m.0.body, original.body);
         }

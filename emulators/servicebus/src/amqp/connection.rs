@@ -106,6 +106,8 @@ impl From<&BrokerError> for definitions::Error {
             BrokerError::Codec(_) => ErrorCondition::AmqpError(AmqpError::DecodeError),
             BrokerError::QuotaExceeded { .. } => ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded),
             BrokerError::Conflict(_) => custom_condition("com.microsoft:entity-already-exists"),
+            BrokerError::ServerBusy(_) => custom_condition("com.microsoft:server-busy"),
+            BrokerError::EntityDisabled(_) => custom_condition("com.microsoft:entity-disabled"),
         };
         amqp_error(condition, error.to_string())
     }
@@ -497,6 +499,9 @@ impl Connection {
             }
         };
         tracing::debug!(link = %attach.name, ?node, client_sends, "attached");
+        if client_sends && let Node::Entity(path) = &node {
+            reply.max_message_size = Some(self.max_message_size(path));
+        }
         self.send(channel, Performative::Attach(reply))?;
         let direction = if client_sends {
             Direction::Inbound {
@@ -688,6 +693,21 @@ impl Connection {
         }
 
         let payload = current.payload.freeze();
+        if let Node::Entity(path) = &node
+            && payload.len() as u64 > self.max_message_size(path)
+        {
+            // As Azure: the link is detached, and every transfer still
+            // unsettled on it goes with it.
+            let description = format!(
+                "The received message (delivery-id:{}, size:{} bytes) exceeds the limit ({} bytes) currently allowed on the link.",
+                current.delivery_id,
+                payload.len(),
+                self.max_message_size(path)
+            );
+            tracing::info!(%description, "detaching a link for an oversized message");
+            let error = amqp_error(ErrorCondition::LinkError(LinkError::MessageSizeExceeded), description);
+            return self.detach(channel, handle, Some(error));
+        }
         let result = match &node {
             Node::Entity(path) => codec::parse_transfer(current.message_format, &payload)
                 .map_err(BrokerError::from)
@@ -724,6 +744,15 @@ impl Connection {
                 self.dispose_inbound(channel, current.delivery_id, state)
             }
         }
+    }
+
+    /// The largest message a sender's link to `path` takes.
+    fn max_message_size(&self, path: &crate::broker::EntityPath) -> u64 {
+        self.settings
+            .max_message_size
+            .get(&path.entity)
+            .copied()
+            .unwrap_or(MAX_MESSAGE_SIZE)
     }
 
     fn dispose_inbound(&mut self, channel: u16, delivery_id: u32, state: DeliveryState) -> Result<(), ConnectionError> {

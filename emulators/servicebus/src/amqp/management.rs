@@ -71,6 +71,12 @@ impl From<ManagementError> for Reply {
             ManagementError::Broker(BrokerError::Conflict(_)) => {
                 Reply::error(409, "com.microsoft:entity-already-exists", description)
             }
+            ManagementError::Broker(BrokerError::EntityDisabled(_)) => {
+                Reply::error(400, "com.microsoft:entity-disabled", description)
+            }
+            ManagementError::Broker(BrokerError::ServerBusy(_)) => {
+                Reply::error(503, "com.microsoft:server-busy", description)
+            }
             ManagementError::BadRequest(_) => Reply::error(400, "amqp:invalid-field", description),
         }
     }

@@ -15,6 +15,11 @@ use crate::{broker::Broker, entra::Entra, sas::SasRules};
 
 #[derive(Clone)]
 pub struct AmqpSettings {
+    /// The max-message-size advertised on a sender's link to an entity
+    /// (lowercase), as Azure advertises the entity's limit (262,144 bytes on
+    /// the standard tier); a larger transfer detaches the link with
+    /// amqp:link:message-size-exceeded. Other entities: 256 MiB.
+    pub max_message_size: std::collections::BTreeMap<String, u64>,
     /// Delay before accepting a client's send.
     pub accept_delay: Duration,
     /// Detach a link once every token covering its entity has expired, and

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 pub use address::EntityPath;
 pub use codec::{CodecError, ParsedMessage};
-pub use store::{Acquired, Counts, Outcome, ReceiveMode, StoreSettings};
+pub use store::{Acquired, Counts, EntityStatus, Outcome, ReceiveMode, StoreSettings};
 
 use crate::topology::{EntitySettings, Topology};
 use store::Store;
@@ -40,6 +40,12 @@ pub enum BrokerError {
     QuotaExceeded { entity: String, size: usize, max: usize },
     #[error("the messaging entity '{0}' already exists")]
     Conflict(String),
+    #[error("Messaging entity '{0}' is currently disabled.")]
+    EntityDisabled(String),
+    #[error(
+        "The request was terminated because the entity '{0}' is being throttled. Error code : 50009. Please wait 2 seconds and try again."
+    )]
+    ServerBusy(String),
     #[error(transparent)]
     Codec(#[from] CodecError),
 }
@@ -93,6 +99,9 @@ pub struct BrokerOptions {
     /// The most messages one peek answers (None: as many as asked). Azure may
     /// answer a peek with fewer than it was asked for, while more wait.
     pub max_peek: Option<usize>,
+    /// Sends to refuse as throttled (`com.microsoft:server-busy`), by entity
+    /// (lowercase): Azure rejects a transfer so when it throttles a namespace.
+    pub server_busy: BTreeMap<String, usize>,
 }
 
 pub struct Broker {
@@ -104,16 +113,20 @@ pub struct Broker {
     /// Counts deletes: a connection that sees it move detaches its links to
     /// entities that are gone (see [`Broker::exists`]).
     deletions: AtomicU64,
+    /// What is left of `options.server_busy`.
+    busy: Mutex<BTreeMap<String, usize>>,
 }
 
 impl Broker {
     pub fn new(topology: Topology, options: BrokerOptions) -> Self {
+        let busy = Mutex::new(options.server_busy.clone());
         let broker = Broker {
             entities: Mutex::new(BTreeMap::new()),
             topology,
             options,
             changed: watch::Sender::new(0),
             deletions: AtomicU64::new(0),
+            busy,
         };
         broker.reset();
         broker
@@ -163,6 +176,7 @@ impl Broker {
                 .or(topic_ttl)
                 .or(defaults.default_message_ttl),
             max_size_bytes: defaults.max_size_bytes,
+            status: EntityStatus::Active,
         }
     }
 
@@ -188,6 +202,9 @@ impl Broker {
         }
         let mut entities = self.lock();
         let exists = match (entities.get(&path.entity), &path.subscription) {
+            (Some(Entity::Queue(store)), None) if sending && store.settings.status.refuses_sends() => {
+                return Err(BrokerError::EntityDisabled(path.entity.clone()));
+            }
             (Some(Entity::Queue(_)), None) | (Some(Entity::Topic(_)), None) => {
                 if !sending && matches!(entities.get(&path.entity), Some(Entity::Topic(_))) {
                     return Err(BrokerError::NotAllowed(format!(
@@ -235,6 +252,12 @@ impl Broker {
 
     /// Enqueues to a queue, or copies to every subscription of a topic.
     pub fn send(&self, entity: &str, messages: Vec<ParsedMessage>) -> Result<(), BrokerError> {
+        if let Some(left) = self.busy.lock().expect("busy lock").get_mut(entity)
+            && *left > 0
+        {
+            *left -= 1;
+            return Err(BrokerError::ServerBusy(entity.to_owned()));
+        }
         let now = now_ms();
         {
             let mut entities = self.lock();
@@ -405,7 +428,12 @@ impl Broker {
     }
 
     /// Creates a queue, as an ATOM PUT does; an existing entity is a conflict.
-    pub fn create_queue(&self, name: &str, max_size_bytes: Option<usize>) -> Result<(), BrokerError> {
+    pub fn create_queue(
+        &self,
+        name: &str,
+        max_size_bytes: Option<usize>,
+        status: EntityStatus,
+    ) -> Result<(), BrokerError> {
         let mut entities = self.lock();
         let name = name.to_lowercase();
         if entities.contains_key(&name) {
@@ -413,6 +441,7 @@ impl Broker {
         }
         let mut settings = self.resolve(&EntitySettings::default(), None);
         settings.max_size_bytes = max_size_bytes;
+        settings.status = status;
         entities.insert(name, Entity::Queue(Box::new(Store::new(settings, now_ms()))));
         Ok(())
     }
@@ -467,8 +496,10 @@ mod tests {
                     lock_duration: Duration::from_secs(60),
                     default_message_ttl: None,
                     max_size_bytes: None,
+                    status: EntityStatus::Active,
                 },
                 max_peek: None,
+                server_busy: BTreeMap::new(),
             },
         )
     }
@@ -512,8 +543,11 @@ mod tests {
     fn a_queue_created_with_a_size_limit_refuses_a_batch_that_would_pass_it_whole() {
         let broker = broker(10);
         let size = message().size();
-        broker.create_queue("Q", Some(3 * size)).unwrap();
-        assert!(matches!(broker.create_queue("q", None), Err(BrokerError::Conflict(_))));
+        broker.create_queue("Q", Some(3 * size), EntityStatus::Active).unwrap();
+        assert!(matches!(
+            broker.create_queue("q", None, EntityStatus::Active),
+            Err(BrokerError::Conflict(_))
+        ));
         broker.send("q", vec![message(), message()]).unwrap();
         let refused = broker.send("q", vec![message(), message()]).unwrap_err();
         assert!(
@@ -546,6 +580,44 @@ mod tests {
     }
 
     #[test]
+    fn a_send_disabled_queue_refuses_senders_and_still_lets_receivers_attach() {
+        let broker = broker(10);
+        broker.create_queue("q", None, EntityStatus::SendDisabled).unwrap();
+        assert!(matches!(
+            broker.attach(&path(false), true),
+            Err(BrokerError::EntityDisabled(_))
+        ));
+        broker.attach(&path(false), false).unwrap();
+        broker.attach(&path(true), false).unwrap();
+    }
+
+    #[test]
+    fn sends_to_a_throttled_entity_are_refused_as_many_times_as_configured() {
+        let mut options = broker(10).options.clone();
+        options.server_busy.insert("q".into(), 2);
+        let broker = Broker::new(Topology::default(), options);
+        broker.attach(&path(false), true).unwrap();
+        let other = EntityPath {
+            entity: "other".into(),
+            ..path(false)
+        };
+        broker.attach(&other, true).unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                broker.send("q", vec![message()]),
+                Err(BrokerError::ServerBusy(_))
+            ));
+        }
+        broker.send("other", vec![message()]).unwrap();
+        broker.send("q", vec![message()]).unwrap();
+        assert_eq!(
+            broker.peek(&path(false), 1, 10).unwrap().len(),
+            1,
+            "only the accepted send"
+        );
+    }
+
+    #[test]
     fn max_peek_bounds_each_peek_and_the_next_peek_goes_on_from_past_it() {
         let mut broker = broker(10);
         broker.options.max_peek = Some(2);
@@ -573,7 +645,7 @@ mod tests {
     #[test]
     fn a_deleted_entity_is_gone_with_its_messages() {
         let broker = broker_with(10, false);
-        broker.create_queue("q", None).unwrap();
+        broker.create_queue("q", None, EntityStatus::Active).unwrap();
         broker.send("q", vec![message()]).unwrap();
         assert!(broker.exists(&path(true).parent()));
         broker.delete(&path(false)).unwrap();

@@ -18,6 +18,42 @@ use super::{
     codec::{self, ParsedMessage, Section, symbol},
 };
 
+/// An entity's Status, as the ATOM description says it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EntityStatus {
+    #[default]
+    Active,
+    Disabled,
+    SendDisabled,
+    ReceiveDisabled,
+}
+
+impl EntityStatus {
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "Active" => Self::Active,
+            "Disabled" => Self::Disabled,
+            "SendDisabled" => Self::SendDisabled,
+            "ReceiveDisabled" => Self::ReceiveDisabled,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "Active",
+            Self::Disabled => "Disabled",
+            Self::SendDisabled => "SendDisabled",
+            Self::ReceiveDisabled => "ReceiveDisabled",
+        }
+    }
+
+    /// Whether Azure refuses sends to the entity (com.microsoft:entity-disabled).
+    pub fn refuses_sends(self) -> bool {
+        matches!(self, Self::Disabled | Self::SendDisabled)
+    }
+}
+
 /// Settings of one store, resolved from the topology and the CLI defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreSettings {
@@ -27,6 +63,8 @@ pub struct StoreSettings {
     /// MaxSizeInMegabytes, in bytes: a send that would take the entity past
     /// it is refused, as Azure refuses it (QuotaExceeded). None: no limit.
     pub max_size_bytes: Option<usize>,
+    /// Set by an ATOM PUT's `Status`.
+    pub status: EntityStatus,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
