@@ -465,13 +465,8 @@ pub async fn export_then_import_round_trips<F: Fixture>() {
 
     let journal = std::sync::Arc::new(Journal::open(&dir.join("journal.jsonl")).unwrap());
     let req = ImportRequest {
-        file: &file,
-        to: "dlq",
-        address: None,
-        filter: None,
         rate: Some(100),
-        max: None,
-        dry_run: false,
+        ..ImportRequest::new(&file, "dlq")
     };
     let s = triage::import(&reg, &req, Some(journal), Default::default())
         .await
@@ -531,15 +526,7 @@ pub async fn export_then_import_keeps_groups_in_order<F: Fixture>() {
         return;
     }
     assert_eq!(s.written, 30, "{s:?}");
-    let req = ImportRequest {
-        file: &file,
-        to: "dlq",
-        address: None,
-        filter: None,
-        rate: None,
-        max: None,
-        dry_run: false,
-    };
+    let req = ImportRequest::new(&file, "dlq");
     let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
     assert_eq!((s.sent, s.failed), (30, 0), "{s:?}");
     assert!(s.not_carried.is_empty(), "{s:?}");

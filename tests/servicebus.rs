@@ -273,6 +273,25 @@ async fn bodies_of_every_section_kind_are_copied_as_they_were() {
     assert_eq!(f.dlq_count().await, 0);
 }
 
+/// `dlq-bridge redrive dlq --to DEST` on `f`'s private emulator, its
+/// connection string `cs` in `env`: the exit code, and stdout and stderr.
+fn redrive_to(f: &ServiceBusFixture, env: &str, cs: &str, dest: &str) -> (Option<i32>, String) {
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(env, cs)
+        .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", dest])
+        .args(["--yes", "--no-journal"])
+        .output()
+        .expect("dlq-bridge ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), said)
+}
+
 /// Azure rejects a send with com.microsoft:server-busy while it throttles a
 /// namespace ("Please wait 2 seconds and try again"). The envelope is sent
 /// again after a pause, so a throttled redrive still moves every message
@@ -292,20 +311,8 @@ async fn sends_refused_as_throttled_are_sent_again() {
     create_queue(&f.http, DEST, None).await;
     let msgs: Vec<TestMessage> = (0..10).map(|i| failing(i, "Timeout")).collect();
     f.put_in_dlq(&msgs).await;
-    let config = f.config_file_with("");
-    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
-        .env_remove("DLQ_BRIDGE_CONFIG")
-        .env(ENV, &cs)
-        .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", DEST])
-        .args(["--yes", "--no-journal"])
-        .output()
-        .expect("dlq-bridge ran");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(0), "{said}");
+    let (code, said) = redrive_to(&f, ENV, &cs, DEST);
+    assert_eq!(code, Some(0), "{said}");
     assert_eq!(queue_message_count(&f.http, DEST).await, 10, "{said}");
     assert_eq!(f.dlq_count().await, 0, "{said}");
     assert_eq!(
@@ -330,20 +337,8 @@ async fn a_redrive_to_a_disabled_destination_says_so() {
     create_queue_described(&f.http, &dest, "<Status>SendDisabled</Status>").await;
     let msgs: Vec<TestMessage> = (0..3).map(|i| failing(i, "Timeout")).collect();
     f.put_in_dlq(&msgs).await;
-    let config = f.config_file_with("");
-    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
-        .env_remove("DLQ_BRIDGE_CONFIG")
-        .env(ENV, &cs)
-        .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", &dest])
-        .args(["--yes", "--no-journal"])
-        .output()
-        .expect("dlq-bridge ran");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_ne!(out.status.code(), Some(0), "{said}");
+    let (code, said) = redrive_to(&f, ENV, &cs, &dest);
+    assert_ne!(code, Some(0), "{said}");
     assert!(said.contains(&format!("{dest} is SendDisabled")), "{said}");
     assert!(!said.contains("cannot reach"), "{said}");
     assert_eq!(f.dlq_count().await, 3, "{said}");
@@ -371,20 +366,8 @@ async fn a_copy_larger_than_the_destination_takes_fails_alone_and_says_so() {
     let mut msgs: Vec<TestMessage> = (0..4).map(|i| failing(i, "Timeout")).collect();
     msgs[2].body = vec![b'x'; 100 * 1024];
     f.put_in_dlq(&msgs).await;
-    let config = f.config_file_with("");
-    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
-        .env_remove("DLQ_BRIDGE_CONFIG")
-        .env(ENV, &cs)
-        .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", DEST])
-        .args(["--yes", "--no-journal"])
-        .output()
-        .expect("dlq-bridge ran");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(1), "{said}");
+    let (code, said) = redrive_to(&f, ENV, &cs, DEST);
+    assert_eq!(code, Some(1), "{said}");
     assert!(
         said.contains("more than the 65536 bytes a message to small-dest may have"),
         "{said}"

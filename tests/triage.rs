@@ -305,15 +305,7 @@ async fn import_crosses_providers_and_names_what_is_not_carried() {
         .await
         .unwrap();
     assert_eq!(s.written, 1);
-    let req = ImportRequest {
-        file: &file,
-        to: "to-pubsub",
-        address: None,
-        filter: None,
-        rate: None,
-        max: None,
-        dry_run: false,
-    };
+    let req = ImportRequest::new(&file, "to-pubsub");
     let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
     assert_eq!((s.sent, s.failed), (1, 0), "{s:?}");
     for name in ["n", "blob", "custom"] {
@@ -368,15 +360,7 @@ async fn import_into_sqs_fails_only_the_copies_sqs_refuses() {
         .await
         .unwrap();
     assert_eq!(s.written, msgs.len() as u64);
-    let req = ImportRequest {
-        file: &file,
-        to: "to-sqs",
-        address: None,
-        filter: None,
-        rate: None,
-        max: None,
-        dry_run: false,
-    };
+    let req = ImportRequest::new(&file, "to-sqs");
     let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
     assert_eq!((s.sent, s.failed), (2, 5), "{s:?}");
     let errors = s.errors.join("\n");
@@ -445,14 +429,9 @@ async fn import_into_a_fifo_queue_keeps_distinct_ids_distinct() {
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     let reg = Registry::new(f.config());
     let req = ImportRequest {
-        file: &file,
-        to: "dlq",
         // ministack lists no dead-letter sources.
         address: Some(&f.source_url),
-        filter: None,
-        rate: None,
-        max: None,
-        dry_run: false,
+        ..ImportRequest::new(&file, "dlq")
     };
     let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
     assert_eq!((s.sent, s.failed), (4, 0), "{s:?}");

@@ -33,6 +33,21 @@ pub struct ImportRequest<'a> {
     pub dry_run: bool,
 }
 
+impl<'a> ImportRequest<'a> {
+    /// Every line of `file` into `to`'s source: no filter, rate or cap.
+    pub fn new(file: &'a Path, to: &'a str) -> Self {
+        Self {
+            file,
+            to,
+            address: None,
+            filter: None,
+            rate: None,
+            max: None,
+            dry_run: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ImportSummary {
     pub run_id: String,
