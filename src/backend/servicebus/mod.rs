@@ -350,8 +350,10 @@ impl Entity {
     }
 }
 
-/// What a connection string holds that dlq-bridge uses.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What a connection string holds that dlq-bridge uses. Its `Debug` leaves
+/// the key and the signature out: a debug print in a log or a panic message
+/// must not carry them.
+#[derive(Clone, Default, PartialEq)]
 pub struct ConnectionString {
     /// The namespace host, e.g. `myns.servicebus.windows.net` (no scheme, no port).
     pub host: String,
@@ -361,6 +363,19 @@ pub struct ConnectionString {
     pub signature: Option<String>,
     /// `UseDevelopmentEmulator=true`: plain AMQP and the emulator's HTTP port.
     pub emulator: bool,
+}
+
+impl std::fmt::Debug for ConnectionString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
+        f.debug_struct("ConnectionString")
+            .field("host", &self.host)
+            .field("key_name", &self.key_name)
+            .field("key", &secret(&self.key))
+            .field("signature", &secret(&self.signature))
+            .field("emulator", &self.emulator)
+            .finish()
+    }
 }
 
 impl ConnectionString {
@@ -2459,6 +2474,27 @@ mod tests {
             "Endpoint=sb://127.0.0.1/;SharedAccessKeyName=x;SharedAccessKey=y"
         );
         assert!(ConnectionString::parse("Endpoint=sb://ns.servicebus.windows.net/").is_err());
+    }
+
+    #[test]
+    fn a_debug_print_of_a_connection_string_leaves_its_secrets_out() {
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey=s3cr3tKey=",
+        )
+        .unwrap();
+        let printed = format!("{cs:?}");
+        assert!(
+            printed.contains("ns.servicebus.windows.net") && printed.contains("send"),
+            "{printed}"
+        );
+        assert!(!printed.contains("s3cr3tKey"), "{printed}");
+        let expiry = chrono::Utc::now().timestamp() + 86_400;
+        let signed = ConnectionString::parse(&format!(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessSignature=SharedAccessSignature sr=x&sig=s1gn4ture&se={expiry}&skn=k"
+        ))
+        .unwrap();
+        assert!(signed.signature.is_some());
+        assert!(!format!("{signed:?}").contains("s1gn4ture"));
     }
 
     #[test]
