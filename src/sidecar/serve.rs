@@ -296,9 +296,10 @@ async fn alert_loop(
                 None => return,
             },
             _ = resend.tick() => {
-                for n in evaluator.refresh(Utc::now(), *leadership.borrow()) {
-                    tracing::debug!(rule = %n.rule, queue = %n.queue, "alert re-sent to Alertmanager");
-                    sinks.send(n);
+                let alerts = evaluator.refresh(Utc::now(), *leadership.borrow());
+                if !alerts.is_empty() {
+                    tracing::debug!(alerts = alerts.len(), "firing alerts re-sent to Alertmanager");
+                    sinks.resend(alerts);
                 }
                 continue;
             }

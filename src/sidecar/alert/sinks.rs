@@ -20,6 +20,8 @@ use super::{Notification, Status};
 use crate::config::{SinkConfig, SinkKind as Kind};
 
 const QUEUE_DEPTH: usize = 256;
+/// Alerts per Alertmanager request when firing alerts are re-sent.
+const RESEND_CHUNK: usize = 100;
 const ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,10 +38,15 @@ struct Sink {
     labels: BTreeMap<String, String>,
 }
 
+/// One request's notifications: one, or several in one Alertmanager array.
+type Request = Arc<Vec<Notification>>;
+
 /// Hands notifications to every sink's task.
 #[derive(Clone, Default)]
 pub struct Sinks {
-    queues: Vec<(String, Kind, mpsc::Sender<Arc<Notification>>)>,
+    /// Each item is one request's notifications: one, or (re-sends to
+    /// Alertmanager) several in one array.
+    queues: Vec<(String, Kind, mpsc::Sender<Request>)>,
     pending: Arc<Pending>,
 }
 
@@ -131,16 +138,37 @@ impl Sinks {
     }
 
     pub fn send(&self, n: Notification) {
-        let n = Arc::new(n);
+        let quiet = n.quiet;
+        let item = Arc::new(vec![n]);
         for (name, kind, q) in &self.queues {
-            if n.quiet && *kind != Kind::Alertmanager {
+            if quiet && *kind != Kind::Alertmanager {
                 continue;
             }
-            self.pending.add();
-            if q.try_send(n.clone()).is_err() {
-                self.pending.done();
-                tracing::warn!(sink = %name, rule = %n.rule, queue = %n.queue, "sink queue full; notification dropped");
+            self.enqueue(name, q, item.clone());
+        }
+    }
+
+    /// Firing alerts re-sent to keep them active: to the Alertmanager sinks
+    /// only, many to a request. One request each would take a queue slot
+    /// each, and with a few hundred alerts firing, the re-sends of every
+    /// minute would fill the queue and push out the notices that matter.
+    pub fn resend(&self, alerts: Vec<Notification>) {
+        for chunk in alerts.chunks(RESEND_CHUNK) {
+            let item = Arc::new(chunk.to_vec());
+            for (name, kind, q) in &self.queues {
+                if *kind == Kind::Alertmanager {
+                    self.enqueue(name, q, item.clone());
+                }
             }
+        }
+    }
+
+    fn enqueue(&self, name: &str, q: &mpsc::Sender<Request>, item: Request) {
+        self.pending.add();
+        if q.try_send(item.clone()).is_err() {
+            self.pending.done();
+            let n = &item[0];
+            tracing::warn!(sink = %name, rule = %n.rule, queue = %n.queue, alerts = item.len(), "sink queue full; notification dropped");
         }
     }
 }
@@ -149,19 +177,44 @@ async fn deliver(
     name: String,
     sink: Sink,
     client: reqwest::Client,
-    mut rx: mpsc::Receiver<Arc<Notification>>,
+    mut rx: mpsc::Receiver<Request>,
     pending: Arc<Pending>,
 ) {
-    while let Some(n) = rx.recv().await {
-        deliver_one(&name, &sink, &client, &n).await;
+    while let Some(item) = rx.recv().await {
+        match sink.kind {
+            // Alertmanager takes an array of alerts in one request.
+            Kind::Alertmanager => {
+                let alerts: Vec<serde_json::Value> = item
+                    .iter()
+                    .flat_map(|n| match payload(&sink, n) {
+                        serde_json::Value::Array(a) => a,
+                        one => vec![one],
+                    })
+                    .collect();
+                deliver_one(&name, &sink, &client, &serde_json::Value::Array(alerts), &item).await;
+            }
+            _ => {
+                for n in item.iter() {
+                    deliver_one(&name, &sink, &client, &payload(&sink, n), std::slice::from_ref(n)).await;
+                }
+            }
+        }
         pending.done();
     }
 }
 
-async fn deliver_one(name: &str, sink: &Sink, client: &reqwest::Client, n: &Notification) {
-    let body = payload(sink, n);
+/// POST `body` (which carries `notes`, named in the logs) with retries.
+async fn deliver_one(
+    name: &str,
+    sink: &Sink,
+    client: &reqwest::Client,
+    body: &serde_json::Value,
+    notes: &[Notification],
+) {
+    let n = &notes[0];
+    let alerts = notes.len();
     for attempt in 1..=ATTEMPTS {
-        let result = client.post(&sink.url).json(&body).send().await;
+        let result = client.post(&sink.url).json(body).send().await;
         match result {
             Ok(r) if r.status().is_success() => break,
             Ok(r) => {
@@ -175,7 +228,7 @@ async fn deliver_one(name: &str, sink: &Sink, client: &reqwest::Client, n: &Noti
                     && status != reqwest::StatusCode::REQUEST_TIMEOUT
                     && status != reqwest::StatusCode::TOO_MANY_REQUESTS
                 {
-                    tracing::error!(sink = %name, %status, %said, rule = %n.rule, queue = %n.queue, "sink refused a notification; dropped without retrying");
+                    tracing::error!(sink = %name, %status, %said, rule = %n.rule, queue = %n.queue, alerts, "sink refused a notification; dropped without retrying");
                     break;
                 }
                 tracing::warn!(sink = %name, %status, %said, attempt, "sink refused a notification");
@@ -183,7 +236,7 @@ async fn deliver_one(name: &str, sink: &Sink, client: &reqwest::Client, n: &Noti
             Err(e) => tracing::warn!(sink = %name, error = %without_url(e, &sink.url), attempt, "sink unreachable"),
         }
         if attempt == ATTEMPTS {
-            tracing::error!(sink = %name, rule = %n.rule, queue = %n.queue, "notification dropped after {ATTEMPTS} attempts");
+            tracing::error!(sink = %name, rule = %n.rule, queue = %n.queue, alerts, "notification dropped after {ATTEMPTS} attempts");
         } else {
             tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
         }
@@ -357,6 +410,43 @@ mod tests {
         let sinks = Sinks::start(&cfg.alerts.sinks).unwrap();
         sinks.send(note(Status::Firing));
         assert_eq!(sinks.flush(Duration::from_millis(300)).await, 1);
+    }
+
+    /// Re-sent firing alerts go to Alertmanager only, a hundred to a request:
+    /// one request each would fill the sink's queue with a few hundred alerts
+    /// firing.
+    #[tokio::test]
+    async fn re_sent_alerts_go_to_alertmanager_only_many_to_a_request() {
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let app = axum::Router::new().fallback(move |axum::Json(v): axum::Json<serde_json::Value>| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(v.as_array().map_or(0, Vec::len));
+                "ok"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let (webhook, webhook_hits) = receiver(200).await;
+        let cfg = crate::config::Config::from_yaml(
+            &format!(
+                "alerts:\n  sinks:\n    - alertmanager: {{url: \"http://{addr}\"}}\n    - webhook: {{url: \"{webhook}\"}}\n"
+            ),
+            "t",
+            &[],
+        )
+        .unwrap();
+        let sinks = Sinks::start(&cfg.alerts.sinks).unwrap();
+        let mut firing = note(Status::Firing);
+        firing.quiet = true;
+        sinks.resend(vec![firing; 250]);
+        assert_eq!(sinks.flush(Duration::from_secs(10)).await, 0);
+        let mut got = sizes.lock().unwrap().clone();
+        got.sort_unstable();
+        assert_eq!(got, [50, 100, 100]);
+        assert_eq!(webhook_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
