@@ -1481,20 +1481,31 @@ pub fn outgoing_copy(m: &DlqMessage, plan: &RedrivePlan, backend: &dyn QueueBack
         original_id: m.id.clone(),
     };
     if room {
-        let unmarked_fits = backend.fits(&copy);
-        let attributes = &mut copy.attributes;
-        attributes.insert(MARK_ID.into(), Attribute::string(format!("{}:{}", plan.run_id, m.id)));
-        attributes.insert(
-            MARK_COUNT.into(),
-            Attribute {
-                value: AttrValue::Number(count.to_string()),
-                data_type: None,
-            },
-        );
-        if unmarked_fits && !backend.fits(&copy) {
+        let marks = [
+            (MARK_ID, Attribute::string(format!("{}:{}", plan.run_id, m.id))),
+            (
+                MARK_COUNT,
+                Attribute {
+                    value: AttrValue::Number(count.to_string()),
+                    data_type: None,
+                },
+            ),
+        ];
+        copy.attributes
+            .extend(marks.iter().map(|(k, a)| (k.to_string(), a.clone())));
+        // Asked once for nearly every copy (it is on the hot path, and a
+        // backend sizes the copy as it would send it); only a copy the marks
+        // may have taken over the limit is asked about again without them.
+        if !backend.fits(&copy) {
             copy.attributes.remove(MARK_ID);
             copy.attributes.remove(MARK_COUNT);
-            room = false;
+            if backend.fits(&copy) {
+                room = false;
+            } else {
+                // Over the limit anyway: its send fails on its own, marked as usual.
+                copy.attributes
+                    .extend(marks.into_iter().map(|(k, a)| (k.to_string(), a)));
+            }
         }
     }
     (copy, room)
