@@ -377,37 +377,45 @@ mod tests {
         assert_eq!(got, [1, 1, 2]);
     }
 
-    /// A receiver that answers every POST with `status` and counts them.
-    async fn receiver(status: u16) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = hits.clone();
-        let app = axum::Router::new().fallback(move || {
-            let hits = counted.clone();
+    type Received = Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
+    /// A receiver that answers every POST with `status` and keeps its body.
+    async fn receiver(status: u16) -> (String, Received) {
+        let got = Received::default();
+        let kept = got.clone();
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let kept = kept.clone();
             async move {
-                hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                kept.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap_or_default());
                 (axum::http::StatusCode::from_u16(status).unwrap(), "invalid_payload")
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (format!("http://{addr}/hook"), hits)
+        (format!("http://{addr}/hook"), got)
+    }
+
+    /// Sinks started from the `alerts.sinks` YAML list `sinks`.
+    fn sinks(sinks: &str) -> Sinks {
+        let cfg = crate::config::Config::from_yaml(&format!("alerts:\n  sinks:\n{sinks}"), "t", &[]).unwrap();
+        Sinks::start(&cfg.alerts.sinks).unwrap()
     }
 
     #[tokio::test]
     async fn flush_waits_for_deliveries_and_says_how_many_are_still_out() {
         let (ok, _) = receiver(200).await;
         let (failing, _) = receiver(503).await;
-        let yaml = |url: &str| format!("alerts:\n  sinks:\n    - webhook: {{url: \"{url}\"}}\n");
-        let cfg = crate::config::Config::from_yaml(&yaml(&ok), "t", &[]).unwrap();
-        let sinks = Sinks::start(&cfg.alerts.sinks).unwrap();
+        let webhook = |url: &str| sinks(&format!("    - webhook: {{url: \"{url}\"}}\n"));
+        let sinks = webhook(&ok);
         assert_eq!(sinks.flush(Duration::ZERO).await, 0, "nothing handed over yet");
         sinks.send(note(Status::Firing));
         sinks.send(note(Status::Resolved));
         assert_eq!(sinks.flush(Duration::from_secs(10)).await, 0);
         // A sink in retry holds its notification past a short wait.
-        let cfg = crate::config::Config::from_yaml(&yaml(&failing), "t", &[]).unwrap();
-        let sinks = Sinks::start(&cfg.alerts.sinks).unwrap();
+        let sinks = webhook(&failing);
         sinks.send(note(Status::Firing));
         assert_eq!(sinks.flush(Duration::from_millis(300)).await, 1);
     }
@@ -417,56 +425,38 @@ mod tests {
     /// firing.
     #[tokio::test]
     async fn re_sent_alerts_go_to_alertmanager_only_many_to_a_request() {
-        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = sizes.clone();
-        let app = axum::Router::new().fallback(move |axum::Json(v): axum::Json<serde_json::Value>| {
-            let seen = seen.clone();
-            async move {
-                seen.lock().unwrap().push(v.as_array().map_or(0, Vec::len));
-                "ok"
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let (alertmanager, requests) = receiver(200).await;
         let (webhook, webhook_hits) = receiver(200).await;
-        let cfg = crate::config::Config::from_yaml(
-            &format!(
-                "alerts:\n  sinks:\n    - alertmanager: {{url: \"http://{addr}\"}}\n    - webhook: {{url: \"{webhook}\"}}\n"
-            ),
-            "t",
-            &[],
-        )
-        .unwrap();
-        let sinks = Sinks::start(&cfg.alerts.sinks).unwrap();
+        let sinks = sinks(&format!(
+            "    - alertmanager: {{url: \"{alertmanager}\"}}\n    - webhook: {{url: \"{webhook}\"}}\n"
+        ));
         let mut firing = note(Status::Firing);
         firing.quiet = true;
         sinks.resend(vec![firing; 250]);
         assert_eq!(sinks.flush(Duration::from_secs(10)).await, 0);
-        let mut got = sizes.lock().unwrap().clone();
+        let mut got: Vec<usize> = requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_array().map_or(0, Vec::len))
+            .collect();
         got.sort_unstable();
         assert_eq!(got, [50, 100, 100]);
-        assert_eq!(webhook_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(webhook_hits.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
     async fn a_client_error_is_not_retried_a_server_error_is() {
         let (refusing, refused) = receiver(400).await;
         let (failing, failed) = receiver(503).await;
-        let cfg = crate::config::Config::from_yaml(
-            &format!(
-                "alerts:\n  sinks:\n    - webhook: {{url: \"{refusing}\"}}\n    - webhook: {{url: \"{failing}\"}}\n"
-            ),
-            "t",
-            &[],
-        )
-        .unwrap();
-        let sinks = Sinks::start(&cfg.alerts.sinks).unwrap();
+        let sinks = sinks(&format!(
+            "    - webhook: {{url: \"{refusing}\"}}\n    - webhook: {{url: \"{failing}\"}}\n"
+        ));
         sinks.send(note(Status::Firing));
         // Retries come after 1 s, then 2 s more.
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert_eq!(failed.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(refused.lock().unwrap().len(), 1);
+        assert_eq!(failed.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]
