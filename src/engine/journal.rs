@@ -551,7 +551,8 @@ impl Journal {
     }
 }
 
-fn rotated(path: &Path, n: usize) -> PathBuf {
+/// The `n`th rotated file of the journal at `path` (`journal.jsonl.1` is the newest).
+pub fn rotated(path: &Path, n: usize) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".{n}"));
     PathBuf::from(name)

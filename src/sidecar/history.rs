@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::engine::journal::Record;
+use crate::engine::journal::{Record, rotated};
 
 /// Finished runs kept from the journal, newest last.
 const JOURNAL_RUNS_KEPT: usize = 1000;
@@ -37,14 +37,7 @@ impl RunHistory {
     /// lines that name those events are parsed.
     pub fn runs(&self, path: &std::path::Path, keep: usize) -> Result<Arc<Vec<(String, Value)>>, std::io::Error> {
         use std::io::BufRead;
-        let mut files: Vec<std::path::PathBuf> = (1..=keep.max(1))
-            .rev()
-            .map(|k| {
-                let mut name = path.as_os_str().to_owned();
-                name.push(format!(".{k}"));
-                std::path::PathBuf::from(name)
-            })
-            .collect();
+        let mut files: Vec<std::path::PathBuf> = (1..=keep.max(1)).rev().map(|k| rotated(path, k)).collect();
         files.push(path.to_owned());
         let stamps: Vec<FileStamp> = files
             .iter()
