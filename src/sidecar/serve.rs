@@ -76,7 +76,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         (leader::always(), None)
     };
-    let sinks = Sinks::start(&config.alerts.sinks)?;
+    let metrics = Arc::new(Metrics::new());
+    let sinks = Sinks::start(&config.alerts.sinks, metrics.clone())?;
     if !config.alerts.rules.is_empty() && config.alerts.sinks.is_empty() {
         tracing::warn!(
             rules = config.alerts.rules.len(),
@@ -90,7 +91,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.serve.reason_sample
     };
     let registry = Arc::new(Registry::new(config.clone()));
-    let metrics = Arc::new(Metrics::new());
     let cache = Arc::new(StatusCache::default());
     let locks = Arc::new(QueueLocks::new(config.queues.iter().map(|q| q.name.as_str())));
     let app = Arc::new(App {
