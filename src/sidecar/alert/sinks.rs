@@ -13,6 +13,11 @@
 //! shutdown, `serve` gives what is queued or being retried a bounded time to
 //! go out ([`Sinks::flush`]): an alert that fired just before a rollout is
 //! not lost with the pod.
+//!
+//! A request that fails (408, 429, 5xx, or its answer lost) is sent again,
+//! the same: receivers drop a duplicate by the notification's ID
+//! ([`Notification::id`]), in the webhook body and in the `Idempotency-Key`
+//! header of webhook and Alertmanager requests.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -326,12 +331,17 @@ async fn deliver(
                         one => vec![one],
                     })
                     .collect();
-                let outcome = deliver_one(name, &sink, &client, &serde_json::Value::Array(alerts), &item).await;
+                let body = serde_json::Value::Array(alerts);
+                let outcome = deliver_one(name, &sink, &client, &body, Some(&request_id(&item)), &item).await;
                 metrics.count_notifications(name, outcome, item.len());
             }
             _ => {
                 for n in item.iter() {
-                    let outcome = deliver_one(name, &sink, &client, &payload(&sink, n), std::slice::from_ref(n)).await;
+                    // Slack would take the header for nothing.
+                    let key = (sink.kind == Kind::Webhook).then(|| n.id());
+                    let body = payload(&sink, n);
+                    let outcome =
+                        deliver_one(name, &sink, &client, &body, key.as_deref(), std::slice::from_ref(n)).await;
                     metrics.count_notifications(name, outcome, 1);
                 }
             }
@@ -340,18 +350,41 @@ async fn deliver(
     }
 }
 
-/// POST `body` (which carries `notes`, named in the logs) with retries.
+/// The `Idempotency-Key` of a request carrying `notes`: the notification's
+/// own ID for one, one derived from all of theirs for several (re-sends to
+/// Alertmanager), the same on every retry.
+fn request_id(notes: &[Notification]) -> String {
+    use sha2::{Digest, Sha256};
+    match notes {
+        [n] => n.id(),
+        _ => {
+            let mut hash = Sha256::new();
+            for n in notes {
+                hash.update(n.id().as_bytes());
+            }
+            hash.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+        }
+    }
+}
+
+/// POST `body` (which carries `notes`, named in the logs) with retries, each
+/// attempt the same request: the same body and `Idempotency-Key` (`key`).
 async fn deliver_one(
     name: &str,
     sink: &Sink,
     client: &reqwest::Client,
     body: &serde_json::Value,
+    key: Option<&str>,
     notes: &[Notification],
 ) -> &'static str {
     let n = &notes[0];
     let alerts = notes.len();
     for attempt in 1..=ATTEMPTS {
-        let result = client.post(&sink.url).json(body).send().await;
+        let mut request = client.post(&sink.url).json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let result = request.send().await;
         match result {
             Ok(r) if r.status().is_success() => return "delivered",
             Ok(r) => {
@@ -414,6 +447,7 @@ fn payload(sink: &Sink, n: &Notification) -> serde_json::Value {
     match sink.kind {
         Kind::Webhook => {
             let mut v = serde_json::to_value(n).expect("notifications serialize");
+            v["id"] = json!(n.id());
             if !sink.labels.is_empty() {
                 v["labels"] = json!(sink.labels);
             }
@@ -628,6 +662,121 @@ mod tests {
     fn sinks(sinks: &str) -> Sinks {
         let cfg = crate::config::Config::from_yaml(&format!("alerts:\n  sinks:\n{sinks}"), "t", &[]).unwrap();
         Sinks::start(&cfg.alerts.sinks, Arc::new(Metrics::new())).unwrap()
+    }
+
+    /// Each request's `Idempotency-Key` header and JSON body.
+    type Keyed = Arc<std::sync::Mutex<Vec<(Option<String>, serde_json::Value)>>>;
+
+    /// An HTTP receiver that keeps every request's `Idempotency-Key` and body,
+    /// and loses its answer to the first: it reads that request whole (the
+    /// receiver has it), then closes the connection without answering. Later
+    /// requests get 200.
+    async fn forgetful_receiver() -> (String, Keyed) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let got = Keyed::default();
+        let kept = got.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut conn = BufReader::new(socket);
+                    loop {
+                        let (mut key, mut length) = (None, 0);
+                        let mut line = String::new();
+                        if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            line.clear();
+                            conn.read_line(&mut line).await.unwrap();
+                            let Some((name, value)) = line.trim_end().split_once(':') else {
+                                break;
+                            };
+                            match name.to_ascii_lowercase().as_str() {
+                                "idempotency-key" => key = Some(value.trim().to_string()),
+                                "content-length" => length = value.trim().parse().unwrap(),
+                                _ => {}
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        conn.read_exact(&mut body).await.unwrap();
+                        let first = {
+                            let mut kept = kept.lock().unwrap();
+                            kept.push((key, serde_json::from_slice(&body).unwrap()));
+                            kept.len() == 1
+                        };
+                        if first {
+                            return;
+                        }
+                        conn.get_mut()
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}/hook"), got)
+    }
+
+    /// A notification retried after its answer was lost carries the same ID
+    /// (header and webhook body), so the receiver can drop the duplicate; the
+    /// alert's next notice carries another.
+    #[tokio::test]
+    async fn a_retry_after_a_lost_answer_carries_the_same_id_and_the_next_notice_another() {
+        let (webhook, hooked) = forgetful_receiver().await;
+        let (alertmanager, alerted) = forgetful_receiver().await;
+        let sinks = sinks(&format!(
+            "    - webhook: {{url: \"{webhook}\"}}\n    - alertmanager: {{url: \"{alertmanager}\"}}\n"
+        ));
+        let firing = note(Status::Firing);
+        sinks.send(firing.clone());
+        assert_eq!(sinks.flush(Duration::from_secs(10)).await, 0);
+        sinks.send(Notification {
+            status: Status::Resolved,
+            sent_at: firing.sent_at + chrono::Duration::seconds(30),
+            ..firing.clone()
+        });
+        assert_eq!(sinks.flush(Duration::from_secs(10)).await, 0);
+
+        let hooked = hooked.lock().unwrap().clone();
+        assert_eq!(hooked.len(), 3, "the lost one, its retry, the resolve: {hooked:?}");
+        let ids: Vec<&str> = hooked.iter().map(|(_, body)| body["id"].as_str().unwrap()).collect();
+        for (key, body) in &hooked {
+            assert_eq!(key.as_deref(), body["id"].as_str(), "the header is the body's id");
+        }
+        assert_eq!(hooked[0], hooked[1], "the retry is the same request");
+        assert_eq!(ids[0], firing.id());
+        assert_ne!(ids[2], ids[0], "the resolve is another notification");
+        assert_eq!(hooked[2].1["status"], "resolved");
+
+        let alerted = alerted.lock().unwrap().clone();
+        assert_eq!(alerted.len(), 3, "{alerted:?}");
+        let keys: Vec<&str> = alerted.iter().map(|(key, _)| key.as_deref().unwrap()).collect();
+        assert_eq!((keys[0], keys[1]), (firing.id().as_str(), firing.id().as_str()));
+        assert_ne!(keys[2], keys[0]);
+    }
+
+    #[test]
+    fn a_repeat_is_another_notification_a_copy_the_same() {
+        let n = note(Status::Firing);
+        assert_eq!(n.clone().id(), n.id());
+        assert_eq!(n.id().len(), 32);
+        let repeat = Notification {
+            sent_at: n.sent_at + chrono::Duration::hours(4),
+            ..n.clone()
+        };
+        assert_ne!(repeat.id(), n.id());
+        let next = Notification {
+            started_at: n.started_at + chrono::Duration::hours(5),
+            ..repeat.clone()
+        };
+        assert_ne!(next.id(), repeat.id());
+        assert_ne!(request_id(&[n.clone(), repeat.clone()]), n.id());
+        assert_eq!(request_id(&[n.clone(), repeat.clone()]), request_id(&[n, repeat]));
     }
 
     #[tokio::test]
