@@ -211,3 +211,161 @@ async fn only_the_leader_runs_schedules_and_the_standby_takes_them_over() {
     assert!(f.drain_source().await.is_empty(), "nothing was moved twice");
     assert_eq!(f.dlq_count().await, 0);
 }
+
+/// The holder of `lease` on the test API server, as it stands.
+async fn lease_holder(lease: &str) -> Option<String> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig()).expect("read the test kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("a client config from the test kubeconfig");
+    let client = kube::Client::try_from(config).expect("a client for the test API server");
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client, "default");
+    leases
+        .get_opt(lease)
+        .await
+        .expect("read the Lease")
+        .and_then(|l| l.spec?.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+/// Wait until `lease` is held by one of the replicas, and say by which
+/// (`a` or `b`).
+async fn leader_of(lease: &str) -> String {
+    let started = Instant::now();
+    loop {
+        if let Some(h) = lease_holder(lease).await {
+            return h.trim_start_matches("replica-").to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "nobody took the Lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A daily cron slot (UTC, with seconds) `ahead` from now, and the schedule
+/// config that redrives every message of `orders` at it.
+fn cron_slot(ahead: Duration) -> (chrono::DateTime<chrono::Utc>, String) {
+    use chrono::Timelike;
+    let at = chrono::Utc::now() + chrono::Duration::from_std(ahead).unwrap();
+    let at = at.with_nanosecond(0).unwrap() + chrono::Duration::seconds(1);
+    let schedule = format!(
+        "redrive:\n  hold: 5s\nschedules:\n  - queue: orders\n    cron: \"{} {} {} * * *\"\n    filter: \"true\"\n",
+        at.second(),
+        at.minute(),
+        at.hour()
+    );
+    (at, schedule)
+}
+
+async fn sleep_until_wall(at: chrono::DateTime<chrono::Utc>) {
+    if let Ok(d) = (at - chrono::Utc::now()).to_std() {
+        tokio::time::sleep(d).await;
+    }
+}
+
+fn one_message(tag: &str) -> Vec<TestMessage> {
+    vec![TestMessage {
+        body: tag.as_bytes().to_vec(),
+        attributes: attrs(&[("error", "Timeout")]),
+        ordering_key: None,
+    }]
+}
+
+/// The leader dies just before a cron slot; the standby takes the Lease over
+/// only after the slot has passed. Nobody ran the slot (the Lease's record
+/// says so), so the new leader runs it when it takes over, once.
+#[tokio::test]
+async fn a_cron_slot_that_falls_during_the_hand_over_runs_on_the_new_leader() {
+    let kubeconfig = kubeconfig();
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&one_message("missed")).await;
+    let lease = common::unique("dlqb-lease");
+    let (slot, schedule) = cron_slot(Duration::from_secs(12));
+    let config = |replica: &str| replica_config(&f, &lease, replica, "1h", &schedule);
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+    let mut a = Serve::start_with_env(&config("a"), &env).await;
+    let mut b = Serve::start_with_env(&config("b"), &env).await;
+    let leader = leader_of(&lease).await;
+    let (dead, standby) = if leader == "a" { (&mut a, &b) } else { (&mut b, &a) };
+
+    // Killed 1.5 s before the slot: the Lease moves some 4 to 6.7 s later.
+    sleep_until_wall(slot - chrono::Duration::milliseconds(1500)).await;
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    sleep_until_wall(slot).await;
+    assert_ne!(
+        lease_holder(&lease).await.as_deref(),
+        Some(format!("replica-{}", if leader == "a" { "b" } else { "a" }).as_str()),
+        "the standby must take over after the slot for this test to mean anything"
+    );
+
+    let mut got = Vec::new();
+    let started = Instant::now();
+    while got.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "the slot that fell during the hand-over never ran"
+        );
+        got.extend(f.drain_source().await.into_iter().map(|r| r.body));
+    }
+    assert_eq!(got, [b"missed".to_vec()]);
+    assert_eq!(scheduled_runs(standby).await, 1, "caught up once");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(scheduled_runs(standby).await, 1, "and only once");
+    assert_eq!(f.dlq_count().await, 0);
+}
+
+/// The leader runs a cron slot and dies right after; the standby that takes
+/// the Lease over learns from it that the slot was started, and does not run
+/// it again.
+#[tokio::test]
+async fn a_cron_slot_the_dead_leader_ran_is_not_run_again_by_the_new_leader() {
+    let kubeconfig = kubeconfig();
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&one_message("first")).await;
+    let lease = common::unique("dlqb-lease");
+    let (slot, schedule) = cron_slot(Duration::from_secs(10));
+    let config = |replica: &str| replica_config(&f, &lease, replica, "1h", &schedule);
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+    let mut a = Serve::start_with_env(&config("a"), &env).await;
+    let mut b = Serve::start_with_env(&config("b"), &env).await;
+    let leader = leader_of(&lease).await;
+    let (dead, standby, standby_name) = if leader == "a" {
+        (&mut a, &b, "replica-b")
+    } else {
+        (&mut b, &a, "replica-a")
+    };
+
+    sleep_until_wall(slot).await;
+    let mut got = Vec::new();
+    let started = Instant::now();
+    while got.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the leader never ran its slot"
+        );
+        got.extend(f.drain_source().await.into_iter().map(|r| r.body));
+    }
+    assert_eq!(got, [b"first".to_vec()]);
+    // What a second run of the slot would move.
+    f.put_in_dlq(&one_message("second")).await;
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    let killed = Instant::now();
+    while lease_holder(&lease).await.as_deref() != Some(standby_name) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "the standby never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        scheduled_runs(standby).await,
+        0,
+        "the new leader did not run the slot again"
+    );
+    assert!(f.drain_source().await.is_empty());
+    assert_eq!(f.dlq_count().await, 1);
+}

@@ -13,14 +13,186 @@
 //! optimistic concurrency (`resourceVersion` on replace) settle races. On
 //! shutdown the leader clears the holder so that a standby takes over at
 //! once instead of after the lease expires.
+//!
+//! The Lease also carries the cron slots the leaders started
+//! ([`ScheduleSlots`]), so that a replica taking it over runs a slot that fell
+//! during the hand-over, and not one its predecessor already started.
 
-use tokio::sync::watch;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LeaderElectionConfig;
 
+/// The Lease annotation that carries [`ScheduleSlots`]: a JSON object, each
+/// schedule's key to the latest cron slot a leader started for it.
+pub const SLOTS_ANNOTATION: &str = "dlq-bridge/schedule-slots";
+
+/// The cron slots the leader has started, per schedule, kept in the Lease
+/// (annotation [`SLOTS_ANNOTATION`], written with the renewals) so that a
+/// replica that takes the Lease over knows which slots its predecessor ran:
+/// it catches up a slot that fell during the hand-over only when no leader
+/// started it. A slot is written to the Lease before its run starts, by a
+/// write that succeeds only while this replica holds the Lease.
+pub struct ScheduleSlots {
+    state: Mutex<SlotState>,
+    /// Wakes the elector to write a slot just started at once.
+    #[cfg_attr(not(feature = "k8s"), allow(dead_code))]
+    wake: Notify,
+    /// The latest generation of `state` written to the Lease.
+    written: watch::Sender<u64>,
+}
+
+struct SlotState {
+    /// The keys of this replica's schedules: nothing else is kept.
+    keys: Vec<String>,
+    slots: BTreeMap<String, DateTime<Utc>>,
+    /// Bumped by every slot started here.
+    generation: u64,
+    /// Kept in a Lease (election on); else a start counts as recorded at once.
+    lease_backed: bool,
+    /// When this replica last took the Lease, it carried the annotation (or
+    /// this replica created it): what the previous holders started is known.
+    known: bool,
+}
+
+impl ScheduleSlots {
+    /// For the schedules with these keys; `lease_backed` when leader
+    /// election is on.
+    pub fn new(keys: impl IntoIterator<Item = String>, lease_backed: bool) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(SlotState {
+                keys: keys.into_iter().collect(),
+                slots: BTreeMap::new(),
+                generation: 0,
+                lease_backed,
+                known: !lease_backed,
+            }),
+            wake: Notify::new(),
+            written: watch::Sender::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().expect("schedule slots lock")
+    }
+
+    /// Note that the schedule `key` starts its `slot`; returns the generation
+    /// to wait for with [`Self::recorded`], and the slot noted before.
+    pub fn start(&self, key: &str, slot: DateTime<Utc>) -> (u64, Option<DateTime<Utc>>) {
+        let mut st = self.lock();
+        let previous = st.slots.get(key).copied();
+        st.slots.insert(key.to_string(), previous.map_or(slot, |p| p.max(slot)));
+        st.generation += 1;
+        let generation = st.generation;
+        if !st.lease_backed {
+            self.written.send_replace(generation);
+        }
+        drop(st);
+        self.wake.notify_one();
+        (generation, previous)
+    }
+
+    /// Take back a slot [`Self::start`] noted that the Lease did not get in
+    /// time and that is not run: unless a later slot was noted meanwhile,
+    /// `key` goes back to what it was, `previous`.
+    pub fn abandon(&self, key: &str, slot: DateTime<Utc>, previous: Option<DateTime<Utc>>) {
+        let mut st = self.lock();
+        if st.slots.get(key) == Some(&slot) {
+            match previous {
+                Some(p) => st.slots.insert(key.to_string(), p),
+                None => st.slots.remove(key),
+            };
+        }
+    }
+
+    /// Whether the Lease holds generation `generation` (or a later one)
+    /// within `within`.
+    pub async fn recorded(&self, generation: u64, within: Duration) -> bool {
+        let mut rx = self.written.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|w| *w >= generation))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The latest slot of `key` that a leader started, as far as known.
+    pub fn last(&self, key: &str) -> Option<DateTime<Utc>> {
+        self.lock().slots.get(key).copied()
+    }
+
+    /// Whether the Lease, when this replica last took it, told what the
+    /// previous holders started.
+    pub fn known(&self) -> bool {
+        self.lock().known
+    }
+
+    /// Merge what a Lease's annotation says (`None`: it has none); when
+    /// `taking_over` (this replica is not leading yet), note whether it told.
+    #[cfg_attr(not(feature = "k8s"), allow(dead_code))]
+    pub(crate) fn learn(&self, annotation: Option<&str>, taking_over: bool) {
+        let mut st = self.lock();
+        let theirs: Option<BTreeMap<String, DateTime<Utc>>> = annotation.and_then(|text| {
+            serde_json::from_str(text)
+                .inspect_err(|e| tracing::warn!(error = %e, "the Lease's {SLOTS_ANNOTATION} annotation is unreadable; its slots are unknown"))
+                .ok()
+        });
+        if taking_over {
+            st.known = theirs.is_some();
+        }
+        for (key, slot) in theirs.into_iter().flatten() {
+            if st.keys.contains(&key) {
+                let e = st.slots.entry(key).or_insert(slot);
+                *e = (*e).max(slot);
+            }
+        }
+    }
+
+    /// The annotation to write, and the generation it holds.
+    #[cfg_attr(not(feature = "k8s"), allow(dead_code))]
+    pub(crate) fn annotation(&self) -> (String, u64) {
+        let st = self.lock();
+        let text = serde_json::to_string(&st.slots).expect("a map of strings to times serializes");
+        (text, st.generation)
+    }
+
+    /// This replica created the Lease: nobody held it before.
+    #[cfg_attr(not(feature = "k8s"), allow(dead_code))]
+    pub(crate) fn created(&self) {
+        self.lock().known = true;
+    }
+
+    /// The Lease now holds `generation`.
+    #[cfg_attr(not(feature = "k8s"), allow(dead_code))]
+    pub(crate) fn wrote(&self, generation: u64) {
+        self.written.send_if_modified(|w| {
+            let newer = generation > *w;
+            *w = (*w).max(generation);
+            newer
+        });
+    }
+}
+
 /// `true` while this process is the leader.
 pub type Leadership = watch::Receiver<bool>;
+
+/// How far back a replica that takes the Lease over looks for a cron slot
+/// that no leader started: twice the lease, plus 10 s. A dead leader is
+/// replaced within a lease and two renewal periods (a third of it each) of
+/// its last renewal; the rest is slack for timers and API calls.
+pub fn catch_up_window(cfg: &LeaderElectionConfig) -> Duration {
+    cfg.lease_duration * 2 + Duration::from_secs(10)
+}
+
+/// How long a leader waits for a slot to be written to the Lease before it
+/// gives the slot up: two thirds of the lease, after which a leader that
+/// could not renew has stepped down.
+pub fn record_within(cfg: &LeaderElectionConfig) -> Duration {
+    cfg.lease_duration * 2 / 3
+}
 
 /// For a single replica (election off): always the leader.
 pub fn always() -> Leadership {
@@ -59,6 +231,7 @@ pub type Elector = tokio::task::JoinHandle<()>;
 #[cfg(not(feature = "k8s"))]
 pub async fn start(
     _cfg: &LeaderElectionConfig,
+    _slots: Arc<ScheduleSlots>,
     _cancel: CancellationToken,
 ) -> Result<(Leadership, Elector), LeaderError> {
     Err(LeaderError::NotCompiled)
@@ -67,6 +240,7 @@ pub async fn start(
 #[cfg(feature = "k8s")]
 pub async fn start(
     cfg: &LeaderElectionConfig,
+    slots: Arc<ScheduleSlots>,
     cancel: CancellationToken,
 ) -> Result<(Leadership, Elector), LeaderError> {
     let client = kube::Client::try_default()
@@ -82,6 +256,7 @@ pub async fn start(
         name: cfg.lease_name.clone(),
         me: identity(cfg),
         duration: cfg.lease_duration,
+        slots,
     };
     let (tx, rx) = watch::channel(false);
     Ok((rx, tokio::spawn(elector.run(tx, cancel))))
@@ -89,6 +264,7 @@ pub async fn start(
 
 #[cfg(feature = "k8s")]
 mod k8s {
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -99,11 +275,14 @@ mod k8s {
     use tokio::sync::watch;
     use tokio_util::sync::CancellationToken;
 
+    use super::{SLOTS_ANNOTATION, ScheduleSlots};
+
     pub struct Elector {
         pub api: Api<Lease>,
         pub name: String,
         pub me: String,
         pub duration: Duration,
+        pub slots: Arc<ScheduleSlots>,
     }
 
     /// How often to renew (or try to acquire): a third of the lease, as
@@ -188,10 +367,11 @@ mod k8s {
             loop {
                 let started = Instant::now();
                 let budget = call_budget(renewed_at.filter(|_| *tx.borrow()), started, period, deadline);
+                let was_leading = *tx.borrow();
                 let outcome = if budget.is_zero() {
                     None
                 } else {
-                    tokio::time::timeout(budget, self.try_acquire_or_renew(&mut observed))
+                    tokio::time::timeout(budget, self.try_acquire_or_renew(&mut observed, was_leading))
                         .await
                         .ok()
                 };
@@ -231,6 +411,8 @@ mod k8s {
                 };
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
+                    // A schedule's slot to record before its run starts.
+                    _ = self.slots.wake.notified(), if leading => {}
                     _ = cancel.cancelled() => break,
                 }
             }
@@ -263,22 +445,40 @@ mod k8s {
         }
 
         /// Returns whether this replica holds the lease after the call.
-        async fn try_acquire_or_renew(&self, observed: &mut Observed) -> Result<bool, kube::Error> {
+        /// `leading`: this replica led after its previous call.
+        async fn try_acquire_or_renew(&self, observed: &mut Observed, leading: bool) -> Result<bool, kube::Error> {
             let now = Timestamp::now();
             let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+                let (slots, generation) = self.slots.annotation();
                 let lease = Lease {
                     metadata: ObjectMeta {
                         name: Some(self.name.clone()),
+                        annotations: Some([(SLOTS_ANNOTATION.to_string(), slots)].into()),
                         ..Default::default()
                     },
                     spec: Some(self.spec(None, now)),
                 };
                 return match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => Ok(true),
+                    Ok(_) => {
+                        self.slots.created();
+                        self.slots.wrote(generation);
+                        Ok(true)
+                    }
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
                     Err(e) => Err(e),
                 };
             };
+            // What the holders so far started: read before this replica
+            // leads, so its schedules know which slots to catch up.
+            self.slots.learn(
+                lease
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(SLOTS_ANNOTATION))
+                    .map(String::as_str),
+                !leading,
+            );
             let spec = lease.spec.clone().unwrap_or_default();
             let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
             let unchanged_for = observed.note(lease.metadata.resource_version.as_deref(), Instant::now());
@@ -292,11 +492,18 @@ mod k8s {
                 return Ok(false);
             }
             lease.spec = Some(self.spec(Some(&spec), now));
+            let (slots, generation) = self.slots.annotation();
+            lease
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(SLOTS_ANNOTATION.to_string(), slots);
             // `replace` carries the resourceVersion we read: if another replica
             // wrote in between, the API answers 409 and we lost this round.
             match self.api.replace(&self.name, &PostParams::default(), &lease).await {
                 Ok(written) => {
                     observed.note(written.metadata.resource_version.as_deref(), Instant::now());
+                    self.slots.wrote(generation);
                     Ok(true)
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
@@ -321,6 +528,47 @@ mod k8s {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[tokio::test]
+        async fn slots_are_learned_from_the_lease_and_a_slot_counts_once_written() {
+            use chrono::{DateTime, Utc};
+            let at = |s: i64| DateTime::<Utc>::from_timestamp(1_800_000_000 + s, 0).unwrap();
+            let slots = ScheduleSlots::new(["orders/abc".to_string()], true);
+            assert!(!slots.known());
+            // Taking over a Lease without the annotation: what ran is unknown.
+            slots.learn(None, true);
+            assert!(!slots.known());
+            // With it: known, and only this replica's schedules are kept.
+            let theirs = format!(r#"{{"orders/abc": "{}", "gone/xyz": "{}"}}"#, at(60), at(0));
+            slots.learn(Some(&theirs), true);
+            assert!(slots.known());
+            assert_eq!(slots.last("orders/abc"), Some(at(60)));
+            assert!(!slots.annotation().0.contains("gone/xyz"));
+            // A renewal read while leading leaves `known` as it was at takeover.
+            slots.learn(None, false);
+            assert!(slots.known());
+
+            // A slot started counts once the Lease holds it.
+            let (generation, previous) = slots.start("orders/abc", at(120));
+            assert_eq!(previous, Some(at(60)));
+            assert!(!slots.recorded(generation, Duration::from_millis(50)).await);
+            let (text, written) = slots.annotation();
+            assert!(
+                text.contains(&at(120).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+                "{text}"
+            );
+            slots.wrote(written);
+            assert!(slots.recorded(generation, Duration::ZERO).await);
+            // One that never made it is taken back.
+            let (_, previous) = slots.start("orders/abc", at(180));
+            slots.abandon("orders/abc", at(180), previous);
+            assert_eq!(slots.last("orders/abc"), Some(at(120)));
+
+            // Without election, a start counts as recorded at once.
+            let local = ScheduleSlots::new(["q/k".to_string()], false);
+            let (generation, _) = local.start("q/k", at(0));
+            assert!(local.recorded(generation, Duration::ZERO).await);
+        }
 
         #[test]
         fn a_skewed_renew_time_does_not_expire_a_lease_that_keeps_changing() {

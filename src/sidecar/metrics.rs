@@ -28,6 +28,9 @@ fn run_labels(queue: &str, action: &str, trigger: &str, outcome: &str) -> Labels
     ])
 }
 
+/// How a notification to a sink ended (`dlq_bridge_notifications_total`).
+pub const NOTIFICATION_OUTCOMES: [&str; 5] = ["delivered", "superseded", "dropped", "refused", "failed"];
+
 /// Reasons per queue exported as their own label value; the rest are `other`.
 pub const TOP_REASONS: usize = 10;
 
@@ -47,6 +50,7 @@ pub struct Metrics {
     pattern_messages: Family<Labels, Gauge>,
     patterns_exported: Mutex<HashMap<String, Vec<String>>>,
     retention_expired: Family<Labels, Gauge>,
+    notifications: Family<Labels, Counter>,
     /// (queue, rule) pairs firing now, for the dashboard's overview.
     firing: Mutex<std::collections::BTreeSet<(String, String)>>,
 }
@@ -99,6 +103,7 @@ impl Metrics {
             pattern_messages: Family::default(),
             patterns_exported: Mutex::new(HashMap::new()),
             retention_expired: Family::default(),
+            notifications: Family::default(),
             firing: Mutex::default(),
             registry: Registry::default(),
         };
@@ -157,7 +162,31 @@ impl Metrics {
             "Messages older than the queue's retention max_age at the latest retention check",
             m.retention_expired.clone(),
         );
+        registry.register(
+            "dlq_bridge_notifications",
+            "Alert notifications per sink, by outcome: delivered, superseded (dropped from a full sink queue for a later notice of the same alert), dropped (a full sink queue), refused (a client error), failed (given up after retries)",
+            m.notifications.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Export a sink's notification outcomes at 0 from the start (see
+    /// `init_queue`).
+    pub fn init_sink(&self, sink: &str) {
+        for outcome in NOTIFICATION_OUTCOMES {
+            let _ = self
+                .notifications
+                .get_or_create(&labels(&[("sink", sink), ("outcome", outcome)]));
+        }
+    }
+
+    /// Count `n` notifications to `sink` that ended with `outcome`, one of
+    /// [`NOTIFICATION_OUTCOMES`].
+    pub fn count_notifications(&self, sink: &str, outcome: &str, n: usize) {
+        debug_assert!(NOTIFICATION_OUTCOMES.contains(&outcome), "{outcome}");
+        self.notifications
+            .get_or_create(&labels(&[("sink", sink), ("outcome", outcome)]))
+            .inc_by(n as u64);
     }
 
     pub fn set_depth(&self, queue: &str, backend: &str, depth: u64, oldest_age_secs: Option<f64>) {

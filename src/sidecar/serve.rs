@@ -22,7 +22,7 @@ use crate::sidecar::alert::Evaluator;
 use crate::sidecar::alert::sinks::Sinks;
 use crate::sidecar::app::{App, RunStatus};
 use crate::sidecar::exclusion::QueueLocks;
-use crate::sidecar::leader::{self, Leadership};
+use crate::sidecar::leader::{self, Leadership, ScheduleSlots};
 use crate::sidecar::metrics::Metrics;
 use crate::sidecar::poller::{AdminLimits, PollResult, Poller, StatusCache};
 use crate::sidecar::{dashboard, guard};
@@ -70,13 +70,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(listen = %bound, queues = config.queues.len(), "serving");
     eprintln!("dlq-bridge serve: listening on http://{bound}");
     let shutdown = CancellationToken::new();
+    let election = &config.serve.leader_election;
+    let slots = ScheduleSlots::new(config.schedules.iter().map(schedule_key), election.enabled);
+    let hand_over = HandOver {
+        slots: slots.clone(),
+        catch_up: election.enabled.then(|| leader::catch_up_window(election)),
+        record_within: leader::record_within(election),
+    };
     let (leadership, elector): (Leadership, Option<leader::Elector>) = if config.serve.leader_election.enabled {
-        let (leadership, elector) = leader::start(&config.serve.leader_election, shutdown.clone()).await?;
+        let (leadership, elector) =
+            leader::start(&config.serve.leader_election, slots.clone(), shutdown.clone()).await?;
         (leadership, Some(elector))
     } else {
         (leader::always(), None)
     };
-    let sinks = Sinks::start(&config.alerts.sinks)?;
+    let metrics = Arc::new(Metrics::new());
+    let sinks = Sinks::start(&config.alerts.sinks, metrics.clone())?;
     if !config.alerts.rules.is_empty() && config.alerts.sinks.is_empty() {
         tracing::warn!(
             rules = config.alerts.rules.len(),
@@ -90,7 +99,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.serve.reason_sample
     };
     let registry = Arc::new(Registry::new(config.clone()));
-    let metrics = Arc::new(Metrics::new());
     let cache = Arc::new(StatusCache::default());
     let locks = Arc::new(QueueLocks::new(config.queues.iter().map(|q| q.name.as_str())));
     let app = Arc::new(App {
@@ -155,6 +163,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             s.clone(),
             leadership.clone(),
             shutdown.clone(),
+            hand_over.clone(),
         ));
     }
 
@@ -360,11 +369,66 @@ fn next_cron(
     cron.find_next_occurrence(&from, false)
 }
 
-async fn schedule_loop(app: Arc<App>, s: ScheduleConfig, leadership: Leadership, shutdown: CancellationToken) {
+/// A schedule's name in the Lease's record of the cron slots started: its
+/// queue and a digest of its settings, the same on every replica that has
+/// the same schedule.
+fn schedule_key(s: &ScheduleConfig) -> String {
+    use sha2::{Digest, Sha256};
+    let settings = serde_json::to_string(s).expect("a schedule serializes");
+    let digest: String = Sha256::digest(settings.as_bytes())[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{}/{digest}", s.queue)
+}
+
+/// What the schedules need to get through a leader hand-over.
+#[derive(Clone)]
+struct HandOver {
+    /// The cron slots started, kept in the Lease.
+    slots: Arc<ScheduleSlots>,
+    /// How far back a new leader catches up a cron slot no leader started;
+    /// `None` with election off (one replica, always the leader).
+    catch_up: Option<Duration>,
+    /// How long to wait for a slot to be written to the Lease.
+    record_within: Duration,
+}
+
+/// The cron slot a replica that has just taken the Lease over runs late: the
+/// latest slot at or before `now`, if it fell within `window` and no leader
+/// started it (`started`: the latest slot the Lease's record shows). The
+/// caller runs it only when the Lease told what its previous holders started
+/// ([`ScheduleSlots::known`]): else the slot may have run, and a slot is run
+/// at most once.
+fn missed_slot(
+    cron: &croner::Cron,
+    now: DateTime<Utc>,
+    window: Duration,
+    started: Option<DateTime<Utc>>,
+) -> Option<DateTime<Utc>> {
+    // croner's backward search keeps `now`'s fraction of a second in what it
+    // finds: a slot is a whole second, as the forward search gives it.
+    let slot = cron.find_previous_occurrence(&now, true).ok()?;
+    let slot = slot - chrono::Duration::nanoseconds(i64::from(slot.timestamp_subsec_nanos()));
+    let ago = (now - slot).to_std().unwrap_or_default();
+    (ago <= window && started.is_none_or(|s| s < slot)).then_some(slot)
+}
+
+async fn schedule_loop(
+    app: Arc<App>,
+    s: ScheduleConfig,
+    mut leadership: Leadership,
+    shutdown: CancellationToken,
+    hand_over: HandOver,
+) {
     let Some(cadence) = Cadence::of(&s) else { return };
+    let key = schedule_key(&s);
     let anchor = tokio::time::Instant::now();
     let mut last_cron: Option<DateTime<Utc>> = None;
-    loop {
+    let mut led = *leadership.borrow_and_update();
+    // False once the elector has ended (shutdown): nothing more to watch.
+    let mut watching = true;
+    'schedule: loop {
         let wake = match &cadence {
             Cadence::Every(every) => next_every(anchor, *every, tokio::time::Instant::now()),
             Cadence::Cron(c) => match next_cron(c, Utc::now(), last_cron) {
@@ -378,36 +442,89 @@ async fn schedule_loop(app: Arc<App>, s: ScheduleConfig, leadership: Leadership,
                 }
             },
         };
-        tokio::select! {
-            // Shutdown first: after a run that outlasted its slot both are
-            // ready, and a run started now would only be cancelled.
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(wake) => {}
-        }
+        let slot = loop {
+            tokio::select! {
+                // Shutdown first: after a run that outlasted its slot both are
+                // ready, and a run started now would only be cancelled.
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(wake) => break last_cron,
+                changed = leadership.changed(), if watching => {
+                    if changed.is_err() {
+                        watching = false;
+                        continue;
+                    }
+                    let leading = *leadership.borrow_and_update();
+                    let taken_over = leading && !led;
+                    led = leading;
+                    // This replica has just taken the Lease: a cron slot that
+                    // fell during the hand-over and that no leader started
+                    // runs now, once.
+                    let (Cadence::Cron(c), Some(window), true) = (&cadence, hand_over.catch_up, taken_over) else {
+                        continue;
+                    };
+                    let Some(missed) = missed_slot(c, Utc::now(), window, hand_over.slots.last(&key)) else {
+                        continue;
+                    };
+                    if !hand_over.slots.known() {
+                        tracing::warn!(queue = %s.queue, slot = %missed, "took the Lease over from a holder that did not record its cron slots: whether this slot, within the hand-over, ran is unknown; not run again here");
+                    } else {
+                        tracing::info!(queue = %s.queue, slot = %missed, "cron slot fell during the leader hand-over and no leader started it: running it now");
+                        run_scheduled(&app, &s, &key, Some(missed), &hand_over).await;
+                        // A run that outlasted the next slot skips it, as any run does.
+                        if tokio::time::Instant::now() >= wake {
+                            continue 'schedule;
+                        }
+                    }
+                }
+            }
+        };
         if !*leadership.borrow() {
             continue;
         }
-        let req = RedriveRequest {
-            filter: s.filter.clone(),
-            to: s.to.clone(),
-            dry_run: s.dry_run,
-            rate: s.rate,
-            max: s.max,
-            concurrency: None,
-        };
-        match app.start_run(&s.queue, req, Trigger::Schedule).await {
-            Ok(id) => {
-                // One run at a time per schedule: wait for it before the next.
-                while app.run_view(&id).await.is_some_and(|v| v.status == RunStatus::Running) {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
+        run_scheduled(&app, &s, &key, slot, &hand_over).await;
+    }
+}
+
+/// Run schedule `s` once and wait for the run to end. A cron `slot` is first
+/// recorded in the Lease: a replica that takes the Lease over then knows it
+/// was started, and does not run it again; a slot that cannot be recorded in
+/// time is not run here (the Lease is about to move, and the next leader
+/// catches the slot up).
+async fn run_scheduled(
+    app: &Arc<App>,
+    s: &ScheduleConfig,
+    key: &str,
+    slot: Option<DateTime<Utc>>,
+    hand_over: &HandOver,
+) {
+    if let Some(slot) = slot {
+        let (generation, previous) = hand_over.slots.start(key, slot);
+        if !hand_over.slots.recorded(generation, hand_over.record_within).await {
+            hand_over.slots.abandon(key, slot, previous);
+            tracing::warn!(queue = %s.queue, %slot, "could not record the cron slot in the Lease in time; not run here, left to the next leader");
+            return;
+        }
+    }
+    let req = RedriveRequest {
+        filter: s.filter.clone(),
+        to: s.to.clone(),
+        dry_run: s.dry_run,
+        rate: s.rate,
+        max: s.max,
+        concurrency: None,
+    };
+    match app.start_run(&s.queue, req, Trigger::Schedule).await {
+        Ok(id) => {
+            // One run at a time per schedule: wait for it before the next.
+            while app.run_view(&id).await.is_some_and(|v| v.status == RunStatus::Running) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => {
-                app.metrics
-                    .count_run(&s.queue, Action::REDRIVE, &Trigger::Schedule.to_string(), false);
-                tracing::error!(queue = %s.queue, error = %e, "scheduled redrive could not start");
-            }
+        }
+        Err(e) => {
+            app.metrics
+                .count_run(&s.queue, Action::REDRIVE, &Trigger::Schedule.to_string(), false);
+            tracing::error!(queue = %s.queue, error = %e, "scheduled redrive could not start");
         }
     }
 }
@@ -602,6 +719,50 @@ mod tests {
         // UTC: no DST gap or repeat (29 March 2026 is the EU switch).
         let daily: croner::Cron = "30 2 * * *".parse().unwrap();
         assert_eq!(next_cron(&daily, t(1, 0, 0, 0), None).unwrap(), t(2, 30, 0, 0));
+    }
+
+    /// A new leader runs the latest cron slot that fell within the window
+    /// and that no leader started.
+    #[test]
+    fn a_new_leader_catches_up_a_recent_slot_nobody_started() {
+        let cron: croner::Cron = "0 3 * * *".parse().unwrap();
+        let t = |h: u32, m: u32, s: u32| {
+            chrono::NaiveDate::from_ymd_opt(2026, 12, 5)
+                .unwrap()
+                .and_hms_opt(h, m, s)
+                .unwrap()
+                .and_utc()
+        };
+        let window = Duration::from_secs(40);
+        // 03:00 passed 20 s ago and nobody started it: run it.
+        assert_eq!(missed_slot(&cron, t(3, 0, 20), window, None), Some(t(3, 0, 0)));
+        let yesterday = t(3, 0, 0) - chrono::Duration::days(1);
+        assert_eq!(
+            missed_slot(&cron, t(3, 0, 20), window, Some(yesterday)),
+            Some(t(3, 0, 0))
+        );
+        // The old leader started it: not again, whatever the fraction of a
+        // second the new one looks at.
+        assert_eq!(missed_slot(&cron, t(3, 0, 20), window, Some(t(3, 0, 0))), None);
+        let late = t(3, 0, 20) + chrono::Duration::milliseconds(873);
+        assert_eq!(missed_slot(&cron, late, window, None), Some(t(3, 0, 0)));
+        assert_eq!(missed_slot(&cron, late, window, Some(t(3, 0, 0))), None);
+        // Longer ago than the window: not a hand-over's slot.
+        assert_eq!(missed_slot(&cron, t(3, 1, 0), window, None), None);
+    }
+
+    #[test]
+    fn a_schedule_key_is_its_queue_and_a_digest_of_its_settings() {
+        let s: ScheduleConfig =
+            serde_yaml::from_str("{queue: orders, cron: \"0 3 * * *\", filter: 'reason == \"Timeout\"'}").unwrap();
+        let key = schedule_key(&s);
+        assert!(key.starts_with("orders/") && key.len() == "orders/".len() + 12, "{key}");
+        assert_eq!(schedule_key(&s.clone()), key);
+        let other = ScheduleConfig {
+            max: Some(10),
+            ..s.clone()
+        };
+        assert_ne!(schedule_key(&other), key);
     }
 
     #[test]

@@ -69,6 +69,43 @@ pub struct Notification {
     pub valid_for: Duration,
 }
 
+impl Notification {
+    /// This notification's ID: the webhook body's `id` and the
+    /// `Idempotency-Key` header of webhook and Alertmanager requests, for
+    /// receivers to drop a request that a retry delivered twice (its answer
+    /// was lost). Derived from the alert (rule, queue, kind, reason), its
+    /// status, when that state began (`started_at`) and when this notice was
+    /// made (`sent_at`), so every retry of one notification carries the same
+    /// ID, and the next notice of the alert another: its resolve, or a repeat
+    /// (a repeat is a reminder, which a receiver deduping by ID must not drop).
+    pub fn id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let status = match self.status {
+            Status::Firing => "firing",
+            Status::Resolved => "resolved",
+        };
+        let started = self.started_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        let sent = self.sent_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        let mut hash = Sha256::new();
+        for part in [
+            "dlq-bridge notification 1",
+            &self.rule,
+            &self.queue,
+            self.kind,
+            self.reason.as_deref().unwrap_or(""),
+            status,
+            &started,
+            &sent,
+        ] {
+            // Length-prefixed: a reason (written by whatever failed) cannot
+            // make two notifications' parts run together into one key.
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part.as_bytes());
+        }
+        hash.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SampleMessage {
     pub id: String,

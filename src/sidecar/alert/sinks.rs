@@ -2,22 +2,34 @@
 //! Alertmanager's v2 API.
 //!
 //! Each sink has its own task and bounded queue: a slow or failing sink is
-//! retried with backoff without ever blocking polling, and when its queue is
-//! full the newest notification is dropped with a warning. On shutdown,
-//! `serve` gives what is queued or being retried a bounded time to go out
-//! ([`Sinks::flush`]): an alert that fired just before a rollout is not lost
-//! with the pod.
+//! retried with backoff without ever blocking polling. When its queue is
+//! full, room is made by dropping what matters least ([`make_room`]): a
+//! queued firing notice that a later notice of the same alert supersedes,
+//! else the oldest of the least important notices (Alertmanager re-sends,
+//! then firing notices, then resolves). A resolve is never dropped while a
+//! firing notice could go instead: a lost resolve leaves the alert open in
+//! chat and at the receiver for good. Every drop is counted in
+//! `dlq_bridge_notifications_total` and logged with the alert's name. On
+//! shutdown, `serve` gives what is queued or being retried a bounded time to
+//! go out ([`Sinks::flush`]): an alert that fired just before a rollout is
+//! not lost with the pod.
+//!
+//! A request that fails (408, 429, 5xx, or its answer lost) is sent again,
+//! the same: receivers drop a duplicate by the notification's ID
+//! ([`Notification::id`]), in the webhook body and in the `Idempotency-Key`
+//! header of webhook and Alertmanager requests.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use super::{Notification, Status};
 use crate::config::{SinkConfig, SinkKind as Kind};
+use crate::sidecar::metrics::Metrics;
 
 const QUEUE_DEPTH: usize = 256;
 /// Alerts per Alertmanager request when firing alerts are re-sent.
@@ -41,13 +53,65 @@ struct Sink {
 /// One request's notifications: one, or several in one Alertmanager array.
 type Request = Arc<Vec<Notification>>;
 
+/// One sink's bounded queue, shared with its delivery task.
+struct SinkQueue {
+    /// The kind and its index in `alerts.sinks` (`webhook-0`), never the
+    /// URL: webhook URLs can carry secrets. The logs' and metrics' name.
+    name: String,
+    kind: Kind,
+    items: Mutex<VecDeque<Request>>,
+    ready: Notify,
+    /// Every `Sinks` handle is gone: the task ends once the queue is empty.
+    closed: AtomicBool,
+}
+
+impl SinkQueue {
+    fn new(name: String, kind: Kind) -> Self {
+        Self {
+            name,
+            kind,
+            items: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The next request, waiting for one; `None` once closed and empty.
+    async fn next(&self) -> Option<Request> {
+        loop {
+            if let Some(item) = self.items.lock().expect("sink queue lock").pop_front() {
+                return Some(item);
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return None;
+            }
+            // `notify_one` keeps a permit when nobody waits: a push between
+            // the check above and this wait is not missed.
+            self.ready.notified().await;
+        }
+    }
+}
+
 /// Hands notifications to every sink's task.
 #[derive(Clone, Default)]
 pub struct Sinks {
-    /// Each item is one request's notifications: one, or (re-sends to
-    /// Alertmanager) several in one array.
-    queues: Vec<(String, Kind, mpsc::Sender<Request>)>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    queues: Vec<Arc<SinkQueue>>,
     pending: Arc<Pending>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for q in &self.queues {
+            q.closed.store(true, Ordering::SeqCst);
+            q.ready.notify_one();
+        }
+    }
 }
 
 /// Notifications queued or being delivered, over all sinks.
@@ -70,9 +134,53 @@ impl Pending {
     }
 }
 
+/// How much a request matters, least first: Alertmanager re-sends of alerts
+/// it already has (0), firing notices (1), resolves (2).
+fn importance(item: &[Notification]) -> u8 {
+    if item.iter().any(|n| n.status == Status::Resolved) {
+        2
+    } else if item.iter().all(|n| n.quiet) {
+        0
+    } else {
+        1
+    }
+}
+
+/// The same alert, in the same episode: a resolve or a repeat of it makes a
+/// queued firing notice of it redundant.
+fn same_alert(a: &Notification, b: &Notification) -> bool {
+    a.rule == b.rule && a.queue == b.queue && a.kind == b.kind && a.reason == b.reason && a.started_at == b.started_at
+}
+
+/// The queued request to drop to make room for `new` in a full queue, with
+/// its outcome for the metrics; `None` to drop `new` itself.
+///
+/// A queued firing notice of the alert `new` is about goes first: its resolve
+/// or its repeat says all it said (`superseded`). Else the oldest of the
+/// least important requests ([`importance`]), unless `new` matters less than
+/// all of them (`dropped`). So a resolve goes only when the queue holds
+/// nothing but resolves.
+fn make_room(queued: &VecDeque<Request>, new: &[Notification]) -> Option<(usize, &'static str)> {
+    if let [n] = new {
+        let stale = queued
+            .iter()
+            .position(|q| matches!(&q[..], [o] if o.status == Status::Firing && same_alert(o, n)));
+        if let Some(i) = stale {
+            return Some((i, "superseded"));
+        }
+    }
+    let (i, least) = queued
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (i, importance(q)))
+        .min_by_key(|&(i, rank)| (rank, i))?;
+    (least <= importance(new)).then_some((i, "dropped"))
+}
+
 impl Sinks {
-    /// Resolve the sinks' URLs and start one delivery task per sink.
-    pub fn start(configs: &[SinkConfig]) -> Result<Self, SinkError> {
+    /// Resolve the sinks' URLs and start one delivery task per sink, which
+    /// counts its outcomes in `metrics`.
+    pub fn start(configs: &[SinkConfig], metrics: Arc<Metrics>) -> Result<Self, SinkError> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(5))
@@ -108,43 +216,55 @@ impl Sinks {
                 },
                 labels: target.labels.clone(),
             };
-            // Named without the URL: webhook URLs can carry secrets.
-            let name = format!("{kind:?} sink #{index}").to_lowercase();
-            let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-            tokio::spawn(deliver(name.clone(), sink, client.clone(), rx, pending.clone()));
-            queues.push((name, kind, tx));
+            let queue = Arc::new(SinkQueue::new(format!("{kind:?}-{index}").to_lowercase(), kind));
+            metrics.init_sink(&queue.name);
+            tokio::spawn(deliver(
+                queue.clone(),
+                sink,
+                client.clone(),
+                pending.clone(),
+                metrics.clone(),
+            ));
+            queues.push(queue);
         }
-        Ok(Self { queues, pending })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                queues,
+                pending,
+                metrics,
+            }),
+        })
     }
 
     /// Wait, at most `within`, until every notification handed over so far
     /// has been delivered or given up on. Returns how many were still out.
     pub async fn flush(&self, within: Duration) -> usize {
+        let pending = &self.inner.pending;
         let wait = async {
             loop {
-                let idle = self.pending.idle.notified();
+                let idle = pending.idle.notified();
                 tokio::pin!(idle);
                 // Registered before the count is read, so a `done` in between
                 // is not missed.
                 idle.as_mut().enable();
-                if self.pending.count.load(Ordering::SeqCst) == 0 {
+                if pending.count.load(Ordering::SeqCst) == 0 {
                     return;
                 }
                 idle.await;
             }
         };
         let _ = tokio::time::timeout(within, wait).await;
-        self.pending.count.load(Ordering::SeqCst)
+        pending.count.load(Ordering::SeqCst)
     }
 
     pub fn send(&self, n: Notification) {
         let quiet = n.quiet;
         let item = Arc::new(vec![n]);
-        for (name, kind, q) in &self.queues {
-            if quiet && *kind != Kind::Alertmanager {
+        for q in &self.inner.queues {
+            if quiet && q.kind != Kind::Alertmanager {
                 continue;
             }
-            self.enqueue(name, q, item.clone());
+            self.enqueue(q, item.clone());
         }
     }
 
@@ -155,32 +275,52 @@ impl Sinks {
     pub fn resend(&self, alerts: Vec<Notification>) {
         for chunk in alerts.chunks(RESEND_CHUNK) {
             let item = Arc::new(chunk.to_vec());
-            for (name, kind, q) in &self.queues {
-                if *kind == Kind::Alertmanager {
-                    self.enqueue(name, q, item.clone());
+            for q in &self.inner.queues {
+                if q.kind == Kind::Alertmanager {
+                    self.enqueue(q, item.clone());
                 }
             }
         }
     }
 
-    fn enqueue(&self, name: &str, q: &mpsc::Sender<Request>, item: Request) {
-        self.pending.add();
-        if q.try_send(item.clone()).is_err() {
-            self.pending.done();
-            let n = &item[0];
-            tracing::warn!(sink = %name, rule = %n.rule, queue = %n.queue, alerts = item.len(), "sink queue full; notification dropped");
+    fn enqueue(&self, q: &SinkQueue, item: Request) {
+        let Inner { pending, metrics, .. } = &*self.inner;
+        pending.add();
+        let dropped = {
+            let mut items = q.items.lock().expect("sink queue lock");
+            if items.len() < QUEUE_DEPTH {
+                items.push_back(item);
+                None
+            } else {
+                match make_room(&items, &item) {
+                    Some((i, outcome)) => {
+                        let old = items.remove(i).expect("an index make_room found");
+                        items.push_back(item);
+                        Some((old, outcome))
+                    }
+                    None => Some((item, "dropped")),
+                }
+            }
+        };
+        q.ready.notify_one();
+        if let Some((gone, outcome)) = dropped {
+            pending.done();
+            metrics.count_notifications(&q.name, outcome, gone.len());
+            let n = &gone[0];
+            tracing::warn!(sink = %q.name, rule = %n.rule, queue = %n.queue, status = ?n.status, alerts = gone.len(), outcome, "sink queue full; notification dropped");
         }
     }
 }
 
 async fn deliver(
-    name: String,
+    queue: Arc<SinkQueue>,
     sink: Sink,
     client: reqwest::Client,
-    mut rx: mpsc::Receiver<Request>,
     pending: Arc<Pending>,
+    metrics: Arc<Metrics>,
 ) {
-    while let Some(item) = rx.recv().await {
+    let name = &queue.name;
+    while let Some(item) = queue.next().await {
         match sink.kind {
             // Alertmanager takes an array of alerts in one request.
             Kind::Alertmanager => {
@@ -191,11 +331,18 @@ async fn deliver(
                         one => vec![one],
                     })
                     .collect();
-                deliver_one(&name, &sink, &client, &serde_json::Value::Array(alerts), &item).await;
+                let body = serde_json::Value::Array(alerts);
+                let outcome = deliver_one(name, &sink, &client, &body, Some(&request_id(&item)), &item).await;
+                metrics.count_notifications(name, outcome, item.len());
             }
             _ => {
                 for n in item.iter() {
-                    deliver_one(&name, &sink, &client, &payload(&sink, n), std::slice::from_ref(n)).await;
+                    // Slack would take the header for nothing.
+                    let key = (sink.kind == Kind::Webhook).then(|| n.id());
+                    let body = payload(&sink, n);
+                    let outcome =
+                        deliver_one(name, &sink, &client, &body, key.as_deref(), std::slice::from_ref(n)).await;
+                    metrics.count_notifications(name, outcome, 1);
                 }
             }
         }
@@ -203,20 +350,43 @@ async fn deliver(
     }
 }
 
-/// POST `body` (which carries `notes`, named in the logs) with retries.
+/// The `Idempotency-Key` of a request carrying `notes`: the notification's
+/// own ID for one, one derived from all of theirs for several (re-sends to
+/// Alertmanager), the same on every retry.
+fn request_id(notes: &[Notification]) -> String {
+    use sha2::{Digest, Sha256};
+    match notes {
+        [n] => n.id(),
+        _ => {
+            let mut hash = Sha256::new();
+            for n in notes {
+                hash.update(n.id().as_bytes());
+            }
+            hash.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+        }
+    }
+}
+
+/// POST `body` (which carries `notes`, named in the logs) with retries, each
+/// attempt the same request: the same body and `Idempotency-Key` (`key`).
 async fn deliver_one(
     name: &str,
     sink: &Sink,
     client: &reqwest::Client,
     body: &serde_json::Value,
+    key: Option<&str>,
     notes: &[Notification],
-) {
+) -> &'static str {
     let n = &notes[0];
     let alerts = notes.len();
     for attempt in 1..=ATTEMPTS {
-        let result = client.post(&sink.url).json(body).send().await;
+        let mut request = client.post(&sink.url).json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let result = request.send().await;
         match result {
-            Ok(r) if r.status().is_success() => break,
+            Ok(r) if r.status().is_success() => return "delivered",
             Ok(r) => {
                 let status = r.status();
                 // What the sink objects to: Slack's `invalid_payload` or
@@ -229,7 +399,7 @@ async fn deliver_one(
                     && status != reqwest::StatusCode::TOO_MANY_REQUESTS
                 {
                     tracing::error!(sink = %name, %status, %said, rule = %n.rule, queue = %n.queue, alerts, "sink refused a notification; dropped without retrying");
-                    break;
+                    return "refused";
                 }
                 tracing::warn!(sink = %name, %status, %said, attempt, "sink refused a notification");
             }
@@ -241,6 +411,7 @@ async fn deliver_one(
             tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
         }
     }
+    "failed"
 }
 
 /// A reqwest error without its URL, which for Slack is a secret, but with its
@@ -276,6 +447,7 @@ fn payload(sink: &Sink, n: &Notification) -> serde_json::Value {
     match sink.kind {
         Kind::Webhook => {
             let mut v = serde_json::to_value(n).expect("notifications serialize");
+            v["id"] = json!(n.id());
             if !sink.labels.is_empty() {
                 v["labels"] = json!(sink.labels);
             }
@@ -353,28 +525,116 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_quiet_resolve_goes_to_alertmanager_only() {
-        let mut queues = Vec::new();
-        let mut rxs = Vec::new();
-        for kind in [Kind::Webhook, Kind::Slack, Kind::Alertmanager] {
-            let (tx, rx) = mpsc::channel(4);
-            queues.push((format!("{kind:?}"), kind, tx));
-            rxs.push(rx);
-        }
-        let sinks = Sinks {
+    /// Sinks of these kinds with no delivery task: what is handed over stays
+    /// queued, to be looked at.
+    fn idle(kinds: &[Kind]) -> (Sinks, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let queues = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, kind)| Arc::new(SinkQueue::new(format!("{kind:?}-{i}").to_lowercase(), *kind)))
+            .collect();
+        let inner = Inner {
             queues,
             pending: Default::default(),
+            metrics: metrics.clone(),
         };
+        (Sinks { inner: Arc::new(inner) }, metrics)
+    }
+
+    /// What sink `i` holds, oldest first: each request's (status, rule) pairs.
+    fn queued(sinks: &Sinks, i: usize) -> Vec<Vec<(Status, String)>> {
+        let items = sinks.inner.queues[i].items.lock().unwrap();
+        items
+            .iter()
+            .map(|r| r.iter().map(|n| (n.status, n.rule.clone())).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_quiet_resolve_goes_to_alertmanager_only() {
+        let (sinks, _) = idle(&[Kind::Webhook, Kind::Slack, Kind::Alertmanager]);
         let mut quiet = note(Status::Resolved);
         quiet.quiet = true;
         sinks.send(quiet);
         sinks.send(note(Status::Resolved));
-        let got: Vec<usize> = rxs
-            .iter_mut()
-            .map(|rx| std::iter::from_fn(|| rx.try_recv().ok()).count())
-            .collect();
+        let got: Vec<usize> = (0..3).map(|i| queued(&sinks, i).len()).collect();
         assert_eq!(got, [1, 1, 2]);
+    }
+
+    /// A full queue makes room for a resolve by dropping a firing notice: the
+    /// resolve's own firing notice when it is queued, else the oldest firing
+    /// one; Alertmanager re-sends go before either. A resolve goes only when
+    /// nothing but resolves is queued. Each drop is counted.
+    #[test]
+    fn a_full_sink_queue_drops_firing_notices_before_a_resolve() {
+        let firing = |rule: &str| Notification {
+            rule: rule.into(),
+            ..note(Status::Firing)
+        };
+        let (sinks, metrics) = idle(&[Kind::Webhook]);
+        for i in 0..QUEUE_DEPTH {
+            sinks.send(firing(&format!("r{i}")));
+        }
+        // The resolve of a queued alert replaces its firing notice.
+        let mut resolve = queued_note(&sinks, 7);
+        resolve.status = Status::Resolved;
+        sinks.send(resolve);
+        let q = queued(&sinks, 0);
+        assert_eq!(q.len(), QUEUE_DEPTH);
+        assert!(!q.contains(&vec![(Status::Firing, "r7".to_string())]), "superseded");
+        assert_eq!(q.last().unwrap(), &vec![(Status::Resolved, "r7".to_string())]);
+        // A resolve of an alert not queued: the oldest firing notice goes.
+        sinks.send(Notification {
+            rule: "other".into(),
+            ..note(Status::Resolved)
+        });
+        let q = queued(&sinks, 0);
+        assert_eq!(q[0], vec![(Status::Firing, "r1".to_string())], "r0 dropped");
+        assert_eq!(q.last().unwrap(), &vec![(Status::Resolved, "other".to_string())]);
+        assert_eq!(sinks.inner.pending.count.load(Ordering::SeqCst), QUEUE_DEPTH);
+
+        // Nothing but resolves queued: a firing notice is what goes.
+        let (sinks, _) = idle(&[Kind::Alertmanager]);
+        for i in 0..QUEUE_DEPTH {
+            sinks.send(Notification {
+                rule: format!("r{i}"),
+                ..note(Status::Resolved)
+            });
+        }
+        sinks.send(firing("late"));
+        let q = queued(&sinks, 0);
+        assert!(q.iter().all(|r| r[0].0 == Status::Resolved));
+        // Re-sends go before firing notices, and a re-send is dropped itself
+        // rather than push out a notice that matters more.
+        let (sinks, _) = idle(&[Kind::Alertmanager]);
+        let mut again = firing("again");
+        again.quiet = true;
+        sinks.resend(vec![again.clone()]);
+        for i in 1..QUEUE_DEPTH {
+            sinks.send(firing(&format!("r{i}")));
+        }
+        sinks.send(Notification {
+            rule: "x".into(),
+            ..note(Status::Resolved)
+        });
+        let q = queued(&sinks, 0);
+        assert_eq!(q[0], vec![(Status::Firing, "r1".to_string())], "the re-send went first");
+        sinks.resend(vec![again]);
+        assert!(queued(&sinks, 0).iter().all(|r| r[0].1 != "again"));
+
+        let text = metrics.render();
+        for line in [
+            r#"dlq_bridge_notifications_total{sink="webhook-0",outcome="superseded"} 1"#,
+            r#"dlq_bridge_notifications_total{sink="webhook-0",outcome="dropped"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+    }
+
+    /// The notification queued `i`-th in the first sink.
+    fn queued_note(sinks: &Sinks, i: usize) -> Notification {
+        sinks.inner.queues[0].items.lock().unwrap()[i][0].clone()
     }
 
     type Received = Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
@@ -401,7 +661,122 @@ mod tests {
     /// Sinks started from the `alerts.sinks` YAML list `sinks`.
     fn sinks(sinks: &str) -> Sinks {
         let cfg = crate::config::Config::from_yaml(&format!("alerts:\n  sinks:\n{sinks}"), "t", &[]).unwrap();
-        Sinks::start(&cfg.alerts.sinks).unwrap()
+        Sinks::start(&cfg.alerts.sinks, Arc::new(Metrics::new())).unwrap()
+    }
+
+    /// Each request's `Idempotency-Key` header and JSON body.
+    type Keyed = Arc<std::sync::Mutex<Vec<(Option<String>, serde_json::Value)>>>;
+
+    /// An HTTP receiver that keeps every request's `Idempotency-Key` and body,
+    /// and loses its answer to the first: it reads that request whole (the
+    /// receiver has it), then closes the connection without answering. Later
+    /// requests get 200.
+    async fn forgetful_receiver() -> (String, Keyed) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let got = Keyed::default();
+        let kept = got.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut conn = BufReader::new(socket);
+                    loop {
+                        let (mut key, mut length) = (None, 0);
+                        let mut line = String::new();
+                        if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            line.clear();
+                            conn.read_line(&mut line).await.unwrap();
+                            let Some((name, value)) = line.trim_end().split_once(':') else {
+                                break;
+                            };
+                            match name.to_ascii_lowercase().as_str() {
+                                "idempotency-key" => key = Some(value.trim().to_string()),
+                                "content-length" => length = value.trim().parse().unwrap(),
+                                _ => {}
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        conn.read_exact(&mut body).await.unwrap();
+                        let first = {
+                            let mut kept = kept.lock().unwrap();
+                            kept.push((key, serde_json::from_slice(&body).unwrap()));
+                            kept.len() == 1
+                        };
+                        if first {
+                            return;
+                        }
+                        conn.get_mut()
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}/hook"), got)
+    }
+
+    /// A notification retried after its answer was lost carries the same ID
+    /// (header and webhook body), so the receiver can drop the duplicate; the
+    /// alert's next notice carries another.
+    #[tokio::test]
+    async fn a_retry_after_a_lost_answer_carries_the_same_id_and_the_next_notice_another() {
+        let (webhook, hooked) = forgetful_receiver().await;
+        let (alertmanager, alerted) = forgetful_receiver().await;
+        let sinks = sinks(&format!(
+            "    - webhook: {{url: \"{webhook}\"}}\n    - alertmanager: {{url: \"{alertmanager}\"}}\n"
+        ));
+        let firing = note(Status::Firing);
+        sinks.send(firing.clone());
+        assert_eq!(sinks.flush(Duration::from_secs(10)).await, 0);
+        sinks.send(Notification {
+            status: Status::Resolved,
+            sent_at: firing.sent_at + chrono::Duration::seconds(30),
+            ..firing.clone()
+        });
+        assert_eq!(sinks.flush(Duration::from_secs(10)).await, 0);
+
+        let hooked = hooked.lock().unwrap().clone();
+        assert_eq!(hooked.len(), 3, "the lost one, its retry, the resolve: {hooked:?}");
+        let ids: Vec<&str> = hooked.iter().map(|(_, body)| body["id"].as_str().unwrap()).collect();
+        for (key, body) in &hooked {
+            assert_eq!(key.as_deref(), body["id"].as_str(), "the header is the body's id");
+        }
+        assert_eq!(hooked[0], hooked[1], "the retry is the same request");
+        assert_eq!(ids[0], firing.id());
+        assert_ne!(ids[2], ids[0], "the resolve is another notification");
+        assert_eq!(hooked[2].1["status"], "resolved");
+
+        let alerted = alerted.lock().unwrap().clone();
+        assert_eq!(alerted.len(), 3, "{alerted:?}");
+        let keys: Vec<&str> = alerted.iter().map(|(key, _)| key.as_deref().unwrap()).collect();
+        assert_eq!((keys[0], keys[1]), (firing.id().as_str(), firing.id().as_str()));
+        assert_ne!(keys[2], keys[0]);
+    }
+
+    #[test]
+    fn a_repeat_is_another_notification_a_copy_the_same() {
+        let n = note(Status::Firing);
+        assert_eq!(n.clone().id(), n.id());
+        assert_eq!(n.id().len(), 32);
+        let repeat = Notification {
+            sent_at: n.sent_at + chrono::Duration::hours(4),
+            ..n.clone()
+        };
+        assert_ne!(repeat.id(), n.id());
+        let next = Notification {
+            started_at: n.started_at + chrono::Duration::hours(5),
+            ..repeat.clone()
+        };
+        assert_ne!(next.id(), repeat.id());
+        assert_ne!(request_id(&[n.clone(), repeat.clone()]), n.id());
+        assert_eq!(request_id(&[n.clone(), repeat.clone()]), request_id(&[n, repeat]));
     }
 
     #[tokio::test]
