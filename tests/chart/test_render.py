@@ -284,7 +284,8 @@ def test_prometheus_rule_mirrors_the_builtin_rules(render):
     [group] = pr["spec"]["groups"]
     rules = {rule.get("alert"): rule for rule in group["rules"]}
     assert set(rules) == {"DlqBridgeDepthAbove", "DlqBridgeOldestMessageAgeAbove", "DlqBridgeGrowth",
-                          "DlqBridgePollErrors", "DlqBridgeStale", "DlqBridgeRunFailed", "Custom"}
+                          "DlqBridgePollErrors", "DlqBridgeStale", "DlqBridgeRunFailed",
+                          "DlqBridgeNotificationsLost", "Custom"}
     depth = rules["DlqBridgeDepthAbove"]
     assert depth["expr"] == 'max by (queue, backend) (dlq_bridge_messages{queue=~"orders|payments"}) > 25'
     assert depth["for"] == "10m" and depth["labels"] == {"severity": "page", "rule": "depth_above"}
@@ -310,12 +311,18 @@ def test_prometheus_rule_mirrors_the_builtin_rules(render):
     assert failed["expr"] == ('sum by (queue, action, trigger) (increase(dlq_bridge_runs_total'
                               '{outcome="failed",queue=~"orders|payments"}[1h])) > 0')
     assert "{{ $labels.queue }}" in failed["annotations"]["summary"]
+    # Undelivered notifications, per sink: no queue label, so no queue selector.
+    lost = rules["DlqBridgeNotificationsLost"]
+    assert lost["expr"] == ('sum by (sink, outcome) (increase(dlq_bridge_notifications_total'
+                            '{outcome=~"dropped|refused|failed"}[1h])) > 0')
+    assert "{{ $labels.sink }}" in lost["annotations"]["summary"]
 
 
 def test_prometheus_rule_can_disable_single_alerts(render):
     r = render({"prometheusRule": {"enabled": True, "oldestAgeAbove": {"enabled": False},
                                    "pollErrors": {"enabled": False}, "stale": {"enabled": False},
-                                   "runFailures": {"enabled": False}}})
+                                   "runFailures": {"enabled": False},
+                                   "notificationsLost": {"enabled": False}}})
     alerts = {rule["alert"] for rule in r.one("PrometheusRule")["spec"]["groups"][0]["rules"]}
     assert alerts == {"DlqBridgeDepthAbove", "DlqBridgeGrowth"}
 
