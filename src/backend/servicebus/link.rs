@@ -140,6 +140,9 @@ pub(super) struct LinkConfig {
     pub tls: bool,
     /// `<entity>/$DeadLetterQueue`.
     pub dlq_path: String,
+    /// The connection string's `EntityPath`: its key signs for that queue
+    /// or topic only, so tokens are signed for it, not the namespace.
+    pub scope: Option<String>,
     pub credentials: Credentials,
     /// Lifetime of a SAS token signed from a key (`servicebus.sas_token_ttl`).
     pub sas_ttl: Duration,
@@ -201,8 +204,13 @@ impl LinkConfig {
                 let ttl = self.sas_ttl.as_secs().max(1);
                 let expiry = now + ttl;
                 // Signed for the namespace, as the SDKs do: it covers every
-                // entity the key's rule allows.
-                let resource = format!("{}://{}/", self.scheme(), self.host);
+                // entity the key's rule allows. A key of an entity-level
+                // policy signs for its entity (the SDKs sign for EntityPath):
+                // Azure refuses such a key's token for the namespace.
+                let resource = match &self.scope {
+                    Some(entity) => self.audience(entity),
+                    None => format!("{}://{}/", self.scheme(), self.host),
+                };
                 let token = sas_token(&resource, name, key, expiry);
                 let renew = Instant::now() + valid_for(expiry) * 5 / 6;
                 Ok((
@@ -1595,6 +1603,7 @@ mod tests {
             host: "ns.servicebus.windows.net".into(),
             tls: true,
             dlq_path: "q/$DeadLetterQueue".into(),
+            scope: None,
             credentials: Credentials::Signature(String::new()),
             sas_ttl: Duration::from_secs(60),
             label: "dlq (q)".into(),

@@ -125,7 +125,10 @@
 //! A SAS connection string from the environment variable named by
 //! `connection_string_env`. `UseDevelopmentEmulator=true` in it selects plain
 //! `amqp://` (Microsoft's emulator convention); azservicebus always dials port
-//! 5672 (5671 for TLS) whatever the string says. Without a connection string,
+//! 5672 (5671 for TLS) whatever the string says. A connection string of an
+//! entity-level policy (`EntityPath=<queue or topic>`) signs every token for
+//! that entity, which its key is valid for, and is refused up front for any
+//! other entity ([`ConnectionString::check_scope`]). Without a connection string,
 //! Entra ID through Azure Workload Identity ([`WorkloadIdentityCredential`]):
 //! the federated token file and client/tenant IDs the AKS webhook injects.
 
@@ -363,6 +366,9 @@ pub struct ConnectionString {
     pub signature: Option<String>,
     /// `UseDevelopmentEmulator=true`: plain AMQP and the emulator's HTTP port.
     pub emulator: bool,
+    /// `EntityPath`: the queue or topic of an entity-level policy, whose key
+    /// signs only for that entity (see [`ConnectionString::check_scope`]).
+    pub entity_path: Option<String>,
 }
 
 impl std::fmt::Debug for ConnectionString {
@@ -374,6 +380,7 @@ impl std::fmt::Debug for ConnectionString {
             .field("key", &secret(&self.key))
             .field("signature", &secret(&self.signature))
             .field("emulator", &self.emulator)
+            .field("entity_path", &self.entity_path)
             .finish()
     }
 }
@@ -395,6 +402,7 @@ impl ConnectionString {
                 "sharedaccesskey" => out.key = Some(v.to_string()),
                 "sharedaccesssignature" => out.signature = Some(v.to_string()),
                 "usedevelopmentemulator" => out.emulator = v.eq_ignore_ascii_case("true"),
+                "entitypath" => out.entity_path = Some(v.trim_matches('/').to_string()).filter(|p| !p.is_empty()),
                 _ => {}
             }
         }
@@ -424,7 +432,30 @@ impl ConnectionString {
         if let (Some(n), Some(k)) = (&self.key_name, &self.key) {
             s.push_str(&format!(";SharedAccessKeyName={n};SharedAccessKey={k}"));
         }
+        // azservicebus then signs its tokens for the entity, not the namespace.
+        if let Some(e) = &self.entity_path {
+            s.push_str(&format!(";EntityPath={e}"));
+        }
         s
+    }
+
+    /// Whether this connection string may be used for `entity` (a queue or
+    /// topic; `what` says for what, in the error). A policy of one entity
+    /// (`EntityPath`) has a key that signs for that entity and what lies
+    /// below it (its dead-letter queue, its subscriptions) only: Azure
+    /// refuses its tokens for anything else (401 InvalidAudience), so the
+    /// mismatch is refused here, before anything is read or sent, naming
+    /// both. Names compare as Service Bus does, without regard to case.
+    /// `var` names the environment variable that held the string.
+    pub fn check_scope(&self, var: &str, entity: &str, what: &str) -> Result<()> {
+        match &self.entity_path {
+            Some(scope) if !scope.eq_ignore_ascii_case(entity.trim_matches('/')) => {
+                Err(BackendError::Invalid(format!(
+                    "{var} is the connection string of a policy of the entity `{scope}` (EntityPath={scope}), and {what} `{entity}`, which its key cannot sign for: use the connection string of a namespace-level policy (without EntityPath), or one of a policy of `{entity}`"
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -468,7 +499,8 @@ fn check_signature_expiry(signature: &str, now: u64) -> Result<()> {
 /// How the backend authenticates.
 #[derive(Clone)]
 enum Auth {
-    Sas(ConnectionString),
+    /// The connection string, and the environment variable it came from.
+    Sas(ConnectionString, String),
     Entra(Arc<WorkloadIdentityCredential>),
 }
 
@@ -537,7 +569,7 @@ pub struct Clients {
 impl Clients {
     fn get(&self, auth: &Auth, host: &str) -> Arc<SharedClient> {
         let identity = match auth {
-            Auth::Sas(cs) => format!("sas|{}|{}", cs.emulator, cs.for_client()),
+            Auth::Sas(cs, _) => format!("sas|{}|{}", cs.emulator, cs.for_client()),
             Auth::Entra(_) => format!("entra|{host}"),
         };
         let key: [u8; 32] = Sha256::digest(identity.as_bytes()).into();
@@ -665,11 +697,19 @@ impl ServiceBusBackend {
                     .map(|n| namespace_host(&n))
                     .unwrap_or(cs.host.clone());
                 let emulator = cs.emulator;
+                cs.check_scope(
+                    &var,
+                    entity.parent(),
+                    &format!("queue {name} reads the dead-letter queue of"),
+                )?;
                 (
-                    Auth::Sas(ConnectionString {
-                        host: host.clone(),
-                        ..cs
-                    }),
+                    Auth::Sas(
+                        ConnectionString {
+                            host: host.clone(),
+                            ..cs
+                        },
+                        var,
+                    ),
                     host,
                     emulator,
                 )
@@ -697,8 +737,12 @@ impl ServiceBusBackend {
             host: host.clone(),
             tls: !emulator,
             dlq_path: format!("{}/$DeadLetterQueue", entity.path()),
+            scope: match &auth {
+                Auth::Sas(cs, _) => cs.entity_path.clone(),
+                Auth::Entra(_) => None,
+            },
             credentials: match &auth {
-                Auth::Sas(cs) => match (&cs.signature, &cs.key_name, &cs.key) {
+                Auth::Sas(cs, _) => match (&cs.signature, &cs.key_name, &cs.key) {
                     (Some(sig), _, _) => link::Credentials::Signature(sig.clone()),
                     (None, Some(name), Some(key)) => link::Credentials::Key {
                         name: name.clone(),
@@ -811,12 +855,12 @@ impl ServiceBusBackend {
             };
             let fut = async {
                 match &self.auth {
-                    Auth::Sas(cs) if cs.emulator => {
+                    Auth::Sas(cs, _) if cs.emulator => {
                         ServiceBusClient::unsecured()
                             .new_from_connection_string(cs.for_client(), options)
                             .await
                     }
-                    Auth::Sas(cs) => ServiceBusClient::new_from_connection_string(cs.for_client(), options).await,
+                    Auth::Sas(cs, _) => ServiceBusClient::new_from_connection_string(cs.for_client(), options).await,
                     Auth::Entra(cred) => {
                         let cred: Arc<dyn azure_core::credentials::TokenCredential> = cred.clone();
                         ServiceBusClient::new_from_token_credential(self.host.clone(), cred, options).await
@@ -1417,7 +1461,7 @@ impl ServiceBusBackend {
         let path = path.to_string();
         let url = format!("{}/{}?api-version={API_VERSION}", self.management, path);
         let auth = match &self.auth {
-            Auth::Sas(cs) => match &cs.signature {
+            Auth::Sas(cs, _) => match &cs.signature {
                 Some(sig) => sig.clone(),
                 None => sas_token(
                     &format!("https://{}/{}", self.host, path.to_ascii_lowercase()),
@@ -2242,6 +2286,19 @@ impl QueueBackend for ServiceBusBackend {
         Ok(())
     }
 
+    /// A connection string scoped to one entity (`EntityPath`) cannot send
+    /// copies anywhere else: refused when the pass is planned.
+    fn check_send_to(&self, to: &Destination) -> Result<()> {
+        match &self.auth {
+            Auth::Sas(cs, var) => cs.check_scope(
+                var,
+                &to.0,
+                &format!("a redrive from {} would send its copies to", self.queue_name),
+            ),
+            Auth::Entra(_) => Ok(()),
+        }
+    }
+
     async fn default_source(&self) -> Result<Option<Destination>> {
         Ok(Some(Destination(
             self.config_source
@@ -2286,6 +2343,7 @@ impl QueueBackend for ServiceBusBackend {
                 "`{name}` is not a Service Bus queue or topic: copies can only be sent to a queue or a topic"
             )));
         }
+        self.check_send_to(&Destination(name.to_string()))?;
         self.check_destination(name).await?;
         Ok(Destination(name.to_string()))
     }
@@ -2474,6 +2532,29 @@ mod tests {
             "Endpoint=sb://127.0.0.1/;SharedAccessKeyName=x;SharedAccessKey=y"
         );
         assert!(ConnectionString::parse("Endpoint=sb://ns.servicebus.windows.net/").is_err());
+    }
+
+    #[test]
+    fn an_entity_paths_connection_string_is_for_that_entity_only() {
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=orders-app;SharedAccessKey=k;EntityPath=Orders",
+        )
+        .unwrap();
+        assert_eq!(cs.entity_path.as_deref(), Some("Orders"));
+        // azservicebus signs for the entity when told of it.
+        assert!(cs.for_client().ends_with(";EntityPath=Orders"), "{:?}", cs.for_client());
+        assert!(cs.check_scope("SB", "orders", "reads").is_ok(), "names ignore case");
+        let e = cs.check_scope("SB", "invoices", "queue dlq reads").unwrap_err();
+        let said = e.to_string();
+        assert!(matches!(e, BackendError::Invalid(_)), "{e:?}");
+        assert!(
+            said.contains("EntityPath=Orders") && said.contains("`invoices`") && said.contains("namespace-level"),
+            "{said}"
+        );
+        assert!(!said.contains("k;") && !said.contains("=k"), "{said}");
+        let namespace = ConnectionString::parse("Endpoint=sb://ns/;SharedAccessKeyName=a;SharedAccessKey=k").unwrap();
+        assert_eq!(namespace.entity_path, None);
+        assert!(namespace.check_scope("SB", "anything", "reads").is_ok());
     }
 
     #[test]
