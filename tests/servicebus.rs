@@ -1648,3 +1648,116 @@ async fn a_connection_string_scoped_to_an_entity_works_for_it_and_is_refused_bey
     assert_eq!(f.dlq_count().await, 2, "nothing was leased or moved");
     assert!(o.drain_source().await.is_empty());
 }
+
+/// When the broker refuses the dead-letter queue's link (the attach, or the
+/// `$cbs` token put before it), the user is told what was refused and why,
+/// with the broker's condition and words, and the pass stops at once: a
+/// refusal is no connection failure. An attach refused for a reason other
+/// than a missing entity, a missing claim or a disabled entity (here
+/// amqp:not-allowed: `queue:` names a topic, which has no dead-letter queue
+/// of its own) read "cannot reach ... (is the service or emulator
+/// running?)". The keys have Listen
+/// and Send but not Manage, so the existence check that needs Manage is
+/// skipped and the attach is what answers, as on Azure with such a key.
+#[tokio::test]
+async fn refused_links_are_told_as_refusals_not_as_unreachable() {
+    use common::servicebus::{REFUSALS_HOST, emulator_connection_string, private_emulator};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_REFUSALS";
+    let topology = std::env::temp_dir().join(format!("dlqb-sb-topology-{}.yaml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(
+        &topology,
+        "queues:\n  - name: orders\ntopics:\n  - name: events\n    subscriptions:\n      - name: audit\n",
+    )
+    .unwrap();
+    let (emu, _cs, _client) = private_emulator(
+        "servicebus-refusals",
+        REFUSALS_HOST,
+        &[
+            "--auto-create",
+            "false",
+            "--topology",
+            topology.to_str().unwrap(),
+            "--sas-rule",
+            "x=y",
+            "--sas-rule",
+            "app=app-key:Listen,Send",
+            "--sas-rule",
+            "sender=sender-key:Send",
+        ],
+    )
+    .await;
+    let with_rule = |rule: &str, key: &str| {
+        emulator_connection_string(REFUSALS_HOST)
+            .replace("SharedAccessKeyName=x", &format!("SharedAccessKeyName={rule}"))
+            .replace("SharedAccessKey=y", &format!("SharedAccessKey={key}"))
+    };
+    let run = |queue: &str, cs: &str, args: &[&str]| {
+        let config = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(
+            &config,
+            format!(
+                "queues:\n  - name: dlq\n    servicebus:\n      connection_string_env: {ENV}\n      queue: {queue}\n      management_endpoint: {}\n",
+                emu.url()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+            .env_remove("DLQ_BRIDGE_CONFIG")
+            .env(ENV, cs)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), said)
+    };
+    let app = with_rule("app", "app-key");
+    let sender = with_rule("sender", "sender-key");
+    let redrive: &[&str] = &["redrive", "dlq", "--yes", "--no-journal"];
+    let inspect: &[&str] = &["inspect", "dlq"];
+    for args in [redrive, inspect] {
+        // Refused for what it is: a topic.
+        let (code, said) = run("events", &app, args);
+        assert_eq!(code, Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("refused") && said.contains("amqp:not-allowed") && said.contains("is a topic"),
+            "{args:?}: {said}"
+        );
+        // (The engine retries a Provider error a few times, as it would a
+        // throttled one; none of the tries reads as a connection failure.)
+        assert!(!said.contains("cannot reach"), "{args:?}: {said}");
+        assert!(
+            !said.contains("Error {"),
+            "a debug dump instead of the broker's words: {args:?}: {said}"
+        );
+        // A key without the Listen claim.
+        let (code, said) = run("orders", &sender, args);
+        assert_eq!(code, Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("Service Bus authentication failed") && said.contains("'Listen' claim(s) are required"),
+            "{args:?}: {said}"
+        );
+        assert!(
+            !said.contains("cannot reach") && !said.contains("retrying"),
+            "{args:?}: {said}"
+        );
+        assert!(!said.contains("Error {"), "{args:?}: {said}");
+        // No such queue.
+        let (code, said) = run("missing", &app, args);
+        assert_eq!(code, Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("not found") && said.contains("'missing' could not be found"),
+            "{args:?}: {said}"
+        );
+        assert!(
+            !said.contains("cannot reach") && !said.contains("retrying"),
+            "{args:?}: {said}"
+        );
+        assert!(!said.contains("Error {"), "{args:?}: {said}");
+    }
+}

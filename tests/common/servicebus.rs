@@ -78,6 +78,9 @@ pub const SMALL_LINK_HOST: &str = "127.0.0.15";
 /// Where the private emulator of `tests/servicebus.rs`'s entity-scoped key
 /// test (`--entity-sas-rule`) listens.
 pub const ENTITY_KEY_HOST: &str = "127.0.0.16";
+/// Where the private emulator of `tests/servicebus.rs`'s refused-link test
+/// (`--auto-create false`, SAS rules, a topology) listens.
+pub const REFUSALS_HOST: &str = "127.0.0.17";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 
