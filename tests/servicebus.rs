@@ -1761,3 +1761,83 @@ async fn refused_links_are_told_as_refusals_not_as_unreachable() {
         assert!(!said.contains("Error {"), "{args:?}: {said}");
     }
 }
+
+/// A message a consumer of the dead-letter queue deferred is delivered to no
+/// receiver, so a redrive cannot lease it. `inspect` marks it
+/// `message_state: deferred` (it looked like any other message, and nothing
+/// told why a redrive of everything left it behind), and a redrive moves the
+/// others and leaves it, untouched.
+#[tokio::test]
+async fn a_deferred_message_is_marked_by_inspect_and_left_by_a_redrive() {
+    use common::servicebus::{DEFERRED_HOST, private_emulator};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DEFERRED";
+    let (emu, cs, client) = private_emulator("servicebus-deferred", DEFERRED_HOST, &[]).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let msgs: Vec<TestMessage> = (0..4).map(|i| failing(i, "Timeout")).collect();
+    f.dead_letter(&msgs).await;
+    let mut rx = f.dlq_receiver().await;
+    let got = ServiceBusFixture::receive(&mut rx, 1).await;
+    let deferred_seq = got[0].sequence_number();
+    tokio::time::timeout(Duration::from_secs(20), rx.defer_message(&got[0], None))
+        .await
+        .expect("defer returns")
+        .expect("defer succeeds");
+    rx.dispose().await.ok();
+    // The deferral is queued, not confirmed: wait until a browse shows it
+    // (as Azure marks it, `x-opt-message-state` 1).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f
+        .browse_dlq()
+        .await
+        .iter()
+        .any(|m| m.sequence_number() == deferred_seq && m.state() == ServiceBusMessageState::Deferred)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the emulator never showed the message deferred"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args(["--config", config.to_str().unwrap(), "inspect", "dlq", "-o", "json"])
+        .output()
+        .expect("dlq-bridge ran");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect -o json");
+    let messages = shown["messages"]
+        .as_array()
+        .or_else(|| shown.as_array())
+        .expect("a list of messages");
+    assert_eq!(messages.len(), 4, "{shown}");
+    let states: Vec<(String, Option<&str>)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m["properties"]["sequence_number"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                m["properties"]["message_state"].as_str(),
+            )
+        })
+        .collect();
+    for (seq, state) in &states {
+        let want = (*seq == deferred_seq.to_string()).then_some("deferred");
+        assert_eq!(*state, want, "message {seq}: {states:?}");
+    }
+
+    let (code, said) = redrive_to(&f, ENV, &cs, &f.entity);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("settled:   3"), "{said}");
+    assert_eq!(f.drain_source().await.len(), 3);
+    let left = f.browse_dlq().await;
+    assert_eq!(
+        left.iter().map(|m| m.sequence_number()).collect::<Vec<_>>(),
+        vec![deferred_seq],
+        "only the deferred message stays"
+    );
+}

@@ -81,6 +81,10 @@ pub const ENTITY_KEY_HOST: &str = "127.0.0.16";
 /// Where the private emulator of `tests/servicebus.rs`'s refused-link test
 /// (`--auto-create false`, SAS rules, a topology) listens.
 pub const REFUSALS_HOST: &str = "127.0.0.17";
+/// Where the private emulator of `tests/servicebus.rs`'s deferred-message
+/// test listens (its own build, which marks deferred messages, whatever
+/// emulator a script started).
+pub const DEFERRED_HOST: &str = "127.0.0.18";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 

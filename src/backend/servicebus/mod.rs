@@ -95,6 +95,7 @@
 //!   `correlation_id`, `subject`, `content_type`, `reply_to`,
 //!   `reply_to_session_id`, `to`, `partition_key`, `time_to_live` (ms);
 //!   informational: `message_id`, `sequence_number`, `dead_letter_source`,
+//!   `message_state` (`deferred`: see below),
 //!   `source_subscription` (the subscription of a subscription DLQ),
 //!   `body_type`.
 //!
@@ -120,6 +121,17 @@
 //! `[P] IS NULL OR [P] = 'S'`. Copies then reach only the subscription that
 //! failed, while ordinary messages (without `P`) still reach every
 //! subscription.
+//!
+//! ## Deferred messages
+//! A consumer of a dead-letter queue may defer a message instead of settling
+//! it. Service Bus then delivers it to no receiver: only
+//! `com.microsoft:receive-by-sequence-number` on `$management` gets it, and
+//! a lock taken there is settled there. Leases are receives on a link, so a
+//! redrive never leases a deferred message: it stays in the DLQ, counted in
+//! its depth, and a pass that meets one waits out the lease's bounded wait
+//! (browses count it, and no delivery comes). A browse shows it, and
+//! `inspect` marks it `properties.message_state = "deferred"`, so the user
+//! can tell why a redrive leaves it.
 //!
 //! ## Credentials and endpoints
 //! A SAS connection string from the environment variable named by
@@ -319,6 +331,9 @@ pub const PROP_TIME_TO_LIVE: &str = "time_to_live";
 pub const PROP_DEAD_LETTER_SOURCE: &str = "dead_letter_source";
 pub const PROP_SOURCE_SUBSCRIPTION: &str = "source_subscription";
 pub const PROP_BODY_TYPE: &str = "body_type";
+/// `deferred` (or `scheduled`) when Service Bus says so
+/// (`x-opt-message-state`); absent for an active message.
+pub const PROP_MESSAGE_STATE: &str = "message_state";
 /// [`PROP_BODY_TYPE`]s: the body was an amqp-value section holding a string
 /// (the body is its UTF-8), a binary (the body is its bytes), or another
 /// value (the body is its AMQP encoding); or amqp-sequence sections (the
@@ -1004,6 +1019,15 @@ impl ServiceBusBackend {
             fields.time_to_live.map(|d| d.as_millis().to_string()),
         );
         put(PROP_DEAD_LETTER_SOURCE, fields.dead_letter_source);
+        // A deferred message in a dead-letter queue is shown by a browse but
+        // never delivered to a receiver (only `receive-by-sequence-number`
+        // gets it): a redrive leaves it where it is, and `inspect` says why.
+        let state = match annotation(raw, "x-opt-message-state") {
+            Some(Value::Long(1) | Value::Int(1)) => Some("deferred"),
+            Some(Value::Long(2) | Value::Int(2)) => Some("scheduled"),
+            _ => None,
+        };
+        put(PROP_MESSAGE_STATE, state.map(str::to_string));
         if let Entity::Subscription { subscription, .. } = &self.entity {
             put(PROP_SOURCE_SUBSCRIPTION, Some(subscription.clone()));
         }
