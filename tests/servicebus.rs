@@ -1472,3 +1472,372 @@ async fn sas_rules_and_their_rights_are_enforced() {
     assert_eq!(f.dlq_count().await, 10);
     assert!(f.drain_source().await.is_empty());
 }
+
+/// A connection string of an entity-level policy (Azure's portal gives one
+/// per queue or topic, ending in `EntityPath=<entity>`) works for its
+/// entity's dead-letter queue: counts, browse and redrive, for a queue and
+/// for a subscription of a topic, with every token signed for the entity, as
+/// its key allows (the emulator's `--entity-sas-rule` refuses a token such a
+/// key signed for the namespace, as Azure does: the adapter signed for the
+/// namespace whatever `EntityPath` said, and every call failed with
+/// InvalidAudience). Used for anything outside that entity (another queue in
+/// the config, a `--to`, a `source`), it is refused before anything is read
+/// or leased, with exit 2 and both entities named.
+#[tokio::test]
+async fn a_connection_string_scoped_to_an_entity_works_for_it_and_is_refused_beyond_it() {
+    use common::servicebus::{ENTITY_KEY_HOST, ServiceBusTopicFixture, emulator_connection_string};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_ENTITY_KEY";
+    let queue = common::unique("orders");
+    let topic = common::unique("billing");
+    let (emu, _cs, client) = common::servicebus::private_emulator(
+        "servicebus-entity-key",
+        ENTITY_KEY_HOST,
+        &[
+            "--sas-rule",
+            "x=y",
+            "--entity-sas-rule",
+            &format!("{queue}:orders-app=orders-key"),
+            "--entity-sas-rule",
+            &format!("{topic}:billing-app=billing-key:Listen,Send"),
+        ],
+    )
+    .await;
+    let f = ServiceBusFixture::on_named(emu.url(), client, ENV, &queue, &[]).await;
+    let t = ServiceBusTopicFixture::on_named(
+        emu.url(),
+        common::servicebus::client_with(&emulator_connection_string(ENTITY_KEY_HOST)).await,
+        ENV,
+        &topic,
+        &["invoices"],
+    )
+    .await;
+    // Created by a link's attach: with SAS rules on, the ATOM PUT needs a token.
+    let other = common::unique("other");
+    let o = ServiceBusFixture::on_named(
+        emu.url(),
+        common::servicebus::client_with(&emulator_connection_string(ENTITY_KEY_HOST)).await,
+        ENV,
+        &other,
+        &[],
+    )
+    .await;
+    let scoped = |rule: &str, key: &str, entity: &str| {
+        emulator_connection_string(ENTITY_KEY_HOST)
+            .replace("SharedAccessKeyName=x", &format!("SharedAccessKeyName={rule}"))
+            .replace(
+                "SharedAccessKey=y",
+                &format!("SharedAccessKey={key};EntityPath={entity}"),
+            )
+    };
+    let orders_cs = scoped("orders-app", "orders-key", &queue);
+    let billing_cs = scoped("billing-app", "billing-key", &topic);
+    let run = |config: &std::path::Path, cs: &str, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+            .env_remove("DLQ_BRIDGE_CONFIG")
+            .env(ENV, cs)
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), stdout, said)
+    };
+    let msgs: Vec<TestMessage> = (0..5).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    t.put_in_dlq(&msgs[..3]).await;
+
+    // The queue's own key: counts (it has Manage), browse, redrive.
+    let config = f.config_file_with("");
+    let (code, stdout, said) = run(&config, &orders_cs, &["list", "-o", "json"]);
+    assert_eq!(code, Some(0), "{said}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("list -o json");
+    assert_eq!(
+        (listed[0]["depth"].as_u64(), listed[0]["exactness"].as_str()),
+        (Some(5), Some("exact")),
+        "{listed}"
+    );
+    let (code, _, said) = run(&config, &orders_cs, &["inspect", "dlq"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("5 shown, 5 read"), "{said}");
+    let (code, _, said) = run(&config, &orders_cs, &["redrive", "dlq", "--yes", "--no-journal"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("settled:   5"), "{said}");
+    assert_eq!(f.drain_source().await.len(), 5);
+
+    // A subscription's dead-letter queue with its topic's key (Listen and
+    // Send: depth by browsing), redriven to the topic.
+    let (code, stdout, said) = run(&t.config_file_with(""), &billing_cs, &["list", "-o", "json"]);
+    assert_eq!(code, Some(0), "{said}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("list -o json");
+    assert_eq!(listed[0]["depth"].as_u64(), Some(3), "{listed}");
+    let (code, _, said) = run(
+        &t.config_file_with(""),
+        &billing_cs,
+        &["redrive", "dlq", "--yes", "--no-journal"],
+    );
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("settled:   3"), "{said}");
+    assert_eq!(t.drain_source().await.len(), 3);
+
+    // Beyond the entity: refused up front, naming both, exit 2.
+    f.put_in_dlq(&msgs[..2]).await;
+    let refused = |said: &str, beyond: &str| {
+        said.contains(&format!("EntityPath={queue}"))
+            && said.contains(&format!("`{beyond}`"))
+            && said.contains("namespace-level")
+            && !said.contains("orders-key")
+    };
+    let elsewhere = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(
+        &elsewhere,
+        f.config_yaml_with("")
+            .replace(&format!("queue: {queue}\n"), &format!("queue: {other}\n")),
+    )
+    .unwrap();
+    let (code, _, said) = run(&elsewhere, &orders_cs, &["list"]);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(refused(&said, &other), "{said}");
+    let (code, _, said) = run(
+        &config,
+        &orders_cs,
+        &["redrive", "dlq", "--to", &other, "--yes", "--no-journal"],
+    );
+    assert_eq!(code, Some(2), "{said}");
+    assert!(refused(&said, &other), "{said}");
+    // `--to` a configured queue: its own connection string may reach it, but
+    // the copies go out on this queue's.
+    let two = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
+    let second = format!(
+        "  - name: second\n    servicebus:\n      connection_string_env: {ENV}_NAMESPACE\n      queue: {other}\n      management_endpoint: {}\n",
+        f.http
+    );
+    std::fs::write(
+        &two,
+        f.config_yaml_with("").replace("redrive:", &format!("{second}redrive:")),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &orders_cs)
+        .env(format!("{ENV}_NAMESPACE"), emulator_connection_string(ENTITY_KEY_HOST))
+        .arg("--config")
+        .arg(&two)
+        .args(["redrive", "dlq", "--to", "second", "--yes", "--no-journal"])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(refused(&said, &other), "{said}");
+    // A `source` elsewhere.
+    let sourced = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(
+        &sourced,
+        f.config_yaml_with("")
+            .replace("    servicebus:\n", &format!("    source: {other}\n    servicebus:\n")),
+    )
+    .unwrap();
+    let (code, _, said) = run(&sourced, &orders_cs, &["redrive", "dlq", "--yes", "--no-journal"]);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(refused(&said, &other), "{said}");
+    assert_eq!(f.dlq_count().await, 2, "nothing was leased or moved");
+    assert!(o.drain_source().await.is_empty());
+}
+
+/// When the broker refuses the dead-letter queue's link (the attach, or the
+/// `$cbs` token put before it), the user is told what was refused and why,
+/// with the broker's condition and words, and the pass stops at once: a
+/// refusal is no connection failure. An attach refused for a reason other
+/// than a missing entity, a missing claim or a disabled entity (here
+/// amqp:not-allowed: `queue:` names a topic, which has no dead-letter queue
+/// of its own) read "cannot reach ... (is the service or emulator
+/// running?)". The keys have Listen
+/// and Send but not Manage, so the existence check that needs Manage is
+/// skipped and the attach is what answers, as on Azure with such a key.
+#[tokio::test]
+async fn refused_links_are_told_as_refusals_not_as_unreachable() {
+    use common::servicebus::{REFUSALS_HOST, emulator_connection_string, private_emulator};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_REFUSALS";
+    let topology = std::env::temp_dir().join(format!("dlqb-sb-topology-{}.yaml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(
+        &topology,
+        "queues:\n  - name: orders\ntopics:\n  - name: events\n    subscriptions:\n      - name: audit\n",
+    )
+    .unwrap();
+    let (emu, _cs, _client) = private_emulator(
+        "servicebus-refusals",
+        REFUSALS_HOST,
+        &[
+            "--auto-create",
+            "false",
+            "--topology",
+            topology.to_str().unwrap(),
+            "--sas-rule",
+            "x=y",
+            "--sas-rule",
+            "app=app-key:Listen,Send",
+            "--sas-rule",
+            "sender=sender-key:Send",
+        ],
+    )
+    .await;
+    let with_rule = |rule: &str, key: &str| {
+        emulator_connection_string(REFUSALS_HOST)
+            .replace("SharedAccessKeyName=x", &format!("SharedAccessKeyName={rule}"))
+            .replace("SharedAccessKey=y", &format!("SharedAccessKey={key}"))
+    };
+    let run = |queue: &str, cs: &str, args: &[&str]| {
+        let config = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(
+            &config,
+            format!(
+                "queues:\n  - name: dlq\n    servicebus:\n      connection_string_env: {ENV}\n      queue: {queue}\n      management_endpoint: {}\n",
+                emu.url()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+            .env_remove("DLQ_BRIDGE_CONFIG")
+            .env(ENV, cs)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), said)
+    };
+    let app = with_rule("app", "app-key");
+    let sender = with_rule("sender", "sender-key");
+    let redrive: &[&str] = &["redrive", "dlq", "--yes", "--no-journal"];
+    let inspect: &[&str] = &["inspect", "dlq"];
+    for args in [redrive, inspect] {
+        // Refused for what it is: a topic.
+        let (code, said) = run("events", &app, args);
+        assert_eq!(code, Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("refused") && said.contains("amqp:not-allowed") && said.contains("is a topic"),
+            "{args:?}: {said}"
+        );
+        // (The engine retries a Provider error a few times, as it would a
+        // throttled one; none of the tries reads as a connection failure.)
+        assert!(!said.contains("cannot reach"), "{args:?}: {said}");
+        assert!(
+            !said.contains("Error {"),
+            "a debug dump instead of the broker's words: {args:?}: {said}"
+        );
+        // A key without the Listen claim.
+        let (code, said) = run("orders", &sender, args);
+        assert_eq!(code, Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("Service Bus authentication failed") && said.contains("'Listen' claim(s) are required"),
+            "{args:?}: {said}"
+        );
+        assert!(
+            !said.contains("cannot reach") && !said.contains("retrying"),
+            "{args:?}: {said}"
+        );
+        assert!(!said.contains("Error {"), "{args:?}: {said}");
+        // No such queue.
+        let (code, said) = run("missing", &app, args);
+        assert_eq!(code, Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("not found") && said.contains("'missing' could not be found"),
+            "{args:?}: {said}"
+        );
+        assert!(
+            !said.contains("cannot reach") && !said.contains("retrying"),
+            "{args:?}: {said}"
+        );
+        assert!(!said.contains("Error {"), "{args:?}: {said}");
+    }
+}
+
+/// A message a consumer of the dead-letter queue deferred is delivered to no
+/// receiver, so a redrive cannot lease it. `inspect` marks it
+/// `message_state: deferred` (it looked like any other message, and nothing
+/// told why a redrive of everything left it behind), and a redrive moves the
+/// others and leaves it, untouched.
+#[tokio::test]
+async fn a_deferred_message_is_marked_by_inspect_and_left_by_a_redrive() {
+    use common::servicebus::{DEFERRED_HOST, private_emulator};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DEFERRED";
+    let (emu, cs, client) = private_emulator("servicebus-deferred", DEFERRED_HOST, &[]).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let msgs: Vec<TestMessage> = (0..4).map(|i| failing(i, "Timeout")).collect();
+    f.dead_letter(&msgs).await;
+    let mut rx = f.dlq_receiver().await;
+    let got = ServiceBusFixture::receive(&mut rx, 1).await;
+    let deferred_seq = got[0].sequence_number();
+    tokio::time::timeout(Duration::from_secs(20), rx.defer_message(&got[0], None))
+        .await
+        .expect("defer returns")
+        .expect("defer succeeds");
+    rx.dispose().await.ok();
+    // The deferral is queued, not confirmed: wait until a browse shows it
+    // (as Azure marks it, `x-opt-message-state` 1).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f
+        .browse_dlq()
+        .await
+        .iter()
+        .any(|m| m.sequence_number() == deferred_seq && m.state() == ServiceBusMessageState::Deferred)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the emulator never showed the message deferred"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args(["--config", config.to_str().unwrap(), "inspect", "dlq", "-o", "json"])
+        .output()
+        .expect("dlq-bridge ran");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect -o json");
+    let messages = shown["messages"]
+        .as_array()
+        .or_else(|| shown.as_array())
+        .expect("a list of messages");
+    assert_eq!(messages.len(), 4, "{shown}");
+    let states: Vec<(String, Option<&str>)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m["properties"]["sequence_number"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                m["properties"]["message_state"].as_str(),
+            )
+        })
+        .collect();
+    for (seq, state) in &states {
+        let want = (*seq == deferred_seq.to_string()).then_some("deferred");
+        assert_eq!(*state, want, "message {seq}: {states:?}");
+    }
+
+    let (code, said) = redrive_to(&f, ENV, &cs, &f.entity);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("settled:   3"), "{said}");
+    assert_eq!(f.drain_source().await.len(), 3);
+    let left = f.browse_dlq().await;
+    assert_eq!(
+        left.iter().map(|m| m.sequence_number()).collect::<Vec<_>>(),
+        vec![deferred_seq],
+        "only the deferred message stays"
+    );
+}

@@ -241,6 +241,16 @@ pub trait QueueBackend: Send + Sync {
     /// Turn a user-given destination (`--to`) into the provider's address.
     async fn resolve_destination(&self, name: &str) -> Result<Destination>;
 
+    /// Whether this queue's credentials can send copies to `to` at all, as
+    /// far as can be told without a call: a Service Bus connection string
+    /// scoped to one entity (`EntityPath`) can send nowhere else. Checked
+    /// when a pass is planned, also for a destination another queue's
+    /// backend resolved (`--to` a configured queue), before anything is
+    /// leased.
+    fn check_send_to(&self, _to: &Destination) -> Result<()> {
+        Ok(())
+    }
+
     /// A pass is about to send to `to`: open in the background what sends
     /// there will need, so that the first batches do not wait for it behind
     /// the first leases. Never fails; a send reports its own errors.

@@ -184,7 +184,8 @@ impl Registry {
         let to = async {
             let Some(t) = &req.to else { return Ok(None) };
             let dest = match self.configured_destination(queue, t).await? {
-                Some(dest) => Ok(dest),
+                // Resolved by the other queue's backend, but sent by this one.
+                Some(dest) => backend.check_send_to(&dest).map(|()| dest),
                 None => backend.resolve_destination(t).await,
             };
             dest.map(Some)

@@ -75,6 +75,16 @@ pub const DISABLED_HOST: &str = "127.0.0.14";
 /// Where the private emulator of `tests/servicebus.rs`'s oversized-copy test
 /// (`--max-message-size`) listens.
 pub const SMALL_LINK_HOST: &str = "127.0.0.15";
+/// Where the private emulator of `tests/servicebus.rs`'s entity-scoped key
+/// test (`--entity-sas-rule`) listens.
+pub const ENTITY_KEY_HOST: &str = "127.0.0.16";
+/// Where the private emulator of `tests/servicebus.rs`'s refused-link test
+/// (`--auto-create false`, SAS rules, a topology) listens.
+pub const REFUSALS_HOST: &str = "127.0.0.17";
+/// Where the private emulator of `tests/servicebus.rs`'s deferred-message
+/// test listens (its own build, which marks deferred messages, whatever
+/// emulator a script started).
+pub const DEFERRED_HOST: &str = "127.0.0.18";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 
@@ -372,10 +382,23 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
     /// the environment variable the configs name for its connection string
     /// (the test sets it on the CLI processes it starts).
     pub async fn on(http: String, client: Client, connection_env: &str, subs: &[&str]) -> Self {
+        Self::on_named(
+            http,
+            client,
+            connection_env,
+            &unique(if TOPIC { "t" } else { "q" }),
+            subs,
+        )
+        .await
+    }
+
+    /// As [`on`](Self::on), with the queue or topic named `entity` (for an
+    /// emulator started with a flag that names it).
+    pub async fn on_named(http: String, client: Client, connection_env: &str, entity: &str, subs: &[&str]) -> Self {
         let f = Self {
             connection_env: connection_env.to_string(),
             http,
-            entity: unique(if TOPIC { "t" } else { "q" }),
+            entity: entity.to_string(),
             subscription: TOPIC.then(|| subs.first().copied().unwrap_or("s").to_string()),
             client: Mutex::new(client),
         };

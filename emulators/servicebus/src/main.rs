@@ -77,6 +77,15 @@ struct Cli {
     #[arg(long = "sas-rule", value_name = "NAME=KEY[:RIGHTS]", value_parser = sas::SasRule::parse)]
     sas_rules: Vec<sas::SasRule>,
 
+    /// An authorization rule of one queue or topic, `ENTITY:NAME=KEY[:RIGHTS]`
+    /// (rights as `--sas-rule`), as an entity's "Shared access policies" on
+    /// Azure: its tokens are valid only for a resource (`sr`) at or below
+    /// ENTITY; one signed for the namespace or another entity is refused
+    /// ("InvalidAudience"). Repeatable; turns the SAS checks on like
+    /// `--sas-rule`.
+    #[arg(long = "entity-sas-rule", value_name = "ENTITY:NAME=KEY[:RIGHTS]", value_parser = sas::SasRule::parse_entity)]
+    entity_sas_rules: Vec<sas::SasRule>,
+
     /// How long an issued access token lasts (Entra's are 60 to 90 minutes).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     entra_token_ttl: Duration,
@@ -249,7 +258,8 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         }))),
         _ => None,
     };
-    let sas = (!cli.sas_rules.is_empty()).then(|| Arc::new(sas::SasRules::new(cli.sas_rules)));
+    let rules: Vec<sas::SasRule> = cli.sas_rules.into_iter().chain(cli.entity_sas_rules).collect();
+    let sas = (!rules.is_empty()).then(|| Arc::new(sas::SasRules::new(rules)));
 
     let settings = amqp::AmqpSettings {
         max_message_size: cli

@@ -67,6 +67,9 @@ pub struct SasRule {
     name: String,
     key: String,
     rights: Rights,
+    /// The queue or topic an entity-level rule belongs to (its path, lower
+    /// case); None: a rule of the namespace.
+    entity: Option<String>,
 }
 
 impl SasRule {
@@ -103,6 +106,25 @@ impl SasRule {
             name: name.to_string(),
             key: key.to_string(),
             rights,
+            entity: None,
+        })
+    }
+
+    /// `ENTITY:NAME=KEY[:RIGHTS]`: a rule of the queue or topic ENTITY, as
+    /// Azure's portal creates under an entity's "Shared access policies"
+    /// (its connection string carries `EntityPath=ENTITY`). Its tokens are
+    /// valid only for a resource at or below that entity.
+    pub fn parse_entity(spec: &str) -> Result<Self, String> {
+        let (entity, rule) = spec
+            .split_once(':')
+            .ok_or_else(|| format!("expected ENTITY:NAME=KEY[:Listen,Send,Manage], got {spec:?}"))?;
+        let entity = address::path_of(entity);
+        if entity.is_empty() {
+            return Err(format!("expected ENTITY:NAME=KEY[:Listen,Send,Manage], got {spec:?}"));
+        }
+        Ok(Self {
+            entity: Some(entity),
+            ..Self::parse(rule)?
         })
     }
 }
@@ -153,8 +175,23 @@ impl SasRules {
         if expires <= now_ms() {
             return Err("ExpiredToken: The token is expired.".into());
         }
+        let resource = address::path_of(&decode(sr));
+        if let Some(entity) = &rule.entity
+            && !address::token_covers(entity, &resource)
+        {
+            // An entity's key signs for that entity only: a token it signed
+            // for the namespace (or another entity) is refused.
+            return Err(format!(
+                "InvalidAudience: The authorization header contains a token with a wrong audience. The rule '{skn}' belongs to '{entity}'; the token was signed for '{}'.",
+                if resource.is_empty() {
+                    "the namespace"
+                } else {
+                    &resource
+                }
+            ));
+        }
         Ok(Verified {
-            resource: address::path_of(&decode(sr)),
+            resource,
             expires,
             rights: rule.rights,
         })
@@ -205,6 +242,32 @@ mod tests {
         let good = sign("sb://ns/q", "app", "k2", later);
         assert!(refused(&good.replace("sb%3A%2F%2Fns%2Fq", "sb%3A%2F%2Fns%2Fother")).starts_with("InvalidSignature"));
         assert!(refused("Bearer abc").starts_with("MalformedToken"));
+    }
+
+    #[test]
+    fn an_entity_rule_signs_for_its_entity_and_below_only() {
+        let later = now_ms() / 1000 + 600;
+        let rules = SasRules::new(vec![SasRule::parse_entity("Orders:orders-app=k3:Listen").unwrap()]);
+        let v = rules
+            .verify(&sign("sb://ns.example/orders", "orders-app", "k3", later))
+            .unwrap();
+        assert_eq!(v.resource, "orders");
+        assert!(v.rights.listen && !v.rights.send);
+        assert!(
+            rules
+                .verify(&sign("amqp://ns/orders/$DeadLetterQueue", "orders-app", "k3", later))
+                .is_ok()
+        );
+        for outside in [
+            "sb://ns.example/",
+            "sb://ns.example/orders-2",
+            "sb://ns.example/invoices",
+        ] {
+            let refusal = rules.verify(&sign(outside, "orders-app", "k3", later)).unwrap_err();
+            assert!(refusal.starts_with("InvalidAudience"), "{outside}: {refusal}");
+        }
+        assert!(SasRule::parse_entity("orders-app=k3").is_err());
+        assert!(SasRule::parse_entity(":a=b").is_err());
     }
 
     #[test]

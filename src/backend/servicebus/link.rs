@@ -101,7 +101,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, Result};
-use super::{WorkloadIdentityCredential, sas_token, unix_now};
+use super::{WorkloadIdentityCredential, refusal_error, refusal_in, sas_token, unix_now};
 
 const PEEK_OPERATION: &str = "com.microsoft:peek-message";
 const SAS_TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
@@ -140,6 +140,9 @@ pub(super) struct LinkConfig {
     pub tls: bool,
     /// `<entity>/$DeadLetterQueue`.
     pub dlq_path: String,
+    /// The connection string's `EntityPath`: its key signs for that queue
+    /// or topic only, so tokens are signed for it, not the namespace.
+    pub scope: Option<String>,
     pub credentials: Credentials,
     /// Lifetime of a SAS token signed from a key (`servicebus.sas_token_ttl`).
     pub sas_ttl: Duration,
@@ -156,9 +159,11 @@ impl LinkConfig {
         BackendError::unreachable(format!("{}://{}", self.scheme(), self.host), detail.to_string())
     }
 
-    /// Sorts an error of the link's opening: a missing entity, refused
-    /// credentials and a disabled entity are the caller's to fix; anything
-    /// else is the connection's.
+    /// Sorts an error of the link's opening by the broker's condition or
+    /// status ([`refusal_in`]): a missing entity, refused credentials, a
+    /// disabled entity and any other refusal (`amqp:not-allowed`...) are the
+    /// caller's to fix and say so; a transient condition, and an error the
+    /// broker did not answer with (I/O, a timeout), are the connection's.
     fn classify(&self, what: &str, e: &dyn std::fmt::Debug) -> BackendError {
         self.classify_entity(&self.label, what, e)
     }
@@ -167,10 +172,18 @@ impl LinkConfig {
     pub fn classify_entity(&self, entity: &str, what: &str, e: &dyn std::fmt::Debug) -> BackendError {
         let text = format!("{e:?}");
         let lower = text.to_ascii_lowercase();
-        let detail = format!("{what}: {}", broker_words(&text).unwrap_or_else(|| text.clone()));
+        let words = broker_words(&text).unwrap_or_else(|| text.clone());
+        let detail = format!("{what}: {words}");
         if let tls @ BackendError::Tls { .. } = self.unreachable(format!("{what}: {text}")) {
-            tls
-        } else if lower.contains("not-found") || lower.contains("notfound") {
+            return tls;
+        }
+        // The broker's condition or status says what it refused, and why;
+        // only a transient one (a forced detach, busy) or none at all (I/O,
+        // a timeout) is the connection's failure.
+        if let Some(refusal) = refusal_in(&text) {
+            return refusal_error(&refusal, entity, what, &words).unwrap_or_else(|| self.unreachable(detail));
+        }
+        if lower.contains("not-found") || lower.contains("notfound") {
             BackendError::NotFound {
                 queue: entity.to_string(),
                 detail,
@@ -201,8 +214,13 @@ impl LinkConfig {
                 let ttl = self.sas_ttl.as_secs().max(1);
                 let expiry = now + ttl;
                 // Signed for the namespace, as the SDKs do: it covers every
-                // entity the key's rule allows.
-                let resource = format!("{}://{}/", self.scheme(), self.host);
+                // entity the key's rule allows. A key of an entity-level
+                // policy signs for its entity (the SDKs sign for EntityPath):
+                // Azure refuses such a key's token for the namespace.
+                let resource = match &self.scope {
+                    Some(entity) => self.audience(entity),
+                    None => format!("{}://{}/", self.scheme(), self.host),
+                };
                 let token = sas_token(&resource, name, key, expiry);
                 let renew = Instant::now() + valid_for(expiry) * 5 / 6;
                 Ok((
@@ -240,7 +258,7 @@ impl LinkConfig {
 /// AMQP error's `description`, a `$cbs` or `$management` status
 /// description), which is what Azure's documentation and a user's search go
 /// by; None when it has none.
-fn broker_words(debug: &str) -> Option<String> {
+pub(super) fn broker_words(debug: &str) -> Option<String> {
     let start = debug.find("description: Some(\"")? + "description: Some(\"".len();
     let mut words = String::new();
     let mut chars = debug[start..].chars();
@@ -745,6 +763,8 @@ impl Actor {
             // Refused credentials (a token that expired and cannot be
             // renewed) and a vanished entity keep their kind: the engine
             // stops on them instead of reconnecting into the same refusal.
+            // Any other refusal (a disabled entity) stays one too: only a
+            // connection's failure reads as "cannot reach".
             let failed = |detail: &str| format!("the dead-letter queue's link failed: {detail}");
             let err = || match &e {
                 BackendError::Auth { provider, detail } => BackendError::Auth {
@@ -753,6 +773,10 @@ impl Actor {
                 },
                 BackendError::NotFound { queue, detail } => BackendError::NotFound {
                     queue: queue.clone(),
+                    detail: failed(detail),
+                },
+                BackendError::Provider { provider, detail } => BackendError::Provider {
+                    provider,
                     detail: failed(detail),
                 },
                 BackendError::Unreachable { detail, .. } => self.cfg.unreachable(failed(detail)),
@@ -1595,6 +1619,7 @@ mod tests {
             host: "ns.servicebus.windows.net".into(),
             tls: true,
             dlq_path: "q/$DeadLetterQueue".into(),
+            scope: None,
             credentials: Credentials::Signature(String::new()),
             sas_ttl: Duration::from_secs(60),
             label: "dlq (q)".into(),

@@ -95,6 +95,7 @@
 //!   `correlation_id`, `subject`, `content_type`, `reply_to`,
 //!   `reply_to_session_id`, `to`, `partition_key`, `time_to_live` (ms);
 //!   informational: `message_id`, `sequence_number`, `dead_letter_source`,
+//!   `message_state` (`deferred`: see below),
 //!   `source_subscription` (the subscription of a subscription DLQ),
 //!   `body_type`.
 //!
@@ -121,11 +122,25 @@
 //! failed, while ordinary messages (without `P`) still reach every
 //! subscription.
 //!
+//! ## Deferred messages
+//! A consumer of a dead-letter queue may defer a message instead of settling
+//! it. Service Bus then delivers it to no receiver: only
+//! `com.microsoft:receive-by-sequence-number` on `$management` gets it, and
+//! a lock taken there is settled there. Leases are receives on a link, so a
+//! redrive never leases a deferred message: it stays in the DLQ, counted in
+//! its depth, and a pass that meets one waits out the lease's bounded wait
+//! (browses count it, and no delivery comes). A browse shows it, and
+//! `inspect` marks it `properties.message_state = "deferred"`, so the user
+//! can tell why a redrive leaves it.
+//!
 //! ## Credentials and endpoints
 //! A SAS connection string from the environment variable named by
 //! `connection_string_env`. `UseDevelopmentEmulator=true` in it selects plain
 //! `amqp://` (Microsoft's emulator convention); azservicebus always dials port
-//! 5672 (5671 for TLS) whatever the string says. Without a connection string,
+//! 5672 (5671 for TLS) whatever the string says. A connection string of an
+//! entity-level policy (`EntityPath=<queue or topic>`) signs every token for
+//! that entity, which its key is valid for, and is refused up front for any
+//! other entity ([`ConnectionString::check_scope`]). Without a connection string,
 //! Entra ID through Azure Workload Identity ([`WorkloadIdentityCredential`]):
 //! the federated token file and client/tenant IDs the AKS webhook injects.
 
@@ -316,6 +331,9 @@ pub const PROP_TIME_TO_LIVE: &str = "time_to_live";
 pub const PROP_DEAD_LETTER_SOURCE: &str = "dead_letter_source";
 pub const PROP_SOURCE_SUBSCRIPTION: &str = "source_subscription";
 pub const PROP_BODY_TYPE: &str = "body_type";
+/// `deferred` (or `scheduled`) when Service Bus says so
+/// (`x-opt-message-state`); absent for an active message.
+pub const PROP_MESSAGE_STATE: &str = "message_state";
 /// [`PROP_BODY_TYPE`]s: the body was an amqp-value section holding a string
 /// (the body is its UTF-8), a binary (the body is its bytes), or another
 /// value (the body is its AMQP encoding); or amqp-sequence sections (the
@@ -363,6 +381,9 @@ pub struct ConnectionString {
     pub signature: Option<String>,
     /// `UseDevelopmentEmulator=true`: plain AMQP and the emulator's HTTP port.
     pub emulator: bool,
+    /// `EntityPath`: the queue or topic of an entity-level policy, whose key
+    /// signs only for that entity (see [`ConnectionString::check_scope`]).
+    pub entity_path: Option<String>,
 }
 
 impl std::fmt::Debug for ConnectionString {
@@ -374,6 +395,7 @@ impl std::fmt::Debug for ConnectionString {
             .field("key", &secret(&self.key))
             .field("signature", &secret(&self.signature))
             .field("emulator", &self.emulator)
+            .field("entity_path", &self.entity_path)
             .finish()
     }
 }
@@ -395,6 +417,7 @@ impl ConnectionString {
                 "sharedaccesskey" => out.key = Some(v.to_string()),
                 "sharedaccesssignature" => out.signature = Some(v.to_string()),
                 "usedevelopmentemulator" => out.emulator = v.eq_ignore_ascii_case("true"),
+                "entitypath" => out.entity_path = Some(v.trim_matches('/').to_string()).filter(|p| !p.is_empty()),
                 _ => {}
             }
         }
@@ -424,7 +447,30 @@ impl ConnectionString {
         if let (Some(n), Some(k)) = (&self.key_name, &self.key) {
             s.push_str(&format!(";SharedAccessKeyName={n};SharedAccessKey={k}"));
         }
+        // azservicebus then signs its tokens for the entity, not the namespace.
+        if let Some(e) = &self.entity_path {
+            s.push_str(&format!(";EntityPath={e}"));
+        }
         s
+    }
+
+    /// Whether this connection string may be used for `entity` (a queue or
+    /// topic; `what` says for what, in the error). A policy of one entity
+    /// (`EntityPath`) has a key that signs for that entity and what lies
+    /// below it (its dead-letter queue, its subscriptions) only: Azure
+    /// refuses its tokens for anything else (401 InvalidAudience), so the
+    /// mismatch is refused here, before anything is read or sent, naming
+    /// both. Names compare as Service Bus does, without regard to case.
+    /// `var` names the environment variable that held the string.
+    pub fn check_scope(&self, var: &str, entity: &str, what: &str) -> Result<()> {
+        match &self.entity_path {
+            Some(scope) if !scope.eq_ignore_ascii_case(entity.trim_matches('/')) => {
+                Err(BackendError::Invalid(format!(
+                    "{var} is the connection string of a policy of the entity `{scope}` (EntityPath={scope}), and {what} `{entity}`, which its key cannot sign for: use the connection string of a namespace-level policy (without EntityPath), or one of a policy of `{entity}`"
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -468,7 +514,8 @@ fn check_signature_expiry(signature: &str, now: u64) -> Result<()> {
 /// How the backend authenticates.
 #[derive(Clone)]
 enum Auth {
-    Sas(ConnectionString),
+    /// The connection string, and the environment variable it came from.
+    Sas(ConnectionString, String),
     Entra(Arc<WorkloadIdentityCredential>),
 }
 
@@ -537,7 +584,7 @@ pub struct Clients {
 impl Clients {
     fn get(&self, auth: &Auth, host: &str) -> Arc<SharedClient> {
         let identity = match auth {
-            Auth::Sas(cs) => format!("sas|{}|{}", cs.emulator, cs.for_client()),
+            Auth::Sas(cs, _) => format!("sas|{}|{}", cs.emulator, cs.for_client()),
             Auth::Entra(_) => format!("entra|{host}"),
         };
         let key: [u8; 32] = Sha256::digest(identity.as_bytes()).into();
@@ -665,11 +712,19 @@ impl ServiceBusBackend {
                     .map(|n| namespace_host(&n))
                     .unwrap_or(cs.host.clone());
                 let emulator = cs.emulator;
+                cs.check_scope(
+                    &var,
+                    entity.parent(),
+                    &format!("queue {name} reads the dead-letter queue of"),
+                )?;
                 (
-                    Auth::Sas(ConnectionString {
-                        host: host.clone(),
-                        ..cs
-                    }),
+                    Auth::Sas(
+                        ConnectionString {
+                            host: host.clone(),
+                            ..cs
+                        },
+                        var,
+                    ),
                     host,
                     emulator,
                 )
@@ -697,8 +752,12 @@ impl ServiceBusBackend {
             host: host.clone(),
             tls: !emulator,
             dlq_path: format!("{}/$DeadLetterQueue", entity.path()),
+            scope: match &auth {
+                Auth::Sas(cs, _) => cs.entity_path.clone(),
+                Auth::Entra(_) => None,
+            },
             credentials: match &auth {
-                Auth::Sas(cs) => match (&cs.signature, &cs.key_name, &cs.key) {
+                Auth::Sas(cs, _) => match (&cs.signature, &cs.key_name, &cs.key) {
                     (Some(sig), _, _) => link::Credentials::Signature(sig.clone()),
                     (None, Some(name), Some(key)) => link::Credentials::Key {
                         name: name.clone(),
@@ -811,12 +870,12 @@ impl ServiceBusBackend {
             };
             let fut = async {
                 match &self.auth {
-                    Auth::Sas(cs) if cs.emulator => {
+                    Auth::Sas(cs, _) if cs.emulator => {
                         ServiceBusClient::unsecured()
                             .new_from_connection_string(cs.for_client(), options)
                             .await
                     }
-                    Auth::Sas(cs) => ServiceBusClient::new_from_connection_string(cs.for_client(), options).await,
+                    Auth::Sas(cs, _) => ServiceBusClient::new_from_connection_string(cs.for_client(), options).await,
                     Auth::Entra(cred) => {
                         let cred: Arc<dyn azure_core::credentials::TokenCredential> = cred.clone();
                         ServiceBusClient::new_from_token_credential(self.host.clone(), cred, options).await
@@ -960,6 +1019,15 @@ impl ServiceBusBackend {
             fields.time_to_live.map(|d| d.as_millis().to_string()),
         );
         put(PROP_DEAD_LETTER_SOURCE, fields.dead_letter_source);
+        // A deferred message in a dead-letter queue is shown by a browse but
+        // never delivered to a receiver (only `receive-by-sequence-number`
+        // gets it): a redrive leaves it where it is, and `inspect` says why.
+        let state = match annotation(raw, "x-opt-message-state") {
+            Some(Value::Long(1) | Value::Int(1)) => Some("deferred"),
+            Some(Value::Long(2) | Value::Int(2)) => Some("scheduled"),
+            _ => None,
+        };
+        put(PROP_MESSAGE_STATE, state.map(str::to_string));
         if let Entity::Subscription { subscription, .. } = &self.entity {
             put(PROP_SOURCE_SUBSCRIPTION, Some(subscription.clone()));
         }
@@ -1417,7 +1485,7 @@ impl ServiceBusBackend {
         let path = path.to_string();
         let url = format!("{}/{}?api-version={API_VERSION}", self.management, path);
         let auth = match &self.auth {
-            Auth::Sas(cs) => match &cs.signature {
+            Auth::Sas(cs, _) => match &cs.signature {
                 Some(sig) => sig.clone(),
                 None => sas_token(
                     &format!("https://{}/{}", self.host, path.to_ascii_lowercase()),
@@ -1965,6 +2033,124 @@ fn condition_name(condition: &ErrorCondition) -> String {
     symbol.0
 }
 
+/// What the broker said when it refused a call, read from an AMQP error
+/// condition (an attach answered with a detach, a link detached) or a
+/// `$cbs`/`$management` status code in an error's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// `amqp:unauthorized-access`, status 401 or 403.
+    Unauthorized,
+    /// `amqp:not-found`, `amqp:resource-deleted`, status 404.
+    NotFound,
+    /// `com.microsoft:entity-disabled`.
+    Disabled,
+    /// Any other refusal, which asking again will not change
+    /// (`amqp:not-allowed`, `amqp:resource-limit-exceeded`, status 400...):
+    /// the condition's symbol or the status.
+    Refused(String),
+    /// A condition that passes (a forced detach or close, the broker busy or
+    /// timing out): the link or connection is to be opened again.
+    Transient,
+}
+
+/// The broker's condition or status in an error's text (its `Debug`, or
+/// azservicebus's `Display`, which quotes fe2o3-amqp's), as a [`Refusal`];
+/// None when there is none (an I/O error, a timeout, a local state).
+pub(super) fn refusal_in(text: &str) -> Option<Refusal> {
+    if let Some(symbol) = condition_in(text) {
+        return Some(match symbol.as_str() {
+            "amqp:unauthorized-access" => Refusal::Unauthorized,
+            "amqp:not-found" | "amqp:resource-deleted" => Refusal::NotFound,
+            "com.microsoft:entity-disabled" => Refusal::Disabled,
+            "amqp:internal-error"
+            | "amqp:illegal-state"
+            | "amqp:link:detach-forced"
+            | "amqp:link:stolen"
+            | "amqp:link:redirect"
+            | "com.microsoft:server-busy"
+            | "com.microsoft:timeout"
+            | "com.microsoft:operation-cancelled" => Refusal::Transient,
+            s if s.starts_with("amqp:connection:") || s.starts_with("amqp:session:") => Refusal::Transient,
+            _ => Refusal::Refused(symbol),
+        });
+    }
+    let code: u16 = text
+        .split_once("StatusCode(")?
+        .1
+        .split(')')
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(match code {
+        401 | 403 => Refusal::Unauthorized,
+        404 | 410 => Refusal::NotFound,
+        408 | 429 => Refusal::Transient,
+        400..=499 => Refusal::Refused(format!("status {code}")),
+        _ => Refusal::Transient,
+    })
+}
+
+/// The AMQP condition named in fe2o3-amqp's `Debug` of an error
+/// (`condition: AmqpError(NotAllowed)`,
+/// `condition: Custom(Symbol("com.microsoft:entity-disabled"))`), as the
+/// broker's symbol (`amqp:not-allowed`).
+fn condition_in(text: &str) -> Option<String> {
+    let rest = text.split_once("condition: ")?.1;
+    if let Some(custom) = rest.strip_prefix("Custom(Symbol(\"") {
+        return custom.split('"').next().map(str::to_string);
+    }
+    let (kind, rest) = rest.split_once('(')?;
+    let name = rest.split(')').next()?;
+    let prefix = match kind {
+        "AmqpError" => "amqp:",
+        "LinkError" => "amqp:link:",
+        "SessionError" => "amqp:session:",
+        "ConnectionError" if name == "ConnectionForced" => return Some("amqp:connection:forced".into()),
+        "ConnectionError" => "amqp:connection:",
+        _ => return None,
+    };
+    // The spec's symbols are the variants' names in kebab case.
+    let mut symbol = prefix.to_string();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            symbol.push('-');
+        }
+        symbol.push(c.to_ascii_lowercase());
+    }
+    Some(symbol)
+}
+
+/// A refusal's [`BackendError`]: `entity` is what was refused (named in
+/// the error), `what` the call, `words` the broker's description. None for
+/// a transient condition, which the caller reports as a connection's
+/// failure.
+pub(super) fn refusal_error(refusal: &Refusal, entity: &str, what: &str, words: &str) -> Option<BackendError> {
+    let detail = format!("{what}: {words}");
+    Some(match refusal {
+        Refusal::Unauthorized => BackendError::Auth {
+            provider: PROVIDER,
+            detail,
+        },
+        Refusal::NotFound => BackendError::NotFound {
+            queue: entity.to_string(),
+            detail,
+        },
+        // Reached, and refused: the connection is fine (an unreachable
+        // error would also drop the dead-letter queue's link, and what it
+        // holds, for a destination that refuses sends).
+        Refusal::Disabled => BackendError::Provider {
+            provider: PROVIDER,
+            detail: format!("{entity} is disabled ({detail}): set its status to Active"),
+        },
+        Refusal::Refused(condition) => BackendError::Provider {
+            provider: PROVIDER,
+            detail: format!("{entity} refused {what}: {condition}: {words}"),
+        },
+        Refusal::Transient => return None,
+    })
+}
+
 /// Sort an azservicebus error into the backend's classes, by its kind and
 /// the AMQP condition it names.
 fn classify(e: &azure_core::Error, unreachable: &BackendError, entity: &str, what: &str) -> BackendError {
@@ -1975,6 +2161,18 @@ fn classify(e: &azure_core::Error, unreachable: &BackendError, entity: &str, wha
         && let tls @ BackendError::Tls { .. } = BackendError::unreachable(endpoint.clone(), format!("{what}: {text}"))
     {
         return tls;
+    }
+    // The broker answered with a condition or a status: a refusal is told as
+    // what it is, in the broker's words, never as "cannot reach".
+    if let Some(refusal) = refusal_in(&text)
+        && let Some(err) = refusal_error(
+            &refusal,
+            entity,
+            what,
+            &link::broker_words(&text).unwrap_or_else(|| e.to_string()),
+        )
+    {
+        return err;
     }
     if lower.contains("not-found") || lower.contains("notfound") || lower.contains("messagingentitynotfound") {
         BackendError::NotFound {
@@ -2242,6 +2440,19 @@ impl QueueBackend for ServiceBusBackend {
         Ok(())
     }
 
+    /// A connection string scoped to one entity (`EntityPath`) cannot send
+    /// copies anywhere else: refused when the pass is planned.
+    fn check_send_to(&self, to: &Destination) -> Result<()> {
+        match &self.auth {
+            Auth::Sas(cs, var) => cs.check_scope(
+                var,
+                &to.0,
+                &format!("a redrive from {} would send its copies to", self.queue_name),
+            ),
+            Auth::Entra(_) => Ok(()),
+        }
+    }
+
     async fn default_source(&self) -> Result<Option<Destination>> {
         Ok(Some(Destination(
             self.config_source
@@ -2286,6 +2497,7 @@ impl QueueBackend for ServiceBusBackend {
                 "`{name}` is not a Service Bus queue or topic: copies can only be sent to a queue or a topic"
             )));
         }
+        self.check_send_to(&Destination(name.to_string()))?;
         self.check_destination(name).await?;
         Ok(Destination(name.to_string()))
     }
@@ -2450,6 +2662,67 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_is_read_from_the_brokers_condition_or_status() {
+        let of = |text: &str| refusal_in(text);
+        let closed = |condition: &str| {
+            format!(
+                "RemoteClosedWithError(Error {{ condition: {condition}, description: Some(\"words\"), info: None }})"
+            )
+        };
+        assert_eq!(
+            of(&closed("AmqpError(UnauthorizedAccess)")),
+            Some(Refusal::Unauthorized)
+        );
+        assert_eq!(of(&closed("AmqpError(NotFound)")), Some(Refusal::NotFound));
+        assert_eq!(
+            of(&closed(r#"Custom(Symbol("com.microsoft:entity-disabled"))"#)),
+            Some(Refusal::Disabled)
+        );
+        assert_eq!(
+            of(&closed("AmqpError(NotAllowed)")),
+            Some(Refusal::Refused("amqp:not-allowed".into()))
+        );
+        assert_eq!(
+            of(&closed("AmqpError(ResourceLimitExceeded)")),
+            Some(Refusal::Refused("amqp:resource-limit-exceeded".into()))
+        );
+        assert_eq!(
+            of(&closed(r#"Custom(Symbol("com.microsoft:argument-out-of-range"))"#)),
+            Some(Refusal::Refused("com.microsoft:argument-out-of-range".into()))
+        );
+        for transient in [
+            "LinkError(DetachForced)",
+            "ConnectionError(ConnectionForced)",
+            "SessionError(WindowViolation)",
+            "AmqpError(InternalError)",
+            r#"Custom(Symbol("com.microsoft:server-busy"))"#,
+        ] {
+            assert_eq!(of(&closed(transient)), Some(Refusal::Transient), "{transient}");
+        }
+        let status =
+            |code: u16| format!("Status(StatusError {{ code: StatusCode({code}), description: Some(\"w\") }})");
+        assert_eq!(of(&status(401)), Some(Refusal::Unauthorized));
+        assert_eq!(of(&status(403)), Some(Refusal::Unauthorized));
+        assert_eq!(of(&status(404)), Some(Refusal::NotFound));
+        assert_eq!(of(&status(400)), Some(Refusal::Refused("status 400".into())));
+        assert_eq!(of(&status(503)), Some(Refusal::Transient));
+        assert_eq!(of("Io(Custom { kind: ConnectionRefused })"), None);
+        // As the user reads it: what was refused, the condition, the words.
+        let e = refusal_error(
+            &Refusal::Refused("amqp:not-allowed".into()),
+            "dlq (events)",
+            "attach",
+            "'events' is a topic",
+        )
+        .unwrap();
+        assert_eq!(
+            e.to_string(),
+            "Service Bus: dlq (events) refused attach: amqp:not-allowed: 'events' is a topic"
+        );
+        assert!(refusal_error(&Refusal::Transient, "q", "attach", "w").is_none());
+    }
+
+    #[test]
     fn a_refusal_for_want_of_manage_is_told_from_a_bad_token() {
         // Azure's answer to a Listen or Send key, and to a token it refuses.
         assert!(lacks_manage(
@@ -2474,6 +2747,29 @@ mod tests {
             "Endpoint=sb://127.0.0.1/;SharedAccessKeyName=x;SharedAccessKey=y"
         );
         assert!(ConnectionString::parse("Endpoint=sb://ns.servicebus.windows.net/").is_err());
+    }
+
+    #[test]
+    fn an_entity_paths_connection_string_is_for_that_entity_only() {
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=orders-app;SharedAccessKey=k;EntityPath=Orders",
+        )
+        .unwrap();
+        assert_eq!(cs.entity_path.as_deref(), Some("Orders"));
+        // azservicebus signs for the entity when told of it.
+        assert!(cs.for_client().ends_with(";EntityPath=Orders"), "{:?}", cs.for_client());
+        assert!(cs.check_scope("SB", "orders", "reads").is_ok(), "names ignore case");
+        let e = cs.check_scope("SB", "invoices", "queue dlq reads").unwrap_err();
+        let said = e.to_string();
+        assert!(matches!(e, BackendError::Invalid(_)), "{e:?}");
+        assert!(
+            said.contains("EntityPath=Orders") && said.contains("`invoices`") && said.contains("namespace-level"),
+            "{said}"
+        );
+        assert!(!said.contains("k;") && !said.contains("=k"), "{said}");
+        let namespace = ConnectionString::parse("Endpoint=sb://ns/;SharedAccessKeyName=a;SharedAccessKey=k").unwrap();
+        assert_eq!(namespace.entity_path, None);
+        assert!(namespace.check_scope("SB", "anything", "reads").is_ok());
     }
 
     #[test]

@@ -118,12 +118,23 @@ impl StoredMessage {
         codec::bare_size(&self.bare)
     }
 
-    fn encode(&self, sequence_number: i64, lock: Option<(Uuid, i64)>, strict: bool) -> Result<Bytes, BrokerError> {
+    /// `deferred`: the message was deferred, which Azure tells by
+    /// `x-opt-message-state` 1 (Deferred) on a peeked or received message.
+    fn encode(
+        &self,
+        sequence_number: i64,
+        lock: Option<(Uuid, i64)>,
+        strict: bool,
+        deferred: bool,
+    ) -> Result<Bytes, BrokerError> {
         let mut header = self.header.clone();
         // AMQP counts prior attempts; the SDKs present it as-is (Python) or +1 (.NET).
         header.delivery_count = self.deliveries.saturating_sub(u32::from(lock.is_some()));
         let mut annotations = self.annotations.clone();
         annotations.insert(symbol("x-opt-sequence-number"), Value::Long(sequence_number));
+        if deferred {
+            annotations.insert(symbol("x-opt-message-state"), Value::Long(1));
+        }
         annotations.insert(
             symbol("x-opt-enqueued-time"),
             Value::Timestamp(Timestamp::from_milliseconds(self.enqueued_at_ms)),
@@ -320,7 +331,7 @@ impl Store {
         match mode {
             ReceiveMode::ReceiveAndDelete => {
                 let mut message = list.remove(seq).expect("available message exists");
-                let payload = message.encode(seq, None, strict)?;
+                let payload = message.encode(seq, None, strict, false)?;
                 message.deliveries += 1;
                 Ok(Some(Acquired {
                     payload,
@@ -333,7 +344,7 @@ impl Store {
                 list.lock(seq, token, until_ms);
                 let payload = list.messages[&seq]
                     .message
-                    .encode(seq, Some((token, until_ms)), strict)?;
+                    .encode(seq, Some((token, until_ms)), strict, false)?;
                 Ok(Some(Acquired {
                     payload,
                     lock_token: Some(token),
@@ -444,7 +455,7 @@ impl Store {
                 entry.state != State::Available || entry.message.expires_at_ms.is_none_or(|at| at > now_ms)
             })
             .take(count)
-            .map(|(seq, entry)| entry.message.encode(*seq, None, strict))
+            .map(|(seq, entry)| entry.message.encode(*seq, None, strict, entry.state == State::Deferred))
             .collect()
     }
 
@@ -467,7 +478,7 @@ impl Store {
             if mode == ReceiveMode::ReceiveAndDelete {
                 let message = list.remove(seq).expect("deferred message exists");
                 out.push(Acquired {
-                    payload: message.encode(seq, None, strict)?,
+                    payload: message.encode(seq, None, strict, true)?,
                     lock_token: None,
                 });
                 continue;
@@ -478,7 +489,7 @@ impl Store {
             out.push(Acquired {
                 payload: list.messages[&seq]
                     .message
-                    .encode(seq, Some((token, until_ms)), strict)?,
+                    .encode(seq, Some((token, until_ms)), strict, true)?,
                 lock_token: Some(token),
             });
         }
