@@ -7,7 +7,7 @@
 //! unknown rather than guessing. Queues with the same region and endpoint
 //! share one SDK client ([`Clients`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -674,22 +674,41 @@ impl QueueBackend for SqsBackend {
         })
     }
 
-    async fn peek(&self, max: usize) -> Result<Vec<DlqMessage>> {
-        let mut out = Vec::new();
+    async fn peek_each(&self, max: usize, visit: &mut (dyn FnMut(DlqMessage) -> bool + Send)) -> Result<usize> {
         let mut handles = Vec::new();
+        // A read that outlasts the hold gets messages again: each is visited once.
+        let mut seen = HashSet::new();
+        let mut read = 0;
         let hold = Duration::from_secs(30);
-        while out.len() < max {
-            let batch = self.receive(max - out.len(), hold).await?;
-            if batch.is_empty() {
-                break;
+        let result: Result<()> = async {
+            while read < max {
+                let batch = self.receive(max - read, hold).await?;
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                handles.extend(
+                    batch
+                        .iter()
+                        .filter_map(|m| m.receipt_handle().map(|h| LeaseId(h.to_string()))),
+                );
+                for m in &batch {
+                    if read >= max || !seen.insert(m.message_id().unwrap_or_default().to_string()) {
+                        continue;
+                    }
+                    read += 1;
+                    if !visit(self.to_model(m).await) {
+                        return Ok(());
+                    }
+                }
             }
-            for m in &batch {
-                out.push(self.to_model(m).await);
-                handles.extend(m.receipt_handle().map(|h| LeaseId(h.to_string())));
-            }
+            Ok(())
         }
-        self.release(&handles).await?;
-        Ok(out)
+        .await;
+        // Whatever happened, nothing stays hidden for the hold.
+        let released = self.release(&handles).await;
+        result?;
+        released?;
+        Ok(read)
     }
 
     async fn lease(&self, max: usize, hold: Duration) -> Result<Vec<Leased>> {

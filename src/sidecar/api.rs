@@ -26,7 +26,9 @@ use subtle::ConstantTimeEq;
 use crate::backend::QueueBackend;
 use crate::engine::redrive::Trigger;
 use crate::engine::registry::{RedriveRequest, RegistryError};
+use crate::engine::triage;
 use crate::filter::Filter;
+use crate::model::DlqMessage;
 use crate::output::MessageView;
 use crate::sidecar::app::App;
 use crate::sidecar::exclusion::{Busy, ReadGuard};
@@ -86,6 +88,32 @@ pub(crate) async fn read_guard(
         Err(Busy::ReadInFlight) => Err(ApiError(
             StatusCode::CONFLICT,
             format!("another read of `{queue}` is still in flight; try again"),
+        )),
+    }
+}
+
+/// Browse for display ([`triage::first_matches`]) in a task of its own,
+/// holding `guard` until the read ends: a client that hangs up drops the
+/// request's future, and a read dropped between its leases and their
+/// release would leave them hidden for the hold. A 502 when the provider
+/// fails.
+pub(crate) async fn read_detached(
+    backend: Arc<dyn QueueBackend>,
+    guard: Option<ReadGuard>,
+    scan: usize,
+    limit: usize,
+    matches: impl FnMut(&DlqMessage) -> Option<bool> + Send + 'static,
+) -> Result<triage::Shown, ApiError> {
+    let task = tokio::spawn(async move {
+        let got = triage::first_matches(&*backend, scan, limit, &Default::default(), matches).await;
+        drop(guard);
+        got
+    });
+    match task.await {
+        Ok(got) => got.map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string())),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the read failed: {e}"),
         )),
     }
 }
@@ -237,30 +265,21 @@ async fn messages(
     let reads = browse_reads(limit, given.is_some(), q.scan);
     let backend = app.registry.backend(&queue).await?;
     let guard = read_guard(&app, &queue, &*backend).await?;
-    let msgs = backend
-        .peek(reads)
-        .await
-        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
-    drop(guard);
     let now = Utc::now();
-    // Counted, as `inspect` and the dashboard's browse count them: a filter
-    // that fails on every message otherwise looks like an empty DLQ.
-    let mut filter_errors = 0u64;
-    let views: Vec<MessageView> = msgs
-        .iter()
-        .filter(|m| {
-            filter.matches(m, now).unwrap_or_else(|_| {
-                filter_errors += 1;
-                false
-            })
-        })
-        .take(limit)
-        .map(|m| MessageView::new(m, now))
-        .collect();
+    // Only the matches shown are kept (a scan of 10,000 bodies of 1 MiB
+    // must not sit in memory at once). Counted, as `inspect` and the
+    // dashboard's browse count them: a filter that fails on every message
+    // otherwise looks like an empty DLQ.
+    let got = read_detached(backend.clone(), guard, reads, limit, move |m| {
+        filter.matches(m, now).ok()
+    })
+    .await?;
+    let views: Vec<MessageView> = got.messages.iter().map(|m| MessageView::new(m, now)).collect();
+    let (msgs, filter_errors) = (got.read, got.filter_errors);
     Ok(Json(json!({
         "queue": queue,
         "true_peek": backend.capabilities().true_peek,
-        "read": msgs.len(),
+        "read": msgs,
         "filter_errors": filter_errors,
         "messages": views,
     }))
@@ -285,7 +304,7 @@ async fn report(
     Query(q): Query<ReportQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    use crate::engine::triage::{self, GroupBy, ReportRequest, TriageError};
+    use crate::engine::triage::{GroupBy, ReportRequest, TriageError};
     authorize(&app, &headers)?;
     let by: GroupBy =
         q.by.as_deref()
