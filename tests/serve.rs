@@ -766,6 +766,18 @@ async fn a_browse_reads_only_what_it_needs() {
         (Some(3), Some(3)),
         "{v}"
     );
+
+    // A blank filter is refused, naming the parameter, as the CLI refuses
+    // `--filter ' '`; it used to read as no filter and browse everything.
+    for path in [
+        "/v1/queues/orders/messages?limit=1&filter=%20%20",
+        "/v1/queues/orders/report?filter=%20",
+        "/v1/queues/orders/browse?filter=%09",
+    ] {
+        let (code, text) = serve.get_auth(path).await;
+        assert_eq!(code, 400, "{path}: {text}");
+        assert!(text.contains("`filter` is empty"), "{path}: {text}");
+    }
 }
 
 /// Two `serve` processes never share a data directory (and so a journal).

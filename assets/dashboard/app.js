@@ -286,7 +286,7 @@
       }
       try {
         const r = await api("GET", "/v1/queues/" + encodeURIComponent(queue) + "/browse?" +
-          qs({ filter: filter.value, limit: 200, by: group && group.by, key: group && group.key }));
+          qs({ filter: filter.value.trim(), limit: 200, by: group && group.by, key: group && group.key }));
         info.textContent = r.messages.length + " shown of " + r.read + " read" +
           (r.filter_errors ? ", " + r.filter_errors + " filter errors" : "") +
           (r.true_peek ? " (true peek: nothing was disturbed)." :
@@ -350,7 +350,7 @@
       reportBody.replaceChildren();
       try {
         const by = byValue();
-        const r = await api("GET", "/v1/queues/" + encodeURIComponent(queue) + "/report?" + qs({ by, filter: filter.value, top: 20 }));
+        const r = await api("GET", "/v1/queues/" + encodeURIComponent(queue) + "/report?" + qs({ by, filter: filter.value.trim(), top: 20 }));
         reportInfo.textContent = r.matched + " matched of " + r.read + " read" + (r.capped ? " (stopped at the scan cap)" : "") +
           ". Click a group to see its messages.";
         const rows = r.groups.map((g) => el("tr", { class: "clickable group", "data-key": g.key,

@@ -66,6 +66,22 @@ pub(crate) fn browse_reads(limit: usize, filtered: bool, scan: Option<usize>) ->
     }
 }
 
+/// The filter a request gives in parameter `param`. Left out, it selects
+/// every message; given, it must say something, as the CLI's `--filter`:
+/// an empty or blank one (most often a quoting or templating slip) is
+/// refused with a 400 that names `param`, rather than read as no filter.
+pub(crate) fn given_filter<'a>(param: &str, filter: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
+    match filter {
+        Some(f) if f.trim().is_empty() => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{param}` is empty: leave it out to select every message (an empty value is often a quoting slip)"
+            ),
+        )),
+        given => Ok(given),
+    }
+}
+
 /// Take the queue's read guard before a read that leases (SQS, Pub/Sub): a
 /// run on the queue would otherwise find the leased messages missing and
 /// stop early. Refused with 409 while a run is active.
@@ -256,7 +272,7 @@ async fn messages(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let given = q.filter.as_deref().filter(|f| !f.trim().is_empty());
+    let given = given_filter("filter", q.filter.as_deref())?;
     let filter = match given {
         Some(f) => Filter::compile(f).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?,
         None => Filter::match_all(),
@@ -313,7 +329,7 @@ async fn report(
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let req = ReportRequest {
         by,
-        filter: q.filter.as_deref(),
+        filter: given_filter("filter", q.filter.as_deref())?,
         top: q.top.unwrap_or(triage::DEFAULT_TOP).clamp(1, 100),
         scan: q.scan.unwrap_or(MAX_LIMIT).clamp(1, 10 * MAX_LIMIT),
     };
@@ -426,6 +442,17 @@ mod tests {
         assert!(e.1.contains("fliter"), "{}", e.1);
         let e = parse_json_body::<Body>(Some("application/json"), b"{").unwrap_err();
         assert_eq!(e.0, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn a_blank_filter_is_refused_naming_its_parameter_not_read_as_none() {
+        for blank in ["", " ", "\t\n  "] {
+            let ApiError(status, text) = given_filter("filter", Some(blank)).unwrap_err();
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{blank:?}");
+            assert!(text.starts_with("`filter` is empty"), "{text}");
+        }
+        assert_eq!(given_filter("filter", None).unwrap(), None);
+        assert_eq!(given_filter("filter", Some(" true ")).unwrap(), Some(" true "));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::engine::registry::RedriveRequest;
 use crate::engine::triage::{self, GroupBy, TriageError};
 use crate::filter::{Filter, FilterError};
 use crate::output::MessageView;
-use crate::sidecar::api::{ApiError, authorize, browse_reads, json_body, read_detached, read_guard};
+use crate::sidecar::api::{ApiError, authorize, browse_reads, given_filter, json_body, read_detached, read_guard};
 use crate::sidecar::app::App;
 use crate::sidecar::history;
 
@@ -193,7 +193,7 @@ async fn browse(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let given = q.filter.as_deref().filter(|f| !f.trim().is_empty());
+    let given = given_filter("filter", q.filter.as_deref())?;
     let filter = match given {
         Some(f) => Filter::compile(f).map_err(bad_request)?,
         None => Filter::match_all(),
@@ -334,7 +334,7 @@ async fn export(
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     let b: ExportBody = json_body(&headers, body)?;
-    let filter = b.filter.as_deref().filter(|f| !f.trim().is_empty());
+    let filter = given_filter("filter", b.filter.as_deref())?;
     // Both reads lease on SQS and Pub/Sub, like a browse.
     let backend = app.registry.backend(&queue).await?;
     let _guard = read_guard(&app, &queue, &*backend).await?;
