@@ -1030,4 +1030,21 @@ async fn a_browse_holds_what_it_returns_not_what_it_scans() {
     );
     // Everything the browse leased was released.
     assert_eq!(f.dlq_visible().await, 150);
+
+    // What is returned is bounded too: `limit=100` of these bodies (20 MB,
+    // and its JSON twice that) stops at 8 MiB of bodies, and says so.
+    let (code, text) = serve.get_auth("/v1/queues/orders/messages?limit=100").await;
+    assert_eq!(code, 200, "{}", &text[..text.len().min(500)]);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let returned = v["messages"].as_array().unwrap().len();
+    assert_eq!(returned, (8 << 20) / 200_004 + 1, "read {}", v["read"]);
+    assert_eq!(v["truncated"], true);
+    let (code, text) = serve.get_auth("/v1/queues/orders/messages?limit=3").await;
+    assert_eq!(code, 200);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["messages"].as_array().unwrap().len(), &v["truncated"]),
+        (3, &json!(false))
+    );
+    assert_eq!(f.dlq_visible().await, 150);
 }

@@ -289,6 +289,7 @@
           qs({ filter: filter.value.trim(), limit: 200, by: group && group.by, key: group && group.key }));
         info.textContent = r.messages.length + " shown of " + r.read + " read" +
           (r.filter_errors ? ", " + r.filter_errors + " filter errors" : "") +
+          (r.truncated ? ", stopped at 8 MiB of bodies (narrow the filter to see others)" : "") +
           (r.true_peek ? " (true peek: nothing was disturbed)." :
             " (no true peek here: reading leased and released them, which raised their delivery counts).") +
           (r.body_redacted ? " Bodies are redacted (serve.dashboard.show_bodies is off)." : "");

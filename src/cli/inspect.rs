@@ -123,11 +123,13 @@ pub(crate) async fn inspect(
     // Only the matches shown are kept: the rest are dropped as they are read.
     let cancel = CancellationToken::new();
     let interrupt = signals::on_interrupt(cancel.clone(), "the read");
-    let got = first_matches(&*backend, read, limit, &cancel, |m| match filter.matches(m, now) {
-        Ok(matched) => Some(matched),
-        Err(e) => {
-            tracing::debug!(id = %m.id, error = %e, "filter error");
-            None
+    let got = first_matches(&*backend, read, limit, usize::MAX, &cancel, |m| {
+        match filter.matches(m, now) {
+            Ok(matched) => Some(matched),
+            Err(e) => {
+                tracing::debug!(id = %m.id, error = %e, "filter error");
+                None
+            }
         }
     })
     .await?;

@@ -38,6 +38,12 @@ const MAX_LIMIT: usize = 1000;
 /// CLI's `inspect --scan`; `MAX_SCAN` at most.
 pub(crate) const DEFAULT_SCAN: usize = 1000;
 pub(crate) const MAX_SCAN: usize = 10_000;
+/// Bodies a browse (`/messages`, the dashboard's `/browse`) holds at most:
+/// past them it answers fewer than `limit` messages, with `truncated`. A
+/// `limit=1000` of 1 MiB bodies would otherwise hold a gigabyte, and its
+/// JSON (base64 and text) more than twice that, in a sidecar whose memory
+/// limit is a few hundred MiB.
+pub(crate) const MAX_BROWSE_BODY_BYTES: usize = 8 << 20;
 /// How long an API read waits for another read of the queue (the poller's
 /// sample) to finish.
 const READ_WAIT: Duration = Duration::from_secs(10);
@@ -121,7 +127,15 @@ pub(crate) async fn read_detached(
     matches: impl FnMut(&DlqMessage) -> Option<bool> + Send + 'static,
 ) -> Result<triage::Shown, ApiError> {
     let task = tokio::spawn(async move {
-        let got = triage::first_matches(&*backend, scan, limit, &Default::default(), matches).await;
+        let got = triage::first_matches(
+            &*backend,
+            scan,
+            limit,
+            MAX_BROWSE_BODY_BYTES,
+            &Default::default(),
+            matches,
+        )
+        .await;
         drop(guard);
         got
     });
@@ -291,12 +305,13 @@ async fn messages(
     })
     .await?;
     let views: Vec<MessageView> = got.messages.iter().map(|m| MessageView::new(m, now)).collect();
-    let (msgs, filter_errors) = (got.read, got.filter_errors);
+    let (msgs, filter_errors, truncated) = (got.read, got.filter_errors, got.truncated);
     Ok(Json(json!({
         "queue": queue,
         "true_peek": backend.capabilities().true_peek,
         "read": msgs,
         "filter_errors": filter_errors,
+        "truncated": truncated,
         "messages": views,
     }))
     .into_response())

@@ -163,6 +163,9 @@ pub struct Shown {
     pub filter_errors: u64,
     /// The read stopped at its cap before `limit` matches: the DLQ may hold more.
     pub capped: bool,
+    /// The matches kept reached `max_body_bytes` of bodies before `limit`:
+    /// the read stopped there, and the DLQ may hold more matches.
+    pub truncated: bool,
     /// Stopped by `cancel`.
     pub interrupted: bool,
 }
@@ -170,13 +173,16 @@ pub struct Shown {
 /// Browse up to `scan` messages ([`QueueBackend::peek_each`]) and keep the
 /// first `limit` for which `matches` says `Some(true)` (`None`: the filter
 /// failed on it). Messages that do not match are dropped as they are read
-/// and the read stops at the `limit`-th match, so memory holds at most
-/// `limit` messages and one page, whatever `scan` is. `cancel` stops it at
-/// the next message; the adapter releases what it leased either way.
+/// and the read stops at the `limit`-th match, or once the matches kept
+/// hold `max_body_bytes` of bodies (at least one is kept; `truncated`), so
+/// memory holds what is shown and one page, whatever `scan` is. `cancel`
+/// stops it at the next message; the adapter releases what it leased
+/// either way.
 pub async fn first_matches(
     backend: &dyn QueueBackend,
     scan: usize,
     limit: usize,
+    max_body_bytes: usize,
     cancel: &CancellationToken,
     mut matches: impl FnMut(&DlqMessage) -> Option<bool> + Send,
 ) -> Result<Shown, crate::backend::BackendError> {
@@ -184,6 +190,7 @@ pub async fn first_matches(
     if limit == 0 {
         return Ok(shown);
     }
+    let mut kept_bytes = 0usize;
     backend
         .peek_each(scan, &mut |m| {
             if cancel.is_cancelled() {
@@ -192,14 +199,21 @@ pub async fn first_matches(
             }
             shown.read += 1;
             match matches(&m) {
-                Some(true) => shown.messages.push(m),
+                Some(true) => {
+                    kept_bytes = kept_bytes.saturating_add(m.body.len());
+                    shown.messages.push(m);
+                }
                 Some(false) => {}
                 None => shown.filter_errors += 1,
             }
-            shown.messages.len() < limit
+            if shown.messages.len() >= limit {
+                return false;
+            }
+            shown.truncated = kept_bytes >= max_body_bytes;
+            !shown.truncated
         })
         .await?;
-    shown.capped = shown.messages.len() < limit && !shown.interrupted && shown.read >= scan;
+    shown.capped = shown.messages.len() < limit && !shown.interrupted && !shown.truncated && shown.read >= scan;
     Ok(shown)
 }
 

@@ -214,7 +214,7 @@ async fn browse(
         Some(matched && group.as_ref().is_none_or(|(by, key)| by.key(m) == *key))
     })
     .await?;
-    let (msgs, filter_errors) = (got.read, got.filter_errors);
+    let (msgs, filter_errors, truncated) = (got.read, got.filter_errors, got.truncated);
     let views: Vec<Value> = got
         .messages
         .iter()
@@ -236,6 +236,7 @@ async fn browse(
         "true_peek": backend.capabilities().true_peek,
         "read": msgs,
         "filter_errors": filter_errors,
+        "truncated": truncated,
         "body_redacted": !show_bodies,
         "messages": views,
     }))
