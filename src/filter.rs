@@ -711,8 +711,13 @@ fn attr_val(a: &Attribute) -> Box<dyn Val + '_> {
     }
 }
 
+/// The body parsed as JSON, or null. A UTF-8 byte order mark before it is
+/// not part of the JSON text (RFC 8259 §8.1 lets a parser ignore it, and
+/// .NET and PowerShell writers put one there): serde_json refuses it, which
+/// made such a body `json == null`.
 fn json_of(msg: &DlqMessage) -> Value {
-    serde_json::from_slice::<serde_json::Value>(&msg.body)
+    let text = msg.body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&msg.body);
+    serde_json::from_slice::<serde_json::Value>(text)
         .map(|v| json_to_cel(&v))
         .unwrap_or(Value::Null)
 }
@@ -817,6 +822,26 @@ mod tests {
 
     fn eval(src: &str) -> Result<bool, String> {
         Filter::compile(src).unwrap().matches(&msg(), Utc::now())
+    }
+
+    #[test]
+    fn a_json_body_after_a_byte_order_mark_is_parsed() {
+        let mut m = msg();
+        m.body = Bytes::from_static(b"\xEF\xBB\xBF{\"order\": {\"id\": 42}}");
+        for f in ["json.order.id == 42", "type(json) == map", "json != null"] {
+            assert_eq!(Filter::compile(f).unwrap().matches(&m, Utc::now()), Ok(true), "{f}");
+            assert_eq!(
+                Filter::compile(f).unwrap().matches_reference(&m, Utc::now()),
+                Ok(true),
+                "{f} (by value)"
+            );
+        }
+        // Only a leading mark goes: one elsewhere is not JSON.
+        m.body = Bytes::from_static(b"{\"a\": 1}\xEF\xBB\xBF");
+        assert_eq!(
+            Filter::compile("json == null").unwrap().matches(&m, Utc::now()),
+            Ok(true)
+        );
     }
 
     #[test]

@@ -258,32 +258,54 @@ mod opt_secs {
     }
 }
 
+/// Characters that change how a terminal lays out the text around them
+/// without showing themselves: the bidirectional formatting characters
+/// (embeddings and overrides U+202A–U+202E, isolates U+2066–U+2069, the
+/// marks U+200E, U+200F and U+061C) and the line and paragraph separators
+/// U+2028 and U+2029. An ID, reason or body holding them can make a table
+/// or an error line read other than it is (Trojan Source, CVE-2021-42574).
+pub fn is_bidi_or_separator(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}'
+    )
+}
+
 /// One line of text, at most `max` characters, control characters shown as
-/// spaces: safe to put in a table cell.
+/// spaces and bidirectional formatting characters escaped (`\u{202e}`, see
+/// [`is_bidi_or_separator`]): safe to put in a table cell.
 pub fn preview(text: &str, max: usize) -> String {
-    let mut out: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(max)
-        .collect();
-    if text.chars().count() > max {
+    let mut shown = text.chars().flat_map(|c| {
+        let escaped = if is_bidi_or_separator(c) {
+            c.escape_unicode().to_string()
+        } else if c.is_control() {
+            " ".to_string()
+        } else {
+            c.to_string()
+        };
+        escaped.chars().collect::<Vec<_>>()
+    });
+    let mut out: String = shown.by_ref().take(max).collect();
+    if shown.next().is_some() {
         out.pop();
         out.push('…');
     }
     out
 }
 
-/// `text` whole, with each control character escaped (`\u{1b}`): for what
-/// must stay exact and tell apart, such as a message ID, where [`preview`]
-/// would cut or blank it. A sender sets a Service Bus MessageId, so an ID
-/// can carry terminal escape sequences.
+/// `text` whole, with each control character and each bidirectional
+/// formatting character escaped (`\u{1b}`, `\u{202e}`): for what must stay
+/// exact and tell apart, such as a message ID, where [`preview`] would cut
+/// or blank it. A sender sets a Service Bus MessageId, so an ID can carry
+/// terminal escape sequences, or an override that reverses what follows it.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    let unsafe_char = |c: char| c.is_control() || is_bidi_or_separator(c);
+    if !text.chars().any(unsafe_char) {
         return text.into();
     }
     text.chars()
         .map(|c| {
-            if c.is_control() {
+            if unsafe_char(c) {
                 c.escape_unicode().to_string()
             } else {
                 c.to_string()
@@ -338,5 +360,27 @@ mod tests {
         assert_eq!(m.reason.as_deref(), Some("MaxDeliveryCountExceeded"));
         assert_eq!(m.enqueued_at, Some(enqueued_at));
         assert_eq!(m.ordering_key.as_deref(), Some("g-1"));
+    }
+
+    #[test]
+    fn bidi_controls_are_escaped_in_tables_and_error_lines() {
+        // "Timeout" would read "tuoemiT"-style reversed, and an ID could hide
+        // what follows it behind an override.
+        let spoof = "ord-1\u{202E}fdp.exe\u{202C} \u{2066}x\u{2069}\u{200F}\u{061C}\u{2028}";
+        let id = printable(spoof);
+        assert_eq!(
+            id,
+            "ord-1\\u{202e}fdp.exe\\u{202c} \\u{2066}x\\u{2069}\\u{200f}\\u{61c}\\u{2028}"
+        );
+        assert!(!id.chars().any(is_bidi_or_separator), "{id}");
+        let cell = preview(spoof, 200);
+        assert!(!cell.chars().any(is_bidi_or_separator), "{cell}");
+        assert!(cell.starts_with("ord-1\\u{202e}fdp.exe"), "{cell}");
+        // A preview still cuts at `max` characters, escapes included.
+        assert_eq!(preview("ab\u{202E}cd", 5), "ab\\u…");
+        assert_eq!(preview("ab\u{202E}", 12), "ab\\u{202e}");
+        // Text without them is left as it was; emoji joiners are not bidi.
+        assert_eq!(printable("注文 👩\u{200D}💻"), "注文 👩\u{200D}💻");
+        assert_eq!(preview("a\tb", 10), "a b");
     }
 }

@@ -277,8 +277,9 @@ pub fn push_samples_and_errors(out: &mut String, s: &RunSummary) {
 }
 
 /// A run's errors, a line each. They quote message IDs (a Service Bus
-/// sender picks its MessageId) and provider text, so control characters are
-/// escaped rather than sent to the terminal.
+/// sender picks its MessageId) and provider text, so control and
+/// bidirectional formatting characters are escaped rather than sent to the
+/// terminal.
 pub fn error_lines(errors: &[String]) -> String {
     errors.iter().map(|e| format!("  error: {}\n", printable(e))).collect()
 }
@@ -426,5 +427,14 @@ mod tests {
     fn preview_is_one_line_and_bounded() {
         assert_eq!(preview("a\nb", 10), "a b");
         assert_eq!(preview("abcdef", 4), "abc…");
+    }
+
+    #[test]
+    fn error_lines_escape_bidi_overrides() {
+        let lines = error_lines(&["message \u{202E}1-dro\u{202C}: send failed\u{2067}".to_string()]);
+        assert_eq!(
+            lines,
+            "  error: message \\u{202e}1-dro\\u{202c}: send failed\\u{2067}\n"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use common::sqs::SqsFixture;
-use common::{Fixture, TestMessage, attrs};
+use common::{Fixture, TestMessage, attrs, run_measured};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"));
@@ -379,4 +379,48 @@ async fn a_closed_stdout_does_not_turn_a_redrive_into_a_crash() {
     }
     assert_eq!(f.drain_source().await.len(), 6);
     assert!(f.dlq_snapshot().await.is_empty());
+}
+
+/// `inspect --scan N` holds what it shows, not what it scans: the messages
+/// the filter passes over are dropped as they are read. 150 bodies of
+/// 200 KB (30 MB) scanned for matches that are not there must cost about
+/// what 10 of them cost; holding them all made the peak grow with `--scan`
+/// (with 1 MiB bodies and a sidecar's `scan=10000`, gigabytes).
+#[tokio::test]
+async fn inspect_memory_follows_what_it_shows_not_what_it_scans() {
+    let f = SqsFixture::create(false).await;
+    let body = "x".repeat(200_000);
+    let msgs: Vec<TestMessage> = (0..150)
+        .map(|i| TestMessage {
+            body: format!("{i:04}{body}").into_bytes(),
+            attributes: attrs(&[("error", "Timeout")]),
+            ordering_key: None,
+        })
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let cfg = fixture_config(&f);
+    let peak = |scan: &str| {
+        let (code, _, err, rss) = run_measured(bin().arg("-c").arg(&cfg).args([
+            "inspect",
+            "orders",
+            "--filter",
+            r#"body.startsWith("none")"#,
+            "--scan",
+            scan,
+            "-n",
+            "5",
+        ]));
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains(&format!("0 shown, {scan} read")), "{err}");
+        rss
+    };
+    let small = peak("10");
+    let large = peak("150");
+    eprintln!("peak RSS KiB: scan 10 {small}, scan 150 {large}");
+    assert!(
+        large - small < 12 * 1024,
+        "scanning 150 messages of 200 KB peaked at {} KiB, 10 of them at {} KiB: the messages not shown were kept",
+        large,
+        small
+    );
 }

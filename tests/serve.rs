@@ -766,6 +766,18 @@ async fn a_browse_reads_only_what_it_needs() {
         (Some(3), Some(3)),
         "{v}"
     );
+
+    // A blank filter is refused, naming the parameter, as the CLI refuses
+    // `--filter ' '`; it used to read as no filter and browse everything.
+    for path in [
+        "/v1/queues/orders/messages?limit=1&filter=%20%20",
+        "/v1/queues/orders/report?filter=%20",
+        "/v1/queues/orders/browse?filter=%09",
+    ] {
+        let (code, text) = serve.get_auth(path).await;
+        assert_eq!(code, 400, "{path}: {text}");
+        assert!(text.contains("`filter` is empty"), "{path}: {text}");
+    }
 }
 
 /// Two `serve` processes never share a data directory (and so a journal).
@@ -969,4 +981,70 @@ async fn a_notification_in_retry_at_shutdown_is_still_delivered() {
     );
     assert_eq!(delivered[0]["status"], "firing");
     assert_eq!(delivered[0]["queue"], "orders");
+}
+
+/// Peak RSS (VmHWM) of a running process, in KiB.
+fn peak_rss_kib(pid: u32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    common::vm_hwm_kib(&status).expect("VmHWM")
+}
+
+/// `GET /messages` holds the messages it returns, not the ones it scans:
+/// a `scan=150` over bodies of 200 KB (30 MB) that match nothing must not
+/// raise the sidecar's peak memory by much more than a page of them. It
+/// held them all, and `scan` goes up to 10,000: with 1 MiB bodies, a
+/// request could get the pod OOM-killed.
+#[tokio::test]
+async fn a_browse_holds_what_it_returns_not_what_it_scans() {
+    let f = SqsFixture::create(false).await;
+    let body = "x".repeat(200_000);
+    let big: Vec<TestMessage> = (0..150)
+        .map(|i| TestMessage {
+            body: format!("{i:04}{body}").into_bytes(),
+            attributes: attrs(&[("error", "Timeout")]),
+            ordering_key: None,
+        })
+        .collect();
+    f.put_in_dlq(&big).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1m\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    // A first small browse warms up what every request uses.
+    let (code, text) = serve.get_auth("/v1/queues/orders/messages?limit=1").await;
+    assert_eq!(code, 200, "{text}");
+    let before = peak_rss_kib(serve.child.id());
+    let (code, text) = serve
+        .get_auth("/v1/queues/orders/messages?limit=2&filter=body.startsWith(%22none%22)&scan=150")
+        .await;
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["read"], 150, "{}", &text[..text.len().min(500)]);
+    assert!(v["messages"].as_array().unwrap().is_empty());
+    let after = peak_rss_kib(serve.child.id());
+    eprintln!("serve peak RSS KiB: before {before}, after the scan {after}");
+    assert!(
+        after - before < 12 * 1024,
+        "a scan of 150 messages of 200 KB raised serve's peak RSS from {before} to {after} KiB: the messages not returned were kept"
+    );
+    // Everything the browse leased was released.
+    assert_eq!(f.dlq_visible().await, 150);
+
+    // What is returned is bounded too: `limit=100` of these bodies (20 MB,
+    // and its JSON twice that) stops at 8 MiB of bodies, and says so.
+    let (code, text) = serve.get_auth("/v1/queues/orders/messages?limit=100").await;
+    assert_eq!(code, 200, "{}", &text[..text.len().min(500)]);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let returned = v["messages"].as_array().unwrap().len();
+    assert_eq!(returned, (8 << 20) / 200_004 + 1, "read {}", v["read"]);
+    assert_eq!(v["truncated"], true);
+    let (code, text) = serve.get_auth("/v1/queues/orders/messages?limit=3").await;
+    assert_eq!(code, 200);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["messages"].as_array().unwrap().len(), &v["truncated"]),
+        (3, &json!(false))
+    );
+    assert_eq!(f.dlq_visible().await, 150);
 }

@@ -19,7 +19,7 @@ use common::servicebus::{
     CONNECTION_STRING_ENV, ServiceBusFixture, ServiceBusTopicFixture, UNREACHABLE_CONNECTION_STRING_ENV, attributes_of,
     emulator,
 };
-use common::{Fixture, TestMessage, attrs, redrive};
+use common::{Fixture, TestMessage, attrs, redrive, run_measured};
 use dlq_bridge::backend::BackendError;
 use dlq_bridge::config::Config;
 use dlq_bridge::engine::redrive::{MARK_COUNT, MARK_ID, Trigger};
@@ -1839,5 +1839,43 @@ async fn a_deferred_message_is_marked_by_inspect_and_left_by_a_redrive() {
         left.iter().map(|m| m.sequence_number()).collect::<Vec<_>>(),
         vec![deferred_seq],
         "only the deferred message stays"
+    );
+}
+
+/// `report --scan N` on Service Bus (a true peek) keeps its groups, not the
+/// messages: the browse goes a page at a time and each message is dropped
+/// once grouped. It browsed all N into memory first, so the peak grew with
+/// `--scan` (150 bodies of 200 KB: about 30 MB more than 10 of them).
+#[tokio::test]
+async fn a_report_holds_its_groups_not_the_messages_it_read() {
+    let f = ServiceBusFixture::create(false).await;
+    let body = "x".repeat(200_000);
+    let big: Vec<TestMessage> = (0..150)
+        .map(|i| TestMessage {
+            body: format!("{i:04}{body}").into_bytes(),
+            attributes: attrs(&[("error", "Timeout")]),
+            ordering_key: None,
+        })
+        .collect();
+    f.put_in_dlq(&big).await;
+    let config = f.config_file_with("");
+    let peak = |scan: &str| {
+        let (code, out, err, rss) = run_measured(
+            Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+                .env_remove("DLQ_BRIDGE_CONFIG")
+                .args(["--config", config.to_str().unwrap()])
+                .args(["report", "dlq", "--by", "reason", "-o", "json", "--scan", scan]),
+        );
+        assert_eq!(code, 0, "{err}");
+        let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+        assert_eq!(r["read"].to_string(), scan, "{r}");
+        rss
+    };
+    let small = peak("10");
+    let large = peak("150");
+    eprintln!("report peak RSS KiB: scan 10 {small}, scan 150 {large}");
+    assert!(
+        large - small < 12 * 1024,
+        "a report over 150 messages of 200 KB peaked at {large} KiB, over 10 of them at {small} KiB: the messages read were kept"
     );
 }

@@ -286,9 +286,10 @@
       }
       try {
         const r = await api("GET", "/v1/queues/" + encodeURIComponent(queue) + "/browse?" +
-          qs({ filter: filter.value, limit: 200, by: group && group.by, key: group && group.key }));
+          qs({ filter: filter.value.trim(), limit: 200, by: group && group.by, key: group && group.key }));
         info.textContent = r.messages.length + " shown of " + r.read + " read" +
           (r.filter_errors ? ", " + r.filter_errors + " filter errors" : "") +
+          (r.truncated ? ", stopped at 8 MiB of bodies (narrow the filter to see others)" : "") +
           (r.true_peek ? " (true peek: nothing was disturbed)." :
             " (no true peek here: reading leased and released them, which raised their delivery counts).") +
           (r.body_redacted ? " Bodies are redacted (serve.dashboard.show_bodies is off)." : "");
@@ -350,7 +351,7 @@
       reportBody.replaceChildren();
       try {
         const by = byValue();
-        const r = await api("GET", "/v1/queues/" + encodeURIComponent(queue) + "/report?" + qs({ by, filter: filter.value, top: 20 }));
+        const r = await api("GET", "/v1/queues/" + encodeURIComponent(queue) + "/report?" + qs({ by, filter: filter.value.trim(), top: 20 }));
         reportInfo.textContent = r.matched + " matched of " + r.read + " read" + (r.capped ? " (stopped at the scan cap)" : "") +
           ". Click a group to see its messages.";
         const rows = r.groups.map((g) => el("tr", { class: "clickable group", "data-key": g.key,

@@ -141,6 +141,24 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
+/// Bytes of bodies one page of a browse ([`QueueBackend::peek_each`]) asks
+/// for, at the size of the bodies of the page before.
+const PEEK_PAGE_BYTES: usize = 4 << 20;
+/// The body size assumed for a browse's first page: Service Bus's standard
+/// tier limit (16 messages; SQS pages are 10 anyway).
+const PEEK_FIRST_BODY: usize = 256 << 10;
+
+/// Messages the next page of a browse asks for, at most `cap` (the
+/// provider's page) and at least one: [`PEEK_PAGE_BYTES`] at the average
+/// body size of the last page, `last` (bytes, messages).
+pub(crate) fn peek_page(last: Option<(usize, usize)>, cap: usize) -> usize {
+    let avg = match last {
+        Some((bytes, n)) if n > 0 => (bytes / n).max(1),
+        _ => PEEK_FIRST_BODY,
+    };
+    (PEEK_PAGE_BYTES / avg).clamp(1, cap.max(1))
+}
+
 /// What a provider can carry, so that callers (and the conformance tests) know
 /// which parts of the message model apply.
 #[derive(Debug, Clone, Copy)]
@@ -200,8 +218,24 @@ pub trait QueueBackend: Send + Sync {
     async fn stats(&self) -> Result<DlqStats>;
 
     /// Browse up to `max` messages, disturbing them as little as the provider
-    /// allows. Adapters without a true peek lease and release at once.
-    async fn peek(&self, max: usize) -> Result<Vec<DlqMessage>>;
+    /// allows, a page at a time: each message goes to `visit` as it is read
+    /// and is not kept, so memory holds one page of bodies plus what `visit`
+    /// keeps. `visit` returns false to stop. Returns how many messages went
+    /// to `visit`. Adapters without a true peek lease each page and release
+    /// everything they leased at the end, on success, error or stop alike.
+    async fn peek_each(&self, max: usize, visit: &mut (dyn FnMut(DlqMessage) -> bool + Send)) -> Result<usize>;
+
+    /// Browse up to `max` messages into a `Vec` (a small sample: `list`'s
+    /// reasons, the poller's). Readers of many messages use [`QueueBackend::peek_each`].
+    async fn peek(&self, max: usize) -> Result<Vec<DlqMessage>> {
+        let mut out = Vec::new();
+        self.peek_each(max, &mut |m| {
+            out.push(m);
+            true
+        })
+        .await?;
+        Ok(out)
+    }
 
     /// Lease up to `max` messages (at most one provider call's worth), hiding
     /// them from other consumers for `hold`. An empty result means the queue

@@ -1190,21 +1190,33 @@ impl QueueBackend for PubSubBackend {
         }
     }
 
-    async fn peek(&self, max: usize) -> Result<Vec<DlqMessage>> {
-        let mut out = Vec::new();
+    async fn peek_each(&self, max: usize, visit: &mut (dyn FnMut(DlqMessage) -> bool + Send)) -> Result<usize> {
+        let mut read = 0;
         let mut seen = HashSet::new();
         let mut acks = Vec::new();
+        let mut last = None;
         let result: Result<()> = async {
-            while out.len() < max {
-                let got = self.pull_and_hold(max - out.len(), BROWSE_HOLD_SECS).await?;
+            while read < max {
+                let page = super::peek_page(last, BATCH).min(max - read);
+                let got = self.pull_and_hold(page, BROWSE_HOLD_SECS).await?;
                 if got.is_empty() {
-                    break;
+                    return Ok(());
                 }
+                let bytes = got
+                    .iter()
+                    .filter_map(|r| r.message.as_ref())
+                    .map(|m| m.data.len())
+                    .sum();
+                last = Some((bytes, got.len()));
+                acks.extend(got.iter().map(|r| LeaseId(r.ack_id.clone())));
                 for r in &got {
-                    acks.push(LeaseId(r.ack_id.clone()));
                     let m = self.to_model(r).await;
-                    if seen.insert(m.id.clone()) {
-                        out.push(m);
+                    if read >= max || !seen.insert(m.id.clone()) {
+                        continue;
+                    }
+                    read += 1;
+                    if !visit(m) {
+                        return Ok(());
                     }
                 }
             }
@@ -1214,8 +1226,7 @@ impl QueueBackend for PubSubBackend {
         let released = self.release(&acks).await;
         result?;
         released?;
-        out.truncate(max);
-        Ok(out)
+        Ok(read)
     }
 
     async fn lease(&self, max: usize, hold: Duration) -> Result<Vec<Leased>> {

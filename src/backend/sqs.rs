@@ -7,7 +7,7 @@
 //! unknown rather than guessing. Queues with the same region and endpoint
 //! share one SDK client ([`Clients`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,12 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::http::HttpResponse;
+use aws_sdk_sqs::config::interceptors::InterceptorContext;
+use aws_sdk_sqs::config::retry::{ClassifyRetry, RetryAction};
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::operation::receive_message::ReceiveMessageError;
+use aws_sdk_sqs::operation::receive_message::builders::ReceiveMessageFluentBuilder;
+use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
 use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, Message, MessageAttributeValue,
@@ -113,7 +118,9 @@ pub async fn client(cfg: &SqsQueueConfig) -> (Client, String) {
         .map(|r| r.to_string())
         .unwrap_or_else(|| "us-east-1".into());
     let default_endpoint = format!("https://sqs.{region}.amazonaws.com");
-    let mut builder = aws_sdk_sqs::config::Builder::from(&sdk);
+    let mut builder = aws_sdk_sqs::config::Builder::from(&sdk)
+        .retry_classifier(KmsThrottling::<ReceiveMessageError>::new())
+        .retry_classifier(KmsThrottling::<SendMessageBatchError>::new());
     // An empty AWS_ENDPOINT_URL_SQS makes the SDK panic; treat it as unset by
     // pinning the regional endpoint.
     if explicit.is_none() && env_endpoint.is_none() && endpoint_set_empty {
@@ -298,21 +305,90 @@ impl SqsBackend {
     }
 
     async fn receive(&self, max: usize, hold: Duration) -> Result<Vec<Message>> {
-        let out = self
-            .client
-            .receive_message()
-            .queue_url(&self.queue_url)
-            .max_number_of_messages(max.clamp(1, BATCH) as i32)
-            .visibility_timeout(hold.as_secs().clamp(1, MAX_VISIBILITY_SECS) as i32)
-            // A short long-poll: unlike a zero wait, it asks every SQS server,
-            // so an empty answer really means nothing is visible.
-            .wait_time_seconds(1)
-            .message_system_attribute_names(MessageSystemAttributeName::All)
-            .message_attribute_names("All")
+        let out = receive_request(&self.client, &self.queue_url, max, hold)
             .send()
             .await
             .map_err(|e| self.error(e))?;
         Ok(out.messages.unwrap_or_default())
+    }
+}
+
+/// The ReceiveMessage call of one receive (a lease, a page of a peek).
+///
+/// On a FIFO queue it carries a ReceiveRequestAttemptId of its own. The SDK
+/// serializes a call's input once and sends that same request again on each
+/// of its retries (aws-smithy-runtime's orchestrator rewinds to the request
+/// it saved before the first attempt), so the retries of this call carry the
+/// same ID. When the first attempt's answer is lost (a reset, a timeout),
+/// SQS then answers the retry with the messages that attempt received.
+/// Without an ID those messages stayed hidden for the visibility timeout
+/// (`redrive.hold`, 5 minutes by default), unseen by the read, and their
+/// message groups stayed locked that long. The next receive gets a new ID:
+/// SQS would otherwise answer it with the same messages for 5 minutes.
+fn receive_request(client: &Client, queue_url: &str, max: usize, hold: Duration) -> ReceiveMessageFluentBuilder {
+    let req = client
+        .receive_message()
+        .queue_url(queue_url)
+        .max_number_of_messages(max.clamp(1, BATCH) as i32)
+        .visibility_timeout(hold.as_secs().clamp(1, MAX_VISIBILITY_SECS) as i32)
+        // A short long-poll: unlike a zero wait, it asks every SQS server,
+        // so an empty answer really means nothing is visible.
+        .wait_time_seconds(1)
+        .message_system_attribute_names(MessageSystemAttributeName::All)
+        .message_attribute_names("All");
+    if queue_url.ends_with(".fifo") {
+        req.receive_request_attempt_id(uuid::Uuid::new_v4().simple().to_string())
+    } else {
+        req
+    }
+}
+
+/// The codes SQS gives KmsThrottled: the queue's SSE-KMS key's request
+/// quota was exceeded (`KMS.ThrottlingException`, the query-compatible code
+/// of the JSON protocol that the SDK reports, and the shape's own name).
+const KMS_THROTTLING_CODES: &[&str] = &["KMS.ThrottlingException", "KmsThrottled"];
+
+/// Retries an operation's KmsThrottled error as throttling (with the
+/// standard strategy's backoff), as the SDK retries SQS's own
+/// RequestThrottled. The SDK's classifiers know neither of its codes (they
+/// are not in its throttling list, and the error is not modelled as
+/// retryable), so a receive or send that KMS throttled for a moment failed
+/// at once: a lease failed, and with it the pass.
+struct KmsThrottling<E>(std::marker::PhantomData<fn() -> E>);
+
+impl<E> KmsThrottling<E> {
+    fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<E> std::fmt::Debug for KmsThrottling<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KmsThrottling")
+    }
+}
+
+impl<E> ClassifyRetry for KmsThrottling<E>
+where
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+{
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        let Some(Err(err)) = ctx.output_or_error() else {
+            return RetryAction::NoActionIndicated;
+        };
+        let code = err
+            .as_operation_error()
+            .and_then(|e| e.downcast_ref::<E>())
+            .and_then(|e| e.code());
+        if code.is_some_and(|c| KMS_THROTTLING_CODES.contains(&c)) {
+            RetryAction::throttling_error()
+        } else {
+            RetryAction::NoActionIndicated
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "dlq-bridge: SQS KmsThrottled"
     }
 }
 
@@ -535,6 +611,17 @@ fn refused_by_sqs(o: &Outgoing) -> Option<String> {
                 "attribute `{name}` is empty, and SQS attribute values must not be"
             ));
         }
+        // A Service Bus double or an exported number can be NaN or infinite;
+        // SQS fails the whole batch for a Number it cannot parse.
+        if sqs.data_type().starts_with("Number")
+            && let Some(text) = sqs.string_value()
+            && text.trim().parse::<f64>().is_ok_and(|f| !f.is_finite())
+        {
+            return Some(format!(
+                "attribute `{name}` is the number `{}`, and an SQS Number must be finite",
+                text.escape_debug()
+            ));
+        }
     }
     None
 }
@@ -674,22 +761,41 @@ impl QueueBackend for SqsBackend {
         })
     }
 
-    async fn peek(&self, max: usize) -> Result<Vec<DlqMessage>> {
-        let mut out = Vec::new();
+    async fn peek_each(&self, max: usize, visit: &mut (dyn FnMut(DlqMessage) -> bool + Send)) -> Result<usize> {
         let mut handles = Vec::new();
+        // A read that outlasts the hold gets messages again: each is visited once.
+        let mut seen = HashSet::new();
+        let mut read = 0;
         let hold = Duration::from_secs(30);
-        while out.len() < max {
-            let batch = self.receive(max - out.len(), hold).await?;
-            if batch.is_empty() {
-                break;
+        let result: Result<()> = async {
+            while read < max {
+                let batch = self.receive(max - read, hold).await?;
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                handles.extend(
+                    batch
+                        .iter()
+                        .filter_map(|m| m.receipt_handle().map(|h| LeaseId(h.to_string()))),
+                );
+                for m in &batch {
+                    if read >= max || !seen.insert(m.message_id().unwrap_or_default().to_string()) {
+                        continue;
+                    }
+                    read += 1;
+                    if !visit(self.to_model(m).await) {
+                        return Ok(());
+                    }
+                }
             }
-            for m in &batch {
-                out.push(self.to_model(m).await);
-                handles.extend(m.receipt_handle().map(|h| LeaseId(h.to_string())));
-            }
+            Ok(())
         }
-        self.release(&handles).await?;
-        Ok(out)
+        .await;
+        // Whatever happened, nothing stays hidden for the hold.
+        let released = self.release(&handles).await;
+        result?;
+        released?;
+        Ok(read)
     }
 
     async fn lease(&self, max: usize, hold: Duration) -> Result<Vec<Leased>> {
@@ -968,6 +1074,147 @@ mod tests {
             service_error("KMS.ThrottlingException"),
             BackendError::Provider { .. }
         ));
+    }
+
+    /// Each receive from a FIFO queue carries an attempt ID of its own (the
+    /// SDK's retries of that call resend the request it serialized, ID
+    /// included); receives from a standard queue carry none.
+    #[test]
+    fn each_fifo_receive_carries_its_own_attempt_id() {
+        use aws_sdk_sqs::config::{BehaviorVersion, Region};
+        let client = Client::from_conf(
+            aws_sdk_sqs::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new("us-east-1"))
+                .build(),
+        );
+        let fifo = "https://sqs.us-east-1.amazonaws.com/123456789012/orders-dlq.fifo";
+        let attempt = |url: &str| {
+            receive_request(&client, url, 10, Duration::from_secs(30))
+                .as_input()
+                .get_receive_request_attempt_id()
+                .clone()
+        };
+        let (a, b) = (
+            attempt(fifo).expect("an attempt ID"),
+            attempt(fifo).expect("an attempt ID"),
+        );
+        assert_ne!(a, b, "a new receive, a new attempt");
+        for id in [&a, &b] {
+            // SQS: 1 to 128 characters, alphanumerics and punctuation.
+            assert!(
+                (1..=128).contains(&id.len())
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c.is_ascii_punctuation()),
+                "{id}"
+            );
+        }
+        assert_eq!(
+            attempt("https://sqs.us-east-1.amazonaws.com/123456789012/orders-dlq"),
+            None
+        );
+    }
+
+    /// KmsThrottled (the queue's KMS key over its request quota) is retried
+    /// as throttling on receive and send; the SDK's own classifiers leave it
+    /// alone, so it failed the lease at once.
+    #[test]
+    fn kms_throttling_is_retried_as_throttling() {
+        use aws_sdk_sqs::error::ErrorMetadata;
+        use aws_sdk_sqs::types::error::KmsThrottled;
+        use aws_smithy_runtime_api::client::interceptors::context::{Error, Input};
+        use aws_smithy_runtime_api::client::orchestrator::OrchestratorError;
+
+        let failed_with = |err: Error| {
+            let mut ctx = InterceptorContext::new(Input::erase(()));
+            ctx.set_output_or_error(Err(OrchestratorError::operation(err)));
+            ctx
+        };
+        let kms = |code: &str| {
+            ReceiveMessageError::KmsThrottled(
+                KmsThrottled::builder()
+                    .message("Rate exceeded")
+                    .meta(ErrorMetadata::builder().code(code).message("Rate exceeded").build())
+                    .build(),
+            )
+        };
+        let classifier = KmsThrottling::<ReceiveMessageError>::new();
+        for code in KMS_THROTTLING_CODES {
+            assert_eq!(
+                classifier.classify_retry(&failed_with(Error::erase(kms(code)))),
+                RetryAction::throttling_error(),
+                "{code}"
+            );
+        }
+        let other = ReceiveMessageError::generic(ErrorMetadata::builder().code("KMS.DisabledException").build());
+        assert_eq!(
+            classifier.classify_retry(&failed_with(Error::erase(other))),
+            RetryAction::NoActionIndicated
+        );
+        let send = SendMessageBatchError::generic(ErrorMetadata::builder().code("KMS.ThrottlingException").build());
+        assert_eq!(
+            KmsThrottling::<SendMessageBatchError>::new().classify_retry(&failed_with(Error::erase(send))),
+            RetryAction::throttling_error()
+        );
+    }
+
+    /// Every SQS client the adapter builds carries that classifier.
+    #[tokio::test]
+    async fn the_clients_retry_kms_throttling() {
+        let cfg = SqsQueueConfig {
+            queue: "orders-dlq".into(),
+            region: Some("us-east-1".into()),
+            endpoint_url: Some("http://127.0.0.1:9".into()),
+            account_id: None,
+        };
+        let (c, _) = client(&cfg).await;
+        let names: Vec<&str> = c.config().retry_classifiers().map(|r| r.name()).collect();
+        // One for ReceiveMessage, one for SendMessageBatch.
+        let ours = names.iter().filter(|n| **n == "dlq-bridge: SQS KmsThrottled").count();
+        assert_eq!(ours, 2, "{names:?}");
+    }
+
+    /// A NaN or infinite number (a Service Bus double, an exported number)
+    /// cannot be an SQS Number: SQS refuses the whole SendMessageBatch for
+    /// it, failing the copies batched with it. It is refused for its own
+    /// copy, named; finite numbers and the text "NaN" as a String still go.
+    #[test]
+    fn a_number_that_is_not_finite_is_refused_for_its_copy() {
+        let copy = |value: AttrValue| Outgoing {
+            body: Bytes::from_static(b"x"),
+            attributes: [("n".to_string(), Attribute { value, data_type: None })].into(),
+            properties: Default::default(),
+            ordering_key: None,
+            dedup_id: "d".into(),
+            original_id: "o".into(),
+        };
+        let number = |s: &str| AttrValue::Number(s.into());
+        for (value, shown) in [
+            (AttrValue::Float(f64::NAN), "`NaN`"),
+            (AttrValue::Float(f64::INFINITY), "`inf`"),
+            (AttrValue::Float(f64::NEG_INFINITY), "`-inf`"),
+            (number("NaN"), "`NaN`"),
+            (number("-Infinity"), "`-Infinity`"),
+            (number("1e400"), "`1e400`"),
+        ] {
+            let refused = refused_by_sqs(&copy(value.clone())).unwrap_or_default();
+            assert!(
+                refused.contains(&format!(
+                    "attribute `n` is the number {shown}, and an SQS Number must be finite"
+                )),
+                "{value:?}: {refused:?}"
+            );
+        }
+        for value in [
+            AttrValue::Float(1.5),
+            AttrValue::Float(-0.0),
+            AttrValue::Int(i64::MIN),
+            number("12345678901234567890.125"),
+            AttrValue::String("NaN".into()),
+        ] {
+            assert_eq!(refused_by_sqs(&copy(value.clone())), None, "{value:?}");
+        }
     }
 
     /// The edges of SQS's rules, which moto does not check.

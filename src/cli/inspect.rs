@@ -5,9 +5,14 @@ use std::collections::HashMap;
 use anyhow::Context as _;
 use chrono::Utc;
 
+use tokio_util::sync::CancellationToken;
+
 use super::exit::{self, Failure};
+use super::signals;
 use crate::engine::registry::Registry;
+use crate::engine::triage::first_matches;
 use crate::filter::Filter;
+use crate::model::DlqMessage;
 use crate::output::{self, Format, MessageView, QueueRow};
 
 pub(crate) async fn list(
@@ -114,23 +119,25 @@ pub(crate) async fn inspect(
     // Without a filter every message read is shown, so read no more than
     // --limit: on SQS and Pub/Sub each one read gets its delivery count raised.
     let read = if filtered { scan } else { scan.min(limit) };
-    let msgs = backend.peek(read).await?;
     let now = Utc::now();
-    let mut shown = Vec::new();
-    let mut errors = 0;
-    for m in &msgs {
+    // Only the matches shown are kept: the rest are dropped as they are read.
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "the read");
+    let got = first_matches(&*backend, read, limit, usize::MAX, &cancel, |m| {
         match filter.matches(m, now) {
-            Ok(true) => shown.push(m),
-            Ok(false) => {}
+            Ok(matched) => Some(matched),
             Err(e) => {
-                errors += 1;
                 tracing::debug!(id = %m.id, error = %e, "filter error");
+                None
             }
         }
-        if shown.len() >= limit {
-            break;
-        }
+    })
+    .await?;
+    if let Some(code) = interrupt.exit_code().filter(|_| got.interrupted) {
+        return Ok(code);
     }
+    let shown: Vec<&DlqMessage> = got.messages.iter().collect();
+    let errors = got.filter_errors;
     match output {
         Format::Json => {
             let views: Vec<MessageView> = shown.iter().map(|m| MessageView::new(m, now)).collect();
@@ -138,13 +145,13 @@ pub(crate) async fn inspect(
         }
         Format::Table => {
             out!("{}", output::messages_table(&shown, now))?;
-            eprintln!("{} shown, {} read", shown.len(), msgs.len());
+            eprintln!("{} shown, {} read", shown.len(), got.read);
         }
     }
     if errors > 0 {
         eprintln!("warning: the filter failed on {errors} messages (counted as no match); -vv shows why");
     }
-    if filtered && shown.len() < limit && msgs.len() >= scan {
+    if filtered && got.capped {
         eprintln!("note: the read stopped at --scan {scan}; the DLQ may hold more matches (raise --scan)");
     }
     Ok(exit::OK)

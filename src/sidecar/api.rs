@@ -26,7 +26,9 @@ use subtle::ConstantTimeEq;
 use crate::backend::QueueBackend;
 use crate::engine::redrive::Trigger;
 use crate::engine::registry::{RedriveRequest, RegistryError};
+use crate::engine::triage;
 use crate::filter::Filter;
+use crate::model::DlqMessage;
 use crate::output::MessageView;
 use crate::sidecar::app::App;
 use crate::sidecar::exclusion::{Busy, ReadGuard};
@@ -36,6 +38,12 @@ const MAX_LIMIT: usize = 1000;
 /// CLI's `inspect --scan`; `MAX_SCAN` at most.
 pub(crate) const DEFAULT_SCAN: usize = 1000;
 pub(crate) const MAX_SCAN: usize = 10_000;
+/// Bodies a browse (`/messages`, the dashboard's `/browse`) holds at most:
+/// past them it answers fewer than `limit` messages, with `truncated`. A
+/// `limit=1000` of 1 MiB bodies would otherwise hold a gigabyte, and its
+/// JSON (base64 and text) more than twice that, in a sidecar whose memory
+/// limit is a few hundred MiB.
+pub(crate) const MAX_BROWSE_BODY_BYTES: usize = 8 << 20;
 /// How long an API read waits for another read of the queue (the poller's
 /// sample) to finish.
 const READ_WAIT: Duration = Duration::from_secs(10);
@@ -64,6 +72,22 @@ pub(crate) fn browse_reads(limit: usize, filtered: bool, scan: Option<usize>) ->
     }
 }
 
+/// The filter a request gives in parameter `param`. Left out, it selects
+/// every message; given, it must say something, as the CLI's `--filter`:
+/// an empty or blank one (most often a quoting or templating slip) is
+/// refused with a 400 that names `param`, rather than read as no filter.
+pub(crate) fn given_filter<'a>(param: &str, filter: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
+    match filter {
+        Some(f) if f.trim().is_empty() => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{param}` is empty: leave it out to select every message (an empty value is often a quoting slip)"
+            ),
+        )),
+        given => Ok(given),
+    }
+}
+
 /// Take the queue's read guard before a read that leases (SQS, Pub/Sub): a
 /// run on the queue would otherwise find the leased messages missing and
 /// stop early. Refused with 409 while a run is active.
@@ -86,6 +110,40 @@ pub(crate) async fn read_guard(
         Err(Busy::ReadInFlight) => Err(ApiError(
             StatusCode::CONFLICT,
             format!("another read of `{queue}` is still in flight; try again"),
+        )),
+    }
+}
+
+/// Browse for display ([`triage::first_matches`]) in a task of its own,
+/// holding `guard` until the read ends: a client that hangs up drops the
+/// request's future, and a read dropped between its leases and their
+/// release would leave them hidden for the hold. A 502 when the provider
+/// fails.
+pub(crate) async fn read_detached(
+    backend: Arc<dyn QueueBackend>,
+    guard: Option<ReadGuard>,
+    scan: usize,
+    limit: usize,
+    matches: impl FnMut(&DlqMessage) -> Option<bool> + Send + 'static,
+) -> Result<triage::Shown, ApiError> {
+    let task = tokio::spawn(async move {
+        let got = triage::first_matches(
+            &*backend,
+            scan,
+            limit,
+            MAX_BROWSE_BODY_BYTES,
+            &Default::default(),
+            matches,
+        )
+        .await;
+        drop(guard);
+        got
+    });
+    match task.await {
+        Ok(got) => got.map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string())),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the read failed: {e}"),
         )),
     }
 }
@@ -228,7 +286,7 @@ async fn messages(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let given = q.filter.as_deref().filter(|f| !f.trim().is_empty());
+    let given = given_filter("filter", q.filter.as_deref())?;
     let filter = match given {
         Some(f) => Filter::compile(f).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?,
         None => Filter::match_all(),
@@ -237,31 +295,23 @@ async fn messages(
     let reads = browse_reads(limit, given.is_some(), q.scan);
     let backend = app.registry.backend(&queue).await?;
     let guard = read_guard(&app, &queue, &*backend).await?;
-    let msgs = backend
-        .peek(reads)
-        .await
-        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
-    drop(guard);
     let now = Utc::now();
-    // Counted, as `inspect` and the dashboard's browse count them: a filter
-    // that fails on every message otherwise looks like an empty DLQ.
-    let mut filter_errors = 0u64;
-    let views: Vec<MessageView> = msgs
-        .iter()
-        .filter(|m| {
-            filter.matches(m, now).unwrap_or_else(|_| {
-                filter_errors += 1;
-                false
-            })
-        })
-        .take(limit)
-        .map(|m| MessageView::new(m, now))
-        .collect();
+    // Only the matches shown are kept (a scan of 10,000 bodies of 1 MiB
+    // must not sit in memory at once). Counted, as `inspect` and the
+    // dashboard's browse count them: a filter that fails on every message
+    // otherwise looks like an empty DLQ.
+    let got = read_detached(backend.clone(), guard, reads, limit, move |m| {
+        filter.matches(m, now).ok()
+    })
+    .await?;
+    let views: Vec<MessageView> = got.messages.iter().map(|m| MessageView::new(m, now)).collect();
+    let (msgs, filter_errors, truncated) = (got.read, got.filter_errors, got.truncated);
     Ok(Json(json!({
         "queue": queue,
         "true_peek": backend.capabilities().true_peek,
-        "read": msgs.len(),
+        "read": msgs,
         "filter_errors": filter_errors,
+        "truncated": truncated,
         "messages": views,
     }))
     .into_response())
@@ -285,7 +335,7 @@ async fn report(
     Query(q): Query<ReportQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    use crate::engine::triage::{self, GroupBy, ReportRequest, TriageError};
+    use crate::engine::triage::{GroupBy, ReportRequest, TriageError};
     authorize(&app, &headers)?;
     let by: GroupBy =
         q.by.as_deref()
@@ -294,7 +344,7 @@ async fn report(
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let req = ReportRequest {
         by,
-        filter: q.filter.as_deref(),
+        filter: given_filter("filter", q.filter.as_deref())?,
         top: q.top.unwrap_or(triage::DEFAULT_TOP).clamp(1, 100),
         scan: q.scan.unwrap_or(MAX_LIMIT).clamp(1, 10 * MAX_LIMIT),
     };
@@ -407,6 +457,17 @@ mod tests {
         assert!(e.1.contains("fliter"), "{}", e.1);
         let e = parse_json_body::<Body>(Some("application/json"), b"{").unwrap_err();
         assert_eq!(e.0, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn a_blank_filter_is_refused_naming_its_parameter_not_read_as_none() {
+        for blank in ["", " ", "\t\n  "] {
+            let ApiError(status, text) = given_filter("filter", Some(blank)).unwrap_err();
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{blank:?}");
+            assert!(text.starts_with("`filter` is empty"), "{text}");
+        }
+        assert_eq!(given_filter("filter", None).unwrap(), None);
+        assert_eq!(given_filter("filter", Some(" true ")).unwrap(), Some(" true "));
     }
 
     #[test]

@@ -131,3 +131,50 @@ pub fn attrs(pairs: &[(&str, &str)]) -> Attributes {
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
+
+/// Runs `cmd` and returns its exit code, stdout, stderr and peak RSS in
+/// KiB: its VmHWM, read from `/proc` every few milliseconds until it exits
+/// (`ru_maxrss` would count the test binary's own RSS from before the exec).
+pub fn run_measured(cmd: &mut std::process::Command) -> (i32, String, String, i64) {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dlq-bridge");
+    let read_all = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            r.read_to_string(&mut s).unwrap();
+            s
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().expect("stdout piped")));
+    let stderr = read_all(Box::new(child.stderr.take().expect("stderr piped")));
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        // Once it is a zombie the file has no VmHWM: the last read stands.
+        if let Some(hwm) = std::fs::read_to_string(&status_file).ok().and_then(|s| vm_hwm_kib(&s)) {
+            peak = peak.max(hwm);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    };
+    (
+        status.code().unwrap_or(-1),
+        stdout.join().unwrap(),
+        stderr.join().unwrap(),
+        peak,
+    )
+}
+
+/// The VmHWM line of a `/proc/PID/status`, in KiB.
+pub fn vm_hwm_kib(status: &str) -> Option<i64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

@@ -1052,14 +1052,30 @@ impl ServiceBusBackend {
     /// Up to `max` messages from the DLQ's browse, from sequence number 1.
     async fn browse(&self, max: usize) -> Result<Vec<DlqMessage>> {
         let mut out = Vec::new();
-        self.walk(max, |page| {
-            out.extend(page.iter().map(|m| {
-                let raw = m.raw_amqp_message();
-                self.to_model(raw, fields_of(raw))
-            }))
+        self.browse_each(max, &mut |m| {
+            out.push(m);
+            true
         })
         .await?;
         Ok(out)
+    }
+
+    /// The DLQ's browse, from sequence number 1, each message handed to
+    /// `visit` (false: stop) and dropped; returns how many it was handed.
+    async fn browse_each(&self, max: usize, visit: &mut (dyn FnMut(DlqMessage) -> bool + Send)) -> Result<usize> {
+        let mut handed = 0;
+        self.walk(max, |page| {
+            for m in page {
+                let raw = m.raw_amqp_message();
+                handed += 1;
+                if !visit(self.to_model(raw, fields_of(raw))) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await?;
+        Ok(handed)
     }
 
     /// Depth and age by browsing, for credentials without the Manage right
@@ -1077,6 +1093,7 @@ impl ServiceBusBackend {
                     let raw = m.raw_amqp_message();
                     oldest = self.to_model(raw, fields_of(raw)).age(now);
                 }
+                true
             })
             .await?;
         Ok(DlqStats {
@@ -1092,9 +1109,12 @@ impl ServiceBusBackend {
     }
 
     /// Walks the dead-letter queue by true peek from its first message, a
-    /// page at a time, until `max` messages or its end; hands each page to
-    /// `visit` and returns how many it saw.
-    async fn walk(&self, max: usize, mut visit: impl FnMut(&[ServiceBusPeekedMessage])) -> Result<usize> {
+    /// page at a time (of about 4 MiB at the size of the last page's
+    /// bodies, [`super::peek_page`]), until `max` messages, its end or
+    /// `visit` returns false; hands each page to `visit` and returns how
+    /// many it saw.
+    async fn walk(&self, max: usize, mut visit: impl FnMut(&[ServiceBusPeekedMessage]) -> bool) -> Result<usize> {
+        let mut last = None;
         let mut seen = 0;
         let mut from: i64 = 1;
         let mut slot = self.receiver.lock().await;
@@ -1106,7 +1126,7 @@ impl ServiceBusBackend {
         let mut retried = false;
         while seen < max {
             let rx = self.ensure_receiver(&mut slot, &mut stale).await?;
-            let n = (max - seen).min(PEEK_PAGE) as u32;
+            let n = super::peek_page(last, PEEK_PAGE).min(max - seen) as u32;
             let page = match tokio::time::timeout(CALL_TIMEOUT, rx.peek_messages(n, Some(from))).await {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
@@ -1135,8 +1155,12 @@ impl ServiceBusBackend {
                 from = from.max(m.sequence_number() + 1);
             }
             let page = &page[..page.len().min(max - seen)];
-            visit(page);
+            let bytes = page.iter().map(|m| m.body().map_or(0, <[u8]>::len)).sum();
+            last = Some((bytes, page.len()));
             seen += page.len();
+            if !visit(page) {
+                break;
+            }
         }
         Ok(seen)
     }
@@ -2294,8 +2318,8 @@ impl QueueBackend for ServiceBusBackend {
         Ok(stats)
     }
 
-    async fn peek(&self, max: usize) -> Result<Vec<DlqMessage>> {
-        self.browse(max).await
+    async fn peek_each(&self, max: usize, visit: &mut (dyn FnMut(DlqMessage) -> bool + Send)) -> Result<usize> {
+        self.browse_each(max, visit).await
     }
 
     async fn lease(&self, max: usize, _hold: Duration) -> Result<Vec<Leased>> {

@@ -25,7 +25,7 @@ pub use import::{ImportRequest, ImportSummary, import, not_carried};
 pub use patterns::{Group, GroupBy, Grouper, normalize, pattern_of, top_counts};
 pub use purge::{FileBackup, PurgeRequest, purge, purge_filter};
 pub(crate) use read::compile;
-pub use read::{ReadStats, browse, read_note};
+pub use read::{ReadStats, Shown, browse, first_matches, read_note};
 pub use report::{DEFAULT_SCAN, DEFAULT_TOP, Report, ReportRequest, report};
 pub use retention::{ExpiredMessage, RetentionOutcome, apply_retention};
 

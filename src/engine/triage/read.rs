@@ -48,8 +48,8 @@ impl ReadStats {
 }
 
 /// Read up to `max` messages, handing each to `each` once, as it arrives;
-/// `each` returns false to stop early. With a true peek this is one browse;
-/// otherwise messages are leased batch by batch (hidden for `hold`), kept
+/// `each` returns false to stop early. With a true peek this is one browse,
+/// a page at a time ([`QueueBackend::peek_each`]); otherwise messages are leased batch by batch (hidden for `hold`), kept
 /// leased so that the same message does not come back, and released together
 /// at the end, whatever happens. Memory holds the lease handles and IDs, not
 /// the messages. `cancel` stops it between leases, releasing what it holds
@@ -62,7 +62,7 @@ pub async fn browse<F>(
     mut each: F,
 ) -> Result<ReadStats, TriageError>
 where
-    F: FnMut(&DlqMessage) -> Result<bool, TriageError>,
+    F: FnMut(&DlqMessage) -> Result<bool, TriageError> + Send,
 {
     let caps = backend.capabilities();
     let mut stats = ReadStats {
@@ -70,14 +70,31 @@ where
         ..Default::default()
     };
     if caps.true_peek {
-        let msgs = backend.peek(max).await?;
-        stats.capped = msgs.len() >= max;
-        for m in &msgs {
-            stats.read += 1;
-            if !each(m)? {
-                break;
-            }
+        let mut failed = None;
+        let mut stopped = false;
+        backend
+            .peek_each(max, &mut |m| {
+                if cancel.is_cancelled() {
+                    stats.interrupted = true;
+                    return false;
+                }
+                stats.read += 1;
+                match each(&m) {
+                    Ok(go) => {
+                        stopped = !go;
+                        go
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                }
+            })
+            .await?;
+        if let Some(e) = failed {
+            return Err(e);
         }
+        stats.capped = !stopped && !stats.interrupted && stats.read >= max as u64;
         return Ok(stats);
     }
     let mut seen: HashSet<String> = HashSet::new();
@@ -133,6 +150,71 @@ where
     result?;
     released?;
     Ok(stats)
+}
+
+/// What [`first_matches`] kept and how the read went.
+#[derive(Debug, Default)]
+pub struct Shown {
+    /// The first matches, in the order read: at most the limit asked for.
+    pub messages: Vec<DlqMessage>,
+    /// Messages read (each handed to the predicate once).
+    pub read: usize,
+    /// Messages the predicate failed on (counted as no match).
+    pub filter_errors: u64,
+    /// The read stopped at its cap before `limit` matches: the DLQ may hold more.
+    pub capped: bool,
+    /// The matches kept reached `max_body_bytes` of bodies before `limit`:
+    /// the read stopped there, and the DLQ may hold more matches.
+    pub truncated: bool,
+    /// Stopped by `cancel`.
+    pub interrupted: bool,
+}
+
+/// Browse up to `scan` messages ([`QueueBackend::peek_each`]) and keep the
+/// first `limit` for which `matches` says `Some(true)` (`None`: the filter
+/// failed on it). Messages that do not match are dropped as they are read
+/// and the read stops at the `limit`-th match, or once the matches kept
+/// hold `max_body_bytes` of bodies (at least one is kept; `truncated`), so
+/// memory holds what is shown and one page, whatever `scan` is. `cancel`
+/// stops it at the next message; the adapter releases what it leased
+/// either way.
+pub async fn first_matches(
+    backend: &dyn QueueBackend,
+    scan: usize,
+    limit: usize,
+    max_body_bytes: usize,
+    cancel: &CancellationToken,
+    mut matches: impl FnMut(&DlqMessage) -> Option<bool> + Send,
+) -> Result<Shown, crate::backend::BackendError> {
+    let mut shown = Shown::default();
+    if limit == 0 {
+        return Ok(shown);
+    }
+    let mut kept_bytes = 0usize;
+    backend
+        .peek_each(scan, &mut |m| {
+            if cancel.is_cancelled() {
+                shown.interrupted = true;
+                return false;
+            }
+            shown.read += 1;
+            match matches(&m) {
+                Some(true) => {
+                    kept_bytes = kept_bytes.saturating_add(m.body.len());
+                    shown.messages.push(m);
+                }
+                Some(false) => {}
+                None => shown.filter_errors += 1,
+            }
+            if shown.messages.len() >= limit {
+                return false;
+            }
+            shown.truncated = kept_bytes >= max_body_bytes;
+            !shown.truncated
+        })
+        .await?;
+    shown.capped = shown.messages.len() < limit && !shown.interrupted && !shown.truncated && shown.read >= scan;
+    Ok(shown)
 }
 
 /// The side effect of reading this backend, for the user (guarantee 8).

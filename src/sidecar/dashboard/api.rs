@@ -22,7 +22,7 @@ use crate::engine::registry::RedriveRequest;
 use crate::engine::triage::{self, GroupBy, TriageError};
 use crate::filter::{Filter, FilterError};
 use crate::output::MessageView;
-use crate::sidecar::api::{ApiError, authorize, browse_reads, json_body, read_guard};
+use crate::sidecar::api::{ApiError, authorize, browse_reads, given_filter, json_body, read_detached, read_guard};
 use crate::sidecar::app::App;
 use crate::sidecar::history;
 
@@ -193,7 +193,7 @@ async fn browse(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let given = q.filter.as_deref().filter(|f| !f.trim().is_empty());
+    let given = given_filter("filter", q.filter.as_deref())?;
     let filter = match given {
         Some(f) => Filter::compile(f).map_err(bad_request)?,
         None => Filter::match_all(),
@@ -207,47 +207,36 @@ async fn browse(
     let show_bodies = app.registry.config().serve.dashboard.show_bodies;
     let backend = app.registry.backend(&queue).await?;
     let guard = read_guard(&app, &queue, &*backend).await?;
-    let msgs = backend
-        .peek(reads)
-        .await
-        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
-    drop(guard);
     let now = Utc::now();
-    let mut filter_errors = 0u64;
-    let mut views = Vec::new();
-    for m in &msgs {
-        match filter.matches(m, now) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(_) => {
-                filter_errors += 1;
-                continue;
+    // Only the matches shown are kept, as they are read.
+    let got = read_detached(backend.clone(), guard, reads, limit, move |m| {
+        let matched = filter.matches(m, now).ok()?;
+        Some(matched && group.as_ref().is_none_or(|(by, key)| by.key(m) == *key))
+    })
+    .await?;
+    let (msgs, filter_errors, truncated) = (got.read, got.filter_errors, got.truncated);
+    let views: Vec<Value> = got
+        .messages
+        .iter()
+        .map(|m| {
+            let mut v = serde_json::to_value(MessageView::new(m, now)).expect("message view serializes");
+            if let Some(o) = v.as_object_mut() {
+                if !show_bodies {
+                    o.remove("body_base64");
+                    o.remove("body_text");
+                }
+                o.insert("body_redacted".into(), json!(!show_bodies));
+                o.insert("pattern".into(), json!(triage::pattern_of(m)));
             }
-        }
-        if let Some((by, key)) = &group
-            && by.key(m) != *key
-        {
-            continue;
-        }
-        let mut v = serde_json::to_value(MessageView::new(m, now)).expect("message view serializes");
-        if let Some(o) = v.as_object_mut() {
-            if !show_bodies {
-                o.remove("body_base64");
-                o.remove("body_text");
-            }
-            o.insert("body_redacted".into(), json!(!show_bodies));
-            o.insert("pattern".into(), json!(triage::pattern_of(m)));
-        }
-        views.push(v);
-        if views.len() >= limit {
-            break;
-        }
-    }
+            v
+        })
+        .collect();
     Ok(Json(json!({
         "queue": queue,
         "true_peek": backend.capabilities().true_peek,
-        "read": msgs.len(),
+        "read": msgs,
         "filter_errors": filter_errors,
+        "truncated": truncated,
         "body_redacted": !show_bodies,
         "messages": views,
     }))
@@ -346,7 +335,7 @@ async fn export(
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     let b: ExportBody = json_body(&headers, body)?;
-    let filter = b.filter.as_deref().filter(|f| !f.trim().is_empty());
+    let filter = given_filter("filter", b.filter.as_deref())?;
     // Both reads lease on SQS and Pub/Sub, like a browse.
     let backend = app.registry.backend(&queue).await?;
     let _guard = read_guard(&app, &queue, &*backend).await?;
