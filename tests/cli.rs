@@ -389,15 +389,7 @@ async fn a_closed_stdout_does_not_turn_a_redrive_into_a_crash() {
 #[tokio::test]
 async fn inspect_memory_follows_what_it_shows_not_what_it_scans() {
     let f = SqsFixture::create(false).await;
-    let body = "x".repeat(200_000);
-    let msgs: Vec<TestMessage> = (0..150)
-        .map(|i| TestMessage {
-            body: format!("{i:04}{body}").into_bytes(),
-            attributes: attrs(&[("error", "Timeout")]),
-            ordering_key: None,
-        })
-        .collect();
-    f.put_in_dlq(&msgs).await;
+    f.put_in_dlq(&common::large_messages(150, 200_000)).await;
     let cfg = fixture_config(&f);
     let peak = |scan: &str| {
         let (code, _, err, rss) = run_measured(bin().arg("-c").arg(&cfg).args([

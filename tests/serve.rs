@@ -997,15 +997,7 @@ fn peak_rss_kib(pid: u32) -> i64 {
 #[tokio::test]
 async fn a_browse_holds_what_it_returns_not_what_it_scans() {
     let f = SqsFixture::create(false).await;
-    let body = "x".repeat(200_000);
-    let big: Vec<TestMessage> = (0..150)
-        .map(|i| TestMessage {
-            body: format!("{i:04}{body}").into_bytes(),
-            attributes: attrs(&[("error", "Timeout")]),
-            ordering_key: None,
-        })
-        .collect();
-    f.put_in_dlq(&big).await;
+    f.put_in_dlq(&common::large_messages(150, 200_000)).await;
     let config = format!(
         "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1m\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\n",
         queue_yaml("orders", &f)

@@ -595,6 +595,35 @@ async fn atom_counts_are_exact() {
     assert_eq!(reg.backend("dlq").await.unwrap().stats().await.unwrap().depth, 3);
 }
 
+/// `cs` (a private emulator's connection string, signed with the rule `x`)
+/// signed with the SAS rule `rule` and its `key` instead.
+fn with_sas_rule(cs: &str, rule: &str, key: &str) -> String {
+    cs.replace("SharedAccessKeyName=x", &format!("SharedAccessKeyName={rule}"))
+        .replace("SharedAccessKey=y", &format!("SharedAccessKey={key}"))
+}
+
+/// Runs dlq-bridge with the config `config` and the connection string `cs`
+/// in the environment variable `env`: its exit code, its stdout, and stdout
+/// and stderr together.
+fn run_with_connection_string(
+    env: &str,
+    config: &std::path::Path,
+    cs: &str,
+    args: &[&str],
+) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(env, cs)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), stdout, said)
+}
+
 fn config_for(entity_yaml: &str, cs_env: &str, http: &str) -> Config {
     let yaml = format!(
         "queues:\n  - name: dlq\n    servicebus:\n      connection_string_env: {cs_env}\n{entity_yaml}      management_endpoint: {http}\n"
@@ -1383,25 +1412,10 @@ async fn sas_rules_and_their_rights_are_enforced() {
     .await;
     let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
     let config = f.config_file_with("");
-    let with_rule = |rule: &str, key: &str| {
-        emulator_connection_string(SAS_RULES_HOST)
-            .replace("SharedAccessKeyName=x", &format!("SharedAccessKeyName={rule}"))
-            .replace("SharedAccessKey=y", &format!("SharedAccessKey={key}"))
-    };
+    let with_rule = |rule: &str, key: &str| with_sas_rule(&emulator_connection_string(SAS_RULES_HOST), rule, key);
     let floored = f.config_file_with("      browse_count_limit: 10\n");
-    let run_with = |config: &std::path::Path, cs: &str, args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
-            .env_remove("DLQ_BRIDGE_CONFIG")
-            .env(ENV, cs)
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        (out.status.code(), stdout, said)
-    };
+    let run_with =
+        |config: &std::path::Path, cs: &str, args: &[&str]| run_with_connection_string(ENV, config, cs, args);
     let run = |cs: &str, args: &[&str]| run_with(&config, cs, args);
     let msgs: Vec<TestMessage> = (0..20).map(|i| failing(i, "Timeout")).collect();
     f.put_in_dlq(&msgs).await;
@@ -1522,28 +1536,11 @@ async fn a_connection_string_scoped_to_an_entity_works_for_it_and_is_refused_bey
     )
     .await;
     let scoped = |rule: &str, key: &str, entity: &str| {
-        emulator_connection_string(ENTITY_KEY_HOST)
-            .replace("SharedAccessKeyName=x", &format!("SharedAccessKeyName={rule}"))
-            .replace(
-                "SharedAccessKey=y",
-                &format!("SharedAccessKey={key};EntityPath={entity}"),
-            )
+        with_sas_rule(&emulator_connection_string(ENTITY_KEY_HOST), rule, key) + &format!(";EntityPath={entity}")
     };
     let orders_cs = scoped("orders-app", "orders-key", &queue);
     let billing_cs = scoped("billing-app", "billing-key", &topic);
-    let run = |config: &std::path::Path, cs: &str, args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
-            .env_remove("DLQ_BRIDGE_CONFIG")
-            .env(ENV, cs)
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        (out.status.code(), stdout, said)
-    };
+    let run = |config: &std::path::Path, cs: &str, args: &[&str]| run_with_connection_string(ENV, config, cs, args);
     let msgs: Vec<TestMessage> = (0..5).map(|i| failing(i, "Timeout")).collect();
     f.put_in_dlq(&msgs).await;
     t.put_in_dlq(&msgs[..3]).await;
@@ -1686,11 +1683,7 @@ async fn refused_links_are_told_as_refusals_not_as_unreachable() {
         ],
     )
     .await;
-    let with_rule = |rule: &str, key: &str| {
-        emulator_connection_string(REFUSALS_HOST)
-            .replace("SharedAccessKeyName=x", &format!("SharedAccessKeyName={rule}"))
-            .replace("SharedAccessKey=y", &format!("SharedAccessKey={key}"))
-    };
+    let with_rule = |rule: &str, key: &str| with_sas_rule(&emulator_connection_string(REFUSALS_HOST), rule, key);
     let run = |queue: &str, cs: &str, args: &[&str]| {
         let config = std::env::temp_dir().join(format!("dlqb-sb-{}.yaml", uuid::Uuid::new_v4().simple()));
         std::fs::write(
@@ -1701,20 +1694,8 @@ async fn refused_links_are_told_as_refusals_not_as_unreachable() {
             ),
         )
         .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
-            .env_remove("DLQ_BRIDGE_CONFIG")
-            .env(ENV, cs)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .output()
-            .unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), said)
+        let (code, _, said) = run_with_connection_string(ENV, &config, cs, args);
+        (code, said)
     };
     let app = with_rule("app", "app-key");
     let sender = with_rule("sender", "sender-key");
@@ -1849,15 +1830,7 @@ async fn a_deferred_message_is_marked_by_inspect_and_left_by_a_redrive() {
 #[tokio::test]
 async fn a_report_holds_its_groups_not_the_messages_it_read() {
     let f = ServiceBusFixture::create(false).await;
-    let body = "x".repeat(200_000);
-    let big: Vec<TestMessage> = (0..150)
-        .map(|i| TestMessage {
-            body: format!("{i:04}{body}").into_bytes(),
-            attributes: attrs(&[("error", "Timeout")]),
-            ordering_key: None,
-        })
-        .collect();
-    f.put_in_dlq(&big).await;
+    f.put_in_dlq(&common::large_messages(150, 200_000)).await;
     let config = f.config_file_with("");
     let peak = |scan: &str| {
         let (code, out, err, rss) = run_measured(

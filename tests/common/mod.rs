@@ -128,6 +128,20 @@ pub fn attrs(pairs: &[(&str, &str)]) -> Attributes {
         .collect()
 }
 
+/// `n` messages with bodies of about `size` bytes (numbered, so each is
+/// distinct) and the reason attribute `error: Timeout`: for the tests of
+/// what a read holds in memory.
+pub fn large_messages(n: usize, size: usize) -> Vec<TestMessage> {
+    let body = "x".repeat(size);
+    (0..n)
+        .map(|i| TestMessage {
+            body: format!("{i:04}{body}").into_bytes(),
+            attributes: attrs(&[("error", "Timeout")]),
+            ordering_key: None,
+        })
+        .collect()
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
