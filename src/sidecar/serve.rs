@@ -638,12 +638,7 @@ async fn retention_loop(
                                     .listed
                                     .iter()
                                     .take(3)
-                                    .map(|m| SampleMessage {
-                                        id: m.id.clone(),
-                                        reason: m.reason.clone(),
-                                        body: None,
-                                        body_redacted: true,
-                                    })
+                                    .map(|m| SampleMessage::redacted(m.id.clone(), m.reason.clone()))
                                     .collect(),
                                 quiet: false,
                                 // Checked again every `check_every`.

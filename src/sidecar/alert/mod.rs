@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::{AlertRule, AlertsConfig};
+use crate::model::DlqMessage;
 use crate::sidecar::metrics::Metrics;
 use crate::sidecar::poller::PollResult;
 
@@ -110,9 +111,70 @@ impl Notification {
 pub struct SampleMessage {
     pub id: String,
     pub reason: Option<String>,
+    /// The body as text (lossy for bytes that are not UTF-8), at most
+    /// [`SAMPLE_BODY_LIMIT`] bytes of it; only with `alerts.include_bodies`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
     pub body_redacted: bool,
+    /// The whole body's size in bytes, when `body` is given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_bytes: Option<usize>,
+    /// `body` is the first part of a longer body.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub body_truncated: bool,
+}
+
+/// The most of a message body a notification carries. Bodies go up to
+/// 1 MiB on SQS, 10 MB on Pub/Sub and 100 MB on Service Bus premium, three
+/// samples to an alert: whole, they made webhook requests that receivers
+/// and proxies refuse as too large (a 413 is not retried), and the alert was
+/// lost with them.
+pub const SAMPLE_BODY_LIMIT: usize = 4096;
+
+impl SampleMessage {
+    /// `m` as a notification shows it: its body only when `include_body`,
+    /// and then cut to [`SAMPLE_BODY_LIMIT`].
+    pub fn of(m: &DlqMessage, include_body: bool) -> Self {
+        if !include_body {
+            return Self::redacted(m.id.clone(), m.reason.clone());
+        }
+        let (text, cut) = body_prefix(&m.body, SAMPLE_BODY_LIMIT);
+        Self {
+            body: Some(text),
+            body_redacted: false,
+            body_bytes: Some(m.body.len()),
+            body_truncated: cut,
+            ..Self::redacted(m.id.clone(), m.reason.clone())
+        }
+    }
+
+    /// A message shown without its body.
+    pub fn redacted(id: String, reason: Option<String>) -> Self {
+        Self {
+            id,
+            reason,
+            body: None,
+            body_redacted: true,
+            body_bytes: None,
+            body_truncated: false,
+        }
+    }
+}
+
+/// The first `limit` bytes of `body` as text, and whether it was cut. A
+/// cut inside a UTF-8 character leaves that character out rather than
+/// showing half of it as a replacement character.
+fn body_prefix(body: &[u8], limit: usize) -> (String, bool) {
+    if body.len() <= limit {
+        return (String::from_utf8_lossy(body).into_owned(), false);
+    }
+    let mut end = limit;
+    // A continuation byte (10xxxxxx) at the cut: back off to the start of
+    // its character, at most three bytes.
+    while end > 0 && limit - end < 3 && body[end] & 0xC0 == 0x80 {
+        end -= 1;
+    }
+    (String::from_utf8_lossy(&body[..end]).into_owned(), true)
 }
 
 const SAMPLES_PER_ALERT: usize = 3;
@@ -451,12 +513,7 @@ fn notification(
         .flatten()
         .filter(|m| reason.is_none() || m.reason.as_ref() == reason)
         .take(SAMPLES_PER_ALERT)
-        .map(|m| SampleMessage {
-            id: m.id.clone(),
-            reason: m.reason.clone(),
-            body: include_bodies.then(|| m.body_text()),
-            body_redacted: !include_bodies,
-        })
+        .map(|m| SampleMessage::of(m, include_bodies))
         .collect();
     Notification {
         version: 1,
@@ -684,6 +741,54 @@ mod tests {
         let json = serde_json::to_string(&n[0]).unwrap();
         assert!(!json.contains("secret body"), "{json}");
         assert!(e.evaluate(&poll(30, 2, 0, &["Boom"]), true, &m).is_empty());
+    }
+
+    #[test]
+    fn bodies_in_notifications_are_cut_to_a_few_kilobytes() {
+        let cfg = Config::from_yaml(
+            "alerts:\n  include_bodies: true\n  rules:\n    - new_reason: true\n",
+            "t",
+            &[],
+        )
+        .unwrap();
+        let mut e = Evaluator::new(&cfg.alerts);
+        let m = Metrics::new();
+        assert!(
+            e.evaluate(&poll(0, 1, 0, &["Timeout"]), true, &m).is_empty(),
+            "baseline"
+        );
+        let mut p = poll(10, 3, 2, &["Timeout", "Boom", "Boom"]);
+        let sample = p.sample.as_mut().unwrap();
+        // 1 MiB of two-byte characters, cut in the middle of one at the limit
+        // (a 1-byte prefix shifts them), and a short body kept whole.
+        let big = format!("x{}", "é".repeat(512 * 1024));
+        sample[1].body = bytes::Bytes::from(big.clone());
+        sample[2].body = bytes::Bytes::from_static(b"short");
+        let n = e.evaluate(&p, true, &m);
+        assert_eq!(n.len(), 1);
+        let [cut, whole] = &n[0].samples[..] else {
+            panic!("{:?}", n[0].samples)
+        };
+        let body = cut.body.as_deref().unwrap();
+        assert!(
+            body.len() <= SAMPLE_BODY_LIMIT && body.len() > SAMPLE_BODY_LIMIT - 4,
+            "{}",
+            body.len()
+        );
+        assert!(
+            big.starts_with(body) && !body.contains('\u{FFFD}'),
+            "cut on a character boundary"
+        );
+        assert!(cut.body_truncated && cut.body_bytes == Some(big.len()) && !cut.body_redacted);
+        assert_eq!(whole.body.as_deref(), Some("short"));
+        assert!(!whole.body_truncated && whole.body_bytes == Some(5));
+        let json = serde_json::to_value(&n[0]).unwrap();
+        assert!(
+            json.to_string().len() < 3 * SAMPLE_BODY_LIMIT,
+            "the notification stays small"
+        );
+        assert_eq!(json["samples"][0]["body_truncated"], true);
+        assert!(json["samples"][1].get("body_truncated").is_none(), "{json}");
     }
 
     #[test]
