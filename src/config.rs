@@ -423,7 +423,7 @@ fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 }
 
 /// Checks a sink's URL: absolute `http` or `https` with a host. Sinks given
-/// by `url_env` are checked the same way when `serve` starts.
+/// by `url_env` are checked the same way when `serve` starts and by `check`.
 ///
 /// The messages leave the URL out: sink URLs carry secrets (Slack's path is
 /// one), and config errors reach the pod's log; the error's location says
@@ -940,6 +940,39 @@ impl<'de> Deserialize<'de> for QueueConfig {
 }
 
 impl Config {
+    /// What `serve` reads from the environment when it starts, and refuses to
+    /// start without: the API token (`serve.token_env`) and the URLs of the
+    /// alert sinks given by `url_env`. Loading a config does not look (the
+    /// environment is not the config); `check` does, so that it says whether
+    /// `serve` will start. Each problem is `(field, what is wrong)`; a URL is
+    /// never quoted (it can carry a secret).
+    pub fn serve_env_problems(&self, env: impl Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if let Some(var) = &self.serve.token_env
+            && env(var).is_none_or(|t| t.trim().is_empty())
+        {
+            problems.push((
+                "serve.token_env".to_string(),
+                format!("environment variable {var} is not set (or holds only whitespace)"),
+            ));
+        }
+        for (i, sink) in self.alerts.sinks.iter().enumerate() {
+            let Some(var) = sink.target().and_then(|(_, t)| t.url_env.as_ref()) else {
+                continue;
+            };
+            let field = format!("alerts.sinks[{i}]");
+            match env(var) {
+                None => problems.push((field, format!("environment variable {var} is not set"))),
+                Some(url) if check_sink_url(&url).is_err() => problems.push((
+                    field,
+                    format!("environment variable {var}: does not hold an http:// or https:// URL with a host"),
+                )),
+                Some(_) => {}
+            }
+        }
+        problems
+    }
+
     /// The journal every command and `serve` use: `redrive.journal`, else
     /// `journal.jsonl` in `serve.data_dir`, else in the state directory.
     /// One rule, so that `runs` and a rerun's recovery find what `serve`
@@ -1363,8 +1396,8 @@ const MIN_LEASE_DURATION: Duration = Duration::from_secs(2);
 impl ServeConfig {
     /// `listen` is an IP address and port, and only loopback unless a token
     /// is configured: otherwise `(field, what is wrong)`. Whether the token's
-    /// variable is set is checked when `serve` starts (the environment is not
-    /// the config).
+    /// variable is set is checked when `serve` starts and by `check` (the
+    /// environment is not the config; see [`Config::serve_env_problems`]).
     pub fn check_listen(&self) -> Result<std::net::SocketAddr, (&'static str, String)> {
         let listen: std::net::SocketAddr = self.listen.trim().parse().map_err(|_| {
             (

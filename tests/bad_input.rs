@@ -1590,6 +1590,38 @@ async fn unset_secret_variables_are_config_errors_naming_field_and_variable() {
             2,
             &["alerts.sinks[0]", &format!("environment variable {unset} is not set")],
         ),
+        // `check` says so too, before `serve` is started: the same exit 2,
+        // and every queue still checked.
+        case(
+            "serve token unset, check",
+            serve(&format!(", token_env: {unset}")),
+            &["check"],
+            2,
+            &[
+                "serve.token_env",
+                &format!("environment variable {unset} is not set"),
+                "queue orders (sqs): ok, depth 2",
+            ],
+        ),
+        case(
+            "alert sink URL unset, check",
+            format!("{}alerts: {{sinks: [{{slack: {{url_env: {unset}}}}}]}}\n", serve("")),
+            &["check"],
+            2,
+            &[
+                "alerts.sinks[0]",
+                &format!("environment variable {unset} is not set"),
+                "queue orders (sqs): ok, depth 2",
+            ],
+        ),
+        case(
+            "alert sink URL not a URL, check",
+            format!("{}alerts: {{sinks: [{{webhook: {{url_env: {unset}}}}}]}}\n", serve("")),
+            &["check"],
+            2,
+            &["alerts.sinks[0]", &unset, "does not hold an http:// or https:// URL"],
+        )
+        .env(&unset, "hooks.internal/dlq"),
     ];
     run_table(&cases);
     assert_sqs_untouched(&f, &before).await;
