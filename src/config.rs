@@ -1861,6 +1861,73 @@ mod tests {
         Config::from_yaml(text, "test.yaml", &[])
     }
 
+    /// The README says config/example.yaml documents every setting: each
+    /// field the parser knows, section by section (as its own "unknown
+    /// field, expected one of" error lists them), is set or shown in a
+    /// comment there as `field:`.
+    #[test]
+    fn example_config_documents_every_field() {
+        let example = include_str!("../config/example.yaml");
+        let sections = [
+            ("top level", "zz_unknown: 1\n"),
+            ("defaults", "defaults: {zz_unknown: 1}\n"),
+            ("redrive", "redrive: {zz_unknown: 1}\n"),
+            ("queues[]", "queues:\n  - zz_unknown: 1\n"),
+            ("queues[].sqs", "queues:\n  - name: a\n    sqs: {zz_unknown: 1}\n"),
+            ("queues[].pubsub", "queues:\n  - name: a\n    pubsub: {zz_unknown: 1}\n"),
+            (
+                "queues[].servicebus",
+                "queues:\n  - name: a\n    servicebus: {zz_unknown: 1}\n",
+            ),
+            (
+                "queues[].retention",
+                "queues:\n  - name: a\n    retention: {zz_unknown: 1}\n",
+            ),
+            ("serve", "serve: {zz_unknown: 1}\n"),
+            (
+                "serve.admin_calls_per_second",
+                "serve: {admin_calls_per_second: {zz_unknown: 1}}\n",
+            ),
+            ("serve.leader_election", "serve: {leader_election: {zz_unknown: 1}}\n"),
+            ("serve.dashboard", "serve: {dashboard: {zz_unknown: 1}}\n"),
+            ("alerts", "alerts: {zz_unknown: 1}\n"),
+            ("alerts.rules[]", "alerts: {rules: [{zz_unknown: 1}]}\n"),
+            (
+                "alerts.rules[].growth",
+                "alerts: {rules: [{growth: {zz_unknown: 1}}]}\n",
+            ),
+            ("alerts.sinks[]", "alerts: {sinks: [{zz_unknown: 1}]}\n"),
+            (
+                "alerts.sinks[].webhook",
+                "alerts: {sinks: [{webhook: {zz_unknown: 1}}]}\n",
+            ),
+            ("schedules[]", "schedules: [{zz_unknown: 1}]\n"),
+        ];
+        let mut missing = Vec::new();
+        for (section, text) in sections {
+            let err = parse(text).unwrap_err().to_string();
+            let expected = err
+                .split_once("expected")
+                .unwrap_or_else(|| panic!("{section}: {err}"))
+                .1;
+            let fields: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            assert!(fields.len() > 1, "{section}: {err}");
+            for field in fields {
+                let shown = example.lines().any(|line| {
+                    let line = line.trim_start().trim_start_matches('#').trim_start();
+                    let line = line.trim_start_matches("- ").trim_start_matches('{');
+                    line.starts_with(&format!("{field}:"))
+                        || line.contains(&format!(" {field}:"))
+                        || line.contains(&format!("{{{field}:"))
+                });
+                if !shown {
+                    missing.push(format!("{section}.{field}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "config/example.yaml does not show: {missing:?}");
+    }
+
     #[test]
     fn shipped_configs_parse() {
         for (name, text) in [
