@@ -235,7 +235,9 @@ pub struct LeaderElectionConfig {
     pub enabled: bool,
     #[serde(default = "default_lease_name")]
     pub lease_name: String,
-    /// Default: the POD_NAMESPACE environment variable, else `default`.
+    /// Default: the POD_NAMESPACE environment variable, else the Kubernetes
+    /// client's namespace (the pod's own in a cluster, the kubeconfig
+    /// context's outside one).
     #[serde(default)]
     pub namespace: Option<String>,
     /// This replica's name in the Lease. Default: POD_NAME, else the hostname.
