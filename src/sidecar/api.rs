@@ -453,6 +453,7 @@ mod tests {
     #[test]
     fn an_unknown_destination_is_the_callers_mistake() {
         let destination = |error| RegistryError::Destination {
+            flag: "--to",
             to: "nosuch".into(),
             error,
         };
