@@ -1191,6 +1191,21 @@ impl Config {
         if self.redrive.concurrency == 0 {
             return Err(err("redrive.concurrency".into(), "must be at least 1".into()));
         }
+        let limits = &self.serve.admin_calls_per_second;
+        for (kind, n) in [
+            ("sqs", limits.sqs),
+            ("pubsub", limits.pubsub),
+            ("servicebus", limits.servicebus),
+        ] {
+            // 0 was taken as 1 call a second, the tightest limit, where it
+            // reads as "no limit".
+            if n == 0 {
+                return Err(err(
+                    format!("serve.admin_calls_per_second.{kind}"),
+                    "must be at least 1 (admin calls per second; there is no unlimited setting)".into(),
+                ));
+            }
+        }
         if self.redrive.rate == Some(0) {
             return Err(err("redrive.rate".into(), RATE_AT_LEAST_ONE.into()));
         }
@@ -2081,6 +2096,21 @@ mod tests {
             let _ = locate(odd, "queues[0].name");
             let _ = locate(odd, "queues[1].sqs.queue");
         }
+    }
+
+    #[test]
+    fn admin_call_limits_are_at_least_one() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!("{q}serve:\n  admin_calls_per_second: {{servicebus: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:5:")
+                && err.contains("serve.admin_calls_per_second.servicebus: must be at least 1"),
+            "{err}"
+        );
+        let c = parse(&format!("{q}serve:\n  admin_calls_per_second: {{sqs: 1}}\n")).unwrap();
+        assert_eq!(c.serve.admin_calls_per_second.sqs, 1);
     }
 
     #[test]
