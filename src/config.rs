@@ -1273,7 +1273,7 @@ impl Config {
                 if self.queues.iter().any(|q| pattern.matches(&q.name)) {
                     continue;
                 }
-                let location = match locate_rule_glob(text, i, g) {
+                let location = match locate_rule_glob(text, i, g).or_else(|| locate(text, "alerts.rules")) {
                     Some((line, column)) => format!("{origin}:{line}:{column}"),
                     None => origin.to_string(),
                 };
@@ -1315,7 +1315,9 @@ impl Config {
                 else {
                     continue;
                 };
-                let location = match locate_rule_glob(text, i, r.queues.first().map_or("*", String::as_str)) {
+                let location = match locate_rule_glob(text, i, r.queues.first().map_or("*", String::as_str))
+                    .or_else(|| locate(text, "alerts.rules"))
+                {
                     Some((line, column)) => format!("{origin}:{line}:{column}"),
                     None => origin.to_string(),
                 };
@@ -2096,6 +2098,25 @@ mod tests {
             let _ = locate(odd, "queues[0].name");
             let _ = locate(odd, "queues[1].sqs.queue");
         }
+    }
+
+    /// README: a glob that matches no queue is an error with its file:line,
+    /// whatever the YAML style (a flow-style `alerts:` had no line at all).
+    #[test]
+    fn alert_rule_errors_have_a_line_in_flow_style_too() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!(
+            "{q}alerts: {{rules: [{{queues: [nope], new_reason: true}}]}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("test.yaml:4:"), "{err}");
+        let err = parse(&format!(
+            "{q}alerts: {{rules: [{{new_reason: true}}, {{new_reason: true}}]}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("test.yaml:4:") && err.contains("same name"), "{err}");
     }
 
     #[test]
