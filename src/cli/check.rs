@@ -9,10 +9,11 @@ use super::exit::{self, Failure};
 use crate::engine::registry::Registry;
 
 pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failure> {
+    let n = registry.config().queues.len();
     outln!(
-        "config {}: ok ({} queues)",
+        "config {}: ok ({n} {})",
         path.display(),
-        registry.config().queues.len()
+        if n == 1 { "queue" } else { "queues" }
     )?;
     if registry.config().queues.is_empty() {
         eprintln!(
