@@ -1176,6 +1176,13 @@ impl Config {
                     "must be at least 1 (leave it out for no cap)".into(),
                 ));
             }
+            // Else every scheduled run would fail on it, as `redrive --to ''`.
+            if sch.to.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                return Err(err(
+                    format!("{field}.to"),
+                    "must not be empty (leave it out to redrive to each message's source)".into(),
+                ));
+            }
         }
         for (i, q) in self.queues.iter().enumerate() {
             if q.retention
@@ -2117,6 +2124,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.starts_with("test.yaml:4:") && err.contains("same name"), "{err}");
+    }
+
+    /// An empty `to` was accepted and failed every scheduled run.
+    #[test]
+    fn a_schedule_s_destination_is_not_empty() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for to in ["''", "' '"] {
+            let err = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, to: {to}}}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("test.yaml:5:") && err.contains("schedules[0].to: must not be empty"),
+                "{err}"
+            );
+        }
+        assert!(parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, to: elsewhere}}\n")).is_ok());
     }
 
     #[test]
