@@ -496,9 +496,23 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
     let before = f.dlq_snapshot().await;
     let cfg = join(&sqs_lines(&f));
     let export_to = scratch().join("never-written.jsonl").display().to_string();
+    let empty_export = scratch().join("empty.jsonl");
+    std::fs::write(&empty_export, "").unwrap();
+    let empty_export = empty_export.display().to_string();
     let c = |name, args: &[&str], says: &[&str]| case(name, cfg.clone(), args, 2, says);
 
     let cases = vec![
+        // An empty destination is a slip, not a queue to look up.
+        c(
+            "empty --to",
+            &["redrive", "orders", "--to", "", "--dry-run"],
+            &["the destination is empty"],
+        ),
+        c(
+            "empty --address",
+            &["import", &empty_export, "--to", "orders", "--address", " ", "--dry-run"],
+            &["the destination is empty"],
+        ),
         // Filters are compiled before anything connects; errors give the position.
         c(
             "filter syntax",

@@ -160,6 +160,11 @@ impl Registry {
             Some(f) => Filter::compile(f)?,
             None => Filter::match_all(),
         };
+        if req.to.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(RegistryError::Invalid(
+                "the destination is empty: leave it out to send each message back to its source".into(),
+            ));
+        }
         let rate = match req.rate.or(self.config.redrive.rate) {
             None => None,
             Some(r) => Some(NonZeroU32::new(r).ok_or_else(|| {
