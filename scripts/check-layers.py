@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Checks that src/ is layered: no import circle among its files or folders,
-and no import running upward between the layers README "Architecture" names.
+and no import running upward between the layers README "Architecture" names;
+and that its tree names every file of the folders it itemises.
 
     scripts/check-layers.py        exit 1 and name the offending imports
 
@@ -143,11 +144,36 @@ def main() -> int:
     for scc in sccs(folder_edges):
         if len(scc) > 1:
             errors.append("import circle among folders: " + ", ".join("/".join(m) for m in sorted(scc)))
+    errors += untold_files()
     for e in errors:
         print(f"check-layers: {e}", file=sys.stderr)
     if not errors:
         print(f"check-layers: {len(edges)} modules, layered {' > '.join(LAYERS)}, no circle")
     return 1 if errors else 0
+
+
+def untold_files():
+    """README "Architecture" draws src/ as a tree. A folder it itemises (names
+    any file of) must name each of its files; a folder it only summarises
+    (`dashboard/`, `triage/`) need not. mod.rs and lib.rs go without saying."""
+    readme = (SRC.parent / "README.md").read_text()
+    start = readme.index("## Architecture")
+    tree = readme[readme.index("```", start) : readme.index("```", readme.index("```", start) + 3)]
+    named = set(re.findall(r"\b([a-z_]+\.rs)\b", tree))
+    by_folder = {}
+    for path in SRC.rglob("*.rs"):
+        rel = path.relative_to(SRC)
+        if rel.name in ("mod.rs", "lib.rs"):
+            continue
+        by_folder.setdefault(rel.parent, []).append(rel)
+    errors = []
+    for folder, rels in sorted(by_folder.items()):
+        if not any(r.name in named for r in rels):
+            continue
+        for r in sorted(rels):
+            if r.name not in named:
+                errors.append(f"README Architecture does not name src/{r}")
+    return errors
 
 
 def sccs(graph):

@@ -235,7 +235,9 @@ pub struct LeaderElectionConfig {
     pub enabled: bool,
     #[serde(default = "default_lease_name")]
     pub lease_name: String,
-    /// Default: the POD_NAMESPACE environment variable, else `default`.
+    /// Default: the POD_NAMESPACE environment variable, else the Kubernetes
+    /// client's namespace (the pod's own in a cluster, the kubeconfig
+    /// context's outside one).
     #[serde(default)]
     pub namespace: Option<String>,
     /// This replica's name in the Lease. Default: POD_NAME, else the hostname.
@@ -423,7 +425,7 @@ fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 }
 
 /// Checks a sink's URL: absolute `http` or `https` with a host. Sinks given
-/// by `url_env` are checked the same way when `serve` starts.
+/// by `url_env` are checked the same way when `serve` starts and by `check`.
 ///
 /// The messages leave the URL out: sink URLs carry secrets (Slack's path is
 /// one), and config errors reach the pod's log; the error's location says
@@ -940,6 +942,39 @@ impl<'de> Deserialize<'de> for QueueConfig {
 }
 
 impl Config {
+    /// What `serve` reads from the environment when it starts, and refuses to
+    /// start without: the API token (`serve.token_env`) and the URLs of the
+    /// alert sinks given by `url_env`. Loading a config does not look (the
+    /// environment is not the config); `check` does, so that it says whether
+    /// `serve` will start. Each problem is `(field, what is wrong)`; a URL is
+    /// never quoted (it can carry a secret).
+    pub fn serve_env_problems(&self, env: impl Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if let Some(var) = &self.serve.token_env
+            && env(var).is_none_or(|t| t.trim().is_empty())
+        {
+            problems.push((
+                "serve.token_env".to_string(),
+                format!("environment variable {var} is not set (or holds only whitespace)"),
+            ));
+        }
+        for (i, sink) in self.alerts.sinks.iter().enumerate() {
+            let Some(var) = sink.target().and_then(|(_, t)| t.url_env.as_ref()) else {
+                continue;
+            };
+            let field = format!("alerts.sinks[{i}]");
+            match env(var) {
+                None => problems.push((field, format!("environment variable {var} is not set"))),
+                Some(url) if check_sink_url(&url).is_err() => problems.push((
+                    field,
+                    format!("environment variable {var}: does not hold an http:// or https:// URL with a host"),
+                )),
+                Some(_) => {}
+            }
+        }
+        problems
+    }
+
     /// The journal every command and `serve` use: `redrive.journal`, else
     /// `journal.jsonl` in `serve.data_dir`, else in the state directory.
     /// One rule, so that `runs` and a rerun's recovery find what `serve`
@@ -1141,6 +1176,13 @@ impl Config {
                     "must be at least 1 (leave it out for no cap)".into(),
                 ));
             }
+            // Else every scheduled run would fail on it, as `redrive --to ''`.
+            if sch.to.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                return Err(err(
+                    format!("{field}.to"),
+                    "must not be empty (leave it out to redrive to each message's source)".into(),
+                ));
+            }
         }
         for (i, q) in self.queues.iter().enumerate() {
             if q.retention
@@ -1155,6 +1197,21 @@ impl Config {
         }
         if self.redrive.concurrency == 0 {
             return Err(err("redrive.concurrency".into(), "must be at least 1".into()));
+        }
+        let limits = &self.serve.admin_calls_per_second;
+        for (kind, n) in [
+            ("sqs", limits.sqs),
+            ("pubsub", limits.pubsub),
+            ("servicebus", limits.servicebus),
+        ] {
+            // 0 was taken as 1 call a second, the tightest limit, where it
+            // reads as "no limit".
+            if n == 0 {
+                return Err(err(
+                    format!("serve.admin_calls_per_second.{kind}"),
+                    "must be at least 1 (admin calls per second; there is no unlimited setting)".into(),
+                ));
+            }
         }
         if self.redrive.rate == Some(0) {
             return Err(err("redrive.rate".into(), RATE_AT_LEAST_ONE.into()));
@@ -1223,7 +1280,7 @@ impl Config {
                 if self.queues.iter().any(|q| pattern.matches(&q.name)) {
                     continue;
                 }
-                let location = match locate_rule_glob(text, i, g) {
+                let location = match locate_rule_glob(text, i, g).or_else(|| locate(text, "alerts.rules")) {
                     Some((line, column)) => format!("{origin}:{line}:{column}"),
                     None => origin.to_string(),
                 };
@@ -1265,7 +1322,9 @@ impl Config {
                 else {
                     continue;
                 };
-                let location = match locate_rule_glob(text, i, r.queues.first().map_or("*", String::as_str)) {
+                let location = match locate_rule_glob(text, i, r.queues.first().map_or("*", String::as_str))
+                    .or_else(|| locate(text, "alerts.rules"))
+                {
                     Some((line, column)) => format!("{origin}:{line}:{column}"),
                     None => origin.to_string(),
                 };
@@ -1363,8 +1422,8 @@ const MIN_LEASE_DURATION: Duration = Duration::from_secs(2);
 impl ServeConfig {
     /// `listen` is an IP address and port, and only loopback unless a token
     /// is configured: otherwise `(field, what is wrong)`. Whether the token's
-    /// variable is set is checked when `serve` starts (the environment is not
-    /// the config).
+    /// variable is set is checked when `serve` starts and by `check` (the
+    /// environment is not the config; see [`Config::serve_env_problems`]).
     pub fn check_listen(&self) -> Result<std::net::SocketAddr, (&'static str, String)> {
         let listen: std::net::SocketAddr = self.listen.trim().parse().map_err(|_| {
             (
@@ -1828,6 +1887,73 @@ mod tests {
         Config::from_yaml(text, "test.yaml", &[])
     }
 
+    /// The README says config/example.yaml documents every setting: each
+    /// field the parser knows, section by section (as its own "unknown
+    /// field, expected one of" error lists them), is set or shown in a
+    /// comment there as `field:`.
+    #[test]
+    fn example_config_documents_every_field() {
+        let example = include_str!("../config/example.yaml");
+        let sections = [
+            ("top level", "zz_unknown: 1\n"),
+            ("defaults", "defaults: {zz_unknown: 1}\n"),
+            ("redrive", "redrive: {zz_unknown: 1}\n"),
+            ("queues[]", "queues:\n  - zz_unknown: 1\n"),
+            ("queues[].sqs", "queues:\n  - name: a\n    sqs: {zz_unknown: 1}\n"),
+            ("queues[].pubsub", "queues:\n  - name: a\n    pubsub: {zz_unknown: 1}\n"),
+            (
+                "queues[].servicebus",
+                "queues:\n  - name: a\n    servicebus: {zz_unknown: 1}\n",
+            ),
+            (
+                "queues[].retention",
+                "queues:\n  - name: a\n    retention: {zz_unknown: 1}\n",
+            ),
+            ("serve", "serve: {zz_unknown: 1}\n"),
+            (
+                "serve.admin_calls_per_second",
+                "serve: {admin_calls_per_second: {zz_unknown: 1}}\n",
+            ),
+            ("serve.leader_election", "serve: {leader_election: {zz_unknown: 1}}\n"),
+            ("serve.dashboard", "serve: {dashboard: {zz_unknown: 1}}\n"),
+            ("alerts", "alerts: {zz_unknown: 1}\n"),
+            ("alerts.rules[]", "alerts: {rules: [{zz_unknown: 1}]}\n"),
+            (
+                "alerts.rules[].growth",
+                "alerts: {rules: [{growth: {zz_unknown: 1}}]}\n",
+            ),
+            ("alerts.sinks[]", "alerts: {sinks: [{zz_unknown: 1}]}\n"),
+            (
+                "alerts.sinks[].webhook",
+                "alerts: {sinks: [{webhook: {zz_unknown: 1}}]}\n",
+            ),
+            ("schedules[]", "schedules: [{zz_unknown: 1}]\n"),
+        ];
+        let mut missing = Vec::new();
+        for (section, text) in sections {
+            let err = parse(text).unwrap_err().to_string();
+            let expected = err
+                .split_once("expected")
+                .unwrap_or_else(|| panic!("{section}: {err}"))
+                .1;
+            let fields: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            assert!(fields.len() > 1, "{section}: {err}");
+            for field in fields {
+                let shown = example.lines().any(|line| {
+                    let line = line.trim_start().trim_start_matches('#').trim_start();
+                    let line = line.trim_start_matches("- ").trim_start_matches('{');
+                    line.starts_with(&format!("{field}:"))
+                        || line.contains(&format!(" {field}:"))
+                        || line.contains(&format!("{{{field}:"))
+                });
+                if !shown {
+                    missing.push(format!("{section}.{field}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "config/example.yaml does not show: {missing:?}");
+    }
+
     #[test]
     fn shipped_configs_parse() {
         for (name, text) in [
@@ -1979,6 +2105,56 @@ mod tests {
             let _ = locate(odd, "queues[0].name");
             let _ = locate(odd, "queues[1].sqs.queue");
         }
+    }
+
+    /// README: a glob that matches no queue is an error with its file:line,
+    /// whatever the YAML style (a flow-style `alerts:` had no line at all).
+    #[test]
+    fn alert_rule_errors_have_a_line_in_flow_style_too() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!(
+            "{q}alerts: {{rules: [{{queues: [nope], new_reason: true}}]}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("test.yaml:4:"), "{err}");
+        let err = parse(&format!(
+            "{q}alerts: {{rules: [{{new_reason: true}}, {{new_reason: true}}]}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("test.yaml:4:") && err.contains("same name"), "{err}");
+    }
+
+    /// An empty `to` was accepted and failed every scheduled run.
+    #[test]
+    fn a_schedule_s_destination_is_not_empty() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for to in ["''", "' '"] {
+            let err = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, to: {to}}}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("test.yaml:5:") && err.contains("schedules[0].to: must not be empty"),
+                "{err}"
+            );
+        }
+        assert!(parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, to: elsewhere}}\n")).is_ok());
+    }
+
+    #[test]
+    fn admin_call_limits_are_at_least_one() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!("{q}serve:\n  admin_calls_per_second: {{servicebus: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:5:")
+                && err.contains("serve.admin_calls_per_second.servicebus: must be at least 1"),
+            "{err}"
+        );
+        let c = parse(&format!("{q}serve:\n  admin_calls_per_second: {{sqs: 1}}\n")).unwrap();
+        assert_eq!(c.serve.admin_calls_per_second.sqs, 1);
     }
 
     #[test]

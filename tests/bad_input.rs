@@ -496,9 +496,23 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
     let before = f.dlq_snapshot().await;
     let cfg = join(&sqs_lines(&f));
     let export_to = scratch().join("never-written.jsonl").display().to_string();
+    let empty_export = scratch().join("empty.jsonl");
+    std::fs::write(&empty_export, "").unwrap();
+    let empty_export = empty_export.display().to_string();
     let c = |name, args: &[&str], says: &[&str]| case(name, cfg.clone(), args, 2, says);
 
     let cases = vec![
+        // An empty destination is a slip, not a queue to look up.
+        c(
+            "empty --to",
+            &["redrive", "orders", "--to", "", "--dry-run"],
+            &["the destination is empty"],
+        ),
+        c(
+            "empty --address",
+            &["import", &empty_export, "--to", "orders", "--address", " ", "--dry-run"],
+            &["the destination is empty"],
+        ),
         // Filters are compiled before anything connects; errors give the position.
         c(
             "filter syntax",
@@ -1590,6 +1604,38 @@ async fn unset_secret_variables_are_config_errors_naming_field_and_variable() {
             2,
             &["alerts.sinks[0]", &format!("environment variable {unset} is not set")],
         ),
+        // `check` says so too, before `serve` is started: the same exit 2,
+        // and every queue still checked.
+        case(
+            "serve token unset, check",
+            serve(&format!(", token_env: {unset}")),
+            &["check"],
+            2,
+            &[
+                "serve.token_env",
+                &format!("environment variable {unset} is not set"),
+                "queue orders (sqs): ok, depth 2",
+            ],
+        ),
+        case(
+            "alert sink URL unset, check",
+            format!("{}alerts: {{sinks: [{{slack: {{url_env: {unset}}}}}]}}\n", serve("")),
+            &["check"],
+            2,
+            &[
+                "alerts.sinks[0]",
+                &format!("environment variable {unset} is not set"),
+                "queue orders (sqs): ok, depth 2",
+            ],
+        ),
+        case(
+            "alert sink URL not a URL, check",
+            format!("{}alerts: {{sinks: [{{webhook: {{url_env: {unset}}}}}]}}\n", serve("")),
+            &["check"],
+            2,
+            &["alerts.sinks[0]", &unset, "does not hold an http:// or https:// URL"],
+        )
+        .env(&unset, "hooks.internal/dlq"),
     ];
     run_table(&cases);
     assert_sqs_untouched(&f, &before).await;

@@ -160,6 +160,7 @@ async fn list_inspect_and_check() {
     let (code, out, err) = run(bin().arg("-c").arg(&cfg).arg("check"));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("queue orders (sqs): ok, depth 4"), "{out}");
+    assert!(out.contains(": ok (1 queue)\n"), "one queue, not `1 queues`: {out}");
 }
 
 /// SIGTERM, how Kubernetes stops a Job's pod and `docker stop` a container,

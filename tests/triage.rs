@@ -450,6 +450,36 @@ fn numbered(n: usize) -> Vec<TestMessage> {
         .collect()
 }
 
+/// An `--address` the provider does not know is named as the `--address`
+/// it is (it was called `--to`, which names the configured queue), exit 2,
+/// and nothing is sent.
+#[tokio::test]
+async fn import_names_an_unknown_address_as_the_address() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&numbered(2)).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+    let file = dir.join("two.jsonl");
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to"])
+        .arg(&file));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).arg("import").arg(&file).args([
+        "--to",
+        "orders",
+        "--address",
+        "no-such-queue-anywhere",
+        "--yes",
+        "--no-journal",
+    ]));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--address no-such-queue-anywhere: "), "{err}");
+    assert!(!err.contains("--to no-such-queue-anywhere"), "{err}");
+    assert!(f.drain_source().await.is_empty(), "nothing was sent: {out}{err}");
+}
+
 /// An export that fails (here: the DLQ is gone) must not truncate the file it
 /// was to replace, which may be an earlier export or a purge backup.
 #[tokio::test]

@@ -342,6 +342,45 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(text: &str) -> Res
 mod tests {
     use super::*;
 
+    /// Every command and every option `--help` lists is named in the README
+    /// (an option by its long form, or by its short one as `-o`), so an
+    /// option added to the CLI is added to the docs too.
+    #[test]
+    fn the_readme_names_every_command_and_option() {
+        use clap::CommandFactory;
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let names = |text: &str, prefix: &str| -> bool {
+            // `--no-backup` must not count as `--no`: the name ends at a
+            // character that cannot continue it.
+            text.match_indices(prefix).any(|(i, _)| {
+                !text[i + prefix.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+        };
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            if !names(&readme, &format!("dlq-bridge {}", sub.get_name()))
+                && !names(&readme, &format!("`{}", sub.get_name()))
+            {
+                missing.push(sub.get_name().to_string());
+            }
+        }
+        for cmd in std::iter::once(&cli).chain(cli.get_subcommands()) {
+            for arg in cmd.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if matches!(long, "help" | "version") {
+                    continue;
+                }
+                let by_long = names(&readme, &format!("--{long}"));
+                let by_short = arg.get_short().is_some_and(|s| names(&readme, &format!("`-{s}")));
+                if !by_long && !by_short {
+                    missing.push(format!("{} --{long}", cmd.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "README.md does not name: {missing:?}");
+    }
+
     #[test]
     fn counts_are_whole_numbers_of_at_least_one() {
         assert_eq!(at_least_one::<usize>("3"), Ok(3));

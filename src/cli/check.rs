@@ -1,4 +1,5 @@
-//! `check`: the config parses, every filter compiles and every queue answers.
+//! `check`: the config parses, every filter compiles, what `serve` reads
+//! from the environment is there, and every queue answers.
 
 use std::path::Path;
 
@@ -8,10 +9,11 @@ use super::exit::{self, Failure};
 use crate::engine::registry::Registry;
 
 pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failure> {
+    let n = registry.config().queues.len();
     outln!(
-        "config {}: ok ({} queues)",
+        "config {}: ok ({n} {})",
         path.display(),
-        registry.config().queues.len()
+        if n == 1 { "queue" } else { "queues" }
     )?;
     if registry.config().queues.is_empty() {
         eprintln!(
@@ -21,6 +23,15 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
     }
     // The worst outcome: a config problem (exit 2) outranks a failure (exit 1).
     let mut code = exit::OK;
+    // What `serve` would refuse to start without, read from the environment.
+    let problems = registry.config().serve_env_problems(|var| std::env::var(var).ok());
+    for (field, message) in &problems {
+        eprintln!("error: {field}: {message}; serve would not start");
+    }
+    if !problems.is_empty() {
+        outln!("serve settings: FAILED")?;
+        code = exit::USAGE;
+    }
     for q in &registry.config().queues {
         let result = async {
             // Connect errors name the queue already; the backend's own do not.

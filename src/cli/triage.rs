@@ -331,6 +331,17 @@ fn purge_text(s: &RunSummary) -> String {
     if !s.dry_run {
         out.push_str(&format!("  backed up: {}\n  deleted:   {}\n", s.sent, s.settled));
     }
+    // Counted as `redrive`'s summary counts them: the errors listed below
+    // stop at a few, the counts do not.
+    for (label, n) in [
+        ("backup failed", s.send_failed),
+        ("delete failed", s.settle_failed),
+        ("filter errors", s.filter_errors),
+    ] {
+        if n > 0 {
+            out.push_str(&format!("  {label}: {n}\n"));
+        }
+    }
     // Matches handed to the backup (or to no backup), not deletions: those
     // are `deleted` above.
     for (to, n) in &s.destinations {
@@ -398,6 +409,52 @@ pub(crate) fn default_backup(queue: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A purge whose filter failed on messages said so only by listing the
+    /// first few errors: the count, which `redrive`'s summary gives, was
+    /// missing, and so were failed backups and deletes.
+    #[test]
+    fn a_purge_summary_counts_filter_errors_and_failures() {
+        let now = Utc::now();
+        let s = RunSummary {
+            run_id: "r".into(),
+            queue: "orders".into(),
+            trigger: crate::engine::redrive::Trigger::Cli,
+            action: "purge",
+            filter: "int(attributes.n) > 1".into(),
+            dry_run: false,
+            started_at: now,
+            finished_at: now,
+            examined: 40,
+            matched: 5,
+            sent: 3,
+            settled: 2,
+            settled_from_journal: 0,
+            resent_after_crash: 0,
+            send_failed: 2,
+            settle_failed: 1,
+            filter_errors: 30,
+            skipped_max_redrives: 0,
+            held_for_order: 0,
+            marks_omitted: 0,
+            released: 38,
+            destinations: Default::default(),
+            samples: Vec::new(),
+            errors: Vec::new(),
+            stopped: crate::engine::redrive::StopReason::Drained,
+        };
+        let text = purge_text(&s);
+        for line in ["  backup failed: 2\n", "  delete failed: 1\n", "  filter errors: 30\n"] {
+            assert!(text.contains(line), "{text}");
+        }
+        let clean = RunSummary {
+            send_failed: 0,
+            settle_failed: 0,
+            filter_errors: 0,
+            ..s
+        };
+        assert!(!purge_text(&clean).contains("failed"), "{}", purge_text(&clean));
+    }
 
     /// An import's errors quote the IDs of the file's messages, exported
     /// from a DLQ: they reached the terminal with their escape sequences.

@@ -27,11 +27,16 @@ pub enum RegistryError {
     Backend { queue: String, error: BackendError },
     #[error("{0}")]
     Invalid(String),
-    /// The redrive's destination (`--to`, `to` over HTTP) could not be
-    /// resolved. One the provider does not know or cannot take is the
-    /// caller's mistake; an unreachable one is not.
-    #[error("--to {to}: {error}")]
-    Destination { to: String, error: BackendError },
+    /// The redrive's destination (`--to`, `to` over HTTP, `import
+    /// --address`: `flag` names which) could not be resolved. One the
+    /// provider does not know or cannot take is the caller's mistake; an
+    /// unreachable one is not.
+    #[error("{flag} {to}: {error}")]
+    Destination {
+        flag: &'static str,
+        to: String,
+        error: BackendError,
+    },
 }
 
 impl RegistryError {
@@ -155,6 +160,11 @@ impl Registry {
             Some(f) => Filter::compile(f)?,
             None => Filter::match_all(),
         };
+        if req.to.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(RegistryError::Invalid(
+                "the destination is empty: leave it out to send each message back to its source".into(),
+            ));
+        }
         let rate = match req.rate.or(self.config.redrive.rate) {
             None => None,
             Some(r) => Some(NonZeroU32::new(r).ok_or_else(|| {
@@ -188,8 +198,11 @@ impl Registry {
                 Some(dest) => backend.check_send_to(&dest).map(|()| dest),
                 None => backend.resolve_destination(t).await,
             };
-            dest.map(Some)
-                .map_err(|error| RegistryError::Destination { to: t.clone(), error })
+            dest.map(Some).map_err(|error| RegistryError::Destination {
+                flag: "--to",
+                to: t.clone(),
+                error,
+            })
         };
         let fallback_source = async {
             match &qcfg.source {
@@ -245,6 +258,7 @@ impl Registry {
             None => other_backend.default_source().await,
         };
         match source.map_err(|error| RegistryError::Destination {
+            flag: "--to",
             to: to.to_string(),
             error,
         })? {

@@ -420,6 +420,37 @@ mod tests {
     use super::*;
     use crate::backend::BackendError;
 
+    /// Every route the API and the dashboard's API serve is in the README's
+    /// endpoint table, with its method (`{queue}` is written `{q}` there).
+    #[test]
+    fn the_readme_lists_every_route() {
+        let readme = include_str!("../../README.md");
+        let table: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();
+        let sources = [include_str!("api.rs"), include_str!("dashboard/api.rs")];
+        let mut routes = 0;
+        let mut missing = Vec::new();
+        for source in sources {
+            for line in source.lines() {
+                let Some((_, rest)) = line.split_once(".route(\"") else {
+                    continue;
+                };
+                let (path, handler) = rest.split_once('"').expect("a route's path is a string literal");
+                let method = if handler.contains("post(") { "POST" } else { "GET" };
+                let path = path.replace("{queue}", "{q}");
+                routes += 1;
+                let listed = format!("`{method} {path}");
+                if !table
+                    .iter()
+                    .any(|l| l.starts_with(&format!("| {listed}`")) || l.starts_with(&format!("| {listed}?")))
+                {
+                    missing.push(listed);
+                }
+            }
+        }
+        assert!(routes >= 16, "found only {routes} routes: has the routing code moved?");
+        assert!(missing.is_empty(), "README's endpoint table lacks {missing:?}");
+    }
+
     #[test]
     fn bearer_scheme_is_case_insensitive_and_the_token_trimmed() {
         assert_eq!(bearer_token("Bearer abc"), Some("abc"));
@@ -483,6 +514,7 @@ mod tests {
     #[test]
     fn an_unknown_destination_is_the_callers_mistake() {
         let destination = |error| RegistryError::Destination {
+            flag: "--to",
             to: "nosuch".into(),
             error,
         };

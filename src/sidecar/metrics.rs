@@ -543,6 +543,49 @@ mod tests {
         );
     }
 
+    /// Every metric the sidecar exports is in the README, as
+    /// `name{label,...}` with the labels it really carries.
+    #[test]
+    fn the_readme_names_every_metric_with_its_labels() {
+        let readme = include_str!("../../README.md");
+        let m = Metrics::new();
+        m.set_depth("orders", "sqs", 7, Some(12.5));
+        m.add_arrivals("orders", "sqs", 3);
+        m.add_redriven("orders", "sent", 2);
+        m.count_run("orders", "redrive", "api", true);
+        m.poll_error("orders", "sqs");
+        m.set_last_success("orders", "sqs", None);
+        m.set_firing("orders", "depth", true);
+        m.set_reasons("orders", &[("Timeout".into(), 1)]);
+        m.set_patterns("orders", &[("Timeout: <n>".into(), 1)]);
+        m.set_retention_expired("orders", 1);
+        m.count_notifications("webhook-0", "delivered", 1);
+        let text = m.render();
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        let mut missing = Vec::new();
+        for family in &families {
+            let sample = text
+                .lines()
+                .find(|l| !l.starts_with('#') && l.starts_with(family))
+                .unwrap_or_else(|| panic!("{family} has no sample: set it in this test"));
+            let (name, rest) = sample.split_once('{').expect("every metric has labels");
+            let labels: Vec<&str> = rest
+                .split("\",")
+                .map(|kv| kv.split('=').next().unwrap().trim_start_matches(','))
+                .collect();
+            let documented = format!("`{name}{{{}}}`", labels.join(","));
+            if !readme.contains(&documented) {
+                missing.push(documented);
+            }
+        }
+        assert!(families.len() >= 12, "{families:?}");
+        assert!(missing.is_empty(), "README.md does not name {missing:?}");
+    }
+
     #[test]
     fn renders_the_design_names() {
         let m = Metrics::new();

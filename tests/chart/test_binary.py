@@ -35,6 +35,8 @@ def run_check(binary, config: dict, tmp_path) -> subprocess.CompletedProcess:
         "PUBSUB_EMULATOR_HOST": "127.0.0.1:9",
         "SERVICEBUS_CONNECTION_STRING": "Endpoint=sb://127.0.0.1/;SharedAccessKeyName=x;SharedAccessKey=eA==;UseDevelopmentEmulator=true",
         "DLQ_BRIDGE_API_TOKEN": "t" * 32,
+        # config/example.yaml's Slack sink: `check` reads what serve would.
+        "SLACK_WEBHOOK_URL": "https://hooks.slack.invalid/T0/B0/x",
         "XDG_STATE_HOME": str(tmp_path),
     })
     # The chart's data_dir does not exist on this machine.

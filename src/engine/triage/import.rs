@@ -17,7 +17,7 @@ use super::read::compile;
 use crate::backend::QueueBackend;
 use crate::engine::journal::{Journal, JournalError, Record};
 use crate::engine::redrive::{Trigger, outgoing_copy};
-use crate::engine::registry::{RedriveRequest, Registry};
+use crate::engine::registry::{RedriveRequest, Registry, RegistryError};
 use crate::model::{AttrValue, Destination, Outgoing, SendResult};
 
 pub struct ImportRequest<'a> {
@@ -171,7 +171,16 @@ pub async fn import(
             },
             Trigger::Cli,
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The destination came from --address, not from a --to.
+            RegistryError::Destination { to, error, .. } if req.address.is_some() => RegistryError::Destination {
+                flag: "--address",
+                to,
+                error,
+            },
+            e => e,
+        })?;
     let configured = plan.to.clone().or_else(|| plan.fallback_source.clone());
     let backend = registry.backend(req.to).await?;
     let caps = backend.capabilities();
