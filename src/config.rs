@@ -1216,6 +1216,14 @@ impl Config {
         if self.redrive.rate == Some(0) {
             return Err(err("redrive.rate".into(), RATE_AT_LEAST_ONE.into()));
         }
+        // 0 was taken as 1 kept file, quietly: fewer than a reader of the
+        // config would expect, and the journal remembers what it keeps.
+        if self.redrive.journal_keep == 0 {
+            return Err(err(
+                "redrive.journal_keep".into(),
+                "must be at least 1 (rotated journal files kept)".into(),
+            ));
+        }
         if self.redrive.max_held == 0 {
             return Err(err(
                 "redrive.max_held".into(),
@@ -2140,6 +2148,25 @@ mod tests {
             );
         }
         assert!(parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, to: elsewhere}}\n")).is_ok());
+    }
+
+    #[test]
+    fn journal_keep_is_at_least_one() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!("{q}redrive:\n  journal_keep: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "test.yaml:5:3: redrive.journal_keep: must be at least 1 (rotated journal files kept)"
+        );
+        assert_eq!(
+            parse(&format!("{q}redrive:\n  journal_keep: 1\n"))
+                .unwrap()
+                .redrive
+                .journal_keep,
+            1
+        );
     }
 
     #[test]

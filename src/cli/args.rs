@@ -83,7 +83,8 @@ pub enum Command {
     /// Validate the config and reach every backend.
     Check,
     /// The sidecar: poll every queue, export /metrics, evaluate alert rules,
-    /// run scheduled redrives and serve the local HTTP API, until SIGTERM.
+    /// run scheduled redrives and serve the local HTTP API, until SIGTERM
+    /// or Ctrl-C.
     Serve,
     /// Group a DLQ's messages (by failure pattern, reason, source or an
     /// attribute): count, share, first/last enqueue, delivery counts, a sample

@@ -245,7 +245,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     } else {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not every queue has been polled yet".into(),
+            "not every configured backend has polled one of its queues yet".into(),
         )
         .into_response()
     }
