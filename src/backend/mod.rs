@@ -57,6 +57,7 @@ pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
 /// A send's call failed for a reason that fails every later call to the
 /// destination the same way (not found, credentials, TLS, unreachable).
+#[cfg(any(feature = "sqs", feature = "pubsub", feature = "servicebus"))]
 pub(crate) fn fails_every_send(e: &BackendError) -> bool {
     matches!(
         e,
@@ -72,6 +73,7 @@ pub(crate) fn fails_every_send(e: &BackendError) -> bool {
 /// which tells the engine the destination refused it. Copies already
 /// confirmed keep their results, so their originals are settled rather than
 /// released and sent again by a later run; every other message fails with `e`.
+#[cfg(any(feature = "sqs", feature = "pubsub", feature = "servicebus"))]
 pub(crate) fn abandon_send(results: Vec<Option<SendResult>>, e: BackendError) -> Result<Vec<SendResult>> {
     if !results.iter().any(|r| matches!(r, Some(SendResult::Sent { .. }))) {
         return Err(e);
@@ -142,15 +144,19 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Bytes of bodies one page of a browse ([`QueueBackend::peek_each`]) asks
-/// for, at the size of the bodies of the page before.
+/// for, at the size of the bodies of the page before (Pub/Sub and Service
+/// Bus; SQS's pages are 10 messages anyway).
+#[cfg(any(feature = "pubsub", feature = "servicebus"))]
 const PEEK_PAGE_BYTES: usize = 4 << 20;
 /// The body size assumed for a browse's first page: Service Bus's standard
-/// tier limit (16 messages; SQS pages are 10 anyway).
+/// tier limit (16 messages).
+#[cfg(any(feature = "pubsub", feature = "servicebus"))]
 const PEEK_FIRST_BODY: usize = 256 << 10;
 
 /// Messages the next page of a browse asks for, at most `cap` (the
 /// provider's page) and at least one: [`PEEK_PAGE_BYTES`] at the average
 /// body size of the last page, `last` (bytes, messages).
+#[cfg(any(feature = "pubsub", feature = "servicebus"))]
 pub(crate) fn peek_page(last: Option<(usize, usize)>, cap: usize) -> usize {
     let avg = match last {
         Some((bytes, n)) if n > 0 => (bytes / n).max(1),
@@ -393,6 +399,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(any(feature = "sqs", feature = "pubsub", feature = "servicebus"))]
     fn a_send_cut_short_keeps_what_was_confirmed() {
         let down = || BackendError::unreachable("sqs.example", "connection refused");
         let sent = || Some(SendResult::Sent { dest_id: "d1".into() });
