@@ -231,6 +231,33 @@ async fn export_import_and_purge_from_the_command_line() {
     let backups: Vec<_> = std::fs::read_dir(dir.join("dlq-bridge/backups")).unwrap().collect();
     assert_eq!(backups.len(), 1);
     assert_eq!(f.dlq_count().await, 3);
+
+    // With serve.data_dir set, the default backup goes there, where `serve`
+    // keeps its purges' backups (a sidecar pod's volume), not to the state directory.
+    let data_dir = dir.join("data");
+    let (code, out, err) = run(bin(&dir)
+        .env("DLQ_BRIDGE__SERVE__DATA_DIR", &data_dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args([
+            "purge",
+            "orders",
+            "--filter",
+            "true",
+            "--max",
+            "1",
+            "--yes",
+            "--no-journal",
+        ]));
+    assert_eq!(code, 0, "{out}{err}");
+    let backups: Vec<PathBuf> = std::fs::read_dir(data_dir.join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(read_export(&backups[0]).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(dir.join("dlq-bridge/backups")).unwrap().count(), 1);
+    assert_eq!(f.dlq_count().await, 2);
 }
 
 #[tokio::test]

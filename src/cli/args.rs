@@ -187,7 +187,8 @@ pub enum Command {
         #[arg(long, short = 'y')]
         yes: bool,
         /// Backup file (JSONL, the `export` format; appended to). Default:
-        /// $XDG_STATE_HOME/dlq-bridge/backups/QUEUE-TIME.jsonl.
+        /// backups/QUEUE-TIME.jsonl in serve.data_dir, else in
+        /// $XDG_STATE_HOME/dlq-bridge.
         #[arg(long, value_name = "FILE")]
         backup: Option<PathBuf>,
         /// Delete without writing a backup.

@@ -40,7 +40,6 @@ use exit::{Failure, usage};
 use inspect::{inspect, list};
 use redrive::{open_journal, redrive};
 use runs::runs;
-use triage::default_backup;
 
 pub async fn run(cli: Cli) -> Result<u8, Failure> {
     let command = match (cli.command, cli.redrive) {
@@ -185,7 +184,13 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 (true, _) => None,
                 (false, Some(p)) => Some(p),
                 (false, None) => Some(
-                    default_backup(&queue)
+                    registry
+                        .config()
+                        .serve
+                        .data_dir
+                        .clone()
+                        .or_else(crate::config::state_dir)
+                        .map(|dir| crate::engine::triage::dated_path(&dir.join("backups"), &queue))
                         .ok_or_else(|| usage("no backup directory: pass --backup FILE or --no-backup"))?,
                 ),
             };

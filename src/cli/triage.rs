@@ -1,6 +1,6 @@
 //! `report`, `export`, `import`, `purge` and `retention`: the triage commands.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -172,12 +172,7 @@ pub async fn cli_retention(
         })
         .into());
     }
-    let default_dir = registry
-        .config()
-        .serve
-        .data_dir
-        .clone()
-        .or_else(crate::config::state_dir);
+    let default_dir = registry.config().serve.data_dir.clone().or_else(state_dir);
     let mut outcomes = Vec::new();
     // The worst outcome: a config problem (exit 2) outranks a failure (exit 1).
     let mut code = exit::OK;
@@ -395,15 +390,6 @@ fn retention_text(o: &RetentionOutcome) -> String {
         }
     }
     out
-}
-
-/// Where a purge's backup goes when --backup is not given.
-pub(crate) fn default_backup(queue: &str) -> Option<PathBuf> {
-    Some(
-        state_dir()?
-            .join("backups")
-            .join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))),
-    )
 }
 
 #[cfg(test)]

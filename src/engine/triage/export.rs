@@ -98,6 +98,15 @@ impl ExportedMessage {
     }
 }
 
+/// A file for one run's messages of `queue` in `dir` (`backups/` or `exports/`
+/// under the state directory): `QUEUE-TIME.jsonl`, the same name whether the CLI
+/// or the HTTP API asks. The time is to the millisecond, so that two purges or
+/// exports of a queue in one second do not share a file (an export would
+/// replace the other's).
+pub fn dated_path(dir: &Path, queue: &str) -> PathBuf {
+    dir.join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%S%.3fZ")))
+}
+
 /// Writes export lines to a file as they come.
 pub struct ExportWriter {
     path: PathBuf,

@@ -20,7 +20,7 @@ mod report;
 mod retention;
 
 pub use error::TriageError;
-pub use export::{DEFAULT_PEEK_CAP, ExportSummary, ExportWriter, ExportedMessage, export, read_export};
+pub use export::{DEFAULT_PEEK_CAP, ExportSummary, ExportWriter, ExportedMessage, dated_path, export, read_export};
 pub use import::{ImportRequest, ImportSummary, import, not_carried};
 pub use patterns::{Group, GroupBy, Grouper, normalize, pattern_of, top_counts};
 pub use purge::{FileBackup, PurgeRequest, purge, purge_filter};

@@ -293,9 +293,7 @@ async fn purge(
                 "no data directory for the backup: set serve.data_dir, or purge with \"backup\": false",
             ));
         };
-        let path = dir
-            .join("backups")
-            .join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%SZ")));
+        let path = triage::dated_path(&dir.join("backups"), &queue);
         let backend = app.registry.backend(&queue).await?;
         let fb = triage::FileBackup::create(&path, &queue, backend).map_err(triage_error)?;
         backup_path = Some(path);
@@ -367,9 +365,7 @@ async fn export(
     let Some(dir) = &app.data_dir else {
         return Err(bad_request("no data directory for exports: set serve.data_dir"));
     };
-    let path = dir
-        .join("exports")
-        .join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%SZ")));
+    let path = triage::dated_path(&dir.join("exports"), &queue);
     let s = triage::export(&app.registry, &queue, &path, filter, b.max, &Default::default())
         .await
         .map_err(triage_error)?;
