@@ -507,6 +507,38 @@ async fn import_names_an_unknown_address_as_the_address() {
     assert!(f.drain_source().await.is_empty(), "nothing was sent: {out}{err}");
 }
 
+/// `--address` is a provider address even when a configured queue has the
+/// same name: it was taken as that queue, whose source is somewhere else.
+#[tokio::test]
+async fn import_takes_an_address_literally_when_a_queue_has_its_name() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&numbered(2)).await;
+    let dir = scratch();
+    let source_name = f.source_url.rsplit('/').next().unwrap().to_string();
+    let namesake = format!(
+        "  - name: {source_name}\n    sqs:\n      queue: {}\n      endpoint_url: {}\n      region: us-east-1\n    source: no-such-queue-anywhere\n",
+        f.dlq_url, f.endpoint
+    );
+    let cfg = config(&dir, &f, &namesake);
+    let file = dir.join("two.jsonl");
+    let (code, out, err) = run(bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to"])
+        .arg(&file));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).arg("import").arg(&file).args([
+        "--to",
+        "orders",
+        "--address",
+        &source_name,
+        "--yes",
+        "--no-journal",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(f.drain_source().await.len(), 2, "{out}{err}");
+}
+
 /// An export that fails (here: the DLQ is gone) must not truncate the file it
 /// was to replace, which may be an earlier export or a purge backup.
 #[tokio::test]

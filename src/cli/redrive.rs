@@ -27,6 +27,7 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
         rate: opts.rate,
         max: opts.max,
         concurrency: opts.concurrency,
+        ..Default::default()
     };
     // Validate the filter and the queue before any connection is made.
     if let Some(f) = &req.filter {

@@ -59,6 +59,9 @@ impl RegistryError {
 pub struct RedriveRequest {
     pub filter: Option<String>,
     pub to: Option<String>,
+    /// `to` is a provider address even when a configured queue has that name
+    /// (`import --address`); otherwise a queue's name means its source.
+    pub to_is_address: bool,
     pub dry_run: bool,
     pub rate: Option<u32>,
     pub max: Option<u64>,
@@ -193,7 +196,11 @@ impl Registry {
         };
         let to = async {
             let Some(t) = &req.to else { return Ok(None) };
-            let dest = match self.configured_destination(queue, t).await? {
+            let configured = match req.to_is_address {
+                true => None,
+                false => self.configured_destination(queue, t).await?,
+            };
+            let dest = match configured {
                 // Resolved by the other queue's backend, but sent by this one.
                 Some(dest) => backend.check_send_to(&dest).map(|()| dest),
                 None => backend.resolve_destination(t).await,

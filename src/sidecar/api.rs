@@ -393,6 +393,7 @@ async fn redrive(
         rate: b.rate,
         max: b.max,
         concurrency: b.concurrency,
+        ..Default::default()
     };
     let run_id = app.start_run(&queue, req, Trigger::Api).await?;
     Ok((

@@ -513,6 +513,7 @@ async fn run_scheduled(
         rate: s.rate,
         max: s.max,
         concurrency: None,
+        ..Default::default()
     };
     match app.start_run(&s.queue, req, Trigger::Schedule).await {
         Ok(id) => {

@@ -166,6 +166,7 @@ pub async fn import(
             req.to,
             &RedriveRequest {
                 to: req.address.map(str::to_string),
+                to_is_address: true,
                 dry_run: req.dry_run,
                 ..Default::default()
             },
