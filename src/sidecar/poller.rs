@@ -10,6 +10,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
@@ -59,7 +60,50 @@ pub struct PollResult {
     /// The sampled messages (empty when sampling is off or the queue is
     /// empty); `None` when this poll skipped its sample because a run was
     /// active on the queue, so it tells nothing about reasons.
-    pub sample: Option<Vec<DlqMessage>>,
+    pub sample: Option<Vec<SampledMessage>>,
+}
+
+/// The most of a sampled message's body that anything shows: a notification
+/// with `alerts.include_bodies` carries this much of it, and nothing else
+/// reads a sample's bodies.
+pub const SAMPLE_BODY_LIMIT: usize = 4096;
+
+/// A sampled message as the poller keeps it until the next poll: its body cut
+/// to a few bytes past [`SAMPLE_BODY_LIMIT`], with the whole body's size.
+/// Kept whole, a sample of 50 held up to 50 MiB on SQS (1 MiB bodies), 500 MB
+/// on Pub/Sub (10 MB) and more on Service Bus premium, in a sidecar whose
+/// chart limits it to 256 MiB.
+#[derive(Debug, Clone)]
+pub struct SampledMessage {
+    message: DlqMessage,
+    body_bytes: usize,
+}
+
+impl SampledMessage {
+    pub fn new(mut message: DlqMessage) -> Self {
+        let body_bytes = message.body.len();
+        // Past the limit, so that the notification still sees a longer body
+        // and cuts it on a character boundary (up to three bytes back). A
+        // copy, not a slice: a slice would keep the whole buffer alive.
+        let keep = SAMPLE_BODY_LIMIT + 4;
+        if body_bytes > keep {
+            message.body = Bytes::copy_from_slice(&message.body[..keep]);
+        }
+        Self { message, body_bytes }
+    }
+
+    /// The size of the whole body, before the cut.
+    pub fn body_bytes(&self) -> usize {
+        self.body_bytes
+    }
+}
+
+impl std::ops::Deref for SampledMessage {
+    type Target = DlqMessage;
+
+    fn deref(&self) -> &DlqMessage {
+        &self.message
+    }
 }
 
 /// Messages our own runs removed from one queue: the final counts of
@@ -231,7 +275,7 @@ struct Polled {
     removing: bool,
     /// `None`: the sample was skipped (a run is active on the queue); the
     /// previous one stands.
-    sample: Option<Vec<DlqMessage>>,
+    sample: Option<Vec<SampledMessage>>,
 }
 
 /// The wait before the next poll after `errors` failures in a row: the
@@ -293,7 +337,7 @@ impl ArrivalCounter {
 
 /// Fill in the oldest age when the sample is the whole queue: its oldest
 /// message is the queue's oldest (and an empty queue's oldest age is zero).
-fn with_known_age(mut stats: DlqStats, sample: Option<&[DlqMessage]>, now: DateTime<Utc>) -> DlqStats {
+fn with_known_age(mut stats: DlqStats, sample: Option<&[SampledMessage]>, now: DateTime<Utc>) -> DlqStats {
     if stats.oldest_age.is_none() {
         if stats.depth == 0 {
             stats.oldest_age = Some(Duration::ZERO);
@@ -391,7 +435,12 @@ impl Poller {
                 }
             };
             self.limits.wait(backend).await;
-            let msgs = b.peek(sample).await?;
+            let mut msgs = Vec::new();
+            b.peek_each(sample, &mut |m| {
+                msgs.push(SampledMessage::new(m));
+                true
+            })
+            .await?;
             drop(guard);
             msgs
         } else {
@@ -410,7 +459,7 @@ impl Poller {
         queue: &str,
         backend: &str,
         stats: &DlqStats,
-        sample: Option<&[DlqMessage]>,
+        sample: Option<&[SampledMessage]>,
         arrivals: u64,
         now: DateTime<Utc>,
     ) {
@@ -423,7 +472,7 @@ impl Poller {
         let previous = all.get(queue);
         let (top, sampled) = match sample {
             Some(msgs) => {
-                let top = reason_counts(msgs);
+                let top = reason_counts(msgs.iter().map(|m| &**m));
                 if !msgs.is_empty() || stats.depth == 0 {
                     self.metrics.set_reasons(queue, &top);
                 }
@@ -465,7 +514,7 @@ impl Poller {
 }
 
 /// Reasons in a sample with their counts, most frequent first.
-pub fn reason_counts(msgs: &[DlqMessage]) -> Vec<(String, u64)> {
+pub fn reason_counts<'a>(msgs: impl IntoIterator<Item = &'a DlqMessage>) -> Vec<(String, u64)> {
     let mut counts: HashMap<String, u64> = HashMap::new();
     for m in msgs {
         *counts
@@ -509,7 +558,7 @@ mod tests {
     #[test]
     fn the_age_a_whole_sample_shows_is_the_one_polls_carry() {
         let now = Utc::now();
-        let sample = [msg(30, now), msg(700, now)];
+        let sample = [msg(30, now), msg(700, now)].map(SampledMessage::new);
         let s = with_known_age(stats(2), Some(&sample), now);
         assert_eq!(s.oldest_age, Some(Duration::from_secs(700)));
         // Part of the queue only: unknown, never guessed.

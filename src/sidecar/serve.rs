@@ -315,7 +315,7 @@ async fn alert_loop(
         };
         if let Some(sample) = poll.sample.as_ref().filter(|s| !s.is_empty() || poll.stats.depth == 0) {
             let patterns = crate::engine::triage::top_counts(
-                sample,
+                sample.iter().map(|m| &**m),
                 &crate::engine::triage::GroupBy::Pattern,
                 crate::sidecar::metrics::TOP_REASONS,
             );

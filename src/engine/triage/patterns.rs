@@ -328,7 +328,7 @@ impl Grouper {
 
 /// Group messages already read (the poller's sample): `(key, count)`, most
 /// frequent first, the rest summed as `other`.
-pub fn top_counts(msgs: &[DlqMessage], by: &GroupBy, top: usize) -> Vec<(String, u64)> {
+pub fn top_counts<'a>(msgs: impl IntoIterator<Item = &'a DlqMessage>, by: &GroupBy, top: usize) -> Vec<(String, u64)> {
     let mut g = Grouper::new(by.clone());
     for m in msgs {
         g.add(m);

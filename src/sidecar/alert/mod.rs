@@ -22,9 +22,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::{AlertRule, AlertsConfig};
-use crate::model::DlqMessage;
 use crate::sidecar::metrics::Metrics;
-use crate::sidecar::poller::PollResult;
+use crate::sidecar::poller::{PollResult, SampledMessage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -128,13 +127,13 @@ pub struct SampleMessage {
 /// 1 MiB on SQS, 10 MB on Pub/Sub and 100 MB on Service Bus premium, three
 /// samples to an alert: whole, they made webhook requests that receivers
 /// and proxies refuse as too large (a 413 is not retried), and the alert was
-/// lost with them.
-pub const SAMPLE_BODY_LIMIT: usize = 4096;
+/// lost with them. The poller keeps no more than this of a sampled body.
+pub use crate::sidecar::poller::SAMPLE_BODY_LIMIT;
 
 impl SampleMessage {
     /// `m` as a notification shows it: its body only when `include_body`,
     /// and then cut to [`SAMPLE_BODY_LIMIT`].
-    pub fn of(m: &DlqMessage, include_body: bool) -> Self {
+    pub fn of(m: &SampledMessage, include_body: bool) -> Self {
         if !include_body {
             return Self::redacted(m.id.clone(), m.reason.clone());
         }
@@ -142,7 +141,7 @@ impl SampleMessage {
         Self {
             body: Some(text),
             body_redacted: false,
-            body_bytes: Some(m.body.len()),
+            body_bytes: Some(m.body_bytes()),
             body_truncated: cut,
             ..Self::redacted(m.id.clone(), m.reason.clone())
         }
@@ -562,27 +561,33 @@ mod tests {
                 reasons
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| DlqMessage {
-                        id: format!("m{i}"),
-                        body: bytes::Bytes::from_static(b"secret body"),
-                        attributes: Default::default(),
-                        properties: Default::default(),
-                        reason: Some(r.to_string()),
-                        description: None,
-                        delivery_count: None,
-                        enqueued_at: None,
-                        source: None,
-                        ordering_key: None,
-                    })
+                    .map(|(i, r)| message(&format!("m{i}"), r, b"secret body"))
                     .collect(),
             ),
         }
     }
 
+    fn message(id: &str, reason: &str, body: &[u8]) -> SampledMessage {
+        SampledMessage::new(DlqMessage {
+            id: id.into(),
+            body: bytes::Bytes::copy_from_slice(body),
+            attributes: Default::default(),
+            properties: Default::default(),
+            reason: Some(reason.to_string()),
+            description: None,
+            delivery_count: None,
+            enqueued_at: None,
+            source: None,
+            ordering_key: None,
+        })
+    }
+
     /// `p` with its sampled messages enqueued these many seconds from its time.
     fn enqueued(mut p: PollResult, offsets: &[i64]) -> PollResult {
         for (m, off) in p.sample.iter_mut().flatten().zip(offsets) {
-            m.enqueued_at = Some(p.at + chrono::Duration::seconds(*off));
+            let mut enqueued = (**m).clone();
+            enqueued.enqueued_at = Some(p.at + chrono::Duration::seconds(*off));
+            *m = SampledMessage::new(enqueued);
         }
         p
     }
@@ -762,8 +767,12 @@ mod tests {
         // 1 MiB of two-byte characters, cut in the middle of one at the limit
         // (a 1-byte prefix shifts them), and a short body kept whole.
         let big = format!("x{}", "é".repeat(512 * 1024));
-        sample[1].body = bytes::Bytes::from(big.clone());
-        sample[2].body = bytes::Bytes::from_static(b"short");
+        sample[1] = message("m1", "Boom", big.as_bytes());
+        sample[2] = message("m2", "Boom", b"short");
+        assert!(
+            sample[1].body.len() < 2 * SAMPLE_BODY_LIMIT,
+            "the poller keeps no whole body"
+        );
         let n = e.evaluate(&p, true, &m);
         assert_eq!(n.len(), 1);
         let [cut, whole] = &n[0].samples[..] else {
