@@ -757,12 +757,12 @@ pub struct PubSubQueueConfig {
 }
 
 /// A Service Bus dead-letter queue: the `$DeadLetterQueue` of a queue, or of a
-/// topic subscription. Secrets never go in this file: the SAS connection
-/// string is read from the environment variable named by
-/// `connection_string_env`; without one, Entra ID is used through Azure
-/// Workload Identity (the `AZURE_FEDERATED_TOKEN_FILE`, `AZURE_CLIENT_ID`,
-/// `AZURE_TENANT_ID` variables the AKS webhook injects), which needs
-/// `namespace`.
+/// topic subscription, or their transfer dead-letter queue (`sub_queue`).
+/// Secrets never go in this file: the SAS connection string is read from the
+/// environment variable named by `connection_string_env`; without one, Entra
+/// ID is used through Azure Workload Identity (the
+/// `AZURE_FEDERATED_TOKEN_FILE`, `AZURE_CLIENT_ID`, `AZURE_TENANT_ID`
+/// variables the AKS webhook injects), which needs `namespace`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceBusQueueConfig {
@@ -829,6 +829,36 @@ pub struct ServiceBusQueueConfig {
     /// browses that many messages. Default 1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub browse_count_limit: Option<usize>,
+    /// Which dead-letter sub-queue of the queue or subscription is managed.
+    /// `dead_letter` (the default): its `$DeadLetterQueue`, where consumers
+    /// and MaxDeliveryCount put what failed. `transfer_dead_letter`: its
+    /// `$Transfer/$DeadLetterQueue`, where Service Bus puts what
+    /// auto-forwarding (`ForwardTo`, `ForwardDeadLetteredMessagesTo`) or a
+    /// send-via transfer could not deliver (the target deleted, disabled or
+    /// full, or too many hops); its depth is the entity's
+    /// `TransferDeadLetterMessageCount`. Either way redriven copies go back
+    /// to the queue, or the subscription's topic, so forwarding gets
+    /// another try.
+    #[serde(default, skip_serializing_if = "ServiceBusSubQueue::is_default")]
+    pub sub_queue: ServiceBusSubQueue,
+}
+
+/// A Service Bus queue's or subscription's dead-letter sub-queue
+/// (`servicebus.sub_queue`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceBusSubQueue {
+    /// `<entity>/$DeadLetterQueue`.
+    #[default]
+    DeadLetter,
+    /// `<entity>/$Transfer/$DeadLetterQueue`.
+    TransferDeadLetter,
+}
+
+impl ServiceBusSubQueue {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// What the YAML holds for a queue, before the backend sections are checked.
@@ -2506,6 +2536,29 @@ mod tests {
         let err = parse(&y("1s")).unwrap_err().to_string();
         assert!(err.contains("sas_token_ttl must be at least 2s"), "{err}");
         assert!(err.contains("test.yaml"), "{err}");
+    }
+
+    #[test]
+    fn servicebus_sub_queue_selects_the_transfer_dead_letter_queue_and_refuses_other_values() {
+        let yaml = |extra: &str| {
+            format!("queues:\n  - name: sb\n    servicebus:\n      connection_string_env: X\n      queue: q\n{extra}")
+        };
+        let sub_queue = |c: &Config| match &c.queue("sb").unwrap().kind {
+            QueueKind::ServiceBus(sb) => sb.sub_queue,
+            _ => unreachable!(),
+        };
+        assert_eq!(sub_queue(&parse(&yaml("")).unwrap()), ServiceBusSubQueue::DeadLetter);
+        let transfer = parse(&yaml("      sub_queue: transfer_dead_letter\n")).unwrap();
+        assert_eq!(sub_queue(&transfer), ServiceBusSubQueue::TransferDeadLetter);
+        let err = parse(&yaml("      sub_queue: $Transfer/$DeadLetterQueue\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.yaml:6:"), "the line of the field: {err}");
+        assert!(err.contains("queues[0].servicebus.sub_queue"), "{err}");
+        assert!(
+            err.contains("`dead_letter`") && err.contains("`transfer_dead_letter`"),
+            "says what it takes: {err}"
+        );
     }
 
     #[test]

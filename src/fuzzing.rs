@@ -12,9 +12,9 @@
 //!   must point inside the source; evaluation must agree with the evaluation
 //!   that binds every variable (the compile-time `uses` shortcut must not
 //!   change a result).
-//! - `servicebus_atom`: the ATOM count parser ([`parse_counts`]) on raw XML,
-//!   and on entries shaped like Azure's and the emulator's, whose counts must
-//!   be read back exactly.
+//! - `servicebus_atom`: the ATOM count parsers ([`parse_counts`], and the
+//!   transfer dead-letter count's) on raw XML, and on entries shaped like
+//!   Azure's and the emulator's, whose counts must be read back exactly.
 //! - `attributes`: the conversions between each provider's representation and
 //!   the model (SQS typed attributes, Pub/Sub messages, Service Bus
 //!   application properties and bodies), with the round trips the adapters
@@ -631,7 +631,9 @@ mod servicebus {
     use serde_amqp::descriptor::Descriptor;
 
     use super::{Input, model_attribute, same_value};
-    use crate::backend::servicebus::{attribute_from_amqp, attribute_to_amqp, body_bytes, parse_counts};
+    use crate::backend::servicebus::{
+        attribute_from_amqp, attribute_to_amqp, body_bytes, parse_counts, parse_transfer_dead_letter_count,
+    };
     use crate::model::AttrValue;
 
     const SB_NS: &str = "http://schemas.microsoft.com/netservices/2011/06/servicebus";
@@ -757,6 +759,12 @@ mod servicebus {
                     "a dead-letter count ({dead}) from XML without one"
                 );
             }
+            if let Some(transfer) = parse_transfer_dead_letter_count(xml) {
+                assert!(
+                    xml.contains("TransferDeadLetterMessageCount"),
+                    "a transfer dead-letter count ({transfer}) from XML without one"
+                );
+            }
             return;
         }
         let mut inp = Input::new(rest);
@@ -779,9 +787,11 @@ mod servicebus {
             .collect::<String>();
         let title = escape(&inp.string());
         let shape = inp.byte() % 3;
+        // Read last, so that inputs written before it decode as they did.
+        let transfer = inp.u64();
         let xml = match shape {
             0 => format!(
-                r#"<?xml version="1.0" encoding="utf-8"?><entry xmlns="http://www.w3.org/2005/Atom"><title type="text">{title}</title><content type="application/xml"><QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance"><MessageCount>{total}</MessageCount><CountDetails xmlns:{prefix}="{SB_NS}"><{prefix}:ActiveMessageCount>{pad}{active}{pad}</{prefix}:ActiveMessageCount><{prefix}:DeadLetterMessageCount>{pad}{dead}{pad}</{prefix}:DeadLetterMessageCount><{prefix}:ScheduledMessageCount>0</{prefix}:ScheduledMessageCount></CountDetails></QueueDescription></content></entry>"#,
+                r#"<?xml version="1.0" encoding="utf-8"?><entry xmlns="http://www.w3.org/2005/Atom"><title type="text">{title}</title><content type="application/xml"><QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance"><MessageCount>{total}</MessageCount><CountDetails xmlns:{prefix}="{SB_NS}"><{prefix}:ActiveMessageCount>{pad}{active}{pad}</{prefix}:ActiveMessageCount><{prefix}:DeadLetterMessageCount>{pad}{dead}{pad}</{prefix}:DeadLetterMessageCount><{prefix}:ScheduledMessageCount>0</{prefix}:ScheduledMessageCount><{prefix}:TransferDeadLetterMessageCount>{transfer}</{prefix}:TransferDeadLetterMessageCount></CountDetails></QueueDescription></content></entry>"#,
                 total = active.wrapping_add(dead),
             ),
             // The default namespace instead of a prefix; no active count.
@@ -799,6 +809,13 @@ mod servicebus {
             _ => None,
         };
         assert_eq!(parse_counts(&xml), expected, "misread:\n{xml}");
+        // Its name ends like the dead-letter count's: never taken for it.
+        let expected_transfer = (shape == 0).then_some(transfer);
+        assert_eq!(
+            parse_transfer_dead_letter_count(&xml),
+            expected_transfer,
+            "misread:\n{xml}"
+        );
     }
 
     fn escape(text: &str) -> String {

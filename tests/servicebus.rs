@@ -345,6 +345,262 @@ async fn a_redrive_to_a_disabled_destination_says_so() {
     assert_eq!(queue_message_count(&f.http, &dest).await, 0, "{said}");
 }
 
+/// What auto-forwarding could not deliver lands in the transfer dead-letter
+/// queue, `<queue>/$Transfer/$DeadLetterQueue`, not in the dead-letter queue.
+/// With `sub_queue: transfer_dead_letter`, `list` counts it (from
+/// TransferDeadLetterMessageCount) and `inspect` shows each message with the
+/// reason Service Bus gave, while the queue's own DLQ stays empty. Once the
+/// forward target is back, a filtered redrive sends exactly the matching
+/// messages back to the queue, whose ForwardTo moves them on to the target:
+/// none lost, none twice, and the others stay where they were. All with the
+/// key of the queue's own policy (`EntityPath`), whose tokens, signed for
+/// the queue, must cover its transfer dead-letter queue.
+#[tokio::test]
+async fn transfer_dead_letters_are_listed_inspected_and_redriven_back_through_forwarding() {
+    use common::servicebus::{
+        TRANSFER_HOST, create_queue, create_queue_described, delete_entity, private_emulator, to_message,
+    };
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_TRANSFER";
+    let source = common::unique("fwd");
+    let entity_rule = format!("{source}:fwd-app=fwd-key");
+    let (emu, namespace_cs, client) = private_emulator(
+        "servicebus-transfer",
+        TRANSFER_HOST,
+        &[
+            "--auto-create",
+            "false",
+            "--sas-rule",
+            "x=y",
+            "--entity-sas-rule",
+            &entity_rule,
+        ],
+    )
+    .await;
+    let cs = with_sas_rule(&namespace_cs, "fwd-app", "fwd-key") + &format!(";EntityPath={source}");
+    let http = emu.url();
+    let target = format!("{source}-target");
+    create_queue(&http, &target, None).await;
+    create_queue_described(&http, &source, &format!("<ForwardTo>{target}</ForwardTo>")).await;
+    let f = ServiceBusFixture {
+        http: http.clone(),
+        entity: source.clone(),
+        subscription: None,
+        client: tokio::sync::Mutex::new(client),
+        connection_env: ENV.into(),
+    };
+    // The target goes away: what reaches the source cannot be forwarded.
+    delete_entity(&http, &target).await;
+    let tenants = ["acme", "globex", "acme", "initech", "acme"];
+    let msgs: Vec<TestMessage> = tenants
+        .iter()
+        .enumerate()
+        .map(|(i, tenant)| TestMessage {
+            body: format!("order-{i}").into_bytes(),
+            attributes: attrs(&[("tenant", *tenant)]),
+            ordering_key: None,
+        })
+        .collect();
+    f.send(msgs.iter().map(to_message).collect()).await;
+    assert_eq!(f.browse(SubQueue::TransferDeadLetter).await.len(), 5);
+    assert!(f.browse_dlq().await.is_empty(), "not the ordinary dead-letter queue");
+
+    let transfer = f.config_file_with("      sub_queue: transfer_dead_letter\n");
+    let (code, out, said) = run_with_connection_string(ENV, &transfer, &cs, &["list", "-o", "json"]);
+    assert_eq!(code, Some(0), "{said}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("list's JSON");
+    assert_eq!(rows[0]["depth"], 5, "{out}");
+    assert_eq!(rows[0]["exactness"], "exact", "from the ATOM count: {out}");
+    assert_eq!(rows[0]["top_reasons"][0][0], "MessagingEntityNotFound", "{out}");
+    let (code, out, said) = run_with_connection_string(ENV, &f.config_file_with(""), &cs, &["list", "-o", "json"]);
+    assert_eq!(code, Some(0), "{said}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("list's JSON");
+    assert_eq!(rows[0]["depth"], 0, "the $DeadLetterQueue is another sub-queue: {out}");
+
+    let (code, out, said) = run_with_connection_string(ENV, &transfer, &cs, &["inspect", "dlq", "-o", "json"]);
+    assert_eq!(code, Some(0), "{said}");
+    let shown: serde_json::Value = serde_json::from_str(&out).expect("inspect's JSON");
+    let shown = shown.as_array().expect("a list of messages");
+    assert_eq!(shown.len(), 5, "{out}");
+    for m in shown {
+        assert_eq!(m["reason"], "MessagingEntityNotFound", "{m}");
+        assert!(m["description"].as_str().unwrap_or_default().contains(&target), "{m}");
+        assert_eq!(m["source"], source.as_str(), "{m}");
+    }
+
+    // Forwarding works again once the target is back; acme's orders go
+    // through the source to it.
+    create_queue(&http, &target, None).await;
+    let (code, _, said) = run_with_connection_string(
+        ENV,
+        &transfer,
+        &cs,
+        &[
+            "redrive",
+            "dlq",
+            "--filter",
+            r#"attributes.tenant == "acme""#,
+            "--yes",
+            "--no-journal",
+        ],
+    );
+    assert_eq!(code, Some(0), "{said}");
+    let t = ServiceBusFixture {
+        http: http.clone(),
+        entity: target.clone(),
+        subscription: None,
+        client: tokio::sync::Mutex::new(common::servicebus::client_with(&namespace_cs).await),
+        connection_env: ENV.into(),
+    };
+    let mut arrived: Vec<String> = t
+        .drain_source()
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    arrived.sort();
+    assert_eq!(arrived, ["order-0", "order-2", "order-4"], "{said}");
+    assert!(f.browse(SubQueue::None).await.is_empty(), "forwarded on, not kept");
+    let mut left: Vec<String> = f
+        .browse(SubQueue::TransferDeadLetter)
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.body().unwrap()).into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["order-1", "order-3"], "the others stay: {said}");
+
+    // Export and purge read and settle there too.
+    let exported = std::env::temp_dir().join(format!("dlqb-sb-transfer-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let (code, _, said) = run_with_connection_string(
+        ENV,
+        &transfer,
+        &cs,
+        &["export", "dlq", "--to", exported.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{said}");
+    let lines = std::fs::read_to_string(&exported).expect("the export");
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    assert!(lines.contains("MessagingEntityNotFound"), "{lines}");
+    let (code, _, said) = run_with_connection_string(
+        ENV,
+        &transfer,
+        &cs,
+        &[
+            "purge",
+            "dlq",
+            "--filter",
+            r#"attributes.tenant == "globex""#,
+            "--yes",
+            "--no-backup",
+            "--no-journal",
+        ],
+    );
+    assert_eq!(code, Some(0), "{said}");
+    let left = f.browse(SubQueue::TransferDeadLetter).await;
+    assert_eq!(left.len(), 1, "{said}");
+    assert_eq!(left[0].body().unwrap(), b"order-3");
+    std::fs::remove_file(&exported).ok();
+}
+
+/// A subscription has its own transfer dead-letter queue
+/// (`topic/Subscriptions/sub/$Transfer/$DeadLetterQueue`): what its ForwardTo
+/// could not deliver is counted and browsed there, and redriven to the
+/// topic, from which the subscription forwards it again; a sibling without
+/// ForwardTo gets the topic's messages as usual.
+#[tokio::test]
+async fn a_subscriptions_transfer_dead_letters_are_counted_and_redriven_through_its_topic() {
+    use common::servicebus::{
+        ServiceBusTopicFixture, TRANSFER_TOPIC_HOST, create_queue, create_subscription_described, delete_entity,
+        private_emulator, to_message,
+    };
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_TRANSFER_TOPIC";
+    let topic = common::unique("fwd-topic");
+    let topology = std::env::temp_dir().join(format!("dlqb-sb-topology-{}.yaml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(
+        &topology,
+        format!("topics:\n  - name: {topic}\n    subscriptions:\n      - name: plain\n"),
+    )
+    .unwrap();
+    let (emu, cs, client) = private_emulator(
+        "servicebus-transfer-topic",
+        TRANSFER_TOPIC_HOST,
+        &["--auto-create", "false", "--topology", topology.to_str().unwrap()],
+    )
+    .await;
+    let http = emu.url();
+    let target = format!("{topic}-target");
+    create_queue(&http, &target, None).await;
+    create_subscription_described(&http, &topic, "fwd", &format!("<ForwardTo>{target}</ForwardTo>")).await;
+    delete_entity(&http, &target).await;
+    let f = ServiceBusTopicFixture {
+        http: http.clone(),
+        entity: topic.clone(),
+        subscription: Some("fwd".into()),
+        client: tokio::sync::Mutex::new(client),
+        connection_env: ENV.into(),
+    };
+    let msgs: Vec<TestMessage> = (0..2).map(|i| failing(i, "unused")).collect();
+    f.send(msgs.iter().map(to_message).collect()).await;
+
+    let transfer = f.config_file_with("      sub_queue: transfer_dead_letter\n");
+    let (code, out, said) = run_with_connection_string(ENV, &transfer, &cs, &["list", "-o", "json"]);
+    assert_eq!(code, Some(0), "{said}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("list's JSON");
+    assert_eq!(rows[0]["depth"], 2, "{out}");
+    assert_eq!(rows[0]["top_reasons"][0][0], "MessagingEntityNotFound", "{out}");
+
+    create_queue(&http, &target, None).await;
+    let (code, _, said) = run_with_connection_string(ENV, &transfer, &cs, &["redrive", "dlq", "--yes", "--no-journal"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(f.browse(SubQueue::TransferDeadLetter).await.is_empty(), "{said}");
+    let t = ServiceBusFixture {
+        http: http.clone(),
+        entity: target.clone(),
+        subscription: None,
+        client: tokio::sync::Mutex::new(common::servicebus::client_with(&cs).await),
+        connection_env: ENV.into(),
+    };
+    let mut arrived: Vec<String> = t
+        .drain_source()
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    arrived.sort();
+    assert_eq!(arrived, ["m0", "m1"], "{said}");
+    // The sibling got the two sends and the two copies, as any redrive to a
+    // topic fans out (see `target_subscription_property`).
+    let plain = ServiceBusTopicFixture {
+        subscription: Some("plain".into()),
+        ..f
+    };
+    assert_eq!(plain.browse(SubQueue::None).await.len(), 4);
+    std::fs::remove_file(&topology).ok();
+}
+
+/// `servicebus.sub_queue` takes `dead_letter` or `transfer_dead_letter`;
+/// anything else (the sub-queue's path, say) is refused before anything is
+/// read, naming the file, line and field.
+#[test]
+fn a_bad_sub_queue_is_refused_with_its_line_and_field() {
+    let config = std::env::temp_dir().join(format!("dlqb-sb-subq-{}.yaml", std::process::id()));
+    std::fs::write(
+        &config,
+        "queues:\n  - name: dlq\n    servicebus:\n      connection_string_env: UNSET_FOR_THIS_TEST\n      queue: orders\n      sub_queue: transfer\n",
+    )
+    .unwrap();
+    let (code, _, said) = run_with_connection_string("UNUSED_BY_THIS_TEST", &config, "", &["list"]);
+    assert_eq!(code, Some(2), "{said}");
+    let at = format!("{}:6:", config.display());
+    assert!(said.contains(&at), "names the line: {said}");
+    assert!(
+        said.contains("queues[0].servicebus.sub_queue"),
+        "names the field: {said}"
+    );
+    assert!(said.contains("transfer_dead_letter"), "says what it takes: {said}");
+    std::fs::remove_file(&config).ok();
+}
+
 /// A copy larger than the destination's link takes (its max-message-size,
 /// 256 KiB on the standard tier) fails alone, before it is sent, and says
 /// so; the others go. Sent, it made Service Bus detach the link

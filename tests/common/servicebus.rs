@@ -78,6 +78,11 @@ pub const SMALL_LINK_HOST: &str = "127.0.0.15";
 /// Where the private emulator of `tests/servicebus.rs`'s entity-scoped key
 /// test (`--entity-sas-rule`) listens.
 pub const ENTITY_KEY_HOST: &str = "127.0.0.16";
+/// Where the private emulator of `tests/servicebus.rs`'s transfer dead-letter
+/// test (ForwardTo, `--auto-create false`, as Azure) listens.
+pub const TRANSFER_HOST: &str = "127.0.0.20";
+/// The same for its subscription case.
+pub const TRANSFER_TOPIC_HOST: &str = "127.0.0.21";
 /// Where the private emulator of `tests/servicebus.rs`'s refused-link test
 /// (`--auto-create false`, SAS rules, a topology) listens.
 pub const REFUSALS_HOST: &str = "127.0.0.17";
@@ -312,6 +317,7 @@ pub async fn create_queue_described(http: &str, name: &str, elements: &str) {
     );
     let created = reqwest::Client::new()
         .put(format!("{http}/{name}?api-version=2021-05"))
+        .header("authorization", namespace_token())
         .header("content-type", "application/atom+xml;type=entry;charset=utf-8")
         .body(body)
         .send()
@@ -319,6 +325,64 @@ pub async fn create_queue_described(http: &str, name: &str, elements: &str) {
         .expect("the emulator's ATOM endpoint answers");
     let status = created.status();
     assert_eq!(status, 201, "PUT {name}: {}", created.text().await.unwrap_or_default());
+}
+
+/// A token of the emulators' namespace rule (`x`, key `y`) for the ATOM
+/// calls: an emulator with `--sas-rule x=y` checks it, the others ignore it.
+fn namespace_token() -> String {
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        + 3600;
+    dlq_bridge::backend::servicebus::sas_token("https://127.0.0.1/", "x", "y", expiry)
+}
+
+/// Create the subscription `topic/Subscriptions/name` of an existing topic
+/// by an ATOM PUT with these `SubscriptionDescription` elements
+/// (`<ForwardTo>q</ForwardTo>`); panics unless it answers 201.
+pub async fn create_subscription_described(http: &str, topic: &str, name: &str, elements: &str) {
+    let body = format!(
+        concat!(
+            r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml">"#,
+            r#"<SubscriptionDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">"#,
+            r#"{}</SubscriptionDescription></content></entry>"#
+        ),
+        elements
+    );
+    let created = reqwest::Client::new()
+        .put(format!("{http}/{topic}/Subscriptions/{name}?api-version=2021-05"))
+        .header("authorization", namespace_token())
+        .header("content-type", "application/atom+xml;type=entry;charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .expect("the emulator's ATOM endpoint answers");
+    let status = created.status();
+    assert_eq!(
+        status,
+        201,
+        "PUT {topic}/Subscriptions/{name}: {}",
+        created.text().await.unwrap_or_default()
+    );
+}
+
+/// Delete the queue, topic or subscription `path` by an ATOM DELETE on the
+/// emulator at `http`; panics unless it answers 200.
+pub async fn delete_entity(http: &str, path: &str) {
+    let deleted = reqwest::Client::new()
+        .delete(format!("{http}/{path}?api-version=2021-05"))
+        .header("authorization", namespace_token())
+        .send()
+        .await
+        .expect("the emulator's ATOM endpoint answers");
+    let status = deleted.status();
+    assert_eq!(
+        status,
+        200,
+        "DELETE {path}: {}",
+        deleted.text().await.unwrap_or_default()
+    );
 }
 
 /// The `MessageCount` the emulator's ATOM GET reports for the queue `name`.
@@ -521,7 +585,12 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
 
     /// Every message in the DLQ, browsed (locked ones included).
     pub async fn browse_dlq(&self) -> Vec<ServiceBusPeekedMessage> {
-        let mut rx = self.dlq_receiver().await;
+        self.browse(SubQueue::DeadLetter).await
+    }
+
+    /// Every message in the source or one of its sub-queues, browsed.
+    pub async fn browse(&self, sub_queue: SubQueue) -> Vec<ServiceBusPeekedMessage> {
+        let mut rx = self.receiver_on(self.subscription.as_deref(), sub_queue).await;
         let mut out: Vec<ServiceBusPeekedMessage> = Vec::new();
         let mut from = 1;
         loop {

@@ -1,5 +1,6 @@
 //! The ATOM management endpoint: the GET that reports message counts, the
-//! PUT that creates a queue, and the DELETE that removes an entity.
+//! PUT that creates a queue or subscription, and the DELETE that removes an
+//! entity.
 
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
@@ -14,7 +15,7 @@ use axum::{
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::broker::{
-    Broker, BrokerError, Counts, Description, EntityStatus, StoreSettings,
+    Broker, BrokerError, Counts, Description, EntityStatus, StoreSettings, SubQueue,
     address::{self, Node},
     now_ms,
 };
@@ -112,7 +113,7 @@ async fn entity(State(broker): State<Arc<Broker>>, method: Method, uri: Uri, bod
             .into_response();
     }
     let description = match address::parse(&path) {
-        Ok(Node::Entity(path)) if !path.dead_letter => broker.describe(&path),
+        Ok(Node::Entity(path)) if path.sub_queue == SubQueue::None => broker.describe(&path),
         _ => None,
     };
     // Like Azure, an unknown entity is an empty feed with status 200.
@@ -128,18 +129,42 @@ async fn entity(State(broker): State<Arc<Broker>>, method: Method, uri: Uri, bod
 }
 
 /// A PUT of a `QueueDescription` creates the queue, as on Azure; of its
-/// settings only `MaxSizeInMegabytes` is read (the rest come from the
-/// emulator's defaults). Topics and subscriptions come from the topology or
-/// from a link that names them.
+/// settings only `MaxSizeInMegabytes`, `Status` and `ForwardTo` are read (the
+/// rest come from the emulator's defaults). A PUT of a
+/// `SubscriptionDescription` to `topic/Subscriptions/sub` creates a
+/// subscription of an existing topic, of whose settings only `ForwardTo` is
+/// read. Topics come from the topology or from a link that names them.
 fn create(broker: &Broker, path: &str, body: &str, self_link: &str) -> Response {
     let entity = match address::parse(path) {
-        Ok(Node::Entity(p)) if !p.dead_letter && p.subscription.is_none() => p,
-        _ => return (StatusCode::BAD_REQUEST, format!("cannot create {path:?}: name a queue")).into_response(),
+        Ok(Node::Entity(p)) if p.sub_queue == SubQueue::None => p,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("cannot create {path:?}: name a queue or a subscription"),
+            )
+                .into_response();
+        }
     };
+    // Azure's clients write a ForwardTo as the target's name or its full URI.
+    let forward_to = element(body, "ForwardTo").filter(|t| !t.is_empty());
+    if let Some(sub) = &entity.subscription {
+        if !body.contains("<SubscriptionDescription") {
+            return (
+                StatusCode::BAD_REQUEST,
+                "a PUT to topic/Subscriptions/sub needs a SubscriptionDescription",
+            )
+                .into_response();
+        }
+        return match broker.create_subscription(&entity.entity, sub, forward_to) {
+            Ok(()) => created(broker, &entity, self_link),
+            Err(e @ BrokerError::Conflict(_)) => (StatusCode::CONFLICT, e.to_string()).into_response(),
+            Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        };
+    }
     if !body.contains("<QueueDescription") {
         return (
             StatusCode::NOT_IMPLEMENTED,
-            "servicebus-emulator creates only queues (a QueueDescription) by PUT",
+            "servicebus-emulator creates only queues (a QueueDescription) and subscriptions (a SubscriptionDescription) by PUT",
         )
             .into_response();
     }
@@ -153,12 +178,16 @@ fn create(broker: &Broker, path: &str, body: &str, self_link: &str) -> Response 
         Some(Some(status)) => status,
         Some(None) => return (StatusCode::BAD_REQUEST, "Status: not an entity status").into_response(),
     };
-    match broker.create_queue(&entity.entity, max_size_mb.map(|mb| mb << 20), status) {
-        Ok(()) => {}
-        Err(e @ BrokerError::Conflict(_)) => return (StatusCode::CONFLICT, e.to_string()).into_response(),
-        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    match broker.create_queue(&entity.entity, max_size_mb.map(|mb| mb << 20), status, forward_to) {
+        Ok(()) => created(broker, &entity, self_link),
+        Err(e @ BrokerError::Conflict(_)) => (StatusCode::CONFLICT, e.to_string()).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
-    let Some(description) = broker.describe(&entity) else {
+}
+
+/// 201 with the entry of the entity just created.
+fn created(broker: &Broker, entity: &address::EntityPath, self_link: &str) -> Response {
+    let Some(description) = broker.describe(entity) else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     (
@@ -173,7 +202,7 @@ fn create(broker: &Broker, path: &str, body: &str, self_link: &str) -> Response 
 /// 404 for an entity that does not exist.
 fn delete(broker: &Broker, path: &str) -> Response {
     let entity = match address::parse(path) {
-        Ok(Node::Entity(p)) if !p.dead_letter => p,
+        Ok(Node::Entity(p)) if p.sub_queue == SubQueue::None => p,
         _ => {
             return (
                 StatusCode::BAD_REQUEST,
@@ -229,8 +258,8 @@ fn empty_feed(self_link: &str) -> String {
 fn count_details(counts: &Counts) -> String {
     let ns = "http://schemas.microsoft.com/netservices/2011/06/servicebus";
     format!(
-        r#"<CountDetails xmlns:d2p1="{ns}"><d2p1:ActiveMessageCount>{}</d2p1:ActiveMessageCount><d2p1:DeadLetterMessageCount>{}</d2p1:DeadLetterMessageCount><d2p1:ScheduledMessageCount>0</d2p1:ScheduledMessageCount><d2p1:TransferMessageCount>0</d2p1:TransferMessageCount><d2p1:TransferDeadLetterMessageCount>0</d2p1:TransferDeadLetterMessageCount></CountDetails>"#,
-        counts.active, counts.dead_letter
+        r#"<CountDetails xmlns:d2p1="{ns}"><d2p1:ActiveMessageCount>{}</d2p1:ActiveMessageCount><d2p1:DeadLetterMessageCount>{}</d2p1:DeadLetterMessageCount><d2p1:ScheduledMessageCount>0</d2p1:ScheduledMessageCount><d2p1:TransferMessageCount>0</d2p1:TransferMessageCount><d2p1:TransferDeadLetterMessageCount>{}</d2p1:TransferDeadLetterMessageCount></CountDetails>"#,
+        counts.active, counts.dead_letter, counts.transfer_dead_letter
     )
 }
 
@@ -254,9 +283,16 @@ fn store_fields(settings: &StoreSettings, counts: &Counts) -> String {
     let _ = write!(
         xml,
         "<MessageCount>{}</MessageCount>",
-        counts.active + counts.dead_letter
+        counts.active + counts.dead_letter + counts.transfer_dead_letter
     );
     xml
+}
+
+/// `<ForwardTo>`, where Azure writes it: after the dead-lettering settings.
+fn forward_to_element(forward_to: &Option<String>) -> String {
+    forward_to
+        .as_ref()
+        .map_or(String::new(), |t| format!("<ForwardTo>{}</ForwardTo>", escape(t)))
 }
 
 fn entry(description: &Description, self_link: &str) -> String {
@@ -266,16 +302,18 @@ fn entry(description: &Description, self_link: &str) -> String {
             settings,
             counts,
             created_at_ms,
+            forward_to,
         } => (
             name.clone(),
             *created_at_ms,
             format!(
-                r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">{}<MaxSizeInMegabytes>{}</MaxSizeInMegabytes><RequiresDuplicateDetection>false</RequiresDuplicateDetection><RequiresSession>false</RequiresSession><DeadLetteringOnMessageExpiration>false</DeadLetteringOnMessageExpiration><EnableBatchedOperations>true</EnableBatchedOperations><SizeInBytes>{}</SizeInBytes><Status>{}</Status><CreatedAt>{created}</CreatedAt><UpdatedAt>{created}</UpdatedAt><AccessedAt>{now}</AccessedAt>{}<EnablePartitioning>false</EnablePartitioning><EnableExpress>false</EnableExpress></QueueDescription>"#,
+                r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">{}<MaxSizeInMegabytes>{}</MaxSizeInMegabytes><RequiresDuplicateDetection>false</RequiresDuplicateDetection><RequiresSession>false</RequiresSession><DeadLetteringOnMessageExpiration>false</DeadLetteringOnMessageExpiration><EnableBatchedOperations>true</EnableBatchedOperations><SizeInBytes>{}</SizeInBytes><Status>{}</Status><CreatedAt>{created}</CreatedAt><UpdatedAt>{created}</UpdatedAt><AccessedAt>{now}</AccessedAt>{}<EnablePartitioning>false</EnablePartitioning><EnableExpress>false</EnableExpress>{}</QueueDescription>"#,
                 store_fields(settings, counts),
                 settings.max_size_bytes.map_or(1024, |b| b >> 20),
                 counts.size_bytes,
                 settings.status.as_str(),
                 count_details(counts),
+                forward_to_element(forward_to),
                 created = timestamp(*created_at_ms),
                 now = timestamp(now_ms()),
             ),
@@ -298,13 +336,15 @@ fn entry(description: &Description, self_link: &str) -> String {
             settings,
             counts,
             created_at_ms,
+            forward_to,
         } => (
             name.clone(),
             *created_at_ms,
             format!(
-                r#"<SubscriptionDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">{}<RequiresSession>false</RequiresSession><DeadLetteringOnMessageExpiration>false</DeadLetteringOnMessageExpiration><EnableBatchedOperations>true</EnableBatchedOperations><Status>Active</Status><CreatedAt>{created}</CreatedAt><UpdatedAt>{created}</UpdatedAt><AccessedAt>{now}</AccessedAt>{}</SubscriptionDescription>"#,
+                r#"<SubscriptionDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">{}<RequiresSession>false</RequiresSession><DeadLetteringOnMessageExpiration>false</DeadLetteringOnMessageExpiration><EnableBatchedOperations>true</EnableBatchedOperations><Status>Active</Status><CreatedAt>{created}</CreatedAt><UpdatedAt>{created}</UpdatedAt><AccessedAt>{now}</AccessedAt>{}{}</SubscriptionDescription>"#,
                 store_fields(settings, counts),
                 count_details(counts),
+                forward_to_element(forward_to),
                 created = timestamp(*created_at_ms),
                 now = timestamp(now_ms()),
             ),

@@ -138,7 +138,7 @@ pub(super) struct LinkConfig {
     pub host: String,
     /// `amqps://` (Azure) or plain `amqp://` (an emulator).
     pub tls: bool,
-    /// `<entity>/$DeadLetterQueue`.
+    /// `<entity>/$DeadLetterQueue`, or `<entity>/$Transfer/$DeadLetterQueue`.
     pub dlq_path: String,
     /// The connection string's `EntityPath`: its key signs for that queue
     /// or topic only, so tokens are signed for it, not the namespace.

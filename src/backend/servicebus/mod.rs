@@ -3,7 +3,9 @@
 //! settles and sends ([`link`]).
 //!
 //! The DLQ is the `$DeadLetterQueue` sub-queue of a queue, or of a topic
-//! subscription. The six verbs map as:
+//! subscription, or with `sub_queue: transfer_dead_letter` its transfer
+//! dead-letter queue, `$Transfer/$DeadLetterQueue` (see below). The six verbs
+//! map as:
 //!
 //! - **peek**: a true browse, `com.microsoft:peek-message` on the DLQ's
 //!   `$management` node, from sequence number 1 onwards. Nothing is locked and
@@ -36,7 +38,8 @@
 //!   confirmation can duplicate a copy, never lose one; the copy's MessageId
 //!   (below) lets duplicate detection absorb it.
 //! - **stats**: the ATOM management GET `/<entity>?api-version=2021-05`,
-//!   reading `CountDetails/DeadLetterMessageCount` (namespace
+//!   reading `CountDetails/DeadLetterMessageCount` (`TransferDeadLetterMessageCount`
+//!   for a transfer dead-letter queue; namespace
 //!   `http://schemas.microsoft.com/netservices/2011/06/servicebus`), signed
 //!   with a SAS token (or an Entra ID bearer token). Azure answers a missing
 //!   entity with 200 and an empty feed: that is reported as not found. The age
@@ -112,6 +115,22 @@
 //! crash-resend, and new for every redrive. The original ID stays readable in
 //! the `dlq-bridge-redrive-id` mark.
 //!
+//! ## Transfer dead-letter queues
+//! Each queue and subscription has a second dead-letter sub-queue,
+//! `<entity>/$Transfer/$DeadLetterQueue`, where Service Bus itself puts what
+//! auto-forwarding (`ForwardTo`, `ForwardDeadLetteredMessagesTo`) or a
+//! send-via transfer could not deliver: the target deleted, disabled or over
+//! its quota, or a message forwarded too many times
+//! (`MaxTransferHopCountExceeded`), with the reason in `DeadLetterReason`.
+//! It is only another address: the same browse (`SubQueue::TransferDeadLetter`
+//! on the SDK's receiver), the same link, leases, settles and journal, with
+//! `<entity>/$Transfer/$DeadLetterQueue` in place of `<entity>/$DeadLetterQueue`;
+//! the depth is `CountDetails/TransferDeadLetterMessageCount` of the same ATOM
+//! GET. Tokens are put for the sub-queue's own address, which an entity
+//! policy's key (signed for the entity, a URI prefix of it) covers. The source
+//! is the parent entity as for the ordinary DLQ: a copy goes back to the
+//! queue (or the subscription's topic) and is forwarded again from there.
+//!
 //! ## Subscription DLQs
 //! A copy goes back to the topic, so **every** subscription of the topic gets
 //! it again (those that had processed the original too). Opt-in targeting:
@@ -177,7 +196,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::{BackendError, Capabilities, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
-use crate::config::{QueueConfig, ServiceBusQueueConfig};
+use crate::config::{QueueConfig, ServiceBusQueueConfig, ServiceBusSubQueue};
 use crate::model::{
     AttrValue, Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing,
     Properties, SendResult, SettleResult,
@@ -522,6 +541,8 @@ enum Auth {
 pub struct ServiceBusBackend {
     queue_name: String,
     entity: Entity,
+    /// Which of the entity's dead-letter sub-queues this is.
+    sub_queue: ServiceBusSubQueue,
     /// The namespace host: named in errors.
     host: String,
     auth: Auth,
@@ -751,7 +772,7 @@ impl ServiceBusBackend {
         let link_config = Arc::new(link::LinkConfig {
             host: host.clone(),
             tls: !emulator,
-            dlq_path: format!("{}/$DeadLetterQueue", entity.path()),
+            dlq_path: format!("{}/{}", entity.path(), sub_queue_suffix(cfg.sub_queue)),
             scope: match &auth {
                 Auth::Sas(cs, _) => cs.entity_path.clone(),
                 Auth::Entra(_) => None,
@@ -773,6 +794,7 @@ impl ServiceBusBackend {
         let backend = Self {
             queue_name: name.to_string(),
             entity,
+            sub_queue: cfg.sub_queue,
             host,
             auth,
             emulator,
@@ -946,7 +968,10 @@ impl ServiceBusBackend {
         loop {
             let (generation, client) = self.client(&mut client_slot).await?;
             let options = ServiceBusReceiverOptions {
-                sub_queue: SubQueue::DeadLetter,
+                sub_queue: match self.sub_queue {
+                    ServiceBusSubQueue::DeadLetter => SubQueue::DeadLetter,
+                    ServiceBusSubQueue::TransferDeadLetter => SubQueue::TransferDeadLetter,
+                },
                 receive_mode: ServiceBusReceiveMode::PeekLock,
                 prefetch_count: 0,
                 ..Default::default()
@@ -1454,14 +1479,27 @@ impl ServiceBusBackend {
         (generation, taken)
     }
 
-    /// The ATOM management call: (active, dead-lettered), or NotFound.
-    async fn counts(&self) -> Result<(u64, u64)> {
+    /// The ATOM management call: the depth of the managed sub-queue, or
+    /// NotFound.
+    async fn counts(&self) -> Result<u64> {
         let path = self.entity.path();
         let text = self.atom_get(&path).await?;
-        parse_counts(&text).ok_or_else(|| BackendError::NotFound {
-            queue: path,
+        let (_, dead) = parse_counts(&text).ok_or_else(|| BackendError::NotFound {
+            queue: path.clone(),
             detail: format!("no such entity at {}", self.management),
-        })
+        })?;
+        match self.sub_queue {
+            ServiceBusSubQueue::DeadLetter => Ok(dead),
+            ServiceBusSubQueue::TransferDeadLetter => {
+                parse_transfer_dead_letter_count(&text).ok_or_else(|| BackendError::Provider {
+                    provider: PROVIDER,
+                    detail: format!(
+                        "the management GET of {path} at {} reports no CountDetails/TransferDeadLetterMessageCount",
+                        self.management
+                    ),
+                })
+            }
+        }
     }
 
     /// Whether `name` is a queue or topic of the namespace: a redrive `--to`
@@ -1708,27 +1746,37 @@ pub fn sas_token(resource: &str, key_name: &str, key: &str, expiry: u64) -> Stri
 /// `(ActiveMessageCount, DeadLetterMessageCount)` from an ATOM entry; None
 /// for an empty feed (Azure's answer for a missing entity).
 pub fn parse_counts(xml: &str) -> Option<(u64, u64)> {
+    let [active, dead, _] = count_details(xml);
+    Some((active.unwrap_or(0), dead?))
+}
+
+/// `TransferDeadLetterMessageCount` from an ATOM entry, when it has one.
+pub fn parse_transfer_dead_letter_count(xml: &str) -> Option<u64> {
+    count_details(xml)[2]
+}
+
+/// The active, dead-letter and transfer dead-letter counts of an ATOM
+/// entry, in Service Bus's namespace (anything else of those names is not
+/// the count).
+fn count_details(xml: &str) -> [Option<u64>; 3] {
     use quick_xml::events::Event;
     use quick_xml::name::ResolveResult;
     let mut reader = quick_xml::NsReader::from_str(xml);
-    let mut current: Option<&'static str> = None;
-    let (mut active, mut dead) = (None, None);
+    let mut current: Option<usize> = None;
+    let mut counts = [None; 3];
     loop {
         match reader.read_resolved_event() {
             Ok((ResolveResult::Bound(ns), Event::Start(e))) if ns.as_ref() == SB_XML_NS => {
                 current = match e.local_name().as_ref() {
-                    b"ActiveMessageCount" => Some("active"),
-                    b"DeadLetterMessageCount" => Some("dead"),
+                    b"ActiveMessageCount" => Some(0),
+                    b"DeadLetterMessageCount" => Some(1),
+                    b"TransferDeadLetterMessageCount" => Some(2),
                     _ => None,
                 };
             }
             Ok((_, Event::Text(t))) => {
                 if let Some(which) = current {
-                    let n = t.decode().ok().and_then(|s| s.trim().parse::<u64>().ok());
-                    match which {
-                        "active" => active = n,
-                        _ => dead = n,
-                    }
+                    counts[which] = t.decode().ok().and_then(|s| s.trim().parse::<u64>().ok());
                 }
             }
             Ok((_, Event::End(_))) => current = None,
@@ -1736,7 +1784,15 @@ pub fn parse_counts(xml: &str) -> Option<(u64, u64)> {
             _ => {}
         }
     }
-    Some((active.unwrap_or(0), dead?))
+    counts
+}
+
+/// The path of a dead-letter sub-queue below its entity.
+fn sub_queue_suffix(sub_queue: ServiceBusSubQueue) -> &'static str {
+    match sub_queue {
+        ServiceBusSubQueue::DeadLetter => "$DeadLetterQueue",
+        ServiceBusSubQueue::TransferDeadLetter => "$Transfer/$DeadLetterQueue",
+    }
 }
 
 /// The body bytes, and a note when the body was not data sections.
@@ -2284,7 +2340,7 @@ impl QueueBackend for ServiceBusBackend {
             None
         } else {
             match self.counts().await {
-                Ok((_, dead)) => Some(dead),
+                Ok(dead) => Some(dead),
                 Err(BackendError::Auth { detail, .. }) if lacks_manage(&detail) => {
                     tracing::warn!(
                         queue = %self.queue_name,
@@ -2842,9 +2898,30 @@ mod tests {
             <d2p1:DeadLetterMessageCount>7</d2p1:DeadLetterMessageCount>
             </CountDetails></QueueDescription></content></entry>"#;
         assert_eq!(parse_counts(xml), Some((3, 7)));
+        assert_eq!(parse_transfer_dead_letter_count(xml), None, "not reported, not zero");
         let empty =
             r#"<feed xmlns="http://www.w3.org/2005/Atom"><title type="text">Publicly Listed Services</title></feed>"#;
         assert_eq!(parse_counts(empty), None);
+    }
+
+    #[test]
+    fn the_transfer_dead_letter_count_is_its_own_element() {
+        let xml = r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml">
+            <SubscriptionDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">
+            <CountDetails xmlns:d2p1="http://schemas.microsoft.com/netservices/2011/06/servicebus">
+            <d2p1:ActiveMessageCount>3</d2p1:ActiveMessageCount>
+            <d2p1:DeadLetterMessageCount>7</d2p1:DeadLetterMessageCount>
+            <d2p1:TransferMessageCount>1</d2p1:TransferMessageCount>
+            <d2p1:TransferDeadLetterMessageCount>5</d2p1:TransferDeadLetterMessageCount>
+            </CountDetails><TransferDeadLetterMessageCount>9</TransferDeadLetterMessageCount>
+            </SubscriptionDescription></content></entry>"#;
+        assert_eq!(parse_counts(xml), Some((3, 7)));
+        assert_eq!(parse_transfer_dead_letter_count(xml), Some(5));
+        assert_eq!(sub_queue_suffix(ServiceBusSubQueue::DeadLetter), "$DeadLetterQueue");
+        assert_eq!(
+            sub_queue_suffix(ServiceBusSubQueue::TransferDeadLetter),
+            "$Transfer/$DeadLetterQueue"
+        );
     }
 
     #[test]

@@ -579,7 +579,7 @@ impl Connection {
                 // dead-letter queues like a receiver.
                 let sending = match &node {
                     Node::Entity(_) => client_sends,
-                    _ => path.subscription.is_none() && !path.dead_letter,
+                    _ => path.subscription.is_none() && !path.sub_queue.is_dead_letter(),
                 };
                 self.broker
                     .attach(path, sending)

@@ -2,20 +2,41 @@
 
 use std::fmt;
 
-/// A message store: a queue or subscription, or its dead-letter sub-queue.
+/// Which of an entity's message lists a path names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SubQueue {
+    /// The queue or subscription itself.
+    #[default]
+    None,
+    /// `$DeadLetterQueue`.
+    DeadLetter,
+    /// `$Transfer/$DeadLetterQueue`: messages that auto-forwarding
+    /// (ForwardTo) could not deliver.
+    TransferDeadLetter,
+}
+
+impl SubQueue {
+    /// Either dead-letter sub-queue: nothing is sent to one, nothing in one
+    /// is dead-lettered again, and it has no MaxDeliveryCount.
+    pub fn is_dead_letter(self) -> bool {
+        self != SubQueue::None
+    }
+}
+
+/// A message store: a queue or subscription, or one of its dead-letter sub-queues.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EntityPath {
     /// Queue or topic name, lower-cased: Service Bus names are case-insensitive.
     pub entity: String,
     pub subscription: Option<String>,
-    pub dead_letter: bool,
+    pub sub_queue: SubQueue,
 }
 
 impl EntityPath {
     /// The same entity without the dead-letter suffix.
     pub fn parent(&self) -> EntityPath {
         EntityPath {
-            dead_letter: false,
+            sub_queue: SubQueue::None,
             ..self.clone()
         }
     }
@@ -27,10 +48,11 @@ impl fmt::Display for EntityPath {
         if let Some(sub) = &self.subscription {
             write!(f, "/Subscriptions/{sub}")?;
         }
-        if self.dead_letter {
-            f.write_str("/$DeadLetterQueue")?;
+        match self.sub_queue {
+            SubQueue::None => Ok(()),
+            SubQueue::DeadLetter => f.write_str("/$DeadLetterQueue"),
+            SubQueue::TransferDeadLetter => f.write_str("/$Transfer/$DeadLetterQueue"),
         }
-        Ok(())
     }
 }
 
@@ -61,20 +83,25 @@ pub fn parse(address: &str) -> Result<Node, AddressError> {
     if management {
         segments.pop();
     }
-    let dead_letter = segments.last() == Some(&"$deadletterqueue");
-    if dead_letter {
+    let mut sub_queue = SubQueue::None;
+    if segments.last() == Some(&"$deadletterqueue") {
         segments.pop();
+        sub_queue = SubQueue::DeadLetter;
+        if segments.last() == Some(&"$transfer") {
+            segments.pop();
+            sub_queue = SubQueue::TransferDeadLetter;
+        }
     }
     let entity = match segments.as_slice() {
         [entity] if !entity.starts_with('$') => EntityPath {
             entity: (*entity).to_owned(),
             subscription: None,
-            dead_letter,
+            sub_queue,
         },
         [topic, "subscriptions", sub] if !topic.starts_with('$') && !sub.starts_with('$') => EntityPath {
             entity: (*topic).to_owned(),
             subscription: Some((*sub).to_owned()),
-            dead_letter,
+            sub_queue,
         },
         _ => return Err(invalid()),
     };
@@ -122,7 +149,19 @@ mod tests {
         EntityPath {
             entity: entity.into(),
             subscription: subscription.map(Into::into),
-            dead_letter,
+            sub_queue: if dead_letter {
+                SubQueue::DeadLetter
+            } else {
+                SubQueue::None
+            },
+        }
+    }
+
+    fn transfer(entity: &str, subscription: Option<&str>) -> EntityPath {
+        EntityPath {
+            entity: entity.into(),
+            subscription: subscription.map(Into::into),
+            sub_queue: SubQueue::TransferDeadLetter,
         }
     }
 
@@ -144,6 +183,26 @@ mod tests {
         );
         assert!(parse("a/b").is_err());
         assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn parses_transfer_dead_letter_addresses() {
+        assert_eq!(
+            parse("Orders/$Transfer/$DeadLetterQueue"),
+            Ok(Node::Entity(transfer("orders", None)))
+        );
+        assert_eq!(
+            parse("amqps://ns/Events/Subscriptions/Audit/$Transfer/$DeadLetterQueue/$management"),
+            Ok(Node::Management(transfer("events", Some("audit"))))
+        );
+        // `$Transfer` alone is no sub-queue, nor a transfer queue's own DLQ path reversed.
+        assert!(parse("orders/$Transfer").is_err());
+        assert!(parse("orders/$DeadLetterQueue/$Transfer").is_err());
+        assert_eq!(
+            transfer("t", Some("s")).to_string(),
+            "t/Subscriptions/s/$Transfer/$DeadLetterQueue"
+        );
+        assert!(token_covers("orders", "orders/$transfer/$deadletterqueue/$management"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-pub use address::EntityPath;
+pub use address::{EntityPath, SubQueue};
 pub use codec::{CodecError, ParsedMessage};
 pub use store::{Acquired, Counts, EntityStatus, Outcome, ReceiveMode, StoreSettings};
 
@@ -50,6 +50,11 @@ pub enum BrokerError {
     Codec(#[from] CodecError),
 }
 
+/// The most times Service Bus forwards a message (ForwardTo) from entity to
+/// entity: one that would be forwarded once more goes to the transfer
+/// dead-letter queue of the entity it is in, reason `MaxTransferHopCountExceeded`.
+pub const MAX_TRANSFER_HOPS: u32 = 4;
+
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -62,6 +67,7 @@ pub enum Description {
         settings: StoreSettings,
         counts: Counts,
         created_at_ms: i64,
+        forward_to: Option<String>,
     },
     Topic {
         name: String,
@@ -73,6 +79,7 @@ pub enum Description {
         settings: StoreSettings,
         counts: Counts,
         created_at_ms: i64,
+        forward_to: Option<String>,
     },
 }
 
@@ -195,7 +202,7 @@ impl Broker {
 
     /// Checks that a link may attach to `path`, creating it if allowed.
     pub fn attach(&self, path: &EntityPath, sending: bool) -> Result<(), BrokerError> {
-        if sending && (path.dead_letter || path.subscription.is_some()) {
+        if sending && (path.sub_queue.is_dead_letter() || path.subscription.is_some()) {
             return Err(BrokerError::NotAllowed(format!(
                 "cannot send to '{path}': send to the queue or topic instead"
             )));
@@ -250,7 +257,8 @@ impl Broker {
         Ok(())
     }
 
-    /// Enqueues to a queue, or copies to every subscription of a topic.
+    /// Enqueues to a queue, or copies to every subscription of a topic; an
+    /// entity with ForwardTo passes what it gets on (see [`forward`]).
     pub fn send(&self, entity: &str, messages: Vec<ParsedMessage>) -> Result<(), BrokerError> {
         if let Some(left) = self.busy.lock().expect("busy lock").get_mut(entity)
             && *left > 0
@@ -258,36 +266,7 @@ impl Broker {
             *left -= 1;
             return Err(BrokerError::ServerBusy(entity.to_owned()));
         }
-        let now = now_ms();
-        {
-            let mut entities = self.lock();
-            match entities.get_mut(entity) {
-                Some(Entity::Queue(store)) => {
-                    if let Some(max) = store.settings.max_size_bytes {
-                        // A batch is taken whole or refused whole, as Azure does.
-                        let size = store.size_bytes();
-                        if size + messages.iter().map(ParsedMessage::size).sum::<usize>() > max {
-                            return Err(BrokerError::QuotaExceeded {
-                                entity: entity.to_owned(),
-                                size,
-                                max,
-                            });
-                        }
-                    }
-                    for message in messages {
-                        store.enqueue(message, now);
-                    }
-                }
-                Some(Entity::Topic(topic)) => {
-                    for message in messages {
-                        for store in topic.subscriptions.values_mut() {
-                            store.enqueue(message.clone(), now);
-                        }
-                    }
-                }
-                None => return Err(BrokerError::NotFound(entity.to_owned())),
-            }
-        }
+        deliver(&mut self.lock(), entity, messages, 0, now_ms())?;
         self.wake();
         Ok(())
     }
@@ -311,11 +290,11 @@ impl Broker {
 
     pub fn acquire(&self, path: &EntityPath, mode: ReceiveMode) -> Result<Option<Acquired>, BrokerError> {
         let strict = self.options.strict;
-        self.with_store(path, |store| store.acquire(path.dead_letter, mode, now_ms(), strict))
+        self.with_store(path, |store| store.acquire(path.sub_queue, mode, now_ms(), strict))
     }
 
     pub fn settle(&self, path: &EntityPath, token: &Uuid, outcome: Outcome) -> Result<(), BrokerError> {
-        let woke = self.with_store(path, |store| store.settle(path.dead_letter, token, outcome))?;
+        let woke = self.with_store(path, |store| store.settle(path.sub_queue, token, outcome))?;
         if woke {
             self.wake();
         }
@@ -327,7 +306,7 @@ impl Broker {
         self.with_store(path, |store| {
             tokens
                 .iter()
-                .map(|token| store.renew(path.dead_letter, token, now))
+                .map(|token| store.renew(path.sub_queue, token, now))
                 .collect()
         })
     }
@@ -336,7 +315,7 @@ impl Broker {
         let strict = self.options.strict;
         let count = self.options.max_peek.map_or(count, |max| count.min(max));
         self.with_store(path, |store| {
-            store.peek(path.dead_letter, from_sequence_number, count, now_ms(), strict)
+            store.peek(path.sub_queue, from_sequence_number, count, now_ms(), strict)
         })
     }
 
@@ -348,7 +327,7 @@ impl Broker {
     ) -> Result<Vec<Acquired>, BrokerError> {
         let strict = self.options.strict;
         self.with_store(path, |store| {
-            store.receive_deferred(path.dead_letter, sequence_numbers, mode, now_ms(), strict)
+            store.receive_deferred(path.sub_queue, sequence_numbers, mode, now_ms(), strict)
         })
     }
 
@@ -399,7 +378,7 @@ impl Broker {
         let now = now_ms();
         let (active, dead_letter) = stores.iter_mut().fold((0, 0), |(a, d), store| {
             let counts = store.counts(now);
-            (a + counts.active, d + counts.dead_letter)
+            (a + counts.active, d + counts.dead_letter + counts.transfer_dead_letter)
         });
         // Loud when messages go with it: a test reads what a delete destroyed.
         if active + dead_letter > 0 {
@@ -428,21 +407,45 @@ impl Broker {
     }
 
     /// Creates a queue, as an ATOM PUT does; an existing entity is a conflict.
+    /// A ForwardTo must name a queue or topic that exists, as Azure requires.
     pub fn create_queue(
         &self,
         name: &str,
         max_size_bytes: Option<usize>,
         status: EntityStatus,
+        forward_to: Option<&str>,
     ) -> Result<(), BrokerError> {
         let mut entities = self.lock();
         let name = name.to_lowercase();
         if entities.contains_key(&name) {
             return Err(BrokerError::Conflict(name));
         }
+        let forward_to = forward_target(&entities, forward_to)?;
         let mut settings = self.resolve(&EntitySettings::default(), None);
         settings.max_size_bytes = max_size_bytes;
         settings.status = status;
-        entities.insert(name, Entity::Queue(Box::new(Store::new(settings, now_ms()))));
+        let mut store = Store::new(settings, now_ms());
+        store.forward_to = forward_to;
+        entities.insert(name, Entity::Queue(Box::new(store)));
+        Ok(())
+    }
+
+    /// Creates a subscription of an existing topic, as an ATOM PUT of a
+    /// `SubscriptionDescription` does; a taken name is a conflict.
+    pub fn create_subscription(&self, topic: &str, name: &str, forward_to: Option<&str>) -> Result<(), BrokerError> {
+        let mut entities = self.lock();
+        let (topic, name) = (topic.to_lowercase(), name.to_lowercase());
+        let forward_to = forward_target(&entities, forward_to)?;
+        let Some(Entity::Topic(t)) = entities.get_mut(&topic) else {
+            return Err(BrokerError::NotFound(topic));
+        };
+        if t.subscriptions.contains_key(&name) {
+            return Err(BrokerError::Conflict(format!("{topic}/Subscriptions/{name}")));
+        }
+        let settings = self.resolve(&EntitySettings::default(), t.default_message_ttl);
+        let mut store = Store::new(settings, now_ms());
+        store.forward_to = forward_to;
+        t.subscriptions.insert(name, store);
         Ok(())
     }
 
@@ -456,6 +459,7 @@ impl Broker {
                 settings: store.settings,
                 counts: store.counts(now),
                 created_at_ms: store.created_at_ms,
+                forward_to: store.forward_to.clone(),
             }),
             (Entity::Topic(topic), None) => Some(Description::Topic {
                 name: path.entity.clone(),
@@ -469,10 +473,157 @@ impl Broker {
                     settings: store.settings,
                     counts: store.counts(now),
                     created_at_ms: store.created_at_ms,
+                    forward_to: store.forward_to.clone(),
                 })
             }
             (Entity::Queue(_), Some(_)) => None,
         }
+    }
+}
+
+/// A ForwardTo's entity (a name or a URI), lower-cased; it must exist.
+fn forward_target(
+    entities: &BTreeMap<String, Entity>,
+    forward_to: Option<&str>,
+) -> Result<Option<String>, BrokerError> {
+    let Some(target) = forward_to.map(address::path_of).filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    if !entities.contains_key(&target) {
+        return Err(BrokerError::NotFound(target));
+    }
+    Ok(Some(target))
+}
+
+/// Puts messages sent to `entity` (a queue or topic) where they belong,
+/// `hops` forwards after they were sent.
+fn deliver(
+    entities: &mut BTreeMap<String, Entity>,
+    entity: &str,
+    messages: Vec<ParsedMessage>,
+    hops: u32,
+    now: i64,
+) -> Result<(), BrokerError> {
+    match entities.get_mut(entity) {
+        None => Err(BrokerError::NotFound(entity.to_owned())),
+        Some(Entity::Queue(store)) => {
+            if let Some(target) = store.forward_to.clone() {
+                return forward(entities, entity, None, &target, messages, hops, now);
+            }
+            if let Some(max) = store.settings.max_size_bytes {
+                // A batch is taken whole or refused whole, as Azure does.
+                let size = store.size_bytes();
+                if size + messages.iter().map(ParsedMessage::size).sum::<usize>() > max {
+                    return Err(BrokerError::QuotaExceeded {
+                        entity: entity.to_owned(),
+                        size,
+                        max,
+                    });
+                }
+            }
+            for message in messages {
+                store.enqueue(message, now);
+            }
+            Ok(())
+        }
+        Some(Entity::Topic(topic)) => {
+            let mut forwarding = Vec::new();
+            for (name, store) in &mut topic.subscriptions {
+                match &store.forward_to {
+                    Some(target) => forwarding.push((name.clone(), target.clone())),
+                    None => messages.iter().for_each(|m| store.enqueue(m.clone(), now)),
+                }
+            }
+            for (subscription, target) in forwarding {
+                forward(
+                    entities,
+                    entity,
+                    Some(&subscription),
+                    &target,
+                    messages.clone(),
+                    hops,
+                    now,
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Auto-forwarding: what reaches a queue or subscription with ForwardTo is
+/// moved on to the target. When the target cannot take it (gone, disabled,
+/// full) or the message was forwarded [`MAX_TRANSFER_HOPS`] times already,
+/// it goes to the transfer dead-letter queue of the entity it is in instead,
+/// with a DeadLetterReason and DeadLetterErrorDescription saying why.
+fn forward(
+    entities: &mut BTreeMap<String, Entity>,
+    entity: &str,
+    subscription: Option<&str>,
+    target: &str,
+    messages: Vec<ParsedMessage>,
+    hops: u32,
+    now: i64,
+) -> Result<(), BrokerError> {
+    let bytes = messages.iter().map(ParsedMessage::size).sum::<usize>();
+    let Some((reason, description)) = forward_refusal(entities, target, bytes, hops) else {
+        return deliver(entities, target, messages, hops + 1, now);
+    };
+    let store = match (entities.get_mut(entity), subscription) {
+        (Some(Entity::Queue(store)), None) => &mut **store,
+        (Some(Entity::Topic(topic)), Some(sub)) => topic
+            .subscriptions
+            .get_mut(sub)
+            .ok_or_else(|| BrokerError::NotFound(format!("{entity}/Subscriptions/{sub}")))?,
+        _ => return Err(BrokerError::NotFound(entity.to_owned())),
+    };
+    tracing::info!(%entity, ?subscription, %target, reason, "forwarding failed: moved to the transfer dead-letter queue");
+    for message in messages {
+        store.transfer_dead_letter(message, now, reason, &description)?;
+    }
+    Ok(())
+}
+
+/// Why `target` cannot take a forwarded batch of `bytes` now, as a
+/// DeadLetterReason and DeadLetterErrorDescription. Azure documents when it
+/// moves a message to the transfer dead-letter queue (the target deleted,
+/// disabled or over its size quota; too many hops) and the reason of the
+/// last case only; for the others the reason is the name of the error a
+/// client would get sending to the target, and the description its text.
+fn forward_refusal(
+    entities: &BTreeMap<String, Entity>,
+    target: &str,
+    bytes: usize,
+    hops: u32,
+) -> Option<(&'static str, String)> {
+    if hops >= MAX_TRANSFER_HOPS {
+        return Some((
+            "MaxTransferHopCountExceeded",
+            format!(
+                "The maximum number of allowed hops when forwarding between queues is exceeded. This value is set to {MAX_TRANSFER_HOPS}."
+            ),
+        ));
+    }
+    match entities.get(target) {
+        None => Some((
+            "MessagingEntityNotFound",
+            BrokerError::NotFound(target.to_owned()).to_string(),
+        )),
+        Some(Entity::Queue(store)) if store.settings.status.refuses_sends() => Some((
+            "MessagingEntityDisabled",
+            BrokerError::EntityDisabled(target.to_owned()).to_string(),
+        )),
+        Some(Entity::Queue(store)) => {
+            let (size, max) = (store.size_bytes(), store.settings.max_size_bytes?);
+            (size + bytes > max).then(|| {
+                let error = BrokerError::QuotaExceeded {
+                    entity: target.to_owned(),
+                    size,
+                    max,
+                };
+                ("QuotaExceeded", error.to_string())
+            })
+        }
+        Some(Entity::Topic(_)) => None,
     }
 }
 
@@ -517,7 +668,11 @@ mod tests {
         EntityPath {
             entity: "q".into(),
             subscription: None,
-            dead_letter,
+            sub_queue: if dead_letter {
+                SubQueue::DeadLetter
+            } else {
+                SubQueue::None
+            },
         }
     }
 
@@ -543,9 +698,11 @@ mod tests {
     fn a_queue_created_with_a_size_limit_refuses_a_batch_that_would_pass_it_whole() {
         let broker = broker(10);
         let size = message().size();
-        broker.create_queue("Q", Some(3 * size), EntityStatus::Active).unwrap();
+        broker
+            .create_queue("Q", Some(3 * size), EntityStatus::Active, None)
+            .unwrap();
         assert!(matches!(
-            broker.create_queue("q", None, EntityStatus::Active),
+            broker.create_queue("q", None, EntityStatus::Active, None),
             Err(BrokerError::Conflict(_))
         ));
         broker.send("q", vec![message(), message()]).unwrap();
@@ -582,7 +739,9 @@ mod tests {
     #[test]
     fn a_send_disabled_queue_refuses_senders_and_still_lets_receivers_attach() {
         let broker = broker(10);
-        broker.create_queue("q", None, EntityStatus::SendDisabled).unwrap();
+        broker
+            .create_queue("q", None, EntityStatus::SendDisabled, None)
+            .unwrap();
         assert!(matches!(
             broker.attach(&path(false), true),
             Err(BrokerError::EntityDisabled(_))
@@ -645,7 +804,7 @@ mod tests {
     #[test]
     fn a_deleted_entity_is_gone_with_its_messages() {
         let broker = broker_with(10, false);
-        broker.create_queue("q", None, EntityStatus::Active).unwrap();
+        broker.create_queue("q", None, EntityStatus::Active, None).unwrap();
         broker.send("q", vec![message()]).unwrap();
         assert!(broker.exists(&path(true).parent()));
         broker.delete(&path(false)).unwrap();
@@ -662,7 +821,7 @@ mod tests {
         let subscription = |name: &str| EntityPath {
             entity: "t".into(),
             subscription: Some(name.into()),
-            dead_letter: false,
+            sub_queue: SubQueue::None,
         };
         topics.attach(&subscription("s1"), false).unwrap();
         topics.attach(&subscription("s2"), false).unwrap();
@@ -677,7 +836,7 @@ mod tests {
         let subscription = EntityPath {
             entity: "t".into(),
             subscription: Some("s".into()),
-            dead_letter: false,
+            sub_queue: SubQueue::None,
         };
         broker.attach(&subscription, false).unwrap();
         assert!(matches!(
@@ -696,5 +855,194 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+    }
+
+    fn transfer_dlq(entity: &str, subscription: Option<&str>) -> EntityPath {
+        EntityPath {
+            entity: entity.into(),
+            subscription: subscription.map(Into::into),
+            sub_queue: SubQueue::TransferDeadLetter,
+        }
+    }
+
+    fn reason_of(payload: &Bytes) -> String {
+        let text = String::from_utf8_lossy(payload);
+        [
+            "MessagingEntityNotFound",
+            "MessagingEntityDisabled",
+            "QuotaExceeded",
+            "MaxTransferHopCountExceeded",
+        ]
+        .into_iter()
+        .find(|r| text.contains(r))
+        .unwrap_or("none")
+        .to_string()
+    }
+
+    fn counts_of(broker: &Broker, path: &EntityPath) -> Counts {
+        match broker.describe(path) {
+            Some(Description::Queue { counts, .. } | Description::Subscription { counts, .. }) => counts,
+            other => panic!("no counts for {path}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_queue_with_forward_to_moves_what_it_gets_to_the_target() {
+        let broker = broker_with(10, false);
+        broker.create_queue("target", None, EntityStatus::Active, None).unwrap();
+        broker
+            .create_queue("q", None, EntityStatus::Active, Some("Target"))
+            .unwrap();
+        broker.send("q", vec![message(), message()]).unwrap();
+        let q = counts_of(&broker, &path(false));
+        assert_eq!((q.active, q.dead_letter, q.transfer_dead_letter), (0, 0, 0));
+        let target = EntityPath {
+            entity: "target".into(),
+            ..path(false)
+        };
+        assert_eq!(counts_of(&broker, &target).active, 2);
+        // Azure: "The destination entity must already exist."
+        assert!(matches!(
+            broker.create_queue("other", None, EntityStatus::Active, Some("missing")),
+            Err(BrokerError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn what_cannot_be_forwarded_goes_to_the_transfer_dead_letter_queue_with_its_reason() {
+        let broker = broker_with(10, false);
+        let size = message().size();
+        broker.create_queue("gone", None, EntityStatus::Active, None).unwrap();
+        broker.create_queue("off", None, EntityStatus::Disabled, None).unwrap();
+        broker
+            .create_queue("full", Some(size), EntityStatus::Active, None)
+            .unwrap();
+        for (source, target, reason) in [
+            ("a", "gone", "MessagingEntityNotFound"),
+            ("b", "off", "MessagingEntityDisabled"),
+            ("c", "full", "QuotaExceeded"),
+        ] {
+            broker
+                .create_queue(source, None, EntityStatus::Active, Some(target))
+                .unwrap();
+            if target == "gone" {
+                broker
+                    .delete(&EntityPath {
+                        entity: "gone".into(),
+                        ..path(false)
+                    })
+                    .unwrap();
+            }
+            broker.send(source, vec![message(), message()]).unwrap();
+            let at = EntityPath {
+                entity: source.into(),
+                ..path(false)
+            };
+            let counts = counts_of(&broker, &at);
+            assert_eq!(
+                (counts.active, counts.dead_letter, counts.transfer_dead_letter),
+                (0, 0, 2),
+                "{source}"
+            );
+            let tdlq = transfer_dlq(source, None);
+            let got = broker.acquire(&tdlq, ReceiveMode::PeekLock).unwrap().unwrap();
+            assert_eq!(reason_of(&got.payload), reason, "{source}");
+            assert!(
+                String::from_utf8_lossy(&got.payload).contains(target),
+                "the description names {target}"
+            );
+            // Completed there like in any dead-letter queue; not dead-lettered again.
+            assert!(matches!(
+                broker.settle(
+                    &tdlq,
+                    &got.lock_token.unwrap(),
+                    Outcome::DeadLetter {
+                        reason: None,
+                        description: None
+                    }
+                ),
+                Err(BrokerError::NotAllowed(_))
+            ));
+            let got = broker.acquire(&tdlq, ReceiveMode::PeekLock).unwrap().unwrap();
+            broker
+                .settle(&tdlq, &got.lock_token.unwrap(), Outcome::Complete)
+                .unwrap();
+            assert_eq!(broker.peek(&tdlq, 1, 10).unwrap().len(), 1);
+        }
+        assert_eq!(
+            counts_of(
+                &broker,
+                &EntityPath {
+                    entity: "full".into(),
+                    ..path(false)
+                }
+            )
+            .active,
+            0
+        );
+        assert!(matches!(
+            broker.attach(&transfer_dlq("a", None), true),
+            Err(BrokerError::NotAllowed(_))
+        ));
+    }
+
+    #[test]
+    fn a_forwarding_loop_stops_after_four_hops_in_a_transfer_dead_letter_queue() {
+        let broker = broker_with(10, false);
+        broker.create_queue("a", None, EntityStatus::Active, None).unwrap();
+        broker.create_queue("b", None, EntityStatus::Active, Some("a")).unwrap();
+        // Azure has no update here; the emulator's is test code reaching in.
+        if let Some(Entity::Queue(a)) = broker.lock().get_mut("a") {
+            a.forward_to = Some("b".into());
+        }
+        broker.send("a", vec![message()]).unwrap();
+        // a→b→a→b→a: four hops, then it stays in a's transfer dead-letter queue.
+        let got = broker
+            .acquire(&transfer_dlq("a", None), ReceiveMode::PeekLock)
+            .unwrap()
+            .unwrap();
+        assert_eq!(reason_of(&got.payload), "MaxTransferHopCountExceeded");
+        assert_eq!(
+            counts_of(&broker, &transfer_dlq("b", None).parent()).transfer_dead_letter,
+            0
+        );
+    }
+
+    #[test]
+    fn a_subscription_with_forward_to_forwards_its_copy_and_its_siblings_keep_theirs() {
+        let broker = broker_with(10, true);
+        let sub = |name: &str| EntityPath {
+            entity: "t".into(),
+            subscription: Some(name.into()),
+            sub_queue: SubQueue::None,
+        };
+        broker.attach(&sub("plain"), false).unwrap();
+        broker.create_queue("target", None, EntityStatus::Active, None).unwrap();
+        broker.create_subscription("T", "Fwd", Some("target")).unwrap();
+        assert!(matches!(
+            broker.create_subscription("t", "fwd", None),
+            Err(BrokerError::Conflict(_))
+        ));
+        assert!(matches!(
+            broker.create_subscription("nope", "s", None),
+            Err(BrokerError::NotFound(_))
+        ));
+        broker.send("t", vec![message()]).unwrap();
+        assert_eq!(counts_of(&broker, &sub("plain")).active, 1);
+        assert_eq!(counts_of(&broker, &sub("fwd")).active, 0);
+        let target = EntityPath {
+            entity: "target".into(),
+            ..path(false)
+        };
+        assert_eq!(counts_of(&broker, &target).active, 1);
+        broker.delete(&target).unwrap();
+        broker.send("t", vec![message()]).unwrap();
+        let counts = counts_of(&broker, &sub("fwd"));
+        assert_eq!((counts.active, counts.transfer_dead_letter), (0, 1));
+        let got = broker
+            .acquire(&transfer_dlq("t", Some("fwd")), ReceiveMode::PeekLock)
+            .unwrap()
+            .unwrap();
+        assert_eq!(reason_of(&got.payload), "MessagingEntityNotFound");
     }
 }

@@ -1,4 +1,5 @@
-//! One message store: a queue or subscription with its dead-letter sub-queue.
+//! One message store: a queue or subscription with its two dead-letter
+//! sub-queues (`$DeadLetterQueue`, `$Transfer/$DeadLetterQueue`).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -15,6 +16,7 @@ use uuid::Uuid;
 
 use super::{
     BrokerError,
+    address::SubQueue,
     codec::{self, ParsedMessage, Section, symbol},
 };
 
@@ -99,6 +101,7 @@ pub struct Acquired {
 pub struct Counts {
     pub active: usize,
     pub dead_letter: usize,
+    pub transfer_dead_letter: usize,
     pub size_bytes: usize,
 }
 
@@ -273,9 +276,13 @@ impl MessageList {
 pub struct Store {
     pub settings: StoreSettings,
     pub created_at_ms: i64,
+    /// ForwardTo: the queue or topic (lower-cased) every message sent here
+    /// is moved to; None: messages stay here.
+    pub forward_to: Option<String>,
     next_sequence_number: i64,
     main: MessageList,
     dead_letter: MessageList,
+    transfer_dead_letter: MessageList,
 }
 
 impl Store {
@@ -283,21 +290,51 @@ impl Store {
         Store {
             settings,
             created_at_ms: now_ms,
+            forward_to: None,
             next_sequence_number: 1,
             main: MessageList::default(),
             dead_letter: MessageList::default(),
+            transfer_dead_letter: MessageList::default(),
         }
     }
 
-    fn list(&mut self, dead_letter: bool) -> &mut MessageList {
-        if dead_letter {
-            &mut self.dead_letter
-        } else {
-            &mut self.main
+    fn list(&mut self, sub_queue: SubQueue) -> &mut MessageList {
+        match sub_queue {
+            SubQueue::None => &mut self.main,
+            SubQueue::DeadLetter => &mut self.dead_letter,
+            SubQueue::TransferDeadLetter => &mut self.transfer_dead_letter,
         }
     }
 
     pub fn enqueue(&mut self, message: ParsedMessage, now_ms: i64) {
+        let (seq, stored) = self.store(message, now_ms);
+        self.main.insert(seq, stored);
+    }
+
+    /// A message auto-forwarding could not deliver: it takes the entity's
+    /// next sequence number, as if enqueued, and goes straight to the
+    /// transfer dead-letter queue with the reason, as Service Bus moves it.
+    pub fn transfer_dead_letter(
+        &mut self,
+        message: ParsedMessage,
+        now_ms: i64,
+        reason: &str,
+        description: &str,
+    ) -> Result<(), BrokerError> {
+        let (seq, mut stored) = self.store(message, now_ms);
+        codec::set_application_properties(
+            &mut stored.bare,
+            &[
+                ("DeadLetterReason", reason.to_owned()),
+                ("DeadLetterErrorDescription", description.to_owned()),
+            ],
+        )?;
+        self.transfer_dead_letter.insert(seq, stored);
+        Ok(())
+    }
+
+    /// The stored form of a message sent now, and its sequence number.
+    fn store(&mut self, message: ParsedMessage, now_ms: i64) -> (i64, StoredMessage) {
         let ttl = message
             .header
             .ttl
@@ -313,18 +350,18 @@ impl Store {
         };
         let seq = self.next_sequence_number;
         self.next_sequence_number += 1;
-        self.main.insert(seq, stored);
+        (seq, stored)
     }
 
     pub fn acquire(
         &mut self,
-        dead_letter: bool,
+        sub_queue: SubQueue,
         mode: ReceiveMode,
         now_ms: i64,
         strict: bool,
     ) -> Result<Option<Acquired>, BrokerError> {
         let lock_ms = self.settings.lock_duration.as_millis() as i64;
-        let list = self.list(dead_letter);
+        let list = self.list(sub_queue);
         let Some(seq) = list.first_available(now_ms) else {
             return Ok(None);
         };
@@ -354,9 +391,9 @@ impl Store {
     }
 
     /// Returns whether a message became available again (receivers should be woken).
-    pub fn settle(&mut self, dead_letter: bool, token: &Uuid, outcome: Outcome) -> Result<bool, BrokerError> {
+    pub fn settle(&mut self, sub_queue: SubQueue, token: &Uuid, outcome: Outcome) -> Result<bool, BrokerError> {
         let max_delivery_count = self.settings.max_delivery_count;
-        let list = self.list(dead_letter);
+        let list = self.list(sub_queue);
         let seq = list.locked(token)?;
         match outcome {
             Outcome::Complete => {
@@ -372,10 +409,10 @@ impl Store {
                 for (key, value) in annotations {
                     entry.message.annotations.insert(key, value);
                 }
-                Ok(self.release(dead_letter, seq, max_delivery_count)?)
+                Ok(self.release(sub_queue, seq, max_delivery_count)?)
             }
             Outcome::DeadLetter { reason, description } => {
-                if dead_letter {
+                if sub_queue.is_dead_letter() {
                     return Err(BrokerError::NotAllowed(
                         "a message in a dead-letter queue cannot be dead-lettered again".into(),
                     ));
@@ -388,10 +425,10 @@ impl Store {
 
     /// Unlocks after an abandon or a lock expiry; past MaxDeliveryCount the
     /// message is dead-lettered, as Service Bus does.
-    fn release(&mut self, dead_letter: bool, seq: i64, max_delivery_count: u32) -> Result<bool, BrokerError> {
-        let list = self.list(dead_letter);
+    fn release(&mut self, sub_queue: SubQueue, seq: i64, max_delivery_count: u32) -> Result<bool, BrokerError> {
+        let list = self.list(sub_queue);
         let deliveries = list.messages[&seq].message.deliveries;
-        if !dead_letter && deliveries >= max_delivery_count {
+        if !sub_queue.is_dead_letter() && deliveries >= max_delivery_count {
             self.move_to_dead_letter(
                 seq,
                 Some("MaxDeliveryCountExceeded".into()),
@@ -427,9 +464,9 @@ impl Store {
         Ok(())
     }
 
-    pub fn renew(&mut self, dead_letter: bool, token: &Uuid, now_ms: i64) -> Result<i64, BrokerError> {
+    pub fn renew(&mut self, sub_queue: SubQueue, token: &Uuid, now_ms: i64) -> Result<i64, BrokerError> {
         let until = now_ms + self.settings.lock_duration.as_millis() as i64;
-        let list = self.list(dead_letter);
+        let list = self.list(sub_queue);
         let seq = list.locked(token)?;
         let entry = list.messages.get_mut(&seq).expect("locked message exists");
         entry.state = State::Locked {
@@ -442,13 +479,13 @@ impl Store {
     /// Browses without locking or counting a delivery.
     pub fn peek(
         &mut self,
-        dead_letter: bool,
+        sub_queue: SubQueue,
         from_sequence_number: i64,
         count: usize,
         now_ms: i64,
         strict: bool,
     ) -> Result<Vec<Bytes>, BrokerError> {
-        let list = self.list(dead_letter);
+        let list = self.list(sub_queue);
         list.messages
             .range(from_sequence_number..)
             .filter(|(_, entry)| {
@@ -462,14 +499,14 @@ impl Store {
     /// Locks deferred messages by sequence number (`receive-by-sequence-number`).
     pub fn receive_deferred(
         &mut self,
-        dead_letter: bool,
+        sub_queue: SubQueue,
         sequence_numbers: &[i64],
         mode: ReceiveMode,
         now_ms: i64,
         strict: bool,
     ) -> Result<Vec<Acquired>, BrokerError> {
         let lock_ms = self.settings.lock_duration.as_millis() as i64;
-        let list = self.list(dead_letter);
+        let list = self.list(sub_queue);
         let mut out = Vec::new();
         for &seq in sequence_numbers {
             if list.messages.get(&seq).map(|e| e.state) != Some(State::Deferred) {
@@ -499,8 +536,8 @@ impl Store {
     /// Returns expired locks to the queue; true if any message became available.
     pub fn expire_locks(&mut self, now_ms: i64) -> Result<bool, BrokerError> {
         let mut woke = false;
-        for dead_letter in [false, true] {
-            let list = if dead_letter { &self.dead_letter } else { &self.main };
+        for sub_queue in [SubQueue::None, SubQueue::DeadLetter, SubQueue::TransferDeadLetter] {
+            let list = self.list(sub_queue);
             let expired: Vec<i64> = list
                 .locks
                 .values()
@@ -513,7 +550,7 @@ impl Store {
                 })
                 .collect();
             for seq in expired {
-                woke |= self.release(dead_letter, seq, self.settings.max_delivery_count)?;
+                woke |= self.release(sub_queue, seq, self.settings.max_delivery_count)?;
             }
         }
         Ok(woke)
@@ -524,6 +561,7 @@ impl Store {
         Counts {
             active: self.main.messages.len(),
             dead_letter: self.dead_letter.messages.len(),
+            transfer_dead_letter: self.transfer_dead_letter.messages.len(),
             size_bytes: self.size_bytes(),
         }
     }
@@ -534,6 +572,7 @@ impl Store {
             .messages
             .values()
             .chain(self.dead_letter.messages.values())
+            .chain(self.transfer_dead_letter.messages.values())
             .map(|e| e.message.size())
             .sum()
     }

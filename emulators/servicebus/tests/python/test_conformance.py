@@ -329,6 +329,29 @@ def test_missing_entity_raises_not_found(admin):
         admin.get_queue_runtime_properties("no-such-queue")
 
 
+def test_what_forward_to_cannot_deliver_lands_in_the_transfer_dead_letter_queue(client, admin):
+    # Azure refuses a ForwardTo to a missing entity, so the target is created,
+    # then deleted under the forwarding queue.
+    source, target = f"fwd-{uuid.uuid4().hex[:8]}", f"fwd-target-{uuid.uuid4().hex[:8]}"
+    admin.create_queue(target)
+    admin.create_queue(source, forward_to=target)
+    assert admin.get_queue(source).forward_to.rstrip("/").endswith(target)
+    send(client, source, ServiceBusMessage("forwarded"))
+    assert admin.get_queue_runtime_properties(target).active_message_count == 1
+    admin.delete_queue(target)
+    send(client, source, ServiceBusMessage("stranded"))
+    props = admin.get_queue_runtime_properties(source)
+    assert (props.active_message_count, props.dead_letter_message_count) == (0, 0)
+    assert props.transfer_dead_letter_message_count == 1
+    with client.get_queue_receiver(source, sub_queue=ServiceBusSubQueue.TRANSFER_DEAD_LETTER) as tdlq:
+        [stranded] = tdlq.receive_messages(max_wait_time=WAIT)
+        assert str(stranded) == "stranded"
+        assert stranded.dead_letter_reason == "MessagingEntityNotFound"
+        assert target in stranded.dead_letter_error_description
+        tdlq.complete_message(stranded)
+    assert admin.get_queue_runtime_properties(source).transfer_dead_letter_message_count == 0
+
+
 def test_large_message_spans_frames(client):
     payload = bytes(range(256)) * 800  # 200 KiB: several AMQP frames each way
     send(client, QUEUE, ServiceBusMessage(payload))
