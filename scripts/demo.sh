@@ -40,9 +40,9 @@ title() { printf '\n\033[1;7m %s \033[0m\n' "$*"; }
 wants() { [[ ,$BACKEND, == *,$1,* ]]; }
 
 # The clients the seeding script needs, installed when missing.
-wants sqs && { python3 -c 'import boto3' 2>/dev/null || python3 -m pip install --quiet boto3; }
+wants sqs && { python3 -c 'import boto3' 2>/dev/null || PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet boto3; }
 wants servicebus && { python3 -c 'import azure.servicebus' 2>/dev/null ||
-  python3 -m pip install --quiet "azure-servicebus==7.15.0"; }
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet "azure-servicebus==7.15.0"; }
 
 # Start the emulators that are not running yet (installing or building them),
 # and stop those again at the end unless --keep.
@@ -71,7 +71,16 @@ if [[ $BACKEND != sqs,pubsub,servicebus ]]; then
   awk -v keep=",$BACKEND," '/^  - name: /{ n = $3; sub(/-orders$/, "", n); skip = index(keep, "," n ",") == 0 } /^[^ ]/{ skip = 0 } !skip' \
     config/demo.yaml >"$CONFIG"
 fi
-dlq() { say "dlq-bridge $*"; "$BIN" --config "$CONFIG" "$@"; }
+# Each command is shown as it would be typed: an argument with spaces or
+# quotes in single quotes, so that it can be copied into a shell.
+shell_words() {
+  local out=() a
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  printf '%s' "${out[*]}"
+}
+dlq() { say "dlq-bridge $(shell_words "$@")"; "$BIN" --config "$CONFIG" "$@"; }
 
 declare -A HOW=(
   [sqs]="each order is received twice without a delete; SQS's RedrivePolicy moves it to orders-dlq"

@@ -61,7 +61,7 @@ wait_ready() {
 ensure_moto() {
   python3 -c 'import moto.server, flask' 2>/dev/null && return
   log "installing moto[server]==$MOTO_VERSION"
-  python3 -m pip install --quiet "moto[server]==$MOTO_VERSION" >&2 || die "cannot install moto"
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet "moto[server]==$MOTO_VERSION" >&2 || die "cannot install moto"
 }
 
 pubsub_emulator_bin() {

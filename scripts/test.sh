@@ -19,8 +19,8 @@ step "toolchain"
 for component in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done
-python3 -c 'import boto3' 2>/dev/null || python3 -m pip install --quiet boto3
-python3 -c 'import ministack' 2>/dev/null || python3 -m pip install --quiet "ministack==1.5.33"
+python3 -c 'import boto3' 2>/dev/null || PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet boto3
+python3 -c 'import ministack' 2>/dev/null || PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet "ministack==1.5.33"
 
 step "emulators"
 cleanup() {
