@@ -43,6 +43,11 @@ pub enum BackendError {
     Auth { provider: &'static str, detail: String },
     #[error("{provider}: {detail}")]
     Provider { provider: &'static str, detail: String },
+    /// Reached, and refused for a reason the provider gives that a retry
+    /// does not change (a disabled entity, an operation the entity does not
+    /// allow, a destination over its quota): the caller's to fix.
+    #[error("{provider}: {detail}")]
+    Refused { provider: &'static str, detail: String },
     /// The provider leases no more messages while the client holds the ones
     /// it has (SQS: 120,000 in flight per queue).
     #[error("{provider}: {detail}")]
@@ -56,7 +61,8 @@ pub enum BackendError {
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
 /// A send's call failed for a reason that fails every later call to the
-/// destination the same way (not found, credentials, TLS, unreachable).
+/// destination the same way (not found, credentials, TLS, unreachable, a
+/// refusal).
 #[cfg(any(feature = "sqs", feature = "pubsub", feature = "servicebus"))]
 pub(crate) fn fails_every_send(e: &BackendError) -> bool {
     matches!(
@@ -65,6 +71,7 @@ pub(crate) fn fails_every_send(e: &BackendError) -> bool {
             | BackendError::Unreachable { .. }
             | BackendError::Tls { .. }
             | BackendError::Auth { .. }
+            | BackendError::Refused { .. }
     )
 }
 

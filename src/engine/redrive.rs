@@ -1295,12 +1295,16 @@ impl Releases {
     }
 }
 
-/// Refused credentials, rights or certificates, a missing queue or a
-/// request the provider calls invalid do not heal by waiting.
+/// Refused credentials, rights or certificates, a missing queue, a request
+/// the provider calls invalid or refuses do not heal by waiting.
 fn is_permanent(e: &BackendError) -> bool {
     matches!(
         e,
-        BackendError::Auth { .. } | BackendError::Tls { .. } | BackendError::NotFound { .. } | BackendError::Invalid(_)
+        BackendError::Auth { .. }
+            | BackendError::Tls { .. }
+            | BackendError::NotFound { .. }
+            | BackendError::Invalid(_)
+            | BackendError::Refused { .. }
     )
 }
 

@@ -197,7 +197,7 @@ impl LinkConfig {
             // Reached, and refused: the connection is fine (an unreachable
             // error would also drop the dead-letter queue's link, and what
             // it holds, for a destination that refuses sends).
-            BackendError::Provider {
+            BackendError::Refused {
                 provider: PROVIDER,
                 detail: format!("{entity} is disabled ({detail}): set its status to Active"),
             }
@@ -1627,7 +1627,7 @@ mod tests {
         let attach = r#"RemoteClosedWithError(Error { condition: Custom(Symbol("com.microsoft:entity-disabled")), description: Some("Messaging entity 'ns:Queue:dest' is currently disabled."), info: None })"#;
         let e = cfg.classify_entity("dest", "attach a sender to dest", &attach);
         assert!(
-            matches!(&e, BackendError::Provider { detail, .. } if detail.contains("dest is disabled") && detail.contains("currently disabled")),
+            matches!(&e, BackendError::Refused { detail, .. } if detail.contains("dest is disabled") && detail.contains("currently disabled")),
             "{e:?}"
         );
     }

@@ -2219,11 +2219,11 @@ pub(super) fn refusal_error(refusal: &Refusal, entity: &str, what: &str, words: 
         // Reached, and refused: the connection is fine (an unreachable
         // error would also drop the dead-letter queue's link, and what it
         // holds, for a destination that refuses sends).
-        Refusal::Disabled => BackendError::Provider {
+        Refusal::Disabled => BackendError::Refused {
             provider: PROVIDER,
             detail: format!("{entity} is disabled ({detail}): set its status to Active"),
         },
-        Refusal::Refused(condition) => BackendError::Provider {
+        Refusal::Refused(condition) => BackendError::Refused {
             provider: PROVIDER,
             detail: format!("{entity} refused {what}: {condition}: {words}"),
         },
