@@ -1956,6 +1956,93 @@ async fn max_counts_deferred_messages_exactly() {
     assert_eq!(f.dlq_count().await, 0);
 }
 
+/// The journal covers deferred messages as any others: a rerun with the
+/// journal of a run that sent their copies and died before completing them
+/// completes them (by lock token, through `$management`) instead of sending
+/// them again, and redrives the rest.
+#[tokio::test]
+async fn a_rerun_completes_deferred_messages_the_journal_says_were_sent() {
+    use common::servicebus::{DEFERRED_JOURNAL_HOST, private_emulator};
+    use dlq_bridge::engine::journal::{Journal, Record};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DEFERRED_JOURNAL";
+    let (emu, cs, client) = private_emulator("servicebus-deferred-journal", DEFERRED_JOURNAL_HOST, &[]).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let msgs: Vec<TestMessage> = (0..4).map(|i| failing(i, "Timeout")).collect();
+    let deferred = dead_letter_and_defer(&f, &msgs, 2).await;
+
+    // The run that died: it had sent the deferred messages' copies.
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args(["--config", config.to_str().unwrap(), "inspect", "dlq", "-o", "json"])
+        .output()
+        .expect("dlq-bridge ran");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect -o json");
+    let messages = shown["messages"]
+        .as_array()
+        .or_else(|| shown.as_array())
+        .expect("a list of messages");
+    let dir = std::env::temp_dir().join(format!("dlqb-sb-deferred-{}", uuid::Uuid::new_v4().simple()));
+    let path = dir.join("journal.jsonl");
+    let journal = Journal::open(&path).expect("a journal");
+    for m in messages {
+        if !deferred.iter().any(|d| m["body_text"] == d.as_str()) {
+            continue;
+        }
+        let enqueued_at = m["enqueued_at"].as_str().expect("an enqueue time");
+        journal
+            .append(&Record::Sent {
+                run: "died".into(),
+                queue: Some("dlq".into()),
+                id: m["id"].as_str().expect("an id").into(),
+                enqueued_at: Some(enqueued_at.parse().expect("an RFC 3339 time")),
+                destination: f.entity.clone(),
+                dest_id: "copy".into(),
+            })
+            .expect("journaled");
+    }
+    journal.sync().expect("synced");
+    drop(journal);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "redrive",
+            "dlq",
+            "--yes",
+            "-o",
+            "json",
+        ])
+        .arg("--journal")
+        .arg(&path)
+        .output()
+        .expect("dlq-bridge ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+    assert_eq!(summary["settled_from_journal"], 2, "{summary}");
+    assert_eq!(summary["sent"], 2, "{summary}");
+    let mut moved: Vec<String> = f
+        .drain_source()
+        .await
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    moved.sort();
+    assert_eq!(moved, bodies(|i| i >= 2, 4), "the deferred ones are not sent again");
+    assert_eq!(f.dlq_count().await, 0, "and are completed");
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// `report --scan N` on Service Bus (a true peek) keeps its groups, not the
 /// messages: the browse goes a page at a time and each message is dropped
 /// once grouped. It browsed all N into memory first, so the peak grew with
