@@ -2001,42 +2001,100 @@ async fn refused_links_are_told_as_refusals_not_as_unreachable() {
     }
 }
 
+/// The bodies of the messages a browse of `f`'s dead-letter queue shows,
+/// sorted, and those of the deferred ones among them.
+async fn dlq_bodies(f: &ServiceBusFixture) -> (Vec<String>, Vec<String>) {
+    let body = |m: &ServiceBusPeekedMessage| String::from_utf8_lossy(m.body().expect("a data body")).into_owned();
+    let browsed = f.browse_dlq().await;
+    let mut all: Vec<String> = browsed.iter().map(body).collect();
+    let mut deferred: Vec<String> = browsed
+        .iter()
+        .filter(|m| m.state() == ServiceBusMessageState::Deferred)
+        .map(body)
+        .collect();
+    all.sort();
+    deferred.sort();
+    (all, deferred)
+}
+
+/// Dead-letter `msgs` into `f`'s dead-letter queue and defer the first
+/// `n` of them there, as a consumer of the dead-letter queue would; waits
+/// until a browse shows them deferred, and returns their bodies, sorted.
+async fn dead_letter_and_defer(f: &ServiceBusFixture, msgs: &[TestMessage], n: usize) -> Vec<String> {
+    f.dead_letter(msgs).await;
+    let mut rx = f.dlq_receiver().await;
+    let got = ServiceBusFixture::receive(&mut rx, n).await;
+    assert_eq!(got.len(), n, "received the messages to defer");
+    let mut bodies = Vec::new();
+    for m in &got {
+        bodies.push(String::from_utf8_lossy(m.body().expect("a data body")).into_owned());
+        tokio::time::timeout(Duration::from_secs(20), rx.defer_message(m, None))
+            .await
+            .expect("defer returns")
+            .expect("defer succeeds");
+    }
+    rx.dispose().await.ok();
+    bodies.sort();
+    // A deferral is queued, not confirmed: wait until a browse shows them
+    // deferred (as Azure marks them, `x-opt-message-state` 1).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dlq_bodies(f).await.1 != bodies {
+        assert!(
+            Instant::now() < deadline,
+            "the emulator never showed {bodies:?} deferred"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bodies
+}
+
+/// `dlq-bridge redrive dlq ARGS --yes --no-journal -o json` on a private
+/// emulator (its connection string `cs` in `env`), logging at debug level:
+/// the exit code, the JSON summary and stderr.
+fn redrive_json(f: &ServiceBusFixture, env: &str, cs: &str, args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(env, cs)
+        .env("DLQ_BRIDGE_LOG", "dlq_bridge=debug")
+        .args(["--config", config.to_str().unwrap(), "redrive", "dlq"])
+        .args(args)
+        .args(["--yes", "--no-journal", "-o", "json"])
+        .output()
+        .expect("dlq-bridge ran");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let summary = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("a JSON summary ({e}): {}{stderr}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.code(), summary, stderr)
+}
+
+/// What the link logs when a lease waits out LEASE_WAIT for deliveries a
+/// browse promised and none came: a deferred message counted as credit did
+/// that to every pass that met one.
+const LEASE_WAITED: &str = "fewer messages than browsed could be locked";
+
+fn bodies(f: impl Fn(usize) -> bool, n: usize) -> Vec<String> {
+    (0..n).filter(|i| f(*i)).map(|i| format!("m{i}")).collect()
+}
+
 /// A message a consumer of the dead-letter queue deferred is delivered to no
-/// receiver, so a redrive cannot lease it. `inspect` marks it
-/// `message_state: deferred` (it looked like any other message, and nothing
-/// told why a redrive of everything left it behind), and a redrive moves the
-/// others and leaves it, untouched.
+/// receiver: `inspect` marks it `message_state: deferred`, and a redrive
+/// leases it by sequence number through `$management`, like any other
+/// message. Of eight messages, four deferred, half of each kind matching:
+/// exactly the four matching ones (two deferred) are moved, once each; the
+/// non-matching deferred ones stay, still deferred. And the pass never waits
+/// out the lease's bounded wait for a delivery that cannot come (a deferred
+/// message counted as credit did; without a lease for it, it stayed).
 #[tokio::test]
-async fn a_deferred_message_is_marked_by_inspect_and_left_by_a_redrive() {
+async fn deferred_messages_are_marked_by_inspect_and_redriven_by_filter() {
     use common::servicebus::{DEFERRED_HOST, private_emulator};
     const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DEFERRED";
     let (emu, cs, client) = private_emulator("servicebus-deferred", DEFERRED_HOST, &[]).await;
     let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
-    let msgs: Vec<TestMessage> = (0..4).map(|i| failing(i, "Timeout")).collect();
-    f.dead_letter(&msgs).await;
-    let mut rx = f.dlq_receiver().await;
-    let got = ServiceBusFixture::receive(&mut rx, 1).await;
-    let deferred_seq = got[0].sequence_number();
-    tokio::time::timeout(Duration::from_secs(20), rx.defer_message(&got[0], None))
-        .await
-        .expect("defer returns")
-        .expect("defer succeeds");
-    rx.dispose().await.ok();
-    // The deferral is queued, not confirmed: wait until a browse shows it
-    // (as Azure marks it, `x-opt-message-state` 1).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f
-        .browse_dlq()
-        .await
-        .iter()
-        .any(|m| m.sequence_number() == deferred_seq && m.state() == ServiceBusMessageState::Deferred)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the emulator never showed the message deferred"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let reason = |i: usize| if i.is_multiple_of(2) { "Timeout" } else { "Invalid" };
+    let msgs: Vec<TestMessage> = (0..8).map(|i| failing(i, reason(i))).collect();
+    let deferred = dead_letter_and_defer(&f, &msgs, 4).await;
+    assert_eq!(deferred, bodies(|i| i < 4, 8));
 
     let config = f.config_file_with("");
     let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
@@ -2051,34 +2109,196 @@ async fn a_deferred_message_is_marked_by_inspect_and_left_by_a_redrive() {
         .as_array()
         .or_else(|| shown.as_array())
         .expect("a list of messages");
-    assert_eq!(messages.len(), 4, "{shown}");
-    let states: Vec<(String, Option<&str>)> = messages
-        .iter()
-        .map(|m| {
-            (
-                m["properties"]["sequence_number"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                m["properties"]["message_state"].as_str(),
-            )
-        })
-        .collect();
-    for (seq, state) in &states {
-        let want = (*seq == deferred_seq.to_string()).then_some("deferred");
-        assert_eq!(*state, want, "message {seq}: {states:?}");
+    assert_eq!(messages.len(), 8, "{shown}");
+    for m in messages {
+        let body = m["body_text"].as_str().unwrap_or_default();
+        let want = deferred.iter().any(|d| d == body).then_some("deferred");
+        assert_eq!(m["properties"]["message_state"].as_str(), want, "{m}");
     }
 
-    let (code, said) = redrive_to(&f, ENV, &cs, &f.entity);
-    assert_eq!(code, Some(0), "{said}");
-    assert!(said.contains("settled:   3"), "{said}");
-    assert_eq!(f.drain_source().await.len(), 3);
-    let left = f.browse_dlq().await;
+    let (code, summary, log) = redrive_json(&f, ENV, &cs, &["--filter", r#"reason == "Timeout""#]);
+    assert_eq!(code, Some(0), "{summary}{log}");
+    assert!(!log.contains(LEASE_WAITED), "the pass waited for a delivery: {log}");
+    assert_eq!(summary["examined"], 8, "{summary}");
+    assert_eq!(summary["matched"], 4, "{summary}");
+    assert_eq!(summary["settled"], 4, "{summary}");
+    let mut moved: Vec<String> = f
+        .drain_source()
+        .await
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    moved.sort();
+    assert_eq!(moved, bodies(|i| i.is_multiple_of(2), 8), "each match moved once");
+    let (left, still_deferred) = dlq_bodies(&f).await;
+    assert_eq!(left, bodies(|i| !i.is_multiple_of(2), 8), "the others stay");
     assert_eq!(
-        left.iter().map(|m| m.sequence_number()).collect::<Vec<_>>(),
-        vec![deferred_seq],
-        "only the deferred message stays"
+        still_deferred,
+        bodies(|i| !i.is_multiple_of(2) && i < 4, 8),
+        "and stay deferred"
     );
+}
+
+/// A dry run leases the deferred messages too (they count as matched), and
+/// abandons their locks through `$management`: they stay deferred, and at
+/// once a redrive can lease them again (a lock left to lapse would keep them
+/// from it for the lock's duration).
+#[tokio::test]
+async fn a_dry_run_leaves_deferred_messages_deferred() {
+    use common::servicebus::{DEFERRED_DRY_RUN_HOST, private_emulator};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DEFERRED_DRY_RUN";
+    let (emu, cs, client) = private_emulator(
+        "servicebus-deferred-dry-run",
+        DEFERRED_DRY_RUN_HOST,
+        &["--lock-duration", "5m"],
+    )
+    .await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let msgs: Vec<TestMessage> = (0..5).map(|i| failing(i, "Timeout")).collect();
+    let deferred = dead_letter_and_defer(&f, &msgs, 3).await;
+
+    let (code, summary, log) = redrive_json(&f, ENV, &cs, &["--dry-run"]);
+    assert_eq!(code, Some(0), "{summary}{log}");
+    assert_eq!(summary["matched"], 5, "deferred messages are leased too: {summary}");
+    assert_eq!(summary["settled"], 0, "{summary}");
+    assert!(!log.contains(LEASE_WAITED), "{log}");
+    assert_eq!(dlq_bodies(&f).await, (bodies(|_| true, 5), deferred));
+
+    let (code, summary, log) = redrive_json(&f, ENV, &cs, &[]);
+    assert_eq!(code, Some(0), "{summary}{log}");
+    assert_eq!(summary["settled"], 5, "released, not left locked: {summary}");
+    assert_eq!(f.drain_source().await.len(), 5);
+    assert_eq!(f.dlq_count().await, 0);
+}
+
+/// `--max` counts deferred messages as any others, exactly: with the first
+/// three of six deferred, `--max 4` moves four (the messages leased past the
+/// cap are released, the deferred ones among them still deferred), and the
+/// next run the other two; each message arrives once.
+#[tokio::test]
+async fn max_counts_deferred_messages_exactly() {
+    use common::servicebus::{DEFERRED_MAX_HOST, private_emulator};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DEFERRED_MAX";
+    let (emu, cs, client) = private_emulator("servicebus-deferred-max", DEFERRED_MAX_HOST, &[]).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let msgs: Vec<TestMessage> = (0..6).map(|i| failing(i, "Timeout")).collect();
+    let deferred = dead_letter_and_defer(&f, &msgs, 3).await;
+
+    let (code, summary, log) = redrive_json(&f, ENV, &cs, &["--max", "4"]);
+    assert_eq!(code, Some(0), "{summary}{log}");
+    assert_eq!(summary["settled"], 4, "{summary}");
+    let first: Vec<String> = f
+        .drain_source()
+        .await
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert_eq!(first.len(), 4, "{first:?}");
+    let (left, still_deferred) = dlq_bodies(&f).await;
+    assert_eq!(left.len(), 2, "{left:?}");
+    let want: Vec<String> = left.iter().filter(|b| deferred.contains(b)).cloned().collect();
+    assert_eq!(still_deferred, want, "a deferred message left stays deferred");
+
+    let (code, summary, log) = redrive_json(&f, ENV, &cs, &["--max", "10"]);
+    assert_eq!(code, Some(0), "{summary}{log}");
+    assert_eq!(summary["settled"], 2, "{summary}");
+    let mut all: Vec<String> = first;
+    all.extend(
+        f.drain_source()
+            .await
+            .into_iter()
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned()),
+    );
+    all.sort();
+    assert_eq!(all, bodies(|_| true, 6), "each message moved once");
+    assert_eq!(f.dlq_count().await, 0);
+}
+
+/// The journal covers deferred messages as any others: a rerun with the
+/// journal of a run that sent their copies and died before completing them
+/// completes them (by lock token, through `$management`) instead of sending
+/// them again, and redrives the rest.
+#[tokio::test]
+async fn a_rerun_completes_deferred_messages_the_journal_says_were_sent() {
+    use common::servicebus::{DEFERRED_JOURNAL_HOST, private_emulator};
+    use dlq_bridge::engine::journal::{Journal, Record};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_DEFERRED_JOURNAL";
+    let (emu, cs, client) = private_emulator("servicebus-deferred-journal", DEFERRED_JOURNAL_HOST, &[]).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let msgs: Vec<TestMessage> = (0..4).map(|i| failing(i, "Timeout")).collect();
+    let deferred = dead_letter_and_defer(&f, &msgs, 2).await;
+
+    // The run that died: it had sent the deferred messages' copies.
+    let config = f.config_file_with("");
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args(["--config", config.to_str().unwrap(), "inspect", "dlq", "-o", "json"])
+        .output()
+        .expect("dlq-bridge ran");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect -o json");
+    let messages = shown["messages"]
+        .as_array()
+        .or_else(|| shown.as_array())
+        .expect("a list of messages");
+    let dir = std::env::temp_dir().join(format!("dlqb-sb-deferred-{}", uuid::Uuid::new_v4().simple()));
+    let path = dir.join("journal.jsonl");
+    let journal = Journal::open(&path).expect("a journal");
+    for m in messages {
+        if !deferred.iter().any(|d| m["body_text"] == d.as_str()) {
+            continue;
+        }
+        let enqueued_at = m["enqueued_at"].as_str().expect("an enqueue time");
+        journal
+            .append(&Record::Sent {
+                run: "died".into(),
+                queue: Some("dlq".into()),
+                id: m["id"].as_str().expect("an id").into(),
+                enqueued_at: Some(enqueued_at.parse().expect("an RFC 3339 time")),
+                destination: f.entity.clone(),
+                dest_id: "copy".into(),
+            })
+            .expect("journaled");
+    }
+    journal.sync().expect("synced");
+    drop(journal);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+        .env_remove("DLQ_BRIDGE_CONFIG")
+        .env(ENV, &cs)
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "redrive",
+            "dlq",
+            "--yes",
+            "-o",
+            "json",
+        ])
+        .arg("--journal")
+        .arg(&path)
+        .output()
+        .expect("dlq-bridge ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+    assert_eq!(summary["settled_from_journal"], 2, "{summary}");
+    assert_eq!(summary["sent"], 2, "{summary}");
+    let mut moved: Vec<String> = f
+        .drain_source()
+        .await
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    moved.sort();
+    assert_eq!(moved, bodies(|i| i >= 2, 4), "the deferred ones are not sent again");
+    assert_eq!(f.dlq_count().await, 0, "and are completed");
+    std::fs::remove_dir_all(dir).ok();
 }
 
 /// `report --scan N` on Service Bus (a true peek) keeps its groups, not the

@@ -90,6 +90,12 @@ pub const REFUSALS_HOST: &str = "127.0.0.17";
 /// test listens (its own build, which marks deferred messages, whatever
 /// emulator a script started).
 pub const DEFERRED_HOST: &str = "127.0.0.18";
+/// Where the private emulators of `tests/servicebus.rs`'s dry-run and
+/// `--max` tests of deferred messages listen.
+pub const DEFERRED_DRY_RUN_HOST: &str = "127.0.0.19";
+pub const DEFERRED_MAX_HOST: &str = "127.0.0.20";
+/// And of its test that a rerun completes what the journal says was sent.
+pub const DEFERRED_JOURNAL_HOST: &str = "127.0.0.21";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 

@@ -12,7 +12,7 @@
 //! (delivery id and tag) of a held message. Settling by lock token through
 //! `$management` (`com.microsoft:update-disposition`) is no way out: Service
 //! Bus accepts it only for messages received through `$management`
-//! (deferred ones); a lock taken on a link is settled on that link.
+//! (deferred ones, see below); a lock taken on a link is settled on that link.
 //!
 //! One task owns the connection, the session, the `$cbs` client and the
 //! receiver link of the dead-letter queue, and serves the backend's commands
@@ -34,8 +34,11 @@
 //! is out, so a lease takes its credit at once and costs one round trip
 //! instead of two. A browse's answer carries whole messages, so it asks for
 //! as many as fit in [`BROWSE_BYTES`] at the size of the last ones browsed.
-//! Only the last browsed message is decoded, for its sequence number: the
-//! next browse starts past it, so no message is counted twice. A lease waits for a full share while more may come; once a
+//! No browsed message is decoded: each is read, where it lies in the
+//! answer, only as far as its message annotations (`scan_annotations`), for
+//! its sequence number and whether it is deferred. The next browse starts
+//! past the last one, so no message is counted twice; a deferred one is not
+//! counted as credit at all (see below). A lease waits for a full share while more may come; once a
 //! browse shows fewer than it asked for, a lease takes what is known, and a
 //! browse that shows none answers the waiting leases empty (the pass is
 //! drained). Credit left over would make the broker deliver a
@@ -49,6 +52,23 @@
 //! credit still open is tracked; messages that arrive on it later are kept
 //! (at most that credit, at most a batch) and handed to the next lease. A
 //! lease whose caller went away (cancelled) abandons what it received.
+//!
+//! ## Deferred messages
+//! A deferred message is delivered to no receiver link: credit granted for
+//! one would bring nothing, and the lease would wait out [`LEASE_WAIT`]. The
+//! browses keep the sequence numbers of the deferred messages they show
+//! apart instead, and the next leases take those first, each up to its
+//! share, before any credit: a third `$management` link, attached when the
+//! first deferred message is met, in a task of its own (`deferred_loop`),
+//! locks them with `com.microsoft:receive-by-sequence-number` (peek-lock,
+//! `receiver-settle-mode` 1) and settles them by lock token with
+//! `com.microsoft:update-disposition` (`completed`, or `abandoned`, which
+//! leaves a message deferred). A receive that names a message another
+//! consumer locked or settled since the browse is refused whole: it is made
+//! again a message at a time, and the refused ones are left out. The
+//! broker's answer to a disposition is its confirmation. Such leases count
+//! as handed out like the link's deliveries, so a new pass starts only once
+//! they too are settled or released.
 //!
 //! ## Dispositions
 //! fe2o3-amqp returns from `accept` / `modify` once the disposition is queued
@@ -93,7 +113,7 @@ use fe2o3_amqp_management::status::StatusCode;
 use fe2o3_amqp_types::definitions::ReceiverSettleMode;
 use fe2o3_amqp_types::messaging::{AmqpValue, FromBody, FromEmptyBody};
 use fe2o3_amqp_types::messaging::{Body, Message, Modified, Source};
-use fe2o3_amqp_types::primitives::{OrderedMap, Timestamp, Value};
+use fe2o3_amqp_types::primitives::{Array, OrderedMap, Timestamp, Uuid as AmqpUuid, Value};
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use tokio::sync::{mpsc, oneshot};
@@ -104,6 +124,8 @@ use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, R
 use super::{WorkloadIdentityCredential, refusal_error, refusal_in, sas_token, unix_now};
 
 const PEEK_OPERATION: &str = "com.microsoft:peek-message";
+const RECEIVE_BY_SEQUENCE_OPERATION: &str = "com.microsoft:receive-by-sequence-number";
+const UPDATE_DISPOSITION_OPERATION: &str = "com.microsoft:update-disposition";
 const SAS_TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
 const JWT_TOKEN_TYPE: &str = "jwt";
 const ENTRA_SCOPE: &str = "https://servicebus.azure.net/.default";
@@ -307,11 +329,22 @@ fn timestamp(unix_secs: u64) -> Timestamp {
 
 /// A received message and what settles it.
 pub(super) struct Delivered {
-    pub info: DeliveryInfo,
+    pub lock: Lock,
     pub message: Message<Body<Value>>,
 }
 
+/// What settles a received message: a delivery on the receiver link is
+/// settled on that link; a deferred message, received by sequence number
+/// through `$management`, by its lock token there.
+pub(super) enum Lock {
+    Link(DeliveryInfo),
+    Token(uuid::Uuid),
+}
+
 type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// Each lock token's outcome, in order: None when it was applied, else why not.
+pub(super) type TokenOutcomes = Vec<Option<String>>;
 
 enum Command {
     Lease {
@@ -322,6 +355,14 @@ enum Command {
         infos: Vec<DeliveryInfo>,
         complete: bool,
         reply: Reply<()>,
+    },
+    /// Complete or abandon lock tokens of deferred messages; `counted` of
+    /// them were handed out by this link (the others by an earlier one).
+    Settle {
+        tokens: Vec<uuid::Uuid>,
+        complete: bool,
+        counted: usize,
+        reply: Reply<TokenOutcomes>,
     },
 }
 
@@ -445,6 +486,29 @@ impl DlqLink {
             .await
     }
 
+    /// Complete (`complete`) or abandon deferred messages by their lock
+    /// tokens (`com.microsoft:update-disposition`), `counted` of which this
+    /// link handed out. The answer is the broker's: no confirming browse.
+    pub async fn settle_tokens(
+        &self,
+        tokens: Vec<uuid::Uuid>,
+        complete: bool,
+        counted: usize,
+        label: &LinkConfig,
+    ) -> Result<TokenOutcomes> {
+        let (reply, rx) = oneshot::channel();
+        // One call per chunk, and one per token of a chunk that failed, behind
+        // what the `$management` link has queued already.
+        let limit = CALL_TIMEOUT * (4 + tokens.len().div_ceil(MGMT_BATCH) as u32);
+        let cmd = Command::Settle {
+            tokens,
+            complete,
+            counted,
+            reply,
+        };
+        self.call(cmd, rx, limit, label).await
+    }
+
     async fn call<T>(
         &self,
         cmd: Command,
@@ -538,7 +602,20 @@ struct Actor {
     actives: VecDeque<Active>,
     /// Abandons waiting until no lease is being received (see `dispose`),
     /// with the caller to answer (none: a cancelled lease's deliveries).
-    deferred: Vec<(Vec<DeliveryInfo>, Option<Reply<()>>)>,
+    postponed: Vec<(Vec<DeliveryInfo>, Option<Reply<()>>)>,
+    /// Names the links the task attaches.
+    container: String,
+    /// Sequence numbers of deferred messages browsed and not yet asked for:
+    /// no credit brings them, a receive by sequence number does.
+    deferred: VecDeque<i64>,
+    /// The `$management` link of deferred messages ([`deferred_loop`]),
+    /// attached when the first one is met.
+    deferred_ops: Option<mpsc::UnboundedSender<DeferredOp>>,
+    /// Receives by sequence number come back here, to be handed out.
+    deferred_done: mpsc::UnboundedReceiver<DeferredDone>,
+    deferred_done_tx: mpsc::UnboundedSender<DeferredDone>,
+    /// Receives by sequence number out.
+    receiving_deferred: usize,
 }
 
 /// The part of the link's opening that does not name the dead-letter queue:
@@ -725,6 +802,7 @@ impl Actor {
         let (confirms, batches) = mpsc::unbounded_channel();
         let (failed, confirm_failed) = mpsc::channel(1);
         tokio::spawn(confirm_loop(cfg.clone(), confirming, batches, failed));
+        let (deferred_done_tx, deferred_done) = mpsc::unbounded_channel();
         Ok(Self {
             cfg,
             connection,
@@ -749,7 +827,13 @@ impl Actor {
             stash: Vec::new(),
             pending: VecDeque::new(),
             actives: VecDeque::new(),
-            deferred: Vec::new(),
+            postponed: Vec::new(),
+            container,
+            deferred: VecDeque::new(),
+            deferred_ops: None,
+            deferred_done,
+            deferred_done_tx,
+            receiving_deferred: 0,
         })
     }
 
@@ -788,7 +872,7 @@ impl Actor {
             for p in self.pending.drain(..) {
                 let _ = p.reply.send(Err(err()));
             }
-            for (_, reply) in self.deferred.drain(..) {
+            for (_, reply) in self.postponed.drain(..) {
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(err()));
                 }
@@ -798,6 +882,7 @@ impl Actor {
                 match cmd {
                     Command::Lease { reply, .. } => drop(reply.send(Err(err()))),
                     Command::Dispose { reply, .. } => drop(reply.send(Err(err()))),
+                    Command::Settle { reply, .. } => drop(reply.send(Err(err()))),
                 }
             }
         }
@@ -820,6 +905,12 @@ impl Actor {
                 match cmd {
                     Command::Lease { max, reply } => self.pending.push_back(LeaseRequest { max, reply }),
                     Command::Dispose { infos, complete, reply } => disposals.push((infos, complete, reply)),
+                    Command::Settle {
+                        tokens,
+                        complete,
+                        counted,
+                        reply,
+                    } => self.settle_tokens(tokens, complete, counted, Some(reply)).await?,
                 }
             }
             if !disposals.is_empty() {
@@ -828,11 +919,11 @@ impl Actor {
             // Leases start (browse and grant their credit) while earlier ones
             // are still being received: with several leases in flight, the
             // leases asked for during one browse cost the next one together.
-            if !self.deferred.is_empty() {
+            if !self.postponed.is_empty() {
                 // No new lease starts before the abandons waiting for the
                 // ones being received are applied: they wait one lease at most.
                 if self.actives.is_empty() {
-                    self.flush_deferred().await?;
+                    self.flush_postponed().await?;
                     continue;
                 }
             } else if !self.pending.is_empty() && self.start_leases().await? {
@@ -856,7 +947,21 @@ impl Actor {
                     Some(Command::Dispose { infos, complete, reply }) => {
                         self.dispose(vec![(infos, complete, reply)]).await?;
                     }
+                    Some(Command::Settle { tokens, complete, counted, reply }) => {
+                        self.settle_tokens(tokens, complete, counted, Some(reply)).await?;
+                    }
                 },
+                Some((req, got)) = self.deferred_done.recv() => {
+                    self.receiving_deferred -= 1;
+                    match got {
+                        // Every one was refused (another consumer has them):
+                        // an empty lease would end the pass, so the lease
+                        // waits for what comes next instead.
+                        Ok(got) if got.is_empty() => self.pending.push_front(req),
+                        Ok(got) => self.hand_out(req.reply, got).await?,
+                        Err(e) => drop(req.reply.send(Err(e))),
+                    }
+                }
                 // Polled with no credit out too: nothing can arrive then but
                 // the broker's detach (a deleted entity, a lapsed token),
                 // which an idle link must notice, or the leases and settles
@@ -908,16 +1013,36 @@ impl Actor {
             self.hand_out(req.reply, out).await?;
             return Ok(true);
         }
-        if self.handed_out == 0 && self.actives.is_empty() && self.credit == 0 && self.pass_used {
+        if self.handed_out == 0
+            && self.actives.is_empty()
+            && self.credit == 0
+            && self.receiving_deferred == 0
+            && self.pass_used
+        {
             // Nothing is held or coming: a new pass, which must see from the
             // beginning again what the last one released.
             self.pass += 1;
             self.pass_used = false;
             self.browse_from = 1;
             self.known = 0;
+            self.deferred.clear();
             self.short = false;
             self.drained = false;
             self.browse_out = None;
+        }
+        // Deferred messages browsed go first, each lease taking up to its
+        // share by sequence number: credit would bring none of them.
+        let mut started = false;
+        while !self.deferred.is_empty() {
+            let Some(req) = self.pending.pop_front() else { break };
+            let n = (req.max.max(1) as usize).min(self.deferred.len());
+            let seqs: Vec<i64> = self.deferred.drain(..n).collect();
+            self.receive_deferred(seqs, req).await?;
+            self.pass_used = true;
+            started = true;
+        }
+        if started {
+            return Ok(true);
         }
         // With no more known to come, a lease takes what there is; otherwise
         // it waits for a full share (the browse out, or the next, brings it).
@@ -960,7 +1085,11 @@ impl Actor {
     /// Browse ahead while no lease waits: the next leases then start with
     /// the credit at once, and a lease costs one round trip instead of two.
     fn read_ahead(&mut self) {
-        if self.browse_out.is_none() && !self.drained && self.deferred.is_empty() && self.known < MAX_BROWSE {
+        if self.browse_out.is_none()
+            && !self.drained
+            && self.postponed.is_empty()
+            && self.known + self.deferred.len() < MAX_BROWSE
+        {
             self.ask_browse();
         }
     }
@@ -987,16 +1116,16 @@ impl Actor {
         if pass != self.pass {
             return;
         }
-        let Browsed {
-            shown: available, last, ..
-        } = browsed;
-        self.known += available;
-        self.short = available < asked;
-        self.drained = available == 0;
-        if let Some(last) = last {
+        // Deferred messages are not counted for credit: none would come for
+        // them, and a lease would wait out LEASE_WAIT.
+        self.known += browsed.active();
+        self.short = browsed.shown < asked;
+        self.drained = browsed.shown == 0;
+        if let Some(last) = browsed.last {
             self.browse_from = self.browse_from.max(last.saturating_add(1));
         }
-        if self.drained && self.known == 0 {
+        self.deferred.extend(browsed.deferred);
+        if self.drained && self.known == 0 && self.deferred.is_empty() {
             for req in self.pending.drain(..) {
                 let _ = req.reply.send(Ok(Vec::new()));
             }
@@ -1012,7 +1141,10 @@ impl Actor {
         if let Some(seq) = sequence_number(&message) {
             self.browse_from = self.browse_from.max(seq.saturating_add(1));
         }
-        let d = Delivered { info, message };
+        let d = Delivered {
+            lock: Lock::Link(info),
+            message,
+        };
         match self.actives.front_mut() {
             Some(a) => {
                 a.got.push(d);
@@ -1033,10 +1165,82 @@ impl Actor {
         match reply.send(Ok(got)) {
             Ok(()) => self.handed_out += n,
             Err(Ok(got)) if !got.is_empty() => {
-                let infos: Vec<DeliveryInfo> = got.into_iter().map(|d| d.info).collect();
-                self.deferred.push((infos, None));
+                let (mut infos, mut tokens) = (Vec::new(), Vec::new());
+                for d in got {
+                    match d.lock {
+                        Lock::Link(info) => infos.push(info),
+                        Lock::Token(token) => tokens.push(token),
+                    }
+                }
+                if !infos.is_empty() {
+                    self.postponed.push((infos, None));
+                }
+                if !tokens.is_empty() {
+                    self.settle_tokens(tokens, false, 0, None).await?;
+                }
             }
             Err(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The `$management` link of deferred messages, attached on first use
+    /// (on the browsing session: most passes meet no deferred message).
+    async fn deferred_ops(&mut self) -> Result<&mpsc::UnboundedSender<DeferredOp>> {
+        if self.deferred_ops.as_ref().is_none_or(|ops| ops.is_closed()) {
+            let name = format!("{}-deferred", self.container);
+            let mgmt = attach_management(&self.cfg, &mut self.browse_session, name).await?;
+            let (ops, rx) = mpsc::unbounded_channel();
+            tokio::spawn(deferred_loop(self.cfg.clone(), mgmt, rx));
+            self.deferred_ops = Some(ops);
+        }
+        Ok(self.deferred_ops.as_ref().expect("just attached"))
+    }
+
+    /// Lock the deferred messages `seqs` for the lease `req`; the answer
+    /// comes back on `deferred_done` and is handed out from there.
+    async fn receive_deferred(&mut self, seqs: Vec<i64>, req: LeaseRequest) -> Result<()> {
+        let done = self.deferred_done_tx.clone();
+        let ops = self.deferred_ops().await?;
+        if let Err(mpsc::error::SendError(op)) = ops.send(DeferredOp::Receive { seqs, req, done }) {
+            if let DeferredOp::Receive { req, .. } = op {
+                let _ = req
+                    .reply
+                    .send(Err(self.cfg.unreachable("the deferred messages' link ended")));
+            }
+            return Ok(());
+        }
+        self.receiving_deferred += 1;
+        Ok(())
+    }
+
+    /// Hand lock tokens to the deferred messages' link to complete or
+    /// abandon; `counted` of them were handed out by this link.
+    async fn settle_tokens(
+        &mut self,
+        tokens: Vec<uuid::Uuid>,
+        complete: bool,
+        counted: usize,
+        reply: Option<Reply<TokenOutcomes>>,
+    ) -> Result<()> {
+        self.handed_out = self.handed_out.saturating_sub(counted);
+        let ops = match self.deferred_ops().await {
+            Ok(ops) => ops,
+            Err(e) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(e));
+                }
+                return Ok(());
+            }
+        };
+        if let Err(mpsc::error::SendError(DeferredOp::Settle { reply: Some(reply), .. })) =
+            ops.send(DeferredOp::Settle {
+                tokens,
+                complete,
+                reply,
+            })
+        {
+            let _ = reply.send(Err(self.cfg.unreachable("the deferred messages' link ended")));
         }
         Ok(())
     }
@@ -1051,7 +1255,7 @@ impl Actor {
         let mut replies = Vec::with_capacity(batch.len());
         for (infos, complete, reply) in batch {
             if !complete && !self.actives.is_empty() {
-                self.deferred.push((infos, Some(reply)));
+                self.postponed.push((infos, Some(reply)));
                 continue;
             }
             if failure.is_none() {
@@ -1069,10 +1273,10 @@ impl Actor {
         self.confirm(failure, replies)
     }
 
-    async fn flush_deferred(&mut self) -> Result<()> {
+    async fn flush_postponed(&mut self) -> Result<()> {
         let mut failure = None;
         let mut replies = Vec::new();
-        for (infos, reply) in std::mem::take(&mut self.deferred) {
+        for (infos, reply) in std::mem::take(&mut self.postponed) {
             if failure.is_none() {
                 let n = infos.len();
                 failure = within(&self.cfg, "abandon", self.receiver.modify_all(infos, abandon()))
@@ -1240,12 +1444,21 @@ async fn attach_sender(
 }
 
 /// What a browse showed: how many messages, the last one's sequence number,
-/// and the bytes of their encodings (which size the next browse).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// the bytes of their encodings (which size the next browse), and the
+/// sequence numbers of the deferred ones among them, which no credit brings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Browsed {
     shown: usize,
     last: Option<i64>,
     bytes: usize,
+    deferred: Vec<i64>,
+}
+
+impl Browsed {
+    /// The messages a receive on the link can get.
+    fn active(&self) -> usize {
+        self.shown - self.deferred.len()
+    }
 }
 
 struct BrowseRequest {
@@ -1288,6 +1501,154 @@ async fn browse(cfg: &LinkConfig, mgmt: &mut MgmtClient, from: i64, count: i32) 
         Ok(Ok(PeekCount(browsed))) => Ok(browsed),
         Ok(Err(e)) => Err(cfg.classify("browse the dead-letter queue", &e)),
         Err(_) => Err(cfg.unreachable("browsing the dead-letter queue timed out")),
+    }
+}
+
+/// What the deferred messages' `$management` link ([`deferred_loop`]) is asked.
+enum DeferredOp {
+    /// Lock these deferred messages for a lease; the answer goes to `done`
+    /// with the lease's request, for the link's task to hand out.
+    Receive {
+        seqs: Vec<i64>,
+        req: LeaseRequest,
+        done: mpsc::UnboundedSender<DeferredDone>,
+    },
+    /// Complete or abandon by lock token (no caller: a cancelled lease's).
+    Settle {
+        tokens: Vec<uuid::Uuid>,
+        complete: bool,
+        reply: Option<Reply<TokenOutcomes>>,
+    },
+}
+
+/// A receive by sequence number's answer, with the lease it is for.
+type DeferredDone = (LeaseRequest, Result<Vec<Delivered>>);
+
+/// Sequence numbers or lock tokens per `$management` request: Service Bus
+/// documents no limit, and the SDKs send a handful; a pass's releases can
+/// hold a thousand.
+const MGMT_BATCH: usize = 100;
+
+/// Receives deferred messages by sequence number and settles them by lock
+/// token, one request at a time, on a `$management` link of its own: a
+/// deferred message is delivered to no receiver link, and a lock taken
+/// through `$management` is settled there. The broker's answer to a
+/// disposition is its confirmation (no browse behind it, as a link's
+/// dispositions need).
+async fn deferred_loop(cfg: Arc<LinkConfig>, mut mgmt: MgmtClient, mut ops: mpsc::UnboundedReceiver<DeferredOp>) {
+    while let Some(op) = ops.recv().await {
+        match op {
+            DeferredOp::Receive { seqs, req, done } => {
+                let got = receive_deferred(&cfg, &mut mgmt, &seqs).await;
+                let _ = done.send((req, got));
+            }
+            DeferredOp::Settle {
+                tokens,
+                complete,
+                reply,
+            } => {
+                let outcomes = update_disposition(&cfg, &mut mgmt, &tokens, complete).await;
+                match reply {
+                    Some(reply) => drop(reply.send(outcomes)),
+                    // A cancelled lease's locks lapse if this fails: the
+                    // messages stay deferred in the dead-letter queue.
+                    None => {
+                        if let Err(e) = outcomes {
+                            tracing::debug!(error = %e, "abandoning a cancelled lease's deferred messages failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, mgmt.close()).await;
+}
+
+/// The broker answered, and refused: another call may still go through (a
+/// message another consumer locked or completed meanwhile, a lost lock).
+fn refused(e: &BackendError) -> bool {
+    !matches!(e, BackendError::Unreachable { .. } | BackendError::Tls { .. })
+}
+
+/// Lock the deferred messages `seqs` (`com.microsoft:receive-by-sequence-number`,
+/// peek-lock). One that another consumer locked or settled since the browse
+/// fails its whole request: a chunk refused so is asked again a message at
+/// a time, and those still refused are left out (someone else has them).
+async fn receive_deferred(cfg: &LinkConfig, mgmt: &mut MgmtClient, seqs: &[i64]) -> Result<Vec<Delivered>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(MGMT_BATCH) {
+        match receive_by_sequence(cfg, mgmt, chunk).await {
+            Ok(got) => out.extend(got),
+            Err(e) if refused(&e) => {
+                tracing::debug!(error = %e, count = chunk.len(), "a receive of deferred messages was refused");
+                if chunk.len() == 1 {
+                    continue;
+                }
+                for seq in chunk {
+                    match receive_by_sequence(cfg, mgmt, std::slice::from_ref(seq)).await {
+                        Ok(got) => out.extend(got),
+                        Err(e) if refused(&e) => {
+                            tracing::debug!(error = %e, seq, "deferred message not locked");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+async fn receive_by_sequence(cfg: &LinkConfig, mgmt: &mut MgmtClient, seqs: &[i64]) -> Result<Vec<Delivered>> {
+    let what = "receive deferred messages of the dead-letter queue";
+    match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(ReceiveBySequence::request(seqs))).await {
+        Ok(Ok(ReceivedDeferred(got))) => Ok(got),
+        Ok(Err(e)) => Err(cfg.classify(what, &e)),
+        Err(_) => Err(cfg.unreachable(format!("{what}: timed out"))),
+    }
+}
+
+/// Complete or abandon deferred messages by lock token
+/// (`com.microsoft:update-disposition`): each token's outcome. A request
+/// the broker refuses (one lock lost) is made again a token at a time, so
+/// that the others are still settled and each failure is known.
+async fn update_disposition(
+    cfg: &LinkConfig,
+    mgmt: &mut MgmtClient,
+    tokens: &[uuid::Uuid],
+    complete: bool,
+) -> Result<TokenOutcomes> {
+    let mut out = Vec::with_capacity(tokens.len());
+    for chunk in tokens.chunks(MGMT_BATCH) {
+        match dispose_tokens(cfg, mgmt, chunk, complete).await {
+            Ok(()) => out.extend(chunk.iter().map(|_| None)),
+            Err(e) if refused(&e) && chunk.len() > 1 => {
+                for token in chunk {
+                    match dispose_tokens(cfg, mgmt, std::slice::from_ref(token), complete).await {
+                        Ok(()) => out.push(None),
+                        Err(e) if refused(&e) => out.push(Some(e.to_string())),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) if refused(&e) => out.push(Some(e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+async fn dispose_tokens(cfg: &LinkConfig, mgmt: &mut MgmtClient, tokens: &[uuid::Uuid], complete: bool) -> Result<()> {
+    let what = if complete {
+        "complete deferred messages of the dead-letter queue"
+    } else {
+        "abandon deferred messages of the dead-letter queue"
+    };
+    match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(UpdateDisposition::request(tokens, complete))).await {
+        Ok(Ok(Disposed)) => Ok(()),
+        Ok(Err(e)) => Err(cfg.classify(what, &e)),
+        Err(_) => Err(cfg.unreachable(format!("{what}: timed out"))),
     }
 }
 
@@ -1352,6 +1713,14 @@ pub(super) fn sequence_number(m: &Message<Body<Value>>) -> Option<i64> {
     }
 }
 
+/// Service Bus's `x-opt-message-state` 1: the message was deferred.
+pub(super) fn is_deferred(m: &Message<Body<Value>>) -> bool {
+    matches!(
+        super::annotation(m, "x-opt-message-state"),
+        Some(Value::Long(1) | Value::Int(1))
+    )
+}
+
 /// `com.microsoft:peek-message`, answered by the number of messages and the
 /// last one's sequence number.
 struct PeekCount(Browsed);
@@ -1379,17 +1748,166 @@ impl Request for PeekRequest {
     }
 }
 
+/// `com.microsoft:receive-by-sequence-number`, in peek-lock mode.
+struct ReceiveBySequence {
+    body: OrderedMap<String, Value>,
+}
+
+impl ReceiveBySequence {
+    fn request(seqs: &[i64]) -> Self {
+        let mut body = OrderedMap::with_capacity(2);
+        let seqs: Vec<Value> = seqs.iter().map(|s| Value::Long(*s)).collect();
+        body.insert("sequence-numbers".to_string(), Value::Array(Array::from(seqs)));
+        // AMQP's receiver-settle-mode `second`: peek-lock. A uint, as the
+        // SDKs send it.
+        body.insert("receiver-settle-mode".to_string(), Value::Uint(1));
+        Self { body }
+    }
+}
+
+impl Request for ReceiveBySequence {
+    const OPERATION: &'static str = RECEIVE_BY_SEQUENCE_OPERATION;
+    type Response = ReceivedDeferred;
+    type Body = OrderedMap<String, Value>;
+
+    fn encode_body(self) -> Self::Body {
+        self.body
+    }
+}
+
+/// The deferred messages a receive by sequence number locked.
+struct ReceivedDeferred(Vec<Delivered>);
+
+impl Response for ReceivedDeferred {
+    const STATUS_CODE: u16 = 200;
+    type Body = AnyBody;
+    type Error = ManagementError;
+
+    fn decode_message(message: Message<Self::Body>) -> std::result::Result<Self, Self::Error> {
+        use fe2o3_amqp_types::messaging::message::__private::Deserializable;
+        let invalid = |expected: &str, actual: &dyn std::fmt::Debug| {
+            ManagementError::from(fe2o3_amqp_management::error::InvalidType {
+                expected: expected.into(),
+                actual: format!("{actual:?}"),
+            })
+        };
+        let messages = match &message.body.0 {
+            Value::Map(map) => match entry(map, "messages") {
+                Some(Value::List(list)) => list.as_slice(),
+                Some(Value::Array(Array(list))) => list.as_slice(),
+                _ => &[],
+            },
+            _ => &[],
+        };
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            let Value::Map(m) = m else {
+                return Err(invalid("a map with `message` and `lock-token`", m));
+            };
+            let token = match entry(m, "lock-token") {
+                Some(Value::Uuid(u)) => uuid::Uuid::from_bytes(u.clone().into_inner()),
+                other => return Err(invalid("a `lock-token` uuid", &other)),
+            };
+            let message = match entry(m, "message") {
+                Some(Value::Binary(b)) => {
+                    let decoded: Deserializable<Message<Body<Value>>> =
+                        serde_amqp::from_slice(b.as_ref()).map_err(|e| invalid("an AMQP message", &e))?;
+                    decoded.0
+                }
+                other => return Err(invalid("a `message` binary", &other)),
+            };
+            out.push(Delivered {
+                lock: Lock::Token(token),
+                message,
+            });
+        }
+        Ok(Self(out))
+    }
+}
+
+/// `com.microsoft:update-disposition` of lock tokens: completed or abandoned.
+struct UpdateDisposition {
+    body: OrderedMap<String, Value>,
+}
+
+impl UpdateDisposition {
+    fn request(tokens: &[uuid::Uuid], complete: bool) -> Self {
+        let mut body = OrderedMap::with_capacity(2);
+        let status = if complete { "completed" } else { "abandoned" };
+        body.insert("disposition-status".to_string(), Value::String(status.into()));
+        let tokens: Vec<Value> = tokens
+            .iter()
+            .map(|t| Value::Uuid(AmqpUuid::from(*t.as_bytes())))
+            .collect();
+        body.insert("lock-tokens".to_string(), Value::Array(Array::from(tokens)));
+        Self { body }
+    }
+}
+
+impl Request for UpdateDisposition {
+    const OPERATION: &'static str = UPDATE_DISPOSITION_OPERATION;
+    type Response = Disposed;
+    type Body = OrderedMap<String, Value>;
+
+    fn encode_body(self) -> Self::Body {
+        self.body
+    }
+}
+
+/// The broker applied a disposition.
+struct Disposed;
+
+impl Response for Disposed {
+    const STATUS_CODE: u16 = 200;
+    type Body = AnyBody;
+    type Error = ManagementError;
+
+    fn decode_message(_: Message<Self::Body>) -> std::result::Result<Self, Self::Error> {
+        Ok(Self)
+    }
+}
+
+/// A management answer's body, whatever it holds (null when none).
+#[derive(Debug)]
+struct AnyBody(Value);
+
+impl FromEmptyBody for AnyBody {
+    fn from_empty_body() -> std::result::Result<Self, serde_amqp::Error> {
+        Ok(Self(Value::Null))
+    }
+}
+
+impl FromBody<'_> for AnyBody {
+    type Body = AmqpValue<Value>;
+
+    fn from_body(body: Self::Body) -> Self {
+        Self(body.0)
+    }
+}
+
+/// A map's entry by its string or symbol key.
+fn entry<'a>(map: &'a OrderedMap<Value, Value>, key: &str) -> Option<&'a Value> {
+    map.iter().find_map(|(k, v)| match k {
+        Value::String(s) if s == key => Some(v),
+        Value::Symbol(s) if s.0 == key => Some(v),
+        _ => None,
+    })
+}
+
 /// The body of a peek's answer, read without keeping its messages: how many
-/// there are, their encodings' bytes, and the encoding of the last. The
-/// answer holds up to [`MAX_BROWSE`] whole messages for a count and one
-/// sequence number; decoding them into maps of owned buffers was a twentieth
-/// of a redrive's CPU (bench/analysis.md, seventh round). A 204 answer's body
-/// is null.
+/// there are, their encodings' bytes, the greatest sequence number among
+/// them and those of the deferred ones. The answer holds up to
+/// [`MAX_BROWSE`] whole messages; decoding them into maps of owned buffers
+/// was a twentieth of a redrive's CPU (bench/analysis.md, seventh round), so
+/// each message is read only up to its message annotations
+/// ([`scan_annotations`]), in the answer's buffer. A 204 answer's body is
+/// null.
 #[derive(Debug, Default)]
 struct PeekBody {
     count: usize,
     bytes: usize,
-    last: Vec<u8>,
+    last: Option<i64>,
+    deferred: Vec<i64>,
 }
 
 impl FromEmptyBody for PeekBody {
@@ -1484,17 +2002,15 @@ impl<'de> Visitor<'de> for PeekedMessages<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
-        while seq.next_element_seed(PeekedMessage(&mut self.0.last))?.is_some() {
+        while seq.next_element_seed(PeekedMessage(&mut *self.0))?.is_some() {
             self.0.count += 1;
-            self.0.bytes += self.0.last.len();
         }
         Ok(())
     }
 }
 
-/// One peeked message's map: its `message` binary is copied into the buffer
-/// the previous one used.
-struct PeekedMessage<'a>(&'a mut Vec<u8>);
+/// One peeked message's map: its `message` binary is scanned where it lies.
+struct PeekedMessage<'a>(&'a mut PeekBody);
 
 impl<'de> DeserializeSeed<'de> for PeekedMessage<'_> {
     type Value = ();
@@ -1514,7 +2030,7 @@ impl<'de> Visitor<'de> for PeekedMessage<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
         while let Some(wanted) = map.next_key_seed(KeyIs("message"))? {
             if wanted {
-                map.next_value_seed(CopyBytes(&mut *self.0))?;
+                map.next_value_seed(ScanMessage(&mut *self.0))?;
             } else {
                 map.next_value::<Value>()?;
             }
@@ -1523,10 +2039,10 @@ impl<'de> Visitor<'de> for PeekedMessage<'_> {
     }
 }
 
-/// A binary value, copied into a reused buffer.
-struct CopyBytes<'a>(&'a mut Vec<u8>);
+/// A peeked message's encoding, counted and scanned into a [`PeekBody`].
+struct ScanMessage<'a>(&'a mut PeekBody);
 
-impl<'de> DeserializeSeed<'de> for CopyBytes<'_> {
+impl<'de> DeserializeSeed<'de> for ScanMessage<'_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
@@ -1534,7 +2050,7 @@ impl<'de> DeserializeSeed<'de> for CopyBytes<'_> {
     }
 }
 
-impl Visitor<'_> for CopyBytes<'_> {
+impl Visitor<'_> for ScanMessage<'_> {
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -1542,9 +2058,178 @@ impl Visitor<'_> for CopyBytes<'_> {
     }
 
     fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> std::result::Result<(), E> {
-        self.0.clear();
-        self.0.extend_from_slice(v);
+        let body = self.0;
+        body.bytes += v.len();
+        // An encoding the scan does not follow is decoded whole: slower, and
+        // as sure as the decoding.
+        let (seq, deferred) = scan_annotations(v).unwrap_or_else(|| {
+            use fe2o3_amqp_types::messaging::message::__private::Deserializable;
+            let m: Option<Deserializable<Message<Body<Value>>>> = serde_amqp::from_slice(v).ok();
+            m.map_or((None, false), |m| (sequence_number(&m.0), is_deferred(&m.0)))
+        });
+        if let Some(seq) = seq {
+            body.last = Some(body.last.map_or(seq, |last| last.max(seq)));
+            if deferred {
+                body.deferred.push(seq);
+            }
+        }
         Ok(())
+    }
+}
+
+/// A message's sequence number and whether it is deferred
+/// (`x-opt-message-state` 1), read from its AMQP encoding up to its
+/// message-annotations section (header and delivery annotations are
+/// skipped by their sizes; nothing after is looked at). None when the
+/// encoding is not the one expected.
+fn scan_annotations(bytes: &[u8]) -> Option<(Option<i64>, bool)> {
+    let mut scan = Scan { bytes, at: 0 };
+    while scan.at < bytes.len() {
+        match scan.section()? {
+            HEADER | DELIVERY_ANNOTATIONS => scan.skip()?,
+            MESSAGE_ANNOTATIONS => return scan.annotations(),
+            // Sections come in order: none of message annotations.
+            _ => break,
+        }
+    }
+    Some((None, false))
+}
+
+const HEADER: u64 = 0x70;
+const DELIVERY_ANNOTATIONS: u64 = 0x71;
+const MESSAGE_ANNOTATIONS: u64 = 0x72;
+
+/// A cursor over an AMQP encoding.
+struct Scan<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let b = *self.bytes.get(self.at)?;
+        self.at += 1;
+        Some(b)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let taken = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(taken)
+    }
+
+    /// A big-endian unsigned size or count of `width` bytes.
+    fn size(&mut self, width: usize) -> Option<usize> {
+        let be = self.take(width)?;
+        Some(be.iter().fold(0usize, |n, b| (n << 8) | usize::from(*b)))
+    }
+
+    /// A section's descriptor, as its code (an unknown name: `u64::MAX`).
+    fn section(&mut self) -> Option<u64> {
+        if self.byte()? != 0x00 {
+            return None;
+        }
+        match self.byte()? {
+            0x53 => self.byte().map(u64::from),
+            0x80 => Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?)),
+            c @ (0xa3 | 0xb3) => {
+                let n = self.size(if c == 0xa3 { 1 } else { 4 })?;
+                Some(match self.take(n)? {
+                    b"amqp:header:list" => HEADER,
+                    b"amqp:delivery-annotations:map" => DELIVERY_ANNOTATIONS,
+                    b"amqp:message-annotations:map" => MESSAGE_ANNOTATIONS,
+                    _ => u64::MAX,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Past one value, whatever its type: AMQP's constructor codes say how
+    /// its size is given by their high nibble.
+    fn skip(&mut self) -> Option<()> {
+        let c = self.byte()?;
+        if c == 0x00 {
+            self.skip()?;
+            return self.skip();
+        }
+        let n = match c >> 4 {
+            0x4 => 0,
+            0x5 => 1,
+            0x6 => 2,
+            0x7 => 4,
+            0x8 => 8,
+            0x9 => 16,
+            0xa | 0xc | 0xe => self.size(1)?,
+            0xb | 0xd | 0xf => self.size(4)?,
+            _ => return None,
+        };
+        self.take(n).map(drop)
+    }
+
+    /// An integer value of any AMQP integer type; Some(None) for a value of
+    /// another type, skipped.
+    fn integer(&mut self) -> Option<Option<i64>> {
+        let c = self.byte()?;
+        let int = |b: &[u8]| b.iter().fold(0u64, |n, b| (n << 8) | u64::from(*b));
+        let n = match c {
+            0x43 | 0x44 => 0,
+            0x50 | 0x52 | 0x53 => i64::from(self.byte()?),
+            0x51 | 0x54 | 0x55 => i64::from(self.byte()? as i8),
+            0x60 => int(self.take(2)?) as i64,
+            0x61 => i64::from(int(self.take(2)?) as u16 as i16),
+            0x70 => int(self.take(4)?) as i64,
+            0x71 => i64::from(int(self.take(4)?) as u32 as i32),
+            0x80 => i64::try_from(int(self.take(8)?)).ok()?,
+            0x81 => int(self.take(8)?) as i64,
+            _ => {
+                self.at -= 1;
+                self.skip()?;
+                return Some(None);
+            }
+        };
+        Some(Some(n))
+    }
+
+    /// A symbol or string key; Some(None) for a key of another type, skipped.
+    fn key(&mut self) -> Option<Option<&'a [u8]>> {
+        let width = match self.byte()? {
+            0xa1 | 0xa3 => 1,
+            0xb1 | 0xb3 => 4,
+            _ => {
+                self.at -= 1;
+                self.skip()?;
+                return Some(None);
+            }
+        };
+        let n = self.size(width)?;
+        self.take(n).map(Some)
+    }
+
+    /// The message-annotations map: the sequence number and the state.
+    fn annotations(&mut self) -> Option<(Option<i64>, bool)> {
+        let count = match self.byte()? {
+            0x40 => 0,
+            0xc1 => {
+                self.size(1)?;
+                self.size(1)?
+            }
+            0xd1 => {
+                self.size(4)?;
+                self.size(4)?
+            }
+            _ => return None,
+        };
+        let (mut seq, mut deferred) = (None, false);
+        for _ in 0..count / 2 {
+            match self.key()? {
+                Some(b"x-opt-sequence-number") => seq = self.integer()?,
+                Some(b"x-opt-message-state") => deferred = self.integer()? == Some(1),
+                _ => self.skip()?,
+            }
+        }
+        Some((seq, deferred))
     }
 }
 
@@ -1575,16 +2260,17 @@ impl Response for PeekCount {
     }
 
     fn decode_message(message: Message<Self::Body>) -> std::result::Result<Self, Self::Error> {
-        use fe2o3_amqp_types::messaging::message::__private::Deserializable;
-        let PeekBody { count, bytes, last } = message.body;
-        if count == 0 {
-            return Ok(Self(Browsed::default()));
-        }
-        let m: Option<Deserializable<Message<Body<Value>>>> = serde_amqp::from_slice(&last).ok();
+        let PeekBody {
+            count,
+            bytes,
+            last,
+            deferred,
+        } = message.body;
         Ok(Self(Browsed {
             shown: count,
-            last: m.and_then(|m| sequence_number(&m.0)),
+            last,
             bytes,
+            deferred,
         }))
     }
 }
@@ -1646,7 +2332,10 @@ mod tests {
     }
 
     fn peeked(seq: i64) -> Value {
-        let bytes = encoded(seq);
+        peeked_as(encoded(seq))
+    }
+
+    fn peeked_as(bytes: Vec<u8>) -> Value {
         let mut entry = OrderedMap::new();
         entry.insert(Value::String("message".into()), Value::Binary(Binary::from(bytes)));
         entry.insert(Value::String("lock-token".into()), Value::Null);
@@ -1654,13 +2343,43 @@ mod tests {
     }
 
     fn encoded(seq: i64) -> Vec<u8> {
+        encoded_with(seq, None)
+    }
+
+    /// A message as Service Bus browses it: a header, delivery annotations,
+    /// and message annotations with the sequence number, others around it
+    /// (and `x-opt-message-state` when `state` is given), then properties,
+    /// application properties and a body the scan never reads.
+    fn encoded_with(seq: i64, state: Option<Value>) -> Vec<u8> {
+        use fe2o3_amqp_types::messaging::{DeliveryAnnotations, Header, Properties};
         let mut annotations = MessageAnnotations::default();
+        annotations.insert(
+            OwnedKey::Symbol(Symbol::from("x-opt-enqueued-time")),
+            Value::Timestamp(Timestamp::from_milliseconds(1_700_000_000_000)),
+        );
+        annotations.insert(OwnedKey::Symbol(Symbol::from("x-opt-partition-key")), Value::Null);
         annotations.insert(
             OwnedKey::Symbol(Symbol::from("x-opt-sequence-number")),
             Value::Long(seq),
         );
+        if let Some(state) = state {
+            annotations.insert(OwnedKey::Symbol(Symbol::from("x-opt-message-state")), state);
+        }
+        annotations.insert(
+            OwnedKey::Symbol(Symbol::from("x-opt-locked-until")),
+            Value::List(vec![Value::Binary(Binary::from(vec![1u8; 300]))]),
+        );
+        let mut delivery = DeliveryAnnotations::default();
+        delivery.insert(OwnedKey::Symbol(Symbol::from("x-opt-lock-token")), Value::Uint(7));
         let m = Message::builder()
+            .header(Header {
+                durable: true,
+                delivery_count: 3,
+                ..Default::default()
+            })
+            .delivery_annotations(delivery)
             .message_annotations(annotations)
+            .properties(Properties::builder().message_id(format!("m{seq}")).build())
             .value(Value::String(format!("body {seq}")))
             .build();
         serde_amqp::to_vec(&Serializable(m)).unwrap()
@@ -1693,9 +2412,90 @@ mod tests {
     fn a_peek_answer_is_counted_without_keeping_its_messages() {
         let list = answer(Value::List((5..=9).map(peeked).collect()));
         let bytes = (5..=9).map(|seq| encoded(seq).len()).sum();
-        let shown = |shown, last, bytes| Browsed { shown, last, bytes };
+        let shown = |shown, last, bytes| Browsed {
+            shown,
+            last,
+            bytes,
+            deferred: Vec::new(),
+        };
         assert_eq!(decode(&list), shown(5, Some(9), bytes));
         assert_eq!(decode(&answer(Value::List(Vec::new()))), Browsed::default());
         assert_eq!(decode(&answer_of(Value::Null)), Browsed::default());
+    }
+
+    /// A browse tells the deferred messages (`x-opt-message-state` 1, as a
+    /// long or an int) from the others by reading each only up to its
+    /// message annotations: they are not counted as credit, and their
+    /// sequence numbers are kept for a receive by sequence number.
+    #[test]
+    fn a_peek_answer_tells_deferred_messages_apart() {
+        let states = [
+            None,
+            Some(Value::Long(1)),
+            Some(Value::Int(0)),
+            Some(Value::Int(1)),
+            Some(Value::Long(2)),
+        ];
+        let messages: Vec<Vec<u8>> = states
+            .iter()
+            .enumerate()
+            .map(|(i, state)| encoded_with(20 + i as i64, state.clone()))
+            .collect();
+        for (i, m) in messages.iter().enumerate() {
+            let deferred = matches!(states[i], Some(Value::Long(1) | Value::Int(1)));
+            assert_eq!(
+                scan_annotations(m),
+                Some((Some(20 + i as i64), deferred)),
+                "message {i}"
+            );
+        }
+        let bytes = messages.iter().map(Vec::len).sum();
+        let browsed = decode(&answer(Value::List(messages.into_iter().map(peeked_as).collect())));
+        assert_eq!(
+            browsed,
+            Browsed {
+                shown: 5,
+                last: Some(24),
+                bytes,
+                deferred: vec![21, 23],
+            }
+        );
+        assert_eq!(browsed.active(), 3);
+    }
+
+    /// The scan follows every way AMQP may encode what it reads (a section
+    /// named by its symbol, 32-bit maps, small integers), finds no
+    /// annotations where there are none, and gives up on what it cannot
+    /// follow, for the message to be decoded whole.
+    #[test]
+    fn the_annotation_scan_follows_amqps_encodings_and_gives_up_on_others() {
+        let symbol = |s: &str| {
+            let mut v = vec![0xa3, s.len() as u8];
+            v.extend_from_slice(s.as_bytes());
+            v
+        };
+        // Described by name, a map32, smalllong 5, smallint state 1.
+        let mut named = vec![0x00];
+        named.extend(symbol("amqp:message-annotations:map"));
+        let mut entries = symbol("x-opt-sequence-number");
+        entries.extend([0x55, 5]);
+        entries.extend(symbol("x-opt-message-state"));
+        entries.extend([0x54, 1]);
+        named.push(0xd1);
+        named.extend(((entries.len() + 4) as u32).to_be_bytes());
+        named.extend(4u32.to_be_bytes());
+        named.extend(&entries);
+        assert_eq!(scan_annotations(&named), Some((Some(5), true)));
+        // Only properties and a body: no annotations at all.
+        let bare = serde_amqp::to_vec(&Serializable(
+            Message::builder().value(Value::String("no annotations".into())).build(),
+        ))
+        .unwrap();
+        assert_eq!(scan_annotations(&bare), Some((None, false)));
+        assert_eq!(scan_annotations(&[]), Some((None, false)));
+        // Not a section, and a section cut short.
+        assert_eq!(scan_annotations(&[0x40]), None);
+        let whole = encoded_with(9, Some(Value::Long(1)));
+        assert_eq!(scan_annotations(&whole[..whole.len() / 3]), None);
     }
 }

@@ -17,7 +17,9 @@
 //!   are settled on the link that received a message, so what is kept of a
 //!   held message is its delivery info (delivery id and tag), keyed by the
 //!   [`LeaseId`] `<link generation>.<delivery id>`: a held message costs a
-//!   few hundred bytes, whatever its body's size. Concurrent leases
+//!   few hundred bytes, whatever its body's size. Deferred messages, which
+//!   no receive on a link gets, are leased by sequence number instead (see
+//!   below). Concurrent leases
 //!   overlap on the link (each browses past the previous one's messages), and
 //!   completes and abandons overlap them. The hold is the entity's LockDuration: Service Bus has no per-receive
 //!   lock time, and locks are not renewed (azservicebus 0.25 sends the lock
@@ -143,14 +145,25 @@
 //!
 //! ## Deferred messages
 //! A consumer of a dead-letter queue may defer a message instead of settling
-//! it. Service Bus then delivers it to no receiver: only
-//! `com.microsoft:receive-by-sequence-number` on `$management` gets it, and
-//! a lock taken there is settled there. Leases are receives on a link, so a
-//! redrive never leases a deferred message: it stays in the DLQ, counted in
-//! its depth, and a pass that meets one waits out the lease's bounded wait
-//! (browses count it, and no delivery comes). A browse shows it, and
-//! `inspect` marks it `properties.message_state = "deferred"`, so the user
-//! can tell why a redrive leaves it.
+//! it. Service Bus then delivers it to no receiver link: only
+//! `com.microsoft:receive-by-sequence-number` on the entity's `$management`
+//! node gets it, and a lock taken there is settled there
+//! (`com.microsoft:update-disposition`). The link's browses tell deferred
+//! messages apart (`x-opt-message-state` 1): they are not counted as credit
+//! for the receiver link, and their sequence numbers go to the next leases,
+//! which lock them through `$management` in peek-lock mode ([`link`]). So a
+//! redrive leases them like any other message: filter, `--max`, seen-set,
+//! journal, dry run and the release of what did not match all apply. Their
+//! [`LeaseId`] is `<link generation>:<lock token>` (a link delivery's is
+//! `<link generation>.<delivery id>`): settle completes them by token
+//! (`completed`) once their copies are confirmed, and release abandons them
+//! (`abandoned`), which leaves them deferred. The broker's answer to
+//! `update-disposition` is the confirmation; no browse follows it. A token
+//! names its lock without the link, so it is settled through whichever link
+//! is current, also after the one that took it was reset (should Service
+//! Bus refuse it there, the settle fails and the lock lapses: the message
+//! stays in the DLQ, deferred). `inspect` marks a deferred message
+//! `properties.message_state = "deferred"`.
 //!
 //! ## Credentials and endpoints
 //! A SAS connection string from the environment variable named by
@@ -1044,9 +1057,9 @@ impl ServiceBusBackend {
             fields.time_to_live.map(|d| d.as_millis().to_string()),
         );
         put(PROP_DEAD_LETTER_SOURCE, fields.dead_letter_source);
-        // A deferred message in a dead-letter queue is shown by a browse but
-        // never delivered to a receiver (only `receive-by-sequence-number`
-        // gets it): a redrive leaves it where it is, and `inspect` says why.
+        // A deferred message in a dead-letter queue is delivered to no
+        // receiver link (a redrive leases it by sequence number): shown, so
+        // that a user who receives from the DLQ can tell why it never comes.
         let state = match annotation(raw, "x-opt-message-state") {
             Some(Value::Long(1) | Value::Int(1)) => Some("deferred"),
             Some(Value::Long(2) | Value::Int(2)) => Some("scheduled"),
@@ -1404,12 +1417,24 @@ impl ServiceBusBackend {
             };
         }
         for d in got {
-            let id = d.info.delivery_id();
             let message = self.to_model(&d.message, fields_of(&d.message));
-            held.infos.insert(id, d.info);
+            let lease = match d.lock {
+                link::Lock::Link(info) => {
+                    let id = info.delivery_id();
+                    held.infos.insert(id, info);
+                    LeaseKind::Delivery {
+                        generation: link.generation,
+                        id,
+                    }
+                }
+                link::Lock::Token(token) => LeaseKind::Token {
+                    generation: link.generation,
+                    token,
+                },
+            };
             out.push(Leased {
                 message,
-                lease: LeaseId(format!("{}.{id}", link.generation)),
+                lease: lease.id(),
             });
         }
         Ok(out)
@@ -1458,18 +1483,16 @@ impl ServiceBusBackend {
     }
 
     /// Take the delivery infos of `leases` out of the held set, in order
-    /// (None: not held by the current link), with the link's generation.
+    /// (None: not held by the current link, or not a delivery), with the
+    /// link's generation.
     fn take_held(&self, leases: &[LeaseId]) -> (u64, Vec<Option<DeliveryInfo>>) {
         let mut held = self.held.lock().expect("held lock");
         let generation = held.generation;
         let taken = leases
             .iter()
-            .map(|l| {
-                let (g, id) = l.0.split_once('.')?;
-                if g.parse::<u64>().ok()? != generation {
-                    return None;
-                }
-                held.infos.remove(&id.parse::<u32>().ok()?)
+            .map(|l| match LeaseKind::of(l)? {
+                LeaseKind::Delivery { generation: g, id } if g == generation => held.infos.remove(&id),
+                _ => None,
             })
             .collect();
         if held.infos.is_empty() {
@@ -1477,6 +1500,117 @@ impl ServiceBusBackend {
             held.infos.shrink_to_fit();
         }
         (generation, taken)
+    }
+
+    /// Complete (`complete`) the deliveries among `leases`, each confirmed
+    /// (see `link`); every other lease's result is a failure, for the
+    /// caller to replace.
+    async fn settle_deliveries(&self, leases: &[LeaseId]) -> Vec<SettleResult> {
+        let (generation, taken) = self.take_held(leases);
+        let mut out: Vec<SettleResult> = taken
+            .iter()
+            .map(|t| match t {
+                Some(_) => SettleResult::Settled,
+                None => SettleResult::Failed {
+                    error: "the lock is no longer held (the link was reset or the lease already settled)".into(),
+                },
+            })
+            .collect();
+        let infos: Vec<DeliveryInfo> = taken.into_iter().flatten().collect();
+        if !infos.is_empty() {
+            let outcome = match self.current_link(generation).await {
+                Some(link) => {
+                    let r = link.dispose(infos, true, &self.link_config).await;
+                    if r.is_err() {
+                        self.drop_link(generation).await;
+                    }
+                    r
+                }
+                None => Err(self.unreachable("the dead-letter queue's link was reset")),
+            };
+            // A complete counts only once the broker has it (see `link`).
+            if let Err(e) = outcome {
+                for r in &mut out {
+                    if matches!(r, SettleResult::Settled) {
+                        *r = SettleResult::Failed {
+                            error: format!("complete not confirmed: {e}"),
+                        };
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Abandon the deliveries among `leases`, confirmed.
+    async fn release_deliveries(&self, leases: &[LeaseId]) -> Result<()> {
+        let (generation, taken) = self.take_held(leases);
+        let infos: Vec<DeliveryInfo> = taken.into_iter().flatten().collect();
+        // Leases of a reset link are released anyway: their locks lapse.
+        if infos.is_empty() {
+            return Ok(());
+        }
+        let Some(link) = self.current_link(generation).await else {
+            return Ok(());
+        };
+        // As for completes: an abandon still queued when the process exits
+        // never reaches the broker, and the message stays locked for the
+        // whole LockDuration, so it is confirmed too.
+        if let Err(e) = link.dispose(infos, false, &self.link_config).await {
+            self.drop_link(generation).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Complete (`complete`) or abandon deferred messages by their lock
+    /// tokens, with each one's result and the error that failed them all, if
+    /// one did. Through the current link's `$management`, opened if need be:
+    /// a token names its lock without the link, so an earlier link's tokens
+    /// are tried too. An abandoned message stays deferred.
+    async fn settle_tokens(
+        &self,
+        tokens: Vec<(u64, uuid::Uuid)>,
+        complete: bool,
+    ) -> (Vec<SettleResult>, Option<BackendError>) {
+        if tokens.is_empty() {
+            return (Vec::new(), None);
+        }
+        let n = tokens.len();
+        let verb = if complete { "complete" } else { "abandon" };
+        let failed = |e: &BackendError| {
+            (0..n)
+                .map(|_| SettleResult::Failed {
+                    error: format!("{verb} not confirmed: {e}"),
+                })
+                .collect()
+        };
+        let link = match self.link().await {
+            Ok(link) => link,
+            Err(e) => return (failed(&e), Some(e)),
+        };
+        let counted = tokens.iter().filter(|(g, _)| *g == link.generation).count();
+        let tokens = tokens.into_iter().map(|(_, t)| t).collect();
+        match link.settle_tokens(tokens, complete, counted, &self.link_config).await {
+            Ok(outcomes) => {
+                let results = outcomes
+                    .into_iter()
+                    .map(|o| match o {
+                        None => SettleResult::Settled,
+                        Some(error) => SettleResult::Failed {
+                            error: format!("{verb} refused: {error}"),
+                        },
+                    })
+                    .collect();
+                (results, None)
+            }
+            Err(e) => {
+                if matches!(e, BackendError::Unreachable { .. }) {
+                    self.drop_link(link.generation).await;
+                }
+                (failed(&e), Some(e))
+            }
+        }
     }
 
     /// The ATOM management call: the depth of the managed sub-queue, or
@@ -1605,6 +1739,52 @@ impl ServiceBusBackend {
         }
         Ok(text)
     }
+}
+
+/// What a [`LeaseId`] names: a delivery on the dead-letter queue's receiver
+/// link (`<link generation>.<delivery id>`), settled on that link, or a
+/// deferred message's lock token from `$management`
+/// (`<link generation>:<token>`), settled there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseKind {
+    Delivery { generation: u64, id: u32 },
+    Token { generation: u64, token: uuid::Uuid },
+}
+
+impl LeaseKind {
+    fn id(self) -> LeaseId {
+        LeaseId(match self {
+            Self::Delivery { generation, id } => format!("{generation}.{id}"),
+            Self::Token { generation, token } => format!("{generation}:{token}"),
+        })
+    }
+
+    fn of(lease: &LeaseId) -> Option<Self> {
+        if let Some((g, token)) = lease.0.split_once(':') {
+            return Some(Self::Token {
+                generation: g.parse().ok()?,
+                token: token.parse().ok()?,
+            });
+        }
+        let (g, id) = lease.0.split_once('.')?;
+        Some(Self::Delivery {
+            generation: g.parse().ok()?,
+            id: id.parse().ok()?,
+        })
+    }
+}
+
+/// The lock tokens among `leases`, with their link generations, and where
+/// each stands in `leases`.
+fn lock_tokens(leases: &[LeaseId]) -> (Vec<(u64, uuid::Uuid)>, Vec<usize>) {
+    leases
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| match LeaseKind::of(l)? {
+            LeaseKind::Token { generation, token } => Some(((generation, token), i)),
+            LeaseKind::Delivery { .. } => None,
+        })
+        .unzip()
 }
 
 /// The fields the peeked and received message types both have.
@@ -2463,61 +2643,25 @@ impl QueueBackend for ServiceBusBackend {
     }
 
     async fn settle(&self, leases: &[LeaseId]) -> Result<Vec<SettleResult>> {
-        let (generation, taken) = self.take_held(leases);
-        let mut out: Vec<SettleResult> = taken
-            .iter()
-            .map(|t| match t {
-                Some(_) => SettleResult::Settled,
-                None => SettleResult::Failed {
-                    error: "the lock is no longer held (the link was reset or the lease already settled)".into(),
-                },
-            })
-            .collect();
-        let infos: Vec<DeliveryInfo> = taken.into_iter().flatten().collect();
-        if !infos.is_empty() {
-            let outcome = match self.current_link(generation).await {
-                Some(link) => {
-                    let r = link.dispose(infos, true, &self.link_config).await;
-                    if r.is_err() {
-                        self.drop_link(generation).await;
-                    }
-                    r
-                }
-                None => Err(self.unreachable("the dead-letter queue's link was reset")),
-            };
-            // A complete counts only once the broker has it (see `link`).
-            if let Err(e) = outcome {
-                for r in &mut out {
-                    if matches!(r, SettleResult::Settled) {
-                        *r = SettleResult::Failed {
-                            error: format!("complete not confirmed: {e}"),
-                        };
-                    }
-                }
-            }
+        let (tokens, at) = lock_tokens(leases);
+        let (by_token, mut out) = tokio::join!(self.settle_tokens(tokens, true), self.settle_deliveries(leases));
+        for (i, r) in at.into_iter().zip(by_token.0) {
+            out[i] = r;
         }
         *self.stats_cache.lock().await = None;
         Ok(out)
     }
 
     async fn release(&self, leases: &[LeaseId]) -> Result<()> {
-        let (generation, taken) = self.take_held(leases);
-        let infos: Vec<DeliveryInfo> = taken.into_iter().flatten().collect();
-        // Leases of a reset link are released anyway: their locks lapse.
-        if infos.is_empty() {
-            return Ok(());
+        let (tokens, _) = lock_tokens(leases);
+        let (by_token, by_link) = tokio::join!(self.settle_tokens(tokens, false), self.release_deliveries(leases));
+        by_link?;
+        // An abandon refused (a lost lock) leaves the message deferred all
+        // the same; only the connection's failure is the release's.
+        match by_token.1 {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        let Some(link) = self.current_link(generation).await else {
-            return Ok(());
-        };
-        // As for completes: an abandon still queued when the process exits
-        // never reaches the broker, and the message stays locked for the
-        // whole LockDuration, so it is confirmed too.
-        if let Err(e) = link.dispose(infos, false, &self.link_config).await {
-            self.drop_link(generation).await;
-            return Err(e);
-        }
-        Ok(())
     }
 
     /// A connection string scoped to one entity (`EntityPath`) cannot send
@@ -2970,6 +3114,30 @@ mod tests {
         assert!(check_signature_expiry(&sig("soon"), now).is_err());
         let cs = ConnectionString::parse(&format!("Endpoint=sb://ns.example/;SharedAccessSignature={}", sig("1")));
         assert!(cs.is_err(), "checked when the connection string is read");
+    }
+
+    /// A lease names a link delivery or a `$management` lock token, each
+    /// with its link's generation, and is read back as it was written;
+    /// anything else names neither.
+    #[test]
+    fn a_lease_tells_a_link_delivery_from_a_lock_token() {
+        let token = uuid::Uuid::from_u128(0x1234_5678_9abc_def0_1234_5678_9abc_def0);
+        let delivery = LeaseKind::Delivery { generation: 3, id: 17 };
+        let locked = LeaseKind::Token { generation: 3, token };
+        assert_eq!(delivery.id().0, "3.17");
+        assert_eq!(locked.id().0, format!("3:{token}"));
+        for kind in [delivery, locked] {
+            assert_eq!(LeaseKind::of(&kind.id()), Some(kind));
+        }
+        for other in ["", "3", "x.17", "3.x", "3:not-a-token", "lock-1"] {
+            assert_eq!(LeaseKind::of(&LeaseId(other.into())), None, "{other:?}");
+        }
+        let leases = [
+            delivery.id(),
+            locked.id(),
+            LeaseKind::Delivery { generation: 4, id: 1 }.id(),
+        ];
+        assert_eq!(lock_tokens(&leases), (vec![(3, token)], vec![1]));
     }
 
     #[test]

@@ -722,6 +722,59 @@ mod tests {
         broker.send("q", vec![message()]).unwrap();
     }
 
+    /// Azure keeps a deferred message deferred when the lock a receive by
+    /// sequence number took is abandoned or lapses: no receiver gets it, a
+    /// browse still shows it deferred, and it can be received by sequence
+    /// number again.
+    #[test]
+    fn a_deferred_message_stays_deferred_when_its_lock_is_abandoned_or_lapses() {
+        let broker = broker(10);
+        broker.attach(&path(false), true).unwrap();
+        broker.send("q", vec![message()]).unwrap();
+        let got = broker.acquire(&path(false), ReceiveMode::PeekLock).unwrap().unwrap();
+        broker
+            .settle(&path(false), &got.lock_token.unwrap(), Outcome::Defer)
+            .unwrap();
+        let deferred = |broker: &Broker| {
+            let peeked = broker.peek(&path(false), 1, 10).unwrap();
+            assert_eq!(peeked.len(), 1);
+            String::from_utf8_lossy(&peeked[0]).contains("x-opt-message-state")
+        };
+        let again = broker
+            .receive_deferred(&path(false), &[1], ReceiveMode::PeekLock)
+            .unwrap();
+        assert!(deferred(&broker), "deferred while locked");
+        let abandon = Outcome::Abandon {
+            annotations: Vec::new(),
+        };
+        broker
+            .settle(&path(false), &again[0].lock_token.unwrap(), abandon)
+            .unwrap();
+        assert!(broker.acquire(&path(false), ReceiveMode::PeekLock).unwrap().is_none());
+        assert!(deferred(&broker), "deferred after an abandon");
+        let mut short = broker_with(10, true);
+        short.options.defaults.lock_duration = Duration::ZERO;
+        short.attach(&path(false), true).unwrap();
+        short.send("q", vec![message()]).unwrap();
+        let got = short.acquire(&path(false), ReceiveMode::PeekLock).unwrap().unwrap();
+        short
+            .settle(&path(false), &got.lock_token.unwrap(), Outcome::Defer)
+            .unwrap();
+        short
+            .receive_deferred(&path(false), &[1], ReceiveMode::PeekLock)
+            .unwrap();
+        short.expire_locks();
+        assert!(short.acquire(&path(false), ReceiveMode::PeekLock).unwrap().is_none());
+        assert!(deferred(&short), "deferred after its lock lapsed");
+        let last = short
+            .receive_deferred(&path(false), &[1], ReceiveMode::PeekLock)
+            .unwrap();
+        short
+            .settle(&path(false), &last[0].lock_token.unwrap(), Outcome::Complete)
+            .unwrap();
+        assert!(short.peek(&path(false), 1, 10).unwrap().is_empty());
+    }
+
     #[test]
     fn settling_twice_loses_the_lock() {
         let broker = broker(10);

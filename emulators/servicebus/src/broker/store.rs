@@ -178,6 +178,11 @@ enum State {
 struct Entry {
     message: StoredMessage,
     state: State,
+    /// Deferred, whether locked now or not: on Azure a deferred message
+    /// received by sequence number stays deferred when it is abandoned or
+    /// its lock lapses (only a receive by sequence number gets it again),
+    /// and a browse shows it deferred while it is locked.
+    deferred: bool,
 }
 
 /// Messages of one queue (main or dead-letter), ordered by sequence number.
@@ -196,6 +201,7 @@ impl MessageList {
             Entry {
                 message,
                 state: State::Available,
+                deferred: false,
             },
         );
     }
@@ -265,6 +271,14 @@ impl MessageList {
         if let State::Locked { token, .. } = entry.state {
             self.locks.remove(&token);
         }
+        if state == State::Deferred {
+            entry.deferred = true;
+        }
+        let state = if state == State::Available && entry.deferred {
+            State::Deferred
+        } else {
+            state
+        };
         entry.state = state;
         if state == State::Available {
             self.available.insert(sequence_number);
@@ -492,7 +506,7 @@ impl Store {
                 entry.state != State::Available || entry.message.expires_at_ms.is_none_or(|at| at > now_ms)
             })
             .take(count)
-            .map(|(seq, entry)| entry.message.encode(*seq, None, strict, entry.state == State::Deferred))
+            .map(|(seq, entry)| entry.message.encode(*seq, None, strict, entry.deferred))
             .collect()
     }
 
