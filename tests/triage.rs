@@ -51,6 +51,13 @@ fn config(dir: &Path, f: &SqsFixture, extra: &str) -> PathBuf {
     path
 }
 
+/// `export orders --to FILE`, which must succeed: its (stdout, stderr).
+fn export_to(dir: &Path, cfg: &Path, file: &Path) -> (String, String) {
+    let (code, out, err) = run(bin(dir).arg("-c").arg(cfg).args(["export", "orders", "--to"]).arg(file));
+    assert_eq!(code, 0, "{out}{err}");
+    (out, err)
+}
+
 fn failures() -> Vec<TestMessage> {
     let cases = [
         ("Timeout", "payment gateway timed out after 3012 ms"),
@@ -487,12 +494,7 @@ async fn import_names_an_unknown_address_as_the_address() {
     let dir = scratch();
     let cfg = config(&dir, &f, "");
     let file = dir.join("two.jsonl");
-    let (code, out, err) = run(bin(&dir)
-        .arg("-c")
-        .arg(&cfg)
-        .args(["export", "orders", "--to"])
-        .arg(&file));
-    assert_eq!(code, 0, "{out}{err}");
+    export_to(&dir, &cfg, &file);
     let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).arg("import").arg(&file).args([
         "--to",
         "orders",
@@ -521,12 +523,7 @@ async fn import_takes_an_address_literally_when_a_queue_has_its_name() {
     );
     let cfg = config(&dir, &f, &namesake);
     let file = dir.join("two.jsonl");
-    let (code, out, err) = run(bin(&dir)
-        .arg("-c")
-        .arg(&cfg)
-        .args(["export", "orders", "--to"])
-        .arg(&file));
-    assert_eq!(code, 0, "{out}{err}");
+    export_to(&dir, &cfg, &file);
     let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).arg("import").arg(&file).args([
         "--to",
         "orders",
@@ -571,12 +568,7 @@ async fn import_checks_every_line_before_sending_any() {
     let dir = scratch();
     let cfg = config(&dir, &f, "");
     let file = dir.join("all.jsonl");
-    let (code, out, err) = run(bin(&dir)
-        .arg("-c")
-        .arg(&cfg)
-        .args(["export", "orders", "--to"])
-        .arg(&file));
-    assert_eq!(code, 0, "{out}{err}");
+    export_to(&dir, &cfg, &file);
     let text = std::fs::read_to_string(&file).unwrap();
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     assert_eq!(lines.len(), 25);
@@ -620,12 +612,7 @@ async fn an_interrupted_import_says_where_to_resume() {
     let dir = scratch();
     let cfg = config(&dir, &f, "");
     let file = dir.join("all.jsonl");
-    let (code, out, err) = run(bin(&dir)
-        .arg("-c")
-        .arg(&cfg)
-        .args(["export", "orders", "--to"])
-        .arg(&file));
-    assert_eq!(code, 0, "{out}{err}");
+    export_to(&dir, &cfg, &file);
 
     let child = bin(&dir)
         .arg("-c")
@@ -687,12 +674,7 @@ async fn reading_a_fifo_dlq_says_what_its_locked_groups_held_back() {
     let dir = scratch();
     let cfg = config(&dir, &f, "");
     let file = dir.join("fifo.jsonl");
-    let (code, out, err) = run(bin(&dir)
-        .arg("-c")
-        .arg(&cfg)
-        .args(["export", "orders", "--to"])
-        .arg(&file));
-    assert_eq!(code, 0, "{out}{err}");
+    let (out, err) = export_to(&dir, &cfg, &file);
     let written = read_export(&file).unwrap().count();
     assert!(written < 25, "the emulator locks the group: {out}");
     assert!(
