@@ -717,6 +717,20 @@ pub struct SqsQueueConfig {
     /// Owner account of the queue, when it is not the caller's.
     #[serde(default)]
     pub account_id: Option<String>,
+    /// Read the age of the oldest message from CloudWatch
+    /// (`AWS/SQS ApproximateAgeOfOldestMessage`, the latest one-minute point
+    /// of the last 15 minutes, marked `lagged`). SQS itself cannot tell it.
+    /// Needs `cloudwatch:GetMetricStatistics`; the metric lives in the
+    /// queue owner's account. Asked at most once a minute per queue (SQS
+    /// publishes one point a minute). Default: false, and the age is known
+    /// only when the reason sample covers the whole queue.
+    #[serde(default)]
+    pub cloudwatch: bool,
+    /// CloudWatch endpoint override, e.g. an emulator. Default:
+    /// AWS_ENDPOINT_URL_CLOUDWATCH, else AWS_ENDPOINT_URL, else the region's
+    /// `https://monitoring.REGION.amazonaws.com`.
+    #[serde(default)]
+    pub cloudwatch_endpoint_url: Option<String>,
 }
 
 /// A Pub/Sub dead-letter subscription. On GCP, credentials come from
@@ -1119,6 +1133,21 @@ impl Config {
                         format!("queues[{i}].{field}"),
                         format!("must not be empty: {what}"),
                     ));
+                }
+            }
+            if let QueueKind::Sqs(sqs) = &q.kind
+                && let Some(url) = &sqs.cloudwatch_endpoint_url
+            {
+                let field = format!("queues[{i}].sqs.cloudwatch_endpoint_url");
+                if !sqs.cloudwatch {
+                    return Err(err(
+                        field,
+                        "is set but `cloudwatch` is not: add `cloudwatch: true` to read the oldest age from CloudWatch"
+                            .into(),
+                    ));
+                }
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(err(field, format!("`{url}` is not an http(s) URL")));
                 }
             }
             if q.source.as_deref().is_some_and(|s| s.trim().is_empty()) {

@@ -222,6 +222,25 @@ pub struct DlqStats {
     #[serde(with = "opt_secs")]
     pub oldest_age: Option<Duration>,
     pub exactness: Exactness,
+    /// How `oldest_age` was obtained, when not as `depth` was: on SQS the
+    /// depth is SQS's own counter and the age CloudWatch's, minutes behind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_age_exactness: Option<Exactness>,
+}
+
+impl DlqStats {
+    /// How `oldest_age` was obtained.
+    pub fn age_exactness(&self) -> Exactness {
+        self.oldest_age_exactness.unwrap_or(self.exactness)
+    }
+
+    /// Whether a browse that read the whole queue tells the oldest age
+    /// better than these stats do: they do not know it, or know it minutes
+    /// late while the depth, which tells whether the browse was whole, is
+    /// current (SQS with CloudWatch; not Pub/Sub on GCP, lagged throughout).
+    pub fn age_better_from_whole_browse(&self) -> bool {
+        self.oldest_age.is_none() || (self.age_exactness() == Exactness::Lagged && self.exactness != Exactness::Lagged)
+    }
 }
 
 mod base64_bytes {

@@ -95,12 +95,17 @@ pub fn queues_table(rows: &[QueueRow]) -> String {
     let mut t = Table::new(&["QUEUE", "BACKEND", "DEPTH", "OLDEST", "HOW", "TOP REASONS"]);
     for r in rows {
         let (depth, age, how) = match &r.stats {
-            Some(s) if s.exactness == Exactness::AtLeast => (
-                format!("{}+", s.depth),
-                human_age(s.oldest_age),
-                s.exactness.to_string(),
-            ),
-            Some(s) => (s.depth.to_string(), human_age(s.oldest_age), s.exactness.to_string()),
+            Some(s) => {
+                let depth = match s.exactness {
+                    Exactness::AtLeast => format!("{}+", s.depth),
+                    _ => s.depth.to_string(),
+                };
+                let how = match s.oldest_age_exactness {
+                    Some(age) if s.oldest_age.is_some() && age != s.exactness => format!("{}, age {age}", s.exactness),
+                    _ => s.exactness.to_string(),
+                };
+                (depth, human_age(s.oldest_age), how)
+            }
             None => ("?".into(), "-".into(), "-".into()),
         };
         let reasons = match &r.error {
@@ -322,6 +327,7 @@ mod tests {
                 in_flight: None,
                 oldest_age: None,
                 exactness,
+                oldest_age_exactness: None,
             }),
             top_reasons: Vec::new(),
             sampled: 0,

@@ -1115,23 +1115,69 @@ async fn moto_auth_after(http: &reqwest::Client, endpoint: &str, free: &str) {
     assert!(r.status().is_success(), "reset-auth: {}", r.status());
 }
 
-/// One IAM Query API call on moto while it checks nothing (only the service
+/// One Query API call on moto while it checks nothing (only the service
 /// named in the Authorization header matters then). Returns the XML answer.
-async fn moto_iam(http: &reqwest::Client, endpoint: &str, params: &[(&str, &str)]) -> String {
+async fn moto_query(http: &reqwest::Client, endpoint: &str, service: &str, params: &[(&str, &str)]) -> String {
+    let version = match service {
+        "iam" => "2010-05-08",
+        "monitoring" => "2010-08-01",
+        other => panic!("no Query API version for {other}"),
+    };
     let r = http
         .post(format!("{endpoint}/"))
         .header(
             "authorization",
-            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0",
+            format!("AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0"),
         )
-        .form(&[params, &[("Version", "2010-05-08")]].concat())
+        .form(&[params, &[("Version", version)]].concat())
         .send()
         .await
         .unwrap();
     let status = r.status();
     let text = r.text().await.unwrap();
-    assert!(status.is_success(), "IAM {params:?}: {status} {text}");
+    assert!(status.is_success(), "{service} {params:?}: {status} {text}");
     text
+}
+
+/// An IAM user on moto allowed `actions`, and its (key, secret).
+async fn moto_user(http: &reqwest::Client, endpoint: &str, name: &str, actions: &[&str]) -> (String, String) {
+    moto_query(http, endpoint, "iam", &[("Action", "CreateUser"), ("UserName", name)]).await;
+    let policy = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
+    })
+    .to_string();
+    moto_query(
+        http,
+        endpoint,
+        "iam",
+        &[
+            ("Action", "PutUserPolicy"),
+            ("UserName", name),
+            ("PolicyName", "allowed"),
+            ("PolicyDocument", &policy),
+        ],
+    )
+    .await;
+    let key_xml = moto_query(
+        http,
+        endpoint,
+        "iam",
+        &[("Action", "CreateAccessKey"), ("UserName", name)],
+    )
+    .await;
+    (xml_tag(&key_xml, "AccessKeyId"), xml_tag(&key_xml, "SecretAccessKey"))
+}
+
+/// A private moto that checks every request once `moto_auth_after(.., "0")`
+/// (destructive settings: never the shared one).
+fn moto_with_auth() -> common::emulator::Emulator {
+    common::emulator::spawn(
+        "moto-auth",
+        &["python3", "-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"],
+        &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")],
+        "/moto-api/",
+    )
 }
 
 fn xml_tag(xml: &str, tag: &str) -> String {
@@ -1143,13 +1189,7 @@ fn xml_tag(xml: &str, tag: &str) -> String {
 
 #[tokio::test]
 async fn wrong_credentials_are_refused_by_moto_with_auth_on_and_touch_nothing() {
-    // A private moto that checks every request (destructive settings: never the shared one).
-    let emu = common::emulator::spawn(
-        "moto-auth",
-        &["python3", "-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"],
-        &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")],
-        "/moto-api/",
-    );
+    let emu = moto_with_auth();
     let endpoint = emu.url();
     let http = reqwest::Client::new();
     // It really refuses: the test's own client, with the usual test keys.
@@ -1162,21 +1202,7 @@ async fn wrong_credentials_are_refused_by_moto_with_auth_on_and_touch_nothing() 
 
     // Set up unchecked: a user with an SQS policy and a key, two queues, messages.
     moto_auth_after(&http, &endpoint, "inf").await;
-    moto_iam(&http, &endpoint, &[("Action", "CreateUser"), ("UserName", "dlqb")]).await;
-    let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"sqs:*","Resource":"*"}]}"#;
-    moto_iam(
-        &http,
-        &endpoint,
-        &[
-            ("Action", "PutUserPolicy"),
-            ("UserName", "dlqb"),
-            ("PolicyName", "sqs"),
-            ("PolicyDocument", policy),
-        ],
-    )
-    .await;
-    let key_xml = moto_iam(&http, &endpoint, &[("Action", "CreateAccessKey"), ("UserName", "dlqb")]).await;
-    let (key, secret) = (xml_tag(&key_xml, "AccessKeyId"), xml_tag(&key_xml, "SecretAccessKey"));
+    let (key, secret) = moto_user(&http, &endpoint, "dlqb", &["sqs:*"]).await;
     let conf = aws_sdk_sqs::Config::builder()
         .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
         .region(aws_sdk_sqs::config::Region::new("us-east-1"))
@@ -1261,6 +1287,118 @@ async fn wrong_credentials_are_refused_by_moto_with_auth_on_and_touch_nothing() 
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("queue q (sqs): ok, depth 3"), "{out}");
     assert_sqs_untouched(&f, &before).await;
+}
+
+/// `sqs.cloudwatch: true` against a moto that checks every signature and
+/// policy: the call is signed as CloudWatch takes it, the age is its latest
+/// point, and a role without the permission fails `check` (told once, as an
+/// error) while `list` and polls go on with the depth and no age.
+#[tokio::test]
+async fn cloudwatch_ages_are_signed_reads_and_a_missing_permission_fails_check_only() {
+    let emu = moto_with_auth();
+    let endpoint = emu.url();
+    let http = reqwest::Client::new();
+    moto_auth_after(&http, &endpoint, "inf").await;
+    // moto names CloudWatch's IAM actions by its signing name, `monitoring`;
+    // AWS by `cloudwatch`.
+    let watcher = moto_user(
+        &http,
+        &endpoint,
+        "watcher",
+        &[
+            "sqs:*",
+            "cloudwatch:GetMetricStatistics",
+            "monitoring:GetMetricStatistics",
+        ],
+    )
+    .await;
+    let blind = moto_user(&http, &endpoint, "blind", &["sqs:*"]).await;
+    let sqs = common::sqs::client(&endpoint);
+    let dlq = sqs.create_queue().queue_name("aged-dlq").send().await.unwrap();
+    for i in 0..2 {
+        sqs.send_message()
+            .queue_url(dlq.queue_url().unwrap())
+            .message_body(format!("m{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    // What SQS would have published: an older point, then the latest.
+    let now = chrono::Utc::now();
+    for (minutes_ago, age) in [(9, "100"), (2, "321")] {
+        let at = (now - chrono::Duration::minutes(minutes_ago)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        moto_query(
+            &http,
+            &endpoint,
+            "monitoring",
+            &[
+                ("Action", "PutMetricData"),
+                ("Namespace", "AWS/SQS"),
+                ("MetricData.member.1.MetricName", "ApproximateAgeOfOldestMessage"),
+                ("MetricData.member.1.Dimensions.member.1.Name", "QueueName"),
+                ("MetricData.member.1.Dimensions.member.1.Value", "aged-dlq"),
+                ("MetricData.member.1.Value", age),
+                ("MetricData.member.1.Unit", "Seconds"),
+                ("MetricData.member.1.Timestamp", &at),
+            ],
+        )
+        .await;
+    }
+    moto_auth_after(&http, &endpoint, "0").await;
+
+    let cfg = write_file(
+        format!(
+            "queues:\n  - name: aged\n    sqs:\n      queue: aged-dlq\n      endpoint_url: '{endpoint}'\n      region: us-east-1\n      cloudwatch: true\n      cloudwatch_endpoint_url: '{endpoint}'\n"
+        ),
+        "yaml",
+    );
+    let as_user = |(key, secret): &(String, String)| {
+        let mut c = bin();
+        c.env("AWS_ACCESS_KEY_ID", key)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .arg("-c")
+            .arg(&cfg);
+        c
+    };
+    let list = |user| {
+        let (code, out, err) = run(as_user(user).args(["list", "--sample", "0", "-o", "json"]));
+        assert_eq!(code, 0, "{out}{err}");
+        let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (rows[0].clone(), err)
+    };
+
+    let (row, err) = list(&watcher);
+    assert_eq!(row["depth"], 2, "{row}");
+    assert_eq!(row["oldest_age"], 321.0, "the latest point: {row}");
+    assert_eq!(row["exactness"], "approximate", "{row}");
+    assert_eq!(row["oldest_age_exactness"], "lagged", "{row}");
+    assert!(!err.contains("WARN"), "{err}");
+    let (code, out, err) = run(as_user(&watcher).arg("check"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("queue aged (sqs): ok, depth 2, oldest 5m (lagged)"),
+        "{out}"
+    );
+
+    let (code, out, err) = run(as_user(&blind).arg("check"));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("queue aged (sqs): FAILED"), "{out}");
+    for says in [
+        "error: queue aged: CloudWatch authentication failed: GetMetricStatistics (ApproximateAgeOfOldestMessage of aged-dlq): HTTP 403",
+        "AccessDenied",
+        "needs cloudwatch:GetMetricStatistics",
+    ] {
+        assert!(err.contains(says), "missing {says:?}: {err}");
+    }
+    assert_eq!(err.matches("AccessDenied").count(), 1, "told once: {err}");
+    let (row, err) = list(&blind);
+    assert_eq!(row["depth"], 2, "the depth still counts: {row}");
+    assert_eq!(row["oldest_age"], serde_json::Value::Null, "{row}");
+    assert!(row.get("oldest_age_exactness").is_none(), "{row}");
+    assert!(
+        err.contains("the oldest age is unknown") && err.contains("AccessDenied"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------- valid but odd: nothing lost

@@ -230,6 +230,13 @@ pub trait QueueBackend: Send + Sync {
     /// Depth, age of the oldest message when knowable, and how exact they are.
     async fn stats(&self) -> Result<DlqStats>;
 
+    /// Ask directly what `stats` goes on without when it fails (SQS's age
+    /// from CloudWatch: the depth still counts), so that `check` reports a
+    /// setup that would leave it unknown. Default: nothing of the kind.
+    async fn check_optional_reads(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Browse up to `max` messages, disturbing them as little as the provider
     /// allows, a page at a time: each message goes to `visit` as it is read
     /// and is not kept, so memory holds one page of bodies plus what `visit`
@@ -327,9 +334,9 @@ pub struct SharedClients {
 }
 
 /// The HTTP client of the REST side calls (Service Bus ATOM counts, Entra ID
-/// tokens, Cloud Monitoring), built once per process: each build loads a TLS
-/// configuration and its root certificates.
-#[cfg(any(feature = "pubsub", feature = "servicebus"))]
+/// tokens, Cloud Monitoring, CloudWatch), built once per process: each build
+/// loads a TLS configuration and its root certificates.
+#[cfg(any(feature = "sqs", feature = "pubsub", feature = "servicebus"))]
 pub(crate) fn http_client() -> Result<reqwest::Client> {
     static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     if let Some(c) = HTTP.get() {

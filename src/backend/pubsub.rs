@@ -689,6 +689,7 @@ impl PubSubBackend {
             in_flight: None,
             oldest_age: oldest.map(|t| (Utc::now() - t).to_std().unwrap_or(Duration::ZERO)),
             exactness: Exactness::Exact,
+            oldest_age_exactness: None,
         })
     }
 
@@ -777,6 +778,7 @@ impl PubSubBackend {
             in_flight: None,
             oldest_age: age.filter(|a| *a > 0).map(|a| Duration::from_secs(a as u64)),
             exactness: Exactness::Lagged,
+            oldest_age_exactness: None,
         })
     }
 

@@ -3,9 +3,12 @@
 //! SQS has no true peek: `peek` receives and releases at once, which raises
 //! `ApproximateReceiveCount` (DESIGN §3, guarantee 8). Every call handles at
 //! most 10 messages, SQS's batch limit. The age of the oldest message is not
-//! knowable from SQS itself (it needs CloudWatch), so `stats` reports it as
+//! knowable from SQS itself: with `cloudwatch: true`, `stats` reads it from
+//! CloudWatch ([`cloudwatch`], marked `lagged`); otherwise it reports it as
 //! unknown rather than guessing. Queues with the same region and endpoint
 //! share one SDK client ([`Clients`]).
+
+mod cloudwatch;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::SharedCredentialsProvider;
 use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::config::interceptors::InterceptorContext;
 use aws_sdk_sqs::config::retry::{ClassifyRetry, RetryAction};
@@ -62,6 +66,8 @@ pub struct SqsBackend {
     arn_urls: Mutex<HashMap<String, String>>,
     /// The single queue whose RedrivePolicy points here, if there is exactly one.
     listed_source: OnceCell<Option<String>>,
+    /// Where the oldest age comes from, when the config asks for CloudWatch.
+    cloudwatch: Option<cloudwatch::CloudWatch>,
 }
 
 /// SQS clients shared between queues, one per (region, endpoint) as the
@@ -76,12 +82,16 @@ pub struct Clients {
 /// (region, endpoint): the region is the queue's own when its URL or ARN
 /// names one ([`queue_region`]).
 type ClientKey = (Option<String>, Option<String>);
-/// The client and its region, filled once by the first queue that needs it.
-type SharedClient = Arc<OnceCell<(Client, String)>>;
+/// The client, its endpoint and its credentials, filled once by the first
+/// queue that needs it.
+type SharedClient = Arc<OnceCell<Built>>;
+/// An SDK client with its endpoint and the credentials provider it signs with
+/// (which CloudWatch's call signs with too: the client does not hand it out).
+type Built = (Client, String, Option<SharedCredentialsProvider>);
 
 impl Clients {
     /// The client for `cfg`, built on first use.
-    pub async fn get(&self, cfg: &SqsQueueConfig) -> (Client, String) {
+    pub async fn get(&self, cfg: &SqsQueueConfig) -> Built {
         let key = (region_of(cfg), cfg.endpoint_url.clone());
         let cell = self.by_key.lock().await.entry(key).or_default().clone();
         cell.get_or_init(|| client(cfg)).await.clone()
@@ -90,7 +100,7 @@ impl Clients {
 
 /// Build an SQS client for `cfg`, with timeouts always set (the SDK has no
 /// default read timeout, so a stalled endpoint would hang a run forever).
-pub async fn client(cfg: &SqsQueueConfig) -> (Client, String) {
+pub async fn client(cfg: &SqsQueueConfig) -> Built {
     let region = RegionProviderChain::first_try(region_of(cfg).map(aws_config::Region::new))
         .or_default_provider()
         .or_else("us-east-1");
@@ -127,7 +137,7 @@ pub async fn client(cfg: &SqsQueueConfig) -> (Client, String) {
         builder = builder.endpoint_url(&default_endpoint);
     }
     let endpoint = explicit.or(env_endpoint).unwrap_or(default_endpoint);
-    (Client::from_conf(builder.build()), endpoint)
+    (Client::from_conf(builder.build()), endpoint, sdk.credentials_provider())
 }
 
 /// The region to call for `cfg`: `region`, else the region its queue URL or
@@ -201,8 +211,15 @@ impl SqsBackend {
                 cfg.queue
             )));
         }
-        let (client, endpoint) = clients.get(cfg).await;
+        let (client, endpoint, credentials) = clients.get(cfg).await;
         let queue_url = resolve_queue_url(&client, &endpoint, &cfg.queue, cfg.account_id.as_deref()).await?;
+        let cloudwatch = cfg.cloudwatch.then(|| {
+            let region = client
+                .config()
+                .region()
+                .map_or_else(|| "us-east-1".to_string(), |r| r.to_string());
+            cloudwatch::CloudWatch::new(name, cfg, &region, credentials, &queue_url)
+        });
         Ok(Self {
             client,
             queue_name: name.to_string(),
@@ -212,6 +229,7 @@ impl SqsBackend {
             description_attribute: queue.description_attribute.clone(),
             arn_urls: Mutex::new(HashMap::new()),
             listed_source: OnceCell::new(),
+            cloudwatch,
         })
     }
 
@@ -753,12 +771,27 @@ impl QueueBackend for SqsBackend {
         };
         let visible = get(QueueAttributeName::ApproximateNumberOfMessages);
         let in_flight = get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+        let depth = visible + in_flight;
+        // An empty queue has no oldest message, whatever a point of minutes
+        // ago says; so no call.
+        let oldest_age = match &self.cloudwatch {
+            Some(cw) if depth > 0 => cw.oldest_age().await,
+            _ => None,
+        };
         Ok(DlqStats {
-            depth: visible + in_flight,
+            depth,
             in_flight: Some(in_flight),
-            oldest_age: None,
+            oldest_age,
             exactness: Exactness::Approximate,
+            oldest_age_exactness: oldest_age.map(|_| Exactness::Lagged),
         })
+    }
+
+    async fn check_optional_reads(&self) -> Result<()> {
+        match &self.cloudwatch {
+            Some(cw) => cw.refresh().await.map(drop),
+            None => Ok(()),
+        }
     }
 
     async fn peek_each(&self, max: usize, visit: &mut (dyn FnMut(DlqMessage) -> bool + Send)) -> Result<usize> {
@@ -1167,8 +1200,10 @@ mod tests {
             region: Some("us-east-1".into()),
             endpoint_url: Some("http://127.0.0.1:9".into()),
             account_id: None,
+            cloudwatch: false,
+            cloudwatch_endpoint_url: None,
         };
-        let (c, _) = client(&cfg).await;
+        let (c, _, _) = client(&cfg).await;
         let names: Vec<&str> = c.config().retry_classifiers().map(|r| r.name()).collect();
         // One for ReceiveMessage, one for SendMessageBatch.
         let ours = names.iter().filter(|n| **n == "dlq-bridge: SQS KmsThrottled").count();
@@ -1294,6 +1329,8 @@ mod tests {
             region: region.map(Into::into),
             endpoint_url: None,
             account_id: None,
+            cloudwatch: false,
+            cloudwatch_endpoint_url: None,
         };
         let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/orders";
         assert_eq!(region_of(&cfg(url, None)).as_deref(), Some("eu-west-1"));

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 
 use super::exit::{self, Failure};
 use crate::engine::registry::Registry;
+use crate::output::human_age;
 
 pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failure> {
     let n = registry.config().queues.len();
@@ -36,11 +37,27 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
         let result = async {
             // Connect errors name the queue already; the backend's own do not.
             let b = registry.backend(&q.name).await?;
+            // First, so that a failure is told once, as an error (`stats`
+            // would go on without, with a warning).
+            b.check_optional_reads()
+                .await
+                .with_context(|| format!("queue {}", q.name))?;
             anyhow::Ok(b.stats().await.with_context(|| format!("queue {}", q.name))?)
         }
         .await;
         match result {
-            Ok(s) => outln!("queue {} ({}): ok, depth {}", q.name, q.kind.backend_name(), s.depth)?,
+            Ok(s) => {
+                let age = match s.oldest_age {
+                    Some(_) => format!(", oldest {} ({})", human_age(s.oldest_age), s.age_exactness()),
+                    None => String::new(),
+                };
+                outln!(
+                    "queue {} ({}): ok, depth {}{age}",
+                    q.name,
+                    q.kind.backend_name(),
+                    s.depth
+                )?
+            }
             Err(e) => {
                 code = code.max(exit::code_of(&e));
                 // The verdict on stdout with the others, the error (which

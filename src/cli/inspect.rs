@@ -78,10 +78,14 @@ pub(crate) async fn queue_row(registry: &Registry, name: &str, sample: usize) ->
             top.truncate(3);
             row.top_reasons = top;
             // Only when the sample is the whole queue is its oldest message
-            // the queue's oldest; otherwise the age stays unknown.
-            if stats.oldest_age.is_none() && msgs.len() as u64 >= stats.depth {
+            // the queue's oldest (better than CloudWatch's age, minutes
+            // late); otherwise the age stays as the stats tell it.
+            if stats.age_better_from_whole_browse() && msgs.len() as u64 >= stats.depth {
                 let now = Utc::now();
-                stats.oldest_age = msgs.iter().filter_map(|m| m.age(now)).max();
+                if let Some(age) = msgs.iter().filter_map(|m| m.age(now)).max() {
+                    stats.oldest_age = Some(age);
+                    stats.oldest_age_exactness = None;
+                }
             }
         }
         row.stats = Some(stats);

@@ -337,14 +337,17 @@ impl ArrivalCounter {
 
 /// Fill in the oldest age when the sample is the whole queue: its oldest
 /// message is the queue's oldest (and an empty queue's oldest age is zero).
+/// That beats an age minutes late (SQS's from CloudWatch).
 fn with_known_age(mut stats: DlqStats, sample: Option<&[SampledMessage]>, now: DateTime<Utc>) -> DlqStats {
-    if stats.oldest_age.is_none() {
+    if stats.age_better_from_whole_browse() {
         if stats.depth == 0 {
             stats.oldest_age = Some(Duration::ZERO);
+            stats.oldest_age_exactness = None;
         } else if let Some(msgs) = sample
             && msgs.len() as u64 >= stats.depth
         {
             stats.oldest_age = Some(msgs.iter().filter_map(|m| m.age(now)).max().unwrap_or_default());
+            stats.oldest_age_exactness = None;
         }
     }
     stats
@@ -537,6 +540,7 @@ mod tests {
             in_flight: None,
             oldest_age: None,
             exactness: Exactness::Approximate,
+            oldest_age_exactness: None,
         }
     }
 
@@ -569,6 +573,24 @@ mod tests {
         // The provider's own figure is kept.
         let mut given = stats(2);
         given.oldest_age = Some(Duration::from_secs(5));
+        assert_eq!(
+            with_known_age(given.clone(), Some(&sample), now).oldest_age,
+            Some(Duration::from_secs(5))
+        );
+        // ... unless it is minutes late (CloudWatch) while the depth is not.
+        given.oldest_age_exactness = Some(Exactness::Lagged);
+        let s = with_known_age(given.clone(), Some(&sample), now);
+        assert_eq!(
+            (s.oldest_age, s.oldest_age_exactness),
+            (Some(Duration::from_secs(700)), None)
+        );
+        assert_eq!(
+            with_known_age(given.clone(), None, now).oldest_age_exactness,
+            Some(Exactness::Lagged)
+        );
+        // Lagged throughout (Pub/Sub on GCP): the depth cannot tell a whole sample.
+        given.exactness = Exactness::Lagged;
+        given.oldest_age_exactness = None;
         assert_eq!(
             with_known_age(given, Some(&sample), now).oldest_age,
             Some(Duration::from_secs(5))

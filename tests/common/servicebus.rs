@@ -313,16 +313,24 @@ pub async fn create_queue(http: &str, name: &str, max_size_mb: Option<u32>) {
 /// Create a queue by ATOM PUT with these `QueueDescription` elements
 /// (`<Status>SendDisabled</Status>`, ...).
 pub async fn create_queue_described(http: &str, name: &str, elements: &str) {
+    atom_put(http, name, "QueueDescription", elements).await;
+}
+
+/// PUT an entity's ATOM description (`kind`, e.g. `QueueDescription`, with
+/// `elements` inside) at `path` on the emulator at `http`; panics unless it
+/// answers 201 Created.
+async fn atom_put(http: &str, path: &str, kind: &str, elements: &str) {
     let body = format!(
         concat!(
             r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml">"#,
-            r#"<QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">"#,
-            r#"{}</QueueDescription></content></entry>"#
+            r#"<{kind} xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">"#,
+            r#"{elements}</{kind}></content></entry>"#
         ),
-        elements
+        kind = kind,
+        elements = elements
     );
     let created = reqwest::Client::new()
-        .put(format!("{http}/{name}?api-version=2021-05"))
+        .put(format!("{http}/{path}?api-version=2021-05"))
         .header("authorization", namespace_token())
         .header("content-type", "application/atom+xml;type=entry;charset=utf-8")
         .body(body)
@@ -330,7 +338,7 @@ pub async fn create_queue_described(http: &str, name: &str, elements: &str) {
         .await
         .expect("the emulator's ATOM endpoint answers");
     let status = created.status();
-    assert_eq!(status, 201, "PUT {name}: {}", created.text().await.unwrap_or_default());
+    assert_eq!(status, 201, "PUT {path}: {}", created.text().await.unwrap_or_default());
 }
 
 /// A token of the emulators' namespace rule (`x`, key `y`) for the ATOM
@@ -348,29 +356,13 @@ fn namespace_token() -> String {
 /// by an ATOM PUT with these `SubscriptionDescription` elements
 /// (`<ForwardTo>q</ForwardTo>`); panics unless it answers 201.
 pub async fn create_subscription_described(http: &str, topic: &str, name: &str, elements: &str) {
-    let body = format!(
-        concat!(
-            r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml">"#,
-            r#"<SubscriptionDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect">"#,
-            r#"{}</SubscriptionDescription></content></entry>"#
-        ),
-        elements
-    );
-    let created = reqwest::Client::new()
-        .put(format!("{http}/{topic}/Subscriptions/{name}?api-version=2021-05"))
-        .header("authorization", namespace_token())
-        .header("content-type", "application/atom+xml;type=entry;charset=utf-8")
-        .body(body)
-        .send()
-        .await
-        .expect("the emulator's ATOM endpoint answers");
-    let status = created.status();
-    assert_eq!(
-        status,
-        201,
-        "PUT {topic}/Subscriptions/{name}: {}",
-        created.text().await.unwrap_or_default()
-    );
+    atom_put(
+        http,
+        &format!("{topic}/Subscriptions/{name}"),
+        "SubscriptionDescription",
+        elements,
+    )
+    .await;
 }
 
 /// Delete the queue, topic or subscription `path` by an ATOM DELETE on the

@@ -1143,6 +1143,7 @@ impl ServiceBusBackend {
             } else {
                 Exactness::AtLeast
             },
+            oldest_age_exactness: None,
         })
     }
 
@@ -2547,6 +2548,7 @@ impl QueueBackend for ServiceBusBackend {
                 } else {
                     Exactness::Approximate
                 },
+                oldest_age_exactness: None,
             },
             None => self.browse_count().await?,
         };

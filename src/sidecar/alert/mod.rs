@@ -555,6 +555,7 @@ mod tests {
                 in_flight: None,
                 oldest_age: None,
                 exactness: Exactness::Exact,
+                oldest_age_exactness: None,
             },
             arrivals,
             sample: Some(
