@@ -79,6 +79,10 @@
     if (s < 86400) return Math.floor(s / 3600) + "h" + Math.floor((s % 3600) / 60) + "m";
     return Math.floor(s / 86400) + "d" + Math.floor((s % 86400) / 3600) + "h";
   }
+  // An age minutes behind (CloudWatch, Cloud Monitoring) says so.
+  function lagged(q) {
+    return q.oldest_age !== null && q.oldest_age !== undefined && (q.oldest_age_exactness || q.exactness) === "lagged";
+  }
   function when(iso) { return iso ? new Date(iso).toLocaleString() : "–"; }
   function qs(params) {
     const u = new URLSearchParams();
@@ -168,7 +172,7 @@
           el("td", {}, el("a", { href: "#/queue/" + encodeURIComponent(q.queue), text: q.queue })),
           el("td", {}, backendBadge(q.backend)),
           el("td", { class: "num depth", text: q.depth === undefined || q.depth === null ? "?" : q.depth }),
-          el("td", { class: "num", text: age(q.oldest_age) }),
+          el("td", { class: "num", text: age(q.oldest_age) + (lagged(q) ? " (lagged)" : "") }),
           el("td", {}, reasons),
           el("td", {}, sparkline(history[q.queue], 160, 28)),
           el("td", { class: firing.length ? "alert" : "muted", text: firing.length ? "firing: " + firing.join(", ") : "–" }));
