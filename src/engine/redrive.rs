@@ -883,7 +883,7 @@ impl<'a> Pass<'a> {
             while let Some(done) = self.sends.try_join_next() {
                 self.merge_send(done.expect("send tasks do not panic"));
             }
-            let partial = partial_batches_may_go(leasing, more_waiting, self.sends_in_flight(), self.plan.concurrency);
+            let partial = partial_batches_may_go(leasing, more_waiting, self.sends_in_flight());
             if !self.dispatch(partial).await {
                 self.s.stopped = StopReason::Cancelled;
                 break;
@@ -1331,19 +1331,18 @@ fn lease_size(batch_size: usize, rate: Option<NonZeroU32>, hold: Duration) -> us
     batch_size.min(within_hold).max(1)
 }
 
-/// A partial batch goes when nothing would fill it soon: no lease result is
-/// waiting to be examined, and sends are not the bottleneck (with half the
-/// send slots or more busy, it would take a slot from a full batch), or no
-/// full batch can come any more because leasing has stopped: waiting for a
-/// send slot to free up would only add a round trip to the end of the pass.
-/// Either way, what is pending goes when the pass ends.
-fn partial_batches_may_go(
-    leasing: bool,
-    lease_result_waiting: bool,
-    sends_in_flight: usize,
-    concurrency: usize,
-) -> bool {
-    !lease_result_waiting && (!leasing || sends_in_flight * 2 < concurrency)
+/// A partial batch goes when nothing would fill it soon and waiting would
+/// delay it: no lease result is waiting to be examined, and either no send is
+/// in flight (the destination would sit idle) or leasing has stopped (no full
+/// batch can come any more; waiting would only add a round trip to the end of
+/// the pass). While sends are in flight, the next lease's matches fill the
+/// batch first: a provider call carries twice the messages where a lease
+/// matches half (SQS's batches of 10), which halves the send and settle calls
+/// (an SQS FIFO queue's quota counts calls), costs a lease's interval of
+/// latency, and keeps send slots for full batches. What is pending goes when
+/// the pass ends.
+fn partial_batches_may_go(leasing: bool, lease_result_waiting: bool, sends_in_flight: usize) -> bool {
+    !lease_result_waiting && (!leasing || sends_in_flight == 0)
 }
 
 /// The next batch to send from one destination's pending matches, in lease
@@ -1676,19 +1675,15 @@ mod tests {
     #[test]
     fn partial_batches_wait_for_waiting_leases_and_for_busy_send_slots() {
         // Nothing to wait for: the partial batch goes.
-        assert!(partial_batches_may_go(true, false, 0, 16));
-        assert!(partial_batches_may_go(true, false, 7, 16));
+        assert!(partial_batches_may_go(true, false, 0));
         // A lease result is waiting: it may fill the batch.
-        assert!(!partial_batches_may_go(true, true, 0, 16));
-        assert!(!partial_batches_may_go(false, true, 0, 16));
-        // Half the send slots or more are busy: keep them for full batches.
-        assert!(!partial_batches_may_go(true, false, 8, 16));
-        assert!(!partial_batches_may_go(true, false, 16, 16));
+        assert!(!partial_batches_may_go(true, true, 0));
+        assert!(!partial_batches_may_go(false, true, 0));
+        // Sends are in flight: the next lease's matches fill it first.
+        assert!(!partial_batches_may_go(true, false, 1));
+        assert!(!partial_batches_may_go(true, false, 16));
         // ... unless leasing has stopped: no full batch is coming.
-        assert!(partial_batches_may_go(false, false, 16, 16));
-        // With one send slot, a partial batch goes only when it is free.
-        assert!(partial_batches_may_go(true, false, 0, 1));
-        assert!(!partial_batches_may_go(true, false, 1, 1));
+        assert!(partial_batches_may_go(false, false, 16));
     }
 
     #[test]
