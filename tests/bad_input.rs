@@ -1115,42 +1115,36 @@ async fn moto_auth_after(http: &reqwest::Client, endpoint: &str, free: &str) {
     assert!(r.status().is_success(), "reset-auth: {}", r.status());
 }
 
-/// One Query API call on moto while it checks nothing (only the service
+/// One IAM Query API call on moto while it checks nothing (only the service
 /// named in the Authorization header matters then). Returns the XML answer.
-async fn moto_query(http: &reqwest::Client, endpoint: &str, service: &str, params: &[(&str, &str)]) -> String {
-    let version = match service {
-        "iam" => "2010-05-08",
-        "monitoring" => "2010-08-01",
-        other => panic!("no Query API version for {other}"),
-    };
+async fn moto_iam(http: &reqwest::Client, endpoint: &str, params: &[(&str, &str)]) -> String {
     let r = http
         .post(format!("{endpoint}/"))
         .header(
             "authorization",
-            format!("AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0"),
+            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0",
         )
-        .form(&[params, &[("Version", version)]].concat())
+        .form(&[params, &[("Version", "2010-05-08")]].concat())
         .send()
         .await
         .unwrap();
     let status = r.status();
     let text = r.text().await.unwrap();
-    assert!(status.is_success(), "{service} {params:?}: {status} {text}");
+    assert!(status.is_success(), "IAM {params:?}: {status} {text}");
     text
 }
 
 /// An IAM user on moto allowed `actions`, and its (key, secret).
 async fn moto_user(http: &reqwest::Client, endpoint: &str, name: &str, actions: &[&str]) -> (String, String) {
-    moto_query(http, endpoint, "iam", &[("Action", "CreateUser"), ("UserName", name)]).await;
+    moto_iam(http, endpoint, &[("Action", "CreateUser"), ("UserName", name)]).await;
     let policy = serde_json::json!({
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
     })
     .to_string();
-    moto_query(
+    moto_iam(
         http,
         endpoint,
-        "iam",
         &[
             ("Action", "PutUserPolicy"),
             ("UserName", name),
@@ -1159,13 +1153,7 @@ async fn moto_user(http: &reqwest::Client, endpoint: &str, name: &str, actions: 
         ],
     )
     .await;
-    let key_xml = moto_query(
-        http,
-        endpoint,
-        "iam",
-        &[("Action", "CreateAccessKey"), ("UserName", name)],
-    )
-    .await;
+    let key_xml = moto_iam(http, endpoint, &[("Action", "CreateAccessKey"), ("UserName", name)]).await;
     (xml_tag(&key_xml, "AccessKeyId"), xml_tag(&key_xml, "SecretAccessKey"))
 }
 
@@ -1324,26 +1312,8 @@ async fn cloudwatch_ages_are_signed_reads_and_a_missing_permission_fails_check_o
             .unwrap();
     }
     // What SQS would have published: an older point, then the latest.
-    let now = chrono::Utc::now();
-    for (minutes_ago, age) in [(9, "100"), (2, "321")] {
-        let at = (now - chrono::Duration::minutes(minutes_ago)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        moto_query(
-            &http,
-            &endpoint,
-            "monitoring",
-            &[
-                ("Action", "PutMetricData"),
-                ("Namespace", "AWS/SQS"),
-                ("MetricData.member.1.MetricName", "ApproximateAgeOfOldestMessage"),
-                ("MetricData.member.1.Dimensions.member.1.Name", "QueueName"),
-                ("MetricData.member.1.Dimensions.member.1.Value", "aged-dlq"),
-                ("MetricData.member.1.Value", age),
-                ("MetricData.member.1.Unit", "Seconds"),
-                ("MetricData.member.1.Timestamp", &at),
-            ],
-        )
-        .await;
-    }
+    common::sqs::put_age_point(&endpoint, "aged-dlq", 9, 100).await;
+    common::sqs::put_age_point(&endpoint, "aged-dlq", 2, 321).await;
     moto_auth_after(&http, &endpoint, "0").await;
 
     let cfg = write_file(

@@ -676,6 +676,40 @@ async fn oldest_age_above_fires_on_sqs_from_the_sampled_age() {
     assert!(note["value"].as_f64().unwrap() > 2.0, "{note}");
 }
 
+/// With `cloudwatch: true` and a reason sample smaller than the queue, the
+/// age comes from CloudWatch: exported, shown as lagged, and alerted on.
+#[tokio::test]
+async fn oldest_age_above_fires_on_sqs_from_cloudwatch_when_the_sample_is_partial() {
+    let f = SqsFixture::create(false).await;
+    let (rx, base) = Receiver::start().await;
+    f.put_in_dlq(&msgs(3, "Timeout")).await;
+    let dlq_name = f.dlq_url.rsplit('/').next().unwrap();
+    common::sqs::put_age_point(&f.endpoint, dlq_name, 3, 3600).await;
+    let config = format!(
+        "queues:\n{}      cloudwatch: true\n      cloudwatch_endpoint_url: {}\nserve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  reason_sample: 1\nalerts:\n  rules:\n    - oldest_age_above: 30m\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n",
+        queue_yaml("orders", &f),
+        f.endpoint
+    );
+    let serve = Serve::start(&config).await;
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            !firing(&rx.webhook(), "oldest_age_above").is_empty()
+        })
+        .await;
+    let note = firing(&rx.webhook(), "oldest_age_above")[0].clone();
+    assert_eq!(note["value"], 3600.0, "{note}");
+    let (_, body) = serve.get("/v1/queues").await;
+    let queues: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(queues[0]["oldest_age"], 3600.0, "{queues}");
+    assert_eq!(queues[0]["oldest_age_exactness"], "lagged", "{queues}");
+    assert_eq!(queues[0]["exactness"], "approximate", "{queues}");
+    let (_, metrics) = serve.get("/metrics").await;
+    assert!(
+        metrics.contains("dlq_bridge_oldest_message_age_seconds{queue=\"orders\",backend=\"sqs\"} 3600"),
+        "{metrics}"
+    );
+}
+
 /// A redrive that spans polls removes messages the polls already saw go: no
 /// phantom arrivals, and no growth alert, for our own removals.
 #[tokio::test]

@@ -387,3 +387,39 @@ impl Fixture for SqsFixture {
         self.count(&self.dlq_url).await
     }
 }
+
+/// Publish an `AWS/SQS ApproximateAgeOfOldestMessage` point for `queue_name`
+/// into moto's CloudWatch, as SQS would: `age_secs`, `minutes_ago`. moto
+/// routes by the service the Authorization header names (`monitoring`) and
+/// checks nothing unless its auth is on.
+pub async fn put_age_point(endpoint: &str, queue_name: &str, minutes_ago: i64, age_secs: u64) {
+    let at = (chrono::Utc::now() - chrono::Duration::minutes(minutes_ago))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let age = age_secs.to_string();
+    let r = reqwest::Client::new()
+        .post(format!("{endpoint}/"))
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-east-1/monitoring/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .form(&[
+            ("Action", "PutMetricData"),
+            ("Version", "2010-08-01"),
+            ("Namespace", "AWS/SQS"),
+            ("MetricData.member.1.MetricName", "ApproximateAgeOfOldestMessage"),
+            ("MetricData.member.1.Dimensions.member.1.Name", "QueueName"),
+            ("MetricData.member.1.Dimensions.member.1.Value", queue_name),
+            ("MetricData.member.1.Value", age.as_str()),
+            ("MetricData.member.1.Unit", "Seconds"),
+            ("MetricData.member.1.Timestamp", at.as_str()),
+        ])
+        .send()
+        .await
+        .expect("moto answers");
+    let status = r.status();
+    assert!(
+        status.is_success(),
+        "PutMetricData: {status} {}",
+        r.text().await.unwrap_or_default()
+    );
+}
