@@ -241,6 +241,19 @@ impl DlqStats {
     pub fn age_better_from_whole_browse(&self) -> bool {
         self.oldest_age.is_none() || (self.age_exactness() == Exactness::Lagged && self.exactness != Exactness::Lagged)
     }
+
+    /// Take `oldest`, the age of the oldest of `browsed` messages a browse
+    /// read, when the browse read the whole queue (its oldest message is the
+    /// queue's oldest) and that is better than these stats' own age.
+    pub fn take_whole_browse_age(&mut self, browsed: u64, oldest: Option<Duration>) {
+        if self.age_better_from_whole_browse()
+            && browsed >= self.depth
+            && let Some(age) = oldest
+        {
+            self.oldest_age = Some(age);
+            self.oldest_age_exactness = None;
+        }
+    }
 }
 
 mod base64_bytes {

@@ -1343,6 +1343,12 @@ async fn cloudwatch_ages_are_signed_reads_and_a_missing_permission_fails_check_o
     assert_eq!(row["exactness"], "approximate", "{row}");
     assert_eq!(row["oldest_age_exactness"], "lagged", "{row}");
     assert!(!err.contains("WARN"), "{err}");
+    // A reason sample of the whole queue beats a point minutes old.
+    let (code, out, err) = run(as_user(&watcher).args(["list", "--sample", "10", "-o", "json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(rows[0]["oldest_age"].as_f64().unwrap() < 300.0, "{out}");
+    assert!(rows[0].get("oldest_age_exactness").is_none(), "{out}");
     let (code, out, err) = run(as_user(&watcher).arg("check"));
     assert_eq!(code, 0, "{out}{err}");
     assert!(

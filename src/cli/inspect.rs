@@ -77,16 +77,8 @@ pub(crate) async fn queue_row(registry: &Registry, name: &str, sample: usize) ->
             top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
             top.truncate(3);
             row.top_reasons = top;
-            // Only when the sample is the whole queue is its oldest message
-            // the queue's oldest (better than CloudWatch's age, minutes
-            // late); otherwise the age stays as the stats tell it.
-            if stats.age_better_from_whole_browse() && msgs.len() as u64 >= stats.depth {
-                let now = Utc::now();
-                if let Some(age) = msgs.iter().filter_map(|m| m.age(now)).max() {
-                    stats.oldest_age = Some(age);
-                    stats.oldest_age_exactness = None;
-                }
-            }
+            let now = Utc::now();
+            stats.take_whole_browse_age(msgs.len() as u64, msgs.iter().filter_map(|m| m.age(now)).max());
         }
         row.stats = Some(stats);
         Ok(())

@@ -339,16 +339,11 @@ impl ArrivalCounter {
 /// message is the queue's oldest (and an empty queue's oldest age is zero).
 /// That beats an age minutes late (SQS's from CloudWatch).
 fn with_known_age(mut stats: DlqStats, sample: Option<&[SampledMessage]>, now: DateTime<Utc>) -> DlqStats {
-    if stats.age_better_from_whole_browse() {
-        if stats.depth == 0 {
-            stats.oldest_age = Some(Duration::ZERO);
-            stats.oldest_age_exactness = None;
-        } else if let Some(msgs) = sample
-            && msgs.len() as u64 >= stats.depth
-        {
-            stats.oldest_age = Some(msgs.iter().filter_map(|m| m.age(now)).max().unwrap_or_default());
-            stats.oldest_age_exactness = None;
-        }
+    if stats.depth == 0 {
+        stats.take_whole_browse_age(0, Some(Duration::ZERO));
+    } else if let Some(msgs) = sample {
+        let oldest = msgs.iter().filter_map(|m| m.age(now)).max().unwrap_or_default();
+        stats.take_whole_browse_age(msgs.len() as u64, Some(oldest));
     }
     stats
 }
