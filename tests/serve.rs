@@ -37,6 +37,16 @@ fn firing<'a>(notes: &'a [Value], kind: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// The first firing notice of `kind` the receiver gets, waited for up to 20 s.
+async fn first_firing(serve: &Serve, rx: &Receiver, kind: &str) -> Value {
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            !firing(&rx.webhook(), kind).is_empty()
+        })
+        .await;
+    firing(&rx.webhook(), kind)[0].clone()
+}
+
 #[tokio::test]
 async fn depth_alert_fires_once_repeats_after_interval_and_resolves_on_drain() {
     let f = SqsFixture::create(false).await;
@@ -47,13 +57,8 @@ async fn depth_alert_fires_once_repeats_after_interval_and_resolves_on_drain() {
     );
     let serve = Serve::start(&config).await;
     f.put_in_dlq(&msgs(5, "Timeout")).await;
-    serve
-        .wait_for(Duration::from_secs(20), || async {
-            !firing(&rx.webhook(), "depth_above").is_empty()
-        })
-        .await;
+    let note = first_firing(&serve, &rx, "depth_above").await;
     let first = Instant::now();
-    let note = firing(&rx.webhook(), "depth_above")[0].clone();
     assert_eq!(note["queue"], "orders");
     assert_eq!(note["rule"], "orders-depth");
     assert_eq!(note["value"], 5.0);
@@ -143,12 +148,7 @@ async fn growth_fires_for_a_burst_drained_before_the_next_poll_and_new_reason_on
     f.put_in_dlq(&msgs(5, "Timeout")).await;
     let run = serve.redrive("orders", json!({ "filter": "true" })).await;
     assert_eq!(run["summary"]["settled"], 6, "{run}");
-    serve
-        .wait_for(Duration::from_secs(20), || async {
-            !firing(&rx.webhook(), "growth").is_empty()
-        })
-        .await;
-    let growth = firing(&rx.webhook(), "growth")[0].clone();
+    let growth = first_firing(&serve, &rx, "growth").await;
     assert!(growth["value"].as_f64().unwrap() >= 5.0, "{growth}");
 
     f.put_in_dlq(&msgs(1, "Timeout")).await;
@@ -666,12 +666,7 @@ async fn oldest_age_above_fires_on_sqs_from_the_sampled_age() {
         queue_yaml("orders", &f)
     );
     let serve = Serve::start(&config).await;
-    serve
-        .wait_for(Duration::from_secs(20), || async {
-            !firing(&rx.webhook(), "oldest_age_above").is_empty()
-        })
-        .await;
-    let note = firing(&rx.webhook(), "oldest_age_above")[0].clone();
+    let note = first_firing(&serve, &rx, "oldest_age_above").await;
     assert_eq!(note["queue"], "orders");
     assert!(note["value"].as_f64().unwrap() > 2.0, "{note}");
 }
@@ -691,12 +686,7 @@ async fn oldest_age_above_fires_on_sqs_from_cloudwatch_when_the_sample_is_partia
         f.endpoint
     );
     let serve = Serve::start(&config).await;
-    serve
-        .wait_for(Duration::from_secs(20), || async {
-            !firing(&rx.webhook(), "oldest_age_above").is_empty()
-        })
-        .await;
-    let note = firing(&rx.webhook(), "oldest_age_above")[0].clone();
+    let note = first_firing(&serve, &rx, "oldest_age_above").await;
     assert_eq!(note["value"], 3600.0, "{note}");
     let (_, body) = serve.get("/v1/queues").await;
     let queues: Value = serde_json::from_str(&body).unwrap();
@@ -741,12 +731,7 @@ async fn a_redrive_spanning_polls_counts_no_phantom_arrivals() {
     assert!(firing(&rx.webhook(), "growth").is_empty(), "{:?}", rx.webhook());
     // Real arrivals still count.
     f.put_in_dlq(&msgs(6, "Timeout")).await;
-    serve
-        .wait_for(Duration::from_secs(20), || async {
-            !firing(&rx.webhook(), "growth").is_empty()
-        })
-        .await;
-    let value = firing(&rx.webhook(), "growth")[0]["value"].as_f64().unwrap();
+    let value = first_firing(&serve, &rx, "growth").await["value"].as_f64().unwrap();
     assert!((5.0..=6.0).contains(&value), "only the 6 real arrivals count: {value}");
 }
 
