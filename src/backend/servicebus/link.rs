@@ -120,8 +120,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{WorkloadIdentityCredential, sas_token, unix_now};
+use super::codec::{is_deferred, sequence_number};
+use super::errors::{broker_words, refusal_error, refusal_in};
 use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, Result};
-use super::{WorkloadIdentityCredential, refusal_error, refusal_in, sas_token, unix_now};
 
 const PEEK_OPERATION: &str = "com.microsoft:peek-message";
 const RECEIVE_BY_SEQUENCE_OPERATION: &str = "com.microsoft:receive-by-sequence-number";
@@ -274,28 +276,6 @@ impl LinkConfig {
     fn dlq_audience(&self) -> String {
         self.audience(&self.dlq_path)
     }
-}
-
-/// The broker's own description in a fe2o3-amqp error's debug text (an
-/// AMQP error's `description`, a `$cbs` or `$management` status
-/// description), which is what Azure's documentation and a user's search go
-/// by; None when it has none.
-pub(super) fn broker_words(debug: &str) -> Option<String> {
-    let start = debug.find("description: Some(\"")? + "description: Some(\"".len();
-    let mut words = String::new();
-    let mut chars = debug[start..].chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => return Some(words),
-            '\\' => match chars.next()? {
-                'n' => words.push('\n'),
-                't' => words.push('\t'),
-                other => words.push(other),
-            },
-            c => words.push(c),
-        }
-    }
-    None
 }
 
 /// How long a token that expires at `expiry` (a whole Unix second, as SAS
@@ -1706,21 +1686,6 @@ async fn put_tokens_for(cfg: &LinkConfig, cbs: &mut CbsClient, audiences: &[Stri
     Ok(renew)
 }
 
-pub(super) fn sequence_number(m: &Message<Body<Value>>) -> Option<i64> {
-    match super::annotation(m, "x-opt-sequence-number")? {
-        Value::Long(n) => Some(*n),
-        _ => None,
-    }
-}
-
-/// Service Bus's `x-opt-message-state` 1: the message was deferred.
-pub(super) fn is_deferred(m: &Message<Body<Value>>) -> bool {
-    matches!(
-        super::annotation(m, "x-opt-message-state"),
-        Some(Value::Long(1) | Value::Int(1))
-    )
-}
-
 /// `com.microsoft:peek-message`, answered by the number of messages and the
 /// last one's sequence number.
 struct PeekCount(Browsed);
@@ -2282,22 +2247,6 @@ mod tests {
     use fe2o3_amqp_types::messaging::annotations::OwnedKey;
     use fe2o3_amqp_types::messaging::message::__private::Serializable;
     use fe2o3_amqp_types::primitives::{Binary, Symbol};
-
-    #[test]
-    fn the_brokers_words_are_read_out_of_an_error() {
-        let attach = r#"RemoteClosedWithError(Error { condition: AmqpError(UnauthorizedAccess), description: Some("Unauthorized access. 'Send' claim(s) are required. Resource: \"q\"."), info: None })"#;
-        assert_eq!(
-            broker_words(attach).as_deref(),
-            Some("Unauthorized access. 'Send' claim(s) are required. Resource: \"q\".")
-        );
-        let put = r#"Status(StatusError { code: StatusCode(401), description: Some("InvalidSignature: The token has an invalid signature.") })"#;
-        assert_eq!(
-            broker_words(put).as_deref(),
-            Some("InvalidSignature: The token has an invalid signature.")
-        );
-        assert_eq!(broker_words("IllegalState"), None);
-        assert_eq!(broker_words(r#"Error { description: None }"#), None);
-    }
 
     #[test]
     fn a_disabled_entity_is_refused_not_unreachable() {
