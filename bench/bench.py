@@ -648,7 +648,7 @@ def engine_lease_caps():
     root = os.path.join(os.path.dirname(__file__), "..")
     try:
         sqs = open(os.path.join(root, "src/backend/sqs.rs")).read()
-        cfg = open(os.path.join(root, "src/config.rs")).read()
+        cfg = open(os.path.join(root, "src/config/redrive.rs")).read()
         cap = int(re.search(r"max_concurrent_leases:\s*(\d+)", sqs).group(1))
         conc = int(re.search(r"fn default_concurrency\(\) -> usize \{\s*(\d+)", cfg).group(1))
         return min(cap, conc), cap, conc

@@ -388,7 +388,7 @@ def test_values_file_is_valid_yaml_with_documented_defaults():
 
 def test_the_projects_example_config_fits_the_chart(render):
     """config/example.yaml documents every config key: the schema must accept it
-    (so values.schema.json keeps up with src/config.rs) and the ConfigMap must
+    (so values.schema.json keeps up with src/config/) and the ConfigMap must
     carry it unchanged, apart from the serve settings the chart owns."""
     from conftest import ROOT
     example = yaml.safe_load((ROOT / "config" / "example.yaml").read_text())

@@ -1,0 +1,81 @@
+//! `DLQ_BRIDGE__<PATH>` environment overrides: read from the process, and
+//! applied to the YAML tree before it is typed, so they pass the same checks
+//! as the file.
+
+use super::ConfigError;
+
+/// Overrides are `DLQ_BRIDGE__` + path; the double underscore keeps them apart
+/// from the CLI's own variables (`DLQ_BRIDGE_CONFIG`, `DLQ_BRIDGE_LOG`).
+const ENV_PREFIX: &str = "DLQ_BRIDGE";
+const ENV_SEPARATOR: &str = "__";
+
+/// Collect `DLQ_BRIDGE__*` overrides from the process environment through the
+/// `config` crate's environment source.
+pub fn env_overrides_from_process() -> Vec<(String, String)> {
+    use config::Source as _;
+    let env = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator(ENV_SEPARATOR)
+        .separator(ENV_SEPARATOR);
+    let Ok(map) = env.collect() else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = map.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+    out.sort();
+    out
+}
+
+pub(super) fn env_var_for(dotted: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{ENV_SEPARATOR}{}",
+        dotted.replace('.', ENV_SEPARATOR).to_uppercase()
+    )
+}
+
+pub(super) fn apply_override(tree: &mut serde_yaml::Value, key: &str, raw: &str) -> Result<(), ConfigError> {
+    let var = env_var_for(key);
+    if key.split('.').any(|seg| seg.is_empty()) {
+        return Err(ConfigError::Env {
+            var,
+            message: "empty path segment".into(),
+        });
+    }
+    let value: serde_yaml::Value = serde_yaml::from_str(raw).unwrap_or_else(|_| serde_yaml::Value::String(raw.into()));
+    let mut node = tree;
+    for seg in key.split('.') {
+        let map = match node {
+            serde_yaml::Value::Mapping(m) => m,
+            serde_yaml::Value::Null => {
+                *node = serde_yaml::Value::Mapping(Default::default());
+                node.as_mapping_mut().expect("just set")
+            }
+            _ => {
+                return Err(ConfigError::Env {
+                    var,
+                    message: format!("`{seg}` is inside a value that is not a map (lists cannot be overridden)"),
+                });
+            }
+        };
+        node = map
+            .entry(serde_yaml::Value::String(seg.into()))
+            .or_insert(serde_yaml::Value::Null);
+    }
+    *node = value;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn env_override_sets_nested_value_and_reports_bad_ones() {
+        let y = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let c = Config::from_yaml(y, "t", &[("redrive.concurrency".into(), "9".into())]).unwrap();
+        assert_eq!(c.redrive.concurrency, 9);
+        let err = Config::from_yaml(y, "t", &[("redrive.concurency".into(), "9".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DLQ_BRIDGE__REDRIVE__CONCURENCY"), "{err}");
+        assert!(err.contains("unknown field `concurency`"), "{err}");
+    }
+}

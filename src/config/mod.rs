@@ -1,0 +1,1018 @@
+//! Typed configuration (DESIGN §2: "The config is the single source of truth").
+//!
+//! The YAML file is parsed strictly (`deny_unknown_fields` everywhere) so that a
+//! typo is an error naming the file, line, field and what was expected, never a
+//! silently ignored setting. Environment variables `DLQ_BRIDGE__<PATH>` (with
+//! `__` between path segments, e.g. `DLQ_BRIDGE__REDRIVE__CONCURRENCY=8`)
+//! override single values, read through the `config` crate's environment source.
+//! Secrets are never inline: fields ending in `_env` name the environment
+//! variable that holds them.
+//!
+//! Here: the whole file ([`Config`]), how it is loaded, and the checks that
+//! span sections. Each section's types live in a module of their own and are
+//! re-exported here, so that callers name `config::X` whatever the layout.
+
+mod alerts;
+mod durations;
+mod env;
+mod locate;
+mod queue;
+mod redrive;
+mod serve;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use alerts::{AlertRule, AlertsConfig, GrowthRule, SinkConfig, SinkKind, SinkTarget, check_sink_url};
+pub use durations::{MIN_POLL_INTERVAL, duration_text, opt_duration_text, opt_poll_interval_text, poll_interval_text};
+pub use env::env_overrides_from_process;
+pub use queue::{
+    PubSubQueueConfig, QueueConfig, QueueDefaults, QueueKind, RetentionAction, RetentionConfig, ServiceBusQueueConfig,
+    ServiceBusSubQueue, SqsQueueConfig,
+};
+pub use redrive::{RedriveConfig, ScheduleConfig, state_dir};
+pub use serve::{AdminCallLimits, DashboardConfig, LeaderElectionConfig, ServeConfig};
+
+use env::{apply_override, env_var_for};
+use locate::{did_you_mean, invalid, locate, locate_rule_glob, parse_located};
+use queue::{backend_names, queue_name_problem};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    // `error`, not `source`: the message already includes it, and a source
+    // would be printed a second time by `{:#}`.
+    #[error("{path}: cannot read the config file: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("{location}: {field}: {message}")]
+    Invalid {
+        /// `file:line:column` when known, else the file.
+        location: String,
+        /// The dotted path of the offending field, e.g. `queues[1].sqs.region`.
+        field: String,
+        message: String,
+    },
+    #[error("environment override {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Settings every queue inherits unless it sets its own.
+    #[serde(default)]
+    pub defaults: QueueDefaults,
+    /// How redrives behave, for every trigger (CLI, API, schedule).
+    #[serde(default)]
+    pub redrive: RedriveConfig,
+    /// The dead-letter queues dlq-bridge manages. Names must be unique.
+    #[serde(default)]
+    pub queues: Vec<QueueConfig>,
+    /// Sidecar mode (`dlq-bridge serve`): HTTP API, metrics, polling.
+    #[serde(default)]
+    pub serve: ServeConfig,
+    /// Alert rules and where notifications go (evaluated by `serve`).
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    /// Redrives `serve` runs on a schedule (on the leader only).
+    #[serde(default)]
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+// serde's `default = "..."` takes a function, and flags of several sections default to on.
+fn default_true() -> bool {
+    true
+}
+
+impl Config {
+    /// What `serve` reads from the environment when it starts, and refuses to
+    /// start without: the API token (`serve.token_env`) and the URLs of the
+    /// alert sinks given by `url_env`. Loading a config does not look (the
+    /// environment is not the config); `check` does, so that it says whether
+    /// `serve` will start. Each problem is `(field, what is wrong)`; a URL is
+    /// never quoted (it can carry a secret).
+    pub fn serve_env_problems(&self, env: impl Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if let Some(var) = &self.serve.token_env
+            && env(var).is_none_or(|t| t.trim().is_empty())
+        {
+            problems.push((
+                "serve.token_env".to_string(),
+                format!("environment variable {var} is not set (or holds only whitespace)"),
+            ));
+        }
+        for (i, sink) in self.alerts.sinks.iter().enumerate() {
+            let Some(var) = sink.target().and_then(|(_, t)| t.url_env.as_ref()) else {
+                continue;
+            };
+            let field = format!("alerts.sinks[{i}]");
+            match env(var) {
+                None => problems.push((field, format!("environment variable {var} is not set"))),
+                Some(url) if check_sink_url(&url).is_err() => problems.push((
+                    field,
+                    format!("environment variable {var}: does not hold an http:// or https:// URL with a host"),
+                )),
+                Some(_) => {}
+            }
+        }
+        problems
+    }
+
+    /// The journal every command and `serve` use: `redrive.journal`, else
+    /// `journal.jsonl` in `serve.data_dir`, else in the state directory.
+    /// One rule, so that `runs` and a rerun's recovery find what `serve`
+    /// journaled.
+    pub fn journal_path(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.redrive.journal {
+            return Some(p.clone());
+        }
+        let dir = self.serve.data_dir.clone().or_else(state_dir)?;
+        Some(dir.join("journal.jsonl"))
+    }
+
+    /// Read, parse, apply environment overrides and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::from_yaml(&text, &path.display().to_string(), &env_overrides_from_process())
+    }
+
+    /// Parse `text` (named `origin` in errors) with the given overrides
+    /// (`dotted.path` → raw value).
+    pub fn from_yaml(text: &str, origin: &str, overrides: &[(String, String)]) -> Result<Self, ConfigError> {
+        // The strict parse of the file alone gives errors their line numbers.
+        let mut config: Config = parse_located(text, origin)?;
+        if !overrides.is_empty() {
+            let mut tree: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| invalid(origin, "", &e))?;
+            if tree.is_null() {
+                tree = serde_yaml::Value::Mapping(Default::default());
+            }
+            for (key, raw) in overrides {
+                apply_override(&mut tree, key, raw)?;
+            }
+            config = serde_path_to_error::deserialize(tree).map_err(|e| {
+                let field = e.path().to_string();
+                let mut message = e.into_inner().to_string();
+                if let Some(hint) = did_you_mean(&message) {
+                    message.push_str(&format!("; did you mean `{hint}`?"));
+                }
+                ConfigError::Env {
+                    var: env_var_for(&field),
+                    message: format!("{field}: {message}"),
+                }
+            })?;
+        }
+        config.resolve_defaults();
+        config.validate(origin, text, overrides)?;
+        config.validate_alert_globs(text, origin)?;
+        Ok(config)
+    }
+
+    fn resolve_defaults(&mut self) {
+        for q in &mut self.queues {
+            if q.reason_attribute.is_empty() {
+                q.reason_attribute = self.defaults.reason_attribute.clone();
+            }
+            if q.description_attribute.is_empty() {
+                q.description_attribute = self.defaults.description_attribute.clone();
+            }
+        }
+    }
+
+    /// The checks that need more than one field, or a field's value in
+    /// context. Each error names the line and column where the field is
+    /// written (or the environment override that set it).
+    fn validate(&self, origin: &str, text: &str, overrides: &[(String, String)]) -> Result<(), ConfigError> {
+        let err = |field: String, message: String| -> ConfigError {
+            let overridden = overrides
+                .iter()
+                .find(|(key, _)| field == *key || field.starts_with(&format!("{key}.")));
+            if let Some((key, _)) = overridden {
+                return ConfigError::Env {
+                    var: env_var_for(key),
+                    message: format!("{field}: {message}"),
+                };
+            }
+            let location = match locate(text, &field) {
+                Some((line, column)) => format!("{origin}:{line}:{column}"),
+                None => origin.to_string(),
+            };
+            ConfigError::Invalid {
+                location,
+                field,
+                message,
+            }
+        };
+        // An empty default would leave every queue without one (found by the
+        // `config` fuzz target: `reason_attribute: &anchor` is an empty string).
+        for (field, value) in [
+            ("defaults.reason_attribute", &self.defaults.reason_attribute),
+            ("defaults.description_attribute", &self.defaults.description_attribute),
+        ] {
+            if value.trim().is_empty() {
+                return Err(err(field.into(), "must not be empty".into()));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            if let Some(message) = queue_name_problem(&q.name) {
+                return Err(err(format!("queues[{i}].name"), message));
+            }
+            if !seen.insert(q.name.as_str()) {
+                return Err(err(
+                    format!("queues[{i}].name"),
+                    format!("duplicate queue name `{}`", q.name),
+                ));
+            }
+            for (field, value, what) in backend_names(&q.kind) {
+                if value.is_some_and(|v| v.trim().is_empty()) {
+                    return Err(err(
+                        format!("queues[{i}].{field}"),
+                        format!("must not be empty: {what}"),
+                    ));
+                }
+            }
+            if let QueueKind::Sqs(sqs) = &q.kind
+                && let Some(url) = &sqs.cloudwatch_endpoint_url
+            {
+                let field = format!("queues[{i}].sqs.cloudwatch_endpoint_url");
+                if !sqs.cloudwatch {
+                    return Err(err(
+                        field,
+                        "is set but `cloudwatch` is not: add `cloudwatch: true` to read the oldest age from CloudWatch"
+                            .into(),
+                    ));
+                }
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(err(field, format!("`{url}` is not an http(s) URL")));
+                }
+            }
+            if q.source.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                return Err(err(
+                    format!("queues[{i}].source"),
+                    "must not be empty (leave it out to use the source the provider reports)".into(),
+                ));
+            }
+        }
+        for (i, r) in self.alerts.rules.iter().enumerate() {
+            let conditions = [
+                r.depth_above.is_some(),
+                r.oldest_age_above.is_some(),
+                r.growth.is_some(),
+                r.new_reason,
+            ];
+            if conditions.iter().filter(|c| **c).count() != 1 {
+                return Err(err(
+                    format!("alerts.rules[{i}]"),
+                    "set exactly one of `depth_above`, `oldest_age_above`, `growth`, `new_reason`".into(),
+                ));
+            }
+            for (j, g) in r.queues.iter().enumerate() {
+                if let Err(e) = glob::Pattern::new(g) {
+                    return Err(err(
+                        format!("alerts.rules[{i}].queues[{j}]"),
+                        format!("invalid glob `{g}`: {e}"),
+                    ));
+                }
+            }
+        }
+        for (i, sink) in self.alerts.sinks.iter().enumerate() {
+            let Some((_, t)) = sink.target() else {
+                return Err(err(
+                    format!("alerts.sinks[{i}]"),
+                    "set exactly one of `webhook`, `slack` or `alertmanager`".into(),
+                ));
+            };
+            if t.url.is_some() == t.url_env.is_some() {
+                return Err(err(
+                    format!("alerts.sinks[{i}]"),
+                    "set exactly one of `url` and `url_env`".into(),
+                ));
+            }
+        }
+        for (i, sch) in self.schedules.iter().enumerate() {
+            let field = format!("schedules[{i}]");
+            if self.queue(&sch.queue).is_none() {
+                return Err(err(
+                    format!("{field}.queue"),
+                    format!("no queue named `{}` is configured", sch.queue),
+                ));
+            }
+            match (&sch.every, &sch.cron) {
+                // 0s would start a redrive the moment the last one ends, on
+                // and on; cron's own floor is a minute.
+                (Some(every), None) if *every < MIN_SCHEDULE_EVERY => {
+                    return Err(err(
+                        format!("{field}.every"),
+                        format!("must be at least {}", humantime::format_duration(MIN_SCHEDULE_EVERY)),
+                    ));
+                }
+                (Some(_), None) => {}
+                (None, Some(expr)) => {
+                    if let Err(e) = expr.parse::<croner::Cron>() {
+                        return Err(err(
+                            format!("{field}.cron"),
+                            format!("invalid cron expression `{expr}`: {e}"),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(err(field, "set exactly one of `every` and `cron`".into()));
+                }
+            }
+            if let Some(Err(e)) = sch.filter.as_deref().map(crate::filter::Filter::compile) {
+                return Err(err(format!("{field}.filter"), e.to_string()));
+            }
+            if sch.rate == Some(0) {
+                return Err(err(format!("{field}.rate"), RATE_AT_LEAST_ONE.into()));
+            }
+            if sch.max == Some(0) {
+                return Err(err(
+                    format!("{field}.max"),
+                    "must be at least 1 (leave it out for no cap)".into(),
+                ));
+            }
+            // Else every scheduled run would fail on it, as `redrive --to ''`.
+            if sch.to.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                return Err(err(
+                    format!("{field}.to"),
+                    "must not be empty (leave it out to redrive to each message's source)".into(),
+                ));
+            }
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.retention
+                .as_ref()
+                .is_some_and(|r| r.max_age.is_zero() || r.check_every.is_zero())
+            {
+                return Err(err(
+                    format!("queues[{i}].retention"),
+                    "`max_age` and `check_every` must be longer than 0s".into(),
+                ));
+            }
+        }
+        if self.redrive.concurrency == 0 {
+            return Err(err("redrive.concurrency".into(), "must be at least 1".into()));
+        }
+        let limits = &self.serve.admin_calls_per_second;
+        for (kind, n) in [
+            ("sqs", limits.sqs),
+            ("pubsub", limits.pubsub),
+            ("servicebus", limits.servicebus),
+        ] {
+            // 0 was taken as 1 call a second, the tightest limit, where it
+            // reads as "no limit".
+            if n == 0 {
+                return Err(err(
+                    format!("serve.admin_calls_per_second.{kind}"),
+                    "must be at least 1 (admin calls per second; there is no unlimited setting)".into(),
+                ));
+            }
+        }
+        if self.redrive.rate == Some(0) {
+            return Err(err("redrive.rate".into(), RATE_AT_LEAST_ONE.into()));
+        }
+        // 0 was taken as 1 kept file, quietly: fewer than a reader of the
+        // config would expect, and the journal remembers what it keeps.
+        if self.redrive.journal_keep == 0 {
+            return Err(err(
+                "redrive.journal_keep".into(),
+                "must be at least 1 (rotated journal files kept)".into(),
+            ));
+        }
+        if self.redrive.max_held == 0 {
+            return Err(err(
+                "redrive.max_held".into(),
+                "must be at least 1 (a pass stops leasing once it holds this many messages it did not move)".into(),
+            ));
+        }
+        if self.alerts.resend_delay < MIN_RESEND_DELAY {
+            return Err(err(
+                "alerts.resend_delay".into(),
+                format!(
+                    "must be at least {} (firing alerts are re-sent to Alertmanager this often)",
+                    humantime::format_duration(MIN_RESEND_DELAY)
+                ),
+            ));
+        }
+        if self.redrive.hold < MIN_HOLD {
+            return Err(err(
+                "redrive.hold".into(),
+                format!(
+                    "must be at least {} (messages stay leased this long while a pass examines and sends them)",
+                    humantime::format_duration(MIN_HOLD)
+                ),
+            ));
+        }
+        if self.redrive.deadline < MIN_DEADLINE {
+            return Err(err(
+                "redrive.deadline".into(),
+                format!(
+                    "must be at least {} (a run stops after this long)",
+                    humantime::format_duration(MIN_DEADLINE)
+                ),
+            ));
+        }
+        if self.serve.leader_election.lease_duration < MIN_LEASE_DURATION {
+            return Err(err(
+                "serve.leader_election.lease_duration".into(),
+                format!(
+                    "must be at least {} (the leader renews every third of it; a shorter lease flaps between replicas)",
+                    humantime::format_duration(MIN_LEASE_DURATION)
+                ),
+            ));
+        }
+        self.serve
+            .check_listen()
+            .map_err(|(field, message)| err(field.into(), message))?;
+        Ok(())
+    }
+
+    /// Every glob of an alert rule must match a configured queue (when any
+    /// is configured): one that
+    /// matches none is a typo (`order*` for `orders`) and would leave the rule
+    /// silently idle. Located at the glob in `text` when it can be found.
+    fn validate_alert_globs(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        // A file with no queues (alerts only, or a shared fragment) has
+        // nothing to match yet.
+        if self.queues.is_empty() {
+            return Ok(());
+        }
+        for (i, r) in self.alerts.rules.iter().enumerate() {
+            for (j, g) in r.queues.iter().enumerate() {
+                let Ok(pattern) = glob::Pattern::new(g) else { continue };
+                if self.queues.iter().any(|q| pattern.matches(&q.name)) {
+                    continue;
+                }
+                let location = match locate_rule_glob(text, i, g).or_else(|| locate(text, "alerts.rules")) {
+                    Some((line, column)) => format!("{origin}:{line}:{column}"),
+                    None => origin.to_string(),
+                };
+                let known: Vec<&str> = self.queues.iter().map(|q| q.name.as_str()).collect();
+                return Err(ConfigError::Invalid {
+                    location,
+                    field: format!("alerts.rules[{i}].queues[{j}]"),
+                    message: format!(
+                        "`{g}` matches no configured queue (configured: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                });
+            }
+        }
+        // A rule's name identifies its alert: the `rule` label of
+        // dlq_bridge_alerts_firing and Alertmanager's `alertname`. Two rules
+        // with one name on one queue (two unnamed `depth_above` thresholds)
+        // would overwrite each other's series and resolve each other's alert.
+        let applies = |r: &AlertRule, queue: &str| {
+            r.queues
+                .iter()
+                .filter_map(|g| glob::Pattern::new(g).ok())
+                .any(|p| p.matches(queue))
+        };
+        for (i, r) in self.alerts.rules.iter().enumerate() {
+            let name = r.effective_name();
+            for (k, earlier) in self.alerts.rules[..i].iter().enumerate() {
+                if earlier.effective_name() != name {
+                    continue;
+                }
+                let Some(q) = self
+                    .queues
+                    .iter()
+                    .find(|q| applies(r, &q.name) && applies(earlier, &q.name))
+                else {
+                    continue;
+                };
+                let location = match locate_rule_glob(text, i, r.queues.first().map_or("*", String::as_str))
+                    .or_else(|| locate(text, "alerts.rules"))
+                {
+                    Some((line, column)) => format!("{origin}:{line}:{column}"),
+                    None => origin.to_string(),
+                };
+                return Err(ConfigError::Invalid {
+                    location,
+                    field: format!("alerts.rules[{i}]"),
+                    message: format!(
+                        "alerts.rules[{k}] has the same name `{name}` and both apply to queue `{}`: give each a distinct `name` (it is the alert's identity in dlq_bridge_alerts_firing and Alertmanager)",
+                        q.name
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+}
+
+/// What `redrive.rate` and a schedule's `rate` must be: 0 is no rate at all.
+const RATE_AT_LEAST_ONE: &str = "must be at least 1 (whole messages per second); leave it out for no limit";
+
+/// Leases shorter than this expire while their batch is examined and sent.
+const MIN_HOLD: Duration = Duration::from_secs(1);
+const MIN_RESEND_DELAY: Duration = Duration::from_secs(1);
+
+/// A run given less time than this ends before its first lease is back.
+const MIN_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The shortest `every` a schedule may have.
+const MIN_SCHEDULE_EVERY: Duration = Duration::from_secs(1);
+
+/// The Lease holds whole seconds, and the leader must renew (every third of
+/// it) well within it.
+const MIN_LEASE_DURATION: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_and_serve_share_one_journal() {
+        let q = "queues:\n  - name: q\n    sqs:\n      queue: q\n";
+        let c = |extra: &str| Config::from_yaml(&format!("{q}{extra}"), "t.yaml", &[]).unwrap();
+        assert_eq!(
+            c("redrive:\n  journal: /j/x.jsonl\nserve:\n  data_dir: /d\n").journal_path(),
+            Some(PathBuf::from("/j/x.jsonl"))
+        );
+        assert_eq!(
+            c("serve:\n  data_dir: /d\n").journal_path(),
+            Some(PathBuf::from("/d/journal.jsonl"))
+        );
+        assert_eq!(c("").journal_path(), state_dir().map(|d| d.join("journal.jsonl")));
+    }
+
+    pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, "test.yaml", &[])
+    }
+
+    /// The README says config/example.yaml documents every setting: each
+    /// field the parser knows, section by section (as its own "unknown
+    /// field, expected one of" error lists them), is set or shown in a
+    /// comment there as `field:`.
+    #[test]
+    fn example_config_documents_every_field() {
+        let example = include_str!("../../config/example.yaml");
+        let sections = [
+            ("top level", "zz_unknown: 1\n"),
+            ("defaults", "defaults: {zz_unknown: 1}\n"),
+            ("redrive", "redrive: {zz_unknown: 1}\n"),
+            ("queues[]", "queues:\n  - zz_unknown: 1\n"),
+            ("queues[].sqs", "queues:\n  - name: a\n    sqs: {zz_unknown: 1}\n"),
+            ("queues[].pubsub", "queues:\n  - name: a\n    pubsub: {zz_unknown: 1}\n"),
+            (
+                "queues[].servicebus",
+                "queues:\n  - name: a\n    servicebus: {zz_unknown: 1}\n",
+            ),
+            (
+                "queues[].retention",
+                "queues:\n  - name: a\n    retention: {zz_unknown: 1}\n",
+            ),
+            ("serve", "serve: {zz_unknown: 1}\n"),
+            (
+                "serve.admin_calls_per_second",
+                "serve: {admin_calls_per_second: {zz_unknown: 1}}\n",
+            ),
+            ("serve.leader_election", "serve: {leader_election: {zz_unknown: 1}}\n"),
+            ("serve.dashboard", "serve: {dashboard: {zz_unknown: 1}}\n"),
+            ("alerts", "alerts: {zz_unknown: 1}\n"),
+            ("alerts.rules[]", "alerts: {rules: [{zz_unknown: 1}]}\n"),
+            (
+                "alerts.rules[].growth",
+                "alerts: {rules: [{growth: {zz_unknown: 1}}]}\n",
+            ),
+            ("alerts.sinks[]", "alerts: {sinks: [{zz_unknown: 1}]}\n"),
+            (
+                "alerts.sinks[].webhook",
+                "alerts: {sinks: [{webhook: {zz_unknown: 1}}]}\n",
+            ),
+            ("schedules[]", "schedules: [{zz_unknown: 1}]\n"),
+        ];
+        let mut missing = Vec::new();
+        for (section, text) in sections {
+            let err = parse(text).unwrap_err().to_string();
+            let expected = err
+                .split_once("expected")
+                .unwrap_or_else(|| panic!("{section}: {err}"))
+                .1;
+            let fields: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            assert!(fields.len() > 1, "{section}: {err}");
+            for field in fields {
+                let shown = example.lines().any(|line| {
+                    let line = line.trim_start().trim_start_matches('#').trim_start();
+                    let line = line.trim_start_matches("- ").trim_start_matches('{');
+                    line.starts_with(&format!("{field}:"))
+                        || line.contains(&format!(" {field}:"))
+                        || line.contains(&format!("{{{field}:"))
+                });
+                if !shown {
+                    missing.push(format!("{section}.{field}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "config/example.yaml does not show: {missing:?}");
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        for (name, text) in [
+            ("config/example.yaml", include_str!("../../config/example.yaml")),
+            ("config/demo.yaml", include_str!("../../config/demo.yaml")),
+        ] {
+            Config::from_yaml(text, name, &[]).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn a_loaded_config_serializes_back_to_an_equivalent_file() {
+        let text = include_str!("../../config/example.yaml");
+        let c = Config::from_yaml(text, "example", &[]).unwrap();
+        let again = Config::from_yaml(&serde_yaml::to_string(&c).unwrap(), "again", &[]).unwrap();
+        assert_eq!(
+            serde_yaml::to_string(&again).unwrap(),
+            serde_yaml::to_string(&c).unwrap()
+        );
+    }
+
+    #[test]
+    fn minimal_sqs_queue_takes_defaults() {
+        let c = parse("queues:\n  - name: orders\n    sqs:\n      queue: orders-dlq\n").unwrap();
+        let q = c.queue("orders").unwrap();
+        assert_eq!(q.reason_attribute, "error");
+        assert!(matches!(&q.kind, QueueKind::Sqs(s) if s.queue == "orders-dlq"));
+        assert_eq!(c.redrive.hold, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn resend_delay_defaults_to_a_minute_and_is_at_least_a_second() {
+        assert_eq!(parse("{}").unwrap().alerts.resend_delay, Duration::from_secs(60));
+        let err = parse("alerts:\n  resend_delay: 500ms\n").unwrap_err().to_string();
+        assert!(
+            err.contains("test.yaml:2:") && err.contains("alerts.resend_delay"),
+            "{err}"
+        );
+        assert_eq!(
+            parse("alerts:\n  resend_delay: 2s\n").unwrap().alerts.resend_delay,
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn duplicate_names_rejected() {
+        let y = "queues:\n  - name: a\n    sqs: {queue: x}\n  - name: a\n    sqs: {queue: y}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert_eq!(err, "test.yaml:4:5: queues[1].name: duplicate queue name `a`");
+        // Flow style, and a list at its key's own indentation.
+        let y = "queues:\n- {name: a, sqs: {queue: x}}\n- {sqs: {queue: y}, name: a}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:3:21: queues[1].name: duplicate"), "{err}");
+    }
+
+    /// An empty `to` was accepted and failed every scheduled run.
+    #[test]
+    fn a_schedule_s_destination_is_not_empty() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for to in ["''", "' '"] {
+            let err = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, to: {to}}}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("test.yaml:5:") && err.contains("schedules[0].to: must not be empty"),
+                "{err}"
+            );
+        }
+        assert!(parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, to: elsewhere}}\n")).is_ok());
+    }
+
+    #[test]
+    fn journal_keep_is_at_least_one() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!("{q}redrive:\n  journal_keep: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "test.yaml:5:3: redrive.journal_keep: must be at least 1 (rotated journal files kept)"
+        );
+        assert_eq!(
+            parse(&format!("{q}redrive:\n  journal_keep: 1\n"))
+                .unwrap()
+                .redrive
+                .journal_keep,
+            1
+        );
+    }
+
+    #[test]
+    fn admin_call_limits_are_at_least_one() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!("{q}serve:\n  admin_calls_per_second: {{servicebus: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:5:")
+                && err.contains("serve.admin_calls_per_second.servicebus: must be at least 1"),
+            "{err}"
+        );
+        let c = parse(&format!("{q}serve:\n  admin_calls_per_second: {{sqs: 1}}\n")).unwrap();
+        assert_eq!(c.serve.admin_calls_per_second.sqs, 1);
+    }
+
+    #[test]
+    fn validation_errors_name_the_line_and_overrides_their_variable() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let err = parse(&format!("{q}redrive:\n  hold: 1m\n  concurrency: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "test.yaml:6:3: redrive.concurrency: must be at least 1");
+        let err = Config::from_yaml(
+            &format!("{q}redrive:\n  concurrency: 4\n"),
+            "t",
+            &[("redrive.concurrency".into(), "0".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "environment override DLQ_BRIDGE__REDRIVE__CONCURRENCY: redrive.concurrency: must be at least 1"
+        );
+        let err = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, rate: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:5:27: schedules[0].rate: must be at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn limits_that_mean_nothing_are_refused() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for (redrive, says) in [
+            (
+                "rate: 0",
+                "test.yaml:5:3: redrive.rate: must be at least 1 (whole messages per second)",
+            ),
+            ("hold: 0s", "test.yaml:5:3: redrive.hold: must be at least 1s"),
+            ("hold: 500ms", "test.yaml:5:3: redrive.hold: must be at least 1s"),
+            ("deadline: 0s", "test.yaml:5:3: redrive.deadline: must be at least 1s"),
+            ("max_held: 0", "test.yaml:5:3: redrive.max_held: must be at least 1"),
+        ] {
+            let err = parse(&format!("{q}redrive:\n  {redrive}\n")).unwrap_err().to_string();
+            assert!(err.starts_with(says), "{redrive}: {err}");
+        }
+        let c = parse(&format!(
+            "{q}redrive: {{rate: 1, hold: 1s, deadline: 1s, max_held: 1}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.redrive.rate, Some(1));
+        assert_eq!(c.redrive.max_held, 1);
+    }
+
+    #[test]
+    fn a_schedule_every_0s_is_refused() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for every in ["0s", "500ms"] {
+            let err = parse(&format!("{q}schedules:\n  - queue: a\n    every: {every}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("test.yaml:6:5: schedules[0].every: must be at least 1s"),
+                "{every}: {err}"
+            );
+        }
+        let c = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1s}}\n")).unwrap();
+        assert_eq!(c.schedules[0].every, Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_lease_too_short_to_renew_is_refused() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for d in ["0s", "1s", "500ms"] {
+            let err = parse(&format!("{q}serve:\n  leader_election:\n    lease_duration: {d}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("test.yaml:6:5: serve.leader_election.lease_duration: must be at least 2s"),
+                "{d}: {err}"
+            );
+        }
+        let c = parse(&format!("{q}serve:\n  leader_election: {{lease_duration: 2s}}\n")).unwrap();
+        assert_eq!(c.serve.leader_election.lease_duration, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_rule_glob_that_matches_no_queue_is_an_error_at_its_line() {
+        let queues = "queues:\n  - name: orders\n    sqs: {queue: x, region: r}\n";
+        let y = format!(
+            "{queues}alerts:\n  rules:\n    - name: orders-depth\n      depth_above: 1\n      queues: [\"orders\"]\n    - name: typo\n      depth_above: 1\n      queues:\n        - \"orders\"\n        - \"order-*\"\n"
+        );
+        let err = parse(&y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:13:11: alerts.rules[1].queues[1]"), "{err}");
+        assert!(
+            err.contains("`order-*` matches no configured queue (configured: orders)"),
+            "{err}"
+        );
+        // Flow style: the list's line.
+        let y = format!("{queues}alerts:\n  rules: [{{depth_above: 1, queues: [nope]}}]\n");
+        let err = parse(&y).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:5:3:"), "{err}");
+        // The default (every queue) and a matching glob are fine.
+        assert!(
+            parse(&format!(
+                "{queues}alerts:\n  rules:\n    - depth_above: 1\n    - {{new_reason: true, queues: [\"ord*\"]}}\n"
+            ))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn two_rules_with_one_name_on_one_queue_are_refused() {
+        let queues = "queues:\n  - name: orders\n    sqs: {queue: x, region: r}\n  - name: pay\n    sqs: {queue: y, region: r}\n";
+        // Two unnamed thresholds: both would be `depth_above` on `orders`.
+        let y = format!("{queues}alerts:\n  rules:\n    - depth_above: 10\n    - depth_above: 100\n");
+        let err = parse(&y).unwrap_err().to_string();
+        assert!(err.contains("alerts.rules[1]"), "{err}");
+        assert!(
+            err.contains("alerts.rules[0] has the same name `depth_above`") && err.contains("queue `orders`"),
+            "{err}"
+        );
+        let y = format!(
+            "{queues}alerts:\n  rules:\n    - {{name: a, depth_above: 10}}\n    - {{name: a, growth: {{messages: 1, window: 1m}}}}\n"
+        );
+        assert!(parse(&y).is_err());
+        // Distinct names, or the same name on disjoint queues, are fine.
+        for ok in [
+            "    - {name: warn, depth_above: 10}\n    - {name: page, depth_above: 100}\n",
+            "    - {depth_above: 10, queues: [orders]}\n    - {depth_above: 100, queues: [pay]}\n",
+            "    - depth_above: 10\n    - new_reason: true\n",
+        ] {
+            assert!(parse(&format!("{queues}alerts:\n  rules:\n{ok}")).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn empty_default_attributes_are_rejected() {
+        // fuzz/corpus/config/regression-empty-default-reason.yaml
+        let err = parse("defaults: {reason_attribute: &why}\nqueues:\n  - name: a\n    sqs: {queue: x}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("defaults.reason_attribute: must not be empty"), "{err}");
+        let err = parse("defaults: {description_attribute: ''}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("defaults.description_attribute"), "{err}");
+    }
+
+    #[test]
+    fn per_queue_reason_attribute_overrides_default() {
+        let y = "defaults: {reason_attribute: why}\nqueues:\n  - name: a\n    sqs: {queue: x}\n  - name: b\n    reason_attribute: cause\n    sqs: {queue: y}\n";
+        let c = parse(y).unwrap();
+        assert_eq!(c.queue("a").unwrap().reason_attribute, "why");
+        assert_eq!(c.queue("b").unwrap().reason_attribute, "cause");
+    }
+}
+
+/// The chart's `values.schema.json` lists the keys of each config section it
+/// checks strictly (`additionalProperties: false`): a key missing there is
+/// refused by `helm install` although dlq-bridge reads it.
+#[cfg(test)]
+mod chart_schema {
+    use std::collections::BTreeSet;
+
+    use serde::de::{DeserializeOwned, Deserializer, Error as _, Visitor, value::Error};
+
+    use super::queue::RawQueue;
+    use super::*;
+
+    /// A deserializer that only records the field names a derived
+    /// `Deserialize` asks for.
+    struct FieldNames<'a>(&'a mut &'static [&'static str]);
+
+    impl<'de> Deserializer<'de> for FieldNames<'_> {
+        type Error = Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Error> {
+            *self.0 = fields;
+            Err(Error::custom("fields recorded"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    fn fields_of<T: DeserializeOwned>() -> BTreeSet<&'static str> {
+        let mut fields: &'static [&'static str] = &[];
+        let _ = T::deserialize(FieldNames(&mut fields));
+        assert!(
+            !fields.is_empty(),
+            "{} is not a derived struct",
+            std::any::type_name::<T>()
+        );
+        fields.iter().copied().collect()
+    }
+
+    #[test]
+    fn every_strict_section_of_the_charts_schema_lists_the_keys_dlq_bridge_reads() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../charts/dlq-bridge/values.schema.json"))
+                .expect("values.schema.json is JSON");
+        let config = &schema["properties"]["config"];
+        let queue = &config["properties"]["queues"]["items"];
+        let sections: [(&str, &serde_json::Value, BTreeSet<&str>); 12] = [
+            ("config", config, fields_of::<Config>()),
+            (
+                "config.defaults",
+                &config["properties"]["defaults"],
+                fields_of::<QueueDefaults>(),
+            ),
+            (
+                "config.redrive",
+                &config["properties"]["redrive"],
+                fields_of::<RedriveConfig>(),
+            ),
+            (
+                "config.serve",
+                &config["properties"]["serve"],
+                fields_of::<ServeConfig>(),
+            ),
+            (
+                "config.serve.dashboard",
+                &config["properties"]["serve"]["properties"]["dashboard"],
+                fields_of::<DashboardConfig>(),
+            ),
+            (
+                "config.serve.admin_calls_per_second",
+                &config["properties"]["serve"]["properties"]["admin_calls_per_second"],
+                fields_of::<AdminCallLimits>(),
+            ),
+            (
+                "config.alerts",
+                &config["properties"]["alerts"],
+                fields_of::<AlertsConfig>(),
+            ),
+            ("config.queues[]", queue, fields_of::<RawQueue>()),
+            (
+                "config.queues[].sqs",
+                &queue["properties"]["sqs"],
+                fields_of::<SqsQueueConfig>(),
+            ),
+            (
+                "config.queues[].pubsub",
+                &queue["properties"]["pubsub"],
+                fields_of::<PubSubQueueConfig>(),
+            ),
+            (
+                "config.queues[].servicebus",
+                &queue["properties"]["servicebus"],
+                fields_of::<ServiceBusQueueConfig>(),
+            ),
+            (
+                "config.queues[].retention",
+                &queue["properties"]["retention"],
+                fields_of::<RetentionConfig>(),
+            ),
+        ];
+        let mut drift = Vec::new();
+        for (path, node, fields) in &sections {
+            let Some(listed) = node["properties"].as_object() else {
+                // Not checked key by key by the chart: dlq-bridge checks it.
+                assert_ne!(node["additionalProperties"], false, "{path}: strict, but lists no keys");
+                continue;
+            };
+            assert_eq!(node["additionalProperties"], false, "{path}: lists keys but takes any");
+            let listed: BTreeSet<&str> = listed.keys().map(String::as_str).collect();
+            for missing in fields.difference(&listed) {
+                drift.push(format!("{path}.{missing}: read by dlq-bridge, refused by the chart"));
+            }
+            for unknown in listed.difference(fields) {
+                drift.push(format!("{path}.{unknown}: allowed by the chart, unknown to dlq-bridge"));
+            }
+        }
+        assert!(
+            drift.is_empty(),
+            "values.schema.json has drifted:\n{}",
+            drift.join("\n")
+        );
+    }
+}
