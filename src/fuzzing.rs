@@ -516,7 +516,7 @@ mod pubsub {
     use super::Input;
     use crate::backend::pubsub::{
         ATTR_DELIVERY_COUNT, ATTR_SOURCE_PROJECT, ATTR_SOURCE_PUBLISH_TIME, ATTR_SOURCE_SUBSCRIPTION,
-        PROP_SOURCE_SUBSCRIPTION, message_to_model, pubsub_message,
+        PROP_SOURCE_SUBSCRIPTION, copy_size, message_to_model, pubsub_message,
     };
     use crate::model::{AttrValue, Outgoing};
 
@@ -593,6 +593,14 @@ mod pubsub {
         };
         match pubsub_message(&copy, target.as_deref()) {
             Ok(out) => {
+                let size = out.data.len()
+                    + out.ordering_key.len()
+                    + out.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                assert_eq!(
+                    copy_size(&copy, target.as_deref()),
+                    size,
+                    "size reckoned without the message"
+                );
                 assert_eq!(out.data, m.data, "data bytes changed on the way out");
                 assert_eq!(out.ordering_key, m.ordering_key, "ordering key changed");
                 let mut expected = m.attributes.clone();

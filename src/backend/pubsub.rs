@@ -138,8 +138,8 @@ use tokio::sync::{Mutex, OnceCell, watch};
 use super::{BackendError, Capabilities, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
 use crate::config::{PubSubQueueConfig, QueueConfig};
 use crate::model::{
-    Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing, Properties,
-    SendResult, SettleResult,
+    AttrValue, Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing,
+    Properties, SendResult, SettleResult,
 };
 
 const PROVIDER: &str = "Pub/Sub";
@@ -245,9 +245,13 @@ struct Conns {
 /// The deadline changes sent for leases that have already returned, by ack
 /// ID, until each is answered. A settle or a release of those ack IDs waits
 /// for the answer first, so that it cannot be overtaken by the change.
+/// Kept by a 64-bit digest of the ack ID (they are about 150 bytes, and a
+/// copy of each was kept): two IDs sharing a digest only make a settle wait
+/// for the other's change too.
 #[derive(Default, Clone)]
 struct PendingHolds {
-    by_ack_id: Arc<std::sync::Mutex<HashMap<String, watch::Receiver<bool>>>>,
+    by_ack_id: Arc<std::sync::Mutex<HashMap<u64, watch::Receiver<bool>, foldhash::fast::RandomState>>>,
+    digests: foldhash::fast::RandomState,
 }
 
 /// One deadline change on its way, of the ack IDs it holds. Dropping it (once
@@ -262,8 +266,13 @@ struct Hold {
 }
 
 impl PendingHolds {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<bool>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, watch::Receiver<bool>, foldhash::fast::RandomState>> {
         self.by_ack_id.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn digest(&self, ack_id: &str) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.digests.hash_one(ack_id)
     }
 
     /// Records a deadline change of `ack_ids` as sent and not yet answered.
@@ -271,7 +280,7 @@ impl PendingHolds {
         let (answered, entry) = watch::channel(false);
         let mut pending = self.lock();
         for id in &ack_ids {
-            pending.insert(id.clone(), entry.clone());
+            pending.insert(self.digest(id), entry.clone());
         }
         Hold {
             pending: self.clone(),
@@ -291,7 +300,7 @@ impl PendingHolds {
                 return;
             }
             for l in leases {
-                if let Some(rx) = pending.get(&l.0)
+                if let Some(rx) = pending.get(&self.digest(&l.0))
                     && !waits.iter().any(|w| w.same_channel(rx))
                 {
                     waits.push(rx.clone());
@@ -311,8 +320,9 @@ impl Drop for Hold {
         for id in &self.ack_ids {
             // A later lease of the same message (its hold ran out) has its
             // own entry: leave that one.
-            if pending.get(id).is_some_and(|r| r.same_channel(&self.entry)) {
-                pending.remove(id);
+            let digest = self.pending.digest(id);
+            if pending.get(&digest).is_some_and(|r| r.same_channel(&self.entry)) {
+                pending.remove(&digest);
             }
         }
         drop(pending);
@@ -643,10 +653,14 @@ impl PubSubBackend {
         topic
     }
 
-    async fn to_model(&self, r: &ReceivedMessage) -> DlqMessage {
-        let m = r.message.clone().unwrap_or_default();
-        let (mut model, source_sub) =
-            message_to_model(&m, &self.project, &self.reason_attribute, &self.description_attribute);
+    async fn to_model(&self, m: Option<&PubsubMessage>) -> DlqMessage {
+        let none = PubsubMessage::default();
+        let (mut model, source_sub) = message_to_model(
+            m.unwrap_or(&none),
+            &self.project,
+            &self.reason_attribute,
+            &self.description_attribute,
+        );
         model.source = match &source_sub {
             Some(s) => self.topic_of(s).await,
             None => None,
@@ -1008,6 +1022,26 @@ fn message_size(m: &PubsubMessage) -> usize {
     m.data.len() + m.ordering_key.len() + m.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
+/// [`message_size`] of the message `o` becomes (see [`unchecked_message`]),
+/// without building it: the engine asks for nearly every copy, and building
+/// the message copied every attribute once more.
+#[doc(hidden)]
+pub fn copy_size(o: &Outgoing, target: Option<&str>) -> usize {
+    let text_len = |a: &Attribute| match &a.value {
+        AttrValue::String(s) | AttrValue::Number(s) => s.len(),
+        _ => a.as_text().len(),
+    };
+    let mut size = o.body.len()
+        + o.ordering_key.as_ref().map_or(0, String::len)
+        + o.attributes.iter().map(|(k, a)| k.len() + text_len(a)).sum::<usize>();
+    if let (Some(name), Some(sub)) = (target, o.properties.get(PROP_SOURCE_SUBSCRIPTION)) {
+        // It replaces an attribute of the same name.
+        size -= o.attributes.get(name).map_or(0, |a| name.len() + text_len(a));
+        size += name.len() + sub.len();
+    }
+    size
+}
+
 /// One Publish request's worth of copies, all of one ordering key.
 struct PublishChunk {
     /// Their indexes in the send.
@@ -1181,7 +1215,7 @@ impl QueueBackend for PubSubBackend {
     }
 
     fn fits(&self, o: &Outgoing) -> bool {
-        message_size(&unchecked_message(o, self.target_attribute.as_deref())) <= MAX_MESSAGE_BYTES
+        copy_size(o, self.target_attribute.as_deref()) <= MAX_MESSAGE_BYTES
     }
 
     async fn stats(&self) -> Result<DlqStats> {
@@ -1210,9 +1244,9 @@ impl QueueBackend for PubSubBackend {
                     .map(|m| m.data.len())
                     .sum();
                 last = Some((bytes, got.len()));
-                acks.extend(got.iter().map(|r| LeaseId(r.ack_id.clone())));
-                for r in &got {
-                    let m = self.to_model(r).await;
+                for r in got {
+                    let m = self.to_model(r.message.as_ref()).await;
+                    acks.push(LeaseId(r.ack_id));
                     if read >= max || !seen.insert(m.id.clone()) {
                         continue;
                     }
@@ -1245,10 +1279,10 @@ impl QueueBackend for PubSubBackend {
             self.hold_in_background(got.iter().map(|m| m.ack_id.clone()).collect(), secs);
         }
         let mut out = Vec::with_capacity(got.len());
-        for r in &got {
+        for r in got {
             out.push(Leased {
-                message: self.to_model(r).await,
-                lease: LeaseId(r.ack_id.clone()),
+                message: self.to_model(r.message.as_ref()).await,
+                lease: LeaseId(r.ack_id),
             });
         }
         Ok(out)
@@ -1462,6 +1496,46 @@ mod tests {
             ],
         };
         Status::with_details(code, "failed", details.encode_to_vec().into())
+    }
+
+    /// `fits` reckons a copy's size without building its message; it must
+    /// agree with the message built, whatever the attributes' types and
+    /// whether the targeting attribute replaces one of the same name.
+    #[test]
+    fn a_copy_is_sized_as_the_message_it_becomes() {
+        let mut attributes = Attributes::new();
+        attributes.insert("plain".into(), Attribute::string("value"));
+        attributes.insert(
+            "bytes".into(),
+            Attribute {
+                value: AttrValue::Binary(vec![1, 2, 3, 4].into()),
+                data_type: None,
+            },
+        );
+        attributes.insert(
+            "n".into(),
+            Attribute {
+                value: AttrValue::Int(-1234),
+                data_type: None,
+            },
+        );
+        let mut properties = Properties::new();
+        properties.insert(PROP_SOURCE_SUBSCRIPTION.into(), "orders-worker".into());
+        let copy = Outgoing {
+            body: vec![b'x'; 300].into(),
+            attributes,
+            properties,
+            ordering_key: Some("key".into()),
+            dedup_id: "m-1".into(),
+            original_id: "m".into(),
+        };
+        for target in [None, Some("failed_subscription"), Some("plain"), Some("bytes")] {
+            assert_eq!(
+                copy_size(&copy, target),
+                message_size(&unchecked_message(&copy, target)),
+                "target {target:?}"
+            );
+        }
     }
 
     /// `send` splits by this count; an undercount (it once allowed 64 bytes
