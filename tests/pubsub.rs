@@ -65,6 +65,25 @@ async fn source_is_the_topic_of_the_failing_subscription() {
     assert_eq!(b.default_source().await.unwrap(), Some(Destination(f.source_topic())));
 }
 
+/// A browse that stops early (its visitor had enough) still releases every
+/// message its last pull brought, not only those it looked at: the next
+/// browse sees them all instead of waiting out the browse's 60 s hold.
+#[tokio::test]
+async fn a_browse_that_stops_early_releases_all_it_pulled() {
+    let f = PubSubFixture::create(false).await;
+    f.put_in_dlq(&(0..5).map(failing).collect::<Vec<_>>()).await;
+    let b = backend_for(&f.config()).await.unwrap();
+    let mut visited = 0;
+    b.peek_each(100, &mut |_| {
+        visited += 1;
+        false
+    })
+    .await
+    .unwrap();
+    assert_eq!(visited, 1);
+    assert_eq!(b.peek(10).await.unwrap().len(), 5, "held messages were not released");
+}
+
 #[tokio::test]
 async fn messages_without_dead_letter_attributes_fall_back_to_the_configured_source() {
     let f = PubSubFixture::create(false).await;

@@ -1244,9 +1244,11 @@ impl QueueBackend for PubSubBackend {
                     .map(|m| m.data.len())
                     .sum();
                 last = Some((bytes, got.len()));
-                for r in got {
+                // All of them, before any is visited: a visitor that stops
+                // early leaves the rest of the pull to the release below.
+                acks.extend(got.iter().map(|r| LeaseId(r.ack_id.clone())));
+                for r in &got {
                     let m = self.to_model(r.message.as_ref()).await;
-                    acks.push(LeaseId(r.ack_id));
                     if read >= max || !seen.insert(m.id.clone()) {
                         continue;
                     }
