@@ -62,6 +62,14 @@ impl Attribute {
 
     /// The value as text, for filters, tables and providers whose attributes are
     /// strings only. Binary values are base64.
+    /// `as_text().len()`, without the copy for the common string case.
+    pub fn text_len(&self) -> usize {
+        match &self.value {
+            AttrValue::String(s) | AttrValue::Number(s) => s.len(),
+            _ => self.as_text().len(),
+        }
+    }
+
     pub fn as_text(&self) -> String {
         match &self.value {
             AttrValue::String(s) | AttrValue::Number(s) => s.clone(),

@@ -138,8 +138,8 @@ use tokio::sync::{Mutex, OnceCell, watch};
 use super::{BackendError, Capabilities, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
 use crate::config::{PubSubQueueConfig, QueueConfig};
 use crate::model::{
-    AttrValue, Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing,
-    Properties, SendResult, SettleResult,
+    Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing, Properties,
+    SendResult, SettleResult,
 };
 
 const PROVIDER: &str = "Pub/Sub";
@@ -1027,16 +1027,12 @@ fn message_size(m: &PubsubMessage) -> usize {
 /// the message copied every attribute once more.
 #[doc(hidden)]
 pub fn copy_size(o: &Outgoing, target: Option<&str>) -> usize {
-    let text_len = |a: &Attribute| match &a.value {
-        AttrValue::String(s) | AttrValue::Number(s) => s.len(),
-        _ => a.as_text().len(),
-    };
     let mut size = o.body.len()
         + o.ordering_key.as_ref().map_or(0, String::len)
-        + o.attributes.iter().map(|(k, a)| k.len() + text_len(a)).sum::<usize>();
+        + o.attributes.iter().map(|(k, a)| k.len() + a.text_len()).sum::<usize>();
     if let (Some(name), Some(sub)) = (target, o.properties.get(PROP_SOURCE_SUBSCRIPTION)) {
         // It replaces an attribute of the same name.
-        size -= o.attributes.get(name).map_or(0, |a| name.len() + text_len(a));
+        size -= o.attributes.get(name).map_or(0, |a| name.len() + a.text_len());
         size += name.len() + sub.len();
     }
     size
@@ -1505,6 +1501,7 @@ mod tests {
     /// whether the targeting attribute replaces one of the same name.
     #[test]
     fn a_copy_is_sized_as_the_message_it_becomes() {
+        use crate::model::AttrValue;
         let mut attributes = Attributes::new();
         attributes.insert("plain".into(), Attribute::string("value"));
         attributes.insert(
