@@ -5,6 +5,7 @@
 #   scripts/emulators.sh stop  [NAME...]   stop what `start` started
 #   scripts/emulators.sh env   [NAME...]   print `export` lines pointing clients at them
 #   scripts/emulators.sh status
+#   scripts/emulators.sh logs  [NAME...]   print the last lines of each one's log (CI prints them on a failure)
 #
 # NAME is sqs (moto), pubsub (Google's emulator) or servicebus (the project's
 # emulator, emulators/servicebus); default: all of them.
@@ -199,5 +200,12 @@ case "$cmd" in
       if is_running "$n" && is_ready "$n"; then echo "$n: running on $(port_of "$n")"; else echo "$n: stopped"; fi
     done
     ;;
-  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  logs)
+    for n in "${names[@]}"; do
+      port_of "$n" >/dev/null
+      echo "--- $n: last ${LOG_LINES:-40} lines of $STATE/$n.log"
+      tail -n "${LOG_LINES:-40}" "$STATE/$n.log" 2>/dev/null || echo "(no log)"
+    done
+    ;;
+  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

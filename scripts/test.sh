@@ -57,7 +57,9 @@ step "cargo test"
 # dials 5672). The emulator crate's own tests bind 5672 themselves, so they run
 # in emulators/servicebus/tests/run.sh below, after ours have released it.
 # `fuzzing` adds the fuzz entry points that tests/fuzz_corpus.rs replays.
-cargo test --workspace --exclude servicebus-emulator --features dlq-bridge/fuzzing --no-fail-fast
+# On a failure, what the emulators logged (warnings and errors) goes with it.
+cargo test --workspace --exclude servicebus-emulator --features dlq-bridge/fuzzing --no-fail-fast ||
+  { status=$?; scripts/emulators.sh logs; exit "$status"; }
 scripts/emulators.sh stop servicebus
 
 step "Service Bus emulator against Microsoft's SDK (emulators/servicebus/tests/run.sh)"

@@ -322,6 +322,53 @@ async fn sends_refused_as_throttled_are_sent_again() {
     );
 }
 
+/// fe2o3-amqp (azservicebus's AMQP layer) can lose a settlement that comes
+/// too fast, so a send, or a `$cbs` token put, can wait for an answer that
+/// never comes. Here the emulator loses the first send's settlement (the copy
+/// is enqueued, the client never hears so) and then the token put of the
+/// sender link attached again for the retry: the retry opens a new
+/// connection and the copies are sent and confirmed there. The send did not
+/// give up at the lost put ("the $cbs token put timed out", as a CI run did).
+/// Nothing is lost: the originals, whose locks were on the dropped
+/// connection, are back in the dead-letter queue once those locks lapse, and
+/// the destination holds every copy (the first send's twice: at least once).
+#[tokio::test]
+async fn a_lost_settlement_and_a_lost_token_put_are_outlived() {
+    use common::servicebus::{LOST_SETTLEMENTS_HOST, create_queue, private_emulator, queue_message_count};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_LOST_SETTLEMENTS";
+    const DEST: &str = "lost-settlements-dest";
+    let (emu, cs, client) = private_emulator(
+        "servicebus-lost-settlements",
+        LOST_SETTLEMENTS_HOST,
+        &[
+            "--lock-duration",
+            "3s",
+            "--lose-send-settlement",
+            &format!("{DEST}=1"),
+            // The first put for DEST attaches the sender; the second, for
+            // the sender attached again after the lost settlement, is lost.
+            "--lose-token-put",
+            &format!("{DEST}=2"),
+        ],
+    )
+    .await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    create_queue(&f.http, DEST, None).await;
+    let msgs: Vec<TestMessage> = (0..3).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    let (code, said) = redrive_to(&f, ENV, &cs, DEST);
+    assert!(said.contains("send not confirmed within"), "{said}");
+    assert!(said.contains("the $cbs token put timed out"), "{said}");
+    assert!(said.contains("retrying on a new connection"), "{said}");
+    assert!(!said.contains(&format!("send to {DEST} failed")), "{said}");
+    // Sent, but not removed: their locks went with the dropped connection.
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("sent:      3"), "{said}");
+    assert_eq!(queue_message_count(&f.http, DEST).await, 6, "{code:?} {said}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(f.dlq_count().await, 3, "{code:?} {said}");
+}
+
 /// Azure refuses every send to a Disabled or SendDisabled entity
 /// (com.microsoft:entity-disabled): a redrive to one fails at once, before
 /// anything is leased, saying so; it said "cannot reach ... (is the service

@@ -93,9 +93,12 @@ pub const DEFERRED_HOST: &str = "127.0.0.18";
 /// Where the private emulators of `tests/servicebus.rs`'s dry-run and
 /// `--max` tests of deferred messages listen.
 pub const DEFERRED_DRY_RUN_HOST: &str = "127.0.0.19";
-pub const DEFERRED_MAX_HOST: &str = "127.0.0.20";
+pub const DEFERRED_MAX_HOST: &str = "127.0.0.22";
 /// And of its test that a rerun completes what the journal says was sent.
-pub const DEFERRED_JOURNAL_HOST: &str = "127.0.0.21";
+pub const DEFERRED_JOURNAL_HOST: &str = "127.0.0.23";
+/// Where the private emulator of `tests/servicebus.rs`'s lost-settlement
+/// test (`--lose-send-settlement`, `--lose-token-put`) listens.
+pub const LOST_SETTLEMENTS_HOST: &str = "127.0.0.24";
 const WAIT: Duration = Duration::from_secs(1);
 const CALL: Duration = Duration::from_secs(20);
 

@@ -103,8 +103,9 @@ struct Cli {
     #[arg(long)]
     strict: bool,
 
-    /// Milliseconds to hold back the accept of a client's send. fe2o3-amqp
-    /// <= 0.16 (azservicebus) can lose a settlement that arrives too fast.
+    /// Milliseconds to hold back the settlement (accept or refusal) of a
+    /// client's send. fe2o3-amqp <= 0.16 (azservicebus) can lose a settlement
+    /// that arrives too fast.
     #[arg(long, default_value_t = 3)]
     accept_delay_ms: u64,
 
@@ -164,12 +165,25 @@ struct Cli {
     #[arg(long = "server-busy", value_name = "ENTITY=N", value_parser = parse_entity_count)]
     server_busy: Vec<(String, usize)>,
 
+    /// Lose the settlement of the K-th send to ENTITY (1-based, counted over
+    /// every connection): the message is enqueued but no disposition comes,
+    /// as when fe2o3-amqp drops one that came too fast. Repeatable.
+    #[arg(long = "lose-send-settlement", value_name = "ENTITY=K", value_parser = parse_entity_count)]
+    lose_send_settlement: Vec<(String, usize)>,
+
+    /// Lose the K-th `$cbs` token put for ENTITY (1-based, counted over every
+    /// connection): neither its settlement nor its answer comes, so the put
+    /// waits out the client's timeout. Repeatable.
+    #[arg(long = "lose-token-put", value_name = "ENTITY=K", value_parser = parse_entity_count)]
+    lose_token_put: Vec<(String, usize)>,
+
     /// Write the HTTPS certificate (PEM) here, for clients that verify it.
     #[arg(long)]
     cert_out: Option<PathBuf>,
 }
 
-/// `ENTITY=N` of `--server-busy` and `--max-message-size`, the entity
+/// `ENTITY=N` of `--server-busy`, `--max-message-size` and the `--lose-*`
+/// faults, the entity
 /// lowercased as the broker keys them.
 fn parse_entity_count(arg: &str) -> Result<(String, usize), String> {
     let (entity, n) = arg.split_once('=').ok_or("expected ENTITY=N")?;
@@ -274,6 +288,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         connection_idle_timeout: cli.connection_idle_timeout,
         entra: entra.clone(),
         sas: sas.clone(),
+        lost: Arc::new(amqp::LostSettlements::new(cli.lose_send_settlement, cli.lose_token_put)),
     };
     let router = atom::router(broker.clone(), atom::AtomAuth { entra, sas });
     if let Some(amqps) = amqps {

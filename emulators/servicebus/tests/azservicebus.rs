@@ -478,6 +478,49 @@ fn links_need_a_token_with_require_tokens() {
     });
 }
 
+/// `--accept-delay-ms`: the settlement of a client's send is held back that
+/// long, a refusal (here com.microsoft:server-busy) as much as an accept,
+/// since fe2o3-amqp 0.14 loses either when it comes too fast. Only lower
+/// bounds are checked: a slow machine can make a settlement later, never
+/// earlier.
+#[test]
+fn refusals_are_held_back_as_accepts_are() {
+    use azservicebus_types::messaging::{Message, Outcome};
+    use fe2o3_amqp::{Sender, Session};
+
+    const DELAY: Duration = Duration::from_millis(400);
+    run(async {
+        let _emulator = Emulator::start(&["--accept-delay-ms", "400", "--server-busy", &format!("{QUEUE}=1")]).await;
+        let mut connection = raw_connection().await;
+        let mut session = Session::begin(&mut connection).await.expect("begin a session");
+        let mut sender = Sender::attach(&mut session, "held-back", QUEUE)
+            .await
+            .expect("attach a sender");
+        let mut outcomes = Vec::new();
+        for body in ["refused", "accepted"] {
+            let started = tokio::time::Instant::now();
+            let message = Message::builder().value(body.to_string()).build();
+            let outcome = timeout(WAIT, sender.send(message))
+                .await
+                .expect("the send is settled")
+                .expect("the link stays up");
+            let waited = started.elapsed();
+            assert!(waited >= DELAY, "{body}: settled after {waited:?}, before {DELAY:?}");
+            outcomes.push(outcome);
+        }
+        match &outcomes[..] {
+            [Outcome::Rejected(refused), Outcome::Accepted(_)] => {
+                let condition = format!("{:?}", refused.error);
+                assert!(condition.contains("server-busy"), "{condition}");
+            }
+            other => panic!("expected a refusal then an accept, got {other:?}"),
+        }
+        sender.close().await.expect("close the sender");
+        session.end().await.expect("end the session");
+        connection.close().await.expect("close the connection");
+    });
+}
+
 /// `--link-idle-timeout`: a link with no transfer or disposition for that
 /// long is force-detached (amqp:link:detach-forced, "IdleTimerExpired"), as
 /// Azure does after 10 minutes, even while it has credit out; a link that

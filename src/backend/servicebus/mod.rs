@@ -244,6 +244,22 @@ struct DestSender {
     link_ended: CancellationToken,
 }
 
+/// Why a destination's sender could not be had.
+enum SenderError {
+    /// The dead-letter queue's connection could not be opened.
+    Connection(BackendError),
+    /// The connection was open; attaching the sender on it failed.
+    Attach(BackendError),
+}
+
+impl SenderError {
+    fn into_inner(self) -> BackendError {
+        match self {
+            SenderError::Connection(e) | SenderError::Attach(e) => e,
+        }
+    }
+}
+
 /// Why a send got no outcome: the transfer failed, the broker had detached
 /// the link before the transfer was queued, or the connection ended.
 enum SendFailure {
@@ -1076,8 +1092,14 @@ impl ServiceBusBackend {
     /// The sender link to `dest`, attached on first use and again after the
     /// dead-letter queue's link was reopened or the sender was forgotten.
     async fn dest_sender(&self, dest: &str) -> Result<Arc<DestSender>> {
+        self.try_dest_sender(dest).await.map_err(SenderError::into_inner)
+    }
+
+    /// [`Self::dest_sender`], telling a connection that could not be opened
+    /// from an attach that failed on an open one.
+    async fn try_dest_sender(&self, dest: &str) -> Result<Arc<DestSender>, SenderError> {
         let mut senders = self.senders.lock().await;
-        let link = self.link().await?;
+        let link = self.link().await.map_err(SenderError::Connection)?;
         if let Some(s) = senders.get(dest)
             && s.generation == link.generation
         {
@@ -1091,7 +1113,7 @@ impl ServiceBusBackend {
                     // the next lease either.
                     self.drop_link(link.generation).await;
                 }
-                return Err(e);
+                return Err(SenderError::Attach(e));
             }
         };
         let max_message_size = sender
@@ -1121,8 +1143,23 @@ impl ServiceBusBackend {
     /// refused it as throttled).
     async fn send_envelope(&self, dest: &str, envelope: &Envelope) -> Result<(), BackendError> {
         let mut last = String::new();
+        let pause = |attempt: usize| Duration::from_millis(100 * attempt as u64);
         for attempt in 1..=SEND_ATTEMPTS {
-            let sender = self.dest_sender(dest).await?;
+            let sender = match self.try_dest_sender(dest).await {
+                Ok(sender) => sender,
+                // The connection was up, but the attach timed out or the
+                // connection failed under it (a `$cbs` answer lost as a
+                // settlement can be, see below): the connection was dropped,
+                // and the next attempt opens a new one. A connection that
+                // cannot be opened at all fails the send at once.
+                Err(SenderError::Attach(e @ BackendError::Unreachable { .. })) if attempt < SEND_ATTEMPTS => {
+                    tracing::warn!(%dest, attempt, error = %e, "attaching a sender failed; retrying on a new connection");
+                    last = e.to_string();
+                    tokio::time::sleep(pause(attempt)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into_inner()),
+            };
             let sent = async {
                 let mut link = sender.link.lock().await;
                 // fe2o3-amqp reads a detach the broker sent (a deleted
@@ -1196,7 +1233,7 @@ impl ServiceBusBackend {
                     last = format!("send not confirmed within {SEND_TIMEOUT:?}");
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+            tokio::time::sleep(pause(attempt)).await;
         }
         Err(BackendError::Provider {
             provider: PROVIDER,

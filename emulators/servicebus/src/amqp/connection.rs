@@ -210,6 +210,10 @@ struct Connection {
     sessions: HashMap<u16, Session>,
     /// Accepts for inbound deliveries, held back by `accept_delay`.
     pending_accepts: Vec<(u16, u32)>,
+    /// Refusals (`rejected`) of inbound deliveries, held back as the
+    /// accepts are: fe2o3-amqp loses a refusal that comes too fast just as it
+    /// loses an accept.
+    pending_refusals: Vec<(u16, u32, DeliveryState)>,
     accept_deadline: Option<Instant>,
     /// With `enforce_token_expiry`, `require_tokens` or SAS rules: the
     /// tokens put on `$cbs`.
@@ -262,6 +266,7 @@ where
         peer_max_frame_size: 512,
         sessions: HashMap::new(),
         pending_accepts: Vec::new(),
+        pending_refusals: Vec::new(),
         accept_deadline: None,
         tokens: Vec::new(),
         deletions_seen,
@@ -293,7 +298,7 @@ where
             },
             Ok(()) = changed.changed() => connection.detach_deleted().and_then(|()| connection.pump()),
             () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                connection.flush_accepts()
+                connection.flush_settlements()
             }
             _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => {
                 frame::put_empty(&mut connection.out);
@@ -419,6 +424,7 @@ impl Connection {
             Performative::End(_) => {
                 self.sessions.remove(&channel);
                 self.pending_accepts.retain(|(c, _)| *c != channel);
+                self.pending_refusals.retain(|(c, _, _)| *c != channel);
                 self.send(channel, Performative::End(End { error: None }))
             }
             Performative::Close(_) => {
@@ -708,19 +714,31 @@ impl Connection {
             let error = amqp_error(ErrorCondition::LinkError(LinkError::MessageSizeExceeded), description);
             return self.detach(channel, handle, Some(error));
         }
-        let result = match &node {
-            Node::Entity(path) => codec::parse_transfer(current.message_format, &payload)
-                .map_err(BrokerError::from)
-                .and_then(|messages| self.broker.send(&path.entity, messages)),
+        let (result, lost) = match &node {
+            Node::Entity(path) => {
+                let result = codec::parse_transfer(current.message_format, &payload)
+                    .map_err(BrokerError::from)
+                    .and_then(|messages| self.broker.send(&path.entity, messages));
+                (result, !current.settled && self.settings.lost.send(&path.entity))
+            }
             Node::Cbs | Node::Management(_) => {
-                self.answer_request(channel, &node, &payload)?;
-                Ok(())
+                let answered = self.answer_request(channel, &node, &payload)?;
+                (Ok(()), !answered)
             }
         };
         if current.settled {
             if let Err(error) = result {
                 tracing::warn!(%error, "pre-settled transfer failed");
             }
+            return Ok(());
+        }
+        if lost {
+            tracing::info!(
+                ?node,
+                delivery_id = current.delivery_id,
+                ?result,
+                "losing a settlement on purpose"
+            );
             return Ok(());
         }
         match result {
@@ -731,9 +749,7 @@ impl Connection {
                 // Held back a little: fe2o3-amqp <= 0.16 (azservicebus) loses
                 // a settlement that arrives before it starts waiting for one.
                 self.pending_accepts.push((channel, current.delivery_id));
-                if self.accept_deadline.is_none() {
-                    self.accept_deadline = Some(Instant::now() + self.settings.accept_delay);
-                }
+                self.hold_settlements();
                 Ok(())
             }
             Err(error) => {
@@ -741,8 +757,21 @@ impl Connection {
                 let state = DeliveryState::Rejected(Rejected {
                     error: Some((&error).into()),
                 });
-                self.dispose_inbound(channel, current.delivery_id, state)
+                if self.settings.accept_delay.is_zero() {
+                    return self.dispose_inbound(channel, current.delivery_id, state);
+                }
+                self.pending_refusals.push((channel, current.delivery_id, state));
+                self.hold_settlements();
+                Ok(())
             }
+        }
+    }
+
+    /// Start the `accept_delay` clock for the settlements held back, unless
+    /// it is already running.
+    fn hold_settlements(&mut self) {
+        if self.accept_deadline.is_none() {
+            self.accept_deadline = Some(Instant::now() + self.settings.accept_delay);
         }
     }
 
@@ -769,8 +798,11 @@ impl Connection {
         )
     }
 
-    fn flush_accepts(&mut self) -> Result<(), ConnectionError> {
+    fn flush_settlements(&mut self) -> Result<(), ConnectionError> {
         self.accept_deadline = None;
+        for (channel, delivery_id, state) in std::mem::take(&mut self.pending_refusals) {
+            self.dispose_inbound(channel, delivery_id, state)?;
+        }
         let mut pending = std::mem::take(&mut self.pending_accepts);
         pending.sort_unstable();
         // Consecutive delivery ids on one channel collapse into one range.
@@ -800,15 +832,23 @@ impl Connection {
 
     /// Runs a `$cbs` or `$management` request and queues its reply on the
     /// link paired with it by address (the Python SDK leaves reply-to unset).
-    fn answer_request(&mut self, channel: u16, node: &Node, payload: &Bytes) -> Result<(), ConnectionError> {
+    /// False for a token put lost on purpose (`--lose-token-put`): it gets
+    /// neither an answer nor a settlement.
+    fn answer_request(&mut self, channel: u16, node: &Node, payload: &Bytes) -> Result<bool, ConnectionError> {
         let request = match Request::parse(payload) {
             Ok(request) => request,
             Err(error) => {
                 tracing::warn!(%error, "undecodable request");
-                return Ok(());
+                return Ok(true);
             }
         };
         let encoded = match node {
+            Node::Cbs
+                if management::token_audience(&request)
+                    .is_some_and(|audience| self.settings.lost.token_put(&audience)) =>
+            {
+                return Ok(false);
+            }
             Node::Cbs => {
                 let (status, description) = self.put_token(&request);
                 management::encode_cbs_reply(&request, status, &description)
@@ -817,13 +857,13 @@ impl Connection {
                 let reply = management::handle(&self.broker, path, &request);
                 management::encode_reply(&request, reply)
             }
-            Node::Entity(_) => return Ok(()),
+            Node::Entity(_) => return Ok(true),
         };
         let reply = match encoded {
             Ok(reply) => reply,
             Err(error) => {
                 tracing::warn!(%error, "cannot encode reply");
-                return Ok(());
+                return Ok(true);
             }
         };
         let reply_to = request.properties.reply_to.as_deref();
@@ -832,7 +872,8 @@ impl Connection {
         } else {
             tracing::warn!(?node, ?reply_to, "no receiver link to reply on");
         }
-        self.pump()
+        self.pump()?;
+        Ok(true)
     }
 
     fn reply_link(&mut self, channel: u16, node: &Node, reply_to: Option<&str>) -> Option<&mut VecDeque<Bytes>> {

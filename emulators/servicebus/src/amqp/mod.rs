@@ -6,7 +6,11 @@ mod connection;
 mod frame;
 mod management;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -43,6 +47,65 @@ pub struct AmqpSettings {
     /// With `--sas-rule`s: a shared access signature must be signed by one,
     /// cover the audience it is put for, and carry the rights a link needs.
     pub sas: Option<Arc<SasRules>>,
+    /// The settlements lost on purpose (`--lose-send-settlement`,
+    /// `--lose-token-put`).
+    pub lost: Arc<LostSettlements>,
+}
+
+/// Settlements the emulator loses on purpose, to show how a client lives
+/// with fe2o3-amqp's race that drops one: the K-th send to an entity, or the
+/// K-th `$cbs` put for it, counted over every connection.
+#[derive(Default)]
+pub struct LostSettlements {
+    sends: Mutex<Counted>,
+    token_puts: Mutex<Counted>,
+}
+
+#[derive(Default)]
+struct Counted {
+    /// Entity (lowercase) → which of its sends or puts to lose (1-based).
+    lose: HashMap<String, BTreeSet<usize>>,
+    seen: HashMap<String, usize>,
+}
+
+impl Counted {
+    fn new(lose: Vec<(String, usize)>) -> Self {
+        let mut counted = Counted::default();
+        for (entity, k) in lose {
+            counted.lose.entry(entity).or_default().insert(k);
+        }
+        counted
+    }
+
+    /// Count one more for `entity`; true if this is one to lose.
+    fn count(&mut self, entity: &str) -> bool {
+        let entity = entity.to_lowercase();
+        let Some(lose) = self.lose.get(&entity) else {
+            return false;
+        };
+        let seen = self.seen.entry(entity).or_default();
+        *seen += 1;
+        lose.contains(seen)
+    }
+}
+
+impl LostSettlements {
+    pub fn new(sends: Vec<(String, usize)>, token_puts: Vec<(String, usize)>) -> Self {
+        LostSettlements {
+            sends: Mutex::new(Counted::new(sends)),
+            token_puts: Mutex::new(Counted::new(token_puts)),
+        }
+    }
+
+    /// Count a send to `entity`; true if its settlement is to be lost.
+    pub fn send(&self, entity: &str) -> bool {
+        self.sends.lock().expect("lost sends lock").count(entity)
+    }
+
+    /// Count a token put for `entity`; true if it is to be lost.
+    pub fn token_put(&self, entity: &str) -> bool {
+        self.token_puts.lock().expect("lost token puts lock").count(entity)
+    }
 }
 
 /// Accepts AMQP connections on `listener`; with `tls`, each one is TLS
