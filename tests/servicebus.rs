@@ -364,6 +364,8 @@ async fn a_lost_settlement_and_a_lost_token_put_are_outlived() {
     // Sent, but not removed: their locks went with the dropped connection.
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("sent:      3"), "{said}");
+    // No journal (`--no-journal`): nothing would settle them without sending again.
+    assert!(said.contains("without a journal, a rerun sends it again"), "{said}");
     assert_eq!(queue_message_count(&f.http, DEST).await, 6, "{code:?} {said}");
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(f.dlq_count().await, 3, "{code:?} {said}");

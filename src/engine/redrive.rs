@@ -563,10 +563,15 @@ impl Engine {
                             "was backed up but could not be removed from the DLQ",
                             "it stays in the DLQ",
                         )
-                    } else {
+                    } else if self.journal.is_some() {
                         (
                             "was sent but could not be removed from the DLQ",
                             "a rerun with the same journal settles it without resending",
+                        )
+                    } else {
+                        (
+                            "was sent but could not be removed from the DLQ",
+                            "without a journal, a rerun sends it again",
                         )
                     };
                     push_error(
