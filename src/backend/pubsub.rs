@@ -106,11 +106,13 @@
 //! ## Credentials and endpoints
 //! On GCP, Application Default Credentials: GOOGLE_APPLICATION_CREDENTIALS,
 //! gcloud's user credentials, or the metadata server (GKE Workload Identity).
-//! The gRPC channels (three pools: publish and pull, subscriber admin, and the
-//! never-used streaming pull that gcloud-pubsub's client insists on) are
-//! opened by the first queue on an endpoint, with a 3 s connect timeout, so a
-//! stopped emulator is reported at once as unreachable; every other queue on
-//! the same endpoint (emulator host, or Google's) shares them.
+//! The gRPC channels (two pools: publishes and pulls, and the other subscriber
+//! calls: acks, deadline changes, admin) are opened by the first queue on an
+//! endpoint, with a 3 s connect timeout, so a stopped emulator is reported at
+//! once as unreachable; every other queue on the same endpoint (emulator host,
+//! or Google's) shares them. gcloud-pubsub's `SubscriberClient` is not used:
+//! it wants a third pool for StreamingPull, which a redrive never sends, and
+//! a sidecar would hold its connection for nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -121,14 +123,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use gcloud_gax::conn::{ConnectionOptions, Environment};
 use gcloud_gax::grpc::{Code, Request, Status};
+use gcloud_gax::retry::{MapErr, RetrySetting, invoke};
 use gcloud_googleapis::pubsub::v1::publisher_client::PublisherClient as RawPublisherClient;
 use gcloud_googleapis::pubsub::v1::subscriber_client::SubscriberClient as RawSubscriberClient;
 use gcloud_googleapis::pubsub::v1::{
     AcknowledgeRequest, GetSubscriptionRequest, GetTopicRequest, ListSubscriptionsRequest, ModifyAckDeadlineRequest,
-    PublishRequest, PubsubMessage, PullRequest, ReceivedMessage,
+    PublishRequest, PubsubMessage, PullRequest, ReceivedMessage, Subscription,
 };
 use gcloud_pubsub::apiv1::conn_pool::{AUDIENCE, ConnectionManager, PUBSUB, SCOPES};
-use gcloud_pubsub::apiv1::subscriber_client::SubscriberClient;
 use gcloud_pubsub::client::google_cloud_auth;
 use google_cloud_auth::project::Config as AuthConfig;
 use google_cloud_auth::token::DefaultTokenSourceProvider;
@@ -234,7 +236,7 @@ pub struct PubSubBackend {
 /// Nothing in them depends on the project or the subscription, so every queue
 /// on the endpoint shares them.
 struct Conns {
-    subc: SubscriberClient,
+    subc: Subscriber,
     /// Publishes and pulls go through the generated clients on this pool:
     /// gcloud-pubsub keeps its own publisher client private to its background
     /// publisher, and a pull needs a server-side deadline.
@@ -388,14 +390,86 @@ impl Conns {
         };
         // Concurrently: each channel is a TCP (and on Google's endpoint a TLS)
         // handshake, round trips a redrive would otherwise wait for in turn.
-        // The streaming-pull pool is never used (no StreamingPull, ever).
-        let (rpc_cm, sub_cm, streaming_cm) = tokio::try_join!(cm(pool), cm(pool), cm(1))?;
-        let subc = SubscriberClient::new(sub_cm, streaming_cm);
+        // Acks and deadline changes have a pool of their own, so that they
+        // never queue behind pulls of large bodies on one connection.
+        let (rpc_cm, sub_cm) = tokio::try_join!(cm(pool), cm(pool))?;
         Ok(Arc::new(Self {
-            subc,
+            subc: Subscriber(Arc::new(sub_cm)),
             rpc_cm,
             monitoring_token: OnceCell::new(),
         }))
+    }
+}
+
+/// The subscriber calls other than Pull, on their own pool, each with a
+/// deadline and retried as gcloud-pubsub's own client retries them (gax's
+/// default: UNAVAILABLE, UNKNOWN and ABORTED, five tries).
+#[derive(Clone)]
+struct Subscriber(Arc<ConnectionManager>);
+
+impl Subscriber {
+    async fn call<T, F, Fut>(&self, call: F) -> std::result::Result<T, Status>
+    where
+        F: Fn(RawSubscriberClient<gcloud_gax::conn::Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        invoke(None::<RetrySetting>, || async {
+            call(RawSubscriberClient::new(self.0.conn())).await.map_transient_err()
+        })
+        .await
+    }
+
+    async fn get_subscription(&self, subscription: &str) -> std::result::Result<Subscription, Status> {
+        self.call(|mut c| async move {
+            let req = GetSubscriptionRequest {
+                subscription: subscription.to_string(),
+            };
+            let request = routed(req, "subscription", subscription, RPC_DEADLINE);
+            c.get_subscription(request).await.map(|r| r.into_inner())
+        })
+        .await
+    }
+
+    /// Every subscription of `project` (a full name), page by page.
+    async fn list_subscriptions(&self, project: &str) -> std::result::Result<Vec<Subscription>, Status> {
+        let mut all = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .call(|mut c| {
+                    let req = ListSubscriptionsRequest {
+                        project: project.to_string(),
+                        page_size: 1000,
+                        page_token: page_token.clone(),
+                    };
+                    async move {
+                        let request = routed(req, "project", project, RPC_DEADLINE);
+                        c.list_subscriptions(request).await.map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            all.extend(page.subscriptions);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    async fn modify_ack_deadline(&self, req: &ModifyAckDeadlineRequest) -> std::result::Result<(), Status> {
+        self.call(|mut c| async move {
+            let request = routed(req.clone(), "subscription", &req.subscription, RPC_DEADLINE);
+            c.modify_ack_deadline(request).await.map(|_| ())
+        })
+        .await
+    }
+
+    async fn acknowledge(&self, req: &AcknowledgeRequest) -> std::result::Result<(), Status> {
+        self.call(|mut c| async move {
+            let request = routed(req.clone(), "subscription", &req.subscription, RPC_DEADLINE);
+            c.acknowledge(request).await.map(|_| ())
+        })
+        .await
     }
 }
 
@@ -488,19 +562,14 @@ impl PubSubBackend {
         // A pass's plan checks the configured source topic next: checking it
         // alongside spares the pass a round trip before its first pull. Its
         // failure is left for the plan to report, as it would without this.
-        let subscription = backend.conns.subc.get_subscription(
-            GetSubscriptionRequest {
-                subscription: backend.subscription.clone(),
-            },
-            None,
-        );
+        let subscription = backend.conns.subc.get_subscription(&backend.subscription);
         let source_checked = async {
             let topic = backend.config_source.as_deref().filter(|_| purpose == Purpose::Pass)?;
             backend.check_topic(topic).await.ok().map(|()| topic.to_string())
         };
         let (sub, source_checked) = tokio::join!(subscription, source_checked);
         tracing::debug!("DLQ subscription checked");
-        let sub = sub.map_err(|s| backend.error(s, &backend.subscription))?.into_inner();
+        let sub = sub.map_err(|s| backend.error(s, &backend.subscription))?;
         backend.ordered_delivery = sub.enable_message_ordering;
         backend.dlq_topic = sub.topic;
         *backend.source_checked.get_mut().expect("source_checked lock") = source_checked;
@@ -626,19 +695,10 @@ impl PubSubBackend {
         if let Some(t) = self.source_topics.lock().await.get(sub) {
             return t.clone();
         }
-        let found = self
-            .conns
-            .subc
-            .get_subscription(
-                GetSubscriptionRequest {
-                    subscription: sub.to_string(),
-                },
-                None,
-            )
-            .await;
+        let found = self.conns.subc.get_subscription(sub).await;
         let topic = match found {
             // A subscription whose topic was deleted names `_deleted-topic_`.
-            Ok(s) => Some(s.into_inner().topic).filter(|t| t.starts_with("projects/")),
+            Ok(s) => Some(s.topic).filter(|t| t.starts_with("projects/")),
             Err(s) if s.code() == Code::NotFound => {
                 tracing::warn!(subscription = %sub, "the dead-letter source subscription no longer exists");
                 None
@@ -802,19 +862,7 @@ impl PubSubBackend {
         self.listed_source
             .get_or_try_init(|| async {
                 let dlq_topic = &self.dlq_topic;
-                let subs = match self
-                    .conns
-                    .subc
-                    .list_subscriptions(
-                        ListSubscriptionsRequest {
-                            project: format!("projects/{}", self.project),
-                            page_size: 1000,
-                            page_token: String::new(),
-                        },
-                        None,
-                    )
-                    .await
-                {
+                let subs = match self.conns.subc.list_subscriptions(&format!("projects/{}", self.project)).await {
                     Ok(s) => s,
                     Err(s) => {
                         tracing::info!(error = %self.error(s, &self.project), "cannot list subscriptions to find the dead-letter source");
@@ -988,20 +1036,17 @@ fn exactly_once_ack_failures(status: &Status) -> Option<HashMap<String, String>>
 
 /// One `ModifyAckDeadline` per [`ACK_CHUNK`] ack IDs.
 async fn modify_deadline(
-    subc: &SubscriberClient,
+    subc: &Subscriber,
     subscription: &str,
     ack_ids: &[String],
     seconds: i32,
 ) -> Result<(), Status> {
     for chunk in ack_ids.chunks(ACK_CHUNK) {
-        subc.modify_ack_deadline(
-            ModifyAckDeadlineRequest {
-                subscription: subscription.to_string(),
-                ack_ids: chunk.to_vec(),
-                ack_deadline_seconds: seconds,
-            },
-            None,
-        )
+        subc.modify_ack_deadline(&ModifyAckDeadlineRequest {
+            subscription: subscription.to_string(),
+            ack_ids: chunk.to_vec(),
+            ack_deadline_seconds: seconds,
+        })
         .await?;
     }
     Ok(())
@@ -1373,7 +1418,7 @@ impl QueueBackend for PubSubBackend {
                     subscription: self.subscription.clone(),
                     ack_ids: pending.iter().map(|&i| leases[i].0.clone()).collect(),
                 };
-                let Err(status) = self.conns.subc.acknowledge(req, None).await else {
+                let Err(status) = self.conns.subc.acknowledge(&req).await else {
                     break;
                 };
                 let Some(failed) = exactly_once_ack_failures(&status) else {
