@@ -249,6 +249,11 @@ pub fn destination_lines(destinations: &BTreeMap<String, u64>, dry_run: bool, se
 pub fn released_line(s: &RunSummary, moved: &str) -> String {
     if s.dry_run {
         format!("  released:  {} (leased, then put back unchanged)\n", s.released)
+    } else if s.settle_failed > 0 {
+        format!(
+            "  released:  {} (leased, then put back: not matched, not {moved}, or {moved} but not removed)\n",
+            s.released
+        )
     } else {
         format!(
             "  released:  {} (leased, then put back: not matched or not {moved})\n",
@@ -389,6 +394,18 @@ mod tests {
         let text = summary_text(&summary(false, &[("a", 2), ("b", 1)], 3));
         assert!(
             text.contains("  2 planned for a\n") && text.contains("  1 planned for b\n"),
+            "{text}"
+        );
+        // Sent, but the originals could not be removed: they are put back too.
+        let mut failed_settles = summary(false, &[("src", 3)], 3);
+        (
+            failed_settles.settled,
+            failed_settles.settle_failed,
+            failed_settles.released,
+        ) = (0, 3, 5);
+        let text = summary_text(&failed_settles);
+        assert!(
+            text.contains("  released:  5 (leased, then put back: not matched, not sent, or sent but not removed)\n"),
             "{text}"
         );
         let text = summary_text(&summary(true, &[("src", 3)], 0));
