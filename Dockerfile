@@ -3,6 +3,9 @@
 # dlq-bridge container image: a static binary in an empty (scratch) image.
 #
 #   docker build -t dlq-bridge .                       # full build (needs a registry for rust:1-bookworm)
+#   docker build --build-arg FEATURES=sqs,k8s -t dlq-bridge:sqs .
+#       # only the backends a deployment uses: a smaller binary and a smaller
+#       # sidecar (README, "Smaller builds"); FEATURES is a cargo feature list
 #   docker build --target runtime-prebuilt -t dlq-bridge CONTEXT
 #       # final stage only, from a prebuilt static binary: CONTEXT holds
 #       # `dlq-bridge` and `ca-certificates.crt` (scripts/image.sh prepares it).
@@ -21,10 +24,13 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# Empty: every backend (the crate's default features).
+ARG FEATURES=""
 ENV OPENSSL_STATIC=1 \
     RUSTFLAGS="-C target-feature=+crt-static" \
     CARGO_TARGET_DIR=/src/target
 RUN cargo build --release --locked --target x86_64-unknown-linux-gnu --bin dlq-bridge \
+        ${FEATURES:+--no-default-features --features "$FEATURES"} \
     && install -D -m 0755 target/x86_64-unknown-linux-gnu/release/dlq-bridge /out/dlq-bridge \
     && install -D -m 0644 /etc/ssl/certs/ca-certificates.crt /out/ca-certificates.crt \
     && /out/dlq-bridge --version
