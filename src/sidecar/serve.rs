@@ -118,11 +118,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let (results_tx, results_rx) = mpsc::channel::<PollResult>(1024);
+    let limits = Arc::new(AdminLimits::new(&config.serve.admin_calls_per_second));
+    for o in limits.overloaded(&config) {
+        tracing::warn!(
+            "{} {} queues at their poll intervals ask for {:.1} admin calls/s, over \
+             serve.admin_calls_per_second.{} ({}): each is polled about every {:.0} s instead",
+            o.queues,
+            o.backend,
+            o.calls_per_second,
+            o.backend,
+            o.limit,
+            o.round.as_secs_f64().ceil()
+        );
+    }
     let poller = Arc::new(Poller {
         registry: registry.clone(),
         cache,
         metrics: metrics.clone(),
-        limits: Arc::new(AdminLimits::new(&config.serve.admin_calls_per_second)),
+        limits,
         locks,
         results: results_tx,
     });
