@@ -75,12 +75,12 @@ main() {
   log "smoke test: --version"
   podman_run "$IMAGE" --version
 
-  # A config with one SQS queue against moto on the host network.
   if [ -n "$FEATURES" ] && [[ ",$FEATURES," != *,sqs,* ]]; then
     log "smoke test: check skipped (this build has no SQS backend)"
     report_size "$bin"
     return 0
   fi
+  # A config with one SQS queue against moto on the host network.
   "$ROOT/scripts/emulators.sh" status 2>/dev/null | grep -q '^sqs: running' || STARTED_SQS=1
   "$ROOT/scripts/emulators.sh" start sqs >&2
   eval "$("$ROOT/scripts/emulators.sh" env sqs)"
