@@ -558,7 +558,7 @@ mod pubsub {
         m.message_id = inp.string();
         m.ordering_key = inp.string();
         m.data = bytes::Bytes::copy_from_slice(inp.rest());
-        let (model, source_sub) = message_to_model(&m, "fuzz-project", "error", "error_description");
+        let (model, source_sub) = message_to_model(m.clone(), "fuzz-project", "error", "error_description");
         assert_eq!(model.body, m.data, "data bytes changed");
         assert_eq!(model.id, m.message_id);
         assert_eq!(model.attributes.len(), m.attributes.len());

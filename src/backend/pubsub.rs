@@ -128,7 +128,7 @@ use gcloud_googleapis::pubsub::v1::publisher_client::PublisherClient as RawPubli
 use gcloud_googleapis::pubsub::v1::subscriber_client::SubscriberClient as RawSubscriberClient;
 use gcloud_googleapis::pubsub::v1::{
     AcknowledgeRequest, GetSubscriptionRequest, GetTopicRequest, ListSubscriptionsRequest, ModifyAckDeadlineRequest,
-    PublishRequest, PubsubMessage, PullRequest, ReceivedMessage, Subscription,
+    PublishRequest, PublishResponse, PubsubMessage, PullRequest, ReceivedMessage, Subscription,
 };
 use gcloud_pubsub::apiv1::conn_pool::{AUDIENCE, ConnectionManager, PUBSUB, SCOPES};
 use gcloud_pubsub::client::google_cloud_auth;
@@ -261,7 +261,8 @@ struct PendingHolds {
 /// its ack IDs and lets whoever waits for them go on.
 struct Hold {
     pending: PendingHolds,
-    ack_ids: Vec<String>,
+    /// Of the ack IDs it holds (the IDs themselves go into the request).
+    digests: Vec<u64>,
     answered: watch::Sender<bool>,
     /// Tells this hold's entries from a later hold's of the same ack ID.
     entry: watch::Receiver<bool>,
@@ -278,15 +279,17 @@ impl PendingHolds {
     }
 
     /// Records a deadline change of `ack_ids` as sent and not yet answered.
-    fn start(&self, ack_ids: Vec<String>) -> Hold {
+    fn start(&self, ack_ids: &[String]) -> Hold {
         let (answered, entry) = watch::channel(false);
+        let digests: Vec<u64> = ack_ids.iter().map(|id| self.digest(id)).collect();
         let mut pending = self.lock();
-        for id in &ack_ids {
-            pending.insert(self.digest(id), entry.clone());
+        for &digest in &digests {
+            pending.insert(digest, entry.clone());
         }
+        drop(pending);
         Hold {
             pending: self.clone(),
-            ack_ids,
+            digests,
             answered,
             entry,
         }
@@ -319,12 +322,11 @@ impl PendingHolds {
 impl Drop for Hold {
     fn drop(&mut self) {
         let mut pending = self.pending.lock();
-        for id in &self.ack_ids {
+        for digest in &self.digests {
             // A later lease of the same message (its hold ran out) has its
             // own entry: leave that one.
-            let digest = self.pending.digest(id);
-            if pending.get(&digest).is_some_and(|r| r.same_channel(&self.entry)) {
-                pending.remove(&digest);
+            if pending.get(digest).is_some_and(|r| r.same_channel(&self.entry)) {
+                pending.remove(digest);
             }
         }
         drop(pending);
@@ -456,21 +458,139 @@ impl Subscriber {
         }
     }
 
-    async fn modify_ack_deadline(&self, req: &ModifyAckDeadlineRequest) -> std::result::Result<(), Status> {
-        self.call(|mut c| async move {
-            let request = routed(req.clone(), "subscription", &req.subscription, RPC_DEADLINE);
-            c.modify_ack_deadline(request).await.map(|_| ())
-        })
-        .await
+    async fn modify_ack_deadline(&self, req: ModifyAckDeadlineRequest) -> std::result::Result<(), Status> {
+        self.call_shared(MODIFY_ACK_DEADLINE, Shared::new(req), |r| &r.subscription)
+            .await
     }
 
-    async fn acknowledge(&self, req: &AcknowledgeRequest) -> std::result::Result<(), Status> {
-        self.call(|mut c| async move {
-            let request = routed(req.clone(), "subscription", &req.subscription, RPC_DEADLINE);
-            c.acknowledge(request).await.map(|_| ())
+    async fn acknowledge(&self, req: AcknowledgeRequest) -> std::result::Result<(), Status> {
+        self.call_shared(ACKNOWLEDGE, Shared::new(req), |r| &r.subscription)
+            .await
+    }
+
+    /// [`Subscriber::call`] of `method` with one request for every try.
+    async fn call_shared<M, R>(
+        &self,
+        rpc: Rpc,
+        req: Shared<M>,
+        routing: impl Fn(&M) -> &str,
+    ) -> std::result::Result<R, Status>
+    where
+        M: prost::Message + Default + 'static,
+        R: prost::Message + Default + 'static,
+    {
+        invoke(None::<RetrySetting>, || async {
+            let request = routed(req.clone(), "subscription", routing(&req.0), RPC_DEADLINE);
+            unary(self.0.conn(), rpc, request, None).await.map_transient_err()
         })
         .await
     }
+}
+
+/// A gRPC method, named as the generated clients name it.
+#[derive(Clone, Copy)]
+struct Rpc {
+    service: &'static str,
+    method: &'static str,
+    path: &'static str,
+}
+
+const PUBLISH: Rpc = Rpc {
+    service: "google.pubsub.v1.Publisher",
+    method: "Publish",
+    path: "/google.pubsub.v1.Publisher/Publish",
+};
+const MODIFY_ACK_DEADLINE: Rpc = Rpc {
+    service: "google.pubsub.v1.Subscriber",
+    method: "ModifyAckDeadline",
+    path: "/google.pubsub.v1.Subscriber/ModifyAckDeadline",
+};
+const ACKNOWLEDGE: Rpc = Rpc {
+    service: "google.pubsub.v1.Subscriber",
+    method: "Acknowledge",
+    path: "/google.pubsub.v1.Subscriber/Acknowledge",
+};
+
+/// A request message behind an `Arc`, encoded from where it lies: a call
+/// tried again (gax's retries, or a Publish's own) sends the same request
+/// without copying its ack IDs or its messages' attributes once per try.
+#[derive(Debug)]
+struct Shared<M>(Arc<M>);
+
+impl<M> Shared<M> {
+    fn new(message: M) -> Self {
+        Self(Arc::new(message))
+    }
+}
+
+impl<M> Clone for Shared<M> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<M: Default> Default for Shared<M> {
+    fn default() -> Self {
+        Self::new(M::default())
+    }
+}
+
+impl<M: prost::Message + Default> prost::Message for Shared<M> {
+    fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
+        self.0.encode_raw(buf)
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> std::result::Result<(), prost::DecodeError> {
+        // Requests are only ever encoded; a decode starts from a fresh one.
+        match Arc::get_mut(&mut self.0) {
+            Some(m) => m.merge_field(tag, wire_type, buf, ctx),
+            None => prost::encoding::skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.encoded_len()
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// One unary call of `rpc` with a [`Shared`] request, made as the generated
+/// clients make theirs (the same path and method extension).
+/// `max_message`: the largest request and answer, when over tonic's 4 MB.
+async fn unary<M, R>(
+    channel: gcloud_gax::conn::Channel,
+    rpc: Rpc,
+    mut request: Request<Shared<M>>,
+    max_message: Option<usize>,
+) -> std::result::Result<R, Status>
+where
+    M: prost::Message + Default + 'static,
+    R: prost::Message + Default + 'static,
+{
+    use gcloud_gax::grpc::codegen::http::uri::PathAndQuery;
+    let mut grpc = gcloud_gax::grpc::client::Grpc::new(channel);
+    if let Some(max) = max_message {
+        grpc = grpc.max_encoding_message_size(max).max_decoding_message_size(max);
+    }
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unknown(format!("Service was not ready: {e}")))?;
+    request
+        .extensions_mut()
+        .insert(gcloud_gax::grpc::GrpcMethod::new(rpc.service, rpc.method));
+    let path = PathAndQuery::from_static(rpc.path);
+    grpc.unary(request, path, tonic_prost::ProstCodec::<Shared<M>, R>::default())
+        .await
+        .map(gcloud_gax::grpc::Response::into_inner)
 }
 
 fn non_empty_env(name: &str) -> Option<String> {
@@ -628,19 +748,20 @@ impl PubSubBackend {
 
     fn publisher(&self) -> RawPublisherClient<gcloud_gax::conn::Channel> {
         RawPublisherClient::new(self.conns.rpc_cm.conn())
-            .max_encoding_message_size(2 * MAX_PUBLISH_BYTES)
-            .max_decoding_message_size(2 * MAX_PUBLISH_BYTES)
     }
 
     /// One Publish, retried (with the same messages) while the service is
     /// briefly unavailable, busy or throttling ([`publish_retryable`]). A
     /// retry after a lost answer can duplicate copies, never lose them.
     async fn publish(&self, req: PublishRequest) -> Result<Vec<String>, Status> {
+        let req = Shared::new(req);
         let mut attempt = 0;
         loop {
-            let request = routed(req.clone(), "topic", &req.topic, RPC_DEADLINE);
-            match self.publisher().publish(request).await {
-                Ok(r) => return Ok(r.into_inner().message_ids),
+            let request = routed(req.clone(), "topic", &req.0.topic, RPC_DEADLINE);
+            let answer: Result<PublishResponse, Status> =
+                unary(self.conns.rpc_cm.conn(), PUBLISH, request, Some(2 * MAX_PUBLISH_BYTES)).await;
+            match answer {
+                Ok(r) => return Ok(r.message_ids),
                 Err(s) if publish_retryable(s.code()) && attempt < 3 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
@@ -650,24 +771,24 @@ impl PubSubBackend {
         }
     }
 
-    async fn modify_deadline(&self, ack_ids: &[String], seconds: i32) -> Result<(), Status> {
+    async fn modify_deadline(&self, ack_ids: Vec<String>, seconds: i32) -> Result<(), Status> {
         modify_deadline(&self.conns.subc, &self.subscription, ack_ids, seconds).await
     }
 
     /// Sends the deadline change that holds `ack_ids` for `hold_secs`, without
     /// waiting for its answer; [`PendingHolds::answered`] waits for it.
     fn hold_in_background(&self, ack_ids: Vec<String>, hold_secs: i32) {
-        let hold = self.pending_holds.start(ack_ids);
+        let hold = self.pending_holds.start(&ack_ids);
         let subc = self.conns.subc.clone();
         let subscription = self.subscription.clone();
         let endpoint = self.endpoint.clone();
         tokio::spawn(async move {
-            if let Err(s) = modify_deadline(&subc, &subscription, &hold.ack_ids, hold_secs).await {
+            if let Err(s) = modify_deadline(&subc, &subscription, ack_ids, hold_secs).await {
                 // The subscription's own ack deadline still holds them; a
                 // lease that runs out before its settle comes back, as always.
                 tracing::warn!(
                     subscription = %subscription,
-                    messages = hold.ack_ids.len(),
+                    messages = hold.digests.len(),
                     error = %classify(s, &endpoint, &subscription),
                     "could not extend the ack deadline of leased messages; they are held only for the subscription's own ack deadline"
                 );
@@ -683,7 +804,7 @@ impl PubSubBackend {
             return Ok(got);
         }
         let ids: Vec<String> = got.iter().map(|m| m.ack_id.clone()).collect();
-        if let Err(s) = self.modify_deadline(&ids, hold_secs).await {
+        if let Err(s) = self.modify_deadline(ids, hold_secs).await {
             // They come back when the subscription's own ack deadline ends.
             return Err(self.error(s, &self.subscription));
         }
@@ -713,10 +834,9 @@ impl PubSubBackend {
         topic
     }
 
-    async fn to_model(&self, m: Option<&PubsubMessage>) -> DlqMessage {
-        let none = PubsubMessage::default();
+    async fn to_model(&self, m: Option<PubsubMessage>) -> DlqMessage {
         let (mut model, source_sub) = message_to_model(
-            m.unwrap_or(&none),
+            m.unwrap_or_default(),
             &self.project,
             &self.reason_attribute,
             &self.description_attribute,
@@ -900,11 +1020,12 @@ impl PubSubBackend {
 
 /// A pulled message in the model, and the full name of the subscription it
 /// failed on (from the dead-letter attributes). `source` is left for the
-/// caller, which looks the subscription's topic up. Pure: the fuzz targets
-/// call it directly.
+/// caller, which looks the subscription's topic up. The message's strings
+/// move into the model: a pulled message is not copied. Pure: the fuzz
+/// targets call it directly.
 #[doc(hidden)]
 pub fn message_to_model(
-    m: &PubsubMessage,
+    m: PubsubMessage,
     project: &str,
     reason_attribute: &str,
     description_attribute: &str,
@@ -926,24 +1047,28 @@ pub fn message_to_model(
         .publish_time
         .as_ref()
         .and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32));
+    let reason = attr(reason_attribute).cloned();
+    let description = attr(description_attribute).cloned();
+    let delivery_count = attr(ATTR_DELIVERY_COUNT).and_then(|c| c.trim().parse().ok());
+    let enqueued_at = attr(ATTR_SOURCE_PUBLISH_TIME)
+        .and_then(|t| parse_time(t))
+        .or(publish_time);
     let attributes: Attributes = m
         .attributes
-        .iter()
-        .map(|(k, v)| (k.clone(), Attribute::string(v.clone())))
+        .into_iter()
+        .map(|(k, v)| (k, Attribute::string(v)))
         .collect();
     let model = DlqMessage {
-        id: m.message_id.clone(),
-        reason: attr(reason_attribute).cloned(),
-        description: attr(description_attribute).cloned(),
-        delivery_count: attr(ATTR_DELIVERY_COUNT).and_then(|c| c.trim().parse().ok()),
-        enqueued_at: attr(ATTR_SOURCE_PUBLISH_TIME)
-            .and_then(|t| parse_time(t))
-            .or(publish_time),
+        id: m.message_id,
+        reason,
+        description,
+        delivery_count,
+        enqueued_at,
         source: None,
-        ordering_key: Some(m.ordering_key.clone()).filter(|k| !k.is_empty()),
+        ordering_key: Some(m.ordering_key).filter(|k| !k.is_empty()),
         properties,
         attributes,
-        body: m.data.clone(),
+        body: m.data,
     };
     (model, source_sub)
 }
@@ -1038,16 +1163,18 @@ fn exactly_once_ack_failures(status: &Status) -> Option<HashMap<String, String>>
 async fn modify_deadline(
     subc: &Subscriber,
     subscription: &str,
-    ack_ids: &[String],
+    mut ack_ids: Vec<String>,
     seconds: i32,
 ) -> Result<(), Status> {
-    for chunk in ack_ids.chunks(ACK_CHUNK) {
-        subc.modify_ack_deadline(&ModifyAckDeadlineRequest {
+    while !ack_ids.is_empty() {
+        let rest = ack_ids.split_off(ack_ids.len().min(ACK_CHUNK));
+        subc.modify_ack_deadline(ModifyAckDeadlineRequest {
             subscription: subscription.to_string(),
-            ack_ids: chunk.to_vec(),
+            ack_ids,
             ack_deadline_seconds: seconds,
         })
         .await?;
+        ack_ids = rest;
     }
     Ok(())
 }
@@ -1288,8 +1415,8 @@ impl QueueBackend for PubSubBackend {
                 // All of them, before any is visited: a visitor that stops
                 // early leaves the rest of the pull to the release below.
                 acks.extend(got.iter().map(|r| LeaseId(r.ack_id.clone())));
-                for r in &got {
-                    let m = self.to_model(r.message.as_ref()).await;
+                for r in got {
+                    let m = self.to_model(r.message).await;
                     if read >= max || !seen.insert(m.id.clone()) {
                         continue;
                     }
@@ -1324,7 +1451,7 @@ impl QueueBackend for PubSubBackend {
         let mut out = Vec::with_capacity(got.len());
         for r in got {
             out.push(Leased {
-                message: self.to_model(r.message.as_ref()).await,
+                message: self.to_model(r.message).await,
                 lease: LeaseId(r.ack_id),
             });
         }
@@ -1418,7 +1545,7 @@ impl QueueBackend for PubSubBackend {
                     subscription: self.subscription.clone(),
                     ack_ids: pending.iter().map(|&i| leases[i].0.clone()).collect(),
                 };
-                let Err(status) = self.conns.subc.acknowledge(&req).await else {
+                let Err(status) = self.conns.subc.acknowledge(req).await else {
                     break;
                 };
                 let Some(failed) = exactly_once_ack_failures(&status) else {
@@ -1453,17 +1580,17 @@ impl QueueBackend for PubSubBackend {
 
     async fn release(&self, leases: &[LeaseId]) -> Result<()> {
         self.pending_holds.answered(leases).await;
-        let ids: Vec<String> = leases.iter().map(|l| l.0.clone()).collect();
-        for chunk in ids.chunks(ACK_CHUNK) {
-            match self.modify_deadline(chunk, 0).await {
+        for chunk in leases.chunks(ACK_CHUNK) {
+            let ids: Vec<String> = chunk.iter().map(|l| l.0.clone()).collect();
+            match self.modify_deadline(ids, 0).await {
                 Ok(()) => {}
                 // An expired or unknown ack ID (the message is deliverable
                 // again anyway) can fail the whole call: release the others
                 // one by one, so that they do not wait out their deadline.
                 Err(s) if s.code() == Code::InvalidArgument => {
                     tracing::debug!(error = %s.message(), "a release included an expired lease; releasing one by one");
-                    for id in chunk {
-                        if let Err(s) = self.modify_deadline(std::slice::from_ref(id), 0).await
+                    for l in chunk {
+                        if let Err(s) = self.modify_deadline(vec![l.0.clone()], 0).await
                             && s.code() != Code::InvalidArgument
                         {
                             return Err(self.error(s, &self.subscription));
@@ -1585,6 +1712,29 @@ mod tests {
     /// `send` splits by this count; an undercount (it once allowed 64 bytes
     /// of framing per message, and a message with 90 attributes takes over
     /// 700) lets a request over 10 MB through, which fails all its copies.
+    /// Retries send the shared request as it is: the bytes on the wire must
+    /// be the request's own, and an answer decodes as it would unshared.
+    #[test]
+    fn a_shared_request_is_encoded_and_decoded_as_the_request() {
+        use prost::Message as _;
+        let req = PublishRequest {
+            topic: "projects/p/topics/t".into(),
+            messages: vec![PubsubMessage {
+                data: prost::bytes::Bytes::from_static(b"body"),
+                attributes: HashMap::from([("kind".into(), "retry".into()), ("n".into(), "1".into())]),
+                ordering_key: "k".into(),
+                ..Default::default()
+            }],
+        };
+        let shared = Shared::new(req.clone());
+        let encoded = shared.encode_to_vec();
+        assert_eq!(encoded, req.encode_to_vec());
+        assert_eq!(shared.encoded_len(), req.encoded_len());
+        assert_eq!(shared.clone().encode_to_vec(), encoded, "a retry sends the same bytes");
+        let decoded = Shared::<PublishRequest>::decode(&encoded[..]).expect("decodes");
+        assert_eq!(*decoded.0, req);
+    }
+
     #[test]
     fn publish_requests_are_measured_as_encoded() {
         use prost::Message as _;
@@ -1716,8 +1866,8 @@ mod tests {
     async fn a_settle_waits_for_the_hold_of_its_leases_only() {
         let holds = PendingHolds::default();
         assert!(answered_at_once(&holds, &["a"]).await, "nothing pending");
-        let first = holds.start(ids(&["a", "b"]));
-        let second = holds.start(ids(&["c"]));
+        let first = holds.start(&ids(&["a", "b"]));
+        let second = holds.start(&ids(&["c"]));
         assert!(!answered_at_once(&holds, &["a"]).await);
         assert!(!answered_at_once(&holds, &["x", "c"]).await);
         assert!(answered_at_once(&holds, &["x"]).await, "no hold of x is pending");
@@ -1741,8 +1891,8 @@ mod tests {
     #[tokio::test]
     async fn an_earlier_holds_answer_leaves_a_later_hold_of_the_same_message_pending() {
         let holds = PendingHolds::default();
-        let earlier = holds.start(ids(&["a"]));
-        let later = holds.start(ids(&["a"]));
+        let earlier = holds.start(&ids(&["a"]));
+        let later = holds.start(&ids(&["a"]));
         drop(earlier);
         assert!(!answered_at_once(&holds, &["a"]).await);
         drop(later);
@@ -1753,7 +1903,7 @@ mod tests {
     #[tokio::test]
     async fn a_hold_whose_task_panics_neither_blocks_its_waiters_nor_stays_pending() {
         let holds = PendingHolds::default();
-        let hold = holds.start(ids(&["a"]));
+        let hold = holds.start(&ids(&["a"]));
         let waiting = tokio::spawn({
             let holds = holds.clone();
             async move { holds.answered(&leases(&["a"])).await }
