@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
@@ -26,7 +27,8 @@ use crate::backend::{BackendError, Capabilities, QueueBackend};
 use crate::engine::journal::{Journal, Record};
 use crate::filter::Filter;
 use crate::model::{
-    AttrValue, Attribute, Destination, DlqMessage, LeaseId, Leased, Outgoing, SendResult, SettleResult,
+    AttrValue, Attribute, Attributes, Destination, DlqMessage, LeaseId, Leased, Outgoing, Properties, SendResult,
+    SettleResult,
 };
 
 /// Marks every redriven copy carries (guarantee 3).
@@ -1033,7 +1035,7 @@ impl<'a> Pass<'a> {
 
     /// Start one send task for a single-destination batch, once the rate,
     /// a concurrency slot and earlier batches of its ordering keys allow.
-    async fn send(&mut self, dest: Destination, batch: Vec<Leased>) -> bool {
+    async fn send(&mut self, dest: Destination, mut batch: Vec<Leased>) -> bool {
         let engine = self.engine;
         let plan = self.plan;
         if let Some(lim) = &self.limiter {
@@ -1067,10 +1069,10 @@ impl<'a> Pass<'a> {
             *self.keys_in_flight.entry(k.clone()).or_default() += 1;
         }
         let outgoing: Vec<Outgoing> = batch
-            .iter()
+            .iter_mut()
             .filter(|_| self.discard_to.is_none())
             .map(|l| {
-                let (mut o, marked) = outgoing_copy(&l.message, plan, &*engine.backend);
+                let (mut o, marked) = outgoing_copy_taking(&mut l.message, plan, &*engine.backend);
                 if !marked {
                     self.s.marks_omitted += 1;
                 }
@@ -1471,50 +1473,72 @@ pub fn redrive_count(m: &DlqMessage) -> u32 {
 /// limit over it (SQS counts attributes in its 1 MiB: a message near it would
 /// otherwise fail on every run).
 pub fn outgoing_copy(m: &DlqMessage, plan: &RedrivePlan, backend: &dyn QueueBackend) -> (Outgoing, bool) {
-    let mut attributes = m.attributes.clone();
+    let parts = (m.body.clone(), m.attributes.clone(), m.properties.clone());
+    copy_from(parts, m, plan, backend)
+}
+
+/// [`outgoing_copy`] that moves the body, attributes and properties out of
+/// `m`, which keeps what a send's outcome needs (its ID, ordering key and
+/// enqueue time): a leased message being sent is not copied a second time.
+fn outgoing_copy_taking(m: &mut DlqMessage, plan: &RedrivePlan, backend: &dyn QueueBackend) -> (Outgoing, bool) {
+    let parts = (
+        std::mem::take(&mut m.body),
+        std::mem::take(&mut m.attributes),
+        std::mem::take(&mut m.properties),
+    );
+    copy_from(parts, m, plan, backend)
+}
+
+/// The copy of `m` made of `parts` (its body, attributes and properties).
+fn copy_from(
+    (body, mut attributes, properties): (Bytes, Attributes, Properties),
+    m: &DlqMessage,
+    plan: &RedrivePlan,
+    backend: &dyn QueueBackend,
+) -> (Outgoing, bool) {
     if plan.strip_dead_letter_attributes {
         attributes.retain(|k, _| !backend.is_dead_letter_attribute(k));
     }
-    let count = redrive_count(m).saturating_add(1);
+    let count = attributes
+        .remove(MARK_COUNT)
+        .and_then(|a| a.as_text().trim().parse::<u32>().ok())
+        .unwrap_or(0)
+        .saturating_add(1);
     attributes.remove(MARK_ID);
-    attributes.remove(MARK_COUNT);
     let mut room = backend
         .capabilities()
         .max_attributes
         .is_none_or(|cap| attributes.len() + 2 <= cap);
     let mut copy = Outgoing {
-        body: m.body.clone(),
+        body,
         attributes,
-        properties: m.properties.clone(),
+        properties,
         ordering_key: m.ordering_key.clone(),
         dedup_id: format!("{}-{count}", m.id),
         original_id: m.id.clone(),
     };
     if room {
-        let marks = [
-            (MARK_ID, Attribute::string(format!("{}:{}", plan.run_id, m.id))),
-            (
-                MARK_COUNT,
-                Attribute {
-                    value: AttrValue::Number(count.to_string()),
-                    data_type: None,
-                },
-            ),
-        ];
-        copy.attributes
-            .extend(marks.iter().map(|(k, a)| (k.to_string(), a.clone())));
+        copy.attributes.insert(
+            MARK_ID.to_string(),
+            Attribute::string(format!("{}:{}", plan.run_id, m.id)),
+        );
+        copy.attributes.insert(
+            MARK_COUNT.to_string(),
+            Attribute {
+                value: AttrValue::Number(count.to_string()),
+                data_type: None,
+            },
+        );
         // Asked once for nearly every copy (it is on the hot path, and a
         // backend sizes the copy as it would send it); only a copy the marks
         // may have taken over the limit is asked about again without them.
         if !backend.fits(&copy) {
-            copy.attributes.remove(MARK_ID);
-            copy.attributes.remove(MARK_COUNT);
+            let marks = [MARK_ID, MARK_COUNT].map(|k| copy.attributes.remove_entry(k));
             if backend.fits(&copy) {
                 room = false;
             } else {
                 // Over the limit anyway: its send fails on its own, marked as usual.
-                copy.attributes
-                    .extend(marks.into_iter().map(|(k, a)| (k.to_string(), a)));
+                copy.attributes.extend(marks.into_iter().flatten());
             }
         }
     }
