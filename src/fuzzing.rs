@@ -640,7 +640,8 @@ mod servicebus {
 
     use super::{Input, model_attribute, same_value};
     use crate::backend::servicebus::{
-        attribute_from_amqp, attribute_to_amqp, body_bytes, parse_counts, parse_transfer_dead_letter_count,
+        attribute_from_amqp, attribute_from_amqp_owned, attribute_to_amqp, body_bytes, body_into_bytes, parse_counts,
+        parse_transfer_dead_letter_count,
     };
     use crate::model::AttrValue;
 
@@ -703,6 +704,11 @@ mod servicebus {
         let mut inp = Input::new(data);
         let v = amqp_value(&mut inp);
         let a = attribute_from_amqp(&v);
+        let owned = attribute_from_amqp_owned(v.clone());
+        assert!(
+            same_value(&owned.value, &a.value) && owned.data_type == a.data_type,
+            "a lease's attribute {owned:?} differs from a browse's {a:?}"
+        );
         let back = attribute_to_amqp(&a).unwrap_or_else(|e| panic!("{v:?} → {a:?} cannot go back: {e}"));
         assert_eq!(back, v, "an application property changed type or value (model: {a:?})");
     }
@@ -748,9 +754,15 @@ mod servicebus {
         if sections.is_empty() {
             return;
         }
-        let (bytes, note) = body_bytes(&Body::Data(sections.into()));
+        let body = Body::Data(sections.into());
+        let (bytes, note) = body_bytes(&body);
         assert_eq!(bytes, Bytes::from(expected), "data sections changed");
         assert_eq!(note, None);
+        assert_eq!(
+            body_into_bytes(body),
+            (bytes, note),
+            "a lease's body differs from a browse's"
+        );
     }
 
     pub fn atom(data: &[u8]) {

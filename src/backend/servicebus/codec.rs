@@ -151,6 +151,18 @@ pub fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
     }
 }
 
+/// [`body_bytes`] of a body that is no longer needed: a single data
+/// section (what every SDK sends) becomes the bytes without a copy.
+pub fn body_into_bytes(body: Body<Value>) -> (Bytes, Option<&'static str>) {
+    match body {
+        Body::Data(mut sections) if sections.len() == 1 => {
+            let data = sections.pop().expect("one section");
+            (Bytes::from(data.0.into_vec()), None)
+        }
+        other => body_bytes(&other),
+    }
+}
+
 /// The AMQP encoding of a body's value or sequences. Values decoded from the
 /// wire always encode again.
 fn encode_value(v: &impl serde::Serialize) -> Vec<u8> {
@@ -232,6 +244,15 @@ fn typed(value: AttrValue, t: &str) -> Attribute {
 
 fn plain(value: AttrValue) -> Attribute {
     Attribute { value, data_type: None }
+}
+
+/// [`attribute_from_amqp`] of a value that is no longer needed: text moves
+/// into the attribute instead of being copied.
+pub fn attribute_from_amqp_owned(v: SimpleValue) -> Attribute {
+    match v {
+        SimpleValue::String(s) => plain(AttrValue::String(s)),
+        other => attribute_from_amqp(&other),
+    }
 }
 
 pub fn attribute_from_amqp(v: &SimpleValue) -> Attribute {

@@ -222,8 +222,8 @@ use auth::{Auth, unix_now};
 pub use auth::{ConnectionString, WorkloadIdentityCredential, sas_token};
 use batch::{Envelope, encode, envelope, envelope_base, pack};
 pub use codec::{
-    BODY_SEQUENCE, BODY_VALUE_BINARY, BODY_VALUE_ENCODED, BODY_VALUE_STRING, attribute_from_amqp, attribute_to_amqp,
-    body_bytes, copy_body,
+    BODY_SEQUENCE, BODY_VALUE_BINARY, BODY_VALUE_ENCODED, BODY_VALUE_STRING, attribute_from_amqp,
+    attribute_from_amqp_owned, attribute_to_amqp, body_bytes, body_into_bytes, copy_body,
 };
 use codec::{Fields, annotation, copy_message_id, fields_of, message_key, with_body};
 use errors::{classify, condition_name};
@@ -859,14 +859,40 @@ impl ServiceBusBackend {
     }
 
     fn to_model(&self, raw: &Message<Body<Value>>, fields: Fields) -> DlqMessage {
-        let mut attributes = Attributes::new();
-        if let Some(props) = &raw.application_properties {
-            for (k, v) in props.0.iter() {
-                attributes.insert(k.clone(), attribute_from_amqp(v));
-            }
-        }
-        let mut properties = Properties::new();
+        let attributes: Attributes = raw
+            .application_properties
+            .iter()
+            .flat_map(|props| props.0.iter())
+            .map(|(k, v)| (k.clone(), attribute_from_amqp(v)))
+            .collect();
         let (body, body_type) = body_bytes(&raw.body);
+        self.model_of(raw, fields, attributes, (body, body_type))
+    }
+
+    /// [`Self::to_model`] of a received message, whose body and application
+    /// properties move into the model instead of being copied.
+    fn received_to_model(&self, mut raw: Message<Body<Value>>) -> DlqMessage {
+        let fields = fields_of(&raw);
+        let attributes: Attributes = raw
+            .application_properties
+            .take()
+            .into_iter()
+            .flat_map(|props| props.0.into_inner())
+            .map(|(k, v)| (k, attribute_from_amqp_owned(v)))
+            .collect();
+        let body = body_into_bytes(std::mem::replace(&mut raw.body, Body::Empty));
+        self.model_of(&raw, fields, attributes, body)
+    }
+
+    /// The model of `raw` with its attributes and body already converted.
+    fn model_of(
+        &self,
+        raw: &Message<Body<Value>>,
+        fields: Fields,
+        attributes: Attributes,
+        (body, body_type): (bytes::Bytes, Option<&'static str>),
+    ) -> DlqMessage {
+        let mut properties = Properties::new();
         if let Some(t) = body_type {
             properties.insert(PROP_BODY_TYPE.into(), t.into());
         }
@@ -1271,7 +1297,7 @@ impl ServiceBusBackend {
             };
         }
         for d in got {
-            let message = self.to_model(&d.message, fields_of(&d.message));
+            let message = self.received_to_model(d.message);
             let lease = match d.lock {
                 link::Lock::Link(info) => {
                     let id = info.delivery_id();
