@@ -1461,7 +1461,11 @@ fn push_error(errors: &mut Vec<String>, e: String) {
 
 /// How many times this message has already been redriven, from its marks.
 pub fn redrive_count(m: &DlqMessage) -> u32 {
-    m.attributes
+    marked_count(&m.attributes)
+}
+
+fn marked_count(attributes: &Attributes) -> u32 {
+    attributes
         .get(MARK_COUNT)
         .and_then(|a| a.as_text().trim().parse().ok())
         .unwrap_or(0)
@@ -1499,12 +1503,9 @@ fn copy_from(
     if plan.strip_dead_letter_attributes {
         attributes.retain(|k, _| !backend.is_dead_letter_attribute(k));
     }
-    let count = attributes
-        .remove(MARK_COUNT)
-        .and_then(|a| a.as_text().trim().parse::<u32>().ok())
-        .unwrap_or(0)
-        .saturating_add(1);
+    let count = marked_count(&attributes).saturating_add(1);
     attributes.remove(MARK_ID);
+    attributes.remove(MARK_COUNT);
     let mut room = backend
         .capabilities()
         .max_attributes
