@@ -476,7 +476,7 @@ impl Subscriber {
         routing: impl Fn(&M) -> &str,
     ) -> std::result::Result<R, Status>
     where
-        M: prost::Message + Default + 'static,
+        M: prost::Message + Default + Clone + 'static,
         R: prost::Message + Default + 'static,
     {
         invoke(None::<RetrySetting>, || async {
@@ -535,7 +535,7 @@ impl<M: Default> Default for Shared<M> {
     }
 }
 
-impl<M: prost::Message + Default> prost::Message for Shared<M> {
+impl<M: prost::Message + Default + Clone> prost::Message for Shared<M> {
     fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
         self.0.encode_raw(buf)
     }
@@ -547,11 +547,9 @@ impl<M: prost::Message + Default> prost::Message for Shared<M> {
         buf: &mut impl prost::bytes::Buf,
         ctx: prost::encoding::DecodeContext,
     ) -> std::result::Result<(), prost::DecodeError> {
-        // Requests are only ever encoded; a decode starts from a fresh one.
-        match Arc::get_mut(&mut self.0) {
-            Some(m) => m.merge_field(tag, wire_type, buf, ctx),
-            None => prost::encoding::skip_field(wire_type, tag, buf, ctx),
-        }
+        // Requests are only ever encoded; decoding into a shared one would
+        // copy it first rather than change the other holders' request.
+        Arc::make_mut(&mut self.0).merge_field(tag, wire_type, buf, ctx)
     }
 
     fn encoded_len(&self) -> usize {
@@ -573,7 +571,7 @@ async fn unary<M, R>(
     max_message: Option<usize>,
 ) -> std::result::Result<R, Status>
 where
-    M: prost::Message + Default + 'static,
+    M: prost::Message + Default + Clone + 'static,
     R: prost::Message + Default + 'static,
 {
     use gcloud_gax::grpc::codegen::http::uri::PathAndQuery;
