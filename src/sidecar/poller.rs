@@ -5,10 +5,10 @@
 //! Admin calls are rate-limited per backend kind (Service Bus throttles its
 //! management API hard), and a failing queue backs off exponentially.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AdminCallLimits, Config, QueueConfig};
 use crate::engine::redrive::Progress;
 use crate::engine::registry::Registry;
-use crate::model::{DlqMessage, DlqStats};
+use crate::model::{DlqMessage, DlqStats, Exactness};
 use crate::sidecar::exclusion::QueueLocks;
 use crate::sidecar::metrics::Metrics;
 
@@ -329,6 +329,8 @@ pub struct Poller {
 
 /// What one successful poll read.
 struct Polled {
+    /// When `removed_total` was read, just before the stats.
+    at: Instant,
     stats: DlqStats,
     /// `removed_total` just before the stats were read.
     removed_total: u64,
@@ -350,50 +352,112 @@ fn backoff(interval: Duration, errors: u32) -> Duration {
         .min(MAX_BACKOFF.max(interval))
 }
 
-/// Counts the messages that arrived between polls: the depth delta plus what
-/// our runs removed in between (credited as they settle, see `Removals`).
+/// How far behind the truth a depth of this kind may be: removals credited
+/// more recently may not show in it yet. Cloud Monitoring samples Pub/Sub's
+/// backlog every 60 s and shows a sample up to 120 s later.
+fn depth_lag(exactness: Exactness) -> Duration {
+    match exactness {
+        Exactness::Lagged => Duration::from_secs(180),
+        Exactness::Exact | Exactness::Approximate | Exactness::AtLeast => Duration::ZERO,
+    }
+}
+
+/// One depth reading, as the arrival counter needs it.
+#[derive(Debug, Clone, Copy)]
+struct DepthReading {
+    at: Instant,
+    depth: u64,
+    /// Messages leased when the depth was read, included in it (SQS).
+    in_flight: Option<u64>,
+    /// What our runs had removed, credited as they settle, before the depth
+    /// was read (see `Removals`).
+    removed_total: u64,
+    /// A run of ours was removing messages while the depth was read.
+    removing: bool,
+    /// See `depth_lag`.
+    lag: Duration,
+}
+
+/// Counts the messages that arrived between polls: the depth's rise plus
+/// what our runs removed meanwhile.
+///
+/// Arrivals are counted against the last *trusted* reading, taken with no
+/// run of ours removing and with every credit old enough to show in the
+/// depth; between two trusted readings, only what each reading proves. A
+/// reading taken while a run removes can be wrong both ways: SQS counts
+/// visible and in-flight messages in two reads, so a message leased or
+/// released in between is counted twice (never more than the in-flight
+/// count); a message deleted is gone from the depth before its removal is
+/// credited; a lagging depth (Cloud Monitoring) still shows messages removed
+/// minutes ago. Counting from the previous poll instead took a reading's
+/// excess for arrivals (phantom growth alerts). The cost: arrivals that a run
+/// hides by removing faster than they come count when the run is done (or,
+/// for a lagging depth, `depth_lag` after).
 #[derive(Default)]
 struct ArrivalCounter {
-    /// (depth, removed_total) at the previous successful poll.
-    prev: Option<(u64, u64)>,
-    /// How much further the depth fell at the previous poll than the
-    /// removals credited by then explain.
-    shortfall: u64,
-    /// The baseline was read while a run removed messages (see `observe`).
-    baseline_uncertain: bool,
+    base: Option<Base>,
+    /// Arrivals counted since `base`.
+    counted: u64,
+    /// Recent (time, removed_total) pairs: the credits a lagging depth
+    /// shows are those read `lag` ago.
+    credits: VecDeque<(Instant, u64)>,
+}
+
+/// The reading arrivals are counted from.
+#[derive(Debug, Clone, Copy)]
+struct Base {
+    /// The most the depth could have been then.
+    depth: u64,
+    /// What our runs had removed by then; `None` when untrusted (the first
+    /// reading, taken while a run removed): removals credited later may
+    /// already be missing from its depth, so credits cannot count.
+    removed_total: Option<u64>,
 }
 
 impl ArrivalCounter {
-    /// Arrivals since the previous poll (the first poll is the baseline).
-    /// `removing`: one of our runs was removing messages while the depth was
-    /// read, so it may already show removals credited only later.
-    fn observe(&mut self, depth: u64, removed_total: u64, removing: bool) -> u64 {
-        let Some((prev_depth, prev_removed)) = self.prev.replace((depth, removed_total)) else {
-            // With no earlier depth, how far the baseline's depth is ahead of
-            // the credits is unknown: a run that started with `serve` (a
-            // retention purge) would have its first late credits counted
-            // as arrivals. At the next poll, credits beyond the depth's fall
-            // are taken for late ones (see below).
-            self.baseline_uncertain = removing;
-            return 0;
+    /// Arrivals since the previous reading (the first is the baseline).
+    fn observe(&mut self, r: DepthReading) -> u64 {
+        self.credits.push_back((r.at, r.removed_total));
+        let shown_since = r.at.checked_sub(r.lag).unwrap_or(r.at);
+        // Keep the newest pair old enough to show in the depth, and after it.
+        while self.credits.get(1).is_some_and(|&(at, _)| at <= shown_since) {
+            self.credits.pop_front();
+        }
+        let shown = match self.credits.front() {
+            Some(&(at, removed)) if at <= shown_since => Some(removed),
+            _ => None,
         };
-        // A run's settle is credited once the provider confirmed it: a poll
-        // in between sees the depth fall with no credit yet, and the credit
-        // comes at the next poll. That late credit pays off the shortfall
-        // instead of counting its messages a second time, as arrivals. Only
-        // the previous poll's shortfall, and only from credits: a removal
-        // that is never credited (a CLI run, expiry) costs no later arrivals.
-        let credited = removed_total.saturating_sub(prev_removed);
-        let late = if std::mem::take(&mut self.baseline_uncertain) {
-            // Arrivals the first interval had while credits outran the depth's
-            // fall go uncounted: a miss at start-up, not a phantom alert.
-            (depth + credited).saturating_sub(prev_depth).min(credited)
-        } else {
-            credited.min(self.shortfall)
+        let trusted = !r.removing && shown == Some(r.removed_total);
+        // A message counted twice is leased or released between SQS's two
+        // counts, so it is in the in-flight count read.
+        let excess = if r.removing { r.in_flight.unwrap_or(0) } else { 0 };
+        let new = match self.base {
+            None => 0,
+            Some(base) => {
+                let floor = r.depth.saturating_sub(excess);
+                let removed = match (base.removed_total, shown) {
+                    (Some(then), Some(now)) => now.saturating_sub(then),
+                    _ => 0,
+                };
+                let proven = (floor + removed).saturating_sub(base.depth);
+                let new = proven.saturating_sub(self.counted);
+                self.counted += new;
+                new
+            }
         };
-        let up = depth + credited - late;
-        self.shortfall = prev_depth.saturating_sub(up);
-        up.saturating_sub(prev_depth)
+        if trusted {
+            self.base = Some(Base {
+                depth: r.depth,
+                removed_total: Some(r.removed_total),
+            });
+            self.counted = 0;
+        } else if self.base.is_none() {
+            self.base = Some(Base {
+                depth: r.depth + excess,
+                removed_total: None,
+            });
+        }
+        new
     }
 }
 
@@ -454,7 +518,14 @@ impl Poller {
             let wait = match self.poll_once(&queue, &backend, sample).await {
                 Ok(polled) => {
                     errors = 0;
-                    let arrivals = arrivals_counter.observe(polled.stats.depth, polled.removed_total, polled.removing);
+                    let arrivals = arrivals_counter.observe(DepthReading {
+                        at: polled.at,
+                        depth: polled.stats.depth,
+                        in_flight: polled.stats.in_flight,
+                        removed_total: polled.removed_total,
+                        removing: polled.removing,
+                        lag: depth_lag(polled.stats.exactness),
+                    });
                     let now = Utc::now();
                     let stats = with_known_age(polled.stats, polled.sample.as_deref(), now);
                     self.record_ok(&queue, &backend, &stats, polled.sample.as_deref(), arrivals, now)
@@ -493,6 +564,7 @@ impl Poller {
         // Read before the stats: a removal credited by then shows in the
         // depth, so the credit is never ahead of the depth (it can lag, see
         // `ArrivalCounter`).
+        let at = Instant::now();
         let removed_total = self.cache.removed_total(queue);
         let stats = b.stats().await?;
         let removing = self.cache.removing(queue, removed_total);
@@ -507,6 +579,7 @@ impl Poller {
                     None => {
                         tracing::debug!(%queue, "a run or read is active on the queue: reason sample skipped");
                         return Ok(Polled {
+                            at,
                             stats,
                             removed_total,
                             removing,
@@ -528,6 +601,7 @@ impl Poller {
             Vec::new()
         };
         Ok(Polled {
+            at,
             stats,
             removed_total,
             removing,
@@ -610,7 +684,6 @@ pub fn reason_counts<'a>(msgs: impl IntoIterator<Item = &'a DlqMessage>) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Exactness;
 
     fn stats(depth: u64) -> DlqStats {
         DlqStats {
@@ -750,47 +823,112 @@ mod tests {
         );
     }
 
+    /// Readings a second apart, from a fixed start.
+    struct Readings {
+        start: Instant,
+        lag: Duration,
+        counter: ArrivalCounter,
+    }
+
+    impl Readings {
+        fn new(lag: Duration) -> Self {
+            Self {
+                start: Instant::now(),
+                lag,
+                counter: ArrivalCounter::default(),
+            }
+        }
+
+        /// Arrivals counted at second `t`.
+        fn at(&mut self, t: u64, depth: u64, in_flight: u64, removed_total: u64, removing: bool) -> u64 {
+            self.counter.observe(DepthReading {
+                at: self.start + Duration::from_secs(t),
+                depth,
+                in_flight: Some(in_flight),
+                removed_total,
+                removing,
+                lag: self.lag,
+            })
+        }
+    }
+
     #[test]
     fn removals_are_credited_as_runs_settle_and_once() {
         let cache = StatusCache::default();
         let progress = Arc::new(Progress::default());
-        let mut counter = ArrivalCounter::default();
+        let mut r = Readings::new(Duration::ZERO);
+        let mut poll = |t, depth| {
+            let removed = cache.removed_total("q");
+            let removing = cache.removing("q", removed);
+            r.at(t, depth, 0, removed, removing)
+        };
         // Poll 1: 10 messages, nothing removed yet: the baseline.
-        assert_eq!(counter.observe(10, cache.removed_total("q"), false), 0);
+        assert_eq!(poll(0, 10), 0);
         cache.run_started("q", "run-1", progress.clone());
         // The run settles 4 before poll 2, which sees depth 6: no arrival.
         progress.settled.fetch_add(4, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(counter.observe(6, cache.removed_total("q"), false), 0);
+        assert_eq!(poll(1, 6), 0);
         // It settles 6 more and ends (its summary says 10) before poll 3,
         // which sees depth 2: the 2 new ones are the only arrivals.
         progress.settled.fetch_add(6, std::sync::atomic::Ordering::Relaxed);
         cache.run_finished("q", "run-1", 10);
         assert_eq!(cache.removed_total("q"), 10);
-        assert_eq!(counter.observe(2, cache.removed_total("q"), false), 2);
+        assert_eq!(poll(2, 2), 2);
         // Nothing changes: nothing arrived (the finished run is not counted again).
-        assert_eq!(counter.observe(2, cache.removed_total("q"), false), 0);
+        assert_eq!(poll(3, 2), 0);
         // A burst of 5 drained by a retention purge between two polls still counts.
         cache.note_removed("q", 5);
-        assert_eq!(counter.observe(2, cache.removed_total("q"), false), 5);
+        assert_eq!(poll(4, 2), 5);
+    }
+
+    /// SQS counts visible and in-flight messages in two reads: while a run
+    /// leases and releases, a reading can count up to the in-flight messages
+    /// twice. That excess is no arrival, and it costs no real arrival later.
+    #[test]
+    fn messages_counted_twice_while_a_run_leases_are_no_arrivals() {
+        let mut r = Readings::new(Duration::ZERO);
+        assert_eq!(r.at(0, 300, 0, 0, false), 0);
+        // 80 leased, 8 of them counted twice, 20 removed and credited.
+        assert_eq!(r.at(1, 288, 80, 20, true), 0);
+        // 80 more leased, 80 more removed; 3 arrived, not proven while
+        // 80 are in flight.
+        assert_eq!(r.at(2, 203, 80, 100, true), 0);
+        // Non-matches released at the end of the pass: 10 counted twice.
+        assert_eq!(r.at(3, 213, 80, 100, true), 0);
+        // The run is done: the 3 arrivals count, once.
+        assert_eq!(r.at(4, 203, 0, 100, false), 3);
+        // Then 4 arrive.
+        assert_eq!(r.at(5, 207, 0, 100, false), 4);
     }
 
     #[test]
-    fn a_settle_credited_after_a_poll_saw_it_is_not_counted_as_arrivals() {
-        let mut c = ArrivalCounter::default();
-        assert_eq!(c.observe(300, 0, false), 0);
+    fn a_removal_seen_before_it_is_credited_is_no_arrival_when_credited() {
+        let mut r = Readings::new(Duration::ZERO);
+        assert_eq!(r.at(0, 300, 0, 0, false), 0);
         // A batch of 10 is deleted but not credited yet when poll 2 reads.
-        assert_eq!(c.observe(290, 0, false), 0);
+        assert_eq!(r.at(1, 290, 0, 0, true), 0);
         // Poll 3: the late 10 plus 90 more credited, and 3 real arrivals.
-        assert_eq!(c.observe(203, 100, false), 3);
-        assert_eq!(c.observe(203, 100, false), 0);
+        assert_eq!(r.at(2, 203, 0, 100, true), 3);
+        assert_eq!(r.at(3, 203, 0, 100, false), 0);
         // A removal never credited (a CLI run elsewhere) costs no arrivals
         // later: 4 arrive after 50 went.
-        assert_eq!(c.observe(153, 100, false), 0);
-        assert_eq!(c.observe(157, 100, false), 4);
-        // Nor does a shortfall older than one poll swallow a later credit.
-        assert_eq!(c.observe(100, 100, false), 0);
-        assert_eq!(c.observe(100, 100, false), 0);
-        assert_eq!(c.observe(95, 110, false), 5);
+        assert_eq!(r.at(4, 153, 0, 100, false), 0);
+        assert_eq!(r.at(5, 157, 0, 100, false), 4);
+    }
+
+    /// Arrivals that outpace a run count while it runs; those it hides by
+    /// removing faster count once it is done.
+    #[test]
+    fn arrivals_during_a_run_count_when_proven() {
+        let mut r = Readings::new(Duration::ZERO);
+        assert_eq!(r.at(0, 100, 0, 0, false), 0);
+        // 10 removed, 30 arrived: the depth proves 20 of them (10 may be
+        // counted twice, in flight).
+        assert_eq!(r.at(1, 120, 10, 10, true), 20);
+        // 50 more removed, 5 arrived: 5 more proven.
+        assert_eq!(r.at(2, 75, 10, 60, true), 5);
+        // Done: the 10 left of the 35 count now.
+        assert_eq!(r.at(3, 75, 0, 60, false), 10);
     }
 
     /// A purge that starts with `serve` (a retention policy) deletes while
@@ -798,17 +936,40 @@ mod tests {
     /// credited only at the next poll, and those are no arrivals.
     #[test]
     fn a_baseline_read_during_a_run_counts_no_late_credits_as_arrivals() {
-        let mut c = ArrivalCounter::default();
-        // 300 in the DLQ; 7 deleted, none credited yet, when the baseline reads.
-        assert_eq!(c.observe(293, 0, true), 0);
+        let mut r = Readings::new(Duration::ZERO);
+        // 300 in the DLQ; 7 deleted, none credited yet, when the baseline
+        // reads; 10 in flight.
+        assert_eq!(r.at(0, 293, 10, 0, true), 0);
         // 100 more deleted: 107 credited now.
-        assert_eq!(c.observe(193, 107, true), 0);
-        // From then on, as usual: 2 arrive while 10 more are removed.
-        assert_eq!(c.observe(185, 117, true), 2);
+        assert_eq!(r.at(1, 193, 10, 107, true), 0);
+        // 140 arrive while the purge goes on: the depth alone proves 20.
+        assert_eq!(r.at(2, 333, 10, 107, true), 20);
+        // Done: from now on, counted as usual.
+        assert_eq!(r.at(3, 20, 0, 400, false), 0);
+        assert_eq!(r.at(4, 22, 0, 400, false), 2);
         // A baseline with no run about keeps nothing back.
-        let mut c = ArrivalCounter::default();
-        assert_eq!(c.observe(10, 0, false), 0);
-        assert_eq!(c.observe(10, 3, false), 3);
+        let mut r = Readings::new(Duration::ZERO);
+        assert_eq!(r.at(0, 10, 0, 0, false), 0);
+        assert_eq!(r.at(1, 10, 0, 3, false), 3);
+    }
+
+    /// Pub/Sub's backlog from Cloud Monitoring shows removals minutes late:
+    /// a redrive's credits are no arrivals while the depth has not caught up.
+    #[test]
+    fn credits_a_lagging_depth_does_not_show_yet_are_no_arrivals() {
+        let mut r = Readings::new(Duration::from_secs(180));
+        assert_eq!(r.at(0, 1000, 0, 0, false), 0);
+        // A redrive removes all 1,000 within the minute; the depth still
+        // says 1,000 for a while, then falls.
+        assert_eq!(r.at(60, 1000, 0, 1000, false), 0);
+        assert_eq!(r.at(120, 1000, 0, 1000, false), 0);
+        assert_eq!(r.at(180, 400, 0, 1000, false), 0);
+        assert_eq!(r.at(240, 0, 0, 1000, false), 0);
+        // The credits show by now: 5 arrivals count.
+        assert_eq!(r.at(300, 5, 0, 1000, false), 5);
+        assert_eq!(r.at(360, 5, 0, 1000, false), 0);
+        // With no run about, a rise counts at once.
+        assert_eq!(r.at(420, 12, 0, 1000, false), 7);
     }
 
     #[test]
