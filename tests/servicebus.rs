@@ -493,20 +493,7 @@ async fn transfer_dead_letters_are_listed_inspected_and_redriven_back_through_fo
         ],
     );
     assert_eq!(code, Some(0), "{said}");
-    let t = ServiceBusFixture {
-        http: http.clone(),
-        entity: target.clone(),
-        subscription: None,
-        client: tokio::sync::Mutex::new(common::servicebus::client_with(&namespace_cs).await),
-        connection_env: ENV.into(),
-    };
-    let mut arrived: Vec<String> = t
-        .drain_source()
-        .await
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
-    arrived.sort();
+    let arrived = drained_bodies(&http, &target, &namespace_cs, ENV).await;
     assert_eq!(arrived, ["order-0", "order-2", "order-4"], "{said}");
     assert!(f.browse(SubQueue::None).await.is_empty(), "forwarded on, not kept");
     let mut left: Vec<String> = f
@@ -602,20 +589,7 @@ async fn a_subscriptions_transfer_dead_letters_are_counted_and_redriven_through_
     let (code, _, said) = run_with_connection_string(ENV, &transfer, &cs, &["redrive", "dlq", "--yes", "--no-journal"]);
     assert_eq!(code, Some(0), "{said}");
     assert!(f.browse(SubQueue::TransferDeadLetter).await.is_empty(), "{said}");
-    let t = ServiceBusFixture {
-        http: http.clone(),
-        entity: target.clone(),
-        subscription: None,
-        client: tokio::sync::Mutex::new(common::servicebus::client_with(&cs).await),
-        connection_env: ENV.into(),
-    };
-    let mut arrived: Vec<String> = t
-        .drain_source()
-        .await
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
-    arrived.sort();
+    let arrived = drained_bodies(&http, &target, &cs, ENV).await;
     assert_eq!(arrived, ["m0", "m1"], "{said}");
     // The sibling got the two sends and the two copies, as any redrive to a
     // topic fans out (see `target_subscription_property`).
@@ -898,6 +872,26 @@ async fn atom_counts_are_exact() {
     assert_eq!(s.settled, 2);
     let reg = Registry::new(q.config());
     assert_eq!(reg.backend("dlq").await.unwrap().stats().await.unwrap().depth, 3);
+}
+
+/// The bodies that reached queue `entity`, received off it (as text, sorted);
+/// `env` names the variable that holds `cs` for the runs.
+async fn drained_bodies(http: &str, entity: &str, cs: &str, env: &str) -> Vec<String> {
+    let t = ServiceBusFixture {
+        http: http.to_string(),
+        entity: entity.to_string(),
+        subscription: None,
+        client: tokio::sync::Mutex::new(common::servicebus::client_with(cs).await),
+        connection_env: env.into(),
+    };
+    let mut bodies: Vec<String> = t
+        .drain_source()
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    bodies.sort();
+    bodies
 }
 
 /// `cs` (a private emulator's connection string, signed with the rule `x`)
