@@ -55,8 +55,11 @@ pub struct PollResult {
     pub backend: String,
     pub at: DateTime<Utc>,
     pub stats: DlqStats,
-    /// Messages that arrived since the previous poll.
+    /// Messages that arrived since the previous poll, as far as it can tell.
     pub arrivals: u64,
+    /// Since when they may have arrived: the previous poll, or an earlier
+    /// one when a run of ours hid them until now (see `ArrivalCounter`).
+    pub arrivals_since: Option<DateTime<Utc>>,
     /// The sampled messages (empty when sampling is off or the queue is
     /// empty); `None` when this poll skipped its sample because a run was
     /// active on the queue, so it tells nothing about reasons.
@@ -403,9 +406,18 @@ struct ArrivalCounter {
     credits: VecDeque<(Instant, u64)>,
 }
 
+/// What one reading counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counted {
+    arrivals: u64,
+    /// The earliest they may have come: the reading counted against.
+    since: Option<Instant>,
+}
+
 /// The reading arrivals are counted from.
 #[derive(Debug, Clone, Copy)]
 struct Base {
+    at: Instant,
     /// The most the depth could have been then.
     depth: u64,
     /// What our runs had removed by then; `None` when untrusted (the first
@@ -416,7 +428,7 @@ struct Base {
 
 impl ArrivalCounter {
     /// Arrivals since the previous reading (the first is the baseline).
-    fn observe(&mut self, r: DepthReading) -> u64 {
+    fn observe(&mut self, r: DepthReading) -> Counted {
         self.credits.push_back((r.at, r.removed_total));
         let shown_since = r.at.checked_sub(r.lag).unwrap_or(r.at);
         // Keep the newest pair old enough to show in the depth, and after it.
@@ -431,6 +443,7 @@ impl ArrivalCounter {
         // A message counted twice is leased or released between SQS's two
         // counts, so it is in the in-flight count read.
         let excess = if r.removing { r.in_flight.unwrap_or(0) } else { 0 };
+        let since = self.base.map(|b| b.at);
         let new = match self.base {
             None => 0,
             Some(base) => {
@@ -447,17 +460,19 @@ impl ArrivalCounter {
         };
         if trusted {
             self.base = Some(Base {
+                at: r.at,
                 depth: r.depth,
                 removed_total: Some(r.removed_total),
             });
             self.counted = 0;
         } else if self.base.is_none() {
             self.base = Some(Base {
+                at: r.at,
                 depth: r.depth + excess,
                 removed_total: None,
             });
         }
-        new
+        Counted { arrivals: new, since }
     }
 }
 
@@ -518,7 +533,7 @@ impl Poller {
             let wait = match self.poll_once(&queue, &backend, sample).await {
                 Ok(polled) => {
                     errors = 0;
-                    let arrivals = arrivals_counter.observe(DepthReading {
+                    let counted = arrivals_counter.observe(DepthReading {
                         at: polled.at,
                         depth: polled.stats.depth,
                         in_flight: polled.stats.in_flight,
@@ -527,6 +542,11 @@ impl Poller {
                         lag: depth_lag(polled.stats.exactness),
                     });
                     let now = Utc::now();
+                    let arrivals = counted.arrivals;
+                    let arrivals_since = counted
+                        .since
+                        .and_then(|at| chrono::Duration::from_std(at.elapsed()).ok())
+                        .map(|ago| now - ago);
                     let stats = with_known_age(polled.stats, polled.sample.as_deref(), now);
                     self.record_ok(&queue, &backend, &stats, polled.sample.as_deref(), arrivals, now)
                         .await;
@@ -538,6 +558,7 @@ impl Poller {
                             at: now,
                             stats,
                             arrivals,
+                            arrivals_since,
                             sample: polled.sample,
                         })
                         .await;
@@ -841,6 +862,10 @@ mod tests {
 
         /// Arrivals counted at second `t`.
         fn at(&mut self, t: u64, depth: u64, in_flight: u64, removed_total: u64, removing: bool) -> u64 {
+            self.counted_at(t, depth, in_flight, removed_total, removing).arrivals
+        }
+
+        fn counted_at(&mut self, t: u64, depth: u64, in_flight: u64, removed_total: u64, removing: bool) -> Counted {
             self.counter.observe(DepthReading {
                 at: self.start + Duration::from_secs(t),
                 depth,
@@ -927,8 +952,16 @@ mod tests {
         assert_eq!(r.at(1, 120, 10, 10, true), 20);
         // 50 more removed, 5 arrived: 5 more proven.
         assert_eq!(r.at(2, 75, 10, 60, true), 5);
-        // Done: the 10 left of the 35 count now.
-        assert_eq!(r.at(3, 75, 0, 60, false), 10);
+        // Done: the 10 left of the 35 count now, as arrivals since the
+        // reading before the run (growth spreads them over that time).
+        let done = r.counted_at(3, 75, 0, 60, false);
+        assert_eq!(done.arrivals, 10);
+        assert_eq!(done.since, Some(r.start));
+        // From then on, since the previous poll.
+        assert_eq!(
+            r.counted_at(4, 77, 0, 60, false).since,
+            Some(r.start + Duration::from_secs(3))
+        );
     }
 
     /// A purge that starts with `serve` (a retention policy) deletes while

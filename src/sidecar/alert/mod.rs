@@ -335,6 +335,8 @@ impl Evaluator {
     pub fn evaluate(&mut self, poll: &PollResult, leader: bool, metrics: &Metrics) -> Vec<Notification> {
         let now = poll.at;
         let from = self.last_poll.insert(poll.queue.clone(), now).unwrap_or(now);
+        // Arrivals a run of ours hid came at some time since an earlier poll.
+        let from = poll.arrivals_since.map_or(from, |since| since.min(from));
         let window = self.arrivals.entry(poll.queue.clone()).or_default();
         window.push_back((from, now, poll.arrivals));
         while window
@@ -558,6 +560,7 @@ mod tests {
                 oldest_age_exactness: None,
             },
             arrivals,
+            arrivals_since: None,
             sample: Some(
                 reasons
                     .iter()
@@ -830,6 +833,22 @@ mod tests {
             "{}",
             n[0].summary
         );
+    }
+
+    /// Arrivals a long redrive hid count when it ends, spread over the run,
+    /// not over the last poll interval.
+    #[test]
+    fn growth_spreads_arrivals_a_run_hid_over_the_run() {
+        let mut e = evaluator("    - growth: {messages: 20, window: 10m}\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 100, 0, &[]), true, &m).is_empty());
+        for t in (30..1800).step_by(30) {
+            assert!(e.evaluate(&poll(t, 50, 0, &[]), true, &m).is_empty());
+        }
+        // The run ended: 30 came during its 30 minutes, 1 a minute.
+        let mut end = poll(1800, 30, 30, &[]);
+        end.arrivals_since = Some(DateTime::from_timestamp(1_700_000_000, 0).unwrap());
+        assert!(e.evaluate(&end, true, &m).is_empty(), "10 within 10m, not 30");
     }
 
     #[test]
