@@ -64,7 +64,8 @@ pub struct AlertRule {
     /// Fires when at least `messages` arrived within `window`.
     #[serde(default)]
     pub growth: Option<GrowthRule>,
-    /// Fires once for each failure reason never seen before on the queue.
+    /// Fires once for each failure reason never seen before on the queue,
+    /// compared by pattern (numbers, IDs and quoted values replaced).
     #[serde(default)]
     pub new_reason: bool,
     /// The condition must hold this long before the alert fires.

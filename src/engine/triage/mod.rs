@@ -22,7 +22,7 @@ mod retention;
 pub use error::TriageError;
 pub use export::{DEFAULT_PEEK_CAP, ExportSummary, ExportWriter, ExportedMessage, dated_path, export, read_export};
 pub use import::{ImportRequest, ImportSummary, import, not_carried};
-pub use patterns::{Group, GroupBy, Grouper, normalize, pattern_of, top_counts};
+pub use patterns::{Group, GroupBy, Grouper, MAX_KEY_CHARS, normalize, pattern_of, reason_pattern, top_counts};
 pub use purge::{FileBackup, PurgeRequest, purge, purge_filter};
 pub(crate) use read::compile;
 pub use read::{ReadStats, Shown, browse, first_matches, read_note};

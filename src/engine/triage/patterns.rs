@@ -14,7 +14,7 @@ use crate::model::preview;
 /// memory stays bounded whatever the DLQ holds.
 pub(super) const MAX_TRACKED_GROUPS: usize = 10_000;
 /// Longest group key kept (patterns of huge descriptions are cut).
-pub(super) const MAX_KEY_CHARS: usize = 200;
+pub const MAX_KEY_CHARS: usize = 200;
 
 /// Normalise failure text so that messages failing the same way group
 /// together: quoted values become `<str>`, UUIDs `<uuid>`, hex strings
@@ -125,6 +125,11 @@ pub fn pattern_of(m: &DlqMessage) -> String {
         (None, None) => "(none)".into(),
     };
     preview(&key, MAX_KEY_CHARS)
+}
+
+/// A failure reason's pattern: the reason normalised, cut to the longest key.
+pub fn reason_pattern(reason: &str) -> String {
+    preview(&normalize(reason), MAX_KEY_CHARS)
 }
 
 // ---------------------------------------------------------------------------

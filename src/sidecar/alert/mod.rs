@@ -16,12 +16,15 @@
 pub mod sinks;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::{AlertRule, AlertsConfig};
+use crate::engine::triage::{MAX_KEY_CHARS, reason_pattern};
+use crate::model::preview;
 use crate::sidecar::metrics::Metrics;
 use crate::sidecar::poller::{PollResult, SampledMessage};
 
@@ -48,7 +51,9 @@ pub struct Notification {
     pub value: f64,
     /// The configured threshold.
     pub threshold: f64,
-    /// For `new_reason`: the reason never seen before.
+    /// For `new_reason`: the failure pattern never seen before, the reason
+    /// with its variable parts (numbers, IDs, quoted values) replaced
+    /// (`Order <n> not found`); the samples show the reasons as they are.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub summary: String,
@@ -211,11 +216,53 @@ impl Rule {
     }
 }
 
+/// A failure pattern `new_reason` found, with the first reason seen with it.
+struct NewReason {
+    pattern: String,
+    example: String,
+}
+
+/// The failure patterns `new_reason` knows on one queue, by digest, at most
+/// this many. Patterns seldom come near it; a queue whose reasons carry
+/// unique text that normalising misses would, and past it new patterns are
+/// neither remembered nor announced (a warning says so once): memory stays
+/// bounded, and such a queue does not page once per message.
+const MAX_KNOWN_PATTERNS: usize = 1024;
+
+#[derive(Default)]
+struct KnownPatterns {
+    digests: HashSet<u64>,
+    full: bool,
+}
+
+impl KnownPatterns {
+    fn contains(&self, digest: u64) -> bool {
+        self.digests.contains(&digest)
+    }
+
+    /// Remember `digest`; whether it was new and fitted.
+    fn insert(&mut self, digest: u64, queue: &str) -> bool {
+        if self.digests.len() >= MAX_KNOWN_PATTERNS && !self.digests.contains(&digest) {
+            if !std::mem::replace(&mut self.full, true) {
+                tracing::warn!(
+                    %queue,
+                    limit = MAX_KNOWN_PATTERNS,
+                    "new_reason: too many distinct failure reasons on this queue; new ones are no longer announced"
+                );
+            }
+            return false;
+        }
+        self.digests.insert(digest)
+    }
+}
+
 pub struct Evaluator {
     rules: Vec<Rule>,
     include_bodies: bool,
     state: HashMap<(usize, String), RuleState>,
-    known_reasons: HashMap<String, HashSet<String>>,
+    known_reasons: HashMap<String, KnownPatterns>,
+    /// Keys the digests of `known_reasons`.
+    pattern_digests: foldhash::quality::RandomState,
     baselines: HashMap<String, Baseline>,
     /// Per queue: the messages that arrived between two polls.
     arrivals: HashMap<String, VecDeque<Arrivals>>,
@@ -253,6 +300,7 @@ impl Evaluator {
             include_bodies: cfg.include_bodies,
             state: HashMap::new(),
             known_reasons: HashMap::new(),
+            pattern_digests: foldhash::quality::RandomState::default(),
             baselines: HashMap::new(),
             arrivals: HashMap::new(),
             last_poll: HashMap::new(),
@@ -291,7 +339,11 @@ impl Evaluator {
         self.rules.iter().any(|r| r.cfg.new_reason)
     }
 
-    /// The reasons in `poll`'s sample never seen before on its queue, sorted.
+    /// The failure patterns in `poll`'s sample never seen before on its
+    /// queue, sorted. Reasons are compared by pattern (`reason_pattern`): a
+    /// reason that differs from a known one only in an order number or an
+    /// ID is no news, and announcing it once per message would page for
+    /// every message of a reason that carries one.
     ///
     /// The first poll is the baseline: what its sample shows was there before
     /// dlq-bridge looked, so it is not news. A sample skipped (a run was
@@ -303,30 +355,44 @@ impl Evaluator {
     /// dead-letter it, so a message published before the baseline that fails
     /// only later is taken for old news too: a miss soon after start-up,
     /// rather than stale reasons announced as new after every restart.
-    fn new_reasons(&mut self, poll: &PollResult) -> Vec<String> {
+    fn new_reasons(&mut self, poll: &PollResult) -> Vec<NewReason> {
+        let digests = &self.pattern_digests;
         let known = self.known_reasons.entry(poll.queue.clone()).or_default();
+        let patterns = poll
+            .sample
+            .iter()
+            .flatten()
+            .filter_map(|m| Some((m, m.reason.as_deref()?)))
+            .map(|(m, r)| (m, r, reason_pattern(r)));
         let Some(baseline) = self.baselines.get(&poll.queue) else {
             let complete = poll.sample.as_ref().is_some_and(|s| s.len() as u64 >= poll.stats.depth);
             self.baselines
                 .insert(poll.queue.clone(), Baseline { at: poll.at, complete });
-            known.extend(poll.sample.iter().flatten().filter_map(|m| m.reason.clone()));
+            for (_, _, pattern) in patterns {
+                known.insert(digests.hash_one(&pattern), &poll.queue);
+            }
             return Vec::new();
         };
-        // Unknown reason -> whether every message carrying it arrived after the baseline.
-        let mut unknown: BTreeMap<&String, bool> = BTreeMap::new();
-        for m in poll.sample.iter().flatten() {
-            let Some(r) = m.reason.as_ref().filter(|r| !known.contains(*r)) else {
+        // Unknown pattern -> (whether every message with it arrived after the
+        // baseline, the first reason seen with it).
+        let mut unknown: BTreeMap<String, (bool, &str)> = BTreeMap::new();
+        for (m, reason, pattern) in patterns {
+            if known.contains(digests.hash_one(&pattern)) {
                 continue;
-            };
+            }
             let since = baseline.complete || m.enqueued_at.is_none_or(|t| t >= baseline.at);
-            *unknown.entry(r).or_insert(true) &= since;
+            unknown.entry(pattern).or_insert((true, reason)).0 &= since;
         }
-        let new: Vec<String> = unknown
-            .iter()
-            .filter(|(_, new)| **new)
-            .map(|(r, _)| (*r).clone())
-            .collect();
-        known.extend(unknown.into_keys().cloned());
+        let mut new = Vec::new();
+        for (pattern, (since, example)) in unknown {
+            // Announced only once remembered: a queue past the bound stays quiet.
+            if known.insert(digests.hash_one(&pattern), &poll.queue) && since {
+                new.push(NewReason {
+                    example: example.to_string(),
+                    pattern,
+                });
+            }
+        }
         new
     }
 
@@ -485,7 +551,7 @@ fn notification(
     value: f64,
     threshold: f64,
     started_at: DateTime<Utc>,
-    reason: Option<&String>,
+    reason: Option<&NewReason>,
 ) -> Notification {
     let summary = match (status, rule.kind) {
         (Status::Resolved, _) => format!("{}: {} resolved on {}", poll.queue, rule.name, poll.backend),
@@ -502,17 +568,25 @@ fn notification(
             value,
             humantime::format_duration(rule.cfg.growth.as_ref().map(|g| g.window).unwrap_or_default())
         ),
-        _ => format!(
-            "{}: new failure reason `{}`",
-            poll.queue,
-            reason.map(String::as_str).unwrap_or("")
-        ),
+        _ => match reason {
+            Some(r) if r.example != r.pattern => format!(
+                "{}: new failure reason `{}` (e.g. `{}`)",
+                poll.queue,
+                r.pattern,
+                preview(&r.example, MAX_KEY_CHARS)
+            ),
+            _ => format!(
+                "{}: new failure reason `{}`",
+                poll.queue,
+                reason.map_or("", |r| &r.pattern)
+            ),
+        },
     };
     let samples = poll
         .sample
         .iter()
         .flatten()
-        .filter(|m| reason.is_none() || m.reason.as_ref() == reason)
+        .filter(|m| reason.is_none_or(|r| m.reason.as_deref().map(reason_pattern).as_ref() == Some(&r.pattern)))
         .take(SAMPLES_PER_ALERT)
         .map(|m| SampleMessage::of(m, include_bodies))
         .collect();
@@ -525,7 +599,7 @@ fn notification(
         backend: poll.backend.clone(),
         value,
         threshold,
-        reason: reason.cloned(),
+        reason: reason.map(|r| r.pattern.clone()),
         summary,
         started_at,
         sent_at: Utc::now(),
@@ -750,6 +824,62 @@ mod tests {
         let json = serde_json::to_string(&n[0]).unwrap();
         assert!(!json.contains("secret body"), "{json}");
         assert!(e.evaluate(&poll(30, 2, 0, &["Boom"]), true, &m).is_empty());
+    }
+
+    /// Reasons that differ only in an order number or an ID are one failure:
+    /// announced once, by pattern, with an example.
+    #[test]
+    fn new_reason_compares_reasons_by_pattern() {
+        let mut e = evaluator("    - new_reason: true\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 1, 0, &["Order 17 not found"]), true, &m).is_empty());
+        let p = poll(10, 3, 2, &["Order 18 not found", "Order 19 not found"]);
+        assert!(e.evaluate(&p, true, &m).is_empty(), "the same failure as order 17's");
+        let p = poll(
+            20,
+            5,
+            2,
+            &["Card 4242 declined", "Order 20 not found", "Card 17 declined"],
+        );
+        let n = e.evaluate(&p, true, &m);
+        assert_eq!(reasons_of(&n), ["Card <n> declined"]);
+        assert_eq!(
+            n[0].summary,
+            "orders: new failure reason `Card <n> declined` (e.g. `Card 4242 declined`)"
+        );
+        let shown: Vec<_> = n[0].samples.iter().map(|s| s.reason.as_deref().unwrap()).collect();
+        assert_eq!(shown, ["Card 4242 declined", "Card 17 declined"]);
+        assert!(e.evaluate(&poll(30, 6, 1, &["Card 9 declined"]), true, &m).is_empty());
+    }
+
+    /// A queue whose reasons are all different, past what normalising
+    /// catches, costs bounded memory and stops paging once the bound is met.
+    #[test]
+    fn new_reason_remembers_a_bounded_number_of_patterns() {
+        let mut e = evaluator("    - new_reason: true\n");
+        let m = Metrics::new();
+        // Letters only, so that no two normalise alike.
+        let word = |mut i: usize| {
+            let mut w = String::new();
+            loop {
+                w.push((b'a' + (i % 26) as u8) as char);
+                i /= 26;
+                if i == 0 {
+                    return format!("Failed at step {w}");
+                }
+            }
+        };
+        assert!(e.evaluate(&poll(0, 0, 0, &[]), true, &m).is_empty());
+        let reasons: Vec<String> = (0..MAX_KNOWN_PATTERNS + 50).map(word).collect();
+        let mut announced = 0;
+        for (t, chunk) in reasons.chunks(50).enumerate() {
+            let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            announced += e.evaluate(&poll(t as i64 + 1, 50, 50, &chunk), true, &m).len();
+        }
+        assert_eq!(announced, MAX_KNOWN_PATTERNS);
+        assert_eq!(e.known_reasons["orders"].digests.len(), MAX_KNOWN_PATTERNS);
+        // Known ones stay known.
+        assert!(e.evaluate(&poll(999, 1, 0, &[&reasons[3]]), true, &m).is_empty());
     }
 
     #[test]
