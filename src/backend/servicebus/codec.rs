@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use fe2o3_amqp_types::messaging::annotations::OwnedKey;
-use fe2o3_amqp_types::messaging::{AmqpSequence, AmqpValue, Batch, Body, Data, Message, MessageId};
+use fe2o3_amqp_types::messaging::{AmqpSequence, AmqpValue, Batch, Body, Data, Message, MessageId, Properties};
 use fe2o3_amqp_types::primitives::{
     Binary, Dec32, Dec64, Dec128, SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid, Value,
 };
@@ -33,6 +33,7 @@ pub const BODY_SEQUENCE: &str = "amqp-sequence";
 const MAX_MESSAGE_ID: usize = 128;
 
 /// The fields the peeked and received message types both have.
+#[derive(Debug, PartialEq)]
 pub(super) struct Fields {
     pub(super) message_id: Option<String>,
     pub(super) sequence_number: i64,
@@ -56,12 +57,22 @@ pub(super) struct Fields {
 /// (`ServiceBusReceivedMessage`), but tolerant of unexpected types: a
 /// message this adapter cannot interpret still goes through.
 pub(super) fn fields_of(m: &Message<Body<Value>>) -> Fields {
-    let props = m.properties.as_ref();
-    let id = |v: &MessageId| match v {
-        MessageId::String(s) => s.clone(),
+    fields_with(m, m.properties.clone())
+}
+
+/// [`fields_of`] of a message the caller owns: its properties' strings move
+/// into the fields instead of being copied (the message keeps none).
+pub(super) fn fields_taking(m: &mut Message<Body<Value>>) -> Fields {
+    let props = m.properties.take();
+    fields_with(m, props)
+}
+
+fn fields_with(m: &Message<Body<Value>>, props: Option<Properties>) -> Fields {
+    let id = |v: MessageId| match v {
+        MessageId::String(s) => s,
         MessageId::Ulong(n) => n.to_string(),
         MessageId::Uuid(u) => format!("{u:x}"),
-        MessageId::Binary(b) => format!("{:X}", serde_amqp::primitives::BinaryRef::from(b)),
+        MessageId::Binary(b) => format!("{:X}", serde_amqp::primitives::BinaryRef::from(&b)),
     };
     let annotation_str = |k: &str| match annotation(m, k) {
         Some(Value::String(s)) => Some(s.clone()),
@@ -75,17 +86,18 @@ pub(super) fn fields_of(m: &Message<Body<Value>>) -> Fields {
         Some(Value::Timestamp(t)) => t.milliseconds(),
         _ => 0,
     };
+    let props = props.unwrap_or_default();
     Fields {
-        message_id: props.and_then(|p| p.message_id.as_ref()).map(id),
+        message_id: props.message_id.map(id),
         sequence_number: sequence_number(m).unwrap_or_default(),
-        correlation_id: props.and_then(|p| p.correlation_id.as_ref()).map(id),
-        subject: props.and_then(|p| p.subject.clone()),
-        content_type: props.and_then(|p| p.content_type.as_ref()).map(|s| s.0.clone()),
-        reply_to: props.and_then(|p| p.reply_to.clone()),
-        reply_to_session_id: props.and_then(|p| p.reply_to_group_id.clone()),
-        to: props.and_then(|p| p.to.clone()),
+        correlation_id: props.correlation_id.map(id),
+        subject: props.subject,
+        content_type: props.content_type.map(|s| s.0),
+        reply_to: props.reply_to,
+        reply_to_session_id: props.reply_to_group_id,
+        to: props.to,
         partition_key: annotation_str("x-opt-partition-key"),
-        session_id: props.and_then(|p| p.group_id.clone()),
+        session_id: props.group_id,
         time_to_live: m
             .header
             .as_ref()
@@ -374,6 +386,57 @@ pub fn attribute_to_amqp(a: &Attribute) -> Result<SimpleValue, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_taken_from_a_message_are_the_fields_read_from_it() {
+        use fe2o3_amqp_types::messaging::{ApplicationProperties, Header, MessageAnnotations};
+        for (id, correlation) in [
+            (MessageId::String("order-1".into()), MessageId::Ulong(7)),
+            (
+                MessageId::Uuid(AmqpUuid::from([9u8; 16])),
+                MessageId::Binary(vec![0u8, 1, 254].into()),
+            ),
+        ] {
+            let props = Properties {
+                message_id: Some(id),
+                correlation_id: Some(correlation),
+                subject: Some("subject".into()),
+                content_type: Some(Symbol::from("application/json")),
+                reply_to: Some("replies".into()),
+                reply_to_group_id: Some("reply-session".into()),
+                to: Some("orders".into()),
+                group_id: Some("session-1".into()),
+                ..Default::default()
+            };
+            let mut annotations = MessageAnnotations::default();
+            annotations.insert(OwnedKey::from("x-opt-sequence-number"), Value::Long(42));
+            annotations.insert(OwnedKey::from("x-opt-partition-key"), Value::String("pk".into()));
+            annotations.insert(
+                OwnedKey::from("x-opt-enqueued-time"),
+                Value::Timestamp(Timestamp::from_milliseconds(1_704_164_645_123)),
+            );
+            let app = ApplicationProperties::builder()
+                .insert(DEAD_LETTER_REASON, "Timeout")
+                .insert(DEAD_LETTER_DESCRIPTION, "took 30s")
+                .build();
+            let mut m: Message<Body<Value>> = Message::builder()
+                .header(Header {
+                    ttl: Some(60_000),
+                    delivery_count: 2,
+                    ..Default::default()
+                })
+                .properties(props)
+                .message_annotations(annotations)
+                .application_properties(app)
+                .body(Body::Value(AmqpValue(Value::Null)))
+                .build();
+            let read = fields_of(&m);
+            assert_eq!(read.sequence_number, 42);
+            assert_eq!(read.reason.as_deref(), Some("Timeout"));
+            assert_eq!(fields_taking(&mut m), read);
+            assert!(m.properties.is_none(), "taken");
+        }
+    }
 
     #[test]
     fn amqp_types_round_trip() {

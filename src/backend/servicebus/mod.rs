@@ -225,7 +225,7 @@ pub use codec::{
     BODY_SEQUENCE, BODY_VALUE_BINARY, BODY_VALUE_ENCODED, BODY_VALUE_STRING, attribute_from_amqp,
     attribute_from_amqp_owned, attribute_to_amqp, body_bytes, body_into_bytes, copy_body,
 };
-use codec::{Fields, annotation, copy_message_id, fields_of, message_key, with_body};
+use codec::{Fields, annotation, copy_message_id, fields_of, fields_taking, message_key, with_body};
 use errors::{classify, condition_name};
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
@@ -869,10 +869,10 @@ impl ServiceBusBackend {
         self.model_of(raw, fields, attributes, (body, body_type))
     }
 
-    /// [`Self::to_model`] of a received message, whose body and application
-    /// properties move into the model instead of being copied.
+    /// [`Self::to_model`] of a received message, whose body, properties and
+    /// application properties move into the model instead of being copied.
     fn received_to_model(&self, mut raw: Message<Body<Value>>) -> DlqMessage {
-        let fields = fields_of(&raw);
+        let fields = fields_taking(&mut raw);
         let attributes: Attributes = raw
             .application_properties
             .take()
