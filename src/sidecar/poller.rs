@@ -430,13 +430,16 @@ impl ArrivalCounter {
     /// Arrivals since the previous reading (the first is the baseline).
     fn observe(&mut self, r: DepthReading) -> Counted {
         self.credits.push_back((r.at, r.removed_total));
-        let shown_since = r.at.checked_sub(r.lag).unwrap_or(r.at);
+        // None: the clock (since boot) is younger than the lag, so no credit
+        // is old enough yet.
+        let shown_since = r.at.checked_sub(r.lag);
+        let old_enough = |at: Instant| shown_since.is_some_and(|since| at <= since);
         // Keep the newest pair old enough to show in the depth, and after it.
-        while self.credits.get(1).is_some_and(|&(at, _)| at <= shown_since) {
+        while self.credits.get(1).is_some_and(|&(at, _)| old_enough(at)) {
             self.credits.pop_front();
         }
         let shown = match self.credits.front() {
-            Some(&(at, removed)) if at <= shown_since => Some(removed),
+            Some(&(at, removed)) if old_enough(at) => Some(removed),
             _ => None,
         };
         let trusted = !r.removing && shown == Some(r.removed_total);
