@@ -163,6 +163,9 @@ pub struct Filter {
     /// compile time: only those are bound per message (binding `body` alone
     /// copies the whole body; bench/run.sh measured the cost).
     uses: Arc<[bool]>,
+    /// The attribute keys the expression reads, when it reads `attributes`
+    /// only by constant key (see [`attribute_keys`]): only those are bound.
+    attribute_keys: Option<Arc<[String]>>,
 }
 
 impl std::fmt::Debug for Filter {
@@ -285,11 +288,13 @@ impl Filter {
             });
         }
         let uses = VARIABLES.iter().map(|v| vars.contains_key(v)).collect();
+        let attribute_keys = attribute_keys(program.expression()).map(Arc::from);
         Ok(Self {
             source: source.into(),
             program: Arc::new(program),
             env,
             uses,
+            attribute_keys,
         })
     }
 
@@ -320,9 +325,8 @@ impl Filter {
 
     fn evaluate(&self, msg: &DlqMessage, now: DateTime<Utc>) -> Result<bool, String> {
         let mut ctx = Context::with_env(self.env.clone());
-        bind_message(&mut ctx, msg, now, |name| {
-            VARIABLES.iter().position(|v| *v == name).is_some_and(|i| self.uses[i])
-        });
+        let uses = |name: &str| VARIABLES.iter().position(|v| *v == name).is_some_and(|i| self.uses[i]);
+        bind_message(&mut ctx, msg, now, uses, self.attribute_keys.as_deref());
         self.run(&ctx)
     }
 
@@ -617,14 +621,87 @@ fn free_variables<'e>(
     }
 }
 
+/// The attribute keys `expr` reads, when it reads `attributes` only by a
+/// constant key (`attributes.tenant`, `attributes["x-id"]`,
+/// `has(attributes.k)`); `None` when a use needs the whole map
+/// (`size(attributes)`, `"k" in attributes`, a macro over it, a computed
+/// key). A map of just those keys gives the same result, since no other key
+/// is ever looked up, and costs one entry instead of one per attribute.
+fn attribute_keys(expr: &IdedExpr) -> Option<Vec<String>> {
+    let mut keys = Vec::new();
+    keyed_uses_only(expr, &mut keys).then(|| {
+        keys.sort();
+        keys.dedup();
+        keys
+    })
+}
+
+fn keyed_uses_only(expr: &IdedExpr, keys: &mut Vec<String>) -> bool {
+    let is_attributes = |e: &IdedExpr| matches!(&e.expr, Expr::Ident(n) if n == "attributes");
+    match &expr.expr {
+        Expr::Unspecified | Expr::Literal(_) => true,
+        Expr::Ident(name) => name != "attributes",
+        Expr::Select(select) if is_attributes(&select.operand) => {
+            keys.push(select.field.clone());
+            true
+        }
+        Expr::Select(select) => keyed_uses_only(&select.operand, keys),
+        Expr::Call(call)
+            if call.func_name == cel::common::ast::operators::INDEX
+                && call.target.is_none()
+                && call.args.len() == 2
+                && is_attributes(&call.args[0]) =>
+        {
+            match &call.args[1].expr {
+                Expr::Literal(LiteralValue::String(key)) => {
+                    keys.push(key.inner().to_string());
+                    true
+                }
+                _ => false,
+            }
+        }
+        Expr::Call(call) => all_keyed(call.target.as_deref().into_iter().chain(&call.args), keys),
+        Expr::Comprehension(c) => {
+            // A macro's own variable named `attributes` hides the message's.
+            let shadows = [Some(&c.iter_var), c.iter_var2.as_ref(), Some(&c.accu_var)]
+                .into_iter()
+                .flatten()
+                .any(|v| v == "attributes");
+            !shadows
+                && all_keyed(
+                    [&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result],
+                    keys,
+                )
+        }
+        Expr::List(list) => all_keyed(&list.elements, keys),
+        Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
+            entries.iter().all(|entry| match &entry.expr {
+                EntryExpr::StructField(field) => keyed_uses_only(&field.value, keys),
+                EntryExpr::MapEntry(e) => keyed_uses_only(&e.key, keys) && keyed_uses_only(&e.value, keys),
+            })
+        }
+    }
+}
+
+fn all_keyed<'e>(exprs: impl IntoIterator<Item = &'e IdedExpr>, keys: &mut Vec<String>) -> bool {
+    exprs.into_iter().all(|e| keyed_uses_only(e, keys))
+}
+
 /// Bind the variables the expression uses (`uses(name)`); the others are never
 /// read, so building them (a copy of the body, a map of the attributes) would
 /// be wasted work on every message. Strings and bytes borrow from `msg`, and
-/// `attributes` is built once as the interpreter's own map: going through
-/// [`cel::Value`] built the map three times per message (a `HashMap`, the
-/// `Value`'s, then a clone converted entry by entry), most of a redrive's
-/// filter cost (bench/analysis.md, seventh round).
-fn bind_message<'m>(ctx: &mut Context<'_, 'm>, msg: &'m DlqMessage, now: DateTime<Utc>, uses: impl Fn(&str) -> bool) {
+/// `attributes` is built once as the interpreter's own map, of `keys` alone
+/// when the expression reads no others: going through [`cel::Value`] built
+/// the map three times per message (a `HashMap`, the `Value`'s, then a clone
+/// converted entry by entry), most of a redrive's filter cost
+/// (bench/analysis.md, seventh round).
+fn bind_message<'m>(
+    ctx: &mut Context<'_, 'm>,
+    msg: &'m DlqMessage,
+    now: DateTime<Utc>,
+    uses: impl Fn(&str) -> bool,
+    keys: Option<&[String]>,
+) {
     if uses("id") {
         ctx.add_variable_as_val("id", Box::new(CelString::from(msg.id.as_str())));
     }
@@ -636,11 +713,15 @@ fn bind_message<'m>(ctx: &mut Context<'_, 'm>, msg: &'m DlqMessage, now: DateTim
         ctx.add_variable_from_value("json", json_of(msg));
     }
     if uses("attributes") {
-        let attrs: HashMap<CelMapKey<'m>, Box<dyn Val + 'm>> = msg
-            .attributes
-            .iter()
-            .map(|(k, a)| (CelMapKey::from(k.as_str()), attr_val(a)))
-            .collect();
+        let entry = |(k, a): (&'m String, &'m Attribute)| (CelMapKey::from(k.as_str()), attr_val(a));
+        let attrs: HashMap<CelMapKey<'m>, Box<dyn Val + 'm>> = match keys {
+            Some(keys) => keys
+                .iter()
+                .filter_map(|k| msg.attributes.get_key_value(k))
+                .map(entry)
+                .collect(),
+            None => msg.attributes.iter().map(entry).collect(),
+        };
         ctx.add_variable_as_val("attributes", Box::new(CelMap::from(attrs)));
     }
     if uses("reason") {
@@ -909,6 +990,10 @@ mod tests {
             r#"reason.startsWith("T") || source.size() > 0"#,
             "delivery_count == null && enqueued_at == null && age == null",
             "1 + 1",
+            r#"attributes["tenant"] == "acme" && !has(attributes.kind)"#,
+            r#"attributes[reason] == "x" || attributes["re" + "tries"] == 3"#,
+            r#"[1].exists(attributes, attributes > 0) && attributes.tenant == "acme""#,
+            r#"{"k": attributes.tenant}.k == "acme" && [attributes.retries][0] == 3"#,
         ];
         let now = Utc::now();
         for m in [msg(), typed, bare] {
@@ -921,6 +1006,30 @@ mod tests {
                     m.attributes.keys().collect::<Vec<_>>()
                 );
             }
+        }
+    }
+
+    /// Only the attributes read by a constant key are bound; any other use
+    /// binds them all.
+    #[test]
+    fn the_attribute_keys_a_filter_reads_are_found_or_none() {
+        let keys = |f: &str| Filter::compile(f).unwrap().attribute_keys.map(|k| k.to_vec());
+        let some = |k: &[&str]| Some(k.iter().map(|k| k.to_string()).collect::<Vec<_>>());
+        assert_eq!(keys(r#"attributes.tenant == "acme""#), some(&["tenant"]));
+        assert_eq!(
+            keys(r#"attributes["x-id"] == "1" && has(attributes.kind) || attributes.tenant == attributes.kind"#),
+            some(&["kind", "tenant", "x-id"])
+        );
+        assert_eq!(keys(r#"reason == "Timeout""#), some(&[]));
+        for whole in [
+            "size(attributes) > 2",
+            r#""k" in attributes"#,
+            r#"attributes.exists(k, k == "x")"#,
+            r#"attributes[reason] == "x""#,
+            r#"attributes == {"a": "b"}"#,
+            r#"[1].exists(attributes, attributes > 0) && attributes.a == "b""#,
+        ] {
+            assert_eq!(keys(whole), None, "{whole}");
         }
     }
 
