@@ -404,6 +404,8 @@ struct ArrivalCounter {
     /// Recent (time, removed_total) pairs: the credits a lagging depth
     /// shows are those read `lag` ago.
     credits: VecDeque<(Instant, u64)>,
+    /// When the previous reading was taken.
+    previous: Option<Instant>,
 }
 
 /// What one reading counted.
@@ -418,6 +420,8 @@ struct Counted {
 #[derive(Debug, Clone, Copy)]
 struct Base {
     at: Instant,
+    /// `removed_total` as read then, trusted or not.
+    removed_then: u64,
     /// The most the depth could have been then.
     depth: u64,
     /// What our runs had removed by then; `None` when untrusted (the first
@@ -446,7 +450,14 @@ impl ArrivalCounter {
         // A message counted twice is leased or released between SQS's two
         // counts, so it is in the in-flight count read.
         let excess = if r.removing { r.in_flight.unwrap_or(0) } else { 0 };
-        let since = self.base.map(|b| b.at);
+        // Only removals of ours since the base can have hidden arrivals from
+        // earlier polls; without any, what this reading proves beyond the
+        // last came since the last.
+        let since = match self.base {
+            Some(base) if base.removed_then != r.removed_total => Some(base.at),
+            _ => self.previous,
+        };
+        self.previous = Some(r.at);
         let new = match self.base {
             None => 0,
             Some(base) => {
@@ -464,6 +475,7 @@ impl ArrivalCounter {
         if trusted {
             self.base = Some(Base {
                 at: r.at,
+                removed_then: r.removed_total,
                 depth: r.depth,
                 removed_total: Some(r.removed_total),
             });
@@ -471,6 +483,7 @@ impl ArrivalCounter {
         } else if self.base.is_none() {
             self.base = Some(Base {
                 at: r.at,
+                removed_then: r.removed_total,
                 depth: r.depth + excess,
                 removed_total: None,
             });
@@ -1006,6 +1019,39 @@ mod tests {
         assert_eq!(r.at(360, 5, 0, 1000, false), 0);
         // With no run about, a rise counts at once.
         assert_eq!(r.at(420, 12, 0, 1000, false), 7);
+    }
+
+    /// Until a lagging depth has been read for its lag, no reading is
+    /// trusted; with no run of ours about, a rise still came since the
+    /// previous poll, not since the first (growth would spread it thin).
+    #[test]
+    fn arrivals_of_an_untrusted_reading_with_no_run_came_since_the_previous_poll() {
+        let mut r = Readings::new(Duration::from_secs(180));
+        assert_eq!(r.counted_at(0, 10, 0, 0, false).since, None);
+        let start = r.start;
+        let at = |t| Some(start + Duration::from_secs(t));
+        assert_eq!(
+            r.counted_at(60, 10, 0, 0, false),
+            Counted {
+                arrivals: 0,
+                since: at(0)
+            }
+        );
+        assert_eq!(
+            r.counted_at(120, 16, 0, 0, false),
+            Counted {
+                arrivals: 6,
+                since: at(60)
+            }
+        );
+        // A run removes 16 (credited) and 3 arrive: hidden, from the base on.
+        assert_eq!(
+            r.counted_at(150, 3, 0, 16, false),
+            Counted {
+                arrivals: 0,
+                since: at(0)
+            }
+        );
     }
 
     #[test]
