@@ -332,7 +332,7 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         config_error(
             "zero concurrency",
             with_tail(&f, "redrive:\n  concurrency: 0\n"),
-            &["{file}:8:3: redrive.concurrency: must be at least 1"],
+            &["{file}:8:3: redrive.concurrency: must be from 1 to 256"],
         ),
         config_error(
             "zero rate",
@@ -688,7 +688,12 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
         c(
             "zero concurrency",
             &["redrive", "orders", "--concurrency", "0", "--yes"],
-            &["concurrency must be at least 1"],
+            &["concurrency must be from 1 to 256"],
+        ),
+        c(
+            "huge concurrency",
+            &["redrive", "orders", "--concurrency", "18446744073709551615", "--yes"],
+            &["concurrency must be from 1 to 256"],
         ),
         c(
             "bad --older-than",

@@ -269,7 +269,7 @@ pub struct RedriveOpts {
     /// Move at most N messages.
     #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
     pub max: Option<u64>,
-    /// Send batches in flight at once. Default: the config's `redrive.concurrency`.
+    /// Send batches in flight at once, 1 to 256. Default: the config's `redrive.concurrency`.
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
     /// Do not ask for confirmation (required when not on a terminal).

@@ -32,7 +32,7 @@ pub use queue::{
     PubSubQueueConfig, QueueConfig, QueueDefaults, QueueKind, RetentionAction, RetentionConfig, ServiceBusQueueConfig,
     ServiceBusSubQueue, SqsQueueConfig,
 };
-pub use redrive::{RedriveConfig, ScheduleConfig, state_dir};
+pub use redrive::{MAX_CONCURRENCY, RedriveConfig, ScheduleConfig, state_dir};
 pub use serve::{AdminCallLimits, DashboardConfig, LeaderElectionConfig, ServeConfig};
 
 use env::{apply_override, env_var_for};
@@ -355,8 +355,11 @@ impl Config {
                 ));
             }
         }
-        if self.redrive.concurrency == 0 {
-            return Err(err("redrive.concurrency".into(), "must be at least 1".into()));
+        if !(1..=MAX_CONCURRENCY).contains(&self.redrive.concurrency) {
+            return Err(err(
+                "redrive.concurrency".into(),
+                format!("must be from 1 to {MAX_CONCURRENCY}"),
+            ));
         }
         let limits = &self.serve.admin_calls_per_second;
         for (kind, n) in [
@@ -732,7 +735,7 @@ mod tests {
         let err = parse(&format!("{q}redrive:\n  hold: 1m\n  concurrency: 0\n"))
             .unwrap_err()
             .to_string();
-        assert_eq!(err, "test.yaml:6:3: redrive.concurrency: must be at least 1");
+        assert_eq!(err, "test.yaml:6:3: redrive.concurrency: must be from 1 to 256");
         let err = Config::from_yaml(
             &format!("{q}redrive:\n  concurrency: 4\n"),
             "t",
@@ -742,7 +745,7 @@ mod tests {
         .to_string();
         assert_eq!(
             err,
-            "environment override DLQ_BRIDGE__REDRIVE__CONCURRENCY: redrive.concurrency: must be at least 1"
+            "environment override DLQ_BRIDGE__REDRIVE__CONCURRENCY: redrive.concurrency: must be from 1 to 256"
         );
         let err = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1h, rate: 0}}\n"))
             .unwrap_err()

@@ -14,7 +14,8 @@ use super::durations::{duration_text, opt_duration_text};
 pub struct RedriveConfig {
     /// Send batches in flight at once (a batch gives its slot back once its
     /// copies are confirmed, while its originals are settled); also caps the
-    /// leases in flight (each provider sets its own cap below this). Default 16.
+    /// leases in flight (each provider sets its own cap below this). From 1
+    /// to 256 (`MAX_CONCURRENCY`); default 16.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// How long messages stay leased during a pass. Messages a pass holds
@@ -97,6 +98,12 @@ impl Default for RedriveConfig {
         }
     }
 }
+
+/// The most send batches a run keeps in flight. Each holds up to a batch of
+/// copies (10 MiB of bodies on SQS), so a larger number only buys memory and
+/// the providers' throttling; it also keeps a mistyped `concurrency` from
+/// sizing the engine's semaphores past what they take.
+pub const MAX_CONCURRENCY: usize = 256;
 
 fn default_concurrency() -> usize {
     16

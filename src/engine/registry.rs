@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::backend::{self, BackendError, Purpose, QueueBackend};
-use crate::config::{Config, QueueConfig};
+use crate::config::{Config, MAX_CONCURRENCY, QueueConfig};
 use crate::engine::redrive::{RedrivePlan, Trigger, new_run_id};
 use crate::filter::{Filter, FilterError};
 use crate::model::Destination;
@@ -177,8 +177,10 @@ impl Registry {
             })?),
         };
         let concurrency = req.concurrency.unwrap_or(self.config.redrive.concurrency);
-        if concurrency == 0 {
-            return Err(RegistryError::Invalid("concurrency must be at least 1".into()));
+        if !(1..=MAX_CONCURRENCY).contains(&concurrency) {
+            return Err(RegistryError::Invalid(format!(
+                "concurrency must be from 1 to {MAX_CONCURRENCY}"
+            )));
         }
         let backend = self.backend_for(queue, Purpose::Pass).await?;
         backend.clone().prepare_lease();
