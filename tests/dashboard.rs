@@ -434,6 +434,13 @@ async fn dashboard_assets_and_api_rules() {
     assert_eq!(backup.lines().count(), 1);
     assert!(backup.contains("SchemaMismatch"));
     assert_eq!(sqs.dlq_count().await, 5);
+    // Counted as a purge run, not as a redriven message.
+    let (_, metrics) = serve.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"dlq_bridge_runs_total{queue="orders",action="purge",trigger="api",outcome="succeeded"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("dlq_bridge_redrive_messages_total{"), "{metrics}");
 
     // The runs list has it, with its trigger.
     let (_, text) = serve.get("/v1/runs").await;

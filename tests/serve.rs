@@ -143,7 +143,7 @@ async fn growth_fires_for_a_burst_drained_before_the_next_poll_and_new_reason_on
     let f = SqsFixture::create(false).await;
     let (rx, base) = Receiver::start().await;
     let config = format!(
-        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 4s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\nalerts:\n  rules:\n    - growth: {{messages: 4, window: 1m}}\n    - new_reason: true\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n",
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 4s\n  token_env: DLQ_BRIDGE_TEST_TOKEN\nalerts:\n  rules:\n    - growth: {{messages: 4, window: 1m}}\n    - new_reason: true\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n    - alertmanager: {{url: \"{base}/am\"}}\n",
         queue_yaml("orders", &f)
     );
     f.put_in_dlq(&msgs(1, "Timeout")).await;
@@ -167,6 +167,18 @@ async fn growth_fires_for_a_burst_drained_before_the_next_poll_and_new_reason_on
     let news = firing(&notes, "new_reason");
     assert_eq!(news.len(), 1, "{news:?}");
     assert_eq!(news[0]["reason"], "SchemaMismatch");
+    // Alertmanager gets it active (an endsAt already past reads there as
+    // resolved, and nobody is told), for the rule's repeat interval.
+    let am: Vec<Value> = rx
+        .on("am/api/v2/alerts")
+        .into_iter()
+        .filter(|a| a[0]["labels"]["kind"] == "new_reason")
+        .collect();
+    assert_eq!(am.len(), 1, "{am:?}");
+    assert_eq!(am[0][0]["labels"]["reason"], "SchemaMismatch");
+    let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    let valid = time(&am[0][0]["endsAt"]) - time(&am[0][0]["startsAt"]);
+    assert!(valid >= chrono::Duration::hours(4), "valid for {valid}: {am:?}");
 }
 
 #[tokio::test]
@@ -585,6 +597,17 @@ async fn api_bodies_tokens_and_runs_are_checked_and_errors_are_json() {
         body["error"].as_str().unwrap().contains("sidecarfix-no-such-queue"),
         "{body}"
     );
+    // A concurrency that would size the engine's semaphores past what they
+    // take (the process aborted on it) is the caller's 400, dry run or not.
+    let (code, body) = serve
+        .post(
+            "/v1/queues/orders/redrive",
+            json!({ "dry_run": true, "concurrency": u64::MAX }),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("from 1 to 256"), "{body}");
     // Purge and export bodies follow the same rules.
     for path in ["purge", "export"] {
         let r = serve

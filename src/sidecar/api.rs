@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::QueueBackend;
 use crate::engine::redrive::Trigger;
@@ -146,6 +147,33 @@ pub(crate) async fn read_detached(
             format!("the read failed: {e}"),
         )),
     }
+}
+
+/// Run a read that leases and may take long (a report, an export) in a task
+/// of its own that holds `guard` until it ends. A client that hangs up drops
+/// the request's future: the read is then cancelled and still releases what
+/// it leased (dropped between its leases and their release, they would stay
+/// hidden for the hold, and the guard would let a run find them gone).
+/// Shutdown cancels it the same way, so it never holds up a graceful stop.
+pub(crate) async fn leasing_read<T, F>(
+    app: &App,
+    guard: Option<ReadGuard>,
+    read: impl FnOnce(CancellationToken) -> F,
+) -> Result<T, ApiError>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let cancel = app.shutdown.child_token();
+    let _cancel_if_dropped = cancel.clone().drop_guard();
+    let read = read(cancel);
+    let task = tokio::spawn(async move {
+        let got = read.await;
+        drop(guard);
+        got
+    });
+    task.await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("the read failed: {e}")))
 }
 
 /// The request body as JSON, with JSON errors (axum's own rejections are
@@ -342,16 +370,22 @@ async fn report(
             .unwrap_or("pattern")
             .parse()
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let req = ReportRequest {
-        by,
-        filter: given_filter("filter", q.filter.as_deref())?,
-        top: q.top.unwrap_or(triage::DEFAULT_TOP).clamp(1, 100),
-        scan: q.scan.unwrap_or(MAX_LIMIT).clamp(1, 10 * MAX_LIMIT),
-    };
+    let filter = given_filter("filter", q.filter.as_deref())?.map(str::to_string);
+    let top = q.top.unwrap_or(triage::DEFAULT_TOP).clamp(1, 100);
+    let scan = q.scan.unwrap_or(MAX_LIMIT).clamp(1, 10 * MAX_LIMIT);
     let backend = app.registry.backend(&queue).await?;
     let guard = read_guard(&app, &queue, &*backend).await?;
-    let result = triage::report(&app.registry, &queue, &req, &Default::default()).await;
-    drop(guard);
+    let reading = app.clone();
+    let result = leasing_read(&app, guard, move |cancel| async move {
+        let req = ReportRequest {
+            by,
+            filter: filter.as_deref(),
+            top,
+            scan,
+        };
+        triage::report(&reading.registry, &queue, &req, &cancel).await
+    })
+    .await?;
     match result {
         Ok(r) => Ok(Json(r).into_response()),
         Err(TriageError::Registry(e)) => Err(e.into()),

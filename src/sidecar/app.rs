@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::journal::Journal;
-use crate::engine::redrive::{Engine, Progress, RedrivePlan, RunSummary, Trigger};
+use crate::engine::redrive::{Action, Engine, Progress, RedrivePlan, RunSummary, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry, RegistryError};
 use crate::sidecar::exclusion::QueueLocks;
 use crate::sidecar::history::{self, RunHistory};
@@ -197,11 +197,15 @@ impl App {
         };
         self.cache.run_finished(queue, run_id, settled);
         if let Ok(s) = &result {
-            self.metrics
-                .add_redriven(queue, "settled", s.settled + s.settled_from_journal);
-            self.metrics.add_redriven(queue, "send_failed", s.send_failed);
-            self.metrics.add_redriven(queue, "settle_failed", s.settle_failed);
-            self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
+            // A purge's deletes are not redriven messages (runs_total counts
+            // purges by their action).
+            if action == Action::REDRIVE {
+                self.metrics
+                    .add_redriven(queue, "settled", s.settled + s.settled_from_journal);
+                self.metrics.add_redriven(queue, "send_failed", s.send_failed);
+                self.metrics.add_redriven(queue, "settle_failed", s.settle_failed);
+                self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
+            }
             if s.ok() {
                 tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
             } else {

@@ -422,7 +422,7 @@ impl Evaluator {
                 metrics.set_firing(&poll.queue, &rule.name, !new_reasons.is_empty());
                 if leader {
                     for reason in &new_reasons {
-                        out.push(notification(
+                        let mut n = notification(
                             self.include_bodies,
                             rule,
                             poll,
@@ -431,7 +431,13 @@ impl Evaluator {
                             0.0,
                             now,
                             Some(reason),
-                        ));
+                        );
+                        // An event, never re-sent or resolved: Alertmanager
+                        // keeps it active for the rule's repeat interval. With
+                        // no time at all its endsAt had passed on arrival, and
+                        // Alertmanager took it as resolved and told nobody.
+                        n.valid_for = rule.cfg.repeat;
+                        out.push(n);
                     }
                 }
                 continue;
@@ -820,6 +826,7 @@ mod tests {
         let n = e.evaluate(&poll(20, 2, 1, &["Timeout", "Boom"]), true, &m);
         assert_eq!(n.len(), 1);
         assert_eq!(n[0].reason.as_deref(), Some("Boom"));
+        assert_eq!(n[0].valid_for, Duration::from_secs(4 * 3600), "the default repeat");
         assert!(n[0].samples.iter().all(|s| s.body.is_none() && s.body_redacted));
         let json = serde_json::to_string(&n[0]).unwrap();
         assert!(!json.contains("secret body"), "{json}");

@@ -22,7 +22,9 @@ use crate::engine::registry::RedriveRequest;
 use crate::engine::triage::{self, GroupBy, TriageError};
 use crate::filter::{Filter, FilterError};
 use crate::output::MessageView;
-use crate::sidecar::api::{ApiError, authorize, browse_reads, given_filter, json_body, read_detached, read_guard};
+use crate::sidecar::api::{
+    ApiError, authorize, browse_reads, given_filter, json_body, leasing_read, read_detached, read_guard,
+};
 use crate::sidecar::app::App;
 use crate::sidecar::history;
 
@@ -335,22 +337,27 @@ async fn export(
     let b: ExportBody = json_body(&headers, body)?;
     let filter = given_filter("filter", b.filter.as_deref())?;
     // Both reads lease on SQS and Pub/Sub, like a browse.
+    let filter = filter.map(str::to_string);
     let backend = app.registry.backend(&queue).await?;
-    let _guard = read_guard(&app, &queue, &*backend).await?;
+    let guard = read_guard(&app, &queue, &*backend).await?;
+    let reading = app.clone();
+    let read_queue = queue.clone();
     if b.dry_run {
         let scan = b
             .max
             .map_or(triage::DEFAULT_PEEK_CAP, |m| m as usize)
             .min(triage::DEFAULT_PEEK_CAP);
-        let req = triage::ReportRequest {
-            by: GroupBy::Reason,
-            filter,
-            top: 5,
-            scan,
-        };
-        let r = triage::report(&app.registry, &queue, &req, &Default::default())
-            .await
-            .map_err(triage_error)?;
+        let r = leasing_read(&app, guard, move |cancel| async move {
+            let req = triage::ReportRequest {
+                by: GroupBy::Reason,
+                filter: filter.as_deref(),
+                top: 5,
+                scan,
+            };
+            triage::report(&reading.registry, &read_queue, &req, &cancel).await
+        })
+        .await?
+        .map_err(triage_error)?;
         let matched = b.max.map_or(r.matched, |m| r.matched.min(m));
         return Ok(Json(json!({
             "dry_run": true,
@@ -366,9 +373,12 @@ async fn export(
         return Err(bad_request("no data directory for exports: set serve.data_dir"));
     };
     let path = triage::dated_path(&dir.join("exports"), &queue);
-    let s = triage::export(&app.registry, &queue, &path, filter, b.max, &Default::default())
-        .await
-        .map_err(triage_error)?;
+    let max = b.max;
+    let s = leasing_read(&app, guard, move |cancel| async move {
+        triage::export(&reading.registry, &read_queue, &path, filter.as_deref(), max, &cancel).await
+    })
+    .await?
+    .map_err(triage_error)?;
     tracing::info!(%queue, written = s.written, file = %s.file.display(), trigger = %Trigger::Api, "export finished");
     Ok(Json(s).into_response())
 }
