@@ -622,7 +622,7 @@ mod pubsub {
                     || attrs.len() > 100
                     || attrs
                         .iter()
-                        .any(|(k, v)| k.len() > 256 || k.starts_with("goog") || v.len() > 1024)
+                        .any(|(k, v)| k.len() > 256 || crate::backend::pubsub::reserved_attribute(k) || v.len() > 1024)
                     || size > 10_000_000;
                 assert!(over_a_limit, "refused a publishable copy: {why}");
             }

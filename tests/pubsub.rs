@@ -216,6 +216,43 @@ async fn send_writes_typed_attributes_as_text_and_refuses_what_pubsub_cannot_car
         (text("s"), text("int"), text("bool"), text("bin"), text("num")),
         ("text".into(), "-7".into(), "true".into(), "AP8=".into(), "1.50".into())
     );
+
+    // Pub/Sub reserves attribute names that begin with `goog` in any case,
+    // but not the `googclient_` ones its client libraries add for tracing.
+    // A copy refused stops the later ones of its ordering key (published,
+    // they would arrive ahead of it); another key goes.
+    let keyed = |id: &str, key: &str, name: &str| Outgoing {
+        body: Bytes::from(id.to_string()),
+        attributes: attrs(&[(name, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")]),
+        properties: Default::default(),
+        ordering_key: Some(key.into()),
+        dedup_id: format!("{id}-1"),
+        original_id: id.into(),
+    };
+    let results = b
+        .send(
+            &to,
+            &[
+                keyed("k1", "k", "GOOG_trace"),
+                keyed("k2", "k", "trace"),
+                keyed("o1", "other", "googclient_traceparent"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&results[0], SendResult::Failed { error } if error.contains("`goog`")),
+        "{results:?}"
+    );
+    assert!(
+        matches!(&results[1], SendResult::Failed { error } if error.contains("earlier copy of its ordering key")),
+        "{results:?}"
+    );
+    assert!(matches!(&results[2], SendResult::Sent { .. }), "{results:?}");
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), 1, "{arrived:?}");
+    assert_eq!(arrived[0].body, b"o1");
+    assert!(arrived[0].attributes.contains_key("googclient_traceparent"));
 }
 
 /// Everything one backend can lease now, lease after lease, held for `hold`.

@@ -92,6 +92,74 @@ pub(crate) fn abandon_send(results: Vec<Option<SendResult>>, e: BackendError) ->
         .collect())
 }
 
+/// Keeps one send's copies of an ordering key (SQS FIFO group, Pub/Sub
+/// ordering key, Service Bus session) in order when an adapter splits the
+/// send into several calls: a copy after one of its key that failed (or was
+/// refused before any call) is not sent, since it would arrive ahead of it.
+/// The engine holds a failed key's later batches back; within one batch this
+/// is the adapter's to keep.
+#[cfg(any(feature = "sqs", feature = "pubsub", feature = "servicebus"))]
+pub(crate) struct OrderGate<'a> {
+    msgs: &'a [Outgoing],
+    /// Each key's first copy (by position in the send) that failed.
+    first_failed: std::collections::HashMap<&'a str, usize>,
+}
+
+#[cfg(any(feature = "sqs", feature = "pubsub", feature = "servicebus"))]
+impl<'a> OrderGate<'a> {
+    pub(crate) const HELD: &'static str = "not sent: an earlier copy of its ordering key failed";
+
+    /// The gate for `msgs`, with the copies `results` already fails.
+    pub(crate) fn new(msgs: &'a [Outgoing], results: &[Option<SendResult>]) -> Self {
+        let mut gate = Self {
+            msgs,
+            first_failed: Default::default(),
+        };
+        gate.fail((0..msgs.len()).filter(|&i| matches!(results[i], Some(SendResult::Failed { .. }))));
+        gate
+    }
+
+    /// Notes those of copies `idx`, just sent, that `results` does not show
+    /// sent (an entry the answer left out counts as failed).
+    #[cfg_attr(not(any(feature = "sqs", feature = "servicebus")), allow(dead_code))]
+    pub(crate) fn note(&mut self, idx: impl IntoIterator<Item = usize>, results: &[Option<SendResult>]) {
+        for i in idx {
+            if !matches!(results[i], Some(SendResult::Sent { .. })) {
+                self.mark(i);
+            }
+        }
+    }
+
+    /// Notes that copies `idx` failed.
+    pub(crate) fn fail(&mut self, idx: impl IntoIterator<Item = usize>) {
+        for i in idx {
+            self.mark(i);
+        }
+    }
+
+    fn mark(&mut self, i: usize) {
+        if let Some(k) = self.msgs[i].ordering_key.as_deref() {
+            let first = self.first_failed.entry(k).or_insert(i);
+            *first = (*first).min(i);
+        }
+    }
+
+    /// Whether copy `i` may be sent; if not, fails it in `results`.
+    pub(crate) fn admit(&self, i: usize, results: &mut [Option<SendResult>]) -> bool {
+        let held = self.msgs[i]
+            .ordering_key
+            .as_deref()
+            .and_then(|k| self.first_failed.get(k))
+            .is_some_and(|&first| first < i);
+        if held {
+            results[i] = Some(SendResult::Failed {
+                error: Self::HELD.into(),
+            });
+        }
+        !held
+    }
+}
+
 impl BackendError {
     /// An endpoint that could not be reached, unless `detail` shows that it
     /// was reached and its certificate refused: that does not heal by
@@ -206,6 +274,10 @@ pub struct Capabilities {
     /// are leased (SQS FIFO queues, Pub/Sub subscriptions with message
     /// ordering): an empty lease then does not prove the queue empty.
     pub ordered_delivery: bool,
+    /// How long a lease holds a message whatever hold it asks for, when the
+    /// provider fixes it (Service Bus: the entity's LockDuration, once its
+    /// description was read). The engine sizes its rated leases to it.
+    pub fixed_hold: Option<Duration>,
 }
 
 #[async_trait]
@@ -428,6 +500,49 @@ mod tests {
         let results = abandon_send(vec![sent(), None], down()).unwrap();
         assert!(matches!(&results[0], SendResult::Sent { dest_id } if dest_id == "d1"));
         assert!(matches!(&results[1], SendResult::Failed { error } if error.contains("cannot reach")));
+    }
+
+    #[test]
+    #[cfg(any(feature = "sqs", feature = "pubsub", feature = "servicebus"))]
+    fn a_copy_after_a_failed_one_of_its_key_is_not_sent() {
+        let out = |key: Option<&str>| Outgoing {
+            body: bytes::Bytes::from_static(b"x"),
+            attributes: Default::default(),
+            properties: Default::default(),
+            ordering_key: key.map(str::to_string),
+            dedup_id: String::new(),
+            original_id: String::new(),
+        };
+        let msgs = [
+            out(Some("a")),
+            out(Some("b")),
+            out(Some("a")),
+            out(None),
+            out(Some("a")),
+        ];
+        let refused = || {
+            Some(SendResult::Failed {
+                error: "too large".into(),
+            })
+        };
+        // Copy 2 (key a) was refused before any call: 0 may still go, 4 not.
+        let mut results = vec![None, None, refused(), None, None];
+        let gate = OrderGate::new(&msgs, &results);
+        let admitted: Vec<bool> = (0..5).map(|i| i == 2 || gate.admit(i, &mut results)).collect();
+        assert_eq!(admitted, [true, true, true, true, false]);
+        assert!(matches!(&results[4], Some(SendResult::Failed { error }) if error == OrderGate::HELD));
+        // A call carrying copy 1 (key b) failed: key b stops, key a is as it was.
+        let mut results = vec![None; 5];
+        let mut gate = OrderGate::new(&msgs, &results);
+        results[0] = Some(SendResult::Sent { dest_id: "d".into() });
+        gate.note([0], &results);
+        gate.fail([1]);
+        let admitted: Vec<bool> = (2..5).map(|i| gate.admit(i, &mut results)).collect();
+        assert_eq!(admitted, [true, true, true]);
+        let late_b = [out(Some("b")), out(Some("b"))];
+        let mut gate = OrderGate::new(&late_b, &[None, None]);
+        gate.fail([0]);
+        assert!(!gate.admit(1, &mut [None, None]));
     }
 
     #[test]

@@ -137,7 +137,7 @@ use google_cloud_auth::token::DefaultTokenSourceProvider;
 use token_source::{TokenSource, TokenSourceProvider};
 use tokio::sync::{Mutex, OnceCell, watch};
 
-use super::{BackendError, Capabilities, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
+use super::{BackendError, Capabilities, OrderGate, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
 use crate::config::{PubSubQueueConfig, QueueConfig};
 use crate::model::{
     Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing, Properties,
@@ -1091,7 +1091,7 @@ pub fn pubsub_message(o: &Outgoing, target: Option<&str>) -> Result<PubsubMessag
         if k.len() > MAX_ATTRIBUTE_KEY_BYTES {
             return Err(format!("attribute name `{k}` is over {MAX_ATTRIBUTE_KEY_BYTES} bytes"));
         }
-        if k.starts_with("goog") {
+        if reserved_attribute(k) {
             return Err(format!(
                 "attribute name `{k}` starts with `goog`, which Pub/Sub reserves"
             ));
@@ -1186,6 +1186,15 @@ fn routed<T>(message: T, param: &str, resource: &str, deadline: Duration) -> Req
     }
     request.set_timeout(deadline);
     request
+}
+
+/// Whether Pub/Sub refuses `key` as an attribute name: it reserves names
+/// that begin with `goog` in any case ("must not begin with 'goog'
+/// (case-insensitive)", its error says), but takes the `googclient_` ones
+/// Google's client libraries add for trace propagation
+/// (`googclient_traceparent`), which a traced publisher's dead letters carry.
+pub(crate) fn reserved_attribute(key: &str) -> bool {
+    key.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("goog")) && !key.starts_with("googclient_")
 }
 
 fn message_size(m: &PubsubMessage) -> usize {
@@ -1373,6 +1382,7 @@ impl QueueBackend for PubSubBackend {
             max_concurrent_leases: 16,
             max_release_size: COUNT_PULL,
             ordered_delivery: self.ordered_delivery,
+            fixed_hold: None,
         }
     }
 
@@ -1466,6 +1476,9 @@ impl QueueBackend for PubSubBackend {
                 Err(error) => results[i] = Some(SendResult::Failed { error }),
             }
         }
+        // A copy refused here stops the later ones of its ordering key.
+        let order = OrderGate::new(msgs, &results);
+        prepared.retain(|(i, _)| order.admit(*i, &mut results));
         // Each ordering key's requests go one after another, in order; the
         // keys go side by side.
         let answers: Vec<Vec<(Vec<usize>, Option<Result<Vec<String>, Status>>)>> =
@@ -1710,6 +1723,16 @@ mod tests {
     /// `send` splits by this count; an undercount (it once allowed 64 bytes
     /// of framing per message, and a message with 90 attributes takes over
     /// 700) lets a request over 10 MB through, which fails all its copies.
+    #[test]
+    fn attribute_names_pubsub_reserves() {
+        for k in ["goog", "goog_x", "GOOGx", "Google", "googclient"] {
+            assert!(reserved_attribute(k), "{k}");
+        }
+        for k in ["googclient_traceparent", "go", "", "tenant", "xgoog", "gooƒ"] {
+            assert!(!reserved_attribute(k), "{k}");
+        }
+    }
+
     /// Retries send the shared request as it is: the bytes on the wire must
     /// be the request's own, and an answer decodes as it would unshared.
     #[test]

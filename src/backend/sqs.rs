@@ -38,7 +38,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OnceCell};
 
-use super::{BackendError, Capabilities, QueueBackend, Result, abandon_send, fails_every_send};
+use super::{BackendError, Capabilities, OrderGate, QueueBackend, Result, abandon_send, fails_every_send};
 use crate::config::{QueueConfig, SqsQueueConfig};
 use crate::model::{
     AttrValue, Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing,
@@ -740,6 +740,7 @@ impl QueueBackend for SqsBackend {
             // ChangeMessageVisibilityBatch: ten entries a call.
             max_release_size: BATCH,
             ordered_delivery: self.queue_url.ends_with(".fifo"),
+            fixed_hold: None,
         }
     }
 
@@ -869,7 +870,13 @@ impl QueueBackend for SqsBackend {
                 }
             }
         }
+        // A FIFO group's copies in later chunks wait for its earlier ones.
+        let mut order = OrderGate::new(msgs, &results);
         for chunk in chunks {
+            let chunk: Vec<usize> = chunk.into_iter().filter(|&i| order.admit(i, &mut results)).collect();
+            if chunk.is_empty() {
+                continue;
+            }
             let mut req = self.client.send_message_batch().queue_url(&to.0);
             for &i in &chunk {
                 let m = &msgs[i];
@@ -918,6 +925,7 @@ impl QueueBackend for SqsBackend {
                     }
                 }
             }
+            order.note(chunk, &results);
         }
         Ok(results
             .into_iter()
