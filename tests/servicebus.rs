@@ -276,12 +276,17 @@ async fn bodies_of_every_section_kind_are_copied_as_they_were() {
 /// `dlq-bridge redrive dlq --to DEST` on `f`'s private emulator, its
 /// connection string `cs` in `env`: the exit code, and stdout and stderr.
 fn redrive_to(f: &ServiceBusFixture, env: &str, cs: &str, dest: &str) -> (Option<i32>, String) {
+    redrive_to_with(f, env, cs, dest, &[])
+}
+
+fn redrive_to_with(f: &ServiceBusFixture, env: &str, cs: &str, dest: &str, extra: &[&str]) -> (Option<i32>, String) {
     let config = f.config_file_with("");
     let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
         .env_remove("DLQ_BRIDGE_CONFIG")
         .env(env, cs)
         .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", dest])
         .args(["--yes", "--no-journal"])
+        .args(extra)
         .output()
         .expect("dlq-bridge ran");
     let said = format!(
@@ -290,6 +295,32 @@ fn redrive_to(f: &ServiceBusFixture, env: &str, cs: &str, dest: &str) -> (Option
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code(), said)
+}
+
+/// Service Bus holds a leased message for the entity's LockDuration, not for
+/// `redrive.hold` (5 minutes here): a rated pass sizes its leases to the
+/// LockDuration, so no lock lapses while a leased message waits for its turn.
+/// Leases sized to the hold took all 8 messages at once, the last ones' locks
+/// lapsed before their turn (8 at 2 a second is 4 s, twice the lock), and
+/// their completes were lost without a word: "settled" for messages that
+/// were still in the dead-letter queue.
+#[tokio::test]
+async fn a_rated_pass_keeps_within_the_entitys_lock_duration() {
+    use common::servicebus::{RATED_HOST, create_queue, private_emulator, queue_message_count};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_RATED";
+    const DEST: &str = "rated-dest";
+    let (emu, cs, client) = private_emulator("servicebus-rated", RATED_HOST, &["--lock-duration", "2s"]).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    create_queue(&f.http, DEST, None).await;
+    let msgs: Vec<TestMessage> = (0..8).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    let (code, said) = redrive_to_with(&f, ENV, &cs, DEST, &["--rate", "2"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("settled:   8"), "{said}");
+    assert_eq!(queue_message_count(&f.http, DEST).await, 8, "{said}");
+    // Past any lock that could have lapsed: nothing comes back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(f.dlq_count().await, 0, "{said}");
 }
 
 /// Azure rejects a send with com.microsoft:server-busy while it throttles a

@@ -409,6 +409,10 @@ impl Engine {
             push_error(&mut out.errors, format!("journal: {e}; not sending this batch"));
             out.failed_keys
                 .extend(batch.iter().filter_map(|l| l.message.ordering_key.clone()));
+            // Counted as failed sends: a run that skipped messages it matched
+            // did not do what it was asked, even if the disk recovers later.
+            out.send_failed = batch.len() as u64;
+            Progress::add(&self.progress.failed, out.send_failed);
             out.unsent.extend(batch.into_iter().map(|l| l.lease));
             return out;
         }
@@ -463,6 +467,9 @@ impl Engine {
         // crash here, a rerun settles instead of resending.
         if let Err(e) = self.sync_journal() {
             push_error(&mut out.errors, format!("journal: {e}; not settling this batch"));
+            // Their copies went; the originals stay in the DLQ: failed settles.
+            out.settle_failed = confirmed.len() as u64;
+            Progress::add(&self.progress.failed, out.settle_failed);
             out.unsent.extend(confirmed.into_iter().map(|l| l.lease));
             return out;
         }
@@ -687,6 +694,10 @@ struct Pass<'a> {
     /// Ordering keys with a message whose send failed: their later messages
     /// stay in the DLQ for the rest of the pass (see `held_for_order`).
     failed_keys: HashSet<String>,
+    /// Ordering keys with a match held because `--max` was reached: should a
+    /// failed send free room under `--max` later, their later messages must
+    /// not go ahead of it.
+    capped_keys: HashSet<String>,
     leases: VecDeque<InFlightLease>,
     body_bytes: u64,
 }
@@ -694,11 +705,21 @@ struct Pass<'a> {
 impl<'a> Pass<'a> {
     fn new(engine: &'a Engine, plan: &'a RedrivePlan, s: RunSummary) -> Self {
         let caps = engine.backend.capabilities();
+        // A provider that fixes its own hold (Service Bus's LockDuration)
+        // keeps a leased message no longer than that, whatever was asked.
+        let hold = caps.fixed_hold.map_or(plan.hold, |fixed| fixed.min(plan.hold));
+        if plan.rate.is_some() && hold < plan.hold {
+            tracing::info!(
+                hold = ?plan.hold,
+                provider_hold = ?hold,
+                "the provider holds a leased message for less than redrive.hold (Service Bus: the entity's LockDuration); rated leases are sized to it"
+            );
+        }
         // Each leased batch waits for its rate tokens behind the others in
         // flight: they share the hold.
         let rated_lease = plan
             .rate
-            .map(|_| lease_size(caps.batch_size, plan.rate, plan.hold / RATED_LEASE_SLOTS as u32));
+            .map(|_| lease_size(caps.batch_size, plan.rate, hold / RATED_LEASE_SLOTS as u32));
         let discard_to = match &plan.action {
             Action::Redrive => None,
             Action::Discard { backup } => Some(Destination(match backup {
@@ -725,6 +746,7 @@ impl<'a> Pass<'a> {
             send_room: Arc::new(Semaphore::new((SEND_MEMORY_BUDGET >> 10) as usize)),
             keys_in_flight: HashMap::new(),
             failed_keys: HashSet::new(),
+            capped_keys: HashSet::new(),
             leases: VecDeque::new(),
             body_bytes: 0,
         }
@@ -891,12 +913,32 @@ impl<'a> Pass<'a> {
                 self.merge_send(done.expect("send tasks do not panic"));
             }
             let partial = partial_batches_may_go(leasing, more_waiting, self.sends_in_flight());
+            // Matches of one ordering key wait for its one batch in flight:
+            // when they pile up faster than it drains, leasing waits for them.
+            let partial = partial || self.pending_over_budget();
             if !self.dispatch(partial).await {
                 self.s.stopped = StopReason::Cancelled;
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Whether the matches waiting to be sent exceed what the sends in flight
+    /// may hold (a round of full batches, or their bodies' budget). Only
+    /// matches waiting for their ordering key's batch in flight can: the rest
+    /// go as soon as a send slot is free.
+    fn pending_over_budget(&self) -> bool {
+        let most = self.caps.batch_size.max(1) * self.plan.concurrency.max(1);
+        let (mut n, mut bytes) = (0, 0);
+        for l in self.pending.values().flatten() {
+            n += 1;
+            bytes += l.message.body.len() as u64;
+            if n > most || bytes > SEND_MEMORY_BUDGET {
+                return true;
+            }
+        }
+        false
     }
 
     /// Examine a leased batch: skip what this run has seen, settle what an
@@ -933,7 +975,10 @@ impl<'a> Pass<'a> {
                     self.held.push(l.lease);
                 }
                 Ok(false) => self.held.push(l.lease),
-                Ok(true) if plan.max.is_some_and(|m| self.planned >= m) => self.held.push(l.lease),
+                Ok(true) if plan.max.is_some_and(|m| self.planned >= m) => {
+                    self.capped_keys.extend(l.message.ordering_key.clone());
+                    self.held.push(l.lease);
+                }
                 Ok(true) if self.discard_to.is_none() && redrive_count(&l.message) >= plan.max_redrives => {
                     s.skipped_max_redrives += 1;
                     self.held.push(l.lease);
@@ -970,7 +1015,7 @@ impl<'a> Pass<'a> {
                     if l.message
                         .ordering_key
                         .as_ref()
-                        .is_some_and(|k| self.failed_keys.contains(k))
+                        .is_some_and(|k| self.failed_keys.contains(k) || self.capped_keys.contains(k))
                     {
                         s.held_for_order += 1;
                         self.held.push(l.lease);
@@ -1002,7 +1047,15 @@ impl<'a> Pass<'a> {
     /// false when a shutdown came while waiting for rate tokens (what was not
     /// handed over stays pending).
     async fn dispatch(&mut self, partial: bool) -> bool {
-        let full = self.caps.batch_size.max(1);
+        // With a rate, a lease's matches make a full batch: sending them
+        // waits for their tokens, which holds the next lease back until they
+        // are due. With the provider's batch instead, matches of small
+        // leases waited in `pending` while leasing went on, longer than the
+        // hold the lease size was chosen for (Service Bus's locks lapsed).
+        let full = self
+            .rated_lease
+            .map_or(self.caps.batch_size, |size| size.min(self.caps.batch_size))
+            .max(1);
         loop {
             let mut progressed = false;
             let dests: Vec<Destination> = self.pending.keys().cloned().collect();
@@ -1651,6 +1704,7 @@ mod tests {
             max_concurrent_leases,
             max_release_size: max_lease_size,
             ordered_delivery: false,
+            fixed_hold: None,
         }
     }
 

@@ -6,6 +6,8 @@
 
 pub(super) const API_VERSION: &str = "2021-05";
 const SB_XML_NS: &[u8] = b"http://schemas.microsoft.com/netservices/2011/06/servicebus";
+/// The namespace of an entity's description and its settings.
+const CONNECT_XML_NS: &[u8] = b"http://schemas.microsoft.com/netservices/2010/10/servicebus/connect";
 
 /// `(ActiveMessageCount, DeadLetterMessageCount)` from an ATOM entry; None
 /// for an empty feed (Azure's answer for a missing entity).
@@ -51,6 +53,55 @@ fn count_details(xml: &str) -> [Option<u64>; 3] {
     counts
 }
 
+/// The entity's `LockDuration` from an ATOM entry (an ISO 8601 duration:
+/// `PT1M`, `PT30S`, `PT4M30.5S`), when it has one that reads.
+pub fn parse_lock_duration(xml: &str) -> Option<std::time::Duration> {
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+    let mut reader = quick_xml::NsReader::from_str(xml);
+    let mut inside = false;
+    loop {
+        match reader.read_resolved_event() {
+            Ok((ResolveResult::Bound(ns), Event::Start(e))) if ns.as_ref() == CONNECT_XML_NS => {
+                inside = e.local_name().as_ref() == b"LockDuration";
+            }
+            Ok((_, Event::Text(t))) if inside => return iso_duration(t.decode().ok()?.trim()),
+            Ok((_, Event::End(_))) => inside = false,
+            Ok((_, Event::Eof)) | Err(_) => return None,
+            _ => {}
+        }
+    }
+}
+
+/// An ISO 8601 duration of days, hours, minutes and seconds (what Service
+/// Bus writes: `PT1M`, `P1DT2H`, `PT0.5S`); None for anything else,
+/// including years, months and weeks, which have no fixed length.
+fn iso_duration(text: &str) -> Option<std::time::Duration> {
+    let rest = text.strip_prefix('P')?;
+    let (date, time) = rest.split_once('T').unwrap_or((rest, ""));
+    if (date.is_empty() && time.is_empty()) || rest.ends_with('T') {
+        return None;
+    }
+    let mut seconds = 0.0;
+    for (part, units) in [
+        (date, &[('D', 86_400.0)][..]),
+        (time, &[('H', 3_600.0), ('M', 60.0), ('S', 1.0)][..]),
+    ] {
+        let mut part = part;
+        let mut next = 0;
+        while !part.is_empty() {
+            let end = part.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+            let unit = part[end..].chars().next()?;
+            let at = units[next..].iter().position(|&(u, _)| u == unit)? + next;
+            let n: f64 = part[..end].parse().ok()?;
+            seconds += n * units[at].1;
+            next = at + 1;
+            part = &part[end + 1..];
+        }
+    }
+    std::time::Duration::try_from_secs_f64(seconds).ok()
+}
+
 /// Whether a refusal of the management endpoint is for want of the Manage
 /// right (Azure: "Manage,EntityRead claims required for this operation.",
 /// which the emulator says too), not a bad token.
@@ -67,6 +118,38 @@ pub(super) fn snippet(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_durations_read_as_service_bus_writes_them() {
+        use std::time::Duration;
+        let entry = |d: &str| {
+            format!(
+                r#"<entry xmlns="http://www.w3.org/2005/Atom"><content type="application/xml"><QueueDescription xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect" xmlns:i="http://www.w3.org/2001/XMLSchema-instance"><LockDuration>{d}</LockDuration></QueueDescription></content></entry>"#
+            )
+        };
+        for (text, secs) in [
+            ("PT1M", 60.0),
+            ("PT30S", 30.0),
+            ("PT4M30.5S", 270.5),
+            ("PT0.25S", 0.25),
+            ("P1DT2H", 93_600.0),
+            ("PT5M", 300.0),
+        ] {
+            assert_eq!(
+                parse_lock_duration(&entry(text)),
+                Some(Duration::from_secs_f64(secs)),
+                "{text}"
+            );
+        }
+        for text in ["", "P", "PT", "1M", "PT1Y", "P1M", "PTM", "PT1S1M", "PT-1S", "PT1M1M"] {
+            assert_eq!(parse_lock_duration(&entry(text)), None, "{text}");
+        }
+        // Outside the description's namespace it is not the entity's.
+        assert_eq!(
+            parse_lock_duration("<entry><LockDuration>PT1M</LockDuration></entry>"),
+            None
+        );
+    }
     use crate::backend::servicebus::sub_queue_suffix;
     use crate::config::ServiceBusSubQueue;
 

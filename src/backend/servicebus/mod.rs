@@ -209,7 +209,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{BackendError, Capabilities, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
+use super::{BackendError, Capabilities, OrderGate, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
 use crate::config::{QueueConfig, ServiceBusQueueConfig, ServiceBusSubQueue};
 use crate::model::{
     Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing, Properties, SendResult,
@@ -426,6 +426,9 @@ pub struct ServiceBusBackend {
     held: std::sync::Mutex<Held>,
     management: String,
     stats_cache: Mutex<Option<(Instant, DlqStats)>>,
+    /// The entity's LockDuration, from its description (the management GET):
+    /// how long every lease holds, whatever the engine asks.
+    lock_duration: std::sync::Mutex<Option<Duration>>,
     /// The management endpoint refused the counts for want of the Manage
     /// right: `stats` counts by browsing from then on, up to this many.
     counts_refused: AtomicBool,
@@ -662,6 +665,7 @@ impl ServiceBusBackend {
             held: std::sync::Mutex::new(Held::default()),
             management,
             stats_cache: Mutex::new(None),
+            lock_duration: std::sync::Mutex::new(None),
             counts_refused: AtomicBool::new(false),
             browse_count_limit: cfg.browse_count_limit.unwrap_or(BROWSE_COUNT_LIMIT),
         };
@@ -1287,30 +1291,64 @@ impl ServiceBusBackend {
                 return Err(e);
             }
         };
-        let mut out = Vec::with_capacity(got.len());
+        let got = match self.hold_delivered(link.generation, got) {
+            Ok(out) => return Ok(out),
+            Err(got) => got,
+        };
+        // A lease of a link already replaced (dropped after a failure while
+        // this lease was out): its deliveries could never be completed
+        // through the current one, and were their copies sent, the originals
+        // would stay behind. Given back instead; deferred messages settle by
+        // token on any link.
+        let mut infos = Vec::new();
+        let mut out = Vec::new();
+        for d in got {
+            match d.lock {
+                link::Lock::Link(info) => infos.push(info),
+                link::Lock::Token(token) => out.push(Leased {
+                    message: self.received_to_model(d.message),
+                    lease: LeaseKind::Token {
+                        generation: link.generation,
+                        token,
+                    }
+                    .id(),
+                }),
+            }
+        }
+        if let Err(e) = link.dispose(infos, false, &self.link_config).await {
+            tracing::debug!(error = %e, "abandon of a replaced link's lease failed; its locks lapse");
+        }
+        Ok(out)
+    }
+
+    /// The leases of deliveries on the link of `generation`, held for their
+    /// settles; the deliveries back (Err) when a newer link replaced it.
+    fn hold_delivered(
+        &self,
+        generation: u64,
+        got: Vec<link::Delivered>,
+    ) -> std::result::Result<Vec<Leased>, Vec<link::Delivered>> {
         let mut held = self.held.lock().expect("held lock");
-        if held.generation != link.generation {
+        if held.generation > generation {
+            return Err(got);
+        }
+        if held.generation < generation {
             // Leases of an older link can no longer be settled.
             *held = Held {
-                generation: link.generation,
+                generation,
                 infos: HashMap::new(),
             };
         }
+        let mut out = Vec::with_capacity(got.len());
         for d in got {
             let message = self.received_to_model(d.message);
             let lease = match d.lock {
                 link::Lock::Link(info) => {
                     let id = info.delivery_id();
                     held.infos.insert(id, info);
-                    LeaseKind::Delivery {
-                        generation: link.generation,
-                        id,
-                    }
+                    LeaseKind::Delivery { generation, id }
                 }
-                link::Lock::Token(token) => LeaseKind::Token {
-                    generation: link.generation,
-                    token,
-                },
+                link::Lock::Token(token) => LeaseKind::Token { generation, token },
             };
             out.push(Leased {
                 message,
@@ -1498,6 +1536,9 @@ impl ServiceBusBackend {
     async fn counts(&self) -> Result<u64> {
         let path = self.entity.path();
         let text = self.atom_get(&path).await?;
+        if let Some(lock) = atom::parse_lock_duration(&text) {
+            *self.lock_duration.lock().expect("lock duration lock") = Some(lock);
+        }
         let (_, dead) = parse_counts(&text).ok_or_else(|| BackendError::NotFound {
             queue: path.clone(),
             detail: format!("no such entity at {}", self.management),
@@ -1708,6 +1749,7 @@ impl QueueBackend for ServiceBusBackend {
             // Session order is kept by the queue's own order; a plain
             // receiver on the dead-letter queue is never held back.
             ordered_delivery: false,
+            fixed_hold: *self.lock_duration.lock().expect("lock duration lock"),
         }
     }
 
@@ -1822,9 +1864,18 @@ impl QueueBackend for ServiceBusBackend {
             let ranges = pack(&sizes, |i| envelope_base(&built[i].1), max);
             let mut encoded = encoded.into_iter();
             let mut built = built.into_iter();
+            // A session's copies in later envelopes wait for its earlier ones.
+            let mut order = OrderGate::new(msgs, &results);
             for r in ranges {
-                let batch: Vec<(usize, Message<Body<Value>>)> = built.by_ref().take(r.len()).collect();
-                let bytes: Vec<Vec<u8>> = encoded.by_ref().take(r.len()).collect();
+                let (batch, bytes): (Vec<(usize, Message<Body<Value>>)>, Vec<Vec<u8>>) = built
+                    .by_ref()
+                    .take(r.len())
+                    .zip(encoded.by_ref().take(r.len()))
+                    .filter(|((i, _), _)| order.admit(*i, &mut results))
+                    .unzip();
+                if batch.is_empty() {
+                    continue;
+                }
                 let (index, envelope) = envelope(batch, bytes);
                 match self.send_envelope(dest, &envelope).await {
                     Ok(()) => {
@@ -1835,9 +1886,10 @@ impl QueueBackend for ServiceBusBackend {
                     // Envelopes already accepted keep their results.
                     Err(e) if fails_every_send(&e) => return abandon_send(results, e),
                     Err(e) => {
-                        for (i, _) in index {
-                            results[i] = Some(SendResult::Failed { error: e.to_string() });
+                        for (i, _) in &index {
+                            results[*i] = Some(SendResult::Failed { error: e.to_string() });
                         }
+                        order.note(index.iter().map(|(i, _)| *i), &results);
                     }
                 }
             }
