@@ -323,6 +323,32 @@ async fn a_rated_pass_keeps_within_the_entitys_lock_duration() {
     assert_eq!(f.dlq_count().await, 0, "{said}");
 }
 
+/// Azure refuses a batch of messages with distinct MessageIds (every copy
+/// has its own) to an entity with partitioning and duplicate detection
+/// (amqp:not-allowed). The copies then go one a send, and every message
+/// moves; the refused batch's copies each failed, on every run.
+#[tokio::test]
+async fn a_destination_that_refuses_batches_gets_the_copies_one_by_one() {
+    use common::servicebus::{PARTITIONED_HOST, create_queue, private_emulator, queue_message_count};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_PARTITIONED";
+    const DEST: &str = "partitioned-dest";
+    let (emu, cs, client) = private_emulator(
+        "servicebus-partitioned",
+        PARTITIONED_HOST,
+        &["--refuse-mixed-batches", DEST],
+    )
+    .await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    create_queue(&f.http, DEST, None).await;
+    let msgs: Vec<TestMessage> = (0..12).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    let (code, said) = redrive_to(&f, ENV, &cs, DEST);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("settled:   12"), "{said}");
+    assert_eq!(queue_message_count(&f.http, DEST).await, 12, "{said}");
+    assert_eq!(f.dlq_count().await, 0, "{said}");
+}
+
 /// Azure rejects a send with com.microsoft:server-busy while it throttles a
 /// namespace ("Please wait 2 seconds and try again"). The envelope is sent
 /// again after a pause, so a throttled redrive still moves every message

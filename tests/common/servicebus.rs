@@ -102,6 +102,9 @@ pub const LOST_SETTLEMENTS_HOST: &str = "127.0.0.24";
 /// Where the private emulator of `tests/servicebus.rs`'s rated-pass test
 /// (a short `--lock-duration`) listens.
 pub const RATED_HOST: &str = "127.0.0.25";
+/// Where the private emulator of `tests/servicebus.rs`'s partitioned
+/// destination test (`--refuse-mixed-batches`) listens.
+pub const PARTITIONED_HOST: &str = "127.0.0.26";
 /// How long the emulators the tests start hold back a settlement (the
 /// shared one from `scripts/emulators.sh` too).
 pub const TEST_ACCEPT_DELAY_MS: &str = "20";

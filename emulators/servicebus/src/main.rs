@@ -165,6 +165,12 @@ struct Cli {
     #[arg(long = "server-busy", value_name = "ENTITY=N", value_parser = parse_entity_count)]
     server_busy: Vec<(String, usize)>,
 
+    /// Refuse a batch sent to ENTITY whose messages differ in MessageId,
+    /// SessionId or PartitionKey, with amqp:not-allowed, as Azure does for an
+    /// entity with partitioning and duplicate detection. Repeatable.
+    #[arg(long = "refuse-mixed-batches", value_name = "ENTITY")]
+    refuse_mixed_batches: Vec<String>,
+
     /// Lose the settlement of the K-th send to ENTITY (1-based, counted over
     /// every connection): the message is enqueued but no disposition comes,
     /// as when fe2o3-amqp drops one that came too fast. Repeatable.
@@ -241,6 +247,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
             },
             max_peek: Some(cli.max_peek).filter(|m| *m > 0),
             server_busy: cli.server_busy.into_iter().collect(),
+            refuse_mixed_batches: cli.refuse_mixed_batches.iter().map(|e| e.to_lowercase()).collect(),
         },
     ));
     let amqp = bind("AMQP", cli.amqp_host, cli.amqp_port).await?;

@@ -182,7 +182,7 @@
 //! Entra ID through Azure Workload Identity ([`WorkloadIdentityCredential`]):
 //! the federated token file and client/tenant IDs the AKS webhook injects.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -429,6 +429,10 @@ pub struct ServiceBusBackend {
     /// The entity's LockDuration, from its description (the management GET):
     /// how long every lease holds, whatever the engine asks.
     lock_duration: std::sync::Mutex<Option<Duration>>,
+    /// Destinations that refused a batch of distinct messages (Azure, for an
+    /// entity with partitioning and duplicate detection): their copies go
+    /// one a send.
+    single_sends: std::sync::Mutex<HashSet<String>>,
     /// The management endpoint refused the counts for want of the Manage
     /// right: `stats` counts by browsing from then on, up to this many.
     counts_refused: AtomicBool,
@@ -666,6 +670,7 @@ impl ServiceBusBackend {
             management,
             stats_cache: Mutex::new(None),
             lock_duration: std::sync::Mutex::new(None),
+            single_sends: Default::default(),
             counts_refused: AtomicBool::new(false),
             browse_count_limit: cfg.browse_count_limit.unwrap_or(BROWSE_COUNT_LIMIT),
         };
@@ -1861,7 +1866,11 @@ impl QueueBackend for ServiceBusBackend {
                 })
                 .unzip();
             let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
-            let ranges = pack(&sizes, |i| envelope_base(&built[i].1), max);
+            let ranges = if self.single_sends.lock().expect("single sends lock").contains(dest) {
+                (0..sizes.len()).map(|i| i..i + 1).collect()
+            } else {
+                pack(&sizes, |i| envelope_base(&built[i].1), max)
+            };
             let mut encoded = encoded.into_iter();
             let mut built = built.into_iter();
             // A session's copies in later envelopes wait for its earlier ones.
@@ -1885,6 +1894,37 @@ impl QueueBackend for ServiceBusBackend {
                     }
                     // Envelopes already accepted keep their results.
                     Err(e) if fails_every_send(&e) => return abandon_send(results, e),
+                    Err(e) if index.len() > 1 && refuses_batches(&e) => {
+                        tracing::info!(%dest, error = %e, "the destination refuses batches of distinct messages (partitioning with duplicate detection); its copies go one a send");
+                        self.single_sends
+                            .lock()
+                            .expect("single sends lock")
+                            .insert(dest.to_string());
+                        for (i, _) in index {
+                            if !order.admit(i, &mut results) {
+                                continue;
+                            }
+                            let (single, sent) = match self.outgoing_message(&msgs[i], dest) {
+                                Ok(m) => {
+                                    let (single, alone) = batch::envelope(vec![(i, m)], Vec::new());
+                                    (single, self.send_envelope(dest, &alone).await)
+                                }
+                                Err(error) => (Vec::new(), Err(BackendError::Invalid(error))),
+                            };
+                            match sent {
+                                Ok(()) => {
+                                    for (i, id) in single {
+                                        results[i] = Some(SendResult::Sent { dest_id: id });
+                                    }
+                                }
+                                Err(e) if fails_every_send(&e) => return abandon_send(results, e),
+                                Err(e) => {
+                                    results[i] = Some(SendResult::Failed { error: e.to_string() });
+                                    order.note([i], &results);
+                                }
+                            }
+                        }
+                    }
                     Err(e) => {
                         for (i, _) in &index {
                             results[*i] = Some(SendResult::Failed { error: e.to_string() });
@@ -1988,6 +2028,14 @@ impl QueueBackend for ServiceBusBackend {
         self.check_destination(name).await?;
         Ok(Destination(name.to_string()))
     }
+}
+
+/// Whether a send of several copies was refused for being a batch: Azure
+/// refuses, with amqp:not-allowed, a batch of messages with distinct
+/// MessageId, SessionId or PartitionKey to an entity with partitioning and
+/// duplicate detection, and every copy carries its own MessageId.
+fn refuses_batches(e: &BackendError) -> bool {
+    matches!(e, BackendError::Provider { detail, .. } if detail.contains("amqp:not-allowed"))
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ pub mod codec;
 mod store;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{
         Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -109,7 +109,15 @@ pub struct BrokerOptions {
     /// Sends to refuse as throttled (`com.microsoft:server-busy`), by entity
     /// (lowercase): Azure rejects a transfer so when it throttles a namespace.
     pub server_busy: BTreeMap<String, usize>,
+    /// Entities (lowercase) that refuse, as a partitioned entity with
+    /// duplicate detection does on Azure, a batch whose messages differ in
+    /// MessageId, SessionId or PartitionKey (amqp:not-allowed).
+    pub refuse_mixed_batches: BTreeSet<String>,
 }
+
+/// Azure's words for a batch a partitioned entity with duplicate detection
+/// refuses.
+pub const MIXED_BATCH_REFUSAL: &str = "Batching brokered messages with distinct SessionId, PartitionKey, or MessageId is not supported for an entity with partitioning and duplicate detection enabled.";
 
 pub struct Broker {
     entities: Mutex<BTreeMap<String, Entity>>,
@@ -265,6 +273,14 @@ impl Broker {
         {
             *left -= 1;
             return Err(BrokerError::ServerBusy(entity.to_owned()));
+        }
+        if messages.len() > 1
+            && self.options.refuse_mixed_batches.contains(entity)
+            && messages
+                .iter()
+                .any(|m| batch_identity(m) != batch_identity(&messages[0]))
+        {
+            return Err(BrokerError::NotAllowed(MIXED_BATCH_REFUSAL.into()));
         }
         deliver(&mut self.lock(), entity, messages, 0, now_ms())?;
         self.wake();
@@ -583,6 +599,23 @@ fn forward(
     Ok(())
 }
 
+/// What a partitioned entity with duplicate detection needs alike across a
+/// batch: the MessageId, SessionId (group-id) and PartitionKey of a message.
+fn batch_identity(m: &ParsedMessage) -> (String, String, String) {
+    let properties = m
+        .bare
+        .iter()
+        .find(|s| s.code == codec::PROPERTIES)
+        .and_then(|s| serde_amqp::from_slice::<fe2o3_amqp_types::messaging::Properties>(&s.raw).ok())
+        .unwrap_or_default();
+    let partition_key = m.annotations.get(&codec::symbol("x-opt-partition-key"));
+    (
+        format!("{:?}", properties.message_id),
+        format!("{:?}", properties.group_id),
+        format!("{partition_key:?}"),
+    )
+}
+
 /// Why `target` cannot take a forwarded batch of `bytes` now, as a
 /// DeadLetterReason and DeadLetterErrorDescription. Azure documents when it
 /// moves a message to the transfer dead-letter queue (the target deleted,
@@ -651,6 +684,7 @@ mod tests {
                 },
                 max_peek: None,
                 server_busy: BTreeMap::new(),
+                refuse_mixed_batches: BTreeSet::new(),
             },
         )
     }
@@ -827,6 +861,36 @@ mod tests {
             1,
             "only the accepted send"
         );
+    }
+
+    #[test]
+    fn a_partitioned_entity_refuses_batches_of_distinct_message_ids() {
+        let with_id = |id: &str| {
+            let properties = fe2o3_amqp_types::messaging::Properties {
+                message_id: Some(fe2o3_amqp_types::messaging::MessageId::String(id.into())),
+                ..Default::default()
+            };
+            let mut bytes = serde_amqp::to_vec(&properties).unwrap();
+            bytes.extend(
+                serde_amqp::to_vec(&serde_amqp::described::Described {
+                    descriptor: serde_amqp::descriptor::Descriptor::Code(codec::DATA),
+                    value: serde_amqp::value::Value::Binary(b"x".to_vec().into()),
+                })
+                .unwrap(),
+            );
+            codec::parse_message(&Bytes::from(bytes)).unwrap()
+        };
+        let mut options = broker(10).options.clone();
+        options.refuse_mixed_batches.insert("q".into());
+        let broker = Broker::new(Topology::default(), options);
+        broker.attach(&path(false), true).unwrap();
+        assert!(matches!(
+            broker.send("q", vec![with_id("a"), with_id("b")]),
+            Err(BrokerError::NotAllowed(why)) if why == MIXED_BATCH_REFUSAL
+        ));
+        broker.send("q", vec![with_id("a"), with_id("a")]).unwrap();
+        broker.send("q", vec![with_id("b")]).unwrap();
+        assert_eq!(broker.peek(&path(false), 1, 10).unwrap().len(), 3);
     }
 
     #[test]
