@@ -704,6 +704,76 @@ pub async fn a_pass_stops_leasing_at_max_held_and_loses_nothing<F: Fixture>() {
     assert_eq!(f.dlq_count().await, 20);
 }
 
+/// SQS fair queues: a standard queue's MessageGroupId (the tenant) stays on
+/// the copy (a standard queue keeps no order, so only the tenants are
+/// compared).
+#[cfg(feature = "sqs")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_fair_queue_tenants_stay_on_the_copies() {
+    let f = common::sqs::SqsFixture::create(false).await;
+    let msgs: Vec<TestMessage> = (0..6)
+        .map(|i| TestMessage {
+            ordering_key: Some(if i % 2 == 0 {
+                "tenant-a".into()
+            } else {
+                "tenant-b".into()
+            }),
+            ..order(i, "acme", "Timeout")
+        })
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let s = redrive(f.config(), req("true")).await;
+    assert_eq!(s.settled, 6, "{s:?}");
+    let tenants = |pairs: Vec<(String, Option<String>)>| pairs.into_iter().collect::<BTreeSet<_>>();
+    let sent = msgs
+        .iter()
+        .map(|m| (String::from_utf8_lossy(&m.body).into_owned(), m.ordering_key.clone()));
+    let arrived = f.drain_source().await;
+    let got = arrived
+        .iter()
+        .map(|r| (String::from_utf8_lossy(&r.body).into_owned(), r.ordering_key.clone()));
+    assert_eq!(tenants(got.collect()), tenants(sent.collect()));
+}
+
+/// A message whose DeadLetterQueueSourceArn names a queue that was deleted
+/// is not sent to another queue that dead-letters here (the one
+/// ListDeadLetterSourceQueues then lists): its send fails, naming the queue,
+/// and it stays in the DLQ. (ministack: moto sets no DeadLetterQueueSourceArn.)
+#[cfg(feature = "sqs")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_a_deleted_source_is_not_replaced_by_another() {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let f = common::sqs::SqsFixture::create_on(common::sqs::ministack_endpoint(), false).await;
+    let msgs: Vec<TestMessage> = (0..3).map(|i| order(i, "acme", "Timeout")).collect();
+    f.dead_letter(&msgs).await;
+    let dlq_arn = f
+        .client
+        .get_queue_attributes()
+        .queue_url(&f.dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&QueueAttributeName::QueueArn]
+        .clone();
+    let source_name = f.source_url.rsplit('/').next().unwrap().to_string();
+    let policy = format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"1"}}"#);
+    let other = f
+        .create_queue(
+            &format!("{source_name}-other"),
+            &[(QueueAttributeName::RedrivePolicy, policy)],
+        )
+        .await;
+    f.client.delete_queue().queue_url(&f.source_url).send().await.unwrap();
+    let s = redrive(f.config(), req("true")).await;
+    assert_eq!(s.settled, 0, "{s:?}");
+    assert!(!s.ok(), "{s:?}");
+    assert!(s.errors.iter().any(|e| e.contains(&source_name)), "{s:?}");
+    assert_eq!(f.count(&other).await, 0, "nothing went to the other queue");
+    assert_eq!(f.count(&f.dlq_url).await, 3);
+}
+
 /// Instantiate the suite for one backend.
 // Every test runs on a multi-threaded runtime, as the CLI and `serve` do:
 // there, spawned leases and sends run in parallel and may first run in any

@@ -248,10 +248,19 @@ impl SqsBackend {
         if let Some(url) = self.arn_urls.lock().await.get(arn) {
             return Some(url.clone());
         }
-        let url = resolve_queue_url(&self.client, &self.endpoint, arn, None)
-            .await
-            .map_err(|e| tracing::warn!(%arn, error = %e, "cannot resolve the dead-letter source queue"))
-            .ok()?;
+        let url = match resolve_queue_url(&self.client, &self.endpoint, arn, None).await {
+            Ok(url) => url,
+            // The message names its source: its copy goes there or nowhere,
+            // never to another queue (the one ListDeadLetterSourceQueues
+            // lists, once this one was deleted). The URL the ARN names, on
+            // this endpoint: a queue that is gone fails its sends, saying so.
+            Err(e) => {
+                let a = QueueArn::parse(arn)?;
+                let url = format!("{}/{}/{}", self.endpoint.trim_end_matches('/'), a.account, a.name);
+                tracing::warn!(%arn, error = %e, %url, "cannot look up the dead-letter source queue; sending to the URL its ARN names");
+                url
+            }
+        };
         self.arn_urls.lock().await.insert(arn.to_string(), url.clone());
         Some(url)
     }
@@ -890,6 +899,11 @@ impl QueueBackend for SqsBackend {
                     entry = entry
                         .message_group_id(fifo_id(m.ordering_key.as_deref().unwrap_or("dlq-bridge")))
                         .message_deduplication_id(fifo_id(&m.dedup_id));
+                } else if let Some(tenant) = &m.ordering_key {
+                    // A fair queue's tenant: standard queues take a group ID
+                    // too (since 2025), and without it the copy would lose its
+                    // tenant and the noisy-neighbour protection with it.
+                    entry = entry.message_group_id(fifo_id(tenant));
                 }
                 req = req.entries(entry.build().expect("id and body are set"));
             }

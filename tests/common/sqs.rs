@@ -145,7 +145,7 @@ impl SqsFixture {
         out
     }
 
-    async fn create_queue(&self, name: &str, attrs: &[(QueueAttributeName, String)]) -> String {
+    pub async fn create_queue(&self, name: &str, attrs: &[(QueueAttributeName, String)]) -> String {
         let mut req = self.client.create_queue().queue_name(name);
         for (k, v) in attrs {
             req = req.attributes(k.clone(), v);
@@ -167,6 +167,9 @@ impl SqsFixture {
                 req = req
                     .message_group_id(m.ordering_key.clone().unwrap_or_else(|| "g".into()))
                     .message_deduplication_id(format!("{}-{i}", uuid::Uuid::new_v4().simple()));
+            } else if let Some(tenant) = &m.ordering_key {
+                // A fair queue's tenant (standard queues take a group ID too).
+                req = req.message_group_id(tenant);
             }
             req.send().await.expect("send");
         }
@@ -188,7 +191,7 @@ impl SqsFixture {
             .expect("ApproximateNumberOfMessages")
     }
 
-    async fn count(&self, url: &str) -> usize {
+    pub async fn count(&self, url: &str) -> usize {
         let out = self
             .client
             .get_queue_attributes()
