@@ -65,6 +65,45 @@ async fn source_is_the_topic_of_the_failing_subscription() {
     assert_eq!(b.default_source().await.unwrap(), Some(Destination(f.source_topic())));
 }
 
+/// A message whose source subscription was deleted names a topic nobody can
+/// tell any more: it is not sent to the one other topic whose subscription
+/// dead-letters here (what a message naming no source gets), but stays in the
+/// DLQ, saying why.
+#[tokio::test]
+async fn a_message_whose_source_subscription_is_gone_is_not_sent_elsewhere() {
+    use common::pubsub::{DLQ_TOPIC, MAX_DELIVERY_ATTEMPTS};
+    use gcloud_googleapis::pubsub::v1::DeadLetterPolicy;
+    use gcloud_pubsub::subscription::SubscriptionConfig;
+    let f = PubSubFixture::create(false).await;
+    f.dead_letter(&[failing(1), failing(2)]).await;
+    f.client.create_topic("other", None, None).await.unwrap();
+    let other = f
+        .client
+        .create_subscription(
+            "other-worker",
+            "other",
+            SubscriptionConfig {
+                dead_letter_policy: Some(DeadLetterPolicy {
+                    dead_letter_topic: format!("projects/{}/topics/{DLQ_TOPIC}", f.project),
+                    max_delivery_attempts: MAX_DELIVERY_ATTEMPTS,
+                }),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    f.source_subscription().delete(None).await.unwrap();
+    let s = redrive(f.config(), all()).await;
+    assert_eq!((s.settled, s.send_failed), (0, 2), "{s:?}");
+    assert!(
+        s.errors.iter().any(|e| e.contains(SOURCE_SUB) && e.contains("--to")),
+        "{s:?}"
+    );
+    assert!(f.pull(&other, 10).await.is_empty(), "nothing went to the other topic");
+    assert_eq!(f.dlq_count().await, 2);
+}
+
 /// A browse that stops early (its visitor had enough) still releases every
 /// message its last pull brought, not only those it looked at: the next
 /// browse sees them all instead of waiting out the browse's 60 s hold.

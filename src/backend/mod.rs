@@ -364,6 +364,14 @@ pub trait QueueBackend: Send + Sync {
     /// config gives none: discovered from the provider where it can tell.
     async fn default_source(&self) -> Result<Option<Destination>>;
 
+    /// Why `m`, which names its own source, has none (a source that was
+    /// deleted or cannot be read): the engine then sends it nowhere, not to
+    /// [`default_source`](Self::default_source), which is some other entity.
+    /// None when the message names no source or its source was found.
+    fn unresolved_source(&self, _m: &DlqMessage) -> Option<String> {
+        None
+    }
+
     /// Turn a user-given destination (`--to`) into the provider's address.
     async fn resolve_destination(&self, name: &str) -> Result<Destination>;
 

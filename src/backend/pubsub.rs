@@ -1618,6 +1618,15 @@ impl QueueBackend for PubSubBackend {
         Ok(self.listed_source().await?.map(Destination))
     }
 
+    fn unresolved_source(&self, m: &DlqMessage) -> Option<String> {
+        let sub = m.properties.get(PROP_SOURCE_SUBSCRIPTION)?;
+        m.source.is_none().then(|| {
+            format!(
+                "its source subscription {sub} (CloudPubSubDeadLetterSourceSubscription) was not found or could not be read, so its topic is unknown"
+            )
+        })
+    }
+
     async fn resolve_destination(&self, name: &str) -> Result<Destination> {
         let topic = full_name(&self.project, "topics", name.trim())?;
         let checked = self

@@ -984,12 +984,15 @@ impl<'a> Pass<'a> {
                     self.held.push(l.lease);
                 }
                 Ok(true) => {
+                    // A message that names a source it has none for goes
+                    // nowhere rather than to some other entity.
+                    let unresolved = engine.backend.unresolved_source(&l.message);
                     let dest = self
                         .discard_to
                         .clone()
                         .or_else(|| plan.to.clone())
                         .or_else(|| l.message.source.clone().map(Destination))
-                        .or_else(|| plan.fallback_source.clone());
+                        .or_else(|| plan.fallback_source.clone().filter(|_| unresolved.is_none()));
                     s.matched += 1;
                     Progress::add(&engine.progress.matched, 1);
                     if s.samples.len() < SAMPLE_SIZE {
@@ -1002,10 +1005,11 @@ impl<'a> Pass<'a> {
                     let Some(dest) = dest else {
                         s.send_failed += 1;
                         Progress::add(&engine.progress.failed, 1);
+                        let why = unresolved.unwrap_or_else(|| "the provider names no source".into());
                         push_error(
                             &mut s.errors,
                             format!(
-                                "message {}: no destination (the provider names no source; set `source` in the config or pass --to)",
+                                "message {}: no destination ({why}; set `source` in the config or pass --to)",
                                 l.message.id
                             ),
                         );
