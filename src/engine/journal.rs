@@ -247,6 +247,7 @@ impl Replay {
                 }
                 | Record::Sent { .. }
                 | Record::Settled { .. }
+                | Record::Purged { .. }
                 | Record::RunFinished { .. }
         )
     }
@@ -305,6 +306,18 @@ impl Replay {
                 }
                 self.intents.remove(&key);
                 self.intents.remove(&legacy);
+            }
+            // A purged message is gone from its DLQ for good: no later run
+            // will lease it, so what an earlier run sent or meant to send of
+            // it needs no settling. Kept, it would be carried into every
+            // rotated file for as long as the sidecar runs.
+            Record::Purged { run, id, .. } => {
+                let key = self.key(run, &None, id);
+                let legacy = (String::new(), id.clone());
+                for k in [&key, &legacy] {
+                    self.sent.remove(k);
+                    self.intents.remove(k);
+                }
             }
             Record::RunFinished { run, .. } => {
                 self.run_queues.remove(run);
@@ -673,6 +686,49 @@ mod tests {
             "survives its original file being deleted"
         );
         assert_eq!(j.unsettled("payments", "unsettled"), None, "and keeps its queue");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A purge removes what earlier runs left unfinished of the messages it
+    /// purged (a send that failed, a copy whose settle failed): they are gone
+    /// from the DLQ, and carried into every rotated file they would only grow
+    /// a sidecar's memory.
+    #[test]
+    fn a_purge_ends_what_earlier_runs_left_of_its_messages() {
+        let dir = std::env::temp_dir().join(format!("dlqb-purged-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("j.jsonl");
+        let leased = |run: &str, id: &str| Record::Leased {
+            run: run.into(),
+            queue: Some("orders".into()),
+            id: id.into(),
+            redrive_id: Some(format!("{run}:{id}")),
+        };
+        let purged = |id: &str| Record::Purged {
+            run: "p1".into(),
+            id: id.into(),
+            reason: None,
+        };
+        for reopened in [false, true] {
+            let j = Journal::open(&path).unwrap();
+            if !reopened {
+                j.append(&started("r1", "orders")).unwrap();
+                for id in ["a", "b", "c"] {
+                    j.append(&leased("r1", id)).unwrap();
+                }
+                j.append(&sent("r1", Some("orders"), "b", None)).unwrap();
+                j.append(&started("p1", "orders")).unwrap();
+                j.append(&purged("a")).unwrap();
+                j.append(&purged("b")).unwrap();
+                j.sync().unwrap();
+            }
+            assert_eq!(j.prior_redrive_id("orders", "a"), None, "reopened: {reopened}");
+            assert_eq!(j.unsettled("orders", "b"), None, "reopened: {reopened}");
+            assert_eq!(
+                j.prior_redrive_id("orders", "c").as_deref(),
+                Some("r1:c"),
+                "reopened: {reopened}"
+            );
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
