@@ -742,28 +742,12 @@ async fn sqs_fair_queue_tenants_stay_on_the_copies() {
 #[cfg(feature = "sqs")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqs_a_deleted_source_is_not_replaced_by_another() {
-    use aws_sdk_sqs::types::QueueAttributeName;
     let f = common::sqs::SqsFixture::create_on(common::sqs::ministack_endpoint(), false).await;
     let msgs: Vec<TestMessage> = (0..3).map(|i| order(i, "acme", "Timeout")).collect();
     f.dead_letter(&msgs).await;
-    let dlq_arn = f
-        .client
-        .get_queue_attributes()
-        .queue_url(&f.dlq_url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap()
-        .attributes()
-        .unwrap()[&QueueAttributeName::QueueArn]
-        .clone();
     let source_name = f.source_url.rsplit('/').next().unwrap().to_string();
-    let policy = format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"1"}}"#);
     let other = f
-        .create_queue(
-            &format!("{source_name}-other"),
-            &[(QueueAttributeName::RedrivePolicy, policy)],
-        )
+        .create_queue(&format!("{source_name}-other"), &[f.dead_lettering_here().await])
         .await;
     f.client.delete_queue().queue_url(&f.source_url).send().await.unwrap();
     let s = redrive(f.config(), req("true")).await;

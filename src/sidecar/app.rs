@@ -141,13 +141,18 @@ impl App {
         }
         let progress = engine.progress();
         let run_id = plan.run_id.clone();
+        // Both locks before any state changes: an API request whose client
+        // hangs up is dropped at an await, and one here, after the run was
+        // counted as active, left it active for good (no task to end it).
+        let mut tasks = self.tasks.lock().await;
+        let mut runs = self.runs.lock().await;
         // Counted as active at once (the poller stops sampling the queue); it
         // leases only once a read of the queue in flight is done. Service Bus
         // browses without leasing and needs no guard.
         let ticket = (!true_peek).then(|| self.locks.run_starting(queue));
         // What it settles counts as removed as it happens (arrivals, growth).
         self.cache.run_started(queue, &run_id, progress.clone());
-        self.runs.lock().await.insert(
+        runs.insert(
             run_id.clone(),
             RunEntry {
                 view: RunView {
@@ -168,7 +173,8 @@ impl App {
         );
         let app = self.clone();
         let queue = queue.to_string();
-        spawn_reaping(&mut *self.tasks.lock().await, async move {
+        drop(runs);
+        spawn_reaping(&mut tasks, async move {
             let ticket = match ticket {
                 Some(t) => Some(t.admitted().await),
                 None => None,

@@ -145,6 +145,26 @@ impl SqsFixture {
         out
     }
 
+    /// The RedrivePolicy attribute of a queue that dead-letters into this
+    /// fixture's DLQ after one receive.
+    pub async fn dead_lettering_here(&self) -> (QueueAttributeName, String) {
+        let arn = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap()
+            .attributes()
+            .unwrap()[&QueueAttributeName::QueueArn]
+            .clone();
+        (
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"1"}}"#),
+        )
+    }
+
     pub async fn create_queue(&self, name: &str, attrs: &[(QueueAttributeName, String)]) -> String {
         let mut req = self.client.create_queue().queue_name(name);
         for (k, v) in attrs {
@@ -262,22 +282,8 @@ impl SqsFixture {
             vec![]
         };
         f.dlq_url = f.create_queue(&format!("{base}-dlq{suffix}"), &fifo_attrs).await;
-        let arn = f
-            .client
-            .get_queue_attributes()
-            .queue_url(&f.dlq_url)
-            .attribute_names(QueueAttributeName::QueueArn)
-            .send()
-            .await
-            .unwrap()
-            .attributes()
-            .unwrap()[&QueueAttributeName::QueueArn]
-            .clone();
         let mut src_attrs = fifo_attrs.clone();
-        src_attrs.push((
-            QueueAttributeName::RedrivePolicy,
-            format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"1"}}"#),
-        ));
+        src_attrs.push(f.dead_lettering_here().await);
         f.source_url = f.create_queue(&format!("{base}{suffix}"), &src_attrs).await;
         f
     }
