@@ -433,10 +433,11 @@ impl Evaluator {
                             Some(reason),
                         );
                         // An event, never re-sent or resolved: Alertmanager
-                        // keeps it active for the rule's repeat interval. With
-                        // no time at all its endsAt had passed on arrival, and
+                        // keeps it active for the rule's repeat interval (at
+                        // least what a re-sent alert gets). With no time at
+                        // all its endsAt had passed on arrival, and
                         // Alertmanager took it as resolved and told nobody.
-                        n.valid_for = rule.cfg.repeat;
+                        n.valid_for = rule.cfg.repeat.max(self.resend_delay * RESENDS_VALID);
                         out.push(n);
                     }
                 }
@@ -831,6 +832,19 @@ mod tests {
         let json = serde_json::to_string(&n[0]).unwrap();
         assert!(!json.contains("secret body"), "{json}");
         assert!(e.evaluate(&poll(30, 2, 0, &["Boom"]), true, &m).is_empty());
+    }
+
+    /// Alertmanager keeps a new reason active for at least four resend
+    /// delays, whatever `repeat` says: an endsAt already past reads there as
+    /// resolved, and nobody is told.
+    #[test]
+    fn a_new_reason_stays_active_in_alertmanager_even_with_no_repeat() {
+        let mut e = evaluator("    - new_reason: true\n      repeat: 0s\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 1, 0, &["Timeout"]), true, &m).is_empty());
+        let n = e.evaluate(&poll(10, 2, 1, &["Timeout", "Boom"]), true, &m);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].valid_for, Duration::from_secs(240), "four default resend delays");
     }
 
     /// Reasons that differ only in an order number or an ID are one failure:
