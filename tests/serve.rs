@@ -464,6 +464,34 @@ async fn sigterm_mid_retention_purge_releases_what_it_holds() {
     let _ = std::fs::remove_dir_all(&export);
 }
 
+/// SIGTERM while a poll's reason sample reads (on SQS it leases as it
+/// reads): serve lets the sample finish and release what it leased before it
+/// exits, instead of leaving those messages hidden for the sample's hold.
+#[tokio::test]
+async fn sigterm_mid_reason_sample_releases_what_it_read() {
+    const N: usize = 300;
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(N, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  reason_sample: {N}\n",
+        queue_yaml("orders", &f)
+    );
+    let mut serve = Serve::start_until_ready(&config, &[]).await;
+    // The next poll's sample hides what it has read so far.
+    let start = std::time::Instant::now();
+    while f.dlq_visible().await == N {
+        assert!(start.elapsed() < Duration::from_secs(20), "no sample seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = serve.terminate().await;
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        f.dlq_visible().await,
+        N,
+        "the sample released what it read before serve exited"
+    );
+}
+
 /// A scheduled run that fails (here: its DLQ is deleted while serve runs)
 /// says so in the log every time, naming the run, and /v1/runs has its
 /// error: a schedule must not fail silently tick after tick.

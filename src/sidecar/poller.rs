@@ -527,8 +527,16 @@ fn interleaved_by_backend(queues: &[QueueConfig]) -> Vec<&QueueConfig> {
 }
 
 impl Poller {
-    /// Spawn one polling loop per configured queue.
-    pub fn spawn_all(self: Arc<Self>, config: &Config, sample: usize, cancel: CancellationToken) {
+    /// Spawn one polling loop per configured queue into `loops`. On `cancel`
+    /// a loop ends after the poll it is in: a reason sample cut short on
+    /// SQS or Pub/Sub would leave what it leased hidden for its hold.
+    pub fn spawn_all(
+        self: Arc<Self>,
+        config: &Config,
+        sample: usize,
+        cancel: CancellationToken,
+        loops: &mut tokio::task::JoinSet<()>,
+    ) {
         for q in interleaved_by_backend(&config.queues) {
             let me = self.clone();
             let name = q.name.clone();
@@ -538,7 +546,7 @@ impl Poller {
             // Stale from the start until the first poll succeeds.
             self.metrics.set_last_success(&name, &backend, None);
             self.metrics.init_queue(&name, &backend);
-            tokio::spawn(async move { me.run(name, backend, interval, sample, cancel).await });
+            loops.spawn(async move { me.run(name, backend, interval, sample, cancel).await });
         }
     }
 
@@ -546,7 +554,11 @@ impl Poller {
         let mut arrivals_counter = ArrivalCounter::default();
         let mut errors: u32 = 0;
         loop {
-            let wait = match self.poll_once(&queue, &backend, sample).await {
+            let polled = self.poll_once(&queue, &backend, sample, &cancel).await;
+            if cancel.is_cancelled() {
+                return;
+            }
+            let wait = match polled {
                 Ok(polled) => {
                     errors = 0;
                     let counted = arrivals_counter.observe(DepthReading {
@@ -595,15 +607,33 @@ impl Poller {
         }
     }
 
-    async fn poll_once(&self, queue: &str, backend: &str, sample: usize) -> anyhow::Result<Polled> {
-        let b = self.registry.backend(queue).await?;
-        self.limits.wait(backend).await;
+    /// One poll. Shutdown (`cancel`) cuts it short anywhere but in its
+    /// reason sample, which releases what it leased before it returns.
+    async fn poll_once(
+        &self,
+        queue: &str,
+        backend: &str,
+        sample: usize,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Polled> {
+        let stopped = || anyhow::anyhow!("shutting down");
+        let b = tokio::select! {
+            b = self.registry.backend(queue) => b?,
+            _ = cancel.cancelled() => return Err(stopped()),
+        };
+        tokio::select! {
+            _ = self.limits.wait(backend) => {}
+            _ = cancel.cancelled() => return Err(stopped()),
+        }
         // Read before the stats: a removal credited by then shows in the
         // depth, so the credit is never ahead of the depth (it can lag, see
         // `ArrivalCounter`).
         let at = Instant::now();
         let removed_total = self.cache.removed_total(queue);
-        let stats = b.stats().await?;
+        let stats = tokio::select! {
+            stats = b.stats() => stats?,
+            _ = cancel.cancelled() => return Err(stopped()),
+        };
         let removing = self.cache.removing(queue, removed_total);
         let msgs = if sample > 0 && stats.depth > 0 {
             // Reading leases on SQS and Pub/Sub: never while a run is active
@@ -625,7 +655,10 @@ impl Poller {
                     }
                 }
             };
-            self.limits.wait(backend).await;
+            tokio::select! {
+                _ = self.limits.wait(backend) => {}
+                _ = cancel.cancelled() => return Err(stopped()),
+            }
             let mut msgs = Vec::new();
             b.peek_each(sample, &mut |m| {
                 msgs.push(SampledMessage::new(m));

@@ -139,11 +139,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         locks,
         results: results_tx,
     });
-    poller.spawn_all(&config, sample, shutdown.clone());
-    // The loops that start work: waited for on shutdown, so that a purge a
-    // retention check is running releases what it holds, and a run a
-    // schedule is starting is among the runs drained.
+    // The loops that lease or start work: waited for on shutdown, so that a
+    // poll's reason sample and a purge a retention check is running release
+    // what they hold, and a run a schedule is starting is among the runs
+    // drained.
     let mut loops = JoinSet::new();
+    poller.spawn_all(&config, sample, shutdown.clone(), &mut loops);
     for q in config.queues.iter() {
         let Some(policy) = &q.retention else { continue };
         if purges(policy) {
@@ -198,7 +199,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let loops_done = async { while loops.join_next().await.is_some() {} };
     if tokio::time::timeout_at(deadline, loops_done).await.is_err() {
         tracing::warn!(
-            "retention checks still running after the shutdown grace period; their leases expire by themselves"
+            "polls or retention checks still running after the shutdown grace period; their leases expire by themselves"
         );
     }
     drop(loops);
