@@ -369,3 +369,64 @@ async fn a_cron_slot_the_dead_leader_ran_is_not_run_again_by_the_new_leader() {
     assert!(f.drain_source().await.is_empty());
     assert_eq!(f.dlq_count().await, 1);
 }
+
+/// A retention alert the dead leader sent as firing is resolved by the new
+/// leader once the expired messages are gone: the Lease tells the standby
+/// what fired (only the leader checks retention, so the standby cannot know
+/// otherwise), and a webhook hears the end of it, not only Alertmanager.
+#[tokio::test]
+async fn the_new_leader_resolves_a_retention_alert_its_predecessor_sent() {
+    let kubeconfig = kubeconfig();
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&one_message("old")).await;
+    let (rx, base) = Receiver::start().await;
+    let lease = common::unique("dlqb-lease");
+    let config = |replica: &str| {
+        let alerts =
+            format!("alerts:\n  sinks:\n    - webhook: {{url: \"{base}/webhook\", labels: {{replica: {replica}}}}}\n");
+        replica_config(&f, &lease, replica, "1h", &alerts).replacen(
+            "      region: us-east-1\n",
+            "      region: us-east-1\n    retention: {max_age: 1s, action: alert, check_every: 1s}\n",
+            1,
+        )
+    };
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+    let mut a = Serve::start_with_env(&config("a"), &env).await;
+    let mut b = Serve::start_with_env(&config("b"), &env).await;
+    let retention = |status: &str| {
+        rx.webhook()
+            .into_iter()
+            .filter(|n| n["rule"] == "retention" && n["status"] == status)
+            .map(|n| replica_of(&n))
+            .collect::<Vec<_>>()
+    };
+    a.wait_for(Duration::from_secs(30), || async { !retention("firing").is_empty() })
+        .await;
+    let leader = retention("firing")[0].clone();
+    // Let a renewal carry the alert into the Lease (it is written at once;
+    // this is slack for the call).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (dead, standby, name) = if leader == "a" {
+        (&mut a, &b, "b")
+    } else {
+        (&mut b, &a, "a")
+    };
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    f.client
+        .purge_queue()
+        .queue_url(&f.dlq_url)
+        .send()
+        .await
+        .expect("purge the DLQ");
+
+    standby
+        .wait_for(Duration::from_secs(30), || async { !retention("resolved").is_empty() })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        retention("resolved"),
+        vec![name.to_string()],
+        "the new leader resolves it, once"
+    );
+}

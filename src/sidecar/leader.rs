@@ -16,7 +16,9 @@
 //!
 //! The Lease also carries the cron slots the leaders started
 //! ([`ScheduleSlots`]), so that a replica taking it over runs a slot that fell
-//! during the hand-over, and not one its predecessor already started.
+//! during the hand-over, and not one its predecessor already started, and the
+//! retention alerts the leader has firing ([`RetentionFiring`]), so that the
+//! next leader resolves one that clears.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,10 @@ use crate::config::LeaderElectionConfig;
 /// The Lease annotation that carries [`ScheduleSlots`]: a JSON object, each
 /// schedule's key to the latest cron slot a leader started for it.
 pub const SLOTS_ANNOTATION: &str = "dlq-bridge/schedule-slots";
+
+/// The Lease annotation that carries [`RetentionFiring`]: a JSON object, each
+/// queue whose retention alert fires to when it started firing.
+pub const RETENTION_ANNOTATION: &str = "dlq-bridge/retention-firing";
 
 /// The cron slots the leader has started, per schedule, kept in the Lease
 /// (annotation [`SLOTS_ANNOTATION`], written with the renewals) so that a
@@ -176,6 +182,73 @@ impl ScheduleSlots {
     }
 }
 
+/// The queues whose retention alert the leader has sent as firing, and
+/// since when, kept in the Lease (annotation [`RETENTION_ANNOTATION`],
+/// written with the renewals and at once when it changes).
+///
+/// Only the leader checks retention (a check reads the DLQ, and on SQS and
+/// Pub/Sub a read leases), so unlike the poller's alerts a standby cannot
+/// work out for itself what fires. It mirrors what the leader wrote instead,
+/// and when it takes over, resolves an alert its predecessor sent once the
+/// messages are gone, as the poller's alerts are: a webhook or Slack channel
+/// is told, and not only Alertmanager by `endsAt`.
+#[derive(Default)]
+pub struct RetentionFiring {
+    firing: Mutex<BTreeMap<String, DateTime<Utc>>>,
+    /// Wakes the elector to write a change at once.
+    #[cfg_attr(not(feature = "k8s"), allow(dead_code))]
+    wake: Notify,
+}
+
+impl RetentionFiring {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DateTime<Utc>>> {
+        self.firing.lock().expect("retention firing lock")
+    }
+
+    /// Since when `queue`'s retention alert fires, as far as known.
+    pub fn since(&self, queue: &str) -> Option<DateTime<Utc>> {
+        self.lock().get(queue).copied()
+    }
+
+    /// Note what the leader's latest check of `queue` left firing.
+    pub fn set(&self, queue: &str, since: Option<DateTime<Utc>>) {
+        let mut firing = self.lock();
+        let changed = match since {
+            Some(t) => firing.insert(queue.to_string(), t) != Some(t),
+            None => firing.remove(queue).is_some(),
+        };
+        drop(firing);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Take what the Lease says while another replica leads (`None`: it has
+    /// none, so nothing fires as far as that leader said). A leader keeps its
+    /// own: it is the one writing.
+    #[cfg_attr(not(feature = "k8s"), allow(dead_code))]
+    pub(crate) fn learn(&self, annotation: Option<&str>, leading: bool) {
+        if leading {
+            return;
+        }
+        let theirs = match annotation.map(serde_json::from_str::<BTreeMap<String, DateTime<Utc>>>) {
+            None => BTreeMap::new(),
+            Some(Ok(map)) => map,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the Lease's {RETENTION_ANNOTATION} annotation is unreadable; ignored");
+                return;
+            }
+        };
+        *self.lock() = theirs;
+    }
+
+    /// The annotation to write.
+    #[cfg_attr(not(feature = "k8s"), allow(dead_code))]
+    pub(crate) fn annotation(&self) -> String {
+        serde_json::to_string(&*self.lock()).expect("a map of strings to times serializes")
+    }
+}
+
 /// `true` while this process is the leader.
 pub type Leadership = watch::Receiver<bool>;
 
@@ -232,6 +305,7 @@ pub type Elector = tokio::task::JoinHandle<()>;
 pub async fn start(
     _cfg: &LeaderElectionConfig,
     _slots: Arc<ScheduleSlots>,
+    _retention: Arc<RetentionFiring>,
     _cancel: CancellationToken,
 ) -> Result<(Leadership, Elector), LeaderError> {
     Err(LeaderError::NotCompiled)
@@ -241,6 +315,7 @@ pub async fn start(
 pub async fn start(
     cfg: &LeaderElectionConfig,
     slots: Arc<ScheduleSlots>,
+    retention: Arc<RetentionFiring>,
     cancel: CancellationToken,
 ) -> Result<(Leadership, Elector), LeaderError> {
     let client = kube::Client::try_default()
@@ -257,9 +332,42 @@ pub async fn start(
         me: identity(cfg),
         duration: cfg.lease_duration,
         slots,
+        retention,
     };
     let (tx, rx) = watch::channel(false);
     Ok((rx, tokio::spawn(elector.run(tx, cancel))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_mirrors_the_retention_alerts_the_leader_wrote() {
+        let at = |s: i64| DateTime::<Utc>::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let firing = RetentionFiring::default();
+        firing.set("orders", Some(at(0)));
+        let written = firing.annotation();
+        // Another replica, standing by, takes what the leader wrote...
+        let standby = RetentionFiring::default();
+        standby.learn(Some(&written), false);
+        assert_eq!(standby.since("orders"), Some(at(0)));
+        // ...and forgets what the leader resolved, or a Lease without it.
+        standby.learn(Some("{}"), false);
+        assert_eq!(standby.since("orders"), None);
+        standby.learn(Some(&written), false);
+        standby.learn(None, false);
+        assert_eq!(standby.since("orders"), None);
+        // An unreadable annotation changes nothing.
+        standby.learn(Some(&written), false);
+        standby.learn(Some("not json"), false);
+        assert_eq!(standby.since("orders"), Some(at(0)));
+        // While it leads, it is the one writing: what it reads is its own.
+        firing.learn(Some("{}"), true);
+        assert_eq!(firing.since("orders"), Some(at(0)));
+        firing.set("orders", None);
+        assert_eq!(firing.annotation(), "{}");
+    }
 }
 
 #[cfg(feature = "k8s")]
@@ -275,7 +383,7 @@ mod k8s {
     use tokio::sync::watch;
     use tokio_util::sync::CancellationToken;
 
-    use super::{SLOTS_ANNOTATION, ScheduleSlots};
+    use super::{RETENTION_ANNOTATION, RetentionFiring, SLOTS_ANNOTATION, ScheduleSlots};
 
     pub struct Elector {
         pub api: Api<Lease>,
@@ -283,6 +391,7 @@ mod k8s {
         pub me: String,
         pub duration: Duration,
         pub slots: Arc<ScheduleSlots>,
+        pub retention: Arc<RetentionFiring>,
     }
 
     /// How often to renew (or try to acquire): a third of the lease, as
@@ -413,6 +522,8 @@ mod k8s {
                     _ = tokio::time::sleep(pause) => {}
                     // A schedule's slot to record before its run starts.
                     _ = self.slots.wake.notified(), if leading => {}
+                    // A retention alert that fired or resolved.
+                    _ = self.retention.wake.notified(), if leading => {}
                     _ = cancel.cancelled() => break,
                 }
             }
@@ -453,7 +564,13 @@ mod k8s {
                 let lease = Lease {
                     metadata: ObjectMeta {
                         name: Some(self.name.clone()),
-                        annotations: Some([(SLOTS_ANNOTATION.to_string(), slots)].into()),
+                        annotations: Some(
+                            [
+                                (SLOTS_ANNOTATION.to_string(), slots),
+                                (RETENTION_ANNOTATION.to_string(), self.retention.annotation()),
+                            ]
+                            .into(),
+                        ),
                         ..Default::default()
                     },
                     spec: Some(self.spec(None, now)),
@@ -479,6 +596,16 @@ mod k8s {
                     .map(String::as_str),
                 !leading,
             );
+            // A standby mirrors the leader's retention alerts.
+            self.retention.learn(
+                lease
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(RETENTION_ANNOTATION))
+                    .map(String::as_str),
+                leading,
+            );
             let spec = lease.spec.clone().unwrap_or_default();
             let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
             let unchanged_for = observed.note(lease.metadata.resource_version.as_deref(), Instant::now());
@@ -493,11 +620,9 @@ mod k8s {
             }
             lease.spec = Some(self.spec(Some(&spec), now));
             let (slots, generation) = self.slots.annotation();
-            lease
-                .metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(SLOTS_ANNOTATION.to_string(), slots);
+            let annotations = lease.metadata.annotations.get_or_insert_default();
+            annotations.insert(SLOTS_ANNOTATION.to_string(), slots);
+            annotations.insert(RETENTION_ANNOTATION.to_string(), self.retention.annotation());
             // `replace` carries the resourceVersion we read: if another replica
             // wrote in between, the API answers 409 and we lost this round.
             match self.api.replace(&self.name, &PostParams::default(), &lease).await {

@@ -22,7 +22,7 @@ use crate::sidecar::alert::Evaluator;
 use crate::sidecar::alert::sinks::Sinks;
 use crate::sidecar::app::{App, RunStatus};
 use crate::sidecar::exclusion::QueueLocks;
-use crate::sidecar::leader::{self, Leadership, ScheduleSlots};
+use crate::sidecar::leader::{self, Leadership, RetentionFiring, ScheduleSlots};
 use crate::sidecar::metrics::Metrics;
 use crate::sidecar::poller::{AdminLimits, PollResult, Poller, StatusCache};
 use crate::sidecar::{dashboard, guard};
@@ -77,9 +77,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         catch_up: election.enabled.then(|| leader::catch_up_window(election)),
         record_within: leader::record_within(election),
     };
+    let retention_firing = Arc::new(RetentionFiring::default());
     let (leadership, elector): (Leadership, Option<leader::Elector>) = if config.serve.leader_election.enabled {
-        let (leadership, elector) =
-            leader::start(&config.serve.leader_election, slots.clone(), shutdown.clone()).await?;
+        let (leadership, elector) = leader::start(
+            &config.serve.leader_election,
+            slots.clone(),
+            retention_firing.clone(),
+            shutdown.clone(),
+        )
+        .await?;
         (leadership, Some(elector))
     } else {
         (leader::always(), None)
@@ -156,6 +162,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             q.name.clone(),
             data_dir.clone(),
             sinks.clone(),
+            retention_firing.clone(),
             leadership.clone(),
             shutdown.clone(),
         ));
@@ -558,6 +565,7 @@ async fn retention_loop(
     queue: String,
     data_dir: Option<PathBuf>,
     sinks: Sinks,
+    firing: Arc<RetentionFiring>,
     mut leadership: Leadership,
     shutdown: CancellationToken,
 ) {
@@ -571,7 +579,6 @@ async fn retention_loop(
         .queue(&queue)
         .map(|q| q.kind.backend_name().to_string())
         .unwrap_or_default();
-    let mut firing_since: Option<DateTime<Utc>> = None;
     loop {
         if *leadership.borrow_and_update() {
             // A purge run like any other: the poller's sample and the API's
@@ -624,6 +631,9 @@ async fn retention_loop(
                     }
                     if policy.action == RetentionAction::Alert {
                         let now = Utc::now();
+                        // What this replica sent while leading, or, just
+                        // after it took over, what its predecessor did.
+                        let mut firing_since = firing.since(&queue);
                         let status = if o.expired > 0 {
                             firing_since.get_or_insert(now);
                             Some(Status::Firing)
@@ -660,6 +670,7 @@ async fn retention_loop(
                                 valid_for: policy.check_every + Duration::from_secs(300),
                             });
                         }
+                        firing.set(&queue, firing_since);
                     }
                 }
                 Err(e) => {
