@@ -709,6 +709,14 @@ mod servicebus {
             same_value(&owned.value, &a.value) && owned.data_type == a.data_type,
             "a lease's attribute {owned:?} differs from a browse's {a:?}"
         );
+        // An export (or a purge's backup) reads back as what was written.
+        let json = serde_json::to_string(&a).expect("an attribute serializes");
+        let read: crate::model::Attribute =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{a:?} exported as {json} does not read back: {e}"));
+        assert!(
+            same_value(&read.value, &a.value) && read.data_type == a.data_type,
+            "{a:?} exported as {json} read back as {read:?}"
+        );
         let back = attribute_to_amqp(&a).unwrap_or_else(|e| panic!("{v:?} → {a:?} cannot go back: {e}"));
         assert_eq!(back, v, "an application property changed type or value (model: {a:?})");
     }

@@ -29,6 +29,11 @@ pub enum AttrValue {
     Binary(Bytes),
     Bool(bool),
     Int(i64),
+    /// NaN and the infinities, which JSON numbers cannot hold, are written
+    /// as the strings `"NaN"`, `"Infinity"` and `"-Infinity"` (serde_json
+    /// would write `null`, which reads back as nothing at all: an export or
+    /// a purge's backup could not be imported).
+    #[serde(with = "json_float")]
     Float(f64),
     Timestamp(DateTime<Utc>),
     Uuid(uuid::Uuid),
@@ -282,6 +287,37 @@ mod base64_bytes {
     }
 }
 
+mod json_float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(f: &f64, s: S) -> Result<S::Ok, S::Error> {
+        match *f {
+            f if f.is_finite() => s.serialize_f64(f),
+            f if f.is_nan() => s.serialize_str("NaN"),
+            f if f > 0.0 => s.serialize_str("Infinity"),
+            _ => s.serialize_str("-Infinity"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Float {
+            Number(f64),
+            Text(String),
+        }
+        match Float::deserialize(d)? {
+            Float::Number(f) => Ok(f),
+            Float::Text(t) if t == "NaN" => Ok(f64::NAN),
+            Float::Text(t) if t == "Infinity" => Ok(f64::INFINITY),
+            Float::Text(t) if t == "-Infinity" => Ok(f64::NEG_INFINITY),
+            Float::Text(other) => Err(serde::de::Error::custom(format!(
+                "a float is a JSON number, or \"NaN\", \"Infinity\" or \"-Infinity\", not {other:?}"
+            ))),
+        }
+    }
+}
+
 mod opt_secs {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
@@ -369,6 +405,29 @@ mod tests {
         assert_eq!(json, r#"{"type":"binary","value":"AJ+Slg==","data_type":"Binary.gif"}"#);
         let back: Attribute = serde_json::from_str(&json).unwrap();
         assert_eq!(back, attr);
+    }
+
+    #[test]
+    fn floats_json_cannot_hold_round_trip_as_strings() {
+        for (f, json) in [
+            (f64::NAN, r#"{"type":"float","value":"NaN"}"#),
+            (f64::INFINITY, r#"{"type":"float","value":"Infinity"}"#),
+            (f64::NEG_INFINITY, r#"{"type":"float","value":"-Infinity"}"#),
+            (-0.0, r#"{"type":"float","value":-0.0}"#),
+            (f64::MAX, r#"{"type":"float","value":1.7976931348623157e+308}"#),
+        ] {
+            let attr = Attribute {
+                value: AttrValue::Float(f),
+                data_type: None,
+            };
+            assert_eq!(serde_json::to_string(&attr).unwrap(), json);
+            let AttrValue::Float(back) = serde_json::from_str::<Attribute>(json).unwrap().value else {
+                panic!("{json} did not read back as a float");
+            };
+            assert!(back.to_bits() == f.to_bits() || (back.is_nan() && f.is_nan()), "{json}: {back}");
+        }
+        let e = serde_json::from_str::<Attribute>(r#"{"type":"float","value":"nan"}"#).unwrap_err();
+        assert!(e.to_string().contains(r#"not "nan""#), "{e}");
     }
 
     #[test]
