@@ -90,67 +90,161 @@ pub enum FilterError {
 const MAX_FILTER_BYTES: usize = 16 * 1024;
 const MAX_FILTER_OPERATORS: usize = 200;
 const MAX_FILTER_NESTING: usize = 32;
+/// Evaluation cannot be interrupted: `[0,…,9].exists(a, [0,…,9].exists(b,
+/// …))` nine deep runs for hours per message and holds off Ctrl-C.
+const MAX_COMPREHENSION_NESTING: usize = 3;
 
-/// Nesting depth outside string literals: open brackets plus runs of unary
-/// operators (`!!!x`, `- - x`), which nest in the parse tree the same way.
-/// Returns the depth and the 1-based line and column where it is deepest.
+/// Nesting depth outside string literals: open brackets, runs of unary
+/// operators (`!!!x`, `- - x`) and chains of member selections (`a.b.c`),
+/// which all nest in the parse tree the same way. Returns the depth and the
+/// 1-based line and column where it is deepest.
 #[cfg(test)]
 fn nesting(source: &str) -> (usize, usize, usize) {
-    complexity(source).0
+    complexity(source).deepest
 }
 
-/// [`nesting`], and the number of binary operators: a chain `a + b + c …`
-/// is as deep in the tree as it is long.
-fn complexity(source: &str) -> ((usize, usize, usize), usize) {
-    let (mut depth, mut unary, mut deepest) = (0usize, 0usize, (0, 1, 1));
-    let mut operators = 0usize;
+/// What [`Filter::compile`] checks before it hands a source to the parser.
+struct Complexity {
+    /// [`nesting`]'s depth, line and column.
+    deepest: (usize, usize, usize),
+    /// Binary operators: a chain `a + b + c …` is as deep in the tree as it
+    /// is long.
+    operators: usize,
+    /// The deepest nesting of comprehension macros (`exists`, `all`, ...),
+    /// with its line and column: each level multiplies the work per message
+    /// by the length of its list.
+    comprehensions: (usize, usize, usize),
+}
+
+/// The macros that loop over a list or map.
+const COMPREHENSIONS: [&str; 5] = ["all", "exists", "exists_one", "map", "filter"];
+
+/// A small lexer, enough to skip CEL's string literals (quoted with `"` or
+/// `'`, or tripled; raw with an `r` prefix, where a backslash escapes
+/// nothing) and to see brackets, operators and member selections.
+fn complexity(source: &str) -> Complexity {
+    let chars: Vec<char> = source.chars().collect();
+    let mut out = Complexity {
+        deepest: (0, 1, 1),
+        operators: 0,
+        comprehensions: (0, 1, 1),
+    };
+    let (mut depth, mut unary, mut chain) = (0usize, 0usize, 0usize);
+    // Per open bracket: the member chain it interrupted, and whether it
+    // opens a comprehension's arguments.
+    let mut open: Vec<(usize, bool)> = Vec::new();
+    let mut looping = 0usize;
     let (mut line, mut column) = (1, 0);
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
     let mut prev_operand = false;
-    for c in source.chars() {
-        column += 1;
-        if c == '\n' {
-            line += 1;
-            column = 0;
+    // The identifier being read (a string's prefix, a macro's name), and
+    // whether a member selection's `.` came right before it.
+    let mut word = String::new();
+    let mut selected = false;
+    let mut after_dot = false;
+    let mut i = 0;
+    let step = |i: &mut usize, line: &mut usize, column: &mut usize| {
+        *column += 1;
+        if chars[*i] == '\n' {
+            *line += 1;
+            *column = 0;
         }
-        if let Some(q) = quote {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == q {
-                quote = None;
-                prev_operand = true;
+        *i += 1;
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        step(&mut i, &mut line, &mut column);
+        if c == '"' || c == '\'' {
+            let raw = word.len() <= 2
+                && word.chars().any(|p| p == 'r' || p == 'R')
+                && word.chars().all(|p| "rRbB".contains(p));
+            let triple = chars.get(i) == Some(&c) && chars.get(i + 1) == Some(&c);
+            if triple {
+                step(&mut i, &mut line, &mut column);
+                step(&mut i, &mut line, &mut column);
             }
+            while i < chars.len() {
+                let d = chars[i];
+                step(&mut i, &mut line, &mut column);
+                if d == '\\' && !raw {
+                    if i < chars.len() {
+                        step(&mut i, &mut line, &mut column);
+                    }
+                } else if d == c && !triple {
+                    break;
+                } else if d == c && chars.get(i) == Some(&c) && chars.get(i + 1) == Some(&c) {
+                    step(&mut i, &mut line, &mut column);
+                    step(&mut i, &mut line, &mut column);
+                    break;
+                }
+            }
+            word.clear();
+            prev_operand = true;
             continue;
         }
-        match c {
-            '"' | '\'' => quote = Some(c),
-            '(' | '[' | '{' => {
-                depth += 1;
-                unary = 0;
-                prev_operand = false;
+        if c.is_alphanumeric() || c == '_' {
+            if word.is_empty() {
+                selected = after_dot;
             }
-            ')' | ']' | '}' => {
-                depth = depth.saturating_sub(1);
-                prev_operand = true;
-            }
-            '!' | '-' if !prev_operand => unary += 1,
-            c if c.is_whitespace() => {}
-            c => {
-                if prev_operand && "+-*/%<>=!&|?:".contains(c) {
-                    operators += 1;
+            word.push(c);
+            after_dot = false;
+            prev_operand = true;
+            unary = 0;
+        } else {
+            let name = std::mem::take(&mut word);
+            let was_after_dot = std::mem::take(&mut after_dot);
+            match c {
+                '(' | '[' | '{' => {
+                    let comprehension = c == '(' && selected && COMPREHENSIONS.contains(&name.as_str());
+                    open.push((chain, comprehension));
+                    if comprehension {
+                        looping += 1;
+                        if looping > out.comprehensions.0 {
+                            out.comprehensions = (looping, line, column);
+                        }
+                    }
+                    depth += 1;
+                    unary = 0;
+                    chain = 0;
+                    prev_operand = false;
                 }
-                prev_operand = c.is_alphanumeric() || c == '_' || c == '.';
-                unary = 0;
+                ')' | ']' | '}' => {
+                    depth = depth.saturating_sub(1);
+                    if let Some((outer, comprehension)) = open.pop() {
+                        chain = outer;
+                        looping -= usize::from(comprehension);
+                    }
+                    prev_operand = true;
+                }
+                // A member selection (not a number's decimal point).
+                '.' if prev_operand && chars.get(i).is_some_and(|n| n.is_alphabetic() || *n == '_') => {
+                    chain += 1;
+                    after_dot = true;
+                    prev_operand = false;
+                }
+                '.' if was_after_dot => {}
+                '!' | '-' if !prev_operand => unary += 1,
+                c if c.is_whitespace() => {}
+                c => {
+                    if prev_operand && "+-*/%<>=!&|?:".contains(c) {
+                        out.operators += 1;
+                    }
+                    if c != '.' {
+                        chain = 0;
+                    }
+                    prev_operand = c == '.';
+                    unary = 0;
+                }
+            }
+            if c.is_whitespace() {
+                // A name ends at a space; `a .b` still selects.
+                prev_operand = prev_operand || !name.is_empty();
             }
         }
-        if depth + unary > deepest.0 {
-            deepest = (depth + unary, line, column);
+        if depth + unary + chain > out.deepest.0 {
+            out.deepest = (depth + unary + chain, line, column);
         }
     }
-    (deepest, operators)
+    out
 }
 
 /// A compiled filter, shareable across tasks.
@@ -182,7 +276,11 @@ impl Filter {
                 source.len()
             )));
         }
-        let ((depth, line, column), operators) = complexity(source);
+        let Complexity {
+            deepest: (depth, line, column),
+            operators,
+            comprehensions,
+        } = complexity(source);
         if operators > MAX_FILTER_OPERATORS {
             return Err(FilterError::TooComplex(format!(
                 "{operators} operators; the limit is {MAX_FILTER_OPERATORS}"
@@ -191,6 +289,13 @@ impl Filter {
         if depth > MAX_FILTER_NESTING {
             return Err(FilterError::TooComplex(format!(
                 "nested {depth} levels deep at {line}:{column}; the limit is {MAX_FILTER_NESTING}"
+            )));
+        }
+        if comprehensions.0 > MAX_COMPREHENSION_NESTING {
+            return Err(FilterError::TooComplex(format!(
+                "comprehensions (all, exists, exists_one, map, filter) nested {} deep at {}:{}; the limit is \
+                 {MAX_COMPREHENSION_NESTING} (each level multiplies the work per message by its list's length)",
+                comprehensions.0, comprehensions.1, comprehensions.2
             )));
         }
         let mut env = Env::stdlib();
@@ -1454,6 +1559,63 @@ mod tests {
     }
 
     #[test]
+    fn raw_and_triple_quoted_strings_do_not_hide_the_nesting_after_them() {
+        let parens = |n: usize| format!("{}true{}", "(".repeat(n), ")".repeat(n));
+        // In a raw string a backslash escapes nothing: `r"\"` ends there.
+        for string in [
+            r#"r"\""#,
+            r#"R'\'"#,
+            r#"br"\""#,
+            r#""""a"b""""#,
+            r#"'''it's'''"#,
+            r#"r"""\""""#,
+        ] {
+            let source = format!("body == {string} && {}", parens(300));
+            let e = Filter::compile(&source).unwrap_err().to_string();
+            assert!(e.contains("nested 300 levels"), "{source}: {e}");
+        }
+        // The same strings, with the brackets inside them, are flat.
+        assert_eq!(nesting(r#"body == r"\((((" && body == """(("((""""#).0, 0);
+        assert_eq!(nesting(r#"body == "\"(((""#).0, 0);
+        // A chain of member selections nests like brackets (a decimal point
+        // is not one).
+        let chain = format!("json{} == 1.5", ".a".repeat(8000));
+        assert!(
+            Filter::compile(&chain)
+                .unwrap_err()
+                .to_string()
+                .contains("nested 8000 levels")
+        );
+        assert_eq!(nesting("json.order.items.size() > 1.5").0, 3);
+        assert_eq!(nesting("a.b(x.y.z).c").0, 3);
+    }
+
+    #[test]
+    fn nested_comprehensions_are_bounded() {
+        let list = "[0,1,2,3,4,5,6,7,8,9]";
+        let nest = |n: usize| {
+            let mut f = String::from("false");
+            for level in 0..n {
+                f = format!("{list}.exists(v{level}, {f})");
+            }
+            f
+        };
+        assert!(Filter::compile(&nest(MAX_COMPREHENSION_NESTING)).is_ok());
+        let e = Filter::compile(&nest(MAX_COMPREHENSION_NESTING + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("comprehensions (all, exists, exists_one, map, filter) nested 4 deep"),
+            "{e}"
+        );
+        // Side by side they do not multiply.
+        let flat = vec!["attributes.exists(k, k == 'x')"; 8].join(" || ");
+        assert!(Filter::compile(&flat).is_ok());
+        // A function of that name outside a member call is not a comprehension.
+        assert_eq!(complexity("exists(exists(exists(exists(1))))").comprehensions.0, 0);
+    }
+
+    #[test]
     fn filters_at_the_limits_compile_and_run() {
         // A debug build's parser frames are ~8× a release build's: 16 MiB here
         // stands for the 2 MiB tokio worker that compiles API filters in release
@@ -1472,6 +1634,9 @@ mod tests {
                 chain.push_str(" > 0");
                 let f = Filter::compile(&chain).unwrap();
                 assert_eq!(f.matches(&msg(), Utc::now()), Ok(true));
+                let members = format!("has(attributes{})", ".a".repeat(MAX_FILTER_NESTING - 2));
+                // Evaluated, to whatever end (attribute `a` has no member `a`).
+                let _ = Filter::compile(&members).unwrap().matches(&msg(), Utc::now());
             })
             .unwrap()
             .join()

@@ -424,7 +424,10 @@ mod tests {
             let AttrValue::Float(back) = serde_json::from_str::<Attribute>(json).unwrap().value else {
                 panic!("{json} did not read back as a float");
             };
-            assert!(back.to_bits() == f.to_bits() || (back.is_nan() && f.is_nan()), "{json}: {back}");
+            assert!(
+                back.to_bits() == f.to_bits() || (back.is_nan() && f.is_nan()),
+                "{json}: {back}"
+            );
         }
         let e = serde_json::from_str::<Attribute>(r#"{"type":"float","value":"nan"}"#).unwrap_err();
         assert!(e.to_string().contains(r#"not "nan""#), "{e}");
