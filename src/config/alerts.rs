@@ -196,7 +196,7 @@ pub struct SinkTarget {
     #[serde(default, deserialize_with = "opt_sink_url")]
     pub url: Option<String>,
     /// Environment variable holding the URL (for URLs that carry a secret).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::env::opt_var_name")]
     pub url_env: Option<String>,
     /// Extra labels (Alertmanager) or fields (webhook) added to every notification.
     #[serde(default)]

@@ -24,6 +24,33 @@ pub fn env_overrides_from_process() -> Vec<(String, String)> {
     out
 }
 
+/// For the `*_env` fields: the name of an environment variable (letters,
+/// digits, `_`, `.` and `-`, not starting with a digit), checked when the
+/// file is loaded. A value that cannot be one is most likely the secret
+/// itself pasted in (a connection string, a webhook URL): it is refused
+/// without being repeated, since every later error would print it as the
+/// name of a variable that is not set.
+pub(super) fn opt_var_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::Deserialize as _;
+    let name = Option::<String>::deserialize(d)?;
+    if let Some(n) = &name
+        && !n.trim().is_empty()
+        && !is_var_name(n)
+    {
+        return Err(serde::de::Error::custom(
+            "must be the name of an environment variable (letters, digits, `_`, `.`, `-`), which holds \
+             the secret: this value is not one (is it the secret itself? it is not repeated here)",
+        ));
+    }
+    Ok(name)
+}
+
+fn is_var_name(n: &str) -> bool {
+    n.len() <= 256
+        && n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && n.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
 pub(super) fn env_var_for(dotted: &str) -> String {
     format!(
         "{ENV_PREFIX}{ENV_SEPARATOR}{}",

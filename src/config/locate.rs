@@ -265,6 +265,21 @@ pub(super) fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> Confi
     {
         message = rest.to_string();
     }
+    // serde quotes a string it cannot take ("invalid type: string \"…\",
+    // expected struct SinkTarget"): in a config that may be a secret (a
+    // webhook URL where `{url: …}` was meant), and the location already
+    // points at it.
+    for kind in ["invalid type: string \"", "invalid value: string \""] {
+        if let Some(rest) = message.strip_prefix(kind)
+            && let Some(end) = rest.rfind("\", expected")
+        {
+            message = format!("{}{}", kind.trim_end_matches(" \""), &rest[end + 1..]);
+        }
+    }
+    message = message.replace(
+        "expected struct SinkTarget",
+        "expected `{url: …}` or `{url_env: VARIABLE}`",
+    );
     // A syntax error deep in a document ends its path with `?` (the key that
     // could not be read): name the part that was read, and say it is syntax.
     let syntax = field == "?" || field.ends_with(".?");

@@ -557,6 +557,43 @@ mod tests {
         Config::from_yaml(text, "test.yaml", &[])
     }
 
+    #[test]
+    fn a_secret_pasted_where_a_variable_name_goes_is_refused_and_not_repeated() {
+        let secret = "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=S3CRET";
+        let url = "https://hooks.slack.com/services/T0/B0/S3CRET";
+        for (text, line) in [
+            (
+                format!(
+                    "queues:\n  - name: q\n    servicebus:\n      queue: q\n      connection_string_env: \"{secret}\"\n"
+                ),
+                5,
+            ),
+            (
+                format!("queues:\n  - name: q\n    sqs: {{queue: q}}\nserve:\n  token_env: \"tok en\"\n"),
+                5,
+            ),
+            (
+                format!(
+                    "queues:\n  - name: q\n    sqs: {{queue: q}}\nalerts:\n  sinks:\n    - slack: {{url_env: \"{url}\"}}\n"
+                ),
+                6,
+            ),
+            // `slack: URL` where `slack: {url: URL}` was meant: serde's
+            // "invalid type" would quote it.
+            (
+                format!("queues:\n  - name: q\n    sqs: {{queue: q}}\nalerts:\n  sinks:\n    - slack: \"{url}\"\n"),
+                6,
+            ),
+        ] {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(!e.contains("S3CRET") && !e.contains("tok en"), "{e}");
+            assert!(e.starts_with(&format!("test.yaml:{line}:")), "{e}");
+        }
+        // Names as Kubernetes and shells write them are taken.
+        let ok = "queues:\n  - name: q\n    sqs: {queue: q}\nserve:\n  token_env: DLQ_BRIDGE.api-token_2\n";
+        assert!(parse(ok).is_ok());
+    }
+
     /// The README says config/example.yaml documents every setting: each
     /// field the parser knows, section by section (as its own "unknown
     /// field, expected one of" error lists them), is set or shown in a

@@ -205,7 +205,7 @@ pub struct ServiceBusQueueConfig {
     /// emulator. Reading counts (`list`, metrics) needs a policy with the
     /// Manage right; browsing and redriving need Listen and Send. Unset: Entra
     /// ID through workload identity, with `namespace`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::env::opt_var_name")]
     pub connection_string_env: Option<String>,
     /// The namespace, `NS` or `NS.servicebus.windows.net`. Default: the
     /// connection string's endpoint. Required for Entra ID.

@@ -18,7 +18,7 @@ pub struct ServeConfig {
     pub listen: String,
     /// Environment variable holding the bearer token that mutating API calls
     /// (redrives) must present. Unset: no token is required (loopback only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::env::opt_var_name")]
     pub token_env: Option<String>,
     /// Where the journal (unless `redrive.journal` names one) and state
     /// live. Default: `$XDG_STATE_HOME/dlq-bridge`.
