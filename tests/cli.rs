@@ -354,6 +354,15 @@ async fn inspect_reads_at_most_limit_unfiltered_and_at_most_scan_filtered() {
     let msgs: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(msgs.as_array().unwrap().len(), 6, "{out}");
     assert!(!err.contains("--scan"), "{err}");
+
+    // --scan bounds the search for a filter's matches, not an unfiltered
+    // read: `-n 5 --scan 3` shows five (it showed three, and said nothing).
+    let (code, out, err) = run(bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["inspect", "orders", "-n", "5", "--scan", "3"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("5 shown, 5 read"), "{err}");
 }
 
 /// `dlq-bridge ... | head` closes the pipe before the command has written

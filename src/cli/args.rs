@@ -64,8 +64,9 @@ pub enum Command {
         /// Messages shown at most. Without --filter only this many are read.
         #[arg(long, short = 'n', default_value_t = 20, value_name = "N", value_parser = at_least_one::<usize>)]
         limit: usize,
-        /// Messages read at most while looking for --filter's matches (read in
-        /// one go, however early --limit of them match).
+        /// Messages read at most while looking for --filter's matches; the read
+        /// stops at the --limit-th match. Without --filter, --limit alone
+        /// bounds the read.
         #[arg(long, default_value_t = 1000, value_name = "N", value_parser = at_least_one::<usize>)]
         scan: usize,
         /// Output: an aligned table for people, or JSON for scripts.

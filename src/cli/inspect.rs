@@ -112,9 +112,10 @@ pub(crate) async fn inspect(
             backend.kind()
         );
     }
-    // Without a filter every message read is shown, so read no more than
-    // --limit: on SQS and Pub/Sub each one read gets its delivery count raised.
-    let read = if filtered { scan } else { scan.min(limit) };
+    // Without a filter every message read is shown, so read --limit (and no
+    // more: on SQS and Pub/Sub each one read gets its delivery count raised);
+    // --scan bounds the search for a filter's matches only.
+    let read = if filtered { scan } else { limit };
     let now = Utc::now();
     // Only the matches shown are kept: the rest are dropped as they are read.
     let cancel = CancellationToken::new();

@@ -18,7 +18,7 @@ use crate::engine::triage::{
     GroupBy, ImportRequest, ImportSummary, PurgeRequest, Report, ReportRequest, RetentionOutcome, TriageError,
     apply_retention, compile, export, import, purge, read_note, report,
 };
-use crate::model::preview;
+use crate::model::{preview, printable};
 use crate::output::{Format, Table, destination_lines, human_age};
 
 fn print_json<T: Serialize>(v: &T) -> Result<(), Failure> {
@@ -256,7 +256,7 @@ fn report_table(r: &Report) -> String {
             age(g.first_enqueued_at),
             age(g.last_enqueued_at),
             deliveries,
-            g.sample_id.clone(),
+            printable(&g.sample_id).into_owned(),
             key,
         ]);
     }
@@ -293,13 +293,16 @@ fn import_text(s: &ImportSummary) -> String {
         out.push_str(&format!("  filter errors: {}\n", s.filter_errors));
     }
     for (name, n) in &s.stripped {
-        out.push_str(&format!("  stripped dead-letter attribute `{name}`: {n} messages\n"));
+        out.push_str(&format!(
+            "  stripped dead-letter attribute `{}`: {n} messages\n",
+            printable(name)
+        ));
     }
     if s.not_carried.is_empty() {
         out.push_str("  carried as is: bodies, attributes and their types\n");
     }
     for (what, n) in &s.not_carried {
-        out.push_str(&format!("  not carried as is: {what}: {n} messages\n"));
+        out.push_str(&format!("  not carried as is: {}: {n} messages\n", printable(what)));
     }
     out.push_str(&crate::output::error_lines(&s.errors));
     if let Some(n) = s.resume_line.filter(|_| !s.dry_run) {
@@ -382,9 +385,9 @@ fn retention_text(o: &RetentionOutcome) -> String {
             for m in &o.listed {
                 out.push_str(&format!(
                     "    {}  age {}  reason={}\n",
-                    m.id,
+                    printable(&m.id),
                     human_age(Some(Duration::from_secs(m.age_seconds))),
-                    m.reason.as_deref().unwrap_or("-")
+                    m.reason.as_deref().map_or("-".into(), printable)
                 ));
             }
         }
@@ -458,8 +461,8 @@ mod tests {
             sent: 0,
             failed: 1,
             filter_errors: 0,
-            not_carried: Default::default(),
-            stripped: Default::default(),
+            not_carried: [("property `n\x1b[2J` (a map)".to_string(), 1)].into_iter().collect(),
+            stripped: [("n\x1b]0;pwned\x07".to_string(), 1)].into_iter().collect(),
             errors: vec!["line 1: message m-1\x1b]0;pwned\x07: send failed".into()],
             interrupted: false,
             resume_line: None,
@@ -470,5 +473,30 @@ mod tests {
             text.contains(r"  error: line 1: message m-1\u{1b}]0;pwned\u{7}: send failed"),
             "{text}"
         );
+    }
+
+    /// A retention dry run lists the IDs and reasons of expired messages,
+    /// which their senders chose.
+    #[test]
+    fn a_retention_listing_escapes_what_the_messages_hold() {
+        let o = RetentionOutcome {
+            queue: "orders".into(),
+            max_age_seconds: 60,
+            action: RetentionAction::ExportThenPurge,
+            dry_run: true,
+            read: 1,
+            expired: 1,
+            listed: vec![crate::engine::triage::ExpiredMessage {
+                id: "m-1\u{202e}".into(),
+                age_seconds: 120,
+                reason: Some("\x1b[2J\x1b]0;pwned\x07FAKE: all good".into()),
+            }],
+            held_back: 0,
+            purge: None,
+            backup: None,
+        };
+        let text = retention_text(&o);
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+        assert!(text.contains(r"m-1\u{202e}  age"), "{text}");
     }
 }
