@@ -1609,7 +1609,7 @@ mod tests {
             "{e}"
         );
         // Side by side they do not multiply.
-        let flat = vec!["attributes.exists(k, k == 'x')"; 8].join(" || ");
+        let flat = ["attributes.exists(k, k == 'x')"; 8].join(" || ");
         assert!(Filter::compile(&flat).is_ok());
         // A function of that name outside a member call is not a comprehension.
         assert_eq!(complexity("exists(exists(exists(exists(1))))").comprehensions.0, 0);

@@ -194,13 +194,49 @@ pub(super) fn parse_located<T: serde::de::DeserializeOwned>(text: &str, origin: 
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
         let mut err = invalid(origin, &field, e.inner());
-        if let (ConfigError::Invalid { location, .. }, Some(loc)) = (&mut err, e.inner().location())
-            && let Some((line, column)) = refine_location(text, loc.line(), loc.column(), &field)
-        {
-            *location = format!("{origin}:{line}:{column}");
+        if let (ConfigError::Invalid { location, message, .. }, Some(loc)) = (&mut err, e.inner().location()) {
+            let refined = match duplicate_key(message) {
+                Some(key) => duplicate_key_location(text, loc.line(), loc.column(), key),
+                None => refine_location(text, loc.line(), loc.column(), &field),
+            };
+            if let Some((line, column)) = refined {
+                *location = format!("{origin}:{line}:{column}");
+            }
         }
         err
     })
+}
+
+/// The key serde's "duplicate field `KEY`" names.
+fn duplicate_key(message: &str) -> Option<&str> {
+    message.strip_prefix("duplicate field `")?.split('`').next()
+}
+
+/// serde_yaml places a duplicate key's error at the first key of its
+/// mapping (`line`, `column`). The duplicate is the second `KEY:` among that
+/// mapping's keys: those in `column`, up to the first line indented less.
+fn duplicate_key_location(text: &str, line: usize, column: usize, key: &str) -> Option<(usize, usize)> {
+    let indent = column.checked_sub(1)?;
+    let mut seen = 0;
+    for (n, l) in text.lines().enumerate().skip(line.checked_sub(1)?) {
+        let body = l.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        // The mapping's first key may follow a list item's `- `.
+        let at = if n + 1 == line { indent } else { l.len() - body.len() };
+        if at < indent {
+            break;
+        }
+        let Some(rest) = l.get(indent..) else { continue };
+        if at == indent && rest.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with(':')) {
+            seen += 1;
+            if seen == 2 {
+                return Some((n + 1, column));
+            }
+        }
+    }
+    None
 }
 
 /// serde_yaml places errors raised by a value's own checks (a bad duration, a
@@ -351,6 +387,32 @@ mod tests {
         assert!(err.contains("unknown field `regoin`"), "{err}");
         assert!(err.contains("`region`"), "{err}");
         assert!(err.ends_with("did you mean `region`?"), "{err}");
+    }
+
+    #[test]
+    fn a_duplicate_key_is_reported_where_it_repeats() {
+        let q = "queues:\n  - name: q\n    sqs:\n      queue: q\n";
+        for (text, at) in [
+            (
+                format!("{q}      region: a\n      # a comment\n\n      region: b\n"),
+                "test.yaml:8:7:",
+            ),
+            (
+                format!("{q}redrive:\n  hold: 1m\n  rate: 5\n  hold: 2m\n"),
+                "test.yaml:8:3:",
+            ),
+            (
+                format!("{q}serve:\n  listen: 127.0.0.1:1\nserve:\n  poll_interval: 1s\n"),
+                "test.yaml:7:1:",
+            ),
+            (
+                "queues:\n  - name: q\n    name: r\n    sqs: {queue: q}\n".to_string(),
+                "test.yaml:3:5:",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with(at) && err.contains("duplicate field"), "{text}\n{err}");
+        }
     }
 
     #[test]

@@ -569,7 +569,7 @@ mod tests {
                 5,
             ),
             (
-                format!("queues:\n  - name: q\n    sqs: {{queue: q}}\nserve:\n  token_env: \"tok en\"\n"),
+                "queues:\n  - name: q\n    sqs: {queue: q}\nserve:\n  token_env: \"tok en\"\n".to_string(),
                 5,
             ),
             (
