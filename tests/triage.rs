@@ -800,3 +800,35 @@ fn assert_earlier_export_kept(file: &std::path::Path, dir: &std::path::Path, err
         .collect();
     assert!(left.is_empty(), "no partial file is left behind: {left:?}");
 }
+
+/// `export --to /dev/stdout >> all.jsonl` (or `--to -`) adds to what the
+/// file held: the lines go through the descriptor the shell opened. Opening
+/// the name anew reached the file itself, and the export was renamed over
+/// it, which took every earlier export with it. The summary goes to stderr,
+/// out of the lines.
+#[tokio::test]
+async fn an_export_to_standard_output_appends_where_the_shell_said() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&numbered(3)).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+    let file = dir.join("all.jsonl");
+    std::fs::write(&file, EARLIER_EXPORT).unwrap();
+    for to in ["/dev/stdout", "-"] {
+        let out = bin(&dir)
+            .arg("-c")
+            .arg(&cfg)
+            .args(["export", "orders", "--to", to])
+            .stdout(std::fs::OpenOptions::new().append(true).open(&file).unwrap())
+            .output()
+            .expect("run dlq-bridge");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{to}: {err}");
+        assert!(err.contains("exported 3 of 3 messages"), "{to}: {err}");
+    }
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with(EARLIER_EXPORT), "{text}");
+    let added: Vec<&str> = text[EARLIER_EXPORT.len()..].lines().collect();
+    assert_eq!(added.len(), 6, "{text}");
+    assert!(added.iter().all(|l| l.starts_with('{')), "{text}");
+}

@@ -118,7 +118,8 @@ pub enum Command {
         /// The DLQ: a queue name from the config (`dlq-bridge list` shows them).
         #[arg(value_name = "QUEUE")]
         queue: String,
-        /// The JSONL file to write, one message per line (replaced if it exists).
+        /// The JSONL file to write, one message per line (replaced if it
+        /// exists); `-` for standard output (the summary then goes to stderr).
         #[arg(long, value_name = "FILE.jsonl")]
         to: PathBuf,
         /// CEL filter; only matching messages are written. Default: every message.

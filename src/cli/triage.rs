@@ -83,23 +83,31 @@ pub async fn cli_export(
         eprintln!("export interrupted: {} left as it was", s.file.display());
         return Ok(code);
     }
-    match output {
-        Format::Json => print_json(&s)?,
+    // Exported to standard output: the summary goes to stderr, out of the
+    // lines a pipe's reader imports.
+    let summary = match output {
+        Format::Json => serde_json::to_string_pretty(&s)?,
         Format::Table => {
-            outln!(
+            let mut text = format!(
                 "exported {} of {} messages read from {} to {}",
                 s.written,
                 s.read,
                 s.queue,
                 s.file.display()
-            )?;
+            );
             if s.capped {
-                outln!("  the browse stopped at its cap (--max); the DLQ may hold more")?;
+                text.push_str("\n  the browse stopped at its cap (--max); the DLQ may hold more");
             }
             if s.filter_errors > 0 {
-                outln!("  filter errors: {} (counted as no match)", s.filter_errors)?;
+                text.push_str(&format!("\n  filter errors: {} (counted as no match)", s.filter_errors));
             }
+            text
         }
+    };
+    if crate::engine::triage::to_stdout(to) {
+        eprintln!("{summary}");
+    } else {
+        outln!("{summary}")?;
     }
     if let Some(note) = held_back_note(s.held_back) {
         eprintln!("{note}");

@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -107,6 +108,14 @@ pub fn dated_path(dir: &Path, queue: &str) -> PathBuf {
     dir.join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%S%.3fZ")))
 }
 
+/// Whether an export to `path` goes to standard output: `-`, or a name of
+/// the process's descriptor 1.
+pub fn to_stdout(path: &Path) -> bool {
+    ["-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"]
+        .iter()
+        .any(|p| path == Path::new(p))
+}
+
 /// Writes export lines to a file as they come.
 pub struct ExportWriter {
     path: PathBuf,
@@ -145,10 +154,30 @@ impl ExportWriter {
     /// leaves an existing `path` (an earlier export, a backup) as it was
     /// instead of truncated.
     pub fn create_replacing(path: &Path) -> Result<Self, TriageError> {
-        // A pipe or a device (`--to /dev/stdout`) cannot be replaced, and
-        // holds nothing to keep: write to it directly.
-        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-            return Self::create(path, false);
+        // Standard output (`-`, `/dev/stdout`, `/dev/fd/1`) is written
+        // through the descriptor the shell opened: with `>> file` it appends,
+        // where opening the name anew reaches the file itself (renamed over,
+        // or truncated).
+        if to_stdout(path) {
+            let fd = std::io::stdout().as_fd().try_clone_to_owned().map_err(io_err(path))?;
+            return Ok(Self {
+                path: path.to_owned(),
+                out: BufWriter::new(File::from(fd)),
+                partial: None,
+            });
+        }
+        // Another descriptor or a device (`/dev/fd/N`, `/dev/null`) holds
+        // nothing to keep and cannot be replaced: added to, never truncated.
+        if path.starts_with("/dev/")
+            || path.starts_with("/proc/")
+            || std::fs::metadata(path).is_ok_and(|m| !m.is_file())
+        {
+            let file = OpenOptions::new().append(true).open(path).map_err(io_err(path))?;
+            return Ok(Self {
+                path: path.to_owned(),
+                out: BufWriter::new(file),
+                partial: None,
+            });
         }
         create_parent(path)?;
         // A symlink is written through, as truncating it did: the file it
@@ -186,10 +215,14 @@ impl ExportWriter {
         self.out.write_all(&bytes).map_err(io_err(&self.path))
     }
 
-    /// Flush and fsync: what was written survives a crash.
+    /// Flush and fsync: what was written survives a crash. A pipe or a
+    /// terminal cannot be synced, and needs no more than the flush.
     pub fn sync(&mut self) -> Result<(), TriageError> {
         self.out.flush().map_err(io_err(&self.path))?;
-        self.out.get_ref().sync_data().map_err(io_err(&self.path))
+        match self.out.get_ref().sync_data() {
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput && self.partial.is_none() => Ok(()),
+            r => r.map_err(io_err(&self.path)),
+        }
     }
 
     /// Sync, and put a [`ExportWriter::create_replacing`] file in place.
