@@ -832,3 +832,81 @@ async fn an_export_to_standard_output_appends_where_the_shell_said() {
     assert_eq!(added.len(), 6, "{text}");
     assert!(added.iter().all(|l| l.starts_with('{')), "{text}");
 }
+
+/// In front of moto, an SQS endpoint that answers `OverLimit` (SQS's limit
+/// of 120,000 messages in flight, which moto does not keep) to every
+/// ReceiveMessage after the first `receives`; everything else is forwarded.
+async fn sqs_over_limit_after(upstream: &str, receives: usize) -> String {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let upstream = upstream.trim_end_matches('/').to_string();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+        let (upstream, count, client) = (upstream.clone(), count.clone(), client.clone());
+        async move {
+            let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
+            if target.ends_with(".ReceiveMessage") && count.fetch_add(1, Ordering::SeqCst) >= receives {
+                let body = r#"{"__type":"com.amazonaws.sqs#OverLimit","message":"Too many messages in flight"}"#;
+                return (
+                    StatusCode::FORBIDDEN,
+                    [("content-type", "application/x-amz-json-1.0")],
+                    Bytes::from_static(body.as_bytes()),
+                );
+            }
+            let mut req = client.request(method, format!("{upstream}{uri}")).body(body);
+            for (k, v) in &headers {
+                if k != "host" && k != "content-length" {
+                    req = req.header(k, v);
+                }
+            }
+            let resp = req.send().await.expect("moto answers");
+            let status = resp.status();
+            let bytes = resp.bytes().await.expect("moto's answer");
+            (status, [("content-type", "application/x-amz-json-1.0")], bytes)
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// A read that reaches the provider's limit on messages leased at once (on
+/// SQS, 120,000 in flight: any DLQ larger than that) ends with what it read,
+/// says how many were left unread, and releases what it leased. It failed as
+/// a whole: `export` wrote nothing, and `report` and the retention alert's
+/// check never finished on the largest DLQs.
+#[tokio::test]
+async fn a_read_that_reaches_the_providers_hold_limit_reports_what_it_read() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&numbered(25)).await;
+    let dir = scratch();
+    let moto = f.endpoint.clone();
+    let front = SqsFixture {
+        endpoint: sqs_over_limit_after(&moto, 2).await,
+        ..f
+    };
+    let cfg = config(&dir, &front, "");
+    let mut cmd = bin(&dir);
+    cmd.arg("-c")
+        .arg(&cfg)
+        .args(["report", "orders", "--by", "reason", "-o", "json"]);
+    let (code, out, err) = tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["read"], 20, "{out}");
+    assert_eq!(report["hold_limited"], true, "{out}");
+    assert_eq!(report["held_back"], 5, "{out}");
+    assert!(
+        err.contains("the read stopped at 20 messages, the most the provider lets one reader hold"),
+        "{err}"
+    );
+    // Released: every message can be received again at once.
+    let f = SqsFixture {
+        endpoint: moto,
+        ..front
+    };
+    assert_eq!(f.dlq_visible().await, 25);
+}

@@ -57,7 +57,7 @@ pub async fn cli_report(
             r.filter_errors
         );
     }
-    if let Some(note) = held_back_note(r.held_back) {
+    if let Some(note) = held_back_note(r.read, r.held_back, r.hold_limited) {
         eprintln!("{note}");
     }
     Ok(exit::OK)
@@ -109,7 +109,7 @@ pub async fn cli_export(
     } else {
         outln!("{summary}")?;
     }
-    if let Some(note) = held_back_note(s.held_back) {
+    if let Some(note) = held_back_note(s.read, s.held_back, s.hold_limited) {
         eprintln!("{note}");
     }
     Ok(exit::OK)
@@ -227,9 +227,11 @@ pub async fn cli_retention(
     Ok(interrupt.exit_code().unwrap_or(code))
 }
 
-fn held_back_note(held_back: u64) -> Option<String> {
+fn held_back_note(read: u64, held_back: u64, hold_limited: bool) -> Option<String> {
     crate::engine::triage::ReadStats {
+        read,
         held_back,
+        hold_limited,
         ..Default::default()
     }
     .held_back_note()
@@ -387,7 +389,7 @@ fn retention_text(o: &RetentionOutcome) -> String {
                 "expired"
             };
             out.push_str(&format!("  {verb} {} of {} messages read\n", o.expired, o.read));
-            if let Some(note) = held_back_note(o.held_back) {
+            if let Some(note) = held_back_note(o.read, o.held_back, o.hold_limited) {
                 out.push_str(&format!("  {note}\n"));
             }
             for m in &o.listed {
@@ -500,6 +502,7 @@ mod tests {
                 reason: Some("\x1b[2J\x1b]0;pwned\x07FAKE: all good".into()),
             }],
             held_back: 0,
+            hold_limited: false,
             purge: None,
             backup: None,
         };

@@ -38,7 +38,7 @@ pub const MARK_COUNT: &str = "dlq-bridge-redrive-count";
 /// Consecutive leases that return only already-examined messages before a
 /// pass concludes that everything left has been seen.
 const ALL_SEEN_LIMIT: u32 = 3;
-const LEASE_RETRIES: u32 = 3;
+pub(crate) const LEASE_RETRIES: u32 = 3;
 const MAX_REPORTED_ERRORS: usize = 20;
 const SAMPLE_SIZE: usize = 10;
 
@@ -1361,7 +1361,7 @@ impl Releases {
 
 /// Refused credentials, rights or certificates, a missing queue, a request
 /// the provider calls invalid or refuses do not heal by waiting.
-fn is_permanent(e: &BackendError) -> bool {
+pub(crate) fn is_permanent(e: &BackendError) -> bool {
     matches!(
         e,
         BackendError::Auth { .. }

@@ -331,6 +331,9 @@ pub struct ExportSummary {
     pub true_peek: bool,
     /// Messages not read: held back by the provider (see [`super::ReadStats::held_back`]).
     pub held_back: u64,
+    /// The provider's limit on messages leased at once stopped the read
+    /// (see [`super::ReadStats::hold_limited`]).
+    pub hold_limited: bool,
     /// Stopped by an interrupt: nothing was written to `file`.
     pub interrupted: bool,
 }
@@ -390,6 +393,7 @@ pub async fn export(
         capped: stats.capped && max.is_none_or(|cap| written < cap),
         true_peek: stats.true_peek,
         held_back: stats.held_back,
+        hold_limited: stats.hold_limited,
         interrupted: stats.interrupted,
     })
 }

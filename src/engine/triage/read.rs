@@ -8,7 +8,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::error::TriageError;
-use crate::backend::QueueBackend;
+use crate::backend::{BackendError, QueueBackend};
+use crate::engine::redrive::{LEASE_RETRIES, is_permanent};
 use crate::filter::{Filter, FilterError};
 use crate::model::DlqMessage;
 
@@ -32,12 +33,21 @@ pub struct ReadStats {
     pub held_back: u64,
     /// Stopped early by `cancel` (an interrupt).
     pub interrupted: bool,
+    /// The provider leased no more while the read held what it had read (SQS:
+    /// 120,000 messages in flight): [`ReadStats::held_back`] counts the rest.
+    pub hold_limited: bool,
 }
 
 impl ReadStats {
     /// What the user is told when the read could not see the whole DLQ
     /// because of [`ReadStats::held_back`].
     pub fn held_back_note(&self) -> Option<String> {
+        if self.hold_limited {
+            return Some(format!(
+                "warning: the read stopped at {} messages, the most the provider lets one reader hold leased at once (SQS: 120,000 in flight); {} more were not read",
+                self.read, self.held_back
+            ));
+        }
         (self.held_back > 0).then(|| {
             format!(
                 "warning: {} more messages were not read: the provider delivers a message group's later messages only once its earlier ones are deleted (SQS FIFO), and reading deletes nothing",
@@ -100,6 +110,7 @@ where
     let mut seen: HashSet<String> = HashSet::new();
     let mut held = Vec::new();
     let mut streak = 0;
+    let mut failures = 0;
     let result: Result<(), TriageError> = async {
         loop {
             if cancel.is_cancelled() {
@@ -111,7 +122,28 @@ where
                 stats.capped = true;
                 return Ok(());
             }
-            let batch = backend.lease(want, hold).await?;
+            let batch = match backend.lease(want, hold).await {
+                Ok(batch) => {
+                    failures = 0;
+                    batch
+                }
+                // What is read so far is what can be read without deleting.
+                Err(BackendError::HoldLimit { .. }) => {
+                    stats.hold_limited = true;
+                    stats.held_back = backend.stats().await?.depth.saturating_sub(stats.read);
+                    return Ok(());
+                }
+                Err(e) if !is_permanent(&e) && failures < LEASE_RETRIES => {
+                    failures += 1;
+                    tracing::warn!(error = %e, attempt = failures, "lease failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(250 << failures)) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if batch.is_empty() {
                 // An empty lease proves the queue read only when the provider
                 // holds nothing back for the leases this read keeps.

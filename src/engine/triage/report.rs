@@ -30,6 +30,9 @@ pub struct Report {
     pub true_peek: bool,
     /// Messages not read: held back by the provider (see [`super::ReadStats::held_back`]).
     pub held_back: u64,
+    /// The provider's limit on messages leased at once stopped the read
+    /// (see [`super::ReadStats::hold_limited`]).
+    pub hold_limited: bool,
     /// Stopped by an interrupt: only what was read before is grouped.
     pub interrupted: bool,
     pub groups: Vec<Group>,
@@ -86,6 +89,7 @@ pub async fn report(
         capped: stats.capped,
         true_peek: stats.true_peek,
         held_back: stats.held_back,
+        hold_limited: stats.hold_limited,
         interrupted: stats.interrupted,
         groups,
         other,

@@ -41,6 +41,10 @@ pub struct RetentionOutcome {
     /// Messages not read (alert and dry runs): held back by the provider
     /// (see [`super::ReadStats::held_back`]); some may be expired too.
     pub held_back: u64,
+    /// The provider's limit on messages leased at once stopped the read
+    /// (see [`super::ReadStats::hold_limited`]); some not read may be
+    /// expired too.
+    pub hold_limited: bool,
     /// The purge run (export-then-purge, not a dry run).
     pub purge: Option<RunSummary>,
     pub backup: Option<PathBuf>,
@@ -76,6 +80,7 @@ pub async fn apply_retention(
         expired: 0,
         listed: Vec::new(),
         held_back: 0,
+        hold_limited: false,
         purge: None,
         backup: None,
     };
@@ -98,6 +103,7 @@ pub async fn apply_retention(
         .await?;
         out.read = stats.read;
         out.held_back = stats.held_back;
+        out.hold_limited = stats.hold_limited;
         return Ok(out);
     }
     let dir = r
