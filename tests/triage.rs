@@ -910,3 +910,72 @@ async fn a_read_that_reaches_the_providers_hold_limit_reports_what_it_read() {
     };
     assert_eq!(f.dlq_visible().await, 25);
 }
+
+/// An import into a FIFO queue keeps each group's order when a copy fails:
+/// the group's later lines are not sent (they would have arrived ahead of
+/// it; `held_for_order`), in the failed copy's batch and in later ones,
+/// while other groups go on. They were sent, out of order.
+#[tokio::test]
+async fn an_import_holds_a_groups_later_lines_after_one_fails() {
+    use dlq_bridge::engine::registry::Registry;
+    use dlq_bridge::engine::triage::{self, ImportRequest, ImportStop};
+
+    let f = SqsFixture::create(true).await;
+    let dir = scratch();
+    let file = dir.join("groups.jsonl");
+    // g1: 0 sent, 1 refused (an empty body), 2..=14 held; g2 every 3rd line.
+    let lines: Vec<String> = (0..20)
+        .map(|i| {
+            let group = if i % 3 == 2 { "g2" } else { "g1" };
+            let body = if i == 1 { String::new() } else { format!("{group} {i}") };
+            let line = ExportedMessage {
+                queue: "orders".into(),
+                backend: "servicebus".into(),
+                id: format!("m{i}"),
+                body_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &body),
+                body_preview: body.clone(),
+                body_bytes: body.len(),
+                attributes: attrs(&[("error", "Timeout")]),
+                properties: Default::default(),
+                reason: None,
+                description: None,
+                delivery_count: Some(10),
+                enqueued_at: None,
+                source: None,
+                ordering_key: Some(group.into()),
+                provider_attributes: Vec::new(),
+                exported_at: chrono::Utc::now(),
+            };
+            serde_json::to_string(&line).unwrap()
+        })
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let reg = Registry::new(f.config());
+    let req = ImportRequest {
+        address: Some(&f.source_url),
+        ..ImportRequest::new(&file, "dlq")
+    };
+    let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
+    let g2: Vec<usize> = (0..20).filter(|i| i % 3 == 2).collect();
+    let g1_after_failure = (0..20).filter(|i| i % 3 != 2 && *i > 1).count() as u64;
+    assert_eq!(s.sent, 1 + g2.len() as u64, "{s:?}");
+    assert_eq!(s.failed, 1 + g1_after_failure, "{s:?}");
+    assert!(s.held_for_order > 0, "{s:?}");
+    assert_eq!(s.stopped, ImportStop::EndOfFile);
+    let arrived: Vec<String> = f
+        .drain_source()
+        .await
+        .into_iter()
+        .map(|m| String::from_utf8(m.body).unwrap())
+        .collect();
+    let mut expected = vec!["g1 0".to_string()];
+    expected.extend(g2.iter().map(|i| format!("g2 {i}")));
+    let mut sorted = arrived.clone();
+    sorted.sort_by_key(|b| (b[..2].to_string(), b[3..].parse::<usize>().unwrap()));
+    assert_eq!(sorted, expected, "only g1's first copy and all of g2: {arrived:?}");
+    let summary = serde_json::to_value(&s).unwrap();
+    assert_eq!(
+        (summary["action"].as_str(), summary["stopped"].as_str()),
+        (Some("import"), Some("end_of_file"))
+    );
+}

@@ -302,6 +302,12 @@ fn import_text(s: &ImportSummary) -> String {
     if s.filter_errors > 0 {
         out.push_str(&format!("  filter errors: {}\n", s.filter_errors));
     }
+    if s.held_for_order > 0 {
+        out.push_str(&format!(
+            "  held for order: {} (an earlier message of their ordering key failed; counted as failed)\n",
+            s.held_for_order
+        ));
+    }
     for (name, n) in &s.stripped {
         out.push_str(&format!(
             "  stripped dead-letter attribute `{}`: {n} messages\n",
@@ -461,6 +467,7 @@ mod tests {
     fn an_import_summary_escapes_control_characters_in_its_errors() {
         let s = ImportSummary {
             run_id: "r".into(),
+            action: "import",
             file: "f.jsonl".into(),
             queue: "orders".into(),
             backend: "servicebus".into(),
@@ -475,6 +482,8 @@ mod tests {
             stripped: [("n\x1b]0;pwned\x07".to_string(), 1)].into_iter().collect(),
             errors: vec!["line 1: message m-1\x1b]0;pwned\x07: send failed".into()],
             interrupted: false,
+            stopped: crate::engine::triage::ImportStop::EndOfFile,
+            held_for_order: 0,
             resume_line: None,
         };
         let text = import_text(&s);

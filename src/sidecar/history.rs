@@ -116,9 +116,11 @@ pub fn from_summary(run: &str, s: Value) -> Value {
     let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
     let stopped = s.get("stopped").and_then(Value::as_str);
     // As `RunSummary::ok` decides it.
+    // An import's summary counts its failures as `failed`.
     let ok = stopped != Some("failed")
         && n("send_failed") == 0
         && n("settle_failed") == 0
+        && n("failed") == 0
         && !(n("examined") > 0 && n("filter_errors") == n("examined"));
     let status = match stopped {
         Some("unfinished") => "unfinished",
@@ -145,7 +147,7 @@ pub fn from_summary(run: &str, s: Value) -> Value {
             "matched": n("matched"),
             "sent": n("sent"),
             "settled": n("settled") + n("settled_from_journal"),
-            "failed": n("send_failed") + n("settle_failed"),
+            "failed": n("send_failed") + n("settle_failed") + n("failed"),
         },
         "summary": s,
         "error": null,

@@ -1,7 +1,7 @@
 //! `import`: an export file replayed into a queue, with the documented
 //! attribute mapping.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,9 +48,24 @@ impl<'a> ImportRequest<'a> {
     }
 }
 
+/// Why an import stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportStop {
+    /// It read the whole file.
+    EndOfFile,
+    /// `--max` messages matched.
+    MaxReached,
+    Cancelled,
+    /// The journal could not record a copy sent: nothing more was sent.
+    Failed,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ImportSummary {
     pub run_id: String,
+    /// `import`, as `runs` and the API name the action.
+    pub action: &'static str,
     pub file: PathBuf,
     pub queue: String,
     pub backend: String,
@@ -69,6 +84,11 @@ pub struct ImportSummary {
     pub errors: Vec<String>,
     /// Stopped by an interrupt before the end of the file.
     pub interrupted: bool,
+    pub stopped: ImportStop,
+    /// Copies not sent because an earlier copy of their ordering key (FIFO
+    /// group, session) failed: sending them would have put them ahead of it.
+    /// Counted in `failed` too.
+    pub held_for_order: u64,
     /// When the import stopped before the end of the file (interrupt,
     /// `--max`): the first line whose message was not sent or skipped;
     /// importing the file from that line on completes it.
@@ -77,7 +97,7 @@ pub struct ImportSummary {
 
 impl ImportSummary {
     pub fn ok(&self) -> bool {
-        self.failed == 0
+        self.failed == 0 && self.stopped != ImportStop::Failed
     }
 }
 
@@ -191,6 +211,7 @@ pub async fn import(
         .map(|r| RateLimiter::direct(Quota::per_second(r)));
     let mut s = ImportSummary {
         run_id: plan.run_id.clone(),
+        action: "import",
         file: req.file.to_owned(),
         queue: req.to.to_string(),
         backend: backend.kind().to_string(),
@@ -205,10 +226,17 @@ pub async fn import(
         stripped: BTreeMap::new(),
         errors: Vec::new(),
         interrupted: false,
+        stopped: ImportStop::EndOfFile,
+        held_for_order: 0,
         resume_line: None,
     };
     let record = |r: Record| {
         if let Some(j) = &journal { j.append(&r) } else { Ok(()) }
+    };
+    // Each batch's records are synced before the next is sent: a run killed
+    // (or a disk that fills) part-way still says what it sent.
+    let sync = || {
+        if let Some(j) = &journal { j.sync() } else { Ok(()) }
     };
     if !req.dry_run {
         record(Record::RunStarted {
@@ -221,20 +249,27 @@ pub async fn import(
             dry_run: false,
             destination: configured.as_ref().map(|d| d.0.clone()),
         })?;
+        sync()?;
     }
     let now = Utc::now();
     let ctx = BatchContext {
         backend: &*backend,
         limiter: limiter.as_ref(),
         record: &record,
+        sync: &sync,
         run: &plan.run_id,
         cancel: &cancel,
     };
+    let mut failed_keys: HashSet<String> = HashSet::new();
     let mut batch: Vec<(usize, String, Outgoing)> = Vec::new();
     let mut batch_dest: Option<Destination> = None;
     let mut lines = lines.peekable();
     while lines.peek().is_some() {
-        if cancel.is_cancelled() || req.max.is_some_and(|m| s.matched >= m) {
+        if cancel.is_cancelled() {
+            break;
+        }
+        if req.max.is_some_and(|m| s.matched >= m) {
+            s.stopped = ImportStop::MaxReached;
             break;
         }
         let (n, line) = lines.next().expect("peeked")?;
@@ -289,11 +324,23 @@ pub async fn import(
         if batch_dest.as_ref().is_some_and(|d| *d != dest) || batch.len() >= caps.batch_size {
             let to = batch_dest.clone().expect("a batch has a destination");
             let full = std::mem::take(&mut batch);
-            if let Some(unsent) = send_import_batch(&ctx, &to, full, &mut s).await {
+            if let Some(unsent) = send_import_batch(&ctx, &to, full, &mut s, &mut failed_keys).await {
                 s.resume_line = Some(unsent);
                 batch.clear();
                 break;
             }
+        }
+        if let Some(key) = o.ordering_key.as_ref().filter(|k| failed_keys.contains(*k)) {
+            s.failed += 1;
+            s.held_for_order += 1;
+            push_import_error(
+                &mut s,
+                format!(
+                    "message {} (line {n}): not sent: an earlier message of its ordering key {key:?} failed to send, and this one would have gone ahead of it",
+                    m.id
+                ),
+            );
+            continue;
         }
         batch_dest = Some(dest);
         batch.push((n, m.id, o));
@@ -304,7 +351,7 @@ pub async fn import(
             // Read but not sent: nothing new leaves after an interrupt.
             s.resume_line.get_or_insert(first);
         } else {
-            if let Some(unsent) = send_import_batch(&ctx, &to, batch, &mut s).await {
+            if let Some(unsent) = send_import_batch(&ctx, &to, batch, &mut s, &mut failed_keys).await {
                 s.resume_line.get_or_insert(unsent);
             }
         }
@@ -315,38 +362,50 @@ pub async fn import(
         s.resume_line = Some(n);
     }
     s.interrupted = cancel.is_cancelled() && s.resume_line.is_some();
+    if s.interrupted && s.stopped != ImportStop::Failed {
+        s.stopped = ImportStop::Cancelled;
+    }
     if !req.dry_run {
-        record(Record::RunFinished {
+        let finished = record(Record::RunFinished {
             run: plan.run_id.clone(),
             at: Utc::now(),
             summary: serde_json::to_value(&s).expect("summary serializes"),
-        })?;
-        if let Some(j) = &journal {
-            j.sync()?;
+        })
+        .and_then(|()| sync());
+        // After a journal failure the summary is what tells the user where
+        // to resume; the journal cannot take its record anyway.
+        if s.stopped != ImportStop::Failed {
+            finished?;
         }
     }
     Ok(s)
 }
 
-struct BatchContext<'a, R> {
+struct BatchContext<'a, R, S> {
     backend: &'a dyn QueueBackend,
     limiter: Option<&'a governor::DefaultDirectRateLimiter>,
     record: &'a R,
+    sync: &'a S,
     run: &'a str,
     cancel: &'a CancellationToken,
 }
 
 /// Send one batch (line number, original ID, copy), waiting for the rate
 /// limit message by message. An interrupt during the wait sends only what
-/// was admitted; the line of the first message left unsent is returned.
-async fn send_import_batch<R>(
-    ctx: &BatchContext<'_, R>,
+/// was admitted; the line of the first message left unsent is returned,
+/// and so is the line after the batch when the journal failed to record it
+/// (the import stops there). The ordering keys of copies that failed are
+/// added to `failed_keys`.
+async fn send_import_batch<R, S>(
+    ctx: &BatchContext<'_, R, S>,
     dest: &Destination,
     mut batch: Vec<(usize, String, Outgoing)>,
     s: &mut ImportSummary,
+    failed_keys: &mut HashSet<String>,
 ) -> Option<usize>
 where
     R: Fn(Record) -> Result<(), JournalError>,
+    S: Fn() -> Result<(), JournalError>,
 {
     let mut unsent = None;
     if let Some(l) = ctx.limiter {
@@ -368,27 +427,42 @@ where
     if batch.is_empty() {
         return unsent;
     }
+    let next_line = batch.last().map(|b| b.0 + 1);
     let (ids, outgoing): (Vec<String>, Vec<Outgoing>) = batch.into_iter().map(|(_, id, o)| (id, o)).unzip();
     let results = match ctx.backend.send(dest, &outgoing).await {
         Ok(r) => r,
         Err(e) => vec![SendResult::Failed { error: e.to_string() }; outgoing.len()],
     };
-    for (id, r) in ids.into_iter().zip(results) {
+    let mut journal = Ok(());
+    for ((id, r), o) in ids.into_iter().zip(results).zip(&outgoing) {
         match r {
             SendResult::Sent { dest_id } => {
                 s.sent += 1;
-                let _ = (ctx.record)(Record::Imported {
-                    run: ctx.run.to_string(),
-                    id,
-                    destination: dest.0.clone(),
-                    dest_id,
-                });
+                if journal.is_ok() {
+                    journal = (ctx.record)(Record::Imported {
+                        run: ctx.run.to_string(),
+                        id,
+                        destination: dest.0.clone(),
+                        dest_id,
+                    });
+                }
             }
             SendResult::Failed { error } => {
                 s.failed += 1;
+                if let Some(k) = &o.ordering_key {
+                    failed_keys.insert(k.clone());
+                }
                 push_import_error(s, format!("message {id}: {error}"));
             }
         }
+    }
+    if let Err(e) = journal.and_then(|()| (ctx.sync)()) {
+        s.stopped = ImportStop::Failed;
+        push_import_error(
+            s,
+            format!("the journal could not record the copies sent: {e}; nothing more was sent"),
+        );
+        return unsent.or(next_line);
     }
     unsent
 }
