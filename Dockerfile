@@ -17,6 +17,7 @@
 ARG RUST_VERSION=1
 
 FROM rust:${RUST_VERSION}-bookworm AS builder
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # libssl-dev provides libssl.a/libcrypto.a for openssl-sys (OPENSSL_STATIC=1).
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -29,9 +30,13 @@ ARG FEATURES=""
 ENV OPENSSL_STATIC=1 \
     RUSTFLAGS="-C target-feature=+crt-static" \
     CARGO_TARGET_DIR=/src/target
-RUN cargo build --release --locked --target x86_64-unknown-linux-gnu --bin dlq-bridge \
+# The builder's own triple: `docker buildx build --platform linux/arm64` builds
+# an aarch64 image (Graviton, Ampere, T2A), linux/amd64 an x86_64 one. --target
+# keeps RUSTFLAGS away from build scripts and proc macros.
+RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
+    && cargo build --release --locked --target "$target" --bin dlq-bridge \
         ${FEATURES:+--no-default-features --features "$FEATURES"} \
-    && install -D -m 0755 target/x86_64-unknown-linux-gnu/release/dlq-bridge /out/dlq-bridge \
+    && install -D -m 0755 "target/$target/release/dlq-bridge" /out/dlq-bridge \
     && install -D -m 0644 /etc/ssl/certs/ca-certificates.crt /out/ca-certificates.crt \
     && /out/dlq-bridge --version
 

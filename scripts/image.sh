@@ -14,7 +14,9 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 IMAGE=${IMAGE:-localhost/dlq-bridge:dev}
 FEATURES=${FEATURES:-}
-TRIPLE=x86_64-unknown-linux-gnu
+# The host's own triple (x86_64 or aarch64 Linux): the image is for the
+# machine's architecture, as the Dockerfile's builder stage builds for its own.
+TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
 
 log() { echo "image.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -171,14 +171,24 @@ current-context: sa
 EOF
 echo "  as system:serviceaccount:$NS:$FULL"
 can() { KUBECONFIG=$SA_KUBECONFIG kubectl auth can-i "$@" 2>/dev/null || true; }
-for verb in get list watch create update patch; do
-  [ "$(can "$verb" leases.coordination.k8s.io -n "$NS")" = yes ] || die "ServiceAccount cannot $verb leases"
-  echo "  can $verb leases: yes"
-done
+allow() {
+  [ "$(can "$@")" = yes ] || die "ServiceAccount cannot $*"
+  echo "  can $*: yes"
+}
 deny() {
   [ "$(can "$@")" = no ] || die "ServiceAccount can $*"
   echo "  can $*: no"
 }
+# What serve calls: create a Lease, get and replace the chart's own. Nothing
+# on other Leases (in sidecar mode the app shares this ServiceAccount).
+LEASE=$FULL
+allow create leases.coordination.k8s.io -n "$NS"
+allow get "leases.coordination.k8s.io/$LEASE" -n "$NS"
+allow update "leases.coordination.k8s.io/$LEASE" -n "$NS"
+deny get leases.coordination.k8s.io/another-controller -n "$NS"
+deny update leases.coordination.k8s.io/another-controller -n "$NS"
+deny list leases.coordination.k8s.io -n "$NS"
+deny patch "leases.coordination.k8s.io/$LEASE" -n "$NS"
 deny get secrets -n "$NS"
 deny list secrets -n "$NS"
 deny delete leases.coordination.k8s.io -n "$NS"
@@ -187,18 +197,23 @@ deny get configmaps -n "$NS"
 deny update deployments.apps -n "$NS"
 deny create leases.coordination.k8s.io -n default
 deny get secrets -n default
-# A real write with the token, not only SubjectAccessReview: create and update a lease.
-cat <<EOF | KUBECONFIG=$SA_KUBECONFIG kubectl apply -f - >/dev/null
+# A real write with the token, not only SubjectAccessReview: create the chart's
+# Lease, read it and replace it, as serve does; then remove it (as the admin) so
+# that step 7 finds it free.
+cat <<EOF | KUBECONFIG=$SA_KUBECONFIG kubectl create -f - >/dev/null
 apiVersion: coordination.k8s.io/v1
 kind: Lease
-metadata: {name: rbac-probe, namespace: $NS}
+metadata: {name: $LEASE, namespace: $NS}
 spec: {holderIdentity: rbac-probe, leaseDurationSeconds: 5}
 EOF
-KUBECONFIG=$SA_KUBECONFIG kubectl patch lease rbac-probe -n "$NS" --type merge -p '{"spec":{"holderIdentity":"patched"}}' >/dev/null
+KUBECONFIG=$SA_KUBECONFIG kubectl get lease "$LEASE" -n "$NS" -o json |
+  python -c 'import json,sys; l=json.load(sys.stdin); l["spec"]["holderIdentity"]="replaced"; print(json.dumps(l))' |
+  KUBECONFIG=$SA_KUBECONFIG kubectl replace -f - >/dev/null
+kubectl delete lease "$LEASE" -n "$NS" >/dev/null
 if KUBECONFIG=$SA_KUBECONFIG kubectl get secret "$FULL-auth" -n "$NS" >/dev/null 2>&1; then
   die "ServiceAccount token reads secrets"
 fi
-echo "  lease create+patch with the token: ok; secret read with the token: forbidden"
+echo "  lease create+get+replace with the token: ok; secret read with the token: forbidden"
 
 # ---------------------------------------------------------------- 7. leader election
 

@@ -22,13 +22,15 @@ class RenderError(Exception):
     pass
 
 
-def _helm_template(chart: Path, values: dict | None, release: str, namespace: str) -> str:
+def _helm_template(chart: Path, values: dict | None, release: str, namespace: str,
+                   kube_version: str | None = None) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(values or {}, f)
         values_file = f.name
     try:
         proc = subprocess.run(
-            ["helm", "template", release, str(chart), "--namespace", namespace, "-f", values_file],
+            ["helm", "template", release, str(chart), "--namespace", namespace, "-f", values_file]
+            + (["--kube-version", kube_version] if kube_version else []),
             capture_output=True, text=True, timeout=60,
         )
     finally:
@@ -123,6 +125,6 @@ def parent_chart(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def render_parent(parent_chart):
-    def _render(values: dict | None = None) -> Rendered:
-        return Rendered(_helm_template(parent_chart, values, "rel", "shop"))
+    def _render(values: dict | None = None, kube_version: str | None = None) -> Rendered:
+        return Rendered(_helm_template(parent_chart, values, "rel", "shop", kube_version))
     return _render

@@ -6,7 +6,11 @@ import yaml
 
 from conftest import container_of, env_of
 
-LEASE_VERBS = {"get", "list", "watch", "create", "update", "patch"}
+LEASE_RULES = [
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["rel-dlq-bridge"],
+     "verbs": ["get", "update"]},
+]
 
 
 def test_default_renders_a_hardened_standalone_deployment(render):
@@ -105,8 +109,9 @@ def test_config_change_rolls_the_pods(render):
 def test_leader_election_renders_a_role_limited_to_leases(render):
     r = render({"leaderElection": {"enabled": True, "leaseDuration": "20s"}, "replicaCount": 3})
     role = r.one("Role")
-    assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": role["rules"][0]["verbs"]}]
-    assert set(role["rules"][0]["verbs"]) == LEASE_VERBS
+    # What serve calls (get, create, replace) on its own Lease only: in sidecar
+    # mode the app shares the ServiceAccount.
+    assert role["rules"] == LEASE_RULES
     rb = r.one("RoleBinding")
     assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
     assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "rel-dlq-bridge", "namespace": "dlq"}]
@@ -363,6 +368,28 @@ def test_parent_chart_native_sidecar(render_parent):
     assert r.one("Service")["spec"]["selector"] == {"app.kubernetes.io/name": "orders"}
     assert r.config()["queues"][0]["name"] == "orders"
     assert r.config()["serve"]["leader_election"]["enabled"] is True
+
+
+def test_parent_chart_falls_back_to_a_classic_sidecar_before_kubernetes_1_29(render_parent):
+    # An API server without native sidecars would keep the init container
+    # running for ever, and the app's containers would never start.
+    for version in ["1.27.0", "1.28.9"]:
+        pod = render_parent(kube_version=version).one("Deployment")["spec"]["template"]["spec"]
+        assert "initContainers" not in pod, version
+        assert [c["name"] for c in pod["containers"]] == ["orders", "dlq-bridge"], version
+    pod = render_parent(kube_version="1.29.0").one("Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["dlq-bridge"]
+
+
+def test_listen_address_for_ipv6_clusters(render):
+    assert render().config()["serve"]["listen"] == "0.0.0.0:9090"
+    assert render({"service": {"listenAddress": "[::]"}}).config()["serve"]["listen"] == "[::]:9090"
+
+
+def test_the_default_data_volume_holds_a_full_journal(render):
+    # journal_max_bytes (64 MiB) x (journal_keep (5) + 1), with room for backups.
+    vols = {v["name"]: v for v in render().one("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert vols["dlq-bridge-data"]["emptyDir"]["sizeLimit"] == "1Gi"
 
 
 def test_parent_chart_classic_sidecar(render_parent):

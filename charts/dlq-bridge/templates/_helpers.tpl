@@ -127,7 +127,7 @@ listen on the pod IP (probes, Prometheus), so the token is always configured.
 {{- define "dlq-bridge.config" -}}
 {{- $cfg := deepCopy .Values.config -}}
 {{- $serve := deepCopy (default (dict) $cfg.serve) -}}
-{{- $_ := set $serve "listen" (printf "0.0.0.0:%d" (int .Values.service.port)) -}}
+{{- $_ := set $serve "listen" (printf "%s:%d" .Values.service.listenAddress (int .Values.service.port)) -}}
 {{- $_ := set $serve "token_env" "DLQ_BRIDGE_API_TOKEN" -}}
 {{- $_ := set $serve "data_dir" .Values.persistence.mountPath -}}
 {{- $le := dict "enabled" .Values.leaderElection.enabled -}}
@@ -267,17 +267,25 @@ volumeMounts:
 
 {{/*
 Native sidecar (Kubernetes >= 1.29): an initContainers entry that keeps running.
-Renders nothing when .Values.sidecar.native is false.
+Renders nothing when .Values.sidecar.native is false, or when the cluster is
+older (an API server that drops or refuses restartPolicy there would leave an
+init container that never ends, and the app's containers would never start).
 */}}
+{{- define "dlq-bridge.nativeSidecar" -}}
+{{- if and .Values.sidecar.native (semverCompare ">=1.29-0" .Capabilities.KubeVersion.Version) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{- define "dlq-bridge.sidecar.initContainers" -}}
-{{- if .Values.sidecar.native }}
+{{- if include "dlq-bridge.nativeSidecar" . }}
 {{- include "dlq-bridge.container" . | printf "restartPolicy: Always\n%s" | include "dlq-bridge.listItem" }}
 {{- end }}
 {{- end -}}
 
-{{/* Classic sidecar: a containers entry. Renders nothing when .Values.sidecar.native is true. */}}
+{{/* Classic sidecar: a containers entry. Renders nothing when the native one renders. */}}
 {{- define "dlq-bridge.sidecar.containers" -}}
-{{- if not .Values.sidecar.native }}
+{{- if not (include "dlq-bridge.nativeSidecar" .) }}
 {{- include "dlq-bridge.container" . | include "dlq-bridge.listItem" }}
 {{- end }}
 {{- end -}}
@@ -292,6 +300,25 @@ Renders nothing when .Values.sidecar.native is false.
 {{- end -}}
 {{- if and .Values.serviceMonitor.enabled (not .Values.service.enabled) -}}
 {{- fail "serviceMonitor.enabled needs service.enabled" -}}
+{{- end -}}
+{{- if .Values.leaderElection.enabled -}}
+{{- if eq (include "dlq-bridge.automountToken" .) "false" -}}
+{{- fail "leaderElection.enabled needs the ServiceAccount token: serviceAccount.automountToken=false leaves serve no way to reach the Lease" -}}
+{{- end -}}
+{{- if eq (include "dlq-bridge.serviceAccountName" .) "default" -}}
+{{- fail "leaderElection.enabled with serviceAccount.create=false needs serviceAccount.name: the Lease Role would be bound to the namespace's default ServiceAccount" -}}
+{{- end -}}
+{{- if regexMatch "^((0|1)(\\.[0-9]+)?s|[0-9.]+(ns|us|µs|ms))$" .Values.leaderElection.leaseDuration -}}
+{{- fail (printf "leaderElection.leaseDuration %s: must be at least 2s (serve renews at a third of it)" .Values.leaderElection.leaseDuration) -}}
+{{- end -}}
+{{- end -}}
+{{- with (default (dict) .Values.config.redrive).journal -}}
+{{- if include "dlq-bridge.perPodDataDir" $ -}}
+{{- fail (printf "config.redrive.journal (%s): each pod keeps its journal in its own directory on the shared claim (mountPath/POD_NAME); a path set here would be one file for every pod. Leave it unset" .) -}}
+{{- end -}}
+{{- if not (hasPrefix (printf "%s/" (trimSuffix "/" $.Values.persistence.mountPath)) .) -}}
+{{- fail (printf "config.redrive.journal (%s) is outside persistence.mountPath (%s): the root filesystem is read-only. Leave it unset (mountPath/journal.jsonl)" . $.Values.persistence.mountPath) -}}
+{{- end -}}
 {{- end -}}
 {{- $names := dict -}}
 {{- range .Values.config.queues -}}
