@@ -17,7 +17,12 @@ fn bin() -> Command {
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("XDG_STATE_HOME", std::env::temp_dir().join("dlq-bridge-cli-tests"));
+        // A state directory (and so a default journal) of its own: one process
+        // writes a journal at a time, and the tests run in parallel.
+        .env(
+            "XDG_STATE_HOME",
+            std::env::temp_dir().join(format!("dlq-bridge-cli-tests/{}", uuid::Uuid::new_v4().simple())),
+        );
     c
 }
 

@@ -437,28 +437,7 @@ async fn import_into_a_fifo_queue_keeps_distinct_ids_distinct() {
     let lines: Vec<String> = ids
         .iter()
         .enumerate()
-        .map(|(i, id)| {
-            let body = format!("message {i}");
-            let line = ExportedMessage {
-                queue: "orders".into(),
-                backend: "servicebus".into(),
-                id: id.clone(),
-                body_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &body),
-                body_preview: body.clone(),
-                body_bytes: body.len(),
-                attributes: attrs(&[("error", "Timeout")]),
-                properties: Default::default(),
-                reason: None,
-                description: None,
-                delivery_count: Some(10),
-                enqueued_at: None,
-                source: None,
-                ordering_key: Some("session ü".into()),
-                provider_attributes: Vec::new(),
-                exported_at: chrono::Utc::now(),
-            };
-            serde_json::to_string(&line).unwrap()
-        })
+        .map(|(i, id)| servicebus_line(id, &format!("message {i}"), "session ü"))
         .collect();
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     let reg = Registry::new(f.config());
@@ -472,6 +451,29 @@ async fn import_into_a_fifo_queue_keeps_distinct_ids_distinct() {
     let arrived: Vec<Vec<u8>> = f.drain_source().await.into_iter().map(|m| m.body).collect();
     let expected: Vec<Vec<u8>> = (0..4).map(|i| format!("message {i}").into_bytes()).collect();
     assert_eq!(arrived, expected, "every copy arrives, in order");
+}
+
+/// An export line of a Service Bus message of session `session`.
+fn servicebus_line(id: &str, body: &str, session: &str) -> String {
+    let line = ExportedMessage {
+        queue: "orders".into(),
+        backend: "servicebus".into(),
+        id: id.to_string(),
+        body_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, body),
+        body_preview: body.to_string(),
+        body_bytes: body.len(),
+        attributes: attrs(&[("error", "Timeout")]),
+        properties: Default::default(),
+        reason: None,
+        description: None,
+        delivery_count: Some(10),
+        enqueued_at: None,
+        source: None,
+        ordering_key: Some(session.into()),
+        provider_attributes: Vec::new(),
+        exported_at: chrono::Utc::now(),
+    };
+    serde_json::to_string(&line).unwrap()
 }
 
 fn numbered(n: usize) -> Vec<TestMessage> {
@@ -928,25 +930,7 @@ async fn an_import_holds_a_groups_later_lines_after_one_fails() {
         .map(|i| {
             let group = if i % 3 == 2 { "g2" } else { "g1" };
             let body = if i == 1 { String::new() } else { format!("{group} {i}") };
-            let line = ExportedMessage {
-                queue: "orders".into(),
-                backend: "servicebus".into(),
-                id: format!("m{i}"),
-                body_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &body),
-                body_preview: body.clone(),
-                body_bytes: body.len(),
-                attributes: attrs(&[("error", "Timeout")]),
-                properties: Default::default(),
-                reason: None,
-                description: None,
-                delivery_count: Some(10),
-                enqueued_at: None,
-                source: None,
-                ordering_key: Some(group.into()),
-                provider_attributes: Vec::new(),
-                exported_at: chrono::Utc::now(),
-            };
-            serde_json::to_string(&line).unwrap()
+            servicebus_line(&format!("m{i}"), &body, group)
         })
         .collect();
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();

@@ -114,8 +114,18 @@ pub struct GrowthRule {
     /// At least 1: 0 would fire on every poll.
     #[serde(deserialize_with = "at_least_one")]
     pub messages: u64,
-    #[serde(with = "duration_text")]
+    /// More than 0: a rule over an empty window could never fire.
+    #[serde(serialize_with = "duration_text::serialize", deserialize_with = "positive_window")]
     pub window: Duration,
+}
+
+fn positive_window<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match duration_text::deserialize(d)? {
+        Duration::ZERO => Err(serde::de::Error::custom(
+            "must be longer than 0s (no message arrives within an empty window: the rule could never fire)",
+        )),
+        w => Ok(w),
+    }
 }
 
 /// Where notifications go: exactly one of `webhook`, `slack` or
@@ -234,6 +244,12 @@ mod tests {
         assert!(err.starts_with("test.yaml:4:"), "{err}");
         assert!(
             err.contains("alerts.rules[1].growth.messages") && err.contains("at least 1"),
+            "{err}"
+        );
+        let y = "alerts:\n  rules:\n    - growth: {messages: 5, window: 0s}\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(
+            err.contains("alerts.rules[0].growth.window") && err.contains("longer than 0s"),
             "{err}"
         );
     }

@@ -27,6 +27,12 @@ pub enum JournalError {
         line: usize,
         message: String,
     },
+    #[error(
+        "journal {path} is in use by another dlq-bridge process ({holder}): two processes writing one journal would \
+         each miss what the other sent, and a rotation by one would lose the other's records. Pass --journal with \
+         another path for this run, or run it through that process (the sidecar's API: POST /v1/queues/QUEUE/redrive)"
+    )]
+    InUse { path: PathBuf, holder: String },
 }
 
 /// One line of the journal.
@@ -381,6 +387,10 @@ struct Writer {
 
 pub struct Journal {
     path: PathBuf,
+    /// `PATH.lock`, locked (flock) for as long as this journal is open: one
+    /// process writes a journal at a time. Each keeps what it read in
+    /// memory, and rotation renames the file under any other writer.
+    _lock: Option<File>,
     rotation: Rotation,
     writer: Mutex<Writer>,
     replay: Mutex<Replay>,
@@ -401,6 +411,7 @@ impl Journal {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
+        let lock = lock(path)?;
         let mut replay = Replay::default();
         for file in record_files(path, rotation.keep) {
             for record in read_records(&file)? {
@@ -419,6 +430,7 @@ impl Journal {
         }
         Ok(Self {
             path: path.to_owned(),
+            _lock: lock,
             rotation,
             writer: Mutex::new(Writer {
                 file: BufWriter::new(file),
@@ -565,6 +577,48 @@ impl Journal {
 }
 
 /// The `n`th rotated file of the journal at `path` (`journal.jsonl.1` is the newest).
+/// Lock `PATH.lock` for this process, or say which process holds it. A file
+/// system without locks (some network mounts) is warned about, not refused.
+fn lock(path: &Path) -> Result<Option<File>, JournalError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let io = |error| JournalError::Io {
+        path: lock_path.clone(),
+        error,
+    };
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+            let holder = holder.trim();
+            return Err(JournalError::InUse {
+                path: path.to_owned(),
+                holder: if holder.is_empty() {
+                    "unknown pid".into()
+                } else {
+                    holder.to_string()
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(journal = %path.display(), error = %e, "cannot lock the journal; make sure no other dlq-bridge process writes it");
+            return Ok(None);
+        }
+    }
+    // Who holds it, for the error another process gets.
+    let _ = file.set_len(0);
+    let _ = write!(file, "pid {}", std::process::id());
+    Ok(Some(file))
+}
+
 pub fn rotated(path: &Path, n: usize) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".{n}"));
@@ -783,6 +837,23 @@ mod tests {
         let in_memory = |j: &Journal| j.replay.lock().unwrap().settled.iter().count();
         let reopened = in_memory(&restarted);
         assert!(reopened < n, "{reopened} of {n} kept");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn one_process_writes_a_journal_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("dlqb-journal-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("j.jsonl");
+        let first = Journal::open(&path).unwrap();
+        // Another open (in another process, as here in this one) is refused,
+        // naming the holder.
+        let e = Journal::open(&path).err().expect("a second writer is refused");
+        let text = e.to_string();
+        assert!(matches!(e, JournalError::InUse { .. }), "{text}");
+        assert!(text.contains(&format!("(pid {})", std::process::id())), "{text}");
+        assert!(text.contains("Pass --journal with another path"), "{text}");
+        drop(first);
+        assert!(Journal::open(&path).is_ok(), "free once the first is closed");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

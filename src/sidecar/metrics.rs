@@ -196,9 +196,15 @@ impl Metrics {
             Some(a) => {
                 self.oldest_age.get_or_create(&l).set(a);
             }
-            None => {
+            // Empty: no oldest message.
+            None if depth == 0 => {
                 self.oldest_age.remove(&l);
             }
+            // Unknown this time (SQS past its sample without CloudWatch, a
+            // CloudWatch call that failed): the last known age stands, as
+            // the built-in rule keeps its state. A series that vanished
+            // would resolve a Prometheus rule on it just as the queue grew.
+            None => {}
         }
     }
 
@@ -275,9 +281,24 @@ impl Metrics {
         self.firing.lock().expect("metrics lock").iter().cloned().collect()
     }
 
-    /// Export the top reasons of a sample; `counts` is sorted, most frequent first.
+    /// Export the top reasons of a sample, each as its pattern (numbers, IDs
+    /// and quoted values replaced, at most 200 characters): a reason that
+    /// names an order or a request would otherwise make a new series in
+    /// Prometheus for every message, and series are kept long after they
+    /// leave the exposition.
     pub fn set_reasons(&self, queue: &str, counts: &[(String, u64)]) {
-        set_top(&self.reason_messages, &self.reasons_exported, "reason", queue, counts);
+        let mut by_pattern: HashMap<String, u64> = HashMap::new();
+        for (reason, n) in counts {
+            let key = if reason == "other" || reason == "(none)" {
+                reason.clone()
+            } else {
+                crate::engine::triage::reason_pattern(reason)
+            };
+            *by_pattern.entry(key).or_default() += n;
+        }
+        let mut counts: Vec<(String, u64)> = by_pattern.into_iter().collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        set_top(&self.reason_messages, &self.reasons_exported, "reason", queue, &counts);
     }
 
     /// Export the top failure patterns of a sample (see `triage::pattern_of`);
@@ -296,6 +317,13 @@ impl Metrics {
         self.retention_expired
             .get_or_create(&labels(&[("queue", queue)]))
             .set(n as i64);
+    }
+
+    /// Only the leader checks retention: a replica that stops leading drops
+    /// its last count, which every scrape of it would otherwise repeat (and
+    /// a rule on it would fire after the new leader purged).
+    pub fn forget_retention_expired(&self, queue: &str) {
+        self.retention_expired.remove(&labels(&[("queue", queue)]));
     }
 
     /// The OpenMetrics text exposition, as prometheus-client encodes it.
@@ -655,17 +683,17 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let m = Metrics::new();
-        m.set_reasons("q", &[("bad \"token\" at C:\\x\nnext".into(), 2)]);
+        m.set_patterns("q", &[("bad \"token\" at C:\\x\nnext".into(), 2)]);
         let text = m.render();
         assert!(
-            text.contains(r#"dlq_bridge_reason_messages{queue="q",reason="bad \"token\" at C:\\x\nnext"} 2"#),
+            text.contains(r#"dlq_bridge_pattern_messages{queue="q",pattern="bad \"token\" at C:\\x\nnext"} 2"#),
             "{text}"
         );
         // Replaced, not left behind, by the next sample.
-        m.set_reasons("q", &[("ok".into(), 1)]);
-        assert_eq!(m.render().matches("dlq_bridge_reason_messages{").count(), 1);
+        m.set_patterns("q", &[("ok".into(), 1)]);
+        assert_eq!(m.render().matches("dlq_bridge_pattern_messages{").count(), 1);
         let classic = to_classic_text(&m.render());
-        assert!(classic.contains(r#"reason="ok"} 1"#), "{classic}");
+        assert!(classic.contains(r#"pattern="ok"} 1"#), "{classic}");
     }
 
     #[test]
@@ -679,6 +707,45 @@ mod tests {
         m.set_reasons("q", &[("only".into(), 1)]);
         let text = m.render();
         assert_eq!(text.matches("dlq_bridge_reason_messages{").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn an_unknown_oldest_age_keeps_the_last_known_one_until_the_queue_is_empty() {
+        let m = Metrics::new();
+        let age = |m: &Metrics| {
+            m.render()
+                .lines()
+                .find(|l| l.starts_with("dlq_bridge_oldest_message_age_seconds{"))
+                .map(str::to_string)
+        };
+        m.set_depth("q", "sqs", 60, Some(900.0));
+        m.set_depth("q", "sqs", 80, None);
+        assert!(age(&m).is_some_and(|l| l.ends_with(" 900.0")), "{:?}", age(&m));
+        m.set_depth("q", "sqs", 0, None);
+        assert_eq!(age(&m), None);
+    }
+
+    #[test]
+    fn reasons_are_exported_by_pattern() {
+        let m = Metrics::new();
+        m.set_reasons(
+            "q",
+            &[
+                ("Order 18 not found".into(), 3),
+                ("Timeout".into(), 3),
+                ("Order 19 not found".into(), 2),
+            ],
+        );
+        let text = m.render();
+        assert!(
+            text.contains(r#"dlq_bridge_reason_messages{queue="q",reason="Order <n> not found"} 5"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"dlq_bridge_reason_messages{queue="q",reason="Timeout"} 3"#),
+            "{text}"
+        );
+        assert_eq!(text.matches("dlq_bridge_reason_messages{").count(), 2, "{text}");
     }
 
     #[test]
@@ -699,5 +766,7 @@ mod tests {
             text.contains(r#"dlq_bridge_retention_expired_messages{queue="q"} 4"#),
             "{text}"
         );
+        m.forget_retention_expired("q");
+        assert!(!m.render().contains("dlq_bridge_retention_expired_messages{"));
     }
 }

@@ -275,7 +275,7 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
             location: "config".into(),
             field: "serve.data_dir".into(),
             message: format!(
-                "{} is in use by another dlq-bridge serve (it holds {}): give each replica its own data directory; the journal has no cross-process lock",
+                "{} is in use by another dlq-bridge serve (it holds {}): give each replica its own data directory",
                 dir.display(),
                 path.display()
             ),
@@ -326,7 +326,12 @@ async fn alert_loop(
                 None => return,
             },
             _ = resend.tick() => {
-                let alerts = evaluator.refresh(Utc::now(), *leadership.borrow());
+                let (now, leader) = (Utc::now(), *leadership.borrow());
+                for n in evaluator.owed_resolves(now, leader) {
+                    tracing::info!(rule = %n.rule, queue = %n.queue, "alert resolved while no replica led: sent now");
+                    sinks.send(n);
+                }
+                let alerts = evaluator.refresh(now, leader);
                 if !alerts.is_empty() {
                     tracing::debug!(alerts = alerts.len(), "firing alerts re-sent to Alertmanager");
                     sinks.resend(alerts);
@@ -688,6 +693,9 @@ async fn retention_loop(
             changed = leadership.changed() => {
                 if changed.is_err() {
                     return;
+                }
+                if !*leadership.borrow() {
+                    app.metrics.forget_retention_expired(&queue);
                 }
             }
             _ = shutdown.cancelled() => return,

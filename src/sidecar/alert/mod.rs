@@ -198,9 +198,14 @@ struct RuleState {
     pending_since: Option<DateTime<Utc>>,
     firing_since: Option<DateTime<Utc>>,
     last_sent: Option<DateTime<Utc>>,
-    /// The firing notification this replica sent, while the alert fires: what
-    /// [`Evaluator::refresh`] re-sends to Alertmanager, and when it last did.
+    /// The firing notification this replica sent (or, following, the one a
+    /// leader sent), while the alert fires: what [`Evaluator::refresh`]
+    /// re-sends to Alertmanager once this replica leads, and when it last did.
     sent: Option<(Notification, DateTime<Utc>)>,
+    /// The alert cleared while this replica followed: the resolve the leader
+    /// was to send. Sent by this replica if it leads soon after (the leader
+    /// may have been gone), else dropped (see [`Evaluator::owed_resolves`]).
+    owed_resolve: Option<(Notification, DateTime<Utc>)>,
 }
 
 struct Rule {
@@ -309,10 +314,36 @@ impl Evaluator {
         }
     }
 
+    /// Resolves owed to every sink: alerts that cleared while this replica
+    /// followed, sent now that it leads. A leader that was there sent them
+    /// already, and Alertmanager and chat take a second one as no news; but
+    /// when the alert cleared while no replica led (the leader had died, or
+    /// could not reach the API server), nobody else will. Only those younger
+    /// than the time Alertmanager keeps an alert without news: an older one
+    /// cleared while a leader was there to send it.
+    pub fn owed_resolves(&mut self, now: DateTime<Utc>, leader: bool) -> Vec<Notification> {
+        if !leader {
+            return Vec::new();
+        }
+        let within = self.resend_delay * RESENDS_VALID;
+        self.state
+            .values_mut()
+            .filter_map(|st| st.owed_resolve.take())
+            .filter(|(_, cleared)| (now - *cleared).to_std().unwrap_or_default() <= within)
+            .map(|(mut n, _)| {
+                n.sent_at = now;
+                n
+            })
+            .collect()
+    }
+
     /// The firing alerts this replica sent, again, for Alertmanager only,
     /// each at most every `resend_delay`; nothing unless `leader`. Called on
     /// a timer, not per poll: while polls fail the alert keeps its state, and
-    /// stays active as long as the sidecar is alive to say so.
+    /// stays active as long as the sidecar is alive to say so. A replica that
+    /// has just taken the lead keeps alive what fired while it followed: its
+    /// polls may fail from the start (a provider outage), and Alertmanager
+    /// would otherwise end the alert its predecessor sent.
     pub fn refresh(&mut self, now: DateTime<Utc>, leader: bool) -> Vec<Notification> {
         if !leader {
             return Vec::new();
@@ -403,17 +434,27 @@ impl Evaluator {
         let from = self.last_poll.insert(poll.queue.clone(), now).unwrap_or(now);
         // Arrivals a run of ours hid came at some time since an earlier poll.
         let from = poll.arrivals_since.map_or(from, |since| since.min(from));
-        let window = self.arrivals.entry(poll.queue.clone()).or_default();
-        window.push_back((from, now, poll.arrivals));
-        while window
-            .front()
-            .is_some_and(|(_, to, _)| (now - *to).to_std().unwrap_or_default() > self.longest_window)
-        {
-            window.pop_front();
+        // Kept for the growth rules only, and only polls that saw arrivals:
+        // a week's window over hundreds of queues polled every 30 s is
+        // millions of entries otherwise, nearly all of them zeros.
+        let growth = |r: &Rule| r.cfg.growth.is_some() && r.applies_to(&poll.queue);
+        if poll.arrivals > 0 && self.rules.iter().any(growth) {
+            self.arrivals
+                .entry(poll.queue.clone())
+                .or_default()
+                .push_back((from, now, poll.arrivals));
+        }
+        if let Some(window) = self.arrivals.get_mut(&poll.queue) {
+            while window
+                .front()
+                .is_some_and(|(_, to, _)| (now - *to).to_std().unwrap_or_default() > self.longest_window)
+            {
+                window.pop_front();
+            }
         }
         let new_reasons = self.new_reasons(poll);
 
-        let mut out = Vec::new();
+        let mut out = self.owed_resolves(now, leader);
         for (i, rule) in self.rules.iter().enumerate() {
             if !rule.applies_to(&poll.queue) {
                 continue;
@@ -456,7 +497,9 @@ impl Evaluator {
                 _ => {
                     let g = rule.cfg.growth.as_ref().expect("growth rule");
                     (
-                        arrivals_within(&self.arrivals[&poll.queue], now, g.window),
+                        self.arrivals
+                            .get(&poll.queue)
+                            .map_or(0.0, |a| arrivals_within(a, now, g.window)),
                         g.messages as f64,
                     )
                 }
@@ -475,8 +518,8 @@ impl Evaluator {
                     let due = st
                         .last_sent
                         .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= rule.cfg.repeat);
-                    if leader && due {
-                        st.last_sent = Some(now);
+                    st.owed_resolve = None;
+                    if due || !leader {
                         let mut n = notification(
                             self.include_bodies,
                             rule,
@@ -489,7 +532,10 @@ impl Evaluator {
                         );
                         n.valid_for = self.resend_delay * RESENDS_VALID;
                         st.sent = Some((n.clone(), now));
-                        out.push(n);
+                        if leader {
+                            st.last_sent = Some(now);
+                            out.push(n);
+                        }
                     }
                 }
             } else {
@@ -504,19 +550,21 @@ impl Evaluator {
                     // Sent even without `send_resolved`: Alertmanager would
                     // otherwise show the alert active until its endsAt (the
                     // repeat interval later); the other sinks skip it.
+                    let mut n = notification(
+                        self.include_bodies,
+                        rule,
+                        poll,
+                        Status::Resolved,
+                        value,
+                        threshold,
+                        started,
+                        None,
+                    );
+                    n.quiet = !rule.cfg.send_resolved;
                     if leader {
-                        let mut n = notification(
-                            self.include_bodies,
-                            rule,
-                            poll,
-                            Status::Resolved,
-                            value,
-                            threshold,
-                            started,
-                            None,
-                        );
-                        n.quiet = !rule.cfg.send_resolved;
                         out.push(n);
+                    } else {
+                        st.owed_resolve = Some((n, now));
                     }
                 }
             }
@@ -764,13 +812,52 @@ mod tests {
         assert!(e.refresh(at(200), true).is_empty());
     }
 
+    /// A replica that takes the lead while the provider is down (its polls
+    /// fail from the start) keeps alive in Alertmanager what fired while it
+    /// followed: it was the predecessor's to re-send, and Alertmanager would
+    /// end it after four resend delays, a false resolve during an outage.
     #[test]
-    fn a_replica_that_never_sent_an_alert_does_not_re_send_it() {
+    fn a_new_leader_keeps_alive_what_fired_while_it_followed() {
         let mut e = evaluator("    - depth_above: 3\n");
         let m = Metrics::new();
+        let at = |secs: i64| DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap();
         assert!(e.evaluate(&poll(0, 5, 5, &[]), false, &m).is_empty());
-        let later = DateTime::from_timestamp(1_700_000_000 + 3600, 0).unwrap();
-        assert!(e.refresh(later, true).is_empty());
+        assert!(e.refresh(at(3600), false).is_empty(), "a follower sends nothing");
+        let kept = e.refresh(at(3600), true);
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].quiet, "for Alertmanager only");
+        assert_eq!(kept[0].status, Status::Firing);
+    }
+
+    /// The alert cleared while this replica followed and no replica led (the
+    /// leader had died): the resolve is sent once this replica leads, to
+    /// every sink, once. Long after, it is not: a leader was there to send it.
+    #[test]
+    fn a_resolve_seen_while_following_is_sent_by_the_next_leader() {
+        let mut e = evaluator("    - depth_above: 0\n");
+        let m = Metrics::new();
+        let at = |secs: i64| DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap();
+        assert!(e.evaluate(&poll(0, 1, 1, &[]), false, &m).is_empty());
+        assert!(e.evaluate(&poll(10, 0, 0, &[]), false, &m).is_empty());
+        assert!(e.owed_resolves(at(15), false).is_empty());
+        let owed = e.owed_resolves(at(20), true);
+        assert_eq!(owed.len(), 1);
+        assert_eq!(owed[0].status, Status::Resolved);
+        assert!(!owed[0].quiet);
+        assert!(e.owed_resolves(at(25), true).is_empty(), "once");
+        // At the next poll after the lead moved, too.
+        assert!(e.evaluate(&poll(30, 1, 1, &[]), false, &m).is_empty());
+        assert!(e.evaluate(&poll(40, 0, 0, &[]), false, &m).is_empty());
+        let n = e.evaluate(&poll(50, 0, 0, &[]), true, &m);
+        assert_eq!(n.iter().map(|n| n.status).collect::<Vec<_>>(), [Status::Resolved]);
+        // Fired again before anyone led: nothing owed.
+        assert!(e.evaluate(&poll(60, 1, 1, &[]), false, &m).is_empty());
+        assert!(e.evaluate(&poll(70, 0, 0, &[]), false, &m).is_empty());
+        assert!(e.evaluate(&poll(80, 1, 1, &[]), false, &m).is_empty());
+        assert!(e.owed_resolves(at(90), true).is_empty());
+        // Cleared long before this replica leads: a leader sent it then.
+        assert!(e.evaluate(&poll(100, 0, 0, &[]), false, &m).is_empty());
+        assert!(e.owed_resolves(at(100 + 3600), true).is_empty());
     }
 
     #[test]

@@ -484,7 +484,16 @@ fn payload(sink: &Sink, n: &Notification) -> serde_json::Value {
             // resolve_timeout.
             let ends_at = match n.status {
                 Status::Resolved => n.sent_at,
-                Status::Firing => n.sent_at + n.valid_for,
+                // A `repeat` of centuries (the config takes any duration)
+                // would overflow the date, or pass the four-digit years that
+                // RFC 3339 allows: such an alert ends at the end of 9999.
+                Status::Firing => {
+                    let last = chrono::DateTime::from_timestamp(253_402_300_799, 0).expect("9999-12-31T23:59:59Z");
+                    chrono::TimeDelta::from_std(n.valid_for)
+                        .ok()
+                        .and_then(|d| n.sent_at.checked_add_signed(d))
+                        .map_or(last, |t| t.min(last))
+                }
             };
             json!([{
                 "labels": labels,
@@ -868,6 +877,11 @@ mod tests {
         assert_eq!(ends_at(&resolved), resolved.sent_at);
         let firing = note(Status::Firing);
         assert_eq!(ends_at(&firing), firing.sent_at + Duration::from_secs(240));
+        // `repeat: 1000000y` on a new_reason rule: no overflow, a date
+        // Alertmanager can read.
+        let mut forever = note(Status::Firing);
+        forever.valid_for = Duration::from_secs(1_000_000 * 365 * 86_400);
+        assert_eq!(ends_at(&forever).to_rfc3339(), "9999-12-31T23:59:59+00:00");
     }
 
     #[test]
