@@ -11,10 +11,10 @@
 # system:masters, plus ServiceAccount tokens (`kubectl create token`) signed with a
 # key pair made here. Authorization: RBAC. The ServiceAccount admission plugin is
 # off (it would wait for token controllers that only kube-controller-manager runs).
-# State: DLQ_BRIDGE_KUBE_STATE (default /tmp/dlq-bridge-kube).
+# State: DLQ_BRIDGE_KUBE_STATE (default $TMPDIR/dlq-bridge-kube, else /tmp/...).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-STATE=${DLQ_BRIDGE_KUBE_STATE:-/tmp/dlq-bridge-kube}
+STATE=${DLQ_BRIDGE_KUBE_STATE:-${TMPDIR:-/tmp}/dlq-bridge-kube}
 KUBECONFIG_FILE="$STATE/kubeconfig"
 
 log() { echo "kube.sh: $*" >&2; }

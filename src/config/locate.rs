@@ -207,6 +207,12 @@ pub(super) fn parse_located<T: serde::de::DeserializeOwned>(text: &str, origin: 
     })
 }
 
+/// A value that may carry a secret: a URL, a `key=value` string (connection
+/// strings), or a long token.
+fn looks_secret(value: &str) -> bool {
+    value.contains("://") || value.contains('=') || value.contains(';') || value.chars().count() > 40
+}
+
 /// The key serde's "duplicate field `KEY`" names.
 fn duplicate_key(message: &str) -> Option<&str> {
     message.strip_prefix("duplicate field `")?.split('`').next()
@@ -305,9 +311,11 @@ pub(super) fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> Confi
     // expected struct SinkTarget"): in a config that may be a secret (a
     // webhook URL where `{url: …}` was meant), and the location already
     // points at it.
+    // Short plain values ("fast" for a rate) stay: they say what was read.
     for kind in ["invalid type: string \"", "invalid value: string \""] {
         if let Some(rest) = message.strip_prefix(kind)
             && let Some(end) = rest.rfind("\", expected")
+            && looks_secret(&rest[..end])
         {
             message = format!("{}{}", kind.trim_end_matches(" \""), &rest[end + 1..]);
         }
