@@ -576,7 +576,6 @@ impl Journal {
     }
 }
 
-/// The `n`th rotated file of the journal at `path` (`journal.jsonl.1` is the newest).
 /// Lock `PATH.lock` for this process, or say which process holds it. A file
 /// system without locks (some network mounts) is warned about, not refused.
 fn lock(path: &Path) -> Result<Option<File>, JournalError> {
@@ -619,6 +618,7 @@ fn lock(path: &Path) -> Result<Option<File>, JournalError> {
     Ok(Some(file))
 }
 
+/// The `n`th rotated file of the journal at `path` (`journal.jsonl.1` is the newest).
 pub fn rotated(path: &Path, n: usize) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".{n}"));
