@@ -274,6 +274,9 @@ pub struct Evaluator {
     last_poll: HashMap<String, DateTime<Utc>>,
     longest_window: Duration,
     resend_delay: Duration,
+    /// Some rule state holds an owed resolve: spares the leader a walk over
+    /// every state at every poll.
+    any_owed: bool,
 }
 
 /// Firing alerts are valid in Alertmanager for this many resend delays, as
@@ -311,6 +314,7 @@ impl Evaluator {
             last_poll: HashMap::new(),
             longest_window,
             resend_delay: cfg.resend_delay,
+            any_owed: false,
         }
     }
 
@@ -322,7 +326,7 @@ impl Evaluator {
     /// than the time Alertmanager keeps an alert without news: an older one
     /// cleared while a leader was there to send it.
     pub fn owed_resolves(&mut self, now: DateTime<Utc>, leader: bool) -> Vec<Notification> {
-        if !leader {
+        if !leader || !std::mem::take(&mut self.any_owed) {
             return Vec::new();
         }
         let within = self.resend_delay * RESENDS_VALID;
@@ -565,6 +569,7 @@ impl Evaluator {
                         out.push(n);
                     } else {
                         st.owed_resolve = Some((n, now));
+                        self.any_owed = true;
                     }
                 }
             }
