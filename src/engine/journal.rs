@@ -29,8 +29,9 @@ pub enum JournalError {
     },
     #[error(
         "journal {path} is in use by another dlq-bridge process ({holder}): two processes writing one journal would \
-         each miss what the other sent, and a rotation by one would lose the other's records. Pass --journal with \
-         another path for this run, or run it through that process (the sidecar's API: POST /v1/queues/QUEUE/redrive)"
+         each miss what the other sent, and a rotation by one would lose the other's records. Run this through that \
+         process (the sidecar's API: POST /v1/queues/QUEUE/redrive), wait for it to end, or give this one another \
+         journal (--journal PATH, or redrive.journal in the config)"
     )]
     InUse { path: PathBuf, holder: String },
 }
@@ -851,7 +852,7 @@ mod tests {
         let text = e.to_string();
         assert!(matches!(e, JournalError::InUse { .. }), "{text}");
         assert!(text.contains(&format!("(pid {})", std::process::id())), "{text}");
-        assert!(text.contains("Pass --journal with another path"), "{text}");
+        assert!(text.contains("another journal (--journal PATH"), "{text}");
         drop(first);
         assert!(Journal::open(&path).is_ok(), "free once the first is closed");
         std::fs::remove_dir_all(dir).unwrap();
