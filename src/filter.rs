@@ -121,7 +121,8 @@ const COMPREHENSIONS: [&str; 5] = ["all", "exists", "exists_one", "map", "filter
 
 /// A small lexer, enough to skip CEL's string literals (quoted with `"` or
 /// `'`, or tripled; raw with an `r` prefix, where a backslash escapes
-/// nothing) and to see brackets, operators and member selections.
+/// nothing) and comments (`//` to the end of the line), and to see
+/// brackets, operators and member selections (`a.b`, `a . b`).
 fn complexity(source: &str) -> Complexity {
     let chars: Vec<char> = source.chars().collect();
     let mut out = Complexity {
@@ -153,6 +154,13 @@ fn complexity(source: &str) -> Complexity {
     while i < chars.len() {
         let c = chars[i];
         step(&mut i, &mut line, &mut column);
+        // A comment, to the end of its line: a quote in it opens no string.
+        if c == '/' && chars.get(i) == Some(&'/') {
+            while i < chars.len() && chars[i] != '\n' {
+                step(&mut i, &mut line, &mut column);
+            }
+            continue;
+        }
         if c == '"' || c == '\'' {
             let raw = word.len() <= 2
                 && word.chars().any(|p| p == 'r' || p == 'R')
@@ -215,8 +223,14 @@ fn complexity(source: &str) -> Complexity {
                     }
                     prev_operand = true;
                 }
-                // A member selection (not a number's decimal point).
-                '.' if prev_operand && chars.get(i).is_some_and(|n| n.is_alphabetic() || *n == '_') => {
+                // A member selection (not a number's decimal point), spaces
+                // around the dot or not (`a . b` parses as `a.b`).
+                '.' if prev_operand
+                    && chars[i..]
+                        .iter()
+                        .find(|n| !n.is_whitespace())
+                        .is_some_and(|n| n.is_alphabetic() || *n == '_') =>
+                {
                     chain += 1;
                     after_dot = true;
                     prev_operand = false;
@@ -1574,18 +1588,21 @@ mod tests {
             let e = Filter::compile(&source).unwrap_err().to_string();
             assert!(e.contains("nested 300 levels"), "{source}: {e}");
         }
+        // CEL's comments: a quote in one opens no string for the parser.
+        let source = format!("true // it's\n && {}\n// '", parens(300));
+        let e = Filter::compile(&source).unwrap_err().to_string();
+        assert!(e.contains("nested 300 levels"), "{e}");
+        assert!(Filter::compile("// tenant acme only\nattributes.tenant == \"acme\" // it's theirs").is_ok());
         // The same strings, with the brackets inside them, are flat.
         assert_eq!(nesting(r#"body == r"\((((" && body == """(("((""""#).0, 0);
         assert_eq!(nesting(r#"body == "\"(((""#).0, 0);
         // A chain of member selections nests like brackets (a decimal point
         // is not one).
-        let chain = format!("json{} == 1.5", ".a".repeat(8000));
-        assert!(
-            Filter::compile(&chain)
-                .unwrap_err()
-                .to_string()
-                .contains("nested 8000 levels")
-        );
+        for link in [".a", " . a", ".\n a"] {
+            let chain = format!("json{} == 1.5", link.repeat(3000));
+            let e = Filter::compile(&chain).unwrap_err().to_string();
+            assert!(e.contains("nested 3000 levels"), "{link:?}: {e}");
+        }
         assert_eq!(nesting("json.order.items.size() > 1.5").0, 3);
         assert_eq!(nesting("a.b(x.y.z).c").0, 3);
     }
