@@ -131,9 +131,10 @@ fn complexity(source: &str) -> Complexity {
         comprehensions: (0, 1, 1),
     };
     let (mut depth, mut unary, mut chain) = (0usize, 0usize, 0usize);
-    // Per open bracket: the member chain it interrupted, and whether it
-    // opens a comprehension's arguments.
-    let mut open: Vec<(usize, bool)> = Vec::new();
+    // Per open bracket: the member chain it interrupted, whether it opens a
+    // comprehension's arguments, and whether it is an index (`a[0]`), which
+    // continues the chain.
+    let mut open: Vec<(usize, bool, bool)> = Vec::new();
     let mut looping = 0usize;
     let (mut line, mut column) = (1, 0);
     let mut prev_operand = false;
@@ -141,6 +142,9 @@ fn complexity(source: &str) -> Complexity {
     // whether a member selection's `.` came right before it.
     let mut word = String::new();
     let mut selected = false;
+    // The name a `(` would call, and whether it was selected (`x.exists`):
+    // kept across spaces (`x.exists (v, …)`), unlike a string's prefix.
+    let mut callee: Option<(String, bool)> = None;
     let mut after_dot = false;
     let mut i = 0;
     let step = |i: &mut usize, line: &mut usize, column: &mut usize| {
@@ -199,11 +203,16 @@ fn complexity(source: &str) -> Complexity {
             unary = 0;
         } else {
             let name = std::mem::take(&mut word);
+            if !name.is_empty() {
+                callee = Some((name, selected));
+            }
             let was_after_dot = std::mem::take(&mut after_dot);
             match c {
                 '(' | '[' | '{' => {
+                    let (name, selected) = callee.take().unwrap_or_default();
                     let comprehension = c == '(' && selected && COMPREHENSIONS.contains(&name.as_str());
-                    open.push((chain, comprehension));
+                    let index = c == '[' && prev_operand && name != "in";
+                    open.push((chain, comprehension, index));
                     if comprehension {
                         looping += 1;
                         if looping > out.comprehensions.0 {
@@ -217,8 +226,8 @@ fn complexity(source: &str) -> Complexity {
                 }
                 ')' | ']' | '}' => {
                     depth = depth.saturating_sub(1);
-                    if let Some((outer, comprehension)) = open.pop() {
-                        chain = outer;
+                    if let Some((outer, comprehension, index)) = open.pop() {
+                        chain = outer + usize::from(index);
                         looping -= usize::from(comprehension);
                     }
                     prev_operand = true;
@@ -249,9 +258,8 @@ fn complexity(source: &str) -> Complexity {
                     unary = 0;
                 }
             }
-            if c.is_whitespace() {
-                // A name ends at a space; `a .b` still selects.
-                prev_operand = prev_operand || !name.is_empty();
+            if !c.is_whitespace() {
+                callee = None;
             }
         }
         if depth + unary + chain > out.deepest.0 {
@@ -1604,6 +1612,15 @@ mod tests {
             assert!(e.contains("nested 3000 levels"), "{link:?}: {e}");
         }
         assert_eq!(nesting("json.order.items.size() > 1.5").0, 3);
+        // An index continues the chain; a list literal does not.
+        let indexes = format!("json{} == 1", "[0]".repeat(3000));
+        assert!(
+            Filter::compile(&indexes)
+                .unwrap_err()
+                .to_string()
+                .contains("nested 3000 levels")
+        );
+        assert_eq!(nesting("json.items[0].sku == 'x' && 'a' in ['a', 'b']").0, 3);
         assert_eq!(nesting("a.b(x.y.z).c").0, 3);
     }
 
@@ -1628,6 +1645,9 @@ mod tests {
         // Side by side they do not multiply.
         let flat = ["attributes.exists(k, k == 'x')"; 8].join(" || ");
         assert!(Filter::compile(&flat).is_ok());
+        // With a space before the bracket, too.
+        let spaced = nest(MAX_COMPREHENSION_NESTING + 1).replace(".exists(", ".exists (");
+        assert!(Filter::compile(&spaced).is_err(), "{spaced}");
         // A function of that name outside a member call is not a comprehension.
         assert_eq!(complexity("exists(exists(exists(exists(1))))").comprehensions.0, 0);
     }
