@@ -206,7 +206,12 @@ fn complexity(source: &str) -> Complexity {
             if !name.is_empty() {
                 callee = Some((name, selected));
             }
-            let was_after_dot = std::mem::take(&mut after_dot);
+            // A space after the dot still selects (`a . b`).
+            let was_after_dot = if c.is_whitespace() {
+                after_dot
+            } else {
+                std::mem::take(&mut after_dot)
+            };
             match c {
                 '(' | '[' | '{' => {
                     let (name, selected) = callee.take().unwrap_or_default();
@@ -1646,8 +1651,10 @@ mod tests {
         let flat = ["attributes.exists(k, k == 'x')"; 8].join(" || ");
         assert!(Filter::compile(&flat).is_ok());
         // With a space before the bracket, too.
-        let spaced = nest(MAX_COMPREHENSION_NESTING + 1).replace(".exists(", ".exists (");
-        assert!(Filter::compile(&spaced).is_err(), "{spaced}");
+        for spacing in [".exists (", " . exists(", " .\n exists ("] {
+            let spaced = nest(MAX_COMPREHENSION_NESTING + 1).replace(".exists(", spacing);
+            assert!(Filter::compile(&spaced).is_err(), "{spaced}");
+        }
         // A function of that name outside a member call is not a comprehension.
         assert_eq!(complexity("exists(exists(exists(exists(1))))").comprehensions.0, 0);
     }
