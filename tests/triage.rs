@@ -421,9 +421,6 @@ async fn import_into_sqs_fails_only_the_copies_sqs_refuses() {
 /// sent and dropped it as a duplicate.
 #[tokio::test]
 async fn import_into_a_fifo_queue_keeps_distinct_ids_distinct() {
-    use dlq_bridge::engine::registry::Registry;
-    use dlq_bridge::engine::triage::{self, ImportRequest};
-
     let f = SqsFixture::create(true).await;
     let long = "m".repeat(130);
     let ids = [
@@ -439,18 +436,29 @@ async fn import_into_a_fifo_queue_keeps_distinct_ids_distinct() {
         .enumerate()
         .map(|(i, id)| servicebus_line(id, &format!("message {i}"), "session ü"))
         .collect();
-    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    let reg = Registry::new(f.config());
-    let req = ImportRequest {
-        // ministack lists no dead-letter sources.
-        address: Some(&f.source_url),
-        ..ImportRequest::new(&file, "dlq")
-    };
-    let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
+    let s = import_into_source(&f, &file, &lines).await;
     assert_eq!((s.sent, s.failed), (4, 0), "{s:?}");
     let arrived: Vec<Vec<u8>> = f.drain_source().await.into_iter().map(|m| m.body).collect();
     let expected: Vec<Vec<u8>> = (0..4).map(|i| format!("message {i}").into_bytes()).collect();
     assert_eq!(arrived, expected, "every copy arrives, in order");
+}
+
+/// Write `lines` to `file` and import it into the fixture's source queue
+/// (by address: ministack lists no dead-letter sources).
+async fn import_into_source(
+    f: &SqsFixture,
+    file: &Path,
+    lines: &[String],
+) -> dlq_bridge::engine::triage::ImportSummary {
+    use dlq_bridge::engine::registry::Registry;
+    use dlq_bridge::engine::triage::{self, ImportRequest};
+    std::fs::write(file, lines.join("\n") + "\n").unwrap();
+    let reg = Registry::new(f.config());
+    let req = ImportRequest {
+        address: Some(&f.source_url),
+        ..ImportRequest::new(file, "dlq")
+    };
+    triage::import(&reg, &req, None, Default::default()).await.unwrap()
 }
 
 /// An export line of a Service Bus message of session `session`.
@@ -919,8 +927,7 @@ async fn a_read_that_reaches_the_providers_hold_limit_reports_what_it_read() {
 /// while other groups go on. They were sent, out of order.
 #[tokio::test]
 async fn an_import_holds_a_groups_later_lines_after_one_fails() {
-    use dlq_bridge::engine::registry::Registry;
-    use dlq_bridge::engine::triage::{self, ImportRequest, ImportStop};
+    use dlq_bridge::engine::triage::ImportStop;
 
     let f = SqsFixture::create(true).await;
     let dir = scratch();
@@ -933,13 +940,7 @@ async fn an_import_holds_a_groups_later_lines_after_one_fails() {
             servicebus_line(&format!("m{i}"), &body, group)
         })
         .collect();
-    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    let reg = Registry::new(f.config());
-    let req = ImportRequest {
-        address: Some(&f.source_url),
-        ..ImportRequest::new(&file, "dlq")
-    };
-    let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
+    let s = import_into_source(&f, &file, &lines).await;
     let g2: Vec<usize> = (0..20).filter(|i| i % 3 == 2).collect();
     let g1_after_failure = (0..20).filter(|i| i % 3 != 2 && *i > 1).count() as u64;
     assert_eq!(s.sent, 1 + g2.len() as u64, "{s:?}");
