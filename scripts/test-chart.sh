@@ -107,7 +107,8 @@ step "helm install into kube-apiserver (scripts/kube.sh)"
 if ! "$ROOT/scripts/kube.sh" env >/dev/null 2>&1 || ! KUBECONFIG=$("$ROOT/scripts/kube.sh" env | sed 's/^export KUBECONFIG=//') kubectl get --raw /readyz >/dev/null 2>&1; then
   STARTED_KUBE=1
 fi
-eval "$("$ROOT/scripts/kube.sh" start)"
+kube_env=$("$ROOT/scripts/kube.sh" start)  # an assignment passes on its status; eval "$(…)" would not
+eval "$kube_env"
 kubectl version 2>/dev/null | sed 's/^/  /' || true
 NS=dlq-chart-test-$$
 REL=dlq

@@ -29,13 +29,15 @@ cleanup() {
 }
 trap cleanup EXIT
 scripts/emulators.sh start
-eval "$(scripts/emulators.sh env)"
+emulators_env=$(scripts/emulators.sh env)
+eval "$emulators_env"
 
 step "Kubernetes API server (leader election and chart tests), Chromium (dashboard tests)"
 scripts/tools.sh
 # tests/dashboard.rs needs them; a missing browser fails the run here, never skips.
 scripts/tools.sh browser
-eval "$(scripts/kube.sh start)"
+kube_env=$(scripts/kube.sh start)  # an assignment passes on its status; eval "$(…)" would not
+eval "$kube_env"
 export DLQ_BRIDGE_TEST_KUBECONFIG=$KUBECONFIG
 unset KUBECONFIG
 

@@ -294,6 +294,16 @@ pub fn error_lines(errors: &[String]) -> String {
     errors.iter().map(|e| format!("  error: {}\n", printable(e))).collect()
 }
 
+/// `n` and the noun, singular for one: "1 message", "3 messages".
+pub fn counted(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,5 +469,12 @@ mod tests {
             lines,
             "  error: message \\u{202e}1-dro\\u{202c}: send failed\\u{2067}\n"
         );
+    }
+
+    #[test]
+    fn counts_say_one_in_the_singular() {
+        assert_eq!(counted(1u64, "message"), "1 message");
+        assert_eq!(counted(0u64, "message"), "0 messages");
+        assert_eq!(counted(6u64, "message"), "6 messages");
     }
 }

@@ -501,7 +501,21 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
     let empty_export = empty_export.display().to_string();
     let c = |name, args: &[&str], says: &[&str]| case(name, cfg.clone(), args, 2, says);
 
+    let missing_file = scratch().join("no-such-export.jsonl").display().to_string();
     let cases = vec![
+        // Before a subcommand, redrive flags are the flag form's: most often
+        // they were meant for the subcommand, which the error says.
+        c(
+            "redrive flag before another subcommand",
+            &["-o", "json", "list"],
+            &["--output before the subcommand belongs to the `--redrive QUEUE` form: give it after `list`"],
+        ),
+        // A file named on the command line that is not there: the user's to fix.
+        c(
+            "import of a missing file",
+            &["import", &missing_file, "--to", "orders", "--dry-run"],
+            &["no-such-export.jsonl: No such file or directory (os error 2)"],
+        ),
         // An empty destination is a slip, not a queue to look up.
         c(
             "empty --to",
@@ -960,6 +974,17 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
         ),
         &[&format!("queue q: queue {gone}: not found"), "NonExistentQueue"],
     );
+    // Given as a URL, the queue is named by its URL: the config's name for it
+    // is in the prefix already, and said twice it named nothing the user typed.
+    let gone_url = format!("{}/123456789012/{gone}", s.endpoint.trim_end_matches('/'));
+    runtime_error_everywhere(
+        "sqs queue URL missing",
+        &format!(
+            "queues:\n  - name: q\n    sqs: {{queue: \"{gone_url}\", endpoint_url: {}}}\n",
+            s.endpoint
+        ),
+        &[&format!("queue q: queue {gone_url}: not found"), "NonExistentQueue"],
+    );
     runtime_error_everywhere(
         "pubsub subscription missing",
         &format!(
@@ -985,7 +1010,7 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
         (&sqs_cfg, format!("--to {gone}: queue {gone}: not found")),
         (
             &pubsub_cfg,
-            format!("--to {gone}: queue projects/{}/topics/{gone}: not found", p.project),
+            format!("--to {gone}: topic projects/{}/topics/{gone}: not found", p.project),
         ),
     ];
     for (cfg, says) in cases {
@@ -998,16 +1023,25 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
         assert!(err.contains(&says), "{says}: {err}");
     }
     // The source is not configured and not knowable: a configured `source`
-    // that does not exist is a clear error too.
+    // that does not exist is a clear error too, a mistake in the config
+    // (exit 2), and `check` finds it before any redrive.
+    let sourced = write_file(format!("{}    source: {gone}\n", join(&sqs_lines(&s))), "yaml");
     let (code, out, err) = run(bin()
         .arg("-c")
-        .arg(write_file(
-            format!("{}    source: {gone}\n", join(&sqs_lines(&s))),
-            "yaml",
-        ))
+        .arg(&sourced)
         .args(["redrive", "orders", "--yes", "--no-journal"]));
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains(&format!("queue {gone}: not found")), "{err}");
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains(&format!("queue orders: source {gone}: queue {gone}: not found")),
+        "{err}"
+    );
+    let (code, out, err) = run(bin().arg("-c").arg(&sourced).arg("check"));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.contains("queue orders (sqs): FAILED"), "{out}");
+    assert!(
+        err.contains(&format!("source {gone}: queue {gone}: not found")),
+        "{err}"
+    );
     // Pub/Sub checks a configured source while it connects for a pass; the
     // plan still reports a missing one.
     let (code, out, err) = run(bin()
@@ -1022,9 +1056,12 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
             "yaml",
         ))
         .args(["redrive", "orders", "--yes", "--no-journal"]));
-    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(code, 2, "{out}{err}");
     assert!(
-        err.contains(&format!("projects/{}/topics/{gone}: not found", p.project)),
+        err.contains(&format!(
+            "source {gone}: topic projects/{}/topics/{gone}: not found",
+            p.project
+        )),
         "{err}"
     );
 
@@ -1483,9 +1520,11 @@ async fn sqs_odd_bodies_and_attributes_round_trip_byte_exact() {
             attributes: odd,
             ordering_key: None,
         },
-        // The largest message moto takes: 1 MiB.
+        // The largest message SQS takes: 1 MiB of body and attributes
+        // ("kind" + "String" + "max-size": 18 bytes; moto takes more, SQS
+        // does not, and dlq-bridge sizes copies as SQS counts).
         TestMessage {
-            body: "y".repeat(1024 * 1024).into_bytes(),
+            body: "y".repeat(1024 * 1024 - 18).into_bytes(),
             attributes: attrs(&[("kind", "max-size")]),
             ordering_key: None,
         },

@@ -355,6 +355,14 @@ async fn dashboard_assets_and_api_rules() {
     assert!(v["column"].as_u64().unwrap() >= 18, "{v}");
     let (_, text) = serve.get("/v1/filter/check?filter=true").await;
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["valid"], true);
+    // The empty box: valid, and said to be empty (the page then sends none).
+    let (_, text) = serve.get("/v1/filter/check?filter=%20").await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["valid"].as_bool(), v["empty"].as_bool()),
+        (Some(true), Some(true)),
+        "{v}"
+    );
 
     // CSRF: a cross-site POST is refused; so is a rebound host name.
     let redrive = format!("{}/v1/queues/orders/redrive", serve.url);

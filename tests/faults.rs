@@ -762,10 +762,9 @@ pub async fn connection_faults_lose_and_duplicate_nothing<F: ViaProxy>(backend: 
             Some(1) => {
                 failed += 1;
                 let endpoint = proxied.proxies[0].addr.to_string();
-                let named = r.output.contains(&endpoint) || r.output.contains("dlq") || r.output.contains(backend);
                 assert!(
-                    named && (r.output.contains("error") || r.output.contains("failed")),
-                    "run {run} failed without naming the queue or endpoint {endpoint}: {}",
+                    names_what_failed(&r.output, &[&endpoint]),
+                    "run {run} failed without an error that names the queue or endpoint {endpoint}: {}",
                     r.output
                 );
                 assert!(!r.output.contains("panicked"), "run {run} panicked: {}", r.output);
@@ -913,14 +912,44 @@ fn seeded(prefix: &str, n: usize) -> Vec<TestMessage> {
         .collect()
 }
 
-/// Check a finished run: 0, or 1 with an error that says what failed.
+/// What a run said went wrong: the `errors` of its JSON summary (when it got
+/// as far as printing one) and the lines of its stderr that report an error.
+/// Field names of the summary (`"errors"`, `"send_failed"`) are not in it, so
+/// a check on these texts is not met by the summary's shape alone.
+fn error_texts(output: &str) -> Vec<String> {
+    let mut values = serde_json::Deserializer::from_str(output).into_iter::<serde_json::Value>();
+    let (mut texts, rest) = match values.next() {
+        Some(Ok(summary)) => {
+            let errors = summary["errors"].as_array().cloned().unwrap_or_default();
+            let texts = errors.iter().filter_map(|e| e.as_str().map(str::to_string)).collect();
+            (texts, &output[values.byte_offset()..])
+        }
+        _ => (Vec::new(), output),
+    };
+    texts.extend(
+        rest.lines()
+            .filter(|l| l.trim_start().starts_with("error") || l.contains(" ERROR ") || l.contains(" WARN "))
+            .map(str::to_string),
+    );
+    texts
+}
+
+/// Whether one of the run's error texts names the endpoint it could not
+/// reach or the queue it failed on.
+fn names_what_failed(output: &str, endpoints: &[&str]) -> bool {
+    error_texts(output)
+        .iter()
+        .any(|t| t.contains("cannot reach") || t.contains("queue dlq") || endpoints.iter().any(|e| t.contains(e)))
+}
+
+/// Check a finished run: 0, or 1 with an error that names what failed.
 fn assert_clear(what: &str, code: Option<i32>, output: &str) {
     assert!(!output.contains("panicked"), "{what} panicked: {output}");
     match code {
         Some(0) => {}
         Some(1) => assert!(
-            output.contains("error") || output.contains("failed"),
-            "{what} failed without an error message: {output}"
+            names_what_failed(output, &["127.0.0."]),
+            "{what} failed without an error that names the endpoint or the queue: {output}"
         ),
         other => panic!("{what} exited with {other:?} (0 or 1 are documented): {output}"),
     }
@@ -1090,13 +1119,26 @@ pub async fn emulator_killed_mid_run_fails_clearly<F: Private>(backend: &str, ho
     let journal = std::env::temp_dir().join(format!("dlqb-killed-{}.jsonl", uuid::Uuid::new_v4().simple()));
     let killed_at = std::sync::OnceLock::new();
     let killed = async {
+        // Once the run has work in flight (its journal says it leased),
+        // however long a busy machine took to start it.
+        let start = Instant::now();
+        while !std::fs::read_to_string(&journal).is_ok_and(|t| t.contains(r#""event":"leased""#)) {
+            assert!(start.elapsed() < Duration::from_secs(60), "the run never leased");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         signal(&emu, "-KILL");
         killed_at.get_or_init(Instant::now);
     };
-    let (out, output) = run_disturbed(&config, &journal, &[], Duration::from_millis(900), killed).await;
+    let (out, output) = run_disturbed(&config, &journal, &[], Duration::from_millis(300), killed).await;
     let took = killed_at.get().expect("the emulator was killed").elapsed();
     assert_eq!(out.status.code(), Some(1), "a run whose emulator died fails: {output}");
     assert_clear("the run whose emulator died", out.status.code(), &output);
+    assert!(
+        error_texts(&output)
+            .iter()
+            .any(|t| t.contains("cannot reach") && t.contains("127.0.0.")),
+        "the run whose emulator died names the endpoint it cannot reach: {output}"
+    );
     let text = std::fs::read_to_string(&journal).unwrap();
     let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let ids = |event: &str| -> std::collections::HashSet<String> {

@@ -85,8 +85,21 @@ async fn list_shows_every_provider_side_by_side() {
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .output()
         .unwrap();
+    assert!(table.status.success(), "{table:?}");
     let table = String::from_utf8_lossy(&table.stdout);
-    for backend in ["sqs", "pubsub", "servicebus"] {
-        assert!(table.contains(backend), "{table}");
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(header[..3], ["QUEUE", "BACKEND", "DEPTH"], "{table}");
+    for (queue, backend, depth) in [
+        ("orders-sqs", "sqs", "2"),
+        ("orders-pubsub", "pubsub", "3"),
+        ("orders-servicebus", "servicebus", "4"),
+    ] {
+        let row: Vec<&str> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cells| cells.first() == Some(&queue))
+            .unwrap_or_else(|| panic!("{queue} listed: {table}"));
+        assert_eq!(row[1..3], [backend, depth], "{table}");
     }
 }

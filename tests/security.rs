@@ -12,6 +12,24 @@ use common::sqs::SqsFixture;
 
 const CANARY: &str = "CANARY-7f3a9c-do-not-print";
 
+fn state_dir(config: &std::path::Path) -> std::path::PathBuf {
+    config.with_extension("state")
+}
+
+/// Every file under `dir`, read as text.
+fn files_under(dir: &std::path::Path) -> String {
+    let mut text = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            text.push_str(&files_under(&path));
+        } else {
+            text.push_str(&String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()));
+        }
+    }
+    text
+}
+
 fn run_all_verbosities(config: &std::path::Path, args: &[&str]) -> String {
     let mut seen = String::new();
     for log in ["warn", "info", "debug", "trace"] {
@@ -20,6 +38,8 @@ fn run_all_verbosities(config: &std::path::Path, args: &[&str]) -> String {
             .arg(config)
             .args(args)
             .env("DLQ_BRIDGE_LOG", log)
+            // The journal goes beside the config, not into the user's own.
+            .env("XDG_STATE_HOME", state_dir(config))
             .env("AWS_ACCESS_KEY_ID", format!("AKIA{CANARY}"))
             .env("AWS_SECRET_ACCESS_KEY", CANARY)
             .env("AWS_SESSION_TOKEN", CANARY)
@@ -72,4 +92,11 @@ async fn canary_secrets_never_appear_in_output() {
     // The runs did produce output (debug logs, errors), so the check means something.
     assert!(output.contains("DEBUG"), "debug logging was on");
     assert!(output.contains("cannot reach"), "the failing backend was reported");
+    // Nor does the journal the redrives wrote.
+    let journal = files_under(&state_dir(&config));
+    assert!(
+        journal.contains("run_started"),
+        "the redrives were journalled: {journal}"
+    );
+    assert!(!journal.contains(CANARY), "the journal holds a secret:\n{journal}");
 }

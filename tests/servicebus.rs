@@ -379,6 +379,41 @@ async fn sends_refused_as_throttled_are_sent_again() {
     );
 }
 
+/// Azure counts a peek against a namespace's throttling credits as it does a
+/// send (one per message), and answers one over them with 503 server-busy.
+/// The dead-letter link browses before every lease and confirms every batch
+/// of settles with a browse: a throttled browse is asked again after a
+/// pause, and the pass moves every message. It ended the link, and with it
+/// the pass, saying the emulator could not be reached.
+#[tokio::test]
+async fn browses_refused_as_throttled_are_asked_again() {
+    use common::servicebus::{PEEK_BUSY_HOST, create_queue, private_emulator, queue_message_count};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_PEEK_BUSY";
+    const DLQ: &str = "throttled-browses";
+    const DEST: &str = "throttled-browses-dest";
+    let (emu, cs, client) = private_emulator("servicebus-peek-busy", PEEK_BUSY_HOST, &[]).await;
+    let f = ServiceBusFixture::on_named(emu.url(), client, ENV, DLQ, &[]).await;
+    create_queue(&f.http, DEST, None).await;
+    let msgs: Vec<TestMessage> = (0..10).map(|i| failing(i, "Timeout")).collect();
+    f.put_in_dlq(&msgs).await;
+    // From here: the fixture's own browses above are not throttled.
+    let throttled = reqwest::Client::new()
+        .post(format!("{}/$emulator/throttle-peeks/{DLQ}/2", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(throttled.status().is_success(), "{throttled:?}");
+    let (code, said) = redrive_to(&f, ENV, &cs, DEST);
+    assert_eq!(code, Some(0), "{said}");
+    assert_eq!(
+        said.matches("throttled (server busy)").count(),
+        2,
+        "each refusal is told, then the browse goes again: {said}"
+    );
+    assert_eq!(queue_message_count(&f.http, DEST).await, 10, "{said}");
+    assert_eq!(f.dlq_count().await, 0, "{said}");
+}
+
 /// fe2o3-amqp (azservicebus's AMQP layer) can lose a settlement that comes
 /// too fast, so a send, or a `$cbs` token put, can wait for an answer that
 /// never comes. Here the emulator loses the first send's settlement (the copy

@@ -20,11 +20,27 @@ pub mod servicebus;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
+/// What a missing provider resource is, by its name: a Pub/Sub path names
+/// its kind (`projects/p/topics/t`), so does a Service Bus subscription
+/// (`topic/Subscriptions/s`); anything else is a queue.
+fn kind_of(name: &str) -> &'static str {
+    let name = name.to_ascii_lowercase();
+    if name.contains("/topics/") {
+        "topic"
+    } else if name.contains("/subscriptions/") {
+        "subscription"
+    } else {
+        "queue"
+    }
+}
+
 /// What went wrong talking to a provider, classified so the CLI can tell the
 /// user what to do about it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
-    #[error("queue {queue}: not found ({detail})")]
+    /// `queue` is the provider's name for what is missing: a queue, or a
+    /// resource path that says itself what it is (a Pub/Sub topic).
+    #[error("{} {queue}: not found ({detail})", kind_of(queue))]
     NotFound { queue: String, detail: String },
     #[error("cannot reach {endpoint}: {detail} (is the service or emulator running?)")]
     Unreachable { endpoint: String, detail: String },
@@ -291,11 +307,12 @@ pub trait QueueBackend: Send + Sync {
     /// message (and so is stripped from a redriven copy by default).
     fn is_dead_letter_attribute(&self, name: &str) -> bool;
 
-    /// Whether `o` is within the provider's size limit for one message, where
-    /// that limit counts attributes too (SQS: body, attribute names, types
-    /// and values; Pub/Sub: data, attributes and ordering key). The engine
-    /// leaves the redrive marks off a copy they would take over it.
-    fn fits(&self, _o: &Outgoing) -> bool {
+    /// Whether `o` is within the size limit for one message sent to `to`,
+    /// where that limit counts attributes too (SQS: body, attribute names,
+    /// types and values, up to the queue's `MaximumMessageSize`; Pub/Sub:
+    /// data, attributes and ordering key). The engine leaves the redrive
+    /// marks off a copy they would take over it.
+    fn fits(&self, _to: &Destination, _o: &Outgoing) -> bool {
         true
     }
 

@@ -334,44 +334,47 @@ impl Drop for Hold {
     }
 }
 
-/// Pub/Sub channels shared between queues, one set per endpoint (`None`: GCP).
+/// Where a queue's channels go: an emulator, or a GCP API host (the global
+/// one, or a locational endpoint).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Target {
+    Emulator(String),
+    Google(String),
+}
+
+/// Pub/Sub channels shared between queues, one set per target.
 #[derive(Default)]
 pub struct Clients {
-    by_endpoint: Mutex<HashMap<Option<String>, SharedConns>>,
+    by_endpoint: Mutex<HashMap<Target, SharedConns>>,
 }
 
 /// Filled once, by the first queue that needs the endpoint.
 type SharedConns = Arc<OnceCell<Arc<Conns>>>;
 
 impl Clients {
-    async fn get(&self, emulator_host: Option<&str>) -> Result<Arc<Conns>> {
-        let cell = self
-            .by_endpoint
-            .lock()
-            .await
-            .entry(emulator_host.map(str::to_string))
-            .or_default()
-            .clone();
-        cell.get_or_try_init(|| Conns::open(emulator_host)).await.cloned()
+    async fn get(&self, target: &Target) -> Result<Arc<Conns>> {
+        let cell = self.by_endpoint.lock().await.entry(target.clone()).or_default().clone();
+        cell.get_or_try_init(|| Conns::open(target)).await.cloned()
     }
 }
 
 impl Conns {
     /// Open the channels; a stopped emulator is reported here, within the
     /// 3 s connect timeout.
-    async fn open(emulator_host: Option<&str>) -> Result<Arc<Self>> {
+    async fn open(target: &Target) -> Result<Arc<Self>> {
         let options = ConnectionOptions {
             timeout: Some(Duration::from_secs(60)),
             connect_timeout: Some(Duration::from_secs(3)),
             ..Default::default()
         };
-        let (endpoint, pool) = match emulator_host {
-            Some(h) => (h.to_string(), 1),
-            None => (PUBSUB.to_string(), 2),
+        let (endpoint, pool) = match target {
+            Target::Emulator(h) => (h.clone(), 1),
+            Target::Google(host) => (host.clone(), 2),
         };
-        let env = match emulator_host {
-            Some(h) => Environment::Emulator(h.to_string()),
-            None => Environment::GoogleCloud(Box::new(
+        let env = match target {
+            Target::Emulator(h) => Environment::Emulator(h.clone()),
+            // The token's audience is the service's, whichever host serves it.
+            Target::Google(_) => Environment::GoogleCloud(Box::new(
                 DefaultTokenSourceProvider::new(AuthConfig::default().with_audience(AUDIENCE).with_scopes(&SCOPES))
                     .await
                     .map_err(|e| BackendError::Auth {
@@ -385,7 +388,7 @@ impl Conns {
             let options = &options;
             let endpoint = &endpoint;
             async move {
-                ConnectionManager::new(pool, PUBSUB, env, options)
+                ConnectionManager::new(pool, endpoint, env, options)
                     .await
                     .map_err(|e| connect_error(endpoint, e))
             }
@@ -646,12 +649,16 @@ impl PubSubBackend {
             .filter(|h| !h.trim().is_empty())
             .or_else(|| non_empty_env("PUBSUB_EMULATOR_HOST"))
             .map(|h| h.trim().to_string());
-        let (endpoint, emulator) = match &emulator_host {
-            Some(h) => (h.clone(), true),
-            None => (PUBSUB.to_string(), false),
+        let target = match &emulator_host {
+            Some(h) => Target::Emulator(h.clone()),
+            None => Target::Google(cfg.endpoint.clone().unwrap_or_else(|| PUBSUB.to_string())),
         };
-        tracing::debug!(queue = name, "connecting to Pub/Sub");
-        let conns = clients.get(emulator_host.as_deref()).await?;
+        let (endpoint, emulator) = match &target {
+            Target::Emulator(h) => (h.clone(), true),
+            Target::Google(host) => (host.clone(), false),
+        };
+        tracing::debug!(queue = name, %endpoint, "connecting to Pub/Sub");
+        let conns = clients.get(&target).await?;
         tracing::debug!("gRPC channels open");
         let config_source = match &queue.source {
             Some(s) => Some(full_name(&cfg.project, "topics", s)?),
@@ -1139,14 +1146,13 @@ struct ErrorInfo {
 
 /// The ack IDs a failed Acknowledge on an exactly-once subscription lists,
 /// each with why (`PERMANENT_FAILURE_INVALID_ACK_ID`, `TRANSIENT_FAILURE_…`):
-/// there the RPC fails INVALID_ARGUMENT as soon as one ack ID fails, with
-/// an ErrorInfo whose metadata names the failed IDs, and acknowledges the
-/// others. None for any other error, which answers for the whole request.
+/// there the RPC fails as soon as one ack ID fails (INVALID_ARGUMENT, in
+/// what Google documents), with an ErrorInfo whose metadata names the failed
+/// IDs, and acknowledges the others. Read whatever the status code, as
+/// Google's own clients read it. None for any other error, which answers
+/// for the whole request.
 fn exactly_once_ack_failures(status: &Status) -> Option<HashMap<String, String>> {
     use prost::Message as _;
-    if status.code() != Code::InvalidArgument {
-        return None;
-    }
     let details = gcloud_googleapis::rpc::Status::decode(status.details()).ok()?;
     details
         .details
@@ -1155,6 +1161,15 @@ fn exactly_once_ack_failures(status: &Status) -> Option<HashMap<String, String>>
         .filter_map(|any| ErrorInfo::decode(any.value.as_slice()).ok())
         .find(|info| info.reason == EXACTLY_ONCE_ACK_FAILURE)
         .map(|info| info.metadata)
+}
+
+/// Codes an Acknowledge is sent again on, besides gax's own retries: those
+/// Google's clients retry acknowledgements on.
+fn ack_retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::DeadlineExceeded | Code::ResourceExhausted | Code::Internal | Code::Unavailable | Code::Aborted
+    )
 }
 
 /// One `ModifyAckDeadline` per [`ACK_CHUNK`] ack IDs.
@@ -1390,7 +1405,7 @@ impl QueueBackend for PubSubBackend {
         name.starts_with(DEAD_LETTER_PREFIX)
     }
 
-    fn fits(&self, o: &Outgoing) -> bool {
+    fn fits(&self, _to: &Destination, o: &Outgoing) -> bool {
         copy_size(o, self.target_attribute.as_deref()) <= MAX_MESSAGE_BYTES
     }
 
@@ -1560,6 +1575,16 @@ impl QueueBackend for PubSubBackend {
                     break;
                 };
                 let Some(failed) = exactly_once_ack_failures(&status) else {
+                    // What gax's retries leave (they retry UNAVAILABLE,
+                    // UNKNOWN and ABORTED) but Google's clients retry an
+                    // Acknowledge on: an ack that failed so has its copy out
+                    // already, and without the journal a later run would send
+                    // it again. Acknowledging twice is harmless.
+                    if ack_retryable(status.code()) && attempt < ACK_ATTEMPTS {
+                        tracing::debug!(code = ?status.code(), attempt, "acknowledge failed; trying again");
+                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                        continue;
+                    }
                     let error = self.error(status, &self.subscription).to_string();
                     for &i in &pending {
                         results[i] = SettleResult::Failed { error: error.clone() };
@@ -1857,6 +1882,26 @@ mod tests {
     }
 
     #[test]
+    fn acknowledgements_are_sent_again_on_the_codes_googles_clients_retry() {
+        for code in [
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Internal,
+            Code::Unavailable,
+        ] {
+            assert!(ack_retryable(code), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::PermissionDenied,
+            Code::FailedPrecondition,
+        ] {
+            assert!(!ack_retryable(code), "{code:?}");
+        }
+    }
+
+    #[test]
     fn exactly_once_ack_failures_name_only_the_failed_ids() {
         let failed = exactly_once_ack_failures(&status_with_error_info(
             Code::InvalidArgument,
@@ -1872,9 +1917,10 @@ mod tests {
         // Anything else answers for the whole request.
         let other = status_with_error_info(Code::InvalidArgument, "SOMETHING_ELSE", &[("a1", "x")]);
         assert_eq!(exactly_once_ack_failures(&other), None);
-        let other = status_with_error_info(Code::FailedPrecondition, EXACTLY_ONCE_ACK_FAILURE, &[("a1", "x")]);
-        assert_eq!(exactly_once_ack_failures(&other), None);
         assert_eq!(exactly_once_ack_failures(&Status::invalid_argument("bad")), None);
+        // Read whatever the code, as Google's clients read it.
+        let other = status_with_error_info(Code::FailedPrecondition, EXACTLY_ONCE_ACK_FAILURE, &[("a1", "x")]);
+        assert_eq!(exactly_once_ack_failures(&other).map(|f| f.len()), Some(1));
     }
 
     fn leases(ids: &[&str]) -> Vec<LeaseId> {

@@ -58,8 +58,15 @@ const MAX_VISIBILITY_SECS: u64 = 43_200;
 pub struct SqsBackend {
     client: Client,
     queue_name: String,
+    /// The queue as the config names it on SQS (a name or a URL), which
+    /// errors name: the config's own name for it is in their prefix already.
+    configured_queue: String,
     queue_url: String,
     endpoint: String,
+    /// Destination queue URL → its `MaximumMessageSize` (1 KiB to 1 MiB;
+    /// infrastructure tools still create queues with the old 256 KiB
+    /// default). Learnt once per destination, before its copies are made.
+    send_limits: std::sync::Mutex<HashMap<String, usize>>,
     reason_attribute: String,
     description_attribute: String,
     /// `DeadLetterQueueSourceArn` → queue URL, so each source is looked up once.
@@ -223,7 +230,9 @@ impl SqsBackend {
         Ok(Self {
             client,
             queue_name: name.to_string(),
+            configured_queue: cfg.queue.clone(),
             queue_url,
+            send_limits: std::sync::Mutex::new(HashMap::new()),
             endpoint,
             reason_attribute: queue.reason_attribute.clone(),
             description_attribute: queue.description_attribute.clone(),
@@ -241,7 +250,7 @@ impl SqsBackend {
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        classify(err, &self.endpoint, &self.queue_name)
+        classify(err, &self.endpoint, &self.configured_queue)
     }
 
     async fn source_from_arn(&self, arn: &str) -> Option<String> {
@@ -261,8 +270,52 @@ impl SqsBackend {
                 url
             }
         };
+        self.learn_send_limit(&url).await;
         self.arn_urls.lock().await.insert(arn.to_string(), url.clone());
         Some(url)
+    }
+
+    /// The most a copy sent to `url` may weigh (body and attributes), as
+    /// learnt by [`Self::learn_send_limit`]; SQS's own limit until then.
+    fn send_limit(&self, url: &str) -> usize {
+        let limits = self.send_limits.lock().unwrap_or_else(|e| e.into_inner());
+        limits.get(url).copied().unwrap_or(MAX_PAYLOAD)
+    }
+
+    /// Ask `url` its `MaximumMessageSize`, once. A destination this role may
+    /// only send to (no `sqs:GetQueueAttributes` there) keeps SQS's own
+    /// limit: a copy over the queue's then fails its send, saying so.
+    async fn learn_send_limit(&self, url: &str) {
+        if self
+            .send_limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(url)
+        {
+            return;
+        }
+        let asked = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::MaximumMessageSize)
+            .send()
+            .await;
+        let limit = match asked {
+            Ok(out) => out
+                .attributes()
+                .and_then(|a| a.get(&QueueAttributeName::MaximumMessageSize))
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(MAX_PAYLOAD, |v| v.clamp(1024, MAX_PAYLOAD)),
+            Err(e) => {
+                tracing::debug!(%url, error = %self.error(e), "cannot read the destination's MaximumMessageSize; assuming SQS's limit");
+                MAX_PAYLOAD
+            }
+        };
+        self.send_limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(url.to_string(), limit);
     }
 
     async fn listed_source(&self) -> Result<Option<String>> {
@@ -753,8 +806,8 @@ impl QueueBackend for SqsBackend {
         }
     }
 
-    fn fits(&self, o: &Outgoing) -> bool {
-        payload_size(o) <= MAX_PAYLOAD
+    fn fits(&self, to: &Destination, o: &Outgoing) -> bool {
+        payload_size(o) <= self.send_limit(&to.0)
     }
 
     fn is_dead_letter_attribute(&self, _name: &str) -> bool {
@@ -857,19 +910,28 @@ impl QueueBackend for SqsBackend {
     async fn send(&self, to: &Destination, msgs: &[Outgoing]) -> Result<Vec<SendResult>> {
         let fifo = to.0.ends_with(".fifo");
         let mut results: Vec<Option<SendResult>> = vec![None; msgs.len()];
-        // Split into requests of at most 10 entries and 1 MiB.
+        self.learn_send_limit(&to.0).await;
+        let limit = self.send_limit(&to.0);
+        // Split into requests of at most 10 entries and the queue's limit:
+        // SQS caps a batch at 1 MiB, and one report has it refuse a batch
+        // over a smaller queue's own limit; smaller batches cost nothing else.
         let mut chunks: Vec<Vec<usize>> = Vec::new();
         let mut size = 0;
         for (i, m) in msgs.iter().enumerate() {
-            if let Some(error) = refused_by_sqs(m) {
+            let s = payload_size(m);
+            let refused = refused_by_sqs(m).or_else(|| {
+                (s > limit).then(|| {
+                    format!("the copy is {s} bytes with its attributes, over the destination's MaximumMessageSize of {limit}")
+                })
+            });
+            if let Some(error) = refused {
                 results[i] = Some(SendResult::Failed {
                     error: format!("{error}: not sent"),
                 });
                 continue;
             }
-            let s = payload_size(m);
             match chunks.last_mut() {
-                Some(c) if c.len() < BATCH && size + s <= MAX_PAYLOAD => {
+                Some(c) if c.len() < BATCH && size + s <= limit => {
                     c.push(i);
                     size += s;
                 }
@@ -1009,7 +1071,11 @@ impl QueueBackend for SqsBackend {
     }
 
     async fn default_source(&self) -> Result<Option<Destination>> {
-        Ok(self.listed_source().await?.map(Destination))
+        let Some(url) = self.listed_source().await? else {
+            return Ok(None);
+        };
+        self.learn_send_limit(&url).await;
+        Ok(Some(Destination(url)))
     }
 
     async fn resolve_destination(&self, name: &str) -> Result<Destination> {
@@ -1024,9 +1090,9 @@ impl QueueBackend for SqsBackend {
                 self.queue_name
             )));
         }
-        resolve_queue_url(&self.client, &self.endpoint, name, None)
-            .await
-            .map(Destination)
+        let url = resolve_queue_url(&self.client, &self.endpoint, name, None).await?;
+        self.learn_send_limit(&url).await;
+        Ok(Destination(url))
     }
 }
 

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::output::Format;
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 ok, 1 runtime failure, 2 usage or config error, 3 `list --fail-if-nonempty` found messages, 130/143 a redrive or purge stopped by SIGINT/SIGTERM.
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error, 3 `list --fail-if-nonempty` found messages, 130/143 a command that changes or reads queues (redrive, purge, retention, import, inspect, report, export) stopped by SIGINT/SIGTERM.
 
 Filters are CEL expressions over: id, body, json, attributes, reason, description,
 delivery_count, enqueued_at (timestamp), age (duration), source. For example:
@@ -290,18 +290,47 @@ pub struct RedriveOpts {
     pub output: Format,
 }
 
+impl Command {
+    /// The subcommand as typed.
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            Self::List { .. } => "list",
+            Self::Inspect { .. } => "inspect",
+            Self::Redrive { .. } => "redrive",
+            Self::Check => "check",
+            Self::Serve => "serve",
+            Self::Report { .. } => "report",
+            Self::Export { .. } => "export",
+            Self::Import { .. } => "import",
+            Self::Purge { .. } => "purge",
+            Self::Retention { .. } => "retention",
+            Self::Runs { .. } => "runs",
+        }
+    }
+}
+
 impl RedriveOpts {
     pub(super) fn any_set(&self) -> bool {
-        self.filter.is_some()
-            || self.to.is_some()
-            || self.dry_run
-            || self.rate.is_some()
-            || self.max.is_some()
-            || self.concurrency.is_some()
-            || self.yes
-            || self.journal.is_some()
-            || self.no_journal
-            || self.output != Format::Table
+        !self.set_flags().is_empty()
+    }
+
+    /// The flags given, as typed (for an error that names them).
+    pub(super) fn set_flags(&self) -> Vec<&'static str> {
+        [
+            (self.filter.is_some(), "--filter"),
+            (self.to.is_some(), "--to"),
+            (self.dry_run, "--dry-run"),
+            (self.rate.is_some(), "--rate"),
+            (self.max.is_some(), "--max"),
+            (self.concurrency.is_some(), "--concurrency"),
+            (self.yes, "--yes"),
+            (self.journal.is_some(), "--journal"),
+            (self.no_journal, "--no-journal"),
+            (self.output != Format::Table, "--output"),
+        ]
+        .into_iter()
+        .filter_map(|(set, flag)| set.then_some(flag))
+        .collect()
     }
 }
 

@@ -119,7 +119,7 @@ pub(crate) async fn inspect(
     let now = Utc::now();
     // Only the matches shown are kept: the rest are dropped as they are read.
     let cancel = CancellationToken::new();
-    let interrupt = signals::on_interrupt(cancel.clone(), "the read");
+    let interrupt = signals::on_interrupt(cancel.clone(), "releasing what the read holds");
     let got = first_matches(&*backend, read, limit, usize::MAX, &cancel, |m| {
         match filter.matches(m, now) {
             Ok(matched) => Some(matched),
@@ -129,7 +129,8 @@ pub(crate) async fn inspect(
             }
         }
     })
-    .await?;
+    .await
+    .with_context(|| format!("queue {queue}"))?;
     if let Some(code) = interrupt.exit_code().filter(|_| got.interrupted) {
         return Ok(code);
     }
@@ -146,7 +147,10 @@ pub(crate) async fn inspect(
         }
     }
     if errors > 0 {
-        eprintln!("warning: the filter failed on {errors} messages (counted as no match); -vv shows why");
+        eprintln!(
+            "warning: the filter failed on {} (counted as no match); -vv shows why",
+            crate::output::counted(errors as u64, "message")
+        );
     }
     if filtered && got.capped {
         eprintln!("note: the read stopped at --scan {scan}; the DLQ may hold more matches (raise --scan)");

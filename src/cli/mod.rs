@@ -43,10 +43,14 @@ use runs::runs;
 
 pub async fn run(cli: Cli) -> Result<u8, Failure> {
     let command = match (cli.command, cli.redrive) {
-        (Some(_), None) if cli.redrive_opts.any_set() => {
-            return Err(usage(
-                "redrive options go after the `redrive` subcommand, or with `--redrive QUEUE`",
-            ));
+        (Some(c), None) if cli.redrive_opts.any_set() => {
+            // Before a subcommand these flags are the `--redrive QUEUE`
+            // form's; most often they were meant for the subcommand itself.
+            let flags = cli.redrive_opts.set_flags().join(" ");
+            return Err(usage(format!(
+                "{flags} before the subcommand belongs to the `--redrive QUEUE` form: give it after `{}` instead",
+                c.name()
+            )));
         }
         (Some(c), None) => c,
         (None, Some(queue)) => Command::Redrive {

@@ -63,7 +63,7 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
     }
     let cancel = CancellationToken::new();
     engine = engine.with_cancel(cancel.clone());
-    let interrupt = signals::on_interrupt(cancel.clone(), "the sends");
+    let interrupt = signals::on_interrupt(cancel.clone(), "finishing the sends in flight, releasing the rest");
     // The depth only sizes the progress bar, so ask for it only when there is
     // one: on the Pub/Sub emulator `stats` counts by draining and releasing
     // the whole DLQ, an extra pass that doubled a redrive's time (bench/run.sh).

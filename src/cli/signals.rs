@@ -17,16 +17,16 @@ pub struct Interrupt {
     signal: Arc<AtomicU8>,
 }
 
-/// Cancel `cancel` on the first SIGINT or SIGTERM, saying on stderr that
-/// `what` (in flight) finishes and the rest is released.
-pub fn on_interrupt(cancel: CancellationToken, what: &'static str) -> Interrupt {
+/// Cancel `cancel` on the first SIGINT or SIGTERM, saying on stderr what
+/// the run does before it ends (`doing`: "finishing the sends in flight, …").
+pub fn on_interrupt(cancel: CancellationToken, doing: &'static str) -> Interrupt {
     let signal = Arc::new(AtomicU8::new(0));
     let task = tokio::spawn({
         let signal = signal.clone();
         async move {
             let number = interrupted().await;
             signal.store(number, Ordering::Relaxed);
-            eprintln!("\ninterrupted: finishing {what} in flight, releasing the rest");
+            eprintln!("\ninterrupted: {doing}");
             cancel.cancel();
         }
     });

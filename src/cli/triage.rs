@@ -42,7 +42,7 @@ pub async fn cli_report(
         eprintln!("{note}");
     }
     let cancel = CancellationToken::new();
-    let interrupt = signals::on_interrupt(cancel.clone(), "the read");
+    let interrupt = signals::on_interrupt(cancel.clone(), "releasing what the read holds");
     let r = report(registry, queue, &ReportRequest { by, filter, top, scan }, &cancel).await?;
     if let Some(code) = interrupt.exit_code().filter(|_| r.interrupted) {
         return Ok(code);
@@ -53,8 +53,8 @@ pub async fn cli_report(
     }
     if r.filter_errors > 0 {
         eprintln!(
-            "warning: the filter failed on {} messages (counted as no match)",
-            r.filter_errors
+            "warning: the filter failed on {} (counted as no match)",
+            crate::output::counted(r.filter_errors, "message")
         );
     }
     if let Some(note) = held_back_note(r.read, r.held_back, r.hold_limited) {
@@ -77,7 +77,7 @@ pub async fn cli_export(
         eprintln!("{note}");
     }
     let cancel = CancellationToken::new();
-    let interrupt = signals::on_interrupt(cancel.clone(), "the read");
+    let interrupt = signals::on_interrupt(cancel.clone(), "releasing what the read holds");
     let s = export(registry, queue, to, filter, max, &cancel).await?;
     if let Some(code) = interrupt.exit_code().filter(|_| s.interrupted) {
         eprintln!("export interrupted: {} left as it was", s.file.display());
@@ -122,7 +122,7 @@ pub async fn cli_import(
     output: Format,
 ) -> Result<u8, Failure> {
     let cancel = CancellationToken::new();
-    let interrupt = signals::on_interrupt(cancel.clone(), "the batch");
+    let interrupt = signals::on_interrupt(cancel.clone(), "finishing the batch in flight");
     let s = import(registry, req, journal, cancel).await?;
     match output {
         Format::Json => print_json(&s)?,
@@ -143,7 +143,7 @@ pub async fn cli_purge(
     output: Format,
 ) -> Result<u8, Failure> {
     let cancel = CancellationToken::new();
-    let interrupt = signals::on_interrupt(cancel.clone(), "the batches");
+    let interrupt = signals::on_interrupt(cancel.clone(), "finishing the batches in flight, releasing the rest");
     let s = purge(registry, queue, req, journal, cancel, None).await?;
     match output {
         Format::Json => print_json(&s)?,
@@ -185,7 +185,7 @@ pub async fn cli_retention(
     // The worst outcome: a config problem (exit 2) outranks a failure (exit 1).
     let mut code = exit::OK;
     let cancel = CancellationToken::new();
-    let interrupt = signals::on_interrupt(cancel.clone(), "the batches");
+    let interrupt = signals::on_interrupt(cancel.clone(), "finishing the batches in flight, releasing the rest");
     for name in &names {
         if cancel.is_cancelled() {
             break;
@@ -272,8 +272,8 @@ fn report_table(r: &Report) -> String {
     }
     let mut out = t.render();
     out.push_str(&format!(
-        "{} messages grouped by {} ({} read{})\n",
-        r.matched,
+        "{} grouped by {} ({} read{})\n",
+        crate::output::counted(r.matched, "message"),
         r.by,
         r.read,
         if r.capped {

@@ -251,6 +251,12 @@ impl Config {
                     return Err(err(field, format!("`{url}` is not an http(s) URL")));
                 }
             }
+            if let QueueKind::PubSub(ps) = &q.kind
+                && let Some(host) = &ps.endpoint
+                && let Some(problem) = pubsub_endpoint_problem(host)
+            {
+                return Err(err(format!("queues[{i}].pubsub.endpoint"), problem));
+            }
             if q.source.as_deref().is_some_and(|s| s.trim().is_empty()) {
                 return Err(err(
                     format!("queues[{i}].source"),
@@ -534,6 +540,23 @@ const MIN_SCHEDULE_EVERY: Duration = Duration::from_secs(1);
 /// it) well within it.
 const MIN_LEASE_DURATION: Duration = Duration::from_secs(2);
 
+/// What is wrong with a Pub/Sub `endpoint`, which is a host name: the
+/// channel adds `https://` and the port itself.
+fn pubsub_endpoint_problem(host: &str) -> Option<String> {
+    if host.contains("://") {
+        return Some(format!(
+            "`{host}` is a URL: give the host name only (e.g. `us-east1-pubsub.googleapis.com`)"
+        ));
+    }
+    let valid = !host.is_empty()
+        && host
+            .split('.')
+            .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    (!valid).then(|| {
+        format!("`{host}` is not a host name (e.g. `us-east1-pubsub.googleapis.com`; letters, digits, `-` and dots)")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,6 +578,35 @@ mod tests {
 
     pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_yaml(text, "test.yaml", &[])
+    }
+
+    #[test]
+    fn a_pubsub_endpoint_is_a_host_name() {
+        let with = |endpoint: &str| {
+            parse(&format!(
+                "queues:\n  - name: q\n    pubsub:\n      project: p\n      subscription: s\n      endpoint: \"{endpoint}\"\n"
+            ))
+        };
+        let c = with("us-east1-pubsub.googleapis.com").unwrap();
+        let QueueKind::PubSub(ps) = &c.queues[0].kind else {
+            panic!("a Pub/Sub queue")
+        };
+        assert_eq!(ps.endpoint.as_deref(), Some("us-east1-pubsub.googleapis.com"));
+        for (bad, says) in [
+            (
+                "https://us-east1-pubsub.googleapis.com",
+                "is a URL: give the host name only",
+            ),
+            ("pubsub.googleapis.com:443", "is not a host name"),
+            ("", "is not a host name"),
+            ("a..b", "is not a host name"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("queues[0].pubsub.endpoint") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

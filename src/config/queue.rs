@@ -172,6 +172,14 @@ pub struct PubSubQueueConfig {
     /// lags by 1-3 minutes.
     #[serde(default)]
     pub emulator_host: Option<String>,
+    /// The Pub/Sub API host on GCP, for a locational endpoint
+    /// (`us-east1-pubsub.googleapis.com`): a topic whose message storage
+    /// policy enforces regions in transit refuses publishes and pulls that
+    /// reach another region (FAILED_PRECONDITION), and ordering keys are
+    /// kept only for messages published in one region. Default: the global
+    /// `pubsub.googleapis.com`. A host name only, always over TLS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
     /// Opt-in targeted redrive. When set, every redriven copy carries this
     /// attribute, valued with the short name of the subscription the message
     /// failed on (from `CloudPubSubDeadLetterSourceSubscription`). Copies go

@@ -1129,7 +1129,7 @@ impl<'a> Pass<'a> {
             .iter_mut()
             .filter(|_| self.discard_to.is_none())
             .map(|l| {
-                let (mut o, marked) = outgoing_copy_taking(&mut l.message, plan, &*engine.backend);
+                let (mut o, marked) = outgoing_copy_taking(&mut l.message, plan, &*engine.backend, &dest);
                 if !marked {
                     self.s.marks_omitted += 1;
                 }
@@ -1531,23 +1531,33 @@ fn marked_count(attributes: &Attributes) -> u32 {
 /// The copy of `m` to send: provider dead-letter attributes stripped (when
 /// configured), redrive marks added. Returns whether the marks fit: within
 /// the provider's attribute cap, and not taking a copy that fits its size
-/// limit over it (SQS counts attributes in its 1 MiB: a message near it would
-/// otherwise fail on every run).
-pub fn outgoing_copy(m: &DlqMessage, plan: &RedrivePlan, backend: &dyn QueueBackend) -> (Outgoing, bool) {
+/// limit over it (SQS counts attributes in the queue's size limit: a message
+/// near it would otherwise fail on every run).
+pub fn outgoing_copy(
+    m: &DlqMessage,
+    plan: &RedrivePlan,
+    backend: &dyn QueueBackend,
+    to: &Destination,
+) -> (Outgoing, bool) {
     let parts = (m.body.clone(), m.attributes.clone(), m.properties.clone());
-    copy_from(parts, m, plan, backend)
+    copy_from(parts, m, plan, backend, to)
 }
 
 /// [`outgoing_copy`] that moves the body, attributes and properties out of
 /// `m`, which keeps what a send's outcome needs (its ID, ordering key and
 /// enqueue time): a leased message being sent is not copied a second time.
-fn outgoing_copy_taking(m: &mut DlqMessage, plan: &RedrivePlan, backend: &dyn QueueBackend) -> (Outgoing, bool) {
+fn outgoing_copy_taking(
+    m: &mut DlqMessage,
+    plan: &RedrivePlan,
+    backend: &dyn QueueBackend,
+    to: &Destination,
+) -> (Outgoing, bool) {
     let parts = (
         std::mem::take(&mut m.body),
         std::mem::take(&mut m.attributes),
         std::mem::take(&mut m.properties),
     );
-    copy_from(parts, m, plan, backend)
+    copy_from(parts, m, plan, backend, to)
 }
 
 /// The copy of `m` made of `parts` (its body, attributes and properties).
@@ -1556,6 +1566,7 @@ fn copy_from(
     m: &DlqMessage,
     plan: &RedrivePlan,
     backend: &dyn QueueBackend,
+    to: &Destination,
 ) -> (Outgoing, bool) {
     if plan.strip_dead_letter_attributes {
         attributes.retain(|k, _| !backend.is_dead_letter_attribute(k));
@@ -1590,9 +1601,9 @@ fn copy_from(
         // Asked once for nearly every copy (it is on the hot path, and a
         // backend sizes the copy as it would send it); only a copy the marks
         // may have taken over the limit is asked about again without them.
-        if !backend.fits(&copy) {
+        if !backend.fits(to, &copy) {
             let marks = [MARK_ID, MARK_COUNT].map(|k| copy.attributes.remove_entry(k));
-            if backend.fits(&copy) {
+            if backend.fits(to, &copy) {
                 room = false;
             } else {
                 // Over the limit anyway: its send fails on its own, marked as usual.

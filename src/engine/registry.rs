@@ -37,6 +37,16 @@ pub enum RegistryError {
         to: String,
         error: BackendError,
     },
+    /// The queue's configured `source` could not be resolved: one the
+    /// provider does not know is a mistake in the config.
+    // `name`, not `source`: thiserror would take a `source` field for the
+    // error's cause.
+    #[error("queue {queue}: source {name}: {error}")]
+    Source {
+        queue: String,
+        name: String,
+        error: BackendError,
+    },
 }
 
 impl RegistryError {
@@ -47,6 +57,9 @@ impl RegistryError {
             || matches!(
                 self,
                 Self::Destination {
+                    error: BackendError::NotFound { .. } | BackendError::Invalid(_),
+                    ..
+                } | Self::Source {
                     error: BackendError::NotFound { .. } | BackendError::Invalid(_),
                     ..
                 }
@@ -184,18 +197,6 @@ impl Registry {
         }
         let backend = self.backend_for(queue, Purpose::Pass).await?;
         backend.clone().prepare_lease();
-        let resolve = |name: String| {
-            let backend = backend.clone();
-            async move {
-                backend
-                    .resolve_destination(&name)
-                    .await
-                    .map_err(|error| RegistryError::Backend {
-                        queue: queue.to_string(),
-                        error,
-                    })
-            }
-        };
         let to = async {
             let Some(t) = &req.to else { return Ok(None) };
             let configured = match req.to_is_address {
@@ -215,7 +216,15 @@ impl Registry {
         };
         let fallback_source = async {
             match &qcfg.source {
-                Some(s) => resolve(s.clone()).await.map(Some),
+                Some(s) => backend
+                    .resolve_destination(s)
+                    .await
+                    .map(Some)
+                    .map_err(|error| RegistryError::Source {
+                        queue: queue.to_string(),
+                        name: s.clone(),
+                        error,
+                    }),
                 None => backend.default_source().await.map_err(|error| RegistryError::Backend {
                     queue: queue.to_string(),
                     error,

@@ -13,7 +13,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -225,6 +225,22 @@ pub(crate) fn parse_json_body<T: DeserializeOwned>(content_type: Option<&str>, b
 #[derive(Debug)]
 pub struct ApiError(pub StatusCode, pub String);
 
+/// axum's `Query`, refused in the API's own shape: a bad query string
+/// (`limit=abc`) is a 400 with a JSON `error`, like every other refusal,
+/// not axum's plain-text rejection.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(ApiQuery(q)),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
@@ -238,7 +254,16 @@ impl From<RegistryError> for ApiError {
             e if e.is_usage() => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         };
-        ApiError(status, e.to_string())
+        let message = match e {
+            // Over HTTP the destination is the body's `to`, not the CLI's flag.
+            RegistryError::Destination {
+                flag: "--to",
+                to,
+                error,
+            } => format!("to {to}: {error}"),
+            e => e.to_string(),
+        };
+        ApiError(status, message)
     }
 }
 
@@ -310,7 +335,7 @@ struct MessagesQuery {
 async fn messages(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
-    Query(q): Query<MessagesQuery>,
+    ApiQuery(q): ApiQuery<MessagesQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
@@ -360,7 +385,7 @@ struct ReportQuery {
 async fn report(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
-    Query(q): Query<ReportQuery>,
+    ApiQuery(q): ApiQuery<ReportQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     use crate::engine::triage::{GroupBy, ReportRequest, TriageError};

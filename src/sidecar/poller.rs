@@ -528,8 +528,9 @@ fn interleaved_by_backend(queues: &[QueueConfig]) -> Vec<&QueueConfig> {
 
 impl Poller {
     /// Spawn one polling loop per configured queue into `loops`. On `cancel`
-    /// a loop ends after the poll it is in: a reason sample cut short on
-    /// SQS or Pub/Sub would leave what it leased hidden for its hold.
+    /// a loop ends after the poll it is in, whose reason sample stops reading
+    /// and releases what it leased (dropped mid-read on SQS or Pub/Sub, it
+    /// would leave those messages hidden for its hold).
     pub fn spawn_all(
         self: Arc<Self>,
         config: &Config,
@@ -660,9 +661,13 @@ impl Poller {
                 _ = cancel.cancelled() => return Err(stopped()),
             }
             let mut msgs = Vec::new();
+            // On shutdown the sample stops at the next message and releases
+            // what it leased: read to its end first, a sample of hundreds on
+            // a slow endpoint outlasted the shutdown grace and left them
+            // hidden for the hold.
             b.peek_each(sample, &mut |m| {
                 msgs.push(SampledMessage::new(m));
-                true
+                !cancel.is_cancelled()
             })
             .await?;
             drop(guard);

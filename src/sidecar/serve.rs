@@ -61,6 +61,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(path) => Some(Arc::new(Journal::open_with(&path, Rotation::from(&config.redrive))?)),
         None => None,
     };
+    // Sinks read their URLs from the environment: one that is not set fails
+    // before serve says it is listening.
+    let metrics = Arc::new(Metrics::new());
+    let sinks = Sinks::start(&config.alerts.sinks, metrics.clone())?;
     // Bind before taking the Lease: a port already in use fails before this
     // replica leads, and /healthz answers as soon as leadership is visible.
     let listener = tokio::net::TcpListener::bind(listen)
@@ -90,8 +94,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         (leader::always(), None)
     };
-    let metrics = Arc::new(Metrics::new());
-    let sinks = Sinks::start(&config.alerts.sinks, metrics.clone())?;
     if !config.alerts.rules.is_empty() && config.alerts.sinks.is_empty() {
         tracing::warn!(
             rules = config.alerts.rules.len(),

@@ -105,6 +105,9 @@ pub const RATED_HOST: &str = "127.0.0.25";
 /// Where the private emulator of `tests/servicebus.rs`'s partitioned
 /// destination test (`--refuse-mixed-batches`) listens.
 pub const PARTITIONED_HOST: &str = "127.0.0.26";
+/// Where the private emulator of `tests/servicebus.rs`'s throttled-browse
+/// test (`/$emulator/throttle-peeks`) listens.
+pub const PEEK_BUSY_HOST: &str = "127.0.0.27";
 /// How long the emulators the tests start hold back a settlement (the
 /// shared one from `scripts/emulators.sh` too).
 pub const TEST_ACCEPT_DELAY_MS: &str = "20";
@@ -607,20 +610,29 @@ impl<const TOPIC: bool> ServiceBusFixtureOf<TOPIC> {
 
     /// Every message in the source or one of its sub-queues, browsed.
     pub async fn browse(&self, sub_queue: SubQueue) -> Vec<ServiceBusPeekedMessage> {
-        let mut rx = self.receiver_on(self.subscription.as_deref(), sub_queue).await;
-        let mut out: Vec<ServiceBusPeekedMessage> = Vec::new();
-        let mut from = 1;
-        loop {
-            let page = tokio::time::timeout(CALL, rx.peek_messages(100, Some(from)))
-                .await
-                .expect("peek returns")
-                .expect("peek succeeds");
-            let Some(last) = page.last() else { break };
-            from = last.sequence_number() + 1;
-            out.extend(page);
+        // The test's own reader: azservicebus's peek can hang on a machine
+        // busy compiling (fe2o3-amqp loses a fast reply now and then), and a
+        // browse changes nothing, so a hung one is tried again afresh.
+        for attempt in 1..=3 {
+            let mut rx = self.receiver_on(self.subscription.as_deref(), sub_queue.clone()).await;
+            let mut out: Vec<ServiceBusPeekedMessage> = Vec::new();
+            let mut from = 1;
+            let whole = loop {
+                let Ok(page) = tokio::time::timeout(CALL, rx.peek_messages(100, Some(from))).await else {
+                    break false;
+                };
+                let page = page.expect("peek succeeds");
+                let Some(last) = page.last() else { break true };
+                from = last.sequence_number() + 1;
+                out.extend(page);
+            };
+            rx.dispose().await.ok();
+            if whole {
+                return out;
+            }
+            eprintln!("browse attempt {attempt}: a peek did not return within {CALL:?}");
         }
-        rx.dispose().await.ok();
-        out
+        panic!("peek returns: three browses hung");
     }
 
     /// Dead-letter raw messages through the source: receive each and

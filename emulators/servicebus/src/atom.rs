@@ -42,6 +42,7 @@ pub fn router(broker: Arc<Broker>, auth: AtomAuth) -> Router {
     Router::new()
         // Emulator-only: not part of Service Bus.
         .route("/$emulator/reset", post(reset))
+        .route("/$emulator/throttle-peeks/{entity}/{count}", post(throttle_peeks))
         .with_state(broker)
         .merge(atom)
 }
@@ -93,6 +94,17 @@ async fn authorize(State(auth): State<Arc<AtomAuth>>, request: Request, next: Ne
 async fn reset(State(broker): State<Arc<Broker>>) -> StatusCode {
     broker.reset();
     tracing::info!("state reset");
+    StatusCode::NO_CONTENT
+}
+
+/// Refuse the next `count` peeks of `entity` as throttled (see
+/// [`Broker::throttle_peeks`]).
+async fn throttle_peeks(
+    State(broker): State<Arc<Broker>>,
+    axum::extract::Path((entity, count)): axum::extract::Path<(String, usize)>,
+) -> StatusCode {
+    broker.throttle_peeks(&entity, count);
+    tracing::info!(%entity, count, "peeks throttled");
     StatusCode::NO_CONTENT
 }
 

@@ -48,6 +48,20 @@ pub(super) enum Refusal {
 /// The broker's condition or status in an error's text (its `Debug`, or
 /// azservicebus's `Display`, which quotes fe2o3-amqp's), as a [`Refusal`];
 /// None when there is none (an I/O error, a timeout, a local state).
+/// The status code of a `$management` answer in fe2o3-amqp's `Debug` of an
+/// error (`StatusCode(503)`).
+fn status_code_in(text: &str) -> Option<u16> {
+    text.split_once("StatusCode(")?.1.split(')').next()?.trim().parse().ok()
+}
+
+/// Whether fe2o3-amqp's `Debug` of an error is Service Bus throttling:
+/// `com.microsoft:server-busy` on a link, 503 (or 429) from `$management`.
+/// Azure counts peeks against a namespace's throttling credits as it does
+/// sends, and asks for the request again after a pause.
+pub(super) fn is_server_busy(text: &str) -> bool {
+    text.contains("com.microsoft:server-busy") || matches!(status_code_in(text), Some(503 | 429))
+}
+
 pub(super) fn refusal_in(text: &str) -> Option<Refusal> {
     if let Some(symbol) = condition_in(text) {
         return Some(match symbol.as_str() {
@@ -66,14 +80,7 @@ pub(super) fn refusal_in(text: &str) -> Option<Refusal> {
             _ => Refusal::Refused(symbol),
         });
     }
-    let code: u16 = text
-        .split_once("StatusCode(")?
-        .1
-        .split(')')
-        .next()?
-        .trim()
-        .parse()
-        .ok()?;
+    let code = status_code_in(text)?;
     Some(match code {
         401 | 403 => Refusal::Unauthorized,
         404 | 410 => Refusal::NotFound,
@@ -297,6 +304,12 @@ mod tests {
         assert_eq!(of(&status(404)), Some(Refusal::NotFound));
         assert_eq!(of(&status(400)), Some(Refusal::Refused("status 400".into())));
         assert_eq!(of(&status(503)), Some(Refusal::Transient));
+        // Throttling, which a browse asks again after a pause; nothing else is.
+        assert!(is_server_busy(&status(503)) && is_server_busy(&status(429)));
+        assert!(is_server_busy(&closed(
+            r#"Custom(Symbol("com.microsoft:server-busy"))"#
+        )));
+        assert!(!is_server_busy(&status(500)) && !is_server_busy(&closed("AmqpError(InternalError)")));
         assert_eq!(of("Io(Custom { kind: ConnectionRefused })"), None);
         // As the user reads it: what was refused, the condition, the words.
         let e = refusal_error(

@@ -122,7 +122,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{WorkloadIdentityCredential, sas_token, unix_now};
 use super::codec::{is_deferred, sequence_number};
-use super::errors::{broker_words, refusal_error, refusal_in};
+use super::errors::{broker_words, is_server_busy, refusal_error, refusal_in};
 use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, Result};
 
 const PEEK_OPERATION: &str = "com.microsoft:peek-message";
@@ -1475,14 +1475,34 @@ async fn browse_loop(cfg: Arc<LinkConfig>, mut mgmt: MgmtClient, mut requests: m
 
 /// How many messages from `from` the dead-letter queue's browse shows, up to
 /// `count`, and the sequence number of the last (only that one is decoded).
+///
+/// A browse Service Bus refuses as throttled is asked again after a pause
+/// (a peek changes nothing), a few times: failed, it would end the link and
+/// every lease and confirm on it.
 async fn browse(cfg: &LinkConfig, mgmt: &mut MgmtClient, from: i64, count: i32) -> Result<Browsed> {
-    let req = PeekCount::request(from, count);
-    match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(req)).await {
-        Ok(Ok(PeekCount(browsed))) => Ok(browsed),
-        Ok(Err(e)) => Err(cfg.classify("browse the dead-letter queue", &e)),
-        Err(_) => Err(cfg.unreachable("browsing the dead-letter queue timed out")),
+    for attempt in 1.. {
+        let req = PeekCount::request(from, count);
+        match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(req)).await {
+            Ok(Ok(PeekCount(browsed))) => return Ok(browsed),
+            Ok(Err(e)) if attempt < BUSY_ATTEMPTS && is_server_busy(&format!("{e:?}")) => {
+                let wait = super::SERVER_BUSY_WAIT * attempt;
+                tracing::warn!(
+                    attempt,
+                    "a browse of the dead-letter queue was throttled (server busy); asking again in {wait:?}"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Ok(Err(e)) => return Err(cfg.classify("browse the dead-letter queue", &e)),
+            Err(_) => return Err(cfg.unreachable("browsing the dead-letter queue timed out")),
+        }
     }
+    unreachable!("the attempts end in a return")
 }
+
+/// How many times a throttled browse is sent (waiting 2, 4, 6 s between):
+/// within the shortest lock Service Bus allows (5 s) the first retry goes,
+/// and all of them well within its default (60 s).
+const BUSY_ATTEMPTS: u32 = 4;
 
 /// What the deferred messages' `$management` link ([`deferred_loop`]) is asked.
 enum DeferredOp {

@@ -20,8 +20,11 @@ pub enum TriageError {
     Redrive(#[from] RedriveError),
     #[error(transparent)]
     Journal(#[from] JournalError),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // `error`, not `source`: thiserror would make a `source` field the
+    // error's cause, and the top level prints causes after the message, so
+    // the OS error showed twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}:{line}: not an export line: {message}")]
     BadLine {
         path: PathBuf,
@@ -38,14 +41,24 @@ impl TriageError {
         match self {
             Self::Registry(e) => e.is_usage(),
             Self::Filter(_) | Self::Usage(_) | Self::BadLine { .. } => true,
+            // A file named on the command line that is not there, is a
+            // directory or may not be opened: the user's to fix. A write
+            // that fails half-way (a full disk) is not.
+            Self::Io { error, .. } => matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::IsADirectory
+                    | std::io::ErrorKind::NotADirectory
+                    | std::io::ErrorKind::PermissionDenied
+            ),
             _ => false,
         }
     }
 }
 
 pub(super) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TriageError + '_ {
-    move |source| TriageError::Io {
+    move |error| TriageError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }

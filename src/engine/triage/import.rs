@@ -309,7 +309,7 @@ pub async fn import(
                 }
             }
         }
-        let (o, marked) = outgoing_copy(&m, &plan, &*backend);
+        let (o, marked) = outgoing_copy(&m, &plan, &*backend, &dest);
         for note in not_carried(&o, &*backend, &dest) {
             *s.not_carried.entry(note).or_default() += 1;
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,7 +23,7 @@ use crate::engine::triage::{self, GroupBy, TriageError};
 use crate::filter::{Filter, FilterError};
 use crate::output::MessageView;
 use crate::sidecar::api::{
-    ApiError, authorize, browse_reads, given_filter, json_body, leasing_read, read_detached, read_guard,
+    ApiError, ApiQuery, authorize, browse_reads, given_filter, json_body, leasing_read, read_detached, read_guard,
 };
 use crate::sidecar::app::App;
 use crate::sidecar::history;
@@ -77,10 +77,12 @@ struct CheckQuery {
 /// Compile a filter and say where it is wrong, reading nothing. Always 200:
 /// the answer is the verdict (`valid`), with the 1-based `line` and `column`
 /// of the error when it has a position.
-async fn check_filter(Query(q): Query<CheckQuery>) -> Response {
+async fn check_filter(ApiQuery(q): ApiQuery<CheckQuery>) -> Response {
     let source = q.filter.unwrap_or_default();
     if source.trim().is_empty() {
-        return Json(json!({ "valid": true })).into_response();
+        // The page's empty box, which reads every message: the page then
+        // sends no filter at all (a blank `filter=` given to a read is refused).
+        return Json(json!({ "valid": true, "empty": true })).into_response();
     }
     match Filter::compile(&source) {
         Ok(_) => Json(json!({ "valid": true })).into_response(),
@@ -146,7 +148,7 @@ struct RunsQuery {
 /// shape of `/v1/runs/{id}`.
 async fn runs(
     State(app): State<Arc<App>>,
-    Query(q): Query<RunsQuery>,
+    ApiQuery(q): ApiQuery<RunsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     // Runs show their filters, sample IDs, reasons and destinations.
@@ -191,7 +193,7 @@ struct BrowseQuery {
 async fn browse(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
-    Query(q): Query<BrowseQuery>,
+    ApiQuery(q): ApiQuery<BrowseQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;

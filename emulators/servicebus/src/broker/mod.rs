@@ -130,6 +130,9 @@ pub struct Broker {
     deletions: AtomicU64,
     /// What is left of `options.server_busy`.
     busy: Mutex<BTreeMap<String, usize>>,
+    /// Peeks (`com.microsoft:peek-message`) still to refuse as throttled, by
+    /// entity (lowercase, any sub-queue; see [`Broker::throttle_peeks`]).
+    peeks_busy: Mutex<BTreeMap<String, usize>>,
 }
 
 impl Broker {
@@ -142,6 +145,7 @@ impl Broker {
             changed: watch::Sender::new(0),
             deletions: AtomicU64::new(0),
             busy,
+            peeks_busy: Mutex::new(BTreeMap::new()),
         };
         broker.reset();
         broker
@@ -327,7 +331,24 @@ impl Broker {
         })
     }
 
+    /// Refuse the next `n` peeks of `entity` (or its sub-queues) as
+    /// throttled: Azure counts a peek against a namespace's throttling
+    /// credits as it does a send, and answers one over them with 503
+    /// `com.microsoft:server-busy`.
+    pub fn throttle_peeks(&self, entity: &str, n: usize) {
+        self.peeks_busy
+            .lock()
+            .expect("busy lock")
+            .insert(entity.to_lowercase(), n);
+    }
+
     pub fn peek(&self, path: &EntityPath, from_sequence_number: i64, count: usize) -> Result<Vec<Bytes>, BrokerError> {
+        if let Some(left) = self.peeks_busy.lock().expect("busy lock").get_mut(&path.entity)
+            && *left > 0
+        {
+            *left -= 1;
+            return Err(BrokerError::ServerBusy(path.entity.clone()));
+        }
         let strict = self.options.strict;
         let count = self.options.max_peek.map_or(count, |max| count.min(max));
         self.with_store(path, |store| {
@@ -861,6 +882,21 @@ mod tests {
             1,
             "only the accepted send"
         );
+    }
+
+    #[test]
+    fn peeks_of_a_throttled_entity_are_refused_as_many_times_as_configured() {
+        let broker = broker(10);
+        broker.attach(&path(false), true).unwrap();
+        broker.send("q", vec![message()]).unwrap();
+        broker.throttle_peeks("Q", 2);
+        for dead_letter in [true, false] {
+            assert!(matches!(
+                broker.peek(&path(dead_letter), 1, 10),
+                Err(BrokerError::ServerBusy(_))
+            ));
+        }
+        assert_eq!(broker.peek(&path(false), 1, 10).unwrap().len(), 1);
     }
 
     #[test]
