@@ -45,9 +45,6 @@ pub(super) enum Refusal {
     Transient,
 }
 
-/// The broker's condition or status in an error's text (its `Debug`, or
-/// azservicebus's `Display`, which quotes fe2o3-amqp's), as a [`Refusal`];
-/// None when there is none (an I/O error, a timeout, a local state).
 /// The status code of a `$management` answer in fe2o3-amqp's `Debug` of an
 /// error (`StatusCode(503)`).
 fn status_code_in(text: &str) -> Option<u16> {
@@ -62,6 +59,9 @@ pub(super) fn is_server_busy(text: &str) -> bool {
     text.contains("com.microsoft:server-busy") || matches!(status_code_in(text), Some(503 | 429))
 }
 
+/// The broker's condition or status in an error's text (its `Debug`, or
+/// azservicebus's `Display`, which quotes fe2o3-amqp's), as a [`Refusal`];
+/// None when there is none (an I/O error, a timeout, a local state).
 pub(super) fn refusal_in(text: &str) -> Option<Refusal> {
     if let Some(symbol) = condition_in(text) {
         return Some(match symbol.as_str() {
