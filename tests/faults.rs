@@ -1341,4 +1341,31 @@ async fn fault_proxy_refuses_then_serves_again() {
     cut.write_all(b"pingpong").await.unwrap();
     let r = cut.read(&mut buf).await;
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    // Delay holds each chunk back at least that long (a lower bound only:
+    // a busy machine can only make it later), and delivers it whole.
+    proxy.set(Fault::Delay(Duration::from_millis(300)));
+    let started = Instant::now();
+    let mut delayed = None;
+    for _ in 0..50 {
+        if let Ok(b) = roundtrip(proxy.addr).await {
+            delayed = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(delayed.as_ref().map(|b| &b[..]), Some(&b"ping"[..]));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "delayed: {:?}",
+        started.elapsed()
+    );
+    // `cut` resets the connections open now; new ones are served.
+    proxy.set(Fault::Pass);
+    let mut open = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    open.write_all(b"x").await.unwrap();
+    open.read_exact(&mut one).await.unwrap();
+    proxy.cut();
+    let r = open.read(&mut rest).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert_eq!(&roundtrip(proxy.addr).await.unwrap(), b"ping", "served after a cut");
 }
