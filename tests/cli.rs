@@ -502,3 +502,66 @@ async fn copies_are_sized_to_the_destination_queues_own_limit() {
     arrived.sort();
     assert_eq!(arrived, [(1500, true), (2000, false)]);
 }
+
+/// An SQS message's X-Ray trace (`AWSTraceHeader`, the one system attribute a
+/// send may set) goes on with its copy: redriven without it, the trace of
+/// the request that failed ended at the DLQ. moto keeps it on a single send
+/// but drops it from a batch entry, so what the batch carries is read off
+/// the request, in a front before moto.
+#[tokio::test]
+async fn a_copy_keeps_the_messages_xray_trace_header() {
+    use aws_sdk_sqs::types::{MessageSystemAttributeNameForSends, MessageSystemAttributeValue};
+    const TRACE: &str = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
+    let f = SqsFixture::create(false).await;
+    f.client
+        .send_message()
+        .queue_url(&f.dlq_url)
+        .message_body(r#"{"order":1}"#)
+        .message_system_attributes(
+            MessageSystemAttributeNameForSends::AwsTraceHeader,
+            MessageSystemAttributeValue::builder()
+                .data_type("String")
+                .string_value(TRACE)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    // Read: shown among the message's properties.
+    let cfg = fixture_config(&f);
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args(["inspect", "orders", "-o", "json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown[0]["properties"]["aws_trace_header"], TRACE, "{shown}");
+    // Redriven: the copy's batch entry carries it as a system attribute.
+    let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let seen = batches.clone();
+    let front = common::sqs::sqs_front(&f.endpoint, move |target, body| {
+        if target.ends_with(".SendMessageBatch") {
+            seen.lock().unwrap().push(serde_json::from_slice(body).unwrap());
+        }
+        None
+    })
+    .await;
+    let cfg = write_config(&format!(
+        "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: {front}\n      region: us-east-1\n",
+        f.dlq_url
+    ));
+    let mut cmd = bin();
+    cmd.arg("-c")
+        .arg(&cfg)
+        .args(["redrive", "orders", "--to", &f.source_url, "--yes", "--no-journal"]);
+    // Off the runtime's thread: the front answers on it.
+    let (code, out, err) = tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let batches = batches.lock().unwrap().clone();
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    let entry = &batches[0]["Entries"][0];
+    assert_eq!(
+        entry["MessageSystemAttributes"]["AWSTraceHeader"],
+        serde_json::json!({"DataType": "String", "StringValue": TRACE}),
+        "{entry}"
+    );
+    assert_eq!(f.drain_source().await.len(), 1);
+}

@@ -847,40 +847,15 @@ async fn an_export_to_standard_output_appends_where_the_shell_said() {
 /// of 120,000 messages in flight, which moto does not keep) to every
 /// ReceiveMessage after the first `receives`; everything else is forwarded.
 async fn sqs_over_limit_after(upstream: &str, receives: usize) -> String {
-    use axum::body::Bytes;
-    use axum::http::{HeaderMap, Method, StatusCode, Uri};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let upstream = upstream.trim_end_matches('/').to_string();
-    let count = std::sync::Arc::new(AtomicUsize::new(0));
-    let client = reqwest::Client::new();
-    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-        let (upstream, count, client) = (upstream.clone(), count.clone(), client.clone());
-        async move {
-            let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
-            if target.ends_with(".ReceiveMessage") && count.fetch_add(1, Ordering::SeqCst) >= receives {
-                let body = r#"{"__type":"com.amazonaws.sqs#OverLimit","message":"Too many messages in flight"}"#;
-                return (
-                    StatusCode::FORBIDDEN,
-                    [("content-type", "application/x-amz-json-1.0")],
-                    Bytes::from_static(body.as_bytes()),
-                );
-            }
-            let mut req = client.request(method, format!("{upstream}{uri}")).body(body);
-            for (k, v) in &headers {
-                if k != "host" && k != "content-length" {
-                    req = req.header(k, v);
-                }
-            }
-            let resp = req.send().await.expect("moto answers");
-            let status = resp.status();
-            let bytes = resp.bytes().await.expect("moto's answer");
-            (status, [("content-type", "application/x-amz-json-1.0")], bytes)
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    let count = AtomicUsize::new(0);
+    common::sqs::sqs_front(upstream, move |target, _| {
+        (target.ends_with(".ReceiveMessage") && count.fetch_add(1, Ordering::SeqCst) >= receives).then_some((
+            403,
+            r#"{"__type":"com.amazonaws.sqs#OverLimit","message":"Too many messages in flight"}"#,
+        ))
+    })
+    .await
 }
 
 /// A read that reaches the provider's limit on messages leased at once (on

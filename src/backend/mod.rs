@@ -20,6 +20,11 @@ pub mod servicebus;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
+/// The property an SQS message's `AWSTraceHeader` system attribute (its X-Ray
+/// trace) is kept in, and sent from with its copy: the only system attribute
+/// a send may set.
+pub const AWS_TRACE_HEADER_PROPERTY: &str = "aws_trace_header";
+
 /// What a missing provider resource is, by its name: a Pub/Sub path names
 /// its kind (`projects/p/topics/t`), so does a Service Bus subscription
 /// (`topic/Subscriptions/s`); anything else is a queue.

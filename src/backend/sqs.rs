@@ -31,7 +31,8 @@ use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
 use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, Message, MessageAttributeValue,
-    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
+    MessageSystemAttributeName, MessageSystemAttributeNameForSends, MessageSystemAttributeValue, QueueAttributeName,
+    SendMessageBatchRequestEntry,
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -379,7 +380,11 @@ impl SqsBackend {
                 .and_then(DateTime::<Utc>::from_timestamp_millis),
             source,
             ordering_key: sys_get(MessageSystemAttributeName::MessageGroupId).map(str::to_string),
-            properties: Default::default(),
+            // The X-Ray trace the message was sent with: its copy continues it.
+            properties: sys_get(MessageSystemAttributeName::AwsTraceHeader)
+                .map(|t| (super::AWS_TRACE_HEADER_PROPERTY.to_string(), t.to_string()))
+                .into_iter()
+                .collect(),
             attributes,
         }
     }
@@ -956,6 +961,15 @@ impl QueueBackend for SqsBackend {
                     .message_body(std::str::from_utf8(&m.body).expect("checked above"));
                 for (k, a) in &m.attributes {
                     entry = entry.message_attributes(k, attribute_to_sqs(a));
+                }
+                if let Some(trace) = m.properties.get(super::AWS_TRACE_HEADER_PROPERTY) {
+                    // Not counted in the message's size, as SQS counts it.
+                    let value = MessageSystemAttributeValue::builder()
+                        .data_type("String")
+                        .string_value(trace)
+                        .build()
+                        .expect("the data type is set");
+                    entry = entry.message_system_attributes(MessageSystemAttributeNameForSends::AwsTraceHeader, value);
                 }
                 if fifo {
                     entry = entry

@@ -439,3 +439,46 @@ pub async fn put_age_point(endpoint: &str, queue_name: &str, minutes_ago: i64, a
         r.text().await.unwrap_or_default()
     );
 }
+
+/// What a front's hook answers in place of the endpoint behind it: an HTTP
+/// status and an SQS JSON error body.
+pub type FrontAnswer = Option<(u16, &'static str)>;
+
+/// An SQS endpoint in front of `upstream` (moto) that shows `hook` every
+/// request (its `X-Amz-Target` operation, e.g. `AmazonSQS.SendMessageBatch`,
+/// and its JSON body) and forwards it unless the hook answers it: for what
+/// moto does not do (SQS's OverLimit) or does not keep (a batch entry's
+/// system attributes).
+pub async fn sqs_front(upstream: &str, hook: impl Fn(&str, &[u8]) -> FrontAnswer + Send + Sync + 'static) -> String {
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    let upstream = upstream.trim_end_matches('/').to_string();
+    let hook = std::sync::Arc::new(hook);
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+        let (upstream, hook, client) = (upstream.clone(), hook.clone(), client.clone());
+        async move {
+            let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
+            if let Some((status, answer)) = hook(target, &body) {
+                return (
+                    StatusCode::from_u16(status).expect("an HTTP status"),
+                    [("content-type", "application/x-amz-json-1.0")],
+                    Bytes::from_static(answer.as_bytes()),
+                );
+            }
+            let mut req = client.request(method, format!("{upstream}{uri}")).body(body);
+            for (k, v) in &headers {
+                if k != "host" && k != "content-length" {
+                    req = req.header(k, v);
+                }
+            }
+            let resp = req.send().await.expect("moto answers");
+            let status = resp.status();
+            let bytes = resp.bytes().await.expect("moto's answer");
+            (status, [("content-type", "application/x-amz-json-1.0")], bytes)
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}

@@ -139,9 +139,17 @@ pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend, dest: &Destination)
             }
         }
     }
-    if kind != "servicebus" && !o.properties.is_empty() {
-        let names: Vec<&str> = o.properties.keys().map(String::as_str).collect();
-        out.push(format!("message properties {} ({kind} has none)", names.join(", ")));
+    if kind != "servicebus" {
+        // SQS carries one: the X-Ray trace header, a system attribute.
+        let names: Vec<&str> = o
+            .properties
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !(kind == "sqs" && *n == crate::backend::AWS_TRACE_HEADER_PROPERTY))
+            .collect();
+        if !names.is_empty() {
+            out.push(format!("message properties {} ({kind} has none)", names.join(", ")));
+        }
     }
     if kind == "sqs" && o.ordering_key.is_some() && !dest.0.ends_with(".fifo") {
         out.push("ordering key (a standard SQS queue has no message groups)".into());
