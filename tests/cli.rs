@@ -220,6 +220,40 @@ async fn sigterm_stops_a_redrive_cleanly_and_loses_nothing() {
     );
 }
 
+/// SIGTERM while a redrive is still connecting (an endpoint that accepts the
+/// connection and never answers) ends it at once with 143, nothing leased.
+/// The handler was installed only once connected: the default action killed
+/// the process without a word, and as PID 1 in a container (where a signal
+/// without a handler is ignored) the pod waited for its grace period's kill.
+#[tokio::test]
+async fn sigterm_while_connecting_ends_the_redrive_with_143() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    // Accepted by the kernel's backlog, never read, never answered.
+    let cfg = write_config(&format!(
+        "queues:\n  - name: orders\n    sqs:\n      queue: orders-dlq\n      endpoint_url: http://{addr}\n      region: us-east-1\n"
+    ));
+    let child = bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["redrive", "orders", "--yes", "--no-journal"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // SAFETY: signalling our own child, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(
+        stderr.contains("stopped while connecting: nothing was leased"),
+        "{stderr}"
+    );
+    drop(silent);
+}
+
 /// A redrive killed mid-run leaves no summary in the journal: `runs` shows it
 /// as unfinished with what its records say, beside a finished purge, and says
 /// which run was which.

@@ -15,7 +15,7 @@ use super::signals;
 use crate::config::Config;
 use crate::engine::journal::{Journal, Rotation};
 use crate::engine::redrive::{Engine, Progress, RunSummary, Trigger};
-use crate::engine::registry::{RedriveRequest, Registry};
+use crate::engine::registry::{RedriveRequest, Registry, RegistryError};
 use crate::filter::Filter;
 use crate::output::{self, Format};
 
@@ -48,8 +48,24 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
             return Ok(exit::FAILURE);
         }
     }
-    let plan = registry.plan(queue, &req, Trigger::Cli).await?;
-    let backend = registry.backend(queue).await?;
+    // The handler goes in before connecting: a SIGTERM while an endpoint is
+    // slow to answer ends the run (nothing is leased yet) with 143, where the
+    // default action killed it without a word and, as PID 1 in a container,
+    // was ignored until the grace period's SIGKILL.
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "finishing the sends in flight, releasing the rest");
+    let connected = async {
+        let plan = registry.plan(queue, &req, Trigger::Cli).await?;
+        let backend = registry.backend(queue).await?;
+        Ok::<_, RegistryError>((plan, backend))
+    };
+    let (plan, backend) = tokio::select! {
+        connected = connected => connected?,
+        () = cancel.cancelled() => {
+            eprintln!("stopped while connecting: nothing was leased");
+            return Ok(interrupt.exit_code().unwrap_or(exit::FAILURE));
+        }
+    };
     let mut engine = Engine::new(backend.clone());
     let journal_path = if opts.no_journal {
         None
@@ -61,9 +77,7 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
             .with_context(|| "opening the redrive journal (or pass --no-journal)")?;
         engine = engine.with_journal(Arc::new(journal));
     }
-    let cancel = CancellationToken::new();
     engine = engine.with_cancel(cancel.clone());
-    let interrupt = signals::on_interrupt(cancel.clone(), "finishing the sends in flight, releasing the rest");
     // The depth only sizes the progress bar, so ask for it only when there is
     // one: on the Pub/Sub emulator `stats` counts by draining and releasing
     // the whole DLQ, an extra pass that doubled a redrive's time (bench/run.sh).
