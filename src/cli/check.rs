@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context as _;
 
 use super::exit::{self, Failure};
-use crate::engine::registry::{Registry, RegistryError};
+use crate::engine::registry::{Registry, configured_source};
 use crate::output::human_age;
 
 pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failure> {
@@ -45,15 +45,7 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
             let stats = b.stats().await.with_context(|| format!("queue {}", q.name))?;
             // Where copies go without `--to`: a redrive resolves it first,
             // and one that is not there fails every redrive of the queue.
-            if let Some(source) = &q.source {
-                b.resolve_destination(source)
-                    .await
-                    .map_err(|error| RegistryError::Source {
-                        queue: q.name.clone(),
-                        name: source.clone(),
-                        error,
-                    })?;
-            }
+            configured_source(q, &*b).await?;
             anyhow::Ok(stats)
         }
         .await;

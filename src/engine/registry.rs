@@ -67,6 +67,27 @@ impl RegistryError {
     }
 }
 
+/// The queue's configured `source`, resolved by its backend (None when it
+/// has none). What a redrive sends to without `--to`, and what `check` looks
+/// up: one that does not exist is a mistake in the config.
+pub async fn configured_source(
+    queue: &QueueConfig,
+    backend: &dyn QueueBackend,
+) -> Result<Option<Destination>, RegistryError> {
+    let Some(source) = &queue.source else {
+        return Ok(None);
+    };
+    backend
+        .resolve_destination(source)
+        .await
+        .map(Some)
+        .map_err(|error| RegistryError::Source {
+            queue: queue.name.clone(),
+            name: source.clone(),
+            error,
+        })
+}
+
 /// What a caller asks of a redrive; unset fields take the config's defaults.
 #[derive(Debug, Clone, Default)]
 pub struct RedriveRequest {
@@ -216,15 +237,7 @@ impl Registry {
         };
         let fallback_source = async {
             match &qcfg.source {
-                Some(s) => backend
-                    .resolve_destination(s)
-                    .await
-                    .map(Some)
-                    .map_err(|error| RegistryError::Source {
-                        queue: queue.to_string(),
-                        name: s.clone(),
-                        error,
-                    }),
+                Some(_) => configured_source(qcfg, &*backend).await,
                 None => backend.default_source().await.map_err(|error| RegistryError::Backend {
                     queue: queue.to_string(),
                     error,
