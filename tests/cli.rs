@@ -220,37 +220,69 @@ async fn sigterm_stops_a_redrive_cleanly_and_loses_nothing() {
     );
 }
 
-/// SIGTERM while a redrive is still connecting (an endpoint that accepts the
-/// connection and never answers) ends it at once with 143, nothing leased.
-/// The handler was installed only once connected: the default action killed
-/// the process without a word, and as PID 1 in a container (where a signal
-/// without a handler is ignored) the pod waited for its grace period's kill.
+/// A signal while an endpoint is slow to answer ends every command that
+/// connects (nothing is read or leased yet) with 143 and says so, where the
+/// default action killed it without a word and, as PID 1 in a container, was
+/// ignored until the grace period's SIGKILL.
 #[tokio::test]
-async fn sigterm_while_connecting_ends_the_redrive_with_143() {
+async fn sigterm_while_connecting_ends_each_command_with_143() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap();
     // Accepted by the kernel's backlog, never read, never answered.
     let cfg = write_config(&format!(
-        "queues:\n  - name: orders\n    sqs:\n      queue: orders-dlq\n      endpoint_url: http://{addr}\n      region: us-east-1\n"
+        "queues:\n  - name: orders\n    sqs:\n      queue: orders-dlq\n      endpoint_url: http://{addr}\n      region: us-east-1\n    retention:\n      max_age: 7d\n"
     ));
-    let child = bin()
-        .arg("-c")
-        .arg(&cfg)
-        .args(["redrive", "orders", "--yes", "--no-journal"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    // SAFETY: signalling our own child, which has not been waited for.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(143), "{stderr}");
-    assert!(
-        stderr.contains("stopped while connecting: nothing was leased"),
-        "{stderr}"
-    );
+    let empty = std::env::temp_dir().join(format!("dlqb-empty-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&empty, "").unwrap();
+    let empty = empty.to_str().unwrap();
+    let commands: [&[&str]; 8] = [
+        &["redrive", "orders", "--yes", "--no-journal"],
+        &["inspect", "orders"],
+        &["list"],
+        &["report", "orders"],
+        &["export", "orders", "--to", "-"],
+        &["import", empty, "--to", "orders", "--yes", "--no-journal"],
+        &[
+            "purge",
+            "orders",
+            "--filter",
+            "true",
+            "--yes",
+            "--no-backup",
+            "--no-journal",
+        ],
+        &["retention", "--dry-run"],
+    ];
+    let children: Vec<_> = commands
+        .iter()
+        .map(|args| {
+            let child = bin()
+                .arg("-c")
+                .arg(&cfg)
+                .args(*args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (args, child)
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    for (args, child) in children {
+        // SAFETY: signalling our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(143), "{args:?}: {stderr}");
+        assert!(stderr.contains("interrupted: "), "{args:?}: {stderr}");
+        // `list` reads every queue at once and says only what it releases.
+        if args[0] != "list" {
+            assert!(
+                stderr.contains("stopped while connecting: nothing was leased"),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
     drop(silent);
 }
 

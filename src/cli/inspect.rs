@@ -22,9 +22,16 @@ pub(crate) async fn list(
     sample: usize,
 ) -> Result<u8, Failure> {
     let names: Vec<String> = registry.config().queues.iter().map(|q| q.name.clone()).collect();
+    // A reason sample leases on SQS and Pub/Sub: on a signal each read stops
+    // at its next message and releases what it holds.
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "releasing what the reads hold");
     // Queues are independent; poll them at once so one slow provider does not
     // serialise the rest.
-    let rows = futures::future::join_all(names.iter().map(|name| queue_row(registry, name, sample))).await;
+    let rows = futures::future::join_all(names.iter().map(|name| queue_row(registry, name, sample, &interrupt))).await;
+    if let Some(code) = interrupt.exit_code() {
+        return Ok(code);
+    }
     match output {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&rows)?)?,
         Format::Table => out!("{}", output::queues_table(&rows))?,
@@ -44,7 +51,7 @@ pub(crate) async fn list(
     Ok(exit::OK)
 }
 
-pub(crate) async fn queue_row(registry: &Registry, name: &str, sample: usize) -> QueueRow {
+async fn queue_row(registry: &Registry, name: &str, sample: usize, interrupt: &signals::Interrupt) -> QueueRow {
     let backend_name = registry
         .queue(name)
         .map(|q| q.kind.backend_name())
@@ -61,11 +68,23 @@ pub(crate) async fn queue_row(registry: &Registry, name: &str, sample: usize) ->
     };
     let result: anyhow::Result<()> = async {
         // Connect errors name the queue already; the backend's own do not.
-        let backend = registry.backend(name).await?;
+        let Some(backend) = interrupt.or_stopped(registry.backend(name)).await else {
+            return Ok(());
+        };
+        let backend = backend?;
         let named = || format!("queue {name}");
+        // Not cut short: a count that leases (the Pub/Sub emulator's) releases
+        // what it leased when it ends.
         let mut stats = backend.stats().await.with_context(named)?;
         if sample > 0 && stats.depth > 0 {
-            let msgs = backend.peek(sample).await.with_context(named)?;
+            let mut msgs = Vec::new();
+            backend
+                .peek_each(sample, &mut |m| {
+                    msgs.push(m);
+                    !interrupt.stopped()
+                })
+                .await
+                .with_context(named)?;
             row.sampled = msgs.len();
             let mut counts: HashMap<String, u64> = HashMap::new();
             for m in &msgs {
@@ -105,7 +124,12 @@ pub(crate) async fn inspect(
         None => Filter::match_all(),
     };
     registry.queue(queue)?;
-    let backend = registry.backend(queue).await?;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "releasing what the read holds");
+    let backend = match interrupt.unless_stopped(registry.backend(queue)).await {
+        Ok(backend) => backend?,
+        Err(code) => return Ok(code),
+    };
     if !backend.capabilities().true_peek {
         eprintln!(
             "note: {} has no true peek; inspecting leases and releases messages, which raises their delivery count",
@@ -118,8 +142,6 @@ pub(crate) async fn inspect(
     let read = if filtered { scan } else { limit };
     let now = Utc::now();
     // Only the matches shown are kept: the rest are dropped as they are read.
-    let cancel = CancellationToken::new();
-    let interrupt = signals::on_interrupt(cancel.clone(), "releasing what the read holds");
     let got = first_matches(&*backend, read, limit, usize::MAX, &cancel, |m| {
         match filter.matches(m, now) {
             Ok(matched) => Some(matched),

@@ -48,10 +48,6 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
             return Ok(exit::FAILURE);
         }
     }
-    // The handler goes in before connecting: a SIGTERM while an endpoint is
-    // slow to answer ends the run (nothing is leased yet) with 143, where the
-    // default action killed it without a word and, as PID 1 in a container,
-    // was ignored until the grace period's SIGKILL.
     let cancel = CancellationToken::new();
     let interrupt = signals::on_interrupt(cancel.clone(), "finishing the sends in flight, releasing the rest");
     let connected = async {
@@ -59,12 +55,9 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
         let backend = registry.backend(queue).await?;
         Ok::<_, RegistryError>((plan, backend))
     };
-    let (plan, backend) = tokio::select! {
-        connected = connected => connected?,
-        () = cancel.cancelled() => {
-            eprintln!("stopped while connecting: nothing was leased");
-            return Ok(interrupt.exit_code().unwrap_or(exit::FAILURE));
-        }
+    let (plan, backend) = match interrupt.unless_stopped(connected).await {
+        Ok(connected) => connected?,
+        Err(code) => return Ok(code),
     };
     let mut engine = Engine::new(backend.clone());
     let journal_path = if opts.no_journal {

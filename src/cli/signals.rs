@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 /// Cancels a token on the first SIGINT or SIGTERM while it lives.
 pub struct Interrupt {
     task: JoinHandle<()>,
+    cancel: CancellationToken,
     /// The signal's number, once one came.
     signal: Arc<AtomicU8>,
 }
@@ -23,6 +24,7 @@ pub fn on_interrupt(cancel: CancellationToken, doing: &'static str) -> Interrupt
     let signal = Arc::new(AtomicU8::new(0));
     let task = tokio::spawn({
         let signal = signal.clone();
+        let cancel = cancel.clone();
         async move {
             let number = interrupted().await;
             signal.store(number, Ordering::Relaxed);
@@ -30,7 +32,7 @@ pub fn on_interrupt(cancel: CancellationToken, doing: &'static str) -> Interrupt
             cancel.cancel();
         }
     });
-    Interrupt { task, signal }
+    Interrupt { task, cancel, signal }
 }
 
 impl Interrupt {
@@ -41,6 +43,32 @@ impl Interrupt {
             0 => None,
             n => Some(128 + n),
         }
+    }
+
+    /// `connect`'s output, unless a signal comes first: then the run's exit
+    /// code. Every command connects before it reads or leases anything, so a
+    /// signal while an endpoint is slow to answer ends it at once, where the
+    /// default action killed it without a word and, as PID 1 in a container,
+    /// was ignored until the grace period's SIGKILL.
+    pub async fn unless_stopped<T>(&self, connect: impl Future<Output = T>) -> Result<T, u8> {
+        self.or_stopped(connect).await.ok_or_else(|| {
+            eprintln!("stopped while connecting: nothing was leased");
+            self.exit_code().unwrap_or(crate::cli::exit::FAILURE)
+        })
+    }
+
+    /// `work`'s output, or `None` (and `work` dropped) if a signal comes
+    /// first. Only for work that holds nothing when dropped.
+    pub async fn or_stopped<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            done = work => Some(done),
+            () = self.cancel.cancelled() => None,
+        }
+    }
+
+    /// Whether a signal has come: a read checks it at each message.
+    pub fn stopped(&self) -> bool {
+        self.cancel.is_cancelled()
     }
 }
 

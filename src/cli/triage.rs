@@ -37,12 +37,15 @@ pub async fn cli_report(
 ) -> Result<u8, Failure> {
     let by: GroupBy = by.parse().map_err(TriageError::Usage)?;
     compile(filter)?;
-    let backend = registry.backend(queue).await?;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "releasing what the read holds");
+    let backend = match interrupt.unless_stopped(registry.backend(queue)).await {
+        Ok(backend) => backend?,
+        Err(code) => return Ok(code),
+    };
     if let Some(note) = read_note(&*backend) {
         eprintln!("{note}");
     }
-    let cancel = CancellationToken::new();
-    let interrupt = signals::on_interrupt(cancel.clone(), "releasing what the read holds");
     let r = report(registry, queue, &ReportRequest { by, filter, top, scan }, &cancel).await?;
     if let Some(code) = interrupt.exit_code().filter(|_| r.interrupted) {
         return Ok(code);
@@ -72,12 +75,15 @@ pub async fn cli_export(
     output: Format,
 ) -> Result<u8, Failure> {
     compile(filter)?;
-    let backend = registry.backend(queue).await?;
+    let cancel = CancellationToken::new();
+    let interrupt = signals::on_interrupt(cancel.clone(), "releasing what the read holds");
+    let backend = match interrupt.unless_stopped(registry.backend(queue)).await {
+        Ok(backend) => backend?,
+        Err(code) => return Ok(code),
+    };
     if let Some(note) = read_note(&*backend) {
         eprintln!("{note}");
     }
-    let cancel = CancellationToken::new();
-    let interrupt = signals::on_interrupt(cancel.clone(), "releasing what the read holds");
     let s = export(registry, queue, to, filter, max, &cancel).await?;
     if let Some(code) = interrupt.exit_code().filter(|_| s.interrupted) {
         eprintln!("export interrupted: {} left as it was", s.file.display());
@@ -123,7 +129,10 @@ pub async fn cli_import(
 ) -> Result<u8, Failure> {
     let cancel = CancellationToken::new();
     let interrupt = signals::on_interrupt(cancel.clone(), "finishing the batch in flight");
-    let s = import(registry, req, journal, cancel).await?;
+    let s = match import(registry, req, journal, cancel).await {
+        Err(TriageError::StoppedConnecting) => return Ok(stopped_connecting(&interrupt)),
+        s => s?,
+    };
     match output {
         Format::Json => print_json(&s)?,
         Format::Table => out!("{}", import_text(&s))?,
@@ -144,7 +153,10 @@ pub async fn cli_purge(
 ) -> Result<u8, Failure> {
     let cancel = CancellationToken::new();
     let interrupt = signals::on_interrupt(cancel.clone(), "finishing the batches in flight, releasing the rest");
-    let s = purge(registry, queue, req, journal, cancel, None).await?;
+    let s = match purge(registry, queue, req, journal, cancel, None).await {
+        Err(TriageError::StoppedConnecting) => return Ok(stopped_connecting(&interrupt)),
+        s => s?,
+    };
     match output {
         Format::Json => print_json(&s)?,
         Format::Table => out!("{}", purge_text(&s))?,
@@ -190,17 +202,25 @@ pub async fn cli_retention(
         if cancel.is_cancelled() {
             break;
         }
-        let o = apply_retention(
-            registry,
-            name,
-            dry_run,
-            default_dir.as_deref(),
-            journal.clone(),
-            Trigger::Cli,
-            cancel.clone(),
-            None,
-        )
-        .await;
+        // Connected first (the registry keeps it) so that a signal while
+        // connecting ends the run.
+        let o = match interrupt.unless_stopped(registry.backend(name)).await {
+            Err(_) => break,
+            Ok(Err(e)) => Err(TriageError::from(e)),
+            Ok(Ok(_)) => {
+                apply_retention(
+                    registry,
+                    name,
+                    dry_run,
+                    default_dir.as_deref(),
+                    journal.clone(),
+                    Trigger::Cli,
+                    cancel.clone(),
+                    None,
+                )
+                .await
+            }
+        };
         match o {
             Ok(o) => {
                 if o.purge.as_ref().is_some_and(|s| !s.ok()) {
@@ -225,6 +245,11 @@ pub async fn cli_retention(
         }
     }
     Ok(interrupt.exit_code().unwrap_or(code))
+}
+
+fn stopped_connecting(interrupt: &signals::Interrupt) -> u8 {
+    eprintln!("{}", TriageError::StoppedConnecting);
+    interrupt.exit_code().unwrap_or(exit::FAILURE)
 }
 
 fn held_back_note(read: u64, held_back: u64, hold_limited: bool) -> Option<String> {

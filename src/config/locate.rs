@@ -193,6 +193,14 @@ pub(super) fn parse_located<T: serde::de::DeserializeOwned>(text: &str, origin: 
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
+        // The typed reading checks each value as it is read, so a syntax
+        // error further on (an unclosed `[` at the end of the file) surfaced
+        // as a type error of the value before it. A file that is not YAML
+        // says so first.
+        let syntax = field == "?" || field.ends_with(".?");
+        if !syntax && let Err(syntax) = serde_yaml::from_str::<serde::de::IgnoredAny>(text) {
+            return invalid(origin, "?", &syntax);
+        }
         let mut err = invalid(origin, &field, e.inner());
         if let (ConfigError::Invalid { location, message, .. }, Some(loc)) = (&mut err, e.inner().location()) {
             let refined = match duplicate_key(message) {
@@ -295,9 +303,15 @@ pub(super) fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> Confi
     };
     // serde_yaml appends its own " at line N column M"; the location is
     // already in front, so keep the message short.
+    // A syntax error's context stays: "…, while parsing a flow sequence at
+    // line 4 column 14" is where the unclosed `[` is.
     let mut message = e.to_string();
     if let Some(cut) = message.find(" at line ") {
+        let context = message[cut..]
+            .find(", while ")
+            .map(|at| message[cut + at..].to_string());
         message.truncate(cut);
+        message.push_str(context.as_deref().unwrap_or_default());
     }
     // serde_yaml also puts its own idea of the path in front (`queues[0]: `,
     // sometimes shorter than ours); ours is already in the error.

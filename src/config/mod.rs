@@ -758,6 +758,27 @@ mod tests {
     }
 
     #[test]
+    fn an_unclosed_bracket_is_a_syntax_error_naming_where_it_opened() {
+        // The typed reading met the bad value first and called it a type
+        // error ("invalid type: sequence, expected a string").
+        let err = parse("queues:\n  - name: a\n    sqs:\n      queue: [a, b\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "test.yaml:5:1: (top level): YAML syntax: did not find expected ',' or ']', while parsing a flow \
+             sequence at line 4 column 14 (check the indentation and brackets)"
+        );
+        let err = parse("queues:\n  - name: a\n    sqs: {queue: q\n  - name: b\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:4:") && err.contains("while parsing a flow mapping at line 3 column 10"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn duplicate_names_rejected() {
         let y = "queues:\n  - name: a\n    sqs: {queue: x}\n  - name: a\n    sqs: {queue: y}\n";
         let err = parse(y).unwrap_err().to_string();

@@ -7,6 +7,7 @@ use crate::engine::journal::JournalError;
 use crate::engine::redrive::RedriveError;
 use crate::engine::registry::RegistryError;
 use crate::filter::FilterError;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TriageError {
@@ -34,6 +35,10 @@ pub enum TriageError {
     /// Something the user can fix in their input (exit code 2).
     #[error("{0}")]
     Usage(String),
+    /// A signal (or the server's shutdown) came while the run connected,
+    /// before anything was read or leased.
+    #[error("stopped while connecting: nothing was leased")]
+    StoppedConnecting,
 }
 
 impl TriageError {
@@ -53,6 +58,18 @@ impl TriageError {
             ),
             _ => false,
         }
+    }
+}
+
+/// `connect`'s result, unless `cancel` fires first: a run stopped while an
+/// endpoint is slow to answer holds nothing yet, so it may simply end.
+pub(super) async fn unless_cancelled<T>(
+    cancel: &CancellationToken,
+    connect: impl Future<Output = Result<T, TriageError>>,
+) -> Result<T, TriageError> {
+    tokio::select! {
+        connected = connect => connected,
+        () = cancel.cancelled() => Err(TriageError::StoppedConnecting),
     }
 }
 

@@ -11,7 +11,7 @@ use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::error::TriageError;
+use super::error::{TriageError, unless_cancelled};
 use super::export::read_numbered;
 use super::read::compile;
 use crate::backend::QueueBackend;
@@ -189,29 +189,32 @@ pub async fn import(
         line.to_message().map_err(|message| bad_line(req.file, n, message))?;
     }
     let lines = read_numbered(req.file)?;
-    let plan = registry
-        .plan(
-            req.to,
-            &RedriveRequest {
-                to: req.address.map(str::to_string),
-                to_is_address: true,
-                dry_run: req.dry_run,
-                ..Default::default()
-            },
-            Trigger::Cli,
-        )
-        .await
-        .map_err(|e| match e {
-            // The destination came from --address, not from a --to.
-            RegistryError::Destination { to, error, .. } if req.address.is_some() => RegistryError::Destination {
-                flag: "--address",
-                to,
-                error,
-            },
-            e => e,
-        })?;
+    let connect = async {
+        let plan = registry
+            .plan(
+                req.to,
+                &RedriveRequest {
+                    to: req.address.map(str::to_string),
+                    to_is_address: true,
+                    dry_run: req.dry_run,
+                    ..Default::default()
+                },
+                Trigger::Cli,
+            )
+            .await
+            .map_err(|e| match e {
+                // The destination came from --address, not from a --to.
+                RegistryError::Destination { to, error, .. } if req.address.is_some() => RegistryError::Destination {
+                    flag: "--address",
+                    to,
+                    error,
+                },
+                e => e,
+            })?;
+        Ok((plan, registry.backend(req.to).await?))
+    };
+    let (plan, backend) = unless_cancelled(&cancel, connect).await?;
     let configured = plan.to.clone().or_else(|| plan.fallback_source.clone());
-    let backend = registry.backend(req.to).await?;
     let caps = backend.capabilities();
     let limiter = req
         .rate

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::error::TriageError;
+use super::error::{TriageError, unless_cancelled};
 use super::export::{ExportWriter, ExportedMessage};
 use crate::backend::QueueBackend;
 use crate::engine::journal::Journal;
@@ -86,20 +86,23 @@ pub async fn purge(
     progress: Option<Arc<Progress>>,
 ) -> Result<RunSummary, TriageError> {
     let filter = purge_filter(req.filter, req.older_than);
-    let mut plan = registry
-        .plan(
-            queue,
-            &RedriveRequest {
-                filter: Some(filter),
-                dry_run: req.dry_run,
-                rate: req.rate,
-                max: req.max,
-                ..Default::default()
-            },
-            req.trigger,
-        )
-        .await?;
-    let backend = registry.backend(queue).await?;
+    let connect = async {
+        let plan = registry
+            .plan(
+                queue,
+                &RedriveRequest {
+                    filter: Some(filter),
+                    dry_run: req.dry_run,
+                    rate: req.rate,
+                    max: req.max,
+                    ..Default::default()
+                },
+                req.trigger,
+            )
+            .await?;
+        Ok((plan, registry.backend(queue).await?))
+    };
+    let (mut plan, backend) = unless_cancelled(&cancel, connect).await?;
     let backup: Option<Arc<dyn Backup>> = match req.backup {
         Some(path) if !req.dry_run => Some(Arc::new(FileBackup::create(path, queue, backend.clone())?)),
         _ => None,
