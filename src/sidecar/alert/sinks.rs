@@ -34,7 +34,18 @@ use crate::sidecar::metrics::Metrics;
 const QUEUE_DEPTH: usize = 256;
 /// Alerts per Alertmanager request when firing alerts are re-sent.
 const RESEND_CHUNK: usize = 100;
-const ATTEMPTS: u32 = 5;
+/// Attempts per notification: 1, 2, 4, 8, 16 s apart, then every 30 s, about
+/// two minutes in all, so that a receiver's restart or a short outage does
+/// not lose a resolve (sent once) or a new failure reason (announced once).
+const ATTEMPTS: u32 = 9;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest `Retry-After` honoured: a sink asking for more is retried
+/// sooner (and, if still refusing, counted failed) rather than holding every
+/// notification behind it.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Slack takes about one message a second per incoming webhook and answers
+/// a burst with 429: requests to one Slack sink go at most this often.
+const SLACK_SPACING: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -182,6 +193,10 @@ impl Sinks {
     /// counts its outcomes in `metrics`.
     pub fn start(configs: &[SinkConfig], metrics: Arc<Metrics>) -> Result<Self, SinkError> {
         let client = reqwest::Client::builder()
+            // A redirect is not followed: reqwest turns a POST redirected by
+            // 301/302/303 into a GET without its body, which a receiver
+            // answers 200, and the notification counted delivered was lost.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(5))
             .build()
@@ -320,6 +335,7 @@ async fn deliver(
     metrics: Arc<Metrics>,
 ) {
     let name = &queue.name;
+    let mut last_request: Option<tokio::time::Instant> = None;
     while let Some(item) = queue.next().await {
         match sink.kind {
             // Alertmanager takes an array of alerts in one request.
@@ -340,6 +356,12 @@ async fn deliver(
                     // Slack would take the header for nothing.
                     let key = (sink.kind == Kind::Webhook).then(|| n.id());
                     let body = payload(&sink, n);
+                    if sink.kind == Kind::Slack {
+                        if let Some(at) = last_request {
+                            tokio::time::sleep_until(at + SLACK_SPACING).await;
+                        }
+                        last_request = Some(tokio::time::Instant::now());
+                    }
                     let outcome =
                         deliver_one(name, &sink, &client, &body, key.as_deref(), std::slice::from_ref(n)).await;
                     metrics.count_notifications(name, outcome, 1);
@@ -385,10 +407,19 @@ async fn deliver_one(
             request = request.header("Idempotency-Key", key);
         }
         let result = request.send().await;
+        let mut asked_wait = None;
         match result {
             Ok(r) if r.status().is_success() => return "delivered",
+            Ok(r) if r.status().is_redirection() => {
+                // Its Location is left out of the log: it may carry the
+                // same secret as the URL.
+                let status = r.status();
+                tracing::error!(sink = %name, %status, rule = %n.rule, queue = %n.queue, alerts, "sink answered with a redirect, which is not followed (a POST would arrive as a GET without its body); configure the URL it redirects to. Dropped");
+                return "refused";
+            }
             Ok(r) => {
                 let status = r.status();
+                asked_wait = retry_after(&r);
                 // What the sink objects to: Slack's `invalid_payload` or
                 // `no_service`, the label Alertmanager refuses.
                 let said: String = r.text().await.unwrap_or_default().chars().take(200).collect();
@@ -408,10 +439,29 @@ async fn deliver_one(
         if attempt == ATTEMPTS {
             tracing::error!(sink = %name, rule = %n.rule, queue = %n.queue, alerts, "notification dropped after {ATTEMPTS} attempts");
         } else {
-            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            tokio::time::sleep(backoff(attempt).max(asked_wait.unwrap_or_default())).await;
         }
     }
     "failed"
+}
+
+/// The wait after failed attempt `attempt` (from 1).
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << attempt.min(16))).min(MAX_BACKOFF)
+}
+
+/// The wait a 429 or 503 asks for in seconds (`Retry-After: 30`, as Slack
+/// and Alertmanager's proxies send it), at most `MAX_RETRY_AFTER`.
+fn retry_after(r: &reqwest::Response) -> Option<Duration> {
+    let seconds: u64 = r
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 /// A reqwest error without its URL, which for Slack is a secret, but with its
@@ -841,6 +891,104 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert_eq!(refused.lock().unwrap().len(), 1);
         assert_eq!(failed.lock().unwrap().len(), 2);
+    }
+
+    /// A receiver whose `/hook` answers each POST with the next of `answers`
+    /// (status, extra header), then 200, and keeps each request's method,
+    /// path and arrival.
+    async fn scripted_receiver(
+        answers: Vec<(u16, Option<(&'static str, &'static str)>)>,
+    ) -> (String, Arc<std::sync::Mutex<Vec<(String, String, std::time::Instant)>>>) {
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answers = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(answers)));
+        let kept = got.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (kept, answers) = (kept.clone(), answers.clone());
+            async move {
+                kept.lock().unwrap().push((
+                    req.method().to_string(),
+                    req.uri().path().to_string(),
+                    std::time::Instant::now(),
+                ));
+                let (status, header) = answers.lock().unwrap().pop_front().unwrap_or((200, None));
+                let mut r = axum::response::Response::new(axum::body::Body::from("ok"));
+                *r.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+                if let Some((name, value)) = header {
+                    r.headers_mut().insert(name, value.parse().unwrap());
+                }
+                r
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/hook"), got)
+    }
+
+    /// reqwest followed a 302 with a GET without the body, which the receiver
+    /// answered 200: the notification was lost and counted delivered.
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_and_counts_refused() {
+        let (url, got) = scripted_receiver(vec![(302, Some(("location", "/elsewhere")))]).await;
+        let metrics = Arc::new(Metrics::new());
+        let cfg = crate::config::Config::from_yaml(
+            &format!("alerts:\n  sinks:\n    - webhook: {{url: \"{url}\"}}\n"),
+            "t",
+            &[],
+        )
+        .unwrap();
+        let sinks = Sinks::start(&cfg.alerts.sinks, metrics.clone()).unwrap();
+        sinks.send(note(Status::Firing));
+        assert_eq!(sinks.flush(Duration::from_secs(10)).await, 0);
+        let requests: Vec<(String, String)> = got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, p, _)| (m.clone(), p.clone()))
+            .collect();
+        assert_eq!(requests, [("POST".to_string(), "/hook".to_string())]);
+        let text = metrics.render();
+        let refused = r#"dlq_bridge_notifications_total{sink="webhook-0",outcome="refused"} 1"#;
+        assert!(text.contains(refused), "{text}");
+    }
+
+    /// A 429's `Retry-After` is waited out (the fixed backoff retried after
+    /// 1 s), and a Slack sink sends at most one request a second.
+    #[tokio::test]
+    async fn retry_after_is_honoured_and_slack_is_paced() {
+        let (url, got) = scripted_receiver(vec![(429, Some(("retry-after", "3")))]).await;
+        let webhook = sinks(&format!("    - webhook: {{url: \"{url}\"}}\n"));
+        webhook.send(note(Status::Firing));
+        assert_eq!(webhook.flush(Duration::from_secs(10)).await, 0);
+        let at: Vec<std::time::Instant> = got.lock().unwrap().iter().map(|r| r.2).collect();
+        assert_eq!(at.len(), 2);
+        assert!(at[1] - at[0] >= Duration::from_millis(2900), "{:?}", at[1] - at[0]);
+
+        let (url, got) = scripted_receiver(Vec::new()).await;
+        let slack = sinks(&format!("    - slack: {{url: \"{url}\"}}\n"));
+        for rule in ["a", "b", "c"] {
+            slack.send(Notification {
+                rule: rule.into(),
+                ..note(Status::Firing)
+            });
+        }
+        assert_eq!(slack.flush(Duration::from_secs(10)).await, 0);
+        let at: Vec<std::time::Instant> = got.lock().unwrap().iter().map(|r| r.2).collect();
+        assert_eq!(at.len(), 3);
+        for pair in at.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(950),
+                "{:?}",
+                pair[1] - pair[0]
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap() {
+        let waits: Vec<u64> = (1..ATTEMPTS).map(|a| backoff(a).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
     }
 
     #[tokio::test]
