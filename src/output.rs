@@ -388,6 +388,7 @@ mod tests {
             samples: Vec::new(),
             errors: Vec::new(),
             stopped: crate::engine::redrive::StopReason::Drained,
+            journal_error: None,
         }
     }
 

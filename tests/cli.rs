@@ -286,6 +286,133 @@ async fn sigterm_while_connecting_ends_each_command_with_143() {
     drop(silent);
 }
 
+/// Files the command writes fail past `bytes` (EFBIG), as on a full disk.
+fn limit_file_size(cmd: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: only async-signal-safe calls between fork and exec. An ignored
+    // SIGXFSZ stays ignored across exec, so a write past the limit fails
+    // with EFBIG instead of killing the process.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A purge's backup that fills up mid-batch is cut back to its last whole
+/// batch, and nothing more is deleted: it holds exactly the messages gone
+/// from the DLQ, every line importable. It kept a torn line (and the whole
+/// lines of a batch whose messages stayed in the DLQ).
+#[tokio::test]
+async fn a_purge_whose_backup_fills_keeps_a_whole_backup_of_what_it_deleted() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&tenants(60)).await;
+    let before: std::collections::BTreeSet<String> = f.dlq_snapshot().await.into_iter().map(|m| m.0).collect();
+    let cfg = fixture_config(&f);
+    let backup = std::env::temp_dir().join(format!("dlqb-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let mut cmd = bin();
+    cmd.arg("-c")
+        .arg(&cfg)
+        .args([
+            "purge",
+            "orders",
+            "--filter",
+            "true",
+            "--yes",
+            "--no-journal",
+            "-o",
+            "json",
+            "--backup",
+        ])
+        .arg(&backup);
+    limit_file_size(&mut cmd, 12_000);
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap();
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    let after: std::collections::BTreeSet<String> = f.dlq_snapshot().await.into_iter().map(|m| m.0).collect();
+    let deleted: std::collections::BTreeSet<String> = before.difference(&after).cloned().collect();
+    assert!(
+        !deleted.is_empty() && !after.is_empty(),
+        "{} deleted of {}",
+        deleted.len(),
+        before.len()
+    );
+    let text = std::fs::read_to_string(&backup).unwrap();
+    assert!(text.ends_with('\n'), "a torn last line");
+    let backed_up: std::collections::BTreeSet<String> = text
+        .lines()
+        .map(|l| {
+            let line: serde_json::Value = serde_json::from_str(l).expect("a whole line");
+            line["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(backed_up, deleted);
+}
+
+/// A purge whose journal stops taking records (a full disk; here a file
+/// size limit) stops deleting: every message gone from the DLQ has its
+/// `leased` record in the journal, and the summary still says what the run
+/// did. It went on deleting unrecorded, and the summary was thrown away.
+#[tokio::test]
+async fn a_purge_whose_journal_fills_stops_deleting_and_still_reports() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&tenants(60)).await;
+    let before: std::collections::BTreeSet<String> = f.dlq_snapshot().await.into_iter().map(|m| m.0).collect();
+    let cfg = fixture_config(&f);
+    let journal = std::env::temp_dir().join(format!("dlqb-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let mut cmd = bin();
+    cmd.arg("-c")
+        .arg(&cfg)
+        .args([
+            "purge",
+            "orders",
+            "--filter",
+            "true",
+            "--yes",
+            "--no-backup",
+            "-o",
+            "json",
+            "--journal",
+        ])
+        .arg(&journal);
+    limit_file_size(&mut cmd, 6000);
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap();
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("a JSON summary: {stderr}"));
+    assert!(
+        summary["journal_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("File too large")),
+        "{summary}"
+    );
+    let after: std::collections::BTreeSet<String> = f.dlq_snapshot().await.into_iter().map(|m| m.0).collect();
+    let recorded: std::collections::BTreeSet<String> = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["event"] == "leased")
+        .filter_map(|r| r["id"].as_str().map(str::to_string))
+        .collect();
+    let deleted: Vec<&String> = before.difference(&after).collect();
+    assert!(
+        !deleted.is_empty() && !after.is_empty(),
+        "{} deleted of {}",
+        deleted.len(),
+        before.len()
+    );
+    let unrecorded: Vec<&&String> = deleted.iter().filter(|id| !recorded.contains(**id)).collect();
+    assert!(unrecorded.is_empty(), "deleted without a record: {unrecorded:?}");
+    assert_eq!(summary["settled"].as_u64(), Some(deleted.len() as u64), "{summary}");
+}
+
 /// A redrive killed mid-run leaves no summary in the journal: `runs` shows it
 /// as unfinished with what its records say, beside a finished purge, and says
 /// which run was which.

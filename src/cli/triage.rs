@@ -472,6 +472,7 @@ mod tests {
             samples: Vec::new(),
             errors: Vec::new(),
             stopped: crate::engine::redrive::StopReason::Drained,
+            journal_error: None,
         };
         let text = purge_text(&s);
         for line in ["  backup failed: 2\n", "  delete failed: 1\n", "  filter errors: 30\n"] {

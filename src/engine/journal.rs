@@ -21,7 +21,10 @@ pub enum JournalError {
     /// chain printed whole (`{:#}`) does not say it twice.
     #[error("journal {path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
-    #[error("journal {path}:{line}: not a journal record: {message}")]
+    #[error(
+        "journal {path}:{line}: not a journal record: {message}. To go on, keep a copy of the file and delete that \
+         line (a run without the journal would forget the copies it records as sent)"
+    )]
     Corrupt {
         path: PathBuf,
         line: usize,
@@ -657,27 +660,42 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, JournalError> {
             });
         }
     };
-    let lines: Vec<String> = BufReader::new(file)
-        .lines()
-        .collect::<Result<_, _>>()
-        .map_err(|error| JournalError::Io {
+    let mut reader = BufReader::new(file);
+    let mut out = Vec::new();
+    let mut line = Vec::new();
+    for number in 1.. {
+        line.clear();
+        let read = reader.read_until(b'\n', &mut line).map_err(|error| JournalError::Io {
             path: path.to_owned(),
             error,
         })?;
-    let mut out = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
+        if read == 0 {
+            break;
+        }
+        // An unterminated last line is what a crash mid-write leaves.
+        let last_unterminated = line.last() != Some(&b'\n');
+        let text = line.trim_ascii();
+        if text.is_empty() {
             continue;
         }
-        match serde_json::from_str(line) {
+        // A run of NUL bytes is what a file system may leave of blocks
+        // allocated but not written before a power loss.
+        if text.iter().all(|&b| b == 0) {
+            tracing::warn!(path = %path.display(), line = number, "skipping a journal line of NUL bytes (a crash left it)");
+            continue;
+        }
+        // Bytes, not text: a line torn inside a multi-byte character is
+        // torn like any other, where reading it as UTF-8 refused the whole
+        // file, and every command that opens the journal with it.
+        match serde_json::from_slice(text) {
             Ok(r) => out.push(r),
-            Err(e) if e.is_eof() => {
-                tracing::warn!(path = %path.display(), line = i + 1, "skipping a torn journal line")
+            Err(e) if e.is_eof() || last_unterminated => {
+                tracing::warn!(path = %path.display(), line = number, "skipping a torn journal line")
             }
             Err(e) => {
                 return Err(JournalError::Corrupt {
                     path: path.to_owned(),
-                    line: i + 1,
+                    line: number,
                     message: e.to_string(),
                 });
             }
@@ -838,6 +856,47 @@ mod tests {
         let in_memory = |j: &Journal| j.replay.lock().unwrap().settled.iter().count();
         let reopened = in_memory(&restarted);
         assert!(reopened < n, "{reopened} of {n} kept");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A crash can leave a last line cut inside a multi-byte character, or
+    /// blocks of NUL bytes: each is skipped like a torn line (the first
+    /// refused the whole file, and every command that opens the journal). A
+    /// damaged line in the middle is still an error naming its line.
+    #[test]
+    fn crash_remains_are_skipped_and_damage_in_the_middle_is_named() {
+        let dir = std::env::temp_dir().join(format!("dlqb-journal-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("j.jsonl");
+        let line = |r: &Record| {
+            let mut l = serde_json::to_vec(r).unwrap();
+            l.push(b'\n');
+            l
+        };
+        let whole = [
+            line(&started("r1", "orders")),
+            line(&sent("r1", Some("orders"), "a", None)),
+        ]
+        .concat();
+        let mut torn = serde_json::to_vec(&sent("r1", Some("orders"), "üü", None)).unwrap();
+        let cut = torn.iter().position(|&b| b == 0xC3).unwrap() + 1;
+        torn.truncate(cut);
+        assert!(std::str::from_utf8(&torn).is_err(), "cut inside the character");
+        for tail in [torn.clone(), vec![0u8; 4096], [vec![0u8; 100], b"\n".to_vec()].concat()] {
+            std::fs::write(&path, [whole.clone(), tail].concat()).unwrap();
+            assert_eq!(read_records(&path).unwrap().len(), 2);
+            // Opened (which ends the torn line) and written on, it still reads.
+            let j = Journal::open(&path).unwrap();
+            assert_eq!(j.unsettled("orders", "a"), Some(("src".into(), "copy-of-a".into())));
+            j.append(&sent("r2", Some("orders"), "b", None)).unwrap();
+            j.sync().unwrap();
+            drop(j);
+            assert_eq!(read_records(&path).unwrap().len(), 3);
+        }
+        std::fs::write(&path, [whole.clone(), b"not json\n".to_vec(), whole].concat()).unwrap();
+        let e = read_records(&path).unwrap_err().to_string();
+        assert!(e.contains("j.jsonl:3: not a journal record"), "{e}");
+        assert!(e.contains("delete that line"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -222,6 +222,10 @@ pub struct RunSummary {
     pub samples: Vec<Sample>,
     pub errors: Vec<String>,
     pub stopped: StopReason,
+    /// The journal failed (a full disk): what the run did is in this
+    /// summary, and only partly in the journal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_error: Option<String>,
 }
 
 impl RunSummary {
@@ -230,6 +234,7 @@ impl RunSummary {
     /// fails on every message, and would otherwise look like "no match").
     pub fn ok(&self) -> bool {
         self.stopped != StopReason::Failed
+            && self.journal_error.is_none()
             && self.send_failed == 0
             && self.settle_failed == 0
             && !(self.examined > 0 && self.filter_errors == self.examined)
@@ -342,6 +347,7 @@ impl Engine {
             samples: Vec::new(),
             errors: Vec::new(),
             stopped: StopReason::Drained,
+            journal_error: None,
         };
         self.journal(Record::RunStarted {
             run: plan.run_id.clone(),
@@ -366,12 +372,20 @@ impl Engine {
         let result = pass.drive(started).await;
         let mut s = pass.finish().await;
         s.finished_at = Utc::now();
-        self.journal(Record::RunFinished {
-            run: plan.run_id.clone(),
-            at: s.finished_at,
-            summary: serde_json::to_value(&s).expect("summary serializes"),
-        })?;
-        self.sync_journal()?;
+        // A journal that fails now (or failed mid-run) still leaves the user
+        // the summary of what was sent and settled; it was thrown away.
+        let finished = self
+            .journal(Record::RunFinished {
+                run: plan.run_id.clone(),
+                at: s.finished_at,
+                summary: serde_json::to_value(&s).expect("summary serializes"),
+            })
+            .and_then(|()| self.sync_journal());
+        if let Err(e) = finished {
+            let text = format!("{e} (the journal does not hold this run's end; `runs` shows it unfinished)");
+            push_error(&mut s.errors, format!("journal: {text}"));
+            s.journal_error = Some(text);
+        }
         result?;
         Ok(s)
     }
@@ -499,6 +513,15 @@ impl Engine {
                 id: l.message.id.clone(),
                 redrive_id: None,
             });
+        }
+        // As before a send: each deletion is recorded before it happens, and
+        // a journal that cannot take records (a full disk) stops the purge.
+        if let Err(e) = self.sync_journal() {
+            push_error(&mut out.errors, format!("journal: {e}; not deleting this batch"));
+            out.send_failed = batch.len() as u64;
+            Progress::add(&self.progress.failed, out.send_failed);
+            out.unsent.extend(batch.into_iter().map(|l| l.lease));
+            return out;
         }
         if let Some(b) = &backup {
             let msgs: Vec<&DlqMessage> = batch.iter().map(|l| &l.message).collect();

@@ -124,6 +124,9 @@ pub struct ExportWriter {
     /// renames it to `path` (the second: `path` with symlinks resolved);
     /// removed if the writer is dropped before.
     partial: Option<(PathBuf, PathBuf)>,
+    /// Why an [`ExportWriter::append_batch`] failed: every later one is
+    /// refused.
+    broken: Option<String>,
 }
 
 impl ExportWriter {
@@ -146,6 +149,7 @@ impl ExportWriter {
             path: path.to_owned(),
             out: BufWriter::new(file),
             partial: None,
+            broken: None,
         })
     }
 
@@ -164,6 +168,7 @@ impl ExportWriter {
                 path: path.to_owned(),
                 out: BufWriter::new(File::from(fd)),
                 partial: None,
+                broken: None,
             });
         }
         // Another descriptor or a device (`/dev/fd/N`, `/dev/null`) holds
@@ -177,6 +182,7 @@ impl ExportWriter {
                 path: path.to_owned(),
                 out: BufWriter::new(file),
                 partial: None,
+                broken: None,
             });
         }
         create_parent(path)?;
@@ -189,7 +195,14 @@ impl ExportWriter {
         let name = target
             .file_name()
             .ok_or_else(|| TriageError::Usage(format!("{}: not a file name", path.display())))?;
-        let partial = target.with_file_name(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
+        // Named for the file it becomes, cut short enough that a name near
+        // the file system's limit (255 bytes) leaves room for the rest.
+        let name = name.to_string_lossy();
+        let mut cut = name.len().min(200);
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let partial = target.with_file_name(format!(".{}.{}.partial", &name[..cut], std::process::id()));
         let mut opts = OpenOptions::new();
         opts.write(true).create(true).truncate(true);
         private(&mut opts);
@@ -202,6 +215,7 @@ impl ExportWriter {
             path: path.to_owned(),
             out: BufWriter::new(file),
             partial: Some((partial, target)),
+            broken: None,
         })
     }
 
@@ -213,6 +227,36 @@ impl ExportWriter {
         let mut bytes = serde_json::to_vec(line).expect("export lines serialize");
         bytes.push(b'\n');
         self.out.write_all(&bytes).map_err(io_err(&self.path))
+    }
+
+    /// Append `lines` and sync, whole or not at all: a write that fails
+    /// half-way (a full disk) is cut back to where the batch began. The file
+    /// ended in a torn line that the next batch's first line was glued to, so
+    /// the line of a message then deleted could not be imported, and the
+    /// batch's whole lines were of messages left in the DLQ. After a failure
+    /// every later batch is refused.
+    pub fn append_batch(&mut self, lines: &[ExportedMessage]) -> Result<(), TriageError> {
+        if let Some(e) = &self.broken {
+            let e = std::io::Error::other(format!("an earlier write failed ({e}); nothing more is written"));
+            return Err(io_err(&self.path)(e));
+        }
+        let mut bytes = Vec::new();
+        for line in lines {
+            serde_json::to_writer(&mut bytes, line).expect("export lines serialize");
+            bytes.push(b'\n');
+        }
+        let written = self.out.flush().and_then(|()| {
+            // Past the (empty) buffer, straight to the file.
+            let file = self.out.get_mut();
+            let start = file.metadata()?.len();
+            file.write_all(&bytes).and_then(|()| file.sync_data()).inspect_err(|_| {
+                let _ = file.set_len(start).and_then(|()| file.sync_data());
+            })
+        });
+        if let Err(e) = &written {
+            self.broken = Some(e.to_string());
+        }
+        written.map_err(io_err(&self.path))
     }
 
     /// Flush and fsync: what was written survives a crash. A pipe or a
@@ -493,6 +537,20 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&real).unwrap(), "new\n");
         let names: Vec<_> = std::fs::read_dir(dir.join("real")).unwrap().collect();
         assert_eq!(names.len(), 1, "no partial file left");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A name the file system takes (up to 255 bytes) is not refused
+    /// because the temporary file's name, longer, is not.
+    #[test]
+    fn a_long_file_name_is_replaced_too() {
+        let dir = std::env::temp_dir().join(format!("dlqb-export-{}", uuid::Uuid::new_v4().simple()));
+        let long = dir.join(format!("{}.jsonl", "é".repeat(120)));
+        assert_eq!(long.file_name().unwrap().len(), 246);
+        let mut w = ExportWriter::create_replacing(&long).unwrap();
+        w.out.write_all(b"new\n").unwrap();
+        w.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&long).unwrap(), "new\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

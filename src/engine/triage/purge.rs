@@ -34,12 +34,12 @@ impl FileBackup {
 
 impl Backup for FileBackup {
     fn write(&self, msgs: &[&DlqMessage]) -> Result<(), String> {
+        let lines: Vec<ExportedMessage> = msgs
+            .iter()
+            .map(|m| ExportedMessage::new(m, &self.queue, &*self.backend))
+            .collect();
         let mut w = self.writer.lock().map_err(|_| "backup lock poisoned".to_string())?;
-        for m in msgs {
-            w.write(&ExportedMessage::new(m, &self.queue, &*self.backend))
-                .map_err(|e| e.to_string())?;
-        }
-        w.sync().map_err(|e| e.to_string())
+        w.append_batch(&lines).map_err(|e| e.to_string())
     }
 
     fn describe(&self) -> String {
