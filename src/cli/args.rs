@@ -159,6 +159,10 @@ pub enum Command {
         /// Read, filter and report what would be sent (and what could not be carried); send nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Also send lines the journal says an earlier import sent to the same destination
+        /// (by message ID and enqueue time); without it they are skipped and counted.
+        #[arg(long)]
+        again: bool,
         /// Do not ask for confirmation (required when not on a terminal).
         #[arg(long, short = 'y')]
         yes: bool,

@@ -150,6 +150,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             rate,
             max,
             dry_run,
+            again,
             yes,
             journal,
             output,
@@ -162,6 +163,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 rate,
                 max,
                 dry_run,
+                again,
             };
             if !dry_run && !confirm(yes, &format!("Import {} into queue {to}?", file.display()))? {
                 return Ok(exit::FAILURE);

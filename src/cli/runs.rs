@@ -419,6 +419,7 @@ mod tests {
                 id: "a".into(),
                 destination: "t".into(),
                 dest_id: "1".into(),
+                enqueued_at: None,
             },
             finished(
                 "i1",
@@ -432,6 +433,7 @@ mod tests {
                 id: "b".into(),
                 destination: "t".into(),
                 dest_id: "2".into(),
+                enqueued_at: None,
             },
         ];
         let rows = run_rows(records);

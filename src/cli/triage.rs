@@ -327,6 +327,12 @@ fn import_text(s: &ImportSummary) -> String {
     if s.filter_errors > 0 {
         out.push_str(&format!("  filter errors: {}\n", s.filter_errors));
     }
+    if s.already_imported > 0 {
+        out.push_str(&format!(
+            "  already imported: {} (the journal records an earlier import of each to the same destination; skipped, --again sends them)\n",
+            s.already_imported
+        ));
+    }
     if s.held_for_order > 0 {
         out.push_str(&format!(
             "  held for order: {} (an earlier message of their ordering key failed; counted as failed)\n",
@@ -504,6 +510,7 @@ mod tests {
             sent: 0,
             failed: 1,
             filter_errors: 0,
+            already_imported: 0,
             not_carried: [("property `n\x1b[2J` (a map)".to_string(), 1)].into_iter().collect(),
             stripped: [("n\x1b]0;pwned\x07".to_string(), 1)].into_iter().collect(),
             errors: vec!["line 1: message m-1\x1b]0;pwned\x07: send failed".into()],

@@ -120,6 +120,11 @@ pub enum Record {
         id: String,
         destination: String,
         dest_id: String,
+        /// The exported message's enqueue time: with its ID, what a later
+        /// import of the same line is known by (absent in records written
+        /// before it was kept).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        enqueued_at: Option<DateTime<Utc>>,
     },
     RunFinished {
         run: String,
@@ -227,6 +232,10 @@ struct Replay {
     settled: PerQueue<SettledCopy>,
     /// The redrive ID of each copy an earlier run set out to send.
     intents: PerQueue<String>,
+    /// Exported messages an import sent, by destination and ID: a second
+    /// import of the same line skips it. Forgotten with their file, like
+    /// settled copies.
+    imported: PerQueue<SettledCopy>,
     /// The queue of each run, from its `run_started` record: the queue of
     /// records written before records named it.
     run_queues: HashMap<String, String>,
@@ -258,6 +267,10 @@ impl Replay {
                 | Record::Sent { .. }
                 | Record::Settled { .. }
                 | Record::Purged { .. }
+                | Record::Imported {
+                    enqueued_at: Some(_),
+                    ..
+                }
                 | Record::RunFinished { .. }
         )
     }
@@ -329,6 +342,18 @@ impl Replay {
                     self.intents.remove(k);
                 }
             }
+            Record::Imported {
+                id,
+                destination,
+                enqueued_at: Some(at),
+                ..
+            } => {
+                let copy = SettledCopy {
+                    enqueued_at: *at,
+                    generation: self.generation,
+                };
+                self.imported.insert((destination.clone(), id.clone()), copy);
+            }
             Record::RunFinished { run, .. } => {
                 self.run_queues.remove(run);
             }
@@ -343,6 +368,7 @@ impl Replay {
         self.generation += 1;
         let oldest_kept = self.generation.saturating_sub(keep as u64);
         self.settled.retain(|c| c.generation >= oldest_kept);
+        self.imported.retain(|c| c.generation >= oldest_kept);
     }
 }
 
@@ -470,6 +496,15 @@ impl Journal {
             || r.settled
                 .get(queue, id)
                 .is_some_and(|c| Some(c.enqueued_at) == enqueued_at)
+    }
+
+    /// Whether an earlier import sent the exported message `id`, enqueued
+    /// at `enqueued_at`, to `destination`. A message without an enqueue time
+    /// cannot be told from another under the same ID, and says no.
+    pub fn already_imported(&self, destination: &str, id: &str, enqueued_at: Option<DateTime<Utc>>) -> bool {
+        let r = self.replay.lock().expect("journal lock");
+        let key = (destination.to_string(), id.to_string());
+        enqueued_at.is_some_and(|at| r.imported.get_exact(&key).is_some_and(|c| c.enqueued_at == at))
     }
 
     /// The redrive ID an earlier run gave its copy of message `id` of
@@ -897,6 +932,38 @@ mod tests {
         let e = read_records(&path).unwrap_err().to_string();
         assert!(e.contains("j.jsonl:3: not a journal record"), "{e}");
         assert!(e.contains("delete that line"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_import_is_known_by_destination_id_and_enqueue_time() {
+        let dir = std::env::temp_dir().join(format!("dlqb-journal-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("j.jsonl");
+        let at = Utc::now();
+        let imported = |id: &str, enqueued_at| Record::Imported {
+            run: "i1".into(),
+            id: id.into(),
+            destination: "q".into(),
+            dest_id: "d".into(),
+            enqueued_at,
+        };
+        let j = Journal::open(&path).unwrap();
+        j.append(&imported("a", Some(at))).unwrap();
+        j.append(&imported("old", None)).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let j = Journal::open(&path).unwrap();
+        assert!(j.already_imported("q", "a", Some(at)));
+        assert!(!j.already_imported("other", "a", Some(at)), "another destination");
+        assert!(
+            !j.already_imported("q", "a", Some(at + chrono::Duration::seconds(1))),
+            "a reused ID"
+        );
+        assert!(!j.already_imported("q", "a", None));
+        assert!(
+            !j.already_imported("q", "old", None),
+            "a record without the time cannot tell"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

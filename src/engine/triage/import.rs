@@ -6,7 +6,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,9 @@ pub struct ImportRequest<'a> {
     pub rate: Option<u32>,
     pub max: Option<u64>,
     pub dry_run: bool,
+    /// Send lines the journal says an earlier import already sent to the
+    /// same destination (skipped otherwise).
+    pub again: bool,
 }
 
 impl<'a> ImportRequest<'a> {
@@ -44,6 +47,7 @@ impl<'a> ImportRequest<'a> {
             rate: None,
             max: None,
             dry_run: false,
+            again: false,
         }
     }
 }
@@ -73,10 +77,16 @@ pub struct ImportSummary {
     pub destinations: BTreeMap<String, u64>,
     pub dry_run: bool,
     pub read: u64,
+    /// Matching lines sent (or to be sent), failed or held: not those
+    /// already imported.
     pub matched: u64,
     pub sent: u64,
     pub failed: u64,
     pub filter_errors: u64,
+    /// Matching lines an earlier import sent to the same destination (the
+    /// journal's `imported` records, by message ID and enqueue time):
+    /// skipped, unless `--again`.
+    pub already_imported: u64,
     /// What the destination could not carry as it was, and for how many messages.
     pub not_carried: BTreeMap<String, u64>,
     /// Provider dead-letter attributes stripped from the copies.
@@ -233,6 +243,7 @@ pub async fn import(
         sent: 0,
         failed: 0,
         filter_errors: 0,
+        already_imported: 0,
         not_carried: BTreeMap::new(),
         stripped: BTreeMap::new(),
         errors: Vec::new(),
@@ -272,7 +283,7 @@ pub async fn import(
         cancel: &cancel,
     };
     let mut failed_keys: HashSet<String> = HashSet::new();
-    let mut batch: Vec<(usize, String, Outgoing)> = Vec::new();
+    let mut batch: Vec<Line> = Vec::new();
     let mut batch_dest: Option<Destination> = None;
     let mut lines = lines.peekable();
     while lines.peek().is_some() {
@@ -294,14 +305,23 @@ pub async fn import(
                 continue;
             }
         }
-        s.matched += 1;
         // A line exported from this same queue goes back to its own source
         // when the config and the provider name none for the queue.
         let same_queue = line.queue == req.to && line.backend == backend.kind();
-        let Some(dest) = configured
+        let dest = configured
             .clone()
-            .or_else(|| line.source.clone().filter(|_| same_queue).map(Destination))
-        else {
+            .or_else(|| line.source.clone().filter(|_| same_queue).map(Destination));
+        // The same file imported twice, or again after a crash, sent every
+        // line again under new redrive marks.
+        if let (Some(d), Some(j)) = (&dest, &journal)
+            && !req.again
+            && j.already_imported(&d.0, &m.id, m.enqueued_at)
+        {
+            s.already_imported += 1;
+            continue;
+        }
+        s.matched += 1;
+        let Some(dest) = dest else {
             s.failed += 1;
             push_import_error(
                 &mut s,
@@ -354,7 +374,7 @@ pub async fn import(
             continue;
         }
         batch_dest = Some(dest);
-        batch.push((n, m.id, o));
+        batch.push((n, (m.id, m.enqueued_at), o));
     }
     if let Some(to) = batch_dest.filter(|_| !batch.is_empty()) {
         let first = batch[0].0;
@@ -392,6 +412,10 @@ pub async fn import(
     Ok(s)
 }
 
+/// A line to send: its number, the exported message's ID and enqueue time
+/// (what the journal knows it by), and the copy.
+type Line = (usize, (String, Option<DateTime<Utc>>), Outgoing);
+
 struct BatchContext<'a, R, S> {
     backend: &'a dyn QueueBackend,
     limiter: Option<&'a governor::DefaultDirectRateLimiter>,
@@ -410,7 +434,7 @@ struct BatchContext<'a, R, S> {
 async fn send_import_batch<R, S>(
     ctx: &BatchContext<'_, R, S>,
     dest: &Destination,
-    mut batch: Vec<(usize, String, Outgoing)>,
+    mut batch: Vec<Line>,
     s: &mut ImportSummary,
     failed_keys: &mut HashSet<String>,
 ) -> Option<usize>
@@ -439,13 +463,13 @@ where
         return unsent;
     }
     let next_line = batch.last().map(|b| b.0 + 1);
-    let (ids, outgoing): (Vec<String>, Vec<Outgoing>) = batch.into_iter().map(|(_, id, o)| (id, o)).unzip();
+    let (ids, outgoing): (Vec<_>, Vec<Outgoing>) = batch.into_iter().map(|(_, id, o)| (id, o)).unzip();
     let results = match ctx.backend.send(dest, &outgoing).await {
         Ok(r) => r,
         Err(e) => vec![SendResult::Failed { error: e.to_string() }; outgoing.len()],
     };
     let mut journal = Ok(());
-    for ((id, r), o) in ids.into_iter().zip(results).zip(&outgoing) {
+    for (((id, enqueued_at), r), o) in ids.into_iter().zip(results).zip(&outgoing) {
         match r {
             SendResult::Sent { dest_id } => {
                 s.sent += 1;
@@ -455,6 +479,7 @@ where
                         id,
                         destination: dest.0.clone(),
                         dest_id,
+                        enqueued_at,
                     });
                 }
             }
