@@ -80,6 +80,20 @@ mod tests {
         assert_eq!(a, "deadline exceeded at <n>-<n>-<n>T<n>:<n>:<n>Z");
         assert_eq!(normalize("deadline exceeded at 2025-11-30T23:59:01.9Z"), a);
         assert_eq!(normalize("retry in 5m30s"), "retry in <n>m<n>s");
+        // Generated IDs and addresses: each was a pattern of its own.
+        assert_eq!(
+            normalize("No such customer: cus_NffrFeUfNV2Hib"),
+            "No such customer: cus_<id>"
+        );
+        assert_eq!(normalize("job 01HZX3K4Q8V6T2M9N0P1R5S7W3 lost"), "job <id> lost");
+        assert_eq!(
+            normalize("mail to ann.lee+x@mail.example.com. bounced"),
+            "mail to <email>. bounced"
+        );
+        assert_eq!(
+            normalize("Float64Array some_field_v2 waited 1500000000ns, a@b"),
+            "Float64Array some_field_v2 waited <n>ns, a@b"
+        );
     }
 
     fn msg(id: &str, reason: &str, desc: &str, count: u32, secs: i64) -> DlqMessage {

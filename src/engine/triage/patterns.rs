@@ -18,8 +18,9 @@ pub const MAX_KEY_CHARS: usize = 200;
 
 /// Normalise failure text so that messages failing the same way group
 /// together: quoted values become `<str>`, UUIDs `<uuid>`, hex strings
-/// (`0x…`, or 8+ hex characters mixing digits and letters) `<hex>`, and numbers
-/// `<n>`. Only whole tokens are replaced: a number must start a word (so
+/// (`0x…`, or 8+ hex characters mixing digits and letters) `<hex>`, other
+/// generated IDs (13+ letters and digits, a digit after a letter; a short
+/// `type_` prefix kept) `<id>`, email addresses `<email>`, and numbers `<n>`. Only whole tokens are replaced: a number must start a word (so
 /// `3000ms` becomes `<n>ms` and `ord-17` `ord-<n>`, but `http2` and `s3` stay),
 /// and an apostrophe inside a word (`can't`) is not a quote.
 pub fn normalize(text: &str) -> String {
@@ -49,10 +50,27 @@ pub fn normalize(text: &str) -> String {
                 i += 36;
                 continue;
             }
+            if let Some(len) = email_len(&chars[i..]) {
+                out.push_str("<email>");
+                i += len;
+                continue;
+            }
             let end = (i..chars.len()).find(|&j| !word(chars[j])).unwrap_or(chars.len());
             let token = &chars[i..end];
             if is_hex_token(token) {
                 out.push_str("<hex>");
+                i = end;
+                continue;
+            }
+            // An ID with a short type prefix (`cus_`, `pi_`) keeps the prefix.
+            let prefix = token
+                .iter()
+                .position(|&c| c == '_')
+                .filter(|&p| (1..=5).contains(&p) && token[..p].iter().all(char::is_ascii_lowercase))
+                .map_or(0, |p| p + 1);
+            if is_id_token(&token[prefix..]) {
+                out.extend(&token[..prefix]);
+                out.push_str("<id>");
                 i = end;
                 continue;
             }
@@ -104,6 +122,36 @@ fn is_uuid_at(chars: &[char]) -> bool {
         8 | 13 | 18 | 23 => *c == '-',
         _ => c.is_ascii_hexdigit(),
     })
+}
+
+/// A generated ID (ULIDs, Stripe's, base62 keys): 13 or more ASCII letters
+/// and digits with a digit after a letter. Every message's reason that
+/// carries one was a pattern of its own, and `new_reason` announced each.
+/// Shorter words (`Float64Array`), a number with its unit (`1500000000ns`)
+/// and names with underscores stay.
+fn is_id_token(token: &[char]) -> bool {
+    token.len() >= 13
+        && token.iter().all(char::is_ascii_alphanumeric)
+        && token
+            .iter()
+            .skip_while(|c| !c.is_ascii_alphabetic())
+            .any(char::is_ascii_digit)
+}
+
+/// The length of an email address at the start of `chars`: `local@host.tld`.
+fn email_len(chars: &[char]) -> Option<usize> {
+    let local = |c: &char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '%' | '+' | '-');
+    let host = |c: &char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-');
+    let at = chars.iter().position(|c| !local(c))?;
+    if at == 0 || chars[at] != '@' {
+        return None;
+    }
+    let len = chars[at + 1..].iter().take_while(|c| host(c)).count();
+    let domain: String = chars[at + 1..at + 1 + len].iter().collect();
+    let domain = domain.trim_end_matches(['.', '-']);
+    let (name, tld) = domain.rsplit_once('.')?;
+    (!name.is_empty() && tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic()))
+        .then_some(at + 1 + domain.chars().count())
 }
 
 fn is_hex_token(token: &[char]) -> bool {

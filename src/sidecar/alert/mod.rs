@@ -233,6 +233,9 @@ struct NewReason {
 /// neither remembered nor announced (a warning says so once): memory stays
 /// bounded, and such a queue does not page once per message.
 const MAX_KNOWN_PATTERNS: usize = 1024;
+/// New failure reasons of one poll announced one by one; more are announced
+/// together in one notice.
+const NEW_REASONS_PER_POLL: usize = 3;
 
 #[derive(Default)]
 struct KnownPatterns {
@@ -466,23 +469,32 @@ impl Evaluator {
             if rule.cfg.new_reason {
                 metrics.set_firing(&poll.queue, &rule.name, !new_reasons.is_empty());
                 if leader {
-                    for reason in &new_reasons {
-                        let mut n = notification(
-                            self.include_bodies,
-                            rule,
-                            poll,
-                            Status::Firing,
-                            1.0,
-                            0.0,
-                            now,
-                            Some(reason),
+                    // An event, never re-sent or resolved: Alertmanager
+                    // keeps it active for the rule's repeat interval (at
+                    // least what a re-sent alert gets). With no time at
+                    // all its endsAt had passed on arrival, and
+                    // Alertmanager took it as resolved and told nobody.
+                    let valid_for = rule.cfg.repeat.max(self.resend_delay * RESENDS_VALID);
+                    let notice = |reason: Option<&NewReason>, value: f64| Notification {
+                        valid_for,
+                        ..notification(self.include_bodies, rule, poll, Status::Firing, value, 0.0, now, reason)
+                    };
+                    // Many at once are one notice past the first few: reasons
+                    // whose text normalising cannot group (an ID of a shape
+                    // it does not know) sent one notice per message.
+                    let each = if new_reasons.len() > NEW_REASONS_PER_POLL + 1 {
+                        NEW_REASONS_PER_POLL
+                    } else {
+                        new_reasons.len()
+                    };
+                    out.extend(new_reasons[..each].iter().map(|r| notice(Some(r), 1.0)));
+                    if let [first, ..] = &new_reasons[each..] {
+                        let rest = new_reasons.len() - each;
+                        let mut n = notice(None, rest as f64);
+                        n.summary = format!(
+                            "{}: {rest} more new failure reasons (e.g. `{}`); text that varies per message? `dlq-bridge report {}` groups them",
+                            poll.queue, first.pattern, poll.queue
                         );
-                        // An event, never re-sent or resolved: Alertmanager
-                        // keeps it active for the rule's repeat interval (at
-                        // least what a re-sent alert gets). With no time at
-                        // all its endsAt had passed on arrival, and
-                        // Alertmanager took it as resolved and told nobody.
-                        n.valid_for = rule.cfg.repeat.max(self.resend_delay * RESENDS_VALID);
                         out.push(n);
                     }
                 }
@@ -965,6 +977,31 @@ mod tests {
         assert!(e.evaluate(&poll(30, 6, 1, &["Card 9 declined"]), true, &m).is_empty());
     }
 
+    /// Many new reasons in one poll (text that varies per message in a way
+    /// normalising does not know) are a few notices, not one per message:
+    /// fifteen went to every sink within 42 ms.
+    #[test]
+    fn many_new_reasons_at_once_are_announced_together_past_the_first_few() {
+        let mut e = evaluator("    - new_reason: true\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 1, 0, &["Timeout"]), true, &m).is_empty());
+        let n = e.evaluate(&poll(10, 5, 4, &["Timeout", "a", "b", "c", "d"]), true, &m);
+        assert_eq!(reasons_of(&n), ["a", "b", "c", "d"], "four: each its own");
+        let many: Vec<String> = (0..15).map(|i| format!("step {}", "xyzw".repeat(i + 1))).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let n = e.evaluate(&poll(20, 15, 15, &many), true, &m);
+        assert_eq!(n.len(), NEW_REASONS_PER_POLL + 1, "{n:?}");
+        let rest = &n[NEW_REASONS_PER_POLL];
+        assert_eq!(rest.value, 12.0);
+        assert!(
+            rest.summary
+                .starts_with("orders: 12 more new failure reasons (e.g. `step "),
+            "{}",
+            rest.summary
+        );
+        assert!(rest.summary.contains("dlq-bridge report orders"), "{}", rest.summary);
+    }
+
     /// A queue whose reasons are all different, past what normalising
     /// catches, costs bounded memory and stops paging once the bound is met.
     #[test]
@@ -987,7 +1024,11 @@ mod tests {
         let mut announced = 0;
         for (t, chunk) in reasons.chunks(50).enumerate() {
             let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            announced += e.evaluate(&poll(t as i64 + 1, 50, 50, &chunk), true, &m).len();
+            // Counted by reason: past the first few of a poll, one notice
+            // carries the rest (its value).
+            let n = e.evaluate(&poll(t as i64 + 1, 50, 50, &chunk), true, &m);
+            assert!(n.len() <= NEW_REASONS_PER_POLL + 1);
+            announced += n.iter().map(|n| n.value as usize).sum::<usize>();
         }
         assert_eq!(announced, MAX_KNOWN_PATTERNS);
         assert_eq!(e.known_reasons["orders"].digests.len(), MAX_KNOWN_PATTERNS);
