@@ -472,6 +472,31 @@ async fn sigterm_mid_retention_purge_releases_what_it_holds() {
     let _ = std::fs::remove_dir_all(&export);
 }
 
+/// A client that sends half a request head and stalls does not hold serve
+/// past its shutdown grace: the server waited for every connection's request
+/// with no limit, and the grace period started only after it.
+#[tokio::test]
+async fn a_stalled_http_request_does_not_hold_shutdown_past_the_grace() {
+    use tokio::io::AsyncWriteExt as _;
+    let f = SqsFixture::create(false).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  shutdown_grace: 2s\n",
+        queue_yaml("orders", &f)
+    );
+    let mut serve = Serve::start_until_ready(&config, &[]).await;
+    let addr = serve.url.trim_start_matches("http://").to_string();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // terminate() fails the test unless serve exits within 30 s; before, it
+    // waited for as long as the client kept the connection open.
+    let status = serve.terminate().await;
+    assert!(status.success(), "{status:?}");
+    drop(stalled);
+}
+
 /// SIGTERM while a poll's reason sample reads (on SQS it leases as it
 /// reads): the sample stops reading and releases what it leased before serve
 /// exits, instead of leaving those messages hidden for the sample's hold.

@@ -46,6 +46,8 @@ use crate::model::{
     SendResult, SettleResult,
 };
 
+/// Receives in a row of messages a read already visited that end it.
+const ALL_SEEN_RECEIVES: u32 = 3;
 const PROVIDER: &str = "SQS";
 const BATCH: usize = 10;
 /// SQS's limit on a message, and on a whole batch request.
@@ -868,6 +870,10 @@ impl QueueBackend for SqsBackend {
         let mut seen = HashSet::new();
         let mut read = 0;
         let hold = Duration::from_secs(30);
+        // Receives that brought back only messages already visited: once the
+        // read outlasts the hold, a queue smaller than `max` hands back what
+        // was read before, and the read went round for good.
+        let mut all_seen = 0;
         let result: Result<()> = async {
             while read < max {
                 let batch = self.receive(max - read, hold).await?;
@@ -879,6 +885,7 @@ impl QueueBackend for SqsBackend {
                         .iter()
                         .filter_map(|m| m.receipt_handle().map(|h| LeaseId(h.to_string()))),
                 );
+                let before = read;
                 for m in &batch {
                     if read >= max || !seen.insert(m.message_id().unwrap_or_default().to_string()) {
                         continue;
@@ -887,6 +894,10 @@ impl QueueBackend for SqsBackend {
                     if !visit(self.to_model(m).await) {
                         return Ok(());
                     }
+                }
+                all_seen = if read == before { all_seen + 1 } else { 0 };
+                if all_seen >= ALL_SEEN_RECEIVES {
+                    return Ok(());
                 }
             }
             Ok(())

@@ -121,22 +121,19 @@ pub(crate) async fn read_guard(
 /// release would leave them hidden for the hold. A 502 when the provider
 /// fails.
 pub(crate) async fn read_detached(
+    app: &App,
     backend: Arc<dyn QueueBackend>,
     guard: Option<ReadGuard>,
     scan: usize,
     limit: usize,
     matches: impl FnMut(&DlqMessage) -> Option<bool> + Send + 'static,
 ) -> Result<triage::Shown, ApiError> {
+    // Shutdown stops the read at its next message (it then releases what it
+    // holds): a scan of thousands on a slow endpoint held the process past
+    // the shutdown grace.
+    let cancel = app.shutdown.child_token();
     let task = tokio::spawn(async move {
-        let got = triage::first_matches(
-            &*backend,
-            scan,
-            limit,
-            MAX_BROWSE_BODY_BYTES,
-            &Default::default(),
-            matches,
-        )
-        .await;
+        let got = triage::first_matches(&*backend, scan, limit, MAX_BROWSE_BODY_BYTES, &cancel, matches).await;
         drop(guard);
         got
     });
@@ -353,7 +350,7 @@ async fn messages(
     // must not sit in memory at once). Counted, as `inspect` and the
     // dashboard's browse count them: a filter that fails on every message
     // otherwise looks like an empty DLQ.
-    let got = read_detached(backend.clone(), guard, reads, limit, move |m| {
+    let got = read_detached(&app, backend.clone(), guard, reads, limit, move |m| {
         filter.matches(m, now).ok()
     })
     .await?;

@@ -201,10 +201,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .merge(dashboard::routes(config.serve.dashboard.enabled))
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard::guard))
         .with_state(app.clone());
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await?;
+    let mut server = std::pin::pin!(
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future()
+    );
+    let served = tokio::select! {
+        served = &mut server => Some(served),
+        () = shutdown.cancelled() => None,
+    };
+    // The grace period counts from the signal, for open HTTP requests too:
+    // the server waits for every connection to finish its request, and one
+    // that sent half a request head and stalled held the process until the
+    // pod's SIGKILL, with no drain, journal sync or notification flush.
     let deadline = tokio::time::Instant::now() + config.serve.shutdown_grace;
+    match served {
+        Some(served) => served?,
+        None => match tokio::time::timeout_at(deadline, &mut server).await {
+            Ok(served) => served?,
+            Err(_) => tracing::warn!("HTTP requests still open after the shutdown grace period; closed"),
+        },
+    }
     let loops_done = async { while loops.join_next().await.is_some() {} };
     if tokio::time::timeout_at(deadline, loops_done).await.is_err() {
         tracing::warn!(

@@ -58,7 +58,7 @@ def test_default_renders_a_hardened_standalone_deployment(render):
 
     svc = r.one("Service")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-    assert svc["spec"]["ports"][0]["port"] == 9090 and svc["spec"]["ports"][0]["targetPort"] == "dlq-http"
+    assert svc["spec"]["ports"][0]["port"] == 9090 and svc["spec"]["ports"][0]["targetPort"] == 9090
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in dep["spec"]["selector"]["matchLabels"].items())
 
@@ -366,6 +366,11 @@ def test_parent_chart_native_sidecar(render_parent):
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == "arn:aws:iam::123456789012:role/orders-dlq-bridge"
     assert r.one("RoleBinding")["subjects"][0] == {"kind": "ServiceAccount", "name": "rel-dlq-bridge", "namespace": "shop"}
     assert r.one("Service")["spec"]["selector"] == {"app.kubernetes.io/name": "orders"}
+    # By number: before Kubernetes 1.32 a named port declared only on a
+    # native sidecar left the Service without endpoints (kubernetes#127958).
+    for version in ["1.30.0", "1.32.0"]:
+        [port] = render_parent(kube_version=version).one("Service")["spec"]["ports"]
+        assert port["targetPort"] == sidecar["ports"][0]["containerPort"] == 9090, version
     assert r.config()["queues"][0]["name"] == "orders"
     assert r.config()["serve"]["leader_election"]["enabled"] is True
 

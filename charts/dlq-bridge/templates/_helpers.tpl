@@ -320,6 +320,19 @@ true
 {{- fail (printf "config.redrive.journal (%s) is outside persistence.mountPath (%s): the root filesystem is read-only. Leave it unset (mountPath/journal.jsonl)" . $.Values.persistence.mountPath) -}}
 {{- end -}}
 {{- end -}}
+{{- if and (eq .Values.mode "deployment") (gt (int .Values.replicaCount) 1) (eq .Values.persistence.type "pvc") (not .Values.persistence.pvc.existingClaim) (not (has "ReadWriteMany" .Values.persistence.pvc.accessModes)) -}}
+{{- fail "replicaCount > 1 with persistence.type=pvc shares one claim between the pods: persistence.pvc.accessModes needs ReadWriteMany (a ReadWriteOnce claim attaches to one node, and a replica scheduled on another never starts)" -}}
+{{- end -}}
+{{- with (default (dict) .Values.config.serve).shutdown_grace -}}
+{{- $m := regexFindAll "^([0-9]+)(s|m)$" (toString .) 1 -}}
+{{- if and $m (eq $.Values.mode "deployment") -}}
+{{- $n := int (regexReplaceAll "[sm]$" (toString .) "") -}}
+{{- $seconds := ternary (mul $n 60) $n (hasSuffix "m" (toString .)) -}}
+{{- if gt (add $seconds 5) (int $.Values.terminationGracePeriodSeconds) -}}
+{{- fail (printf "config.serve.shutdown_grace (%s) needs terminationGracePeriodSeconds (%d) at least 5 s longer: the kubelet kills the pod at the end of its grace period, mid-drain" (toString .) (int $.Values.terminationGracePeriodSeconds)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $names := dict -}}
 {{- range .Values.config.queues -}}
 {{- if hasKey $names .name -}}

@@ -213,7 +213,7 @@ async fn browse(
     let guard = read_guard(&app, &queue, &*backend).await?;
     let now = Utc::now();
     // Only the matches shown are kept, as they are read.
-    let got = read_detached(backend.clone(), guard, reads, limit, move |m| {
+    let got = read_detached(&app, backend.clone(), guard, reads, limit, move |m| {
         let matched = filter.matches(m, now).ok()?;
         Some(matched && group.as_ref().is_none_or(|(by, key)| by.key(m) == *key))
     })
