@@ -134,8 +134,10 @@ async fn dashboard_in_headless_chromium_lists_filters_and_redrives() {
     for (q, backend) in [("orders", "sqs"), ("payments", "pubsub"), ("invoices", "servicebus")] {
         let row = b.wait(&format!("#queues tr[data-queue='{q}']")).await;
         assert_eq!(b.attr(&row, "data-backend").await.as_deref(), Some(backend));
+        // Failure reasons are message content: not without the token.
         let text = b.text(&row).await;
-        assert!(text.contains("Timeout"), "{q}: top reasons shown: {text}");
+        assert!(text.contains("enter the API token to see them"), "{q}: {text}");
+        assert!(!text.contains("Timeout"), "{q}: {text}");
     }
     b.wait("#queues tr.firing[data-queue='orders']").await;
     assert!(
@@ -183,6 +185,24 @@ async fn dashboard_in_headless_chromium_lists_filters_and_redrives() {
     b.type_text(&token, TOKEN).await;
     b.click(&b.wait("#token-save").await).await;
     b.wait_until("six messages listed", Duration::from_secs(30), || async {
+        b.find_all("#messages tbody tr.message").await.len() == 6
+    })
+    .await;
+    // With it, the overview shows each queue's top reasons.
+    b.goto(&format!("{}/#/", serve.url)).await;
+    b.wait_until("top reasons with the token", Duration::from_secs(30), || async {
+        let mut shown = true;
+        for q in ["orders", "payments", "invoices"] {
+            shown &= b
+                .text_of(&format!("#queues tr[data-queue='{q}']"))
+                .await
+                .contains("Timeout");
+        }
+        shown
+    })
+    .await;
+    b.goto(&format!("{}/#/queue/orders", serve.url)).await;
+    b.wait_until("six messages listed again", Duration::from_secs(30), || async {
         b.find_all("#messages tbody tr.message").await.len() == 6
     })
     .await;

@@ -249,6 +249,12 @@ async fn metrics_match_depths_and_api_enforces_the_token() {
     let queues: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(queues[0]["queue"], "alpha");
     assert_eq!(queues[0]["depth"], 3);
+    // Failure reasons are message content: shown with the token only, as
+    // `/report` shows them.
+    assert!(queues[0].get("top_reasons").is_none(), "{queues}");
+    let (_, text) = serve.get_auth("/v1/queues").await;
+    let queues: Value = serde_json::from_str(&text).unwrap();
+    assert!(queues[0]["top_reasons"][0][0].is_string(), "{queues}");
 
     // Reading bodies and redriving need the token.
     let (code, _) = serve.get("/v1/queues/alpha/messages").await;

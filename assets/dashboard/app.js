@@ -164,7 +164,10 @@
           const firing = alerts.filter((a) => a.queue === q.queue).map((a) => a.rule);
           const reasons = q.error
             ? el("span", { class: "err", text: "poll error: " + q.error })
-            : (q.top_reasons || []).map(([r, n]) => r + " (" + n + ")").join(", ") || "–";
+            // Reasons are message content: the API leaves them out without the token.
+            : q.top_reasons === undefined && q.polled_at
+              ? el("span", { class: "muted", text: "enter the API token to see them" })
+              : (q.top_reasons || []).map(([r, n]) => r + " (" + n + ")").join(", ") || "–";
           return el("tr", {
             class: "clickable" + (firing.length ? " firing" : ""), "data-queue": q.queue, "data-backend": q.backend,
             onclick: () => { location.hash = "#/queue/" + encodeURIComponent(q.queue); },

@@ -309,12 +309,21 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-async fn queues(State(app): State<Arc<App>>) -> Response {
+async fn queues(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    // Failure reasons are message content, as `/report`'s are: without the
+    // token the counts are shown and the reasons left out.
+    let reasons = authorize(&app, &headers).is_ok();
     let polled = app.cache.all().await;
     let mut out = Vec::new();
     for q in &app.registry.config().queues {
         match polled.iter().find(|s| s.queue == q.name) {
-            Some(s) => out.push(serde_json::to_value(s).expect("status serializes")),
+            Some(s) => {
+                let mut v = serde_json::to_value(s).expect("status serializes");
+                if !reasons && let Some(status) = v.as_object_mut() {
+                    status.remove("top_reasons");
+                }
+                out.push(v);
+            }
             None => out.push(json!({ "queue": q.name, "backend": q.kind.backend_name(), "polled_at": null })),
         }
     }
