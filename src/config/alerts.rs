@@ -71,6 +71,12 @@ pub struct AlertRule {
     /// The condition must hold this long before the alert fires.
     #[serde(default, rename = "for", with = "duration_text")]
     pub for_: Duration,
+    /// A firing alert resolves only once the condition has stayed clear this
+    /// long (Prometheus's `keep_firing_for`): a depth hovering at the
+    /// threshold otherwise fires and resolves at every crossing, to every
+    /// sink, whatever `repeat` says.
+    #[serde(default, with = "duration_text")]
+    pub keep_firing_for: Duration,
     /// A firing alert is sent again after this long.
     #[serde(default = "default_repeat", with = "duration_text")]
     pub repeat: Duration,

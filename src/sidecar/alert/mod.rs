@@ -196,6 +196,9 @@ struct Baseline {
 #[derive(Debug, Default)]
 struct RuleState {
     pending_since: Option<DateTime<Utc>>,
+    /// Since when a firing alert's condition has been clear (it resolves
+    /// after the rule's `keep_firing_for`).
+    clear_since: Option<DateTime<Utc>>,
     firing_since: Option<DateTime<Utc>>,
     last_sent: Option<DateTime<Utc>>,
     /// The firing notification this replica sent (or, following, the one a
@@ -528,6 +531,7 @@ impl Evaluator {
             };
             let st = self.state.entry((i, poll.queue.clone())).or_default();
             if holds {
+                st.clear_since = None;
                 let since = *st.pending_since.get_or_insert(now);
                 if (now - since).to_std().unwrap_or_default() >= rule.cfg.for_ {
                     let started = *st.firing_since.get_or_insert(now);
@@ -556,6 +560,14 @@ impl Evaluator {
                 }
             } else {
                 st.pending_since = None;
+                let cleared = *st.clear_since.get_or_insert(now);
+                let kept = st.firing_since.is_some()
+                    && (now - cleared).to_std().unwrap_or_default() < rule.cfg.keep_firing_for;
+                if kept {
+                    metrics.set_firing(&poll.queue, &rule.name, true);
+                    continue;
+                }
+                st.clear_since = None;
                 if let Some(started) = st.firing_since.take() {
                     st.last_sent = None;
                     st.sent = None;
@@ -975,6 +987,32 @@ mod tests {
         let shown: Vec<_> = n[0].samples.iter().map(|s| s.reason.as_deref().unwrap()).collect();
         assert_eq!(shown, ["Card 4242 declined", "Card 17 declined"]);
         assert!(e.evaluate(&poll(30, 6, 1, &["Card 9 declined"]), true, &m).is_empty());
+    }
+
+    /// `keep_firing_for`: a condition that clears and comes back within it
+    /// neither resolves nor fires again; one that stays clear for it
+    /// resolves. Each crossing of the threshold was a fire and a resolve.
+    #[test]
+    fn keep_firing_for_holds_a_flapping_alert_until_it_stays_clear() {
+        let mut e = evaluator("    - depth_above: 0\n      keep_firing_for: 60s\n");
+        let m = Metrics::new();
+        let statuses = |n: Vec<Notification>| n.iter().map(|n| n.status).collect::<Vec<_>>();
+        assert_eq!(statuses(e.evaluate(&poll(0, 1, 1, &[]), true, &m)), [Status::Firing]);
+        for (t, depth) in [(10, 0), (20, 1), (30, 0), (50, 1), (60, 0), (100, 0)] {
+            assert!(e.evaluate(&poll(t, depth, 0, &[]), true, &m).is_empty(), "at {t}s");
+        }
+        assert_eq!(
+            statuses(e.evaluate(&poll(120, 0, 0, &[]), true, &m)),
+            [Status::Resolved]
+        );
+        assert_eq!(statuses(e.evaluate(&poll(130, 1, 1, &[]), true, &m)), [Status::Firing]);
+        // Without it, every crossing.
+        let mut e = evaluator("    - depth_above: 0\n");
+        let sent: usize = [(0, 1), (10, 0), (20, 1), (30, 0)]
+            .iter()
+            .map(|&(t, d)| e.evaluate(&poll(t, d, d, &[]), true, &m).len())
+            .sum();
+        assert_eq!(sent, 4);
     }
 
     /// Many new reasons in one poll (text that varies per message in a way
