@@ -257,14 +257,19 @@ impl DlqStats {
 
     /// Take `oldest`, the age of the oldest of `browsed` messages a browse
     /// read, when the browse read the whole queue (its oldest message is the
-    /// queue's oldest) and that is better than these stats' own age.
+    /// queue's oldest) and that is better than these stats' own age. When it
+    /// read part of the queue and the stats know no age, take it as a floor
+    /// (`at_least`): the queue holds a message that old. Without it the age
+    /// was unknown, and a gauge kept its last known value for good while the
+    /// oldest message aged past every threshold.
     pub fn take_whole_browse_age(&mut self, browsed: u64, oldest: Option<Duration>) {
-        if self.age_better_from_whole_browse()
-            && browsed >= self.depth
-            && let Some(age) = oldest
-        {
+        let Some(age) = oldest else { return };
+        if self.age_better_from_whole_browse() && browsed >= self.depth {
             self.oldest_age = Some(age);
             self.oldest_age_exactness = None;
+        } else if self.oldest_age.is_none() && browsed > 0 {
+            self.oldest_age = Some(age);
+            self.oldest_age_exactness = Some(Exactness::AtLeast);
         }
     }
 }

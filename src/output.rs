@@ -104,7 +104,11 @@ pub fn queues_table(rows: &[QueueRow]) -> String {
                     Some(age) if s.oldest_age.is_some() && age != s.exactness => format!("{}, age {age}", s.exactness),
                     _ => s.exactness.to_string(),
                 };
-                (depth, human_age(s.oldest_age), how)
+                let age = match s.age_exactness() {
+                    Exactness::AtLeast if s.oldest_age.is_some() => format!("{}+", human_age(s.oldest_age)),
+                    _ => human_age(s.oldest_age),
+                };
+                (depth, age, how)
             }
             None => ("?".into(), "-".into(), "-".into()),
         };

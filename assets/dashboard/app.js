@@ -175,7 +175,8 @@
           el("td", {}, el("a", { href: "#/queue/" + encodeURIComponent(q.queue), text: q.queue })),
           el("td", {}, backendBadge(q.backend)),
           el("td", { class: "num depth", text: q.depth === undefined || q.depth === null ? "?" : q.depth }),
-          el("td", { class: "num", text: age(q.oldest_age) + (lagged(q) ? " (lagged)" : "") }),
+          el("td", { class: "num", text: (q.oldest_age_exactness === "at_least" && q.oldest_age != null ? "≥ " : "") +
+            age(q.oldest_age) + (lagged(q) ? " (lagged)" : "") }),
           el("td", {}, reasons),
           el("td", {}, sparkline(history[q.queue], 160, 28)),
           el("td", { class: firing.length ? "alert" : "muted", text: firing.length ? "firing: " + firing.join(", ") : "–" }));

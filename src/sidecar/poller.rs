@@ -866,8 +866,11 @@ mod tests {
         let sample = [msg(30, now), msg(700, now)].map(SampledMessage::new);
         let s = with_known_age(stats(2), Some(&sample), now);
         assert_eq!(s.oldest_age, Some(Duration::from_secs(700)));
-        // Part of the queue only: unknown, never guessed.
-        assert_eq!(with_known_age(stats(3), Some(&sample), now).oldest_age, None);
+        // Part of the queue only: a floor, said to be one (the queue holds a
+        // message that old); the age was unknown, and its gauge froze.
+        let part = with_known_age(stats(3), Some(&sample), now);
+        assert_eq!(part.oldest_age, Some(Duration::from_secs(700)));
+        assert_eq!(part.age_exactness(), Exactness::AtLeast);
         // A skipped sample tells nothing; an empty queue has no old message.
         assert_eq!(with_known_age(stats(2), None, now).oldest_age, None);
         assert_eq!(with_known_age(stats(0), None, now).oldest_age, Some(Duration::ZERO));

@@ -505,14 +505,20 @@ impl Evaluator {
             }
             let (value, threshold) = match rule.kind {
                 "depth_above" => (poll.stats.depth as f64, rule.cfg.depth_above.unwrap_or(0) as f64),
-                "oldest_age_above" => match poll.stats.oldest_age {
-                    Some(age) => (
-                        age.as_secs_f64(),
-                        rule.cfg.oldest_age_above.unwrap_or_default().as_secs_f64(),
-                    ),
-                    // Unknown age: no evidence either way; keep the state.
-                    None => continue,
-                },
+                "oldest_age_above" => {
+                    let threshold = rule.cfg.oldest_age_above.unwrap_or_default();
+                    match poll.stats.oldest_age {
+                        // A floor (the oldest of a partial sample) is evidence
+                        // only when it is above the threshold.
+                        Some(age)
+                            if poll.stats.age_exactness() != crate::model::Exactness::AtLeast || age > threshold =>
+                        {
+                            (age.as_secs_f64(), threshold.as_secs_f64())
+                        }
+                        // Unknown age: no evidence either way; keep the state.
+                        _ => continue,
+                    }
+                }
                 _ => {
                     let g = rule.cfg.growth.as_ref().expect("growth rule");
                     (
@@ -987,6 +993,34 @@ mod tests {
         let shown: Vec<_> = n[0].samples.iter().map(|s| s.reason.as_deref().unwrap()).collect();
         assert_eq!(shown, ["Card 4242 declined", "Card 17 declined"]);
         assert!(e.evaluate(&poll(30, 6, 1, &["Card 9 declined"]), true, &m).is_empty());
+    }
+
+    /// An age that is a floor (the oldest of a partial sample) fires the
+    /// rule when it is above the threshold, and otherwise tells nothing:
+    /// the rule keeps its state either way.
+    #[test]
+    fn an_oldest_age_floor_fires_above_the_threshold_and_otherwise_waits() {
+        let mut e = evaluator("    - oldest_age_above: 60s\n");
+        let m = Metrics::new();
+        let aged = |t: i64, secs: u64, exactness: Option<Exactness>| {
+            let mut p = poll(t, 50, 0, &[]);
+            p.stats.oldest_age = Some(Duration::from_secs(secs));
+            p.stats.oldest_age_exactness = exactness;
+            p
+        };
+        let floor = Some(Exactness::AtLeast);
+        assert!(e.evaluate(&aged(0, 30, floor), true, &m).is_empty());
+        let n = e.evaluate(&aged(10, 90, floor), true, &m);
+        assert_eq!(n.iter().map(|n| n.status).collect::<Vec<_>>(), [Status::Firing]);
+        // A younger floor is no evidence that the old message went.
+        assert!(e.evaluate(&aged(20, 5, floor), true, &m).is_empty());
+        assert!(
+            m.render()
+                .contains(r#"dlq_bridge_alerts_firing{queue="orders",rule="oldest_age_above"} 1"#)
+        );
+        // The exact age is.
+        let n = e.evaluate(&aged(30, 5, None), true, &m);
+        assert_eq!(n.iter().map(|n| n.status).collect::<Vec<_>>(), [Status::Resolved]);
     }
 
     /// `keep_firing_for`: a condition that clears and comes back within it
