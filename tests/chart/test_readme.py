@@ -61,6 +61,8 @@ def test_readme_example_matches_the_chart(examples, render, render_parent, cloud
     got_env, want_env = env_of(sidecar), env_of(expected)
     for name in set(want_env) - {"DLQ_BRIDGE_LOG"}:
         assert got_env.get(name) == want_env[name], name
+    # The sidecar drains after the app has stopped, within the pod's grace.
+    assert pod["terminationGracePeriodSeconds"] >= 25 + 30, "shutdown_grace after the app's own"
     # The pod-level pieces workload identity needs.
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     if cloud == "azure":
