@@ -321,6 +321,24 @@ async fn a_rated_pass_keeps_within_the_entitys_lock_duration() {
     // Past any lock that could have lapsed: nothing comes back.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(f.dlq_count().await, 0, "{said}");
+
+    // One session: its batches go one after another, and the pass leased on
+    // while its matches waited for them, seconds past their locks. The
+    // completes of lapsed locks were lost and counted settled: "drained",
+    // with messages left in the dead-letter queue.
+    let session: Vec<TestMessage> = (0..12)
+        .map(|i| TestMessage {
+            ordering_key: Some("S1".into()),
+            ..failing(i, "Timeout")
+        })
+        .collect();
+    f.put_in_dlq(&session).await;
+    let (code, said) = redrive_to_with(&f, ENV, &cs, DEST, &["--rate", "4"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("settled:   12"), "{said}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(f.dlq_count().await, 0, "{said}");
+    assert_eq!(queue_message_count(&f.http, DEST).await, 20, "{said}");
 }
 
 /// Azure refuses a batch of messages with distinct MessageIds (every copy

@@ -952,6 +952,13 @@ impl<'a> Pass<'a> {
     /// matches waiting for their ordering key's batch in flight can: the rest
     /// go as soon as a send slot is free.
     fn pending_over_budget(&self) -> bool {
+        // With a rate, one lease's worth: matches of one busy group waited
+        // here while leasing went on, each lease adding to a backlog that
+        // the rate sends only seconds later, past the leases' hold (Service
+        // Bus locks lapsed and their completes were lost).
+        if let Some(size) = self.rated_lease {
+            return self.pending.values().map(Vec::len).sum::<usize>() >= size;
+        }
         let most = self.caps.batch_size.max(1) * self.plan.concurrency.max(1);
         let (mut n, mut bytes) = (0, 0);
         for l in self.pending.values().flatten() {

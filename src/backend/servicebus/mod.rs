@@ -442,7 +442,9 @@ pub struct ServiceBusBackend {
 #[derive(Default)]
 struct Held {
     generation: u64,
-    infos: HashMap<u32, DeliveryInfo>,
+    /// Each delivery held, with when its lease returned (its lock began a
+    /// little before).
+    infos: HashMap<u32, (DeliveryInfo, std::time::Instant)>,
 }
 
 /// Service Bus connections shared between queues: one per namespace and
@@ -1345,12 +1347,13 @@ impl ServiceBusBackend {
             };
         }
         let mut out = Vec::with_capacity(got.len());
+        let now = std::time::Instant::now();
         for d in got {
             let message = self.received_to_model(d.message);
             let lease = match d.lock {
                 link::Lock::Link(info) => {
                     let id = info.delivery_id();
-                    held.infos.insert(id, info);
+                    held.infos.insert(id, (info, now));
                     LeaseKind::Delivery { generation, id }
                 }
                 link::Lock::Token(token) => LeaseKind::Token { generation, token },
@@ -1408,7 +1411,7 @@ impl ServiceBusBackend {
     /// Take the delivery infos of `leases` out of the held set, in order
     /// (None: not held by the current link, or not a delivery), with the
     /// link's generation.
-    fn take_held(&self, leases: &[LeaseId]) -> (u64, Vec<Option<DeliveryInfo>>) {
+    fn take_held(&self, leases: &[LeaseId]) -> (u64, Vec<Option<(DeliveryInfo, std::time::Instant)>>) {
         let mut held = self.held.lock().expect("held lock");
         let generation = held.generation;
         let taken = leases
@@ -1430,16 +1433,45 @@ impl ServiceBusBackend {
     /// caller to replace.
     async fn settle_deliveries(&self, leases: &[LeaseId]) -> Vec<SettleResult> {
         let (generation, taken) = self.take_held(leases);
-        let mut out: Vec<SettleResult> = taken
-            .iter()
-            .map(|t| match t {
-                Some(_) => SettleResult::Settled,
+        // A complete after the lock lapsed is refused by the broker
+        // (message-lock-lost), and the link does not report refusals: the
+        // message was counted settled while it stayed in the DLQ. One whose
+        // lock may have lapsed is not completed but abandoned (a no-op if
+        // the lock is gone) and reported failed; its copy is in the journal.
+        let lock = *self.lock_duration.lock().expect("lock duration lock");
+        let lapsed = |at: &std::time::Instant| {
+            lock.is_some_and(|lock| at.elapsed() + (lock / 5).min(Duration::from_secs(2)) >= lock)
+        };
+        let mut out = Vec::with_capacity(taken.len());
+        let mut infos = Vec::with_capacity(taken.len());
+        let mut expired = Vec::new();
+        for t in taken {
+            out.push(match t {
+                Some((info, at)) if lapsed(&at) => {
+                    expired.push(info);
+                    SettleResult::Failed {
+                        error: format!(
+                            "held {:.1?}, too close to the entity's LockDuration ({:?}) to complete it: it stays in the dead-letter queue",
+                            at.elapsed(),
+                            lock.unwrap_or_default()
+                        ),
+                    }
+                }
+                Some((info, _)) => {
+                    infos.push(info);
+                    SettleResult::Settled
+                }
                 None => SettleResult::Failed {
                     error: "the lock is no longer held (the link was reset or the lease already settled)".into(),
                 },
-            })
-            .collect();
-        let infos: Vec<DeliveryInfo> = taken.into_iter().flatten().collect();
+            });
+        }
+        if !expired.is_empty()
+            && let Some(link) = self.current_link(generation).await
+            && let Err(e) = link.dispose(expired, false, &self.link_config).await
+        {
+            tracing::debug!(error = %e, "abandon of deliveries whose lock lapsed failed; the locks lapse anyway");
+        }
         if !infos.is_empty() {
             let outcome = match self.current_link(generation).await {
                 Some(link) => {
@@ -1468,7 +1500,7 @@ impl ServiceBusBackend {
     /// Abandon the deliveries among `leases`, confirmed.
     async fn release_deliveries(&self, leases: &[LeaseId]) -> Result<()> {
         let (generation, taken) = self.take_held(leases);
-        let infos: Vec<DeliveryInfo> = taken.into_iter().flatten().collect();
+        let infos: Vec<DeliveryInfo> = taken.into_iter().flatten().map(|(info, _)| info).collect();
         // Leases of a reset link are released anyway: their locks lapse.
         if infos.is_empty() {
             return Ok(());
