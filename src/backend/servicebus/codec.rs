@@ -38,6 +38,10 @@ pub(super) struct Fields {
     pub(super) message_id: Option<String>,
     pub(super) sequence_number: i64,
     pub(super) correlation_id: Option<String>,
+    /// The CorrelationId's AMQP type when not a string (`uuid`, `ulong`,
+    /// `binary`): JMS clients send those, and a copy must match as the
+    /// original did.
+    pub(super) correlation_id_type: Option<&'static str>,
     pub(super) subject: Option<String>,
     pub(super) content_type: Option<String>,
     pub(super) reply_to: Option<String>,
@@ -72,7 +76,14 @@ fn fields_with(m: &Message<Body<Value>>, props: Option<Properties>) -> Fields {
         MessageId::String(s) => s,
         MessageId::Ulong(n) => n.to_string(),
         MessageId::Uuid(u) => format!("{u:x}"),
-        MessageId::Binary(b) => format!("{:X}", serde_amqp::primitives::BinaryRef::from(&b)),
+        // Two hex digits a byte: 01 02 was "12", which 0x12 also gave.
+        MessageId::Binary(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+    };
+    let id_type = |v: &MessageId| match v {
+        MessageId::String(_) => None,
+        MessageId::Ulong(_) => Some("ulong"),
+        MessageId::Uuid(_) => Some("uuid"),
+        MessageId::Binary(_) => Some("binary"),
     };
     let annotation_str = |k: &str| match annotation(m, k) {
         Some(Value::String(s)) => Some(s.clone()),
@@ -90,6 +101,7 @@ fn fields_with(m: &Message<Body<Value>>, props: Option<Properties>) -> Fields {
     Fields {
         message_id: props.message_id.map(id),
         sequence_number: sequence_number(m).unwrap_or_default(),
+        correlation_id_type: props.correlation_id.as_ref().and_then(id_type),
         correlation_id: props.correlation_id.map(id),
         subject: props.subject,
         content_type: props.content_type.map(|s| s.0),
@@ -108,6 +120,24 @@ fn fields_with(m: &Message<Body<Value>>, props: Option<Properties>) -> Fields {
         description: app_str(DEAD_LETTER_DESCRIPTION),
         delivery_count: m.header.as_ref().map(|h| h.delivery_count.saturating_add(1)),
         enqueued_at: DateTime::<Utc>::from_timestamp_millis(enqueued_ms).unwrap_or_default(),
+    }
+}
+
+/// A CorrelationId of AMQP type `ty` (`uuid`, `ulong`, `binary`) from its
+/// text in the model; `None` when the text is not of that type (an import
+/// line edited by hand), and the copy keeps it as a string.
+pub(super) fn typed_message_id(text: &str, ty: &str) -> Option<MessageId> {
+    match ty {
+        "ulong" => text.parse().ok().map(MessageId::Ulong),
+        "uuid" => uuid::Uuid::parse_str(text)
+            .ok()
+            .map(|u| MessageId::Uuid(u.into_bytes().into())),
+        "binary" if text.len().is_multiple_of(2) => (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()
+            .map(|b| MessageId::Binary(b.into())),
+        _ => None,
     }
 }
 
@@ -467,6 +497,46 @@ mod tests {
             let a = attribute_from_amqp(&v);
             assert_eq!(attribute_to_amqp(&a).unwrap(), v, "{a:?}");
         }
+    }
+
+    /// A CorrelationId that is not a string (JMS clients send uuid, ulong
+    /// and binary ones) is read as text with its type, and made again from
+    /// them for the copy: it became a string, and a binary 01 02 read as
+    /// "12", which 0x12 also gave.
+    #[test]
+    fn a_typed_correlation_id_is_made_again_from_its_text_and_type() {
+        for id in [
+            MessageId::Ulong(12345),
+            MessageId::Uuid(AmqpUuid::from([0x6fu8; 16])),
+            MessageId::Binary(vec![1u8, 2].into()),
+            MessageId::Binary(vec![0x12u8].into()),
+        ] {
+            let m = Message::builder()
+                .properties(Properties {
+                    correlation_id: Some(id.clone()),
+                    ..Default::default()
+                })
+                .body(Body::Value(AmqpValue(Value::Null)))
+                .build();
+            let f = fields_of(&m);
+            let (text, ty) = (f.correlation_id.unwrap(), f.correlation_id_type.unwrap());
+            assert_eq!(typed_message_id(&text, ty), Some(id), "{text} ({ty})");
+        }
+        assert_eq!(
+            typed_message_id("0102", "binary"),
+            Some(MessageId::Binary(vec![1u8, 2].into()))
+        );
+        // Text that is not of its type (an import line edited by hand) stays a string.
+        assert_eq!(typed_message_id("12x", "ulong"), None);
+        assert_eq!(typed_message_id("abc", "binary"), None);
+        let m = Message::builder()
+            .properties(Properties {
+                correlation_id: Some(MessageId::String("req-1".into())),
+                ..Default::default()
+            })
+            .body(Body::Value(AmqpValue(Value::Null)))
+            .build();
+        assert_eq!(fields_of(&m).correlation_id_type, None);
     }
 
     #[test]

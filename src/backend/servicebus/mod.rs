@@ -103,7 +103,8 @@
 //!   DLQ (the config's `source` wins when set).
 //! - `ordering_key`: SessionId.
 //! - `properties` (kept on the copy unless marked informational):
-//!   `correlation_id`, `subject`, `content_type`, `reply_to`,
+//!   `correlation_id` (with `correlation_id_type` `uuid`, `ulong` or
+//!   `binary` when it is not a string; a binary one in hex), `subject`, `content_type`, `reply_to`,
 //!   `reply_to_session_id`, `to`, `partition_key`, `time_to_live` (ms);
 //!   informational: `message_id`, `sequence_number`, `dead_letter_source`,
 //!   `message_state` (`deferred`: see below),
@@ -344,6 +345,8 @@ pub const DEAD_LETTER_DESCRIPTION: &str = "DeadLetterErrorDescription";
 pub const PROP_MESSAGE_ID: &str = "message_id";
 pub const PROP_SEQUENCE_NUMBER: &str = "sequence_number";
 pub const PROP_CORRELATION_ID: &str = "correlation_id";
+/// The CorrelationId's AMQP type when it is not a string.
+pub const PROP_CORRELATION_ID_TYPE: &str = "correlation_id_type";
 pub const PROP_SUBJECT: &str = "subject";
 pub const PROP_CONTENT_TYPE: &str = "content_type";
 pub const PROP_REPLY_TO: &str = "reply_to";
@@ -915,6 +918,7 @@ impl ServiceBusBackend {
         put(PROP_MESSAGE_ID, fields.message_id.clone());
         put(PROP_SEQUENCE_NUMBER, Some(fields.sequence_number.to_string()));
         put(PROP_CORRELATION_ID, fields.correlation_id);
+        put(PROP_CORRELATION_ID_TYPE, fields.correlation_id_type.map(str::to_string));
         put(PROP_SUBJECT, fields.subject);
         put(PROP_CONTENT_TYPE, fields.content_type);
         put(PROP_REPLY_TO, fields.reply_to);
@@ -1122,6 +1126,13 @@ impl ServiceBusBackend {
         let mut raw = m.raw_amqp_message().clone();
         if !props.0.is_empty() {
             raw.application_properties = Some(props);
+        }
+        // The SDK's message takes a string CorrelationId only.
+        if let (Some(text), Some(ty)) = (p(PROP_CORRELATION_ID), p(PROP_CORRELATION_ID_TYPE))
+            && let Some(id) = codec::typed_message_id(&text, &ty)
+            && let Some(properties) = raw.properties.as_mut()
+        {
+            properties.correlation_id = Some(id);
         }
         Ok(with_body(raw, body))
     }
