@@ -1,3 +1,4 @@
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -58,6 +59,12 @@ fn main() -> ExitCode {
     one_malloc_arena();
     // With more than one crypto provider linked, rustls refuses to guess.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // An empty DLQ_BRIDGE_CONFIG is unset (as an empty AWS_ENDPOINT_URL is):
+    // clap took it for a --config given without its value.
+    if std::env::var_os("DLQ_BRIDGE_CONFIG").is_some_and(|v| v.is_empty()) {
+        // SAFETY: no other thread runs yet; the runtime starts below.
+        unsafe { std::env::remove_var("DLQ_BRIDGE_CONFIG") };
+    }
     let cli = Cli::parse();
     let default_level = match cli.verbose {
         0 => "warn",
@@ -71,20 +78,24 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        // Colours only on a terminal: a sidecar's log is read from a file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Colours only on a terminal (a sidecar's log is read from a file),
+        // and never with NO_COLOR set (no-color.org), which with_ansi overrode.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            let _ = writeln!(std::io::stderr(), "error: cannot start the async runtime: {e}");
             return ExitCode::from(cli::exit::FAILURE);
         }
     };
     match runtime.block_on(cli::run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            let _ = writeln!(std::io::stderr(), "error: {:#}", f.error);
             ExitCode::from(f.code)
         }
     }

@@ -1006,19 +1006,27 @@ async fn missing_queues_are_runtime_errors_that_name_them() {
         ),
         "yaml",
     );
+    // A queue URL too: it was taken as given, passed a dry run, and the real
+    // run leased everything to fail every send.
     let cases = [
-        (&sqs_cfg, format!("--to {gone}: queue {gone}: not found")),
+        (&sqs_cfg, gone.clone(), format!("--to {gone}: queue {gone}: not found")),
+        (
+            &sqs_cfg,
+            gone_url.clone(),
+            format!("--to {gone_url}: queue {gone_url}: not found"),
+        ),
         (
             &pubsub_cfg,
+            gone.clone(),
             format!("--to {gone}: topic projects/{}/topics/{gone}: not found", p.project),
         ),
     ];
-    for (cfg, says) in cases {
+    for (cfg, to, says) in cases {
         let (code, out, err) =
             run(bin()
                 .arg("-c")
                 .arg(cfg)
-                .args(["redrive", "orders", "--to", &gone, "--yes", "--no-journal"]));
+                .args(["redrive", "orders", "--to", &to, "--yes", "--no-journal"]));
         assert_eq!(code, 2, "{out}{err}");
         assert!(err.contains(&says), "{says}: {err}");
     }

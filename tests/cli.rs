@@ -413,6 +413,42 @@ async fn a_purge_whose_journal_fills_stops_deleting_and_still_reports() {
     assert_eq!(summary["settled"].as_u64(), Some(deleted.len() as u64), "{summary}");
 }
 
+/// Ctrl-C stops a redrive whose stderr has gone (`... 2>&1 | tee log`, the
+/// `tee` stopped by the same Ctrl-C): the handler wrote "interrupted" first,
+/// panicked on the closed pipe and never cancelled, and the redrive went on
+/// until killed.
+#[tokio::test]
+async fn ctrl_c_stops_a_redrive_whose_stderr_is_closed() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&tenants(40)).await;
+    let cfg = fixture_config(&f);
+    let mut child = bin()
+        .arg("-c")
+        .arg(&cfg)
+        .args(["redrive", "orders", "--rate", "2", "--yes", "--no-journal"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // SAFETY: signalling our own child, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("still redriving 30 s after Ctrl-C");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(130));
+    assert!(f.dlq_visible().await > 0, "stopped before the end");
+}
+
 /// A redrive killed mid-run leaves no summary in the journal: `runs` shows it
 /// as unfinished with what its records say, beside a finished purge, and says
 /// which run was which.

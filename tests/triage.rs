@@ -666,6 +666,44 @@ async fn an_interrupted_import_says_where_to_resume() {
     assert_eq!(arrived, want, "every message exactly once");
 }
 
+/// `export --to - | head`: the reader going away ends the export (exit 0,
+/// as any command's output), and what the read held is released. It failed
+/// with "Broken pipe" (exit 1), and the rest of the batch it was writing
+/// stayed hidden for the hold.
+#[tokio::test]
+async fn an_export_whose_reader_goes_away_ends_and_releases_what_it_read() {
+    use std::io::Read as _;
+    let f = SqsFixture::create(false).await;
+    let msgs: Vec<TestMessage> = (0..300)
+        .map(|i| TestMessage {
+            body: format!("{i:04} {}", "x".repeat(600)).into_bytes(),
+            ..numbered(1).remove(0)
+        })
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+    let mut child = bin(&dir)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["export", "orders", "--to", "-"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 100];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The pipe's read end is closed here, as `head -c 100` closes it.
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("Broken pipe"), "{err}");
+    assert_eq!(f.dlq_visible().await, 300, "every message read was released: {err}");
+}
+
 /// With the journal an import is safe to run again: after a kill -9 part-way
 /// the rerun sends only the lines not yet recorded as imported, a second
 /// import of the whole file sends nothing, and `--again` sends it all. Each

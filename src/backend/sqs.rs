@@ -273,7 +273,8 @@ impl SqsBackend {
                 url
             }
         };
-        self.learn_send_limit(&url).await;
+        // A source that is gone fails its sends, saying so.
+        let _ = self.learn_send_limit(&url).await;
         self.arn_urls.lock().await.insert(arn.to_string(), url.clone());
         Some(url)
     }
@@ -288,14 +289,14 @@ impl SqsBackend {
     /// Ask `url` its `MaximumMessageSize`, once. A destination this role may
     /// only send to (no `sqs:GetQueueAttributes` there) keeps SQS's own
     /// limit: a copy over the queue's then fails its send, saying so.
-    async fn learn_send_limit(&self, url: &str) {
+    async fn learn_send_limit(&self, url: &str) -> Result<()> {
         if self
             .send_limits
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(url)
         {
-            return;
+            return Ok(());
         }
         let asked = self
             .client
@@ -310,15 +311,22 @@ impl SqsBackend {
                 .and_then(|a| a.get(&QueueAttributeName::MaximumMessageSize))
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(MAX_PAYLOAD, |v| v.clamp(1024, MAX_PAYLOAD)),
-            Err(e) => {
-                tracing::debug!(%url, error = %self.error(e), "cannot read the destination's MaximumMessageSize; assuming SQS's limit");
-                MAX_PAYLOAD
-            }
+            Err(e) => match classify(e, &self.endpoint, url) {
+                // A queue URL given as the destination is not looked up
+                // otherwise: one that is not there passed the dry run, and
+                // the real run leased everything to fail every send.
+                e @ BackendError::NotFound { .. } => return Err(e),
+                e => {
+                    tracing::debug!(%url, error = %e, "cannot read the destination's MaximumMessageSize; assuming SQS's limit");
+                    MAX_PAYLOAD
+                }
+            },
         };
         self.send_limits
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(url.to_string(), limit);
+        Ok(())
     }
 
     async fn listed_source(&self) -> Result<Option<String>> {
@@ -926,7 +934,9 @@ impl QueueBackend for SqsBackend {
     async fn send(&self, to: &Destination, msgs: &[Outgoing]) -> Result<Vec<SendResult>> {
         let fifo = to.0.ends_with(".fifo");
         let mut results: Vec<Option<SendResult>> = vec![None; msgs.len()];
-        self.learn_send_limit(&to.0).await;
+        // Learnt when the destination was resolved; a send that finds the
+        // queue gone says so itself.
+        let _ = self.learn_send_limit(&to.0).await;
         let limit = self.send_limit(&to.0);
         // Split into requests of at most 10 entries and the queue's limit:
         // SQS caps a batch at 1 MiB, and one report has it refuse a batch
@@ -1015,7 +1025,9 @@ impl QueueBackend for SqsBackend {
                     }
                 }
                 Err(e) => {
-                    let err = self.error(e);
+                    // Named by the destination: a queue that is not there is the
+                    // destination, not this DLQ.
+                    let err = classify(e, &self.endpoint, &to.0);
                     // Nothing about this request can be confirmed. A wrong
                     // destination fails every message the same way, so say so.
                     if fails_every_send(&err) {
@@ -1099,7 +1111,7 @@ impl QueueBackend for SqsBackend {
         let Some(url) = self.listed_source().await? else {
             return Ok(None);
         };
-        self.learn_send_limit(&url).await;
+        let _ = self.learn_send_limit(&url).await;
         Ok(Some(Destination(url)))
     }
 
@@ -1116,7 +1128,7 @@ impl QueueBackend for SqsBackend {
             )));
         }
         let url = resolve_queue_url(&self.client, &self.endpoint, name, None).await?;
-        self.learn_send_limit(&url).await;
+        self.learn_send_limit(&url).await?;
         Ok(Destination(url))
     }
 }

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::output::Format;
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 ok, 1 runtime failure, 2 usage or config error, 3 `list --fail-if-nonempty` found messages, 130/143 a command that changes or reads queues (redrive, purge, retention, import, inspect, report, export) stopped by SIGINT/SIGTERM.
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error, 3 `list --fail-if-nonempty` found messages, 130/143 a command that changes or reads queues (redrive, purge, retention, import, list, inspect, report, export) stopped by SIGINT/SIGTERM.
 
 Filters are CEL expressions over: id, body, json, attributes, reason, description,
 delivery_count, enqueued_at (timestamp), age (duration), source. For example:

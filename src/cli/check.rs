@@ -17,7 +17,7 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
         if n == 1 { "queue" } else { "queues" }
     )?;
     if registry.config().queues.is_empty() {
-        eprintln!(
+        note!(
             "warning: {}: no queue is configured; every command but check, serve and runs needs one",
             path.display()
         );
@@ -27,7 +27,7 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
     // What `serve` would refuse to start without, read from the environment.
     let problems = registry.config().serve_env_problems(|var| std::env::var(var).ok());
     for (field, message) in &problems {
-        eprintln!("error: {field}: {message}; serve would not start");
+        note!("error: {field}: {message}; serve would not start");
     }
     if !problems.is_empty() {
         outln!("serve settings: FAILED")?;
@@ -67,7 +67,7 @@ pub(crate) async fn check(registry: &Registry, path: &Path) -> Result<u8, Failur
                 // The verdict on stdout with the others, the error (which
                 // names the queue) on stderr, as every command reports errors.
                 outln!("queue {} ({}): FAILED", q.name, q.kind.backend_name())?;
-                eprintln!("error: {e:#}");
+                note!("error: {e:#}");
             }
         }
     }

@@ -20,7 +20,7 @@ pub(crate) fn confirm(yes: bool, question: &str) -> Result<bool, Failure> {
     std::io::stdin().read_line(&mut answer)?;
     let ok = matches!(answer.trim(), "y" | "Y" | "yes");
     if !ok {
-        eprintln!("aborted; nothing was touched");
+        note!("aborted; nothing was touched");
     }
     Ok(ok)
 }

@@ -39,7 +39,7 @@ pub(crate) async fn list(
     if rows.iter().any(|r| r.error.is_some()) {
         // The table cuts long cells; the whole error goes to stderr.
         for r in rows.iter().filter(|r| r.error.is_some()) {
-            eprintln!("error: {}", r.error.as_deref().unwrap_or_default());
+            note!("error: {}", r.error.as_deref().unwrap_or_default());
         }
         // A config problem (exit 2) outranks a failure (exit 1): it needs fixing
         // whatever the backends do.
@@ -131,7 +131,7 @@ pub(crate) async fn inspect(
         Err(code) => return Ok(code),
     };
     if !backend.capabilities().true_peek {
-        eprintln!(
+        note!(
             "note: {} has no true peek; inspecting leases and releases messages, which raises their delivery count",
             backend.kind()
         );
@@ -165,17 +165,17 @@ pub(crate) async fn inspect(
         }
         Format::Table => {
             out!("{}", output::messages_table(&shown, now))?;
-            eprintln!("{} shown, {} read", shown.len(), got.read);
+            note!("{} shown, {} read", shown.len(), got.read);
         }
     }
     if errors > 0 {
-        eprintln!(
+        note!(
             "warning: the filter failed on {} (counted as no match); -vv shows why",
             crate::output::counted(errors as u64, "message")
         );
     }
     if filtered && got.capped {
-        eprintln!("note: the read stopped at --scan {scan}; the DLQ may hold more matches (raise --scan)");
+        note!("note: the read stopped at --scan {scan}; the DLQ may hold more matches (raise --scan)");
     }
     Ok(exit::OK)
 }

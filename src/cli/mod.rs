@@ -23,6 +23,18 @@ macro_rules! outln {
     };
 }
 
+/// `eprintln!` for notes, warnings and errors. A closed stderr (`2>&1 |
+/// head`, a `tee` stopped with the rest of the job) loses the text, never the
+/// command: `eprintln!` panics there (exit 101, after the work was done), and
+/// in the signal handler's task that panic kept a Ctrl-C from stopping a
+/// redrive at all.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod args;
 mod check;
 mod confirm;
@@ -92,7 +104,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             // `check` says so; `serve` still serves its API and dashboard
             // (the chart's default values configure no queue).
             Command::Check => {}
-            Command::Serve => eprintln!(
+            Command::Serve => note!(
                 "warning: {}: no queue is configured; serve has nothing to poll",
                 config_path.display()
             ),

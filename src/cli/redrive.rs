@@ -91,7 +91,7 @@ pub(crate) async fn redrive(registry: &Registry, queue: &str, opts: RedriveOpts)
         Format::Table => out!("{}", output::summary_text(&summary))?,
     }
     if let Some(p) = &journal_path {
-        eprintln!("journal: {}", p.display());
+        note!("journal: {}", p.display());
     }
     Ok(match interrupt.exit_code() {
         Some(code) => code,
@@ -108,7 +108,7 @@ pub(crate) fn open_journal(config: &Config, opts: &JournalOpts) -> Result<Option
         Some(path) => {
             let j = Journal::open_with(&path, Rotation::from(&config.redrive))
                 .with_context(|| "opening the journal (or pass --no-journal)")?;
-            eprintln!("journal: {}", path.display());
+            note!("journal: {}", path.display());
             Ok(Some(Arc::new(j)))
         }
         None => Ok(None),

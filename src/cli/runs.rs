@@ -39,7 +39,7 @@ pub(crate) fn runs(config: Option<&Config>, journal: Option<PathBuf>, output: Fo
             )));
         }
         // The default place, before any run was journaled there: no runs yet.
-        eprintln!("note: no runs journaled yet (no journal at {})", path.display());
+        note!("note: no runs journaled yet (no journal at {})", path.display());
     }
     let keep = config.map_or(Rotation::default().keep, |c| c.redrive.journal_keep);
     let rows = run_rows(read_all_records(&path, keep)?);

@@ -28,8 +28,10 @@ pub fn on_interrupt(cancel: CancellationToken, doing: &'static str) -> Interrupt
         async move {
             let number = interrupted().await;
             signal.store(number, Ordering::Relaxed);
-            eprintln!("\ninterrupted: {doing}");
+            // Cancelled before anything is said: a stderr that cannot take
+            // the words must not keep the run going.
             cancel.cancel();
+            note!("\ninterrupted: {doing}");
         }
     });
     Interrupt { task, cancel, signal }
@@ -52,7 +54,7 @@ impl Interrupt {
     /// was ignored until the grace period's SIGKILL.
     pub async fn unless_stopped<T>(&self, connect: impl Future<Output = T>) -> Result<T, u8> {
         self.or_stopped(connect).await.ok_or_else(|| {
-            eprintln!("stopped while connecting: nothing was leased");
+            note!("stopped while connecting: nothing was leased");
             self.exit_code().unwrap_or(crate::cli::exit::FAILURE)
         })
     }

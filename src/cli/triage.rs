@@ -44,7 +44,7 @@ pub async fn cli_report(
         Err(code) => return Ok(code),
     };
     if let Some(note) = read_note(&*backend) {
-        eprintln!("{note}");
+        note!("{note}");
     }
     let r = report(registry, queue, &ReportRequest { by, filter, top, scan }, &cancel).await?;
     if let Some(code) = interrupt.exit_code().filter(|_| r.interrupted) {
@@ -55,13 +55,13 @@ pub async fn cli_report(
         Format::Table => out!("{}", report_table(&r))?,
     }
     if r.filter_errors > 0 {
-        eprintln!(
+        note!(
             "warning: the filter failed on {} (counted as no match)",
             crate::output::counted(r.filter_errors, "message")
         );
     }
     if let Some(note) = held_back_note(r.read, r.held_back, r.hold_limited) {
-        eprintln!("{note}");
+        note!("{note}");
     }
     Ok(exit::OK)
 }
@@ -82,11 +82,11 @@ pub async fn cli_export(
         Err(code) => return Ok(code),
     };
     if let Some(note) = read_note(&*backend) {
-        eprintln!("{note}");
+        note!("{note}");
     }
     let s = export(registry, queue, to, filter, max, &cancel).await?;
     if let Some(code) = interrupt.exit_code().filter(|_| s.interrupted) {
-        eprintln!("export interrupted: {} left as it was", s.file.display());
+        note!("export interrupted: {} left as it was", s.file.display());
         return Ok(code);
     }
     // Exported to standard output: the summary goes to stderr, out of the
@@ -111,12 +111,12 @@ pub async fn cli_export(
         }
     };
     if crate::engine::triage::to_stdout(to) {
-        eprintln!("{summary}");
+        note!("{summary}");
     } else {
         outln!("{summary}")?;
     }
     if let Some(note) = held_back_note(s.read, s.held_back, s.hold_limited) {
-        eprintln!("{note}");
+        note!("{note}");
     }
     Ok(exit::OK)
 }
@@ -231,7 +231,7 @@ pub async fn cli_retention(
             Err(e) => {
                 let text = e.to_string();
                 let text = text.strip_prefix(&format!("queue {name}: ")).unwrap_or(&text);
-                eprintln!("error: queue {name}: retention failed: {text}");
+                note!("error: queue {name}: retention failed: {text}");
                 code = code.max(Failure::from(e).code);
             }
         }
@@ -248,7 +248,7 @@ pub async fn cli_retention(
 }
 
 fn stopped_connecting(interrupt: &signals::Interrupt) -> u8 {
-    eprintln!("{}", TriageError::StoppedConnecting);
+    note!("{}", TriageError::StoppedConnecting);
     interrupt.exit_code().unwrap_or(exit::FAILURE)
 }
 

@@ -3,6 +3,7 @@
 //! API around the shared queues registry, and shuts down gracefully.
 
 use std::collections::{HashMap, VecDeque};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,7 +73,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(listen = %bound, queues = config.queues.len(), "serving");
-    eprintln!("dlq-bridge serve: listening on http://{bound}");
+    let _ = writeln!(std::io::stderr(), "dlq-bridge serve: listening on http://{bound}");
     let shutdown = CancellationToken::new();
     let election = &config.serve.leader_election;
     let slots = ScheduleSlots::new(config.schedules.iter().map(schedule_key), election.enabled);

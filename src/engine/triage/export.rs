@@ -127,6 +127,8 @@ pub struct ExportWriter {
     /// Why an [`ExportWriter::append_batch`] failed: every later one is
     /// refused.
     broken: Option<String>,
+    /// Standard output's reader went away (`export --to - | head`).
+    reader_gone: bool,
 }
 
 impl ExportWriter {
@@ -150,6 +152,7 @@ impl ExportWriter {
             out: BufWriter::new(file),
             partial: None,
             broken: None,
+            reader_gone: false,
         })
     }
 
@@ -169,6 +172,7 @@ impl ExportWriter {
                 out: BufWriter::new(File::from(fd)),
                 partial: None,
                 broken: None,
+                reader_gone: false,
             });
         }
         // Another descriptor or a device (`/dev/fd/N`, `/dev/null`) holds
@@ -183,6 +187,7 @@ impl ExportWriter {
                 out: BufWriter::new(file),
                 partial: None,
                 broken: None,
+                reader_gone: false,
             });
         }
         create_parent(path)?;
@@ -216,6 +221,7 @@ impl ExportWriter {
             out: BufWriter::new(file),
             partial: Some((partial, target)),
             broken: None,
+            reader_gone: false,
         })
     }
 
@@ -224,9 +230,30 @@ impl ExportWriter {
     }
 
     pub fn write(&mut self, line: &ExportedMessage) -> Result<(), TriageError> {
+        if self.reader_gone {
+            return Ok(());
+        }
         let mut bytes = serde_json::to_vec(line).expect("export lines serialize");
         bytes.push(b'\n');
-        self.out.write_all(&bytes).map_err(io_err(&self.path))
+        let written = self.out.write_all(&bytes);
+        self.unless_reader_gone(written)
+    }
+
+    /// Whether standard output's reader went away: the export then ends
+    /// there, as any command's output does when its reader goes (`| head`),
+    /// where it failed with "Broken pipe" (exit 1).
+    pub fn reader_gone(&self) -> bool {
+        self.reader_gone
+    }
+
+    fn unless_reader_gone(&mut self, r: std::io::Result<()>) -> Result<(), TriageError> {
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe && to_stdout(&self.path) => {
+                self.reader_gone = true;
+                Ok(())
+            }
+            r => r.map_err(io_err(&self.path)),
+        }
     }
 
     /// Append `lines` and sync, whole or not at all: a write that fails
@@ -262,7 +289,14 @@ impl ExportWriter {
     /// Flush and fsync: what was written survives a crash. A pipe or a
     /// terminal cannot be synced, and needs no more than the flush.
     pub fn sync(&mut self) -> Result<(), TriageError> {
-        self.out.flush().map_err(io_err(&self.path))?;
+        if self.reader_gone {
+            return Ok(());
+        }
+        let flushed = self.out.flush();
+        self.unless_reader_gone(flushed)?;
+        if self.reader_gone {
+            return Ok(());
+        }
         match self.out.get_ref().sync_data() {
             Err(e) if e.kind() == std::io::ErrorKind::InvalidInput && self.partial.is_none() => Ok(()),
             r => r.map_err(io_err(&self.path)),
@@ -412,6 +446,9 @@ pub async fn export(
         match filter.matches(m, now) {
             Ok(true) => {
                 writer.write(&ExportedMessage::new(m, queue, &*backend))?;
+                if writer.reader_gone() {
+                    return Ok(false);
+                }
                 written += 1;
             }
             Ok(false) => {}

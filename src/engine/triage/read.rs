@@ -155,8 +155,12 @@ where
             }
             let mut fresh = 0;
             let mut stop = false;
+            // Every lease of the batch is held (for the release) before any
+            // message is handed over: one whose handling failed (an export
+            // whose pipe closed) returned with the rest of the batch not yet
+            // held, and those stayed hidden for the whole hold.
+            held.extend(batch.iter().map(|l| l.lease.clone()));
             for l in batch {
-                held.push(l.lease);
                 if stop || !seen.insert(l.message.id.clone()) {
                     continue;
                 }
