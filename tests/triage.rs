@@ -203,6 +203,14 @@ async fn export_import_and_purge_from_the_command_line() {
             .args(["purge", "orders", "--filter", filter, "--dry-run"]));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("matched:   2"), "{out}");
+    // The backup the real purge would write is named, and not created (it
+    // said "no backup").
+    let backups = dir.join("dlq-bridge/backups");
+    assert!(
+        out.contains(&format!("2 would be purged, backup {}/orders-", backups.display())),
+        "{out}"
+    );
+    assert!(!backups.exists());
     assert_eq!(f.dlq_count().await, 6);
     let (code, out, err) = run(bin(&dir)
         .arg("-c")

@@ -1462,8 +1462,10 @@ impl ServiceBusBackend {
                     expired.push(info);
                     SettleResult::Failed {
                         error: format!(
-                            "held {:.1?}, too close to the entity's LockDuration ({:?}) to complete it: it stays in the dead-letter queue",
+                            "queue {}: held {:.1?}, too close to the LockDuration of {} ({:?}) to complete it: it stays in the dead-letter queue",
+                            self.queue_name,
                             at.elapsed(),
+                            self.entity.path(),
                             lock.unwrap_or_default()
                         ),
                     }

@@ -50,6 +50,20 @@ impl Backup for FileBackup {
     }
 }
 
+/// The backup a dry run's purge would write: named in its plan, never
+/// written (a dry run deletes nothing).
+struct PlannedBackup(String);
+
+impl Backup for PlannedBackup {
+    fn write(&self, _: &[&DlqMessage]) -> Result<(), String> {
+        Err("a dry run writes no backup".into())
+    }
+
+    fn describe(&self) -> String {
+        self.0.clone()
+    }
+}
+
 pub struct PurgeRequest<'a> {
     pub filter: &'a str,
     pub older_than: Option<Duration>,
@@ -105,7 +119,10 @@ pub async fn purge(
     let (mut plan, backend) = unless_cancelled(&cancel, connect).await?;
     let backup: Option<Arc<dyn Backup>> = match req.backup {
         Some(path) if !req.dry_run => Some(Arc::new(FileBackup::create(path, queue, backend.clone())?)),
-        _ => None,
+        // Named, not created: the dry run said "no backup" of a purge that
+        // makes one.
+        Some(path) => Some(Arc::new(PlannedBackup(path.display().to_string()))),
+        None => None,
     };
     plan.action = Action::Discard { backup };
     let mut engine = Engine::new(backend).with_cancel(cancel);
