@@ -342,12 +342,22 @@ impl Filter {
                 Some(i) => Some(errors.swap_remove(i)),
                 None => errors.into_iter().next(),
             };
-            let (line, column, message) = match first {
+            let (line, column, mut message) = match first {
                 // Both of the parser's sources of positions (ANTLR's
                 // syntax errors, its own AST errors) give 1-based columns.
                 Some(e) => (e.pos.0.max(1) as usize, e.pos.1.max(1) as usize, e.msg),
                 None => (1, 1, "cannot parse".into()),
             };
+            // The parser's words for the slips people make most, coming from
+            // SQL or Python.
+            if message.contains("token recognition error at: '=") {
+                message.push_str(" (CEL compares with `==`)");
+            } else if ["'and'", "'or'", "'not'"]
+                .iter()
+                .any(|w| message.contains(&format!("input {w}")))
+            {
+                message.push_str(" (CEL writes `&&`, `||` and `!`)");
+            }
             let source_line = line_of(source, line);
             FilterError::Syntax {
                 line,
@@ -1218,6 +1228,20 @@ mod tests {
             eval(r#"has(attributes.missing) && attributes.missing == "x""#),
             Ok(false)
         );
+    }
+
+    #[test]
+    fn the_commonest_slips_say_what_cel_writes_instead() {
+        let err = Filter::compile(r#"reason = "Timeout""#).unwrap_err().to_string();
+        assert!(err.contains("(CEL compares with `==`)"), "{err}");
+        let err = Filter::compile(r#"reason == "a" and age > duration("1h")"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("(CEL writes `&&`, `||` and `!`)"), "{err}");
+        let err = Filter::compile(r#"reason == "a" or reason == "b""#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("(CEL writes `&&`, `||` and `!`)"), "{err}");
     }
 
     #[test]

@@ -449,6 +449,23 @@ async fn ctrl_c_stops_a_redrive_whose_stderr_is_closed() {
     assert!(f.dlq_visible().await > 0, "stopped before the end");
 }
 
+/// `retention -o json` has a queue that failed, with its error, as `list`
+/// has: it was only on stderr, and a script could not tell which failed.
+#[test]
+fn retention_json_names_the_queues_that_failed() {
+    let cfg = write_config(
+        "queues:\n  - name: gone\n    sqs:\n      queue: q\n      endpoint_url: http://127.0.0.1:1\n      region: us-east-1\n    retention:\n      max_age: 7d\n",
+    );
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args(["retention", "--dry-run", "-o", "json"]));
+    assert_eq!(code, 1, "{out}{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("JSON: {out}{err}"));
+    assert_eq!(rows[0]["queue"], "gone", "{rows}");
+    assert!(
+        rows[0]["error"].as_str().is_some_and(|e| e.contains("127.0.0.1:1")),
+        "{rows}"
+    );
+}
+
 /// A redrive killed mid-run leaves no summary in the journal: `runs` shows it
 /// as unfinished with what its records say, beside a finished purge, and says
 /// which run was which.

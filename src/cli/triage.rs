@@ -194,6 +194,7 @@ pub async fn cli_retention(
     }
     let default_dir = registry.config().serve.data_dir.clone().or_else(state_dir);
     let mut outcomes = Vec::new();
+    let mut failed = Vec::new();
     // The worst outcome: a config problem (exit 2) outranks a failure (exit 1).
     let mut code = exit::OK;
     let cancel = CancellationToken::new();
@@ -230,14 +231,27 @@ pub async fn cli_retention(
             }
             Err(e) => {
                 let text = e.to_string();
-                let text = text.strip_prefix(&format!("queue {name}: ")).unwrap_or(&text);
+                let text = text
+                    .strip_prefix(&format!("queue {name}: "))
+                    .unwrap_or(&text)
+                    .to_string();
                 note!("error: queue {name}: retention failed: {text}");
+                failed.push(serde_json::json!({ "queue": name, "error": text }));
                 code = code.max(Failure::from(e).code);
             }
         }
     }
     match output {
-        Format::Json => print_json(&outcomes)?,
+        // A queue that failed is in the JSON too, with its error, as `list`
+        // has it: a script could not tell which one failed.
+        Format::Json => {
+            let mut all: Vec<serde_json::Value> = outcomes
+                .iter()
+                .map(|o| serde_json::to_value(o).expect("outcomes serialize"))
+                .collect();
+            all.extend(failed);
+            print_json(&all)?
+        }
         Format::Table => {
             for o in &outcomes {
                 out!("{}", retention_text(o))?;

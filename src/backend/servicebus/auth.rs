@@ -57,7 +57,14 @@ impl ConnectionString {
             let (k, v) = (k.trim(), v.trim());
             match k.to_ascii_lowercase().as_str() {
                 "endpoint" => {
-                    let rest = v.split_once("://").map_or(v, |(_, r)| r);
+                    // `sb//host` (a lost colon) read as the host `sb`, and
+                    // failed as a name that does not resolve.
+                    let Some((_, rest)) = v.split_once("://") else {
+                        return Err(BackendError::Invalid(
+                            "the Service Bus connection string's `Endpoint` is not a URL: give `Endpoint=sb://<namespace>/`"
+                                .into(),
+                        ));
+                    };
                     let host = rest.split(['/', '?']).next().unwrap_or_default();
                     // azservicebus dials the standard port whatever is given.
                     out.host = host.split(':').next().unwrap_or_default().to_ascii_lowercase();
@@ -356,6 +363,11 @@ mod tests {
             "Endpoint=sb://127.0.0.1/;SharedAccessKeyName=x;SharedAccessKey=y"
         );
         assert!(ConnectionString::parse("Endpoint=sb://ns.servicebus.windows.net/").is_err());
+        // A lost colon is a mistake in the string (exit 2), not a host `sb`
+        // that does not resolve.
+        let e = ConnectionString::parse("Endpoint=sb//127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y").unwrap_err();
+        assert!(matches!(e, BackendError::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("`Endpoint` is not a URL"), "{e}");
     }
 
     #[test]
