@@ -307,53 +307,65 @@ fn limit_file_size(cmd: &mut Command, bytes: u64) {
     }
 }
 
-/// A purge's backup that fills up mid-batch is cut back to its last whole
-/// batch, and nothing more is deleted: it holds exactly the messages gone
-/// from the DLQ, every line importable. It kept a torn line (and the whole
-/// lines of a batch whose messages stayed in the DLQ).
-#[tokio::test]
-async fn a_purge_whose_backup_fills_keeps_a_whole_backup_of_what_it_deleted() {
+type Ids = std::collections::BTreeSet<String>;
+
+/// What a purge on a full disk did: its file, its JSON summary, and the IDs
+/// it deleted from the DLQ (some, not all).
+struct FullDiskPurge {
+    file: PathBuf,
+    summary: serde_json::Value,
+    deleted: Ids,
+}
+
+/// Purge 60 messages, `skip` (`--no-journal`, `--no-backup`) the other file,
+/// writing to `file_flag`'s file (`--backup`, `--journal`) on a disk that
+/// takes `limit` bytes: the run must fail (exit 1) after deleting some.
+async fn purge_on_a_full_disk(skip: &str, file_flag: &str, limit: u64) -> FullDiskPurge {
     let f = SqsFixture::create(false).await;
     f.put_in_dlq(&tenants(60)).await;
-    let before: std::collections::BTreeSet<String> = f.dlq_snapshot().await.into_iter().map(|m| m.0).collect();
+    let ids = |snapshot: Vec<(String, String, u32)>| -> Ids { snapshot.into_iter().map(|m| m.0).collect() };
+    let before = ids(f.dlq_snapshot().await);
     let cfg = fixture_config(&f);
-    let backup = std::env::temp_dir().join(format!("dlqb-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let file = std::env::temp_dir().join(format!("dlqb-{}.jsonl", uuid::Uuid::new_v4().simple()));
     let mut cmd = bin();
     cmd.arg("-c")
         .arg(&cfg)
         .args([
-            "purge",
-            "orders",
-            "--filter",
-            "true",
-            "--yes",
-            "--no-journal",
-            "-o",
-            "json",
-            "--backup",
+            "purge", "orders", "--filter", "true", "--yes", skip, "-o", "json", file_flag,
         ])
-        .arg(&backup);
-    limit_file_size(&mut cmd, 12_000);
+        .arg(&file);
+    limit_file_size(&mut cmd, limit);
     let (code, stdout, stderr) = tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap();
     assert_eq!(code, 1, "{stdout}\n{stderr}");
-    let after: std::collections::BTreeSet<String> = f.dlq_snapshot().await.into_iter().map(|m| m.0).collect();
-    let deleted: std::collections::BTreeSet<String> = before.difference(&after).cloned().collect();
+    let summary = serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("a JSON summary: {stderr}"));
+    let after = ids(f.dlq_snapshot().await);
+    let deleted: Ids = before.difference(&after).cloned().collect();
     assert!(
         !deleted.is_empty() && !after.is_empty(),
         "{} deleted of {}",
         deleted.len(),
         before.len()
     );
-    let text = std::fs::read_to_string(&backup).unwrap();
+    FullDiskPurge { file, summary, deleted }
+}
+
+/// A purge's backup that fills up mid-batch is cut back to its last whole
+/// batch, and nothing more is deleted: it holds exactly the messages gone
+/// from the DLQ, every line importable. It kept a torn line (and the whole
+/// lines of a batch whose messages stayed in the DLQ).
+#[tokio::test]
+async fn a_purge_whose_backup_fills_keeps_a_whole_backup_of_what_it_deleted() {
+    let run = purge_on_a_full_disk("--no-journal", "--backup", 12_000).await;
+    let text = std::fs::read_to_string(&run.file).unwrap();
     assert!(text.ends_with('\n'), "a torn last line");
-    let backed_up: std::collections::BTreeSet<String> = text
+    let backed_up: Ids = text
         .lines()
         .map(|l| {
             let line: serde_json::Value = serde_json::from_str(l).expect("a whole line");
             line["id"].as_str().unwrap().to_string()
         })
         .collect();
-    assert_eq!(backed_up, deleted);
+    assert_eq!(backed_up, run.deleted);
 }
 
 /// A purge whose journal stops taking records (a full disk; here a file
@@ -362,55 +374,24 @@ async fn a_purge_whose_backup_fills_keeps_a_whole_backup_of_what_it_deleted() {
 /// did. It went on deleting unrecorded, and the summary was thrown away.
 #[tokio::test]
 async fn a_purge_whose_journal_fills_stops_deleting_and_still_reports() {
-    let f = SqsFixture::create(false).await;
-    f.put_in_dlq(&tenants(60)).await;
-    let before: std::collections::BTreeSet<String> = f.dlq_snapshot().await.into_iter().map(|m| m.0).collect();
-    let cfg = fixture_config(&f);
-    let journal = std::env::temp_dir().join(format!("dlqb-{}.jsonl", uuid::Uuid::new_v4().simple()));
-    let mut cmd = bin();
-    cmd.arg("-c")
-        .arg(&cfg)
-        .args([
-            "purge",
-            "orders",
-            "--filter",
-            "true",
-            "--yes",
-            "--no-backup",
-            "-o",
-            "json",
-            "--journal",
-        ])
-        .arg(&journal);
-    limit_file_size(&mut cmd, 6000);
-    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap();
-    assert_eq!(code, 1, "{stdout}\n{stderr}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("a JSON summary: {stderr}"));
+    let run = purge_on_a_full_disk("--no-backup", "--journal", 6000).await;
+    let summary = &run.summary;
     assert!(
         summary["journal_error"]
             .as_str()
             .is_some_and(|e| e.contains("File too large")),
         "{summary}"
     );
-    let after: std::collections::BTreeSet<String> = f.dlq_snapshot().await.into_iter().map(|m| m.0).collect();
-    let recorded: std::collections::BTreeSet<String> = std::fs::read_to_string(&journal)
+    let recorded: Ids = std::fs::read_to_string(&run.file)
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|r| r["event"] == "leased")
         .filter_map(|r| r["id"].as_str().map(str::to_string))
         .collect();
-    let deleted: Vec<&String> = before.difference(&after).collect();
-    assert!(
-        !deleted.is_empty() && !after.is_empty(),
-        "{} deleted of {}",
-        deleted.len(),
-        before.len()
-    );
-    let unrecorded: Vec<&&String> = deleted.iter().filter(|id| !recorded.contains(**id)).collect();
+    let unrecorded: Vec<&String> = run.deleted.difference(&recorded).collect();
     assert!(unrecorded.is_empty(), "deleted without a record: {unrecorded:?}");
-    assert_eq!(summary["settled"].as_u64(), Some(deleted.len() as u64), "{summary}");
+    assert_eq!(summary["settled"].as_u64(), Some(run.deleted.len() as u64), "{summary}");
 }
 
 /// Ctrl-C stops a redrive whose stderr has gone (`... 2>&1 | tee log`, the

@@ -618,19 +618,46 @@ async fn import_checks_every_line_before_sending_any() {
     }
 }
 
+/// An SQS DLQ of `n` numbered messages, exported to `all.jsonl` in a scratch
+/// directory with its config.
+struct Exported {
+    f: SqsFixture,
+    msgs: Vec<TestMessage>,
+    dir: PathBuf,
+    cfg: PathBuf,
+    file: PathBuf,
+}
+
+async fn exported(n: usize) -> Exported {
+    let f = SqsFixture::create(false).await;
+    let msgs = numbered(n);
+    f.put_in_dlq(&msgs).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+    let file = dir.join("all.jsonl");
+    export_to(&dir, &cfg, &file);
+    Exported {
+        f,
+        msgs,
+        dir,
+        cfg,
+        file,
+    }
+}
+
 /// Ctrl-C during an import stops it cleanly: the batch in flight finishes,
 /// nothing else is sent, the summary counts exactly what arrived and names the
 /// line to resume from, and importing from that line completes the file with
 /// every message exactly once.
 #[tokio::test]
 async fn an_interrupted_import_says_where_to_resume() {
-    let f = SqsFixture::create(false).await;
-    let msgs = numbered(30);
-    f.put_in_dlq(&msgs).await;
-    let dir = scratch();
-    let cfg = config(&dir, &f, "");
-    let file = dir.join("all.jsonl");
-    export_to(&dir, &cfg, &file);
+    let Exported {
+        f,
+        msgs,
+        dir,
+        cfg,
+        file,
+    } = exported(30).await;
 
     let child = bin(&dir)
         .arg("-c")
@@ -718,13 +745,7 @@ async fn an_export_whose_reader_goes_away_ends_and_releases_what_it_read() {
 /// rerun sent every line again under new redrive marks.
 #[tokio::test]
 async fn an_import_run_again_sends_only_what_the_journal_has_not_seen() {
-    let f = SqsFixture::create(false).await;
-    let msgs = numbered(30);
-    f.put_in_dlq(&msgs).await;
-    let dir = scratch();
-    let cfg = config(&dir, &f, "");
-    let file = dir.join("all.jsonl");
-    export_to(&dir, &cfg, &file);
+    let Exported { f, dir, cfg, file, .. } = exported(30).await;
     let journal = dir.join("journal.jsonl");
     let import = |extra: &[&str]| {
         let mut c = bin(&dir);
