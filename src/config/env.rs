@@ -3,6 +3,7 @@
 //! as the file.
 
 use super::ConfigError;
+use super::locate::did_you_mean;
 
 /// Overrides are `DLQ_BRIDGE__` + path; the double underscore keeps them apart
 /// from the CLI's own variables (`DLQ_BRIDGE_CONFIG`, `DLQ_BRIDGE_LOG`).
@@ -59,6 +60,52 @@ pub(super) fn env_var_for(dotted: &str) -> String {
 }
 
 pub(super) fn apply_override(tree: &mut serde_yaml::Value, key: &str, raw: &str) -> Result<(), ConfigError> {
+    let value: serde_yaml::Value = serde_yaml::from_str(raw).unwrap_or_else(|_| serde_yaml::Value::String(raw.into()));
+    set_override(tree, key, value)
+}
+
+/// [`apply_override`] with the value as the text it is, not read as YAML.
+pub(super) fn apply_override_text(tree: &mut serde_yaml::Value, key: &str, raw: &str) -> Result<(), ConfigError> {
+    set_override(tree, key, serde_yaml::Value::String(raw.into()))
+}
+
+/// The error of a config that overrides made invalid at `field`, naming the
+/// variable the user set: the one for `field` itself, or the one that set
+/// something inside it (an unknown key is reported at its parent, and
+/// `DLQ_BRIDGE__NOPE__X` was named `DLQ_BRIDGE__NOPE`, a variable nobody set).
+pub(super) fn env_error(overrides: &[(String, String)], field: &str, message: String) -> ConfigError {
+    let set = overrides
+        .iter()
+        .map(|(key, _)| key)
+        .find(|key| *key == field || key.starts_with(&format!("{field}.")) || field.is_empty());
+    let mut message = plain_types(&message);
+    if let Some(hint) = did_you_mean(&message) {
+        message.push_str(&format!("; did you mean `{hint}`?"));
+    }
+    ConfigError::Env {
+        var: env_var_for(set.map_or(field, String::as_str)),
+        message: if field.is_empty() {
+            message
+        } else {
+            format!("{field}: {message}")
+        },
+    }
+}
+
+/// serde's words for Rust's types in the words of the config: `expected
+/// usize` reads "expected a whole number", an empty value "unit value".
+pub(super) fn plain_types(message: &str) -> String {
+    let mut out = message.replace("invalid type: unit value", "an empty value");
+    for t in ["usize", "u64", "u32", "u16", "u8"] {
+        out = out.replace(&format!("expected {t}"), "expected a whole number");
+    }
+    for t in ["i64", "i32"] {
+        out = out.replace(&format!("expected {t}"), "expected a number");
+    }
+    out.replace("expected f64", "expected a number")
+}
+
+fn set_override(tree: &mut serde_yaml::Value, key: &str, value: serde_yaml::Value) -> Result<(), ConfigError> {
     let var = env_var_for(key);
     if key.split('.').any(|seg| seg.is_empty()) {
         return Err(ConfigError::Env {
@@ -66,7 +113,6 @@ pub(super) fn apply_override(tree: &mut serde_yaml::Value, key: &str, raw: &str)
             message: "empty path segment".into(),
         });
     }
-    let value: serde_yaml::Value = serde_yaml::from_str(raw).unwrap_or_else(|_| serde_yaml::Value::String(raw.into()));
     let mut node = tree;
     for seg in key.split('.') {
         let map = match node {

@@ -334,7 +334,7 @@ pub(super) fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> Confi
             message = format!("{}{}", kind.trim_end_matches(" \""), &rest[end + 1..]);
         }
     }
-    message = message.replace(
+    message = super::env::plain_types(&message).replace(
         "expected struct SinkTarget",
         "expected `{url: …}` or `{url_env: VARIABLE}`",
     );

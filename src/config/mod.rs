@@ -35,8 +35,8 @@ pub use queue::{
 pub use redrive::{MAX_CONCURRENCY, RedriveConfig, ScheduleConfig, state_dir};
 pub use serve::{AdminCallLimits, DashboardConfig, LeaderElectionConfig, ServeConfig};
 
-use env::{apply_override, env_var_for};
-use locate::{did_you_mean, invalid, locate, locate_rule_glob, parse_located};
+use env::{apply_override, apply_override_text, env_error, env_var_for};
+use locate::{invalid, locate, locate_rule_glob, parse_located};
 use queue::{backend_names, queue_name_problem};
 
 #[derive(Debug, thiserror::Error)]
@@ -154,17 +154,29 @@ impl Config {
             for (key, raw) in overrides {
                 apply_override(&mut tree, key, raw)?;
             }
-            config = serde_path_to_error::deserialize(tree).map_err(|e| {
-                let field = e.path().to_string();
-                let mut message = e.into_inner().to_string();
-                if let Some(hint) = did_you_mean(&message) {
-                    message.push_str(&format!("; did you mean `{hint}`?"));
+            // A value is read as YAML (`true`, `30`, `[a, b]`), so a text
+            // field given `123` got an integer and was refused; there is no
+            // quoting in an environment variable. Such a value is taken as
+            // the text it is, once per override at most.
+            let mut as_text: Vec<&str> = Vec::new();
+            config = loop {
+                match serde_path_to_error::deserialize::<_, Config>(tree.clone()) {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        let field = e.path().to_string();
+                        let message = e.into_inner().to_string();
+                        let given = overrides.iter().find(|(key, _)| *key == field);
+                        if let Some((key, raw)) = given.filter(|(key, _)| {
+                            message.ends_with("expected a string") && !as_text.contains(&key.as_str())
+                        }) {
+                            as_text.push(key);
+                            apply_override_text(&mut tree, key, raw)?;
+                            continue;
+                        }
+                        return Err(env_error(overrides, &field, message));
+                    }
                 }
-                ConfigError::Env {
-                    var: env_var_for(&field),
-                    message: format!("{field}: {message}"),
-                }
-            })?;
+            };
         }
         config.resolve_defaults();
         config.validate(origin, text, overrides)?;
@@ -837,6 +849,34 @@ mod tests {
         );
         let c = parse(&format!("{q}serve:\n  admin_calls_per_second: {{sqs: 1}}\n")).unwrap();
         assert_eq!(c.serve.admin_calls_per_second.sqs, 1);
+    }
+
+    #[test]
+    fn an_override_of_a_text_field_keeps_its_text_and_errors_name_the_variable_set() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let over = |key: &str, raw: &str| Config::from_yaml(q, "t", &[(key.into(), raw.into())]);
+        // No quoting in an environment variable: `123` for a text field is
+        // the text "123" (it was an integer, refused).
+        assert_eq!(
+            over("defaults.reason_attribute", "123")
+                .unwrap()
+                .defaults
+                .reason_attribute,
+            "123"
+        );
+        assert_eq!(over("serve.reason_sample", "7").unwrap().serve.reason_sample, 7);
+        // An unknown key is named by the variable that set it, not its parent.
+        let err = over("nope.x", "1").unwrap_err().to_string();
+        assert!(
+            err.starts_with("environment override DLQ_BRIDGE__NOPE__X: nope: unknown field"),
+            "{err}"
+        );
+        // In the config's words, not Rust's.
+        let err = over("serve.reason_sample", "").unwrap_err().to_string();
+        assert!(
+            err.ends_with("serve.reason_sample: an empty value, expected a whole number"),
+            "{err}"
+        );
     }
 
     #[test]
