@@ -3,7 +3,7 @@
 //! as the file.
 
 use super::ConfigError;
-use super::locate::did_you_mean;
+use super::locate::{did_you_mean, plain_types};
 
 /// Overrides are `DLQ_BRIDGE__` + path; the double underscore keeps them apart
 /// from the CLI's own variables (`DLQ_BRIDGE_CONFIG`, `DLQ_BRIDGE_LOG`).
@@ -90,19 +90,6 @@ pub(super) fn env_error(overrides: &[(String, String)], field: &str, message: St
             format!("{field}: {message}")
         },
     }
-}
-
-/// serde's words for Rust's types in the words of the config: `expected
-/// usize` reads "expected a whole number", an empty value "unit value".
-pub(super) fn plain_types(message: &str) -> String {
-    let mut out = message.replace("invalid type: unit value", "an empty value");
-    for t in ["usize", "u64", "u32", "u16", "u8"] {
-        out = out.replace(&format!("expected {t}"), "expected a whole number");
-    }
-    for t in ["i64", "i32"] {
-        out = out.replace(&format!("expected {t}"), "expected a number");
-    }
-    out.replace("expected f64", "expected a number")
 }
 
 fn set_override(tree: &mut serde_yaml::Value, key: &str, value: serde_yaml::Value) -> Result<(), ConfigError> {

@@ -215,6 +215,19 @@ pub(super) fn parse_located<T: serde::de::DeserializeOwned>(text: &str, origin: 
     })
 }
 
+/// serde's words for Rust's types in the words of the config: `expected
+/// usize` reads "expected a whole number", an empty value "unit value".
+pub(super) fn plain_types(message: &str) -> String {
+    let mut out = message.replace("invalid type: unit value", "an empty value");
+    for t in ["usize", "u64", "u32", "u16", "u8"] {
+        out = out.replace(&format!("expected {t}"), "expected a whole number");
+    }
+    for t in ["i64", "i32"] {
+        out = out.replace(&format!("expected {t}"), "expected a number");
+    }
+    out.replace("expected f64", "expected a number")
+}
+
 /// A value that may carry a secret: a URL, a `key=value` string (connection
 /// strings), or a long token.
 fn looks_secret(value: &str) -> bool {
@@ -334,7 +347,7 @@ pub(super) fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> Confi
             message = format!("{}{}", kind.trim_end_matches(" \""), &rest[end + 1..]);
         }
     }
-    message = super::env::plain_types(&message).replace(
+    message = plain_types(&message).replace(
         "expected struct SinkTarget",
         "expected `{url: …}` or `{url_env: VARIABLE}`",
     );
