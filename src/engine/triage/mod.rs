@@ -111,6 +111,31 @@ mod tests {
         }
     }
 
+    /// Grouped by reason, distinct values stay distinct and keys are the
+    /// values themselves (a script filters on them); only length is cut.
+    /// The display form (control characters blanked) merged `bad\tinput`,
+    /// `bad input` and `bad\ninput`.
+    #[test]
+    fn reason_groups_keep_the_values_as_they_are() {
+        let long = "L".repeat(MAX_KEY_CHARS + 50);
+        let msgs = [
+            msg("a", "bad\tinput", "", 1, 0),
+            msg("b", "bad input", "", 1, 0),
+            msg("c", "bad\ninput", "", 1, 0),
+            msg("d", "Bidi\u{202e}reason", "", 1, 0),
+            msg("e", &long, "", 1, 0),
+        ];
+        let mut keys: Vec<String> = top_counts(&msgs, &GroupBy::Reason, 10)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort();
+        let cut = format!("{}…", "L".repeat(MAX_KEY_CHARS - 1));
+        let mut want = ["Bidi\u{202e}reason", &cut, "bad\tinput", "bad\ninput", "bad input"].map(String::from);
+        want.sort();
+        assert_eq!(keys, want);
+    }
+
     #[test]
     fn groups_have_counts_times_ranges_and_fold_into_other() {
         let msgs = [

@@ -234,7 +234,17 @@ impl GroupBy {
             Self::Source => m.source.clone().unwrap_or_else(|| "(unknown)".into()),
             Self::Pattern => return pattern_of(m),
         };
-        preview(&key, MAX_KEY_CHARS)
+        // The value itself, cut only for length: a key is what a script
+        // turns into `--filter 'reason == "…"'`, and the display form
+        // (control characters blanked, bidirectional ones escaped) merged
+        // distinct values into one group. Tables escape it when shown.
+        match (
+            key.chars().nth(MAX_KEY_CHARS),
+            key.char_indices().nth(MAX_KEY_CHARS - 1),
+        ) {
+            (Some(_), Some((cut, _))) => format!("{}…", &key[..cut]),
+            _ => key,
+        }
     }
 }
 
