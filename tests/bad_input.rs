@@ -1942,7 +1942,9 @@ mod servicebus {
     async fn a_destination_that_refuses_the_copies_loses_nothing() {
         emulator();
         let f = ServiceBusFixture::create(false).await;
-        let full = format!("{}-full", f.entity);
+        // The broker's refusal names the queue: words in its name ("401",
+        // "not-found") are not read as what the broker said.
+        let full = format!("{}-401-not-found-full", f.entity);
         common::servicebus::create_queue(&f.http, &full, Some(1)).await;
         // Each over the 1 MB quota, and over the 1 MB a batch may hold, so
         // each goes alone and is refused.

@@ -64,21 +64,7 @@ pub(super) fn is_server_busy(text: &str) -> bool {
 /// None when there is none (an I/O error, a timeout, a local state).
 pub(super) fn refusal_in(text: &str) -> Option<Refusal> {
     if let Some(symbol) = condition_in(text) {
-        return Some(match symbol.as_str() {
-            "amqp:unauthorized-access" => Refusal::Unauthorized,
-            "amqp:not-found" | "amqp:resource-deleted" => Refusal::NotFound,
-            "com.microsoft:entity-disabled" => Refusal::Disabled,
-            "amqp:internal-error"
-            | "amqp:illegal-state"
-            | "amqp:link:detach-forced"
-            | "amqp:link:stolen"
-            | "amqp:link:redirect"
-            | "com.microsoft:server-busy"
-            | "com.microsoft:timeout"
-            | "com.microsoft:operation-cancelled" => Refusal::Transient,
-            s if s.starts_with("amqp:connection:") || s.starts_with("amqp:session:") => Refusal::Transient,
-            _ => Refusal::Refused(symbol),
-        });
+        return Some(refusal_of(symbol));
     }
     let code = status_code_in(text)?;
     Some(match code {
@@ -88,6 +74,25 @@ pub(super) fn refusal_in(text: &str) -> Option<Refusal> {
         400..=499 => Refusal::Refused(format!("status {code}")),
         _ => Refusal::Transient,
     })
+}
+
+/// What an AMQP condition, by the broker's symbol, says was refused.
+pub(super) fn refusal_of(symbol: String) -> Refusal {
+    match symbol.as_str() {
+        "amqp:unauthorized-access" => Refusal::Unauthorized,
+        "amqp:not-found" | "amqp:resource-deleted" => Refusal::NotFound,
+        "com.microsoft:entity-disabled" => Refusal::Disabled,
+        "amqp:internal-error"
+        | "amqp:illegal-state"
+        | "amqp:link:detach-forced"
+        | "amqp:link:stolen"
+        | "amqp:link:redirect"
+        | "com.microsoft:server-busy"
+        | "com.microsoft:timeout"
+        | "com.microsoft:operation-cancelled" => Refusal::Transient,
+        s if s.starts_with("amqp:connection:") || s.starts_with("amqp:session:") => Refusal::Transient,
+        _ => Refusal::Refused(symbol),
+    }
 }
 
 /// The AMQP condition named in fe2o3-amqp's `Debug` of an error
@@ -176,7 +181,8 @@ pub(super) fn refusal_error(refusal: &Refusal, entity: &str, what: &str, words: 
 /// the AMQP condition it names.
 pub(super) fn classify(e: &azure_core::Error, unreachable: &BackendError, entity: &str, what: &str) -> BackendError {
     let text = format!("{e} ({e:?})");
-    let lower = text.to_ascii_lowercase();
+    // Words are looked for outside the entity's name (which may hold "sasl").
+    let lower = text.replace(entity, "").to_ascii_lowercase();
     let detail = format!("{what}: {e}");
     if let BackendError::Unreachable { endpoint, .. } = unreachable
         && let tls @ BackendError::Tls { .. } = BackendError::unreachable(endpoint.clone(), format!("{what}: {text}"))

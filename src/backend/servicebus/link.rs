@@ -122,7 +122,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{WorkloadIdentityCredential, sas_token, unix_now};
 use super::codec::{is_deferred, sequence_number};
-use super::errors::{broker_words, is_server_busy, refusal_error, refusal_in};
+use super::errors::{Refusal, broker_words, is_server_busy, refusal_error, refusal_in};
 use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, Result};
 
 const PEEK_OPERATION: &str = "com.microsoft:peek-message";
@@ -195,7 +195,9 @@ impl LinkConfig {
     /// As [`classify`](Self::classify), for an error about `entity`.
     pub fn classify_entity(&self, entity: &str, what: &str, e: &dyn std::fmt::Debug) -> BackendError {
         let text = format!("{e:?}");
-        let lower = text.to_ascii_lowercase();
+        // The words below are looked for outside the entity's name, which
+        // may well hold "401" or "not-found".
+        let lower = text.replace(entity, "").to_ascii_lowercase();
         let words = broker_words(&text).unwrap_or_else(|| text.clone());
         let detail = format!("{what}: {words}");
         if let tls @ BackendError::Tls { .. } = self.unreachable(format!("{what}: {text}")) {
@@ -1689,7 +1691,14 @@ async fn put_tokens_for(cfg: &LinkConfig, cbs: &mut CbsClient, audiences: &[Stri
             .map_err(|_| cfg.unreachable("the $cbs token put timed out"))?
             .map_err(|e| {
                 let text = format!("{e:?}");
-                if text.contains("401") || text.contains("403") || text.to_ascii_lowercase().contains("unauthorized") {
+                // By the status, and words outside the audience's entity
+                // name (which may hold "401").
+                let unauthorized = refusal_in(&text) == Some(Refusal::Unauthorized)
+                    || text
+                        .replace(audience.as_str(), "")
+                        .to_ascii_lowercase()
+                        .contains("unauthorized");
+                if unauthorized {
                     // The token itself is not in `e`: only the broker's status.
                     BackendError::Auth {
                         provider: PROVIDER,

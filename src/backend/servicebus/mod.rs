@@ -227,7 +227,7 @@ pub use codec::{
     attribute_from_amqp_owned, attribute_to_amqp, body_bytes, body_into_bytes, copy_body,
 };
 use codec::{Fields, annotation, copy_message_id, fields_of, fields_taking, message_key, with_body};
-use errors::{classify, condition_name};
+use errors::{Refusal, classify, condition_name, refusal_error, refusal_of};
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
 
@@ -1229,25 +1229,18 @@ impl ServiceBusBackend {
             match tokio::time::timeout(SEND_TIMEOUT, sent).await {
                 Ok(Ok(Outcome::Accepted(_))) => return Ok(()),
                 Ok(Ok(Outcome::Rejected(r))) => {
-                    let busy = r
-                        .error
-                        .as_ref()
-                        .is_some_and(|e| condition_name(&e.condition) == SERVER_BUSY);
-                    let detail = r
-                        .error
-                        .map(|e| {
-                            format!(
-                                "{}: {}",
-                                condition_name(&e.condition),
-                                e.description.unwrap_or_default()
-                            )
-                        })
-                        .unwrap_or_else(|| "no reason given".into());
-                    if busy {
+                    // Classified by the condition itself, never by words in
+                    // its description (which names the entity, whose name
+                    // may hold "401" or "not-found").
+                    let (symbol, words) = match r.error {
+                        Some(e) => (condition_name(&e.condition), e.description.unwrap_or_default()),
+                        None => ("amqp:rejected".to_string(), "no reason given".to_string()),
+                    };
+                    last = format!("{dest} refused the copies: {symbol}: {words}");
+                    if symbol == SERVER_BUSY {
                         // Throttled: Azure asks for the send again after a
                         // pause ("Please wait 2 seconds and try again"), as
                         // the SDKs do.
-                        last = format!("{dest} refused the copies: {detail}");
                         if attempt < SEND_ATTEMPTS {
                             tracing::warn!(%dest, attempt, "{last}; sending again in {SERVER_BUSY_WAIT:?}");
                             tokio::time::sleep(SERVER_BUSY_WAIT).await;
@@ -1255,15 +1248,26 @@ impl ServiceBusBackend {
                         continue;
                     }
                     // The broker read the message and refused it (too large,
-                    // quota, disabled entity): sending it again changes nothing.
-                    let err = self.link_config.classify_entity(dest, "send", &detail);
-                    return Err(match err {
-                        BackendError::Unreachable { .. } => BackendError::Provider {
-                            provider: PROVIDER,
-                            detail: format!("{dest} refused the copies: {detail}"),
-                        },
-                        other => other,
-                    });
+                    // quota, disabled entity): sending it again changes
+                    // nothing. A refusal of these copies fails them alone
+                    // (an envelope of distinct messages that a partitioned
+                    // entity refuses is sent again one by one); a missing
+                    // entity, credentials or a disabled entity fail every
+                    // send. A transient condition is tried again.
+                    match refusal_of(symbol) {
+                        Refusal::Refused(_) => {
+                            return Err(BackendError::Provider {
+                                provider: PROVIDER,
+                                detail: last,
+                            });
+                        }
+                        refusal => {
+                            if let Some(err) = refusal_error(&refusal, dest, "send", &words) {
+                                return Err(err);
+                            }
+                        }
+                    }
+                    tracing::warn!(%dest, attempt, "{last}; sending again");
                 }
                 Ok(Ok(other)) => last = format!("the broker answered {other:?}"),
                 Ok(Err(e)) => {
