@@ -131,6 +131,59 @@ async fn depth_alert_fires_once_repeats_after_interval_and_resolves_on_drain() {
     assert!(am[0][0]["startsAt"].is_string() && am[0][0]["endsAt"].is_string());
 }
 
+/// A restart of serve (every deploy of a sidecar) keeps what its alerts
+/// knew, in `serve.data_dir`: an alert still true is not announced again, a
+/// failure reason that first appeared while it was down is announced, and an
+/// alert that cleared meanwhile is resolved.
+#[tokio::test]
+async fn a_restart_remembers_which_alerts_fire_and_which_reasons_are_known() {
+    let f = SqsFixture::create(false).await;
+    let (rx, base) = Receiver::start().await;
+    let data = std::env::temp_dir().join(common::unique("dlqb-alert-state"));
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1s\n  data_dir: {}\nalerts:\n  rules:\n    - name: deep\n      depth_above: 3\n    - name: news\n      new_reason: true\n  sinks:\n    - webhook: {{url: \"{base}/webhook\"}}\n",
+        queue_yaml("orders", &f),
+        data.display()
+    );
+    let deep = |notes: &[Value], status: &str| {
+        notes
+            .iter()
+            .filter(|n| n["rule"] == "deep" && n["status"] == status)
+            .count()
+    };
+    f.put_in_dlq(&msgs(5, "Timeout")).await;
+    let mut serve = Serve::start(&config).await;
+    first_firing(&serve, &rx, "depth_above").await;
+    assert!(serve.terminate().await.success());
+    assert!(data.join("alerts-state.json").exists());
+
+    f.put_in_dlq(&msgs(1, "Schema mismatch")).await;
+    let mut serve = Serve::start(&config).await;
+    let news = first_firing(&serve, &rx, "new_reason").await;
+    assert_eq!(news["reason"], "Schema mismatch", "{news}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let notes = rx.webhook();
+    assert_eq!(
+        deep(&notes, "firing"),
+        1,
+        "announced again after the restart: {notes:?}"
+    );
+    assert!(
+        firing(&notes, "new_reason").iter().all(|n| n["reason"] != "Timeout"),
+        "{notes:?}"
+    );
+    assert!(serve.terminate().await.success());
+
+    f.client.purge_queue().queue_url(&f.dlq_url).send().await.unwrap();
+    let serve = Serve::start(&config).await;
+    serve
+        .wait_for(Duration::from_secs(20), || async {
+            deep(&rx.webhook(), "resolved") == 1
+        })
+        .await;
+    let _ = std::fs::remove_dir_all(&data);
+}
+
 #[tokio::test]
 async fn growth_fires_for_a_burst_drained_before_the_next_poll_and_new_reason_only_for_new_ones() {
     let f = SqsFixture::create(false).await;

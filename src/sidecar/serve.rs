@@ -19,8 +19,8 @@ use crate::config::{Config, ScheduleConfig};
 use crate::engine::journal::{Journal, Rotation};
 use crate::engine::redrive::{Action, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry};
-use crate::sidecar::alert::Evaluator;
 use crate::sidecar::alert::sinks::Sinks;
+use crate::sidecar::alert::{Evaluator, StateFile};
 use crate::sidecar::app::{App, RunStatus};
 use crate::sidecar::exclusion::QueueLocks;
 use crate::sidecar::leader::{self, Leadership, RetentionFiring, ScheduleSlots};
@@ -101,7 +101,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "alerts.rules are set but alerts.sinks is empty: rules only set dlq_bridge_alerts_firing and /v1/alerts, no notification is sent"
         );
     }
-    let evaluator = Evaluator::new(&config.alerts);
+    let mut evaluator = Evaluator::new(&config.alerts);
+    // What the alerts knew before a restart: which fire, which reasons are
+    // known. Only with rules, in the data directory this process holds.
+    let alert_state = data_dir
+        .as_deref()
+        .filter(|_| !config.alerts.rules.is_empty())
+        .map(StateFile::in_dir);
+    if let Some(file) = &alert_state {
+        file.load(&mut evaluator, Utc::now());
+    }
     let sample = if evaluator.needs_reasons() {
         config.serve.reason_sample.max(1)
     } else {
@@ -171,9 +180,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     let outgoing = sinks.clone();
-    tokio::spawn(alert_loop(
+    let alerts_done = tokio::spawn(alert_loop(
         results_rx,
         evaluator,
+        alert_state,
         config.alerts.resend_delay,
         sinks,
         metrics,
@@ -229,7 +239,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "polls or retention checks still running after the shutdown grace period; their leases expire by themselves"
         );
     }
+    // The polls are over (and with them the poller, which sends their
+    // results): the alert loop evaluates what they sent last, saves its
+    // state and ends.
     drop(loops);
+    if tokio::time::timeout_at(deadline, alerts_done).await.is_err() {
+        tracing::warn!("the alert state was not saved within the shutdown grace period");
+    }
     app.drain_runs(deadline.saturating_duration_since(tokio::time::Instant::now()))
         .await;
     if let Some(j) = &app.journal {
@@ -255,9 +271,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The API token from its environment variable: surrounding whitespace is
-/// not part of it (`kubectl create secret --from-file` keeps the file's
-/// trailing newline); empty means unset.
 /// The configured queues' names, one group per backend, in config order.
 fn queues_by_backend(config: &Config) -> Vec<Vec<String>> {
     let mut groups: Vec<(&str, Vec<String>)> = Vec::new();
@@ -271,6 +284,9 @@ fn queues_by_backend(config: &Config) -> Vec<Vec<String>> {
     groups.into_iter().map(|(_, names)| names).collect()
 }
 
+/// The API token from its environment variable: surrounding whitespace is
+/// not part of it (`kubectl create secret --from-file` keeps the file's
+/// trailing newline); empty means unset.
 fn token_from(raw: Option<String>) -> Option<String> {
     raw.map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
 }
@@ -329,9 +345,14 @@ async fn wait_for_signal() {
     }
 }
 
+/// How often the alert state is written while it changes: what a crash
+/// loses at most (a notification sent again after the restart).
+const ALERT_STATE_SAVED_EVERY: Duration = Duration::from_secs(5);
+
 async fn alert_loop(
     mut results: mpsc::Receiver<PollResult>,
     mut evaluator: Evaluator,
+    mut state: Option<StateFile>,
     resend_delay: Duration,
     sinks: Sinks,
     metrics: Arc<Metrics>,
@@ -339,13 +360,30 @@ async fn alert_loop(
 ) {
     let mut resend = tokio::time::interval(resend_delay);
     resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut save = tokio::time::interval(ALERT_STATE_SAVED_EVERY);
+    save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut changed = false;
     loop {
         let poll = tokio::select! {
             poll = results.recv() => match poll {
                 Some(p) => p,
-                None => return,
+                // Shutting down: the last changes, before the process ends.
+                None => {
+                    if let Some(file) = state.as_mut().filter(|_| changed) {
+                        file.save(&evaluator, Utc::now()).await;
+                    }
+                    return;
+                }
             },
+            _ = save.tick(), if changed => {
+                if let Some(file) = state.as_mut() {
+                    file.save(&evaluator, Utc::now()).await;
+                }
+                changed = false;
+                continue;
+            }
             _ = resend.tick() => {
+                changed = true;
                 let (now, leader) = (Utc::now(), *leadership.borrow());
                 for n in evaluator.owed_resolves(now, leader) {
                     tracing::info!(rule = %n.rule, queue = %n.queue, "alert resolved while no replica led: sent now");
@@ -368,6 +406,7 @@ async fn alert_loop(
             metrics.set_patterns(&poll.queue, &patterns);
         }
         let leader = *leadership.borrow();
+        changed = true;
         for n in evaluator.evaluate(&poll, leader, &metrics) {
             tracing::info!(rule = %n.rule, queue = %n.queue, status = ?n.status, "alert");
             sinks.send(n);

@@ -14,9 +14,11 @@
 //! at the end of its repeat interval (hours).
 
 pub mod sinks;
+mod state;
+
+pub use state::StateFile;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -28,7 +30,7 @@ use crate::model::preview;
 use crate::sidecar::metrics::Metrics;
 use crate::sidecar::poller::{PollResult, SampledMessage};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Firing,
@@ -111,7 +113,7 @@ impl Notification {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SampleMessage {
     pub id: String,
     pub reason: Option<String>,
@@ -124,7 +126,7 @@ pub struct SampleMessage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_bytes: Option<usize>,
     /// `body` is the first part of a longer body.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub body_truncated: bool,
 }
 
@@ -240,6 +242,14 @@ const MAX_KNOWN_PATTERNS: usize = 1024;
 /// together in one notice.
 const NEW_REASONS_PER_POLL: usize = 3;
 
+/// A failure pattern's digest: the same in every process, so that what a
+/// `serve` knew is known again after its restart ([`state`]).
+fn pattern_digest(pattern: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(pattern.as_bytes());
+    u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"))
+}
+
 #[derive(Default)]
 struct KnownPatterns {
     digests: HashSet<u64>,
@@ -272,8 +282,6 @@ pub struct Evaluator {
     include_bodies: bool,
     state: HashMap<(usize, String), RuleState>,
     known_reasons: HashMap<String, KnownPatterns>,
-    /// Keys the digests of `known_reasons`.
-    pattern_digests: foldhash::quality::RandomState,
     baselines: HashMap<String, Baseline>,
     /// Per queue: the messages that arrived between two polls.
     arrivals: HashMap<String, VecDeque<Arrivals>>,
@@ -314,7 +322,6 @@ impl Evaluator {
             include_bodies: cfg.include_bodies,
             state: HashMap::new(),
             known_reasons: HashMap::new(),
-            pattern_digests: foldhash::quality::RandomState::default(),
             baselines: HashMap::new(),
             arrivals: HashMap::new(),
             last_poll: HashMap::new(),
@@ -397,7 +404,6 @@ impl Evaluator {
     /// only later is taken for old news too: a miss soon after start-up,
     /// rather than stale reasons announced as new after every restart.
     fn new_reasons(&mut self, poll: &PollResult) -> Vec<NewReason> {
-        let digests = &self.pattern_digests;
         let known = self.known_reasons.entry(poll.queue.clone()).or_default();
         let patterns = poll
             .sample
@@ -410,7 +416,7 @@ impl Evaluator {
             self.baselines
                 .insert(poll.queue.clone(), Baseline { at: poll.at, complete });
             for (_, _, pattern) in patterns {
-                known.insert(digests.hash_one(&pattern), &poll.queue);
+                known.insert(pattern_digest(&pattern), &poll.queue);
             }
             return Vec::new();
         };
@@ -418,7 +424,7 @@ impl Evaluator {
         // baseline, the first reason seen with it).
         let mut unknown: BTreeMap<String, (bool, &str)> = BTreeMap::new();
         for (m, reason, pattern) in patterns {
-            if known.contains(digests.hash_one(&pattern)) {
+            if known.contains(pattern_digest(&pattern)) {
                 continue;
             }
             let since = baseline.complete || m.enqueued_at.is_none_or(|t| t >= baseline.at);
@@ -427,7 +433,7 @@ impl Evaluator {
         let mut new = Vec::new();
         for (pattern, (since, example)) in unknown {
             // Announced only once remembered: a queue past the bound stays quiet.
-            if known.insert(digests.hash_one(&pattern), &poll.queue) && since {
+            if known.insert(pattern_digest(&pattern), &poll.queue) && since {
                 new.push(NewReason {
                     example: example.to_string(),
                     pattern,
@@ -706,12 +712,12 @@ mod tests {
     use crate::config::Config;
     use crate::model::{DlqMessage, DlqStats, Exactness};
 
-    fn evaluator(rules_yaml: &str) -> Evaluator {
+    pub(super) fn evaluator(rules_yaml: &str) -> Evaluator {
         let cfg = Config::from_yaml(&format!("alerts:\n  rules:\n{rules_yaml}"), "t", &[]).unwrap();
         Evaluator::new(&cfg.alerts)
     }
 
-    fn poll(at_secs: i64, depth: u64, arrivals: u64, reasons: &[&str]) -> PollResult {
+    pub(super) fn poll(at_secs: i64, depth: u64, arrivals: u64, reasons: &[&str]) -> PollResult {
         PollResult {
             queue: "orders".into(),
             backend: "sqs".into(),

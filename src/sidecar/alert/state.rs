@@ -1,0 +1,479 @@
+//! What the alert evaluator knows, kept in `serve.data_dir`
+//! (`alerts-state.json`) so that a restart of `serve` (every deploy of a
+//! sidecar) does not forget it: without it, an alert still true fired again
+//! as a new one, one that cleared while `serve` was down was never resolved
+//! at a webhook or in Slack, and a failure reason that first appeared
+//! meanwhile became part of a new baseline and was never announced.
+//!
+//! Written whole to a temporary file and renamed over the last one, so a
+//! crash leaves the previous state or the new one, never half of each. A
+//! file that cannot be read is moved aside and the evaluator starts afresh,
+//! as it did before there was a file: alerting is never held up by it.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Arrivals, Baseline, Evaluator, KnownPatterns, Notification, RESENDS_VALID, RuleState, SampleMessage, Status,
+};
+
+/// Version of the file's shape; a file of another version is set aside.
+const VERSION: u32 = 1;
+
+/// A condition that was pending (within its rule's `for`) or clearing
+/// (within `keep_firing_for`) keeps its count across a restart only if the
+/// state was saved at most this long ago: after a longer gap nobody watched
+/// the condition, so the count starts again. Prometheus restores `for` the
+/// same way, within its `for_outage_tolerance` (1 h by default).
+const TIMERS_KEPT_WITHIN: Duration = Duration::from_secs(3600);
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    version: u32,
+    saved_at: DateTime<Utc>,
+    rules: Vec<SavedRule>,
+    queues: Vec<SavedQueue>,
+}
+
+/// One rule's state on one queue.
+#[derive(Serialize, Deserialize)]
+struct SavedRule {
+    rule: String,
+    kind: String,
+    queue: String,
+    pending_since: Option<DateTime<Utc>>,
+    clear_since: Option<DateTime<Utc>>,
+    firing_since: Option<DateTime<Utc>>,
+    last_sent: Option<DateTime<Utc>>,
+    /// The firing notification sent, and when it was last re-sent to
+    /// Alertmanager.
+    sent: Option<SavedNotice>,
+    /// A resolve owed by a follower, and when the alert cleared.
+    owed_resolve: Option<SavedNotice>,
+}
+
+/// A notification, less what its rule and queue say.
+#[derive(Serialize, Deserialize)]
+struct SavedNotice {
+    at: DateTime<Utc>,
+    status: Status,
+    backend: String,
+    value: f64,
+    threshold: f64,
+    summary: String,
+    started_at: DateTime<Utc>,
+    sent_at: DateTime<Utc>,
+    samples: Vec<SampleMessage>,
+}
+
+/// What `new_reason` and `growth` know of one queue.
+#[derive(Serialize, Deserialize)]
+struct SavedQueue {
+    queue: String,
+    last_poll: Option<DateTime<Utc>>,
+    baseline_at: Option<DateTime<Utc>>,
+    baseline_complete: bool,
+    /// Digests of the failure patterns seen ([`super::pattern_digest`]).
+    known_patterns: Vec<u64>,
+    patterns_full: bool,
+    arrivals: Vec<Arrivals>,
+}
+
+impl SavedNotice {
+    fn of(n: &Notification, at: DateTime<Utc>) -> Self {
+        Self {
+            at,
+            status: n.status,
+            backend: n.backend.clone(),
+            value: n.value,
+            threshold: n.threshold,
+            summary: n.summary.clone(),
+            started_at: n.started_at,
+            sent_at: n.sent_at,
+            samples: n.samples.clone(),
+        }
+    }
+}
+
+impl Evaluator {
+    fn saved(&self, now: DateTime<Utc>) -> Saved {
+        let notice = |n: &Option<(Notification, DateTime<Utc>)>| n.as_ref().map(|(n, at)| SavedNotice::of(n, *at));
+        let mut rules: Vec<SavedRule> = self
+            .state
+            .iter()
+            .map(|((i, queue), st)| SavedRule {
+                rule: self.rules[*i].name.clone(),
+                kind: self.rules[*i].kind.to_string(),
+                queue: queue.clone(),
+                pending_since: st.pending_since,
+                clear_since: st.clear_since,
+                firing_since: st.firing_since,
+                last_sent: st.last_sent,
+                sent: notice(&st.sent),
+                owed_resolve: notice(&st.owed_resolve),
+            })
+            .collect();
+        rules.sort_by(|a, b| (&a.rule, &a.queue).cmp(&(&b.rule, &b.queue)));
+        let mut names: Vec<&String> = self
+            .last_poll
+            .keys()
+            .chain(self.known_reasons.keys())
+            .chain(self.baselines.keys())
+            .chain(self.arrivals.keys())
+            .collect();
+        names.sort();
+        names.dedup();
+        let queues = names
+            .into_iter()
+            .map(|queue| {
+                let known = self.known_reasons.get(queue);
+                let baseline = self.baselines.get(queue);
+                let mut known_patterns: Vec<u64> =
+                    known.map(|k| k.digests.iter().copied().collect()).unwrap_or_default();
+                known_patterns.sort_unstable();
+                SavedQueue {
+                    queue: queue.clone(),
+                    last_poll: self.last_poll.get(queue).copied(),
+                    baseline_at: baseline.map(|b| b.at),
+                    baseline_complete: baseline.is_some_and(|b| b.complete),
+                    known_patterns,
+                    patterns_full: known.is_some_and(|k| k.full),
+                    arrivals: self
+                        .arrivals
+                        .get(queue)
+                        .map(|a| a.iter().copied().collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        Saved {
+            version: VERSION,
+            saved_at: now,
+            rules,
+            queues,
+        }
+    }
+
+    /// Take up what `saved` knew, for the rules and queues still configured
+    /// (a rule is matched by its name and kind).
+    fn restore(&mut self, saved: Saved, now: DateTime<Utc>) {
+        let timers_kept = (now - saved.saved_at).to_std().unwrap_or_default() <= TIMERS_KEPT_WITHIN;
+        for r in saved.rules {
+            let Some(i) = self
+                .rules
+                .iter()
+                .position(|rule| rule.name == r.rule && rule.kind == r.kind && rule.applies_to(&r.queue))
+            else {
+                continue;
+            };
+            let rule = &self.rules[i];
+            let notice = |n: SavedNotice, quiet: bool, valid_for: Duration| {
+                (
+                    Notification {
+                        version: 1,
+                        status: n.status,
+                        rule: rule.name.clone(),
+                        kind: rule.kind,
+                        queue: r.queue.clone(),
+                        backend: n.backend,
+                        value: n.value,
+                        threshold: n.threshold,
+                        reason: None,
+                        summary: n.summary,
+                        started_at: n.started_at,
+                        sent_at: n.sent_at,
+                        repeat_seconds: rule.cfg.repeat.as_secs(),
+                        samples: n.samples,
+                        quiet,
+                        valid_for,
+                    },
+                    n.at,
+                )
+            };
+            let state = RuleState {
+                pending_since: r.pending_since.filter(|_| timers_kept),
+                clear_since: r.clear_since.filter(|_| timers_kept),
+                firing_since: r.firing_since,
+                last_sent: r.last_sent,
+                sent: r.sent.map(|n| notice(n, false, self.resend_delay * RESENDS_VALID)),
+                owed_resolve: r
+                    .owed_resolve
+                    .map(|n| notice(n, !rule.cfg.send_resolved, Duration::ZERO)),
+            };
+            self.any_owed |= state.owed_resolve.is_some();
+            self.state.insert((i, r.queue), state);
+        }
+        for q in saved.queues {
+            if !self.rules.iter().any(|r| r.applies_to(&q.queue)) {
+                continue;
+            }
+            if let Some(at) = q.last_poll {
+                self.last_poll.insert(q.queue.clone(), at);
+            }
+            if let Some(at) = q.baseline_at {
+                self.baselines.insert(
+                    q.queue.clone(),
+                    Baseline {
+                        at,
+                        complete: q.baseline_complete,
+                    },
+                );
+            }
+            if !q.known_patterns.is_empty() || q.patterns_full {
+                self.known_reasons.insert(
+                    q.queue.clone(),
+                    KnownPatterns {
+                        digests: q.known_patterns.into_iter().collect(),
+                        full: q.patterns_full,
+                    },
+                );
+            }
+            if !q.arrivals.is_empty() {
+                self.arrivals
+                    .insert(q.queue, q.arrivals.into_iter().collect::<VecDeque<_>>());
+            }
+        }
+    }
+}
+
+/// Where the evaluator's state is kept, and whether the last save failed
+/// (warned about once until one succeeds).
+pub struct StateFile {
+    path: PathBuf,
+    failing: bool,
+}
+
+impl StateFile {
+    pub const NAME: &'static str = "alerts-state.json";
+
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            path: dir.join(Self::NAME),
+            failing: false,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Give `evaluator` what the file knew. A missing file is a first
+    /// start; one that cannot be read or parsed is moved aside (to
+    /// `alerts-state.json.unreadable`) with a warning naming it, and the
+    /// evaluator starts afresh.
+    pub fn load(&self, evaluator: &mut Evaluator, now: DateTime<Utc>) {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot read the alert state; alerts start afresh");
+                return;
+            }
+        };
+        let saved = serde_json::from_slice::<Saved>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                if s.version == VERSION {
+                    Ok(s)
+                } else {
+                    Err(format!("version {} (this build reads {VERSION})", s.version))
+                }
+            });
+        match saved {
+            Ok(saved) => {
+                tracing::info!(
+                    path = %self.path.display(),
+                    saved_at = %saved.saved_at,
+                    rules = saved.rules.len(),
+                    "alert state restored"
+                );
+                evaluator.restore(saved, now);
+            }
+            Err(error) => {
+                let aside = self.path.with_extension("json.unreadable");
+                let moved = std::fs::rename(&self.path, &aside);
+                tracing::warn!(
+                    path = %self.path.display(),
+                    %error,
+                    moved_to = %aside.display(),
+                    moved = moved.is_ok(),
+                    "the alert state cannot be read; alerts start afresh"
+                );
+            }
+        }
+    }
+
+    /// Write `evaluator`'s state in place of the last. A failure is warned
+    /// about (once until a save succeeds); alerting goes on.
+    pub async fn save(&mut self, evaluator: &Evaluator, now: DateTime<Utc>) {
+        let bytes = match serde_json::to_vec(&evaluator.saved(now)) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode the alert state");
+                return;
+            }
+        };
+        let path = self.path.clone();
+        let written = tokio::task::spawn_blocking(move || write_replacing(&path, &bytes))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match written {
+            Ok(()) => self.failing = false,
+            Err(e) if !std::mem::replace(&mut self.failing, true) => {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    error = %e,
+                    "cannot save the alert state; a restart will forget which alerts fire"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Write `bytes` to a file beside `path`, sync it, and rename it over
+/// `path`. Owner-only: sample bodies are in it when `alerts.include_bodies`.
+fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let partial = path.with_extension("json.partial");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&partial)?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sidecar::alert::tests::{evaluator, poll};
+    use crate::sidecar::metrics::Metrics;
+
+    /// A directory of its own under the system's temporary one, removed after.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("dlqb-alerts-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).expect("dir");
+            Self(dir)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const RULES: &str = "    - name: deep\n      depth_above: 10\n    - name: news\n      new_reason: true\n    - name: slow-for\n      depth_above: 5\n      for: 10m\n";
+
+    /// What one evaluator knew, saved at `saved`, into a new one started at
+    /// `started`.
+    async fn restarted(before: &Evaluator, dir: &Path, saved: DateTime<Utc>, started: DateTime<Utc>) -> Evaluator {
+        let mut file = StateFile::in_dir(dir);
+        file.save(before, saved).await;
+        let mut after = evaluator(RULES);
+        StateFile::in_dir(dir).load(&mut after, started);
+        after
+    }
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + secs, 0).expect("time")
+    }
+
+    #[tokio::test]
+    async fn a_restart_neither_fires_again_nor_forgets_to_resolve() {
+        let dir = TempDir::new();
+        let m = Metrics::new();
+        let mut e = evaluator(RULES);
+        let fired = e.evaluate(&poll(0, 50, 0, &[]), true, &m);
+        assert_eq!(fired.iter().filter(|n| n.rule == "deep").count(), 1);
+
+        // Still deep after the restart: no second "firing", and the alert
+        // is still kept alive at Alertmanager.
+        let mut after = restarted(&e, dir.path(), at(30), at(60)).await;
+        let again = after.evaluate(&poll(60, 50, 0, &[]), true, &m);
+        assert!(again.iter().all(|n| n.rule != "deep"), "fired again: {again:?}");
+        let kept = after.refresh(at(60) + chrono::Duration::hours(1), true);
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(kept[0].started_at, fired[0].started_at);
+
+        // Cleared while serve was down: resolved on the first poll after.
+        let mut after = restarted(&e, dir.path(), at(30), at(120)).await;
+        let resolved = after.evaluate(&poll(120, 0, 0, &[]), true, &m);
+        let deep: Vec<_> = resolved.iter().filter(|n| n.rule == "deep").collect();
+        assert_eq!(deep.len(), 1, "{resolved:?}");
+        assert_eq!(deep[0].status, Status::Resolved);
+        assert_eq!(deep[0].started_at, fired[0].started_at);
+    }
+
+    #[tokio::test]
+    async fn a_reason_that_appeared_while_serve_was_down_is_announced() {
+        let dir = TempDir::new();
+        let m = Metrics::new();
+        let mut e = evaluator(RULES);
+        assert!(e.evaluate(&poll(0, 1, 0, &["timeout"]), true, &m).is_empty());
+        let mut after = restarted(&e, dir.path(), at(30), at(60)).await;
+        let news = after.evaluate(&poll(60, 2, 1, &["timeout", "schema mismatch"]), true, &m);
+        let reasons: Vec<_> = news.iter().filter_map(|n| n.reason.as_deref()).collect();
+        assert_eq!(reasons, ["schema mismatch"], "{news:?}");
+    }
+
+    #[tokio::test]
+    async fn a_pending_count_survives_a_short_gap_only() {
+        let dir = TempDir::new();
+        let m = Metrics::new();
+        let mut e = evaluator(RULES);
+        let slow = |n: &[Notification]| n.iter().filter(|n| n.rule == "slow-for").count();
+        assert_eq!(slow(&e.evaluate(&poll(0, 8, 0, &[]), true, &m)), 0);
+        // 11 minutes after it began to hold, 1 of them down: it fires.
+        let mut after = restarted(&e, dir.path(), at(540), at(600)).await;
+        assert_eq!(slow(&after.evaluate(&poll(660, 8, 0, &[]), true, &m)), 1);
+        // After two hours down, nobody watched it: `for` counts again.
+        let mut after = restarted(&e, dir.path(), at(60), at(7200)).await;
+        assert_eq!(slow(&after.evaluate(&poll(7200, 8, 0, &[]), true, &m)), 0);
+        assert_eq!(slow(&after.evaluate(&poll(7200 + 601, 8, 0, &[]), true, &m)), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_file_is_set_aside_and_alerting_starts_afresh() {
+        let dir = TempDir::new();
+        let file = StateFile::in_dir(dir.path());
+        std::fs::write(file.path(), b"{\"version\": 1, \"saved_at\": tru").expect("write");
+        let mut e = evaluator(RULES);
+        file.load(&mut e, at(0));
+        assert!(!file.path().exists());
+        assert!(dir.path().join("alerts-state.json.unreadable").exists());
+        let fired = e.evaluate(&poll(0, 50, 0, &[]), true, &Metrics::new());
+        assert_eq!(fired.len(), 1, "{fired:?}");
+    }
+
+    #[tokio::test]
+    async fn a_rule_renamed_or_dropped_leaves_its_state_behind() {
+        let dir = TempDir::new();
+        let m = Metrics::new();
+        let mut e = evaluator(RULES);
+        e.evaluate(&poll(0, 50, 0, &[]), true, &m);
+        let mut file = StateFile::in_dir(dir.path());
+        file.save(&e, at(30)).await;
+        let mut renamed = evaluator("    - name: deeper\n      depth_above: 10\n");
+        StateFile::in_dir(dir.path()).load(&mut renamed, at(60));
+        let fired = renamed.evaluate(&poll(60, 50, 0, &[]), true, &m);
+        assert_eq!(fired.len(), 1, "a new rule's alert is new: {fired:?}");
+    }
+}
