@@ -116,8 +116,9 @@ struct Complexity {
     comprehensions: (usize, usize, usize),
 }
 
-/// The macros that loop over a list or map.
-const COMPREHENSIONS: [&str; 5] = ["all", "exists", "exists_one", "map", "filter"];
+/// The macros that loop over a list or map (the CEL crate takes `existsOne`
+/// for `exists_one` too).
+const COMPREHENSIONS: [&str; 6] = ["all", "exists", "exists_one", "existsOne", "map", "filter"];
 
 /// A small lexer, enough to skip CEL's string literals (quoted with `"` or
 /// `'`, or tripled; raw with an `r` prefix, where a backslash escapes
@@ -1674,6 +1675,11 @@ mod tests {
         // Side by side they do not multiply.
         let flat = ["attributes.exists(k, k == 'x')"; 8].join(" || ");
         assert!(Filter::compile(&flat).is_ok());
+        // Under every name the parser expands, `existsOne` too.
+        for name in COMPREHENSIONS {
+            let renamed = nest(MAX_COMPREHENSION_NESTING + 1).replace(".exists(", &format!(".{name}("));
+            assert!(Filter::compile(&renamed).is_err(), "{renamed}");
+        }
         // With a space before the bracket, too.
         for spacing in [".exists (", " . exists(", " .\n exists ("] {
             let spaced = nest(MAX_COMPREHENSION_NESTING + 1).replace(".exists(", spacing);

@@ -1119,6 +1119,79 @@ async fn sqs_queue_given_by_arn_or_url_region() {
     );
 }
 
+/// A DLQ with a RedrivePolicy of its own (a DLQ for the DLQ) moves a
+/// message on once its receives pass maxReceiveCount: reading it (inspect, a
+/// dry run, serve's reason sample) would empty it. Every command that
+/// receives is refused, naming the policy, and the DLQ keeps every message;
+/// `list` still counts, and the config may accept it.
+#[tokio::test]
+async fn a_dlq_with_a_redrive_policy_of_its_own_is_not_read_unless_the_config_accepts_it() {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&orders(3)).await;
+    let next_name = common::unique("rp-next");
+    let next = f.create_queue(&next_name, &[]).await;
+    let arn = f
+        .client
+        .get_queue_attributes()
+        .queue_url(&next)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&QueueAttributeName::QueueArn]
+        .clone();
+    let before = f.dlq_snapshot().await;
+    f.client
+        .set_queue_attributes()
+        .queue_url(&f.dlq_url)
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"5"}}"#),
+        )
+        .send()
+        .await
+        .unwrap();
+    let cfg = write_file(join(&sqs_lines(&f)), "yaml");
+    let out = scratch().join("rp-export.jsonl");
+    let out = out.to_str().unwrap();
+    let commands: [&[&str]; 6] = [
+        &["inspect", "orders"],
+        &["redrive", "orders", "--dry-run", "--yes"],
+        &["redrive", "orders", "--yes"],
+        &["export", "orders", "--to", out],
+        &["purge", "orders", "--filter", "true", "--yes", "--no-backup"],
+        &["check"],
+    ];
+    for args in commands {
+        let (code, stdout, err) = run(bin().arg("-c").arg(&cfg).args(args));
+        let said = format!("{stdout}{err}");
+        assert_eq!(code, 1, "{args:?}: {said}");
+        for expected in [
+            "has a RedrivePolicy of its own",
+            "maxReceiveCount 5",
+            &next_name,
+            "reads_may_move_messages: true",
+        ] {
+            assert!(said.contains(expected), "{args:?}: {expected:?} not in {said}");
+        }
+    }
+    let (code, stdout, err) = run(bin().arg("-c").arg(&cfg).args(["list", "--sample", "0"]));
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert_eq!(f.count(&next).await, 0, "moved on to the next queue");
+    assert_sqs_untouched(&f, &before).await;
+
+    let accepting = write_file(with_tail(&f, "      reads_may_move_messages: true\n"), "yaml");
+    let (code, stdout, err) = run(bin()
+        .arg("-c")
+        .arg(&accepting)
+        .args(["inspect", "orders", "-o", "json"]));
+    assert_eq!(code, 0, "{stdout}{err}");
+    let shown: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown.len(), 3, "{stdout}");
+}
+
 #[tokio::test]
 async fn an_emulator_that_is_down_fails_fast_with_its_address() {
     // Real emulators up, so only the address differs.

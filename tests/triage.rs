@@ -629,7 +629,11 @@ struct Exported {
 }
 
 async fn exported(n: usize) -> Exported {
-    let f = SqsFixture::create(false).await;
+    exported_on(SqsFixture::create(false).await, n).await
+}
+
+/// `n` numbered messages put in `f`'s DLQ and exported to a file.
+async fn exported_on(f: SqsFixture, n: usize) -> Exported {
     let msgs = numbered(n);
     f.put_in_dlq(&msgs).await;
     let dir = scratch();
@@ -822,6 +826,43 @@ async fn an_import_run_again_sends_only_what_the_journal_has_not_seen() {
         "{out}"
     );
     assert_eq!(f.drain_source().await.len(), 30);
+}
+
+/// `--again` sends copies anew, also to a FIFO queue: its copies carried the
+/// deduplication IDs of the first import's, and SQS accepted them and dropped
+/// them within its 5-minute window while the summary said "sent".
+#[tokio::test]
+async fn import_again_into_a_fifo_queue_is_not_dropped_as_a_duplicate() {
+    let Exported { f, dir, cfg, file, .. } = exported_on(SqsFixture::create(true).await, 4).await;
+    let journal = dir.join("journal.jsonl");
+    for extra in [&[][..], &["--again"][..]] {
+        let (code, out, err) = run(bin(&dir)
+            .arg("-c")
+            .arg(&cfg)
+            .arg("import")
+            .arg(&file)
+            .args([
+                "--to",
+                "orders",
+                "--address",
+                &f.source_url,
+                "--yes",
+                "-o",
+                "json",
+                "--journal",
+            ])
+            .arg(&journal)
+            .args(extra));
+        assert_eq!(code, 0, "{out}{err}");
+        let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(s["sent"].as_u64(), Some(4), "{extra:?}: {out}");
+    }
+    let arrived = f.drain_source().await;
+    assert_eq!(
+        arrived.len(),
+        8,
+        "the second import's copies were dropped as duplicates"
+    );
 }
 
 /// An SQS FIFO DLQ delivers nothing more of a message group while any of it is

@@ -78,6 +78,11 @@ pub struct SqsBackend {
     listed_source: OnceCell<Option<String>>,
     /// Where the oldest age comes from, when the config asks for CloudWatch.
     cloudwatch: Option<cloudwatch::CloudWatch>,
+    /// The config accepts receives on a DLQ with a RedrivePolicy of its own.
+    reads_may_move_messages: bool,
+    /// Whether receives are allowed here, learnt once: not when the DLQ has
+    /// a RedrivePolicy of its own (its error then, said again on each read).
+    receives: OnceCell<std::result::Result<(), String>>,
 }
 
 /// SQS clients shared between queues, one per (region, endpoint) as the
@@ -242,6 +247,64 @@ impl SqsBackend {
             arn_urls: Mutex::new(HashMap::new()),
             listed_source: OnceCell::new(),
             cloudwatch,
+            reads_may_move_messages: cfg.reads_may_move_messages,
+            receives: OnceCell::new(),
+        })
+    }
+
+    /// Refuse to receive from a DLQ that has a RedrivePolicy of its own,
+    /// unless the config accepts it: each receive counts toward that
+    /// policy's maxReceiveCount, and SQS then moves the message on to the
+    /// next queue instead of handing it over, so that reading the DLQ (an
+    /// `inspect`, a dry run, serve's every poll) would empty it. Asked once.
+    async fn receives_allowed(&self) -> Result<()> {
+        let allowed = self
+            .receives
+            .get_or_try_init(|| async {
+                let out = self
+                    .client
+                    .get_queue_attributes()
+                    .queue_url(&self.queue_url)
+                    .attribute_names(QueueAttributeName::RedrivePolicy)
+                    .send()
+                    .await
+                    .map_err(|e| self.error(e))?;
+                let policy = out
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
+                    .filter(|p| !p.trim().is_empty());
+                Ok::<_, BackendError>(match policy {
+                    None => Ok(()),
+                    Some(policy) => {
+                        let (count, target) = own_redrive_policy(policy);
+                        if self.reads_may_move_messages {
+                            tracing::warn!(
+                                queue = %self.queue_name,
+                                max_receive_count = count.as_deref().unwrap_or("?"),
+                                to = target.as_deref().unwrap_or("?"),
+                                "this DLQ has a RedrivePolicy of its own: each receive counts toward it (reads_may_move_messages: true)"
+                            );
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "{} has a RedrivePolicy of its own (maxReceiveCount {}, to {}): every receive dlq-bridge makes \
+                                 (inspect, a dry run, serve's reason sample, the messages a redrive does not match) counts \
+                                 toward it, and SQS then moves the message on to that queue instead of handing it over. \
+                                 Remove the DLQ's RedrivePolicy, point dlq-bridge at the queue it names, or set \
+                                 `reads_may_move_messages: true` under this queue's `sqs:` to read it anyway",
+                                self.configured_queue,
+                                count.as_deref().unwrap_or("unknown"),
+                                target.as_deref().unwrap_or("another queue"),
+                            ))
+                        }
+                    }
+                })
+            })
+            .await?;
+        allowed.clone().map_err(|detail| BackendError::Refused {
+            provider: PROVIDER,
+            detail,
         })
     }
 
@@ -400,12 +463,31 @@ impl SqsBackend {
     }
 
     async fn receive(&self, max: usize, hold: Duration) -> Result<Vec<Message>> {
+        self.receives_allowed().await?;
         let out = receive_request(&self.client, &self.queue_url, max, hold)
             .send()
             .await
             .map_err(|e| self.error(e))?;
         Ok(out.messages.unwrap_or_default())
     }
+}
+
+/// A RedrivePolicy's maxReceiveCount and target queue (its name, from the
+/// ARN), as far as they can be read: the policy is JSON whose count SQS has
+/// written as a number or a string.
+fn own_redrive_policy(policy: &str) -> (Option<String>, Option<String>) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(policy) else {
+        return (None, None);
+    };
+    let count = match &v["maxReceiveCount"] {
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::String(s) => Some(s.clone()),
+        _ => None,
+    };
+    let target = v["deadLetterTargetArn"]
+        .as_str()
+        .map(|arn| QueueArn::parse(arn).map_or_else(|| arn.to_string(), |a| a.name.to_string()));
+    (count, target)
 }
 
 /// The ReceiveMessage call of one receive (a lease, a page of a peek).
@@ -866,6 +948,7 @@ impl QueueBackend for SqsBackend {
     }
 
     async fn check_optional_reads(&self) -> Result<()> {
+        self.receives_allowed().await?;
         match &self.cloudwatch {
             Some(cw) => cw.refresh().await.map(drop),
             None => Ok(()),
@@ -1327,6 +1410,7 @@ mod tests {
             account_id: None,
             cloudwatch: false,
             cloudwatch_endpoint_url: None,
+            reads_may_move_messages: false,
         };
         let (c, _, _) = client(&cfg).await;
         let names: Vec<&str> = c.config().retry_classifiers().map(|r| r.name()).collect();
@@ -1456,6 +1540,7 @@ mod tests {
             account_id: None,
             cloudwatch: false,
             cloudwatch_endpoint_url: None,
+            reads_may_move_messages: false,
         };
         let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/orders";
         assert_eq!(region_of(&cfg(url, None)).as_deref(), Some("eu-west-1"));

@@ -150,6 +150,15 @@ pub struct SqsQueueConfig {
     /// `https://monitoring.REGION.amazonaws.com`.
     #[serde(default)]
     pub cloudwatch_endpoint_url: Option<String>,
+    /// Read the DLQ even though it has a RedrivePolicy of its own (a
+    /// dead-letter queue for the DLQ). Every receive dlq-bridge makes
+    /// (`inspect`, a dry run, serve's reason sample, the messages a redrive
+    /// does not match) counts toward that policy's maxReceiveCount, and SQS
+    /// then moves a message on to the next queue instead of handing it
+    /// over. Default: false, and every command that receives from such a
+    /// DLQ is refused, naming the policy (counts and `list` depths still work).
+    #[serde(default)]
+    pub reads_may_move_messages: bool,
 }
 
 /// A Pub/Sub dead-letter subscription. On GCP, credentials come from

@@ -140,15 +140,19 @@ impl CloudWatch {
         for (name, value) in signed {
             req = req.header(name, value);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| BackendError::unreachable(&self.endpoint, super::super::root_cause(&e)))?;
+        let resp = req.send().await.map_err(|e| {
+            BackendError::unreachable(
+                format!("CloudWatch at {}", self.endpoint),
+                super::super::root_cause(&e),
+            )
+        })?;
         let status = resp.status();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| BackendError::unreachable(&self.endpoint, super::super::root_cause(&e)))?;
+        let text = resp.text().await.map_err(|e| {
+            BackendError::unreachable(
+                format!("CloudWatch at {}", self.endpoint),
+                super::super::root_cause(&e),
+            )
+        })?;
         if !status.is_success() {
             let (code, message) = parse_error(&text);
             let detail = format!(

@@ -340,7 +340,13 @@ pub async fn import(
                 }
             }
         }
-        let (o, marked) = outgoing_copy(&m, &plan, &*backend, &dest);
+        let (mut o, marked) = outgoing_copy(&m, &plan, &*backend, &dest);
+        if req.again {
+            // Sent anew on purpose: a deduplication ID of its own, or SQS
+            // FIFO (and Service Bus duplicate detection) drops the copy as
+            // the earlier import's, within its window, after accepting it.
+            o.dedup_id = format!("{}-{}", o.dedup_id, plan.run_id);
+        }
         for note in not_carried(&o, &*backend, &dest) {
             *s.not_carried.entry(note).or_default() += 1;
         }
