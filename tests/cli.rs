@@ -683,13 +683,16 @@ async fn copies_are_sized_to_the_destination_queues_own_limit() {
     // With its marks (about 130 bytes) 1,650; 2,040 only without them; 3,000 over.
     f.put_in_dlq(&[sized(1500), sized(2000), sized(3000)]).await;
     let cfg = fixture_config(&f);
+    let journal = std::env::temp_dir().join(format!("dlqb-sized-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let journal = journal.to_str().unwrap();
     let (code, out, err) = run(bin().arg("-c").arg(&cfg).args([
         "redrive",
         "orders",
         "--to",
         &small,
         "--yes",
-        "--no-journal",
+        "--journal",
+        journal,
         "-o",
         "json",
     ]));
@@ -728,6 +731,28 @@ async fn copies_are_sized_to_the_destination_queues_own_limit() {
         .collect();
     arrived.sort();
     assert_eq!(arrived, [(1500, true), (2000, false)]);
+
+    // The refused copy goes elsewhere in a later run: a send that failed,
+    // recorded so, is no resend after a crash.
+    let (code, out, err) = run(bin().arg("-c").arg(&cfg).args([
+        "redrive",
+        "orders",
+        "--to",
+        &f.source_url,
+        "--yes",
+        "--journal",
+        journal,
+        "-o",
+        "json",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s["sent"].as_u64(), s["resent_after_crash"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+    let _ = std::fs::remove_file(journal);
 }
 
 /// An SQS message's X-Ray trace (`AWSTraceHeader`, the one system attribute a

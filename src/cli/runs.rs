@@ -301,6 +301,7 @@ mod tests {
         records.push(settled("r1", "a"));
         records.push(Record::SendFailed {
             run: "r1".into(),
+            queue: None,
             id: "c".into(),
             error: "boom".into(),
         });

@@ -83,8 +83,11 @@ pub enum Record {
         destination: String,
         dest_id: String,
     },
+    /// The copy of `id` was not confirmed sent: refused, or its answer lost.
     SendFailed {
         run: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        queue: Option<String>,
         id: String,
         error: String,
     },
@@ -173,6 +176,10 @@ impl<T> PerQueue<T> {
         self.0.get(queue).and_then(|ids| ids.get(id))
     }
 
+    fn get_exact_mut(&mut self, (queue, id): &(String, String)) -> Option<&mut T> {
+        self.0.get_mut(queue).and_then(|ids| ids.get_mut(id))
+    }
+
     /// Keep only the entries `keep` says yes to.
     fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
         self.0.retain(|_, ids| {
@@ -216,6 +223,14 @@ impl Copy {
     }
 }
 
+/// A copy an earlier run set out to send and never recorded as sent.
+#[derive(Debug, Clone)]
+struct Intent {
+    redrive_id: String,
+    /// The run recorded the send as failed: it did not die inside it.
+    failed: bool,
+}
+
 /// What earlier runs left unfinished: copies sent whose DLQ original was
 /// never settled.
 #[derive(Debug, Default)]
@@ -231,7 +246,7 @@ struct Replay {
     /// under a new ID, but a sender may reuse a Service Bus MessageId).
     settled: PerQueue<SettledCopy>,
     /// The redrive ID of each copy an earlier run set out to send.
-    intents: PerQueue<String>,
+    intents: PerQueue<Intent>,
     /// Exported messages an import sent, by destination and ID: a second
     /// import of the same line skips it. Forgotten with their file, like
     /// settled copies.
@@ -265,6 +280,7 @@ impl Replay {
                     ..
                 }
                 | Record::Sent { .. }
+                | Record::SendFailed { .. }
                 | Record::Settled { .. }
                 | Record::Purged { .. }
                 | Record::Imported {
@@ -289,7 +305,20 @@ impl Replay {
             } => {
                 let key = self.key(run, queue, id);
                 if !self.intents.contains(&key) {
-                    self.intents.insert(key, rid.clone());
+                    let intent = Intent {
+                        redrive_id: rid.clone(),
+                        failed: false,
+                    };
+                    self.intents.insert(key, intent);
+                }
+            }
+            // Known to have ended (refused, or its answer lost): a later copy
+            // is no resend after a crash, though it keeps the redrive ID, as
+            // a send whose answer was lost may have arrived.
+            Record::SendFailed { run, queue, id, .. } => {
+                let key = self.key(run, queue, id);
+                if let Some(intent) = self.intents.get_exact_mut(&key) {
+                    intent.failed = true;
                 }
             }
             Record::Sent {
@@ -508,15 +537,16 @@ impl Journal {
     }
 
     /// The redrive ID an earlier run gave its copy of message `id` of
-    /// `queue`, when that run may have sent it without recording the outcome
-    /// (it crashed inside the send).
-    pub fn prior_redrive_id(&self, queue: &str, id: &str) -> Option<String> {
+    /// `queue`, when that run set out to send it and never recorded it sent,
+    /// and whether it recorded the send as failed (else it crashed inside
+    /// the send).
+    pub fn prior_redrive_id(&self, queue: &str, id: &str) -> Option<(String, bool)> {
         self.replay
             .lock()
             .expect("journal lock")
             .intents
             .get(queue, id)
-            .cloned()
+            .map(|i| (i.redrive_id.clone(), i.failed))
     }
 
     pub fn append(&self, record: &Record) -> Result<(), JournalError> {
@@ -594,11 +624,20 @@ impl Journal {
                 destination: c.destination.clone(),
                 dest_id: c.dest_id.clone(),
             });
-            let intents = r.intents.iter().map(|(q, id, rid)| Record::Leased {
-                run: CARRIED_RUN.into(),
-                queue: queue(q),
-                id: id.clone(),
-                redrive_id: Some(rid.clone()),
+            let intents = r.intents.iter().flat_map(|(q, id, intent)| {
+                let leased = Record::Leased {
+                    run: CARRIED_RUN.into(),
+                    queue: queue(q),
+                    id: id.clone(),
+                    redrive_id: Some(intent.redrive_id.clone()),
+                };
+                let failed = intent.failed.then(|| Record::SendFailed {
+                    run: CARRIED_RUN.into(),
+                    queue: queue(q),
+                    id: id.clone(),
+                    error: "carried from a rotated journal".into(),
+                });
+                std::iter::once(leased).chain(failed)
             });
             sent.chain(intents).collect()
         };
@@ -771,6 +810,22 @@ mod tests {
                 dest_id: "d".into(),
             })
             .unwrap();
+            for id in ["refused", "crashed"] {
+                j.append(&Record::Leased {
+                    run: "r0".into(),
+                    queue: Some("orders".into()),
+                    id: id.into(),
+                    redrive_id: Some(format!("r0:{id}")),
+                })
+                .unwrap();
+            }
+            j.append(&Record::SendFailed {
+                run: "r0".into(),
+                queue: Some("orders".into()),
+                id: "refused".into(),
+                error: "too large".into(),
+            })
+            .unwrap();
             for i in 0..200 {
                 j.append(&Record::Settled {
                     run: "r1".into(),
@@ -792,6 +847,15 @@ mod tests {
             j.unsettled("orders", "unsettled"),
             Some(("q".into(), "d".into())),
             "survives its original file being deleted"
+        );
+        // A send that failed stays a failed one, not a crash inside a send.
+        assert_eq!(
+            j.prior_redrive_id("orders", "refused"),
+            Some(("r0:refused".into(), true))
+        );
+        assert_eq!(
+            j.prior_redrive_id("orders", "crashed"),
+            Some(("r0:crashed".into(), false))
         );
         assert_eq!(j.unsettled("payments", "unsettled"), None, "and keeps its queue");
         std::fs::remove_dir_all(dir).unwrap();
@@ -832,8 +896,8 @@ mod tests {
             assert_eq!(j.prior_redrive_id("orders", "a"), None, "reopened: {reopened}");
             assert_eq!(j.unsettled("orders", "b"), None, "reopened: {reopened}");
             assert_eq!(
-                j.prior_redrive_id("orders", "c").as_deref(),
-                Some("r1:c"),
+                j.prior_redrive_id("orders", "c"),
+                Some(("r1:c".into(), false)),
                 "reopened: {reopened}"
             );
         }

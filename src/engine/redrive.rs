@@ -463,6 +463,7 @@ impl Engine {
                     out.failed_keys.extend(l.message.ordering_key.clone());
                     let _ = self.journal(Record::SendFailed {
                         run: run.id.clone(),
+                        queue: Some(run.queue.clone()),
                         id: l.message.id.clone(),
                         error: error.clone(),
                     });
@@ -1164,8 +1165,10 @@ impl<'a> Pass<'a> {
                     self.s.marks_omitted += 1;
                 }
                 // A copy an interrupted run may already have sent keeps
-                // that run's mark, so consumers can dedupe.
-                if let Some(prior) = engine
+                // that run's mark, so consumers can dedupe; so does one whose
+                // send failed, which may have arrived all the same (its
+                // answer lost), but it is no resend after a crash.
+                if let Some((prior, failed)) = engine
                     .journal
                     .as_ref()
                     .and_then(|j| j.prior_redrive_id(&plan.queue, &l.message.id))
@@ -1173,7 +1176,9 @@ impl<'a> Pass<'a> {
                     if marked {
                         o.attributes.insert(MARK_ID.into(), Attribute::string(prior));
                     }
-                    self.s.resent_after_crash += 1;
+                    if !failed {
+                        self.s.resent_after_crash += 1;
+                    }
                 }
                 o
             })

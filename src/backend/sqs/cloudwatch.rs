@@ -141,17 +141,11 @@ impl CloudWatch {
             req = req.header(name, value);
         }
         let resp = req.send().await.map_err(|e| {
-            BackendError::unreachable(
-                format!("CloudWatch at {}", self.endpoint),
-                super::super::root_cause(&e),
-            )
+            BackendError::unreachable(format!("CloudWatch at {}", self.endpoint), super::super::root_cause(&e))
         })?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| {
-            BackendError::unreachable(
-                format!("CloudWatch at {}", self.endpoint),
-                super::super::root_cause(&e),
-            )
+            BackendError::unreachable(format!("CloudWatch at {}", self.endpoint), super::super::root_cause(&e))
         })?;
         if !status.is_success() {
             let (code, message) = parse_error(&text);
