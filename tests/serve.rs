@@ -466,6 +466,8 @@ async fn sigterm_mid_redrive_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let status = serve.terminate().await;
     assert!(status.success(), "{status:?}");
+    let log = serve.log.lock().unwrap().join("\n");
+    assert!(log.contains("redrive interrupted by the shutdown"), "{log}");
     let moved = f.drain_source().await.len();
     let left = f.dlq_count().await;
     assert!(moved > 0 && moved < 30, "interrupted mid-run: {moved} moved");
@@ -554,6 +556,57 @@ async fn a_stalled_http_request_does_not_hold_shutdown_past_the_grace() {
     let status = serve.terminate().await;
     assert!(status.success(), "{status:?}");
     drop(stalled);
+}
+
+/// A client that sends half a request head, or trickles its headers, is cut
+/// off after the head timeout instead of holding its connection (and a file
+/// descriptor) for good; a whole request on a fresh connection is answered.
+#[tokio::test]
+async fn a_request_head_that_never_completes_is_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let f = SqsFixture::create(false).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start_until_ready(&config, &[]).await;
+    let addr = serve.url.trim_start_matches("http://").to_string();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut trickling = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickling.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let started = Instant::now();
+    let trickle = async {
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if trickling
+                .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), trickling.read_to_end(&mut rest)).await;
+        started.elapsed()
+    };
+    let stall = async {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the stalled connection is still open after 30 s");
+        started.elapsed()
+    };
+    let (trickled, stalled_for) = tokio::join!(trickle, stall);
+    assert!(stalled_for < Duration::from_secs(20), "{stalled_for:?}");
+    assert!(
+        trickled < Duration::from_secs(25),
+        "the trickle held on for {trickled:?}"
+    );
+    assert_eq!(serve.get("/healthz").await.0, 200);
 }
 
 /// SIGTERM while a poll's reason sample reads (on SQS it leases as it
@@ -704,6 +757,15 @@ async fn api_bodies_tokens_and_runs_are_checked_and_errors_are_json() {
         .await;
     assert_eq!(code, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("fliter"), "{body}");
+    // A cap of nothing, as the config refuses it for a schedule.
+    let (code, body) = serve
+        .post("/v1/queues/orders/redrive", json!({ "max": 0 }), Some(TOKEN))
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("max must be at least 1"),
+        "{body}"
+    );
     // A destination that does not exist.
     let (code, body) = serve
         .post(

@@ -276,7 +276,7 @@ pub struct RedriveOpts {
     #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
     pub max: Option<u64>,
     /// Send batches in flight at once, 1 to 256. Default: the config's `redrive.concurrency`.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = concurrency)]
     pub concurrency: Option<usize>,
     /// Do not ask for confirmation (required when not on a terminal).
     #[arg(long, short = 'y')]
@@ -372,6 +372,14 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(text: &str) -> Res
         Ok(n) if n >= T::from(1) => Ok(n),
         Ok(_) => Err("must be at least 1".into()),
         Err(_) => Err("expected a whole number of at least 1".into()),
+    }
+}
+
+fn concurrency(text: &str) -> Result<usize, String> {
+    let max = crate::config::MAX_CONCURRENCY;
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {max}")),
     }
 }
 

@@ -331,11 +331,34 @@ impl Config {
                 }
                 (Some(_), None) => {}
                 (None, Some(expr)) => {
-                    if let Err(e) = expr.parse::<croner::Cron>() {
+                    let fields = expr.split_whitespace().count();
+                    let parsed = expr.parse::<croner::Cron>();
+                    // croner would take a sixth field as seconds, first:
+                    // `0 3 * * * *` fired hourly at :03, not daily at 3:00.
+                    if fields == 6 {
                         return Err(err(
                             format!("{field}.cron"),
-                            format!("invalid cron expression `{expr}`: {e}"),
+                            format!(
+                                "invalid cron expression `{expr}`: 6 fields; a schedule has 5 (minute hour day-of-month month day-of-week)"
+                            ),
                         ));
+                    }
+                    match parsed {
+                        Err(e) => {
+                            return Err(err(
+                                format!("{field}.cron"),
+                                format!("invalid cron expression `{expr}`: {e}"),
+                            ));
+                        }
+                        // `0 0 30 2 *` (30 February) parses, and never fires:
+                        // serve stopped the schedule with an error in its log.
+                        Ok(cron) if cron.find_next_occurrence(&chrono::Utc::now(), false).is_err() => {
+                            return Err(err(
+                                format!("{field}.cron"),
+                                format!("cron expression `{expr}` never fires (no such date)"),
+                            ));
+                        }
+                        Ok(_) => {}
                     }
                 }
                 _ => {
@@ -944,6 +967,28 @@ mod tests {
         }
         let c = parse(&format!("{q}schedules:\n  - {{queue: a, every: 1s}}\n")).unwrap();
         assert_eq!(c.schedules[0].every, Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_cron_that_never_fires_or_has_seconds_is_refused() {
+        let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        for (cron, says) in [
+            ("0 0 30 2 *", "never fires"),
+            ("0 0 31 4 *", "never fires"),
+            ("0 3 * * * *", "6 fields; a schedule has 5"),
+        ] {
+            let err = parse(&format!("{q}schedules:\n  - queue: a\n    cron: \"{cron}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("test.yaml:6:5: schedules[0].cron: "), "{cron}: {err}");
+            assert!(err.contains(says), "{cron}: {err}");
+        }
+        for cron in ["0 3 * * *", "*/15 * * * *", "0 0 29 2 *", "@daily"] {
+            assert!(
+                parse(&format!("{q}schedules:\n  - queue: a\n    cron: \"{cron}\"\n")).is_ok(),
+                "{cron}"
+            );
+        }
     }
 
     #[test]

@@ -210,6 +210,11 @@ impl Registry {
                 )
             })?),
         };
+        if req.max == Some(0) {
+            return Err(RegistryError::Invalid(
+                "max must be at least 1; leave it out for no cap".into(),
+            ));
+        }
         let concurrency = req.concurrency.unwrap_or(self.config.redrive.concurrency);
         if !(1..=MAX_CONCURRENCY).contains(&concurrency) {
             return Err(RegistryError::Invalid(format!(

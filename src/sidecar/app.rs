@@ -38,7 +38,32 @@ fn spawn_reaping(tasks: &mut JoinSet<()>, run: impl std::future::Future<Output =
 pub enum RunStatus {
     Running,
     Finished,
+    /// Stopped by a shutdown (SIGTERM) before it was done, nothing failed:
+    /// what it left is still in the DLQ.
+    Interrupted,
     Failed,
+}
+
+impl RunStatus {
+    /// How a run that returned `s` ended.
+    pub fn of(s: &RunSummary) -> Self {
+        if !s.ok() {
+            Self::Failed
+        } else if s.stopped == crate::engine::redrive::StopReason::Cancelled {
+            Self::Interrupted
+        } else {
+            Self::Finished
+        }
+    }
+
+    /// The `outcome` label of `dlq_bridge_runs_total`.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Self::Finished | Self::Running => "succeeded",
+            Self::Interrupted => "interrupted",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// A redrive started by the API or a schedule, as `/v1/runs/{id}` shows it.
@@ -195,8 +220,9 @@ impl App {
         trigger: Trigger,
         result: Result<RunSummary, crate::engine::redrive::RedriveError>,
     ) {
-        let succeeded = result.as_ref().is_ok_and(RunSummary::ok);
-        self.metrics.count_run(queue, action, &trigger.to_string(), succeeded);
+        let status = result.as_ref().map_or(RunStatus::Failed, RunStatus::of);
+        self.metrics
+            .count_run(queue, action, &trigger.to_string(), status.outcome());
         let settled = match &result {
             Ok(s) => s.settled + s.settled_from_journal,
             Err(_) => 0,
@@ -212,7 +238,9 @@ impl App {
                 self.metrics.add_redriven(queue, "settle_failed", s.settle_failed);
                 self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
             }
-            if s.ok() {
+            if status == RunStatus::Interrupted {
+                tracing::warn!(run = %run_id, queue, settled = s.settled, trigger = %s.trigger, "redrive interrupted by the shutdown; what it did not move is still in the DLQ");
+            } else if s.ok() {
                 tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
             } else {
                 // A schedule's runs are seen nowhere else: a run that fails
@@ -228,7 +256,7 @@ impl App {
             e.view.progress = ProgressView::from(&*e.progress);
             match result {
                 Ok(s) => {
-                    e.view.status = if s.ok() { RunStatus::Finished } else { RunStatus::Failed };
+                    e.view.status = RunStatus::of(&s);
                     e.view.summary = Some(s);
                 }
                 Err(err) => {

@@ -124,6 +124,7 @@ pub fn from_summary(run: &str, s: Value) -> Value {
         && !(n("examined") > 0 && n("filter_errors") == n("examined"));
     let status = match stopped {
         Some("unfinished") => "unfinished",
+        Some("cancelled") if ok => "interrupted",
         _ if ok => "finished",
         _ => "failed",
     };
@@ -191,6 +192,9 @@ mod tests {
         assert_eq!(killed["status"], "unfinished", "{killed}");
         assert_eq!(killed["action"], "purge", "{killed}");
         assert_eq!(from_summary("done", runs[0].1.clone())["status"], "finished");
+        // Cut short by a shutdown: not a run that did all it was asked.
+        let cut = serde_json::json!({"queue": "orders", "stopped": "cancelled", "settled": 40});
+        assert_eq!(from_summary("cut", cut)["status"], "interrupted");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

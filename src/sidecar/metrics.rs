@@ -18,6 +18,7 @@ type Labels = Vec<(String, String)>;
 
 const RUN_SUCCEEDED: &str = "succeeded";
 const RUN_FAILED: &str = "failed";
+const RUN_INTERRUPTED: &str = "interrupted";
 
 fn run_labels(queue: &str, action: &str, trigger: &str, outcome: &str) -> Labels {
     labels(&[
@@ -129,7 +130,7 @@ impl Metrics {
         );
         registry.register(
             "dlq_bridge_runs",
-            "Redrives and purges the sidecar ran (trigger api, schedule or retention), by outcome: succeeded, or failed (including runs that could not start)",
+            "Redrives and purges the sidecar ran (trigger api, schedule or retention), by outcome: succeeded, interrupted (by a shutdown), or failed (including runs that could not start)",
             m.runs.clone(),
         );
         registry.register(
@@ -237,14 +238,14 @@ impl Metrics {
     /// Only for the kinds the config sets up (schedules, retention purges):
     /// every queue times every trigger would be a dozen series per queue.
     pub fn init_runs(&self, queue: &str, action: &str, trigger: &str) {
-        for outcome in [RUN_SUCCEEDED, RUN_FAILED] {
+        for outcome in [RUN_SUCCEEDED, RUN_FAILED, RUN_INTERRUPTED] {
             let _ = self.runs.get_or_create(&run_labels(queue, action, trigger, outcome));
         }
     }
 
-    /// Count one run (or one that could not start) by how it ended.
-    pub fn count_run(&self, queue: &str, action: &str, trigger: &str, succeeded: bool) {
-        let outcome = if succeeded { RUN_SUCCEEDED } else { RUN_FAILED };
+    /// Count one run (or one that could not start) by how it ended:
+    /// `succeeded`, `failed` or `interrupted` (by a shutdown).
+    pub fn count_run(&self, queue: &str, action: &str, trigger: &str, outcome: &str) {
         self.runs
             .get_or_create(&run_labels(queue, action, trigger, outcome))
             .inc();
@@ -580,7 +581,7 @@ mod tests {
         m.set_depth("orders", "sqs", 7, Some(12.5));
         m.add_arrivals("orders", "sqs", 3);
         m.add_redriven("orders", "sent", 2);
-        m.count_run("orders", "redrive", "api", true);
+        m.count_run("orders", "redrive", "api", RUN_SUCCEEDED);
         m.poll_error("orders", "sqs");
         m.set_last_success("orders", "sqs", None);
         m.set_firing("orders", "depth", true);
@@ -662,14 +663,14 @@ mod tests {
         let m = Metrics::new();
         m.init_runs("orders", "redrive", "schedule");
         let text = m.render();
-        for outcome in ["succeeded", "failed"] {
+        for outcome in ["succeeded", "failed", "interrupted"] {
             let needle = format!(
                 r#"dlq_bridge_runs_total{{queue="orders",action="redrive",trigger="schedule",outcome="{outcome}"}} 0"#
             );
             assert!(text.contains(&needle), "{needle} in\n{text}");
         }
-        m.count_run("orders", "redrive", "schedule", false);
-        m.count_run("orders", "purge", "api", true);
+        m.count_run("orders", "redrive", "schedule", RUN_FAILED);
+        m.count_run("orders", "purge", "api", RUN_SUCCEEDED);
         let text = m.render();
         for needle in [
             r#"dlq_bridge_runs_total{queue="orders",action="redrive",trigger="schedule",outcome="failed"} 1"#,

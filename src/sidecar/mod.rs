@@ -13,6 +13,7 @@ pub mod dashboard;
 pub mod exclusion;
 pub mod guard;
 pub mod history;
+pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod poller;

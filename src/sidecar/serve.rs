@@ -212,26 +212,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .merge(dashboard::routes(config.serve.dashboard.enabled))
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard::guard))
         .with_state(app.clone());
-    let mut server = std::pin::pin!(
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future()
-    );
-    let served = tokio::select! {
-        served = &mut server => Some(served),
-        () = shutdown.cancelled() => None,
-    };
+    let mut server = std::pin::pin!(crate::sidecar::http::serve(listener, router, shutdown.clone()));
+    tokio::select! {
+        () = &mut server => {}
+        () = shutdown.cancelled() => {}
+    }
     // The grace period counts from the signal, for open HTTP requests too:
     // the server waits for every connection to finish its request, and one
     // that sent half a request head and stalled held the process until the
     // pod's SIGKILL, with no drain, journal sync or notification flush.
     let deadline = tokio::time::Instant::now() + config.serve.shutdown_grace;
-    match served {
-        Some(served) => served?,
-        None => match tokio::time::timeout_at(deadline, &mut server).await {
-            Ok(served) => served?,
-            Err(_) => tracing::warn!("HTTP requests still open after the shutdown grace period; closed"),
-        },
+    if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
+        tracing::warn!("HTTP requests still open after the shutdown grace period; closed");
     }
     let loops_done = async { while loops.join_next().await.is_some() {} };
     if tokio::time::timeout_at(deadline, loops_done).await.is_err() {
@@ -608,8 +600,12 @@ async fn run_scheduled(
             }
         }
         Err(e) => {
-            app.metrics
-                .count_run(&s.queue, Action::REDRIVE, &Trigger::Schedule.to_string(), false);
+            app.metrics.count_run(
+                &s.queue,
+                Action::REDRIVE,
+                &Trigger::Schedule.to_string(),
+                RunStatus::Failed.outcome(),
+            );
             tracing::error!(queue = %s.queue, error = %e, "scheduled redrive could not start");
         }
     }
@@ -682,8 +678,12 @@ async fn retention_loop(
             match outcome {
                 Ok(o) => {
                     if let Some(s) = &o.purge {
-                        app.metrics
-                            .count_run(&queue, Action::PURGE, &Trigger::Retention.to_string(), s.ok());
+                        app.metrics.count_run(
+                            &queue,
+                            Action::PURGE,
+                            &Trigger::Retention.to_string(),
+                            RunStatus::of(s).outcome(),
+                        );
                     }
                     app.metrics
                         .set_retention_expired(&queue, if o.purge.is_some() { 0 } else { o.expired });
@@ -740,8 +740,12 @@ async fn retention_loop(
                 Err(e) => {
                     // The purge this check was to make did not happen.
                     if purges(&policy) {
-                        app.metrics
-                            .count_run(&queue, Action::PURGE, &Trigger::Retention.to_string(), false);
+                        app.metrics.count_run(
+                            &queue,
+                            Action::PURGE,
+                            &Trigger::Retention.to_string(),
+                            RunStatus::Failed.outcome(),
+                        );
                     }
                     tracing::error!(%queue, error = %e, "retention check failed");
                 }
