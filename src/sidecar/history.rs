@@ -66,6 +66,14 @@ impl RunHistory {
             for line in std::io::BufReader::new(f).lines() {
                 let line = line?;
                 if !line.contains("\"run_finished\"") && !line.contains("\"run_started\"") {
+                    // What an unfinished run did, as `dlq-bridge runs`
+                    // counts it: a run killed after sending 40 showed 0.
+                    if let Some((run, counter)) = progress_of(&line)
+                        && let Some((_, start)) = open.iter_mut().rev().find(|(r, _)| r == run)
+                    {
+                        let n = start[counter].as_u64().unwrap_or(0) + 1;
+                        start[counter] = json!(n);
+                    }
                     continue;
                 }
                 // A torn last line (a crash mid-write) is skipped, as the journal does.
@@ -109,6 +117,23 @@ impl RunHistory {
         });
         Ok(runs)
     }
+}
+
+/// The run a progress record (`sent`, `settled`, a failure, a purge or an
+/// import) belongs to, and the summary counter it adds to; read without
+/// parsing the line, as most lines of a journal are these.
+fn progress_of(line: &str) -> Option<(&str, &'static str)> {
+    const COUNTERS: [(&str, &str); 6] = [
+        ("\"event\":\"sent\"", "sent"),
+        ("\"event\":\"imported\"", "sent"),
+        ("\"event\":\"settled\"", "settled"),
+        ("\"event\":\"purged\"", "settled"),
+        ("\"event\":\"send_failed\"", "send_failed"),
+        ("\"event\":\"settle_failed\"", "settle_failed"),
+    ];
+    let counter = COUNTERS.iter().find(|(event, _)| line.contains(event))?.1;
+    let run = line.split_once("\"run\":\"")?.1.split('"').next()?;
+    Some((run, counter))
 }
 
 /// A journaled run summary in the shape of a live run view.
@@ -184,12 +209,32 @@ mod tests {
         })
         .unwrap();
         j.append(&start("killed")).unwrap();
+        for id in ["a", "b"] {
+            j.append(&Record::Sent {
+                run: "killed".into(),
+                queue: Some("orders".into()),
+                id: id.into(),
+                enqueued_at: None,
+                destination: "src".into(),
+                dest_id: format!("d-{id}"),
+            })
+            .unwrap();
+        }
+        j.append(&Record::Settled {
+            run: "killed".into(),
+            queue: Some("orders".into()),
+            id: "a".into(),
+            enqueued_at: None,
+        })
+        .unwrap();
         j.sync().unwrap();
         let runs = RunHistory::default().runs(&path, 1).unwrap();
         let ids: Vec<&str> = runs.iter().map(|(r, _)| r.as_str()).collect();
         assert_eq!(ids, ["done", "killed"]);
         let killed = from_summary("killed", runs[1].1.clone());
         assert_eq!(killed["status"], "unfinished", "{killed}");
+        assert_eq!(killed["progress"]["sent"], 2, "{killed}");
+        assert_eq!(killed["progress"]["settled"], 1, "{killed}");
         assert_eq!(killed["action"], "purge", "{killed}");
         assert_eq!(from_summary("done", runs[0].1.clone())["status"], "finished");
         // Cut short by a shutdown: not a run that did all it was asked.
