@@ -71,7 +71,18 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let mut filter = EnvFilter::try_from_env("DLQ_BRIDGE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let mut filter = match std::env::var("DLQ_BRIDGE_LOG").ok().filter(|v| !v.trim().is_empty()) {
+        None => EnvFilter::new(default_level),
+        Some(value) => EnvFilter::try_new(&value).unwrap_or_else(|e| {
+            // Said, not ignored: a typo left the user wondering why no debug
+            // line appeared.
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: DLQ_BRIDGE_LOG={value:?} is not a log filter ({e}); logging at {default_level}"
+            );
+            EnvFilter::new(default_level)
+        }),
+    };
     for (target, level) in CAPPED_TARGETS {
         filter = filter.add_directive(format!("{target}={level}").parse().expect("valid directive"));
     }

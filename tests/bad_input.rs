@@ -510,6 +510,12 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
             &["-o", "json", "list"],
             &["--output before the subcommand belongs to the `--redrive QUEUE` form: give it after `list`"],
         ),
+        // Unless the subcommand does not take it: moving it there failed again.
+        c(
+            "redrive flag another subcommand does not take",
+            &["--dry-run", "list"],
+            &["--dry-run before the subcommand belongs to the `--redrive QUEUE` form, and `list` takes no --dry-run"],
+        ),
         // A file named on the command line that is not there: the user's to fix.
         c(
             "import of a missing file",
@@ -702,12 +708,12 @@ async fn filter_and_argument_errors_exit_2_and_touch_nothing() {
         c(
             "zero concurrency",
             &["redrive", "orders", "--concurrency", "0", "--yes"],
-            &["concurrency must be from 1 to 256"],
+            &["invalid value '0' for '--concurrency <N>': expected a whole number from 1 to 256"],
         ),
         c(
             "huge concurrency",
             &["redrive", "orders", "--concurrency", "18446744073709551615", "--yes"],
-            &["concurrency must be from 1 to 256"],
+            &["'--concurrency <N>': expected a whole number from 1 to 256"],
         ),
         c(
             "bad --older-than",
@@ -1131,17 +1137,7 @@ async fn a_dlq_with_a_redrive_policy_of_its_own_is_not_read_unless_the_config_ac
     f.put_in_dlq(&orders(3)).await;
     let next_name = common::unique("rp-next");
     let next = f.create_queue(&next_name, &[]).await;
-    let arn = f
-        .client
-        .get_queue_attributes()
-        .queue_url(&next)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap()
-        .attributes()
-        .unwrap()[&QueueAttributeName::QueueArn]
-        .clone();
+    let arn = f.queue_arn(&next).await;
     let before = f.dlq_snapshot().await;
     f.client
         .set_queue_attributes()

@@ -153,7 +153,10 @@ pub(crate) async fn inspect(
     })
     .await
     .with_context(|| format!("queue {queue}"))?;
-    if let Some(code) = interrupt.exit_code().filter(|_| got.interrupted) {
+    // A signal that came as the read's last message was being filtered (a
+    // slow filter) stops it too: it said "interrupted", then printed the
+    // table and exited 0.
+    if let Some(code) = interrupt.exit_code() {
         return Ok(code);
     }
     let shown: Vec<&DlqMessage> = got.messages.iter().collect();

@@ -58,11 +58,32 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
         (Some(c), None) if cli.redrive_opts.any_set() => {
             // Before a subcommand these flags are the `--redrive QUEUE`
             // form's; most often they were meant for the subcommand itself.
-            let flags = cli.redrive_opts.set_flags().join(" ");
-            return Err(usage(format!(
-                "{flags} before the subcommand belongs to the `--redrive QUEUE` form: give it after `{}` instead",
-                c.name()
-            )));
+            let set = cli.redrive_opts.set_flags();
+            let flags = set.join(" ");
+            let name = c.name();
+            // Advice to move a flag the subcommand does not take sent the
+            // user into a second error.
+            let untaken: Vec<&str> = {
+                use clap::CommandFactory;
+                let cmd = Cli::command();
+                let sub = cmd.find_subcommand(name);
+                set.iter()
+                    .copied()
+                    .filter(|flag| {
+                        !sub.is_some_and(|s| s.get_arguments().any(|a| a.get_long() == flag.strip_prefix("--")))
+                    })
+                    .collect()
+            };
+            return Err(usage(if untaken.is_empty() {
+                format!(
+                    "{flags} before the subcommand belongs to the `--redrive QUEUE` form: give it after `{name}` instead"
+                )
+            } else {
+                format!(
+                    "{flags} before the subcommand belongs to the `--redrive QUEUE` form, and `{name}` takes no {}: see `dlq-bridge {name} --help`",
+                    untaken.join(", ")
+                )
+            }));
         }
         (Some(c), None) => c,
         (None, Some(queue)) => Command::Redrive {

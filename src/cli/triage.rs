@@ -47,7 +47,7 @@ pub async fn cli_report(
         note!("{note}");
     }
     let r = report(registry, queue, &ReportRequest { by, filter, top, scan }, &cancel).await?;
-    if let Some(code) = interrupt.exit_code().filter(|_| r.interrupted) {
+    if let Some(code) = interrupt.exit_code() {
         return Ok(code);
     }
     match output {

@@ -19,8 +19,18 @@ pub mod duration_text {
     }
 
     pub fn parse(text: &str) -> Result<Duration, String> {
-        humantime::parse_duration(text.trim())
-            .map_err(|e| format!("invalid duration `{text}` ({e}); expected e.g. `30s`, `5m`, `1h30m`"))
+        humantime::parse_duration(text.trim()).map_err(|e| match e {
+            // humantime's own advice (`7sec`, `7ms`) is not this tool's style.
+            humantime::DurationError::NumberExpected(_) | humantime::DurationError::UnknownUnit { .. }
+                if text.trim().chars().all(|c| c.is_ascii_digit()) =>
+            {
+                format!(
+                    "invalid duration `{text}`: a unit is needed, e.g. `{0}s`, `{0}m`, `{0}h` or `{0}d`",
+                    text.trim()
+                )
+            }
+            e => format!("invalid duration `{text}` ({e}); expected e.g. `30s`, `5m`, `1h30m`"),
+        })
     }
 }
 
@@ -96,6 +106,15 @@ pub mod opt_poll_interval_text {
 mod tests {
     use super::*;
     use crate::config::tests::parse;
+
+    #[test]
+    fn a_number_without_a_unit_asks_for_one() {
+        let err = duration_text::parse("7").unwrap_err();
+        assert_eq!(
+            err,
+            "invalid duration `7`: a unit is needed, e.g. `7s`, `7m`, `7h` or `7d`"
+        );
+    }
 
     #[test]
     fn bad_duration_is_explained() {

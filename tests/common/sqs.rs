@@ -145,20 +145,24 @@ impl SqsFixture {
         out
     }
 
-    /// The RedrivePolicy attribute of a queue that dead-letters into this
-    /// fixture's DLQ after one receive.
-    pub async fn dead_lettering_here(&self) -> (QueueAttributeName, String) {
-        let arn = self
-            .client
+    /// The ARN of the queue at `url`.
+    pub async fn queue_arn(&self, url: &str) -> String {
+        self.client
             .get_queue_attributes()
-            .queue_url(&self.dlq_url)
+            .queue_url(url)
             .attribute_names(QueueAttributeName::QueueArn)
             .send()
             .await
             .unwrap()
             .attributes()
             .unwrap()[&QueueAttributeName::QueueArn]
-            .clone();
+            .clone()
+    }
+
+    /// The RedrivePolicy attribute of a queue that dead-letters into this
+    /// fixture's DLQ after one receive.
+    pub async fn dead_lettering_here(&self) -> (QueueAttributeName, String) {
+        let arn = self.queue_arn(&self.dlq_url).await;
         (
             QueueAttributeName::RedrivePolicy,
             format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"1"}}"#),

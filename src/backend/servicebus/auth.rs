@@ -72,7 +72,19 @@ impl ConnectionString {
                 "sharedaccesskeyname" => out.key_name = Some(v.to_string()),
                 "sharedaccesskey" => out.key = Some(v.to_string()),
                 "sharedaccesssignature" => out.signature = Some(v.to_string()),
-                "usedevelopmentemulator" => out.emulator = v.eq_ignore_ascii_case("true"),
+                // `maybe` read as false dialled TLS to the emulator, which
+                // then failed as "cannot reach".
+                "usedevelopmentemulator" => {
+                    out.emulator = match v.to_ascii_lowercase().as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(BackendError::Invalid(format!(
+                                "the Service Bus connection string's `UseDevelopmentEmulator={v}` is neither true nor false"
+                            )));
+                        }
+                    }
+                }
                 "entitypath" => out.entity_path = Some(v.trim_matches('/').to_string()).filter(|p| !p.is_empty()),
                 _ => {}
             }
@@ -368,6 +380,20 @@ mod tests {
         let e = ConnectionString::parse("Endpoint=sb//127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y").unwrap_err();
         assert!(matches!(e, BackendError::Invalid(_)), "{e}");
         assert!(e.to_string().contains("`Endpoint` is not a URL"), "{e}");
+        let e = ConnectionString::parse(
+            "Endpoint=sb://127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=maybe",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`UseDevelopmentEmulator=maybe` is neither true nor false"),
+            "{e}"
+        );
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=False",
+        )
+        .unwrap();
+        assert!(!cs.emulator);
     }
 
     #[test]

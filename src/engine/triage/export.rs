@@ -389,9 +389,16 @@ pub(super) fn read_numbered(
                 std::io::ErrorKind::InvalidData => bad(e.to_string()),
                 _ => io_err(&path)(e),
             })?;
-            serde_json::from_str(&line)
-                .map(|m| (i + 1, m))
-                .map_err(|e| bad(e.to_string()))
+            // serde's "at line 1 column 16" after `FILE:3:` read as a
+            // contradiction: the line is the file's, the column the line's.
+            serde_json::from_str(&line).map(|m| (i + 1, m)).map_err(|e| {
+                let text = e.to_string();
+                let text = match text.rsplit_once(" at line ") {
+                    Some((what, _)) if e.column() > 0 => format!("{what} at column {}", e.column()),
+                    _ => text,
+                };
+                bad(text)
+            })
         }))
 }
 
