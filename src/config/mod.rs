@@ -331,19 +331,7 @@ impl Config {
                 }
                 (Some(_), None) => {}
                 (None, Some(expr)) => {
-                    let fields = expr.split_whitespace().count();
-                    let parsed = expr.parse::<croner::Cron>();
-                    // croner would take a sixth field as seconds, first:
-                    // `0 3 * * * *` fired hourly at :03, not daily at 3:00.
-                    if fields == 6 {
-                        return Err(err(
-                            format!("{field}.cron"),
-                            format!(
-                                "invalid cron expression `{expr}`: 6 fields; a schedule has 5 (minute hour day-of-month month day-of-week)"
-                            ),
-                        ));
-                    }
-                    match parsed {
+                    match expr.parse::<croner::Cron>() {
                         Err(e) => {
                             return Err(err(
                                 format!("{field}.cron"),
@@ -970,20 +958,17 @@ mod tests {
     }
 
     #[test]
-    fn a_cron_that_never_fires_or_has_seconds_is_refused() {
+    fn a_cron_that_never_fires_is_refused() {
         let q = "queues:\n  - name: a\n    sqs: {queue: x}\n";
-        for (cron, says) in [
-            ("0 0 30 2 *", "never fires"),
-            ("0 0 31 4 *", "never fires"),
-            ("0 3 * * * *", "6 fields; a schedule has 5"),
-        ] {
+        for (cron, says) in [("0 0 30 2 *", "never fires"), ("0 0 31 4 *", "never fires")] {
             let err = parse(&format!("{q}schedules:\n  - queue: a\n    cron: \"{cron}\"\n"))
                 .unwrap_err()
                 .to_string();
             assert!(err.starts_with("test.yaml:6:5: schedules[0].cron: "), "{cron}: {err}");
             assert!(err.contains(says), "{cron}: {err}");
         }
-        for cron in ["0 3 * * *", "*/15 * * * *", "0 0 29 2 *", "@daily"] {
+        // Six fields are seconds first (slots to the second).
+        for cron in ["0 3 * * *", "*/15 * * * *", "0 0 29 2 *", "@daily", "30 0 3 * * *"] {
             assert!(
                 parse(&format!("{q}schedules:\n  - queue: a\n    cron: \"{cron}\"\n")).is_ok(),
                 "{cron}"
