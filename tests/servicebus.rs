@@ -433,15 +433,17 @@ async fn browses_refused_as_throttled_are_asked_again() {
 }
 
 /// fe2o3-amqp (azservicebus's AMQP layer) can lose a settlement that comes
-/// too fast, so a send, or a `$cbs` token put, can wait for an answer that
-/// never comes. Here the emulator loses the first send's settlement (the copy
-/// is enqueued, the client never hears so) and then the token put of the
-/// sender link attached again for the retry: the retry opens a new
-/// connection and the copies are sent and confirmed there. The send did not
-/// give up at the lost put ("the $cbs token put timed out", as a CI run did).
-/// Nothing is lost: the originals, whose locks were on the dropped
-/// connection, are back in the dead-letter queue once those locks lapse, and
-/// the destination holds every copy (the first send's twice: at least once).
+/// too fast, so a send can wait for an outcome that never comes. Here the
+/// emulator loses the first send's settlement (the copy is enqueued, the
+/// client never hears so), then the whole token put (no answer either) of
+/// the sender link attached again for the retry, so the retry opens a new
+/// connection; there, the token put's settlement is lost but its answer
+/// comes, as two CI runs lost one (they then gave up with "the $cbs token
+/// put timed out"): the answer is enough, and the copies are sent and
+/// confirmed. Nothing is lost: the originals, whose locks were on the
+/// dropped connection, are back in the dead-letter queue once those locks
+/// lapse, and the destination holds every copy (the first send's twice: at
+/// least once).
 #[tokio::test]
 async fn a_lost_settlement_and_a_lost_token_put_are_outlived() {
     use common::servicebus::{LOST_SETTLEMENTS_HOST, create_queue, private_emulator, queue_message_count};
@@ -459,6 +461,10 @@ async fn a_lost_settlement_and_a_lost_token_put_are_outlived() {
             // the sender attached again after the lost settlement, is lost.
             "--lose-token-put",
             &format!("{DEST}=2"),
+            // Counts the puts answered: the first (attach), then the one on
+            // the new connection.
+            "--lose-token-put-settlement",
+            &format!("{DEST}=2"),
         ],
     )
     .await;
@@ -470,6 +476,7 @@ async fn a_lost_settlement_and_a_lost_token_put_are_outlived() {
     assert!(said.contains("send not confirmed within"), "{said}");
     assert!(said.contains("the $cbs token put timed out"), "{said}");
     assert!(said.contains("retrying on a new connection"), "{said}");
+    assert_eq!(said.matches("the $cbs token put timed out").count(), 1, "{said}");
     assert!(!said.contains(&format!("send to {DEST} failed")), "{said}");
     // Sent, but not removed: their locks went with the dropped connection.
     assert_eq!(code, Some(1), "{said}");

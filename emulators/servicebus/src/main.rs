@@ -183,6 +183,13 @@ struct Cli {
     #[arg(long = "lose-token-put", value_name = "ENTITY=K", value_parser = parse_entity_count)]
     lose_token_put: Vec<(String, usize)>,
 
+    /// Lose the settlement of the K-th answered `$cbs` token put for ENTITY
+    /// (1-based, counted over every connection), but send its answer: what
+    /// a client sees when fe2o3-amqp drops a settlement that came too fast.
+    /// Repeatable.
+    #[arg(long = "lose-token-put-settlement", value_name = "ENTITY=K", value_parser = parse_entity_count)]
+    lose_token_put_settlement: Vec<(String, usize)>,
+
     /// Write the HTTPS certificate (PEM) here, for clients that verify it.
     #[arg(long)]
     cert_out: Option<PathBuf>,
@@ -295,7 +302,11 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         connection_idle_timeout: cli.connection_idle_timeout,
         entra: entra.clone(),
         sas: sas.clone(),
-        lost: Arc::new(amqp::LostSettlements::new(cli.lose_send_settlement, cli.lose_token_put)),
+        lost: Arc::new(amqp::LostSettlements::new(
+            cli.lose_send_settlement,
+            cli.lose_token_put,
+            cli.lose_token_put_settlement,
+        )),
     };
     let router = atom::router(broker.clone(), atom::AtomAuth { entra, sas });
     if let Some(amqps) = amqps {

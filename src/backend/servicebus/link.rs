@@ -103,9 +103,7 @@ use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
-use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
-use fe2o3_amqp_management::client::MgmtClient;
 use fe2o3_amqp_management::error::Error as ManagementError;
 use fe2o3_amqp_management::request::Request;
 use fe2o3_amqp_management::response::Response;
@@ -123,6 +121,7 @@ use tokio_util::sync::CancellationToken;
 use super::auth::{WorkloadIdentityCredential, sas_token, unix_now};
 use super::codec::{is_deferred, sequence_number};
 use super::errors::{Refusal, broker_words, is_server_busy, refusal_error, refusal_in};
+use super::rpc::RpcLink;
 use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, Result};
 
 const PEEK_OPERATION: &str = "com.microsoft:peek-message";
@@ -540,7 +539,7 @@ struct Actor {
     session: SessionHandle<()>,
     /// The session of the browsing `$management` link.
     browse_session: SessionHandle<()>,
-    cbs: CbsClient,
+    cbs: RpcLink,
     receiver: Receiver,
     /// Browses go to a task of their own (see [`browse_loop`]), so the link
     /// goes on receiving and granting while one is out.
@@ -614,7 +613,7 @@ pub(super) struct Connected {
     /// The session of the copies' sender links (see [`send_loop`]), taken
     /// when the link opens.
     send_session: Option<SessionHandle<()>>,
-    cbs: CbsClient,
+    cbs: RpcLink,
     renew_at: Option<Instant>,
 }
 
@@ -706,7 +705,7 @@ impl Connected {
         // order they were queued, which is what makes a browse behind the
         // dispositions prove them; frames of two sessions may pass each other.
         let authorized = async {
-            let mut cbs = CbsClient::attach(&mut session)
+            let mut cbs = RpcLink::cbs(&mut session)
                 .await
                 .map_err(|e| cfg.classify("attach to $cbs", &e))?;
             tracing::debug!("$cbs attached");
@@ -1294,11 +1293,8 @@ impl Actor {
 }
 
 /// A client of the dead-letter queue's `$management` node, as `client`.
-async fn attach_management(cfg: &LinkConfig, session: &mut SessionHandle<()>, client: String) -> Result<MgmtClient> {
-    MgmtClient::builder()
-        .client_node_addr(client)
-        .management_node_address(format!("{}/$management", cfg.dlq_path))
-        .attach(session)
+async fn attach_management(cfg: &LinkConfig, session: &mut SessionHandle<()>, client: String) -> Result<RpcLink> {
+    RpcLink::attach(session, &format!("{}/$management", cfg.dlq_path), &client)
         .await
         .map_err(|e| cfg.classify("attach to the dead-letter queue's $management", &e))
 }
@@ -1311,7 +1307,7 @@ async fn attach_management(cfg: &LinkConfig, session: &mut SessionHandle<()>, cl
 /// burst of them costs the broker one browse.
 async fn confirm_loop(
     cfg: Arc<LinkConfig>,
-    mut mgmt: MgmtClient,
+    mut mgmt: RpcLink,
     mut batches: mpsc::UnboundedReceiver<Vec<Reply<()>>>,
     failed: mpsc::Sender<BackendError>,
 ) {
@@ -1360,7 +1356,7 @@ async fn send_loop(
     mut session: SessionHandle<()>,
     mut requests: mpsc::UnboundedReceiver<AttachRequest>,
 ) {
-    let mut cbs: Option<CbsClient> = None;
+    let mut cbs: Option<RpcLink> = None;
     let mut audiences: Vec<String> = Vec::new();
     let mut renew_at: Option<Instant> = None;
     let mut attached = 0u32;
@@ -1407,12 +1403,12 @@ async fn send_loop(
 async fn attach_sender(
     cfg: &LinkConfig,
     session: &mut SessionHandle<()>,
-    cbs: &mut Option<CbsClient>,
+    cbs: &mut Option<RpcLink>,
     dest: &str,
     name: String,
 ) -> Result<(Sender, Option<Instant>)> {
     if cbs.is_none() {
-        let client = within(cfg, "attach to $cbs", CbsClient::attach(session)).await?;
+        let client = within(cfg, "attach to $cbs", RpcLink::cbs(session)).await?;
         *cbs = Some(client);
     }
     let client = cbs.as_mut().expect("just attached");
@@ -1453,7 +1449,7 @@ struct BrowseRequest {
 /// Once a browse failed, every later one gets the same error: the link's
 /// task may have dropped the failed one's answer (a new pass), and must still
 /// learn why (a deleted entity is not found, not unreachable).
-async fn browse_loop(cfg: Arc<LinkConfig>, mut mgmt: MgmtClient, mut requests: mpsc::UnboundedReceiver<BrowseRequest>) {
+async fn browse_loop(cfg: Arc<LinkConfig>, mut mgmt: RpcLink, mut requests: mpsc::UnboundedReceiver<BrowseRequest>) {
     let mut failed: Option<BackendError> = None;
     while let Some(req) = requests.recv().await {
         let r = match &failed {
@@ -1481,7 +1477,7 @@ async fn browse_loop(cfg: Arc<LinkConfig>, mut mgmt: MgmtClient, mut requests: m
 /// A browse Service Bus refuses as throttled is asked again after a pause
 /// (a peek changes nothing), a few times: failed, it would end the link and
 /// every lease and confirm on it.
-async fn browse(cfg: &LinkConfig, mgmt: &mut MgmtClient, from: i64, count: i32) -> Result<Browsed> {
+async fn browse(cfg: &LinkConfig, mgmt: &mut RpcLink, from: i64, count: i32) -> Result<Browsed> {
     for attempt in 1.. {
         let req = PeekCount::request(from, count);
         match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(req)).await {
@@ -1537,7 +1533,7 @@ const MGMT_BATCH: usize = 100;
 /// through `$management` is settled there. The broker's answer to a
 /// disposition is its confirmation (no browse behind it, as a link's
 /// dispositions need).
-async fn deferred_loop(cfg: Arc<LinkConfig>, mut mgmt: MgmtClient, mut ops: mpsc::UnboundedReceiver<DeferredOp>) {
+async fn deferred_loop(cfg: Arc<LinkConfig>, mut mgmt: RpcLink, mut ops: mpsc::UnboundedReceiver<DeferredOp>) {
     while let Some(op) = ops.recv().await {
         match op {
             DeferredOp::Receive { seqs, req, done } => {
@@ -1576,7 +1572,7 @@ fn refused(e: &BackendError) -> bool {
 /// peek-lock). One that another consumer locked or settled since the browse
 /// fails its whole request: a chunk refused so is asked again a message at
 /// a time, and those still refused are left out (someone else has them).
-async fn receive_deferred(cfg: &LinkConfig, mgmt: &mut MgmtClient, seqs: &[i64]) -> Result<Vec<Delivered>> {
+async fn receive_deferred(cfg: &LinkConfig, mgmt: &mut RpcLink, seqs: &[i64]) -> Result<Vec<Delivered>> {
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(MGMT_BATCH) {
         match receive_by_sequence(cfg, mgmt, chunk).await {
@@ -1602,7 +1598,7 @@ async fn receive_deferred(cfg: &LinkConfig, mgmt: &mut MgmtClient, seqs: &[i64])
     Ok(out)
 }
 
-async fn receive_by_sequence(cfg: &LinkConfig, mgmt: &mut MgmtClient, seqs: &[i64]) -> Result<Vec<Delivered>> {
+async fn receive_by_sequence(cfg: &LinkConfig, mgmt: &mut RpcLink, seqs: &[i64]) -> Result<Vec<Delivered>> {
     let what = "receive deferred messages of the dead-letter queue";
     match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(ReceiveBySequence::request(seqs))).await {
         Ok(Ok(ReceivedDeferred(got))) => Ok(got),
@@ -1617,7 +1613,7 @@ async fn receive_by_sequence(cfg: &LinkConfig, mgmt: &mut MgmtClient, seqs: &[i6
 /// that the others are still settled and each failure is known.
 async fn update_disposition(
     cfg: &LinkConfig,
-    mgmt: &mut MgmtClient,
+    mgmt: &mut RpcLink,
     tokens: &[uuid::Uuid],
     complete: bool,
 ) -> Result<TokenOutcomes> {
@@ -1641,7 +1637,7 @@ async fn update_disposition(
     Ok(out)
 }
 
-async fn dispose_tokens(cfg: &LinkConfig, mgmt: &mut MgmtClient, tokens: &[uuid::Uuid], complete: bool) -> Result<()> {
+async fn dispose_tokens(cfg: &LinkConfig, mgmt: &mut RpcLink, tokens: &[uuid::Uuid], complete: bool) -> Result<()> {
     let what = if complete {
         "complete deferred messages of the dead-letter queue"
     } else {
@@ -1678,15 +1674,15 @@ fn abandon() -> Modified {
     }
 }
 
-async fn put_tokens(cfg: &LinkConfig, cbs: &mut CbsClient) -> Result<Option<Instant>> {
+async fn put_tokens(cfg: &LinkConfig, cbs: &mut RpcLink) -> Result<Option<Instant>> {
     put_tokens_for(cfg, cbs, &[cfg.dlq_audience()]).await
 }
 
 /// Put a token for each of `audiences`; returns when to put them again.
-async fn put_tokens_for(cfg: &LinkConfig, cbs: &mut CbsClient, audiences: &[String]) -> Result<Option<Instant>> {
+async fn put_tokens_for(cfg: &LinkConfig, cbs: &mut RpcLink, audiences: &[String]) -> Result<Option<Instant>> {
     let (token, renew) = cfg.token().await?;
     for audience in audiences {
-        tokio::time::timeout(CALL_TIMEOUT, cbs.put_token(audience.as_str(), token.clone()))
+        tokio::time::timeout(CALL_TIMEOUT, cbs.put_token(audience, &token))
             .await
             .map_err(|_| cfg.unreachable("the $cbs token put timed out"))?
             .map_err(|e| {

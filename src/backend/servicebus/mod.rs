@@ -193,6 +193,7 @@ mod batch;
 mod codec;
 mod errors;
 mod link;
+mod rpc;
 mod turns;
 use std::time::{Duration, Instant};
 
@@ -236,13 +237,32 @@ type Client = ServiceBusClient<BasicRetryPolicy>;
 struct DestSender {
     generation: u64,
     /// Locked only while a transfer is queued, not for its outcome: every
-    /// concurrent send has its batch in flight on the one link.
-    link: Mutex<fe2o3_amqp::Sender>,
+    /// concurrent send has its batch in flight on the one link. Taken only
+    /// by [`Drop`], to close the link.
+    link: Mutex<Option<fe2o3_amqp::Sender>>,
     /// The largest message or batch the link takes (from its attach).
     max_message_size: usize,
     /// Cancelled when the dead-letter queue's link, whose connection this
     /// sender shares, has ended.
     link_ended: CancellationToken,
+}
+
+impl Drop for DestSender {
+    /// Close the link rather than drop it: fe2o3-amqp 0.14 detaches a
+    /// dropped sender, and the broker's answering detach, which no link is
+    /// left to take, ends the whole session with unattached-handle. That
+    /// session holds the other destinations' senders and the `$cbs` link
+    /// their tokens are put on: a send retried after a lost settlement
+    /// (which forgets the sender) then failed to attach again, and cost a
+    /// new connection.
+    fn drop(&mut self) {
+        let (Some(link), Ok(runtime)) = (self.link.get_mut().take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(SENDER_CLOSE_TIMEOUT, link.close()).await;
+        });
+    }
 }
 
 /// Why a destination's sender could not be had.
@@ -315,6 +335,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One send attempt; then it is retried on a fresh link.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_ATTEMPTS: usize = 3;
+/// How long a forgotten sender's link may take to close.
+const SENDER_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The condition of a send Service Bus refused because it throttles the
 /// namespace or entity, and how long to wait before sending again.
 const SERVER_BUSY: &str = "com.microsoft:server-busy";
@@ -1169,7 +1191,7 @@ impl ServiceBusBackend {
             .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
         let s = Arc::new(DestSender {
             generation: link.generation,
-            link: Mutex::new(sender),
+            link: Mutex::new(Some(sender)),
             max_message_size,
             link_ended: link.ended(),
         });
@@ -1209,15 +1231,16 @@ impl ServiceBusBackend {
                 Err(e) => return Err(e.into_inner()),
             };
             let sent = async {
-                let mut link = sender.link.lock().await;
+                let mut guard = sender.link.lock().await;
+                let link = guard.as_mut().expect("taken only when dropped");
                 // fe2o3-amqp reads a detach the broker sent (a deleted
                 // destination, a token that lapsed) only when asked: a
                 // transfer queued on that link would wait out SEND_TIMEOUT.
                 if let Some(detached) = link.on_detach().now_or_never() {
                     return Err(SendFailure::Detached(detached));
                 }
-                let outcome = envelope.queue_on(&mut link).await?;
-                drop(link);
+                let outcome = envelope.queue_on(link).await?;
+                drop(guard);
                 // fe2o3-amqp leaves the outcome pending when the connection
                 // goes: without this a send would wait out SEND_TIMEOUT.
                 tokio::select! {

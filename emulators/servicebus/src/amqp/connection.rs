@@ -832,8 +832,10 @@ impl Connection {
 
     /// Runs a `$cbs` or `$management` request and queues its reply on the
     /// link paired with it by address (the Python SDK leaves reply-to unset).
-    /// False for a token put lost on purpose (`--lose-token-put`): it gets
-    /// neither an answer nor a settlement.
+    /// False when the request's settlement is to be lost: a token put lost
+    /// on purpose (`--lose-token-put`) gets neither an answer nor a
+    /// settlement; one whose settlement alone is lost
+    /// (`--lose-token-put-settlement`) is answered.
     fn answer_request(&mut self, channel: u16, node: &Node, payload: &Bytes) -> Result<bool, ConnectionError> {
         let request = match Request::parse(payload) {
             Ok(request) => request,
@@ -842,14 +844,14 @@ impl Connection {
                 return Ok(true);
             }
         };
+        let mut settle = true;
         let encoded = match node {
-            Node::Cbs
-                if management::token_audience(&request)
-                    .is_some_and(|audience| self.settings.lost.token_put(&audience)) =>
-            {
-                return Ok(false);
-            }
             Node::Cbs => {
+                let audience = management::token_audience(&request);
+                if audience.as_deref().is_some_and(|a| self.settings.lost.token_put(a)) {
+                    return Ok(false);
+                }
+                settle = !audience.is_some_and(|a| self.settings.lost.token_put_settlement(&a));
                 let (status, description) = self.put_token(&request);
                 management::encode_cbs_reply(&request, status, &description)
             }
@@ -873,7 +875,7 @@ impl Connection {
             tracing::warn!(?node, ?reply_to, "no receiver link to reply on");
         }
         self.pump()?;
-        Ok(true)
+        Ok(settle)
     }
 
     fn reply_link(&mut self, channel: u16, node: &Node, reply_to: Option<&str>) -> Option<&mut VecDeque<Bytes>> {

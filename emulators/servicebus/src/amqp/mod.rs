@@ -62,6 +62,7 @@ pub struct LostSettlements {
     any: bool,
     sends: Mutex<Counted>,
     token_puts: Mutex<Counted>,
+    token_put_settlements: Mutex<Counted>,
 }
 
 #[derive(Default)]
@@ -96,11 +97,16 @@ impl Counted {
 }
 
 impl LostSettlements {
-    pub fn new(sends: Vec<(String, usize)>, token_puts: Vec<(String, usize)>) -> Self {
+    pub fn new(
+        sends: Vec<(String, usize)>,
+        token_puts: Vec<(String, usize)>,
+        token_put_settlements: Vec<(String, usize)>,
+    ) -> Self {
         LostSettlements {
-            any: !sends.is_empty() || !token_puts.is_empty(),
+            any: !sends.is_empty() || !token_puts.is_empty() || !token_put_settlements.is_empty(),
             sends: Mutex::new(Counted::new(sends)),
             token_puts: Mutex::new(Counted::new(token_puts)),
+            token_put_settlements: Mutex::new(Counted::new(token_put_settlements)),
         }
     }
 
@@ -112,6 +118,17 @@ impl LostSettlements {
     /// Count a token put for `entity`; true if it is to be lost.
     pub fn token_put(&self, entity: &str) -> bool {
         self.any && self.token_puts.lock().expect("lost token puts lock").count(entity)
+    }
+
+    /// Count a token put for `entity` that is answered; true if its
+    /// settlement is to be lost (the answer still comes).
+    pub fn token_put_settlement(&self, entity: &str) -> bool {
+        self.any
+            && self
+                .token_put_settlements
+                .lock()
+                .expect("lost token put settlements lock")
+                .count(entity)
     }
 }
 
