@@ -1379,7 +1379,11 @@ async fn send_loop(
                     };
                     sender
                 });
-                let _ = req.reply.send(r);
+                if let Err(Ok(unwanted)) = req.reply.send(r) {
+                    // Its caller went away: closed, not dropped (see
+                    // `DestSender`'s `Drop`), so the session stays up.
+                    tokio::spawn(unwanted.close());
+                }
             }
             _ = tokio::time::sleep_until(renew_at.unwrap_or(far)), if renew_at.is_some() => {
                 let Some(client) = cbs.as_mut() else { break };

@@ -254,14 +254,14 @@ impl Drop for DestSender {
     /// session holds the other destinations' senders and the `$cbs` link
     /// their tokens are put on: a send retried after a lost settlement
     /// (which forgets the sender) then failed to attach again, and cost a
-    /// new connection.
+    /// new connection. The close has no deadline of its own: one cut short
+    /// would drop the link as it waits for that answering detach. It ends
+    /// with the answer, or with the session.
     fn drop(&mut self) {
         let (Some(link), Ok(runtime)) = (self.link.get_mut().take(), tokio::runtime::Handle::try_current()) else {
             return;
         };
-        runtime.spawn(async move {
-            let _ = tokio::time::timeout(SENDER_CLOSE_TIMEOUT, link.close()).await;
-        });
+        runtime.spawn(link.close());
     }
 }
 
@@ -335,8 +335,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One send attempt; then it is retried on a fresh link.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_ATTEMPTS: usize = 3;
-/// How long a forgotten sender's link may take to close.
-const SENDER_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The condition of a send Service Bus refused because it throttles the
 /// namespace or entity, and how long to wait before sending again.
 const SERVER_BUSY: &str = "com.microsoft:server-busy";

@@ -16,6 +16,11 @@
 //!
 //! Answers are matched to requests by correlation ID: one left over from a
 //! call that timed out is skipped rather than taken as the next call's.
+//!
+//! A settlement lost to that race leaves its request in fe2o3-amqp's map of
+//! unsettled deliveries until the link closes: a few hundred bytes each time
+//! the race is lost, which on a real network (a round trip of milliseconds
+//! against a window of microseconds) is close to never.
 
 use fe2o3_amqp::link::delivery::DeliveryFut;
 use fe2o3_amqp::link::{DetachError, SendError};
@@ -55,7 +60,16 @@ impl RpcLink {
             .source(node)
             .target(client)
             .attach(session)
-            .await?;
+            .await;
+        let receiver = match receiver {
+            Ok(receiver) => receiver,
+            Err(e) => {
+                // Closed, not dropped: fe2o3-amqp ends the session when the
+                // answer to a dropped link's detach comes (see `DestSender`).
+                tokio::spawn(sender.close());
+                return Err(e.into());
+            }
+        };
         Ok(RpcLink {
             sender,
             receiver,
@@ -82,11 +96,11 @@ impl RpcLink {
         Ok(())
     }
 
-    /// Detach both links.
+    /// Detach both links, the receiver even when the sender's close fails.
     pub async fn close(self) -> Result<(), DetachError> {
-        self.sender.close().await?;
-        self.receiver.close().await?;
-        Ok(())
+        let sent = self.sender.close().await;
+        let received = self.receiver.close().await;
+        sent.and(received)
     }
 
     /// Send `request` and return the node's answer to it.
