@@ -326,12 +326,7 @@ impl Filter {
                 comprehensions.0, comprehensions.1, comprehensions.2
             )));
         }
-        let mut env = Env::stdlib();
-        // String helpers (lowerAscii, replace, split...) are what DLQ triage
-        // filters reach for first.
-        env.add_extension(cel::extensions::strings)
-            .expect("the strings extension registers once");
-        let env = Arc::new(env);
+        let env = Arc::new(filter_env());
         let program = env.compile(source).map_err(|errs| {
             // After a syntax error the parser's AST builder reports what it
             // could not build, at 1:1 and in its own terms ("Incomplete
@@ -383,6 +378,21 @@ impl Filter {
             .min_by_key(|(_, at)| *at)
         {
             let (line, column) = position(source, at);
+            // `math.abs(x)` reads as a call of `abs` on a variable `math`.
+            // When no type has that function either, the name was meant as
+            // a namespace whose functions are not loaded: say which function.
+            let namespaced = calls.iter().find(|(_, c)| {
+                matches!(c.target.as_deref(), Some(IdedExpr { expr: Expr::Ident(t), .. }) if t == name)
+                    && is_unknown_function(&env, c)
+            });
+            if let Some((_, call)) = namespaced {
+                return Err(FilterError::UnknownFunction {
+                    name: format!("{name}.{}", call.func_name),
+                    line,
+                    column,
+                    source_line: line_of(source, line),
+                });
+            }
             return Err(FilterError::UnknownVariable {
                 name: name.to_string(),
                 line,
@@ -599,6 +609,61 @@ fn type_mismatch(call: &CallExpr, free: impl Fn(&str, u64) -> bool) -> Option<(u
         lit_id,
         format!("`{name}` is {kind} (or null), which {never} {given}{instead}"),
     ))
+}
+
+/// CEL's standard library, its strings extension, and `matches`.
+fn filter_env() -> Env {
+    // Without cel's `regex` feature its stdlib has no `matches`: ours,
+    // below, is registered instead.
+    let mut env = Env::stdlib();
+    // String helpers (lowerAscii, replace, split...) are what DLQ triage
+    // filters reach for first.
+    env.add_extension(cel::extensions::strings)
+        .expect("the strings extension registers once");
+    cel::add_overload!(env, fn regex_matches: (CelString, CelString) -> Result<CelBool>, name = "matches", id = "matches")
+        .expect("`matches` registers once");
+    cel::add_member_overload!(env, fn regex_matches: (CelString, CelString) -> Result<CelBool>, name = "matches")
+        .expect("`string.matches` registers once");
+    env
+}
+
+/// The most patterns [`regex_matches`] keeps compiled per thread; a filter
+/// that builds its patterns from the messages may need more, and then
+/// compiles again.
+const MAX_COMPILED_PATTERNS: usize = 64;
+
+thread_local! {
+    /// Patterns compiled by [`regex_matches`], or why they do not compile.
+    static COMPILED_PATTERNS: std::cell::RefCell<HashMap<String, Result<regex::Regex, String>>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// CEL's `matches` (RE2 syntax, true when the pattern matches anywhere in
+/// the string), as cel's own but for one thing: cel's compiles the pattern
+/// at every call, that is for every message a redrive examines, and a
+/// pattern compiles far slower than it matches a short reason.
+fn regex_matches(this: &CelString<'_>, pattern: &CelString<'_>) -> Result<CelBool, ExecutionError> {
+    let pattern = pattern.inner();
+    let matched = COMPILED_PATTERNS.with(|compiled| {
+        let mut compiled = compiled.borrow_mut();
+        if !compiled.contains_key(pattern) {
+            if compiled.len() >= MAX_COMPILED_PATTERNS {
+                compiled.clear();
+            }
+            let regex = regex::Regex::new(pattern).map_err(|e| format!("'{pattern}' not a valid regex:\n{e}"));
+            compiled.insert(pattern.to_string(), regex);
+        }
+        match &compiled[pattern] {
+            Ok(regex) => Ok(regex.is_match(this.inner())),
+            Err(message) => Err(message.clone()),
+        }
+    });
+    matched
+        .map(CelBool::from)
+        .map_err(|message| ExecutionError::FunctionError {
+            function: "matches".to_string(),
+            message,
+        })
 }
 
 /// Why `call` fails whatever the message, when it is `duration` or
@@ -1085,6 +1150,38 @@ mod tests {
         assert_eq!(eval(r#"reason.matches("^Time")"#), Ok(true));
     }
 
+    /// `matches` keeps CEL's meaning (a match anywhere, RE2 syntax, both
+    /// call forms) with its patterns compiled once: past the cache's cap,
+    /// and for a pattern taken from the message, it still answers right,
+    /// and a pattern that does not compile fails every time it is used.
+    #[test]
+    fn matches_compiles_each_pattern_once_and_keeps_cels_meaning() {
+        assert_eq!(eval(r#"reason.matches("out")"#), Ok(true));
+        assert_eq!(eval(r#"reason.matches("^out")"#), Ok(false));
+        assert_eq!(eval(r#"matches(reason, "^Time(out)?$")"#), Ok(true));
+        assert_eq!(eval(r#"reason.matches("(?i)^TIMEOUT$")"#), Ok(true));
+        assert_eq!(eval(r#"body.matches(reason) == body.contains(reason)"#), Ok(true));
+        let mut m = msg();
+        for round in 0..2 {
+            for i in 0..(2 * MAX_COMPILED_PATTERNS) {
+                m.reason = Some(format!("r{i}"));
+                let f = Filter::compile(&format!(
+                    r#"reason.matches("^r{i}$") && !reason.matches("^r{}$")"#,
+                    i + 1
+                ))
+                .unwrap();
+                assert_eq!(f.matches(&m, Utc::now()), Ok(true), "round {round}, pattern {i}");
+            }
+        }
+        let dynamic = Filter::compile("reason.matches(body)").unwrap();
+        m.body = b"(".to_vec().into();
+        for _ in 0..2 {
+            let err = dynamic.matches(&m, Utc::now()).unwrap_err();
+            assert!(err.contains("'(' not a valid regex"), "{err}");
+        }
+        COMPILED_PATTERNS.with(|compiled| assert!(compiled.borrow().len() <= MAX_COMPILED_PATTERNS));
+    }
+
     /// The borrowed binding `matches` uses agrees with the reference, which
     /// builds every variable as a `cel::Value`, on every attribute type, on
     /// missing fields and on a body that is not UTF-8, errors included.
@@ -1433,6 +1530,19 @@ mod tests {
         for f in ["strings.qoute(reason)", "math.greatest(1, 2) == 2"] {
             assert!(Filter::compile(f).is_err(), "{f}");
         }
+        // A namespace no extension declares is named as the function it
+        // prefixes, not as an unknown variable; a misspelt variable with a
+        // method that exists is still an unknown variable.
+        let err = Filter::compile("delivery_count > 1 && math.abs(delivery_count) > 2").unwrap_err();
+        assert!(
+            matches!(&err, FilterError::UnknownFunction { name, line: 1, column: 23, .. } if name == "math.abs"),
+            "{err:?}"
+        );
+        let err = Filter::compile(r#"atributes.startsWith("x")"#).unwrap_err();
+        assert!(
+            matches!(&err, FilterError::UnknownVariable { name, .. } if name == "atributes"),
+            "{err:?}"
+        );
         let f = Filter::compile("strings.quote(reason) != body").unwrap();
         let used: Vec<&str> = VARIABLES
             .iter()

@@ -553,3 +553,32 @@ async fn marks_are_left_off_a_copy_they_would_take_over_the_size_limit() {
     assert!(!near_copy.attributes.contains_key(MARK_ID), "sent without marks");
     assert_eq!(arrived.iter().filter(|m| m.attributes.contains_key(MARK_ID)).count(), 1);
 }
+
+/// A match with nowhere to go (the source subscription it names is gone, so
+/// its topic is unknown) keeps its ordering key's later messages in the DLQ,
+/// as a failed send does: sent, they would arrive ahead of it. Another key
+/// goes.
+#[tokio::test]
+async fn a_match_with_no_destination_holds_back_the_rest_of_its_ordering_key() {
+    let f = PubSubFixture::create(false).await;
+    let from = |body: &str, sub: &str, key: &str| TestMessage {
+        body: body.as_bytes().to_vec(),
+        attributes: attrs(&[
+            ("CloudPubSubDeadLetterSourceSubscription", sub),
+            ("CloudPubSubDeadLetterSourceSubscriptionProject", f.project.as_str()),
+        ]),
+        ordering_key: Some(key.into()),
+    };
+    f.put_in_dlq(&[
+        from("k-first", "a-subscription-since-deleted", "k"),
+        from("k-second", SOURCE_SUB, "k"),
+        from("other", SOURCE_SUB, "o"),
+    ])
+    .await;
+    let s = redrive(f.config(), all()).await;
+    assert_eq!((s.sent, s.send_failed, s.held_for_order), (1, 1, 1), "{s:?}");
+    assert!(s.errors.iter().any(|e| e.contains("no destination")), "{:?}", s.errors);
+    let arrived: Vec<Vec<u8>> = f.drain_source().await.into_iter().map(|r| r.body).collect();
+    assert_eq!(arrived, [b"other".to_vec()]);
+    assert_eq!(f.dlq_count().await, 2);
+}

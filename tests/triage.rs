@@ -931,7 +931,9 @@ async fn an_interrupted_retention_releases_what_it_did_not_purge() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // At 3/s a batch of 10 takes about 3.3 s, the next 3.3 s more: the
+    // signal lands between them.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
     let (out, err) = (String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr));

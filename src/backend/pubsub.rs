@@ -185,6 +185,13 @@ const PULL_DECODE_LIMIT: usize = 256 * 1024 * 1024;
 /// How long peek and count keep what they pulled hidden (they release it at once).
 const BROWSE_HOLD_SECS: i32 = 60;
 
+/// How long a failed lookup of a dead-letter source subscription stands.
+const SOURCE_LOOKUP_RETRY: Duration = Duration::from_secs(60);
+
+/// A source subscription's topic, and until when a failed lookup (None: it
+/// no longer exists, or could not be read) stands.
+type SourceTopic = (Option<String>, Option<std::time::Instant>);
+
 /// Attributes Pub/Sub adds when it dead-letters a message.
 pub const DEAD_LETTER_PREFIX: &str = "CloudPubSubDeadLetter";
 pub const ATTR_SOURCE_SUBSCRIPTION: &str = "CloudPubSubDeadLetterSourceSubscription";
@@ -214,8 +221,8 @@ pub struct PubSubBackend {
     /// The config's `source`, as a topic name.
     config_source: Option<String>,
     target_attribute: Option<String>,
-    /// Failing subscription → its topic (None: it no longer exists).
-    source_topics: Mutex<HashMap<String, Option<String>>>,
+    /// Failing subscription → its topic.
+    source_topics: Mutex<HashMap<String, SourceTopic>>,
     /// The DLQ subscription's topic, as `connect` found it.
     dlq_topic: String,
     /// The single subscription whose dead-letter policy points at this DLQ's topic.
@@ -816,26 +823,34 @@ impl PubSubBackend {
         Ok(got)
     }
 
-    /// The topic of subscription `sub` (full name), looked up once.
+    /// The topic of subscription `sub` (full name), looked up once; a
+    /// lookup that failed is made again only [`SOURCE_LOOKUP_RETRY`] later
+    /// (not at every message: a lease of 1,000 messages naming a
+    /// subscription the identity cannot read made 1,000 calls in a row,
+    /// and a long-running `serve` never saw a subscription created again).
     async fn topic_of(&self, sub: &str) -> Option<String> {
-        if let Some(t) = self.source_topics.lock().await.get(sub) {
+        if let Some((t, until)) = self.source_topics.lock().await.get(sub)
+            && until.is_none_or(|u| std::time::Instant::now() < u)
+        {
             return t.clone();
         }
         let found = self.conns.subc.get_subscription(sub).await;
-        let topic = match found {
+        let (topic, until) = match found {
             // A subscription whose topic was deleted names `_deleted-topic_`.
-            Ok(s) => Some(s.topic).filter(|t| t.starts_with("projects/")),
-            Err(s) if s.code() == Code::NotFound => {
-                tracing::warn!(subscription = %sub, "the dead-letter source subscription no longer exists");
-                None
-            }
+            Ok(s) => (Some(s.topic).filter(|t| t.starts_with("projects/")), None),
             Err(s) => {
-                // Not cached: it may work next time.
-                tracing::warn!(subscription = %sub, error = %self.error(s, sub), "cannot look up the dead-letter source subscription");
-                return None;
+                if s.code() == Code::NotFound {
+                    tracing::warn!(subscription = %sub, "the dead-letter source subscription no longer exists");
+                } else {
+                    tracing::warn!(subscription = %sub, error = %self.error(s, sub), "cannot look up the dead-letter source subscription");
+                }
+                (None, Some(std::time::Instant::now() + SOURCE_LOOKUP_RETRY))
             }
         };
-        self.source_topics.lock().await.insert(sub.to_string(), topic.clone());
+        self.source_topics
+            .lock()
+            .await
+            .insert(sub.to_string(), (topic.clone(), until));
         topic
     }
 
@@ -1356,9 +1371,19 @@ fn classify(status: Status, endpoint: &str, resource: &str) -> BackendError {
             queue: resource.to_string(),
             detail,
         },
-        Code::PermissionDenied | Code::Unauthenticated => BackendError::Auth {
+        Code::Unauthenticated => BackendError::Auth {
             provider: PROVIDER,
             detail: format!("{detail} (on {resource})"),
+        },
+        // The credentials were taken; a permission is missing, most often
+        // `pubsub.subscriptions.get`, which roles/pubsub.subscriber lacks.
+        Code::PermissionDenied => BackendError::Auth {
+            provider: PROVIDER,
+            detail: format!(
+                "the identity lacks a permission on {resource}: {} (the README's Pub/Sub IAM section lists the roles: \
+                 subscriber and viewer on the DLQ subscription's project, publisher on the topics copies go to)",
+                status.message()
+            ),
         },
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => BackendError::Unreachable {
             endpoint: endpoint.to_string(),
@@ -1879,6 +1904,32 @@ mod tests {
         ] {
             assert!(!publish_retryable(code), "{code:?}");
         }
+    }
+
+    /// A permission refused names the resource and says a permission is
+    /// missing, not that the credentials were refused.
+    #[test]
+    fn a_missing_permission_is_named_as_such() {
+        let sub = "projects/p/subscriptions/orders-dlq";
+        let e = classify(
+            Status::new(Code::PermissionDenied, "User not authorized to perform this action."),
+            "https://pubsub.googleapis.com",
+            sub,
+        );
+        let text = e.to_string();
+        assert!(matches!(e, BackendError::Auth { .. }), "{e:?}");
+        assert!(
+            text.contains(&format!(
+                "the identity lacks a permission on {sub}: User not authorized"
+            )),
+            "{text}"
+        );
+        let e = classify(
+            Status::new(Code::Unauthenticated, "invalid token"),
+            "https://pubsub.googleapis.com",
+            sub,
+        );
+        assert!(e.to_string().contains("Unauthenticated: invalid token"), "{e}");
     }
 
     #[test]

@@ -578,12 +578,20 @@ impl Journal {
         if let Some(lost) = &w.lost {
             return Err(self.io(std::io::Error::other(format!("a record could not be written ({lost})"))));
         }
-        w.file
-            .flush()
-            .and_then(|_| w.file.get_ref().sync_data())
-            .map_err(|source| self.io(source))?;
-        if w.bytes > self.rotation.max_bytes {
-            self.rotate(&mut w)?;
+        if let Err(e) = w.file.flush().and_then(|_| w.file.get_ref().sync_data()) {
+            // Linux reports a failed write-back once and drops its pages: a
+            // later fsync that succeeds would not mean these records, which
+            // other batches' intents may be among, are on disk.
+            w.lost.get_or_insert_with(|| e.to_string());
+            return Err(self.io(e));
+        }
+        if w.bytes > self.rotation.max_bytes
+            && let Err(e) = self.rotate(&mut w)
+        {
+            // Half rotated, the records would go on into a file renamed
+            // away, and each later sync would rotate it one step older.
+            w.lost.get_or_insert_with(|| e.to_string());
+            return Err(e);
         }
         Ok(())
     }
@@ -650,7 +658,13 @@ impl Journal {
         w.file
             .flush()
             .and_then(|_| w.file.get_ref().sync_data())
-            .map_err(|e| self.io(e))
+            .map_err(|e| self.io(e))?;
+        // The renames and the new file are durable only once their
+        // directory is synced.
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| self.io(e))?;
+        }
+        Ok(())
     }
 }
 
@@ -790,6 +804,41 @@ fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rotation that fails half-way (here `.1` cannot be moved to `.2`,
+    /// where a directory stands) fails every later sync, rather than going
+    /// on writing into a file renamed away and rotating it older at each
+    /// sync until it is deleted.
+    #[test]
+    fn a_failed_rotation_fails_the_syncs_after_it() {
+        let dir = std::env::temp_dir().join(format!("dlqb-rotfail-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("j.jsonl");
+        std::fs::create_dir_all(&dir).unwrap();
+        let j = Journal::open_with(
+            &path,
+            Rotation {
+                max_bytes: 100,
+                keep: 2,
+            },
+        )
+        .unwrap();
+        let settled = |i: usize| Record::Settled {
+            run: "r".into(),
+            queue: Some("orders".into()),
+            id: format!("m{i}"),
+            enqueued_at: None,
+        };
+        j.append(&settled(0)).unwrap();
+        j.sync().unwrap();
+        std::fs::create_dir_all(rotated(&path, 2).join("in-the-way")).unwrap();
+        std::fs::write(rotated(&path, 1), b"").unwrap();
+        j.append(&settled(1)).unwrap();
+        let first = j.sync().unwrap_err().to_string();
+        j.append(&settled(2)).unwrap();
+        let then = j.sync().unwrap_err().to_string();
+        assert!(then.contains("could not be written"), "first: {first}; then: {then}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn rotation_keeps_n_files_and_carries_unfinished_work() {

@@ -199,7 +199,8 @@ pub struct RunSummary {
     pub matched: u64,
     pub sent: u64,
     pub settled: u64,
-    /// Copies an earlier, interrupted run had sent; settled now, not resent.
+    /// Copies an earlier, interrupted run had sent; settled now, not resent
+    /// (counted in `settled` too).
     pub settled_from_journal: u64,
     /// Copies an interrupted run may have sent (it died inside the send), sent
     /// again under the same `dlq-bridge-redrive-id` so consumers can dedupe.
@@ -757,7 +758,7 @@ impl<'a> Pass<'a> {
             s,
             caps,
             rated_lease,
-            limiter: plan.rate.map(|r| RateLimiter::direct(Quota::per_second(r))),
+            limiter: plan.rate.map(message_rate),
             discard_to,
             seen: SeenSet::default(),
             held: Vec::new(),
@@ -1044,6 +1045,9 @@ impl<'a> Pass<'a> {
                                 l.message.id
                             ),
                         );
+                        // As after a failed send: the key's later messages
+                        // stay in the DLQ, so that none goes ahead of it.
+                        self.failed_keys.extend(l.message.ordering_key.clone());
                         self.held.push(l.lease);
                         continue;
                     };
@@ -1416,6 +1420,14 @@ fn merge(s: &mut RunSummary, out: BatchOutcome, held: &mut Vec<LeaseId>) {
     for e in out.errors {
         push_error(&mut s.errors, e);
     }
+}
+
+/// The limiter of a `--rate` of `per_second` messages. Its burst is one
+/// message: with a burst of the whole rate, the bucket starts full (and
+/// fills again while the run waits on a lease), so a run sent about twice
+/// the rate in its first second. Tokens are taken a message at a time.
+pub(crate) fn message_rate(per_second: NonZeroU32) -> DefaultDirectRateLimiter {
+    RateLimiter::direct(Quota::per_second(per_second).allow_burst(NonZeroU32::MIN))
 }
 
 /// How many messages to lease at once. A leased batch waits for its rate
@@ -1820,6 +1832,17 @@ mod tests {
         assert!(!partial_batches_may_go(true, false, 16));
         // ... unless leasing has stopped: no full batch is coming.
         assert!(partial_batches_may_go(false, false, 16));
+    }
+
+    /// A fresh limiter lets one message through, not a whole second's
+    /// worth: the bucket holds one token.
+    #[test]
+    fn a_rate_starts_with_one_message_not_a_seconds_worth() {
+        let limiter = message_rate(NonZeroU32::new(1).unwrap());
+        assert!(limiter.check().is_ok());
+        assert!(limiter.check().is_err(), "the next waits a second");
+        let ten = message_rate(NonZeroU32::new(10).unwrap());
+        assert_eq!((0..10).filter(|_| ten.check().is_ok()).count(), 1);
     }
 
     #[test]

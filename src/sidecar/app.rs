@@ -224,7 +224,7 @@ impl App {
         self.metrics
             .count_run(queue, action, &trigger.to_string(), status.outcome());
         let settled = match &result {
-            Ok(s) => s.settled + s.settled_from_journal,
+            Ok(s) => s.settled,
             Err(_) => 0,
         };
         self.cache.run_finished(queue, run_id, settled);
@@ -232,8 +232,7 @@ impl App {
             // A purge's deletes are not redriven messages (runs_total counts
             // purges by their action).
             if action == Action::REDRIVE {
-                self.metrics
-                    .add_redriven(queue, "settled", s.settled + s.settled_from_journal);
+                self.metrics.add_redriven(queue, "settled", s.settled);
                 self.metrics.add_redriven(queue, "send_failed", s.send_failed);
                 self.metrics.add_redriven(queue, "settle_failed", s.settle_failed);
                 self.metrics.add_redriven(queue, "filter_error", s.filter_errors);

@@ -213,16 +213,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard::guard))
         .with_state(app.clone());
     let mut server = std::pin::pin!(crate::sidecar::http::serve(listener, router, shutdown.clone()));
-    tokio::select! {
-        () = &mut server => {}
-        () = shutdown.cancelled() => {}
-    }
+    // The server ends only after the shutdown: when both are ready at once
+    // and the server's branch is taken, it must not be polled again (an
+    // `async fn` polled after it completed panics: a CI run's SIGTERM did).
+    let served = tokio::select! {
+        () = &mut server => true,
+        () = shutdown.cancelled() => false,
+    };
     // The grace period counts from the signal, for open HTTP requests too:
     // the server waits for every connection to finish its request, and one
     // that sent half a request head and stalled held the process until the
     // pod's SIGKILL, with no drain, journal sync or notification flush.
     let deadline = tokio::time::Instant::now() + config.serve.shutdown_grace;
-    if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
+    if !served && tokio::time::timeout_at(deadline, &mut server).await.is_err() {
         tracing::warn!("HTTP requests still open after the shutdown grace period; closed");
     }
     let loops_done = async { while loops.join_next().await.is_some() {} };
@@ -672,7 +675,7 @@ async fn retention_loop(
                 .as_ref()
                 .ok()
                 .and_then(|o| o.purge.as_ref())
-                .map_or(0, |s| s.settled + s.settled_from_journal);
+                .map_or(0, |s| s.settled);
             app.cache.run_finished(&queue, &key, settled);
             drop(ticket);
             match outcome {

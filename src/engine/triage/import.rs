@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -229,7 +228,7 @@ pub async fn import(
     let limiter = req
         .rate
         .and_then(NonZeroU32::new)
-        .map(|r| RateLimiter::direct(Quota::per_second(r)));
+        .map(crate::engine::redrive::message_rate);
     let mut s = ImportSummary {
         run_id: plan.run_id.clone(),
         action: "import",
