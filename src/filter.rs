@@ -631,6 +631,9 @@ fn filter_env() -> Env {
 /// that builds its patterns from the messages may need more, and then
 /// compiles again.
 const MAX_COMPILED_PATTERNS: usize = 64;
+/// Longer patterns (taken from a message's body, say) are compiled at each
+/// call, as cel did, rather than kept: 64 of them could hold gigabytes.
+const MAX_KEPT_PATTERN_BYTES: usize = 1024;
 
 thread_local! {
     /// Patterns compiled by [`regex_matches`], or why they do not compile.
@@ -644,20 +647,26 @@ thread_local! {
 /// pattern compiles far slower than it matches a short reason.
 fn regex_matches(this: &CelString<'_>, pattern: &CelString<'_>) -> Result<CelBool, ExecutionError> {
     let pattern = pattern.inner();
-    let matched = COMPILED_PATTERNS.with(|compiled| {
-        let mut compiled = compiled.borrow_mut();
-        if !compiled.contains_key(pattern) {
-            if compiled.len() >= MAX_COMPILED_PATTERNS {
-                compiled.clear();
+    let invalid = |e: regex::Error| format!("'{pattern}' not a valid regex:\n{e}");
+    let matched = if pattern.len() > MAX_KEPT_PATTERN_BYTES {
+        regex::Regex::new(pattern)
+            .map(|regex| regex.is_match(this.inner()))
+            .map_err(invalid)
+    } else {
+        COMPILED_PATTERNS.with(|compiled| {
+            let mut compiled = compiled.borrow_mut();
+            if !compiled.contains_key(pattern) {
+                if compiled.len() >= MAX_COMPILED_PATTERNS {
+                    compiled.clear();
+                }
+                compiled.insert(pattern.to_string(), regex::Regex::new(pattern).map_err(invalid));
             }
-            let regex = regex::Regex::new(pattern).map_err(|e| format!("'{pattern}' not a valid regex:\n{e}"));
-            compiled.insert(pattern.to_string(), regex);
-        }
-        match &compiled[pattern] {
-            Ok(regex) => Ok(regex.is_match(this.inner())),
-            Err(message) => Err(message.clone()),
-        }
-    });
+            match &compiled[pattern] {
+                Ok(regex) => Ok(regex.is_match(this.inner())),
+                Err(message) => Err(message.clone()),
+            }
+        })
+    };
     matched
         .map(CelBool::from)
         .map_err(|message| ExecutionError::FunctionError {
@@ -1180,6 +1189,11 @@ mod tests {
             assert!(err.contains("'(' not a valid regex"), "{err}");
         }
         COMPILED_PATTERNS.with(|compiled| assert!(compiled.borrow().len() <= MAX_COMPILED_PATTERNS));
+        // A long pattern is compiled, not kept.
+        m.body = "x".repeat(MAX_KEPT_PATTERN_BYTES + 1).into_bytes().into();
+        m.reason = Some(String::from_utf8(m.body.to_vec()).unwrap());
+        assert_eq!(dynamic.matches(&m, Utc::now()), Ok(true));
+        COMPILED_PATTERNS.with(|compiled| assert!(!compiled.borrow().keys().any(|p| p.len() > MAX_KEPT_PATTERN_BYTES)));
     }
 
     /// The borrowed binding `matches` uses agrees with the reference, which
