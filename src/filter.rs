@@ -288,6 +288,9 @@ pub struct Filter {
     /// The attribute keys the expression reads, when it reads `attributes`
     /// only by constant key (see [`attribute_keys`]): only those are bound.
     attribute_keys: Option<Arc<[String]>>,
+    /// The literal patterns of its `matches` calls, compiled once (see
+    /// [`regex_matches`]).
+    patterns: Arc<HashMap<String, regex::Regex>>,
 }
 
 impl std::fmt::Debug for Filter {
@@ -442,12 +445,19 @@ impl Filter {
         }
         let uses = VARIABLES.iter().map(|v| vars.contains_key(v)).collect();
         let attribute_keys = attribute_keys(program.expression()).map(Arc::from);
+        // A literal that does not compile was refused above.
+        let patterns = calls
+            .iter()
+            .filter_map(|(_, c)| literal_pattern(c))
+            .filter_map(|p| Some((p.to_string(), regex::Regex::new(p).ok()?)))
+            .collect();
         Ok(Self {
             source: source.into(),
             program: Arc::new(program),
             env,
             uses,
             attribute_keys,
+            patterns: Arc::new(patterns),
         })
     }
 
@@ -484,6 +494,7 @@ impl Filter {
     }
 
     fn run(&self, ctx: &Context<'_, '_>) -> Result<bool, String> {
+        let _patterns = PatternsInUse::set(&self.patterns);
         match self.program.execute(ctx) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("filter must yield a bool, got {:?}", other.type_of())),
@@ -627,45 +638,62 @@ fn filter_env() -> Env {
     env
 }
 
-/// The most patterns [`regex_matches`] keeps compiled per thread; a filter
-/// that builds its patterns from the messages may need more, and then
-/// compiles again.
-const MAX_COMPILED_PATTERNS: usize = 64;
-/// Longer patterns (taken from a message's body, say) are compiled at each
-/// call, as cel did, rather than kept: 64 of them could hold gigabytes.
-const MAX_KEPT_PATTERN_BYTES: usize = 1024;
-
 thread_local! {
-    /// Patterns compiled by [`regex_matches`], or why they do not compile.
-    static COMPILED_PATTERNS: std::cell::RefCell<HashMap<String, Result<regex::Regex, String>>> =
-        std::cell::RefCell::new(HashMap::new());
+    /// The compiled literal patterns of the filter this thread evaluates.
+    static PATTERNS_IN_USE: std::cell::RefCell<Option<Arc<HashMap<String, regex::Regex>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// [`PATTERNS_IN_USE`] for the length of one evaluation, on this thread.
+struct PatternsInUse;
+
+impl PatternsInUse {
+    fn set(patterns: &Arc<HashMap<String, regex::Regex>>) -> Option<Self> {
+        if patterns.is_empty() {
+            return None;
+        }
+        PATTERNS_IN_USE.with(|p| *p.borrow_mut() = Some(patterns.clone()));
+        Some(PatternsInUse)
+    }
+}
+
+impl Drop for PatternsInUse {
+    fn drop(&mut self) {
+        PATTERNS_IN_USE.with(|p| p.borrow_mut().take());
+    }
+}
+
+/// The pattern of a `matches` call, when it is a string literal.
+fn literal_pattern(call: &CallExpr) -> Option<&str> {
+    let pattern = match (call.func_name.as_str(), &call.target, call.args.as_slice()) {
+        ("matches", Some(_), [pattern]) | ("matches", None, [_, pattern]) => pattern,
+        _ => return None,
+    };
+    match &pattern.expr {
+        Expr::Literal(LiteralValue::String(p)) => Some(p.inner()),
+        _ => None,
+    }
 }
 
 /// CEL's `matches` (RE2 syntax, true when the pattern matches anywhere in
 /// the string), as cel's own but for one thing: cel's compiles the pattern
 /// at every call, that is for every message a redrive examines, and a
-/// pattern compiles far slower than it matches a short reason.
+/// pattern compiles far slower than it matches a short reason. The filter's
+/// literal patterns are compiled once, when it is; a pattern built from the
+/// message is still compiled at each call, and never kept (one under 1 KiB
+/// can compile to megabytes).
 fn regex_matches(this: &CelString<'_>, pattern: &CelString<'_>) -> Result<CelBool, ExecutionError> {
     let pattern = pattern.inner();
-    let invalid = |e: regex::Error| format!("'{pattern}' not a valid regex:\n{e}");
-    let matched = if pattern.len() > MAX_KEPT_PATTERN_BYTES {
-        regex::Regex::new(pattern)
+    let kept = PATTERNS_IN_USE.with(|p| {
+        p.borrow()
+            .as_ref()
+            .and_then(|patterns| patterns.get(pattern).map(|regex| regex.is_match(this.inner())))
+    });
+    let matched = match kept {
+        Some(matched) => Ok(matched),
+        None => regex::Regex::new(pattern)
             .map(|regex| regex.is_match(this.inner()))
-            .map_err(invalid)
-    } else {
-        COMPILED_PATTERNS.with(|compiled| {
-            let mut compiled = compiled.borrow_mut();
-            if !compiled.contains_key(pattern) {
-                if compiled.len() >= MAX_COMPILED_PATTERNS {
-                    compiled.clear();
-                }
-                compiled.insert(pattern.to_string(), regex::Regex::new(pattern).map_err(invalid));
-            }
-            match &compiled[pattern] {
-                Ok(regex) => Ok(regex.is_match(this.inner())),
-                Err(message) => Err(message.clone()),
-            }
-        })
+            .map_err(|e| format!("'{pattern}' not a valid regex:\n{e}")),
     };
     matched
         .map(CelBool::from)
@@ -1160,40 +1188,33 @@ mod tests {
     }
 
     /// `matches` keeps CEL's meaning (a match anywhere, RE2 syntax, both
-    /// call forms) with its patterns compiled once: past the cache's cap,
-    /// and for a pattern taken from the message, it still answers right,
-    /// and a pattern that does not compile fails every time it is used.
+    /// call forms). A filter's literal patterns are compiled with it, and
+    /// only for its own evaluations; a pattern taken from the message is
+    /// compiled at each call and fails every time it does not compile.
     #[test]
-    fn matches_compiles_each_pattern_once_and_keeps_cels_meaning() {
+    fn matches_compiles_literal_patterns_once_and_keeps_cels_meaning() {
         assert_eq!(eval(r#"reason.matches("out")"#), Ok(true));
         assert_eq!(eval(r#"reason.matches("^out")"#), Ok(false));
         assert_eq!(eval(r#"matches(reason, "^Time(out)?$")"#), Ok(true));
         assert_eq!(eval(r#"reason.matches("(?i)^TIMEOUT$")"#), Ok(true));
         assert_eq!(eval(r#"body.matches(reason) == body.contains(reason)"#), Ok(true));
+        let f = Filter::compile(r#"reason.matches("^Time") && ["a"].exists(x, matches(x, "a+"))"#).unwrap();
+        let mut kept: Vec<&str> = f.patterns.keys().map(String::as_str).collect();
+        kept.sort();
+        assert_eq!(kept, ["^Time", "a+"]);
+        assert_eq!(f.matches(&msg(), Utc::now()), Ok(true));
+        PATTERNS_IN_USE.with(|p| assert!(p.borrow().is_none(), "only for the evaluation"));
         let mut m = msg();
-        for round in 0..2 {
-            for i in 0..(2 * MAX_COMPILED_PATTERNS) {
-                m.reason = Some(format!("r{i}"));
-                let f = Filter::compile(&format!(
-                    r#"reason.matches("^r{i}$") && !reason.matches("^r{}$")"#,
-                    i + 1
-                ))
-                .unwrap();
-                assert_eq!(f.matches(&m, Utc::now()), Ok(true), "round {round}, pattern {i}");
-            }
-        }
         let dynamic = Filter::compile("reason.matches(body)").unwrap();
+        assert!(dynamic.patterns.is_empty());
         m.body = b"(".to_vec().into();
         for _ in 0..2 {
             let err = dynamic.matches(&m, Utc::now()).unwrap_err();
             assert!(err.contains("'(' not a valid regex"), "{err}");
         }
-        COMPILED_PATTERNS.with(|compiled| assert!(compiled.borrow().len() <= MAX_COMPILED_PATTERNS));
-        // A long pattern is compiled, not kept.
-        m.body = "x".repeat(MAX_KEPT_PATTERN_BYTES + 1).into_bytes().into();
-        m.reason = Some(String::from_utf8(m.body.to_vec()).unwrap());
+        m.body = b"^Time".to_vec().into();
         assert_eq!(dynamic.matches(&m, Utc::now()), Ok(true));
-        COMPILED_PATTERNS.with(|compiled| assert!(!compiled.borrow().keys().any(|p| p.len() > MAX_KEPT_PATTERN_BYTES)));
+        assert_eq!(dynamic.matches_reference(&m, Utc::now()), Ok(true));
     }
 
     /// The borrowed binding `matches` uses agrees with the reference, which

@@ -824,10 +824,11 @@ impl PubSubBackend {
     }
 
     /// The topic of subscription `sub` (full name), looked up once; a
-    /// lookup that failed is made again only [`SOURCE_LOOKUP_RETRY`] later
-    /// (not at every message: a lease of 1,000 messages naming a
-    /// subscription the identity cannot read made 1,000 calls in a row,
-    /// and a long-running `serve` never saw a subscription created again).
+    /// subscription not found or not readable is looked up again only
+    /// [`SOURCE_LOOKUP_RETRY`] later (not at every message: a lease of 1,000
+    /// messages naming a subscription the identity cannot read made 1,000
+    /// calls in a row, and a long-running `serve` never saw a subscription
+    /// created again).
     async fn topic_of(&self, sub: &str) -> Option<String> {
         if let Some((t, until)) = self.source_topics.lock().await.get(sub)
             && until.is_none_or(|u| std::time::Instant::now() < u)
@@ -838,13 +839,19 @@ impl PubSubBackend {
         let (topic, until) = match found {
             // A subscription whose topic was deleted names `_deleted-topic_`.
             Ok(s) => (Some(s.topic).filter(|t| t.starts_with("projects/")), None),
-            Err(s) => {
-                if s.code() == Code::NotFound {
-                    tracing::warn!(subscription = %sub, "the dead-letter source subscription no longer exists");
-                } else {
-                    tracing::warn!(subscription = %sub, error = %self.error(s, sub), "cannot look up the dead-letter source subscription");
-                }
+            Err(s) if s.code() == Code::NotFound => {
+                tracing::warn!(subscription = %sub, "the dead-letter source subscription no longer exists");
                 (None, Some(std::time::Instant::now() + SOURCE_LOOKUP_RETRY))
+            }
+            Err(s) if s.code() == Code::PermissionDenied => {
+                tracing::warn!(subscription = %sub, error = %self.error(s, sub), "cannot look up the dead-letter source subscription");
+                (None, Some(std::time::Instant::now() + SOURCE_LOOKUP_RETRY))
+            }
+            Err(s) => {
+                // Not kept: a service briefly unavailable may answer the
+                // next message's lookup.
+                tracing::warn!(subscription = %sub, error = %self.error(s, sub), "cannot look up the dead-letter source subscription");
+                return None;
             }
         };
         self.source_topics
@@ -1381,7 +1388,7 @@ fn classify(status: Status, endpoint: &str, resource: &str) -> BackendError {
             provider: PROVIDER,
             detail: format!(
                 "the identity lacks a permission on {resource}: {} (the README's Pub/Sub IAM section lists the roles: \
-                 subscriber and viewer on the DLQ subscription's project, publisher on the topics copies go to)",
+                 subscriber on the DLQ subscription, viewer on its project, publisher on the topics copies go to)",
                 status.message()
             ),
         },

@@ -758,7 +758,7 @@ impl<'a> Pass<'a> {
             s,
             caps,
             rated_lease,
-            limiter: plan.rate.map(message_rate),
+            limiter: plan.rate.map(|r| message_rate(r, caps.batch_size)),
             discard_to,
             seen: SeenSet::default(),
             held: Vec::new(),
@@ -1422,12 +1422,18 @@ fn merge(s: &mut RunSummary, out: BatchOutcome, held: &mut Vec<LeaseId>) {
     }
 }
 
-/// The limiter of a `--rate` of `per_second` messages. Its burst is one
-/// message: with a burst of the whole rate, the bucket starts full (and
-/// fills again while the run waits on a lease), so a run sent about twice
-/// the rate in its first second. Tokens are taken a message at a time.
-pub(crate) fn message_rate(per_second: NonZeroU32) -> DefaultDirectRateLimiter {
-    RateLimiter::direct(Quota::per_second(per_second).allow_burst(NonZeroU32::MIN))
+/// The limiter of a `--rate` of `per_second` messages, sent in batches of
+/// up to `batch`. governor's bucket starts full, and held a second's worth:
+/// a run sent about twice the rate in its first second. It now starts
+/// empty and holds at most a batch (fewer when the rate is lower), so the
+/// time a run spends sending or leasing between batches still counts
+/// towards the next one, but no second's worth goes at once.
+pub(crate) fn message_rate(per_second: NonZeroU32, batch: usize) -> DefaultDirectRateLimiter {
+    let burst =
+        NonZeroU32::new(u32::try_from(batch).unwrap_or(u32::MAX).min(per_second.get())).unwrap_or(NonZeroU32::MIN);
+    let limiter = RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst));
+    let _ = limiter.check_n(burst);
+    limiter
 }
 
 /// How many messages to lease at once. A leased batch waits for its rate
@@ -1834,15 +1840,17 @@ mod tests {
         assert!(partial_batches_may_go(false, false, 16));
     }
 
-    /// A fresh limiter lets one message through, not a whole second's
-    /// worth: the bucket holds one token.
+    /// A fresh limiter lets nothing through at once, not a whole second's
+    /// worth, and fills up to one batch at most.
     #[test]
-    fn a_rate_starts_with_one_message_not_a_seconds_worth() {
-        let limiter = message_rate(NonZeroU32::new(1).unwrap());
-        assert!(limiter.check().is_ok());
-        assert!(limiter.check().is_err(), "the next waits a second");
-        let ten = message_rate(NonZeroU32::new(10).unwrap());
-        assert_eq!((0..10).filter(|_| ten.check().is_ok()).count(), 1);
+    fn a_rate_starts_empty_and_holds_at_most_a_batch() {
+        let limiter = message_rate(NonZeroU32::new(1).unwrap(), 10);
+        assert!(limiter.check().is_err(), "the first waits a second");
+        // Half a second of 10/s is 5 tokens; the bucket holds a batch of 3,
+        // and the next token is 100 ms away.
+        let limiter = message_rate(NonZeroU32::new(10).unwrap(), 3);
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!((0..10).filter(|_| limiter.check().is_ok()).count(), 3);
     }
 
     #[test]

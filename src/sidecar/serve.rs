@@ -243,9 +243,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     app.drain_runs(deadline.saturating_duration_since(tokio::time::Instant::now()))
         .await;
-    if let Some(j) = &app.journal {
-        j.sync()?;
-    }
+    // A journal that cannot sync is reported in the exit status, after the
+    // notifications are flushed and the Lease handed over, not instead.
+    let journal_synced = app.journal.as_ref().map_or(Ok(()), |j| j.sync());
     // Notifications queued or in retry would die with the process: an alert
     // that fired just before a rollout must still reach its sinks.
     let left = outgoing
@@ -263,6 +263,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(elector) = elector {
         let _ = elector.await;
     }
+    journal_synced?;
     Ok(())
 }
 

@@ -228,7 +228,7 @@ pub async fn import(
     let limiter = req
         .rate
         .and_then(NonZeroU32::new)
-        .map(crate::engine::redrive::message_rate);
+        .map(|r| crate::engine::redrive::message_rate(r, caps.batch_size));
     let mut s = ImportSummary {
         run_id: plan.run_id.clone(),
         action: "import",
@@ -329,6 +329,9 @@ pub async fn import(
                     m.id, req.to
                 ),
             );
+            // As after a failed send: the key's later lines stay out, so
+            // that none goes ahead of this one.
+            failed_keys.extend(m.ordering_key.clone());
             continue;
         };
         *s.destinations.entry(dest.0.clone()).or_default() += 1;
