@@ -839,11 +839,7 @@ impl PubSubBackend {
         let (topic, until) = match found {
             // A subscription whose topic was deleted names `_deleted-topic_`.
             Ok(s) => (Some(s.topic).filter(|t| t.starts_with("projects/")), None),
-            Err(s) if s.code() == Code::NotFound => {
-                tracing::warn!(subscription = %sub, "the dead-letter source subscription no longer exists");
-                (None, Some(std::time::Instant::now() + SOURCE_LOOKUP_RETRY))
-            }
-            Err(s) if s.code() == Code::PermissionDenied => {
+            Err(s) if matches!(s.code(), Code::NotFound | Code::PermissionDenied) => {
                 tracing::warn!(subscription = %sub, error = %self.error(s, sub), "cannot look up the dead-letter source subscription");
                 (None, Some(std::time::Instant::now() + SOURCE_LOOKUP_RETRY))
             }

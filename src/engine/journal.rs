@@ -578,13 +578,7 @@ impl Journal {
         if let Some(lost) = &w.lost {
             return Err(self.io(std::io::Error::other(format!("a record could not be written ({lost})"))));
         }
-        if let Err(e) = w.file.flush().and_then(|_| w.file.get_ref().sync_data()) {
-            // Linux reports a failed write-back once and drops its pages: a
-            // later fsync that succeeds would not mean these records, which
-            // other batches' intents may be among, are on disk.
-            w.lost.get_or_insert_with(|| e.to_string());
-            return Err(self.io(e));
-        }
+        self.flush_to_disk(&mut w)?;
         if w.bytes > self.rotation.max_bytes {
             self.rotate(&mut w)?;
         }
@@ -659,19 +653,33 @@ impl Journal {
                 return Err(self.io(e));
             }
         }
+        self.flush_to_disk(w)?;
+        // The renames and the new file are durable once their directory is
+        // synced: best effort, as some file systems refuse to sync one.
+        sync_parent_dir(&self.path);
+        Ok(())
+    }
+
+    /// Flush and fsync the active file. A failure marks the journal lost:
+    /// Linux reports a failed write-back once and drops its pages, so a
+    /// later fsync that succeeds would not mean these records, which other
+    /// batches' intents may be among, are on disk.
+    fn flush_to_disk(&self, w: &mut Writer) -> Result<(), JournalError> {
         if let Err(e) = w.file.flush().and_then(|_| w.file.get_ref().sync_data()) {
             w.lost.get_or_insert_with(|| e.to_string());
             return Err(self.io(e));
         }
-        // The renames and the new file are durable once their directory is
-        // synced: best effort, as some file systems refuse to sync one.
-        #[cfg(unix)]
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
-            && let Err(e) = File::open(dir).and_then(|d| d.sync_all())
-        {
-            tracing::debug!(error = %e, dir = %dir.display(), "syncing the journal's directory after a rotation failed");
-        }
         Ok(())
+    }
+}
+
+/// Sync the directory that holds `path`, so that a rename or a file
+/// created in it is durable: best effort (some file systems refuse it).
+pub(crate) fn sync_parent_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Err(e) = File::open(dir).and_then(|d| d.sync_all())
+    {
+        tracing::debug!(error = %e, dir = %dir.display(), "syncing a directory failed");
     }
 }
 

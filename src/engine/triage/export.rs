@@ -312,11 +312,7 @@ impl ExportWriter {
                 return Err(io_err(&self.path)(e));
             }
             // The rename itself is durable only once the directory is synced.
-            if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty())
-                && let Ok(d) = File::open(dir)
-            {
-                let _ = d.sync_all();
-            }
+            crate::engine::journal::sync_parent_dir(&target);
         }
         Ok(())
     }
