@@ -726,6 +726,37 @@ pub async fn a_pass_stops_leasing_at_max_held_and_loses_nothing<F: Fixture>() {
     assert_eq!(f.dlq_count().await, 20);
 }
 
+/// A pass that outlasts its hold extends what it holds. 36 messages, 12
+/// matching, moved at 3 a second: about 4 s, against a hold of 2 s.
+/// Unextended, the non-matching messages held from the first leases came
+/// back mid-pass, were delivered again and held a second time (`released`
+/// counted them twice), and a run of leases bringing only those could end
+/// the pass before it had examined everything.
+pub async fn a_pass_longer_than_its_hold_keeps_what_it_holds<F: Fixture>() {
+    let f = F::create(false).await;
+    let msgs = orders(36);
+    f.dead_letter(&msgs).await;
+    let mut config = f.config();
+    config.redrive.hold = Duration::from_secs(2);
+    let req = RedriveRequest {
+        rate: Some(3),
+        ..req(r#"attributes.error == "Timeout""#)
+    };
+    let started = std::time::Instant::now();
+    let s = redrive(config, req).await;
+    assert!(s.ok(), "{s:?}");
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "the pass outlasted its hold: {s:?}"
+    );
+    assert_eq!(s.stopped, StopReason::Drained, "{s:?}");
+    assert_eq!((s.examined, s.matched, s.settled), (36, 12, 12), "{s:?}");
+    assert_eq!(s.released, 24, "each held message was held once: {s:?}");
+    let timeouts = msgs.iter().filter(|m| m.attributes["error"].as_text() == "Timeout");
+    assert_eq!(bodies(&f.drain_source().await), expected_bodies(timeouts));
+    assert_eq!(f.dlq_count().await, 24, "nothing lost");
+}
+
 /// SQS fair queues: a standard queue's MessageGroupId (the tenant) stays on
 /// the copy (a standard queue keeps no order, so only the tenants are
 /// compared).
@@ -832,6 +863,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_pass_stops_leasing_at_max_held_and_loses_nothing() {
                 super::a_pass_stops_leasing_at_max_held_and_loses_nothing::<$fixture>().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_pass_longer_than_its_hold_keeps_what_it_holds() {
+                super::a_pass_longer_than_its_hold_keeps_what_it_holds::<$fixture>().await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn report_groups_patterns_exactly() {

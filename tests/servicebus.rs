@@ -339,6 +339,48 @@ async fn a_rated_pass_keeps_within_the_entitys_lock_duration() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(f.dlq_count().await, 0, "{said}");
     assert_eq!(queue_message_count(&f.http, DEST).await, 20, "{said}");
+
+    // A pass that outlasts the lock: 10 matches at 2 a second take about
+    // 5 s, and the 20 messages it holds without moving, from its first
+    // leases on, keep their locks (renew-lock). Unrenewed, their locks
+    // lapsed after 2 s, each was delivered again (its DeliveryCount raised)
+    // and held a second time: `released` counted 20 and more.
+    let mixed: Vec<TestMessage> = (0..30)
+        .map(|i| failing(i, if i % 3 == 0 { "Timeout" } else { "Poison" }))
+        .collect();
+    f.put_in_dlq(&mixed).await;
+    let before: Vec<u32> = f
+        .browse_dlq()
+        .await
+        .iter()
+        .map(|m| m.delivery_count().unwrap_or_default())
+        .collect();
+    let (code, said) = redrive_to_with(
+        &f,
+        ENV,
+        &cs,
+        DEST,
+        &["--rate", "2", "--filter", r#"attributes.error == "Timeout""#],
+    );
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("settled:   10"), "{said}");
+    assert!(
+        said.contains("released:  20 "),
+        "each held message was held once: {said}"
+    );
+    assert_eq!(queue_message_count(&f.http, DEST).await, 30, "{said}");
+    let after: Vec<u32> = f
+        .browse_dlq()
+        .await
+        .iter()
+        .map(|m| m.delivery_count().unwrap_or_default())
+        .collect();
+    assert_eq!(after.len(), 20, "{said}");
+    let base = before.iter().max().copied().unwrap_or_default();
+    assert!(
+        after.iter().all(|&c| c <= base + 1),
+        "delivered once by the pass: {before:?} -> {after:?}"
+    );
 }
 
 /// Azure refuses a batch of messages with distinct MessageIds (every copy

@@ -299,6 +299,9 @@ pub struct Capabilities {
     /// provider fixes it (Service Bus: the entity's LockDuration, once its
     /// description was read). The engine sizes its rated leases to it.
     pub fixed_hold: Option<Duration>,
+    /// The longest hold one lease or extension can ask for (Pub/Sub's ack
+    /// deadline: 600 s; SQS's visibility timeout: 12 hours).
+    pub max_hold: Option<Duration>,
 }
 
 #[async_trait]
@@ -381,6 +384,13 @@ pub trait QueueBackend: Send + Sync {
 
     /// Make leased messages visible again at once (visibility 0, modack 0, abandon).
     async fn release(&self, leases: &[LeaseId]) -> Result<()>;
+
+    /// Keep leased messages hidden for another `hold` from now (visibility,
+    /// ack deadline, renew-lock), so that a pass longer than its hold does
+    /// not see what it holds come back. A lease the provider no longer knows
+    /// (lapsed, settled) is skipped; an error means the call failed as a
+    /// whole, and those leases may lapse (seen again, never lost).
+    async fn extend(&self, leases: &[LeaseId], hold: Duration) -> Result<()>;
 
     /// The destination used when a message does not name its own source and the
     /// config gives none: discovered from the provider where it can tell.

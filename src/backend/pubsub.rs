@@ -21,7 +21,9 @@
 //!   with one ack ID no longer valid fails INVALID_ARGUMENT, acknowledges the
 //!   others, and lists the failed IDs in an ErrorInfo: only those are
 //!   reported unsettled, and the transient ones are acknowledged again.
-//!   **release**: `ModifyAckDeadline` to 0.
+//!   **release**: `ModifyAckDeadline` to 0. **extend**: `ModifyAckDeadline`
+//!   to the hold again (600 s at most), changed one by one past an expired
+//!   ack ID, as a release is.
 //! - **peek**: Pub/Sub has no browse, so it leases and releases at once. Each
 //!   peek therefore counts as a delivery attempt on the DLQ subscription and
 //!   hides the messages from other consumers for the moment it takes
@@ -783,6 +785,36 @@ impl PubSubBackend {
         }
     }
 
+    /// Set the ack deadline of leased messages to `seconds` from now (0:
+    /// deliverable again at once), once the deadline change of their lease
+    /// was answered: one overtaken by that change would be hidden for the
+    /// whole hold.
+    async fn set_deadline(&self, leases: &[LeaseId], seconds: i32) -> Result<()> {
+        self.pending_holds.answered(leases).await;
+        for chunk in leases.chunks(ACK_CHUNK) {
+            let ids: Vec<String> = chunk.iter().map(|l| l.0.clone()).collect();
+            match self.modify_deadline(ids, seconds).await {
+                Ok(()) => {}
+                // An expired or unknown ack ID (the message is deliverable
+                // again anyway) can fail the whole call: the others are
+                // changed one by one, so that none waits out its deadline
+                // or lapses for it.
+                Err(s) if s.code() == Code::InvalidArgument => {
+                    tracing::debug!(error = %s.message(), seconds, "a deadline change included an expired lease; changing one by one");
+                    for l in chunk {
+                        if let Err(s) = self.modify_deadline(vec![l.0.clone()], seconds).await
+                            && s.code() != Code::InvalidArgument
+                        {
+                            return Err(self.error(s, &self.subscription));
+                        }
+                    }
+                }
+                Err(s) => return Err(self.error(s, &self.subscription)),
+            }
+        }
+        Ok(())
+    }
+
     async fn modify_deadline(&self, ack_ids: Vec<String>, seconds: i32) -> Result<(), Status> {
         modify_deadline(&self.conns.subc, &self.subscription, ack_ids, seconds).await
     }
@@ -1426,6 +1458,7 @@ impl QueueBackend for PubSubBackend {
             max_release_size: COUNT_PULL,
             ordered_delivery: self.ordered_delivery,
             fixed_hold: None,
+            max_hold: Some(Duration::from_secs(MAX_ACK_DEADLINE_SECS)),
         }
     }
 
@@ -1491,7 +1524,7 @@ impl QueueBackend for PubSubBackend {
             tracing::warn!(
                 queue = %self.queue_name,
                 hold = ?hold,
-                "Pub/Sub ack deadlines end at 600 s: leases are held for 600 s, and a pass that runs longer sees its held messages again (the run skips them as already seen)"
+                "Pub/Sub ack deadlines end at 600 s: leases are held for 600 s at a time, and a pass that runs longer extends what it holds every 200 s"
             );
         }
         let secs = hold.as_secs().clamp(1, MAX_ACK_DEADLINE_SECS) as i32;
@@ -1643,28 +1676,12 @@ impl QueueBackend for PubSubBackend {
     }
 
     async fn release(&self, leases: &[LeaseId]) -> Result<()> {
-        self.pending_holds.answered(leases).await;
-        for chunk in leases.chunks(ACK_CHUNK) {
-            let ids: Vec<String> = chunk.iter().map(|l| l.0.clone()).collect();
-            match self.modify_deadline(ids, 0).await {
-                Ok(()) => {}
-                // An expired or unknown ack ID (the message is deliverable
-                // again anyway) can fail the whole call: release the others
-                // one by one, so that they do not wait out their deadline.
-                Err(s) if s.code() == Code::InvalidArgument => {
-                    tracing::debug!(error = %s.message(), "a release included an expired lease; releasing one by one");
-                    for l in chunk {
-                        if let Err(s) = self.modify_deadline(vec![l.0.clone()], 0).await
-                            && s.code() != Code::InvalidArgument
-                        {
-                            return Err(self.error(s, &self.subscription));
-                        }
-                    }
-                }
-                Err(s) => return Err(self.error(s, &self.subscription)),
-            }
-        }
-        Ok(())
+        self.set_deadline(leases, 0).await
+    }
+
+    async fn extend(&self, leases: &[LeaseId], hold: Duration) -> Result<()> {
+        self.set_deadline(leases, hold.as_secs().clamp(1, MAX_ACK_DEADLINE_SECS) as i32)
+            .await
     }
 
     async fn default_source(&self) -> Result<Option<Destination>> {

@@ -217,6 +217,29 @@ fn non_empty_env(name: &str) -> Option<String> {
 }
 
 impl SqsBackend {
+    /// Set the visibility timeout of leased messages (0: visible at once),
+    /// ten a call. A lease that already expired is visible again anyway, so
+    /// an entry refused for it is no failure.
+    async fn change_visibility(&self, leases: &[LeaseId], secs: i32) -> Result<()> {
+        for chunk in leases.chunks(BATCH) {
+            let mut req = self.client.change_message_visibility_batch().queue_url(&self.queue_url);
+            for (j, lease) in chunk.iter().enumerate() {
+                req = req.entries(
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(j.to_string())
+                        .receipt_handle(&lease.0)
+                        .visibility_timeout(secs)
+                        .build()
+                        .expect("id and handle are set"),
+                );
+            }
+            let out = req.send().await.map_err(|e| self.error(e))?;
+            for bad in out.failed() {
+                tracing::debug!(code = bad.code(), secs, "visibility change of an expired lease ignored");
+            }
+        }
+        Ok(())
+    }
     pub async fn connect(name: &str, cfg: &SqsQueueConfig, queue: &QueueConfig, clients: &Clients) -> Result<Self> {
         if let (Some(region), Some(named)) = (&cfg.region, queue_region(&cfg.queue))
             && *region != named
@@ -900,6 +923,7 @@ impl QueueBackend for SqsBackend {
             max_release_size: BATCH,
             ordered_delivery: self.queue_url.ends_with(".fifo"),
             fixed_hold: None,
+            max_hold: Some(Duration::from_secs(MAX_VISIBILITY_SECS)),
         }
     }
 
@@ -1169,25 +1193,12 @@ impl QueueBackend for SqsBackend {
     }
 
     async fn release(&self, leases: &[LeaseId]) -> Result<()> {
-        for chunk in leases.chunks(BATCH) {
-            let mut req = self.client.change_message_visibility_batch().queue_url(&self.queue_url);
-            for (j, lease) in chunk.iter().enumerate() {
-                req = req.entries(
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(j.to_string())
-                        .receipt_handle(&lease.0)
-                        .visibility_timeout(0)
-                        .build()
-                        .expect("id and handle are set"),
-                );
-            }
-            let out = req.send().await.map_err(|e| self.error(e))?;
-            // A lease that already expired is visible again anyway.
-            for bad in out.failed() {
-                tracing::debug!(code = bad.code(), "release of an expired lease ignored");
-            }
-        }
-        Ok(())
+        self.change_visibility(leases, 0).await
+    }
+
+    async fn extend(&self, leases: &[LeaseId], hold: Duration) -> Result<()> {
+        self.change_visibility(leases, hold.as_secs().clamp(1, MAX_VISIBILITY_SECS) as i32)
+            .await
     }
 
     async fn default_source(&self) -> Result<Option<Destination>> {

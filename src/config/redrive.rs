@@ -18,9 +18,11 @@ pub struct RedriveConfig {
     /// to 256 (`MAX_CONCURRENCY`); default 16.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// How long messages stay leased during a pass. Messages a pass holds
-    /// (non-matching ones) are released together when it ends, so this must
-    /// outlast the pass. At least `1s`; default `5m`.
+    /// How long a lease hides a message. Messages a pass holds (non-matching
+    /// ones) are released together when it ends; a pass that outlasts this
+    /// extends them every third of it, so they do not come back mid-pass
+    /// (Pub/Sub caps it at 600 s; Service Bus holds for the entity's
+    /// LockDuration whatever this says). At least `1s`; default `5m`.
     #[serde(default = "default_hold", with = "duration_text")]
     pub hold: Duration,
     /// A run stops after this long, releasing what it holds. Default `1h`.

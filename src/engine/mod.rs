@@ -6,6 +6,7 @@
 //! Layering: `engine` uses `backend`, `config`, `filter` and `model`, never
 //! `sidecar` or `cli`.
 
+mod held;
 pub mod journal;
 pub mod redrive;
 pub mod registry;

@@ -24,6 +24,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendError, Capabilities, QueueBackend};
+use crate::engine::held::{HeldLeases, Keeper};
 use crate::engine::journal::{Journal, Record};
 use crate::filter::Filter;
 use crate::model::{
@@ -370,6 +371,7 @@ impl Engine {
             }
         }
         let mut pass = Pass::new(self, plan, s);
+        pass.keep_held();
         let result = pass.drive(started).await;
         let mut s = pass.finish().await;
         s.finished_at = Utc::now();
@@ -699,8 +701,13 @@ struct Pass<'a> {
     /// Where a purge "sends" its matches (the backup), for the summary.
     discard_to: Option<Destination>,
     seen: SeenSet,
-    /// Leases released when the pass ends (guarantee 4).
-    held: Vec<LeaseId>,
+    /// Leases released when the pass ends (guarantee 4), extended by
+    /// `keeper` meanwhile.
+    held: HeldLeases,
+    /// How long a lease or an extension holds a message: `redrive.hold`, or
+    /// less where the provider caps or fixes it.
+    hold: Duration,
+    keeper: Option<Keeper>,
     planned: u64,
     all_seen_streak: u32,
     /// A destination refused a batch for good (see [`BatchOutcome::refused`]):
@@ -731,13 +738,17 @@ impl<'a> Pass<'a> {
     fn new(engine: &'a Engine, plan: &'a RedrivePlan, s: RunSummary) -> Self {
         let caps = engine.backend.capabilities();
         // A provider that fixes its own hold (Service Bus's LockDuration)
-        // keeps a leased message no longer than that, whatever was asked.
-        let hold = caps.fixed_hold.map_or(plan.hold, |fixed| fixed.min(plan.hold));
+        // or caps it (Pub/Sub's 600 s) keeps a leased message no longer than
+        // that, whatever was asked.
+        let hold = [caps.fixed_hold, caps.max_hold]
+            .into_iter()
+            .flatten()
+            .fold(plan.hold, Duration::min);
         if plan.rate.is_some() && hold < plan.hold {
             tracing::info!(
                 hold = ?plan.hold,
                 provider_hold = ?hold,
-                "the provider holds a leased message for less than redrive.hold (Service Bus: the entity's LockDuration); rated leases are sized to it"
+                "the provider holds a leased message for less than redrive.hold (Service Bus: the entity's LockDuration; Pub/Sub: 600 s); rated leases are sized to it, and held messages are extended within it"
             );
         }
         // Each leased batch waits for its rate tokens behind the others in
@@ -761,7 +772,9 @@ impl<'a> Pass<'a> {
             limiter: plan.rate.map(|r| message_rate(r, caps.batch_size)),
             discard_to,
             seen: SeenSet::default(),
-            held: Vec::new(),
+            held: HeldLeases::new(hold),
+            hold,
+            keeper: None,
             planned: 0,
             all_seen_streak: 0,
             refused: false,
@@ -775,6 +788,17 @@ impl<'a> Pass<'a> {
             leases: VecDeque::new(),
             body_bytes: 0,
         }
+    }
+
+    /// Start extending what the pass holds, until [`Pass::finish`].
+    fn keep_held(&mut self) {
+        self.keeper = Some(Keeper::start(
+            &self.held,
+            self.engine.backend.clone(),
+            self.hold,
+            self.caps.max_release_size,
+            self.plan.concurrency,
+        ));
     }
 
     /// Messages this pass has removed from the DLQ so far.
@@ -1074,7 +1098,7 @@ impl<'a> Pass<'a> {
             let n = journal_settle.len() as u64;
             let out = engine.settle_batch(&RunRef::of(plan), journal_settle, false).await;
             self.s.settled_from_journal += n - out.settle_failed;
-            merge(&mut self.s, out, &mut self.held);
+            merge(&mut self.s, out, &self.held);
         }
         fresh
     }
@@ -1265,7 +1289,7 @@ impl<'a> Pass<'a> {
                 self.hold_back(key);
             }
         }
-        merge(&mut self.s, out, &mut self.held);
+        merge(&mut self.s, out, &self.held);
     }
 
     /// A message of `key` failed to send: its later messages that wait to be
@@ -1316,14 +1340,17 @@ impl<'a> Pass<'a> {
                 self.held.extend(leased.into_iter().map(|l| l.lease));
             }
         }
+        if let Some(keeper) = self.keeper.take() {
+            keeper.stop().await;
+        }
         let mut releases = Releases::new(&self);
         tracing::debug!(held = self.held.len(), "releasing what the pass held");
-        releases.start(std::mem::take(&mut self.held)).await;
+        releases.start(self.held.take_all()).await;
         while let Some(done) = self.sends.join_next().await {
             self.merge_send(done.expect("send tasks do not panic"));
         }
         // Copies that were not sent (their originals are held again).
-        releases.start(std::mem::take(&mut self.held)).await;
+        releases.start(self.held.take_all()).await;
         let (released, failed) = releases.finish().await;
         self.s.released = released;
         if let Some((_, e)) = failed.first() {
@@ -1411,7 +1438,7 @@ pub(crate) fn is_permanent(e: &BackendError) -> bool {
     )
 }
 
-fn merge(s: &mut RunSummary, out: BatchOutcome, held: &mut Vec<LeaseId>) {
+fn merge(s: &mut RunSummary, out: BatchOutcome, held: &HeldLeases) {
     s.sent += out.sent;
     s.settled += out.settled;
     s.send_failed += out.send_failed;
@@ -1773,6 +1800,7 @@ mod tests {
             max_release_size: max_lease_size,
             ordered_delivery: false,
             fixed_hold: None,
+            max_hold: None,
         }
     }
 

@@ -112,6 +112,7 @@ use fe2o3_amqp_types::definitions::ReceiverSettleMode;
 use fe2o3_amqp_types::messaging::{AmqpValue, FromBody, FromEmptyBody};
 use fe2o3_amqp_types::messaging::{Body, Message, Modified, Source};
 use fe2o3_amqp_types::primitives::{Array, OrderedMap, Timestamp, Uuid as AmqpUuid, Value};
+use futures::FutureExt as _;
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use tokio::sync::{mpsc, oneshot};
@@ -127,6 +128,7 @@ use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, R
 const PEEK_OPERATION: &str = "com.microsoft:peek-message";
 const RECEIVE_BY_SEQUENCE_OPERATION: &str = "com.microsoft:receive-by-sequence-number";
 const UPDATE_DISPOSITION_OPERATION: &str = "com.microsoft:update-disposition";
+const RENEW_LOCK_OPERATION: &str = "com.microsoft:renew-lock";
 const SAS_TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
 const JWT_TOKEN_TYPE: &str = "jwt";
 const ENTRA_SCOPE: &str = "https://servicebus.azure.net/.default";
@@ -345,6 +347,11 @@ enum Command {
         counted: usize,
         reply: Reply<TokenOutcomes>,
     },
+    /// Renew the locks of these tokens (deliveries' and deferred messages').
+    Renew {
+        tokens: Vec<uuid::Uuid>,
+        reply: Reply<TokenOutcomes>,
+    },
 }
 
 /// The backend's handle on the link's task. Dropping the last handle ends
@@ -488,6 +495,14 @@ impl DlqLink {
             reply,
         };
         self.call(cmd, rx, limit, label).await
+    }
+
+    /// Renew the locks of `tokens` (`com.microsoft:renew-lock`) for another
+    /// LockDuration: each token's outcome (a lock already lost is refused).
+    pub async fn renew_locks(&self, tokens: Vec<uuid::Uuid>, label: &LinkConfig) -> Result<TokenOutcomes> {
+        let (reply, rx) = oneshot::channel();
+        let limit = CALL_TIMEOUT * (4 + tokens.len().div_ceil(MGMT_BATCH) as u32);
+        self.call(Command::Renew { tokens, reply }, rx, limit, label).await
     }
 
     async fn call<T>(
@@ -863,7 +878,7 @@ impl Actor {
                 match cmd {
                     Command::Lease { reply, .. } => drop(reply.send(Err(err()))),
                     Command::Dispose { reply, .. } => drop(reply.send(Err(err()))),
-                    Command::Settle { reply, .. } => drop(reply.send(Err(err()))),
+                    Command::Settle { reply, .. } | Command::Renew { reply, .. } => drop(reply.send(Err(err()))),
                 }
             }
         }
@@ -892,6 +907,7 @@ impl Actor {
                         counted,
                         reply,
                     } => self.settle_tokens(tokens, complete, counted, Some(reply)).await?,
+                    Command::Renew { tokens, reply } => self.renew(tokens, reply).await,
                 }
             }
             if !disposals.is_empty() {
@@ -931,6 +947,7 @@ impl Actor {
                     Some(Command::Settle { tokens, complete, counted, reply }) => {
                         self.settle_tokens(tokens, complete, counted, Some(reply)).await?;
                     }
+                    Some(Command::Renew { tokens, reply }) => self.renew(tokens, reply).await,
                 },
                 Some((req, got)) = self.deferred_done.recv() => {
                     self.receiving_deferred -= 1;
@@ -1224,6 +1241,20 @@ impl Actor {
             let _ = reply.send(Err(self.cfg.unreachable("the deferred messages' link ended")));
         }
         Ok(())
+    }
+
+    /// Hand lock tokens to the `$management` link of calls by lock token to
+    /// renew. A renewal that cannot be made fails its caller, not the link.
+    async fn renew(&mut self, tokens: Vec<uuid::Uuid>, reply: Reply<TokenOutcomes>) {
+        let ops = match self.deferred_ops().await {
+            Ok(ops) => ops,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        if let Err(mpsc::error::SendError(DeferredOp::Renew { reply, .. })) =
+            ops.send(DeferredOp::Renew { tokens, reply })
+        {
+            let _ = reply.send(Err(self.cfg.unreachable("the deferred messages' link ended")));
+        }
     }
 
     /// Apply a batch of dispositions and hand their callers to the
@@ -1521,6 +1552,11 @@ enum DeferredOp {
         complete: bool,
         reply: Option<Reply<TokenOutcomes>>,
     },
+    /// Renew locks by lock token.
+    Renew {
+        tokens: Vec<uuid::Uuid>,
+        reply: Reply<TokenOutcomes>,
+    },
 }
 
 /// A receive by sequence number's answer, with the lease it is for.
@@ -1549,7 +1585,7 @@ async fn deferred_loop(cfg: Arc<LinkConfig>, mut mgmt: RpcLink, mut ops: mpsc::U
                 complete,
                 reply,
             } => {
-                let outcomes = update_disposition(&cfg, &mut mgmt, &tokens, complete).await;
+                let outcomes = by_token(&cfg, &mut mgmt, &tokens, TokenOp::Dispose { complete }).await;
                 match reply {
                     Some(reply) => drop(reply.send(outcomes)),
                     // A cancelled lease's locks lapse if this fails: the
@@ -1560,6 +1596,9 @@ async fn deferred_loop(cfg: Arc<LinkConfig>, mut mgmt: RpcLink, mut ops: mpsc::U
                         }
                     }
                 }
+            }
+            DeferredOp::Renew { tokens, reply } => {
+                let _ = reply.send(by_token(&cfg, &mut mgmt, &tokens, TokenOp::Renew).await);
             }
         }
     }
@@ -1611,23 +1650,26 @@ async fn receive_by_sequence(cfg: &LinkConfig, mgmt: &mut RpcLink, seqs: &[i64])
     }
 }
 
-/// Complete or abandon deferred messages by lock token
-/// (`com.microsoft:update-disposition`): each token's outcome. A request
+/// What is done to messages by their lock tokens through `$management`.
+#[derive(Clone, Copy)]
+enum TokenOp {
+    /// `com.microsoft:update-disposition`: completed or abandoned.
+    Dispose { complete: bool },
+    /// `com.microsoft:renew-lock`.
+    Renew,
+}
+
+/// Apply `op` to messages by lock token: each token's outcome. A request
 /// the broker refuses (one lock lost) is made again a token at a time, so
-/// that the others are still settled and each failure is known.
-async fn update_disposition(
-    cfg: &LinkConfig,
-    mgmt: &mut RpcLink,
-    tokens: &[uuid::Uuid],
-    complete: bool,
-) -> Result<TokenOutcomes> {
+/// that the others still go through and each failure is known.
+async fn by_token(cfg: &LinkConfig, mgmt: &mut RpcLink, tokens: &[uuid::Uuid], op: TokenOp) -> Result<TokenOutcomes> {
     let mut out = Vec::with_capacity(tokens.len());
     for chunk in tokens.chunks(MGMT_BATCH) {
-        match dispose_tokens(cfg, mgmt, chunk, complete).await {
+        match token_request(cfg, mgmt, chunk, op).await {
             Ok(()) => out.extend(chunk.iter().map(|_| None)),
             Err(e) if refused(&e) && chunk.len() > 1 => {
                 for token in chunk {
-                    match dispose_tokens(cfg, mgmt, std::slice::from_ref(token), complete).await {
+                    match token_request(cfg, mgmt, std::slice::from_ref(token), op).await {
                         Ok(()) => out.push(None),
                         Err(e) if refused(&e) => out.push(Some(e.to_string())),
                         Err(e) => return Err(e),
@@ -1641,14 +1683,23 @@ async fn update_disposition(
     Ok(out)
 }
 
-async fn dispose_tokens(cfg: &LinkConfig, mgmt: &mut RpcLink, tokens: &[uuid::Uuid], complete: bool) -> Result<()> {
-    let what = if complete {
-        "complete deferred messages of the dead-letter queue"
-    } else {
-        "abandon deferred messages of the dead-letter queue"
+async fn token_request(cfg: &LinkConfig, mgmt: &mut RpcLink, tokens: &[uuid::Uuid], op: TokenOp) -> Result<()> {
+    let (what, call) = match op {
+        TokenOp::Dispose { complete: true } => (
+            "complete deferred messages of the dead-letter queue",
+            mgmt.call(UpdateDisposition::request(tokens, true)).boxed(),
+        ),
+        TokenOp::Dispose { complete: false } => (
+            "abandon deferred messages of the dead-letter queue",
+            mgmt.call(UpdateDisposition::request(tokens, false)).boxed(),
+        ),
+        TokenOp::Renew => (
+            "renew locks of the dead-letter queue's messages",
+            mgmt.call(RenewLock::request(tokens)).boxed(),
+        ),
     };
-    match tokio::time::timeout(CALL_TIMEOUT, mgmt.call(UpdateDisposition::request(tokens, complete))).await {
-        Ok(Ok(Disposed)) => Ok(()),
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(Done)) => Ok(()),
         Ok(Err(e)) => Err(cfg.classify(what, &e)),
         Err(_) => Err(cfg.unreachable(format!("{what}: timed out"))),
     }
@@ -1829,18 +1880,23 @@ impl UpdateDisposition {
         let mut body = OrderedMap::with_capacity(2);
         let status = if complete { "completed" } else { "abandoned" };
         body.insert("disposition-status".to_string(), Value::String(status.into()));
-        let tokens: Vec<Value> = tokens
-            .iter()
-            .map(|t| Value::Uuid(AmqpUuid::from(*t.as_bytes())))
-            .collect();
-        body.insert("lock-tokens".to_string(), Value::Array(Array::from(tokens)));
+        body.insert("lock-tokens".to_string(), token_array(tokens));
         Self { body }
     }
 }
 
+/// Lock tokens as `$management` takes them: an AMQP array of uuids.
+fn token_array(tokens: &[uuid::Uuid]) -> Value {
+    let tokens: Vec<Value> = tokens
+        .iter()
+        .map(|t| Value::Uuid(AmqpUuid::from(*t.as_bytes())))
+        .collect();
+    Value::Array(Array::from(tokens))
+}
+
 impl Request for UpdateDisposition {
     const OPERATION: &'static str = UPDATE_DISPOSITION_OPERATION;
-    type Response = Disposed;
+    type Response = Done;
     type Body = OrderedMap<String, Value>;
 
     fn encode_body(self) -> Self::Body {
@@ -1848,10 +1904,34 @@ impl Request for UpdateDisposition {
     }
 }
 
-/// The broker applied a disposition.
-struct Disposed;
+/// `com.microsoft:renew-lock` of lock tokens. The answer's `expirations`
+/// are not read: the caller counts the LockDuration from when it asked.
+struct RenewLock {
+    body: OrderedMap<String, Value>,
+}
 
-impl Response for Disposed {
+impl RenewLock {
+    fn request(tokens: &[uuid::Uuid]) -> Self {
+        let mut body = OrderedMap::with_capacity(1);
+        body.insert("lock-tokens".to_string(), token_array(tokens));
+        Self { body }
+    }
+}
+
+impl Request for RenewLock {
+    const OPERATION: &'static str = RENEW_LOCK_OPERATION;
+    type Response = Done;
+    type Body = OrderedMap<String, Value>;
+
+    fn encode_body(self) -> Self::Body {
+        self.body
+    }
+}
+
+/// The broker did what a request by lock token asked.
+struct Done;
+
+impl Response for Done {
     const STATUS_CODE: u16 = 200;
     type Body = AnyBody;
     type Error = ManagementError;

@@ -27,11 +27,14 @@
 //!   no receive on a link gets, are leased by sequence number instead (see
 //!   below). Concurrent leases
 //!   overlap on the link (each browses past the previous one's messages), and
-//!   completes and abandons overlap them. The hold is the entity's LockDuration: Service Bus has no per-receive
-//!   lock time, and locks are not renewed (azservicebus 0.25 sends the lock
-//!   token in the wrong byte order when it renews, TESTING.md); keep passes
-//!   shorter than the LockDuration, or a lock lapses and the message is
-//!   simply delivered again.
+//!   completes and abandons overlap them. The hold is the entity's
+//!   LockDuration: Service Bus has no per-receive lock time.
+//! - **extend**: `com.microsoft:renew-lock` on `$management`, by lock token:
+//!   a delivery's is its delivery tag, a GUID in .NET's byte order (read
+//!   here, not through azservicebus 0.25, which reads it in the wrong order
+//!   when it renews, TESTING.md); a deferred message's, the token it was
+//!   received with. The engine renews what a pass holds every third of the
+//!   LockDuration, so a pass may outlast it.
 //! - **settle**: complete. **release**: abandon (the engine releases what it
 //!   held at the end of a pass). The DLQ has no MaxDeliveryCount, so an
 //!   abandon there only unlocks.
@@ -325,6 +328,10 @@ const MAX_LEASE: usize = 250;
 const MAX_RELEASE: usize = 1_000;
 /// Leases the engine may keep in flight: one browse counts for all of them.
 const MAX_CONCURRENT_LEASES: usize = 4;
+/// The LockDuration assumed while the entity's is unknown (its description
+/// needs the Manage right): half of Azure's default of a minute, so that
+/// held messages are renewed in time on an entity that kept the default.
+const ASSUMED_LOCK_DURATION: Duration = Duration::from_secs(30);
 /// The standard tier's limit on a message (premium allows up to 100 MB;
 /// the link's advertised maximum decides how sends are split).
 const MAX_BODY: usize = 256 * 1024;
@@ -1464,6 +1471,25 @@ impl ServiceBusBackend {
         (generation, taken)
     }
 
+    /// The lock tokens of the deliveries among `leases` still held on the
+    /// current link (a delivery's tag is its lock token, in .NET's byte
+    /// order), each with its delivery's key; and the link's generation.
+    fn held_lock_tokens(&self, leases: &[LeaseId]) -> (u64, Vec<(u32, uuid::Uuid)>) {
+        let held = self.held.lock().expect("held lock");
+        let tokens = leases
+            .iter()
+            .filter_map(|l| match LeaseKind::of(l)? {
+                LeaseKind::Delivery { generation, id } if generation == held.generation => {
+                    let (info, _) = held.infos.get(&id)?;
+                    let token = uuid::Uuid::from_slice_le(info.delivery_tag()).ok()?;
+                    Some((id, token))
+                }
+                _ => None,
+            })
+            .collect();
+        (held.generation, tokens)
+    }
+
     /// Complete (`complete`) the deliveries among `leases`, each confirmed
     /// (see `link`); every other lease's result is a failure, for the
     /// caller to replace.
@@ -1824,7 +1850,13 @@ impl QueueBackend for ServiceBusBackend {
             // Session order is kept by the queue's own order; a plain
             // receiver on the dead-letter queue is never held back.
             ordered_delivery: false,
-            fixed_hold: *self.lock_duration.lock().expect("lock duration lock"),
+            fixed_hold: Some(
+                self.lock_duration
+                    .lock()
+                    .expect("lock duration lock")
+                    .unwrap_or(ASSUMED_LOCK_DURATION),
+            ),
+            max_hold: None,
         }
     }
 
@@ -2035,6 +2067,48 @@ impl QueueBackend for ServiceBusBackend {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Renews the locks (`com.microsoft:renew-lock`) for another
+    /// LockDuration, whatever `hold` asks: Service Bus has no other.
+    async fn extend(&self, leases: &[LeaseId], _hold: Duration) -> Result<()> {
+        let (generation, delivered) = self.held_lock_tokens(leases);
+        // Deferred messages' locks are named by their tokens alone.
+        let (deferred, _) = lock_tokens(leases);
+        if delivered.is_empty() && deferred.is_empty() {
+            return Ok(());
+        }
+        // Locks of a link that was reset are gone with it: their messages
+        // come back, and are skipped as seen.
+        let Some(link) = self.current_link(generation).await else {
+            return Ok(());
+        };
+        let tokens = delivered
+            .iter()
+            .map(|(_, t)| *t)
+            .chain(deferred.into_iter().map(|(_, t)| t))
+            .collect();
+        let asked = std::time::Instant::now();
+        let outcomes = link.renew_locks(tokens, &self.link_config).await?;
+        let mut held = self.held.lock().expect("held lock");
+        if held.generation == generation {
+            for ((id, _), outcome) in delivered.iter().zip(&outcomes) {
+                if outcome.is_none()
+                    && let Some((_, at)) = held.infos.get_mut(id)
+                {
+                    *at = asked;
+                }
+            }
+        }
+        let refused = outcomes.iter().flatten().count();
+        if refused > 0 {
+            tracing::debug!(
+                refused,
+                first = outcomes.iter().flatten().next().map(String::as_str),
+                "locks not renewed (already lost): those messages come back and are skipped as seen"
+            );
+        }
+        Ok(())
     }
 
     /// A connection string scoped to one entity (`EntityPath`) cannot send

@@ -1,0 +1,307 @@
+//! What a redrive pass holds without moving it (non-matches, matches it may
+//! not send), kept hidden until the pass ends and releases it all
+//! (guarantee 4), and the keeper that stops it lapsing meanwhile.
+//!
+//! A lease lasts the pass's hold (`redrive.hold`, Pub/Sub's 600 s at most,
+//! Service Bus's LockDuration, a minute by default). A pass that outlasts it
+//! would see what it holds come back: each message delivered again (Service
+//! Bus and Pub/Sub count the delivery), skipped as seen, and a run of leases
+//! bringing only those ends the pass as `all_seen` while unexamined messages
+//! wait behind them. So while a pass runs, a keeper task extends each run
+//! of held leases once a third of the hold has passed since it was leased
+//! or last extended: two more tries before it would lapse.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{BackendError, QueueBackend};
+use crate::model::LeaseId;
+
+/// The held leases of one pass, shared with its [`Keeper`]. Leases are kept
+/// in runs, each with the time it was leased or last extended, so the keeper
+/// extends a run as a whole and the pass appends without sorting.
+#[derive(Clone)]
+pub(crate) struct HeldLeases(Arc<Mutex<Runs>>);
+
+struct Runs {
+    runs: VecDeque<Run>,
+    /// Every held lease, those the keeper has out for extension included.
+    len: usize,
+    /// How long after a run was leased or extended the keeper extends it.
+    interval: Duration,
+    /// A run takes leases for this long after it starts, then a new one
+    /// starts: a quarter of the interval, so no lease joins a run much
+    /// older than itself.
+    span: Duration,
+}
+
+struct Run {
+    since: Instant,
+    leases: Vec<LeaseId>,
+}
+
+impl HeldLeases {
+    /// An empty set whose leases each last `hold` from when they were
+    /// leased or extended.
+    pub fn new(hold: Duration) -> Self {
+        let interval = (hold / 3).max(Duration::from_millis(100));
+        Self(Arc::new(Mutex::new(Runs {
+            runs: VecDeque::new(),
+            len: 0,
+            interval,
+            span: interval / 4,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Runs> {
+        self.0.lock().expect("held leases lock")
+    }
+
+    pub fn push(&self, lease: LeaseId) {
+        self.extend(std::iter::once(lease));
+    }
+
+    pub fn extend(&self, leases: impl IntoIterator<Item = LeaseId>) {
+        let mut leases = leases.into_iter().peekable();
+        if leases.peek().is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let mut runs = self.lock();
+        let span = runs.span;
+        if runs.runs.back().is_none_or(|r| now.duration_since(r.since) >= span) {
+            runs.runs.push_back(Run {
+                since: now,
+                leases: Vec::new(),
+            });
+        }
+        let last = runs.runs.back_mut().expect("a run was just ensured");
+        let before = last.leases.len();
+        last.leases.extend(leases);
+        let added = last.leases.len() - before;
+        runs.len += added;
+    }
+
+    /// Held leases, those out for extension included.
+    pub fn len(&self) -> usize {
+        self.lock().len
+    }
+
+    /// Everything held, oldest run first, for the release at the end. The
+    /// keeper must be stopped first, or what it has out is missed.
+    pub fn take_all(&self) -> Vec<LeaseId> {
+        let mut runs = self.lock();
+        let len = std::mem::take(&mut runs.len);
+        let mut all = Vec::with_capacity(len);
+        for r in runs.runs.drain(..) {
+            all.extend(r.leases);
+        }
+        runs.runs.shrink_to_fit();
+        all
+    }
+
+    /// The oldest run whose extension is due at `now`, taken out (still
+    /// counted in `len`); and when the next one falls due otherwise.
+    fn take_due(&self, now: Instant) -> Result<Run, Option<Instant>> {
+        let mut runs = self.lock();
+        let interval = runs.interval;
+        let oldest = runs.runs.iter().enumerate().min_by_key(|(_, r)| r.since);
+        match oldest {
+            Some((i, r)) if r.since + interval <= now => Ok(runs.runs.remove(i).expect("index from the scan")),
+            Some((_, r)) => Err(Some(r.since + interval)),
+            None => Err(None),
+        }
+    }
+
+    fn put_back(&self, run: Run) {
+        self.lock().runs.push_back(run);
+    }
+}
+
+/// The task that extends a pass's held leases until it is stopped.
+pub(crate) struct Keeper {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Keeper {
+    /// Extend what `held` holds on `backend` by `hold` every third of it,
+    /// `chunk` leases per call and `parallel` calls at a time.
+    pub fn start(
+        held: &HeldLeases,
+        backend: Arc<dyn QueueBackend>,
+        hold: Duration,
+        chunk: usize,
+        parallel: usize,
+    ) -> Self {
+        let interval = held.lock().interval;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(keep(
+            held.clone(),
+            backend,
+            hold,
+            interval,
+            chunk.max(1),
+            parallel.max(1),
+            stop.clone(),
+        ));
+        Self { stop, task }
+    }
+
+    /// Stop extending. Once this returns every held lease is back in the
+    /// set, ready for the release.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Err(e) = (&mut self.task).await {
+            // A panic in the keeper must not hide what it held: the leases
+            // it had out lapse on their own (seen again, never lost).
+            tracing::error!(error = %e, "the task extending held leases failed");
+        }
+    }
+}
+
+/// A pass dropped without its end (its run's future dropped, or a panic)
+/// must not leave its messages hidden for good, extended by a task nobody
+/// stops: they lapse within a hold instead.
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn keep(
+    held: HeldLeases,
+    backend: Arc<dyn QueueBackend>,
+    hold: Duration,
+    interval: Duration,
+    chunk: usize,
+    parallel: usize,
+    stop: CancellationToken,
+) {
+    let mut warned = false;
+    loop {
+        let run = match held.take_due(Instant::now()) {
+            Ok(run) => run,
+            Err(next) => {
+                let wake = next.unwrap_or_else(|| Instant::now() + interval);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        };
+        let started = Instant::now();
+        let results = tokio::select! {
+            r = extend_run(&*backend, &run.leases, hold, chunk, parallel) => Some(r),
+            _ = stop.cancelled() => None,
+        };
+        if let Some(Err((n, e))) = &results {
+            // Not fatal: a lease that lapses comes back and is skipped as
+            // seen; nothing is lost. Said once per pass, then at debug.
+            if !warned {
+                warned = true;
+                tracing::warn!(
+                    failed = n,
+                    error = %e,
+                    "extending held messages failed; they may be delivered again before the pass ends (skipped as seen, not lost)"
+                );
+            } else {
+                tracing::debug!(failed = n, error = %e, "extending held messages failed");
+            }
+        }
+        let stopped = results.is_none();
+        held.put_back(Run {
+            since: started,
+            leases: run.leases,
+        });
+        if stopped {
+            return;
+        }
+    }
+}
+
+/// Extend `leases`, `chunk` a call and `parallel` calls at a time: on
+/// failure, how many leases the failed calls held, and the first error.
+async fn extend_run(
+    backend: &dyn QueueBackend,
+    leases: &[LeaseId],
+    hold: Duration,
+    chunk: usize,
+    parallel: usize,
+) -> Result<(), (usize, BackendError)> {
+    let mut chunks = leases.chunks(chunk);
+    let mut out = FuturesUnordered::new();
+    let mut failed: Option<(usize, BackendError)> = None;
+    loop {
+        while out.len() < parallel
+            && let Some(c) = chunks.next()
+        {
+            out.push(async move { backend.extend(c, hold).await.map_err(|e| (c.len(), e)) });
+        }
+        match out.next().await {
+            Some(Ok(())) => {}
+            Some(Err((n, e))) => match &mut failed {
+                Some((total, _)) => *total += n,
+                None => failed = Some((n, e)),
+            },
+            None => break,
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(held: &HeldLeases) -> Vec<String> {
+        held.take_all().into_iter().map(|l| l.0).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_join_a_run_only_within_its_span() {
+        // A hold of 12 s: extended every 4 s, a run takes leases for 1 s.
+        let held = HeldLeases::new(Duration::from_secs(12));
+        held.push(LeaseId("a".into()));
+        held.extend(["b", "c"].map(|s| LeaseId(s.into())));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        held.extend(std::iter::empty());
+        held.push(LeaseId("d".into()));
+        assert_eq!(held.len(), 4);
+        assert_eq!(held.lock().runs.len(), 2, "an empty extend starts no run");
+        assert_eq!(ids(&held), ["a", "b", "c", "d"]);
+        assert_eq!(held.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_oldest_run_falls_due_first_and_is_counted_while_out() {
+        let held = HeldLeases::new(Duration::from_secs(30));
+        held.push(LeaseId("old".into()));
+        tokio::time::advance(Duration::from_secs(4)).await;
+        held.push(LeaseId("new".into()));
+        let now = Instant::now();
+        let Err(Some(next)) = held.take_due(now) else {
+            panic!("nothing is due yet");
+        };
+        assert_eq!(next, now + Duration::from_secs(6));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let run = held.take_due(Instant::now()).expect("the old run is due");
+        assert_eq!(run.leases, [LeaseId("old".into())]);
+        assert_eq!(held.len(), 2, "a run out for extension is still held");
+        held.put_back(Run {
+            since: Instant::now(),
+            leases: run.leases,
+        });
+        let Err(Some(next)) = held.take_due(Instant::now()) else {
+            panic!("the new run is not due yet");
+        };
+        assert_eq!(next, Instant::now() + Duration::from_secs(4));
+    }
+}
