@@ -757,6 +757,45 @@ pub async fn a_pass_longer_than_its_hold_keeps_what_it_holds<F: Fixture>() {
     assert_eq!(f.dlq_count().await, 24, "nothing lost");
 }
 
+/// A read by leases (export, report and retention on SQS and Pub/Sub) that
+/// outlasts its hold extends what it holds, so each message is delivered to
+/// it once. Unextended, the first leases lapsed after 2 s and came back:
+/// skipped as seen, but each such message was received once more (SQS's
+/// ApproximateReceiveCount rose by two instead of one). Service Bus reads
+/// with a true peek, and Pub/Sub's DLQ delivery count is the source's:
+/// there the counts stay as they were, and the read is checked whole.
+pub async fn a_read_longer_than_its_hold_receives_each_message_once<F: Fixture>() {
+    let f = F::create(false).await;
+    f.dead_letter(&orders(30)).await;
+    let reg = Registry::new(f.config());
+    let backend = reg.backend("dlq").await.unwrap();
+    let counts = |msgs: Vec<dlq_bridge::model::DlqMessage>| -> std::collections::BTreeMap<String, u32> {
+        msgs.into_iter()
+            .map(|m| (m.id, m.delivery_count.unwrap_or_default()))
+            .collect()
+    };
+    let before = counts(backend.peek(100).await.unwrap());
+    assert_eq!(before.len(), 30);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let started = std::time::Instant::now();
+    let stats = triage::browse(&backend, usize::MAX, Duration::from_secs(2), &cancel, |_| {
+        // A slow reader (a pipe, a disk): 30 messages take about 3.6 s.
+        std::thread::sleep(Duration::from_millis(120));
+        Ok(true)
+    })
+    .await
+    .unwrap();
+    assert!(started.elapsed() > Duration::from_secs(3));
+    assert_eq!(stats.read, 30, "{stats:?}");
+    let after = counts(backend.peek(100).await.unwrap());
+    let rises: BTreeSet<u32> = before.iter().map(|(id, c)| after[id] - c).collect();
+    assert_eq!(
+        rises.len(),
+        1,
+        "every message was received as often as the others: rises {rises:?}"
+    );
+}
+
 /// SQS fair queues: a standard queue's MessageGroupId (the tenant) stays on
 /// the copy (a standard queue keeps no order, so only the tenants are
 /// compared).
@@ -867,6 +906,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_pass_longer_than_its_hold_keeps_what_it_holds() {
                 super::a_pass_longer_than_its_hold_keeps_what_it_holds::<$fixture>().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_read_longer_than_its_hold_receives_each_message_once() {
+                super::a_read_longer_than_its_hold_receives_each_message_once::<$fixture>().await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn report_groups_patterns_exactly() {

@@ -21,8 +21,18 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{BackendError, QueueBackend};
+use crate::backend::{BackendError, Capabilities, QueueBackend};
 use crate::model::LeaseId;
+
+/// How long a lease asked to hold for `asked` holds: less where the
+/// provider fixes its own hold (Service Bus's LockDuration) or caps it
+/// (Pub/Sub's 600 s).
+pub(crate) fn effective_hold(caps: &Capabilities, asked: Duration) -> Duration {
+    [caps.fixed_hold, caps.max_hold]
+        .into_iter()
+        .flatten()
+        .fold(asked, Duration::min)
+}
 
 /// The held leases of one pass, shared with its [`Keeper`]. Leases are kept
 /// in runs, each with the time it was leased or last extended, so the keeper

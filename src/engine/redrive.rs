@@ -24,7 +24,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendError, Capabilities, QueueBackend};
-use crate::engine::held::{HeldLeases, Keeper};
+use crate::engine::held::{HeldLeases, Keeper, effective_hold};
 use crate::engine::journal::{Journal, Record};
 use crate::filter::Filter;
 use crate::model::{
@@ -740,10 +740,7 @@ impl<'a> Pass<'a> {
         // A provider that fixes its own hold (Service Bus's LockDuration)
         // or caps it (Pub/Sub's 600 s) keeps a leased message no longer than
         // that, whatever was asked.
-        let hold = [caps.fixed_hold, caps.max_hold]
-            .into_iter()
-            .flatten()
-            .fold(plan.hold, Duration::min);
+        let hold = effective_hold(&caps, plan.hold);
         if plan.rate.is_some() && hold < plan.hold {
             tracing::info!(
                 hold = ?plan.hold,

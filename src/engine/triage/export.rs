@@ -442,7 +442,7 @@ pub async fn export(
     let mut written = 0u64;
     let mut errors = 0u64;
     let now = Utc::now();
-    let stats = browse(&*backend, read_cap, registry.config().redrive.hold, cancel, |m| {
+    let stats = browse(&backend, read_cap, registry.config().redrive.hold, cancel, |m| {
         if max.is_some_and(|cap| written >= cap) {
             return Ok(false);
         }

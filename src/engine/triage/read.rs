@@ -2,6 +2,7 @@
 //! allows (DESIGN §3, guarantee 8).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -9,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::TriageError;
 use crate::backend::{BackendError, QueueBackend};
+use crate::engine::held::{HeldLeases, Keeper, effective_hold};
 use crate::engine::redrive::{LEASE_RETRIES, is_permanent};
 use crate::filter::{Filter, FilterError};
 use crate::model::DlqMessage;
@@ -60,12 +62,13 @@ impl ReadStats {
 /// Read up to `max` messages, handing each to `each` once, as it arrives;
 /// `each` returns false to stop early. With a true peek this is one browse,
 /// a page at a time ([`QueueBackend::peek_each`]); otherwise messages are leased batch by batch (hidden for `hold`), kept
-/// leased so that the same message does not come back, and released together
-/// at the end, whatever happens. Memory holds the lease handles and IDs, not
+/// leased (and extended, a read that outlasts the hold: [`Keeper`]) so that
+/// the same message does not come back, and released together at the end,
+/// whatever happens. Memory holds the lease handles and IDs, not
 /// the messages. `cancel` stops it between leases, releasing what it holds
 /// at once rather than leaving it hidden for `hold`.
 pub async fn browse<F>(
-    backend: &dyn QueueBackend,
+    backend: &Arc<dyn QueueBackend>,
     max: usize,
     hold: Duration,
     cancel: &CancellationToken,
@@ -108,7 +111,9 @@ where
         return Ok(stats);
     }
     let mut seen: HashSet<String> = HashSet::new();
-    let mut held = Vec::new();
+    let hold = effective_hold(&caps, hold);
+    let held = HeldLeases::new(hold);
+    let keeper = Keeper::start(&held, backend.clone(), hold, caps.max_release_size, 1);
     let mut streak = 0;
     let mut failures = 0;
     let result: Result<(), TriageError> = async {
@@ -147,7 +152,7 @@ where
             if batch.is_empty() {
                 // An empty lease proves the queue read only when the provider
                 // holds nothing back for the leases this read keeps.
-                if caps.ordered_delivery && !held.is_empty() {
+                if caps.ordered_delivery && held.len() > 0 {
                     let depth = backend.stats().await?.depth;
                     stats.held_back = depth.saturating_sub(stats.read);
                 }
@@ -182,7 +187,8 @@ where
         }
     }
     .await;
-    let released = backend.release(&held).await;
+    keeper.stop().await;
+    let released = backend.release(&held.take_all()).await;
     result?;
     released?;
     Ok(stats)

@@ -58,23 +58,17 @@ pub async fn report(
     let mut grouper = Grouper::new(req.by.clone());
     let mut errors = 0;
     let now = Utc::now();
-    let stats = browse(
-        &*backend,
-        req.scan.max(1),
-        registry.config().redrive.hold,
-        cancel,
-        |m| {
-            match filter.matches(m, now) {
-                Ok(true) => grouper.add(m),
-                Ok(false) => {}
-                Err(e) => {
-                    errors += 1;
-                    tracing::debug!(id = %m.id, error = %e, "filter error");
-                }
+    let stats = browse(&backend, req.scan.max(1), registry.config().redrive.hold, cancel, |m| {
+        match filter.matches(m, now) {
+            Ok(true) => grouper.add(m),
+            Ok(false) => {}
+            Err(e) => {
+                errors += 1;
+                tracing::debug!(id = %m.id, error = %e, "filter error");
             }
-            Ok(true)
-        },
-    )
+        }
+        Ok(true)
+    })
     .await?;
     let matched = grouper.total();
     let (groups, other) = grouper.finish(req.top.max(1));

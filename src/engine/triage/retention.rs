@@ -87,7 +87,7 @@ pub async fn apply_retention(
     if r.action == RetentionAction::Alert || dry_run {
         let backend = registry.backend(queue).await?;
         let now = Utc::now();
-        let stats = browse(&*backend, usize::MAX, registry.config().redrive.hold, &cancel, |m| {
+        let stats = browse(&backend, usize::MAX, registry.config().redrive.hold, &cancel, |m| {
             if let Some(age) = m.age(now).filter(|a| *a > r.max_age) {
                 out.expired += 1;
                 if out.listed.len() < MAX_LISTED {
