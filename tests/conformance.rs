@@ -727,26 +727,29 @@ pub async fn a_pass_stops_leasing_at_max_held_and_loses_nothing<F: Fixture>() {
 }
 
 /// A pass that outlasts its hold extends what it holds. 36 messages, 12
-/// matching, moved at 3 a second: about 4 s, against a hold of 2 s.
+/// matching, moved at 2 a second: about 6 s, against a hold of 3 s.
 /// Unextended, the non-matching messages held from the first leases came
 /// back mid-pass, were delivered again and held a second time (`released`
 /// counted them twice), and a run of leases bringing only those could end
-/// the pass before it had examined everything.
+/// the pass before it had examined everything. On Service Bus the shared
+/// emulator's LockDuration (60 s) holds whatever the pass asks, so there
+/// this checks only that renewals do no harm; tests/servicebus.rs checks
+/// them against a 2 s LockDuration.
 pub async fn a_pass_longer_than_its_hold_keeps_what_it_holds<F: Fixture>() {
     let f = F::create(false).await;
     let msgs = orders(36);
     f.dead_letter(&msgs).await;
     let mut config = f.config();
-    config.redrive.hold = Duration::from_secs(2);
+    config.redrive.hold = Duration::from_secs(3);
     let req = RedriveRequest {
-        rate: Some(3),
+        rate: Some(2),
         ..req(r#"attributes.error == "Timeout""#)
     };
     let started = std::time::Instant::now();
     let s = redrive(config, req).await;
     assert!(s.ok(), "{s:?}");
     assert!(
-        started.elapsed() > Duration::from_secs(3),
+        started.elapsed() > Duration::from_secs(4),
         "the pass outlasted its hold: {s:?}"
     );
     assert_eq!(s.stopped, StopReason::Drained, "{s:?}");
@@ -759,7 +762,7 @@ pub async fn a_pass_longer_than_its_hold_keeps_what_it_holds<F: Fixture>() {
 
 /// A read by leases (export, report and retention on SQS and Pub/Sub) that
 /// outlasts its hold extends what it holds, so each message is delivered to
-/// it once. Unextended, the first leases lapsed after 2 s and came back:
+/// it once. Unextended, the first leases lapsed after 3 s and came back:
 /// skipped as seen, but each such message was received once more (SQS's
 /// ApproximateReceiveCount rose by two instead of one). Service Bus reads
 /// with a true peek, and Pub/Sub's DLQ delivery count is the source's:
@@ -778,21 +781,21 @@ pub async fn a_read_longer_than_its_hold_receives_each_message_once<F: Fixture>(
     assert_eq!(before.len(), 30);
     let cancel = tokio_util::sync::CancellationToken::new();
     let started = std::time::Instant::now();
-    let stats = triage::browse(&backend, usize::MAX, Duration::from_secs(2), &cancel, |_| {
-        // A slow reader (a pipe, a disk): 30 messages take about 3.6 s.
-        std::thread::sleep(Duration::from_millis(120));
+    let stats = triage::browse(&backend, usize::MAX, Duration::from_secs(3), &cancel, |_| {
+        // A slow reader (a pipe, a disk): 30 messages take about 6 s.
+        std::thread::sleep(Duration::from_millis(200));
         Ok(true)
     })
     .await
     .unwrap();
-    assert!(started.elapsed() > Duration::from_secs(3));
+    assert!(started.elapsed() > Duration::from_secs(5));
     assert_eq!(stats.read, 30, "{stats:?}");
     let after = counts(backend.peek(100).await.unwrap());
+    // SQS: once by the read, once by the peek above.
     let rises: BTreeSet<u32> = before.iter().map(|(id, c)| after[id] - c).collect();
-    assert_eq!(
-        rises.len(),
-        1,
-        "every message was received as often as the others: rises {rises:?}"
+    assert!(
+        rises.len() == 1 && rises.iter().all(|&r| r <= 2),
+        "every message was received once by the read: rises {rises:?}"
     );
 }
 

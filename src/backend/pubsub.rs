@@ -795,6 +795,12 @@ impl PubSubBackend {
             let ids: Vec<String> = chunk.iter().map(|l| l.0.clone()).collect();
             match self.modify_deadline(ids, seconds).await {
                 Ok(()) => {}
+                // Exactly-once delivery: the IDs the error lists failed
+                // (expired: deliverable again anyway), and every other ID
+                // was changed, as for an Acknowledge.
+                Err(s) if exactly_once_ack_failures(&s).is_some() => {
+                    tracing::debug!(error = %s.message(), seconds, "a deadline change named expired leases (exactly-once delivery)");
+                }
                 // An expired or unknown ack ID (the message is deliverable
                 // again anyway) can fail the whole call: the others are
                 // changed one by one, so that none waits out its deadline

@@ -78,7 +78,19 @@ impl HeldLeases {
         self.extend(std::iter::once(lease));
     }
 
+    /// Hold leases that were just leased.
     pub fn extend(&self, leases: impl IntoIterator<Item = LeaseId>) {
+        self.add(leases, false);
+    }
+
+    /// Hold leases taken a while after they were leased (copies that were
+    /// not sent, matches held back for their group's order): how long ago
+    /// is not known, so their run is due for extension at once.
+    pub fn extend_overdue(&self, leases: impl IntoIterator<Item = LeaseId>) {
+        self.add(leases, true);
+    }
+
+    fn add(&self, leases: impl IntoIterator<Item = LeaseId>, overdue: bool) {
         let mut leases = leases.into_iter().peekable();
         if leases.peek().is_none() {
             return;
@@ -86,7 +98,13 @@ impl HeldLeases {
         let now = Instant::now();
         let mut runs = self.lock();
         let span = runs.span;
-        if runs.runs.back().is_none_or(|r| now.duration_since(r.since) >= span) {
+        if overdue {
+            let since = now.checked_sub(runs.interval).unwrap_or(now);
+            runs.runs.push_back(Run {
+                since,
+                leases: Vec::new(),
+            });
+        } else if runs.runs.back().is_none_or(|r| now.duration_since(r.since) >= span) {
             runs.runs.push_back(Run {
                 since: now,
                 leases: Vec::new(),
@@ -104,17 +122,16 @@ impl HeldLeases {
         self.lock().len
     }
 
-    /// Everything held, oldest run first, for the release at the end. The
-    /// keeper must be stopped first, or what it has out is missed.
-    pub fn take_all(&self) -> Vec<LeaseId> {
+    /// Everything held, run by run, for the release at the end (runs, not
+    /// one list: at the end of a large pass, when memory peaks, a copy of
+    /// every lease into one list would cost its size again). The keeper must
+    /// be stopped first, or what it has out is missed.
+    pub fn take_runs(&self) -> Vec<Vec<LeaseId>> {
         let mut runs = self.lock();
-        let len = std::mem::take(&mut runs.len);
-        let mut all = Vec::with_capacity(len);
-        for r in runs.runs.drain(..) {
-            all.extend(r.leases);
-        }
+        runs.len = 0;
+        let taken = runs.runs.drain(..).map(|r| r.leases).collect();
         runs.runs.shrink_to_fit();
-        all
+        taken
     }
 
     /// The oldest run whose extension is due at `now`, taken out (still
@@ -151,13 +168,11 @@ impl Keeper {
         chunk: usize,
         parallel: usize,
     ) -> Self {
-        let interval = held.lock().interval;
         let stop = CancellationToken::new();
         let task = tokio::spawn(keep(
             held.clone(),
             backend,
             hold,
-            interval,
             chunk.max(1),
             parallel.max(1),
             stop.clone(),
@@ -190,7 +205,6 @@ async fn keep(
     held: HeldLeases,
     backend: Arc<dyn QueueBackend>,
     hold: Duration,
-    interval: Duration,
     chunk: usize,
     parallel: usize,
     stop: CancellationToken,
@@ -200,7 +214,11 @@ async fn keep(
         let run = match held.take_due(Instant::now()) {
             Ok(run) => run,
             Err(next) => {
-                let wake = next.unwrap_or_else(|| Instant::now() + interval);
+                // A run added overdue falls due at once: look again within
+                // a span, whatever else is due later.
+                let span = held.lock().span;
+                let soon = Instant::now() + span;
+                let wake = next.map_or(soon, |next| next.min(soon));
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake) => continue,
                     _ = stop.cancelled() => return,
@@ -208,11 +226,12 @@ async fn keep(
             }
         };
         let started = Instant::now();
-        let results = tokio::select! {
-            r = extend_run(&*backend, &run.leases, hold, chunk, parallel) => Some(r),
-            _ = stop.cancelled() => None,
-        };
-        if let Some(Err((n, e))) = &results {
+        // Not cancelled midway: an extension dropped after it was sent
+        // could reach the provider after the release at the end of the
+        // pass, and hide those messages again for a whole hold. A stop
+        // starts no new call and waits for those out.
+        let result = extend_run(&*backend, &run.leases, hold, chunk, parallel, &stop).await;
+        if let Err((n, e)) = &result {
             // Not fatal: a lease that lapses comes back and is skipped as
             // seen; nothing is lost. Said once per pass, then at debug.
             if !warned {
@@ -226,31 +245,33 @@ async fn keep(
                 tracing::debug!(failed = n, error = %e, "extending held messages failed");
             }
         }
-        let stopped = results.is_none();
         held.put_back(Run {
             since: started,
             leases: run.leases,
         });
-        if stopped {
+        if stop.is_cancelled() {
             return;
         }
     }
 }
 
-/// Extend `leases`, `chunk` a call and `parallel` calls at a time: on
-/// failure, how many leases the failed calls held, and the first error.
+/// Extend `leases`, `chunk` a call and `parallel` calls at a time, until
+/// done or `stop` (the calls out then finish): on failure, how many leases
+/// the failed calls held, and the first error.
 async fn extend_run(
     backend: &dyn QueueBackend,
     leases: &[LeaseId],
     hold: Duration,
     chunk: usize,
     parallel: usize,
+    stop: &CancellationToken,
 ) -> Result<(), (usize, BackendError)> {
     let mut chunks = leases.chunks(chunk);
     let mut out = FuturesUnordered::new();
     let mut failed: Option<(usize, BackendError)> = None;
     loop {
         while out.len() < parallel
+            && !stop.is_cancelled()
             && let Some(c) = chunks.next()
         {
             out.push(async move { backend.extend(c, hold).await.map_err(|e| (c.len(), e)) });
@@ -272,7 +293,7 @@ mod tests {
     use super::*;
 
     fn ids(held: &HeldLeases) -> Vec<String> {
-        held.take_all().into_iter().map(|l| l.0).collect()
+        held.take_runs().into_iter().flatten().map(|l| l.0).collect()
     }
 
     #[tokio::test(start_paused = true)]
@@ -288,6 +309,19 @@ mod tests {
         assert_eq!(held.lock().runs.len(), 2, "an empty extend starts no run");
         assert_eq!(ids(&held), ["a", "b", "c", "d"]);
         assert_eq!(held.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_held_late_are_due_at_once() {
+        let held = HeldLeases::new(Duration::from_secs(30));
+        held.push(LeaseId("fresh".into()));
+        held.extend_overdue([LeaseId("late".into())]);
+        held.push(LeaseId("fresh too".into()));
+        let run = held.take_due(Instant::now()).expect("the late run is due");
+        assert_eq!(run.leases, [LeaseId("late".into())]);
+        assert!(held.take_due(Instant::now()).is_err(), "the fresh ones are not");
+        assert_eq!(held.len(), 3);
+        assert_eq!(held.lock().runs.len(), 2, "a fresh lease does not join a late run");
     }
 
     #[tokio::test(start_paused = true)]

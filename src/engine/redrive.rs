@@ -1294,12 +1294,15 @@ impl<'a> Pass<'a> {
     fn hold_back(&mut self, key: &str) {
         let taken = take_key(&mut self.pending, key);
         let n = taken.len() as u64;
+        let mut leases = Vec::with_capacity(taken.len());
         for (dest, l) in taken {
             if let Some(planned) = self.s.destinations.get_mut(&dest.0) {
                 *planned -= 1;
             }
-            self.held.push(l.lease);
+            leases.push(l.lease);
         }
+        // Waiting for their send since their lease returned.
+        self.held.extend_overdue(leases);
         // Not sent: they do not count against `--max`.
         self.planned -= n;
         self.s.held_for_order += n;
@@ -1342,12 +1345,12 @@ impl<'a> Pass<'a> {
         }
         let mut releases = Releases::new(&self);
         tracing::debug!(held = self.held.len(), "releasing what the pass held");
-        releases.start(self.held.take_all()).await;
+        releases.start(self.held.take_runs()).await;
         while let Some(done) = self.sends.join_next().await {
             self.merge_send(done.expect("send tasks do not panic"));
         }
         // Copies that were not sent (their originals are held again).
-        releases.start(self.held.take_all()).await;
+        releases.start(self.held.take_runs()).await;
         let (released, failed) = releases.finish().await;
         self.s.released = released;
         if let Some((_, e)) = failed.first() {
@@ -1389,9 +1392,10 @@ impl Releases {
         }
     }
 
-    async fn start(&mut self, held: Vec<LeaseId>) {
-        self.started += held.len() as u64;
-        for c in held.chunks(self.chunk) {
+    async fn start(&mut self, runs: Vec<Vec<LeaseId>>) {
+        self.started += runs.iter().map(Vec::len).sum::<usize>() as u64;
+        let chunk = self.chunk;
+        for c in runs.iter().flat_map(|run| run.chunks(chunk)) {
             if self.tasks.len() >= self.parallel {
                 let done = self.tasks.join_next().await;
                 self.record(done);
@@ -1440,7 +1444,8 @@ fn merge(s: &mut RunSummary, out: BatchOutcome, held: &HeldLeases) {
     s.settled += out.settled;
     s.send_failed += out.send_failed;
     s.settle_failed += out.settle_failed;
-    held.extend(out.unsent);
+    // Leased before their send went out (and its retries), maybe long ago.
+    held.extend_overdue(out.unsent);
     for e in out.errors {
         push_error(&mut s.errors, e);
     }

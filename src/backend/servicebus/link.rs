@@ -1659,14 +1659,22 @@ enum TokenOp {
     Renew,
 }
 
-/// Apply `op` to messages by lock token: each token's outcome. A request
-/// the broker refuses (one lock lost) is made again a token at a time, so
-/// that the others still go through and each failure is known.
+/// Apply `op` to messages by lock token: each token's outcome. A
+/// disposition the broker refuses (one lock lost) is made again a token at
+/// a time, so that the others still go through and each failure is known.
+/// A renewal is not: the locks of one request were taken together and lapse
+/// together (a stall past the LockDuration), so a refused one counts for
+/// every token it named, and a link whose renewals are all refused costs
+/// one call per hundred locks, not one per lock, each time.
 async fn by_token(cfg: &LinkConfig, mgmt: &mut RpcLink, tokens: &[uuid::Uuid], op: TokenOp) -> Result<TokenOutcomes> {
     let mut out = Vec::with_capacity(tokens.len());
     for chunk in tokens.chunks(MGMT_BATCH) {
         match token_request(cfg, mgmt, chunk, op).await {
             Ok(()) => out.extend(chunk.iter().map(|_| None)),
+            Err(e) if refused(&e) && matches!(op, TokenOp::Renew) => {
+                let e = e.to_string();
+                out.extend(chunk.iter().map(|_| Some(e.clone())));
+            }
             Err(e) if refused(&e) && chunk.len() > 1 => {
                 for token in chunk {
                     match token_request(cfg, mgmt, std::slice::from_ref(token), op).await {

@@ -2072,39 +2072,63 @@ impl QueueBackend for ServiceBusBackend {
     /// Renews the locks (`com.microsoft:renew-lock`) for another
     /// LockDuration, whatever `hold` asks: Service Bus has no other.
     async fn extend(&self, leases: &[LeaseId], _hold: Duration) -> Result<()> {
-        let (generation, delivered) = self.held_lock_tokens(leases);
+        let (generation, mut delivered) = self.held_lock_tokens(leases);
         // Deferred messages' locks are named by their tokens alone.
         let (deferred, _) = lock_tokens(leases);
         if delivered.is_empty() && deferred.is_empty() {
             return Ok(());
         }
-        // Locks of a link that was reset are gone with it: their messages
-        // come back, and are skipped as seen.
-        let Some(link) = self.current_link(generation).await else {
-            return Ok(());
+        let link = match self.current_link(generation).await {
+            Some(link) => link,
+            // Locks taken on a link that was reset are gone with it (their
+            // messages come back and are skipped as seen); a deferred
+            // message's lock is the entity's, renewed on any link.
+            None if !deferred.is_empty() => {
+                delivered.clear();
+                self.link().await?
+            }
+            None => return Ok(()),
         };
-        let tokens = delivered
+        let tokens: Vec<uuid::Uuid> = delivered
             .iter()
             .map(|(_, t)| *t)
             .chain(deferred.into_iter().map(|(_, t)| t))
             .collect();
         let asked = std::time::Instant::now();
         let outcomes = link.renew_locks(tokens, &self.link_config).await?;
-        let mut held = self.held.lock().expect("held lock");
-        if held.generation == generation {
-            for ((id, _), outcome) in delivered.iter().zip(&outcomes) {
-                if outcome.is_none()
-                    && let Some((_, at)) = held.infos.get_mut(id)
-                {
-                    *at = asked;
+        {
+            let mut held = self.held.lock().expect("held lock");
+            if held.generation == generation {
+                for ((id, _), outcome) in delivered.iter().zip(&outcomes) {
+                    if outcome.is_some() {
+                        // The lock is lost: not renewed again, and not
+                        // abandoned at the end (the broker would refuse it).
+                        held.infos.remove(id);
+                    } else if let Some((_, at)) = held.infos.get_mut(id) {
+                        *at = asked;
+                    }
                 }
             }
         }
         let refused = outcomes.iter().flatten().count();
+        let first = outcomes.iter().flatten().next();
+        if refused == outcomes.len()
+            && let Some(first) = first
+        {
+            // Every lock refused: a stall past the LockDuration, or a broker
+            // that reads the tokens otherwise; the caller warns.
+            return Err(BackendError::Refused {
+                provider: PROVIDER,
+                detail: format!(
+                    "queue {}: renew-lock refused for all {refused} locks: {first}",
+                    self.queue_name
+                ),
+            });
+        }
         if refused > 0 {
             tracing::debug!(
                 refused,
-                first = outcomes.iter().flatten().next().map(String::as_str),
+                first = first.map(String::as_str),
                 "locks not renewed (already lost): those messages come back and are skipped as seen"
             );
         }

@@ -13,7 +13,7 @@ use crate::backend::{BackendError, QueueBackend};
 use crate::engine::held::{HeldLeases, Keeper, effective_hold};
 use crate::engine::redrive::{LEASE_RETRIES, is_permanent};
 use crate::filter::{Filter, FilterError};
-use crate::model::DlqMessage;
+use crate::model::{DlqMessage, LeaseId};
 
 /// Consecutive leases that bring nothing new before a browse stops.
 pub(super) const ALL_SEEN_LIMIT: u32 = 3;
@@ -113,7 +113,13 @@ where
     let mut seen: HashSet<String> = HashSet::new();
     let hold = effective_hold(&caps, hold);
     let held = HeldLeases::new(hold);
-    let keeper = Keeper::start(&held, backend.clone(), hold, caps.max_release_size, 1);
+    let keeper = Keeper::start(
+        &held,
+        backend.clone(),
+        hold,
+        caps.max_release_size,
+        caps.max_concurrent_leases,
+    );
     let mut streak = 0;
     let mut failures = 0;
     let result: Result<(), TriageError> = async {
@@ -188,7 +194,8 @@ where
     }
     .await;
     keeper.stop().await;
-    let released = backend.release(&held.take_all()).await;
+    let held: Vec<LeaseId> = held.take_runs().into_iter().flatten().collect();
+    let released = backend.release(&held).await;
     result?;
     released?;
     Ok(stats)
