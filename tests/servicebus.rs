@@ -383,6 +383,84 @@ async fn a_rated_pass_keeps_within_the_entitys_lock_duration() {
     );
 }
 
+/// A stall past the LockDuration: the emulator is frozen 3 s against a 2 s
+/// lock while a pass holds messages it does not move. Their renewals then
+/// come back refused (the locks are gone): the pass warns once, does not
+/// ask again for those locks, goes on, and loses nothing (a lapsed message
+/// is back in the dead-letter queue; a match whose complete came too late
+/// may have a copy and stay, which a journal would settle).
+#[tokio::test]
+async fn renewals_refused_after_a_stall_are_warned_of_once_and_lose_nothing() {
+    use common::servicebus::{FROZEN_LOCKS_HOST, private_emulator};
+    const ENV: &str = "DLQ_BRIDGE_TEST_SERVICEBUS_FROZEN_LOCKS";
+    let (emu, cs, client) =
+        private_emulator("servicebus-frozen-locks", FROZEN_LOCKS_HOST, &["--lock-duration", "2s"]).await;
+    let f = ServiceBusFixture::on(emu.url(), client, ENV, &[]).await;
+    let msgs: Vec<TestMessage> = (0..30)
+        .map(|i| failing(i, if i % 3 == 0 { "Timeout" } else { "Poison" }))
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let pid = emu.server_pid().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    // 10 matches at 2 a second: about 5 s, frozen from 1.5 s to 4.5 s.
+    let handle = {
+        let config = f.config_file_with("");
+        let cs = cs.clone();
+        let dest = f.entity.clone();
+        std::thread::spawn(move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+                .env_remove("DLQ_BRIDGE_CONFIG")
+                .env(ENV, &cs)
+                .args(["--config", config.to_str().unwrap(), "redrive", "dlq", "--to", &dest])
+                .args([
+                    "--yes",
+                    "--no-journal",
+                    "--rate",
+                    "2",
+                    "--filter",
+                    r#"attributes.error == "Timeout""#,
+                ])
+                .output()
+                .expect("dlq-bridge ran");
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal("-CONT");
+    let said = tokio::task::spawn_blocking(move || handle.join().expect("the run's thread"))
+        .await
+        .unwrap();
+    assert_eq!(
+        said.matches("extending held messages failed").count(),
+        1,
+        "refused renewals are warned of once: {said}"
+    );
+    let text = |m: &ServiceBusPeekedMessage| String::from_utf8_lossy(m.body().unwrap()).into_owned();
+    let left: std::collections::BTreeSet<String> = f.browse_dlq().await.iter().map(text).collect();
+    let arrived: std::collections::BTreeSet<String> = f.browse(SubQueue::None).await.iter().map(text).collect();
+    for m in &msgs {
+        let body = String::from_utf8_lossy(&m.body).into_owned();
+        assert!(left.contains(&body) || arrived.contains(&body), "{body} lost: {said}");
+    }
+    for body in &arrived {
+        let i: usize = body[1..].parse().unwrap();
+        assert_eq!(i % 3, 0, "only matches were moved: {body}");
+    }
+}
+
 /// Azure refuses a batch of messages with distinct MessageIds (every copy
 /// has its own) to an entity with partitioning and duplicate detection
 /// (amqp:not-allowed). The copies then go one a send, and every message

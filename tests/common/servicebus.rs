@@ -108,6 +108,9 @@ pub const PARTITIONED_HOST: &str = "127.0.0.26";
 /// Where the private emulator of `tests/servicebus.rs`'s throttled-browse
 /// test (`/$emulator/throttle-peeks`) listens.
 pub const PEEK_BUSY_HOST: &str = "127.0.0.27";
+/// Where the private emulator of `tests/servicebus.rs`'s lapsed-renewal
+/// test (frozen past a short `--lock-duration`) listens.
+pub const FROZEN_LOCKS_HOST: &str = "127.0.0.28";
 /// How long the emulators the tests start hold back a settlement (the
 /// shared one from `scripts/emulators.sh` too).
 pub const TEST_ACCEPT_DELAY_MS: &str = "20";
