@@ -792,30 +792,52 @@ impl PubSubBackend {
     async fn set_deadline(&self, leases: &[LeaseId], seconds: i32) -> Result<()> {
         self.pending_holds.answered(leases).await;
         for chunk in leases.chunks(ACK_CHUNK) {
-            let ids: Vec<String> = chunk.iter().map(|l| l.0.clone()).collect();
-            match self.modify_deadline(ids, seconds).await {
-                Ok(()) => {}
-                // Exactly-once delivery: the IDs the error lists failed
-                // (expired: deliverable again anyway), and every other ID
-                // was changed, as for an Acknowledge.
-                Err(s) if exactly_once_ack_failures(&s).is_some() => {
-                    tracing::debug!(error = %s.message(), seconds, "a deadline change named expired leases (exactly-once delivery)");
+            let mut ids: Vec<String> = chunk.iter().map(|l| l.0.clone()).collect();
+            for attempt in 1..=ACK_ATTEMPTS {
+                let Err(s) = self.modify_deadline(ids.clone(), seconds).await else {
+                    break;
+                };
+                // Exactly-once delivery: the IDs the error lists failed and
+                // every other ID was changed, as for an Acknowledge. Those
+                // it calls permanent are expired (deliverable again anyway);
+                // the transient ones are asked for again.
+                if let Some(failed) = exactly_once_ack_failures(&s) {
+                    ids.retain(|id| {
+                        failed
+                            .get(id)
+                            .is_some_and(|code| code.starts_with(TRANSIENT_ACK_FAILURE))
+                    });
+                    if ids.is_empty() {
+                        break;
+                    }
+                    if attempt == ACK_ATTEMPTS {
+                        return Err(self.error(s, &self.subscription));
+                    }
+                    tracing::debug!(
+                        transient = ids.len(),
+                        seconds,
+                        attempt,
+                        "a deadline change failed for a moment (exactly-once delivery); trying again"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    continue;
                 }
                 // An expired or unknown ack ID (the message is deliverable
                 // again anyway) can fail the whole call: the others are
                 // changed one by one, so that none waits out its deadline
                 // or lapses for it.
-                Err(s) if s.code() == Code::InvalidArgument => {
+                if s.code() == Code::InvalidArgument {
                     tracing::debug!(error = %s.message(), seconds, "a deadline change included an expired lease; changing one by one");
-                    for l in chunk {
-                        if let Err(s) = self.modify_deadline(vec![l.0.clone()], seconds).await
+                    for id in ids {
+                        if let Err(s) = self.modify_deadline(vec![id], seconds).await
                             && s.code() != Code::InvalidArgument
                         {
                             return Err(self.error(s, &self.subscription));
                         }
                     }
+                    break;
                 }
-                Err(s) => return Err(self.error(s, &self.subscription)),
+                return Err(self.error(s, &self.subscription));
             }
         }
         Ok(())

@@ -50,6 +50,9 @@ struct Runs {
     /// starts: a quarter of the interval, so no lease joins a run much
     /// older than itself.
     span: Duration,
+    /// The last run, while it takes leases: when it was started, and
+    /// whether it holds leases taken late (see [`HeldLeases::extend_overdue`]).
+    open: Option<(Instant, bool)>,
 }
 
 struct Run {
@@ -67,6 +70,7 @@ impl HeldLeases {
             len: 0,
             interval,
             span: interval / 4,
+            open: None,
         })))
     }
 
@@ -98,17 +102,20 @@ impl HeldLeases {
         let now = Instant::now();
         let mut runs = self.lock();
         let span = runs.span;
-        if overdue {
-            let since = now.checked_sub(runs.interval).unwrap_or(now);
+        let joins = runs
+            .open
+            .is_some_and(|(opened, late)| late == overdue && now.duration_since(opened) < span);
+        if !joins {
+            let since = if overdue {
+                now.checked_sub(runs.interval).unwrap_or(now)
+            } else {
+                now
+            };
             runs.runs.push_back(Run {
                 since,
                 leases: Vec::new(),
             });
-        } else if runs.runs.back().is_none_or(|r| now.duration_since(r.since) >= span) {
-            runs.runs.push_back(Run {
-                since: now,
-                leases: Vec::new(),
-            });
+            runs.open = Some((now, overdue));
         }
         let last = runs.runs.back_mut().expect("a run was just ensured");
         let before = last.leases.len();
@@ -129,6 +136,7 @@ impl HeldLeases {
     pub fn take_runs(&self) -> Vec<Vec<LeaseId>> {
         let mut runs = self.lock();
         runs.len = 0;
+        runs.open = None;
         let taken = runs.runs.drain(..).map(|r| r.leases).collect();
         runs.runs.shrink_to_fit();
         taken
@@ -141,16 +149,26 @@ impl HeldLeases {
         let interval = runs.interval;
         let oldest = runs.runs.iter().enumerate().min_by_key(|(_, r)| r.since);
         match oldest {
-            Some((i, r)) if r.since + interval <= now => Ok(runs.runs.remove(i).expect("index from the scan")),
+            Some((i, r)) if r.since + interval <= now => {
+                if i + 1 == runs.runs.len() {
+                    runs.open = None;
+                }
+                Ok(runs.runs.remove(i).expect("index from the scan"))
+            }
             Some((_, r)) => Err(Some(r.since + interval)),
             None => Err(None),
         }
     }
 
     fn put_back(&self, run: Run) {
-        self.lock().runs.push_back(run);
+        let mut runs = self.lock();
+        runs.runs.push_back(run);
+        runs.open = None;
     }
 }
+
+/// How long a stop waits for the extensions already sent.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The task that extends a pass's held leases until it is stopped.
 pub(crate) struct Keeper {
@@ -226,11 +244,24 @@ async fn keep(
             }
         };
         let started = Instant::now();
-        // Not cancelled midway: an extension dropped after it was sent
+        // Not cancelled at once: an extension dropped after it was sent
         // could reach the provider after the release at the end of the
         // pass, and hide those messages again for a whole hold. A stop
-        // starts no new call and waits for those out.
-        let result = extend_run(&*backend, &run.leases, hold, chunk, parallel, &stop).await;
+        // starts no new call and waits for those out, for a while: a
+        // provider that stalls would otherwise hold the end of the pass for
+        // as long as the calls' own timeouts (Service Bus renews one request
+        // at a time, 20 s each).
+        let calls = extend_run(&*backend, &run.leases, hold, chunk, parallel, &stop);
+        let result = tokio::select! {
+            r = calls => r,
+            _ = async {
+                stop.cancelled().await;
+                tokio::time::sleep(STOP_GRACE).await;
+            } => {
+                tracing::debug!("extensions still out when the pass ended were given up");
+                Ok(())
+            }
+        };
         if let Err((n, e)) = &result {
             // Not fatal: a lease that lapses comes back and is skipped as
             // seen; nothing is lost. Said once per pass, then at debug.
@@ -316,11 +347,12 @@ mod tests {
         let held = HeldLeases::new(Duration::from_secs(30));
         held.push(LeaseId("fresh".into()));
         held.extend_overdue([LeaseId("late".into())]);
+        held.extend_overdue([LeaseId("late too".into())]);
         held.push(LeaseId("fresh too".into()));
         let run = held.take_due(Instant::now()).expect("the late run is due");
-        assert_eq!(run.leases, [LeaseId("late".into())]);
+        assert_eq!(run.leases, [LeaseId("late".into()), LeaseId("late too".into())]);
         assert!(held.take_due(Instant::now()).is_err(), "the fresh ones are not");
-        assert_eq!(held.len(), 3);
+        assert_eq!(held.len(), 4);
         assert_eq!(held.lock().runs.len(), 2, "a fresh lease does not join a late run");
     }
 

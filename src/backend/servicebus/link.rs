@@ -1659,27 +1659,35 @@ enum TokenOp {
     Renew,
 }
 
-/// Apply `op` to messages by lock token: each token's outcome. A
-/// disposition the broker refuses (one lock lost) is made again a token at
-/// a time, so that the others still go through and each failure is known.
-/// A renewal is not: the locks of one request were taken together and lapse
-/// together (a stall past the LockDuration), so a refused one counts for
-/// every token it named, and a link whose renewals are all refused costs
-/// one call per hundred locks, not one per lock, each time.
+/// Apply `op` to messages by lock token: each token's outcome. A request
+/// the broker refuses (one lock lost) is made again a token at a time, so
+/// that the others still go through and each failure is known. For a
+/// renewal, three refused in a row stand for the rest of their request:
+/// locks lapse together after a stall past the LockDuration, and a pass
+/// holding 50,000 would otherwise ask for each lost lock alone.
 async fn by_token(cfg: &LinkConfig, mgmt: &mut RpcLink, tokens: &[uuid::Uuid], op: TokenOp) -> Result<TokenOutcomes> {
+    const RENEWALS_REFUSED_IN_A_ROW: usize = 3;
     let mut out = Vec::with_capacity(tokens.len());
     for chunk in tokens.chunks(MGMT_BATCH) {
         match token_request(cfg, mgmt, chunk, op).await {
             Ok(()) => out.extend(chunk.iter().map(|_| None)),
-            Err(e) if refused(&e) && matches!(op, TokenOp::Renew) => {
-                let e = e.to_string();
-                out.extend(chunk.iter().map(|_| Some(e.clone())));
-            }
             Err(e) if refused(&e) && chunk.len() > 1 => {
-                for token in chunk {
+                let mut in_a_row = 0;
+                for (i, token) in chunk.iter().enumerate() {
+                    if matches!(op, TokenOp::Renew) && in_a_row == RENEWALS_REFUSED_IN_A_ROW {
+                        let e = e.to_string();
+                        out.extend(chunk[i..].iter().map(|_| Some(e.clone())));
+                        break;
+                    }
                     match token_request(cfg, mgmt, std::slice::from_ref(token), op).await {
-                        Ok(()) => out.push(None),
-                        Err(e) if refused(&e) => out.push(Some(e.to_string())),
+                        Ok(()) => {
+                            in_a_row = 0;
+                            out.push(None);
+                        }
+                        Err(e) if refused(&e) => {
+                            in_a_row += 1;
+                            out.push(Some(e.to_string()));
+                        }
                         Err(e) => return Err(e),
                     }
                 }

@@ -459,6 +459,9 @@ pub struct ServiceBusBackend {
     /// The entity's LockDuration, from its description (the management GET):
     /// how long every lease holds, whatever the engine asks.
     lock_duration: std::sync::Mutex<Option<Duration>>,
+    /// Deferred messages' lock tokens whose renewal was refused (the lock is
+    /// lost): not asked for again. A delivery's is dropped from `held`.
+    lost_locks: std::sync::Mutex<HashSet<uuid::Uuid>>,
     /// Destinations that refused a batch of distinct messages (Azure, for an
     /// entity with partitioning and duplicate detection): their copies go
     /// one a send.
@@ -699,6 +702,7 @@ impl ServiceBusBackend {
             link_generations: AtomicU64::new(0),
             lease_turns: Arc::default(),
             held: std::sync::Mutex::new(Held::default()),
+            lost_locks: std::sync::Mutex::default(),
             management,
             stats_cache: Mutex::new(None),
             lock_duration: std::sync::Mutex::new(None),
@@ -2074,7 +2078,11 @@ impl QueueBackend for ServiceBusBackend {
     async fn extend(&self, leases: &[LeaseId], _hold: Duration) -> Result<()> {
         let (generation, mut delivered) = self.held_lock_tokens(leases);
         // Deferred messages' locks are named by their tokens alone.
-        let (deferred, _) = lock_tokens(leases);
+        let (mut deferred, _) = lock_tokens(leases);
+        {
+            let lost = self.lost_locks.lock().expect("lost locks lock");
+            deferred.retain(|(_, t)| !lost.contains(t));
+        }
         if delivered.is_empty() && deferred.is_empty() {
             return Ok(());
         }
@@ -2092,7 +2100,7 @@ impl QueueBackend for ServiceBusBackend {
         let tokens: Vec<uuid::Uuid> = delivered
             .iter()
             .map(|(_, t)| *t)
-            .chain(deferred.into_iter().map(|(_, t)| t))
+            .chain(deferred.iter().map(|(_, t)| *t))
             .collect();
         let asked = std::time::Instant::now();
         let outcomes = link.renew_locks(tokens, &self.link_config).await?;
@@ -2109,6 +2117,15 @@ impl QueueBackend for ServiceBusBackend {
                     }
                 }
             }
+        }
+        {
+            let mut lost = self.lost_locks.lock().expect("lost locks lock");
+            if lost.len() > 10_000 {
+                // A long-lived sidecar's: kept only to spare calls.
+                lost.clear();
+            }
+            let refused = deferred.iter().zip(&outcomes[delivered.len()..]);
+            lost.extend(refused.filter(|(_, o)| o.is_some()).map(|((_, t), _)| *t));
         }
         let refused = outcomes.iter().flatten().count();
         let first = outcomes.iter().flatten().next();

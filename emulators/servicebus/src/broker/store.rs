@@ -483,6 +483,11 @@ impl Store {
         let list = self.list(sub_queue);
         let seq = list.locked(token)?;
         let entry = list.messages.get_mut(&seq).expect("locked message exists");
+        // A lock past its time is lost, as on Service Bus, even before the
+        // sweeper has unlocked its message.
+        if matches!(entry.state, State::Locked { until_ms, .. } if until_ms <= now_ms) {
+            return Err(BrokerError::LockLost);
+        }
         entry.state = State::Locked {
             token: *token,
             until_ms: until,
