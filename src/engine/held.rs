@@ -9,7 +9,11 @@
 //! bringing only those ends the pass as `all_seen` while unexamined messages
 //! wait behind them. So while a pass runs, a keeper task extends each run
 //! of held leases once a third of the hold has passed since it was leased
-//! or last extended: two more tries before it would lapse.
+//! or last extended: two more tries before it would lapse. Leases held only
+//! a while after they were leased (copies that were not sent, matches held
+//! back for their group) are extended at once. The keeper is stopped before
+//! the release; it waits up to [`STOP_GRACE`] for the calls it has out, so
+//! that none lands after the release.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
