@@ -297,6 +297,15 @@ fn redrive_to_with(f: &ServiceBusFixture, env: &str, cs: &str, dest: &str, extra
     (out.status.code(), said)
 }
 
+/// The delivery count of every message in `f`'s dead-letter queue, browsed.
+async fn dlq_delivery_counts(f: &ServiceBusFixture) -> Vec<u32> {
+    f.browse_dlq()
+        .await
+        .iter()
+        .map(|m| m.delivery_count().unwrap_or_default())
+        .collect()
+}
+
 /// Service Bus holds a leased message for the entity's LockDuration, not for
 /// `redrive.hold` (5 minutes here): a rated pass sizes its leases to the
 /// LockDuration, so no lock lapses while a leased message waits for its turn.
@@ -349,12 +358,7 @@ async fn a_rated_pass_keeps_within_the_entitys_lock_duration() {
         .map(|i| failing(i, if i % 3 == 0 { "Timeout" } else { "Poison" }))
         .collect();
     f.put_in_dlq(&mixed).await;
-    let before: Vec<u32> = f
-        .browse_dlq()
-        .await
-        .iter()
-        .map(|m| m.delivery_count().unwrap_or_default())
-        .collect();
+    let before = dlq_delivery_counts(&f).await;
     let (code, said) = redrive_to_with(
         &f,
         ENV,
@@ -369,12 +373,7 @@ async fn a_rated_pass_keeps_within_the_entitys_lock_duration() {
         "each held message was held once: {said}"
     );
     assert_eq!(queue_message_count(&f.http, DEST).await, 30, "{said}");
-    let after: Vec<u32> = f
-        .browse_dlq()
-        .await
-        .iter()
-        .map(|m| m.delivery_count().unwrap_or_default())
-        .collect();
+    let after = dlq_delivery_counts(&f).await;
     assert_eq!(after.len(), 20, "{said}");
     let base = before.iter().max().copied().unwrap_or_default();
     assert!(
