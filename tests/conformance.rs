@@ -799,6 +799,40 @@ pub async fn a_read_longer_than_its_hold_receives_each_message_once<F: Fixture>(
     );
 }
 
+/// `inspect --filter` and the API's `/messages` read through
+/// `first_matches`: a scan slower than its hold (a slow filter, 30 messages
+/// in about 6 s against a 3 s hold) keeps what it read leased, and shows each
+/// message once.
+pub async fn a_filtered_inspect_longer_than_its_hold_shows_each_message_once<F: Fixture>() {
+    let f = F::create(false).await;
+    f.dead_letter(&orders(30)).await;
+    let reg = Registry::new(f.config());
+    let backend = reg.backend("dlq").await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let started = std::time::Instant::now();
+    let shown = triage::first_matches(
+        &backend,
+        1000,
+        1000,
+        usize::MAX,
+        Duration::from_secs(3),
+        &cancel,
+        |_| {
+            std::thread::sleep(Duration::from_millis(200));
+            Some(true)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(started.elapsed() > Duration::from_secs(5));
+    assert_eq!(shown.read, 30, "{shown:?}");
+    let ids: BTreeSet<&str> = shown.messages.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids.len(), 30, "each message shown once");
+    assert!(!shown.capped && !shown.interrupted && !shown.truncated, "{shown:?}");
+    // Released at the end: all of them can be read again at once.
+    assert_eq!(backend.peek(100).await.unwrap().len(), 30);
+}
+
 /// SQS fair queues: a standard queue's MessageGroupId (the tenant) stays on
 /// the copy (a standard queue keeps no order, so only the tenants are
 /// compared).
@@ -913,6 +947,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_read_longer_than_its_hold_receives_each_message_once() {
                 super::a_read_longer_than_its_hold_receives_each_message_once::<$fixture>().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_filtered_inspect_longer_than_its_hold_shows_each_message_once() {
+                super::a_filtered_inspect_longer_than_its_hold_shows_each_message_once::<$fixture>().await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn report_groups_patterns_exactly() {

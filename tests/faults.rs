@@ -798,14 +798,15 @@ fn add_child_env(name: &str, value: &str) {
 #[async_trait::async_trait]
 pub trait Private: Fixture {
     /// Start a private emulator (Service Bus: its AMQP listener on `host`,
-    /// since azservicebus always dials 5672) and a fixture on it.
-    async fn private(host: &str) -> (Self, Emulator);
+    /// since azservicebus always dials 5672, and entities whose LockDuration
+    /// is `lock`) and a fixture on it.
+    async fn private(host: &str, lock: &str) -> (Self, Emulator);
 }
 
 #[cfg(feature = "sqs")]
 #[async_trait::async_trait]
 impl Private for common::sqs::SqsFixture {
-    async fn private(_host: &str) -> (Self, Emulator) {
+    async fn private(_host: &str, _lock: &str) -> (Self, Emulator) {
         common::sqs::init_env();
         let emu = spawn(
             "moto-private",
@@ -820,7 +821,7 @@ impl Private for common::sqs::SqsFixture {
 #[cfg(feature = "pubsub")]
 #[async_trait::async_trait]
 impl Private for common::pubsub::PubSubFixture {
-    async fn private(_host: &str) -> (Self, Emulator) {
+    async fn private(_host: &str, _lock: &str) -> (Self, Emulator) {
         let bin = format!(
             "{}/platform/pubsub-emulator/bin/cloud-pubsub-emulator",
             common::pubsub::sdk_root()
@@ -835,11 +836,11 @@ impl Private for common::pubsub::PubSubFixture {
     }
 }
 
-/// A Service Bus emulator on `host`:5672 with a short LockDuration, like the
-/// 2 s hold the other backends' fault runs use.
+/// A Service Bus emulator on `host`:5672 with a LockDuration of `lock`: 3 s
+/// for most fault runs, like the 2 s hold the other backends' fault runs use.
 #[cfg(feature = "servicebus")]
-fn private_servicebus(host: &str) -> (Emulator, String) {
-    let emu = common::servicebus::spawn_emulator("servicebus-private", &["--amqp-host", host, "--lock-duration", "3s"]);
+fn private_servicebus(host: &str, lock: &str) -> (Emulator, String) {
+    let emu = common::servicebus::spawn_emulator("servicebus-private", &["--amqp-host", host, "--lock-duration", lock]);
     let env = format!("DLQ_BRIDGE_FAULTS_SERVICEBUS_{}", host.replace('.', "_"));
     add_child_env(&env, &common::servicebus::emulator_connection_string(host));
     (emu, env)
@@ -848,8 +849,8 @@ fn private_servicebus(host: &str) -> (Emulator, String) {
 #[cfg(feature = "servicebus")]
 #[async_trait::async_trait]
 impl Private for common::servicebus::ServiceBusFixture {
-    async fn private(host: &str) -> (Self, Emulator) {
-        let (emu, env) = private_servicebus(host);
+    async fn private(host: &str, lock: &str) -> (Self, Emulator) {
+        let (emu, env) = private_servicebus(host, lock);
         let client = common::servicebus::client_with(&common::servicebus::emulator_connection_string(host)).await;
         (Self::on(emu.url(), client, &env, &["s"]).await, emu)
     }
@@ -868,7 +869,7 @@ pub struct KillServiceBus(common::servicebus::ServiceBusFixture);
 impl Fixture for KillServiceBus {
     async fn create(_ordered: bool) -> Self {
         static EMU: std::sync::OnceLock<(Emulator, String)> = std::sync::OnceLock::new();
-        let (emu, env) = EMU.get_or_init(|| private_servicebus("127.0.0.4"));
+        let (emu, env) = EMU.get_or_init(|| private_servicebus("127.0.0.4", "3s"));
         let client =
             common::servicebus::client_with(&common::servicebus::emulator_connection_string("127.0.0.4")).await;
         Self(common::servicebus::ServiceBusFixture::on(emu.url(), client, env, &["s"]).await)
@@ -1092,7 +1093,7 @@ pub async fn a_sidecar_rides_out_connections_cut_while_idle<F: ViaProxy>(backend
 /// a hung server. The run fails with a clear error or rides it out, within a
 /// bound; a resume loses nothing.
 pub async fn emulator_frozen_mid_run_loses_nothing<F: Private>(backend: &str, host: &str) {
-    let (f, emu) = F::private(host).await;
+    let (f, emu) = F::private(host, "3s").await;
     let msgs = seeded("frozen", MESSAGES * 3);
     f.put_in_dlq(&msgs).await;
     let config = save_config(f.config());
@@ -1107,12 +1108,60 @@ pub async fn emulator_frozen_mid_run_loses_nothing<F: Private>(backend: &str, ho
     assert_resumes_whole(&what, &f, &msgs, &config, &journal, &[], &out, &output).await;
 }
 
+/// A stall shorter than a call's timeout (a broker pausing for garbage
+/// collection, a congested link): the emulator is frozen 2.5 s while the
+/// run has leases out, longer than a Service Bus lease waits for what it
+/// browsed (2 s). The run rides it out and examines every message once: a
+/// lease the stall left empty is no proof that the DLQ is drained (a run
+/// that stopped there reported "drained" with most of its DLQ unseen), nor
+/// is a browse past the last one browsed when messages whose locks lapsed
+/// came back and took the credit of ones browsed.
+pub async fn a_stall_mid_run_does_not_end_it_early<F: Private>(backend: &str, host: &str) {
+    // Service Bus: 3 s locks, so that those taken just before the stall
+    // lapse in it (their renewals wait with it) and the messages come back
+    // ahead of the ones browsed for the leases out.
+    let (f, emu) = F::private(host, "3s").await;
+    let msgs = seeded("stall", MESSAGES * 3);
+    f.put_in_dlq(&msgs).await;
+    let config = save_config(f.config());
+    let journal = std::env::temp_dir().join(format!("dlqb-stall-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    let stalled = async {
+        let start = Instant::now();
+        while !std::fs::read_to_string(&journal).is_ok_and(|t| t.contains(r#""event":"leased""#)) {
+            assert!(start.elapsed() < Duration::from_secs(60), "the run never leased");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Two leases of 10 are out at 20/s: one waits for its tokens, the
+        // next is being leased.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        signal(&emu, "-STOP");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        signal(&emu, "-CONT");
+    };
+    let (out, output) = run_disturbed(&config, &journal, &[], Duration::ZERO, stalled).await;
+    assert_clear(&format!("{backend}: the stalled run"), out.status.code(), &output);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{backend}: no summary ({e}): {output}"));
+    assert_eq!(
+        summary["examined"].as_u64(),
+        Some(msgs.len() as u64),
+        "{backend}: the stalled run examined every message: {summary}"
+    );
+    let (lost, _extra, duplicated) = resume_and_count(&f, &msgs, &config, Some(&journal), &[]).await;
+    assert_eq!(
+        (lost, duplicated),
+        (0, 0),
+        "{backend}: lost, duplicated after the stall"
+    );
+}
+
 /// (c) The emulator is killed (SIGKILL) mid-run. Its state was in memory, so
 /// nothing can be resumed; what is checked is the run: it fails within a
 /// bound with exit code 1 and an error naming what it could not reach, never
 /// hangs or panics, and its journal holds what was in flight.
 pub async fn emulator_killed_mid_run_fails_clearly<F: Private>(backend: &str, host: &str) {
-    let (f, emu) = F::private(host).await;
+    let (f, emu) = F::private(host, "3s").await;
     let msgs = seeded("killed", MESSAGES * 3);
     f.put_in_dlq(&msgs).await;
     let config = save_config(f.config());
@@ -1179,6 +1228,10 @@ macro_rules! faults {
             #[tokio::test]
             async fn emulator_frozen_mid_run_loses_nothing() {
                 super::emulator_frozen_mid_run_loses_nothing::<$fixture>(stringify!($module), "127.0.0.5").await;
+            }
+            #[tokio::test]
+            async fn a_stall_mid_run_does_not_end_it_early() {
+                super::a_stall_mid_run_does_not_end_it_early::<$fixture>(stringify!($module), "127.0.0.29").await;
             }
             #[tokio::test]
             async fn emulator_killed_mid_run_fails_clearly() {

@@ -242,17 +242,14 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 /// Bytes of bodies one page of a browse ([`QueueBackend::peek_each`]) asks
 /// for, at the size of the bodies of the page before (Pub/Sub and Service
 /// Bus; SQS's pages are 10 messages anyway).
-#[cfg(any(feature = "pubsub", feature = "servicebus"))]
 const PEEK_PAGE_BYTES: usize = 4 << 20;
 /// The body size assumed for a browse's first page: Service Bus's standard
 /// tier limit (16 messages).
-#[cfg(any(feature = "pubsub", feature = "servicebus"))]
 const PEEK_FIRST_BODY: usize = 256 << 10;
 
 /// Messages the next page of a browse asks for, at most `cap` (the
 /// provider's page) and at least one: [`PEEK_PAGE_BYTES`] at the average
 /// body size of the last page, `last` (bytes, messages).
-#[cfg(any(feature = "pubsub", feature = "servicebus"))]
 pub(crate) fn peek_page(last: Option<(usize, usize)>, cap: usize) -> usize {
     let avg = match last {
         Some((bytes, n)) if n > 0 => (bytes / n).max(1),

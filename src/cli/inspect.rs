@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::exit::{self, Failure};
 use super::signals;
 use crate::engine::registry::Registry;
-use crate::engine::triage::first_matches;
+use crate::engine::triage::{DISPLAY_HOLD, first_matches};
 use crate::filter::Filter;
 use crate::model::DlqMessage;
 use crate::output::{self, Format, MessageView, QueueRow};
@@ -142,15 +142,21 @@ pub(crate) async fn inspect(
     let read = if filtered { scan } else { limit };
     let now = Utc::now();
     // Only the matches shown are kept: the rest are dropped as they are read.
-    let got = first_matches(&*backend, read, limit, usize::MAX, &cancel, |m| {
-        match filter.matches(m, now) {
+    let got = first_matches(
+        &backend,
+        read,
+        limit,
+        usize::MAX,
+        DISPLAY_HOLD,
+        &cancel,
+        |m| match filter.matches(m, now) {
             Ok(matched) => Some(matched),
             Err(e) => {
                 tracing::debug!(id = %m.id, error = %e, "filter error");
                 None
             }
-        }
-    })
+        },
+    )
     .await
     .with_context(|| format!("queue {queue}"))?;
     // A signal that came as the read's last message was being filtered (a

@@ -133,7 +133,16 @@ pub(crate) async fn read_detached(
     // the shutdown grace.
     let cancel = app.shutdown.child_token();
     let task = tokio::spawn(async move {
-        let got = triage::first_matches(&*backend, scan, limit, MAX_BROWSE_BODY_BYTES, &cancel, matches).await;
+        let got = triage::first_matches(
+            &backend,
+            scan,
+            limit,
+            MAX_BROWSE_BODY_BYTES,
+            triage::DISPLAY_HOLD,
+            &cancel,
+            matches,
+        )
+        .await;
         drop(guard);
         got
     });

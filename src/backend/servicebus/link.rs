@@ -51,6 +51,14 @@
 //! arrive: the lease returns after [`LEASE_WAIT`] with what it has, and the
 //! credit still open is tracked; messages that arrive on it later are kept
 //! (at most that credit, at most a batch) and handed to the next lease. A
+//! lease that nothing reached by then (the broker stalls, or others took
+//! every message browsed) is not answered empty, which would end the pass as
+//! drained: it waits again, for what the open credit brings or the next
+//! browse shows, and only a browse that shows nothing answers it empty. A
+//! message delivered again in a pass (its lock lapsed, or it was abandoned)
+//! took credit granted for one browsed and not yet delivered: the link keeps
+//! the sequence numbers it delivered in the pass, and each delivered again
+//! makes that message known again, to be granted credit anew. A
 //! lease whose caller went away (cancelled) abandons what it received.
 //!
 //! ## Deferred messages
@@ -542,6 +550,8 @@ struct LeaseRequest {
 }
 
 struct Active {
+    /// What the lease asked for, should it wait again (see the deadline).
+    max: u32,
     want: usize,
     got: Vec<Delivered>,
     deadline: Instant,
@@ -593,6 +603,10 @@ struct Actor {
     handed_out: usize,
     /// Deliveries that arrived on credit left over from a lease.
     stash: Vec<Delivered>,
+    /// Sequence numbers delivered this pass: one delivered again (its lock
+    /// lapsed, or it was abandoned) took credit granted for a message
+    /// browsed and not yet delivered, which needs credit again.
+    delivered: std::collections::HashSet<i64, foldhash::fast::RandomState>,
     pending: VecDeque<LeaseRequest>,
     /// Leases being received, oldest first: deliveries fill them in order.
     actives: VecDeque<Active>,
@@ -821,6 +835,7 @@ impl Actor {
             browse_from: 1,
             handed_out: 0,
             stash: Vec::new(),
+            delivered: Default::default(),
             pending: VecDeque::new(),
             actives: VecDeque::new(),
             postponed: Vec::new(),
@@ -971,14 +986,23 @@ impl Actor {
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
                     // Fewer messages than browsed could be locked: another
-                    // consumer took some. The credit stays open (see above).
+                    // consumer took some, or the broker stalls. The credit
+                    // stays open (see above).
                     if let Some(a) = self.actives.pop_front() {
                         tracing::debug!(
                             browsed = a.want,
                             received = a.got.len(),
-                            "fewer messages than browsed could be locked (another consumer holds some)"
+                            "fewer messages than browsed arrived in time (another consumer holds some, or the broker stalls)"
                         );
-                        self.hand_out(a.reply, a.got).await?;
+                        if a.got.is_empty() {
+                            // An empty lease ends the pass as drained, and
+                            // the browse showed messages: the lease waits
+                            // again, for what the credit brings or the next
+                            // browse shows (none: drained indeed).
+                            self.pending.push_front(LeaseRequest { max: a.max, reply: a.reply });
+                        } else {
+                            self.hand_out(a.reply, a.got).await?;
+                        }
                     }
                 }
                 failed = self.confirm_failed.recv() => {
@@ -1024,6 +1048,7 @@ impl Actor {
             self.browse_from = 1;
             self.known = 0;
             self.deferred.clear();
+            self.delivered = Default::default();
             self.short = false;
             self.drained = false;
             self.browse_out = None;
@@ -1056,6 +1081,7 @@ impl Actor {
             self.known -= want;
             granted += want;
             self.actives.push_back(Active {
+                max: req.max,
                 want,
                 got: Vec::with_capacity(want),
                 deadline: Instant::now() + LEASE_WAIT,
@@ -1138,6 +1164,11 @@ impl Actor {
         self.credit = self.credit.saturating_sub(1);
         if let Some(seq) = sequence_number(&message) {
             self.browse_from = self.browse_from.max(seq.saturating_add(1));
+            if !self.delivered.insert(seq) {
+                // Without this, the message it displaced would get no credit,
+                // and a pass could end as drained before it was delivered.
+                self.known += 1;
+            }
         }
         let d = Delivered {
             lock: Lock::Link(info),

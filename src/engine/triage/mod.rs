@@ -27,7 +27,7 @@ pub use import::{ImportRequest, ImportStop, ImportSummary, import, not_carried};
 pub use patterns::{Group, GroupBy, Grouper, MAX_KEY_CHARS, normalize, pattern_of, reason_pattern, top_counts};
 pub use purge::{FileBackup, PurgeRequest, purge, purge_filter};
 pub(crate) use read::compile;
-pub use read::{ReadStats, Shown, browse, first_matches, read_note};
+pub use read::{DISPLAY_HOLD, ReadStats, Shown, browse, first_matches, read_note};
 pub use report::{DEFAULT_SCAN, DEFAULT_TOP, Report, ReportRequest, report};
 pub use retention::{ExpiredMessage, RetentionOutcome, apply_retention};
 

@@ -122,13 +122,18 @@ where
     );
     let mut streak = 0;
     let mut failures = 0;
+    // Body bytes and messages of the last lease.
+    let mut last = None;
     let result: Result<(), TriageError> = async {
         loop {
             if cancel.is_cancelled() {
                 stats.interrupted = true;
                 return Ok(());
             }
-            let want = max.saturating_sub(stats.read as usize).min(caps.batch_size);
+            // Pages of about 4 MiB of bodies, as a browse's: a provider's
+            // batch of large bodies would otherwise all be in memory at once.
+            let page = crate::backend::peek_page(last, caps.batch_size);
+            let want = max.saturating_sub(stats.read as usize).min(page);
             if want == 0 {
                 stats.capped = true;
                 return Ok(());
@@ -164,6 +169,7 @@ where
                 }
                 return Ok(());
             }
+            last = Some((batch.iter().map(|l| l.message.body.len()).sum(), batch.len()));
             let mut fresh = 0;
             let mut stop = false;
             // Every lease of the batch is held (for the release) before any
@@ -219,49 +225,61 @@ pub struct Shown {
     pub interrupted: bool,
 }
 
-/// Browse up to `scan` messages ([`QueueBackend::peek_each`]) and keep the
-/// first `limit` for which `matches` says `Some(true)` (`None`: the filter
-/// failed on it). Messages that do not match are dropped as they are read
-/// and the read stops at the `limit`-th match, or once the matches kept
-/// hold `max_body_bytes` of bodies (at least one is kept; `truncated`), so
-/// memory holds what is shown and one page, whatever `scan` is. `cancel`
-/// stops it at the next message; the adapter releases what it leased
+/// How long a read for display ([`first_matches`]) holds what it leases
+/// (SQS, Pub/Sub) between extensions: what a read killed with it still
+/// running leaves hidden, at most.
+pub const DISPLAY_HOLD: Duration = Duration::from_secs(30);
+
+/// Browse up to `scan` messages ([`browse`]) and keep the first `limit` for
+/// which `matches` says `Some(true)` (`None`: the filter failed on it).
+/// Messages that do not match are dropped as they are read and the read
+/// stops at the `limit`-th match, or once the matches kept hold
+/// `max_body_bytes` of bodies (at least one is kept; `truncated`), so
+/// memory holds what is shown and one page, whatever `scan` is. Where the
+/// provider has no true peek, what is read is leased for `hold` and kept
+/// leased (extended) until the read ends, however long the scan takes.
+/// `cancel` stops it at the next message; what was leased is released
 /// either way.
 pub async fn first_matches(
-    backend: &dyn QueueBackend,
+    backend: &Arc<dyn QueueBackend>,
     scan: usize,
     limit: usize,
     max_body_bytes: usize,
+    hold: Duration,
     cancel: &CancellationToken,
     mut matches: impl FnMut(&DlqMessage) -> Option<bool> + Send,
-) -> Result<Shown, crate::backend::BackendError> {
+) -> Result<Shown, TriageError> {
     let mut shown = Shown::default();
     if limit == 0 {
         return Ok(shown);
     }
     let mut kept_bytes = 0usize;
-    backend
-        .peek_each(scan, &mut |m| {
-            if cancel.is_cancelled() {
-                shown.interrupted = true;
-                return false;
+    let mut interrupted = false;
+    let mut filter_errors = 0;
+    let mut kept = Vec::new();
+    let stats = browse(backend, scan, hold, cancel, |m| {
+        if cancel.is_cancelled() {
+            interrupted = true;
+            return Ok(false);
+        }
+        match matches(m) {
+            Some(true) => {
+                kept_bytes = kept_bytes.saturating_add(m.body.len());
+                kept.push(m.clone());
             }
-            shown.read += 1;
-            match matches(&m) {
-                Some(true) => {
-                    kept_bytes = kept_bytes.saturating_add(m.body.len());
-                    shown.messages.push(m);
-                }
-                Some(false) => {}
-                None => shown.filter_errors += 1,
-            }
-            if shown.messages.len() >= limit {
-                return false;
-            }
-            shown.truncated = kept_bytes >= max_body_bytes;
-            !shown.truncated
-        })
-        .await?;
+            Some(false) => {}
+            None => filter_errors += 1,
+        }
+        Ok(kept.len() < limit && kept_bytes < max_body_bytes)
+    })
+    .await?;
+    shown.messages = kept;
+    shown.filter_errors = filter_errors;
+    shown.interrupted = interrupted || stats.interrupted;
+    // The browse counts a message read before it hands it over: the one
+    // turned away for the cancel was not.
+    shown.read = stats.read as usize - usize::from(interrupted);
+    shown.truncated = shown.messages.len() < limit && kept_bytes >= max_body_bytes;
     shown.capped = shown.messages.len() < limit && !shown.interrupted && !shown.truncated && shown.read >= scan;
     Ok(shown)
 }
