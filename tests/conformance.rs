@@ -7,11 +7,12 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Fixture, Received, TestMessage, attrs, redrive};
-use dlq_bridge::backend::Capabilities;
+use dlq_bridge::backend::{Capabilities, QueueBackend};
 use dlq_bridge::config::{RetentionAction, RetentionConfig};
 use dlq_bridge::engine::journal::{Journal, Record, read_records};
 use dlq_bridge::engine::redrive::Trigger;
@@ -466,7 +467,7 @@ pub async fn export_then_import_round_trips<F: Fixture>() {
         assert!(l.reason.as_deref() == Some("Payload"), "{l:?}");
     }
 
-    let journal = std::sync::Arc::new(Journal::open(&dir.join("journal.jsonl")).unwrap());
+    let journal = Arc::new(Journal::open(&dir.join("journal.jsonl")).unwrap());
     let req = ImportRequest {
         rate: Some(100),
         ..ImportRequest::new(&file, "dlq")
@@ -569,7 +570,7 @@ pub async fn purge_removes_exactly_the_matches_with_backup<F: Fixture>() {
     let reg = Registry::new(f.config());
     let dir = scratch_dir();
     let backup = dir.join("backup.jsonl");
-    let journal = std::sync::Arc::new(Journal::open(&dir.join("journal.jsonl")).unwrap());
+    let journal = Arc::new(Journal::open(&dir.join("journal.jsonl")).unwrap());
     let filter = r#"attributes.tenant == "acme""#;
 
     let dry = triage::purge(
@@ -772,12 +773,7 @@ pub async fn a_read_longer_than_its_hold_receives_each_message_once<F: Fixture>(
     f.dead_letter(&orders(30)).await;
     let reg = Registry::new(f.config());
     let backend = reg.backend("dlq").await.unwrap();
-    let counts = |msgs: Vec<dlq_bridge::model::DlqMessage>| -> std::collections::BTreeMap<String, u32> {
-        msgs.into_iter()
-            .map(|m| (m.id, m.delivery_count.unwrap_or_default()))
-            .collect()
-    };
-    let before = counts(backend.peek(100).await.unwrap());
+    let before = delivery_counts(&backend).await;
     assert_eq!(before.len(), 30);
     let cancel = tokio_util::sync::CancellationToken::new();
     let started = std::time::Instant::now();
@@ -790,12 +786,26 @@ pub async fn a_read_longer_than_its_hold_receives_each_message_once<F: Fixture>(
     .unwrap();
     assert!(started.elapsed() > Duration::from_secs(5));
     assert_eq!(stats.read, 30, "{stats:?}");
-    let after = counts(backend.peek(100).await.unwrap());
-    // SQS: once by the read, once by the peek above.
+    assert_received_once(&before, &delivery_counts(&backend).await, "the read");
+}
+
+/// Each message's delivery count, as a browse of the DLQ shows it.
+async fn delivery_counts(backend: &Arc<dyn QueueBackend>) -> BTreeMap<String, u32> {
+    let msgs = backend.peek(100).await.unwrap();
+    msgs.into_iter()
+        .map(|m| (m.id, m.delivery_count.unwrap_or_default()))
+        .collect()
+}
+
+/// Every message's count rose alike, by two at most (SQS: once by `what`,
+/// once by the browse that took `before`): a hold that lapsed mid-read had
+/// messages delivered to it again, and their counts rose more.
+fn assert_received_once(before: &BTreeMap<String, u32>, after: &BTreeMap<String, u32>, what: &str) {
+    assert_eq!(after.len(), before.len(), "{what}: released every message");
     let rises: BTreeSet<u32> = before.iter().map(|(id, c)| after[id] - c).collect();
     assert!(
         rises.len() == 1 && rises.iter().all(|&r| r <= 2),
-        "every message was received once by the read: rises {rises:?}"
+        "every message was received once by {what}: rises {rises:?}"
     );
 }
 
@@ -808,6 +818,7 @@ pub async fn a_filtered_inspect_longer_than_its_hold_shows_each_message_once<F: 
     f.dead_letter(&orders(30)).await;
     let reg = Registry::new(f.config());
     let backend = reg.backend("dlq").await.unwrap();
+    let before = delivery_counts(&backend).await;
     let cancel = tokio_util::sync::CancellationToken::new();
     let started = std::time::Instant::now();
     let shown = triage::first_matches(
@@ -829,8 +840,7 @@ pub async fn a_filtered_inspect_longer_than_its_hold_shows_each_message_once<F: 
     let ids: BTreeSet<&str> = shown.messages.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids.len(), 30, "each message shown once");
     assert!(!shown.capped && !shown.interrupted && !shown.truncated, "{shown:?}");
-    // Released at the end: all of them can be read again at once.
-    assert_eq!(backend.peek(100).await.unwrap().len(), 30);
+    assert_received_once(&before, &delivery_counts(&backend).await, "the scan");
 }
 
 /// SQS fair queues: a standard queue's MessageGroupId (the tenant) stays on

@@ -272,7 +272,8 @@ pub struct RedriveOpts {
     /// config's `redrive.rate`, else no limit.
     #[arg(long, value_name = "N", value_parser = parse_rate)]
     pub rate: Option<u32>,
-    /// Move at most N messages.
+    /// Move at most N messages: the run stops once N matches went to a send,
+    /// whether or not each send succeeded (a failed one stays in the DLQ).
     #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
     pub max: Option<u64>,
     /// Send batches in flight at once, 1 to 256. Default: the config's `redrive.concurrency`.

@@ -183,6 +183,9 @@ pub(crate) async fn inspect(
             crate::output::counted(errors as u64, "message")
         );
     }
+    if let Some(note) = got.held_back_note() {
+        note!("{note}");
+    }
     if filtered && got.capped {
         note!("note: the read stopped at --scan {scan}; the DLQ may hold more matches (raise --scan)");
     }

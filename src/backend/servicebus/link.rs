@@ -52,9 +52,9 @@
 //! credit still open is tracked; messages that arrive on it later are kept
 //! (at most that credit, at most a batch) and handed to the next lease. A
 //! lease that nothing reached by then (the broker stalls, or others took
-//! every message browsed) is not answered empty, which would end the pass as
-//! drained: it waits again, for what the open credit brings or the next
-//! browse shows, and only a browse that shows nothing answers it empty. A
+//! every message browsed) would end the pass as drained: it waits on, first
+//! in line, until [`LEASE_STALL_WAIT`] in all, for what a broker that
+//! stalled delivers late. A
 //! message delivered again in a pass (its lock lapsed, or it was abandoned)
 //! took credit granted for one browsed and not yet delivered: the link keeps
 //! the sequence numbers it delivered in the pass, and each delivered again
@@ -131,7 +131,7 @@ use super::auth::{WorkloadIdentityCredential, sas_token, unix_now};
 use super::codec::{is_deferred, sequence_number};
 use super::errors::{Refusal, broker_words, is_server_busy, refusal_error, refusal_in};
 use super::rpc::RpcLink;
-use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_WAIT, PROVIDER, Result};
+use super::{BackendError, CALL_TIMEOUT, CONNECT_TIMEOUT, LEASE_STALL_WAIT, LEASE_WAIT, PROVIDER, Result};
 
 const PEEK_OPERATION: &str = "com.microsoft:peek-message";
 const RECEIVE_BY_SEQUENCE_OPERATION: &str = "com.microsoft:receive-by-sequence-number";
@@ -471,7 +471,7 @@ impl DlqLink {
     }
 
     pub async fn leased(&self, reply: LeaseReply, label: &LinkConfig) -> Result<Vec<Delivered>> {
-        answer(reply.0, LEASE_WAIT + 2 * CALL_TIMEOUT, label).await
+        answer(reply.0, LEASE_STALL_WAIT + 2 * CALL_TIMEOUT, label).await
     }
 
     /// Complete (`complete`) or abandon the deliveries, and confirm that the
@@ -550,9 +550,9 @@ struct LeaseRequest {
 }
 
 struct Active {
-    /// What the lease asked for, should it wait again (see the deadline).
-    max: u32,
     want: usize,
+    /// Nothing came by the first deadline: waiting on (see the deadline).
+    stalled: bool,
     got: Vec<Delivered>,
     deadline: Instant,
     reply: Reply<Vec<Delivered>>,
@@ -994,12 +994,17 @@ impl Actor {
                             received = a.got.len(),
                             "fewer messages than browsed arrived in time (another consumer holds some, or the broker stalls)"
                         );
-                        if a.got.is_empty() {
+                        if a.got.is_empty() && !a.stalled && !a.reply.is_closed() {
                             // An empty lease ends the pass as drained, and
-                            // the browse showed messages: the lease waits
-                            // again, for what the credit brings or the next
-                            // browse shows (none: drained indeed).
-                            self.pending.push_front(LeaseRequest { max: a.max, reply: a.reply });
+                            // the browse showed messages: a broker that
+                            // stalls delivers them late. The lease waits on,
+                            // first in line, so that deliveries still fill
+                            // the leases in the order they were asked for.
+                            self.actives.push_front(Active {
+                                stalled: true,
+                                deadline: a.deadline + LEASE_STALL_WAIT.saturating_sub(LEASE_WAIT),
+                                ..a
+                            });
                         } else {
                             self.hand_out(a.reply, a.got).await?;
                         }
@@ -1081,8 +1086,8 @@ impl Actor {
             self.known -= want;
             granted += want;
             self.actives.push_back(Active {
-                max: req.max,
                 want,
+                stalled: false,
                 got: Vec::with_capacity(want),
                 deadline: Instant::now() + LEASE_WAIT,
                 reply: req.reply,

@@ -346,8 +346,15 @@ const SEND_ATTEMPTS: usize = 3;
 /// namespace or entity, and how long to wait before sending again.
 const SERVER_BUSY: &str = "com.microsoft:server-busy";
 const SERVER_BUSY_WAIT: Duration = Duration::from_secs(2);
-/// How long a lease waits for the first message before reporting the DLQ empty.
+/// How long a lease waits for the messages its browse showed before it
+/// returns with what came (others may have taken some).
 const LEASE_WAIT: Duration = Duration::from_secs(2);
+/// How long in all a lease that nothing reached waits, before it returns
+/// empty and the pass ends as drained: a broker that stalls (a pause, a
+/// congested link) delivers late what the browse showed, and a stall
+/// shorter than this ends no pass early. Well within the call's own limit
+/// (`DlqLink::leased`).
+const LEASE_STALL_WAIT: Duration = Duration::from_secs(10);
 /// Messages per peek request.
 const PEEK_PAGE: usize = 100;
 /// The most messages counted by browsing when the counts are refused (see

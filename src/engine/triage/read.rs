@@ -132,7 +132,15 @@ where
             }
             // Pages of about 4 MiB of bodies, as a browse's: a provider's
             // batch of large bodies would otherwise all be in memory at once.
-            let page = crate::backend::peek_page(last, caps.batch_size);
+            // Not with ordered delivery: a key's later messages come only
+            // once what was delivered of it is settled (Pub/Sub delivers a
+            // key's messages a pull at a time), so a read sees of each key
+            // what its first lease brings, and a smaller lease saw less.
+            let page = if caps.ordered_delivery {
+                caps.batch_size
+            } else {
+                crate::backend::peek_page(last, caps.batch_size)
+            };
             let want = max.saturating_sub(stats.read as usize).min(page);
             if want == 0 {
                 stats.capped = true;
@@ -223,6 +231,23 @@ pub struct Shown {
     pub truncated: bool,
     /// Stopped by `cancel`.
     pub interrupted: bool,
+    /// As [`ReadStats::held_back`] and [`ReadStats::hold_limited`]: what the
+    /// provider did not let the read see (an SQS FIFO queue's later messages).
+    pub held_back: u64,
+    pub hold_limited: bool,
+}
+
+impl Shown {
+    /// What the user is told when the read could not see the whole DLQ.
+    pub fn held_back_note(&self) -> Option<String> {
+        ReadStats {
+            read: self.read as u64,
+            held_back: self.held_back,
+            hold_limited: self.hold_limited,
+            ..Default::default()
+        }
+        .held_back_note()
+    }
 }
 
 /// How long a read for display ([`first_matches`]) holds what it leases
@@ -280,6 +305,8 @@ pub async fn first_matches(
     // turned away for the cancel was not.
     shown.read = stats.read as usize - usize::from(interrupted);
     shown.truncated = shown.messages.len() < limit && kept_bytes >= max_body_bytes;
+    shown.held_back = stats.held_back;
+    shown.hold_limited = stats.hold_limited;
     shown.capped = shown.messages.len() < limit && !shown.interrupted && !shown.truncated && shown.read >= scan;
     Ok(shown)
 }
