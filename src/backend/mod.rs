@@ -239,9 +239,9 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-/// Bytes of bodies one page of a browse ([`QueueBackend::peek_each`]) asks
-/// for, at the size of the bodies of the page before (Pub/Sub and Service
-/// Bus; SQS's pages are 10 messages anyway).
+/// Bytes of bodies one page of a browse ([`QueueBackend::peek_each`], and
+/// the leases of a triage read) asks for, at the size of the bodies of the
+/// page before (SQS's pages are 10 messages anyway).
 const PEEK_PAGE_BYTES: usize = 4 << 20;
 /// The body size assumed for a browse's first page: Service Bus's standard
 /// tier limit (16 messages).
@@ -340,7 +340,9 @@ pub trait QueueBackend: Send + Sync {
     async fn peek_each(&self, max: usize, visit: &mut (dyn FnMut(DlqMessage) -> bool + Send)) -> Result<usize>;
 
     /// Browse up to `max` messages into a `Vec` (a small sample: `list`'s
-    /// reasons, the poller's). Readers of many messages use [`QueueBackend::peek_each`].
+    /// reasons, the poller's). Readers of many messages use [`QueueBackend::peek_each`]
+    /// (through `engine::triage::browse`, which leases instead where there
+    /// is no true peek, so that a long read keeps what it holds).
     async fn peek(&self, max: usize) -> Result<Vec<DlqMessage>> {
         let mut out = Vec::new();
         self.peek_each(max, &mut |m| {

@@ -380,6 +380,7 @@ async fn messages(
         "read": msgs,
         "filter_errors": filter_errors,
         "truncated": truncated,
+        "held_back": got.held_back,
         "messages": views,
     }))
     .into_response())

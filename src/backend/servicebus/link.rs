@@ -1181,6 +1181,12 @@ impl Actor {
         };
         match self.actives.front_mut() {
             Some(a) => {
+                if a.stalled && a.got.is_empty() {
+                    // What comes after a stall goes out within LEASE_WAIT,
+                    // as any lease's: its locks run from now, and the
+                    // renewals from when the lease returns.
+                    a.deadline = a.deadline.min(Instant::now() + LEASE_WAIT);
+                }
                 a.got.push(d);
                 if a.got.len() >= a.want {
                     let a = self.actives.pop_front().expect("front");

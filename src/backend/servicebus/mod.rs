@@ -19,7 +19,8 @@
 //! - **lease**: a peek-lock receive from `<entity>/$DeadLetterQueue` on the
 //!   adapter's own fe2o3-amqp connection and link ([`link`]), sized by a
 //!   browse of the messages past the last one leased, with a bounded wait
-//!   (2 s); see [`link`] for why the receive is sized. Complete and abandon
+//!   (2 s; 10 s when nothing comes, for a broker that stalls); see [`link`]
+//!   for why the receive is sized. Complete and abandon
 //!   are settled on the link that received a message, so what is kept of a
 //!   held message is its delivery info (delivery id and tag), keyed by the
 //!   [`LeaseId`] `<link generation>.<delivery id>`: a held message costs a

@@ -259,10 +259,11 @@ pub const DISPLAY_HOLD: Duration = Duration::from_secs(30);
 /// which `matches` says `Some(true)` (`None`: the filter failed on it).
 /// Messages that do not match are dropped as they are read and the read
 /// stops at the `limit`-th match, or once the matches kept hold
-/// `max_body_bytes` of bodies (at least one is kept; `truncated`), so
-/// memory holds what is shown and one page, whatever `scan` is. Where the
-/// provider has no true peek, what is read is leased for `hold` and kept
-/// leased (extended) until the read ends, however long the scan takes.
+/// `max_body_bytes` of bodies (at least one is kept; `truncated`), so the
+/// bodies in memory are those shown and one page's, whatever `scan` is.
+/// Where the provider has no true peek, what is read is leased for `hold`
+/// and kept leased (extended) until the read ends, however long the scan
+/// takes; the IDs and lease handles of what was read are kept until then.
 /// `cancel` stops it at the next message; what was leased is released
 /// either way.
 pub async fn first_matches(
