@@ -1115,12 +1115,12 @@ pub async fn emulator_frozen_mid_run_loses_nothing<F: Private>(backend: &str, ho
 /// lease the stall left empty is no proof that the DLQ is drained (a run
 /// that stopped there reported "drained" with most of its DLQ unseen), nor
 /// is a browse past the last one browsed when messages whose locks lapsed
-/// came back and took the credit of ones browsed.
-pub async fn a_stall_mid_run_does_not_end_it_early<F: Private>(backend: &str, host: &str) {
-    // Service Bus: 3 s locks, so that those taken just before the stall
-    // lapse in it (their renewals wait with it) and the messages come back
-    // ahead of the ones browsed for the leases out.
-    let (f, emu) = F::private(host, "3s").await;
+/// came back and took the credit of ones browsed. The long variant (12 s:
+/// past the 10 s a Service Bus lease waits on when nothing came, under
+/// every call's 20 s timeout) rides it out with retries, and still ends as
+/// drained only once it has examined every message.
+pub async fn a_stall_mid_run_does_not_end_it_early<F: Private>(backend: &str, host: &str, stall: Duration, lock: &str) {
+    let (f, emu) = F::private(host, lock).await;
     let msgs = seeded("stall", MESSAGES * 3);
     f.put_in_dlq(&msgs).await;
     let config = save_config(f.config());
@@ -1135,18 +1135,27 @@ pub async fn a_stall_mid_run_does_not_end_it_early<F: Private>(backend: &str, ho
         // next is being leased.
         tokio::time::sleep(Duration::from_millis(300)).await;
         signal(&emu, "-STOP");
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        tokio::time::sleep(stall).await;
         signal(&emu, "-CONT");
     };
     let (out, output) = run_disturbed(&config, &journal, &[], Duration::ZERO, stalled).await;
-    assert_clear(&format!("{backend}: the stalled run"), out.status.code(), &output);
+    assert_clear(
+        &format!("{backend}: the run stalled {stall:?}"),
+        out.status.code(),
+        &output,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let summary: serde_json::Value =
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{backend}: no summary ({e}): {output}"));
     assert_eq!(
         summary["examined"].as_u64(),
         Some(msgs.len() as u64),
-        "{backend}: the stalled run examined every message: {summary}"
+        "{backend}: the run stalled {stall:?} examined every message: {summary}"
+    );
+    assert_eq!(
+        summary["stopped"].as_str(),
+        Some("drained"),
+        "{backend}: the run stalled {stall:?} ended as drained, after the stall: {summary}"
     );
     let (lost, _extra, duplicated) = resume_and_count(&f, &msgs, &config, Some(&journal), &[]).await;
     assert_eq!(
@@ -1231,7 +1240,30 @@ macro_rules! faults {
             }
             #[tokio::test]
             async fn a_stall_mid_run_does_not_end_it_early() {
-                super::a_stall_mid_run_does_not_end_it_early::<$fixture>(stringify!($module), "127.0.0.29").await;
+                super::a_stall_mid_run_does_not_end_it_early::<$fixture>(
+                    stringify!($module),
+                    "127.0.0.29",
+                    std::time::Duration::from_millis(2500),
+                    // Service Bus: 3 s locks, so that those taken just
+                    // before the stall lapse in it (their renewals wait
+                    // with it) and the messages come back ahead of the
+                    // ones browsed for the leases out.
+                    "3s",
+                )
+                .await;
+            }
+            #[tokio::test]
+            async fn a_long_stall_mid_run_does_not_end_it_early() {
+                super::a_stall_mid_run_does_not_end_it_early::<$fixture>(
+                    stringify!($module),
+                    "127.0.0.30",
+                    std::time::Duration::from_secs(12),
+                    // Outlasting the stall: what is shown is the leases'
+                    // wait, not sends whose settles come too late (test
+                    // (b) covers those).
+                    "30s",
+                )
+                .await;
             }
             #[tokio::test]
             async fn emulator_killed_mid_run_fails_clearly() {

@@ -73,6 +73,11 @@ pub enum BackendError {
     /// it has (SQS: 120,000 in flight per queue).
     #[error("{provider}: {detail}")]
     HoldLimit { provider: &'static str, detail: String },
+    /// Reached, and what it showed was leased, but none of it arrived in
+    /// time (a Service Bus broker that stalls, or another consumer that
+    /// locked it all first). The connection is sound; a retry may bring it.
+    #[error("{provider}: {detail}")]
+    Stalled { provider: &'static str, detail: String },
     #[error("{0}")]
     Invalid(String),
     #[error("queue {queue} uses the {backend} backend, which this build leaves out (cargo feature `{backend}`)")]

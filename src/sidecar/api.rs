@@ -17,7 +17,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -354,36 +354,80 @@ async fn messages(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let given = given_filter("filter", q.filter.as_deref())?;
+    let limit = q.limit.unwrap_or(20).clamp(1, MAX_LIMIT);
+    let read = browse_matches(&app, &queue, q.filter.as_deref(), None, limit, q.scan).await?;
+    let views = read
+        .shown
+        .messages
+        .iter()
+        .map(|m| serde_json::to_value(MessageView::new(m, read.now)).expect("message view serializes"))
+        .collect();
+    Ok(Json(read.into_json(queue, views)).into_response())
+}
+
+/// A selection on top of a browse's filter (the dashboard's report group).
+pub(crate) type Narrow = Box<dyn Fn(&DlqMessage) -> bool + Send>;
+
+/// What [`browse_matches`] read.
+pub(crate) struct BrowseRead {
+    pub shown: triage::Shown,
+    pub true_peek: bool,
+    /// The filter's `now`: message views' ages are from it too.
+    pub now: DateTime<Utc>,
+}
+
+impl BrowseRead {
+    /// The answer's JSON: `messages` (each view as the caller made it)
+    /// and what the read says of itself.
+    pub(crate) fn into_json(
+        self,
+        queue: String,
+        messages: Vec<serde_json::Value>,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let s = self.shown;
+        serde_json::Map::from_iter([
+            ("queue".to_string(), json!(queue)),
+            ("true_peek".to_string(), json!(self.true_peek)),
+            ("read".to_string(), json!(s.read)),
+            ("filter_errors".to_string(), json!(s.filter_errors)),
+            ("truncated".to_string(), json!(s.truncated)),
+            ("held_back".to_string(), json!(s.held_back)),
+            ("messages".to_string(), serde_json::Value::Array(messages)),
+        ])
+    }
+}
+
+/// The read behind `/messages` and the dashboard's browse: the first
+/// `limit` messages that `filter` selects (and `narrow`, when given), read
+/// within `scan` messages when either is given. Only the matches shown are
+/// kept (a scan of 10,000 bodies of 1 MiB must not sit in memory at once).
+/// Messages the filter fails on are counted (`filter_errors`), as `inspect`
+/// counts them: a filter that fails on every message otherwise looks like
+/// an empty DLQ.
+pub(crate) async fn browse_matches(
+    app: &App,
+    queue: &str,
+    filter: Option<&str>,
+    narrow: Option<Narrow>,
+    limit: usize,
+    scan: Option<usize>,
+) -> Result<BrowseRead, ApiError> {
+    let given = given_filter("filter", filter)?;
     let filter = match given {
         Some(f) => Filter::compile(f).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?,
         None => Filter::match_all(),
     };
-    let limit = q.limit.unwrap_or(20).clamp(1, MAX_LIMIT);
-    let reads = browse_reads(limit, given.is_some(), q.scan);
-    let backend = app.registry.backend(&queue).await?;
-    let guard = read_guard(&app, &queue, &*backend).await?;
+    let reads = browse_reads(limit, given.is_some() || narrow.is_some(), scan);
+    let backend = app.registry.backend(queue).await?;
+    let true_peek = backend.capabilities().true_peek;
+    let guard = read_guard(app, queue, &*backend).await?;
     let now = Utc::now();
-    // Only the matches shown are kept (a scan of 10,000 bodies of 1 MiB
-    // must not sit in memory at once). Counted, as `inspect` and the
-    // dashboard's browse count them: a filter that fails on every message
-    // otherwise looks like an empty DLQ.
-    let got = read_detached(&app, backend.clone(), guard, reads, limit, move |m| {
-        filter.matches(m, now).ok()
+    let shown = read_detached(app, backend, guard, reads, limit, move |m| {
+        let matched = filter.matches(m, now).ok()?;
+        Some(matched && narrow.as_ref().is_none_or(|n| n(m)))
     })
     .await?;
-    let views: Vec<MessageView> = got.messages.iter().map(|m| MessageView::new(m, now)).collect();
-    let (msgs, filter_errors, truncated) = (got.read, got.filter_errors, got.truncated);
-    Ok(Json(json!({
-        "queue": queue,
-        "true_peek": backend.capabilities().true_peek,
-        "read": msgs,
-        "filter_errors": filter_errors,
-        "truncated": truncated,
-        "held_back": got.held_back,
-        "messages": views,
-    }))
-    .into_response())
+    Ok(BrowseRead { shown, true_peek, now })
 }
 
 #[derive(Deserialize)]

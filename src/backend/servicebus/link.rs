@@ -54,7 +54,10 @@
 //! lease that nothing reached by then (the broker stalls, or others took
 //! every message browsed) would end the pass as drained: it waits on, first
 //! in line, until [`LEASE_STALL_WAIT`] in all, for what a broker that
-//! stalled delivers late. A
+//! stalled delivers late, and then fails (`BackendError::Stalled`, which
+//! the engine retries on the same link) rather than answer empty: the
+//! retry takes what came late, or browses past what others hold and ends
+//! the pass if nothing is left. A
 //! message delivered again in a pass (its lock lapsed, or it was abandoned)
 //! took credit granted for one browsed and not yet delivered: the link keeps
 //! the sequence numbers it delivered in the pass, and each delivered again
@@ -1005,6 +1008,21 @@ impl Actor {
                                 deadline: a.deadline + LEASE_STALL_WAIT.saturating_sub(LEASE_WAIT),
                                 ..a
                             });
+                        } else if a.got.is_empty() && a.stalled {
+                            // Still nothing: an empty answer would end the
+                            // pass as drained with the browsed messages
+                            // unseen. The caller retries instead, and what
+                            // comes late meanwhile is stashed for its next
+                            // lease (if others hold them, the next browse
+                            // shows nothing more and that ends the pass).
+                            let _ = a.reply.send(Err(BackendError::Stalled {
+                                provider: PROVIDER,
+                                detail: format!(
+                                    "none of the {} messages browsed arrived within {} s (the broker stalls, or another consumer holds them)",
+                                    a.want,
+                                    LEASE_STALL_WAIT.as_secs()
+                                ),
+                            }));
                         } else {
                             self.hand_out(a.reply, a.got).await?;
                         }

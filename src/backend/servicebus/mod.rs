@@ -350,11 +350,11 @@ const SERVER_BUSY_WAIT: Duration = Duration::from_secs(2);
 /// How long a lease waits for the messages its browse showed before it
 /// returns with what came (others may have taken some).
 const LEASE_WAIT: Duration = Duration::from_secs(2);
-/// How long in all a lease that nothing reached waits, before it returns
-/// empty and the pass ends as drained: a broker that stalls (a pause, a
-/// congested link) delivers late what the browse showed, and a stall
-/// shorter than this ends no pass early. Well within the call's own limit
-/// (`DlqLink::leased`).
+/// How long in all a lease that nothing reached waits, before it fails
+/// (`BackendError::Stalled`: the engine retries it on the same link): a
+/// broker that stalls (a pause, a congested link) delivers late what the
+/// browse showed, and a stall shorter than this costs no retry. Well within
+/// the call's own limit (`DlqLink::leased`).
 const LEASE_STALL_WAIT: Duration = Duration::from_secs(10);
 /// Messages per peek request.
 const PEEK_PAGE: usize = 100;
@@ -1348,6 +1348,11 @@ impl ServiceBusBackend {
         };
         let got = match got {
             Ok(got) => got,
+            // The link answered: it is sound, and what it holds stays
+            // settleable (a new link could settle none of it, and would
+            // find the messages its leases were granted locked until their
+            // locks lapsed).
+            Err(e @ BackendError::Stalled { .. }) => return Err(e),
             Err(e) => {
                 self.drop_link(link.generation).await;
                 return Err(e);

@@ -241,6 +241,10 @@ const MAX_KNOWN_PATTERNS: usize = 1024;
 /// New failure reasons of one poll announced one by one; more are announced
 /// together in one notice.
 const NEW_REASONS_PER_POLL: usize = 3;
+/// New failure patterns a follower keeps per queue for the leader it may
+/// become ([`Evaluator::with_owed_reasons`]): past the first few they are
+/// announced together anyway.
+const MAX_OWED_REASONS: usize = 32;
 
 /// A failure pattern's digest: the same in every process, so that what a
 /// `serve` knew is known again after its restart ([`state`]).
@@ -282,6 +286,11 @@ pub struct Evaluator {
     include_bodies: bool,
     state: HashMap<(usize, String), RuleState>,
     known_reasons: HashMap<String, KnownPatterns>,
+    /// Per queue: new failure patterns this replica found while it
+    /// followed, and when: the notices the leader was to send. Sent by this
+    /// replica if it leads soon after (the leader may have been gone), as
+    /// owed resolves are.
+    owed_reasons: HashMap<String, Vec<(NewReason, DateTime<Utc>)>>,
     baselines: HashMap<String, Baseline>,
     /// Per queue: the messages that arrived between two polls.
     arrivals: HashMap<String, VecDeque<Arrivals>>,
@@ -322,6 +331,7 @@ impl Evaluator {
             include_bodies: cfg.include_bodies,
             state: HashMap::new(),
             known_reasons: HashMap::new(),
+            owed_reasons: HashMap::new(),
             baselines: HashMap::new(),
             arrivals: HashMap::new(),
             last_poll: HashMap::new(),
@@ -443,6 +453,48 @@ impl Evaluator {
         new
     }
 
+    /// The new reasons to announce for `queue`: as leader, those found now
+    /// and those found while this replica followed, no older than owed
+    /// resolves may be ([`Evaluator::owed_resolves`]): a leader that was
+    /// there announced them already (a hand-over may announce them a second
+    /// time), but those found while no replica led (the leader had died, or
+    /// could not reach the API server) nobody else will. As follower, none:
+    /// those found are kept, at most [`MAX_OWED_REASONS`] per queue.
+    fn with_owed_reasons(
+        &mut self,
+        queue: &str,
+        mut new: Vec<NewReason>,
+        now: DateTime<Utc>,
+        leader: bool,
+    ) -> Vec<NewReason> {
+        let within = self.resend_delay * RESENDS_VALID;
+        let recent = |seen: &DateTime<Utc>| (now - *seen).to_std().unwrap_or_default() <= within;
+        if leader {
+            let Some(owed) = self.owed_reasons.remove(queue) else {
+                return new;
+            };
+            let mut all: Vec<NewReason> = owed
+                .into_iter()
+                .filter(|(_, seen)| recent(seen))
+                .map(|(r, _)| r)
+                .collect();
+            all.append(&mut new);
+            return all;
+        }
+        if new.is_empty() && !self.owed_reasons.contains_key(queue) {
+            return Vec::new();
+        }
+        let owed = self.owed_reasons.entry(queue.to_string()).or_default();
+        owed.retain(|(_, seen)| recent(seen));
+        owed.extend(new.into_iter().map(|r| (r, now)));
+        let over = owed.len().saturating_sub(MAX_OWED_REASONS);
+        owed.drain(..over);
+        if owed.is_empty() {
+            self.owed_reasons.remove(queue);
+        }
+        Vec::new()
+    }
+
     /// Evaluate every rule that applies to the polled queue. Returns what to
     /// send; when `leader` is false nothing is returned and nothing counts as sent.
     pub fn evaluate(&mut self, poll: &PollResult, leader: bool, metrics: &Metrics) -> Vec<Notification> {
@@ -468,7 +520,10 @@ impl Evaluator {
                 window.pop_front();
             }
         }
-        let new_reasons = self.new_reasons(poll);
+        let found = self.new_reasons(poll);
+        // Every replica's metric says what its own poll found.
+        let found_any = !found.is_empty();
+        let new_reasons = self.with_owed_reasons(&poll.queue, found, now, leader);
 
         let mut out = self.owed_resolves(now, leader);
         for (i, rule) in self.rules.iter().enumerate() {
@@ -476,7 +531,7 @@ impl Evaluator {
                 continue;
             }
             if rule.cfg.new_reason {
-                metrics.set_firing(&poll.queue, &rule.name, !new_reasons.is_empty());
+                metrics.set_firing(&poll.queue, &rule.name, found_any || !new_reasons.is_empty());
                 if leader {
                     // An event, never re-sent or resolved: Alertmanager
                     // keeps it active for the rule's repeat interval (at
@@ -960,6 +1015,67 @@ mod tests {
         let json = serde_json::to_string(&n[0]).unwrap();
         assert!(!json.contains("secret body"), "{json}");
         assert!(e.evaluate(&poll(30, 2, 0, &["Boom"]), true, &m).is_empty());
+    }
+
+    /// A new reason found while this replica followed is announced once it
+    /// leads, soon after (the leader may have been gone: nobody else would
+    /// announce it), and not when it leads long after (a leader was there).
+    #[test]
+    fn a_new_reason_found_while_following_is_announced_by_the_next_leader() {
+        let mut e = evaluator("    - new_reason: true\n");
+        let m = Metrics::new();
+        assert!(
+            e.evaluate(&poll(0, 1, 0, &["Timeout"]), false, &m).is_empty(),
+            "baseline"
+        );
+        assert!(
+            e.evaluate(&poll(10, 2, 1, &["Timeout", "Boom"]), false, &m).is_empty(),
+            "a follower sends nothing"
+        );
+        assert_eq!(m.firing().len(), 1, "its metric fires all the same");
+        let n = e.evaluate(&poll(40, 3, 1, &["Timeout", "Boom", "Crash"]), true, &m);
+        assert_eq!(reasons_of(&n), ["Boom", "Crash"], "owed first, then found now");
+        assert!(
+            e.evaluate(&poll(50, 3, 0, &["Timeout", "Boom", "Crash"]), true, &m)
+                .is_empty(),
+            "each once"
+        );
+
+        let mut e = evaluator("    - new_reason: true\n");
+        assert!(e.evaluate(&poll(0, 1, 0, &["Timeout"]), false, &m).is_empty());
+        assert!(e.evaluate(&poll(10, 2, 1, &["Timeout", "Boom"]), false, &m).is_empty());
+        // Four default resend delays (60 s each) later: a leader was there.
+        assert!(
+            e.evaluate(&poll(10 + 241, 2, 0, &["Timeout", "Boom"]), true, &m)
+                .is_empty(),
+            "too old to be owed"
+        );
+    }
+
+    /// A follower keeps a bounded number of new reasons for the leader it
+    /// may become.
+    #[test]
+    fn a_follower_keeps_a_bounded_number_of_owed_reasons() {
+        let mut e = evaluator("    - new_reason: true\n");
+        let m = Metrics::new();
+        assert!(e.evaluate(&poll(0, 1, 0, &["Timeout"]), false, &m).is_empty());
+        let many: Vec<String> = (0..MAX_OWED_REASONS + 10)
+            .map(|i| format!("step {}", "xyzw".repeat(i + 1)))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(e.evaluate(&poll(10, 50, 50, &many), false, &m).is_empty());
+        assert_eq!(e.owed_reasons["orders"].len(), MAX_OWED_REASONS);
+        let n = e.evaluate(&poll(20, 50, 0, &[]), true, &m);
+        assert_eq!(
+            n.len(),
+            NEW_REASONS_PER_POLL + 1,
+            "announced together past the first few"
+        );
+        assert_eq!(
+            n[NEW_REASONS_PER_POLL].value,
+            (MAX_OWED_REASONS - NEW_REASONS_PER_POLL) as f64
+        );
+        assert!(e.owed_reasons.is_empty());
     }
 
     /// Alertmanager keeps a new reason active for at least four resend

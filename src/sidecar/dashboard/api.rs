@@ -13,7 +13,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -23,7 +22,7 @@ use crate::engine::triage::{self, GroupBy, TriageError};
 use crate::filter::{Filter, FilterError};
 use crate::output::MessageView;
 use crate::sidecar::api::{
-    ApiError, ApiQuery, authorize, browse_reads, given_filter, json_body, leasing_read, read_detached, read_guard,
+    ApiError, ApiQuery, Narrow, authorize, browse_matches, given_filter, json_body, leasing_read, read_guard,
 };
 use crate::sidecar::app::App;
 use crate::sidecar::history;
@@ -197,33 +196,22 @@ async fn browse(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let given = given_filter("filter", q.filter.as_deref())?;
-    let filter = match given {
-        Some(f) => Filter::compile(f).map_err(bad_request)?,
-        None => Filter::match_all(),
-    };
-    let group: Option<(GroupBy, String)> = match (&q.by, q.key) {
-        (Some(by), Some(key)) => Some((by.parse().map_err(bad_request)?, key)),
+    let narrow: Option<Narrow> = match (q.by, q.key) {
+        (Some(by), Some(key)) => {
+            let by: GroupBy = by.parse().map_err(bad_request)?;
+            Some(Box::new(move |m| by.key(m) == key))
+        }
         _ => None,
     };
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_LIMIT);
-    let reads = browse_reads(limit, given.is_some() || group.is_some(), q.scan);
     let show_bodies = app.registry.config().serve.dashboard.show_bodies;
-    let backend = app.registry.backend(&queue).await?;
-    let guard = read_guard(&app, &queue, &*backend).await?;
-    let now = Utc::now();
-    // Only the matches shown are kept, as they are read.
-    let got = read_detached(&app, backend.clone(), guard, reads, limit, move |m| {
-        let matched = filter.matches(m, now).ok()?;
-        Some(matched && group.as_ref().is_none_or(|(by, key)| by.key(m) == *key))
-    })
-    .await?;
-    let (msgs, filter_errors, truncated) = (got.read, got.filter_errors, got.truncated);
-    let views: Vec<Value> = got
+    let read = browse_matches(&app, &queue, q.filter.as_deref(), narrow, limit, q.scan).await?;
+    let views: Vec<Value> = read
+        .shown
         .messages
         .iter()
         .map(|m| {
-            let mut v = serde_json::to_value(MessageView::new(m, now)).expect("message view serializes");
+            let mut v = serde_json::to_value(MessageView::new(m, read.now)).expect("message view serializes");
             if let Some(o) = v.as_object_mut() {
                 if !show_bodies {
                     o.remove("body_base64");
@@ -235,16 +223,9 @@ async fn browse(
             v
         })
         .collect();
-    Ok(Json(json!({
-        "queue": queue,
-        "true_peek": backend.capabilities().true_peek,
-        "read": msgs,
-        "filter_errors": filter_errors,
-        "truncated": truncated,
-        "body_redacted": !show_bodies,
-        "messages": views,
-    }))
-    .into_response())
+    let mut out = read.into_json(queue, views);
+    out.insert("body_redacted".into(), json!(!show_bodies));
+    Ok(Json(out).into_response())
 }
 
 #[derive(Deserialize)]
