@@ -56,8 +56,11 @@
 //! in line, until [`LEASE_STALL_WAIT`] in all, for what a broker that
 //! stalled delivers late, and then fails (`BackendError::Stalled`, which
 //! the engine retries on the same link) rather than answer empty: the
-//! retry takes what came late, or browses past what others hold and ends
-//! the pass if nothing is left. A
+//! retry takes what came late (a browse that finds the queue drained
+//! meanwhile leaves the leases waiting [`LEASE_WAIT`] for it first), or
+//! browses on. A second stall in a row, with a browse answered between
+//! them, ends the pass as drained: the broker answers, and another consumer
+//! holds what was browsed. A
 //! message delivered again in a pass (its lock lapsed, or it was abandoned)
 //! took credit granted for one browsed and not yet delivered: the link keeps
 //! the sequence numbers it delivered in the pass, and each delivered again
@@ -552,10 +555,24 @@ struct LeaseRequest {
     reply: Reply<Vec<Delivered>>,
 }
 
+/// What a lease waits for, and what its deadline does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Its share of what the browse showed, [`LEASE_WAIT`]: then it
+    /// returns what came.
+    First,
+    /// Nothing came by the first deadline: waiting on, to
+    /// [`LEASE_STALL_WAIT`] in all (see the deadline).
+    Stalled,
+    /// The queue is drained, but credit granted to a lease that failed
+    /// stalled is still out: what the broker delivers late for it,
+    /// [`LEASE_WAIT`], then what came (nothing: the pass ends).
+    Late,
+}
+
 struct Active {
     want: usize,
-    /// Nothing came by the first deadline: waiting on (see the deadline).
-    stalled: bool,
+    wait: Wait,
     got: Vec<Delivered>,
     deadline: Instant,
     reply: Reply<Vec<Delivered>>,
@@ -585,6 +602,13 @@ struct Actor {
     /// so no more is known to come: a lease takes what is known.
     short: bool,
     drained: bool,
+    /// Credit granted to leases that failed stalled and not yet used: the
+    /// broker may still deliver on it (see `on_browsed`).
+    stalled_credit: usize,
+    /// The last lease answered failed stalled, and a browse was answered
+    /// since: a second stall in a row ends the pass (see the deadline).
+    stalled_last: bool,
+    browsed_since_stall: bool,
     /// Counts passes over the queue (see `start_leases`): a browse asked for
     /// in an earlier one is ignored.
     pass: u64,
@@ -829,6 +853,9 @@ impl Actor {
             known: 0,
             short: false,
             drained: false,
+            stalled_credit: 0,
+            stalled_last: false,
+            browsed_since_stall: false,
             pass: 0,
             pass_used: false,
             confirms,
@@ -997,24 +1024,32 @@ impl Actor {
                             received = a.got.len(),
                             "fewer messages than browsed arrived in time (another consumer holds some, or the broker stalls)"
                         );
-                        if a.got.is_empty() && !a.stalled && !a.reply.is_closed() {
+                        if a.got.is_empty() && a.wait == Wait::First && !a.reply.is_closed() {
                             // An empty lease ends the pass as drained, and
                             // the browse showed messages: a broker that
                             // stalls delivers them late. The lease waits on,
                             // first in line, so that deliveries still fill
                             // the leases in the order they were asked for.
                             self.actives.push_front(Active {
-                                stalled: true,
+                                wait: Wait::Stalled,
                                 deadline: a.deadline + LEASE_STALL_WAIT.saturating_sub(LEASE_WAIT),
                                 ..a
                             });
-                        } else if a.got.is_empty() && a.stalled {
+                        } else if a.got.is_empty()
+                            && a.wait == Wait::Stalled
+                            && !(self.stalled_last && self.browsed_since_stall)
+                        {
                             // Still nothing: an empty answer would end the
                             // pass as drained with the browsed messages
                             // unseen. The caller retries instead, and what
-                            // comes late meanwhile is stashed for its next
-                            // lease (if others hold them, the next browse
-                            // shows nothing more and that ends the pass).
+                            // comes late meanwhile goes to its next lease.
+                            // A second stall in a row, with a browse
+                            // answered between them, ends the pass below:
+                            // the broker answers, and others hold what was
+                            // browsed.
+                            self.stalled_credit += a.want;
+                            self.stalled_last = true;
+                            self.browsed_since_stall = false;
                             let _ = a.reply.send(Err(BackendError::Stalled {
                                 provider: PROVIDER,
                                 detail: format!(
@@ -1074,6 +1109,8 @@ impl Actor {
             self.delivered = Default::default();
             self.short = false;
             self.drained = false;
+            self.stalled_credit = 0;
+            self.stalled_last = false;
             self.browse_out = None;
         }
         // Deferred messages browsed go first, each lease taking up to its
@@ -1105,7 +1142,7 @@ impl Actor {
             granted += want;
             self.actives.push_back(Active {
                 want,
-                stalled: false,
+                wait: Wait::First,
                 got: Vec::with_capacity(want),
                 deadline: Instant::now() + LEASE_WAIT,
                 reply: req.reply,
@@ -1172,9 +1209,27 @@ impl Actor {
             self.browse_from = self.browse_from.max(last.saturating_add(1));
         }
         self.deferred.extend(browsed.deferred);
+        self.browsed_since_stall = true;
         if self.drained && self.known == 0 && self.deferred.is_empty() {
+            // Messages browsed for a lease that failed stalled may still be
+            // on their way (this answer can overtake them): the waiting
+            // leases take them for LEASE_WAIT, with the credit already out,
+            // before one answers empty and ends the pass.
+            let mut owed = std::mem::take(&mut self.stalled_credit);
             for req in self.pending.drain(..) {
-                let _ = req.reply.send(Ok(Vec::new()));
+                if owed == 0 {
+                    let _ = req.reply.send(Ok(Vec::new()));
+                    continue;
+                }
+                let want = (req.max.max(1) as usize).min(owed);
+                owed -= want;
+                self.actives.push_back(Active {
+                    want,
+                    wait: Wait::Late,
+                    got: Vec::with_capacity(want),
+                    deadline: Instant::now() + LEASE_WAIT,
+                    reply: req.reply,
+                });
             }
         }
         // Leases the browse showed too little for stay pending and browse
@@ -1185,6 +1240,7 @@ impl Actor {
 
     async fn on_delivery(&mut self, (info, message): (DeliveryInfo, Message<Body<Value>>)) -> Result<()> {
         self.credit = self.credit.saturating_sub(1);
+        self.stalled_credit = self.stalled_credit.saturating_sub(1);
         if let Some(seq) = sequence_number(&message) {
             self.browse_from = self.browse_from.max(seq.saturating_add(1));
             if !self.delivered.insert(seq) {
@@ -1199,7 +1255,7 @@ impl Actor {
         };
         match self.actives.front_mut() {
             Some(a) => {
-                if a.stalled && a.got.is_empty() {
+                if a.wait == Wait::Stalled && a.got.is_empty() {
                     // What comes after a stall goes out within LEASE_WAIT,
                     // as any lease's: its locks run from now, and the
                     // renewals from when the lease returns.
@@ -1220,6 +1276,9 @@ impl Actor {
     /// (its future was dropped): nothing stays locked for nobody.
     async fn hand_out(&mut self, reply: Reply<Vec<Delivered>>, got: Vec<Delivered>) -> Result<()> {
         let n = got.len();
+        if n > 0 {
+            self.stalled_last = false;
+        }
         match reply.send(Ok(got)) {
             Ok(()) => self.handed_out += n,
             Err(Ok(got)) if !got.is_empty() => {

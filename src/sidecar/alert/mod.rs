@@ -531,7 +531,7 @@ impl Evaluator {
                 continue;
             }
             if rule.cfg.new_reason {
-                metrics.set_firing(&poll.queue, &rule.name, found_any || !new_reasons.is_empty());
+                metrics.set_firing(&poll.queue, &rule.name, found_any);
                 if leader {
                     // An event, never re-sent or resolved: Alertmanager
                     // keeps it active for the rule's repeat interval (at

@@ -18,7 +18,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Arrivals, Baseline, Evaluator, KnownPatterns, Notification, RESENDS_VALID, RuleState, SampleMessage, Status,
+    Arrivals, Baseline, Evaluator, KnownPatterns, MAX_OWED_REASONS, NewReason, Notification, RESENDS_VALID, RuleState,
+    SampleMessage, Status,
 };
 
 /// Version of the file's shape; a file of another version is set aside.
@@ -81,6 +82,19 @@ struct SavedQueue {
     known_patterns: Vec<u64>,
     patterns_full: bool,
     arrivals: Vec<Arrivals>,
+    /// New failure reasons this replica found while it followed, owed to
+    /// the leader it may become: a follower restarted in a rolling deploy
+    /// is often that leader. Absent from files of earlier builds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    owed_reasons: Vec<SavedReason>,
+}
+
+/// A new failure reason found while following, and when.
+#[derive(Serialize, Deserialize)]
+struct SavedReason {
+    pattern: String,
+    example: String,
+    seen: DateTime<Utc>,
 }
 
 impl SavedNotice {
@@ -124,6 +138,7 @@ impl Evaluator {
             .chain(self.known_reasons.keys())
             .chain(self.baselines.keys())
             .chain(self.arrivals.keys())
+            .chain(self.owed_reasons.keys())
             .collect();
         names.sort();
         names.dedup();
@@ -147,6 +162,17 @@ impl Evaluator {
                         .get(queue)
                         .map(|a| a.iter().copied().collect())
                         .unwrap_or_default(),
+                    owed_reasons: self
+                        .owed_reasons
+                        .get(queue)
+                        .into_iter()
+                        .flatten()
+                        .map(|(r, seen)| SavedReason {
+                            pattern: r.pattern.clone(),
+                            example: r.example.clone(),
+                            seen: *seen,
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -231,6 +257,23 @@ impl Evaluator {
                         full: q.patterns_full,
                     },
                 );
+            }
+            if !q.owed_reasons.is_empty() {
+                // Those too old to be owed are dropped when this replica
+                // leads (`with_owed_reasons`).
+                let owed = q
+                    .owed_reasons
+                    .into_iter()
+                    .take(MAX_OWED_REASONS)
+                    .map(|r| {
+                        let reason = NewReason {
+                            pattern: r.pattern,
+                            example: r.example,
+                        };
+                        (reason, r.seen)
+                    })
+                    .collect();
+                self.owed_reasons.insert(q.queue.clone(), owed);
             }
             if !q.arrivals.is_empty() {
                 self.arrivals
@@ -430,6 +473,24 @@ mod tests {
         assert!(e.evaluate(&poll(0, 1, 0, &["timeout"]), true, &m).is_empty());
         let mut after = restarted(&e, dir.path(), at(30), at(60)).await;
         let news = after.evaluate(&poll(60, 2, 1, &["timeout", "schema mismatch"]), true, &m);
+        let reasons: Vec<_> = news.iter().filter_map(|n| n.reason.as_deref()).collect();
+        assert_eq!(reasons, ["schema mismatch"], "{news:?}");
+    }
+
+    /// A follower restarted in a rolling deploy is often the next leader:
+    /// what it found while following is still owed after the restart.
+    #[tokio::test]
+    async fn a_reason_found_while_following_is_announced_after_a_restart_into_the_lead() {
+        let dir = TempDir::new();
+        let m = Metrics::new();
+        let mut e = evaluator(RULES);
+        assert!(e.evaluate(&poll(0, 1, 0, &["timeout"]), false, &m).is_empty());
+        assert!(
+            e.evaluate(&poll(10, 2, 1, &["timeout", "schema mismatch"]), false, &m)
+                .is_empty()
+        );
+        let mut after = restarted(&e, dir.path(), at(20), at(40)).await;
+        let news = after.evaluate(&poll(40, 2, 0, &["timeout", "schema mismatch"]), true, &m);
         let reasons: Vec<_> = news.iter().filter_map(|n| n.reason.as_deref()).collect();
         assert_eq!(reasons, ["schema mismatch"], "{news:?}");
     }
