@@ -2610,3 +2610,30 @@ async fn a_report_holds_its_groups_not_the_messages_it_read() {
         "a report over 150 messages of 200 KB peaked at {large} KiB, over 10 of them at {small} KiB: the messages read were kept"
     );
 }
+
+/// Another consumer holds every message a lease was granted credit for:
+/// nothing comes, but the broker answers, so the lease returns empty (the
+/// pass ends as drained, as a receive of another provider would) rather
+/// than fail as if the broker stalled; its wait is bounded.
+#[tokio::test]
+async fn a_lease_whose_messages_another_consumer_holds_returns_empty() {
+    let f = ServiceBusFixture::create(false).await;
+    f.dead_letter(&(0..10).map(|i| failing(i, "Timeout")).collect::<Vec<_>>())
+        .await;
+    let hold = Duration::from_secs(60);
+    let holder = Registry::new(f.config()).backend("dlq").await.unwrap();
+    let held = holder.lease(100, hold).await.unwrap();
+    assert_eq!(held.len(), 10);
+    let other = Registry::new(f.config()).backend("dlq").await.unwrap();
+    let started = Instant::now();
+    let got = other.lease(10, hold).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(&got, Ok(l) if l.is_empty()),
+        "empty, not an error: {:?}",
+        got.map(|l| l.len())
+    );
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let leases: Vec<_> = held.iter().map(|m| m.lease.clone()).collect();
+    holder.release(&leases).await.unwrap();
+}

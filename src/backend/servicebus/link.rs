@@ -54,13 +54,15 @@
 //! lease that nothing reached by then (the broker stalls, or others took
 //! every message browsed) would end the pass as drained: it waits on, first
 //! in line, until [`LEASE_STALL_WAIT`] in all, for what a broker that
-//! stalled delivers late, and then fails (`BackendError::Stalled`, which
-//! the engine retries on the same link) rather than answer empty: the
-//! retry takes what came late (a browse that finds the queue drained
-//! meanwhile leaves the leases waiting [`LEASE_WAIT`] for it first), or
-//! browses on. A second stall in a row, with a browse answered between
-//! them, ends the pass as drained: the broker answers, and another consumer
-//! holds what was browsed. A
+//! stalled delivers late. It asks a browse as it starts waiting on, whose
+//! answer tells the two apart: if the broker answered since, it returns
+//! empty (others hold what was browsed; [`LEASE_WAIT`] after an answer that
+//! came just now, for deliveries right behind it); if not, it fails
+//! (`BackendError::Stalled`, which the engine retries on the same link)
+//! rather than end the pass with the browsed messages unseen. The retry
+//! takes what came late; a browse that finds the queue drained meanwhile
+//! leaves the waiting leases [`LEASE_WAIT`] for what the stalled lease's
+//! credit still brings before one answers empty. A
 //! message delivered again in a pass (its lock lapsed, or it was abandoned)
 //! took credit granted for one browsed and not yet delivered: the link keeps
 //! the sequence numbers it delivered in the pass, and each delivered again
@@ -561,9 +563,9 @@ enum Wait {
     /// Its share of what the browse showed, [`LEASE_WAIT`]: then it
     /// returns what came.
     First,
-    /// Nothing came by the first deadline: waiting on, to
+    /// Nothing came by the first deadline (at `since`): waiting on, to
     /// [`LEASE_STALL_WAIT`] in all (see the deadline).
-    Stalled,
+    Stalled { since: Instant },
     /// The queue is drained, but credit granted to a lease that failed
     /// stalled is still out: what the broker delivers late for it,
     /// [`LEASE_WAIT`], then what came (nothing: the pass ends).
@@ -603,12 +605,12 @@ struct Actor {
     short: bool,
     drained: bool,
     /// Credit granted to leases that failed stalled and not yet used: the
-    /// broker may still deliver on it (see `on_browsed`).
+    /// broker may still deliver on it (see `on_browsed`). Counted down by
+    /// every delivery, so at most what is still out.
     stalled_credit: usize,
-    /// The last lease answered failed stalled, and a browse was answered
-    /// since: a second stall in a row ends the pass (see the deadline).
-    stalled_last: bool,
-    browsed_since_stall: bool,
+    /// When a browse was last answered: a lease waiting on since before
+    /// then waits on a broker that answers (see the deadline).
+    browse_answered_at: Option<Instant>,
     /// Counts passes over the queue (see `start_leases`): a browse asked for
     /// in an earlier one is ignored.
     pass: u64,
@@ -854,8 +856,7 @@ impl Actor {
             short: false,
             drained: false,
             stalled_credit: 0,
-            stalled_last: false,
-            browsed_since_stall: false,
+            browse_answered_at: None,
             pass: 0,
             pass_used: false,
             confirms,
@@ -1030,34 +1031,52 @@ impl Actor {
                             // stalls delivers them late. The lease waits on,
                             // first in line, so that deliveries still fill
                             // the leases in the order they were asked for.
+                            // A browse asked now tells a broker that stalls
+                            // (no answer) from one that answers while
+                            // another consumer holds what was browsed.
+                            // (The browse out, if any, is in `browse_out`
+                            // while the select runs.)
+                            if browse_out.is_none() {
+                                self.ask_browse();
+                            }
                             self.actives.push_front(Active {
-                                wait: Wait::Stalled,
+                                wait: Wait::Stalled { since: Instant::now() },
                                 deadline: a.deadline + LEASE_STALL_WAIT.saturating_sub(LEASE_WAIT),
                                 ..a
                             });
-                        } else if a.got.is_empty()
-                            && a.wait == Wait::Stalled
-                            && !(self.stalled_last && self.browsed_since_stall)
-                        {
-                            // Still nothing: an empty answer would end the
-                            // pass as drained with the browsed messages
-                            // unseen. The caller retries instead, and what
-                            // comes late meanwhile goes to its next lease.
-                            // A second stall in a row, with a browse
-                            // answered between them, ends the pass below:
-                            // the broker answers, and others hold what was
-                            // browsed.
-                            self.stalled_credit += a.want;
-                            self.stalled_last = true;
-                            self.browsed_since_stall = false;
-                            let _ = a.reply.send(Err(BackendError::Stalled {
-                                provider: PROVIDER,
-                                detail: format!(
-                                    "none of the {} messages browsed arrived within {} s (the broker stalls, or another consumer holds them)",
-                                    a.want,
-                                    LEASE_STALL_WAIT.as_secs()
-                                ),
-                            }));
+                        } else if let (true, Wait::Stalled { since }) = (a.got.is_empty(), a.wait) {
+                            match self.browse_answered_at.filter(|at| *at > since) {
+                                // Answered just now, as a broker that comes
+                                // back answers: what it delivers late may be
+                                // right behind the answer.
+                                Some(at) if at.elapsed() < LEASE_WAIT && since.elapsed() < LEASE_STALL_WAIT => {
+                                    self.actives.push_front(Active {
+                                        deadline: at + LEASE_WAIT,
+                                        ..a
+                                    });
+                                }
+                                // The broker answers, and delivered nothing:
+                                // another consumer holds what was browsed.
+                                // Empty, as before the stall wait: the pass
+                                // ends unless more is known.
+                                Some(_) => self.hand_out(a.reply, a.got).await?,
+                                // No answer since it began waiting on: the
+                                // broker stalls. An empty answer would end
+                                // the pass with the browsed messages unseen;
+                                // the caller retries instead, and what comes
+                                // late goes to its next lease.
+                                None => {
+                                    self.stalled_credit += a.want;
+                                    let _ = a.reply.send(Err(BackendError::Stalled {
+                                        provider: PROVIDER,
+                                        detail: format!(
+                                            "none of the {} messages browsed arrived within {} s, and the broker has not answered since (it stalls)",
+                                            a.want,
+                                            LEASE_STALL_WAIT.as_secs()
+                                        ),
+                                    }));
+                                }
+                            }
                         } else {
                             self.hand_out(a.reply, a.got).await?;
                         }
@@ -1110,7 +1129,6 @@ impl Actor {
             self.short = false;
             self.drained = false;
             self.stalled_credit = 0;
-            self.stalled_last = false;
             self.browse_out = None;
         }
         // Deferred messages browsed go first, each lease taking up to its
@@ -1194,6 +1212,7 @@ impl Actor {
     /// starts. When it showed none and none are known, the leases waiting
     /// are answered empty (the queue holds nothing more for this pass).
     fn on_browsed(&mut self, pass: u64, asked: usize, browsed: Browsed) {
+        self.browse_answered_at = Some(Instant::now());
         if let Some(size) = browsed.bytes.checked_div(browsed.shown) {
             self.browse_count = (BROWSE_BYTES / size.max(1)).clamp(1, MAX_BROWSE);
         }
@@ -1209,7 +1228,6 @@ impl Actor {
             self.browse_from = self.browse_from.max(last.saturating_add(1));
         }
         self.deferred.extend(browsed.deferred);
-        self.browsed_since_stall = true;
         if self.drained && self.known == 0 && self.deferred.is_empty() {
             // Messages browsed for a lease that failed stalled may still be
             // on their way (this answer can overtake them): the waiting
@@ -1231,6 +1249,7 @@ impl Actor {
                     reply: req.reply,
                 });
             }
+            self.stalled_credit = owed;
         }
         // Leases the browse showed too little for stay pending and browse
         // again from past it: a browse may show fewer messages than asked for
@@ -1255,7 +1274,7 @@ impl Actor {
         };
         match self.actives.front_mut() {
             Some(a) => {
-                if a.wait == Wait::Stalled && a.got.is_empty() {
+                if matches!(a.wait, Wait::Stalled { .. }) && a.got.is_empty() {
                     // What comes after a stall goes out within LEASE_WAIT,
                     // as any lease's: its locks run from now, and the
                     // renewals from when the lease returns.
@@ -1276,9 +1295,6 @@ impl Actor {
     /// (its future was dropped): nothing stays locked for nobody.
     async fn hand_out(&mut self, reply: Reply<Vec<Delivered>>, got: Vec<Delivered>) -> Result<()> {
         let n = got.len();
-        if n > 0 {
-            self.stalled_last = false;
-        }
         match reply.send(Ok(got)) {
             Ok(()) => self.handed_out += n,
             Err(Ok(got)) if !got.is_empty() => {

@@ -261,10 +261,12 @@ impl Evaluator {
             if !q.owed_reasons.is_empty() {
                 // Those too old to be owed are dropped when this replica
                 // leads (`with_owed_reasons`).
+                // The newest, as a follower keeps them.
+                let over = q.owed_reasons.len().saturating_sub(MAX_OWED_REASONS);
                 let owed = q
                     .owed_reasons
                     .into_iter()
-                    .take(MAX_OWED_REASONS)
+                    .skip(over)
                     .map(|r| {
                         let reason = NewReason {
                             pattern: r.pattern,
