@@ -74,8 +74,8 @@ pub enum BackendError {
     #[error("{provider}: {detail}")]
     HoldLimit { provider: &'static str, detail: String },
     /// Reached, and what it showed was leased, but none of it arrived in
-    /// time (a Service Bus broker that stalls, or another consumer that
-    /// locked it all first). The connection is sound; a retry may bring it.
+    /// time, and the service has not answered since (a Service Bus broker
+    /// that stalls). The connection is kept; a retry may bring it.
     #[error("{provider}: {detail}")]
     Stalled { provider: &'static str, detail: String },
     #[error("{0}")]

@@ -1039,8 +1039,11 @@ impl Actor {
                             if browse_out.is_none() {
                                 self.ask_browse();
                             }
+                            // Its first wait ran out at its deadline (long
+                            // ago for one that waited behind others): what
+                            // the broker answered since counts.
                             self.actives.push_front(Active {
-                                wait: Wait::Stalled { since: Instant::now() },
+                                wait: Wait::Stalled { since: a.deadline },
                                 deadline: a.deadline + LEASE_STALL_WAIT.saturating_sub(LEASE_WAIT),
                                 ..a
                             });
@@ -1049,9 +1052,9 @@ impl Actor {
                                 // Answered just now, as a broker that comes
                                 // back answers: what it delivers late may be
                                 // right behind the answer.
-                                Some(at) if at.elapsed() < LEASE_WAIT && since.elapsed() < LEASE_STALL_WAIT => {
+                                Some(at) if at.elapsed() < LEASE_WAIT && Instant::now() < since + LEASE_STALL_WAIT => {
                                     self.actives.push_front(Active {
-                                        deadline: at + LEASE_WAIT,
+                                        deadline: (at + LEASE_WAIT).min(since + LEASE_STALL_WAIT),
                                         ..a
                                     });
                                 }
