@@ -580,6 +580,19 @@ struct Active {
     reply: Reply<Vec<Delivered>>,
 }
 
+impl Active {
+    /// A lease waiting for `want` deliveries, first for [`LEASE_WAIT`].
+    fn new(want: usize, wait: Wait, reply: Reply<Vec<Delivered>>) -> Self {
+        Self {
+            want,
+            wait,
+            got: Vec::with_capacity(want),
+            deadline: Instant::now() + LEASE_WAIT,
+            reply,
+        }
+    }
+}
+
 struct Actor {
     cfg: Arc<LinkConfig>,
     connection: ConnectionHandle<()>,
@@ -1161,13 +1174,7 @@ impl Actor {
             let want = self.known.min(max);
             self.known -= want;
             granted += want;
-            self.actives.push_back(Active {
-                want,
-                wait: Wait::First,
-                got: Vec::with_capacity(want),
-                deadline: Instant::now() + LEASE_WAIT,
-                reply: req.reply,
-            });
+            self.actives.push_back(Active::new(want, Wait::First, req.reply));
         }
         if granted > 0 {
             self.pass_used = true;
@@ -1244,13 +1251,7 @@ impl Actor {
                 }
                 let want = (req.max.max(1) as usize).min(owed);
                 owed -= want;
-                self.actives.push_back(Active {
-                    want,
-                    wait: Wait::Late,
-                    got: Vec::with_capacity(want),
-                    deadline: Instant::now() + LEASE_WAIT,
-                    reply: req.reply,
-                });
+                self.actives.push_back(Active::new(want, Wait::Late, req.reply));
             }
             self.stalled_credit = owed;
         }
