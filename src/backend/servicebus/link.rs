@@ -53,11 +53,15 @@
 //! (at most that credit, at most a batch) and handed to the next lease. A
 //! lease that nothing reached by then (the broker stalls, or others took
 //! every message browsed) would end the pass as drained: it waits on, first
-//! in line, until [`LEASE_STALL_WAIT`] in all, for what a broker that
-//! stalled delivers late. It asks a browse as it starts waiting on, whose
-//! answer tells the two apart: if the broker answered since, it returns
-//! empty (others hold what was browsed; [`LEASE_WAIT`] after an answer that
-//! came just now, for deliveries right behind it); if not, it fails
+//! in line, until [`LEASE_STALL_WAIT`] after it was asked (at least
+//! [`LEASE_WAIT`] at the front, and at most [`LEASE_WAIT`] more after an
+//! answer that came just then), for what a broker that stalled delivers
+//! late. A browse asked as the first such lease starts waiting on tells the
+//! two apart: the broker's answers since the lease's first wait ran out
+//! count (for a lease that waited behind another, those to the browse that
+//! lease asked). If the broker answered since, it returns empty (others hold
+//! what was browsed; [`LEASE_WAIT`] after an answer that came just now, for
+//! deliveries right behind it); if not, it fails
 //! (`BackendError::Stalled`, which the engine retries on the same link)
 //! rather than end the pass with the browsed messages unseen. The retry
 //! takes what came late; a browse that finds the queue drained meanwhile
@@ -564,7 +568,9 @@ enum Wait {
     /// returns what came.
     First,
     /// Nothing came by the first deadline (at `since`): waiting on, to
-    /// [`LEASE_STALL_WAIT`] in all (see the deadline).
+    /// [`LEASE_STALL_WAIT`] in all, at least [`LEASE_WAIT`] at the front,
+    /// and to `since` + [`LEASE_STALL_WAIT`] after an answer that came just
+    /// then (see the deadline).
     Stalled { since: Instant },
     /// The queue is drained, but credit granted to a lease that failed
     /// stalled is still out: what the broker delivers late for it,
@@ -1054,10 +1060,15 @@ impl Actor {
                             }
                             // Its first wait ran out at its deadline (long
                             // ago for one that waited behind others): what
-                            // the broker answered since counts.
+                            // the broker answered since counts. One that
+                            // reaches the front that late still waits
+                            // LEASE_WAIT there: what the broker delivers
+                            // after a stall comes in a burst, its share
+                            // right behind the share of the lease before.
                             self.actives.push_front(Active {
                                 wait: Wait::Stalled { since: a.deadline },
-                                deadline: a.deadline + LEASE_STALL_WAIT.saturating_sub(LEASE_WAIT),
+                                deadline: (a.deadline + LEASE_STALL_WAIT.saturating_sub(LEASE_WAIT))
+                                    .max(Instant::now() + LEASE_WAIT),
                                 ..a
                             });
                         } else if let (true, Wait::Stalled { since }) = (a.got.is_empty(), a.wait) {
@@ -1263,7 +1274,12 @@ impl Actor {
 
     async fn on_delivery(&mut self, (info, message): (DeliveryInfo, Message<Body<Value>>)) -> Result<()> {
         self.credit = self.credit.saturating_sub(1);
-        self.stalled_credit = self.stalled_credit.saturating_sub(1);
+        // A late lease's share was taken from the stalled credit when it
+        // began to wait: counted down again here, the credit still out
+        // would read low and a later drained browse end the pass early.
+        if !matches!(self.actives.front(), Some(a) if a.wait == Wait::Late) {
+            self.stalled_credit = self.stalled_credit.saturating_sub(1);
+        }
         if let Some(seq) = sequence_number(&message) {
             self.browse_from = self.browse_from.max(seq.saturating_add(1));
             if !self.delivered.insert(seq) {
