@@ -291,6 +291,10 @@ pub struct Evaluator {
     /// replica if it leads soon after (the leader may have been gone), as
     /// owed resolves are.
     owed_reasons: HashMap<String, Vec<(NewReason, DateTime<Utc>)>>,
+    /// When this replica last took the lead (None while it follows): owed
+    /// reasons count as recent from then, not from the next poll of their
+    /// queue, which may come minutes later.
+    led_since: Option<DateTime<Utc>>,
     baselines: HashMap<String, Baseline>,
     /// Per queue: the messages that arrived between two polls.
     arrivals: HashMap<String, VecDeque<Arrivals>>,
@@ -332,6 +336,7 @@ impl Evaluator {
             state: HashMap::new(),
             known_reasons: HashMap::new(),
             owed_reasons: HashMap::new(),
+            led_since: None,
             baselines: HashMap::new(),
             arrivals: HashMap::new(),
             last_poll: HashMap::new(),
@@ -349,6 +354,7 @@ impl Evaluator {
     /// than the time Alertmanager keeps an alert without news: an older one
     /// cleared while a leader was there to send it.
     pub fn owed_resolves(&mut self, now: DateTime<Utc>, leader: bool) -> Vec<Notification> {
+        self.note_lead(now, leader);
         if !leader || !std::mem::take(&mut self.any_owed) {
             return Vec::new();
         }
@@ -445,7 +451,10 @@ impl Evaluator {
             // Announced only once remembered: a queue past the bound stays quiet.
             if known.insert(pattern_digest(&pattern), &poll.queue) && since {
                 new.push(NewReason {
-                    example: example.to_string(),
+                    // Only its preview is shown: one character past it keeps
+                    // the preview's ellipsis, and an owed reason saved in
+                    // alerts-state.json stays small.
+                    example: example.chars().take(MAX_KEY_CHARS + 1).collect(),
                     pattern,
                 });
             }
@@ -453,13 +462,33 @@ impl Evaluator {
         new
     }
 
+    /// Remember when this replica took the lead, as the first call that says
+    /// it leads tells it (a poll's evaluation or the resend timer).
+    fn note_lead(&mut self, now: DateTime<Utc>, leader: bool) {
+        if !leader {
+            self.led_since = None;
+        } else if self.led_since.is_none() {
+            self.led_since = Some(now);
+        }
+    }
+
+    /// Whether an owed reason seen at `seen` is still owed at `now`: seen
+    /// within [`RESENDS_VALID`] resend delays before this replica took the
+    /// lead (or before `now`, while it follows).
+    fn still_owed(&self, seen: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        let at = self.led_since.map_or(now, |since| since.min(now));
+        (at - seen).to_std().unwrap_or_default() <= self.resend_delay * RESENDS_VALID
+    }
+
     /// The new reasons to announce for `queue`: as leader, those found now
     /// and those found while this replica followed, no older than owed
     /// resolves may be ([`Evaluator::owed_resolves`]): a leader that was
     /// there announced them already (a hand-over may announce them a second
     /// time), but those found while no replica led (the leader had died, or
-    /// could not reach the API server) nobody else will. As follower, none:
-    /// those found are kept, at most [`MAX_OWED_REASONS`] per queue.
+    /// could not reach the API server) nobody else will. Recent is judged at
+    /// the time this replica took the lead ([`Evaluator::still_owed`]). As
+    /// follower, none: those found are kept, at most [`MAX_OWED_REASONS`] per
+    /// queue, and only for a queue a `new_reason` rule watches.
     fn with_owed_reasons(
         &mut self,
         queue: &str,
@@ -467,30 +496,32 @@ impl Evaluator {
         now: DateTime<Utc>,
         leader: bool,
     ) -> Vec<NewReason> {
-        let within = self.resend_delay * RESENDS_VALID;
-        let recent = |seen: &DateTime<Utc>| (now - *seen).to_std().unwrap_or_default() <= within;
         if leader {
             let Some(owed) = self.owed_reasons.remove(queue) else {
                 return new;
             };
             let mut all: Vec<NewReason> = owed
                 .into_iter()
-                .filter(|(_, seen)| recent(seen))
+                .filter(|(_, seen)| self.still_owed(*seen, now))
                 .map(|(r, _)| r)
                 .collect();
             all.append(&mut new);
             return all;
         }
-        if new.is_empty() && !self.owed_reasons.contains_key(queue) {
+        let watched = self.rules.iter().any(|r| r.cfg.new_reason && r.applies_to(queue));
+        if (new.is_empty() || !watched) && !self.owed_reasons.contains_key(queue) {
             return Vec::new();
         }
-        let owed = self.owed_reasons.entry(queue.to_string()).or_default();
-        owed.retain(|(_, seen)| recent(seen));
+        let mut owed = self.owed_reasons.remove(queue).unwrap_or_default();
+        owed.retain(|(_, seen)| self.still_owed(*seen, now));
+        if !watched {
+            new.clear();
+        }
         owed.extend(new.into_iter().map(|r| (r, now)));
         let over = owed.len().saturating_sub(MAX_OWED_REASONS);
         owed.drain(..over);
-        if owed.is_empty() {
-            self.owed_reasons.remove(queue);
+        if !owed.is_empty() {
+            self.owed_reasons.insert(queue.to_string(), owed);
         }
         Vec::new()
     }
@@ -499,6 +530,7 @@ impl Evaluator {
     /// send; when `leader` is false nothing is returned and nothing counts as sent.
     pub fn evaluate(&mut self, poll: &PollResult, leader: bool, metrics: &Metrics) -> Vec<Notification> {
         let now = poll.at;
+        self.note_lead(now, leader);
         let from = self.last_poll.insert(poll.queue.clone(), now).unwrap_or(now);
         // Arrivals a run of ours hid came at some time since an earlier poll.
         let from = poll.arrivals_since.map_or(from, |since| since.min(from));
@@ -821,6 +853,10 @@ mod tests {
         p
     }
 
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+    }
+
     fn reasons_of(n: &[Notification]) -> Vec<&str> {
         n.iter().filter_map(|n| n.reason.as_deref()).collect()
     }
@@ -1052,6 +1088,47 @@ mod tests {
         );
     }
 
+    /// An owed reason counts as recent at the time the replica took the
+    /// lead, not at the next poll of its queue, which comes minutes later on
+    /// a queue polled every 5 minutes.
+    #[test]
+    fn an_owed_reason_is_judged_when_the_lead_was_taken() {
+        let m = Metrics::new();
+        let mut e = evaluator("    - new_reason: true\n");
+        assert!(e.evaluate(&poll(0, 1, 0, &["Timeout"]), false, &m).is_empty());
+        assert!(e.evaluate(&poll(10, 2, 1, &["Timeout", "Boom"]), false, &m).is_empty());
+        // It leads from 100 s (the resend timer says so), and the queue's
+        // next poll is at 310 s, past four resend delays after the find.
+        assert!(e.owed_resolves(at(100), true).is_empty());
+        let n = e.evaluate(&poll(310, 2, 0, &["Timeout", "Boom"]), true, &m);
+        assert_eq!(reasons_of(&n), ["Boom"]);
+
+        let mut e = evaluator("    - new_reason: true\n");
+        assert!(e.evaluate(&poll(0, 1, 0, &["Timeout"]), false, &m).is_empty());
+        assert!(e.evaluate(&poll(10, 2, 1, &["Timeout", "Boom"]), false, &m).is_empty());
+        // It led from 260 s: a leader was there when Boom was found.
+        assert!(e.owed_resolves(at(260), true).is_empty());
+        assert!(e.evaluate(&poll(310, 2, 0, &["Timeout", "Boom"]), true, &m).is_empty());
+        // Leading again after following: the lead is taken anew.
+        let mut e = evaluator("    - new_reason: true\n");
+        assert!(e.evaluate(&poll(0, 1, 0, &["Timeout"]), true, &m).is_empty());
+        assert!(e.owed_resolves(at(5), false).is_empty());
+        assert!(e.evaluate(&poll(300, 2, 1, &["Timeout", "Boom"]), false, &m).is_empty());
+        let n = e.evaluate(&poll(400, 2, 0, &["Timeout", "Boom"]), true, &m);
+        assert_eq!(reasons_of(&n), ["Boom"]);
+    }
+
+    /// A follower keeps no reasons for a queue no `new_reason` rule watches:
+    /// they would never be announced.
+    #[test]
+    fn a_follower_owes_no_reasons_where_no_rule_announces_them() {
+        let m = Metrics::new();
+        let mut e = evaluator("    - new_reason: true\n      queues: [\"pay*\"]\n    - depth_above: 100\n");
+        assert!(e.evaluate(&poll(0, 1, 0, &["Timeout"]), false, &m).is_empty());
+        assert!(e.evaluate(&poll(10, 2, 1, &["Timeout", "Boom"]), false, &m).is_empty());
+        assert!(e.owed_reasons.is_empty());
+    }
+
     /// A follower keeps a bounded number of new reasons for the leader it
     /// may become.
     #[test]
@@ -1065,6 +1142,17 @@ mod tests {
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert!(e.evaluate(&poll(10, 50, 50, &many), false, &m).is_empty());
         assert_eq!(e.owed_reasons["orders"].len(), MAX_OWED_REASONS);
+        // The newest are kept.
+        let mut later = many.clone();
+        later.extend(["newest one", "newest two"]);
+        assert!(e.evaluate(&poll(15, 52, 2, &later), false, &m).is_empty());
+        let owed = &e.owed_reasons["orders"];
+        assert_eq!(owed.len(), MAX_OWED_REASONS);
+        assert_eq!(
+            owed.iter().filter(|(_, seen)| *seen == at(15)).count(),
+            2,
+            "both newest kept"
+        );
         let n = e.evaluate(&poll(20, 50, 0, &[]), true, &m);
         assert_eq!(
             n.len(),

@@ -167,6 +167,7 @@ impl Evaluator {
                         .get(queue)
                         .into_iter()
                         .flatten()
+                        .filter(|(_, seen)| self.still_owed(*seen, now))
                         .map(|(r, seen)| SavedReason {
                             pattern: r.pattern.clone(),
                             example: r.example.clone(),
@@ -259,14 +260,14 @@ impl Evaluator {
                 );
             }
             if !q.owed_reasons.is_empty() {
-                // Those too old to be owed are dropped when this replica
-                // leads (`with_owed_reasons`).
-                // The newest, as a follower keeps them.
+                // The newest, as a follower keeps them, and only those still
+                // owed: this replica leads from now at the earliest.
                 let over = q.owed_reasons.len().saturating_sub(MAX_OWED_REASONS);
-                let owed = q
+                let owed: Vec<_> = q
                     .owed_reasons
                     .into_iter()
                     .skip(over)
+                    .filter(|r| self.still_owed(r.seen, now))
                     .map(|r| {
                         let reason = NewReason {
                             pattern: r.pattern,
@@ -275,7 +276,9 @@ impl Evaluator {
                         (reason, r.seen)
                     })
                     .collect();
-                self.owed_reasons.insert(q.queue.clone(), owed);
+                if !owed.is_empty() {
+                    self.owed_reasons.insert(q.queue.clone(), owed);
+                }
             }
             if !q.arrivals.is_empty() {
                 self.arrivals
@@ -401,6 +404,7 @@ fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::triage::MAX_KEY_CHARS;
     use crate::sidecar::alert::tests::{evaluator, poll};
     use crate::sidecar::metrics::Metrics;
 
@@ -495,6 +499,27 @@ mod tests {
         let news = after.evaluate(&poll(40, 2, 0, &["timeout", "schema mismatch"]), true, &m);
         let reasons: Vec<_> = news.iter().filter_map(|n| n.reason.as_deref()).collect();
         assert_eq!(reasons, ["schema mismatch"], "{news:?}");
+    }
+
+    /// Owed reasons too old to be announced by the time this replica could
+    /// lead are not taken up again (a queue no longer polled kept them for
+    /// good), and their text is saved cut to what a notice shows.
+    #[tokio::test]
+    async fn owed_reasons_too_old_to_announce_are_dropped_at_a_restart() {
+        let dir = TempDir::new();
+        let m = Metrics::new();
+        let mut e = evaluator(RULES);
+        assert!(e.evaluate(&poll(0, 1, 0, &["timeout"]), false, &m).is_empty());
+        let long = format!("schema mismatch {}", "x".repeat(10_000));
+        assert!(e.evaluate(&poll(10, 2, 1, &["timeout", &long]), false, &m).is_empty());
+        let saved = e.saved(at(20));
+        let example = &saved.queues[0].owed_reasons[0].example;
+        assert_eq!(example.chars().count(), MAX_KEY_CHARS + 1);
+        let after = restarted(&e, dir.path(), at(20), at(30)).await;
+        assert_eq!(after.owed_reasons["orders"].len(), 1);
+        // Four resend delays (60 s) after it was found: a leader was there.
+        let after = restarted(&e, dir.path(), at(20), at(10 + 241)).await;
+        assert!(after.owed_reasons.is_empty());
     }
 
     #[tokio::test]
