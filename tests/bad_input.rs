@@ -798,8 +798,117 @@ fn runs_needs_no_config_for_a_named_journal_and_refuses_a_missing_one() {
             0,
             &["r-1", "orders", "redrive", "drained"],
         ),
+        case(
+            "a journal beside a config that does not load",
+            "queues: [\n".to_string(),
+            &["runs", "--journal", &journal],
+            0,
+            &[
+                "warning: {file}",
+                "reading the journal without the config",
+                "r-1",
+                "drained",
+            ],
+        ),
     ];
     run_table(&cases);
+}
+
+/// `check --offline` checks the config and serve's environment and connects
+/// to nothing: a lint step without credentials or a reachable cloud.
+#[test]
+fn check_offline_connects_to_nothing() {
+    let port = common::emulator::free_port();
+    let down = format!("queues:\n  - name: q\n    sqs: {{queue: q, endpoint_url: 'http://127.0.0.1:{port}'}}\n");
+    let cases = vec![
+        case(
+            "offline, a backend down",
+            down.clone(),
+            &["check", "--offline"],
+            0,
+            &["ok (1 queue)", "queues: not contacted (--offline)"],
+        ),
+        case(
+            "online, the same backend down",
+            down.clone(),
+            &["check"],
+            1,
+            &[
+                "queue q (sqs): FAILED",
+                &format!("cannot reach http://127.0.0.1:{port}"),
+            ],
+        ),
+        case(
+            "offline, serve's token variable unset",
+            format!("{down}serve:\n  token_env: DLQ_BRIDGE_TEST_NO_SUCH_TOKEN\n"),
+            &["check", "--offline"],
+            2,
+            &["serve.token_env", "serve settings: FAILED"],
+        ),
+        case(
+            "offline, a malformed config",
+            format!("{down}  - name: [\n"),
+            &["check", "--offline"],
+            2,
+            &["{file}:"],
+        ),
+    ];
+    run_table(&cases);
+}
+
+/// An import or a retention refused for its input says why before it asks
+/// for confirmation, and creates no journal: without a terminal the only
+/// error was "pass --yes", and the journal's directory was made first.
+#[test]
+fn refused_before_asking_or_opening_the_journal() {
+    let port = common::emulator::free_port();
+    let config = format!("queues:\n  - name: q\n    sqs: {{queue: q, endpoint_url: 'http://127.0.0.1:{port}'}}\n");
+    let state = scratch().join(format!("state-{port}"));
+    let state_env = state.display().to_string();
+    let missing = scratch().join("no-such-export.jsonl").display().to_string();
+    let export = write_file("", "jsonl").display().to_string();
+    let cases = vec![
+        case(
+            "import of a missing file",
+            config.clone(),
+            &["import", &missing, "--to", "q"],
+            2,
+            &[&missing],
+        ),
+        case(
+            "import to an unknown queue",
+            config.clone(),
+            &["import", &export, "--to", "nosuch"],
+            2,
+            &["unknown queue `nosuch`"],
+        ),
+        case(
+            "import to an address",
+            config.clone(),
+            &["import", &export, "--to", "https://sqs.us-east-1.amazonaws.com/1/q"],
+            2,
+            &["give an address with --address"],
+        ),
+        case(
+            "import with a bad filter",
+            config.clone(),
+            &["import", &export, "--to", "q", "--filter", "attributes.x =="],
+            2,
+            &["filter"],
+        ),
+        case(
+            "retention without a policy",
+            config.clone(),
+            &["retention"],
+            2,
+            &["no queue has a retention policy"],
+        ),
+    ]
+    .into_iter()
+    .map(|c| c.env("XDG_STATE_HOME", &state_env))
+    .collect::<Vec<_>>();
+    run_table(&cases);
+    assert!(!state.exists(), "nothing was created under {}", state.display());
 }
 
 /// A filter that compiles but fails on some messages: each such message is

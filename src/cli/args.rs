@@ -82,7 +82,12 @@ pub enum Command {
         opts: RedriveOpts,
     },
     /// Validate the config and reach every backend.
-    Check,
+    Check {
+        /// Validate the config and serve's environment only, connecting to
+        /// nothing: a lint step that needs no cloud credentials.
+        #[arg(long)]
+        offline: bool,
+    },
     /// The sidecar: poll every queue, export /metrics, evaluate alert rules,
     /// run scheduled redrives and serve the local HTTP API, until SIGTERM
     /// or Ctrl-C.
@@ -234,7 +239,9 @@ pub enum Command {
     /// Past runs (redrive, purge, import) from the journal: the audit trail.
     /// Runs without a summary (killed, crashed or still going) show as unfinished.
     Runs {
-        /// Journal file to read; it must exist. With it no config is needed.
+        /// Journal file to read; it must exist. With it no config is needed
+        /// (one found is read for its rotation settings, and only warned
+        /// about when it does not load).
         /// Default: the config's `redrive.journal`, else journal.jsonl in
         /// `serve.data_dir`, else in $XDG_STATE_HOME/dlq-bridge (where `serve` journals).
         #[arg(long, value_name = "PATH")]
@@ -302,7 +309,7 @@ impl Command {
             Self::List { .. } => "list",
             Self::Inspect { .. } => "inspect",
             Self::Redrive { .. } => "redrive",
-            Self::Check => "check",
+            Self::Check { .. } => "check",
             Self::Serve => "serve",
             Self::Report { .. } => "report",
             Self::Export { .. } => "export",

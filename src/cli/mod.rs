@@ -106,9 +106,18 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
     };
     if let Command::Runs { journal, output } = command {
         // Reading a journal named on the command line needs no config; one
-        // found is still read, for its rotation settings.
+        // found is still read, for its rotation settings, and one that does
+        // not load is only warned about (a pod's DLQ_BRIDGE_CONFIG may name
+        // a file this shell cannot read).
         let config = match (config_path(cli.config), &journal) {
-            (Ok(path), _) => Some(Config::load(&path)?),
+            (Ok(path), Some(_)) => match Config::load(&path) {
+                Ok(config) => Some(config),
+                Err(e) => {
+                    note!("warning: {e}; reading the journal without the config");
+                    None
+                }
+            },
+            (Ok(path), None) => Some(Config::load(&path)?),
             (Err(_), Some(_)) => None,
             (Err(_), None) => {
                 return Err(usage(
@@ -124,7 +133,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
         match command {
             // `check` says so; `serve` still serves its API and dashboard
             // (the chart's default values configure no queue).
-            Command::Check => {}
+            Command::Check { .. } => {}
             Command::Serve => note!(
                 "warning: {}: no queue is configured; serve has nothing to poll",
                 config_path.display()
@@ -154,7 +163,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             output,
         } => inspect(&registry, &queue, filter.as_deref(), limit, scan, output).await,
         Command::Redrive { queue, opts } => redrive(&registry, &queue, opts).await,
-        Command::Check => check(&registry, &config_path).await,
+        Command::Check { offline } => check(&registry, &config_path, offline).await,
         Command::Serve => {
             crate::sidecar::serve::run(registry.config().clone()).await?;
             Ok(exit::OK)
@@ -198,6 +207,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 dry_run,
                 again,
             };
+            crate::engine::triage::check_import(&registry, &req)?;
             if !dry_run && !confirm(yes, &format!("Import {} into queue {to}?", file.display()))? {
                 return Ok(exit::FAILURE);
             }
@@ -267,6 +277,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             journal,
             output,
         } => {
+            let names = triage::retention_queues(&registry, queue.as_deref())?;
             let purges = registry.config().queues.iter().any(|q| {
                 queue.as_ref().is_none_or(|n| *n == q.name)
                     && q.retention
@@ -277,7 +288,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 return Ok(exit::FAILURE);
             }
             let journal = open_journal(registry.config(), &journal)?;
-            triage::cli_retention(&registry, queue.as_deref(), dry_run, journal, output).await
+            triage::cli_retention(&registry, names, dry_run, journal, output).await
         }
     }
 }

@@ -168,13 +168,9 @@ pub async fn cli_purge(
     })
 }
 
-pub async fn cli_retention(
-    registry: &Registry,
-    queue: Option<&str>,
-    dry_run: bool,
-    journal: Option<Arc<Journal>>,
-    output: Format,
-) -> Result<u8, Failure> {
+/// The queues `retention` applies to: `queue`, or every queue with a
+/// policy. Checked before the journal is opened or anything is asked.
+pub fn retention_queues(registry: &Registry, queue: Option<&str>) -> Result<Vec<String>, Failure> {
     if let Some(q) = queue {
         registry.queue(q)?;
     }
@@ -192,6 +188,16 @@ pub async fn cli_retention(
         })
         .into());
     }
+    Ok(names)
+}
+
+pub async fn cli_retention(
+    registry: &Registry,
+    names: Vec<String>,
+    dry_run: bool,
+    journal: Option<Arc<Journal>>,
+    output: Format,
+) -> Result<u8, Failure> {
     let default_dir = registry.config().serve.data_dir.clone().or_else(state_dir);
     let mut outcomes = Vec::new();
     let mut failed = Vec::new();

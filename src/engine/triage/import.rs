@@ -17,6 +17,7 @@ use crate::backend::QueueBackend;
 use crate::engine::journal::{Journal, JournalError, Record};
 use crate::engine::redrive::{Trigger, outgoing_copy};
 use crate::engine::registry::{RedriveRequest, Registry, RegistryError};
+use crate::filter::Filter;
 use crate::model::{AttrValue, Destination, Outgoing, SendResult};
 
 pub struct ImportRequest<'a> {
@@ -183,13 +184,35 @@ pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend, dest: &Destination)
 /// Replay an export into the configured queue `to` (its source entity, or
 /// `address`), converting attributes with the documented mapping. Copies are
 /// marked like redriven ones (guarantee 3) and journaled as `imported`.
+/// What an import can be refused for before anything is asked or
+/// connected: the filter, the queue and the file. The CLI checks it before it
+/// asks for confirmation; [`import`] checks it again.
+pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<Filter, TriageError> {
+    let filter = compile(req.filter)?;
+    registry.queue(req.to).map_err(|e| match e {
+        // `redrive --to` takes an address; import's --to is the queue whose
+        // backend and credentials send the copies.
+        RegistryError::UnknownQueue { .. } if looks_like_address(req.to) => TriageError::Usage(format!(
+            "{e}: import's --to names a configured queue, whose backend and credentials send the copies; give an address with --address"
+        )),
+        e => e.into(),
+    })?;
+    // Opened only: it is there and may be read.
+    drop(read_numbered(req.file)?);
+    Ok(filter)
+}
+
+fn looks_like_address(to: &str) -> bool {
+    to.contains("://") || to.starts_with("arn:") || to.starts_with("projects/")
+}
+
 pub async fn import(
     registry: &Registry,
     req: &ImportRequest<'_>,
     journal: Option<Arc<Journal>>,
     cancel: CancellationToken,
 ) -> Result<ImportSummary, TriageError> {
-    let filter = compile(req.filter)?;
+    let filter = check_import(registry, req)?;
     // Every line is checked before any is sent: a bad line met half-way
     // would stop the import with the lines before it sent and those after it
     // not, and the rerun after fixing the file would send the first part twice.
