@@ -374,14 +374,30 @@ impl Config {
             }
         }
         for (i, q) in self.queues.iter().enumerate() {
-            if q.retention
-                .as_ref()
-                .is_some_and(|r| r.max_age.is_zero() || r.check_every.is_zero())
-            {
-                return Err(err(
-                    format!("queues[{i}].retention"),
-                    "`max_age` and `check_every` must be longer than 0s".into(),
-                ));
+            if let Some(r) = &q.retention {
+                for (name, value) in [("max_age", r.max_age), ("check_every", r.check_every)] {
+                    if value.is_zero() {
+                        return Err(err(
+                            format!("queues[{i}].retention.{name}"),
+                            "must be longer than 0s".into(),
+                        ));
+                    }
+                }
+            }
+            if let QueueKind::ServiceBus(sb) = &q.kind {
+                let field = |name: &str| format!("queues[{i}].servicebus.{name}");
+                if sb.sas_token_ttl.is_some_and(|ttl| ttl < Duration::from_secs(2)) {
+                    return Err(err(
+                        field("sas_token_ttl"),
+                        "must be at least 2s (a link renews its tokens at 5/6 of it)".into(),
+                    ));
+                }
+                if sb.link_idle_timeout.is_some_and(|t| t < Duration::from_secs(1)) {
+                    return Err(err(field("link_idle_timeout"), "must be at least 1s".into()));
+                }
+                if sb.browse_count_limit == Some(0) {
+                    return Err(err(field("browse_count_limit"), "must be at least 1".into()));
+                }
             }
         }
         if !(1..=MAX_CONCURRENCY).contains(&self.redrive.concurrency) {

@@ -389,24 +389,8 @@ impl<'de> Deserialize<'de> for QueueConfig {
                     raw.name
                 )));
             }
-            if sb.sas_token_ttl.is_some_and(|ttl| ttl < Duration::from_secs(2)) {
-                return Err(serde::de::Error::custom(format!(
-                    "queue `{}`: servicebus.sas_token_ttl must be at least 2s (a link renews its tokens at 5/6 of it)",
-                    raw.name
-                )));
-            }
-            if sb.link_idle_timeout.is_some_and(|t| t < Duration::from_secs(1)) {
-                return Err(serde::de::Error::custom(format!(
-                    "queue `{}`: servicebus.link_idle_timeout must be at least 1s",
-                    raw.name
-                )));
-            }
-            if sb.browse_count_limit == Some(0) {
-                return Err(serde::de::Error::custom(format!(
-                    "queue `{}`: servicebus.browse_count_limit must be at least 1",
-                    raw.name
-                )));
-            }
+            // The bounds of single fields are checked with the whole file
+            // (`Config::validate`), where an error can name the field's line.
         }
         Ok(QueueConfig {
             name: raw.name,
@@ -563,8 +547,34 @@ mod tests {
         };
         assert_eq!(sb.sas_token_ttl, Some(Duration::from_secs(900)));
         let err = parse(&y("1s")).unwrap_err().to_string();
-        assert!(err.contains("sas_token_ttl must be at least 2s"), "{err}");
-        assert!(err.contains("test.yaml"), "{err}");
+        assert!(
+            err.starts_with("test.yaml:3:54: queues[0].servicebus.sas_token_ttl: must be at least 2s"),
+            "{err}"
+        );
+        let block = "queues:\n  - name: sb\n    servicebus:\n      connection_string_env: X\n      queue: q\n";
+        for (field, value, says) in [
+            ("sas_token_ttl", "1s", "must be at least 2s"),
+            ("link_idle_timeout", "500ms", "must be at least 1s"),
+            ("browse_count_limit", "0", "must be at least 1"),
+        ] {
+            let err = parse(&format!("{block}      {field}: {value}\n"))
+                .unwrap_err()
+                .to_string();
+            let want = format!("test.yaml:6:7: queues[0].servicebus.{field}: {says}");
+            assert!(err.starts_with(&want), "{err}");
+        }
+        // Each retention duration is named on its own line.
+        let retention = "queues:\n  - name: q\n    sqs: {queue: q}\n    retention:\n      action: alert\n";
+        for (field, line) in [("max_age", 6), ("check_every", 7)] {
+            let (age, every) = if field == "max_age" { ("0s", "1h") } else { ("1h", "0s") };
+            let err = parse(&format!(
+                "{retention}      max_age: {age}\n      check_every: {every}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            let want = format!("test.yaml:{line}:7: queues[0].retention.{field}: must be longer than 0s");
+            assert!(err.starts_with(&want), "{err}");
+        }
     }
 
     #[test]
@@ -603,7 +613,9 @@ mod tests {
         };
         assert_eq!(sb.link_idle_timeout, Some(Duration::from_secs(2)));
         let err = parse(&y("500ms")).unwrap_err().to_string();
-        assert!(err.contains("link_idle_timeout must be at least 1s"), "{err}");
-        assert!(err.contains("test.yaml"), "{err}");
+        assert!(
+            err.starts_with("test.yaml:3:54: queues[0].servicebus.link_idle_timeout: must be at least 1s"),
+            "{err}"
+        );
     }
 }
