@@ -455,7 +455,7 @@ pub async fn export_then_import_round_trips<F: Fixture>() {
     f.put_in_dlq(&cases).await;
     let dir = scratch_dir();
     let file = dir.join("export.jsonl");
-    let s = triage::export(&reg, "dlq", &file, None, None, &Default::default())
+    let s = triage::export(&reg, "dlq", &file, None, None, None, &Default::default())
         .await
         .unwrap();
     assert_eq!(s.written as usize, cases.len(), "{s:?}");
@@ -520,7 +520,7 @@ pub async fn export_then_import_keeps_groups_in_order<F: Fixture>() {
     let reg = Registry::new(f.config());
     let dir = scratch_dir();
     let file = dir.join("export.jsonl");
-    let s = triage::export(&reg, "dlq", &file, None, None, &Default::default())
+    let s = triage::export(&reg, "dlq", &file, None, None, None, &Default::default())
         .await
         .unwrap();
     // SQS FIFO: a group's later messages stay hidden while its earlier ones

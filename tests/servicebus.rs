@@ -2644,3 +2644,48 @@ async fn a_lease_whose_messages_another_consumer_holds_returns_empty() {
     let leases: Vec<_> = held.iter().map(|m| m.lease.clone()).collect();
     holder.release(&leases).await.unwrap();
 }
+
+/// `export --max` caps the lines written, `--scan` the messages read, as on
+/// the other backends: with a filter that one message in three matches,
+/// `--max 3` writes three (it read only three and wrote one, because a
+/// Service Bus read is one browse and `--max` capped it), and `--scan 6`
+/// stops the read at six.
+#[tokio::test]
+async fn export_max_caps_what_is_written_and_scan_what_is_read() {
+    let f = ServiceBusFixture::create(false).await;
+    let msgs: Vec<TestMessage> = (0..15)
+        .map(|i| failing(i, if i % 3 == 0 { "Timeout" } else { "Other" }))
+        .collect();
+    f.put_in_dlq(&msgs).await;
+    let config = f.config_file_with("");
+    let export = |extra: &[&str]| {
+        let file = std::env::temp_dir().join(format!("dlqb-sb-export-{}.jsonl", uuid::Uuid::new_v4().simple()));
+        let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
+            .env_remove("DLQ_BRIDGE_CONFIG")
+            .args(["--config", config.to_str().unwrap()])
+            .args([
+                "export",
+                "dlq",
+                "-o",
+                "json",
+                "--filter",
+                r#"attributes.error == "Timeout""#,
+                "--to",
+            ])
+            .arg(&file)
+            .args(extra)
+            .output()
+            .expect("run dlq-bridge");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{said}");
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+        let lines = std::fs::read_to_string(&file).expect("the export").lines().count();
+        std::fs::remove_file(&file).ok();
+        (summary, lines)
+    };
+    let (summary, lines) = export(&["--max", "3"]);
+    assert_eq!(lines, 3, "{summary}");
+    let (summary, lines) = export(&["--scan", "6"]);
+    assert_eq!(lines, 2, "m0 and m3: {summary}");
+    assert_eq!(f.browse_dlq().await.len(), 15, "an export removes nothing");
+}

@@ -343,7 +343,7 @@ async fn import_crosses_providers_and_names_what_is_not_carried() {
     let reg = Registry::new(config);
     let dir = scratch();
     let file = dir.join("sqs.jsonl");
-    let s = triage::export(&reg, "from-sqs", &file, None, None, &Default::default())
+    let s = triage::export(&reg, "from-sqs", &file, None, None, None, &Default::default())
         .await
         .unwrap();
     assert_eq!(s.written, 1);
@@ -398,7 +398,7 @@ async fn import_into_sqs_fails_only_the_copies_sqs_refuses() {
     let reg = Registry::new(config);
     let dir = scratch();
     let file = dir.join("pubsub.jsonl");
-    let s = triage::export(&reg, "from-pubsub", &file, None, None, &Default::default())
+    let s = triage::export(&reg, "from-pubsub", &file, None, None, None, &Default::default())
         .await
         .unwrap();
     assert_eq!(s.written, msgs.len() as u64);

@@ -130,9 +130,13 @@ pub enum Command {
         /// CEL filter; only matching messages are written. Default: every message.
         #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
         filter: Option<String>,
-        /// Write at most N messages (Service Bus: browse at most N; default 10000).
+        /// Write at most N messages.
         #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
         max: Option<u64>,
+        /// Read at most N messages. Default: the whole DLQ; on Service Bus,
+        /// whose read is one browse, 10000 (or --max, when larger).
+        #[arg(long, value_name = "N", value_parser = at_least_one::<usize>)]
+        scan: Option<usize>,
         /// Output: an aligned table for people, or JSON for scripts.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,

@@ -182,8 +182,9 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             to,
             filter,
             max,
+            scan,
             output,
-        } => triage::cli_export(&registry, &queue, &to, filter.as_deref(), max, output).await,
+        } => triage::cli_export(&registry, &queue, &to, filter.as_deref(), (max, scan), output).await,
         Command::Import {
             file,
             to,

@@ -71,7 +71,7 @@ pub async fn cli_export(
     queue: &str,
     to: &Path,
     filter: Option<&str>,
-    max: Option<u64>,
+    (max, scan): (Option<u64>, Option<usize>),
     output: Format,
 ) -> Result<u8, Failure> {
     compile(filter)?;
@@ -84,7 +84,7 @@ pub async fn cli_export(
     if let Some(note) = read_note(&*backend) {
         note!("{note}");
     }
-    let s = export(registry, queue, to, filter, max, &cancel).await?;
+    let s = export(registry, queue, to, filter, max, scan, &cancel).await?;
     if let Some(code) = interrupt.exit_code().filter(|_| s.interrupted) {
         note!("export interrupted: {} left as it was", s.file.display());
         return Ok(code);
@@ -102,7 +102,7 @@ pub async fn cli_export(
                 s.file.display()
             );
             if s.capped {
-                text.push_str("\n  the browse stopped at its cap (--max); the DLQ may hold more");
+                text.push_str("\n  the read stopped at its cap (--scan); the DLQ may hold more");
             }
             if s.filter_errors > 0 {
                 text.push_str(&format!("\n  filter errors: {} (counted as no match)", s.filter_errors));

@@ -420,8 +420,9 @@ pub struct ExportSummary {
 }
 
 /// Write every message of `queue` matching `filter` to `path`, one JSON line
-/// each, as it is read. `max` caps the lines written (and, on a provider with
-/// a true peek, the messages browsed: [`DEFAULT_PEEK_CAP`] by default).
+/// each, as it is read. `max` caps the lines written, `scan` the messages
+/// read: by default the whole DLQ, and on a provider with a true peek
+/// (one browse) [`DEFAULT_PEEK_CAP`], or `max` when that is larger.
 /// `path` is replaced only once the export is complete.
 pub async fn export(
     registry: &Registry,
@@ -429,16 +430,17 @@ pub async fn export(
     path: &Path,
     filter: Option<&str>,
     max: Option<u64>,
+    scan: Option<usize>,
     cancel: &CancellationToken,
 ) -> Result<ExportSummary, TriageError> {
     let filter = compile(filter)?;
     let backend = registry.backend(queue).await?;
     let mut writer = ExportWriter::create_replacing(path)?;
-    let read_cap = match (backend.capabilities().true_peek, max) {
-        (true, Some(m)) => m as usize,
-        (true, None) => DEFAULT_PEEK_CAP,
-        (false, _) => usize::MAX,
-    };
+    let read_cap = scan.unwrap_or(if backend.capabilities().true_peek {
+        DEFAULT_PEEK_CAP.max(max.map_or(0, |m| usize::try_from(m).unwrap_or(usize::MAX)))
+    } else {
+        usize::MAX
+    });
     let mut written = 0u64;
     let mut errors = 0u64;
     let now = Utc::now();

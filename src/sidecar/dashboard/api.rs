@@ -358,7 +358,16 @@ async fn export(
     let path = triage::dated_path(&dir.join("exports"), &queue);
     let max = b.max;
     let s = leasing_read(&app, guard, move |cancel| async move {
-        triage::export(&reading.registry, &read_queue, &path, filter.as_deref(), max, &cancel).await
+        triage::export(
+            &reading.registry,
+            &read_queue,
+            &path,
+            filter.as_deref(),
+            max,
+            None,
+            &cancel,
+        )
+        .await
     })
     .await?
     .map_err(triage_error)?;
