@@ -312,7 +312,7 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         config_error(
             "zero retention",
             with_tail(&f, "    retention: {max_age: 0s}\n"),
-            &["{file}", "queues[0].retention", "longer than 0s"],
+            &["{file}:7:17: queues[0].retention.max_age: must be longer than 0s"],
         ),
         config_error(
             "negative rate",
@@ -769,6 +769,14 @@ fn runs_needs_no_config_for_a_named_journal_and_refuses_a_missing_one() {
     )
     .display()
     .to_string();
+    // Rotated files past the default five (a config's journal_keep of 10):
+    // read without the config, the oldest run is still listed.
+    for n in 1..=6 {
+        let run = format!(
+            r#"{{"event":"run_started","run":"r-old-{n}","at":"2025-01-01T00:00:00Z","queue":"orders","trigger":"cli","filter":"true","dry_run":false,"destination":null}}"#
+        );
+        std::fs::write(format!("{journal}.{n}"), format!("{run}\n")).expect("rotated journal");
+    }
     let cases = vec![
         case(
             "missing journal",
@@ -808,6 +816,7 @@ fn runs_needs_no_config_for_a_named_journal_and_refuses_a_missing_one() {
                 "reading the journal without the config",
                 "r-1",
                 "drained",
+                "r-old-6",
             ],
         ),
     ];
@@ -867,7 +876,23 @@ fn refused_before_asking_or_opening_the_journal() {
     let state_env = state.display().to_string();
     let missing = scratch().join("no-such-export.jsonl").display().to_string();
     let export = write_file("", "jsonl").display().to_string();
+    let malformed = write_file("{\"id\": 1}\n", "jsonl").display().to_string();
+    let dir = scratch().display().to_string();
     let cases = vec![
+        case(
+            "import of a malformed file",
+            config.clone(),
+            &["import", &malformed, "--to", "q"],
+            2,
+            &[&format!("{malformed}:1: not an export line")],
+        ),
+        case(
+            "import of a directory",
+            config.clone(),
+            &["import", &dir, "--to", "q"],
+            2,
+            &[&dir, "directory"],
+        ),
         case(
             "import of a missing file",
             config.clone(),

@@ -208,12 +208,12 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 dry_run,
                 again,
             };
-            crate::engine::triage::check_import(&registry, &req)?;
+            let checked = crate::engine::triage::check_import(&registry, &req)?;
             if !dry_run && !confirm(yes, &format!("Import {} into queue {to}?", file.display()))? {
                 return Ok(exit::FAILURE);
             }
             let journal = open_journal(registry.config(), &journal)?;
-            triage::cli_import(&registry, &req, journal, output).await
+            triage::cli_import(&registry, &req, checked, journal, output).await
         }
         Command::Purge {
             queue,

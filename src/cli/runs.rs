@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::exit::{self, Failure, usage};
 use crate::config::Config;
-use crate::engine::journal::{CARRIED_RUN, Record, Rotation, read_all_records};
+use crate::engine::journal::{CARRIED_RUN, Record, Rotation, read_all_records, rotated};
 use crate::output::{self, Format};
 
 /// `stopped` of a run the journal has no `run_finished` record for.
@@ -41,7 +41,17 @@ pub(crate) fn runs(config: Option<&Config>, journal: Option<PathBuf>, output: Fo
         // The default place, before any run was journaled there: no runs yet.
         note!("note: no runs journaled yet (no journal at {})", path.display());
     }
-    let keep = config.map_or(Rotation::default().keep, |c| c.redrive.journal_keep);
+    // Without the config, the rotated files on disk: a journal_keep above
+    // the default would otherwise hide the oldest runs.
+    let keep = config.map_or_else(
+        || {
+            (1..)
+                .take_while(|n| rotated(&path, *n).exists())
+                .count()
+                .max(Rotation::default().keep)
+        },
+        |c| c.redrive.journal_keep,
+    );
     let rows = run_rows(read_all_records(&path, keep)?);
     match output {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&rows)?)?,

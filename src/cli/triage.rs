@@ -16,7 +16,7 @@ use crate::engine::redrive::{RunSummary, Trigger};
 use crate::engine::registry::Registry;
 use crate::engine::triage::{
     GroupBy, ImportRequest, ImportSummary, PurgeRequest, Report, ReportRequest, RetentionOutcome, TriageError,
-    apply_retention, compile, export, import, purge, read_note, report,
+    apply_retention, compile, export, import_checked, purge, read_note, report,
 };
 use crate::model::{preview, printable};
 use crate::output::{Format, Table, destination_lines, human_age};
@@ -124,12 +124,13 @@ pub async fn cli_export(
 pub async fn cli_import(
     registry: &Registry,
     req: &ImportRequest<'_>,
+    filter: crate::filter::Filter,
     journal: Option<Arc<Journal>>,
     output: Format,
 ) -> Result<u8, Failure> {
     let cancel = CancellationToken::new();
     let interrupt = signals::on_interrupt(cancel.clone(), "finishing the batch in flight");
-    let s = match import(registry, req, journal, cancel).await {
+    let s = match import_checked(registry, req, filter, journal, cancel).await {
         Err(TriageError::StoppedConnecting) => return Ok(stopped_connecting(&interrupt)),
         s => s?,
     };

@@ -352,8 +352,9 @@ async fn alert_loop(
     resend_delay: Duration,
     sinks: Sinks,
     metrics: Arc<Metrics>,
-    leadership: Leadership,
+    mut leadership: Leadership,
 ) {
+    let mut lead_open = true;
     let mut resend = tokio::time::interval(resend_delay);
     resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut save = tokio::time::interval(ALERT_STATE_SAVED_EVERY);
@@ -376,6 +377,19 @@ async fn alert_loop(
                     file.save(&evaluator, Utc::now()).await;
                 }
                 changed = false;
+                continue;
+            }
+            // When the lead was taken counts for the new reasons this replica
+            // owes (`Evaluator::note_lead`): told at once, not at the next
+            // poll or resend tick.
+            lead = leadership.changed(), if lead_open => {
+                match lead {
+                    Ok(()) => {
+                        let leader = *leadership.borrow_and_update();
+                        evaluator.note_lead(Utc::now(), leader);
+                    }
+                    Err(_) => lead_open = false,
+                }
                 continue;
             }
             _ = resend.tick() => {

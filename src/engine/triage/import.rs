@@ -181,12 +181,12 @@ pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend, dest: &Destination)
     out
 }
 
-/// Replay an export into the configured queue `to` (its source entity, or
-/// `address`), converting attributes with the documented mapping. Copies are
-/// marked like redriven ones (guarantee 3) and journaled as `imported`.
 /// What an import can be refused for before anything is asked or
-/// connected: the filter, the queue and the file. The CLI checks it before it
-/// asks for confirmation; [`import`] checks it again.
+/// connected: the filter, the queue and every line of the file. Every line
+/// is checked before any is sent: a bad line met half-way would stop the
+/// import with the lines before it sent and those after it not, and the
+/// rerun after fixing the file would send the first part twice. The CLI
+/// checks it before it asks for confirmation, then calls [`import_checked`].
 pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<Filter, TriageError> {
     let filter = compile(req.filter)?;
     registry.queue(req.to).map_err(|e| match e {
@@ -197,8 +197,10 @@ pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<Filt
         )),
         e => e.into(),
     })?;
-    // Opened only: it is there and may be read.
-    drop(read_numbered(req.file)?);
+    for line in read_numbered(req.file)? {
+        let (n, line) = line?;
+        line.to_message().map_err(|message| bad_line(req.file, n, message))?;
+    }
     Ok(filter)
 }
 
@@ -206,6 +208,9 @@ fn looks_like_address(to: &str) -> bool {
     to.contains("://") || to.starts_with("arn:") || to.starts_with("projects/")
 }
 
+/// Replay an export into the configured queue `to` (its source entity, or
+/// `address`), converting attributes with the documented mapping. Copies are
+/// marked like redriven ones (guarantee 3) and journaled as `imported`.
 pub async fn import(
     registry: &Registry,
     req: &ImportRequest<'_>,
@@ -213,13 +218,18 @@ pub async fn import(
     cancel: CancellationToken,
 ) -> Result<ImportSummary, TriageError> {
     let filter = check_import(registry, req)?;
-    // Every line is checked before any is sent: a bad line met half-way
-    // would stop the import with the lines before it sent and those after it
-    // not, and the rerun after fixing the file would send the first part twice.
-    for line in read_numbered(req.file)? {
-        let (n, line) = line?;
-        line.to_message().map_err(|message| bad_line(req.file, n, message))?;
-    }
+    import_checked(registry, req, filter, journal, cancel).await
+}
+
+/// [`import`] of a request [`check_import`] passed, with the filter it
+/// compiled.
+pub async fn import_checked(
+    registry: &Registry,
+    req: &ImportRequest<'_>,
+    filter: Filter,
+    journal: Option<Arc<Journal>>,
+    cancel: CancellationToken,
+) -> Result<ImportSummary, TriageError> {
     let lines = read_numbered(req.file)?;
     let connect = async {
         let plan = registry

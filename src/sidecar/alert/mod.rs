@@ -463,12 +463,24 @@ impl Evaluator {
     }
 
     /// Remember when this replica took the lead, as the first call that says
-    /// it leads tells it (a poll's evaluation or the resend timer).
-    fn note_lead(&mut self, now: DateTime<Utc>, leader: bool) {
+    /// it leads tells it (a change of the lead, a poll's evaluation or the
+    /// resend timer). A leader drops the owed reasons no longer owed: a queue
+    /// whose polls fail would keep them while it leads.
+    pub fn note_lead(&mut self, now: DateTime<Utc>, leader: bool) {
         if !leader {
             self.led_since = None;
-        } else if self.led_since.is_none() {
+            return;
+        }
+        if self.led_since.is_none() {
             self.led_since = Some(now);
+        }
+        if !self.owed_reasons.is_empty() {
+            let mut owed = std::mem::take(&mut self.owed_reasons);
+            owed.retain(|_, reasons| {
+                reasons.retain(|(_, seen)| self.still_owed(*seen, now));
+                !reasons.is_empty()
+            });
+            self.owed_reasons = owed;
         }
     }
 
@@ -1109,13 +1121,16 @@ mod tests {
         // It led from 260 s: a leader was there when Boom was found.
         assert!(e.owed_resolves(at(260), true).is_empty());
         assert!(e.evaluate(&poll(310, 2, 0, &["Timeout", "Boom"]), true, &m).is_empty());
-        // Leading again after following: the lead is taken anew.
+        // A lead lost and taken again counts from the second time: Boom,
+        // found 390 s before it, was there for the leader in between.
         let mut e = evaluator("    - new_reason: true\n");
-        assert!(e.evaluate(&poll(0, 1, 0, &["Timeout"]), true, &m).is_empty());
-        assert!(e.owed_resolves(at(5), false).is_empty());
-        assert!(e.evaluate(&poll(300, 2, 1, &["Timeout", "Boom"]), false, &m).is_empty());
-        let n = e.evaluate(&poll(400, 2, 0, &["Timeout", "Boom"]), true, &m);
-        assert_eq!(reasons_of(&n), ["Boom"]);
+        assert!(e.evaluate(&poll(0, 1, 0, &["Timeout"]), false, &m).is_empty());
+        assert!(e.evaluate(&poll(10, 2, 1, &["Timeout", "Boom"]), false, &m).is_empty());
+        e.note_lead(at(20), true);
+        e.note_lead(at(30), false);
+        e.note_lead(at(400), true);
+        assert!(e.owed_reasons.is_empty(), "no longer owed once it leads");
+        assert!(e.evaluate(&poll(410, 2, 0, &["Timeout", "Boom"]), true, &m).is_empty());
     }
 
     /// A follower keeps no reasons for a queue no `new_reason` rule watches:

@@ -517,9 +517,11 @@ mod tests {
         assert_eq!(example.chars().count(), MAX_KEY_CHARS + 1);
         let after = restarted(&e, dir.path(), at(20), at(30)).await;
         assert_eq!(after.owed_reasons["orders"].len(), 1);
-        // Four resend delays (60 s) after it was found: a leader was there.
+        // Four resend delays (of 60 s) after it was found: a leader was there.
         let after = restarted(&e, dir.path(), at(20), at(10 + 241)).await;
         assert!(after.owed_reasons.is_empty());
+        // Nor is it saved then.
+        assert!(e.saved(at(10 + 241)).queues[0].owed_reasons.is_empty());
     }
 
     #[tokio::test]

@@ -326,10 +326,10 @@ async fn export(
     let reading = app.clone();
     let read_queue = queue.clone();
     if b.dry_run {
-        let scan = b
-            .max
-            .map_or(triage::DEFAULT_PEEK_CAP, |m| m as usize)
-            .min(triage::DEFAULT_PEEK_CAP);
+        // `max` caps what the export writes, not what it reads: the dry run
+        // reads what a Service Bus export reads by default, and counts the
+        // matches up to `max`.
+        let scan = triage::DEFAULT_PEEK_CAP;
         let r = leasing_read(&app, guard, move |cancel| async move {
             let req = triage::ReportRequest {
                 by: GroupBy::Reason,
