@@ -431,6 +431,17 @@ async fn dashboard_assets_and_api_rules() {
     assert_eq!(v["written"], 3, "{v}");
     let file = std::fs::read_to_string(v["file"].as_str().unwrap()).unwrap();
     assert_eq!(file.lines().count(), 3);
+    // `max` caps the lines written, `scan` the messages read.
+    let (code, v) = serve
+        .post(
+            "/v1/queues/orders/export",
+            json!({"filter": "attributes.tenant == \"globex\"", "max": 2}),
+            None,
+        )
+        .await;
+    assert_eq!((code, &v["written"]), (200, &json!(2)), "{v}");
+    let (code, v) = serve.post("/v1/queues/orders/export", json!({"scan": 2}), None).await;
+    assert_eq!((code, &v["read"], &v["written"]), (200, &json!(2), &json!(2)), "{v}");
 
     // Purge with a backup, as a run with progress and a summary.
     let (code, started) = serve

@@ -301,7 +301,11 @@ async fn purge(
 #[serde(deny_unknown_fields)]
 struct ExportBody {
     filter: Option<String>,
+    /// Lines written at most.
     max: Option<u64>,
+    /// Messages read at most (as `export --scan`); a dry run reads at most
+    /// [`triage::DEFAULT_PEEK_CAP`].
+    scan: Option<usize>,
     /// Count what would be exported (and name a few), write nothing.
     #[serde(default)]
     dry_run: bool,
@@ -329,7 +333,7 @@ async fn export(
         // `max` caps what the export writes, not what it reads: the dry run
         // reads what a Service Bus export reads by default, and counts the
         // matches up to `max`.
-        let scan = triage::DEFAULT_PEEK_CAP;
+        let scan = b.scan.unwrap_or(usize::MAX).clamp(1, triage::DEFAULT_PEEK_CAP);
         let r = leasing_read(&app, guard, move |cancel| async move {
             let req = triage::ReportRequest {
                 by: GroupBy::Reason,
@@ -356,7 +360,7 @@ async fn export(
         return Err(bad_request("no data directory for exports: set serve.data_dir"));
     };
     let path = triage::dated_path(&dir.join("exports"), &queue);
-    let max = b.max;
+    let (max, scan) = (b.max, b.scan.map(|s| s.max(1)));
     let s = leasing_read(&app, guard, move |cancel| async move {
         triage::export(
             &reading.registry,
@@ -364,7 +368,7 @@ async fn export(
             &path,
             filter.as_deref(),
             max,
-            None,
+            scan,
             &cancel,
         )
         .await
