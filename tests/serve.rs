@@ -1283,3 +1283,47 @@ async fn a_browse_holds_what_it_returns_not_what_it_scans() {
     );
     assert_eq!(f.dlq_visible().await, 150);
 }
+
+/// A browse that reaches the provider's limit on messages leased at once
+/// (SQS's 120,000 in flight, answered here by a front that moto lacks)
+/// says so in `/messages`, as `report` and `export` say it: without
+/// `hold_limited`, a cut read looked like the whole DLQ.
+#[tokio::test]
+async fn a_browse_cut_by_the_providers_hold_limit_says_so() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(25, "Timeout")).await;
+    // Receives left before OverLimit; the poll before it is not counted.
+    let left = Arc::new(AtomicUsize::new(usize::MAX));
+    let front = common::sqs::sqs_front(&f.endpoint, {
+        let left = left.clone();
+        move |target, _| {
+            let over = target.ends_with(".ReceiveMessage")
+                && left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_err();
+            over.then_some((
+                403,
+                r#"{"__type":"com.amazonaws.sqs#OverLimit","message":"Too many messages in flight"}"#,
+            ))
+        }
+    })
+    .await;
+    let via_front = SqsFixture { endpoint: front, ..f };
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1h\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\n",
+        queue_yaml("orders", &via_front)
+    );
+    let serve = Serve::start(&config).await;
+    left.store(2, Ordering::SeqCst);
+    let (code, text) = serve
+        .get_auth("/v1/queues/orders/messages?limit=50&filter=true&scan=100")
+        .await;
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["hold_limited"], true, "{v}");
+    assert_eq!(v["read"], 20, "two receives of ten: {v}");
+    assert_eq!(v["held_back"], 5, "{v}");
+    assert_eq!(v["messages"].as_array().unwrap().len(), 20, "{v}");
+}

@@ -124,13 +124,13 @@ pub async fn cli_export(
 pub async fn cli_import(
     registry: &Registry,
     req: &ImportRequest<'_>,
-    filter: crate::filter::Filter,
+    checked: crate::engine::triage::CheckedImport,
     journal: Option<Arc<Journal>>,
     output: Format,
 ) -> Result<u8, Failure> {
     let cancel = CancellationToken::new();
     let interrupt = signals::on_interrupt(cancel.clone(), "finishing the batch in flight");
-    let s = match import_checked(registry, req, filter, journal, cancel).await {
+    let s = match import_checked(registry, req, checked, journal, cancel).await {
         Err(TriageError::StoppedConnecting) => return Ok(stopped_connecting(&interrupt)),
         s => s?,
     };

@@ -392,6 +392,7 @@ impl BrowseRead {
             ("filter_errors".to_string(), json!(s.filter_errors)),
             ("truncated".to_string(), json!(s.truncated)),
             ("held_back".to_string(), json!(s.held_back)),
+            ("hold_limited".to_string(), json!(s.hold_limited)),
             ("messages".to_string(), serde_json::Value::Array(messages)),
         ])
     }

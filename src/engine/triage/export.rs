@@ -368,9 +368,17 @@ pub fn read_export(path: &Path) -> Result<impl Iterator<Item = Result<ExportedMe
 pub(super) fn read_numbered(
     path: &Path,
 ) -> Result<impl Iterator<Item = Result<(usize, ExportedMessage), TriageError>>, TriageError> {
-    let file = File::open(path).map_err(io_err(path))?;
+    Ok(read_numbered_from(File::open(path).map_err(io_err(path))?, path))
+}
+
+/// [`read_numbered`] of a file already open, from where it stands; `path`
+/// names it in errors.
+pub(super) fn read_numbered_from(
+    file: File,
+    path: &Path,
+) -> impl Iterator<Item = Result<(usize, ExportedMessage), TriageError>> {
     let path = path.to_owned();
-    Ok(BufReader::new(file)
+    BufReader::new(file)
         .lines()
         .enumerate()
         .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
@@ -395,7 +403,7 @@ pub(super) fn read_numbered(
                 };
                 bad(text)
             })
-        }))
+        })
 }
 
 // ---------------------------------------------------------------------------

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::error::{TriageError, unless_cancelled};
-use super::export::read_numbered;
+use super::error::{TriageError, io_err, unless_cancelled};
+use super::export::read_numbered_from;
 use super::read::compile;
 use crate::backend::QueueBackend;
 use crate::engine::journal::{Journal, JournalError, Record};
@@ -181,13 +181,29 @@ pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend, dest: &Destination)
     out
 }
 
+/// An import [`check_import`] passed: the filter it compiled and the file
+/// it read, still open, so that what is sent is what was checked.
+pub struct CheckedImport {
+    filter: Filter,
+    file: std::fs::File,
+    /// The file's length and modification time when it was checked.
+    stamp: (u64, Option<std::time::SystemTime>),
+}
+
+fn stamp(file: &std::fs::File) -> std::io::Result<(u64, Option<std::time::SystemTime>)> {
+    let meta = file.metadata()?;
+    Ok((meta.len(), meta.modified().ok()))
+}
+
 /// What an import can be refused for before anything is asked or
 /// connected: the filter, the queue and every line of the file. Every line
 /// is checked before any is sent: a bad line met half-way would stop the
 /// import with the lines before it sent and those after it not, and the
 /// rerun after fixing the file would send the first part twice. The CLI
-/// checks it before it asks for confirmation, then calls [`import_checked`].
-pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<Filter, TriageError> {
+/// checks it before it asks for confirmation, then calls [`import_checked`],
+/// which reads the same open file again (a file replaced meanwhile, as an
+/// editor saves, is not what it sends).
+pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<CheckedImport, TriageError> {
     let filter = compile(req.filter)?;
     registry.queue(req.to).map_err(|e| match e {
         // `redrive --to` takes an address; import's --to is the queue whose
@@ -197,11 +213,30 @@ pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<Filt
         )),
         e => e.into(),
     })?;
-    for line in read_numbered(req.file)? {
+    let file = std::fs::File::open(req.file).map_err(io_err(req.file))?;
+    let stamp = stamp(&file).map_err(io_err(req.file))?;
+    let reading = file.try_clone().map_err(io_err(req.file))?;
+    for line in read_numbered_from(reading, req.file) {
         let (n, line) = line?;
         line.to_message().map_err(|message| bad_line(req.file, n, message))?;
     }
-    Ok(filter)
+    Ok(CheckedImport { filter, file, stamp })
+}
+
+impl CheckedImport {
+    /// The filter, and the file rewound to its start, unless it was written
+    /// to since it was checked (in place: a replaced file is not this one).
+    fn rewound(mut self, path: &Path) -> Result<(Filter, std::fs::File), TriageError> {
+        use std::io::Seek as _;
+        if stamp(&self.file).map_err(io_err(path))? != self.stamp {
+            return Err(TriageError::Usage(format!(
+                "{}: the file changed after it was checked; nothing was imported, run the import again",
+                path.display()
+            )));
+        }
+        self.file.rewind().map_err(io_err(path))?;
+        Ok((self.filter, self.file))
+    }
 }
 
 fn looks_like_address(to: &str) -> bool {
@@ -217,20 +252,20 @@ pub async fn import(
     journal: Option<Arc<Journal>>,
     cancel: CancellationToken,
 ) -> Result<ImportSummary, TriageError> {
-    let filter = check_import(registry, req)?;
-    import_checked(registry, req, filter, journal, cancel).await
+    let checked = check_import(registry, req)?;
+    import_checked(registry, req, checked, journal, cancel).await
 }
 
-/// [`import`] of a request [`check_import`] passed, with the filter it
-/// compiled.
+/// [`import`] of a request [`check_import`] passed.
 pub async fn import_checked(
     registry: &Registry,
     req: &ImportRequest<'_>,
-    filter: Filter,
+    checked: CheckedImport,
     journal: Option<Arc<Journal>>,
     cancel: CancellationToken,
 ) -> Result<ImportSummary, TriageError> {
-    let lines = read_numbered(req.file)?;
+    let (filter, file) = checked.rewound(req.file)?;
+    let lines = read_numbered_from(file, req.file);
     let connect = async {
         let plan = registry
             .plan(
@@ -555,5 +590,64 @@ fn bad_line(file: &Path, line: usize, message: String) -> TriageError {
 fn push_import_error(s: &mut ImportSummary, e: String) {
     if s.errors.len() < 20 {
         s.errors.push(e);
+    }
+}
+
+#[cfg(all(test, feature = "sqs"))]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const LINE: &str = r#"{"queue":"q","backend":"sqs","id":"m1","body_base64":"eA==","body_preview":"x","body_bytes":1,"attributes":{},"reason":null,"description":null,"delivery_count":null,"enqueued_at":null,"source":null,"ordering_key":null,"exported_at":"2026-01-01T00:00:00Z"}"#;
+
+    fn registry() -> Registry {
+        // Nothing here connects: the import stops before its plan.
+        let yaml = "queues:\n  - name: q\n    sqs:\n      queue: q-dlq\n      endpoint_url: http://127.0.0.1:9\n";
+        Registry::new(Config::from_yaml(yaml, "test.yaml", &[]).unwrap())
+    }
+
+    fn file(text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("dlqb-import-{}.jsonl", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// A file written to between the check and the send (while the CLI
+    /// asked for confirmation) is refused whole: its new lines were never
+    /// checked.
+    #[tokio::test]
+    async fn a_file_written_to_after_its_check_is_not_imported() {
+        let path = file(&format!("{LINE}\n"));
+        let registry = registry();
+        let req = ImportRequest::new(&path, "q");
+        let checked = check_import(&registry, &req).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"not json\n"))
+            .unwrap();
+        let e = import_checked(&registry, &req, checked, None, CancellationToken::new())
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("changed after it was checked"), "{e}");
+        assert!(e.is_usage(), "{e:?}");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A file replaced after its check (an editor's save) does not change
+    /// what is imported: the check's open file is read again.
+    #[test]
+    fn the_checked_file_is_read_even_after_it_is_replaced() {
+        let path = file(&format!("{LINE}\n{LINE}\n"));
+        let registry = registry();
+        let req = ImportRequest::new(&path, "q");
+        let checked = check_import(&registry, &req).unwrap();
+        let other = file("not json\n");
+        std::fs::rename(&other, &path).unwrap();
+        let (_, file) = checked.rewound(&path).unwrap();
+        let lines: Vec<_> = read_numbered_from(file, &path).map(|l| l.unwrap().0).collect();
+        assert_eq!(lines, [1, 2]);
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -23,7 +23,9 @@ pub use error::TriageError;
 pub use export::{
     DEFAULT_PEEK_CAP, ExportSummary, ExportWriter, ExportedMessage, dated_path, export, read_export, to_stdout,
 };
-pub use import::{ImportRequest, ImportStop, ImportSummary, check_import, import, import_checked, not_carried};
+pub use import::{
+    CheckedImport, ImportRequest, ImportStop, ImportSummary, check_import, import, import_checked, not_carried,
+};
 pub use patterns::{Group, GroupBy, Grouper, MAX_KEY_CHARS, normalize, pattern_of, reason_pattern, top_counts};
 pub use purge::{FileBackup, PurgeRequest, purge, purge_filter};
 pub(crate) use read::compile;
