@@ -312,7 +312,7 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         config_error(
             "zero retention",
             with_tail(&f, "    retention: {max_age: 0s}\n"),
-            &["{file}:7:17: queues[0].retention.max_age: must be longer than 0s"],
+            &["{file}:7:17: queues[0].retention.max_age (queue `orders`): must be longer than 0s"],
         ),
         config_error(
             "negative rate",
@@ -377,7 +377,7 @@ async fn config_errors_name_file_line_and_field_exit_2_and_touch_nothing() {
         config_error(
             "empty sqs queue",
             with_line(&f, 4, "      queue: ''"),
-            &["{file}:4:7: queues[0].sqs.queue: must not be empty"],
+            &["{file}:4:7: queues[0].sqs.queue (queue `orders`): must not be empty"],
         ),
         config_error(
             "servicebus without credentials",

@@ -480,7 +480,33 @@ mod tests {
         let y = "queues:\n  - name: a\n    sqs: {queue: x, region: r}\n    retention: {check_every: 1h, max_age: 1 fortnight}\n";
         let err = parse(y).unwrap_err().to_string();
         assert!(err.starts_with("test.yaml:4:"), "{err}");
-        assert!(err.contains("queues[0].retention.max_age"), "{err}");
+        assert!(err.contains("queues[0].retention.max_age (queue `a`): "), "{err}");
+    }
+
+    /// An error inside a queue's entry names the queue besides its index,
+    /// whether serde or a later check found it; an error that already names
+    /// it, or is about the name itself, is left as it is.
+    #[test]
+    fn errors_inside_a_queue_name_it() {
+        let two = |second: &str| format!("queues:\n  - name: a\n    sqs: {{queue: x}}\n  - name: orders-eu\n{second}");
+        let err = parse(&two("    sqs: {queue: y, regoin: r}\n")).unwrap_err().to_string();
+        assert!(
+            err.contains(": queues[1].sqs.regoin (queue `orders-eu`): unknown field"),
+            "{err}"
+        );
+        let err = parse(&two(
+            "    pubsub: {project: p, subscription: s, endpoint: \"https://x\"}\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(": queues[1].pubsub.endpoint (queue `orders-eu`): "),
+            "{err}"
+        );
+        let err = parse("queues:\n  - name: a\n    sqs: {queue: x}\n  - name: a\n    sqs: {queue: y}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("(queue"), "{err}");
     }
 
     #[test]

@@ -49,7 +49,9 @@ pub enum ConfigError {
     Invalid {
         /// `file:line:column` when known, else the file.
         location: String,
-        /// The dotted path of the offending field, e.g. `queues[1].sqs.region`.
+        /// The dotted path of the offending field, e.g. `queues[1].sqs.region`;
+        /// inside a queue's entry, followed by the queue's name:
+        /// ``queues[1].sqs.region (queue `orders`)``.
         field: String,
         message: String,
     },
@@ -144,6 +146,10 @@ impl Config {
     /// Parse `text` (named `origin` in errors) with the given overrides
     /// (`dotted.path` → raw value).
     pub fn from_yaml(text: &str, origin: &str, overrides: &[(String, String)]) -> Result<Self, ConfigError> {
+        Self::from_yaml_unnamed(text, origin, overrides).map_err(|e| name_the_queue(e, text))
+    }
+
+    fn from_yaml_unnamed(text: &str, origin: &str, overrides: &[(String, String)]) -> Result<Self, ConfigError> {
         // The strict parse of the file alone gives errors their line numbers.
         let mut config: Config = parse_located(text, origin)?;
         if !overrides.is_empty() {
@@ -1077,6 +1083,51 @@ mod tests {
         let c = parse(y).unwrap();
         assert_eq!(c.queue("a").unwrap().reason_attribute, "why");
         assert_eq!(c.queue("b").unwrap().reason_attribute, "cause");
+    }
+}
+
+/// An error at `queues[N]…` also names that queue, as the file names it:
+/// with many queues, the index alone sends the reader counting entries.
+fn name_the_queue(e: ConfigError, text: &str) -> ConfigError {
+    let (field, message) = match &e {
+        ConfigError::Invalid { field, message, .. } => (field.as_str(), message),
+        // Overrides cannot reach into `queues` (a list).
+        ConfigError::Env { .. } | ConfigError::Read { .. } => return e,
+    };
+    let Some(index) = field
+        .strip_prefix("queues[")
+        .and_then(|rest| rest.split_once(']'))
+        .filter(|(_, after)| *after != ".name")
+        .and_then(|(i, _)| i.parse::<usize>().ok())
+    else {
+        return e;
+    };
+    let Some(name) = serde_yaml::from_str::<serde_yaml::Value>(text)
+        .ok()
+        .and_then(|tree| {
+            tree.get("queues")?
+                .get(index)?
+                .get("name")?
+                .as_str()
+                .map(str::to_string)
+        })
+        .filter(|name| queue_name_problem(name).is_none() && !message.contains(&format!("`{name}`")))
+    else {
+        return e;
+    };
+    // After the path, where the reader looks for where the error is.
+    let named = |field: &str| format!("{field} (queue `{name}`)");
+    match e {
+        ConfigError::Invalid {
+            location,
+            field,
+            message,
+        } => ConfigError::Invalid {
+            location,
+            field: named(&field),
+            message,
+        },
+        read => read,
     }
 }
 

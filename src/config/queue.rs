@@ -495,25 +495,28 @@ mod tests {
         parse(&sqs("orders-eu_1.v2", "x")).unwrap();
         let err = parse(&sqs("a", "''")).unwrap_err().to_string();
         assert!(
-            err.starts_with("test.yaml:3:11: queues[0].sqs.queue: must not be empty"),
+            err.starts_with("test.yaml:3:11: queues[0].sqs.queue (queue `a`): must not be empty"),
             "{err}"
         );
         let err = parse("queues:\n  - name: a\n    pubsub:\n      project: p\n      subscription: ' '\n")
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("test.yaml:5:7: queues[0].pubsub.subscription: must not be empty"),
+            err.starts_with("test.yaml:5:7: queues[0].pubsub.subscription (queue `a`): must not be empty"),
             "{err}"
         );
         let err = parse("queues:\n  - name: a\n    servicebus: {namespace: n, queue: ''}\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("queues[0].servicebus.queue: must not be empty"), "{err}");
+        assert!(
+            err.contains("queues[0].servicebus.queue (queue `a`): must not be empty"),
+            "{err}"
+        );
         let err = parse("queues:\n  - name: a\n    source: ''\n    sqs: {queue: x}\n")
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("test.yaml:3:5: queues[0].source: must not be empty"),
+            err.starts_with("test.yaml:3:5: queues[0].source (queue `a`): must not be empty"),
             "{err}"
         );
     }
@@ -548,7 +551,7 @@ mod tests {
         assert_eq!(sb.sas_token_ttl, Some(Duration::from_secs(900)));
         let err = parse(&y("1s")).unwrap_err().to_string();
         assert!(
-            err.starts_with("test.yaml:3:54: queues[0].servicebus.sas_token_ttl: must be at least 2s"),
+            err.starts_with("test.yaml:3:54: queues[0].servicebus.sas_token_ttl (queue `sb`): must be at least 2s"),
             "{err}"
         );
         let block = "queues:\n  - name: sb\n    servicebus:\n      connection_string_env: X\n      queue: q\n";
@@ -560,7 +563,7 @@ mod tests {
             let err = parse(&format!("{block}      {field}: {value}\n"))
                 .unwrap_err()
                 .to_string();
-            let want = format!("test.yaml:6:7: queues[0].servicebus.{field}: {says}");
+            let want = format!("test.yaml:6:7: queues[0].servicebus.{field} (queue `sb`): {says}");
             assert!(err.starts_with(&want), "{err}");
         }
         // Each retention duration is named on its own line.
@@ -572,7 +575,7 @@ mod tests {
             ))
             .unwrap_err()
             .to_string();
-            let want = format!("test.yaml:{line}:7: queues[0].retention.{field}: must be longer than 0s");
+            let want = format!("test.yaml:{line}:7: queues[0].retention.{field} (queue `q`): must be longer than 0s");
             assert!(err.starts_with(&want), "{err}");
         }
     }
@@ -614,7 +617,7 @@ mod tests {
         assert_eq!(sb.link_idle_timeout, Some(Duration::from_secs(2)));
         let err = parse(&y("500ms")).unwrap_err().to_string();
         assert!(
-            err.starts_with("test.yaml:3:54: queues[0].servicebus.link_idle_timeout: must be at least 1s"),
+            err.starts_with("test.yaml:3:54: queues[0].servicebus.link_idle_timeout (queue `sb`): must be at least 1s"),
             "{err}"
         );
     }
