@@ -1086,7 +1086,9 @@ async fn a_read_that_reaches_the_providers_hold_limit_reports_what_it_read() {
     assert_eq!(report["hold_limited"], true, "{out}");
     assert_eq!(report["held_back"], 5, "{out}");
     assert!(
-        err.contains("the read stopped at 20 messages, the most the provider lets one reader hold"),
+        err.contains(
+            "the read stopped at 20 messages, where the queue reached the provider's limit on messages leased at once"
+        ),
         "{err}"
     );
     // Released: every message can be received again at once.

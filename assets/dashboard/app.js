@@ -298,7 +298,7 @@
         info.textContent = r.messages.length + " shown of " + r.read + " read" +
           (r.filter_errors ? ", " + r.filter_errors + " filter errors" : "") +
           (r.truncated ? ", stopped at 8 MiB of bodies (narrow the filter to see others)" : "") +
-          (r.hold_limited ? ", stopped where the provider lets one reader hold no more leased (SQS: 120,000 in flight): " + r.held_back + " more not read" :
+          (r.hold_limited ? ", stopped where the queue reached the provider's limit on messages leased at once (SQS: about 120,000 in flight, other consumers' leases included): " + r.held_back + " more not read" :
             r.held_back ? ", " + r.held_back + " more the provider would not let the read reach (an SQS FIFO group's messages behind those read)" : "") +
           (r.true_peek ? " (true peek: nothing was disturbed)." :
             " (no true peek here: reading leased and released them, which raised their delivery counts).") +

@@ -507,6 +507,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("(queue"), "{err}");
+        // A name the typed parse reads as text.
+        let err = parse("queues:\n  - name: 123\n    sqs: {queue: ''}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("queues[0].sqs.queue (queue `123`): "), "{err}");
+        // An override of the whole list: the file's names are not its queues.
+        let env = [("queues".to_string(), "[{name: pay, sqs: {queue: ''}}]".to_string())];
+        let err = crate::config::Config::from_yaml(&two("    sqs: {queue: y}\n"), "test.yaml", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("environment override DLQ_BRIDGE__QUEUES: queues[0].sqs.queue: "),
+            "{err}"
+        );
     }
 
     #[test]

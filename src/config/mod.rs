@@ -146,7 +146,15 @@ impl Config {
     /// Parse `text` (named `origin` in errors) with the given overrides
     /// (`dotted.path` → raw value).
     pub fn from_yaml(text: &str, origin: &str, overrides: &[(String, String)]) -> Result<Self, ConfigError> {
-        Self::from_yaml_unnamed(text, origin, overrides).map_err(|e| name_the_queue(e, text))
+        Self::from_yaml_unnamed(text, origin, overrides).map_err(|e| {
+            // An override of the whole list (`DLQ_BRIDGE__QUEUES`) holds
+            // other queues than the file.
+            if overrides.iter().any(|(key, _)| key == "queues") {
+                e
+            } else {
+                name_the_queue(e, text)
+            }
+        })
     }
 
     fn from_yaml_unnamed(text: &str, origin: &str, overrides: &[(String, String)]) -> Result<Self, ConfigError> {
@@ -206,9 +214,9 @@ impl Config {
     /// written (or the environment override that set it).
     fn validate(&self, origin: &str, text: &str, overrides: &[(String, String)]) -> Result<(), ConfigError> {
         let err = |field: String, message: String| -> ConfigError {
-            let overridden = overrides
-                .iter()
-                .find(|(key, _)| field == *key || field.starts_with(&format!("{key}.")));
+            let overridden = overrides.iter().find(|(key, _)| {
+                field == *key || field.starts_with(&format!("{key}.")) || field.starts_with(&format!("{key}["))
+            });
             if let Some((key, _)) = overridden {
                 return ConfigError::Env {
                     var: env_var_for(key),
@@ -1091,25 +1099,24 @@ mod tests {
 fn name_the_queue(e: ConfigError, text: &str) -> ConfigError {
     let (field, message) = match &e {
         ConfigError::Invalid { field, message, .. } => (field.as_str(), message),
-        // Overrides cannot reach into `queues` (a list).
+        // Overrides cannot reach into `queues` (a list), only replace it.
         ConfigError::Env { .. } | ConfigError::Read { .. } => return e,
     };
     let Some(index) = field
         .strip_prefix("queues[")
         .and_then(|rest| rest.split_once(']'))
-        .filter(|(_, after)| *after != ".name")
         .and_then(|(i, _)| i.parse::<usize>().ok())
     else {
         return e;
     };
     let Some(name) = serde_yaml::from_str::<serde_yaml::Value>(text)
         .ok()
-        .and_then(|tree| {
-            tree.get("queues")?
-                .get(index)?
-                .get("name")?
-                .as_str()
-                .map(str::to_string)
+        .and_then(|tree| match tree.get("queues")?.get(index)?.get("name")? {
+            // Read as text, as the typed parse reads `name: 123`.
+            serde_yaml::Value::String(s) => Some(s.clone()),
+            serde_yaml::Value::Number(n) => Some(n.to_string()),
+            serde_yaml::Value::Bool(b) => Some(b.to_string()),
+            _ => None,
         })
         .filter(|name| queue_name_problem(name).is_none() && !message.contains(&format!("`{name}`")))
     else {

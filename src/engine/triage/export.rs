@@ -374,7 +374,7 @@ pub(super) fn read_numbered(
 /// [`read_numbered`] of a file already open, from where it stands; `path`
 /// names it in errors.
 pub(super) fn read_numbered_from(
-    file: File,
+    file: impl std::io::Read,
     path: &Path,
 ) -> impl Iterator<Item = Result<(usize, ExportedMessage), TriageError>> {
     let path = path.to_owned();

@@ -186,13 +186,34 @@ pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend, dest: &Destination)
 pub struct CheckedImport {
     filter: Filter,
     file: std::fs::File,
-    /// The file's length and modification time when it was checked.
-    stamp: (u64, Option<std::time::SystemTime>),
+    stamp: Stamp,
 }
 
-fn stamp(file: &std::fs::File) -> std::io::Result<(u64, Option<std::time::SystemTime>)> {
-    let meta = file.metadata()?;
-    Ok((meta.len(), meta.modified().ok()))
+/// What changes when a file is written to: its length, its modification
+/// time and, on Unix, its change time (which no one can set back, as
+/// `cp -p` or `touch -r` set the modification time back; it also changes
+/// when the file loses its name to a replacement) and inode.
+#[derive(PartialEq, Eq, Clone, Copy)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    #[cfg(unix)]
+    changed: (i64, i64, u64),
+}
+
+impl Stamp {
+    fn of(file: &std::fs::File, path: &Path) -> Result<Self, TriageError> {
+        let meta = file.metadata().map_err(io_err(path))?;
+        Ok(Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            #[cfg(unix)]
+            changed: {
+                use std::os::unix::fs::MetadataExt as _;
+                (meta.ctime(), meta.ctime_nsec(), meta.ino())
+            },
+        })
+    }
 }
 
 /// What an import can be refused for before anything is asked or
@@ -201,8 +222,8 @@ fn stamp(file: &std::fs::File) -> std::io::Result<(u64, Option<std::time::System
 /// import with the lines before it sent and those after it not, and the
 /// rerun after fixing the file would send the first part twice. The CLI
 /// checks it before it asks for confirmation, then calls [`import_checked`],
-/// which reads the same open file again (a file replaced meanwhile, as an
-/// editor saves, is not what it sends).
+/// which reads the same open file again, and only while nothing writes to
+/// it or replaces it.
 pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<CheckedImport, TriageError> {
     let filter = compile(req.filter)?;
     registry.queue(req.to).map_err(|e| match e {
@@ -214,9 +235,17 @@ pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<Chec
         e => e.into(),
     })?;
     let file = std::fs::File::open(req.file).map_err(io_err(req.file))?;
-    let stamp = stamp(&file).map_err(io_err(req.file))?;
+    if !file.metadata().map_err(io_err(req.file))?.is_file() {
+        // Read twice (to check it, then to send it), a pipe would be empty
+        // the second time.
+        return Err(TriageError::Usage(format!(
+            "{}: not a regular file (a directory, pipe or device): import reads its file twice, once to check every line; save it to a file first",
+            req.file.display()
+        )));
+    }
+    let stamp = Stamp::of(&file, req.file)?;
     let reading = file.try_clone().map_err(io_err(req.file))?;
-    for line in read_numbered_from(reading, req.file) {
+    for line in read_numbered_from(std::io::Read::take(reading, stamp.len), req.file) {
         let (n, line) = line?;
         line.to_message().map_err(|message| bad_line(req.file, n, message))?;
     }
@@ -224,18 +253,37 @@ pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<Chec
 }
 
 impl CheckedImport {
-    /// The filter, and the file rewound to its start, unless it was written
-    /// to since it was checked (in place: a replaced file is not this one).
-    fn rewound(mut self, path: &Path) -> Result<(Filter, std::fs::File), TriageError> {
+    /// The filter, the file's checked bytes from their start, and a watch
+    /// on the file; refused if it was written to or replaced since it was
+    /// checked.
+    fn rewound(self, path: &Path) -> Result<(Filter, impl std::io::Read, FileWatch), TriageError> {
         use std::io::Seek as _;
-        if stamp(&self.file).map_err(io_err(path))? != self.stamp {
-            return Err(TriageError::Usage(format!(
-                "{}: the file changed after it was checked; nothing was imported, run the import again",
-                path.display()
-            )));
+        let watch = FileWatch {
+            file: self.file.try_clone().map_err(io_err(path))?,
+            stamp: self.stamp,
+        };
+        watch.unchanged(path)?;
+        let mut file = self.file;
+        file.rewind().map_err(io_err(path))?;
+        Ok((self.filter, std::io::Read::take(file, self.stamp.len), watch))
+    }
+}
+
+/// The checked file, watched for writes while it is sent.
+struct FileWatch {
+    file: std::fs::File,
+    stamp: Stamp,
+}
+
+impl FileWatch {
+    fn unchanged(&self, path: &Path) -> Result<(), TriageError> {
+        if Stamp::of(&self.file, path)? == self.stamp {
+            return Ok(());
         }
-        self.file.rewind().map_err(io_err(path))?;
-        Ok((self.filter, self.file))
+        Err(TriageError::Usage(format!(
+            "{}: the file changed after it was checked; run the import again",
+            path.display()
+        )))
     }
 }
 
@@ -264,7 +312,7 @@ pub async fn import_checked(
     journal: Option<Arc<Journal>>,
     cancel: CancellationToken,
 ) -> Result<ImportSummary, TriageError> {
-    let (filter, file) = checked.rewound(req.file)?;
+    let (filter, file, watch) = checked.rewound(req.file)?;
     let lines = read_numbered_from(file, req.file);
     let connect = async {
         let plan = registry
@@ -361,7 +409,17 @@ pub async fn import_checked(
             s.stopped = ImportStop::MaxReached;
             break;
         }
-        let (n, line) = lines.next().expect("peeked")?;
+        let next = lines.next().expect("peeked");
+        // Written to in place while it is sent (a long import at a low
+        // --rate): this line may not be the one checked. What was read before
+        // the write was, and goes; nothing more does.
+        if let Err(e) = watch.unchanged(req.file) {
+            push_import_error(&mut s, e.to_string());
+            s.stopped = ImportStop::Failed;
+            s.resume_line = next.as_ref().ok().map(|(n, _)| *n);
+            break;
+        }
+        let (n, line) = next?;
         s.read += 1;
         let mut m = line.to_message().map_err(|message| bad_line(req.file, n, message))?;
         match filter.matches(&m, now) {
@@ -635,19 +693,54 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 
-    /// A file replaced after its check (an editor's save) does not change
-    /// what is imported: the check's open file is read again.
+    /// Rewritten in place with the same length and its modification time
+    /// set back (`cp -p`, `touch -r`): the change time still tells.
     #[test]
-    fn the_checked_file_is_read_even_after_it_is_replaced() {
+    fn a_same_length_rewrite_with_the_old_mtime_is_seen() {
+        let path = file(&format!("{LINE}\n"));
+        let registry = registry();
+        let req = ImportRequest::new(&path, "q");
+        let checked = check_import(&registry, &req).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut &f, LINE.replace("m1", "m2").as_bytes()).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), LINE.len() as u64 + 1);
+        let e = checked.rewound(&path).err().expect("refused");
+        assert!(e.to_string().contains("changed after it was checked"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A pipe or device would be read empty the second time (once checked,
+    /// then sent): refused, naming it, before anything is asked.
+    #[test]
+    fn a_file_that_is_not_regular_is_refused() {
+        let registry = registry();
+        for odd in ["/dev/null", "/tmp"] {
+            let e = check_import(&registry, &ImportRequest::new(Path::new(odd), "q"))
+                .err()
+                .expect("refused");
+            assert!(e.is_usage(), "{e:?}");
+            assert!(e.to_string().starts_with(&format!("{odd}: not a regular file")), "{e}");
+        }
+    }
+
+    /// A file replaced after its check (an editor's save) is refused too:
+    /// the user changed what they confirmed. (Its old inode, which the
+    /// check read, lost its name: that changes its change time.)
+    #[test]
+    fn a_file_replaced_after_its_check_is_not_imported() {
         let path = file(&format!("{LINE}\n{LINE}\n"));
         let registry = registry();
         let req = ImportRequest::new(&path, "q");
         let checked = check_import(&registry, &req).unwrap();
-        let other = file("not json\n");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let other = file(&format!("{LINE}\n"));
         std::fs::rename(&other, &path).unwrap();
-        let (_, file) = checked.rewound(&path).unwrap();
-        let lines: Vec<_> = read_numbered_from(file, &path).map(|l| l.unwrap().0).collect();
-        assert_eq!(lines, [1, 2]);
+        let e = checked.rewound(&path).err().expect("refused");
+        assert!(e.to_string().contains("changed after it was checked"), "{e}");
         std::fs::remove_file(&path).unwrap();
     }
 }

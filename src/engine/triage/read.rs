@@ -46,7 +46,7 @@ impl ReadStats {
     pub fn held_back_note(&self) -> Option<String> {
         if self.hold_limited {
             return Some(format!(
-                "warning: the read stopped at {} messages, the most the provider lets one reader hold leased at once (SQS: 120,000 in flight); {} more were not read",
+                "warning: the read stopped at {} messages, where the queue reached the provider's limit on messages leased at once (SQS: about 120,000 in flight, other consumers' leases included); {} more were not read",
                 self.read, self.held_back
             ));
         }
