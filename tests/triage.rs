@@ -1142,3 +1142,61 @@ async fn an_import_holds_a_groups_later_lines_after_one_fails() {
         (Some("import"), Some("end_of_file"))
     );
 }
+
+/// A file cut short while it is imported (slowly, at `--rate`) stops the
+/// import where the write is seen: what went before stays sent, nothing read
+/// after the write goes, and `resume_line` is the first line not sent. It
+/// used to end as a whole file (exit 0), the cut lines never sent.
+#[tokio::test]
+async fn an_import_whose_file_is_cut_while_it_is_sent_stops_there() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&numbered(30)).await;
+    let dir = scratch();
+    let cfg = config(&dir, &f, "");
+    let file = dir.join("all.jsonl");
+    export_to(&dir, &cfg, &file);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), 30);
+    let mut cmd = bin(&dir);
+    cmd.arg("-c").arg(&cfg).arg("import").arg(&file).args([
+        "--to",
+        "orders",
+        "--rate",
+        "10",
+        "--yes",
+        "--no-journal",
+        "-o",
+        "json",
+    ]);
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ten a second: the three batches take two seconds at least.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let first: String = text.lines().take(5).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&file, first).unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(s["stopped"], "failed", "{s}");
+    assert!(
+        s["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("written to while it was imported"),
+        "{s}"
+    );
+    let sent = s["sent"].as_u64().unwrap();
+    assert!(sent < 30, "{s}");
+    assert_eq!(s["resume_line"].as_u64(), Some(sent + 1), "{s}");
+    assert_eq!(f.drain_source().await.len() as u64, sent, "{s}");
+}

@@ -74,10 +74,13 @@ pub(super) fn apply_override_text(tree: &mut serde_yaml::Value, key: &str, raw: 
 /// something inside it (an unknown key is reported at its parent, and
 /// `DLQ_BRIDGE__NOPE__X` was named `DLQ_BRIDGE__NOPE`, a variable nobody set).
 pub(super) fn env_error(overrides: &[(String, String)], field: &str, message: String) -> ConfigError {
-    let set = overrides
-        .iter()
-        .map(|(key, _)| key)
-        .find(|key| *key == field || key.starts_with(&format!("{field}.")) || field.is_empty());
+    let set = overrides.iter().map(|(key, _)| key).find(|key| {
+        *key == field
+            || key.starts_with(&format!("{field}."))
+            || field.starts_with(&format!("{key}."))
+            || field.starts_with(&format!("{key}["))
+            || field.is_empty()
+    });
     let mut message = plain_types(&message);
     if let Some(hint) = did_you_mean(&message) {
         message.push_str(&format!("; did you mean `{hint}`?"));

@@ -521,6 +521,19 @@ mod tests {
             err.starts_with("environment override DLQ_BRIDGE__QUEUES: queues[0].sqs.queue: "),
             "{err}"
         );
+        // A typed error inside that list names the variable that was set,
+        // not one for the field (`DLQ_BRIDGE__QUEUES[0]__SQS`).
+        let env = [(
+            "queues".to_string(),
+            "[{name: pay, sqs: {queue: q, regoin: r}}]".to_string(),
+        )];
+        let err = crate::config::Config::from_yaml(&two("    sqs: {queue: y}\n"), "test.yaml", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("environment override DLQ_BRIDGE__QUEUES: queues[0].sqs.regoin: unknown field `regoin`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -61,7 +61,8 @@ pub enum ImportStop {
     /// `--max` messages matched.
     MaxReached,
     Cancelled,
-    /// The journal could not record a copy sent: nothing more was sent.
+    /// The journal could not record a copy sent, or the file was written
+    /// to while it was sent: nothing more was sent.
     Failed,
 }
 
@@ -187,18 +188,22 @@ pub struct CheckedImport {
     filter: Filter,
     file: std::fs::File,
     stamp: Stamp,
+    /// The number of the file's last line that holds a message.
+    last_line: usize,
 }
 
 /// What changes when a file is written to: its length, its modification
 /// time and, on Unix, its change time (which no one can set back, as
 /// `cp -p` or `touch -r` set the modification time back; it also changes
-/// when the file loses its name to a replacement) and inode.
+/// when the file loses its name to a replacement). Elsewhere a same-length
+/// rewrite that sets the modification time back, or a replacement, goes
+/// unseen.
 #[derive(PartialEq, Eq, Clone, Copy)]
 struct Stamp {
     len: u64,
     modified: Option<std::time::SystemTime>,
     #[cfg(unix)]
-    changed: (i64, i64, u64),
+    changed: (i64, i64),
 }
 
 impl Stamp {
@@ -210,7 +215,7 @@ impl Stamp {
             #[cfg(unix)]
             changed: {
                 use std::os::unix::fs::MetadataExt as _;
-                (meta.ctime(), meta.ctime_nsec(), meta.ino())
+                (meta.ctime(), meta.ctime_nsec())
             },
         })
     }
@@ -234,22 +239,36 @@ pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<Chec
         )),
         e => e.into(),
     })?;
-    let file = std::fs::File::open(req.file).map_err(io_err(req.file))?;
-    if !file.metadata().map_err(io_err(req.file))?.is_file() {
-        // Read twice (to check it, then to send it), a pipe would be empty
-        // the second time.
-        return Err(TriageError::Usage(format!(
+    // Read twice (to check it, then to send it), a pipe would be empty the
+    // second time. Asked before it is opened too: opening a named pipe
+    // waits for a writer.
+    let not_regular = || {
+        TriageError::Usage(format!(
             "{}: not a regular file (a directory, pipe or device): import reads its file twice, once to check every line; save it to a file first",
             req.file.display()
-        )));
+        ))
+    };
+    if !std::fs::metadata(req.file).map_err(io_err(req.file))?.is_file() {
+        return Err(not_regular());
+    }
+    let file = std::fs::File::open(req.file).map_err(io_err(req.file))?;
+    if !file.metadata().map_err(io_err(req.file))?.is_file() {
+        return Err(not_regular());
     }
     let stamp = Stamp::of(&file, req.file)?;
     let reading = file.try_clone().map_err(io_err(req.file))?;
+    let mut last_line = 0;
     for line in read_numbered_from(std::io::Read::take(reading, stamp.len), req.file) {
         let (n, line) = line?;
         line.to_message().map_err(|message| bad_line(req.file, n, message))?;
+        last_line = n;
     }
-    Ok(CheckedImport { filter, file, stamp })
+    Ok(CheckedImport {
+        filter,
+        file,
+        stamp,
+        last_line,
+    })
 }
 
 impl CheckedImport {
@@ -261,6 +280,7 @@ impl CheckedImport {
         let watch = FileWatch {
             file: self.file.try_clone().map_err(io_err(path))?,
             stamp: self.stamp,
+            last_line: self.last_line,
         };
         watch.unchanged(path)?;
         let mut file = self.file;
@@ -273,6 +293,7 @@ impl CheckedImport {
 struct FileWatch {
     file: std::fs::File,
     stamp: Stamp,
+    last_line: usize,
 }
 
 impl FileWatch {
@@ -285,6 +306,22 @@ impl FileWatch {
             path.display()
         )))
     }
+
+    /// Whether the file was written to while it was sent: what the import
+    /// says when it stops for it.
+    fn written_while_sent(&self, path: &Path) -> Result<Option<String>, TriageError> {
+        Ok((Stamp::of(&self.file, path)? != self.stamp).then(|| {
+            format!(
+                "{}: the file was written to while it was imported; nothing read since was sent (see resume_line; lines the journal records as imported are skipped when it is imported again)",
+                path.display()
+            )
+        }))
+    }
+}
+
+/// Keep the earliest line not sent.
+fn resume_at(s: &mut ImportSummary, line: usize) {
+    s.resume_line = Some(s.resume_line.map_or(line, |r| r.min(line)));
 }
 
 fn looks_like_address(to: &str) -> bool {
@@ -401,6 +438,8 @@ pub async fn import_checked(
     let mut batch: Vec<Line> = Vec::new();
     let mut batch_dest: Option<Destination> = None;
     let mut lines = lines.peekable();
+    // The last line read: where an import cut short by a write resumes.
+    let mut last_read = 0;
     while lines.peek().is_some() {
         if cancel.is_cancelled() {
             break;
@@ -409,17 +448,25 @@ pub async fn import_checked(
             s.stopped = ImportStop::MaxReached;
             break;
         }
-        let next = lines.next().expect("peeked");
-        // Written to in place while it is sent (a long import at a low
-        // --rate): this line may not be the one checked. What was read before
-        // the write was, and goes; nothing more does.
-        if let Err(e) = watch.unchanged(req.file) {
-            push_import_error(&mut s, e.to_string());
-            s.stopped = ImportStop::Failed;
-            s.resume_line = next.as_ref().ok().map(|(n, _)| *n);
-            break;
-        }
-        let (n, line) = next?;
+        let (n, line) = match lines.next().expect("peeked") {
+            Ok(read) => read,
+            Err(e) => {
+                // A checked line that no longer reads: the file was written
+                // to while it was sent.
+                if let Some(said) = watch.written_while_sent(req.file)? {
+                    push_import_error(&mut s, said);
+                    s.stopped = ImportStop::Failed;
+                    let at = match &e {
+                        TriageError::BadLine { line, .. } => *line,
+                        _ => last_read + 1,
+                    };
+                    resume_at(&mut s, at);
+                    break;
+                }
+                return Err(e);
+            }
+        };
+        last_read = n;
         s.read += 1;
         let mut m = line.to_message().map_err(|message| bad_line(req.file, n, message))?;
         match filter.matches(&m, now) {
@@ -487,11 +534,20 @@ pub async fn import_checked(
             continue;
         }
         if batch_dest.as_ref().is_some_and(|d| *d != dest) || batch.len() >= caps.batch_size {
+            // Written to in place while it is sent (a long import at a low
+            // --rate): lines read since may not be those checked, and none
+            // of this batch goes. Checked before each send, not each line.
+            if let Some(said) = watch.written_while_sent(req.file)? {
+                push_import_error(&mut s, said);
+                s.stopped = ImportStop::Failed;
+                resume_at(&mut s, batch[0].0);
+                batch.clear();
+                break;
+            }
             let to = batch_dest.clone().expect("a batch has a destination");
             let full = std::mem::take(&mut batch);
             if let Some(unsent) = send_import_batch(&ctx, &to, full, &mut s, &mut failed_keys).await {
-                s.resume_line = Some(unsent);
-                batch.clear();
+                resume_at(&mut s, unsent);
                 break;
             }
         }
@@ -514,12 +570,28 @@ pub async fn import_checked(
         let first = batch[0].0;
         if cancel.is_cancelled() {
             // Read but not sent: nothing new leaves after an interrupt.
-            s.resume_line.get_or_insert(first);
-        } else {
-            if let Some(unsent) = send_import_batch(&ctx, &to, batch, &mut s, &mut failed_keys).await {
-                s.resume_line.get_or_insert(unsent);
-            }
+            resume_at(&mut s, first);
+        } else if let Some(said) = watch.written_while_sent(req.file)? {
+            push_import_error(&mut s, said);
+            s.stopped = ImportStop::Failed;
+            resume_at(&mut s, first);
+        } else if let Some(unsent) = send_import_batch(&ctx, &to, batch, &mut s, &mut failed_keys).await {
+            resume_at(&mut s, unsent);
         }
+    }
+    // The end of the file came before its last checked line: cut short
+    // while it was sent (`> FILE`, a shorter save in place).
+    if s.stopped == ImportStop::EndOfFile && !cancel.is_cancelled() && last_read < watch.last_line {
+        let said = watch.written_while_sent(req.file)?.unwrap_or_else(|| {
+            format!(
+                "{}: the file ended at line {last_read}, before its last checked line {}",
+                req.file.display(),
+                watch.last_line
+            )
+        });
+        push_import_error(&mut s, said);
+        s.stopped = ImportStop::Failed;
+        resume_at(&mut s, last_read + 1);
     }
     if s.resume_line.is_none()
         && let Some(Ok((n, _))) = lines.next()
@@ -539,8 +611,9 @@ pub async fn import_checked(
         .and_then(|()| sync());
         // After a journal failure the summary is what tells the user where
         // to resume; the journal cannot take its record anyway.
-        if s.stopped != ImportStop::Failed {
-            finished?;
+        match finished {
+            Err(e) if s.stopped == ImportStop::Failed => push_import_error(&mut s, format!("journal: {e}")),
+            finished => finished?,
         }
     }
     Ok(s)
@@ -695,6 +768,7 @@ mod tests {
 
     /// Rewritten in place with the same length and its modification time
     /// set back (`cp -p`, `touch -r`): the change time still tells.
+    #[cfg(unix)]
     #[test]
     fn a_same_length_rewrite_with_the_old_mtime_is_seen() {
         let path = file(&format!("{LINE}\n"));
@@ -715,6 +789,7 @@ mod tests {
 
     /// A pipe or device would be read empty the second time (once checked,
     /// then sent): refused, naming it, before anything is asked.
+    #[cfg(unix)]
     #[test]
     fn a_file_that_is_not_regular_is_refused() {
         let registry = registry();
@@ -730,6 +805,7 @@ mod tests {
     /// A file replaced after its check (an editor's save) is refused too:
     /// the user changed what they confirmed. (Its old inode, which the
     /// check read, lost its name: that changes its change time.)
+    #[cfg(unix)]
     #[test]
     fn a_file_replaced_after_its_check_is_not_imported() {
         let path = file(&format!("{LINE}\n{LINE}\n"));
