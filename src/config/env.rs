@@ -73,14 +73,23 @@ pub(super) fn apply_override_text(tree: &mut serde_yaml::Value, key: &str, raw: 
 /// variable the user set: the one for `field` itself, or the one that set
 /// something inside it (an unknown key is reported at its parent, and
 /// `DLQ_BRIDGE__NOPE__X` was named `DLQ_BRIDGE__NOPE`, a variable nobody set).
+/// The longest override key that set a map or list holding `field`.
+pub(super) fn override_holding<'a>(overrides: &'a [(String, String)], field: &str) -> Option<&'a String> {
+    overrides
+        .iter()
+        .map(|(key, _)| key)
+        .filter(|key| field.starts_with(&format!("{key}.")) || field.starts_with(&format!("{key}[")))
+        .max_by_key(|key| key.len())
+}
+
 pub(super) fn env_error(overrides: &[(String, String)], field: &str, message: String) -> ConfigError {
-    let set = overrides.iter().map(|(key, _)| key).find(|key| {
-        *key == field
-            || key.starts_with(&format!("{field}."))
-            || field.starts_with(&format!("{key}."))
-            || field.starts_with(&format!("{key}["))
-            || field.is_empty()
-    });
+    let keys = || overrides.iter().map(|(key, _)| key);
+    // The variable for the field itself, else the nearest one that set
+    // something holding it (a whole list or map), else one inside it.
+    let set = keys()
+        .find(|key| *key == field)
+        .or_else(|| override_holding(overrides, field))
+        .or_else(|| keys().find(|key| key.starts_with(&format!("{field}.")) || field.is_empty()));
     let mut message = plain_types(&message);
     if let Some(hint) = did_you_mean(&message) {
         message.push_str(&format!("; did you mean `{hint}`?"));
@@ -140,5 +149,21 @@ mod tests {
             .to_string();
         assert!(err.contains("DLQ_BRIDGE__REDRIVE__CONCURENCY"), "{err}");
         assert!(err.contains("unknown field `concurency`"), "{err}");
+    }
+
+    /// With a map and a field inside it both set, an error at the field
+    /// names the field's own variable.
+    #[test]
+    fn the_nearest_override_is_named() {
+        let y = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let env = [
+            ("redrive".to_string(), "{hold: 5m}".to_string()),
+            ("redrive.hold".to_string(), "soon".to_string()),
+        ];
+        let err = Config::from_yaml(y, "t", &env).unwrap_err().to_string();
+        assert!(
+            err.starts_with("environment override DLQ_BRIDGE__REDRIVE__HOLD:"),
+            "{err}"
+        );
     }
 }

@@ -35,7 +35,7 @@ pub use queue::{
 pub use redrive::{MAX_CONCURRENCY, RedriveConfig, ScheduleConfig, state_dir};
 pub use serve::{AdminCallLimits, DashboardConfig, LeaderElectionConfig, ServeConfig};
 
-use env::{apply_override, apply_override_text, env_error, env_var_for};
+use env::{apply_override, apply_override_text, env_error, env_var_for, override_holding};
 use locate::{invalid, locate, locate_rule_glob, parse_located};
 use queue::{backend_names, queue_name_problem};
 
@@ -214,10 +214,12 @@ impl Config {
     /// written (or the environment override that set it).
     fn validate(&self, origin: &str, text: &str, overrides: &[(String, String)]) -> Result<(), ConfigError> {
         let err = |field: String, message: String| -> ConfigError {
-            let overridden = overrides.iter().find(|(key, _)| {
-                field == *key || field.starts_with(&format!("{key}.")) || field.starts_with(&format!("{key}["))
-            });
-            if let Some((key, _)) = overridden {
+            let overridden = overrides
+                .iter()
+                .map(|(key, _)| key)
+                .find(|key| field == **key)
+                .or_else(|| override_holding(overrides, &field));
+            if let Some(key) = overridden {
                 return ConfigError::Env {
                     var: env_var_for(key),
                     message: format!("{field}: {message}"),

@@ -440,12 +440,16 @@ pub async fn import_checked(
     let mut lines = lines.peekable();
     // The last line read: where an import cut short by a write resumes.
     let mut last_read = 0;
+    // The loop ran out of lines (no stop): the file is checked once more.
+    let mut reached_end = true;
     while lines.peek().is_some() {
         if cancel.is_cancelled() {
+            reached_end = false;
             break;
         }
         if req.max.is_some_and(|m| s.matched >= m) {
             s.stopped = ImportStop::MaxReached;
+            reached_end = false;
             break;
         }
         let (n, line) = match lines.next().expect("peeked") {
@@ -461,6 +465,11 @@ pub async fn import_checked(
                         _ => last_read + 1,
                     };
                     resume_at(&mut s, at);
+                    if let Some(first) = batch.first() {
+                        resume_at(&mut s, first.0);
+                    }
+                    batch.clear();
+                    reached_end = false;
                     break;
                 }
                 return Err(e);
@@ -533,7 +542,7 @@ pub async fn import_checked(
         if req.dry_run {
             continue;
         }
-        if batch_dest.as_ref().is_some_and(|d| *d != dest) || batch.len() >= caps.batch_size {
+        if !batch.is_empty() && (batch_dest.as_ref().is_some_and(|d| *d != dest) || batch.len() >= caps.batch_size) {
             // Written to in place while it is sent (a long import at a low
             // --rate): lines read since may not be those checked, and none
             // of this batch goes. Checked before each send, not each line.
@@ -542,12 +551,14 @@ pub async fn import_checked(
                 s.stopped = ImportStop::Failed;
                 resume_at(&mut s, batch[0].0);
                 batch.clear();
+                reached_end = false;
                 break;
             }
             let to = batch_dest.clone().expect("a batch has a destination");
             let full = std::mem::take(&mut batch);
             if let Some(unsent) = send_import_batch(&ctx, &to, full, &mut s, &mut failed_keys).await {
                 resume_at(&mut s, unsent);
+                reached_end = false;
                 break;
             }
         }
@@ -566,6 +577,34 @@ pub async fn import_checked(
         batch_dest = Some(dest);
         batch.push((n, (m.id, m.enqueued_at), o));
     }
+    // At the end, before the last batch: lines read since the last batch's
+    // check that were all skipped, and a file cut short while it was sent
+    // (`> FILE`, a shorter save in place: the end came before its last
+    // checked line). A write after the last send changes nothing sent.
+    if reached_end && s.stopped == ImportStop::EndOfFile {
+        if req.dry_run {
+            // What it counted may be of the new content: as before a send.
+            watch.unchanged(req.file)?;
+        }
+        let said = watch.written_while_sent(req.file)?.or_else(|| {
+            (last_read < watch.last_line).then(|| {
+                format!(
+                    "{}: the file ended at line {last_read}, before its last checked line {}",
+                    req.file.display(),
+                    watch.last_line
+                )
+            })
+        });
+        if let Some(said) = said {
+            push_import_error(&mut s, said);
+            s.stopped = ImportStop::Failed;
+            resume_at(&mut s, last_read + 1);
+            if let Some(first) = batch.first() {
+                resume_at(&mut s, first.0);
+            }
+            batch.clear();
+        }
+    }
     if let Some(to) = batch_dest.filter(|_| !batch.is_empty()) {
         let first = batch[0].0;
         if cancel.is_cancelled() {
@@ -578,20 +617,6 @@ pub async fn import_checked(
         } else if let Some(unsent) = send_import_batch(&ctx, &to, batch, &mut s, &mut failed_keys).await {
             resume_at(&mut s, unsent);
         }
-    }
-    // The end of the file came before its last checked line: cut short
-    // while it was sent (`> FILE`, a shorter save in place).
-    if s.stopped == ImportStop::EndOfFile && !cancel.is_cancelled() && last_read < watch.last_line {
-        let said = watch.written_while_sent(req.file)?.unwrap_or_else(|| {
-            format!(
-                "{}: the file ended at line {last_read}, before its last checked line {}",
-                req.file.display(),
-                watch.last_line
-            )
-        });
-        push_import_error(&mut s, said);
-        s.stopped = ImportStop::Failed;
-        resume_at(&mut s, last_read + 1);
     }
     if s.resume_line.is_none()
         && let Some(Ok((n, _))) = lines.next()
