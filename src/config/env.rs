@@ -69,10 +69,6 @@ pub(super) fn apply_override_text(tree: &mut serde_yaml::Value, key: &str, raw: 
     set_override(tree, key, serde_yaml::Value::String(raw.into()))
 }
 
-/// The error of a config that overrides made invalid at `field`, naming the
-/// variable the user set: the one for `field` itself, or the one that set
-/// something inside it (an unknown key is reported at its parent, and
-/// `DLQ_BRIDGE__NOPE__X` was named `DLQ_BRIDGE__NOPE`, a variable nobody set).
 /// The longest override key that set a map or list holding `field`.
 pub(super) fn override_holding<'a>(overrides: &'a [(String, String)], field: &str) -> Option<&'a String> {
     overrides
@@ -82,6 +78,11 @@ pub(super) fn override_holding<'a>(overrides: &'a [(String, String)], field: &st
         .max_by_key(|key| key.len())
 }
 
+/// The error of a config that overrides made invalid at `field`, naming the
+/// variable the user set: the one for `field` itself, the one that set
+/// something holding it, or the one that set something inside it (an unknown
+/// key is reported at its parent, and `DLQ_BRIDGE__NOPE__X` was named
+/// `DLQ_BRIDGE__NOPE`, a variable nobody set).
 pub(super) fn env_error(overrides: &[(String, String)], field: &str, message: String) -> ConfigError {
     let keys = || overrides.iter().map(|(key, _)| key);
     // The variable for the field itself, else the nearest one that set

@@ -324,6 +324,19 @@ fn resume_at(s: &mut ImportSummary, line: usize) {
     s.resume_line = Some(s.resume_line.map_or(line, |r| r.min(line)));
 }
 
+/// Stop an import whose file was written to while it was sent: nothing of
+/// `batch` goes, and it resumes after `checked_through`, the last line read
+/// before a check of the file passed.
+fn stop_for_write(s: &mut ImportSummary, said: String, checked_through: usize, batch: &mut Vec<Line>) {
+    push_import_error(s, said);
+    s.stopped = ImportStop::Failed;
+    resume_at(s, checked_through + 1);
+    if let Some(first) = batch.first() {
+        resume_at(s, first.0);
+    }
+    batch.clear();
+}
+
 fn looks_like_address(to: &str) -> bool {
     to.contains("://") || to.starts_with("arn:") || to.starts_with("projects/")
 }
@@ -376,6 +389,8 @@ pub async fn import_checked(
         Ok((plan, registry.backend(req.to).await?))
     };
     let (plan, backend) = unless_cancelled(&cancel, connect).await?;
+    // Connecting may take seconds: a write meanwhile still refuses it whole.
+    watch.unchanged(req.file)?;
     let configured = plan.to.clone().or_else(|| plan.fallback_source.clone());
     let caps = backend.capabilities();
     let limiter = req
@@ -438,8 +453,11 @@ pub async fn import_checked(
     let mut batch: Vec<Line> = Vec::new();
     let mut batch_dest: Option<Destination> = None;
     let mut lines = lines.peekable();
-    // The last line read: where an import cut short by a write resumes.
+    // The last line read, and the last read before a check of the file
+    // passed: an import stopped by a write resumes after the latter (lines
+    // read since may be of the new content, sent or skipped for it).
     let mut last_read = 0;
+    let mut checked_through = 0;
     // The loop ran out of lines (no stop): the file is checked once more.
     let mut reached_end = true;
     while lines.peek().is_some() {
@@ -457,18 +475,11 @@ pub async fn import_checked(
             Err(e) => {
                 // A checked line that no longer reads: the file was written
                 // to while it was sent.
+                if req.dry_run {
+                    watch.unchanged(req.file)?;
+                }
                 if let Some(said) = watch.written_while_sent(req.file)? {
-                    push_import_error(&mut s, said);
-                    s.stopped = ImportStop::Failed;
-                    let at = match &e {
-                        TriageError::BadLine { line, .. } => *line,
-                        _ => last_read + 1,
-                    };
-                    resume_at(&mut s, at);
-                    if let Some(first) = batch.first() {
-                        resume_at(&mut s, first.0);
-                    }
-                    batch.clear();
+                    stop_for_write(&mut s, said, checked_through, &mut batch);
                     reached_end = false;
                     break;
                 }
@@ -477,7 +488,20 @@ pub async fn import_checked(
         };
         last_read = n;
         s.read += 1;
-        let mut m = line.to_message().map_err(|message| bad_line(req.file, n, message))?;
+        let mut m = match line.to_message() {
+            Ok(m) => m,
+            Err(message) => {
+                if req.dry_run {
+                    watch.unchanged(req.file)?;
+                }
+                if let Some(said) = watch.written_while_sent(req.file)? {
+                    stop_for_write(&mut s, said, checked_through, &mut batch);
+                    reached_end = false;
+                    break;
+                }
+                return Err(bad_line(req.file, n, message));
+            }
+        };
         match filter.matches(&m, now) {
             Ok(true) => {}
             Ok(false) => continue,
@@ -547,13 +571,12 @@ pub async fn import_checked(
             // --rate): lines read since may not be those checked, and none
             // of this batch goes. Checked before each send, not each line.
             if let Some(said) = watch.written_while_sent(req.file)? {
-                push_import_error(&mut s, said);
-                s.stopped = ImportStop::Failed;
-                resume_at(&mut s, batch[0].0);
-                batch.clear();
+                stop_for_write(&mut s, said, checked_through, &mut batch);
                 reached_end = false;
                 break;
             }
+            // Line `n`, read before this check, is of the checked content.
+            checked_through = n;
             let to = batch_dest.clone().expect("a batch has a destination");
             let full = std::mem::take(&mut batch);
             if let Some(unsent) = send_import_batch(&ctx, &to, full, &mut s, &mut failed_keys).await {
@@ -581,11 +604,12 @@ pub async fn import_checked(
     // check that were all skipped, and a file cut short while it was sent
     // (`> FILE`, a shorter save in place: the end came before its last
     // checked line). A write after the last send changes nothing sent.
+    if req.dry_run {
+        // What it counted may be of the new content: refused as before a
+        // send, whatever ended the loop.
+        watch.unchanged(req.file)?;
+    }
     if reached_end && s.stopped == ImportStop::EndOfFile {
-        if req.dry_run {
-            // What it counted may be of the new content: as before a send.
-            watch.unchanged(req.file)?;
-        }
         let said = watch.written_while_sent(req.file)?.or_else(|| {
             (last_read < watch.last_line).then(|| {
                 format!(
@@ -596,13 +620,7 @@ pub async fn import_checked(
             })
         });
         if let Some(said) = said {
-            push_import_error(&mut s, said);
-            s.stopped = ImportStop::Failed;
-            resume_at(&mut s, last_read + 1);
-            if let Some(first) = batch.first() {
-                resume_at(&mut s, first.0);
-            }
-            batch.clear();
+            stop_for_write(&mut s, said, checked_through, &mut batch);
         }
     }
     if let Some(to) = batch_dest.filter(|_| !batch.is_empty()) {
@@ -611,17 +629,19 @@ pub async fn import_checked(
             // Read but not sent: nothing new leaves after an interrupt.
             resume_at(&mut s, first);
         } else if let Some(said) = watch.written_while_sent(req.file)? {
-            push_import_error(&mut s, said);
-            s.stopped = ImportStop::Failed;
-            resume_at(&mut s, first);
+            stop_for_write(&mut s, said, checked_through, &mut batch);
         } else if let Some(unsent) = send_import_batch(&ctx, &to, batch, &mut s, &mut failed_keys).await {
             resume_at(&mut s, unsent);
         }
     }
-    if s.resume_line.is_none()
-        && let Some(Ok((n, _))) = lines.next()
-    {
-        s.resume_line = Some(n);
+    if s.resume_line.is_none() {
+        match lines.next() {
+            Some(Ok((n, _))) => s.resume_line = Some(n),
+            // Unread after an interrupt or --max: still where to go on.
+            Some(Err(TriageError::BadLine { line, .. })) => s.resume_line = Some(line),
+            Some(Err(_)) => s.resume_line = Some(last_read + 1),
+            None => {}
+        }
     }
     s.interrupted = cancel.is_cancelled() && s.resume_line.is_some();
     if s.interrupted && s.stopped != ImportStop::Failed {
@@ -634,11 +654,14 @@ pub async fn import_checked(
             summary: serde_json::to_value(&s).expect("summary serializes"),
         })
         .and_then(|()| sync());
-        // After a journal failure the summary is what tells the user where
-        // to resume; the journal cannot take its record anyway.
-        match finished {
-            Err(e) if s.stopped == ImportStop::Failed => push_import_error(&mut s, format!("journal: {e}")),
-            finished => finished?,
+        // The summary is what tells the user what was sent and where to
+        // resume: kept (exit 1) when the journal cannot take its end.
+        if let Err(e) = finished {
+            push_import_error(
+                &mut s,
+                format!("journal: {e} (the journal does not hold this import's end; `runs` shows it unfinished)"),
+            );
+            s.stopped = ImportStop::Failed;
         }
     }
     Ok(s)
