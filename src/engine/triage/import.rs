@@ -470,7 +470,11 @@ pub async fn import_checked(
             reached_end = false;
             break;
         }
-        let (n, line) = match lines.next().expect("peeked") {
+        let read = lines.next().expect("peeked").and_then(|(n, line)| {
+            let m = line.to_message().map_err(|message| bad_line(req.file, n, message))?;
+            Ok((n, line, m))
+        });
+        let (n, line, mut m) = match read {
             Ok(read) => read,
             Err(e) => {
                 // A checked line that no longer reads: the file was written
@@ -488,20 +492,6 @@ pub async fn import_checked(
         };
         last_read = n;
         s.read += 1;
-        let mut m = match line.to_message() {
-            Ok(m) => m,
-            Err(message) => {
-                if req.dry_run {
-                    watch.unchanged(req.file)?;
-                }
-                if let Some(said) = watch.written_while_sent(req.file)? {
-                    stop_for_write(&mut s, said, checked_through, &mut batch);
-                    reached_end = false;
-                    break;
-                }
-                return Err(bad_line(req.file, n, message));
-            }
-        };
         match filter.matches(&m, now) {
             Ok(true) => {}
             Ok(false) => continue,
