@@ -187,9 +187,7 @@ pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend, dest: &Destination)
 pub struct CheckedImport {
     filter: Filter,
     file: std::fs::File,
-    stamp: Stamp,
-    /// The number of the file's last line that holds a message.
-    last_line: usize,
+    watch: FileWatch,
 }
 
 /// What changes when a file is written to: its length, its modification
@@ -263,12 +261,12 @@ pub fn check_import(registry: &Registry, req: &ImportRequest<'_>) -> Result<Chec
         line.to_message().map_err(|message| bad_line(req.file, n, message))?;
         last_line = n;
     }
-    Ok(CheckedImport {
-        filter,
-        file,
+    let watch = FileWatch {
+        file: file.try_clone().map_err(io_err(req.file))?,
         stamp,
         last_line,
-    })
+    };
+    Ok(CheckedImport { filter, file, watch })
 }
 
 impl CheckedImport {
@@ -277,15 +275,15 @@ impl CheckedImport {
     /// checked.
     fn rewound(self, path: &Path) -> Result<(Filter, impl std::io::Read, FileWatch), TriageError> {
         use std::io::Seek as _;
-        let watch = FileWatch {
-            file: self.file.try_clone().map_err(io_err(path))?,
-            stamp: self.stamp,
-            last_line: self.last_line,
-        };
+        let Self {
+            filter,
+            mut file,
+            watch,
+        } = self;
         watch.unchanged(path)?;
-        let mut file = self.file;
         file.rewind().map_err(io_err(path))?;
-        Ok((self.filter, std::io::Read::take(file, self.stamp.len), watch))
+        let checked = std::io::Read::take(file, watch.stamp.len);
+        Ok((filter, checked, watch))
     }
 }
 
@@ -293,12 +291,18 @@ impl CheckedImport {
 struct FileWatch {
     file: std::fs::File,
     stamp: Stamp,
+    /// The number of the file's last line that holds a message.
     last_line: usize,
 }
 
 impl FileWatch {
+    fn changed(&self, path: &Path) -> Result<bool, TriageError> {
+        Ok(Stamp::of(&self.file, path)? != self.stamp)
+    }
+
+    /// Refused (exit 2) if the file changed before anything was sent.
     fn unchanged(&self, path: &Path) -> Result<(), TriageError> {
-        if Stamp::of(&self.file, path)? == self.stamp {
+        if !self.changed(path)? {
             return Ok(());
         }
         Err(TriageError::Usage(format!(
@@ -310,7 +314,7 @@ impl FileWatch {
     /// Whether the file was written to while it was sent: what the import
     /// says when it stops for it.
     fn written_while_sent(&self, path: &Path) -> Result<Option<String>, TriageError> {
-        Ok((Stamp::of(&self.file, path)? != self.stamp).then(|| {
+        Ok(self.changed(path)?.then(|| {
             format!(
                 "{}: the file was written to while it was imported; nothing read since was sent (see resume_line; lines the journal records as imported are skipped when it is imported again)",
                 path.display()
