@@ -582,3 +582,79 @@ async fn a_match_with_no_destination_holds_back_the_rest_of_its_ordering_key() {
     assert_eq!(arrived, [b"other".to_vec()]);
     assert_eq!(f.dlq_count().await, 2);
 }
+
+/// Google's endpoints are trusted as SQS's are: a private CA (a private
+/// endpoint, a TLS-inspecting proxy) is trusted once SSL_CERT_FILE names it,
+/// and an endpoint can carry a port. Here a TLS terminator with a test CA
+/// stands in front of the emulator, and the CLI talks to it as to Google's
+/// endpoint: TLS, and a bearer token from a service account's key.
+#[tokio::test]
+async fn a_private_ca_named_by_ssl_cert_file_is_trusted_on_a_google_endpoint() {
+    let f = PubSubFixture::create(false).await;
+    f.dead_letter(&[failing(1), failing(2), failing(3)]).await;
+    let tls = common::tls::TlsTerminator::start(&f.host).await;
+    let dir = std::env::temp_dir().join(common::unique("dlqb-pubsub-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &tls.ca_pem).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "queues:\n  - name: dlq\n    pubsub:\n      project: {}\n      subscription: {DLQ_SUB}\n      endpoint: {}\n",
+            f.project, tls.endpoint
+        ),
+    )
+    .unwrap();
+    let key = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pubsub/service-account.json");
+    let redrive = |ca_file: Option<&std::path::Path>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dlq-bridge"));
+        cmd.arg("-c")
+            .arg(&config)
+            .args(["redrive", "dlq", "--yes", "--no-journal"])
+            .env_remove("PUBSUB_EMULATOR_HOST")
+            .env_remove("SSL_CERT_DIR")
+            .env_remove("SSL_CERT_FILE")
+            .env("GOOGLE_APPLICATION_CREDENTIALS", &key);
+        if let Some(ca_file) = ca_file {
+            cmd.env("SSL_CERT_FILE", ca_file);
+        }
+        async move {
+            let out = cmd.output().await.expect("run dlq-bridge");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.code(), text)
+        }
+    };
+
+    // The system's CAs do not know the test CA: refused, with the remedy.
+    let (code, out) = redrive(None).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "TLS with {} failed: its certificate is not trusted",
+            tls.endpoint
+        )),
+        "{out}"
+    );
+    assert!(out.contains("set SSL_CERT_FILE"), "{out}");
+    assert_eq!(f.dlq_count().await, 3, "nothing moved");
+
+    // A bundle that cannot be read is named, not skipped for other CAs.
+    let missing = dir.join("no-such-bundle.pem");
+    let (code, out) = redrive(Some(&missing)).await;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains(&format!("SSL_CERT_FILE={}", missing.display())), "{out}");
+    assert_eq!(f.dlq_count().await, 3, "nothing moved");
+
+    // Trusted: every message goes back to its source over TLS.
+    let (code, out) = redrive(Some(&ca)).await;
+    assert_eq!(code, Some(0), "{out}");
+    let arrived = f.drain_source().await;
+    assert_eq!(arrived.len(), 3, "{out}");
+    assert_eq!(f.dlq_count().await, 0, "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -51,7 +51,7 @@ pub enum BackendError {
     Unreachable { endpoint: String, detail: String },
     /// Reached, but its TLS certificate was refused (see [`BackendError::unreachable`]).
     #[error(
-        "TLS with {endpoint} failed: its certificate is not trusted ({reason}). If this is the right endpoint, set SSL_CERT_FILE to a PEM file that holds its CA certificate (SQS, Service Bus, alert sinks; Pub/Sub trusts only the public CAs built into dlq-bridge)"
+        "TLS with {endpoint} failed: its certificate is not trusted ({reason}). If this is the right endpoint, set SSL_CERT_FILE to a PEM file that holds its CA certificate"
     )]
     Tls {
         endpoint: String,

@@ -114,7 +114,9 @@
 //! once as unreachable; every other queue on the same endpoint (emulator host,
 //! or Google's) shares them. gcloud-pubsub's `SubscriberClient` is not used:
 //! it wants a third pool for StreamingPull, which a redrive never sends, and
-//! a sidecar would hold its connection for nothing.
+//! a sidecar would hold its connection for nothing. The channels are the
+//! adapter's own too ([`channel`]): Google's endpoints are trusted as SQS's
+//! are (`SSL_CERT_FILE`, else the system's CAs), and may carry a port.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -123,7 +125,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use gcloud_gax::conn::{ConnectionOptions, Environment};
 use gcloud_gax::grpc::{Code, Request, Status};
 use gcloud_gax::retry::{MapErr, RetrySetting, invoke};
 use gcloud_googleapis::pubsub::v1::publisher_client::PublisherClient as RawPublisherClient;
@@ -132,19 +133,22 @@ use gcloud_googleapis::pubsub::v1::{
     AcknowledgeRequest, GetSubscriptionRequest, GetTopicRequest, ListSubscriptionsRequest, ModifyAckDeadlineRequest,
     PublishRequest, PublishResponse, PubsubMessage, PullRequest, ReceivedMessage, Subscription,
 };
-use gcloud_pubsub::apiv1::conn_pool::{AUDIENCE, ConnectionManager, PUBSUB, SCOPES};
+use gcloud_pubsub::apiv1::conn_pool::{AUDIENCE, PUBSUB, SCOPES};
 use gcloud_pubsub::client::google_cloud_auth;
 use google_cloud_auth::project::Config as AuthConfig;
 use google_cloud_auth::token::DefaultTokenSourceProvider;
 use token_source::{TokenSource, TokenSourceProvider};
 use tokio::sync::{Mutex, OnceCell, watch};
 
+use self::channel::{Channel, Dial, Dialer, Pool};
 use super::{BackendError, Capabilities, OrderGate, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
 use crate::config::{PubSubQueueConfig, QueueConfig};
 use crate::model::{
     Attribute, Attributes, Destination, DlqMessage, DlqStats, Exactness, LeaseId, Leased, Outgoing, Properties,
     SendResult, SettleResult,
 };
+
+mod channel;
 
 const PROVIDER: &str = "Pub/Sub";
 /// Messages per send batch, and per lease until the engine knows how large
@@ -249,7 +253,7 @@ struct Conns {
     /// Publishes and pulls go through the generated clients on this pool:
     /// gcloud-pubsub keeps its own publisher client private to its background
     /// publisher, and a pull needs a server-side deadline.
-    rpc_cm: ConnectionManager,
+    rpc_cm: Pool,
     monitoring_token: OnceCell<Arc<dyn TokenSource>>,
 }
 
@@ -371,42 +375,31 @@ impl Conns {
     /// Open the channels; a stopped emulator is reported here, within the
     /// 3 s connect timeout.
     async fn open(target: &Target) -> Result<Arc<Self>> {
-        let options = ConnectionOptions {
-            timeout: Some(Duration::from_secs(60)),
-            connect_timeout: Some(Duration::from_secs(3)),
-            ..Default::default()
-        };
-        let (endpoint, pool) = match target {
-            Target::Emulator(h) => (h.clone(), 1),
-            Target::Google(host) => (host.clone(), 2),
-        };
-        let env = match target {
-            Target::Emulator(h) => Environment::Emulator(h.clone()),
-            // The token's audience is the service's, whichever host serves it.
-            Target::Google(_) => Environment::GoogleCloud(Box::new(
-                DefaultTokenSourceProvider::new(AuthConfig::default().with_audience(AUDIENCE).with_scopes(&SCOPES))
-                    .await
-                    .map_err(|e| BackendError::Auth {
-                        provider: PROVIDER,
-                        detail: format!("no Application Default Credentials: {e}"),
-                    })?,
-            )),
-        };
-        let cm = |pool: usize| {
-            let env = &env;
-            let options = &options;
-            let endpoint = &endpoint;
-            async move {
-                ConnectionManager::new(pool, endpoint, env, options)
-                    .await
-                    .map_err(|e| connect_error(endpoint, e))
+        let (dial, endpoint, pool) = match target {
+            Target::Emulator(h) => (Dial::Emulator(h), h, 1),
+            Target::Google(host) => {
+                // The token's audience is the service's, whichever host serves it.
+                let provider =
+                    DefaultTokenSourceProvider::new(AuthConfig::default().with_audience(AUDIENCE).with_scopes(&SCOPES))
+                        .await
+                        .map_err(|e| BackendError::Auth {
+                            provider: PROVIDER,
+                            detail: format!("no Application Default Credentials: {e}"),
+                        })?;
+                let tokens = provider.token_source();
+                (Dial::Google { host, tokens }, host, 2)
             }
+        };
+        let dialer = Dialer::new(dial)?;
+        let open = |size: usize| {
+            let dialer = &dialer;
+            async move { dialer.open(size).await.map_err(|e| connect_error(endpoint, e)) }
         };
         // Concurrently: each channel is a TCP (and on Google's endpoint a TLS)
         // handshake, round trips a redrive would otherwise wait for in turn.
         // Acks and deadline changes have a pool of their own, so that they
         // never queue behind pulls of large bodies on one connection.
-        let (rpc_cm, sub_cm) = tokio::try_join!(cm(pool), cm(pool))?;
+        let (rpc_cm, sub_cm) = tokio::try_join!(open(pool), open(pool))?;
         Ok(Arc::new(Self {
             subc: Subscriber(Arc::new(sub_cm)),
             rpc_cm,
@@ -419,12 +412,12 @@ impl Conns {
 /// deadline and retried as gcloud-pubsub's own client retries them (gax's
 /// default: UNAVAILABLE, UNKNOWN and ABORTED, five tries).
 #[derive(Clone)]
-struct Subscriber(Arc<ConnectionManager>);
+struct Subscriber(Arc<Pool>);
 
 impl Subscriber {
     async fn call<T, F, Fut>(&self, call: F) -> std::result::Result<T, Status>
     where
-        F: Fn(RawSubscriberClient<gcloud_gax::conn::Channel>) -> Fut,
+        F: Fn(RawSubscriberClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
         invoke(None::<RetrySetting>, || async {
@@ -577,7 +570,7 @@ impl<M: prost::Message + Default + Clone> prost::Message for Shared<M> {
 /// clients make theirs (the same path and method extension).
 /// `max_message`: the largest request and answer, when over tonic's 4 MB.
 async fn unary<M, R>(
-    channel: gcloud_gax::conn::Channel,
+    channel: Channel,
     rpc: Rpc,
     mut request: Request<Shared<M>>,
     max_message: Option<usize>,
@@ -760,7 +753,7 @@ impl PubSubBackend {
         }
     }
 
-    fn publisher(&self) -> RawPublisherClient<gcloud_gax::conn::Channel> {
+    fn publisher(&self) -> RawPublisherClient<Channel> {
         RawPublisherClient::new(self.conns.rpc_cm.conn())
     }
 

@@ -595,12 +595,23 @@ const MIN_SCHEDULE_EVERY: Duration = Duration::from_secs(1);
 /// it) well within it.
 const MIN_LEASE_DURATION: Duration = Duration::from_secs(2);
 
-/// What is wrong with a Pub/Sub `endpoint`, which is a host name: the
-/// channel adds `https://` and the port itself.
-fn pubsub_endpoint_problem(host: &str) -> Option<String> {
-    if host.contains("://") {
+/// What is wrong with a Pub/Sub `endpoint`, a host name with an optional
+/// port: the channel adds `https://` (and 443 when no port is given).
+fn pubsub_endpoint_problem(endpoint: &str) -> Option<String> {
+    if endpoint.contains("://") {
         return Some(format!(
-            "`{host}` is a URL: give the host name only (e.g. `us-east1-pubsub.googleapis.com`)"
+            "`{endpoint}` is a URL: give the host name only (e.g. `us-east1-pubsub.googleapis.com`)"
+        ));
+    }
+    let (host, port) = match endpoint.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (endpoint, None),
+    };
+    if let Some(port) = port
+        && !port.parse::<u16>().is_ok_and(|p| p > 0)
+    {
+        return Some(format!(
+            "`{endpoint}`: the port `{port}` is not a number from 1 to 65535"
         ));
     }
     let valid = !host.is_empty()
@@ -608,7 +619,9 @@ fn pubsub_endpoint_problem(host: &str) -> Option<String> {
             .split('.')
             .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
     (!valid).then(|| {
-        format!("`{host}` is not a host name (e.g. `us-east1-pubsub.googleapis.com`; letters, digits, `-` and dots)")
+        format!(
+            "`{endpoint}` is not a host name, with an optional port (e.g. `us-east1-pubsub.googleapis.com`; letters, digits, `-` and dots)"
+        )
     })
 }
 
@@ -647,12 +660,19 @@ mod tests {
             panic!("a Pub/Sub queue")
         };
         assert_eq!(ps.endpoint.as_deref(), Some("us-east1-pubsub.googleapis.com"));
+        let c = with("pubsub.internal.example:8443").unwrap();
+        let QueueKind::PubSub(ps) = &c.queues[0].kind else {
+            panic!("a Pub/Sub queue")
+        };
+        assert_eq!(ps.endpoint.as_deref(), Some("pubsub.internal.example:8443"));
         for (bad, says) in [
             (
                 "https://us-east1-pubsub.googleapis.com",
                 "is a URL: give the host name only",
             ),
-            ("pubsub.googleapis.com:443", "is not a host name"),
+            ("pubsub.googleapis.com:0", "the port `0` is not a number"),
+            ("pubsub.googleapis.com:https", "the port `https` is not a number"),
+            ("[::1]:443", "is not a host name"),
             ("", "is not a host name"),
             ("a..b", "is not a host name"),
         ] {

@@ -186,7 +186,9 @@ pub struct PubSubQueueConfig {
     /// policy enforces regions in transit refuses publishes and pulls that
     /// reach another region (FAILED_PRECONDITION), and ordering keys are
     /// kept only for messages published in one region. Default: the global
-    /// `pubsub.googleapis.com`. A host name only, always over TLS.
+    /// `pubsub.googleapis.com`. A host name, with `:port` when it is not 443
+    /// (a private endpoint behind a proxy); always over TLS, trusting the CAs
+    /// of SSL_CERT_FILE when set, else the system's.
     #[serde(default)]
     pub endpoint: Option<String>,
     /// Opt-in targeted redrive. When set, every redriven copy carries this

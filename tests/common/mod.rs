@@ -13,6 +13,7 @@ pub mod serve;
 pub mod servicebus;
 #[cfg(feature = "sqs")]
 pub mod sqs;
+pub mod tls;
 pub mod webdriver;
 
 use std::sync::Arc;
