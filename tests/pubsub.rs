@@ -643,6 +643,20 @@ async fn a_private_ca_named_by_ssl_cert_file_is_trusted_on_a_google_endpoint() {
     assert!(out.contains("set SSL_CERT_FILE"), "{out}");
     assert_eq!(f.dlq_count().await, 3, "nothing moved");
 
+    // A bundle without the issuer: the remedy says so.
+    let other = dir.join("other-ca.pem");
+    std::fs::write(&other, common::tls::unrelated_ca_pem()).unwrap();
+    let (code, out) = redrive(Some(&other)).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "SSL_CERT_FILE names {}, which holds no CA that issued it",
+            other.display()
+        )),
+        "{out}"
+    );
+    assert_eq!(f.dlq_count().await, 3, "nothing moved");
+
     // A bundle that cannot be read is named, not skipped for other CAs.
     let missing = dir.join("no-such-bundle.pem");
     let (code, out) = redrive(Some(&missing)).await;

@@ -50,8 +50,12 @@ pub enum BackendError {
     #[error("cannot reach {endpoint}: {detail} (is the service or emulator running?)")]
     Unreachable { endpoint: String, detail: String },
     /// Reached, but its TLS certificate was refused (see [`BackendError::unreachable`]).
+    /// What to do about it depends on the reason, and on whether
+    /// SSL_CERT_FILE already names a bundle: read when the error is shown,
+    /// so that the error stays small (it rides in every backend `Result`).
     #[error(
-        "TLS with {endpoint} failed: its certificate is not trusted ({reason}). If this is the right endpoint, set SSL_CERT_FILE to a PEM file that holds its CA certificate"
+        "TLS with {endpoint} failed: its certificate is not trusted ({reason}). {}",
+        tls_remedy(reason, std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()))
     )]
     Tls {
         endpoint: String,
@@ -207,25 +211,48 @@ impl BackendError {
     }
 }
 
+const SELF_SIGNED: &str = "it is self-signed";
+const UNKNOWN_ISSUER: &str = "its issuer is not a trusted CA";
+const EXPIRED: &str = "it has expired";
+const OTHER_NAME: &str = "it does not name this host";
+const FAILED: &str = "it failed verification";
+
+/// What to do about a refused certificate. A CA bundle helps only when the
+/// issuer is the problem; when `SSL_CERT_FILE` is already set, the bundle
+/// it names lacks the issuer (every backend reads it, so it replaced the
+/// system's CAs).
+fn tls_remedy(reason: &str, ssl_cert_file: Option<std::ffi::OsString>) -> String {
+    match reason {
+        EXPIRED => "The endpoint must serve a certificate that is valid now (check this machine's clock too)".into(),
+        OTHER_NAME => "Check the endpoint's host name: the certificate was issued for another one".into(),
+        _ => match ssl_cert_file {
+            Some(file) => format!(
+                "SSL_CERT_FILE names {}, which holds no CA that issued it: if this is the right endpoint, add its CA certificate to that file",
+                std::path::Path::new(&file).display()
+            ),
+            None => {
+                "If this is the right endpoint, set SSL_CERT_FILE to a PEM file that holds its CA certificate".into()
+            }
+        },
+    }
+}
+
 /// Why a TLS library refused a server's certificate, read from its error
 /// text (OpenSSL through native-tls for AMQP, rustls for HTTP and gRPC);
 /// None when the text is not such a refusal.
 fn untrusted_certificate(text: &str) -> Option<&'static str> {
     const SIGNS: &[(&str, &str)] = &[
-        ("self-signed certificate", "it is self-signed"),
-        ("self signed certificate", "it is self-signed"),
-        (
-            "unable to get local issuer certificate",
-            "its issuer is not a trusted CA",
-        ),
-        ("unknownissuer", "its issuer is not a trusted CA"),
-        ("certificate has expired", "it has expired"),
-        ("invalid peer certificate: expired", "it has expired"),
-        ("hostname mismatch", "it does not name this host"),
-        ("ip address mismatch", "it does not name this host"),
-        ("notvalidforname", "it does not name this host"),
-        ("certificate verify failed", "it failed verification"),
-        ("invalid peer certificate", "it failed verification"),
+        ("self-signed certificate", SELF_SIGNED),
+        ("self signed certificate", SELF_SIGNED),
+        ("unable to get local issuer certificate", UNKNOWN_ISSUER),
+        ("unknownissuer", UNKNOWN_ISSUER),
+        ("certificate has expired", EXPIRED),
+        ("invalid peer certificate: expired", EXPIRED),
+        ("hostname mismatch", OTHER_NAME),
+        ("ip address mismatch", OTHER_NAME),
+        ("notvalidforname", OTHER_NAME),
+        ("certificate verify failed", FAILED),
+        ("invalid peer certificate", FAILED),
     ];
     let lower = text.to_ascii_lowercase();
     SIGNS
@@ -627,5 +654,24 @@ mod tests {
             "{tls}"
         );
         assert!(tls.contains("SSL_CERT_FILE"), "{tls}");
+    }
+
+    #[test]
+    fn the_remedy_for_a_refused_certificate_fits_its_reason() {
+        let bundle = Some(std::ffi::OsString::from("/etc/ca/bundle.pem"));
+        for reason in [SELF_SIGNED, UNKNOWN_ISSUER, FAILED] {
+            assert!(tls_remedy(reason, None).contains("set SSL_CERT_FILE to a PEM file"));
+            let named = tls_remedy(reason, bundle.clone());
+            assert!(
+                named.contains("SSL_CERT_FILE names /etc/ca/bundle.pem, which holds no CA that issued it"),
+                "{named}"
+            );
+        }
+        for (reason, says) in [(EXPIRED, "valid now"), (OTHER_NAME, "issued for another one")] {
+            for file in [None, bundle.clone()] {
+                let remedy = tls_remedy(reason, file);
+                assert!(remedy.contains(says) && !remedy.contains("SSL_CERT_FILE"), "{remedy}");
+            }
+        }
     }
 }

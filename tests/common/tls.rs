@@ -24,6 +24,14 @@ impl Drop for TlsTerminator {
     }
 }
 
+/// A CA of its own, that issued nothing the terminator serves.
+pub fn unrelated_ca_pem() -> String {
+    let key = KeyPair::generate().expect("CA key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.self_signed(&key).expect("CA certificate").pem()
+}
+
 impl TlsTerminator {
     /// Accepts TLS (ALPN `h2`, for gRPC) and relays each connection, as
     /// bytes, to `upstream` (`host:port`).
