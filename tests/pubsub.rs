@@ -583,8 +583,8 @@ async fn a_match_with_no_destination_holds_back_the_rest_of_its_ordering_key() {
     assert_eq!(f.dlq_count().await, 2);
 }
 
-/// Google's endpoints are trusted as SQS's are: a private CA (a private
-/// endpoint, a TLS-inspecting proxy) is trusted once SSL_CERT_FILE names it,
+/// Google's endpoints read SSL_CERT_FILE, as the other backends do: a private
+/// CA (a private endpoint, a TLS-inspecting proxy) is trusted once it names it,
 /// and an endpoint can carry a port. Here a TLS terminator with a test CA
 /// stands in front of the emulator, and the CLI talks to it as to Google's
 /// endpoint: TLS, and a bearer token from a service account's key.

@@ -117,6 +117,8 @@
 //! a sidecar would hold its connection for nothing. The channels are the
 //! adapter's own too ([`channel`]): Google's endpoints are trusted as SQS's
 //! are (`SSL_CERT_FILE`, else the system's CAs), and may carry a port.
+//! Cloud Monitoring (depth and age on GCP) is always
+//! `monitoring.googleapis.com`, whatever the endpoint.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -625,7 +627,7 @@ fn short_name(name: &str) -> &str {
 }
 
 fn connect_error(endpoint: &str, e: impl std::error::Error + 'static) -> BackendError {
-    // "tonic error : transport error" says little; the innermost cause says
+    // "transport error" says little; the innermost cause says
     // what happened (connection refused, DNS, TLS).
     let (top, root) = (e.to_string(), super::root_cause(&e));
     BackendError::unreachable(endpoint, if root == top { top } else { format!("{top}: {root}") })

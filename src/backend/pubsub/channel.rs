@@ -3,11 +3,13 @@
 //! gcloud-gax's `ConnectionManager` is not used. It builds its TLS on the
 //! public CAs compiled into webpki-roots alone, so a private CA (a
 //! TLS-inspecting proxy, a private endpoint's own certificate) could not be
-//! trusted, as it can be for SQS and Service Bus; and it always dials port
-//! 443. Here Google's endpoints are trusted as the other backends trust
-//! theirs: the CAs of `SSL_CERT_FILE` / `SSL_CERT_DIR` when either is set,
-//! else the system's store, else (an image without one) the public CAs built
-//! in. The bearer token goes on every call, as gcloud-gax puts it.
+//! trusted, as it can be for SQS and Service Bus; and it takes the TLS name
+//! from the whole endpoint, so `host:port` could not be verified. Here
+//! Google's endpoints read the variables the other backends read: the CAs of
+//! `SSL_CERT_FILE` / `SSL_CERT_DIR` when either is set, else the system's
+//! store. Unlike SQS's client, which then has no CA at all, an image without
+//! a store falls back to the public CAs built in. The bearer token goes on
+//! every call, as gcloud-gax puts it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,11 +49,14 @@ impl AsyncPredicate<Request<Body>> for Auth {
         };
         Box::pin(async move {
             // The token source's own words may quote the credentials file's
-            // path, never its key: it is safe to pass on.
-            let token = tokens
-                .token()
-                .await
-                .map_err(|e| Status::new(Code::Unauthenticated, format!("no access token: {e}")))?;
+            // path, never its key: it is safe to pass on, with the innermost
+            // cause (a metadata server that refused, a DNS failure), which
+            // its own message leaves out.
+            let token = tokens.token().await.map_err(|e| {
+                let (top, root) = (e.to_string(), super::super::root_cause(&*e));
+                let why = if root == top { top } else { format!("{top}: {root}") };
+                Status::new(Code::Unauthenticated, format!("no access token: {why}"))
+            })?;
             let value = HeaderValue::from_str(&token)
                 .map_err(|_| Status::new(Code::Unauthenticated, "the access token is not a valid header value"))?;
             let (mut parts, body) = request.into_parts();
@@ -97,18 +102,19 @@ impl Dialer {
         let (endpoint, auth) = match dial {
             Dial::Emulator(host) => {
                 let endpoint = Endpoint::from_shared(format!("http://{host}"))
-                    .map_err(|e| BackendError::Invalid(format!("Pub/Sub emulator host `{host}`: {e}")))?;
+                    .map_err(|e| invalid(format!("Pub/Sub emulator host `{host}`"), &e))?;
                 (endpoint, Auth(None))
             }
             Dial::Google { host, tokens } => {
                 let endpoint = Endpoint::from_shared(format!("https://{host}/"))
-                    .map_err(|e| BackendError::Invalid(format!("Pub/Sub endpoint `{host}`: {e}")))?;
-                // The certificate names the host, not the port.
+                    .map_err(|e| invalid(format!("Pub/Sub endpoint `{host}`"), &e))?;
+                // The certificate names the host, not the port (the config
+                // takes no IPv6 literal, whose colons would be cut here).
                 let domain = host.rsplit_once(':').map_or(host, |(name, _)| name);
                 let tls = trusted_cas()?.domain_name(domain);
                 let endpoint = endpoint
                     .tls_config(tls)
-                    .map_err(|e| BackendError::Invalid(format!("TLS for the Pub/Sub endpoint `{host}`: {e}")))?;
+                    .map_err(|e| invalid(format!("TLS for the Pub/Sub endpoint `{host}`"), &e))?;
                 (endpoint, Auth(Some(tokens)))
             }
         };
@@ -132,46 +138,153 @@ impl Dialer {
     }
 }
 
+/// A setting that cannot be used, with tonic's innermost cause ("invalid
+/// URI" alone says nothing of what is wrong with it).
+fn invalid(what: String, e: &(dyn std::error::Error + 'static)) -> BackendError {
+    let (top, root) = (e.to_string(), super::super::root_cause(e));
+    let why = if root == top { top } else { format!("{top}: {root}") };
+    BackendError::Invalid(format!("{what}: {why}"))
+}
+
 /// The variables that replace the system's CA store, as OpenSSL and
 /// rustls-native-certs (which SQS's client and the alert sinks use) read them.
 const CA_VARIABLES: [&str; 2] = ["SSL_CERT_FILE", "SSL_CERT_DIR"];
 
-/// The CAs Google's endpoints are checked against (see the module's comment).
+/// The CAs Google's endpoints are checked against (see the module's
+/// comment), read once: the decision and the roots it trusts are the same.
 fn trusted_cas() -> Result<ClientTlsConfig, BackendError> {
-    let set: Vec<String> = CA_VARIABLES
+    let named: Vec<String> = CA_VARIABLES
         .iter()
-        .filter_map(|var| {
-            std::env::var_os(var)
-                .filter(|v| !v.is_empty())
-                .map(|v| format!("{var}={}", v.to_string_lossy()))
-        })
+        .filter_map(|var| std::env::var_os(var).map(|v| format!("{var}={}", v.to_string_lossy())))
         .collect();
     let found = rustls_native_certs::load_native_certs();
-    let tls = ClientTlsConfig::new();
-    if !found.certs.is_empty() {
-        if !found.errors.is_empty() {
-            tracing::debug!(errors = ?found.errors, "some CA certificates could not be read");
-        }
-        return Ok(tls.with_native_roots());
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, unparsable) = roots.add_parsable_certificates(found.certs);
+    let mut problems: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+    if unparsable > 0 {
+        problems.push(format!("{unparsable} certificates could not be parsed"));
     }
-    if set.is_empty() {
-        tracing::debug!(errors = ?found.errors, "no system CA store: trusting the public CAs built in");
+    let tls = ClientTlsConfig::new();
+    if !roots.is_empty() {
+        if !problems.is_empty() {
+            if named.is_empty() {
+                tracing::debug!(?problems, "some of the system's CA certificates could not be read");
+            } else {
+                tracing::warn!(
+                    variables = %named.join(", "),
+                    problems = %problems.join("; "),
+                    "some CA certificates could not be read for Pub/Sub; trusting the others"
+                );
+            }
+        }
+        return Ok(tls.trust_anchors(roots.roots));
+    }
+    if named.is_empty() {
+        tracing::debug!(?problems, "no system CA store: trusting the public CAs built in");
         return Ok(tls.with_webpki_roots());
     }
     // Named, and nothing in it: falling back to other CAs would trust what
     // the user meant to replace.
-    let why = if found.errors.is_empty() {
+    let why = if problems.is_empty() {
         "no certificate in it".to_string()
     } else {
-        found
-            .errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
+        problems.join("; ")
     };
     Err(BackendError::Invalid(format!(
         "{}: no CA certificate could be read for Pub/Sub ({why}); name a PEM file of CA certificates",
-        set.join(", ")
+        named.join(", ")
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct Tokens(Result<&'static str, &'static str>);
+
+    #[async_trait::async_trait]
+    impl TokenSource for Tokens {
+        async fn token(&self) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+            self.0.map(str::to_string).map_err(Into::into)
+        }
+    }
+
+    /// The header a call leaves with (the inner service echoes it).
+    async fn sent_authorization(auth: Auth) -> Result<Option<String>, tower::BoxError> {
+        let echo = tower::service_fn(|request: Request<Body>| async move {
+            Ok::<_, std::convert::Infallible>(
+                request
+                    .headers()
+                    .get(AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_string()),
+            )
+        });
+        AsyncFilter::new(echo, auth).oneshot(Request::new(Body::empty())).await
+    }
+
+    #[tokio::test]
+    async fn every_call_carries_the_token_and_a_missing_one_is_unauthenticated() {
+        let auth = |t| Auth(Some(Arc::new(Tokens(t))));
+        assert_eq!(
+            sent_authorization(auth(Ok("Bearer abc"))).await.unwrap().as_deref(),
+            Some("Bearer abc")
+        );
+        assert_eq!(
+            sent_authorization(Auth(None)).await.unwrap(),
+            None,
+            "an emulator's call"
+        );
+        let refused = sent_authorization(auth(Err("metadata server refused")))
+            .await
+            .unwrap_err();
+        let status = refused.downcast::<Status>().expect("a gRPC status");
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert!(
+            status.message().contains("no access token: metadata server refused"),
+            "{status:?}"
+        );
+        let bad = sent_authorization(auth(Ok("Bearer a\nb"))).await.unwrap_err();
+        assert_eq!(bad.downcast::<Status>().unwrap().code(), Code::Unauthenticated);
+    }
+
+    #[test]
+    fn google_endpoints_are_https_with_or_without_a_port_and_emulators_plain() {
+        // As main does: TLS needs a crypto provider chosen.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        #[derive(Debug)]
+        struct NoTokens;
+        #[async_trait::async_trait]
+        impl TokenSource for NoTokens {
+            async fn token(&self) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+                Err("unused".into())
+            }
+        }
+        let google = |host| {
+            Dialer::new(Dial::Google {
+                host,
+                tokens: Arc::new(NoTokens),
+            })
+            .unwrap()
+            .endpoint
+            .uri()
+            .to_string()
+        };
+        assert_eq!(google("pubsub.googleapis.com"), "https://pubsub.googleapis.com/");
+        assert_eq!(
+            google("pubsub.internal.example:8443"),
+            "https://pubsub.internal.example:8443/"
+        );
+        let emulator = Dialer::new(Dial::Emulator("127.0.0.1:8085")).unwrap();
+        assert_eq!(emulator.endpoint.uri().to_string(), "http://127.0.0.1:8085/");
+        let Err(BackendError::Invalid(why)) = Dialer::new(Dial::Emulator("127.0.0.1:80 85")) else {
+            panic!("a host with a space is refused")
+        };
+        assert!(
+            why.starts_with("Pub/Sub emulator host `127.0.0.1:80 85`: invalid URI"),
+            "{why}"
+        );
+    }
 }
