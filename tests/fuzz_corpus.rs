@@ -103,3 +103,29 @@ fn every_target_is_replayed() {
         assert!(replayed.contains(&name.as_str()), "`{name}` has no replay test here");
     }
 }
+
+/// The fuzz crate needs nightly and cargo-fuzz, so CI does not build it. What
+/// it holds is checked here instead: each target is the one line that hands
+/// libFuzzer's input to its entry (compiled, and replayed above, in the
+/// library), and each has its `[[bin]]` in fuzz/Cargo.toml, so the crate
+/// cannot drift from the library unseen.
+#[test]
+fn every_target_only_calls_its_entry_and_is_a_bin_of_the_fuzz_crate() {
+    let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).expect("fuzz/Cargo.toml");
+    for (name, _) in TARGETS {
+        let path = fuzz_dir().join(format!("fuzz_targets/{name}.rs"));
+        let text = std::fs::read_to_string(&path).expect("the target's source");
+        let code: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        assert_eq!(
+            code,
+            [
+                "#![no_main]".to_string(),
+                format!("libfuzzer_sys::fuzz_target!(|data: &[u8]| dlq_bridge::fuzzing::{name}(data));"),
+            ],
+            "{}",
+            path.display()
+        );
+        let bin = format!("[[bin]]\nname = \"{name}\"\npath = \"fuzz_targets/{name}.rs\"\n");
+        assert!(manifest.contains(&bin), "fuzz/Cargo.toml has no [[bin]] for `{name}`");
+    }
+}
