@@ -117,8 +117,8 @@
 //! a sidecar would hold its connection for nothing. The channels are the
 //! adapter's own too ([`channel`]): Google's endpoints are trusted as SQS's
 //! are (`SSL_CERT_FILE`, else the system's CAs), and may carry a port.
-//! Cloud Monitoring (depth and age on GCP) is always
-//! `monitoring.googleapis.com`, whatever the endpoint.
+//! Cloud Monitoring (depth and age on GCP) is `monitoring.googleapis.com`
+//! whatever the endpoint, unless `monitoring_endpoint` names another host.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -209,7 +209,7 @@ pub const ATTR_SOURCE_PUBLISH_TIME: &str = "CloudPubSubDeadLetterSourceTopicPubl
 /// The [`DlqMessage::properties`] key holding the failing subscription's short name.
 pub const PROP_SOURCE_SUBSCRIPTION: &str = "source_subscription";
 
-const MONITORING: &str = "https://monitoring.googleapis.com/v3";
+const MONITORING: &str = "monitoring.googleapis.com";
 const METRIC_UNDELIVERED: &str = "pubsub.googleapis.com/subscription/num_undelivered_messages";
 const METRIC_OLDEST_AGE: &str = "pubsub.googleapis.com/subscription/oldest_unacked_message_age";
 const MONITORING_SCOPES: [&str; 1] = ["https://www.googleapis.com/auth/monitoring.read"];
@@ -221,6 +221,8 @@ pub struct PubSubBackend {
     subscription: String,
     /// The emulator's `host:port`, or Pub/Sub's domain: named in errors.
     endpoint: String,
+    /// Cloud Monitoring's host (`stats` on GCP).
+    monitoring: String,
     emulator: bool,
     /// The endpoint's channels, shared with every queue on the same endpoint.
     conns: Arc<Conns>,
@@ -674,6 +676,10 @@ impl PubSubBackend {
             subscription,
             endpoint,
             emulator,
+            monitoring: cfg
+                .monitoring_endpoint
+                .clone()
+                .unwrap_or_else(|| MONITORING.to_string()),
             conns,
             reason_attribute: queue.reason_attribute.clone(),
             description_attribute: queue.description_attribute.clone(),
@@ -994,7 +1000,7 @@ impl PubSubBackend {
             r#"metric.type = "{metric}" AND resource.type = "pubsub_subscription" AND resource.labels.subscription_id = "{sub}""#
         );
         let url = reqwest::Url::parse_with_params(
-            &format!("{MONITORING}/projects/{project}/timeSeries"),
+            &format!("https://{}/v3/projects/{project}/timeSeries", self.monitoring),
             &[
                 ("filter", filter.as_str()),
                 (
@@ -1010,12 +1016,9 @@ impl PubSubBackend {
             .header("Authorization", token)
             .send()
             .await
-            .map_err(|e| connect_error("monitoring.googleapis.com", e))?;
+            .map_err(|e| connect_error(&self.monitoring, e))?;
         let status = resp.status();
-        let body = resp
-            .text()
-            .await
-            .map_err(|e| connect_error("monitoring.googleapis.com", e))?;
+        let body = resp.text().await.map_err(|e| connect_error(&self.monitoring, e))?;
         if !status.is_success() {
             let detail = format!("Cloud Monitoring {metric}: HTTP {status}: {}", truncate(&body, 300));
             return Err(match status.as_u16() {

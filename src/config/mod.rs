@@ -279,11 +279,15 @@ impl Config {
                     return Err(err(field, format!("`{url}` is not an http(s) URL")));
                 }
             }
-            if let QueueKind::PubSub(ps) = &q.kind
-                && let Some(host) = &ps.endpoint
-                && let Some(problem) = pubsub_endpoint_problem(host)
-            {
-                return Err(err(format!("queues[{i}].pubsub.endpoint"), problem));
+            if let QueueKind::PubSub(ps) = &q.kind {
+                for (field, host) in [
+                    ("endpoint", &ps.endpoint),
+                    ("monitoring_endpoint", &ps.monitoring_endpoint),
+                ] {
+                    if let Some(problem) = host.as_deref().and_then(pubsub_endpoint_problem) {
+                        return Err(err(format!("queues[{i}].pubsub.{field}"), problem));
+                    }
+                }
             }
             if q.source.as_deref().is_some_and(|s| s.trim().is_empty()) {
                 return Err(err(
@@ -595,8 +599,9 @@ const MIN_SCHEDULE_EVERY: Duration = Duration::from_secs(1);
 /// it) well within it.
 const MIN_LEASE_DURATION: Duration = Duration::from_secs(2);
 
-/// What is wrong with a Pub/Sub `endpoint`, a host name with an optional
-/// port: the channel adds `https://` (and 443 when no port is given).
+/// What is wrong with a Pub/Sub `endpoint` or `monitoring_endpoint`, a host
+/// name with an optional port: `https://` is added (and 443 when no port is
+/// given).
 fn pubsub_endpoint_problem(endpoint: &str) -> Option<String> {
     if endpoint.contains("://") {
         return Some(format!(
@@ -665,6 +670,24 @@ mod tests {
             panic!("a Pub/Sub queue")
         };
         assert_eq!(ps.endpoint.as_deref(), Some("pubsub.internal.example:8443"));
+        let monitoring = |host: &str| {
+            parse(&format!(
+                "queues:\n  - name: q\n    pubsub:\n      project: p\n      subscription: s\n      monitoring_endpoint: \"{host}\"\n"
+            ))
+        };
+        let c = monitoring("monitoring-psc.p.googleapis.com").unwrap();
+        let QueueKind::PubSub(ps) = &c.queues[0].kind else {
+            panic!("a Pub/Sub queue")
+        };
+        assert_eq!(
+            ps.monitoring_endpoint.as_deref(),
+            Some("monitoring-psc.p.googleapis.com")
+        );
+        let e = monitoring("https://monitoring.googleapis.com").unwrap_err().to_string();
+        assert!(
+            e.contains("queues[0].pubsub.monitoring_endpoint") && e.contains("is a URL"),
+            "{e}"
+        );
         for (bad, says) in [
             (
                 "https://us-east1-pubsub.googleapis.com",

@@ -191,6 +191,13 @@ pub struct PubSubQueueConfig {
     /// of SSL_CERT_FILE when set, else the system's.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// The Cloud Monitoring API host that `stats` reads depth and age from on
+    /// GCP, for a network that reaches Google's APIs only through a private
+    /// endpoint (Private Service Connect). Default: `monitoring.googleapis.com`.
+    /// A host name, with `:port` when it is not 443; over TLS, trusting the
+    /// same CAs as `endpoint`.
+    #[serde(default)]
+    pub monitoring_endpoint: Option<String>,
     /// Opt-in targeted redrive. When set, every redriven copy carries this
     /// attribute, valued with the short name of the subscription the message
     /// failed on (from `CloudPubSubDeadLetterSourceSubscription`). Copies go
