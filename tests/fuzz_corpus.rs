@@ -128,4 +128,9 @@ fn every_target_only_calls_its_entry_and_is_a_bin_of_the_fuzz_crate() {
         let bin = format!("[[bin]]\nname = \"{name}\"\npath = \"fuzz_targets/{name}.rs\"\n");
         assert!(manifest.contains(&bin), "fuzz/Cargo.toml has no [[bin]] for `{name}`");
     }
+    assert_eq!(
+        manifest.matches("[[bin]]").count(),
+        TARGETS.len(),
+        "fuzz/Cargo.toml has a [[bin]] without an entry"
+    );
 }

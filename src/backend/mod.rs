@@ -51,11 +51,12 @@ pub enum BackendError {
     Unreachable { endpoint: String, detail: String },
     /// Reached, but its TLS certificate was refused (see [`BackendError::unreachable`]).
     /// What to do about it depends on the reason, and on whether
-    /// SSL_CERT_FILE already names a bundle: read when the error is shown,
+    /// SSL_CERT_FILE already names a bundle: read when the error is shown
+    /// (the process never changes it),
     /// so that the error stays small (it rides in every backend `Result`).
     #[error(
         "TLS with {endpoint} failed: its certificate is not trusted ({reason}). {}",
-        tls_remedy(reason, std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()))
+        tls_remedy(reason, ca_bundle_named())
     )]
     Tls {
         endpoint: String,
@@ -214,21 +215,24 @@ impl BackendError {
 const SELF_SIGNED: &str = "it is self-signed";
 const UNKNOWN_ISSUER: &str = "its issuer is not a trusted CA";
 const EXPIRED: &str = "it has expired";
+const NOT_YET_VALID: &str = "it is not valid yet";
 const OTHER_NAME: &str = "it does not name this host";
 const FAILED: &str = "it failed verification";
 
 /// What to do about a refused certificate. A CA bundle helps only when the
-/// issuer is the problem; when `SSL_CERT_FILE` is already set, the bundle
-/// it names lacks the issuer (every backend reads it, so it replaced the
-/// system's CAs).
-fn tls_remedy(reason: &str, ssl_cert_file: Option<std::ffi::OsString>) -> String {
+/// issuer is the problem. When `SSL_CERT_FILE` (or `SSL_CERT_DIR`) is
+/// already set, every backend reads it instead of the system's CAs, and it
+/// lacks the issuer; in the image it names the image's own public bundle,
+/// which cannot be edited, so the remedy is another bundle.
+fn tls_remedy(reason: &str, bundle: Option<(&str, std::ffi::OsString)>) -> String {
     match reason {
         EXPIRED => "The endpoint must serve a certificate that is valid now (check this machine's clock too)".into(),
+        NOT_YET_VALID => "Check this machine's clock: the certificate's validity has not begun by it".into(),
         OTHER_NAME => "Check the endpoint's host name: the certificate was issued for another one".into(),
-        _ => match ssl_cert_file {
-            Some(file) => format!(
-                "SSL_CERT_FILE names {}, which holds no CA that issued it: if this is the right endpoint, add its CA certificate to that file",
-                std::path::Path::new(&file).display()
+        _ => match bundle {
+            Some((var, path)) => format!(
+                "{var} names {}, which holds no CA that issued it: if this is the right endpoint, point {var} at a PEM bundle that holds its CA certificate as well as the public CAs (in Kubernetes, the chart's caBundle)",
+                std::path::Path::new(&path).display()
             ),
             None => {
                 "If this is the right endpoint, set SSL_CERT_FILE to a PEM file that holds its CA certificate".into()
@@ -237,9 +241,18 @@ fn tls_remedy(reason: &str, ssl_cert_file: Option<std::ffi::OsString>) -> String
     }
 }
 
+/// The CA bundle this process was told to trust instead of the system's, if
+/// any: the variable that names it, and its value.
+fn ca_bundle_named() -> Option<(&'static str, std::ffi::OsString)> {
+    ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .into_iter()
+        .find_map(|var| std::env::var_os(var).filter(|v| !v.is_empty()).map(|v| (var, v)))
+}
+
 /// Why a TLS library refused a server's certificate, read from its error
 /// text (OpenSSL through native-tls for AMQP, rustls for HTTP and gRPC);
-/// None when the text is not such a refusal.
+/// None when the text is not such a refusal. The specific signs come before
+/// rustls's generic "invalid peer certificate".
 fn untrusted_certificate(text: &str) -> Option<&'static str> {
     const SIGNS: &[(&str, &str)] = &[
         ("self-signed certificate", SELF_SIGNED),
@@ -247,9 +260,14 @@ fn untrusted_certificate(text: &str) -> Option<&'static str> {
         ("unable to get local issuer certificate", UNKNOWN_ISSUER),
         ("unknownissuer", UNKNOWN_ISSUER),
         ("certificate has expired", EXPIRED),
+        ("certificate expired", EXPIRED),
         ("invalid peer certificate: expired", EXPIRED),
+        ("certificate is not yet valid", NOT_YET_VALID),
+        ("certificate not valid yet", NOT_YET_VALID),
+        ("invalid peer certificate: notvalidyet", NOT_YET_VALID),
         ("hostname mismatch", OTHER_NAME),
         ("ip address mismatch", OTHER_NAME),
+        ("certificate not valid for name", OTHER_NAME),
         ("notvalidforname", OTHER_NAME),
         ("certificate verify failed", FAILED),
         ("invalid peer certificate", FAILED),
@@ -269,6 +287,13 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// An error's own words followed by its innermost cause, which wrappers
+/// ("transport error", "http error") leave out; once when they are the same.
+pub fn with_root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let (top, root) = (e.to_string(), root_cause(e));
+    if root == top { top } else { format!("{top}: {root}") }
 }
 
 /// Bytes of bodies one page of a browse ([`QueueBackend::peek_each`], and
@@ -644,6 +669,44 @@ mod tests {
             reason("invalid peer certificate: NotValidForName"),
             Some("it does not name this host")
         );
+        // rustls's own words for the errors its webpki verifier gives now,
+        // with their context (this version's, so a change of words fails here).
+        use rustls::CertificateError as C;
+        use rustls::pki_types::{ServerName, UnixTime};
+        let at = |secs| UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
+        let words = |e: C| rustls::Error::InvalidCertificate(e).to_string();
+        for (error, want) in [
+            (
+                C::ExpiredContext {
+                    time: at(2_000_000_000),
+                    not_after: at(1_900_000_000),
+                },
+                EXPIRED,
+            ),
+            (
+                C::NotValidYetContext {
+                    time: at(1_800_000_000),
+                    not_before: at(1_900_000_000),
+                },
+                NOT_YET_VALID,
+            ),
+            (
+                C::NotValidForNameContext {
+                    expected: ServerName::try_from("pubsub.googleapis.com").unwrap(),
+                    presented: vec!["DnsName(\"proxy.example\")".into()],
+                },
+                OTHER_NAME,
+            ),
+            (C::UnknownIssuer, UNKNOWN_ISSUER),
+            (C::BadSignature, FAILED),
+        ] {
+            let text = words(error);
+            assert_eq!(reason(&text), Some(want), "{text}");
+        }
+        assert_eq!(
+            reason(r#"X509VerifyResult { code: 9, error: "certificate is not yet valid" }"#),
+            Some(NOT_YET_VALID)
+        );
         // Not certificates.
         assert_eq!(reason("Connection refused (os error 111)"), None);
         assert_eq!(reason("ExpiredToken: The token is expired."), None);
@@ -658,16 +721,23 @@ mod tests {
 
     #[test]
     fn the_remedy_for_a_refused_certificate_fits_its_reason() {
-        let bundle = Some(std::ffi::OsString::from("/etc/ca/bundle.pem"));
+        let bundle = Some(("SSL_CERT_FILE", std::ffi::OsString::from("/etc/ca/bundle.pem")));
         for reason in [SELF_SIGNED, UNKNOWN_ISSUER, FAILED] {
             assert!(tls_remedy(reason, None).contains("set SSL_CERT_FILE to a PEM file"));
             let named = tls_remedy(reason, bundle.clone());
             assert!(
-                named.contains("SSL_CERT_FILE names /etc/ca/bundle.pem, which holds no CA that issued it"),
+                named.contains("SSL_CERT_FILE names /etc/ca/bundle.pem, which holds no CA that issued it")
+                    && named.contains("point SSL_CERT_FILE at a PEM bundle that holds its CA certificate as well"),
                 "{named}"
             );
         }
-        for (reason, says) in [(EXPIRED, "valid now"), (OTHER_NAME, "issued for another one")] {
+        let dir = tls_remedy(UNKNOWN_ISSUER, Some(("SSL_CERT_DIR", "/etc/ca.d".into())));
+        assert!(dir.starts_with("SSL_CERT_DIR names /etc/ca.d"), "{dir}");
+        for (reason, says) in [
+            (EXPIRED, "valid now"),
+            (NOT_YET_VALID, "clock"),
+            (OTHER_NAME, "issued for another one"),
+        ] {
             for file in [None, bundle.clone()] {
                 let remedy = tls_remedy(reason, file);
                 assert!(remedy.contains(says) && !remedy.contains("SSL_CERT_FILE"), "{remedy}");

@@ -631,8 +631,7 @@ fn short_name(name: &str) -> &str {
 fn connect_error(endpoint: &str, e: impl std::error::Error + 'static) -> BackendError {
     // "transport error" says little; the innermost cause says
     // what happened (connection refused, DNS, TLS).
-    let (top, root) = (e.to_string(), super::root_cause(&e));
-    BackendError::unreachable(endpoint, if root == top { top } else { format!("{top}: {root}") })
+    BackendError::unreachable(endpoint, super::with_root_cause(&e))
 }
 
 impl PubSubBackend {
@@ -1020,14 +1019,17 @@ impl PubSubBackend {
         let status = resp.status();
         let body = resp.text().await.map_err(|e| connect_error(&self.monitoring, e))?;
         if !status.is_success() {
-            let detail = format!("Cloud Monitoring {metric}: HTTP {status}: {}", truncate(&body, 300));
+            let detail = format!(
+                "Cloud Monitoring at {}, {metric}: HTTP {status}: {}",
+                self.monitoring,
+                truncate(&body, 300)
+            );
+            // A 404 is not the queue's: its subscription was found when it
+            // connected. It is the project or the path at this host (a
+            // `monitoring_endpoint` that is not Cloud Monitoring's).
             return Err(match status.as_u16() {
                 401 | 403 => BackendError::Auth {
                     provider: PROVIDER,
-                    detail,
-                },
-                404 => BackendError::NotFound {
-                    queue: self.queue_name.clone(),
                     detail,
                 },
                 _ => BackendError::Provider {
@@ -1038,7 +1040,7 @@ impl PubSubBackend {
         }
         parse_latest_point(&body).map_err(|e| BackendError::Provider {
             provider: PROVIDER,
-            detail: format!("Cloud Monitoring {metric}: {e}"),
+            detail: format!("Cloud Monitoring at {}, {metric}: {e}", self.monitoring),
         })
     }
 

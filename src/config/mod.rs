@@ -280,11 +280,15 @@ impl Config {
                 }
             }
             if let QueueKind::PubSub(ps) = &q.kind {
-                for (field, host) in [
-                    ("endpoint", &ps.endpoint),
-                    ("monitoring_endpoint", &ps.monitoring_endpoint),
+                for (field, host, example) in [
+                    ("endpoint", &ps.endpoint, "us-east1-pubsub.googleapis.com"),
+                    (
+                        "monitoring_endpoint",
+                        &ps.monitoring_endpoint,
+                        "monitoring.googleapis.com",
+                    ),
                 ] {
-                    if let Some(problem) = host.as_deref().and_then(pubsub_endpoint_problem) {
+                    if let Some(problem) = host.as_deref().and_then(|h| pubsub_endpoint_problem(h, example)) {
                         return Err(err(format!("queues[{i}].pubsub.{field}"), problem));
                     }
                 }
@@ -602,10 +606,10 @@ const MIN_LEASE_DURATION: Duration = Duration::from_secs(2);
 /// What is wrong with a Pub/Sub `endpoint` or `monitoring_endpoint`, a host
 /// name with an optional port: `https://` is added (and 443 when no port is
 /// given).
-fn pubsub_endpoint_problem(endpoint: &str) -> Option<String> {
+fn pubsub_endpoint_problem(endpoint: &str, example: &str) -> Option<String> {
     if endpoint.contains("://") {
         return Some(format!(
-            "`{endpoint}` is a URL: give the host name only (e.g. `us-east1-pubsub.googleapis.com`)"
+            "`{endpoint}` is a URL: give the host name only (e.g. `{example}`)"
         ));
     }
     let (host, port) = match endpoint.rsplit_once(':') {
@@ -625,7 +629,7 @@ fn pubsub_endpoint_problem(endpoint: &str) -> Option<String> {
             .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
     (!valid).then(|| {
         format!(
-            "`{endpoint}` is not a host name, with an optional port (e.g. `us-east1-pubsub.googleapis.com`; letters, digits, `-` and dots)"
+            "`{endpoint}` is not a host name, with an optional port (e.g. `{example}`; letters, digits, `-` and dots)"
         )
     })
 }
@@ -685,7 +689,8 @@ mod tests {
         );
         let e = monitoring("https://monitoring.googleapis.com").unwrap_err().to_string();
         assert!(
-            e.contains("queues[0].pubsub.monitoring_endpoint") && e.contains("is a URL"),
+            e.contains("queues[0].pubsub.monitoring_endpoint")
+                && e.contains("is a URL: give the host name only (e.g. `monitoring.googleapis.com`)"),
             "{e}"
         );
         for (bad, says) in [

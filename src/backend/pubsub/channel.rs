@@ -53,8 +53,7 @@ impl AsyncPredicate<Request<Body>> for Auth {
             // cause (a metadata server that refused, a DNS failure), which
             // its own message leaves out.
             let token = tokens.token().await.map_err(|e| {
-                let (top, root) = (e.to_string(), super::super::root_cause(&*e));
-                let why = if root == top { top } else { format!("{top}: {root}") };
+                let why = super::super::with_root_cause(&*e);
                 Status::new(Code::Unauthenticated, format!("no access token: {why}"))
             })?;
             let value = HeaderValue::from_str(&token)
@@ -106,11 +105,9 @@ impl Dialer {
                 (endpoint, Auth(None))
             }
             Dial::Google { host, tokens } => {
-                let endpoint = Endpoint::from_shared(format!("https://{host}/"))
-                    .map_err(|e| invalid(format!("Pub/Sub endpoint `{host}`"), &e))?;
-                // The certificate names the host, not the port (the config
-                // takes no IPv6 literal, whose colons would be cut here).
-                let domain = host.rsplit_once(':').map_or(host, |(name, _)| name);
+                let (url, domain) = google_url(host);
+                let endpoint =
+                    Endpoint::from_shared(url).map_err(|e| invalid(format!("Pub/Sub endpoint `{host}`"), &e))?;
                 let tls = trusted_cas()?.domain_name(domain);
                 let endpoint = endpoint
                     .tls_config(tls)
@@ -138,12 +135,18 @@ impl Dialer {
     }
 }
 
+/// The URL of a Google API host (`host` or `host:port`), and the name its
+/// certificate must carry: the host, not the port (the config takes no IPv6
+/// literal, whose colons would be cut here).
+fn google_url(host: &str) -> (String, &str) {
+    let domain = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    (format!("https://{host}/"), domain)
+}
+
 /// A setting that cannot be used, with tonic's innermost cause ("invalid
 /// URI" alone says nothing of what is wrong with it).
 fn invalid(what: String, e: &(dyn std::error::Error + 'static)) -> BackendError {
-    let (top, root) = (e.to_string(), super::super::root_cause(e));
-    let why = if root == top { top } else { format!("{top}: {root}") };
-    BackendError::Invalid(format!("{what}: {why}"))
+    BackendError::Invalid(format!("{what}: {}", super::super::with_root_cause(e)))
 }
 
 /// The variables that replace the system's CA store, as OpenSSL and
@@ -252,30 +255,16 @@ mod tests {
 
     #[test]
     fn google_endpoints_are_https_with_or_without_a_port_and_emulators_plain() {
-        // As main does: TLS needs a crypto provider chosen.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        #[derive(Debug)]
-        struct NoTokens;
-        #[async_trait::async_trait]
-        impl TokenSource for NoTokens {
-            async fn token(&self) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-                Err("unused".into())
-            }
-        }
-        let google = |host| {
-            Dialer::new(Dial::Google {
-                host,
-                tokens: Arc::new(NoTokens),
-            })
-            .unwrap()
-            .endpoint
-            .uri()
-            .to_string()
-        };
-        assert_eq!(google("pubsub.googleapis.com"), "https://pubsub.googleapis.com/");
         assert_eq!(
-            google("pubsub.internal.example:8443"),
-            "https://pubsub.internal.example:8443/"
+            google_url("pubsub.googleapis.com"),
+            ("https://pubsub.googleapis.com/".to_string(), "pubsub.googleapis.com")
+        );
+        assert_eq!(
+            google_url("pubsub.internal.example:8443"),
+            (
+                "https://pubsub.internal.example:8443/".to_string(),
+                "pubsub.internal.example"
+            )
         );
         let emulator = Dialer::new(Dial::Emulator("127.0.0.1:8085")).unwrap();
         assert_eq!(emulator.endpoint.uri().to_string(), "http://127.0.0.1:8085/");
