@@ -230,10 +230,19 @@ fn tls_remedy(reason: &str, bundle: Option<(&str, std::ffi::OsString)>) -> Strin
         NOT_YET_VALID => "Check this machine's clock: the certificate's validity has not begun by it".into(),
         OTHER_NAME => "Check the endpoint's host name: the certificate was issued for another one".into(),
         _ => match bundle {
-            Some((var, path)) => format!(
-                "{var} names {}, which holds no CA that issued it: if this is the right endpoint, point {var} at a PEM bundle that holds its CA certificate as well as the public CAs (in Kubernetes, the chart's caBundle)",
-                std::path::Path::new(&path).display()
-            ),
+            Some((var, path)) => {
+                let path = std::path::Path::new(&path);
+                // A bundle that is not there holds nothing: that is the
+                // mistake to name (SQS's and Service Bus's clients only log it).
+                let holds = match std::fs::metadata(path) {
+                    Ok(_) => "which holds no CA that issued it".to_string(),
+                    Err(e) => format!("which cannot be read ({e})"),
+                };
+                format!(
+                    "{var} names {}, {holds}: if this is the right endpoint, point {var} at a PEM bundle that holds its CA certificate as well as the public CAs (in Kubernetes, the chart's caBundle)",
+                    path.display()
+                )
+            }
             None => {
                 "If this is the right endpoint, set SSL_CERT_FILE to a PEM file that holds its CA certificate".into()
             }
@@ -721,18 +730,39 @@ mod tests {
 
     #[test]
     fn the_remedy_for_a_refused_certificate_fits_its_reason() {
-        let bundle = Some(("SSL_CERT_FILE", std::ffi::OsString::from("/etc/ca/bundle.pem")));
+        let dir = std::env::temp_dir().join(format!("dlqb-remedy-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bundle.pem");
+        std::fs::write(&file, "").unwrap();
+        let bundle = Some(("SSL_CERT_FILE", file.clone().into_os_string()));
         for reason in [SELF_SIGNED, UNKNOWN_ISSUER, FAILED] {
             assert!(tls_remedy(reason, None).contains("set SSL_CERT_FILE to a PEM file"));
             let named = tls_remedy(reason, bundle.clone());
             assert!(
-                named.contains("SSL_CERT_FILE names /etc/ca/bundle.pem, which holds no CA that issued it")
-                    && named.contains("point SSL_CERT_FILE at a PEM bundle that holds its CA certificate as well"),
+                named.contains(&format!(
+                    "SSL_CERT_FILE names {}, which holds no CA that issued it",
+                    file.display()
+                )) && named.contains("point SSL_CERT_FILE at a PEM bundle that holds its CA certificate as well"),
                 "{named}"
             );
         }
-        let dir = tls_remedy(UNKNOWN_ISSUER, Some(("SSL_CERT_DIR", "/etc/ca.d".into())));
-        assert!(dir.starts_with("SSL_CERT_DIR names /etc/ca.d"), "{dir}");
+        let missing = dir.join("missing.pem");
+        let gone = tls_remedy(
+            UNKNOWN_ISSUER,
+            Some(("SSL_CERT_FILE", missing.clone().into_os_string())),
+        );
+        assert!(
+            gone.starts_with(&format!(
+                "SSL_CERT_FILE names {}, which cannot be read (",
+                missing.display()
+            )),
+            "{gone}"
+        );
+        let certs_dir = tls_remedy(UNKNOWN_ISSUER, Some(("SSL_CERT_DIR", dir.clone().into_os_string())));
+        assert!(
+            certs_dir.starts_with(&format!("SSL_CERT_DIR names {}, which holds no CA", dir.display())),
+            "{certs_dir}"
+        );
         for (reason, says) in [
             (EXPIRED, "valid now"),
             (NOT_YET_VALID, "clock"),
@@ -743,5 +773,6 @@ mod tests {
                 assert!(remedy.contains(says) && !remedy.contains("SSL_CERT_FILE"), "{remedy}");
             }
         }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
