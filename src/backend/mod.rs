@@ -233,7 +233,7 @@ fn tls_remedy(reason: &str, bundle: Option<(&str, std::ffi::OsString)>) -> Strin
             Some((var, path)) => {
                 let path = std::path::Path::new(&path);
                 // A bundle that is not there holds nothing: that is the
-                // mistake to name (SQS's and Service Bus's clients only log it).
+                // mistake to name (SQS's client only logs it, then trusts nothing).
                 let holds = match std::fs::metadata(path) {
                     Ok(_) => "which holds no CA that issued it".to_string(),
                     Err(e) => format!("which cannot be read ({e})"),
