@@ -817,3 +817,49 @@ async fn a_copy_keeps_the_messages_xray_trace_header() {
     );
     assert_eq!(f.drain_source().await.len(), 1);
 }
+
+/// SQS trusts the CAs of SSL_CERT_FILE, like every backend: an endpoint
+/// behind a private CA (a TLS terminator with a test CA, in front of the
+/// emulator) is refused without it, with the remedy, and trusted with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sqs_endpoint_behind_a_private_ca_is_trusted_through_ssl_cert_file() {
+    let f = SqsFixture::create(false).await;
+    f.dead_letter(&tenants(3)).await;
+    let upstream = f.endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let tls = common::tls::TlsTerminator::start(upstream, &[b"http/1.1"]).await;
+    let ca = write_config(&tls.ca_pem);
+    let cfg = write_config(&format!(
+        "queues:\n  - name: orders\n    sqs:\n      queue: {}\n      endpoint_url: https://{}\n      region: us-east-1\n",
+        f.dlq_url, tls.endpoint
+    ));
+    let redrive = |ca_file: Option<&PathBuf>| {
+        let mut cmd = bin();
+        cmd.arg("-c")
+            .arg(&cfg)
+            .args(["redrive", "orders", "--yes", "--no-journal"])
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR");
+        if let Some(ca_file) = ca_file {
+            cmd.env("SSL_CERT_FILE", ca_file);
+        }
+        run(&mut cmd)
+    };
+
+    let (code, out, err) = redrive(None);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!("TLS with https://{}", tls.endpoint))
+            && err.contains("its certificate is not trusted (its issuer is not a trusted CA)")
+            && err.contains("set SSL_CERT_FILE"),
+        "{err}"
+    );
+    assert_eq!(f.dlq_snapshot().await.len(), 3, "nothing moved");
+
+    let (code, out, err) = redrive(Some(&ca));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(f.drain_source().await.len(), 3, "{out}{err}");
+    assert!(f.dlq_snapshot().await.is_empty(), "{out}{err}");
+    for path in [ca, cfg] {
+        let _ = std::fs::remove_file(path);
+    }
+}

@@ -592,7 +592,7 @@ async fn a_match_with_no_destination_holds_back_the_rest_of_its_ordering_key() {
 async fn a_private_ca_named_by_ssl_cert_file_is_trusted_on_a_google_endpoint() {
     let f = PubSubFixture::create(false).await;
     f.dead_letter(&[failing(1), failing(2), failing(3)]).await;
-    let tls = common::tls::TlsTerminator::start(&f.host).await;
+    let tls = common::tls::TlsTerminator::start(&f.host, &[b"h2"]).await;
     let dir = std::env::temp_dir().join(common::unique("dlqb-pubsub-tls"));
     std::fs::create_dir_all(&dir).unwrap();
     let ca = dir.join("ca.pem");

@@ -33,9 +33,10 @@ pub fn unrelated_ca_pem() -> String {
 }
 
 impl TlsTerminator {
-    /// Accepts TLS (ALPN `h2`, for gRPC) and relays each connection, as
-    /// bytes, to `upstream` (`host:port`).
-    pub async fn start(upstream: &str) -> Self {
+    /// Accepts TLS, offering `alpn` (`h2` for gRPC, `http/1.1` for an HTTP
+    /// emulator: the bytes are relayed as they are, so the protocol must be
+    /// the upstream's), and relays each connection to `upstream` (`host:port`).
+    pub async fn start(upstream: &str, alpn: &[&[u8]]) -> Self {
         let ca_key = KeyPair::generate().expect("CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -57,7 +58,7 @@ impl TlsTerminator {
                 .with_no_client_auth()
                 .with_single_cert(vec![cert.der().clone()], der_key)
                 .expect("server TLS config");
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = TlsAcceptor::from(Arc::new(config));
 
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
