@@ -819,8 +819,7 @@ async fn a_copy_keeps_the_messages_xray_trace_header() {
 }
 
 /// SQS trusts the CAs of SSL_CERT_FILE, like every backend: an endpoint
-/// behind a private CA (a TLS terminator with a test CA, in front of the
-/// emulator) is refused without it, with the remedy, and trusted with it.
+/// behind a private CA (a TLS terminator with a test CA, in front of moto) is refused without it, with the remedy, and trusted with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sqs_endpoint_behind_a_private_ca_is_trusted_through_ssl_cert_file() {
     let f = SqsFixture::create(false).await;

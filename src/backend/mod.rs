@@ -56,7 +56,7 @@ pub enum BackendError {
     /// so that the error stays small (it rides in every backend `Result`).
     #[error(
         "TLS with {endpoint} failed: its certificate is not trusted ({reason}). {}",
-        tls_remedy(reason, ca_bundle_named())
+        tls_remedy(reason, std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()))
     )]
     Tls {
         endpoint: String,
@@ -220,26 +220,30 @@ const OTHER_NAME: &str = "it does not name this host";
 const FAILED: &str = "it failed verification";
 
 /// What to do about a refused certificate. A CA bundle helps only when the
-/// issuer is the problem. When `SSL_CERT_FILE` (or `SSL_CERT_DIR`) is
-/// already set, every backend reads it instead of the system's CAs, and it
-/// lacks the issuer; in the image it names the image's own public bundle,
-/// which cannot be edited, so the remedy is another bundle.
-fn tls_remedy(reason: &str, bundle: Option<(&str, std::ffi::OsString)>) -> String {
+/// issuer is the problem. When `SSL_CERT_FILE` is already set, every backend
+/// reads it instead of the system's CAs, and it lacks the issuer: in the
+/// image it names the image's own public bundle (which cannot be edited)
+/// unless the chart's `caBundle` replaced it. `SSL_CERT_DIR` is not named:
+/// it is often the system's own directory, set by the distribution.
+fn tls_remedy(reason: &str, ssl_cert_file: Option<std::ffi::OsString>) -> String {
     match reason {
         EXPIRED => "The endpoint must serve a certificate that is valid now (check this machine's clock too)".into(),
         NOT_YET_VALID => "Check this machine's clock: the certificate's validity has not begun by it".into(),
         OTHER_NAME => "Check the endpoint's host name: the certificate was issued for another one".into(),
-        _ => match bundle {
-            Some((var, path)) => {
+        _ => match ssl_cert_file {
+            Some(path) => {
                 let path = std::path::Path::new(&path);
-                // A bundle that is not there holds nothing: that is the
-                // mistake to name (SQS's client only logs it, then trusts nothing).
-                let holds = match std::fs::metadata(path) {
-                    Ok(_) => "which holds no CA that issued it".to_string(),
+                // A bundle that cannot be read holds nothing: that is the
+                // mistake to name (SQS's client only logs it, then trusts
+                // nothing). Opening it, not just finding it: a Secret mounted
+                // for root alone exists for a non-root process too.
+                let holds = match std::fs::File::open(path).and_then(|f| f.metadata()) {
+                    Ok(m) if m.is_file() => "which holds no CA that issued it".to_string(),
+                    Ok(_) => "which is not a file".to_string(),
                     Err(e) => format!("which cannot be read ({e})"),
                 };
                 format!(
-                    "{var} names {}, {holds}: if this is the right endpoint, point {var} at a PEM bundle that holds its CA certificate as well as the public CAs (in Kubernetes, the chart's caBundle)",
+                    "SSL_CERT_FILE names {}, {holds}: if this is the right endpoint, add its CA certificate to that bundle, or name one that holds it as well as the public CAs (in Kubernetes, the chart's caBundle)",
                     path.display()
                 )
             }
@@ -248,14 +252,6 @@ fn tls_remedy(reason: &str, bundle: Option<(&str, std::ffi::OsString)>) -> Strin
             }
         },
     }
-}
-
-/// The CA bundle this process was told to trust instead of the system's, if
-/// any: the variable that names it, and its value.
-fn ca_bundle_named() -> Option<(&'static str, std::ffi::OsString)> {
-    ["SSL_CERT_FILE", "SSL_CERT_DIR"]
-        .into_iter()
-        .find_map(|var| std::env::var_os(var).filter(|v| !v.is_empty()).map(|v| (var, v)))
 }
 
 /// Why a TLS library refused a server's certificate, read from its error
@@ -734,7 +730,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("bundle.pem");
         std::fs::write(&file, "").unwrap();
-        let bundle = Some(("SSL_CERT_FILE", file.clone().into_os_string()));
+        let bundle = Some(file.clone().into_os_string());
         for reason in [SELF_SIGNED, UNKNOWN_ISSUER, FAILED] {
             assert!(tls_remedy(reason, None).contains("set SSL_CERT_FILE to a PEM file"));
             let named = tls_remedy(reason, bundle.clone());
@@ -742,15 +738,12 @@ mod tests {
                 named.contains(&format!(
                     "SSL_CERT_FILE names {}, which holds no CA that issued it",
                     file.display()
-                )) && named.contains("point SSL_CERT_FILE at a PEM bundle that holds its CA certificate as well"),
+                )) && named.contains("add its CA certificate to that bundle, or name one that holds it as well"),
                 "{named}"
             );
         }
         let missing = dir.join("missing.pem");
-        let gone = tls_remedy(
-            UNKNOWN_ISSUER,
-            Some(("SSL_CERT_FILE", missing.clone().into_os_string())),
-        );
+        let gone = tls_remedy(UNKNOWN_ISSUER, Some(missing.clone().into_os_string()));
         assert!(
             gone.starts_with(&format!(
                 "SSL_CERT_FILE names {}, which cannot be read (",
@@ -758,10 +751,10 @@ mod tests {
             )),
             "{gone}"
         );
-        let certs_dir = tls_remedy(UNKNOWN_ISSUER, Some(("SSL_CERT_DIR", dir.clone().into_os_string())));
+        let a_dir = tls_remedy(UNKNOWN_ISSUER, Some(dir.clone().into_os_string()));
         assert!(
-            certs_dir.starts_with(&format!("SSL_CERT_DIR names {}, which holds no CA", dir.display())),
-            "{certs_dir}"
+            a_dir.starts_with(&format!("SSL_CERT_FILE names {}, which is not a file", dir.display())),
+            "{a_dir}"
         );
         for (reason, says) in [
             (EXPIRED, "valid now"),

@@ -195,7 +195,7 @@ pub struct PubSubQueueConfig {
     /// GCP, for a network that reaches Google's APIs only through a private
     /// endpoint (Private Service Connect). Default: `monitoring.googleapis.com`.
     /// A host name, with `:port` when it is not 443; over TLS, trusting the
-    /// CAs of SSL_CERT_FILE when set, else the system's (with neither, the
+    /// CAs of SSL_CERT_FILE (or SSL_CERT_DIR) when set, else the system's (with neither, the
     /// call fails: unlike `endpoint`, it has no built-in CAs to fall back on).
     #[serde(default)]
     pub monitoring_endpoint: Option<String>,
