@@ -257,7 +257,7 @@ struct Conns {
     /// Publishes and pulls go through the generated clients on this pool:
     /// gcloud-pubsub keeps its own publisher client private to its background
     /// publisher, and a pull needs a server-side deadline.
-    rpc_cm: Pool,
+    rpc_pool: Pool,
     monitoring_token: OnceCell<Arc<dyn TokenSource>>,
 }
 
@@ -403,10 +403,10 @@ impl Conns {
         // handshake, round trips a redrive would otherwise wait for in turn.
         // Acks and deadline changes have a pool of their own, so that they
         // never queue behind pulls of large bodies on one connection.
-        let (rpc_cm, sub_cm) = tokio::try_join!(open(pool), open(pool))?;
+        let (rpc_pool, sub_pool) = tokio::try_join!(open(pool), open(pool))?;
         Ok(Arc::new(Self {
-            subc: Subscriber(Arc::new(sub_cm)),
-            rpc_cm,
+            subc: Subscriber(Arc::new(sub_pool)),
+            rpc_pool,
             monitoring_token: OnceCell::new(),
         }))
     }
@@ -751,7 +751,7 @@ impl PubSubBackend {
         };
         let request = routed(req, "subscription", &self.subscription, PULL_DEADLINE);
         let mut client =
-            RawSubscriberClient::new(self.conns.rpc_cm.conn()).max_decoding_message_size(PULL_DECODE_LIMIT);
+            RawSubscriberClient::new(self.conns.rpc_pool.conn()).max_decoding_message_size(PULL_DECODE_LIMIT);
         match client.pull(request).await {
             Ok(r) => Ok(r.into_inner().received_messages),
             // The deadline passed with nothing to deliver.
@@ -761,7 +761,7 @@ impl PubSubBackend {
     }
 
     fn publisher(&self) -> RawPublisherClient<Channel> {
-        RawPublisherClient::new(self.conns.rpc_cm.conn())
+        RawPublisherClient::new(self.conns.rpc_pool.conn())
     }
 
     /// One Publish, retried (with the same messages) while the service is
@@ -772,8 +772,13 @@ impl PubSubBackend {
         let mut attempt = 0;
         loop {
             let request = routed(req.clone(), "topic", &req.0.topic, RPC_DEADLINE);
-            let answer: Result<PublishResponse, Status> =
-                unary(self.conns.rpc_cm.conn(), PUBLISH, request, Some(2 * MAX_PUBLISH_BYTES)).await;
+            let answer: Result<PublishResponse, Status> = unary(
+                self.conns.rpc_pool.conn(),
+                PUBLISH,
+                request,
+                Some(2 * MAX_PUBLISH_BYTES),
+            )
+            .await;
             match answer {
                 Ok(r) => return Ok(r.message_ids),
                 Err(s) if publish_retryable(s.code()) && attempt < 3 => {
