@@ -708,6 +708,29 @@ async fn a_scheduled_run_that_fails_says_so_in_the_log() {
     assert!(runs("succeeded") >= 1 && runs("failed") >= 1, "{metrics}");
 }
 
+/// What a raw HTTP/1.1 request (`head`, and what follows it) is answered,
+/// read until the first answer's headers end. Panics if none comes within
+/// 5 s: the server's own body deadline is 10 s.
+async fn raw_answer(url: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("no answer within 5 s: the server waited for the body");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// Request bodies must be JSON (415/400/422 otherwise, all JSON errors), an
 /// unknown destination is the caller's 400, the token is read without its
 /// trailing newline and the `bearer` scheme is case-insensitive, and runs
@@ -734,6 +757,26 @@ async fn api_bodies_tokens_and_runs_are_checked_and_errors_are_json() {
     // The token is checked before the body.
     let r = serve.http.post(&url).body("not json").send().await.unwrap();
     assert_eq!(json_error(r).await.0, 401);
+    // Before the body is even read: a caller without the token that sends a
+    // large body slowly is answered at once, not held until it arrives.
+    let head = "POST /v1/queues/orders/redrive HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1048576\r\n\r\n{";
+    assert!(
+        raw_answer(&serve.url, head).await.starts_with("HTTP/1.1 401"),
+        "answered before the body"
+    );
+    // With the token, a body past the limit is refused (413, not read whole).
+    let r = serve
+        .http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"filter": "{}"}}"#, "x".repeat(100 << 10)))
+        .send()
+        .await
+        .unwrap();
+    let (code, error) = json_error(r).await;
+    assert_eq!(code, 413, "{error}");
+    assert!(error.contains("64 KiB"), "{error}");
     // What Python's requests.post(url, data=json.dumps(...)) sends: no Content-Type.
     let r = serve
         .http

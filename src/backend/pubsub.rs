@@ -142,7 +142,7 @@ use google_cloud_auth::token::DefaultTokenSourceProvider;
 use token_source::{TokenSource, TokenSourceProvider};
 use tokio::sync::{Mutex, OnceCell, watch};
 
-use self::channel::{Channel, Dial, Dialer, Pool};
+use self::channel::{Channel, Dialer, Pool};
 use super::{BackendError, Capabilities, OrderGate, Purpose, QueueBackend, Result, abandon_send, fails_every_send};
 use crate::config::{PubSubQueueConfig, QueueConfig};
 use crate::model::{
@@ -379,8 +379,8 @@ impl Conns {
     /// Open the channels; a stopped emulator is reported here, within the
     /// 3 s connect timeout.
     async fn open(target: &Target) -> Result<Arc<Self>> {
-        let (dial, endpoint, pool) = match target {
-            Target::Emulator(h) => (Dial::Emulator(h), h, 1),
+        let (dialer, endpoint, pool) = match target {
+            Target::Emulator(h) => (Dialer::emulator(h)?, h, 1),
             Target::Google(host) => {
                 // The token's audience is the service's, whichever host serves it.
                 let provider =
@@ -391,10 +391,9 @@ impl Conns {
                             detail: format!("no Application Default Credentials: {e}"),
                         })?;
                 let tokens = provider.token_source();
-                (Dial::Google { host, tokens }, host, 2)
+                (Dialer::google(host, tokens)?, host, 2)
             }
         };
-        let dialer = Dialer::new(dial)?;
         let open = |size: usize| {
             let dialer = &dialer;
             async move { dialer.open(size).await.map_err(|e| connect_error(endpoint, e)) }

@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -182,19 +180,54 @@ where
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("the read failed: {e}")))
 }
 
+/// Bytes a request body may have: a redrive's or a purge's fields and its
+/// filter (at most 16 KiB) take a few KiB.
+const MAX_BODY_BYTES: usize = 64 << 10;
+
+/// How long a request body may take to arrive once its headers have:
+/// [`crate::sidecar::http::HEAD_TIMEOUT`] bounds only the headers.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The request body as JSON, with JSON errors (axum's own rejections are
-/// plain text), read after the token was checked. The body needs
-/// `Content-Type: application/json` (or `+json`): without it a client such as
-/// Python's `requests.post(url, data=...)` would have its body ignored, and a
-/// browser could send a "simple" cross-site `text/plain` request. An empty
-/// body is refused too: an unfiltered redrive must be asked for with `{}`.
-pub(crate) fn json_body<T: DeserializeOwned>(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
-    let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or(""));
+/// plain text), read only after the token was checked: taken as an
+/// extractor, the body would be read first, and a caller without the token
+/// could hold a connection and its buffer by sending one slowly. The body
+/// needs `Content-Type: application/json` (or `+json`): without it a client
+/// such as Python's `requests.post(url, data=...)` would have its body
+/// ignored, and a browser could send a "simple" cross-site `text/plain`
+/// request. An empty body is refused too: an unfiltered redrive must be asked
+/// for with `{}`.
+pub(crate) async fn authorized_json<T: DeserializeOwned>(app: &App, request: Request) -> Result<T, ApiError> {
+    let (parts, body) = request.into_parts();
+    authorize(app, &parts.headers)?;
+    let body = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES))
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+            )
+        })?
+        .map_err(body_error)?;
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or(""));
     parse_json_body(content_type, &body)
+}
+
+/// A body that could not be read: too large (413), or cut off.
+fn body_error(e: axum::Error) -> ApiError {
+    let too_large = std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| e.source())
+        .any(|e| e.is::<http_body_util::LengthLimitError>());
+    if too_large {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than {} KiB", MAX_BODY_BYTES >> 10),
+        )
+    } else {
+        ApiError(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"))
+    }
 }
 
 fn is_json_content_type(ct: &str) -> bool {
@@ -492,16 +525,14 @@ struct RedriveBody {
     concurrency: Option<usize>,
 }
 
-/// Start a redrive. The body is required JSON (see [`json_body`]); `{}` means
+/// Start a redrive. The body is required JSON (see [`authorized_json`]); `{}` means
 /// every default: every message, to its source, at the config's rate.
 async fn redrive(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers)?;
-    let b: RedriveBody = json_body(&headers, body)?;
+    let b: RedriveBody = authorized_json(&app, request).await?;
     // The DLQ first, so that its own failure reads as the provider's (502);
     // planning then names a destination it cannot resolve (400 when the
     // provider does not know it).

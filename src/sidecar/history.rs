@@ -63,8 +63,18 @@ impl RunHistory {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            for line in std::io::BufReader::new(f).lines() {
-                let line = line?;
+            let mut reader = std::io::BufReader::new(f);
+            let mut bytes = Vec::new();
+            loop {
+                bytes.clear();
+                if reader.read_until(b'\n', &mut bytes)? == 0 {
+                    break;
+                }
+                // Bytes, not `lines()`: a line cut inside a multi-byte
+                // character (a crash mid-write) would fail the whole read.
+                // It fails to parse below and is skipped, as the journal
+                // skips it.
+                let line = String::from_utf8_lossy(&bytes);
                 if !line.contains("\"run_finished\"") && !line.contains("\"run_started\"") {
                     // What an unfinished run did, as `dlq-bridge runs`
                     // counts it: a run killed after sending 40 showed 0.
@@ -184,6 +194,44 @@ pub fn from_summary(run: &str, s: Value) -> Value {
 mod tests {
     use super::*;
     use crate::engine::journal::Journal;
+
+    /// A line cut inside a multi-byte character (a crash mid-write, which
+    /// the journal ends and writes after) is skipped, not a failed read.
+    #[test]
+    fn a_line_torn_inside_a_character_is_skipped() {
+        let dir = std::env::temp_dir().join(format!("dlqb-torn-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal.jsonl");
+        let record = |r: &Record| serde_json::to_vec(r).unwrap();
+        let started = |run: &str| Record::RunStarted {
+            run: run.into(),
+            at: chrono::Utc::now(),
+            queue: "orders".into(),
+            action: None,
+            trigger: "api".into(),
+            filter: "reason == \"Zeitüberschreitung\"".into(),
+            dry_run: false,
+            destination: None,
+        };
+        let finished = |run: &str| Record::RunFinished {
+            run: run.into(),
+            at: chrono::Utc::now(),
+            summary: serde_json::json!({"queue": "orders", "stopped": "drained"}),
+        };
+        let torn = record(&started("torn"));
+        let cut = torn.windows(2).position(|w| w == "ü".as_bytes()).unwrap() + 1;
+        let mut bytes = torn[..cut].to_vec();
+        bytes.push(b'\n');
+        for r in [started("after"), finished("after")] {
+            bytes.extend(record(&r));
+            bytes.push(b'\n');
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let runs = RunHistory::default().runs(&path, 1).expect("the torn line is skipped");
+        let ids: Vec<&str> = runs.iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(ids, ["after"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     /// A run killed mid-way (no `run_finished`) is listed, as unfinished.
     #[test]

@@ -65,17 +65,6 @@ impl AsyncPredicate<Request<Body>> for Auth {
     }
 }
 
-/// Where the channels go.
-pub(super) enum Dial<'a> {
-    /// An emulator's `host:port`, in plain HTTP/2.
-    Emulator(&'a str),
-    /// A Google API host (`host` or `host:port`), over TLS, with a token.
-    Google {
-        host: &'a str,
-        tokens: Arc<dyn TokenSource>,
-    },
-}
-
 /// Channels taken in turn, so that calls spread over the connections.
 pub(super) struct Pool {
     channels: Vec<Channel>,
@@ -97,26 +86,27 @@ pub(super) struct Dialer {
 }
 
 impl Dialer {
-    pub(super) fn new(dial: Dial<'_>) -> Result<Self, BackendError> {
-        let (endpoint, auth) = match dial {
-            Dial::Emulator(host) => {
-                let endpoint = Endpoint::from_shared(format!("http://{host}"))
-                    .map_err(|e| invalid(format!("Pub/Sub emulator host `{host}`"), &e))?;
-                (endpoint, Auth(None))
-            }
-            Dial::Google { host, tokens } => {
-                let (url, domain) = google_url(host);
-                let endpoint =
-                    Endpoint::from_shared(url).map_err(|e| invalid(format!("Pub/Sub endpoint `{host}`"), &e))?;
-                let tls = trusted_cas()?.domain_name(domain);
-                let endpoint = endpoint
-                    .tls_config(tls)
-                    .map_err(|e| invalid(format!("TLS for the Pub/Sub endpoint `{host}`"), &e))?;
-                (endpoint, Auth(Some(tokens)))
-            }
-        };
+    /// An emulator's `host:port`, in plain HTTP/2, with no token.
+    pub(super) fn emulator(host: &str) -> Result<Self, BackendError> {
+        let endpoint = Endpoint::from_shared(format!("http://{host}"))
+            .map_err(|e| invalid(format!("Pub/Sub emulator host `{host}`"), &e))?;
+        Ok(Self::with(endpoint, Auth(None)))
+    }
+
+    /// A Google API host (`host` or `host:port`), over TLS, with a token.
+    pub(super) fn google(host: &str, tokens: Arc<dyn TokenSource>) -> Result<Self, BackendError> {
+        let (url, domain) = google_url(host);
+        let endpoint = Endpoint::from_shared(url).map_err(|e| invalid(format!("Pub/Sub endpoint `{host}`"), &e))?;
+        let tls = trusted_cas()?.domain_name(domain);
+        let endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| invalid(format!("TLS for the Pub/Sub endpoint `{host}`"), &e))?;
+        Ok(Self::with(endpoint, Auth(Some(tokens))))
+    }
+
+    fn with(endpoint: Endpoint, auth: Auth) -> Self {
         let endpoint = endpoint.timeout(CALL_TIMEOUT).connect_timeout(CONNECT_TIMEOUT);
-        Ok(Self { endpoint, auth })
+        Self { endpoint, auth }
     }
 
     /// `size` connections, opened at once (each a TCP and, on Google's
@@ -266,9 +256,9 @@ mod tests {
                 "pubsub.internal.example"
             )
         );
-        let emulator = Dialer::new(Dial::Emulator("127.0.0.1:8085")).unwrap();
+        let emulator = Dialer::emulator("127.0.0.1:8085").unwrap();
         assert_eq!(emulator.endpoint.uri().to_string(), "http://127.0.0.1:8085/");
-        let Err(BackendError::Invalid(why)) = Dialer::new(Dial::Emulator("127.0.0.1:80 85")) else {
+        let Err(BackendError::Invalid(why)) = Dialer::emulator("127.0.0.1:80 85") else {
             panic!("a host with a space is refused")
         };
         assert!(

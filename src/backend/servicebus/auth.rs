@@ -15,7 +15,7 @@ use sha2::Sha256;
 use tokio::sync::Mutex;
 
 use super::{BackendError, PROVIDER, Result};
-use crate::backend::{http_client, root_cause};
+use crate::backend::{http_client, with_root_cause};
 
 /// What a connection string holds that dlq-bridge uses. Its `Debug` leaves
 /// the key and the signature out: a debug print in a log or a panic message
@@ -306,7 +306,7 @@ impl WorkloadIdentityCredential {
             .body(body)
             .send()
             .await
-            .map_err(|e| BackendError::unreachable(url.clone(), format!("token request: {e}: {}", root_cause(&e))))?;
+            .map_err(|e| BackendError::unreachable(url.clone(), format!("token request: {}", with_root_cause(&e))))?;
         let status = resp.status();
         let json: serde_json::Value = resp.json().await.map_err(|e| refused(format!("token response: {e}")))?;
         if !status.is_success() {

@@ -1742,7 +1742,7 @@ impl ServiceBusBackend {
             .map_err(|e| {
                 BackendError::unreachable(
                     self.management.clone(),
-                    format!("management GET {url}: {e}: {}", super::root_cause(&e)),
+                    format!("management GET {url}: {}", super::with_root_cause(&e)),
                 )
             })?;
         let status = resp.status();

@@ -22,7 +22,7 @@ use crate::engine::triage::{self, GroupBy, TriageError};
 use crate::filter::{Filter, FilterError};
 use crate::output::MessageView;
 use crate::sidecar::api::{
-    ApiError, ApiQuery, Narrow, authorize, browse_matches, given_filter, json_body, leasing_read, read_guard,
+    ApiError, ApiQuery, Narrow, authorize, authorized_json, browse_matches, given_filter, leasing_read, read_guard,
 };
 use crate::sidecar::app::App;
 use crate::sidecar::history;
@@ -249,11 +249,9 @@ struct PurgeBody {
 async fn purge(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
-    headers: HeaderMap,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers)?;
-    let b: PurgeBody = json_body(&headers, body)?;
+    let b: PurgeBody = authorized_json(&app, request).await?;
     if b.filter.trim().is_empty() {
         return Err(bad_request("purge needs a filter (`true` purges everything)"));
     }
@@ -317,11 +315,9 @@ struct ExportBody {
 async fn export(
     State(app): State<Arc<App>>,
     Path(queue): Path<String>,
-    headers: HeaderMap,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers)?;
-    let b: ExportBody = json_body(&headers, body)?;
+    let b: ExportBody = authorized_json(&app, request).await?;
     let filter = given_filter("filter", b.filter.as_deref())?;
     // Both reads lease on SQS and Pub/Sub, like a browse.
     let filter = filter.map(str::to_string);
