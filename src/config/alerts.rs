@@ -86,9 +86,13 @@ pub struct AlertRule {
     pub send_resolved: bool,
 }
 
+/// The names of the rules' conditions, as [`AlertRule::kind`] gives them.
+pub const KINDS: [&str; 4] = ["depth_above", "oldest_age_above", "growth", "new_reason"];
+
 impl AlertRule {
     /// The condition this rule tests: `depth_above`, `oldest_age_above`,
     /// `growth` or `new_reason`.
+    /// One of [`KINDS`].
     pub fn kind(&self) -> &'static str {
         if self.depth_above.is_some() {
             "depth_above"

@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use alerts::{AlertRule, AlertsConfig, GrowthRule, SinkConfig, SinkKind, SinkTarget, check_sink_url};
+pub use alerts::{
+    AlertRule, AlertsConfig, GrowthRule, KINDS as ALERT_KINDS, SinkConfig, SinkKind, SinkTarget, check_sink_url,
+};
 pub use durations::{MIN_POLL_INTERVAL, duration_text, opt_duration_text, opt_poll_interval_text, poll_interval_text};
 pub use env::env_overrides_from_process;
 pub use queue::{

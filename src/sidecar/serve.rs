@@ -101,7 +101,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "alerts.rules are set but alerts.sinks is empty: rules only set dlq_bridge_alerts_firing and /v1/alerts, no notification is sent"
         );
     }
-    let mut evaluator = Evaluator::new(&config.alerts);
+    let mut evaluator = Evaluator::new(&config.alerts, config.queues.iter().map(|q| q.name.clone()));
     // What the alerts knew before a restart: which fire, which reasons are
     // known. Only with rules, in the data directory this process holds.
     let alert_state = data_dir

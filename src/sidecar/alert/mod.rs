@@ -304,6 +304,14 @@ pub struct Evaluator {
     /// Some rule state holds an owed resolve: spares the leader a walk over
     /// every state at every poll.
     any_owed: bool,
+    /// The configured queues: the only ones whose saved state a restart
+    /// takes up ([`state`]).
+    watched: HashSet<String>,
+    /// Resolves of alerts that fired before a restart on a queue, or by a
+    /// rule, that is no longer watched: nothing will clear them otherwise.
+    /// Sent as owed resolves are ([`Evaluator::owed_resolves`]), with when
+    /// they were found.
+    retired: Vec<(Notification, DateTime<Utc>)>,
 }
 
 /// Firing alerts are valid in Alertmanager for this many resend delays, as
@@ -311,7 +319,8 @@ pub struct Evaluator {
 const RESENDS_VALID: u32 = 4;
 
 impl Evaluator {
-    pub fn new(cfg: &AlertsConfig) -> Self {
+    /// The evaluator of `cfg`'s rules over the configured queues `watched`.
+    pub fn new<Q: Into<String>>(cfg: &AlertsConfig, watched: impl IntoIterator<Item = Q>) -> Self {
         let rules: Vec<Rule> = cfg
             .rules
             .iter()
@@ -343,6 +352,8 @@ impl Evaluator {
             longest_window,
             resend_delay: cfg.resend_delay,
             any_owed: false,
+            watched: watched.into_iter().map(Into::into).collect(),
+            retired: Vec::new(),
         }
     }
 
@@ -359,9 +370,11 @@ impl Evaluator {
             return Vec::new();
         }
         let within = self.resend_delay * RESENDS_VALID;
+        let retired = std::mem::take(&mut self.retired);
         self.state
             .values_mut()
             .filter_map(|st| st.owed_resolve.take())
+            .chain(retired)
             .filter(|(_, cleared)| (now - *cleared).to_std().unwrap_or_default() <= within)
             .map(|(mut n, _)| {
                 n.sent_at = now;
@@ -813,7 +826,7 @@ mod tests {
 
     pub(super) fn evaluator(rules_yaml: &str) -> Evaluator {
         let cfg = Config::from_yaml(&format!("alerts:\n  rules:\n{rules_yaml}"), "t", &[]).unwrap();
-        Evaluator::new(&cfg.alerts)
+        Evaluator::new(&cfg.alerts, ["orders"])
     }
 
     pub(super) fn poll(at_secs: i64, depth: u64, arrivals: u64, reasons: &[&str]) -> PollResult {
@@ -935,7 +948,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        let mut e = Evaluator::new(&cfg.alerts);
+        let mut e = Evaluator::new(&cfg.alerts, ["orders"]);
         let m = Metrics::new();
         let at = |secs: i64| DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap();
         let fired = e.evaluate(&poll(0, 5, 5, &[]), true, &m);
@@ -1341,7 +1354,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        let mut e = Evaluator::new(&cfg.alerts);
+        let mut e = Evaluator::new(&cfg.alerts, ["orders"]);
         let m = Metrics::new();
         assert!(
             e.evaluate(&poll(0, 1, 0, &["Timeout"]), true, &m).is_empty(),

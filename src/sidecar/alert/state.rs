@@ -186,15 +186,28 @@ impl Evaluator {
     }
 
     /// Take up what `saved` knew, for the rules and queues still configured
-    /// (a rule is matched by its name and kind).
+    /// (a rule is matched by its name and kind). What fired on a queue, or
+    /// by a rule, no longer watched is resolved instead: nothing would ever
+    /// clear it, and Alertmanager would keep it active for as long as this
+    /// replica re-sent it.
     fn restore(&mut self, saved: Saved, now: DateTime<Utc>) {
         let timers_kept = (now - saved.saved_at).to_std().unwrap_or_default() <= TIMERS_KEPT_WITHIN;
         for r in saved.rules {
-            let Some(i) = self
+            let rule = self
                 .rules
                 .iter()
-                .position(|rule| rule.name == r.rule && rule.kind == r.kind && rule.applies_to(&r.queue))
-            else {
+                .position(|rule| rule.name == r.rule && rule.kind == r.kind);
+            let watched = self.watched.contains(&r.queue);
+            let Some(i) = rule.filter(|&i| watched && self.rules[i].applies_to(&r.queue)) else {
+                let why = match rule {
+                    None => "the rule is no longer configured",
+                    Some(_) if !watched => "the queue is no longer configured",
+                    Some(_) => "the rule no longer watches this queue",
+                };
+                let send_resolved = rule.is_none_or(|i| self.rules[i].cfg.send_resolved);
+                if let Some(n) = r.sent {
+                    self.retire(r.rule, &r.kind, r.queue, n, why, !send_resolved, now);
+                }
                 continue;
             };
             let rule = &self.rules[i];
@@ -235,7 +248,7 @@ impl Evaluator {
             self.state.insert((i, r.queue), state);
         }
         for q in saved.queues {
-            if !self.rules.iter().any(|r| r.applies_to(&q.queue)) {
+            if !self.watched.contains(&q.queue) || !self.rules.iter().any(|r| r.applies_to(&q.queue)) {
                 continue;
             }
             if let Some(at) = q.last_poll {
@@ -285,6 +298,47 @@ impl Evaluator {
                     .insert(q.queue, q.arrivals.into_iter().collect::<VecDeque<_>>());
             }
         }
+    }
+}
+
+impl Evaluator {
+    /// Owe the resolve of `sent`, an alert that fired by `rule` on `queue`
+    /// before a restart and that is no longer evaluated (`why`).
+    #[allow(clippy::too_many_arguments)]
+    fn retire(
+        &mut self,
+        rule: String,
+        kind: &str,
+        queue: String,
+        sent: SavedNotice,
+        why: &str,
+        quiet: bool,
+        now: DateTime<Utc>,
+    ) {
+        tracing::info!(%rule, %queue, why, "an alert that fired before the restart is resolved");
+        let n = Notification {
+            version: 1,
+            status: Status::Resolved,
+            summary: format!("{queue}: {rule} resolved on {}: {why}", sent.backend),
+            rule,
+            kind: crate::config::ALERT_KINDS
+                .into_iter()
+                .find(|k| *k == kind)
+                .unwrap_or("unknown"),
+            queue,
+            backend: sent.backend,
+            value: sent.value,
+            threshold: sent.threshold,
+            reason: None,
+            started_at: sent.started_at,
+            sent_at: now,
+            repeat_seconds: 0,
+            samples: Vec::new(),
+            quiet,
+            valid_for: Duration::ZERO,
+        };
+        self.retired.push((n, now));
+        self.any_owed = true;
     }
 }
 
@@ -564,6 +618,52 @@ mod tests {
         let mut renamed = evaluator("    - name: deeper\n      depth_above: 10\n");
         StateFile::in_dir(dir.path()).load(&mut renamed, at(60));
         let fired = renamed.evaluate(&poll(60, 50, 0, &[]), true, &m);
-        assert_eq!(fired.len(), 1, "a new rule's alert is new: {fired:?}");
+        let got: Vec<_> = fired.iter().map(|n| (n.rule.as_str(), n.status)).collect();
+        // The old rule's alert is resolved (nothing else would end it), the
+        // new rule's is new.
+        assert_eq!(
+            got,
+            [("deep", Status::Resolved), ("deeper", Status::Firing)],
+            "{fired:?}"
+        );
+        assert!(
+            fired[0].summary.ends_with("the rule is no longer configured"),
+            "{fired:?}"
+        );
+        assert_eq!(fired[0].kind, "depth_above");
+        assert!(!fired[0].quiet);
+    }
+
+    /// A queue removed from the config (or renamed) while its alert fired:
+    /// the alert is resolved once by the next leader, not kept alive at
+    /// Alertmanager for good, and its state is not saved again.
+    #[tokio::test]
+    async fn an_alert_of_a_queue_no_longer_configured_is_resolved_after_a_restart() {
+        let dir = TempDir::new();
+        let m = Metrics::new();
+        let mut e = evaluator(RULES);
+        let fired = e.evaluate(&poll(0, 50, 0, &[]), true, &m);
+        assert_eq!(fired.iter().filter(|n| n.rule == "deep").count(), 1);
+        StateFile::in_dir(dir.path()).save(&e, at(30)).await;
+        let cfg = crate::config::Config::from_yaml(&format!("alerts:\n  rules:\n{RULES}"), "t", &[]).unwrap();
+        let mut after = Evaluator::new(&cfg.alerts, ["payments"]);
+        StateFile::in_dir(dir.path()).load(&mut after, at(60));
+        assert!(after.owed_resolves(at(60), false).is_empty(), "only a leader sends it");
+        let resolved = after.owed_resolves(at(70), true);
+        assert_eq!(resolved.len(), 1, "{resolved:?}");
+        assert_eq!(
+            (resolved[0].rule.as_str(), resolved[0].queue.as_str()),
+            ("deep", "orders")
+        );
+        assert_eq!(resolved[0].status, Status::Resolved);
+        assert_eq!(resolved[0].started_at, fired[0].started_at);
+        assert!(
+            resolved[0].summary.ends_with("the queue is no longer configured"),
+            "{resolved:?}"
+        );
+        assert!(after.owed_resolves(at(80), true).is_empty(), "once");
+        assert!(after.refresh(at(60) + chrono::Duration::hours(1), true).is_empty());
+        let saved = after.saved(at(90));
+        assert!(saved.rules.is_empty() && saved.queues.is_empty(), "not saved again");
     }
 }
