@@ -150,7 +150,8 @@ pub struct SinkConfig {
     /// A Slack incoming webhook.
     #[serde(default)]
     pub slack: Option<SinkTarget>,
-    /// Alertmanager's `/api/v2/alerts`; `url` is Alertmanager's base URL.
+    /// Alertmanager's `/api/v2/alerts`; `url` is Alertmanager's base URL (a
+    /// URL that ends in `/api/v2/alerts` is taken as that endpoint).
     #[serde(default)]
     pub alertmanager: Option<SinkTarget>,
 }
@@ -262,5 +263,38 @@ mod tests {
             err.contains("alerts.rules[0].growth.window") && err.contains("longer than 0s"),
             "{err}"
         );
+    }
+
+    /// Settings that would make a rule page at every poll, or that it
+    /// ignores, are refused where they are written.
+    #[test]
+    fn rule_settings_that_spam_or_do_nothing_are_refused_at_their_line() {
+        for (y, field, says) in [
+            (
+                "alerts:\n  rules:\n    - depth_above: 1\n      repeat: 0s\n",
+                "alerts.rules[0].repeat",
+                "longer than 0s",
+            ),
+            (
+                "alerts:\n  rules:\n    - depth_above: 1\n      queues: []\n",
+                "alerts.rules[0].queues",
+                "never apply",
+            ),
+            (
+                "alerts:\n  rules:\n    - new_reason: true\n      for: 10m\n",
+                "alerts.rules[0].for",
+                "no effect on a `new_reason` rule",
+            ),
+            (
+                "alerts:\n  rules:\n    - new_reason: true\n      keep_firing_for: 10m\n",
+                "alerts.rules[0].keep_firing_for",
+                "no effect on a `new_reason` rule",
+            ),
+        ] {
+            let err = parse(y).unwrap_err().to_string();
+            assert!(err.starts_with("test.yaml:4:"), "{err}");
+            assert!(err.contains(field) && err.contains(says), "{err}");
+        }
+        assert!(parse("alerts:\n  rules:\n    - depth_above: 1\n      repeat: 1m\n      for: 5m\n").is_ok());
     }
 }

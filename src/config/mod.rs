@@ -315,6 +315,33 @@ impl Config {
                     "set exactly one of `depth_above`, `oldest_age_above`, `growth`, `new_reason`".into(),
                 ));
             }
+            if r.queues.is_empty() {
+                return Err(err(
+                    format!("alerts.rules[{i}].queues"),
+                    "names no queue, so the rule would never apply: name queues or globs, or leave it out for every queue".into(),
+                ));
+            }
+            // A new reason is announced once: its `repeat` only sets how long
+            // Alertmanager keeps it active, where 0s means the least.
+            if r.repeat.is_zero() && !r.new_reason {
+                return Err(err(
+                    format!("alerts.rules[{i}].repeat"),
+                    "must be longer than 0s (a firing alert would be sent again at every poll); a long one (`24h`) sends it seldom".into(),
+                ));
+            }
+            if r.new_reason {
+                for (field, set) in [
+                    ("for", !r.for_.is_zero()),
+                    ("keep_firing_for", !r.keep_firing_for.is_zero()),
+                ] {
+                    if set {
+                        return Err(err(
+                            format!("alerts.rules[{i}].{field}"),
+                            "has no effect on a `new_reason` rule: a new reason is announced once, by the poll that finds it, and never resolves".into(),
+                        ));
+                    }
+                }
+            }
             for (j, g) in r.queues.iter().enumerate() {
                 if let Err(e) = glob::Pattern::new(g) {
                     return Err(err(

@@ -226,7 +226,7 @@ impl Sinks {
             let sink = Sink {
                 kind,
                 url: match kind {
-                    Kind::Alertmanager => format!("{}/api/v2/alerts", url.trim_end_matches('/')),
+                    Kind::Alertmanager => alertmanager_endpoint(&url),
                     _ => url,
                 },
                 labels: target.labels.clone(),
@@ -556,6 +556,15 @@ fn payload(sink: &Sink, n: &Notification) -> serde_json::Value {
             }])
         }
     }
+}
+
+/// Where alerts are posted, from Alertmanager's base URL, or from the
+/// endpoint itself, which tools that take it whole have users give (posting
+/// to `…/api/v2/alerts/api/v2/alerts` would fail every notice).
+fn alertmanager_endpoint(url: &str) -> String {
+    let base = url.trim_end_matches('/');
+    let base = base.strip_suffix("/api/v2/alerts").unwrap_or(base);
+    format!("{base}/api/v2/alerts")
 }
 
 #[cfg(test)]
@@ -1062,6 +1071,22 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .starts_with(":rotating_light: [FIRING] orders")
+        );
+    }
+
+    #[test]
+    fn alertmanager_is_given_by_its_base_url_or_its_endpoint() {
+        for url in [
+            "http://am:9093",
+            "http://am:9093/",
+            "http://am:9093/api/v2/alerts",
+            "http://am:9093/api/v2/alerts/",
+        ] {
+            assert_eq!(alertmanager_endpoint(url), "http://am:9093/api/v2/alerts", "{url}");
+        }
+        assert_eq!(
+            alertmanager_endpoint("https://proxy/alertmanager"),
+            "https://proxy/alertmanager/api/v2/alerts"
         );
     }
 }
