@@ -317,6 +317,44 @@ async fn a_cron_slot_that_falls_during_the_hand_over_runs_on_the_new_leader() {
     assert_eq!(f.dlq_count().await, 0);
 }
 
+/// A lone leader restarted across a cron slot (killed just before it, back
+/// just after it) takes the Lease that still names it at once, which can be
+/// before its schedule first looks at who leads: it catches the slot up all
+/// the same, once.
+#[tokio::test]
+async fn a_leader_restarted_across_a_cron_slot_catches_it_up() {
+    let kubeconfig = kubeconfig();
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&one_message("missed")).await;
+    let lease = common::unique("dlqb-lease");
+    let (slot, schedule) = cron_slot(Duration::from_secs(8));
+    let config = replica_config(&f, &lease, "a", "1h", &schedule);
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+    let mut a = Serve::start_with_env(&config, &env).await;
+    assert_eq!(leader_of(&lease).await, "a");
+    sleep_until_wall(slot - chrono::Duration::milliseconds(1500)).await;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    sleep_until_wall(slot + chrono::Duration::seconds(1)).await;
+    assert_eq!(f.dlq_count().await, 1, "nobody ran the slot");
+    let a = Serve::start_with_env(&config, &env).await;
+
+    let mut got = Vec::new();
+    let started = Instant::now();
+    while got.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the slot missed while the leader restarted never ran"
+        );
+        got.extend(f.drain_source().await.into_iter().map(|r| r.body));
+    }
+    assert_eq!(got, [b"missed".to_vec()]);
+    assert_eq!(scheduled_runs(&a).await, 1, "caught up once");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(scheduled_runs(&a).await, 1, "and only once");
+    assert_eq!(f.dlq_count().await, 0);
+}
+
 /// The leader runs a cron slot and dies right after; the standby that takes
 /// the Lease over learns from it that the slot was started, and does not run
 /// it again.

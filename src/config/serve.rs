@@ -176,6 +176,8 @@ pub struct LeaderElectionConfig {
     #[serde(default)]
     pub namespace: Option<String>,
     /// This replica's name in the Lease. Default: POD_NAME, else the hostname.
+    /// Leave it out where replicas share one config (a Deployment's
+    /// ConfigMap): replicas of one identity would all lead.
     #[serde(default)]
     pub identity: Option<String>,
     /// A leader that has not renewed for this long is replaced.

@@ -285,9 +285,21 @@ pub enum LeaderError {
 
 /// The identity this replica writes into the Lease.
 pub fn identity(cfg: &LeaderElectionConfig) -> String {
+    let pod = std::env::var("POD_NAME").ok().filter(|s| !s.is_empty());
+    if let (Some(set), Some(pod)) = (&cfg.identity, &pod)
+        && set != pod
+    {
+        // Replicas of a Deployment share one config: each would take the
+        // Lease as its own, and several would lead at once.
+        tracing::warn!(
+            identity = %set,
+            pod = %pod,
+            "leader_election.identity is set and overrides POD_NAME: every replica that reads this config claims the same identity, and they all lead; leave it out unless each replica has a config of its own"
+        );
+    }
     cfg.identity
         .clone()
-        .or_else(|| std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()))
+        .or(pod)
         .or_else(|| {
             std::fs::read_to_string("/etc/hostname")
                 .ok()

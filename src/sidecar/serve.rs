@@ -520,7 +520,13 @@ async fn schedule_loop(
     let key = schedule_key(&s);
     let anchor = tokio::time::Instant::now();
     let mut last_cron: Option<DateTime<Utc>> = None;
+    // A replica whose elector took the Lease before this loop first looked
+    // has taken it over all the same (a restart into a free Lease, or one
+    // that still names this pod): the slot it missed while down is caught up.
     let mut led = *leadership.borrow_and_update();
+    if led {
+        catch_up(&app, &s, &key, &cadence, &hand_over).await;
+    }
     // False once the elector has ended (shutdown): nothing more to watch.
     let mut watching = true;
     'schedule: loop {
@@ -552,24 +558,12 @@ async fn schedule_loop(
                     let leading = *leadership.borrow_and_update();
                     let taken_over = leading && !led;
                     led = leading;
-                    // This replica has just taken the Lease: a cron slot that
-                    // fell during the hand-over and that no leader started
-                    // runs now, once.
-                    let (Cadence::Cron(c), Some(window), true) = (&cadence, hand_over.catch_up, taken_over) else {
-                        continue;
-                    };
-                    let Some(missed) = missed_slot(c, Utc::now(), window, hand_over.slots.last(&key)) else {
-                        continue;
-                    };
-                    if !hand_over.slots.known() {
-                        tracing::warn!(queue = %s.queue, slot = %missed, "took the Lease over from a holder that did not record its cron slots: whether this slot, within the hand-over, ran is unknown; not run again here");
-                    } else {
-                        tracing::info!(queue = %s.queue, slot = %missed, "cron slot fell during the leader hand-over and no leader started it: running it now");
-                        run_scheduled(&app, &s, &key, Some(missed), &hand_over).await;
-                        // A run that outlasted the next slot skips it, as any run does.
-                        if tokio::time::Instant::now() >= wake {
-                            continue 'schedule;
-                        }
+                    // A run that outlasted the next slot skips it, as any run does.
+                    if taken_over
+                        && catch_up(&app, &s, &key, &cadence, &hand_over).await
+                        && tokio::time::Instant::now() >= wake
+                    {
+                        continue 'schedule;
                     }
                 }
             }
@@ -579,6 +573,24 @@ async fn schedule_loop(
         }
         run_scheduled(&app, &s, &key, slot, &hand_over).await;
     }
+}
+
+/// This replica has just taken the Lease: a cron slot of `s` that fell during
+/// the hand-over and that no leader started runs now, once. Whether it ran.
+async fn catch_up(app: &Arc<App>, s: &ScheduleConfig, key: &str, cadence: &Cadence, hand_over: &HandOver) -> bool {
+    let (Cadence::Cron(c), Some(window)) = (cadence, hand_over.catch_up) else {
+        return false;
+    };
+    let Some(missed) = missed_slot(c, Utc::now(), window, hand_over.slots.last(key)) else {
+        return false;
+    };
+    if !hand_over.slots.known() {
+        tracing::warn!(queue = %s.queue, slot = %missed, "took the Lease over from a holder that did not record its cron slots: whether this slot, within the hand-over, ran is unknown; not run again here");
+        return false;
+    }
+    tracing::info!(queue = %s.queue, slot = %missed, "cron slot fell during the leader hand-over and no leader started it: running it now");
+    run_scheduled(app, s, key, Some(missed), hand_over).await;
+    true
 }
 
 /// Run schedule `s` once and wait for the run to end. A cron `slot` is first
@@ -594,6 +606,12 @@ async fn run_scheduled(
     hand_over: &HandOver,
 ) {
     if let Some(slot) = slot {
+        // Caught up already: its timer, computed before the wall clock
+        // passed it, can fire after the catch-up's run ended.
+        if hand_over.slots.last(key).is_some_and(|started| started >= slot) {
+            tracing::debug!(queue = %s.queue, %slot, "cron slot already started; not run again");
+            return;
+        }
         let (generation, previous) = hand_over.slots.start(key, slot);
         if !hand_over.slots.recorded(generation, hand_over.record_within).await {
             hand_over.slots.abandon(key, slot, previous);
