@@ -285,7 +285,7 @@ impl Registry {
         let (from, into) = (self.queue(queue)?.kind.backend_name(), other.kind.backend_name());
         if from != into {
             return Err(RegistryError::Invalid(format!(
-                "--to {to}: that queue is on {into}, and a redrive from {queue} sends with {from}; name a queue on {from} or a {from} address"
+                "destination {to}: that queue is on {into}, and a redrive from {queue} sends with {from}; name a queue on {from} or a {from} address"
             )));
         }
         let other_backend = self.backend_for(to, Purpose::Pass).await?;
@@ -300,7 +300,7 @@ impl Registry {
         })? {
             Some(dest) => Ok(Some(dest)),
             None => Err(RegistryError::Invalid(format!(
-                "--to {to}: its provider names no source for that queue; set `source` for it in the config, or pass an address"
+                "destination {to}: its provider names no source for that queue; set `source` for it in the config, or name an address"
             ))),
         }
     }

@@ -290,6 +290,9 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let status = match &e {
             RegistryError::UnknownQueue { .. } => StatusCode::NOT_FOUND,
+            // A queue's configured `source` the provider does not know is
+            // the server's config to mend, not the caller's request.
+            RegistryError::Source { .. } if e.is_usage() => StatusCode::INTERNAL_SERVER_ERROR,
             e if e.is_usage() => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         };
@@ -688,5 +691,17 @@ mod tests {
             detail: "refused".into(),
         };
         assert_eq!(ApiError::from(destination(down)).0, StatusCode::BAD_GATEWAY);
+        // The queue's configured source is the server's config, not the
+        // caller's request.
+        let source_missing = RegistryError::Source {
+            queue: "orders".into(),
+            name: "nosuch".into(),
+            error: BackendError::NotFound {
+                queue: "nosuch".into(),
+                detail: "no topic".into(),
+            },
+        };
+        assert!(source_missing.is_usage(), "the CLI's exit 2: a config to mend");
+        assert_eq!(ApiError::from(source_missing).0, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }
