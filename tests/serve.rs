@@ -966,6 +966,45 @@ async fn oldest_age_above_fires_on_sqs_from_cloudwatch_when_the_sample_is_partia
     );
 }
 
+/// A run is cancelled over the API (with the token): it stops as a shutdown
+/// stops it, ends `interrupted`, and what it did not move is still in the
+/// DLQ; a run that has ended is a 409, an unknown one a 404.
+#[tokio::test]
+async fn a_running_redrive_is_cancelled_over_the_api_and_loses_nothing() {
+    let f = SqsFixture::create(false).await;
+    f.put_in_dlq(&msgs(30, "Timeout")).await;
+    let config = format!(
+        "queues:\n{}serve:\n  listen: \"{{listen}}\"\n  poll_interval: 1h\n  token_env: DLQ_BRIDGE_TEST_TOKEN\n  reason_sample: 0\n",
+        queue_yaml("orders", &f)
+    );
+    let serve = Serve::start(&config).await;
+    let (code, started) = serve
+        .post("/v1/queues/orders/redrive", json!({ "rate": 2 }), Some(TOKEN))
+        .await;
+    assert_eq!(code, 202, "{started}");
+    let id = started["run_id"].as_str().unwrap().to_string();
+    let cancel = format!("/v1/runs/{id}/cancel");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, _) = serve.post(&cancel, json!({}), None).await;
+    assert_eq!(code, 401, "the token is needed");
+    let (code, view) = serve.post(&cancel, json!({}), Some(TOKEN)).await;
+    assert_eq!(code, 202, "{view}");
+    assert_eq!(view["run_id"], id.as_str());
+    let ended = serve.wait_run(&id).await;
+    assert_eq!(ended["status"], "interrupted", "{ended}");
+    assert_eq!(ended["summary"]["stopped"], "cancelled", "{ended}");
+    let settled = ended["summary"]["settled"].as_u64().unwrap();
+    assert!(settled < 30, "stopped before the end: {ended}");
+    let moved = f.drain_source().await.len();
+    assert_eq!(moved as u64, settled, "{ended}");
+    assert_eq!(f.dlq_count().await + moved, 30, "nothing lost");
+    let (code, again) = serve.post(&cancel, json!({}), Some(TOKEN)).await;
+    assert_eq!(code, 409, "{again}");
+    assert!(again["error"].as_str().unwrap().contains("interrupted"), "{again}");
+    let (code, _) = serve.post("/v1/runs/nosuch/cancel", json!({}), Some(TOKEN)).await;
+    assert_eq!(code, 404);
+}
+
 /// A redrive that spans polls removes messages the polls already saw go: no
 /// phantom arrivals, and no growth alert, for our own removals.
 #[tokio::test]

@@ -29,7 +29,7 @@ use crate::engine::triage;
 use crate::filter::Filter;
 use crate::model::DlqMessage;
 use crate::output::MessageView;
-use crate::sidecar::app::App;
+use crate::sidecar::app::{App, Cancelled};
 use crate::sidecar::exclusion::{Busy, ReadGuard};
 
 const MAX_LIMIT: usize = 1000;
@@ -58,6 +58,7 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/v1/queues/{queue}/report", get(report))
         .route("/v1/queues/{queue}/redrive", post(redrive))
         .route("/v1/runs/{id}", get(run))
+        .route("/v1/runs/{id}/cancel", post(cancel_run))
 }
 
 /// How many messages a browse reads: `limit` without a filter (nothing is
@@ -566,6 +567,28 @@ async fn run(State(app): State<Arc<App>>, Path(id): Path<String>, headers: Heade
         Err(e) => Err(ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("reading the journal: {e}"),
+        )),
+    }
+}
+
+/// Stop a running run (a mistaken redrive of every message, say) as a
+/// shutdown would: it stops leasing, finishes the sends it has out and
+/// releases what it holds. 202 while it stops; 409 once it has ended.
+async fn cancel_run(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    match app.cancel_run(&id).await {
+        Cancelled::Stopping(view) => Ok((StatusCode::ACCEPTED, Json(view)).into_response()),
+        Cancelled::Ended(view) => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("run `{id}` has ended already ({})", view.status.as_str()),
+        )),
+        Cancelled::Unknown => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no run `{id}` is running in this replica"),
         )),
     }
 }

@@ -38,13 +38,23 @@ fn spawn_reaping(tasks: &mut JoinSet<()>, run: impl std::future::Future<Output =
 pub enum RunStatus {
     Running,
     Finished,
-    /// Stopped by a shutdown (SIGTERM) before it was done, nothing failed:
-    /// what it left is still in the DLQ.
+    /// Stopped by a shutdown (SIGTERM) or cancelled over the API before it
+    /// was done, nothing failed: what it left is still in the DLQ.
     Interrupted,
     Failed,
 }
 
 impl RunStatus {
+    /// As the API shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Finished => "finished",
+            Self::Interrupted => "interrupted",
+            Self::Failed => "failed",
+        }
+    }
+
     /// How a run that returned `s` ended.
     pub fn of(s: &RunSummary) -> Self {
         if !s.ok() {
@@ -107,6 +117,19 @@ impl From<&Progress> for ProgressView {
 pub(super) struct RunEntry {
     view: RunView,
     progress: Arc<Progress>,
+    /// Stops the run as a shutdown does ([`App::cancel_run`]).
+    cancel: CancellationToken,
+}
+
+/// What [`App::cancel_run`] did.
+pub enum Cancelled {
+    /// Asked to stop: it stops leasing, sends what it holds already and
+    /// releases the rest, then reads `interrupted`.
+    Stopping(RunView),
+    /// It had ended already.
+    Ended(RunView),
+    /// This replica runs no run of that ID.
+    Unknown,
 }
 
 /// Everything the HTTP handlers, the scheduler and the alert loop share.
@@ -160,7 +183,8 @@ impl App {
         let queue = plan.queue.as_str();
         let backend = self.registry.backend(queue).await?;
         let true_peek = backend.capabilities().true_peek;
-        let mut engine = Engine::new(backend).with_cancel(self.shutdown.child_token());
+        let cancel = self.shutdown.child_token();
+        let mut engine = Engine::new(backend).with_cancel(cancel.clone());
         if let Some(j) = &self.journal {
             engine = engine.with_journal(j.clone());
         }
@@ -194,6 +218,7 @@ impl App {
                     error: None,
                 },
                 progress,
+                cancel,
             },
         );
         let app = self.clone();
@@ -238,7 +263,7 @@ impl App {
                 self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
             }
             if status == RunStatus::Interrupted {
-                tracing::warn!(run = %run_id, queue, settled = s.settled, trigger = %s.trigger, "redrive interrupted by the shutdown; what it did not move is still in the DLQ");
+                tracing::warn!(run = %run_id, queue, settled = s.settled, trigger = %s.trigger, "redrive interrupted (cancelled, or by the shutdown); what it did not move is still in the DLQ");
             } else if s.ok() {
                 tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
             } else {
@@ -282,6 +307,22 @@ impl App {
             }
             v
         })
+    }
+
+    /// Stop a run this replica runs, as a shutdown would stop it.
+    pub async fn cancel_run(&self, run_id: &str) -> Cancelled {
+        let runs = self.runs.lock().await;
+        let Some(e) = runs.get(run_id) else {
+            return Cancelled::Unknown;
+        };
+        let mut v = e.view.clone();
+        if v.status != RunStatus::Running {
+            return Cancelled::Ended(v);
+        }
+        e.cancel.cancel();
+        tracing::info!(run = %run_id, queue = %v.queue, "run cancelled over the API");
+        v.progress = ProgressView::from(&*e.progress);
+        Cancelled::Stopping(v)
     }
 
     /// Every run this process still remembers (running and recently finished).
