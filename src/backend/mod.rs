@@ -24,6 +24,12 @@ pub mod sqs;
 /// trace) is kept in, and sent from with its copy: the only system attribute
 /// a send may set.
 pub const AWS_TRACE_HEADER_PROPERTY: &str = "aws_trace_header";
+/// The property that carries a standard SQS queue's `MessageGroupId` (a
+/// fair queue's tenant): kept on the copy, but no ordering key, since a
+/// standard queue promises no order (as an ordering key it would send one
+/// tenant's copies one batch at a time, and hold them all back after one
+/// failed).
+pub const SQS_TENANT_PROPERTY: &str = "message_group_id";
 
 /// What a missing provider resource is, by its name: a Pub/Sub path names
 /// its kind (`projects/p/topics/t`), so does a Service Bus subscription

@@ -74,8 +74,12 @@ pub struct SqsBackend {
     description_attribute: String,
     /// `DeadLetterQueueSourceArn` → queue URL, so each source is looked up once.
     arn_urls: Mutex<HashMap<String, String>>,
-    /// The single queue whose RedrivePolicy points here, if there is exactly one.
-    listed_source: OnceCell<Option<String>>,
+    /// The single queue whose RedrivePolicy points here, if there is exactly
+    /// one; or the refusal of the call, which a policy without
+    /// `sqs:ListDeadLetterSourceQueues` gives every time: asked again for
+    /// every message without a source ARN, it cost a round trip each and an
+    /// AccessDenied in CloudTrail.
+    listed_source: OnceCell<Result<Option<String>>>,
     /// Where the oldest age comes from, when the config asks for CloudWatch.
     cloudwatch: Option<cloudwatch::CloudWatch>,
     /// The config accepts receives on a DLQ with a RedrivePolicy of its own.
@@ -431,8 +435,9 @@ impl SqsBackend {
                     // config's `source` is the remaining fallback.
                     Err(BackendError::Provider { detail, .. }) => {
                         tracing::debug!(%detail, "ListDeadLetterSourceQueues unavailable");
-                        return Ok(None);
+                        return Ok(Ok(None));
                     }
+                    Err(e @ BackendError::Auth { .. }) => return Ok(Err(e)),
                     Err(e) => return Err(e),
                 };
                 let urls = out.queue_urls();
@@ -443,10 +448,10 @@ impl SqsBackend {
                         "several queues dead-letter here; messages without DeadLetterQueueSourceArn need `source` in the config or --to"
                     );
                 }
-                Ok(if urls.len() == 1 { Some(urls[0].clone()) } else { None })
+                Ok(Ok(if urls.len() == 1 { Some(urls[0].clone()) } else { None }))
             })
-            .await
-            .cloned()
+            .await?
+            .clone()
     }
 
     async fn to_model(&self, m: &Message) -> DlqMessage {
@@ -457,6 +462,10 @@ impl SqsBackend {
             attributes.insert(name.clone(), attribute_from_sqs(v));
         }
         let text_attr = |name: &str| attributes.get(name).map(Attribute::as_text);
+        // A FIFO queue's group orders its messages; a standard queue's is a
+        // fair queue's tenant, and orders nothing.
+        let group = sys_get(MessageSystemAttributeName::MessageGroupId);
+        let fifo = self.queue_url.ends_with(".fifo");
         let source = match sys_get(MessageSystemAttributeName::DeadLetterQueueSourceArn) {
             Some(arn) => self.source_from_arn(arn).await,
             None => None,
@@ -475,11 +484,17 @@ impl SqsBackend {
                 .and_then(|ms| ms.parse::<i64>().ok())
                 .and_then(DateTime::<Utc>::from_timestamp_millis),
             source,
-            ordering_key: sys_get(MessageSystemAttributeName::MessageGroupId).map(str::to_string),
-            // The X-Ray trace the message was sent with: its copy continues it.
+            ordering_key: group.filter(|_| fifo).map(str::to_string),
+            // The X-Ray trace the message was sent with: its copy continues
+            // it; and a fair queue's tenant, which its copy keeps.
             properties: sys_get(MessageSystemAttributeName::AwsTraceHeader)
                 .map(|t| (super::AWS_TRACE_HEADER_PROPERTY.to_string(), t.to_string()))
                 .into_iter()
+                .chain(
+                    group
+                        .filter(|_| !fifo)
+                        .map(|g| (super::SQS_TENANT_PROPERTY.to_string(), g.to_string())),
+                )
                 .collect(),
             attributes,
         }
@@ -665,9 +680,11 @@ where
                 }
             }
             match code.as_str() {
+                // With the endpoint, whose region is where SQS looked: a
+                // queue of another region "does not exist" there.
                 "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist" => BackendError::NotFound {
                     queue: queue.to_string(),
-                    detail,
+                    detail: format!("{detail}; looked for at {endpoint}"),
                 },
                 "InvalidClientTokenId"
                 | "UnrecognizedClientException"
@@ -681,6 +698,20 @@ where
                 | "KMS.AccessDeniedException" => BackendError::Auth {
                     provider: PROVIDER,
                     detail: format!("{detail} (queue {queue} at {endpoint})"),
+                },
+                // The queue's SSE-KMS key cannot be used at all (disabled,
+                // pending deletion, gone, not a key for this), or the address
+                // is no queue: every later call fails the same way, so a
+                // pass stops at the first send instead of leasing the whole
+                // DLQ to fail it batch by batch.
+                "KMS.DisabledException"
+                | "KMS.NotFoundException"
+                | "KMS.InvalidStateException"
+                | "KMS.InvalidKeyUsageException"
+                | "KMS.OptInRequired"
+                | "InvalidAddress" => BackendError::Refused {
+                    provider: PROVIDER,
+                    detail: format!("{detail} (queue {queue})"),
                 },
                 // ReceiveMessage with 120,000 messages in flight on the queue.
                 "OverLimit" | "AWS.SimpleQueueService.OverLimit" => BackendError::HoldLimit {
@@ -1099,11 +1130,15 @@ impl QueueBackend for SqsBackend {
                         .expect("the data type is set");
                     entry = entry.message_system_attributes(MessageSystemAttributeNameForSends::AwsTraceHeader, value);
                 }
+                let group = m
+                    .ordering_key
+                    .as_deref()
+                    .or(m.properties.get(super::SQS_TENANT_PROPERTY).map(String::as_str));
                 if fifo {
                     entry = entry
-                        .message_group_id(fifo_id(m.ordering_key.as_deref().unwrap_or("dlq-bridge")))
+                        .message_group_id(fifo_id(group.unwrap_or("dlq-bridge")))
                         .message_deduplication_id(fifo_id(&m.dedup_id));
-                } else if let Some(tenant) = &m.ordering_key {
+                } else if let Some(tenant) = group {
                     // A fair queue's tenant: standard queues take a group ID
                     // too (since 2025), and without it the copy would lose its
                     // tenant and the noisy-neighbour protection with it.
@@ -1221,10 +1256,25 @@ impl QueueBackend for SqsBackend {
                 self.queue_name
             )));
         }
-        let url = resolve_queue_url(&self.client, &self.endpoint, name, None).await?;
+        // A bare name is a queue of the DLQ's own account (SQS keeps a DLQ
+        // and its sources in one account), not of the caller's: a tooling
+        // role in another account would otherwise send to its own account's
+        // queue of that name, or be told it does not exist.
+        let owner = url_account(&self.queue_url);
+        let url = resolve_queue_url(&self.client, &self.endpoint, name, owner).await?;
         self.learn_send_limit(&url).await?;
         Ok(Destination(url))
     }
+}
+
+/// The account that owns the queue at `url` (`…/ACCOUNT/NAME`), when the
+/// URL shows one.
+fn url_account(url: &str) -> Option<&str> {
+    let mut segments = url.trim_end_matches('/').rsplit('/');
+    let _name = segments.next()?;
+    segments
+        .next()
+        .filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The result of the batch entry that `id` names, when it is one of `sent`
@@ -1237,6 +1287,20 @@ fn entry<'a, T>(results: &'a mut [T], sent: &[usize], id: &str) -> Option<&'a mu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_urls_account_is_its_owner() {
+        assert_eq!(
+            url_account("https://sqs.eu-west-1.amazonaws.com/123456789012/orders-dlq"),
+            Some("123456789012")
+        );
+        assert_eq!(
+            url_account("http://localhost:4566/000000000000/q/"),
+            Some("000000000000")
+        );
+        assert_eq!(url_account("http://localhost:5000/queue/q"), None);
+        assert_eq!(url_account("q"), None);
+    }
 
     #[test]
     fn attributes_round_trip_through_sqs_types() {

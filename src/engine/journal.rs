@@ -782,9 +782,12 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, JournalError> {
             continue;
         }
         // A run of NUL bytes is what a file system may leave of blocks
-        // allocated but not written before a power loss.
-        if text.iter().all(|&b| b == 0) {
-            tracing::warn!(path = %path.display(), line = number, "skipping a journal line of NUL bytes (a crash left it)");
+        // allocated but not written before a power loss, alone on a line or
+        // after a record cut short (which the next open ends with a line
+        // break, so it is no longer the last line). A record never holds
+        // one: JSON escapes control characters.
+        if text.contains(&0) {
+            tracing::warn!(path = %path.display(), line = number, "skipping a journal line with NUL bytes (a crash left it)");
             continue;
         }
         // Bytes, not text: a line torn inside a multi-byte character is
@@ -1050,7 +1053,14 @@ mod tests {
         let cut = torn.iter().position(|&b| b == 0xC3).unwrap() + 1;
         torn.truncate(cut);
         assert!(std::str::from_utf8(&torn).is_err(), "cut inside the character");
-        for tail in [torn.clone(), vec![0u8; 4096], [vec![0u8; 100], b"\n".to_vec()].concat()] {
+        // A record cut short, then the NULs of blocks never written.
+        let cut_then_nul = [torn[..20].to_vec(), vec![0u8; 300]].concat();
+        for tail in [
+            torn.clone(),
+            vec![0u8; 4096],
+            [vec![0u8; 100], b"\n".to_vec()].concat(),
+            cut_then_nul,
+        ] {
             std::fs::write(&path, [whole.clone(), tail].concat()).unwrap();
             assert_eq!(read_records(&path).unwrap().len(), 2);
             // Opened (which ends the torn line) and written on, it still reads.

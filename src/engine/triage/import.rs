@@ -114,7 +114,7 @@ impl ImportSummary {
 
 /// What `backend` cannot carry of `o` exactly as it is (the documented
 /// mapping, README "Triage").
-pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend, dest: &Destination) -> Vec<String> {
+pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend) -> Vec<String> {
     let caps = backend.capabilities();
     let kind = backend.kind();
     let mut out = Vec::new();
@@ -156,14 +156,18 @@ pub fn not_carried(o: &Outgoing, backend: &dyn QueueBackend, dest: &Destination)
             .properties
             .keys()
             .map(String::as_str)
-            .filter(|n| !(kind == "sqs" && *n == crate::backend::AWS_TRACE_HEADER_PROPERTY))
+            .filter(|n| {
+                !(kind == "sqs"
+                    && [
+                        crate::backend::AWS_TRACE_HEADER_PROPERTY,
+                        crate::backend::SQS_TENANT_PROPERTY,
+                    ]
+                    .contains(n))
+            })
             .collect();
         if !names.is_empty() {
             out.push(format!("message properties {} ({kind} has none)", names.join(", ")));
         }
-    }
-    if kind == "sqs" && o.ordering_key.is_some() && !dest.0.ends_with(".fifo") {
-        out.push("ordering key (a standard SQS queue has no message groups)".into());
     }
     if let Some(cap) = caps.max_attributes
         && o.attributes.len() > cap
@@ -549,7 +553,7 @@ pub async fn import_checked(
             // the earlier import's, within its window, after accepting it.
             o.dedup_id = format!("{}-{}", o.dedup_id, plan.run_id);
         }
-        for note in not_carried(&o, &*backend, &dest) {
+        for note in not_carried(&o, &*backend) {
             *s.not_carried.entry(note).or_default() += 1;
         }
         if !marked {
