@@ -246,6 +246,18 @@ async fn export_import_and_purge_from_the_command_line() {
     let backups: Vec<_> = std::fs::read_dir(dir.join("dlq-bridge/backups")).unwrap().collect();
     assert_eq!(backups.len(), 1);
     assert_eq!(f.dlq_count().await, 3);
+    // A purge that matches nothing leaves no empty backup behind (a
+    // retention policy checked hourly left one an hour).
+    let (code, out, err) = run(bin(&dir).arg("-c").arg(&cfg).args([
+        "purge",
+        "orders",
+        "--filter",
+        r#"reason == "NoSuchReason""#,
+        "--yes",
+        "--no-journal",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(std::fs::read_dir(dir.join("dlq-bridge/backups")).unwrap().count(), 1);
 
     // With serve.data_dir set, the default backup goes there, where `serve`
     // keeps its purges' backups (a sidecar pod's volume), not to the state directory.

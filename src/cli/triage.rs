@@ -433,11 +433,13 @@ fn retention_text(o: &RetentionOutcome) -> String {
     out.push('\n');
     match &o.purge {
         Some(s) => {
-            out.push_str(&format!(
-                "  purged {} expired messages, backed up to {}\n",
-                s.settled,
-                o.backup.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
-            ));
+            // An empty backup file is removed: with nothing written there
+            // is none to name.
+            let backup = match &o.backup {
+                Some(p) if s.sent > 0 => format!(", backed up to {}", p.display()),
+                _ => String::new(),
+            };
+            out.push_str(&format!("  purged {} expired messages{backup}\n", s.settled));
             out.push_str(&crate::output::error_lines(&s.errors));
         }
         None => {

@@ -96,6 +96,11 @@ mod tests {
             normalize("Float64Array some_field_v2 waited 1500000000ns, a@b"),
             "Float64Array some_field_v2 waited <n>ns, a@b"
         );
+        // An address's local part is 64 characters at most: past that the
+        // scan stops (it is tried at every word start).
+        let local = |n: usize| format!("to {}@mail.example.com", "x".repeat(n));
+        assert_eq!(normalize(&local(64)), "to <email>");
+        assert_ne!(normalize(&local(65)), "to <email>");
     }
 
     fn msg(id: &str, reason: &str, desc: &str, count: u32, secs: i64) -> DlqMessage {

@@ -138,15 +138,25 @@ fn is_id_token(token: &[char]) -> bool {
             .any(char::is_ascii_digit)
 }
 
+/// The longest local part and domain of an address (RFC 5321). The scans
+/// stop there: tried at every word start, an unbounded scan made a long run
+/// of such characters (`a-a-a-…`, a form-encoded payload) quadratic.
+const EMAIL_LOCAL_MAX: usize = 64;
+const EMAIL_DOMAIN_MAX: usize = 255;
+
 /// The length of an email address at the start of `chars`: `local@host.tld`.
 fn email_len(chars: &[char]) -> Option<usize> {
     let local = |c: &char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '%' | '+' | '-');
     let host = |c: &char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-');
-    let at = chars.iter().position(|c| !local(c))?;
+    let at = chars.iter().take(EMAIL_LOCAL_MAX + 1).position(|c| !local(c))?;
     if at == 0 || chars[at] != '@' {
         return None;
     }
-    let len = chars[at + 1..].iter().take_while(|c| host(c)).count();
+    let len = chars[at + 1..]
+        .iter()
+        .take(EMAIL_DOMAIN_MAX)
+        .take_while(|c| host(c))
+        .count();
     let domain: String = chars[at + 1..at + 1 + len].iter().collect();
     let domain = domain.trim_end_matches(['.', '-']);
     let (name, tld) = domain.rsplit_once('.')?;

@@ -1,7 +1,8 @@
 //! `purge`: matching messages deleted, each after its backup is written,
 //! through the redrive engine.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,15 +21,47 @@ pub struct FileBackup {
     writer: Mutex<ExportWriter>,
     queue: String,
     backend: Arc<dyn QueueBackend>,
+    /// The file this backup created, removed again if nothing was written
+    /// to it: a retention policy checked hourly on a queue with nothing
+    /// expired would leave an empty file every hour, for good.
+    created: Option<PathBuf>,
+    written: AtomicBool,
 }
 
 impl FileBackup {
+    /// Open `path` for appending, creating it (and its directory) when
+    /// missing: before anything is deleted, so that a path that cannot be
+    /// written stops the purge at once.
     pub fn create(path: &Path, queue: &str, backend: Arc<dyn QueueBackend>) -> Result<Self, TriageError> {
+        let existed = path.exists();
+        let writer = ExportWriter::create(path, true)?;
+        if !existed {
+            // The batches are synced as they are written; the new file's
+            // (and directory's) entry must be too, or a power loss could
+            // take the whole file after its messages were deleted.
+            crate::engine::journal::sync_parent_dir(path);
+            if let Some(dir) = path.parent() {
+                crate::engine::journal::sync_parent_dir(dir);
+            }
+        }
         Ok(Self {
-            writer: Mutex::new(ExportWriter::create(path, true)?),
+            writer: Mutex::new(writer),
             queue: queue.to_string(),
             backend,
+            created: (!existed).then(|| path.to_owned()),
+            written: AtomicBool::new(false),
         })
+    }
+}
+
+impl Drop for FileBackup {
+    fn drop(&mut self) {
+        if let Some(path) = &self.created
+            && !self.written.load(Ordering::Relaxed)
+            && std::fs::metadata(path).is_ok_and(|m| m.len() == 0)
+        {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -39,6 +72,7 @@ impl Backup for FileBackup {
             .map(|m| ExportedMessage::new(m, &self.queue, &*self.backend))
             .collect();
         let mut w = self.writer.lock().map_err(|_| "backup lock poisoned".to_string())?;
+        self.written.store(true, Ordering::Relaxed);
         w.append_batch(&lines).map_err(|e| e.to_string())
     }
 
