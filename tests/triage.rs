@@ -418,6 +418,8 @@ async fn import_into_sqs_fails_only_the_copies_sqs_refuses() {
     let s = triage::import(&reg, &req, None, Default::default()).await.unwrap();
     assert_eq!((s.sent, s.failed), (2, 5), "{s:?}");
     let errors = s.errors.join("\n");
+    // Each failure names its line, to find it among thousands.
+    assert!(errors.contains("(line 2): "), "{errors}");
     for said in [
         "the body holds U+0000, which SQS does not allow",
         "attribute name `with space` has characters other than",

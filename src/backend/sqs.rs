@@ -419,6 +419,19 @@ impl SqsBackend {
         Ok(())
     }
 
+    /// Sends go through this queue's client, to its region's endpoint,
+    /// which answers a queue URL of another region "does not exist".
+    fn check_region(&self, destination: &str) -> Result<()> {
+        let here = self.client.config().region().map(|r| r.as_ref().to_string());
+        match (queue_region(destination), here) {
+            (Some(there), Some(here)) if there != here => Err(BackendError::Invalid(format!(
+                "{destination} is in {there}, and queue {} is in {here}: copies go to queues of its own region",
+                self.queue_name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     async fn listed_source(&self) -> Result<Option<String>> {
         self.listed_source
             .get_or_try_init(|| async {
@@ -1244,18 +1257,14 @@ impl QueueBackend for SqsBackend {
         Ok(Some(Destination(url)))
     }
 
+    /// A configured queue named by `--to` was resolved by its own backend,
+    /// perhaps of another region: refused before anything is leased.
+    fn check_send_to(&self, to: &Destination) -> Result<()> {
+        self.check_region(&to.0)
+    }
+
     async fn resolve_destination(&self, name: &str) -> Result<Destination> {
-        // Sends go through this queue's client, to its region's endpoint,
-        // which answers a queue URL of another region "does not exist".
-        let here = self.client.config().region().map(|r| r.as_ref().to_string());
-        if let (Some(there), Some(here)) = (queue_region(name), here)
-            && there != here
-        {
-            return Err(BackendError::Invalid(format!(
-                "{name} is in {there}, and queue {} is in {here}: copies go to queues of its own region",
-                self.queue_name
-            )));
-        }
+        self.check_region(name)?;
         // A bare name is a queue of the DLQ's own account (SQS keeps a DLQ
         // and its sources in one account), not of the caller's: a tooling
         // role in another account would otherwise send to its own account's

@@ -529,7 +529,7 @@ pub async fn import_checked(
             push_import_error(
                 &mut s,
                 format!(
-                    "message {}: no destination (queue {} names no source: set its `source` in the config, or pass --address)",
+                    "message {} (line {n}): no destination (queue {} names no source: set its `source` in the config, or pass --address)",
                     m.id, req.to
                 ),
             );
@@ -716,13 +716,13 @@ where
         return unsent;
     }
     let next_line = batch.last().map(|b| b.0 + 1);
-    let (ids, outgoing): (Vec<_>, Vec<Outgoing>) = batch.into_iter().map(|(_, id, o)| (id, o)).unzip();
+    let (ids, outgoing): (Vec<_>, Vec<Outgoing>) = batch.into_iter().map(|(n, id, o)| ((n, id), o)).unzip();
     let results = match ctx.backend.send(dest, &outgoing).await {
         Ok(r) => r,
         Err(e) => vec![SendResult::Failed { error: e.to_string() }; outgoing.len()],
     };
     let mut journal = Ok(());
-    for (((id, enqueued_at), r), o) in ids.into_iter().zip(results).zip(&outgoing) {
+    for (((n, (id, enqueued_at)), r), o) in ids.into_iter().zip(results).zip(&outgoing) {
         match r {
             SendResult::Sent { dest_id } => {
                 s.sent += 1;
@@ -741,7 +741,9 @@ where
                 if let Some(k) = &o.ordering_key {
                     failed_keys.insert(k.clone());
                 }
-                push_import_error(s, format!("message {id}: {error}"));
+                // The line, to find it again among thousands (a rerun
+                // with the journal sends only what is missing).
+                push_import_error(s, format!("message {id} (line {n}): {error}"));
             }
         }
     }
