@@ -628,6 +628,8 @@ async fn import_checks_every_line_before_sending_any() {
         assert_eq!(code, 2, "{out}{err}");
         let name = bad.file_name().unwrap().to_string_lossy();
         assert!(err.contains(&format!("{name}:19: not an export line")), "{err}");
+        // A line cut short is told as what a crash leaves.
+        assert_eq!(bad == &bad_json, err.contains("the line is cut short"), "{err}");
         assert!(f.drain_source().await.is_empty(), "nothing was sent: {out}{err}");
     }
 }

@@ -401,7 +401,15 @@ pub(super) fn read_numbered_from(
                     Some((what, _)) if e.column() > 0 => format!("{what} at column {}", e.column()),
                     _ => text,
                 };
-                bad(text)
+                // What a crash leaves of the batch being written (a backup's
+                // is appended, then synced, then deleted from the DLQ).
+                if e.is_eof() || line.contains('\0') {
+                    bad(format!(
+                        "{text}: the line is cut short, as a crash while it was written leaves it; in a purge's backup, a batch cut short was never deleted from the DLQ, so the line can be removed"
+                    ))
+                } else {
+                    bad(text)
+                }
             })
         })
 }
