@@ -207,6 +207,7 @@ impl ExportWriter {
         while !name.is_char_boundary(cut) {
             cut -= 1;
         }
+        remove_abandoned_partials(&target, &name[..cut]);
         let partial = target.with_file_name(format!(".{}.{}.partial", &name[..cut], std::process::id()));
         let mut opts = OpenOptions::new();
         opts.write(true).create(true).truncate(true);
@@ -414,6 +415,40 @@ pub(super) fn read_numbered_from(
         })
 }
 
+/// Remove what exports to `target` killed before they could clean up (kill
+/// -9, an OOM kill) left: `.NAME.PID.partial` files whose process is gone.
+/// They hold message bodies, and each run's has a name of its own, so they
+/// piled up. Only where a process's liveness can be told (`/proc`); one
+/// still running (another export to the same file) is left alone.
+fn remove_abandoned_partials(target: &Path, name: &str) {
+    let Some(dir) = target
+        .parent()
+        .map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d })
+    else {
+        return;
+    };
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let prefix = format!(".{name}.");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|rest| rest.strip_suffix(".partial"))
+            .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            tracing::info!(file = %entry.path().display(), "removing what an export killed before its end left");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Export
 
@@ -504,6 +539,29 @@ pub async fn export(
 mod tests {
     use super::*;
     use crate::model::DlqMessage;
+
+    /// What an export killed before its end left next to its file is
+    /// removed by the next export to that file; another running export's
+    /// is not, nor another file's.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_export_removes_what_killed_exports_to_its_file_left() {
+        let dir = std::env::temp_dir().join(format!("dlqb-partials-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out.jsonl");
+        // PIDs are below 2^22 on Linux: this one is no process.
+        let dead = dir.join(".out.jsonl.99999999.partial");
+        let alive = dir.join(format!(".out.jsonl.{}.partial", std::process::id()));
+        let other = dir.join(".other.jsonl.99999999.partial");
+        for f in [&dead, &alive, &other] {
+            std::fs::write(f, "{}\n").unwrap();
+        }
+        let w = ExportWriter::create_replacing(&path).unwrap();
+        assert!(!dead.exists(), "a killed export's partial file");
+        assert!(alive.exists() && other.exists());
+        drop(w);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn appending_after_a_half_written_line_keeps_the_new_line_readable() {
