@@ -105,7 +105,20 @@ impl ExportedMessage {
 /// exports of a queue in one second do not share a file (an export would
 /// replace the other's).
 pub fn dated_path(dir: &Path, queue: &str) -> PathBuf {
-    dir.join(format!("{queue}-{}.jsonl", Utc::now().format("%Y%m%dT%H%M%S%.3fZ")))
+    use std::sync::atomic::{AtomicI64, Ordering};
+    // Each name of this process a millisecond later than the last: two
+    // purges or exports the API starts in one millisecond would otherwise
+    // write one file (and one partial file) together.
+    static LAST: AtomicI64 = AtomicI64::new(i64::MIN);
+    let now = Utc::now().timestamp_millis();
+    let prev = LAST.fetch_max(now, Ordering::Relaxed);
+    let millis = if prev >= now {
+        LAST.fetch_add(1, Ordering::Relaxed) + 1
+    } else {
+        now
+    };
+    let at = chrono::DateTime::<Utc>::from_timestamp_millis(millis).unwrap_or_else(Utc::now);
+    dir.join(format!("{queue}-{}.jsonl", at.format("%Y%m%dT%H%M%S%.3fZ")))
 }
 
 /// Whether an export to `path` goes to standard output: `-`, or a name of
@@ -539,6 +552,13 @@ pub async fn export(
 mod tests {
     use super::*;
     use crate::model::DlqMessage;
+
+    #[test]
+    fn dated_paths_of_one_process_never_repeat() {
+        let dir = Path::new("/d");
+        let names: std::collections::HashSet<PathBuf> = (0..200).map(|_| dated_path(dir, "q")).collect();
+        assert_eq!(names.len(), 200);
+    }
 
     /// What an export killed before its end left next to its file is
     /// removed by the next export to that file; another running export's
