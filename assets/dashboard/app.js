@@ -527,7 +527,13 @@
             el("td", {}, el("code", { text: r.filter || "true" })), el("td", { class: "num", text: r.progress.matched }),
             el("td", { class: "num", text: r.progress.sent }), el("td", { class: "num", text: r.progress.settled }),
             el("td", { class: "num", text: r.progress.failed }),
-            el("td", { class: r.status === "failed" ? "err" : r.status === "finished" ? "okc" : "", text: outcome }));
+            el("td", { class: r.status === "failed" ? "err" : r.status === "finished" ? "okc" : "" }, outcome,
+              r.status === "running" ? el("button", { class: "stop", title: "Stop this run: it leases no more, finishes the sends it has out and releases the rest", onclick: async (ev) => {
+                if (!confirm("Stop run " + r.run_id + " on " + r.queue + "? What it has not moved stays in the DLQ.")) return;
+                ev.target.disabled = true;
+                try { await api("POST", "/v1/runs/" + encodeURIComponent(r.run_id) + "/cancel"); } catch (e) { banner(errText(e)); }
+                load();
+              } }, "Stop") : null));
         }));
         if (!runs.length) tbody.append(el("tr", {}, el("td", { colspan: 10, class: "muted", text: "No runs yet." })));
         setUpdated();
