@@ -183,8 +183,13 @@ const TRANSIENT_ACK_FAILURE: &str = "TRANSIENT_FAILURE";
 /// The most messages one Pull returns: per lease, and per pull while
 /// counting on the emulator.
 const COUNT_PULL: usize = 1000;
-/// The server-side deadline of a pull. The emulator and Pub/Sub end such a
-/// pull cleanly; a client-side cancel would leave a zombie on the emulator.
+/// The deadline of a pull on Pub/Sub, which holds a pull open until a
+/// message comes (the emulator's return at once). tonic enforces the
+/// deadline it sends on the client too, a round trip before the server's
+/// runs out, so an empty subscription's pull ends with tonic's "Timeout
+/// expired" ([`client_deadline`]): nothing to pull, as Google's clients take
+/// their DEADLINE_EXCEEDED. A message the service handed out just as the
+/// pull was cut off comes back once the subscription's ack deadline passes.
 const PULL_DEADLINE: Duration = Duration::from_secs(5);
 /// The server-side deadline of a publish or a topic lookup.
 const RPC_DEADLINE: Duration = Duration::from_secs(30);
@@ -754,7 +759,7 @@ impl PubSubBackend {
         match client.pull(request).await {
             Ok(r) => Ok(r.into_inner().received_messages),
             // The deadline passed with nothing to deliver.
-            Err(s) if s.code() == Code::DeadlineExceeded => Ok(Vec::new()),
+            Err(s) if s.code() == Code::DeadlineExceeded || client_deadline(&s) => Ok(Vec::new()),
             Err(s) => Err(self.error(s, &self.subscription)),
         }
     }
@@ -1431,8 +1436,19 @@ fn parse_latest_point(body: &str) -> Result<Option<i64>, String> {
     Ok(newest.map(|(_, n)| n))
 }
 
+/// Whether `status` is tonic's own end of a call whose deadline passed
+/// (it sends the deadline, and enforces it on the client): a cancel, where
+/// gRPC's core library reports DEADLINE_EXCEEDED.
+fn client_deadline(status: &Status) -> bool {
+    status.code() == Code::Cancelled && status.message() == tonic::TimeoutExpired(()).to_string()
+}
+
 fn classify(status: Status, endpoint: &str, resource: &str) -> BackendError {
-    let detail = format!("{:?}: {}", status.code(), status.message());
+    let detail = if client_deadline(&status) {
+        "DeadlineExceeded: no answer before the call's deadline".to_string()
+    } else {
+        format!("{:?}: {}", status.code(), status.message())
+    };
     match status.code() {
         Code::NotFound => BackendError::NotFound {
             queue: resource.to_string(),
@@ -1747,6 +1763,37 @@ impl QueueBackend for PubSubBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pub/Sub holds a pull open while the subscription is empty: the call
+    /// ends at its deadline, on the client (tonic enforces it there), and
+    /// that is an empty pull, not "cannot reach". Here an HTTP/2 server
+    /// that takes calls and never answers stands in for it.
+    #[tokio::test]
+    async fn a_pull_that_outlives_its_deadline_is_told_as_such() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let mut unanswered = Vec::new();
+            while let Some(Ok(call)) = conn.accept().await {
+                unanswered.push(call);
+            }
+        });
+        let pool = Dialer::emulator(&addr.to_string()).unwrap().open(1).await.unwrap();
+        let subscription = "projects/p/subscriptions/s";
+        #[allow(deprecated)]
+        let req = PullRequest {
+            subscription: subscription.into(),
+            return_immediately: false,
+            max_messages: 1,
+        };
+        let request = routed(req, "subscription", subscription, Duration::from_millis(300));
+        let status = RawSubscriberClient::new(pool.conn()).pull(request).await.unwrap_err();
+        assert!(client_deadline(&status), "{status:?}");
+        let other = classify(status, "pubsub.googleapis.com", subscription).to_string();
+        assert!(other.contains("no answer before the call's deadline"), "{other}");
+    }
 
     /// A status as Pub/Sub sends it: google.rpc.Status in the details, with
     /// an ErrorInfo packed in an Any.
