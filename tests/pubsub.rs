@@ -181,6 +181,30 @@ async fn targeted_redrive_names_the_failing_subscription() {
         // itself can be checked here.
         assert_eq!(m.attributes["dlq_bridge_target"].as_text(), SOURCE_SUB, "{m:?}");
     }
+    // A copy to another topic goes without it: naming a subscription of
+    // the source topic, it would match no filter there, and Pub/Sub acks
+    // what a filter refuses (the copy would be lost).
+    f.dead_letter(&[failing(3)]).await;
+    f.client.create_topic("elsewhere", None, None).await.unwrap();
+    let elsewhere = f
+        .client
+        .create_subscription("elsewhere-reader", "elsewhere", Default::default(), None)
+        .await
+        .unwrap();
+    let to_elsewhere = RedriveRequest {
+        to: Some("elsewhere".into()),
+        ..all()
+    };
+    let s = redrive(
+        f.config_with("      target_subscription_attribute: dlq_bridge_target\n"),
+        to_elsewhere,
+    )
+    .await;
+    assert_eq!(s.settled, 1, "{s:?}");
+    let got = f.pull(&elsewhere, 10).await;
+    assert_eq!(got.len(), 1);
+    let attributes = &got[0].message.as_ref().unwrap().attributes;
+    assert!(!attributes.contains_key("dlq_bridge_target"), "{attributes:?}");
 }
 
 #[tokio::test]

@@ -213,6 +213,9 @@ pub const ATTR_DELIVERY_COUNT: &str = "CloudPubSubDeadLetterSourceDeliveryCount"
 pub const ATTR_SOURCE_PUBLISH_TIME: &str = "CloudPubSubDeadLetterSourceTopicPublishTime";
 /// The [`DlqMessage::properties`] key holding the failing subscription's short name.
 pub const PROP_SOURCE_SUBSCRIPTION: &str = "source_subscription";
+/// The topic of the subscription the message failed in, when it could be
+/// looked up: where a copy may carry the targeting attribute.
+pub const PROP_SOURCE_TOPIC: &str = "source_topic";
 
 const MONITORING: &str = "monitoring.googleapis.com";
 const METRIC_UNDELIVERED: &str = "pubsub.googleapis.com/subscription/num_undelivered_messages";
@@ -783,11 +786,15 @@ impl PubSubBackend {
                 Some(2 * MAX_PUBLISH_BYTES),
             )
             .await;
+            // Throttling (a publisher quota, a hot ordering key) takes
+            // longer to pass than a blip: about 25 s of backoff before the
+            // copies count as failed, as Google's publishers wait it out.
+            let attempts = if throttled(&answer) { 7 } else { 3 };
             match answer {
                 Ok(r) => return Ok(r.message_ids),
-                Err(s) if publish_retryable(s.code()) && attempt < 3 => {
+                Err(s) if publish_retryable(s.code()) && attempt < attempts => {
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    tokio::time::sleep(Duration::from_millis((100 << attempt).min(10_000))).await;
                 }
                 Err(s) => return Err(s),
             }
@@ -933,11 +940,14 @@ impl PubSubBackend {
             &self.reason_attribute,
             &self.description_attribute,
         );
-        model.source = match &source_sub {
+        let topic = match &source_sub {
             Some(s) => self.topic_of(s).await,
             None => None,
+        };
+        if let Some(t) = &topic {
+            model.properties.insert(PROP_SOURCE_TOPIC.into(), t.clone());
         }
-        .or_else(|| self.config_source.clone());
+        model.source = topic.or_else(|| self.config_source.clone());
         model
     }
 
@@ -1004,8 +1014,11 @@ impl PubSubBackend {
         let token = self.monitoring_token().await?;
         let (project, sub) = split_subscription(&self.subscription);
         let now = Utc::now();
+        // The project too: a metrics scope's project answers for every
+        // project it monitors, where a subscription of the same name often
+        // lives (staging next to production).
         let filter = format!(
-            r#"metric.type = "{metric}" AND resource.type = "pubsub_subscription" AND resource.labels.subscription_id = "{sub}""#
+            r#"metric.type = "{metric}" AND resource.type = "pubsub_subscription" AND resource.labels.project_id = "{project}" AND resource.labels.subscription_id = "{sub}""#
         );
         let url = reqwest::Url::parse_with_params(
             &format!("https://{}/v3/projects/{project}/timeSeries", self.monitoring),
@@ -1104,9 +1117,27 @@ impl PubSubBackend {
             .cloned()
     }
 
-    /// The message to publish for `o`, or why it cannot be published.
-    fn to_pubsub(&self, o: &Outgoing) -> Result<PubsubMessage, String> {
-        pubsub_message(o, self.target_attribute.as_deref())
+    /// The message to publish for `o` to `to`, or why it cannot be
+    /// published. The targeting attribute names the subscription the message
+    /// failed in only on a copy to that subscription's topic: elsewhere (a
+    /// `--to` topic, the configured `source` when the subscription could not
+    /// be looked up) it would match no subscription's filter, and Pub/Sub
+    /// acknowledges what a filter refuses: the copy would be confirmed, its
+    /// original settled, and no consumer would ever see it. One left from an
+    /// earlier redrive goes too.
+    fn to_pubsub(&self, o: &Outgoing, to: &Destination) -> Result<PubsubMessage, String> {
+        let Some(name) = self.target_attribute.as_deref() else {
+            return pubsub_message(o, None);
+        };
+        if o.properties.get(PROP_SOURCE_TOPIC).is_some_and(|t| *t == to.0) {
+            return pubsub_message(o, Some(name));
+        }
+        if o.attributes.contains_key(name) {
+            let mut o = o.clone();
+            o.attributes.remove(name);
+            return pubsub_message(&o, None);
+        }
+        pubsub_message(o, None)
     }
 }
 
@@ -1163,6 +1194,11 @@ pub fn message_to_model(
         body: m.data,
     };
     (model, source_sub)
+}
+
+/// Whether a publish was refused for a quota or throughput limit.
+fn throttled<T>(answer: &Result<T, Status>) -> bool {
+    answer.as_ref().is_err_and(|s| s.code() == Code::ResourceExhausted)
 }
 
 /// The message to publish for `o` (with the targeting attribute `target`
@@ -1595,7 +1631,7 @@ impl QueueBackend for PubSubBackend {
         let mut results: Vec<Option<SendResult>> = vec![None; msgs.len()];
         let mut prepared = Vec::with_capacity(msgs.len());
         for (i, o) in msgs.iter().enumerate() {
-            match self.to_pubsub(o) {
+            match self.to_pubsub(o, to) {
                 Ok(m) => prepared.push((i, m)),
                 Err(error) => results[i] = Some(SendResult::Failed { error }),
             }

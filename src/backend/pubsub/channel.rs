@@ -14,7 +14,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use gcloud_gax::grpc::codegen::http::header::AUTHORIZATION;
@@ -37,7 +37,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Puts the bearer token on each call (none on an emulator).
 #[derive(Clone)]
-pub(super) struct Auth(Option<Arc<dyn TokenSource>>);
+pub(super) struct Auth(Option<Arc<dyn TokenSource>>, Arc<AtomicBool>);
+
+impl Auth {
+    fn new(tokens: Option<Arc<dyn TokenSource>>) -> Self {
+        Self(tokens, Arc::new(AtomicBool::new(false)))
+    }
+}
 
 impl AsyncPredicate<Request<Body>> for Auth {
     type Future = Pin<Box<dyn Future<Output = Result<Request<Body>, tower::BoxError>> + Send>>;
@@ -47,15 +53,24 @@ impl AsyncPredicate<Request<Body>> for Auth {
         let Some(tokens) = self.0.clone() else {
             return Box::pin(std::future::ready(Ok(request)));
         };
+        let obtained = self.1.clone();
         Box::pin(async move {
             // The token source's own words may quote the credentials file's
             // path, never its key: it is safe to pass on, with the innermost
             // cause (a metadata server that refused, a DNS failure), which
-            // its own message leaves out.
+            // its own message leaves out. Once a token was had, a refresh
+            // that fails is most likely the token server's blip (GKE's
+            // metadata server, hourly): unavailable, which is retried, not
+            // an authentication failure, which stops a run for good.
             let token = tokens.token().await.map_err(|e| {
                 let why = super::super::with_root_cause(&*e);
-                Status::new(Code::Unauthenticated, format!("no access token: {why}"))
+                if obtained.load(Ordering::Relaxed) {
+                    Status::new(Code::Unavailable, format!("refreshing the access token failed: {why}"))
+                } else {
+                    Status::new(Code::Unauthenticated, format!("no access token: {why}"))
+                }
             })?;
+            obtained.store(true, Ordering::Relaxed);
             let value = HeaderValue::from_str(&token)
                 .map_err(|_| Status::new(Code::Unauthenticated, "the access token is not a valid header value"))?;
             let (mut parts, body) = request.into_parts();
@@ -90,7 +105,7 @@ impl Dialer {
     pub(super) fn emulator(host: &str) -> Result<Self, BackendError> {
         let endpoint = Endpoint::from_shared(format!("http://{host}"))
             .map_err(|e| invalid(format!("Pub/Sub emulator host `{host}`"), &e))?;
-        Ok(Self::with(endpoint, Auth(None)))
+        Ok(Self::with(endpoint, Auth::new(None)))
     }
 
     /// A Google API host (`host` or `host:port`), over TLS, with a token.
@@ -101,7 +116,7 @@ impl Dialer {
         let endpoint = endpoint
             .tls_config(tls)
             .map_err(|e| invalid(format!("TLS for the Pub/Sub endpoint `{host}`"), &e))?;
-        Ok(Self::with(endpoint, Auth(Some(tokens))))
+        Ok(Self::with(endpoint, Auth::new(Some(tokens))))
     }
 
     fn with(endpoint: Endpoint, auth: Auth) -> Self {
@@ -220,13 +235,13 @@ mod tests {
 
     #[tokio::test]
     async fn every_call_carries_the_token_and_a_missing_one_is_unauthenticated() {
-        let auth = |t| Auth(Some(Arc::new(Tokens(t))));
+        let auth = |t| Auth::new(Some(Arc::new(Tokens(t))));
         assert_eq!(
             sent_authorization(auth(Ok("Bearer abc"))).await.unwrap().as_deref(),
             Some("Bearer abc")
         );
         assert_eq!(
-            sent_authorization(Auth(None)).await.unwrap(),
+            sent_authorization(Auth::new(None)).await.unwrap(),
             None,
             "an emulator's call"
         );
@@ -241,6 +256,33 @@ mod tests {
         );
         let bad = sent_authorization(auth(Ok("Bearer a\nb"))).await.unwrap_err();
         assert_eq!(bad.downcast::<Status>().unwrap().code(), Code::Unauthenticated);
+    }
+
+    /// Gives one token, then fails (a metadata server's blip at refresh).
+    #[derive(Debug, Default)]
+    struct OnceThenDown(AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl TokenSource for OnceThenDown {
+        async fn token(&self) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+            match self.0.fetch_add(1, Ordering::Relaxed) {
+                0 => Ok("Bearer abc".into()),
+                _ => Err("metadata server timed out".into()),
+            }
+        }
+    }
+
+    /// A refresh that fails after a token was had is retried as the
+    /// service's unavailability, not taken for refused credentials (which
+    /// stop a run for good).
+    #[tokio::test]
+    async fn a_failed_refresh_after_a_token_is_unavailable_not_unauthenticated() {
+        let auth = Auth::new(Some(Arc::new(OnceThenDown::default())));
+        assert!(sent_authorization(auth.clone()).await.unwrap().is_some());
+        let refused = sent_authorization(auth).await.unwrap_err();
+        let status = refused.downcast::<Status>().expect("a gRPC status");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("metadata server timed out"), "{status:?}");
     }
 
     #[test]
