@@ -266,15 +266,29 @@ pub(super) fn message_key(message_id: Option<&str>, sequence_number: i64) -> Str
     }
 }
 
-/// The copy's MessageId: the engine's dedup ID (`<original>-<count>`), hashed
-/// when longer than Service Bus allows.
-pub(super) fn copy_message_id(dedup_id: &str) -> String {
-    if dedup_id.len() <= MAX_MESSAGE_ID {
-        return dedup_id.to_string();
+/// The copy's MessageId: the engine's dedup ID (`<original>-<count>`) and
+/// the DLQ's `scope` (`order-42@1187-1~3f9a2c1b`), hashed when longer than
+/// Service Bus allows. Without the scope, one message that failed in two
+/// subscriptions of a topic (one MessageId, and the topic's one sequence
+/// number) gave both DLQs' copies one MessageId: with duplicate detection on
+/// the topic, the second redrive's copy was accepted, dropped as a
+/// duplicate, and its original completed. A resend from the same DLQ (after
+/// a crash) still gets the same MessageId.
+pub(super) fn copy_message_id(dedup_id: &str, scope: &str) -> String {
+    let id = format!("{dedup_id}~{scope}");
+    if id.len() <= MAX_MESSAGE_ID {
+        return id;
     }
-    let digest = Sha256::digest(dedup_id.as_bytes());
+    let digest = Sha256::digest(id.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("dlq-bridge-{hex}")
+}
+
+/// A DLQ's part of its copies' MessageIds: 8 hex digits of its path (entity
+/// names are case-insensitive, so is this).
+pub(super) fn copy_scope(dlq_path: &str) -> String {
+    let digest = Sha256::digest(dlq_path.to_ascii_lowercase().as_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn typed(value: AttrValue, t: &str) -> Attribute {
@@ -541,9 +555,27 @@ mod tests {
 
     #[test]
     fn long_message_ids_are_hashed_to_fit() {
-        assert_eq!(copy_message_id("abc-1"), "abc-1");
-        let long = copy_message_id(&"x".repeat(200));
+        assert_eq!(copy_message_id("abc-1", "0a1b2c3d"), "abc-1~0a1b2c3d");
+        let long = copy_message_id(&"x".repeat(200), "0a1b2c3d");
         assert!(long.len() <= MAX_MESSAGE_ID && long.starts_with("dlq-bridge-"));
+    }
+
+    /// One message that failed in two subscriptions of a topic: its copies
+    /// from the two DLQs differ, so a topic's duplicate detection keeps both.
+    #[test]
+    fn copies_of_one_message_from_two_dlqs_have_two_message_ids() {
+        let a = copy_scope("orders/Subscriptions/billing/$DeadLetterQueue");
+        let b = copy_scope("orders/Subscriptions/shipping/$DeadLetterQueue");
+        assert_ne!(
+            copy_message_id("order-42@1187-1", &a),
+            copy_message_id("order-42@1187-1", &b)
+        );
+        assert_eq!(a.len(), 8);
+        assert_eq!(
+            a,
+            copy_scope("ORDERS/subscriptions/Billing/$deadletterqueue"),
+            "case-insensitive"
+        );
     }
 
     #[test]

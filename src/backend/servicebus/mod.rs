@@ -231,7 +231,7 @@ pub use codec::{
     BODY_SEQUENCE, BODY_VALUE_BINARY, BODY_VALUE_ENCODED, BODY_VALUE_STRING, attribute_from_amqp,
     attribute_from_amqp_owned, attribute_to_amqp, body_bytes, body_into_bytes, copy_body,
 };
-use codec::{Fields, annotation, copy_message_id, fields_of, fields_taking, message_key, with_body};
+use codec::{Fields, annotation, copy_message_id, copy_scope, fields_of, fields_taking, message_key, with_body};
 use errors::{Refusal, classify, condition_name, refusal_error, refusal_of};
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
@@ -432,6 +432,8 @@ pub struct ServiceBusBackend {
     emulator: bool,
     config_source: Option<String>,
     target_property: Option<String>,
+    /// What this DLQ adds to its copies' MessageIds ([`copy_message_id`]).
+    copy_scope: String,
     /// The namespace's connection, shared with every queue on it.
     conn: Arc<SharedClient>,
     /// The browsing receiver, kept between calls, and when it was last used.
@@ -695,6 +697,7 @@ impl ServiceBusBackend {
             emulator,
             config_source: queue.source.clone().filter(|s| !s.trim().is_empty()),
             target_property: non_empty(&cfg.target_subscription_property),
+            copy_scope: copy_scope(&link_config.dlq_path),
             conn,
             receiver: Mutex::new(None),
             receiver_generation: AtomicU64::new(0),
@@ -1121,7 +1124,7 @@ impl ServiceBusBackend {
         // Built without its body and application properties, which are put
         // in once, below.
         let mut m = ServiceBusMessage::new(Vec::new());
-        m.set_message_id(copy_message_id(&o.dedup_id))
+        m.set_message_id(copy_message_id(&o.dedup_id, &self.copy_scope))
             .map_err(|e| e.to_string())?;
         let p = |k: &str| o.properties.get(k).cloned();
         if let Some(s) = &o.ordering_key {
