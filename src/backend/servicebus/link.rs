@@ -641,6 +641,8 @@ struct Actor {
     /// Why the confirming task failed: the link fails with it.
     confirm_failed: mpsc::Receiver<BackendError>,
     renew_at: Option<Instant>,
+    /// Token renewals that failed in a row ([`retry_renewal`]).
+    renew_failures: u32,
     /// Credit the broker may still use on the receiver link.
     credit: u32,
     /// Where the next lease's browse starts: after the last message browsed
@@ -881,6 +883,7 @@ impl Actor {
             confirms,
             confirm_failed,
             renew_at,
+            renew_failures: 0,
             credit: 0,
             browse_from: 1,
             handed_out: 0,
@@ -1118,7 +1121,16 @@ impl Actor {
                     return Err(self.cfg.unreachable(format!("the AMQP connection closed: {r:?}")));
                 }
                 _ = tokio::time::sleep_until(renew_at.unwrap_or(far)), if renew_at.is_some() => {
-                    self.renew_at = put_tokens(&self.cfg, &mut self.cbs).await?;
+                    match put_tokens(&self.cfg, &mut self.cbs).await {
+                        Ok(next) => {
+                            self.renew_at = next;
+                            self.renew_failures = 0;
+                        }
+                        Err(e) => match retry_renewal(&mut self.renew_failures, &e) {
+                            Some(again) => self.renew_at = Some(again),
+                            None => return Err(e),
+                        },
+                    }
                 }
             }
             if browse_out.is_some() {
@@ -1545,6 +1557,7 @@ async fn send_loop(
     let mut cbs: Option<RpcLink> = None;
     let mut audiences: Vec<String> = Vec::new();
     let mut renew_at: Option<Instant> = None;
+    let mut renew_failures = 0u32;
     let mut attached = 0u32;
     let far = Instant::now() + Duration::from_secs(3600);
     loop {
@@ -1574,18 +1587,43 @@ async fn send_loop(
             _ = tokio::time::sleep_until(renew_at.unwrap_or(far)), if renew_at.is_some() => {
                 let Some(client) = cbs.as_mut() else { break };
                 match put_tokens_for(&cfg, client, &audiences).await {
-                    Ok(next) => renew_at = next,
-                    Err(e) => {
-                        // Its senders are refused once their tokens lapse, and
-                        // each send retries on a link opened afresh.
-                        tracing::warn!(error = %e, "renewing the senders' $cbs tokens failed");
-                        break;
+                    Ok(next) => {
+                        renew_at = next;
+                        renew_failures = 0;
                     }
+                    Err(e) => match retry_renewal(&mut renew_failures, &e) {
+                        Some(again) => renew_at = Some(again),
+                        None => {
+                            // Its senders are refused once their tokens lapse,
+                            // and each send retries on a link opened afresh.
+                            tracing::warn!(error = %e, "renewing the senders' $cbs tokens failed");
+                            break;
+                        }
+                    },
                 }
             }
         }
     }
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.end()).await;
+}
+
+/// Tries of a failed token renewal before a link gives up, and the wait
+/// between them. The token put last is still valid meanwhile (renewals start
+/// at 5/6 of a SAS token's life, 4 minutes before an Entra token's end): a
+/// token server's or the broker's blip (a 429, a timeout) must not end a run
+/// that holds locks, as one failed renewal did.
+const RENEW_RETRIES: u32 = 6;
+const RENEW_RETRY_AFTER: Duration = Duration::from_secs(15);
+
+/// After renewal failure number `failures` (counted here): when to try
+/// again, or `None` to give up.
+fn retry_renewal(failures: &mut u32, e: &BackendError) -> Option<Instant> {
+    *failures += 1;
+    if *failures > RENEW_RETRIES {
+        return None;
+    }
+    tracing::warn!(error = %e, attempt = *failures, "renewing a $cbs token failed; the current one is still valid, trying again");
+    Some(Instant::now() + RENEW_RETRY_AFTER)
 }
 
 /// Put a token for `dest` and attach a sender link to it; also returns when
@@ -2523,6 +2561,24 @@ impl Response for PeekCount {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A renewal that fails is tried again a few times, 15 s apart, while
+    /// the token put last is still valid; then the link gives up.
+    #[test]
+    fn a_failed_token_renewal_is_tried_again_before_the_link_gives_up() {
+        let e = BackendError::Unreachable {
+            endpoint: "login.microsoftonline.com".into(),
+            detail: "429".into(),
+        };
+        let mut failures = 0;
+        for _ in 0..RENEW_RETRIES {
+            let again = retry_renewal(&mut failures, &e).expect("tried again");
+            assert!(again > Instant::now() + RENEW_RETRY_AFTER - Duration::from_secs(1));
+        }
+        assert_eq!(retry_renewal(&mut failures, &e), None);
+        // The token's real end leaves room for every try.
+        assert!(RENEW_RETRY_AFTER * RENEW_RETRIES < Duration::from_secs(4 * 60));
+    }
     use fe2o3_amqp_types::messaging::MessageAnnotations;
     use fe2o3_amqp_types::messaging::annotations::OwnedKey;
     use fe2o3_amqp_types::messaging::message::__private::Serializable;
