@@ -1399,6 +1399,25 @@ mod tests {
             service_error("KMS.ThrottlingException"),
             BackendError::Provider { .. }
         ));
+        // A key that cannot be used at all, and an address that is no queue,
+        // fail every send too.
+        for code in [
+            "KMS.DisabledException",
+            "KMS.NotFoundException",
+            "KMS.InvalidStateException",
+            "KMS.InvalidKeyUsageException",
+            "KMS.OptInRequired",
+            "InvalidAddress",
+        ] {
+            let e = service_error(code);
+            assert!(
+                matches!(e, BackendError::Refused { .. }) && fails_every_send(&e),
+                "{code}: {e:?}"
+            );
+        }
+        // Not found says where SQS looked (its region).
+        let gone = service_error("AWS.SimpleQueueService.NonExistentQueue").to_string();
+        assert!(gone.contains("looked for at http://sqs"), "{gone}");
     }
 
     /// Each receive from a FIFO queue carries an attempt ID of its own (the
