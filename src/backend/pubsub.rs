@@ -1316,7 +1316,8 @@ async fn modify_deadline(
 }
 
 /// A request for the generated clients: the routing header Pub/Sub expects,
-/// and a deadline the server enforces (so nothing is cancelled from here).
+/// and a deadline, which the server enforces and tonic too, on the client
+/// (see [`PULL_DEADLINE`]).
 fn routed<T>(message: T, param: &str, resource: &str, deadline: Duration) -> Request<T> {
     let mut request = Request::new(message);
     if let Ok(v) = format!("{param}={resource}").parse() {

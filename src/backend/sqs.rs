@@ -450,7 +450,12 @@ impl SqsBackend {
                         tracing::debug!(%detail, "ListDeadLetterSourceQueues unavailable");
                         return Ok(Ok(None));
                     }
-                    Err(e @ BackendError::Auth { .. }) => return Ok(Err(e)),
+                    // A missing permission, not a blip of the credentials
+                    // (an expired token, a clock skew, a chain that failed
+                    // to load), which the next call may not meet.
+                    Err(e @ BackendError::Auth { .. }) if e.to_string().contains("AccessDenied") => {
+                        return Ok(Err(e));
+                    }
                     Err(e) => return Err(e),
                 };
                 let urls = out.queue_urls();

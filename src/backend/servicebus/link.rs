@@ -1608,10 +1608,11 @@ async fn send_loop(
 }
 
 /// Tries of a failed token renewal before a link gives up, and the wait
-/// between them. The token put last is still valid meanwhile (renewals start
-/// at 5/6 of a SAS token's life, 4 minutes before an Entra token's end): a
-/// token server's or the broker's blip (a 429, a timeout) must not end a run
-/// that holds locks, as one failed renewal did.
+/// between them: 90 s, within which the token put last is still valid
+/// (renewals start 4 minutes before an Entra token's end, at 5/6 of a SAS
+/// token's life: a TTL of 9 minutes or more). A token server's or the
+/// broker's blip (a 429, a timeout) must not end a run that holds locks, as
+/// one failed renewal did.
 const RENEW_RETRIES: u32 = 6;
 const RENEW_RETRY_AFTER: Duration = Duration::from_secs(15);
 

@@ -1152,13 +1152,20 @@ impl ServiceBusBackend {
         for (k, a) in &o.attributes {
             props.0.insert(k.clone(), attribute_to_amqp(a)?);
         }
-        if let (Some(prop), Some(sub)) = (&self.target_property, o.properties.get(PROP_SOURCE_SUBSCRIPTION)) {
-            // Only copies that go back to the topic of the failing subscription
-            // are targeted; a `--to` elsewhere is left alone.
-            if let Entity::Subscription { topic, .. } = &self.entity
-                && topic.eq_ignore_ascii_case(dest)
-            {
-                props.0.insert(prop.clone(), SimpleValue::String(sub.clone()));
+        if let Some(prop) = &self.target_property {
+            // Only copies that go back to the topic of the failing
+            // subscription are targeted. Elsewhere (a `--to`) a property left
+            // by an earlier redrive goes too: naming a subscription of
+            // another topic, it would match no filter there, and the copy
+            // would be dropped after its original was completed.
+            let sub = o.properties.get(PROP_SOURCE_SUBSCRIPTION);
+            match (&self.entity, sub) {
+                (Entity::Subscription { topic, .. }, Some(sub)) if topic.eq_ignore_ascii_case(dest) => {
+                    props.0.insert(prop.clone(), SimpleValue::String(sub.clone()));
+                }
+                _ => {
+                    props.0.shift_remove(prop.as_str());
+                }
             }
         }
         // Put in after the copy out of the SDK's message, which can only be

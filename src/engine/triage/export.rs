@@ -428,11 +428,18 @@ pub(super) fn read_numbered_from(
         })
 }
 
+/// A partial file not written to for this long, whose process is gone, was
+/// left by an export killed before its end. The age guards one of another
+/// PID namespace (a container sharing the directory), which `/proc` here
+/// cannot see, as long as it is writing.
+const ABANDONED_PARTIAL_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Remove what exports to `target` killed before they could clean up (kill
-/// -9, an OOM kill) left: `.NAME.PID.partial` files whose process is gone.
-/// They hold message bodies, and each run's has a name of its own, so they
-/// piled up. Only where a process's liveness can be told (`/proc`); one
-/// still running (another export to the same file) is left alone.
+/// -9, an OOM kill) left: `.NAME.PID.partial` files whose process is gone
+/// and that nothing wrote to for [`ABANDONED_PARTIAL_AGE`]. They hold
+/// message bodies, and each run's has a name of its own, so they piled up.
+/// Only where a process's liveness can be told (`/proc`); one still running
+/// (another export to the same file) is left alone.
 fn remove_abandoned_partials(target: &Path, name: &str) {
     let Some(dir) = target
         .parent()
@@ -455,7 +462,13 @@ fn remove_abandoned_partials(target: &Path, name: &str) {
         else {
             continue;
         };
-        if !Path::new("/proc").join(pid).exists() {
+        let idle = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|at| at.elapsed().ok())
+            .is_some_and(|idle| idle >= ABANDONED_PARTIAL_AGE);
+        if idle && !Path::new("/proc").join(pid).exists() {
             tracing::info!(file = %entry.path().display(), "removing what an export killed before its end left");
             let _ = std::fs::remove_file(entry.path());
         }
@@ -571,15 +584,29 @@ mod tests {
         let path = dir.join("out.jsonl");
         // PIDs are below 2^22 on Linux: this one is no process.
         let dead = dir.join(".out.jsonl.99999999.partial");
-        let alive = dir.join(format!(".out.jsonl.{}.partial", std::process::id()));
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let alive = dir.join(format!(".out.jsonl.{}.partial", child.id()));
         let other = dir.join(".other.jsonl.99999999.partial");
+        let old = std::time::SystemTime::now() - 2 * ABANDONED_PARTIAL_AGE;
         for f in [&dead, &alive, &other] {
             std::fs::write(f, "{}\n").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
         }
+        // Written to lately: perhaps an export of another PID namespace.
+        let recent = dir.join(".out.jsonl.99999998.partial");
+        std::fs::write(&recent, "{}\n").unwrap();
         let w = ExportWriter::create_replacing(&path).unwrap();
         assert!(!dead.exists(), "a killed export's partial file");
-        assert!(alive.exists() && other.exists());
+        assert!(alive.exists(), "a running export's");
+        assert!(other.exists() && recent.exists());
         drop(w);
+        let _ = child.kill();
+        let _ = child.wait();
         std::fs::remove_dir_all(dir).unwrap();
     }
 

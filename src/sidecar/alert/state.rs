@@ -193,12 +193,16 @@ impl Evaluator {
     fn restore(&mut self, saved: Saved, now: DateTime<Utc>) {
         let timers_kept = (now - saved.saved_at).to_std().unwrap_or_default() <= TIMERS_KEPT_WITHIN;
         for r in saved.rules {
-            let rule = self
+            // Two rules may share a name on queues apart (two unnamed
+            // `depth_above` rules): the one that applies to the queue.
+            let same = |rule: &super::Rule| rule.name == r.rule && rule.kind == r.kind;
+            let applying = self
                 .rules
                 .iter()
-                .position(|rule| rule.name == r.rule && rule.kind == r.kind);
+                .position(|rule| same(rule) && rule.applies_to(&r.queue));
+            let rule = applying.or_else(|| self.rules.iter().position(same));
             let watched = self.watched.contains(&r.queue);
-            let Some(i) = rule.filter(|&i| watched && self.rules[i].applies_to(&r.queue)) else {
+            let Some(i) = applying.filter(|_| watched) else {
                 let why = match rule {
                     None => "the rule is no longer configured",
                     Some(_) if !watched => "the queue is no longer configured",
@@ -632,6 +636,25 @@ mod tests {
         );
         assert_eq!(fired[0].kind, "depth_above");
         assert!(!fired[0].quiet);
+    }
+
+    /// Two unnamed rules of one kind share a name on queues apart: a
+    /// restart restores the firing alert under the one that applies, and
+    /// neither resolves nor fires it again.
+    #[tokio::test]
+    async fn rules_sharing_a_name_on_queues_apart_are_restored_each_to_its_own() {
+        let dir = TempDir::new();
+        let m = Metrics::new();
+        let rules =
+            "    - depth_above: 10\n      queues: [\"pay*\"]\n    - depth_above: 10\n      queues: [\"ord*\"]\n";
+        let mut e = evaluator(rules);
+        assert_eq!(e.evaluate(&poll(0, 50, 0, &[]), true, &m).len(), 1);
+        StateFile::in_dir(dir.path()).save(&e, at(30)).await;
+        let mut after = evaluator(rules);
+        StateFile::in_dir(dir.path()).load(&mut after, at(60));
+        let again = after.evaluate(&poll(60, 50, 0, &[]), true, &m);
+        assert!(again.is_empty(), "neither resolved nor fired again: {again:?}");
+        assert_eq!(after.refresh(at(60) + chrono::Duration::hours(1), true).len(), 1);
     }
 
     /// A queue removed from the config (or renamed) while its alert fired:
