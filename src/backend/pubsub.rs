@@ -190,6 +190,9 @@ const COUNT_PULL: usize = 1000;
 /// expired" ([`client_deadline`]): nothing to pull, as Google's clients take
 /// their DEADLINE_EXCEEDED. A message the service handed out just as the
 /// pull was cut off comes back once the subscription's ack deadline passes.
+/// A network that stalls for the whole deadline looks the same, and ends a
+/// pass as if drained (what it left stays in the DLQ); on the emulator,
+/// whose pulls return at once, it is an error, which is retried.
 const PULL_DEADLINE: Duration = Duration::from_secs(5);
 /// The server-side deadline of a publish or a topic lookup.
 const RPC_DEADLINE: Duration = Duration::from_secs(30);
@@ -761,8 +764,11 @@ impl PubSubBackend {
             RawSubscriberClient::new(self.conns.rpc_pool.conn()).max_decoding_message_size(PULL_DECODE_LIMIT);
         match client.pull(request).await {
             Ok(r) => Ok(r.into_inner().received_messages),
-            // The deadline passed with nothing to deliver.
-            Err(s) if s.code() == Code::DeadlineExceeded || client_deadline(&s) => Ok(Vec::new()),
+            // The deadline passed with nothing to deliver. Not on the
+            // emulator, whose pulls return at once: there a pull that
+            // outlives its deadline is a stall (a network that stopped
+            // answering), which must not read as a drained subscription.
+            Err(s) if !self.emulator && (s.code() == Code::DeadlineExceeded || client_deadline(&s)) => Ok(Vec::new()),
             Err(s) => Err(self.error(s, &self.subscription)),
         }
     }
