@@ -993,6 +993,8 @@ async fn a_running_redrive_is_cancelled_over_the_api_and_loses_nothing() {
     let ended = serve.wait_run(&id).await;
     assert_eq!(ended["status"], "interrupted", "{ended}");
     assert_eq!(ended["summary"]["stopped"], "cancelled", "{ended}");
+    let log = serve.log.lock().unwrap().join("\n");
+    assert!(log.contains("redrive interrupted by a cancel over the API"), "{log}");
     let settled = ended["summary"]["settled"].as_u64().unwrap();
     assert!(settled < 30, "stopped before the end: {ended}");
     let moved = f.drain_source().await.len();

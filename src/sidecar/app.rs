@@ -263,7 +263,12 @@ impl App {
                 self.metrics.add_redriven(queue, "filter_error", s.filter_errors);
             }
             if status == RunStatus::Interrupted {
-                tracing::warn!(run = %run_id, queue, settled = s.settled, trigger = %s.trigger, "redrive interrupted (cancelled, or by the shutdown); what it did not move is still in the DLQ");
+                let by = if self.shutdown.is_cancelled() {
+                    "by the shutdown"
+                } else {
+                    "by a cancel over the API"
+                };
+                tracing::warn!(run = %run_id, queue, settled = s.settled, trigger = %s.trigger, "redrive interrupted {by}; what it did not move is still in the DLQ");
             } else if s.ok() {
                 tracing::info!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, trigger = %s.trigger, "redrive finished");
             } else {
