@@ -65,9 +65,19 @@ impl ConnectionString {
                                 .into(),
                         ));
                     };
-                    let host = rest.split(['/', '?']).next().unwrap_or_default();
-                    // azservicebus dials the standard port whatever is given.
-                    out.host = host.split(':').next().unwrap_or_default().to_ascii_lowercase();
+                    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+                    // azservicebus dials the standard port whatever is given;
+                    // one that is no port at all is a typo to say, not drop.
+                    let (host, port) = authority.split_once(':').unwrap_or((authority, "443"));
+                    if host.is_empty()
+                        || !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+                        || port.parse::<u16>().is_err()
+                    {
+                        return Err(BackendError::Invalid(format!(
+                            "the Service Bus connection string's `Endpoint` host `{authority}` is not a host name or address with an optional port: give `Endpoint=sb://<namespace>.servicebus.windows.net/`"
+                        )));
+                    }
+                    out.host = host.to_ascii_lowercase();
                 }
                 "sharedaccesskeyname" => out.key_name = Some(v.to_string()),
                 "sharedaccesskey" => out.key = Some(v.to_string()),
@@ -380,6 +390,14 @@ mod tests {
         let e = ConnectionString::parse("Endpoint=sb//127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y").unwrap_err();
         assert!(matches!(e, BackendError::Invalid(_)), "{e}");
         assert!(e.to_string().contains("`Endpoint` is not a URL"), "{e}");
+        for bad in ["sb://ns .servicebus.windows.net/", "sb://ns:99999/", "sb://:5671/"] {
+            let e = ConnectionString::parse(&format!("Endpoint={bad};SharedAccessKeyName=x;SharedAccessKey=y"))
+                .unwrap_err();
+            assert!(
+                matches!(e, BackendError::Invalid(_)) && e.to_string().contains("not a host name"),
+                "{bad}: {e}"
+            );
+        }
         let e = ConnectionString::parse(
             "Endpoint=sb://127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=maybe",
         )

@@ -330,10 +330,13 @@ fn timestamp(unix_secs: u64) -> Timestamp {
     Timestamp::from_milliseconds(i64::try_from(unix_secs).unwrap_or(i64::MAX / 1000) * 1000)
 }
 
-/// A received message and what settles it.
+/// A received message, what settles it, and when it reached the client:
+/// its lock runs from about then, however long it waited for a lease (a
+/// delivery kept from credit left over waits for the next one).
 pub(super) struct Delivered {
     pub lock: Lock,
     pub message: Message<Body<Value>>,
+    pub arrived: Instant,
 }
 
 /// What settles a received message: a delivery on the receiver link is
@@ -1303,6 +1306,7 @@ impl Actor {
         let d = Delivered {
             lock: Lock::Link(info),
             message,
+            arrived: Instant::now(),
         };
         match self.actives.front_mut() {
             Some(a) => {
@@ -2074,6 +2078,7 @@ impl Response for ReceivedDeferred {
             out.push(Delivered {
                 lock: Lock::Token(token),
                 message,
+                arrived: Instant::now(),
             });
         }
         Ok(Self(out))

@@ -485,8 +485,8 @@ pub struct ServiceBusBackend {
 #[derive(Default)]
 struct Held {
     generation: u64,
-    /// Each delivery held, with when its lease returned (its lock began a
-    /// little before).
+    /// Each delivery held, with when it reached the client (its lock began
+    /// a little before), or when its lock was last renewed.
     infos: HashMap<u32, (DeliveryInfo, std::time::Instant)>,
 }
 
@@ -1417,13 +1417,12 @@ impl ServiceBusBackend {
             };
         }
         let mut out = Vec::with_capacity(got.len());
-        let now = std::time::Instant::now();
         for d in got {
             let message = self.received_to_model(d.message);
             let lease = match d.lock {
                 link::Lock::Link(info) => {
                     let id = info.delivery_id();
-                    held.infos.insert(id, (info, now));
+                    held.infos.insert(id, (info, d.arrived.into_std()));
                     LeaseKind::Delivery { generation, id }
                 }
                 link::Lock::Token(token) => LeaseKind::Token { generation, token },
@@ -2127,18 +2126,29 @@ impl QueueBackend for ServiceBusBackend {
             .collect();
         let asked = std::time::Instant::now();
         let outcomes = link.renew_locks(tokens, &self.link_config).await?;
+        let mut lost_deliveries = Vec::new();
         {
             let mut held = self.held.lock().expect("held lock");
             if held.generation == generation {
                 for ((id, _), outcome) in delivered.iter().zip(&outcomes) {
                     if outcome.is_some() {
                         // The lock is lost: not renewed again, and not
-                        // abandoned at the end (the broker would refuse it).
-                        held.infos.remove(id);
+                        // settled by the engine later.
+                        lost_deliveries.extend(held.infos.remove(id).map(|(info, _)| info));
                     } else if let Some((_, at)) = held.infos.get_mut(id) {
                         *at = asked;
                     }
                 }
+            }
+        }
+        if !lost_deliveries.is_empty() {
+            // The link still counts them as handed out, and a kept link
+            // (`serve`) starts a new pass, browsing from the start, only
+            // once it has handed out nothing: without this it never would
+            // again. The abandon is a no-op at the broker (the lock is gone)
+            // and frees the delivery's state in the client.
+            if let Err(e) = link.dispose(lost_deliveries, false, &self.link_config).await {
+                tracing::debug!(error = %e, "abandon of deliveries whose lock was lost failed");
             }
         }
         {
