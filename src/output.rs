@@ -195,7 +195,7 @@ pub fn summary_text(s: &RunSummary) -> String {
     let mut out = String::new();
     let verb = if s.dry_run { "dry run" } else { "redrive" };
     out.push_str(&format!(
-        "{verb} {} of queue {} ({:?}, {:.1}s)\n",
+        "{verb} {} of queue {} ({}, {:.1}s)\n",
         s.run_id,
         s.queue,
         s.stopped,

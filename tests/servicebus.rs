@@ -2008,7 +2008,7 @@ async fn sas_rules_and_their_rights_are_enforced() {
     let reader = with_rule("reader", "reader-key");
     let (code, _, said) = run(&reader, &["redrive", "dlq", "--yes", "--no-journal"]);
     assert_eq!(code, Some(1), "{said}");
-    assert!(said.contains("(Failed"), "{said}");
+    assert!(said.contains("(failed"), "{said}");
     assert!(
         said.contains("'Send' claim(s) are required to perform this operation"),
         "{said}"

@@ -385,7 +385,7 @@ fn import_text(s: &ImportSummary) -> String {
 
 fn purge_text(s: &RunSummary) -> String {
     let mut out = format!(
-        "{} {} of queue {} ({:?})\n  filter:    {}\n  examined:  {}\n  matched:   {}\n",
+        "{} {} of queue {} ({})\n  filter:    {}\n  examined:  {}\n  matched:   {}\n",
         if s.dry_run { "purge dry run" } else { "purge" },
         s.run_id,
         s.queue,

@@ -167,10 +167,6 @@ impl<T> PerQueue<T> {
         value
     }
 
-    fn contains(&self, key: &(String, String)) -> bool {
-        self.get_exact(key).is_some()
-    }
-
     /// The entry under exactly this queue (no fallback to `""`).
     fn get_exact(&self, (queue, id): &(String, String)) -> Option<&T> {
         self.0.get(queue).and_then(|ids| ids.get(id))
@@ -304,12 +300,18 @@ impl Replay {
                 redrive_id: Some(rid),
             } => {
                 let key = self.key(run, queue, id);
-                if !self.intents.contains(&key) {
-                    let intent = Intent {
-                        redrive_id: rid.clone(),
-                        failed: false,
-                    };
-                    self.intents.insert(key, intent);
+                match self.intents.get_exact_mut(&key) {
+                    // The first redrive ID stays (the copies keep it), but a
+                    // new send is under way: a crash inside it makes the
+                    // next copy a resend again, whatever an earlier send did.
+                    Some(intent) => intent.failed = false,
+                    None => {
+                        let intent = Intent {
+                            redrive_id: rid.clone(),
+                            failed: false,
+                        };
+                        self.intents.insert(key, intent);
+                    }
                 }
             }
             // Known to have ended (refused, or its answer lost): a later copy
@@ -860,6 +862,39 @@ mod tests {
         j.append(&settled(3)).unwrap();
         j.sync().unwrap();
         assert_eq!(std::fs::read_to_string(rotated(&path, 1)).unwrap().lines().count(), 4);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A send that failed, then a later run that died inside its own send
+    /// of the same message: the next copy is a resend after a crash again
+    /// (its consumers may have it), under the first run's redrive ID.
+    #[test]
+    fn a_crash_inside_a_send_after_a_failed_one_is_a_resend() {
+        let dir = std::env::temp_dir().join(format!("dlqb-resend-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("j.jsonl");
+        let leased = |run: &str| Record::Leased {
+            run: run.into(),
+            queue: Some("orders".into()),
+            id: "m".into(),
+            redrive_id: Some("r1:m".into()),
+        };
+        {
+            let j = Journal::open(&path).unwrap();
+            j.append(&leased("r1")).unwrap();
+            j.append(&Record::SendFailed {
+                run: "r1".into(),
+                queue: Some("orders".into()),
+                id: "m".into(),
+                error: "throttled".into(),
+            })
+            .unwrap();
+            j.sync().unwrap();
+            assert_eq!(j.prior_redrive_id("orders", "m"), Some(("r1:m".into(), true)));
+            j.append(&leased("r2")).unwrap();
+            j.sync().unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.prior_redrive_id("orders", "m"), Some(("r1:m".into(), false)));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

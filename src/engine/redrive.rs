@@ -176,6 +176,27 @@ pub enum StopReason {
     Failed,
 }
 
+impl StopReason {
+    /// The name JSON reports and `runs` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Drained => "drained",
+            Self::AllSeen => "all_seen",
+            Self::MaxReached => "max_reached",
+            Self::Deadline => "deadline",
+            Self::HeldLimit => "held_limit",
+            Self::Cancelled => "cancelled",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
     pub id: String,
@@ -268,6 +289,8 @@ struct BatchOutcome {
     /// mend (credentials, a right, a certificate, a missing entity): every
     /// later batch would fail the same way, so the pass stops.
     refused: bool,
+    marks_omitted: u64,
+    resent_after_crash: u64,
 }
 
 pub struct Engine {
@@ -409,9 +432,12 @@ impl Engine {
         dest: &Destination,
         batch: Vec<Leased>,
         outgoing: Vec<Outgoing>,
+        resends: Vec<bool>,
         slot: SendPermit,
     ) -> BatchOutcome {
         let mut out = BatchOutcome::default();
+        // Counted for the copies that went, not for those built.
+        let unmarked: Vec<bool> = outgoing.iter().map(|o| !o.attributes.contains_key(MARK_ID)).collect();
         for (l, o) in batch.iter().zip(&outgoing) {
             let _ = self.journal(Record::Leased {
                 run: run.id.clone(),
@@ -424,6 +450,9 @@ impl Engine {
         // then known to the next run, which resends under the same mark.
         if let Err(e) = self.sync_journal() {
             push_error(&mut out.errors, format!("journal: {e}; not sending this batch"));
+            // The journal keeps failing once it failed (a full disk): the
+            // pass stops rather than lease the rest of the DLQ for nothing.
+            out.refused = true;
             out.failed_keys
                 .extend(batch.iter().filter_map(|l| l.message.ordering_key.clone()));
             // Counted as failed sends: a run that skipped messages it matched
@@ -447,10 +476,12 @@ impl Engine {
         };
         drop((outgoing, slot));
         let mut confirmed = Vec::new();
-        for (l, r) in batch.into_iter().zip(results) {
+        for (((l, r), unmarked), resend) in batch.into_iter().zip(results).zip(unmarked).zip(resends) {
             match r {
                 SendResult::Sent { dest_id } => {
                     out.sent += 1;
+                    out.marks_omitted += u64::from(unmarked);
+                    out.resent_after_crash += u64::from(resend);
                     let _ = self.journal(Record::Sent {
                         run: run.id.clone(),
                         queue: Some(run.queue.clone()),
@@ -485,6 +516,7 @@ impl Engine {
         // crash here, a rerun settles instead of resending.
         if let Err(e) = self.sync_journal() {
             push_error(&mut out.errors, format!("journal: {e}; not settling this batch"));
+            out.refused = true;
             // Their copies went; the originals stay in the DLQ: failed settles.
             out.settle_failed = confirmed.len() as u64;
             Progress::add(&self.progress.failed, out.settle_failed);
@@ -522,6 +554,7 @@ impl Engine {
         // a journal that cannot take records (a full disk) stops the purge.
         if let Err(e) = self.sync_journal() {
             push_error(&mut out.errors, format!("journal: {e}; not deleting this batch"));
+            out.refused = true;
             out.send_failed = batch.len() as u64;
             Progress::add(&self.progress.failed, out.send_failed);
             out.unsent.extend(batch.into_iter().map(|l| l.lease));
@@ -854,6 +887,19 @@ impl<'a> Pass<'a> {
                 break;
             }
             if self.max_reached() {
+                // Sends still out may fail and give room back (a failed
+                // group's later matches leave `pending` and the count):
+                // the cap is judged once they are in.
+                if !self.sends.is_empty() || !self.pending.is_empty() {
+                    if !self.dispatch(true).await {
+                        self.s.stopped = StopReason::Cancelled;
+                        break;
+                    }
+                    while let Some(done) = self.sends.join_next().await {
+                        self.merge_send(done.expect("send tasks do not panic"));
+                    }
+                    continue;
+                }
                 self.s.stopped = StopReason::MaxReached;
                 break;
             }
@@ -1121,6 +1167,11 @@ impl<'a> Pass<'a> {
             let dests: Vec<Destination> = self.pending.keys().cloned().collect();
             for dest in dests {
                 while let Some(queue) = self.pending.get_mut(&dest) {
+                    // A destination that refused a send refuses the rest:
+                    // what is pending stays in the DLQ (see `finish`).
+                    if self.refused {
+                        return true;
+                    }
                     let Some(batch) = take_sendable(queue, &self.keys_in_flight, full, partial) else {
                         break;
                     };
@@ -1181,30 +1232,26 @@ impl<'a> Pass<'a> {
         for k in &keys {
             *self.keys_in_flight.entry(k.clone()).or_default() += 1;
         }
+        let mut resends = Vec::with_capacity(batch.len());
         let outgoing: Vec<Outgoing> = batch
             .iter_mut()
             .filter(|_| self.discard_to.is_none())
             .map(|l| {
                 let (mut o, marked) = outgoing_copy_taking(&mut l.message, plan, &*engine.backend, &dest);
-                if !marked {
-                    self.s.marks_omitted += 1;
-                }
                 // A copy an interrupted run may already have sent keeps
                 // that run's mark, so consumers can dedupe; so does one whose
                 // send failed, which may have arrived all the same (its
                 // answer lost), but it is no resend after a crash.
-                if let Some((prior, failed)) = engine
+                let prior = engine
                     .journal
                     .as_ref()
-                    .and_then(|j| j.prior_redrive_id(&plan.queue, &l.message.id))
+                    .and_then(|j| j.prior_redrive_id(&plan.queue, &l.message.id));
+                if let Some((prior, _)) = &prior
+                    && marked
                 {
-                    if marked {
-                        o.attributes.insert(MARK_ID.into(), Attribute::string(prior));
-                    }
-                    if !failed {
-                        self.s.resent_after_crash += 1;
-                    }
+                    o.attributes.insert(MARK_ID.into(), Attribute::string(prior.clone()));
                 }
+                resends.push(prior.is_some_and(|(_, failed)| !failed));
                 o
             })
             .collect();
@@ -1219,7 +1266,7 @@ impl<'a> Pass<'a> {
         let action = plan.action.clone();
         self.sends.spawn(async move {
             let mut out = match action {
-                Action::Redrive => task.send_batch(&run, &dest, batch, outgoing, slot).await,
+                Action::Redrive => task.send_batch(&run, &dest, batch, outgoing, resends, slot).await,
                 Action::Discard { backup } => task.discard_batch(&run, batch, backup, slot).await,
             };
             out.keys = keys;
@@ -1282,17 +1329,22 @@ impl<'a> Pass<'a> {
         }
         release_keys(&mut self.keys_in_flight, &out.keys);
         for key in &out.failed_keys {
-            if self.failed_keys.insert(key.clone()) {
-                self.hold_back(key);
-            }
+            // Even for a key that failed before: a later message of it may
+            // have found no destination while this batch was out, and the
+            // messages between them still wait in `pending`.
+            let first = self.failed_keys.insert(key.clone());
+            self.hold_back(key, first);
         }
         merge(&mut self.s, out, &self.held);
     }
 
     /// A message of `key` failed to send: its later messages that wait to be
     /// sent stay in the DLQ instead, so that none arrives before it.
-    fn hold_back(&mut self, key: &str) {
+    fn hold_back(&mut self, key: &str, first: bool) {
         let taken = take_key(&mut self.pending, key);
+        if taken.is_empty() && !first {
+            return;
+        }
         let n = taken.len() as u64;
         let mut leases = Vec::with_capacity(taken.len());
         for (dest, l) in taken {
@@ -1444,6 +1496,8 @@ fn merge(s: &mut RunSummary, out: BatchOutcome, held: &HeldLeases) {
     s.settled += out.settled;
     s.send_failed += out.send_failed;
     s.settle_failed += out.settle_failed;
+    s.marks_omitted += out.marks_omitted;
+    s.resent_after_crash += out.resent_after_crash;
     // Leased before their send went out (and its retries), maybe long ago.
     held.extend_overdue(out.unsent);
     for e in out.errors {
@@ -1881,6 +1935,21 @@ mod tests {
         let limiter = message_rate(NonZeroU32::new(10).unwrap(), 3);
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!((0..10).filter(|_| limiter.check().is_ok()).count(), 3);
+    }
+
+    #[test]
+    fn a_stop_reason_reads_as_its_json_name() {
+        for r in [
+            StopReason::Drained,
+            StopReason::AllSeen,
+            StopReason::MaxReached,
+            StopReason::Deadline,
+            StopReason::HeldLimit,
+            StopReason::Cancelled,
+            StopReason::Failed,
+        ] {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.to_string());
+        }
     }
 
     #[test]

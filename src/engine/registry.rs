@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Mutex, OnceCell, Semaphore};
 
 use crate::backend::{self, BackendError, Purpose, QueueBackend};
 use crate::config::{Config, MAX_CONCURRENCY, QueueConfig};
@@ -104,7 +104,11 @@ pub struct RedriveRequest {
 
 pub struct Registry {
     config: Arc<Config>,
-    backends: Mutex<HashMap<String, Arc<dyn QueueBackend>>>,
+    /// Each queue's backend, once connected. A cell per queue: two callers
+    /// that first need a queue at once (the sidecar's first poll and an API
+    /// redrive) share one connect instead of making two adapters (a second
+    /// Service Bus link, lease order and lock state of its own).
+    backends: Mutex<HashMap<String, Arc<BackendCell>>>,
     /// Provider clients, shared by the queues that can use the same one.
     clients: backend::SharedClients,
     /// Bounds the connects in flight. `serve` polls every queue at start-up;
@@ -113,6 +117,9 @@ pub struct Registry {
     /// queues: 19 MiB of futures and 1,029 connections at the peak).
     connects: Semaphore,
 }
+
+/// A queue's backend, connected by the first caller that needs it.
+type BackendCell = OnceCell<Arc<dyn QueueBackend>>;
 
 /// Connects in flight at once: enough that start-up is bound by the
 /// admin-call limits rather than by connects.
@@ -156,25 +163,23 @@ impl Registry {
     /// yet (a backend connected once serves every purpose after).
     async fn backend_for(&self, name: &str, purpose: Purpose) -> Result<Arc<dyn QueueBackend>, RegistryError> {
         let queue = self.queue(name)?;
-        if let Some(b) = self.backends.lock().await.get(name) {
-            return Ok(b.clone());
-        }
-        let _permit = self.connects.acquire().await.expect("the semaphore is never closed");
-        // Another caller may have connected this queue while we waited.
-        if let Some(b) = self.backends.lock().await.get(name) {
-            return Ok(b.clone());
-        }
-        // Boxed: the SDKs' connect futures are large, and unboxed they would be
-        // inlined into every caller's state, including each queue's polling
-        // task for its whole life (about 23 KiB per queue, measured with heaptrack).
-        let b = Box::pin(backend::connect_shared(queue, &self.clients, purpose))
-            .await
-            .map_err(|error| RegistryError::Backend {
-                queue: name.to_string(),
-                error,
-            })?;
-        self.backends.lock().await.insert(name.to_string(), b.clone());
-        Ok(b)
+        let cell = self.backends.lock().await.entry(name.to_string()).or_default().clone();
+        // A connect that failed leaves the cell empty: the next caller tries again.
+        let b = cell
+            .get_or_try_init(|| async {
+                let _permit = self.connects.acquire().await.expect("the semaphore is never closed");
+                // Boxed: the SDKs' connect futures are large, and unboxed they would be
+                // inlined into every caller's state, including each queue's polling
+                // task for its whole life (about 23 KiB per queue, measured with heaptrack).
+                Box::pin(backend::connect_shared(queue, &self.clients, purpose))
+                    .await
+                    .map_err(|error| RegistryError::Backend {
+                        queue: name.to_string(),
+                        error,
+                    })
+            })
+            .await?;
+        Ok(b.clone())
     }
 
     /// Validate a request and resolve everything a run needs, before any

@@ -274,7 +274,7 @@ impl App {
             } else {
                 // A schedule's runs are seen nowhere else: a run that fails
                 // every tick must say so, and why, where operators look.
-                tracing::error!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, filter_errors = s.filter_errors, stopped = ?s.stopped, errors = ?s.errors, trigger = %s.trigger, "redrive failed");
+                tracing::error!(run = %run_id, queue, settled = s.settled, failed = s.send_failed + s.settle_failed, filter_errors = s.filter_errors, stopped = %s.stopped, errors = ?s.errors, trigger = %s.trigger, "redrive failed");
             }
         }
         if let Err(e) = &result {

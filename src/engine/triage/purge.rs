@@ -110,12 +110,15 @@ pub struct PurgeRequest<'a> {
 }
 
 /// The filter a purge runs with: the user's, narrowed by `--older-than`.
+/// The user's text keeps its line and columns (an error in it is reported
+/// where they wrote it), and a line break closes it: a `//` comment at its
+/// end would otherwise swallow the `)`.
 pub fn purge_filter(filter: &str, older_than: Option<Duration>) -> String {
     match older_than {
         // Whole seconds read best; a fraction is kept (in nanoseconds) rather
         // than cut, which would purge messages younger than asked.
-        Some(d) if d.subsec_nanos() == 0 => format!("({filter}) && age > duration(\"{}s\")", d.as_secs()),
-        Some(d) => format!("({filter}) && age > duration(\"{}ns\")", d.as_nanos()),
+        Some(d) if d.subsec_nanos() == 0 => format!("({filter}\n) && age > duration(\"{}s\")", d.as_secs()),
+        Some(d) => format!("({filter}\n) && age > duration(\"{}ns\")", d.as_nanos()),
         None => filter.to_string(),
     }
 }
