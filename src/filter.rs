@@ -358,6 +358,14 @@ impl Filter {
                 message.push_str(" (CEL writes `&&`, `||` and `!`)");
             }
             let source_line = line_of(source, line);
+            // ANTLR's syntax errors count characters; the AST builder's
+            // (a macro's, such as `has()` of something not a field) count
+            // bytes.
+            let column = if syntax.is_some() {
+                column
+            } else {
+                source_line.char_indices().take_while(|(i, _)| *i + 1 < column).count() + 1
+            };
             FilterError::Syntax {
                 line,
                 column: column.min(source_line.chars().count() + 1),
@@ -438,6 +446,21 @@ impl Filter {
             let (line, column) = offset(at).map_or((1, 1), |at| position(source, at));
             return Err(FilterError::TypeMismatch {
                 message,
+                line,
+                column,
+                source_line: line_of(source, line),
+            });
+        }
+        // A filter whose value is never true or false (`reason`, `1`,
+        // `delivery_count + 1`) compiled, and then a redrive leased the whole
+        // DLQ (raising every delivery count) to fail on each message.
+        let top = program.expression();
+        if let Some(what) = never_bool(top, |name| vars.get(name).is_some_and(|ids| ids.contains(&top.id))) {
+            let (line, column) = offset(top.id).map_or((1, 1), |at| position(source, at));
+            return Err(FilterError::TypeMismatch {
+                message: format!(
+                    "a filter must be true or false, and this is {what}: compare it (`reason == \"Timeout\"`, `delivery_count > 3`)"
+                ),
                 line,
                 column,
                 source_line: line_of(source, line),
@@ -557,6 +580,35 @@ fn is_unknown_function(env: &Arc<Env>, call: &CallExpr) -> bool {
         None => format!("{name}()"),
     };
     undeclared(env, &probe).is_some_and(|n| n == *name)
+}
+
+/// What the whole filter is, when that is never a bool: a literal of
+/// another type, a message variable of another type (`json` may hold a
+/// bool, and `free` tells a message variable from a macro's), a list or
+/// map, or arithmetic.
+fn never_bool(top: &IdedExpr, free: impl Fn(&str) -> bool) -> Option<&'static str> {
+    use cel::common::ast::operators::*;
+    match &top.expr {
+        Expr::Literal(LiteralValue::Boolean(_)) => None,
+        Expr::Literal(LiteralValue::Null) => Some("null"),
+        Expr::Literal(LiteralValue::String(_)) => Some("a string"),
+        Expr::Literal(LiteralValue::Bytes(_)) => Some("bytes"),
+        Expr::Literal(_) => Some("a number"),
+        Expr::Ident(name) if free(name) => match name.as_str() {
+            "id" | "body" | "reason" | "description" | "source" => Some("a string"),
+            "delivery_count" => Some("an int"),
+            "enqueued_at" => Some("a timestamp"),
+            "age" => Some("a duration"),
+            "attributes" => Some("a map"),
+            _ => None,
+        },
+        Expr::List(_) => Some("a list"),
+        Expr::Map(_) => Some("a map"),
+        Expr::Call(c) if [ADD, SUBSTRACT, MULTIPLY, DIVIDE, MODULO, NEGATE].contains(&c.func_name.as_str()) => {
+            Some("arithmetic")
+        }
+        _ => None,
+    }
 }
 
 /// When `call` compares a message variable whose type is fixed with a
@@ -1264,7 +1316,7 @@ mod tests {
             r#"body.contains("order") && json.order.id == 42"#,
             r#"reason.startsWith("T") || source.size() > 0"#,
             "delivery_count == null && enqueued_at == null && age == null",
-            "1 + 1",
+            "json.order.id",
             r#"attributes["tenant"] == "acme" && !has(attributes.kind)"#,
             r#"attributes[reason] == "x" || attributes["re" + "tries"] == 3"#,
             r#"[1].exists(attributes, attributes > 0) && attributes.tenant == "acme""#,
@@ -1355,7 +1407,8 @@ mod tests {
     fn evaluation_error_is_reported_not_raised() {
         let err = eval(r#"attributes.missing == "x""#).unwrap_err();
         assert!(err.contains("missing"), "{err}");
-        let err = eval("1 + 1").unwrap_err();
+        // Compiles (a JSON body may hold a bool), yields an int here.
+        let err = eval("json.order.id").unwrap_err();
         assert!(err.contains("bool"), "{err}");
         assert_eq!(
             eval(r#"has(attributes.missing) && attributes.missing == "x""#),
@@ -1633,6 +1686,60 @@ mod tests {
             r#"age > duration(reason) || reason.matches(body) || true"#,
             r#"enqueued_at.getHours("Europe/Paris") > 8 && enqueued_at.getDayOfWeek("+02:00") < 6"#,
             r#"enqueued_at.getHours() >= 0 && age.getHours() >= 0"#,
+        ] {
+            assert!(Filter::compile(f).is_ok(), "{f}");
+        }
+    }
+
+    /// The parser's own errors (a macro's) count bytes: the column is
+    /// given in characters, as the syntax errors' are.
+    #[test]
+    fn a_macro_error_after_multibyte_text_names_its_character_column() {
+        let f = r#""日本語日本語" == reason || has(reason)"#;
+        match Filter::compile(f) {
+            Err(FilterError::Syntax { line, column, .. }) => {
+                // At `reason` inside `has(`: the 27th character, the 39th byte.
+                assert_eq!((line, column), (1, 27), "{f}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A filter whose value is never a bool compiled, and failed on every
+    /// message a redrive leased: it is refused, at its start.
+    #[test]
+    fn a_filter_that_is_never_true_or_false_is_a_compile_error() {
+        for (f, what) in [
+            ("reason", "a string"),
+            ("1", "a number"),
+            (r#""acme""#, "a string"),
+            ("delivery_count + 1", "arithmetic"),
+            ("  attributes", "a map"),
+            ("[true]", "a list"),
+        ] {
+            match Filter::compile(f) {
+                Err(FilterError::TypeMismatch {
+                    message, line, column, ..
+                }) => {
+                    assert!(message.contains(&format!("this is {what}")), "{f}: {message}");
+                    // At its start, or at the operator of arithmetic.
+                    let at = if what == "arithmetic" {
+                        f.find('+').unwrap() + 1
+                    } else {
+                        f.len() - f.trim_start().len() + 1
+                    };
+                    assert_eq!((line, column), (1, at), "{f}");
+                }
+                other => panic!("{f}: {other:?}"),
+            }
+        }
+        for f in [
+            "true",
+            "json",
+            "json.ok",
+            "attributes.retry == \"yes\"",
+            "[1].all(x, x > 0)",
+            "reason in [\"a\"]",
         ] {
             assert!(Filter::compile(f).is_ok(), "{f}");
         }

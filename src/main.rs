@@ -3,12 +3,18 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dlq_bridge::cli::{self, Cli};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{FilterExt as _, LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// Crates that, below the level given here, log credentials, signed
 /// requests, auth headers or webhook URLs (or, for the AWS config chain,
 /// warn about every missing source). Secrets never reach logs, whatever level
-/// is asked for, so these caps always apply.
+/// is asked for, so these caps always apply: they are a filter of their own
+/// that every event must pass as well as `DLQ_BRIDGE_LOG`'s (a directive
+/// added to the user's filter lost to a more specific one of theirs, such
+/// as `aws_sigv4::http_request=trace`).
 const CAPPED_TARGETS: &[(&str, &str)] = &[
     ("aws_config", "error"),
     ("aws_smithy_runtime", "error"),
@@ -71,7 +77,7 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let mut filter = match std::env::var("DLQ_BRIDGE_LOG").ok().filter(|v| !v.trim().is_empty()) {
+    let filter = match std::env::var("DLQ_BRIDGE_LOG").ok().filter(|v| !v.trim().is_empty()) {
         None => EnvFilter::new(default_level),
         Some(value) => EnvFilter::try_new(&value).unwrap_or_else(|e| {
             // Said, not ignored: a typo left the user wondering why no debug
@@ -83,11 +89,11 @@ fn main() -> ExitCode {
             EnvFilter::new(default_level)
         }),
     };
-    for (target, level) in CAPPED_TARGETS {
-        filter = filter.add_directive(format!("{target}={level}").parse().expect("valid directive"));
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let caps = CAPPED_TARGETS.iter().fold(
+        Targets::new().with_default(LevelFilter::TRACE),
+        |caps, (target, level)| caps.with_target(*target, level.parse::<LevelFilter>().expect("valid level")),
+    );
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colours only on a terminal (a sidecar's log is read from a file),
         // and never with NO_COLOR set (no-color.org), which with_ansi overrode.
@@ -95,7 +101,8 @@ fn main() -> ExitCode {
             std::io::IsTerminal::is_terminal(&std::io::stderr())
                 && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         )
-        .init();
+        .with_filter(filter.and(caps));
+    tracing_subscriber::registry().with(log).init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

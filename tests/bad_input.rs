@@ -981,7 +981,9 @@ async fn evaluation_errors_are_per_message_and_reported() {
     // 1): a filter that fails on every message is a mistake, not "no match".
     for (filter, why) in [
         (r#"delivery_count + "x" > 0"#, "Unsupported binary operator 'add'"),
-        ("body", "filter must yield a bool"),
+        // A JSON body's field may be a bool; here it is a number (`body`
+        // itself, never a bool, is refused before anything is leased).
+        ("json.order", "filter must yield a bool"),
     ] {
         let before = f.dlq_snapshot().await;
         let (code, out, err) =

@@ -32,7 +32,16 @@ fn files_under(dir: &std::path::Path) -> String {
 
 fn run_all_verbosities(config: &std::path::Path, args: &[&str]) -> String {
     let mut seen = String::new();
-    for log in ["warn", "info", "debug", "trace"] {
+    // The last two name a module below a capped crate: a more specific
+    // directive once won over the cap and logged the signed request.
+    for log in [
+        "warn",
+        "info",
+        "debug",
+        "trace",
+        "aws_sigv4::http_request=trace",
+        "trace,hyper_util::client=trace,reqwest::connect=trace",
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_dlq-bridge"))
             .arg("--config")
             .arg(config)

@@ -59,7 +59,7 @@ pub enum Command {
         #[arg(value_name = "QUEUE")]
         queue: String,
         /// CEL filter; only matching messages are shown. Default: every message.
-        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
+        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter, allow_hyphen_values = true)]
         filter: Option<String>,
         /// Messages shown at most. Without --filter only this many are read.
         #[arg(long, short = 'n', default_value_t = 20, value_name = "N", value_parser = at_least_one::<usize>)]
@@ -100,7 +100,7 @@ pub enum Command {
         #[arg(value_name = "QUEUE")]
         queue: String,
         /// CEL filter; only matching messages are grouped. Default: every message.
-        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
+        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter, allow_hyphen_values = true)]
         filter: Option<String>,
         /// reason, source, pattern (the reason and description with numbers,
         /// UUIDs, hex and quoted values as placeholders) or attribute:NAME.
@@ -128,7 +128,7 @@ pub enum Command {
         #[arg(long, value_name = "FILE.jsonl")]
         to: PathBuf,
         /// CEL filter; only matching messages are written. Default: every message.
-        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
+        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter, allow_hyphen_values = true)]
         filter: Option<String>,
         /// Write at most N messages.
         #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
@@ -157,7 +157,7 @@ pub enum Command {
         address: Option<String>,
         /// CEL filter over the exported messages; only matching lines are sent.
         /// Default: every line.
-        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
+        #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter, allow_hyphen_values = true)]
         filter: Option<String>,
         /// Messages per second at most: a whole number, at least 1. Default: no limit.
         #[arg(long, value_name = "N", value_parser = parse_rate)]
@@ -189,10 +189,10 @@ pub enum Command {
         #[arg(value_name = "QUEUE")]
         queue: String,
         /// CEL filter selecting what to delete (required; `true` for everything).
-        #[arg(long, short = 'f', value_name = "CEL", value_parser = purge_filter)]
+        #[arg(long, short = 'f', value_name = "CEL", value_parser = purge_filter, allow_hyphen_values = true)]
         filter: String,
         /// Only messages older than this (`7d`, `36h`), by enqueue time.
-        #[arg(long, value_name = "DURATION", value_parser = crate::config::duration_text::parse)]
+        #[arg(long, value_name = "DURATION", value_parser = older_than)]
         older_than: Option<std::time::Duration>,
         /// Lease, filter and report what would be deleted, then release it all;
         /// delete nothing and write no backup.
@@ -270,7 +270,7 @@ pub struct JournalOpts {
 #[derive(Debug, Args, Default)]
 pub struct RedriveOpts {
     /// CEL filter selecting the messages to move. Default: every message.
-    #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter)]
+    #[arg(long, short = 'f', value_name = "CEL", value_parser = optional_filter, allow_hyphen_values = true)]
     pub filter: Option<String>,
     /// Destination instead of each message's source: a configured queue name or
     /// a provider address (SQS queue name/URL, Pub/Sub topic, Service Bus entity).
@@ -371,6 +371,14 @@ fn optional_filter(text: &str) -> Result<String, String> {
 }
 
 /// Purge's required `--filter`: `true` purges everything, so nothing is implied.
+/// `--older-than`: a duration that a filter's `duration()` can hold too.
+fn older_than(text: &str) -> Result<std::time::Duration, String> {
+    let d = crate::config::duration_text::parse(text)?;
+    crate::filter::Filter::compile(&crate::engine::triage::purge_filter("true", Some(d)))
+        .map_err(|_| format!("`{text}` is longer than a filter's durations can be"))?;
+    Ok(d)
+}
+
 fn purge_filter(text: &str) -> Result<String, String> {
     if text.trim().is_empty() {
         return Err("the filter is empty: pass --filter true to purge every message (an empty value is often a shell-quoting slip)".into());
@@ -398,6 +406,29 @@ fn concurrency(text: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A filter may start with `-` (`-1 < delivery_count`): it is the
+    /// option's value, not an unknown flag.
+    #[test]
+    fn a_filter_may_start_with_a_minus() {
+        for cmd in [
+            &["inspect"][..],
+            &["redrive"],
+            &["purge"],
+            &["export", "--to", "x.jsonl"],
+        ] {
+            let args = ["dlq-bridge"]
+                .iter()
+                .chain(cmd)
+                .chain(&["orders", "--filter", "-1 < delivery_count"]);
+            let parsed = Cli::try_parse_from(args);
+            assert!(
+                parsed.is_ok(),
+                "{cmd:?}: {}",
+                parsed.err().map(|e| e.to_string()).unwrap_or_default()
+            );
+        }
+    }
 
     /// Every command and every option `--help` lists is named in the README
     /// (an option by its long form, or by its short one as `-o`), so an

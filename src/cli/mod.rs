@@ -228,7 +228,8 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             journal,
             output,
         } => {
-            crate::filter::Filter::compile(&filter)?;
+            // The filter the purge runs, checked before anyone is asked.
+            crate::filter::Filter::compile(&crate::engine::triage::purge_filter(&filter, older_than))?;
             registry.queue(&queue)?;
             let backup = match (no_backup, backup) {
                 (true, _) => None,
@@ -248,8 +249,12 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 && !confirm(
                     yes,
                     &format!(
-                        "Delete messages of {queue} matching `{}`{}?",
-                        crate::engine::triage::purge_filter(&filter, older_than),
+                        "Delete messages of {queue} matching `{}`{}{}?",
+                        filter,
+                        match older_than {
+                            Some(d) => format!(" older than {}", humantime::format_duration(d)),
+                            None => String::new(),
+                        },
                         match &backup {
                             Some(p) => format!(" (backup: {})", p.display()),
                             None => " WITHOUT a backup".into(),

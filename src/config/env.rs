@@ -3,7 +3,7 @@
 //! as the file.
 
 use super::ConfigError;
-use super::locate::{did_you_mean, plain_types};
+use super::locate::{did_you_mean, readable};
 
 /// Overrides are `DLQ_BRIDGE__` + path; the double underscore keeps them apart
 /// from the CLI's own variables (`DLQ_BRIDGE_CONFIG`, `DLQ_BRIDGE_LOG`).
@@ -91,7 +91,7 @@ pub(super) fn env_error(overrides: &[(String, String)], field: &str, message: St
         .find(|key| *key == field)
         .or_else(|| override_holding(overrides, field))
         .or_else(|| keys().find(|key| key.starts_with(&format!("{field}.")) || field.is_empty()));
-    let mut message = plain_types(&message);
+    let mut message = readable(&message);
     if let Some(hint) = did_you_mean(&message) {
         message.push_str(&format!("; did you mean `{hint}`?"));
     }
@@ -150,6 +150,22 @@ mod tests {
             .to_string();
         assert!(err.contains("DLQ_BRIDGE__REDRIVE__CONCURENCY"), "{err}");
         assert!(err.contains("unknown field `concurency`"), "{err}");
+    }
+
+    /// A value that did not fit, set from the environment (often from a
+    /// Secret), is not quoted back: a webhook URL given where `{url: …}`
+    /// was meant carries its token.
+    #[test]
+    fn an_override_error_does_not_quote_a_secret() {
+        let y = "queues:\n  - name: a\n    sqs: {queue: x}\n";
+        let env = [(
+            "alerts.sinks".to_string(),
+            r#"[{slack: "https://hooks.slack.com/services/T0/B0/SECRETTOKEN"}]"#.to_string(),
+        )];
+        let err = Config::from_yaml(y, "t", &env).unwrap_err().to_string();
+        assert!(!err.contains("SECRETTOKEN"), "{err}");
+        assert!(err.contains("DLQ_BRIDGE__ALERTS__SINKS"), "{err}");
+        assert!(err.contains("expected `{url: …}` or `{url_env: VARIABLE}`"), "{err}");
     }
 
     /// With a map and a field inside it both set, an error at the field

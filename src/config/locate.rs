@@ -11,6 +11,9 @@ use super::ConfigError;
 /// written there. Block YAML, and flow collections on one line; None when
 /// not even the path's first key is in the file.
 pub(super) fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
+    fn unindented(l: &str) -> &str {
+        l.trim_start_matches(' ')
+    }
     enum Step<'a> {
         Key(&'a str),
         Index(usize),
@@ -27,7 +30,10 @@ pub(super) fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
         }
     }
     let lines: Vec<&str> = text.lines().collect();
-    let indent = |l: &str| l.len() - l.trim_start_matches(' ').len();
+    // Indentation is spaces alone: `trim_start` would also take other
+    // whitespace (U+3000 is valid inside a quoted scalar), and a column
+    // counted one way and sliced the other lands inside a character.
+    let indent = |l: &str| l.len() - unindented(l).len();
     let meaningful = |l: &str| {
         let t = l.trim();
         !t.is_empty() && !t.starts_with('#') && t != "---"
@@ -60,7 +66,8 @@ pub(super) fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
                     .find(|&i| i == 0 || matches!(line.as_bytes()[i - 1], b'{' | b',' | b' '))
             });
             let Some(at) = at else { break };
-            found = Some((n + 1, at + 1));
+            // Columns count characters, as an editor's do.
+            found = Some((n + 1, line[..at].chars().count() + 1));
             flow = Some((n, at + key.len() + 1));
             continue;
         }
@@ -96,7 +103,7 @@ pub(super) fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
                     .find(|&i| {
                         meaningful(lines[i])
                             && (indent(lines[i]) < want
-                                || (indent(lines[i]) == want && !lines[i].trim_start().starts_with('-')))
+                                || (indent(lines[i]) == want && !unindented(lines[i]).starts_with('-')))
                     })
                     .unwrap_or(to);
                 key_col = None;
@@ -106,11 +113,11 @@ pub(super) fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
                 let Some(first) = (from..to).find(|&i| meaningful(lines[i])) else {
                     break;
                 };
-                if !lines[first].trim_start().starts_with('-') {
+                if !unindented(lines[first]).starts_with('-') {
                     break;
                 }
                 let dash = indent(lines[first]);
-                let is_item = |i: usize| indent(lines[i]) == dash && lines[i].trim_start().starts_with('-');
+                let is_item = |i: usize| indent(lines[i]) == dash && unindented(lines[i]).starts_with('-');
                 let Some(n) = (from..to).filter(|&i| is_item(i)).nth(index) else {
                     break;
                 };
@@ -217,7 +224,7 @@ pub(super) fn parse_located<T: serde::de::DeserializeOwned>(text: &str, origin: 
 
 /// serde's words for Rust's types in the words of the config: `expected
 /// usize` reads "expected a whole number", an empty value "unit value".
-pub(super) fn plain_types(message: &str) -> String {
+fn plain_types(message: &str) -> String {
     let mut out = message.replace("invalid type: unit value", "an empty value");
     for t in ["usize", "u64", "u32", "u16", "u8"] {
         out = out.replace(&format!("expected {t}"), "expected a whole number");
@@ -232,6 +239,28 @@ pub(super) fn plain_types(message: &str) -> String {
 /// strings), or a long token.
 fn looks_secret(value: &str) -> bool {
     value.contains("://") || value.contains('=') || value.contains(';') || value.chars().count() > 40
+}
+
+/// serde's message about a value, in the user's words and without a value
+/// that may be a secret. serde quotes a string it cannot take ("invalid
+/// type: string \"…\", expected struct SinkTarget"): in a config, or an
+/// override from the environment, that may be a secret (a webhook URL where
+/// `{url: …}` was meant), and the error already says where it is. Short
+/// plain values ("fast" for a rate) stay: they say what was read.
+pub(super) fn readable(message: &str) -> String {
+    let mut message = message.to_string();
+    for kind in ["invalid type: string \"", "invalid value: string \""] {
+        if let Some(rest) = message.strip_prefix(kind)
+            && let Some(end) = rest.rfind("\", expected")
+            && looks_secret(&rest[..end])
+        {
+            message = format!("{}{}", kind.trim_end_matches(" \""), &rest[end + 1..]);
+        }
+    }
+    plain_types(&message).replace(
+        "expected struct SinkTarget",
+        "expected `{url: …}` or `{url_env: VARIABLE}`",
+    )
 }
 
 /// The key serde's "duplicate field `KEY`" names.
@@ -334,23 +363,7 @@ pub(super) fn invalid(origin: &str, field: &str, e: &serde_yaml::Error) -> Confi
     {
         message = rest.to_string();
     }
-    // serde quotes a string it cannot take ("invalid type: string \"…\",
-    // expected struct SinkTarget"): in a config that may be a secret (a
-    // webhook URL where `{url: …}` was meant), and the location already
-    // points at it.
-    // Short plain values ("fast" for a rate) stay: they say what was read.
-    for kind in ["invalid type: string \"", "invalid value: string \""] {
-        if let Some(rest) = message.strip_prefix(kind)
-            && let Some(end) = rest.rfind("\", expected")
-            && looks_secret(&rest[..end])
-        {
-            message = format!("{}{}", kind.trim_end_matches(" \""), &rest[end + 1..]);
-        }
-    }
-    message = plain_types(&message).replace(
-        "expected struct SinkTarget",
-        "expected `{url: …}` or `{url_env: VARIABLE}`",
-    );
+    message = readable(&message);
     // A syntax error deep in a document ends its path with `?` (the key that
     // could not be read): name the part that was read, and say it is syntax.
     let syntax = field == "?" || field.ends_with(".?");
@@ -448,6 +461,22 @@ mod tests {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.starts_with(at) && err.contains("duplicate field"), "{text}\n{err}");
         }
+    }
+
+    /// A quoted scalar may hold other whitespace (U+3000) before a `-`:
+    /// it is no list item, and locating past it used to slice inside it.
+    #[test]
+    fn unicode_whitespace_before_a_dash_is_no_item() {
+        let text = "queues:\n  - name: a\n    sqs: {queue: q}\n    source: \"x\n  \u{3000}- y\"\n  - name: b\n    sqs: {queue: q}\n";
+        assert_eq!(locate(text, "queues[1].name"), Some((6, 5)));
+        assert_eq!(locate(text, "queues[1]"), Some((6, 3)));
+    }
+
+    /// Columns in a flow collection count characters, not bytes.
+    #[test]
+    fn flow_columns_count_characters() {
+        let text = "queues:\n  - name: q\n    sqs: {queue: \"日本語\", region: x}\n";
+        assert_eq!(locate(text, "queues[0].sqs.region"), Some((3, 25)));
     }
 
     #[test]

@@ -266,6 +266,24 @@ impl Config {
                     ));
                 }
             }
+            // Endpoints are shown in errors, tables and JSON: a password in
+            // one would be too.
+            let endpoints: Vec<(&str, Option<&String>)> = match &q.kind {
+                QueueKind::Sqs(sqs) => vec![
+                    ("sqs.endpoint_url", sqs.endpoint_url.as_ref()),
+                    ("sqs.cloudwatch_endpoint_url", sqs.cloudwatch_endpoint_url.as_ref()),
+                ],
+                QueueKind::ServiceBus(sb) => vec![("servicebus.management_endpoint", sb.management_endpoint.as_ref())],
+                _ => Vec::new(),
+            };
+            for (field, url) in endpoints {
+                if url.is_some_and(|u| has_userinfo(u)) {
+                    return Err(err(
+                        format!("queues[{i}].{field}"),
+                        "must not carry credentials (`user:password@`): they would be shown wherever the endpoint is; give the provider's credentials the usual way".into(),
+                    ));
+                }
+            }
             if let QueueKind::Sqs(sqs) = &q.kind
                 && let Some(url) = &sqs.cloudwatch_endpoint_url
             {
@@ -663,9 +681,32 @@ fn pubsub_endpoint_problem(endpoint: &str, example: &str) -> Option<String> {
     })
 }
 
+/// Whether a URL's authority carries `user[:password]@`.
+fn has_userinfo(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split(['/', '?', '#'])
+        .next()
+        .is_some_and(|authority| authority.contains('@'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endpoint with `user:password@` is refused at its line, and the
+    /// password is not repeated.
+    #[test]
+    fn an_endpoint_with_credentials_is_refused() {
+        let err = parse(
+            "queues:\n  - name: q\n    sqs:\n      queue: q\n      endpoint_url: http://u:PASSW0RD@127.0.0.1:1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("test.yaml:5:"), "{err}");
+        assert!(err.contains("must not carry credentials"), "{err}");
+        assert!(!err.contains("PASSW0RD"), "{err}");
+        assert!(has_userinfo("https://user@host/x") && !has_userinfo("http://127.0.0.1:1/a@b"));
+    }
 
     #[test]
     fn the_cli_and_serve_share_one_journal() {
