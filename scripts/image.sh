@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the container image from a prebuilt static binary and smoke-test it.
 #
-#   scripts/image.sh            build binary + image, run --version and check, print size
+#   scripts/image.sh            build binary + image, run --version, check and serve
+#                               (state on a named volume), print size
 #   scripts/image.sh binary     only build the static binary (prints its path)
 #
 # No registry is reachable here, so the Dockerfile's `runtime-prebuilt` target is
@@ -48,15 +49,20 @@ build_binary() {
   echo "$bin"
 }
 
+PODMAN_RUN_OPTS=(--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
+  --read-only --user 65532:65532 --network host)
 podman_run() {
-  podman run --rm --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
-    --read-only --user 65532:65532 --network host "$@"
+  podman run --rm "${PODMAN_RUN_OPTS[@]}" "$@"
 }
 
 CTX=""
 STARTED_SQS=0
+SERVE_CTR=""
+STATE_VOLUME=""
 cleanup() {
   [ -n "$CTX" ] && rm -rf "$CTX"
+  if [ -n "$SERVE_CTR" ]; then podman rm -f "$SERVE_CTR" >/dev/null 2>&1 || true; fi
+  if [ -n "$STATE_VOLUME" ]; then podman volume rm -f "$STATE_VOLUME" >/dev/null 2>&1 || true; fi
   if [ "$STARTED_SQS" = 1 ]; then "$ROOT/scripts/emulators.sh" stop sqs >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
@@ -71,6 +77,9 @@ main() {
   local ctx=$CTX
   cp "$bin" "$ctx/dlq-bridge"
   cp /etc/ssl/certs/ca-certificates.crt "$ctx/ca-certificates.crt"
+  # The image's only directories (see the Dockerfile's runtime-prebuilt stage).
+  mkdir -p "$ctx/var/lib/dlq-bridge" "$ctx/rootfs/tmp"
+  chmod 1777 "$ctx/rootfs/tmp"
   log "building $IMAGE (target runtime-prebuilt) with podman"
   podman build --quiet --target runtime-prebuilt -f "$ROOT/Dockerfile" -t "$IMAGE" "$ctx" >/dev/null
 
@@ -109,6 +118,34 @@ YAML
   podman_run -v "$ctx/config:/config:ro" \
     -e AWS_ACCESS_KEY_ID=test -e AWS_SECRET_ACCESS_KEY=test -e AWS_REGION=us-east-1 \
     "$IMAGE" check --config /config/config.yaml
+
+  # A new named volume takes the owner of the image's mount point: serve, as
+  # 65532, must be able to create its state directory there.
+  log "smoke test: serve with a named volume at /var/lib/dlq-bridge"
+  STATE_VOLUME="dlq-bridge-image-smoke-$$"
+  SERVE_CTR="dlq-bridge-image-smoke-$$"
+  podman volume create "$STATE_VOLUME" >/dev/null
+  # Port 0: serve prints the address it bound; the host network may have 9090 taken.
+  podman run -d --name "$SERVE_CTR" "${PODMAN_RUN_OPTS[@]}" \
+    -v "$ctx/config:/config:ro" -v "$STATE_VOLUME:/var/lib/dlq-bridge" \
+    -e AWS_ACCESS_KEY_ID=test -e AWS_SECRET_ACCESS_KEY=test -e AWS_REGION=us-east-1 \
+    -e DLQ_BRIDGE__SERVE__LISTEN=127.0.0.1:0 \
+    "$IMAGE" serve --config /config/config.yaml >/dev/null
+  local deadline=$((SECONDS + 60))
+  # serve says it listens only once its data directory is locked and its journal open.
+  # Not grep -q: with pipefail, podman logs cut off by an early exit fails the pipe.
+  until podman logs "$SERVE_CTR" 2>&1 | grep 'listening on' >/dev/null; do
+    if [ "$(podman inspect --format '{{.State.Running}}' "$SERVE_CTR")" != true ] || ((SECONDS >= deadline)); then
+      podman logs "$SERVE_CTR" >&2 2>&1 || true
+      die "serve did not start with a named volume at /var/lib/dlq-bridge (its output is above)"
+    fi
+    sleep 0.5
+  done
+  podman stop -t 10 "$SERVE_CTR" >/dev/null
+  local mountpoint
+  mountpoint=$(podman volume inspect --format '{{.Mountpoint}}' "$STATE_VOLUME")
+  [ -d "$mountpoint/dlq-bridge" ] || die "serve left no state directory in the volume ($mountpoint)"
+  log "smoke test: serve created $(stat -c '%U:%G' "$mountpoint/dlq-bridge") dlq-bridge/ in the volume"
 
   report_size "$bin"
 }

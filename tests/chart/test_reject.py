@@ -64,6 +64,22 @@ CASES = [
     ("duplicate queue names", {"config": {"queues": [{"name": "q", "sqs": {"queue": "a"}},
                                                       {"name": "q", "sqs": {"queue": "b"}}]}},
      'duplicate queue name "q"'),
+    # The chart sets these serve keys itself (service, auth, persistence, leaderElection):
+    ("listen set under config", {"config": {"serve": {"listen": "0.0.0.0:9090"}}},
+     "config.serve.listen is set by the chart"),
+    ("token_env set under config", {"config": {"serve": {"token_env": "MY_TOKEN"}}},
+     "config.serve.token_env is set by the chart"),
+    ("data_dir set under config", {"config": {"serve": {"data_dir": "/var/lib/dlq-bridge"}}},
+     "config.serve.data_dir is set by the chart"),
+    ("leader_election set under config", {"config": {"serve": {"leader_election": {"enabled": True}}}},
+     "config.serve.leader_election is set by the chart"),
+    ("sidecar with one ReadWriteOnce claim", {"mode": "sidecar", "sidecar": {"podSelector": {"app": "orders"}},
+                                             "persistence": {"type": "pvc"}},
+     "mode=sidecar with persistence.type=pvc"),
+    ("Slack webhook URL in the ConfigMap", {"config": {"alerts": {"sinks": [
+        {"webhook": {"url": "http://hooks.internal/dlq"}},
+        {"slack": {"url": "https://hooks.slack.com/services/T0/B0/x"}}]}}},
+     "config.alerts.sinks[1].slack.url"),
 ]
 
 

@@ -75,8 +75,9 @@ def test_config_map_holds_the_config_with_the_serve_settings_the_chart_owns(rend
             "redrive": {"concurrency": 8},
             "queues": queues,
             "alerts": {"rules": rules, "sinks": []},
-            # listen/token_env are the chart's: probes reach the pod IP, so a token is required.
-            "serve": {"listen": "127.0.0.1:1234", "token_env": "X", "poll_interval": "10s"},
+            # listen, token_env, data_dir and leader_election are the chart's (test_reject.py):
+            # probes reach the pod IP, so a token is required.
+            "serve": {"poll_interval": "10s"},
         },
         "service": {"port": 8088},
         "persistence": {"type": "emptyDir", "mountPath": "/data"},
@@ -104,6 +105,20 @@ def test_config_change_rolls_the_pods(render):
     a = checksum({})
     b = checksum({"config": {"queues": [{"name": "q", "sqs": {"queue": "q-dlq"}}]}})
     assert a != b and a == checksum({})
+
+
+def test_secret_values_change_rolls_the_pods(render):
+    # The environment is read at start: new secretValues must restart the pods.
+    def annotations(values):
+        return render(values).one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    a = annotations({"secretValues": {"OTHER_CONN": "Endpoint=sb://x/"}})
+    assert a["checksum/env"] == annotations({"secretValues": {"OTHER_CONN": "Endpoint=sb://x/"}})["checksum/env"]
+    assert annotations({"secretValues": {"OTHER_CONN": "Endpoint=sb://y/"}})["checksum/env"] != a["checksum/env"]
+    assert annotations({"secretValues": {"OTHER_CONN": "Endpoint=sb://x/", "MORE": "1"}})["checksum/env"] != \
+        a["checksum/env"]
+    assert "Endpoint=sb://x/" not in str(a)
+    # No chart-made env Secret, nothing to follow.
+    assert "checksum/env" not in annotations({})
 
 
 def test_leader_election_renders_a_role_limited_to_leases(render):
@@ -347,6 +362,25 @@ def test_sidecar_mode_renders_supporting_objects_only(render):
     assert not r.has("Service")
 
 
+def test_sidecar_mode_with_a_claim_every_pod_can_mount(render):
+    # A chart-made ReadWriteOnce claim is refused in sidecar mode (test_reject.py).
+    sidecar = {"mode": "sidecar", "sidecar": {"podSelector": {"app": "orders"}}}
+    r = render({**sidecar, "persistence": {"type": "pvc", "pvc": {"accessModes": ["ReadWriteMany"]}}})
+    assert r.one("PersistentVolumeClaim", "rel-dlq-bridge-data")["spec"]["accessModes"] == ["ReadWriteMany"]
+    r = render({**sidecar, "persistence": {"type": "pvc", "pvc": {"existingClaim": "mine"}}})
+    assert not r.has("PersistentVolumeClaim")
+
+
+def test_slack_sink_names_the_variable_holding_its_url(render):
+    # A Slack url itself is refused (test_reject.py): it would sit in the ConfigMap.
+    sinks = [{"slack": {"url_env": "SLACK_WEBHOOK_URL"}}]
+    r = render({"config": {"alerts": {"sinks": sinks}},
+                "secretEnv": [{"name": "SLACK_WEBHOOK_URL", "secretName": "slack", "key": "url"}]})
+    assert r.config()["alerts"]["sinks"] == sinks
+    env = env_of(container_of(r.one("Deployment")["spec"]["template"]["spec"]))
+    assert env["SLACK_WEBHOOK_URL"]["valueFrom"]["secretKeyRef"] == {"name": "slack", "key": "url"}
+
+
 def test_parent_chart_native_sidecar(render_parent):
     r = render_parent()
     dep = r.one("Deployment", "rel-orders")
@@ -424,8 +458,11 @@ def test_the_projects_example_config_fits_the_chart(render):
     carry it unchanged, apart from the serve settings the chart owns."""
     from conftest import ROOT
     example = yaml.safe_load((ROOT / "config" / "example.yaml").read_text())
-    cfg = render({"config": example, "leaderElection": {"enabled": True}}).config()
     owned = {"listen", "token_env", "data_dir", "leader_election"}
+    # The example sets serve.listen and serve.leader_election, which the chart
+    # refuses under `config` (it sets them from its own values): leave them out.
+    example["serve"] = {k: v for k, v in example.get("serve", {}).items() if k not in owned}
+    cfg = render({"config": example, "leaderElection": {"enabled": True}}).config()
     assert {k: v for k, v in cfg.items() if k != "serve"} == {k: v for k, v in example.items() if k != "serve"}
     assert {k: v for k, v in cfg["serve"].items() if k not in owned} == \
         {k: v for k, v in example.get("serve", {}).items() if k not in owned}

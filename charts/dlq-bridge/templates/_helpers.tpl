@@ -88,11 +88,12 @@ would rotate the Secret on every sync).
 {{- end -}}
 
 {{/*
-Pod annotations that change when the config or the API token does, so that
-pods restart with the new one (the token is read at start). With
-auth.existingSecret the chart cannot see the token: only a change of Secret
-name or key restarts; after rotating its content, restart the pods yourself.
-For sidecar mode, put them on your pod template's annotations.
+Pod annotations that change when the config, the API token or secretValues
+does, so that pods restart with the new one (the token and the environment
+are read at start). With auth.existingSecret the chart cannot see the token:
+only a change of Secret name or key restarts; after rotating its content,
+restart the pods yourself. For sidecar mode, put them on your pod template's
+annotations.
 */}}
 {{- define "dlq-bridge.checksums" -}}
 checksum/config: {{ include "dlq-bridge.config" . | sha256sum }}
@@ -100,6 +101,9 @@ checksum/config: {{ include "dlq-bridge.config" . | sha256sum }}
 checksum/auth: {{ printf "%s/%s" .Values.auth.existingSecret .Values.auth.existingSecretKey | sha256sum }}
 {{- else }}
 checksum/auth: {{ include "dlq-bridge.apiToken" . | sha256sum }}
+{{- end }}
+{{- if .Values.secretValues }}
+checksum/env: {{ toJson .Values.secretValues | sha256sum }}
 {{- end }}
 {{- end -}}
 
@@ -322,6 +326,22 @@ true
 {{- end -}}
 {{- if and (eq .Values.mode "deployment") (gt (int .Values.replicaCount) 1) (eq .Values.persistence.type "pvc") (not .Values.persistence.pvc.existingClaim) (not (has "ReadWriteMany" .Values.persistence.pvc.accessModes)) -}}
 {{- fail "replicaCount > 1 with persistence.type=pvc shares one claim between the pods: persistence.pvc.accessModes needs ReadWriteMany (a ReadWriteOnce claim attaches to one node, and a replica scheduled on another never starts)" -}}
+{{- end -}}
+{{- /* The chart cannot see how many pods carry the sidecar, nor where they run: even one replica has two pods during a rolling update. */ -}}
+{{- if and (eq .Values.mode "sidecar") (eq .Values.persistence.type "pvc") (not .Values.persistence.pvc.existingClaim) (not (has "ReadWriteMany" .Values.persistence.pvc.accessModes)) -}}
+{{- fail "mode=sidecar with persistence.type=pvc mounts the chart's claim in every pod that carries the sidecar: set persistence.pvc.accessModes to [ReadWriteMany] (a ReadWriteOnce claim attaches to one node, and a pod scheduled on another never starts), or persistence.pvc.existingClaim (a claim you made for these pods), or persistence.type=emptyDir" -}}
+{{- end -}}
+{{- $owned := dict "listen" "service.port and service.listenAddress" "token_env" "auth.existingSecret, auth.token or auth.generate (the token reaches serve as DLQ_BRIDGE_API_TOKEN)" "data_dir" "persistence.mountPath" "leader_election" "leaderElection.enabled, leaderElection.leaseName and leaderElection.leaseDuration" -}}
+{{- range $key, $use := $owned -}}
+{{- if hasKey (default (dict) $.Values.config.serve) $key -}}
+{{- fail (printf "config.serve.%s is set by the chart (it would be overwritten): remove it and use %s" $key $use) -}}
+{{- end -}}
+{{- end -}}
+{{- /* A Slack webhook URL is a credential in itself, and a ConfigMap is no place for one. */ -}}
+{{- range $i, $sink := (default (dict) .Values.config.alerts).sinks -}}
+{{- if and (kindIs "map" $sink) (kindIs "map" $sink.slack) $sink.slack.url -}}
+{{- fail (printf "config.alerts.sinks[%d].slack.url: a Slack webhook URL is a secret and would be rendered into the ConfigMap. Use slack.url_env (e.g. SLACK_WEBHOOK_URL) and fill that variable from a Secret: secretEnv or envFromSecrets (an existing Secret), or secretValues (a Secret the chart makes)" $i) -}}
+{{- end -}}
 {{- end -}}
 {{- with (default (dict) .Values.config.serve).shutdown_grace -}}
 {{- $m := regexFindAll "^([0-9]+)(s|m)$" (toString .) 1 -}}
