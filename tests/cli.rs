@@ -392,6 +392,9 @@ async fn a_purge_whose_journal_fills_stops_deleting_and_still_reports() {
     let unrecorded: Vec<&String> = run.deleted.difference(&recorded).collect();
     assert!(unrecorded.is_empty(), "deleted without a record: {unrecorded:?}");
     assert_eq!(summary["settled"].as_u64(), Some(run.deleted.len() as u64), "{summary}");
+    // The pass stops at the journal's failure instead of leasing the rest
+    // of the DLQ only to fail every batch.
+    assert_eq!(summary["stopped"], "failed", "{summary}");
 }
 
 /// Ctrl-C stops a redrive whose stderr has gone (`... 2>&1 | tee log`, the

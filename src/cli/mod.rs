@@ -228,7 +228,9 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             journal,
             output,
         } => {
-            // The filter the purge runs, checked before anyone is asked.
+            // The user's filter, then the one the purge runs, checked before
+            // anyone is asked.
+            crate::filter::Filter::compile(&filter)?;
             crate::filter::Filter::compile(&crate::engine::triage::purge_filter(&filter, older_than))?;
             registry.queue(&queue)?;
             let backup = match (no_backup, backup) {

@@ -898,7 +898,11 @@ impl<'a> Pass<'a> {
                     while let Some(done) = self.sends.join_next().await {
                         self.merge_send(done.expect("send tasks do not panic"));
                     }
-                    continue;
+                    // Still reached: the cap is what stopped the pass, not a
+                    // deadline or a shutdown that came while it waited.
+                    if !self.max_reached() {
+                        continue;
+                    }
                 }
                 self.s.stopped = StopReason::MaxReached;
                 break;
@@ -1229,6 +1233,13 @@ impl<'a> Pass<'a> {
         // flight, and a key's batches go out in lease order.
         let bytes: u64 = batch.iter().map(|l| l.message.body.len() as u64).sum();
         let slot = self.send_slot(bytes).await;
+        if self.refused {
+            // Waiting for the slot merged a batch the destination refused:
+            // this one stays in the DLQ with the rest (see `finish`).
+            drop(slot);
+            self.pending.entry(dest).or_default().splice(0..0, batch);
+            return true;
+        }
         for k in &keys {
             *self.keys_in_flight.entry(k.clone()).or_default() += 1;
         }

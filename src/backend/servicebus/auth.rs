@@ -70,7 +70,9 @@ impl ConnectionString {
                     // one that is no port at all is a typo to say, not drop.
                     let (host, port) = authority.split_once(':').unwrap_or((authority, "443"));
                     if host.is_empty()
-                        || !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+                        || !host
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
                         || port.parse::<u16>().is_err()
                     {
                         return Err(BackendError::Invalid(format!(
@@ -398,6 +400,12 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+        // A Compose service name resolves, underscore and all.
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://servicebus_emulator:5672;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=true",
+        )
+        .unwrap();
+        assert_eq!(cs.host, "servicebus_emulator");
         let e = ConnectionString::parse(
             "Endpoint=sb://127.0.0.1;SharedAccessKeyName=x;SharedAccessKey=y;UseDevelopmentEmulator=maybe",
         )

@@ -2146,10 +2146,15 @@ impl QueueBackend for ServiceBusBackend {
             // (`serve`) starts a new pass, browsing from the start, only
             // once it has handed out nothing: without this it never would
             // again. The abandon is a no-op at the broker (the lock is gone)
-            // and frees the delivery's state in the client.
-            if let Err(e) = link.dispose(lost_deliveries, false, &self.link_config).await {
-                tracing::debug!(error = %e, "abandon of deliveries whose lock was lost failed");
-            }
+            // and frees the delivery's state in the client. Not awaited: the
+            // link postpones abandons while a lease is being received, and
+            // the other held batches' renewals must not wait behind it.
+            let (link, cfg) = (link.clone(), self.link_config.clone());
+            tokio::spawn(async move {
+                if let Err(e) = link.dispose(lost_deliveries, false, &cfg).await {
+                    tracing::debug!(error = %e, "abandon of deliveries whose lock was lost failed");
+                }
+            });
         }
         {
             let mut lost = self.lost_locks.lock().expect("lost locks lock");

@@ -228,6 +228,10 @@ mod tests {
             "(reason == \"x\") && age > duration(\"90s\")"
         );
         Filter::compile(&purge_filter("true", Some(Duration::from_secs(5)))).unwrap();
+        // A comment would swallow the `)` on the same line.
+        let commented = purge_filter("reason == \"x\" // old", Some(Duration::from_secs(90)));
+        assert_eq!(commented, "(reason == \"x\" // old\n) && age > duration(\"90s\")");
+        Filter::compile(&commented).unwrap();
     }
 
     #[test]

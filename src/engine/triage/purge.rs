@@ -14,6 +14,7 @@ use crate::backend::QueueBackend;
 use crate::engine::journal::Journal;
 use crate::engine::redrive::{Action, Backup, Engine, Progress, RunSummary, Trigger};
 use crate::engine::registry::{RedriveRequest, Registry};
+use crate::filter::Filter;
 use crate::model::DlqMessage;
 
 /// A purge's backup: export lines appended to a file, fsynced per batch.
@@ -111,14 +112,16 @@ pub struct PurgeRequest<'a> {
 
 /// The filter a purge runs with: the user's, narrowed by `--older-than`.
 /// The user's text keeps its line and columns (an error in it is reported
-/// where they wrote it), and a line break closes it: a `//` comment at its
-/// end would otherwise swallow the `)`.
+/// where they wrote it). One that holds `//` is closed on a line of its own:
+/// a comment at its end would otherwise swallow the `)`. Others stay on one
+/// line, as summaries and the journal show them.
 pub fn purge_filter(filter: &str, older_than: Option<Duration>) -> String {
+    let close = if filter.contains("//") { "\n)" } else { ")" };
     match older_than {
         // Whole seconds read best; a fraction is kept (in nanoseconds) rather
         // than cut, which would purge messages younger than asked.
-        Some(d) if d.subsec_nanos() == 0 => format!("({filter}\n) && age > duration(\"{}s\")", d.as_secs()),
-        Some(d) => format!("({filter}\n) && age > duration(\"{}ns\")", d.as_nanos()),
+        Some(d) if d.subsec_nanos() == 0 => format!("({filter}{close} && age > duration(\"{}s\")", d.as_secs()),
+        Some(d) => format!("({filter}{close} && age > duration(\"{}ns\")", d.as_nanos()),
         None => filter.to_string(),
     }
 }
@@ -136,6 +139,9 @@ pub async fn purge(
     cancel: CancellationToken,
     progress: Option<Arc<Progress>>,
 ) -> Result<RunSummary, TriageError> {
+    // The user's own filter first: wrapped, one that is never true or false
+    // would compile (the `&&` is a bool) and fail on every older message.
+    Filter::compile(req.filter)?;
     let filter = purge_filter(req.filter, req.older_than);
     let connect = async {
         let plan = registry

@@ -259,6 +259,9 @@ async fn purge(
         Some(s) => Some(humantime::parse_duration(s.trim()).map_err(|e| bad_request(format!("older_than: {e}")))?),
         None => None,
     };
+    // The user's own filter is checked first: wrapped, one that is never
+    // true or false would pass (the `&&` is a bool).
+    Filter::compile(&b.filter).map_err(|e| bad_request(e.to_string()))?;
     let req = RedriveRequest {
         filter: Some(triage::purge_filter(&b.filter, older_than)),
         dry_run: b.dry_run,
