@@ -12,6 +12,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use azservicebus::prelude::*;
@@ -20,11 +21,11 @@ use common::servicebus::{
     emulator,
 };
 use common::{Fixture, TestMessage, attrs, redrive, run_measured};
-use dlq_bridge::backend::BackendError;
+use dlq_bridge::backend::{BackendError, QueueBackend};
 use dlq_bridge::config::Config;
 use dlq_bridge::engine::redrive::{MARK_COUNT, MARK_ID, Trigger};
 use dlq_bridge::engine::registry::{RedriveRequest, Registry, RegistryError};
-use dlq_bridge::model::{AttrValue, Exactness};
+use dlq_bridge::model::{AttrValue, Exactness, Leased};
 use fe2o3_amqp_types::messaging::ApplicationProperties;
 use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Timestamp, Uuid as AmqpUuid};
 
@@ -2611,19 +2612,26 @@ async fn a_report_holds_its_groups_not_the_messages_it_read() {
     );
 }
 
+/// A DLQ of ten messages, every one leased (for a minute) by another
+/// consumer: the backend holding them and their leases.
+async fn ten_held_by_another_consumer() -> (ServiceBusFixture, Arc<dyn QueueBackend>, Vec<Leased>) {
+    let f = ServiceBusFixture::create(false).await;
+    f.dead_letter(&(0..10).map(|i| failing(i, "Timeout")).collect::<Vec<_>>())
+        .await;
+    let holder = Registry::new(f.config()).backend("dlq").await.unwrap();
+    let held = holder.lease(100, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(held.len(), 10);
+    (f, holder, held)
+}
+
 /// Another consumer holds every message a lease was granted credit for:
 /// nothing comes, but the broker answers, so the lease returns empty (the
 /// pass ends as drained, as a receive of another provider would) rather
 /// than fail as if the broker stalled; its wait is bounded.
 #[tokio::test]
 async fn a_lease_whose_messages_another_consumer_holds_returns_empty() {
-    let f = ServiceBusFixture::create(false).await;
-    f.dead_letter(&(0..10).map(|i| failing(i, "Timeout")).collect::<Vec<_>>())
-        .await;
+    let (f, holder, held) = ten_held_by_another_consumer().await;
     let hold = Duration::from_secs(60);
-    let holder = Registry::new(f.config()).backend("dlq").await.unwrap();
-    let held = holder.lease(100, hold).await.unwrap();
-    assert_eq!(held.len(), 10);
     let other = Registry::new(f.config()).backend("dlq").await.unwrap();
     let started = Instant::now();
     // Two leases in flight, as a redrive has: the second waits behind the
@@ -2652,13 +2660,8 @@ async fn a_lease_whose_messages_another_consumer_holds_returns_empty() {
 /// with the credit still out (a kept link in `serve`).
 #[tokio::test]
 async fn a_pass_after_leftover_credit_sees_all_that_the_last_one_released() {
-    let f = ServiceBusFixture::create(false).await;
-    f.dead_letter(&(0..10).map(|i| failing(i, "Timeout")).collect::<Vec<_>>())
-        .await;
+    let (f, holder, held) = ten_held_by_another_consumer().await;
     let hold = Duration::from_secs(60);
-    let holder = Registry::new(f.config()).backend("dlq").await.unwrap();
-    let held = holder.lease(100, hold).await.unwrap();
-    assert_eq!(held.len(), 10);
     f.dead_letter(&(10..25).map(|i| failing(i, "Timeout")).collect::<Vec<_>>())
         .await;
     let other = Registry::new(f.config()).backend("dlq").await.unwrap();
@@ -2672,9 +2675,8 @@ async fn a_pass_after_leftover_credit_sees_all_that_the_last_one_released() {
             got.extend(leased);
         }
     };
-    let ids = |got: &[dlq_bridge::model::Leased]| -> std::collections::BTreeSet<String> {
-        got.iter().map(|l| l.message.id.clone()).collect()
-    };
+    let ids =
+        |got: &[Leased]| -> std::collections::BTreeSet<String> { got.iter().map(|l| l.message.id.clone()).collect() };
     let first = pass().await;
     assert_eq!(ids(&first).len(), 15);
     other
