@@ -260,7 +260,7 @@ pub enum Command {
 pub struct JournalOpts {
     /// Journal (audit trail). Default: the config's `redrive.journal`, else
     /// journal.jsonl in `serve.data_dir`, else in $XDG_STATE_HOME/dlq-bridge.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = journal_file)]
     pub journal: Option<PathBuf>,
     /// Keep no journal for this run.
     #[arg(long, conflicts_with = "journal")]
@@ -371,6 +371,19 @@ fn optional_filter(text: &str) -> Result<String, String> {
 }
 
 /// Purge's required `--filter`: `true` purges everything, so nothing is implied.
+/// `--journal`: a file. A directory was refused only once the run had
+/// connected, or after the confirmation, with exit 1.
+fn journal_file(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    if path.is_dir() {
+        return Err(format!(
+            "`{text}` is a directory: give the journal's file (such as {})",
+            path.join("journal.jsonl").display()
+        ));
+    }
+    Ok(path)
+}
+
 /// `--older-than`: a duration that a filter's `duration()` can hold too.
 fn older_than(text: &str) -> Result<std::time::Duration, String> {
     let d = crate::config::duration_text::parse(text)?;
@@ -406,6 +419,21 @@ fn concurrency(text: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory given as the journal is a usage error, before anything runs.
+    #[test]
+    fn a_journal_that_is_a_directory_is_refused_as_an_argument() {
+        let dir = std::env::temp_dir();
+        let parsed = Cli::try_parse_from(
+            ["dlq-bridge", "purge", "orders", "--filter", "true", "--journal"]
+                .iter()
+                .copied()
+                .chain([dir.to_str().unwrap()]),
+        );
+        let e = parsed.err().expect("refused");
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("is a directory"), "{e}");
+    }
 
     /// A filter may start with `-` (`-1 < delivery_count`): it is the
     /// option's value, not an unknown flag.
