@@ -430,7 +430,9 @@ mod tests {
                 .copied()
                 .chain([dir.to_str().unwrap()]),
         );
-        let e = parsed.err().expect("refused");
+        let Err(e) = parsed else {
+            panic!("a directory was taken as the journal")
+        };
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("is a directory"), "{e}");
     }
